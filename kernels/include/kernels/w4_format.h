@@ -1,0 +1,84 @@
+// The W4 weight format and the Error Compensator (EC) layout, shared by the
+// quantizers, the checkpoint (.spear), the CPU kernels and (later) the CUDA
+// kernels. This is the LOGICAL format; backends may re-lay it at load time
+// (the GPU path does). kernels/FORMAT.md documents it byte by byte.
+//
+// A W4 linear weight W [n, k] (PyTorch layout: n outputs, k inputs) is split
+// along k into groups of `group_size` consecutive inputs (group_size == k:
+// per-channel, no groups). Element (i, j) has a 4-bit code q in [0, 15] and
+//     W[i, j] ~= scale[i, j / group_size] * (q - zero[i, j / group_size])
+// Symmetric formats have zero == 8 everywhere (signed int4 q - 8 in [-8, 7]).
+// Optionally an activation scale s [k] (AWQ-style, when it cannot be folded
+// into the previous op): the layer computes W' (x / s) where W' = Q(W diag(s)).
+//
+// An EC adds a per-token gated low-rank correction:
+//     u = A x                       A: [r, k]
+//     z = W2 silu(W1 u + b1) + b2   W1: [h, r], b1: [h], W2: [r, h], b2: [r]
+//     g = 1 + tanh(z)               (per token, per low-rank coordinate, in (0, 2))
+//     y = Q(W) x + B (g ⊙ u)        B: [n, r]
+// With W2 = 0 and b2 = 0 the gate is exactly 1: a static low-rank term.
+// `gated == false` means the gate is absent (static compensation).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/dtype.h"
+
+namespace spear::kernels {
+
+struct W4Format {
+  int64_t n = 0;           // output features (rows)
+  int64_t k = 0;           // input features (columns)
+  int64_t group_size = 0;  // divides k; == k for per-channel
+  bool symmetric = false;  // zero fixed at 8
+
+  int64_t num_groups() const { return group_size > 0 ? k / group_size : 0; }
+  int64_t packed_row_bytes() const { return (k + 1) / 2; }
+};
+
+struct W4Weight {
+  W4Format fmt;
+  // [n, packed_row_bytes]: element (i, j) is in byte i * packed_row_bytes +
+  // j / 2, low nibble for even j, high nibble for odd j.
+  std::vector<uint8_t> packed;
+  std::vector<uint16_t> scales;  // IEEE fp16 [n, num_groups]
+  std::vector<uint8_t> zeros;    // [n, num_groups], values 0..15 (8 when symmetric)
+  std::vector<float> act_scale;  // empty, or [k] (AWQ input scaling, divides x)
+
+  uint8_t Code(int64_t i, int64_t j) const {
+    const uint8_t b = packed[static_cast<size_t>(i * fmt.packed_row_bytes() + j / 2)];
+    return (j & 1) ? (b >> 4) : (b & 0x0f);
+  }
+  // The dequantized weight element (without act_scale).
+  float Dequant(int64_t i, int64_t j) const {
+    const int64_t g = i * fmt.num_groups() + j / fmt.group_size;
+    return HalfToFloat(scales[static_cast<size_t>(g)]) *
+           (static_cast<float>(Code(i, j)) - static_cast<float>(zeros[static_cast<size_t>(g)]));
+  }
+  // Bytes as served: codes + fp16 scales + zero points (one byte each) +
+  // activation scales (fp16).
+  size_t bytes() const {
+    return packed.size() + scales.size() * 2 + zeros.size() + act_scale.size() * 2;
+  }
+};
+
+struct EcWeights {
+  int64_t n = 0, k = 0;
+  int64_t rank = 0;         // r
+  int64_t gate_hidden = 0;  // h (0 when !gated)
+  bool gated = true;
+  // All float32 in memory, row-major; stored and served as fp16.
+  std::vector<float> a;   // [r, k]
+  std::vector<float> b;   // [n, r]
+  std::vector<float> w1;  // [h, r]
+  std::vector<float> b1;  // [h]
+  std::vector<float> w2;  // [r, h]
+  std::vector<float> b2;  // [r]
+
+  size_t num_params() const { return a.size() + b.size() + w1.size() + b1.size() + w2.size() + b2.size(); }
+  size_t bytes() const { return num_params() * 2; }  // fp16 as served
+};
+
+}  // namespace spear::kernels
