@@ -1,0 +1,91 @@
+// One forward pass of a LLaMA-family model over a batch of sequences on
+// the CPU, with a paged KV cache.
+//
+// Every linear layer runs once over ALL tokens of the batch (one GEMM with
+// m = total new tokens); RoPE, the KV write and attention are per token /
+// per sequence. Prefill chunks and single decode tokens mix freely.
+//
+// Ownership: the runner borrows the model, the KV cache and the thread pool
+// (all must outlive it) and owns its scratch buffers, which grow to the
+// largest batch seen and are reused (no allocation in steady state).
+// Thread-safety: one Forward at a time (not re-entrant).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kernels/thread_pool.h"
+#include "worker/engine/kv_cache.h"
+#include "worker/model/weights.h"
+
+namespace spear::engine {
+
+enum class LogitsMode { kNone, kLast, kAll };
+
+// The new tokens of one sequence in this forward pass.
+struct SeqChunk {
+  // Token ids at positions start_pos .. start_pos + size - 1 (size >= 1).
+  std::span<const int32_t> tokens;
+  // Positions [0, start_pos) are already in the KV cache.
+  int64_t start_pos = 0;
+  // Blocks of this sequence; must cover start_pos + tokens.size() positions.
+  std::span<const int32_t> block_table;
+  LogitsMode logits = LogitsMode::kLast;
+};
+
+struct ForwardOutput {
+  int64_t vocab = 0;
+  int64_t num_rows = 0;
+  // [num_rows, vocab]; may be larger than needed (reused across calls).
+  std::vector<float> logits;
+  // First logits row of batch[i] (kLast: 1 row, kAll: tokens.size() rows),
+  // -1 for kNone.
+  std::vector<int64_t> first_row;
+
+  const float* row(int64_t r) const { return logits.data() + r * vocab; }
+};
+
+class ModelRunner {
+ public:
+  ModelRunner(const model::LoadedModel* model, KvCache* cache, kernels::ThreadPool* pool);
+
+  // Runs the batch, writes its K/V into the cache and the requested logits
+  // into *out. InvalidArgument (before touching the cache) for an empty
+  // batch or chunk, a token id outside the vocabulary, a negative start, or
+  // a block table too short or naming a block outside the cache.
+  // Precondition (not checked): block tables of different sequences in one
+  // batch are disjoint.
+  absl::Status Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out);
+
+  const model::LoadedModel& model() const { return *model_; }
+  KvCache& kv_cache() { return *cache_; }
+  kernels::ThreadPool* pool() { return pool_; }
+
+ private:
+  absl::Status Validate(const std::vector<SeqChunk>& batch, int64_t* total_tokens) const;
+  absl::Status RunLayer(int64_t layer, const std::vector<SeqChunk>& batch, int64_t T);
+  void EnsureScratch(int64_t T);
+
+  const model::LoadedModel* model_;
+  KvCache* cache_;
+  kernels::ThreadPool* pool_;
+  std::vector<float> inv_freq_;
+  float attn_scale_ = 1.f;
+
+  // Scratch, sized for the largest batch so far (row-major, tight strides).
+  int64_t capacity_tokens_ = 0;
+  std::vector<float> h_;       // [T, d] residual stream
+  std::vector<float> x_;       // [T, d] normed input of a block
+  std::vector<float> delta_;   // [T, d] block output before the residual add
+  std::vector<float> q_, k_, v_;  // [T, qd], [T, kvd], [T, kvd]
+  std::vector<float> attn_;    // [T, qd]
+  std::vector<float> gate_, up_;  // [T, ff]
+  std::vector<float> sel_;     // [rows, d] hidden rows that need logits
+  std::vector<int32_t> positions_;  // [T]
+  std::vector<int64_t> seq_offsets_;  // [batch + 1] first token of each sequence
+  std::vector<absl::Status> seq_status_;
+};
+
+}  // namespace spear::engine

@@ -1,0 +1,79 @@
+#include "worker/engine/perplexity.h"
+
+#include <algorithm>
+#include <cmath>
+#include <span>
+
+#include "absl/strings/str_cat.h"
+
+namespace spear::engine {
+namespace {
+
+// -log softmax(row)[target], in double.
+double Nll(const float* row, int64_t vocab, int32_t target) {
+  double mx = row[0];
+  for (int64_t j = 1; j < vocab; ++j) mx = std::max<double>(mx, row[j]);
+  double sum = 0;
+  for (int64_t j = 0; j < vocab; ++j) sum += std::exp(static_cast<double>(row[j]) - mx);
+  return (mx + std::log(sum)) - static_cast<double>(row[target]);
+}
+
+}  // namespace
+
+absl::StatusOr<PerplexityResult> EvalPerplexity(ModelRunner& runner,
+                                                const std::vector<int32_t>& tokens, int ctx,
+                                                int64_t max_tokens,
+                                                const PerplexityProgress& progress,
+                                                int64_t chunk_tokens) {
+  if (ctx < 2) return absl::InvalidArgumentError("perplexity: ctx must be >= 2");
+  if (chunk_tokens <= 0) return absl::InvalidArgumentError("perplexity: chunk_tokens must be > 0");
+  const int64_t avail = max_tokens > 0 ? std::min<int64_t>(max_tokens, tokens.size())
+                                       : static_cast<int64_t>(tokens.size());
+  const int64_t windows = avail / ctx;
+  if (windows == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("perplexity: ", avail,
+                                                   " tokens do not fill one window of ", ctx));
+  }
+  const int64_t vocab = runner.model().config.vocab_size;
+  for (int64_t i = 0; i < windows * ctx; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("perplexity: token id ", tokens[i],
+                                                     " at ", i, " outside the vocabulary"));
+    }
+  }
+  KvCache& cache = runner.kv_cache();
+  std::vector<int32_t> table;
+  if (auto s = cache.allocator().Allocate(cache.BlocksFor(ctx), &table); !s.ok()) return s;
+
+  PerplexityResult r;
+  ForwardOutput out;
+  std::vector<SeqChunk> batch(1);
+  absl::Status status;
+  for (int64_t w = 0; w < windows && status.ok(); ++w) {
+    const std::span<const int32_t> win(tokens.data() + w * ctx, ctx);
+    for (int64_t start = 0; start < ctx; start += chunk_tokens) {
+      const int64_t n = std::min<int64_t>(chunk_tokens, ctx - start);
+      batch[0].tokens = win.subspan(start, n);
+      batch[0].start_pos = start;
+      batch[0].block_table = table;
+      batch[0].logits = LogitsMode::kAll;
+      status = runner.Forward(batch, &out);
+      if (!status.ok()) break;
+      // Row i predicts window token start + i + 1.
+      for (int64_t i = 0; i < n && start + i + 1 < ctx; ++i) {
+        r.nll_sum += Nll(out.row(i), vocab, win[start + i + 1]);
+        ++r.tokens_scored;
+      }
+    }
+    ++r.windows;
+    if (status.ok() && progress) {
+      progress(r.windows, windows, std::exp(r.nll_sum / r.tokens_scored));
+    }
+  }
+  (void)cache.allocator().Free(table);
+  if (!status.ok()) return status;
+  r.ppl = std::exp(r.nll_sum / static_cast<double>(r.tokens_scored));
+  return r;
+}
+
+}  // namespace spear::engine

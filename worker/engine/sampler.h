@@ -1,0 +1,54 @@
+// Token sampling: greedy, temperature, top-k, top-p, repetition penalty.
+//
+// Determinism: a Sampler with a given seed produces the same tokens for the
+// same logits on every run and platform (its own RNG arithmetic, no
+// std:: distributions). Ties are broken towards the lower token id.
+// Thread-safety: a Sampler is per sequence and not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace spear::engine {
+
+struct SamplingParams {
+  float temperature = 0.f;  // 0 = greedy (argmax); must be >= 0
+  int top_k = 0;            // 0 = off; else keep the k most likely tokens
+  float top_p = 1.f;        // nucleus mass in (0, 1]; 1 = off
+  uint64_t seed = 0;
+  // > 0; 1 = off. CTRL-style: for each token already in the sequence,
+  // logit /= penalty if positive, *= penalty if negative.
+  float repetition_penalty = 1.f;
+
+  // InvalidArgument with the offending field named.
+  absl::Status Validate() const;
+};
+
+class Sampler {
+ public:
+  // `params` must have passed Validate().
+  explicit Sampler(const SamplingParams& params);
+
+  // Picks the next token from logits[0, vocab). `history` (prompt and
+  // generated tokens) is used only by the repetition penalty. Ids in
+  // history outside [0, vocab) are ignored.
+  int32_t Sample(const float* logits, int64_t vocab, std::span<const int32_t> history);
+
+  const SamplingParams& params() const { return params_; }
+
+ private:
+  double Uniform();  // [0, 1)
+
+  SamplingParams params_;
+  std::mt19937_64 rng_;
+  std::vector<float> work_;                       // penalised logits
+  std::vector<std::pair<float, int32_t>> cand_;   // candidates, sorted
+  std::vector<double> probs_;
+};
+
+}  // namespace spear::engine
