@@ -1,0 +1,76 @@
+#include "kernels/cpu_features.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace spear::kernels {
+namespace {
+
+// -1 = not yet resolved; otherwise an Isa value. Resolved lazily so that the
+// environment variable is read after main() starts.
+std::atomic<int> g_active_isa{-1};
+
+Isa IsaFromEnv(Isa detected) {
+  const char* env = std::getenv("SPEAR_CPU_ISA");
+  if (env == nullptr || *env == '\0') return detected;
+  Isa wanted = detected;
+  if (std::strcmp(env, "scalar") == 0) {
+    wanted = Isa::kScalar;
+  } else if (std::strcmp(env, "avx2") == 0) {
+    wanted = Isa::kAvx2;
+  } else if (std::strcmp(env, "avx512") == 0) {
+    wanted = Isa::kAvx512;
+  }
+  // The override can only lower the ISA: running instructions the CPU lacks
+  // would crash with SIGILL.
+  return static_cast<int>(wanted) < static_cast<int>(detected) ? wanted : detected;
+}
+
+}  // namespace
+
+Isa DetectIsa() {
+  __builtin_cpu_init();
+  // __builtin_cpu_supports also checks that the OS saves the YMM/ZMM state.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
+  if (avx512) return Isa::kAvx512;
+  if (avx2) return Isa::kAvx2;
+  return Isa::kScalar;
+}
+
+Isa ActiveIsa() {
+  int v = g_active_isa.load(std::memory_order_acquire);
+  if (v < 0) {
+    v = static_cast<int>(IsaFromEnv(DetectIsa()));
+    int expected = -1;
+    // A concurrent SetIsaForTesting wins over the lazy default.
+    if (!g_active_isa.compare_exchange_strong(expected, v, std::memory_order_acq_rel)) {
+      v = expected;
+    }
+  }
+  return static_cast<Isa>(v);
+}
+
+bool SetIsaForTesting(Isa isa) {
+  if (static_cast<int>(isa) > static_cast<int>(DetectIsa())) return false;
+  g_active_isa.store(static_cast<int>(isa), std::memory_order_release);
+  return true;
+}
+
+std::string_view IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return "scalar";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
+  }
+  return "unknown";
+}
+
+}  // namespace spear::kernels

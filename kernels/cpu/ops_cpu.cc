@@ -1,0 +1,207 @@
+// cpu:: ops: validation, ISA dispatch and the split of work over the pool.
+// The SIMD bodies live in ops_simd.inc (instantiated per ISA); this file is
+// compiled with baseline flags and only reaches AVX code through the kernel
+// table chosen by ActiveIsa().
+#include <cmath>
+#include <vector>
+
+#include "common/validate.h"
+#include "cpu/ops_isa.h"
+#include "kernels/cpu_features.h"
+#include "kernels/ops.h"
+
+namespace spear::kernels::cpu {
+namespace {
+
+const internal::IsaKernels& Kernels() {
+  switch (ActiveIsa()) {
+    case Isa::kAvx512:
+      return internal::kAvx512Kernels;
+    case Isa::kAvx2:
+      return internal::kAvx2Kernels;
+    case Isa::kScalar:
+      break;
+  }
+  return internal::kScalarKernels;
+}
+
+int Threads(const ThreadPool* pool) { return pool == nullptr ? 1 : pool->size(); }
+
+// Runs fn(begin, end) over [0, n) on the pool, or inline without one.
+template <class Fn>
+void Run(ThreadPool* pool, int64_t n, int64_t grain, Fn&& fn) {
+  if (pool == nullptr || n <= grain) {
+    if (n > 0) fn(int64_t{0}, n);
+    return;
+  }
+  pool->ParallelFor(n, grain, fn);
+}
+
+// Boundary b of `parts` near-equal pieces of [0, n), rounded to `align`.
+int64_t Split(int64_t n, int64_t parts, int64_t b, int64_t align) {
+  if (b >= parts) return n;
+  const int64_t v = n * b / parts / align * align;
+  return v < n ? v : n;
+}
+
+// Scratch for attention scores, one per thread, grown on demand.
+float* ScoresScratch(int64_t len) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < len) buf.resize(len);
+  return buf.data();
+}
+
+}  // namespace
+
+absl::Status Linear(const LinearParams& p, ThreadPool* pool) {
+  if (absl::Status s = kernels::internal::ValidateLinear(p); !s.ok()) return s;
+  if (p.m == 0 || p.n == 0) return absl::OkStatus();
+  if (p.k == 0) {  // empty dot products: y (+)= bias
+    for (int64_t i = 0; i < p.m; ++i) {
+      float* y = p.y + i * p.ldy;
+      for (int64_t j = 0; j < p.n; ++j) {
+        const float b = p.bias != nullptr ? p.bias[j] : 0.f;
+        y[j] = p.accumulate ? y[j] + b : b;
+      }
+    }
+    return absl::OkStatus();
+  }
+  const internal::IsaKernels& kern = Kernels();
+  const int threads = Threads(pool);
+  // Small problems are not worth waking the pool (~10 us).
+  if (threads == 1 || p.m * p.n * p.k < (int64_t{1} << 16)) {
+    kern.linear(p, 0, p.m, 0, p.n);
+    return absl::OkStatus();
+  }
+  // Output rows in chunks of >= 64 (aligned to 16) so each thread streams a
+  // contiguous slab of W. When that leaves threads idle and m is large
+  // (prefill), x rows are split too: each extra m chunk re-reads its W slab,
+  // mostly from cache.
+  constexpr int64_t kRowAlign = 16, kMinRows = 64;
+  int64_t n_parts = p.n / kMinRows;
+  if (n_parts < 1) n_parts = 1;
+  if (n_parts > threads) n_parts = threads;
+  int64_t m_parts = 1;
+  if (n_parts < threads && p.m >= 32) {
+    m_parts = (threads + n_parts - 1) / n_parts;
+    if (m_parts > p.m / 16) m_parts = p.m / 16;
+  }
+  pool->ParallelFor(n_parts * m_parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mi = t / n_parts, ni = t % n_parts;
+      const int64_t m0 = Split(p.m, m_parts, mi, 4), m1 = Split(p.m, m_parts, mi + 1, 4);
+      const int64_t n0 = Split(p.n, n_parts, ni, kRowAlign);
+      const int64_t n1 = Split(p.n, n_parts, ni + 1, kRowAlign);
+      if (m0 < m1 && n0 < n1) kern.linear(p, m0, m1, n0, n1);
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status RmsNorm(const RmsNormParams& p, ThreadPool* pool) {
+  if (absl::Status s = kernels::internal::ValidateRmsNorm(p); !s.ok()) return s;
+  const internal::IsaKernels& kern = Kernels();
+  const int64_t grain = (int64_t{1} << 14) / p.d + 1;
+  Run(pool, p.m, grain, [&](int64_t r0, int64_t r1) { kern.rms_norm(p, r0, r1); });
+  return absl::OkStatus();
+}
+
+absl::Status Rope(const RopeParams& p, ThreadPool* pool) {
+  if (absl::Status s = kernels::internal::ValidateRope(p); !s.ok()) return s;
+  const internal::IsaKernels& kern = Kernels();
+  const int64_t grain = (int64_t{1} << 14) / (int64_t{p.n_heads} * p.head_dim) + 1;
+  Run(pool, p.m, grain, [&](int64_t r0, int64_t r1) { kern.rope(p, r0, r1); });
+  return absl::OkStatus();
+}
+
+absl::Status SiluMul(const SiluMulParams& p, ThreadPool* pool) {
+  if (absl::Status s = kernels::internal::ValidateSiluMul(p); !s.ok()) return s;
+  if (p.m == 0 || p.n == 0) return absl::OkStatus();
+  const internal::IsaKernels& kern = Kernels();
+  // Work items are (row, column chunk of 4096) so a single wide row (decode)
+  // can still be split.
+  constexpr int64_t kCols = 4096;
+  const int64_t col_chunks = (p.n + kCols - 1) / kCols;
+  Run(pool, p.m * col_chunks, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / col_chunks, c0 = (t % col_chunks) * kCols;
+      kern.silu_mul(p, i, i + 1, c0, c0 + kCols < p.n ? c0 + kCols : p.n);
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status Attention(const AttentionParams& p, ThreadPool* pool) {
+  if (absl::Status s = kernels::internal::ValidateAttention(p); !s.ok()) return s;
+  if (p.m == 0) return absl::OkStatus();
+  const internal::IsaKernels& kern = Kernels();
+  const int threads = Threads(pool);
+  const int64_t hd = p.head_dim;
+  const int64_t rows = p.m * p.n_heads;
+  const int64_t max_len = p.q_start + p.m;
+
+  // Split the key range (flash-decoding) when there are fewer (token, head)
+  // rows than threads and the context is long: each split produces a partial
+  // softmax (max, sum, unnormalised output) merged below.
+  constexpr int64_t kMinSplitLen = 256;
+  int64_t splits = 1;
+  if (rows < 2 * threads && max_len >= 2 * kMinSplitLen) {
+    splits = (2 * threads + rows - 1) / rows;
+    if (splits > max_len / kMinSplitLen) splits = max_len / kMinSplitLen;
+  }
+
+  if (splits == 1) {
+    Run(pool, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i = r / p.n_heads;
+        const int h = static_cast<int>(r % p.n_heads);
+        const int64_t len = p.q_start + i + 1;
+        float* out = p.out + i * p.ldo + h * hd;
+        float stats[2];
+        kern.attention(p, i, h, 0, len, ScoresScratch(len), out, stats, /*normalize=*/true);
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  std::vector<float> part(rows * splits * hd);
+  std::vector<float> stats(rows * splits * 2);
+  Run(pool, rows * splits, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / splits, s = t % splits;
+      const int64_t i = r / p.n_heads;
+      const int h = static_cast<int>(r % p.n_heads);
+      const int64_t len = p.q_start + i + 1;
+      const int64_t pos0 = Split(len, splits, s, 1), pos1 = Split(len, splits, s + 1, 1);
+      float* st = stats.data() + t * 2;
+      if (pos0 >= pos1) {  // short row: this split is empty
+        st[0] = -INFINITY;
+        st[1] = 0.f;
+        continue;
+      }
+      kern.attention(p, i, h, pos0, pos1, ScoresScratch(pos1 - pos0), part.data() + t * hd, st,
+                     /*normalize=*/false);
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r / p.n_heads, h = r % p.n_heads;
+    const float* st = stats.data() + r * splits * 2;
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < splits; ++s) mx = st[2 * s] > mx ? st[2 * s] : mx;
+    float* out = p.out + i * p.ldo + h * hd;
+    float total = 0.f;
+    for (int64_t d = 0; d < hd; ++d) out[d] = 0.f;
+    for (int64_t s = 0; s < splits; ++s) {
+      if (st[2 * s + 1] == 0.f) continue;
+      const float f = std::exp(st[2 * s] - mx);
+      total += f * st[2 * s + 1];
+      const float* a = part.data() + (r * splits + s) * hd;
+      for (int64_t d = 0; d < hd; ++d) out[d] += f * a[d];
+    }
+    const float inv = 1.f / total;
+    for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace cpu

@@ -10,82 +10,15 @@
 // InvalidArgument on inconsistent sizes and never read out of bounds.
 #pragma once
 
-#include <cstdint>
-
 #include "absl/status/status.h"
 #include "kernels/dtype.h"
+#include "kernels/op_params.h"
 #include "kernels/thread_pool.h"
 
 namespace spear::kernels {
 
-// y[i, j] (+)= sum_k x[i, k] * w[j, k] (+ bias[j])   for i < m, j < n.
-struct LinearParams {
-  const float* x = nullptr;  // [m, k], row stride ldx >= k
-  int64_t m = 0, k = 0, ldx = 0;
-  const void* w = nullptr;  // [n, k] contiguous, element type w_dtype
-  DType w_dtype = DType::kF32;
-  int64_t n = 0;
-  const float* bias = nullptr;  // [n] or nullptr
-  float* y = nullptr;           // [m, n], row stride ldy >= n
-  int64_t ldy = 0;
-  bool accumulate = false;  // y += instead of y =
-};
-
-// y = x / rms(x) * weight, per row; rms = sqrt(mean(x^2) + eps).
-// If residual != nullptr: first residual += x (in place), then normalise the
-// updated residual into y (the fused "add + norm" of a pre-norm block).
-struct RmsNormParams {
-  const float* x = nullptr;  // [m, d], stride ldx
-  float* residual = nullptr; // optional [m, d], stride ldr
-  const float* weight = nullptr;  // [d]
-  float* y = nullptr;        // [m, d], stride ldy (may alias x)
-  int64_t m = 0, d = 0, ldx = 0, ldr = 0, ldy = 0;
-  float eps = 1e-5f;
-};
-
-// Rotary embedding in the HF/NeoX "rotate_half" convention, in place:
-// for head h of token i at position p = positions[i], and j < head_dim/2:
-//   a = x[j], b = x[j + head_dim/2], t = p * inv_freq[j] ;
-//   x[j] = a cos t - b sin t ; x[j + head_dim/2] = b cos t + a sin t
-// (cos and sin multiplied by attention_scaling, 1 for plain RoPE).
-struct RopeParams {
-  float* x = nullptr;  // [m, n_heads * head_dim], stride ldx
-  int64_t m = 0, ldx = 0;
-  int n_heads = 0, head_dim = 0;
-  const int32_t* positions = nullptr;  // [m]
-  const float* inv_freq = nullptr;     // [head_dim / 2]
-  float attention_scaling = 1.f;
-};
-
-// Causal GQA attention of one sequence's new tokens over a paged KV cache.
-// KV layout: k_cache/v_cache [num_blocks, block_size, n_kv_heads, head_dim];
-// logical position p of the sequence lives in block block_table[p /
-// block_size], slot p % block_size. The new tokens' K and V must already be
-// written. Query token i sits at position q_start + i and attends to
-// positions [0, q_start + i]. Query head h uses kv head h / (n_heads /
-// n_kv_heads). Softmax in float32 with max subtraction.
-struct AttentionParams {
-  const float* q = nullptr;  // [m, n_heads * head_dim], stride ldq
-  int64_t m = 0, ldq = 0;
-  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
-  const float* k_cache = nullptr;
-  const float* v_cache = nullptr;
-  int block_size = 0;
-  const int32_t* block_table = nullptr;
-  int64_t num_blocks_in_table = 0;  // entries in block_table
-  int64_t q_start = 0;
-  float scale = 0.f;     // usually 1/sqrt(head_dim)
-  float* out = nullptr;  // [m, n_heads * head_dim], stride ldo
-  int64_t ldo = 0;
-};
-
-// y[i, j] = silu(gate[i, j]) * up[i, j]; silu(v) = v / (1 + exp(-v)).
-struct SiluMulParams {
-  const float* gate = nullptr;
-  const float* up = nullptr;
-  float* y = nullptr;  // may alias gate
-  int64_t m = 0, n = 0, ld_gate = 0, ld_up = 0, ldy = 0;
-};
+// The parameter structs (LinearParams, RmsNormParams, RopeParams,
+// AttentionParams, SiluMulParams) and their semantics are in op_params.h.
 
 namespace ref {
 absl::Status Linear(const LinearParams& p);
