@@ -1,1 +1,41 @@
-int main() { return 0; }
+// spear: the command-line entry point. Flag parsing and dispatch only; the
+// work lives in the libraries.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage: spear <command> [flags]\n"
+    "commands:\n"
+    "  pull NAME        fetch a known model into the cache, print its path\n"
+    "  info             show a model's config, tensors and tokenizer\n"
+    "  generate         stream a completion for a prompt\n"
+    "  eval             token-level perplexity of a text\n"
+    "  bench            prefill/decode speed on the CPU\n"
+    "`spear <command> --help` lists a command's flags.\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  const std::string cmd = argv[1];
+  std::vector<std::string> args(argv + 2, argv + argc);
+  if (cmd == "pull") return spear::cli::CmdPull(args);
+  if (cmd == "info") return spear::cli::CmdInfo(args);
+  if (cmd == "generate") return spear::cli::CmdGenerate(args);
+  if (cmd == "eval") return spear::cli::CmdEval(args);
+  if (cmd == "bench") return spear::cli::CmdBench(args);
+  if (cmd == "help" || cmd == "--help" || cmd == "-h") {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  std::fprintf(stderr, "spear: unknown command '%s'\n%s", cmd.c_str(), kUsage);
+  return 2;
+}

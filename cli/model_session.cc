@@ -1,0 +1,69 @@
+#include "cli/model_session.h"
+
+#include <chrono>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "worker/model/model_cache.h"
+#include "worker/model/tokenizer.h"
+
+namespace spear::cli {
+
+double NowSeconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+absl::StatusOr<ModelSession> OpenModel(const std::string& name_or_path, int threads,
+                                       int64_t kv_mib) {
+  if (name_or_path.empty()) return absl::InvalidArgumentError("--model is required");
+  auto path = model::ResolveModel(name_or_path);
+  if (!path.ok()) return path.status();
+  ModelSession s;
+  const double t0 = NowSeconds();
+  auto loaded = model::LoadModel(*path);
+  if (!loaded.ok()) return loaded.status();
+  s.model = std::move(*loaded);
+  s.load_seconds = NowSeconds() - t0;
+  engine::EngineOptions opts;
+  opts.num_threads = threads;
+  opts.kv_cache.bytes = kv_mib << 20;
+  auto eng = engine::Engine::Create(s.model.get(), opts);
+  if (!eng.ok()) return eng.status();
+  s.engine = std::move(*eng);
+  return s;
+}
+
+absl::StatusOr<std::vector<int32_t>> PromptTokens(const model::LoadedModel& m,
+                                                  const std::string& text, const std::string& ids,
+                                                  bool chat, const std::string& system) {
+  if (!ids.empty()) {
+    if (!text.empty()) return absl::InvalidArgumentError("give --prompt or --prompt-ids, not both");
+    std::vector<int32_t> out;
+    for (absl::string_view piece : absl::StrSplit(ids, absl::ByAnyChar(" ,"), absl::SkipEmpty())) {
+      int32_t id;
+      if (!absl::SimpleAtoi(piece, &id) || id < 0 || id >= m.config.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("--prompt-ids: '", piece,
+                                                       "' is not a token id in [0, ",
+                                                       m.config.vocab_size, ")"));
+      }
+      out.push_back(id);
+    }
+    if (out.empty()) return absl::InvalidArgumentError("--prompt-ids is empty");
+    return out;
+  }
+  if (m.tokenizer == nullptr) {
+    return absl::FailedPreconditionError("this model has no tokenizer; use --prompt-ids");
+  }
+  if (!chat) return m.tokenizer->Encode(text, /*add_bos=*/true);
+  std::vector<model::ChatMessage> msgs;
+  if (!system.empty()) msgs.push_back({"system", system});
+  msgs.push_back({"user", text});
+  auto rendered = model::ApplyChatTemplate(*m.tokenizer, msgs, /*add_generation_prompt=*/true);
+  if (!rendered.ok()) return rendered.status();
+  return m.tokenizer->Encode(*rendered, /*add_bos=*/true);
+}
+
+}  // namespace spear::cli
