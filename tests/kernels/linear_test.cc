@@ -1,0 +1,141 @@
+// cpu::Linear vs ref::Linear for every ISA variant, weight dtype and
+// awkward size, plus an exhaustive check of the F16 / BF16 weight decoders.
+#include <cstring>
+
+#include "ops_harness.h"
+
+namespace spear::kernels::testing {
+namespace {
+
+// Both backends decode identical weight bits exactly, so the only
+// difference is float32 vs double accumulation over k <= 577 terms of size
+// <= 1: the same bound serves every dtype.
+constexpr double kLinearTol = 1e-4;
+constexpr double kLinearNmse = 1e-9;
+
+std::vector<uint16_t> ToHalfBits(const std::vector<float>& v, DType t) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    out[i] = t == DType::kF16 ? FloatToHalf(v[i]) : FloatToBF16(v[i]);
+  }
+  return out;
+}
+
+class LinearTest : public OpsTest {
+ protected:
+  // One case: returns false (after recording a failure) on mismatch.
+  void RunCase(DType dt, int64_t m, int64_t k, int64_t n, bool bias, bool accumulate) {
+    SCOPED_TRACE(::testing::Message() << "dtype=" << DTypeName(dt) << " m=" << m << " k=" << k
+                                      << " n=" << n << " bias=" << bias
+                                      << " accumulate=" << accumulate << " seed=" << seed_);
+    const int64_t ldx = k + (m > 1 ? 3 : 0), ldy = n + 2;
+    std::vector<float> x = RandomRows(m, k, ldx);
+    std::vector<float> wf = Random(n * k);
+    std::vector<uint16_t> wh;
+    const void* w = wf.data();
+    if (dt != DType::kF32) {
+      wh = ToHalfBits(wf, dt);
+      w = wh.data();
+    }
+    std::vector<float> b = Random(n);
+    std::vector<float> y0 = accumulate ? RandomRows(m, n, ldy) : std::vector<float>(m * ldy, kPoison);
+    std::vector<float> y_ref = y0, y_cpu = y0;
+
+    LinearParams p;
+    p.x = x.data();
+    p.m = m;
+    p.k = k;
+    p.ldx = ldx;
+    p.w = w;
+    p.w_dtype = dt;
+    p.n = n;
+    p.bias = bias ? b.data() : nullptr;
+    p.ldy = ldy;
+    p.accumulate = accumulate;
+    p.y = y_ref.data();
+    ASSERT_TRUE(ref::Linear(p).ok());
+    p.y = y_cpu.data();
+    ASSERT_TRUE(cpu::Linear(p, pool()).ok());
+    EXPECT_TRUE(Close(y_cpu, y_ref, m, n, ldy, kLinearTol, kLinearNmse));
+  }
+};
+
+TEST_P(LinearTest, AwkwardSizesAllDtypes) {
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (int64_t m : {1, 2, 3, 5, 17}) {
+      for (int64_t k : {1, 7, 33, 577}) {
+        for (int64_t n : {1, 3, 65}) {
+          for (int flags = 0; flags < 4; ++flags) {
+            RunCase(dt, m, k, n, flags & 1, flags & 2);
+            if (HasFatalFailure()) return;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Shapes large enough to take the threaded paths: split over n (decode),
+// and split over both m and n (prefill with few output rows).
+TEST_P(LinearTest, ThreadedShapes) {
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    RunCase(dt, 1, 576, 1536, false, false);
+    RunCase(dt, 1, 577, 1000, true, true);
+    RunCase(dt, 40, 577, 130, true, false);
+    RunCase(dt, 64, 33, 300, false, true);
+    RunCase(dt, 8, 256, 4100, false, false);
+  }
+}
+
+TEST_P(LinearTest, EmptyK) {
+  RunCase(DType::kF32, 3, 0, 5, true, false);
+  RunCase(DType::kF16, 3, 0, 5, true, true);
+  RunCase(DType::kBF16, 2, 0, 4, false, false);
+}
+
+// y[j] = 1 * w[j] with k = 1 must reproduce the scalar decoder bit for bit
+// for every finite F16 / BF16 pattern (exercises the SIMD converters and
+// their partial-load tails).
+TEST_P(LinearTest, WeightDecodeExhaustive) {
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    std::vector<uint16_t> w;
+    for (uint32_t h = 0; h < 65536; ++h) {
+      const bool finite = dt == DType::kF16 ? ((h >> 10) & 0x1f) != 0x1f : ((h >> 7) & 0xff) != 0xff;
+      if (finite) w.push_back(static_cast<uint16_t>(h));
+    }
+    const int64_t n = static_cast<int64_t>(w.size());
+    const float one = 1.f;
+    std::vector<float> y(n, kPoison);
+    LinearParams p;
+    p.x = &one;
+    p.m = 1;
+    p.k = 1;
+    p.ldx = 1;
+    p.w = w.data();
+    p.w_dtype = dt;
+    p.n = n;
+    p.y = y.data();
+    p.ldy = n;
+    ASSERT_TRUE(cpu::Linear(p, pool()).ok());
+    int bad = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const float want = LoadAsFloat(w.data(), dt, j);
+      if (std::memcmp(&want, &y[j], 4) != 0 && !(want == 0.f && y[j] == 0.f) && bad++ < 5) {
+        ADD_FAILURE() << DTypeName(dt) << " bits 0x" << std::hex << w[j] << std::dec << ": got "
+                      << y[j] << " want " << want;
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+}
+
+// A second k-tile shape: k a multiple of every vector width, so the tail
+// path is skipped entirely, with large m for the 4-row tiles.
+TEST_P(LinearTest, AlignedPrefill) {
+  for (DType dt : {DType::kF32, DType::kF16}) RunCase(dt, 33, 64, 67, true, false);
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, LinearTest, ::testing::ValuesIn(AllVariants()), VariantName);
+
+}  // namespace
+}  // namespace spear::kernels::testing
