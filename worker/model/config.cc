@@ -135,6 +135,15 @@ absl::StatusOr<ModelConfig> ParseHf(const json& j) {
     s = ParseRopeScaling(*it, c.max_position, &c.rope_scaling);
     if (!s.ok()) return s;
   }
+  // transformers >= 5 writes "rope_parameters" {rope_theta, rope_type,
+  // factor, ...} in place of top-level rope_theta / rope_scaling.
+  if (auto it = j.find("rope_parameters"); it != j.end() && it->is_object()) {
+    s = GetDouble(*it, "rope_theta", &c.rope_theta);
+    if (s.ok() && !j.contains("rope_scaling")) {
+      s = ParseRopeScaling(*it, c.max_position, &c.rope_scaling);
+    }
+    if (!s.ok()) return s;
+  }
   if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
     const json list = it->is_array() ? *it : json::array({*it});
     for (const json& e : list) {
