@@ -1,0 +1,187 @@
+// LoadModel: dtypes, tied/untied, qwen2 biases, clear errors on bad
+// checkpoints; the GGUF q/k un-permutation; DenseLinear.
+#include <cmath>
+#include <filesystem>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/engine/tiny_model.h"
+#include "worker/engine/kv_cache.h"
+#include "worker/engine/model_runner.h"
+#include "worker/model/linear.h"
+#include "worker/model/weights.h"
+
+namespace spear::engine {
+namespace {
+
+using testing::TinyModelSpec;
+
+absl::StatusOr<std::unique_ptr<model::LoadedModel>> Load(const TinyModelSpec& s,
+                                                         const std::string& tag) {
+  const std::string dir = testing::MakeTempDir(tag);
+  if (auto st = testing::WriteTinyModel(dir, s); !st.ok()) return st;
+  return model::LoadModel(dir);
+}
+
+std::vector<float> Logits(const model::LoadedModel& m, const std::vector<int32_t>& toks) {
+  KvCacheOptions ko;
+  ko.num_blocks = 16;
+  auto cache = KvCache::Create(m.config, ko);
+  EXPECT_TRUE(cache.ok());
+  ModelRunner runner(&m, cache->get(), nullptr);
+  std::vector<int32_t> table = {3, 1, 4, 0, 2};
+  ForwardOutput out;
+  EXPECT_TRUE(runner.Forward({SeqChunk{toks, 0, table, LogitsMode::kAll}}, &out).ok());
+  return std::vector<float>(out.logits.begin(), out.logits.begin() + out.num_rows * out.vocab);
+}
+
+TEST(Loader, HalfPrecisionWeightsMatchF32OfSameValues) {
+  TinyModelSpec s;
+  s.bf16_values = true;
+  auto f32 = Load(s, "f32");
+  s.dtype = model::TensorType::kBF16;
+  auto bf16 = Load(s, "bf16");
+  ASSERT_TRUE(f32.ok()) << f32.status();
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_EQ((*bf16)->weights.embed_dtype, kernels::DType::kBF16);
+  const std::vector<int32_t> toks = {5, 9, 100, 3, 7, 7, 42};
+  const auto a = Logits(**f32, toks), b = Logits(**bf16, toks);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-4) << i;
+
+  s.dtype = model::TensorType::kF16;
+  auto f16 = Load(s, "f16");
+  ASSERT_TRUE(f16.ok()) << f16.status();
+  const auto c = Logits(**f16, toks);
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], c[i], 1e-3) << i;
+}
+
+TEST(Loader, TiedAndQwen2Biases) {
+  TinyModelSpec s;
+  s.tied = true;
+  s.qwen2 = true;
+  auto m = Load(s, "qwen2");
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_TRUE((*m)->weights.tied_embeddings);
+  EXPECT_TRUE((*m)->config.attention_bias);
+  auto* q = dynamic_cast<model::DenseLinear*>((*m)->weights.layers[1].q_proj.get());
+  ASSERT_NE(q, nullptr);
+  EXPECT_NE(q->bias(), nullptr);
+  EXPECT_EQ((*m)->tokenizer, nullptr);  // no tokenizer.json: runs on ids
+  const auto l = Logits(**m, {1, 2, 3});
+  for (float x : l) ASSERT_TRUE(std::isfinite(x));
+  int visited = 0;
+  (*m)->weights.ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& lin) {
+    EXPECT_NE(lin, nullptr);
+    ++visited;
+  });
+  EXPECT_EQ(visited, 2 * 7);
+}
+
+TEST(Loader, ClearErrorsForBadCheckpoints) {
+  TinyModelSpec s;
+  s.drop_tensor = "model.layers.1.mlp.up_proj.weight";
+  auto m = Load(s, "missing");
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(m.status().message().find("model.layers.1.mlp.up_proj.weight"), std::string::npos)
+      << m.status();
+
+  s = TinyModelSpec{};
+  s.drop_tensor = "lm_head.weight";  // untied config without lm_head
+  m = Load(s, "nohead");
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound) << m.status();
+
+  s = TinyModelSpec{};
+  s.reshape_tensor = "model.layers.0.self_attn.k_proj.weight";
+  m = Load(s, "shape");
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(m.status().message().find("shape"), std::string::npos) << m.status();
+
+  s = TinyModelSpec{};
+  s.qwen2 = true;
+  s.drop_tensor = "model.layers.0.self_attn.v_proj.bias";
+  m = Load(s, "nobias");
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound) << m.status();
+
+  EXPECT_FALSE(model::LoadModel("/nonexistent/spear/model").ok());
+  const std::string empty = testing::MakeTempDir("empty");
+  EXPECT_FALSE(model::LoadModel(empty).ok());
+  const std::string junk = empty + "/junk.gguf";
+  { std::ofstream(junk) << "not a gguf file"; }
+  EXPECT_FALSE(model::LoadModel(junk).ok());
+}
+
+TEST(Loader, UnsupportedDtypeIsAnError) {
+  const std::string dir = testing::MakeTempDir("i32");
+  ASSERT_TRUE(testing::WriteTinyModel(dir, TinyModelSpec{}).ok());
+  // Rewrite the checkpoint with one I32 weight.
+  auto ck = model::SafetensorsFile::Open(dir + "/model.safetensors");
+  ASSERT_TRUE(ck.ok());
+  std::vector<model::TensorToWrite> tw;
+  std::vector<int32_t> ints;
+  for (const auto& t : (*ck)->tensors()) {
+    if (t.name == "model.layers.0.mlp.gate_proj.weight") {
+      ints.assign(t.numel(), 1);
+      tw.push_back({t.name, model::TensorType::kI32, t.shape, ints.data(), ints.size() * 4});
+    } else {
+      tw.push_back({t.name, t.type, t.shape, t.data, t.nbytes});
+    }
+  }
+  const std::string dir2 = testing::MakeTempDir("i32b");
+  ASSERT_TRUE(model::WriteSafetensors(dir2 + "/model.safetensors", tw, {}).ok());
+  std::filesystem::copy_file(dir + "/config.json", dir2 + "/config.json");
+  auto m = model::LoadModel(dir2);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(m.status().message().find("dtype"), std::string::npos) << m.status();
+}
+
+// llama.cpp convert_hf_to_gguf.py permute(), written out.
+std::vector<float> LlamaCppPermute(const std::vector<float>& w, int64_t n_head, int64_t cols) {
+  const int64_t rows = static_cast<int64_t>(w.size()) / cols, hd = rows / n_head;
+  std::vector<float> out(w.size());
+  // reshape(n_head, 2, hd/2, cols).swapaxes(1, 2): out[h][i][s] = in[h][s][i]
+  for (int64_t h = 0; h < n_head; ++h)
+    for (int64_t i = 0; i < hd / 2; ++i)
+      for (int64_t s = 0; s < 2; ++s)
+        for (int64_t c = 0; c < cols; ++c)
+          out[((h * hd) + 2 * i + s) * cols + c] = w[((h * hd) + s * hd / 2 + i) * cols + c];
+  return out;
+}
+
+TEST(Loader, UnpermuteGgufQkInvertsLlamaCpp) {
+  const int64_t heads = 3, hd = 8, cols = 5;
+  std::vector<float> w(heads * hd * cols);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = static_cast<float>(i);
+  auto p = LlamaCppPermute(w, heads, cols);
+  ASSERT_NE(p, w);
+  ASSERT_TRUE(model::UnpermuteGgufQk(p.data(), heads * hd, cols, heads).ok());
+  EXPECT_EQ(p, w);
+  EXPECT_FALSE(model::UnpermuteGgufQk(p.data(), heads * hd, cols, 5).ok());
+}
+
+TEST(DenseLinearTest, ForwardAndErrors) {
+  std::vector<float> w = {1, 2, 3, 4, 5, 6};  // [2 out, 3 in]
+  std::vector<float> b = {0.5f, -1.f};
+  auto lin = model::DenseLinear::Create(w.data(), kernels::DType::kF32, 2, 3, b.data());
+  ASSERT_TRUE(lin.ok());
+  EXPECT_EQ((*lin)->weight_bytes(), 6 * 4 + 2 * 4);
+  std::vector<float> x = {1, 0, -1, 9, 2, 1, 1, 9};  // 2 rows, ldx 4
+  std::vector<float> y(4, 100.f);
+  ASSERT_TRUE((*lin)->Forward(x.data(), 2, 4, y.data(), 2, false, nullptr).ok());
+  EXPECT_FLOAT_EQ(y[0], 1 - 3 + 0.5f);
+  EXPECT_FLOAT_EQ(y[1], 4 - 6 - 1.f);
+  EXPECT_FLOAT_EQ(y[2], 2 + 2 + 3 + 0.5f);
+  EXPECT_FLOAT_EQ(y[3], 8 + 5 + 6 - 1.f);
+  ASSERT_TRUE((*lin)->Forward(x.data(), 1, 4, y.data(), 2, true, nullptr).ok());
+  EXPECT_FLOAT_EQ(y[0], 2 * (1 - 3 + 0.5f));
+  EXPECT_FALSE((*lin)->Forward(x.data(), 2, 2, y.data(), 2, false, nullptr).ok());
+  EXPECT_FALSE(model::DenseLinear::Create(nullptr, kernels::DType::kF32, 2, 3).ok());
+  EXPECT_FALSE(model::DenseLinear::Create(w.data(), kernels::DType::kF32, 0, 3).ok());
+}
+
+}  // namespace
+}  // namespace spear::engine

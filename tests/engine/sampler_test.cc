@@ -1,0 +1,118 @@
+// Sampler and BlockAllocator unit tests.
+#include <cmath>
+#include <map>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "worker/engine/kv_cache.h"
+#include "worker/engine/sampler.h"
+
+namespace spear::engine {
+namespace {
+
+TEST(SamplingParamsTest, Validate) {
+  EXPECT_TRUE(SamplingParams{}.Validate().ok());
+  SamplingParams p;
+  p.temperature = -0.1f;
+  EXPECT_EQ(p.Validate().code(), absl::StatusCode::kInvalidArgument);
+  p = {};
+  p.temperature = NAN;
+  EXPECT_FALSE(p.Validate().ok());
+  p = {};
+  p.top_p = 0.f;
+  EXPECT_FALSE(p.Validate().ok());
+  p.top_p = 1.01f;
+  EXPECT_FALSE(p.Validate().ok());
+  p = {};
+  p.top_k = -1;
+  EXPECT_FALSE(p.Validate().ok());
+  p = {};
+  p.repetition_penalty = 0.f;
+  EXPECT_FALSE(p.Validate().ok());
+}
+
+TEST(SamplerTest, GreedyPicksArgmaxLowestIdOnTies) {
+  Sampler s(SamplingParams{});
+  const std::vector<float> l = {0.f, 3.f, -1.f, 3.f};
+  EXPECT_EQ(s.Sample(l.data(), 4, {}), 1);
+}
+
+TEST(SamplerTest, SeededSamplingFollowsTheDistribution) {
+  SamplingParams p;
+  p.temperature = 1.f;
+  p.seed = 123;
+  const std::vector<float> l = {std::log(0.5f), std::log(0.3f), std::log(0.2f)};
+  Sampler a(p), b(p);
+  std::map<int32_t, int> counts;
+  for (int i = 0; i < 20000; ++i) {
+    const int32_t t = a.Sample(l.data(), 3, {});
+    ASSERT_EQ(t, b.Sample(l.data(), 3, {}));  // same seed, same stream
+    ++counts[t];
+  }
+  EXPECT_NEAR(counts[0] / 20000.0, 0.5, 0.02);
+  EXPECT_NEAR(counts[1] / 20000.0, 0.3, 0.02);
+  EXPECT_NEAR(counts[2] / 20000.0, 0.2, 0.02);
+}
+
+TEST(SamplerTest, TopKAndTopPCut) {
+  const std::vector<float> l = {std::log(0.5f), std::log(0.3f), std::log(0.15f),
+                                std::log(0.05f)};
+  SamplingParams p;
+  p.temperature = 1.f;
+  p.top_k = 2;
+  Sampler k2(p);
+  for (int i = 0; i < 2000; ++i) EXPECT_LT(k2.Sample(l.data(), 4, {}), 2);
+  p.top_k = 0;
+  p.top_p = 0.7f;  // 0.5 + 0.3 >= 0.7: tokens 0 and 1
+  Sampler tp(p);
+  for (int i = 0; i < 2000; ++i) EXPECT_LT(tp.Sample(l.data(), 4, {}), 2);
+  p.top_p = 0.01f;  // only the best
+  Sampler tiny(p);
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(tiny.Sample(l.data(), 4, {}), 0);
+}
+
+TEST(SamplerTest, RepetitionPenalty) {
+  SamplingParams p;
+  p.repetition_penalty = 2.f;
+  Sampler s(p);
+  const std::vector<float> l = {2.f, 1.5f, -1.f};
+  const std::vector<int32_t> hist = {0, 0, 99};  // 99 out of range: ignored
+  EXPECT_EQ(s.Sample(l.data(), 3, hist), 1);  // 2/2 = 1 < 1.5
+  EXPECT_EQ(s.Sample(l.data(), 3, {}), 0);
+}
+
+TEST(BlockAllocatorTest, AllocateFreeAndExhaustion) {
+  BlockAllocator a(5);
+  std::vector<int32_t> t1, t2;
+  ASSERT_TRUE(a.Allocate(3, &t1).ok());
+  EXPECT_EQ(a.num_free(), 2);
+  EXPECT_EQ(a.Allocate(3, &t2).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(t2.empty());  // all or nothing
+  ASSERT_TRUE(a.Allocate(2, &t2).ok());
+  for (int32_t b : t1) EXPECT_EQ(std::count(t2.begin(), t2.end(), b), 0);
+  ASSERT_TRUE(a.Free(t1).ok());
+  EXPECT_EQ(a.num_free(), 3);
+  EXPECT_EQ(a.Free(t1).code(), absl::StatusCode::kInvalidArgument);  // double free
+  EXPECT_EQ(a.Free({7}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(a.num_free(), 3);
+}
+
+TEST(KvCacheTest, CapacityFromBytes) {
+  model::ModelConfig c;
+  c.num_layers = 2;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  KvCacheOptions o;
+  o.block_size = 4;
+  o.bytes = KvCache::BytesPerBlock(c, 4) * 10 + 7;
+  auto kv = KvCache::Create(c, o);
+  ASSERT_TRUE(kv.ok());
+  EXPECT_EQ((*kv)->num_blocks(), 10);
+  EXPECT_EQ((*kv)->BlocksFor(9), 3);
+  EXPECT_EQ((*kv)->v(1) - (*kv)->k(0), 3 * 10 * 4 * 16);
+  o.bytes = 10;
+  EXPECT_EQ(KvCache::Create(c, o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace spear::engine
