@@ -69,7 +69,7 @@ int CmdBench(const std::vector<std::string>& args) {
     if (!s.ok()) return Fail("bench", s, true);
   }
   auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), 512);
-  if (!session.ok()) return Fail("bench", session.status(), absl::IsInvalidArgument(session.status()));
+  if (!session.ok()) return Fail("bench", session.status());
   engine::Engine& eng = *session->engine;
   const model::LoadedModel& m = *session->model;
   const int pool_threads = eng.runner().pool()->size();

@@ -38,6 +38,9 @@ int CmdGenerate(const std::vector<std::string>& args) {
   if (f.Str("prompt").empty() && f.Str("prompt-ids").empty()) {
     return Fail("generate", absl::InvalidArgumentError("--prompt or --prompt-ids is required"), true);
   }
+  if (f.Str("model").empty()) {
+    return Fail("generate", absl::InvalidArgumentError("--model is required"), true);
+  }
   auto max_tokens = f.Int("max-tokens", 0, 1 << 20);
   auto temp = f.Double("temperature", 0, 100);
   auto top_k = f.Int("top-k", 0, 1 << 30);
@@ -50,7 +53,7 @@ int CmdGenerate(const std::vector<std::string>& args) {
     if (!s.ok()) return Fail("generate", s, true);
   }
   auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), 256);
-  if (!session.ok()) return Fail("generate", session.status(), absl::IsInvalidArgument(session.status()));
+  if (!session.ok()) return Fail("generate", session.status());
   const model::LoadedModel& m = *session->model;
   auto prompt = PromptTokens(m, f.Str("prompt"), f.Str("prompt-ids"), f.Bool("chat"), f.Str("system"));
   if (!prompt.ok()) return Fail("generate", prompt.status(), true);
@@ -113,6 +116,7 @@ int CmdEval(const std::vector<std::string>& args) {
   for (const absl::Status& s : {ctx.status(), max_tokens.status(), threads.status()}) {
     if (!s.ok()) return Fail("eval", s, true);
   }
+  if (f.Str("model").empty()) return Fail("eval", absl::InvalidArgumentError("--model is required"), true);
   if (f.Str("text").empty()) return Fail("eval", absl::InvalidArgumentError("--text is required"), true);
   std::ifstream in(f.Str("text"), std::ios::binary);
   if (!in) return Fail("eval", absl::NotFoundError(absl::StrCat("cannot read ", f.Str("text"))));
@@ -122,7 +126,7 @@ int CmdEval(const std::vector<std::string>& args) {
 
   const int64_t kv_mib = 64 + (*ctx * 4096 * 4 >> 20);
   auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), kv_mib);
-  if (!session.ok()) return Fail("eval", session.status(), absl::IsInvalidArgument(session.status()));
+  if (!session.ok()) return Fail("eval", session.status());
   const model::LoadedModel& m = *session->model;
   if (m.tokenizer == nullptr) {
     return Fail("eval", absl::FailedPreconditionError("the model has no tokenizer"));
