@@ -1,0 +1,113 @@
+#include "worker/quantize/lowrank.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+
+namespace spear::quantize {
+namespace {
+
+absl::Status CheckRank(MatrixView e, int64_t rank) {
+  if (e.rows <= 0 || e.cols <= 0 || e.data == nullptr) {
+    return absl::InvalidArgumentError("low-rank fit: empty error matrix");
+  }
+  if (rank < 1 || rank > std::min(e.rows, e.cols)) {
+    return absl::InvalidArgumentError(absl::StrCat("low-rank fit: rank ", rank, " not in [1, ",
+                                                   std::min(e.rows, e.cols), "]"));
+  }
+  return absl::OkStatus();
+}
+
+// Fills fit from the SVD of m = E R (R = I for the plain fit); r_inv may be
+// empty (identity).
+void FromSvd(const Eigen::MatrixXd& m, const Eigen::MatrixXd& r_inv, int64_t rank, LowRankFit* fit) {
+  Eigen::BDCSVD<Eigen::MatrixXd> svd(m, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  const Eigen::VectorXd sv = svd.singularValues();
+  fit->singular_values.assign(sv.data(), sv.data() + sv.size());
+  fit->total_energy = sv.squaredNorm();
+  fit->residual_energy = sv.tail(sv.size() - rank).squaredNorm();
+  const Eigen::VectorXd root = sv.head(rank).cwiseSqrt();
+  const Eigen::MatrixXd b = svd.matrixU().leftCols(rank) * root.asDiagonal();
+  Eigen::MatrixXd a = root.asDiagonal() * svd.matrixV().leftCols(rank).transpose();
+  if (r_inv.size() > 0) a = a * r_inv;
+  const int64_t n = m.rows(), k = m.cols();
+  fit->a = Matrix(rank, k);
+  fit->b = Matrix(n, rank);
+  AsEigen(fit->a) = a.cast<float>();
+  AsEigen(fit->b) = b.cast<float>();
+}
+
+}  // namespace
+
+absl::StatusOr<LowRankFit> FitLowRankActivationAware(MatrixView e, const Eigen::MatrixXd& s,
+                                                     int64_t rank, const LowRankOptions& opt) {
+  if (auto st = CheckRank(e, rank); !st.ok()) return st;
+  const int64_t k = e.cols;
+  if (s.rows() != k || s.cols() != k || !s.allFinite()) {
+    return absl::InvalidArgumentError("FitLowRankActivationAware: S must be a finite [k, k] matrix");
+  }
+  if (opt.eps < 0) return absl::InvalidArgumentError("FitLowRankActivationAware: eps < 0");
+  Eigen::MatrixXd sd = 0.5 * (s + s.transpose());
+  const double mean_diag = sd.diagonal().mean();
+  sd.diagonal().array() += opt.eps * (mean_diag > 0 ? mean_diag : 1.0);
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(sd);
+  if (eig.info() != Eigen::Success) {
+    return absl::InternalError("FitLowRankActivationAware: eigendecomposition failed");
+  }
+  Eigen::VectorXd lambda = eig.eigenvalues();
+  const double floor = std::max(lambda.maxCoeff(), 1e-300) * 1e-12;
+  lambda = lambda.cwiseMax(floor);
+  const Eigen::MatrixXd& q = eig.eigenvectors();
+  const Eigen::MatrixXd r = q * lambda.cwiseSqrt().asDiagonal() * q.transpose();
+  const Eigen::MatrixXd r_inv = q * lambda.cwiseSqrt().cwiseInverse().asDiagonal() * q.transpose();
+  const Eigen::MatrixXd ed = AsEigen(e).cast<double>();
+  LowRankFit fit;
+  FromSvd(ed * r, r_inv, rank, &fit);
+  return fit;
+}
+
+absl::StatusOr<LowRankFit> FitLowRankPlain(MatrixView e, int64_t rank) {
+  if (auto st = CheckRank(e, rank); !st.ok()) return st;
+  LowRankFit fit;
+  FromSvd(AsEigen(e).cast<double>(), Eigen::MatrixXd(), rank, &fit);
+  return fit;
+}
+
+double ExpectedResidual(MatrixView e, const LowRankFit& fit, const Eigen::MatrixXd& s) {
+  const Eigen::MatrixXd a = AsEigen(fit.a.view()).cast<double>();
+  const Eigen::MatrixXd b = AsEigen(fit.b.view()).cast<double>();
+  const Eigen::MatrixXd d = AsEigen(e).cast<double>() - b * a;
+  return (d * s).cwiseProduct(d).sum();
+}
+
+EcWeights MakeStaticEc(const LowRankFit& fit) {
+  EcWeights ec;
+  ec.n = fit.b.rows;
+  ec.k = fit.a.cols;
+  ec.rank = fit.a.rows;
+  ec.gate_hidden = 0;
+  ec.gated = false;
+  ec.a = fit.a.data;
+  ec.b = fit.b.data;
+  return ec;
+}
+
+EcWeights MakeGatedEc(const LowRankFit& fit, int64_t gate_hidden, uint64_t seed, float w1_std) {
+  EcWeights ec = MakeStaticEc(fit);
+  ec.gated = true;
+  ec.gate_hidden = gate_hidden;
+  const int64_t r = ec.rank, h = gate_hidden;
+  if (w1_std <= 0.0f) w1_std = 1.0f / std::sqrt(static_cast<float>(r));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, w1_std);
+  ec.w1.resize(static_cast<size_t>(h * r));
+  for (float& v : ec.w1) v = normal(rng);
+  ec.b1.assign(static_cast<size_t>(h), 0.0f);
+  ec.w2.assign(static_cast<size_t>(r * h), 0.0f);
+  ec.b2.assign(static_cast<size_t>(r), 0.0f);
+  return ec;
+}
+
+}  // namespace spear::quantize

@@ -1,0 +1,64 @@
+// Static low-rank compensation of a weight error E = W - Q(W) [n, k]
+// (stage 1 of the EC fit; also the "QERA-exact" static baseline).
+//
+// Activation-aware fit. With S = E[x x^T] [k, k] from calibration
+// (HessianAccumulator::SecondMoment), damped S' = S + eps * mean(diag S) * I,
+// the expected output error of a correction C = B A is
+//     E_x ||(E - B A) x||^2 = ||(E - B A) R||_F^2,   S' = R R^T.
+// R is the symmetric square root Q diag(sqrt(lambda)) Q^T of the eigen-
+// decomposition S' = Q diag(lambda) Q^T (eigenvalues clamped at
+// 1e-12 * max lambda, so R^-1 exists). With the SVD E R = U Sigma V^T, the
+// best rank-r product is (E R)_r R^-1 (Eckart-Young in the R-weighted norm):
+//     B = U_r Sigma_r^{1/2}         [n, r]
+//     A = Sigma_r^{1/2} V_r^T R^-1   [r, k]
+// Scale balance: any B D, D^-1 A gives the same product; splitting
+// Sigma_r^{1/2} to both sides makes the r-th column of B and row of A
+// (measured through R) equally large, which keeps fp16 storage accurate and
+// gives Adam (stage 2) factors of comparable scale.
+// The minimum (for S') is sum_{i > r} sigma_i^2: residual_energy below.
+//
+// Plain fit (S = I, the data-free LoRC/ZeroQuant-V2 baseline):
+//     B = U_r Sigma_r^{1/2}, A = Sigma_r^{1/2} V_r^T from the SVD of E itself.
+#pragma once
+
+#include <Eigen/Dense>
+#include <cstdint>
+
+#include "absl/status/statusor.h"
+#include "kernels/w4_format.h"
+#include "worker/quantize/matrix.h"
+
+namespace spear::quantize {
+
+using kernels::EcWeights;
+
+struct LowRankFit {
+  Matrix a;  // [r, k]
+  Matrix b;  // [n, r]
+  std::vector<double> singular_values;  // all min(n, k) sigma_i (of E R, or of E)
+  double total_energy = 0.0;     // ||E R||_F^2 (= E_x ||E x||^2 under S')
+  double residual_energy = 0.0;  // sum_{i > r} sigma_i^2
+};
+
+struct LowRankOptions {
+  double eps = 1e-6;  // dampening of S, relative to mean(diag S)
+};
+
+// e [n, k], s [k, k] symmetric PSD, 1 <= rank <= min(n, k).
+absl::StatusOr<LowRankFit> FitLowRankActivationAware(MatrixView e, const Eigen::MatrixXd& s,
+                                                     int64_t rank,
+                                                     const LowRankOptions& opt = {});
+// Plain truncated SVD of e [n, k].
+absl::StatusOr<LowRankFit> FitLowRankPlain(MatrixView e, int64_t rank);
+
+// E_x ||(E - B A) x||^2 = tr((E - BA) S (E - BA)^T), float64 (S undamped).
+double ExpectedResidual(MatrixView e, const LowRankFit& fit, const Eigen::MatrixXd& s);
+
+// EC with the gate absent (gated = false): y = Q(W) x + B A x.
+EcWeights MakeStaticEc(const LowRankFit& fit);
+// EC with a gate that starts at exactly 1: W1 ~ N(0, w1_std^2) [h, r]
+// (seeded), b1 = 0, W2 = 0, b2 = 0. Training then moves W2 first.
+EcWeights MakeGatedEc(const LowRankFit& fit, int64_t gate_hidden, uint64_t seed,
+                      float w1_std = 0.0f);  // 0: 1/sqrt(r)
+
+}  // namespace spear::quantize

@@ -1,0 +1,113 @@
+#include "worker/quantize/placement.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "worker/quantize/cka.h"
+
+namespace spear::quantize {
+
+absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<double>& damages,
+                                                         const std::vector<ModuleEcCost>& costs,
+                                                         double budget_bytes,
+                                                         std::vector<int64_t> rank_options,
+                                                         const PlacementOptions& opt) {
+  if (damages.size() != costs.size()) {
+    return absl::InvalidArgumentError("PlanEcPlacement: damages and costs differ in length");
+  }
+  if (!(budget_bytes >= 0.0) || !(opt.breadth > 0.0) || !(opt.latency_weight >= 0.0)) {
+    return absl::InvalidArgumentError("PlanEcPlacement: budget >= 0, breadth > 0, latency_weight >= 0");
+  }
+  std::sort(rank_options.begin(), rank_options.end());
+  rank_options.erase(std::unique(rank_options.begin(), rank_options.end()), rank_options.end());
+  if (rank_options.empty() || rank_options.front() <= 0) {
+    return absl::InvalidArgumentError("PlanEcPlacement: rank options must be positive");
+  }
+  for (const ModuleEcCost& c : costs) {
+    if (!(c.bytes_per_rank > 0.0) || !(c.fixed_bytes >= 0.0) || !(c.relative_latency >= 0.0) ||
+        !std::isfinite(c.bytes_per_rank + c.fixed_bytes + c.relative_latency)) {
+      return absl::InvalidArgumentError("PlanEcPlacement: bad module cost");
+    }
+  }
+  auto ent = ComputeDamageEntropy(damages);
+  if (!ent.ok()) return ent.status();
+  const int64_t n = static_cast<int64_t>(damages.size());
+  const int64_t positive = std::count_if(damages.begin(), damages.end(), [](double d) { return d > 0; });
+  const int64_t cap = std::min<int64_t>(
+      positive, static_cast<int64_t>(std::ceil(opt.breadth * ent->effective_modules - 1e-9)));
+
+  // 2. Selection at the smallest rank.
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  auto key = [&](int64_t i) {
+    const ModuleEcCost& c = costs[static_cast<size_t>(i)];
+    return damages[static_cast<size_t>(i)] /
+           (c.Bytes(rank_options.front()) * (1.0 + opt.latency_weight * c.relative_latency));
+  };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key(a) > key(b); });
+  std::vector<int64_t> level(static_cast<size_t>(n), -1);  // index into rank_options
+  double used = 0.0;
+  int64_t taken = 0;
+  for (int64_t i : order) {
+    if (taken >= cap) break;
+    if (damages[static_cast<size_t>(i)] <= 0.0) continue;
+    const double b = costs[static_cast<size_t>(i)].Bytes(rank_options.front());
+    if (used + b > budget_bytes) continue;
+    used += b;
+    level[static_cast<size_t>(i)] = 0;
+    ++taken;
+  }
+  const auto bytes_at = [&](int64_t i, int64_t lv) {
+    return costs[static_cast<size_t>(i)].Bytes(rank_options[static_cast<size_t>(lv)]);
+  };
+  // 3. Proportional shares, biggest damage first.
+  std::vector<int64_t> sel;
+  double dsum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (level[static_cast<size_t>(i)] >= 0) {
+      sel.push_back(i);
+      dsum += damages[static_cast<size_t>(i)];
+    }
+  }
+  std::stable_sort(sel.begin(), sel.end(), [&](int64_t a, int64_t b) {
+    return damages[static_cast<size_t>(a)] > damages[static_cast<size_t>(b)];
+  });
+  const int64_t nlv = static_cast<int64_t>(rank_options.size());
+  for (int64_t i : sel) {
+    const double share = budget_bytes * damages[static_cast<size_t>(i)] / dsum;
+    int64_t target = 0;
+    while (target + 1 < nlv && bytes_at(i, target + 1) <= share) ++target;
+    const int64_t cur = level[static_cast<size_t>(i)];
+    if (target > cur && used - bytes_at(i, cur) + bytes_at(i, target) <= budget_bytes) {
+      used += bytes_at(i, target) - bytes_at(i, cur);
+      level[static_cast<size_t>(i)] = target;
+    }
+  }
+  // 4. Spend the leftover one step at a time on the most under-served module.
+  while (true) {
+    int64_t best = -1;
+    double best_key = -1.0;
+    for (int64_t i : sel) {
+      const int64_t cur = level[static_cast<size_t>(i)];
+      if (cur + 1 >= nlv || used - bytes_at(i, cur) + bytes_at(i, cur + 1) > budget_bytes) continue;
+      const double k = damages[static_cast<size_t>(i)] / bytes_at(i, cur);
+      if (k > best_key) {
+        best_key = k;
+        best = i;
+      }
+    }
+    if (best < 0) break;
+    const int64_t cur = level[static_cast<size_t>(best)];
+    used += bytes_at(best, cur + 1) - bytes_at(best, cur);
+    level[static_cast<size_t>(best)] = cur + 1;
+  }
+  std::vector<EcPlacement> plan;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t lv = level[static_cast<size_t>(i)];
+    if (lv >= 0) plan.push_back({i, rank_options[static_cast<size_t>(lv)], bytes_at(i, lv)});
+  }
+  return plan;
+}
+
+}  // namespace spear::quantize
