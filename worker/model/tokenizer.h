@@ -39,21 +39,32 @@ class Tokenizer {
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadHfTokenizer(const std::string& tokenizer_json_path);
 absl::StatusOr<std::unique_ptr<Tokenizer>> HfTokenizerFromJson(std::string_view json_text);
+// As above, plus the text of tokenizer_config.json (bos_token, eos_token,
+// add_bos_token, chat_template); LoadHfTokenizer reads it from beside
+// tokenizer.json when present. Without it, bos is the first token of the
+// post-processor template and eos is -1.
+absl::StatusOr<std::unique_ptr<Tokenizer>> HfTokenizerFromJson(std::string_view json_text,
+                                                               std::string_view config_json);
 absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromGguf(const GgufFile& gguf);
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePiece(const std::string& model_path);
 
 // Incremental detokenizer for streaming: Push returns the newly completed
 // UTF-8 text (holding back an incomplete multi-byte sequence); Flush returns
-// whatever remains.
+// whatever remains and resets the decoder. The concatenation of all outputs
+// equals tok->Decode(all ids, skip_special). `tok` must outlive the decoder;
+// one decoder per stream (not thread-safe itself).
 class StreamingDecoder {
  public:
-  explicit StreamingDecoder(const Tokenizer* tok) : tok_(tok) {}
+  explicit StreamingDecoder(const Tokenizer* tok, bool skip_special = false)
+      : tok_(tok), skip_special_(skip_special) {}
   std::string Push(int32_t id);
   std::string Flush();
 
  private:
   const Tokenizer* tok_;
-  std::string pending_;
+  bool skip_special_;
+  std::vector<int32_t> window_;  // last emitted token + the unread ones
+  size_t emitted_ = 0;           // bytes of Decode(window_) already returned
 };
 
 // Chat formatting. Supports ChatML (<|im_start|>role\n...<|im_end|>, used by
