@@ -164,21 +164,32 @@ TEST(Loader, UnpermuteGgufQkInvertsLlamaCpp) {
 }
 
 TEST(DenseLinearTest, ForwardAndErrors) {
-  std::vector<float> w = {1, 2, 3, 4, 5, 6};  // [2 out, 3 in]
-  std::vector<float> b = {0.5f, -1.f};
-  auto lin = model::DenseLinear::Create(w.data(), kernels::DType::kF32, 2, 3, b.data());
+  // [2 out, 8 in] (k a multiple of 8: this tests the wrapper, not the
+  // kernel's tail handling, which tests/kernels covers).
+  const int64_t k = 8, ldx = 10;
+  std::vector<float> w(2 * k), b = {0.5f, -1.f};
+  for (int64_t i = 0; i < 2 * k; ++i) w[i] = static_cast<float>(i % 5) - 2.f;
+  auto lin = model::DenseLinear::Create(w.data(), kernels::DType::kF32, 2, k, b.data());
   ASSERT_TRUE(lin.ok());
-  EXPECT_EQ((*lin)->weight_bytes(), 6 * 4 + 2 * 4);
-  std::vector<float> x = {1, 0, -1, 9, 2, 1, 1, 9};  // 2 rows, ldx 4
-  std::vector<float> y(4, 100.f);
-  ASSERT_TRUE((*lin)->Forward(x.data(), 2, 4, y.data(), 2, false, nullptr).ok());
-  EXPECT_FLOAT_EQ(y[0], 1 - 3 + 0.5f);
-  EXPECT_FLOAT_EQ(y[1], 4 - 6 - 1.f);
-  EXPECT_FLOAT_EQ(y[2], 2 + 2 + 3 + 0.5f);
-  EXPECT_FLOAT_EQ(y[3], 8 + 5 + 6 - 1.f);
-  ASSERT_TRUE((*lin)->Forward(x.data(), 1, 4, y.data(), 2, true, nullptr).ok());
-  EXPECT_FLOAT_EQ(y[0], 2 * (1 - 3 + 0.5f));
-  EXPECT_FALSE((*lin)->Forward(x.data(), 2, 2, y.data(), 2, false, nullptr).ok());
+  EXPECT_EQ((*lin)->weight_bytes(), 2 * k * 4 + 2 * 4);
+  EXPECT_EQ((*lin)->in_features(), k);
+  EXPECT_EQ((*lin)->out_features(), 2);
+  std::vector<float> x(2 * ldx, 1000.f);  // padding columns must be ignored
+  for (int64_t r = 0; r < 2; ++r)
+    for (int64_t c = 0; c < k; ++c) x[r * ldx + c] = static_cast<float>(r + c) * 0.25f;
+  std::vector<float> y(4, 100.f), want(4);
+  for (int64_t r = 0; r < 2; ++r)
+    for (int64_t j = 0; j < 2; ++j) {
+      float acc = b[j];
+      for (int64_t c = 0; c < k; ++c) acc += x[r * ldx + c] * w[j * k + c];
+      want[r * 2 + j] = acc;
+    }
+  ASSERT_TRUE((*lin)->Forward(x.data(), 2, ldx, y.data(), 2, false, nullptr).ok());
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(y[i], want[i], 1e-5) << i;
+  ASSERT_TRUE((*lin)->Forward(x.data(), 1, ldx, y.data(), 2, true, nullptr).ok());
+  EXPECT_NEAR(y[0], 2 * want[0], 1e-5);
+  EXPECT_NEAR(y[2], want[2], 1e-5);  // row 1 untouched
+  EXPECT_FALSE((*lin)->Forward(x.data(), 2, k - 1, y.data(), 2, false, nullptr).ok());
   EXPECT_FALSE(model::DenseLinear::Create(nullptr, kernels::DType::kF32, 2, 3).ok());
   EXPECT_FALSE(model::DenseLinear::Create(w.data(), kernels::DType::kF32, 0, 3).ok());
 }
