@@ -226,6 +226,9 @@ absl::Status BuildWeights(const ModelConfig& c, WeightSource& src, const Names& 
   w->layers.clear();
   w->layers.resize(c.num_layers);
   const bool bias = c.attention_bias;
+  // llama.cpp permutes q/k rows only for its LLaMA-family converter (llama,
+  // mistral); qwen2 GGUFs keep HF order (NeoX RoPE in llama.cpp).
+  const bool permuted = is_gguf && c.architecture != "qwen2";
   for (int64_t i = 0; i < c.num_layers; ++i) {
     LayerWeights& L = w->layers[i];
     const std::string p = absl::StrCat(n.layer_prefix, i);
@@ -244,8 +247,8 @@ absl::Status BuildWeights(const ModelConfig& c, WeightSource& src, const Names& 
       int64_t unpermute;
     };
     const Spec specs[] = {
-        {&L.q_proj, &n.q, &n.q_bias, qd, d, bias, is_gguf ? c.num_heads : 0},
-        {&L.k_proj, &n.k, &n.k_bias, kvd, d, bias, is_gguf ? c.num_kv_heads : 0},
+        {&L.q_proj, &n.q, &n.q_bias, qd, d, bias, permuted ? c.num_heads : 0},
+        {&L.k_proj, &n.k, &n.k_bias, kvd, d, bias, permuted ? c.num_kv_heads : 0},
         {&L.v_proj, &n.v, &n.v_bias, kvd, d, bias, 0},
         {&L.o_proj, &n.o, &n.o_bias, d, qd, false, 0},
         {&L.gate_proj, &n.gate, nullptr, ff, d, false, 0},

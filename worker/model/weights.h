@@ -73,8 +73,9 @@ struct LoadOptions {
 
 // `path` is (a) an HF directory: config.json + model.safetensors or
 // model.safetensors.index.json (+ optional tokenizer.json), or (b) a .gguf
-// file (every tensor dequantized to float32; llama.cpp's q/k row
-// permutation undone so the rotate_half RoPE applies to both sources).
+// file (every tensor dequantized to float32; for llama/mistral the q/k row
+// permutation of llama.cpp's converter is undone, so the same rotate_half
+// RoPE serves both sources; qwen2 GGUFs are not permuted).
 // Every tensor is checked against the config: NotFound for a missing
 // tensor, InvalidArgument for a wrong shape or unsupported dtype.
 absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const std::string& path,
