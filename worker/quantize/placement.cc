@@ -35,7 +35,7 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
   const int64_t n = static_cast<int64_t>(damages.size());
   const int64_t positive = std::count_if(damages.begin(), damages.end(), [](double d) { return d > 0; });
   const int64_t cap = std::min<int64_t>(
-      positive, static_cast<int64_t>(std::ceil(opt.breadth * ent->effective_modules - 1e-9)));
+      positive, std::max<int64_t>(1, static_cast<int64_t>(std::floor(opt.breadth * ent->effective_modules + 0.5))));
 
   // 2. Selection at the smallest rank.
   std::vector<int64_t> order(static_cast<size_t>(n));

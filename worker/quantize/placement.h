@@ -9,7 +9,9 @@
 //
 // Rule (deterministic):
 //  1. Entropy (cka.h): N_eff = exp(H) of the damage distribution. At most
-//     M = min(#{d_i > 0}, ceil(breadth * N_eff)) modules get an EC:
+//     M = min(#{d_i > 0}, max(1, round(breadth * N_eff))) modules get
+//     an EC (round half up; rounding rather than ceil so that a sprinkle of
+//     negligible damages, N_eff = 1.0001, does not buy a second module):
 //     concentrated damage -> few modules, spread damage -> many.
 //  2. Selection: modules with d_i > 0 in decreasing order of
 //     d_i / (bytes_i(r_1) * (1 + latency_weight * lat_i)) (damage per byte,

@@ -12,7 +12,12 @@ namespace {
 using kernels::FloatToHalf;
 using kernels::HalfToFloat;
 
-float RoundToHalf(float x) { return HalfToFloat(FloatToHalf(x)); }
+// Smallest fp16 value >= x (x > 0, finite); inf when x exceeds the fp16 range.
+float RoundUpToHalf(float x) {
+  uint16_t h = FloatToHalf(x);
+  if (HalfToFloat(h) < x && (h & 0x7c00u) != 0x7c00u) ++h;
+  return HalfToFloat(h);
+}
 
 }  // namespace
 
@@ -49,8 +54,7 @@ GroupParams ComputeGroupParams(const float* w, int64_t len, bool symmetric, floa
     for (int64_t j = 0; j < len; ++j) amax = std::max(amax, std::fabs(w[j * stride]));
     amax *= clip_ratio;
     p.zero = 8;
-    p.scale = amax > 0.0f ? RoundToHalf(amax / 7.5f) : 1.0f;
-    if (p.scale == 0.0f) p.scale = RoundToHalf(6.1e-5f);  // tiny group: smallest normal half
+    p.scale = amax > 0.0f ? RoundUpToHalf(amax / 7.5f) : 1.0f;
     return p;
   }
   float lo = 0.0f, hi = 0.0f;
@@ -65,8 +69,7 @@ GroupParams ComputeGroupParams(const float* w, int64_t len, bool symmetric, floa
     p.zero = 8;
     return p;
   }
-  p.scale = RoundToHalf((hi - lo) / 15.0f);
-  if (p.scale == 0.0f) p.scale = RoundToHalf(6.1e-5f);
+  p.scale = RoundUpToHalf((hi - lo) / 15.0f);
   const float z = std::nearbyint(-lo / p.scale);
   p.zero = static_cast<uint8_t>(std::clamp(z, 0.0f, 15.0f));
   return p;

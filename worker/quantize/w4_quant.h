@@ -12,12 +12,12 @@
 //               /7.5 rather than /7 gives a finer grid with the same worst
 //               case error bound scale/2.
 //   An all-zero group gets scale 1 (zero as above), so it dequantizes to 0.
-//   The scale is rounded to fp16 FIRST and the codes are computed with the
-//   rounded scale, so codes are nearest for the scale that is served.
+//   The scale is rounded UP to the next fp16 value FIRST (so the grid still
+//   covers [lo, hi]) and the codes are computed with that served scale.
 //   code = clamp(round_half_even(w / scale) + zero, 0, 15).
-// Bound: |w - Q(w)| <= scale/2 * (1 + 2^-10) for every element (the factor
-// covers the fp16 rounding of the scale); with clip_ratio < 1 (AWQ's clip
-// search) elements outside the shrunk range clamp and the bound does not hold.
+// Bound: |w - Q(w)| <= scale/2 (up to float rounding) for every element,
+// scale being the served fp16 scale; with clip_ratio < 1 (AWQ's clip search)
+// elements outside the shrunk range clamp and the bound does not hold.
 //
 // act_scale (AWQ): DequantizeW4 returns Q = dequant(codes) WITHOUT act_scale;
 // the layer computes y = Q (x / s), i.e. the effective weight is

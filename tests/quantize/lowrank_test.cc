@@ -1,0 +1,90 @@
+#include "worker/quantize/lowrank.h"
+
+#include <gtest/gtest.h>
+
+#include "tests/quantize/test_helpers.h"
+#include "worker/quantize/ec_train.h"
+
+namespace spear::quantize {
+namespace {
+
+using testing::CorrelatedInputs;
+using testing::RandomNormal;
+
+TEST(LowRank, IdentityCovarianceIsTruncatedSvd) {
+  const int64_t n = 40, k = 30, r = 7;
+  const Matrix e = RandomNormal(n, k, 41, 0.01f);
+  const Eigen::MatrixXd id = Eigen::MatrixXd::Identity(k, k);
+  LowRankOptions opt;
+  opt.eps = 0.0;
+  auto aware = FitLowRankActivationAware(e.view(), id, r, opt);
+  auto plain = FitLowRankPlain(e.view(), r);
+  ASSERT_TRUE(aware.ok() && plain.ok());
+  Eigen::JacobiSVD<Eigen::MatrixXd> svd(AsEigen(e.view()).cast<double>());
+  const Eigen::VectorXd sv = svd.singularValues();
+  const double discarded = sv.tail(k - r).squaredNorm();
+  EXPECT_NEAR(aware->residual_energy, discarded, 1e-9 * sv.squaredNorm());
+  EXPECT_NEAR(ExpectedResidual(e.view(), *aware, id), discarded, 1e-5 * sv.squaredNorm());
+  EXPECT_NEAR(ExpectedResidual(e.view(), *plain, id), discarded, 1e-5 * sv.squaredNorm());
+  for (int64_t i = 0; i < k; ++i) EXPECT_NEAR(plain->singular_values[i], sv(i), 1e-9);
+  // Balanced split: ||B_:,j|| = ||A_j,:|| = sqrt(sigma_j).
+  for (int64_t j = 0; j < r; ++j) {
+    double bn = 0, an = 0;
+    for (int64_t i = 0; i < n; ++i) bn += double(plain->b.at(i, j)) * plain->b.at(i, j);
+    for (int64_t i = 0; i < k; ++i) an += double(plain->a.at(j, i)) * plain->a.at(j, i);
+    EXPECT_NEAR(std::sqrt(bn), std::sqrt(sv(j)), 1e-5);
+    EXPECT_NEAR(std::sqrt(an), std::sqrt(sv(j)), 1e-5);
+  }
+}
+
+TEST(LowRank, ActivationAwareBeatsPlainUnderCorrelatedInputs) {
+  const int64_t n = 64, k = 48, r = 8;
+  const Matrix e = RandomNormal(n, k, 42, 0.01f);
+  const Matrix x = CorrelatedInputs(2048, k, 43);
+  const RowMatrixXd xd = AsEigen(x.view()).cast<double>();
+  const Eigen::MatrixXd s = xd.transpose() * xd / 2048.0;
+  auto aware = FitLowRankActivationAware(e.view(), s, r);
+  auto plain = FitLowRankPlain(e.view(), r);
+  ASSERT_TRUE(aware.ok() && plain.ok());
+  const double ea = ExpectedResidual(e.view(), *aware, s);
+  const double ep = ExpectedResidual(e.view(), *plain, s);
+  EXPECT_LT(ea, 0.8 * ep);
+  EXPECT_NEAR(ea, aware->residual_energy, 1e-3 * aware->total_energy);
+}
+
+TEST(LowRank, FullRankIsExact) {
+  const int64_t n = 20, k = 12;
+  const Matrix e = RandomNormal(n, k, 44);
+  const Matrix x = CorrelatedInputs(512, k, 45);
+  const RowMatrixXd xd = AsEigen(x.view()).cast<double>();
+  const Eigen::MatrixXd s = xd.transpose() * xd / 512.0;
+  auto fit = FitLowRankActivationAware(e.view(), s, k);
+  ASSERT_TRUE(fit.ok());
+  EXPECT_LT(ExpectedResidual(e.view(), *fit, s), 1e-9 * fit->total_energy);
+  const RowMatrixXf ba = AsEigen(fit->b.view()) * AsEigen(fit->a.view());
+  EXPECT_LT((ba - AsEigen(e.view())).norm(), 1e-4 * AsEigen(e.view()).norm());
+  EXPECT_FALSE(FitLowRankActivationAware(e.view(), s, k + 1).ok());
+  EXPECT_FALSE(FitLowRankPlain(e.view(), 0).ok());
+  EXPECT_FALSE(FitLowRankActivationAware(e.view(), Eigen::MatrixXd::Identity(3, 3), 2).ok());
+}
+
+TEST(LowRank, GatedEcStartsAtGateOne) {
+  const Matrix e = RandomNormal(16, 24, 46);
+  auto fit = FitLowRankPlain(e.view(), 4);
+  ASSERT_TRUE(fit.ok());
+  const EcWeights st = MakeStaticEc(*fit);
+  const EcWeights gated = MakeGatedEc(*fit, 8, 1);
+  EXPECT_FALSE(st.gated);
+  EXPECT_TRUE(gated.gated);
+  EXPECT_EQ(gated.w1.size(), 32u);
+  EXPECT_TRUE(ValidateEc(st).ok());
+  EXPECT_TRUE(ValidateEc(gated).ok());
+  const Matrix x = RandomNormal(10, 24, 47);
+  auto ys = ApplyEc(st, x.view());
+  auto yg = ApplyEc(gated, x.view());
+  ASSERT_TRUE(ys.ok() && yg.ok());
+  EXPECT_EQ(ys->data, yg->data);
+}
+
+}  // namespace
+}  // namespace spear::quantize
