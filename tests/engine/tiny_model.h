@@ -34,12 +34,23 @@ struct TinyModelSpec {
   std::string reshape_tensor;
 };
 
+// Removes the directories MakeTempDir created when the process exits.
+struct TempDirCleaner {
+  std::vector<std::string> dirs;
+  ~TempDirCleaner() {
+    std::error_code ec;
+    for (const auto& d : dirs) std::filesystem::remove_all(d, ec);
+  }
+};
+
 inline std::string MakeTempDir(const std::string& tag) {
+  static TempDirCleaner cleaner;
   static int counter = 0;
   auto dir = std::filesystem::temp_directory_path() /
              absl::StrCat("spear_engine_test_", tag, "_", ::getpid(), "_", counter++);
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
+  cleaner.dirs.push_back(dir.string());
   return dir.string();
 }
 
