@@ -153,6 +153,64 @@ def train_tiny(pre, post, specials, vocab_size, ignore_merges):
     return tok
 
 
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?"
+               r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?"
+                r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def write_gguf_presets(base, out_dir, strings):
+    """tiny_<pre>.gguf files holding only tokenizer metadata, plus golden ids."""
+    j = json.loads(base.to_str())
+    vocab = j["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    specials = {a["id"] for a in j["added_tokens"] if a["special"]}
+    merges = [" ".join(m) if isinstance(m, list) else m for m in j["model"]["merges"]]
+    bos = vocab["<|begin_of_text|>"]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False,
+                  "trim_offsets": True}
+    presets = {
+        "gpt2": ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True,
+                  "trim_offsets": True}, False),
+        "smollm": ({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True,
+             "trim_offsets": True}]}, False),
+        "llama-bpe": ({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated",
+             "invert": False}, byte_level]}, True),
+        "qwen2": ({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated",
+             "invert": False}, byte_level]}, False),
+    }
+    cases = []
+    for pre, (pre_json, llama3) in presets.items():
+        name = "tiny_%s.gguf" % pre
+        w = gguf.GGUFWriter(os.path.join(out_dir, name), "llama")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(bos)
+        w.add_eos_token_id(vocab["<|end_of_text|>"])
+        w.add_add_bos_token(llama3)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        hf = dict(j)
+        hf["pre_tokenizer"] = pre_json
+        hf["model"] = dict(j["model"], ignore_merges=llama3)
+        hf["post_processor"] = j["post_processor"] if llama3 else None
+        t = Tokenizer.from_str(json.dumps(hf))
+        cases.append({"gguf": name, "ids": [t.encode(x, add_special_tokens=True).ids
+                                            for x in strings]})
+    return cases
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser()
@@ -213,9 +271,13 @@ def main():
             cases.append({"tokenizer": name, "add_special": add_special,
                           "ids": [t.encode(s, add_special_tokens=add_special).ids
                                   for s in strings]})
+    # 3. GGUF presets (tokenizer.ggml.pre) on the tiny llama3 vocabulary, each
+    # against HF with the equivalent pre-tokenizer.
+    gguf_cases = write_gguf_presets(tiny_llama3, args.out, STRINGS)
     with open(os.path.join(args.out, "tokenizer_tiny_golden.json"), "w", encoding="utf-8") as f:
         json.dump({"strings": STRINGS + ["a <mask> b", "x<mask>y", "  <mask>  z"],
-                   "cases": cases}, f, ensure_ascii=False, indent=0)
+                   "cases": cases, "gguf_strings": STRINGS, "gguf_cases": gguf_cases}, f,
+                  ensure_ascii=False, indent=0)
 
 
 if __name__ == "__main__":

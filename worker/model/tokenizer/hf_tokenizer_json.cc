@@ -27,6 +27,9 @@ using json = nlohmann::json;
 using tok::BpeConfig;
 using tok::SplitBehavior;
 
+// Sequence nesting allowed in components (real files use one level).
+constexpr int kMaxDepth = 8;
+
 bool GetBool(const json& j, const char* key, bool def) {
   auto it = j.find(key);
   return it != j.end() && it->is_boolean() ? it->get<bool>() : def;
@@ -39,29 +42,31 @@ std::string GetString(const json& j, const char* key) {
 
 std::string TypeOf(const json& j) { return j.is_object() ? GetString(j, "type") : ""; }
 
-absl::Status ParseNormalizer(const json& j) {
+absl::Status ParseNormalizer(const json& j, int depth = 0) {
   if (j.is_null()) return absl::OkStatus();
+  if (depth > kMaxDepth) return absl::InvalidArgumentError("normalizer nested too deeply");
   const std::string type = TypeOf(j);
   if (type == "NFC") return absl::OkStatus();
   if (type == "Sequence") {
     auto it = j.find("normalizers");
     if (it == j.end() || !it->is_array()) return absl::InvalidArgumentError("bad normalizer");
     for (const json& n : *it) {
-      if (auto s = ParseNormalizer(n); !s.ok()) return s;
+      if (auto s = ParseNormalizer(n, depth + 1); !s.ok()) return s;
     }
     return absl::OkStatus();
   }
   return absl::InvalidArgumentError(absl::StrCat("unsupported normalizer type '", type, "'"));
 }
 
-absl::Status ParsePreTokenizer(const json& j, tok::PreTokenizer* pre) {
+absl::Status ParsePreTokenizer(const json& j, tok::PreTokenizer* pre, int depth = 0) {
   if (j.is_null()) return absl::OkStatus();
+  if (depth > kMaxDepth) return absl::InvalidArgumentError("pre_tokenizer nested too deeply");
   const std::string type = TypeOf(j);
   if (type == "Sequence") {
     auto it = j.find("pretokenizers");
     if (it == j.end() || !it->is_array()) return absl::InvalidArgumentError("bad pre_tokenizer");
     for (const json& p : *it) {
-      if (auto s = ParsePreTokenizer(p, pre); !s.ok()) return s;
+      if (auto s = ParsePreTokenizer(p, pre, depth + 1); !s.ok()) return s;
     }
     return absl::OkStatus();
   }
@@ -105,15 +110,16 @@ absl::StatusOr<int32_t> SpecialId(const BpeConfig& c, const json& specials, cons
   return absl::InvalidArgumentError(absl::StrCat("post_processor token '", name, "' unknown"));
 }
 
-absl::Status ParsePostProcessor(const json& j, BpeConfig* c) {
+absl::Status ParsePostProcessor(const json& j, BpeConfig* c, int depth = 0) {
   if (j.is_null()) return absl::OkStatus();
+  if (depth > kMaxDepth) return absl::InvalidArgumentError("post_processor nested too deeply");
   const std::string type = TypeOf(j);
   if (type == "ByteLevel") return absl::OkStatus();  // only adjusts offsets
   if (type == "Sequence") {
     auto it = j.find("processors");
     if (it == j.end() || !it->is_array()) return absl::InvalidArgumentError("bad post_processor");
     for (const json& p : *it) {
-      if (auto s = ParsePostProcessor(p, c); !s.ok()) return s;
+      if (auto s = ParsePostProcessor(p, c, depth + 1); !s.ok()) return s;
     }
     return absl::OkStatus();
   }
@@ -156,7 +162,8 @@ absl::Status ParsePostProcessor(const json& j, BpeConfig* c) {
   return absl::InvalidArgumentError(absl::StrCat("unsupported post_processor type '", type, "'"));
 }
 
-absl::Status ParseDecoder(const json& j, BpeConfig* c) {
+absl::Status ParseDecoder(const json& j, BpeConfig* c, int depth = 0) {
+  if (depth > kMaxDepth) return absl::InvalidArgumentError("decoder nested too deeply");
   const std::string type = TypeOf(j);
   if (type == "ByteLevel") {
     c->byte_level_decode = true;
@@ -164,7 +171,7 @@ absl::Status ParseDecoder(const json& j, BpeConfig* c) {
     auto it = j.find("decoders");
     if (it == j.end() || !it->is_array()) return absl::InvalidArgumentError("bad decoder");
     for (const json& d : *it) {
-      if (auto s = ParseDecoder(d, c); !s.ok()) return s;
+      if (auto s = ParseDecoder(d, c, depth + 1); !s.ok()) return s;
     }
   } else if (type != "ByteFallback" && type != "Fuse") {
     return absl::InvalidArgumentError(absl::StrCat("unsupported decoder type '", type, "'"));
