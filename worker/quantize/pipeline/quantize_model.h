@@ -1,0 +1,99 @@
+// Whole-model quantization: W4 backbone + SPEAR error compensators.
+//
+// QuantizeModel turns a loaded FP16/FP32 model into a W4 (+EC) model IN
+// PLACE: every transformer linear layer is replaced (through
+// LlamaWeights::ForEachLinear) by a model::W4Linear, some of them carrying
+// an EC. Steps (each documented in quantize_model.cc):
+//  1. calibration tokens: sequences the FP16 model samples itself
+//     (self:N,LEN: N sequences of LEN tokens, seeded) or a text file;
+//  2. the CKA/entropy diagnostic (ec == kSpear or kStatic with placement):
+//     damage of each module = 1 - CKA(final hidden states of the FP16 model,
+//     those of the model with only that module quantized); entropy of the
+//     damage distribution -> how widely the budget is spread; modules ranked
+//     by damage per byte; placement within budget_pct of the served model;
+//  3. layer by layer, in order: quantize the backbone (RTN | AWQ | GPTQ)
+//     from this layer's calibration inputs as produced by the
+//     already-quantized-and-compensated layers below (sequential), fit ECs
+//     on placed modules (stage 1 closed form, stage 2 gradient training
+//     against the FP16 model's outputs), then propagate.
+// Thread-safety: not re-entrant; uses the given thread pool.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/thread_pool.h"
+#include "worker/model/weights.h"
+
+namespace spear::quantize {
+
+enum class Backbone { kRtn, kAwq, kGptq };
+enum class EcMode { kNone, kStatic, kSpear };
+
+struct CalibrationOptions {
+  // Self-generated: num_sequences of seq_len tokens sampled by the FP16
+  // model (temperature 1, top_p 0.95, seed). Or text_file: its tokens cut
+  // into num_sequences windows of seq_len.
+  std::string text_file;  // empty = self-generated
+  int64_t num_sequences = 64;
+  int64_t seq_len = 256;
+  uint64_t seed = 1;
+};
+
+struct QuantizeOptions {
+  Backbone backbone = Backbone::kRtn;
+  int64_t group_size = -1;  // -1 = per-channel, else 32/64/128
+  bool symmetric = false;
+  EcMode ec = EcMode::kSpear;
+  double ec_budget_pct = 1.0;  // EC bytes as % of the served W4 model bytes
+  // kStatic with place_static_like_spear=false: the same rank on every
+  // module at the budget (the "all modules" baseline); true: the
+  // diagnostic's placement, closed-form fit only.
+  bool place_static_like_spear = false;
+  bool gate = true;  // false: the ablation (gate fixed at 1, same training)
+  int64_t gate_hidden = 0;  // 0 = default (documented in the .cc)
+  int64_t train_steps = 300;
+  double learning_rate = 1e-3;
+  int64_t diagnostic_tokens = 1024;  // calibration tokens used for CKA
+  CalibrationOptions calib;
+};
+
+struct ModuleReport {
+  std::string name;  // "model.layers.3.mlp.down_proj"
+  double damage = 0;  // 1 - CKA, when the diagnostic ran
+  int64_t ec_rank = 0;  // 0 = no EC
+  int64_t ec_bytes = 0;
+  double err_w4 = 0;      // mean squared output error vs FP16 on held-out calibration tokens
+  double err_static = 0;  // after stage 1
+  double err_final = 0;   // after stage 2 (or = err_static)
+};
+
+struct QuantizeReport {
+  std::vector<ModuleReport> modules;
+  double damage_entropy = 0;          // natural log
+  double normalized_entropy = 0;
+  double effective_modules = 0;
+  int64_t w4_model_bytes = 0;  // served bytes of the W4 model, embeddings included
+  int64_t ec_bytes = 0;
+  double ec_pct() const { return w4_model_bytes ? 100.0 * ec_bytes / w4_model_bytes : 0; }
+  double seconds = 0;
+  int64_t calibration_tokens = 0;
+};
+
+// Progress callback: (stage name, done, total).
+using QuantizeProgress = std::function<void(const std::string&, int64_t, int64_t)>;
+
+absl::StatusOr<QuantizeReport> QuantizeModel(model::LoadedModel* model,
+                                              const QuantizeOptions& options,
+                                              kernels::ThreadPool* pool,
+                                              const QuantizeProgress& progress = nullptr);
+
+// Served bytes of a model as it would be stored in a .spear checkpoint:
+// W4 layers (codes, scales, zeros, act scales), ECs (fp16), embeddings and
+// norms (fp16), lm_head (0 when tied).
+int64_t ServedModelBytes(const model::LoadedModel& model, int64_t* ec_bytes = nullptr);
+
+}  // namespace spear::quantize
