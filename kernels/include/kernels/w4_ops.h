@@ -30,8 +30,10 @@
 //   x, w, y non-null (x may be null only when m == 0); m >= 0;
 //   k == w->fmt.k; ldx >= k, ldy >= n = w->fmt.n;
 //   w->fmt: n, k > 0, group_size > 0 divides k, packed/scales/zeros sized
-//   [n, (k+1)/2] / [n, k/group_size] / [n, k/group_size], zeros <= 15,
-//   act_scale empty or [k];
+//   [n, (k+1)/2] / [n, k/group_size] / [n, k/group_size], act_scale empty
+//   or [k]. The VALUES (zeros <= 15, act_scale > 0) are not scanned per call
+//   (O(n k / group) work); model::W4Linear::Create checks them once. Bad
+//   values give wrong numbers, never out-of-bounds access;
 //   ec (when non-null): ec->n == n, ec->k == k, rank > 0, a [r, k],
 //   b [n, r], and when gated: gate_hidden > 0, w1 [h, r], b1 [h], w2 [r, h],
 //   b2 [r].

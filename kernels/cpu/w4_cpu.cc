@@ -1,0 +1,245 @@
+// cpu::W4Linear: validation, ISA dispatch, the EC's small GEMMs and the
+// split of work over the pool. The SIMD bodies are in w4_simd.inc; this file
+// is compiled with baseline flags and reaches AVX code only through the
+// table ActiveIsa() picks.
+//
+// Two paths:
+//  - m <= 8 (decode): one fused dequantize-GEMV over the packed codes
+//    (0.5 byte/weight streamed once), threads over output rows; the EC's
+//    u = A x and gate run first (tiny), and B (g ⊙ u) is added per output
+//    row in the GEMV epilogue, so y is written exactly once.
+//  - m > 8 (prefill): tiles of W rows are dequantized into thread-local F32
+//    scratch and multiplied by the public cpu::Linear (compute bound: the
+//    dequantization is O(n k), the GEMM O(m n k)); the EC is two small
+//    GEMMs through cpu::Linear (u = A x; y += B (g ⊙ u)).
+// Both paths permute the activations into "xp order" (w4_isa.h) once, with
+// the act_scale division folded into that copy.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/w4_isa.h"
+#include "kernels/cpu_features.h"
+#include "kernels/ops.h"
+#include "kernels/w4_ops.h"
+
+namespace spear::kernels::cpu {
+namespace {
+
+const internal::W4IsaKernels& W4Kernels() {
+  switch (ActiveIsa()) {
+    case Isa::kAvx512:
+      return internal::kW4Avx512Kernels;
+    case Isa::kAvx2:
+      return internal::kW4Avx2Kernels;
+    case Isa::kScalar:
+      break;
+  }
+  return internal::kW4ScalarKernels;
+}
+
+// Per-thread scratch, grown on demand (never shrinks: the engine calls with
+// the same shapes over and over).
+float* Scratch(std::vector<float>& buf, int64_t len) {
+  if (static_cast<int64_t>(buf.size()) < len) buf.resize(static_cast<size_t>(len));
+  return buf.data();
+}
+
+// xp[t, :] = permute(x[t, :] / act_scale) for t < m (see w4_ops.h / w4_isa.h).
+void PermuteActivations(const W4LinearParams& p, int block, float* xp, ThreadPool* pool) {
+  const W4Weight& w = *p.w;
+  const int64_t k = w.fmt.k, gs = w.fmt.group_size, ng = w.fmt.num_groups();
+  const int64_t nb = (gs & 1) ? 0 : gs / block, half = block / 2;
+  const float* as = w.act_scale.empty() ? nullptr : w.act_scale.data();
+  auto rows = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* x = p.x + t * p.ldx;
+      float* o = xp + t * k;
+      for (int64_t g = 0; g < ng; ++g) {
+        const int64_t c0 = g * gs;
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t c = c0 + b * block;
+          for (int64_t l = 0; l < half; ++l) {
+            const float xe = x[c + 2 * l], xo = x[c + 2 * l + 1];
+            o[c + l] = as ? xe / as[c + 2 * l] : xe;
+            o[c + half + l] = as ? xo / as[c + 2 * l + 1] : xo;
+          }
+        }
+        for (int64_t c = c0 + nb * block; c < c0 + gs; ++c) o[c] = as ? x[c] / as[c] : x[c];
+      }
+    }
+  };
+  if (pool == nullptr || p.m < 64) {
+    rows(0, p.m);
+  } else {
+    pool->ParallelFor(p.m, 16, rows);
+  }
+}
+
+LinearParams DenseParams(const float* x, int64_t m, int64_t k, int64_t ldx, const float* w,
+                         int64_t n, const float* bias, float* y, int64_t ldy, bool accumulate) {
+  LinearParams l;
+  l.x = x;
+  l.m = m;
+  l.k = k;
+  l.ldx = ldx;
+  l.w = w;
+  l.w_dtype = DType::kF32;
+  l.n = n;
+  l.bias = bias;
+  l.y = y;
+  l.ldy = ldy;
+  l.accumulate = accumulate;
+  return l;
+}
+
+// v[m, r] = g ⊙ u with u = A x (raw x) and the gate of w4_ops.h; writes the
+// gate to gate_out when asked. `u` and `hid` are scratch of m*r and m*h.
+absl::Status EcLowRank(const W4LinearParams& p, float* u, float* hid, float* v, ThreadPool* pool) {
+  const EcWeights& e = *p.ec;
+  const int64_t m = p.m, r = e.rank, h = e.gate_hidden;
+  if (absl::Status s = Linear(DenseParams(p.x, m, e.k, p.ldx, e.a.data(), r, nullptr, u, r, false),
+                              pool);
+      !s.ok()) {
+    return s;
+  }
+  if (!e.gated) {
+    for (int64_t i = 0; i < m * r; ++i) v[i] = u[i];
+    if (p.gate_out != nullptr) {
+      for (int64_t i = 0; i < m * r; ++i) p.gate_out[i] = 1.f;
+    }
+    return absl::OkStatus();
+  }
+  // hid = silu(W1 u + b1); z = W2 hid + b2 (into v); g = 1 + tanh(z).
+  if (absl::Status s = Linear(DenseParams(u, m, r, r, e.w1.data(), h, e.b1.data(), hid, h, false),
+                              pool);
+      !s.ok()) {
+    return s;
+  }
+  for (int64_t i = 0; i < m * h; ++i) hid[i] = hid[i] / (1.f + std::exp(-hid[i]));
+  if (absl::Status s = Linear(DenseParams(hid, m, h, h, e.w2.data(), r, e.b2.data(), v, r, false),
+                              pool);
+      !s.ok()) {
+    return s;
+  }
+  for (int64_t i = 0; i < m * r; ++i) {
+    const float g = 1.f + std::tanh(v[i]);
+    if (p.gate_out != nullptr) p.gate_out[i] = g;
+    v[i] = g * u[i];
+  }
+  return absl::OkStatus();
+}
+
+internal::W4KernelArgs WeightArgs(const W4Weight& w) {
+  internal::W4KernelArgs a;
+  a.packed = w.packed.data();
+  a.scales = w.scales.data();
+  a.zeros = w.zeros.data();
+  a.n = w.fmt.n;
+  a.k = w.fmt.k;
+  a.group_size = w.fmt.group_size;
+  a.num_groups = w.fmt.num_groups();
+  a.packed_row_bytes = w.fmt.packed_row_bytes();
+  return a;
+}
+
+absl::Status Decode(const W4LinearParams& p, const internal::W4IsaKernels& kern, ThreadPool* pool) {
+  thread_local std::vector<float> xp_buf, ec_buf;
+  const W4Weight& w = *p.w;
+  const int64_t n = w.fmt.n, k = w.fmt.k;
+  float* xp = Scratch(xp_buf, p.m * k);
+  PermuteActivations(p, kern.block, xp, nullptr);
+
+  internal::W4KernelArgs a = WeightArgs(w);
+  a.xp = xp;
+  a.m = p.m;
+  a.bias = p.bias;
+  a.y = p.y;
+  a.ldy = p.ldy;
+  a.accumulate = p.accumulate;
+  if (p.ec != nullptr) {
+    const int64_t r = p.ec->rank, h = p.ec->gated ? p.ec->gate_hidden : 0;
+    float* u = Scratch(ec_buf, p.m * (2 * r + h));
+    float* v = u + p.m * r;
+    if (absl::Status s = EcLowRank(p, u, v + p.m * r, v, pool); !s.ok()) return s;
+    a.ec_b = p.ec->b.data();
+    a.ec_v = v;
+    a.rank = r;
+  }
+  // Rows in chunks of >= 64 (multiples of 16) so each thread streams a
+  // contiguous slab of codes; below ~256 KiB of codes one thread is faster
+  // than waking the pool.
+  const int threads = pool == nullptr ? 1 : pool->size();
+  if (threads == 1 || n * k < (int64_t{1} << 19)) {
+    kern.gemv(a, 0, n);
+    return absl::OkStatus();
+  }
+  int64_t chunk = (n + threads - 1) / threads;
+  chunk = chunk < 64 ? 64 : (chunk + 15) / 16 * 16;
+  const int64_t parts = (n + chunk - 1) / chunk;
+  pool->ParallelFor(parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = t * chunk, j1 = j0 + chunk < n ? j0 + chunk : n;
+      kern.gemv(a, j0, j1);
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status Prefill(const W4LinearParams& p, const internal::W4IsaKernels& kern,
+                     ThreadPool* pool) {
+  thread_local std::vector<float> xp_buf, ec_buf;
+  const W4Weight& w = *p.w;
+  const int64_t n = w.fmt.n, k = w.fmt.k;
+  float* xp = Scratch(xp_buf, p.m * k);
+  PermuteActivations(p, kern.block, xp, pool);
+
+  // Tiles of ~256 KiB of F32 weights (16..256 rows, multiples of 16): small
+  // enough to stay in L2 between being written and being multiplied.
+  int64_t tile = (int64_t{256} << 10) / (4 * k);
+  tile = tile < 16 ? 16 : (tile > 256 ? 256 : tile / 16 * 16);
+  const int64_t tiles = (n + tile - 1) / tile;
+  const internal::W4KernelArgs a = WeightArgs(w);
+  // One status per tile: each is written by the one thread running that tile.
+  std::vector<absl::Status> errors(static_cast<size_t>(tiles));
+  auto run = [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> tile_buf;
+    float* wt = Scratch(tile_buf, tile * k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = t * tile, j1 = j0 + tile < n ? j0 + tile : n;
+      kern.dequant(a, j0, j1, wt);
+      errors[static_cast<size_t>(t)] =
+          Linear(DenseParams(xp, p.m, k, k, wt, j1 - j0, p.bias ? p.bias + j0 : nullptr, p.y + j0,
+                             p.ldy, p.accumulate),
+                 nullptr);
+    }
+  };
+  if (pool == nullptr || tiles == 1) {
+    run(0, tiles);
+  } else {
+    pool->ParallelFor(tiles, 1, run);
+  }
+  for (const absl::Status& s : errors) {
+    if (!s.ok()) return s;
+  }
+  if (p.ec != nullptr) {
+    const int64_t r = p.ec->rank, h = p.ec->gated ? p.ec->gate_hidden : 0;
+    float* u = Scratch(ec_buf, p.m * (2 * r + h));
+    float* v = u + p.m * r;
+    if (absl::Status s = EcLowRank(p, u, v + p.m * r, v, pool); !s.ok()) return s;
+    return Linear(DenseParams(v, p.m, r, r, p.ec->b.data(), n, nullptr, p.y, p.ldy, true), pool);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status W4Linear(const W4LinearParams& p, ThreadPool* pool) {
+  if (absl::Status s = ValidateW4Linear(p); !s.ok()) return s;
+  if (p.m == 0) return absl::OkStatus();
+  const internal::W4IsaKernels& kern = W4Kernels();
+  if (p.m <= internal::kW4MaxGemvTokens) return Decode(p, kern, pool);
+  return Prefill(p, kern, pool);
+}
+
+}  // namespace spear::kernels::cpu

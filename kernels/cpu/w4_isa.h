@@ -1,0 +1,58 @@
+// Private interface between the W4 CPU dispatcher (w4_cpu.cc) and the
+// ISA-specific W4 kernels (w4_simd.inc instantiated by w4_generic.cc,
+// w4_avx2.cc and w4_avx512.cc). Same rules as ops_isa.h: the tables are
+// constant data, and w4_cpu.cc calls through a table only after ActiveIsa()
+// says the CPU has that ISA. No absl or std headers with static
+// initialisers here (this header is compiled with -mavx2 / -mavx512*).
+//
+// Permuted-k layout ("xp order"). The kernels unpack the two nibbles of a
+// byte into two vectors (low nibbles = even k, high nibbles = odd k) instead
+// of interleaving them back, so the activations are permuted instead, once
+// per token: inside each group, k is cut into blocks of `block` = 2 * lanes
+// consecutive inputs; a block's lanes even inputs come first, then its
+// lanes odd inputs. The group's last gs % block inputs (its tail) and every
+// group of odd size stay in natural order. The prefill path dequantizes W
+// into the same order, so x and W agree and the dot products are unchanged.
+#pragma once
+
+#include <cstdint>
+
+namespace spear::kernels::cpu::internal {
+
+struct W4KernelArgs {
+  // The W4 weight (validated).
+  const uint8_t* packed = nullptr;   // [n, packed_row_bytes]
+  const uint16_t* scales = nullptr;  // fp16 [n, num_groups]
+  const uint8_t* zeros = nullptr;    // [n, num_groups]
+  int64_t n = 0, k = 0, group_size = 0, num_groups = 0, packed_row_bytes = 0;
+
+  // GEMV only: m <= 8 tokens of activations in xp order, [m, k] contiguous
+  // (already divided by act_scale).
+  const float* xp = nullptr;
+  int64_t m = 0;
+  const float* bias = nullptr;  // [n] or null
+  float* y = nullptr;           // [m, n], stride ldy
+  int64_t ldy = 0;
+  bool accumulate = false;
+  // EC epilogue: y[t, j] += dot(ec_b[j, :], ec_v[t, :]) when ec_b != null.
+  const float* ec_b = nullptr;  // [n, rank]
+  const float* ec_v = nullptr;  // [m, rank]: g ⊙ u per token
+  int64_t rank = 0;
+};
+
+struct W4IsaKernels {
+  int block;  // 2 * float lanes: the xp permutation block
+  // Output rows [j0, j1) of the fused dequantize-GEMV for all a.m tokens
+  // (1 <= m <= 8), bias and EC epilogue included.
+  void (*gemv)(const W4KernelArgs& a, int64_t j0, int64_t j1);
+  // Dequantizes rows [j0, j1) into out [j1 - j0, k] (xp order, float32).
+  void (*dequant)(const W4KernelArgs& a, int64_t j0, int64_t j1, float* out);
+};
+
+inline constexpr int kW4MaxGemvTokens = 8;
+
+extern const W4IsaKernels kW4ScalarKernels;  // w4_generic.cc
+extern const W4IsaKernels kW4Avx2Kernels;    // w4_avx2.cc
+extern const W4IsaKernels kW4Avx512Kernels;  // w4_avx512.cc
+
+}  // namespace spear::kernels::cpu::internal
