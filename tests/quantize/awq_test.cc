@@ -73,3 +73,55 @@ TEST(Awq, AlphaZeroWithoutClipIsRtn) {
 
 }  // namespace
 }  // namespace spear::quantize
+
+// Timings at SmolLM2 down_proj-like size (n=576, k=1536) and up_proj-like
+// (n=1536, k=576). Disabled by default; run with
+// --gtest_also_run_disabled_tests --gtest_filter='*RealSizeTiming*'.
+#include <chrono>
+
+#include "worker/quantize/cka.h"
+#include "worker/quantize/gptq.h"
+#include "worker/quantize/lowrank.h"
+
+namespace spear::quantize {
+namespace {
+
+double Seconds(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+TEST(QuantizeTiming, DISABLED_RealSizeTiming) {
+  for (auto [n, k] : {std::pair<int64_t, int64_t>{1536, 576}, {576, 1536}}) {
+    const Matrix w = RandomNormal(n, k, 1, 0.02f);
+    const Matrix x = OutlierInputs(4096, k, 2);
+    const W4Format fmt{n, k, k, false};
+    auto t0 = std::chrono::steady_clock::now();
+    HessianAccumulator acc(k);
+    ASSERT_TRUE(acc.Add(x.view()).ok());
+    const double t_h = Seconds(t0);
+    t0 = std::chrono::steady_clock::now();
+    auto rtn = QuantizeRtn(w.view(), fmt);
+    const double t_rtn = Seconds(t0);
+    t0 = std::chrono::steady_clock::now();
+    auto gq = QuantizeGptq(w.view(), acc.Hessian(), fmt, {.act_order = true});
+    const double t_gptq = Seconds(t0);
+    t0 = std::chrono::steady_clock::now();
+    auto aq = QuantizeAwq(w.view(), x.view(), fmt);
+    const double t_awq = Seconds(t0);
+    ASSERT_TRUE(rtn.ok() && gq.ok() && aq.ok());
+    auto e = QuantizationError(w.view(), *rtn);
+    t0 = std::chrono::steady_clock::now();
+    auto fit = FitLowRankActivationAware(e->view(), acc.SecondMoment(), 32);
+    const double t_lr = Seconds(t0);
+    ASSERT_TRUE(fit.ok());
+    t0 = std::chrono::steady_clock::now();
+    auto cka = LinearCka(x.view(), x.view());
+    const double t_cka = Seconds(t0);
+    std::printf("n=%lld k=%lld T=4096: hessian %.2fs rtn %.3fs gptq(act_order) %.2fs awq(+clip) %.2fs "
+                "lowrank-aware r32 %.2fs cka %.2fs\n",
+                (long long)n, (long long)k, t_h, t_rtn, t_gptq, t_awq, t_lr, t_cka);
+  }
+}
+
+}  // namespace
+}  // namespace spear::quantize

@@ -52,6 +52,25 @@ TEST(LowRank, ActivationAwareBeatsPlainUnderCorrelatedInputs) {
   EXPECT_NEAR(ea, aware->residual_energy, 1e-3 * aware->total_energy);
 }
 
+TEST(LowRank, SingularCovarianceFallsBackToEigen) {
+  // A dead input channel and eps = 0: S is singular, Cholesky fails, the
+  // clamped eigen-decomposition path must still give the optimum.
+  const int64_t n = 16, k = 10, r = 3;
+  const Matrix e = RandomNormal(n, k, 48);
+  Matrix x = CorrelatedInputs(256, k, 49);
+  for (int64_t t = 0; t < 256; ++t) x.at(t, 4) = 0.0f;
+  const RowMatrixXd xd = AsEigen(x.view()).cast<double>();
+  const Eigen::MatrixXd s = xd.transpose() * xd / 256.0;
+  LowRankOptions opt;
+  opt.eps = 0.0;
+  auto fit = FitLowRankActivationAware(e.view(), s, r, opt);
+  ASSERT_TRUE(fit.ok());
+  EXPECT_NEAR(ExpectedResidual(e.view(), *fit, s), fit->residual_energy, 1e-4 * fit->total_energy);
+  auto damped = FitLowRankActivationAware(e.view(), s, r);  // eps 1e-6: Cholesky path
+  ASSERT_TRUE(damped.ok());
+  EXPECT_NEAR(ExpectedResidual(e.view(), *damped, s), fit->residual_energy, 1e-4 * fit->total_energy);
+}
+
 TEST(LowRank, FullRankIsExact) {
   const int64_t n = 20, k = 12;
   const Matrix e = RandomNormal(n, k, 44);

@@ -80,9 +80,9 @@ struct EcActivations {
   EMat<S> u, h1, p, t, v;
 };
 
-// Y = B (g ⊙ u) for every row of x; fills acts (needed by the backward).
+// u, the gate and v = g ⊙ u for every row of x (into acts).
 template <typename S>
-EMat<S> EcForward(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x, EcActivations<S>* acts) {
+void EcLowRankForward(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x, EcActivations<S>* acts) {
   EcActivations<S>& c = *acts;
   c.u.noalias() = x * prm.a.transpose();
   if (prm.gated) {
@@ -96,27 +96,20 @@ EMat<S> EcForward(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x, Ec
   } else {
     c.v = c.u;
   }
-  return c.v * prm.b.transpose();
 }
 
-// Loss (see the header comment) and, if grad != nullptr, its gradient.
-// channel_weights: empty or [n].
+// Y = B (g ⊙ u) for every row of x; fills acts (needed by the backward).
 template <typename S>
-S EcLossAndGrad(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x,
-                const Eigen::Ref<const EMat<S>>& r, const EVec<S>& channel_weights,
-                EcParams<S>* grad) {
-  EcActivations<S> c;
-  EMat<S> d = EcForward(prm, x, &c);
-  d -= r;
-  const S inv_m = S(1) / static_cast<S>(x.rows());
-  const bool weighted = channel_weights.size() > 0;
-  EMat<S> dw = weighted ? EMat<S>(d * channel_weights.asDiagonal()) : d;
-  const S loss = inv_m * dw.cwiseProduct(d).sum();
-  if (grad == nullptr) return loss;
-  grad->SetZeroLike(prm);
-  dw *= S(2) * inv_m;                           // dY
-  grad->b.noalias() = dw.transpose() * c.v;     // dB
-  EMat<S> dv = dw * prm.b;                      // dV [m, r]
+EMat<S> EcForward(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x, EcActivations<S>* acts) {
+  EcLowRankForward(prm, x, acts);
+  return acts->v * prm.b.transpose();
+}
+
+// The backward from dV = dLoss/dV [m, r] (everything except dB, which the
+// callers compute). Consumes dv.
+template <typename S>
+void EcBackwardFromDv(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x,
+                      const EcActivations<S>& c, EMat<S>&& dv, EcParams<S>* grad) {
   EMat<S> du;
   if (prm.gated) {
     EMat<S> dz = dv.cwiseProduct(c.u).cwiseProduct((S(1) - c.t.array().square()).matrix());
@@ -135,6 +128,57 @@ S EcLossAndGrad(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x,
     du = std::move(dv);
   }
   grad->a.noalias() = du.transpose() * x;
+}
+
+// Loss (see the header comment) and, if grad != nullptr, its gradient, the
+// direct way (forms Y and D = Y - R: 3 products of size m*n*r).
+// channel_weights: empty or [n].
+template <typename S>
+S EcLossAndGrad(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x,
+                const Eigen::Ref<const EMat<S>>& r, const EVec<S>& channel_weights,
+                EcParams<S>* grad) {
+  EcActivations<S> c;
+  EMat<S> d = EcForward(prm, x, &c);
+  d -= r;
+  const S inv_m = S(1) / static_cast<S>(x.rows());
+  const bool weighted = channel_weights.size() > 0;
+  EMat<S> dw = weighted ? EMat<S>(d * channel_weights.asDiagonal()) : d;
+  const S loss = inv_m * dw.cwiseProduct(d).sum();
+  if (grad == nullptr) return loss;
+  grad->SetZeroLike(prm);
+  dw *= S(2) * inv_m;                        // dY
+  grad->b.noalias() = dw.transpose() * c.v;  // dB
+  EcBackwardFromDv(prm, x, c, EMat<S>(dw * prm.b), grad);
+  return loss;
+}
+
+// The same loss and gradient without forming Y (2 products of size m*n*r
+// instead of 3; the training step). With Rw = R diag(w), Gm = B^T diag(w) B:
+//   loss = (1/m) [sum(V Gm ⊙ V) - 2 sum(V ⊙ Rw B) + sum(Rw ⊙ R)]
+//   dV = (2/m) (V Gm - Rw B),  dB = (2/m) (diag(w) B V^T V - Rw^T V).
+// The loss suffers cancellation when it is far below sum ||r||^2 (use the
+// direct form to MEASURE losses); the gradient does not.
+template <typename S>
+S EcLossAndGradExpanded(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x,
+                        const Eigen::Ref<const EMat<S>>& r, const EVec<S>& channel_weights,
+                        EcParams<S>* grad) {
+  EcActivations<S> c;
+  EcLowRankForward(prm, x, &c);
+  const S inv_m = S(1) / static_cast<S>(x.rows());
+  const bool weighted = channel_weights.size() > 0;
+  EMat<S> rw = weighted ? EMat<S>(r * channel_weights.asDiagonal()) : EMat<S>(r);
+  const EMat<S> wb = weighted ? EMat<S>(channel_weights.transpose().asDiagonal() * prm.b) : prm.b;
+  const EMat<S> gm = prm.b.transpose() * wb;  // [r, r]
+  const EMat<S> rb = rw * prm.b;              // [m, r]
+  EMat<S> vg = c.v * gm;
+  const S loss = inv_m * (vg.cwiseProduct(c.v).sum() - S(2) * c.v.cwiseProduct(rb).sum() +
+                          rw.cwiseProduct(r).sum());
+  if (grad == nullptr) return loss;
+  grad->SetZeroLike(prm);
+  grad->b.noalias() = S(2) * inv_m * (wb * (c.v.transpose() * c.v) - rw.transpose() * c.v);
+  vg -= rb;
+  vg *= S(2) * inv_m;
+  EcBackwardFromDv(prm, x, c, std::move(vg), grad);
   return loss;
 }
 

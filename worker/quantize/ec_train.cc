@@ -139,7 +139,7 @@ absl::StatusOr<EcTrainReport> TrainEc(MatrixView x, MatrixView r, EcWeights* ec,
     Gather(x, train.data() + cursor, batch, &xb);
     Gather(r, train.data() + cursor, batch, &rb);
     cursor += static_cast<size_t>(batch);
-    EcLossAndGrad<float>(p, xb, rb, weights, &grad);
+    EcLossAndGradExpanded<float>(p, xb, rb, weights, &grad);
     float lr = opt.lr;
     if (step <= opt.warmup_steps) {
       lr *= static_cast<float>(step) / static_cast<float>(opt.warmup_steps);

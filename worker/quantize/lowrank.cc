@@ -20,9 +20,10 @@ absl::Status CheckRank(MatrixView e, int64_t rank) {
   return absl::OkStatus();
 }
 
-// Fills fit from the SVD of m = E R (R = I for the plain fit); r_inv may be
-// empty (identity).
-void FromSvd(const Eigen::MatrixXd& m, const Eigen::MatrixXd& r_inv, int64_t rank, LowRankFit* fit) {
+// Fills fit from the SVD of m = E R (R = I for the plain fit). rinv_t(v)
+// returns R^-T v (identity for the plain fit).
+template <typename RInvT>
+void FromSvd(const Eigen::MatrixXd& m, RInvT rinv_t, int64_t rank, LowRankFit* fit) {
   Eigen::BDCSVD<Eigen::MatrixXd> svd(m, Eigen::ComputeThinU | Eigen::ComputeThinV);
   const Eigen::VectorXd sv = svd.singularValues();
   fit->singular_values.assign(sv.data(), sv.data() + sv.size());
@@ -30,12 +31,12 @@ void FromSvd(const Eigen::MatrixXd& m, const Eigen::MatrixXd& r_inv, int64_t ran
   fit->residual_energy = sv.tail(sv.size() - rank).squaredNorm();
   const Eigen::VectorXd root = sv.head(rank).cwiseSqrt();
   const Eigen::MatrixXd b = svd.matrixU().leftCols(rank) * root.asDiagonal();
-  Eigen::MatrixXd a = root.asDiagonal() * svd.matrixV().leftCols(rank).transpose();
-  if (r_inv.size() > 0) a = a * r_inv;
+  // A^T = R^-T V_r Sigma_r^{1/2}.
+  const Eigen::MatrixXd at = rinv_t(Eigen::MatrixXd(svd.matrixV().leftCols(rank) * root.asDiagonal()));
   const int64_t n = m.rows(), k = m.cols();
   fit->a = Matrix(rank, k);
   fit->b = Matrix(n, rank);
-  AsEigen(fit->a) = a.cast<float>();
+  AsEigen(fit->a) = at.transpose().cast<float>();
   AsEigen(fit->b) = b.cast<float>();
 }
 
@@ -52,6 +53,15 @@ absl::StatusOr<LowRankFit> FitLowRankActivationAware(MatrixView e, const Eigen::
   Eigen::MatrixXd sd = 0.5 * (s + s.transpose());
   const double mean_diag = sd.diagonal().mean();
   sd.diagonal().array() += opt.eps * (mean_diag > 0 ? mean_diag : 1.0);
+  const Eigen::MatrixXd ed = AsEigen(e).cast<double>();
+  LowRankFit fit;
+  Eigen::LLT<Eigen::MatrixXd> llt(sd);
+  if (llt.info() == Eigen::Success && llt.matrixL().toDenseMatrix().diagonal().minCoeff() > 0) {
+    const Eigen::MatrixXd l = llt.matrixL();
+    FromSvd(ed * l, [&](const Eigen::MatrixXd& v) { return Eigen::MatrixXd(llt.matrixU().solve(v)); },
+            rank, &fit);
+    return fit;
+  }
   Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(sd);
   if (eig.info() != Eigen::Success) {
     return absl::InternalError("FitLowRankActivationAware: eigendecomposition failed");
@@ -62,16 +72,14 @@ absl::StatusOr<LowRankFit> FitLowRankActivationAware(MatrixView e, const Eigen::
   const Eigen::MatrixXd& q = eig.eigenvectors();
   const Eigen::MatrixXd r = q * lambda.cwiseSqrt().asDiagonal() * q.transpose();
   const Eigen::MatrixXd r_inv = q * lambda.cwiseSqrt().cwiseInverse().asDiagonal() * q.transpose();
-  const Eigen::MatrixXd ed = AsEigen(e).cast<double>();
-  LowRankFit fit;
-  FromSvd(ed * r, r_inv, rank, &fit);
+  FromSvd(ed * r, [&](const Eigen::MatrixXd& v) { return Eigen::MatrixXd(r_inv * v); }, rank, &fit);
   return fit;
 }
 
 absl::StatusOr<LowRankFit> FitLowRankPlain(MatrixView e, int64_t rank) {
   if (auto st = CheckRank(e, rank); !st.ok()) return st;
   LowRankFit fit;
-  FromSvd(AsEigen(e).cast<double>(), Eigen::MatrixXd(), rank, &fit);
+  FromSvd(AsEigen(e).cast<double>(), [](const Eigen::MatrixXd& v) { return v; }, rank, &fit);
   return fit;
 }
 

@@ -1,0 +1,100 @@
+#include "worker/quantize/pipeline/calibration.h"
+
+#include <algorithm>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "worker/engine/engine.h"
+
+namespace spear::quantize {
+namespace {
+
+absl::StatusOr<std::vector<std::vector<int32_t>>> FromTextFile(const model::LoadedModel& model,
+                                                               const CalibrationOptions& o) {
+  if (model.tokenizer == nullptr) {
+    return absl::FailedPreconditionError("calibration from a text file needs a tokenizer");
+  }
+  std::ifstream f(o.text_file, std::ios::binary);
+  if (!f) return absl::NotFoundError(absl::StrCat("cannot open ", o.text_file));
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::vector<int32_t> ids = model.tokenizer->Encode(ss.str(), /*add_bos=*/false);
+  const int64_t windows = std::min<int64_t>(o.num_sequences,
+                                            static_cast<int64_t>(ids.size()) / o.seq_len);
+  if (windows < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(o.text_file, " has ", ids.size(),
+                                                   " tokens: not one window of ", o.seq_len));
+  }
+  std::vector<std::vector<int32_t>> out;
+  for (int64_t w = 0; w < windows; ++w) {
+    out.emplace_back(ids.begin() + w * o.seq_len, ids.begin() + (w + 1) * o.seq_len);
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
+    const model::LoadedModel& model, const CalibrationOptions& o, int num_threads,
+    const std::function<void(int64_t, int64_t)>& progress) {
+  if (o.num_sequences < 1 || o.seq_len < 2) {
+    return absl::InvalidArgumentError("calibration needs num_sequences >= 1 and seq_len >= 2");
+  }
+  if (!o.text_file.empty()) return FromTextFile(model, o);
+
+  const model::ModelConfig& c = model.config;
+  int64_t bos = c.bos_token_id;
+  if (bos < 0 && model.tokenizer != nullptr) bos = model.tokenizer->bos_id();
+  if (bos >= c.vocab_size) bos = -1;
+  std::mt19937_64 rng(o.seed);
+
+  // Up to 32 sequences decode together (their worst-case KV fits exactly).
+  const int64_t concurrent = std::min<int64_t>(o.num_sequences, 32);
+  engine::EngineOptions eo;
+  eo.num_threads = num_threads;
+  eo.kv_cache.block_size = 16;
+  eo.kv_cache.num_blocks = concurrent * ((o.seq_len + 15) / 16);
+  eo.max_batch_tokens = 512;
+  auto eng = engine::Engine::Create(&model, eo);
+  if (!eng.ok()) return eng.status();
+
+  const int64_t total = o.num_sequences * o.seq_len;
+  int64_t done = 0;
+  std::vector<engine::GenerateRequest> reqs(static_cast<size_t>(o.num_sequences));
+  for (int64_t i = 0; i < o.num_sequences; ++i) {
+    engine::GenerateRequest& r = reqs[static_cast<size_t>(i)];
+    const int32_t first =
+        bos >= 0 ? static_cast<int32_t>(bos)
+                 : static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size));
+    r.prompt = {first};
+    r.sampling.temperature = 1.0f;
+    r.sampling.top_p = 0.95f;
+    r.sampling.seed = o.seed * 1000003ull + static_cast<uint64_t>(i);
+    r.options.max_new_tokens = o.seq_len - 1;
+    r.options.stop_on_eos = false;
+    if (progress) {
+      r.on_token = [&](int32_t) {
+        if (++done % 256 == 0) progress(done, total);
+        return true;
+      };
+    }
+  }
+  std::vector<engine::GenerateResult> res = (*eng)->GenerateBatch(reqs);
+  std::vector<std::vector<int32_t>> out;
+  for (size_t i = 0; i < res.size(); ++i) {
+    if (!res[i].status.ok()) return res[i].status;
+    std::vector<int32_t> seq = reqs[i].prompt;
+    seq.insert(seq.end(), res[i].tokens.begin(), res[i].tokens.end());
+    if (static_cast<int64_t>(seq.size()) != o.seq_len) {
+      return absl::InternalError(absl::StrCat("calibration sequence ", i, " has ", seq.size(),
+                                              " tokens, expected ", o.seq_len));
+    }
+    out.push_back(std::move(seq));
+  }
+  if (progress) progress(total, total);
+  return out;
+}
+
+}  // namespace spear::quantize

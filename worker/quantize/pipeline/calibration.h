@@ -1,0 +1,30 @@
+// Calibration tokens for the quantization pipeline.
+//
+// Self-generated (the SPEAR paper's choice: no external data): the FP16
+// model samples num_sequences sequences of exactly seq_len tokens with
+// temperature 1.0 and top_p 0.95. Each starts from the model's BOS token,
+// or, when the model has none, from a token drawn uniformly from the
+// vocabulary (seeded); EOS does not stop a sequence. Sequence i uses the
+// sampling seed seed * 1000003 + i, so the set is reproducible and a
+// sequence does not depend on how many others are generated.
+// Text file: the file's tokens (no BOS inserted) cut into consecutive,
+// non-overlapping windows of seq_len; the first num_sequences windows (fewer
+// if the file is short; InvalidArgument if not even one fits).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/model/weights.h"
+#include "worker/quantize/pipeline/quantize_model.h"
+
+namespace spear::quantize {
+
+// Progress: (tokens generated, total tokens).
+absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
+    const model::LoadedModel& model, const CalibrationOptions& options, int num_threads,
+    const std::function<void(int64_t, int64_t)>& progress = nullptr);
+
+}  // namespace spear::quantize

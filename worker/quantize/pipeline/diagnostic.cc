@@ -1,0 +1,145 @@
+#include "worker/quantize/pipeline/diagnostic.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "worker/quantize/cka.h"
+#include "worker/quantize/pipeline/layerwise.h"
+#include "worker/quantize/pipeline/module_quant.h"
+#include "worker/quantize/w4_quant.h"
+
+namespace spear::quantize {
+namespace {
+
+std::unique_ptr<model::Linear>& ModuleSlot(model::LayerWeights& L, int j) {
+  switch (j) {
+    case 0: return L.q_proj;
+    case 1: return L.k_proj;
+    case 2: return L.v_proj;
+    case 3: return L.o_proj;
+    case 4: return L.gate_proj;
+    case 5: return L.up_proj;
+    default: return L.down_proj;
+  }
+}
+
+}  // namespace
+
+DiagnosticQuantizer RtnDiagnosticQuantizer(const QuantizeOptions& options) {
+  return [options](int64_t, const std::string&, MatrixView w) -> absl::StatusOr<Matrix> {
+    auto q = QuantizeRtn(w, MakeW4Format(w.rows, w.cols, options));
+    if (!q.ok()) return q.status();
+    return DequantizeW4Effective(*q);
+  };
+}
+
+absl::StatusOr<DiagnosticResult> RunCkaDiagnostic(
+    model::LoadedModel* model, kernels::ThreadPool* pool,
+    std::vector<std::vector<int32_t>> sequences, const DiagnosticQuantizer& quantizer,
+    const std::function<void(int64_t, int64_t)>& progress) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto runner = LayerwiseRunner::Create(model, pool, std::move(sequences));
+  if (!runner.ok()) return runner.status();
+  LayerwiseRunner& run = **runner;
+  const int64_t L = model->config.num_layers, d = model->config.hidden_size;
+  const int64_t T = run.num_tokens();
+
+  // FP16 pass: cache every layer's input stream and the final states.
+  std::vector<std::vector<float>> inputs(static_cast<size_t>(L));
+  std::vector<float> h(static_cast<size_t>(T * d)), y(h.size());
+  if (auto s = run.Embed(h.data()); !s.ok()) return s;
+  for (int64_t l = 0; l < L; ++l) {
+    inputs[l] = h;
+    if (auto s = run.RunLayers(l, l + 1, h.data()); !s.ok()) return s;
+  }
+  if (auto s = run.FinalNorm(h.data(), y.data()); !s.ok()) return s;
+  auto ref = CkaReference::Create(MatrixView{y.data(), T, d});
+  if (!ref.ok()) return ref.status();
+
+  DiagnosticResult out;
+  const int64_t total = L * engine::kModulesPerLayer;
+  for (int64_t l = 0; l < L; ++l) {
+    for (int j = 0; j < engine::kModulesPerLayer; ++j) {
+      const int64_t idx = l * engine::kModulesPerLayer + j;
+      std::unique_ptr<model::Linear>& slot = ModuleSlot(model->weights.layers[l], j);
+      static const char* kNames[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                     "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                     "mlp.down_proj"};
+      const std::string name = absl::StrCat("model.layers.", l, ".", kNames[j]);
+      auto w = DenseWeightMatrix(*slot);
+      if (!w.ok()) return w.status();
+      auto qeff = quantizer(idx, name, w->view());
+      if (!qeff.ok()) return qeff.status();
+      if (qeff->rows != w->rows || qeff->cols != w->cols) {
+        return absl::InvalidArgumentError(absl::StrCat("diagnostic quantizer: wrong shape for ",
+                                                       name));
+      }
+      const auto* dense = dynamic_cast<const model::DenseLinear*>(slot.get());
+      auto repl = model::DenseLinear::Create(qeff->data.data(), kernels::DType::kF32, w->rows,
+                                             w->cols, dense->bias());
+      if (!repl.ok()) return repl.status();
+      std::unique_ptr<model::Linear> orig = std::move(slot);
+      slot = std::move(*repl);
+      std::memcpy(h.data(), inputs[l].data(), h.size() * sizeof(float));
+      absl::Status st = run.RunLayers(l, L, h.data());
+      if (st.ok()) st = run.FinalNorm(h.data(), y.data());
+      slot = std::move(orig);  // restore before anything can return
+      if (!st.ok()) return st;
+      auto cka = ref->Cka(MatrixView{y.data(), T, d});
+      if (!cka.ok()) return cka.status();
+      out.names.push_back(name);
+      out.damages.push_back(std::clamp(1.0 - *cka, 0.0, 1.0));
+      if (progress) progress(idx + 1, total);
+    }
+  }
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return out;
+}
+
+int64_t EcBytes(int64_t n, int64_t k, int64_t rank, bool gated, int64_t h) {
+  if (rank <= 0) return 0;
+  const int64_t params = rank * (n + k) + (gated ? 2 * h * rank + h + rank : 0);
+  return 2 * params;
+}
+
+std::vector<int64_t> PlacementRankOptions() { return {4, 8, 16, 32, 64, 128, 256}; }
+
+absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
+    const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
+    double budget_bytes, bool gated, int64_t h) {
+  if (damages.size() != shapes.size()) {
+    return absl::InvalidArgumentError("placement: damages and shapes differ in size");
+  }
+  const std::vector<int64_t> ranks = PlacementRankOptions();
+  std::vector<ModuleEcCost> costs(shapes.size());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const ModuleShape& s = shapes[i];
+    costs[i].fixed_bytes = gated ? 2.0 * h : 0.0;
+    costs[i].bytes_per_rank = 2.0 * (s.n + s.k + (gated ? 2 * h + 1 : 0));
+    costs[i].relative_latency =
+        s.w4_bytes > 0 ? costs[i].Bytes(ranks.front()) / static_cast<double>(s.w4_bytes) : 0.0;
+  }
+  auto plan = PlanEcPlacement(damages, costs, budget_bytes, ranks);
+  if (!plan.ok()) return plan.status();
+  std::vector<int64_t> out(shapes.size(), 0);
+  for (const EcPlacement& p : *plan) {
+    const ModuleShape& s = shapes[static_cast<size_t>(p.module)];
+    out[static_cast<size_t>(p.module)] = std::min({p.rank, s.n, s.k});
+  }
+  return out;
+}
+
+int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes) {
+  double per_rank = 0;
+  int64_t max_rank = INT64_MAX;
+  for (const ModuleShape& s : shapes) {
+    per_rank += 2.0 * (s.n + s.k);
+    max_rank = std::min({max_rank, s.n, s.k});
+  }
+  if (per_rank <= 0) return 0;
+  return std::min<int64_t>(max_rank, static_cast<int64_t>(budget_bytes / per_rank));
+}
+
+}  // namespace spear::quantize

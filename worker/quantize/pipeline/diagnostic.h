@@ -1,0 +1,80 @@
+// The CKA/entropy diagnostic and the EC placement built on it.
+//
+// Diagnostic (RunCkaDiagnostic): the FP16 model runs the diagnostic tokens
+// once; the residual stream at every layer's input and the final-normed
+// hidden states Y_fp are kept. Then, for every module i (layer l, 7 per
+// layer, ForEachLinear order), only that module is replaced by its
+// quantized effective weight (a DenseLinear over the dequantized weight:
+// the same function as the W4 layer, served by the dense GEMM), the model
+// is run from layer l's cached input (layers below are unaffected) to the
+// final norm, and damage_i = clamp(1 - CKA(Y_fp, Y_i), 0, 1). The module is
+// restored before the next one. Cost: sum over modules of (L - l) layers,
+// i.e. about 7 L^2 / 2 layer-forwards of the diagnostic tokens.
+//
+// The diagnostic quantizer is RTN of the pipeline's format by default
+// (data-free, so the diagnostic does not depend on which backbone the
+// pipeline uses; AWQ/GPTQ would need each module's inputs and Hessian under
+// the FP16 model, i.e. a second calibration pass, for ranking only).
+//
+// Placement:
+//  * PlanDiagnosticPlacement: placement.h's entropy-aware rule over the
+//    damages, with each EC's bytes affine in its rank (fixed gate hidden
+//    size) and relative latency = EC bytes at the smallest rank / W4 bytes
+//    of the module (decode is memory-bound: bytes read are the latency);
+//    ranks above min(n, k) are clamped (bytes only shrink).
+//  * UniformRank: the largest rank r such that an EC of rank r on EVERY
+//    module fits the budget (the "static on all modules" baseline).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/thread_pool.h"
+#include "worker/model/weights.h"
+#include "worker/quantize/matrix.h"
+#include "worker/quantize/placement.h"
+#include "worker/quantize/pipeline/quantize_model.h"
+
+namespace spear::quantize {
+
+// Returns the effective weight [n, k] that replaces module `index` (name,
+// FP16 weight w) in the diagnostic.
+using DiagnosticQuantizer =
+    std::function<absl::StatusOr<Matrix>(int64_t index, const std::string& name, MatrixView w)>;
+DiagnosticQuantizer RtnDiagnosticQuantizer(const QuantizeOptions& options);
+
+struct DiagnosticResult {
+  std::vector<std::string> names;  // ForEachLinear order
+  std::vector<double> damages;     // in [0, 1]
+  double seconds = 0;
+};
+
+// The model's linears must be dense (not yet quantized); they are swapped
+// temporarily and restored (also on error). progress: (done, total).
+absl::StatusOr<DiagnosticResult> RunCkaDiagnostic(
+    model::LoadedModel* model, kernels::ThreadPool* pool,
+    std::vector<std::vector<int32_t>> sequences, const DiagnosticQuantizer& quantizer,
+    const std::function<void(int64_t, int64_t)>& progress = nullptr);
+
+// Shape and W4 bytes of one module (for costs).
+struct ModuleShape {
+  int64_t n = 0, k = 0;
+  int64_t w4_bytes = 0;
+};
+// Bytes of an EC of rank r on an [n, k] module (gate hidden h or none).
+int64_t EcBytes(int64_t n, int64_t k, int64_t rank, bool gated, int64_t gate_hidden);
+
+// Rank options used by the placement.
+std::vector<int64_t> PlacementRankOptions();
+
+// Per-module rank (0 = no EC) within budget_bytes.
+absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
+    const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
+    double budget_bytes, bool gated, int64_t gate_hidden);
+// 0 if not even rank 1 fits on every module.
+int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes);
+
+}  // namespace spear::quantize

@@ -1,0 +1,175 @@
+// spear_quantize_probe: quantize a model with QuantizeModel and measure
+// WikiText-2 perplexity before/after (the record run of the pipeline until
+// `spear quantize` + `spear eval` cover it).
+//
+//   spear_quantize_probe MODEL WIKI_RAW [--backbone rtn|awq|gptq] [--ec none|static|spear]
+//       [--budget PCT] [--group G] [--seqs N] [--seq-len L] [--diag-tokens D]
+//       [--steps S] [--static-placed] [--no-gate] [--ppl-tokens N] [--ctx C]
+//       [--threads T] [--skip-fp16] [--text FILE]
+// Prints the FP16 perplexity (unless --skip-fp16), the report (per-module
+// rows for modules with an EC), the quantized perplexity and wall times.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "worker/engine/kv_cache.h"
+#include "worker/engine/model_runner.h"
+#include "worker/engine/perplexity.h"
+#include "worker/quantize/pipeline/quantize_model.h"
+
+using namespace spear;
+
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+absl::StatusOr<double> Ppl(const model::LoadedModel& m, kernels::ThreadPool* pool,
+                           const std::vector<int32_t>& toks, int ctx, int64_t max_tokens) {
+  engine::KvCacheOptions ko;
+  ko.num_blocks = (ctx + 15) / 16;
+  auto cache = engine::KvCache::Create(m.config, ko);
+  if (!cache.ok()) return cache.status();
+  engine::ModelRunner runner(&m, cache->get(), pool);
+  auto r = engine::EvalPerplexity(runner, toks, ctx, max_tokens);
+  if (!r.ok()) return r.status();
+  return r->ppl;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s MODEL WIKI_RAW [options] (see probe.cc)\n", argv[0]);
+    return 2;
+  }
+  const std::string model_path = argv[1], wiki = argv[2];
+  quantize::QuantizeOptions o;
+  int64_t ppl_tokens = 16384;
+  int ctx = 512, threads = 2;
+  bool skip_fp16 = false;
+  for (int i = 3; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--backbone") {
+      const std::string v = next();
+      o.backbone = v == "awq" ? quantize::Backbone::kAwq
+                 : v == "gptq" ? quantize::Backbone::kGptq : quantize::Backbone::kRtn;
+    } else if (a == "--ec") {
+      const std::string v = next();
+      o.ec = v == "none" ? quantize::EcMode::kNone
+           : v == "static" ? quantize::EcMode::kStatic : quantize::EcMode::kSpear;
+    } else if (a == "--budget") {
+      o.ec_budget_pct = std::atof(next().c_str());
+    } else if (a == "--group") {
+      o.group_size = std::atoll(next().c_str());
+    } else if (a == "--seqs") {
+      o.calib.num_sequences = std::atoll(next().c_str());
+    } else if (a == "--seq-len") {
+      o.calib.seq_len = std::atoll(next().c_str());
+    } else if (a == "--diag-tokens") {
+      o.diagnostic_tokens = std::atoll(next().c_str());
+    } else if (a == "--steps") {
+      o.train_steps = std::atoll(next().c_str());
+    } else if (a == "--static-placed") {
+      o.place_static_like_spear = true;
+    } else if (a == "--no-gate") {
+      o.gate = false;
+    } else if (a == "--ppl-tokens") {
+      ppl_tokens = std::atoll(next().c_str());
+    } else if (a == "--ctx") {
+      ctx = std::atoi(next().c_str());
+    } else if (a == "--threads") {
+      threads = std::atoi(next().c_str());
+    } else if (a == "--skip-fp16") {
+      skip_fp16 = true;
+    } else if (a == "--text") {
+      o.calib.text_file = next();
+    } else {
+      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+
+  double t = Now();
+  auto model = model::LoadModel(model_path);
+  if (!model.ok()) {
+    std::fprintf(stderr, "load: %s\n", model.status().ToString().c_str());
+    return 1;
+  }
+  std::printf("loaded %s in %.1f s\n", model_path.c_str(), Now() - t);
+  std::ifstream f(wiki);
+  if (!f || (*model)->tokenizer == nullptr) {
+    std::fprintf(stderr, "cannot read %s or the model has no tokenizer\n", wiki.c_str());
+    return 1;
+  }
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::vector<int32_t> toks = (*model)->tokenizer->Encode(ss.str(), /*add_bos=*/false);
+  kernels::ThreadPool pool(threads);
+
+  if (!skip_fp16) {
+    t = Now();
+    auto p = Ppl(**model, &pool, toks, ctx, ppl_tokens);
+    if (!p.ok()) {
+      std::fprintf(stderr, "ppl: %s\n", p.status().ToString().c_str());
+      return 1;
+    }
+    std::printf("fp16 ppl %.4f  (ctx %d, %lld tokens, %.1f s)\n", *p, ctx,
+                static_cast<long long>(ppl_tokens), Now() - t);
+    std::fflush(stdout);
+  }
+
+  t = Now();
+  double last = 0;
+  auto rep = quantize::QuantizeModel(
+      model->get(), o, &pool, [&](const std::string& stage, int64_t d, int64_t n) {
+        if (Now() - last > 20 || d == n) {
+          std::printf("  [%7.1f s] %s %lld/%lld\n", Now() - t, stage.c_str(),
+                      static_cast<long long>(d), static_cast<long long>(n));
+          std::fflush(stdout);
+          last = Now();
+        }
+      });
+  if (!rep.ok()) {
+    std::fprintf(stderr, "quantize: %s\n", rep.status().ToString().c_str());
+    return 1;
+  }
+  std::printf("quantized in %.1f s; calib tokens %lld; w4 model %lld bytes; ec %lld bytes "
+              "(%.3f%%); damage entropy %.3f (normalized %.3f, N_eff %.1f)\n",
+              rep->seconds, static_cast<long long>(rep->calibration_tokens),
+              static_cast<long long>(rep->w4_model_bytes), static_cast<long long>(rep->ec_bytes),
+              rep->ec_pct(), rep->damage_entropy, rep->normalized_entropy, rep->effective_modules);
+  double w4 = 0, st = 0, fi = 0;
+  for (const auto& m : rep->modules) {
+    if (m.ec_rank > 0) {
+      std::printf("  %-36s damage %.5f rank %3lld bytes %7lld err w4 %.4g static %.4g final %.4g\n",
+                  m.name.c_str(), m.damage, static_cast<long long>(m.ec_rank),
+                  static_cast<long long>(m.ec_bytes), m.err_w4, m.err_static, m.err_final);
+      w4 += m.err_w4;
+      st += m.err_static;
+      fi += m.err_final;
+    }
+  }
+  if (w4 > 0) std::printf("  EC modules: sum err w4 %.4g static %.4g final %.4g\n", w4, st, fi);
+  t = Now();
+  auto p = Ppl(**model, &pool, toks, ctx, ppl_tokens);
+  if (!p.ok()) {
+    std::fprintf(stderr, "ppl: %s\n", p.status().ToString().c_str());
+    return 1;
+  }
+  std::printf("quantized ppl %.4f  (%.1f s)\n", *p, Now() - t);
+  return 0;
+}

@@ -1,0 +1,385 @@
+// QuantizeModel: the orchestration (see quantize_model.h for the steps).
+//
+// Sequential schedule inside decoder layer l (both streams hold layer l's
+// input [T, d]; T = all calibration tokens, fit sequences first, held-out
+// sequences last):
+//  0. FP16 stream: layer l still holds its original linears; one run of the
+//     layer over the FP16 stream captures the FP16 inputs of the four input
+//     groups ({q,k,v}, {o}, {gate,up}, {down}) and advances that stream.
+//  1. {q,k,v}: the current stream's normed layer input is captured (a run
+//     stopped at q_proj); q, k, v are quantized (+EC) from it and installed.
+//  2. {o}: the layer is re-run on the current stream up to o_proj (attention
+//     now uses the quantized q/k/v), o's input captured; o quantized and
+//     installed.
+//  3. {gate, up}: re-run up to gate_proj (quantized attention block), same.
+//  4. {down}: re-run up to down_proj (quantized gate/up), same.
+//  5. The whole, now quantized, layer advances the current stream.
+// So every module is fitted on exactly the inputs it will see at serving
+// time given everything quantized before it (in forward order), and its
+// stage-2 target is W x_fp - Qeff(W) x_q (module_quant.h). Runs stopped
+// early cost only the part of the layer before the stop.
+#include "worker/quantize/pipeline/quantize_model.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "worker/model/w4_linear.h"
+#include "worker/quantize/cka.h"
+#include "worker/quantize/pipeline/calibration.h"
+#include "worker/quantize/pipeline/diagnostic.h"
+#include "worker/quantize/pipeline/layerwise.h"
+#include "worker/quantize/pipeline/module_quant.h"
+#include "worker/quantize/w4_quant.h"
+
+namespace spear::quantize {
+namespace {
+
+using engine::kModulesPerLayer;
+constexpr int kGroupOf[kModulesPerLayer] = {0, 0, 0, 1, 2, 2, 3};
+constexpr LayerModule kGroupCapture[4] = {LayerModule::kQ, LayerModule::kO, LayerModule::kGate,
+                                          LayerModule::kDown};
+
+int64_t W4Bytes(const kernels::W4Format& f) {
+  return f.n * f.packed_row_bytes() + f.n * f.num_groups() * 3;
+}
+
+class Pipeline {
+ public:
+  Pipeline(model::LoadedModel* model, const QuantizeOptions& o, kernels::ThreadPool* pool,
+           const QuantizeProgress& progress)
+      : model_(model), o_(o), pool_(pool), progress_(progress) {}
+
+  absl::StatusOr<QuantizeReport> Run();
+
+ private:
+  void Progress(const std::string& stage, int64_t done, int64_t total) {
+    if (progress_) progress_(stage, done, total);
+  }
+  absl::Status CollectModules();
+  absl::Status Place();
+  absl::Status QuantizeDataFree();
+  absl::Status QuantizeSequential();
+  absl::Status QuantizeGroup(int64_t layer, int group);
+
+  model::LoadedModel* model_;
+  QuantizeOptions o_;
+  kernels::ThreadPool* pool_;
+  QuantizeProgress progress_;
+
+  std::vector<std::unique_ptr<model::Linear>*> slots_;
+  std::vector<ModuleShape> shapes_;
+  std::vector<int64_t> ranks_;
+  QuantizeReport report_;
+  double budget_bytes_ = 0;
+  std::vector<std::vector<int32_t>> seqs_;
+  int64_t fit_seqs_ = 0, fit_rows_ = 0, total_rows_ = 0;
+
+  // Sequential state.
+  std::unique_ptr<LayerwiseRunner> runner_;
+  std::vector<float> h_fp_, h_cur_;
+  std::vector<float> x_fp_[4], x_q_[4];
+  int64_t group_k_[4] = {0, 0, 0, 0};
+};
+
+absl::Status Pipeline::CollectModules() {
+  const model::ModelConfig& c = model_->config;
+  int64_t fixed = c.vocab_size * c.hidden_size * 2 + (2 * c.num_layers + 1) * c.hidden_size * 2 +
+                  (c.tie_word_embeddings ? 0 : c.vocab_size * c.hidden_size * 2);
+  absl::Status st;
+  model_->weights.ForEachLinear([&](const std::string& name, std::unique_ptr<model::Linear>& l) {
+    if (!st.ok()) return;
+    if (dynamic_cast<const model::DenseLinear*>(l.get()) == nullptr) {
+      st = absl::FailedPreconditionError(absl::StrCat(name, " is not dense (already quantized?): ",
+                                                      l->DebugString()));
+      return;
+    }
+    const kernels::W4Format f = MakeW4Format(l->out_features(), l->in_features(), o_);
+    if (auto s = ValidateFormat(f); !s.ok()) {
+      st = absl::InvalidArgumentError(absl::StrCat(name, ": ", s.message()));
+      return;
+    }
+    ModuleShape s;
+    s.n = f.n;
+    s.k = f.k;
+    s.w4_bytes = W4Bytes(f);
+    fixed += s.w4_bytes + (DenseBias(*l).empty() ? 0 : 4 * f.n);
+    shapes_.push_back(s);
+    slots_.push_back(&l);
+    ModuleReport mr;
+    mr.name = name;
+    report_.modules.push_back(mr);
+  });
+  if (!st.ok()) return st;
+  // The budget uses the W4 bytes without AWQ's act_scale (a lower bound of
+  // the served W4 model), so it holds whatever the backbone adds.
+  budget_bytes_ = o_.ec_budget_pct / 100.0 * static_cast<double>(fixed);
+  ranks_.assign(slots_.size(), 0);
+  return absl::OkStatus();
+}
+
+absl::Status Pipeline::Place() {
+  if (o_.ec == EcMode::kNone) return absl::OkStatus();
+  if (o_.ec == EcMode::kStatic && !o_.place_static_like_spear) {
+    const int64_t r = UniformRank(shapes_, budget_bytes_);
+    if (r < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "EC budget ", static_cast<int64_t>(budget_bytes_),
+          " bytes is too small for a rank-1 EC on every module"));
+    }
+    ranks_.assign(slots_.size(), r);
+    return absl::OkStatus();
+  }
+  // Diagnostic on the first diagnostic_tokens tokens of the fit sequences.
+  std::vector<std::vector<int32_t>> diag;
+  int64_t left = o_.diagnostic_tokens;
+  for (int64_t i = 0; i < fit_seqs_ && left > 0; ++i) {
+    const int64_t n = std::min<int64_t>(left, seqs_[i].size());
+    diag.emplace_back(seqs_[i].begin(), seqs_[i].begin() + n);
+    left -= n;
+  }
+  auto res = RunCkaDiagnostic(model_, pool_, std::move(diag), RtnDiagnosticQuantizer(o_),
+                              [&](int64_t d, int64_t t) { Progress("diagnostic", d, t); });
+  if (!res.ok()) return res.status();
+  for (size_t i = 0; i < res->damages.size(); ++i) report_.modules[i].damage = res->damages[i];
+  auto ent = ComputeDamageEntropy(res->damages);
+  if (!ent.ok()) return ent.status();
+  report_.damage_entropy = ent->entropy;
+  report_.normalized_entropy = ent->normalized_entropy;
+  report_.effective_modules = ent->effective_modules;
+  const bool gated = o_.ec == EcMode::kSpear && o_.gate;
+  auto plan = PlanDiagnosticPlacement(res->damages, shapes_, budget_bytes_, gated, GateHidden(o_));
+  if (!plan.ok()) return plan.status();
+  ranks_ = std::move(*plan);
+  return absl::OkStatus();
+}
+
+absl::Status Pipeline::QuantizeDataFree() {
+  std::vector<absl::Status> status(slots_.size());
+  pool_->ParallelFor(static_cast<int64_t>(slots_.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      std::unique_ptr<model::Linear>& slot = *slots_[i];
+      auto w = DenseWeightMatrix(*slot);
+      if (!w.ok()) {
+        status[i] = w.status();
+        continue;
+      }
+      ModuleData d;
+      d.w = w->view();
+      auto q = QuantizeBackbone(d, o_);
+      if (!q.ok()) {
+        status[i] = q.status();
+        continue;
+      }
+      auto lin = model::W4Linear::Create(std::move(*q), std::nullopt, DenseBias(*slot));
+      if (!lin.ok()) {
+        status[i] = lin.status();
+        continue;
+      }
+      slot = std::move(*lin);
+    }
+  });
+  for (const absl::Status& s : status) {
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Pipeline::QuantizeGroup(int64_t l, int g) {
+  const int64_t k = group_k_[g], T = total_rows_;
+  // Current-stream inputs of this group (the run stops at the capture point).
+  const LayerModule cap = kGroupCapture[g];
+  float* xq = x_q_[g].data();
+  auto st = runner_->RunLayers(
+      l, l + 1, h_cur_.data(),
+      [&](int64_t, LayerModule m, const float* x, int64_t row0, int64_t m_rows, int64_t ldx) {
+        if (m != cap) return true;
+        for (int64_t t = 0; t < m_rows; ++t) {
+          std::memcpy(xq + (row0 + t) * k, x + t * ldx, k * sizeof(float));
+        }
+        return false;
+      });
+  if (!st.ok()) return st;
+
+  std::vector<int> mods;
+  bool any_ec = false;
+  for (int j = 0; j < kModulesPerLayer; ++j) {
+    if (kGroupOf[j] != g) continue;
+    mods.push_back(j);
+    any_ec |= ranks_[l * kModulesPerLayer + j] > 0;
+  }
+  const MatrixView xq_fit{xq, fit_rows_, k}, xfp_fit{x_fp_[g].data(), fit_rows_, k};
+  const MatrixView xq_eval{xq + fit_rows_ * k, T - fit_rows_, k};
+  const MatrixView xfp_eval{x_fp_[g].data() + fit_rows_ * k, T - fit_rows_, k};
+  std::optional<Eigen::MatrixXd> s2;
+  std::optional<std::vector<double>> mabs;
+  if (any_ec || o_.backbone == Backbone::kGptq) s2 = SecondMoment(xq_fit);
+  if (o_.backbone == Backbone::kAwq) mabs = MeanAbs(xq_fit);
+
+  std::vector<absl::Status> status(mods.size());
+  std::vector<std::unique_ptr<model::Linear>> built(mods.size());
+  pool_->ParallelFor(static_cast<int64_t>(mods.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t mi = b; mi < e; ++mi) {
+      const int64_t idx = l * kModulesPerLayer + mods[mi];
+      std::unique_ptr<model::Linear>& slot = *slots_[idx];
+      auto w = DenseWeightMatrix(*slot);
+      if (!w.ok()) {
+        status[mi] = w.status();
+        continue;
+      }
+      ModuleData d;
+      d.w = w->view();
+      d.x_q_fit = xq_fit;
+      d.x_fp_fit = xfp_fit;
+      d.x_q_eval = xq_eval;
+      d.x_fp_eval = xfp_eval;
+      d.second_moment = s2 ? &*s2 : nullptr;
+      d.mean_abs = mabs ? &*mabs : nullptr;
+      ModulePlan p;
+      p.index = idx;
+      p.ec_rank = ranks_[idx];
+      p.gated = o_.ec == EcMode::kSpear && o_.gate;
+      p.train = o_.ec == EcMode::kSpear;
+      auto r = QuantizeModule(d, p, o_);
+      if (!r.ok()) {
+        status[mi] = r.status();
+        continue;
+      }
+      ModuleReport& mr = report_.modules[idx];
+      mr.err_w4 = r->err_w4;
+      mr.err_static = r->err_static;
+      mr.err_final = r->err_final;
+      mr.ec_rank = r->ec ? r->ec->rank : 0;
+      mr.ec_bytes = r->ec ? static_cast<int64_t>(r->ec->bytes()) : 0;
+      auto lin = model::W4Linear::Create(std::move(r->q), std::move(r->ec), DenseBias(*slot));
+      if (!lin.ok()) {
+        status[mi] = lin.status();
+        continue;
+      }
+      built[mi] = std::move(*lin);
+    }
+  });
+  for (const absl::Status& s : status) {
+    if (!s.ok()) return s;
+  }
+  for (size_t mi = 0; mi < mods.size(); ++mi) {
+    *slots_[l * kModulesPerLayer + mods[mi]] = std::move(built[mi]);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Pipeline::QuantizeSequential() {
+  const model::ModelConfig& c = model_->config;
+  const int64_t d = c.hidden_size;
+  auto runner = LayerwiseRunner::Create(model_, pool_, seqs_);
+  if (!runner.ok()) return runner.status();
+  runner_ = std::move(*runner);
+  const int64_t T = total_rows_;
+  group_k_[0] = d;
+  group_k_[1] = c.num_heads * c.head_dim;
+  group_k_[2] = d;
+  group_k_[3] = c.intermediate_size;
+  for (int g = 0; g < 4; ++g) {
+    x_fp_[g].assign(static_cast<size_t>(T * group_k_[g]), 0.f);
+    x_q_[g].assign(static_cast<size_t>(T * group_k_[g]), 0.f);
+  }
+  h_fp_.assign(static_cast<size_t>(T * d), 0.f);
+  if (auto s = runner_->Embed(h_fp_.data()); !s.ok()) return s;
+  h_cur_ = h_fp_;
+
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    // 0. FP16 stream through the original layer, capturing group inputs.
+    auto st = runner_->RunLayers(
+        l, l + 1, h_fp_.data(),
+        [&](int64_t, LayerModule m, const float* x, int64_t row0, int64_t rows, int64_t ldx) {
+          for (int g = 0; g < 4; ++g) {
+            if (m != kGroupCapture[g]) continue;
+            const int64_t k = group_k_[g];
+            for (int64_t t = 0; t < rows; ++t) {
+              std::memcpy(x_fp_[g].data() + (row0 + t) * k, x + t * ldx, k * sizeof(float));
+            }
+          }
+          return true;
+        });
+    if (!st.ok()) return st;
+    // 1-4. Groups in forward order, each from freshly recomputed inputs.
+    for (int g = 0; g < 4; ++g) {
+      if (auto s = QuantizeGroup(l, g); !s.ok()) return s;
+    }
+    // 5. Advance the current stream through the quantized layer.
+    if (auto s = runner_->RunLayers(l, l + 1, h_cur_.data()); !s.ok()) return s;
+    Progress("quantize", l + 1, c.num_layers);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<QuantizeReport> Pipeline::Run() {
+  const auto t0 = std::chrono::steady_clock::now();
+  if (o_.ec_budget_pct < 0) return absl::InvalidArgumentError("ec_budget_pct must be >= 0");
+  if (auto s = CollectModules(); !s.ok()) return s;
+
+  const bool data_free = o_.backbone == Backbone::kRtn && o_.ec == EcMode::kNone;
+  if (!data_free) {
+    auto seqs = MakeCalibrationSequences(*model_, o_.calib, pool_->size(),
+                                         [&](int64_t d, int64_t t) { Progress("calibration", d, t); });
+    if (!seqs.ok()) return seqs.status();
+    seqs_ = std::move(*seqs);
+    const int64_t n = static_cast<int64_t>(seqs_.size());
+    // Held-out split: the last ~10% of the sequences (none with one sequence).
+    fit_seqs_ = n >= 2 ? n - std::max<int64_t>(1, n / 10) : n;
+    for (int64_t i = 0; i < n; ++i) {
+      total_rows_ += seqs_[i].size();
+      if (i < fit_seqs_) fit_rows_ += seqs_[i].size();
+    }
+    report_.calibration_tokens = total_rows_;
+  }
+  if (auto s = Place(); !s.ok()) return s;
+  if (data_free) {
+    if (auto s = QuantizeDataFree(); !s.ok()) return s;
+  } else {
+    if (auto s = QuantizeSequential(); !s.ok()) return s;
+  }
+  int64_t ec = 0;
+  const int64_t total = ServedModelBytes(*model_, &ec);
+  report_.ec_bytes = ec;
+  report_.w4_model_bytes = total - ec;
+  report_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return std::move(report_);
+}
+
+}  // namespace
+
+absl::StatusOr<QuantizeReport> QuantizeModel(model::LoadedModel* model,
+                                              const QuantizeOptions& options,
+                                              kernels::ThreadPool* pool,
+                                              const QuantizeProgress& progress) {
+  if (model == nullptr || pool == nullptr) {
+    return absl::InvalidArgumentError("QuantizeModel: null model or pool");
+  }
+  Pipeline p(model, options, pool, progress);
+  return p.Run();
+}
+
+int64_t ServedModelBytes(const model::LoadedModel& model, int64_t* ec_bytes) {
+  const model::ModelConfig& c = model.config;
+  int64_t total = c.vocab_size * c.hidden_size * 2 + (2 * c.num_layers + 1) * c.hidden_size * 2 +
+                  (c.tie_word_embeddings ? 0 : c.vocab_size * c.hidden_size * 2);
+  int64_t ec = 0;
+  // ForEachLinear is non-const only because the callback may replace layers.
+  const_cast<model::LlamaWeights&>(model.weights)
+      .ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& l) {
+        if (const auto* w4 = dynamic_cast<const model::W4Linear*>(l.get())) {
+          total += w4->weight_bytes();
+          ec += w4->ec_bytes();
+        } else {
+          total += l->out_features() * l->in_features() * 2 +
+                   (DenseBias(*l).empty() ? 0 : 4 * l->out_features());
+        }
+      });
+  if (ec_bytes != nullptr) *ec_bytes = ec;
+  return total;
+}
+
+}  // namespace spear::quantize
