@@ -1,6 +1,6 @@
 // spear_bench_cpu: memory bandwidth vs cpu::Linear, in one run.
 //
-//   spear_bench_cpu [--threads N] [--iters N]
+//   spear_bench_cpu [--threads N] [--iters N] [--w4-only]
 //
 // memcpy GB/s counts bytes read + bytes written (STREAM "copy" convention),
 // over 256 MiB buffers, on the pool and on one thread. Linear m=1 (decode
@@ -8,6 +8,10 @@
 // cycles through enough copies of W (>= 256 MiB in all) that no call finds
 // its W in the last-level cache, as in a real forward pass. m=16 / m=128
 // report GFLOP/s (2*m*n*k / time) with W warm.
+// W4 rows (cpu::W4Linear): m=1 with cold weights, GB/s = bytes the kernel
+// reads (codes + fp16 scales + u8 zeros + the EC's A and B as stored in
+// memory, float32) / time; m=128 GFLOP/s counts the backbone's 2*m*n*k only
+// (the EC's extra flops are < 2% at r=32).
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -21,6 +25,7 @@
 #include "kernels/dtype.h"
 #include "kernels/ops.h"
 #include "kernels/thread_pool.h"
+#include "kernels/w4_ops.h"
 
 namespace spear::kernels {
 namespace {
@@ -111,16 +116,107 @@ double LinearSeconds(const Shape& s, DType dt, int64_t m,
   });
 }
 
+// ---- W4 (+EC) ----------------------------------------------------------------
+
+struct W4Case {
+  W4Weight w;
+  EcWeights ec;
+};
+
+W4Case MakeW4Case(const Shape& s, int64_t group, int64_t rank, std::mt19937& rng) {
+  W4Case c;
+  c.w.fmt = {s.n, s.k, group, false};
+  std::uniform_int_distribution<int> code(0, 255);
+  c.w.packed.resize(static_cast<size_t>(s.n * c.w.fmt.packed_row_bytes()));
+  for (uint8_t& b : c.w.packed) b = static_cast<uint8_t>(code(rng));
+  const size_t ng = static_cast<size_t>(s.n * c.w.fmt.num_groups());
+  c.w.scales.assign(ng, FloatToHalf(0.01f));
+  c.w.zeros.assign(ng, 8);
+  if (rank > 0) {
+    c.ec.n = s.n;
+    c.ec.k = s.k;
+    c.ec.rank = rank;
+    c.ec.gated = true;
+    c.ec.gate_hidden = 32;
+    c.ec.a.assign(static_cast<size_t>(rank * s.k), 0.01f);
+    c.ec.b.assign(static_cast<size_t>(s.n * rank), 0.01f);
+    c.ec.w1.assign(static_cast<size_t>(32 * rank), 0.01f);
+    c.ec.b1.assign(32, 0.f);
+    c.ec.w2.assign(static_cast<size_t>(rank * 32), 0.01f);
+    c.ec.b2.assign(static_cast<size_t>(rank), 0.f);
+  }
+  return c;
+}
+
+// Bytes one call reads from the weights (see the file comment).
+double W4ReadBytes(const W4Case& c, int64_t rank) {
+  double b = static_cast<double>(c.w.packed.size() + c.w.scales.size() * 2 + c.w.zeros.size());
+  if (rank > 0) b += 4.0 * static_cast<double>(c.ec.num_params());
+  return b;
+}
+
+double W4Seconds(const std::vector<W4Case>& cases, int64_t rank, int64_t m, ThreadPool* pool,
+                 int iters) {
+  const int64_t n = cases[0].w.fmt.n, k = cases[0].w.fmt.k;
+  std::vector<float> x(m * k, 0.5f), y(m * n);
+  W4LinearParams p;
+  p.x = x.data();
+  p.m = m;
+  p.k = k;
+  p.ldx = k;
+  p.y = y.data();
+  p.ldy = n;
+  return TimeIt(iters, [&](int i) {
+    const W4Case& c = cases[i % cases.size()];
+    p.w = &c.w;
+    p.ec = rank > 0 ? &c.ec : nullptr;
+    if (absl::Status st = cpu::W4Linear(p, pool); !st.ok()) {
+      std::fprintf(stderr, "W4Linear failed: %s\n", st.ToString().c_str());
+      std::exit(1);
+    }
+  });
+}
+
+void W4Rows(ThreadPool* pool, int iters, double bwn) {
+  const Shape shapes[] = {{576, 576, "q/o proj"},  {192, 576, "k/v proj"}, {1536, 576, "gate/up"},
+                          {576, 1536, "down"},     {4096, 4096, "7B-class"}};
+  std::printf("\n%-9s %-10s %-5s %-4s | %10s %8s %7s | %13s\n", "W4", "n x k", "group", "ec",
+              "m=1 us", "GB/s", "/memcpy", "m=128 GFLOP/s");
+  std::mt19937 rng(2);
+  for (const Shape& s : shapes) {
+    // g128 where it divides k; SmolLM2's k=576 takes g64 instead.
+    for (int64_t group : {s.k, s.k % 128 == 0 ? int64_t{128} : int64_t{64}}) {
+      for (int64_t rank : {int64_t{0}, int64_t{32}}) {
+        const W4Case proto = MakeW4Case(s, group, rank, rng);
+        const double bytes = W4ReadBytes(proto, rank);
+        const int copies = static_cast<int>((256.0 * (1 << 20)) / bytes) + 1;
+        const std::vector<W4Case> cold(copies, proto);
+        const double t1 = W4Seconds(cold, rank, 1, pool, iters);
+        const std::vector<W4Case> warm(1, proto);
+        const double t128 = W4Seconds(warm, rank, 128, pool, iters);
+        const std::string nk = std::to_string(s.n) + "x" + std::to_string(s.k);
+        const std::string g = group == s.k ? "chan" : "g" + std::to_string(group);
+        std::printf("%-9s %-10s %-5s %-4s | %10.1f %8.1f %7.2f | %13.1f\n", s.what, nk.c_str(),
+                    g.c_str(), rank > 0 ? "r32" : "-", t1 * 1e6, bytes / t1 / 1e9,
+                    bytes / t1 / 1e9 / bwn, 2.0 * 128 * s.n * s.k / t128 / 1e9);
+      }
+    }
+  }
+}
+
 int Main(int argc, char** argv) {
   int threads = 0, iters = 0;
+  bool w4_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) {
       threads = std::atoi(argv[++i]);
     } else if (a == "--iters" && i + 1 < argc) {
       iters = std::atoi(argv[++i]);
+    } else if (a == "--w4-only") {
+      w4_only = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--iters N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads N] [--iters N] [--w4-only]\n", argv[0]);
       return 2;
     }
   }
@@ -132,6 +228,10 @@ int Main(int argc, char** argv) {
   std::printf("memcpy 256 MiB (read+write): 1 thread %.1f GB/s, %d threads %.1f GB/s\n\n", bw1,
               pool.size(), bwn);
 
+  if (w4_only) {
+    W4Rows(&pool, iters, bwn);
+    return 0;
+  }
   const Shape shapes[] = {{576, 576, "q/o proj"},     {192, 576, "k/v proj"},
                           {1536, 576, "gate/up"},     {576, 1536, "down"},
                           {49152, 576, "lm_head"},    {4096, 4096, "7B-class"}};
@@ -154,6 +254,7 @@ int Main(int argc, char** argv) {
                   wbytes / t1 / 1e9 / bwn, 16 * flop / t16 / 1e9, 128 * flop / t128 / 1e9);
     }
   }
+  W4Rows(&pool, iters, bwn);
   return 0;
 }
 

@@ -24,6 +24,7 @@ struct W4Avx2 {
   static F LoadPartial(const float* p, int n) { return _mm256_maskload_ps(p, LaneMask(n)); }
   static void Store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F Add(F a, F b) { return _mm256_add_ps(a, b); }
   static float ReduceAdd(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

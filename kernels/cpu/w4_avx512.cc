@@ -22,6 +22,7 @@ struct W4Avx512 {
   static F LoadPartial(const float* p, int n) { return _mm512_maskz_loadu_ps(Mask(n), p); }
   static void Store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F Add(F a, F b) { return _mm512_add_ps(a, b); }
   static float ReduceAdd(F v) { return _mm512_reduce_add_ps(v); }
   static float H2F(uint16_t h) { return _cvtsh_ss(h); }
   // 16 bytes -> 16 low nibbles (even k) and 16 high nibbles (odd k).

@@ -5,7 +5,9 @@
 //
 // Two paths:
 //  - m <= 8 (decode): one fused dequantize-GEMV over the packed codes
-//    (0.5 byte/weight streamed once), threads over output rows; the EC's
+//    (0.5 byte/weight streamed once; scale and zero point applied per group
+//    through per-token group sums of x, see w4_simd.inc), threads over
+//    output rows; the EC's
 //    u = A x and gate run first (tiny), and B (g ⊙ u) is added per output
 //    row in the GEMV epilogue, so y is written exactly once.
 //  - m > 8 (prefill): tiles of W rows are dequantized into thread-local F32
@@ -46,7 +48,9 @@ float* Scratch(std::vector<float>& buf, int64_t len) {
 }
 
 // xp[t, :] = permute(x[t, :] / act_scale) for t < m (see w4_ops.h / w4_isa.h).
-void PermuteActivations(const W4LinearParams& p, int block, float* xp, ThreadPool* pool) {
+// With xsum != nullptr also xsum[t, g] = sum of xp[t, :] over group g.
+void PermuteActivations(const W4LinearParams& p, int block, float* xp, float* xsum,
+                        ThreadPool* pool) {
   const W4Weight& w = *p.w;
   const int64_t k = w.fmt.k, gs = w.fmt.group_size, ng = w.fmt.num_groups();
   const int64_t nb = (gs & 1) ? 0 : gs / block, half = block / 2;
@@ -66,6 +70,11 @@ void PermuteActivations(const W4LinearParams& p, int block, float* xp, ThreadPoo
           }
         }
         for (int64_t c = c0 + nb * block; c < c0 + gs; ++c) o[c] = as ? x[c] / as[c] : x[c];
+        if (xsum != nullptr) {
+          float sum = 0.f;
+          for (int64_t c = c0; c < c0 + gs; ++c) sum += o[c];
+          xsum[t * ng + g] = sum;
+        }
       }
     }
   };
@@ -147,11 +156,14 @@ absl::Status Decode(const W4LinearParams& p, const internal::W4IsaKernels& kern,
   thread_local std::vector<float> xp_buf, ec_buf;
   const W4Weight& w = *p.w;
   const int64_t n = w.fmt.n, k = w.fmt.k;
-  float* xp = Scratch(xp_buf, p.m * k);
-  PermuteActivations(p, kern.block, xp, nullptr);
+  const int64_t ng = w.fmt.num_groups();
+  float* xp = Scratch(xp_buf, p.m * (k + ng));
+  float* xsum = xp + p.m * k;
+  PermuteActivations(p, kern.block, xp, xsum, nullptr);
 
   internal::W4KernelArgs a = WeightArgs(w);
   a.xp = xp;
+  a.xsum = xsum;
   a.m = p.m;
   a.bias = p.bias;
   a.y = p.y;
@@ -192,7 +204,7 @@ absl::Status Prefill(const W4LinearParams& p, const internal::W4IsaKernels& kern
   const W4Weight& w = *p.w;
   const int64_t n = w.fmt.n, k = w.fmt.k;
   float* xp = Scratch(xp_buf, p.m * k);
-  PermuteActivations(p, kern.block, xp, pool);
+  PermuteActivations(p, kern.block, xp, nullptr, pool);
 
   // Tiles of ~256 KiB of F32 weights (16..256 rows, multiples of 16): small
   // enough to stay in L2 between being written and being multiplied.

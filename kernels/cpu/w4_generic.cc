@@ -18,6 +18,7 @@ struct W4Scalar {
   static F LoadPartial(const float* p, int n) { return n > 0 ? *p : 0.f; }
   static void Store(float* p, F v) { *p = v; }
   static F Fma(F a, F b, F c) { return a * b + c; }
+  static F Add(F a, F b) { return a + b; }
   static float ReduceAdd(F v) { return v; }
   static float H2F(uint16_t h) { return HalfToFloat(h); }
   static void Codes(const uint8_t* p, F* lo, F* hi) {

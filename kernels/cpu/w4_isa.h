@@ -29,6 +29,9 @@ struct W4KernelArgs {
   // GEMV only: m <= 8 tokens of activations in xp order, [m, k] contiguous
   // (already divided by act_scale).
   const float* xp = nullptr;
+  // GEMV only: xsum[t, g] = sum of token t's activations (xp, act-scaled)
+  // over group g, [m, num_groups]: the zero-point correction.
+  const float* xsum = nullptr;
   int64_t m = 0;
   const float* bias = nullptr;  // [n] or null
   float* y = nullptr;           // [m, n], stride ldy
