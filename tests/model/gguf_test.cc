@@ -197,6 +197,15 @@ TEST(GgufTest, CorruptMetadata) {
     ExpectInvalid(b.Build(), "array length");
   }
   {
+    GgufBuilder b;  // 2^23 + 1 one-byte elements: fits the file, over the value cap
+    t::ByteWriter w;
+    w.Put<uint32_t>(t::kGU8);
+    w.Put<uint64_t>((uint64_t{1} << 23) + 1);
+    w.bytes().resize(w.size() + (size_t{1} << 23) + 1);
+    b.AddRaw("k", t::kGArray, w.bytes());
+    ExpectInvalid(b.Build(), "metadata values per file");
+  }
+  {
     GgufBuilder b;  // arrays nested 20 deep
     t::ByteWriter w;
     for (int i = 0; i < 20; ++i) {

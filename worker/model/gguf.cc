@@ -16,6 +16,10 @@ namespace {
 constexpr uint32_t kGgufMagic = 0x46554747;  // "GGUF" read little-endian
 constexpr uint32_t kMaxDims = 4;             // GGML_MAX_DIMS
 constexpr int kMaxArrayDepth = 8;            // nested arrays deeper than this are rejected
+// Metadata values held in memory cost ~48 bytes each whatever their size in
+// the file; the largest real tokenizers hold well under a million. The cap
+// keeps a crafted file of tiny array elements from costing gigabytes.
+constexpr uint64_t kMaxMetadataValues = uint64_t{1} << 23;
 
 enum GgufType : uint32_t {
   kU8 = 0,
@@ -213,6 +217,11 @@ class Reader {
       return Error(absl::StrCat("array length ", count, " cannot fit in the ", left(),
                                 " bytes left in the file"));
     }
+    if (count > kMaxMetadataValues - values_) {
+      return Error(absl::StrCat("array length ", count, " exceeds the limit of ",
+                                kMaxMetadataValues, " metadata values per file"));
+    }
+    values_ += count;
     GgufArray arr;
     arr.resize(static_cast<size_t>(count));
     for (GgufValue& e : arr) {
@@ -226,6 +235,7 @@ class Reader {
   const uint8_t* data_;
   size_t size_;
   size_t pos_ = 0;
+  uint64_t values_ = 0;  // array elements read so far (see kMaxMetadataValues)
   const std::string& name_;
 };
 
