@@ -9,6 +9,7 @@
 #include "spdlog/spdlog.h"
 #include "worker/model/gguf.h"
 #include "worker/model/safetensors.h"
+#include "worker/model/spear_checkpoint.h"
 
 namespace spear::model {
 namespace {
@@ -391,6 +392,16 @@ absl::Status UnpermuteGgufQk(float* w, int64_t rows, int64_t cols, int64_t n_hea
 absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const std::string& path,
                                                        const LoadOptions& options) {
   std::error_code ec;
+  if (IsSpearDir(path)) {
+    auto r = LoadSpearModel(path, options);
+    if (!r.ok()) {
+      return absl::Status(r.status().code(), absl::StrCat("loading .spear model from ", path,
+                                                          ": ", r.status().message()));
+    }
+    spdlog::info("loaded .spear model {} ({} layers, hidden {}, vocab {})", path,
+                 (*r)->config.num_layers, (*r)->config.hidden_size, (*r)->config.vocab_size);
+    return r;
+  }
   if (fs::is_directory(path, ec)) {
     auto r = LoadHf(path, options);
     if (!r.ok()) {

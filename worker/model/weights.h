@@ -71,8 +71,10 @@ struct LoadOptions {
   bool load_tokenizer = true;
 };
 
-// `path` is (a) an HF directory: config.json + model.safetensors or
-// model.safetensors.index.json (+ optional tokenizer.json), or (b) a .gguf
+// `path` is (a) a .spear directory (spear.json present: a W4(+EC) model,
+// validated strictly, see spear_checkpoint.h), (b) an HF directory:
+// config.json + model.safetensors or model.safetensors.index.json (+
+// optional tokenizer.json), or (c) a .gguf
 // file (every tensor dequantized to float32; for llama/mistral the q/k row
 // permutation of llama.cpp's converter is undone, so the same rotate_half
 // RoPE serves both sources; qwen2 GGUFs are not permuted).

@@ -42,6 +42,7 @@ class BpeTokenizer final : public Tokenizer {
   int32_t bos_id() const override { return cfg_.bos_id; }
   int32_t eos_id() const override { return cfg_.eos_id; }
   const std::string& chat_template() const override { return cfg_.chat_template; }
+  const BpeConfig* bpe_config() const override { return &cfg_; }
 
  private:
   enum Kind : uint8_t { kNormal, kAdded, kSpecial };

@@ -72,7 +72,13 @@ absl::Status PreTokenizer::AddSplit(std::string_view pattern, bool literal,
                                     SplitBehavior behavior, bool invert) {
   auto re = Regex::Compile(pattern, literal);
   if (!re.ok()) return re.status();
-  steps_.push_back(Step{*std::move(re), behavior, invert});
+  Step step;
+  step.regex = *std::move(re);
+  step.pattern = std::string(pattern);
+  step.literal = literal;
+  step.behavior = behavior;
+  step.invert = invert;
+  steps_.push_back(std::move(step));
   return absl::OkStatus();
 }
 
@@ -89,6 +95,7 @@ absl::Status PreTokenizer::AddByteLevel(bool add_prefix_space, bool use_regex) {
     auto re = Regex::Compile(kGpt2Pattern);
     if (!re.ok()) return re.status();
     step.regex = *std::move(re);
+    step.pattern = kGpt2Pattern;
   }
   steps_.push_back(std::move(step));
   has_byte_level_ = true;

@@ -71,14 +71,20 @@ class PreTokenizer {
   // Splits `text` into the pieces BPE runs on (never empty strings).
   std::vector<std::string> Run(std::string_view text) const;
 
- private:
+  // One step of the pipeline; `pattern` / `literal` keep the source text of
+  // `regex` so the pipeline can be written back out (tokenizer export).
   struct Step {
     std::shared_ptr<const Regex> regex;  // null for a pure byte-level step
+    std::string pattern;                 // source of `regex` ("" when null)
+    bool literal = false;
     SplitBehavior behavior = SplitBehavior::kIsolated;
     bool invert = false;
-    bool byte_level = false;
+    bool byte_level = false;  // a ByteLevel step (regex = GPT-2 split or null)
     bool add_prefix_space = false;
   };
+  const std::vector<Step>& steps() const { return steps_; }
+
+ private:
   std::vector<Step> steps_;
   bool has_byte_level_ = false;
 };
