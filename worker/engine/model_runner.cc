@@ -89,16 +89,26 @@ void ModelRunner::EnsureScratch(int64_t T) {
   capacity_tokens_ = T;
 }
 
-absl::Status ModelRunner::RunLayer(int64_t l, const std::vector<SeqChunk>& batch, int64_t T) {
+absl::Status ModelRunner::RunLayer(int64_t l, const std::vector<SeqChunk>& batch, int64_t T,
+                                   const LinearObserver* observer, bool* stopped) {
   const model::ModelConfig& c = model_->config;
+  // Observer hook: false = stop here (RunLayers leaves the caller's h alone).
+  auto observe = [&](LayerModule m, const float* x, int64_t ldx) {
+    if (observer == nullptr || !*observer || (*observer)(l, m, x, T, ldx)) return false;
+    *stopped = true;
+    return true;
+  };
   const model::LayerWeights& L = model_->weights.layers[l];
   const int64_t d = c.hidden_size, hd = c.head_dim, qd = c.num_heads * hd,
                 kvd = c.num_kv_heads * hd, ff = c.intermediate_size;
   const float eps = static_cast<float>(c.rms_eps);
 
   // Attention block: x_ holds RmsNorm(h) on entry.
+  if (observe(LayerModule::kQ, x_.data(), d)) return absl::OkStatus();
   if (auto s = L.q_proj->Forward(x_.data(), T, d, q_.data(), qd, false, pool_); !s.ok()) return s;
+  if (observe(LayerModule::kK, x_.data(), d)) return absl::OkStatus();
   if (auto s = L.k_proj->Forward(x_.data(), T, d, k_.data(), kvd, false, pool_); !s.ok()) return s;
+  if (observe(LayerModule::kV, x_.data(), d)) return absl::OkStatus();
   if (auto s = L.v_proj->Forward(x_.data(), T, d, v_.data(), kvd, false, pool_); !s.ok()) return s;
   kernels::RopeParams rp;
   rp.m = T;
@@ -170,6 +180,7 @@ absl::Status ModelRunner::RunLayer(int64_t l, const std::vector<SeqChunk>& batch
       if (auto st = attend(s, pool_); !st.ok()) return st;
     }
   }
+  if (observe(LayerModule::kO, attn_.data(), qd)) return absl::OkStatus();
   if (auto s = L.o_proj->Forward(attn_.data(), T, qd, delta_.data(), d, false, pool_); !s.ok()) {
     return s;
   }
@@ -187,9 +198,11 @@ absl::Status ModelRunner::RunLayer(int64_t l, const std::vector<SeqChunk>& batch
   if (auto s = kernels::cpu::RmsNorm(np, pool_); !s.ok()) return s;
 
   // MLP: down(silu(gate(x)) * up(x)).
+  if (observe(LayerModule::kGate, x_.data(), d)) return absl::OkStatus();
   if (auto s = L.gate_proj->Forward(x_.data(), T, d, gate_.data(), ff, false, pool_); !s.ok()) {
     return s;
   }
+  if (observe(LayerModule::kUp, x_.data(), d)) return absl::OkStatus();
   if (auto s = L.up_proj->Forward(x_.data(), T, d, up_.data(), ff, false, pool_); !s.ok()) {
     return s;
   }
@@ -201,6 +214,7 @@ absl::Status ModelRunner::RunLayer(int64_t l, const std::vector<SeqChunk>& batch
   sp.n = ff;
   sp.ld_gate = sp.ld_up = sp.ldy = ff;
   if (auto s = kernels::cpu::SiluMul(sp, pool_); !s.ok()) return s;
+  if (observe(LayerModule::kDown, gate_.data(), ff)) return absl::OkStatus();
   if (auto s = L.down_proj->Forward(gate_.data(), T, ff, delta_.data(), d, false, pool_);
       !s.ok()) {
     return s;
@@ -212,6 +226,15 @@ absl::Status ModelRunner::RunLayer(int64_t l, const std::vector<SeqChunk>& batch
   return kernels::cpu::RmsNorm(np, pool_);
 }
 
+void ModelRunner::SetPositions(const std::vector<SeqChunk>& batch) {
+  int64_t t = 0;
+  for (const SeqChunk& ch : batch) {
+    for (size_t i = 0; i < ch.tokens.size(); ++i, ++t) {
+      positions_[t] = static_cast<int32_t>(ch.start_pos + static_cast<int64_t>(i));
+    }
+  }
+}
+
 absl::Status ModelRunner::Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out) {
   int64_t T = 0;
   if (auto s = Validate(batch, &T); !s.ok()) return s;
@@ -219,10 +242,10 @@ absl::Status ModelRunner::Forward(const std::vector<SeqChunk>& batch, ForwardOut
   const model::ModelConfig& c = model_->config;
   const int64_t d = c.hidden_size;
 
+  SetPositions(batch);
   int64_t t = 0;
   for (const SeqChunk& ch : batch) {
     for (size_t i = 0; i < ch.tokens.size(); ++i, ++t) {
-      positions_[t] = static_cast<int32_t>(ch.start_pos + static_cast<int64_t>(i));
       model_->weights.EmbedRow(ch.tokens[i], d, h_.data() + t * d);
     }
   }
@@ -268,6 +291,86 @@ absl::Status ModelRunner::Forward(const std::vector<SeqChunk>& batch, ForwardOut
   Grow(&out->logits, rows * c.vocab_size);
   return model_->weights.lm_head->Forward(sel_.data(), rows, d, out->logits.data(),
                                            c.vocab_size, false, pool_);
+}
+
+// --- layer-wise execution ---------------------------------------------------
+// These reuse RunLayer on the runner's own scratch: h is copied into h_ on
+// entry and back on exit (O(T d), negligible next to the layers), so Forward
+// and the layer-wise path share one implementation of a decoder layer.
+
+absl::Status ModelRunner::Embed(const std::vector<SeqChunk>& batch, float* h) {
+  int64_t T = 0;
+  if (auto s = Validate(batch, &T); !s.ok()) return s;
+  const int64_t d = model_->config.hidden_size;
+  int64_t t = 0;
+  for (const SeqChunk& ch : batch) {
+    for (size_t i = 0; i < ch.tokens.size(); ++i, ++t) {
+      model_->weights.EmbedRow(ch.tokens[i], d, h + t * d);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::RunLayers(const std::vector<SeqChunk>& batch, int64_t first,
+                                    int64_t last, float* h, const LinearObserver& observer,
+                                    bool* stopped) {
+  const model::ModelConfig& c = model_->config;
+  if (first < 0 || first > last || last > c.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("RunLayers: bad layer range [", first, ", ",
+                                                   last, ") of ", c.num_layers));
+  }
+  if (h == nullptr) return absl::InvalidArgumentError("RunLayers: null hidden states");
+  int64_t T = 0;
+  if (auto s = Validate(batch, &T); !s.ok()) return s;
+  bool stop = false;
+  if (stopped != nullptr) *stopped = false;
+  if (first == last) return absl::OkStatus();
+  EnsureScratch(T);
+  SetPositions(batch);
+  const int64_t d = c.hidden_size;
+  std::memcpy(h_.data(), h, T * d * sizeof(float));
+  kernels::RmsNormParams np;
+  np.x = h_.data();
+  np.y = x_.data();
+  np.weight = model_->weights.layers[first].attn_norm;
+  np.m = T;
+  np.d = d;
+  np.ldx = np.ldy = d;
+  np.eps = static_cast<float>(c.rms_eps);
+  if (auto s = kernels::cpu::RmsNorm(np, pool_); !s.ok()) return s;
+  for (int64_t l = first; l < last; ++l) {
+    if (auto s = RunLayer(l, batch, T, &observer, &stop); !s.ok()) return s;
+    if (stop) {
+      if (stopped != nullptr) *stopped = true;
+      return absl::OkStatus();
+    }
+  }
+  std::memcpy(h, h_.data(), T * d * sizeof(float));
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::FinalNorm(const float* h, int64_t T, float* y) {
+  if (T <= 0 || h == nullptr || y == nullptr) {
+    return absl::InvalidArgumentError("FinalNorm: empty input");
+  }
+  const model::ModelConfig& c = model_->config;
+  kernels::RmsNormParams np;
+  np.x = h;
+  np.y = y;
+  np.weight = model_->weights.final_norm;
+  np.m = T;
+  np.d = c.hidden_size;
+  np.ldx = np.ldy = c.hidden_size;
+  np.eps = static_cast<float>(c.rms_eps);
+  return kernels::cpu::RmsNorm(np, pool_);
+}
+
+absl::Status ModelRunner::LmHead(const float* y, int64_t T, float* logits) {
+  if (T <= 0 || y == nullptr || logits == nullptr) {
+    return absl::InvalidArgumentError("LmHead: empty input");
+  }
+  const model::ModelConfig& c = model_->config;
+  return model_->weights.lm_head->Forward(y, T, c.hidden_size, logits, c.vocab_size, false, pool_);
 }
 
 }  // namespace spear::engine

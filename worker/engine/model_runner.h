@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -47,6 +48,18 @@ struct ForwardOutput {
   const float* row(int64_t r) const { return logits.data() + r * vocab; }
 };
 
+// The seven linear modules of a decoder layer, in forward order (the order
+// of LlamaWeights::ForEachLinear).
+enum class LayerModule { kQ = 0, kK, kV, kO, kGate, kUp, kDown };
+inline constexpr int kModulesPerLayer = 7;
+
+// Called by RunLayers just before each linear module runs, with that
+// module's input x [m, ldx] (m = all tokens of the batch, row stride ldx =
+// in_features). q/k/v see the same x; so do gate/up. Return false to stop
+// the run right there (the module does not run; see RunLayers).
+using LinearObserver =
+    std::function<bool(int64_t layer, LayerModule module, const float* x, int64_t m, int64_t ldx)>;
+
 class ModelRunner {
  public:
   ModelRunner(const model::LoadedModel* model, KvCache* cache, kernels::ThreadPool* pool);
@@ -59,14 +72,38 @@ class ModelRunner {
   // batch are disjoint.
   absl::Status Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out);
 
+  // --- layer-wise execution (calibration, diagnostics) ----------------------
+  // The same computation as Forward, split into pieces over a residual
+  // stream h [T, d] (T = total tokens of `batch`, rows in batch order) that
+  // the caller owns. Validation as in Forward.
+  // Embed: h = token embeddings.
+  absl::Status Embed(const std::vector<SeqChunk>& batch, float* h);
+  // Advances h through decoder layers [first, last) (0 <= first <= last <=
+  // num_layers), writing those layers' K/V for the batch into the cache
+  // (the block tables must be valid as in Forward). `observer`, if set,
+  // sees every linear's input; if it returns false the run stops at once,
+  // h is left UNCHANGED and *stopped (if given) is set to true.
+  absl::Status RunLayers(const std::vector<SeqChunk>& batch, int64_t first, int64_t last,
+                         float* h, const LinearObserver& observer = nullptr,
+                         bool* stopped = nullptr);
+  // y [T, d] = the final RMSNorm of h [T, d] (what lm_head sees). h and y
+  // may be the same buffer.
+  absl::Status FinalNorm(const float* h, int64_t T, float* y);
+  // logits [T, vocab] = lm_head(y), y [T, d] final-normed.
+  absl::Status LmHead(const float* y, int64_t T, float* logits);
+
   const model::LoadedModel& model() const { return *model_; }
   KvCache& kv_cache() { return *cache_; }
   kernels::ThreadPool* pool() { return pool_; }
 
  private:
   absl::Status Validate(const std::vector<SeqChunk>& batch, int64_t* total_tokens) const;
-  absl::Status RunLayer(int64_t layer, const std::vector<SeqChunk>& batch, int64_t T);
+  // Runs layer l on h_ (x_ = its normed input on entry). With an observer
+  // that stops the run, sets *stopped and returns OK early.
+  absl::Status RunLayer(int64_t layer, const std::vector<SeqChunk>& batch, int64_t T,
+                        const LinearObserver* observer = nullptr, bool* stopped = nullptr);
   void EnsureScratch(int64_t T);
+  void SetPositions(const std::vector<SeqChunk>& batch);
 
   const model::LoadedModel* model_;
   KvCache* cache_;
