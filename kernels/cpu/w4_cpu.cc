@@ -108,10 +108,12 @@ absl::Status EcLowRank(const W4LinearParams& p, float* u, float* hid, float* v, 
   const EcWeights& e = *p.ec;
   const int64_t m = p.m, r = e.rank, h = e.gate_hidden;
   const int threads = pool == nullptr ? 1 : pool->size();
-  if (m <= internal::kW4MaxGemvTokens && threads > 1 && r > 1 && r * e.k >= (int64_t{1} << 14)) {
+  if (m <= internal::kW4MaxGemvTokens && threads > 1 && r > 1 && r * e.k >= (int64_t{1} << 16)) {
     // Decode: A is r x k floats read once from memory (512 KiB at r=32,
     // k=4096); cpu::Linear would give its r < 64 rows to one thread, so
-    // split A's rows over the pool here.
+    // split A's rows over the pool here (measured at 4096 x 4096, r=32, 16
+    // threads: the EC's cost fell from +140 us to +15 us over a 243 us GEMV).
+    // Small A (< 256 KiB) is not worth a second pool wake-up.
     const int64_t parts = r < threads ? r : threads;
     std::vector<absl::Status> errors(static_cast<size_t>(parts));
     pool->ParallelFor(parts, 1, [&](int64_t t0, int64_t t1) {
@@ -198,9 +200,9 @@ absl::Status Decode(const W4LinearParams& p, const internal::W4IsaKernels& kern,
     a.rank = r;
   }
   // Rows in chunks of >= 64 (multiples of 16) so each thread streams a
-  // contiguous slab of codes; below ~32 KiB of codes one thread is faster
-  // than waking the pool (measured: SmolLM2's 576 x 576 runs 4x faster on
-  // 9 threads than on one).
+  // contiguous slab of codes. Below 32 KiB of codes one thread does it
+  // (a guess; SmolLM2's 576 x 576, 162 KiB, measured 31 us on 16 threads vs
+  // 36 us on one with cold weights: wake-up and TLB costs dominate there).
   const int threads = pool == nullptr ? 1 : pool->size();
   if (threads == 1 || n * k < (int64_t{1} << 16)) {
     kern.gemv(a, 0, n);
