@@ -175,6 +175,12 @@ TEST_P(W4Test, OddGroupsAndOddK) {
   RunCase(2, {100, 50}, 20, false, true, false, false, 0, false);  // block tail in a group
 }
 
+// Decode with r * k >= 64K: the EC's A x is split over the pool's threads.
+TEST_P(W4Test, LargeEcSplitAcrossPool) {
+  RunCase(1, {2304, 128}, 70, false, true, true, false, 32, true);
+  RunCase(5, {2304, 2304}, 33, true, false, false, true, 29, false);
+}
+
 INSTANTIATE_TEST_SUITE_P(Variants, W4Test, ::testing::ValuesIn(AllVariants()), VariantName);
 
 // ---- The reference against an independent formulation ---------------------
