@@ -102,6 +102,10 @@ int CmdGenerate(const std::vector<std::string>& args) {
 int CmdEval(const std::vector<std::string>& args) {
   Flags f("eval");
   f.Declare("model", "", "model path or cache name")
+      .Declare("models", "", "comma-separated models to compare in one table (instead of --model)")
+      .Declare("labels", "", "labels of --models, e.g. FP16,W4,W4+SPEAR (default: the model names)")
+      .Declare("reference-fp16", "", "label or model of --models that is the FP16 reference (default: first)")
+      .Declare("reference-w4", "", "label or model of --models that is the plain W4 reference (default: second)")
       .Declare("text", "", "UTF-8 text file to score")
       .Declare("ctx", "512", "window length in tokens")
       .Declare("max-tokens", "0", "score only the first N tokens of the text (0 = all)")
@@ -110,6 +114,17 @@ int CmdEval(const std::vector<std::string>& args) {
       .DeclareBool("help", "show flags");
   if (absl::Status s = f.Parse(args); !s.ok()) return Fail("eval", s, true);
   if (f.Bool("help")) return std::printf("%s", f.Usage().c_str()), 0;
+  if (f.Has("models")) {
+    if (f.Has("model")) {
+      return Fail("eval", absl::InvalidArgumentError("give --model or --models, not both"), true);
+    }
+    return EvalModelsTable(f);
+  }
+  for (const char* only_table : {"labels", "reference-fp16", "reference-w4"}) {
+    if (f.Has(only_table)) {
+      return Fail("eval", absl::InvalidArgumentError(absl::StrCat("--", only_table, " needs --models")), true);
+    }
+  }
   auto ctx = f.Int("ctx", 2, 1 << 20);
   auto max_tokens = f.Int("max-tokens", 0, INT64_MAX);
   auto threads = f.Int("threads", 0, 1024);

@@ -15,6 +15,11 @@ int CmdInfo(const std::vector<std::string>& args);
 int CmdGenerate(const std::vector<std::string>& args);
 int CmdEval(const std::vector<std::string>& args);
 int CmdBench(const std::vector<std::string>& args);
+int CmdQuantize(const std::vector<std::string>& args);
+
+class Flags;
+// `spear eval --models A,B,...` (cmd_eval_table.cc), given CmdEval's parsed flags.
+int EvalModelsTable(const Flags& flags);
 
 // Prints `status` as "spear <cmd>: <message>" and maps it to an exit code
 // (InvalidArgument from flag parsing -> 2, anything else -> 1).

@@ -14,8 +14,9 @@ constexpr char kUsage[] =
     "  pull NAME        fetch a known model into the cache, print its path\n"
     "  info             show a model's config, tensors and tokenizer\n"
     "  generate         stream a completion for a prompt\n"
-    "  eval             token-level perplexity of a text\n"
+    "  eval             token-level perplexity of a text (--models A,B,C: a comparison table)\n"
     "  bench            prefill/decode speed on the CPU\n"
+    "  quantize         FP16 model -> W4 (+SPEAR error compensators) .spear checkpoint\n"
     "`spear <command> --help` lists a command's flags.\n";
 
 }  // namespace
@@ -32,6 +33,7 @@ int main(int argc, char** argv) {
   if (cmd == "generate") return spear::cli::CmdGenerate(args);
   if (cmd == "eval") return spear::cli::CmdEval(args);
   if (cmd == "bench") return spear::cli::CmdBench(args);
+  if (cmd == "quantize") return spear::cli::CmdQuantize(args);
   if (cmd == "help" || cmd == "--help" || cmd == "-h") {
     std::fputs(kUsage, stdout);
     return 0;

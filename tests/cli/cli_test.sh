@@ -57,5 +57,42 @@ expect 0 "prompt tokens" -- generate --model "$DATA/golden/tiny_llama_untied" --
 expect 2 "not a token id" -- generate --model "$DATA/golden/tiny_llama_untied" --prompt-ids "1 999" --max-tokens 4
 expect 1 "no tokenizer" -- eval --model "$DATA/golden/tiny_llama_untied" --text "$DATA/golden/tiny_llama_untied/config.json"
 
+# spear quantize: bad flags exit 2 before any work; --out protection.
+TINY="$DATA/golden/tiny_llama_untied"
+expect 2 "--model is required" -- quantize --out "$TMP/q"
+expect 2 "--out is required" -- quantize --model "$TINY"
+expect 2 "--method must be rtn, awq or gptq" -- quantize --model "$TINY" --out "$TMP/q" --method foo
+expect 2 "--group must be -1" -- quantize --model "$TINY" --out "$TMP/q" --group 48
+expect 2 "--ec must be spear, static, static-all or none" -- quantize --model "$TINY" --out "$TMP/q" --ec lora
+expect 2 "--ec-budget must be in" -- quantize --model "$TINY" --out "$TMP/q" --ec-budget -1
+expect 2 "--ec-budget must be a number" -- quantize --model "$TINY" --out "$TMP/q" --ec-budget lots
+expect 2 "--calib must be self:N,LEN" -- quantize --model "$TINY" --out "$TMP/q" --calib wiki
+expect 2 "--calib must be self:N,LEN" -- quantize --model "$TINY" --out "$TMP/q" --calib self:4
+expect 2 "--calib: need 1 <= N" -- quantize --model "$TINY" --out "$TMP/q" --calib self:0,64
+expect 2 "no such text file" -- quantize --model "$TINY" --out "$TMP/q" --calib text:/no/such.txt
+expect 2 "--train-steps must be an integer" -- quantize --model "$TINY" --out "$TMP/q" --train-steps x
+expect 2 "--no-gate only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static --no-gate
+expect 2 "unknown flag --bogus" -- quantize --model "$TINY" --out "$TMP/q" --bogus
+expect 1 "no such model" -- quantize --model /no/such/dir --out "$TMP/q"
+mkdir -p "$TMP/full" && touch "$TMP/full/x"
+expect 1 "not empty; use --force" -- quantize --model "$TINY" --out "$TMP/full"
+[[ -e "$TMP/q" ]] && { echo "FAIL: a refused quantize created --out"; fails=$((fails + 1)); }
+
+# A real quantize + load of the result, and the eval table's flag checks.
+expect 0 "saved" -- quantize --model "$TINY" --out "$TMP/q" --calib self:2,16 --train-steps 5 --threads 2
+[[ -f "$TMP/q/spear.json" && ! -e "$TMP/q.tmp" ]] || { echo "FAIL: no $TMP/q/spear.json"; fails=$((fails + 1)); }
+expect 0 "prompt tokens" -- generate --model "$TMP/q" --prompt-ids "1 5 9" --max-tokens 4
+expect 1 "not empty; use --force" -- quantize --model "$TINY" --out "$TMP/q"
+expect 0 "saved" -- quantize --model "$TINY" --out "$TMP/q" --ec none --calib self:2,16 --force
+expect 1 "already quantized" -- quantize --model "$TMP/q" --out "$TMP/q2"
+sed 's/"format_version": 1/"format_version": 7/' "$TMP/q/spear.json" >"$TMP/v" && mkdir -p "$TMP/qbad" && cp "$TMP/q/model.safetensors" "$TMP/qbad/" && mv "$TMP/v" "$TMP/qbad/spear.json"
+expect 1 "format_version 7" -- generate --model "$TMP/qbad" --prompt-ids "1 2"
+expect 2 "not both" -- eval --model a --models a,b --text x
+expect 2 "at least two" -- eval --models a --text x
+expect 2 "--labels has 1 entries" -- eval --models a,b --labels X --text x
+expect 2 "must name a label" -- eval --models a,b --reference-w4 c --text x
+expect 2 "needs --models" -- eval --model a --labels X --text x
+expect 1 "no tokenizer" -- eval --models "$TINY","$TMP/q" --text "$TINY/config.json"
+
 echo "$fails failure(s)"
 [[ $fails -eq 0 ]]

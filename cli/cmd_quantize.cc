@@ -1,0 +1,307 @@
+// spear quantize: FP16 model -> W4 (+EC) .spear checkpoint.
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "cli/commands.h"
+#include "cli/flags.h"
+#include "cli/model_session.h"
+#include "nlohmann/json.hpp"
+#include "worker/model/model_cache.h"
+#include "worker/model/spear_checkpoint.h"
+#include "worker/quantize/pipeline/quantize_model.h"
+
+namespace spear::cli {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::ordered_json;
+
+// --calib self:N,LEN | text:FILE[,N,LEN]
+absl::Status ParseCalib(const std::string& v, quantize::CalibrationOptions* c) {
+  const auto bad = [&v] {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--calib must be self:N,LEN or text:FILE (optionally text:FILE,N,LEN), got '", v, "'"));
+  };
+  auto parse_n_len = [&](absl::string_view spec) -> absl::Status {
+    std::vector<std::string> p = absl::StrSplit(spec, ',');
+    int64_t n, len;
+    if (p.size() != 2 || !absl::SimpleAtoi(p[0], &n) || !absl::SimpleAtoi(p[1], &len)) return bad();
+    if (n < 1 || n > 100000 || len < 2 || len > 1 << 20) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--calib: need 1 <= N <= 100000 sequences of 2 <= LEN <= 1048576 tokens, got '", v, "'"));
+    }
+    c->num_sequences = n;
+    c->seq_len = len;
+    return absl::OkStatus();
+  };
+  if (v.starts_with("self:")) {
+    c->text_file.clear();
+    return parse_n_len(absl::string_view(v).substr(5));
+  }
+  if (v.starts_with("text:")) {
+    std::string rest = v.substr(5);
+    // FILE or FILE,N,LEN (a file name may itself contain commas: split from the right).
+    const size_t c2 = rest.rfind(',');
+    const size_t c1 = c2 == std::string::npos || c2 == 0 ? std::string::npos : rest.rfind(',', c2 - 1);
+    int64_t tmp;
+    if (c1 != std::string::npos && absl::SimpleAtoi(rest.substr(c1 + 1, c2 - c1 - 1), &tmp) &&
+        absl::SimpleAtoi(rest.substr(c2 + 1), &tmp)) {
+      if (auto s = parse_n_len(rest.substr(c1 + 1)); !s.ok()) return s;
+      rest = rest.substr(0, c1);
+    }
+    if (rest.empty()) return bad();
+    std::error_code ec;
+    if (!fs::is_regular_file(rest, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat("--calib: no such text file '", rest, "'"));
+    }
+    c->text_file = rest;
+    return absl::OkStatus();
+  }
+  return bad();
+}
+
+struct Parsed {
+  quantize::QuantizeOptions opts;
+  std::string method, ec;
+};
+
+absl::Status ParseOptions(const Flags& f, Parsed* p) {
+  quantize::QuantizeOptions& o = p->opts;
+  p->method = f.Str("method");
+  if (p->method == "rtn") {
+    o.backbone = quantize::Backbone::kRtn;
+  } else if (p->method == "awq") {
+    o.backbone = quantize::Backbone::kAwq;
+  } else if (p->method == "gptq") {
+    o.backbone = quantize::Backbone::kGptq;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--method must be rtn, awq or gptq, got '", p->method, "'"));
+  }
+  int64_t group;
+  if (!absl::SimpleAtoi(f.Str("group"), &group) ||
+      (group != -1 && group != 32 && group != 64 && group != 128)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--group must be -1 (per-channel), 32, 64 or 128, got '", f.Str("group"), "'"));
+  }
+  o.group_size = group;
+  o.symmetric = f.Bool("symmetric");
+  p->ec = f.Str("ec");
+  if (p->ec == "spear") {
+    o.ec = quantize::EcMode::kSpear;
+  } else if (p->ec == "static") {
+    o.ec = quantize::EcMode::kStatic;
+    o.place_static_like_spear = true;
+  } else if (p->ec == "static-all") {
+    o.ec = quantize::EcMode::kStatic;
+    o.place_static_like_spear = false;
+  } else if (p->ec == "none") {
+    o.ec = quantize::EcMode::kNone;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--ec must be spear, static, static-all or none, got '", p->ec, "'"));
+  }
+  auto budget = f.Double("ec-budget", 0.0, 100.0);
+  if (!budget.ok()) return budget.status();
+  o.ec_budget_pct = *budget;
+  o.gate = !f.Bool("no-gate");
+  if (!o.gate && o.ec != quantize::EcMode::kSpear) {
+    return absl::InvalidArgumentError("--no-gate only applies to --ec spear");
+  }
+  auto steps = f.Int("train-steps", 0, 1000000);
+  if (!steps.ok()) return steps.status();
+  o.train_steps = *steps;
+  auto seed = f.Int("seed", 0, INT64_MAX);
+  if (!seed.ok()) return seed.status();
+  o.calib.seed = static_cast<uint64_t>(*seed);
+  return ParseCalib(f.Str("calib"), &o.calib);
+}
+
+// One line per stage, redrawn in place on a terminal; on a pipe only the
+// stage's start and end (and every 10%) are printed.
+class ProgressBar {
+ public:
+  ProgressBar() : tty_(isatty(fileno(stderr))), t0_(NowSeconds()) {}
+  void Update(const std::string& stage, int64_t done, int64_t total) {
+    const int pct = total > 0 ? static_cast<int>(100 * done / total) : 100;
+    if (stage != stage_) {
+      if (open_) std::fputc('\n', stderr);
+      stage_ = stage, last_pct_ = -100, open_ = false;
+    }
+    if (!tty_ && pct < last_pct_ + 10 && done != total) return;
+    last_pct_ = pct;
+    constexpr int kWidth = 30;
+    const int filled = total > 0 ? static_cast<int>(kWidth * done / total) : kWidth;
+    std::fprintf(stderr, "%s%-14s [%s%s] %lld/%lld  %.0f s", tty_ ? "\r" : "", stage.c_str(),
+                 std::string(filled, '#').c_str(), std::string(kWidth - filled, '.').c_str(),
+                 static_cast<long long>(done), static_cast<long long>(total), NowSeconds() - t0_);
+    open_ = tty_ && done != total;
+    if (!open_) std::fputc('\n', stderr);
+    std::fflush(stderr);
+  }
+  void Close() {
+    if (open_) std::fputc('\n', stderr);
+    open_ = false;
+  }
+
+ private:
+  bool tty_;
+  double t0_;
+  std::string stage_;
+  int last_pct_ = -100;
+  bool open_ = false;
+};
+
+std::string Mib(int64_t bytes) { return absl::StrFormat("%.2f MiB", bytes / 1048576.0); }
+
+void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
+  std::printf("%-36s %9s %5s %10s %11s %11s %11s\n", "module", "damage", "rank", "EC bytes",
+              "err W4", "err static", "err final");
+  for (const quantize::ModuleReport& m : r.modules) {
+    std::printf("%-36s %9s %5lld %10lld %11.4g %11s %11s\n", m.name.c_str(),
+                diagnostic ? absl::StrFormat("%.5f", m.damage).c_str() : "-",
+                static_cast<long long>(m.ec_rank), static_cast<long long>(m.ec_bytes), m.err_w4,
+                m.ec_rank ? absl::StrFormat("%.4g", m.err_static).c_str() : "-",
+                m.ec_rank ? absl::StrFormat("%.4g", m.err_final).c_str() : "-");
+  }
+  int64_t with_ec = 0;
+  for (const auto& m : r.modules) with_ec += m.ec_rank > 0;
+  std::printf("\nW4 model %s (%lld bytes), EC %s (%lld bytes) = %.3f%% of the model; "
+              "%lld of %zu modules with an EC\n",
+              Mib(r.w4_model_bytes).c_str(), static_cast<long long>(r.w4_model_bytes),
+              Mib(r.ec_bytes).c_str(), static_cast<long long>(r.ec_bytes), r.ec_pct(),
+              static_cast<long long>(with_ec), r.modules.size());
+  if (diagnostic) {
+    std::printf("damage entropy %.4f nats (normalized %.4f, %.1f effective modules)\n",
+                r.damage_entropy, r.normalized_entropy, r.effective_modules);
+  }
+  std::printf("calibration tokens %lld; quantized in %.1f s\n",
+              static_cast<long long>(r.calibration_tokens), r.seconds);
+}
+
+json ReportJson(const quantize::QuantizeReport& r) {
+  json mods = json::array();
+  for (const auto& m : r.modules) {
+    mods.push_back({{"name", m.name}, {"damage", m.damage}, {"rank", m.ec_rank},
+                    {"ec_bytes", m.ec_bytes}, {"err_w4", m.err_w4}, {"err_static", m.err_static},
+                    {"err_final", m.err_final}});
+  }
+  return {{"damage_entropy", r.damage_entropy},
+          {"normalized_entropy", r.normalized_entropy},
+          {"effective_modules", r.effective_modules},
+          {"w4_model_bytes", r.w4_model_bytes},
+          {"ec_bytes", r.ec_bytes},
+          {"ec_pct", r.ec_pct()},
+          {"calibration_tokens", r.calibration_tokens},
+          {"seconds", r.seconds},
+          {"modules", mods}};
+}
+
+}  // namespace
+
+int CmdQuantize(const std::vector<std::string>& args) {
+  Flags f("quantize");
+  f.Declare("model", "", "source model (FP16/FP32/BF16 HF directory, GGUF, or cache name)")
+      .Declare("out", "", "output .spear directory")
+      .Declare("method", "rtn", "W4 backbone: rtn | awq | gptq")
+      .Declare("group", "-1", "group size: -1 (per-channel) | 32 | 64 | 128")
+      .DeclareBool("symmetric", "symmetric grid (zero point fixed at 8)")
+      .Declare("ec", "spear",
+               "error compensators: spear (placed by the diagnostic, gated, trained) | static "
+               "(same placement, closed-form) | static-all (every module, same rank) | none")
+      .Declare("ec-budget", "1.0", "EC memory budget, % of the served W4 model")
+      .DeclareBool("no-gate", "ablation: gate fixed at 1 (same training)")
+      .Declare("calib", "self:64,256",
+               "calibration data: self:N,LEN (sequences the model samples itself) or "
+               "text:FILE[,N,LEN]")
+      .Declare("seed", "1", "calibration sampling seed")
+      .Declare("train-steps", "300", "EC training steps per module (stage 2)")
+      .Declare("threads", "0", "CPU threads, 0 = all")
+      .DeclareBool("force", "replace --out if it exists")
+      .DeclareBool("help", "show flags");
+  if (absl::Status s = f.Parse(args); !s.ok()) return Fail("quantize", s, true);
+  if (f.Bool("help")) return std::printf("%s", f.Usage().c_str()), 0;
+  if (!f.positional().empty()) {
+    return Fail("quantize", absl::InvalidArgumentError(absl::StrCat(
+                                "unexpected argument '", f.positional()[0], "'")), true);
+  }
+  if (f.Str("model").empty()) return Fail("quantize", absl::InvalidArgumentError("--model is required"), true);
+  if (f.Str("out").empty()) return Fail("quantize", absl::InvalidArgumentError("--out is required"), true);
+  Parsed p;
+  if (absl::Status s = ParseOptions(f, &p); !s.ok()) return Fail("quantize", s, true);
+  auto threads = f.Int("threads", 0, 1024);
+  if (!threads.ok()) return Fail("quantize", threads.status(), true);
+
+  const std::string out = f.Str("out");
+  std::error_code ec;
+  if (fs::exists(out, ec) && !f.Bool("force") &&
+      (!fs::is_directory(out, ec) || !fs::is_empty(out, ec))) {
+    return Fail("quantize", absl::AlreadyExistsError(absl::StrCat(
+                                "--out ", out, " exists and is not empty; use --force to replace it")));
+  }
+  auto src = model::ResolveModel(f.Str("model"));
+  if (!src.ok()) return Fail("quantize", src.status());
+  if (fs::exists(out, ec) && fs::equivalent(*src, out, ec)) {
+    return Fail("quantize", absl::InvalidArgumentError("--out must differ from --model"), true);
+  }
+  const double t0 = NowSeconds();
+  auto m = model::LoadModel(*src);
+  if (!m.ok()) return Fail("quantize", m.status());
+  if (model::IsSpearDir(*src)) {
+    return Fail("quantize", absl::InvalidArgumentError(
+                                absl::StrCat(*src, " is already quantized (.spear); give the FP16 model")));
+  }
+  std::fprintf(stderr, "loaded %s in %.1f s: %lld layers, hidden %lld; %s W4 %s%s, EC %s (budget %.2f%%)\n",
+               src->c_str(), NowSeconds() - t0, static_cast<long long>((*m)->config.num_layers),
+               static_cast<long long>((*m)->config.hidden_size), p.method.c_str(),
+               p.opts.group_size < 0 ? "per-channel" : absl::StrCat("g", p.opts.group_size).c_str(),
+               p.opts.symmetric ? " sym" : "", p.ec.c_str(), p.opts.ec_budget_pct);
+
+  kernels::ThreadPool pool(static_cast<int>(*threads));
+  ProgressBar bar;
+  auto report = quantize::QuantizeModel(
+      m->get(), p.opts, &pool,
+      [&bar](const std::string& stage, int64_t done, int64_t total) { bar.Update(stage, done, total); });
+  bar.Close();
+  if (!report.ok()) return Fail("quantize", report.status());
+  const bool diagnostic = p.opts.ec == quantize::EcMode::kSpear ||
+                          (p.opts.ec == quantize::EcMode::kStatic && p.opts.place_static_like_spear);
+  PrintReport(*report, diagnostic);
+
+  const quantize::QuantizeOptions& o = p.opts;
+  model::SpearProvenance prov;
+  prov.source_path = *src;
+  prov.command = absl::StrCat("spear quantize ", absl::StrJoin(args, " "));
+  prov.calibration_json =
+      json{{"kind", o.calib.text_file.empty() ? "self" : "text"},
+           {"text_file", o.calib.text_file},
+           {"num_sequences", o.calib.num_sequences},
+           {"seq_len", o.calib.seq_len},
+           {"seed", o.calib.seed},
+           {"tokens", report->calibration_tokens}}
+          .dump();
+  prov.quantize_options_json =
+      json{{"method", p.method},        {"group_size", o.group_size},
+           {"symmetric", o.symmetric},  {"ec", p.ec},
+           {"ec_budget_pct", o.ec_budget_pct}, {"gate", o.gate},
+           {"train_steps", o.train_steps}, {"learning_rate", o.learning_rate},
+           {"diagnostic_tokens", o.diagnostic_tokens}}
+          .dump();
+  prov.diagnostic_json = ReportJson(*report).dump();
+  if (absl::Status s = model::SaveSpearModel(**m, prov, out, f.Bool("force")); !s.ok()) {
+    return Fail("quantize", s);
+  }
+  std::printf("saved %s\n", out.c_str());
+  return 0;
+}
+
+}  // namespace spear::cli
