@@ -6,10 +6,12 @@
 #include "absl/strings/str_cat.h"
 #include "cli/commands.h"
 #include "cli/flags.h"
+#include "nlohmann/json.hpp"
 #include "worker/model/config.h"
 #include "worker/model/gguf.h"
 #include "worker/model/model_cache.h"
 #include "worker/model/safetensors.h"
+#include "worker/model/spear_checkpoint.h"
 #include "worker/model/tokenizer.h"
 
 namespace spear::cli {
@@ -66,6 +68,45 @@ void PrintTensorSummary(const std::vector<const model::TensorInfo*>& tensors) {
   }
 }
 
+// A .spear directory: the manifest (checked), then the tensors.
+int InfoSpear(const std::string& path) {
+  namespace fs = std::filesystem;
+  auto man = model::ReadSpearManifest(path);
+  if (!man.ok()) return Fail("info", man.status());
+  std::printf("directory        %s (.spear v%d)\n", path.c_str(), man->format_version);
+  PrintConfig(man->config);
+  std::map<std::string, int> formats;
+  int with_ec = 0, gated = 0;
+  for (const model::SpearModuleInfo& m : man->modules) {
+    formats[absl::StrCat(m.group_size == m.k ? "per-channel" : absl::StrCat("g", m.group_size),
+                         m.symmetric ? " sym" : " asym", m.act_scale ? " +act_scale" : "")]++;
+    with_ec += m.ec_rank > 0;
+    gated += m.ec_gated;
+  }
+  for (const auto& [fmt, n] : formats) std::printf("W4 modules       %d x %s\n", n, fmt.c_str());
+  std::printf("ECs              %d of %zu modules (%d gated)\n", with_ec, man->modules.size(), gated);
+  std::printf("served bytes     W4 model %.2f MiB, EC %.3f MiB (%.3f%%)\n",
+              man->w4_model_bytes / 1048576.0, man->ec_bytes / 1048576.0,
+              man->w4_model_bytes ? 100.0 * man->ec_bytes / man->w4_model_bytes : 0.0);
+  const auto prov = nlohmann::json::parse(man->provenance_json, nullptr, false);
+  if (prov.is_object()) {
+    std::printf("source           %s\n", prov.value("source", std::string("?")).c_str());
+    if (auto it = prov.find("source_files"); it != prov.end() && it->is_array()) {
+      for (const auto& f : *it) {
+        std::printf("  %s sha256 %s\n", f.value("name", std::string()).c_str(),
+                    f.value("sha256", std::string()).c_str());
+      }
+    }
+    std::printf("command          %s\n", prov.value("command", std::string()).c_str());
+  }
+  if (!man->measured_json.empty()) std::printf("measured         %s\n", man->measured_json.c_str());
+  std::printf("tokenizer        %s\n", man->tokenizer_file.empty() ? "none" : man->tokenizer_file.c_str());
+  auto ckpt = model::SafetensorsCheckpoint::Open((fs::path(path) / model::kSpearWeightsFile).string());
+  if (!ckpt.ok()) return Fail("info", ckpt.status());
+  PrintTensorSummary((*ckpt)->tensors());
+  return 0;
+}
+
 }  // namespace
 
 int CmdInfo(const std::vector<std::string>& args) {
@@ -96,6 +137,7 @@ int CmdInfo(const std::vector<std::string>& args) {
     }
     return 0;
   }
+  if (model::IsSpearDir(*path)) return InfoSpear(*path);
   auto cfg = model::ConfigFromHfJsonFile((fs::path(*path) / "config.json").string());
   if (!cfg.ok()) return Fail("info", cfg.status());
   std::printf("directory        %s\n", path->c_str());

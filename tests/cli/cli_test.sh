@@ -82,6 +82,7 @@ expect 1 "not empty; use --force" -- quantize --model "$TINY" --out "$TMP/full"
 expect 0 "saved" -- quantize --model "$TINY" --out "$TMP/q" --calib self:2,16 --train-steps 5 --threads 2
 [[ -f "$TMP/q/spear.json" && ! -e "$TMP/q.tmp" ]] || { echo "FAIL: no $TMP/q/spear.json"; fails=$((fails + 1)); }
 expect 0 "prompt tokens" -- generate --model "$TMP/q" --prompt-ids "1 5 9" --max-tokens 4
+expect 0 "\.spear v1" -- info --model "$TMP/q"
 expect 1 "not empty; use --force" -- quantize --model "$TINY" --out "$TMP/q"
 expect 0 "saved" -- quantize --model "$TINY" --out "$TMP/q" --ec none --calib self:2,16 --force
 expect 1 "already quantized" -- quantize --model "$TMP/q" --out "$TMP/q2"
