@@ -12,11 +12,15 @@
 // reads (codes + fp16 scales + u8 zeros + the EC's A and B as stored in
 // memory, float32) / time; m=128 GFLOP/s counts the backbone's 2*m*n*k only
 // (the EC's extra flops are < 2% at r=32).
+#include <immintrin.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <random>
 #include <string>
 #include <vector>
@@ -204,9 +208,146 @@ void W4Rows(ThreadPool* pool, int iters, double bwn) {
   }
 }
 
+// ---- FMA peak and GEMM (m >= 16) rows ---------------------------------------
+
+// 12 independent FMA chains (enough to cover latency x 2 ports) of `iters`
+// steps; returns flops done. The results feed a volatile sink.
+__attribute__((target("avx2,fma"))) double FmaLoopAvx2(int64_t iters) {
+  __m256 a[12];
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(static_cast<float>(i));
+  const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-6f);
+  for (int64_t t = 0; t < iters; ++t) {
+    for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+  }
+  __m256 s = a[0];
+  for (int i = 1; i < 12; ++i) s = _mm256_add_ps(s, a[i]);
+  volatile float sink = _mm256_cvtss_f32(s);
+  (void)sink;
+  return static_cast<double>(iters) * 12 * 8 * 2;
+}
+
+__attribute__((target("avx512f"))) double FmaLoopAvx512(int64_t iters) {
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_set1_ps(static_cast<float>(i));
+  const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-6f);
+  for (int64_t t = 0; t < iters; ++t) {
+    for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
+  }
+  __m512 s = a[0];
+  for (int i = 1; i < 16; ++i) s = _mm512_add_ps(s, a[i]);
+  volatile float sink = _mm512_reduce_add_ps(s);
+  (void)sink;
+  return static_cast<double>(iters) * 16 * 16 * 2;
+}
+
+// Peak FMA GFLOP/s of the active ISA on `pool` (or one thread), best of 5
+// runs of ~20 ms per thread: the ceiling for the GEMM rows below, measured
+// under the same machine load.
+double PeakGflops(ThreadPool* pool) {
+  if (ActiveIsa() == Isa::kScalar) return 0;
+  const bool z = ActiveIsa() == Isa::kAvx512;
+  constexpr int64_t kIters = int64_t{1} << 20;
+  const int threads = pool == nullptr ? 1 : pool->size();
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = Clock::now();
+    double flop = 0;
+    if (pool == nullptr) {
+      flop = z ? FmaLoopAvx512(kIters) : FmaLoopAvx2(kIters);
+    } else {
+      pool->ParallelFor(threads, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) z ? FmaLoopAvx512(kIters) : FmaLoopAvx2(kIters);
+      });
+      flop = threads * (z ? 16.0 * 16 * 2 : 12.0 * 8 * 2) * kIters;
+    }
+    best = std::max(best, flop / Seconds(t0, Clock::now()) / 1e9);
+  }
+  return best;
+}
+
+// CPU seconds used by the whole process (all threads) so far.
+double ProcessCpuSeconds() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+struct BestTimes {
+  double wall = 1e30;  // best wall seconds per call
+  double cpu = 1e30;   // best process CPU seconds per call (time on cores)
+};
+
+// Best-of seconds per Linear call (W warm): at least 3 calls and ~0.4 s.
+// On a loaded machine the CPU-time figure is the one that tells how well
+// the kernel uses a core while it has one.
+BestTimes LinearBestSeconds(const Shape& s, DType dt, int64_t m, const std::vector<uint16_t>& w,
+                            ThreadPool* pool, int iters) {
+  std::vector<float> x(m * s.k), y(m * s.n);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 17) * 0.03f - 0.2f;
+  LinearParams p;
+  p.x = x.data();
+  p.m = m;
+  p.k = s.k;
+  p.ldx = s.k;
+  p.w = w.data();
+  p.w_dtype = dt;
+  p.n = s.n;
+  p.y = y.data();
+  p.ldy = s.n;
+  (void)cpu::Linear(p, pool);  // warm-up
+  BestTimes best;
+  double total = 0;
+  for (int done = 0; iters > 0 ? done < iters : (done < 3 || total < 0.4); ++done) {
+    const double c0 = ProcessCpuSeconds();
+    const auto t0 = Clock::now();
+    if (absl::Status st = cpu::Linear(p, pool); !st.ok()) {
+      std::fprintf(stderr, "Linear failed: %s\n", st.ToString().c_str());
+      std::exit(1);
+    }
+    const double el = Seconds(t0, Clock::now());
+    best.wall = std::min(best.wall, el);
+    best.cpu = std::min(best.cpu, ProcessCpuSeconds() - c0);
+    total += el;
+  }
+  return best;
+}
+
+// Prefill-shaped Linear (m = 128, 512; best of N) next to the FMA peak:
+// wall GFLOP/s over the pool's peak, and GFLOP per CPU-second (per core
+// busy) over the one-thread peak, which the load of a shared machine
+// disturbs much less.
+void GemmRows(ThreadPool* pool, int iters) {
+  const double peak1 = PeakGflops(nullptr), peakn = PeakGflops(pool);
+  std::printf("\nFMA peak (%s, best of 5): 1 thread %.1f GFLOP/s, %d threads %.1f GFLOP/s\n",
+              std::string(IsaName(ActiveIsa())).c_str(), peak1, pool->size(), peakn);
+  std::printf("%-9s %-12s %-4s | %13s %5s %8s %5s | %13s %5s %8s %5s\n", "GEMM", "n x k", "dt",
+              "m=128 GFLOP/s", "/peak", "GF/cpu-s", "/pk1", "m=512 GFLOP/s", "/peak", "GF/cpu-s",
+              "/pk1");
+  const Shape shapes[] = {{576, 576, "q/o proj"}, {192, 576, "k/v proj"}, {1536, 576, "gate/up"},
+                          {576, 1536, "down"},    {49152, 576, "lm_head"}};
+  std::mt19937 rng(2);
+  for (const Shape& s : shapes) {
+    for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+      const auto ws = MakeWeights(s, dt, 1, rng);
+      const double flop = 2.0 * s.n * s.k;
+      const BestTimes t128 = LinearBestSeconds(s, dt, 128, ws[0], pool, iters);
+      const BestTimes t512 = LinearBestSeconds(s, dt, 512, ws[0], pool, iters);
+      const double w128 = 128 * flop / t128.wall / 1e9, c128 = 128 * flop / t128.cpu / 1e9;
+      const double w512 = 512 * flop / t512.wall / 1e9, c512 = 512 * flop / t512.cpu / 1e9;
+      const auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
+      const std::string nk = std::to_string(s.n) + "x" + std::to_string(s.k);
+      std::printf("%-9s %-12s %-4s | %13.1f %5.2f %8.1f %5.2f | %13.1f %5.2f %8.1f %5.2f\n",
+                  s.what, nk.c_str(), std::string(DTypeName(dt)).c_str(), w128,
+                  ratio(w128, peakn), c128, ratio(c128, peak1), w512, ratio(w512, peakn), c512,
+                  ratio(c512, peak1));
+      std::fflush(stdout);
+    }
+  }
+}
+
 int Main(int argc, char** argv) {
   int threads = 0, iters = 0;
-  bool w4_only = false;
+  bool w4_only = false, gemm_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) {
@@ -215,14 +356,21 @@ int Main(int argc, char** argv) {
       iters = std::atoi(argv[++i]);
     } else if (a == "--w4-only") {
       w4_only = true;
+    } else if (a == "--gemm-only") {
+      gemm_only = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--iters N] [--w4-only]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads N] [--iters N] [--w4-only] [--gemm-only]\n",
+                   argv[0]);
       return 2;
     }
   }
   ThreadPool pool(threads);
   std::printf("spear_bench_cpu: isa=%s threads=%d\n", std::string(IsaName(ActiveIsa())).c_str(),
               pool.size());
+  if (gemm_only) {
+    GemmRows(&pool, iters);
+    return 0;
+  }
   const double bw1 = MemcpyGbps(nullptr, iters);
   const double bwn = MemcpyGbps(&pool, iters);
   std::printf("memcpy 256 MiB (read+write): 1 thread %.1f GB/s, %d threads %.1f GB/s\n\n", bw1,
@@ -255,6 +403,7 @@ int Main(int argc, char** argv) {
     }
   }
   W4Rows(&pool, iters, bwn);
+  GemmRows(&pool, iters);
   return 0;
 }
 

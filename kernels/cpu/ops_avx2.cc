@@ -15,6 +15,8 @@ struct Avx2 {
   static constexpr int kW = 8;
   // 4 x rows * 3 w rows = 12 accumulators + 3 weights + 1 x = 16 ymm.
   static constexpr int kMr = 4, kNr = 3, kGemvNr = 4;
+  // GEMM: 6 x rows * 16 outputs = 12 accumulators + 2 weights + 1 broadcast.
+  static constexpr int kGemmMr = 6, kGemmNv = 2;
   using F = __m256;
 
   static __m256i LaneMask(int n) {
@@ -63,6 +65,25 @@ struct Avx2 {
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+  }
+  // 8 x 8 transpose in registers: r[i][j] <- r[j][i].
+  static void Transpose(F* r) {
+    const F t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const F t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const F t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const F t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const F s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const F s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const F s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const F s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
   }
   // Cephes-style expf: 2^n * p(r), |rel err| < 2e-7 on [-87.3, 88]; inputs
   // are clamped to that range (so exp of very negative x is ~1e-38, not 0).

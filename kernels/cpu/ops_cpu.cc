@@ -2,6 +2,7 @@
 // The SIMD bodies live in ops_simd.inc (instantiated per ISA); this file is
 // compiled with baseline flags and only reaches AVX code through the kernel
 // table chosen by ActiveIsa().
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -51,6 +52,50 @@ float* ScoresScratch(int64_t len) {
   return buf.data();
 }
 
+// Per-thread packing buffer of the GEMM path, grown on demand.
+float* LinearScratch(int64_t floats) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < floats) buf.resize(floats);
+  return buf.data();
+}
+
+// Linear with m >= kGemmMinM: tasks of (column block, row block) pulled
+// from a shared counter by every thread, so a thread that the OS
+// descheduled (the machine is shared) does not hold up the others. Column
+// blocks are gemm_nr-aligned; each task packs its own W columns, so row
+// blocks (which repack the same W) are only added when there are too few
+// column blocks to go around.
+void LinearGemm(const internal::IsaKernels& kern, const LinearParams& p, ThreadPool* pool,
+                int threads) {
+  const int64_t nr = kern.gemm_nr, mr = kern.gemm_mr;
+  int64_t cols = (64 + nr - 1) / nr * nr;
+  int64_t n_tasks = (p.n + cols - 1) / cols;
+  int64_t m_parts = 1;
+  const int64_t want = 4 * static_cast<int64_t>(threads);
+  while (n_tasks * m_parts < want && p.m / (m_parts + 1) >= 48) ++m_parts;
+  // Few tasks overall: coarser column blocks are as good and pack less often.
+  if (n_tasks * m_parts > 64 * threads) {
+    cols *= 4;
+    n_tasks = (p.n + cols - 1) / cols;
+  }
+  const int64_t tasks = n_tasks * m_parts;
+  if (threads == 1 || tasks == 1) {
+    kern.linear(p, 0, p.m, 0, p.n, LinearScratch(kern.linear_scratch(p.k)));
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  pool->ParallelFor(threads, 1, [&](int64_t, int64_t) {
+    float* scratch = LinearScratch(kern.linear_scratch(p.k));
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t mi = t / n_tasks, ni = t % n_tasks;
+      const int64_t m0 = Split(p.m, m_parts, mi, mr), m1 = Split(p.m, m_parts, mi + 1, mr);
+      const int64_t n0 = ni * cols, n1 = n0 + cols < p.n ? n0 + cols : p.n;
+      if (m0 < m1) kern.linear(p, m0, m1, n0, n1, scratch);
+    }
+  });
+}
+
 }  // namespace
 
 absl::Status Linear(const LinearParams& p, ThreadPool* pool) {
@@ -68,9 +113,13 @@ absl::Status Linear(const LinearParams& p, ThreadPool* pool) {
   }
   const internal::IsaKernels& kern = Kernels();
   const int threads = Threads(pool);
+  if (p.m >= internal::kGemmMinM) {
+    LinearGemm(kern, p, pool, p.m * p.n * p.k < (int64_t{1} << 18) ? 1 : threads);
+    return absl::OkStatus();
+  }
   // Small problems are not worth waking the pool (~10 us).
   if (threads == 1 || p.m * p.n * p.k < (int64_t{1} << 16)) {
-    kern.linear(p, 0, p.m, 0, p.n);
+    kern.linear(p, 0, p.m, 0, p.n, nullptr);
     return absl::OkStatus();
   }
   // Output rows in chunks of >= 64 (aligned to 16) so each thread streams a
@@ -92,7 +141,7 @@ absl::Status Linear(const LinearParams& p, ThreadPool* pool) {
       const int64_t m0 = Split(p.m, m_parts, mi, 4), m1 = Split(p.m, m_parts, mi + 1, 4);
       const int64_t n0 = Split(p.n, n_parts, ni, kRowAlign);
       const int64_t n1 = Split(p.n, n_parts, ni + 1, kRowAlign);
-      if (m0 < m1 && n0 < n1) kern.linear(p, m0, m1, n0, n1);
+      if (m0 < m1 && n0 < n1) kern.linear(p, m0, m1, n0, n1, nullptr);
     }
   });
   return absl::OkStatus();

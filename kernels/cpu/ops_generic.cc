@@ -13,6 +13,7 @@ namespace {
 struct Scalar {
   static constexpr int kW = 1;
   static constexpr int kMr = 4, kNr = 4, kGemvNr = 4;
+  static constexpr int kGemmMr = 4, kGemmNv = 2;
   using F = float;
   static F Zero() { return 0.f; }
   static F Set1(float v) { return v; }
@@ -35,6 +36,7 @@ struct Scalar {
   static float ReduceAdd(F v) { return v; }
   static float ReduceMax(F v) { return v; }
   static F Exp(F x) { return std::exp(x); }
+  static void Transpose(F*) {}
 };
 
 #include "cpu/ops_simd.inc"

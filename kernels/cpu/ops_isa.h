@@ -14,9 +14,15 @@
 
 namespace spear::kernels::cpu::internal {
 
+// Linear takes the packed GEMM path for ranges of at least this many rows
+// (and a scratch buffer); fewer rows use the GEMV-style dot-product tiles.
+inline constexpr int64_t kGemmMinM = 16;
+
 struct IsaKernels {
-  // y[m0:m1, n0:n1] of Linear (all of k).
-  void (*linear)(const LinearParams& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // y[m0:m1, n0:n1] of Linear (all of k). `scratch`: linear_scratch(k) floats
+  // owned by the calling thread, or nullptr (no GEMM path then).
+  void (*linear)(const LinearParams& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                 float* scratch);
   // Rows [r0, r1) of RmsNorm.
   void (*rms_norm)(const RmsNormParams& p, int64_t r0, int64_t r1);
   // Rows [r0, r1) of Rope.
@@ -30,6 +36,11 @@ struct IsaKernels {
   // `normalize` (then acc is the final output row).
   void (*attention)(const AttentionParams& p, int64_t i, int h, int64_t pos0, int64_t pos1,
                     float* scores, float* acc, float* stats, bool normalize);
+  // Per-thread scratch (floats) linear wants for its GEMM path, given k.
+  int64_t (*linear_scratch)(int64_t k);
+  // GEMM tile: rows of x and outputs (columns of y). Splitting work at
+  // multiples of these avoids edge tiles inside a range.
+  int gemm_mr, gemm_nr;
 };
 
 extern const IsaKernels kScalarKernels;  // ops_generic.cc, baseline x86-64

@@ -87,6 +87,27 @@ TEST_P(LinearTest, ThreadedShapes) {
   }
 }
 
+// The packed-GEMM path (m >= 16): row counts around the 6-row tile and the
+// 144-row block, output counts around the 16/32-wide micro-panels and the
+// packed panel width, k around the 256-step k blocks (and several blocks);
+// bias / accumulate cycle through their four combinations.
+TEST_P(LinearTest, GemmEdges) {
+  int flags = 0;
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (int64_t m : {16, 19, 23, 150}) {
+      for (int64_t n : {1, 17, 25, 49, 130}) {
+        for (int64_t k : {7, 255, 257, 577}) {
+          RunCase(dt, m, k, n, flags & 1, flags & 2);
+          if (HasFatalFailure()) return;
+          ++flags;
+        }
+      }
+    }
+    RunCase(dt, 48, 1600, 70, true, true);  // many k blocks, narrow panels
+    RunCase(dt, 100, 64, 600, false, false);  // many column tasks
+  }
+}
+
 TEST_P(LinearTest, EmptyK) {
   RunCase(DType::kF32, 3, 0, 5, true, false);
   RunCase(DType::kF16, 3, 0, 5, true, true);
