@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -25,6 +26,7 @@ namespace {
 
 struct Row {
   std::string label, model;
+  std::string path;  // resolved
   double ppl = 0;
   int64_t tokens = 0;
   int64_t w4_model_bytes = 0, ec_bytes = 0;
@@ -112,6 +114,7 @@ int EvalModelsTable(const Flags& f) {
     Row row;
     row.label = labels[i];
     row.model = models[i];
+    row.path = session->model->source_path;
     const model::ServedBytes sb = model::ComputeServedBytes(m);
     row.w4_model_bytes = sb.w4_model_bytes;
     row.ec_bytes = sb.ec_bytes;
@@ -149,6 +152,25 @@ int EvalModelsTable(const Flags& f) {
     if (!r.quantized || r.w4_model_bytes == 0) return std::nullopt;
     return 100.0 * r.ec_bytes / r.w4_model_bytes;
   };
+  if (f.Bool("record")) {
+    // measured["<text file>@ctx<N>"] in every .spear of the table.
+    const std::string key = absl::StrCat(
+        std::filesystem::path(f.Str("text")).filename().string(), "@ctx", *ctx);
+    for (const Row& r : rows) {
+      if (!model::IsSpearDir(r.path)) continue;
+      const auto g = gap(r);
+      nlohmann::ordered_json v = {{"ppl", r.ppl}, {"tokens", r.tokens},
+                                  {"gap_closed_pct", g ? nlohmann::ordered_json(*g) : nullptr},
+                                  {"reference_fp16", rows[ref_fp16].model},
+                                  {"reference_fp16_ppl", p16},
+                                  {"reference_w4", rows[ref_w4].model},
+                                  {"reference_w4_ppl", pw4}};
+      if (auto s = model::RecordSpearMeasurement(r.path, key, v.dump()); !s.ok()) {
+        return Fail("eval", s);
+      }
+      if (!json) std::fprintf(stderr, "recorded %s in %s/spear.json\n", key.c_str(), r.path.c_str());
+    }
+  }
   if (json) {
     nlohmann::ordered_json arr = nlohmann::ordered_json::array();
     for (const Row& r : rows) {

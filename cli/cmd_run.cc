@@ -106,6 +106,7 @@ int CmdEval(const std::vector<std::string>& args) {
       .Declare("labels", "", "labels of --models, e.g. FP16,W4,W4+SPEAR (default: the model names)")
       .Declare("reference-fp16", "", "label or model of --models that is the FP16 reference (default: first)")
       .Declare("reference-w4", "", "label or model of --models that is the plain W4 reference (default: second)")
+      .DeclareBool("record", "with --models: store each .spear model's result in its spear.json (\"measured\")")
       .Declare("text", "", "UTF-8 text file to score")
       .Declare("ctx", "512", "window length in tokens")
       .Declare("max-tokens", "0", "score only the first N tokens of the text (0 = all)")
@@ -120,7 +121,7 @@ int CmdEval(const std::vector<std::string>& args) {
     }
     return EvalModelsTable(f);
   }
-  for (const char* only_table : {"labels", "reference-fp16", "reference-w4"}) {
+  for (const char* only_table : {"labels", "reference-fp16", "reference-w4", "record"}) {
     if (f.Has(only_table)) {
       return Fail("eval", absl::InvalidArgumentError(absl::StrCat("--", only_table, " needs --models")), true);
     }

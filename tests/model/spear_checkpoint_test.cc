@@ -255,6 +255,19 @@ TEST_P(SpearCheckpointTest, RefusesNonEmptyDirUnlessOverwrite) {
   EXPECT_TRUE(LoadModel(dir_).ok()) << "a failed save must leave the old checkpoint intact";
 }
 
+TEST_P(SpearCheckpointTest, RecordMeasurementKeepsTheCheckpointValid) {
+  ASSERT_TRUE(RecordSpearMeasurement(dir_, "wiki.test.raw@ctx512", R"({"ppl": 12.5})").ok());
+  ASSERT_TRUE(RecordSpearMeasurement(dir_, "other", "3").ok());
+  auto man = ReadSpearManifest(dir_);
+  ASSERT_TRUE(man.ok()) << man.status();
+  const auto measured = nlohmann::json::parse(man->measured_json);
+  EXPECT_EQ(measured["wiki.test.raw@ctx512"]["ppl"], 12.5);
+  EXPECT_EQ(measured["other"], 3);
+  EXPECT_TRUE(LoadModel(dir_).ok());
+  EXPECT_EQ(RecordSpearMeasurement(dir_, "k", "{oops").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(RecordSpearMeasurement("/no/such", "k", "1").code(), absl::StatusCode::kNotFound);
+}
+
 TEST_P(SpearCheckpointTest, DenseModelIsNotSaved) {
   auto dense = LoadModel(nlohmann::json::parse(ReadSpearManifest(dir_)->provenance_json)["source"]);
   ASSERT_TRUE(dense.ok());

@@ -103,6 +103,13 @@ bool IsSpearDir(const std::string& path);
 // format_version.
 absl::StatusOr<SpearManifest> ReadSpearManifest(const std::string& dir);
 
+// Sets measured[key] = value (JSON text, e.g. {"ppl": 12.4, "ctx": 512}) in
+// DIR/spear.json, keeping everything else; the manifest is rewritten through
+// a temporary file and a rename. NotFound without spear.json,
+// InvalidArgument if `value` is not JSON.
+absl::Status RecordSpearMeasurement(const std::string& dir, const std::string& key,
+                                    const std::string& value_json);
+
 // Loads a .spear directory: the manifest as above, then every tensor checked
 // strictly (present, dtype, shape against the manifest, EC ranks, finite
 // scales/EC values, zero points <= 15, no unknown tensors). LoadModel calls

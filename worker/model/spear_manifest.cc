@@ -291,4 +291,33 @@ absl::StatusOr<SpearManifest> ReadSpearManifest(const std::string& dir) {
   return m;
 }
 
+absl::Status RecordSpearMeasurement(const std::string& dir, const std::string& key,
+                                    const std::string& value_json) {
+  namespace fs = std::filesystem;
+  const fs::path path = fs::path(dir) / kSpearManifestFile;
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("no ", kSpearManifestFile, " in ", dir));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json j = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a JSON object"));
+  }
+  json value = json::parse(value_json, nullptr, /*allow_exceptions=*/false);
+  if (value.is_discarded()) return absl::InvalidArgumentError("measurement is not valid JSON");
+  if (!j.contains("measured") || !j["measured"].is_object()) j["measured"] = json::object();
+  j["measured"][key] = std::move(value);
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << j.dump(2);
+    out.close();
+    if (!out) return absl::InternalError(absl::StrCat("cannot write ", tmp.string()));
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) return absl::InternalError(absl::StrCat("rename to ", path.string(), ": ", ec.message()));
+  return absl::OkStatus();
+}
+
 }  // namespace spear::model
