@@ -26,6 +26,7 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "worker/model/spear_checkpoint.h"
 #include "worker/model/w4_linear.h"
 #include "worker/quantize/cka.h"
 #include "worker/quantize/pipeline/calibration.h"
@@ -363,23 +364,11 @@ absl::StatusOr<QuantizeReport> QuantizeModel(model::LoadedModel* model,
 }
 
 int64_t ServedModelBytes(const model::LoadedModel& model, int64_t* ec_bytes) {
-  const model::ModelConfig& c = model.config;
-  int64_t total = c.vocab_size * c.hidden_size * 2 + (2 * c.num_layers + 1) * c.hidden_size * 2 +
-                  (c.tie_word_embeddings ? 0 : c.vocab_size * c.hidden_size * 2);
-  int64_t ec = 0;
-  // ForEachLinear is non-const only because the callback may replace layers.
-  const_cast<model::LlamaWeights&>(model.weights)
-      .ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& l) {
-        if (const auto* w4 = dynamic_cast<const model::W4Linear*>(l.get())) {
-          total += w4->weight_bytes();
-          ec += w4->ec_bytes();
-        } else {
-          total += l->out_features() * l->in_features() * 2 +
-                   (DenseBias(*l).empty() ? 0 : 4 * l->out_features());
-        }
-      });
-  if (ec_bytes != nullptr) *ec_bytes = ec;
-  return total;
+  // One definition of "served bytes" for the checkpoint, the eval table and
+  // the pipeline's budget: the checkpoint's.
+  const model::ServedBytes sb = model::ComputeServedBytes(model);
+  if (ec_bytes != nullptr) *ec_bytes = sb.ec_bytes;
+  return sb.w4_model_bytes + sb.ec_bytes;
 }
 
 }  // namespace spear::quantize
