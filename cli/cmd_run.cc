@@ -85,6 +85,7 @@ int CmdGenerate(const std::vector<std::string>& args) {
   });
   if (dec) std::fputs(dec->Flush().c_str(), stdout);
   std::printf("\n");
+  std::fflush(stdout);  // the statistics go to stderr after the text
   if (!result.ok()) return Fail("generate", result.status());
   const double t1 = NowSeconds();
   if (!f.Bool("quiet")) {
