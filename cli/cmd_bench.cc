@@ -68,7 +68,9 @@ int CmdBench(const std::vector<std::string>& args) {
   for (const absl::Status& s : {prompt_tokens.status(), gen_tokens.status(), batch.status(), threads.status()}) {
     if (!s.ok()) return Fail("bench", s, true);
   }
-  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), 512);
+  const int64_t kv_tokens =
+      std::max(*prompt_tokens + *gen_tokens + 1, *batch * (16 + *gen_tokens + 1));
+  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), kv_tokens);
   if (!session.ok()) return Fail("bench", session.status());
   engine::Engine& eng = *session->engine;
   const model::LoadedModel& m = *session->model;

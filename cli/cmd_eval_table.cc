@@ -6,9 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <optional>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -78,11 +76,9 @@ int EvalModelsTable(const Flags& f) {
     if (!s.ok()) return Fail("eval", s, true);
   }
   if (f.Str("text").empty()) return Fail("eval", absl::InvalidArgumentError("--text is required"), true);
-  std::ifstream in(f.Str("text"), std::ios::binary);
-  if (!in) return Fail("eval", absl::NotFoundError(absl::StrCat("cannot read ", f.Str("text"))));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string text = ss.str();
+  auto text_or = ReadTextFile(f.Str("text"));
+  if (!text_or.ok()) return Fail("eval", text_or.status());
+  const std::string text = std::move(*text_or);
   const bool json = f.Bool("json");
   const bool tty = isatty(fileno(stderr));
 
@@ -92,8 +88,7 @@ int EvalModelsTable(const Flags& f) {
   std::vector<int32_t> tokens;
   int64_t vocab = -1;
   for (size_t i = 0; i < models.size(); ++i) {
-    const int64_t kv_mib = 64 + (*ctx * 4096 * 4 >> 20);
-    auto session = OpenModel(models[i], static_cast<int>(*threads), kv_mib);
+    auto session = OpenModel(models[i], static_cast<int>(*threads), *ctx);
     if (!session.ok()) {
       return Fail("eval", absl::Status(session.status().code(),
                                        absl::StrCat(models[i], ": ", session.status().message())));

@@ -3,8 +3,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "cli/commands.h"
@@ -52,7 +50,8 @@ int CmdGenerate(const std::vector<std::string>& args) {
                                 seed.status(), rep.status(), threads.status()}) {
     if (!s.ok()) return Fail("generate", s, true);
   }
-  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), 256);
+  // Room for the prompt (up to 4096 tokens) and the generated tokens.
+  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), 4096 + *max_tokens);
   if (!session.ok()) return Fail("generate", session.status());
   const model::LoadedModel& m = *session->model;
   auto prompt = PromptTokens(m, f.Str("prompt"), f.Str("prompt-ids"), f.Bool("chat"), f.Str("system"));
@@ -135,14 +134,11 @@ int CmdEval(const std::vector<std::string>& args) {
   }
   if (f.Str("model").empty()) return Fail("eval", absl::InvalidArgumentError("--model is required"), true);
   if (f.Str("text").empty()) return Fail("eval", absl::InvalidArgumentError("--text is required"), true);
-  std::ifstream in(f.Str("text"), std::ios::binary);
-  if (!in) return Fail("eval", absl::NotFoundError(absl::StrCat("cannot read ", f.Str("text"))));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string text = ss.str();
+  auto text_or = ReadTextFile(f.Str("text"));
+  if (!text_or.ok()) return Fail("eval", text_or.status());
+  const std::string text = std::move(*text_or);
 
-  const int64_t kv_mib = 64 + (*ctx * 4096 * 4 >> 20);
-  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), kv_mib);
+  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), *ctx);
   if (!session.ok()) return Fail("eval", session.status());
   const model::LoadedModel& m = *session->model;
   if (m.tokenizer == nullptr) {

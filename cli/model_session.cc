@@ -1,6 +1,9 @@
 #include "cli/model_session.h"
 
+#include <algorithm>
 #include <chrono>
+#include <fstream>
+#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
@@ -17,7 +20,7 @@ double NowSeconds() {
 }
 
 absl::StatusOr<ModelSession> OpenModel(const std::string& name_or_path, int threads,
-                                       int64_t kv_mib) {
+                                       int64_t kv_tokens) {
   if (name_or_path.empty()) return absl::InvalidArgumentError("--model is required");
   auto path = model::ResolveModel(name_or_path);
   if (!path.ok()) return path.status();
@@ -29,11 +32,23 @@ absl::StatusOr<ModelSession> OpenModel(const std::string& name_or_path, int thre
   s.load_seconds = NowSeconds() - t0;
   engine::EngineOptions opts;
   opts.num_threads = threads;
-  opts.kv_cache.bytes = kv_mib << 20;
+  // float32 K and V for every layer, plus one block of slack per 16 blocks.
+  const model::ModelConfig& c = s.model->config;
+  const int64_t per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
+  const int64_t tokens = kv_tokens + kv_tokens / 16 + opts.kv_cache.block_size;
+  opts.kv_cache.bytes = std::max<int64_t>(int64_t{64} << 20, per_token * tokens);
   auto eng = engine::Engine::Create(s.model.get(), opts);
   if (!eng.ok()) return eng.status();
   s.engine = std::move(*eng);
   return s;
+}
+
+absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
 }
 
 absl::StatusOr<std::vector<int32_t>> PromptTokens(const model::LoadedModel& m,

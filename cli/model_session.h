@@ -19,9 +19,13 @@ struct ModelSession {
 };
 
 // Resolves `name_or_path` (path or cache name), loads it and creates an
-// engine with `threads` threads (<= 0: all) and a KV cache of kv_mib MiB.
+// engine with `threads` threads (<= 0: all) and a KV cache sized from the
+// model's own config to hold `kv_tokens` positions (at least 64 MiB).
 absl::StatusOr<ModelSession> OpenModel(const std::string& name_or_path, int threads,
-                                       int64_t kv_mib);
+                                       int64_t kv_tokens);
+
+// The whole file as bytes; NotFound naming the path if it cannot be read.
+absl::StatusOr<std::string> ReadTextFile(const std::string& path);
 
 // Token ids of a prompt: `ids` ("1 2 3", for models without tokenizer), or
 // `text`, formatted with the chat template when `chat` (with an optional
