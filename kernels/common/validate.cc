@@ -8,15 +8,9 @@
 namespace spear::kernels::internal {
 namespace {
 
-// Every size and stride is bounded so that products such as m * ldx cannot
-// overflow int64 in any backend's index arithmetic.
-constexpr int64_t kMaxDim = int64_t{1} << 31;
-
 absl::Status Bad(const char* op, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat(op, ": ", what));
 }
-
-bool InRange(int64_t v, int64_t lo) { return v >= lo && v < kMaxDim; }
 
 }  // namespace
 

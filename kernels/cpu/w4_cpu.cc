@@ -102,11 +102,17 @@ LinearParams DenseParams(const float* x, int64_t m, int64_t k, int64_t ldx, cons
   return l;
 }
 
-// v[m, r] = g ⊙ u with u = A x (raw x) and the gate of w4_ops.h; writes the
-// gate to gate_out when asked. `u` and `hid` are scratch of m*r and m*h.
-absl::Status EcLowRank(const W4LinearParams& p, float* u, float* hid, float* v, ThreadPool* pool) {
+// *v_out = v[m, r] = g ⊙ u with u = A x (raw x) and the gate of w4_ops.h, in
+// this thread's scratch (valid until its next call); writes the gate to
+// gate_out when asked.
+absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** v_out) {
+  thread_local std::vector<float> ec_buf;
   const EcWeights& e = *p.ec;
-  const int64_t m = p.m, r = e.rank, h = e.gate_hidden;
+  const int64_t m = p.m, r = e.rank, h = e.gated ? e.gate_hidden : 0;
+  float* u = Scratch(ec_buf, m * (2 * r + h));
+  float* v = u + m * r;
+  float* hid = v + m * r;
+  *v_out = v;
   const int threads = pool == nullptr ? 1 : pool->size();
   if (m <= internal::kW4MaxGemvTokens && threads > 1 && r > 1 && r * e.k >= (int64_t{1} << 16)) {
     // Decode: A is r x k floats read once from memory (512 KiB at r=32,
@@ -174,7 +180,7 @@ internal::W4KernelArgs WeightArgs(const W4Weight& w) {
 }
 
 absl::Status Decode(const W4LinearParams& p, const internal::W4IsaKernels& kern, ThreadPool* pool) {
-  thread_local std::vector<float> xp_buf, ec_buf;
+  thread_local std::vector<float> xp_buf;
   const W4Weight& w = *p.w;
   const int64_t n = w.fmt.n, k = w.fmt.k;
   const int64_t ng = w.fmt.num_groups();
@@ -191,13 +197,11 @@ absl::Status Decode(const W4LinearParams& p, const internal::W4IsaKernels& kern,
   a.ldy = p.ldy;
   a.accumulate = p.accumulate;
   if (p.ec != nullptr) {
-    const int64_t r = p.ec->rank, h = p.ec->gated ? p.ec->gate_hidden : 0;
-    float* u = Scratch(ec_buf, p.m * (2 * r + h));
-    float* v = u + p.m * r;
-    if (absl::Status s = EcLowRank(p, u, v + p.m * r, v, pool); !s.ok()) return s;
+    const float* v = nullptr;
+    if (absl::Status s = EcLowRank(p, pool, &v); !s.ok()) return s;
     a.ec_b = p.ec->b.data();
     a.ec_v = v;
-    a.rank = r;
+    a.rank = p.ec->rank;
   }
   // Rows in chunks of >= 64 (multiples of 16) so each thread streams a
   // contiguous slab of codes. Below 32 KiB of codes one thread does it
@@ -222,7 +226,7 @@ absl::Status Decode(const W4LinearParams& p, const internal::W4IsaKernels& kern,
 
 absl::Status Prefill(const W4LinearParams& p, const internal::W4IsaKernels& kern,
                      ThreadPool* pool) {
-  thread_local std::vector<float> xp_buf, ec_buf;
+  thread_local std::vector<float> xp_buf;
   const W4Weight& w = *p.w;
   const int64_t n = w.fmt.n, k = w.fmt.k;
   float* xp = Scratch(xp_buf, p.m * k);
@@ -257,10 +261,9 @@ absl::Status Prefill(const W4LinearParams& p, const internal::W4IsaKernels& kern
     if (!s.ok()) return s;
   }
   if (p.ec != nullptr) {
-    const int64_t r = p.ec->rank, h = p.ec->gated ? p.ec->gate_hidden : 0;
-    float* u = Scratch(ec_buf, p.m * (2 * r + h));
-    float* v = u + p.m * r;
-    if (absl::Status s = EcLowRank(p, u, v + p.m * r, v, pool); !s.ok()) return s;
+    const float* v = nullptr;
+    if (absl::Status s = EcLowRank(p, pool, &v); !s.ok()) return s;
+    const int64_t r = p.ec->rank;
     return Linear(DenseParams(v, p.m, r, r, p.ec->b.data(), n, nullptr, p.y, p.ldy, true), pool);
   }
   return absl::OkStatus();

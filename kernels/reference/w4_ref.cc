@@ -8,20 +8,18 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/validate.h"
 #include "kernels/w4_ops.h"
 
 namespace spear::kernels {
 namespace {
 
-// Same bound as the dense ops (common/validate.cc): products of sizes and
-// strides stay far from int64 overflow.
-constexpr int64_t kMaxDim = int64_t{1} << 31;
+// Same size bound as the dense ops.
+using internal::InRange;
 
 absl::Status Bad(const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("W4Linear: ", what));
 }
-
-bool InRange(int64_t v, int64_t lo) { return v >= lo && v < kMaxDim; }
 
 size_t Sz(int64_t a, int64_t b) { return static_cast<size_t>(a) * static_cast<size_t>(b); }
 
