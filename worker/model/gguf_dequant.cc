@@ -7,38 +7,14 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/dtype.h"
 #include "worker/model/gguf.h"
 
 namespace spear::model {
 namespace {
 
-float Fp16ToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  const uint32_t exp = (h >> 10) & 0x1F;
-  uint32_t mant = h & 0x3FF;
-  uint32_t bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (mant << 13);  // inf / nan
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  } else if (mant == 0) {
-    bits = sign;  // +-0
-  } else {
-    // Subnormal: normalize the mantissa.
-    int e = -1;
-    do {
-      ++e;
-      mant <<= 1;
-    } while ((mant & 0x400) == 0);
-    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((mant & 0x3FF) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 uint16_t Load16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
-float LoadFp16(const uint8_t* p) { return Fp16ToFloat(Load16(p)); }
+float LoadFp16(const uint8_t* p) { return kernels::HalfToFloat(Load16(p)); }
 
 void DequantQ4_0(const uint8_t* b, float* y) {
   const float d = LoadFp16(b);
@@ -242,10 +218,7 @@ absl::Status Dequantize(const TensorInfo& t, float* out) {
       for (uint64_t i = 0; i < numel; ++i) out[i] = LoadFp16(p + 2 * i);
       return absl::OkStatus();
     case TensorType::kBF16:
-      for (uint64_t i = 0; i < numel; ++i) {
-        const uint32_t bits = static_cast<uint32_t>(Load16(p + 2 * i)) << 16;
-        std::memcpy(&out[i], &bits, 4);
-      }
+      for (uint64_t i = 0; i < numel; ++i) out[i] = kernels::BF16ToFloat(Load16(p + 2 * i));
       return absl::OkStatus();
     case TensorType::kF64:
       for (uint64_t i = 0; i < numel; ++i) {
