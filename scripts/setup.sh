@@ -15,7 +15,7 @@ DEBIAN_PKGS=(
   prometheus
   python3 python3-pip
 )
-PY_PKGS=(numpy gguf grpcio grpcio-tools)
+PY_PKGS=(numpy gguf grpcio grpcio-tools kubernetes-validate matplotlib)
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then
