@@ -53,14 +53,16 @@ void PermuteActivations(const W4LinearParams& p, int block, float* xp, float* xs
                         ThreadPool* pool) {
   const W4Weight& w = *p.w;
   const int64_t k = w.fmt.k, gs = w.fmt.group_size, ng = w.fmt.num_groups();
-  const int64_t nb = (gs & 1) ? 0 : gs / block, half = block / 2;
+  const int64_t half = block / 2;
   const float* as = w.act_scale.empty() ? nullptr : w.act_scale.data();
   auto rows = [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const float* x = p.x + t * p.ldx;
       float* o = xp + t * k;
       for (int64_t g = 0; g < ng; ++g) {
-        const int64_t c0 = g * gs;
+        // A ragged last group has fewer blocks (see w4_isa.h).
+        const int64_t c0 = g * gs, len = w.fmt.group_len(g);
+        const int64_t nb = (gs & 1) ? 0 : len / block;
         for (int64_t b = 0; b < nb; ++b) {
           const int64_t c = c0 + b * block;
           for (int64_t l = 0; l < half; ++l) {
@@ -69,10 +71,10 @@ void PermuteActivations(const W4LinearParams& p, int block, float* xp, float* xs
             o[c + half + l] = as ? xo / as[c + 2 * l + 1] : xo;
           }
         }
-        for (int64_t c = c0 + nb * block; c < c0 + gs; ++c) o[c] = as ? x[c] / as[c] : x[c];
+        for (int64_t c = c0 + nb * block; c < c0 + len; ++c) o[c] = as ? x[c] / as[c] : x[c];
         if (xsum != nullptr) {
           float sum = 0.f;
-          for (int64_t c = c0; c < c0 + gs; ++c) sum += o[c];
+          for (int64_t c = c0; c < c0 + len; ++c) sum += o[c];
           xsum[t * ng + g] = sum;
         }
       }

@@ -10,7 +10,8 @@
 // of interleaving them back, so the activations are permuted instead, once
 // per token: inside each group, k is cut into blocks of `block` = 2 * lanes
 // consecutive inputs; a block's lanes even inputs come first, then its
-// lanes odd inputs. The group's last gs % block inputs (its tail) and every
+// lanes odd inputs. The group's last len % block inputs (its tail; len is
+// shorter for a ragged last group) and every
 // group of odd size stay in natural order. The prefill path dequantizes W
 // into the same order, so x and W agree and the dot products are unchanged.
 #pragma once

@@ -175,6 +175,18 @@ TEST_P(W4Test, OddGroupsAndOddK) {
   RunCase(2, {100, 50}, 20, false, true, false, false, 0, false);  // block tail in a group
 }
 
+// Ragged last group (group_size does not divide k): SmolLM2's k = 576 with
+// groups of 128 (last group 64), a last group shorter than one SIMD block,
+// and an odd k with an odd last group.
+TEST_P(W4Test, RaggedLastGroup) {
+  RunCase(1, {576, 128}, 40, false, true, true, false, 8, true);
+  RunCase(4, {576, 128}, 33, true, false, false, true, 0, false);
+  RunCase(9, {576, 128}, 21, false, false, true, true, 4, true);  // tiled prefill path
+  RunCase(1, {100, 32}, 19, false, true, false, false, 3, false);  // last group of 4
+  RunCase(2, {77, 20}, 13, true, true, true, false, 2, true);      // odd k, last group of 17
+  RunCase(17, {90, 64}, 30, false, true, false, true, 0, false);   // last group of 26
+}
+
 // Decode with r * k >= 64K: the EC's A x is split over the pool's threads.
 TEST_P(W4Test, LargeEcSplitAcrossPool) {
   RunCase(1, {2304, 128}, 70, false, true, true, false, 32, true);
@@ -190,7 +202,7 @@ INSTANTIATE_TEST_SUITE_P(Variants, W4Test, ::testing::ValuesIn(AllVariants()), V
 // formula. ref::W4Linear must agree (to float32 output rounding).
 TEST(W4RefTest, EqualsDenseReferencePlusExplicitEc) {
   std::mt19937_64 rng(BaseSeed());
-  for (const KCase& kc : {KCase{64, 64}, KCase{96, 32}, KCase{256, 128}}) {
+  for (const KCase& kc : {KCase{64, 64}, KCase{96, 32}, KCase{256, 128}, KCase{200, 64}}) {
     for (bool gated : {false, true}) {
       const int64_t n = 37, m = 3, k = kc.k, r = 8;
       const W4Weight w = MakeW4(n, k, kc.group, false, true, rng);
@@ -205,7 +217,7 @@ TEST(W4RefTest, EqualsDenseReferencePlusExplicitEc) {
         for (int64_t c = 0; c < k; ++c) {
           const uint8_t byte = w.packed[j * ((k + 1) / 2) + c / 2];
           const int q = c % 2 == 0 ? byte & 15 : byte >> 4;
-          const int64_t g = j * (k / kc.group) + c / kc.group;
+          const int64_t g = j * ((k + kc.group - 1) / kc.group) + c / kc.group;
           dense[j * k + c] =
               HalfToFloat(w.scales[g]) * static_cast<float>(q - w.zeros[g]) / w.act_scale[c];
         }
@@ -302,10 +314,14 @@ TEST(W4ValidateTest, RejectsInconsistentParams) {
   expect_bad(p, "negative m");
 
   W4Weight bad = w;
-  bad.fmt.group_size = 48;  // does not divide 64
+  bad.fmt.group_size = 65;  // larger than k
   p = base();
   p.w = &bad;
-  expect_bad(p, "group does not divide k");
+  expect_bad(p, "group larger than k");
+  bad = w;
+  bad.fmt.group_size = 20;  // ragged: 4 groups per row, buffers hold 2
+  p.w = &bad;
+  expect_bad(p, "scales sized for another group size");
   bad = w;
   bad.packed.pop_back();
   p.w = &bad;

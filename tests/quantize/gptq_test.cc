@@ -41,7 +41,8 @@ TEST_F(GptqTest, AccumulatorMatchesDirect) {
 }
 
 TEST_F(GptqTest, BeatsRtnOnCorrelatedInputs) {
-  for (int64_t group : {kK, int64_t{32}, int64_t{128}}) {
+  // 96 is ragged on k = 256 (groups of 96, 96, 64).
+  for (int64_t group : {kK, int64_t{32}, int64_t{128}, int64_t{96}}) {
     for (bool sym : {false, true}) {
       const W4Format fmt{kN, kK, group, sym};
       auto rtn = QuantizeRtn(w_.view(), fmt);
@@ -68,7 +69,7 @@ TEST_F(GptqTest, BeatsRtnOnCorrelatedInputs) {
 }
 
 TEST_F(GptqTest, IdentityHessianEqualsRtn) {
-  for (int64_t group : {kK, int64_t{64}}) {
+  for (int64_t group : {kK, int64_t{64}, int64_t{96}}) {
     const W4Format fmt{kN, kK, group, false};
     auto rtn = QuantizeRtn(w_.view(), fmt);
     GptqOptions opt;
@@ -94,7 +95,8 @@ TEST_F(GptqTest, DeadColumnsAndErrors) {
   ASSERT_TRUE(eff.ok());
   for (float v : eff->data) EXPECT_TRUE(std::isfinite(v));
   EXPECT_FALSE(QuantizeGptq(w_.view(), Eigen::MatrixXd::Identity(3, 3), {kN, kK, 64, false}).ok());
-  EXPECT_FALSE(QuantizeGptq(w_.view(), h_, {kN, kK, 100, false}).ok());
+  EXPECT_FALSE(QuantizeGptq(w_.view(), h_, {kN, kK, 300, false}).ok());  // group > k
+  EXPECT_FALSE(QuantizeGptq(w_.view(), h_, {kN, kK, 0, false}).ok());
 }
 
 }  // namespace

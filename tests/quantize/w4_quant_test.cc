@@ -76,7 +76,10 @@ INSTANTIATE_TEST_SUITE_P(
                       FormatCase{384, 64, false}, FormatCase{384, 128, true},
                       FormatCase{384, 128, false}, FormatCase{33, 33, false},
                       FormatCase{33, 33, true}, FormatCase{160, 32, false},
-                      FormatCase{96, 96, true}, FormatCase{2, 1, false}));
+                      FormatCase{96, 96, true}, FormatCase{2, 1, false},
+                      // ragged last group: 576 = 4 x 128 + 64; 100 = 3 x 32 + 4; 77 = 3 x 20 + 17
+                      FormatCase{576, 128, false}, FormatCase{576, 128, true},
+                      FormatCase{100, 32, false}, FormatCase{77, 20, true}));
 
 TEST(Rtn, ClipRatioShrinksRangeAndClamps) {
   const W4Format fmt{1, 16, 16, false};
@@ -92,7 +95,9 @@ TEST(Rtn, ClipRatioShrinksRangeAndClamps) {
 
 TEST(Rtn, ValidationErrors) {
   const Matrix w = RandomNormal(4, 64, 1);
-  EXPECT_EQ(QuantizeRtn(w.view(), {4, 64, 48, false}).status().code(), absl::StatusCode::kInvalidArgument);
+  auto ragged = QuantizeRtn(w.view(), {4, 64, 48, false});  // groups of 48 and 16
+  ASSERT_TRUE(ragged.ok()) << ragged.status();
+  EXPECT_EQ(ragged->scales.size(), 4u * 2u);
   EXPECT_EQ(QuantizeRtn(w.view(), {4, 64, 0, false}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(QuantizeRtn(w.view(), {4, 64, 128, false}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(QuantizeRtn(w.view(), {5, 64, 64, false}).status().code(), absl::StatusCode::kInvalidArgument);

@@ -187,9 +187,9 @@ absl::StatusOr<SpearModuleInfo> ParseModule(const json& m, size_t index) {
     return absl::InvalidArgumentError(absl::StrCat("spear.json: ", info.name, ": ", bits,
                                                    "-bit weights are not supported (only 4)"));
   }
-  if (info.group_size <= 0 || info.group_size > info.k || info.k % info.group_size != 0) {
+  if (info.group_size <= 0 || info.group_size > info.k) {
     return absl::InvalidArgumentError(absl::StrCat("spear.json: ", info.name, ": group_size ",
-                                                   info.group_size, " does not divide k=", info.k));
+                                                   info.group_size, " not in [1, k=", info.k, "]"));
   }
   const json* ec = r.Field("ec", &st);
   if (ec == nullptr) return st;

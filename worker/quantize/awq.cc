@@ -112,15 +112,16 @@ absl::StatusOr<W4Weight> QuantizeAwq(MatrixView w, MatrixView x, const W4Format&
     for (int c = 0; c <= opt.clip_grid; ++c) {
       const float rho = 1.0f - 0.5f * static_cast<float>(c) / static_cast<float>(opt.clip_grid);
       for (int64_t g = 0; g < ng; ++g) {
-        RowMatrixXf d(n, gs);
+        const int64_t len = fmt.group_len(g);
+        RowMatrixXf d(n, len);
         for (int64_t i = 0; i < n; ++i) {
           const float* src = ws.data() + i * k + g * gs;
-          const GroupParams p = ComputeGroupParams(src, gs, fmt.symmetric, rho);
-          for (int64_t j = 0; j < gs; ++j) {
+          const GroupParams p = ComputeGroupParams(src, len, fmt.symmetric, rho);
+          for (int64_t j = 0; j < len; ++j) {
             d(i, j) = (QuantDequant(src[j], p) - src[j]) / best_s(g * gs + j);
           }
         }
-        const Eigen::VectorXd e = out_err.PerRow(d, g * gs, gs);
+        const Eigen::VectorXd e = out_err.PerRow(d, g * gs, len);
         for (int64_t i = 0; i < n; ++i) {
           const size_t idx = static_cast<size_t>(i * ng + g);
           if (e(i) < best_err[idx]) {

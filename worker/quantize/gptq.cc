@@ -117,15 +117,18 @@ absl::StatusOr<W4Weight> QuantizeGptq(MatrixView w, const Eigen::MatrixXd& hessi
   std::vector<char> have(static_cast<size_t>(ng), 0);
   std::vector<uint8_t> codes(static_cast<size_t>(n * k));
   Eigen::MatrixXf group_vals(n, gs);
+  // vals holds the group's columns (a ragged last group uses its first
+  // group_len(g) columns).
   auto set_group = [&](int64_t g, const Eigen::MatrixXf& vals) {
+    const int64_t len = fmt.group_len(g);
     for (int64_t r = 0; r < n; ++r) {
-      params[static_cast<size_t>(r * ng + g)] = ComputeGroupParams(vals.data() + r, gs, fmt.symmetric, 1.0f, n);
+      params[static_cast<size_t>(r * ng + g)] = ComputeGroupParams(vals.data() + r, len, fmt.symmetric, 1.0f, n);
     }
     have[static_cast<size_t>(g)] = 1;
   };
   if (opt.static_groups) {
     for (int64_t g = 0; g < ng; ++g) {
-      group_vals = w_orig.middleCols(g * gs, gs);
+      group_vals.leftCols(fmt.group_len(g)) = w_orig.middleCols(g * gs, fmt.group_len(g));
       set_group(g, group_vals);
     }
   }
@@ -139,7 +142,7 @@ absl::StatusOr<W4Weight> QuantizeGptq(MatrixView w, const Eigen::MatrixXd& hessi
       if (!have[static_cast<size_t>(g)]) {
         // Current values of the group's columns: in-block columns are up to
         // date; later columns still owe this block's pending updates.
-        for (int64_t jj = 0; jj < gs; ++jj) {
+        for (int64_t jj = 0; jj < fmt.group_len(g); ++jj) {
           const int64_t pc = pos[static_cast<size_t>(g * gs + jj)];
           group_vals.col(jj) = wp.col(pc);
           if (pc >= i2 && i > 0) group_vals.col(jj).noalias() -= err.leftCols(i) * uf.block(i1, pc, i, 1);

@@ -25,9 +25,9 @@ absl::Status ValidateFormat(const W4Format& fmt) {
   if (fmt.n <= 0 || fmt.k <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("W4 format: bad shape [", fmt.n, ", ", fmt.k, "]"));
   }
-  if (fmt.group_size <= 0 || fmt.group_size > fmt.k || fmt.k % fmt.group_size != 0) {
+  if (fmt.group_size <= 0 || fmt.group_size > fmt.k) {
     return absl::InvalidArgumentError(
-        absl::StrCat("W4 format: group_size ", fmt.group_size, " does not divide k = ", fmt.k));
+        absl::StrCat("W4 format: group_size ", fmt.group_size, " not in [1, k = ", fmt.k, "]"));
   }
   return absl::OkStatus();
 }
@@ -139,10 +139,11 @@ absl::StatusOr<W4Weight> QuantizeRtn(MatrixView w, const W4Format& fmt,
     for (int64_t g = 0; g < ng; ++g) {
       const float* src = w.row(i) + g * gs;
       const float clip = clip_ratios.empty() ? 1.0f : clip_ratios[static_cast<size_t>(i * ng + g)];
-      const GroupParams p = ComputeGroupParams(src, gs, fmt.symmetric, clip);
+      const int64_t len = fmt.group_len(g);
+      const GroupParams p = ComputeGroupParams(src, len, fmt.symmetric, clip);
       params[static_cast<size_t>(i * ng + g)] = p;
       uint8_t* c = codes.data() + i * fmt.k + g * gs;
-      for (int64_t j = 0; j < gs; ++j) c[j] = QuantizeCode(src[j], p);
+      for (int64_t j = 0; j < len; ++j) c[j] = QuantizeCode(src[j], p);
     }
   }
   return PackW4(fmt, codes, params);
@@ -155,7 +156,8 @@ absl::Status DequantizeW4(const W4Weight& w, float* out) {
     for (int64_t g = 0; g < ng; ++g) {
       const size_t gi = static_cast<size_t>(i * ng + g);
       const GroupParams p{HalfToFloat(w.scales[gi]), w.zeros[gi]};
-      for (int64_t j = g * gs; j < (g + 1) * gs; ++j) out[i * w.fmt.k + j] = DequantCode(w.Code(i, j), p);
+      const int64_t end = g * gs + w.fmt.group_len(g);
+      for (int64_t j = g * gs; j < end; ++j) out[i * w.fmt.k + j] = DequantCode(w.Code(i, j), p);
     }
   }
   return absl::OkStatus();

@@ -5,7 +5,9 @@
 //
 // A W4 linear weight W [n, k] (PyTorch layout: n outputs, k inputs) is split
 // along k into groups of `group_size` consecutive inputs (group_size == k:
-// per-channel, no groups). Element (i, j) has a 4-bit code q in [0, 15] and
+// per-channel, no groups). When group_size does not divide k the last group
+// is shorter (ragged): k = 576 with groups of 128 has 4 groups of 128 and
+// one of 64. Element (i, j) has a 4-bit code q in [0, 15] and
 //     W[i, j] ~= scale[i, j / group_size] * (q - zero[i, j / group_size])
 // Symmetric formats have zero == 8 everywhere (signed int4 q - 8 in [-8, 7]).
 // Optionally an activation scale s [k] (AWQ-style, when it cannot be folded
@@ -31,10 +33,15 @@ namespace spear::kernels {
 struct W4Format {
   int64_t n = 0;           // output features (rows)
   int64_t k = 0;           // input features (columns)
-  int64_t group_size = 0;  // divides k; == k for per-channel
+  int64_t group_size = 0;  // 1..k; == k for per-channel; the last group may be shorter
   bool symmetric = false;  // zero fixed at 8
 
-  int64_t num_groups() const { return group_size > 0 ? k / group_size : 0; }
+  int64_t num_groups() const { return group_size > 0 ? (k + group_size - 1) / group_size : 0; }
+  // Inputs in group g (group_size except for a ragged last group).
+  int64_t group_len(int64_t g) const {
+    const int64_t rest = k - g * group_size;
+    return rest < group_size ? rest : group_size;
+  }
   int64_t packed_row_bytes() const { return (k + 1) / 2; }
 };
 

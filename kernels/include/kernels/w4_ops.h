@@ -29,8 +29,8 @@
 // Preconditions (InvalidArgument otherwise; nothing is written then):
 //   x, w, y non-null (x may be null only when m == 0); m >= 0;
 //   k == w->fmt.k; ldx >= k, ldy >= n = w->fmt.n;
-//   w->fmt: n, k > 0, group_size > 0 divides k, packed/scales/zeros sized
-//   [n, (k+1)/2] / [n, k/group_size] / [n, k/group_size], act_scale empty
+//   w->fmt: n, k > 0, 0 < group_size <= k (last group ragged when it does not divide k), packed/scales/zeros sized
+//   [n, (k+1)/2] / [n, num_groups] / [n, num_groups], act_scale empty
 //   or [k]. The VALUES (zeros <= 15, act_scale > 0) are not scanned per call
 //   (O(n k / group) work); model::W4Linear::Create checks them once. Bad
 //   values give wrong numbers, never out-of-bounds access;
