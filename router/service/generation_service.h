@@ -1,0 +1,54 @@
+// The public spear.v1.Generation service (gRPC callback API): Generate
+// (unary reactor), GenerateStream (ServerWriteReactor), Tokenize,
+// ListModels. Bearer-token auth (when configured) is checked per call;
+// while the router drains, new calls get UNAVAILABLE.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "router/service/model_frontend.h"
+#include "router/service/request_call.h"
+#include "spear/v1/generation.grpc.pb.h"
+
+namespace spear::router {
+
+class GenerationService final : public spear::v1::Generation::CallbackService {
+ public:
+  // `auth_token` empty = no auth. `env` outlives the service.
+  GenerationService(const CallEnv* env, std::string auth_token);
+
+  void StartDraining() { draining_.store(true); }
+  int active_calls() const { return active_.load(); }
+  // A started call closed its sink (wired into CallEnv::on_call_done).
+  void CallDone() { active_.fetch_sub(1); }
+
+  grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* ctx,
+                                     const spear::v1::GenerateRequest* req,
+                                     spear::v1::GenerateResponse* resp) override;
+  grpc::ServerWriteReactor<spear::v1::GenerateStreamResponse>* GenerateStream(
+      grpc::CallbackServerContext* ctx, const spear::v1::GenerateRequest* req) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx,
+                                     const spear::v1::TokenizeRequest* req,
+                                     spear::v1::TokenizeResponse* resp) override;
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* ctx,
+                                       const spear::v1::ListModelsRequest* req,
+                                       spear::v1::ListModelsResponse* resp) override;
+
+ private:
+  // Auth and draining; OK when the call may proceed.
+  grpc::Status Gate(grpc::CallbackServerContext* ctx) const;
+  // Validates and resolves a generate request against the workers' facts.
+  absl::StatusOr<PreparedRequest> Prepare(const spear::v1::GenerateRequest& req) const;
+  void StartCall(grpc::CallbackServerContext* ctx, const spear::v1::GenerateRequest& req,
+                 const std::shared_ptr<ResponseSink>& sink,
+                 std::shared_ptr<RequestCall>* call_out);
+
+  const CallEnv* env_;
+  const std::string auth_token_;
+  std::atomic<bool> draining_{false};
+  std::atomic<int> active_{0};
+};
+
+}  // namespace spear::router
