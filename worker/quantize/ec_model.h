@@ -106,10 +106,12 @@ EMat<S> EcForward(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x, Ec
 }
 
 // The backward from dV = dLoss/dV [m, r] (everything except dB, which the
-// callers compute). Consumes dv.
+// callers compute). Consumes dv. If du_out is set it receives dLoss/dU
+// [m, r] (the input gradient of the EC is then dX = dU A).
 template <typename S>
 void EcBackwardFromDv(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x,
-                      const EcActivations<S>& c, EMat<S>&& dv, EcParams<S>* grad) {
+                      const EcActivations<S>& c, EMat<S>&& dv, EcParams<S>* grad,
+                      EMat<S>* du_out = nullptr) {
   EMat<S> du;
   if (prm.gated) {
     EMat<S> dz = dv.cwiseProduct(c.u).cwiseProduct((S(1) - c.t.array().square()).matrix());
@@ -128,6 +130,7 @@ void EcBackwardFromDv(const EcParams<S>& prm, const Eigen::Ref<const EMat<S>>& x
     du = std::move(dv);
   }
   grad->a.noalias() = du.transpose() * x;
+  if (du_out != nullptr) *du_out = std::move(du);
 }
 
 // Loss (see the header comment) and, if grad != nullptr, its gradient, the

@@ -108,7 +108,7 @@ std::vector<int64_t> PlacementRankOptions() { return {4, 8, 16, 32, 64, 128, 256
 
 absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
-    double budget_bytes, bool gated, int64_t h) {
+    double budget_bytes, bool gated, int64_t h, double breadth) {
   if (damages.size() != shapes.size()) {
     return absl::InvalidArgumentError("placement: damages and shapes differ in size");
   }
@@ -121,7 +121,9 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     costs[i].relative_latency =
         s.w4_bytes > 0 ? costs[i].Bytes(ranks.front()) / static_cast<double>(s.w4_bytes) : 0.0;
   }
-  auto plan = PlanEcPlacement(damages, costs, budget_bytes, ranks);
+  PlacementOptions po;
+  po.breadth = breadth;
+  auto plan = PlanEcPlacement(damages, costs, budget_bytes, ranks, po);
   if (!plan.ok()) return plan.status();
   std::vector<int64_t> out(shapes.size(), 0);
   for (const EcPlacement& p : *plan) {

@@ -73,7 +73,7 @@ std::vector<int64_t> PlacementRankOptions();
 // Per-module rank (0 = no EC) within budget_bytes.
 absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
-    double budget_bytes, bool gated, int64_t gate_hidden);
+    double budget_bytes, bool gated, int64_t gate_hidden, double breadth = 1.0);
 // 0 if not even rank 1 fits on every module.
 int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes);
 

@@ -5,7 +5,9 @@
 //   spear_quantize_probe MODEL WIKI_RAW [--backbone rtn|awq|gptq] [--ec none|static|spear]
 //       [--budget PCT] [--group G] [--seqs N] [--seq-len L] [--diag-tokens D]
 //       [--steps S] [--static-placed] [--no-gate] [--ppl-tokens N] [--ctx C]
-//       [--threads T] [--skip-fp16] [--text FILE]
+//       [--threads T] [--skip-fp16] [--text FILE] [--no-e2e] [--e2e-steps S]
+//       [--e2e-lr LR] [--e2e-batch B] [--e2e-max-seconds S] [--e2e-mse W]
+//       [--e2e-eval-every N] [--e2e-patience N] [--breadth F]
 // Prints the FP16 perplexity (unless --skip-fp16), the report (per-module
 // rows for modules with an EC), the quantized perplexity and wall times.
 #include <chrono>
@@ -95,6 +97,24 @@ int main(int argc, char** argv) {
       threads = std::atoi(next().c_str());
     } else if (a == "--skip-fp16") {
       skip_fp16 = true;
+    } else if (a == "--breadth") {
+      o.placement_breadth = std::atof(next().c_str());
+    } else if (a == "--no-e2e") {
+      o.e2e = false;
+    } else if (a == "--e2e-steps") {
+      o.distill.steps = std::atoll(next().c_str());
+    } else if (a == "--e2e-lr") {
+      o.distill.lr = std::atof(next().c_str());
+    } else if (a == "--e2e-batch") {
+      o.distill.batch_sequences = std::atoll(next().c_str());
+    } else if (a == "--e2e-max-seconds") {
+      o.distill.max_seconds = std::atof(next().c_str());
+    } else if (a == "--e2e-mse") {
+      o.distill.hidden_mse_weight = std::atof(next().c_str());
+    } else if (a == "--e2e-eval-every") {
+      o.distill.eval_every = std::atoll(next().c_str());
+    } else if (a == "--e2e-patience") {
+      o.distill.patience = std::atoll(next().c_str());
     } else if (a == "--text") {
       o.calib.text_file = next();
     } else {
@@ -152,6 +172,21 @@ int main(int argc, char** argv) {
               rep->seconds, static_cast<long long>(rep->calibration_tokens),
               static_cast<long long>(rep->w4_model_bytes), static_cast<long long>(rep->ec_bytes),
               rep->ec_pct(), rep->damage_entropy, rep->normalized_entropy, rep->effective_modules);
+  std::printf("stage seconds: calibration %.1f  diagnostic %.1f  sequential %.1f  distill %.1f  "
+              "(total %.1f)\n",
+              rep->calibration_seconds, rep->diagnostic_seconds, rep->sequential_seconds,
+              rep->distill_seconds, rep->seconds);
+  if (rep->distilled) {
+    const auto& d = rep->distill;
+    std::printf("distill: %lld ECs, %lld params, fit %lld / held-out %lld tokens; held-out KL "
+                "%.5f -> %.5f (best step %lld of %lld, %.2f s/step%s%s)\n",
+                static_cast<long long>(d.num_ecs), static_cast<long long>(d.num_params),
+                static_cast<long long>(d.fit_tokens), static_cast<long long>(d.val_tokens),
+                d.init_val_kl, d.final_val_kl, static_cast<long long>(d.best_step),
+                static_cast<long long>(d.steps_run), d.seconds_per_step,
+                d.stopped_early ? ", stopped early" : "", d.time_capped ? ", time cap" : "");
+    for (auto [s, v] : d.val_history) std::printf("  step %4lld held-out KL %.5f\n", (long long)s, v);
+  }
   double w4 = 0, st = 0, fi = 0;
   for (const auto& m : rep->modules) {
     if (m.ec_rank > 0) {

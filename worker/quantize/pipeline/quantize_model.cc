@@ -64,6 +64,7 @@ class Pipeline {
   absl::Status QuantizeDataFree();
   absl::Status QuantizeSequential();
   absl::Status QuantizeGroup(int64_t layer, int group);
+  absl::Status Distill();
 
   model::LoadedModel* model_;
   QuantizeOptions o_;
@@ -81,6 +82,7 @@ class Pipeline {
   // Sequential state.
   std::unique_ptr<LayerwiseRunner> runner_;
   std::vector<float> h_fp_, h_cur_;
+  std::vector<float> teacher_;  // [T, d] FP16 final-normed hidden states (e2e)
   std::vector<float> x_fp_[4], x_q_[4];
   int64_t group_k_[4] = {0, 0, 0, 0};
 };
@@ -151,7 +153,8 @@ absl::Status Pipeline::Place() {
   report_.normalized_entropy = ent->normalized_entropy;
   report_.effective_modules = ent->effective_modules;
   const bool gated = o_.ec == EcMode::kSpear && o_.gate;
-  auto plan = PlanDiagnosticPlacement(res->damages, shapes_, budget_bytes_, gated, GateHidden(o_));
+  auto plan = PlanDiagnosticPlacement(res->damages, shapes_, budget_bytes_, gated, GateHidden(o_),
+                                      o_.placement_breadth);
   if (!plan.ok()) return plan.status();
   ranks_ = std::move(*plan);
   return absl::OkStatus();
@@ -242,7 +245,7 @@ absl::Status Pipeline::QuantizeGroup(int64_t l, int g) {
       p.index = idx;
       p.ec_rank = ranks_[idx];
       p.gated = o_.ec == EcMode::kSpear && o_.gate;
-      p.train = o_.ec == EcMode::kSpear;
+      p.train = o_.ec == EcMode::kSpear && !o_.e2e;
       auto r = QuantizeModule(d, p, o_);
       if (!r.ok()) {
         status[mi] = r.status();
@@ -313,6 +316,39 @@ absl::Status Pipeline::QuantizeSequential() {
     if (auto s = runner_->RunLayers(l, l + 1, h_cur_.data()); !s.ok()) return s;
     Progress("quantize", l + 1, c.num_layers);
   }
+  // h_fp_ is now the FP16 model's last residual stream: the teacher of the
+  // end-to-end stage is its final norm.
+  if (o_.ec == EcMode::kSpear && o_.e2e) {
+    teacher_.resize(h_fp_.size());
+    if (auto s = runner_->FinalNorm(h_fp_.data(), teacher_.data()); !s.ok()) return s;
+  }
+  for (int g = 0; g < 4; ++g) {
+    std::vector<float>().swap(x_fp_[g]);
+    std::vector<float>().swap(x_q_[g]);
+  }
+  std::vector<float>().swap(h_cur_);
+  std::vector<float>().swap(h_fp_);
+  runner_.reset();
+  return absl::OkStatus();
+}
+
+absl::Status Pipeline::Distill() {
+  auto dist = EcDistiller::Create(model_, pool_);
+  if (!dist.ok()) return dist.status();
+  if ((*dist)->num_ecs() == 0) return absl::OkStatus();
+  if (fit_seqs_ < 1 || fit_seqs_ >= static_cast<int64_t>(seqs_.size())) {
+    return absl::InvalidArgumentError(
+        "end-to-end EC training needs at least 2 calibration sequences (one held out)");
+  }
+  DistillOptions d = o_.distill;
+  d.train_gate = o_.gate;
+  auto rep = (*dist)->Train(seqs_, fit_seqs_, teacher_.data(), d,
+                            [&](int64_t s, int64_t n, double) { Progress("distill", s, n); });
+  if (!rep.ok()) return rep.status();
+  if (auto s = (*dist)->WriteBack(model_); !s.ok()) return s;
+  report_.distilled = true;
+  report_.distill = std::move(*rep);
+  std::vector<float>().swap(teacher_);
   return absl::OkStatus();
 }
 
@@ -322,6 +358,13 @@ absl::StatusOr<QuantizeReport> Pipeline::Run() {
   if (auto s = CollectModules(); !s.ok()) return s;
 
   const bool data_free = o_.backbone == Backbone::kRtn && o_.ec == EcMode::kNone;
+  auto lap = std::chrono::steady_clock::now();
+  auto take_lap = [&lap]() {
+    const auto now = std::chrono::steady_clock::now();
+    const double s = std::chrono::duration<double>(now - lap).count();
+    lap = now;
+    return s;
+  };
   if (!data_free) {
     auto seqs = MakeCalibrationSequences(*model_, o_.calib, pool_->size(),
                                          [&](int64_t d, int64_t t) { Progress("calibration", d, t); });
@@ -336,11 +379,18 @@ absl::StatusOr<QuantizeReport> Pipeline::Run() {
     }
     report_.calibration_tokens = total_rows_;
   }
+  report_.calibration_seconds = take_lap();
   if (auto s = Place(); !s.ok()) return s;
+  report_.diagnostic_seconds = take_lap();
   if (data_free) {
     if (auto s = QuantizeDataFree(); !s.ok()) return s;
   } else {
     if (auto s = QuantizeSequential(); !s.ok()) return s;
+  }
+  report_.sequential_seconds = take_lap();
+  if (o_.ec == EcMode::kSpear && o_.e2e && !data_free) {
+    if (auto s = Distill(); !s.ok()) return s;
+    report_.distill_seconds = take_lap();
   }
   int64_t ec = 0;
   const int64_t total = ServedModelBytes(*model_, &ec);

@@ -14,8 +14,12 @@
 //  3. layer by layer, in order: quantize the backbone (RTN | AWQ | GPTQ)
 //     from this layer's calibration inputs as produced by the
 //     already-quantized-and-compensated layers below (sequential), fit ECs
-//     on placed modules (stage 1 closed form, stage 2 gradient training
-//     against the FP16 model's outputs), then propagate.
+//     on placed modules (stage 1 closed form; with e2e == false also the
+//     per-module stage 2 against the sequential target), then propagate;
+//  4. (ec == kSpear, e2e) stage 2 end to end: all placed ECs trained
+//     jointly so the W4 + EC model's next-token distribution matches the
+//     FP16 model's (KL on the logits) on the calibration sequences, early
+//     stopping on the held-out ~10% of them (distill.h).
 // Thread-safety: not re-entrant; uses the given thread pool.
 #pragma once
 
@@ -27,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/thread_pool.h"
 #include "worker/model/weights.h"
+#include "worker/quantize/pipeline/distill.h"
 
 namespace spear::quantize {
 
@@ -53,8 +58,15 @@ struct QuantizeOptions {
   // module at the budget (the "all modules" baseline); true: the
   // diagnostic's placement, closed-form fit only.
   bool place_static_like_spear = false;
+  // Scales the entropy rule's module cap (placement.h): N = breadth * N_eff.
+  double placement_breadth = 1.0;
   bool gate = true;  // false: the ablation (gate fixed at 1, same training)
   int64_t gate_hidden = 0;  // 0 = default (documented in the .cc)
+  // Stage 2 (kSpear). e2e = true: end-to-end distillation (distill.h,
+  // options in `distill`; the per-module training is skipped). false: the
+  // per-module training (module_quant.h) with train_steps / learning_rate.
+  bool e2e = true;
+  DistillOptions distill;
   int64_t train_steps = 300;
   double learning_rate = 1e-3;
   int64_t diagnostic_tokens = 1024;  // calibration tokens used for CKA
@@ -81,6 +93,11 @@ struct QuantizeReport {
   double ec_pct() const { return w4_model_bytes ? 100.0 * ec_bytes / w4_model_bytes : 0; }
   double seconds = 0;
   int64_t calibration_tokens = 0;
+  // Wall seconds per stage (0 when a stage did not run).
+  double calibration_seconds = 0, diagnostic_seconds = 0, sequential_seconds = 0,
+         distill_seconds = 0;
+  bool distilled = false;
+  DistillReport distill;  // when distilled
 };
 
 // Progress callback: (stage name, done, total).

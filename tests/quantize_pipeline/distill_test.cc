@@ -1,0 +1,243 @@
+// EcDistiller on a tiny random LLaMA (hidden 64, 2 layers, GQA): its
+// float32 forward equals the engine's; the whole-model gradient of the KL
+// matches a central difference along random directions (all parameters,
+// gate-only); training lowers the KL on held-out sequences and WriteBack
+// makes the engine's model carry the trained ECs.
+#include <cmath>
+#include <memory>
+#include <random>
+#include <span>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/engine/tiny_model.h"
+#include "worker/engine/kv_cache.h"
+#include "worker/engine/model_runner.h"
+#include "worker/model/w4_linear.h"
+#include "worker/quantize/pipeline/calibration.h"
+#include "worker/quantize/pipeline/distill.h"
+#include "worker/quantize/pipeline/layerwise.h"
+#include "worker/quantize/lowrank.h"
+#include "worker/quantize/pipeline/module_quant.h"
+#include "worker/quantize/pipeline/quantize_model.h"
+#include "worker/quantize/w4_quant.h"
+
+namespace spear::quantize {
+namespace {
+
+class DistillTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(spear::testing::MakeTempDir("distill"));
+    spear::testing::TinyModelSpec spec;  // hidden 64, 2 layers, vocab 128, 4 q / 2 kv heads
+    spec.seed = 5;
+    spec.tied = true;
+    ASSERT_TRUE(spear::testing::WriteTinyModel(*dir_, spec).ok());
+  }
+  std::unique_ptr<model::LoadedModel> Load() {
+    auto m = model::LoadModel(*dir_);
+    EXPECT_TRUE(m.ok()) << m.status();
+    return std::move(*m);
+  }
+  // RTN W4 per-channel on every module, each with a rank-4 EC from the
+  // plain SVD of its weight error (gated: gate exactly 1 at start).
+  std::unique_ptr<model::LoadedModel> Quantized(bool gated = true) {
+    auto m = Load();
+    std::vector<std::unique_ptr<model::Linear>*> fp_slots;
+    fp_->weights.ForEachLinear(
+        [&](const std::string&, std::unique_ptr<model::Linear>& l) { fp_slots.push_back(&l); });
+    int64_t i = 0;
+    m->weights.ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& l) {
+      auto w = DenseWeightMatrix(**fp_slots[i]);
+      ASSERT_TRUE(w.ok());
+      kernels::W4Format f;
+      f.n = w->rows;
+      f.k = w->cols;
+      f.group_size = f.k;
+      auto q = QuantizeRtn(w->view(), f);
+      ASSERT_TRUE(q.ok());
+      auto e = QuantizationError(w->view(), *q);
+      ASSERT_TRUE(e.ok());
+      auto fit = FitLowRankPlain(e->view(), 4);
+      ASSERT_TRUE(fit.ok());
+      auto ec = gated ? MakeGatedEc(*fit, 8, 100 + i) : MakeStaticEc(*fit);
+      auto lin = model::W4Linear::Create(std::move(*q), std::move(ec));
+      ASSERT_TRUE(lin.ok());
+      l = std::move(*lin);
+      ++i;
+    });
+    return m;
+  }
+  // Uniformly random token sequences (the tiny random model's own samples
+  // are nearly greedy: every self-generated sequence would be the same).
+  std::vector<std::vector<int32_t>> Seqs(int64_t n, int64_t len, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(fp_->config.vocab_size) - 1);
+    std::vector<std::vector<int32_t>> out(n, std::vector<int32_t>(len));
+    for (auto& s : out) {
+      for (int32_t& t : s) t = tok(rng);
+    }
+    return out;
+  }
+  // Final-normed hidden states of the FP16 model [T, d].
+  std::vector<float> Teacher(const std::vector<std::vector<int32_t>>& seqs) {
+    auto run = LayerwiseRunner::Create(fp_.get(), &pool_, seqs);
+    EXPECT_TRUE(run.ok());
+    std::vector<float> h((*run)->num_tokens() * fp_->config.hidden_size);
+    EXPECT_TRUE((*run)->Embed(h.data()).ok());
+    EXPECT_TRUE((*run)->RunLayers(0, fp_->config.num_layers, h.data()).ok());
+    EXPECT_TRUE((*run)->FinalNorm(h.data(), h.data()).ok());
+    return h;
+  }
+  static std::vector<std::span<const int32_t>> Spans(const std::vector<std::vector<int32_t>>& s) {
+    return {s.begin(), s.end()};
+  }
+  void SetUp() override { fp_ = Load(); }
+
+  static std::string* dir_;
+  kernels::ThreadPool pool_{2};
+  std::unique_ptr<model::LoadedModel> fp_;
+};
+std::string* DistillTest::dir_ = nullptr;
+
+TEST_F(DistillTest, ForwardMatchesEngineLogits) {
+  auto m = Quantized();
+  auto dist = EcDistiller::Create(m.get(), &pool_);
+  ASSERT_TRUE(dist.ok()) << dist.status();
+  EXPECT_EQ((*dist)->num_ecs(), 14);
+  const auto seqs = Seqs(2, 40, 7);
+  auto mine = (*dist)->Logits(Spans(seqs));
+  ASSERT_TRUE(mine.ok()) << mine.status();
+  engine::KvCacheOptions ko;
+  ko.num_blocks = 8;
+  auto cache = engine::KvCache::Create(m->config, ko);
+  ASSERT_TRUE(cache.ok());
+  engine::ModelRunner runner(m.get(), cache->get(), &pool_);
+  const int64_t V = m->config.vocab_size;
+  int64_t row = 0;
+  double max_err = 0, max_abs = 0;
+  for (const auto& s : seqs) {
+    std::vector<int32_t> table;
+    ASSERT_TRUE((*cache)->allocator().Allocate((*cache)->BlocksFor(s.size()), &table).ok());
+    engine::SeqChunk ch;
+    ch.tokens = s;
+    ch.block_table = table;
+    ch.logits = engine::LogitsMode::kAll;
+    engine::ForwardOutput out;
+    ASSERT_TRUE(runner.Forward({ch}, &out).ok());
+    for (size_t t = 0; t < s.size(); ++t, ++row) {
+      for (int64_t v = 0; v < V; ++v) {
+        const double a = out.row(out.first_row[0] + t)[v], b = (*mine)[row * V + v];
+        max_err = std::max(max_err, std::fabs(a - b));
+        max_abs = std::max(max_abs, std::fabs(a));
+      }
+    }
+    ASSERT_TRUE((*cache)->allocator().Free(table).ok());
+  }
+  EXPECT_LT(max_err, 1e-3 * (1 + max_abs)) << "max |logit| " << max_abs;
+}
+
+// d loss along a random direction: analytic vs central difference (float32
+// forward, so a moderately large step and a few % tolerance).
+void CheckDirectional(EcDistiller* dist, const std::vector<std::span<const int32_t>>& sp,
+                      const float* teacher, double mse_w, const std::vector<bool>& mask,
+                      uint64_t seed) {
+  std::vector<float> p0 = dist->GetParams(), grad;
+  ASSERT_TRUE(dist->LossAndGrad(sp, teacher, mse_w, &grad).ok());
+
+  ASSERT_EQ(grad.size(), p0.size());
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0, 1);
+  std::vector<float> dir(p0.size(), 0.f);
+  double pn = 0, dn = 0;
+  for (size_t i = 0; i < p0.size(); ++i) {
+    if (!mask[i]) continue;
+    dir[i] = nd(rng);
+    pn += double(p0[i]) * p0[i];
+    dn += double(dir[i]) * dir[i];
+  }
+  const double h = 1e-3 * std::sqrt(std::max(pn, 1e-6) / dn);
+  double analytic = 0;
+  for (size_t i = 0; i < p0.size(); ++i) analytic += double(grad[i]) * dir[i];
+  auto at = [&](double s) {
+    std::vector<float> p = p0;
+    for (size_t i = 0; i < p.size(); ++i) p[i] += static_cast<float>(s * dir[i]);
+    dist->SetParams(p);
+    auto l = dist->LossAndGrad(sp, teacher, mse_w, nullptr);
+    EXPECT_TRUE(l.ok());
+    return *l;
+  };
+  const double fd = (at(h) - at(-h)) / (2 * h);
+  dist->SetParams(p0);
+  EXPECT_NEAR(analytic, fd, 0.03 * std::fabs(fd) + 1e-7) << "h " << h;
+  EXPECT_GT(std::fabs(fd), 1e-7);  // the direction matters
+}
+
+TEST_F(DistillTest, GradientMatchesFiniteDifferences) {
+  auto m = Quantized();
+  auto dist = EcDistiller::Create(m.get(), &pool_);
+  ASSERT_TRUE(dist.ok());
+  // Move the gate off exactly 1 so every gate path carries gradient.
+  std::vector<float> p = (*dist)->GetParams();
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> nd(0, 0.3f);
+  for (float& v : p) v += 0.05f * nd(rng) + 0.1f * v * nd(rng);
+  (*dist)->SetParams(p);
+  const auto seqs = Seqs(3, 24, 9);
+  const auto teacher = Teacher(seqs);
+  const auto sp = Spans(seqs);
+  std::vector<bool> all(p.size(), true);
+  CheckDirectional(dist->get(), sp, teacher.data(), 0.0, all, 1);
+  CheckDirectional(dist->get(), sp, teacher.data(), 0.5, all, 2);
+  // Gate-only direction: the parameters after A and B of each EC. Layout per
+  // EC: A [r,k], B [n,r], W1, b1, W2, b2 -> mark by re-reading sizes.
+  std::vector<bool> gate(p.size(), false);
+  size_t o = 0;
+  m->weights.ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& l) {
+    const auto* w4 = dynamic_cast<const model::W4Linear*>(l.get());
+    if (w4 == nullptr || !w4->has_ec()) return;
+    const auto& ec = *w4->ec();
+    o += ec.a.size() + ec.b.size();
+    const size_t g = ec.w1.size() + ec.b1.size() + ec.w2.size() + ec.b2.size();
+    for (size_t i = 0; i < g; ++i) gate[o + i] = true;
+    o += g;
+  });
+  ASSERT_EQ(o, p.size());
+  CheckDirectional(dist->get(), sp, teacher.data(), 0.0, gate, 3);
+}
+
+TEST_F(DistillTest, TrainingLowersHeldOutKl) {
+  auto m = Quantized();
+  auto dist = EcDistiller::Create(m.get(), &pool_);
+  ASSERT_TRUE(dist.ok());
+  const auto seqs = Seqs(72, 64, 21);  // 64 fit + 8 held out
+  const auto teacher = Teacher(seqs);
+  const auto fresh = Seqs(16, 64, 999);  // never seen by training
+  const auto fresh_teacher = Teacher(fresh);
+  auto before = (*dist)->LossAndGrad(Spans(fresh), fresh_teacher.data(), 0.0, nullptr);
+  ASSERT_TRUE(before.ok());
+  DistillOptions o;
+  o.steps = 150;
+  o.batch_sequences = 8;
+  o.lr = 2e-3;
+  o.eval_every = 25;
+  o.patience = 0;
+  auto rep = (*dist)->Train(seqs, 64, teacher.data(), o);
+  ASSERT_TRUE(rep.ok()) << rep.status();
+  for (auto [st, v] : rep->val_history) std::printf("  step %lld val %.4g\n", (long long)st, v);
+  std::printf("train KL %.4g -> %.4g\n", rep->init_train_kl, rep->last_train_kl);
+  std::printf("held-out KL %.4g -> %.4g (best step %lld)\n", rep->init_val_kl, rep->final_val_kl,
+              static_cast<long long>(rep->best_step));
+  EXPECT_LT(rep->final_val_kl, 0.85 * rep->init_val_kl);
+  // Fresh sequences, through the engine's model after WriteBack.
+  ASSERT_TRUE((*dist)->WriteBack(m.get()).ok());
+  auto again = EcDistiller::Create(m.get(), &pool_);
+  ASSERT_TRUE(again.ok());
+  auto after = (*again)->LossAndGrad(Spans(fresh), fresh_teacher.data(), 0.0, nullptr);
+  ASSERT_TRUE(after.ok());
+  std::printf("fresh-sequence KL %.4g -> %.4g\n", *before, *after);
+  EXPECT_LT(*after, 0.97 * *before);  // a random model on random tokens: little to generalise
+}
+
+}  // namespace
+}  // namespace spear::quantize

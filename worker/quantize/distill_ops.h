@@ -1,0 +1,213 @@
+// Forward and hand-written backward of the LLaMA decoder's non-linear ops,
+// for end-to-end distillation of the ECs (pipeline/distill.h). Templated on
+// the scalar so the tests check every backward in float64 against finite
+// differences; training runs them in float32. Row-major buffers with an
+// explicit row stride; one token per row. No allocation-free promises: the
+// callers are offline training loops.
+//
+// RMSNorm:  y = x r w,  r = (mean_j x_j^2 + eps)^-1/2
+//           g = dy ⊙ w;  dx = r g - x r^3 (g · x) / d
+// RoPE (HF "rotate_half", the engine's convention, kernels/op_params.h):
+//           a' = a c - b s,  b' = b c + a s  (a = x[j], b = x[j + hd/2],
+//           t = pos * inv_freq[j] in float32 as the engine forms it);
+//           the backward is the transpose: the same with s -> -s.
+// Causal attention of ONE sequence from position 0, GQA (head h reads kv
+// head h / (H / KH)):  S = scale q_h k^T (j <= i),  P = softmax(S),  o = P v
+//           dP = do v^T;  dS = P ⊙ (dP - rowsum(dP ⊙ P));
+//           dq = scale dS k;  dk += scale dS^T q;  dv += P^T do
+// SiLU-mul: m = silu(g) ⊙ u;  dg = dm ⊙ u ⊙ silu'(g),  du = dm ⊙ silu(g)
+// KL on logits, per row: KL(p_t || p_s) = sum_v p_t (log p_t - log p_s);
+//           d/dz_s = p_s - p_t.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include <Eigen/Dense>
+
+namespace spear::quantize::distill {
+
+template <typename S>
+using RowMat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename S>
+using StridedMap = Eigen::Map<RowMat<S>, 0, Eigen::OuterStride<>>;
+template <typename S>
+using ConstStridedMap = Eigen::Map<const RowMat<S>, 0, Eigen::OuterStride<>>;
+
+// y [m, d] = RmsNorm(x) w; rstd [m] = r per row. y may alias x.
+template <typename S>
+void RmsNormForward(const S* x, int64_t m, int64_t d, const float* w, double eps, S* y, S* rstd) {
+  for (int64_t i = 0; i < m; ++i) {
+    const S* xr = x + i * d;
+    double ss = 0;
+    for (int64_t j = 0; j < d; ++j) ss += static_cast<double>(xr[j]) * xr[j];
+    const S r = static_cast<S>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
+    rstd[i] = r;
+    S* yr = y + i * d;
+    for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * r * static_cast<S>(w[j]);
+  }
+}
+
+// dx [m, d] (+)= backward of RmsNorm given dy, x and rstd.
+template <typename S>
+void RmsNormBackward(const S* x, const S* rstd, const float* w, const S* dy, int64_t m, int64_t d,
+                     S* dx, bool accumulate) {
+  for (int64_t i = 0; i < m; ++i) {
+    const S* xr = x + i * d;
+    const S* dyr = dy + i * d;
+    S* dxr = dx + i * d;
+    const S r = rstd[i];
+    double gx = 0;
+    for (int64_t j = 0; j < d; ++j) gx += static_cast<double>(dyr[j]) * w[j] * xr[j];
+    const S c = static_cast<S>(gx) * r * r * r / static_cast<S>(d);
+    for (int64_t j = 0; j < d; ++j) {
+      const S v = r * dyr[j] * static_cast<S>(w[j]) - xr[j] * c;
+      dxr[j] = accumulate ? dxr[j] + v : v;
+    }
+  }
+}
+
+// In place on x [m, ld] (n_heads heads of head_dim at the row start);
+// inverse = true applies the transpose (backward).
+template <typename S>
+void RopeInPlace(S* x, int64_t m, int64_t ld, int64_t n_heads, int64_t head_dim,
+                 const int32_t* positions, const float* inv_freq, bool inverse) {
+  const int64_t half = head_dim / 2;
+  for (int64_t i = 0; i < m; ++i) {
+    const float pos = static_cast<float>(positions[i]);
+    for (int64_t j = 0; j < half; ++j) {
+      const float t = pos * inv_freq[j];
+      const S c = static_cast<S>(std::cos(t));
+      const S s = inverse ? -static_cast<S>(std::sin(t)) : static_cast<S>(std::sin(t));
+      for (int64_t h = 0; h < n_heads; ++h) {
+        S* xh = x + i * ld + h * head_dim;
+        const S a = xh[j], b = xh[j + half];
+        xh[j] = a * c - b * s;
+        xh[j + half] = b * c + a * s;
+      }
+    }
+  }
+}
+
+struct AttentionShape {
+  int64_t len = 0;  // tokens of the sequence (positions 0 .. len-1)
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int64_t ldq = 0, ldkv = 0, ldo = 0;  // row strides
+  double scale = 1.0;
+};
+
+// Heads [kv_head * group, (kv_head + 1) * group) of one sequence: out and
+// probs (group blocks of len x len, row-major; entries j > i are 0).
+template <typename S>
+void AttentionForwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, const S* k,
+                            const S* v, S* out, S* probs) {
+  const int64_t L = a.len, hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
+  ConstStridedMap<S> K(k + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
+  ConstStridedMap<S> V(v + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = kvh * group + g;
+    ConstStridedMap<S> Q(q + h * hd, L, hd, Eigen::OuterStride<>(a.ldq));
+    StridedMap<S> O(out + h * hd, L, hd, Eigen::OuterStride<>(a.ldo));
+    Eigen::Map<RowMat<S>> P(probs + g * L * L, L, L);
+    P.noalias() = Q * K.transpose();
+    for (int64_t i = 0; i < L; ++i) {
+      S mx = -std::numeric_limits<S>::infinity();
+      for (int64_t j = 0; j <= i; ++j) {
+        P(i, j) *= static_cast<S>(a.scale);
+        mx = std::max(mx, P(i, j));
+      }
+      S sum = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        P(i, j) = std::exp(P(i, j) - mx);
+        sum += P(i, j);
+      }
+      const S inv = S(1) / sum;
+      for (int64_t j = 0; j <= i; ++j) P(i, j) *= inv;
+      for (int64_t j = i + 1; j < L; ++j) P(i, j) = 0;
+    }
+    O.noalias() = P * V;
+  }
+}
+
+// Backward of AttentionForwardKvHead: dq (written, for this kv head's query
+// heads), dk and dv (written for this kv head: the group's sum).
+template <typename S>
+void AttentionBackwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, const S* k,
+                             const S* v, const S* probs, const S* dout, S* dq, S* dk, S* dv) {
+  const int64_t L = a.len, hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
+  ConstStridedMap<S> K(k + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
+  ConstStridedMap<S> V(v + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
+  StridedMap<S> dK(dk + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
+  StridedMap<S> dV(dv + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
+  dK.setZero();
+  dV.setZero();
+  RowMat<S> dP(L, L);
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = kvh * group + g;
+    ConstStridedMap<S> Q(q + h * hd, L, hd, Eigen::OuterStride<>(a.ldq));
+    ConstStridedMap<S> dO(dout + h * hd, L, hd, Eigen::OuterStride<>(a.ldo));
+    StridedMap<S> dQ(dq + h * hd, L, hd, Eigen::OuterStride<>(a.ldq));
+    Eigen::Map<const RowMat<S>> P(probs + g * L * L, L, L);
+    dV.noalias() += P.transpose() * dO;
+    dP.noalias() = dO * V.transpose();
+    for (int64_t i = 0; i < L; ++i) {
+      S dot = 0;
+      for (int64_t j = 0; j <= i; ++j) dot += dP(i, j) * P(i, j);
+      for (int64_t j = 0; j <= i; ++j) dP(i, j) = P(i, j) * (dP(i, j) - dot) * static_cast<S>(a.scale);
+      for (int64_t j = i + 1; j < L; ++j) dP(i, j) = 0;
+    }
+    dQ.noalias() = dP * K;
+    dK.noalias() += dP.transpose() * Q;
+  }
+}
+
+template <typename S>
+inline S Sigmoid(S z) {
+  return S(1) / (S(1) + std::exp(-z));
+}
+
+// m [n] = silu(g) ⊙ u.
+template <typename S>
+void SiluMulForward(const S* g, const S* u, int64_t n, S* m) {
+  for (int64_t i = 0; i < n; ++i) m[i] = g[i] * Sigmoid(g[i]) * u[i];
+}
+
+// dg, du [n] from dm [n].
+template <typename S>
+void SiluMulBackward(const S* g, const S* u, const S* dm, int64_t n, S* dg, S* du) {
+  for (int64_t i = 0; i < n; ++i) {
+    const S sg = Sigmoid(g[i]);
+    du[i] = dm[i] * g[i] * sg;
+    dg[i] = dm[i] * u[i] * sg * (S(1) + g[i] * (S(1) - sg));
+  }
+}
+
+// One row: returns KL(softmax(zt) || softmax(zs)) (float64) and, if dzs,
+// writes weight * (p_s - p_t) into dzs [v].
+template <typename S>
+double KlRow(const S* zs, const S* zt, int64_t v, S weight, S* dzs) {
+  double ms = -INFINITY, mt = -INFINITY;
+  for (int64_t i = 0; i < v; ++i) {
+    ms = std::max(ms, static_cast<double>(zs[i]));
+    mt = std::max(mt, static_cast<double>(zt[i]));
+  }
+  double ss = 0, st = 0;
+  for (int64_t i = 0; i < v; ++i) {
+    ss += std::exp(zs[i] - ms);
+    st += std::exp(zt[i] - mt);
+  }
+  const double lzs = ms + std::log(ss), lzt = mt + std::log(st);
+  double kl = 0;
+  for (int64_t i = 0; i < v; ++i) {
+    const double lpt = zt[i] - lzt, lps = zs[i] - lzs;
+    const double pt = std::exp(lpt);
+    kl += pt * (lpt - lps);
+    if (dzs != nullptr) dzs[i] = static_cast<S>(weight * (std::exp(lps) - pt));
+  }
+  return kl;
+}
+
+}  // namespace spear::quantize::distill

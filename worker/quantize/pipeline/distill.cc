@@ -1,0 +1,645 @@
+// EcDistiller: see distill.h for the objective, the math and the procedure.
+//
+// Layout of one decoder layer's forward, as stored for the backward
+// (T = tokens of the minibatch, all sequences from position 0):
+//   xn1 = RmsNorm(h_in) ;  q, k, v = Lin(xn1) ; RoPE(q, k) ; ao = Attn(q, k, v)
+//   h_mid = h_in + Lin_o(ao) ;  xn2 = RmsNorm(h_mid)
+//   g, u = Lin(xn2) ;  m = silu(g) ⊙ u ;  h_out = h_mid + Lin_down(m)
+// with Lin(x) = x Qeff^T + bias + B (gate ⊙ A x) when the module has an EC.
+#include "worker/quantize/pipeline/distill.h"
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/ops.h"
+#include "worker/engine/model_runner.h"
+#include "worker/model/w4_linear.h"
+#include "worker/quantize/distill_ops.h"
+#include "worker/quantize/ec_model.h"
+#include "worker/quantize/pipeline/module_quant.h"
+#include "worker/quantize/w4_quant.h"
+
+namespace spear::quantize {
+namespace {
+
+using Mat = EMat<float>;
+using MapC = Eigen::Map<const Mat>;
+using MapM = Eigen::Map<Mat>;
+constexpr int kMods = engine::kModulesPerLayer;
+
+struct LinOp {
+  int64_t n = 0, k = 0;
+  std::vector<float> w, wt;  // Qeff [n, k] and its transpose [k, n]
+  std::vector<float> bias;
+  int ec = -1;  // index into Impl::ecs
+};
+
+struct LayerActs {
+  std::vector<float> h_in, rstd1, xn1, q, k, v, probs, ao, h_mid, rstd2, xn2, g, u, m;
+  std::array<EcActivations<float>, kMods> ec;
+};
+
+std::array<const model::Linear*, kMods> LayerLinears(const model::LayerWeights& L) {
+  return {L.q_proj.get(),    L.k_proj.get(),  L.v_proj.get(),   L.o_proj.get(),
+          L.gate_proj.get(), L.up_proj.get(), L.down_proj.get()};
+}
+
+double Seconds(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+struct EcDistiller::Impl {
+  const model::LoadedModel* model = nullptr;
+  kernels::ThreadPool* pool = nullptr;
+  int64_t d = 0, nh = 0, nkv = 0, hd = 0, qd = 0, kvd = 0, ff = 0, vocab = 0, nl = 0;
+  double eps = 1e-5;
+  std::vector<float> inv_freq;
+  std::vector<std::array<LinOp, kMods>> lin;
+  std::vector<float> e, et;  // lm_head [V, d] and [d, V]
+  std::vector<EcParams<float>> ecs, grads;
+  std::vector<std::pair<int64_t, int>> ec_loc;  // (layer, module)
+  std::vector<std::array<AdamTensor<float>, 6>> adam;
+  int64_t first_ec_layer = 0;
+
+  // Minibatch state.
+  int64_t T = 0;
+  std::vector<int64_t> offs, prob_offs;
+  std::vector<int32_t> positions;
+  std::vector<LayerActs> acts;
+  std::vector<float> h_final, rstd_f, y;
+
+  absl::Status LinFwd(const LinOp& op, const float* x, float* out, EcActivations<float>* ea) {
+    kernels::LinearParams p;
+    p.x = x;
+    p.m = T;
+    p.k = op.k;
+    p.ldx = op.k;
+    p.w = op.w.data();
+    p.w_dtype = kernels::DType::kF32;
+    p.n = op.n;
+    p.bias = op.bias.empty() ? nullptr : op.bias.data();
+    p.y = out;
+    p.ldy = op.n;
+    if (auto s = kernels::cpu::Linear(p, pool); !s.ok()) return s;
+    if (op.ec >= 0) {
+      const EcParams<float>& prm = ecs[op.ec];
+      EcLowRankForward<float>(prm, MapC(x, T, op.k), ea);
+      MapM(out, T, op.n).noalias() += ea->v * prm.b.transpose();
+    }
+    return absl::OkStatus();
+  }
+
+  // dx (+)= dy Qeff (+ dU A); EC grads accumulate into grads[op.ec].
+  absl::Status LinBwd(const LinOp& op, const float* x, const float* dy, float* dx, bool accumulate,
+                      const EcActivations<float>& ea) {
+    kernels::LinearParams p;
+    p.x = dy;
+    p.m = T;
+    p.k = op.n;
+    p.ldx = op.n;
+    p.w = op.wt.data();
+    p.w_dtype = kernels::DType::kF32;
+    p.n = op.k;
+    p.y = dx;
+    p.ldy = op.k;
+    p.accumulate = accumulate;
+    if (auto s = kernels::cpu::Linear(p, pool); !s.ok()) return s;
+    if (op.ec >= 0) {
+      const EcParams<float>& prm = ecs[op.ec];
+      EcParams<float>& g = grads[op.ec];
+      MapC dY(dy, T, op.n), X(x, T, op.k);
+      g.b.noalias() += dY.transpose() * ea.v;
+      EcParams<float> tmp;
+      Mat du;
+      EcBackwardFromDv<float>(prm, X, ea, Mat(dY * prm.b), &tmp, &du);
+      g.a += tmp.a;
+      if (prm.gated) {
+        g.w1 += tmp.w1;
+        g.b1 += tmp.b1;
+        g.w2 += tmp.w2;
+        g.b2 += tmp.b2;
+      }
+      MapM(dx, T, op.k).noalias() += du * prm.a;
+    }
+    return absl::OkStatus();
+  }
+
+  distill::AttentionShape Shape(int64_t s) const {
+    distill::AttentionShape a;
+    a.len = offs[s + 1] - offs[s];
+    a.n_heads = nh;
+    a.n_kv_heads = nkv;
+    a.head_dim = hd;
+    a.ldq = a.ldo = qd;
+    a.ldkv = kvd;
+    a.scale = 1.0 / std::sqrt(static_cast<double>(hd));
+    return a;
+  }
+
+  void SetBatch(const std::vector<std::span<const int32_t>>& seqs) {
+    const int64_t ns = static_cast<int64_t>(seqs.size());
+    offs.assign(ns + 1, 0);
+    prob_offs.assign(ns + 1, 0);
+    for (int64_t s = 0; s < ns; ++s) {
+      const int64_t n = static_cast<int64_t>(seqs[s].size());
+      offs[s + 1] = offs[s] + n;
+      prob_offs[s + 1] = prob_offs[s] + nh * n * n;
+    }
+    T = offs[ns];
+    positions.resize(T);
+    for (int64_t s = 0; s < ns; ++s) {
+      for (int64_t i = offs[s]; i < offs[s + 1]; ++i) positions[i] = static_cast<int32_t>(i - offs[s]);
+    }
+    acts.resize(nl);
+  }
+
+  absl::Status Forward(const std::vector<std::span<const int32_t>>& seqs) {
+    SetBatch(seqs);
+    const int64_t ns = static_cast<int64_t>(seqs.size());
+    std::vector<float> h(T * d), tmp(T * d);
+    for (int64_t s = 0, t = 0; s < ns; ++s) {
+      for (int32_t tok : seqs[s]) {
+        if (tok < 0 || tok >= vocab) return absl::InvalidArgumentError("token outside the vocabulary");
+        model->weights.EmbedRow(tok, d, h.data() + (t++) * d);
+      }
+    }
+    for (int64_t l = 0; l < nl; ++l) {
+      LayerActs& a = acts[l];
+      const model::LayerWeights& W = model->weights.layers[l];
+      const auto& ops = lin[l];
+      a.h_in = h;
+      a.rstd1.resize(T);
+      a.xn1.resize(T * d);
+      distill::RmsNormForward<float>(h.data(), T, d, W.attn_norm, eps, a.xn1.data(), a.rstd1.data());
+      a.q.resize(T * qd);
+      a.k.resize(T * kvd);
+      a.v.resize(T * kvd);
+      if (auto s = LinFwd(ops[0], a.xn1.data(), a.q.data(), &a.ec[0]); !s.ok()) return s;
+      if (auto s = LinFwd(ops[1], a.xn1.data(), a.k.data(), &a.ec[1]); !s.ok()) return s;
+      if (auto s = LinFwd(ops[2], a.xn1.data(), a.v.data(), &a.ec[2]); !s.ok()) return s;
+      distill::RopeInPlace<float>(a.q.data(), T, qd, nh, hd, positions.data(), inv_freq.data(), false);
+      distill::RopeInPlace<float>(a.k.data(), T, kvd, nkv, hd, positions.data(), inv_freq.data(), false);
+      a.probs.resize(prob_offs[ns]);
+      a.ao.resize(T * qd);
+      const int64_t group = nh / nkv;
+      pool->ParallelFor(ns * nkv, 1, [&](int64_t b, int64_t e) {
+        for (int64_t task = b; task < e; ++task) {
+          const int64_t s = task / nkv, kvh = task % nkv;
+          const distill::AttentionShape sh = Shape(s);
+          distill::AttentionForwardKvHead<float>(
+              sh, kvh, a.q.data() + offs[s] * qd, a.k.data() + offs[s] * kvd,
+              a.v.data() + offs[s] * kvd, a.ao.data() + offs[s] * qd,
+              a.probs.data() + prob_offs[s] + kvh * group * sh.len * sh.len);
+        }
+      });
+      if (auto s = LinFwd(ops[3], a.ao.data(), tmp.data(), &a.ec[3]); !s.ok()) return s;
+      for (int64_t i = 0; i < T * d; ++i) h[i] += tmp[i];
+      a.h_mid = h;
+      a.rstd2.resize(T);
+      a.xn2.resize(T * d);
+      distill::RmsNormForward<float>(h.data(), T, d, W.ffn_norm, eps, a.xn2.data(), a.rstd2.data());
+      a.g.resize(T * ff);
+      a.u.resize(T * ff);
+      a.m.resize(T * ff);
+      if (auto s = LinFwd(ops[4], a.xn2.data(), a.g.data(), &a.ec[4]); !s.ok()) return s;
+      if (auto s = LinFwd(ops[5], a.xn2.data(), a.u.data(), &a.ec[5]); !s.ok()) return s;
+      distill::SiluMulForward<float>(a.g.data(), a.u.data(), T * ff, a.m.data());
+      if (auto s = LinFwd(ops[6], a.m.data(), tmp.data(), &a.ec[6]); !s.ok()) return s;
+      for (int64_t i = 0; i < T * d; ++i) h[i] += tmp[i];
+    }
+    h_final = std::move(h);
+    rstd_f.resize(T);
+    y.resize(T * d);
+    distill::RmsNormForward<float>(h_final.data(), T, d, model->weights.final_norm, eps, y.data(),
+                                   rstd_f.data());
+    return absl::OkStatus();
+  }
+
+  // logits [rows, V] = y_rows E^T.
+  absl::Status Head(const float* yr, int64_t rows, float* out) {
+    kernels::LinearParams p;
+    p.x = yr;
+    p.m = rows;
+    p.k = d;
+    p.ldx = d;
+    p.w = e.data();
+    p.w_dtype = kernels::DType::kF32;
+    p.n = vocab;
+    p.y = out;
+    p.ldy = vocab;
+    return kernels::cpu::Linear(p, pool);
+  }
+
+  // Loss of the stored forward; dy [T, d] = d loss / d y if dy != nullptr.
+  absl::StatusOr<double> HeadLoss(const float* teacher, double mse_w, float* dy) {
+    constexpr int64_t kChunk = 64;
+    std::vector<float> zs(kChunk * vocab), zt(kChunk * vocab);
+    std::vector<double> row_kl(kChunk);
+    double kl = 0;
+    const float inv_t = 1.0f / static_cast<float>(T);
+    for (int64_t r0 = 0; r0 < T; r0 += kChunk) {
+      const int64_t c = std::min(kChunk, T - r0);
+      if (auto s = Head(y.data() + r0 * d, c, zs.data()); !s.ok()) return s;
+      if (auto s = Head(teacher + r0 * d, c, zt.data()); !s.ok()) return s;
+      pool->ParallelFor(c, 1, [&](int64_t b, int64_t e2) {
+        for (int64_t i = b; i < e2; ++i) {
+          row_kl[i] = distill::KlRow<float>(zs.data() + i * vocab, zt.data() + i * vocab, vocab,
+                                            inv_t, dy ? zs.data() + i * vocab : nullptr);
+        }
+      });
+      for (int64_t i = 0; i < c; ++i) kl += row_kl[i];
+      if (dy != nullptr) {
+        kernels::LinearParams p;
+        p.x = zs.data();
+        p.m = c;
+        p.k = vocab;
+        p.ldx = vocab;
+        p.w = et.data();
+        p.w_dtype = kernels::DType::kF32;
+        p.n = d;
+        p.y = dy + r0 * d;
+        p.ldy = d;
+        if (auto s = kernels::cpu::Linear(p, pool); !s.ok()) return s;
+      }
+    }
+    double loss = kl / static_cast<double>(T);
+    if (mse_w > 0) {
+      double se = 0;
+      const float gscale = static_cast<float>(2.0 * mse_w / (static_cast<double>(T) * d));
+      for (int64_t i = 0; i < T * d; ++i) {
+        const float diff = y[i] - teacher[i];
+        se += static_cast<double>(diff) * diff;
+        if (dy != nullptr) dy[i] += gscale * diff;
+      }
+      loss += mse_w * se / (static_cast<double>(T) * d);
+    }
+    return loss;
+  }
+
+  absl::Status Backward(const std::vector<float>& dy_final) {
+    const int64_t ns = static_cast<int64_t>(offs.size()) - 1;
+    std::vector<float> dh(T * d), dxn(T * d), dm(T * ff), dg(T * ff), du(T * ff), dao(T * qd),
+        dq(T * qd), dk(T * kvd), dv(T * kvd);
+    distill::RmsNormBackward<float>(h_final.data(), rstd_f.data(), model->weights.final_norm,
+                                    dy_final.data(), T, d, dh.data(), false);
+    const int64_t group = nh / nkv;
+    for (int64_t l = nl - 1; l >= first_ec_layer; --l) {
+      LayerActs& a = acts[l];
+      const model::LayerWeights& W = model->weights.layers[l];
+      const auto& ops = lin[l];
+      // MLP block: h_out = h_mid + down(m).
+      if (auto s = LinBwd(ops[6], a.m.data(), dh.data(), dm.data(), false, a.ec[6]); !s.ok()) return s;
+      distill::SiluMulBackward<float>(a.g.data(), a.u.data(), dm.data(), T * ff, dg.data(), du.data());
+      if (auto s = LinBwd(ops[4], a.xn2.data(), dg.data(), dxn.data(), false, a.ec[4]); !s.ok()) return s;
+      if (auto s = LinBwd(ops[5], a.xn2.data(), du.data(), dxn.data(), true, a.ec[5]); !s.ok()) return s;
+      distill::RmsNormBackward<float>(a.h_mid.data(), a.rstd2.data(), W.ffn_norm, dxn.data(), T, d,
+                                      dh.data(), true);
+      // Attention block: h_mid = h_in + o(attn(q, k, v)).
+      if (auto s = LinBwd(ops[3], a.ao.data(), dh.data(), dao.data(), false, a.ec[3]); !s.ok()) return s;
+      pool->ParallelFor(ns * nkv, 1, [&](int64_t b, int64_t e2) {
+        for (int64_t task = b; task < e2; ++task) {
+          const int64_t s = task / nkv, kvh = task % nkv;
+          const distill::AttentionShape sh = Shape(s);
+          distill::AttentionBackwardKvHead<float>(
+              sh, kvh, a.q.data() + offs[s] * qd, a.k.data() + offs[s] * kvd,
+              a.v.data() + offs[s] * kvd, a.probs.data() + prob_offs[s] + kvh * group * sh.len * sh.len,
+              dao.data() + offs[s] * qd, dq.data() + offs[s] * qd, dk.data() + offs[s] * kvd,
+              dv.data() + offs[s] * kvd);
+        }
+      });
+      distill::RopeInPlace<float>(dq.data(), T, qd, nh, hd, positions.data(), inv_freq.data(), true);
+      distill::RopeInPlace<float>(dk.data(), T, kvd, nkv, hd, positions.data(), inv_freq.data(), true);
+      if (auto s = LinBwd(ops[0], a.xn1.data(), dq.data(), dxn.data(), false, a.ec[0]); !s.ok()) return s;
+      if (auto s = LinBwd(ops[1], a.xn1.data(), dk.data(), dxn.data(), true, a.ec[1]); !s.ok()) return s;
+      if (auto s = LinBwd(ops[2], a.xn1.data(), dv.data(), dxn.data(), true, a.ec[2]); !s.ok()) return s;
+      distill::RmsNormBackward<float>(a.h_in.data(), a.rstd1.data(), W.attn_norm, dxn.data(), T, d,
+                                      dh.data(), true);
+    }
+    return absl::OkStatus();
+  }
+
+  void ZeroGrads() {
+    grads.resize(ecs.size());
+    for (size_t i = 0; i < ecs.size(); ++i) grads[i].SetZeroLike(ecs[i]);
+  }
+
+  // Makes W1 u unit-RMS for gated ECs whose gate is still exactly 1 (uses
+  // the acts of the last forward).
+  void ScaleGateInit() {
+    for (size_t i = 0; i < ecs.size(); ++i) {
+      EcParams<float>& p = ecs[i];
+      if (!p.gated || p.w2.cwiseAbs().maxCoeff() != 0 || p.b2.cwiseAbs().maxCoeff() != 0) continue;
+      const auto [l, j] = ec_loc[i];
+      const Mat& u = acts[l].ec[j].u;
+      if (u.rows() == 0) continue;
+      const Mat h1 = u * p.w1.transpose();
+      const double rms = std::sqrt(h1.squaredNorm() / std::max<double>(1.0, h1.size()));
+      if (rms > 0 && std::isfinite(rms)) p.w1 /= static_cast<float>(rms);
+    }
+  }
+};
+
+EcDistiller::EcDistiller(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+EcDistiller::~EcDistiller() = default;
+
+absl::StatusOr<std::unique_ptr<EcDistiller>> EcDistiller::Create(const model::LoadedModel* model,
+                                                                 kernels::ThreadPool* pool) {
+  if (model == nullptr || pool == nullptr) return absl::InvalidArgumentError("null model or pool");
+  auto im = std::make_unique<Impl>();
+  const model::ModelConfig& c = model->config;
+  im->model = model;
+  im->pool = pool;
+  im->d = c.hidden_size;
+  im->nh = c.num_heads;
+  im->nkv = c.num_kv_heads;
+  im->hd = c.head_dim;
+  im->qd = c.num_heads * c.head_dim;
+  im->kvd = c.num_kv_heads * c.head_dim;
+  im->ff = c.intermediate_size;
+  im->vocab = c.vocab_size;
+  im->nl = c.num_layers;
+  im->eps = c.rms_eps;
+  im->inv_freq = c.RopeInvFreq();
+  if (im->nkv <= 0 || im->nh % im->nkv != 0) return absl::InvalidArgumentError("bad head counts");
+  im->lin.resize(im->nl);
+  im->first_ec_layer = im->nl;
+  for (int64_t l = 0; l < im->nl; ++l) {
+    const auto mods = LayerLinears(model->weights.layers[l]);
+    for (int j = 0; j < kMods; ++j) {
+      const auto* w4 = dynamic_cast<const model::W4Linear*>(mods[j]);
+      if (w4 == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " module ", j,
+                                                       " is not a W4Linear: ",
+                                                       mods[j] ? mods[j]->DebugString() : "null"));
+      }
+      LinOp& op = im->lin[l][j];
+      auto q = DequantizeW4Effective(w4->weight());
+      if (!q.ok()) return q.status();
+      op.n = q->rows;
+      op.k = q->cols;
+      op.w = std::move(q->data);
+      op.wt.resize(op.w.size());
+      for (int64_t i = 0; i < op.n; ++i) {
+        for (int64_t kk = 0; kk < op.k; ++kk) op.wt[kk * op.n + i] = op.w[i * op.k + kk];
+      }
+      op.bias = w4->bias();
+      if (w4->has_ec()) {
+        op.ec = static_cast<int>(im->ecs.size());
+        im->ecs.push_back(ParamsFromEc<float>(*w4->ec()));
+        im->ec_loc.emplace_back(l, j);
+        im->first_ec_layer = std::min(im->first_ec_layer, l);
+      }
+    }
+  }
+  if (model->weights.lm_head == nullptr) return absl::InvalidArgumentError("no lm_head");
+  auto e = DenseWeightMatrix(*model->weights.lm_head);
+  if (!e.ok()) return e.status();
+  if (e->rows != im->vocab || e->cols != im->d) return absl::InvalidArgumentError("lm_head shape");
+  im->e = std::move(e->data);
+  im->et.resize(im->e.size());
+  for (int64_t v = 0; v < im->vocab; ++v) {
+    for (int64_t j = 0; j < im->d; ++j) im->et[j * im->vocab + v] = im->e[v * im->d + j];
+  }
+  im->adam.resize(im->ecs.size());
+  im->ZeroGrads();
+  return std::unique_ptr<EcDistiller>(new EcDistiller(std::move(im)));
+}
+
+int64_t EcDistiller::num_ecs() const { return static_cast<int64_t>(impl_->ecs.size()); }
+
+namespace {
+template <typename Fn>
+void ForEachTensor(EcParams<float>& p, Fn fn) {
+  fn(p.a.data(), p.a.size(), false);
+  fn(p.b.data(), p.b.size(), false);
+  if (p.gated) {
+    fn(p.w1.data(), p.w1.size(), true);
+    fn(p.b1.data(), p.b1.size(), true);
+    fn(p.w2.data(), p.w2.size(), true);
+    fn(p.b2.data(), p.b2.size(), true);
+  }
+}
+}  // namespace
+
+int64_t EcDistiller::num_params() const {
+  int64_t n = 0;
+  for (auto& p : impl_->ecs) ForEachTensor(p, [&](float*, int64_t sz, bool) { n += sz; });
+  return n;
+}
+
+std::vector<float> EcDistiller::GetParams() const {
+  std::vector<float> out;
+  for (auto& p : impl_->ecs) {
+    ForEachTensor(p, [&](float* d, int64_t sz, bool) { out.insert(out.end(), d, d + sz); });
+  }
+  return out;
+}
+
+void EcDistiller::SetParams(const std::vector<float>& in) {
+  size_t o = 0;
+  for (auto& p : impl_->ecs) {
+    ForEachTensor(p, [&](float* d, int64_t sz, bool) {
+      std::copy(in.begin() + o, in.begin() + o + sz, d);
+      o += sz;
+    });
+  }
+}
+
+absl::StatusOr<double> EcDistiller::LossAndGrad(const std::vector<std::span<const int32_t>>& seqs,
+                                                const float* teacher, double mse_w,
+                                                std::vector<float>* grad) {
+  if (seqs.empty()) return absl::InvalidArgumentError("no sequences");
+  Impl& im = *impl_;
+  if (auto s = im.Forward(seqs); !s.ok()) return s;
+  std::vector<float> dy;
+  if (grad != nullptr) dy.assign(im.T * im.d, 0.f);
+  auto loss = im.HeadLoss(teacher, mse_w, grad ? dy.data() : nullptr);
+  if (!loss.ok() || grad == nullptr) return loss;
+  im.ZeroGrads();
+  if (auto s = im.Backward(dy); !s.ok()) return s;
+  grad->clear();
+  for (auto& g : im.grads) {
+    ForEachTensor(g, [&](float* d, int64_t sz, bool) { grad->insert(grad->end(), d, d + sz); });
+  }
+  return loss;
+}
+
+absl::StatusOr<std::vector<float>> EcDistiller::Logits(
+    const std::vector<std::span<const int32_t>>& seqs) {
+  Impl& im = *impl_;
+  if (auto s = im.Forward(seqs); !s.ok()) return s;
+  std::vector<float> out(im.T * im.vocab);
+  if (auto s = im.Head(im.y.data(), im.T, out.data()); !s.ok()) return s;
+  return out;
+}
+
+absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<int32_t>>& seqs,
+                                                 int64_t num_fit, const float* teacher,
+                                                 const DistillOptions& o,
+                                                 const DistillProgress& progress) {
+  const auto t0 = std::chrono::steady_clock::now();
+  Impl& im = *impl_;
+  const int64_t n = static_cast<int64_t>(seqs.size());
+  if (num_fit < 1 || num_fit >= n) {
+    return absl::InvalidArgumentError("Train needs >= 1 fit and >= 1 held-out sequence");
+  }
+  if (o.batch_sequences < 1 || o.steps < 0 || o.lr <= 0) {
+    return absl::InvalidArgumentError("bad distillation options");
+  }
+  DistillReport rep;
+  rep.num_ecs = num_ecs();
+  rep.num_params = num_params();
+  std::vector<int64_t> row0(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) row0[i + 1] = row0[i] + static_cast<int64_t>(seqs[i].size());
+  rep.fit_tokens = row0[num_fit];
+  rep.val_tokens = row0[n] - row0[num_fit];
+  if (rep.num_ecs == 0) return rep;
+
+  std::vector<float> tbuf;
+  auto gather = [&](const std::vector<int64_t>& idx, std::vector<std::span<const int32_t>>* sp) {
+    sp->clear();
+    tbuf.clear();
+    for (int64_t i : idx) {
+      sp->emplace_back(seqs[i]);
+      tbuf.insert(tbuf.end(), teacher + row0[i] * im.d, teacher + row0[i + 1] * im.d);
+    }
+  };
+  std::vector<std::span<const int32_t>> sp;
+  auto val_kl = [&]() -> absl::StatusOr<double> {
+    double sum = 0;
+    for (int64_t b = num_fit; b < n; b += o.batch_sequences) {
+      std::vector<int64_t> idx;
+      for (int64_t i = b; i < std::min(n, b + o.batch_sequences); ++i) idx.push_back(i);
+      gather(idx, &sp);
+      auto l = LossAndGrad(sp, tbuf.data(), 0.0, nullptr);
+      if (!l.ok()) return l.status();
+      sum += *l * static_cast<double>(im.T);
+    }
+    return sum / static_cast<double>(rep.val_tokens);
+  };
+
+  std::mt19937_64 rng(o.seed);
+  std::vector<int64_t> order(num_fit);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  int64_t cursor = 0;
+  auto next_batch = [&]() {
+    std::vector<int64_t> idx;
+    for (int64_t i = 0; i < std::min(o.batch_sequences, num_fit); ++i) {
+      if (cursor == num_fit) {
+        std::shuffle(order.begin(), order.end(), rng);
+        cursor = 0;
+      }
+      idx.push_back(order[cursor++]);
+    }
+    return idx;
+  };
+
+  // Gate init from the first minibatch, then the held-out baseline.
+  gather(next_batch(), &sp);
+  cursor = 0;
+  auto l0 = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, nullptr);
+  if (!l0.ok()) return l0.status();
+  rep.init_train_kl = *l0;
+  im.ScaleGateInit();
+  auto v0 = val_kl();
+  if (!v0.ok()) return v0.status();
+  rep.init_val_kl = rep.final_val_kl = *v0;
+  rep.val_history.emplace_back(0, *v0);
+  if (progress) progress(0, o.steps, *v0);
+  std::vector<float> best = GetParams();
+  int64_t bad = 0;
+  std::vector<float> grad;
+  const auto train_start = std::chrono::steady_clock::now();
+  for (int64_t step = 1; step <= o.steps; ++step) {
+    gather(next_batch(), &sp);
+    auto l = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, &grad);
+    if (!l.ok()) return l.status();
+    rep.last_train_kl = *l;
+    // lr: warm-up then cosine.
+    double lr = o.lr;
+    if (step <= o.warmup_steps) {
+      lr = o.lr * static_cast<double>(step) / static_cast<double>(o.warmup_steps + 1);
+    } else {
+      const double p = static_cast<double>(step - o.warmup_steps) /
+                       static_cast<double>(std::max<int64_t>(1, o.steps - o.warmup_steps));
+      lr = o.lr * (o.lr_min_ratio + (1 - o.lr_min_ratio) * 0.5 * (1 + std::cos(M_PI * p)));
+    }
+    for (size_t i = 0; i < im.ecs.size(); ++i) {
+      EcParams<float>& p = im.ecs[i];
+      EcParams<float>& g = im.grads[i];
+      auto& ad = im.adam[i];
+      ad[0].Step(p.a, g.a, static_cast<float>(lr), step);
+      ad[1].Step(p.b, g.b, static_cast<float>(lr), step);
+      if (p.gated && o.train_gate) {
+        ad[2].Step(p.w1, g.w1, static_cast<float>(lr), step);
+        ad[3].Step(p.b1, g.b1, static_cast<float>(lr), step);
+        ad[4].Step(p.w2, g.w2, static_cast<float>(lr), step);
+        ad[5].Step(p.b2, g.b2, static_cast<float>(lr), step);
+      }
+    }
+    rep.steps_run = step;
+    const bool time_up = o.max_seconds > 0 && Seconds(t0) > o.max_seconds;
+    if (step % o.eval_every == 0 || step == o.steps || time_up) {
+      auto v = val_kl();
+      if (!v.ok()) return v.status();
+      rep.val_history.emplace_back(step, *v);
+      if (*v < rep.final_val_kl) {
+        rep.final_val_kl = *v;
+        rep.best_step = step;
+        best = GetParams();
+        bad = 0;
+      } else {
+        ++bad;
+      }
+      if (progress) progress(step, o.steps, *v);
+      if (o.patience > 0 && bad >= o.patience) {
+        rep.stopped_early = true;
+        break;
+      }
+    } else if (progress) {
+      progress(step, o.steps, -1);
+    }
+    if (time_up) {
+      rep.time_capped = true;
+      break;
+    }
+  }
+  SetParams(best);
+  rep.seconds = Seconds(t0);
+  if (rep.steps_run > 0) rep.seconds_per_step = Seconds(train_start) / static_cast<double>(rep.steps_run);
+  return rep;
+}
+
+absl::Status EcDistiller::WriteBack(model::LoadedModel* model) const {
+  const Impl& im = *impl_;
+  if (model == nullptr || model->config.num_layers != im.nl) {
+    return absl::InvalidArgumentError("WriteBack: model does not match");
+  }
+  for (size_t i = 0; i < im.ecs.size(); ++i) {
+    const auto [l, j] = im.ec_loc[i];
+    model::LayerWeights& L = model->weights.layers[l];
+    std::array<std::unique_ptr<model::Linear>*, kMods> slots = {
+        &L.q_proj, &L.k_proj, &L.v_proj, &L.o_proj, &L.gate_proj, &L.up_proj, &L.down_proj};
+    const auto* w4 = dynamic_cast<const model::W4Linear*>(slots[j]->get());
+    if (w4 == nullptr || !w4->has_ec()) {
+      return absl::InvalidArgumentError("WriteBack: module has no EC");
+    }
+    kernels::EcWeights ec = *w4->ec();
+    ParamsToEc(im.ecs[i], &ec);
+    auto lin = model::W4Linear::Create(w4->weight(), std::move(ec), w4->bias());
+    if (!lin.ok()) return lin.status();
+    *slots[j] = std::move(*lin);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace spear::quantize

@@ -1,0 +1,121 @@
+// End-to-end distillation of a W4 + EC model's ECs to the FP16 model
+// (SPEAR stage 2, whole-model form).
+//
+// Why: a module-level objective (the EC reproduces its module's FP16 output)
+// cannot repay the drift the un-compensated modules leave in the residual
+// stream, and the budget allows ECs on only part of the modules. Training
+// all placed ECs JOINTLY against the FP16 model's output distribution lets
+// each EC correct whatever error is visible downstream, including other
+// modules' error (cf. knowledge-distillation QAT / LoRA recovery).
+//
+// Objective, on calibration sequences the FP16 model sampled itself, per
+// token t (mean over tokens):
+//     KL(softmax(z_fp(t)) || softmax(z_q(t)))  +  mse_w * ||y_q(t) - y_fp(t)||^2 / d
+// z = lm_head(y), y = the final-normed hidden state; the teacher is given
+// by its final-normed hidden states Y_fp (the lm_head is not quantized, so
+// z_fp = lm_head(Y_fp) is recomputed per step instead of storing T x vocab
+// logits). Only EC parameters train (A, B and, unless frozen, the gate
+// MLP); the W4 weights, norms and embeddings are frozen.
+//
+// Backward: hand-written, float32 (distill_ops.h for the ops; ec_model.h
+// for the EC): W4 linears as their dequantized effective weight Qeff
+// (act_scale folded), y = x Qeff^T + bias + B(g ⊙ A x), dX = dY Qeff + dU A,
+// both products on kernels::cpu::Linear (packed GEMM, thread pool) with
+// float32 copies of Qeff and Qeff^T (~8 bytes per weight: 0.85 GB for
+// SmolLM2-135M). All activations of a minibatch are kept (about 1 MB per
+// token for SmolLM2: 4 x 256 tokens ~ 1 GB).
+//
+// Procedure (Train): minibatches of whole fit sequences (reshuffled each
+// epoch, seeded), Adam, linear warm-up then cosine decay to
+// lr * lr_min_ratio; every eval_every steps the mean KL on the held-out
+// sequences; the best held-out parameters are kept (the initial ones
+// included, so training never returns something worse on held-out
+// calibration data); early stop after `patience` evaluations without
+// improvement, or when max_seconds is spent. Gate init: a gated EC whose
+// gate is exactly 1 (W2 = 0, b2 = 0) has W1 rescaled so that W1 u has unit
+// RMS on the first minibatch (u = A x can be tiny); outputs unchanged.
+// Thread-safety: one call at a time; uses the pool.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/thread_pool.h"
+#include "worker/model/weights.h"
+
+namespace spear::quantize {
+
+struct DistillOptions {
+  int64_t steps = 200;
+  int64_t batch_sequences = 4;
+  double lr = 2e-3;
+  double lr_min_ratio = 0.1;
+  int64_t warmup_steps = 5;
+  int64_t eval_every = 20;
+  int64_t patience = 3;        // evaluations without improvement; 0: never stop early
+  double max_seconds = 0;      // > 0: stop (keeping the best) when spent
+  double hidden_mse_weight = 0;
+  bool train_gate = true;
+  uint64_t seed = 1;
+};
+
+struct DistillReport {
+  double init_val_kl = 0, final_val_kl = 0;  // mean KL per token on held-out sequences
+  double init_train_kl = 0, last_train_kl = 0;
+  int64_t steps_run = 0, best_step = 0;
+  int64_t num_ecs = 0, num_params = 0;
+  int64_t fit_tokens = 0, val_tokens = 0;
+  bool stopped_early = false, time_capped = false;
+  double seconds = 0, seconds_per_step = 0;
+  std::vector<std::pair<int64_t, double>> val_history;  // (step, val KL)
+};
+
+// Progress: (step, steps, latest held-out KL or -1).
+using DistillProgress = std::function<void(int64_t, int64_t, double)>;
+
+class EcDistiller {
+ public:
+  // Reads every decoder linear of `model` (each must be a model::W4Linear,
+  // with or without an EC) and the dense lm_head. InvalidArgument otherwise.
+  static absl::StatusOr<std::unique_ptr<EcDistiller>> Create(const model::LoadedModel* model,
+                                                             kernels::ThreadPool* pool);
+  ~EcDistiller();
+
+  int64_t num_ecs() const;
+  int64_t num_params() const;  // trainable EC parameters (gates included)
+  // All EC parameters flattened (per EC in ForEachLinear order: A, B, W1,
+  // b1, W2, b2).
+  std::vector<float> GetParams() const;
+  void SetParams(const std::vector<float>& p);
+
+  // Mean over the tokens of `seqs` of the objective (see the header); if
+  // grad != nullptr it receives d objective / d params (GetParams order).
+  // teacher_hidden: [sum of lengths, d] rows in sequence order.
+  absl::StatusOr<double> LossAndGrad(const std::vector<std::span<const int32_t>>& seqs,
+                                     const float* teacher_hidden, double hidden_mse_weight,
+                                     std::vector<float>* grad);
+  // Student logits [sum of lengths, vocab] of seqs (tests).
+  absl::StatusOr<std::vector<float>> Logits(const std::vector<std::span<const int32_t>>& seqs);
+
+  // seqs[0, num_fit) train, the rest is held out (>= 1 each).
+  // teacher_hidden [sum of all lengths, d] in sequence order.
+  absl::StatusOr<DistillReport> Train(const std::vector<std::vector<int32_t>>& seqs,
+                                      int64_t num_fit, const float* teacher_hidden,
+                                      const DistillOptions& options,
+                                      const DistillProgress& progress = nullptr);
+
+  // Replaces every EC-carrying linear of *model (the same model, or one with
+  // the same structure) by a W4Linear with the trained EC.
+  absl::Status WriteBack(model::LoadedModel* model) const;
+
+ private:
+  struct Impl;
+  explicit EcDistiller(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace spear::quantize
