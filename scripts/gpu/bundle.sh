@@ -22,5 +22,5 @@ for t in "${targets[@]}"; do
     '/(libc|libm|libdl|librt|libpthread|ld-linux[^/]*|libcuda|libcudart|libcublas[^/]*|libnccl|libgcc_s)\.so' \
     | xargs -r -I{} cp -Ln {} .bundle/lib/ || true
 done
-cp scripts/gpu/run_tests.sh .bundle/
+cp scripts/gpu/run_tests.sh scripts/gpu/run_w4.sh .bundle/
 du -sh .bundle

@@ -1,0 +1,386 @@
+// spear_bench_w4_cuda: the GPU W4 GEMM table of issue 5, all numbers from
+// one run. For Llama-3-8B and Llama-3.2-1B layer shapes (qkv, o, gate_up,
+// down; g128 asymmetric W4, fp16 activations and outputs) and
+// M in {1,2,4,8,16,32,64,128,512,2048}:
+//   W4        cuda::W4Linear without EC (decode kernel for M <= 64, decode
+//             kernel per 64 rows below kPrefillM, prefill path above)
+//   W4+EC     the same with a gated EC of rank 32 (gate hidden 16), fused
+//   naive     W4 + EcGate + EcApply as separate launches (extra pass over y)
+//   cuBLAS    FP16 weights, cublasGemmEx (fp32 accumulate)
+//   torch     torch._weight_int4pack_mm g128 (bf16), read from --torch=CSV
+//             written by scripts/gpu/torch_int4_bench.py in the same command
+// Time: each variant is captured R times into one CUDA graph, rotating
+// through weight copies whose total is >= 3x the L2, the graph replayed 7
+// times; median replay / R. Bandwidth: bytes read (weights as laid out on
+// the device, x) + written (y) over time, against a device-to-device copy
+// (read + write) measured in this run. Plus the four GEMMs of an 8B decoder
+// layer back to back in a graph at M = 1 and 16 (aggregate % of copy
+// bandwidth), and a dispatch section (decode kernel vs prefill path).
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/dtype.h"
+#include "kernels/w4_cuda.h"
+
+namespace spear::kernels {
+namespace {
+
+#define CK(expr)                                                                      \
+  do {                                                                                \
+    const cudaError_t e_ = (expr);                                                    \
+    if (e_ != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #expr, cudaGetErrorString(e_), \
+                   __FILE__, __LINE__);                                               \
+      std::exit(1);                                                                   \
+    }                                                                                 \
+  } while (0)
+#define CKS(expr)                                                                  \
+  do {                                                                             \
+    const absl::Status s_ = (expr);                                                \
+    if (!s_.ok()) {                                                                \
+      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #expr,                      \
+                   std::string(s_.message()).c_str(), __FILE__, __LINE__);         \
+      std::exit(1);                                                                \
+    }                                                                              \
+  } while (0)
+#define CKB(expr)                                                                       \
+  do {                                                                                  \
+    const cublasStatus_t b_ = (expr);                                                   \
+    if (b_ != CUBLAS_STATUS_SUCCESS) {                                                  \
+      std::fprintf(stderr, "%s failed: %d (%s:%d)\n", #expr, (int)b_, __FILE__, __LINE__); \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+constexpr double kL2Bytes = 60e6;
+constexpr int kGroup = 128;
+
+struct Shape {
+  const char* model;
+  const char* layer;
+  int64_t n, k;
+};
+const Shape kShapes[] = {
+    {"8B", "qkv", 6144, 4096},  {"8B", "o", 4096, 4096},    {"8B", "gate_up", 28672, 4096},
+    {"8B", "down", 4096, 14336}, {"1B", "qkv", 3072, 2048}, {"1B", "o", 2048, 2048},
+    {"1B", "gate_up", 16384, 2048}, {"1B", "down", 2048, 8192}};
+const int64_t kMs[] = {1, 2, 4, 8, 16, 32, 64, 128, 512, 2048};
+
+cudaStream_t g_stream;
+
+// Median time of one enqueue of `body(i)` (i = rotation index), in us.
+double TimeGraph(int reps, const std::function<void(int)>& body) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < reps; ++i) body(i);
+  CK(cudaStreamEndCapture(g_stream, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 2; ++i) CK(cudaGraphLaunch(ge, g_stream));
+  std::vector<float> t;
+  for (int i = 0; i < 7; ++i) {
+    CK(cudaEventRecord(a, g_stream));
+    CK(cudaGraphLaunch(ge, g_stream));
+    CK(cudaEventRecord(b, g_stream));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  CK(cudaGetLastError());
+  std::sort(t.begin(), t.end());
+  CK(cudaGraphExecDestroy(ge));
+  CK(cudaGraphDestroy(g));
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
+  return 1000.0 * t[t.size() / 2] / reps;
+}
+
+double CopyBandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *a, *b;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 1, bytes));
+  const double us = TimeGraph(4, [&](int) { CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g_stream)); });
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+  return 2.0 * bytes / (us * 1e-6);  // bytes/s, read + write
+}
+
+W4Weight RandomW4(int64_t n, int64_t k, std::mt19937& rng) {
+  W4Weight w;
+  w.fmt = {n, k, kGroup, false};
+  const int64_t ng = k / kGroup;
+  w.packed.resize(static_cast<size_t>(n * k / 2));
+  uint64_t s = rng();
+  for (auto& b : w.packed) {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    b = static_cast<uint8_t>(s >> 56);
+  }
+  w.scales.resize(static_cast<size_t>(n * ng));
+  w.zeros.resize(static_cast<size_t>(n * ng));
+  std::uniform_real_distribution<float> sc(0.004f, 0.02f);
+  for (size_t i = 0; i < w.scales.size(); ++i) {
+    w.scales[i] = FloatToHalf(sc(rng));
+    w.zeros[i] = static_cast<uint8_t>(rng() & 15);
+  }
+  return w;
+}
+
+EcWeights RandomEc(int64_t n, int64_t k, std::mt19937& rng) {
+  EcWeights e;
+  e.n = n;
+  e.k = k;
+  e.rank = 32;
+  e.gate_hidden = 16;
+  e.gated = true;
+  std::normal_distribution<float> nd;
+  e.a.resize(static_cast<size_t>(32 * k));
+  for (float& v : e.a) v = nd(rng) / 64.f;
+  e.b.resize(static_cast<size_t>(n * 32));
+  for (float& v : e.b) v = 0.01f * nd(rng);
+  e.w1.resize(16 * 32);
+  e.b1.resize(16);
+  e.w2.resize(32 * 16);
+  e.b2.resize(32);
+  for (auto* v : {&e.w1, &e.b1, &e.w2, &e.b2})
+    for (float& x : *v) x = 0.3f * nd(rng);
+  return e;
+}
+
+struct Weights {
+  std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;  // rotation copies (with EC)
+};
+
+std::map<std::string, double> ReadTorch(const std::string& path) {
+  std::map<std::string, double> t;
+  std::ifstream f(path);
+  std::string line;
+  while (std::getline(f, line)) {
+    std::stringstream ss(line);
+    std::string a, b, c, d;
+    if (std::getline(ss, a, ',') && std::getline(ss, b, ',') && std::getline(ss, c, ',') &&
+        std::getline(ss, d, ',')) {
+      try {
+        t[a + "/" + b + "/" + c] = std::stod(d);
+      } catch (...) {
+      }
+    }
+  }
+  return t;
+}
+
+int Main(int argc, char** argv) {
+  std::string torch_csv;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--torch=", 0) == 0) torch_csv = a.substr(8);
+    if (a == "--quick") quick = true;
+  }
+  const auto torch = ReadTorch(torch_csv);
+  auto tget = [&](const std::string& key) -> double {
+    auto it = torch.find(key);
+    return it == torch.end() ? -1 : it->second;
+  };
+  CK(cudaSetDevice(0));
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+  const double copy_bw = CopyBandwidth();
+  std::printf("device: %s, %d SMs, L2 %d MB; copy bandwidth (read+write) %.0f GB/s\n",
+              prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e9);
+
+  auto ws_or = cuda::W4Workspace::Create();
+  CKS(ws_or.status());
+  auto ws = std::move(*ws_or);
+  cublasHandle_t cub;
+  CKB(cublasCreate(&cub));
+  CKB(cublasSetStream(cub, g_stream));
+
+  // Activation / output / fp16 weight pools (random, reused).
+  const int64_t max_m = 2048, max_k = 14336, max_n = 28672;
+  const size_t pool_halfs = size_t{256} << 20 >> 1;  // 256 MiB of fp16
+  uint16_t *x, *y16, *wpool;
+  float* v32;
+  CK(cudaMalloc(&x, max_m * max_k * 2));
+  CK(cudaMalloc(&y16, max_m * max_n * 2));
+  CK(cudaMalloc(&v32, max_m * 32 * 4));
+  CK(cudaMalloc(&wpool, pool_halfs * 2));
+  {
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd;
+    std::vector<uint16_t> h(static_cast<size_t>(max_m * max_k));
+    for (auto& v : h) v = FloatToHalf(nd(rng));
+    CK(cudaMemcpy(x, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+    std::vector<uint16_t> hw(pool_halfs);
+    for (size_t i = 0; i < hw.size(); ++i) hw[i] = h[i % h.size()] & 0xbfff;  // |w| < 2
+    CK(cudaMemcpy(wpool, hw.data(), hw.size() * 2, cudaMemcpyHostToDevice));
+  }
+
+  std::mt19937 rng(1234);
+  std::map<std::string, Weights> weights;
+  std::printf("\n## GEMM table (times in us; %%BW = achieved bytes/s over the copy bandwidth)\n");
+  std::printf("| model | layer | M | W4 us | W4 %%BW | W4 TF/s | W4+EC us | EC/W4 | naive us | naive/W4 | cuBLAS us | cuBLAS %%BW | cuBLAS TF/s | W4/cuBLAS | torch us | torch/W4 | decode-kernel us | prefill-path us |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const Shape& sh : kShapes) {
+    const W4Weight w = RandomW4(sh.n, sh.k, rng);
+    const EcWeights ec = RandomEc(sh.n, sh.k, rng);
+    Weights& W = weights[std::string(sh.model) + sh.layer];
+    auto first = cuda::W4DeviceWeight::Create(w, &ec);
+    CKS(first.status());
+    const double wbytes = static_cast<double>((*first)->backbone_bytes());
+    const int nrot = std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)));
+    W.rot.push_back(std::move(*first));
+    for (int i = 1; i < nrot; ++i) {
+      auto c = W.rot[0]->Clone();
+      CKS(c.status());
+      W.rot.push_back(std::move(*c));
+    }
+    const double fp16_bytes = 2.0 * sh.n * sh.k;
+    const int nrot16 = std::max(1, static_cast<int>(std::ceil(3 * kL2Bytes / fp16_bytes)));
+    const int64_t slots16 = static_cast<int64_t>(pool_halfs / (sh.n * sh.k));
+    for (int64_t m : kMs) {
+      if (quick && m > 16 && m != 512) continue;
+      const int reps = std::max(nrot, 10);
+      const double flops = 2.0 * m * sh.n * sh.k;
+      const double io = 2.0 * m * sh.k + 2.0 * m * sh.n;
+      CKS(ws->Reserve(*W.rot[0], m));
+      auto w4 = [&](bool use_ec, bool fd, bool fp) {
+        return TimeGraph(reps, [&](int i) {
+          cuda::W4CudaParams p;
+          p.x = x;
+          p.m = m;
+          p.ldx = sh.k;
+          p.y_f16 = y16;
+          p.ldy = sh.n;
+          p.use_ec = use_ec;
+          p.force_decode = fd;
+          p.force_prefill = fp;
+          CKS(cuda::W4Linear(*W.rot[i % nrot], p, ws.get(), g_stream));
+        });
+      };
+      const double t_w4 = w4(false, false, false);
+      const double t_ec = w4(true, false, false);
+      const double t_naive = TimeGraph(reps, [&](int i) {
+        const auto& dw = *W.rot[i % nrot];
+        cuda::W4CudaParams p;
+        p.x = x;
+        p.m = m;
+        p.ldx = sh.k;
+        p.y_f16 = y16;
+        p.ldy = sh.n;
+        p.use_ec = false;
+        CKS(cuda::W4Linear(dw, p, ws.get(), g_stream));
+        CKS(cuda::EcGate(dw, x, m, sh.k, v32, ws.get(), g_stream));
+        CKS(cuda::EcApply(dw, v32, m, nullptr, y16, sh.n, g_stream));
+      });
+      const int nr16 = static_cast<int>(std::min<int64_t>(nrot16, slots16));
+      const double t_cub = TimeGraph(std::max(nr16, 10), [&](int i) {
+        const float one = 1.f, zero = 0.f;
+        const uint16_t* wp = wpool + static_cast<size_t>(i % nr16) * sh.n * sh.k;
+        CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, sh.n, m, sh.k, &one, wp, CUDA_R_16F,
+                         sh.k, x, CUDA_R_16F, sh.k, &zero, y16, CUDA_R_16F, sh.n,
+                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      });
+      double t_dec = -1, t_pre = -1;
+      if (m == 64 || m == 128 || m == 512) {
+        t_dec = w4(false, true, false);
+        t_pre = w4(false, false, true);
+      }
+      const double t_torch = tget(std::string(sh.model) + "/" + sh.layer + "/" + std::to_string(m));
+      const double bw_w4 = (wbytes + io) / (t_w4 * 1e-6) / copy_bw * 100;
+      const double bw_cub = (fp16_bytes + io) / (t_cub * 1e-6) / copy_bw * 100;
+      auto opt = [](double v) {
+        char b[32];
+        if (v < 0) return std::string("-");
+        std::snprintf(b, sizeof b, "%.1f", v);
+        return std::string(b);
+      };
+      char tr[32] = "-";
+      if (t_torch > 0) std::snprintf(tr, sizeof tr, "%.2f", t_torch / t_w4);
+      std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.1f | %.2f | %.1f | %.2f | %.1f | %.0f | %.1f | %.2f | %s | %s | %s | %s |\n",
+                  sh.model, sh.layer, static_cast<long long>(m), t_w4, bw_w4, flops / t_w4 * 1e-6,
+                  t_ec, t_ec / t_w4, t_naive, t_naive / t_w4, t_cub, bw_cub,
+                  flops / t_cub * 1e-6, t_w4 / t_cub, opt(t_torch).c_str(), tr,
+                  opt(t_dec).c_str(), opt(t_pre).c_str());
+      std::fflush(stdout);
+    }
+    // Keep only 2 copies of the 8B shapes for the layer graph.
+    if (std::string(sh.model) == "8B") {
+      W.rot.resize(2);
+    } else {
+      W.rot.clear();
+    }
+  }
+
+  // The four GEMMs of an 8B decoder layer, back to back in one graph; two
+  // weight sets alternate so that nothing is served from the L2.
+  std::printf("\n## 8B decoder layer: qkv, o, gate_up, down back to back in one CUDA graph\n");
+  std::printf("| M | variant | layer us | bytes MB | %% of copy BW | torch us | vs torch |\n|---|---|---|---|---|---|---|\n");
+  const char* layers[] = {"qkv", "o", "gate_up", "down"};
+  for (int64_t m : {1, 16}) {
+    for (int variant = 0; variant < 3; ++variant) {
+      double bytes = 0;
+      for (const char* l : layers) {
+        const auto& dw = *weights[std::string("8B") + l].rot[0];
+        bytes += dw.backbone_bytes() + (variant ? dw.ec_bytes() : 0) +
+                 2.0 * m * (dw.fmt().k + dw.fmt().n);
+      }
+      const double t = TimeGraph(10, [&](int i) {
+        for (const char* l : layers) {
+          const auto& dw = *weights[std::string("8B") + l].rot[i % 2];
+          cuda::W4CudaParams p;
+          p.x = x;
+          p.m = m;
+          p.ldx = dw.fmt().k;
+          p.y_f16 = y16;
+          p.ldy = dw.fmt().n;
+          p.use_ec = variant == 1;
+          CKS(cuda::W4Linear(dw, p, ws.get(), g_stream));
+          if (variant == 2) {
+            CKS(cuda::EcGate(dw, x, m, dw.fmt().k, v32, ws.get(), g_stream));
+            CKS(cuda::EcApply(dw, v32, m, nullptr, y16, dw.fmt().n, g_stream));
+          }
+        }
+      });
+      const double tt = tget("layer8B/all/" + std::to_string(m));
+      char tr[32] = "-", tv[32] = "-";
+      if (tt > 0 && variant == 0) {
+        std::snprintf(tr, sizeof tr, "%.1f", tt);
+        std::snprintf(tv, sizeof tv, "%.2fx", tt / t);
+      }
+      std::printf("| %lld | %s | %.1f | %.1f | %.0f | %s | %s |\n", static_cast<long long>(m),
+                  variant == 0 ? "W4" : variant == 1 ? "W4+EC r32 (fused)" : "W4+EC r32 (naive)",
+                  t, bytes / 1e6, bytes / (t * 1e-6) / copy_bw * 100, tr, tv);
+    }
+  }
+  CKB(cublasDestroy(cub));
+  CK(cudaFree(x));
+  CK(cudaFree(y16));
+  CK(cudaFree(v32));
+  CK(cudaFree(wpool));
+  return 0;
+}
+
+}  // namespace
+}  // namespace spear::kernels
+
+int main(int argc, char** argv) { return spear::kernels::Main(argc, argv); }

@@ -1,0 +1,189 @@
+// The EC pieces on CUDA: the decode prologue (u = A x for up to 64 tokens,
+// then the gate, in one launch: r blocks compute u, the last block to finish
+// computes g = 1 + tanh(W2 silu(W1 u + b1) + b2) and v = g ⊙ u), the
+// row-wise gate of the prefill path, and EcApply (y += B v, the naive
+// baseline's extra pass).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/w4_layout.h"
+
+namespace spear::kernels::cuda {
+namespace {
+
+struct GateArgs {
+  int r, rp, h, gated;
+  const float* w1;
+  const float* b1;
+  const float* w2;
+  const float* b2;
+  __half* v_half;
+  int ldv;
+  float* v_f32;
+  float* gate_out;
+};
+
+// One warp computes the gate of one token from u (r floats in `us`).
+__device__ void GateWarp(const GateArgs& g, long long token, float* us, float* hs) {
+  const int lane = threadIdx.x & 31;
+  if (g.gated) {
+    for (int t = lane; t < g.h; t += 32) {
+      float a = g.b1[t];
+      for (int q = 0; q < g.r; ++q) a += g.w1[t * g.r + q] * us[q];
+      hs[t] = a / (1.f + expf(-a));
+    }
+    __syncwarp();
+  }
+  for (int q = lane; q < g.rp; q += 32) {
+    float v = 0.f, gate = 1.f;
+    if (q < g.r) {
+      if (g.gated) {
+        float z = g.b2[q];
+        for (int t = 0; t < g.h; ++t) z += g.w2[q * g.h + t] * hs[t];
+        gate = 1.f + tanhf(z);
+      }
+      v = gate * us[q];
+      if (g.v_f32 != nullptr) g.v_f32[token * g.r + q] = v;
+      if (g.gate_out != nullptr) g.gate_out[token * g.r + q] = gate;
+    }
+    if (g.v_half != nullptr) g.v_half[token * g.ldv + q] = __float2half_rn(v);
+  }
+}
+
+__global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict__ x, int m,
+                                                        long long ldx, int k,
+                                                        const __half* __restrict__ a,
+                                                        float* u, unsigned* counter,
+                                                        GateArgs g) {
+  __shared__ float us[8][kMaxRank];
+  __shared__ float hs[8][kMaxRank];
+  __shared__ int last;
+  const int q = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const __half* ar = a + static_cast<long long>(q) * k;
+  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+  for (int t = warp; t < m; t += 8) {
+    const __half* xr = x + t * ldx;
+    float acc = 0.f;
+    if (vec) {
+      for (int c = lane; c < k / 8; c += 32) {
+        const uint4 av = reinterpret_cast<const uint4*>(ar)[c];
+        const uint4 xv = reinterpret_cast<const uint4*>(xr)[c];
+        const __half2* ah = reinterpret_cast<const __half2*>(&av);
+        const __half2* xh = reinterpret_cast<const __half2*>(&xv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
+          acc += af.x * xf.x + af.y * xf.y;
+        }
+      }
+    } else {
+      for (int c = lane; c < k; c += 32) acc += __half2float(ar[c]) * __half2float(xr[c]);
+    }
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) __stcg(u + t * g.r + q, acc);
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int t = warp; t < m; t += 8) {
+    for (int i = lane; i < g.r; i += 32) us[warp][i] = __ldcg(u + t * g.r + i);
+    __syncwarp();
+    GateWarp(g, t, us[warp], hs[warp]);
+    __syncwarp();
+  }
+  if (threadIdx.x == 0) *counter = 0;
+}
+
+__global__ void __launch_bounds__(256) EcGateRowsKernel(const float* __restrict__ u, int m,
+                                                        GateArgs g) {
+  __shared__ float us[8][kMaxRank];
+  __shared__ float hs[8][kMaxRank];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long t = blockIdx.x * 8LL + warp;
+  if (t >= m) return;
+  for (int i = lane; i < g.r; i += 32) us[warp][i] = u[t * g.r + i];
+  __syncwarp();
+  GateWarp(g, t, us[warp], hs[warp]);
+}
+
+// y[i, c] += sum_q B[c, q] v[i, q]: one thread per output element.
+__global__ void EcApplyKernel(const __half* __restrict__ b, const float* __restrict__ v, int m,
+                              int n, int r, float* y32, __half* y16, long long ldy) {
+  const long long idx = blockIdx.x * 256LL + threadIdx.x;
+  if (idx >= static_cast<long long>(m) * n) return;
+  const int i = static_cast<int>(idx / n), c = static_cast<int>(idx % n);
+  float acc = 0.f;
+  for (int q = 0; q < r; ++q) acc += __half2float(b[static_cast<long long>(c) * r + q]) * v[i * r + q];
+  if (y32 != nullptr) {
+    y32[i * ldy + c] += acc;
+  } else {
+    y16[i * ldy + c] = __float2half_rn(__half2float(y16[i * ldy + c]) + acc);
+  }
+}
+
+GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, float* v_f32,
+                  float* gate_out) {
+  GateArgs g{};
+  g.r = static_cast<int>(w.r);
+  g.rp = v_half != nullptr ? static_cast<int>(w.rp) : static_cast<int>(w.r);
+  g.h = static_cast<int>(w.h);
+  g.gated = w.gated ? 1 : 0;
+  g.w1 = w.w1;
+  g.b1 = w.b1;
+  g.w2 = w.w2;
+  g.b2 = w.b2;
+  g.v_half = reinterpret_cast<__half*>(v_half);
+  g.ldv = static_cast<int>(ldv);
+  g.v_f32 = v_f32;
+  g.gate_out = gate_out;
+  return g;
+}
+
+}  // namespace
+
+absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
+                              int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
+                              float* v_f32, float* gate_out, cudaStream_t stream) {
+  if (m == 0) return absl::OkStatus();
+  if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
+  EcPrologueKernel<<<static_cast<unsigned>(w.r), 256, 0, stream>>>(
+      reinterpret_cast<const __half*>(x), static_cast<int>(m), ldx, static_cast<int>(w.k),
+      reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
+      MakeGate(w, v_half, ldv, v_f32, gate_out));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
+                              uint16_t* v_half, int64_t ldv, float* gate_out,
+                              cudaStream_t stream) {
+  if (m == 0) return absl::OkStatus();
+  EcGateRowsKernel<<<static_cast<unsigned>((m + 7) / 8), 256, 0, stream>>>(
+      u, static_cast<int>(m), MakeGate(w, v_half, ldv, nullptr, gate_out));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+absl::Status EcApply(const W4DeviceWeight& w, const float* v, int64_t m, float* y_f32,
+                     uint16_t* y_f16, int64_t ldy, cudaStream_t stream) {
+  const auto& d = w.impl();
+  if (d.r == 0 || v == nullptr || m < 0 || ((y_f32 == nullptr) == (y_f16 == nullptr)) ||
+      ldy < d.n) {
+    return absl::InvalidArgumentError("cuda::EcApply: bad parameters or no EC");
+  }
+  if (m == 0) return absl::OkStatus();
+  const long long total = m * d.n;
+  EcApplyKernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+      reinterpret_cast<const __half*>(d.ec_b), v, static_cast<int>(m), static_cast<int>(d.n),
+      static_cast<int>(d.r), y_f32, reinterpret_cast<__half*>(y_f16), ldy);
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace spear::kernels::cuda

@@ -1,0 +1,169 @@
+// W4Linear on CUDA: parameter checks and dispatch by m (w4_cuda.h), the
+// decode path (x preparation when needed, EC prologue, decode GEMM per 64
+// rows) and the x / act_scale preparation kernel.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/w4_layout.h"
+
+namespace spear::kernels::cuda {
+
+absl::Status LaunchDecodeM1(DecodeArgs a, int num_sms, cudaStream_t stream);
+absl::Status LaunchDecodeM2(DecodeArgs a, int num_sms, cudaStream_t stream);
+absl::Status LaunchDecodeM3(DecodeArgs a, int num_sms, cudaStream_t stream);
+absl::Status LaunchDecodeM4(DecodeArgs a, int num_sms, cudaStream_t stream);
+
+absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream) {
+  switch (mt) {
+    case 1: return LaunchDecodeM1(a, num_sms, stream);
+    case 2: return LaunchDecodeM2(a, num_sms, stream);
+    case 3: return LaunchDecodeM3(a, num_sms, stream);
+    case 4: return LaunchDecodeM4(a, num_sms, stream);
+    default: return absl::InternalError(absl::StrCat("LaunchDecode: mt=", mt));
+  }
+}
+
+namespace {
+
+// xs[i, c] = x[i, c] / act_scale[c] (or x) for c < k, 0 for k <= c < ldxs.
+__global__ void PrepareXKernel(const __half* __restrict__ x, long long ldx, int k,
+                               const float* __restrict__ act_scale, __half* __restrict__ xs,
+                               long long ldxs) {
+  const int row = blockIdx.y;
+  for (long long c = blockIdx.x * 256LL + threadIdx.x; c < ldxs; c += 256LL * gridDim.x) {
+    float v = 0.f;
+    if (c < k) {
+      v = __half2float(x[row * ldx + c]);
+      if (act_scale != nullptr) v /= act_scale[c];
+    }
+    xs[row * ldxs + c] = __float2half_rn(v);
+  }
+}
+
+absl::Status Bad(const std::string& s) {
+  return absl::InvalidArgumentError(absl::StrCat("cuda::W4Linear: ", s));
+}
+
+}  // namespace
+
+absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k,
+                            const float* act_scale, uint16_t* xs, int64_t ldxs,
+                            cudaStream_t stream) {
+  if (m == 0) return absl::OkStatus();
+  const dim3 grid(static_cast<unsigned>((ldxs + 255) / 256 < 64 ? (ldxs + 255) / 256 : 64),
+                  static_cast<unsigned>(m));
+  PrepareXKernel<<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(x), ldx,
+                                           static_cast<int>(k), act_scale,
+                                           reinterpret_cast<__half*>(xs), ldxs);
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+namespace {
+
+absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
+                       cudaStream_t stream) {
+  const auto& d = w.impl();
+  auto& s = ws->impl();
+  const bool ec = p.use_ec && d.r > 0;
+  const bool need_x = d.act_scale != nullptr || d.k % 8 != 0 || p.ldx % 8 != 0 ||
+                      reinterpret_cast<uintptr_t>(p.x) % 16 != 0;
+  if (need_x && s.xs_elems < kDecodeMaxM * d.kp) {
+    if (absl::Status st = ws->Reserve(w, 0); !st.ok()) return st;
+  }
+  for (int64_t r0 = 0; r0 < p.m; r0 += kDecodeMaxM) {
+    const int64_t mc = p.m - r0 < kDecodeMaxM ? p.m - r0 : kDecodeMaxM;
+    const uint16_t* x = p.x + r0 * p.ldx;
+    DecodeArgs a{};
+    a.qw = d.qw;
+    a.sz = d.sz;
+    a.ntiles = static_cast<int>(d.ntiles);
+    a.ksteps = static_cast<int>(d.ksteps);
+    a.nks = static_cast<int>(d.nks);
+    a.ngroups = static_cast<int>(d.ngroups);
+    a.group = static_cast<int>(d.group);
+    a.m = static_cast<int>(mc);
+    a.k = static_cast<int>(d.k);
+    a.n = static_cast<int>(d.n);
+    if (need_x) {
+      if (absl::Status st = LaunchPrepareX(x, mc, p.ldx, d.k, d.act_scale, s.xs, d.kp, stream);
+          !st.ok()) {
+        return st;
+      }
+      a.x = s.xs;
+      a.ldx = d.kp;
+    } else {
+      a.x = x;
+      a.ldx = p.ldx;
+    }
+    a.bias = p.bias;
+    a.y32 = p.y_f32 != nullptr ? p.y_f32 + r0 * p.ldy : nullptr;
+    a.y16 = p.y_f16 != nullptr ? p.y_f16 + r0 * p.ldy : nullptr;
+    a.ldy = p.ldy;
+    a.accumulate = p.accumulate ? 1 : 0;
+    if (ec) {
+      if (absl::Status st = LaunchEcPrologue(d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
+                                             p.gate_out ? p.gate_out + r0 * d.r : nullptr, stream);
+          !st.ok()) {
+        return st;
+      }
+      a.ecb = d.ec_bfrag;
+      a.esteps = static_cast<int>(d.rp / 16);
+      a.v = s.v;
+      a.ldv = static_cast<int>(d.rp);
+    }
+    a.partials = s.partials;
+    a.counters = s.counters;
+    if (absl::Status st = LaunchDecode(static_cast<int>((mc + 15) / 16), a, s.num_sms, stream);
+        !st.ok()) {
+      return st;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
+                      cudaStream_t stream) {
+  const auto& d = w.impl();
+  if (ws == nullptr) return Bad("workspace is null");
+  if (p.m < 0 || p.m > (int64_t{1} << 30)) return Bad(absl::StrCat("bad m=", p.m));
+  if (p.m == 0) return absl::OkStatus();
+  if (p.x == nullptr) return Bad("x is null");
+  if ((p.y_f32 == nullptr) == (p.y_f16 == nullptr)) return Bad("need exactly one of y_f32, y_f16");
+  if (p.ldx < d.k || p.ldy < d.n) {
+    return Bad(absl::StrCat("strides ldx=", p.ldx, " ldy=", p.ldy, " below k=", d.k, " / n=", d.n));
+  }
+  if (p.force_decode && p.force_prefill) return Bad("force_decode and force_prefill");
+  if (static_cast<size_t>((d.ntiles + 0) ) > static_cast<size_t>(ws->impl().ncounters)) {
+    return Bad("n too large for the workspace counters");
+  }
+  const bool prefill = p.force_prefill || (!p.force_decode && p.m >= kPrefillM);
+  if (prefill) return RunPrefill(w, p, ws, stream);
+  return RunDecode(w, p, ws, stream);
+}
+
+absl::Status EcGate(const W4DeviceWeight& w, const uint16_t* x, int64_t m, int64_t ldx, float* v,
+                    W4Workspace* ws, cudaStream_t stream) {
+  const auto& d = w.impl();
+  if (d.r == 0 || x == nullptr || v == nullptr || ws == nullptr || m < 0 || ldx < d.k) {
+    return absl::InvalidArgumentError("cuda::EcGate: bad parameters or no EC");
+  }
+  auto& s = ws->impl();
+  for (int64_t r0 = 0; r0 < m; r0 += kDecodeMaxM) {
+    const int64_t mc = m - r0 < kDecodeMaxM ? m - r0 : kDecodeMaxM;
+    if (absl::Status st = LaunchEcPrologue(d, x + r0 * ldx, mc, ldx, s, s.v, d.rp, v + r0 * d.r,
+                                           nullptr, stream);
+        !st.ok()) {
+      return st;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace spear::kernels::cuda

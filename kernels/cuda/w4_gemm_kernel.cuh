@@ -1,0 +1,402 @@
+// The W4A16 decode GEMM (m <= 64): y[m, n] = x[m, k] W^T (+ EC, bias).
+// Included by one small .cu per m-tile count (w4_gemm_m*.cu) so that nvcc
+// compiles the instantiations in parallel.
+//
+// Block: 256 threads = 8 warps arranged WN (along n, 64 columns each) x WK
+// (along k). A work unit is (tile group of WN x 64 columns, one 128-deep k
+// stage); the units, ordered tile-group-major, are split evenly over a grid
+// of at most one block per SM (stream-K). Each stage's codes, scale/zero
+// words and x rows travel by cp.async into a STAGES-deep ring. Per k16
+// step a warp dequantizes its 16-byte code load straight into the 8 B
+// fragments of mma.sync m16n8k16 (lop3 to {1024 + q}, then (v - (1024 + z))
+// * s in half2: exact up to the final rounding of s * (q - z)) and runs
+// MT x 8 mma. At the end of a tile segment the WK warps reduce through
+// shared memory; the block that starts the tile (k = 0) adds B (g ⊙ u) as
+// rp / 16 more mma k-steps; a segment that covers the whole k stores
+// y directly, otherwise it writes its partial and the LAST block to finish
+// the tile (atomic ticket) sums all partials in block order (deterministic)
+// and stores y.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/w4_layout.h"
+
+namespace spear::kernels::cuda {
+namespace decode {
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool pred) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void CpAsync16Stream(void* smem, const void* gmem, bool pred,
+                                                uint64_t policy) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(s),
+               "l"(gmem), "r"(n), "l"(policy));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t AsU32(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 AsH2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// First unit of block b when `total` units are split over `grid` blocks.
+__device__ __forceinline__ int UnitBegin(int b, int total, int grid) {
+  return static_cast<int>(static_cast<long long>(b) * total / grid);
+}
+// The block that owns unit u.
+__device__ __forceinline__ int UnitBlock(int u, int total, int grid) {
+  return static_cast<int>((static_cast<long long>(u + 1) * grid + total - 1) / total) - 1;
+}
+
+template <int MT, int WN>
+struct Geometry {
+  static constexpr int kWK = 8 / WN;
+  static constexpr int kStepsPerWarp = 8 / kWK;
+  static constexpr int kNB = 64 * WN;
+  static constexpr int kXRow = kStageK + 8;  // halfs per smem x row (+16 B: no ldmatrix conflicts)
+  static constexpr int kWBytes = WN * 8 * 512;
+  static constexpr int kSBytes = WN * 4 * 256;
+  static constexpr int kXBytes = MT * 16 * kXRow * 2;
+  static constexpr int kStage = kWBytes + kSBytes + kXBytes;
+  static constexpr int kAccFloats = MT * 8 * 4;  // per lane
+  static constexpr int kSlotFloats = WN * MT * 8 * 32 * 4;
+  static constexpr int kRedBytes = (kWK - 1) * WN * MT * 8 * 32 * 4 * 4;
+};
+
+template <int MT, int WN, int STAGES>
+constexpr int SmemBytes() {
+  return STAGES * Geometry<MT, WN>::kStage + Geometry<MT, WN>::kRedBytes;
+}
+
+template <int MT, int WN, int STAGES>
+__global__ void __launch_bounds__(256, 1) W4DecodeKernel(const DecodeArgs a) {
+  using Geo = Geometry<MT, WN>;
+  constexpr int WK = Geo::kWK;
+  constexpr int SPW = Geo::kStepsPerWarp;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* red = reinterpret_cast<float*>(smem + STAGES * Geo::kStage);
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int b = blockIdx.x, grid = gridDim.x, total = a.total_units;
+  const int u0 = UnitBegin(b, total, grid), u1 = UnitBegin(b + 1, total, grid);
+  const int nun = u1 - u0;
+  const int nks = a.nks, G = a.group, ng = a.ngroups;
+
+  uint64_t evict_first;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(evict_first));
+
+  // Rows of x at and above m stay zero for the whole kernel.
+  for (int i = tid; i < STAGES * Geo::kStage / 16; i += 256) {
+    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();
+
+  auto group_first = [&](int ks) { return min(ks * kStageK / G, ng - 1); };
+
+  auto load = [&](int u, int slot) {
+    const int tg = u / nks, ks = u - tg * nks;
+    unsigned char* st = smem + slot * Geo::kStage;
+#pragma unroll
+    for (int i = tid; i < WN * 256; i += 256) {
+      const int tile = tg * WN + (i >> 8);
+      const bool ok = tile < a.ntiles;
+      const uint4* src = reinterpret_cast<const uint4*>(a.qw) +
+                         (static_cast<size_t>(ok ? tile : 0) * a.ksteps + ks * 8) * 32 + (i & 255);
+      CpAsync16Stream(st + i * 16, src, ok, evict_first);
+    }
+    const int gA = group_first(ks);
+    const int ngs = min((ks * kStageK + kStageK - 1) / G, ng - 1) - gA + 1;
+    for (int i = tid; i < WN * 64; i += 256) {
+      const int w = i >> 6, c = i & 63;
+      const int tile = tg * WN + w;
+      if (c < ngs * 16) {
+        const bool ok = tile < a.ntiles;
+        const uint4* src = reinterpret_cast<const uint4*>(a.sz) +
+                           (static_cast<size_t>(ok ? tile : 0) * ng + gA) * 16 + c;
+        CpAsync16(st + Geo::kWBytes + w * 1024 + c * 16, src, ok);
+      }
+    }
+    unsigned char* xs = st + Geo::kWBytes + Geo::kSBytes;
+    for (int i = tid; i < a.m * 16; i += 256) {
+      const int row = i >> 4, c = i & 15;
+      const int kk = ks * kStageK + c * 8;
+      const bool ok = kk < a.k;
+      const uint16_t* src = a.x + (ok ? row * a.ldx + kk : 0);
+      CpAsync16(xs + (row * Geo::kXRow + c * 8) * 2, src, ok);
+    }
+  };
+
+  float acc[MT][8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
+
+  const __half2 k960 = __float2half2_rn(960.f);
+  const __half2 k16th = __float2half2_rn(1.f / 16.f);
+
+  auto compute = [&](int u, int slot) {
+    const int tg = u / nks, ks = u - tg * nks;
+    const unsigned char* st = smem + slot * Geo::kStage;
+    const int gA = group_first(ks);
+    const unsigned char* xs = st + Geo::kWBytes + Geo::kSBytes;
+#pragma unroll
+    for (int i = 0; i < SPW; ++i) {
+      const int s = wk * SPW + i;
+      const uint4 wq = *reinterpret_cast<const uint4*>(st + ((wn * 8 + s) * 32 + lane) * 16);
+      const int gl = min((ks * kStageK + s * 16) / G, ng - 1) - gA;
+      const uint4* scp =
+          reinterpret_cast<const uint4*>(st + Geo::kWBytes + wn * 1024 + gl * 256 + gid * 32);
+      const uint4 sc0 = scp[0], sc1 = scp[1];
+      uint32_t af[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        LdMatrixX4(af[mt], xs + ((mt * 16 + (lane & 15)) * Geo::kXRow + s * 16 + (lane >> 4) * 8) * 2);
+      }
+      const uint32_t wv[4] = {wq.x, wq.y, wq.z, wq.w};
+      const uint32_t scv[8] = {sc0.x, sc0.y, sc0.z, sc0.w, sc1.x, sc1.y, sc1.z, sc1.w};
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        uint32_t w = wv[p];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int j = 2 * p + h;
+          const __half2 sz2 = AsH2(scv[j]);
+          const __half2 s2 = __low2half2(sz2), zz = __high2half2(sz2);
+          const uint32_t lo = (w & 0x000f000fu) | 0x64006400u;
+          const uint32_t hi = (w & 0x00f000f0u) | 0x64006400u;
+          const __half2 b0 = __hmul2(__hsub2(AsH2(lo), zz), s2);
+          const __half2 b1 = __hmul2(__hfma2(AsH2(hi), k16th, __hneg2(__hsub2(zz, k960))), s2);
+          w >>= 8;
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) Mma(acc[mt][j], af[mt], AsU32(b0), AsU32(b1));
+        }
+      }
+    }
+  };
+
+  // Stores acc (the complete sum of a tile group's columns) to y.
+  auto store = [&](int tg) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = mt * 16 + gid + 8 * hh;
+        if (row >= a.m) continue;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int col0 = tg * Geo::kNB + wn * 64 + j * 8 + 2 * tig;
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int col = col0 + c;
+            if (col >= a.n) continue;
+            float v = acc[mt][j][2 * hh + c];
+            if (a.bias != nullptr) v += a.bias[col];
+            const long long idx = row * a.ldy + col;
+            if (a.y32 != nullptr) {
+              a.y32[idx] = a.accumulate ? a.y32[idx] + v : v;
+            } else {
+              __half* y = reinterpret_cast<__half*>(a.y16);
+              y[idx] = __float2half_rn(a.accumulate ? __half2float(y[idx]) + v : v);
+            }
+          }
+        }
+      }
+    }
+  };
+
+  auto end_segment = [&](int tg, int ka, int kb) {
+    // 1. Reduce the WK warps of each column group into the wk == 0 warp.
+    if constexpr (WK > 1) {
+      if (wk > 0) {
+        float4* dst = reinterpret_cast<float4*>(red) + ((wk - 1) * WN + wn) * MT * 8 * 32 + lane;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            dst[(mt * 8 + j) * 32] =
+                make_float4(acc[mt][j][0], acc[mt][j][1], acc[mt][j][2], acc[mt][j][3]);
+      }
+      __syncthreads();
+      if (wk == 0) {
+#pragma unroll 1
+        for (int w = 1; w < WK; ++w) {
+          const float4* srcp = reinterpret_cast<const float4*>(red) + ((w - 1) * WN + wn) * MT * 8 * 32 + lane;
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              const float4 v = srcp[(mt * 8 + j) * 32];
+              acc[mt][j][0] += v.x;
+              acc[mt][j][1] += v.y;
+              acc[mt][j][2] += v.z;
+              acc[mt][j][3] += v.w;
+            }
+        }
+      }
+    }
+    const int tile = tg * WN + wn;
+    // 2. The EC term, once per tile: B (g ⊙ u) as extra mma k-steps.
+    if (wk == 0 && ka == 0 && a.ecb != nullptr && tile < a.ntiles) {
+#pragma unroll 1
+      for (int e = 0; e < a.esteps; ++e) {
+        uint32_t af[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint16_t* v0 = a.v + (mt * 16 + gid) * a.ldv + e * 16 + 2 * tig;
+          af[mt][0] = *reinterpret_cast<const uint32_t*>(v0);
+          af[mt][1] = *reinterpret_cast<const uint32_t*>(v0 + 8 * a.ldv);
+          af[mt][2] = *reinterpret_cast<const uint32_t*>(v0 + 8);
+          af[mt][3] = *reinterpret_cast<const uint32_t*>(v0 + 8 * a.ldv + 8);
+        }
+        const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
+                          ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
+        const uint4 q0 = bp[0], q1 = bp[1], q2 = bp[2], q3 = bp[3];
+        const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
+                                 q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) Mma(acc[mt][j], af[mt], bv[2 * j], bv[2 * j + 1]);
+      }
+    }
+    // 3. Store, or hand the partial to the tile's last block.
+    if (ka == 0 && kb == nks) {
+      if (wk == 0) store(tg);
+    } else {
+      const int slot = (tg == u0 / nks) ? 0 : 1;
+      if (wk == 0) {
+        float4* dst = reinterpret_cast<float4*>(a.partials) +
+                      (static_cast<size_t>(b) * 2 + slot) * (Geo::kSlotFloats / 4) +
+                      wn * MT * 8 * 32 + lane;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            __stcg(dst + (mt * 8 + j) * 32,
+                   make_float4(acc[mt][j][0], acc[mt][j][1], acc[mt][j][2], acc[mt][j][3]));
+        __threadfence();
+      }
+      __syncthreads();
+      const int bf = UnitBlock(tg * nks, total, grid);
+      const int bl = UnitBlock(tg * nks + nks - 1, total, grid);
+      if (tid == 0) {
+        const int old = atomicAdd(a.counters + tg, 1);
+        s_last = (old == bl - bf);
+      }
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+        if (wk == 0) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+              for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
+#pragma unroll 1
+          for (int cb = bf; cb <= bl; ++cb) {
+            const int cslot = (tg == UnitBegin(cb, total, grid) / nks) ? 0 : 1;
+            const float4* srcp = reinterpret_cast<const float4*>(a.partials) +
+                                 (static_cast<size_t>(cb) * 2 + cslot) * (Geo::kSlotFloats / 4) +
+                                 wn * MT * 8 * 32 + lane;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int j = 0; j < 8; ++j) {
+                const float4 v = __ldcg(srcp + (mt * 8 + j) * 32);
+                acc[mt][j][0] += v.x;
+                acc[mt][j][1] += v.y;
+                acc[mt][j][2] += v.z;
+                acc[mt][j][3] += v.w;
+              }
+          }
+          store(tg);
+        }
+        if (tid == 0) a.counters[tg] = 0;
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
+  };
+
+  // The pipeline.
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nun) load(u0 + s, s);
+    CpAsyncCommit();
+  }
+  int seg_start = u0;
+#pragma unroll 1
+  for (int it = 0; it < nun; ++it) {
+    CpAsyncWait<STAGES - 2>();
+    __syncthreads();
+    const int nx = it + STAGES - 1;
+    if (nx < nun) load(u0 + nx, nx % STAGES);
+    CpAsyncCommit();
+    const int u = u0 + it;
+    compute(u, it % STAGES);
+    const int tg = u / nks, ks = u - tg * nks;
+    if (ks == nks - 1 || u == u1 - 1) {
+      end_segment(tg, seg_start - tg * nks, ks + 1);
+      seg_start = u + 1;
+    }
+  }
+  CpAsyncWait<0>();
+}
+
+template <int MT, int WN, int STAGES>
+absl::Status Launch(DecodeArgs a, int num_sms, cudaStream_t stream) {
+  constexpr int kSmem = SmemBytes<MT, WN, STAGES>();
+  static bool configured = false;  // per instantiation; benign race (idempotent)
+  if (!configured) {
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        W4DecodeKernel<MT, WN, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    configured = true;
+  }
+  const int ntg = (a.ntiles + WN - 1) / WN;
+  a.total_units = ntg * a.nks;
+  const int grid = a.total_units < num_sms ? a.total_units : num_sms;
+  W4DecodeKernel<MT, WN, STAGES><<<grid, 256, kSmem, stream>>>(a);
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace decode
+}  // namespace spear::kernels::cuda

@@ -1,0 +1,315 @@
+// W4DeviceWeight::Create: the logical W4 (+EC) format re-laid into the
+// GPU layout of w4_layout.h on the host, then uploaded. Also IsSupported,
+// NumSms and the W4Workspace allocation.
+#include "kernels/cuda/w4_layout.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/dtype.h"
+
+namespace spear::kernels::cuda {
+namespace {
+
+template <typename T>
+absl::Status Upload(const std::vector<T>& h, T** d) {
+  *d = nullptr;
+  if (h.empty()) return absl::OkStatus();
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(d), h.size() * sizeof(T)));
+  SPEAR_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(*d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+
+std::vector<uint16_t> ToHalf(const std::vector<float>& v) {
+  std::vector<uint16_t> h(v.size());
+  for (size_t i = 0; i < v.size(); ++i) h[i] = FloatToHalf(v[i]);
+  return h;
+}
+
+}  // namespace
+
+bool IsSupported(const W4Format& f) {
+  if (f.n <= 0 || f.k <= 0 || f.group_size <= 0) return false;
+  if (f.n >= (int64_t{1} << 24) || f.k >= (int64_t{1} << 24)) return false;
+  if (f.group_size >= f.k) return true;  // per-channel
+  if (f.group_size % 32 != 0) return false;
+  return kStageK % f.group_size == 0 || f.group_size % kStageK == 0;
+}
+
+int NumSms() {
+  static int sms[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
+  if (sms[dev] == 0) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) {
+      v = 1;
+    }
+    sms[dev] = v;
+  }
+  return sms[dev];
+}
+
+W4DeviceWeight::W4DeviceWeight() : impl_(std::make_unique<Impl>()) {}
+
+W4DeviceWeight::~W4DeviceWeight() {
+  Impl& d = *impl_;
+  for (void* p : {static_cast<void*>(d.qw), static_cast<void*>(d.sz),
+                  static_cast<void*>(d.act_scale), static_cast<void*>(d.ec_a),
+                  static_cast<void*>(d.ec_b), static_cast<void*>(d.ec_bfrag),
+                  static_cast<void*>(d.w1), static_cast<void*>(d.b1), static_cast<void*>(d.w2),
+                  static_cast<void*>(d.b2)}) {
+    if (p != nullptr) cudaFree(p);
+  }
+}
+
+absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Create(const W4Weight& w,
+                                                                       const EcWeights* ec) {
+  const W4Format& f = w.fmt;
+  if (!IsSupported(f)) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda W4: unsupported format n=", f.n, " k=",
+                                                   f.k, " group_size=", f.group_size));
+  }
+  const int64_t G = f.group_size, ng = (f.k + G - 1) / G;
+  if (w.packed.size() != static_cast<size_t>(f.n * f.packed_row_bytes()) ||
+      w.scales.size() != static_cast<size_t>(f.n * ng) ||
+      w.zeros.size() != static_cast<size_t>(f.n * ng) ||
+      (!w.act_scale.empty() && w.act_scale.size() != static_cast<size_t>(f.k))) {
+    return absl::InvalidArgumentError("cuda W4: packed/scales/zeros/act_scale sizes");
+  }
+  if (ec != nullptr) {
+    if (ec->n != f.n || ec->k != f.k || ec->rank <= 0 || ec->rank > kMaxRank ||
+        ec->a.size() != static_cast<size_t>(ec->rank * f.k) ||
+        ec->b.size() != static_cast<size_t>(f.n * ec->rank)) {
+      return absl::InvalidArgumentError("cuda W4: EC shape (rank <= 256 on the GPU)");
+    }
+    if (ec->gated && (ec->gate_hidden <= 0 || ec->gate_hidden > kMaxRank ||
+                      ec->w1.size() != static_cast<size_t>(ec->gate_hidden * ec->rank) ||
+                      ec->b1.size() != static_cast<size_t>(ec->gate_hidden) ||
+                      ec->w2.size() != static_cast<size_t>(ec->rank * ec->gate_hidden) ||
+                      ec->b2.size() != static_cast<size_t>(ec->rank))) {
+      return absl::InvalidArgumentError("cuda W4: EC gate shape");
+    }
+  }
+  auto out = std::unique_ptr<W4DeviceWeight>(new W4DeviceWeight());
+  out->fmt_ = f;
+  Impl& d = *out->impl_;
+  d.n = f.n;
+  d.k = f.k;
+  d.group = G;
+  d.ngroups = ng;
+  d.kp = RoundUp(f.k, kStageK);
+  d.ksteps = d.kp / 16;
+  d.nks = d.kp / kStageK;
+  d.ntiles = (f.n + kTileN - 1) / kTileN;
+
+  // Codes.
+  std::vector<uint32_t> qw(static_cast<size_t>(d.ntiles * d.ksteps * 32 * 4), 0);
+  auto code = [&](int64_t col, int64_t kk) -> uint32_t {
+    if (col >= f.n || kk >= f.k) return 0;
+    return w.Code(col, kk);
+  };
+  static constexpr int kNib[8][2] = {{0, 0}, {0, 8}, {1, 0}, {1, 8},
+                                     {0, 1}, {0, 9}, {1, 1}, {1, 9}};  // nibble -> (dj, dk)
+  for (int64_t t = 0; t < d.ntiles; ++t) {
+    for (int64_t s = 0; s < d.ksteps; ++s) {
+      for (int l = 0; l < 32; ++l) {
+        const int gid = l / 4, tig = l % 4;
+        for (int p = 0; p < 4; ++p) {
+          uint32_t word = 0;
+          for (int nib = 0; nib < 8; ++nib) {
+            const int64_t col = t * kTileN + (2 * p + kNib[nib][0]) * 8 + gid;
+            const int64_t kk = s * 16 + 2 * tig + kNib[nib][1];
+            word |= code(col, kk) << (4 * nib);
+          }
+          qw[static_cast<size_t>(((t * d.ksteps + s) * 32 + l) * 4 + p)] = word;
+        }
+      }
+    }
+  }
+  // Scales and zeros: half2 {scale, 1024 + zero}.
+  std::vector<uint32_t> sz(static_cast<size_t>(d.ntiles * ng * kTileN), 0);
+  for (int64_t t = 0; t < d.ntiles; ++t) {
+    for (int64_t g = 0; g < ng; ++g) {
+      for (int slot = 0; slot < kTileN; ++slot) {
+        const int64_t col = t * kTileN + (slot % 8) * 8 + slot / 8;
+        uint32_t v = 0;
+        if (col < f.n) {
+          const size_t i = static_cast<size_t>(col * ng + g);
+          v = static_cast<uint32_t>(w.scales[i]) |
+              (static_cast<uint32_t>(FloatToHalf(1024.f + w.zeros[i])) << 16);
+        }
+        sz[static_cast<size_t>((t * ng + g) * kTileN + slot)] = v;
+      }
+    }
+  }
+  if (absl::Status s = Upload(qw, &d.qw); !s.ok()) return s;
+  if (absl::Status s = Upload(sz, &d.sz); !s.ok()) return s;
+  if (absl::Status s = Upload(w.act_scale, &d.act_scale); !s.ok()) return s;
+  out->qw_bytes_ = qw.size() * 4;
+  out->sz_bytes_ = sz.size() * 4;
+
+  if (ec != nullptr) {
+    d.r = ec->rank;
+    d.rp = RoundUp(d.r, 16);
+    d.h = ec->gated ? ec->gate_hidden : 0;
+    d.gated = ec->gated;
+    out->rank_ = d.r;
+    const std::vector<uint16_t> a16 = ToHalf(ec->a), b16 = ToHalf(ec->b);
+    const int64_t esteps = d.rp / 16;
+    std::vector<uint32_t> bf(static_cast<size_t>(d.ntiles * esteps * 32 * 16), 0);
+    auto bval = [&](int64_t col, int64_t q) -> uint32_t {
+      if (col >= f.n || q >= d.r) return 0;
+      return b16[static_cast<size_t>(col * d.r + q)];
+    };
+    for (int64_t t = 0; t < d.ntiles; ++t) {
+      for (int64_t e = 0; e < esteps; ++e) {
+        for (int l = 0; l < 32; ++l) {
+          const int gid = l / 4, tig = l % 4;
+          for (int j = 0; j < 8; ++j) {
+            const int64_t col = t * kTileN + j * 8 + gid;
+            for (int reg = 0; reg < 2; ++reg) {
+              const int64_t q = e * 16 + 2 * tig + 8 * reg;
+              bf[static_cast<size_t>(((t * esteps + e) * 32 + l) * 16 + j * 2 + reg)] =
+                  bval(col, q) | (bval(col, q + 1) << 16);
+            }
+          }
+        }
+      }
+    }
+    if (absl::Status s = Upload(a16, &d.ec_a); !s.ok()) return s;
+    if (absl::Status s = Upload(b16, &d.ec_b); !s.ok()) return s;
+    if (absl::Status s = Upload(bf, &d.ec_bfrag); !s.ok()) return s;
+    if (ec->gated) {
+      for (auto [src, dst] : {std::pair{&ec->w1, &d.w1}, std::pair{&ec->b1, &d.b1},
+                              std::pair{&ec->w2, &d.w2}, std::pair{&ec->b2, &d.b2}}) {
+        if (absl::Status s = Upload(*src, dst); !s.ok()) return s;
+      }
+    }
+    out->ec_bytes_ = a16.size() * 2 + bf.size() * 4 +
+                     4 * (ec->w1.size() + ec->b1.size() + ec->w2.size() + ec->b2.size());
+  }
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Clone() const {
+  auto out = std::unique_ptr<W4DeviceWeight>(new W4DeviceWeight());
+  out->fmt_ = fmt_;
+  out->rank_ = rank_;
+  out->qw_bytes_ = qw_bytes_;
+  out->sz_bytes_ = sz_bytes_;
+  out->ec_bytes_ = ec_bytes_;
+  Impl& o = *out->impl_;
+  const Impl& d = *impl_;
+  o = d;
+  o.qw = nullptr;
+  o.sz = nullptr;
+  o.act_scale = nullptr;
+  o.ec_a = o.ec_b = nullptr;
+  o.ec_bfrag = nullptr;
+  o.w1 = o.b1 = o.w2 = o.b2 = nullptr;
+  auto copy = [](auto* src, auto** dst, size_t bytes) -> absl::Status {
+    if (src == nullptr) return absl::OkStatus();
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(dst), bytes));
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaMemcpy(*dst, src, bytes, cudaMemcpyDeviceToDevice));
+    return absl::OkStatus();
+  };
+  const size_t esteps = static_cast<size_t>(d.rp / 16);
+  for (absl::Status s :
+       {copy(d.qw, &o.qw, qw_bytes_), copy(d.sz, &o.sz, sz_bytes_),
+        copy(d.act_scale, &o.act_scale, static_cast<size_t>(d.k) * 4),
+        copy(d.ec_a, &o.ec_a, static_cast<size_t>(d.r * d.k) * 2),
+        copy(d.ec_b, &o.ec_b, static_cast<size_t>(d.n * d.r) * 2),
+        copy(d.ec_bfrag, &o.ec_bfrag, static_cast<size_t>(d.ntiles) * esteps * 32 * 16 * 4),
+        copy(d.w1, &o.w1, static_cast<size_t>(d.h * d.r) * 4),
+        copy(d.b1, &o.b1, static_cast<size_t>(d.h) * 4),
+        copy(d.w2, &o.w2, static_cast<size_t>(d.r * d.h) * 4),
+        copy(d.b2, &o.b2, static_cast<size_t>(d.r) * 4)}) {
+    if (!s.ok()) return s;
+  }
+  return out;
+}
+
+// ---- workspace -------------------------------------------------------------
+
+W4Workspace::W4Workspace() : impl_(std::make_unique<Impl>()) {}
+
+W4Workspace::~W4Workspace() {
+  Impl& d = *impl_;
+  for (void* p : {static_cast<void*>(d.partials), static_cast<void*>(d.counters),
+                  static_cast<void*>(d.ec_counter), static_cast<void*>(d.u),
+                  static_cast<void*>(d.v), static_cast<void*>(d.xs), static_cast<void*>(d.wh),
+                  static_cast<void*>(d.pxs), static_cast<void*>(d.pu),
+                  static_cast<void*>(d.pv)}) {
+    if (p != nullptr) cudaFree(p);
+  }
+  if (d.cublas != nullptr) cublasDestroy(d.cublas);
+}
+
+absl::StatusOr<std::unique_ptr<W4Workspace>> W4Workspace::Create() {
+  auto ws = std::unique_ptr<W4Workspace>(new W4Workspace());
+  Impl& d = *ws->impl_;
+  d.num_sms = NumSms();
+  // Two partial slots per block, each at most 4 warps x 4 m16 tiles x 8
+  // subtiles x 32 lanes x 4 floats.
+  d.partial_floats = static_cast<size_t>(d.num_sms) * 2 * 4 * 4 * 1024;
+  d.ncounters = int64_t{1} << 18;
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.partials, d.partial_floats * 4));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.counters, d.ncounters * sizeof(int)));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.counters, 0, d.ncounters * sizeof(int)));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.ec_counter, sizeof(unsigned)));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.ec_counter, 0, sizeof(unsigned)));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.u, kDecodeMaxM * kMaxRank * 4));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.v, kDecodeMaxM * kMaxRank * 2));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.v, 0, kDecodeMaxM * kMaxRank * 2));
+  if (cublasCreate(&d.cublas) != CUBLAS_STATUS_SUCCESS) {
+    return absl::InternalError("cublasCreate failed");
+  }
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  return ws;
+}
+
+namespace {
+template <typename T>
+absl::Status Grow(T** p, size_t* have, size_t want) {
+  if (*have >= want) return absl::OkStatus();
+  if (*p != nullptr) {
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaFree(*p));
+    *p = nullptr;
+  }
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(p), want * sizeof(T)));
+  *have = want;
+  return absl::OkStatus();
+}
+}  // namespace
+
+absl::Status W4Workspace::Reserve(const W4DeviceWeight& w, int64_t m) {
+  const auto& d = w.impl();
+  Impl& s = *impl_;
+  const size_t mm = static_cast<size_t>(m);
+  if (absl::Status st = Grow(&s.wh, &s.wh_elems, static_cast<size_t>(d.n * d.kp)); !st.ok()) {
+    return st;
+  }
+  if (absl::Status st = Grow(&s.pxs, &s.pxs_elems, mm * static_cast<size_t>(d.kp)); !st.ok()) {
+    return st;
+  }
+  size_t have_u = s.pu_elems;
+  if (absl::Status st = Grow(&s.pu, &s.pu_elems, mm * kMaxRank); !st.ok()) return st;
+  if (absl::Status st = Grow(&s.pv, &have_u, mm * kMaxRank); !st.ok()) return st;
+  // x / act_scale for the decode path, 64 rows.
+  size_t have_xs = static_cast<size_t>(s.xs_elems);
+  if (absl::Status st = Grow(&s.xs, &have_xs, static_cast<size_t>(kDecodeMaxM * d.kp));
+      !st.ok()) {
+    return st;
+  }
+  s.xs_elems = static_cast<int64_t>(have_xs);
+  return absl::OkStatus();
+}
+
+}  // namespace spear::kernels::cuda

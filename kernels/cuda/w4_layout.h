@@ -1,0 +1,130 @@
+// Private to kernels/cuda: the physical GPU layout of a W4 (+EC) weight and
+// the workspace, shared by the host re-layout (w4_layout.cc), the decode
+// GEMM (w4_gemm*.cu), the EC kernels (w4_ec.cu) and the prefill path
+// (w4_prefill.cu). kernels/FORMAT.md ("CUDA layout") documents it.
+//
+// Geometry: the n outputs are cut into 64-column tiles (ntiles =
+// ceil(n / 64)); k is padded to kp = roundup(k, 128) and cut into k16 steps
+// (ksteps = kp / 16) and 128-wide pipeline stages (nks = kp / 128).
+//
+// qw   uint32 [ntiles][ksteps][32 lanes][4 words]: for tile t, step s, lane
+//      l (gid = l / 4, tig = l % 4), word p holds the codes that lane l
+//      needs for the mma.sync m16n8k16 B fragments of column subtiles
+//      j = 2p and 2p + 1 (column c(j) = 64 t + 8 j + gid, k0 = 16 s + 2 tig):
+//        nibble 0: (c(2p), k0)     nibble 4: (c(2p), k0+1)
+//        nibble 1: (c(2p), k0+8)   nibble 5: (c(2p), k0+9)
+//        nibble 2: (c(2p+1), k0)   nibble 6: (c(2p+1), k0+1)
+//        nibble 3: (c(2p+1), k0+8) nibble 7: (c(2p+1), k0+9)
+//      so (w & 0x000f000f) | 0x64006400 is the half2 {1024 + code, ...} of
+//      fragment register 0 and (w & 0x00f000f0) | 0x64006400 that of
+//      register 1 (16 x code), then w >>= 8 for the next subtile. Padding
+//      (k >= K or column >= n) holds code 0.
+// sz   uint32 (half2 {scale, 1024 + zero}) [ntiles][ngroups][64]: slot
+//      gid * 8 + j holds column 64 t + 8 j + gid, so one lane's 8 columns are
+//      32 contiguous bytes. ngroups = ceil(k / group_size); padded columns
+//      have scale 0.
+// ec_bfrag uint32 (half2) [ntiles][rp / 16][32 lanes][16]: the fp16 B
+//      fragments of the EC up-projection (B^T as the mma B operand, k = the
+//      rank coordinate padded to rp = roundup(r, 16) with zeros): entry
+//      j * 2 + reg of lane l holds B[c(j)][16 e + 2 tig + 8 reg + {0, 1}].
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/w4_cuda.h"
+
+typedef struct cublasContext* cublasHandle_t;
+
+namespace spear::kernels::cuda {
+
+inline constexpr int kTileN = 64;     // columns per tile
+inline constexpr int kStageK = 128;   // k per pipeline stage
+inline constexpr int kMaxRank = 256;  // EC rank / gate hidden supported on the GPU
+inline constexpr int kDecodeMaxM = 64;
+
+inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+struct W4DeviceWeight::Impl {
+  int64_t n = 0, k = 0, group = 0, ngroups = 0, kp = 0, ksteps = 0, nks = 0, ntiles = 0;
+  uint32_t* qw = nullptr;
+  uint32_t* sz = nullptr;
+  float* act_scale = nullptr;  // [k] or null
+  // EC (rank == 0: none)
+  int64_t r = 0, rp = 0, h = 0;
+  bool gated = false;
+  uint16_t* ec_a = nullptr;      // fp16 [r][k]
+  uint16_t* ec_b = nullptr;      // fp16 [n][r] (prefill / naive path)
+  uint32_t* ec_bfrag = nullptr;  // see above
+  float* w1 = nullptr;           // [h][r]
+  float* b1 = nullptr;           // [h]
+  float* w2 = nullptr;           // [r][h]
+  float* b2 = nullptr;           // [r]
+};
+
+struct W4Workspace::Impl {
+  int num_sms = 0;
+  float* partials = nullptr;  // split-K partial tiles, 2 slots per block
+  size_t partial_floats = 0;
+  int* counters = nullptr;    // per tile group, zero between calls
+  int64_t ncounters = 0;
+  unsigned* ec_counter = nullptr;
+  float* u = nullptr;         // fp32 [64][kMaxRank] (decode EC)
+  uint16_t* v = nullptr;      // fp16 [64][kMaxRank] (decode EC: g ⊙ u, A operand)
+  uint16_t* xs = nullptr;     // fp16 [64][kxs] (decode: x / act_scale, padded)
+  int64_t xs_elems = 0;
+  // prefill
+  uint16_t* wh = nullptr;     // fp16 dequantized W [n][kp]
+  size_t wh_elems = 0;
+  uint16_t* pxs = nullptr;    // fp16 x / act_scale [m][k]
+  size_t pxs_elems = 0;
+  float* pu = nullptr;        // fp32 U [m][r]
+  uint16_t* pv = nullptr;     // fp16 V [m][rp]
+  size_t pu_elems = 0;
+  cublasHandle_t cublas = nullptr;
+};
+
+// Launchers (w4_gemm_*.cu, w4_ec.cu, w4_prefill.cu); all check the launch.
+struct DecodeArgs {
+  const uint32_t* qw;
+  const uint32_t* sz;
+  int ntiles, ksteps, nks, ngroups, group;
+  const uint16_t* x;
+  int m, k, n;
+  long long ldx;
+  const float* bias;
+  float* y32;
+  uint16_t* y16;
+  long long ldy;
+  int accumulate;
+  const uint32_t* ecb;  // null: no EC term
+  int esteps;
+  const uint16_t* v;
+  int ldv;
+  float* partials;
+  int* counters;
+  int total_units;
+};
+// mt = ceil(m / 16) in 1..4.
+absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream);
+
+absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k,
+                            const float* act_scale, uint16_t* xs, int64_t ldxs,
+                            cudaStream_t stream);
+// u = A x for m tokens, then the gate; writes v_half [m][ldv] (padded columns
+// zero), v_f32 [m][r] and gate_out [m][r] where non-null.
+absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
+                              int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
+                              int64_t ldv, float* v_f32, float* gate_out, cudaStream_t stream);
+// Gate only, from u [m][r] fp32 (prefill path).
+absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
+                              uint16_t* v_half, int64_t ldv, float* gate_out,
+                              cudaStream_t stream);
+absl::Status LaunchDequantW(const W4DeviceWeight::Impl& w, uint16_t* wh, cudaStream_t stream);
+absl::Status LaunchAddBias(const float* bias, int64_t m, int64_t n, float* y32, uint16_t* y16,
+                           int64_t ldy, cudaStream_t stream);
+
+absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
+                        cudaStream_t stream);
+
+}  // namespace spear::kernels::cuda

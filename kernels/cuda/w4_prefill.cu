@@ -1,0 +1,159 @@
+// The prefill path (m >= kPrefillM): dequantize W from the GPU layout into
+// an fp16 scratch [n][kp] (same fp16 arithmetic as the decode kernel, so the
+// two paths see identical weights), then cuBLAS (fp16 in, fp32 accumulate).
+// The EC through cuBLAS too: U = x A^T, the row-wise gate, y += V B^T.
+// Measured against dequantizing inside a tiled mma kernel: see
+// docs/results/gpu.md.
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/w4_layout.h"
+
+#define SPEAR_CUBLAS_RETURN_IF_ERROR(expr)                                                   \
+  do {                                                                                       \
+    const cublasStatus_t spear_cublas_st_ = (expr);                                          \
+    if (spear_cublas_st_ != CUBLAS_STATUS_SUCCESS) {                                         \
+      return absl::InternalError(absl::StrCat(#expr, " failed at ", __FILE__, ":", __LINE__, \
+                                              ": cublas status ",                            \
+                                              static_cast<int>(spear_cublas_st_)));          \
+    }                                                                                        \
+  } while (0)
+
+namespace spear::kernels::cuda {
+namespace {
+
+constexpr int kRow = kStageK + 8;
+
+// One block per (64-column tile, 128-deep k stage): 256 threads, thread
+// (step s, lane l) decodes its 16-byte code load into smem, then the block
+// writes 64 rows of 256 bytes.
+__global__ void __launch_bounds__(256) DequantKernel(const uint4* __restrict__ qw,
+                                                     const uint32_t* __restrict__ sz, int n,
+                                                     int ksteps, int ngroups, int group,
+                                                     long long kp, __half* __restrict__ wh) {
+  __shared__ __align__(16) __half tile_s[kTileN * kRow];
+  const int tile = blockIdx.x, ks = blockIdx.y;
+  const int s = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const uint4 wq = qw[(static_cast<size_t>(tile) * ksteps + ks * 8 + s) * 32 + lane];
+  const int g = min((ks * kStageK + s * 16) / group, ngroups - 1);
+  const uint32_t* scp = sz + (static_cast<size_t>(tile) * ngroups + g) * kTileN + gid * 8;
+  const __half2 k960 = __float2half2_rn(960.f), k16th = __float2half2_rn(1.f / 16.f);
+  const uint32_t wv[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    uint32_t w = wv[p];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = 2 * p + h;
+      uint32_t szw = scp[j];
+      const __half2 sz2 = *reinterpret_cast<__half2*>(&szw);
+      const __half2 s2 = __low2half2(sz2), zz = __high2half2(sz2);
+      uint32_t lo = (w & 0x000f000fu) | 0x64006400u, hi = (w & 0x00f000f0u) | 0x64006400u;
+      const __half2 b0 = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&lo), zz), s2);
+      const __half2 b1 =
+          __hmul2(__hfma2(*reinterpret_cast<__half2*>(&hi), k16th, __hneg2(__hsub2(zz, k960))), s2);
+      w >>= 8;
+      const int col = j * 8 + gid, kk = s * 16 + 2 * tig;
+      *reinterpret_cast<__half2*>(&tile_s[col * kRow + kk]) = b0;
+      *reinterpret_cast<__half2*>(&tile_s[col * kRow + kk + 8]) = b1;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTileN * 16; i += 256) {
+    const int row = i >> 4, c = i & 15;
+    const int col = tile * kTileN + row;
+    if (col < n) {
+      reinterpret_cast<uint4*>(wh + col * kp + ks * kStageK)[c] =
+          reinterpret_cast<const uint4*>(&tile_s[row * kRow])[c];
+    }
+  }
+}
+
+__global__ void AddBiasKernel(const float* __restrict__ bias, int m, int n, float* y32,
+                              __half* y16, long long ldy) {
+  const long long idx = blockIdx.x * 256LL + threadIdx.x;
+  if (idx >= static_cast<long long>(m) * n) return;
+  const long long i = idx / n, c = idx % n;
+  if (y32 != nullptr) {
+    y32[i * ldy + c] += bias[c];
+  } else {
+    y16[i * ldy + c] = __float2half_rn(__half2float(y16[i * ldy + c]) + bias[c]);
+  }
+}
+
+}  // namespace
+
+absl::Status LaunchDequantW(const W4DeviceWeight::Impl& w, uint16_t* wh, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(w.ntiles), static_cast<unsigned>(w.nks));
+  DequantKernel<<<grid, 256, 0, stream>>>(reinterpret_cast<const uint4*>(w.qw), w.sz,
+                                          static_cast<int>(w.n), static_cast<int>(w.ksteps),
+                                          static_cast<int>(w.ngroups), static_cast<int>(w.group),
+                                          w.kp, reinterpret_cast<__half*>(wh));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+absl::Status LaunchAddBias(const float* bias, int64_t m, int64_t n, float* y32, uint16_t* y16,
+                           int64_t ldy, cudaStream_t stream) {
+  const long long total = m * n;
+  if (total == 0) return absl::OkStatus();
+  AddBiasKernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+      bias, static_cast<int>(m), static_cast<int>(n), y32, reinterpret_cast<__half*>(y16), ldy);
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
+                        cudaStream_t stream) {
+  const auto& d = w.impl();
+  if (absl::Status st = ws->Reserve(w, p.m); !st.ok()) return st;
+  auto& s = ws->impl();
+  if (absl::Status st = LaunchDequantW(d, s.wh, stream); !st.ok()) return st;
+  const uint16_t* x = p.x;
+  int64_t ldx = p.ldx;
+  if (d.act_scale != nullptr) {
+    if (absl::Status st = LaunchPrepareX(p.x, p.m, p.ldx, d.k, d.act_scale, s.pxs, d.kp, stream);
+        !st.ok()) {
+      return st;
+    }
+    x = s.pxs;
+    ldx = d.kp;
+  }
+  SPEAR_CUBLAS_RETURN_IF_ERROR(cublasSetStream(s.cublas, stream));
+  const float one = 1.f, zero = 0.f;
+  const float beta = p.accumulate ? 1.f : 0.f;
+  void* y = p.y_f32 != nullptr ? static_cast<void*>(p.y_f32) : static_cast<void*>(p.y_f16);
+  const cudaDataType_t yt = p.y_f32 != nullptr ? CUDA_R_32F : CUDA_R_16F;
+  const int n = static_cast<int>(d.n), m = static_cast<int>(p.m), k = static_cast<int>(d.k);
+  SPEAR_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one,
+                                            s.wh, CUDA_R_16F, static_cast<int>(d.kp), x,
+                                            CUDA_R_16F, static_cast<int>(ldx), &beta, y, yt,
+                                            static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
+                                            CUBLAS_GEMM_DEFAULT));
+  if (p.bias != nullptr) {
+    if (absl::Status st = LaunchAddBias(p.bias, p.m, d.n, p.y_f32, p.y_f16, p.ldy, stream);
+        !st.ok()) {
+      return st;
+    }
+  }
+  if (p.use_ec && d.r > 0) {
+    const int r = static_cast<int>(d.r), rp = static_cast<int>(d.rp);
+    SPEAR_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, r, m, k, &one,
+                                              d.ec_a, CUDA_R_16F, k, p.x, CUDA_R_16F,
+                                              static_cast<int>(p.ldx), &zero, s.pu, CUDA_R_32F, r,
+                                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (absl::Status st = LaunchEcGateRows(d, s.pu, p.m, s.pv, rp, p.gate_out, stream); !st.ok()) {
+      return st;
+    }
+    SPEAR_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, r, &one,
+                                              d.ec_b, CUDA_R_16F, r, s.pv, CUDA_R_16F, rp, &one,
+                                              y, yt, static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
+                                              CUBLAS_GEMM_DEFAULT));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace spear::kernels::cuda

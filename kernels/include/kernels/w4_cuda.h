@@ -1,0 +1,132 @@
+// The W4A16 (+ gated EC) linear op on CUDA (sm_90a). Same math as
+// kernels/w4_ops.h (ref:: / cpu::W4Linear); differences:
+//   - activations x are IEEE fp16 on the device ([m, k], row stride ldx);
+//   - the output is fp32 or fp16 on the device (exactly one of y_f32 / y_f16);
+//   - the weight lives on the device in a PHYSICAL layout made once at load
+//     (W4DeviceWeight::Create, kernels/FORMAT.md "CUDA layout"); the logical
+//     W4Weight is not read again;
+//   - A and B of the EC are fp16 on the device (their served dtype); the
+//     gate MLP (W1, b1, W2, b2) is fp32.
+//
+// Dispatch (see kernels/cuda/w4_gemm.cu, numbers in docs/results/gpu.md):
+//   m <= 64           decode kernel: fused dequantize + mma.sync m16n8k16,
+//                     multi-stage cp.async, stream-K over the SMs with a
+//                     deterministic fix-up; EC: u = A x and the gate in a tiny
+//                     prologue kernel, B (g ⊙ u) as two extra mma k-steps in
+//                     the GEMM epilogue (no extra pass over y);
+//   64 < m < kPrefillM  the decode kernel once per 64 rows;
+//   m >= kPrefillM    prefill: W dequantized to an fp16 scratch, then cuBLAS;
+//                     the EC through cuBLAS (U = x A^T, gate, y += V B^T).
+//
+// Threads: a W4DeviceWeight is immutable after Create and may be used from
+// any stream; a W4Workspace belongs to ONE stream at a time (it holds the
+// split-K partials, counters and EC scratch of the calls enqueued on it).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/w4_format.h"
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace spear::kernels::cuda {
+
+// m at and above which W4Linear takes the prefill (dequantize + cuBLAS) path.
+inline constexpr int64_t kPrefillM = 256;
+
+// True when the CUDA kernels support this format: group_size == k
+// (per-channel, any k) or group_size a multiple of 32 that divides 128 or
+// that 128 divides (32, 64, 128, 256, ...). k and n any positive size.
+bool IsSupported(const W4Format& f);
+
+// The device copy of one W4 linear module (+ optional EC) in the GPU layout.
+class W4DeviceWeight {
+ public:
+  // Re-lays `w` (and `ec`, nullable) and uploads it (synchronously: the call
+  // returns once the device copy is complete). act_scale is uploaded too.
+  static absl::StatusOr<std::unique_ptr<W4DeviceWeight>> Create(const W4Weight& w,
+                                                               const EcWeights* ec);
+  ~W4DeviceWeight();
+  // A second device copy (device-to-device; benchmarks rotate copies to
+  // defeat the L2).
+  absl::StatusOr<std::unique_ptr<W4DeviceWeight>> Clone() const;
+  W4DeviceWeight(const W4DeviceWeight&) = delete;
+  W4DeviceWeight& operator=(const W4DeviceWeight&) = delete;
+
+  const W4Format& fmt() const { return fmt_; }
+  bool has_ec() const { return rank_ > 0; }
+  int64_t rank() const { return rank_; }
+  // Bytes a decode GEMM reads for the backbone (codes + scale/zero words in
+  // the GPU layout, padding included) and for the EC (A, B, gate).
+  size_t backbone_bytes() const { return qw_bytes_ + sz_bytes_; }
+  size_t ec_bytes() const { return ec_bytes_; }
+
+  struct Impl;  // device pointers and padded sizes (kernels/cuda/w4_layout.h)
+  const Impl& impl() const { return *impl_; }
+
+ private:
+  W4DeviceWeight();
+  W4Format fmt_;
+  int64_t rank_ = 0;
+  size_t qw_bytes_ = 0, sz_bytes_ = 0, ec_bytes_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Scratch for calls on one stream: split-K partials and tile counters, EC
+// scratch, the fp16 dequant scratch of the prefill path (grown on demand
+// outside graph capture) and a cuBLAS handle.
+class W4Workspace {
+ public:
+  static absl::StatusOr<std::unique_ptr<W4Workspace>> Create();
+  ~W4Workspace();
+  W4Workspace(const W4Workspace&) = delete;
+  W4Workspace& operator=(const W4Workspace&) = delete;
+  // Makes the prefill scratch large enough for `w` and m rows now, so that
+  // later calls can be captured into a CUDA graph (no allocation inside).
+  absl::Status Reserve(const W4DeviceWeight& w, int64_t m);
+
+  struct Impl;
+  Impl& impl() { return *impl_; }
+
+ private:
+  W4Workspace();
+  std::unique_ptr<Impl> impl_;
+};
+
+struct W4CudaParams {
+  const uint16_t* x = nullptr;  // fp16 [m, k], row stride ldx >= k (device)
+  int64_t m = 0, ldx = 0;
+  const float* bias = nullptr;  // nullable, fp32 [n] (device)
+  float* y_f32 = nullptr;       // exactly one of y_f32 / y_f16 (device)
+  uint16_t* y_f16 = nullptr;    // [m, n], row stride ldy >= n
+  int64_t ldy = 0;
+  bool accumulate = false;      // y += instead of y = (y read only then)
+  bool use_ec = true;           // false: skip the weight's EC (backbone only)
+  float* gate_out = nullptr;    // nullable, fp32 [m, r] (device)
+  bool force_decode = false;    // testing/benchmarks: decode kernel at any m
+  bool force_prefill = false;   // testing/benchmarks: prefill path at any m
+};
+
+// y = Q(W) (x / act_scale) + bias [+ B (g ⊙ u), u = A x]  (see w4_ops.h).
+// Enqueued on `stream`, no synchronisation; capturable into a CUDA graph
+// (with the prefill path only after ws->Reserve). InvalidArgument for bad
+// parameters (nothing enqueued), Internal for CUDA errors.
+absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
+                      cudaStream_t stream);
+
+// The pieces, exposed for the naive (unfused) baseline of the benchmark:
+// EcGate writes v = g ⊙ u as fp32 [m, r] into `v` (device); EcApply adds
+// B v to y (one more pass over y). Both on `stream`.
+absl::Status EcGate(const W4DeviceWeight& w, const uint16_t* x, int64_t m, int64_t ldx,
+                    float* v, W4Workspace* ws, cudaStream_t stream);
+absl::Status EcApply(const W4DeviceWeight& w, const float* v, int64_t m, float* y_f32,
+                     uint16_t* y_f16, int64_t ldy, cudaStream_t stream);
+
+// Number of SMs of the current device (cached per device).
+int NumSms();
+
+}  // namespace spear::kernels::cuda

@@ -1,0 +1,438 @@
+// cuda::W4Linear (decode kernel, prefill path, EC pieces) against the
+// scalar reference ref::W4Linear on fresh random inputs (seed printed).
+// Labelled `gpu`; every test skips with a message when no device exists.
+//
+// Tolerance: the GPU rounds each dequantized weight s * (q - z) and the EC's
+// A, B and g ⊙ u to fp16 (relative error <= 2^-11 each, random sign) and
+// accumulates in fp32; the reference sees the same fp16 x, A and B and
+// accumulates in double. Expected error ~ 2^-12 of the output's RMS; we
+// allow |y - ref| <= 2e-3 * rms(ref) + 2e-3 * |ref| (+ 1e-3 * |ref| for fp16
+// outputs), and the relative L2 error over the output must stay <= 1e-3.
+// Outputs are NaN-poisoned before every launch (unless accumulating), so an
+// unwritten element fails.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "kernels/cuda_ops.h"
+#include "kernels/dtype.h"
+#include "kernels/w4_cuda.h"
+#include "kernels/w4_ops.h"
+
+namespace spear::kernels {
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                                                  \
+  do {                                                                                      \
+    auto n = cuda::DeviceCount();                                                           \
+    if (!n.ok() || *n == 0) {                                                               \
+      GTEST_SKIP() << "no CUDA device present ("                                            \
+                   << (n.ok() ? std::string("0 devices") : std::string(n.status().message())) \
+                   << "); GPU tests run on the GPU machine (scripts/gpu/)";                 \
+    }                                                                                       \
+  } while (0)
+
+#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
+
+template <typename T>
+class DevBuf {
+ public:
+  explicit DevBuf(size_t n) : n_(n) { EXPECT_EQ(cudaMalloc(&p_, n * sizeof(T) + 16), cudaSuccess); }
+  ~DevBuf() { cudaFree(p_); }
+  T* get() { return p_; }
+  void Up(const std::vector<T>& h) {
+    EXPECT_EQ(cudaMemcpy(p_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  std::vector<T> Down() {
+    std::vector<T> h(n_);
+    EXPECT_EQ(cudaMemcpy(h.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return h;
+  }
+  void Poison() { EXPECT_EQ(cudaMemset(p_, 0xff, n_ * sizeof(T)), cudaSuccess); }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_;
+};
+
+float RoundHalf(float v) { return HalfToFloat(FloatToHalf(v)); }
+
+unsigned Seed() {
+  static const unsigned s = [] {
+    const unsigned v = std::random_device{}();
+    std::printf("w4_cuda_test seed %u\n", v);
+    return v;
+  }();
+  return s;
+}
+
+W4Weight RandomW4(int64_t n, int64_t k, int64_t g, bool symmetric, bool act_scale,
+                  std::mt19937& rng) {
+  W4Weight w;
+  w.fmt = {n, k, g, symmetric};
+  const int64_t ng = (k + g - 1) / g;
+  w.packed.assign(static_cast<size_t>(n * w.fmt.packed_row_bytes()), 0);
+  std::uniform_int_distribution<int> code(0, 15);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      const uint8_t c = static_cast<uint8_t>(code(rng));
+      w.packed[static_cast<size_t>(i * w.fmt.packed_row_bytes() + j / 2)] |= (j & 1) ? c << 4 : c;
+    }
+  }
+  std::uniform_real_distribution<float> sc(0.004f, 0.02f);
+  w.scales.resize(static_cast<size_t>(n * ng));
+  w.zeros.resize(static_cast<size_t>(n * ng));
+  for (size_t i = 0; i < w.scales.size(); ++i) {
+    w.scales[i] = FloatToHalf(sc(rng));
+    w.zeros[i] = symmetric ? 8 : static_cast<uint8_t>(code(rng));
+  }
+  if (act_scale) {
+    std::uniform_real_distribution<float> as(0.5f, 2.f);
+    w.act_scale.resize(static_cast<size_t>(k));
+    for (float& v : w.act_scale) v = as(rng);
+  }
+  return w;
+}
+
+// A and B are rounded to fp16 (their served dtype) so that the reference
+// and the device use the same values.
+EcWeights RandomEc(int64_t n, int64_t k, int64_t r, int64_t h, bool gated, std::mt19937& rng) {
+  EcWeights e;
+  e.n = n;
+  e.k = k;
+  e.rank = r;
+  e.gated = gated;
+  e.gate_hidden = gated ? h : 0;
+  std::normal_distribution<float> nd;
+  e.a.resize(static_cast<size_t>(r * k));
+  for (float& v : e.a) v = RoundHalf(nd(rng) / std::sqrt(static_cast<float>(k)));
+  e.b.resize(static_cast<size_t>(n * r));
+  for (float& v : e.b) v = RoundHalf(0.05f * nd(rng));
+  if (gated) {
+    for (auto* v : {&e.w1, &e.b1, &e.w2, &e.b2}) v->clear();
+    e.w1.resize(static_cast<size_t>(h * r));
+    e.b1.resize(static_cast<size_t>(h));
+    e.w2.resize(static_cast<size_t>(r * h));
+    e.b2.resize(static_cast<size_t>(r));
+    for (auto* v : {&e.w1, &e.b1, &e.w2, &e.b2}) {
+      for (float& x : *v) x = 0.5f * nd(rng);
+    }
+  }
+  return e;
+}
+
+struct Case {
+  int64_t n, k, g;
+  int64_t m;
+  int ec;  // 0 none, 1 static, 2 gated
+  bool act_scale, bias, accumulate, f16_out, symmetric;
+  bool force_prefill = false;
+  int64_t ldx_pad = 0;
+  std::string Name() const {
+    return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
+                        " bias=", bias, " acc=", accumulate, " f16=", f16_out,
+                        " sym=", symmetric, " prefill=", force_prefill, " ldxpad=", ldx_pad);
+  }
+};
+
+// Runs one case on the device and the reference; returns the relative L2
+// error (and fails the test on any element out of tolerance).
+void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
+  SCOPED_TRACE(c.Name());
+  const W4Weight w = RandomW4(c.n, c.k, c.g, c.symmetric, c.act_scale, rng);
+  const EcWeights ec = RandomEc(c.n, c.k, 32, 16, c.ec == 2, rng);
+  const EcWeights* ecp = c.ec ? &ec : nullptr;
+  auto dw = cuda::W4DeviceWeight::Create(w, ecp);
+  ASSERT_TRUE(dw.ok()) << dw.status();
+
+  const int64_t m = c.m, n = c.n, k = c.k, ldx = k + c.ldx_pad, ldy = n + 3;
+  std::normal_distribution<float> nd;
+  std::vector<uint16_t> xh(static_cast<size_t>(m * ldx), FloatToHalf(0.f));
+  std::vector<float> xf(static_cast<size_t>(m * ldx), 0.f);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      xh[i * ldx + j] = FloatToHalf(nd(rng));
+      xf[i * ldx + j] = HalfToFloat(xh[i * ldx + j]);
+    }
+  }
+  std::vector<float> bias(static_cast<size_t>(n));
+  for (float& v : bias) v = nd(rng);
+  std::vector<float> y0(static_cast<size_t>(m * ldy));
+  for (float& v : y0) v = c.f16_out ? RoundHalf(nd(rng)) : nd(rng);
+
+  // Reference.
+  std::vector<float> yref = y0, gref(static_cast<size_t>(m * 32), 0.f);
+  W4LinearParams rp;
+  rp.x = xf.data();
+  rp.m = m;
+  rp.k = k;
+  rp.ldx = ldx;
+  rp.w = &w;
+  rp.ec = ecp;
+  rp.bias = c.bias ? bias.data() : nullptr;
+  rp.y = yref.data();
+  rp.ldy = ldy;
+  rp.accumulate = c.accumulate;
+  rp.gate_out = c.ec ? gref.data() : nullptr;
+  ASSERT_TRUE(ref::W4Linear(rp).ok());
+
+  // Device.
+  DevBuf<uint16_t> dx(xh.size());
+  dx.Up(xh);
+  DevBuf<float> dbias(bias.size());
+  dbias.Up(bias);
+  DevBuf<float> dy32(y0.size());
+  DevBuf<uint16_t> dy16(y0.size());
+  DevBuf<float> dgate(gref.size());
+  dgate.Poison();
+  if (c.accumulate) {
+    dy32.Up(y0);
+    std::vector<uint16_t> y0h(y0.size());
+    for (size_t i = 0; i < y0.size(); ++i) y0h[i] = FloatToHalf(y0[i]);
+    dy16.Up(y0h);
+  } else {
+    dy32.Poison();
+    dy16.Poison();
+  }
+  cuda::W4CudaParams p;
+  p.x = dx.get();
+  p.m = m;
+  p.ldx = ldx;
+  p.bias = c.bias ? dbias.get() : nullptr;
+  if (c.f16_out) {
+    p.y_f16 = dy16.get();
+  } else {
+    p.y_f32 = dy32.get();
+  }
+  p.ldy = ldy;
+  p.accumulate = c.accumulate;
+  p.gate_out = c.ec ? dgate.get() : nullptr;
+  p.force_prefill = c.force_prefill;
+  ASSERT_TRUE(cuda::W4Linear(**dw, p, ws, nullptr).ok());
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<float> y(y0.size());
+  if (c.f16_out) {
+    const std::vector<uint16_t> yh = dy16.Down();
+    for (size_t i = 0; i < y.size(); ++i) y[i] = HalfToFloat(yh[i]);
+  } else {
+    y = dy32.Down();
+  }
+
+  double ss = 0, se = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) ss += double{yref[i * ldy + j]} * yref[i * ldy + j];
+  }
+  const double rms = std::sqrt(ss / static_cast<double>(m * n));
+  const double rtol = c.f16_out ? 3e-3 : 2e-3;
+  int bad = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const double a = y[i * ldy + j], b = yref[i * ldy + j];
+      se += (a - b) * (a - b);
+      if (!(std::fabs(a - b) <= 2e-3 * rms + rtol * std::fabs(b))) {
+        if (++bad <= 5) ADD_FAILURE() << "y[" << i << "," << j << "] = " << a << " want " << b;
+      }
+    }
+    // Elements past n in each row (ldy padding) must be untouched.
+    for (int64_t j = n; j < ldy && !c.accumulate; ++j) {
+      ASSERT_TRUE(std::isnan(y[i * ldy + j])) << "wrote past n at row " << i;
+    }
+  }
+  EXPECT_EQ(bad, 0);
+  EXPECT_LE(std::sqrt(se / ss), 1e-3);
+  if (c.ec) {
+    const std::vector<float> g = dgate.Down();
+    for (size_t i = 0; i < gref.size(); ++i) {
+      ASSERT_NEAR(g[i], gref[i], 2e-3 * (1 + std::fabs(gref[i]))) << "gate " << i;
+    }
+  }
+}
+
+TEST(CudaW4, DecodeMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed());
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct Shape {
+    int64_t n, k, g;
+  };
+  const Shape shapes[] = {{64, 128, 128},  {200, 384, 32},   {576, 576, 64},
+                          {1000, 1000, 1000}, {77, 33, 33}, {130, 4096, 128},
+                          {4096, 256, 256}, {96, 1088, 64}, {520, 2048, 2048}};
+  const int64_t ms[] = {1, 3, 17, 33, 64, 65};
+  int v = 0;
+  for (const Shape& s : shapes) {
+    for (int64_t m : ms) {
+      Case c{s.n, s.k, s.g, m};
+      c.ec = v % 3;
+      c.act_scale = v % 5 == 1;
+      c.bias = v % 2 == 0;
+      c.accumulate = v % 4 == 3;
+      c.f16_out = v % 3 == 1;
+      c.symmetric = v % 7 == 2;
+      c.ldx_pad = (v % 6 == 5) ? 8 : 0;
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+TEST(CudaW4, PrefillMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 1);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  for (int v = 0; v < 6; ++v) {
+    Case c{v % 2 ? 384 : 200, v % 3 ? 256 : 1000, v % 3 ? 64 : 1000, v < 3 ? 65 : 300};
+    c.force_prefill = v < 3;  // m = 300 takes the prefill path by dispatch
+    c.ec = v % 3;
+    c.act_scale = v == 1 || v == 4;
+    c.bias = v % 2 == 1;
+    c.accumulate = v == 2;
+    c.f16_out = v == 3;
+    RunCase(c, rng, ws->get());
+    if (HasFatalFailure()) return;
+  }
+}
+
+// The split-K fix-up sums partials in block order: bitwise the same twice.
+TEST(CudaW4, DecodeIsDeterministic) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 2);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok());
+  const int64_t n = 256, k = 8192, m = 5;
+  const W4Weight w = RandomW4(n, k, 128, false, false, rng);
+  const EcWeights ec = RandomEc(n, k, 32, 16, true, rng);
+  auto dw = cuda::W4DeviceWeight::Create(w, &ec);
+  ASSERT_TRUE(dw.ok());
+  std::vector<uint16_t> xh(static_cast<size_t>(m * k));
+  std::normal_distribution<float> nd;
+  for (auto& v : xh) v = FloatToHalf(nd(rng));
+  DevBuf<uint16_t> dx(xh.size());
+  dx.Up(xh);
+  DevBuf<float> y(static_cast<size_t>(m * n));
+  cuda::W4CudaParams p;
+  p.x = dx.get();
+  p.m = m;
+  p.ldx = k;
+  p.y_f32 = y.get();
+  p.ldy = n;
+  std::vector<float> first;
+  for (int rep = 0; rep < 5; ++rep) {
+    y.Poison();
+    ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), nullptr).ok());
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<float> out = y.Down();
+    if (rep == 0) {
+      first = out;
+    } else {
+      ASSERT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0) << "rep " << rep;
+    }
+  }
+}
+
+// Captured into a CUDA graph and replayed: same result as a direct call;
+// the naive path (W4 without EC, EcGate, EcApply) agrees with the fused one.
+TEST(CudaW4, GraphReplayAndNaivePathAgree) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 3);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok());
+  const int64_t n = 1536, k = 576, m = 16;
+  const W4Weight w = RandomW4(n, k, 64, false, false, rng);
+  const EcWeights ec = RandomEc(n, k, 32, 16, true, rng);
+  auto dw = cuda::W4DeviceWeight::Create(w, &ec);
+  ASSERT_TRUE(dw.ok());
+  std::vector<uint16_t> xh(static_cast<size_t>(m * k));
+  std::normal_distribution<float> nd;
+  for (auto& v : xh) v = FloatToHalf(nd(rng));
+  DevBuf<uint16_t> dx(xh.size());
+  dx.Up(xh);
+  DevBuf<float> y1(static_cast<size_t>(m * n)), y2(static_cast<size_t>(m * n)),
+      v(static_cast<size_t>(m * 32));
+  cuda::W4CudaParams p;
+  p.x = dx.get();
+  p.m = m;
+  p.ldx = k;
+  p.y_f32 = y1.get();
+  p.ldy = n;
+  ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), nullptr).ok());
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<float> direct = y1.Down();
+
+  cudaStream_t s;
+  CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  y1.Poison();
+  CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), s).ok());
+  CUDA_OK(cudaStreamEndCapture(s, &g));
+  CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
+  for (int i = 0; i < 3; ++i) CUDA_OK(cudaGraphLaunch(ge, s));
+  CUDA_OK(cudaStreamSynchronize(s));
+  const std::vector<float> replay = y1.Down();
+  ASSERT_EQ(std::memcmp(direct.data(), replay.data(), replay.size() * 4), 0);
+  CUDA_OK(cudaGraphExecDestroy(ge));
+  CUDA_OK(cudaGraphDestroy(g));
+  CUDA_OK(cudaStreamDestroy(s));
+
+  y2.Poison();
+  cuda::W4CudaParams q = p;
+  q.y_f32 = y2.get();
+  q.use_ec = false;
+  ASSERT_TRUE(cuda::W4Linear(**dw, q, ws->get(), nullptr).ok());
+  ASSERT_TRUE(cuda::EcGate(**dw, dx.get(), m, k, v.get(), ws->get(), nullptr).ok());
+  ASSERT_TRUE(cuda::EcApply(**dw, v.get(), m, y2.get(), nullptr, n, nullptr).ok());
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<float> naive = y2.Down();
+  double ss = 0, se = 0;
+  for (size_t i = 0; i < naive.size(); ++i) {
+    ss += double{direct[i]} * direct[i];
+    se += double{naive[i] - direct[i]} * (naive[i] - direct[i]);
+  }
+  EXPECT_LE(std::sqrt(se / ss), 1e-3);
+}
+
+TEST(CudaW4, RejectsUnsupportedAndBadParams) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 4);
+  EXPECT_FALSE(cuda::IsSupported({64, 96, 48, false}));   // group 48
+  EXPECT_FALSE(cuda::IsSupported({64, 384, 192, false}));  // 192: neither divides nor is divided by 128
+  EXPECT_TRUE(cuda::IsSupported({64, 100, 100, false}));   // per-channel, any k
+  EXPECT_TRUE(cuda::IsSupported({64, 512, 256, true}));
+  const W4Weight bad = RandomW4(64, 96, 48, false, false, rng);
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4DeviceWeight::Create(bad, nullptr).status()));
+  const W4Weight w = RandomW4(64, 128, 64, false, false, rng);
+  auto dw = cuda::W4DeviceWeight::Create(w, nullptr);
+  ASSERT_TRUE(dw.ok());
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok());
+  DevBuf<uint16_t> x(128);
+  DevBuf<float> y(64);
+  cuda::W4CudaParams p;
+  p.x = x.get();
+  p.m = 1;
+  p.ldx = 128;
+  p.ldy = 64;
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));  // no y
+  p.y_f32 = y.get();
+  p.ldx = 100;
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));  // ldx < k
+  p.ldx = 128;
+  p.x = nullptr;
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::EcApply(**dw, nullptr, 1, y.get(), nullptr, 64, nullptr)));
+}
+
+}  // namespace
+}  // namespace spear::kernels
