@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/serve.h"
 
 namespace {
 
@@ -17,6 +18,9 @@ constexpr char kUsage[] =
     "  eval             token-level perplexity of a text (--models A,B,C: a comparison table)\n"
     "  bench            prefill/decode speed on the CPU\n"
     "  quantize         FP16 model -> W4 (+SPEAR error compensators) .spear checkpoint\n"
+    "  serve            router + N workers as one local cluster (gRPC)\n"
+    "  client           send a request to a router (stream, unary, tokenize, list models)\n"
+    "  bench load       open-loop Poisson load against a router\n"
     "`spear <command> --help` lists a command's flags.\n";
 
 }  // namespace
@@ -32,7 +36,12 @@ int main(int argc, char** argv) {
   if (cmd == "info") return spear::cli::CmdInfo(args);
   if (cmd == "generate") return spear::cli::CmdGenerate(args);
   if (cmd == "eval") return spear::cli::CmdEval(args);
+  if (cmd == "bench" && !args.empty() && args[0] == "load") {
+    return spear::cli::CmdBenchLoad(std::vector<std::string>(args.begin() + 1, args.end()));
+  }
   if (cmd == "bench") return spear::cli::CmdBench(args);
+  if (cmd == "serve") return spear::cli::CmdServe(args);
+  if (cmd == "client") return spear::cli::CmdClient(args);
   if (cmd == "quantize") return spear::cli::CmdQuantize(args);
   if (cmd == "help" || cmd == "--help" || cmd == "-h") {
     std::fputs(kUsage, stdout);
