@@ -15,7 +15,7 @@ DEBIAN_PKGS=(
   prometheus
   python3 python3-pip
 )
-PY_PKGS=(numpy gguf grpcio grpcio-tools kubernetes-validate matplotlib)
+PY_PKGS=(numpy gguf grpcio grpcio-tools kubernetes-validate matplotlib helm-python-sdk)
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then
@@ -42,6 +42,7 @@ for p in "${PY_PKGS[@]}"; do
   mod=${p//-/_}
   [[ $p == grpcio ]] && mod=grpc
   [[ $p == grpcio-tools ]] && mod=grpc_tools
+  [[ $p == helm-python-sdk ]] && mod=helm_python  # Helm v4 SDK (chart render + lint, tests/deploy)
   if ! "$PY" -c "import $mod" >/dev/null 2>&1; then pymissing+=("$p"); fi
 done
 if ((${#pymissing[@]})); then

@@ -123,8 +123,22 @@ def leaves(tree, prefix=""):
             yield p
 
 
-for p in leaves(values_cpu):
-    c.ok(has_path(values, p), f"values-cpu.yaml: {p} exists in values.yaml")
+def key_paths(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            yield from key_paths(v, prefix + (k,))
+        else:
+            yield prefix + (k,)
+
+
+for p in key_paths(values_cpu):
+    cur, ok = values, True
+    for part in p:
+        if not isinstance(cur, dict) or part not in cur:
+            ok = False
+            break
+        cur = cur[part]
+    c.ok(ok, f"values-cpu.yaml: {'.'.join(p)} exists in values.yaml")
 
 # Every value commented: each key line has a comment right above it, or an
 # ancestor does (a commented map passed through whole, e.g. resources).
@@ -213,9 +227,11 @@ def merged(over):
     import copy
     out = copy.deepcopy(values)
 
-    def merge(a, b):
+    def merge(a, b):  # Helm's rules: maps merge, null deletes, the rest replaces
         for k, v in b.items():
-            if isinstance(v, dict) and v and isinstance(a.get(k), dict):
+            if v is None:
+                a.pop(k, None)
+            elif isinstance(v, dict) and v and isinstance(a.get(k), dict):
                 merge(a[k], v)
             else:
                 a[k] = v
