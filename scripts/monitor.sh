@@ -104,7 +104,7 @@ if ((background == 0)); then
     --storage.tsdb.retention.time="$retention" --web.listen-address="127.0.0.1:$port" --web.enable-lifecycle
 fi
 # Background: a free port can be taken between choosing and binding; retry.
-for attempt in 1 2 3; do
+for _ in 1 2 3; do
   p=$port
   [[ $p == 0 ]] && p=$(free_port)
   start "$p"

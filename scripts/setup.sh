@@ -12,7 +12,7 @@ DEBIAN_PKGS=(
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   libsentencepiece-dev libeigen3-dev libopenblas-dev libpcre2-dev
   nlohmann-json3-dev libspdlog-dev
-  prometheus
+  prometheus shellcheck
   python3 python3-pip
 )
 PY_PKGS=(numpy gguf grpcio grpcio-tools kubernetes-validate matplotlib helm-python-sdk)
