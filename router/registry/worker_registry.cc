@@ -74,6 +74,10 @@ bool WorkerHandle::admissible() const {
   std::lock_guard<std::mutex> l(mu_);
   return health_ok_ && stats_ok_ && has_stats_ && !stats_.draining() && !removed_.load();
 }
+bool WorkerHandle::has_stats() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return has_stats_;
+}
 spear::v1::StatsResponse WorkerHandle::stats() const {
   std::lock_guard<std::mutex> l(mu_);
   return stats_;
@@ -245,7 +249,7 @@ void WorkerRegistry::Resolve() {
     } else {
       spdlog::info("worker {} left {}", w->address(), opts_.dns_name);
       w->set_removed();
-      if (metrics_) metrics_->SetWorkerUp(w->name(), false);
+      if (metrics_ && w->has_stats()) metrics_->SetWorkerUp(w->name(), false);
     }
   }
   for (const std::string& a : addrs) {
@@ -272,7 +276,11 @@ void WorkerRegistry::Poll(bool health) {
                                    const bool ok = s.ok() && call->resp.status() ==
                                        grpc::health::v1::HealthCheckResponse::SERVING;
                                    w->SetHealth(ok);
-                                   if (metrics_) metrics_->SetWorkerUp(w->name(), w->admissible());
+                                   // Series are labelled with the worker's own id, known
+                                   // once Stats answered.
+                                   if (metrics_ && w->has_stats()) {
+                                     metrics_->SetWorkerUp(w->name(), w->admissible());
+                                   }
                                    w->health_in_flight.store(false);
                                    Changed();
                                  });
@@ -294,7 +302,7 @@ void WorkerRegistry::Poll(bool health) {
                                   } else {
                                     w->SetStatsFailed();
                                   }
-                                  if (metrics_) {
+                                  if (metrics_ && w->has_stats()) {
                                     metrics_->SetWorkerUp(w->name(), w->admissible());
                                     if (s.ok()) {
                                       metrics_->SetWorkerPredictedTtft(

@@ -42,6 +42,7 @@ class WorkerHandle {
   // Healthy, has stats, not draining: may receive new requests.
   bool admissible() const;
   spear::v1::StatsResponse stats() const;
+  bool has_stats() const;
   PendingLoad pending() const;
   int32_t inflight() const;
 

@@ -113,7 +113,9 @@ def start_worker(model, worker_id, threads=1, kv_tokens=4096, extra=()):
     args = [binary("spear-worker"), "--model", model, "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", "0", "--threads", str(threads), "--kv-tokens", str(kv_tokens),
             "--worker-id", worker_id, *extra]
-    return Proc(args, worker_id)
+    p = Proc(args, worker_id)
+    p.worker_id = worker_id
+    return p
 
 
 def start_router(model, workers, extra=()):
