@@ -63,6 +63,11 @@ class Sequence {
 
   // Engine bookkeeping.
   void MarkComputed(int64_t n) { num_computed_ += n; }
+  // Preemption by recompute: forget every computed position (the caller
+  // has released the KV blocks); prompt and generated tokens are all
+  // pending again and are recomputed as one prefill. The sampler keeps its
+  // state, so the continuation is the same as without preemption.
+  void ResetComputed() { num_computed_ = 0; }
   void Append(int32_t token) { tokens_.push_back(token); }
 
  private:

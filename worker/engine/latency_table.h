@@ -1,0 +1,79 @@
+// The scheduler's latency model: predicted seconds of one engine iteration
+// as a function of the tokens it batches, with no EC and with every EC.
+//
+//   Predict(T, d) = no_ec(T) + d * (full_ec(T) - no_ec(T))
+//
+// where d in [0, 1] is the EC density (the fraction of the model's EC FLOPs
+// applied, see EcControl) and no_ec / full_ec are piecewise linear over
+// the profiled token counts (flat below the first point, extrapolated
+// linearly past the last). The table is whole-model; the per-module EC
+// cost is its share of the EC FLOPs (EcControl::share), which is how a
+// partial EC mask maps to a density.
+//
+// Built at start-up by ProfileLatency (timed real forward passes) and
+// refreshed online: Observe moves the two grid points around a measured
+// iteration towards the measurement by an EWMA step, keeping both columns
+// non-decreasing in T and full_ec >= no_ec.
+//
+// Thread-safety: internally synchronized; Predict is called by the engine
+// loop, Snapshot by RPC threads (Stats).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace spear::engine {
+
+class Engine;
+class BlockManager;
+class EcControl;
+
+struct LatencyPoints {
+  std::vector<int32_t> tokens;        // strictly increasing, >= 1
+  std::vector<double> seconds_no_ec;  // same length
+  std::vector<double> seconds_full_ec;
+};
+
+class LatencyTable {
+ public:
+  // InvalidArgument unless the points are well formed (non-empty, same
+  // lengths, tokens strictly increasing and >= 1, seconds finite >= 0).
+  static absl::StatusOr<LatencyTable> Create(LatencyPoints points, double ewma_alpha = 0.2);
+
+  LatencyTable(const LatencyTable& other);
+  LatencyTable& operator=(const LatencyTable& other);
+
+  double Predict(int64_t tokens, double ec_density) const ABSL_LOCKS_EXCLUDED(mu_);
+  // Folds one measured iteration into the table; returns measured/predicted
+  // (before the update), or 0 when nothing was predicted.
+  double Observe(int64_t tokens, double ec_density, double seconds) ABSL_LOCKS_EXCLUDED(mu_);
+  LatencyPoints Snapshot() const ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  LatencyTable(LatencyPoints p, double alpha) : p_(std::move(p)), alpha_(alpha) {}
+  double PredictLocked(int64_t tokens, double d) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+
+  mutable absl::Mutex mu_;
+  LatencyPoints p_ ABSL_GUARDED_BY(mu_);
+  double alpha_;
+};
+
+struct ProfileOptions {
+  // Token counts to time (clipped to max_tokens; 1 and max_tokens always).
+  std::vector<int32_t> tokens = {1, 4, 16, 64, 128, 256, 512, 1024, 2048};
+  int64_t max_tokens = 512;
+  int repeats = 2;  // the minimum of `repeats` timed runs after one warm-up
+};
+
+// Times real forward passes of `engine` (one sequence per point, T tokens
+// of prefill, KV blocks from `blocks`, released afterwards) with every EC
+// on and with every EC off (once when the model has no EC). Restores all
+// ECs on. Needs enough free KV for max_tokens positions.
+absl::StatusOr<LatencyTable> ProfileLatency(Engine* engine, BlockManager* blocks, EcControl* ec,
+                                            const ProfileOptions& options);
+
+}  // namespace spear::engine
