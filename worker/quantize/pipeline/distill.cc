@@ -239,7 +239,8 @@ struct EcDistiller::Impl {
   }
 
   // Loss of the stored forward; dy [T, d] = d loss / d y if dy != nullptr.
-  absl::StatusOr<double> HeadLoss(const float* teacher, double mse_w, float* dy) {
+  absl::StatusOr<double> HeadLoss(const float* teacher, double mse_w, float* dy,
+                                  std::vector<double>* per_row = nullptr) {
     constexpr int64_t kChunk = 64;
     std::vector<float> zs(kChunk * vocab), zt(kChunk * vocab);
     std::vector<double> row_kl(kChunk);
@@ -256,6 +257,7 @@ struct EcDistiller::Impl {
         }
       });
       for (int64_t i = 0; i < c; ++i) kl += row_kl[i];
+      if (per_row != nullptr) per_row->insert(per_row->end(), row_kl.begin(), row_kl.begin() + c);
       if (dy != nullptr) {
         kernels::LinearParams p;
         p.x = zs.data();
@@ -481,6 +483,46 @@ absl::StatusOr<std::vector<float>> EcDistiller::Logits(
   return out;
 }
 
+absl::StatusOr<EcTokenDiagnostics> EcDistiller::TokenDiagnostics(
+    const std::vector<std::span<const int32_t>>& seqs, const float* teacher) {
+  static constexpr const char* kNames[kMods] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                "gate_proj", "up_proj", "down_proj"};
+  Impl& im = *impl_;
+  EcTokenDiagnostics out;
+  for (const auto& [l, j] : im.ec_loc) out.ec_names.push_back(absl::StrCat("layers.", l, ".", kNames[j]));
+  const int64_t ne = num_ecs();
+  // Without ECs: B = 0 (restored below).
+  std::vector<Mat> saved_b(ne);
+  for (int64_t i = 0; i < ne; ++i) {
+    saved_b[i] = im.ecs[i].b;
+    im.ecs[i].b.setZero();
+  }
+  std::vector<double> without, with;
+  absl::Status st = im.Forward(seqs);
+  if (st.ok()) st = im.HeadLoss(teacher, 0.0, nullptr, &without).status();
+  for (int64_t i = 0; i < ne; ++i) im.ecs[i].b = saved_b[i];
+  if (!st.ok()) return st;
+  if (auto s = im.Forward(seqs); !s.ok()) return s;
+  if (auto s = im.HeadLoss(teacher, 0.0, nullptr, &with); !s.ok()) return s.status();
+  const int64_t T = im.T;
+  out.kl_with.assign(with.begin(), with.end());
+  out.kl_without.assign(without.begin(), without.end());
+  out.ec_gate.assign(T * ne, 1.f);
+  out.mean_gate.assign(T, 1.f);
+  for (int64_t i = 0; i < ne; ++i) {
+    const auto [l, j] = im.ec_loc[i];
+    const EcActivations<float>& a = im.acts[l].ec[j];
+    if (!im.ecs[i].gated || a.t.rows() != T) continue;
+    for (int64_t t = 0; t < T; ++t) out.ec_gate[t * ne + i] = 1.f + a.t.row(t).mean();
+  }
+  for (int64_t t = 0; t < T && ne > 0; ++t) {
+    double s = 0;
+    for (int64_t i = 0; i < ne; ++i) s += out.ec_gate[t * ne + i];
+    out.mean_gate[t] = static_cast<float>(s / ne);
+  }
+  return out;
+}
+
 absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<int32_t>>& seqs,
                                                  int64_t num_fit, const float* teacher,
                                                  const DistillOptions& o,
@@ -559,18 +601,32 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   int64_t bad = 0;
   std::vector<float> grad;
   const auto train_start = std::chrono::steady_clock::now();
+  // Progress in [0, 1] after `step` steps (see the lr schedule below).
+  auto RunFraction = [&](int64_t step) {
+    double f = static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, o.steps));
+    if (o.max_seconds > 0) {
+      // Measured from the start of Train (including the held-out baseline);
+      // the time of one more step is projected so the last step fits.
+      const double spent = Seconds(t0);
+      const double per_step = step > 1 ? Seconds(train_start) / static_cast<double>(step - 1) : 0;
+      f = std::max(f, (spent + per_step) / o.max_seconds);
+    }
+    return f;
+  };
   for (int64_t step = 1; step <= o.steps; ++step) {
     gather(next_batch(), &sp);
     auto l = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, &grad);
     if (!l.ok()) return l.status();
     rep.last_train_kl = *l;
-    // lr: warm-up then cosine.
+    // lr: warm-up then cosine over the run's progress: the larger of the
+    // step fraction and (with a time budget) the time fraction, so a time
+    // cap still ends the schedule at lr * lr_min_ratio.
+    const double frac = RunFraction(step);
     double lr = o.lr;
     if (step <= o.warmup_steps) {
       lr = o.lr * static_cast<double>(step) / static_cast<double>(o.warmup_steps + 1);
     } else {
-      const double p = static_cast<double>(step - o.warmup_steps) /
-                       static_cast<double>(std::max<int64_t>(1, o.steps - o.warmup_steps));
+      const double p = std::min(1.0, frac);
       lr = o.lr * (o.lr_min_ratio + (1 - o.lr_min_ratio) * 0.5 * (1 + std::cos(M_PI * p)));
     }
     for (size_t i = 0; i < im.ecs.size(); ++i) {
@@ -587,7 +643,7 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
       }
     }
     rep.steps_run = step;
-    const bool time_up = o.max_seconds > 0 && Seconds(t0) > o.max_seconds;
+    const bool time_up = o.max_seconds > 0 && RunFraction(step + 1) >= 1.0;
     if (step % o.eval_every == 0 || step == o.steps || time_up) {
       auto v = val_kl();
       if (!v.ok()) return v.status();

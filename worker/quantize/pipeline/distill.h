@@ -41,6 +41,7 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -74,6 +75,16 @@ struct DistillReport {
   std::vector<std::pair<int64_t, double>> val_history;  // (step, val KL)
 };
 
+// Per-token data for the plot "output error with and without EC against the
+// gate value": KL(FP16 || model) per token with the ECs and with every EC's
+// B set to 0 (the W4 backbone alone), and the gates.
+struct EcTokenDiagnostics {
+  std::vector<std::string> ec_names;       // "layers.L.q_proj", per EC
+  std::vector<float> kl_with, kl_without;  // [T]
+  std::vector<float> mean_gate;            // [T] mean over ECs and coordinates
+  std::vector<float> ec_gate;              // [T, num_ecs] mean over coordinates (1: static)
+};
+
 // Progress: (step, steps, latest held-out KL or -1).
 using DistillProgress = std::function<void(int64_t, int64_t, double)>;
 
@@ -98,6 +109,8 @@ class EcDistiller {
   absl::StatusOr<double> LossAndGrad(const std::vector<std::span<const int32_t>>& seqs,
                                      const float* teacher_hidden, double hidden_mse_weight,
                                      std::vector<float>* grad);
+  absl::StatusOr<EcTokenDiagnostics> TokenDiagnostics(
+      const std::vector<std::span<const int32_t>>& seqs, const float* teacher_hidden);
   // Student logits [sum of lengths, vocab] of seqs (tests).
   absl::StatusOr<std::vector<float>> Logits(const std::vector<std::span<const int32_t>>& seqs);
 

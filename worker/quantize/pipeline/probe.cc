@@ -7,13 +7,19 @@
 //       [--steps S] [--static-placed] [--no-gate] [--ppl-tokens N] [--ctx C]
 //       [--threads T] [--skip-fp16] [--text FILE] [--no-e2e] [--e2e-steps S]
 //       [--e2e-lr LR] [--e2e-batch B] [--e2e-max-seconds S] [--e2e-mse W]
-//       [--e2e-eval-every N] [--e2e-patience N] [--breadth F]
+//       [--e2e-eval-every N] [--e2e-patience N] [--breadth F] [--seq-tokens N]
+//       [--text2 FILE] [--dump-gates CSV] [--dump-tokens N] [--time-budget S]
+// --text2: perplexity also on a second text (same ctx and token count).
+// --dump-gates: per-token KL(FP16 || model) with and without the ECs and the
+// gate values (mean and per EC) on the first --dump-tokens (1024) WikiText
+// tokens, in windows of ctx, as CSV.
 // Prints the FP16 perplexity (unless --skip-fp16), the report (per-module
 // rows for modules with an EC), the quantized perplexity and wall times.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <span>
 #include <sstream>
 #include <string>
 
@@ -21,6 +27,8 @@
 #include "worker/engine/kv_cache.h"
 #include "worker/engine/model_runner.h"
 #include "worker/engine/perplexity.h"
+#include "worker/quantize/pipeline/distill.h"
+#include "worker/quantize/pipeline/layerwise.h"
 #include "worker/quantize/pipeline/quantize_model.h"
 
 using namespace spear;
@@ -56,6 +64,8 @@ int main(int argc, char** argv) {
   int64_t ppl_tokens = 16384;
   int ctx = 512, threads = 2;
   bool skip_fp16 = false;
+  std::string text2, dump_path;
+  int64_t dump_tokens = 1024;
   for (int i = 3; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -97,6 +107,16 @@ int main(int argc, char** argv) {
       threads = std::atoi(next().c_str());
     } else if (a == "--skip-fp16") {
       skip_fp16 = true;
+    } else if (a == "--text2") {
+      text2 = next();
+    } else if (a == "--dump-gates") {
+      dump_path = next();
+    } else if (a == "--dump-tokens") {
+      dump_tokens = std::atoll(next().c_str());
+    } else if (a == "--time-budget") {
+      o.time_budget_seconds = std::atof(next().c_str());
+    } else if (a == "--seq-tokens") {
+      o.sequential_max_tokens = std::atoll(next().c_str());
     } else if (a == "--breadth") {
       o.placement_breadth = std::atof(next().c_str());
     } else if (a == "--no-e2e") {
@@ -138,7 +158,39 @@ int main(int argc, char** argv) {
   std::stringstream ss;
   ss << f.rdbuf();
   const std::vector<int32_t> toks = (*model)->tokenizer->Encode(ss.str(), /*add_bos=*/false);
+  std::vector<int32_t> toks2;
+  if (!text2.empty()) {
+    std::ifstream f2(text2);
+    if (!f2) {
+      std::fprintf(stderr, "cannot read %s\n", text2.c_str());
+      return 1;
+    }
+    std::stringstream ss2;
+    ss2 << f2.rdbuf();
+    toks2 = (*model)->tokenizer->Encode(ss2.str(), /*add_bos=*/false);
+    std::printf("text2 %s: %zu tokens\n", text2.c_str(), toks2.size());
+  }
   kernels::ThreadPool pool(threads);
+  // Windows for the gate dump and their FP16 teacher (final-normed hidden).
+  std::vector<std::vector<int32_t>> dump_seqs;
+  std::vector<float> dump_teacher;
+  if (!dump_path.empty()) {
+    for (int64_t s0 = 0; s0 + ctx <= static_cast<int64_t>(toks.size()) && s0 < dump_tokens; s0 += ctx) {
+      dump_seqs.emplace_back(toks.begin() + s0, toks.begin() + s0 + ctx);
+    }
+    auto run = quantize::LayerwiseRunner::Create(model->get(), &pool, dump_seqs);
+    if (!run.ok()) {
+      std::fprintf(stderr, "dump: %s\n", run.status().ToString().c_str());
+      return 1;
+    }
+    dump_teacher.resize((*run)->num_tokens() * (*model)->config.hidden_size);
+    if (!(*run)->Embed(dump_teacher.data()).ok() ||
+        !(*run)->RunLayers(0, (*model)->config.num_layers, dump_teacher.data()).ok() ||
+        !(*run)->FinalNorm(dump_teacher.data(), dump_teacher.data()).ok()) {
+      std::fprintf(stderr, "dump: FP16 teacher failed\n");
+      return 1;
+    }
+  }
 
   if (!skip_fp16) {
     t = Now();
@@ -150,6 +202,16 @@ int main(int argc, char** argv) {
     std::printf("fp16 ppl %.4f  (ctx %d, %lld tokens, %.1f s)\n", *p, ctx,
                 static_cast<long long>(ppl_tokens), Now() - t);
     std::fflush(stdout);
+    if (!toks2.empty()) {
+      t = Now();
+      auto p2 = Ppl(**model, &pool, toks2, ctx, ppl_tokens);
+      if (!p2.ok()) {
+        std::fprintf(stderr, "ppl: %s\n", p2.status().ToString().c_str());
+        return 1;
+      }
+      std::printf("fp16 ppl text2 %.4f  (%.1f s)\n", *p2, Now() - t);
+      std::fflush(stdout);
+    }
   }
 
   t = Now();
@@ -172,10 +234,10 @@ int main(int argc, char** argv) {
               rep->seconds, static_cast<long long>(rep->calibration_tokens),
               static_cast<long long>(rep->w4_model_bytes), static_cast<long long>(rep->ec_bytes),
               rep->ec_pct(), rep->damage_entropy, rep->normalized_entropy, rep->effective_modules);
-  std::printf("stage seconds: calibration %.1f  diagnostic %.1f  sequential %.1f  distill %.1f  "
-              "(total %.1f)\n",
-              rep->calibration_seconds, rep->diagnostic_seconds, rep->sequential_seconds,
-              rep->distill_seconds, rep->seconds);
+  std::printf("stage seconds: calibration %.1f  diagnostic %.1f  teacher %.1f  sequential %.1f  "
+              "distill %.1f  (total %.1f)\n",
+              rep->calibration_seconds, rep->diagnostic_seconds, rep->teacher_seconds,
+              rep->sequential_seconds, rep->distill_seconds, rep->seconds);
   if (rep->distilled) {
     const auto& d = rep->distill;
     std::printf("distill: %lld ECs, %lld params, fit %lld / held-out %lld tokens; held-out KL "
@@ -206,5 +268,48 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::printf("quantized ppl %.4f  (%.1f s)\n", *p, Now() - t);
+  std::fflush(stdout);
+  if (!toks2.empty()) {
+    t = Now();
+    auto p2 = Ppl(**model, &pool, toks2, ctx, ppl_tokens);
+    if (!p2.ok()) {
+      std::fprintf(stderr, "ppl: %s\n", p2.status().ToString().c_str());
+      return 1;
+    }
+    std::printf("quantized ppl text2 %.4f  (%.1f s)\n", *p2, Now() - t);
+  }
+  if (!dump_path.empty()) {
+    auto dist = quantize::EcDistiller::Create(model->get(), &pool);
+    if (!dist.ok()) {
+      std::fprintf(stderr, "dump: %s\n", dist.status().ToString().c_str());
+      return 1;
+    }
+    std::vector<std::span<const int32_t>> sp(dump_seqs.begin(), dump_seqs.end());
+    auto diag = (*dist)->TokenDiagnostics(sp, dump_teacher.data());
+    if (!diag.ok()) {
+      std::fprintf(stderr, "dump: %s\n", diag.status().ToString().c_str());
+      return 1;
+    }
+    std::ofstream out(dump_path);
+    out << "window,pos,token,kl_without_ec,kl_with_ec,mean_gate";
+    for (const auto& n : diag->ec_names) out << ",gate:" << n;
+    out << "\n";
+    const int64_t ne = static_cast<int64_t>(diag->ec_names.size());
+    int64_t row = 0;
+    double kw = 0, ko = 0;
+    for (size_t w = 0; w < dump_seqs.size(); ++w) {
+      for (size_t i = 0; i < dump_seqs[w].size(); ++i, ++row) {
+        out << w << "," << i << "," << dump_seqs[w][i] << "," << diag->kl_without[row] << ","
+            << diag->kl_with[row] << "," << diag->mean_gate[row];
+        for (int64_t e = 0; e < ne; ++e) out << "," << diag->ec_gate[row * ne + e];
+        out << "\n";
+        kw += diag->kl_with[row];
+        ko += diag->kl_without[row];
+      }
+    }
+    std::printf("gate dump: %lld tokens, %lld ECs -> %s (mean KL without EC %.4f, with %.4f)\n",
+                static_cast<long long>(row), static_cast<long long>(ne), dump_path.c_str(),
+                ko / std::max<int64_t>(row, 1), kw / std::max<int64_t>(row, 1));
+  }
   return 0;
 }

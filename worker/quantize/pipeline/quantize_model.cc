@@ -64,6 +64,7 @@ class Pipeline {
   absl::Status QuantizeDataFree();
   absl::Status QuantizeSequential();
   absl::Status QuantizeGroup(int64_t layer, int group);
+  absl::Status ComputeTeacher();
   absl::Status Distill();
 
   model::LoadedModel* model_;
@@ -78,11 +79,16 @@ class Pipeline {
   double budget_bytes_ = 0;
   std::vector<std::vector<int32_t>> seqs_;
   int64_t fit_seqs_ = 0, fit_rows_ = 0, total_rows_ = 0;
+  // The sequential pass's sequences (a prefix of the fit sequences, at most
+  // sequential_max_tokens, then all held-out ones) and their row counts.
+  std::vector<std::vector<int32_t>> seq_pass_;
+  int64_t sp_fit_rows_ = 0, sp_total_rows_ = 0;
 
   // Sequential state.
   std::unique_ptr<LayerwiseRunner> runner_;
   std::vector<float> h_fp_, h_cur_;
   std::vector<float> teacher_;  // [T, d] FP16 final-normed hidden states (e2e)
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
   std::vector<float> x_fp_[4], x_q_[4];
   int64_t group_k_[4] = {0, 0, 0, 0};
 };
@@ -192,7 +198,7 @@ absl::Status Pipeline::QuantizeDataFree() {
 }
 
 absl::Status Pipeline::QuantizeGroup(int64_t l, int g) {
-  const int64_t k = group_k_[g], T = total_rows_;
+  const int64_t k = group_k_[g], T = sp_total_rows_, fit_rows = sp_fit_rows_;
   // Current-stream inputs of this group (the run stops at the capture point).
   const LayerModule cap = kGroupCapture[g];
   float* xq = x_q_[g].data();
@@ -214,9 +220,9 @@ absl::Status Pipeline::QuantizeGroup(int64_t l, int g) {
     mods.push_back(j);
     any_ec |= ranks_[l * kModulesPerLayer + j] > 0;
   }
-  const MatrixView xq_fit{xq, fit_rows_, k}, xfp_fit{x_fp_[g].data(), fit_rows_, k};
-  const MatrixView xq_eval{xq + fit_rows_ * k, T - fit_rows_, k};
-  const MatrixView xfp_eval{x_fp_[g].data() + fit_rows_ * k, T - fit_rows_, k};
+  const MatrixView xq_fit{xq, fit_rows, k}, xfp_fit{x_fp_[g].data(), fit_rows, k};
+  const MatrixView xq_eval{xq + fit_rows * k, T - fit_rows, k};
+  const MatrixView xfp_eval{x_fp_[g].data() + fit_rows * k, T - fit_rows, k};
   std::optional<Eigen::MatrixXd> s2;
   std::optional<std::vector<double>> mabs;
   if (any_ec || o_.backbone == Backbone::kGptq) s2 = SecondMoment(xq_fit);
@@ -277,10 +283,10 @@ absl::Status Pipeline::QuantizeGroup(int64_t l, int g) {
 absl::Status Pipeline::QuantizeSequential() {
   const model::ModelConfig& c = model_->config;
   const int64_t d = c.hidden_size;
-  auto runner = LayerwiseRunner::Create(model_, pool_, seqs_);
+  auto runner = LayerwiseRunner::Create(model_, pool_, seq_pass_);
   if (!runner.ok()) return runner.status();
   runner_ = std::move(*runner);
-  const int64_t T = total_rows_;
+  const int64_t T = sp_total_rows_;
   group_k_[0] = d;
   group_k_[1] = c.num_heads * c.head_dim;
   group_k_[2] = d;
@@ -316,12 +322,6 @@ absl::Status Pipeline::QuantizeSequential() {
     if (auto s = runner_->RunLayers(l, l + 1, h_cur_.data()); !s.ok()) return s;
     Progress("quantize", l + 1, c.num_layers);
   }
-  // h_fp_ is now the FP16 model's last residual stream: the teacher of the
-  // end-to-end stage is its final norm.
-  if (o_.ec == EcMode::kSpear && o_.e2e) {
-    teacher_.resize(h_fp_.size());
-    if (auto s = runner_->FinalNorm(h_fp_.data(), teacher_.data()); !s.ok()) return s;
-  }
   for (int g = 0; g < 4; ++g) {
     std::vector<float>().swap(x_fp_[g]);
     std::vector<float>().swap(x_q_[g]);
@@ -330,6 +330,17 @@ absl::Status Pipeline::QuantizeSequential() {
   std::vector<float>().swap(h_fp_);
   runner_.reset();
   return absl::OkStatus();
+}
+
+absl::Status Pipeline::ComputeTeacher() {
+  // The FP16 model (still dense) over ALL calibration sequences: the final-
+  // normed hidden states are the end-to-end stage's teacher.
+  auto runner = LayerwiseRunner::Create(model_, pool_, seqs_);
+  if (!runner.ok()) return runner.status();
+  teacher_.assign(static_cast<size_t>(total_rows_ * model_->config.hidden_size), 0.f);
+  if (auto s = (*runner)->Embed(teacher_.data()); !s.ok()) return s;
+  if (auto s = (*runner)->RunLayers(0, model_->config.num_layers, teacher_.data()); !s.ok()) return s;
+  return (*runner)->FinalNorm(teacher_.data(), teacher_.data());
 }
 
 absl::Status Pipeline::Distill() {
@@ -342,6 +353,13 @@ absl::Status Pipeline::Distill() {
   }
   DistillOptions d = o_.distill;
   d.train_gate = o_.gate;
+  if (o_.time_budget_seconds > 0) {
+    constexpr double kMargin = 20;  // write-back and report
+    const double left = std::max(
+        1.0, o_.time_budget_seconds - kMargin -
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+    d.max_seconds = d.max_seconds > 0 ? std::min(d.max_seconds, left) : left;
+  }
   auto rep = (*dist)->Train(seqs_, fit_seqs_, teacher_.data(), d,
                             [&](int64_t s, int64_t n, double) { Progress("distill", s, n); });
   if (!rep.ok()) return rep.status();
@@ -378,17 +396,36 @@ absl::StatusOr<QuantizeReport> Pipeline::Run() {
       if (i < fit_seqs_) fit_rows_ += seqs_[i].size();
     }
     report_.calibration_tokens = total_rows_;
+    // The sequential (closed-form) pass needs only E[x x^T] per module: a
+    // prefix of the fit sequences is enough; the end-to-end stage uses all.
+    const int64_t cap = o_.sequential_max_tokens;
+    for (int64_t i = 0; i < fit_seqs_; ++i) {
+      const int64_t len = static_cast<int64_t>(seqs_[i].size());
+      if (cap > 0 && i > 0 && sp_fit_rows_ + len > cap) break;
+      seq_pass_.push_back(seqs_[i]);
+      sp_fit_rows_ += len;
+    }
+    sp_total_rows_ = sp_fit_rows_;
+    for (int64_t i = fit_seqs_; i < n; ++i) {
+      seq_pass_.push_back(seqs_[i]);
+      sp_total_rows_ += static_cast<int64_t>(seqs_[i].size());
+    }
   }
   report_.calibration_seconds = take_lap();
   if (auto s = Place(); !s.ok()) return s;
   report_.diagnostic_seconds = take_lap();
+  const bool e2e = o_.ec == EcMode::kSpear && o_.e2e && !data_free;
+  if (e2e) {
+    if (auto s = ComputeTeacher(); !s.ok()) return s;
+    report_.teacher_seconds = take_lap();
+  }
   if (data_free) {
     if (auto s = QuantizeDataFree(); !s.ok()) return s;
   } else {
     if (auto s = QuantizeSequential(); !s.ok()) return s;
   }
   report_.sequential_seconds = take_lap();
-  if (o_.ec == EcMode::kSpear && o_.e2e && !data_free) {
+  if (e2e) {
     if (auto s = Distill(); !s.ok()) return s;
     report_.distill_seconds = take_lap();
   }

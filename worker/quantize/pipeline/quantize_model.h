@@ -67,9 +67,16 @@ struct QuantizeOptions {
   // per-module training (module_quant.h) with train_steps / learning_rate.
   bool e2e = true;
   DistillOptions distill;
+  // > 0: wall-clock budget of the whole QuantizeModel call; the end-to-end
+  // stage gets what the earlier stages left (minus a small margin), on top
+  // of distill.max_seconds.
+  double time_budget_seconds = 0;
   int64_t train_steps = 300;
   double learning_rate = 1e-3;
   int64_t diagnostic_tokens = 1024;  // calibration tokens used for CKA
+  // Fit tokens of the sequential (closed-form) pass: a prefix of the fit
+  // sequences (at least one; 0 = all); held-out sequences always join.
+  int64_t sequential_max_tokens = 4096;
   CalibrationOptions calib;
 };
 
@@ -94,8 +101,8 @@ struct QuantizeReport {
   double seconds = 0;
   int64_t calibration_tokens = 0;
   // Wall seconds per stage (0 when a stage did not run).
-  double calibration_seconds = 0, diagnostic_seconds = 0, sequential_seconds = 0,
-         distill_seconds = 0;
+  double calibration_seconds = 0, diagnostic_seconds = 0, teacher_seconds = 0,
+         sequential_seconds = 0, distill_seconds = 0;
   bool distilled = false;
   DistillReport distill;  // when distilled
 };
