@@ -112,5 +112,218 @@ TEST_F(SchedulerTest, AdmitsAndRunsToCompletionWithoutEcUnits) {
   EXPECT_EQ(blocks_->num_used(), 0);
 }
 
+
+TEST_F(SchedulerTest, ChunkSearchKeepsTheItlSlo) {
+  Make(1024);
+  Add(2, 50, QualityPolicy::kAuto, /*itl=*/0.1);
+  Run(sched_->Schedule());  // prefill; now decoding
+  Add(400, 5);
+  IterationPlan p = sched_->Schedule();
+  // 1.5 * (0.010 + 0.001 * (1 + P)) <= 0.1  ->  P = 55.
+  EXPECT_EQ(p.decode_tokens, 1);
+  EXPECT_EQ(p.chunk_limit, 55);
+  EXPECT_EQ(p.prefill_tokens, 55);
+  EXPECT_LE(p.predicted_seconds, 0.1);
+  EXPECT_GT(table_->Predict(p.decode_tokens + p.prefill_tokens + 1, p.ec_density), 0.1);
+  EXPECT_FALSE(p.shed);
+  EXPECT_DOUBLE_EQ(p.ec_density, 1.0);
+  // The prompt is consumed chunk by chunk, each iteration within the SLO.
+  int iterations = 0;
+  while (!sched_->idle() && iterations < 200) {
+    p = sched_->Schedule();
+    if (p.decode_tokens > 0) EXPECT_LE(p.predicted_seconds, 0.1 + 1e-12);
+    Run(p);
+    ++iterations;
+  }
+  EXPECT_TRUE(sched_->idle());
+  EXPECT_EQ(blocks_->num_used(), 0);
+}
+
+TEST_F(SchedulerTest, NoEcBatchesGetLargerChunks) {
+  Make(1024);
+  Add(2, 50, QualityPolicy::kNoEc, 0.1);
+  Run(sched_->Schedule());
+  Add(400, 5, QualityPolicy::kNoEc);
+  IterationPlan p = sched_->Schedule();
+  EXPECT_DOUBLE_EQ(p.ec_density, 0.0);
+  EXPECT_EQ(p.chunk_limit, 89);  // 0.010 + 0.001 * (1 + P) <= 0.1
+}
+
+TEST_F(SchedulerTest, StaticChunkIgnoresTheSlo) {
+  SchedulerOptions so;
+  so.adaptive = false;
+  so.static_chunk = 512;
+  Make(1024, so);
+  Add(2, 50, QualityPolicy::kAuto, 0.1);
+  Run(sched_->Schedule());
+  Add(600, 5);
+  IterationPlan p = sched_->Schedule();
+  EXPECT_EQ(p.prefill_tokens, 511);  // max_batch_tokens 512 - 1 decode
+  EXPECT_GT(p.predicted_seconds, 0.1);
+  EXPECT_FALSE(p.shed);
+}
+
+TEST_F(SchedulerTest, NoSloMeansFullBudget) {
+  Make(1024);
+  Add(2, 50);
+  Run(sched_->Schedule());
+  Add(600, 5);
+  IterationPlan p = sched_->Schedule();
+  EXPECT_EQ(p.itl_budget, 0);
+  EXPECT_EQ(p.prefill_tokens, 511);
+}
+
+class ShedTest : public SchedulerTest {
+ protected:
+  // n decoding requests with a 0.1 s ITL target; `full` of them FULL_EC.
+  void Decoding(int n, int full = 0) {
+    SchedulerOptions so;
+    so.max_running = 1000;
+    so.max_waiting = 1000;
+    Make(4096, so, /*units=*/10);
+    for (int i = 0; i < n; ++i) {
+      Add(2, 100, i < full ? QualityPolicy::kFullEc : QualityPolicy::kAuto, 0.1);
+    }
+    Run(sched_->Schedule());
+    ASSERT_EQ(sched_->num_running(), n);
+  }
+};
+
+TEST_F(ShedTest, NoSheddingWhenTheBatchFits) {
+  Decoding(10);  // 1.5 * (0.010 + 0.010) = 0.03
+  IterationPlan p = sched_->Schedule();
+  EXPECT_FALSE(p.shed);
+  EXPECT_DOUBLE_EQ(p.ec_density, 1.0);
+  EXPECT_EQ(sched_->shed_iterations(), 0);
+}
+
+TEST_F(ShedTest, ShedsLowestValueUnitsWhenEvenNoPrefillBreaksTheSlo) {
+  Decoding(80);  // full EC: 0.135 > 0.1; no EC: 0.09
+  Add(100, 5);   // waiting prefill gets nothing
+  IterationPlan p = sched_->Schedule();
+  EXPECT_TRUE(p.shed);
+  EXPECT_EQ(p.prefill_tokens, 0);
+  EXPECT_LE(p.predicted_seconds, 0.1);
+  // 0.09 + d * 0.045 <= 0.1  ->  d <= 0.222: two of ten units stay, the
+  // two highest-value ones (units 0 and 1; unit 9 is shed first).
+  EXPECT_NEAR(p.ec_density, 0.2, 1e-9);
+  ASSERT_EQ(p.ec_mask.size(), 10u);
+  EXPECT_TRUE(p.ec_mask[0]);
+  EXPECT_TRUE(p.ec_mask[1]);
+  for (int u = 2; u < 10; ++u) EXPECT_FALSE(p.ec_mask[u]) << u;
+  EXPECT_EQ(sched_->shed_iterations(), 1);
+}
+
+TEST_F(ShedTest, NeverShedsWithFullEcInTheBatch) {
+  Decoding(80, /*full=*/1);
+  IterationPlan p = sched_->Schedule();
+  EXPECT_FALSE(p.shed);
+  EXPECT_TRUE(p.has_full_ec);
+  EXPECT_DOUBLE_EQ(p.ec_density, 1.0);
+  EXPECT_GT(p.predicted_seconds, 0.1);  // the SLO is missed, quality is not
+  EXPECT_EQ(sched_->shed_iterations(), 0);
+}
+
+TEST_F(SchedulerTest, EcMaskIsTheUnionOfTheBatch) {
+  Make(1024);
+  Request* a = Add(3, 4, QualityPolicy::kNoEc);
+  IterationPlan p = sched_->Schedule();
+  EXPECT_DOUBLE_EQ(p.ec_density, 0.0);  // NO_EC alone: plain W4
+  Run(p);
+  Request* b = Add(3, 4, QualityPolicy::kAuto);
+  b->spec.max_ec_density = 0.5;
+  p = sched_->Schedule();
+  EXPECT_DOUBLE_EQ(p.ec_density, 0.5);  // AUTO's cap; NO_EC rides along
+  ASSERT_EQ(p.ec_mask.size(), 4u);
+  EXPECT_TRUE(p.ec_mask[0] && p.ec_mask[1] && !p.ec_mask[2] && !p.ec_mask[3]);
+  Run(p);
+  Add(3, 4, QualityPolicy::kFullEc);
+  p = sched_->Schedule();
+  EXPECT_DOUBLE_EQ(p.ec_density, 1.0);
+  EXPECT_TRUE(p.has_full_ec);
+  (void)a;
+}
+
+TEST_F(SchedulerTest, PreemptsYoungestByRecomputeWhenKvRunsOut) {
+  Make(/*num_blocks=*/6);  // 24 positions
+  Add(6, 10);
+  Add(6, 10);
+  int iterations = 0;
+  std::vector<std::unique_ptr<Request>> done;
+  while (!sched_->idle() && iterations < 500) {
+    IterationPlan p = sched_->Schedule();
+    ASSERT_FALSE(p.empty()) << "stalled at iteration " << iterations;
+    for (auto& r : Run(p)) done.push_back(std::move(r));
+    ++iterations;
+  }
+  ASSERT_EQ(done.size(), 2u);
+  EXPECT_GT(sched_->total_preemptions(), 0);
+  for (auto& r : done) {
+    EXPECT_EQ(r->seq->num_generated(), 10);
+    EXPECT_EQ(r->seq->finish_reason(), FinishReason::kLength);
+  }
+  EXPECT_EQ(blocks_->num_used(), 0);
+}
+
+TEST_F(SchedulerTest, RemoveAndDeadlinesFreeKvAtOnce) {
+  Make(64);
+  Request* a = Add(10, 20);
+  Request* b = Add(10, 20);
+  b->spec.deadline = clock_.t + 0.5;
+  Run(sched_->Schedule());
+  EXPECT_GT(blocks_->num_used(), 0);
+  auto removed = sched_->Remove(a->seq->id());
+  ASSERT_NE(removed, nullptr);
+  EXPECT_TRUE(removed->seq->block_table().empty());
+  EXPECT_EQ(sched_->Remove(12345), nullptr);
+  EXPECT_TRUE(sched_->ExpireDeadlines(clock_.t).empty());
+  clock_.t += 1;
+  auto expired = sched_->ExpireDeadlines(clock_.t);
+  ASSERT_EQ(expired.size(), 1u);
+  EXPECT_TRUE(sched_->idle());
+  EXPECT_EQ(blocks_->num_used(), 0);
+}
+
+TEST_F(SchedulerTest, BoundedWaitingQueue) {
+  SchedulerOptions so;
+  so.max_waiting = 2;
+  Make(64, so);
+  Add(3, 3);
+  Add(3, 3);
+  auto r = std::make_unique<Request>();
+  r->seq = std::make_unique<Sequence>(99, std::vector<int32_t>{1, 2}, SamplingParams(),
+                                      GenerateOptions());
+  EXPECT_EQ(sched_->Add(std::move(r)).code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST_F(SchedulerTest, PrefixCacheHitIsRecorded) {
+  Make(64);
+  Add(12, 1, QualityPolicy::kAuto, 0, /*first_token=*/40);
+  while (!sched_->idle()) Run(sched_->Schedule());
+  Request* b = Add(12, 1, QualityPolicy::kAuto, 0, 40);
+  IterationPlan p = sched_->Schedule();
+  EXPECT_EQ(b->cached_prompt_tokens, 8);  // two full blocks of 4; the last token is computed
+  EXPECT_EQ(p.prefill_tokens, 4);
+}
+
+TEST(LatencyTableTest, InterpolatesAndLearns) {
+  LatencyPoints pts;
+  pts.tokens = {1, 101};
+  pts.seconds_no_ec = {0.01, 0.11};
+  pts.seconds_full_ec = {0.02, 0.22};
+  auto t = LatencyTable::Create(pts, 0.5);
+  ASSERT_TRUE(t.ok());
+  EXPECT_NEAR(t->Predict(51, 0), 0.06, 1e-12);
+  EXPECT_NEAR(t->Predict(51, 1), 0.12, 1e-12);
+  EXPECT_NEAR(t->Predict(51, 0.5), 0.09, 1e-12);
+  EXPECT_NEAR(t->Predict(201, 0), 0.21, 1e-12);  // extrapolated
+  // Twice slower than predicted at T = 101: the point moves halfway.
+  EXPECT_NEAR(t->Observe(101, 0, 0.22), 2.0, 1e-12);
+  EXPECT_NEAR(t->Predict(101, 0), 0.165, 1e-12);
+  EXPECT_FALSE(LatencyTable::Create(LatencyPoints{}).ok());
+  pts.tokens = {5, 5};
+  EXPECT_FALSE(LatencyTable::Create(pts).ok());
+}
+
 }  // namespace
 }  // namespace spear::engine
