@@ -1,23 +1,83 @@
 #!/usr/bin/env bash
-# The README's main job: install, build, fetch SmolLM2-135M-Instruct, measure
-# its perplexity on a WikiText-2 slice and answer instruct prompts, on the CPU.
+# The README's main job, on the CPU: install, build, fetch
+# SmolLM2-135M-Instruct, quantize it to W4 (RTN per-channel) with SPEAR error
+# compensators (cached: skipped when the .spear checkpoint exists and loads),
+# print a short quality table, start a local cluster (`spear serve`: router +
+# 2 workers), stream an answer over gRPC, measure a little load, shut down.
+#
+# Environment: SPEAR_BUILD_DIR (default build), SPEAR_HOME (model cache),
+# SPEAR_DEMO_CALIB (quantize calibration, default self:16,128),
+# SPEAR_DEMO_PROMPT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh
 BUILD=${SPEAR_BUILD_DIR:-build}
 SPEAR="$BUILD/cli/spear"
+CACHE=${SPEAR_HOME:-$HOME/.cache/spear}/models
+
+echo "== 1. model"
 MODEL=$("$SPEAR" pull smollm2-135m)
-echo "== model: $MODEL"
+echo "$MODEL"
+
+echo "== 2. quantize: W4 RTN per-channel, plain and with SPEAR ECs (cached)"
+# A checkpoint counts as cached when `spear info` loads it (strict manifest
+# and tensor validation); a broken one is rebuilt.
+quantize() {  # quantize NAME EC_MODE [extra flags]
+  local out="$CACHE/$1" ec=$2
+  shift 2
+  if [[ -f "$out/spear.json" ]] && "$SPEAR" info --model "$out" >/dev/null 2>&1; then
+    echo "cached: $out"
+  else
+    "$SPEAR" quantize --model smollm2-135m --out "$out" --method rtn --group -1 --ec "$ec" --force "$@"
+  fi
+}
+quantize smollm2-135m-w4.spear none
+quantize smollm2-135m-w4-spear.spear spear --calib "${SPEAR_DEMO_CALIB:-self:16,128}"
+SPEAR_MODEL="$CACHE/smollm2-135m-w4-spear.spear"
+
 TEXT=../shared/data/wikitext-2-raw/wiki.test.raw
 if [[ -f "$TEXT" ]]; then
-  echo "== perplexity (WikiText-2 test, first 16k tokens, ctx 512)"
-  "$SPEAR" eval --model smollm2-135m --text "$TEXT" --ctx 512 --max-tokens 16384
+  echo "== 3. quality: perplexity on WikiText-2 test (first 4096 tokens, ctx 512)"
+  echo "   (the FP16 reference is SmolLM2's dequantized Q4_1 GGUF; our W4 is per-channel RTN, a different grid)"
+  "$SPEAR" eval --models "smollm2-135m,$CACHE/smollm2-135m-w4.spear,$SPEAR_MODEL" \
+    --labels FP16,W4,W4+SPEAR --text "$TEXT" --ctx 512 --max-tokens 4096
+else
+  echo "== 3. quality: $TEXT not found; skipping the perplexity table"
 fi
-for p in "Give me three tips for staying healthy." \
-         "What is the capital of France? Answer in one sentence." \
-         "Write a haiku about the sea."; do
-  echo "== prompt: $p"
-  "$SPEAR" generate --model smollm2-135m --chat --prompt "$p" --max-tokens 96
-  echo
+
+echo "== 4. local cluster: spear serve (router + 2 workers, CPU)"
+RUN=$(mktemp -d)
+"$SPEAR" serve --model "$SPEAR_MODEL" --workers 2 --port 0 --metrics-port 0 >"$RUN/serve.out" 2>"$RUN/serve.err" &
+SERVE=$!
+cleanup() {
+  if kill -0 "$SERVE" 2>/dev/null; then kill -TERM "$SERVE"; wait "$SERVE" || true; fi
+  rm -rf "$RUN"
+}
+trap cleanup EXIT
+for _ in $(seq 1 600); do
+  grep -q '^LISTENING ' "$RUN/serve.out" 2>/dev/null && break
+  kill -0 "$SERVE" 2>/dev/null || { cat "$RUN/serve.err" >&2; exit 1; }
+  sleep 0.5
 done
+LISTEN=$(grep -m1 '^LISTENING ' "$RUN/serve.out") || { echo "spear serve did not start" >&2; cat "$RUN/serve.err" >&2; exit 1; }
+echo "$LISTEN   (Prometheus: scrape the router's and the workers' metrics ports)"
+PORT=$(sed -n 's/^LISTENING grpc=\([0-9]*\).*/\1/p' <<<"$LISTEN")
+"$SPEAR" client --target "127.0.0.1:$PORT" --list-models
+
+PROMPT=${SPEAR_DEMO_PROMPT:-"Give me three tips for staying healthy."}
+echo "== 5. streaming gRPC request: $PROMPT"
+"$SPEAR" client --target "127.0.0.1:$PORT" --chat --prompt "$PROMPT" --max-tokens 96 --slo-class interactive
+
+echo "== 6. speed: 12 s of open-loop Poisson load (0.5 req/s, prompts 32-96 tokens, 16-48 generated)"
+"$SPEAR" bench load --target "127.0.0.1:$PORT" --rate 0.5 --duration-s 12 --prompt-tokens 32:96 \
+  --output-tokens 16:48 --slo-class standard --ttft-ms 5000 --itl-ms 500 --seed 1
+
+echo "== 7. shutdown (SIGTERM: the router drains, then each worker)"
+kill -TERM "$SERVE"
+rc=0
+wait "$SERVE" || rc=$?
+echo "spear serve exited with $rc"
+trap - EXIT
+rm -rf "$RUN"
+exit "$rc"

@@ -359,3 +359,52 @@ TEST_F(RouterTest, NoHealthyWorkerIsUnavailable) {
 
 }  // namespace
 }  // namespace spear::router
+
+namespace spear::router {
+namespace {
+
+TEST_F(RouterTest, ShutdownFinishesInFlightStreamsAndRefusesNewOnes) {
+  workers_[0]->token_delay_ms = 20;
+  workers_[1]->token_delay_ms = 20;
+  StartRouter(Options());
+  grpc::ClientContext ctx;
+  auto reader = stub_->GenerateStream(&ctx, Req("finish me please", 30));
+  spear::v1::GenerateStreamResponse chunk;
+  ASSERT_TRUE(reader->Read(&chunk));
+  std::thread stopper([&] { router_->Shutdown(); });
+  std::this_thread::sleep_for(100ms);
+  {
+    grpc::ClientContext c2;
+    spear::v1::GenerateResponse r2;
+    EXPECT_EQ(stub_->Generate(&c2, Req("too late", 2), &r2).error_code(), grpc::UNAVAILABLE);
+  }
+  int n = 1;
+  while (reader->Read(&chunk)) ++n;
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_GE(n, 30);
+  stopper.join();
+}
+
+TEST(RegistryTest, DnsNameResolvesToWorkers) {
+  spear::testing::FakeWorker w("dns-0");
+  w.Start();
+  RegistryOptions o;
+  o.dns_name = "localhost:" + std::to_string(w.port());
+  o.health_interval_seconds = 0.05;
+  o.stats_interval_seconds = 0.02;
+  o.dns_interval_seconds = 0.2;
+  auto reg = WorkerRegistry::Create(o, nullptr);
+  ASSERT_TRUE(reg.ok()) << reg.status();
+  (*reg)->Start();
+  EXPECT_TRUE((*reg)->WaitForAdmissible(1, 5));
+  bool found = false;
+  for (const auto& h : (*reg)->Workers()) found |= h->address() == w.address();
+  EXPECT_TRUE(found);
+  (*reg)->Stop();
+  EXPECT_FALSE(WorkerRegistry::Create({{"a:1"}, "b:2"}, nullptr).ok());
+  EXPECT_FALSE(WorkerRegistry::Create({{"nocolon"}}, nullptr).ok());
+  EXPECT_FALSE(WorkerRegistry::Create({{"h:99999"}}, nullptr).ok());
+}
+
+}  // namespace
+}  // namespace spear::router
