@@ -98,7 +98,10 @@ def slo_attainment(by=""):
             f'sum{b} (rate(spear_slo_requests_total{{{M}}}[{RI}]))')
 
 
-QUEUE = (f'sum(spear_router_queue_depth{{{M}}}) + sum(spear_num_requests_waiting{{{M}}})')
+# Router queue + worker queues in one sum (no vector matching: data even
+# when one side is missing).
+QUEUE = ('sum({__name__=~"spear_router_queue_depth|spear_num_requests_waiting", '
+         + M + '})')
 
 
 def build():
