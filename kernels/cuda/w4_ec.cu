@@ -58,33 +58,62 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
                                                         const __half* __restrict__ a,
                                                         float* u, unsigned* counter,
                                                         GateArgs g) {
+  // The GEMM that follows (launched with PDL) may start now: it reads only
+  // x and the weights until it needs v (see w4_gemm_kernel.cuh).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
   __shared__ float us[8][kMaxRank];
   __shared__ float hs[8][kMaxRank];
+  __shared__ float ut[8][kDecodeMaxM];
   __shared__ int last;
   const int q = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const __half* ar = a + static_cast<long long>(q) * k;
+  // u[t][q] = A[q] . x[t]: for each token the block's 256 threads split k
+  // (8 elements per load, up to 8 loads in flight per thread), then a warp
+  // shuffle reduction and a fixed-order sum over the 8 warps: deterministic.
   const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
-  for (int t = warp; t < m; t += 8) {
+  for (int t = 0; t < m; ++t) {
     const __half* xr = x + t * ldx;
     float acc = 0.f;
     if (vec) {
-      for (int c = lane; c < k / 8; c += 32) {
-        const uint4 av = reinterpret_cast<const uint4*>(ar)[c];
-        const uint4 xv = reinterpret_cast<const uint4*>(xr)[c];
-        const __half2* ah = reinterpret_cast<const __half2*>(&av);
-        const __half2* xh = reinterpret_cast<const __half2*>(&xv);
+      const int nch = k / 8;
+      for (int c0 = 0; c0 < nch; c0 += 8 * 256) {
+        uint4 av[8], xv[8];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
-          acc += af.x * xf.x + af.y * xf.y;
+        for (int j = 0; j < 8; ++j) {
+          const int c = c0 + j * 256 + threadIdx.x;
+          if (c < nch) {
+            av[j] = reinterpret_cast<const uint4*>(ar)[c];
+            xv[j] = reinterpret_cast<const uint4*>(xr)[c];
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int c = c0 + j * 256 + threadIdx.x;
+          if (c < nch) {
+            const __half2* ah = reinterpret_cast<const __half2*>(&av[j]);
+            const __half2* xh = reinterpret_cast<const __half2*>(&xv[j]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
+              acc += af.x * xf.x + af.y * xf.y;
+            }
+          }
         }
       }
     } else {
-      for (int c = lane; c < k; c += 32) acc += __half2float(ar[c]) * __half2float(xr[c]);
+      for (int c = threadIdx.x; c < k; c += 256) acc += __half2float(ar[c]) * __half2float(xr[c]);
     }
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) __stcg(u + t * g.r + q, acc);
+    if (lane == 0) ut[warp][t] = acc;
   }
+  __syncthreads();
+  if (threadIdx.x < m) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) v += ut[w][threadIdx.x];
+    ut[0][threadIdx.x] = v;
+  }
+  if (threadIdx.x < m) __stcg(u + threadIdx.x * g.r + q, ut[0][threadIdx.x]);
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
@@ -85,7 +86,11 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.ksteps = static_cast<int>(d.ksteps);
     a.nks = static_cast<int>(d.nks);
     a.ngroups = static_cast<int>(d.ngroups);
-    a.group = static_cast<int>(d.group);
+    a.gshift = 30;
+    if (d.group < d.k) {
+      a.gshift = 0;
+      while ((int64_t{1} << a.gshift) < d.group) ++a.gshift;
+    }
     a.m = static_cast<int>(mc);
     a.k = static_cast<int>(d.k);
     a.n = static_cast<int>(d.n);
@@ -115,7 +120,13 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
       a.esteps = static_cast<int>(d.rp / 16);
       a.v = s.v;
       a.ldv = static_cast<int>(d.rp);
+      a.ec_late = 1;
     }
+    static const int debug = [] {
+      const char* e = std::getenv("SPEAR_W4_DEBUG");
+      return e ? std::atoi(e) : 0;
+    }();
+    a.debug = debug;
     a.partials = s.partials;
     a.counters = s.counters;
     if (absl::Status st = LaunchDecode(static_cast<int>((mc + 15) / 16), a, s.num_sms, stream);

@@ -56,7 +56,7 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
 
 __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                     uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -75,14 +75,16 @@ __device__ __forceinline__ int UnitBlock(int u, int total, int grid) {
   return static_cast<int>((static_cast<long long>(u + 1) * grid + total - 1) / total) - 1;
 }
 
-template <int MT, int WN>
+// A pipeline stage covers KSUB layout chunks of 128 k (8 k16 steps each).
+template <int MT, int WN, int KSUB, int NW = 8>
 struct Geometry {
-  static constexpr int kWK = 8 / WN;
-  static constexpr int kStepsPerWarp = 8 / kWK;
+  static constexpr int kWK = NW / WN;
+  static constexpr int kSteps = 8 * KSUB;  // k16 steps per stage
+  static constexpr int kStepsPerWarp = kSteps / kWK;
   static constexpr int kNB = 64 * WN;
-  static constexpr int kXRow = kStageK + 8;  // halfs per smem x row (+16 B: no ldmatrix conflicts)
-  static constexpr int kWBytes = WN * 8 * 512;
-  static constexpr int kSBytes = WN * 4 * 256;
+  static constexpr int kXRow = KSUB * kStageK + 8;  // halfs per smem x row (+16 B: no ldmatrix conflicts)
+  static constexpr int kWBytes = WN * kSteps * 512;
+  static constexpr int kSBytes = WN * KSUB * 4 * 256;  // up to 4 groups per 128 k (g >= 32)
   static constexpr int kXBytes = MT * 16 * kXRow * 2;
   static constexpr int kStage = kWBytes + kSBytes + kXBytes;
   static constexpr int kAccFloats = MT * 8 * 4;  // per lane
@@ -90,14 +92,15 @@ struct Geometry {
   static constexpr int kRedBytes = (kWK - 1) * WN * MT * 8 * 32 * 4 * 4;
 };
 
-template <int MT, int WN, int STAGES>
+template <int MT, int WN, int KSUB, int STAGES, int NW>
 constexpr int SmemBytes() {
-  return STAGES * Geometry<MT, WN>::kStage + Geometry<MT, WN>::kRedBytes;
+  return STAGES * Geometry<MT, WN, KSUB, NW>::kStage + Geometry<MT, WN, KSUB, NW>::kRedBytes;
 }
 
-template <int MT, int WN, int STAGES>
-__global__ void __launch_bounds__(256, 1) W4DecodeKernel(const DecodeArgs a) {
-  using Geo = Geometry<MT, WN>;
+template <int MT, int WN, int KSUB, int STAGES, int NW>
+__global__ void __launch_bounds__(NW * 32, 1) W4DecodeKernel(const DecodeArgs a) {
+  using Geo = Geometry<MT, WN, KSUB, NW>;
+  constexpr int NT = NW * 32;
   constexpr int WK = Geo::kWK;
   constexpr int SPW = Geo::kStepsPerWarp;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -110,47 +113,56 @@ __global__ void __launch_bounds__(256, 1) W4DecodeKernel(const DecodeArgs a) {
   const int b = blockIdx.x, grid = gridDim.x, total = a.total_units;
   const int u0 = UnitBegin(b, total, grid), u1 = UnitBegin(b + 1, total, grid);
   const int nun = u1 - u0;
-  const int nks = a.nks, G = a.group, ng = a.ngroups;
+  const int nks = a.nks, ng = a.ngroups, gshift = a.gshift;
+  const int nst = (nks + KSUB - 1) / KSUB;  // stages per tile group
 
   uint64_t evict_first;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(evict_first));
 
-  // Rows of x at and above m stay zero for the whole kernel.
-  for (int i = tid; i < STAGES * Geo::kStage / 16; i += 256) {
-    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
-  }
-  __syncthreads();
+  // Let the next kernel in the stream start its prologue (PDL); it waits
+  // for this grid with griddepcontrol.wait before touching our outputs.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
 
-  auto group_first = [&](int ks) { return min(ks * kStageK / G, ng - 1); };
 
-  auto load = [&](int u, int slot) {
-    const int tg = u / nks, ks = u - tg * nks;
-    unsigned char* st = smem + slot * Geo::kStage;
+  auto group_first = [&](int st) { return min((st * KSUB * kStageK) >> gshift, ng - 1); };
+
+  // Weights and scale/zero words of stage (tg, st): they depend on nothing
+  // another kernel writes, so the first stages are issued before the grid
+  // dependency wait.
+  auto load_w = [&](int tg, int st, int slot) {
+    unsigned char* sp = smem + slot * Geo::kStage;
 #pragma unroll
-    for (int i = tid; i < WN * 256; i += 256) {
-      const int tile = tg * WN + (i >> 8);
-      const bool ok = tile < a.ntiles;
+    for (int j = 0; j < (WN * KSUB * 256 + NT - 1) / NT; ++j) {
+      const int i = tid + j * NT;
+      if (NT > 256 && i >= WN * KSUB * 256) break;
+      const int w = i / (KSUB * 256), within = i % (KSUB * 256);
+      const int tile = tg * WN + w, c = st * KSUB + within / 256;
+      const bool ok = tile < a.ntiles && c < nks;
       const uint4* src = reinterpret_cast<const uint4*>(a.qw) +
-                         (static_cast<size_t>(ok ? tile : 0) * a.ksteps + ks * 8) * 32 + (i & 255);
-      CpAsync16Stream(st + i * 16, src, ok, evict_first);
+                         (ok ? (static_cast<size_t>(tile) * a.ksteps + c * 8) * 32 + within % 256 : 0);
+      CpAsync16Stream(sp + i * 16, src, ok, evict_first);
     }
-    const int gA = group_first(ks);
-    const int ngs = min((ks * kStageK + kStageK - 1) / G, ng - 1) - gA + 1;
-    for (int i = tid; i < WN * 64; i += 256) {
-      const int w = i >> 6, c = i & 63;
+    const int gA = group_first(st);
+    const int ngs = min((st * KSUB * kStageK + KSUB * kStageK - 1) >> gshift, ng - 1) - gA + 1;
+    for (int i = tid; i < WN * KSUB * 64; i += NT) {
+      const int w = i / (KSUB * 64), c = i % (KSUB * 64);
       const int tile = tg * WN + w;
       if (c < ngs * 16) {
         const bool ok = tile < a.ntiles;
         const uint4* src = reinterpret_cast<const uint4*>(a.sz) +
                            (static_cast<size_t>(ok ? tile : 0) * ng + gA) * 16 + c;
-        CpAsync16(st + Geo::kWBytes + w * 1024 + c * 16, src, ok);
+        CpAsync16(sp + Geo::kWBytes + w * KSUB * 1024 + c * 16, src, ok);
       }
     }
-    unsigned char* xs = st + Geo::kWBytes + Geo::kSBytes;
-    for (int i = tid; i < a.m * 16; i += 256) {
-      const int row = i >> 4, c = i & 15;
-      const int kk = ks * kStageK + c * 8;
-      const bool ok = kk < a.k;
+  };
+  // rows = MT * 16 on a slot's first use (rows >= m zero-filled, and never
+  // written again), m afterwards.
+  auto load_x = [&](int st, int slot, int rows) {
+    unsigned char* xs = smem + slot * Geo::kStage + Geo::kWBytes + Geo::kSBytes;
+    for (int i = tid; i < rows * KSUB * 16; i += NT) {
+      const int row = i / (KSUB * 16), c = i % (KSUB * 16);
+      const int kk = st * KSUB * kStageK + c * 8;
+      const bool ok = kk < a.k && row < a.m;
       const uint16_t* src = a.x + (ok ? row * a.ldx + kk : 0);
       CpAsync16(xs + (row * Geo::kXRow + c * 8) * 2, src, ok);
     }
@@ -167,41 +179,68 @@ __global__ void __launch_bounds__(256, 1) W4DecodeKernel(const DecodeArgs a) {
   const __half2 k960 = __float2half2_rn(960.f);
   const __half2 k16th = __float2half2_rn(1.f / 16.f);
 
-  auto compute = [&](int u, int slot) {
-    const int tg = u / nks, ks = u - tg * nks;
-    const unsigned char* st = smem + slot * Geo::kStage;
-    const int gA = group_first(ks);
-    const unsigned char* xs = st + Geo::kWBytes + Geo::kSBytes;
+  // Per k16 step: one 16-byte code load, two 16-byte scale/zero loads and
+  // MT ldmatrix; for MT <= 2 all of a warp's steps of the stage are loaded
+  // first so that the dequantize + mma chains of different steps overlap.
+  // Steps past k (padded tail of the last stage) hold zero codes and zero x:
+  // they add 0, no branch needed.
+  constexpr int kPre = MT <= 2 ? SPW : 1;
+  auto compute = [&](int stg, int slot) {
+    const unsigned char* sp = smem + slot * Geo::kStage;
+    const int gA = group_first(stg);
+    const unsigned char* xs = sp + Geo::kWBytes + Geo::kSBytes;
+    // A warp's SPW steps lie in one group when the group is >= 16 * SPW
+    // wide (g128 and per-channel): then the scale/zero half2s are expanded
+    // once per stage.
+    const bool one_group = (16 * SPW) <= (1 << min(gshift, 20));
+    __half2 s2c[8], zzc[8], zhc[8];
+    auto expand = [&](int sg) {
+      const int gl = min((sg * 16) >> gshift, ng - 1) - gA;
+      const uint4* scp = reinterpret_cast<const uint4*>(sp + Geo::kWBytes + wn * KSUB * 1024 +
+                                                        gl * 256 + gid * 32);
+      const uint4 q0 = scp[0], q1 = scp[1];
+      const uint32_t scv[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
 #pragma unroll
-    for (int i = 0; i < SPW; ++i) {
-      const int s = wk * SPW + i;
-      const uint4 wq = *reinterpret_cast<const uint4*>(st + ((wn * 8 + s) * 32 + lane) * 16);
-      const int gl = min((ks * kStageK + s * 16) / G, ng - 1) - gA;
-      const uint4* scp =
-          reinterpret_cast<const uint4*>(st + Geo::kWBytes + wn * 1024 + gl * 256 + gid * 32);
-      const uint4 sc0 = scp[0], sc1 = scp[1];
-      uint32_t af[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        LdMatrixX4(af[mt], xs + ((mt * 16 + (lane & 15)) * Geo::kXRow + s * 16 + (lane >> 4) * 8) * 2);
+      for (int j = 0; j < 8; ++j) {
+        const __half2 sz2 = AsH2(scv[j]);
+        s2c[j] = __low2half2(sz2);
+        zzc[j] = __high2half2(sz2);
+        zhc[j] = __hneg2(__hsub2(zzc[j], k960));
       }
-      const uint32_t wv[4] = {wq.x, wq.y, wq.z, wq.w};
-      const uint32_t scv[8] = {sc0.x, sc0.y, sc0.z, sc0.w, sc1.x, sc1.y, sc1.z, sc1.w};
+    };
+    if (one_group) expand(stg * Geo::kSteps + wk * SPW);
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        uint32_t w = wv[p];
+    for (int i0 = 0; i0 < SPW; i0 += kPre) {
+      uint4 wq[kPre];
+      uint32_t af[kPre][MT][4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int j = 2 * p + h;
-          const __half2 sz2 = AsH2(scv[j]);
-          const __half2 s2 = __low2half2(sz2), zz = __high2half2(sz2);
-          const uint32_t lo = (w & 0x000f000fu) | 0x64006400u;
-          const uint32_t hi = (w & 0x00f000f0u) | 0x64006400u;
-          const __half2 b0 = __hmul2(__hsub2(AsH2(lo), zz), s2);
-          const __half2 b1 = __hmul2(__hfma2(AsH2(hi), k16th, __hneg2(__hsub2(zz, k960))), s2);
-          w >>= 8;
+      for (int i = 0; i < kPre; ++i) {
+        const int s = wk * SPW + i0 + i;
+        wq[i] = *reinterpret_cast<const uint4*>(sp + ((wn * Geo::kSteps + s) * 32 + lane) * 16);
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) Mma(acc[mt][j], af[mt], AsU32(b0), AsU32(b1));
+        for (int mt = 0; mt < MT; ++mt) {
+          LdMatrixX4(af[i][mt],
+                     xs + ((mt * 16 + (lane & 15)) * Geo::kXRow + s * 16 + (lane >> 4) * 8) * 2);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kPre; ++i) {
+        if (!one_group) expand(stg * Geo::kSteps + wk * SPW + i0 + i);
+        const uint32_t wv[4] = {wq[i].x, wq[i].y, wq[i].z, wq[i].w};
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          uint32_t w = wv[p];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int j = 2 * p + h;
+            const uint32_t lo = (w & 0x000f000fu) | 0x64006400u;
+            const uint32_t hi = (w & 0x00f000f0u) | 0x64006400u;
+            const __half2 b0 = __hmul2(__hsub2(AsH2(lo), zzc[j]), s2c[j]);
+            const __half2 b1 = __hmul2(__hfma2(AsH2(hi), k16th, zhc[j]), s2c[j]);
+            w >>= 8;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) Mma(acc[mt][j], af[i][mt], AsU32(b0), AsU32(b1));
+          }
         }
       }
     }
@@ -251,7 +290,7 @@ __global__ void __launch_bounds__(256, 1) W4DecodeKernel(const DecodeArgs a) {
       }
       __syncthreads();
       if (wk == 0) {
-#pragma unroll 1
+#pragma unroll
         for (int w = 1; w < WK; ++w) {
           const float4* srcp = reinterpret_cast<const float4*>(red) + ((w - 1) * WN + wn) * MT * 8 * 32 + lane;
 #pragma unroll
@@ -270,6 +309,7 @@ __global__ void __launch_bounds__(256, 1) W4DecodeKernel(const DecodeArgs a) {
     const int tile = tg * WN + wn;
     // 2. The EC term, once per tile: B (g ⊙ u) as extra mma k-steps.
     if (wk == 0 && ka == 0 && a.ecb != nullptr && tile < a.ntiles) {
+      asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #pragma unroll 1
       for (int e = 0; e < a.esteps; ++e) {
         uint32_t af[MT][4];
@@ -293,10 +333,10 @@ __global__ void __launch_bounds__(256, 1) W4DecodeKernel(const DecodeArgs a) {
       }
     }
     // 3. Store, or hand the partial to the tile's last block.
-    if (ka == 0 && kb == nks) {
+    if (ka == 0 && kb == nst) {
       if (wk == 0) store(tg);
     } else {
-      const int slot = (tg == u0 / nks) ? 0 : 1;
+      const int slot = (tg == u0 / nst) ? 0 : 1;
       if (wk == 0) {
         float4* dst = reinterpret_cast<float4*>(a.partials) +
                       (static_cast<size_t>(b) * 2 + slot) * (Geo::kSlotFloats / 4) +
@@ -310,8 +350,8 @@ __global__ void __launch_bounds__(256, 1) W4DecodeKernel(const DecodeArgs a) {
         __threadfence();
       }
       __syncthreads();
-      const int bf = UnitBlock(tg * nks, total, grid);
-      const int bl = UnitBlock(tg * nks + nks - 1, total, grid);
+      const int bf = UnitBlock(tg * nst, total, grid);
+      const int bl = UnitBlock(tg * nst + nst - 1, total, grid);
       if (tid == 0) {
         const int old = atomicAdd(a.counters + tg, 1);
         s_last = (old == bl - bf);
@@ -326,22 +366,36 @@ __global__ void __launch_bounds__(256, 1) W4DecodeKernel(const DecodeArgs a) {
             for (int j = 0; j < 8; ++j)
 #pragma unroll
               for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
+          // FB contributors' loads in flight at once; summed in block order.
+          constexpr int FB = 1;
 #pragma unroll 1
-          for (int cb = bf; cb <= bl; ++cb) {
-            const int cslot = (tg == UnitBegin(cb, total, grid) / nks) ? 0 : 1;
-            const float4* srcp = reinterpret_cast<const float4*>(a.partials) +
-                                 (static_cast<size_t>(cb) * 2 + cslot) * (Geo::kSlotFloats / 4) +
-                                 wn * MT * 8 * 32 + lane;
+          for (int cb0 = bf; cb0 <= bl; cb0 += FB) {
+            float4 v[FB][MT * 8];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
+            for (int f = 0; f < FB; ++f) {
+              const int cb = cb0 + f;
+              if (cb > bl) break;
+              const int cslot = (tg == UnitBegin(cb, total, grid) / nst) ? 0 : 1;
+              const float4* srcp = reinterpret_cast<const float4*>(a.partials) +
+                                   (static_cast<size_t>(cb) * 2 + cslot) * (Geo::kSlotFloats / 4) +
+                                   wn * MT * 8 * 32 + lane;
 #pragma unroll
-              for (int j = 0; j < 8; ++j) {
-                const float4 v = __ldcg(srcp + (mt * 8 + j) * 32);
-                acc[mt][j][0] += v.x;
-                acc[mt][j][1] += v.y;
-                acc[mt][j][2] += v.z;
-                acc[mt][j][3] += v.w;
-              }
+              for (int q = 0; q < MT * 8; ++q) v[f][q] = __ldcg(srcp + q * 32);
+            }
+#pragma unroll
+            for (int f = 0; f < FB; ++f) {
+              if (cb0 + f > bl) break;
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                  const float4 t = v[f][mt * 8 + j];
+                  acc[mt][j][0] += t.x;
+                  acc[mt][j][1] += t.y;
+                  acc[mt][j][2] += t.z;
+                  acc[mt][j][3] += t.w;
+                }
+            }
           }
           store(tg);
         }
@@ -356,45 +410,84 @@ __global__ void __launch_bounds__(256, 1) W4DecodeKernel(const DecodeArgs a) {
         for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
   };
 
-  // The pipeline.
+  // The pipeline. (ltg, lst): the next stage to load; (ctg, cst): the
+  // stage being computed.
+  int ltg = u0 / nst, lst = u0 - ltg * nst;
+  int ctg = ltg, cst = lst;
+  const int pro = nun < STAGES - 1 ? nun : STAGES - 1;
+  {
+    int tg = ltg, st = lst;
+    for (int s = 0; s < pro; ++s) {
+      load_w(tg, st, s);
+      if (++st == nst) { st = 0; ++tg; }
+    }
+  }
+  // Everything below may read what the previous kernel wrote. Without an
+  // EC prologue that is x (and the partials/counters of the previous GEMM
+  // on this workspace): wait here. With one (a.ec_late), the prologue was
+  // launched normally, so it started only after everything before it had
+  // completed: x is ready; only v (written by the prologue) needs the wait,
+  // just before the EC term. The prologue thus runs under our main loop.
+  if (!a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nun) load(u0 + s, s);
+    if (s < pro) {
+      load_x(lst, s, MT * 16);
+      if (++lst == nst) { lst = 0; ++ltg; }
+    }
     CpAsyncCommit();
   }
-  int seg_start = u0;
+  int seg_start = cst;
 #pragma unroll 1
   for (int it = 0; it < nun; ++it) {
     CpAsyncWait<STAGES - 2>();
     __syncthreads();
     const int nx = it + STAGES - 1;
-    if (nx < nun) load(u0 + nx, nx % STAGES);
-    CpAsyncCommit();
-    const int u = u0 + it;
-    compute(u, it % STAGES);
-    const int tg = u / nks, ks = u - tg * nks;
-    if (ks == nks - 1 || u == u1 - 1) {
-      end_segment(tg, seg_start - tg * nks, ks + 1);
-      seg_start = u + 1;
+    if (nx < nun) {
+      if (a.debug != 2) load_w(ltg, lst, nx % STAGES);
+      load_x(lst, nx % STAGES, nx < STAGES ? MT * 16 : a.m);
+      if (++lst == nst) { lst = 0; ++ltg; }
     }
+    CpAsyncCommit();
+    if (a.debug != 1) compute(cst, it % STAGES);
+    if (cst == nst - 1 || it == nun - 1) {
+      end_segment(ctg, seg_start, cst + 1);
+      seg_start = 0;
+    }
+    if (++cst == nst) { cst = 0; ++ctg; }
   }
   CpAsyncWait<0>();
 }
 
-template <int MT, int WN, int STAGES>
+// Launched with programmatic stream serialization (PDL): the kernel may
+// start while the previous one in the stream finishes; it prefetches its
+// first weight stages, then waits (griddepcontrol.wait) before reading x,
+// v, the partials or the counters.
+template <int MT, int WN, int KSUB, int STAGES, int NW>
 absl::Status Launch(DecodeArgs a, int num_sms, cudaStream_t stream) {
-  constexpr int kSmem = SmemBytes<MT, WN, STAGES>();
+  constexpr int kSmem = SmemBytes<MT, WN, KSUB, STAGES, NW>();
+  static_assert(kSmem <= 227 * 1024, "shared memory");
+  auto* kernel = W4DecodeKernel<MT, WN, KSUB, STAGES, NW>;
   static bool configured = false;  // per instantiation; benign race (idempotent)
   if (!configured) {
-    SPEAR_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        W4DecodeKernel<MT, WN, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    SPEAR_CUDA_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     configured = true;
   }
   const int ntg = (a.ntiles + WN - 1) / WN;
-  a.total_units = ntg * a.nks;
+  a.total_units = ntg * ((a.nks + KSUB - 1) / KSUB);
   const int grid = a.total_units < num_sms ? a.total_units : num_sms;
-  W4DecodeKernel<MT, WN, STAGES><<<grid, 256, kSmem, stream>>>(a);
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(NW * 32);
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, a));
   return absl::OkStatus();
 }
 

@@ -3,6 +3,6 @@
 
 namespace spear::kernels::cuda {
 absl::Status LaunchDecodeM1(DecodeArgs a, int num_sms, cudaStream_t stream) {
-  return decode::Launch<1, 1, 8>(a, num_sms, stream);
+  return decode::Launch<1, 1, 4, 4, 16>(a, num_sms, stream);
 }
 }  // namespace spear::kernels::cuda

@@ -3,6 +3,6 @@
 
 namespace spear::kernels::cuda {
 absl::Status LaunchDecodeM2(DecodeArgs a, int num_sms, cudaStream_t stream) {
-  return decode::Launch<2, 2, 6>(a, num_sms, stream);
+  return decode::Launch<2, 2, 2, 4, 8>(a, num_sms, stream);
 }
 }  // namespace spear::kernels::cuda

@@ -3,6 +3,6 @@
 
 namespace spear::kernels::cuda {
 absl::Status LaunchDecodeM4(DecodeArgs a, int num_sms, cudaStream_t stream) {
-  return decode::Launch<4, 4, 4>(a, num_sms, stream);
+  return decode::Launch<4, 4, 1, 4, 8>(a, num_sms, stream);
 }
 }  // namespace spear::kernels::cuda

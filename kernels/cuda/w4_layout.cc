@@ -37,8 +37,8 @@ bool IsSupported(const W4Format& f) {
   if (f.n <= 0 || f.k <= 0 || f.group_size <= 0) return false;
   if (f.n >= (int64_t{1} << 24) || f.k >= (int64_t{1} << 24)) return false;
   if (f.group_size >= f.k) return true;  // per-channel
-  if (f.group_size % 32 != 0) return false;
-  return kStageK % f.group_size == 0 || f.group_size % kStageK == 0;
+  // A power of two >= 32: the kernels find a group with a shift.
+  return f.group_size >= 32 && (f.group_size & (f.group_size - 1)) == 0;
 }
 
 int NumSms() {

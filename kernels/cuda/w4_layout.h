@@ -88,7 +88,8 @@ struct W4Workspace::Impl {
 struct DecodeArgs {
   const uint32_t* qw;
   const uint32_t* sz;
-  int ntiles, ksteps, nks, ngroups, group;
+  int ntiles, ksteps, nks, ngroups;
+  int gshift;  // group of k index kk = kk >> gshift (clamped to ngroups - 1); 30 for per-channel
   const uint16_t* x;
   int m, k, n;
   long long ldx;
@@ -101,6 +102,8 @@ struct DecodeArgs {
   int esteps;
   const uint16_t* v;
   int ldv;
+  int debug;    // profiling only (SPEAR_W4_DEBUG): 1 skip compute, 2 skip weight loads
+  int ec_late;  // 1: an EC prologue precedes this launch (see the kernel)
   float* partials;
   int* counters;
   int total_units;

@@ -38,9 +38,10 @@ namespace spear::kernels::cuda {
 // m at and above which W4Linear takes the prefill (dequantize + cuBLAS) path.
 inline constexpr int64_t kPrefillM = 256;
 
-// True when the CUDA kernels support this format: group_size == k
-// (per-channel, any k) or group_size a multiple of 32 that divides 128 or
-// that 128 divides (32, 64, 128, 256, ...). k and n any positive size.
+// True when the CUDA kernels support this format: group_size >= k
+// (per-channel, any k) or group_size a power of two >= 32 (32, 64, 128,
+// 256, ...; a ragged last group, ngroups = ceil(k / group_size), is
+// handled). k and n any positive size below 2^24.
 bool IsSupported(const W4Format& f);
 
 // The device copy of one W4 linear module (+ optional EC) in the GPU layout.

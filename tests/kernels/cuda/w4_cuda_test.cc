@@ -407,7 +407,7 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 4);
   EXPECT_FALSE(cuda::IsSupported({64, 96, 48, false}));   // group 48
-  EXPECT_FALSE(cuda::IsSupported({64, 384, 192, false}));  // 192: neither divides nor is divided by 128
+  EXPECT_FALSE(cuda::IsSupported({64, 384, 192, false}));  // 192: not a power of two
   EXPECT_TRUE(cuda::IsSupported({64, 100, 100, false}));   // per-channel, any k
   EXPECT_TRUE(cuda::IsSupported({64, 512, 256, true}));
   const W4Weight bad = RandomW4(64, 96, 48, false, false, rng);

@@ -112,13 +112,27 @@ double TimeGraph(int reps, const std::function<void(int)>& body) {
   return 1000.0 * t[t.size() / 2] / reps;
 }
 
+__global__ void CopyKernel(const uint4* __restrict__ a, uint4* __restrict__ b, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    b[i] = a[i];
+  }
+}
+
+// A device-to-device copy by a grid-stride kernel (a graph memcpy node runs
+// on the copy engines and reads low: 2.7 TB/s in the first run).
 double CopyBandwidth() {
   const size_t bytes = size_t{1} << 30;
   void *a, *b;
   CK(cudaMalloc(&a, bytes));
   CK(cudaMalloc(&b, bytes));
   CK(cudaMemset(a, 1, bytes));
-  const double us = TimeGraph(4, [&](int) { CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g_stream)); });
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const double us = TimeGraph(4, [&](int) {
+    CopyKernel<<<sms * 8, 512, 0, g_stream>>>(static_cast<const uint4*>(a), static_cast<uint4*>(b),
+                                               bytes / 16);
+  });
   CK(cudaFree(a));
   CK(cudaFree(b));
   return 2.0 * bytes / (us * 1e-6);  // bytes/s, read + write
@@ -188,12 +202,20 @@ std::map<std::string, double> ReadTorch(const std::string& path) {
 }
 
 int Main(int argc, char** argv) {
-  std::string torch_csv;
-  bool quick = false;
+  std::string torch_csv, only;
+  bool quick = false, no_layer = false;
+  std::vector<int64_t> ms_only;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--torch=", 0) == 0) torch_csv = a.substr(8);
+    if (a.rfind("--only=", 0) == 0) only = a.substr(7);  // e.g. 8B/gate_up
+    if (a.rfind("--ms=", 0) == 0) {
+      std::stringstream ss(a.substr(5));
+      std::string t;
+      while (std::getline(ss, t, ',')) ms_only.push_back(std::stoll(t));
+    }
     if (a == "--quick") quick = true;
+    if (a == "--no-layer") no_layer = true;
   }
   const auto torch = ReadTorch(torch_csv);
   auto tget = [&](const std::string& key) -> double {
@@ -241,6 +263,7 @@ int Main(int argc, char** argv) {
   std::printf("| model | layer | M | W4 us | W4 %%BW | W4 TF/s | W4+EC us | EC/W4 | naive us | naive/W4 | cuBLAS us | cuBLAS %%BW | cuBLAS TF/s | W4/cuBLAS | torch us | torch/W4 | decode-kernel us | prefill-path us |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Shape& sh : kShapes) {
+    if (!only.empty() && only != std::string(sh.model) + "/" + sh.layer) continue;
     const W4Weight w = RandomW4(sh.n, sh.k, rng);
     const EcWeights ec = RandomEc(sh.n, sh.k, rng);
     Weights& W = weights[std::string(sh.model) + sh.layer];
@@ -259,6 +282,7 @@ int Main(int argc, char** argv) {
     const int64_t slots16 = static_cast<int64_t>(pool_halfs / (sh.n * sh.k));
     for (int64_t m : kMs) {
       if (quick && m > 16 && m != 512) continue;
+      if (!ms_only.empty() && std::find(ms_only.begin(), ms_only.end(), m) == ms_only.end()) continue;
       const int reps = std::max(nrot, 10);
       const double flops = 2.0 * m * sh.n * sh.k;
       const double io = 2.0 * m * sh.k + 2.0 * m * sh.n;
@@ -337,6 +361,7 @@ int Main(int argc, char** argv) {
   std::printf("| M | variant | layer us | bytes MB | %% of copy BW | torch us | vs torch |\n|---|---|---|---|---|---|---|\n");
   const char* layers[] = {"qkv", "o", "gate_up", "down"};
   for (int64_t m : {1, 16}) {
+    if (no_layer || !only.empty()) break;
     for (int variant = 0; variant < 3; ++variant) {
       double bytes = 0;
       for (const char* l : layers) {
