@@ -35,6 +35,7 @@ LatencyPoints Linear() {
 class SchedulerTest : public ::testing::Test {
  protected:
   void Make(int64_t num_blocks, SchedulerOptions so = {}, int units = 4) {
+    so.slo_headroom = 1.0;  // exact budgets in these tests
     model::ModelConfig c;
     c.num_layers = 1;
     c.num_kv_heads = 1;
@@ -304,6 +305,20 @@ TEST_F(SchedulerTest, PrefixCacheHitIsRecorded) {
   IterationPlan p = sched_->Schedule();
   EXPECT_EQ(b->cached_prompt_tokens, 8);  // two full blocks of 4; the last token is computed
   EXPECT_EQ(p.prefill_tokens, 4);
+}
+
+TEST_F(SchedulerTest, HeadroomShrinksTheBudget) {
+  SchedulerOptions so;
+  Make(1024, so);
+  // Make() forces headroom 1; rebuild with 0.5.
+  so.slo_headroom = 0.5;
+  sched_ = std::make_unique<Scheduler>(so, blocks_.get(), table_.get(), EcProfile{}, &clock_);
+  Add(2, 50, QualityPolicy::kAuto, 0.2);
+  Run(sched_->Schedule());
+  Add(400, 5);
+  IterationPlan p = sched_->Schedule();
+  EXPECT_DOUBLE_EQ(p.itl_budget, 0.1);
+  EXPECT_EQ(p.chunk_limit, 89);  // no EC units: 0.010 + 0.001 * (1 + P) <= 0.1
 }
 
 TEST(LatencyTableTest, InterpolatesAndLearns) {

@@ -294,6 +294,7 @@ TEST_F(WorkerProcessTest, DeadlineExceededFreesKv) {
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_FALSE(r.finished);
   EXPECT_TRUE(WaitMetric(worker_->metrics_port, "spear_kv_cache_usage_perc", 0, 5));
+  EXPECT_GE(Metric(worker_->metrics_port, "spear_worker_requests_total", "DEADLINE_EXCEEDED"), 1);
 }
 
 TEST_F(WorkerProcessTest, MalformedRequestsAreInvalidArgument) {

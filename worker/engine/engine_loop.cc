@@ -26,7 +26,8 @@ absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(Engine* engine, E
   }
   const SchedulerOptions& so = options.scheduler;
   if (so.max_batch_tokens < 1 || so.max_waiting < 1 || so.max_running < 1 ||
-      so.static_chunk < 1 || so.default_itl_slo < 0) {
+      so.static_chunk < 1 || so.default_itl_slo < 0 || !(so.slo_headroom > 0) ||
+      so.slo_headroom > 1) {
     return absl::InvalidArgumentError("EngineLoop: bad scheduler options");
   }
   BlockManager::Options bo;
@@ -96,13 +97,13 @@ bool EngineLoop::CancelById(const std::string& request_id) {
   absl::MutexLock lock(&mu_);
   auto it = live_.find(request_id);
   if (it == live_.end()) return false;
-  cancels_.push_back(it->second);
+  cancels_.push_back({it->second, absl::CancelledError("request cancelled")});
   return true;
 }
 
-void EngineLoop::Cancel(int64_t id) {
+void EngineLoop::Cancel(int64_t id, absl::Status why) {
   absl::MutexLock lock(&mu_);
-  cancels_.push_back(id);
+  cancels_.push_back({id, std::move(why)});
 }
 
 void EngineLoop::StartDrain() {
@@ -217,7 +218,7 @@ void EngineLoop::Run() {
   std::vector<std::unique_ptr<Request>> finished;
   for (;;) {
     std::vector<std::unique_ptr<Request>> adds;
-    std::vector<int64_t> cancels;
+    std::vector<std::pair<int64_t, absl::Status>> cancels;
     bool stop = false;
     {
       absl::MutexLock lock(&mu_);
@@ -252,9 +253,7 @@ void EngineLoop::Run() {
         (void)scheduler_->Add(std::move(r));
       }
     }
-    for (int64_t id : cancels) {
-      Finish(scheduler_->Remove(id), absl::CancelledError("request cancelled"));
-    }
+    for (auto& [id, why] : cancels) Finish(scheduler_->Remove(id), why);
     for (auto& r : scheduler_->ExpireDeadlines(clock_->Now())) {
       Finish(std::move(r), absl::DeadlineExceededError("request deadline exceeded"));
     }

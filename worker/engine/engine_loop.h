@@ -22,6 +22,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -125,7 +126,10 @@ class EngineLoop {
       ABSL_LOCKS_EXCLUDED(mu_);
   // Cancels (CANCELLED, KV freed in the next loop turn). False if unknown.
   bool CancelById(const std::string& request_id) ABSL_LOCKS_EXCLUDED(mu_);
-  void Cancel(int64_t id) ABSL_LOCKS_EXCLUDED(mu_);
+  // Ends request `id` with `why` (CANCELLED, or DEADLINE_EXCEEDED when the
+  // RPC's deadline cancelled the call); unknown ids are ignored.
+  void Cancel(int64_t id, absl::Status why = absl::CancelledError("request cancelled"))
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Stop admitting (Submit -> UNAVAILABLE); in-flight work continues.
   void StartDrain() ABSL_LOCKS_EXCLUDED(mu_);
   bool draining() const { return draining_.load(); }
@@ -165,7 +169,7 @@ class EngineLoop {
 
   mutable absl::Mutex mu_;
   std::vector<std::unique_ptr<Request>> inbox_ ABSL_GUARDED_BY(mu_);
-  std::vector<int64_t> cancels_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<int64_t, absl::Status>> cancels_ ABSL_GUARDED_BY(mu_);
   std::vector<std::function<void()>> idle_fns_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, int64_t> live_ ABSL_GUARDED_BY(mu_);  // request_id -> id
   int64_t scheduler_waiting_ ABSL_GUARDED_BY(mu_) = 0;

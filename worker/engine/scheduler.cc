@@ -220,7 +220,7 @@ IterationPlan Scheduler::Schedule() {
   if (ec_.share.empty()) base_need = 0;
   std::vector<bool> mask = MaskForCap(base_need);
   double density = DensityOf(mask);
-  plan.itl_budget = std::isinf(budget) ? 0 : budget;
+  plan.itl_budget = std::isinf(budget) ? 0 : budget * options_.slo_headroom;
 
   // 3. Prefill chunk.
   const int64_t room = std::max<int64_t>(0, options_.max_batch_tokens - D);

@@ -18,7 +18,8 @@
 //     quality, no extra cost to it); its Tokens events report the density
 //     actually used.
 //  3. The ITL budget is the tightest ITL target among the decoding
-//     sequences (a request's own, else the worker default; 0 = none). A
+//     sequences (a request's own, else the worker default; 0 = none),
+//     times SchedulerOptions::slo_headroom. A
 //     binary search over the latency table picks the largest prefill chunk
 //     P in [0, min(max_batch_tokens - decodes, pending prefill)] with
 //     Predict(decodes + P, density) <= budget.
@@ -101,6 +102,10 @@ struct SchedulerOptions {
   int64_t max_waiting = 256;       // bounded waiting queue
   int64_t max_running = 256;       // sequences in the running batch
   double default_itl_slo = 0;      // seconds; 0 = no ITL target
+  // The chunk search plans iterations to headroom x the ITL target: the
+  // table predicts a typical iteration, the margin absorbs its variance
+  // (other processes, attention over growing contexts). In (0, 1].
+  double slo_headroom = 0.85;
   // false: a fixed prefill chunk of static_chunk tokens (the baseline the
   // adaptive chunk is compared with); no SLO search and no shedding.
   bool adaptive = true;
@@ -122,7 +127,7 @@ struct IterationPlan {
   int64_t chunk_limit = 0;     // the P the search allowed
   std::vector<bool> ec_mask;   // per unit; empty = no EC units
   double ec_density = 0;
-  double itl_budget = 0;       // 0 = none
+  double itl_budget = 0;       // headroom x tightest target; 0 = none
   double predicted_seconds = 0;
   bool shed = false;           // ECs shed below the batch's need for the SLO
   int preempted = 0;

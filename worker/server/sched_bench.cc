@@ -87,6 +87,23 @@ double Percentile(std::vector<double> v, double p) {
   return v[lo] + (idx - lo) * (v[hi] - v[lo]);
 }
 
+// Latency-table health and chunk sizes, per iteration (loop thread).
+class Observer final : public spear::engine::LoopObserver {
+ public:
+  void OnIteration(const spear::engine::IterationStats& it,
+                   const spear::engine::LoopSnapshot&) override {
+    if (it.predicted_seconds > 0 && it.decode_tokens > 0) {
+      ratio.push_back(it.seconds / it.predicted_seconds);
+    }
+    if (it.prefill_tokens > 0 && it.decode_tokens > 0) chunk.push_back(it.prefill_tokens);
+  }
+  void OnFirstToken(double) override {}
+  void OnInterToken(double) override {}
+  void OnRequestDone(const FinishInfo&) override {}
+  void OnIdle(const spear::engine::LoopSnapshot&) override {}
+  std::vector<double> ratio, chunk;
+};
+
 struct Arrival {
   double at;  // seconds after start
   bool stream;
@@ -99,12 +116,14 @@ struct ModeResult {
   std::vector<double> itl, ttft_long;
   double density = 0, wall = 0;
   int64_t tokens = 0, shed = 0, iterations = 0;
+  std::vector<double> ratio, chunk;  // measured/predicted; prefill tokens beside decodes
 };
 
 ModeResult RunMode(const std::string& name, spear::server::ModelHost& host,
                    const spear::engine::EngineLoopOptions& lo, const std::vector<Arrival>& plan,
                    const Clock& clock) {
-  auto loop_or = EngineLoop::Create(host.engine.get(), host.ec.get(), lo, &clock, nullptr);
+  Observer obs;
+  auto loop_or = EngineLoop::Create(host.engine.get(), host.ec.get(), lo, &clock, &obs);
   if (!loop_or.ok()) {
     std::fprintf(stderr, "spear-sched-bench: %s\n", loop_or.status().ToString().c_str());
     std::exit(1);
@@ -154,6 +173,8 @@ ModeResult RunMode(const std::string& name, spear::server::ModelHost& host,
   m.shed = snap.shed_iterations;
   m.iterations = snap.iterations;
   loop->Stop();
+  m.ratio = obs.ratio;
+  m.chunk = obs.chunk;
   return m;
 }
 
@@ -172,6 +193,7 @@ int Main(int argc, char** argv) {
       .Declare("start", "2", "seconds before the first long request")
       .Declare("static-chunk", "512", "the static baseline's prefill chunk")
       .Declare("max-batch-tokens", "576", "tokens per iteration at most (both modes)")
+      .Declare("headroom", "0.85", "the adaptive scheduler plans to headroom x the ITL target")
       .Declare("seed", "1", "arrival and prompt seed");
   std::vector<std::string> args(argv + 1, argv + argc);
   if (absl::Status s = f.Parse(args); !s.ok()) {
@@ -190,9 +212,11 @@ int Main(int argc, char** argv) {
   auto sc = f.Int("static-chunk", 1, 1 << 20);
   auto mbt = f.Int("max-batch-tokens", 1, 1 << 20);
   auto seed = f.Int("seed", 0, 1ll << 62);
+  auto headroom = f.Double("headroom", 0.01, 1);
   for (const absl::Status& s : {threads.status(), slo_ms.status(), streams.status(), sp.status(),
                                 nlong.status(), lp.status(), lt.status(), rate.status(),
-                                start.status(), sc.status(), mbt.status(), seed.status()}) {
+                                start.status(), sc.status(), mbt.status(), seed.status(),
+                                headroom.status()}) {
     if (!s.ok()) {
       std::fprintf(stderr, "spear-sched-bench: %s\n", std::string(s.message()).c_str());
       return 2;
@@ -240,6 +264,7 @@ int Main(int argc, char** argv) {
   };
   const double slo = *slo_ms > 0 ? *slo_ms / 1e3 : 3 * predict(*streams);
   lo.scheduler.default_itl_slo = slo;
+  lo.scheduler.slo_headroom = *headroom;
 
   // One arrival schedule for both modes.
   std::mt19937_64 rng(static_cast<uint64_t>(*seed));
@@ -269,10 +294,10 @@ int Main(int argc, char** argv) {
     std::printf("%d:%.1fms ", t.tokens[i], t.seconds_full_ec[i] * 1e3);
   }
   std::printf("\nworkload: %lld streams (prompt %lld) + %lld long requests (prompt %lld, %lld "
-              "tokens) at %.2f/s from t=%.1fs; ITL target %.1f ms\n",
+              "tokens) at %.2f/s from t=%.1fs; ITL target %.1f ms (planned to %.0f%%)\n",
               static_cast<long long>(*streams), static_cast<long long>(*sp),
               static_cast<long long>(*nlong), static_cast<long long>(*lp),
-              static_cast<long long>(*lt), *rate, *start, slo * 1e3);
+              static_cast<long long>(*lt), *rate, *start, slo * 1e3, *headroom * 100);
   std::fflush(stdout);
 
   spear::engine::EngineLoopOptions adaptive = lo;
@@ -297,6 +322,13 @@ int Main(int argc, char** argv) {
                 Percentile(m.itl, 1.0) * 1e3, m.itl.empty() ? 0 : 100.0 * within / m.itl.size(),
                 tm, Percentile(m.ttft_long, 0.5), Percentile(m.ttft_long, 1.0), m.density,
                 static_cast<long long>(m.shed), m.wall);
+  }
+  std::printf("\n%-16s %12s %12s %12s %14s %14s\n", "mode", "iterations", "meas/pred p50",
+              "meas/pred p90", "chunk p50 (w/ decodes)", "chunk max");
+  for (const ModeResult& m : res) {
+    std::printf("%-16s %12lld %12.2f %12.2f %14.0f %14.0f\n", m.name.c_str(),
+                static_cast<long long>(m.iterations), Percentile(m.ratio, 0.5),
+                Percentile(m.ratio, 0.9), Percentile(m.chunk, 0.5), Percentile(m.chunk, 1.0));
   }
   const double p99a = Percentile(res[0].itl, 0.99), p99s = Percentile(res[1].itl, 0.99);
   double ta = 0, ts = 0;

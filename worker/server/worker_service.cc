@@ -129,6 +129,7 @@ class ExecuteReactor final : public grpc::ServerWriteReactor<v1::ExecuteEvent> {
     absl::StatusOr<engine::ExecuteSpec> spec = ValidateExecute(req, limits);
     if (spec.ok()) {
       const auto deadline = ctx->deadline();
+      deadline_ = deadline;
       if (deadline != std::chrono::system_clock::time_point::max()) {
         const double left =
             std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
@@ -216,12 +217,19 @@ class ExecuteReactor final : public grpc::ServerWriteReactor<v1::ExecuteEvent> {
       absl::MutexLock lock(&mu_);
       id = id_;
     }
-    if (id >= 0) loop_->Cancel(id);
+    if (id < 0) return;
+    // gRPC cancels the call when its deadline passes: say so in the metrics.
+    if (std::chrono::system_clock::now() >= deadline_) {
+      loop_->Cancel(id, absl::DeadlineExceededError("request deadline exceeded"));
+    } else {
+      loop_->Cancel(id);
+    }
   }
 
   engine::EngineLoop* loop_;
   WorkerMetrics* metrics_;
   std::shared_ptr<Stream> stream_;
+  std::chrono::system_clock::time_point deadline_ = std::chrono::system_clock::time_point::max();
   absl::Mutex mu_;
   int64_t id_ ABSL_GUARDED_BY(mu_) = -1;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
