@@ -33,18 +33,23 @@ def smollm2_path():
 
 
 def gen_stubs():
-    """python -m grpc_tools.protoc into the build dir (once); returns the path."""
+    """python -m grpc_tools.protoc into the build dir (once); returns the path.
+    grpc.health.v1 is generated as the module `spear_health.health_pb2` (a
+    top-level `grpc` package would shadow grpcio itself)."""
     marker = os.path.join(STUBS, "spear", "v1", "generation_pb2_grpc.py")
     protos = [os.path.join(SOURCE, "proto", "spear", "v1", f) for f in ("generation.proto", "worker.proto")]
     if not os.path.exists(marker) or any(os.path.getmtime(p) > os.path.getmtime(marker) for p in protos):
-        os.makedirs(STUBS, exist_ok=True)
+        os.makedirs(os.path.join(STUBS, "_src", "spear_health"), exist_ok=True)
+        with open(os.path.join(SOURCE, "router", "proto", "grpc", "health", "v1", "health.proto")) as f:
+            health = f.read()
+        with open(os.path.join(STUBS, "_src", "spear_health", "health.proto"), "w") as f:
+            f.write(health)
         subprocess.check_call([sys.executable, "-m", "grpc_tools.protoc",
-                               "-I", os.path.join(SOURCE, "proto"),
-                               "-I", os.path.join(SOURCE, "router", "proto"),
+                               "-I", os.path.join(SOURCE, "proto"), "-I", os.path.join(STUBS, "_src"),
                                "--python_out", STUBS, "--grpc_python_out", STUBS,
                                "spear/v1/generation.proto", "spear/v1/worker.proto",
-                               "grpc/health/v1/health.proto"])
-        for d in ("spear", "spear/v1", "grpc", "grpc/health", "grpc/health/v1"):
+                               "spear_health/health.proto"])
+        for d in ("spear", "spear/v1", "spear_health"):
             open(os.path.join(STUBS, d, "__init__.py"), "a").close()
     if STUBS not in sys.path:
         sys.path.insert(0, STUBS)

@@ -16,7 +16,7 @@ if MODEL is None:
     sys.exit(77)
 cluster.gen_stubs()
 import grpc  # noqa: E402
-from grpc.health.v1 import health_pb2, health_pb2_grpc  # noqa: E402  (generated into the build dir)
+from spear_health import health_pb2, health_pb2_grpc  # noqa: E402  (grpc.health.v1, generated into the build dir)
 from spear.v1 import generation_pb2 as pb  # noqa: E402
 from spear.v1 import generation_pb2_grpc as pbg  # noqa: E402
 
