@@ -164,8 +164,9 @@ int CmdServe(const std::vector<std::string>& args) {
   ro.host = f.Str("host");
   ro.port = static_cast<int>(*port);
   ro.metrics_port = static_cast<int>(*mport);
-  ro.frontend.model = *model_path;
-  ro.frontend.model_name = f.Str("model");
+  // Router and workers get the model as given, so both derive the same
+  // `model` label from it.
+  ro.frontend.model = f.Str("model");
   ro.balancer = f.Str("balancer");
   ro.admission.max_queue = static_cast<int>(*mq);
   ro.admission.queue_timeout_seconds = *qt / 1000;
@@ -194,7 +195,7 @@ int CmdServe(const std::vector<std::string>& args) {
     for (Child& c : children) StopChild(c, 30);
   };
   for (int64_t i = 0; i < *nworkers; ++i) {
-    std::vector<std::string> argv = {worker_bin, "--model", *model_path, "--host", "127.0.0.1",
+    std::vector<std::string> argv = {worker_bin, "--model", f.Str("model"), "--host", "127.0.0.1",
                                      "--port", "0", "--metrics-port", "0",
                                      "--threads", std::to_string(per_worker),
                                      "--kv-tokens", std::to_string(*kv),

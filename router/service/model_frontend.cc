@@ -88,13 +88,16 @@ absl::StatusOr<std::unique_ptr<ModelFrontend>> ModelFrontend::Load(FrontendOptio
   }
   std::unique_ptr<ModelFrontend> f(new ModelFrontend(std::move(opts)));
   f->tok_ = std::move(*tok);
+  // Same rule as spear-worker's model label (worker/server/model_host.cc),
+  // so router and worker series share `model`.
   if (!f->opts_.model_name.empty()) {
     f->name_ = f->opts_.model_name;
-  } else if (fs::exists(f->opts_.model)) {
-    f->name_ = fs::path(f->opts_.model).filename().replace_extension().string();
-    if (f->name_.empty()) f->name_ = fs::path(f->opts_.model).parent_path().filename().string();
+  } else if (f->opts_.model.find('/') == std::string::npos) {
+    f->name_ = f->opts_.model;  // a cache name or a file in the working directory
   } else {
-    f->name_ = f->opts_.model;  // a cache name
+    const fs::path p(f->opts_.model);
+    f->name_ = p.filename().string();
+    if (f->name_.empty()) f->name_ = p.parent_path().filename().string();
   }
   return f;
 }
