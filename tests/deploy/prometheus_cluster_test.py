@@ -71,7 +71,10 @@ if not model:
     if not hits:
         die(f"SmolLM2 is not in the model cache ({home}/models/smollm2-135m): "
             "run `spear pull smollm2-135m` (scripts/test.sh does)")
-    model = hits[0]
+    # A quantized .spear with ECs in the cache (e.g. from scripts/demo.sh)
+    # makes EC density and gate statistics non-trivial; else the GGUF.
+    spear_dirs = sorted(glob.glob(os.path.join(home, "models", "smollm2-135m", "*.spear")))
+    model = spear_dirs[0] if spear_dirs else hits[0]
 print(f"model: {model}", flush=True)
 
 tmp = tempfile.mkdtemp(prefix="spear-prom-test.")
@@ -230,6 +233,17 @@ try:
             c.ok(len(vals) > 0, f"panel '{title}' returns data")
     healthy = values_of(L.substitute_grafana(panels["Healthy workers"]["targets"][0]["expr"]))
     c.ok(healthy == [float(n_workers)], "Healthy workers = 2", str(healthy))
+    # No phantom unhealthy worker (SpearWorkerUnhealthy would page for it).
+    down = query("max by (model, worker) (spear_worker_up) == 0", now)["data"]["result"]
+    c.ok(down == [], "no worker the router reports unhealthy while all are up", json.dumps(down)[:300])
+    # One model label for router and worker series: the per-model joins of
+    # the rules and the dashboard's $model filter need it.
+    rm = {x["metric"].get("model") for x in
+          query('count by (model) ({job="spear-router", __name__=~"spear_.+"})', now)["data"]["result"]}
+    wm = {x["metric"].get("model") for x in
+          query('count by (model) ({job="spear-worker", __name__=~"spear_.+"})', now)["data"]["result"]}
+    c.ok(len(rm) == 1 and rm == wm, "router and workers label the model the same",
+         f"router {sorted(map(str, rm))} vs workers {sorted(map(str, wm))}")
     # Recording rules ran on real data.
     for rec in ("namespace_model:spear_time_to_first_token_seconds:p99_5m",
                 "namespace_model:spear_slo_attainment:ratio_rate5m",
