@@ -21,6 +21,8 @@
 #include "cli/serve.h"
 #include "router/balancing/balancer.h"
 #include "router/service/router_server.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "spdlog/spdlog.h"
 #include "worker/model/model_cache.h"
 
 extern char** environ;
@@ -28,6 +30,18 @@ extern char** environ;
 namespace spear::cli {
 namespace {
 namespace fs = std::filesystem;
+
+volatile sig_atomic_t g_stop_signal = 0;
+
+void OnStopSignal(int sig) { g_stop_signal = sig; }
+
+void InstallStopHandler() {
+  struct sigaction sa {};
+  sa.sa_handler = OnStopSignal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+}
 
 struct Child {
   pid_t pid = -1;
@@ -57,7 +71,7 @@ absl::StatusOr<Child> SpawnWorker(const std::vector<std::string>& argv, double t
   posix_spawnattr_init(&attr);
   sigset_t none;
   sigemptyset(&none);
-  posix_spawnattr_setsigmask(&attr, &none);  // we block SIGTERM/SIGINT; the child must not
+  posix_spawnattr_setsigmask(&attr, &none);
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP);
   posix_spawnattr_setpgroup(&attr, 0);  // Ctrl-C goes to us; we forward it
   std::vector<char*> cargv;
@@ -179,12 +193,12 @@ int CmdServe(const std::vector<std::string>& args) {
   }
   if (auto b = router::MakeBalancer(ro.balancer); !b.ok()) return Fail("serve", b.status(), true);
 
-  // Block the stop signals in every thread; the main thread waits for them.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGTERM);
-  sigaddset(&sigs, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  // Stop signals set a flag that the main loop polls. (A handler rather than
+  // sigwait: libraries may have started threads before this point, and a
+  // signal delivered to one of them must not take the default action.)
+  InstallStopHandler();
+  // stdout carries only the LISTENING line; logs go to stderr.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("spear-serve"));
 
   const std::string worker_bin = f.Has("worker-binary") ? f.Str("worker-binary") : DefaultWorkerBinary();
   const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
@@ -226,13 +240,8 @@ int CmdServe(const std::vector<std::string>& args) {
 
   // Wait for a stop signal; report workers that exit on their own (the
   // router takes them out of rotation through its health checks).
-  for (;;) {
-    timespec ts{0, 200 * 1000 * 1000};
-    const int sig = sigtimedwait(&sigs, nullptr, &ts);
-    if (sig == SIGTERM || sig == SIGINT) {
-      std::fprintf(stderr, "spear serve: signal %d, draining\n", sig);
-      break;
-    }
+  while (g_stop_signal == 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
     for (Child& c : children) {
       int status = 0;
       if (c.pid > 0 && waitpid(c.pid, &status, WNOHANG) == c.pid) {
@@ -243,6 +252,7 @@ int CmdServe(const std::vector<std::string>& args) {
       }
     }
   }
+  std::fprintf(stderr, "spear serve: signal %d, draining\n", static_cast<int>(g_stop_signal));
   (*server)->Shutdown();
   server->reset();
   for (Child& c : children) {

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "router/service/router_server.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
 namespace {
@@ -169,6 +170,8 @@ balancer_ok:
   sigaddset(&sigs, SIGINT);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
+  // stdout carries only the LISTENING line; logs go to stderr.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("spear-router"));
   auto server = spear::router::RouterServer::Start(o);
   if (!server.ok()) {
     std::fprintf(stderr, "spear-router: %s\n", server.status().ToString().c_str());
