@@ -3,13 +3,14 @@
 
 The dashboard is generated so panels stay consistent (same label matchers,
 units, layout); edit this file and run it, then commit both:
-    python3 monitoring/grafana/generate_dashboard.py
+    python3 monitoring/grafana/generate_dashboard.py [--out PATH]
 tests/deploy checks that the committed JSON equals this script's output and
 that every expression parses and evaluates (see tests/deploy/README.md).
 Every metric is from monitoring/metrics.md.
 """
 import json
 import os
+import sys
 
 # Label matchers every query carries: the dashboard is templated by
 # namespace (absent on a local `spear serve`: "All" = ".*" matches the empty
@@ -279,6 +280,8 @@ def dashboard():
 
 def main():
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spear-overview.json")
+    if len(sys.argv) == 3 and sys.argv[1] == "--out":
+        out = sys.argv[2]
     with open(out, "w") as f:
         json.dump(dashboard(), f, indent=2, sort_keys=False)
         f.write("\n")
