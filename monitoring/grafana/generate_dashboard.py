@@ -2,7 +2,8 @@
 """Writes spear-overview.json, the SPEAR Grafana dashboard.
 
 The dashboard is generated so panels stay consistent (same label matchers,
-units, layout); edit this file and run it, then commit both:
+units, layout); edit this file and run it (it also refreshes the Helm chart's copy in
+deploy/k8s/helm/spear/files/), then commit them:
     python3 monitoring/grafana/generate_dashboard.py [--out PATH]
 tests/deploy checks that the committed JSON equals this script's output and
 that every expression parses and evaluates (see tests/deploy/README.md).
@@ -279,13 +280,18 @@ def dashboard():
 
 
 def main():
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spear-overview.json")
+    here = os.path.dirname(os.path.abspath(__file__))
+    outs = [os.path.join(here, "spear-overview.json"),
+            # The Helm chart ships a copy (grafanaDashboard.enabled).
+            os.path.join(here, "..", "..", "deploy", "k8s", "helm", "spear", "files",
+                         "spear-overview.json")]
     if len(sys.argv) == 3 and sys.argv[1] == "--out":
-        out = sys.argv[2]
-    with open(out, "w") as f:
-        json.dump(dashboard(), f, indent=2, sort_keys=False)
-        f.write("\n")
-    print(out)
+        outs = [sys.argv[2]]
+    text = json.dumps(dashboard(), indent=2, sort_keys=False) + "\n"
+    for out in outs:
+        with open(out, "w") as f:
+            f.write(text)
+        print(os.path.normpath(out))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from kubernetes_validate import utils as kvu  # noqa: E402
 c = L.Checks("helm_render_test")
 SCHEMAS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas")
 CRDS = {("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",
-        ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json"}
+        ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
+        ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json"}
 VERSIONS = ["1.27.0", kvu.latest_version()]
 values_cpu = yaml.safe_load(open(os.path.join(L.CHART, "values-cpu.yaml")))
 
@@ -169,6 +170,27 @@ for comp in ("router", "worker"):
         c.ok(sm["spec"]["endpoints"][0]["port"] in [p["name"] for p in svc["spec"]["ports"]],
              f"ServiceMonitor spear-{comp} scrapes a named Service port")
         c.ok(sm["metadata"]["labels"].get("release") == "kps", "ServiceMonitor extra labels")
+
+# Rules and dashboard shipped by the chart = monitoring/ (copies in files/).
+for rel, orig in (("recording_rules.yml", L.RULE_FILES[0]), ("alert_rules.yml", L.RULE_FILES[1]),
+                  ("spear-overview.json", os.path.join(L.MONITORING, "grafana", "spear-overview.json"))):
+    copy_path = os.path.join(L.CHART, "files", rel)
+    c.ok(os.path.exists(copy_path) and open(copy_path).read() == open(orig).read(),
+         f"chart files/{rel} is a copy of {os.path.relpath(orig, L.ROOT)}")
+mon_docs, _ = render({"prometheusRule": {"enabled": True, "labels": {"release": "kps"}},
+                      "grafanaDashboard": {"enabled": True}})
+validate_all(mon_docs, "prometheusRule+grafanaDashboard")
+pr = obj(mon_docs, "PrometheusRule", "spear")
+want_groups = [g for f in L.RULE_FILES for g in yaml.safe_load(open(f))["groups"]]
+c.ok(pr is not None and pr["spec"]["groups"] == want_groups,
+     "PrometheusRule holds exactly the recording and alert rules of monitoring/prometheus")
+dcm = obj(mon_docs, "ConfigMap", "spear-dashboard")
+c.ok(dcm is not None and dcm["metadata"]["labels"].get("grafana_dashboard") == "1"
+     and json.loads(dcm["data"]["spear-overview.json"]) ==
+     json.load(open(os.path.join(L.MONITORING, "grafana", "spear-overview.json"))),
+     "dashboard ConfigMap holds the dashboard, labelled for Grafana's sidecar")
+c.ok(obj(gpu_docs, "PrometheusRule", "spear") is None and obj(gpu_docs, "ConfigMap", "spear-dashboard") is None,
+     "defaults: no PrometheusRule or dashboard ConfigMap")
 
 tls_docs, _ = render({"router": {"tls": {"enabled": True, "mutual": True, "secretName": "tls-s"},
                                  "auth": {"enabled": True, "secretName": "auth-s"}}})
