@@ -28,6 +28,7 @@
 #include "cli/commands.h"
 #include "cli/flags.h"
 #include "cli/serve.h"
+#include "router/service/request_call.h"
 #include "grpcpp/grpcpp.h"
 #include "nlohmann/json.hpp"
 #include "spear/v1/generation.grpc.pb.h"
@@ -199,12 +200,12 @@ std::vector<Outcome> Run(const RunConfig& rc, const std::vector<Planned>& plan) 
 nlohmann::json Summarize(const char* label, const std::vector<Outcome>& out, double duration,
                          double ttft_target, double itl_target, bool print) {
   std::vector<double> ttft, itl, e2e;
-  std::map<std::string, int> codes;
+  std::map<std::string, int> codes;  // by status code name
   int ok = 0, met = 0;
   int64_t tokens = 0;
   double last_end = 0, dens = 0;
   for (const Outcome& o : out) {
-    codes[std::to_string(static_cast<int>(o.code))] += 1;
+    codes[router::CodeName(o.code)] += 1;
     if (o.code != grpc::OK) continue;
     ++ok;
     tokens += o.tokens;
@@ -229,12 +230,8 @@ nlohmann::json Summarize(const char* label, const std::vector<Outcome>& out, dou
       {"slo_attainment_of_ok", ok ? static_cast<double>(met) / ok : 0.0},
       {"slo_attainment_of_sent", out.empty() ? 0.0 : static_cast<double>(met) / out.size()},
       {"mean_ec_density", ok ? dens / ok : 0.0}};
-  nlohmann::json cj;
-  for (const auto& [code, n] : codes) {
-    cj[grpc::StatusCode(std::stoi(code)) == grpc::OK ? "OK" : code] = n;
-  }
-  j["codes"] = cj;
-  j["rejected"] = codes.count("8") ? codes["8"] : 0;
+  j["codes"] = codes;
+  j["rejected"] = codes.count("RESOURCE_EXHAUSTED") ? codes["RESOURCE_EXHAUSTED"] : 0;
   if (print) {
     std::printf("== %s: %zu sent, %d ok, %d RESOURCE_EXHAUSTED, other errors %zu\n", label, out.size(), ok,
                 j["rejected"].get<int>(), out.size() - ok - j["rejected"].get<int>());
