@@ -56,7 +56,7 @@ with tempfile.TemporaryDirectory() as tmp:
         return r.returncode, (open(calls).read().splitlines() if os.path.exists(calls) else []), r
 
     name = data["SPEAR_MODEL_NAME"]
-    out = os.path.join(models, name + ".spear")
+    out = os.path.join(models, "served", name)
     rc, calls, r = run("prepare-model.sh", os.path.join(tmp, "c1"))
     c.ok(rc == 0, "first start succeeds", r.stderr)
     c.ok(len(calls) == 2 and calls[0] == f"pull {data['SPEAR_MODEL_SOURCE']}"
@@ -77,7 +77,8 @@ with tempfile.TemporaryDirectory() as tmp:
     rc, calls, r = run("prepare-model.sh", os.path.join(tmp, "c6"), SPEAR_MODEL_NAME="other",
                        FAIL_QUANTIZE="1")
     c.ok(rc != 0, "a failed quantization fails the init container")
-    c.ok(not os.path.exists(os.path.join(models, "other.spear.prep")), "... and leaves no stamp")
+    c.ok(not os.path.exists(os.path.join(models, "served", "other.prep")), "... and leaves no stamp")
+    c.ok(os.path.exists(os.path.join(models, "served", name + ".prep")), "a stamp beside the served model")
 
     rc, calls, r = run("prepare-tokenizer.sh", os.path.join(tmp, "t1"))
     c.ok(rc == 0 and calls == [f"pull {data['SPEAR_MODEL_SOURCE']}"], "tokenizer: a known name is pulled",

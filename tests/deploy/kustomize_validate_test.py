@@ -197,7 +197,14 @@ def check_cluster(name, docs):
              f"{name}: prepare-model.sh pulls, quantizes and checks the manifest")
     wmounts = {m["name"]: m for m in wc["volumeMounts"]}
     c.ok(wmounts.get("models", {}).get("mountPath") == "/models", f"{name}: worker mounts /models")
-    c.ok((arg(wc, "--model") or "").startswith("/models/"), f"{name}: worker --model under /models")
+    # The worker labels metrics with the model directory's name: it must be
+    # the public name the router uses (--model-name).
+    c.ok(arg(wc, "--model") == "/models/served/$(SPEAR_MODEL_NAME)"
+         and arg(rc, "--model-name") == "$(SPEAR_MODEL_NAME)",
+         f"{name}: worker --model dir named like the router's --model-name",
+         f"{arg(wc, '--model')} / {arg(rc, '--model-name')}")
+    script = cms.get("spear-model", {}).get("data", {}).get("prepare-model.sh", "")
+    c.ok('out="/models/served/${SPEAR_MODEL_NAME}"' in script, f"{name}: model-prep writes where the worker reads")
     vct = [v["metadata"]["name"] for v in worker["spec"].get("volumeClaimTemplates", [])]
     c.ok("models" in vct, f"{name}: models volumeClaimTemplate")
     return router, worker
