@@ -341,7 +341,8 @@ void RequestCall::OnWorkerDone(WorkerStream* s, const grpc::Status& status) {
                                                                  status.error_message())),
                     0, &out);
       } else {
-        FinishError(status, 0, &out);
+        // A worker's own overload answer keeps its meaning, with a short hint.
+        FinishError(status, c == grpc::RESOURCE_EXHAUSTED ? 250 : 0, &out);
       }
     }
   }
