@@ -200,11 +200,11 @@ TEST_F(ShedTest, NoSheddingWhenTheBatchFits) {
 
 TEST_F(ShedTest, ShedsLowestValueUnitsWhenEvenNoPrefillBreaksTheSlo) {
   Decoding(80);  // full EC: 0.135 > 0.1; no EC: 0.09
-  Add(100, 5);   // waiting prefill gets nothing
+  Add(100, 5);   // waiting prefill gets only the progress minimum
   IterationPlan p = sched_->Schedule();
   EXPECT_TRUE(p.shed);
-  EXPECT_EQ(p.prefill_tokens, 0);
-  EXPECT_LE(p.predicted_seconds, 0.1);
+  EXPECT_EQ(p.prefill_tokens, 4);  // SchedulerOptions::min_prefill_chunk
+  EXPECT_LE(table_->Predict(p.decode_tokens, p.ec_density), 0.1);
   // 0.09 + d * 0.045 <= 0.1  ->  d <= 0.222: two of ten units stay, the
   // two highest-value ones (units 0 and 1; unit 9 is shed first).
   EXPECT_NEAR(p.ec_density, 0.2, 1e-9);
@@ -223,6 +223,37 @@ TEST_F(ShedTest, NeverShedsWithFullEcInTheBatch) {
   EXPECT_DOUBLE_EQ(p.ec_density, 1.0);
   EXPECT_GT(p.predicted_seconds, 0.1);  // the SLO is missed, quality is not
   EXPECT_EQ(sched_->shed_iterations(), 0);
+}
+
+TEST_F(ShedTest, FullEcWaitingAtTheHeadForbidsShedding) {
+  Decoding(80);
+  Add(20, 5, QualityPolicy::kFullEc);  // will get the progress minimum this iteration
+  IterationPlan p = sched_->Schedule();
+  EXPECT_FALSE(p.shed);
+  EXPECT_DOUBLE_EQ(p.ec_density, 1.0);
+}
+
+TEST_F(ShedTest, PrefillProgressesWhenDecodesAloneExceedTheSlo) {
+  Decoding(80);
+  Add(40, 2);
+  int iterations = 0;
+  while (sched_->num_running() < 81 && iterations < 100) {
+    Run(sched_->Schedule());
+    ++iterations;
+  }
+  EXPECT_EQ(sched_->num_running(), 81);
+  // 40 tokens at 4 per iteration.
+  while (iterations < 100) {
+    bool prefilling = false;
+    for (int64_t id = 80; id < 81; ++id) {
+      Request* r = sched_->Find(id);
+      prefilling |= r != nullptr && r->seq->in_prefill();
+    }
+    if (!prefilling) break;
+    Run(sched_->Schedule());
+    ++iterations;
+  }
+  EXPECT_LE(iterations, 12);
 }
 
 TEST_F(SchedulerTest, EcMaskIsTheUnionOfTheBatch) {

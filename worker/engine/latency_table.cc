@@ -156,14 +156,17 @@ absl::StatusOr<LatencyTable> ProfileLatency(Engine* engine, BlockManager* blocks
     if (absl::Status s = runner.Forward({ch}, &out); !s.ok()) return s;
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
+  // The median of `repeats` timed runs after a warm-up: a typical
+  // iteration (the minimum would be optimistic on a busy machine).
   auto time_point = [&](int32_t t) -> absl::StatusOr<double> {
-    double best = 1e30;
+    std::vector<double> runs;
     for (int r = 0; r <= o.repeats; ++r) {  // r == 0: warm-up
       auto s = time_once(t);
       if (!s.ok()) return s.status();
-      if (r > 0) best = std::min(best, *s);
+      if (r > 0) runs.push_back(*s);
     }
-    return best;
+    std::sort(runs.begin(), runs.end());
+    return runs[runs.size() / 2];
   };
   LatencyPoints p;
   p.tokens = points;

@@ -64,9 +64,11 @@ class LatencyTable {
 
 struct ProfileOptions {
   // Token counts to time (clipped to max_tokens; 1 and max_tokens always).
-  std::vector<int32_t> tokens = {1, 4, 16, 64, 128, 256, 512, 1024, 2048};
+  // 8 and 12 bracket the CPU W4 kernels' switch from the fused GEMV
+  // (m <= 8) to dequantized tiles + GEMM, a step the table must not smooth over.
+  std::vector<int32_t> tokens = {1, 2, 4, 8, 12, 16, 32, 64, 128, 256, 512, 1024, 2048};
   int64_t max_tokens = 512;
-  int repeats = 2;  // the minimum of `repeats` timed runs after one warm-up
+  int repeats = 2;  // the median of `repeats` timed runs after one warm-up
 };
 
 // Times real forward passes of `engine` (one sequence per point, T tokens

@@ -215,8 +215,16 @@ IterationPlan Scheduler::Schedule() {
   }
   for (const auto& r : waiting_) work += r->seq->num_pending();
   double base_need = need;
-  for (Request* r : prefilling) base_need = std::max(base_need, Need(*r));
-  if (!waiting_.empty()) base_need = std::max(base_need, Need(*waiting_.front()));
+  // FULL_EC anywhere in what this iteration may run forbids shedding.
+  bool full_candidates = full_in_decodes;
+  for (Request* r : prefilling) {
+    base_need = std::max(base_need, Need(*r));
+    full_candidates |= r->spec.quality == QualityPolicy::kFullEc;
+  }
+  if (!waiting_.empty()) {
+    base_need = std::max(base_need, Need(*waiting_.front()));
+    full_candidates |= waiting_.front()->spec.quality == QualityPolicy::kFullEc;
+  }
   if (ec_.share.empty()) base_need = 0;
   std::vector<bool> mask = MaskForCap(base_need);
   double density = DensityOf(mask);
@@ -230,11 +238,14 @@ IterationPlan Scheduler::Schedule() {
   } else {
     P = LargestChunk(D, std::min(room, work), density, plan.itl_budget);
   }
+  const bool starved = P == 0 && work > 0;
+  if (options_.adaptive) P = std::max(P, std::min({options_.min_prefill_chunk, room, work}));
   plan.chunk_limit = P;
 
   // 4. Shed ECs when even no prefill breaks the budget.
-  if (options_.adaptive && options_.allow_shedding && P == 0 && D > 0 && plan.itl_budget > 0 &&
-      !full_in_decodes && !ec_.share.empty()) {
+  if (options_.adaptive && options_.allow_shedding && (starved || work == 0) && D > 0 &&
+      plan.itl_budget > 0 && !full_candidates && !ec_.share.empty() &&
+      latency_->Predict(D, DensityOf(MaskForCap(need))) > plan.itl_budget) {
     std::vector<bool> dmask = MaskForCap(need);
     double d = DensityOf(dmask);
     if (latency_->Predict(D, d) > plan.itl_budget) {
@@ -285,6 +296,7 @@ IterationPlan Scheduler::Schedule() {
     Request* r = waiting_.front().get();
     // A request that needs more EC than this iteration runs waits its turn.
     if (!ec_.share.empty() && Need(*r) > base_need + 1e-12) break;
+    if (plan.shed && r->spec.quality == QualityPolicy::kFullEc) break;
     const int64_t cached = blocks_->AcquirePrefix(r->seq.get());
     const int64_t reserve = static_cast<int64_t>(running_.size());
     const int64_t n = fit(r->seq.get(), std::min(left, r->seq->num_pending()), reserve);

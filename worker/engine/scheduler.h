@@ -26,6 +26,7 @@
 //  4. If even P = 0 breaks the budget and no FULL_EC sequence is in the
 //     batch, ECs are shed, lowest value first (EcControl::shed_order), until
 //     the prediction fits or none is left; the iteration counts as shed.
+//     Prefill still gets min_prefill_chunk tokens (progress guarantee).
 //  5. The chunk goes first to running sequences still prefilling (oldest
 //     first), then admits waiting requests FCFS (prefix cache lookup
 //     first) while KV blocks and the running limit allow.
@@ -106,6 +107,11 @@ struct SchedulerOptions {
   // table predicts a typical iteration, the margin absorbs its variance
   // (other processes, attention over growing contexts). In (0, 1].
   double slo_headroom = 0.85;
+  // Progress guarantee: when prefill work waits, an iteration carries at
+  // least this many prefill tokens even if the prediction then exceeds the
+  // budget. Without it a prompt starves for as long as the decodes alone
+  // fill the budget (e.g. a busy machine making every iteration slow).
+  int64_t min_prefill_chunk = 4;
   // false: a fixed prefill chunk of static_chunk tokens (the baseline the
   // adaptive chunk is compared with); no SLO search and no shedding.
   bool adaptive = true;

@@ -121,7 +121,7 @@ struct ModeResult {
 
 ModeResult RunMode(const std::string& name, spear::server::ModelHost& host,
                    const spear::engine::EngineLoopOptions& lo, const std::vector<Arrival>& plan,
-                   const Clock& clock) {
+                   const Clock& clock, spear::engine::QualityPolicy quality) {
   Observer obs;
   auto loop_or = EngineLoop::Create(host.engine.get(), host.ec.get(), lo, &clock, &obs);
   if (!loop_or.ok()) {
@@ -140,6 +140,7 @@ ModeResult RunMode(const std::string& name, spear::server::ModelHost& host,
     s.prompt = a.prompt;
     s.options.max_new_tokens = a.max_tokens;
     s.options.stop_on_eos = false;
+    s.spec.quality = quality;
     auto rec = std::make_shared<Recorder>(&clock);
     rec->submitted = clock.Now();
     auto id = loop->Submit(s, rec);
@@ -193,8 +194,10 @@ int Main(int argc, char** argv) {
       .Declare("start", "2", "seconds before the first long request")
       .Declare("static-chunk", "512", "the static baseline's prefill chunk")
       .Declare("max-batch-tokens", "576", "tokens per iteration at most (both modes)")
+      .Declare("profile-repeats", "3", "timed runs per latency-table point (median)")
       .Declare("headroom", "0.85", "the adaptive scheduler plans to headroom x the ITL target")
-      .Declare("seed", "1", "arrival and prompt seed");
+      .Declare("seed", "1", "arrival and prompt seed")
+      .DeclareBool("full-ec-mode", "also run the adaptive scheduler with FULL_EC requests");
   std::vector<std::string> args(argv + 1, argv + argc);
   if (absl::Status s = f.Parse(args); !s.ok()) {
     std::fprintf(stderr, "spear-sched-bench: %s\n", std::string(s.message()).c_str());
@@ -213,10 +216,11 @@ int Main(int argc, char** argv) {
   auto mbt = f.Int("max-batch-tokens", 1, 1 << 20);
   auto seed = f.Int("seed", 0, 1ll << 62);
   auto headroom = f.Double("headroom", 0.01, 1);
+  auto reps = f.Int("profile-repeats", 1, 100);
   for (const absl::Status& s : {threads.status(), slo_ms.status(), streams.status(), sp.status(),
                                 nlong.status(), lp.status(), lt.status(), rate.status(),
                                 start.status(), sc.status(), mbt.status(), seed.status(),
-                                headroom.status()}) {
+                                headroom.status(), reps.status()}) {
     if (!s.ok()) {
       std::fprintf(stderr, "spear-sched-bench: %s\n", std::string(s.message()).c_str());
       return 2;
@@ -248,6 +252,7 @@ int Main(int argc, char** argv) {
   lo.scheduler.max_running = 256;
   lo.scheduler.max_waiting = 256;
   lo.profile.max_tokens = *mbt;
+  lo.profile.repeats = static_cast<int>(*reps);
   lo.prefix_caching = false;
   const double tp = clock.Now();
   auto prof = EngineLoop::Create(host.engine.get(), host.ec.get(), lo, &clock, nullptr);
@@ -289,9 +294,15 @@ int Main(int argc, char** argv) {
   std::printf("spear-sched-bench: model %s (%s), %d threads, %lld EC units\n", host.name.c_str(),
               host.quantization.c_str(), host.engine->options().num_threads,
               static_cast<long long>(host.ec->num_units()));
-  std::printf("latency table (profiled in %.1f s): ", profile_s);
+  std::printf("latency table (profiled in %.1f s; tokens:seconds%s): ", profile_s,
+              host.ec->num_units() > 0 ? " no EC/full EC" : "");
   for (size_t i = 0; i < t.tokens.size(); ++i) {
-    std::printf("%d:%.1fms ", t.tokens[i], t.seconds_full_ec[i] * 1e3);
+    if (host.ec->num_units() > 0) {
+      std::printf("%d:%.1f/%.1fms ", t.tokens[i], t.seconds_no_ec[i] * 1e3,
+                  t.seconds_full_ec[i] * 1e3);
+    } else {
+      std::printf("%d:%.1fms ", t.tokens[i], t.seconds_full_ec[i] * 1e3);
+    }
   }
   std::printf("\nworkload: %lld streams (prompt %lld) + %lld long requests (prompt %lld, %lld "
               "tokens) at %.2f/s from t=%.1fs; ITL target %.1f ms (planned to %.0f%%)\n",
@@ -305,8 +316,16 @@ int Main(int argc, char** argv) {
   fixed.scheduler.adaptive = false;
   fixed.scheduler.static_chunk = *sc;
   std::vector<ModeResult> res;
-  res.push_back(RunMode("adaptive (SLO)", host, adaptive, plan, clock));
-  res.push_back(RunMode(absl::StrCat("static ", *sc), host, fixed, plan, clock));
+  using spear::engine::QualityPolicy;
+  res.push_back(RunMode("adaptive (SLO)", host, adaptive, plan, clock, QualityPolicy::kAuto));
+  res.push_back(
+      RunMode(absl::StrCat("static ", *sc), host, fixed, plan, clock, QualityPolicy::kAuto));
+  if (host.ec->num_units() > 0 && f.Bool("full-ec-mode")) {
+    // The same adaptive scheduler with every request FULL_EC: ECs are never
+    // shed, so when even decode-only iterations exceed the target, so does ITL.
+    res.push_back(
+        RunMode("adaptive FULL_EC", host, adaptive, plan, clock, QualityPolicy::kFullEc));
+  }
 
   std::printf("\n%-16s %9s %9s %9s %8s %10s %10s %10s %8s %6s %7s\n", "mode", "ITL p50", "ITL p99",
               "ITL max", "ITL<=SLO", "TTFT mean", "TTFT p50", "TTFT max", "EC dens", "shed",
