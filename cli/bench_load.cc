@@ -146,6 +146,9 @@ std::vector<Outcome> Run(const RunConfig& rc, const std::vector<Planned>& plan) 
   auto gen = spear::v1::Generation::NewStub(channel);
   auto wrk = spear::v1::Worker::NewStub(channel);
   std::vector<Outcome> out(plan.size());
+  // Requests outlive their calls: all are kept until every call is done.
+  std::vector<spear::v1::ExecuteRequest> wreqs(rc.worker ? plan.size() : 0);
+  std::vector<spear::v1::GenerateRequest> greqs(rc.worker ? 0 : plan.size());
   Shared sh;
   sh.t0 = Clock::now();
   for (size_t i = 0; i < plan.size(); ++i) {
@@ -160,7 +163,7 @@ std::vector<Outcome> Run(const RunConfig& rc, const std::vector<Planned>& plan) 
     if (rc.worker) {
       auto* call = new LoadCall<spear::v1::ExecuteEvent>(&sh, &out[i]);
       call->ctx.set_deadline(deadline);
-      auto* req = new spear::v1::ExecuteRequest();  // lives as long as the process run; freed below
+      spear::v1::ExecuteRequest* req = &wreqs[i];
       req->set_request_id(id);
       req->mutable_prompt_tokens()->Assign(plan[i].prompt.begin(), plan[i].prompt.end());
       req->mutable_sampling()->set_max_tokens(plan[i].max_tokens);
@@ -171,13 +174,11 @@ std::vector<Outcome> Run(const RunConfig& rc, const std::vector<Planned>& plan) 
       req->set_max_ec_density(rc.quality == spear::v1::QUALITY_POLICY_NO_EC ? 0 : 1);
       wrk->async()->Execute(&call->ctx, req, call);
       call->Begin();
-      static std::vector<std::unique_ptr<spear::v1::ExecuteRequest>> keep;
-      keep.emplace_back(req);
     } else {
       auto* call = new LoadCall<spear::v1::GenerateStreamResponse>(&sh, &out[i]);
       call->ctx.set_deadline(deadline);
       if (!rc.token.empty()) call->ctx.AddMetadata("authorization", "Bearer " + rc.token);
-      auto* req = new spear::v1::GenerateRequest();
+      spear::v1::GenerateRequest* req = &greqs[i];
       req->set_request_id(id);
       req->mutable_prompt_tokens()->mutable_ids()->Assign(plan[i].prompt.begin(), plan[i].prompt.end());
       req->mutable_sampling()->set_max_tokens(plan[i].max_tokens);
@@ -188,8 +189,6 @@ std::vector<Outcome> Run(const RunConfig& rc, const std::vector<Planned>& plan) 
       req->set_quality(rc.quality);
       gen->async()->GenerateStream(&call->ctx, req, call);
       call->Begin();
-      static std::vector<std::unique_ptr<spear::v1::GenerateRequest>> keep;
-      keep.emplace_back(req);
     }
   }
   std::unique_lock<std::mutex> l(sh.mu);
