@@ -170,6 +170,9 @@ absl::StatusOr<PreparedRequest> ModelFrontend::Prepare(const spear::v1::Generate
     if (!IsValidUtf8(st)) return InvalidArgumentError(StrCat("sampling.stop[", i, "] is not UTF-8"));
     out.stop.push_back(st);
   }
+  if (!out.stop.empty() && !tok_) {
+    return InvalidArgumentError("stop strings need a model with a tokenizer");
+  }
   out.sampling = s;
   out.sampling.clear_stop();
   if (out.sampling.max_tokens() == 0) out.sampling.set_max_tokens(opts_.default_max_tokens);
