@@ -68,43 +68,59 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
   const int q = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const __half* ar = a + static_cast<long long>(q) * k;
   // u[t][q] = A[q] . x[t]: for each token the block's 256 threads split k
-  // (8 elements per load, up to 8 loads in flight per thread), then a warp
+  // (8 elements per load), then a warp
   // shuffle reduction and a fixed-order sum over the 8 warps: deterministic.
   const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
-  for (int t = 0; t < m; ++t) {
-    const __half* xr = x + t * ldx;
-    float acc = 0.f;
+  // Four tokens at a time: each A chunk is loaded once for the four.
+  for (int t0 = 0; t0 < m; t0 += 4) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (vec) {
       const int nch = k / 8;
-      for (int c0 = 0; c0 < nch; c0 += 8 * 256) {
-        uint4 av[8], xv[8];
+      for (int c0 = 0; c0 < nch; c0 += 2 * 256) {
+        uint4 av[2], xv[2][4];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < 2; ++j) {
           const int c = c0 + j * 256 + threadIdx.x;
           if (c < nch) {
             av[j] = reinterpret_cast<const uint4*>(ar)[c];
-            xv[j] = reinterpret_cast<const uint4*>(xr)[c];
+#pragma unroll
+            for (int tt = 0; tt < 4; ++tt) {
+              if (t0 + tt < m) xv[j][tt] = reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx)[c];
+            }
           }
         }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < 2; ++j) {
           const int c = c0 + j * 256 + threadIdx.x;
-          if (c < nch) {
-            const __half2* ah = reinterpret_cast<const __half2*>(&av[j]);
-            const __half2* xh = reinterpret_cast<const __half2*>(&xv[j]);
+          if (c >= nch) continue;
+          const __half2* ah = reinterpret_cast<const __half2*>(&av[j]);
+#pragma unroll
+          for (int tt = 0; tt < 4; ++tt) {
+            if (t0 + tt >= m) continue;
+            const __half2* xh = reinterpret_cast<const __half2*>(&xv[j][tt]);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
-              acc += af.x * xf.x + af.y * xf.y;
+              acc[tt] += af.x * xf.x + af.y * xf.y;
             }
           }
         }
       }
     } else {
-      for (int c = threadIdx.x; c < k; c += 256) acc += __half2float(ar[c]) * __half2float(xr[c]);
+      for (int c = threadIdx.x; c < k; c += 256) {
+        const float av = __half2float(ar[c]);
+#pragma unroll
+        for (int tt = 0; tt < 4; ++tt) {
+          if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
+        }
+      }
     }
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) ut[warp][t] = acc;
+#pragma unroll
+    for (int tt = 0; tt < 4; ++tt) {
+      float v = acc[tt];
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0 && t0 + tt < m) ut[warp][t0 + tt] = v;
+    }
   }
   __syncthreads();
   if (threadIdx.x < m) {

@@ -63,6 +63,14 @@ __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// (w & A) | B in one LOP3.
+template <uint32_t A, uint32_t B>
+__device__ __forceinline__ uint32_t AndOr(uint32_t w) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(w), "n"(A), "n"(B));
+  return d;
+}
+
 __device__ __forceinline__ uint32_t AsU32(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ __half2 AsH2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 
@@ -116,13 +124,30 @@ __global__ void __launch_bounds__(NW * 32, 1) W4DecodeKernel(const DecodeArgs a)
   const int nks = a.nks, ng = a.ngroups, gshift = a.gshift;
   const int nst = (nks + KSUB - 1) / KSUB;  // stages per tile group
 
-  uint64_t evict_first;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(evict_first));
 
   // Let the next kernel in the stream start its prologue (PDL); it waits
   // for this grid with griddepcontrol.wait before touching our outputs.
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
 
+
+  // Per-thread load plan, fixed for the whole kernel: which 16-byte chunks
+  // of a stage this thread copies (codes, scale/zero words), so that a
+  // stage costs a handful of integer ops per cp.async.
+  constexpr int kWChunks = WN * KSUB * 256;  // code chunks per stage
+  constexpr int kWPer = (kWChunks + NT - 1) / NT;
+  constexpr int kSChunks = WN * KSUB * 64;   // scale/zero chunks per stage (<= NT)
+  const uint4* qw4 = reinterpret_cast<const uint4*>(a.qw);
+  const uint4* sz4 = reinterpret_cast<const uint4*>(a.sz);
+  const int tile_stride = a.ksteps * 32;  // uint4 per tile (< 2^31: k < 2^24)
+  int w_w[kWPer], w_sub[kWPer], w_off[kWPer];
+#pragma unroll
+  for (int j = 0; j < kWPer; ++j) {
+    const int i = tid + j * NT;
+    const int within = i % (KSUB * 256);
+    w_w[j] = i < kWChunks ? i / (KSUB * 256) : WN;  // WN: no chunk
+    w_sub[j] = within / 256;
+    w_off[j] = within % 256;
+  }
 
   auto group_first = [&](int st) { return min((st * KSUB * kStageK) >> gshift, ng - 1); };
 
@@ -131,40 +156,44 @@ __global__ void __launch_bounds__(NW * 32, 1) W4DecodeKernel(const DecodeArgs a)
   // dependency wait.
   auto load_w = [&](int tg, int st, int slot) {
     unsigned char* sp = smem + slot * Geo::kStage;
+    const int tile0 = tg * WN;
 #pragma unroll
-    for (int j = 0; j < (WN * KSUB * 256 + NT - 1) / NT; ++j) {
-      const int i = tid + j * NT;
-      if (NT > 256 && i >= WN * KSUB * 256) break;
-      const int w = i / (KSUB * 256), within = i % (KSUB * 256);
-      const int tile = tg * WN + w, c = st * KSUB + within / 256;
-      const bool ok = tile < a.ntiles && c < nks;
-      const uint4* src = reinterpret_cast<const uint4*>(a.qw) +
-                         (ok ? (static_cast<size_t>(tile) * a.ksteps + c * 8) * 32 + within % 256 : 0);
-      CpAsync16Stream(sp + i * 16, src, ok, evict_first);
+    for (int j = 0; j < kWPer; ++j) {
+      if (w_w[j] < WN) {
+        const int c = st * KSUB + w_sub[j];
+        const bool ok = tile0 + w_w[j] < a.ntiles && c < nks;
+        const uint4* src = qw4 + (static_cast<size_t>(tile0 + w_w[j]) * tile_stride + c * 256 + w_off[j]);
+        // (Not the L2::cache_hint form: with it ptxas 13.0 gave this
+        // LDGSTS an odd uniform register pair as its descriptor here, an
+        // illegal instruction on the H200.)
+        CpAsync16(sp + (tid + j * NT) * 16, ok ? src : qw4, ok);
+      }
     }
     const int gA = group_first(st);
     const int ngs = min((st * KSUB * kStageK + KSUB * kStageK - 1) >> gshift, ng - 1) - gA + 1;
-    for (int i = tid; i < WN * KSUB * 64; i += NT) {
-      const int w = i / (KSUB * 64), c = i % (KSUB * 64);
-      const int tile = tg * WN + w;
-      if (c < ngs * 16) {
+#pragma unroll
+    for (int j = 0; j < (kSChunks + NT - 1) / NT; ++j) {
+      const int i = tid + j * NT;
+      const int s_w = i / (KSUB * 64), s_c = i % (KSUB * 64);
+      if (i < kSChunks && s_c < ngs * 16) {
+        const int tile = tile0 + s_w;
         const bool ok = tile < a.ntiles;
-        const uint4* src = reinterpret_cast<const uint4*>(a.sz) +
-                           (static_cast<size_t>(ok ? tile : 0) * ng + gA) * 16 + c;
-        CpAsync16(sp + Geo::kWBytes + w * KSUB * 1024 + c * 16, src, ok);
+        const uint4* src = sz4 + (static_cast<size_t>(ok ? tile : 0) * ng + gA) * 16 + s_c;
+        CpAsync16(sp + Geo::kWBytes + s_w * KSUB * 1024 + s_c * 16, src, ok);
       }
     }
   };
   // rows = MT * 16 on a slot's first use (rows >= m zero-filled, and never
   // written again), m afterwards.
+  const int ldx = static_cast<int>(a.ldx);
   auto load_x = [&](int st, int slot, int rows) {
     unsigned char* xs = smem + slot * Geo::kStage + Geo::kWBytes + Geo::kSBytes;
+    const int k0 = st * KSUB * kStageK;
     for (int i = tid; i < rows * KSUB * 16; i += NT) {
       const int row = i / (KSUB * 16), c = i % (KSUB * 16);
-      const int kk = st * KSUB * kStageK + c * 8;
+      const int kk = k0 + c * 8;
       const bool ok = kk < a.k && row < a.m;
-      const uint16_t* src = a.x + (ok ? row * a.ldx + kk : 0);
-      CpAsync16(xs + (row * Geo::kXRow + c * 8) * 2, src, ok);
+      CpAsync16(xs + (row * Geo::kXRow + c * 8) * 2, a.x + (ok ? row * ldx + kk : 0), ok);
     }
   };
 
@@ -233,8 +262,8 @@ __global__ void __launch_bounds__(NW * 32, 1) W4DecodeKernel(const DecodeArgs a)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int j = 2 * p + h;
-            const uint32_t lo = (w & 0x000f000fu) | 0x64006400u;
-            const uint32_t hi = (w & 0x00f000f0u) | 0x64006400u;
+            const uint32_t lo = AndOr<0x000f000fu, 0x64006400u>(w);
+            const uint32_t hi = AndOr<0x00f000f0u, 0x64006400u>(w);
             const __half2 b0 = __hmul2(__hsub2(AsH2(lo), zzc[j]), s2c[j]);
             const __half2 b1 = __hmul2(__hfma2(AsH2(hi), k16th, zhc[j]), s2c[j]);
             w >>= 8;
@@ -347,18 +376,21 @@ __global__ void __launch_bounds__(NW * 32, 1) W4DecodeKernel(const DecodeArgs a)
           for (int j = 0; j < 8; ++j)
             __stcg(dst + (mt * 8 + j) * 32,
                    make_float4(acc[mt][j][0], acc[mt][j][1], acc[mt][j][2], acc[mt][j][3]));
-        __threadfence();
       }
+      // One fence by one thread after the barrier (the cooperative-groups
+      // grid-sync pattern), then the ticket; the last block fences once more
+      // before all its threads read the partials.
       __syncthreads();
       const int bf = UnitBlock(tg * nst, total, grid);
       const int bl = UnitBlock(tg * nst + nst - 1, total, grid);
       if (tid == 0) {
+        __threadfence();
         const int old = atomicAdd(a.counters + tg, 1);
         s_last = (old == bl - bf);
+        if (s_last) __threadfence();
       }
       __syncthreads();
       if (s_last) {
-        __threadfence();
         if (wk == 0) {
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)

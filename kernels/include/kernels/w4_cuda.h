@@ -9,12 +9,11 @@
 //     gate MLP (W1, b1, W2, b2) is fp32.
 //
 // Dispatch (see kernels/cuda/w4_gemm.cu, numbers in docs/results/gpu.md):
-//   m <= 64           decode kernel: fused dequantize + mma.sync m16n8k16,
+//   m < kPrefillM     decode kernel: fused dequantize + mma.sync m16n8k16,
 //                     multi-stage cp.async, stream-K over the SMs with a
 //                     deterministic fix-up; EC: u = A x and the gate in a tiny
 //                     prologue kernel, B (g ⊙ u) as two extra mma k-steps in
 //                     the GEMM epilogue (no extra pass over y);
-//   64 < m < kPrefillM  the decode kernel once per 64 rows;
 //   m >= kPrefillM    prefill: W dequantized to an fp16 scratch, then cuBLAS;
 //                     the EC through cuBLAS (U = x A^T, gate, y += V B^T).
 //
@@ -36,7 +35,11 @@ typedef struct CUstream_st* cudaStream_t;
 namespace spear::kernels::cuda {
 
 // m at and above which W4Linear takes the prefill (dequantize + cuBLAS) path.
-inline constexpr int64_t kPrefillM = 256;
+// Measured on the H200 (docs/results/gpu.md): at m = 128 the prefill path
+// beats the decode kernel (run per 64 rows) on all 8 Llama shapes, at m = 64
+// on 6 of 8 (8B gate_up is the exception: 116 vs 146 us; 8B down a tie).
+// With force_decode the decode kernel runs any m, 64 rows per launch.
+inline constexpr int64_t kPrefillM = 64;
 
 // True when the CUDA kernels support this format: group_size >= k
 // (per-channel, any k) or group_size a power of two >= 32 (32, 64, 128,

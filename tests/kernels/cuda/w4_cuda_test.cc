@@ -8,6 +8,9 @@
 // accumulates in double. Expected error ~ 2^-12 of the output's RMS; we
 // allow |y - ref| <= 2e-3 * rms(ref) + 2e-3 * |ref| (+ 1e-3 * |ref| for fp16
 // outputs), and the relative L2 error over the output must stay <= 1e-3.
+// With act_scale the device also rounds x / act_scale to fp16 (a second
+// 2^-12 input rounding the reference does not make; one element in 266K
+// reached 2.2e-3 * rms on the H200): 4e-3 * rms there.
 // Outputs are NaN-poisoned before every launch (unless accumulating), so an
 // unwritten element fails.
 #include <cuda_runtime.h>
@@ -134,11 +137,13 @@ struct Case {
   int ec;  // 0 none, 1 static, 2 gated
   bool act_scale, bias, accumulate, f16_out, symmetric;
   bool force_prefill = false;
+  bool force_decode = false;
   int64_t ldx_pad = 0;
   std::string Name() const {
     return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
                         " bias=", bias, " acc=", accumulate, " f16=", f16_out,
-                        " sym=", symmetric, " prefill=", force_prefill, " ldxpad=", ldx_pad);
+                        " sym=", symmetric, " prefill=", force_prefill,
+                        " decode=", force_decode, " ldxpad=", ldx_pad);
   }
 };
 
@@ -215,6 +220,7 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   p.accumulate = c.accumulate;
   p.gate_out = c.ec ? dgate.get() : nullptr;
   p.force_prefill = c.force_prefill;
+  p.force_decode = c.force_decode;
   ASSERT_TRUE(cuda::W4Linear(**dw, p, ws, nullptr).ok());
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> y(y0.size());
@@ -236,7 +242,8 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
     for (int64_t j = 0; j < n; ++j) {
       const double a = y[i * ldy + j], b = yref[i * ldy + j];
       se += (a - b) * (a - b);
-      if (!(std::fabs(a - b) <= 2e-3 * rms + rtol * std::fabs(b))) {
+      const double atol = (c.act_scale ? 4e-3 : 2e-3) * rms;
+      if (!(std::fabs(a - b) <= atol + rtol * std::fabs(b))) {
         if (++bad <= 5) ADD_FAILURE() << "y[" << i << "," << j << "] = " << a << " want " << b;
       }
     }
@@ -278,6 +285,7 @@ TEST(CudaW4, DecodeMatchesReference) {
       c.f16_out = v % 3 == 1;
       c.symmetric = v % 7 == 2;
       c.ldx_pad = (v % 6 == 5) ? 8 : 0;
+      c.force_decode = true;  // the decode kernel at every m (65: two launches)
       ++v;
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;
