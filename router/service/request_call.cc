@@ -78,10 +78,7 @@ double RequestCall::Since(Clock::time_point t) const {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-void RequestCall::Start() {
-  if (env_->metrics) env_->metrics->PromptTokens(static_cast<double>(req_.prompt.size()));
-  Submit();
-}
+void RequestCall::Start() { Submit(); }
 
 void RequestCall::Submit() {
   auto areq = std::make_shared<AdmissionRequest>();
@@ -127,6 +124,9 @@ void RequestCall::Admitted(Admission a) {
       return;
     }
     router_queue_s_ += a.queue_seconds;
+    if (attempts_ == 0 && env_->metrics) {
+      env_->metrics->PromptTokens(static_cast<double>(req_.prompt.size()));
+    }
     attempts_ += 1;
     tried_.insert(a.worker->address());
     worker_ = a.worker;
