@@ -221,6 +221,7 @@ try:
             continue
         expr = L.substitute_grafana(panels[title]["targets"][0]["expr"])
         vals = values_of(expr)
+        print(f"panel '{title}': {vals}", flush=True)
         c.ok(len(vals) > 0, f"panel '{title}' returns data", expr)
         c.ok(all(not math.isnan(v) and plausible(v) for v in vals),
              f"panel '{title}' value plausible", str(vals))
