@@ -1,21 +1,23 @@
-// The W4A16 decode GEMM (m <= 64): y[m, n] = x[m, k] W^T (+ EC, bias).
-// Included by one small .cu per m-tile count (w4_gemm_m*.cu) so that nvcc
-// compiles the instantiations in parallel.
+// The W4A16 decode GEMM (m <= 64 per launch): y[m, n] = x[m, k] W^T
+// (+ EC, bias). Included by one small .cu per m16-tile count
+// (w4_gemm_m*.cu) so that nvcc compiles the instantiations in parallel.
 //
-// Block: 256 threads = 8 warps arranged WN (along n, 64 columns each) x WK
-// (along k). A work unit is (tile group of WN x 64 columns, one 128-deep k
-// stage); the units, ordered tile-group-major, are split evenly over a grid
-// of at most one block per SM (stream-K). Each stage's codes, scale/zero
-// words and x rows travel by cp.async into a STAGES-deep ring. Per k16
-// step a warp dequantizes its 16-byte code load straight into the 8 B
-// fragments of mma.sync m16n8k16 (lop3 to {1024 + q}, then (v - (1024 + z))
-// * s in half2: exact up to the final rounding of s * (q - z)) and runs
-// MT x 8 mma. At the end of a tile segment the WK warps reduce through
-// shared memory; the block that starts the tile (k = 0) adds B (g ⊙ u) as
-// rp / 16 more mma k-steps; a segment that covers the whole k stores
-// y directly, otherwise it writes its partial and the LAST block to finish
-// the tile (atomic ticket) sums all partials in block order (deterministic)
-// and stores y.
+// Block: NW warps (8 in every shipped config) arranged WN (along n, 64
+// columns each) x WK (along k). A work unit is (tile group of WN x 64
+// columns, one pipeline stage of KSUB x 128 k); the units, ordered
+// tile-group-major, are split evenly over a grid of at most one block per
+// SM (stream-K). Each stage's codes, scale/zero words and x rows travel by
+// cp.async into a STAGES-deep ring. Per k16 step a warp dequantizes its
+// 16-byte code load straight into the 8 B fragments of mma.sync m16n8k16
+// (lop3 to {1024 + q}, then (v - (1024 + z)) * s in half2: exact up to the
+// final rounding of s * (q - z)) and runs MT x 8 mma. At the end of a tile
+// segment the WK warps reduce through shared memory; the block that starts
+// the tile (k = 0) adds B (g ⊙ u) as rp / 16 more mma k-steps; a segment
+// that covers the whole k stores y directly, otherwise it writes its
+// partial and the LAST block to finish the tile (atomic ticket) sums all
+// partials in block order (deterministic) and stores y. Launched with PDL:
+// the first weight stages are fetched before griddepcontrol.wait.
+// Measurements and the profile that shaped this: docs/results/gpu.md.
 #pragma once
 
 #include <cuda_fp16.h>
