@@ -352,6 +352,22 @@ TEST_F(SchedulerTest, HeadroomShrinksTheBudget) {
   EXPECT_EQ(p.chunk_limit, 89);  // no EC units: 0.010 + 0.001 * (1 + P) <= 0.1
 }
 
+TEST_F(SchedulerTest, PredictionErrorsShrinkTheBudget) {
+  SchedulerOptions so;
+  Make(1024, so, 0);
+  so.slo_headroom = 1.0;
+  so.error_quantile = 0.95;
+  sched_ = std::make_unique<Scheduler>(so, blocks_.get(), table_.get(), EcProfile{}, &clock_);
+  Add(2, 50, QualityPolicy::kAuto, 0.1);
+  Run(sched_->Schedule());
+  Add(400, 5);
+  EXPECT_EQ(sched_->Schedule().itl_budget, 0.1);  // too few observations yet
+  // Iterations at T = 2048 (a grid point: only the factor and that point
+  // move) that ran 2x the prediction: the budget halves.
+  for (int i = 0; i < 32; ++i) table_->Observe(2048, 0, 2 * table_->Predict(2048, 0));
+  EXPECT_NEAR(sched_->Schedule().itl_budget, 0.05, 1e-9);
+}
+
 TEST(LatencyTableTest, InterpolatesAndLearns) {
   LatencyPoints pts;
   pts.tokens = {1, 101};
@@ -363,9 +379,13 @@ TEST(LatencyTableTest, InterpolatesAndLearns) {
   EXPECT_NEAR(t->Predict(51, 1), 0.12, 1e-12);
   EXPECT_NEAR(t->Predict(51, 0.5), 0.09, 1e-12);
   EXPECT_NEAR(t->Predict(201, 0), 0.21, 1e-12);  // extrapolated
-  // Twice slower than predicted at T = 101: the point moves halfway.
+  // Twice slower than predicted at T = 101: the machine factor moves by
+  // 10% of the error, the point by half of it (alpha 0.5).
   EXPECT_NEAR(t->Observe(101, 0, 0.22), 2.0, 1e-12);
-  EXPECT_NEAR(t->Predict(101, 0), 0.165, 1e-12);
+  EXPECT_NEAR(t->factor(), 1.1, 1e-12);
+  EXPECT_NEAR(t->Predict(101, 0), 0.165 * 1.1, 1e-12);
+  EXPECT_NEAR(t->Predict(1, 0), 0.01 * 1.1, 1e-12);  // the factor moves the whole table
+  EXPECT_NEAR(t->Snapshot().seconds_no_ec[1], 0.165 * 1.1, 1e-12);
   EXPECT_FALSE(LatencyTable::Create(LatencyPoints{}).ok());
   pts.tokens = {5, 5};
   EXPECT_FALSE(LatencyTable::Create(pts).ok());

@@ -56,13 +56,23 @@ absl::StatusOr<LatencyTable> LatencyTable::Create(LatencyPoints p, double alpha)
 LatencyTable::LatencyTable(const LatencyTable& other) : alpha_(other.alpha_) {
   absl::ReaderMutexLock lock(&other.mu_);
   p_ = other.p_;
+  factor_ = other.factor_;
+  ratios_ = other.ratios_;
+  next_ratio_ = other.next_ratio_;
 }
 
 LatencyTable& LatencyTable::operator=(const LatencyTable& other) {
   if (this == &other) return *this;
-  LatencyPoints copy = other.Snapshot();
+  LatencyPoints copy;
+  double factor;
+  {
+    absl::ReaderMutexLock lock(&other.mu_);
+    copy = other.p_;
+    factor = other.factor_;
+  }
   absl::MutexLock lock(&mu_);
   p_ = std::move(copy);
+  factor_ = factor;
   alpha_ = other.alpha_;
   return *this;
 }
@@ -73,7 +83,7 @@ double LatencyTable::PredictLocked(int64_t t, double d) const {
   Bracket(p_.tokens, std::max<int64_t>(t, 1), &i, &w);
   const double a = Interp(p_.seconds_no_ec, i, w);
   const double b = Interp(p_.seconds_full_ec, i, w);
-  return std::max(0.0, a + std::clamp(d, 0.0, 1.0) * (b - a));
+  return factor_ * std::max(0.0, a + std::clamp(d, 0.0, 1.0) * (b - a));
 }
 
 double LatencyTable::Predict(int64_t tokens, double ec_density) const {
@@ -87,6 +97,14 @@ double LatencyTable::Observe(int64_t t, double d, double seconds) {
   const double pred = PredictLocked(t, d);
   if (pred <= 0) return 0;
   const double ratio = seconds / pred;
+  if (static_cast<int>(ratios_.size()) < kRatioWindow) {
+    ratios_.push_back(ratio);
+  } else {
+    ratios_[next_ratio_] = ratio;
+    next_ratio_ = (next_ratio_ + 1) % kRatioWindow;
+  }
+  // Machine-wide speed first (other processes, frequency), then the shape.
+  factor_ = std::clamp(factor_ * (1.0 + kFactorAlpha * (ratio - 1.0)), 0.25, 4.0);
   size_t i;
   double w;
   Bracket(p_.tokens, t, &i, &w);
@@ -118,7 +136,27 @@ double LatencyTable::Observe(int64_t t, double d, double seconds) {
 
 LatencyPoints LatencyTable::Snapshot() const {
   absl::ReaderMutexLock lock(&mu_);
-  return p_;
+  LatencyPoints p = p_;
+  for (double& x : p.seconds_no_ec) x *= factor_;
+  for (double& x : p.seconds_full_ec) x *= factor_;
+  return p;
+}
+
+double LatencyTable::RatioQuantile(double q) const {
+  std::vector<double> r;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    if (static_cast<int>(ratios_.size()) < kMinRatios) return 1.0;
+    r = ratios_;
+  }
+  const size_t k = std::min(r.size() - 1, static_cast<size_t>(std::clamp(q, 0.0, 1.0) * r.size()));
+  std::nth_element(r.begin(), r.begin() + k, r.end());
+  return r[k];
+}
+
+double LatencyTable::factor() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return factor_;
 }
 
 absl::StatusOr<LatencyTable> ProfileLatency(Engine* engine, BlockManager* blocks, EcControl* ec,

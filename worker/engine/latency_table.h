@@ -11,9 +11,11 @@
 // partial EC mask maps to a density.
 //
 // Built at start-up by ProfileLatency (timed real forward passes) and
-// refreshed online: Observe moves the two grid points around a measured
-// iteration towards the measurement by an EWMA step, keeping both columns
-// non-decreasing in T and full_ec >= no_ec.
+// refreshed online by two EWMAs of measured / predicted: a machine-wide
+// speed factor that multiplies every prediction (other processes, clock
+// changes: it moves the whole table at once), and the two grid points
+// around the measured iteration (the shape), kept non-decreasing in T and
+// full_ec >= no_ec. Snapshot returns the effective table (factor applied).
 //
 // Thread-safety: internally synchronized; Predict is called by the engine
 // loop, Snapshot by RPC threads (Stats).
@@ -52,13 +54,24 @@ class LatencyTable {
   // (before the update), or 0 when nothing was predicted.
   double Observe(int64_t tokens, double ec_density, double seconds) ABSL_LOCKS_EXCLUDED(mu_);
   LatencyPoints Snapshot() const ABSL_LOCKS_EXCLUDED(mu_);
+  double factor() const ABSL_LOCKS_EXCLUDED(mu_);
+  // The q-quantile of measured / predicted over the last kRatioWindow
+  // observations (1 until kMinRatios were seen): how far above its
+  // prediction an iteration lands, which the scheduler's budget must absorb.
+  double RatioQuantile(double q) const ABSL_LOCKS_EXCLUDED(mu_);
+  static constexpr int kRatioWindow = 128;
+  static constexpr int kMinRatios = 16;
 
  private:
+  static constexpr double kFactorAlpha = 0.1;
   LatencyTable(LatencyPoints p, double alpha) : p_(std::move(p)), alpha_(alpha) {}
   double PredictLocked(int64_t tokens, double d) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
 
   mutable absl::Mutex mu_;
   LatencyPoints p_ ABSL_GUARDED_BY(mu_);
+  double factor_ ABSL_GUARDED_BY(mu_) = 1.0;
+  std::vector<double> ratios_ ABSL_GUARDED_BY(mu_);  // ring buffer
+  size_t next_ratio_ ABSL_GUARDED_BY(mu_) = 0;
   double alpha_;
 };
 

@@ -228,7 +228,11 @@ IterationPlan Scheduler::Schedule() {
   if (ec_.share.empty()) base_need = 0;
   std::vector<bool> mask = MaskForCap(base_need);
   double density = DensityOf(mask);
-  plan.itl_budget = std::isinf(budget) ? 0 : budget * options_.slo_headroom;
+  double margin = options_.slo_headroom;
+  if (options_.error_quantile > 0) {
+    margin = std::min(margin, 1.0 / std::max(1.0, latency_->RatioQuantile(options_.error_quantile)));
+  }
+  plan.itl_budget = std::isinf(budget) ? 0 : budget * margin;
 
   // 3. Prefill chunk.
   const int64_t room = std::max<int64_t>(0, options_.max_batch_tokens - D);

@@ -19,7 +19,7 @@
 //     actually used.
 //  3. The ITL budget is the tightest ITL target among the decoding
 //     sequences (a request's own, else the worker default; 0 = none),
-//     times SchedulerOptions::slo_headroom. A
+//     times min(slo_headroom, 1 / recent prediction error quantile). A
 //     binary search over the latency table picks the largest prefill chunk
 //     P in [0, min(max_batch_tokens - decodes, pending prefill)] with
 //     Predict(decodes + P, density) <= budget.
@@ -107,6 +107,11 @@ struct SchedulerOptions {
   // table predicts a typical iteration, the margin absorbs its variance
   // (other processes, attention over growing contexts). In (0, 1].
   double slo_headroom = 0.85;
+  // ... or less: the budget is target x min(slo_headroom, 1 / e), e = the
+  // error_quantile of measured/predicted iteration time over recent
+  // iterations (LatencyTable::RatioQuantile), so a noisy machine gets
+  // smaller chunks instead of missed targets. 0 disables.
+  double error_quantile = 0.95;
   // Progress guarantee: when prefill work waits, an iteration carries at
   // least this many prefill tokens even if the prediction then exceeds the
   // budget. Without it a prompt starves for as long as the decodes alone

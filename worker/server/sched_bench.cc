@@ -96,7 +96,15 @@ class Observer final : public spear::engine::LoopObserver {
       ratio.push_back(it.seconds / it.predicted_seconds);
     }
     if (it.prefill_tokens > 0 && it.decode_tokens > 0) chunk.push_back(it.prefill_tokens);
+    if (trace != nullptr) {
+      std::fprintf(trace, "%s,%lld,%lld,%.6f,%.6f,%.3f\n", mode.c_str(),
+                   static_cast<long long>(it.decode_tokens),
+                   static_cast<long long>(it.prefill_tokens), it.predicted_seconds, it.seconds,
+                   it.ec_density);
+    }
   }
+  std::FILE* trace = nullptr;  // --trace CSV: mode,decodes,prefill,predicted,measured,density
+  std::string mode;
   void OnFirstToken(double) override {}
   void OnInterToken(double) override {}
   void OnRequestDone(const FinishInfo&) override {}
@@ -121,8 +129,10 @@ struct ModeResult {
 
 ModeResult RunMode(const std::string& name, spear::server::ModelHost& host,
                    const spear::engine::EngineLoopOptions& lo, const std::vector<Arrival>& plan,
-                   const Clock& clock, spear::engine::QualityPolicy quality) {
+                   const Clock& clock, spear::engine::QualityPolicy quality, std::FILE* trace) {
   Observer obs;
+  obs.trace = trace;
+  obs.mode = name;
   auto loop_or = EngineLoop::Create(host.engine.get(), host.ec.get(), lo, &clock, &obs);
   if (!loop_or.ok()) {
     std::fprintf(stderr, "spear-sched-bench: %s\n", loop_or.status().ToString().c_str());
@@ -197,6 +207,7 @@ int Main(int argc, char** argv) {
       .Declare("profile-repeats", "3", "timed runs per latency-table point (median)")
       .Declare("headroom", "0.85", "the adaptive scheduler plans to headroom x the ITL target")
       .Declare("seed", "1", "arrival and prompt seed")
+      .Declare("trace", "", "write every iteration to this CSV file")
       .DeclareBool("full-ec-mode", "also run the adaptive scheduler with FULL_EC requests");
   std::vector<std::string> args(argv + 1, argv + argc);
   if (absl::Status s = f.Parse(args); !s.ok()) {
@@ -316,15 +327,20 @@ int Main(int argc, char** argv) {
   fixed.scheduler.adaptive = false;
   fixed.scheduler.static_chunk = *sc;
   std::vector<ModeResult> res;
+  std::FILE* trace = nullptr;
+  if (!f.Str("trace").empty()) {
+    trace = std::fopen(f.Str("trace").c_str(), "w");
+    if (trace != nullptr) std::fprintf(trace, "mode,decodes,prefill,predicted_s,measured_s,ec_density\n");
+  }
   using spear::engine::QualityPolicy;
-  res.push_back(RunMode("adaptive (SLO)", host, adaptive, plan, clock, QualityPolicy::kAuto));
+  res.push_back(RunMode("adaptive (SLO)", host, adaptive, plan, clock, QualityPolicy::kAuto, trace));
   res.push_back(
-      RunMode(absl::StrCat("static ", *sc), host, fixed, plan, clock, QualityPolicy::kAuto));
+      RunMode(absl::StrCat("static ", *sc), host, fixed, plan, clock, QualityPolicy::kAuto, trace));
   if (host.ec->num_units() > 0 && f.Bool("full-ec-mode")) {
     // The same adaptive scheduler with every request FULL_EC: ECs are never
     // shed, so when even decode-only iterations exceed the target, so does ITL.
     res.push_back(
-        RunMode("adaptive FULL_EC", host, adaptive, plan, clock, QualityPolicy::kFullEc));
+        RunMode("adaptive FULL_EC", host, adaptive, plan, clock, QualityPolicy::kFullEc, trace));
   }
 
   std::printf("\n%-16s %9s %9s %9s %8s %10s %10s %10s %8s %6s %7s\n", "mode", "ITL p50", "ITL p99",
@@ -349,6 +365,7 @@ int Main(int argc, char** argv) {
                 static_cast<long long>(m.iterations), Percentile(m.ratio, 0.5),
                 Percentile(m.ratio, 0.9), Percentile(m.chunk, 0.5), Percentile(m.chunk, 1.0));
   }
+  if (trace != nullptr) std::fclose(trace);
   const double p99a = Percentile(res[0].itl, 0.99), p99s = Percentile(res[1].itl, 0.99);
   double ta = 0, ts = 0;
   for (double x : res[0].ttft_long) ta += x;
