@@ -71,11 +71,15 @@ if not model:
     if not hits:
         die(f"SmolLM2 is not in the model cache ({home}/models/smollm2-135m): "
             "run `spear pull smollm2-135m` (scripts/test.sh does)")
-    # A quantized .spear with ECs in the cache (e.g. from scripts/demo.sh)
-    # makes EC density and gate statistics non-trivial; else the GGUF.
-    spear_dirs = sorted(glob.glob(os.path.join(home, "models", "smollm2-135m", "*.spear")))
-    model = spear_dirs[0] if spear_dirs else hits[0]
+    # SmolLM2 with SPEAR ECs as scripts/demo.sh caches it makes EC density
+    # and gate statistics non-trivial; else the GGUF (no ECs: density 0).
+    demo = os.path.join(home, "models", "smollm2-135m-w4-spear.spear")
+    model = demo if os.path.exists(os.path.join(demo, "spear.json")) else hits[0]
 print(f"model: {model}", flush=True)
+has_ec = False
+if os.path.isdir(model):
+    manifest = json.load(open(os.path.join(model, "spear.json")))
+    has_ec = any(m.get("ec") for m in manifest.get("modules", []))
 
 tmp = tempfile.mkdtemp(prefix="spear-prom-test.")
 procs = []
@@ -225,6 +229,9 @@ try:
         c.ok(len(vals) > 0, f"panel '{title}' returns data", expr)
         c.ok(all(not math.isnan(v) and plausible(v) for v in vals),
              f"panel '{title}' value plausible", str(vals))
+    if has_ec:
+        dens = values_of(L.substitute_grafana(panels["EC density"]["targets"][0]["expr"]))
+        c.ok(dens and dens[0] > 0, "a model with ECs serves with EC density > 0", str(dens))
     # The rest of the latency, traffic and per-worker panels too.
     for title in ("Requests/s", "ITL p99", "Time to first token", "Tokens/s", "KV cache usage",
                   "Gate statistics", "Admission decisions/s", "Worker TTFT p99",
