@@ -29,9 +29,10 @@ import deploy_lib as L  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--router", required=True, help="spear-router binary")
 ap.add_argument("--worker", required=True, help="spear-worker binary")
+ap.add_argument("--spear", required=True, help="spear binary (model-prep runs spear pull/quantize)")
 opt = ap.parse_args()
 c = L.Checks("manifest_commands_test")
-for b in (opt.router, opt.worker):
+for b in (opt.router, opt.worker, opt.spear):
     if not os.path.exists(b):
         print(f"FAIL: {b} not built (build targets spear-router and spear-worker)")
         sys.exit(1)
@@ -75,6 +76,26 @@ for label, docs in profiles.items():
         for a in x.get("args", []):
             f = a.split("=", 1)[0]
             c.ok(f in flags.get(binary, set()), f"{label}: {binary} accepts {f}")
+
+# model-prep's `spear quantize` flags: spear checks every flag before it
+# loads anything (exit 2 for a bad flag), so a missing model must give exit 1.
+for label, docs in profiles.items():
+    for d in docs:
+        if d["kind"] == "ConfigMap" and "SPEAR_QUANTIZE_ARGS" in d.get("data", {}):
+            qargs = d["data"]["SPEAR_QUANTIZE_ARGS"].split()
+            with tempfile.TemporaryDirectory() as t:
+                cmd = [opt.spear, "quantize", "--model", os.path.join(t, "absent"),
+                       "--out", os.path.join(t, "out"), "--force"]
+                r = L.run(cmd + qargs)
+                c.ok(r.returncode == 1 and "no such model" in r.stderr,
+                     f"{label}: spear quantize accepts {' '.join(qargs)}", f"rc={r.returncode} {r.stderr[:300]}")
+                r = L.run(cmd + qargs + ["--method", "bogus"])
+                c.ok(r.returncode == 2, "negative control: a bad quantize flag exits 2")
+prep = open(os.path.join(L.CHART, "templates", "configmap-model.yaml")).read()
+for sub in ("pull", "quantize"):
+    r = L.run([opt.spear, sub, "--help"])
+    c.ok("unknown command" not in (r.stdout + r.stderr) and f"spear {sub}" in prep,
+         f"init scripts use `spear {sub}`, which exists")
 
 # --- run overlays/cpu's containers ---------------------------------------------------
 docs = profiles["kustomize overlays/cpu"]
