@@ -265,6 +265,22 @@ try:
         vals = values_of(expr)
         c.ok(len(vals) > 0, f"{where} (by instance) returns data", expr)
 
+    # Alerts on real data: none of the availability/error alerts is even
+    # pending for a healthy cluster (the SLO ones may be: a CPU is slow).
+    alerts = query("ALERTS", now)["data"]["result"]
+    print("alerts:", sorted({(a["metric"]["alertname"], a["metric"]["alertstate"]) for a in alerts}),
+          flush=True)
+    wrong = [a["metric"] for a in alerts if a["metric"]["alertname"] in (
+        "SpearWorkerDown", "SpearRouterDown", "SpearWorkerUnhealthy", "SpearNoHealthyWorkers",
+        "SpearServerErrors", "SpearRequestsRejected", "SpearKVCacheExhausted", "SpearEcDensityLow")]
+    c.ok(not wrong, "no availability, error, KV or EC-shedding alert for a healthy cluster", json.dumps(wrong)[:400])
+    rules = json.load(urllib.request.urlopen(f"{url}/api/v1/rules", timeout=10))["data"]["groups"]
+    bad = [(r["name"], r.get("lastError")) for g in rules for r in g["rules"]
+           if r.get("health") not in ("ok", "unknown")]
+    n_rules = sum(len(g["rules"]) for g in rules)
+    c.ok(n_rules >= 40 and not bad, "Prometheus loaded every rule and evaluates it without error",
+         f"{n_rules} rules, bad: {bad}")
+
     # --- 5. SIGTERM drains and exits 0 -----------------------------------------------------
     serve.send_signal(signal.SIGTERM)
     try:
