@@ -37,6 +37,7 @@ constexpr FlagSpec kFlags[] = {
     {"queue-timeout-ms", "5000", "longest a request waits in the admission queue"},
     {"max-worker-waiting", "8", "router-side cap on each worker's waiting requests"},
     {"min-ec-density", "0", "AUTO quality never sheds EC density below this"},
+    {"slo-headroom", "0.8", "admit when predictions are within this fraction of the targets"},
     {"max-attempts", "3", "worker attempts per request (failover before the first token)"},
     {"default-max-tokens", "256", "max_tokens when a request gives 0"},
     {"max-tokens-limit", "4096", "largest max_tokens accepted"},
@@ -103,10 +104,10 @@ int main(int argc, char** argv) {
     return true;
   };
   spear::router::RouterOptions o;
-  double port, mport, max_queue, qt, mww, minec, attempts, dmt, mtl, mctx, it, ii, st, si, hi, sti, di, dt;
+  double headroom, port, mport, max_queue, qt, mww, minec, attempts, dmt, mtl, mctx, it, ii, st, si, hi, sti, di, dt;
   if (!num("port", 0, 65535, &port) || !num("metrics-port", -1, 65535, &mport) ||
       !num("max-queue", 0, 1e6, &max_queue) || !num("queue-timeout-ms", 0, 3.6e6, &qt) ||
-      !num("max-worker-waiting", 1, 1e6, &mww) || !num("min-ec-density", 0, 1, &minec) ||
+      !num("max-worker-waiting", 1, 1e6, &mww) || !num("min-ec-density", 0, 1, &minec) || !num("slo-headroom", 0.05, 1, &headroom) ||
       !num("max-attempts", 1, 16, &attempts) || !num("default-max-tokens", 1, 1e6, &dmt) ||
       !num("max-tokens-limit", 1, 1e7, &mtl) || !num("max-context", 1, 1e7, &mctx) ||
       !num("slo-interactive-ttft-ms", 1, 3.6e6, &it) || !num("slo-interactive-itl-ms", 1, 3.6e6, &ii) ||
@@ -140,6 +141,7 @@ int main(int argc, char** argv) {
   o.admission.queue_timeout_seconds = qt / 1000;
   o.admission.max_worker_waiting = static_cast<int>(mww);
   o.admission.min_ec_density = minec;
+  o.admission.slo_headroom = headroom;
   o.balancer = v["balancer"];
   o.max_attempts = static_cast<int>(attempts);
   o.tls_cert = v["tls-cert"];

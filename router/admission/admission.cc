@@ -35,6 +35,8 @@ AdmissionController::Decision AdmissionController::Decide(const AdmissionRequest
   Decision d;
   const double base = req.quality == spear::v1::QUALITY_POLICY_NO_EC ? 0.0 : 1.0;
   const int64_t p = static_cast<int64_t>(req.prompt.size());
+  const double ttft_t = req.ttft_target * opts_.slo_headroom;
+  const double itl_t = req.itl_target * opts_.slo_headroom;
   struct Option {
     std::shared_ptr<WorkerHandle> worker;
     Candidate cand;
@@ -53,16 +55,16 @@ AdmissionController::Decision AdmissionController::Decide(const AdmissionRequest
     // request the worker could never hold is rejected by validation, so
     // here only "not now" matters: skip workers without room.
     if (s.kv_free_tokens() > 0 && s.kv_free_tokens() < p + 1 && s.running() > 0) continue;
-    const Prediction pred = Predict(s, pending, p, base);
-    d.best_ttft = std::min(d.best_ttft, Predict(s, pending, p, 0.0).ttft_seconds);
-    if (Meets(pred, req.ttft_target, req.itl_target)) {
+    const Prediction pred = Predict(s, pending, p, base, itl_t);
+    d.best_ttft = std::min(d.best_ttft, Predict(s, pending, p, 0.0, itl_t).ttft_seconds / opts_.slo_headroom);
+    if (Meets(pred, ttft_t, itl_t)) {
       full.push_back({w, {w->address(), pred, w->inflight()}, base});
       continue;
     }
     if (req.quality == spear::v1::QUALITY_POLICY_AUTO) {
-      const double dens = LargestDensityMeeting(s, pending, p, req.ttft_target, req.itl_target, base);
+      const double dens = LargestDensityMeeting(s, pending, p, ttft_t, itl_t, base);
       if (dens >= opts_.min_ec_density && dens >= 0) {
-        reduced.push_back({w, {w->address(), Predict(s, pending, p, dens), w->inflight()}, dens});
+        reduced.push_back({w, {w->address(), Predict(s, pending, p, dens, itl_t), w->inflight()}, dens});
       }
     }
   }

@@ -63,6 +63,9 @@ struct AdmissionOptions {
   double queue_timeout_seconds = 5;   // longest a request waits in the queue
   int max_worker_waiting = 8;         // router-side cap on a worker's queue
   double min_ec_density = 0.0;        // AUTO never goes below this
+  // Admission compares predictions with headroom x the targets: the latency
+  // model is an estimate and later arrivals share the batch.
+  double slo_headroom = 0.8;
 };
 
 class AdmissionController {

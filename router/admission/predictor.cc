@@ -39,20 +39,41 @@ double IterationSeconds(const spear::v1::LatencyTable& t, int64_t tokens, double
 }
 
 Prediction Predict(const spear::v1::StatsResponse& s, const PendingLoad& pending,
-                   int64_t prompt_tokens, double density) {
+                   int64_t prompt_tokens, double density, double itl_target) {
   const double fallback =
       s.recent_itl_seconds() > 0 ? s.recent_itl_seconds() : kFallbackIterationSeconds;
+  const auto& table = s.latency();
+  auto t = [&](int64_t tokens) { return IterationSeconds(table, tokens, density, fallback); };
   const int64_t budget = s.max_batch_tokens() > 0 ? s.max_batch_tokens() : kDefaultMaxBatchTokens;
   const int64_t decode = static_cast<int64_t>(s.running()) + pending.requests;
-  const int64_t per_iter = std::max<int64_t>(1, budget - decode);
+  // Slowdown of the machine against the table, from a clean signal: the
+  // recent ITL against a decode step of the running batch.
+  double k = 1;
+  if (s.running() > 0 && s.recent_itl_seconds() > 0) {
+    k = std::clamp(s.recent_itl_seconds() / IterationSeconds(table, s.running() + 1, s.ec_density(), fallback),
+                   1.0, 4.0);
+  }
+  int64_t chunk = std::max<int64_t>(1, budget - decode);
+  if (itl_target > 0 && k * t(decode + chunk) > itl_target) {
+    int64_t lo = 1, hi = chunk;  // largest chunk whose iteration meets the target
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (k * t(decode + mid) <= itl_target) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    chunk = lo;
+  }
   const int64_t backlog =
       std::max<int64_t>(0, s.queued_prompt_tokens()) + pending.prompt_tokens + prompt_tokens;
-  const int64_t iters = (backlog + per_iter - 1) / per_iter;
+  const int64_t iters = (backlog + chunk - 1) / chunk;
+  const double iter = k * t(decode + std::min(chunk, std::max<int64_t>(1, backlog)));
   Prediction p;
-  const double full_iter =
-      IterationSeconds(s.latency(), decode + std::min(per_iter, backlog), density, fallback);
-  p.ttft_seconds = static_cast<double>(iters) * full_iter;
-  p.itl_seconds = IterationSeconds(s.latency(), decode + 1, density, fallback);
+  p.ttft_seconds = static_cast<double>(iters) * iter;
+  const bool more_prefill = s.queued_prompt_tokens() + pending.prompt_tokens > 0 || s.waiting() > 0;
+  p.itl_seconds = more_prefill ? iter : k * t(decode + 1);
   return p;
 }
 
@@ -65,12 +86,12 @@ double LargestDensityMeeting(const spear::v1::StatsResponse& s, const PendingLoa
                              int64_t prompt_tokens, double ttft_target, double itl_target,
                              double max_density) {
   const double hi_d = std::clamp(max_density, 0.0, 1.0);
-  if (Meets(Predict(s, pending, prompt_tokens, hi_d), ttft_target, itl_target)) return hi_d;
-  if (!Meets(Predict(s, pending, prompt_tokens, 0.0), ttft_target, itl_target)) return -1;
+  if (Meets(Predict(s, pending, prompt_tokens, hi_d, itl_target), ttft_target, itl_target)) return hi_d;
+  if (!Meets(Predict(s, pending, prompt_tokens, 0.0, itl_target), ttft_target, itl_target)) return -1;
   double lo = 0, hi = hi_d;  // lo meets, hi misses (latency is monotone in density)
   while (hi - lo > 1.0 / 64) {
     const double mid = 0.5 * (lo + hi);
-    if (Meets(Predict(s, pending, prompt_tokens, mid), ttft_target, itl_target)) {
+    if (Meets(Predict(s, pending, prompt_tokens, mid, itl_target), ttft_target, itl_target)) {
       lo = mid;
     } else {
       hi = mid;

@@ -30,15 +30,19 @@ struct Prediction {
 double IterationSeconds(const spear::v1::LatencyTable& table, int64_t tokens, double density,
                         double fallback_seconds);
 
-// Predicted TTFT and ITL of a new request with `prompt_tokens` prompt tokens.
-// Model: decode tokens = running + pending requests (one token each per
-// iteration); the prefill backlog (queued + pending + this prompt) drains
-// at max_batch_tokens - decode tokens per iteration; TTFT = number of
-// backlog iterations × the time of a full iteration (+ one decode step when
-// nothing is queued); ITL = one iteration with the decode batch plus this
-// request.
+// Predicted TTFT and ITL of a new request with `prompt_tokens` prompt tokens
+// and ITL target `itl_target` (0 = none). Model of the worker's scheduler:
+// decode tokens = running + pending requests (one token each per
+// iteration); prefill is chunked, c tokens per iteration, the largest c
+// within the batch budget whose iteration meets the ITL target; the
+// backlog (queued prompt tokens + pending + this prompt) drains FIFO, so
+// TTFT = ceil(backlog / c) iterations. ITL = one iteration with a prefill
+// chunk while a backlog exists, else one decode step. Every time is scaled
+// by the worker's measured slowdown against its table (recent ITL / table
+// time of a decode step at the current batch, in [1, 4]): a table profiled
+// on an idle machine underestimates a busy one.
 Prediction Predict(const spear::v1::StatsResponse& stats, const PendingLoad& pending,
-                   int64_t prompt_tokens, double density);
+                   int64_t prompt_tokens, double density, double itl_target = 0);
 
 // The largest density d in [0, max_density] (to 1/64) whose prediction meets
 // both targets (a target <= 0 is no target); -1 if even d = 0 misses.

@@ -68,5 +68,8 @@ class ModelFrontend {
 };
 
 bool IsValidUtf8(std::string_view s);
+// `s` with every byte that does not start a valid UTF-8 character (or
+// belongs to an invalid one) replaced by U+FFFD.
+std::string SanitizeUtf8(std::string_view s);
 
 }  // namespace spear::router

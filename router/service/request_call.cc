@@ -179,7 +179,10 @@ void RequestCall::ClientCancelled() {
 }
 
 bool RequestCall::AppendText(const std::string& piece, std::string* emit) {
-  pending_text_ += piece;
+  // proto3 strings must be UTF-8: bytes that cannot form a character (token
+  // sequences the model may emit, e.g. a lone continuation byte) become
+  // U+FFFD. The decoder already holds back incomplete trailing characters.
+  pending_text_ += SanitizeUtf8(piece);
   if (req_.stop.empty()) {
     *emit += pending_text_;
     pending_text_.clear();

@@ -75,3 +75,37 @@ TEST(Balancer, Policies) {
 
 }  // namespace
 }  // namespace spear::router
+
+#include "router/service/model_frontend.h"
+
+namespace spear::router {
+namespace {
+
+TEST(Predictor, ItlTargetLimitsTheChunkAndRaisesTtft) {
+  auto s = Stats(0.01, 0.02, 0.51, 1.02);  // 512 tokens: ~1 s per iteration
+  s.set_queued_prompt_tokens(1000);
+  const Prediction loose = Predict(s, {}, 100, 1, 0);
+  const Prediction tight = Predict(s, {}, 100, 1, 0.1);
+  EXPECT_LE(tight.itl_seconds, 0.1 + 1e-9);
+  EXPECT_GT(tight.ttft_seconds, loose.ttft_seconds * 0.8);  // small chunks: same throughput at best
+  // A machine slower than its table (recent ITL 3x the table) scales it all.
+  s.set_running(4);
+  s.set_ec_density(1);
+  const Prediction before = Predict(s, {}, 100, 1, 0.1);
+  s.set_recent_itl_seconds(3 * IterationSeconds(s.latency(), 5, 1, 1));
+  const Prediction after = Predict(s, {}, 100, 1, 0.1);
+  EXPECT_GT(after.ttft_seconds, 2 * before.ttft_seconds);
+}
+
+TEST(Utf8, SanitizeReplacesInvalidBytes) {
+  EXPECT_EQ(SanitizeUtf8("abc"), "abc");
+  EXPECT_EQ(SanitizeUtf8("h\xC3\xA9!"), "h\xC3\xA9!");
+  EXPECT_EQ(SanitizeUtf8("a\x80z"), "a\xEF\xBF\xBDz");
+  EXPECT_EQ(SanitizeUtf8("\xE2\x82"), "\xEF\xBF\xBD\xEF\xBF\xBD");  // truncated
+  EXPECT_EQ(SanitizeUtf8("\xED\xA0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate
+  EXPECT_TRUE(IsValidUtf8(SanitizeUtf8("\xFF\xFE\xF0\x9F\x98\x80")));
+  EXPECT_FALSE(IsValidUtf8("\xC0\xAF"));  // overlong
+}
+
+}  // namespace
+}  // namespace spear::router
