@@ -15,7 +15,9 @@
 // the device, x) + written (y) over time, against a device-to-device copy
 // (read + write) measured in this run. Plus the four GEMMs of an 8B decoder
 // layer back to back in a graph at M = 1 and 16 (aggregate % of copy
-// bandwidth), and a dispatch section (decode kernel vs prefill path).
+// bandwidth), and a dispatch section (decode kernel vs prefill path; for
+// M <= 16 the "decode-kernel" column is the x-as-m16 kernel that the
+// swapped-operand kernel replaced). --decode: M in {1, 2, 4, 8, 16} only.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -215,6 +217,7 @@ int Main(int argc, char** argv) {
       while (std::getline(ss, t, ',')) ms_only.push_back(std::stoll(t));
     }
     if (a == "--quick") quick = true;
+    if (a == "--decode") ms_only = {1, 2, 4, 8, 16};  // the decode rows only
     if (a == "--no-layer") no_layer = true;
   }
   const auto torch = ReadTorch(torch_csv);
@@ -287,7 +290,7 @@ int Main(int argc, char** argv) {
       const double flops = 2.0 * m * sh.n * sh.k;
       const double io = 2.0 * m * sh.k + 2.0 * m * sh.n;
       CKS(ws->Reserve(*W.rot[0], m));
-      auto w4 = [&](bool use_ec, bool fd, bool fp) {
+      auto w4 = [&](bool use_ec, bool fd, bool fp, int dk = 0) {
         return TimeGraph(reps, [&](int i) {
           cuda::W4CudaParams p;
           p.x = x;
@@ -298,6 +301,7 @@ int Main(int argc, char** argv) {
           p.use_ec = use_ec;
           p.force_decode = fd;
           p.force_prefill = fp;
+          p.decode_kernel = dk;
           CKS(cuda::W4Linear(*W.rot[i % nrot], p, ws.get(), g_stream));
         });
       };
@@ -328,6 +332,8 @@ int Main(int argc, char** argv) {
       if (m == 64 || m == 128 || m == 512) {
         t_dec = w4(false, true, false);
         t_pre = w4(false, false, true);
+      } else if (m <= 16) {
+        t_dec = w4(false, false, false, 1);  // the x-as-m16 kernel (before the swap)
       }
       const double t_torch = tget(std::string(sh.model) + "/" + sh.layer + "/" + std::to_string(m));
       const double bw_w4 = (wbytes + io) / (t_w4 * 1e-6) / copy_bw * 100;
@@ -362,11 +368,11 @@ int Main(int argc, char** argv) {
   const char* layers[] = {"qkv", "o", "gate_up", "down"};
   for (int64_t m : {1, 16}) {
     if (no_layer || !only.empty()) break;
-    for (int variant = 0; variant < 3; ++variant) {
+    for (int variant = 0; variant < 4; ++variant) {
       double bytes = 0;
       for (const char* l : layers) {
         const auto& dw = *weights[std::string("8B") + l].rot[0];
-        bytes += dw.backbone_bytes() + (variant ? dw.ec_bytes() : 0) +
+        bytes += dw.backbone_bytes() + (variant == 1 || variant == 2 ? dw.ec_bytes() : 0) +
                  2.0 * m * (dw.fmt().k + dw.fmt().n);
       }
       const double t = TimeGraph(10, [&](int i) {
@@ -379,6 +385,7 @@ int Main(int argc, char** argv) {
           p.y_f16 = y16;
           p.ldy = dw.fmt().n;
           p.use_ec = variant == 1;
+          p.decode_kernel = variant == 3 ? 1 : 0;
           CKS(cuda::W4Linear(dw, p, ws.get(), g_stream));
           if (variant == 2) {
             CKS(cuda::EcGate(dw, x, m, dw.fmt().k, v32, ws.get(), g_stream));
@@ -388,12 +395,15 @@ int Main(int argc, char** argv) {
       });
       const double tt = tget("layer8B/all/" + std::to_string(m));
       char tr[32] = "-", tv[32] = "-";
-      if (tt > 0 && variant == 0) {
+      if (tt > 0 && (variant == 0 || variant == 3)) {
         std::snprintf(tr, sizeof tr, "%.1f", tt);
         std::snprintf(tv, sizeof tv, "%.2fx", tt / t);
       }
       std::printf("| %lld | %s | %.1f | %.1f | %.0f | %s | %s |\n", static_cast<long long>(m),
-                  variant == 0 ? "W4" : variant == 1 ? "W4+EC r32 (fused)" : "W4+EC r32 (naive)",
+                  variant == 0   ? "W4"
+                  : variant == 1 ? "W4+EC r32 (fused)"
+                  : variant == 2 ? "W4+EC r32 (naive)"
+                                 : "W4, x-as-m16 kernel (before)",
                   t, bytes / 1e6, bytes / (t * 1e-6) / copy_bw * 100, tr, tv);
     }
   }

@@ -17,6 +17,7 @@ absl::Status LaunchDecodeM1(DecodeArgs a, int num_sms, cudaStream_t stream);
 absl::Status LaunchDecodeM2(DecodeArgs a, int num_sms, cudaStream_t stream);
 absl::Status LaunchDecodeM3(DecodeArgs a, int num_sms, cudaStream_t stream);
 absl::Status LaunchDecodeM4(DecodeArgs a, int num_sms, cudaStream_t stream);
+absl::Status LaunchDecodeSwap(DecodeArgs a, int num_sms, cudaStream_t stream);
 
 absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream) {
   switch (mt) {
@@ -129,7 +130,9 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.debug = debug;
     a.partials = s.partials;
     a.counters = s.counters;
-    if (absl::Status st = LaunchDecode(static_cast<int>((mc + 15) / 16), a, s.num_sms, stream);
+    const bool swap = mc <= 16 && p.decode_kernel != 1;
+    if (absl::Status st = swap ? LaunchDecodeSwap(a, s.num_sms, stream)
+                               : LaunchDecode(static_cast<int>((mc + 15) / 16), a, s.num_sms, stream);
         !st.ok()) {
       return st;
     }

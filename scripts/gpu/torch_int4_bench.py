@@ -5,7 +5,7 @@ the same way (R calls captured in one CUDA graph, rotating weight copies whose
 total is >= 3x the L2, median of 7 replays / R). Writes CSV lines
 `model,layer,M,us` and `layer8B,all,M,us` (the 4 GEMMs of an 8B layer back to
 back in one graph) to argv[1]. Runs on the GPU machine (it has torch).
-usage: torch_int4_bench.py OUT.csv [--quick]"""
+usage: torch_int4_bench.py OUT.csv [--quick | --decode]"""
 import math
 import statistics
 import sys
@@ -57,6 +57,7 @@ def time_graph(fn, reps):
 def main():
     out = open(sys.argv[1], "w")
     quick = "--quick" in sys.argv
+    decode = "--decode" in sys.argv  # M <= 16 only
     print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
     xs = torch.randn(2048, 14336, device="cuda").to(torch.bfloat16)
     keep = {}
@@ -65,6 +66,8 @@ def main():
         ws = [pack(n, k) for _ in range(nrot)]
         for m in MS:
             if quick and m > 16 and m != 512:
+                continue
+            if decode and m > 16:
                 continue
             x = xs[:m, :k].contiguous()
             try:

@@ -113,6 +113,9 @@ struct W4CudaParams {
   float* gate_out = nullptr;    // nullable, fp32 [m, r] (device)
   bool force_decode = false;    // testing/benchmarks: decode kernel at any m
   bool force_prefill = false;   // testing/benchmarks: prefill path at any m
+  // testing/benchmarks: which decode kernel runs a launch of <= 16 rows:
+  // 0 the default (the swapped-operand kernel), 1 the x-as-m16 kernel.
+  int decode_kernel = 0;
 };
 
 // y = Q(W) (x / act_scale) + bias [+ B (g ⊙ u), u = A x]  (see w4_ops.h).

@@ -138,12 +138,13 @@ struct Case {
   bool act_scale, bias, accumulate, f16_out, symmetric;
   bool force_prefill = false;
   bool force_decode = false;
+  int decode_kernel = 0;  // W4CudaParams::decode_kernel
   int64_t ldx_pad = 0;
   std::string Name() const {
     return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
                         " bias=", bias, " acc=", accumulate, " f16=", f16_out,
                         " sym=", symmetric, " prefill=", force_prefill,
-                        " decode=", force_decode, " ldxpad=", ldx_pad);
+                        " decode=", force_decode, " dk=", decode_kernel, " ldxpad=", ldx_pad);
   }
 };
 
@@ -221,6 +222,7 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   p.gate_out = c.ec ? dgate.get() : nullptr;
   p.force_prefill = c.force_prefill;
   p.force_decode = c.force_decode;
+  p.decode_kernel = c.decode_kernel;
   ASSERT_TRUE(cuda::W4Linear(**dw, p, ws, nullptr).ok());
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> y(y0.size());
@@ -275,7 +277,9 @@ TEST(CudaW4, DecodeMatchesReference) {
                           {4096, 256, 256}, {96, 1088, 64}, {520, 2048, 2048},
                           // ragged last group (num_groups = ceil(k / g)):
                           {192, 576, 128}, {70, 100, 32}, {130, 1000, 256}};
-  const int64_t ms[] = {1, 3, 17, 33, 64, 65};
+  // m <= 16 per launch: the swapped-operand kernel (8 tokens: 1, 3, 8;
+  // 16 tokens: 12, 16; 65 = 64 + 1), every 4th case the x-as-m16 kernel.
+  const int64_t ms[] = {1, 3, 8, 12, 16, 17, 33, 64, 65};
   int v = 0;
   for (const Shape& s : shapes) {
     for (int64_t m : ms) {
@@ -288,6 +292,7 @@ TEST(CudaW4, DecodeMatchesReference) {
       c.symmetric = v % 7 == 2;
       c.ldx_pad = (v % 6 == 5) ? 8 : 0;
       c.force_decode = true;  // the decode kernel at every m (65: two launches)
+      c.decode_kernel = (v % 4 == 1) ? 1 : 0;
       ++v;
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;

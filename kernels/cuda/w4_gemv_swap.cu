@@ -1,0 +1,419 @@
+// The small-M W4A16 decode kernel (m <= 16 per launch), operands swapped:
+// the WEIGHTS are the m16 (A) operand of mma.sync m16n8k16 and the tokens the
+// n8 (B) operand, so one mma covers 16 output columns x 8 tokens x 16 k (the
+// x-as-m16 kernel in w4_gemm_kernel.cuh wastes 15/16 of each mma at m = 1).
+//
+// The GPU layout (kernels/FORMAT.md, "CUDA layout") needs no change: word p
+// of a lane's 16-byte code load of (tile, k16 step) holds exactly the A
+// fragment of the m16 sub-tile p (columns 64 t + 16 p + {gid, gid + 8}):
+//   a0 = lop3(w, 0x000f000f, 0x64006400)       {1024 + q} of (c(2p),   k0, k0+1)
+//   a2 = lop3(w, 0x00f000f0, 0x54005400)       {  64 + q} of (c(2p),   k0+8, k0+9)
+//   a1, a3 the same on w >> 8                   (c(2p+1), ...)
+// Dequantization is one LOP3 + one HSUB2 (subtract 1024 + z or 64 + z,
+// exact: small integers) per fragment register; the group scale is applied
+// in fp32 to a per-group accumulator ("fold": acc += s * acc_g) instead of
+// per weight.
+//
+// Work split: block (tile of 64 columns, k split q); 8 warps per block split
+// the block's k range in units of UK k16 steps. Per unit a lane issues UK
+// 16-byte weight loads (non-allocating, straight to registers, one unit
+// ahead: double buffered), the unit's scale/zero words and its x fragments
+// (read-only path; x is L2-resident). No shared memory in the main loop and
+// no barrier. Reduction, all in fixed order (deterministic): the 8 warps
+// through shared memory, then the S blocks of a tile (a thread-block cluster
+// of S along k) through distributed shared memory, each rank storing 1/S of
+// the tile. No global workspace, no atomics, no fences. The EC term
+// B (g ⊙ u) is added by the k-split-0 block as rp / 16 more mma k-steps (B
+// as the A operand, v as the B operand). PDL as in the other decode kernel:
+// the first weight unit is requested before griddepcontrol.wait.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/w4_layout.h"
+
+namespace spear::kernels::cuda {
+namespace swapk {
+
+constexpr int kNW = 8;  // warps per block
+
+__device__ __forceinline__ uint4 LdStream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+__device__ __forceinline__ uint4 LdNc(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+// x may be written by the previous kernel: a plain (coherent) load, issued
+// only after griddepcontrol.wait.
+__device__ __forceinline__ uint32_t LdX(const uint16_t* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+__device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The same with a zero accumulator in (the first k-step of a group).
+__device__ __forceinline__ void MmaZ(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                     uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%10,%10,%10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+}
+
+template <uint32_t A, uint32_t B>
+__device__ __forceinline__ uint32_t AndOr(uint32_t w) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(w), "n"(A), "n"(B));
+  return d;
+}
+__device__ __forceinline__ uint32_t HSub2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// NT8: token n8 tiles (1: m <= 8, 2: m <= 16). UK: k16 steps per unit.
+// GPU: scale groups per unit (the group is 16 * UK / GPU wide when smaller
+// than a unit; otherwise GPU = 1 and the unit lies in one group).
+template <int NT8, int UK, int GPU>
+__global__ void __launch_bounds__(kNW * 32, NT8 == 1 ? 2 : 1) W4SwapKernel(const DecodeArgs a) {
+  constexpr int SPG = UK / GPU;   // steps per group inside a unit
+  constexpr int NE = NT8 * 16;    // accumulator floats per lane
+  constexpr int E = NE * 32;      // outputs of a tile (per warp-sized fragment set)
+  __shared__ float red[kNW * E];  // [warp][e][lane]
+  __shared__ float part[E];       // this block's sum over its warps
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int tile = blockIdx.x, q = blockIdx.y, S = gridDim.y;
+  const int nunits = a.ksteps / UK;  // ksteps is a multiple of 8
+  const int W = S * kNW, gw = q * kNW + warp;
+  const int ub = static_cast<int>(static_cast<long long>(nunits) * gw / W);
+  const int ue = static_cast<int>(static_cast<long long>(nunits) * (gw + 1) / W);
+
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+
+  const uint4* wp = reinterpret_cast<const uint4*>(a.qw) +
+                    static_cast<size_t>(tile) * a.ksteps * 32 + lane;
+  const uint4* szp = reinterpret_cast<const uint4*>(a.sz) +
+                     static_cast<size_t>(tile) * a.ngroups * 16 + gid * 2;
+  const int ng1 = a.ngroups - 1, gshift = a.gshift;
+
+  // x rows of this lane's tokens (B operand column gid of each n8 tile).
+  const uint16_t* xr[NT8];
+  bool xv[NT8];
+#pragma unroll
+  for (int nt = 0; nt < NT8; ++nt) {
+    const int row = nt * 8 + gid;
+    xv[nt] = row < a.m;
+    xr[nt] = a.x + (xv[nt] ? static_cast<long long>(row) * a.ldx : 0) + 2 * tig;
+  }
+
+  auto load_w = [&](int u, uint4 (&w)[UK], uint4 (&s)[GPU][2]) {
+    const uint4* p = wp + static_cast<size_t>(u) * (UK * 32);
+#pragma unroll
+    for (int i = 0; i < UK; ++i) w[i] = LdStream(p + i * 32);
+#pragma unroll
+    for (int g = 0; g < GPU; ++g) {
+      const int grp = min(((u * UK + g * SPG) * 16) >> gshift, ng1);
+      s[g][0] = LdNc(szp + grp * 16);
+      s[g][1] = LdNc(szp + grp * 16 + 1);
+    }
+  };
+  // k % 8 == 0 here (else x was padded into the workspace), so an 8-wide
+  // chunk is either all inside k or all outside (zero: padded codes meet 0).
+  auto load_x = [&](int u, uint32_t (&xb)[UK][NT8][2]) {
+#pragma unroll
+    for (int i = 0; i < UK; ++i) {
+      const int k0 = (u * UK + i) * 16;
+#pragma unroll
+      for (int nt = 0; nt < NT8; ++nt) {
+        xb[i][nt][0] = (xv[nt] && k0 < a.k) ? LdX(xr[nt] + k0) : 0u;
+        xb[i][nt][1] = (xv[nt] && k0 + 8 < a.k) ? LdX(xr[nt] + k0 + 8) : 0u;
+      }
+    }
+  };
+
+  float acc[NT8][4][4];
+#pragma unroll
+  for (int nt = 0; nt < NT8; ++nt)
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[nt][p][c] = 0.f;
+
+  const uint32_t k960 = 0x63806380u;  // half2 {960, 960}
+
+  // One unit: per group, dequantize (LOP3 + HSUB2 per fragment register)
+  // into mma with a zero accumulator start, then fold with the scale.
+  auto compute = [&](const uint4 (&wq)[UK], const uint4 (&sq)[GPU][2],
+                     const uint32_t (&xb)[UK][NT8][2]) {
+#pragma unroll
+    for (int g = 0; g < GPU; ++g) {
+      const uint32_t sw[8] = {sq[g][0].x, sq[g][0].y, sq[g][0].z, sq[g][0].w,
+                              sq[g][1].x, sq[g][1].y, sq[g][1].z, sq[g][1].w};
+      uint32_t zl[8], zh[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        zl[j] = __byte_perm(sw[j], 0, 0x3232);  // {1024 + z, 1024 + z}
+        zh[j] = HSub2(zl[j], k960);             // {64 + z, 64 + z}
+      }
+      float ag[NT8][4][4];
+#pragma unroll
+      for (int i = g * SPG; i < (g + 1) * SPG; ++i) {
+        const uint32_t wv[4] = {wq[i].x, wq[i].y, wq[i].z, wq[i].w};
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          const uint32_t w = wv[p], w8 = wv[p] >> 8;
+          const uint32_t a0 = HSub2(AndOr<0x000f000fu, 0x64006400u>(w), zl[2 * p]);
+          const uint32_t a2 = HSub2(AndOr<0x00f000f0u, 0x54005400u>(w), zh[2 * p]);
+          const uint32_t a1 = HSub2(AndOr<0x000f000fu, 0x64006400u>(w8), zl[2 * p + 1]);
+          const uint32_t a3 = HSub2(AndOr<0x00f000f0u, 0x54005400u>(w8), zh[2 * p + 1]);
+#pragma unroll
+          for (int nt = 0; nt < NT8; ++nt) {
+            if (i == g * SPG) {
+              MmaZ(ag[nt][p], a0, a1, a2, a3, xb[i][nt][0], xb[i][nt][1]);
+            } else {
+              Mma(ag[nt][p], a0, a1, a2, a3, xb[i][nt][0], xb[i][nt][1]);
+            }
+          }
+        }
+      }
+      // Fold: rows gid (column c(2p)) and gid + 8 (column c(2p+1)).
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const float s0 = __low2float(*reinterpret_cast<const __half2*>(&sw[2 * p]));
+        const float s1 = __low2float(*reinterpret_cast<const __half2*>(&sw[2 * p + 1]));
+#pragma unroll
+        for (int nt = 0; nt < NT8; ++nt) {
+          acc[nt][p][0] = fmaf(s0, ag[nt][p][0], acc[nt][p][0]);
+          acc[nt][p][1] = fmaf(s0, ag[nt][p][1], acc[nt][p][1]);
+          acc[nt][p][2] = fmaf(s1, ag[nt][p][2], acc[nt][p][2]);
+          acc[nt][p][3] = fmaf(s1, ag[nt][p][3], acc[nt][p][3]);
+        }
+      }
+    }
+  };
+
+  // Two register sets in ping-pong: unit u + 1 is in flight while unit u is
+  // computed (no register copies between iterations).
+  uint4 wA[UK], sA[GPU][2], wB[UK], sB[GPU][2];
+  uint32_t xA[UK][NT8][2], xB[UK][NT8][2];
+  if (ub < ue) load_w(ub, wA, sA);
+  // Weights do not depend on the previous kernel; x does (unless an EC
+  // prologue was launched normally in between: then x is ready).
+  if (!a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  if (ub < ue) load_x(ub, xA);
+
+#pragma unroll 1
+  for (int u = ub; u < ue; u += 2) {
+    if (u + 1 < ue) {
+      load_w(u + 1, wB, sB);
+      load_x(u + 1, xB);
+    }
+    compute(wA, sA, xA);
+    if (u + 1 >= ue) break;
+    if (u + 2 < ue) {
+      load_w(u + 2, wA, sA);
+      load_x(u + 2, xA);
+    }
+    compute(wB, sB, xB);
+  }
+
+  // The EC term, once per tile (k split 0): y += B (g ⊙ u), B as the A
+  // operand (fragments of ec_bfrag, entry 2 j + reg), v as the B operand.
+  if (a.ecb != nullptr && q == 0) {
+    if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#pragma unroll 1
+    for (int e = warp; e < a.esteps; e += kNW) {
+      const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
+                        ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
+      const uint4 q0 = bp[0], q1 = bp[1], q2 = bp[2], q3 = bp[3];
+      const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
+                               q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
+      uint32_t vb[NT8][2];
+#pragma unroll
+      for (int nt = 0; nt < NT8; ++nt) {
+        const int row = nt * 8 + gid;
+        const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * tig;
+        vb[nt][0] = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
+        vb[nt][1] = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
+      }
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int nt = 0; nt < NT8; ++nt)
+          Mma(acc[nt][p], bv[4 * p], bv[4 * p + 2], bv[4 * p + 1], bv[4 * p + 3], vb[nt][0],
+              vb[nt][1]);
+    }
+  }
+
+  // Reduction in fixed order: warps (shared memory), then the cluster's
+  // blocks (distributed shared memory), rank r storing outputs [r E/S, ...).
+#pragma unroll
+  for (int nt = 0; nt < NT8; ++nt)
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) red[(warp * NE + (nt * 4 + p) * 4 + c) * 32 + lane] = acc[nt][p][c];
+  __syncthreads();
+  for (int o = tid; o < E; o += kNW * 32) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNW; ++w) s += red[w * E + o];
+    part[o] = s;
+  }
+  // Cluster barrier: part[] released to / acquired from the cluster (a
+  // cluster-scope fence, not the GPU-scope MEMBAR of cg::cluster.sync()).
+  asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  const int lo = q * E / S, hi = (q + 1) * E / S;
+  for (int o = lo + tid; o < hi; o += kNW * 32) {
+    float s = 0.f;
+    const unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(&part[o]));
+    for (int r = 0; r < S; ++r) {
+      unsigned remote;
+      float v;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(r));
+      asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+      s += v;
+    }
+    const int e = o >> 5, l = o & 31;
+    const int lg = l >> 2, lt = l & 3;
+    const int nt = e >> 4, p = (e >> 2) & 3, c = e & 3;
+    const int row = nt * 8 + 2 * lt + (c & 1);
+    const int col = tile * 64 + 16 * p + lg + 8 * (c >> 1);
+    if (row < a.m && col < a.n) {
+      if (a.bias != nullptr) s += a.bias[col];
+      const long long idx = row * a.ldy + col;
+      if (a.y32 != nullptr) {
+        a.y32[idx] = a.accumulate ? a.y32[idx] + s : s;
+      } else {
+        __half* y = reinterpret_cast<__half*>(a.y16);
+        y[idx] = __float2half_rn(a.accumulate ? __half2float(y[idx]) + s : s);
+      }
+    }
+  }
+  // Keep this block's shared memory alive until every rank has read it (the
+  // remote loads above have returned: their values are consumed).
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+}
+
+template <int NT8, int UK, int GPU>
+cudaError_t LaunchOne(const DecodeArgs& a, int splits, cudaStream_t stream, bool pdl) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.ntiles), static_cast<unsigned>(splits));
+  cfg.blockDim = dim3(kNW * 32);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(splits);
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 2 : 1;
+  return cudaLaunchKernelEx(&cfg, W4SwapKernel<NT8, UK, GPU>, a);
+}
+
+// Group width 16 * UK / GPU inside a unit when narrower than a unit.
+template <int NT8, int UK>
+cudaError_t LaunchG(const DecodeArgs& a, int splits, cudaStream_t stream, bool pdl) {
+  const long long gw = a.gshift >= 30 ? (1LL << 30) : (1LL << a.gshift);
+  const long long per_unit = 16 * UK / gw;
+  if constexpr (UK >= 8) {
+    return LaunchOne<NT8, UK, 1>(a, splits, stream, pdl);  // callers: groups >= 128 only
+  } else {
+    if (per_unit >= 2) return LaunchOne<NT8, UK, 2>(a, splits, stream, pdl);
+    return LaunchOne<NT8, UK, 1>(a, splits, stream, pdl);
+  }
+}
+
+}  // namespace swapk
+
+// k splits per tile S (a cluster of S blocks along k), S in {1, 2, 4, 8}
+// with at least one 8-step unit per warp. Blocks do equal work, so the
+// busiest SM gets ceil(B / SMs) of the B = ntiles * S blocks: S is chosen
+// for the best balance (B / SMs) / ceil(B / SMs) (within 2%), and among
+// those the smallest S that still gives ~2 resident blocks per SM (m <= 8:
+// 128 registers, two blocks; m <= 16: one), else the largest (small shapes:
+// more blocks in flight). Llama-3-8B at m <= 8: qkv 4, o 4, gate_up 2,
+// down 4.
+int SwapSplits(const DecodeArgs& a, int num_sms) {
+  const int units = a.ksteps / 8;
+  const double need = (a.m <= 8 ? 1.9 : 0.95) * num_sms;
+  double eff[4] = {0, 0, 0, 0}, best = 0;
+  int ncand = 0;
+  for (int i = 0; i < 4; ++i) {
+    const int s = 1 << i;
+    if (s > 1 && s * swapk::kNW > units) break;
+    const double b = static_cast<double>(a.ntiles) * s / num_sms;
+    eff[i] = b / std::ceil(b);
+    best = std::max(best, eff[i]);
+    ncand = i + 1;
+  }
+  int pick = -1;
+  for (int i = 0; i < ncand; ++i) {
+    if (eff[i] >= best - 0.02 && static_cast<double>(a.ntiles) * (1 << i) >= need) {
+      pick = i;
+      break;
+    }
+  }
+  if (pick < 0) {
+    for (int i = 0; i < ncand; ++i) {
+      if (eff[i] >= best - 0.02) pick = i;
+    }
+  }
+  return 1 << pick;
+}
+
+absl::Status LaunchDecodeSwap(DecodeArgs a, int num_sms, cudaStream_t stream) {
+  if (a.m < 1 || a.m > 16) return absl::InternalError("LaunchDecodeSwap: m > 16");
+  const int splits = SwapSplits(a, num_sms);
+  // PDL together with a cluster launch: tried once; if the runtime refuses
+  // the combination, launch without PDL from then on.
+  static int pdl_ok = -1;
+  // m <= 8: 4-step units (64 k: double-buffered in 128 registers, two
+  // blocks per SM); m <= 16: 8-step units with one block per SM, 4-step
+  // units for groups narrower than 128 (no spills).
+  const bool narrow = a.gshift < 7;
+  auto go = [&](bool pdl) {
+    if (a.m <= 8) return swapk::LaunchG<1, 4>(a, splits, stream, pdl);
+    return narrow ? swapk::LaunchG<2, 4>(a, splits, stream, pdl)
+                  : swapk::LaunchG<2, 8>(a, splits, stream, pdl);
+  };
+  cudaError_t e = go(pdl_ok != 0);
+  if (e != cudaSuccess && pdl_ok == -1) {
+    (void)cudaGetLastError();
+    pdl_ok = 0;
+    e = go(false);
+  } else if (e == cudaSuccess && pdl_ok == -1) {
+    pdl_ok = 1;
+  }
+  SPEAR_CUDA_RETURN_IF_ERROR(e);
+  return absl::OkStatus();
+}
+
+}  // namespace spear::kernels::cuda
