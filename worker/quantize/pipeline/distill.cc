@@ -636,10 +636,11 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
       ad[0].Step(p.a, g.a, static_cast<float>(lr), step);
       ad[1].Step(p.b, g.b, static_cast<float>(lr), step);
       if (p.gated && o.train_gate) {
-        ad[2].Step(p.w1, g.w1, static_cast<float>(lr), step);
-        ad[3].Step(p.b1, g.b1, static_cast<float>(lr), step);
-        ad[4].Step(p.w2, g.w2, static_cast<float>(lr), step);
-        ad[5].Step(p.b2, g.b2, static_cast<float>(lr), step);
+        const float glr = static_cast<float>(lr * o.gate_lr_scale);
+        ad[2].Step(p.w1, g.w1, glr, step);
+        ad[3].Step(p.b1, g.b1, glr, step);
+        ad[4].Step(p.w2, g.w2, glr, step);
+        ad[5].Step(p.b2, g.b2, glr, step);
       }
     }
     rep.steps_run = step;

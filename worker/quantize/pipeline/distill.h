@@ -61,6 +61,10 @@ struct DistillOptions {
   double max_seconds = 0;      // > 0: stop (keeping the best) when spent
   double hidden_mse_weight = 0;
   bool train_gate = true;
+  // lr multiplier of the gate MLP (W1, b1, W2, b2): the gate starts at
+  // exactly 1 (W2 = 0) and, at the A/B learning rate, barely moves within
+  // the few dozen steps a CPU budget allows.
+  double gate_lr_scale = 1.0;
   uint64_t seed = 1;
 };
 

@@ -7,7 +7,7 @@
 //       [--steps S] [--static-placed] [--no-gate] [--ppl-tokens N] [--ctx C]
 //       [--threads T] [--skip-fp16] [--text FILE] [--no-e2e] [--e2e-steps S]
 //       [--e2e-lr LR] [--e2e-batch B] [--e2e-max-seconds S] [--e2e-mse W]
-//       [--e2e-eval-every N] [--e2e-patience N] [--breadth F] [--seq-tokens N]
+//       [--e2e-eval-every N] [--e2e-patience N] [--e2e-gate-lr-scale F] [--breadth F] [--seq-tokens N]
 //       [--text2 FILE] [--dump-gates CSV] [--dump-tokens N] [--time-budget S]
 // --text2: perplexity also on a second text (same ctx and token count).
 // --dump-gates: per-token KL(FP16 || model) with and without the ECs and the
@@ -129,6 +129,8 @@ int main(int argc, char** argv) {
       o.distill.batch_sequences = std::atoll(next().c_str());
     } else if (a == "--e2e-max-seconds") {
       o.distill.max_seconds = std::atof(next().c_str());
+    } else if (a == "--e2e-gate-lr-scale") {
+      o.distill.gate_lr_scale = std::atof(next().c_str());
     } else if (a == "--e2e-mse") {
       o.distill.hidden_mse_weight = std::atof(next().c_str());
     } else if (a == "--e2e-eval-every") {
