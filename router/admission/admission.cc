@@ -35,12 +35,15 @@ AdmissionController::Decision AdmissionController::Decide(const AdmissionRequest
   Decision d;
   const double base = req.quality == spear::v1::QUALITY_POLICY_NO_EC ? 0.0 : 1.0;
   const int64_t p = static_cast<int64_t>(req.prompt.size());
-  const double ttft_t = req.ttft_target * opts_.slo_headroom;
+  const double spent = Seconds(Clock::now() - req.received);
+  const double ttft_t =
+      req.ttft_target > 0 ? std::max(1e-3, req.ttft_target * opts_.slo_headroom - spent) : 0;
   const double itl_t = req.itl_target * opts_.slo_headroom;
   struct Option {
     std::shared_ptr<WorkerHandle> worker;
     Candidate cand;
     double density;
+    double raw_ttft;
   };
   std::vector<Option> full, reduced;
   d.best_ttft = INFINITY;
@@ -55,16 +58,22 @@ AdmissionController::Decision AdmissionController::Decide(const AdmissionRequest
     // request the worker could never hold is rejected by validation, so
     // here only "not now" matters: skip workers without room.
     if (s.kv_free_tokens() > 0 && s.kv_free_tokens() < p + 1 && s.running() > 0) continue;
-    const Prediction pred = Predict(s, pending, p, base, itl_t);
-    d.best_ttft = std::min(d.best_ttft, Predict(s, pending, p, 0.0, itl_t).ttft_seconds / opts_.slo_headroom);
+    const double corr = w->ttft_correction();
+    Prediction pred = Predict(s, pending, p, base, itl_t);
+    const double raw_ttft = pred.ttft_seconds;
+    pred.ttft_seconds *= corr;
+    d.best_ttft = std::min(d.best_ttft, corr * Predict(s, pending, p, 0.0, itl_t).ttft_seconds / opts_.slo_headroom);
     if (Meets(pred, ttft_t, itl_t)) {
-      full.push_back({w, {w->address(), pred, w->inflight()}, base});
+      full.push_back({w, {w->address(), pred, w->inflight()}, base, raw_ttft});
       continue;
     }
     if (req.quality == spear::v1::QUALITY_POLICY_AUTO) {
-      const double dens = LargestDensityMeeting(s, pending, p, ttft_t, itl_t, base);
+      const double dens = LargestDensityMeeting(s, pending, p, ttft_t / corr, itl_t, base);
       if (dens >= opts_.min_ec_density && dens >= 0) {
-        reduced.push_back({w, {w->address(), Predict(s, pending, p, dens, itl_t), w->inflight()}, dens});
+        Prediction rp = Predict(s, pending, p, dens, itl_t);
+        const double raw = rp.ttft_seconds;
+        rp.ttft_seconds *= corr;
+        reduced.push_back({w, {w->address(), rp, w->inflight()}, dens, raw});
       }
     }
   }
@@ -76,7 +85,7 @@ AdmissionController::Decision AdmissionController::Decide(const AdmissionRequest
   if (!full.empty()) {
     Option& o = pick(full);
     d.admitted = true;
-    d.admission = {o.worker, o.density, "admit_full", 0};
+    d.admission = {o.worker, o.density, "admit_full", 0, o.raw_ttft};
   } else if (!reduced.empty()) {
     // Keep as much quality as possible: the highest density, then the balancer.
     double best = 0;
@@ -87,7 +96,7 @@ AdmissionController::Decision AdmissionController::Decide(const AdmissionRequest
     }
     Option& o = pick(top);
     d.admitted = true;
-    d.admission = {o.worker, o.density, "admit_reduced_ec", 0};
+    d.admission = {o.worker, o.density, "admit_reduced_ec", 0, o.raw_ttft};
   }
   if (d.admitted) d.admission.worker->AddDispatched(p);
   return d;
@@ -127,10 +136,13 @@ uint64_t AdmissionController::Submit(std::shared_ptr<AdmissionRequest> req) {
   {
     std::lock_guard<std::mutex> l(mu_);
     if (static_cast<int>(queue_.size()) < opts_.max_queue) {
-      Entry e{id, req, now,
-              std::min(req->client_deadline,
-                       now + std::chrono::microseconds(static_cast<int64_t>(opts_.queue_timeout_seconds * 1e6))),
-              d.any_healthy};
+      auto deadline = std::min(req->client_deadline,
+                               now + std::chrono::microseconds(static_cast<int64_t>(opts_.queue_timeout_seconds * 1e6)));
+      if (req->ttft_target > 0) {
+        deadline = std::min(deadline, req->received + std::chrono::microseconds(
+                                                          static_cast<int64_t>(req->ttft_target * 1e6)));
+      }
+      Entry e{id, req, now, deadline, d.any_healthy};
       queue_.push_back(std::move(e));
       if (metrics_) {
         metrics_->Admission("queue");

@@ -42,6 +42,7 @@ struct Admission {
   double max_ec_density = 1.0;
   std::string decision;  // admit_full | admit_reduced_ec
   double queue_seconds = 0;
+  double predicted_ttft = 0;  // uncorrected model value, for calibration
 };
 
 struct AdmissionRequest {
@@ -52,6 +53,10 @@ struct AdmissionRequest {
   spear::v1::QualityPolicy quality = spear::v1::QUALITY_POLICY_AUTO;
   std::set<std::string> excluded;  // worker addresses already tried
   std::chrono::steady_clock::time_point client_deadline = std::chrono::steady_clock::time_point::max();
+  // When the router received the request: time already spent (queue,
+  // earlier attempts) comes off the TTFT target, and a request with a TTFT
+  // target leaves the queue once it can no longer meet it.
+  std::chrono::steady_clock::time_point received = std::chrono::steady_clock::now();
   std::function<void(Admission)> on_admit;
   // status: RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED / UNAVAILABLE;
   // retry_after_ms > 0 for RESOURCE_EXHAUSTED.

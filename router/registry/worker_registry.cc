@@ -100,6 +100,17 @@ void WorkerHandle::RequestDone() {
   std::lock_guard<std::mutex> l(mu_);
   inflight_ = std::max(0, inflight_ - 1);
 }
+void WorkerHandle::ObserveTtft(double predicted, double measured) {
+  if (!(predicted > 0) || !(measured > 0)) return;
+  constexpr double kAlpha = 0.2;
+  std::lock_guard<std::mutex> l(mu_);
+  const double r = std::clamp(measured / predicted, 0.5, 10.0);
+  ttft_correction_ = std::clamp((1 - kAlpha) * ttft_correction_ + kAlpha * r, 0.5, 10.0);
+}
+double WorkerHandle::ttft_correction() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return ttft_correction_;
+}
 void WorkerHandle::MarkFailed(const std::string& why) {
   std::lock_guard<std::mutex> l(mu_);
   if (health_ok_) spdlog::warn("worker {} out of rotation: {}", address_, why);

@@ -49,6 +49,11 @@ class WorkerHandle {
   // Request path: a request was sent to / finished on this worker.
   void AddDispatched(int64_t prompt_tokens);
   void RequestDone();
+  // Online calibration of the admission model: the router measured a TTFT
+  // (dispatch -> first token) where it had predicted `predicted`. The
+  // EWMA of measured / predicted (in [0.5, 10]) scales later predictions.
+  void ObserveTtft(double predicted, double measured);
+  double ttft_correction() const;
   // The request path saw the worker fail (connection refused/reset): it is
   // out of rotation until the next successful health check.
   void MarkFailed(const std::string& why);
@@ -74,6 +79,7 @@ class WorkerHandle {
   spear::v1::StatsResponse stats_ ABSL_GUARDED_BY(mu_);
   PendingLoad pending_ ABSL_GUARDED_BY(mu_);
   int32_t inflight_ ABSL_GUARDED_BY(mu_) = 0;
+  double ttft_correction_ ABSL_GUARDED_BY(mu_) = 1.0;
 };
 
 struct RegistryOptions {

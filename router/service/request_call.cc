@@ -87,6 +87,7 @@ void RequestCall::Submit() {
   areq->ttft_target = req_.ttft_target;
   areq->itl_target = req_.itl_target;
   areq->quality = req_.quality;
+  areq->received = received_;
   if (deadline_ != std::chrono::system_clock::time_point::max()) {
     areq->client_deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                                deadline_ - std::chrono::system_clock::now());
@@ -131,6 +132,8 @@ void RequestCall::Admitted(Admission a) {
     tried_.insert(a.worker->address());
     worker_ = a.worker;
     admitted_density_ = a.max_ec_density;
+    predicted_ttft_ = a.predicted_ttft;
+    dispatched_ = Clock::now();
     spear::v1::ExecuteRequest ex;
     ex.set_request_id(req_.request_id);
     ex.mutable_prompt_tokens()->Assign(req_.prompt.begin(), req_.prompt.end());
@@ -232,6 +235,9 @@ void RequestCall::ProcessTokens(const spear::v1::Tokens& t, Outbox* out) {
   const int n = chunk.token_ids_size();
   if (!sent_any_) {
     first_token_ = now;
+    if (worker_) {
+      worker_->ObserveTtft(predicted_ttft_, std::chrono::duration<double>(now - dispatched_).count());
+    }
     if (env_->metrics) env_->metrics->Ttft(Since(received_));
   } else {
     const double gap = std::chrono::duration<double>(now - last_token_).count() / n;

@@ -106,6 +106,8 @@ class RequestCall : public std::enable_shared_from_this<RequestCall> {
   std::shared_ptr<WorkerStream> stream_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<WorkerHandle> worker_ ABSL_GUARDED_BY(mu_);
   double admitted_density_ ABSL_GUARDED_BY(mu_) = 1;
+  double predicted_ttft_ ABSL_GUARDED_BY(mu_) = 0;  // of the current attempt
+  Clock::time_point dispatched_ ABSL_GUARDED_BY(mu_);
   // Output state (reset on a retry before anything was sent).
   std::unique_ptr<model::StreamingDecoder> decoder_ ABSL_GUARDED_BY(mu_);
   std::string pending_text_ ABSL_GUARDED_BY(mu_);  // decoded, held back for stop matching
