@@ -50,7 +50,8 @@ class EngineLoopTest : public ::testing::Test {
   }
   static void TearDownTestSuite() { delete model_; }
 
-  void Make(int64_t blocks = 64, int64_t max_waiting = 16) {
+  void Make(int64_t blocks = 64, int64_t max_waiting = 16, bool prefix_caching = true) {
+    loop_.reset();  // before the engine it borrows
     EngineOptions o;
     o.num_threads = 2;
     o.kv_cache.block_size = 8;
@@ -58,7 +59,8 @@ class EngineLoopTest : public ::testing::Test {
     engine_ = std::move(*Engine::Create(model_, o));
     EngineLoopOptions lo;
     lo.scheduler.max_waiting = max_waiting;
-    lo.profile.max_tokens = 64;
+    lo.profile.max_tokens = std::min<int64_t>(64, blocks * 8);
+    lo.prefix_caching = prefix_caching;
     auto loop = EngineLoop::Create(engine_.get(), nullptr, lo, &clock_, nullptr);
     ASSERT_TRUE(loop.ok()) << loop.status();
     loop_ = std::move(*loop);
@@ -125,6 +127,92 @@ TEST_F(EngineLoopTest, MatchesGenerateAndFreesKv) {
   loop_->WhenIdle([&] { idle.Notify(); });
   ASSERT_TRUE(idle.WaitForNotificationWithTimeout(absl::Seconds(10)));
   EXPECT_EQ(loop_->Snapshot().kv_used_blocks, 0);
+}
+
+std::vector<int32_t> Reference(model::LoadedModel* m, const std::vector<int32_t>& prompt,
+                               int max_new, uint64_t seed) {
+  EngineOptions o;
+  o.num_threads = 2;
+  o.kv_cache.block_size = 8;
+  o.kv_cache.num_blocks = 64;
+  auto e = std::move(*Engine::Create(m, o));
+  GenerateOptions go;
+  go.max_new_tokens = max_new;
+  go.stop_on_eos = false;
+  SamplingParams sp;
+  sp.temperature = seed ? 0.8f : 0.f;
+  sp.seed = seed;
+  auto r = e->Generate(prompt, sp, go);
+  EXPECT_TRUE(r.ok());
+  return r.ok() ? r->tokens : std::vector<int32_t>{};
+}
+
+TEST_F(EngineLoopTest, PreemptionByRecomputeKeepsOutputsIdentical) {
+  // 7 blocks of 8 = 56 positions for three requests of 10 + 20: they cannot
+  // all hold their KV at once, so the youngest are preempted and recomputed.
+  Make(/*blocks=*/7);
+  loop_->Start();
+  std::vector<std::shared_ptr<Collect>> sinks;
+  for (int i = 0; i < 3; ++i) {
+    sinks.push_back(std::make_shared<Collect>());
+    ASSERT_TRUE(loop_->Submit(Spec(Prompt(10, 20 + i), 20, i), sinks.back()).ok());
+  }
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(sinks[i]->done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+    ASSERT_TRUE(sinks[i]->info.status.ok()) << sinks[i]->info.status;
+    EXPECT_EQ(sinks[i]->tokens, Reference(model_, Prompt(10, 20 + i), 20, i)) << i;
+  }
+  EXPECT_GT(loop_->Snapshot().preemptions, 0);
+  absl::Notification idle;
+  loop_->WhenIdle([&] { idle.Notify(); });
+  ASSERT_TRUE(idle.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_EQ(loop_->Snapshot().kv_used_blocks, 0);
+}
+
+TEST_F(EngineLoopTest, PrefixCacheReuseKeepsOutputsIdentical) {
+  Make();
+  loop_->Start();
+  const std::vector<int32_t> prompt = Prompt(37, 5);
+  const std::vector<int32_t> want = Reference(model_, prompt, 10, 0);
+  for (int round = 0; round < 2; ++round) {
+    auto sink = std::make_shared<Collect>();
+    ASSERT_TRUE(loop_->Submit(Spec(prompt, 10), sink).ok());
+    ASSERT_TRUE(sink->done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+    EXPECT_EQ(sink->tokens, want) << "round " << round;
+    // Second time: the four full blocks of the prompt (32 tokens) come from
+    // the cache.
+    EXPECT_EQ(sink->info.cached_prompt_tokens, round == 0 ? 0 : 32);
+  }
+}
+
+TEST_F(EngineLoopTest, BoundedQueueAndDrain) {
+  Make(64, /*max_waiting=*/2);
+  // Not started: requests stay queued, so the bound is exact.
+  auto a = std::make_shared<Collect>(), b = std::make_shared<Collect>();
+  ASSERT_TRUE(loop_->Submit(Spec(Prompt(4, 1), 3), a).ok());
+  ASSERT_TRUE(loop_->Submit(Spec(Prompt(4, 2), 3), b).ok());
+  EXPECT_EQ(loop_->Submit(Spec(Prompt(4, 3), 3), std::make_shared<Collect>()).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  ExecuteSpec dup = Spec(Prompt(4, 4), 3);
+  dup.spec.request_id = "x";
+  auto c = std::make_shared<Collect>();
+  Make(64, 8);
+  ASSERT_TRUE(loop_->Submit(dup, c).ok());
+  EXPECT_EQ(loop_->Submit(dup, std::make_shared<Collect>()).status().code(),
+            absl::StatusCode::kAlreadyExists);
+  loop_->StartDrain();
+  EXPECT_EQ(loop_->Submit(Spec(Prompt(4, 5), 3), std::make_shared<Collect>()).status().code(),
+            absl::StatusCode::kUnavailable);
+  absl::Notification idle;
+  loop_->WhenIdle([&] { idle.Notify(); });
+  loop_->Start();
+  ASSERT_TRUE(idle.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  ASSERT_TRUE(c->done.HasBeenNotified());
+  EXPECT_TRUE(c->info.status.ok());
+  EXPECT_EQ(c->tokens.size(), 3u);
+  // The first loop was destroyed unstarted: its queued requests ended UNAVAILABLE.
+  ASSERT_TRUE(a->done.HasBeenNotified());
+  EXPECT_EQ(a->info.status.code(), absl::StatusCode::kUnavailable);
 }
 
 }  // namespace
