@@ -163,6 +163,10 @@ def check_cluster(name, docs):
     c.ok(wc.get("startupProbe", {}).get("grpc", {}).get("port") == wgrpc,
          f"{name}: worker startupProbe is gRPC health")
     c.ok(arg(wc, "--worker-id") == "$(POD_NAME)", f"{name}: worker id = pod name (adapter maps it)")
+    # Engine threads = the CPU request (0 would mean every core of the node).
+    c.ok(arg(wc, "--threads") == str(wc["resources"]["requests"]["cpu"]),
+         f"{name}: worker --threads = its CPU request",
+         f"{arg(wc, '--threads')} vs {wc['resources']['requests']['cpu']}")
     for flag in ("--model", "--host", "--threads", "--kv-tokens", "--max-batch-tokens",
                  "--max-waiting", "--itl-slo-ms"):
         c.ok(arg(wc, flag) is not None, f"{name}: worker {flag}")
