@@ -4,8 +4,9 @@
 // Worker.Execute with --worker). Reports throughput, TTFT / ITL / e2e
 // percentiles, SLO attainment and rejections by status code.
 //
-// --direct W repeats the identical schedule (same seed: same arrivals,
-// prompts and lengths) straight against worker W and reports the router's
+// --direct W repeats the schedule (same arrivals and lengths; other token
+// ids, so the worker's prefix cache does not favour the second run)
+// straight against worker W and reports the router's
 // added latency (p50/p99 TTFT and e2e, differences and ratios). For a fair
 // number the router should route to W only.
 #include <algorithm>
@@ -349,7 +350,14 @@ int CmdBenchLoad(const std::vector<std::string>& args) {
     RunConfig d = rc;
     d.target = f.Str("direct");
     d.worker = true;
-    const auto direct = Run(d, plan);
+    // Same arrivals and lengths, different token ids: the worker's prefix
+    // cache holds the first run's prompts, and hits would flatter the
+    // second run.
+    std::vector<Planned> plan2 = plan;
+    for (Planned& p : plan2) {
+      for (int32_t& id : p.prompt) id = 100 + (id - 100 + 7919) % static_cast<int32_t>(v - 100);
+    }
+    const auto direct = Run(d, plan2);
     nlohmann::json dj = Summarize("direct worker", direct, *duration, rc.ttft_target, rc.itl_target, !json);
     nlohmann::json ov;
     for (const char* k : {"ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99"}) {
