@@ -59,6 +59,7 @@ LatencyTable::LatencyTable(const LatencyTable& other) : alpha_(other.alpha_) {
   factor_ = other.factor_;
   ratios_ = other.ratios_;
   next_ratio_ = other.next_ratio_;
+  observations_ = other.observations_;
 }
 
 LatencyTable& LatencyTable::operator=(const LatencyTable& other) {
@@ -97,7 +98,9 @@ double LatencyTable::Observe(int64_t t, double d, double seconds) {
   const double pred = PredictLocked(t, d);
   if (pred <= 0) return 0;
   const double ratio = seconds / pred;
-  if (static_cast<int>(ratios_.size()) < kRatioWindow) {
+  if (++observations_ <= kWarmup) {
+    // Not in the error window (see RatioQuantile).
+  } else if (static_cast<int>(ratios_.size()) < kRatioWindow) {
     ratios_.push_back(ratio);
   } else {
     ratios_[next_ratio_] = ratio;
@@ -146,7 +149,7 @@ double LatencyTable::RatioQuantile(double q) const {
   std::vector<double> r;
   {
     absl::ReaderMutexLock lock(&mu_);
-    if (static_cast<int>(ratios_.size()) < kMinRatios) return 1.0;
+    if (static_cast<int>(ratios_.size()) < kMinRatios) return kColdRatio;
     r = ratios_;
   }
   const size_t k = std::min(r.size() - 1, static_cast<size_t>(std::clamp(q, 0.0, 1.0) * r.size()));

@@ -56,11 +56,17 @@ class LatencyTable {
   LatencyPoints Snapshot() const ABSL_LOCKS_EXCLUDED(mu_);
   double factor() const ABSL_LOCKS_EXCLUDED(mu_);
   // The q-quantile of measured / predicted over the last kRatioWindow
-  // observations (1 until kMinRatios were seen): how far above its
-  // prediction an iteration lands, which the scheduler's budget must absorb.
+  // observations: how far above its prediction an iteration lands, which
+  // the scheduler's budget must absorb. The first kWarmup observations are
+  // left out (they measure how far serving conditions are from the
+  // start-up profile, which the speed factor absorbs in a few iterations);
+  // until kMinRatios are in the window it returns kColdRatio (plan
+  // conservatively while the table settles).
   double RatioQuantile(double q) const ABSL_LOCKS_EXCLUDED(mu_);
   static constexpr int kRatioWindow = 128;
+  static constexpr int kWarmup = 16;
   static constexpr int kMinRatios = 16;
+  static constexpr double kColdRatio = 1.5;
 
  private:
   static constexpr double kFactorAlpha = 0.1;
@@ -72,6 +78,7 @@ class LatencyTable {
   double factor_ ABSL_GUARDED_BY(mu_) = 1.0;
   std::vector<double> ratios_ ABSL_GUARDED_BY(mu_);  // ring buffer
   size_t next_ratio_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t observations_ ABSL_GUARDED_BY(mu_) = 0;
   double alpha_;
 };
 
