@@ -4,9 +4,8 @@
 // Worker.Execute with --worker). Reports throughput, TTFT / ITL / e2e
 // percentiles, SLO attainment and rejections by status code.
 //
-// --direct W repeats the schedule (same arrivals and lengths; other token
-// ids, so the worker's prefix cache does not favour the second run)
-// straight against worker W and reports the router's
+// --direct W sends every odd request of the same schedule straight to
+// worker W (interleaved A/B in one run) and reports the router's
 // added latency (p50/p99 TTFT and e2e, differences and ratios). For a fair
 // number the router should route to W only.
 #include <algorithm>
@@ -141,15 +140,26 @@ struct RunConfig {
   double timeout_s = 600;
 };
 
-std::vector<Outcome> Run(const RunConfig& rc, const std::vector<Planned>& plan) {
+// Runs the plan against rc; with `direct`, every odd request goes straight
+// to that worker instead (interleaved A/B: both halves see the same
+// background load, which on a shared machine matters more than anything).
+std::vector<Outcome> Run(const RunConfig& rc, const std::vector<Planned>& plan,
+                         const RunConfig* direct = nullptr) {
   auto channel = grpc::CreateChannel(rc.target, grpc::InsecureChannelCredentials());
   channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10));
   auto gen = spear::v1::Generation::NewStub(channel);
   auto wrk = spear::v1::Worker::NewStub(channel);
+  std::shared_ptr<grpc::Channel> dchannel;
+  std::unique_ptr<spear::v1::Worker::Stub> dwrk;
+  if (direct) {
+    dchannel = grpc::CreateChannel(direct->target, grpc::InsecureChannelCredentials());
+    dchannel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    dwrk = spear::v1::Worker::NewStub(dchannel);
+  }
   std::vector<Outcome> out(plan.size());
   // Requests outlive their calls: all are kept until every call is done.
-  std::vector<spear::v1::ExecuteRequest> wreqs(rc.worker ? plan.size() : 0);
-  std::vector<spear::v1::GenerateRequest> greqs(rc.worker ? 0 : plan.size());
+  std::vector<spear::v1::ExecuteRequest> wreqs(plan.size());
+  std::vector<spear::v1::GenerateRequest> greqs(plan.size());
   Shared sh;
   sh.t0 = Clock::now();
   for (size_t i = 0; i < plan.size(); ++i) {
@@ -161,7 +171,8 @@ std::vector<Outcome> Run(const RunConfig& rc, const std::vector<Planned>& plan) 
     const auto deadline = std::chrono::system_clock::now() +
                           std::chrono::milliseconds(static_cast<int64_t>(rc.timeout_s * 1000));
     const std::string id = absl::StrCat("bench-", i);
-    if (rc.worker) {
+    const bool to_direct = direct != nullptr && i % 2 == 1;
+    if (rc.worker || to_direct) {
       auto* call = new LoadCall<spear::v1::ExecuteEvent>(&sh, &out[i]);
       call->ctx.set_deadline(deadline);
       spear::v1::ExecuteRequest* req = &wreqs[i];
@@ -173,7 +184,7 @@ std::vector<Outcome> Run(const RunConfig& rc, const std::vector<Planned>& plan) 
       req->mutable_slo()->set_itl_seconds(rc.itl_target);
       req->set_quality(rc.quality);
       req->set_max_ec_density(rc.quality == spear::v1::QUALITY_POLICY_NO_EC ? 0 : 1);
-      wrk->async()->Execute(&call->ctx, req, call);
+      (to_direct ? dwrk.get() : wrk.get())->async()->Execute(&call->ctx, req, call);
       call->Begin();
     } else {
       auto* call = new LoadCall<spear::v1::GenerateStreamResponse>(&sh, &out[i]);
@@ -255,7 +266,7 @@ int CmdBenchLoad(const std::vector<std::string>& args) {
   Flags f("bench load");
   f.Declare("target", "", "router host:port (or a worker with --worker)")
       .DeclareBool("worker", "--target is a spear-worker (Worker.Execute with token ids)")
-      .Declare("direct", "", "after the run, repeat the same schedule against this worker and report router overhead")
+      .Declare("direct", "", "send every odd request straight to this worker and report the router's overhead")
       .Declare("rate", "1", "mean arrivals per second (Poisson)")
       .Declare("duration-s", "30", "arrival window")
       .Declare("prompt-tokens", "32:256", "prompt length N or MIN:MAX (uniform)")
@@ -344,21 +355,22 @@ int CmdBenchLoad(const std::vector<std::string>& args) {
     std::printf("bench load: %zu requests over %.0f s (Poisson, %.2f/s), prompt %d..%d, output %d..%d tokens, target %s%s\n",
                 plan.size(), *duration, *rate, plo, phi, olo, ohi, rc.target.c_str(), rc.worker ? " (worker)" : "");
   }
-  const auto out = Run(rc, plan);
-  nlohmann::json result = Summarize(rc.worker ? "worker" : "router", out, *duration, rc.ttft_target, rc.itl_target, !json);
-  if (f.Has("direct")) {
-    RunConfig d = rc;
-    d.target = f.Str("direct");
-    d.worker = true;
-    // Same arrivals and lengths, different token ids: the worker's prefix
-    // cache holds the first run's prompts, and hits would flatter the
-    // second run.
-    std::vector<Planned> plan2 = plan;
-    for (Planned& p : plan2) {
-      for (int32_t& id : p.prompt) id = 100 + (id - 100 + 7919) % static_cast<int32_t>(v - 100);
-    }
-    const auto direct = Run(d, plan2);
-    nlohmann::json dj = Summarize("direct worker", direct, *duration, rc.ttft_target, rc.itl_target, !json);
+  if (!f.Has("direct")) {
+    const auto out = Run(rc, plan);
+    nlohmann::json result =
+        Summarize(rc.worker ? "worker" : "router", out, *duration, rc.ttft_target, rc.itl_target, !json);
+    if (json) std::printf("%s\n", result.dump().c_str());
+    return 0;
+  }
+  RunConfig d = rc;
+  d.target = f.Str("direct");
+  d.worker = true;
+  const auto all = Run(rc, plan, &d);
+  std::vector<Outcome> via_router, direct;
+  for (size_t i = 0; i < all.size(); ++i) (i % 2 ? direct : via_router).push_back(all[i]);
+  nlohmann::json result = Summarize("router (even requests)", via_router, *duration, rc.ttft_target, rc.itl_target, !json);
+  nlohmann::json dj = Summarize("direct worker (odd requests)", direct, *duration, rc.ttft_target, rc.itl_target, !json);
+  {
     nlohmann::json ov;
     for (const char* k : {"ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99"}) {
       const double a = result[k].get<double>(), b = dj[k].get<double>();
@@ -366,7 +378,7 @@ int CmdBenchLoad(const std::vector<std::string>& args) {
       ov[std::string(k) + "_ratio"] = b > 0 ? a / b : NAN;
     }
     if (!json) {
-      std::printf("== router overhead (router - direct, same schedule): TTFT p50 %+.2f ms (x%.3f), p99 %+.2f ms (x%.3f); e2e p50 %+.2f ms (x%.3f), p99 %+.2f ms (x%.3f)\n",
+      std::printf("== router overhead (router - direct, interleaved in one run): TTFT p50 %+.2f ms (x%.3f), p99 %+.2f ms (x%.3f); e2e p50 %+.2f ms (x%.3f), p99 %+.2f ms (x%.3f)\n",
                   ov["ttft_p50_added_ms"].get<double>(), ov["ttft_p50_ratio"].get<double>(),
                   ov["ttft_p99_added_ms"].get<double>(), ov["ttft_p99_ratio"].get<double>(),
                   ov["e2e_p50_added_ms"].get<double>(), ov["e2e_p50_ratio"].get<double>(),
