@@ -114,7 +114,7 @@ double LatencyTable::Observe(int64_t t, double d, double seconds) {
   const size_t n = p_.tokens.size();
   // Scale the bracketing points towards the measurement, each by its share
   // of the interpolation (a measurement past the last point moves the last).
-  auto move = [&](size_t k, double weight) {
+  auto move = [&](size_t k, double weight) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (k >= n || weight <= 0) return;
     const double f = 1.0 + alpha_ * std::min(1.0, weight) * (ratio - 1.0);
     p_.seconds_no_ec[k] *= f;
