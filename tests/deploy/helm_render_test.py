@@ -184,6 +184,10 @@ pr = obj(mon_docs, "PrometheusRule", "spear")
 want_groups = [g for f in L.RULE_FILES for g in yaml.safe_load(open(f))["groups"]]
 c.ok(pr is not None and pr["spec"]["groups"] == want_groups,
      "PrometheusRule holds exactly the recording and alert rules of monitoring/prometheus")
+mon2, _ = render({"prometheusRule": {"enabled": True}, "serviceMonitor": {"enabled": True}})
+same_objects([d for d in mon2 if d["kind"] in ("ServiceMonitor", "PrometheusRule")],
+             L.kustomize_build(os.path.join(L.KUSTOMIZE, "monitoring")),
+             "monitoring objects vs kustomize/monitoring")
 dcm = obj(mon_docs, "ConfigMap", "spear-dashboard")
 c.ok(dcm is not None and dcm["metadata"]["labels"].get("grafana_dashboard") == "1"
      and json.loads(dcm["data"]["spear-overview.json"]) ==

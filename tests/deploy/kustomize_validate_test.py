@@ -22,7 +22,8 @@ c = L.Checks("kustomize_validate_test")
 VERSIONS = ["1.27.0", kvu.latest_version()]
 SCHEMAS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas")
 CRDS = {("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",
-        ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json"}
+        ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
+        ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json"}
 MAX_REQUEST_SECONDS = 600  # values.yaml drain.maxRequestSeconds
 
 
@@ -71,6 +72,7 @@ TREES = {
     "overlays/gpu": os.path.join(L.KUSTOMIZE, "overlays", "gpu"),
     "autoscaling/hpa": os.path.join(L.AUTOSCALING, "hpa"),
     "autoscaling/keda": os.path.join(L.AUTOSCALING, "keda"),
+    "monitoring": os.path.join(L.KUSTOMIZE, "monitoring"),
 }
 rendered = {}
 for name, path in TREES.items():
@@ -256,6 +258,21 @@ for d in rendered.get("autoscaling/hpa", []):
     c.ok(kinds == {"Pods", "Object"}, "hpa: Pods and Object metrics", str(kinds))
     c.ok(d["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300,
          "hpa: slow scale-down")
+# ServiceMonitors select the Services and name the jobs the rules expect.
+for sm in [d for d in rendered.get("monitoring", []) if d["kind"] == "ServiceMonitor"]:
+    sel = sm["spec"]["selector"]["matchLabels"]
+    svcs = [d for d in gpu_docs if d["kind"] == "Service"
+            and all(d["metadata"]["labels"].get(k) == v for k, v in sel.items())]
+    c.ok(len(svcs) == 1, f"monitoring: ServiceMonitor {sm['metadata']['name']} selects one Service")
+    if svcs:
+        c.ok(svcs[0]["metadata"]["labels"].get(sm["spec"]["jobLabel"]) == sm["metadata"]["name"],
+             f"monitoring: {sm['metadata']['name']} job label")
+        c.ok(sm["spec"]["endpoints"][0]["port"] in [p["name"] for p in svcs[0]["spec"]["ports"]],
+             f"monitoring: {sm['metadata']['name']} scrapes a named port")
+pr = [d for d in rendered.get("monitoring", []) if d["kind"] == "PrometheusRule"]
+want = [g for f in L.RULE_FILES for g in L.yaml.safe_load(open(f))["groups"]]
+c.ok(len(pr) == 1 and pr[0]["spec"]["groups"] == want,
+     "monitoring: PrometheusRule = monitoring/prometheus rules (run generate_prometheusrule.py)")
 c.ok(adapter_names >= {"spear_queue_depth", "spear_predicted_ttft_seconds",
                        "spear_ttft_p90_seconds", "spear_slo_violation_ratio"},
      "adapter exposes queue, predicted TTFT, TTFT p90 and SLO signals", str(adapter_names))
