@@ -16,6 +16,7 @@
 #include "worker/model/w4_linear.h"
 #include "worker/quantize/pipeline/calibration.h"
 #include "worker/quantize/pipeline/distill.h"
+#include "worker/quantize/pipeline/fast_stats.h"
 #include "worker/quantize/pipeline/layerwise.h"
 #include "worker/quantize/lowrank.h"
 #include "worker/quantize/pipeline/module_quant.h"
@@ -237,6 +238,21 @@ TEST_F(DistillTest, TrainingLowersHeldOutKl) {
   ASSERT_TRUE(after.ok());
   std::printf("fresh-sequence KL %.4g -> %.4g\n", *before, *after);
   EXPECT_LT(*after, 0.97 * *before);  // a random model on random tokens: little to generalise
+}
+
+TEST(FastStats, SecondMomentGemmMatchesEigen) {
+  kernels::ThreadPool pool(2);
+  std::mt19937_64 rng(4);
+  std::normal_distribution<float> nd(0, 1);
+  for (auto [T, k] : {std::pair<int64_t, int64_t>{37, 5}, {300, 96}, {1100, 64}}) {
+    Matrix x(T, k);
+    for (float& v : x.data) v = nd(rng) + 0.5f;
+    auto fast = SecondMomentGemm(x.view(), &pool);
+    ASSERT_TRUE(fast.ok());
+    const Eigen::MatrixXd ref = SecondMoment(x.view());
+    EXPECT_LT((*fast - ref).cwiseAbs().maxCoeff(), 1e-4 * ref.cwiseAbs().maxCoeff()) << T << "x" << k;
+    EXPECT_EQ((*fast - fast->transpose()).cwiseAbs().maxCoeff(), 0.0);
+  }
 }
 
 }  // namespace

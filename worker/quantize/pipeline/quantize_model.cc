@@ -31,6 +31,7 @@
 #include "worker/quantize/cka.h"
 #include "worker/quantize/pipeline/calibration.h"
 #include "worker/quantize/pipeline/diagnostic.h"
+#include "worker/quantize/pipeline/fast_stats.h"
 #include "worker/quantize/pipeline/layerwise.h"
 #include "worker/quantize/pipeline/module_quant.h"
 #include "worker/quantize/w4_quant.h"
@@ -225,7 +226,11 @@ absl::Status Pipeline::QuantizeGroup(int64_t l, int g) {
   const MatrixView xfp_eval{x_fp_[g].data() + fit_rows * k, T - fit_rows, k};
   std::optional<Eigen::MatrixXd> s2;
   std::optional<std::vector<double>> mabs;
-  if (any_ec || o_.backbone == Backbone::kGptq) s2 = SecondMoment(xq_fit);
+  if (any_ec || o_.backbone == Backbone::kGptq) {
+    auto m2 = SecondMomentGemm(xq_fit, pool_);
+    if (!m2.ok()) return m2.status();
+    s2 = std::move(*m2);
+  }
   if (o_.backbone == Backbone::kAwq) mabs = MeanAbs(xq_fit);
 
   std::vector<absl::Status> status(mods.size());
