@@ -368,7 +368,7 @@ int Main(int argc, char** argv) {
   const char* layers[] = {"qkv", "o", "gate_up", "down"};
   for (int64_t m : {1, 16}) {
     if (no_layer || !only.empty()) break;
-    for (int variant = 0; variant < 4; ++variant) {
+    for (int variant = 0; variant < 5; ++variant) {
       double bytes = 0;
       for (const char* l : layers) {
         const auto& dw = *weights[std::string("8B") + l].rot[0];
@@ -385,7 +385,7 @@ int Main(int argc, char** argv) {
           p.y_f16 = y16;
           p.ldy = dw.fmt().n;
           p.use_ec = variant == 1;
-          p.decode_kernel = variant == 3 ? 1 : 0;
+          p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 2 : 0;
           CKS(cuda::W4Linear(dw, p, ws.get(), g_stream));
           if (variant == 2) {
             CKS(cuda::EcGate(dw, x, m, dw.fmt().k, v32, ws.get(), g_stream));
@@ -395,7 +395,7 @@ int Main(int argc, char** argv) {
       });
       const double tt = tget("layer8B/all/" + std::to_string(m));
       char tr[32] = "-", tv[32] = "-";
-      if (tt > 0 && (variant == 0 || variant == 3)) {
+      if (tt > 0 && (variant == 0 || variant >= 3)) {
         std::snprintf(tr, sizeof tr, "%.1f", tt);
         std::snprintf(tv, sizeof tv, "%.2fx", tt / t);
       }
@@ -403,7 +403,8 @@ int Main(int argc, char** argv) {
                   variant == 0   ? "W4"
                   : variant == 1 ? "W4+EC r32 (fused)"
                   : variant == 2 ? "W4+EC r32 (naive)"
-                                 : "W4, x-as-m16 kernel (before)",
+                  : variant == 3 ? "W4, x-as-m16 kernel (v6)"
+                                 : "W4, swapped, register-direct loads (v7)",
                   t, bytes / 1e6, bytes / (t * 1e-6) / copy_bw * 100, tr, tv);
     }
   }

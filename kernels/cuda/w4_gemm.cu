@@ -128,6 +128,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
       return e ? std::atoi(e) : 0;
     }();
     a.debug = debug;
+    a.variant = p.decode_kernel;
     a.partials = s.partials;
     a.counters = s.counters;
     const bool swap = mc <= 16 && p.decode_kernel != 1;

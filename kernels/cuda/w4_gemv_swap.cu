@@ -15,17 +15,22 @@
 // per weight.
 //
 // Work split: block (tile of 64 columns, k split q); 8 warps per block split
-// the block's k range in units of UK k16 steps. Per unit a lane issues UK
-// 16-byte weight loads (non-allocating, straight to registers, one unit
-// ahead: double buffered), the unit's scale/zero words and its x fragments
-// (read-only path; x is L2-resident). No shared memory in the main loop and
-// no barrier. Reduction, all in fixed order (deterministic): the 8 warps
-// through shared memory, then the S blocks of a tile (a thread-block cluster
-// of S along k) through distributed shared memory, each rank storing 1/S of
-// the tile. No global workspace, no atomics, no fences. The EC term
-// B (g ⊙ u) is added by the k-split-0 block as rp / 16 more mma k-steps (B
-// as the A operand, v as the B operand). PDL as in the other decode kernel:
-// the first weight unit is requested before griddepcontrol.wait.
+// the block's k range in units of UK = 4 k16 steps (64 k). Two kernels share
+// the math:
+//   W4RingKernel (dispatched): each warp owns a cp.async ring of D units in
+//     shared memory (weights, the unit's scale/zero words, the x rows; rows
+//     >= m and k >= K zero-filled); D - 1 units in flight while one is
+//     computed; cp.async.wait_group + __syncwarp, no block barrier in the
+//     loop. 98 registers, 108 KB per block, 2 blocks per SM at m <= 8.
+//   W4SwapKernel (decode_kernel = 2, the first version): register-direct
+//     16-byte loads one unit ahead (ping-pong register sets), 128 registers.
+// Reduction, all in fixed order (deterministic): the 8 warps through shared
+// memory, then the S blocks of a tile (a thread-block cluster of S along k)
+// through distributed shared memory, each rank storing 1/S of the tile. No
+// global workspace, no atomics. The EC term B (g ⊙ u) is added by the
+// k-split-0 block as rp / 16 more mma k-steps (B as the A operand, v as the
+// B operand). PDL as in the other decode kernel: the first weight units are
+// requested before griddepcontrol.wait. Measurements: docs/results/gpu.md.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -319,12 +324,277 @@ __global__ void __launch_bounds__(kNW * 32, NT8 == 1 ? 2 : 1) W4SwapKernel(const
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 }
 
+// The same computation with the loads through a per-warp shared-memory ring
+// of D units filled by cp.async (no registers held by loads in flight):
+// D - 1 units (weights, the units' scale/zero words and x rows) are in
+// flight per warp while one is computed, 2-3x the bytes in flight of the
+// register-direct kernel above. Each warp owns its ring: only
+// cp.async.wait_group + __syncwarp, no block barrier in the loop.
+template <int NT8, int UK, int GPU>
+struct Ring {
+  static constexpr int kXR = UK * 32 + 16;  // bytes per x row (+16: conflict-free LDS.32)
+  static constexpr int kW = UK * 512, kZ = GPU * 256, kX = NT8 * 8 * kXR;
+  static constexpr int kStage = kW + kZ + kX;
+  static constexpr int kBudget = NT8 == 1 ? 110 * 1024 : 220 * 1024;  // per block
+  static constexpr int kD0 = kBudget / (kNW * kStage);
+  static constexpr int kD = kD0 > 6 ? 6 : kD0;
+  static constexpr int kRed = (kNW + 1) * NT8 * 16 * 32 * 4;
+  static constexpr int kSmem = kNW * kD * kStage > kRed ? kNW * kD * kStage : kRed;
+  static_assert(kD >= 3, "ring too shallow");
+};
+
+__device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+
+template <int NT8, int UK, int GPU>
+__global__ void __launch_bounds__(kNW * 32, NT8 == 1 ? 2 : 1) W4RingKernel(const DecodeArgs a) {
+  using R = Ring<NT8, UK, GPU>;
+  constexpr int D = R::kD;
+  constexpr int SPG = UK / GPU;
+  constexpr int NE = NT8 * 16;
+  constexpr int E = NE * 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int tile = blockIdx.x, q = blockIdx.y, S = gridDim.y;
+  const int nunits = a.ksteps / UK;
+  const int W = S * kNW, gw = q * kNW + warp;
+  const int ub = static_cast<int>(static_cast<long long>(nunits) * gw / W);
+  const int ue = static_cast<int>(static_cast<long long>(nunits) * (gw + 1) / W);
+
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+
+  unsigned char* ring = smem + warp * D * R::kStage;
+  const unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(ring));
+  const uint4* wp = reinterpret_cast<const uint4*>(a.qw) + static_cast<size_t>(tile) * a.ksteps * 32 + lane;
+  const uint4* sz4 = reinterpret_cast<const uint4*>(a.sz) + static_cast<size_t>(tile) * a.ngroups * 16;
+  const int ng1 = a.ngroups - 1, gshift = a.gshift;
+
+  // Weights and scale/zero words of unit u into ring slot `slot`.
+  auto issue_w = [&](int u, int slot) {
+    if (u >= ue) return;
+    const unsigned st = ring_s + slot * R::kStage;
+    const uint4* p = wp + static_cast<size_t>(u) * (UK * 32);
+#pragma unroll
+    for (int i = 0; i < UK; ++i) CpAsync16(st + i * 512 + lane * 16, p + i * 32, true);
+#pragma unroll
+    for (int c0 = 0; c0 < GPU * 16; c0 += 32) {
+      const int c = c0 + lane;
+      if (c < GPU * 16) {
+        const int g = c >> 4;
+        const int grp = min(((u * UK + g * SPG) * 16) >> gshift, ng1);
+        CpAsync16(st + R::kW + c * 16, sz4 + grp * 16 + (c & 15), true);
+      }
+    }
+  };
+  // x rows (NT8 * 8 of them; rows >= m and k >= K zero-filled) of unit u.
+  auto issue_x = [&](int u, int slot) {
+    if (u >= ue) return;
+    const unsigned st = ring_s + slot * R::kStage + R::kW + R::kZ;
+    constexpr int kChunks = NT8 * 8 * UK * 2;
+#pragma unroll
+    for (int c0 = 0; c0 < kChunks; c0 += 32) {
+      const int c = c0 + lane;
+      const int r = c / (UK * 2), cc = c % (UK * 2);
+      const int kk = u * UK * 16 + cc * 8;
+      const bool ok = r < a.m && kk < a.k;
+      CpAsync16(st + r * R::kXR + cc * 16, ok ? a.x + static_cast<long long>(r) * a.ldx + kk : a.x, ok);
+    }
+  };
+
+  float acc[NT8][4][4];
+#pragma unroll
+  for (int nt = 0; nt < NT8; ++nt)
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[nt][p][c] = 0.f;
+  const uint32_t k960 = 0x63806380u;
+
+  auto compute = [&](int slot) {
+    const unsigned char* st = ring + slot * R::kStage;
+    const unsigned char* xs = st + R::kW + R::kZ;
+#pragma unroll
+    for (int g = 0; g < GPU; ++g) {
+      const uint4 z0 = *reinterpret_cast<const uint4*>(st + R::kW + g * 256 + gid * 32);
+      const uint4 z1 = *reinterpret_cast<const uint4*>(st + R::kW + g * 256 + gid * 32 + 16);
+      const uint32_t sw[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
+      uint32_t zl[8], zh[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        zl[j] = __byte_perm(sw[j], 0, 0x3232);
+        zh[j] = HSub2(zl[j], k960);
+      }
+      float ag[NT8][4][4];
+#pragma unroll
+      for (int i = g * SPG; i < (g + 1) * SPG; ++i) {
+        const uint4 wq = *reinterpret_cast<const uint4*>(st + i * 512 + lane * 16);
+        uint32_t xb[NT8][2];
+#pragma unroll
+        for (int nt = 0; nt < NT8; ++nt) {
+          const unsigned char* xr = xs + (nt * 8 + gid) * R::kXR + (i * 16 + 2 * tig) * 2;
+          xb[nt][0] = *reinterpret_cast<const uint32_t*>(xr);
+          xb[nt][1] = *reinterpret_cast<const uint32_t*>(xr + 16);
+        }
+        const uint32_t wv[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          const uint32_t w = wv[p], w8 = wv[p] >> 8;
+          const uint32_t a0 = HSub2(AndOr<0x000f000fu, 0x64006400u>(w), zl[2 * p]);
+          const uint32_t a2 = HSub2(AndOr<0x00f000f0u, 0x54005400u>(w), zh[2 * p]);
+          const uint32_t a1 = HSub2(AndOr<0x000f000fu, 0x64006400u>(w8), zl[2 * p + 1]);
+          const uint32_t a3 = HSub2(AndOr<0x00f000f0u, 0x54005400u>(w8), zh[2 * p + 1]);
+#pragma unroll
+          for (int nt = 0; nt < NT8; ++nt) {
+            if (i == g * SPG) {
+              MmaZ(ag[nt][p], a0, a1, a2, a3, xb[nt][0], xb[nt][1]);
+            } else {
+              Mma(ag[nt][p], a0, a1, a2, a3, xb[nt][0], xb[nt][1]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const float s0 = __low2float(*reinterpret_cast<const __half2*>(&sw[2 * p]));
+        const float s1 = __low2float(*reinterpret_cast<const __half2*>(&sw[2 * p + 1]));
+#pragma unroll
+        for (int nt = 0; nt < NT8; ++nt) {
+          acc[nt][p][0] = fmaf(s0, ag[nt][p][0], acc[nt][p][0]);
+          acc[nt][p][1] = fmaf(s0, ag[nt][p][1], acc[nt][p][1]);
+          acc[nt][p][2] = fmaf(s1, ag[nt][p][2], acc[nt][p][2]);
+          acc[nt][p][3] = fmaf(s1, ag[nt][p][3], acc[nt][p][3]);
+        }
+      }
+    }
+  };
+
+  // Prologue: the weights of the first D - 1 units before the grid
+  // dependency wait, their x rows after it; one commit group per unit.
+#pragma unroll
+  for (int d = 0; d < D - 1; ++d) issue_w(ub + d, d);
+  if (!a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#pragma unroll
+  for (int d = 0; d < D - 1; ++d) {
+    issue_x(ub + d, d);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  int slot = 0, nslot = D - 1;
+#pragma unroll 1
+  for (int u = ub; u < ue; ++u) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(D - 2));
+    __syncwarp();
+    issue_w(u + D - 1, nslot);
+    issue_x(u + D - 1, nslot);
+    asm volatile("cp.async.commit_group;\n" ::);
+    compute(slot);
+    slot = slot + 1 == D ? 0 : slot + 1;
+    nslot = nslot + 1 == D ? 0 : nslot + 1;
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::);
+
+  if (a.ecb != nullptr && q == 0) {
+    if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#pragma unroll 1
+    for (int e = warp; e < a.esteps; e += kNW) {
+      const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
+                        ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
+      const uint4 q0 = bp[0], q1 = bp[1], q2 = bp[2], q3 = bp[3];
+      const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
+                               q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
+      uint32_t vb[NT8][2];
+#pragma unroll
+      for (int nt = 0; nt < NT8; ++nt) {
+        const int row = nt * 8 + gid;
+        const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * tig;
+        vb[nt][0] = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
+        vb[nt][1] = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
+      }
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int nt = 0; nt < NT8; ++nt)
+          Mma(acc[nt][p], bv[4 * p], bv[4 * p + 2], bv[4 * p + 1], bv[4 * p + 3], vb[nt][0],
+              vb[nt][1]);
+    }
+  }
+
+  // Reduction (as in W4SwapKernel), its buffers over the drained ring.
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);
+  float* part = red + kNW * E;
+#pragma unroll
+  for (int nt = 0; nt < NT8; ++nt)
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) red[(warp * NE + (nt * 4 + p) * 4 + c) * 32 + lane] = acc[nt][p][c];
+  __syncthreads();
+  for (int o = tid; o < E; o += kNW * 32) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNW; ++w) s += red[w * E + o];
+    part[o] = s;
+  }
+  asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  const int lo = q * E / S, hi = (q + 1) * E / S;
+  for (int o = lo + tid; o < hi; o += kNW * 32) {
+    float s = 0.f;
+    const unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(&part[o]));
+    for (int r = 0; r < S; ++r) {
+      unsigned remote;
+      float v;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(r));
+      asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+      s += v;
+    }
+    const int e = o >> 5, l = o & 31;
+    const int lg = l >> 2, lt = l & 3;
+    const int nt = e >> 4, p = (e >> 2) & 3, c = e & 3;
+    const int row = nt * 8 + 2 * lt + (c & 1);
+    const int col = tile * 64 + 16 * p + lg + 8 * (c >> 1);
+    if (row < a.m && col < a.n) {
+      if (a.bias != nullptr) s += a.bias[col];
+      const long long idx = row * a.ldy + col;
+      if (a.y32 != nullptr) {
+        a.y32[idx] = a.accumulate ? a.y32[idx] + s : s;
+      } else {
+        __half* y = reinterpret_cast<__half*>(a.y16);
+        y[idx] = __float2half_rn(a.accumulate ? __half2float(y[idx]) + s : s);
+      }
+    }
+  }
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+}
+
 template <int NT8, int UK, int GPU>
 cudaError_t LaunchOne(const DecodeArgs& a, int splits, cudaStream_t stream, bool pdl) {
+  const bool ring = a.variant != 2;
+  if (ring) {
+    static bool configured = false;  // per instantiation; idempotent
+    if (!configured) {
+      cudaError_t e = cudaFuncSetAttribute(W4RingKernel<NT8, UK, GPU>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           Ring<NT8, UK, GPU>::kSmem);
+      if (e == cudaSuccess) {
+        e = cudaFuncSetAttribute(W4RingKernel<NT8, UK, GPU>,
+                                 cudaFuncAttributePreferredSharedMemoryCarveout,
+                                 cudaSharedmemCarveoutMaxShared);
+      }
+      if (e != cudaSuccess) return e;
+      configured = true;
+    }
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(a.ntiles), static_cast<unsigned>(splits));
   cfg.blockDim = dim3(kNW * 32);
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = ring ? Ring<NT8, UK, GPU>::kSmem : 0;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -335,7 +605,8 @@ cudaError_t LaunchOne(const DecodeArgs& a, int splits, cudaStream_t stream, bool
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, W4SwapKernel<NT8, UK, GPU>, a);
+  return ring ? cudaLaunchKernelEx(&cfg, W4RingKernel<NT8, UK, GPU>, a)
+              : cudaLaunchKernelEx(&cfg, W4SwapKernel<NT8, UK, GPU>, a);
 }
 
 // Group width 16 * UK / GPU inside a unit when narrower than a unit.
@@ -398,11 +669,9 @@ absl::Status LaunchDecodeSwap(DecodeArgs a, int num_sms, cudaStream_t stream) {
   // m <= 8: 4-step units (64 k: double-buffered in 128 registers, two
   // blocks per SM); m <= 16: 8-step units with one block per SM, 4-step
   // units for groups narrower than 128 (no spills).
-  const bool narrow = a.gshift < 7;
   auto go = [&](bool pdl) {
     if (a.m <= 8) return swapk::LaunchG<1, 4>(a, splits, stream, pdl);
-    return narrow ? swapk::LaunchG<2, 4>(a, splits, stream, pdl)
-                  : swapk::LaunchG<2, 8>(a, splits, stream, pdl);
+    return swapk::LaunchG<2, 4>(a, splits, stream, pdl);
   };
   cudaError_t e = go(pdl_ok != 0);
   if (e != cudaSuccess && pdl_ok == -1) {

@@ -104,6 +104,7 @@ struct DecodeArgs {
   int ldv;
   int debug;    // profiling only (SPEAR_W4_DEBUG): 1 skip compute, 2 skip weight loads
   int ec_late;  // 1: an EC prologue precedes this launch (see the kernel)
+  int variant;  // m <= 16 kernel: 0 the cp.async-ring kernel, 2 the register-direct one
   float* partials;
   int* counters;
   int total_units;

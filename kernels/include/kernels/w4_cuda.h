@@ -9,6 +9,11 @@
 //     gate MLP (W1, b1, W2, b2) is fp32.
 //
 // Dispatch (see kernels/cuda/w4_gemm.cu, numbers in docs/results/gpu.md):
+//   launches of <= 16 rows (m <= 16, or the last 64-row chunk's remainder):
+//                     the swapped-operand decode kernel (w4_gemv_swap.cu):
+//                     weights as the mma m16 operand, tokens as n8, a per-warp
+//                     cp.async ring, split-K over a thread-block cluster with
+//                     a deterministic DSMEM reduction; EC as below;
 //   m < kPrefillM     decode kernel: fused dequantize + mma.sync m16n8k16,
 //                     multi-stage cp.async, stream-K over the SMs with a
 //                     deterministic fix-up; EC: u = A x and the gate in a tiny
@@ -114,7 +119,8 @@ struct W4CudaParams {
   bool force_decode = false;    // testing/benchmarks: decode kernel at any m
   bool force_prefill = false;   // testing/benchmarks: prefill path at any m
   // testing/benchmarks: which decode kernel runs a launch of <= 16 rows:
-  // 0 the default (the swapped-operand kernel), 1 the x-as-m16 kernel.
+  // 0 the default (the swapped-operand kernel, cp.async ring), 1 the
+  // x-as-m16 kernel, 2 the swapped-operand kernel with register-direct loads.
   int decode_kernel = 0;
 };
 

@@ -278,7 +278,8 @@ TEST(CudaW4, DecodeMatchesReference) {
                           // ragged last group (num_groups = ceil(k / g)):
                           {192, 576, 128}, {70, 100, 32}, {130, 1000, 256}};
   // m <= 16 per launch: the swapped-operand kernel (8 tokens: 1, 3, 8;
-  // 16 tokens: 12, 16; 65 = 64 + 1), every 4th case the x-as-m16 kernel.
+  // 16 tokens: 12, 16; 65 = 64 + 1); every 4th case the x-as-m16 kernel,
+  // every other 4th the register-direct variant of the swapped kernel.
   const int64_t ms[] = {1, 3, 8, 12, 16, 17, 33, 64, 65};
   int v = 0;
   for (const Shape& s : shapes) {
@@ -292,7 +293,7 @@ TEST(CudaW4, DecodeMatchesReference) {
       c.symmetric = v % 7 == 2;
       c.ldx_pad = (v % 6 == 5) ? 8 : 0;
       c.force_decode = true;  // the decode kernel at every m (65: two launches)
-      c.decode_kernel = (v % 4 == 1) ? 1 : 0;
+      c.decode_kernel = v % 4 == 1 ? 1 : v % 4 == 3 ? 2 : 0;
       ++v;
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;
