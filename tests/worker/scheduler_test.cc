@@ -216,6 +216,13 @@ TEST_F(ShedTest, ShedsLowestValueUnitsWhenEvenNoPrefillBreaksTheSlo) {
   EXPECT_EQ(sched_->shed_iterations(), 1);
 }
 
+TEST_F(ShedTest, NoSheddingWhenEvenPlainW4MissesTheSlo) {
+  Decoding(95);  // no EC: 0.010 + 0.095 = 0.105 > 0.1
+  IterationPlan p = sched_->Schedule();
+  EXPECT_FALSE(p.shed);
+  EXPECT_DOUBLE_EQ(p.ec_density, 1.0);
+}
+
 TEST_F(ShedTest, NeverShedsWithFullEcInTheBatch) {
   Decoding(80, /*full=*/1);
   IterationPlan p = sched_->Schedule();

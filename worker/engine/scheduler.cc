@@ -249,7 +249,10 @@ IterationPlan Scheduler::Schedule() {
   // 4. Shed ECs when even no prefill breaks the budget.
   if (options_.adaptive && options_.allow_shedding && (starved || work == 0) && D > 0 &&
       plan.itl_budget > 0 && !full_candidates && !ec_.share.empty() &&
-      latency_->Predict(D, DensityOf(MaskForCap(need))) > plan.itl_budget) {
+      latency_->Predict(D, DensityOf(MaskForCap(need))) > plan.itl_budget &&
+      latency_->Predict(D, 0.0) <= plan.itl_budget) {
+    // Only when shedding can restore the budget: if even plain W4 misses
+    // it, the target is lost this iteration anyway and quality is kept.
     std::vector<bool> dmask = MaskForCap(need);
     double d = DensityOf(dmask);
     if (latency_->Predict(D, d) > plan.itl_budget) {

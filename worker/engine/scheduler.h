@@ -23,9 +23,11 @@
 //     binary search over the latency table picks the largest prefill chunk
 //     P in [0, min(max_batch_tokens - decodes, pending prefill)] with
 //     Predict(decodes + P, density) <= budget.
-//  4. If even P = 0 breaks the budget and no FULL_EC sequence is in the
-//     batch, ECs are shed, lowest value first (EcControl::shed_order), until
-//     the prediction fits or none is left; the iteration counts as shed.
+//  4. If even P = 0 breaks the budget, no FULL_EC sequence is in the
+//     batch and plain W4 would fit, ECs are shed, lowest value first
+//     (EcControl::shed_order), until the prediction fits; the iteration
+//     counts as shed. (If even plain W4 misses the budget, shedding cannot
+//     save the target and quality is kept.)
 //     Prefill still gets min_prefill_chunk tokens (progress guarantee).
 //  5. The chunk goes first to running sequences still prefilling (oldest
 //     first), then admits waiting requests FCFS (prefix cache lookup
