@@ -71,15 +71,31 @@ def main():
         ch = grpc.insecure_channel(router.address)
         cluster.wait_healthy(pbg, ch, 2)
         stub = pbg.GenerationStub(ch)
-        # Traffic with latency targets, spread over a few scrapes.
-        for i in range(8):
+        def traffic(i):
             r = pb.GenerateRequest(prompt=f"Say something nice, {i}.", slo_class=pb.SLO_CLASS_STANDARD)
             r.sampling.max_tokens = 8
             stub.Generate(r, timeout=120)
+
+        # rate() needs samples before and after the traffic: wait until every
+        # target has been scraped, then spread requests over several scrapes.
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                up = query(url, "up")["data"]["result"]
+                if len(up) == 3 and all(x["value"][1] == "1" for x in up):
+                    break
+            except Exception:  # noqa: BLE001 - Prometheus still starting
+                pass
+            time.sleep(0.5)
+        for i in range(8):
+            traffic(i)
             time.sleep(0.5)
         deadline = time.time() + 60
         results = {}
+        i = 8
         while time.time() < deadline:
+            traffic(i)
+            i += 1
             results = {}
             for name, expr in QUERIES.items():
                 try:
@@ -87,7 +103,9 @@ def main():
                     results[name] = res["data"]["result"] if res.get("status") == "success" else []
                 except Exception:  # noqa: BLE001 - Prometheus still starting
                     results[name] = []
-            if all(results.values()):
+            # Ready when every query has a sample that is a number (rate()
+            # needs two scrapes after the traffic).
+            if all(r and all(x["value"][1] not in ("NaN", "+Inf", "-Inf") for x in r) for r in results.values()):
                 break
             time.sleep(1)
         up = query(url, "up")["data"]["result"]
