@@ -52,6 +52,34 @@ TEST(LowRank, ActivationAwareBeatsPlainUnderCorrelatedInputs) {
   EXPECT_NEAR(ea, aware->residual_energy, 1e-3 * aware->total_energy);
 }
 
+// n <= k takes the Gram route (eigendecomposition of E S E^T): the same
+// optimum as the SVD of E L (S = L L^T), and wide and tall fits agree.
+TEST(LowRank, WideMatrixGramRouteIsOptimal) {
+  const int64_t n = 24, k = 56, r = 5;
+  const Matrix e = RandomNormal(n, k, 52, 0.01f);
+  const Matrix x = CorrelatedInputs(4096, k, 53);
+  const RowMatrixXd xd = AsEigen(x.view()).cast<double>();
+  const Eigen::MatrixXd s = xd.transpose() * xd / 4096.0;
+  LowRankOptions opt;
+  opt.eps = 0;
+  auto fit = FitLowRankActivationAware(e.view(), s, r, opt);
+  ASSERT_TRUE(fit.ok()) << fit.status();
+  Eigen::LLT<Eigen::MatrixXd> llt(s);
+  const Eigen::MatrixXd el = AsEigen(e.view()).cast<double>() * Eigen::MatrixXd(llt.matrixL());
+  const Eigen::VectorXd sv = Eigen::JacobiSVD<Eigen::MatrixXd>(el).singularValues();
+  const double optimum = sv.tail(sv.size() - r).squaredNorm();
+  EXPECT_NEAR(fit->residual_energy, optimum, 1e-4 * sv.squaredNorm());
+  EXPECT_NEAR(fit->total_energy, sv.squaredNorm(), 1e-4 * sv.squaredNorm());
+  EXPECT_NEAR(ExpectedResidual(e.view(), *fit, s), optimum, 1e-4 * sv.squaredNorm());
+  ASSERT_EQ(fit->singular_values.size(), static_cast<size_t>(n));
+  EXPECT_NEAR(fit->singular_values[0], sv(0), 1e-4 * sv(0));
+  // Balanced scales: column i of B and row i of A, measured through L, match.
+  const Eigen::MatrixXd al = AsEigen(fit->a.view()).cast<double>() * Eigen::MatrixXd(llt.matrixL());
+  for (int64_t i = 0; i < r; ++i) {
+    EXPECT_NEAR(AsEigen(fit->b.view()).col(i).norm(), al.row(i).norm(), 1e-3 * al.row(i).norm());
+  }
+}
+
 TEST(LowRank, SingularCovarianceFallsBackToEigen) {
   // A dead input channel and eps = 0: S is singular, Cholesky fails, the
   // clamped eigen-decomposition path must still give the optimum.

@@ -53,8 +53,39 @@ absl::StatusOr<LowRankFit> FitLowRankActivationAware(MatrixView e, const Eigen::
   Eigen::MatrixXd sd = 0.5 * (s + s.transpose());
   const double mean_diag = sd.diagonal().mean();
   sd.diagonal().array() += opt.eps * (mean_diag > 0 ? mean_diag : 1.0);
-  const Eigen::MatrixXd ed = AsEigen(e).cast<double>();
   LowRankFit fit;
+  if (e.rows <= e.cols) {
+    // Gram route (n <= k, e.g. down_proj 576 x 1536): the same optimum from
+    // the eigendecomposition of G = E S' E^T [n, n] = U Sigma^2 U^T, with
+    //   B = U_r Sigma_r^{1/2},  A = Sigma_r^{-1/2} U_r^T E
+    // (A is independent of the factor R, see the header), without the
+    // Cholesky factor, the SVD of E R [n, k] or R^-1: ~5x less work for
+    // down_proj. The large product E S' runs in float (as the second moment
+    // itself is accumulated), the eigensolver in double.
+    const RowMatrixXf ef = AsEigen(e);
+    const RowMatrixXf es = ef * sd.cast<float>();
+    Eigen::MatrixXd g = (es * ef.transpose()).cast<double>();
+    g = 0.5 * (g + g.transpose());
+    Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(g);
+    if (eig.info() != Eigen::Success) {
+      return absl::InternalError("FitLowRankActivationAware: eigendecomposition failed");
+    }
+    const int64_t n = e.rows;
+    const Eigen::VectorXd lambda = eig.eigenvalues().reverse().cwiseMax(0.0);  // descending
+    const Eigen::MatrixXd u = eig.eigenvectors().rowwise().reverse().leftCols(rank);
+    fit.singular_values.resize(n);
+    for (int64_t i = 0; i < n; ++i) fit.singular_values[i] = std::sqrt(lambda(i));
+    fit.total_energy = lambda.sum();
+    fit.residual_energy = lambda.tail(n - rank).sum();
+    const double floor = std::max(lambda(0), 1e-300) * 1e-12;
+    const Eigen::VectorXd q4 = lambda.head(rank).cwiseMax(floor).array().pow(0.25).matrix();
+    fit.b = Matrix(n, rank);
+    AsEigen(fit.b) = (u * q4.asDiagonal()).cast<float>();
+    fit.a = Matrix(rank, k);
+    AsEigen(fit.a) = (q4.cwiseInverse().asDiagonal() * u.transpose() * ef.cast<double>()).cast<float>();
+    return fit;
+  }
+  const Eigen::MatrixXd ed = AsEigen(e).cast<double>();
   Eigen::LLT<Eigen::MatrixXd> llt(sd);
   if (llt.info() == Eigen::Success && llt.matrixL().toDenseMatrix().diagonal().minCoeff() > 0) {
     const Eigen::MatrixXd l = llt.matrixL();
