@@ -270,6 +270,12 @@ class OverloadTest(unittest.TestCase):
             self.assertGreater(len(rejected), 0)
             self.assertGreater(len(ok), 0)
             self.assertLessEqual(depth_max[0], 4)
+            m = cluster.metrics(c.router.metrics_port)
+            decisions = {d: cluster.metric_value(m, "spear_admission_decisions_total", decision=d)
+                         for d in ("admit_full", "admit_reduced_ec", "queue", "reject")}
+            print("admission decisions:", decisions, flush=True)
+            self.assertGreater(decisions["queue"], 0)  # the bounded queue was used
+            self.assertGreater(decisions["reject"], 0)
             for r in rejected:
                 self.assertIn("retry-after-ms", r[4])
                 self.assertGreater(int(r[4]["retry-after-ms"]), 0)
