@@ -197,18 +197,24 @@ absl::StatusOr<LatencyTable> ProfileLatency(Engine* engine, BlockManager* blocks
     if (absl::Status s = runner.Forward({ch}, &out); !s.ok()) return s;
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  // The median of `repeats` timed runs after a warm-up: a typical
-  // iteration (the minimum would be optimistic on a busy machine).
+  // The median of `repeats` timed runs: a typical iteration (the minimum
+  // would be optimistic on a busy machine). One warm-up pass for the whole
+  // profile (weights paged in, scratch grown), not one per point: start-up
+  // time is what a worker pays for its table.
   auto time_point = [&](int32_t t) -> absl::StatusOr<double> {
     std::vector<double> runs;
-    for (int r = 0; r <= o.repeats; ++r) {  // r == 0: warm-up
+    for (int r = 0; r < o.repeats; ++r) {
       auto s = time_once(t);
       if (!s.ok()) return s.status();
-      if (r > 0) runs.push_back(*s);
+      runs.push_back(*s);
     }
     std::sort(runs.begin(), runs.end());
     return runs[runs.size() / 2];
   };
+  if (auto w = time_once(std::min<int32_t>(64, points.back())); !w.ok()) {
+    blocks->Release(&seq);
+    return w.status();
+  }
   LatencyPoints p;
   p.tokens = points;
   absl::Status status;
