@@ -5,6 +5,11 @@
 # print a short quality table, start a local cluster (`spear serve`: router +
 # 2 workers), stream an answer over gRPC, measure a little load, shut down.
 #
+# The first run spends most of its time in `spear quantize --ec spear`
+# (calibration, the CKA diagnostic of 210 modules and EC training: ~25 min
+# on the 2-core dev box); later runs find the checkpoint and take about a
+# minute.
+#
 # Environment: SPEAR_BUILD_DIR (default build), SPEAR_HOME (model cache),
 # SPEAR_DEMO_CALIB (quantize calibration, default self:16,128),
 # SPEAR_DEMO_PROMPT.
@@ -29,7 +34,9 @@ quantize() {  # quantize NAME EC_MODE [extra flags]
   if [[ -f "$out/spear.json" ]] && "$SPEAR" info --model "$out" >/dev/null 2>&1; then
     echo "cached: $out"
   else
-    "$SPEAR" quantize --model smollm2-135m --out "$out" --method rtn --group -1 --ec "$ec" --force "$@"
+    # The per-module diagnostic table is long; progress and summary stay.
+    "$SPEAR" quantize --model smollm2-135m --out "$out" --method rtn --group -1 --ec "$ec" --force "$@" 2>&1 |
+      grep -v '^model\.layers\.'
   fi
 }
 quantize smollm2-135m-w4.spear none
