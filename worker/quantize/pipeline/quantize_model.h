@@ -70,13 +70,14 @@ struct QuantizeOptions {
   // > 0: wall-clock budget of the whole QuantizeModel call; the end-to-end
   // stage gets what the earlier stages left (minus a small margin), on top
   // of distill.max_seconds.
-  double time_budget_seconds = 0;
+  // Default: the 15 minutes for calibration + EC fitting.
+  double time_budget_seconds = 900;
   int64_t train_steps = 300;
   double learning_rate = 1e-3;
-  int64_t diagnostic_tokens = 1024;  // calibration tokens used for CKA
+  int64_t diagnostic_tokens = 128;  // calibration tokens used for CKA (cost: ~7 L^2 / 2 layer-runs of them)
   // Fit tokens of the sequential (closed-form) pass: a prefix of the fit
   // sequences (at least one; 0 = all); held-out sequences always join.
-  int64_t sequential_max_tokens = 4096;
+  int64_t sequential_max_tokens = 2048;
   CalibrationOptions calib;
 };
 
