@@ -196,6 +196,32 @@ class ServingTest(unittest.TestCase):
         self.assertEqual(e.exception.code(), S.NOT_FOUND)
 
 
+class CommandLineTest(unittest.TestCase):
+    """Bad command lines exit 2 with a message, before any work."""
+
+    def test_bad_flags_exit_2(self):
+        router, spear = cluster.binary("spear-router"), cluster.binary("spear")
+        cases = [
+            ([router, "--bogus", "1"], "unknown flag"),
+            ([router, "--model", MODEL], "--workers"),
+            ([router, "--model", MODEL, "--workers", "a:1", "--workers-dns", "b:2"], "exactly one"),
+            ([router, "--model", MODEL, "--workers", "nohostport"], "host:port"),
+            ([router, "--model", MODEL, "--workers", "h:1", "--port", "70000"], "--port"),
+            ([router, "--model", MODEL, "--workers", "h:1", "--balancer", "random"], "balancer"),
+            ([router, "--model", MODEL, "--workers", "h:1", "--tls-cert", "x"], "tls-key"),
+            ([spear, "serve", "--bogus"], "unknown flag"),
+            ([spear, "serve"], "--model is required"),
+            ([spear, "serve", "--model", MODEL, "--workers", "0"], "--workers"),
+            ([spear, "client", "--prompt", "x"], "--target"),
+            ([spear, "bench", "load", "--target", "h:1", "--rate", "-1"], "--rate"),
+            ([spear, "bench", "load", "--target", "h:1", "--prompt-tokens", "9:3"], "prompt-tokens"),
+        ]
+        for args, msg in cases:
+            r = subprocess.run(args, capture_output=True, timeout=60)
+            self.assertEqual(r.returncode, 2, f"{args[1:]}: {r.stderr[-300:]!r}")
+            self.assertIn(msg, r.stderr.decode() + r.stdout.decode(), args[1:])
+
+
 def run_concurrently(fns, timeout):
     """Runs callables in threads; returns their results (exceptions as values)."""
     out = [None] * len(fns)
