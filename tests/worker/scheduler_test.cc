@@ -349,8 +349,9 @@ TEST_F(SchedulerTest, PrefixCacheHitIsRecorded) {
 TEST_F(SchedulerTest, HeadroomShrinksTheBudget) {
   SchedulerOptions so;
   Make(1024, so);
-  // Make() forces headroom 1; rebuild with 0.5.
+  // Make() forces headroom 1; rebuild with 0.5 (and no error margin).
   so.slo_headroom = 0.5;
+  so.error_quantile = 0;
   sched_ = std::make_unique<Scheduler>(so, blocks_.get(), table_.get(), EcProfile{}, &clock_);
   Add(2, 50, QualityPolicy::kAuto, 0.2);
   Run(sched_->Schedule());
@@ -360,23 +361,42 @@ TEST_F(SchedulerTest, HeadroomShrinksTheBudget) {
   EXPECT_EQ(p.chunk_limit, 89);  // no EC units: 0.010 + 0.001 * (1 + P) <= 0.1
 }
 
-TEST_F(SchedulerTest, PredictionErrorsShrinkTheBudget) {
+TEST_F(SchedulerTest, PredictionErrorsShrinkTheChunk) {
   SchedulerOptions so;
   Make(1024, so, 0);
   so.slo_headroom = 1.0;
-  so.error_quantile = 0.95;
+  so.error_quantile = 1.0;
   sched_ = std::make_unique<Scheduler>(so, blocks_.get(), table_.get(), EcProfile{}, &clock_);
   Add(2, 50, QualityPolicy::kAuto, 0.1);
   Run(sched_->Schedule());
   Add(400, 5);
-  // Too few observations yet: plan with the cold ratio.
-  EXPECT_NEAR(sched_->Schedule().itl_budget, 0.1 / LatencyTable::kColdRatio, 1e-9);
-  // Iterations at T = 2048 (a grid point: only the factor and that point
-  // move) that ran 2x the prediction: past the warm-up, the budget halves.
-  for (int i = 0; i < LatencyTable::kWarmup + 32; ++i) {
-    table_->Observe(2048, 0, 2 * table_->Predict(2048, 0));
+  // No observations yet: every prediction x the cold ratio 1.5:
+  // 1.5 * (0.010 + 0.001 * (1 + P)) <= 0.1  ->  P = 55.
+  EXPECT_DOUBLE_EQ(table_->RatioQuantile(1.0, 56), LatencyTable::kColdRatio);
+  IterationPlan p = sched_->Schedule();
+  EXPECT_DOUBLE_EQ(p.itl_budget, 0.1);
+  EXPECT_EQ(p.chunk_limit, 55);
+  // Past the warm-up, iterations of 2048 tokens ran 1.5x their prediction
+  // (each measurement 1.5x the prediction of its moment): that size class,
+  // and classes never seen, now plan with 1.5x.
+  for (int i = 0; i < LatencyTable::kWarmup + 16; ++i) {
+    const double pred = table_->Predict(2048, 0);
+    table_->Observe(2048, 0, 1.5 * pred);
   }
-  EXPECT_NEAR(sched_->Schedule().itl_budget, 0.05, 1e-9);
+  EXPECT_NEAR(table_->RatioQuantile(1.0, 2048), 1.5, 1e-9);
+  EXPECT_NEAR(table_->RatioQuantile(1.0, 41), 1.5, 1e-9);
+  SchedulerOptions no_margin = so;
+  no_margin.error_quantile = 0;
+  Scheduler plain(no_margin, blocks_.get(), table_.get(), EcProfile{}, &clock_);
+  const double budget = table_->Predict(201, 0);
+  const int64_t with_margin = sched_->LargestChunk(1, 400, 0, budget);
+  const int64_t without = plain.LargestChunk(1, 400, 0, budget);
+  EXPECT_EQ(without, 200);
+  EXPECT_GT(with_margin, 0);
+  EXPECT_LT(with_margin, 200);
+  EXPECT_LE(sched_->Risky(1 + with_margin, 0), budget);
+  EXPECT_GT(sched_->Risky(2 + with_margin, 0), budget);
+  EXPECT_NEAR(sched_->Risky(1 + with_margin, 0), 1.5 * table_->Predict(1 + with_margin, 0), 1e-12);
 }
 
 TEST(LatencyTableTest, InterpolatesAndLearns) {

@@ -58,6 +58,7 @@ LatencyTable::LatencyTable(const LatencyTable& other) : alpha_(other.alpha_) {
   p_ = other.p_;
   factor_ = other.factor_;
   ratios_ = other.ratios_;
+  classes_ = other.classes_;
   next_ratio_ = other.next_ratio_;
   observations_ = other.observations_;
 }
@@ -102,8 +103,10 @@ double LatencyTable::Observe(int64_t t, double d, double seconds) {
     // Not in the error window (see RatioQuantile).
   } else if (static_cast<int>(ratios_.size()) < kRatioWindow) {
     ratios_.push_back(ratio);
+    classes_.push_back(SizeClass(t));
   } else {
     ratios_[next_ratio_] = ratio;
+    classes_[next_ratio_] = SizeClass(t);
     next_ratio_ = (next_ratio_ + 1) % kRatioWindow;
   }
   // Machine-wide speed first (other processes, frequency), then the shape.
@@ -152,6 +155,30 @@ double LatencyTable::RatioQuantile(double q) const {
     if (static_cast<int>(ratios_.size()) < kMinRatios) return kColdRatio;
     r = ratios_;
   }
+  const size_t k = std::min(r.size() - 1, static_cast<size_t>(std::clamp(q, 0.0, 1.0) * r.size()));
+  std::nth_element(r.begin(), r.begin() + k, r.end());
+  return r[k];
+}
+
+int LatencyTable::SizeClass(int64_t tokens) {
+  int c = 0;
+  while (tokens > 1) {
+    tokens >>= 1;
+    ++c;
+  }
+  return c;
+}
+
+double LatencyTable::RatioQuantile(double q, int64_t tokens) const {
+  const int c = SizeClass(tokens);
+  std::vector<double> r;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    for (size_t i = 0; i < ratios_.size(); ++i) {
+      if (classes_[i] == c) r.push_back(ratios_[i]);
+    }
+  }
+  if (static_cast<int>(r.size()) < kMinRatios) return std::max(kColdRatio, RatioQuantile(q));
   const size_t k = std::min(r.size() - 1, static_cast<size_t>(std::clamp(q, 0.0, 1.0) * r.size()));
   std::nth_element(r.begin(), r.begin() + k, r.end());
   return r[k];

@@ -63,9 +63,15 @@ class LatencyTable {
   // until kMinRatios are in the window it returns kColdRatio (plan
   // conservatively while the table settles).
   double RatioQuantile(double q) const ABSL_LOCKS_EXCLUDED(mu_);
-  static constexpr int kRatioWindow = 128;
+  // The same over the iterations of `tokens`' size class (floor(log2 T)):
+  // errors depend on the size (decode-only iterations are far more
+  // predictable than large prefill chunks). A class with fewer than
+  // kMinRatios observations gets max(kColdRatio, the overall quantile).
+  double RatioQuantile(double q, int64_t tokens) const ABSL_LOCKS_EXCLUDED(mu_);
+  static int SizeClass(int64_t tokens);
+  static constexpr int kRatioWindow = 256;
   static constexpr int kWarmup = 16;
-  static constexpr int kMinRatios = 16;
+  static constexpr int kMinRatios = 8;
   static constexpr double kColdRatio = 1.5;
 
  private:
@@ -77,6 +83,7 @@ class LatencyTable {
   LatencyPoints p_ ABSL_GUARDED_BY(mu_);
   double factor_ ABSL_GUARDED_BY(mu_) = 1.0;
   std::vector<double> ratios_ ABSL_GUARDED_BY(mu_);  // ring buffer
+  std::vector<int> classes_ ABSL_GUARDED_BY(mu_);    // SizeClass of ratios_[i]
   size_t next_ratio_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t observations_ ABSL_GUARDED_BY(mu_) = 0;
   double alpha_;

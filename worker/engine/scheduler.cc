@@ -138,15 +138,24 @@ std::vector<bool> Scheduler::MaskForCap(double cap) const {
   return mask;
 }
 
+double Scheduler::Risky(int64_t tokens, double density) const {
+  const double t = latency_->Predict(tokens, density);
+  if (options_.error_quantile <= 0) return t;
+  return t * std::max(1.0, latency_->RatioQuantile(options_.error_quantile, tokens));
+}
+
 int64_t Scheduler::LargestChunk(int64_t decodes, int64_t max_chunk, double density,
                                 double budget) const {
   if (max_chunk <= 0) return 0;
   if (budget <= 0) return max_chunk;
-  if (latency_->Predict(decodes + max_chunk, density) <= budget) return max_chunk;
-  int64_t lo = 0, hi = max_chunk - 1;  // invariant: answer in [lo, hi] (lo = 0 is always allowed)
+  if (Risky(decodes + max_chunk, density) <= budget) return max_chunk;
+  // lo only ever moves to a chunk that was checked to fit (0 always may),
+  // so the answer fits even where the error margin makes the predicate
+  // non-monotone across size classes.
+  int64_t lo = 0, hi = max_chunk - 1;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo + 1) / 2;
-    if (latency_->Predict(decodes + mid, density) <= budget) {
+    if (Risky(decodes + mid, density) <= budget) {
       lo = mid;
     } else {
       hi = mid - 1;
@@ -228,11 +237,7 @@ IterationPlan Scheduler::Schedule() {
   if (ec_.share.empty()) base_need = 0;
   std::vector<bool> mask = MaskForCap(base_need);
   double density = DensityOf(mask);
-  double margin = options_.slo_headroom;
-  if (options_.error_quantile > 0) {
-    margin = std::min(margin, 1.0 / std::max(1.0, latency_->RatioQuantile(options_.error_quantile)));
-  }
-  plan.itl_budget = std::isinf(budget) ? 0 : budget * margin;
+  plan.itl_budget = std::isinf(budget) ? 0 : budget * options_.slo_headroom;
 
   // 3. Prefill chunk.
   const int64_t room = std::max<int64_t>(0, options_.max_batch_tokens - D);
@@ -249,19 +254,19 @@ IterationPlan Scheduler::Schedule() {
   // 4. Shed ECs when even no prefill breaks the budget.
   if (options_.adaptive && options_.allow_shedding && (starved || work == 0) && D > 0 &&
       plan.itl_budget > 0 && !full_candidates && !ec_.share.empty() &&
-      latency_->Predict(D, DensityOf(MaskForCap(need))) > plan.itl_budget &&
-      latency_->Predict(D, 0.0) <= plan.itl_budget) {
+      Risky(D, DensityOf(MaskForCap(need))) > plan.itl_budget &&
+      Risky(D, 0.0) <= plan.itl_budget) {
     // Only when shedding can restore the budget: if even plain W4 misses
     // it, the target is lost this iteration anyway and quality is kept.
     std::vector<bool> dmask = MaskForCap(need);
     double d = DensityOf(dmask);
-    if (latency_->Predict(D, d) > plan.itl_budget) {
+    if (Risky(D, d) > plan.itl_budget) {
       for (int u : ec_.shed_order) {
         if (!dmask[u]) continue;
         dmask[u] = false;
         d -= ec_.share[u];
         plan.shed = true;
-        if (latency_->Predict(D, std::max(0.0, d)) <= plan.itl_budget) break;
+        if (Risky(D, std::max(0.0, d)) <= plan.itl_budget) break;
       }
     }
     mask = std::move(dmask);

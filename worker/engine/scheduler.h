@@ -19,10 +19,10 @@
 //     actually used.
 //  3. The ITL budget is the tightest ITL target among the decoding
 //     sequences (a request's own, else the worker default; 0 = none),
-//     times min(slo_headroom, 1 / recent prediction error quantile). A
-//     binary search over the latency table picks the largest prefill chunk
-//     P in [0, min(max_batch_tokens - decodes, pending prefill)] with
-//     Predict(decodes + P, density) <= budget.
+//     times slo_headroom. A binary search over the latency table picks
+//     the largest prefill chunk P in [0, min(max_batch_tokens - decodes,
+//     pending prefill)] with Predict(decodes + P, density) x (recent
+//     prediction error of that size class) <= budget.
 //  4. If even P = 0 breaks the budget, no FULL_EC sequence is in the
 //     batch and plain W4 would fit, ECs are shed, lowest value first
 //     (EcControl::shed_order), until the prediction fits; the iteration
@@ -109,12 +109,13 @@ struct SchedulerOptions {
   // table predicts a typical iteration, the margin absorbs its variance
   // (other processes, attention over growing contexts). In (0, 1].
   double slo_headroom = 0.85;
-  // ... or less: the budget is target x min(slo_headroom, 1 / e), e = the
-  // error_quantile of measured/predicted iteration time over recent
-  // iterations (LatencyTable::RatioQuantile), so a noisy machine gets
-  // smaller chunks instead of missed targets. 0.99 because a p99 ITL
-  // target tolerates about 1% of iterations over it. 0 disables.
-  double error_quantile = 0.99;
+  // Every prediction the budget is checked against is multiplied by the
+  // error_quantile of measured/predicted over recent iterations of the
+  // same size class (LatencyTable::RatioQuantile(q, T)), so a noisy
+  // machine, or a size whose predictions run late, gets smaller chunks
+  // instead of missed targets. 1 = the worst error in the window: a p99
+  // ITL target tolerates ~1% of iterations over it. 0 disables.
+  double error_quantile = 1.0;
   // Progress guarantee: when prefill work waits, an iteration carries at
   // least this many prefill tokens even if the prediction then exceeds the
   // budget. Without it a prompt starves for as long as the decodes alone
@@ -186,6 +187,9 @@ class Scheduler {
 
   // Exposed for tests: the binary search of step 3.
   int64_t LargestChunk(int64_t decodes, int64_t max_chunk, double density, double budget) const;
+  // Predicted seconds of a `tokens` iteration times its size class's recent
+  // error quantile: what the budget is checked against.
+  double Risky(int64_t tokens, double density) const;
 
  private:
   static bool IsDecoding(const Sequence& s);

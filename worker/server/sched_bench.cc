@@ -204,7 +204,7 @@ int Main(int argc, char** argv) {
       .Declare("start", "2", "seconds before the first long request")
       .Declare("static-chunk", "512", "the static baseline's prefill chunk")
       .Declare("max-batch-tokens", "576", "tokens per iteration at most (both modes)")
-      .Declare("error-quantile", "0.99", "budget = target x min(headroom, 1 / this quantile of measured/predicted)")
+      .Declare("error-quantile", "1", "budget = target x min(headroom, 1 / this quantile of measured/predicted)")
       .Declare("profile-repeats", "3", "timed runs per latency-table point (median)")
       .Declare("headroom", "0.85", "the adaptive scheduler plans to headroom x the ITL target")
       .Declare("seed", "1", "arrival and prompt seed")
