@@ -251,22 +251,24 @@ IterationPlan Scheduler::Schedule() {
   if (options_.adaptive) P = std::max(P, std::min({options_.min_prefill_chunk, room, work}));
   plan.chunk_limit = P;
 
-  // 4. Shed ECs when even no prefill breaks the budget.
+  // 4. Shed ECs when even the smallest iteration allowed (the decodes, plus
+  // the progress minimum when prefill is starved) breaks the budget.
+  const int64_t T0 = D + (starved ? P : 0);
   if (options_.adaptive && options_.allow_shedding && (starved || work == 0) && D > 0 &&
       plan.itl_budget > 0 && !full_candidates && !ec_.share.empty() &&
-      Risky(D, DensityOf(MaskForCap(need))) > plan.itl_budget &&
-      Risky(D, 0.0) <= plan.itl_budget) {
+      Risky(T0, DensityOf(MaskForCap(std::max(need, base_need)))) > plan.itl_budget &&
+      Risky(T0, 0.0) <= plan.itl_budget) {
     // Only when shedding can restore the budget: if even plain W4 misses
     // it, the target is lost this iteration anyway and quality is kept.
     std::vector<bool> dmask = MaskForCap(need);
     double d = DensityOf(dmask);
-    if (Risky(D, d) > plan.itl_budget) {
+    if (Risky(T0, d) > plan.itl_budget) {
       for (int u : ec_.shed_order) {
         if (!dmask[u]) continue;
         dmask[u] = false;
         d -= ec_.share[u];
         plan.shed = true;
-        if (Risky(D, std::max(0.0, d)) <= plan.itl_budget) break;
+        if (Risky(T0, std::max(0.0, d)) <= plan.itl_budget) break;
       }
     }
     mask = std::move(dmask);
