@@ -23,12 +23,14 @@
 //     the largest prefill chunk P in [0, min(max_batch_tokens - decodes,
 //     pending prefill)] with Predict(decodes + P, density) x (recent
 //     prediction error of that size class) <= budget.
-//  4. If even P = 0 breaks the budget, no FULL_EC sequence is in the
-//     batch and plain W4 would fit, ECs are shed, lowest value first
-//     (EcControl::shed_order), until the prediction fits; the iteration
-//     counts as shed. (If even plain W4 misses the budget, shedding cannot
-//     save the target and quality is kept.)
-//     Prefill still gets min_prefill_chunk tokens (progress guarantee).
+//     When prefill waits, P is at least min_prefill_chunk (progress
+//     guarantee), even if that breaks the budget.
+//  4. If the smallest iteration allowed (the decodes, plus the progress
+//     minimum when prefill was starved) breaks the budget, no FULL_EC
+//     request is among the iteration's candidates and plain W4 would fit,
+//     ECs are shed, lowest value first (EcControl::shed_order), until the
+//     prediction fits; the iteration counts as shed. (If even plain W4
+//     misses the budget, shedding cannot save the target: quality is kept.)
 //  5. The chunk goes first to running sequences still prefilling (oldest
 //     first), then admits waiting requests FCFS (prefix cache lookup
 //     first) while KV blocks and the running limit allow.
