@@ -133,7 +133,9 @@ TEST_F(SchedulerTest, ChunkSearchKeepsTheItlSlo) {
   int iterations = 0;
   while (!sched_->idle() && iterations < 200) {
     p = sched_->Schedule();
-    if (p.decode_tokens > 0) EXPECT_LE(p.predicted_seconds, 0.1 + 1e-12);
+    if (p.decode_tokens > 0) {
+      EXPECT_LE(p.predicted_seconds, 0.1 + 1e-12);
+    }
     Run(p);
     ++iterations;
   }

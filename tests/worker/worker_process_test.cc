@@ -294,6 +294,11 @@ TEST_F(WorkerProcessTest, DeadlineExceededFreesKv) {
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_FALSE(r.finished);
   EXPECT_TRUE(WaitMetric(worker_->metrics_port, "spear_kv_cache_usage_perc", 0, 5));
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!(Metric(worker_->metrics_port, "spear_worker_requests_total", "DEADLINE_EXCEEDED") >= 1) &&
+         std::chrono::steady_clock::now() < end) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   EXPECT_GE(Metric(worker_->metrics_port, "spear_worker_requests_total", "DEADLINE_EXCEEDED"), 1);
 }
 
