@@ -253,14 +253,13 @@ int CmdServe(const std::vector<std::string>& args) {
     }
   }
   std::fprintf(stderr, "spear serve: signal %d, draining\n", static_cast<int>(g_stop_signal));
-  (*server)->Shutdown();
-  server->reset();
+  (*server)->Shutdown();  // drained; destroyed at exit (see ExitAfterShutdown)
   for (Child& c : children) {
     if (c.pid > 0) kill(c.pid, SIGTERM);
   }
   for (Child& c : children) StopChild(c, 30);
   std::fprintf(stderr, "spear serve: stopped\n");
-  return 0;
+  router::ExitAfterShutdown(0);
 }
 
 }  // namespace spear::cli

@@ -185,5 +185,5 @@ balancer_ok:
   sigwait(&sigs, &sig);
   spdlog::info("spear-router: signal {}, draining", sig);
   (*server)->Shutdown();
-  return 0;
+  spear::router::ExitAfterShutdown(0);
 }

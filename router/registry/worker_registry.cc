@@ -292,8 +292,12 @@ void WorkerRegistry::Poll(bool health) {
                                    if (metrics_ && w->has_stats()) {
                                      metrics_->SetWorkerUp(w->name(), w->admissible());
                                    }
-                                   w->health_in_flight.store(false);
                                    Changed();
+                                   // Last: Stop() waits for this flag, and after
+                                   // it nothing may touch the registry (Changed()
+                                   // reaches the admission controller, which the
+                                   // router destroys right after Stop()).
+                                   w->health_in_flight.store(false);
                                  });
     }
     if (!w->stats_in_flight.exchange(true)) {
@@ -321,8 +325,8 @@ void WorkerRegistry::Poll(bool health) {
                                                          .ttft_seconds);
                                     }
                                   }
-                                  w->stats_in_flight.store(false);
                                   Changed();
+                                  w->stats_in_flight.store(false);  // last (see above)
                                 });
     }
   }

@@ -1,6 +1,8 @@
 #include "router/service/router_server.h"
 
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -147,6 +149,12 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterOptions 
                                               : "dns:" + opts.registry.dns_name,
                opts.tls_cert.empty() ? "" : (opts.tls_client_ca.empty() ? ", TLS" : ", mutual TLS"));
   return std::unique_ptr<RouterServer>(new RouterServer(std::move(impl)));
+}
+
+void ExitAfterShutdown(int code) {
+  spdlog::shutdown();
+  std::fflush(nullptr);
+  std::_Exit(code);
 }
 
 void RouterServer::Shutdown() {

@@ -50,4 +50,13 @@ class RouterServer {
   std::unique_ptr<Impl> impl_;
 };
 
+// Ends the process with `code` after RouterServer::Shutdown() returned,
+// without running destructors. By then no call is in flight, the server has
+// shut down and waited and the registry has stopped; what is left is the
+// teardown of gRPC objects, where Debian's libgrpc 1.51 can abort on one of
+// its own executor threads (grpc_cq_internal_unref, seen in about 1 of 5
+// router exits in tests/python: a core showed the main thread in
+// ~RouterServer and a gRPC thread aborting). Flushes stdio and the logs.
+[[noreturn]] void ExitAfterShutdown(int code);
+
 }  // namespace spear::router
