@@ -1,5 +1,6 @@
 // RMSNorm on the GPU: one block per row, float accumulation, warp shuffles
 // then shared memory for the block reduction.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/cuda_status.h"
@@ -26,8 +27,13 @@ __device__ float BlockSum(float v) {
   return total;
 }
 
+__device__ inline void Store(float* p, float v) { *p = v; }
+__device__ inline void Store(uint16_t* p, float v) { *p = __half_as_ushort(__float2half_rn(v)); }
+
+// Out is float (RmsNorm) or uint16_t holding fp16 bits (RmsNormF16).
+template <typename Out>
 __global__ void RmsNormKernel(const float* __restrict__ x, float* __restrict__ residual,
-                              const float* __restrict__ weight, float* y, int64_t d, int64_t ldx,
+                              const float* __restrict__ weight, Out* y, int64_t d, int64_t ldx,
                               int64_t ldr, int64_t ldy, float eps) {
   const int64_t row = blockIdx.x;
   const float* xr = x + row * ldx;
@@ -43,8 +49,8 @@ __global__ void RmsNormKernel(const float* __restrict__ x, float* __restrict__ r
   }
   const float inv = rsqrtf(BlockSum(ss) / static_cast<float>(d) + eps);
   const float* src = rr ? rr : xr;
-  float* yr = y + row * ldy;
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) yr[j] = src[j] * inv * weight[j];
+  Out* yr = y + row * ldy;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) Store(yr + j, src[j] * inv * weight[j]);
 }
 
 }  // namespace
@@ -65,7 +71,20 @@ absl::Status RmsNorm(const RmsNormParams& p, cudaStream_t stream) {
   }
   if (p.m == 0) return absl::OkStatus();
   if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::RmsNorm: too many rows");
-  RmsNormKernel<<<static_cast<unsigned>(p.m), kThreads, 0, stream>>>(
+  RmsNormKernel<float><<<static_cast<unsigned>(p.m), kThreads, 0, stream>>>(
+      p.x, p.residual, p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+absl::Status RmsNormF16(const RmsNormF16Params& p, cudaStream_t stream) {
+  if (p.x == nullptr || p.weight == nullptr || p.y == nullptr || p.m < 0 || p.d <= 0 ||
+      p.ldx < p.d || p.ldy < p.d || (p.residual != nullptr && p.ldr < p.d) || !(p.eps >= 0.f)) {
+    return absl::InvalidArgumentError("cuda::RmsNormF16: invalid parameters");
+  }
+  if (p.m == 0) return absl::OkStatus();
+  if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::RmsNormF16: too many rows");
+  RmsNormKernel<uint16_t><<<static_cast<unsigned>(p.m), kThreads, 0, stream>>>(
       p.x, p.residual, p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
   SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();

@@ -1,9 +1,10 @@
 // CUDA backend ops (built when SPEAR_WITH_CUDA; sm_90a by default).
 // Same semantics as the CPU ops of ops.h; pointers are device pointers and
-// the op is enqueued on `stream` (nothing synchronises). The GPU issue adds
-// the W4(+EC) GEMMs, attention and the rest of the layer.
+// the op is enqueued on `stream` (nothing synchronises). The W4(+EC) GEMMs
+// are in w4_cuda.h; below RMSNorm come the fp16 ops of a decode step.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -21,5 +22,127 @@ absl::StatusOr<int> DeviceCount();
 // RMSNorm (with the optional fused residual add) of RmsNormParams, device
 // pointers. One thread block per row.
 absl::Status RmsNorm(const RmsNormParams& p, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------
+// The rest of the decoder layer (issue 5, part 2). Activations are IEEE fp16
+// (uint16_t bit patterns) on the device, accumulation is fp32; the residual
+// stream stays fp32 (the W4 GEMMs add into it with W4CudaParams::accumulate).
+// All pointers are device pointers; all ops are enqueued on `stream`, never
+// synchronise and allocate nothing, so they can be captured into a CUDA
+// graph. InvalidArgument for bad parameters (nothing enqueued), Internal for
+// CUDA errors.
+
+// RMSNorm as RmsNormParams (fp32 x, optional fp32 residual added in place,
+// fp32 weight) with the normalised row written as fp16 into y (row stride
+// ldy): the input of the next W4 GEMM.
+struct RmsNormF16Params {
+  const float* x = nullptr;       // [m, d], stride ldx
+  float* residual = nullptr;      // optional [m, d], stride ldr
+  const float* weight = nullptr;  // [d]
+  uint16_t* y = nullptr;          // fp16 [m, d], stride ldy
+  int64_t m = 0, d = 0, ldx = 0, ldr = 0, ldy = 0;
+  float eps = 1e-5f;
+};
+absl::Status RmsNormF16(const RmsNormF16Params& p, cudaStream_t stream);
+
+// RoPE of RopeParams (HF rotate_half, angle p * inv_freq[j] formed in fp32,
+// cos/sin times attention_scaling) on fp16 x, in place. positions [m] and
+// inv_freq [head_dim / 2] are device arrays. To rotate q and k of a fused
+// qkv row in one launch, pass n_heads = n_q + n_kv (they are contiguous).
+struct RopeF16Params {
+  uint16_t* x = nullptr;  // [m, n_heads * head_dim], stride ldx
+  int64_t m = 0, ldx = 0;
+  int n_heads = 0, head_dim = 0;
+  const int32_t* positions = nullptr;  // [m]
+  const float* inv_freq = nullptr;     // [head_dim / 2]
+  float attention_scaling = 1.f;
+};
+absl::Status Rope(const RopeF16Params& p, cudaStream_t stream);
+
+// y[i, j] = silu(gate[i, j]) * up[i, j] (SiluMulParams) in fp16, computed in
+// fp32. For the gate_up W4 GEMM output [m, 2F] (weight rows: F gate rows,
+// then F up rows): gate = out, up = out + F, ld_gate = ld_up = 2F, n = F.
+struct SiluMulF16Params {
+  const uint16_t* gate = nullptr;
+  const uint16_t* up = nullptr;
+  uint16_t* y = nullptr;  // may alias gate
+  int64_t m = 0, n = 0, ld_gate = 0, ld_up = 0, ldy = 0;
+};
+absl::Status SiluMul(const SiluMulF16Params& p, cudaStream_t stream);
+
+// Paged fp16 KV cache, the layout of AttentionParams:
+// k_cache / v_cache [num_blocks, block_size, n_kv_heads, head_dim]; physical
+// slot s = block * block_size + offset.
+//
+// KvAppend writes token i's k and v rows (n_kv_heads * head_dim fp16 each)
+// into slot slots[i] of both caches. A slot < 0 (padding) or >= num_blocks *
+// block_size is skipped (never written out of bounds; the engine validates
+// slots on the host).
+struct KvAppendParams {
+  const uint16_t* k = nullptr;  // [m, n_kv_heads * head_dim], stride ldk
+  const uint16_t* v = nullptr;  // [m, n_kv_heads * head_dim], stride ldv
+  int64_t m = 0, ldk = 0, ldv = 0;
+  int n_kv_heads = 0, head_dim = 0;
+  const int32_t* slots = nullptr;  // [m], device
+  uint16_t* k_cache = nullptr;
+  uint16_t* v_cache = nullptr;
+  int block_size = 0;
+  int64_t num_cache_blocks = 0;
+};
+absl::Status KvAppend(const KvAppendParams& p, cudaStream_t stream);
+
+// Decode attention over a paged KV cache: one query token per sequence,
+// GQA (query head h reads kv head h / (n_heads / n_kv_heads)). Sequence s
+// attends to its positions [0, context_lens[s]) (the new token's K/V must be
+// appended first); position t lives in block block_tables[s * max_blocks +
+// t / block_size], offset t % block_size. Softmax in fp32 with max
+// subtraction; output fp16. context_lens[s] == 0 gives a zero row; lengths
+// above max_context_len are clamped to it, block ids outside
+// [0, num_cache_blocks) read as masked (never out of bounds).
+//
+// Split-K (flash-decoding): the context is cut into partitions so that
+// sequences x kv heads x partitions fill the GPU even at batch 1; each
+// partition writes an unnormalised partial output with its max and sum into
+// the workspace, a second kernel combines them (skipped when one partition
+// covers max_context_len). head_dim 64 or 128; any GQA ratio.
+struct PagedDecodeAttentionParams {
+  const uint16_t* q = nullptr;  // [num_seqs, n_heads * head_dim], stride ldq
+  int64_t num_seqs = 0, ldq = 0;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  const uint16_t* k_cache = nullptr;
+  const uint16_t* v_cache = nullptr;
+  int block_size = 0;
+  int64_t num_cache_blocks = 0;
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq]
+  int64_t max_blocks_per_seq = 0;
+  const int32_t* context_lens = nullptr;  // [num_seqs], device
+  int64_t max_context_len = 0;            // host-side bound: sets the grid
+  float scale = 0.f;                      // usually 1/sqrt(head_dim)
+  uint16_t* out = nullptr;                // [num_seqs, n_heads * head_dim], stride ldo
+  int64_t ldo = 0;
+  void* workspace = nullptr;  // PagedDecodeAttentionWorkspaceBytes(p) bytes
+  size_t workspace_bytes = 0;
+};
+// Scratch the call needs for these sizes (0 when one partition suffices).
+size_t PagedDecodeAttentionWorkspaceBytes(const PagedDecodeAttentionParams& p);
+absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStream_t stream);
+
+// out[i, :] = table[ids[i], :] (fp16 table [vocab, d]); exactly one of
+// y_f32 / y_f16 (row stride ldy). An id outside [0, vocab) gives a zero row.
+struct EmbeddingParams {
+  const uint16_t* table = nullptr;
+  int64_t vocab = 0, d = 0;
+  const int32_t* ids = nullptr;  // [m], device
+  int64_t m = 0;
+  float* y_f32 = nullptr;
+  uint16_t* y_f16 = nullptr;
+  int64_t ldy = 0;
+};
+absl::Status Embedding(const EmbeddingParams& p, cudaStream_t stream);
+
+// Greedy sampling: out[i] = argmax_j logits[i, j] (fp32 [m, n], stride ld);
+// ties go to the lowest index, NaN never wins (an all-NaN row gives 0).
+absl::Status Argmax(const float* logits, int64_t m, int64_t n, int64_t ld, int32_t* out,
+                    cudaStream_t stream);
 
 }  // namespace spear::kernels::cuda

@@ -1,0 +1,629 @@
+// spear_bench_decode_cuda: one full decode step of a synthetic Llama-shaped
+// W4(+EC) model on the GPU, captured as ONE CUDA graph (no host sync inside),
+// against the memory-bandwidth floor measured in the same run.
+//
+// Step: embed -> per layer [RMSNorm -> qkv W4 -> RoPE (q and k) -> KV append
+// -> paged decode attention -> o W4 (+= residual) -> RMSNorm -> gate_up W4
+// -> SwiGLU -> down W4 (+= residual)] -> final RMSNorm -> lm_head (cuBLAS
+// fp16, fp32 logits) -> argmax. Residual stream fp32, activations fp16, KV
+// cache fp16 paged (block 16, shuffled page tables), every sequence at the
+// same context length (--ctx, default 512, the new token included).
+//
+// Weights: random W4 g128 asymmetric in the CUDA layout (W4DeviceWeight),
+// each module made once and cloned per layer (distinct memory, so nothing
+// is served from L2); EC rank 32, gated (gate hidden 16) on every module.
+// Variants: W4 (ECs off), W4+EC on all four GEMMs of every layer, W4+EC on
+// every 4th layer (a subset), and the W4 GEMMs alone (the rest of the step
+// left out: what the other kernels cost).
+//
+// Floor: bytes a step must read (weights as laid out, + EC where on, + the
+// KV rows read, + lm_head, + embedding rows and norm weights) over the
+// device copy bandwidth (grid-stride copy kernel, read + write bytes / time,
+// as in spear_bench_w4_cuda). Time: the graph replayed 3 times to warm up,
+// then --iters timed replays; median.
+//
+// usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
+//                                [--iters=20]
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda_ops.h"
+#include "kernels/dtype.h"
+#include "kernels/w4_cuda.h"
+
+namespace spear::kernels {
+namespace {
+
+#define CK(expr)                                                                               \
+  do {                                                                                         \
+    const cudaError_t e_ = (expr);                                                             \
+    if (e_ != cudaSuccess) {                                                                   \
+      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #expr, cudaGetErrorString(e_), __FILE__, \
+                   __LINE__);                                                                  \
+      std::exit(1);                                                                            \
+    }                                                                                          \
+  } while (0)
+#define CKS(expr)                                                                                \
+  do {                                                                                           \
+    const absl::Status st_ = (expr);                                                             \
+    if (!st_.ok()) {                                                                             \
+      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #expr, std::string(st_.message()).c_str(), \
+                   __FILE__, __LINE__);                                                          \
+      std::exit(1);                                                                              \
+    }                                                                                            \
+  } while (0)
+#define CKB(expr)                                                                          \
+  do {                                                                                     \
+    const cublasStatus_t b_ = (expr);                                                      \
+    if (b_ != CUBLAS_STATUS_SUCCESS) {                                                     \
+      std::fprintf(stderr, "%s failed: %d (%s:%d)\n", #expr, (int)b_, __FILE__, __LINE__); \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+constexpr int kGroup = 128;
+constexpr int kBlock = 16;  // KV block size (tokens)
+
+struct ModelShape {
+  const char* name;
+  int64_t hidden, inter;
+  int n_q, n_kv, head_dim, layers;
+  int64_t vocab;
+  bool tied;  // lm_head shares the embedding table (1B)
+};
+const ModelShape kModels[] = {
+    {"8B", 4096, 14336, 32, 8, 128, 32, 128256, false},
+    {"1B", 2048, 8192, 32, 8, 64, 16, 128256, true},
+};
+
+cudaStream_t g_stream;
+
+__global__ void CopyKernel(const uint4* __restrict__ a, uint4* __restrict__ b, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    b[i] = a[i];
+  }
+}
+
+// Deterministic pseudo-random fp16 in [-scale, scale) (hash of the index).
+__global__ void FillHalf(uint16_t* p, size_t n, float scale, uint32_t salt) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ salt;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    const float v = (static_cast<float>(h & 0xffff) / 32768.f - 1.f) * scale;
+    p[i] = __half_as_ushort(__float2half_rn(v));
+  }
+}
+
+// Median ms of one replay of `ge`.
+double TimeGraphExec(cudaGraphExec_t ge, int iters) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(ge, g_stream));
+  std::vector<float> t;
+  for (int i = 0; i < iters; ++i) {
+    CK(cudaEventRecord(a, g_stream));
+    CK(cudaGraphLaunch(ge, g_stream));
+    CK(cudaEventRecord(b, g_stream));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// Read + write bytes per second of a 1 GiB device copy (median of 10).
+double CopyBandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *a, *b;
+  CK(cudaMalloc(&a, bytes));
+  CK(cudaMalloc(&b, bytes));
+  CK(cudaMemset(a, 1, bytes));
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
+  for (int r = 0; r < 4; ++r) {
+    CopyKernel<<<sms * 8, 512, 0, g_stream>>>(static_cast<const uint4*>(a), static_cast<uint4*>(b),
+                                              bytes / 16);
+  }
+  CK(cudaStreamEndCapture(g_stream, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  const double ms = TimeGraphExec(ge, 10) / 4;
+  CK(cudaGraphExecDestroy(ge));
+  CK(cudaGraphDestroy(g));
+  CK(cudaFree(a));
+  CK(cudaFree(b));
+  return 2.0 * bytes / (ms * 1e-3);
+}
+
+W4Weight RandomW4(int64_t n, int64_t k, std::mt19937& rng) {
+  W4Weight w;
+  w.fmt = {n, k, kGroup, false};
+  const int64_t ng = (k + kGroup - 1) / kGroup;
+  w.packed.resize(static_cast<size_t>(n * k / 2));
+  uint64_t s = rng();
+  for (auto& b : w.packed) {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    b = static_cast<uint8_t>(s >> 56);
+  }
+  w.scales.resize(static_cast<size_t>(n * ng));
+  w.zeros.resize(static_cast<size_t>(n * ng));
+  std::uniform_real_distribution<float> sc(0.004f, 0.02f);
+  for (size_t i = 0; i < w.scales.size(); ++i) {
+    w.scales[i] = FloatToHalf(sc(rng));
+    w.zeros[i] = static_cast<uint8_t>(rng() & 15);
+  }
+  return w;
+}
+
+EcWeights RandomEc(int64_t n, int64_t k, std::mt19937& rng) {
+  EcWeights e;
+  e.n = n;
+  e.k = k;
+  e.rank = 32;
+  e.gate_hidden = 16;
+  e.gated = true;
+  std::normal_distribution<float> nd;
+  e.a.resize(static_cast<size_t>(32 * k));
+  for (float& v : e.a) v = nd(rng) / 64.f;
+  e.b.resize(static_cast<size_t>(n * 32));
+  for (float& v : e.b) v = 0.01f * nd(rng);
+  e.w1.resize(16 * 32);
+  e.b1.resize(16);
+  e.w2.resize(32 * 16);
+  e.b2.resize(32);
+  for (auto* v : {&e.w1, &e.b1, &e.w2, &e.b2})
+    for (float& x : *v) x = 0.3f * nd(rng);
+  return e;
+}
+
+template <typename T>
+T* Alloc(size_t n) {
+  void* p = nullptr;
+  CK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
+  return static_cast<T*>(p);
+}
+
+enum class Ec { kOff, kAll, kEvery4th };
+struct Variant {
+  const char* name;
+  Ec ec;
+  bool gemms_only;
+};
+const Variant kVariants[] = {{"W4", Ec::kOff, false},
+                             {"W4+EC r32 all 4 GEMMs, all layers", Ec::kAll, false},
+                             {"W4+EC r32 all 4 GEMMs, every 4th layer", Ec::kEvery4th, false},
+                             {"W4 GEMMs only (no norm/rope/attn/lm_head)", Ec::kOff, true}};
+
+struct Layer {
+  std::unique_ptr<cuda::W4DeviceWeight> qkv, o, gate_up, down;
+  float *norm1 = nullptr, *norm2 = nullptr;
+  uint16_t *k_cache = nullptr, *v_cache = nullptr;
+};
+
+class Model {
+ public:
+  Model(const ModelShape& s, int max_batch, int ctx, std::mt19937& rng) : shape_(s), ctx_(ctx) {
+    const int64_t qkv_n = int64_t{s.n_q + 2 * s.n_kv} * s.head_dim;
+    std::printf("# %s: building weights (W4 g128 + EC r32, %d layers)...\n", s.name, s.layers);
+    std::fflush(stdout);
+    const W4Weight wq = RandomW4(qkv_n, s.hidden, rng), wo = RandomW4(s.hidden, s.hidden, rng),
+                   wgu = RandomW4(2 * s.inter, s.hidden, rng),
+                   wd = RandomW4(s.hidden, s.inter, rng);
+    const EcWeights eq = RandomEc(qkv_n, s.hidden, rng), eo = RandomEc(s.hidden, s.hidden, rng),
+                    egu = RandomEc(2 * s.inter, s.hidden, rng),
+                    ed = RandomEc(s.hidden, s.inter, rng);
+    auto make = [](const W4Weight& w, const EcWeights& e) {
+      auto r = cuda::W4DeviceWeight::Create(w, &e);
+      CKS(r.status());
+      return std::move(*r);
+    };
+    auto clone = [](const cuda::W4DeviceWeight& w) {
+      auto r = w.Clone();
+      CKS(r.status());
+      return std::move(*r);
+    };
+    blocks_per_seq_ = (ctx + kBlock - 1) / kBlock;
+    num_blocks_ = int64_t{max_batch} * blocks_per_seq_;
+    const size_t cache_elems = static_cast<size_t>(num_blocks_) * kBlock * s.n_kv * s.head_dim;
+    std::vector<float> ones(s.hidden);
+    std::normal_distribution<float> nd;
+    layers_.resize(s.layers);
+    for (int l = 0; l < s.layers; ++l) {
+      Layer& L = layers_[l];
+      if (l == 0) {
+        L.qkv = make(wq, eq);
+        L.o = make(wo, eo);
+        L.gate_up = make(wgu, egu);
+        L.down = make(wd, ed);
+      } else {
+        L.qkv = clone(*layers_[0].qkv);
+        L.o = clone(*layers_[0].o);
+        L.gate_up = clone(*layers_[0].gate_up);
+        L.down = clone(*layers_[0].down);
+      }
+      for (float*& nw : {std::ref(L.norm1), std::ref(L.norm2)}) {
+        for (float& v : ones) v = 1.f + 0.1f * nd(rng);
+        nw = Alloc<float>(s.hidden);
+        CK(cudaMemcpy(nw, ones.data(), s.hidden * 4, cudaMemcpyHostToDevice));
+      }
+      L.k_cache = Alloc<uint16_t>(cache_elems);
+      L.v_cache = Alloc<uint16_t>(cache_elems);
+      FillHalf<<<1024, 256, 0, g_stream>>>(L.k_cache, cache_elems, 1.f, 2 * l + 1);
+      FillHalf<<<1024, 256, 0, g_stream>>>(L.v_cache, cache_elems, 1.f, 2 * l + 2);
+      CK(cudaGetLastError());
+    }
+    final_norm_ = Alloc<float>(s.hidden);
+    for (float& v : ones) v = 1.f;
+    CK(cudaMemcpy(final_norm_, ones.data(), s.hidden * 4, cudaMemcpyHostToDevice));
+    embed_ = Alloc<uint16_t>(static_cast<size_t>(s.vocab * s.hidden));
+    FillHalf<<<1024, 256, 0, g_stream>>>(embed_, static_cast<size_t>(s.vocab * s.hidden), 0.05f,
+                                         77);
+    if (s.tied) {
+      lm_head_ = embed_;
+    } else {
+      lm_head_ = Alloc<uint16_t>(static_cast<size_t>(s.vocab * s.hidden));
+      FillHalf<<<1024, 256, 0, g_stream>>>(lm_head_, static_cast<size_t>(s.vocab * s.hidden), 0.05f,
+                                           78);
+    }
+    CK(cudaGetLastError());
+    std::vector<float> inv(s.head_dim / 2);
+    for (int j = 0; j < s.head_dim / 2; ++j)
+      inv[j] = 1.f / std::pow(500000.f, 2.f * j / static_cast<float>(s.head_dim));
+    inv_freq_ = Alloc<float>(inv.size());
+    CK(cudaMemcpy(inv_freq_, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
+
+    // Per-sequence state: every sequence at context ctx (its new token at
+    // position ctx - 1), pages shuffled over the pool.
+    std::vector<int32_t> perm(num_blocks_);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<int32_t> tables(static_cast<size_t>(max_batch) * blocks_per_seq_), pos(max_batch),
+        slots(max_batch), lens(max_batch, ctx), ids(max_batch);
+    for (size_t i = 0; i < tables.size(); ++i) tables[i] = perm[i];
+    for (int b = 0; b < max_batch; ++b) {
+      pos[b] = ctx - 1;
+      slots[b] = tables[b * blocks_per_seq_ + (ctx - 1) / kBlock] * kBlock + (ctx - 1) % kBlock;
+      ids[b] = static_cast<int32_t>(rng() % s.vocab);
+    }
+    auto up = [](const std::vector<int32_t>& v) {
+      int32_t* d = Alloc<int32_t>(v.size());
+      CK(cudaMemcpy(d, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+      return d;
+    };
+    tables_ = up(tables);
+    pos_ = up(pos);
+    slots_ = up(slots);
+    lens_ = up(lens);
+    ids_ = up(ids);
+    next_ = Alloc<int32_t>(max_batch);
+    residual_ = Alloc<float>(static_cast<size_t>(max_batch) * s.hidden);
+    h16_ = Alloc<uint16_t>(static_cast<size_t>(max_batch) * s.hidden);
+    qkv_ = Alloc<uint16_t>(static_cast<size_t>(max_batch) * qkv_n);
+    attn_ = Alloc<uint16_t>(static_cast<size_t>(max_batch) * s.n_q * s.head_dim);
+    gu_ = Alloc<uint16_t>(static_cast<size_t>(max_batch) * 2 * s.inter);
+    act_ = Alloc<uint16_t>(static_cast<size_t>(max_batch) * s.inter);
+    logits_ = Alloc<float>(static_cast<size_t>(max_batch) * s.vocab);
+    cuda::PagedDecodeAttentionParams ap = AttnParams(max_batch, layers_[0]);
+    attn_ws_bytes_ = cuda::PagedDecodeAttentionWorkspaceBytes(ap);
+    for (int b = 1; b < max_batch; ++b) {
+      attn_ws_bytes_ = std::max(
+          attn_ws_bytes_, cuda::PagedDecodeAttentionWorkspaceBytes(AttnParams(b, layers_[0])));
+    }
+    attn_ws_ = Alloc<uint8_t>(attn_ws_bytes_);
+    auto ws = cuda::W4Workspace::Create();
+    CKS(ws.status());
+    ws_ = std::move(*ws);
+    CKB(cublasCreate(&cublas_));
+    CKB(cublasSetStream(cublas_, g_stream));
+    cublas_ws_ = Alloc<uint8_t>(size_t{64} << 20);
+    CKB(cublasSetWorkspace(cublas_, cublas_ws_, size_t{64} << 20));
+    CK(cudaStreamSynchronize(g_stream));
+  }
+
+  ~Model() {
+    cublasDestroy(cublas_);
+    for (Layer& L : layers_) {
+      cudaFree(L.norm1);
+      cudaFree(L.norm2);
+      cudaFree(L.k_cache);
+      cudaFree(L.v_cache);
+    }
+    for (void* p : std::initializer_list<void*>{final_norm_, embed_, inv_freq_, tables_, pos_,
+                                                slots_, lens_, ids_, next_, residual_, h16_, qkv_,
+                                                attn_, gu_, act_, logits_, attn_ws_, cublas_ws_}) {
+      cudaFree(p);
+    }
+    if (!shape_.tied) cudaFree(lm_head_);
+  }
+
+  cuda::PagedDecodeAttentionParams AttnParams(int m, const Layer& L) const {
+    cuda::PagedDecodeAttentionParams p;
+    p.q = qkv_;
+    p.num_seqs = m;
+    p.ldq = int64_t{shape_.n_q + 2 * shape_.n_kv} * shape_.head_dim;
+    p.n_heads = shape_.n_q;
+    p.n_kv_heads = shape_.n_kv;
+    p.head_dim = shape_.head_dim;
+    p.k_cache = L.k_cache;
+    p.v_cache = L.v_cache;
+    p.block_size = kBlock;
+    p.num_cache_blocks = num_blocks_;
+    p.block_tables = tables_;
+    p.max_blocks_per_seq = blocks_per_seq_;
+    p.context_lens = lens_;
+    p.max_context_len = ctx_;
+    p.scale = 1.f / std::sqrt(static_cast<float>(shape_.head_dim));
+    p.out = attn_;
+    p.ldo = int64_t{shape_.n_q} * shape_.head_dim;
+    p.workspace = attn_ws_;
+    p.workspace_bytes = attn_ws_bytes_;
+    return p;
+  }
+
+  static bool EcOn(Ec ec, int layer) {
+    return ec == Ec::kAll || (ec == Ec::kEvery4th && layer % 4 == 0);
+  }
+
+  // Enqueues one decode step for batch m on g_stream.
+  void Step(int m, const Variant& v) {
+    const int64_t H = shape_.hidden,
+                  qkv_n = int64_t{shape_.n_q + 2 * shape_.n_kv} * shape_.head_dim;
+    auto gemm = [&](const cuda::W4DeviceWeight& w, const uint16_t* x, int64_t ldx, uint16_t* y16,
+                    float* y32, int64_t ldy, bool ec) {
+      cuda::W4CudaParams p;
+      p.x = x;
+      p.m = m;
+      p.ldx = ldx;
+      p.y_f16 = y16;
+      p.y_f32 = y32;
+      p.ldy = ldy;
+      p.accumulate = y32 != nullptr;
+      p.use_ec = ec;
+      CKS(cuda::W4Linear(w, p, ws_.get(), g_stream));
+    };
+    if (!v.gemms_only) {
+      cuda::EmbeddingParams e;
+      e.table = embed_;
+      e.vocab = shape_.vocab;
+      e.d = H;
+      e.ids = ids_;
+      e.m = m;
+      e.y_f32 = residual_;
+      e.ldy = H;
+      CKS(cuda::Embedding(e, g_stream));
+    }
+    for (int l = 0; l < shape_.layers; ++l) {
+      const Layer& L = layers_[l];
+      const bool ec = EcOn(v.ec, l);
+      cuda::RmsNormF16Params n;
+      n.x = residual_;
+      n.y = h16_;
+      n.m = m;
+      n.d = n.ldx = n.ldy = H;
+      n.eps = 1e-5f;
+      if (!v.gemms_only) {
+        n.weight = L.norm1;
+        CKS(cuda::RmsNormF16(n, g_stream));
+      }
+      gemm(*L.qkv, h16_, H, qkv_, nullptr, qkv_n, ec);
+      if (!v.gemms_only) {
+        cuda::RopeF16Params r;
+        r.x = qkv_;
+        r.m = m;
+        r.ldx = qkv_n;
+        r.n_heads = shape_.n_q + shape_.n_kv;  // q and k are contiguous
+        r.head_dim = shape_.head_dim;
+        r.positions = pos_;
+        r.inv_freq = inv_freq_;
+        CKS(cuda::Rope(r, g_stream));
+        cuda::KvAppendParams a;
+        a.k = qkv_ + int64_t{shape_.n_q} * shape_.head_dim;
+        a.v = qkv_ + int64_t{shape_.n_q + shape_.n_kv} * shape_.head_dim;
+        a.m = m;
+        a.ldk = a.ldv = qkv_n;
+        a.n_kv_heads = shape_.n_kv;
+        a.head_dim = shape_.head_dim;
+        a.slots = slots_;
+        a.k_cache = L.k_cache;
+        a.v_cache = L.v_cache;
+        a.block_size = kBlock;
+        a.num_cache_blocks = num_blocks_;
+        CKS(cuda::KvAppend(a, g_stream));
+        CKS(cuda::PagedDecodeAttention(AttnParams(m, L), g_stream));
+      }
+      gemm(*L.o, attn_, int64_t{shape_.n_q} * shape_.head_dim, nullptr, residual_, H, ec);
+      if (!v.gemms_only) {
+        n.weight = L.norm2;
+        CKS(cuda::RmsNormF16(n, g_stream));
+      }
+      gemm(*L.gate_up, h16_, H, gu_, nullptr, 2 * shape_.inter, ec);
+      if (!v.gemms_only) {
+        cuda::SiluMulF16Params sm;
+        sm.gate = gu_;
+        sm.up = gu_ + shape_.inter;
+        sm.y = act_;
+        sm.m = m;
+        sm.n = shape_.inter;
+        sm.ld_gate = sm.ld_up = 2 * shape_.inter;
+        sm.ldy = shape_.inter;
+        CKS(cuda::SiluMul(sm, g_stream));
+      }
+      gemm(*L.down, act_, shape_.inter, nullptr, residual_, H, ec);
+    }
+    if (v.gemms_only) return;
+    cuda::RmsNormF16Params n;
+    n.x = residual_;
+    n.weight = final_norm_;
+    n.y = h16_;
+    n.m = m;
+    n.d = n.ldx = n.ldy = H;
+    CKS(cuda::RmsNormF16(n, g_stream));
+    const float alpha = 1.f, beta = 0.f;
+    CKB(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(shape_.vocab), m,
+                     static_cast<int>(H), &alpha, lm_head_, CUDA_R_16F, static_cast<int>(H), h16_,
+                     CUDA_R_16F, static_cast<int>(H), &beta, logits_, CUDA_R_32F,
+                     static_cast<int>(shape_.vocab), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    CKS(cuda::Argmax(logits_, m, shape_.vocab, shape_.vocab, next_, g_stream));
+  }
+
+  // Bytes one step must read: weights as laid out (+ EC where on), the KV
+  // rows of every sequence, lm_head, embedding rows, norm weights.
+  double FloorBytes(int m, const Variant& v) const {
+    double b = 0;
+    for (int l = 0; l < shape_.layers; ++l) {
+      const Layer& L = layers_[l];
+      for (const cuda::W4DeviceWeight* w :
+           {L.qkv.get(), L.o.get(), L.gate_up.get(), L.down.get()}) {
+        b += static_cast<double>(w->backbone_bytes());
+        if (EcOn(v.ec, l)) b += static_cast<double>(w->ec_bytes());
+      }
+    }
+    if (v.gemms_only) return b;
+    b += 2.0 * m * ctx_ * shape_.layers * shape_.n_kv * shape_.head_dim * 2;  // K and V, fp16
+    b += 2.0 * shape_.vocab * shape_.hidden;                                  // lm_head fp16
+    b += 2.0 * m * shape_.hidden + 4.0 * (2 * shape_.layers + 1) * shape_.hidden;
+    return b;
+  }
+
+  std::vector<int32_t> NextIds(int m) {
+    std::vector<int32_t> v(m);
+    CK(cudaMemcpy(v.data(), next_, m * 4, cudaMemcpyDeviceToHost));
+    return v;
+  }
+
+ private:
+  ModelShape shape_;
+  int ctx_;
+  int64_t blocks_per_seq_ = 0, num_blocks_ = 0;
+  std::vector<Layer> layers_;
+  float *final_norm_ = nullptr, *inv_freq_ = nullptr;
+  uint16_t *embed_ = nullptr, *lm_head_ = nullptr;
+  int32_t *tables_ = nullptr, *pos_ = nullptr, *slots_ = nullptr, *lens_ = nullptr, *ids_ = nullptr,
+          *next_ = nullptr;
+  float* residual_ = nullptr;
+  uint16_t *h16_ = nullptr, *qkv_ = nullptr, *attn_ = nullptr, *gu_ = nullptr, *act_ = nullptr;
+  float* logits_ = nullptr;
+  uint8_t* attn_ws_ = nullptr;
+  size_t attn_ws_bytes_ = 0;
+  std::unique_ptr<cuda::W4Workspace> ws_;
+  cublasHandle_t cublas_ = nullptr;
+  uint8_t* cublas_ws_ = nullptr;
+};
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string t;
+  while (std::getline(ss, t, ',')) out.push_back(t);
+  return out;
+}
+
+int Main(int argc, char** argv) {
+  std::vector<std::string> models = {"8B", "1B"};
+  std::vector<int> batches = {1, 8, 32};
+  int ctx = 512, iters = 20;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--models=", 0) == 0)
+      models = Split(a.substr(9));
+    else if (a.rfind("--ctx=", 0) == 0)
+      ctx = std::stoi(a.substr(6));
+    else if (a.rfind("--iters=", 0) == 0)
+      iters = std::stoi(a.substr(8));
+    else if (a.rfind("--batches=", 0) == 0) {
+      batches.clear();
+      for (const auto& t : Split(a.substr(10))) batches.push_back(std::stoi(t));
+    } else {
+      std::fprintf(stderr,
+                   "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
+                   "[--batches=1,8,32] [--iters=20]\n",
+                   a.c_str(), argv[0]);
+      return 2;
+    }
+  }
+  if (ctx < 1 || iters < 1 || batches.empty()) {
+    std::fprintf(stderr, "bad flags\n");
+    return 2;
+  }
+  CK(cudaSetDevice(0));
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+  const double copy_bw = CopyBandwidth();
+  std::printf("device: %s, %d SMs, L2 %d MB; copy bandwidth (read+write) %.0f GB/s\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e9);
+  std::printf("context %d tokens (KV block %d), graph replays: 3 warm-up + %d timed, median\n\n",
+              ctx, kBlock, iters);
+  std::mt19937 rng(1234);
+  const int max_batch = *std::max_element(batches.begin(), batches.end());
+  std::printf(
+      "| model | batch | variant | step ms | tokens/s | graph nodes | floor GB | floor ms | step / "
+      "floor |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  for (const std::string& name : models) {
+    const ModelShape* s = nullptr;
+    for (const auto& m : kModels)
+      if (name == m.name) s = &m;
+    if (s == nullptr) {
+      std::fprintf(stderr, "unknown model %s\n", name.c_str());
+      return 2;
+    }
+    auto model = std::make_unique<Model>(*s, max_batch, ctx, rng);
+    for (int b : batches) {
+      for (const Variant& v : kVariants) {
+        model->Step(b, v);  // once eagerly: first-call setup outside capture
+        CK(cudaStreamSynchronize(g_stream));
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
+        model->Step(b, v);
+        CK(cudaStreamEndCapture(g_stream, &g));
+        CK(cudaGraphInstantiate(&ge, g, 0));
+        size_t nodes = 0;
+        CK(cudaGraphGetNodes(g, nullptr, &nodes));
+        const double ms = TimeGraphExec(ge, iters);
+        CK(cudaGetLastError());
+        const double bytes = model->FloorBytes(b, v);
+        const double floor_ms = bytes / copy_bw * 1e3;
+        std::printf("| %s | %d | %s | %.3f | %.0f | %zu | %.3f | %.3f | %.2fx |\n", s->name, b,
+                    v.name, ms, b / (ms * 1e-3), nodes, bytes / 1e9, floor_ms, ms / floor_ms);
+        std::fflush(stdout);
+        CK(cudaGraphExecDestroy(ge));
+        CK(cudaGraphDestroy(g));
+      }
+      const auto ids = model->NextIds(b);
+      std::printf("# %s batch %d: next token of seq 0 = %d\n", s->name, b, ids[0]);
+    }
+    model.reset();
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace spear::kernels
+
+int main(int argc, char** argv) { return spear::kernels::Main(argc, argv); }

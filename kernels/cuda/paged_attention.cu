@@ -1,0 +1,311 @@
+// Paged decode attention with GQA and split-K over the context
+// (flash-decoding). One thread block per (partition, kv head x group chunk,
+// sequence): the block serves up to kMaxG query heads that share one kv
+// head, so each K/V row is read once for the whole group.
+//
+// Per block: (1) scores: one thread per token computes the dot products of
+// its K row with all group queries (q in shared memory, read as broadcasts;
+// no shuffles: at batch 32 a warp-per-token layout spent more time in
+// reductions than in loads); (2) a per-head softmax over the partition in
+// shared memory; (3) P V: each thread owns two dims of the head and a
+// stride of tokens, partial sums reduced through shared memory. With one
+// partition the block writes the normalised fp16 output; otherwise it
+// writes an unnormalised fp32 partial + its max and sum, and CombineKernel
+// merges the partitions (log-sum-exp rescaling).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda_ops.h"
+#include "kernels/w4_cuda.h"
+
+namespace spear::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kMaxG = 8;      // query heads per block
+constexpr int kMinPart = 32;  // tokens per partition, bounds
+constexpr int kMaxPart = 512;
+
+struct Plan {
+  int gchunks = 1, part = kMinPart, parts = 1;
+};
+
+Plan MakePlan(const PagedDecodeAttentionParams& p) {
+  Plan pl;
+  const int group = p.n_heads / p.n_kv_heads;
+  pl.gchunks = (group + kMaxG - 1) / kMaxG;
+  const int64_t base = p.num_seqs * p.n_kv_heads * pl.gchunks;
+  // Enough blocks for two waves' worth of SMs; longer partitions once the
+  // batch alone fills the GPU (fewer partials to combine).
+  const int64_t target = 2 * int64_t{NumSms() > 0 ? NumSms() : 132};
+  const int64_t want = base >= target ? 1 : (target + base - 1) / base;
+  const int64_t ctx = p.max_context_len > 0 ? p.max_context_len : 1;
+  int64_t part = (ctx + want - 1) / want;
+  part = (part + 31) / 32 * 32;
+  if (part < kMinPart) part = kMinPart;
+  if (part > kMaxPart) part = kMaxPart;
+  pl.part = static_cast<int>(part);
+  pl.parts = static_cast<int>((ctx + part - 1) / part);
+  return pl;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    SplitKernel(const uint16_t* __restrict__ q, int64_t ldq, int n_heads, int n_kv_heads,
+                const uint16_t* __restrict__ k_cache, const uint16_t* __restrict__ v_cache,
+                int block_size, int64_t num_cache_blocks, const int32_t* __restrict__ tables,
+                int64_t max_blocks, const int32_t* __restrict__ context_lens, int64_t max_ctx,
+                float scale, int part, int gchunks, uint16_t* __restrict__ out, int64_t ldo,
+                float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl) {
+  __shared__ __align__(16) float q_s[kMaxG][D];
+  __shared__ float s_s[kMaxG][kMaxPart];
+  __shared__ int32_t row_s[kMaxPart];  // cache row (slot) of each token, -1 = masked
+  __shared__ float red_s[kThreads / (D / 2)][kMaxG][D];
+  __shared__ float m_s[kMaxG], l_s[kMaxG];
+
+  const int tid = threadIdx.x;
+  const int64_t seq = blockIdx.z;
+  const int kvh = blockIdx.y / gchunks;
+  const int group = n_heads / n_kv_heads;
+  const int g0 = (blockIdx.y % gchunks) * kMaxG;
+  const int ng = min(kMaxG, group - g0);
+  const int h0 = kvh * group + g0;
+  const int nparts = gridDim.x;
+  int64_t ctx = context_lens[seq];
+  ctx = ctx < 0 ? 0 : (ctx > max_ctx ? max_ctx : ctx);
+  const int64_t t0 = int64_t{blockIdx.x} * part;
+  const int nt = static_cast<int>(ctx - t0 < part ? (ctx - t0 > 0 ? ctx - t0 : 0) : part);
+
+  if (nt == 0) {  // nothing here: an empty partial (or a zero row)
+    for (int i = tid; i < ng * D; i += kThreads) {
+      const int g = i / D, d = i - g * D;
+      const int64_t hh = seq * n_heads + h0 + g;
+      if (nparts == 1) {
+        reinterpret_cast<__half*>(out + seq * ldo)[(h0 + g) * D + d] = __float2half(0.f);
+      } else {
+        po[(hh * nparts + blockIdx.x) * D + d] = 0.f;
+        if (d == 0) {
+          pm[hh * nparts + blockIdx.x] = -INFINITY;
+          pl[hh * nparts + blockIdx.x] = 0.f;
+        }
+      }
+    }
+    return;
+  }
+
+  const __half* qh = reinterpret_cast<const __half*>(q + seq * ldq);
+  for (int i = tid; i < ng * D; i += kThreads) {
+    const int g = i / D, d = i - g * D;
+    q_s[g][d] = __half2float(qh[(h0 + g) * D + d]) * scale;
+  }
+  const int64_t kv_row = int64_t{n_kv_heads} * D;  // elements per cache slot
+  for (int t = tid; t < nt; t += kThreads) {
+    const int64_t pos = t0 + t;
+    const int64_t blk = tables[seq * max_blocks + pos / block_size];
+    row_s[t] = (blk >= 0 && blk < num_cache_blocks)
+                   ? static_cast<int32_t>(blk * block_size + pos % block_size)
+                   : -1;
+  }
+  __syncthreads();
+
+  // (1) scores, one thread per token.
+  for (int t = tid; t < nt; t += kThreads) {
+    const int32_t slot = row_s[t];
+    float acc[kMaxG];
+#pragma unroll
+    for (int g = 0; g < kMaxG; ++g) acc[g] = 0.f;
+    if (slot >= 0) {
+      const uint4* kr = reinterpret_cast<const uint4*>(k_cache + slot * kv_row + int64_t{kvh} * D);
+#pragma unroll 4
+      for (int c = 0; c < D / 8; ++c) {
+        const uint4 raw = kr[c];
+        const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+        float kf[8];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = __half22float2(h2[e]);
+          kf[2 * e] = f.x;
+          kf[2 * e + 1] = f.y;
+        }
+#pragma unroll
+        for (int g = 0; g < kMaxG; ++g) {
+          if (g < ng) {
+            const float4 a = *reinterpret_cast<const float4*>(&q_s[g][c * 8]);
+            const float4 b = *reinterpret_cast<const float4*>(&q_s[g][c * 8 + 4]);
+            acc[g] += a.x * kf[0] + a.y * kf[1] + a.z * kf[2] + a.w * kf[3] + b.x * kf[4] +
+                      b.y * kf[5] + b.z * kf[6] + b.w * kf[7];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kMaxG; ++g) {
+      if (g < ng) s_s[g][t] = slot >= 0 ? acc[g] : -INFINITY;
+    }
+  }
+  __syncthreads();
+
+  // (2) softmax over the partition, one warp per head.
+  const int lane = tid & 31, warp = tid >> 5;
+  for (int g = warp; g < ng; g += kThreads / 32) {
+    float mx = -INFINITY;
+    for (int t = lane; t < nt; t += 32) mx = fmaxf(mx, s_s[g][t]);
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float sum = 0.f;
+    for (int t = lane; t < nt; t += 32) {
+      const float e = mx == -INFINITY ? 0.f : expf(s_s[g][t] - mx);
+      s_s[g][t] = e;
+      sum += e;
+    }
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) {
+      m_s[g] = mx;
+      l_s[g] = sum;
+    }
+  }
+  __syncthreads();
+
+  // (3) P V: thread = (token stride group, dim pair).
+  constexpr int kPairs = D / 2, kGroups = kThreads / kPairs;
+  const int pair = tid % kPairs, tg = tid / kPairs;
+  float acc0[kMaxG], acc1[kMaxG];
+#pragma unroll
+  for (int g = 0; g < kMaxG; ++g) acc0[g] = acc1[g] = 0.f;
+  for (int t = tg; t < nt; t += kGroups) {
+    const int32_t slot = row_s[t];
+    if (slot < 0) continue;
+    const float2 v = __half22float2(
+        reinterpret_cast<const __half2*>(v_cache + slot * kv_row + int64_t{kvh} * D)[pair]);
+#pragma unroll
+    for (int g = 0; g < kMaxG; ++g) {
+      if (g < ng) {
+        const float pr = s_s[g][t];
+        acc0[g] += pr * v.x;
+        acc1[g] += pr * v.y;
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < kMaxG; ++g) {
+    if (g < ng) {
+      red_s[tg][g][2 * pair] = acc0[g];
+      red_s[tg][g][2 * pair + 1] = acc1[g];
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < ng * D; i += kThreads) {
+    const int g = i / D, d = i - g * D;
+    float o = 0.f;
+#pragma unroll
+    for (int j = 0; j < kGroups; ++j) o += red_s[j][g][d];
+    const int64_t hh = seq * n_heads + h0 + g;
+    if (nparts == 1) {
+      const float l = l_s[g];
+      reinterpret_cast<__half*>(out + seq * ldo)[(h0 + g) * D + d] =
+          __float2half_rn(l > 0.f ? o / l : 0.f);
+    } else {
+      po[(hh * nparts + blockIdx.x) * D + d] = o;
+      if (d == 0) {
+        pm[hh * nparts + blockIdx.x] = m_s[g];
+        pl[hh * nparts + blockIdx.x] = l_s[g];
+      }
+    }
+  }
+}
+
+// One block per (head, sequence), one thread per dim.
+__global__ void CombineKernel(int head_dim, int n_heads, int nparts, const float* __restrict__ po,
+                              const float* __restrict__ pm, const float* __restrict__ pl,
+                              uint16_t* __restrict__ out, int64_t ldo) {
+  const int h = blockIdx.x;
+  const int64_t seq = blockIdx.y;
+  const int64_t hh = seq * n_heads + h;
+  float mx = -INFINITY;
+  for (int j = 0; j < nparts; ++j) {
+    if (pl[hh * nparts + j] > 0.f) mx = fmaxf(mx, pm[hh * nparts + j]);
+  }
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float num = 0.f, den = 0.f;
+    for (int j = 0; j < nparts; ++j) {
+      const float l = pl[hh * nparts + j];
+      if (!(l > 0.f)) continue;
+      const float w = expf(pm[hh * nparts + j] - mx);
+      den += w * l;
+      num += w * po[(hh * nparts + j) * head_dim + d];
+    }
+    reinterpret_cast<__half*>(out + seq * ldo)[h * head_dim + d] =
+        __float2half_rn(den > 0.f ? num / den : 0.f);
+  }
+}
+
+absl::Status Validate(const PagedDecodeAttentionParams& p) {
+  if (p.q == nullptr || p.k_cache == nullptr || p.v_cache == nullptr || p.block_tables == nullptr ||
+      p.context_lens == nullptr || p.out == nullptr || p.num_seqs < 0 || p.n_heads <= 0 ||
+      p.n_kv_heads <= 0 || p.n_heads % p.n_kv_heads != 0 ||
+      (p.head_dim != 64 && p.head_dim != 128) || p.block_size <= 0 || p.num_cache_blocks <= 0 ||
+      p.max_blocks_per_seq <= 0 || p.max_context_len < 0 ||
+      p.max_context_len > p.max_blocks_per_seq * p.block_size ||
+      p.ldq < int64_t{p.n_heads} * p.head_dim || p.ldo < int64_t{p.n_heads} * p.head_dim ||
+      !(p.scale > 0.f) || p.num_cache_blocks * p.block_size > 0x7fffffff ||
+      (reinterpret_cast<uintptr_t>(p.k_cache) & 15) != 0 ||
+      (reinterpret_cast<uintptr_t>(p.v_cache) & 15) != 0) {
+    return absl::InvalidArgumentError("cuda::PagedDecodeAttention: invalid parameters");
+  }
+  if (p.num_seqs > 65535) {
+    return absl::InvalidArgumentError("cuda::PagedDecodeAttention: more than 65535 sequences");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+size_t PagedDecodeAttentionWorkspaceBytes(const PagedDecodeAttentionParams& p) {
+  if (!Validate(p).ok()) return 0;
+  const Plan pl = MakePlan(p);
+  if (pl.parts <= 1) return 0;
+  return static_cast<size_t>(p.num_seqs) * p.n_heads * pl.parts * (p.head_dim + 2) * sizeof(float);
+}
+
+absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStream_t stream) {
+  if (absl::Status s = Validate(p); !s.ok()) return s;
+  if (p.num_seqs == 0) return absl::OkStatus();
+  const Plan pl = MakePlan(p);
+  const size_t need = PagedDecodeAttentionWorkspaceBytes(p);
+  if (need > 0 && (p.workspace == nullptr || p.workspace_bytes < need)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda::PagedDecodeAttention: workspace of ", need, " bytes needed"));
+  }
+  if (pl.gchunks * int64_t{p.n_kv_heads} > 65535) {
+    return absl::InvalidArgumentError("cuda::PagedDecodeAttention: too many heads");
+  }
+  float* po = static_cast<float*>(p.workspace);
+  const size_t nh = static_cast<size_t>(p.num_seqs) * p.n_heads * pl.parts;
+  float* pm = po ? po + nh * p.head_dim : nullptr;
+  float* plsum = pm ? pm + nh : nullptr;
+  const dim3 grid(static_cast<unsigned>(pl.parts), static_cast<unsigned>(pl.gchunks * p.n_kv_heads),
+                  static_cast<unsigned>(p.num_seqs));
+  if (p.head_dim == 64) {
+    SplitKernel<64><<<grid, kThreads, 0, stream>>>(
+        p.q, p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks,
+        p.block_tables, p.max_blocks_per_seq, p.context_lens, p.max_context_len, p.scale, pl.part,
+        pl.gchunks, p.out, p.ldo, po, pm, plsum);
+  } else {
+    SplitKernel<128><<<grid, kThreads, 0, stream>>>(
+        p.q, p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks,
+        p.block_tables, p.max_blocks_per_seq, p.context_lens, p.max_context_len, p.scale, pl.part,
+        pl.gchunks, p.out, p.ldo, po, pm, plsum);
+  }
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (pl.parts > 1) {
+    CombineKernel<<<dim3(static_cast<unsigned>(p.n_heads), static_cast<unsigned>(p.num_seqs)),
+                    p.head_dim, 0, stream>>>(p.head_dim, p.n_heads, pl.parts, po, pm, plsum, p.out,
+                                             p.ldo);
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace spear::kernels::cuda

@@ -1,0 +1,110 @@
+// RoPE on fp16 activations and the KV-cache append of a decode/prefill step.
+// Both are memory-trivial (a few KB per token); one thread block per token
+// keeps them to one short launch each.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda_ops.h"
+
+namespace spear::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// One block per token; thread t handles rotation pairs t, t + blockDim, ...
+// over all heads: pair (h, j) rotates x[h*D + j] with x[h*D + j + D/2].
+__global__ void RopeKernel(uint16_t* __restrict__ x, int64_t ldx, int n_heads, int head_dim,
+                           const int32_t* __restrict__ positions,
+                           const float* __restrict__ inv_freq, float scaling) {
+  const int64_t i = blockIdx.x;
+  const int half = head_dim / 2;
+  const float pos = static_cast<float>(positions[i]);
+  __half* row = reinterpret_cast<__half*>(x + i * ldx);
+  for (int pr = threadIdx.x; pr < n_heads * half; pr += blockDim.x) {
+    const int h = pr / half, j = pr - h * half;
+    // The angle in fp32 as HF and ref::Rope form it; sincosf does the full
+    // range reduction (positions reach 1e5+, __sinf would drift).
+    const float t = pos * inv_freq[j];
+    float s, c;
+    sincosf(t, &s, &c);
+    c *= scaling;
+    s *= scaling;
+    __half* hx = row + h * head_dim;
+    const float a = __half2float(hx[j]), b = __half2float(hx[j + half]);
+    hx[j] = __float2half_rn(a * c - b * s);
+    hx[j + half] = __float2half_rn(b * c + a * s);
+  }
+}
+
+// One block per token; copies the k and v rows in 16-byte pieces when the
+// rows allow it (aligned pointers and strides), else in 2-byte elements.
+template <bool kVec>
+__global__ void KvAppendKernel(const uint16_t* __restrict__ k, const uint16_t* __restrict__ v,
+                               int64_t ldk, int64_t ldv, int64_t row_elems,
+                               const int32_t* __restrict__ slots, uint16_t* __restrict__ k_cache,
+                               uint16_t* __restrict__ v_cache, int64_t num_slots) {
+  const int64_t i = blockIdx.x;
+  const int64_t slot = slots[i];
+  if (slot < 0 || slot >= num_slots) return;
+  const uint16_t* kr = k + i * ldk;
+  const uint16_t* vr = v + i * ldv;
+  uint16_t* kc = k_cache + slot * row_elems;
+  uint16_t* vc = v_cache + slot * row_elems;
+  if constexpr (kVec) {
+    const int64_t n = row_elems / 8;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      reinterpret_cast<uint4*>(kc)[j] = reinterpret_cast<const uint4*>(kr)[j];
+      reinterpret_cast<uint4*>(vc)[j] = reinterpret_cast<const uint4*>(vr)[j];
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < row_elems; j += blockDim.x) {
+      kc[j] = kr[j];
+      vc[j] = vr[j];
+    }
+  }
+}
+
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace
+
+absl::Status Rope(const RopeF16Params& p, cudaStream_t stream) {
+  if (p.x == nullptr || p.positions == nullptr || p.inv_freq == nullptr || p.m < 0 ||
+      p.n_heads <= 0 || p.head_dim <= 0 || p.head_dim % 2 != 0 ||
+      p.ldx < int64_t{p.n_heads} * p.head_dim) {
+    return absl::InvalidArgumentError("cuda::Rope: invalid parameters");
+  }
+  if (p.m == 0) return absl::OkStatus();
+  if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::Rope: too many rows");
+  RopeKernel<<<static_cast<unsigned>(p.m), kThreads, 0, stream>>>(
+      p.x, p.ldx, p.n_heads, p.head_dim, p.positions, p.inv_freq, p.attention_scaling);
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+absl::Status KvAppend(const KvAppendParams& p, cudaStream_t stream) {
+  const int64_t row = int64_t{p.n_kv_heads} * p.head_dim;
+  if (p.k == nullptr || p.v == nullptr || p.slots == nullptr || p.k_cache == nullptr ||
+      p.v_cache == nullptr || p.m < 0 || p.n_kv_heads <= 0 || p.head_dim <= 0 || p.ldk < row ||
+      p.ldv < row || p.block_size <= 0 || p.num_cache_blocks <= 0) {
+    return absl::InvalidArgumentError("cuda::KvAppend: invalid parameters");
+  }
+  if (p.m == 0) return absl::OkStatus();
+  if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::KvAppend: too many rows");
+  const int64_t num_slots = p.num_cache_blocks * p.block_size;
+  const bool vec = row % 8 == 0 && p.ldk % 8 == 0 && p.ldv % 8 == 0 && Aligned16(p.k) &&
+                   Aligned16(p.v) && Aligned16(p.k_cache) && Aligned16(p.v_cache);
+  const unsigned grid = static_cast<unsigned>(p.m);
+  if (vec) {
+    KvAppendKernel<true><<<grid, 128, 0, stream>>>(p.k, p.v, p.ldk, p.ldv, row, p.slots, p.k_cache,
+                                                   p.v_cache, num_slots);
+  } else {
+    KvAppendKernel<false><<<grid, 128, 0, stream>>>(p.k, p.v, p.ldk, p.ldv, row, p.slots, p.k_cache,
+                                                    p.v_cache, num_slots);
+  }
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace spear::kernels::cuda

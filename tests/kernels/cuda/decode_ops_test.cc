@@ -1,0 +1,509 @@
+// The fp16 decode-step ops of cuda_ops.h (RMSNorm to fp16, RoPE, SwiGLU, KV
+// append, paged decode attention, embedding, argmax) against the scalar
+// reference of kernels/ops.h (or a plain loop where ops.h has no such op),
+// on fresh random inputs (the seed is printed) and awkward shapes. Outputs
+// are poisoned (NaN) before every launch; padding columns must survive.
+// Labelled `gpu`; each test skips with a message when no device is present.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cuda_ops.h"
+#include "kernels/dtype.h"
+#include "kernels/ops.h"
+
+namespace spear::kernels {
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                                                    \
+  do {                                                                                        \
+    auto n = cuda::DeviceCount();                                                             \
+    if (!n.ok() || *n == 0) {                                                                 \
+      GTEST_SKIP() << "no CUDA device present ("                                              \
+                   << (n.ok() ? std::string("0 devices") : std::string(n.status().message())) \
+                   << "); GPU tests run on the GPU machine (scripts/gpu/)";                   \
+    }                                                                                         \
+  } while (0)
+
+constexpr uint16_t kHalfNaN = 0x7e00;
+
+template <typename T>
+class Dev {
+ public:
+  explicit Dev(size_t n) : n_(std::max<size_t>(n, 1)) {
+    EXPECT_EQ(cudaMalloc(&p_, n_ * sizeof(T)), cudaSuccess);
+  }
+  explicit Dev(const std::vector<T>& v) : Dev(v.size()) { Up(v); }
+  ~Dev() { cudaFree(p_); }
+  T* get() { return p_; }
+  void Up(const std::vector<T>& v) {
+    EXPECT_EQ(cudaMemcpy(p_, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  std::vector<T> Down(size_t n) {
+    std::vector<T> v(n);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(v.data(), p_, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return v;
+  }
+  void Poison() { EXPECT_EQ(cudaMemset(p_, 0xff, n_ * sizeof(T)), cudaSuccess); }  // NaN / -1
+
+ private:
+  size_t n_;
+  T* p_ = nullptr;
+};
+
+std::mt19937 Rng() {
+  const unsigned seed = std::random_device{}();
+  std::printf("seed %u\n", seed);
+  return std::mt19937(seed);
+}
+
+// Random fp16 values (normal * scale), returned as bits; `f` gets the exact
+// float values the device sees.
+std::vector<uint16_t> RandHalf(size_t n, std::mt19937& rng, float scale, std::vector<float>* f) {
+  std::normal_distribution<float> nd;
+  std::vector<uint16_t> h(n);
+  if (f) f->resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    h[i] = FloatToHalf(nd(rng) * scale);
+    if (f) (*f)[i] = HalfToFloat(h[i]);
+  }
+  return h;
+}
+
+TEST(CudaDecodeOps, RmsNormF16MatchesReference) {
+  SKIP_WITHOUT_GPU();
+  auto rng = Rng();
+  std::normal_distribution<float> nd;
+  for (int64_t m : {1, 3, 17, 65}) {
+    for (int64_t d : {64, 576, 4097}) {
+      for (bool with_residual : {false, true}) {
+        const int64_t ldy = d + 5;
+        std::vector<float> x(m * d), r(m * d), w(d);
+        for (auto* v : {&x, &r, &w})
+          for (float& e : *v) e = nd(rng);
+        std::vector<float> r_ref = r, y_ref(m * d);
+        RmsNormParams p;
+        p.x = x.data();
+        p.residual = with_residual ? r_ref.data() : nullptr;
+        p.weight = w.data();
+        p.y = y_ref.data();
+        p.m = m;
+        p.d = p.ldx = p.ldr = p.ldy = d;
+        ASSERT_TRUE(ref::RmsNorm(p).ok());
+        Dev<float> dx(x), dr(r), dw(w);
+        Dev<uint16_t> dy(m * ldy);
+        dy.Poison();
+        cuda::RmsNormF16Params q;
+        q.x = dx.get();
+        q.residual = with_residual ? dr.get() : nullptr;
+        q.weight = dw.get();
+        q.y = dy.get();
+        q.m = m;
+        q.d = q.ldx = q.ldr = d;
+        q.ldy = ldy;
+        q.eps = p.eps;
+        ASSERT_TRUE(cuda::RmsNormF16(q, nullptr).ok());
+        const auto y = dy.Down(m * ldy);
+        const auto r_out = dr.Down(m * d);
+        // Tolerance: fp16 rounding of the output (2^-11 relative) plus fp32
+        // sums in another order: |a - b| <= 1e-3 |ref| + 1e-5.
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < d; ++j) {
+            const float ref = y_ref[i * d + j];
+            ASSERT_NEAR(HalfToFloat(y[i * ldy + j]), ref, 1e-3 * std::fabs(ref) + 1e-5)
+                << "m=" << m << " d=" << d << " res=" << with_residual << " i=" << i << " j=" << j;
+            if (with_residual) {
+              ASSERT_NEAR(r_out[i * d + j], r_ref[i * d + j],
+                          1e-6 * (1 + std::fabs(r_ref[i * d + j])));
+            }
+          }
+          for (int64_t j = d; j < ldy; ++j) ASSERT_EQ(y[i * ldy + j], 0xffff) << "padding written";
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaDecodeOps, RopeMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  auto rng = Rng();
+  struct Case {
+    int n_heads, head_dim;
+  };
+  for (Case c : {Case{40, 128}, Case{12, 64}, Case{3, 128}}) {
+    for (int64_t m : {1, 3, 17, 65}) {
+      const int64_t width = int64_t{c.n_heads} * c.head_dim, ldx = width + 2 * c.head_dim;
+      std::vector<float> xf;
+      std::vector<uint16_t> x = RandHalf(m * ldx, rng, 1.f, &xf);
+      std::vector<int32_t> pos(m);
+      for (auto& p : pos) p = static_cast<int32_t>(rng() % 131072);
+      pos[0] = 0;
+      std::vector<float> inv(c.head_dim / 2);
+      for (int j = 0; j < c.head_dim / 2; ++j)
+        inv[j] = 1.f / std::pow(500000.f, 2.f * j / static_cast<float>(c.head_dim));
+      const float scaling = (m == 3) ? 1.25f : 1.f;
+      std::vector<float> ref = xf;
+      RopeParams p;
+      p.x = ref.data();
+      p.m = m;
+      p.ldx = ldx;
+      p.n_heads = c.n_heads;
+      p.head_dim = c.head_dim;
+      p.positions = pos.data();
+      p.inv_freq = inv.data();
+      p.attention_scaling = scaling;
+      ASSERT_TRUE(ref::Rope(p).ok());
+      // The padding columns hold NaN: they must stay untouched.
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = width; j < ldx; ++j) x[i * ldx + j] = kHalfNaN;
+      Dev<uint16_t> dx(x);
+      Dev<int32_t> dp(pos);
+      Dev<float> di(inv);
+      cuda::RopeF16Params q;
+      q.x = dx.get();
+      q.m = m;
+      q.ldx = ldx;
+      q.n_heads = c.n_heads;
+      q.head_dim = c.head_dim;
+      q.positions = dp.get();
+      q.inv_freq = di.get();
+      q.attention_scaling = scaling;
+      ASSERT_TRUE(cuda::Rope(q, nullptr).ok());
+      const auto y = dx.Down(m * ldx);
+      // Tolerance: fp16 output rounding + sin/cos of angles up to ~1.3e5 rad
+      // (both sides fully range-reduced): 2e-3 (1 + |ref|).
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < width; ++j) {
+          const float r = ref[i * ldx + j];
+          ASSERT_NEAR(HalfToFloat(y[i * ldx + j]), r, 2e-3 * (1 + std::fabs(r)))
+              << "heads=" << c.n_heads << " D=" << c.head_dim << " m=" << m << " i=" << i
+              << " j=" << j << " pos=" << pos[i];
+        }
+        for (int64_t j = width; j < ldx; ++j) ASSERT_EQ(y[i * ldx + j], kHalfNaN);
+      }
+    }
+  }
+}
+
+TEST(CudaDecodeOps, SiluMulOnGateUpLayout) {
+  SKIP_WITHOUT_GPU();
+  auto rng = Rng();
+  for (int64_t m : {1, 3, 17, 65}) {
+    for (int64_t f : {1, 100, 1792}) {
+      // The gate_up GEMM output [m, 2F]: gate columns, then up columns.
+      std::vector<float> gu_f;
+      const auto gu = RandHalf(m * 2 * f, rng, 3.f, &gu_f);
+      const int64_t ldy = f + 3;
+      std::vector<float> ref(m * f);
+      SiluMulParams p;
+      p.gate = gu_f.data();
+      p.up = gu_f.data() + f;
+      p.y = ref.data();
+      p.m = m;
+      p.n = f;
+      p.ld_gate = p.ld_up = 2 * f;
+      p.ldy = f;
+      ASSERT_TRUE(ref::SiluMul(p).ok());
+      Dev<uint16_t> dgu(gu), dy(m * ldy);
+      dy.Poison();
+      cuda::SiluMulF16Params q;
+      q.gate = dgu.get();
+      q.up = dgu.get() + f;
+      q.y = dy.get();
+      q.m = m;
+      q.n = f;
+      q.ld_gate = q.ld_up = 2 * f;
+      q.ldy = ldy;
+      ASSERT_TRUE(cuda::SiluMul(q, nullptr).ok());
+      const auto y = dy.Down(m * ldy);
+      // Tolerance: fp16 output rounding: 1e-3 |ref| + 1e-5.
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < f; ++j) {
+          const float r = ref[i * f + j];
+          ASSERT_NEAR(HalfToFloat(y[i * ldy + j]), r, 1e-3 * std::fabs(r) + 1e-5)
+              << "m=" << m << " F=" << f << " i=" << i << " j=" << j;
+        }
+        for (int64_t j = f; j < ldy; ++j) ASSERT_EQ(y[i * ldy + j], 0xffff);
+      }
+    }
+  }
+}
+
+TEST(CudaDecodeOps, KvAppendWritesExactlyItsSlots) {
+  SKIP_WITHOUT_GPU();
+  auto rng = Rng();
+  for (int head_dim : {64, 128}) {
+    for (int n_kv : {1, 8}) {
+      for (int64_t m : {1, 3, 17, 65}) {
+        const int bs = 16;
+        const int64_t blocks = 20, row = int64_t{n_kv} * head_dim;
+        const int64_t ld = 3 * row;  // k and v inside a qkv-like row
+        const auto kv = RandHalf(m * ld, rng, 1.f, nullptr);
+        std::vector<int32_t> perm(blocks * bs);
+        std::iota(perm.begin(), perm.end(), 0);
+        std::shuffle(perm.begin(), perm.end(), rng);
+        std::vector<int32_t> slots(perm.begin(), perm.begin() + m);
+        if (m > 2) slots[1] = -1;                                 // padding token: skipped
+        if (m > 3) slots[2] = static_cast<int32_t>(blocks * bs);  // out of range: skipped
+        Dev<uint16_t> dkv(kv), kc(blocks * bs * row), vc(blocks * bs * row);
+        kc.Poison();
+        vc.Poison();
+        Dev<int32_t> ds(slots);
+        cuda::KvAppendParams p;
+        p.k = dkv.get() + row;
+        p.v = dkv.get() + 2 * row;
+        p.m = m;
+        p.ldk = p.ldv = ld;
+        p.n_kv_heads = n_kv;
+        p.head_dim = head_dim;
+        p.slots = ds.get();
+        p.k_cache = kc.get();
+        p.v_cache = vc.get();
+        p.block_size = bs;
+        p.num_cache_blocks = blocks;
+        ASSERT_TRUE(cuda::KvAppend(p, nullptr).ok());
+        const auto k_out = kc.Down(blocks * bs * row), v_out = vc.Down(blocks * bs * row);
+        std::vector<int> owner(blocks * bs, -1);
+        for (int64_t i = 0; i < m; ++i)
+          if (slots[i] >= 0 && slots[i] < blocks * bs) owner[slots[i]] = static_cast<int>(i);
+        for (int64_t s = 0; s < blocks * bs; ++s) {
+          for (int64_t j = 0; j < row; ++j) {
+            const uint16_t ek = owner[s] < 0 ? 0xffff : kv[owner[s] * ld + row + j];
+            const uint16_t ev = owner[s] < 0 ? 0xffff : kv[owner[s] * ld + 2 * row + j];
+            ASSERT_EQ(k_out[s * row + j], ek) << "slot " << s << " j " << j;
+            ASSERT_EQ(v_out[s * row + j], ev) << "slot " << s << " j " << j;
+          }
+        }
+      }
+    }
+  }
+}
+
+struct AttnCase {
+  int n_kv, group, head_dim;
+  std::vector<int> ctx;  // per sequence
+};
+
+void RunAttention(const AttnCase& c, std::mt19937& rng) {
+  const int n_heads = c.n_kv * c.group, D = c.head_dim, bs = 16;
+  const int64_t seqs = static_cast<int64_t>(c.ctx.size());
+  const int max_ctx = *std::max_element(c.ctx.begin(), c.ctx.end());
+  const int64_t max_blocks = (max_ctx + bs - 1) / bs + 1;  // one spare column
+  int64_t need = 0;
+  for (int l : c.ctx) need += (l + bs - 1) / bs;
+  const int64_t num_blocks = need + 7;
+  const int64_t row = int64_t{c.n_kv} * D;
+  std::vector<float> kf, vf, qf;
+  const auto k = RandHalf(num_blocks * bs * row, rng, 1.f, &kf);
+  const auto v = RandHalf(num_blocks * bs * row, rng, 1.f, &vf);
+  // q inside a fused qkv row: stride (n_heads + 2 n_kv) D.
+  const int64_t ldq = int64_t{n_heads + 2 * c.n_kv} * D, ldo = int64_t{n_heads} * D + 8;
+  const auto q = RandHalf(seqs * ldq, rng, 1.f, &qf);
+  std::vector<int32_t> perm(num_blocks);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> tables(seqs * max_blocks, -1), lens(c.ctx.begin(), c.ctx.end());
+  int64_t next = 0;
+  for (int64_t s = 0; s < seqs; ++s)
+    for (int64_t b = 0; b < (c.ctx[s] + bs - 1) / bs; ++b)
+      tables[s * max_blocks + b] = perm[next++];
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+
+  std::vector<float> ref(seqs * n_heads * D, 0.f);
+  for (int64_t s = 0; s < seqs; ++s) {
+    if (c.ctx[s] == 0) continue;  // no keys: the op defines a zero row
+    AttentionParams p;
+    p.q = qf.data() + s * ldq;
+    p.m = 1;
+    p.ldq = ldq;
+    p.n_heads = n_heads;
+    p.n_kv_heads = c.n_kv;
+    p.head_dim = D;
+    p.k_cache = kf.data();
+    p.v_cache = vf.data();
+    p.block_size = bs;
+    p.block_table = tables.data() + s * max_blocks;
+    p.num_blocks_in_table = (c.ctx[s] + bs - 1) / bs;
+    p.num_cache_blocks = num_blocks;
+    p.q_start = c.ctx[s] - 1;
+    p.scale = scale;
+    p.out = ref.data() + s * n_heads * D;
+    p.ldo = n_heads * D;
+    ASSERT_TRUE(ref::Attention(p).ok());
+  }
+
+  Dev<uint16_t> dq(q), dk(k), dv(v), dout(seqs * ldo);
+  Dev<int32_t> dt(tables), dl(lens);
+  dout.Poison();
+  cuda::PagedDecodeAttentionParams p;
+  p.q = dq.get();
+  p.num_seqs = seqs;
+  p.ldq = ldq;
+  p.n_heads = n_heads;
+  p.n_kv_heads = c.n_kv;
+  p.head_dim = D;
+  p.k_cache = dk.get();
+  p.v_cache = dv.get();
+  p.block_size = bs;
+  p.num_cache_blocks = num_blocks;
+  p.block_tables = dt.get();
+  p.max_blocks_per_seq = max_blocks;
+  p.context_lens = dl.get();
+  p.max_context_len = max_ctx;
+  p.scale = scale;
+  p.out = dout.get();
+  p.ldo = ldo;
+  const size_t ws = cuda::PagedDecodeAttentionWorkspaceBytes(p);
+  Dev<float> dws(ws / 4 + 1);
+  dws.Poison();
+  p.workspace = ws ? dws.get() : nullptr;
+  p.workspace_bytes = ws;
+  if (ws > 0) {  // a missing workspace is refused, not a crash
+    cuda::PagedDecodeAttentionParams bad = p;
+    bad.workspace = nullptr;
+    ASSERT_EQ(cuda::PagedDecodeAttention(bad, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  }
+  ASSERT_TRUE(cuda::PagedDecodeAttention(p, nullptr).ok());
+  const auto out = dout.Down(seqs * ldo);
+  // Tolerance: fp16 output rounding and fp32 softmax/accumulation against the
+  // reference's double: |a - b| <= 2e-3 (1 + |ref|) (outputs are convex
+  // combinations of N(0,1) values, so |ref| <~ 3).
+  for (int64_t s = 0; s < seqs; ++s) {
+    for (int64_t j = 0; j < n_heads * D; ++j) {
+      const float r = ref[s * n_heads * D + j];
+      ASSERT_NEAR(HalfToFloat(out[s * ldo + j]), r, 2e-3 * (1 + std::fabs(r)))
+          << "kv=" << c.n_kv << " group=" << c.group << " D=" << D << " seqs=" << seqs
+          << " seq=" << s << " ctx=" << c.ctx[s] << " j=" << j << " ws=" << ws;
+    }
+    for (int64_t j = n_heads * D; j < ldo; ++j) ASSERT_EQ(out[s * ldo + j], 0xffff);
+  }
+}
+
+TEST(CudaDecodeOps, PagedDecodeAttentionMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  auto rng = Rng();
+  std::uniform_int_distribution<int> len(1, 700);
+  for (int D : {64, 128}) {
+    for (int group : {1, 4, 8}) {
+      for (int n_kv : {1, 2, 8}) {
+        // Batch 1: many partitions (split-K + combine); lengths off the block size.
+        for (int l : {1, 15, 17, 513, 2049}) RunAttention({n_kv, group, D, {l}}, rng);
+        // Batches 3 and 17 with mixed lengths (one empty sequence).
+        std::vector<int> b3 = {len(rng), 0, 33};
+        RunAttention({n_kv, group, D, b3}, rng);
+        std::vector<int> b17(17);
+        for (int& l : b17) l = len(rng);
+        RunAttention({n_kv, group, D, b17}, rng);
+      }
+    }
+    // Batch 65 x 8 kv heads fills the GPU: one partition, direct output.
+    std::vector<int> b65(65);
+    for (int& l : b65) l = len(rng);
+    RunAttention({8, 4, D, b65}, rng);
+    // A GQA ratio above the per-block head chunk (12 = 8 + 4).
+    RunAttention({2, 12, D, {300, 5}}, rng);
+  }
+}
+
+TEST(CudaDecodeOps, PagedDecodeAttentionRejectsBadParams) {
+  SKIP_WITHOUT_GPU();
+  cuda::PagedDecodeAttentionParams p;
+  EXPECT_EQ(cuda::PagedDecodeAttention(p, nullptr).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CudaDecodeOps, EmbeddingLooksUpRows) {
+  SKIP_WITHOUT_GPU();
+  auto rng = Rng();
+  const int64_t vocab = 1000;
+  for (int64_t d : {64, 4097}) {
+    for (int64_t m : {1, 3, 17, 65}) {
+      std::vector<float> tf;
+      const auto table = RandHalf(vocab * d, rng, 1.f, &tf);
+      std::vector<int32_t> ids(m);
+      for (auto& i : ids) i = static_cast<int32_t>(rng() % vocab);
+      if (m > 2) {
+        ids[1] = -1;
+        ids[2] = static_cast<int32_t>(vocab);
+      }
+      const int64_t ldy = d + 4;
+      Dev<uint16_t> dt(table), y16(m * ldy);
+      Dev<int32_t> di(ids);
+      Dev<float> y32(m * ldy);
+      y16.Poison();
+      y32.Poison();
+      cuda::EmbeddingParams p;
+      p.table = dt.get();
+      p.vocab = vocab;
+      p.d = d;
+      p.ids = di.get();
+      p.m = m;
+      p.ldy = ldy;
+      p.y_f32 = y32.get();
+      ASSERT_TRUE(cuda::Embedding(p, nullptr).ok());
+      p.y_f32 = nullptr;
+      p.y_f16 = y16.get();
+      ASSERT_TRUE(cuda::Embedding(p, nullptr).ok());
+      const auto o32 = y32.Down(m * ldy);
+      const auto o16 = y16.Down(m * ldy);
+      for (int64_t i = 0; i < m; ++i) {
+        const bool ok = ids[i] >= 0 && ids[i] < vocab;
+        for (int64_t j = 0; j < d; ++j) {
+          const uint16_t e = ok ? table[ids[i] * d + j] : FloatToHalf(0.f);
+          ASSERT_EQ(o16[i * ldy + j], e) << "i=" << i << " j=" << j;
+          ASSERT_EQ(o32[i * ldy + j], HalfToFloat(e)) << "i=" << i << " j=" << j;
+        }
+        for (int64_t j = d; j < ldy; ++j) {
+          ASSERT_EQ(o16[i * ldy + j], 0xffff);
+          ASSERT_TRUE(std::isnan(o32[i * ldy + j]));
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaDecodeOps, ArgmaxMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  auto rng = Rng();
+  std::normal_distribution<float> nd;
+  for (int64_t n : {1, 1000, 128256}) {
+    for (int64_t m : {1, 3, 17, 65}) {
+      const int64_t ld = n + 3;
+      std::vector<float> x(m * ld);
+      for (float& v : x) v = nd(rng);
+      for (int64_t i = 0; i < m; ++i) {
+        if (n > 10 && i % 3 == 1) {  // a tie: the lower index wins
+          const int64_t a = rng() % n, b = rng() % n;
+          x[i * ld + a] = x[i * ld + b] = 100.f;
+        }
+        if (n > 10 && i % 3 == 2) x[i * ld + rng() % n] = std::numeric_limits<float>::quiet_NaN();
+        for (int64_t j = n; j < ld; ++j) x[i * ld + j] = 1e30f;  // outside the row
+      }
+      Dev<float> dx(x);
+      Dev<int32_t> dout(m);
+      dout.Poison();
+      ASSERT_TRUE(cuda::Argmax(dx.get(), m, n, ld, dout.get(), nullptr).ok());
+      const auto out = dout.Down(m);
+      for (int64_t i = 0; i < m; ++i) {
+        int64_t best = -1;
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = x[i * ld + j];
+          if (std::isnan(v)) continue;
+          if (best < 0 || v > x[i * ld + best]) best = j;
+        }
+        ASSERT_EQ(out[i], best < 0 ? 0 : best) << "n=" << n << " m=" << m << " i=" << i;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace spear::kernels
