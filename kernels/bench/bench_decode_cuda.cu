@@ -13,8 +13,9 @@
 // each module made once and cloned per layer (distinct memory, so nothing
 // is served from L2); EC rank 32, gated (gate hidden 16) on every module.
 // Variants: W4 (ECs off), W4+EC on all four GEMMs of every layer, W4+EC on
-// every 4th layer (a subset), and the W4 GEMMs alone (the rest of the step
-// left out: what the other kernels cost).
+// every 4th layer (a subset), the W4 GEMMs alone (the rest of the step
+// left out: what the other kernels cost), and the W4 step without RoPE, KV
+// append and attention (what attention costs).
 //
 // Floor: bytes a step must read (weights as laid out, + EC where on, + the
 // KV rows read, + lm_head, + embedding rows and norm weights) over the
@@ -23,7 +24,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20]
+//                                [--iters=20] [--variants=0,1,2,3,4]  (rows of kVariants)
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -212,11 +213,14 @@ struct Variant {
   const char* name;
   Ec ec;
   bool gemms_only;
+  bool skip_attention = false;  // RoPE, KV append and attention left out
 };
 const Variant kVariants[] = {{"W4", Ec::kOff, false},
                              {"W4+EC r32 all 4 GEMMs, all layers", Ec::kAll, false},
                              {"W4+EC r32 all 4 GEMMs, every 4th layer", Ec::kEvery4th, false},
-                             {"W4 GEMMs only (no norm/rope/attn/lm_head)", Ec::kOff, true}};
+                             {"W4 GEMMs only (no norm/rope/attn/lm_head)", Ec::kOff, true},
+                             {"W4 without RoPE/KV append/attention", Ec::kOff, false, true}};
+constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
 struct Layer {
   std::unique_ptr<cuda::W4DeviceWeight> qkv, o, gate_up, down;
@@ -430,7 +434,7 @@ class Model {
         CKS(cuda::RmsNormF16(n, g_stream));
       }
       gemm(*L.qkv, h16_, H, qkv_, nullptr, qkv_n, ec);
-      if (!v.gemms_only) {
+      if (!v.gemms_only && !v.skip_attention) {
         cuda::RopeF16Params r;
         r.x = qkv_;
         r.m = m;
@@ -503,8 +507,10 @@ class Model {
       }
     }
     if (v.gemms_only) return b;
-    b += 2.0 * m * ctx_ * shape_.layers * shape_.n_kv * shape_.head_dim * 2;  // K and V, fp16
-    b += 2.0 * shape_.vocab * shape_.hidden;                                  // lm_head fp16
+    if (!v.skip_attention) {  // K and V rows, fp16
+      b += 2.0 * m * ctx_ * shape_.layers * shape_.n_kv * shape_.head_dim * 2;
+    }
+    b += 2.0 * shape_.vocab * shape_.hidden;  // lm_head fp16
     b += 2.0 * m * shape_.hidden + 4.0 * (2 * shape_.layers + 1) * shape_.hidden;
     return b;
   }
@@ -546,13 +552,18 @@ int Main(int argc, char** argv) {
   std::vector<std::string> models = {"8B", "1B"};
   std::vector<int> batches = {1, 8, 32};
   int ctx = 512, iters = 20;
+  std::vector<int> variants(kNumVariants);
+  std::iota(variants.begin(), variants.end(), 0);
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a.rfind("--models=", 0) == 0)
       models = Split(a.substr(9));
     else if (a.rfind("--ctx=", 0) == 0)
       ctx = std::stoi(a.substr(6));
-    else if (a.rfind("--iters=", 0) == 0)
+    else if (a.rfind("--variants=", 0) == 0) {
+      variants.clear();
+      for (const auto& t : Split(a.substr(11))) variants.push_back(std::stoi(t));
+    } else if (a.rfind("--iters=", 0) == 0)
       iters = std::stoi(a.substr(8));
     else if (a.rfind("--batches=", 0) == 0) {
       batches.clear();
@@ -560,12 +571,14 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20]\n",
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,1,2,3,4]\n",
                    a.c_str(), argv[0]);
       return 2;
     }
   }
-  if (ctx < 1 || iters < 1 || batches.empty()) {
+  bool bad_variant = false;
+  for (int v : variants) bad_variant |= v < 0 || v >= kNumVariants;
+  if (ctx < 1 || iters < 1 || batches.empty() || bad_variant) {
     std::fprintf(stderr, "bad flags\n");
     return 2;
   }
@@ -594,7 +607,8 @@ int Main(int argc, char** argv) {
     }
     auto model = std::make_unique<Model>(*s, max_batch, ctx, rng);
     for (int b : batches) {
-      for (const Variant& v : kVariants) {
+      for (int vi : variants) {
+        const Variant& v = kVariants[vi];
         model->Step(b, v);  // once eagerly: first-call setup outside capture
         CK(cudaStreamSynchronize(g_stream));
         cudaGraph_t g;

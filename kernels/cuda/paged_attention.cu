@@ -7,8 +7,12 @@
 // its K row with all group queries (q in shared memory, read as broadcasts;
 // no shuffles: at batch 32 a warp-per-token layout spent more time in
 // reductions than in loads); (2) a per-head softmax over the partition in
-// shared memory; (3) P V: each thread owns two dims of the head and a
-// stride of tokens, partial sums reduced through shared memory. With one
+// shared memory; (3) P V: each thread owns 8 dims of the head (one 16-byte
+// load per V row) and a stride of tokens, 4 tokens' loads in flight, partial
+// sums reduced by shuffles and shared memory. Every loop issues its loads
+// before its math: at batch 1 these blocks are latency-bound, and a first
+// version with 4-byte V loads in a dependent loop cost ~100 us per layer at
+// batch 32. With one
 // partition the block writes the normalised fp16 output; otherwise it
 // writes an unnormalised fp32 partial + its max and sum, and CombineKernel
 // merges the partitions (log-sum-exp rescaling).
@@ -61,10 +65,14 @@ __global__ void __launch_bounds__(kThreads)
                 float scale, int part, int gchunks, uint16_t* __restrict__ out, int64_t ldo,
                 float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl) {
   __shared__ __align__(16) float q_s[kMaxG][D];
-  __shared__ float s_s[kMaxG][kMaxPart];
+  // Scores, then probabilities; after (3)'s loop the same memory holds the
+  // per-warp partial outputs [kWarps][kMaxG][D] (at most 16 KB, = s_s).
+  __shared__ __align__(16) float s_s[kMaxG][kMaxPart];
   __shared__ int32_t row_s[kMaxPart];  // cache row (slot) of each token, -1 = masked
-  __shared__ float red_s[kThreads / (D / 2)][kMaxG][D];
   __shared__ float m_s[kMaxG], l_s[kMaxG];
+  constexpr int kWarps = kThreads / 32;
+  static_assert(kWarps * kMaxG * D <= kMaxG * kMaxPart, "partials must fit in s_s");
+  float(*red_s)[kMaxG][D] = reinterpret_cast<float(*)[kMaxG][D]>(&s_s[0][0]);
 
   const int tid = threadIdx.x;
   const int64_t seq = blockIdx.z;
@@ -111,39 +119,34 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  // (1) scores, one thread per token.
+  // (1) scores, one thread per token: the row's D / 8 16-byte loads first
+  // (one memory round trip per token), then one head at a time (a loop
+  // over heads outside the unrolled dims keeps ptxas from hoisting every q
+  // load of every head: that version spilled 3.4 KB).
   for (int t = tid; t < nt; t += kThreads) {
     const int32_t slot = row_s[t];
-    float acc[kMaxG];
-#pragma unroll
-    for (int g = 0; g < kMaxG; ++g) acc[g] = 0.f;
-    if (slot >= 0) {
-      const uint4* kr = reinterpret_cast<const uint4*>(k_cache + slot * kv_row + int64_t{kvh} * D);
-#pragma unroll 4
-      for (int c = 0; c < D / 8; ++c) {
-        const uint4 raw = kr[c];
-        const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
-        float kf[8];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 f = __half22float2(h2[e]);
-          kf[2 * e] = f.x;
-          kf[2 * e + 1] = f.y;
-        }
-#pragma unroll
-        for (int g = 0; g < kMaxG; ++g) {
-          if (g < ng) {
-            const float4 a = *reinterpret_cast<const float4*>(&q_s[g][c * 8]);
-            const float4 b = *reinterpret_cast<const float4*>(&q_s[g][c * 8 + 4]);
-            acc[g] += a.x * kf[0] + a.y * kf[1] + a.z * kf[2] + a.w * kf[3] + b.x * kf[4] +
-                      b.y * kf[5] + b.z * kf[6] + b.w * kf[7];
-          }
-        }
-      }
+    if (slot < 0) {
+      for (int g = 0; g < ng; ++g) s_s[g][t] = -INFINITY;
+      continue;
     }
+    const uint4* kr = reinterpret_cast<const uint4*>(k_cache + slot * kv_row + int64_t{kvh} * D);
+    uint4 raw_k[D / 8];
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
-      if (g < ng) s_s[g][t] = slot >= 0 ? acc[g] : -INFINITY;
+    for (int c = 0; c < D / 8; ++c) raw_k[c] = kr[c];
+#pragma unroll 1
+    for (int g = 0; g < ng; ++g) {
+      float acc = 0.f;
+#pragma unroll
+      for (int c = 0; c < D / 8; ++c) {
+        const __half2* h2 = reinterpret_cast<const __half2*>(&raw_k[c]);
+        const float4 a = *reinterpret_cast<const float4*>(&q_s[g][c * 8]);
+        const float4 b = *reinterpret_cast<const float4*>(&q_s[g][c * 8 + 4]);
+        const float2 k0 = __half22float2(h2[0]), k1 = __half22float2(h2[1]),
+                     k2 = __half22float2(h2[2]), k3 = __half22float2(h2[3]);
+        acc += a.x * k0.x + a.y * k0.y + a.z * k1.x + a.w * k1.y + b.x * k2.x + b.y * k2.y +
+               b.z * k3.x + b.w * k3.y;
+      }
+      s_s[g][t] = acc;
     }
   }
   __syncthreads();
@@ -168,31 +171,71 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  // (3) P V: thread = (token stride group, dim pair).
-  constexpr int kPairs = D / 2, kGroups = kThreads / kPairs;
-  const int pair = tid % kPairs, tg = tid / kPairs;
-  float acc0[kMaxG], acc1[kMaxG];
+  // (3) P V: a token's V row is split over kTpt threads of 8 dims each (one
+  // 16-byte load); the kTg token groups stride the partition, 4 tokens per
+  // step with the loads issued first. Partials: summed over the lanes of a
+  // warp that share dims (shuffles), then over warps through shared memory.
+  constexpr int kTpt = D / 8, kTg = kThreads / kTpt, kUnroll = 4;
+  const int c8 = tid % kTpt, tg = tid / kTpt;
+  float acc[kMaxG][8];
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) acc0[g] = acc1[g] = 0.f;
-  for (int t = tg; t < nt; t += kGroups) {
-    const int32_t slot = row_s[t];
-    if (slot < 0) continue;
-    const float2 v = __half22float2(
-        reinterpret_cast<const __half2*>(v_cache + slot * kv_row + int64_t{kvh} * D)[pair]);
+  for (int g = 0; g < kMaxG; ++g)
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
-      if (g < ng) {
-        const float pr = s_s[g][t];
-        acc0[g] += pr * v.x;
-        acc1[g] += pr * v.y;
+    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+  for (int tb = tg; tb < nt; tb += kTg * kUnroll) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = tb + u * kTg;
+      const int32_t slot = t < nt ? row_s[t] : -1;
+      raw[u] = slot >= 0
+                   ? reinterpret_cast<const uint4*>(v_cache + slot * kv_row + int64_t{kvh} * D)[c8]
+                   : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = tb + u * kTg;
+      if (t < nt) {
+        const __half2* h2 = reinterpret_cast<const __half2*>(&raw[u]);
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = __half22float2(h2[e]);
+          v[2 * e] = f.x;
+          v[2 * e + 1] = f.y;
+        }
+#pragma unroll
+        for (int g = 0; g < kMaxG; ++g) {
+          if (g < ng) {
+            const float pr = s_s[g][t];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[g][e] += pr * v[e];
+          }
+        }
       }
     }
   }
+  // Lanes l and l + kTpt, l + 2 kTpt, ... of a warp hold the same dims.
 #pragma unroll
   for (int g = 0; g < kMaxG; ++g) {
-    if (g < ng) {
-      red_s[tg][g][2 * pair] = acc0[g];
-      red_s[tg][g][2 * pair + 1] = acc1[g];
+    if (g < ng) {  // uniform over the block
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+#pragma unroll
+        for (int off = kTpt; off < 32; off <<= 1) {
+          acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], off);
+        }
+      }
+    }
+  }
+  __syncthreads();  // every thread is done with s_s: red_s reuses it
+  if (lane < kTpt) {
+#pragma unroll
+    for (int g = 0; g < kMaxG; ++g) {
+      if (g < ng) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) red_s[warp][g][c8 * 8 + e] = acc[g][e];
+      }
     }
   }
   __syncthreads();
@@ -200,7 +243,7 @@ __global__ void __launch_bounds__(kThreads)
     const int g = i / D, d = i - g * D;
     float o = 0.f;
 #pragma unroll
-    for (int j = 0; j < kGroups; ++j) o += red_s[j][g][d];
+    for (int j = 0; j < kWarps; ++j) o += red_s[j][g][d];
     const int64_t hh = seq * n_heads + h0 + g;
     if (nparts == 1) {
       const float l = l_s[g];
@@ -216,26 +259,53 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block per (head, sequence), one thread per dim.
-__global__ void CombineKernel(int head_dim, int n_heads, int nparts, const float* __restrict__ po,
-                              const float* __restrict__ pm, const float* __restrict__ pl,
-                              uint16_t* __restrict__ out, int64_t ldo) {
+constexpr int kCombineThreads = 128;
+
+__device__ float BlockReduce(float v, bool is_max, float* scratch) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = is_max ? fmaxf(v, o) : v + o;
+  }
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = scratch[0];
+  for (int w = 1; w < kCombineThreads / 32; ++w) r = is_max ? fmaxf(r, scratch[w]) : r + scratch[w];
+  __syncthreads();
+  return r;
+}
+
+// One block per (head, sequence): the partition weights exp(m_j - M) go to
+// shared memory once (dynamic, nparts floats), then each thread sums its
+// dims over the partitions with independent loads.
+__global__ void __launch_bounds__(kCombineThreads)
+    CombineKernel(int head_dim, int n_heads, int nparts, const float* __restrict__ po,
+                  const float* __restrict__ pm, const float* __restrict__ pl,
+                  uint16_t* __restrict__ out, int64_t ldo) {
+  extern __shared__ float w_s[];  // [nparts]
+  __shared__ float scratch[kCombineThreads / 32];
   const int h = blockIdx.x;
   const int64_t seq = blockIdx.y;
   const int64_t hh = seq * n_heads + h;
+  const float* m = pm + hh * nparts;
+  const float* l = pl + hh * nparts;
   float mx = -INFINITY;
-  for (int j = 0; j < nparts; ++j) {
-    if (pl[hh * nparts + j] > 0.f) mx = fmaxf(mx, pm[hh * nparts + j]);
+  for (int j = threadIdx.x; j < nparts; j += kCombineThreads) {
+    if (l[j] > 0.f) mx = fmaxf(mx, m[j]);
   }
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float num = 0.f, den = 0.f;
-    for (int j = 0; j < nparts; ++j) {
-      const float l = pl[hh * nparts + j];
-      if (!(l > 0.f)) continue;
-      const float w = expf(pm[hh * nparts + j] - mx);
-      den += w * l;
-      num += w * po[(hh * nparts + j) * head_dim + d];
-    }
+  mx = BlockReduce(mx, true, scratch);
+  float den = 0.f;
+  for (int j = threadIdx.x; j < nparts; j += kCombineThreads) {
+    const float lj = l[j];
+    const float w = lj > 0.f ? expf(m[j] - mx) : 0.f;
+    w_s[j] = w;
+    den += w * lj;
+  }
+  den = BlockReduce(den, false, scratch);  // its barrier also publishes w_s
+  const float* o = po + hh * nparts * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += kCombineThreads) {
+    float num = 0.f;
+#pragma unroll 8
+    for (int j = 0; j < nparts; ++j) num += w_s[j] * o[int64_t{j} * head_dim + d];
     reinterpret_cast<__half*>(out + seq * ldo)[h * head_dim + d] =
         __float2half_rn(den > 0.f ? num / den : 0.f);
   }
@@ -278,6 +348,9 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
     return absl::InvalidArgumentError(
         absl::StrCat("cuda::PagedDecodeAttention: workspace of ", need, " bytes needed"));
   }
+  if (pl.parts > 12288) {  // the combine kernel's weights must fit in shared memory
+    return absl::InvalidArgumentError("cuda::PagedDecodeAttention: context too long");
+  }
   if (pl.gchunks * int64_t{p.n_kv_heads} > 65535) {
     return absl::InvalidArgumentError("cuda::PagedDecodeAttention: too many heads");
   }
@@ -301,8 +374,8 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
   SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (pl.parts > 1) {
     CombineKernel<<<dim3(static_cast<unsigned>(p.n_heads), static_cast<unsigned>(p.num_seqs)),
-                    p.head_dim, 0, stream>>>(p.head_dim, p.n_heads, pl.parts, po, pm, plsum, p.out,
-                                             p.ldo);
+                    kCombineThreads, pl.parts * sizeof(float), stream>>>(
+        p.head_dim, p.n_heads, pl.parts, po, pm, plsum, p.out, p.ldo);
     SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
   return absl::OkStatus();

@@ -10,10 +10,12 @@
 namespace spear::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;
 
-// One block per token; thread t handles rotation pairs t, t + blockDim, ...
-// over all heads: pair (h, j) rotates x[h*D + j] with x[h*D + j + D/2].
+// Block (i, c) rotates pairs c * blockDim + t of token i, one pair per
+// thread (a strided loop here was a chain of dependent load/stores: x is
+// read and written in place, so the compiler cannot batch the loads); pair
+// (h, j) rotates x[h*D + j] with x[h*D + j + D/2].
 __global__ void RopeKernel(uint16_t* __restrict__ x, int64_t ldx, int n_heads, int head_dim,
                            const int32_t* __restrict__ positions,
                            const float* __restrict__ inv_freq, float scaling) {
@@ -21,7 +23,8 @@ __global__ void RopeKernel(uint16_t* __restrict__ x, int64_t ldx, int n_heads, i
   const int half = head_dim / 2;
   const float pos = static_cast<float>(positions[i]);
   __half* row = reinterpret_cast<__half*>(x + i * ldx);
-  for (int pr = threadIdx.x; pr < n_heads * half; pr += blockDim.x) {
+  const int pr = blockIdx.y * blockDim.x + threadIdx.x;
+  if (pr < n_heads * half) {
     const int h = pr / half, j = pr - h * half;
     // The angle in fp32 as HF and ref::Rope form it; sincosf does the full
     // range reduction (positions reach 1e5+, __sinf would drift).
@@ -77,8 +80,11 @@ absl::Status Rope(const RopeF16Params& p, cudaStream_t stream) {
   }
   if (p.m == 0) return absl::OkStatus();
   if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::Rope: too many rows");
-  RopeKernel<<<static_cast<unsigned>(p.m), kThreads, 0, stream>>>(
-      p.x, p.ldx, p.n_heads, p.head_dim, p.positions, p.inv_freq, p.attention_scaling);
+  const int64_t chunks = (int64_t{p.n_heads} * (p.head_dim / 2) + kThreads - 1) / kThreads;
+  if (chunks > 65535) return absl::InvalidArgumentError("cuda::Rope: rows too wide");
+  const dim3 grid(static_cast<unsigned>(p.m), static_cast<unsigned>(chunks));
+  RopeKernel<<<grid, kThreads, 0, stream>>>(p.x, p.ldx, p.n_heads, p.head_dim, p.positions,
+                                            p.inv_freq, p.attention_scaling);
   SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

@@ -13,6 +13,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -84,9 +85,11 @@ TEST(CudaDecodeOps, RmsNormF16MatchesReference) {
   auto rng = Rng();
   std::normal_distribution<float> nd;
   for (int64_t m : {1, 3, 17, 65}) {
-    for (int64_t d : {64, 576, 4097}) {
+    // d % 4 == 0 with aligned strides takes the vectorised path (1, 2, 4 or
+    // 8 float4 per thread); 4097 and the odd ldy the generic one.
+    for (int64_t d : {64, 576, 2048, 4096, 6000, 4097}) {
       for (bool with_residual : {false, true}) {
-        const int64_t ldy = d + 5;
+        const int64_t ldy = d % 4 == 0 ? d + 8 : d + 5;
         std::vector<float> x(m * d), r(m * d), w(d);
         for (auto* v : {&x, &r, &w})
           for (float& e : *v) e = nd(rng);
@@ -474,9 +477,12 @@ TEST(CudaDecodeOps, ArgmaxMatchesReference) {
   SKIP_WITHOUT_GPU();
   auto rng = Rng();
   std::normal_distribution<float> nd;
-  for (int64_t n : {1, 1000, 128256}) {
+  // (n, ld): ld % 4 == 0 takes the float4 path (with a scalar tail when
+  // n % 4 != 0), else the scalar one.
+  const std::pair<int64_t, int64_t> shapes[] = {
+      {1, 4}, {999, 1002}, {1001, 1004}, {128256, 128260}};
+  for (auto [n, ld] : shapes) {
     for (int64_t m : {1, 3, 17, 65}) {
-      const int64_t ld = n + 3;
       std::vector<float> x(m * ld);
       for (float& v : x) v = nd(rng);
       for (int64_t i = 0; i < m; ++i) {
