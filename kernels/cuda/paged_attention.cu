@@ -261,6 +261,8 @@ __global__ void __launch_bounds__(kThreads)
 
 constexpr int kCombineThreads = 128;
 
+__host__ __device__ constexpr int CombinePadded(int nparts) { return (nparts + 7) / 8 * 8; }
+
 __device__ float BlockReduce(float v, bool is_max, float* scratch) {
   for (int off = 16; off > 0; off >>= 1) {
     const float o = __shfl_xor_sync(0xffffffffu, v, off);
@@ -281,7 +283,7 @@ __global__ void __launch_bounds__(kCombineThreads)
     CombineKernel(int head_dim, int n_heads, int nparts, const float* __restrict__ po,
                   const float* __restrict__ pm, const float* __restrict__ pl,
                   uint16_t* __restrict__ out, int64_t ldo) {
-  extern __shared__ float w_s[];  // [nparts]
+  extern __shared__ float w_s[];  // [CombinePadded(nparts)]
   __shared__ float scratch[kCombineThreads / 32];
   const int h = blockIdx.x;
   const int64_t seq = blockIdx.y;
@@ -293,9 +295,12 @@ __global__ void __launch_bounds__(kCombineThreads)
     if (l[j] > 0.f) mx = fmaxf(mx, m[j]);
   }
   mx = BlockReduce(mx, true, scratch);
+  // w_s is padded to a multiple of 8 with zeros: ptxas merges the unrolled
+  // loop's remainder reads into 16-byte loads past nparts (compute-sanitizer
+  // memcheck flagged them), which must stay inside the allocation.
   float den = 0.f;
-  for (int j = threadIdx.x; j < nparts; j += kCombineThreads) {
-    const float lj = l[j];
+  for (int j = threadIdx.x; j < CombinePadded(nparts); j += kCombineThreads) {
+    const float lj = j < nparts ? l[j] : 0.f;
     const float w = lj > 0.f ? expf(m[j] - mx) : 0.f;
     w_s[j] = w;
     den += w * lj;
@@ -374,7 +379,7 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
   SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (pl.parts > 1) {
     CombineKernel<<<dim3(static_cast<unsigned>(p.n_heads), static_cast<unsigned>(p.num_seqs)),
-                    kCombineThreads, pl.parts * sizeof(float), stream>>>(
+                    kCombineThreads, CombinePadded(pl.parts) * sizeof(float), stream>>>(
         p.head_dim, p.n_heads, pl.parts, po, pm, plsum, p.out, p.ldo);
     SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
