@@ -1,0 +1,380 @@
+// CudaModelRunner (GPU, fp16 activations, fp16 KV) against the CPU
+// ModelRunner (fp32) on the same LoadedModel: logits of prefill chunks of
+// awkward lengths, a chunked-prefill continuation mixed with decode tokens,
+// then decode steps (the graph-replay path), then with the ECs switched off.
+// (a) a tiny random LLaMA with W4 + ECs (gated, static and absent, fused and
+// unfusable groups); (b) SmolLM2-135M W4+EC from `spear quantize` when the
+// .spear is present (SPEAR_TEST_SPEAR_MODEL or ~/.cache/spear/models/
+// smollm2-135m-w4-spear.spear), else skipped.
+//
+// Tolerance: per forward, max |gpu - cpu| over all returned logits
+// <= kRelTol * std(cpu logits) and NMSE <= kNmse. The GPU keeps activations
+// and K/V in fp16 (relative rounding 2^-11 per op), the CPU in fp32.
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "kernels/cuda_ops.h"
+#include "kernels/dtype.h"
+#include "tests/engine/tiny_model.h"
+#include "worker/engine/cuda_model_runner.h"
+#include "worker/engine/kv_cache.h"
+#include "worker/engine/model_runner.h"
+#include "worker/model/w4_linear.h"
+
+namespace spear::engine {
+namespace {
+
+constexpr double kRelTol = 0.05;
+constexpr double kNmse = 1e-3;
+
+#define SKIP_WITHOUT_GPU()                                                                   \
+  do {                                                                                       \
+    auto n = kernels::cuda::DeviceCount();                                                   \
+    if (!n.ok() || *n == 0) {                                                                \
+      GTEST_SKIP() << "no CUDA device present ("                                             \
+                   << (n.ok() ? std::string("0 devices") : std::string(n.status().message())) \
+                   << "); GPU tests run on the GPU machine (scripts/gpu/)";                  \
+    }                                                                                        \
+  } while (0)
+
+float H(float x) { return kernels::HalfToFloat(kernels::FloatToHalf(x)); }
+
+// ec: 0 none, 1 gated, 2 static (not gated).
+std::unique_ptr<model::W4Linear> RandomW4(int64_t n, int64_t k, int64_t group, bool symmetric,
+                                          bool act_scale, int ec_kind, int rank,
+                                          std::mt19937* rng) {
+  std::uniform_int_distribution<int> code(0, 15);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> sc(0.01f, 0.03f);
+  kernels::W4Weight w;
+  w.fmt = {n, k, group, symmetric};
+  w.packed.resize(n * w.fmt.packed_row_bytes());
+  for (auto& b : w.packed) b = static_cast<uint8_t>(code(*rng) | (code(*rng) << 4));
+  const int64_t ng = w.fmt.num_groups();
+  for (int64_t i = 0; i < n * ng; ++i) {
+    w.scales.push_back(kernels::FloatToHalf(sc(*rng)));
+    w.zeros.push_back(symmetric ? 8 : static_cast<uint8_t>(6 + code(*rng) % 5));
+  }
+  if (act_scale) {
+    for (int64_t j = 0; j < k; ++j) w.act_scale.push_back(H(0.5f + std::fabs(nd(*rng))));
+  }
+  std::optional<kernels::EcWeights> ec;
+  if (ec_kind != 0) {
+    kernels::EcWeights e;
+    e.n = n;
+    e.k = k;
+    e.rank = rank;
+    e.gated = ec_kind == 1;
+    e.gate_hidden = e.gated ? 8 : 0;
+    auto fill = [&](std::vector<float>* v, size_t size, float s) {
+      v->resize(size);
+      for (auto& x : *v) x = H(s * nd(*rng));
+    };
+    fill(&e.a, rank * k, 0.1f);
+    fill(&e.b, n * rank, 0.1f);
+    if (e.gated) {
+      fill(&e.w1, 8 * rank, 0.5f);
+      fill(&e.b1, 8, 0.1f);
+      fill(&e.w2, rank * 8, 0.5f);
+      fill(&e.b2, rank, 0.1f);
+    }
+    ec = std::move(e);
+  }
+  auto r = model::W4Linear::Create(std::move(w), std::move(ec));
+  EXPECT_TRUE(r.ok()) << r.status();
+  return std::move(*r);
+}
+
+struct Stats {
+  double max_abs = 0, nmse = 0, std = 0;
+};
+
+Stats Compare(const ForwardOutput& cpu, const ForwardOutput& gpu) {
+  EXPECT_EQ(cpu.num_rows, gpu.num_rows);
+  EXPECT_EQ(cpu.first_row, gpu.first_row);
+  const int64_t n = cpu.num_rows * cpu.vocab;
+  double s = 0, s2 = 0, err2 = 0;
+  Stats st;
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = cpu.logits[i], b = gpu.logits[i];
+    s += a;
+    s2 += a * a;
+    err2 += (a - b) * (a - b);
+    st.max_abs = std::max(st.max_abs, std::fabs(a - b));
+    if (!std::isfinite(b)) st.max_abs = INFINITY;
+  }
+  const double mean = s / n;
+  st.std = std::sqrt(std::max(0.0, s2 / n - mean * mean));
+  st.nmse = err2 / std::max(s2, 1e-30);
+  return st;
+}
+
+// Drives both runners with the same batches (same block ids in both caches).
+class Pair {
+ public:
+  Pair(const model::LoadedModel* m, int64_t blocks) {
+    KvCacheOptions ko;
+    ko.block_size = 16;
+    ko.num_blocks = blocks;
+    cache_ = std::move(*KvCache::Create(m->config, ko));
+    pool_ = std::make_unique<kernels::ThreadPool>(4);
+    cpu_ = std::make_unique<ModelRunner>(m, cache_.get(), pool_.get());
+    CudaRunnerOptions o;
+    o.num_blocks = blocks;
+    auto g = CudaModelRunner::Create(m, o);
+    EXPECT_TRUE(g.ok()) << g.status();
+    if (g.ok()) gpu_ = std::move(*g);
+  }
+  bool ok() const { return gpu_ != nullptr; }
+
+  // Runs `batch` on both; checks the tolerance; returns the CPU's argmax
+  // of each logits row (the next tokens).
+  std::vector<int32_t> Step(const std::vector<SeqChunk>& batch, const std::string& what) {
+    ForwardOutput c, g;
+    std::vector<int32_t> gmax;
+    EXPECT_TRUE(cpu_->Forward(batch, &c).ok());
+    const absl::Status s = gpu_->Forward(batch, &g, &gmax);
+    EXPECT_TRUE(s.ok()) << what << ": " << s;
+    const Stats st = Compare(c, g);
+    std::printf("[%s] rows %lld: max |gpu-cpu| %.4g (%.4g of std %.3g), nmse %.3g\n", what.c_str(),
+                static_cast<long long>(c.num_rows), st.max_abs, st.max_abs / st.std, st.std,
+                st.nmse);
+    EXPECT_LE(st.max_abs, kRelTol * st.std) << what;
+    EXPECT_LE(st.nmse, kNmse) << what;
+    std::vector<int32_t> next(c.num_rows);
+    int agree = 0, confident = 0;
+    for (int64_t r = 0; r < c.num_rows; ++r) {
+      const float* row = c.row(r);
+      int32_t best = 0, second = -1;
+      for (int32_t j = 1; j < c.vocab; ++j) {
+        if (row[j] > row[best]) {
+          second = best;
+          best = j;
+        } else if (second < 0 || row[j] > row[second]) {
+          second = j;
+        }
+      }
+      next[r] = best;
+      if (row[best] - row[second] > 0.2 * st.std) {  // a clear winner: must agree
+        ++confident;
+        agree += gmax[r] == best;
+      }
+    }
+    EXPECT_EQ(agree, confident) << what << ": GPU argmax differs on a clear winner";
+    return next;
+  }
+  CudaModelRunner& gpu() { return *gpu_; }
+
+ private:
+  std::unique_ptr<KvCache> cache_;
+  std::unique_ptr<kernels::ThreadPool> pool_;
+  std::unique_ptr<ModelRunner> cpu_;
+  std::unique_ptr<CudaModelRunner> gpu_;
+};
+
+// Prefill of sequences of lengths `lens` (one batch), a continuation chunk
+// of the last one mixed with decode tokens of the others, then `steps`
+// decode steps of all, then (if ecs) the ECs off and two more steps.
+void RunScenario(model::LoadedModel* m, const std::vector<int64_t>& lens, int steps,
+                 bool toggle_ecs, uint32_t seed) {
+  const int64_t bs = 16, per_seq = 16;  // up to 256 positions per sequence
+  Pair pair(m, per_seq * static_cast<int64_t>(lens.size()) + 3);
+  ASSERT_TRUE(pair.ok());
+  std::mt19937 rng(seed);
+  const int64_t nseq = static_cast<int64_t>(lens.size());
+  // Shuffled, disjoint page tables (block ids 3.. so 0..2 stay unused).
+  std::vector<int32_t> perm(per_seq * nseq);
+  for (size_t i = 0; i < perm.size(); ++i) perm[i] = static_cast<int32_t>(i + 3);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<std::vector<int32_t>> tables(nseq), toks(nseq);
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(m->config.vocab_size - 1));
+  for (int64_t s = 0; s < nseq; ++s) {
+    tables[s].assign(perm.begin() + s * per_seq, perm.begin() + (s + 1) * per_seq);
+    for (int64_t i = 0; i < lens[s]; ++i) toks[s].push_back(tok(rng));
+  }
+  std::vector<int64_t> done(nseq, 0);  // positions in the cache
+  auto chunk = [&](int64_t s, int64_t from, int64_t n, LogitsMode mode) {
+    SeqChunk c;
+    c.tokens = std::span<const int32_t>(toks[s].data() + from, n);
+    c.start_pos = from;
+    c.block_table = tables[s];
+    c.logits = mode;
+    return c;
+  };
+  // 1. Prefill all but the last 9 tokens of the last sequence; seq 0 all rows.
+  std::vector<SeqChunk> b;
+  const int64_t tail = std::min<int64_t>(9, lens.back() - 1);
+  for (int64_t s = 0; s < nseq; ++s) {
+    const int64_t n = s + 1 == nseq ? lens[s] - tail : lens[s];
+    b.push_back(chunk(s, 0, n, s == 0 ? LogitsMode::kAll : LogitsMode::kLast));
+    done[s] = n;
+  }
+  std::vector<int32_t> next = pair.Step(b, "prefill");
+  // Next token of each sequence (kAll: its last row).
+  auto last_rows = [&](const std::vector<int32_t>& nx, const std::vector<SeqChunk>& bb) {
+    std::vector<int32_t> out;
+    int64_t r = 0;
+    for (const SeqChunk& c : bb) {
+      if (c.logits == LogitsMode::kNone) {
+        out.push_back(-1);
+        continue;
+      }
+      r += c.logits == LogitsMode::kAll ? static_cast<int64_t>(c.tokens.size()) : 1;
+      out.push_back(nx[r - 1]);
+    }
+    return out;
+  };
+  std::vector<int32_t> last = last_rows(next, b);
+  // 2. The last sequence's remaining chunk with decode tokens of the others.
+  b.clear();
+  for (int64_t s = 0; s < nseq; ++s) {
+    if (s + 1 == nseq) {
+      b.push_back(chunk(s, done[s], tail, LogitsMode::kLast));
+      done[s] += tail;
+    } else {
+      toks[s].push_back(last[s]);
+      b.push_back(chunk(s, done[s], 1, LogitsMode::kLast));
+      done[s] += 1;
+    }
+  }
+  last = last_rows(pair.Step(b, "chunk+decode"), b);
+  // 3. Decode steps (graph path from the second step on).
+  auto decode = [&](const std::string& what) {
+    std::vector<SeqChunk> d;
+    for (int64_t s = 0; s < nseq; ++s) {
+      toks[s].push_back(last[s]);
+      d.push_back(chunk(s, done[s], 1, LogitsMode::kLast));
+      done[s] += 1;
+    }
+    last = last_rows(pair.Step(d, what), d);
+  };
+  for (int i = 0; i < steps; ++i) decode(absl::StrCat("decode ", i));
+  EXPECT_GE(pair.gpu().graphs_captured(), 1);
+  EXPECT_GE(pair.gpu().graph_replays(), steps - 2);
+  if (toggle_ecs) {
+    m->weights.ForEachLinear([](const std::string&, std::unique_ptr<model::Linear>& l) {
+      if (auto* w = dynamic_cast<model::W4Linear*>(l.get())) w->set_ec_enabled(false);
+    });
+    decode("decode, ECs off");
+    decode("decode, ECs off (replay)");
+    m->weights.ForEachLinear([](const std::string&, std::unique_ptr<model::Linear>& l) {
+      if (auto* w = dynamic_cast<model::W4Linear*>(l.get())) w->set_ec_enabled(true);
+    });
+    decode("decode, ECs on again");
+  }
+  (void)bs;
+}
+
+std::unique_ptr<model::LoadedModel> TinyW4Model(bool grouped, bool tied) {
+  const std::string dir = testing::MakeTempDir("cuda_runner");
+  testing::TinyModelSpec spec;
+  spec.vocab = 300;
+  spec.hidden = grouped ? 200 : 192;  // 200: a ragged last group of 64
+  spec.heads = 6;
+  spec.kv_heads = 2;
+  spec.head_dim = 64;
+  spec.intermediate = 328;
+  spec.layers = 3;
+  spec.tied = tied;
+  spec.seed = grouped ? 11 : 12;
+  EXPECT_TRUE(testing::WriteTinyModel(dir, spec).ok());
+  auto lm = model::LoadModel(dir);
+  EXPECT_TRUE(lm.ok()) << lm.status();
+  auto m = std::move(*lm);
+  std::mt19937 rng(grouped ? 5 : 6);
+  int i = 0;
+  m->weights.ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& l) {
+    const int64_t n = l->out_features(), k = l->in_features();
+    if (!grouped) {  // per-channel symmetric, gated EC r = 4 everywhere: fused q/k/v, gate/up
+      l = RandomW4(n, k, k, true, false, 1, 4, &rng);
+    } else {
+      // groups of 64, asymmetric; ECs gated / static / absent in turn; v
+      // (module 2 of 7) with an act_scale so q/k/v split into two weights.
+      const int mod = i % 7;
+      l = RandomW4(n, k, 64, false, mod == 2, i % 3, 2 + (i % 4) * 2, &rng);
+    }
+    ++i;
+  });
+  return m;
+}
+
+TEST(CudaModelRunner, TinyPerChannelGatedEcMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  auto m = TinyW4Model(/*grouped=*/false, /*tied=*/false);
+  RunScenario(m.get(), {1, 17, 40}, 6, true, 21);
+}
+
+TEST(CudaModelRunner, TinyGroupedMixedEcTiedMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  auto m = TinyW4Model(/*grouped=*/true, /*tied=*/true);
+  CudaRunnerOptions o;
+  auto g = CudaModelRunner::Create(m.get(), o);
+  ASSERT_TRUE(g.ok()) << g.status();
+  // v has its own act_scale: q/k in one weight, v in another.
+  EXPECT_EQ((*g)->weights().layers()[0].qkv.pieces.size(), 2u);
+  EXPECT_EQ((*g)->weights().layers()[0].gate_up.pieces.size(), 1u);
+  g->reset();
+  RunScenario(m.get(), {5, 16, 33, 2}, 5, false, 22);
+}
+
+TEST(CudaModelRunner, RejectsBadBatches) {
+  SKIP_WITHOUT_GPU();
+  auto m = TinyW4Model(false, false);
+  CudaRunnerOptions o;
+  o.num_blocks = 8;
+  auto g = CudaModelRunner::Create(m.get(), o);
+  ASSERT_TRUE(g.ok()) << g.status();
+  std::vector<int32_t> toks = {1, 2, 3}, table = {0}, bad_table = {8};
+  SeqChunk c;
+  c.tokens = toks;
+  c.block_table = table;
+  ForwardOutput out;
+  EXPECT_TRUE((*g)->Forward({c}, &out).ok());
+  EXPECT_EQ(out.num_rows, 1);
+  EXPECT_EQ((*g)->Forward({}, &out).code(), absl::StatusCode::kInvalidArgument);
+  c.block_table = bad_table;
+  EXPECT_EQ((*g)->Forward({c}, &out).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<int32_t> bad_tok = {300};
+  c.block_table = table;
+  c.tokens = bad_tok;
+  EXPECT_EQ((*g)->Forward({c}, &out).code(), absl::StatusCode::kInvalidArgument);
+  c.tokens = toks;
+  c.start_pos = 14;  // needs 2 blocks
+  EXPECT_EQ((*g)->Forward({c}, &out).code(), absl::StatusCode::kInvalidArgument);
+}
+
+std::string SmolLm2Path() {
+  if (const char* e = std::getenv("SPEAR_TEST_SPEAR_MODEL"); e != nullptr && *e) return e;
+  const char* home = std::getenv("HOME");
+  return absl::StrCat(home ? home : "", "/.cache/spear/models/smollm2-135m-w4-spear.spear");
+}
+
+TEST(CudaModelRunner, SmolLm2MatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const std::string path = SmolLm2Path();
+  if (!std::filesystem::exists(path + "/spear.json")) {
+    GTEST_SKIP() << "no SmolLM2 .spear at " << path
+                 << " (set SPEAR_TEST_SPEAR_MODEL; `spear quantize` makes one)";
+  }
+  auto lm = model::LoadModel(path);
+  ASSERT_TRUE(lm.ok()) << lm.status();
+  auto& m = *lm;
+  int ecs = 0;
+  m->weights.ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& l) {
+    if (auto* w = dynamic_cast<model::W4Linear*>(l.get()); w && w->has_ec()) ++ecs;
+  });
+  std::printf("SmolLM2 %s: %d modules with an EC\n", path.c_str(), ecs);
+  // Random token ids (the comparison needs no meaningful text): three
+  // sequences of 12, 29 and 5 tokens, then 8 greedy decode steps.
+  RunScenario(m.get(), {12, 29, 5}, 8, ecs > 0, 23);
+}
+
+}  // namespace
+}  // namespace spear::engine
