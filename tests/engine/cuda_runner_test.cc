@@ -324,6 +324,59 @@ TEST(CudaModelRunner, TinyGroupedMixedEcTiedMatchesCpu) {
   RunScenario(m.get(), {5, 16, 33, 2}, 5, false, 22);
 }
 
+// The same decode step (same tokens, positions and slots) replayed many
+// times, and run by an eager-only runner, gives bitwise the same logits: no
+// races, no state leaking between graph replays.
+TEST(CudaModelRunner, DecodeStepIsDeterministic) {
+  SKIP_WITHOUT_GPU();
+  auto m = TinyW4Model(/*grouped=*/false, /*tied=*/false);
+  std::vector<std::vector<float>> results[2];
+  for (int eager = 0; eager < 2; ++eager) {
+    CudaRunnerOptions o;
+    o.num_blocks = 16;
+    o.max_graph_batch = eager ? 0 : 64;
+    auto g = CudaModelRunner::Create(m.get(), o);
+    ASSERT_TRUE(g.ok()) << g.status();
+    std::vector<std::vector<int32_t>> toks = {{1, 2, 3, 4, 5}, {9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12,
+                                               13, 14, 15, 16, 17, 18, 19, 20}, {42, 43}};
+    std::vector<std::vector<int32_t>> tables = {{3, 4}, {7, 1, 9}, {12, 2}};
+    std::vector<SeqChunk> pre, dec;
+    for (size_t s = 0; s < toks.size(); ++s) {
+      SeqChunk c;
+      c.tokens = std::span<const int32_t>(toks[s].data(), toks[s].size() - 1);
+      c.block_table = tables[s];
+      pre.push_back(c);
+      c.tokens = std::span<const int32_t>(toks[s].data() + toks[s].size() - 1, 1);
+      c.start_pos = static_cast<int64_t>(toks[s].size()) - 1;
+      dec.push_back(c);
+    }
+    ForwardOutput out;
+    ASSERT_TRUE((*g)->Forward(pre, &out).ok());
+    for (int i = 0; i < 40; ++i) {
+      ASSERT_TRUE((*g)->Forward(dec, &out).ok());
+      results[eager].emplace_back(out.logits.begin(), out.logits.begin() + out.num_rows * out.vocab);
+    }
+    if (!eager) {
+      EXPECT_GE((*g)->graph_replays(), 38);
+    }
+  }
+  int bad = 0;
+  for (int e = 0; e < 2; ++e) {
+    for (size_t i = 0; i < results[e].size(); ++i) {
+      double md = 0;
+      for (size_t j = 0; j < results[e][i].size(); ++j) {
+        md = std::max(md, std::fabs(static_cast<double>(results[e][i][j]) - results[0][0][j]));
+      }
+      if (md != 0) {
+        ++bad;
+        std::printf("run %zu (%s) differs from the first: max |diff| %.4g\n", i,
+                    e ? "eager" : "graph", md);
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
 TEST(CudaModelRunner, RejectsBadBatches) {
   SKIP_WITHOUT_GPU();
   auto m = TinyW4Model(false, false);
