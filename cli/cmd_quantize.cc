@@ -119,7 +119,11 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   }
   auto steps = f.Int("train-steps", 0, 1000000);
   if (!steps.ok()) return steps.status();
+  o.distill.steps = *steps;  // stage 2 is end to end (distill.h)
   o.train_steps = *steps;
+  auto budget_s = f.Double("time-budget", 0.0, 1e7);
+  if (!budget_s.ok()) return budget_s.status();
+  o.time_budget_seconds = *budget_s;
   auto seed = f.Int("seed", 0, INT64_MAX);
   if (!seed.ok()) return seed.status();
   o.calib.seed = static_cast<uint64_t>(*seed);
@@ -220,11 +224,16 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "(same placement, closed-form) | static-all (every module, same rank) | none")
       .Declare("ec-budget", "1.0", "EC memory budget, % of the served W4 model")
       .DeclareBool("no-gate", "ablation: gate fixed at 1 (same training)")
-      .Declare("calib", "self:64,256",
+      .Declare("calib", "self:256,256",
                "calibration data: self:N,LEN (sequences the model samples itself) or "
                "text:FILE[,N,LEN]")
       .Declare("seed", "1", "calibration sampling seed")
-      .Declare("train-steps", "300", "EC training steps per module (stage 2)")
+      .Declare("train-steps", "1000",
+               "stage 2 (end-to-end EC distillation) steps of 2 x LEN tokens; the time budget "
+               "or early stopping on held-out calibration KL usually ends it first")
+      .Declare("time-budget", "900",
+               "seconds for calibration + EC fitting; stage 2 gets what the earlier stages left "
+               "(0 = no limit)")
       .Declare("threads", "0", "CPU threads, 0 = all")
       .DeclareBool("force", "replace --out if it exists")
       .DeclareBool("help", "show flags");

@@ -8,22 +8,23 @@
 #
 # WORKDIR (default ~/.cache/spear/quality) keeps the quantized models (a
 # model that exists is reused unless FORCE=1) and the logs; SET picks rows:
-#   headline  FP16, W4 RTN per-channel, +static (equal memory), +SPEAR 1%
+#   headline  FP16, W4 RTN per-channel, +static on every module and +static
+#             on SPEAR's placement (equal memory), +SPEAR 1%
 #   backbones RTN g128, GPTQ and AWQ per-channel, each with and without SPEAR
 #   sweep     SPEAR at 0.25 / 0.5 / 1 / 2 % budget
 #   ablation  SPEAR 1% with the gate fixed at 1 (same training)
 #   all       everything (default)
-# Env: TOKENS (scored tokens per text, 0 = all; default 65536), CTX (512),
-# CALIB (default self:64,256), THREADS (0 = all). Takes hours on 2 cores for
+# Env: TOKENS (scored tokens per text, 0 = all; default 16384 as in quality.md), CTX (512),
+# CALIB (default: spear quantize's own), THREADS (0 = all). Takes hours on 2 cores for
 # `all`; each quantize prints its own per-stage timings into its log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-$HOME/.cache/spear/quality}
 SET=${2:-all}
 SPEAR=${SPEAR:-${SPEAR_BUILD_DIR:-build}/cli/spear}
-TOKENS=${TOKENS:-65536}
+TOKENS=${TOKENS:-16384}
 CTX=${CTX:-512}
-CALIB=${CALIB:-self:64,256}
+CALIB=${CALIB:-}
 THREADS=${THREADS:-0}
 WIKI=../shared/data/wikitext-2-raw/wiki.test.raw
 HB=$HOME/.cache/spear/texts/debian-handbook.txt
@@ -39,7 +40,9 @@ quant() {
   local out="$WORK/$name.spear"
   if [[ -f "$out/spear.json" && "${FORCE:-0}" != 1 ]]; then return; fi
   echo "== quantize $name: $*"
-  "$SPEAR" quantize --model "$SRC" --out "$out" --force --calib "$CALIB" --threads "$THREADS" "$@" \
+  local calib=()
+  [[ -n $CALIB ]] && calib=(--calib "$CALIB")
+  "$SPEAR" quantize --model "$SRC" --out "$out" --force "${calib[@]}" --threads "$THREADS" "$@" \
     2>&1 | tee "$WORK/logs/quantize-$name.log" | grep -vE '\r' || true
   [[ -f "$out/spear.json" ]] || { echo "quantize $name failed (see $WORK/logs)" >&2; exit 1; }
 }
@@ -59,9 +62,11 @@ table() {
 W=$WORK
 if [[ $SET == headline || $SET == all ]]; then
   quant w4-rtn --method rtn --ec none
-  quant w4-rtn-static --method rtn --ec static-all --ec-budget 1.0
+  quant w4-rtn-static-all --method rtn --ec static-all --ec-budget 1.0
+  quant w4-rtn-static --method rtn --ec static --ec-budget 1.0
   quant w4-rtn-spear --method rtn --ec spear --ec-budget 1.0
-  table headline FP16,W4,W4+static,W4+SPEAR "$SRC,$W/w4-rtn.spear,$W/w4-rtn-static.spear,$W/w4-rtn-spear.spear"
+  table headline FP16,W4,W4+static-all,W4+static,W4+SPEAR \
+    "$SRC,$W/w4-rtn.spear,$W/w4-rtn-static-all.spear,$W/w4-rtn-static.spear,$W/w4-rtn-spear.spear"
 fi
 if [[ $SET == backbones || $SET == all ]]; then
   quant w4-rtn-g128 --method rtn --group 128 --ec none

@@ -1,6 +1,8 @@
 // Sampler and BlockAllocator unit tests.
 #include <cmath>
+#include <algorithm>
 #include <map>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -69,6 +71,60 @@ TEST(SamplerTest, TopKAndTopPCut) {
   p.top_p = 0.01f;  // only the best
   Sampler tiny(p);
   for (int i = 0; i < 100; ++i) EXPECT_EQ(tiny.Sample(l.data(), 4, {}), 0);
+}
+
+// The nucleus is built from growing best-first slices (not a full sort):
+// against a full-sort reference on a 50,000-token vocabulary whose nucleus
+// spans several slices, every sample lies in the reference nucleus and the
+// frequencies of its best tokens match their renormalised probabilities.
+TEST(SamplerTest, TopPLargeVocabularyMatchesFullSortReference) {
+  constexpr int64_t kVocab = 50000;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 2.f);
+  std::vector<float> l(kVocab);
+  for (float& x : l) x = nd(rng);
+  l[123] = 9.f;  // a few clear leaders so their frequencies are testable
+  l[4567] = 8.5f;
+  l[49999] = 8.f;
+  const float top_p = 0.8f;
+  std::vector<int32_t> order(kVocab);
+  for (int64_t i = 0; i < kVocab; ++i) order[i] = static_cast<int32_t>(i);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return l[a] != l[b] ? l[a] > l[b] : a < b;
+  });
+  double mx = l[order[0]], total = 0;
+  for (float x : l) total += std::exp(x - mx);
+  std::vector<char> in_nucleus(kVocab, 0);
+  double acc = 0;
+  size_t n = 0;
+  while (acc < top_p * total) acc += std::exp(l[order[n++]] - mx);
+  for (size_t i = 0; i < n; ++i) in_nucleus[order[i]] = 1;
+  ASSERT_GT(n, 64u * 5) << "the nucleus must span several slices";
+
+  SamplingParams p;
+  p.temperature = 1.f;
+  p.top_p = top_p;
+  p.seed = 99;
+  Sampler s(p);
+  std::map<int32_t, int> counts;
+  constexpr int kDraws = 3000;
+  for (int i = 0; i < kDraws; ++i) {
+    const int32_t t = s.Sample(l.data(), kVocab, {});
+    ASSERT_TRUE(in_nucleus[t]) << "token " << t << " is outside the nucleus";
+    ++counts[t];
+  }
+  for (int32_t t : {123, 4567, 49999}) {
+    const double want = std::exp(l[t] - mx) / acc;
+    EXPECT_NEAR(counts[t] / static_cast<double>(kDraws), want, 4 * std::sqrt(want / kDraws) + 1e-3)
+        << "token " << t;
+  }
+  // top_p just below 1 on a flat distribution keeps (almost) everything.
+  std::vector<float> flat(kVocab, 0.f);
+  p.top_p = 0.9999f;
+  Sampler f(p);
+  std::map<int32_t, int> seen;
+  for (int i = 0; i < 2000; ++i) ++seen[f.Sample(flat.data(), kVocab, {})];
+  EXPECT_GT(seen.size(), 1900u);  // ~2000 distinct draws out of 50,000
 }
 
 TEST(SamplerTest, RepetitionPenalty) {

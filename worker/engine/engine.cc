@@ -101,12 +101,22 @@ absl::Status Engine::Step(const std::vector<StepItem>& items, std::vector<StepOu
   if (auto st = runner_->Forward(chunks_, &out_); !st.ok()) return st;
 
   const int64_t vocab = model_->config.vocab_size;
+  // Sampling is per sequence (each has its own sampler and RNG), so the
+  // batch's rows are sampled in parallel; bookkeeping stays in order.
+  sampled_.assign(items.size(), -1);
+  pool_->ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (out_.first_row[i] < 0) continue;
+      Sequence* s = items[i].seq;
+      sampled_[i] = s->sampler().Sample(out_.row(out_.first_row[i]), vocab, s->tokens());
+    }
+  });
   for (size_t i = 0; i < items.size(); ++i) {
     Sequence* s = items[i].seq;
     s->MarkComputed(static_cast<int64_t>(chunks_[i].tokens.size()));
     StepOutput o{s, -1};
     if (out_.first_row[i] >= 0) {
-      const int32_t tok = s->sampler().Sample(out_.row(out_.first_row[i]), vocab, s->tokens());
+      const int32_t tok = sampled_[i];
       if (IsStopToken(*s, tok)) {
         s->Finish(FinishReason::kStop);
       } else {

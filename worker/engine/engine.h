@@ -118,6 +118,7 @@ class Engine {
   // Step scratch, reused.
   std::vector<SeqChunk> chunks_;
   ForwardOutput out_;
+  std::vector<int32_t> sampled_;
 };
 
 }  // namespace spear::engine

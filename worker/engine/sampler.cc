@@ -61,7 +61,7 @@ int32_t Sampler::Sample(const float* logits, int64_t vocab, std::span<const int3
     return static_cast<int32_t>(best);
   }
 
-  // Candidates: top_k (or all), sorted best first.
+  // Candidates: the top_k best (or all), in no particular order yet.
   cand_.resize(vocab);
   for (int64_t i = 0; i < vocab; ++i) cand_[i] = {l[i], static_cast<int32_t>(i)};
   int64_t k = vocab;
@@ -70,38 +70,58 @@ int32_t Sampler::Sample(const float* logits, int64_t vocab, std::span<const int3
     std::nth_element(cand_.begin(), cand_.begin() + k, cand_.end(), Better);
     cand_.resize(k);
   }
-  // Sorting is only needed for the nucleus cut; plain sampling walks the
-  // candidates in id order.
-  if (params_.top_p < 1.f) {
-    std::sort(cand_.begin(), cand_.end(), Better);
-  } else if (k < vocab) {
-    std::sort(cand_.begin(), cand_.end(),
-              [](const auto& a, const auto& b) { return a.second < b.second; });
-  }
-
-  // Softmax at temperature (in double), then the nucleus cut.
   const double inv_t = 1.0 / params_.temperature;
   double mx = cand_[0].first;
   for (const auto& c : cand_) mx = std::max<double>(mx, c.first);
   std::vector<double>& p = probs_;
-  p.resize(cand_.size());
-  double sum = 0;
-  for (size_t i = 0; i < cand_.size(); ++i) {
-    p[i] = std::exp((cand_[i].first - mx) * inv_t);
-    sum += p[i];
-  }
   size_t n = cand_.size();
+  double sum = 0;
   if (params_.top_p < 1.f) {
-    const double target = params_.top_p * sum;
+    // The nucleus: the smallest best-first prefix whose mass reaches top_p of
+    // the total. Only that prefix is ordered: the next best candidates are
+    // selected (nth_element) and sorted in growing slices until the mass is
+    // reached — linear in the vocabulary for the usual peaked distribution
+    // instead of a full sort (which dominated self-sampling's time).
+    // The total in float exp (vectorisable; relative error ~1e-7 of a mass
+    // that only sets the cut), summed in double.
+    const float fmx = static_cast<float>(mx), finv_t = static_cast<float>(inv_t);
+    double total = 0;
+    for (const auto& c : cand_) total += std::exp((c.first - fmx) * finv_t);
+    const double target = params_.top_p * total;
+    p.clear();
+    size_t sorted = 0, slice = 64;
     double acc = 0;
-    for (size_t i = 0; i < n; ++i) {
-      acc += p[i];
-      if (acc >= target) {
-        n = i + 1;  // smallest prefix with mass >= top_p (always >= 1 token)
-        break;
+    n = 0;
+    while (n == 0) {
+      const size_t upto = std::min(cand_.size(), sorted + slice);
+      if (upto < cand_.size()) {
+        std::nth_element(cand_.begin() + sorted, cand_.begin() + upto, cand_.end(), Better);
       }
+      std::sort(cand_.begin() + sorted, cand_.begin() + upto, Better);
+      for (size_t i = sorted; i < upto; ++i) {
+        p.push_back(std::exp((cand_[i].first - mx) * inv_t));
+        acc += p.back();
+        if (acc >= target) {
+          n = i + 1;  // smallest prefix with mass >= top_p (always >= 1 token)
+          break;
+        }
+      }
+      if (n == 0 && upto == cand_.size()) n = upto;  // rounding: keep everything
+      sorted = upto;
+      slice *= 4;
     }
     sum = acc;
+  } else {
+    // Plain sampling walks the candidates in id order.
+    if (n < static_cast<size_t>(vocab)) {
+      std::sort(cand_.begin(), cand_.end(),
+                [](const auto& a, const auto& b) { return a.second < b.second; });
+    }
+    p.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      p[i] = std::exp((cand_[i].first - mx) * inv_t);
+      sum += p[i];
+    }
   }
   double r = Uniform() * sum;
   for (size_t i = 0; i < n; ++i) {

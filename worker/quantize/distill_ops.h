@@ -189,23 +189,30 @@ void SiluMulBackward(const S* g, const S* u, const S* dm, int64_t n, S* dg, S* d
 // writes weight * (p_s - p_t) into dzs [v].
 template <typename S>
 double KlRow(const S* zs, const S* zt, int64_t v, S weight, S* dzs) {
-  double ms = -INFINITY, mt = -INFINITY;
+  // Exponentials in S (float in training: half the cost of double exp, two
+  // per element instead of four), sums and logs in double.
+  S ms = -std::numeric_limits<S>::infinity(), mt = ms;
   for (int64_t i = 0; i < v; ++i) {
-    ms = std::max(ms, static_cast<double>(zs[i]));
-    mt = std::max(mt, static_cast<double>(zt[i]));
+    ms = std::max(ms, zs[i]);
+    mt = std::max(mt, zt[i]);
   }
+  thread_local std::vector<S> es, et;
+  es.resize(static_cast<size_t>(v));
+  et.resize(static_cast<size_t>(v));
   double ss = 0, st = 0;
   for (int64_t i = 0; i < v; ++i) {
-    ss += std::exp(zs[i] - ms);
-    st += std::exp(zt[i] - mt);
+    es[i] = std::exp(zs[i] - ms);
+    et[i] = std::exp(zt[i] - mt);
+    ss += es[i];
+    st += et[i];
   }
   const double lzs = ms + std::log(ss), lzt = mt + std::log(st);
+  const double is = 1.0 / ss, it = 1.0 / st;
   double kl = 0;
   for (int64_t i = 0; i < v; ++i) {
-    const double lpt = zt[i] - lzt, lps = zs[i] - lzs;
-    const double pt = std::exp(lpt);
-    kl += pt * (lpt - lps);
-    if (dzs != nullptr) dzs[i] = static_cast<S>(weight * (std::exp(lps) - pt));
+    const double pt = et[i] * it;
+    kl += pt * ((zt[i] - lzt) - (zs[i] - lzs));
+    if (dzs != nullptr) dzs[i] = static_cast<S>(weight * (es[i] * is - pt));
   }
   return kl;
 }

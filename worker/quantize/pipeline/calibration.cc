@@ -50,8 +50,8 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
   if (bos >= c.vocab_size) bos = -1;
   std::mt19937_64 rng(o.seed);
 
-  // Up to 32 sequences decode together (their worst-case KV fits exactly).
-  const int64_t concurrent = std::min<int64_t>(o.num_sequences, 32);
+  // Up to 64 sequences decode together (their worst-case KV fits exactly).
+  const int64_t concurrent = std::min<int64_t>(o.num_sequences, 64);
   engine::EngineOptions eo;
   eo.num_threads = num_threads;
   eo.kv_cache.block_size = 16;

@@ -241,7 +241,9 @@ struct EcDistiller::Impl {
   // Loss of the stored forward; dy [T, d] = d loss / d y if dy != nullptr.
   absl::StatusOr<double> HeadLoss(const float* teacher, double mse_w, float* dy,
                                   std::vector<double>* per_row = nullptr) {
-    constexpr int64_t kChunk = 64;
+    // Rows per lm_head call: each call re-packs the whole [V, d] head in
+    // the GEMM, so few large chunks (2 x 256 x V floats of logits = 100 MB).
+    constexpr int64_t kChunk = 256;
     std::vector<float> zs(kChunk * vocab), zt(kChunk * vocab);
     std::vector<double> row_kl(kChunk);
     double kl = 0;

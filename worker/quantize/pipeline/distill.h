@@ -52,11 +52,12 @@ namespace spear::quantize {
 
 // Defaults = the SmolLM2 recipe of docs/results/quality.md (lr chosen on
 // held-out calibration KL; batch 2 x 256 tokens because a CPU budget allows
-// only tens of steps).
+// only a few hundred steps; `steps` is a ceiling — the time budget or early
+// stopping normally ends the run and the cosine schedule follows the time).
 struct DistillOptions {
-  int64_t steps = 400;
+  int64_t steps = 1000;
   int64_t batch_sequences = 2;
-  double lr = 2e-3;
+  double lr = 3e-3;
   double lr_min_ratio = 0.1;
   int64_t warmup_steps = 5;
   int64_t eval_every = 20;

@@ -394,8 +394,20 @@ absl::StatusOr<QuantizeReport> Pipeline::Run() {
     if (!seqs.ok()) return seqs.status();
     seqs_ = std::move(*seqs);
     const int64_t n = static_cast<int64_t>(seqs_.size());
-    // Held-out split: the last ~10% of the sequences (none with one sequence).
-    fit_seqs_ = n >= 2 ? n - std::max<int64_t>(1, n / 10) : n;
+    // Held-out split: the last ~10% of the sequences (none with one
+    // sequence), at most holdout_max_tokens of them (it is forwarded at every
+    // held-out evaluation and in the sequential pass: a cost, not data).
+    int64_t held = n >= 2 ? std::max<int64_t>(1, n / 10) : 0;
+    if (o_.holdout_max_tokens > 0 && held > 1) {
+      int64_t tokens = 0, keep = 0;
+      for (int64_t i = n - 1; i >= n - held; --i) {
+        tokens += static_cast<int64_t>(seqs_[i].size());
+        if (keep >= 1 && tokens > o_.holdout_max_tokens) break;
+        ++keep;
+      }
+      held = keep;
+    }
+    fit_seqs_ = n - held;
     for (int64_t i = 0; i < n; ++i) {
       total_rows_ += seqs_[i].size();
       if (i < fit_seqs_) fit_rows_ += seqs_[i].size();

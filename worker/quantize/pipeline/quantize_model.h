@@ -43,7 +43,7 @@ struct CalibrationOptions {
   // model (temperature 1, top_p 0.95, seed). Or text_file: its tokens cut
   // into num_sequences windows of seq_len.
   std::string text_file;  // empty = self-generated
-  int64_t num_sequences = 64;
+  int64_t num_sequences = 256;  // 65,536 tokens: ~2 minutes of sampling on 2 cores
   int64_t seq_len = 256;
   uint64_t seed = 1;
 };
@@ -77,7 +77,10 @@ struct QuantizeOptions {
   int64_t diagnostic_tokens = 128;  // calibration tokens used for CKA (cost: ~7 L^2 / 2 layer-runs of them)
   // Fit tokens of the sequential (closed-form) pass: a prefix of the fit
   // sequences (at least one; 0 = all); held-out sequences always join.
-  int64_t sequential_max_tokens = 2048;
+  int64_t sequential_max_tokens = 1024;
+  // Held-out calibration: the last ~10 % of the sequences, capped at this
+  // many tokens (at least one sequence; 0 = no cap).
+  int64_t holdout_max_tokens = 4096;
   CalibrationOptions calib;
 };
 
