@@ -190,6 +190,20 @@ void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
   }
   std::printf("calibration tokens %lld; quantized in %.1f s\n",
               static_cast<long long>(r.calibration_tokens), r.seconds);
+  std::printf("stage seconds: calibration %.1f, diagnostic %.1f, teacher %.1f, sequential "
+              "(backbone + closed form) %.1f, end-to-end EC training %.1f\n",
+              r.calibration_seconds, r.diagnostic_seconds, r.teacher_seconds,
+              r.sequential_seconds, r.distill_seconds);
+  if (r.distilled) {
+    const quantize::DistillReport& d = r.distill;
+    std::printf("EC training: %lld ECs, %lld parameters, %lld fit / %lld held-out tokens; held-out "
+                "KL %.4f -> %.4f (best step %lld of %lld, %.2f s/step%s%s)\n",
+                static_cast<long long>(d.num_ecs), static_cast<long long>(d.num_params),
+                static_cast<long long>(d.fit_tokens), static_cast<long long>(d.val_tokens),
+                d.init_val_kl, d.final_val_kl, static_cast<long long>(d.best_step),
+                static_cast<long long>(d.steps_run), d.seconds_per_step,
+                d.stopped_early ? ", stopped early" : "", d.time_capped ? ", time budget" : "");
+  }
 }
 
 json ReportJson(const quantize::QuantizeReport& r) {
@@ -207,6 +221,24 @@ json ReportJson(const quantize::QuantizeReport& r) {
           {"ec_pct", r.ec_pct()},
           {"calibration_tokens", r.calibration_tokens},
           {"seconds", r.seconds},
+          {"stage_seconds",
+           {{"calibration", r.calibration_seconds},
+            {"diagnostic", r.diagnostic_seconds},
+            {"teacher", r.teacher_seconds},
+            {"sequential", r.sequential_seconds},
+            {"distill", r.distill_seconds}}},
+          {"distill", r.distilled ? json{{"num_ecs", r.distill.num_ecs},
+                                         {"num_params", r.distill.num_params},
+                                         {"fit_tokens", r.distill.fit_tokens},
+                                         {"val_tokens", r.distill.val_tokens},
+                                         {"init_val_kl", r.distill.init_val_kl},
+                                         {"final_val_kl", r.distill.final_val_kl},
+                                         {"best_step", r.distill.best_step},
+                                         {"steps_run", r.distill.steps_run},
+                                         {"seconds_per_step", r.distill.seconds_per_step},
+                                         {"stopped_early", r.distill.stopped_early},
+                                         {"time_capped", r.distill.time_capped}}
+                                  : json(nullptr)},
           {"modules", mods}};
 }
 
@@ -302,8 +334,21 @@ int CmdQuantize(const std::vector<std::string>& args) {
       json{{"method", p.method},        {"group_size", o.group_size},
            {"symmetric", o.symmetric},  {"ec", p.ec},
            {"ec_budget_pct", o.ec_budget_pct}, {"gate", o.gate},
-           {"train_steps", o.train_steps}, {"learning_rate", o.learning_rate},
-           {"diagnostic_tokens", o.diagnostic_tokens}}
+           {"diagnostic_tokens", o.diagnostic_tokens},
+           {"sequential_max_tokens", o.sequential_max_tokens},
+           {"holdout_max_tokens", o.holdout_max_tokens},
+           {"time_budget_seconds", o.time_budget_seconds},
+           {"ec_training", o.e2e ? json{{"kind", "end-to-end KL distillation"},
+                                        {"max_steps", o.distill.steps},
+                                        {"batch_sequences", o.distill.batch_sequences},
+                                        {"lr", o.distill.lr},
+                                        {"lr_min_ratio", o.distill.lr_min_ratio},
+                                        {"gate_lr_scale", o.distill.gate_lr_scale},
+                                        {"eval_every", o.distill.eval_every},
+                                        {"patience", o.distill.patience}}
+                                 : json{{"kind", "per module"},
+                                        {"train_steps", o.train_steps},
+                                        {"learning_rate", o.learning_rate}}}}
           .dump();
   prov.diagnostic_json = ReportJson(*report).dump();
   if (absl::Status s = model::SaveSpearModel(**m, prov, out, f.Bool("force")); !s.ok()) {
