@@ -55,9 +55,9 @@ row() {
   # shellcheck disable=SC2046
   "$SPEAR" quantize --model "$SRC" --out "$m" --force --threads "$T" --time-budget "$BUDGET" \
     "${calib[@]}" $(args_of "$r") >"$OUT/$r.quantize.log" 2>&1 || { echo "$r: quantize failed" >&2; return 1; }
-  "$SPEAR" eval --models "$m" --labels "$r" --text "$WIKI" --ctx "$CTX" --max-tokens "$TOKENS" \
+  "$SPEAR" eval --model "$m" --text "$WIKI" --ctx "$CTX" --max-tokens "$TOKENS" \
     --threads "$T" --json >"$OUT/$r.wiki.json" 2>"$OUT/$r.eval.err" || { echo "$r: eval failed" >&2; return 1; }
-  "$SPEAR" eval --models "$m" --labels "$r" --text "$HB" --ctx "$CTX" --max-tokens "$TOKENS" \
+  "$SPEAR" eval --model "$m" --text "$HB" --ctx "$CTX" --max-tokens "$TOKENS" \
     --threads "$T" --json >"$OUT/$r.hb.json" 2>>"$OUT/$r.eval.err" || { echo "$r: eval failed" >&2; return 1; }
   echo "$r done at $(date -u +%H:%M:%S)"
 }
@@ -73,14 +73,15 @@ out, rows = sys.argv[1], sys.argv[2:]
 lines = ["row,wikitext,handbook,ec_pct,quantize_seconds"]
 for r in rows:
     try:
-        w = json.load(open(os.path.join(out, r + ".wiki.json")))[0]
-        h = json.load(open(os.path.join(out, r + ".hb.json")))[0]
-    except (OSError, ValueError, IndexError):
+        w = json.load(open(os.path.join(out, r + ".wiki.json")))
+        h = json.load(open(os.path.join(out, r + ".hb.json")))
+        diag = json.load(open(os.path.join(out, r + ".spear", "spear.json")))["provenance"]["diagnostic"]
+    except (OSError, ValueError, KeyError):
         lines.append(f"{r},,,,")
         continue
     log = open(os.path.join(out, r + ".quantize.log"), errors="replace").read()
     sec = re.findall(r"quantized in ([0-9.]+) s", log)
-    lines.append(f"{r},{w['ppl']:.4f},{h['ppl']:.4f},{100.0 * w['ec_bytes'] / w['served_bytes']:.3f},"
+    lines.append(f"{r},{w['ppl']:.4f},{h['ppl']:.4f},{diag.get('ec_pct', 0):.3f},"
                  f"{sec[-1] if sec else ''}")
 open(os.path.join(out, "rows.csv"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
