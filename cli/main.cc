@@ -6,6 +6,8 @@
 
 #include "cli/commands.h"
 #include "cli/serve.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "spdlog/spdlog.h"
 
 namespace {
 
@@ -26,6 +28,9 @@ constexpr char kUsage[] =
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Log lines go to stderr: stdout carries results (tables, --json objects,
+  // generated text) that callers parse.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("spear"));
   if (argc < 2) {
     std::fputs(kUsage, stderr);
     return 2;

@@ -82,6 +82,13 @@ expect 1 "not empty; use --force" -- quantize --model "$TINY" --out "$TMP/full"
 expect 0 "saved" -- quantize --model "$TINY" --out "$TMP/q" --calib self:2,16 --train-steps 5 --threads 2
 [[ -f "$TMP/q/spear.json" && ! -e "$TMP/q.tmp" ]] || { echo "FAIL: no $TMP/q/spear.json"; fails=$((fails + 1)); }
 expect 0 "prompt tokens" -- generate --model "$TMP/q" --prompt-ids "1 5 9" --max-tokens 4
+# Log lines ("[info] loaded ... model") go to stderr, never into stdout, which callers parse.
+"$SPEAR" generate --model "$TMP/q" --prompt-ids "1 5 9" --max-tokens 2 >"$TMP/gen.out" 2>"$TMP/gen.err"
+if grep -q "\] \[info\]" "$TMP/gen.out" || ! grep -q "\] \[info\]" "$TMP/gen.err"; then
+  echo "FAIL: log lines must be on stderr only"; fails=$((fails + 1))
+else
+  echo "ok: log lines on stderr"
+fi
 expect 0 "\.spear v1" -- info --model "$TMP/q"
 expect 1 "not empty; use --force" -- quantize --model "$TINY" --out "$TMP/q"
 expect 0 "saved" -- quantize --model "$TINY" --out "$TMP/q" --ec none --calib self:2,16 --force
