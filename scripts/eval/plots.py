@@ -51,16 +51,19 @@ def damage_from_spear(spear_dir, out_csv):
 
 def plot_perplexity(rows, out):
     fig, ax = plt.subplots(figsize=(10, 0.42 * len(rows) + 1.5))
-    labels = [f"{r['setting']}" for r in rows]
+    labels = [f"[{r['group']}] {r['setting']}" for r in rows]
     y = range(len(rows))
-    wt = [float(r["wikitext"]) for r in rows]
-    hb = [float(r["handbook"]) for r in rows]
+    # An empty cell (a text not scored for that row) draws no bar.
+    wt = [float(r["wikitext"]) if r["wikitext"] else 0.0 for r in rows]
+    hb = [float(r["handbook"]) if r["handbook"] else 0.0 for r in rows]
     ax.barh([i - 0.2 for i in y], wt, height=0.4, label="WikiText-2 test", color="#4c72b0")
     ax.barh([i + 0.2 for i in y], hb, height=0.4, label="Debian Administrator's Handbook",
             color="#dd8452")
     for i, (a, b) in enumerate(zip(wt, hb)):
-        ax.text(a + 0.3, i - 0.2, f"{a:.2f}", va="center", fontsize=7)
-        ax.text(b + 0.3, i + 0.2, f"{b:.2f}", va="center", fontsize=7)
+        if a:
+            ax.text(a + 0.3, i - 0.2, f"{a:.2f}", va="center", fontsize=7)
+        if b:
+            ax.text(b + 0.3, i + 0.2, f"{b:.2f}", va="center", fontsize=7)
     ax.set_yticks(list(y))
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
