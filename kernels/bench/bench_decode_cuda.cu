@@ -44,36 +44,11 @@
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
 #include "kernels/w4_cuda.h"
+#include "bench_cuda_common.cuh"
 
 namespace spear::kernels {
 namespace {
 
-#define CK(expr)                                                                               \
-  do {                                                                                         \
-    const cudaError_t e_ = (expr);                                                             \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #expr, cudaGetErrorString(e_), __FILE__, \
-                   __LINE__);                                                                  \
-      std::exit(1);                                                                            \
-    }                                                                                          \
-  } while (0)
-#define CKS(expr)                                                                                \
-  do {                                                                                           \
-    const absl::Status st_ = (expr);                                                             \
-    if (!st_.ok()) {                                                                             \
-      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #expr, std::string(st_.message()).c_str(), \
-                   __FILE__, __LINE__);                                                          \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
-#define CKB(expr)                                                                          \
-  do {                                                                                     \
-    const cublasStatus_t b_ = (expr);                                                      \
-    if (b_ != CUBLAS_STATUS_SUCCESS) {                                                     \
-      std::fprintf(stderr, "%s failed: %d (%s:%d)\n", #expr, (int)b_, __FILE__, __LINE__); \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
 
 constexpr int kGroup = 128;
 constexpr int kBlock = 16;  // KV block size (tokens)
@@ -92,12 +67,6 @@ const ModelShape kModels[] = {
 
 cudaStream_t g_stream;
 
-__global__ void CopyKernel(const uint4* __restrict__ a, uint4* __restrict__ b, size_t n) {
-  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
-       i += size_t{gridDim.x} * blockDim.x) {
-    b[i] = a[i];
-  }
-}
 
 // Deterministic pseudo-random fp16 in [-scale, scale) (hash of the index).
 __global__ void FillHalf(uint16_t* p, size_t n, float scale, uint32_t salt) {
@@ -147,7 +116,7 @@ double CopyBandwidth() {
   cudaGraphExec_t ge;
   CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
   for (int r = 0; r < 4; ++r) {
-    CopyKernel<<<sms * 8, 512, 0, g_stream>>>(static_cast<const uint4*>(a), static_cast<uint4*>(b),
+    bench::CopyKernel<<<sms * 8, 512, 0, g_stream>>>(static_cast<const uint4*>(a), static_cast<uint4*>(b),
                                               bytes / 16);
   }
   CK(cudaStreamEndCapture(g_stream, &g));
@@ -160,46 +129,7 @@ double CopyBandwidth() {
   return 2.0 * bytes / (ms * 1e-3);
 }
 
-W4Weight RandomW4(int64_t n, int64_t k, std::mt19937& rng) {
-  W4Weight w;
-  w.fmt = {n, k, kGroup, false};
-  const int64_t ng = (k + kGroup - 1) / kGroup;
-  w.packed.resize(static_cast<size_t>(n * k / 2));
-  uint64_t s = rng();
-  for (auto& b : w.packed) {
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    b = static_cast<uint8_t>(s >> 56);
-  }
-  w.scales.resize(static_cast<size_t>(n * ng));
-  w.zeros.resize(static_cast<size_t>(n * ng));
-  std::uniform_real_distribution<float> sc(0.004f, 0.02f);
-  for (size_t i = 0; i < w.scales.size(); ++i) {
-    w.scales[i] = FloatToHalf(sc(rng));
-    w.zeros[i] = static_cast<uint8_t>(rng() & 15);
-  }
-  return w;
-}
 
-EcWeights RandomEc(int64_t n, int64_t k, std::mt19937& rng) {
-  EcWeights e;
-  e.n = n;
-  e.k = k;
-  e.rank = 32;
-  e.gate_hidden = 16;
-  e.gated = true;
-  std::normal_distribution<float> nd;
-  e.a.resize(static_cast<size_t>(32 * k));
-  for (float& v : e.a) v = nd(rng) / 64.f;
-  e.b.resize(static_cast<size_t>(n * 32));
-  for (float& v : e.b) v = 0.01f * nd(rng);
-  e.w1.resize(16 * 32);
-  e.b1.resize(16);
-  e.w2.resize(32 * 16);
-  e.b2.resize(32);
-  for (auto* v : {&e.w1, &e.b1, &e.w2, &e.b2})
-    for (float& x : *v) x = 0.3f * nd(rng);
-  return e;
-}
 
 template <typename T>
 T* Alloc(size_t n) {
@@ -234,12 +164,12 @@ class Model {
     const int64_t qkv_n = int64_t{s.n_q + 2 * s.n_kv} * s.head_dim;
     std::printf("# %s: building weights (W4 g128 + EC r32, %d layers)...\n", s.name, s.layers);
     std::fflush(stdout);
-    const W4Weight wq = RandomW4(qkv_n, s.hidden, rng), wo = RandomW4(s.hidden, s.hidden, rng),
-                   wgu = RandomW4(2 * s.inter, s.hidden, rng),
-                   wd = RandomW4(s.hidden, s.inter, rng);
-    const EcWeights eq = RandomEc(qkv_n, s.hidden, rng), eo = RandomEc(s.hidden, s.hidden, rng),
-                    egu = RandomEc(2 * s.inter, s.hidden, rng),
-                    ed = RandomEc(s.hidden, s.inter, rng);
+    const W4Weight wq = bench::RandomW4(qkv_n, s.hidden, kGroup, rng), wo = bench::RandomW4(s.hidden, s.hidden, kGroup, rng),
+                   wgu = bench::RandomW4(2 * s.inter, s.hidden, kGroup, rng),
+                   wd = bench::RandomW4(s.hidden, s.inter, kGroup, rng);
+    const EcWeights eq = bench::RandomEc(qkv_n, s.hidden, rng), eo = bench::RandomEc(s.hidden, s.hidden, rng),
+                    egu = bench::RandomEc(2 * s.inter, s.hidden, rng),
+                    ed = bench::RandomEc(s.hidden, s.inter, rng);
     auto make = [](const W4Weight& w, const EcWeights& e) {
       auto r = cuda::W4DeviceWeight::Create(w, &e);
       CKS(r.status());

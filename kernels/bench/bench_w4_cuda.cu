@@ -36,36 +36,11 @@
 
 #include "kernels/dtype.h"
 #include "kernels/w4_cuda.h"
+#include "bench_cuda_common.cuh"
 
 namespace spear::kernels {
 namespace {
 
-#define CK(expr)                                                                      \
-  do {                                                                                \
-    const cudaError_t e_ = (expr);                                                    \
-    if (e_ != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #expr, cudaGetErrorString(e_), \
-                   __FILE__, __LINE__);                                               \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
-#define CKS(expr)                                                                  \
-  do {                                                                             \
-    const absl::Status s_ = (expr);                                                \
-    if (!s_.ok()) {                                                                \
-      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #expr,                      \
-                   std::string(s_.message()).c_str(), __FILE__, __LINE__);         \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
-#define CKB(expr)                                                                       \
-  do {                                                                                  \
-    const cublasStatus_t b_ = (expr);                                                   \
-    if (b_ != CUBLAS_STATUS_SUCCESS) {                                                  \
-      std::fprintf(stderr, "%s failed: %d (%s:%d)\n", #expr, (int)b_, __FILE__, __LINE__); \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
 
 constexpr double kL2Bytes = 60e6;
 constexpr int kGroup = 128;
@@ -114,12 +89,6 @@ double TimeGraph(int reps, const std::function<void(int)>& body) {
   return 1000.0 * t[t.size() / 2] / reps;
 }
 
-__global__ void CopyKernel(const uint4* __restrict__ a, uint4* __restrict__ b, size_t n) {
-  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
-       i += size_t{gridDim.x} * blockDim.x) {
-    b[i] = a[i];
-  }
-}
 
 // A device-to-device copy by a grid-stride kernel (a graph memcpy node runs
 // on the copy engines and reads low: 2.7 TB/s in the first run).
@@ -132,7 +101,7 @@ double CopyBandwidth() {
   int sms = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   const double us = TimeGraph(4, [&](int) {
-    CopyKernel<<<sms * 8, 512, 0, g_stream>>>(static_cast<const uint4*>(a), static_cast<uint4*>(b),
+    bench::CopyKernel<<<sms * 8, 512, 0, g_stream>>>(static_cast<const uint4*>(a), static_cast<uint4*>(b),
                                                bytes / 16);
   });
   CK(cudaFree(a));
@@ -140,46 +109,7 @@ double CopyBandwidth() {
   return 2.0 * bytes / (us * 1e-6);  // bytes/s, read + write
 }
 
-W4Weight RandomW4(int64_t n, int64_t k, std::mt19937& rng) {
-  W4Weight w;
-  w.fmt = {n, k, kGroup, false};
-  const int64_t ng = k / kGroup;
-  w.packed.resize(static_cast<size_t>(n * k / 2));
-  uint64_t s = rng();
-  for (auto& b : w.packed) {
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    b = static_cast<uint8_t>(s >> 56);
-  }
-  w.scales.resize(static_cast<size_t>(n * ng));
-  w.zeros.resize(static_cast<size_t>(n * ng));
-  std::uniform_real_distribution<float> sc(0.004f, 0.02f);
-  for (size_t i = 0; i < w.scales.size(); ++i) {
-    w.scales[i] = FloatToHalf(sc(rng));
-    w.zeros[i] = static_cast<uint8_t>(rng() & 15);
-  }
-  return w;
-}
 
-EcWeights RandomEc(int64_t n, int64_t k, std::mt19937& rng) {
-  EcWeights e;
-  e.n = n;
-  e.k = k;
-  e.rank = 32;
-  e.gate_hidden = 16;
-  e.gated = true;
-  std::normal_distribution<float> nd;
-  e.a.resize(static_cast<size_t>(32 * k));
-  for (float& v : e.a) v = nd(rng) / 64.f;
-  e.b.resize(static_cast<size_t>(n * 32));
-  for (float& v : e.b) v = 0.01f * nd(rng);
-  e.w1.resize(16 * 32);
-  e.b1.resize(16);
-  e.w2.resize(32 * 16);
-  e.b2.resize(32);
-  for (auto* v : {&e.w1, &e.b1, &e.w2, &e.b2})
-    for (float& x : *v) x = 0.3f * nd(rng);
-  return e;
-}
 
 struct Weights {
   std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;  // rotation copies (with EC)
@@ -267,8 +197,8 @@ int Main(int argc, char** argv) {
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Shape& sh : kShapes) {
     if (!only.empty() && only != std::string(sh.model) + "/" + sh.layer) continue;
-    const W4Weight w = RandomW4(sh.n, sh.k, rng);
-    const EcWeights ec = RandomEc(sh.n, sh.k, rng);
+    const W4Weight w = bench::RandomW4(sh.n, sh.k, kGroup, rng);
+    const EcWeights ec = bench::RandomEc(sh.n, sh.k, rng);
     Weights& W = weights[std::string(sh.model) + sh.layer];
     auto first = cuda::W4DeviceWeight::Create(w, &ec);
     CKS(first.status());
