@@ -174,41 +174,11 @@ void CudaModelRunner::DropGraphs() {
 }
 
 absl::Status CudaModelRunner::Validate(const std::vector<SeqChunk>& batch) const {
-  const model::ModelConfig& c = model_->config;
-  if (batch.empty()) return absl::InvalidArgumentError("Forward: empty batch");
   int64_t T = 0;
-  for (size_t s = 0; s < batch.size(); ++s) {
-    const SeqChunk& ch = batch[s];
-    if (ch.tokens.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("Forward: sequence ", s, " has no tokens"));
-    }
-    if (ch.start_pos < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("Forward: sequence ", s, " has negative start position"));
-    }
-    for (int32_t t : ch.tokens) {
-      if (t < 0 || t >= c.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "Forward: token id ", t, " outside the vocabulary [0, ", c.vocab_size, ")"));
-      }
-    }
-    const int64_t end = ch.start_pos + static_cast<int64_t>(ch.tokens.size());
-    if (end > (int64_t{1} << 24)) {
-      return absl::InvalidArgumentError("Forward: position beyond 2^24");
-    }
-    const int64_t need = BlocksFor(end);
-    if (static_cast<int64_t>(ch.block_table.size()) < need) {
-      return absl::InvalidArgumentError(absl::StrCat("Forward: sequence ", s, " needs ", need,
-                                                     " KV blocks for ", end, " positions, has ",
-                                                     ch.block_table.size()));
-    }
-    for (int32_t b : ch.block_table) {
-      if (b < 0 || b >= num_blocks_) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "Forward: block id ", b, " outside the cache (", num_blocks_, " blocks)"));
-      }
-    }
-    T += static_cast<int64_t>(ch.tokens.size());
+  if (absl::Status s = ValidateBatch(batch, model_->config.vocab_size, int64_t{1} << 24,
+                                     block_size_, num_blocks_, &T);
+      !s.ok()) {
+    return s;
   }
   if (T > 65535) {
     return absl::InvalidArgumentError("Forward: more than 65535 tokens in one batch");

@@ -24,13 +24,9 @@ ModelRunner::ModelRunner(const model::LoadedModel* model, KvCache* cache,
   attn_scale_ = 1.f / std::sqrt(static_cast<float>(model_->config.head_dim));
 }
 
-absl::Status ModelRunner::Validate(const std::vector<SeqChunk>& batch,
-                                   int64_t* total_tokens) const {
-  const model::ModelConfig& c = model_->config;
+absl::Status ValidateBatch(const std::vector<SeqChunk>& batch, int64_t vocab, int64_t max_end,
+                           int64_t block_size, int64_t num_blocks, int64_t* total_tokens) {
   if (batch.empty()) return absl::InvalidArgumentError("Forward: empty batch");
-  if (cache_->num_layers() != c.num_layers || cache_->kv_dim() != c.num_kv_heads * c.head_dim) {
-    return absl::InvalidArgumentError("Forward: KV cache shape does not match the model");
-  }
   int64_t T = 0;
   for (size_t s = 0; s < batch.size(); ++s) {
     const SeqChunk& ch = batch[s];
@@ -42,26 +38,26 @@ absl::Status ModelRunner::Validate(const std::vector<SeqChunk>& batch,
                                                      " has negative start position"));
     }
     for (int32_t t : ch.tokens) {
-      if (t < 0 || t >= c.vocab_size) {
+      if (t < 0 || t >= vocab) {
         return absl::InvalidArgumentError(absl::StrCat("Forward: token id ", t,
-                                                       " outside the vocabulary [0, ",
-                                                       c.vocab_size, ")"));
+                                                       " outside the vocabulary [0, ", vocab, ")"));
       }
     }
     const int64_t end = ch.start_pos + static_cast<int64_t>(ch.tokens.size());
-    if (end > std::numeric_limits<int32_t>::max()) {
-      return absl::InvalidArgumentError("Forward: position overflows int32");
+    if (end > max_end) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Forward: position ", end, " beyond the runner's limit ", max_end));
     }
-    const int64_t need = cache_->BlocksFor(end);
+    const int64_t need = (end + block_size - 1) / block_size;
     if (static_cast<int64_t>(ch.block_table.size()) < need) {
       return absl::InvalidArgumentError(absl::StrCat("Forward: sequence ", s, " needs ", need,
                                                      " KV blocks for ", end, " positions, has ",
                                                      ch.block_table.size()));
     }
     for (int32_t b : ch.block_table) {
-      if (b < 0 || b >= cache_->num_blocks()) {
+      if (b < 0 || b >= num_blocks) {
         return absl::InvalidArgumentError(absl::StrCat("Forward: block id ", b,
-                                                       " outside the cache (", cache_->num_blocks(),
+                                                       " outside the cache (", num_blocks,
                                                        " blocks)"));
       }
     }
@@ -69,6 +65,16 @@ absl::Status ModelRunner::Validate(const std::vector<SeqChunk>& batch,
   }
   *total_tokens = T;
   return absl::OkStatus();
+}
+
+absl::Status ModelRunner::Validate(const std::vector<SeqChunk>& batch,
+                                   int64_t* total_tokens) const {
+  const model::ModelConfig& c = model_->config;
+  if (cache_->num_layers() != c.num_layers || cache_->kv_dim() != c.num_kv_heads * c.head_dim) {
+    return absl::InvalidArgumentError("Forward: KV cache shape does not match the model");
+  }
+  return ValidateBatch(batch, c.vocab_size, std::numeric_limits<int32_t>::max(),
+                       cache_->block_size(), cache_->num_blocks(), total_tokens);
 }
 
 void ModelRunner::EnsureScratch(int64_t T) {

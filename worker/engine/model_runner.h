@@ -60,6 +60,14 @@ inline constexpr int kModulesPerLayer = 7;
 using LinearObserver =
     std::function<bool(int64_t layer, LayerModule module, const float* x, int64_t m, int64_t ldx)>;
 
+// The batch checks of Forward shared by ModelRunner and the CUDA runner:
+// InvalidArgument for an empty batch or chunk, a token id outside [0,
+// vocab), a negative start, an end position above max_end, a block table
+// shorter than ceil(end / block_size) or naming a block outside [0,
+// num_blocks). *total_tokens = the batch's tokens.
+absl::Status ValidateBatch(const std::vector<SeqChunk>& batch, int64_t vocab, int64_t max_end,
+                           int64_t block_size, int64_t num_blocks, int64_t* total_tokens);
+
 class ModelRunner {
  public:
   ModelRunner(const model::LoadedModel* model, KvCache* cache, kernels::ThreadPool* pool);
