@@ -114,6 +114,12 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   if (!budget.ok()) return budget.status();
   o.ec_budget_pct = *budget;
   o.gate = !f.Bool("no-gate");
+  auto breadth = f.Double("ec-breadth", 0.01, 100.0);
+  if (!breadth.ok()) return breadth.status();
+  o.placement_breadth = *breadth;
+  auto min_rank = f.Int("ec-min-rank", 1, 256);
+  if (!min_rank.ok()) return min_rank.status();
+  o.min_ec_rank = *min_rank;
   if (!o.gate && o.ec != quantize::EcMode::kSpear) {
     return absl::InvalidArgumentError("--no-gate only applies to --ec spear");
   }
@@ -127,7 +133,24 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   auto seed = f.Int("seed", 0, INT64_MAX);
   if (!seed.ok()) return seed.status();
   o.calib.seed = static_cast<uint64_t>(*seed);
-  return ParseCalib(f.Str("calib"), &o.calib);
+  if (absl::Status s = ParseCalib(f.Str("calib"), &o.calib); !s.ok()) return s;
+  auto windows = f.Int("calib-windows", 1, 64);
+  if (!windows.ok()) return windows.status();
+  auto top_p = f.Double("calib-top-p", 1e-6, 1.0);
+  if (!top_p.ok()) return top_p.status();
+  if (!o.calib.text_file.empty() && (*windows != 1 || f.Str("calib-top-p") != "0.95")) {
+    return absl::InvalidArgumentError(
+        "--calib-windows and --calib-top-p only apply to --calib self:N,LEN");
+  }
+  o.calib.windows_per_sequence = *windows;
+  o.calib.top_p = *top_p;
+  auto mse = f.Double("mse-weight", 0.0, 1e6);
+  if (!mse.ok()) return mse.status();
+  if (*mse > 0 && o.ec != quantize::EcMode::kSpear) {
+    return absl::InvalidArgumentError("--mse-weight only applies to --ec spear");
+  }
+  o.distill.hidden_mse_weight = *mse;
+  return absl::OkStatus();
 }
 
 // One line per stage, redrawn in place on a terminal; on a pipe only the
@@ -256,10 +279,20 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "(same placement, closed-form) | static-all (every module, same rank) | none")
       .Declare("ec-budget", "1.0", "EC memory budget, % of the served W4 model")
       .DeclareBool("no-gate", "ablation: gate fixed at 1 (same training)")
+      .Declare("ec-breadth", "1.0",
+               "placement: at most breadth x N_eff modules get an EC (N_eff = exp(entropy of "
+               "the damage distribution))")
+      .Declare("ec-min-rank", "4", "placement: smallest EC rank (then powers of two to 256)")
       .Declare("calib", "self:256,256",
                "calibration data: self:N,LEN (sequences the model samples itself) or "
                "text:FILE[,N,LEN]")
+      .Declare("calib-windows", "1",
+               "self: each sample is W x LEN tokens, cut into W windows of LEN (windows after "
+               "the first start mid-text, like chunks of a long document); N x W sequences in all")
+      .Declare("calib-top-p", "0.95", "self: nucleus mass of the calibration sampler (1 = off)")
       .Declare("seed", "1", "calibration sampling seed")
+      .Declare("mse-weight", "0",
+               "stage 2: weight of the final hidden-state MSE term added to the KL (distill.h)")
       .Declare("train-steps", "1000",
                "stage 2 (end-to-end EC distillation) steps of 2 x LEN tokens; the time budget "
                "or early stopping on held-out calibration KL usually ends it first")
@@ -327,6 +360,8 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"text_file", o.calib.text_file},
            {"num_sequences", o.calib.num_sequences},
            {"seq_len", o.calib.seq_len},
+           {"windows_per_sequence", o.calib.windows_per_sequence},
+           {"top_p", o.calib.top_p},
            {"seed", o.calib.seed},
            {"tokens", report->calibration_tokens}}
           .dump();
@@ -334,6 +369,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
       json{{"method", p.method},        {"group_size", o.group_size},
            {"symmetric", o.symmetric},  {"ec", p.ec},
            {"ec_budget_pct", o.ec_budget_pct}, {"gate", o.gate},
+           {"placement_breadth", o.placement_breadth}, {"min_ec_rank", o.min_ec_rank},
            {"diagnostic_tokens", o.diagnostic_tokens},
            {"sequential_max_tokens", o.sequential_max_tokens},
            {"holdout_max_tokens", o.holdout_max_tokens},
@@ -344,6 +380,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                                         {"lr", o.distill.lr},
                                         {"lr_min_ratio", o.distill.lr_min_ratio},
                                         {"gate_lr_scale", o.distill.gate_lr_scale},
+                                        {"hidden_mse_weight", o.distill.hidden_mse_weight},
                                         {"eval_every", o.distill.eval_every},
                                         {"patience", o.distill.patience}}
                                  : json{{"kind", "per module"},

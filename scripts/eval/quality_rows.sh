@@ -14,7 +14,8 @@
 #   gptq gptq-spear awq awq-spear      the GPTQ / AWQ backbones without / with SPEAR 1 %
 # Env: SPEAR (the CLI, default build/cli/spear), T (threads per row, 2),
 # BUDGET (seconds of calibration + fitting per row, 900), TOKENS (scored
-# tokens per text, 16384), CTX (512), CALIB (default: spear quantize's).
+# tokens per text, 16384), CTX (512), CALIB (default: spear quantize's),
+# EXTRA (more `spear quantize` flags for every row, e.g. "--mse-weight 1").
 # Writes OUTDIR/ROW.quantize.log, OUTDIR/ROW.{wiki,hb}.json and, at the end,
 # OUTDIR/rows.csv (row,wikitext,handbook,ec_pct,quantize_seconds).
 set -euo pipefail
@@ -54,7 +55,7 @@ row() {
   [[ -n ${CALIB:-} ]] && calib=(--calib "$CALIB")
   # shellcheck disable=SC2046
   "$SPEAR" quantize --model "$SRC" --out "$m" --force --threads "$T" --time-budget "$BUDGET" \
-    "${calib[@]}" $(args_of "$r") >"$OUT/$r.quantize.log" 2>&1 || { echo "$r: quantize failed" >&2; return 1; }
+    "${calib[@]}" $(args_of "$r") ${EXTRA:-} >"$OUT/$r.quantize.log" 2>&1 || { echo "$r: quantize failed" >&2; return 1; }
   "$SPEAR" eval --model "$m" --text "$WIKI" --ctx "$CTX" --max-tokens "$TOKENS" \
     --threads "$T" --json >"$OUT/$r.wiki.json" 2>"$OUT/$r.eval.err" || { echo "$r: eval failed" >&2; return 1; }
   "$SPEAR" eval --model "$m" --text "$HB" --ctx "$CTX" --max-tokens "$TOKENS" \

@@ -132,6 +132,45 @@ TEST_F(PipelineTest, SpearBeatsW4AndStatic) {
   EXPECT_LT(run(EcMode::kSpear, true), w4);
 }
 
+TEST(PlacementRankOptionsTest, MinRankThenPowersOfTwo) {
+  EXPECT_EQ(PlacementRankOptions(), (std::vector<int64_t>{4, 8, 16, 32, 64, 128, 256}));
+  EXPECT_EQ(PlacementRankOptions(1), (std::vector<int64_t>{1, 2, 4, 8, 16, 32, 64, 128, 256}));
+  EXPECT_EQ(PlacementRankOptions(3), (std::vector<int64_t>{3, 4, 8, 16, 32, 64, 128, 256}));
+  EXPECT_EQ(PlacementRankOptions(256), (std::vector<int64_t>{256}));
+}
+
+TEST_F(PipelineTest, CalibrationWindowsCutLongerSamples) {
+  CalibrationOptions one;
+  one.num_sequences = 3;
+  one.seq_len = 40;
+  auto a = MakeCalibrationSequences(*fp_, one, 2);
+  ASSERT_TRUE(a.ok()) << a.status();
+  CalibrationOptions two = one;
+  two.seq_len = 20;
+  two.windows_per_sequence = 2;
+  auto b = MakeCalibrationSequences(*fp_, two, 2);
+  ASSERT_TRUE(b.ok()) << b.status();
+  // Same seeds, same sampler: sample i of 40 tokens = windows 2i and 2i + 1.
+  ASSERT_EQ(b->size(), 6u);
+  for (size_t i = 0; i < 3; ++i) {
+    ASSERT_EQ((*b)[2 * i].size(), 20u);
+    EXPECT_EQ(std::vector<int32_t>((*a)[i].begin(), (*a)[i].begin() + 20), (*b)[2 * i]);
+    EXPECT_EQ(std::vector<int32_t>((*a)[i].begin() + 20, (*a)[i].end()), (*b)[2 * i + 1]);
+  }
+  // A narrower nucleus changes the samples; bad values are rejected.
+  CalibrationOptions narrow = one;
+  narrow.top_p = 0.05;
+  auto c = MakeCalibrationSequences(*fp_, narrow, 2);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_NE(*c, *a);
+  narrow.top_p = 0;
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, narrow, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  two.windows_per_sequence = 0;
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, two, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(PipelineTest, DiagnosticRanksInjectedModuleFirst) {
   CalibrationOptions c;
   c.num_sequences = 8;

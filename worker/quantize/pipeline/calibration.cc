@@ -43,6 +43,14 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     return absl::InvalidArgumentError("calibration needs num_sequences >= 1 and seq_len >= 2");
   }
   if (!o.text_file.empty()) return FromTextFile(model, o);
+  if (!(o.top_p > 0 && o.top_p <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("calibration top_p must be in (0, 1], got ", o.top_p));
+  }
+  if (o.windows_per_sequence < 1 || o.windows_per_sequence > 64) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "calibration windows_per_sequence must be in [1, 64], got ", o.windows_per_sequence));
+  }
+  const int64_t sample_len = o.seq_len * o.windows_per_sequence;
 
   const model::ModelConfig& c = model.config;
   int64_t bos = c.bos_token_id;
@@ -55,12 +63,12 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
   engine::EngineOptions eo;
   eo.num_threads = num_threads;
   eo.kv_cache.block_size = 16;
-  eo.kv_cache.num_blocks = concurrent * ((o.seq_len + 15) / 16);
+  eo.kv_cache.num_blocks = concurrent * ((sample_len + 15) / 16);
   eo.max_batch_tokens = 512;
   auto eng = engine::Engine::Create(&model, eo);
   if (!eng.ok()) return eng.status();
 
-  const int64_t total = o.num_sequences * o.seq_len;
+  const int64_t total = o.num_sequences * sample_len;
   int64_t done = 0;
   std::vector<engine::GenerateRequest> reqs(static_cast<size_t>(o.num_sequences));
   for (int64_t i = 0; i < o.num_sequences; ++i) {
@@ -70,9 +78,9 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
                  : static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size));
     r.prompt = {first};
     r.sampling.temperature = 1.0f;
-    r.sampling.top_p = 0.95f;
+    r.sampling.top_p = static_cast<float>(o.top_p);
     r.sampling.seed = o.seed * 1000003ull + static_cast<uint64_t>(i);
-    r.options.max_new_tokens = o.seq_len - 1;
+    r.options.max_new_tokens = sample_len - 1;
     r.options.stop_on_eos = false;
     if (progress) {
       r.on_token = [&](int32_t) {
@@ -87,11 +95,13 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     if (!res[i].status.ok()) return res[i].status;
     std::vector<int32_t> seq = reqs[i].prompt;
     seq.insert(seq.end(), res[i].tokens.begin(), res[i].tokens.end());
-    if (static_cast<int64_t>(seq.size()) != o.seq_len) {
+    if (static_cast<int64_t>(seq.size()) != sample_len) {
       return absl::InternalError(absl::StrCat("calibration sequence ", i, " has ", seq.size(),
-                                              " tokens, expected ", o.seq_len));
+                                              " tokens, expected ", sample_len));
     }
-    out.push_back(std::move(seq));
+    for (int64_t w = 0; w < o.windows_per_sequence; ++w) {
+      out.emplace_back(seq.begin() + w * o.seq_len, seq.begin() + (w + 1) * o.seq_len);
+    }
   }
   if (progress) progress(total, total);
   return out;

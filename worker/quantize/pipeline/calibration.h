@@ -2,11 +2,14 @@
 //
 // Self-generated (the SPEAR paper's choice: no external data): the FP16
 // model samples num_sequences sequences of exactly seq_len tokens with
-// temperature 1.0 and top_p 0.95. Each starts from the model's BOS token,
+// temperature 1.0 and top_p (default 0.95). Each starts from the model's BOS token,
 // or, when the model has none, from a token drawn uniformly from the
 // vocabulary (seeded); EOS does not stop a sequence. Sequence i uses the
 // sampling seed seed * 1000003 + i, so the set is reproducible and a
-// sequence does not depend on how many others are generated.
+// sequence does not depend on how many others are generated. With
+// windows_per_sequence = W > 1 each sample is W * seq_len tokens long and is
+// returned as W consecutive windows (sample 0's windows first): windows
+// after the first start mid-text.
 // Text file: the file's tokens (no BOS inserted) cut into consecutive,
 // non-overlapping windows of seq_len; the first num_sequences windows (fewer
 // if the file is short; InvalidArgument if not even one fits).

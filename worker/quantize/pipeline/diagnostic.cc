@@ -104,15 +104,22 @@ int64_t EcBytes(int64_t n, int64_t k, int64_t rank, bool gated, int64_t h) {
   return 2 * params;
 }
 
-std::vector<int64_t> PlacementRankOptions() { return {4, 8, 16, 32, 64, 128, 256}; }
+std::vector<int64_t> PlacementRankOptions(int64_t min_rank) {
+  min_rank = std::clamp<int64_t>(min_rank, 1, 256);
+  std::vector<int64_t> r = {min_rank};
+  int64_t p = 1;
+  while (p <= min_rank) p *= 2;
+  for (; p <= 256; p *= 2) r.push_back(p);
+  return r;
+}
 
 absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
-    double budget_bytes, bool gated, int64_t h, double breadth) {
+    double budget_bytes, bool gated, int64_t h, double breadth, int64_t min_rank) {
   if (damages.size() != shapes.size()) {
     return absl::InvalidArgumentError("placement: damages and shapes differ in size");
   }
-  const std::vector<int64_t> ranks = PlacementRankOptions();
+  const std::vector<int64_t> ranks = PlacementRankOptions(min_rank);
   std::vector<ModuleEcCost> costs(shapes.size());
   for (size_t i = 0; i < shapes.size(); ++i) {
     const ModuleShape& s = shapes[i];

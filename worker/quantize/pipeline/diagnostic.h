@@ -67,13 +67,15 @@ struct ModuleShape {
 // Bytes of an EC of rank r on an [n, k] module (gate hidden h or none).
 int64_t EcBytes(int64_t n, int64_t k, int64_t rank, bool gated, int64_t gate_hidden);
 
-// Rank options used by the placement.
-std::vector<int64_t> PlacementRankOptions();
+// Rank options used by the placement: min_rank, then the powers of two
+// above it, up to 256 (min_rank in [1, 256]).
+std::vector<int64_t> PlacementRankOptions(int64_t min_rank = 4);
 
 // Per-module rank (0 = no EC) within budget_bytes.
 absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
-    double budget_bytes, bool gated, int64_t gate_hidden, double breadth = 1.0);
+    double budget_bytes, bool gated, int64_t gate_hidden, double breadth = 1.0,
+    int64_t min_rank = 4);
 // 0 if not even rank 1 fits on every module.
 int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes);
 

@@ -161,7 +161,7 @@ absl::Status Pipeline::Place() {
   report_.effective_modules = ent->effective_modules;
   const bool gated = o_.ec == EcMode::kSpear && o_.gate;
   auto plan = PlanDiagnosticPlacement(res->damages, shapes_, budget_bytes_, gated, GateHidden(o_),
-                                      o_.placement_breadth);
+                                      o_.placement_breadth, o_.min_ec_rank);
   if (!plan.ok()) return plan.status();
   ranks_ = std::move(*plan);
   return absl::OkStatus();

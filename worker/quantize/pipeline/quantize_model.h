@@ -46,6 +46,16 @@ struct CalibrationOptions {
   int64_t num_sequences = 256;  // 65,536 tokens: ~2 minutes of sampling on 2 cores
   int64_t seq_len = 256;
   uint64_t seed = 1;
+  // Self-generated only. Nucleus mass of the sampler (1 = the full
+  // distribution).
+  double top_p = 0.95;
+  // Self-generated only: each of the num_sequences samples is
+  // windows_per_sequence * seq_len tokens long and is cut into that many
+  // windows of seq_len (so the pipeline gets num_sequences *
+  // windows_per_sequence sequences). Windows after the first start
+  // mid-text, as the windows of a long document do when it is scored in
+  // chunks; the first starts at BOS, as a served prompt does.
+  int64_t windows_per_sequence = 1;
 };
 
 struct QuantizeOptions {
@@ -60,6 +70,8 @@ struct QuantizeOptions {
   bool place_static_like_spear = false;
   // Scales the entropy rule's module cap (placement.h): N = breadth * N_eff.
   double placement_breadth = 1.0;
+  // Smallest EC rank the placement may give (then powers of two up to 256).
+  int64_t min_ec_rank = 4;
   bool gate = true;  // false: the ablation (gate fixed at 1, same training)
   int64_t gate_hidden = 0;  // 0 = default (documented in the .cc)
   // Stage 2 (kSpear). e2e = true: end-to-end distillation (distill.h,
