@@ -16,8 +16,11 @@
 // (read + write) measured in this run. Plus the four GEMMs of an 8B decoder
 // layer back to back in a graph at M = 1 and 16 (aggregate % of copy
 // bandwidth), and a dispatch section (decode kernel vs prefill path; for
-// M <= 16 the "decode-kernel" column is the x-as-m16 kernel that the
-// swapped-operand kernel replaced). --decode: M in {1, 2, 4, 8, 16} only.
+// M <= 16 the "decode-kernel" column is the v8 swapped-operand cp.async-ring
+// kernel, which the fold kernel replaced at M <= 8). --decode: M in
+// {1, 2, 4, 8, 16} only. --sweep: the fold kernel's k splits x ring depths
+// on the 8B shapes at M in {1, 4, 8} (W4 only). --profile: the four 8B GEMMs
+// at M = 1, launched directly (fold kernel twice, v8 once; for ncu), then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -133,9 +136,70 @@ std::map<std::string, double> ReadTorch(const std::string& path) {
   return t;
 }
 
+// --sweep / --profile (see the top comment).
+int SweepOrProfile(bool profile, const uint16_t* x, uint16_t* y16, cuda::W4Workspace* ws,
+                   double copy_bw, std::mt19937& rng) {
+  if (!profile) {
+    std::printf("\n## fold kernel sweep (W4 us; auto = the dispatched choice; v8 = the ring kernel)\n");
+    std::printf("| layer | M | v8 | auto | S1 d2 | S1 d3 | S1 d4 | S2 d2 | S2 d3 | S2 d4 | S4 d2 | S4 d3 | S4 d4 | S8 d2 | S8 d3 | S8 d4 | auto %%BW |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  }
+  for (const Shape& sh : kShapes) {
+    if (std::string(sh.model) != "8B") continue;
+    const W4Weight w = bench::RandomW4(sh.n, sh.k, kGroup, rng);
+    auto first = cuda::W4DeviceWeight::Create(w, nullptr);
+    CKS(first.status());
+    const double wbytes = static_cast<double>((*first)->backbone_bytes());
+    const int nrot = std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)));
+    std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
+    rot.push_back(std::move(*first));
+    for (int i = 1; i < nrot; ++i) {
+      auto c = rot[0]->Clone();
+      CKS(c.status());
+      rot.push_back(std::move(*c));
+    }
+    auto params = [&](int64_t m, int dk, int s, int d) {
+      cuda::W4CudaParams p;
+      p.x = x;
+      p.m = m;
+      p.ldx = sh.k;
+      p.y_f16 = y16;
+      p.ldy = sh.n;
+      p.decode_kernel = dk;
+      p.decode_splits = s;
+      p.decode_depth = d;
+      return p;
+    };
+    if (profile) {
+      // fold kernel twice, then the v8 ring kernel once
+      for (int i = 0; i < 3; ++i) {
+        CKS(cuda::W4Linear(*rot[i % nrot], params(1, i < 2 ? 0 : 3, 0, 0), ws, g_stream));
+      }
+      CK(cudaStreamSynchronize(g_stream));
+      continue;
+    }
+    for (int64_t m : {1, 4, 8}) {
+      auto t = [&](int dk, int s, int d) {
+        return TimeGraph(std::max(nrot, 10), [&](int i) {
+          CKS(cuda::W4Linear(*rot[i % nrot], params(m, dk, s, d), ws, g_stream));
+        });
+      };
+      const double t_auto = t(0, 0, 0);
+      std::printf("| %s | %lld | %.1f | %.1f", sh.layer, static_cast<long long>(m), t(3, 0, 0), t_auto);
+      for (int s : {1, 2, 4, 8}) {
+        for (int d : {2, 3, 4}) std::printf(" | %.1f", t(0, s, d));
+      }
+      const double io = 2.0 * m * sh.k + 2.0 * m * sh.n;
+      std::printf(" | %.0f |\n", (wbytes + io) / (t_auto * 1e-6) / copy_bw * 100);
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   std::string torch_csv, only;
-  bool quick = false, no_layer = false;
+  bool quick = false, no_layer = false, sweep = false, profile = false;
   std::vector<int64_t> ms_only;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -149,6 +213,8 @@ int Main(int argc, char** argv) {
     if (a == "--quick") quick = true;
     if (a == "--decode") ms_only = {1, 2, 4, 8, 16};  // the decode rows only
     if (a == "--no-layer") no_layer = true;
+    if (a == "--sweep") sweep = true;
+    if (a == "--profile") profile = true;
   }
   const auto torch = ReadTorch(torch_csv);
   auto tget = [&](const std::string& key) -> double {
@@ -191,6 +257,7 @@ int Main(int argc, char** argv) {
   }
 
   std::mt19937 rng(1234);
+  if (sweep || profile) return SweepOrProfile(profile, x, y16, ws.get(), copy_bw, rng);
   std::map<std::string, Weights> weights;
   std::printf("\n## GEMM table (times in us; %%BW = achieved bytes/s over the copy bandwidth)\n");
   std::printf("| model | layer | M | W4 us | W4 %%BW | W4 TF/s | W4+EC us | EC/W4 | naive us | naive/W4 | cuBLAS us | cuBLAS %%BW | cuBLAS TF/s | W4/cuBLAS | torch us | torch/W4 | decode-kernel us | prefill-path us |\n");
@@ -263,7 +330,7 @@ int Main(int argc, char** argv) {
         t_dec = w4(false, true, false);
         t_pre = w4(false, false, true);
       } else if (m <= 16) {
-        t_dec = w4(false, false, false, 1);  // the x-as-m16 kernel (before the swap)
+        t_dec = w4(false, false, false, 3);  // the v8 ring kernel (before the fold kernel)
       }
       const double t_torch = tget(std::string(sh.model) + "/" + sh.layer + "/" + std::to_string(m));
       const double bw_w4 = (wbytes + io) / (t_w4 * 1e-6) / copy_bw * 100;
@@ -315,7 +382,7 @@ int Main(int argc, char** argv) {
           p.y_f16 = y16;
           p.ldy = dw.fmt().n;
           p.use_ec = variant == 1;
-          p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 2 : 0;
+          p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : 0;
           CKS(cuda::W4Linear(dw, p, ws.get(), g_stream));
           if (variant == 2) {
             CKS(cuda::EcGate(dw, x, m, dw.fmt().k, v32, ws.get(), g_stream));
@@ -334,7 +401,7 @@ int Main(int argc, char** argv) {
                   : variant == 1 ? "W4+EC r32 (fused)"
                   : variant == 2 ? "W4+EC r32 (naive)"
                   : variant == 3 ? "W4, x-as-m16 kernel (v6)"
-                                 : "W4, swapped, register-direct loads (v7)",
+                                 : "W4, swapped, cp.async ring (v8)",
                   t, bytes / 1e6, bytes / (t * 1e-6) / copy_bw * 100, tr, tv);
     }
   }

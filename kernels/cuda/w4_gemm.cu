@@ -131,9 +131,13 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.variant = p.decode_kernel;
     a.partials = s.partials;
     a.counters = s.counters;
+    const bool fold = mc <= 8 && p.decode_kernel == 0 && FoldSupported(a);
     const bool swap = mc <= 16 && p.decode_kernel != 1;
-    if (absl::Status st = swap ? LaunchDecodeSwap(a, s.num_sms, stream)
-                               : LaunchDecode(static_cast<int>((mc + 15) / 16), a, s.num_sms, stream);
+    if (p.decode_kernel == 3) a.variant = 0;  // the v8 ring kernel, forced
+    if (absl::Status st =
+            fold   ? LaunchDecodeFold(a, s.num_sms, p.decode_splits, p.decode_depth, stream)
+            : swap ? LaunchDecodeSwap(a, s.num_sms, stream)
+                   : LaunchDecode(static_cast<int>((mc + 15) / 16), a, s.num_sms, stream);
         !st.ok()) {
       return st;
     }

@@ -111,6 +111,11 @@ struct DecodeArgs {
 };
 // mt = ceil(m / 16) in 1..4.
 absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream);
+// The m <= 8 fold kernel (w4_gemv_fold.cu); FoldSupported: m <= 8 and the
+// per-warp x range fits shared memory. forced_*: 0 = automatic.
+bool FoldSupported(const DecodeArgs& a);
+absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
+                              cudaStream_t stream);
 
 absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k,
                             const float* act_scale, uint16_t* xs, int64_t ldxs,

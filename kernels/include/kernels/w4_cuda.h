@@ -9,7 +9,11 @@
 //     gate MLP (W1, b1, W2, b2) is fp32.
 //
 // Dispatch (see kernels/cuda/w4_gemm.cu, numbers in docs/results/gpu.md):
-//   launches of <= 16 rows (m <= 16, or the last 64-row chunk's remainder):
+//   launches of <= 8 rows: the fold kernel (w4_gemv_fold.cu): the swapped
+//                     operands below with no per-weight zero subtraction
+//                     (the zero folded in once per 128 k with sums of x),
+//                     x staged once per warp, B fragments by ldmatrix;
+//   launches of 9..16 rows (m <= 16, or the last 64-row chunk's remainder):
 //                     the swapped-operand decode kernel (w4_gemv_swap.cu):
 //                     weights as the mma m16 operand, tokens as n8, a per-warp
 //                     cp.async ring, split-K over a thread-block cluster with
@@ -119,9 +123,15 @@ struct W4CudaParams {
   bool force_decode = false;    // testing/benchmarks: decode kernel at any m
   bool force_prefill = false;   // testing/benchmarks: prefill path at any m
   // testing/benchmarks: which decode kernel runs a launch of <= 16 rows:
-  // 0 the default (the swapped-operand kernel, cp.async ring), 1 the
-  // x-as-m16 kernel, 2 the swapped-operand kernel with register-direct loads.
+  // 0 the default (<= 8 rows: the fold kernel, w4_gemv_fold.cu; 9..16 rows:
+  // the swapped-operand cp.async-ring kernel), 1 the x-as-m16 kernel, 2 the
+  // swapped-operand kernel with register-direct loads (v7), 3 the
+  // swapped-operand cp.async-ring kernel (v8) at any m <= 16.
   int decode_kernel = 0;
+  // testing/benchmarks, fold kernel only: k splits (1, 2, 4, 8; 0 = the
+  // cost model's choice) and cp.async ring depth (2..4; 0 = automatic).
+  int decode_splits = 0;
+  int decode_depth = 0;
 };
 
 // y = Q(W) (x / act_scale) + bias [+ B (g ⊙ u), u = A x]  (see w4_ops.h).

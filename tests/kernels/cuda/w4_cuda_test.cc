@@ -139,12 +139,14 @@ struct Case {
   bool force_prefill = false;
   bool force_decode = false;
   int decode_kernel = 0;  // W4CudaParams::decode_kernel
+  int decode_splits = 0, decode_depth = 0;  // fold kernel (0 = automatic)
   int64_t ldx_pad = 0;
   std::string Name() const {
     return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
                         " bias=", bias, " acc=", accumulate, " f16=", f16_out,
                         " sym=", symmetric, " prefill=", force_prefill,
-                        " decode=", force_decode, " dk=", decode_kernel, " ldxpad=", ldx_pad);
+                        " decode=", force_decode, " dk=", decode_kernel, " splits=", decode_splits,
+                        " depth=", decode_depth, " ldxpad=", ldx_pad);
   }
 };
 
@@ -223,6 +225,8 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   p.force_prefill = c.force_prefill;
   p.force_decode = c.force_decode;
   p.decode_kernel = c.decode_kernel;
+  p.decode_splits = c.decode_splits;
+  p.decode_depth = c.decode_depth;
   ASSERT_TRUE(cuda::W4Linear(**dw, p, ws, nullptr).ok());
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> y(y0.size());
@@ -277,10 +281,11 @@ TEST(CudaW4, DecodeMatchesReference) {
                           {4096, 256, 256}, {96, 1088, 64}, {520, 2048, 2048},
                           // ragged last group (num_groups = ceil(k / g)):
                           {192, 576, 128}, {70, 100, 32}, {130, 1000, 256}};
-  // m <= 16 per launch: the swapped-operand kernel (8 tokens: 1, 3, 8;
-  // 16 tokens: 12, 16; 65 = 64 + 1); every 4th case the x-as-m16 kernel,
-  // every other 4th the register-direct variant of the swapped kernel.
-  const int64_t ms[] = {1, 3, 8, 12, 16, 17, 33, 64, 65};
+  // m <= 8 per launch: the fold kernel (1, 2, 3, 5, 8; 65 = 64 + 1);
+  // 9..16: the swapped-operand ring kernel (12, 16); every 4th case the
+  // x-as-m16 kernel, every other 4th the register-direct (v7) or the ring
+  // (v8) variant of the swapped kernel, alternating.
+  const int64_t ms[] = {1, 2, 3, 5, 8, 12, 16, 17, 33, 64, 65};
   int v = 0;
   for (const Shape& s : shapes) {
     for (int64_t m : ms) {
@@ -293,7 +298,31 @@ TEST(CudaW4, DecodeMatchesReference) {
       c.symmetric = v % 7 == 2;
       c.ldx_pad = (v % 6 == 5) ? 8 : 0;
       c.force_decode = true;  // the decode kernel at every m (65: two launches)
-      c.decode_kernel = v % 4 == 1 ? 1 : v % 4 == 3 ? 2 : 0;
+      c.decode_kernel = v % 4 == 1 ? 1 : v % 8 == 3 ? 2 : v % 8 == 7 ? 3 : 0;
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+// The fold kernel (m <= 8) at every forced k split and ring depth, on a
+// Llama-like g128 shape and a per-channel one with k off 128.
+TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 5);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  int v = 0;
+  for (int splits : {1, 2, 4, 8}) {
+    for (int depth : {2, 3, 4}) {
+      Case c{v % 2 ? 320 : 256, v % 2 ? 1000 : 4096, v % 2 ? 1000 : 128, 1 + v % 8};
+      c.ec = v % 3;
+      c.bias = v % 2 == 0;
+      c.f16_out = v % 3 == 1;
+      c.force_decode = true;
+      c.decode_splits = splits;
+      c.decode_depth = depth;
       ++v;
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;

@@ -1,0 +1,447 @@
+// The M <= 8 W4A16 decode kernel (v9, "fold"): the swapped-operand mma of
+// w4_gemv_swap.cu (weights = the m16 A operand, tokens = n8) with the
+// per-k16-step instruction count cut from ~79 to ~33 (docs/results/gpu.md,
+// "Optimization log": v8 was limited by instruction issue, not bytes):
+//
+//  1. No zero subtraction per weight. A fragment register is LOP3 alone:
+//     a0/a1 = {1024 + q} (k % 16 < 8), a2/a3 = {64 + q} (k % 16 >= 8), so
+//     the mma over one chunk (CH k16 steps, inside one scale group) gives
+//       D = sum q x + 1024 X_lo + 64 X_hi,
+//     X_lo / X_hi the sums of the chunk's x over k % 16 < 8 / >= 8. One more
+//     mma per step with a constant A (rows 0-7 all ones, rows 8-15 ones on
+//     k % 16 >= 8) gives every lane X = X_lo + X_hi and X_hi of its two
+//     tokens, and the chunk is folded in fp32 once:
+//       y += s * (D - (1024 + z) X + 960 X_hi)     (= s * sum (q - z) x).
+//     {1024 + z} is the stored half of the scale/zero word: exact. fp32
+//     keeps the cancellation harmless (D ~ 1e4 |x|, ~2^-23 relative).
+//  2. x is staged once per warp (its whole k range, the m real rows only)
+//     into shared memory; the B fragments of two k16 steps come from one
+//     ldmatrix.x4, the rows >= m aliasing row m - 1 (those tokens' outputs
+//     are never stored). No zero-filled x rows, no per-unit x copies.
+//  3. The weights (+ the chunk's scale/zero words) stream through a per-warp
+//     cp.async ring of D chunks (D - 1 in flight); one LDS.128 per step.
+//
+// Block = one 64-column tile x one k split (8 warps splitting the split's
+// chunks); the S splits of a tile form a cluster and reduce through
+// distributed shared memory in fixed order (deterministic), as in
+// w4_gemv_swap.cu, whose EC epilogue (B (g ⊙ u) as rp / 16 more mma steps
+// by split 0) and PDL habits this kernel keeps.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/w4_layout.h"
+
+namespace spear::kernels::cuda {
+namespace foldk {
+
+constexpr int kNW = 8;                           // warps per block
+constexpr int kRedBytes = (kNW + 1) * 16 * 32 * 4;  // reduction buffers (over the ring)
+
+struct Geom {
+  int depth;   // ring chunks per warp (2..4)
+  int stage;   // bytes per ring chunk: CH * 512 codes + 256 scale/zero
+  int xrow;    // bytes per staged x row (a warp's k range + 16 pad)
+  int warp_bytes;
+};
+
+__device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void MmaZ(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                     uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%10,%10,%10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+}
+template <uint32_t A, uint32_t B>
+__device__ __forceinline__ uint32_t AndOr(uint32_t w) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(w), "n"(A), "n"(B));
+  return d;
+}
+__device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void WaitGroups(int allowed) {
+  // allowed = depth - 2 in 0..2 (immediate operand)
+  if (allowed <= 0) {
+    asm volatile("cp.async.wait_group 0;\n" ::);
+  } else if (allowed == 1) {
+    asm volatile("cp.async.wait_group 1;\n" ::);
+  } else {
+    asm volatile("cp.async.wait_group 2;\n" ::);
+  }
+}
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// CH: k16 steps per chunk = per fold (min(8, group / 16)); ONE: m == 1 (the
+// fold skips the second token of each accumulator pair).
+template <int CH, bool ONE>
+__global__ void __launch_bounds__(kNW * 32, 2) W4FoldKernel(const DecodeArgs a, const Geom geo) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int gid = lane >> 2;
+  const int tile = blockIdx.x, q = blockIdx.y, S = gridDim.y;
+  const int nch = a.ksteps / CH;
+  const int W = S * kNW, gw = q * kNW + warp;
+  const int cb = static_cast<int>(static_cast<long long>(nch) * gw / W);
+  const int ce = static_cast<int>(static_cast<long long>(nch) * (gw + 1) / W);
+  const int D = geo.depth;
+
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+
+  unsigned char* wbase = smem + warp * geo.warp_bytes;
+  const unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(wbase));
+  const unsigned x_s = ring_s + D * geo.stage;
+  const uint4* wp = reinterpret_cast<const uint4*>(a.qw) + static_cast<size_t>(tile) * a.ksteps * 32 + lane;
+  const uint4* sz4 = reinterpret_cast<const uint4*>(a.sz) + static_cast<size_t>(tile) * a.ngroups * 16;
+  const int ng1 = a.ngroups - 1, gshift = a.gshift;
+
+  auto issue_w = [&](int c, int slot) {
+    if (c >= ce) return;
+    const unsigned st = ring_s + slot * geo.stage;
+    const uint4* p = wp + static_cast<size_t>(c) * (CH * 32);
+#pragma unroll
+    for (int i = 0; i < CH; ++i) CpAsync16(st + i * 512 + lane * 16, p + i * 32, true);
+    if (lane < 16) {
+      const int grp = min((c * CH * 16) >> gshift, ng1);
+      CpAsync16(st + CH * 512 + lane * 16, sz4 + grp * 16 + lane, true);
+    }
+  };
+
+  // Prologue: the first D - 1 chunks' weights (one group each) before the
+  // grid dependency wait, then the warp's x rows (one more group).
+  for (int d = 0; d < D - 1; ++d) {
+    issue_w(cb + d, d);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  if (!a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  {
+    // k % 8 == 0 or x was padded with zeros into the workspace, so an 8-wide
+    // piece is all inside k or all outside (zero-filled: the codes' 1024 / 64
+    // offsets and the X sums must meet exact zeros there).
+    const int ppr = (ce - cb) * CH * 2;  // 16-byte pieces per row
+    const int k0 = cb * CH * 16;
+    for (int i = lane; i < a.m * ppr; i += 32) {
+      const int r = i / ppr, c = i - r * ppr;
+      const int kk = k0 + c * 8;
+      const bool ok = kk < a.k;
+      CpAsync16(x_s + r * geo.xrow + c * 16, ok ? a.x + static_cast<long long>(r) * a.ldx + kk : a.x,
+                ok);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+
+  float acc[4][4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[p][c] = 0.f;
+
+  // ldmatrix.x4 address of this lane: matrix lane / 8 = (step parity, k half),
+  // row lane % 8 = token (rows >= m alias row m - 1).
+  const int trow = min(lane & 7, a.m - 1);
+  const unsigned xl = x_s + trow * geo.xrow + (lane >> 3) * 16;
+  const uint32_t kOne = 0x3c003c00u;  // half2 {1, 1}
+
+  int slot = 0;
+#pragma unroll 1
+  for (int c = cb; c < ce; ++c) {
+    if (c == cb) {
+      asm volatile("cp.async.wait_group 0;\n" ::);
+    } else {
+      WaitGroups(D - 2);
+    }
+    __syncwarp();
+    {
+      int ns = slot + D - 1;
+      if (ns >= D) ns -= D;
+      issue_w(c + D - 1, ns);
+      asm volatile("cp.async.commit_group;\n" ::);
+    }
+    const unsigned char* st = wbase + slot * geo.stage;
+    const unsigned xc = xl + (c - cb) * CH * 32;
+    float d[4][4], xs[4];
+#pragma unroll
+    for (int s2 = 0; s2 < CH; s2 += 2) {
+      uint32_t b[4];
+      LdMatrixX4(b, xc + s2 * 32);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int s = s2 + h;
+        const uint4 wq = *reinterpret_cast<const uint4*>(st + s * 512 + lane * 16);
+        const uint32_t wv[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          const uint32_t w = wv[p], w8 = wv[p] >> 8;
+          const uint32_t a0 = AndOr<0x000f000fu, 0x64006400u>(w);
+          const uint32_t a2 = AndOr<0x00f000f0u, 0x54005400u>(w);
+          const uint32_t a1 = AndOr<0x000f000fu, 0x64006400u>(w8);
+          const uint32_t a3 = AndOr<0x00f000f0u, 0x54005400u>(w8);
+          if (s == 0) {
+            MmaZ(d[p], a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+          } else {
+            Mma(d[p], a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+          }
+        }
+        if (s == 0) {
+          MmaZ(xs, kOne, 0u, kOne, kOne, b[2 * h], b[2 * h + 1]);
+        } else {
+          Mma(xs, kOne, 0u, kOne, kOne, b[2 * h], b[2 * h + 1]);
+        }
+      }
+    }
+    // Fold: column c(2p) (rows gid) takes d[p][0..1], c(2p+1) d[p][2..3];
+    // tokens 2 tig and 2 tig + 1.
+    const uint4 z0 = *reinterpret_cast<const uint4*>(st + CH * 512 + gid * 32);
+    const uint4 z1 = *reinterpret_cast<const uint4*>(st + CH * 512 + gid * 32 + 16);
+    const uint32_t sw[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
+    const float h0 = 960.f * xs[2], h1 = 960.f * xs[3];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&sw[2 * p]));
+      const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&sw[2 * p + 1]));
+      acc[p][0] = fmaf(f0.x, fmaf(-f0.y, xs[0], d[p][0] + h0), acc[p][0]);
+      acc[p][2] = fmaf(f1.x, fmaf(-f1.y, xs[0], d[p][2] + h0), acc[p][2]);
+      if (!ONE) {
+        acc[p][1] = fmaf(f0.x, fmaf(-f0.y, xs[1], d[p][1] + h1), acc[p][1]);
+        acc[p][3] = fmaf(f1.x, fmaf(-f1.y, xs[1], d[p][3] + h1), acc[p][3]);
+      }
+    }
+    slot = slot + 1 == D ? 0 : slot + 1;
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::);
+
+  // The EC term, once per tile (k split 0): y += B (g ⊙ u), B as the A
+  // operand (fragments of ec_bfrag, entry 2 j + reg), v as the B operand.
+  if (a.ecb != nullptr && q == 0) {
+    if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#pragma unroll 1
+    for (int e = warp; e < a.esteps; e += kNW) {
+      const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
+                        ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
+      const uint4 q0 = bp[0], q1 = bp[1], q2 = bp[2], q3 = bp[3];
+      const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
+                               q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
+      const int row = gid;
+      const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
+      const uint32_t vb0 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
+      const uint32_t vb1 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) Mma(acc[p], bv[4 * p], bv[4 * p + 2], bv[4 * p + 1], bv[4 * p + 3], vb0, vb1);
+    }
+  }
+
+  // Reduction in fixed order: the warps through shared memory (over the
+  // drained ring), then the cluster's blocks through distributed shared
+  // memory, rank r storing outputs [r E / S, (r + 1) E / S).
+  constexpr int E = 16 * 32;
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);
+  float* part = red + kNW * E;
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) red[(warp * 16 + p * 4 + c) * 32 + lane] = acc[p][c];
+  __syncthreads();
+  for (int o = tid; o < E; o += kNW * 32) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kNW; ++w) s += red[w * E + o];
+    part[o] = s;
+  }
+  asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  const int lo = q * E / S, hi = (q + 1) * E / S;
+  for (int o = lo + tid; o < hi; o += kNW * 32) {
+    float s = 0.f;
+    const unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(&part[o]));
+    for (int r = 0; r < S; ++r) {
+      unsigned remote;
+      float v;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(r));
+      asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+      s += v;
+    }
+    const int e = o >> 5, l = o & 31;
+    const int lg = l >> 2, lt = l & 3;
+    const int p = (e >> 2) & 3, c = e & 3;
+    const int row = 2 * lt + (c & 1);
+    const int col = tile * 64 + 16 * p + lg + 8 * (c >> 1);
+    if (row < a.m && col < a.n) {
+      if (a.bias != nullptr) s += a.bias[col];
+      const long long idx = row * a.ldy + col;
+      if (a.y32 != nullptr) {
+        a.y32[idx] = a.accumulate ? a.y32[idx] + s : s;
+      } else {
+        __half* y = reinterpret_cast<__half*>(a.y16);
+        y[idx] = __float2half_rn(a.accumulate ? __half2float(y[idx]) + s : s);
+      }
+    }
+  }
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+}
+
+template <int CH, bool ONE>
+cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, cudaStream_t stream,
+                      bool pdl) {
+  static bool configured = false;  // per instantiation; idempotent
+  if (!configured) {
+    int dev = 0, optin = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (e == cudaSuccess) {
+      e = cudaFuncSetAttribute(W4FoldKernel<CH, ONE>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+    }
+    if (e == cudaSuccess) {
+      e = cudaFuncSetAttribute(W4FoldKernel<CH, ONE>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               cudaSharedmemCarveoutMaxShared);
+    }
+    if (e != cudaSuccess) return e;
+    configured = true;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.ntiles), static_cast<unsigned>(splits));
+  cfg.blockDim = dim3(kNW * 32);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(splits);
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 2 : 1;
+  return cudaLaunchKernelEx(&cfg, W4FoldKernel<CH, ONE>, a, g);
+}
+
+template <bool ONE>
+cudaError_t LaunchCh(int ch, const DecodeArgs& a, int splits, const Geom& g, int smem,
+                     cudaStream_t stream, bool pdl) {
+  switch (ch) {
+    case 2: return LaunchOne<2, ONE>(a, splits, g, smem, stream, pdl);
+    case 4: return LaunchOne<4, ONE>(a, splits, g, smem, stream, pdl);
+    default: return LaunchOne<8, ONE>(a, splits, g, smem, stream, pdl);
+  }
+}
+
+}  // namespace foldk
+
+namespace {
+
+// Chunk = fold width in k16 steps: one scale group (or 8 steps: 128 k).
+int FoldChunk(const DecodeArgs& a) {
+  if (a.gshift >= 30) return 8;
+  const int steps = (1 << a.gshift) / 16;
+  return steps >= 8 ? 8 : steps;
+}
+
+// Shared memory of one block for `splits` and ring depth `depth`.
+foldk::Geom FoldGeom(const DecodeArgs& a, int ch, int splits, int depth, int* smem) {
+  foldk::Geom g{};
+  const int nch = a.ksteps / ch;
+  const int w = splits * foldk::kNW;
+  const int maxc = (nch + w - 1) / w;
+  g.depth = depth;
+  g.stage = ch * 512 + 256;
+  g.xrow = maxc * ch * 32 + 16;
+  g.warp_bytes = (depth * g.stage + a.m * g.xrow + 15) / 16 * 16;
+  *smem = std::max(foldk::kNW * g.warp_bytes, foldk::kRedBytes);
+  return g;
+}
+
+}  // namespace
+
+// k splits S (a cluster of S blocks along k) in {1, 2, 4, 8}: the cost model
+// counts rounds of resident blocks (2 per SM) times the chunks of the
+// busiest warp plus one chunk of per-block overhead (start latency, x
+// staging, reduction), and takes the cheapest (ties: the smaller S).
+// `forced` > 0 (benchmarks) overrides it.
+int FoldSplits(const DecodeArgs& a, int num_sms, int forced) {
+  if (forced > 0) return forced;
+  const int ch = FoldChunk(a);
+  const int nch = a.ksteps / ch;
+  double best = 1e30;
+  int pick = 1;
+  for (int s = 1; s <= 8; s *= 2) {
+    if (s > 1 && s * foldk::kNW > nch) break;
+    const long long blocks = static_cast<long long>(a.ntiles) * s;
+    const long long rounds = (blocks + 2LL * num_sms - 1) / (2LL * num_sms);
+    const int per_warp = (nch + s * foldk::kNW - 1) / (s * foldk::kNW);
+    const double cost = static_cast<double>(rounds) * (per_warp + 1);
+    if (cost < best - 1e-9) {
+      best = cost;
+      pick = s;
+    }
+  }
+  return pick;
+}
+
+bool FoldSupported(const DecodeArgs& a) {
+  if (a.m < 1 || a.m > 8) return false;
+  int smem = 0;
+  const int ch = FoldChunk(a);
+  (void)FoldGeom(a, ch, 8, 2, &smem);  // the smallest footprint
+  return smem <= 220 * 1024;
+}
+
+absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
+                              cudaStream_t stream) {
+  if (a.m < 1 || a.m > 8) return absl::InternalError("LaunchDecodeFold: m > 8");
+  const int ch = FoldChunk(a);
+  int splits = FoldSplits(a, num_sms, forced_splits);
+  // Ring depth: forced (benchmarks), else the deepest (<= 4) at which two
+  // blocks fit one SM (113 KB each), else the deepest that fits one block
+  // (<= 220 KB); if none fits, more splits (shorter x ranges per warp).
+  int smem = 0, depth = 0;
+  foldk::Geom g{};
+  for (; depth == 0 && splits <= 8; splits *= 2) {
+    if (forced_depth > 0) {
+      g = FoldGeom(a, ch, splits, forced_depth, &smem);
+      if (smem <= 220 * 1024) depth = forced_depth;
+    }
+    for (int lim : {113 * 1024, 220 * 1024}) {
+      for (int d = 4; d >= 2 && depth == 0 && forced_depth <= 0; --d) {
+        g = FoldGeom(a, ch, splits, d, &smem);
+        if (smem <= lim) depth = d;
+      }
+    }
+    if (depth > 0) break;
+  }
+  if (depth == 0) return absl::InternalError("LaunchDecodeFold: x range too large for shared memory");
+  static int pdl_ok = -1;
+  auto go = [&](bool pdl) {
+    return a.m == 1 ? foldk::LaunchCh<true>(ch, a, splits, g, smem, stream, pdl)
+                    : foldk::LaunchCh<false>(ch, a, splits, g, smem, stream, pdl);
+  };
+  cudaError_t e = go(pdl_ok != 0);
+  if (e != cudaSuccess && pdl_ok == -1) {
+    (void)cudaGetLastError();
+    pdl_ok = 0;
+    e = go(false);
+  } else if (e == cudaSuccess && pdl_ok == -1) {
+    pdl_ok = 1;
+  }
+  SPEAR_CUDA_RETURN_IF_ERROR(e);
+  return absl::OkStatus();
+}
+
+}  // namespace spear::kernels::cuda

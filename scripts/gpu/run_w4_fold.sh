@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine from the repository root with the bundle carried
+# (SPEAR_BUNDLE_DIR=.bundle-w4 scripts/gpu/bundle.sh spear_w4_cuda_test
+# spear_kernels_cuda_test spear_bench_w4_cuda): the GPU tests, the fold
+# kernel's split x depth sweep, the torch int4 peer and the decode table
+# (M <= 16, with the 8B layer graph), and an ncu profile of the four 8B
+# GEMMs at M = 1 (fold and v8 kernels). At most 7 files under $OUT (the
+# device tool brings back 8).
+# usage: scripts/gpu/run_w4_fold.sh [--no-tests] [--no-sweep] [--no-torch] [--no-ncu]
+set -uo pipefail
+B=${SPEAR_BUNDLE_DIR:-.bundle-w4}
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$PWD/$B/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+args=" $* "
+misc="$OUT/misc.log"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; } | tee "$misc"
+rc=0
+if [[ $args != *" --no-tests "* ]]; then
+  for t in "$B"/bin/*_test; do
+    name=$(basename "$t")
+    timeout 300 "$t" >"$OUT/$name.log" 2>&1 || rc=1
+    grep -E "^\[  (PASSED|FAILED)|seed|FAILED" "$OUT/$name.log" | head -12
+  done
+fi
+if [[ $args != *" --no-sweep "* ]]; then
+  timeout 240 "$B/bin/spear_bench_w4_cuda" --sweep 2>&1 | tee "$OUT/sweep.md" || rc=1
+fi
+torch_arg=
+if [[ $args != *" --no-torch "* ]]; then
+  PYTHONUNBUFFERED=1 timeout 300 python3 scripts/gpu/torch_int4_bench.py "$OUT/torch_int4.csv" --decode \
+    >>"$misc" 2>&1 || { rc=1; tail -5 "$misc"; }
+  torch_arg=--torch="$OUT/torch_int4.csv"
+fi
+timeout 300 "$B/bin/spear_bench_w4_cuda" $torch_arg --decode 2>&1 | tee "$OUT/bench_w4.md" || rc=1
+if [[ $args != *" --no-ncu "* ]]; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  if [[ -n "$NCU" ]]; then
+    timeout 300 "$NCU" --clock-control none -k regex:'W4FoldKernel|W4RingKernel' --launch-count 12 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      "$B/bin/spear_bench_w4_cuda" --profile >"$OUT/ncu.txt" 2>&1 || rc=1
+    grep -E "W4(Fold|Ring)Kernel|DRAM Throughput|Duration|Issue Slots Busy|No Eligible|Achieved Occupancy|Registers Per" \
+      "$OUT/ncu.txt" | head -80
+  else
+    echo "no ncu" | tee -a "$misc"
+  fi
+fi
+exit $rc
