@@ -51,7 +51,7 @@ TEST_F(SmolLm2Test, WikiText2Perplexity) {
   text.resize(f.gcount());
   const auto tokens = model_->tokenizer->Encode(text, /*add_bos=*/false);
   ASSERT_GE(tokens.size(), 2048u);
-  auto r = EvalPerplexity(engine_->runner(), tokens, 256, 2048);
+  auto r = EvalPerplexity(engine_->backend(), tokens, 256, 2048);
   ASSERT_TRUE(r.ok()) << r.status();
   std::printf("SmolLM2-135M (Q4_1 dequantized) WikiText-2 ppl @ctx256, first 2048 tokens: %.3f "
               "(%lld tokens, %lld windows)\n",
@@ -76,7 +76,7 @@ TEST_F(SmolLm2Test, GreedyCapitalOfFrance) {
   const std::string text = model_->tokenizer->Decode(r->tokens, true);
   std::printf("greedy: \"The capital of France is%s\"\n", text.c_str());
   EXPECT_NE(text.find("Paris"), std::string::npos) << text;
-  EXPECT_EQ(engine_->num_free_blocks(), engine_->kv_cache().num_blocks());
+  EXPECT_EQ(engine_->num_free_blocks(), engine_->backend().num_blocks());
 }
 
 }  // namespace

@@ -71,14 +71,14 @@ std::unique_ptr<model::LoadedModel> EcModel() {
 
 std::vector<float> Logits(Engine* e, const std::vector<int32_t>& prompt) {
   Sequence seq(1000, prompt, SamplingParams(), GenerateOptions());
-  EXPECT_TRUE(e->kv_cache().allocator().Allocate(e->kv_cache().BlocksFor(prompt.size()),
-                                                  &seq.block_table()).ok());
+  EXPECT_TRUE(e->backend().allocator().Allocate(e->backend().BlocksFor(prompt.size()),
+                                                 &seq.block_table()).ok());
   SeqChunk ch;
   ch.tokens = seq.tokens();
   ch.block_table = seq.block_table();
   ch.logits = LogitsMode::kLast;
   ForwardOutput out;
-  EXPECT_TRUE(e->runner().Forward({ch}, &out).ok());
+  EXPECT_TRUE(e->backend().Forward({ch}, &out).ok());
   e->Release(&seq);
   return std::vector<float>(out.row(0), out.row(0) + out.vocab);
 }

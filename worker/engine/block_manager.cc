@@ -24,11 +24,11 @@ uint64_t BlockHash(uint64_t parent, std::span<const int32_t> tokens) {
   return h == 0 ? 1 : h;
 }
 
-BlockManager::BlockManager(KvCache* cache, Options options)
-    : cache_(cache),
+BlockManager::BlockManager(BlockAllocator* allocator, int block_size, Options options)
+    : alloc_(allocator),
       options_(options),
-      block_size_(cache->block_size()),
-      num_blocks_(cache->num_blocks()) {
+      block_size_(block_size),
+      num_blocks_(allocator->num_blocks()) {
   absl::MutexLock lock(&mu_);
   blocks_.resize(num_blocks_);
 }
@@ -40,7 +40,7 @@ int64_t BlockManager::num_used() const {
 
 int64_t BlockManager::num_available() const {
   absl::MutexLock lock(&mu_);
-  return cache_->allocator().num_free() + static_cast<int64_t>(evictable_.size());
+  return alloc_->num_free() + static_cast<int64_t>(evictable_.size());
 }
 
 int64_t BlockManager::num_evictable() const {
@@ -65,7 +65,7 @@ void BlockManager::UnhashLocked(int32_t b) {
 
 absl::Status BlockManager::AllocateLocked(int64_t n, std::vector<int32_t>* table) {
   if (n <= 0) return absl::OkStatus();
-  BlockAllocator& alloc = cache_->allocator();
+  BlockAllocator& alloc = *alloc_;
   const int64_t free = alloc.num_free();
   if (free + static_cast<int64_t>(evictable_.size()) < n) {
     return absl::ResourceExhaustedError(absl::StrCat("KV cache full: need ", n, " blocks, ",
@@ -182,7 +182,7 @@ void BlockManager::Release(Sequence* seq) {
     }
   }
   seq->block_table().clear();
-  if (!to_free.empty()) (void)cache_->allocator().Free(to_free);
+  if (!to_free.empty()) (void)alloc_->Free(to_free);
 }
 
 }  // namespace spear::engine

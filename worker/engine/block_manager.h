@@ -1,5 +1,6 @@
 // Paged-KV block manager: reference counts and prefix-hash reuse on top of
-// KvCache's BlockAllocator.
+// a KV cache's BlockAllocator (a host KvCache's or a backend's, e.g. the
+// CUDA runner's device cache).
 //
 // Every block a sequence holds has a reference count. A FULL block whose
 // tokens are all computed gets a content hash: the hash of its parent's
@@ -48,9 +49,12 @@ class BlockManager {
     bool prefix_caching = true;
   };
 
-  // Borrows the cache (must outlive the manager). The manager assumes it is
-  // the only user of cache->allocator().
-  BlockManager(KvCache* cache, Options options);
+  // Borrows the allocator of a cache with blocks of `block_size` positions
+  // (must outlive the manager). The manager assumes it is the only user of
+  // the allocator.
+  BlockManager(BlockAllocator* allocator, int block_size, Options options);
+  BlockManager(KvCache* cache, Options options)
+      : BlockManager(&cache->allocator(), cache->block_size(), options) {}
   explicit BlockManager(KvCache* cache) : BlockManager(cache, Options()) {}
 
   int block_size() const { return block_size_; }
@@ -106,7 +110,7 @@ class BlockManager {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void UnhashLocked(int32_t block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  KvCache* const cache_;
+  BlockAllocator* const alloc_;
   const Options options_;
   const int block_size_;
   const int64_t num_blocks_;

@@ -19,10 +19,26 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::LoadedModel*
   }
   std::unique_ptr<Engine> e(new Engine(model, options));
   e->pool_ = std::make_unique<kernels::ThreadPool>(options.num_threads);
-  auto cache = KvCache::Create(model->config, options.kv_cache);
-  if (!cache.ok()) return cache.status();
-  e->cache_ = std::move(*cache);
-  e->runner_ = std::make_unique<ModelRunner>(model, e->cache_.get(), e->pool_.get());
+  auto backend = CpuBackend::Create(model, options.kv_cache, e->pool_.get());
+  if (!backend.ok()) return backend.status();
+  e->backend_ = std::move(*backend);
+  return e;
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const model::LoadedModel* model,
+                                                       const EngineOptions& options,
+                                                       std::unique_ptr<ModelBackend> backend) {
+  if (model == nullptr) return absl::InvalidArgumentError("Engine: null model");
+  if (backend == nullptr) return absl::InvalidArgumentError("Engine: null backend");
+  if (&backend->model() != model) {
+    return absl::InvalidArgumentError("Engine: the backend runs another model");
+  }
+  if (options.max_batch_tokens <= 0) {
+    return absl::InvalidArgumentError("Engine: max_batch_tokens must be positive");
+  }
+  std::unique_ptr<Engine> e(new Engine(model, options));
+  e->pool_ = std::make_unique<kernels::ThreadPool>(options.num_threads);
+  e->backend_ = std::move(backend);
   return e;
 }
 
@@ -50,16 +66,16 @@ absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(std::vector<int32_
                                                    c.max_position));
   }
   auto seq = std::make_unique<Sequence>(next_id_++, std::move(prompt), sampling, options);
-  if (MaxBlocksNeeded(*seq) > cache_->num_blocks()) {
+  if (MaxBlocksNeeded(*seq) > backend_->num_blocks()) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "request needs up to ", MaxBlocksNeeded(*seq), " KV blocks, the cache has ",
-        cache_->num_blocks()));
+        backend_->num_blocks()));
   }
   return seq;
 }
 
 int64_t Engine::MaxBlocksNeeded(const Sequence& seq) const {
-  return cache_->BlocksFor(seq.num_prompt_tokens() + seq.options().max_new_tokens);
+  return backend_->BlocksFor(seq.num_prompt_tokens() + seq.options().max_new_tokens);
 }
 
 bool Engine::IsStopToken(const Sequence& seq, int32_t token) const {
@@ -86,10 +102,10 @@ absl::Status Engine::Step(const std::vector<StepItem>& items, std::vector<StepOu
       return absl::InvalidArgumentError(absl::StrCat("Step: sequence ", s->id(),
                                                      " has nothing to run"));
     }
-    const int64_t need = cache_->BlocksFor(s->num_computed() + n) -
+    const int64_t need = backend_->BlocksFor(s->num_computed() + n) -
                          static_cast<int64_t>(s->block_table().size());
     if (need > 0) {
-      if (auto st = cache_->allocator().Allocate(need, &s->block_table()); !st.ok()) return st;
+      if (auto st = backend_->allocator().Allocate(need, &s->block_table()); !st.ok()) return st;
     }
     SeqChunk ch;
     ch.tokens = s->tokens().subspan(s->num_computed(), n);
@@ -98,7 +114,7 @@ absl::Status Engine::Step(const std::vector<StepItem>& items, std::vector<StepOu
     ch.logits = n == s->num_pending() ? LogitsMode::kLast : LogitsMode::kNone;
     chunks_.push_back(ch);
   }
-  if (auto st = runner_->Forward(chunks_, &out_); !st.ok()) return st;
+  if (auto st = backend_->Forward(chunks_, &out_); !st.ok()) return st;
 
   const int64_t vocab = model_->config.vocab_size;
   // Sampling is per sequence (each has its own sampler and RNG), so the
@@ -134,7 +150,7 @@ void Engine::Release(Sequence* seq) {
   if (seq == nullptr || seq->block_table().empty()) return;
   // Blocks came from this allocator; a failure here is a programmer error
   // that must not take the engine down.
-  (void)cache_->allocator().Free(seq->block_table());
+  (void)backend_->allocator().Free(seq->block_table());
   seq->block_table().clear();
 }
 
@@ -177,7 +193,7 @@ std::vector<GenerateResult> Engine::GenerateBatch(const std::vector<GenerateRequ
   while (!waiting.empty() || !running.empty()) {
     // FCFS admission: never over-commit the cache, so no step can run out.
     while (!waiting.empty() &&
-           reserved + MaxBlocksNeeded(*seqs[waiting.front()]) <= cache_->num_blocks()) {
+           reserved + MaxBlocksNeeded(*seqs[waiting.front()]) <= backend_->num_blocks()) {
       reserved += MaxBlocksNeeded(*seqs[waiting.front()]);
       running.push_back(waiting.front());
       waiting.pop_front();

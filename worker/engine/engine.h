@@ -1,4 +1,6 @@
-// A synchronous generation engine over a LoadedModel on the CPU.
+// A synchronous generation engine over a LoadedModel on one ModelBackend
+// (backend.h: the CPU ModelRunner, or the CUDA runner through
+// engine_factory.h).
 //
 // Generate() streams one request; GenerateBatch() runs several together:
 // prompts are prefilled in chunks under a per-step token budget, decoding
@@ -8,7 +10,8 @@
 // chunk sizes.
 //
 // Ownership: the engine borrows the model (must outlive it) and owns the
-// thread pool, the KV cache and the model runner. Thread-safety: one call at
+// thread pool (the CPU backend's compute threads; sampling on every
+// backend) and the backend (its KV cache included). Thread-safety: one call at
 // a time (Generate, GenerateBatch and Step are not re-entrant); callbacks
 // run on the calling thread and must not call back into the engine.
 #pragma once
@@ -21,6 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/thread_pool.h"
+#include "worker/engine/backend.h"
 #include "worker/engine/kv_cache.h"
 #include "worker/engine/model_runner.h"
 #include "worker/engine/sampler.h"
@@ -31,6 +35,9 @@ namespace spear::engine {
 
 struct EngineOptions {
   int num_threads = 0;  // <= 0: all hardware threads
+  // The KV cache of the CPU backend that Create(model, options) builds
+  // (engine_factory.h maps it onto the CUDA runner's cache: same
+  // block_size and num_blocks; `bytes` at fp16, so twice the blocks).
   KvCacheOptions kv_cache;
   // Tokens per step across the batch; prompts longer than this are
   // prefilled in chunks.
@@ -66,8 +73,16 @@ struct StepOutput {
 
 class Engine {
  public:
+  // An engine on the CPU backend (ModelRunner over a KvCache of
+  // options.kv_cache, computing on the engine's thread pool).
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const model::LoadedModel* model,
                                                         const EngineOptions& options);
+  // An engine on `backend`, which must run `model`; options.kv_cache is
+  // unused (the backend has its own cache). InvalidArgument for a null
+  // backend or one over another model.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const model::LoadedModel* model,
+                                                        const EngineOptions& options,
+                                                        std::unique_ptr<ModelBackend> backend);
 
   // Streams tokens of one request to `on_token`. Errors: InvalidArgument
   // (bad prompt or parameters), ResourceExhausted (request larger than the
@@ -100,9 +115,10 @@ class Engine {
   void Release(Sequence* seq);
 
   const model::LoadedModel& model() const { return *model_; }
-  ModelRunner& runner() { return *runner_; }
-  KvCache& kv_cache() { return *cache_; }
-  int64_t num_free_blocks() const { return cache_->allocator().num_free(); }
+  ModelBackend& backend() { return *backend_; }
+  const ModelBackend& backend() const { return *backend_; }
+  int64_t num_free_blocks() const { return backend_->allocator().num_free(); }
+  int num_threads() const { return pool_->size(); }
   const EngineOptions& options() const { return options_; }
 
  private:
@@ -112,8 +128,7 @@ class Engine {
   const model::LoadedModel* model_;
   EngineOptions options_;
   std::unique_ptr<kernels::ThreadPool> pool_;
-  std::unique_ptr<KvCache> cache_;
-  std::unique_ptr<ModelRunner> runner_;
+  std::unique_ptr<ModelBackend> backend_;
   int64_t next_id_ = 0;
   // Step scratch, reused.
   std::vector<SeqChunk> chunks_;

@@ -32,7 +32,8 @@ absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(Engine* engine, E
   }
   BlockManager::Options bo;
   bo.prefix_caching = options.prefix_caching;
-  auto blocks = std::make_unique<BlockManager>(&engine->kv_cache(), bo);
+  auto blocks = std::make_unique<BlockManager>(&engine->backend().allocator(),
+                                               engine->backend().block_size(), bo);
   absl::StatusOr<LatencyTable> table = absl::UnknownError("unset");
   if (options.table.has_value()) {
     table = LatencyTable::Create(*options.table);

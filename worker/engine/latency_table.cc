@@ -212,7 +212,7 @@ absl::StatusOr<LatencyTable> ProfileLatency(Engine* engine, BlockManager* blocks
     return absl::ResourceExhaustedError(absl::StrCat(
         "ProfileLatency: the KV cache cannot hold ", o.max_tokens, " tokens: ", s.message()));
   }
-  ModelRunner& runner = engine->runner();
+  ModelBackend& runner = engine->backend();
   ForwardOutput out;
   auto time_once = [&](int32_t t) -> absl::StatusOr<double> {
     SeqChunk ch;

@@ -98,10 +98,12 @@ struct ProfileOptions {
   int repeats = 2;  // the median of `repeats` timed runs per point (one warm-up pass in all)
 };
 
-// Times real forward passes of `engine` (one sequence per point, T tokens
-// of prefill, KV blocks from `blocks`, released afterwards) with every EC
-// on and with every EC off (once when the model has no EC). Restores all
-// ECs on. Needs enough free KV for max_tokens positions.
+// Times real forward passes of `engine` on whatever backend it runs (one
+// sequence per point, T tokens of prefill, KV blocks from `blocks`,
+// released afterwards) with every EC on and with every EC off (once when
+// the model has no EC). Restores all ECs on. Needs enough free KV for
+// max_tokens positions. A CUDA Forward returns after its result copy and
+// host sync, so wall-clock time covers the device work.
 absl::StatusOr<LatencyTable> ProfileLatency(Engine* engine, BlockManager* blocks, EcControl* ec,
                                             const ProfileOptions& options);
 

@@ -25,6 +25,15 @@ absl::StatusOr<PerplexityResult> EvalPerplexity(ModelRunner& runner,
                                                 int64_t max_tokens,
                                                 const PerplexityProgress& progress,
                                                 int64_t chunk_tokens) {
+  CpuBackend backend(&runner);
+  return EvalPerplexity(backend, tokens, ctx, max_tokens, progress, chunk_tokens);
+}
+
+absl::StatusOr<PerplexityResult> EvalPerplexity(ModelBackend& runner,
+                                                const std::vector<int32_t>& tokens, int ctx,
+                                                int64_t max_tokens,
+                                                const PerplexityProgress& progress,
+                                                int64_t chunk_tokens) {
   if (ctx < 2) return absl::InvalidArgumentError("perplexity: ctx must be >= 2");
   if (chunk_tokens <= 0) return absl::InvalidArgumentError("perplexity: chunk_tokens must be > 0");
   const int64_t avail = max_tokens > 0 ? std::min<int64_t>(max_tokens, tokens.size())
@@ -41,9 +50,8 @@ absl::StatusOr<PerplexityResult> EvalPerplexity(ModelRunner& runner,
                                                      " at ", i, " outside the vocabulary"));
     }
   }
-  KvCache& cache = runner.kv_cache();
   std::vector<int32_t> table;
-  if (auto s = cache.allocator().Allocate(cache.BlocksFor(ctx), &table); !s.ok()) return s;
+  if (auto s = runner.allocator().Allocate(runner.BlocksFor(ctx), &table); !s.ok()) return s;
 
   PerplexityResult r;
   ForwardOutput out;
@@ -70,7 +78,7 @@ absl::StatusOr<PerplexityResult> EvalPerplexity(ModelRunner& runner,
       progress(r.windows, windows, std::exp(r.nll_sum / r.tokens_scored));
     }
   }
-  (void)cache.allocator().Free(table);
+  (void)runner.allocator().Free(table);
   if (!status.ok()) return status;
   r.ppl = std::exp(r.nll_sum / static_cast<double>(r.tokens_scored));
   return r;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "worker/engine/backend.h"
 #include "worker/engine/model_runner.h"
 
 namespace spear::engine {
@@ -32,9 +33,16 @@ struct PerplexityResult {
 // Called after each window with (windows done, total windows, ppl so far).
 using PerplexityProgress = std::function<void(int64_t, int64_t, double)>;
 
-// Uses runner's KV cache (allocates ceil(ctx / block_size) blocks for the
-// duration of the call). InvalidArgument if ctx < 2 or there is not one full
-// window; ResourceExhausted if the cache cannot hold a window.
+// Runs on any backend (CPU or CUDA) and uses its KV cache (allocates
+// ceil(ctx / block_size) blocks for the duration of the call).
+// InvalidArgument if ctx < 2 or there is not one full window;
+// ResourceExhausted if the cache cannot hold a window.
+absl::StatusOr<PerplexityResult> EvalPerplexity(ModelBackend& backend,
+                                                const std::vector<int32_t>& tokens, int ctx,
+                                                int64_t max_tokens,
+                                                const PerplexityProgress& progress = nullptr,
+                                                int64_t chunk_tokens = 256);
+// The same on a CPU ModelRunner and its cache.
 absl::StatusOr<PerplexityResult> EvalPerplexity(ModelRunner& runner,
                                                 const std::vector<int32_t>& tokens, int ctx,
                                                 int64_t max_tokens,

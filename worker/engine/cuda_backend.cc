@@ -1,0 +1,30 @@
+#include "worker/engine/cuda_backend.h"
+
+#include <cuda_runtime.h>
+
+#include "absl/strings/str_cat.h"
+
+namespace spear::engine {
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
+    const model::LoadedModel* model, const CudaRunnerOptions& options) {
+  auto r = CudaModelRunner::Create(model, options);
+  if (!r.ok()) return r.status();
+  std::unique_ptr<CudaBackend> b(new CudaBackend(std::move(*r)));
+  int dev = 0;
+  cudaDeviceProp prop{};
+  std::string name = "unknown GPU";
+  if (cudaGetDevice(&dev) == cudaSuccess && cudaGetDeviceProperties(&prop, dev) == cudaSuccess) {
+    name = prop.name;
+  }
+  const model::ModelConfig& c = model->config;
+  const int64_t kv_bytes = b->num_blocks() * b->block_size() * c.num_layers * 2 *
+                           c.num_kv_heads * c.head_dim * 2;
+  b->description_ = absl::StrCat("cuda: ", name, " (device ", dev, "), weights ",
+                                 b->runner_->weights().bytes() >> 20, " MiB, KV ",
+                                 b->num_blocks(), " blocks x ", b->block_size(), " fp16 (",
+                                 kv_bytes >> 20, " MiB)");
+  return b;
+}
+
+}  // namespace spear::engine

@@ -1,0 +1,51 @@
+// The CUDA backend of the Engine (backend.h): a CudaModelRunner and its
+// device fp16 KV cache behind ModelBackend. Built only with SPEAR_WITH_CUDA
+// (library spear_engine_cuda); engine_factory.h creates it from a Device.
+//
+// Forward returns fp32 logits rows on the host, as the CPU backend does
+// (the engine samples on the host); decode steps replay CUDA graphs inside
+// the runner.
+//
+// Ownership: owns the runner (borrows the model). Thread-safety: as
+// ModelBackend.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/engine/backend.h"
+#include "worker/engine/cuda_model_runner.h"
+
+namespace spear::engine {
+
+class CudaBackend final : public ModelBackend {
+ public:
+  // CudaModelRunner::Create's errors: Unavailable without a CUDA device,
+  // Unimplemented for models the runner cannot run (dense decoders,
+  // head_dim other than 64 / 128), Internal / ResourceExhausted-like
+  // device failures.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(const model::LoadedModel* model,
+                                                             const CudaRunnerOptions& options);
+
+  absl::Status Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out) override {
+    return runner_->Forward(batch, out);
+  }
+  BlockAllocator& allocator() override { return runner_->allocator(); }
+  const BlockAllocator& allocator() const override { return runner_->allocator(); }
+  int block_size() const override { return runner_->block_size(); }
+  int64_t num_blocks() const override { return runner_->num_blocks(); }
+  const model::LoadedModel& model() const override { return runner_->model(); }
+  Device device() const override { return Device::kCuda; }
+  std::string Describe() const override { return description_; }
+
+  CudaModelRunner& runner() { return *runner_; }
+
+ private:
+  explicit CudaBackend(std::unique_ptr<CudaModelRunner> r) : runner_(std::move(r)) {}
+  std::unique_ptr<CudaModelRunner> runner_;
+  std::string description_;
+};
+
+}  // namespace spear::engine
