@@ -1,9 +1,11 @@
-// spear bench: CPU prefill/decode speed of a model, side by side with the
-// memory bandwidth measured in the same run.
+// spear bench: prefill/decode speed of a model on the CPU (or, with
+// --device cuda, on the GPU through the engine), side by side with the
+// host memory bandwidth measured in the same run.
 //
 // Decode reads every weight once per step, so weight bytes x steps/s is the
-// bandwidth the decode step achieves; its ratio to the copy bandwidth says
-// how close decode is to the memory-bound floor.
+// bandwidth the decode step achieves; on the CPU its ratio to the copy
+// bandwidth says how close decode is to the memory-bound floor (on the GPU
+// the host copy bandwidth is no floor: those fields are null / not printed).
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -57,6 +59,7 @@ int CmdBench(const std::vector<std::string>& args) {
       .Declare("gen-tokens", "64", "decode steps measured")
       .Declare("batch", "8", "second decode measurement with this many sequences")
       .Declare("threads", "0", "CPU threads, 0 = all")
+      .Declare("device", "cpu", "cpu | cuda | auto (cuda when built with CUDA and a GPU is present)")
       .DeclareBool("json", "print one JSON object")
       .DeclareBool("help", "show flags");
   if (absl::Status s = f.Parse(args); !s.ok()) return Fail("bench", s, true);
@@ -65,16 +68,20 @@ int CmdBench(const std::vector<std::string>& args) {
   auto gen_tokens = f.Int("gen-tokens", 2, 1 << 16);
   auto batch = f.Int("batch", 1, 256);
   auto threads = f.Int("threads", 0, 1024);
-  for (const absl::Status& s : {prompt_tokens.status(), gen_tokens.status(), batch.status(), threads.status()}) {
+  auto device = DeviceFlag(f.Str("device"));
+  for (const absl::Status& s : {prompt_tokens.status(), gen_tokens.status(), batch.status(),
+                                threads.status(), device.status()}) {
     if (!s.ok()) return Fail("bench", s, true);
   }
   const int64_t kv_tokens =
       std::max(*prompt_tokens + *gen_tokens + 1, *batch * (16 + *gen_tokens + 1));
-  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), kv_tokens);
+  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), kv_tokens, *device,
+                           f.Bool("json"));
   if (!session.ok()) return Fail("bench", session.status());
   engine::Engine& eng = *session->engine;
   const model::LoadedModel& m = *session->model;
-  const int pool_threads = eng.runner().pool()->size();
+  const int pool_threads = eng.num_threads();
+  const bool on_cpu = eng.backend().device() == engine::Device::kCpu;
 
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> dist(100, static_cast<int32_t>(m.config.vocab_size) - 1);
@@ -117,10 +124,11 @@ int CmdBench(const std::vector<std::string>& args) {
     batch_tokens += static_cast<int64_t>(res.tokens.size());
   }
 
-  const double copy_bw = CopyBandwidth(pool_threads, size_t{256} << 20);
+  const double copy_bw = on_cpu ? CopyBandwidth(pool_threads, size_t{256} << 20) : 0;
   const int64_t wbytes = DecodeWeightBytes(m);
   const double decode_bw = wbytes * decode_tps;
   nlohmann::json j = {{"model", f.Str("model")},
+                      {"device", eng.backend().name()},
                       {"threads", pool_threads},
                       {"prompt_tokens", *prompt_tokens},
                       {"prefill_seconds", prefill_s},
@@ -131,13 +139,14 @@ int CmdBench(const std::vector<std::string>& args) {
                       {"batch_tokens_per_second", batch_tokens / std::max(1e-9, tb)},
                       {"decode_weight_bytes", wbytes},
                       {"decode_weight_bandwidth_gbps", decode_bw / 1e9},
-                      {"copy_bandwidth_gbps", copy_bw / 1e9},
-                      {"decode_bandwidth_over_copy", decode_bw / copy_bw}};
+                      {"copy_bandwidth_gbps", on_cpu ? nlohmann::json(copy_bw / 1e9) : nullptr},
+                      {"decode_bandwidth_over_copy",
+                       on_cpu ? nlohmann::json(decode_bw / copy_bw) : nullptr}};
   if (f.Bool("json")) {
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
-  std::printf("model %s, %d threads\n", f.Str("model").c_str(), pool_threads);
+  std::printf("model %s, %s\n", f.Str("model").c_str(), eng.backend().Describe().c_str());
   std::printf("  prefill   %5lld tokens  %8.1f tok/s\n", static_cast<long long>(*prompt_tokens),
               *prompt_tokens / std::max(1e-9, prefill_s));
   std::printf("  decode    batch 1        %8.2f tok/s  (%.1f ms/token)\n", decode_tps,
@@ -146,8 +155,10 @@ int CmdBench(const std::vector<std::string>& args) {
               static_cast<long long>(*batch), batch_tokens / std::max(1e-9, tb));
   std::printf("  weights read per decode step  %.1f MiB\n", wbytes / 1048576.0);
   std::printf("  decode weight bandwidth       %.2f GB/s\n", decode_bw / 1e9);
-  std::printf("  copy bandwidth (same run)     %.2f GB/s  (read+write)\n", copy_bw / 1e9);
-  std::printf("  ratio decode / copy           %.2f\n", decode_bw / copy_bw);
+  if (on_cpu) {
+    std::printf("  copy bandwidth (same run)     %.2f GB/s  (read+write)\n", copy_bw / 1e9);
+    std::printf("  ratio decode / copy           %.2f\n", decode_bw / copy_bw);
+  }
   return 0;
 }
 

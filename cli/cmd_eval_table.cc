@@ -72,7 +72,8 @@ int EvalModelsTable(const Flags& f) {
   auto ctx = f.Int("ctx", 2, 1 << 20);
   auto max_tokens = f.Int("max-tokens", 0, INT64_MAX);
   auto threads = f.Int("threads", 0, 1024);
-  for (const absl::Status& s : {ctx.status(), max_tokens.status(), threads.status()}) {
+  auto device = DeviceFlag(f.Str("device"));
+  for (const absl::Status& s : {ctx.status(), max_tokens.status(), threads.status(), device.status()}) {
     if (!s.ok()) return Fail("eval", s, true);
   }
   if (f.Str("text").empty()) return Fail("eval", absl::InvalidArgumentError("--text is required"), true);
@@ -88,7 +89,7 @@ int EvalModelsTable(const Flags& f) {
   std::vector<int32_t> tokens;
   int64_t vocab = -1;
   for (size_t i = 0; i < models.size(); ++i) {
-    auto session = OpenModel(models[i], static_cast<int>(*threads), *ctx);
+    auto session = OpenModel(models[i], static_cast<int>(*threads), *ctx, *device);
     if (!session.ok()) {
       return Fail("eval", absl::Status(session.status().code(),
                                        absl::StrCat(models[i], ": ", session.status().message())));
@@ -123,7 +124,7 @@ int EvalModelsTable(const Flags& f) {
                      ppl, done == total || !tty ? "\n" : "");
       }
     };
-    auto r = engine::EvalPerplexity(session->engine->runner(), tokens, static_cast<int>(*ctx),
+    auto r = engine::EvalPerplexity(session->engine->backend(), tokens, static_cast<int>(*ctx),
                                     *max_tokens > 0 ? *max_tokens : static_cast<int64_t>(tokens.size()),
                                     progress);
     if (!r.ok()) {

@@ -29,6 +29,7 @@ int CmdGenerate(const std::vector<std::string>& args) {
       .Declare("repetition-penalty", "1", "1 = off")
       .DeclareBool("ignore-eos", "keep generating after the end-of-sequence token")
       .Declare("threads", "0", "CPU threads, 0 = all")
+      .Declare("device", "cpu", "cpu | cuda | auto (cuda when built with CUDA and a GPU is present)")
       .DeclareBool("quiet", "no statistics on stderr")
       .DeclareBool("help", "show flags");
   if (absl::Status s = f.Parse(args); !s.ok()) return Fail("generate", s, true);
@@ -46,12 +47,14 @@ int CmdGenerate(const std::vector<std::string>& args) {
   auto seed = f.Int("seed", 0, INT64_MAX);
   auto rep = f.Double("repetition-penalty", 1e-6, 100);
   auto threads = f.Int("threads", 0, 1024);
+  auto device = DeviceFlag(f.Str("device"));
   for (const absl::Status& s : {max_tokens.status(), temp.status(), top_k.status(), top_p.status(),
-                                seed.status(), rep.status(), threads.status()}) {
+                                seed.status(), rep.status(), threads.status(), device.status()}) {
     if (!s.ok()) return Fail("generate", s, true);
   }
   // Room for the prompt (up to 4096 tokens) and the generated tokens.
-  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), 4096 + *max_tokens);
+  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), 4096 + *max_tokens, *device,
+                           f.Bool("quiet"));
   if (!session.ok()) return Fail("generate", session.status());
   const model::LoadedModel& m = *session->model;
   auto prompt = PromptTokens(m, f.Str("prompt"), f.Str("prompt-ids"), f.Bool("chat"), f.Str("system"));
@@ -111,6 +114,7 @@ int CmdEval(const std::vector<std::string>& args) {
       .Declare("ctx", "512", "window length in tokens")
       .Declare("max-tokens", "0", "score only the first N tokens of the text (0 = all)")
       .Declare("threads", "0", "CPU threads, 0 = all")
+      .Declare("device", "cpu", "cpu | cuda | auto (cuda when built with CUDA and a GPU is present)")
       .DeclareBool("json", "print one JSON object instead of text")
       .DeclareBool("help", "show flags");
   if (absl::Status s = f.Parse(args); !s.ok()) return Fail("eval", s, true);
@@ -129,7 +133,8 @@ int CmdEval(const std::vector<std::string>& args) {
   auto ctx = f.Int("ctx", 2, 1 << 20);
   auto max_tokens = f.Int("max-tokens", 0, INT64_MAX);
   auto threads = f.Int("threads", 0, 1024);
-  for (const absl::Status& s : {ctx.status(), max_tokens.status(), threads.status()}) {
+  auto device = DeviceFlag(f.Str("device"));
+  for (const absl::Status& s : {ctx.status(), max_tokens.status(), threads.status(), device.status()}) {
     if (!s.ok()) return Fail("eval", s, true);
   }
   if (f.Str("model").empty()) return Fail("eval", absl::InvalidArgumentError("--model is required"), true);
@@ -138,7 +143,7 @@ int CmdEval(const std::vector<std::string>& args) {
   if (!text_or.ok()) return Fail("eval", text_or.status());
   const std::string text = std::move(*text_or);
 
-  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), *ctx);
+  auto session = OpenModel(f.Str("model"), static_cast<int>(*threads), *ctx, *device);
   if (!session.ok()) return Fail("eval", session.status());
   const model::LoadedModel& m = *session->model;
   if (m.tokenizer == nullptr) {
@@ -162,7 +167,7 @@ int CmdEval(const std::vector<std::string>& args) {
     if (!tty && done != total) std::fprintf(stderr, "\n");
     if (done == total) std::fprintf(stderr, "\n");
   };
-  auto r = engine::EvalPerplexity(session->engine->runner(), tokens, static_cast<int>(*ctx),
+  auto r = engine::EvalPerplexity(session->engine->backend(), tokens, static_cast<int>(*ctx),
                                   *max_tokens > 0 ? *max_tokens : static_cast<int64_t>(tokens.size()),
                                   progress);
   if (!r.ok()) return Fail("eval", r.status());

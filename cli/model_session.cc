@@ -9,6 +9,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "spdlog/spdlog.h"
+#include "worker/engine/engine_factory.h"
 #include "worker/model/model_cache.h"
 #include "worker/model/tokenizer.h"
 
@@ -19,9 +21,17 @@ double NowSeconds() {
       .count();
 }
 
+absl::StatusOr<engine::Device> DeviceFlag(const std::string& value) {
+  auto d = engine::ParseDevice(value);
+  if (!d.ok()) return absl::InvalidArgumentError(absl::StrCat("--", d.status().message()));
+  return d;
+}
+
 absl::StatusOr<ModelSession> OpenModel(const std::string& name_or_path, int threads,
-                                       int64_t kv_tokens) {
+                                       int64_t kv_tokens, engine::Device device, bool quiet) {
   if (name_or_path.empty()) return absl::InvalidArgumentError("--model is required");
+  // Fail before loading the model when the device cannot be had.
+  if (auto d = engine::ResolveDevice(device); !d.ok()) return d.status();
   auto path = model::ResolveModel(name_or_path);
   if (!path.ok()) return path.status();
   ModelSession s;
@@ -37,9 +47,10 @@ absl::StatusOr<ModelSession> OpenModel(const std::string& name_or_path, int thre
   const int64_t per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
   const int64_t tokens = kv_tokens + kv_tokens / 16 + opts.kv_cache.block_size;
   opts.kv_cache.bytes = std::max<int64_t>(int64_t{64} << 20, per_token * tokens);
-  auto eng = engine::Engine::Create(s.model.get(), opts);
+  auto eng = engine::CreateEngine(s.model.get(), opts, device);
   if (!eng.ok()) return eng.status();
   s.engine = std::move(*eng);
+  if (!quiet) spdlog::info("backend {}", s.engine->backend().Describe());
   return s;
 }
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "worker/engine/backend.h"
 #include "worker/engine/engine.h"
 #include "worker/model/weights.h"
 
@@ -19,10 +20,17 @@ struct ModelSession {
 };
 
 // Resolves `name_or_path` (path or cache name), loads it and creates an
-// engine with `threads` threads (<= 0: all) and a KV cache sized from the
-// model's own config to hold `kv_tokens` positions (at least 64 MiB).
+// engine on `device` (engine_factory.h: cuda fails with FailedPrecondition
+// / Unavailable when this build or machine has none; auto picks) with
+// `threads` threads (<= 0: all) and a KV cache sized from the model's own
+// config to hold `kv_tokens` positions (at least 64 MiB at fp32). The
+// backend is logged (stderr) unless `quiet`.
 absl::StatusOr<ModelSession> OpenModel(const std::string& name_or_path, int threads,
-                                       int64_t kv_tokens);
+                                       int64_t kv_tokens, engine::Device device = engine::Device::kCpu,
+                                       bool quiet = false);
+
+// The --device flag's value (cpu | cuda | auto); InvalidArgument otherwise.
+absl::StatusOr<engine::Device> DeviceFlag(const std::string& value);
 
 // The whole file as bytes; NotFound naming the path if it cannot be read.
 absl::StatusOr<std::string> ReadTextFile(const std::string& path);

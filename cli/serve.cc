@@ -23,6 +23,7 @@
 #include "router/service/router_server.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
+#include "worker/engine/engine_factory.h"
 #include "worker/model/model_cache.h"
 
 extern char** environ;
@@ -137,6 +138,7 @@ int CmdServe(const std::vector<std::string>& args) {
       .Declare("metrics-port", "0", "router /metrics port (0 = pick)")
       .Declare("host", "127.0.0.1", "listen address of the router (workers always use 127.0.0.1)")
       .Declare("workers", "2", "spear-worker processes to start")
+      .Declare("device", "cpu", "workers' backend: cpu | cuda | auto (cuda when built with CUDA and a GPU is present; all workers share GPU 0)")
       .Declare("threads", "0", "CPU threads per worker (0 = cores / workers)")
       .Declare("kv-tokens", "16384", "KV cache capacity per worker, in tokens")
       .Declare("max-batch-tokens", "512", "tokens per engine iteration per worker")
@@ -170,6 +172,16 @@ int CmdServe(const std::vector<std::string>& args) {
                                 kv.status(), mbt.status(), mw.status(), itl.status(), mq.status(),
                                 qt.status(), st.status()}) {
     if (!s.ok()) return Fail("serve", s, true);
+  }
+  auto device = engine::ParseDevice(f.Str("device"));
+  if (!device.ok()) {
+    return Fail("serve", absl::InvalidArgumentError(absl::StrCat("--", device.status().message())),
+                true);
+  }
+  // --device cuda: fail here, before any worker starts, when this build or
+  // machine has no CUDA (each worker would fail the same way).
+  if (*device == engine::Device::kCuda) {
+    if (absl::Status s = engine::CudaUsable(); !s.ok()) return Fail("serve", s);
   }
   auto model_path = model::ResolveModel(f.Str("model"));
   if (!model_path.ok()) return Fail("serve", model_path.status());
@@ -211,6 +223,7 @@ int CmdServe(const std::vector<std::string>& args) {
   for (int64_t i = 0; i < *nworkers; ++i) {
     std::vector<std::string> argv = {worker_bin, "--model", f.Str("model"), "--host", "127.0.0.1",
                                      "--port", "0", "--metrics-port", "0",
+                                     "--device", f.Str("device"),
                                      "--threads", std::to_string(per_worker),
                                      "--kv-tokens", std::to_string(*kv),
                                      "--max-batch-tokens", std::to_string(*mbt),

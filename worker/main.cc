@@ -1,17 +1,20 @@
 // spear-worker: hosts one engine behind the internal Worker gRPC API.
 //
 //   spear-worker --model smollm2-135m [--host 127.0.0.1] [--port 0]
-//                [--metrics-port 0] [--threads N] [--kv-tokens N]
-//                [--max-batch-tokens N] [--max-waiting N] [--itl-slo-ms X]
-//                [--worker-id ID] [--tls-cert F --tls-key F]
+//                [--metrics-port 0] [--device cpu|cuda|auto] [--threads N]
+//                [--kv-tokens N] [--max-batch-tokens N] [--max-waiting N]
+//                [--itl-slo-ms X] [--worker-id ID] [--tls-cert F --tls-key F]
 //
-// Start-up: load the model, build the engine, profile the latency table
+// Start-up: load the model, build the engine on --device (logged, and
+// exported as spear_worker_backend_info{backend}), profile the latency table
 // (timed forward passes), start gRPC (+ health, reflection) and the
 // Prometheus endpoint, then print exactly one line to stdout:
 //   LISTENING grpc=<port> metrics=<port>
 // SIGTERM / SIGINT: drain (new Execute calls get UNAVAILABLE, health turns
-// NOT_SERVING, in-flight requests finish), then exit 0. Bad flags: exit 2.
-// Start-up failures (model, ports): exit 1.
+// NOT_SERVING, in-flight requests finish), then exit 0. Bad flags (e.g.
+// --device gpu): exit 2. Start-up failures (model, ports, --device cuda
+// without a CUDA backend in this build or without a GPU): exit 1, with
+// the reason on stderr.
 #include <signal.h>
 #include <unistd.h>
 
@@ -31,6 +34,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
+#include "worker/engine/engine_factory.h"
 #include "worker/engine/engine_loop.h"
 #include "worker/server/metrics.h"
 #include "worker/server/model_host.h"
@@ -73,6 +77,7 @@ int Main(int argc, char** argv) {
       .Declare("host", "127.0.0.1", "address to listen on")
       .Declare("port", "0", "gRPC port (0 = any free port)")
       .Declare("metrics-port", "0", "Prometheus /metrics port (0 = any free port)")
+      .Declare("device", "cpu", "cpu | cuda | auto (cuda when built with CUDA and a GPU is present)")
       .Declare("threads", "0", "compute threads (0 = all hardware threads)")
       .Declare("kv-tokens", "8192", "KV cache capacity in tokens")
       .Declare("block-size", "16", "KV block size in tokens")
@@ -103,6 +108,8 @@ int Main(int argc, char** argv) {
   auto sc = f.Int("static-chunk", 0, 1 << 20);
   auto reps = f.Int("profile-repeats", 1, 100);
   auto dt = f.Double("drain-timeout-s", 0, 1e7);
+  auto device = spear::engine::ParseDevice(f.Str("device"));
+  if (!device.ok()) return Usage(absl::StrCat("--", device.status().message()), f);
   for (const absl::Status& s :
        {port.status(), mport.status(), threads.status(), kv.status(), bs.status(), mbt.status(),
         mw.status(), mr.status(), slo.status(), sc.status(), reps.status(), dt.status()}) {
@@ -124,6 +131,7 @@ int Main(int argc, char** argv) {
   ho.kv_tokens = *kv;
   ho.block_size = static_cast<int>(*bs);
   ho.max_batch_tokens = *mbt;
+  ho.device = *device;
   auto host_or = spear::server::OpenModelHost(ho);
   if (!host_or.ok()) {
     std::fprintf(stderr, "spear-worker: %s\n", std::string(host_or.status().message()).c_str());
@@ -132,6 +140,9 @@ int Main(int argc, char** argv) {
   spear::server::ModelHost mh = std::move(*host_or);
   spdlog::info("model {} loaded in {:.2f} s ({}); {} EC units, values from {}", mh.name,
                mh.load_seconds, mh.quantization, mh.ec->num_units(), mh.ec->value_source());
+  const spear::engine::ModelBackend& backend = mh.engine->backend();
+  spdlog::info("engine backend {} (--device {}): {}", backend.name(), f.Str("device"),
+               backend.Describe());
 
   std::string worker_id = f.Str("worker-id");
   spear::server::WorkerMetrics* metrics_ptr = nullptr;
@@ -194,9 +205,9 @@ int Main(int argc, char** argv) {
   std::unique_ptr<spear::engine::EngineLoop> loop = std::move(*loop_or);
   {
     auto p = loop->latency_points();
-    spdlog::info("latency table profiled in {:.2f} s: {} points, 1 token {:.2f} ms, {} tokens "
-                 "{:.1f} ms (full EC)",
-                 clock.Now() - t_prof, p.tokens.size(), p.seconds_full_ec.front() * 1e3,
+    spdlog::info("latency table profiled on {} in {:.2f} s: {} points, 1 token {:.2f} ms, {} "
+                 "tokens {:.1f} ms (full EC)",
+                 backend.name(), clock.Now() - t_prof, p.tokens.size(), p.seconds_full_ec.front() * 1e3,
                  p.tokens.back(), p.seconds_full_ec.back() * 1e3);
   }
 
@@ -207,7 +218,7 @@ int Main(int argc, char** argv) {
   info.quantization = mh.quantization;
   info.limits.vocab_size = c.vocab_size;
   info.limits.max_context = c.max_position;
-  info.limits.kv_capacity_tokens = mh.engine->kv_cache().num_blocks() * mh.engine->kv_cache().block_size();
+  info.limits.kv_capacity_tokens = backend.num_blocks() * backend.block_size();
   info.limits.default_itl_slo = *slo / 1000.0;
 
   std::unique_ptr<grpc::Server> server;
@@ -231,7 +242,7 @@ int Main(int argc, char** argv) {
     return 1;
   }
   if (worker_id.empty()) worker_id = absl::StrCat(host, ":", bound_port);
-  metrics = std::make_unique<spear::server::WorkerMetrics>(mh.name, worker_id);
+  metrics = std::make_unique<spear::server::WorkerMetrics>(mh.name, worker_id, backend.name());
   metrics_ptr = metrics.get();
   auto metrics_port = metrics->Serve(host, static_cast<int>(*mport));
   if (!metrics_port.ok()) {
@@ -243,8 +254,8 @@ int Main(int argc, char** argv) {
   forward.m = metrics_ptr;
   loop->Start();
   set_health(true);
-  spdlog::info("worker {} serving {} on {}:{} (metrics {})", worker_id, mh.name, host, bound_port,
-               *metrics_port);
+  spdlog::info("worker {} serving {} on {} at {}:{} (metrics {})", worker_id, mh.name,
+               backend.name(), host, bound_port, *metrics_port);
   std::printf("LISTENING grpc=%d metrics=%d\n", bound_port, *metrics_port);
   std::fflush(stdout);
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine from the repository root: the CUDA model runner's
-# test against the CPU backend (tiny random W4+EC models; SmolLM2 when its
-# .spear is here) and spear_bench_model_cuda on SmolLM2, logs under $OUT.
-# Bundle (SPEAR_BUNDLE_DIR, default .bundle): made by
-#   SPEAR_BUNDLE_DIR=.bundle-model scripts/gpu/bundle.sh engine_cuda_runner_test spear_bench_model_cuda
+# Runs on the GPU machine from the repository root: every test binary of
+# the bundle (the CUDA model runner's and the CUDA engine's tests against
+# the CPU backend: tiny random W4+EC models; SmolLM2 when its .spear is
+# here) and spear_bench_model_cuda on SmolLM2 when the bundle has it, logs
+# under $OUT. Bundle (SPEAR_BUNDLE_DIR, default .bundle): made by
+#   SPEAR_BUNDLE_DIR=.bundle-model scripts/gpu/bundle.sh engine_cuda_runner_test \
+#     engine_cuda_engine_test spear_bench_model_cuda
 # The model: SPEAR_TEST_SPEAR_MODEL (a .spear directory) if set; else it is
 # unpacked from the folders of scripts/gpu/pack_model.sh (SPEAR_MODEL_PACK,
 # default .bundle-smollm2) carried in earlier calls and moved into
@@ -32,7 +34,8 @@ run_tests() {
     [[ -x "$t" ]] || continue
     name=$(basename "$t")
     timeout "${SPEAR_TEST_TIMEOUT:-240}" "$t" --gtest_output="xml:$OUT/$name.xml" >"$OUT/$name.log" 2>&1 || rc=1
-    grep -E "^\[(  PASSED|  FAILED|  SKIPPED) |max \|gpu" "$OUT/$name.log" | tail -40
+    grep -E "^\[(  PASSED|  FAILED|  SKIPPED|       OK) |max \|gpu|identical|diverges|perplexity cpu|latency table" \
+      "$OUT/$name.log" | tail -60
   done
   return $rc
 }
@@ -55,7 +58,9 @@ fi
 rc=0
 if [[ -n "$model" ]]; then export SPEAR_TEST_SPEAR_MODEL="$model"; fi
 run_tests || rc=1
-if [[ -n "$model" ]]; then
+if [[ ! -x "$BUNDLE/bin/spear_bench_model_cuda" ]]; then
+  :  # no bench in this bundle
+elif [[ -n "$model" ]]; then
   timeout "${SPEAR_BENCH_TIMEOUT:-240}" "$BUNDLE"/bin/spear_bench_model_cuda --model="$model" "$@" 2>&1 \
     | tee "$OUT/bench_model.md" || rc=1
 else

@@ -57,6 +57,20 @@ expect 0 "prompt tokens" -- generate --model "$DATA/golden/tiny_llama_untied" --
 expect 2 "not a token id" -- generate --model "$DATA/golden/tiny_llama_untied" --prompt-ids "1 999" --max-tokens 4
 expect 1 "no tokenizer" -- eval --model "$DATA/golden/tiny_llama_untied" --text "$DATA/golden/tiny_llama_untied/config.json"
 
+# --device: a bad value is a usage error; cuda on a build or machine without
+# CUDA is a runtime error (exit 1) naming why, before the model loads; auto
+# runs (on the CPU here: a dense model, which the CUDA backend does not
+# take, or no GPU); the backend is logged on stderr.
+expect 2 "--device must be cpu, cuda or auto, got 'gpu'" -- generate --model x --prompt hi --device gpu
+expect 2 "--device must be cpu, cuda or auto" -- eval --model x --text y --device GPU
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  expect 1 "device cuda: (this build has no CUDA backend|no (usable )?CUDA device)" -- \
+    generate --model "$DATA/golden/tiny_llama_untied" --prompt-ids "1 5 9" --device cuda
+  expect 1 "device cuda: (this build has no CUDA backend|no (usable )?CUDA device)" -- \
+    bench --model "$DATA/golden/tiny_llama_untied" --device cuda
+fi
+expect 0 "backend cpu: " -- generate --model "$DATA/golden/tiny_llama_untied" --prompt-ids "1 5 9" --max-tokens 4 --device auto
+
 # spear quantize: bad flags exit 2 before any work; --out protection.
 TINY="$DATA/golden/tiny_llama_untied"
 expect 2 "--model is required" -- quantize --out "$TMP/q"

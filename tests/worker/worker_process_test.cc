@@ -17,6 +17,9 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
@@ -377,6 +380,38 @@ TEST_F(WorkerProcessTest, StatsReportsTheLatencyTable) {
   EXPECT_EQ(s.latency().seconds_no_ec_size(), s.latency().tokens_size());
   EXPECT_GT(s.latency().seconds_full_ec(s.latency().tokens_size() - 1), 0);
   EXPECT_FALSE(s.draining());
+}
+
+// The backend is exported; --device errors are exit codes with the reason
+// on stderr (bad value: 2; cuda on a build or machine without CUDA: 1,
+// before any port is opened).
+TEST_F(WorkerProcessTest, DeviceFlagAndBackendMetric) {
+  EXPECT_EQ(Metric(worker_->metrics_port, "spear_worker_backend_info", "backend=\"cpu\""), 1);
+  auto run = [&](const std::string& device, std::string* err) {
+    const std::string log = testing::MakeTempDir("worker_device") + "/err.log";
+    const pid_t pid = fork();
+    if (pid == 0) {
+      int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      dup2(fd, 2);
+      execl(SPEAR_WORKER_BIN, SPEAR_WORKER_BIN, "--model", model_dir_->c_str(), "--device",
+            device.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    std::ifstream in(log);
+    err->assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  };
+  std::string err;
+  EXPECT_EQ(run("gpu", &err), 2);
+  EXPECT_NE(err.find("--device must be cpu, cuda or auto, got 'gpu'"), std::string::npos) << err;
+  if (system("nvidia-smi -L >/dev/null 2>&1") == 0) {
+    GTEST_SKIP() << "a GPU is present: --device cuda would start";
+  }
+  EXPECT_EQ(run("cuda", &err), 1);
+  EXPECT_NE(err.find("device cuda: "), std::string::npos) << err;
+  EXPECT_EQ(err.find("LISTENING"), std::string::npos) << err;
 }
 
 TEST_F(WorkerProcessTest, BoundedQueueThenDrainLosesNothing) {

@@ -38,7 +38,8 @@ const char* CodeName(absl::StatusCode c) {
 
 }  // namespace
 
-WorkerMetrics::WorkerMetrics(const std::string& model, const std::string& worker)
+WorkerMetrics::WorkerMetrics(const std::string& model, const std::string& worker,
+                             const std::string& backend)
     : registry_(std::make_shared<prometheus::Registry>()),
       labels_{{"model", model}, {"worker", worker}} {
   using prometheus::BuildCounter;
@@ -86,6 +87,14 @@ WorkerMetrics::WorkerMetrics(const std::string& model, const std::string& worker
   pred_error_ = gauge("spear_predicted_iteration_error_ratio",
                       "Measured / predicted iteration time (latency table health)");
   draining_ = gauge("spear_draining", "1 while draining");
+  prometheus::Labels bl = labels_;
+  bl["backend"] = backend;
+  BuildGauge()
+      .Name("spear_worker_backend_info")
+      .Help("1, labelled with the engine backend that runs the model (cpu or cuda)")
+      .Register(*registry_)
+      .Add(bl)
+      .Set(1);
 }
 
 absl::StatusOr<int> WorkerMetrics::Serve(const std::string& host, int port) {

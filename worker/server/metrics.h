@@ -24,7 +24,10 @@ namespace spear::server {
 
 class WorkerMetrics final : public engine::LoopObserver {
  public:
-  WorkerMetrics(const std::string& model, const std::string& worker);
+  // `backend`: the engine's backend ("cpu" or "cuda"), exported as
+  // spear_worker_backend_info{backend=...} = 1.
+  WorkerMetrics(const std::string& model, const std::string& worker,
+                const std::string& backend = "cpu");
 
   // Serves /metrics on host:port (0 = any free port). Returns the port.
   absl::StatusOr<int> Serve(const std::string& host, int port);

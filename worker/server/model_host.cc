@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "worker/engine/engine_factory.h"
 #include "worker/model/model_cache.h"
 #include "worker/model/w4_linear.h"
 
@@ -40,6 +41,7 @@ absl::StatusOr<ModelHost> OpenModelHost(const HostOptions& o) {
   if (o.kv_tokens < 1 || o.block_size < 1 || o.max_batch_tokens < 1) {
     return absl::InvalidArgumentError("kv_tokens, block_size and max_batch_tokens must be >= 1");
   }
+  if (auto d = engine::ResolveDevice(o.device); !d.ok()) return d.status();
   auto path = model::ResolveModel(o.model);
   if (!path.ok()) return path.status();
   ModelHost h;
@@ -53,7 +55,7 @@ absl::StatusOr<ModelHost> OpenModelHost(const HostOptions& o) {
   eo.max_batch_tokens = o.max_batch_tokens;
   eo.kv_cache.block_size = o.block_size;
   eo.kv_cache.num_blocks = (o.kv_tokens + o.block_size - 1) / o.block_size;
-  auto eng = engine::Engine::Create(h.model.get(), eo);
+  auto eng = engine::CreateEngine(h.model.get(), eo, o.device);
   if (!eng.ok()) return eng.status();
   h.engine = std::move(*eng);
   auto ec = engine::EcControl::Create(h.model.get());

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "worker/engine/backend.h"
 #include "worker/engine/ec_control.h"
 #include "worker/engine/engine.h"
 #include "worker/model/weights.h"
@@ -20,6 +21,8 @@ struct HostOptions {
   int64_t kv_tokens = 8192;  // KV capacity in positions
   int block_size = 16;
   int64_t max_batch_tokens = 512;
+  // cpu | cuda | auto (engine_factory.h).
+  engine::Device device = engine::Device::kCpu;
 };
 
 struct ModelHost {
@@ -32,7 +35,10 @@ struct ModelHost {
 };
 
 // Resolves (model::ResolveModel), loads (model::LoadModel) and builds the
-// engine and EC control. NotFound / InvalidArgument from the loaders.
+// engine on options.device and the EC control. NotFound / InvalidArgument
+// from the loaders; FailedPrecondition / Unavailable (checked before the
+// model is loaded) when cuda is asked for and this build or machine has
+// none; the CUDA backend's errors.
 absl::StatusOr<ModelHost> OpenModelHost(const HostOptions& options);
 
 }  // namespace spear::server
