@@ -140,9 +140,9 @@ std::map<std::string, double> ReadTorch(const std::string& path) {
 int SweepOrProfile(bool profile, const uint16_t* x, uint16_t* y16, cuda::W4Workspace* ws,
                    double copy_bw, std::mt19937& rng) {
   if (!profile) {
-    std::printf("\n## fold kernel sweep (W4 us; auto = the dispatched choice; v8 = the ring kernel)\n");
-    std::printf("| layer | M | v8 | auto | S1 d2 | S1 d3 | S1 d4 | S2 d2 | S2 d3 | S2 d4 | S4 d2 | S4 d3 | S4 d4 | S8 d2 | S8 d3 | S8 d4 | auto %%BW |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("\n## fold kernel sweep (W4 us; auto = the dispatched choice; v8 = the ring kernel; W = warps per block, S = k splits, d = ring depth; - = does not fit)\n");
+    std::printf("| layer | M | W | v8 | auto | S1 d2 | S1 d3 | S1 d4 | S2 d2 | S2 d3 | S2 d4 | S4 d2 | S4 d3 | S4 d4 | S8 d2 | S8 d3 | S8 d4 | auto %%BW |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   }
   for (const Shape& sh : kShapes) {
     if (std::string(sh.model) != "8B") continue;
@@ -158,7 +158,7 @@ int SweepOrProfile(bool profile, const uint16_t* x, uint16_t* y16, cuda::W4Works
       CKS(c.status());
       rot.push_back(std::move(*c));
     }
-    auto params = [&](int64_t m, int dk, int s, int d) {
+    auto params = [&](int64_t m, int dk, int s, int d, int nw = 0) {
       cuda::W4CudaParams p;
       p.x = x;
       p.m = m;
@@ -166,6 +166,7 @@ int SweepOrProfile(bool profile, const uint16_t* x, uint16_t* y16, cuda::W4Works
       p.y_f16 = y16;
       p.ldy = sh.n;
       p.decode_kernel = dk;
+      if (dk == 0 && nw > 0) p.decode_kernel = nw == 4 ? 4 : 5;  // fold, forced warps
       p.decode_splits = s;
       p.decode_depth = d;
       return p;
@@ -179,19 +180,30 @@ int SweepOrProfile(bool profile, const uint16_t* x, uint16_t* y16, cuda::W4Works
       continue;
     }
     for (int64_t m : {1, 4, 8}) {
-      auto t = [&](int dk, int s, int d) {
+      auto t = [&](int dk, int s, int d, int nw = 0) {
+        // a forced configuration that does not fit is refused (InvalidArgument): "-"
+        if (!cuda::W4Linear(*rot[0], params(m, dk, s, d, nw), ws, g_stream).ok()) return -1.0;
         return TimeGraph(std::max(nrot, 10), [&](int i) {
-          CKS(cuda::W4Linear(*rot[i % nrot], params(m, dk, s, d), ws, g_stream));
+          CKS(cuda::W4Linear(*rot[i % nrot], params(m, dk, s, d, nw), ws, g_stream));
         });
       };
-      const double t_auto = t(0, 0, 0);
-      std::printf("| %s | %lld | %.1f | %.1f", sh.layer, static_cast<long long>(m), t(3, 0, 0), t_auto);
-      for (int s : {1, 2, 4, 8}) {
-        for (int d : {2, 3, 4}) std::printf(" | %.1f", t(0, s, d));
+      const double t_auto = t(0, 0, 0), t_v8 = t(3, 0, 0);
+      for (int nw : {8, 4}) {
+        std::printf("| %s | %lld | %d | %.1f | %.1f", sh.layer, static_cast<long long>(m), nw, t_v8, t_auto);
+        for (int s : {1, 2, 4, 8}) {
+          for (int d : {2, 3, 4}) {
+            const double v = t(0, s, d, nw);
+            if (v < 0) {
+              std::printf(" | -");
+            } else {
+              std::printf(" | %.1f", v);
+            }
+          }
+        }
+        const double io = 2.0 * m * sh.k + 2.0 * m * sh.n;
+        std::printf(" | %.0f |\n", (wbytes + io) / (t_auto * 1e-6) / copy_bw * 100);
+        std::fflush(stdout);
       }
-      const double io = 2.0 * m * sh.k + 2.0 * m * sh.n;
-      std::printf(" | %.0f |\n", (wbytes + io) / (t_auto * 1e-6) / copy_bw * 100);
-      std::fflush(stdout);
     }
   }
   return 0;

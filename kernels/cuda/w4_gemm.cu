@@ -131,7 +131,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.variant = p.decode_kernel;
     a.partials = s.partials;
     a.counters = s.counters;
-    const bool fold = mc <= 8 && p.decode_kernel == 0 && FoldSupported(a);
+    const bool fold = mc <= 8 && (p.decode_kernel == 0 || p.decode_kernel >= 4) && FoldSupported(a);
     const bool swap = mc <= 16 && p.decode_kernel != 1;
     if (p.decode_kernel == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (absl::Status st =

@@ -21,11 +21,12 @@
 //  3. The weights (+ the chunk's scale/zero words) stream through a per-warp
 //     cp.async ring of D chunks (D - 1 in flight); one LDS.128 per step.
 //
-// Block = one 64-column tile x one k split (8 warps splitting the split's
-// chunks); the S splits of a tile form a cluster and reduce through
+// Block = one 64-column tile x one k split (NW = 4 or 8 warps splitting the
+// split's chunks); the S splits of a tile form a cluster and reduce through
 // distributed shared memory in fixed order (deterministic), as in
 // w4_gemv_swap.cu, whose EC epilogue (B (g ⊙ u) as rp / 16 more mma steps
-// by split 0) and PDL habits this kernel keeps.
+// by split 0) and PDL habits this kernel keeps. NW, S and the ring depth
+// come from a cost model (ChooseFold; numbers in docs/results/gpu.md).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -38,8 +39,8 @@
 namespace spear::kernels::cuda {
 namespace foldk {
 
-constexpr int kNW = 8;                           // warps per block
-constexpr int kRedBytes = (kNW + 1) * 16 * 32 * 4;  // reduction buffers (over the ring)
+// Reduction buffers (over the drained ring): NW + 1 fragment sets.
+constexpr int RedBytes(int nw) { return (nw + 1) * 16 * 32 * 4; }
 
 struct Geom {
   int depth;   // ring chunks per warp (2..4)
@@ -90,8 +91,9 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
 
 // CH: k16 steps per chunk = per fold (min(8, group / 16)); ONE: m == 1 (the
 // fold skips the second token of each accumulator pair).
-template <int CH, bool ONE>
-__global__ void __launch_bounds__(kNW * 32, 2) W4FoldKernel(const DecodeArgs a, const Geom geo) {
+template <int NW, int CH, bool ONE>
+__global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const DecodeArgs a, const Geom geo) {
+  constexpr int kNW = NW;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gid = lane >> 2;
@@ -298,7 +300,7 @@ __global__ void __launch_bounds__(kNW * 32, 2) W4FoldKernel(const DecodeArgs a, 
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 }
 
-template <int CH, bool ONE>
+template <int NW, int CH, bool ONE>
 cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, cudaStream_t stream,
                       bool pdl) {
   static bool configured = false;  // per instantiation; idempotent
@@ -307,10 +309,10 @@ cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, 
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<CH, ONE>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
     }
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<CH, ONE>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                cudaSharedmemCarveoutMaxShared);
     }
     if (e != cudaSuccess) return e;
@@ -318,7 +320,7 @@ cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, 
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(a.ntiles), static_cast<unsigned>(splits));
-  cfg.blockDim = dim3(kNW * 32);
+  cfg.blockDim = dim3(NW * 32);
   cfg.dynamicSmemBytes = static_cast<size_t>(smem);
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
@@ -330,16 +332,16 @@ cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, 
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, W4FoldKernel<CH, ONE>, a, g);
+  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE>, a, g);
 }
 
-template <bool ONE>
+template <int NW, bool ONE>
 cudaError_t LaunchCh(int ch, const DecodeArgs& a, int splits, const Geom& g, int smem,
                      cudaStream_t stream, bool pdl) {
   switch (ch) {
-    case 2: return LaunchOne<2, ONE>(a, splits, g, smem, stream, pdl);
-    case 4: return LaunchOne<4, ONE>(a, splits, g, smem, stream, pdl);
-    default: return LaunchOne<8, ONE>(a, splits, g, smem, stream, pdl);
+    case 2: return LaunchOne<NW, 2, ONE>(a, splits, g, smem, stream, pdl);
+    case 4: return LaunchOne<NW, 4, ONE>(a, splits, g, smem, stream, pdl);
+    default: return LaunchOne<NW, 8, ONE>(a, splits, g, smem, stream, pdl);
   }
 }
 
@@ -354,83 +356,111 @@ int FoldChunk(const DecodeArgs& a) {
   return steps >= 8 ? 8 : steps;
 }
 
-// Shared memory of one block for `splits` and ring depth `depth`.
-foldk::Geom FoldGeom(const DecodeArgs& a, int ch, int splits, int depth, int* smem) {
-  foldk::Geom g{};
+struct FoldConfig {
+  int nw = 8, splits = 1, depth = 2, smem = 0;
+  foldk::Geom geo{};
+};
+
+// Shared memory of one block of `nw` warps for `splits` and ring `depth`.
+FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth) {
+  FoldConfig c;
+  c.nw = nw;
+  c.splits = splits;
+  c.depth = depth;
+  const int ch = FoldChunk(a);
   const int nch = a.ksteps / ch;
-  const int w = splits * foldk::kNW;
+  const int w = splits * nw;
   const int maxc = (nch + w - 1) / w;
-  g.depth = depth;
-  g.stage = ch * 512 + 256;
-  g.xrow = maxc * ch * 32 + 16;
-  g.warp_bytes = (depth * g.stage + a.m * g.xrow + 15) / 16 * 16;
-  *smem = std::max(foldk::kNW * g.warp_bytes, foldk::kRedBytes);
-  return g;
+  c.geo.depth = depth;
+  c.geo.stage = ch * 512 + 256;
+  c.geo.xrow = maxc * ch * 32 + 16;
+  c.geo.warp_bytes = (depth * c.geo.stage + a.m * c.geo.xrow + 15) / 16 * 16;
+  c.smem = std::max(nw * c.geo.warp_bytes, foldk::RedBytes(nw));
+  return c;
+}
+
+constexpr int kSmemPerSm = 228 * 1024, kSmemReserved = 1024, kSmemMaxBlock = 227 * 1024;
+
+// Resident blocks per SM (shared memory, registers <= 96, 64 warps).
+int BlocksPerSm(const FoldConfig& c) {
+  if (c.smem > kSmemMaxBlock) return 0;
+  const int by_smem = kSmemPerSm / (c.smem + kSmemReserved);
+  const int by_regs = 65536 / (96 * 32 * c.nw);
+  return std::min({by_smem, by_regs, 64 / c.nw});
+}
+
+// The cost model (fitted by hand to the v9 sweep in docs/results/gpu.md):
+// rounds of resident blocks x (chunks of the busiest warp + 3 chunks of
+// per-block overhead), divided by how much of the GPU the warps fill (8
+// warps per SM = full), times a penalty for clusters of 4 and 8 (their
+// launches were ~1.4-2x slower than S = 2 at equal bytes per SM).
+double FoldCost(const DecodeArgs& a, const FoldConfig& c, int num_sms) {
+  const int r = BlocksPerSm(c);
+  if (r == 0) return 1e30;
+  const int nch = a.ksteps / FoldChunk(a);
+  const long long blocks = static_cast<long long>(a.ntiles) * c.splits;
+  const long long waves = (blocks + static_cast<long long>(r) * num_sms - 1) / (static_cast<long long>(r) * num_sms);
+  const int cpw = (nch + c.splits * c.nw - 1) / (c.splits * c.nw);
+  const double fill = std::min(1.0, static_cast<double>(std::min<long long>(blocks, static_cast<long long>(r) * num_sms)) * c.nw /
+                                        (8.0 * num_sms));
+  const double pen = c.splits <= 1 ? 1.0 : c.splits == 2 ? 1.05 : c.splits == 4 ? 2.0 : 2.5;
+  return static_cast<double>(waves) * (cpw + 3) * pen / fill;
+}
+
+// The fold kernel's launch configuration: warps per block (4 or 8), k
+// splits S (a cluster of S blocks along k; 1, 2, 4, 8) and ring depth
+// (2..4) by FoldCost; forced_* > 0 (benchmarks, tests) pin a value.
+absl::StatusOr<FoldConfig> ChooseFold(const DecodeArgs& a, int num_sms, int forced_warps,
+                                      int forced_splits, int forced_depth) {
+  const int nch = a.ksteps / FoldChunk(a);
+  FoldConfig best;
+  double best_cost = 1e30;
+  for (int nw : {8, 4}) {
+    if (forced_warps > 0 && nw != forced_warps) continue;
+    for (int s = 1; s <= 8; s *= 2) {
+      if (forced_splits > 0 && s != forced_splits) continue;
+      if (forced_splits <= 0 && s > 1 && s * nw > nch) continue;
+      for (int d = 4; d >= 2; --d) {
+        if (forced_depth > 0 && d != forced_depth) continue;
+        const FoldConfig c = MakeConfig(a, nw, s, d);
+        const double cost = FoldCost(a, c, num_sms);
+        if (cost < best_cost - 1e-9) {
+          best_cost = cost;
+          best = c;
+        }
+      }
+    }
+  }
+  if (best_cost >= 1e29) {
+    return absl::InvalidArgumentError("fold kernel: no configuration fits shared memory");
+  }
+  return best;
 }
 
 }  // namespace
 
-// k splits S (a cluster of S blocks along k) in {1, 2, 4, 8}: the cost model
-// counts rounds of resident blocks (2 per SM) times the chunks of the
-// busiest warp plus one chunk of per-block overhead (start latency, x
-// staging, reduction), and takes the cheapest (ties: the smaller S).
-// `forced` > 0 (benchmarks) overrides it.
-int FoldSplits(const DecodeArgs& a, int num_sms, int forced) {
-  if (forced > 0) return forced;
-  const int ch = FoldChunk(a);
-  const int nch = a.ksteps / ch;
-  double best = 1e30;
-  int pick = 1;
-  for (int s = 1; s <= 8; s *= 2) {
-    if (s > 1 && s * foldk::kNW > nch) break;
-    const long long blocks = static_cast<long long>(a.ntiles) * s;
-    const long long rounds = (blocks + 2LL * num_sms - 1) / (2LL * num_sms);
-    const int per_warp = (nch + s * foldk::kNW - 1) / (s * foldk::kNW);
-    const double cost = static_cast<double>(rounds) * (per_warp + 1);
-    if (cost < best - 1e-9) {
-      best = cost;
-      pick = s;
-    }
-  }
-  return pick;
-}
-
 bool FoldSupported(const DecodeArgs& a) {
   if (a.m < 1 || a.m > 8) return false;
-  int smem = 0;
-  const int ch = FoldChunk(a);
-  (void)FoldGeom(a, ch, 8, 2, &smem);  // the smallest footprint
-  return smem <= 220 * 1024;
+  return MakeConfig(a, 4, 8, 2).smem <= kSmemMaxBlock;  // the smallest footprint
 }
 
+// a.variant (W4CudaParams::decode_kernel) 4 / 5 forces 4 / 8 warps per block.
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream) {
   if (a.m < 1 || a.m > 8) return absl::InternalError("LaunchDecodeFold: m > 8");
+  const int forced_warps = a.variant == 4 ? 4 : a.variant == 5 ? 8 : 0;
+  absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth);
+  if (!c.ok()) return c.status();
   const int ch = FoldChunk(a);
-  int splits = FoldSplits(a, num_sms, forced_splits);
-  // Ring depth: forced (benchmarks), else the deepest (<= 4) at which two
-  // blocks fit one SM (113 KB each), else the deepest that fits one block
-  // (<= 220 KB); if none fits, more splits (shorter x ranges per warp).
-  int smem = 0, depth = 0;
-  foldk::Geom g{};
-  for (; depth == 0 && splits <= 8; splits *= 2) {
-    if (forced_depth > 0) {
-      g = FoldGeom(a, ch, splits, forced_depth, &smem);
-      if (smem <= 220 * 1024) depth = forced_depth;
-    }
-    for (int lim : {113 * 1024, 220 * 1024}) {
-      for (int d = 4; d >= 2 && depth == 0 && forced_depth <= 0; --d) {
-        g = FoldGeom(a, ch, splits, d, &smem);
-        if (smem <= lim) depth = d;
-      }
-    }
-    if (depth > 0) break;
-  }
-  if (depth == 0) return absl::InternalError("LaunchDecodeFold: x range too large for shared memory");
   static int pdl_ok = -1;
   auto go = [&](bool pdl) {
-    return a.m == 1 ? foldk::LaunchCh<true>(ch, a, splits, g, smem, stream, pdl)
-                    : foldk::LaunchCh<false>(ch, a, splits, g, smem, stream, pdl);
+    const bool one = a.m == 1;
+    if (c->nw == 4) {
+      return one ? foldk::LaunchCh<4, true>(ch, a, c->splits, c->geo, c->smem, stream, pdl)
+                 : foldk::LaunchCh<4, false>(ch, a, c->splits, c->geo, c->smem, stream, pdl);
+    }
+    return one ? foldk::LaunchCh<8, true>(ch, a, c->splits, c->geo, c->smem, stream, pdl)
+               : foldk::LaunchCh<8, false>(ch, a, c->splits, c->geo, c->smem, stream, pdl);
   };
   cudaError_t e = go(pdl_ok != 0);
   if (e != cudaSuccess && pdl_ok == -1) {

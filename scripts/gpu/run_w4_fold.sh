@@ -39,9 +39,9 @@ if [[ $args != *" --no-ncu "* ]]; then
     timeout 300 "$NCU" --clock-control none -k regex:'W4FoldKernel|W4RingKernel' --launch-count 12 \
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
       --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
       "$B/bin/spear_bench_w4_cuda" --profile >"$OUT/ncu.txt" 2>&1 || rc=1
-    grep -E "W4(Fold|Ring)Kernel|DRAM Throughput|Duration|Issue Slots Busy|No Eligible|Achieved Occupancy|Registers Per" \
-      "$OUT/ncu.txt" | head -80
+    grep -E "W4(Fold|Ring)Kernel|DRAM Throughput|Duration|No Eligible|Achieved Occupancy" "$OUT/ncu.txt" | head -60
   else
     echo "no ncu" | tee -a "$misc"
   fi

@@ -126,10 +126,12 @@ struct W4CudaParams {
   // 0 the default (<= 8 rows: the fold kernel, w4_gemv_fold.cu; 9..16 rows:
   // the swapped-operand cp.async-ring kernel), 1 the x-as-m16 kernel, 2 the
   // swapped-operand kernel with register-direct loads (v7), 3 the
-  // swapped-operand cp.async-ring kernel (v8) at any m <= 16.
+  // swapped-operand cp.async-ring kernel (v8) at any m <= 16, 4 / 5 the fold
+  // kernel (m <= 8) with 4 / 8 warps per block forced.
   int decode_kernel = 0;
   // testing/benchmarks, fold kernel only: k splits (1, 2, 4, 8; 0 = the
-  // cost model's choice) and cp.async ring depth (2..4; 0 = automatic).
+  // cost model's choice) and cp.async ring depth (2..4; 0 = automatic). A
+  // forced combination that does not fit shared memory: InvalidArgument.
   int decode_splits = 0;
   int decode_depth = 0;
 };

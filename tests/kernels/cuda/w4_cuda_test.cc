@@ -306,7 +306,7 @@ TEST(CudaW4, DecodeMatchesReference) {
   }
 }
 
-// The fold kernel (m <= 8) at every forced k split and ring depth, on a
+// The fold kernel (m <= 8) at every forced warp count, k split and ring depth, on a
 // Llama-like g128 shape and a per-channel one with k off 128.
 TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
   SKIP_WITHOUT_GPU();
@@ -314,18 +314,21 @@ TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
   auto ws = cuda::W4Workspace::Create();
   ASSERT_TRUE(ws.ok()) << ws.status();
   int v = 0;
-  for (int splits : {1, 2, 4, 8}) {
-    for (int depth : {2, 3, 4}) {
-      Case c{v % 2 ? 320 : 256, v % 2 ? 1000 : 4096, v % 2 ? 1000 : 128, 1 + v % 8};
-      c.ec = v % 3;
-      c.bias = v % 2 == 0;
-      c.f16_out = v % 3 == 1;
-      c.force_decode = true;
-      c.decode_splits = splits;
-      c.decode_depth = depth;
-      ++v;
-      RunCase(c, rng, ws->get());
-      if (HasFatalFailure()) return;
+  for (int warps : {4, 8}) {
+    for (int splits : {1, 2, 4, 8}) {
+      for (int depth : {2, 3, 4}) {
+        Case c{v % 2 ? 320 : 256, v % 2 ? 1000 : 4096, v % 2 ? 1000 : 128, 1 + v % 8};
+        c.ec = v % 3;
+        c.bias = v % 2 == 0;
+        c.f16_out = v % 3 == 1;
+        c.force_decode = true;
+        c.decode_kernel = warps == 4 ? 4 : 5;  // the fold kernel, 4 / 8 warps per block
+        c.decode_splits = splits;
+        c.decode_depth = depth;
+        ++v;
+        RunCase(c, rng, ws->get());
+        if (HasFatalFailure()) return;
+      }
     }
   }
 }
