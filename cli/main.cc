@@ -18,7 +18,7 @@ constexpr char kUsage[] =
     "  info             show a model's config, tensors and tokenizer\n"
     "  generate         stream a completion for a prompt\n"
     "  eval             token-level perplexity of a text (--models A,B,C: a comparison table)\n"
-    "  bench            prefill/decode speed on the CPU\n"
+    "  bench            prefill/decode speed (--device cpu|cuda|auto)\n"
     "  quantize         FP16 model -> W4 (+SPEAR error compensators) .spear checkpoint\n"
     "  serve            router + N workers as one local cluster (gRPC)\n"
     "  client           send a request to a router (stream, unary, tokenize, list models)\n"
