@@ -20,7 +20,7 @@
 // kernel, which the fold kernel replaced at M <= 8). --decode: M in
 // {1, 2, 4, 8, 16} only. --sweep: the fold kernel's k splits x ring depths
 // on the 8B shapes at M in {1, 4, 8} (W4 only). --profile: the four 8B GEMMs
-// at M = 1, launched directly (fold kernel twice, v8 once; for ncu), then exit.
+// at M = 1, launched directly (fold, fold with bulk copies, v8; for ncu), then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -166,15 +166,14 @@ int SweepOrProfile(bool profile, const uint16_t* x, uint16_t* y16, cuda::W4Works
       p.y_f16 = y16;
       p.ldy = sh.n;
       p.decode_kernel = dk;
-      if (dk == 0 && nw > 0) p.decode_kernel = nw == 4 ? 4 : 5;  // fold, forced warps
       p.decode_splits = s;
       p.decode_depth = d;
       return p;
     };
     if (profile) {
-      // fold kernel twice, then the v8 ring kernel once
+      // the fold kernel (auto), the fold kernel with the bulk-copy ring, the v8 ring kernel
       for (int i = 0; i < 3; ++i) {
-        CKS(cuda::W4Linear(*rot[i % nrot], params(1, i < 2 ? 0 : 3, 0, 0), ws, g_stream));
+        CKS(cuda::W4Linear(*rot[i % nrot], params(1, i == 0 ? 0 : i == 1 ? 6 : 3, 0, 0), ws, g_stream));
       }
       CK(cudaStreamSynchronize(g_stream));
       continue;
@@ -188,11 +187,12 @@ int SweepOrProfile(bool profile, const uint16_t* x, uint16_t* y16, cuda::W4Works
         });
       };
       const double t_auto = t(0, 0, 0), t_v8 = t(3, 0, 0);
-      for (int nw : {8, 4}) {
-        std::printf("| %s | %lld | %d | %.1f | %.1f", sh.layer, static_cast<long long>(m), nw, t_v8, t_auto);
+      for (int dk : {5, 4, 6}) {  // fold with 8 warps, 4 warps, 8 warps + bulk-copy ring
+        std::printf("| %s | %lld | %s | %.1f | %.1f", sh.layer, static_cast<long long>(m),
+                    dk == 5 ? "8" : dk == 4 ? "4" : "8 bulk", t_v8, t_auto);
         for (int s : {1, 2, 4, 8}) {
           for (int d : {2, 3, 4}) {
-            const double v = t(0, s, d, nw);
+            const double v = t(dk, s, d);
             if (v < 0) {
               std::printf(" | -");
             } else {
@@ -377,7 +377,7 @@ int Main(int argc, char** argv) {
   const char* layers[] = {"qkv", "o", "gate_up", "down"};
   for (int64_t m : {1, 16}) {
     if (no_layer || !only.empty()) break;
-    for (int variant = 0; variant < 5; ++variant) {
+    for (int variant = 0; variant < 6; ++variant) {
       double bytes = 0;
       for (const char* l : layers) {
         const auto& dw = *weights[std::string("8B") + l].rot[0];
@@ -394,7 +394,7 @@ int Main(int argc, char** argv) {
           p.y_f16 = y16;
           p.ldy = dw.fmt().n;
           p.use_ec = variant == 1;
-          p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : 0;
+          p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : variant == 5 ? 6 : 0;
           CKS(cuda::W4Linear(dw, p, ws.get(), g_stream));
           if (variant == 2) {
             CKS(cuda::EcGate(dw, x, m, dw.fmt().k, v32, ws.get(), g_stream));
@@ -413,7 +413,8 @@ int Main(int argc, char** argv) {
                   : variant == 1 ? "W4+EC r32 (fused)"
                   : variant == 2 ? "W4+EC r32 (naive)"
                   : variant == 3 ? "W4, x-as-m16 kernel (v6)"
-                                 : "W4, swapped, cp.async ring (v8)",
+                  : variant == 4 ? "W4, swapped, cp.async ring (v8)"
+                                 : "W4, fold kernel with the bulk-copy ring (M <= 8)",
                   t, bytes / 1e6, bytes / (t * 1e-6) / copy_bw * 100, tr, tv);
     }
   }

@@ -31,6 +31,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
@@ -89,9 +90,44 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
                : "r"(addr));
 }
 
+// Bulk copies (the TMA engine, no tensor map) completing on an mbarrier.
+__device__ __forceinline__ void MbarInit(unsigned bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar));
+}
+__device__ __forceinline__ void MbarExpectTx(unsigned bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void BulkG2S(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+// Bounded: a copy that never completes traps (a launch error) instead of
+// hanging the stream.
+__device__ __forceinline__ void MbarWait(unsigned bar, unsigned parity) {
+  for (unsigned it = 0;; ++it) {
+    unsigned ok;
+    asm volatile(
+        "{\n"
+        ".reg .pred P1;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, P1;\n"
+        "}\n"
+        : "=r"(ok)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    if (ok) return;
+    if (it > (1u << 26)) __trap();
+  }
+}
+
 // CH: k16 steps per chunk = per fold (min(8, group / 16)); ONE: m == 1 (the
-// fold skips the second token of each accumulator pair).
-template <int NW, int CH, bool ONE>
+// fold skips the second token of each accumulator pair); BULK: the ring is
+// filled by one bulk copy per chunk (lane 0; codes + scale/zero words, an
+// mbarrier per slot) instead of 9 cp.async per lane.
+template <int NW, int CH, bool ONE, bool BULK>
 __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const DecodeArgs a, const Geom geo) {
   constexpr int kNW = NW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -113,9 +149,29 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   const uint4* sz4 = reinterpret_cast<const uint4*>(a.sz) + static_cast<size_t>(tile) * a.ngroups * 16;
   const int ng1 = a.ngroups - 1, gshift = a.gshift;
 
+  // BULK: one mbarrier per ring slot after the warp's x rows.
+  const unsigned bars = x_s + a.m * geo.xrow;
+  if (BULK) {
+    if (lane == 0) {
+      for (int d = 0; d < D; ++d) MbarInit(bars + 8 * d);
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncwarp();
+  }
   auto issue_w = [&](int c, int slot) {
     if (c >= ce) return;
     const unsigned st = ring_s + slot * geo.stage;
+    if (BULK) {
+      if (lane == 0) {
+        const unsigned bar = bars + 8 * slot;
+        const int grp = min((c * CH * 16) >> gshift, ng1);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        MbarExpectTx(bar, CH * 512 + 256);
+        BulkG2S(st, wp - lane + static_cast<size_t>(c) * (CH * 32), CH * 512, bar);
+        BulkG2S(st + CH * 512, sz4 + grp * 16, 256, bar);
+      }
+      return;
+    }
     const uint4* p = wp + static_cast<size_t>(c) * (CH * 32);
 #pragma unroll
     for (int i = 0; i < CH; ++i) CpAsync16(st + i * 512 + lane * 16, p + i * 32, true);
@@ -161,12 +217,17 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   const uint32_t kOne = 0x3c003c00u;  // half2 {1, 1}
 
   int slot = 0;
+  unsigned phases = 0;  // BULK: bit d = the parity slot d's barrier completes next
 #pragma unroll 1
   for (int c = cb; c < ce; ++c) {
     if (c == cb) {
       asm volatile("cp.async.wait_group 0;\n" ::);
-    } else {
+    } else if (!BULK) {
       WaitGroups(D - 2);
+    }
+    if (BULK) {
+      MbarWait(bars + 8 * slot, (phases >> slot) & 1u);
+      phases ^= 1u << slot;
     }
     __syncwarp();
     {
@@ -300,7 +361,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 }
 
-template <int NW, int CH, bool ONE>
+template <int NW, int CH, bool ONE, bool BULK>
 cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, cudaStream_t stream,
                       bool pdl) {
   static bool configured = false;  // per instantiation; idempotent
@@ -309,10 +370,10 @@ cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, 
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, BULK>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
     }
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, BULK>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                cudaSharedmemCarveoutMaxShared);
     }
     if (e != cudaSuccess) return e;
@@ -332,16 +393,19 @@ cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, 
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE>, a, g);
+  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE, BULK>, a, g);
 }
 
 template <int NW, bool ONE>
-cudaError_t LaunchCh(int ch, const DecodeArgs& a, int splits, const Geom& g, int smem,
+cudaError_t LaunchCh(int ch, bool bulk, const DecodeArgs& a, int splits, const Geom& g, int smem,
                      cudaStream_t stream, bool pdl) {
+  if constexpr (NW == 8) {
+    if (bulk && ch == 8) return LaunchOne<NW, 8, ONE, true>(a, splits, g, smem, stream, pdl);
+  }
   switch (ch) {
-    case 2: return LaunchOne<NW, 2, ONE>(a, splits, g, smem, stream, pdl);
-    case 4: return LaunchOne<NW, 4, ONE>(a, splits, g, smem, stream, pdl);
-    default: return LaunchOne<NW, 8, ONE>(a, splits, g, smem, stream, pdl);
+    case 2: return LaunchOne<NW, 2, ONE, false>(a, splits, g, smem, stream, pdl);
+    case 4: return LaunchOne<NW, 4, ONE, false>(a, splits, g, smem, stream, pdl);
+    default: return LaunchOne<NW, 8, ONE, false>(a, splits, g, smem, stream, pdl);
   }
 }
 
@@ -374,7 +438,7 @@ FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth) {
   c.geo.depth = depth;
   c.geo.stage = ch * 512 + 256;
   c.geo.xrow = maxc * ch * 32 + 16;
-  c.geo.warp_bytes = (depth * c.geo.stage + a.m * c.geo.xrow + 15) / 16 * 16;
+  c.geo.warp_bytes = (depth * c.geo.stage + a.m * c.geo.xrow + 8 * depth + 15) / 16 * 16;
   c.smem = std::max(nw * c.geo.warp_bytes, foldk::RedBytes(nw));
   return c;
 }
@@ -389,22 +453,23 @@ int BlocksPerSm(const FoldConfig& c) {
   return std::min({by_smem, by_regs, 64 / c.nw});
 }
 
-// The cost model (fitted by hand to the v9 sweep in docs/results/gpu.md):
-// rounds of resident blocks x (chunks of the busiest warp + 3 chunks of
-// per-block overhead), divided by how much of the GPU the warps fill (8
-// warps per SM = full), times a penalty for clusters of 4 and 8 (their
-// launches were ~1.4-2x slower than S = 2 at equal bytes per SM).
+// The cost model, fitted to the v10 sweep (docs/results/gpu.md; 8B shapes,
+// M in {1, 4, 8}: its pick is within 7% of the best measured configuration
+// in all 12 cases): rounds of resident blocks x (chunks of the busiest warp
+// + 0.5) / sqrt(GPU fill, 8 warps per SM = 1) x 2 for clusters of 4 or 8
+// (their launches were ~1.4-2x slower than S = 2 at equal bytes) x 1.1 for
+// 4-warp blocks. The ring depth is min(3, chunks per warp), 2 at least.
 double FoldCost(const DecodeArgs& a, const FoldConfig& c, int num_sms) {
   const int r = BlocksPerSm(c);
   if (r == 0) return 1e30;
   const int nch = a.ksteps / FoldChunk(a);
   const long long blocks = static_cast<long long>(a.ntiles) * c.splits;
-  const long long waves = (blocks + static_cast<long long>(r) * num_sms - 1) / (static_cast<long long>(r) * num_sms);
+  const long long slots = static_cast<long long>(r) * num_sms;
+  const long long waves = (blocks + slots - 1) / slots;
   const int cpw = (nch + c.splits * c.nw - 1) / (c.splits * c.nw);
-  const double fill = std::min(1.0, static_cast<double>(std::min<long long>(blocks, static_cast<long long>(r) * num_sms)) * c.nw /
-                                        (8.0 * num_sms));
-  const double pen = c.splits <= 1 ? 1.0 : c.splits == 2 ? 1.05 : c.splits == 4 ? 2.0 : 2.5;
-  return static_cast<double>(waves) * (cpw + 3) * pen / fill;
+  const double fill = std::min(1.0, static_cast<double>(std::min(blocks, slots)) * c.nw / (8.0 * num_sms));
+  const double pen = (c.splits >= 4 ? 2.0 : 1.0) * (c.nw == 4 ? 1.1 : 1.0);
+  return static_cast<double>(waves) * (cpw + 0.5) * pen / std::sqrt(fill);
 }
 
 // The fold kernel's launch configuration: warps per block (4 or 8), k
@@ -420,14 +485,14 @@ absl::StatusOr<FoldConfig> ChooseFold(const DecodeArgs& a, int num_sms, int forc
     for (int s = 1; s <= 8; s *= 2) {
       if (forced_splits > 0 && s != forced_splits) continue;
       if (forced_splits <= 0 && s > 1 && s * nw > nch) continue;
-      for (int d = 4; d >= 2; --d) {
-        if (forced_depth > 0 && d != forced_depth) continue;
-        const FoldConfig c = MakeConfig(a, nw, s, d);
-        const double cost = FoldCost(a, c, num_sms);
-        if (cost < best_cost - 1e-9) {
-          best_cost = cost;
-          best = c;
-        }
+      const int cpw = (nch + s * nw - 1) / (s * nw);
+      const int want = forced_depth > 0 ? forced_depth : std::max(2, std::min(3, cpw));
+      FoldConfig c = MakeConfig(a, nw, s, want);
+      if (BlocksPerSm(c) == 0 && forced_depth <= 0) c = MakeConfig(a, nw, s, 2);
+      const double cost = FoldCost(a, c, num_sms);
+      if (cost < best_cost - 1e-9) {
+        best_cost = cost;
+        best = c;
       }
     }
   }
@@ -444,11 +509,14 @@ bool FoldSupported(const DecodeArgs& a) {
   return MakeConfig(a, 4, 8, 2).smem <= kSmemMaxBlock;  // the smallest footprint
 }
 
-// a.variant (W4CudaParams::decode_kernel) 4 / 5 forces 4 / 8 warps per block.
+// a.variant (W4CudaParams::decode_kernel) 4 / 5 forces 4 / 8 warps per block,
+// 6 8 warps with the bulk-copy ring (g >= 128; narrower groups: cp.async).
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream) {
   if (a.m < 1 || a.m > 8) return absl::InternalError("LaunchDecodeFold: m > 8");
-  const int forced_warps = a.variant == 4 ? 4 : a.variant == 5 ? 8 : 0;
+  // variant 6: 8 warps and the ring filled by bulk copies (chunks of 8 steps)
+  const bool bulk = a.variant == 6 && FoldChunk(a) == 8;
+  const int forced_warps = a.variant == 4 ? 4 : a.variant == 5 || a.variant == 6 ? 8 : 0;
   absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth);
   if (!c.ok()) return c.status();
   const int ch = FoldChunk(a);
@@ -456,11 +524,11 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   auto go = [&](bool pdl) {
     const bool one = a.m == 1;
     if (c->nw == 4) {
-      return one ? foldk::LaunchCh<4, true>(ch, a, c->splits, c->geo, c->smem, stream, pdl)
-                 : foldk::LaunchCh<4, false>(ch, a, c->splits, c->geo, c->smem, stream, pdl);
+      return one ? foldk::LaunchCh<4, true>(ch, false, a, c->splits, c->geo, c->smem, stream, pdl)
+                 : foldk::LaunchCh<4, false>(ch, false, a, c->splits, c->geo, c->smem, stream, pdl);
     }
-    return one ? foldk::LaunchCh<8, true>(ch, a, c->splits, c->geo, c->smem, stream, pdl)
-               : foldk::LaunchCh<8, false>(ch, a, c->splits, c->geo, c->smem, stream, pdl);
+    return one ? foldk::LaunchCh<8, true>(ch, bulk, a, c->splits, c->geo, c->smem, stream, pdl)
+               : foldk::LaunchCh<8, false>(ch, bulk, a, c->splits, c->geo, c->smem, stream, pdl);
   };
   cudaError_t e = go(pdl_ok != 0);
   if (e != cudaSuccess && pdl_ok == -1) {

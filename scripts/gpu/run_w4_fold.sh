@@ -19,24 +19,24 @@ rc=0
 if [[ $args != *" --no-tests "* ]]; then
   for t in "$B"/bin/*_test; do
     name=$(basename "$t")
-    timeout 300 "$t" >"$OUT/$name.log" 2>&1 || rc=1
+    timeout "${SPEAR_TEST_TIMEOUT:-80}" "$t" >"$OUT/$name.log" 2>&1 || rc=1
     grep -E "^\[  (PASSED|FAILED)|seed|FAILED" "$OUT/$name.log" | head -12
   done
 fi
 if [[ $args != *" --no-sweep "* ]]; then
-  timeout 240 "$B/bin/spear_bench_w4_cuda" --sweep 2>&1 | tee "$OUT/sweep.md" || rc=1
+  timeout 80 "$B/bin/spear_bench_w4_cuda" --sweep 2>&1 | tee "$OUT/sweep.md" || rc=1
 fi
 torch_arg=
 if [[ $args != *" --no-torch "* ]]; then
-  PYTHONUNBUFFERED=1 timeout 300 python3 scripts/gpu/torch_int4_bench.py "$OUT/torch_int4.csv" --decode \
+  PYTHONUNBUFFERED=1 timeout 60 python3 scripts/gpu/torch_int4_bench.py "$OUT/torch_int4.csv" --decode \
     >>"$misc" 2>&1 || { rc=1; tail -5 "$misc"; }
   torch_arg=--torch="$OUT/torch_int4.csv"
 fi
-timeout 300 "$B/bin/spear_bench_w4_cuda" $torch_arg --decode 2>&1 | tee "$OUT/bench_w4.md" || rc=1
+timeout 100 "$B/bin/spear_bench_w4_cuda" $torch_arg --decode 2>&1 | tee "$OUT/bench_w4.md" || rc=1
 if [[ $args != *" --no-ncu "* ]]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
   if [[ -n "$NCU" ]]; then
-    timeout 300 "$NCU" --clock-control none -k regex:'W4FoldKernel|W4RingKernel' --launch-count 12 \
+    timeout 90 "$NCU" --clock-control none -k regex:'W4FoldKernel|W4RingKernel' --launch-count 12 \
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
       --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
       --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \

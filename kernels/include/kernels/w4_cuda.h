@@ -127,7 +127,8 @@ struct W4CudaParams {
   // the swapped-operand cp.async-ring kernel), 1 the x-as-m16 kernel, 2 the
   // swapped-operand kernel with register-direct loads (v7), 3 the
   // swapped-operand cp.async-ring kernel (v8) at any m <= 16, 4 / 5 the fold
-  // kernel (m <= 8) with 4 / 8 warps per block forced.
+  // kernel (m <= 8) with 4 / 8 warps per block forced, 6 the fold kernel with
+  // 8 warps and its ring filled by bulk copies (groups >= 128).
   int decode_kernel = 0;
   // testing/benchmarks, fold kernel only: k splits (1, 2, 4, 8; 0 = the
   // cost model's choice) and cp.async ring depth (2..4; 0 = automatic). A

@@ -284,7 +284,8 @@ TEST(CudaW4, DecodeMatchesReference) {
   // m <= 8 per launch: the fold kernel (1, 2, 3, 5, 8; 65 = 64 + 1);
   // 9..16: the swapped-operand ring kernel (12, 16); every 4th case the
   // x-as-m16 kernel, every other 4th the register-direct (v7) or the ring
-  // (v8) variant of the swapped kernel, alternating.
+  // (v8) variant of the swapped kernel, alternating; every 8th the fold
+  // kernel's bulk-copy ring (groups >= 128; narrower ones fall back).
   const int64_t ms[] = {1, 2, 3, 5, 8, 12, 16, 17, 33, 64, 65};
   int v = 0;
   for (const Shape& s : shapes) {
@@ -298,7 +299,7 @@ TEST(CudaW4, DecodeMatchesReference) {
       c.symmetric = v % 7 == 2;
       c.ldx_pad = (v % 6 == 5) ? 8 : 0;
       c.force_decode = true;  // the decode kernel at every m (65: two launches)
-      c.decode_kernel = v % 4 == 1 ? 1 : v % 8 == 3 ? 2 : v % 8 == 7 ? 3 : 0;
+      c.decode_kernel = v % 4 == 1 ? 1 : v % 8 == 3 ? 2 : v % 8 == 7 ? 3 : v % 8 == 6 ? 6 : 0;
       ++v;
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;
@@ -314,7 +315,7 @@ TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
   auto ws = cuda::W4Workspace::Create();
   ASSERT_TRUE(ws.ok()) << ws.status();
   int v = 0;
-  for (int warps : {4, 8}) {
+  for (int dk : {4, 5, 6}) {  // 4 warps, 8 warps, 8 warps + bulk-copy ring
     for (int splits : {1, 2, 4, 8}) {
       for (int depth : {2, 3, 4}) {
         Case c{v % 2 ? 320 : 256, v % 2 ? 1000 : 4096, v % 2 ? 1000 : 128, 1 + v % 8};
@@ -322,7 +323,7 @@ TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
         c.bias = v % 2 == 0;
         c.f16_out = v % 3 == 1;
         c.force_decode = true;
-        c.decode_kernel = warps == 4 ? 4 : 5;  // the fold kernel, 4 / 8 warps per block
+        c.decode_kernel = dk;
         c.decode_splits = splits;
         c.decode_depth = depth;
         ++v;
