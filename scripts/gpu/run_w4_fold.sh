@@ -4,9 +4,10 @@
 # spear_kernels_cuda_test spear_bench_w4_cuda): the GPU tests, the fold
 # kernel's split x depth sweep, the torch int4 peer and the decode table
 # (M <= 16, with the 8B layer graph), and an ncu profile of the four 8B
-# GEMMs at M = 1 (fold and v8 kernels). At most 7 files under $OUT (the
+# GEMMs at M = 1 (fold, fold with bulk copies, v8), then memcheck on the
+# fold kernel's forced configurations. At most 7 files under $OUT (the
 # device tool brings back 8).
-# usage: scripts/gpu/run_w4_fold.sh [--no-tests] [--no-sweep] [--no-torch] [--no-ncu]
+# usage: scripts/gpu/run_w4_fold.sh [--no-tests] [--no-sweep] [--no-torch] [--no-ncu] [--no-memcheck]
 set -uo pipefail
 B=${SPEAR_BUNDLE_DIR:-.bundle-w4}
 OUT=${OUT:-gpu-out}
@@ -19,7 +20,7 @@ rc=0
 if [[ $args != *" --no-tests "* ]]; then
   for t in "$B"/bin/*_test; do
     name=$(basename "$t")
-    timeout "${SPEAR_TEST_TIMEOUT:-80}" "$t" >"$OUT/$name.log" 2>&1 || rc=1
+    timeout "${SPEAR_TEST_TIMEOUT:-70}" "$t" >"$OUT/$name.log" 2>&1 || rc=1
     grep -E "^\[  (PASSED|FAILED)|seed|FAILED" "$OUT/$name.log" | head -12
   done
 fi
@@ -36,7 +37,7 @@ timeout 100 "$B/bin/spear_bench_w4_cuda" $torch_arg --decode 2>&1 | tee "$OUT/be
 if [[ $args != *" --no-ncu "* ]]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
   if [[ -n "$NCU" ]]; then
-    timeout 90 "$NCU" --clock-control none -k regex:'W4FoldKernel|W4RingKernel' --launch-count 12 \
+    timeout 60 "$NCU" --clock-control none -k regex:'W4FoldKernel|W4RingKernel' --launch-count 12 \
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
       --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
       --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
@@ -44,6 +45,15 @@ if [[ $args != *" --no-ncu "* ]]; then
     grep -E "W4(Fold|Ring)Kernel|DRAM Throughput|Duration|No Eligible|Achieved Occupancy" "$OUT/ncu.txt" | head -60
   else
     echo "no ncu" | tee -a "$misc"
+  fi
+fi
+if [[ $args != *" --no-memcheck "* ]]; then
+  # compute-sanitizer memcheck on the fold kernel's forced configurations
+  # (cp.async and bulk-copy rings); appended to misc.log
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [[ -n "$CS" ]]; then
+    timeout 45 "$CS" --tool memcheck "$B/bin/spear_w4_cuda_test" --gtest_filter='*FoldSplits*' 2>&1 \
+      | tail -6 | tee -a "$misc" || rc=1
   fi
 fi
 exit $rc
