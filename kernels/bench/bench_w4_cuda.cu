@@ -19,7 +19,8 @@
 // M <= 16 the "decode-kernel" column is the v8 swapped-operand cp.async-ring
 // kernel, which the fold kernel replaced at M <= 8). --decode: M in
 // {1, 2, 4, 8, 16} only. --sweep: the fold kernel's k splits x ring depths
-// on the 8B shapes at M in {1, 4, 8} (W4 only). --profile: the four 8B GEMMs
+// for 8-warp, 4-warp and 8-warp bulk-copy blocks on the 8B shapes at M in
+// {1, 4, 8} (W4 only). --profile: the four 8B GEMMs
 // at M = 1, launched directly (fold, fold with bulk copies, v8; for ncu), then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>

@@ -20,6 +20,8 @@
 //     are never stored). No zero-filled x rows, no per-unit x copies.
 //  3. The weights (+ the chunk's scale/zero words) stream through a per-warp
 //     cp.async ring of D chunks (D - 1 in flight); one LDS.128 per step.
+//     decode_kernel 6 fills the ring with cp.async.bulk + mbarriers instead
+//     (measured equal on the H200: the load path is not the limit).
 //
 // Block = one 64-column tile x one k split (NW = 4 or 8 warps splitting the
 // split's chunks); the S splits of a tile form a cluster and reduce through
