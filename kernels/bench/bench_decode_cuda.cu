@@ -14,8 +14,10 @@
 // is served from L2); EC rank 32, gated (gate hidden 16) on every module.
 // Variants: W4 (ECs off), W4+EC on all four GEMMs of every layer, W4+EC on
 // every 4th layer (a subset), the W4 GEMMs alone (the rest of the step
-// left out: what the other kernels cost), and the W4 step without RoPE, KV
-// append and attention (what attention costs).
+// left out: what the other kernels cost), the W4 step without RoPE, KV
+// append and attention (what attention costs), and the W4 step without
+// programmatic dependent launch of the small kernels (cuda_ops.h), also
+// without the fold kernel's L2 weight prefetch (the state before both).
 //
 // Floor: bytes a step must read (weights as laid out, + EC where on, + the
 // KV rows read, + lm_head, + embedding rows and norm weights) over the
@@ -24,7 +26,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,1,2,3,4]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,1,2,3,4,5,6]  (rows of kVariants)
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -144,12 +146,18 @@ struct Variant {
   Ec ec;
   bool gemms_only;
   bool skip_attention = false;  // RoPE, KV append and attention left out
+  bool small_pdl = true;        // cuda::SetProgrammaticLaunch while capturing
+  int fold_flags = 0;           // W4CudaParams::decode_kernel (16: no L2 prefetch)
 };
-const Variant kVariants[] = {{"W4", Ec::kOff, false},
-                             {"W4+EC r32 all 4 GEMMs, all layers", Ec::kAll, false},
-                             {"W4+EC r32 all 4 GEMMs, every 4th layer", Ec::kEvery4th, false},
-                             {"W4 GEMMs only (no norm/rope/attn/lm_head)", Ec::kOff, true},
-                             {"W4 without RoPE/KV append/attention", Ec::kOff, false, true}};
+const Variant kVariants[] = {
+    {"W4", Ec::kOff, false},
+    {"W4+EC r32 all 4 GEMMs, all layers", Ec::kAll, false},
+    {"W4+EC r32 all 4 GEMMs, every 4th layer", Ec::kEvery4th, false},
+    {"W4 GEMMs only (no norm/rope/attn/lm_head)", Ec::kOff, true},
+    {"W4 without RoPE/KV append/attention", Ec::kOff, false, true},
+    {"W4, small kernels without PDL", Ec::kOff, false, false, false},
+    {"W4, no PDL on small kernels, no L2 prefetch in the GEMMs", Ec::kOff, false, false, false,
+     16}};
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
 struct Layer {
@@ -337,6 +345,7 @@ class Model {
       p.ldy = ldy;
       p.accumulate = y32 != nullptr;
       p.use_ec = ec;
+      p.decode_kernel = v.fold_flags;
       CKS(cuda::W4Linear(w, p, ws_.get(), g_stream));
     };
     if (!v.gemms_only) {
@@ -501,7 +510,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,1,2,3,4]\n",
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,1,2,3,4,5,6]\n",
                    a.c_str(), argv[0]);
       return 2;
     }
@@ -539,6 +548,7 @@ int Main(int argc, char** argv) {
     for (int b : batches) {
       for (int vi : variants) {
         const Variant& v = kVariants[vi];
+        cuda::SetProgrammaticLaunch(v.small_pdl);  // read at each launch (capture below)
         model->Step(b, v);  // once eagerly: first-call setup outside capture
         CK(cudaStreamSynchronize(g_stream));
         cudaGraph_t g;
@@ -558,6 +568,7 @@ int Main(int argc, char** argv) {
         std::fflush(stdout);
         CK(cudaGraphExecDestroy(ge));
         CK(cudaGraphDestroy(g));
+        cuda::SetProgrammaticLaunch(true);
       }
       const auto ids = model->NextIds(b);
       std::printf("# %s batch %d: next token of seq 0 = %d\n", s->name, b, ids[0]);

@@ -19,8 +19,9 @@
 // M <= 16 the "decode-kernel" column is the v8 swapped-operand cp.async-ring
 // kernel, which the fold kernel replaced at M <= 8). --decode: M in
 // {1, 2, 4, 8, 16} only. --sweep: the fold kernel's k splits x ring depths
-// for 8-warp, 4-warp and 8-warp bulk-copy blocks on the 8B shapes at M in
-// {1, 4, 8} (W4 only). --profile: the four 8B GEMMs
+// for 8-warp and 4-warp blocks, and 8-warp blocks without / with in every
+// block the L2 prefetch before the dependency wait, on the 8B shapes at M in
+// {1, 4, 8} (--ms= narrows them; W4 only). --profile: the four 8B GEMMs
 // at M = 1, launched directly (fold, fold with bulk copies, v8; for ncu), then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -138,8 +139,8 @@ std::map<std::string, double> ReadTorch(const std::string& path) {
 }
 
 // --sweep / --profile (see the top comment).
-int SweepOrProfile(bool profile, const uint16_t* x, uint16_t* y16, cuda::W4Workspace* ws,
-                   double copy_bw, std::mt19937& rng) {
+int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uint16_t* x,
+                   uint16_t* y16, cuda::W4Workspace* ws, double copy_bw, std::mt19937& rng) {
   if (!profile) {
     std::printf("\n## fold kernel sweep (W4 us; auto = the dispatched choice; v8 = the ring kernel; W = warps per block, S = k splits, d = ring depth; - = does not fit)\n");
     std::printf("| layer | M | W | v8 | auto | S1 d2 | S1 d3 | S1 d4 | S2 d2 | S2 d3 | S2 d4 | S4 d2 | S4 d3 | S4 d4 | S8 d2 | S8 d3 | S8 d4 | auto %%BW |\n");
@@ -179,7 +180,7 @@ int SweepOrProfile(bool profile, const uint16_t* x, uint16_t* y16, cuda::W4Works
       CK(cudaStreamSynchronize(g_stream));
       continue;
     }
-    for (int64_t m : {1, 4, 8}) {
+    for (int64_t m : sweep_ms) {
       auto t = [&](int dk, int s, int d, int nw = 0) {
         // a forced configuration that does not fit is refused (InvalidArgument): "-"
         if (!cuda::W4Linear(*rot[0], params(m, dk, s, d, nw), ws, g_stream).ok()) return -1.0;
@@ -188,9 +189,12 @@ int SweepOrProfile(bool profile, const uint16_t* x, uint16_t* y16, cuda::W4Works
         });
       };
       const double t_auto = t(0, 0, 0), t_v8 = t(3, 0, 0);
-      for (int dk : {5, 4, 6}) {  // fold with 8 warps, 4 warps, 8 warps + bulk-copy ring
+      // fold with 8 warps, 4 warps (L2 prefetch of the first wave, v12), 8
+      // warps without the prefetch (16), 8 warps with it in every block (32)
+      for (int dk : {5, 4, 5 | 16, 5 | 32}) {
         std::printf("| %s | %lld | %s | %.1f | %.1f", sh.layer, static_cast<long long>(m),
-                    dk == 5 ? "8" : dk == 4 ? "4" : "8 bulk", t_v8, t_auto);
+                    dk == 5 ? "8" : dk == 4 ? "4" : dk == (5 | 16) ? "8 no-pf" : "8 pf-all", t_v8,
+                    t_auto);
         for (int s : {1, 2, 4, 8}) {
           for (int d : {2, 3, 4}) {
             const double v = t(dk, s, d);
@@ -270,7 +274,10 @@ int Main(int argc, char** argv) {
   }
 
   std::mt19937 rng(1234);
-  if (sweep || profile) return SweepOrProfile(profile, x, y16, ws.get(), copy_bw, rng);
+  if (sweep || profile) {
+    return SweepOrProfile(profile, ms_only.empty() ? std::vector<int64_t>{1, 4, 8} : ms_only, x, y16,
+                          ws.get(), copy_bw, rng);
+  }
   std::map<std::string, Weights> weights;
   std::printf("\n## GEMM table (times in us; %%BW = achieved bytes/s over the copy bandwidth)\n");
   std::printf("| model | layer | M | W4 us | W4 %%BW | W4 TF/s | W4+EC us | EC/W4 | naive us | naive/W4 | cuBLAS us | cuBLAS %%BW | cuBLAS TF/s | W4/cuBLAS | torch us | torch/W4 | decode-kernel us | prefill-path us |\n");
@@ -376,9 +383,38 @@ int Main(int argc, char** argv) {
   std::printf("\n## 8B decoder layer: qkv, o, gate_up, down back to back in one CUDA graph\n");
   std::printf("| M | variant | layer us | bytes MB | %% of copy BW | torch us | vs torch |\n|---|---|---|---|---|---|---|\n");
   const char* layers[] = {"qkv", "o", "gate_up", "down"};
+  // Per-GEMM forced fold configurations (W4CudaParams decode_kernel |
+  // flags, splits, depth) of the layer variants 6 and 9.
+  struct Cfg {
+    int dk = 0, s = 0, d = 0;
+  };
+  auto layer_cfg = [](int variant, int li) -> Cfg {
+    switch (variant) {
+      case 6: {  // the v11 dispatch (call 3): qkv / o S2 d2, gate_up S1 d3, down S2 d3, no prefetch
+        const Cfg v11[4] = {{5 | 16, 2, 2}, {5 | 16, 2, 2}, {5 | 16, 1, 3}, {5 | 16, 2, 3}};
+        return v11[li];
+      }
+      case 7: return {16, 0, 0};  // automatic, no L2 prefetch
+      case 8: return {32, 0, 0};  // automatic, the L2 prefetch in every block
+      case 9: return li == 3 ? Cfg{4, 8, 2} : Cfg{};  // down: 4 warps S8 d2 (39 KB blocks)
+      default: return {};
+    }
+  };
+  const char* vnames[] = {"W4",
+                          "W4+EC r32 (fused)",
+                          "W4+EC r32 (naive)",
+                          "W4, x-as-m16 kernel (v6)",
+                          "W4, swapped, cp.async ring (v8)",
+                          "W4, fold kernel with the bulk-copy ring (M <= 8)",
+                          "W4, fold as dispatched by v11 (no L2 prefetch, gate_up d3)",
+                          "W4, fold without the L2 prefetch",
+                          "W4, fold with the L2 prefetch in every block",
+                          "W4, down on 4-warp blocks S8 d2",
+                          "W4 (again: the spread between two runs)"};
   for (int64_t m : {1, 16}) {
     if (no_layer || !only.empty()) break;
-    for (int variant = 0; variant < 6; ++variant) {
+    for (int variant = 0; variant < 11; ++variant) {
+      if (m > 8 && variant > 4) continue;  // the fold variants: M <= 8 only
       double bytes = 0;
       for (const char* l : layers) {
         const auto& dw = *weights[std::string("8B") + l].rot[0];
@@ -386,7 +422,8 @@ int Main(int argc, char** argv) {
                  2.0 * m * (dw.fmt().k + dw.fmt().n);
       }
       const double t = TimeGraph(10, [&](int i) {
-        for (const char* l : layers) {
+        for (int li = 0; li < 4; ++li) {
+          const char* l = layers[li];
           const auto& dw = *weights[std::string("8B") + l].rot[i % 2];
           cuda::W4CudaParams p;
           p.x = x;
@@ -396,6 +433,12 @@ int Main(int argc, char** argv) {
           p.ldy = dw.fmt().n;
           p.use_ec = variant == 1;
           p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : variant == 5 ? 6 : 0;
+          const Cfg c = layer_cfg(variant, li);
+          if (variant >= 6) {
+            p.decode_kernel = c.dk;
+            p.decode_splits = c.s;
+            p.decode_depth = c.d;
+          }
           CKS(cuda::W4Linear(dw, p, ws.get(), g_stream));
           if (variant == 2) {
             CKS(cuda::EcGate(dw, x, m, dw.fmt().k, v32, ws.get(), g_stream));
@@ -405,18 +448,13 @@ int Main(int argc, char** argv) {
       });
       const double tt = tget("layer8B/all/" + std::to_string(m));
       char tr[32] = "-", tv[32] = "-";
-      if (tt > 0 && (variant == 0 || variant >= 3)) {
+      if (tt > 0 && (variant == 0 || variant >= 3) && !(m > 8 && variant > 4)) {
         std::snprintf(tr, sizeof tr, "%.1f", tt);
         std::snprintf(tv, sizeof tv, "%.2fx", tt / t);
       }
       std::printf("| %lld | %s | %.1f | %.1f | %.0f | %s | %s |\n", static_cast<long long>(m),
-                  variant == 0   ? "W4"
-                  : variant == 1 ? "W4+EC r32 (fused)"
-                  : variant == 2 ? "W4+EC r32 (naive)"
-                  : variant == 3 ? "W4, x-as-m16 kernel (v6)"
-                  : variant == 4 ? "W4, swapped, cp.async ring (v8)"
-                                 : "W4, fold kernel with the bulk-copy ring (M <= 8)",
-                  t, bytes / 1e6, bytes / (t * 1e-6) / copy_bw * 100, tr, tv);
+                  vnames[variant], t, bytes / 1e6, bytes / (t * 1e-6) / copy_bw * 100, tr, tv);
+      std::fflush(stdout);
     }
   }
   CKB(cublasDestroy(cub));

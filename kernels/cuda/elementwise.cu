@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda_ops.h"
 
 namespace spear::kernels::cuda {
@@ -15,6 +16,7 @@ namespace {
 
 __global__ void SiluMulKernel(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n,
                               int64_t ld_gate, int64_t ld_up, int64_t ldy) {
+  PdlEnter();
   const int64_t i = blockIdx.y;
   const __half* g = reinterpret_cast<const __half*>(gate + i * ld_gate);
   const __half* u = reinterpret_cast<const __half*>(up + i * ld_up);
@@ -30,6 +32,7 @@ __global__ void SiluMulKernel(const uint16_t* gate, const uint16_t* up, uint16_t
 __global__ void EmbeddingKernel(const uint16_t* __restrict__ table, int64_t vocab, int64_t d,
                                 const int32_t* __restrict__ ids, float* y_f32, uint16_t* y_f16,
                                 int64_t ldy) {
+  PdlEnter();
   const int64_t i = blockIdx.x;
   const int64_t id = ids[i];
   const bool ok = id >= 0 && id < vocab;
@@ -61,6 +64,7 @@ __device__ inline void Better(float v, int i, float& bv, int& bi) {
 template <bool kVec>
 __global__ void ArgmaxKernel(const float* __restrict__ logits, int64_t n, int64_t ld,
                              int32_t* __restrict__ out) {
+  PdlEnter();
   const float* row = logits + blockIdx.x * ld;
   float bv = -INFINITY;
   int bi = INT_MAX;
@@ -126,8 +130,8 @@ absl::Status SiluMul(const SiluMulF16Params& p, cudaStream_t stream) {
   if (p.m > 65535) return absl::InvalidArgumentError("cuda::SiluMul: more than 65535 rows");
   const int64_t chunks = (p.n + 255) / 256;
   const dim3 grid(static_cast<unsigned>(chunks < 64 ? chunks : 64), static_cast<unsigned>(p.m));
-  SiluMulKernel<<<grid, 256, 0, stream>>>(p.gate, p.up, p.y, p.n, p.ld_gate, p.ld_up, p.ldy);
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(SiluMulKernel, grid, dim3(256), 0, stream, p.gate, p.up, p.y,
+                                       p.n, p.ld_gate, p.ld_up, p.ldy));
   return absl::OkStatus();
 }
 
@@ -138,9 +142,9 @@ absl::Status Embedding(const EmbeddingParams& p, cudaStream_t stream) {
   }
   if (p.m == 0) return absl::OkStatus();
   if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::Embedding: too many rows");
-  EmbeddingKernel<<<static_cast<unsigned>(p.m), 1024, 0, stream>>>(p.table, p.vocab, p.d, p.ids,
-                                                                   p.y_f32, p.y_f16, p.ldy);
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(EmbeddingKernel, dim3(static_cast<unsigned>(p.m)), dim3(1024),
+                                       0, stream, p.table, p.vocab, p.d, p.ids, p.y_f32, p.y_f16,
+                                       p.ldy));
   return absl::OkStatus();
 }
 
@@ -152,12 +156,9 @@ absl::Status Argmax(const float* logits, int64_t m, int64_t n, int64_t ld, int32
   if (m == 0) return absl::OkStatus();
   if (m > 0x7fffffff) return absl::InvalidArgumentError("cuda::Argmax: too many rows");
   const unsigned grid = static_cast<unsigned>(m);
-  if (ld % 4 == 0 && (reinterpret_cast<uintptr_t>(logits) & 15) == 0) {
-    ArgmaxKernel<true><<<grid, kArgmaxThreads, 0, stream>>>(logits, n, ld, out);
-  } else {
-    ArgmaxKernel<false><<<grid, kArgmaxThreads, 0, stream>>>(logits, n, ld, out);
-  }
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  const bool vec = ld % 4 == 0 && (reinterpret_cast<uintptr_t>(logits) & 15) == 0;
+  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(vec ? ArgmaxKernel<true> : ArgmaxKernel<false>, dim3(grid),
+                                       dim3(kArgmaxThreads), 0, stream, logits, n, ld, out));
   return absl::OkStatus();
 }
 

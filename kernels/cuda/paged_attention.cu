@@ -22,6 +22,7 @@
 #include <cmath>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda_ops.h"
 #include "kernels/w4_cuda.h"
 
@@ -73,6 +74,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kWarps = kThreads / 32;
   static_assert(kWarps * kMaxG * D <= kMaxG * kMaxPart, "partials must fit in s_s");
   float(*red_s)[kMaxG][D] = reinterpret_cast<float(*)[kMaxG][D]>(&s_s[0][0]);
+  PdlEnter();
 
   const int tid = threadIdx.x;
   const int64_t seq = blockIdx.z;
@@ -285,6 +287,7 @@ __global__ void __launch_bounds__(kCombineThreads)
                   uint16_t* __restrict__ out, int64_t ldo) {
   extern __shared__ float w_s[];  // [CombinePadded(nparts)]
   __shared__ float scratch[kCombineThreads / 32];
+  PdlEnter();
   const int h = blockIdx.x;
   const int64_t seq = blockIdx.y;
   const int64_t hh = seq * n_heads + h;
@@ -365,23 +368,16 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
   float* plsum = pm ? pm + nh : nullptr;
   const dim3 grid(static_cast<unsigned>(pl.parts), static_cast<unsigned>(pl.gchunks * p.n_kv_heads),
                   static_cast<unsigned>(p.num_seqs));
-  if (p.head_dim == 64) {
-    SplitKernel<64><<<grid, kThreads, 0, stream>>>(
-        p.q, p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks,
-        p.block_tables, p.max_blocks_per_seq, p.context_lens, p.max_context_len, p.scale, pl.part,
-        pl.gchunks, p.out, p.ldo, po, pm, plsum);
-  } else {
-    SplitKernel<128><<<grid, kThreads, 0, stream>>>(
-        p.q, p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks,
-        p.block_tables, p.max_blocks_per_seq, p.context_lens, p.max_context_len, p.scale, pl.part,
-        pl.gchunks, p.out, p.ldo, po, pm, plsum);
-  }
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
+      p.head_dim == 64 ? SplitKernel<64> : SplitKernel<128>, grid, dim3(kThreads), 0, stream, p.q,
+      p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks,
+      p.block_tables, p.max_blocks_per_seq, p.context_lens, p.max_context_len, p.scale, pl.part,
+      pl.gchunks, p.out, p.ldo, po, pm, plsum));
   if (pl.parts > 1) {
-    CombineKernel<<<dim3(static_cast<unsigned>(p.n_heads), static_cast<unsigned>(p.num_seqs)),
-                    kCombineThreads, CombinePadded(pl.parts) * sizeof(float), stream>>>(
-        p.head_dim, p.n_heads, pl.parts, po, pm, plsum, p.out, p.ldo);
-    SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
+        CombineKernel, dim3(static_cast<unsigned>(p.n_heads), static_cast<unsigned>(p.num_seqs)),
+        dim3(kCombineThreads), CombinePadded(pl.parts) * sizeof(float), stream, p.head_dim,
+        p.n_heads, pl.parts, po, pm, plsum, p.out, p.ldo));
   }
   return absl::OkStatus();
 }

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda_ops.h"
 
 namespace spear::kernels::cuda {
@@ -35,6 +36,7 @@ template <typename Out>
 __global__ void RmsNormKernel(const float* __restrict__ x, float* __restrict__ residual,
                               const float* __restrict__ weight, Out* y, int64_t d, int64_t ldx,
                               int64_t ldr, int64_t ldy, float eps) {
+  PdlEnter();
   const int64_t row = blockIdx.x;
   const float* xr = x + row * ldx;
   float* rr = residual ? residual + row * ldr : nullptr;
@@ -71,9 +73,9 @@ absl::Status RmsNorm(const RmsNormParams& p, cudaStream_t stream) {
   }
   if (p.m == 0) return absl::OkStatus();
   if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::RmsNorm: too many rows");
-  RmsNormKernel<float><<<static_cast<unsigned>(p.m), kThreads, 0, stream>>>(
-      p.x, p.residual, p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(RmsNormKernel<float>, dim3(static_cast<unsigned>(p.m)),
+                                       dim3(kThreads), 0, stream, p.x, p.residual, p.weight, p.y,
+                                       p.d, p.ldx, p.ldr, p.ldy, p.eps));
   return absl::OkStatus();
 }
 
@@ -88,6 +90,7 @@ template <int kVec>
 __global__ void RmsNormF16VecKernel(const float* __restrict__ x, float* __restrict__ residual,
                                     const float* __restrict__ weight, uint16_t* __restrict__ y,
                                     int64_t d, int64_t ldx, int64_t ldr, int64_t ldy, float eps) {
+  PdlEnter();
   const int64_t row = blockIdx.x;
   const int n4 = static_cast<int>(d / 4);
   const float4* xr = reinterpret_cast<const float4*>(x + row * ldx);
@@ -146,29 +149,30 @@ absl::Status RmsNormF16(const RmsNormF16Params& p, cudaStream_t stream) {
   if (p.m == 0) return absl::OkStatus();
   if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::RmsNormF16: too many rows");
   const unsigned grid = static_cast<unsigned>(p.m);
+  cudaError_t e = cudaSuccess;
   const bool vec = p.d % 4 == 0 && p.d <= 8 * 4 * kThreads && p.ldx % 4 == 0 && p.ldy % 4 == 0 &&
                    Aligned(p.x, 16) && Aligned(p.weight, 16) && Aligned(p.y, 8) &&
                    (p.residual == nullptr || (p.ldr % 4 == 0 && Aligned(p.residual, 16)));
   if (vec) {
     const int64_t per_thread = (p.d / 4 + kThreads - 1) / kThreads;
     if (per_thread <= 1) {
-      RmsNormF16VecKernel<1><<<grid, kThreads, 0, stream>>>(p.x, p.residual, p.weight, p.y, p.d,
-                                                            p.ldx, p.ldr, p.ldy, p.eps);
+      e = LaunchPdl(RmsNormF16VecKernel<1>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,
+                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
     } else if (per_thread <= 2) {
-      RmsNormF16VecKernel<2><<<grid, kThreads, 0, stream>>>(p.x, p.residual, p.weight, p.y, p.d,
-                                                            p.ldx, p.ldr, p.ldy, p.eps);
+      e = LaunchPdl(RmsNormF16VecKernel<2>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,
+                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
     } else if (per_thread <= 4) {
-      RmsNormF16VecKernel<4><<<grid, kThreads, 0, stream>>>(p.x, p.residual, p.weight, p.y, p.d,
-                                                            p.ldx, p.ldr, p.ldy, p.eps);
+      e = LaunchPdl(RmsNormF16VecKernel<4>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,
+                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
     } else {
-      RmsNormF16VecKernel<8><<<grid, kThreads, 0, stream>>>(p.x, p.residual, p.weight, p.y, p.d,
-                                                            p.ldx, p.ldr, p.ldy, p.eps);
+      e = LaunchPdl(RmsNormF16VecKernel<8>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,
+                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
     }
   } else {
-    RmsNormKernel<uint16_t><<<grid, kThreads, 0, stream>>>(p.x, p.residual, p.weight, p.y, p.d,
-                                                           p.ldx, p.ldr, p.ldy, p.eps);
+    e = LaunchPdl(RmsNormKernel<uint16_t>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,
+                  p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
   }
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  SPEAR_CUDA_RETURN_IF_ERROR(e);
   return absl::OkStatus();
 }
 

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda_ops.h"
 
 namespace spear::kernels::cuda {
@@ -19,6 +20,7 @@ constexpr int kThreads = 128;
 __global__ void RopeKernel(uint16_t* __restrict__ x, int64_t ldx, int n_heads, int head_dim,
                            const int32_t* __restrict__ positions,
                            const float* __restrict__ inv_freq, float scaling) {
+  PdlEnter();
   const int64_t i = blockIdx.x;
   const int half = head_dim / 2;
   const float pos = static_cast<float>(positions[i]);
@@ -47,6 +49,7 @@ __global__ void KvAppendKernel(const uint16_t* __restrict__ k, const uint16_t* _
                                int64_t ldk, int64_t ldv, int64_t row_elems,
                                const int32_t* __restrict__ slots, uint16_t* __restrict__ k_cache,
                                uint16_t* __restrict__ v_cache, int64_t num_slots) {
+  PdlEnter();
   const int64_t i = blockIdx.x;
   const int64_t slot = slots[i];
   if (slot < 0 || slot >= num_slots) return;
@@ -83,9 +86,9 @@ absl::Status Rope(const RopeF16Params& p, cudaStream_t stream) {
   const int64_t chunks = (int64_t{p.n_heads} * (p.head_dim / 2) + kThreads - 1) / kThreads;
   if (chunks > 65535) return absl::InvalidArgumentError("cuda::Rope: rows too wide");
   const dim3 grid(static_cast<unsigned>(p.m), static_cast<unsigned>(chunks));
-  RopeKernel<<<grid, kThreads, 0, stream>>>(p.x, p.ldx, p.n_heads, p.head_dim, p.positions,
-                                            p.inv_freq, p.attention_scaling);
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(RopeKernel, grid, dim3(kThreads), 0, stream, p.x, p.ldx,
+                                       p.n_heads, p.head_dim, p.positions, p.inv_freq,
+                                       p.attention_scaling));
   return absl::OkStatus();
 }
 
@@ -102,14 +105,9 @@ absl::Status KvAppend(const KvAppendParams& p, cudaStream_t stream) {
   const bool vec = row % 8 == 0 && p.ldk % 8 == 0 && p.ldv % 8 == 0 && Aligned16(p.k) &&
                    Aligned16(p.v) && Aligned16(p.k_cache) && Aligned16(p.v_cache);
   const unsigned grid = static_cast<unsigned>(p.m);
-  if (vec) {
-    KvAppendKernel<true><<<grid, 128, 0, stream>>>(p.k, p.v, p.ldk, p.ldv, row, p.slots, p.k_cache,
-                                                   p.v_cache, num_slots);
-  } else {
-    KvAppendKernel<false><<<grid, 128, 0, stream>>>(p.k, p.v, p.ldk, p.ldv, row, p.slots, p.k_cache,
-                                                    p.v_cache, num_slots);
-  }
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(vec ? KvAppendKernel<true> : KvAppendKernel<false>,
+                                       dim3(grid), dim3(128), 0, stream, p.k, p.v, p.ldk, p.ldv,
+                                       row, p.slots, p.k_cache, p.v_cache, num_slots));
   return absl::OkStatus();
 }
 

@@ -128,12 +128,17 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
       return e ? std::atoi(e) : 0;
     }();
     a.debug = debug;
-    a.variant = p.decode_kernel;
+    // decode_kernel's low 4 bits pick the kernel; 16 and 32 are fold-only
+    // flags (the L2 prefetch off / in every block; W4CudaParams), passed on
+    // only when the fold kernel runs.
+    const int dk = p.decode_kernel & 15;
+    a.variant = dk;
     a.partials = s.partials;
     a.counters = s.counters;
-    const bool fold = mc <= 8 && (p.decode_kernel == 0 || p.decode_kernel >= 4) && FoldSupported(a);
-    const bool swap = mc <= 16 && p.decode_kernel != 1;
-    if (p.decode_kernel == 3) a.variant = 0;  // the v8 ring kernel, forced
+    const bool fold = mc <= 8 && (dk == 0 || dk >= 4) && FoldSupported(a);
+    const bool swap = mc <= 16 && dk != 1;
+    if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
+    if (fold) a.variant = p.decode_kernel;
     if (absl::Status st =
             fold   ? LaunchDecodeFold(a, s.num_sms, p.decode_splits, p.decode_depth, stream)
             : swap ? LaunchDecodeSwap(a, s.num_sms, stream)

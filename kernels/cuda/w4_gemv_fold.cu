@@ -50,6 +50,7 @@ struct Geom {
   int stage;   // bytes per ring chunk: CH * 512 codes + 256 scale/zero
   int xrow;    // bytes per staged x row (a warp's k range + 16 pad)
   int warp_bytes;
+  int pf_tiles;  // blocks of tiles < pf_tiles prefetch their weights into L2 (v12)
 };
 
 __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -85,6 +86,11 @@ __device__ __forceinline__ void WaitGroups(int allowed) {
   } else {
     asm volatile("cp.async.wait_group 2;\n" ::);
   }
+}
+// DRAM -> L2 only (no shared memory, no registers, no completion to wait
+// for): the bulk-copy engine's prefetch; bytes a multiple of 16.
+__device__ __forceinline__ void PrefetchL2(const void* p, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -188,6 +194,18 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   for (int d = 0; d < D - 1; ++d) {
     issue_w(cb + d, d);
     asm volatile("cp.async.commit_group;\n" ::);
+  }
+  // v12: the rest of the warp's weight range (and its scale/zero words)
+  // into L2 before the dependency wait, so that a launch's first wave
+  // streams its weights while the previous kernel drains (the weights do
+  // not depend on it; only x does). Blocks of later waves skip it by
+  // default (pf_tiles): for them the ring's own loads are not late.
+  if (tile < geo.pf_tiles) {
+    const uint4* w0 = wp - lane;
+    for (int c = cb + D - 1 + lane; c < ce; c += 32) {
+      PrefetchL2(w0 + static_cast<size_t>(c) * (CH * 32), CH * 512);
+      if (gshift < 30) PrefetchL2(sz4 + min((c * CH * 16) >> gshift, ng1) * 16, 256);
+    }
   }
   if (!a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   {
@@ -488,7 +506,9 @@ absl::StatusOr<FoldConfig> ChooseFold(const DecodeArgs& a, int num_sms, int forc
       if (forced_splits > 0 && s != forced_splits) continue;
       if (forced_splits <= 0 && s > 1 && s * nw > nch) continue;
       const int cpw = (nch + s * nw - 1) / (s * nw);
-      const int want = forced_depth > 0 ? forced_depth : std::max(2, std::min(3, cpw));
+      // v12: depth 2 unless a warp streams >= 6 chunks (calls 2 and 3: d2 as
+      // fast or faster at 2-4 chunks per warp, gate_up 21.5 vs 23.4 us).
+      const int want = forced_depth > 0 ? forced_depth : cpw >= 6 ? 3 : 2;
       FoldConfig c = MakeConfig(a, nw, s, want);
       if (BlocksPerSm(c) == 0 && forced_depth <= 0) c = MakeConfig(a, nw, s, 2);
       const double cost = FoldCost(a, c, num_sms);
@@ -511,16 +531,26 @@ bool FoldSupported(const DecodeArgs& a) {
   return MakeConfig(a, 4, 8, 2).smem <= kSmemMaxBlock;  // the smallest footprint
 }
 
-// a.variant (W4CudaParams::decode_kernel) 4 / 5 forces 4 / 8 warps per block,
-// 6 8 warps with the bulk-copy ring (g >= 128; narrower groups: cp.async).
+// a.variant (W4CudaParams::decode_kernel) & 15: 4 / 5 forces 4 / 8 warps per
+// block, 6 8 warps with the bulk-copy ring (g >= 128; narrower groups:
+// cp.async); flag 16: no L2 prefetch before the dependency wait, 32: the
+// prefetch in every block (default: the blocks of the first wave).
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream) {
   if (a.m < 1 || a.m > 8) return absl::InternalError("LaunchDecodeFold: m > 8");
+  const int kind = a.variant & 15;
   // variant 6: 8 warps and the ring filled by bulk copies (chunks of 8 steps)
-  const bool bulk = a.variant == 6 && FoldChunk(a) == 8;
-  const int forced_warps = a.variant == 4 ? 4 : a.variant == 5 || a.variant == 6 ? 8 : 0;
+  const bool bulk = kind == 6 && FoldChunk(a) == 8;
+  const int forced_warps = kind == 4 ? 4 : kind == 5 || kind == 6 ? 8 : 0;
   absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth);
   if (!c.ok()) return c.status();
+  if ((a.variant & 16) != 0) {
+    c->geo.pf_tiles = 0;
+  } else if ((a.variant & 32) != 0) {
+    c->geo.pf_tiles = a.ntiles;
+  } else {  // the tiles whose clusters the first wave holds (x-major dispatch)
+    c->geo.pf_tiles = BlocksPerSm(*c) * num_sms / c->splits;
+  }
   const int ch = FoldChunk(a);
   static int pdl_ok = -1;
   auto go = [&](bool pdl) {

@@ -5,9 +5,13 @@
 # kernel's split x depth sweep, the torch int4 peer and the decode table
 # (M <= 16, with the 8B layer graph), and an ncu profile of the four 8B
 # GEMMs at M = 1 (fold, fold with bulk copies, v8), then memcheck on the
-# fold kernel's forced configurations. At most 7 files under $OUT (the
-# device tool brings back 8).
-# usage: scripts/gpu/run_w4_fold.sh [--no-tests] [--no-sweep] [--no-torch] [--no-ncu] [--no-memcheck]
+# fold kernel's forced configurations. With spear_bench_decode_cuda (and
+# spear_decode_cuda_test) in the bundle also the end-to-end decode step and
+# memcheck of the small kernels' PDL chain. At most 8 files under $OUT (the
+# device tool brings back 8): pass --no-ncu or --no-torch when the bundle
+# has all five binaries.
+# usage: scripts/gpu/run_w4_fold.sh [--no-tests] [--no-sweep] [--no-torch] [--no-ncu]
+#                                   [--no-memcheck] [--no-decode-step]
 set -uo pipefail
 B=${SPEAR_BUNDLE_DIR:-.bundle-w4}
 OUT=${OUT:-gpu-out}
@@ -47,13 +51,24 @@ if [[ $args != *" --no-ncu "* ]]; then
     echo "no ncu" | tee -a "$misc"
   fi
 fi
+if [[ -x "$B/bin/spear_bench_decode_cuda" && $args != *" --no-decode-step "* ]]; then
+  # the end-to-end decode step (8B and 1B shapes, batch 1 / 8 / 32, ctx 512),
+  # with the A/B rows of the small kernels' PDL and the GEMMs' L2 prefetch
+  timeout 240 "$B/bin/spear_bench_decode_cuda" --variants=0,1,2,3,4,5,6 2>&1 \
+    | tee "$OUT/bench_decode.md" || rc=1
+fi
 if [[ $args != *" --no-memcheck "* ]]; then
   # compute-sanitizer memcheck on the fold kernel's forced configurations
-  # (cp.async and bulk-copy rings); appended to misc.log
+  # (cp.async and bulk-copy rings, the L2 prefetch modes) and on the PDL
+  # chain of the small kernels; appended to misc.log
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -n "$CS" ]]; then
     timeout 45 "$CS" --tool memcheck "$B/bin/spear_w4_cuda_test" --gtest_filter='*FoldSplits*' 2>&1 \
       | tail -6 | tee -a "$misc" || rc=1
+    if [[ -x "$B/bin/spear_decode_cuda_test" ]]; then
+      timeout 30 "$CS" --tool memcheck "$B/bin/spear_decode_cuda_test" \
+        --gtest_filter='*ProgrammaticLaunch*' 2>&1 | tail -4 | tee -a "$misc" || rc=1
+    fi
   fi
 fi
 exit $rc

@@ -32,6 +32,16 @@ absl::Status RmsNorm(const RmsNormParams& p, cudaStream_t stream);
 // graph. InvalidArgument for bad parameters (nothing enqueued), Internal for
 // CUDA errors.
 
+// Programmatic dependent launch (PDL) of the ops below (and RmsNorm): each
+// kernel may launch while the previous kernel of its stream still runs and
+// waits on the device (griddepcontrol.wait) before touching memory, so the
+// results and their order are those of plain launches; only the launch
+// latency overlaps (kernels/cuda/pdl.cuh). On by default; process-wide (a
+// kill switch, and the A/B of spear_bench_decode_cuda). Thread-safe; read at
+// each launch, so a captured graph keeps the setting it was captured with.
+void SetProgrammaticLaunch(bool on);
+bool ProgrammaticLaunchEnabled();
+
 // RMSNorm as RmsNormParams (fp32 x, optional fp32 residual added in place,
 // fp32 weight) with the normalised row written as fp16 into y (row stride
 // ldy): the input of the next W4 GEMM.

@@ -308,7 +308,8 @@ TEST(CudaW4, DecodeMatchesReference) {
 }
 
 // The fold kernel (m <= 8) at every forced warp count, k split and ring depth, on a
-// Llama-like g128 shape and a per-channel one with k off 128.
+// Llama-like g128 shape and a per-channel one with k off 128; the L2 prefetch
+// (v12) in its three modes in rotation.
 TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 5);
@@ -323,7 +324,9 @@ TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
         c.bias = v % 2 == 0;
         c.f16_out = v % 3 == 1;
         c.force_decode = true;
-        c.decode_kernel = dk;
+        // the L2 prefetch before the dependency wait: first wave (default),
+        // off (16), every block (32)
+        c.decode_kernel = dk | (v % 3 == 1 ? 16 : v % 3 == 2 ? 32 : 0);
         c.decode_splits = splits;
         c.decode_depth = depth;
         ++v;

@@ -1,0 +1,54 @@
+// Programmatic dependent launch (PDL) for the small kernels of a decode step
+// (RMSNorm, RoPE, KV append, attention, SwiGLU, embedding, argmax).
+//
+// A kernel launched by LaunchPdl may start while the previous kernel of the
+// stream is still running (CUDA 12.3+ keeps this as a programmatic edge when
+// the stream is captured into a graph). Its blocks then sit at PdlEnter,
+// which every thread executes first, before any global memory access: it
+// waits until the previous kernel has completed and its writes are visible
+// (griddepcontrol.wait), then lets the next kernel launch
+// (griddepcontrol.launch_dependents). So the order of memory effects is
+// exactly that of a plain launch; what overlaps is the launch latency and
+// block start of each kernel with the tail of the one before (the W4 GEMMs
+// also request their first weights before their wait: w4_gemv_fold.cu).
+// Every block of a PDL kernel must pass the wait: a later kernel's wait
+// covers the grids before it only through that chain.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "kernels/cuda_ops.h"
+
+namespace spear::kernels::cuda {
+
+__device__ __forceinline__ void PdlEnter() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+}
+
+// <<<grid, block, smem, stream>>>(args...) with the programmatic-serialization
+// attribute while ProgrammaticLaunchEnabled(); a launch refused with it is
+// retried without (a driver or capture that does not take the attribute).
+template <typename... KArgs, typename... Args>
+cudaError_t LaunchPdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                      cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = ProgrammaticLaunchEnabled() ? 1 : 0;
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+  if (e != cudaSuccess && cfg.numAttrs == 1) {
+    (void)cudaGetLastError();
+    cfg.numAttrs = 0;
+    e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+  }
+  return e;
+}
+
+}  // namespace spear::kernels::cuda
