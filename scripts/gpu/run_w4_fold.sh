@@ -29,7 +29,9 @@ if [[ $args != *" --no-tests "* ]]; then
   done
 fi
 if [[ $args != *" --no-sweep "* ]]; then
-  timeout 80 "$B/bin/spear_bench_w4_cuda" --sweep 2>&1 | tee "$OUT/sweep.md" || rc=1
+  # SPEAR_SWEEP_MS=1 narrows the sweep to M = 1 (default 1, 4, 8)
+  timeout 80 "$B/bin/spear_bench_w4_cuda" --sweep ${SPEAR_SWEEP_MS:+--ms=$SPEAR_SWEEP_MS} 2>&1 \
+    | tee "$OUT/sweep.md" || rc=1
 fi
 torch_arg=
 if [[ $args != *" --no-torch "* ]]; then
