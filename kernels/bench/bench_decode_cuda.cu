@@ -17,7 +17,7 @@
 // left out: what the other kernels cost), the W4 step without RoPE, KV
 // append and attention (what attention costs), and the W4 step without
 // programmatic dependent launch of the small kernels (cuda_ops.h), also
-// without the fold kernel's L2 weight prefetch (the state before both).
+// with one tile per fold-kernel block (no persistent loop).
 //
 // Floor: bytes a step must read (weights as laid out, + EC where on, + the
 // KV rows read, + lm_head, + embedding rows and norm weights) over the
@@ -147,7 +147,7 @@ struct Variant {
   bool gemms_only;
   bool skip_attention = false;  // RoPE, KV append and attention left out
   bool small_pdl = true;        // cuda::SetProgrammaticLaunch while capturing
-  int fold_flags = 0;           // W4CudaParams::decode_kernel (16: no L2 prefetch)
+  int fold_flags = 0;           // W4CudaParams::decode_kernel (64: no persistent loop)
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -156,8 +156,7 @@ const Variant kVariants[] = {
     {"W4 GEMMs only (no norm/rope/attn/lm_head)", Ec::kOff, true},
     {"W4 without RoPE/KV append/attention", Ec::kOff, false, true},
     {"W4, small kernels without PDL", Ec::kOff, false, false, false},
-    {"W4, no PDL on small kernels, no L2 prefetch in the GEMMs", Ec::kOff, false, false, false,
-     16}};
+    {"W4, no PDL on small kernels, fold one tile per block", Ec::kOff, false, false, false, 64}};
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
 struct Layer {

@@ -19,9 +19,9 @@
 // M <= 16 the "decode-kernel" column is the v8 swapped-operand cp.async-ring
 // kernel, which the fold kernel replaced at M <= 8). --decode: M in
 // {1, 2, 4, 8, 16} only. --sweep: the fold kernel's k splits x ring depths
-// for 8-warp and 4-warp blocks, and 8-warp blocks without / with in every
-// block the L2 prefetch before the dependency wait, on the 8B shapes at M in
-// {1, 4, 8} (--ms= narrows them; W4 only). --profile: the four 8B GEMMs
+// for 8-warp and 4-warp blocks, 8-warp blocks with one tile per block (no
+// persistent loop) and with the L2 prefetch before the dependency wait, on
+// the 8B shapes at M in {1, 4, 8} (--ms= narrows them; W4 only). --profile: the four 8B GEMMs
 // at M = 1, launched directly (fold, fold with bulk copies, v8; for ncu), then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -189,11 +189,12 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
         });
       };
       const double t_auto = t(0, 0, 0), t_v8 = t(3, 0, 0);
-      // fold with 8 warps, 4 warps (L2 prefetch of the first wave, v12), 8
-      // warps without the prefetch (16), 8 warps with it in every block (32)
-      for (int dk : {5, 4, 5 | 16, 5 | 32}) {
+      // fold with 8 warps, 4 warps (v12 defaults: a persistent loop over the
+      // tiles beyond one wave, no L2 prefetch), 8 warps one tile per block
+      // (64), 8 warps with the L2 prefetch in the first wave's blocks (16)
+      for (int dk : {5, 4, 5 | 64, 5 | 16}) {
         std::printf("| %s | %lld | %s | %.1f | %.1f", sh.layer, static_cast<long long>(m),
-                    dk == 5 ? "8" : dk == 4 ? "4" : dk == (5 | 16) ? "8 no-pf" : "8 pf-all", t_v8,
+                    dk == 5 ? "8" : dk == 4 ? "4" : dk == (5 | 64) ? "8 1-tile" : "8 pf", t_v8,
                     t_auto);
         for (int s : {1, 2, 4, 8}) {
           for (int d : {2, 3, 4}) {
@@ -384,19 +385,19 @@ int Main(int argc, char** argv) {
   std::printf("| M | variant | layer us | bytes MB | %% of copy BW | torch us | vs torch |\n|---|---|---|---|---|---|---|\n");
   const char* layers[] = {"qkv", "o", "gate_up", "down"};
   // Per-GEMM forced fold configurations (W4CudaParams decode_kernel |
-  // flags, splits, depth) of the layer variants 6 and 9.
+  // flags, splits, depth) of the layer variants 6 to 9.
   struct Cfg {
     int dk = 0, s = 0, d = 0;
   };
   auto layer_cfg = [](int variant, int li) -> Cfg {
     switch (variant) {
       case 6: {  // the v11 dispatch (call 3): qkv / o S2 d2, gate_up S1 d3, down S2 d3, no prefetch
-        const Cfg v11[4] = {{5 | 16, 2, 2}, {5 | 16, 2, 2}, {5 | 16, 1, 3}, {5 | 16, 2, 3}};
+        const Cfg v11[4] = {{5 | 64, 2, 2}, {5 | 64, 2, 2}, {5 | 64, 1, 3}, {5 | 64, 2, 3}};
         return v11[li];
       }
-      case 7: return {16, 0, 0};  // automatic, no L2 prefetch
-      case 8: return {32, 0, 0};  // automatic, the L2 prefetch in every block
-      case 9: return li == 3 ? Cfg{4, 8, 2} : Cfg{};  // down: 4 warps S8 d2 (39 KB blocks)
+      case 7: return {64, 0, 0};  // automatic, one tile per block (no persistent loop)
+      case 8: return {16, 0, 0};  // automatic + the L2 prefetch in the first wave
+      case 9: return {64 | 16, 0, 0};  // call 1's default: one tile per block + prefetch
       default: return {};
     }
   };
@@ -407,9 +408,9 @@ int Main(int argc, char** argv) {
                           "W4, swapped, cp.async ring (v8)",
                           "W4, fold kernel with the bulk-copy ring (M <= 8)",
                           "W4, fold as dispatched by v11 (no L2 prefetch, gate_up d3)",
-                          "W4, fold without the L2 prefetch",
-                          "W4, fold with the L2 prefetch in every block",
-                          "W4, down on 4-warp blocks S8 d2",
+                          "W4, fold with one tile per block (no persistent loop)",
+                          "W4, fold + L2 prefetch before the wait (first wave)",
+                          "W4, fold one tile per block + L2 prefetch (call 1's default)",
                           "W4 (again: the spread between two runs)"};
   for (int64_t m : {1, 16}) {
     if (no_layer || !only.empty()) break;

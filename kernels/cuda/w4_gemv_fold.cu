@@ -51,6 +51,9 @@ struct Geom {
   int xrow;    // bytes per staged x row (a warp's k range + 16 pad)
   int warp_bytes;
   int pf_tiles;  // blocks of tiles < pf_tiles prefetch their weights into L2 (v12)
+  int red_off;   // reduction buffers: 0 = over the drained ring; after the
+                 // warps' rings for the persistent loop (v12), whose ring runs
+                 // on into the next tile
 };
 
 __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -141,11 +144,16 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gid = lane >> 2;
-  const int tile = blockIdx.x, q = blockIdx.y, S = gridDim.y;
+  // v12: a block may loop over tiles tile0, tile0 + gridDim.x, ... (the
+  // persistent launch of a GEMM wider than one wave); the ring then runs on
+  // across tiles: the last chunks of one tile prefetch the next one's first.
+  const int tile0 = blockIdx.x, tstride = gridDim.x, q = blockIdx.y, S = gridDim.y;
+  const int ntile_it = (a.ntiles - tile0 + tstride - 1) / tstride;  // tiles of this block
   const int nch = a.ksteps / CH;
   const int W = S * kNW, gw = q * kNW + warp;
   const int cb = static_cast<int>(static_cast<long long>(nch) * gw / W);
   const int ce = static_cast<int>(static_cast<long long>(nch) * (gw + 1) / W);
+  const int nc = ce - cb;  // chunks of this warp per tile
   const int D = geo.depth;
 
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
@@ -153,8 +161,8 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   unsigned char* wbase = smem + warp * geo.warp_bytes;
   const unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(wbase));
   const unsigned x_s = ring_s + D * geo.stage;
-  const uint4* wp = reinterpret_cast<const uint4*>(a.qw) + static_cast<size_t>(tile) * a.ksteps * 32 + lane;
-  const uint4* sz4 = reinterpret_cast<const uint4*>(a.sz) + static_cast<size_t>(tile) * a.ngroups * 16;
+  const uint4* qw4 = reinterpret_cast<const uint4*>(a.qw);
+  const uint4* sz4a = reinterpret_cast<const uint4*>(a.sz);
   const int ng1 = a.ngroups - 1, gshift = a.gshift;
 
   // BULK: one mbarrier per ring slot after the warp's x rows.
@@ -166,33 +174,35 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     }
     __syncwarp();
   }
-  auto issue_w = [&](int c, int slot) {
-    if (c >= ce) return;
+  // Chunk j of the warp's stream = chunk cb + j % nc of its (j / nc)-th tile.
+  auto issue_w = [&](int j, int slot) {
+    if (nc <= 0) return;
+    const int it = j / nc;
+    const int t = tile0 + it * tstride;
+    if (t >= a.ntiles) return;
+    const int c = cb + (j - it * nc);
+    const uint4* wt = qw4 + (static_cast<size_t>(t) * a.ksteps + static_cast<size_t>(c) * CH) * 32;
+    const uint4* zt = sz4a + (static_cast<size_t>(t) * a.ngroups + min((c * CH * 16) >> gshift, ng1)) * 16;
     const unsigned st = ring_s + slot * geo.stage;
     if (BULK) {
       if (lane == 0) {
         const unsigned bar = bars + 8 * slot;
-        const int grp = min((c * CH * 16) >> gshift, ng1);
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         MbarExpectTx(bar, CH * 512 + 256);
-        BulkG2S(st, wp - lane + static_cast<size_t>(c) * (CH * 32), CH * 512, bar);
-        BulkG2S(st + CH * 512, sz4 + grp * 16, 256, bar);
+        BulkG2S(st, wt, CH * 512, bar);
+        BulkG2S(st + CH * 512, zt, 256, bar);
       }
       return;
     }
-    const uint4* p = wp + static_cast<size_t>(c) * (CH * 32);
 #pragma unroll
-    for (int i = 0; i < CH; ++i) CpAsync16(st + i * 512 + lane * 16, p + i * 32, true);
-    if (lane < 16) {
-      const int grp = min((c * CH * 16) >> gshift, ng1);
-      CpAsync16(st + CH * 512 + lane * 16, sz4 + grp * 16 + lane, true);
-    }
+    for (int i = 0; i < CH; ++i) CpAsync16(st + i * 512 + lane * 16, wt + i * 32 + lane, true);
+    if (lane < 16) CpAsync16(st + CH * 512 + lane * 16, zt + lane, true);
   };
 
   // Prologue: the first D - 1 chunks' weights (one group each) before the
   // grid dependency wait, then the warp's x rows (one more group).
   for (int d = 0; d < D - 1; ++d) {
-    issue_w(cb + d, d);
+    issue_w(d, d);
     asm volatile("cp.async.commit_group;\n" ::);
   }
   // v12: the rest of the warp's weight range (and its scale/zero words)
@@ -200,11 +210,12 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   // streams its weights while the previous kernel drains (the weights do
   // not depend on it; only x does). Blocks of later waves skip it by
   // default (pf_tiles): for them the ring's own loads are not late.
-  if (tile < geo.pf_tiles) {
-    const uint4* w0 = wp - lane;
+  if (tile0 < geo.pf_tiles) {
+    const uint4* w0 = qw4 + static_cast<size_t>(tile0) * a.ksteps * 32;
+    const uint4* z0 = sz4a + static_cast<size_t>(tile0) * a.ngroups * 16;
     for (int c = cb + D - 1 + lane; c < ce; c += 32) {
       PrefetchL2(w0 + static_cast<size_t>(c) * (CH * 32), CH * 512);
-      if (gshift < 30) PrefetchL2(sz4 + min((c * CH * 16) >> gshift, ng1) * 16, 256);
+      if (gshift < 30) PrefetchL2(z0 + min((c * CH * 16) >> gshift, ng1) * 16, 256);
     }
   }
   if (!a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -224,12 +235,6 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     asm volatile("cp.async.commit_group;\n" ::);
   }
 
-  float acc[4][4];
-#pragma unroll
-  for (int p = 0; p < 4; ++p)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[p][c] = 0.f;
-
   // ldmatrix.x4 address of this lane: matrix lane / 8 = (step parity, k half),
   // row lane % 8 = token (rows >= m alias row m - 1).
   const int trow = min(lane & 7, a.m - 1);
@@ -239,8 +244,16 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   int slot = 0;
   unsigned phases = 0;  // BULK: bit d = the parity slot d's barrier completes next
 #pragma unroll 1
+  for (int it = 0; it < ntile_it; ++it) {
+  const int tile = tile0 + it * tstride;
+  float acc[4][4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[p][c] = 0.f;
+#pragma unroll 1
   for (int c = cb; c < ce; ++c) {
-    if (c == cb) {
+    if (it == 0 && c == cb) {
       asm volatile("cp.async.wait_group 0;\n" ::);
     } else if (!BULK) {
       WaitGroups(D - 2);
@@ -253,7 +266,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     {
       int ns = slot + D - 1;
       if (ns >= D) ns -= D;
-      issue_w(c + D - 1, ns);
+      issue_w(it * nc + (c - cb) + D - 1, ns);
       asm volatile("cp.async.commit_group;\n" ::);
     }
     const unsigned char* st = wbase + slot * geo.stage;
@@ -307,7 +320,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     }
     slot = slot + 1 == D ? 0 : slot + 1;
   }
-  asm volatile("cp.async.wait_group 0;\n" ::);
+  if (it + 1 == ntile_it) asm volatile("cp.async.wait_group 0;\n" ::);
 
   // The EC term, once per tile (k split 0): y += B (g ⊙ u), B as the A
   // operand (fragments of ec_bfrag, entry 2 j + reg), v as the B operand.
@@ -334,7 +347,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   // memory, rank r storing outputs [r E / S, (r + 1) E / S).
   constexpr int E = 16 * 32;
   __syncthreads();
-  float* red = reinterpret_cast<float*>(smem);
+  float* red = reinterpret_cast<float*>(smem + geo.red_off);
   float* part = red + kNW * E;
 #pragma unroll
   for (int p = 0; p < 4; ++p)
@@ -379,11 +392,12 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   }
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  }  // tiles of this block
 }
 
 template <int NW, int CH, bool ONE, bool BULK>
-cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, cudaStream_t stream,
-                      bool pdl) {
+cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
+                      cudaStream_t stream, bool pdl) {
   static bool configured = false;  // per instantiation; idempotent
   if (!configured) {
     int dev = 0, optin = 0;
@@ -400,7 +414,7 @@ cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, 
     configured = true;
   }
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(a.ntiles), static_cast<unsigned>(splits));
+  cfg.gridDim = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits));
   cfg.blockDim = dim3(NW * 32);
   cfg.dynamicSmemBytes = static_cast<size_t>(smem);
   cfg.stream = stream;
@@ -417,15 +431,15 @@ cudaError_t LaunchOne(const DecodeArgs& a, int splits, const Geom& g, int smem, 
 }
 
 template <int NW, bool ONE>
-cudaError_t LaunchCh(int ch, bool bulk, const DecodeArgs& a, int splits, const Geom& g, int smem,
-                     cudaStream_t stream, bool pdl) {
+cudaError_t LaunchCh(int ch, bool bulk, const DecodeArgs& a, int grid_x, int splits, const Geom& g,
+                     int smem, cudaStream_t stream, bool pdl) {
   if constexpr (NW == 8) {
-    if (bulk && ch == 8) return LaunchOne<NW, 8, ONE, true>(a, splits, g, smem, stream, pdl);
+    if (bulk && ch == 8) return LaunchOne<NW, 8, ONE, true>(a, grid_x, splits, g, smem, stream, pdl);
   }
   switch (ch) {
-    case 2: return LaunchOne<NW, 2, ONE, false>(a, splits, g, smem, stream, pdl);
-    case 4: return LaunchOne<NW, 4, ONE, false>(a, splits, g, smem, stream, pdl);
-    default: return LaunchOne<NW, 8, ONE, false>(a, splits, g, smem, stream, pdl);
+    case 2: return LaunchOne<NW, 2, ONE, false>(a, grid_x, splits, g, smem, stream, pdl);
+    case 4: return LaunchOne<NW, 4, ONE, false>(a, grid_x, splits, g, smem, stream, pdl);
+    default: return LaunchOne<NW, 8, ONE, false>(a, grid_x, splits, g, smem, stream, pdl);
   }
 }
 
@@ -442,6 +456,7 @@ int FoldChunk(const DecodeArgs& a) {
 
 struct FoldConfig {
   int nw = 8, splits = 1, depth = 2, smem = 0;
+  int grid_x = 0;  // blocks along the tiles: ntiles, or fewer (persistent loop)
   foldk::Geom geo{};
 };
 
@@ -533,8 +548,10 @@ bool FoldSupported(const DecodeArgs& a) {
 
 // a.variant (W4CudaParams::decode_kernel) & 15: 4 / 5 forces 4 / 8 warps per
 // block, 6 8 warps with the bulk-copy ring (g >= 128; narrower groups:
-// cp.async); flag 16: no L2 prefetch before the dependency wait, 32: the
-// prefetch in every block (default: the blocks of the first wave).
+// cp.async); flags (W4CudaParams::decode_kernel): 16 the L2 prefetch before
+// the dependency wait in the blocks of the first wave, 32 in every block
+// (default: none), 64 one tile per block (default: a persistent loop when
+// the tiles need more than one wave).
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream) {
   if (a.m < 1 || a.m > 8) return absl::InternalError("LaunchDecodeFold: m > 8");
@@ -544,23 +561,39 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   const int forced_warps = kind == 4 ? 4 : kind == 5 || kind == 6 ? 8 : 0;
   absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth);
   if (!c.ok()) return c.status();
-  if ((a.variant & 16) != 0) {
-    c->geo.pf_tiles = 0;
-  } else if ((a.variant & 32) != 0) {
+  // Tiles the first wave holds (x-major dispatch of the clusters).
+  const int wave_tiles = std::max(1, BlocksPerSm(*c) * num_sms / c->splits);
+  c->grid_x = a.ntiles;
+  if ((a.variant & 64) == 0 && a.ntiles > wave_tiles) {
+    // Persistent (v12): more tiles than one wave holds -> one wave of blocks
+    // looping over tiles, the reduction buffers after the ring (the ring
+    // runs on into the next tile), if that still fits as many blocks.
+    FoldConfig p = *c;
+    p.geo.red_off = p.nw * p.geo.warp_bytes;
+    p.smem = p.geo.red_off + foldk::RedBytes(p.nw);
+    if (BlocksPerSm(p) == BlocksPerSm(*c)) {
+      *c = p;
+      c->grid_x = wave_tiles;
+    }
+  }
+  if ((a.variant & 32) != 0) {
     c->geo.pf_tiles = a.ntiles;
-  } else {  // the tiles whose clusters the first wave holds (x-major dispatch)
-    c->geo.pf_tiles = BlocksPerSm(*c) * num_sms / c->splits;
+  } else if ((a.variant & 16) != 0) {
+    c->geo.pf_tiles = wave_tiles;
+  } else {  // default: no L2 prefetch (v12 call 1: it cost 2.4 us on gate_up, 1.8 on down)
+    c->geo.pf_tiles = 0;
   }
   const int ch = FoldChunk(a);
   static int pdl_ok = -1;
   auto go = [&](bool pdl) {
     const bool one = a.m == 1;
+    const int gx = c->grid_x;
     if (c->nw == 4) {
-      return one ? foldk::LaunchCh<4, true>(ch, false, a, c->splits, c->geo, c->smem, stream, pdl)
-                 : foldk::LaunchCh<4, false>(ch, false, a, c->splits, c->geo, c->smem, stream, pdl);
+      return one ? foldk::LaunchCh<4, true>(ch, false, a, gx, c->splits, c->geo, c->smem, stream, pdl)
+                 : foldk::LaunchCh<4, false>(ch, false, a, gx, c->splits, c->geo, c->smem, stream, pdl);
     }
-    return one ? foldk::LaunchCh<8, true>(ch, bulk, a, c->splits, c->geo, c->smem, stream, pdl)
-               : foldk::LaunchCh<8, false>(ch, bulk, a, c->splits, c->geo, c->smem, stream, pdl);
+    return one ? foldk::LaunchCh<8, true>(ch, bulk, a, gx, c->splits, c->geo, c->smem, stream, pdl)
+               : foldk::LaunchCh<8, false>(ch, bulk, a, gx, c->splits, c->geo, c->smem, stream, pdl);
   };
   cudaError_t e = go(pdl_ok != 0);
   if (e != cudaSuccess && pdl_ok == -1) {

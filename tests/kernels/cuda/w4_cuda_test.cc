@@ -324,9 +324,41 @@ TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
         c.bias = v % 2 == 0;
         c.f16_out = v % 3 == 1;
         c.force_decode = true;
-        // the L2 prefetch before the dependency wait: first wave (default),
-        // off (16), every block (32)
+        // the L2 prefetch before the dependency wait: off (default), first
+        // wave (16), every block (32)
         c.decode_kernel = dk | (v % 3 == 1 ? 16 : v % 3 == 2 ? 32 : 0);
+        c.decode_splits = splits;
+        c.decode_depth = depth;
+        ++v;
+        RunCase(c, rng, ws->get());
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// The fold kernel's persistent loop (v12): a GEMM with more 64-column tiles
+// than one wave of blocks holds (n > 64 x 2 x SMs / S for 8-warp blocks)
+// runs one wave of blocks that loop over tiles with the ring running on
+// across tiles (n = 3 x 64 x SMs + 77: 8 warps at S = 1 and 2 and 4 warps
+// at S = 2 loop; 4 warps at S = 1 fit one wave), against the reference.
+TEST(CudaW4, FoldPersistentLoopMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 6);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  const int64_t n = 64 * 3 * int64_t{cuda::NumSms()} + 77;
+  int v = 0;
+  for (int dk : {5, 4, 6}) {
+    for (int splits : {1, 2}) {
+      for (int depth : {2, 3}) {
+        Case c{n, v % 2 ? 1000 : 512, v % 2 ? 1000 : 128, 1 + (3 * v) % 8};
+        c.ec = v % 3;
+        c.bias = v % 2 == 0;
+        c.f16_out = v % 3 == 1;
+        c.accumulate = v % 4 == 3;
+        c.force_decode = true;
+        c.decode_kernel = dk | (v % 4 == 2 ? 16 : 0);
         c.decode_splits = splits;
         c.decode_depth = depth;
         ++v;
