@@ -9,7 +9,6 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
-#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -59,12 +58,9 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
                                                         const __half* __restrict__ a,
                                                         float* u, unsigned* counter,
                                                         GateArgs g) {
-  // Launched with PDL (v12): wait for the kernel before (x, and the
-  // workspace's u / v / counter, which the GEMM before may still read),
-  // then let the GEMM that follows start: it reads only x and the weights
-  // until it needs v (see w4_gemm_kernel.cuh), and x is complete once this
-  // wait has passed.
-  PdlEnter();
+  // The GEMM that follows (launched with PDL) may start now: it reads only
+  // x and the weights until it needs v (see w4_gemm_kernel.cuh).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
   __shared__ float us[8][kMaxRank];
   __shared__ float hs[8][kMaxRank];
   __shared__ float ut[8][kDecodeMaxM];
@@ -201,12 +197,11 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                               float* v_f32, float* gate_out, cudaStream_t stream) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
-  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(EcPrologueKernel, dim3(static_cast<unsigned>(w.r)), dim3(256),
-                                       0, stream, reinterpret_cast<const __half*>(x),
-                                       static_cast<int>(m), static_cast<long long>(ldx),
-                                       static_cast<int>(w.k),
-                                       reinterpret_cast<const __half*>(w.ec_a), ws.u,
-                                       ws.ec_counter, MakeGate(w, v_half, ldv, v_f32, gate_out)));
+  EcPrologueKernel<<<static_cast<unsigned>(w.r), 256, 0, stream>>>(
+      reinterpret_cast<const __half*>(x), static_cast<int>(m), ldx, static_cast<int>(w.k),
+      reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
+      MakeGate(w, v_half, ldv, v_f32, gate_out));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
 
