@@ -22,7 +22,8 @@
 // for 8-warp and 4-warp blocks, 8-warp blocks with one tile per block (no
 // persistent loop) and with the L2 prefetch before the dependency wait, on
 // the 8B shapes at M in {1, 4, 8} (--ms= narrows them; W4 only). --profile: the four 8B GEMMs
-// at M = 1, launched directly (fold, fold with bulk copies, v8; for ncu), then exit.
+// at M = 1, launched directly (fold as dispatched, fold with one tile per
+// block, v8; for ncu), then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -173,9 +174,9 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
       return p;
     };
     if (profile) {
-      // the fold kernel (auto), the fold kernel with the bulk-copy ring, the v8 ring kernel
+      // the fold kernel (auto), the fold kernel with one tile per block, the v8 ring kernel
       for (int i = 0; i < 3; ++i) {
-        CKS(cuda::W4Linear(*rot[i % nrot], params(1, i == 0 ? 0 : i == 1 ? 6 : 3, 0, 0), ws, g_stream));
+        CKS(cuda::W4Linear(*rot[i % nrot], params(1, i == 0 ? 0 : i == 1 ? 5 | 64 : 3, 0, 0), ws, g_stream));
       }
       CK(cudaStreamSynchronize(g_stream));
       continue;

@@ -4,7 +4,7 @@
 # spear_kernels_cuda_test spear_bench_w4_cuda): the GPU tests, the fold
 # kernel's split x depth sweep, the torch int4 peer and the decode table
 # (M <= 16, with the 8B layer graph), and an ncu profile of the four 8B
-# GEMMs at M = 1 (fold, fold with bulk copies, v8), then memcheck on the
+# GEMMs at M = 1 (fold as dispatched, fold one tile per block, v8), then memcheck on the
 # fold kernel's forced configurations. With spear_bench_decode_cuda (and
 # spear_decode_cuda_test) in the bundle also the end-to-end decode step and
 # memcheck of the small kernels' PDL chain. At most 8 files under $OUT (the
