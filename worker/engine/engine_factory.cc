@@ -24,9 +24,8 @@ bool BuiltWithCuda() {
 absl::Status CudaUsable() {
 #ifdef SPEAR_ENGINE_HAS_CUDA
   auto n = kernels::cuda::DeviceCount();
-  if (!n.ok()) {
-    return absl::UnavailableError(
-        absl::StrCat("device cuda: no usable CUDA device (", n.status().message(), ")"));
+  if (!n.ok()) {  // its message starts "no usable CUDA device: <runtime error>"
+    return absl::UnavailableError(absl::StrCat("device cuda: ", n.status().message()));
   }
   if (*n == 0) return absl::UnavailableError("device cuda: no CUDA device on this machine");
   return absl::OkStatus();
