@@ -29,6 +29,12 @@
 // w4_gemv_swap.cu, whose EC epilogue (B (g ⊙ u) as rp / 16 more mma steps
 // by split 0) and PDL habits this kernel keeps. NW, S and the ring depth
 // come from a cost model (ChooseFold; numbers in docs/results/gpu.md).
+// v12: when the tiles need more than one wave of blocks (8B gate_up at
+// m = 1: 448 tiles, 264 block slots) one wave of blocks loops over the
+// tiles (tile0, tile0 + gridDim.x, ...) and each warp's ring runs on from
+// one tile into the next (-1.1 us on gate_up); an L2 prefetch of a warp's
+// whole weight range before griddepcontrol.wait was measured slower (+2.4
+// us on gate_up) and is off unless a testing flag asks for it.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 

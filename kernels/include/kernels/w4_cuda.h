@@ -128,7 +128,12 @@ struct W4CudaParams {
   // swapped-operand kernel with register-direct loads (v7), 3 the
   // swapped-operand cp.async-ring kernel (v8) at any m <= 16, 4 / 5 the fold
   // kernel (m <= 8) with 4 / 8 warps per block forced, 6 the fold kernel with
-  // 8 warps and its ring filled by bulk copies (groups >= 128).
+  // 8 warps and its ring filled by bulk copies (groups >= 128). Flags added
+  // to the value, fold kernel only: 16 an L2 prefetch of each warp's weights
+  // before the dependency wait in the first wave's blocks, 32 the same in
+  // every block (both measured slower; off by default), 64 one tile per
+  // block (by default a GEMM whose tiles need more than one wave runs one
+  // wave of blocks looping over tiles).
   int decode_kernel = 0;
   // testing/benchmarks, fold kernel only: k splits (1, 2, 4, 8; 0 = the
   // cost model's choice) and cp.async ring depth (2..4; 0 = automatic). A
