@@ -142,9 +142,9 @@ absl::Status Embedding(const EmbeddingParams& p, cudaStream_t stream) {
   }
   if (p.m == 0) return absl::OkStatus();
   if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::Embedding: too many rows");
-  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(EmbeddingKernel, dim3(static_cast<unsigned>(p.m)), dim3(1024),
-                                       0, stream, p.table, p.vocab, p.d, p.ids, p.y_f32, p.y_f16,
-                                       p.ldy));
+  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(EmbeddingKernel, dim3(static_cast<unsigned>(p.m)),
+                                       dim3(1024), 0, stream, p.table, p.vocab, p.d, p.ids,
+                                       p.y_f32, p.y_f16, p.ldy));
   return absl::OkStatus();
 }
 

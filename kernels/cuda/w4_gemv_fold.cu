@@ -188,7 +188,8 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     if (t >= a.ntiles) return;
     const int c = cb + (j - it * nc);
     const uint4* wt = qw4 + (static_cast<size_t>(t) * a.ksteps + static_cast<size_t>(c) * CH) * 32;
-    const uint4* zt = sz4a + (static_cast<size_t>(t) * a.ngroups + min((c * CH * 16) >> gshift, ng1)) * 16;
+    const int grp = min((c * CH * 16) >> gshift, ng1);
+    const uint4* zt = sz4a + (static_cast<size_t>(t) * a.ngroups + grp) * 16;
     const unsigned st = ring_s + slot * geo.stage;
     if (BULK) {
       if (lane == 0) {
@@ -251,153 +252,153 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   unsigned phases = 0;  // BULK: bit d = the parity slot d's barrier completes next
 #pragma unroll 1
   for (int it = 0; it < ntile_it; ++it) {
-  const int tile = tile0 + it * tstride;
-  float acc[4][4];
-#pragma unroll
-  for (int p = 0; p < 4; ++p)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[p][c] = 0.f;
-#pragma unroll 1
-  for (int c = cb; c < ce; ++c) {
-    if (it == 0 && c == cb) {
-      asm volatile("cp.async.wait_group 0;\n" ::);
-    } else if (!BULK) {
-      WaitGroups(D - 2);
-    }
-    if (BULK) {
-      MbarWait(bars + 8 * slot, (phases >> slot) & 1u);
-      phases ^= 1u << slot;
-    }
-    __syncwarp();
-    {
-      int ns = slot + D - 1;
-      if (ns >= D) ns -= D;
-      issue_w(it * nc + (c - cb) + D - 1, ns);
-      asm volatile("cp.async.commit_group;\n" ::);
-    }
-    const unsigned char* st = wbase + slot * geo.stage;
-    const unsigned xc = xl + (c - cb) * CH * 32;
-    float d[4][4], xs[4];
-#pragma unroll
-    for (int s2 = 0; s2 < CH; s2 += 2) {
-      uint32_t b[4];
-      LdMatrixX4(b, xc + s2 * 32);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int s = s2 + h;
-        const uint4 wq = *reinterpret_cast<const uint4*>(st + s * 512 + lane * 16);
-        const uint32_t wv[4] = {wq.x, wq.y, wq.z, wq.w};
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          const uint32_t w = wv[p], w8 = wv[p] >> 8;
-          const uint32_t a0 = AndOr<0x000f000fu, 0x64006400u>(w);
-          const uint32_t a2 = AndOr<0x00f000f0u, 0x54005400u>(w);
-          const uint32_t a1 = AndOr<0x000f000fu, 0x64006400u>(w8);
-          const uint32_t a3 = AndOr<0x00f000f0u, 0x54005400u>(w8);
+    const int tile = tile0 + it * tstride;
+    float acc[4][4];
+  #pragma unroll
+    for (int p = 0; p < 4; ++p)
+  #pragma unroll
+      for (int c = 0; c < 4; ++c) acc[p][c] = 0.f;
+  #pragma unroll 1
+    for (int c = cb; c < ce; ++c) {
+      if (it == 0 && c == cb) {
+        asm volatile("cp.async.wait_group 0;\n" ::);
+      } else if (!BULK) {
+        WaitGroups(D - 2);
+      }
+      if (BULK) {
+        MbarWait(bars + 8 * slot, (phases >> slot) & 1u);
+        phases ^= 1u << slot;
+      }
+      __syncwarp();
+      {
+        int ns = slot + D - 1;
+        if (ns >= D) ns -= D;
+        issue_w(it * nc + (c - cb) + D - 1, ns);
+        asm volatile("cp.async.commit_group;\n" ::);
+      }
+      const unsigned char* st = wbase + slot * geo.stage;
+      const unsigned xc = xl + (c - cb) * CH * 32;
+      float d[4][4], xs[4];
+  #pragma unroll
+      for (int s2 = 0; s2 < CH; s2 += 2) {
+        uint32_t b[4];
+        LdMatrixX4(b, xc + s2 * 32);
+  #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int s = s2 + h;
+          const uint4 wq = *reinterpret_cast<const uint4*>(st + s * 512 + lane * 16);
+          const uint32_t wv[4] = {wq.x, wq.y, wq.z, wq.w};
+  #pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            const uint32_t w = wv[p], w8 = wv[p] >> 8;
+            const uint32_t a0 = AndOr<0x000f000fu, 0x64006400u>(w);
+            const uint32_t a2 = AndOr<0x00f000f0u, 0x54005400u>(w);
+            const uint32_t a1 = AndOr<0x000f000fu, 0x64006400u>(w8);
+            const uint32_t a3 = AndOr<0x00f000f0u, 0x54005400u>(w8);
+            if (s == 0) {
+              MmaZ(d[p], a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+            } else {
+              Mma(d[p], a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+            }
+          }
           if (s == 0) {
-            MmaZ(d[p], a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+            MmaZ(xs, kOne, 0u, kOne, kOne, b[2 * h], b[2 * h + 1]);
           } else {
-            Mma(d[p], a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+            Mma(xs, kOne, 0u, kOne, kOne, b[2 * h], b[2 * h + 1]);
           }
         }
-        if (s == 0) {
-          MmaZ(xs, kOne, 0u, kOne, kOne, b[2 * h], b[2 * h + 1]);
+      }
+      // Fold: column c(2p) (rows gid) takes d[p][0..1], c(2p+1) d[p][2..3];
+      // tokens 2 tig and 2 tig + 1.
+      const uint4 z0 = *reinterpret_cast<const uint4*>(st + CH * 512 + gid * 32);
+      const uint4 z1 = *reinterpret_cast<const uint4*>(st + CH * 512 + gid * 32 + 16);
+      const uint32_t sw[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
+      const float h0 = 960.f * xs[2], h1 = 960.f * xs[3];
+  #pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&sw[2 * p]));
+        const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&sw[2 * p + 1]));
+        acc[p][0] = fmaf(f0.x, fmaf(-f0.y, xs[0], d[p][0] + h0), acc[p][0]);
+        acc[p][2] = fmaf(f1.x, fmaf(-f1.y, xs[0], d[p][2] + h0), acc[p][2]);
+        if (!ONE) {
+          acc[p][1] = fmaf(f0.x, fmaf(-f0.y, xs[1], d[p][1] + h1), acc[p][1]);
+          acc[p][3] = fmaf(f1.x, fmaf(-f1.y, xs[1], d[p][3] + h1), acc[p][3]);
+        }
+      }
+      slot = slot + 1 == D ? 0 : slot + 1;
+    }
+    if (it + 1 == ntile_it) asm volatile("cp.async.wait_group 0;\n" ::);
+
+    // The EC term, once per tile (k split 0): y += B (g ⊙ u), B as the A
+    // operand (fragments of ec_bfrag, entry 2 j + reg), v as the B operand.
+    if (a.ecb != nullptr && q == 0) {
+      if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  #pragma unroll 1
+      for (int e = warp; e < a.esteps; e += kNW) {
+        const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
+                          ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
+        const uint4 q0 = bp[0], q1 = bp[1], q2 = bp[2], q3 = bp[3];
+        const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
+                                 q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
+        const int row = gid;
+        const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
+        const uint32_t vb0 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
+        const uint32_t vb1 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
+  #pragma unroll
+        for (int p = 0; p < 4; ++p) Mma(acc[p], bv[4 * p], bv[4 * p + 2], bv[4 * p + 1], bv[4 * p + 3], vb0, vb1);
+      }
+    }
+
+    // Reduction in fixed order: the warps through shared memory (over the
+    // drained ring), then the cluster's blocks through distributed shared
+    // memory, rank r storing outputs [r E / S, (r + 1) E / S).
+    constexpr int E = 16 * 32;
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(smem + geo.red_off);
+    float* part = red + kNW * E;
+  #pragma unroll
+    for (int p = 0; p < 4; ++p)
+  #pragma unroll
+      for (int c = 0; c < 4; ++c) red[(warp * 16 + p * 4 + c) * 32 + lane] = acc[p][c];
+    __syncthreads();
+    for (int o = tid; o < E; o += kNW * 32) {
+      float s = 0.f;
+  #pragma unroll
+      for (int w = 0; w < kNW; ++w) s += red[w * E + o];
+      part[o] = s;
+    }
+    asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+    const int lo = q * E / S, hi = (q + 1) * E / S;
+    for (int o = lo + tid; o < hi; o += kNW * 32) {
+      float s = 0.f;
+      const unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(&part[o]));
+      for (int r = 0; r < S; ++r) {
+        unsigned remote;
+        float v;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(r));
+        asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+        s += v;
+      }
+      const int e = o >> 5, l = o & 31;
+      const int lg = l >> 2, lt = l & 3;
+      const int p = (e >> 2) & 3, c = e & 3;
+      const int row = 2 * lt + (c & 1);
+      const int col = tile * 64 + 16 * p + lg + 8 * (c >> 1);
+      if (row < a.m && col < a.n) {
+        if (a.bias != nullptr) s += a.bias[col];
+        const long long idx = row * a.ldy + col;
+        if (a.y32 != nullptr) {
+          a.y32[idx] = a.accumulate ? a.y32[idx] + s : s;
         } else {
-          Mma(xs, kOne, 0u, kOne, kOne, b[2 * h], b[2 * h + 1]);
+          __half* y = reinterpret_cast<__half*>(a.y16);
+          y[idx] = __float2half_rn(a.accumulate ? __half2float(y[idx]) + s : s);
         }
       }
     }
-    // Fold: column c(2p) (rows gid) takes d[p][0..1], c(2p+1) d[p][2..3];
-    // tokens 2 tig and 2 tig + 1.
-    const uint4 z0 = *reinterpret_cast<const uint4*>(st + CH * 512 + gid * 32);
-    const uint4 z1 = *reinterpret_cast<const uint4*>(st + CH * 512 + gid * 32 + 16);
-    const uint32_t sw[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
-    const float h0 = 960.f * xs[2], h1 = 960.f * xs[3];
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&sw[2 * p]));
-      const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&sw[2 * p + 1]));
-      acc[p][0] = fmaf(f0.x, fmaf(-f0.y, xs[0], d[p][0] + h0), acc[p][0]);
-      acc[p][2] = fmaf(f1.x, fmaf(-f1.y, xs[0], d[p][2] + h0), acc[p][2]);
-      if (!ONE) {
-        acc[p][1] = fmaf(f0.x, fmaf(-f0.y, xs[1], d[p][1] + h1), acc[p][1]);
-        acc[p][3] = fmaf(f1.x, fmaf(-f1.y, xs[1], d[p][3] + h1), acc[p][3]);
-      }
-    }
-    slot = slot + 1 == D ? 0 : slot + 1;
-  }
-  if (it + 1 == ntile_it) asm volatile("cp.async.wait_group 0;\n" ::);
-
-  // The EC term, once per tile (k split 0): y += B (g ⊙ u), B as the A
-  // operand (fragments of ec_bfrag, entry 2 j + reg), v as the B operand.
-  if (a.ecb != nullptr && q == 0) {
-    if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#pragma unroll 1
-    for (int e = warp; e < a.esteps; e += kNW) {
-      const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
-                        ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
-      const uint4 q0 = bp[0], q1 = bp[1], q2 = bp[2], q3 = bp[3];
-      const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
-                               q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
-      const int row = gid;
-      const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
-      const uint32_t vb0 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
-      const uint32_t vb1 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
-#pragma unroll
-      for (int p = 0; p < 4; ++p) Mma(acc[p], bv[4 * p], bv[4 * p + 2], bv[4 * p + 1], bv[4 * p + 3], vb0, vb1);
-    }
-  }
-
-  // Reduction in fixed order: the warps through shared memory (over the
-  // drained ring), then the cluster's blocks through distributed shared
-  // memory, rank r storing outputs [r E / S, (r + 1) E / S).
-  constexpr int E = 16 * 32;
-  __syncthreads();
-  float* red = reinterpret_cast<float*>(smem + geo.red_off);
-  float* part = red + kNW * E;
-#pragma unroll
-  for (int p = 0; p < 4; ++p)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) red[(warp * 16 + p * 4 + c) * 32 + lane] = acc[p][c];
-  __syncthreads();
-  for (int o = tid; o < E; o += kNW * 32) {
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < kNW; ++w) s += red[w * E + o];
-    part[o] = s;
-  }
-  asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-  const int lo = q * E / S, hi = (q + 1) * E / S;
-  for (int o = lo + tid; o < hi; o += kNW * 32) {
-    float s = 0.f;
-    const unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(&part[o]));
-    for (int r = 0; r < S; ++r) {
-      unsigned remote;
-      float v;
-      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(r));
-      asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-      s += v;
-    }
-    const int e = o >> 5, l = o & 31;
-    const int lg = l >> 2, lt = l & 3;
-    const int p = (e >> 2) & 3, c = e & 3;
-    const int row = 2 * lt + (c & 1);
-    const int col = tile * 64 + 16 * p + lg + 8 * (c >> 1);
-    if (row < a.m && col < a.n) {
-      if (a.bias != nullptr) s += a.bias[col];
-      const long long idx = row * a.ldy + col;
-      if (a.y32 != nullptr) {
-        a.y32[idx] = a.accumulate ? a.y32[idx] + s : s;
-      } else {
-        __half* y = reinterpret_cast<__half*>(a.y16);
-        y[idx] = __float2half_rn(a.accumulate ? __half2float(y[idx]) + s : s);
-      }
-    }
-  }
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
   }  // tiles of this block
 }
 
@@ -593,13 +594,13 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   static int pdl_ok = -1;
   auto go = [&](bool pdl) {
     const bool one = a.m == 1;
-    const int gx = c->grid_x;
+    const int gx = c->grid_x, s = c->splits, sm = c->smem;
     if (c->nw == 4) {
-      return one ? foldk::LaunchCh<4, true>(ch, false, a, gx, c->splits, c->geo, c->smem, stream, pdl)
-                 : foldk::LaunchCh<4, false>(ch, false, a, gx, c->splits, c->geo, c->smem, stream, pdl);
+      return one ? foldk::LaunchCh<4, true>(ch, false, a, gx, s, c->geo, sm, stream, pdl)
+                 : foldk::LaunchCh<4, false>(ch, false, a, gx, s, c->geo, sm, stream, pdl);
     }
-    return one ? foldk::LaunchCh<8, true>(ch, bulk, a, gx, c->splits, c->geo, c->smem, stream, pdl)
-               : foldk::LaunchCh<8, false>(ch, bulk, a, gx, c->splits, c->geo, c->smem, stream, pdl);
+    return one ? foldk::LaunchCh<8, true>(ch, bulk, a, gx, s, c->geo, sm, stream, pdl)
+               : foldk::LaunchCh<8, false>(ch, bulk, a, gx, s, c->geo, sm, stream, pdl);
   };
   cudaError_t e = go(pdl_ok != 0);
   if (e != cudaSuccess && pdl_ok == -1) {
