@@ -2,8 +2,8 @@
 // W4(+EC) model on the GPU, captured as ONE CUDA graph (no host sync inside),
 // against the memory-bandwidth floor measured in the same run.
 //
-// Step: embed -> per layer [RMSNorm -> qkv W4 -> RoPE (q and k) -> KV append
-// -> paged decode attention -> o W4 (+= residual) -> RMSNorm -> gate_up W4
+// Step: embed -> per layer [RMSNorm -> qkv W4 -> RoPE (q and k) + KV append
+// (one launch) -> paged decode attention (the combine inside its launch) -> o W4 (+= residual) -> RMSNorm -> gate_up W4
 // -> SwiGLU -> down W4 (+= residual)] -> final RMSNorm -> lm_head (cuBLAS
 // fp16, fp32 logits) -> argmax. Residual stream fp32, activations fp16, KV
 // cache fp16 paged (block 16, shuffled page tables), every sequence at the
@@ -17,7 +17,8 @@
 // left out: what the other kernels cost), the W4 step without RoPE, KV
 // append and attention (what attention costs), and the W4 step without
 // programmatic dependent launch of the small kernels (cuda_ops.h), also
-// with one tile per fold-kernel block (no persistent loop).
+// with one tile per fold-kernel block (no persistent loop), and the step of
+// v12 with RoPE, KV append and the attention combine as separate launches.
 //
 // Floor: bytes a step must read (weights as laid out, + EC where on, + the
 // KV rows read, + lm_head, + embedding rows and norm weights) over the
@@ -26,7 +27,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,1,2,3,4,5,6]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,1,2,3,4,5,6,7]  (rows of kVariants)
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -148,6 +149,7 @@ struct Variant {
   bool skip_attention = false;  // RoPE, KV append and attention left out
   bool small_pdl = true;        // cuda::SetProgrammaticLaunch while capturing
   int fold_flags = 0;           // W4CudaParams::decode_kernel (64: no persistent loop)
+  bool fused = true;            // RopeKvAppend + the combine in the attention's split launch
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -156,7 +158,9 @@ const Variant kVariants[] = {
     {"W4 GEMMs only (no norm/rope/attn/lm_head)", Ec::kOff, true},
     {"W4 without RoPE/KV append/attention", Ec::kOff, false, true},
     {"W4, small kernels without PDL", Ec::kOff, false, false, false},
-    {"W4, no PDL on small kernels, fold one tile per block", Ec::kOff, false, false, false, 64}};
+    {"W4, no PDL on small kernels, fold one tile per block", Ec::kOff, false, false, false, 64},
+    {"W4, unfused RoPE / KV append / attention combine (v12)", Ec::kOff, false,
+     false, true, 0, false}};
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
 struct Layer {
@@ -275,6 +279,12 @@ class Model {
           attn_ws_bytes_, cuda::PagedDecodeAttentionWorkspaceBytes(AttnParams(b, layers_[0])));
     }
     attn_ws_ = Alloc<uint8_t>(attn_ws_bytes_);
+    for (int b = 1; b <= max_batch; ++b) {
+      attn_tickets_ = std::max(attn_tickets_,
+                               cuda::PagedDecodeAttentionTickets(AttnParams(b, layers_[0])));
+    }
+    tickets_ = Alloc<int32_t>(attn_tickets_);
+    CK(cudaMemset(tickets_, 0, std::max<int64_t>(attn_tickets_, 1) * sizeof(int32_t)));
     auto ws = cuda::W4Workspace::Create();
     CKS(ws.status());
     ws_ = std::move(*ws);
@@ -295,7 +305,7 @@ class Model {
     }
     for (void* p : std::initializer_list<void*>{final_norm_, embed_, inv_freq_, tables_, pos_,
                                                 slots_, lens_, ids_, next_, residual_, h16_, qkv_,
-                                                attn_, gu_, act_, logits_, attn_ws_, cublas_ws_}) {
+                                                attn_, gu_, act_, logits_, attn_ws_, tickets_, cublas_ws_}) {
       cudaFree(p);
     }
     if (!shape_.tied) cudaFree(lm_head_);
@@ -372,7 +382,26 @@ class Model {
         CKS(cuda::RmsNormF16(n, g_stream));
       }
       gemm(*L.qkv, h16_, H, qkv_, nullptr, qkv_n, ec);
-      if (!v.gemms_only && !v.skip_attention) {
+      if (!v.gemms_only && !v.skip_attention && v.fused) {
+        cuda::RopeKvAppendParams f;
+        f.qkv = qkv_;
+        f.m = m;
+        f.ldqkv = qkv_n;
+        f.n_q_heads = shape_.n_q;
+        f.n_kv_heads = shape_.n_kv;
+        f.head_dim = shape_.head_dim;
+        f.positions = pos_;
+        f.inv_freq = inv_freq_;
+        f.slots = slots_;
+        f.k_cache = L.k_cache;
+        f.v_cache = L.v_cache;
+        f.block_size = kBlock;
+        f.num_cache_blocks = num_blocks_;
+        CKS(cuda::RopeKvAppend(f, g_stream));
+        cuda::PagedDecodeAttentionParams ap = AttnParams(m, L);
+        ap.tickets = tickets_;
+        CKS(cuda::PagedDecodeAttention(ap, g_stream));
+      } else if (!v.gemms_only && !v.skip_attention) {
         cuda::RopeF16Params r;
         r.x = qkv_;
         r.m = m;
@@ -473,6 +502,8 @@ class Model {
   float* logits_ = nullptr;
   uint8_t* attn_ws_ = nullptr;
   size_t attn_ws_bytes_ = 0;
+  int32_t* tickets_ = nullptr;  // the attention's combine tickets (zero between calls)
+  int64_t attn_tickets_ = 0;
   std::unique_ptr<cuda::W4Workspace> ws_;
   cublasHandle_t cublas_ = nullptr;
   uint8_t* cublas_ws_ = nullptr;
@@ -509,7 +540,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,1,2,3,4,5,6]\n",
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,1,2,3,4,5,6,7]\n",
                    a.c_str(), argv[0]);
       return 2;
     }

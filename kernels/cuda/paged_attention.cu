@@ -14,8 +14,10 @@
 // version with 4-byte V loads in a dependent loop cost ~100 us per layer at
 // batch 32. With one
 // partition the block writes the normalised fp16 output; otherwise it
-// writes an unnormalised fp32 partial + its max and sum, and CombineKernel
-// merges the partitions (log-sum-exp rescaling).
+// writes an unnormalised fp32 partial + its max and sum, and the partitions
+// are merged (log-sum-exp rescaling) by the last block of the head group to
+// finish (CombineInBlock: no second launch) when the caller passes tickets,
+// else by CombineKernel.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -57,6 +59,64 @@ Plan MakePlan(const PagedDecodeAttentionParams& p) {
   return pl;
 }
 
+// The in-launch combine (tickets != null, 1 < nparts <= kMaxPart), run by
+// every block after it stored its partials: the block takes a ticket for its
+// (sequence, head group); the block that takes the last one combines the
+// group's partitions, in partition order 0, 1, ... (fixed-order shuffles for
+// the max and the denominator), so the output bits do not depend on which
+// block finished last, and sets the ticket back to zero for the next call.
+// The partials of other blocks are read through L2 (ld.cg) after a fence.
+// Block-uniform: every thread of the block calls it.
+template <int D>
+__device__ __forceinline__ void CombineInBlock(int nparts, int ng, int h0, int n_heads,
+                                               int64_t seq, int32_t* __restrict__ tickets,
+                                               const float* po, const float* pm, const float* pl,
+                                               uint16_t* __restrict__ out, int64_t ldo,
+                                               float (*w_s)[kMaxPart], float* den_s,
+                                               int* last_s) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  __threadfence();  // this thread's partials are visible before the ticket
+  __syncthreads();
+  if (tid == 0) {
+    int32_t* t = tickets + seq * gridDim.y + blockIdx.y;
+    const int prev = atomicAdd(t, 1);
+    *last_s = prev == nparts - 1;
+    if (prev == nparts - 1) *t = 0;  // every other block has taken its ticket
+  }
+  __syncthreads();
+  if (!*last_s) return;
+  __threadfence();
+  for (int g = warp; g < ng; g += kThreads / 32) {
+    const int64_t hh = seq * n_heads + h0 + g;
+    float mx = -INFINITY;
+    for (int j = lane; j < nparts; j += 32) {
+      if (__ldcg(pl + hh * nparts + j) > 0.f) mx = fmaxf(mx, __ldcg(pm + hh * nparts + j));
+    }
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float den = 0.f;
+    for (int j = lane; j < nparts; j += 32) {
+      const float lj = __ldcg(pl + hh * nparts + j);
+      const float w = lj > 0.f ? expf(__ldcg(pm + hh * nparts + j) - mx) : 0.f;
+      w_s[g][j] = w;
+      den += w * lj;
+    }
+    for (int off = 16; off > 0; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
+    if (lane == 0) den_s[g] = den;
+  }
+  __syncthreads();
+  for (int i = tid; i < ng * D; i += kThreads) {
+    const int g = i / D, d = i - g * D;
+    const int64_t hh = seq * n_heads + h0 + g;
+    const float* o = po + hh * nparts * D + d;
+    float num = 0.f;
+#pragma unroll 4
+    for (int j = 0; j < nparts; ++j) num += w_s[g][j] * __ldcg(o + int64_t{j} * D);
+    const float den = den_s[g];
+    reinterpret_cast<__half*>(out + seq * ldo)[(h0 + g) * D + d] =
+        __float2half_rn(den > 0.f ? num / den : 0.f);
+  }
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     SplitKernel(const uint16_t* __restrict__ q, int64_t ldq, int n_heads, int n_kv_heads,
@@ -64,13 +124,16 @@ __global__ void __launch_bounds__(kThreads)
                 int block_size, int64_t num_cache_blocks, const int32_t* __restrict__ tables,
                 int64_t max_blocks, const int32_t* __restrict__ context_lens, int64_t max_ctx,
                 float scale, int part, int gchunks, uint16_t* __restrict__ out, int64_t ldo,
-                float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl) {
+                float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
+                int32_t* __restrict__ tickets) {
   __shared__ __align__(16) float q_s[kMaxG][D];
   // Scores, then probabilities; after (3)'s loop the same memory holds the
   // per-warp partial outputs [kWarps][kMaxG][D] (at most 16 KB, = s_s).
   __shared__ __align__(16) float s_s[kMaxG][kMaxPart];
   __shared__ int32_t row_s[kMaxPart];  // cache row (slot) of each token, -1 = masked
   __shared__ float m_s[kMaxG], l_s[kMaxG];
+  __shared__ float den_s[kMaxG];
+  __shared__ int last_s;
   constexpr int kWarps = kThreads / 32;
   static_assert(kWarps * kMaxG * D <= kMaxG * kMaxPart, "partials must fit in s_s");
   float(*red_s)[kMaxG][D] = reinterpret_cast<float(*)[kMaxG][D]>(&s_s[0][0]);
@@ -102,6 +165,10 @@ __global__ void __launch_bounds__(kThreads)
           pl[hh * nparts + blockIdx.x] = 0.f;
         }
       }
+    }
+    if (nparts > 1 && tickets != nullptr) {  // nt == 0 is uniform over the block
+      CombineInBlock<D>(nparts, ng, h0, n_heads, seq, tickets, po, pm, pl, out, ldo, s_s, den_s,
+                        &last_s);
     }
     return;
   }
@@ -259,6 +326,11 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  if (nparts > 1 && tickets != nullptr) {
+    __syncthreads();  // red_s (= s_s) is read above; the combine reuses s_s
+    CombineInBlock<D>(nparts, ng, h0, n_heads, seq, tickets, po, pm, pl, out, ldo, s_s, den_s,
+                      &last_s);
+  }
 }
 
 constexpr int kCombineThreads = 128;
@@ -347,6 +419,11 @@ size_t PagedDecodeAttentionWorkspaceBytes(const PagedDecodeAttentionParams& p) {
   return static_cast<size_t>(p.num_seqs) * p.n_heads * pl.parts * (p.head_dim + 2) * sizeof(float);
 }
 
+int64_t PagedDecodeAttentionTickets(const PagedDecodeAttentionParams& p) {
+  if (!Validate(p).ok()) return 0;
+  return p.num_seqs * p.n_kv_heads * MakePlan(p).gchunks;
+}
+
 absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStream_t stream) {
   if (absl::Status s = Validate(p); !s.ok()) return s;
   if (p.num_seqs == 0) return absl::OkStatus();
@@ -368,12 +445,15 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
   float* plsum = pm ? pm + nh : nullptr;
   const dim3 grid(static_cast<unsigned>(pl.parts), static_cast<unsigned>(pl.gchunks * p.n_kv_heads),
                   static_cast<unsigned>(p.num_seqs));
+  // The combine in the split launch when the caller gave tickets and the
+  // partition weights of a head group fit the block's score buffer.
+  int32_t* tickets = pl.parts > 1 && pl.parts <= kMaxPart ? p.tickets : nullptr;
   SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
       p.head_dim == 64 ? SplitKernel<64> : SplitKernel<128>, grid, dim3(kThreads), 0, stream, p.q,
       p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks,
       p.block_tables, p.max_blocks_per_seq, p.context_lens, p.max_context_len, p.scale, pl.part,
-      pl.gchunks, p.out, p.ldo, po, pm, plsum));
-  if (pl.parts > 1) {
+      pl.gchunks, p.out, p.ldo, po, pm, plsum, tickets));
+  if (pl.parts > 1 && tickets == nullptr) {
     SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
         CombineKernel, dim3(static_cast<unsigned>(p.n_heads), static_cast<unsigned>(p.num_seqs)),
         dim3(kCombineThreads), CombinePadded(pl.parts) * sizeof(float), stream, p.head_dim,

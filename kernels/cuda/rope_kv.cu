@@ -1,6 +1,6 @@
-// RoPE on fp16 activations and the KV-cache append of a decode/prefill step.
-// Both are memory-trivial (a few KB per token); one thread block per token
-// keeps them to one short launch each.
+// RoPE on fp16 activations and the KV-cache append of a decode/prefill step,
+// separately and fused (RopeKvAppend: one graph node per layer instead of
+// two). Memory-trivial (a few KB per token); one short launch each.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -71,6 +71,57 @@ __global__ void KvAppendKernel(const uint16_t* __restrict__ k, const uint16_t* _
   }
 }
 
+// RoPE + KV append in one launch (RopeKvAppend). Block (i, c) of token i:
+// thread u < (n_q + n_kv) * D/2 rotates pair u as RopeKernel and, for a k
+// head, also stores the two rotated values into the cache row; the threads
+// after them copy the token's v row into the cache (16-byte pieces when
+// kVec, else 2-byte elements). One memory round trip per thread; no thread
+// reads what another writes.
+template <bool kVec>
+__global__ void RopeKvKernel(uint16_t* __restrict__ x, int64_t ldx, int n_q, int n_kv,
+                             int head_dim, const int32_t* __restrict__ positions,
+                             const float* __restrict__ inv_freq, float scaling,
+                             const int32_t* __restrict__ slots, uint16_t* __restrict__ k_cache,
+                             uint16_t* __restrict__ v_cache, int64_t num_slots) {
+  PdlEnter();
+  const int64_t i = blockIdx.x;
+  const int half = head_dim / 2;
+  const int64_t slot = slots[i];
+  const bool valid = slot >= 0 && slot < num_slots;
+  const int64_t kv_row = int64_t{n_kv} * head_dim;
+  __half* row = reinterpret_cast<__half*>(x + i * ldx);
+  const int u = blockIdx.y * blockDim.x + threadIdx.x;
+  const int pairs = (n_q + n_kv) * half;
+  if (u < pairs) {
+    const float pos = static_cast<float>(positions[i]);
+    const int h = u / half, j = u - h * half;
+    const float t = pos * inv_freq[j];
+    float s, c;
+    sincosf(t, &s, &c);
+    c *= scaling;
+    s *= scaling;
+    __half* hx = row + h * head_dim;
+    const float a = __half2float(hx[j]), b = __half2float(hx[j + half]);
+    const __half ra = __float2half_rn(a * c - b * s), rb = __float2half_rn(b * c + a * s);
+    hx[j] = ra;
+    hx[j + half] = rb;
+    if (h >= n_q && valid) {
+      __half* kc = reinterpret_cast<__half*>(k_cache + slot * kv_row) + (h - n_q) * head_dim;
+      kc[j] = ra;
+      kc[j + half] = rb;
+    }
+  } else if (valid) {
+    const int64_t vi = u - pairs;
+    const uint16_t* vr = x + i * ldx + int64_t{n_q + n_kv} * head_dim;
+    uint16_t* vc = v_cache + slot * kv_row;
+    if constexpr (kVec) {
+      if (vi < kv_row / 8) reinterpret_cast<uint4*>(vc)[vi] = reinterpret_cast<const uint4*>(vr)[vi];
+    } else {
+      if (vi < kv_row) vc[vi] = vr[vi];
+    }
+  }
+}
+
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace
@@ -108,6 +159,34 @@ absl::Status KvAppend(const KvAppendParams& p, cudaStream_t stream) {
   SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(vec ? KvAppendKernel<true> : KvAppendKernel<false>,
                                        dim3(grid), dim3(128), 0, stream, p.k, p.v, p.ldk, p.ldv,
                                        row, p.slots, p.k_cache, p.v_cache, num_slots));
+  return absl::OkStatus();
+}
+
+absl::Status RopeKvAppend(const RopeKvAppendParams& p, cudaStream_t stream) {
+  const int64_t kv_row = int64_t{p.n_kv_heads} * p.head_dim;
+  if (p.qkv == nullptr || p.positions == nullptr || p.inv_freq == nullptr || p.slots == nullptr ||
+      p.k_cache == nullptr || p.v_cache == nullptr || p.m < 0 || p.n_q_heads <= 0 ||
+      p.n_kv_heads <= 0 || p.head_dim <= 0 || p.head_dim % 2 != 0 ||
+      p.ldqkv < int64_t{p.n_q_heads} * p.head_dim + 2 * kv_row || p.block_size <= 0 ||
+      p.num_cache_blocks <= 0) {
+    return absl::InvalidArgumentError("cuda::RopeKvAppend: invalid parameters");
+  }
+  if (p.m == 0) return absl::OkStatus();
+  if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::RopeKvAppend: too many rows");
+  const int64_t v_off = int64_t{p.n_q_heads + p.n_kv_heads} * p.head_dim;
+  const bool vec = kv_row % 8 == 0 && p.ldqkv % 8 == 0 && v_off % 8 == 0 && Aligned16(p.qkv) &&
+                   Aligned16(p.v_cache);
+  const int64_t units =
+      int64_t{p.n_q_heads + p.n_kv_heads} * (p.head_dim / 2) + (vec ? kv_row / 8 : kv_row);
+  const int64_t chunks = (units + kThreads - 1) / kThreads;
+  if (chunks > 65535) return absl::InvalidArgumentError("cuda::RopeKvAppend: rows too wide");
+  const dim3 grid(static_cast<unsigned>(p.m), static_cast<unsigned>(chunks));
+  const int64_t num_slots = p.num_cache_blocks * p.block_size;
+  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(vec ? RopeKvKernel<true> : RopeKvKernel<false>, grid,
+                                       dim3(kThreads), 0, stream, p.qkv, p.ldqkv, p.n_q_heads,
+                                       p.n_kv_heads, p.head_dim, p.positions, p.inv_freq,
+                                       p.attention_scaling, p.slots, p.k_cache, p.v_cache,
+                                       num_slots));
   return absl::OkStatus();
 }
 

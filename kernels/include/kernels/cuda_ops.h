@@ -101,6 +101,28 @@ struct KvAppendParams {
 };
 absl::Status KvAppend(const KvAppendParams& p, cudaStream_t stream);
 
+// RoPE of q and k and the KV-cache append of a fused qkv row, in ONE launch
+// (one graph node instead of two per layer): exactly Rope with n_heads =
+// n_q_heads + n_kv_heads on qkv (q and k rotated in place), then KvAppend of
+// k = qkv + n_q_heads * head_dim (rotated) and v = k + n_kv_heads * head_dim
+// (the next n_kv_heads * head_dim values of the row, not rotated). The cache
+// receives the same fp16 values that the row holds afterwards; slot rules as
+// KvAppend (a slot < 0 or >= num_cache_blocks * block_size is skipped).
+struct RopeKvAppendParams {
+  uint16_t* qkv = nullptr;  // [m, (n_q + 2 n_kv) * head_dim], stride ldqkv
+  int64_t m = 0, ldqkv = 0;
+  int n_q_heads = 0, n_kv_heads = 0, head_dim = 0;
+  const int32_t* positions = nullptr;  // [m]
+  const float* inv_freq = nullptr;     // [head_dim / 2]
+  float attention_scaling = 1.f;
+  const int32_t* slots = nullptr;  // [m], device
+  uint16_t* k_cache = nullptr;
+  uint16_t* v_cache = nullptr;
+  int block_size = 0;
+  int64_t num_cache_blocks = 0;
+};
+absl::Status RopeKvAppend(const RopeKvAppendParams& p, cudaStream_t stream);
+
 // Decode attention over a paged KV cache: one query token per sequence,
 // GQA (query head h reads kv head h / (n_heads / n_kv_heads)). Sequence s
 // attends to its positions [0, context_lens[s]) (the new token's K/V must be
@@ -113,8 +135,14 @@ absl::Status KvAppend(const KvAppendParams& p, cudaStream_t stream);
 // Split-K (flash-decoding): the context is cut into partitions so that
 // sequences x kv heads x partitions fill the GPU even at batch 1; each
 // partition writes an unnormalised partial output with its max and sum into
-// the workspace, a second kernel combines them (skipped when one partition
-// covers max_context_len). head_dim 64 or 128; any GQA ratio.
+// the workspace, and they are combined (log-sum-exp rescaling; nothing to
+// combine when one partition covers max_context_len). With `tickets` the
+// combine runs inside the split launch (one graph node): the last block of
+// each (sequence, head group) to finish, found by an atomic ticket, combines
+// its group's partitions in partition order, so the result does not depend
+// on which block came last (deterministic); without tickets, or past 512
+// partitions (contexts over 256K tokens), a second kernel combines.
+// head_dim 64 or 128; any GQA ratio.
 struct PagedDecodeAttentionParams {
   const uint16_t* q = nullptr;  // [num_seqs, n_heads * head_dim], stride ldq
   int64_t num_seqs = 0, ldq = 0;
@@ -132,7 +160,16 @@ struct PagedDecodeAttentionParams {
   int64_t ldo = 0;
   void* workspace = nullptr;  // PagedDecodeAttentionWorkspaceBytes(p) bytes
   size_t workspace_bytes = 0;
+  // Optional, [PagedDecodeAttentionTickets(p)] ints: zero before the first
+  // call (cudaMemset once after allocating), and every call leaves them zero
+  // again, so one array serves every later call (and graph replay) whose
+  // ticket count is not larger. Calls that use it must be ordered (one
+  // stream). Null: the separate combine kernel.
+  int32_t* tickets = nullptr;
 };
+// Number of ints `tickets` must hold for these sizes (num_seqs x kv heads x
+// head groups of 8; 0 for invalid parameters).
+int64_t PagedDecodeAttentionTickets(const PagedDecodeAttentionParams& p);
 // Scratch the call needs for these sizes (0 when one partition suffices).
 size_t PagedDecodeAttentionWorkspaceBytes(const PagedDecodeAttentionParams& p);
 absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStream_t stream);

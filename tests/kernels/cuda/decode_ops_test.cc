@@ -291,6 +291,99 @@ TEST(CudaDecodeOps, KvAppendWritesExactlyItsSlots) {
   }
 }
 
+// RopeKvAppend = Rope (q and k heads) then KvAppend (rotated k, v) in one
+// launch: q and k against ref::Rope, the v part of the row untouched, the
+// caches holding exactly the row's rotated k and its v at the token's slot
+// and poison everywhere else (padding / out-of-range slots skipped).
+TEST(CudaDecodeOps, RopeKvAppendMatchesRopeThenAppend) {
+  SKIP_WITHOUT_GPU();
+  auto rng = Rng();
+  struct Case {
+    int n_q, n_kv, head_dim, pad;  // pad: extra columns after v (odd: scalar v copy)
+  };
+  for (Case c : {Case{32, 8, 128, 8}, Case{9, 3, 64, 0}, Case{12, 1, 64, 3}, Case{6, 2, 64, 1},
+                 Case{4, 4, 128, 0}}) {
+    for (int64_t m : {1, 3, 17, 65}) {
+      const int D = c.head_dim, bs = 16;
+      const int64_t qd = int64_t{c.n_q} * D, row = int64_t{c.n_kv} * D;
+      const int64_t width = qd + 2 * row, ldx = width + c.pad;
+      const int64_t blocks = (m + bs - 1) / bs + 5, slots_n = blocks * bs;
+      std::vector<float> xf;
+      std::vector<uint16_t> x = RandHalf(m * ldx, rng, 1.f, &xf);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = width; j < ldx; ++j) x[i * ldx + j] = kHalfNaN;
+      std::vector<int32_t> pos(m);
+      for (auto& v : pos) v = static_cast<int32_t>(rng() % 131072);
+      pos[0] = 0;
+      std::vector<int32_t> perm(slots_n);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      std::vector<int32_t> slots(perm.begin(), perm.begin() + m);
+      if (m > 2) slots[1] = -1;                                  // padding token: skipped
+      if (m > 3) slots[2] = static_cast<int32_t>(slots_n);       // out of range: skipped
+      std::vector<float> inv(D / 2);
+      for (int j = 0; j < D / 2; ++j) inv[j] = 1.f / std::pow(500000.f, 2.f * j / D);
+      const float scaling = (m == 3) ? 1.25f : 1.f;
+      std::vector<float> ref = xf;
+      RopeParams rp;
+      rp.x = ref.data();
+      rp.m = m;
+      rp.ldx = ldx;
+      rp.n_heads = c.n_q + c.n_kv;
+      rp.head_dim = D;
+      rp.positions = pos.data();
+      rp.inv_freq = inv.data();
+      rp.attention_scaling = scaling;
+      ASSERT_TRUE(ref::Rope(rp).ok());
+      Dev<uint16_t> dx(x), kc(slots_n * row), vc(slots_n * row);
+      kc.Poison();
+      vc.Poison();
+      Dev<int32_t> dp(pos), ds(slots);
+      Dev<float> di(inv);
+      cuda::RopeKvAppendParams q;
+      q.qkv = dx.get();
+      q.m = m;
+      q.ldqkv = ldx;
+      q.n_q_heads = c.n_q;
+      q.n_kv_heads = c.n_kv;
+      q.head_dim = D;
+      q.positions = dp.get();
+      q.inv_freq = di.get();
+      q.attention_scaling = scaling;
+      q.slots = ds.get();
+      q.k_cache = kc.get();
+      q.v_cache = vc.get();
+      q.block_size = bs;
+      q.num_cache_blocks = blocks;
+      ASSERT_TRUE(cuda::RopeKvAppend(q, nullptr).ok());
+      const auto y = dx.Down(m * ldx);
+      const auto k_out = kc.Down(slots_n * row), v_out = vc.Down(slots_n * row);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < qd + row; ++j) {  // q and k rotated: tolerance as Rope
+          const float r = ref[i * ldx + j];
+          ASSERT_NEAR(HalfToFloat(y[i * ldx + j]), r, 2e-3 * (1 + std::fabs(r)))
+              << "n_q=" << c.n_q << " n_kv=" << c.n_kv << " D=" << D << " m=" << m << " i=" << i
+              << " j=" << j;
+        }
+        for (int64_t j = qd + row; j < ldx; ++j) ASSERT_EQ(y[i * ldx + j], x[i * ldx + j]);
+      }
+      std::vector<int> owner(slots_n, -1);
+      for (int64_t i = 0; i < m; ++i)
+        if (slots[i] >= 0 && slots[i] < slots_n) owner[slots[i]] = static_cast<int>(i);
+      for (int64_t s = 0; s < slots_n; ++s) {
+        for (int64_t j = 0; j < row; ++j) {
+          const uint16_t ek = owner[s] < 0 ? 0xffff : y[owner[s] * ldx + qd + j];
+          const uint16_t ev = owner[s] < 0 ? 0xffff : x[owner[s] * ldx + qd + row + j];
+          ASSERT_EQ(k_out[s * row + j], ek) << "slot " << s << " j " << j << " m=" << m;
+          ASSERT_EQ(v_out[s * row + j], ev) << "slot " << s << " j " << j << " m=" << m;
+        }
+      }
+    }
+  }
+  cuda::RopeKvAppendParams bad;
+  EXPECT_EQ(cuda::RopeKvAppend(bad, nullptr).code(), absl::StatusCode::kInvalidArgument);
+}
+
 struct AttnCase {
   int n_kv, group, head_dim;
   std::vector<int> ctx;  // per sequence
@@ -367,7 +460,6 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
   p.ldo = ldo;
   const size_t ws = cuda::PagedDecodeAttentionWorkspaceBytes(p);
   Dev<float> dws(ws / 4 + 1);
-  dws.Poison();
   p.workspace = ws ? dws.get() : nullptr;
   p.workspace_bytes = ws;
   if (ws > 0) {  // a missing workspace is refused, not a crash
@@ -375,19 +467,42 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
     bad.workspace = nullptr;
     ASSERT_EQ(cuda::PagedDecodeAttention(bad, nullptr).code(), absl::StatusCode::kInvalidArgument);
   }
-  ASSERT_TRUE(cuda::PagedDecodeAttention(p, nullptr).ok());
-  const auto out = dout.Down(seqs * ldo);
-  // Tolerance: fp16 output rounding and fp32 softmax/accumulation against the
-  // reference's double: |a - b| <= 2e-3 (1 + |ref|) (outputs are convex
-  // combinations of N(0,1) values, so |ref| <~ 3).
-  for (int64_t s = 0; s < seqs; ++s) {
-    for (int64_t j = 0; j < n_heads * D; ++j) {
-      const float r = ref[s * n_heads * D + j];
-      ASSERT_NEAR(HalfToFloat(out[s * ldo + j]), r, 2e-3 * (1 + std::fabs(r)))
-          << "kv=" << c.n_kv << " group=" << c.group << " D=" << D << " seqs=" << seqs
-          << " seq=" << s << " ctx=" << c.ctx[s] << " j=" << j << " ws=" << ws;
+  // Both combine paths: the second kernel (no tickets), then the combine in
+  // the split launch (tickets) three times: bitwise equal each time (the
+  // last block's order is fixed) and the tickets back at zero after each.
+  const int64_t nt = cuda::PagedDecodeAttentionTickets(p);
+  ASSERT_EQ(nt, seqs * c.n_kv * ((c.group + 7) / 8));
+  Dev<int32_t> dtk(nt);
+  ASSERT_EQ(cudaMemset(dtk.get(), 0, std::max<int64_t>(nt, 1) * sizeof(int32_t)), cudaSuccess);
+  std::vector<uint16_t> first_fused;
+  for (int run = 0; run < 4; ++run) {
+    const bool fused = run > 0;
+    p.tickets = fused ? dtk.get() : nullptr;
+    dws.Poison();
+    dout.Poison();
+    ASSERT_TRUE(cuda::PagedDecodeAttention(p, nullptr).ok());
+    const auto out = dout.Down(seqs * ldo);
+    // Tolerance: fp16 output rounding and fp32 softmax/accumulation against
+    // the reference's double: |a - b| <= 2e-3 (1 + |ref|) (outputs are
+    // convex combinations of N(0,1) values, so |ref| <~ 3).
+    for (int64_t s = 0; s < seqs; ++s) {
+      for (int64_t j = 0; j < n_heads * D; ++j) {
+        const float r = ref[s * n_heads * D + j];
+        ASSERT_NEAR(HalfToFloat(out[s * ldo + j]), r, 2e-3 * (1 + std::fabs(r)))
+            << "kv=" << c.n_kv << " group=" << c.group << " D=" << D << " seqs=" << seqs
+            << " seq=" << s << " ctx=" << c.ctx[s] << " j=" << j << " ws=" << ws
+            << " fused=" << fused << " run=" << run;
+      }
+      for (int64_t j = n_heads * D; j < ldo; ++j) ASSERT_EQ(out[s * ldo + j], 0xffff);
     }
-    for (int64_t j = n_heads * D; j < ldo; ++j) ASSERT_EQ(out[s * ldo + j], 0xffff);
+    if (!fused) continue;
+    const auto tk = dtk.Down(nt);
+    for (int64_t i = 0; i < nt; ++i) ASSERT_EQ(tk[i], 0) << "ticket " << i << " run " << run;
+    if (run == 1) {
+      first_fused = out;
+    } else {
+      ASSERT_TRUE(out == first_fused) << "fused combine not deterministic, run " << run;
+    }
   }
 }
 
@@ -417,6 +532,15 @@ TEST(CudaDecodeOps, PagedDecodeAttentionMatchesReference) {
   }
 }
 
+// Past 512 partitions (a context over 256K tokens at batch 1) the combine's
+// weights no longer fit the split block's buffer: with tickets given, the
+// separate combine kernel must still run (RunAttention checks both paths).
+TEST(CudaDecodeOps, PagedDecodeAttentionLongContextCombines) {
+  SKIP_WITHOUT_GPU();
+  auto rng = Rng();
+  RunAttention({1, 1, 64, {270000}}, rng);  // 528 partitions of 512
+}
+
 TEST(CudaDecodeOps, PagedDecodeAttentionRejectsBadParams) {
   SKIP_WITHOUT_GPU();
   cuda::PagedDecodeAttentionParams p;
@@ -444,7 +568,7 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
   for (int j = 0; j < D / 2; ++j) inv[j] = std::pow(10000.f, -2.f * j / D);
   Dev<int32_t> dt(tables), dl(lens), dpos(pos), dslots(std::vector<int32_t>{0, 1, 2});
   Dev<float> dinv(inv);
-  auto run = [&](bool pdl) {
+  auto run = [&](bool pdl, bool fused) {
     Dev<uint16_t> qkv(qkv0), kc(cache0), vc(cache0), out(m * qn);
     out.Poison();
     cuda::PagedDecodeAttentionParams ap;
@@ -468,12 +592,32 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
     Dev<uint8_t> ws(cuda::PagedDecodeAttentionWorkspaceBytes(ap));
     ap.workspace = ws.get();
     ap.workspace_bytes = cuda::PagedDecodeAttentionWorkspaceBytes(ap);
+    Dev<int32_t> tk(cuda::PagedDecodeAttentionTickets(ap));
+    EXPECT_EQ(cudaMemset(tk.get(), 0, cuda::PagedDecodeAttentionTickets(ap) * 4), cudaSuccess);
+    ap.tickets = fused ? tk.get() : nullptr;
     cudaStream_t st;
     EXPECT_EQ(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
     cuda::SetProgrammaticLaunch(pdl);
     cudaGraph_t g;
     EXPECT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
     for (int it = 0; it < steps; ++it) {
+      if (fused) {  // RoPE + KV append in one launch
+        cuda::RopeKvAppendParams f;
+        f.qkv = qkv.get();
+        f.m = m;
+        f.ldqkv = ldq;
+        f.n_q_heads = n_heads;
+        f.n_kv_heads = n_kv;
+        f.head_dim = D;
+        f.positions = dpos.get();
+        f.inv_freq = dinv.get();
+        f.slots = dslots.get();
+        f.k_cache = kc.get();
+        f.v_cache = vc.get();
+        f.block_size = bs;
+        f.num_cache_blocks = blocks;
+        EXPECT_TRUE(cuda::RopeKvAppend(f, st).ok());
+      }
       cuda::RopeF16Params r;
       r.x = qkv.get();
       r.m = m;
@@ -482,7 +626,9 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
       r.head_dim = D;
       r.positions = dpos.get();
       r.inv_freq = dinv.get();
-      EXPECT_TRUE(cuda::Rope(r, st).ok());
+      if (!fused) {
+        EXPECT_TRUE(cuda::Rope(r, st).ok());
+      }
       cuda::KvAppendParams a;
       a.k = qkv.get() + qn;
       a.v = qkv.get() + qn + row;
@@ -495,7 +641,9 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
       a.v_cache = vc.get();
       a.block_size = bs;
       a.num_cache_blocks = blocks;
-      EXPECT_TRUE(cuda::KvAppend(a, st).ok());
+      if (!fused) {
+        EXPECT_TRUE(cuda::KvAppend(a, st).ok());
+      }
       EXPECT_TRUE(cuda::PagedDecodeAttention(ap, st).ok());
       cuda::SiluMulF16Params sm;
       sm.gate = out.get();
@@ -522,14 +670,19 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
     all.insert(all.end(), k.begin(), k.end());
     return all;
   };
-  const std::vector<uint16_t> plain = run(false), pdl = run(true);
-  ASSERT_EQ(plain.size(), pdl.size());
-  size_t nan = 0;
-  for (size_t i = 0; i < plain.size(); ++i) {
-    ASSERT_EQ(plain[i], pdl[i]) << "element " << i;
-    nan += (plain[i] & 0x7c00) == 0x7c00;
+  // Unfused (RoPE, KV append, split + combine kernel) and fused (RopeKvAppend,
+  // the combine inside the split launch): each with PDL bitwise equal to
+  // plain launches.
+  for (bool fused : {false, true}) {
+    const std::vector<uint16_t> plain = run(false, fused), pdl = run(true, fused);
+    ASSERT_EQ(plain.size(), pdl.size());
+    size_t nan = 0;
+    for (size_t i = 0; i < plain.size(); ++i) {
+      ASSERT_EQ(plain[i], pdl[i]) << "element " << i << " fused " << fused;
+      nan += (plain[i] & 0x7c00) == 0x7c00;
+    }
+    EXPECT_EQ(nan, 0u) << "the chain must write every output (poisoned first), fused " << fused;
   }
-  EXPECT_EQ(nan, 0u) << "the chain must write every output (poisoned first)";
 }
 
 TEST(CudaDecodeOps, EmbeddingLooksUpRows) {
