@@ -18,7 +18,8 @@
 // append and attention (what attention costs), and the W4 step without
 // programmatic dependent launch of the small kernels (cuda_ops.h), also
 // with one tile per fold-kernel block (no persistent loop), and the step of
-// v12 with RoPE, KV append and the attention combine as separate launches.
+// v12 with RoPE, KV append and the attention combine as separate launches
+// (and with only RoPE + KV append fused).
 //
 // Floor: bytes a step must read (weights as laid out, + EC where on, + the
 // KV rows read, + lm_head, + embedding rows and norm weights) over the
@@ -27,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,1,2,3,4,5,6,7]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,1,2,3,4,5,6,7,8]  (rows of kVariants)
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -150,6 +151,7 @@ struct Variant {
   bool small_pdl = true;        // cuda::SetProgrammaticLaunch while capturing
   int fold_flags = 0;           // W4CudaParams::decode_kernel (64: no persistent loop)
   bool fused = true;            // RopeKvAppend + the combine in the attention's split launch
+  bool tickets = true;          // with fused: false = the combine kernel after the split
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -160,7 +162,9 @@ const Variant kVariants[] = {
     {"W4, small kernels without PDL", Ec::kOff, false, false, false},
     {"W4, no PDL on small kernels, fold one tile per block", Ec::kOff, false, false, false, 64},
     {"W4, unfused RoPE / KV append / attention combine (v12)", Ec::kOff, false,
-     false, true, 0, false}};
+     false, true, 0, false},
+    {"W4, RoPE + KV append fused, attention combine kernel", Ec::kOff, false, false, true, 0,
+     true, false}};
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
 struct Layer {
@@ -399,7 +403,7 @@ class Model {
         f.num_cache_blocks = num_blocks_;
         CKS(cuda::RopeKvAppend(f, g_stream));
         cuda::PagedDecodeAttentionParams ap = AttnParams(m, L);
-        ap.tickets = tickets_;
+        ap.tickets = v.tickets ? tickets_ : nullptr;
         CKS(cuda::PagedDecodeAttention(ap, g_stream));
       } else if (!v.gemms_only && !v.skip_attention) {
         cuda::RopeF16Params r;
@@ -540,7 +544,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,1,2,3,4,5,6,7]\n",
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,1,2,3,4,5,6,7,8]\n",
                    a.c_str(), argv[0]);
       return 2;
     }

@@ -104,16 +104,43 @@ __device__ __forceinline__ void CombineInBlock(int nparts, int ng, int h0, int n
     if (lane == 0) den_s[g] = den;
   }
   __syncthreads();
-  for (int i = tid; i < ng * D; i += kThreads) {
-    const int g = i / D, d = i - g * D;
-    const int64_t hh = seq * n_heads + h0 + g;
-    const float* o = po + hh * nparts * D + d;
-    float num = 0.f;
-#pragma unroll 4
-    for (int j = 0; j < nparts; ++j) num += w_s[g][j] * __ldcg(o + int64_t{j} * D);
-    const float den = den_s[g];
-    reinterpret_cast<__half*>(out + seq * ldo)[(h0 + g) * D + d] =
-        __float2half_rn(den > 0.f ? num / den : 0.f);
+  // Each thread owns kOut outputs (g, d) = tid + k kThreads and sums them
+  // over the partitions in order, kU partitions x kOut outputs of loads in
+  // flight per round (v13 call 1: one output at a time, 4 loads deep, made
+  // this tail a chain of ~16 L2 round trips and the step slower at batch 1).
+  constexpr int kOut = kMaxG * D / kThreads, kU = 4;
+  float num[kOut];
+  const float* src = po + (seq * n_heads + h0) * nparts * D;  // the group's partials
+#pragma unroll
+  for (int k = 0; k < kOut; ++k) num[k] = 0.f;
+  for (int j0 = 0; j0 < nparts; j0 += kU) {
+    float v[kU][kOut];
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+#pragma unroll
+      for (int k = 0; k < kOut; ++k) {
+        const int i = tid + k * kThreads, g = min(i / D, ng - 1), d = i % D;
+        v[u][k] = j0 + u < nparts ? __ldcg(src + (g * nparts + j0 + u) * D + d) : 0.f;
+      }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (j0 + u < nparts) {
+#pragma unroll
+        for (int k = 0; k < kOut; ++k) {
+          const int g = min((tid + k * kThreads) / D, ng - 1);
+          num[k] += w_s[g][j0 + u] * v[u][k];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kOut; ++k) {
+    const int i = tid + k * kThreads, g = i / D, d = i % D;
+    if (g < ng) {
+      const float den = den_s[g];
+      reinterpret_cast<__half*>(out + seq * ldo)[(h0 + g) * D + d] =
+          __float2half_rn(den > 0.f ? num[k] / den : 0.f);
+    }
   }
 }
 
