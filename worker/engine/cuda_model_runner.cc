@@ -157,7 +157,7 @@ CudaModelRunner::~CudaModelRunner() {
   for (uint16_t* p : v_cache_) cudaFree(p);
   for (void* p : std::initializer_list<void*>{inv_freq_, residual_, h16_, qkv_, attn_, gu_, act_,
                                               sel_, logits_, next_, inputs_, attn_ws_,
-                                              attn_tickets_, cublas_ws_}) {
+                                              cublas_ws_}) {
     if (p != nullptr) cudaFree(p);
   }
   if (inputs_host_ != nullptr) cudaFreeHost(inputs_host_);
@@ -207,11 +207,10 @@ absl::Status CudaModelRunner::EnsureCapacity(int64_t T, int64_t R, int64_t strid
   ap.block_tables = ap.context_lens = reinterpret_cast<const int32_t*>(16);
   ap.scale = 1.f;
   const size_t attn_ws = kc::PagedDecodeAttentionWorkspaceBytes(ap);
-  const int64_t tickets = kc::PagedDecodeAttentionTickets(ap);
   const int64_t ints = 4 * T + T * stride;
   const bool grow_t = T > cap_tokens_, grow_r = R > cap_rows_, grow_i = ints > cap_ints_,
-             grow_a = attn_ws > cap_attn_ws_, grow_k = tickets > cap_attn_tickets_;
-  if (!grow_t && !grow_r && !grow_i && !grow_a && !grow_k) return absl::OkStatus();
+             grow_a = attn_ws > cap_attn_ws_;
+  if (!grow_t && !grow_r && !grow_i && !grow_a) return absl::OkStatus();
   SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   DropGraphs();
   if (grow_t) {
@@ -246,12 +245,6 @@ absl::Status CudaModelRunner::EnsureCapacity(int64_t T, int64_t R, int64_t strid
     attn_ws_ = nullptr;
     SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&attn_ws_, b));
     cap_attn_ws_ = b;
-  }
-  if (grow_k) {
-    const int64_t n = std::max(tickets, 2 * cap_attn_tickets_);
-    if (auto s = DevAlloc(&attn_tickets_, n); !s.ok()) return s;
-    SPEAR_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(attn_tickets_, 0, n * sizeof(int32_t), stream_));
-    cap_attn_tickets_ = n;
   }
   return absl::OkStatus();
 }
@@ -366,7 +359,8 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
     ap.ldo = qd;
     ap.workspace = attn_ws_;
     ap.workspace_bytes = cap_attn_ws_;
-    ap.tickets = attn_tickets_;  // the combine inside the split launch
+    // No tickets: the combine kernel after the split (the combine inside the
+    // split launch measured slower at batch 1 and equal at 8: gpu.md, v13b).
     if (absl::Status s = kc::PagedDecodeAttention(ap, stream_); !s.ok()) return s;
     if (absl::Status s = RunLinear(L.o, attn_, T, qd, nullptr, residual_, d, true, ws); !s.ok()) {
       return s;

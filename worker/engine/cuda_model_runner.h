@@ -141,10 +141,6 @@ class CudaModelRunner {
   int32_t* inputs_ = nullptr;       // device: ids, positions, slots, lens, tables
   int32_t* inputs_host_ = nullptr;  // pinned staging of the same
   void* attn_ws_ = nullptr;
-  // The attention's combine tickets (PagedDecodeAttentionParams::tickets):
-  // zeroed when allocated, left zero by every call.
-  int32_t* attn_tickets_ = nullptr;
-  int64_t cap_attn_tickets_ = 0;
 
   // EC flags (one per decoder linear module, ForEachLinear order) the
   // graphs were captured with.
