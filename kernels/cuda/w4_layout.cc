@@ -3,7 +3,7 @@
 // NumSms and the W4Workspace allocation.
 #include "kernels/cuda/w4_layout.h"
 
-#include <cublas_v2.h>
+#include "kernels/cuda/cublas_loader.h"
 #include <cuda_runtime.h>
 
 #include <vector>
@@ -248,7 +248,7 @@ W4Workspace::~W4Workspace() {
                   static_cast<void*>(d.pv)}) {
     if (p != nullptr) cudaFree(p);
   }
-  if (d.cublas != nullptr) cublasDestroy(d.cublas);
+  if (d.cublas != nullptr) blas::Destroy(d.cublas);
 }
 
 absl::StatusOr<std::unique_ptr<W4Workspace>> W4Workspace::Create() {
@@ -267,8 +267,8 @@ absl::StatusOr<std::unique_ptr<W4Workspace>> W4Workspace::Create() {
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.u, kDecodeMaxM * kMaxRank * 4));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.v, kDecodeMaxM * kMaxRank * 2));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.v, 0, kDecodeMaxM * kMaxRank * 2));
-  if (cublasCreate(&d.cublas) != CUBLAS_STATUS_SUCCESS) {
-    return absl::InternalError("cublasCreate failed");
+  if (blas::Create(&d.cublas) != CUBLAS_STATUS_SUCCESS) {
+    return absl::InternalError(absl::StrCat("cublasCreate failed", blas::LoadError().empty() ? "" : ": ", blas::LoadError()));
   }
   SPEAR_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   return ws;

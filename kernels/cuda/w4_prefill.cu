@@ -4,7 +4,7 @@
 // The EC through cuBLAS too: U = x A^T, the row-wise gate, y += V B^T.
 // Measured against dequantizing inside a tiled mma kernel: see
 // docs/results/gpu.md.
-#include <cublas_v2.h>
+#include "kernels/cuda/cublas_loader.h"
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -122,13 +122,13 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
     x = s.pxs;
     ldx = d.kp;
   }
-  SPEAR_CUBLAS_RETURN_IF_ERROR(cublasSetStream(s.cublas, stream));
+  SPEAR_CUBLAS_RETURN_IF_ERROR(blas::SetStream(s.cublas, stream));
   const float one = 1.f, zero = 0.f;
   const float beta = p.accumulate ? 1.f : 0.f;
   void* y = p.y_f32 != nullptr ? static_cast<void*>(p.y_f32) : static_cast<void*>(p.y_f16);
   const cudaDataType_t yt = p.y_f32 != nullptr ? CUDA_R_32F : CUDA_R_16F;
   const int n = static_cast<int>(d.n), m = static_cast<int>(p.m), k = static_cast<int>(d.k);
-  SPEAR_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one,
+  SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one,
                                             s.wh, CUDA_R_16F, static_cast<int>(d.kp), x,
                                             CUDA_R_16F, static_cast<int>(ldx), &beta, y, yt,
                                             static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
@@ -141,14 +141,14 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
   }
   if (p.use_ec && d.r > 0) {
     const int r = static_cast<int>(d.r), rp = static_cast<int>(d.rp);
-    SPEAR_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, r, m, k, &one,
+    SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, r, m, k, &one,
                                               d.ec_a, CUDA_R_16F, k, p.x, CUDA_R_16F,
                                               static_cast<int>(p.ldx), &zero, s.pu, CUDA_R_32F, r,
                                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     if (absl::Status st = LaunchEcGateRows(d, s.pu, p.m, s.pv, rp, p.gate_out, stream); !st.ok()) {
       return st;
     }
-    SPEAR_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, r, &one,
+    SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, r, &one,
                                               d.ec_b, CUDA_R_16F, r, s.pv, CUDA_R_16F, rp, &one,
                                               y, yt, static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
                                               CUBLAS_GEMM_DEFAULT));

@@ -1,6 +1,6 @@
 #include "worker/engine/cuda_model_runner.h"
 
-#include <cublas_v2.h>
+#include "kernels/cuda/cublas_loader.h"
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -107,10 +107,10 @@ absl::Status CudaModelRunner::Init(const CudaRunnerOptions& o) {
   weights_ = std::move(*w);
   max_graph_batch_ = o.max_graph_batch;
   SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  SPEAR_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
-  SPEAR_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
+  SPEAR_CUBLAS_RETURN_IF_ERROR(kernels::cuda::blas::Create(&cublas_));
+  SPEAR_CUBLAS_RETURN_IF_ERROR(kernels::cuda::blas::SetStream(cublas_, stream_));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&cublas_ws_, kCublasWorkspace));
-  SPEAR_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(cublas_, cublas_ws_, kCublasWorkspace));
+  SPEAR_CUBLAS_RETURN_IF_ERROR(kernels::cuda::blas::SetWorkspace(cublas_, cublas_ws_, kCublasWorkspace));
   auto wg = kc::W4Workspace::Create();
   if (!wg.ok()) return wg.status();
   ws_graph_ = std::move(*wg);
@@ -161,7 +161,7 @@ CudaModelRunner::~CudaModelRunner() {
     if (p != nullptr) cudaFree(p);
   }
   if (inputs_host_ != nullptr) cudaFreeHost(inputs_host_);
-  if (cublas_ != nullptr) cublasDestroy(cublas_);
+  if (cublas_ != nullptr) kernels::cuda::blas::Destroy(cublas_);
   ws_graph_.reset();
   ws_eager_.reset();
   weights_.reset();
@@ -399,7 +399,7 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
   }
   if (weights_->lm_head_f16() != nullptr) {
     const float alpha = 1.f, beta = 0.f;
-    SPEAR_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+    SPEAR_CUBLAS_RETURN_IF_ERROR(kernels::cuda::blas::GemmEx(
         cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(c.vocab_size), static_cast<int>(p.R),
         static_cast<int>(d), &alpha, weights_->lm_head_f16(), CUDA_R_16F, static_cast<int>(d), src,
         CUDA_R_16F, static_cast<int>(d), &beta, logits_, CUDA_R_32F,
