@@ -386,19 +386,19 @@ int Main(int argc, char** argv) {
   std::printf("| M | variant | layer us | bytes MB | %% of copy BW | torch us | vs torch |\n|---|---|---|---|---|---|---|\n");
   const char* layers[] = {"qkv", "o", "gate_up", "down"};
   // Per-GEMM forced fold configurations (W4CudaParams decode_kernel |
-  // flags, splits, depth) of the layer variants 6 to 9.
+  // flags, splits, depth) of the layer variants 5 to 8.
   struct Cfg {
     int dk = 0, s = 0, d = 0;
   };
   auto layer_cfg = [](int variant, int li) -> Cfg {
     switch (variant) {
-      case 6: {  // the v11 dispatch (call 3): qkv / o S2 d2, gate_up S1 d3, down S2 d3, no prefetch
+      case 5: {  // the v11 dispatch (call 3): qkv / o S2 d2, gate_up S1 d3, down S2 d3, no prefetch
         const Cfg v11[4] = {{5 | 64, 2, 2}, {5 | 64, 2, 2}, {5 | 64, 1, 3}, {5 | 64, 2, 3}};
         return v11[li];
       }
-      case 7: return {64, 0, 0};  // automatic, one tile per block (no persistent loop)
-      case 8: return {16, 0, 0};  // automatic + the L2 prefetch in the first wave
-      case 9: return {64 | 16, 0, 0};  // call 1's default: one tile per block + prefetch
+      case 6: return {64, 0, 0};  // automatic, one tile per block (no persistent loop)
+      case 7: return {16, 0, 0};  // automatic + the L2 prefetch in the first wave
+      case 8: return {64 | 16, 0, 0};  // call 1's default: one tile per block + prefetch
       default: return {};
     }
   };
@@ -407,7 +407,6 @@ int Main(int argc, char** argv) {
                           "W4+EC r32 (naive)",
                           "W4, x-as-m16 kernel (v6)",
                           "W4, swapped, cp.async ring (v8)",
-                          "W4, fold kernel with the bulk-copy ring (M <= 8)",
                           "W4, fold as dispatched by v11 (no L2 prefetch, gate_up d3)",
                           "W4, fold with one tile per block (no persistent loop)",
                           "W4, fold + L2 prefetch before the wait (first wave)",
@@ -415,7 +414,7 @@ int Main(int argc, char** argv) {
                           "W4 (again: the spread between two runs)"};
   for (int64_t m : {1, 16}) {
     if (no_layer || !only.empty()) break;
-    for (int variant = 0; variant < 11; ++variant) {
+    for (int variant = 0; variant < 10; ++variant) {
       if (m > 8 && variant > 4) continue;  // the fold variants: M <= 8 only
       double bytes = 0;
       for (const char* l : layers) {
@@ -434,9 +433,9 @@ int Main(int argc, char** argv) {
           p.y_f16 = y16;
           p.ldy = dw.fmt().n;
           p.use_ec = variant == 1;
-          p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : variant == 5 ? 6 : 0;
+          p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : 0;
           const Cfg c = layer_cfg(variant, li);
-          if (variant >= 6) {
+          if (variant >= 5) {
             p.decode_kernel = c.dk;
             p.decode_splits = c.s;
             p.decode_depth = c.d;

@@ -164,6 +164,12 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("strides ldx=", p.ldx, " ldy=", p.ldy, " below k=", d.k, " / n=", d.n));
   }
   if (p.force_decode && p.force_prefill) return Bad("force_decode and force_prefill");
+  if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
+    // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured
+    // no faster than the cp.async ring; docs/results/gpu.md).
+    return Bad(absl::StrCat("decode_kernel ", p.decode_kernel, ": kernel ", p.decode_kernel & 15,
+                            " unknown (0..5; 6, the fold kernel's bulk-copy ring, was removed)"));
+  }
   if (static_cast<size_t>((d.ntiles + 0) ) > static_cast<size_t>(ws->impl().ncounters)) {
     return Bad("n too large for the workspace counters");
   }

@@ -20,8 +20,10 @@
 //     are never stored). No zero-filled x rows, no per-unit x copies.
 //  3. The weights (+ the chunk's scale/zero words) stream through a per-warp
 //     cp.async ring of D chunks (D - 1 in flight); one LDS.128 per step.
-//     decode_kernel 6 fills the ring with cp.async.bulk + mbarriers instead
-//     (measured equal on the H200: the load path is not the limit).
+//     (A variant that filled the ring with cp.async.bulk + one mbarrier per
+//     slot, decode_kernel 6, measured no faster on the H200 and raced: its
+//     barriers lay under the reduction buffers. Removed; docs/results/gpu.md,
+//     "Final GPU verification", calls 5-6.)
 //
 // Block = one 64-column tile x one k split (NW = 4 or 8 warps splitting the
 // split's chunks); the S splits of a tile form a cluster and reduce through
@@ -107,44 +109,9 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
                : "r"(addr));
 }
 
-// Bulk copies (the TMA engine, no tensor map) completing on an mbarrier.
-__device__ __forceinline__ void MbarInit(unsigned bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar));
-}
-__device__ __forceinline__ void MbarExpectTx(unsigned bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void BulkG2S(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-      "l"(src), "r"(bytes), "r"(bar)
-      : "memory");
-}
-// Bounded: a copy that never completes traps (a launch error) instead of
-// hanging the stream.
-__device__ __forceinline__ void MbarWait(unsigned bar, unsigned parity) {
-  for (unsigned it = 0;; ++it) {
-    unsigned ok;
-    asm volatile(
-        "{\n"
-        ".reg .pred P1;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, P1;\n"
-        "}\n"
-        : "=r"(ok)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    if (ok) return;
-    if (it > (1u << 26)) __trap();
-  }
-}
-
 // CH: k16 steps per chunk = per fold (min(8, group / 16)); ONE: m == 1 (the
-// fold skips the second token of each accumulator pair); BULK: the ring is
-// filled by one bulk copy per chunk (lane 0; codes + scale/zero words, an
-// mbarrier per slot) instead of 9 cp.async per lane.
-template <int NW, int CH, bool ONE, bool BULK>
+// fold skips the second token of each accumulator pair).
+template <int NW, int CH, bool ONE>
 __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const DecodeArgs a, const Geom geo) {
   constexpr int kNW = NW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -171,15 +138,6 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   const uint4* sz4a = reinterpret_cast<const uint4*>(a.sz);
   const int ng1 = a.ngroups - 1, gshift = a.gshift;
 
-  // BULK: one mbarrier per ring slot after the warp's x rows.
-  const unsigned bars = x_s + a.m * geo.xrow;
-  if (BULK) {
-    if (lane == 0) {
-      for (int d = 0; d < D; ++d) MbarInit(bars + 8 * d);
-      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncwarp();
-  }
   // Chunk j of the warp's stream = chunk cb + j % nc of its (j / nc)-th tile.
   auto issue_w = [&](int j, int slot) {
     if (nc <= 0) return;
@@ -191,16 +149,6 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     const int grp = min((c * CH * 16) >> gshift, ng1);
     const uint4* zt = sz4a + (static_cast<size_t>(t) * a.ngroups + grp) * 16;
     const unsigned st = ring_s + slot * geo.stage;
-    if (BULK) {
-      if (lane == 0) {
-        const unsigned bar = bars + 8 * slot;
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        MbarExpectTx(bar, CH * 512 + 256);
-        BulkG2S(st, wt, CH * 512, bar);
-        BulkG2S(st + CH * 512, zt, 256, bar);
-      }
-      return;
-    }
 #pragma unroll
     for (int i = 0; i < CH; ++i) CpAsync16(st + i * 512 + lane * 16, wt + i * 32 + lane, true);
     if (lane < 16) CpAsync16(st + CH * 512 + lane * 16, zt + lane, true);
@@ -249,7 +197,6 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   const uint32_t kOne = 0x3c003c00u;  // half2 {1, 1}
 
   int slot = 0;
-  unsigned phases = 0;  // BULK: bit d = the parity slot d's barrier completes next
 #pragma unroll 1
   for (int it = 0; it < ntile_it; ++it) {
     const int tile = tile0 + it * tstride;
@@ -262,12 +209,8 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     for (int c = cb; c < ce; ++c) {
       if (it == 0 && c == cb) {
         asm volatile("cp.async.wait_group 0;\n" ::);
-      } else if (!BULK) {
+      } else {
         WaitGroups(D - 2);
-      }
-      if (BULK) {
-        MbarWait(bars + 8 * slot, (phases >> slot) & 1u);
-        phases ^= 1u << slot;
       }
       __syncwarp();
       {
@@ -402,7 +345,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   }  // tiles of this block
 }
 
-template <int NW, int CH, bool ONE, bool BULK>
+template <int NW, int CH, bool ONE>
 cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                       cudaStream_t stream, bool pdl) {
   static bool configured = false;  // per instantiation; idempotent
@@ -411,10 +354,10 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, BULK>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
     }
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, BULK>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                cudaSharedmemCarveoutMaxShared);
     }
     if (e != cudaSuccess) return e;
@@ -434,19 +377,16 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE, BULK>, a, g);
+  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE>, a, g);
 }
 
 template <int NW, bool ONE>
-cudaError_t LaunchCh(int ch, bool bulk, const DecodeArgs& a, int grid_x, int splits, const Geom& g,
-                     int smem, cudaStream_t stream, bool pdl) {
-  if constexpr (NW == 8) {
-    if (bulk && ch == 8) return LaunchOne<NW, 8, ONE, true>(a, grid_x, splits, g, smem, stream, pdl);
-  }
+cudaError_t LaunchCh(int ch, const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
+                     cudaStream_t stream, bool pdl) {
   switch (ch) {
-    case 2: return LaunchOne<NW, 2, ONE, false>(a, grid_x, splits, g, smem, stream, pdl);
-    case 4: return LaunchOne<NW, 4, ONE, false>(a, grid_x, splits, g, smem, stream, pdl);
-    default: return LaunchOne<NW, 8, ONE, false>(a, grid_x, splits, g, smem, stream, pdl);
+    case 2: return LaunchOne<NW, 2, ONE>(a, grid_x, splits, g, smem, stream, pdl);
+    case 4: return LaunchOne<NW, 4, ONE>(a, grid_x, splits, g, smem, stream, pdl);
+    default: return LaunchOne<NW, 8, ONE>(a, grid_x, splits, g, smem, stream, pdl);
   }
 }
 
@@ -480,6 +420,8 @@ FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth) {
   c.geo.depth = depth;
   c.geo.stage = ch * 512 + 256;
   c.geo.xrow = maxc * ch * 32 + 16;
+  // + 8 depth: unused since the bulk-copy ring (its mbarriers) was removed;
+  // kept so that every footprint, hence the measured dispatch, stays as it was.
   c.geo.warp_bytes = (depth * c.geo.stage + a.m * c.geo.xrow + 8 * depth + 15) / 16 * 16;
   c.smem = std::max(nw * c.geo.warp_bytes, foldk::RedBytes(nw));
   return c;
@@ -554,18 +496,16 @@ bool FoldSupported(const DecodeArgs& a) {
 }
 
 // a.variant (W4CudaParams::decode_kernel) & 15: 4 / 5 forces 4 / 8 warps per
-// block, 6 8 warps with the bulk-copy ring (g >= 128; narrower groups:
-// cp.async); flags (W4CudaParams::decode_kernel): 16 the L2 prefetch before
-// the dependency wait in the blocks of the first wave, 32 in every block
-// (default: none), 64 one tile per block (default: a persistent loop when
-// the tiles need more than one wave).
+// block (6, the removed bulk-copy ring, is rejected by W4Linear); flags
+// (W4CudaParams::decode_kernel): 16 the L2 prefetch before the dependency
+// wait in the blocks of the first wave, 32 in every block (default: none),
+// 64 one tile per block (default: a persistent loop when the tiles need more
+// than one wave).
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream) {
   if (a.m < 1 || a.m > 8) return absl::InternalError("LaunchDecodeFold: m > 8");
   const int kind = a.variant & 15;
-  // variant 6: 8 warps and the ring filled by bulk copies (chunks of 8 steps)
-  const bool bulk = kind == 6 && FoldChunk(a) == 8;
-  const int forced_warps = kind == 4 ? 4 : kind == 5 || kind == 6 ? 8 : 0;
+  const int forced_warps = kind == 4 ? 4 : kind == 5 ? 8 : 0;
   absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth);
   if (!c.ok()) return c.status();
   // Tiles the first wave holds (x-major dispatch of the clusters).
@@ -596,11 +536,11 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
     const bool one = a.m == 1;
     const int gx = c->grid_x, s = c->splits, sm = c->smem;
     if (c->nw == 4) {
-      return one ? foldk::LaunchCh<4, true>(ch, false, a, gx, s, c->geo, sm, stream, pdl)
-                 : foldk::LaunchCh<4, false>(ch, false, a, gx, s, c->geo, sm, stream, pdl);
+      return one ? foldk::LaunchCh<4, true>(ch, a, gx, s, c->geo, sm, stream, pdl)
+                 : foldk::LaunchCh<4, false>(ch, a, gx, s, c->geo, sm, stream, pdl);
     }
-    return one ? foldk::LaunchCh<8, true>(ch, bulk, a, gx, s, c->geo, sm, stream, pdl)
-               : foldk::LaunchCh<8, false>(ch, bulk, a, gx, s, c->geo, sm, stream, pdl);
+    return one ? foldk::LaunchCh<8, true>(ch, a, gx, s, c->geo, sm, stream, pdl)
+               : foldk::LaunchCh<8, false>(ch, a, gx, s, c->geo, sm, stream, pdl);
   };
   cudaError_t e = go(pdl_ok != 0);
   if (e != cudaSuccess && pdl_ok == -1) {

@@ -61,7 +61,7 @@ if [[ -x "$B/bin/spear_bench_decode_cuda" && $args != *" --no-decode-step "* ]];
 fi
 if [[ $args != *" --no-memcheck "* ]]; then
   # compute-sanitizer memcheck on the fold kernel's forced configurations
-  # (cp.async and bulk-copy rings, the L2 prefetch modes) and on the PDL
+  # (4 and 8 warps, the L2 prefetch modes) and on the PDL
   # chain of the small kernels; appended to misc.log
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -n "$CS" ]]; then
