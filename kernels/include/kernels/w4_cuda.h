@@ -127,8 +127,8 @@ struct W4CudaParams {
   // the swapped-operand cp.async-ring kernel), 1 the x-as-m16 kernel, 2 the
   // swapped-operand kernel with register-direct loads (v7), 3 the
   // swapped-operand cp.async-ring kernel (v8) at any m <= 16, 4 / 5 the fold
-  // kernel (m <= 8) with 4 / 8 warps per block forced, 6 the fold kernel with
-  // 8 warps and its ring filled by bulk copies (groups >= 128). Flags added
+  // kernel (m <= 8) with 4 / 8 warps per block forced (6, the bulk-copy ring,
+  // was removed: InvalidArgument). Flags added
   // to the value, fold kernel only: 16 an L2 prefetch of each warp's weights
   // before the dependency wait in the first wave's blocks, 32 the same in
   // every block (both measured slower; off by default), 64 one tile per
