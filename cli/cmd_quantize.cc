@@ -138,7 +138,7 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   if (!windows.ok()) return windows.status();
   auto top_p = f.Double("calib-top-p", 1e-6, 1.0);
   if (!top_p.ok()) return top_p.status();
-  if (!o.calib.text_file.empty() && (*windows != 1 || f.Str("calib-top-p") != "0.95")) {
+  if (!o.calib.text_file.empty() && (f.Has("calib-windows") || f.Has("calib-top-p"))) {
     return absl::InvalidArgumentError(
         "--calib-windows and --calib-top-p only apply to --calib self:N,LEN");
   }
@@ -146,10 +146,10 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   o.calib.top_p = *top_p;
   auto mse = f.Double("mse-weight", 0.0, 1e6);
   if (!mse.ok()) return mse.status();
-  if (*mse > 0 && o.ec != quantize::EcMode::kSpear) {
+  if (f.Has("mse-weight") && o.ec != quantize::EcMode::kSpear) {
     return absl::InvalidArgumentError("--mse-weight only applies to --ec spear");
   }
-  o.distill.hidden_mse_weight = *mse;
+  o.distill.hidden_mse_weight = o.ec == quantize::EcMode::kSpear ? *mse : 0.0;
   return absl::OkStatus();
 }
 
@@ -291,8 +291,9 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "the first start mid-text, like chunks of a long document); N x W sequences in all")
       .Declare("calib-top-p", "0.95", "self: nucleus mass of the calibration sampler (1 = off)")
       .Declare("seed", "1", "calibration sampling seed")
-      .Declare("mse-weight", "0",
-               "stage 2: weight of the final hidden-state MSE term added to the KL (distill.h)")
+      .Declare("mse-weight", "1",
+               "stage 2: weight of the final hidden-state MSE term added to the KL (distill.h; "
+               "0 = KL only)")
       .Declare("train-steps", "1000",
                "stage 2 (end-to-end EC distillation) steps of 2 x LEN tokens; the time budget "
                "or early stopping on held-out calibration KL usually ends it first")

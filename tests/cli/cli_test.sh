@@ -86,6 +86,10 @@ expect 2 "--calib: need 1 <= N" -- quantize --model "$TINY" --out "$TMP/q" --cal
 expect 2 "no such text file" -- quantize --model "$TINY" --out "$TMP/q" --calib text:/no/such.txt
 expect 2 "--train-steps must be an integer" -- quantize --model "$TINY" --out "$TMP/q" --train-steps x
 expect 2 "--no-gate only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static --no-gate
+expect 2 "--mse-weight only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static --mse-weight 1
+expect 2 "--calib-windows and --calib-top-p only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-windows 2
+expect 2 "--ec-min-rank must be" -- quantize --model "$TINY" --out "$TMP/q" --ec-min-rank 0
+expect 2 "--calib-top-p must be" -- quantize --model "$TINY" --out "$TMP/q" --calib-top-p 0
 expect 2 "unknown flag --bogus" -- quantize --model "$TINY" --out "$TMP/q" --bogus
 expect 1 "no such model" -- quantize --model /no/such/dir --out "$TMP/q"
 mkdir -p "$TMP/full" && touch "$TMP/full/x"
