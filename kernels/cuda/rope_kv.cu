@@ -13,6 +13,23 @@ namespace {
 
 constexpr int kThreads = 128;
 
+// Rotates pair j of one head row hx in place (hx[j] with hx[j + half]) by
+// the angle pos * inv_freq_j, computed in fp32 as HF and ref::Rope form it
+// (sincosf does the full range reduction: positions reach 1e5+, __sinf
+// would drift); *ra / *rb get the rotated values.
+__device__ __forceinline__ void RotatePair(__half* hx, int j, int half, float pos, float inv_freq_j,
+                                           float scaling, __half* ra, __half* rb) {
+  float s, c;
+  sincosf(pos * inv_freq_j, &s, &c);
+  c *= scaling;
+  s *= scaling;
+  const float a = __half2float(hx[j]), b = __half2float(hx[j + half]);
+  *ra = __float2half_rn(a * c - b * s);
+  *rb = __float2half_rn(b * c + a * s);
+  hx[j] = *ra;
+  hx[j + half] = *rb;
+}
+
 // Block (i, c) rotates pairs c * blockDim + t of token i, one pair per
 // thread (a strided loop here was a chain of dependent load/stores: x is
 // read and written in place, so the compiler cannot batch the loads); pair
@@ -28,17 +45,8 @@ __global__ void RopeKernel(uint16_t* __restrict__ x, int64_t ldx, int n_heads, i
   const int pr = blockIdx.y * blockDim.x + threadIdx.x;
   if (pr < n_heads * half) {
     const int h = pr / half, j = pr - h * half;
-    // The angle in fp32 as HF and ref::Rope form it; sincosf does the full
-    // range reduction (positions reach 1e5+, __sinf would drift).
-    const float t = pos * inv_freq[j];
-    float s, c;
-    sincosf(t, &s, &c);
-    c *= scaling;
-    s *= scaling;
-    __half* hx = row + h * head_dim;
-    const float a = __half2float(hx[j]), b = __half2float(hx[j + half]);
-    hx[j] = __float2half_rn(a * c - b * s);
-    hx[j + half] = __float2half_rn(b * c + a * s);
+    __half ra, rb;
+    RotatePair(row + h * head_dim, j, half, pos, inv_freq[j], scaling, &ra, &rb);
   }
 }
 
@@ -95,16 +103,8 @@ __global__ void RopeKvKernel(uint16_t* __restrict__ x, int64_t ldx, int n_q, int
   if (u < pairs) {
     const float pos = static_cast<float>(positions[i]);
     const int h = u / half, j = u - h * half;
-    const float t = pos * inv_freq[j];
-    float s, c;
-    sincosf(t, &s, &c);
-    c *= scaling;
-    s *= scaling;
-    __half* hx = row + h * head_dim;
-    const float a = __half2float(hx[j]), b = __half2float(hx[j + half]);
-    const __half ra = __float2half_rn(a * c - b * s), rb = __float2half_rn(b * c + a * s);
-    hx[j] = ra;
-    hx[j + half] = rb;
+    __half ra, rb;
+    RotatePair(row + h * head_dim, j, half, pos, inv_freq[j], scaling, &ra, &rb);
     if (h >= n_q && valid) {
       __half* kc = reinterpret_cast<__half*>(k_cache + slot * kv_row) + (h - n_q) * head_dim;
       kc[j] = ra;

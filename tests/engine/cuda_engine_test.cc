@@ -4,7 +4,7 @@
 // EngineLoop (scheduler, BlockManager with prefix reuse on the device
 // cache), perplexity and the latency profile. (a) tiny random W4+EC
 // models; (b) SmolLM2-135M W4+EC (`spear quantize`) when its .spear is
-// present (SPEAR_TEST_SPEAR_MODEL or ~/.cache/spear/models/
+// present (SPEAR_TEST_SPEAR_MODEL or $SPEAR_HOME/models/
 // smollm2-135m-w4-spear.spear), else skipped. Label gpu: skips with a
 // message without a CUDA device.
 //
@@ -28,6 +28,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
+#include "tests/engine/smollm2_spear.h"
 #include "tests/engine/tiny_w4_model.h"
 #include "worker/engine/block_manager.h"
 #include "worker/engine/engine.h"
@@ -280,15 +281,9 @@ TEST(CudaEngine, EngineLoopServesOnTheGpu) {
               static_cast<long long>(a.compared));
 }
 
-std::string SmolLm2Path() {
-  if (const char* e = std::getenv("SPEAR_TEST_SPEAR_MODEL"); e != nullptr && *e) return e;
-  const char* home = std::getenv("HOME");
-  return absl::StrCat(home ? home : "", "/.cache/spear/models/smollm2-135m-w4-spear.spear");
-}
-
 TEST(CudaEngine, SmolLm2GenerateBatchMatchesCpu) {
   SKIP_WITHOUT_GPU();
-  const std::string path = SmolLm2Path();
+  const std::string path = testing::SmolLm2SpearPath();
   if (!std::filesystem::exists(path + "/spear.json")) {
     GTEST_SKIP() << "no SmolLM2 .spear at " << path
                  << " (set SPEAR_TEST_SPEAR_MODEL; `spear quantize` makes one)";

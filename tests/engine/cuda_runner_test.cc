@@ -4,7 +4,7 @@
 // then decode steps (the graph-replay path), then with the ECs switched off.
 // (a) a tiny random LLaMA with W4 + ECs (gated, static and absent, fused and
 // unfusable groups); (b) SmolLM2-135M W4+EC from `spear quantize` when the
-// .spear is present (SPEAR_TEST_SPEAR_MODEL or ~/.cache/spear/models/
+// .spear is present (SPEAR_TEST_SPEAR_MODEL or $SPEAR_HOME/models/
 // smollm2-135m-w4-spear.spear), else skipped.
 //
 // Tolerance: per forward, max |gpu - cpu| over all returned logits
@@ -32,6 +32,7 @@
 #include "gtest/gtest.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
+#include "tests/engine/smollm2_spear.h"
 #include "tests/engine/fp16_emulation.h"
 #include "tests/engine/tiny_model.h"
 #include "tests/engine/tiny_w4_model.h"
@@ -354,15 +355,9 @@ TEST(CudaModelRunner, RejectsBadBatches) {
   EXPECT_EQ((*g)->Forward({c}, &out).code(), absl::StatusCode::kInvalidArgument);
 }
 
-std::string SmolLm2Path() {
-  if (const char* e = std::getenv("SPEAR_TEST_SPEAR_MODEL"); e != nullptr && *e) return e;
-  const char* home = std::getenv("HOME");
-  return absl::StrCat(home ? home : "", "/.cache/spear/models/smollm2-135m-w4-spear.spear");
-}
-
 TEST(CudaModelRunner, SmolLm2MatchesCpu) {
   SKIP_WITHOUT_GPU();
-  const std::string path = SmolLm2Path();
+  const std::string path = testing::SmolLm2SpearPath();
   if (!std::filesystem::exists(path + "/spear.json")) {
     GTEST_SKIP() << "no SmolLM2 .spear at " << path
                  << " (set SPEAR_TEST_SPEAR_MODEL; `spear quantize` makes one)";
