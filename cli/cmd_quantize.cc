@@ -137,13 +137,18 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   auto windows = f.Int("calib-windows", 1, 64);
   if (!windows.ok()) return windows.status();
   auto top_p = f.Double("calib-top-p", 1e-6, 1.0);
+  auto random_start = f.Double("calib-random-start", 0.0, 1.0);
   if (!top_p.ok()) return top_p.status();
-  if (!o.calib.text_file.empty() && (f.Has("calib-windows") || f.Has("calib-top-p"))) {
+  if (!random_start.ok()) return random_start.status();
+  if (!o.calib.text_file.empty() &&
+      (f.Has("calib-windows") || f.Has("calib-top-p") || f.Has("calib-random-start"))) {
     return absl::InvalidArgumentError(
-        "--calib-windows and --calib-top-p only apply to --calib self:N,LEN");
+        "--calib-windows, --calib-top-p and --calib-random-start only apply to --calib "
+        "self:N,LEN");
   }
   o.calib.windows_per_sequence = *windows;
   o.calib.top_p = *top_p;
+  o.calib.random_start_fraction = *random_start;
   auto mse = f.Double("mse-weight", 0.0, 1e6);
   if (!mse.ok()) return mse.status();
   if (f.Has("mse-weight") && o.ec != quantize::EcMode::kSpear) {
@@ -290,6 +295,9 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "self: each sample is W x LEN tokens, cut into W windows of LEN (windows after "
                "the first start mid-text, like chunks of a long document); N x W sequences in all")
       .Declare("calib-top-p", "0.95", "self: nucleus mass of the calibration sampler (1 = off)")
+      .Declare("calib-random-start", "0",
+               "self: fraction of samples that continue from a random non-special vocabulary "
+               "token instead of from BOS alone (data-free diversity, as LLM-QAT)")
       .Declare("seed", "1", "calibration sampling seed")
       .Declare("mse-weight", "1",
                "stage 2: weight of the final hidden-state MSE term added to the KL (distill.h; "
@@ -363,6 +371,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"seq_len", o.calib.seq_len},
            {"windows_per_sequence", o.calib.windows_per_sequence},
            {"top_p", o.calib.top_p},
+           {"random_start_fraction", o.calib.random_start_fraction},
            {"seed", o.calib.seed},
            {"tokens", report->calibration_tokens}}
           .dump();

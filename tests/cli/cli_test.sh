@@ -87,7 +87,9 @@ expect 2 "no such text file" -- quantize --model "$TINY" --out "$TMP/q" --calib 
 expect 2 "--train-steps must be an integer" -- quantize --model "$TINY" --out "$TMP/q" --train-steps x
 expect 2 "--no-gate only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static --no-gate
 expect 2 "--mse-weight only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static --mse-weight 1
-expect 2 "--calib-windows and --calib-top-p only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-windows 2
+expect 2 "--calib-windows, --calib-top-p and --calib-random-start only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-windows 2
+expect 2 "--calib-windows, --calib-top-p and --calib-random-start only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-random-start 0.5
+expect 2 "--calib-random-start must be" -- quantize --model "$TINY" --out "$TMP/q" --calib-random-start 1.5
 expect 2 "--ec-min-rank must be" -- quantize --model "$TINY" --out "$TMP/q" --ec-min-rank 0
 expect 2 "--calib-top-p must be" -- quantize --model "$TINY" --out "$TMP/q" --calib-top-p 0
 expect 2 "unknown flag --bogus" -- quantize --model "$TINY" --out "$TMP/q" --bogus

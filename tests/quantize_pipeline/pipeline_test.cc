@@ -171,6 +171,38 @@ TEST_F(PipelineTest, CalibrationWindowsCutLongerSamples) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(PipelineTest, CalibrationRandomStartsContinueFromARandomWord) {
+  CalibrationOptions base;
+  base.num_sequences = 8;
+  base.seq_len = 24;
+  auto a = MakeCalibrationSequences(*fp_, base, 2);
+  ASSERT_TRUE(a.ok()) << a.status();
+  CalibrationOptions half = base;
+  half.random_start_fraction = 0.5;
+  auto b = MakeCalibrationSequences(*fp_, half, 2);
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(b->size(), 8u);
+  // floor((i + 1) / 2) > floor(i / 2) for odd i: samples 1, 3, 5, 7 start
+  // randomly, the others are exactly the BOS-started samples.
+  const int32_t first = (*a)[0][0];
+  int differing_starts = 0;
+  for (size_t i = 0; i < 8; ++i) {
+    ASSERT_EQ((*b)[i].size(), 24u);
+    EXPECT_EQ((*b)[i][0], first) << i;  // every sample still starts like a served prompt
+    if (i % 2 == 0) {
+      EXPECT_EQ((*b)[i], (*a)[i]) << i;
+    } else {
+      differing_starts += (*b)[i][1] != (*a)[i][1];
+    }
+  }
+  // Four uniform draws from the vocabulary all equal to what the model
+  // sampled after BOS would be a (1/V)^4 coincidence.
+  EXPECT_GE(differing_starts, 3);
+  half.random_start_fraction = 1.5;
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, half, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(PipelineTest, DiagnosticRanksInjectedModuleFirst) {
   CalibrationOptions c;
   c.num_sequences = 8;

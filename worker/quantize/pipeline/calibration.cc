@@ -1,6 +1,7 @@
 #include "worker/quantize/pipeline/calibration.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -50,13 +51,29 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     return absl::InvalidArgumentError(absl::StrCat(
         "calibration windows_per_sequence must be in [1, 64], got ", o.windows_per_sequence));
   }
+  if (!(o.random_start_fraction >= 0 && o.random_start_fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "calibration random_start_fraction must be in [0, 1], got ", o.random_start_fraction));
+  }
   const int64_t sample_len = o.seq_len * o.windows_per_sequence;
+  if (o.random_start_fraction > 0 && sample_len < 3) {
+    return absl::InvalidArgumentError("calibration with random starts needs samples of >= 3 tokens");
+  }
 
   const model::ModelConfig& c = model.config;
   int64_t bos = c.bos_token_id;
   if (bos < 0 && model.tokenizer != nullptr) bos = model.tokenizer->bos_id();
   if (bos >= c.vocab_size) bos = -1;
   std::mt19937_64 rng(o.seed);
+  // Candidates for a random start: every id that is not a special token.
+  std::vector<int32_t> plain;
+  if (o.random_start_fraction > 0) {
+    for (int32_t id = 0; id < c.vocab_size; ++id) {
+      if (model.tokenizer == nullptr || !model.tokenizer->IsSpecial(id)) plain.push_back(id);
+    }
+    if (plain.empty()) return absl::InvalidArgumentError("calibration: no non-special token to start from");
+  }
+  std::mt19937_64 start_rng(o.seed ^ 0x9e3779b97f4a7c15ull);
 
   // Up to 64 sequences decode together (their worst-case KV fits exactly).
   const int64_t concurrent = std::min<int64_t>(o.num_sequences, 64);
@@ -77,10 +94,21 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
         bos >= 0 ? static_cast<int32_t>(bos)
                  : static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size));
     r.prompt = {first};
+    // Sample i starts randomly when floor((i + 1) f) > floor(i f): an even
+    // spread of round(N f) random starts over the set.
+    const double f = o.random_start_fraction;
+    if (f > 0 && std::floor((i + 1) * f) > std::floor(i * f)) {
+      const int32_t word = plain[start_rng() % plain.size()];
+      if (bos >= 0) {
+        r.prompt.push_back(word);
+      } else {
+        r.prompt = {word};
+      }
+    }
     r.sampling.temperature = 1.0f;
     r.sampling.top_p = static_cast<float>(o.top_p);
     r.sampling.seed = o.seed * 1000003ull + static_cast<uint64_t>(i);
-    r.options.max_new_tokens = sample_len - 1;
+    r.options.max_new_tokens = sample_len - static_cast<int64_t>(r.prompt.size());
     r.options.stop_on_eos = false;
     if (progress) {
       r.on_token = [&](int32_t) {

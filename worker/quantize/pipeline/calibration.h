@@ -9,7 +9,10 @@
 // sequence does not depend on how many others are generated. With
 // windows_per_sequence = W > 1 each sample is W * seq_len tokens long and is
 // returned as W consecutive windows (sample 0's windows first): windows
-// after the first start mid-text.
+// after the first start mid-text. With random_start_fraction f > 0, an
+// even spread of round(N f) samples get a second prompt token (the first
+// when there is no BOS) drawn uniformly from the non-special vocabulary
+// (seeded by seed), and the model continues from that word.
 // Text file: the file's tokens (no BOS inserted) cut into consecutive,
 // non-overlapping windows of seq_len; the first num_sequences windows (fewer
 // if the file is short; InvalidArgument if not even one fits).

@@ -56,6 +56,12 @@ struct CalibrationOptions {
   // mid-text, as the windows of a long document do when it is scored in
   // chunks; the first starts at BOS, as a served prompt does.
   int64_t windows_per_sequence = 1;
+  // Self-generated only: the fraction of samples (spread evenly over the
+  // set) whose first sampled position is instead a token drawn uniformly
+  // from the vocabulary's non-special tokens (after BOS when the model has
+  // one), as LLM-QAT's data-free generation does: the model continues from
+  // a random word, so the set covers more than what it writes after BOS.
+  double random_start_fraction = 0.0;
 };
 
 struct QuantizeOptions {
