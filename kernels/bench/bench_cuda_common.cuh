@@ -74,22 +74,23 @@ inline W4Weight RandomW4(int64_t n, int64_t k, int64_t group, std::mt19937& rng)
 }
 
 // Rank 32, gated with hidden width 16.
-inline EcWeights RandomEc(int64_t n, int64_t k, std::mt19937& rng) {
+inline EcWeights RandomEc(int64_t n, int64_t k, std::mt19937& rng, int64_t rank = 32,
+                          int64_t gate_hidden = 16) {
   EcWeights e;
   e.n = n;
   e.k = k;
-  e.rank = 32;
-  e.gate_hidden = 16;
+  e.rank = rank;
+  e.gate_hidden = gate_hidden;
   e.gated = true;
   std::normal_distribution<float> nd;
-  e.a.resize(static_cast<size_t>(32 * k));
+  e.a.resize(static_cast<size_t>(rank * k));
   for (float& v : e.a) v = nd(rng) / 64.f;
-  e.b.resize(static_cast<size_t>(n * 32));
+  e.b.resize(static_cast<size_t>(n * rank));
   for (float& v : e.b) v = 0.01f * nd(rng);
-  e.w1.resize(16 * 32);
-  e.b1.resize(16);
-  e.w2.resize(32 * 16);
-  e.b2.resize(32);
+  e.w1.resize(static_cast<size_t>(gate_hidden * rank));
+  e.b1.resize(static_cast<size_t>(gate_hidden));
+  e.w2.resize(static_cast<size_t>(rank * gate_hidden));
+  e.b2.resize(static_cast<size_t>(rank));
   for (auto* v : {&e.w1, &e.b1, &e.w2, &e.b2})
     for (float& x : *v) x = 0.3f * nd(rng);
   return e;

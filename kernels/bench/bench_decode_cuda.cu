@@ -28,7 +28,14 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,1,2,3,4,5,6,7,8]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,12]  (rows of kVariants)
+//                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
+// --ec-placement: the EC placement of a real `spear quantize` checkpoint
+// (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
+// the checkpoint's layer l * L_src / L; ranks scaled by one factor to P % of
+// this model's served bytes, default the checkpoint's own EC %): rows 9-11
+// (default prologue, v12's, under PDL). Row 12: EC on all GEMMs with v12's
+// EC prologue (against row 1: what the new prologue changes).
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -37,7 +44,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <array>
 #include <functional>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -45,6 +54,7 @@
 #include <string>
 #include <vector>
 
+#include "ec_placement.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
 #include "kernels/w4_cuda.h"
@@ -142,7 +152,7 @@ T* Alloc(size_t n) {
   return static_cast<T*>(p);
 }
 
-enum class Ec { kOff, kAll, kEvery4th };
+enum class Ec { kOff, kAll, kEvery4th, kPlacement };
 struct Variant {
   const char* name;
   Ec ec;
@@ -153,6 +163,7 @@ struct Variant {
   bool fused = true;            // RopeKvAppend instead of RoPE + KV append
   bool tickets = false;         // the attention combine inside the split launch (v13 calls:
                                 // slower at batch 1, equal at 8; so off by default)
+  int ec_prologue = 0;          // W4CudaParams::ec_prologue (1 v12's, 2 under PDL)
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -165,18 +176,35 @@ const Variant kVariants[] = {
     {"W4, unfused RoPE / KV append / attention combine (v12)", Ec::kOff, false,
      false, true, 0, false},
     {"W4, attention combine inside the split launch (tickets)", Ec::kOff, false, false, true, 0,
-     true, true}};
+     true, true},
+    // 9-12: the EC at the placement of a real diagnostic (--ec-placement), and
+    // the EC prologue variants.
+    {"W4+EC at the diagnostic's placement (--ec-placement)", Ec::kPlacement, false},
+    {"W4+EC at the diagnostic's placement, v12 EC prologue", Ec::kPlacement, false, false, true, 0,
+     true, false, 1},
+    {"W4+EC at the diagnostic's placement, EC prologue under PDL", Ec::kPlacement, false, false,
+     true, 0, true, false, 2},
+    {"W4+EC r32 all 4 GEMMs, all layers, v12 EC prologue", Ec::kAll, false, false, true, 0, true,
+     false, 1}};
+constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
+
+// The four GEMMs of a layer: qkv, o, gate_up, down.
+enum Group { kQkv, kOGroup, kGateUp, kDownGroup, kNumGroups };
 
 struct Layer {
   std::unique_ptr<cuda::W4DeviceWeight> qkv, o, gate_up, down;
+  // --ec-placement: the group's weight with its placed EC (null: no EC there).
+  std::unique_ptr<cuda::W4DeviceWeight> placed[kNumGroups];
   float *norm1 = nullptr, *norm2 = nullptr;
   uint16_t *k_cache = nullptr, *v_cache = nullptr;
 };
 
 class Model {
  public:
-  Model(const ModelShape& s, int max_batch, int ctx, std::mt19937& rng) : shape_(s), ctx_(ctx) {
+  Model(const ModelShape& s, int max_batch, int ctx, std::mt19937& rng,
+        const bench::EcPlacement* placement, double placement_pct)
+      : shape_(s), ctx_(ctx) {
     const int64_t qkv_n = int64_t{s.n_q + 2 * s.n_kv} * s.head_dim;
     std::printf("# %s: building weights (W4 g128 + EC r32, %d layers)...\n", s.name, s.layers);
     std::fflush(stdout);
@@ -298,6 +326,87 @@ class Model {
     cublas_ws_ = Alloc<uint8_t>(size_t{64} << 20);
     CKB(cublasSetWorkspace(cublas_, cublas_ws_, size_t{64} << 20));
     CK(cudaStreamSynchronize(g_stream));
+    if (placement != nullptr) {
+      const W4Weight* hw[kNumGroups] = {&wq, &wo, &wgu, &wd};
+      BuildPlacement(*placement, placement_pct, hw, rng);
+    }
+  }
+
+  // --ec-placement: layer l of this model takes the ECs of layer
+  // l * L_src / L of the checkpoint (q, k, v -> the qkv GEMM; gate, up ->
+  // gate_up; a group's EC is its members' ECs side by side, rank = the sum,
+  // gate hidden 16 per member, as CudaModelWeights merges them). Every rank
+  // is scaled by one factor so that the EC bytes are `pct` % of this
+  // model's served bytes (W4 layers + embedding + lm_head + norms), i.e. the
+  // diagnostic's budget applied to this model; at least 1 per member.
+  void BuildPlacement(const bench::EcPlacement& P, double pct, const W4Weight* const hw[],
+                      std::mt19937& rng) {
+    const ModelShape& s = shape_;
+    const int64_t H = s.hidden, qn = int64_t{s.n_q} * s.head_dim,
+                  kvn = int64_t{s.n_kv} * s.head_dim;
+    const int64_t mn[bench::kNumMembers] = {qn, kvn, kvn, H, s.inter, s.inter, H};
+    const int64_t mk[bench::kNumMembers] = {H, H, H, qn, H, H, s.inter};
+    const int group_of[bench::kNumMembers] = {kQkv, kQkv, kQkv, kOGroup, kGateUp, kGateUp,
+                                              kDownGroup};
+    double served = 2.0 * s.vocab * H * (s.tied ? 1 : 2) + 4.0 * (2 * s.layers + 1) * H;
+    for (const Layer& L : layers_) {
+      for (const auto* w : {L.qkv.get(), L.o.get(), L.gate_up.get(), L.down.get()}) {
+        served += static_cast<double>(w->backbone_bytes());
+      }
+    }
+    auto src = [&](int l) { return P.ranks[static_cast<size_t>(int64_t{l} * P.num_layers / s.layers)]; };
+    double unit = 0;  // EC bytes (A row + B column, fp16) per unit of source rank
+    for (int l = 0; l < s.layers; ++l) {
+      for (int i = 0; i < bench::kNumMembers; ++i) unit += src(l)[i] * 2.0 * (mk[i] + mn[i]);
+    }
+    if (unit <= 0) {
+      std::fprintf(stderr, "--ec-placement: the checkpoint has no EC on a decoder linear\n");
+      std::exit(2);
+    }
+    const double scale = pct / 100.0 * served / unit;
+    std::map<std::array<int64_t, 3>, std::unique_ptr<cuda::W4DeviceWeight>> proto;
+    double ec_bytes = 0;
+    int placed = 0, capped = 0;
+    std::map<int64_t, int> rank_hist;
+    for (int l = 0; l < s.layers; ++l) {
+      Layer& L = layers_[l];
+      int64_t rank[kNumGroups] = {}, gates[kNumGroups] = {};
+      for (int i = 0; i < bench::kNumMembers; ++i) {
+        if (src(l)[i] <= 0) continue;
+        rank[group_of[i]] += std::max<int64_t>(1, std::llround(src(l)[i] * scale));
+        gates[group_of[i]] += 16;
+      }
+      for (int g = 0; g < kNumGroups; ++g) {
+        if (rank[g] == 0) continue;
+        if (rank[g] > 256) {
+          rank[g] = 256;
+          ++capped;
+        }
+        const W4Weight& w = *hw[g];
+        auto& pr = proto[{g, rank[g], gates[g]}];
+        if (!pr) {
+          const EcWeights e = bench::RandomEc(w.fmt.n, w.fmt.k, rng, rank[g], gates[g]);
+          auto r = cuda::W4DeviceWeight::Create(w, &e);
+          CKS(r.status());
+          pr = std::move(*r);
+        }
+        auto c = pr->Clone();
+        CKS(c.status());
+        L.placed[g] = std::move(*c);
+        ec_bytes += static_cast<double>(L.placed[g]->ec_bytes());
+        ++placed;
+        ++rank_hist[rank[g]];
+      }
+    }
+    std::printf("# %s EC placement: %d ECs of the checkpoint (%d layers) -> %d of %d GEMMs here, "
+                "ranks x %.2f, EC bytes %.1f MB = %.3f %% of %.3f GB served (target %.3f %%)%s; "
+                "GEMM ranks:",
+                s.name, P.num_ecs, P.num_layers, placed, kNumGroups * s.layers, scale,
+                ec_bytes / 1e6, 100.0 * ec_bytes / served, served / 1e9, pct,
+                capped ? " (some capped at 256)" : "");
+    for (const auto& [r, n] : rank_hist) std::printf(" %lldx%d", static_cast<long long>(r), n);
+    std::printf("\n");
+    std::fflush(stdout);
   }
 
   ~Model() {
@@ -359,6 +468,7 @@ class Model {
       p.ldy = ldy;
       p.accumulate = y32 != nullptr;
       p.use_ec = ec;
+      p.ec_prologue = v.ec_prologue;
       p.decode_kernel = v.fold_flags;
       CKS(cuda::W4Linear(w, p, ws_.get(), g_stream));
     };
@@ -376,6 +486,18 @@ class Model {
     for (int l = 0; l < shape_.layers; ++l) {
       const Layer& L = layers_[l];
       const bool ec = EcOn(v.ec, l);
+      // The weight of group g in this variant, and whether its EC runs.
+      using Pick = std::pair<const cuda::W4DeviceWeight*, bool>;
+      auto pick = [&](Group g, const cuda::W4DeviceWeight& plain) -> Pick {
+        if (v.ec == Ec::kPlacement) {
+          return L.placed[g] ? Pick{L.placed[g].get(), true} : Pick{&plain, false};
+        }
+        return Pick{&plain, ec};
+      };
+      const auto [wqkv, eqkv] = pick(kQkv, *L.qkv);
+      const auto [wo, eo] = pick(kOGroup, *L.o);
+      const auto [wgu, egu] = pick(kGateUp, *L.gate_up);
+      const auto [wdn, edn] = pick(kDownGroup, *L.down);
       cuda::RmsNormF16Params n;
       n.x = residual_;
       n.y = h16_;
@@ -386,7 +508,7 @@ class Model {
         n.weight = L.norm1;
         CKS(cuda::RmsNormF16(n, g_stream));
       }
-      gemm(*L.qkv, h16_, H, qkv_, nullptr, qkv_n, ec);
+      gemm(*wqkv, h16_, H, qkv_, nullptr, qkv_n, eqkv);
       if (!v.gemms_only && !v.skip_attention && v.fused) {
         cuda::RopeKvAppendParams f;
         f.qkv = qkv_;
@@ -431,12 +553,12 @@ class Model {
         CKS(cuda::KvAppend(a, g_stream));
         CKS(cuda::PagedDecodeAttention(AttnParams(m, L), g_stream));
       }
-      gemm(*L.o, attn_, int64_t{shape_.n_q} * shape_.head_dim, nullptr, residual_, H, ec);
+      gemm(*wo, attn_, int64_t{shape_.n_q} * shape_.head_dim, nullptr, residual_, H, eo);
       if (!v.gemms_only) {
         n.weight = L.norm2;
         CKS(cuda::RmsNormF16(n, g_stream));
       }
-      gemm(*L.gate_up, h16_, H, gu_, nullptr, 2 * shape_.inter, ec);
+      gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu);
       if (!v.gemms_only) {
         cuda::SiluMulF16Params sm;
         sm.gate = gu_;
@@ -448,7 +570,7 @@ class Model {
         sm.ldy = shape_.inter;
         CKS(cuda::SiluMul(sm, g_stream));
       }
-      gemm(*L.down, act_, shape_.inter, nullptr, residual_, H, ec);
+      gemm(*wdn, act_, shape_.inter, nullptr, residual_, H, edn);
     }
     if (v.gemms_only) return;
     cuda::RmsNormF16Params n;
@@ -476,6 +598,11 @@ class Model {
            {L.qkv.get(), L.o.get(), L.gate_up.get(), L.down.get()}) {
         b += static_cast<double>(w->backbone_bytes());
         if (EcOn(v.ec, l)) b += static_cast<double>(w->ec_bytes());
+      }
+      if (v.ec == Ec::kPlacement) {
+        for (const auto& w : L.placed) {
+          if (w) b += static_cast<double>(w->ec_bytes());
+        }
       }
     }
     if (v.gemms_only) return b;
@@ -526,15 +653,23 @@ int Main(int argc, char** argv) {
   std::vector<std::string> models = {"8B", "1B"};
   std::vector<int> batches = {1, 8, 32};
   int ctx = 512, iters = 20;
-  std::vector<int> variants(kNumVariants);
+  std::vector<int> variants(kFirstPlacementVariant);
   std::iota(variants.begin(), variants.end(), 0);
+  bool variants_given = false;
+  std::string placement_path;
+  double placement_pct = -1;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a.rfind("--models=", 0) == 0)
       models = Split(a.substr(9));
     else if (a.rfind("--ctx=", 0) == 0)
       ctx = std::stoi(a.substr(6));
+    else if (a.rfind("--ec-placement=", 0) == 0)
+      placement_path = a.substr(15);
+    else if (a.rfind("--ec-pct=", 0) == 0)
+      placement_pct = std::atof(a.substr(9).c_str());
     else if (a.rfind("--variants=", 0) == 0) {
+      variants_given = true;
       variants.clear();
       for (const auto& t : Split(a.substr(11))) variants.push_back(std::stoi(t));
     } else if (a.rfind("--iters=", 0) == 0)
@@ -545,14 +680,35 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,1,2,3,4,5,6,7,8]\n",
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,12] "
+                   "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;
     }
   }
+  std::unique_ptr<bench::EcPlacement> placement;
+  if (!placement_path.empty()) {
+    auto pl = bench::ReadEcPlacement(placement_path);
+    if (!pl.ok()) {
+      std::fprintf(stderr, "--ec-placement: %s\n", std::string(pl.status().message()).c_str());
+      return 2;
+    }
+    placement = std::make_unique<bench::EcPlacement>(*pl);
+    if (placement_pct < 0) placement_pct = placement->ec_pct;
+    if (!variants_given) {
+      for (int v = kFirstPlacementVariant; v < kNumVariants; ++v) variants.push_back(v);
+    }
+  }
   bool bad_variant = false;
-  for (int v : variants) bad_variant |= v < 0 || v >= kNumVariants;
-  if (ctx < 1 || iters < 1 || batches.empty() || bad_variant) {
+  for (int v : variants) {
+    bad_variant |= v < 0 || v >= kNumVariants;
+    if (v >= 0 && v < kNumVariants && kVariants[v].ec == Ec::kPlacement && !placement) {
+      std::fprintf(stderr, "variant %d needs --ec-placement=SPEAR_DIR\n", v);
+      return 2;
+    }
+  }
+  if (ctx < 1 || iters < 1 || batches.empty() || bad_variant ||
+      (placement && !(placement_pct > 0 && placement_pct <= 100))) {
     std::fprintf(stderr, "bad flags\n");
     return 2;
   }
@@ -579,7 +735,7 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr, "unknown model %s\n", name.c_str());
       return 2;
     }
-    auto model = std::make_unique<Model>(*s, max_batch, ctx, rng);
+    auto model = std::make_unique<Model>(*s, max_batch, ctx, rng, placement.get(), placement_pct);
     for (int b : batches) {
       for (int vi : variants) {
         const Variant& v = kVariants[vi];

@@ -411,15 +411,19 @@ int Main(int argc, char** argv) {
                           "W4, fold with one tile per block (no persistent loop)",
                           "W4, fold + L2 prefetch before the wait (first wave)",
                           "W4, fold one tile per block + L2 prefetch (call 1's default)",
-                          "W4 (again: the spread between two runs)"};
+                          "W4 (again: the spread between two runs)",
+                          "W4+EC r32 (fused), v12 prologue (one block per rank, all of k)",
+                          "W4+EC r32 (fused), prologue under PDL",
+                          "W4+EC r32 (fused), v12 prologue under PDL"};
+  auto ec_variant = [](int v) { return v == 1 || v >= 10; };
   for (int64_t m : {1, 16}) {
     if (no_layer || !only.empty()) break;
-    for (int variant = 0; variant < 10; ++variant) {
-      if (m > 8 && variant > 4) continue;  // the fold variants: M <= 8 only
+    for (int variant = 0; variant < 13; ++variant) {
+      if (m > 8 && variant > 4 && variant < 10) continue;  // the fold variants: M <= 8 only
       double bytes = 0;
       for (const char* l : layers) {
         const auto& dw = *weights[std::string("8B") + l].rot[0];
-        bytes += dw.backbone_bytes() + (variant == 1 || variant == 2 ? dw.ec_bytes() : 0) +
+        bytes += dw.backbone_bytes() + (ec_variant(variant) || variant == 2 ? dw.ec_bytes() : 0) +
                  2.0 * m * (dw.fmt().k + dw.fmt().n);
       }
       const double t = TimeGraph(10, [&](int i) {
@@ -432,10 +436,11 @@ int Main(int argc, char** argv) {
           p.ldx = dw.fmt().k;
           p.y_f16 = y16;
           p.ldy = dw.fmt().n;
-          p.use_ec = variant == 1;
+          p.use_ec = ec_variant(variant);
+          p.ec_prologue = variant >= 10 ? variant - 9 : 0;
           p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : 0;
           const Cfg c = layer_cfg(variant, li);
-          if (variant >= 5) {
+          if (variant >= 5 && variant < 10) {
             p.decode_kernel = c.dk;
             p.decode_splits = c.s;
             p.decode_depth = c.d;
@@ -449,7 +454,7 @@ int Main(int argc, char** argv) {
       });
       const double tt = tget("layer8B/all/" + std::to_string(m));
       char tr[32] = "-", tv[32] = "-";
-      if (tt > 0 && (variant == 0 || variant >= 3) && !(m > 8 && variant > 4)) {
+      if (tt > 0 && (variant == 0 || (variant >= 3 && variant < 10)) && !(m > 8 && variant > 4)) {
         std::snprintf(tr, sizeof tr, "%.1f", tt);
         std::snprintf(tv, sizeof tv, "%.2fx", tt / t);
       }

@@ -1,6 +1,7 @@
 // The EC pieces on CUDA: the decode prologue (u = A x for up to 64 tokens,
-// then the gate, in one launch: r blocks compute u, the last block to finish
-// computes g = 1 + tanh(W2 silu(W1 u + b1) + b2) and v = g ⊙ u), the
+// then the gate, in one launch: r x P blocks compute u in P k ranges, the
+// last block to finish sums them in order and computes
+// g = 1 + tanh(W2 silu(W1 u + b1) + b2) and v = g ⊙ u), the
 // row-wise gate of the prefill path, and EcApply (y += B v, the naive
 // baseline's extra pass).
 #include <cuda_fp16.h>
@@ -9,6 +10,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda_ops.h"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -53,35 +55,48 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
   }
 }
 
+// Gate MLP weights staged in shared memory by the last block when they fit
+// (floats): one coalesced round trip instead of a chain of dependent loads.
+constexpr int kGateStageFloats = 4096;
+
+// Grid (r, P): block (q, p) computes the partial u[t][q] over k range p of P
+// (kchunk elements, a multiple of 8) for every token, into upart[p][t][q];
+// the last block to finish sums the P partials in order (deterministic),
+// then computes the gates. Dynamic shared memory: us[8][r], hs[8][h], then
+// the staged gate weights (w1, b1, w2, b2) when they fit. `pdl`: launched
+// with programmatic serialization, so wait for x's producer first.
 __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict__ x, int m,
-                                                        long long ldx, int k,
+                                                        long long ldx, int k, int kchunk,
                                                         const __half* __restrict__ a,
-                                                        float* u, unsigned* counter,
-                                                        GateArgs g) {
+                                                        float* upart, unsigned* counter,
+                                                        GateArgs g, int pdl, int stage) {
+  if (pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   // The GEMM that follows (launched with PDL) may start now: it reads only
-  // x and the weights until it needs v (see w4_gemm_kernel.cuh).
+  // x (complete: this kernel waited for it, or was launched after it) and
+  // the weights until it needs v (see w4_gemm_kernel.cuh).
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
-  __shared__ float us[8][kMaxRank];
-  __shared__ float hs[8][kMaxRank];
+  extern __shared__ float dyn[];
   __shared__ float ut[8][kDecodeMaxM];
   __shared__ int last;
-  const int q = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
   const __half* ar = a + static_cast<long long>(q) * k;
-  // u[t][q] = A[q] . x[t]: for each token the block's 256 threads split k
-  // (8 elements per load), then a warp
-  // shuffle reduction and a fixed-order sum over the 8 warps: deterministic.
+  // u[t][q] over [k0, k1) = A[q] . x[t]: the block's 256 threads split the
+  // range (8 elements per load), then a warp shuffle reduction and a
+  // fixed-order sum over the 8 warps: deterministic.
   const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
   // Four tokens at a time: each A chunk is loaded once for the four.
   for (int t0 = 0; t0 < m; t0 += 4) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (vec) {
-      const int nch = k / 8;
-      for (int c0 = 0; c0 < nch; c0 += 2 * 256) {
+      const int cb = k0 / 8, ce = (k1 + 7) / 8;
+      for (int c0 = cb; c0 < ce; c0 += 2 * 256) {
         uint4 av[2], xv[2][4];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int c = c0 + j * 256 + threadIdx.x;
-          if (c < nch) {
+          if (c < ce) {
             av[j] = reinterpret_cast<const uint4*>(ar)[c];
 #pragma unroll
             for (int tt = 0; tt < 4; ++tt) {
@@ -92,7 +107,7 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int c = c0 + j * 256 + threadIdx.x;
-          if (c >= nch) continue;
+          if (c >= ce) continue;
           const __half2* ah = reinterpret_cast<const __half2*>(&av[j]);
 #pragma unroll
           for (int tt = 0; tt < 4; ++tt) {
@@ -107,7 +122,7 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
         }
       }
     } else {
-      for (int c = threadIdx.x; c < k; c += 256) {
+      for (int c = k0 + threadIdx.x; c < k1; c += 256) {
         const float av = __half2float(ar[c]);
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
@@ -127,19 +142,40 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < 8; ++w) v += ut[w][threadIdx.x];
-    ut[0][threadIdx.x] = v;
+    __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
-  if (threadIdx.x < m) __stcg(u + threadIdx.x * g.r + q, ut[0][threadIdx.x]);
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
+  float* us = dyn + warp * g.r;
+  float* hs = dyn + 8 * g.r + warp * g.h;
+  GateArgs gs = g;
+  if (stage && g.gated) {  // the gate MLP's weights into shared memory, one round trip
+    float* w = dyn + 8 * (g.r + g.h);
+    const int n1 = g.h * g.r;
+    for (int i = threadIdx.x; i < n1; i += 256) {
+      w[i] = g.w1[i];
+      w[n1 + g.h + i] = g.w2[i];
+    }
+    for (int i = threadIdx.x; i < g.h; i += 256) w[n1 + i] = g.b1[i];
+    for (int i = threadIdx.x; i < g.r; i += 256) w[2 * n1 + g.h + i] = g.b2[i];
+    __syncthreads();
+    gs.w1 = w;
+    gs.b1 = w + n1;
+    gs.w2 = w + n1 + g.h;
+    gs.b2 = w + 2 * n1 + g.h;
+  }
   for (int t = warp; t < m; t += 8) {
-    for (int i = lane; i < g.r; i += 32) us[warp][i] = __ldcg(u + t * g.r + i);
+    for (int i = lane; i < g.r; i += 32) {
+      float v = 0.f;
+      for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * g.r + i);
+      us[i] = v;
+    }
     __syncwarp();
-    GateWarp(g, t, us[warp], hs[warp]);
+    GateWarp(gs, t, us, hs);
     __syncwarp();
   }
   if (threadIdx.x == 0) *counter = 0;
@@ -194,14 +230,45 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
-                              float* v_f32, float* gate_out, cudaStream_t stream) {
+                              float* v_f32, float* gate_out, cudaStream_t stream, int flags) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
-  EcPrologueKernel<<<static_cast<unsigned>(w.r), 256, 0, stream>>>(
-      reinterpret_cast<const __half*>(x), static_cast<int>(m), ldx, static_cast<int>(w.k),
+  // k split: parts of >= 2048 elements (one 16-byte load per thread of a
+  // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
+  int parts = static_cast<int>((w.k + 2047) / 2048);
+  if (parts > kEcMaxKParts) parts = kEcMaxKParts;
+  if ((flags & 1) != 0) parts = 1;
+  const int kchunk = static_cast<int>((w.k + parts - 1) / parts + 7) / 8 * 8;
+  const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
+  const int weights = 2 * h * r + h + r;
+  const int stage = (flags & 1) == 0 && w.gated && weights <= kGateStageFloats ? 1 : 0;
+  const size_t smem = (8 * static_cast<size_t>(r + h) + (stage ? weights : 0)) * sizeof(float);
+  const int pdl = (flags & 2) != 0 && ProgrammaticLaunchEnabled() ? 1 : 0;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(r), static_cast<unsigned>(parts));
+  cfg.blockDim = dim3(256);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl;
+  cudaError_t e = cudaLaunchKernelEx(
+      &cfg, EcPrologueKernel, reinterpret_cast<const __half*>(x), static_cast<int>(m),
+      static_cast<long long>(ldx), static_cast<int>(w.k), kchunk,
       reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-      MakeGate(w, v_half, ldv, v_f32, gate_out));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      MakeGate(w, v_half, ldv, v_f32, gate_out), pdl, stage);
+  if (e != cudaSuccess && pdl) {  // a driver or capture that does not take the attribute
+    (void)cudaGetLastError();
+    cfg.numAttrs = 0;
+    e = cudaLaunchKernelEx(&cfg, EcPrologueKernel, reinterpret_cast<const __half*>(x),
+                           static_cast<int>(m), static_cast<long long>(ldx),
+                           static_cast<int>(w.k), kchunk,
+                           reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
+                           MakeGate(w, v_half, ldv, v_f32, gate_out), 0, stage);
+  }
+  SPEAR_CUDA_RETURN_IF_ERROR(e);
   return absl::OkStatus();
 }
 

@@ -113,7 +113,8 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.accumulate = p.accumulate ? 1 : 0;
     if (ec) {
       if (absl::Status st = LaunchEcPrologue(d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
-                                             p.gate_out ? p.gate_out + r0 * d.r : nullptr, stream);
+                                             p.gate_out ? p.gate_out + r0 * d.r : nullptr, stream,
+                                             p.ec_prologue);
           !st.ok()) {
         return st;
       }
@@ -164,6 +165,9 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("strides ldx=", p.ldx, " ldy=", p.ldy, " below k=", d.k, " / n=", d.n));
   }
   if (p.force_decode && p.force_prefill) return Bad("force_decode and force_prefill");
+  if (p.ec_prologue < 0 || p.ec_prologue > 3) {
+    return Bad(absl::StrCat("ec_prologue ", p.ec_prologue, ": flags 1 and 2 only"));
+  }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured
     // no faster than the cp.async ring; docs/results/gpu.md).

@@ -264,7 +264,7 @@ absl::StatusOr<std::unique_ptr<W4Workspace>> W4Workspace::Create() {
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.counters, 0, d.ncounters * sizeof(int)));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.ec_counter, sizeof(unsigned)));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.ec_counter, 0, sizeof(unsigned)));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.u, kDecodeMaxM * kMaxRank * 4));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.u, size_t{kEcMaxKParts} * kDecodeMaxM * kMaxRank * 4));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.v, kDecodeMaxM * kMaxRank * 2));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.v, 0, kDecodeMaxM * kMaxRank * 2));
   if (blas::Create(&d.cublas) != CUBLAS_STATUS_SUCCESS) {

@@ -42,6 +42,7 @@ inline constexpr int kTileN = 64;     // columns per tile
 inline constexpr int kStageK = 128;   // k per pipeline stage
 inline constexpr int kMaxRank = 256;  // EC rank / gate hidden supported on the GPU
 inline constexpr int kDecodeMaxM = 64;
+inline constexpr int kEcMaxKParts = 16;  // k ranges of the decode EC prologue
 
 inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -69,7 +70,7 @@ struct W4Workspace::Impl {
   int* counters = nullptr;    // per tile group, zero between calls
   int64_t ncounters = 0;
   unsigned* ec_counter = nullptr;
-  float* u = nullptr;         // fp32 [64][kMaxRank] (decode EC)
+  float* u = nullptr;         // fp32 [kEcMaxKParts][64][kMaxRank] (decode EC: partial u)
   uint16_t* v = nullptr;      // fp16 [64][kMaxRank] (decode EC: g ⊙ u, A operand)
   uint16_t* xs = nullptr;     // fp16 [64][kxs] (decode: x / act_scale, padded)
   int64_t xs_elems = 0;
@@ -121,10 +122,13 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
                             const float* act_scale, uint16_t* xs, int64_t ldxs,
                             cudaStream_t stream);
 // u = A x for m tokens, then the gate; writes v_half [m][ldv] (padded columns
-// zero), v_f32 [m][r] and gate_out [m][r] where non-null.
+// zero), v_f32 [m][r] and gate_out [m][r] where non-null. flags
+// (W4CudaParams::ec_prologue): 1 one k range per rank (v12's shape, no
+// staged gate weights), 2 launched with programmatic serialization (PDL).
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
-                              int64_t ldv, float* v_f32, float* gate_out, cudaStream_t stream);
+                              int64_t ldv, float* v_f32, float* gate_out, cudaStream_t stream,
+                              int flags = 0);
 // Gate only, from u [m][r] fp32 (prefill path).
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
                               uint16_t* v_half, int64_t ldv, float* gate_out,

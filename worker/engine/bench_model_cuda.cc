@@ -6,12 +6,16 @@
 //     the CUDA graph, the last `steps` are timed (each a replay); context
 //     grows to ~ctx;
 //   - prefill tokens/s of one --prefill-token sequence (one Forward,
-//     logits of the last row to the host), median of 5 after a warm-up.
+//     logits of the last row to the host), median of 5 after a warm-up;
+//   - with --ec-off-rows (a model with ECs): each decode batch again with
+//     every EC switched off (W4Linear::set_ec_enabled(false): the same
+//     weights, the backbone alone), so the row pair is the EC's cost at the
+//     checkpoint's own diagnostic placement, measured side by side.
 // Times are host wall-clock per Forward (input copy, graph launch or eager
 // launches, result copy, the one synchronisation): what the engine sees.
 //
 // usage: spear_bench_model_cuda --model=PATH.spear [--batches=1,8,32]
-//                               [--ctx=256] [--steps=32] [--prefill=512]
+//                               [--ctx=256] [--steps=32] [--prefill=512] [--ec-off-rows]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -21,6 +25,7 @@
 #include <vector>
 
 #include "worker/engine/cuda_model_runner.h"
+#include "worker/model/w4_linear.h"
 #include "worker/model/weights.h"
 
 namespace spear::engine {
@@ -49,6 +54,7 @@ int Main(int argc, char** argv) {
   std::string path;
   std::vector<int> batches = {1, 8, 32};
   int ctx = 256, steps = 32, prefill = 512;
+  bool ec_off_rows = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a.rfind("--model=", 0) == 0) {
@@ -61,10 +67,12 @@ int Main(int argc, char** argv) {
       steps = std::stoi(a.substr(8));
     } else if (a.rfind("--prefill=", 0) == 0) {
       prefill = std::stoi(a.substr(10));
+    } else if (a == "--ec-off-rows") {
+      ec_off_rows = true;
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s --model=PATH.spear [--batches=1,8,32] [--ctx=256] "
-                   "[--steps=32] [--prefill=512]\n",
+                   "[--steps=32] [--prefill=512] [--ec-off-rows]\n",
                    a.c_str(), argv[0]);
       return 2;
     }
@@ -79,6 +87,16 @@ int Main(int argc, char** argv) {
     return 1;
   }
   const model::LoadedModel& m = **lm;
+  // The modules with an EC (switched off and on again for --ec-off-rows).
+  std::vector<model::W4Linear*> with_ec;
+  (*lm)->weights.ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& l) {
+    auto* w = dynamic_cast<model::W4Linear*>(l.get());
+    if (w != nullptr && w->has_ec()) with_ec.push_back(w);
+  });
+  if (ec_off_rows && with_ec.empty()) {
+    std::fprintf(stderr, "--ec-off-rows: %s has no EC\n", path.c_str());
+    return 2;
+  }
   const int max_b = *std::max_element(batches.begin(), batches.end());
   const int64_t per_seq = (std::max(ctx, prefill) + 16 + 15) / 16;
   CudaRunnerOptions o;
@@ -91,19 +109,22 @@ int Main(int argc, char** argv) {
     return 1;
   }
   CudaModelRunner& run = **r;
-  std::printf("# model %s: %lld layers, hidden %lld, vocab %lld; device weights %.1f MB, %lld W4 "
-              "launches per forward; upload %.0f ms\n",
-              path.c_str(), static_cast<long long>(m.config.num_layers),
-              static_cast<long long>(m.config.hidden_size),
-              static_cast<long long>(m.config.vocab_size), run.weights().bytes() / 1e6,
-              static_cast<long long>(run.weights().num_pieces()), NowMs() - t_load);
+  std::printf(
+      "# model %s: %lld layers, hidden %lld, vocab %lld; device weights %.1f MB, %lld W4 "
+      "launches per forward, %zu modules with an EC; upload %.0f ms\n",
+      path.c_str(), static_cast<long long>(m.config.num_layers),
+      static_cast<long long>(m.config.hidden_size), static_cast<long long>(m.config.vocab_size),
+      run.weights().bytes() / 1e6, static_cast<long long>(run.weights().num_pieces()),
+      with_ec.size(), NowMs() - t_load);
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(m.config.vocab_size - 1));
   std::vector<std::vector<int32_t>> tables(max_b), toks(max_b);
   for (int s = 0; s < max_b; ++s) {
-    for (int64_t j = 0; j < per_seq; ++j) tables[s].push_back(static_cast<int32_t>(s * per_seq + j));
+    for (int64_t j = 0; j < per_seq; ++j)
+      tables[s].push_back(static_cast<int32_t>(s * per_seq + j));
   }
-  std::printf("\n| phase | batch | context | ms / forward (median) | tokens/s |\n|---|---|---|---|---|\n");
+  std::printf(
+      "\n| phase | batch | context | ms / forward (median) | tokens/s |\n|---|---|---|---|---|\n");
   // Prefill.
   {
     toks[0].resize(prefill);
@@ -126,44 +147,48 @@ int Main(int argc, char** argv) {
                 prefill, med, prefill / (med * 1e-3));
     std::fflush(stdout);
   }
-  // Decode.
-  for (int b : batches) {
-    const int start = ctx - steps - 3;
-    std::vector<SeqChunk> batch(b);
-    for (int s = 0; s < b; ++s) {
-      toks[s].assign(start, 0);
-      for (auto& t : toks[s]) t = tok(rng);
-      toks[s].reserve(ctx + 1);
-      batch[s].tokens = toks[s];
-      batch[s].block_table = tables[s];
-      batch[s].start_pos = 0;
-    }
-    std::vector<int32_t> next;
-    if (absl::Status s = run.Forward(batch, nullptr, &next); !s.ok()) {
-      std::fprintf(stderr, "prefill of batch %d: %s\n", b, std::string(s.message()).c_str());
-      return 1;
-    }
-    std::vector<double> ms;
-    const int64_t replays0 = run.graph_replays();
-    for (int i = 0; i < steps + 3; ++i) {
+  // Decode (ECs as loaded; with --ec-off-rows then again with them off).
+  for (int pass = 0; pass < (ec_off_rows ? 2 : 1); ++pass) {
+    for (model::W4Linear* w : with_ec) w->set_ec_enabled(pass == 0);
+    const char* ec_note = with_ec.empty() ? "" : pass == 0 ? ", ECs on" : ", ECs off";
+    for (int b : batches) {
+      const int start = ctx - steps - 3;
+      std::vector<SeqChunk> batch(b);
       for (int s = 0; s < b; ++s) {
-        toks[s].push_back(next[s]);
-        batch[s].start_pos = static_cast<int64_t>(toks[s].size()) - 1;
-        batch[s].tokens = std::span<const int32_t>(toks[s].data() + batch[s].start_pos, 1);
+        toks[s].assign(start, 0);
+        for (auto& t : toks[s]) t = tok(rng);
+        toks[s].reserve(ctx + 1);
+        batch[s].tokens = toks[s];
+        batch[s].block_table = tables[s];
+        batch[s].start_pos = 0;
       }
-      const double t0 = NowMs();
+      std::vector<int32_t> next;
       if (absl::Status s = run.Forward(batch, nullptr, &next); !s.ok()) {
-        std::fprintf(stderr, "decode batch %d: %s\n", b, std::string(s.message()).c_str());
+        std::fprintf(stderr, "prefill of batch %d: %s\n", b, std::string(s.message()).c_str());
         return 1;
       }
-      if (i >= 3) ms.push_back(NowMs() - t0);
+      std::vector<double> ms;
+      const int64_t replays0 = run.graph_replays();
+      for (int i = 0; i < steps + 3; ++i) {
+        for (int s = 0; s < b; ++s) {
+          toks[s].push_back(next[s]);
+          batch[s].start_pos = static_cast<int64_t>(toks[s].size()) - 1;
+          batch[s].tokens = std::span<const int32_t>(toks[s].data() + batch[s].start_pos, 1);
+        }
+        const double t0 = NowMs();
+        if (absl::Status s = run.Forward(batch, nullptr, &next); !s.ok()) {
+          std::fprintf(stderr, "decode batch %d: %s\n", b, std::string(s.message()).c_str());
+          return 1;
+        }
+        if (i >= 3) ms.push_back(NowMs() - t0);
+      }
+      const double med = Median(ms);
+      std::printf("| decode (graph replay, argmax on device%s) | %d | %d..%d | %.3f | %.0f |\n",
+                  ec_note, b, start + 1, start + steps + 3, med, b / (med * 1e-3));
+      std::printf("# batch %d: %lld graph replays in %d steps; next id of seq 0 = %d\n", b,
+                  static_cast<long long>(run.graph_replays() - replays0), steps + 3, next[0]);
+      std::fflush(stdout);
     }
-    const double med = Median(ms);
-    std::printf("| decode (graph replay, argmax on device) | %d | %d..%d | %.3f | %.0f |\n", b,
-                start + 1, start + steps + 3, med, b / (med * 1e-3));
-    std::printf("# batch %d: %lld graph replays in %d steps; next id of seq 0 = %d\n", b,
-                static_cast<long long>(run.graph_replays() - replays0), steps + 3, next[0]);
-    std::fflush(stdout);
   }
   return 0;
 }

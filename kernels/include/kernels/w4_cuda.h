@@ -140,6 +140,12 @@ struct W4CudaParams {
   // forced combination that does not fit shared memory: InvalidArgument.
   int decode_splits = 0;
   int decode_depth = 0;
+  // testing/benchmarks: the decode EC prologue (u = A x and the gate, one
+  // launch before the GEMM). 0 the default (k split into ranges of >= 2048
+  // over r x P blocks, the gate MLP staged in shared memory, plain launch);
+  // flags: 1 one block per rank over all of k (v12's prologue), 2 the
+  // prologue launched with programmatic dependent launch (waits for x first).
+  int ec_prologue = 0;
 };
 
 // y = Q(W) (x / act_scale) + bias [+ B (g ⊙ u), u = A x]  (see w4_ops.h).

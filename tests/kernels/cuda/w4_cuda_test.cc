@@ -146,12 +146,15 @@ struct Case {
   int decode_kernel = 0;  // W4CudaParams::decode_kernel
   int decode_splits = 0, decode_depth = 0;  // fold kernel (0 = automatic)
   int64_t ldx_pad = 0;
+  int64_t ec_rank = 32, ec_hidden = 16;
+  int ec_prologue = 0;  // W4CudaParams::ec_prologue
   std::string Name() const {
     return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
                         " bias=", bias, " acc=", accumulate, " f16=", f16_out,
                         " sym=", symmetric, " prefill=", force_prefill,
                         " decode=", force_decode, " dk=", decode_kernel, " splits=", decode_splits,
-                        " depth=", decode_depth, " ldxpad=", ldx_pad);
+                        " depth=", decode_depth, " ldxpad=", ldx_pad, " r=", ec_rank,
+                        " h=", ec_hidden, " prologue=", ec_prologue);
   }
 };
 
@@ -160,7 +163,7 @@ struct Case {
 void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   SCOPED_TRACE(c.Name());
   const W4Weight w = RandomW4(c.n, c.k, c.g, c.symmetric, c.act_scale, rng);
-  const EcWeights ec = RandomEc(c.n, c.k, 32, 16, c.ec == 2, rng);
+  const EcWeights ec = RandomEc(c.n, c.k, c.ec_rank, c.ec_hidden, c.ec == 2, rng);
   const EcWeights* ecp = c.ec ? &ec : nullptr;
   auto dw = cuda::W4DeviceWeight::Create(w, ecp);
   ASSERT_TRUE(dw.ok()) << dw.status();
@@ -181,7 +184,7 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   for (float& v : y0) v = c.f16_out ? RoundHalf(nd(rng)) : nd(rng);
 
   // Reference.
-  std::vector<float> yref = y0, gref(static_cast<size_t>(m * 32), 0.f);
+  std::vector<float> yref = y0, gref(static_cast<size_t>(m * c.ec_rank), 0.f);
   W4LinearParams rp;
   rp.x = xf.data();
   rp.m = m;
@@ -232,6 +235,7 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   p.decode_kernel = c.decode_kernel;
   p.decode_splits = c.decode_splits;
   p.decode_depth = c.decode_depth;
+  p.ec_prologue = c.ec_prologue;
   ASSERT_TRUE(cuda::W4Linear(**dw, p, ws, nullptr).ok());
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> y(y0.size());
@@ -305,6 +309,46 @@ TEST(CudaW4, DecodeMatchesReference) {
       c.ldx_pad = (v % 6 == 5) ? 8 : 0;
       c.force_decode = true;  // the decode kernel at every m (65: two launches)
       c.decode_kernel = v % 4 == 1 ? 1 : v % 8 == 3 ? 2 : v % 8 == 7 ? 3 : v % 8 == 6 ? 5 : 0;
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+// The decode EC prologue (u = A x over P k ranges of >= 2048, the gate in
+// the last block) in its four forms (ec_prologue 0..3: k split or one block
+// per rank, plain launch or PDL) on k with 1 (1000), 2 (2049: the scalar
+// path, k % 8 != 0), 7 (14336, Llama-3-8B's down) and the capped 16 ranges
+// (40000: each range 2504 long), ranks 4..256 (100: rp padded to 112), gate
+// hidden 16 or 64 (r 256, h 64: the gate MLP too large to stage in shared
+// memory), static and gated ECs, m = 1..64.
+TEST(CudaW4, EcPrologueFormsMatchReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 11);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct Shape {
+    int64_t n, k, g, r, h;
+  };
+  const Shape shapes[] = {{192, 1000, 1000, 4, 16},  {130, 2049, 2049, 32, 16},
+                          {256, 14336, 128, 32, 16}, {72, 40000, 40000, 100, 64},
+                          {128, 4096, 128, 256, 64}};
+  const int64_t ms[] = {1, 5, 16, 64};
+  int v = 0;
+  for (const Shape& s : shapes) {
+    for (int form = 0; form < 4; ++form) {
+      Case c{s.n, s.k, s.g, ms[v % 4]};
+      c.ec = v % 5 == 4 ? 1 : 2;
+      c.ec_rank = s.r;
+      c.ec_hidden = s.h;
+      c.ec_prologue = form;
+      c.act_scale = v % 3 == 1;
+      c.bias = v % 2 == 0;
+      c.accumulate = v % 4 == 3;
+      c.f16_out = v % 3 == 2;
+      c.symmetric = false;
+      c.force_decode = true;
       ++v;
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;
@@ -526,6 +570,11 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   p.decode_kernel = 6 | 64;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.decode_kernel = 0;
+  p.ec_prologue = 4;  // flags 1 and 2 only
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
+  p.ec_prologue = -1;
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
+  p.ec_prologue = 0;
   p.x = nullptr;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::EcApply(**dw, nullptr, 1, y.get(), nullptr, 64, nullptr)));

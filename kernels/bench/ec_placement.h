@@ -1,0 +1,29 @@
+// The EC placement of a .spear checkpoint (its spear.json manifest), read
+// for the GPU decode-step benchmark: which decoder modules of which layer
+// carry an EC, at what rank, and the EC memory as % of the served W4 model.
+#pragma once
+
+#include <array>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace spear::kernels::bench {
+
+// Member order of one decoder layer's linears.
+enum EcMember { kQ, kK, kV, kO, kGate, kUp, kDown, kNumMembers };
+
+struct EcPlacement {
+  int num_layers = 0;
+  double ec_pct = 0;  // sizes.ec_pct of the manifest
+  // ranks[l][member]: 0 = no EC.
+  std::vector<std::array<int, kNumMembers>> ranks;
+  int num_ecs = 0;
+};
+
+// `path`: a .spear directory or its spear.json. NotFound / InvalidArgument
+// with the reason for a missing file or a manifest without the fields used.
+absl::StatusOr<EcPlacement> ReadEcPlacement(const std::string& path);
+
+}  // namespace spear::kernels::bench
