@@ -28,14 +28,16 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,12]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,15]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
 // the checkpoint's layer l * L_src / L; ranks scaled by one factor to P % of
 // this model's served bytes, default the checkpoint's own EC %): rows 9-11
 // (default prologue, v12's, under PDL). Row 12: EC on all GEMMs with v12's
-// EC prologue (against row 1: what the new prologue changes).
+// EC prologue (against row 1: what the new prologue changes). Rows 13-15 at
+// the placement: the B fragments read from global memory in the epilogue
+// (v13), the epilogue alone and the prologue alone (timing only).
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -185,7 +187,14 @@ const Variant kVariants[] = {
     {"W4+EC at the diagnostic's placement, EC prologue under PDL", Ec::kPlacement, false, false,
      true, 0, true, false, 2},
     {"W4+EC r32 all 4 GEMMs, all layers, v12 EC prologue", Ec::kAll, false, false, true, 0, true,
-     false, 1}};
+     false, 1},
+    // 13-15: where the EC's time goes (14 and 15 compute wrong outputs: timing only).
+    {"W4+EC at the diagnostic's placement, B fragments from global memory (v13)", Ec::kPlacement,
+     false, false, true, 128},
+    {"W4+EC at the diagnostic's placement, epilogue only (no prologue)", Ec::kPlacement, false,
+     false, true, 0, true, false, 4},
+    {"W4+EC at the diagnostic's placement, prologue only (no epilogue)", Ec::kPlacement, false,
+     false, true, 0, true, false, 8}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -398,12 +407,22 @@ class Model {
         ++rank_hist[rank[g]];
       }
     }
+    double member_bytes = 0;  // the checkpoint's accounting: each module's own A and B, fp16
+    for (int l = 0; l < s.layers; ++l) {
+      for (int i = 0; i < bench::kNumMembers; ++i) {
+        if (src(l)[i] > 0) {
+          member_bytes += 2.0 * std::max<int64_t>(1, std::llround(src(l)[i] * scale)) * (mk[i] + mn[i]);
+        }
+      }
+    }
     std::printf("# %s EC placement: %d ECs of the checkpoint (%d layers) -> %d of %d GEMMs here, "
-                "ranks x %.2f, EC bytes %.1f MB = %.3f %% of %.3f GB served (target %.3f %%)%s; "
-                "GEMM ranks:",
+                "ranks x %.2f: the modules' own A and B %.1f MB = %.3f %% of %.3f GB served "
+                "(target %.3f %%); on the device (q/k/v and gate/up ECs merged: B stored for the "
+                "whole fused output, rank padded to 16; + gate MLPs) %.1f MB = %.3f %%%s; GEMM "
+                "ranks:",
                 s.name, P.num_ecs, P.num_layers, placed, kNumGroups * s.layers, scale,
-                ec_bytes / 1e6, 100.0 * ec_bytes / served, served / 1e9, pct,
-                capped ? " (some capped at 256)" : "");
+                member_bytes / 1e6, 100.0 * member_bytes / served, served / 1e9, pct,
+                ec_bytes / 1e6, 100.0 * ec_bytes / served, capped ? " (some capped at 256)" : "");
     for (const auto& [r, n] : rank_hist) std::printf(" %lldx%d", static_cast<long long>(r), n);
     std::printf("\n");
     std::fflush(stdout);
@@ -680,7 +699,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,12] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,15] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -414,11 +414,14 @@ int Main(int argc, char** argv) {
                           "W4 (again: the spread between two runs)",
                           "W4+EC r32 (fused), v12 prologue (one block per rank, all of k)",
                           "W4+EC r32 (fused), prologue under PDL",
-                          "W4+EC r32 (fused), v12 prologue under PDL"};
+                          "W4+EC r32 (fused), v12 prologue under PDL",
+                          "W4+EC r32 (fused), B fragments from global memory (v13 epilogue)",
+                          "W4+EC r32, epilogue only (no prologue: timing only)",
+                          "W4+EC r32, prologue only (no epilogue: timing only)"};
   auto ec_variant = [](int v) { return v == 1 || v >= 10; };
   for (int64_t m : {1, 16}) {
     if (no_layer || !only.empty()) break;
-    for (int variant = 0; variant < 13; ++variant) {
+    for (int variant = 0; variant < 16; ++variant) {
       if (m > 8 && variant > 4 && variant < 10) continue;  // the fold variants: M <= 8 only
       double bytes = 0;
       for (const char* l : layers) {
@@ -437,8 +440,11 @@ int Main(int argc, char** argv) {
           p.y_f16 = y16;
           p.ldy = dw.fmt().n;
           p.use_ec = ec_variant(variant);
-          p.ec_prologue = variant >= 10 ? variant - 9 : 0;
-          p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : 0;
+          p.ec_prologue = variant >= 10 && variant <= 12 ? variant - 9
+                          : variant == 14                ? 4
+                          : variant == 15                ? 8
+                                                         : 0;
+          p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : variant == 13 ? 128 : 0;
           const Cfg c = layer_cfg(variant, li);
           if (variant >= 5 && variant < 10) {
             p.decode_kernel = c.dk;

@@ -112,17 +112,23 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.ldy = p.ldy;
     a.accumulate = p.accumulate ? 1 : 0;
     if (ec) {
-      if (absl::Status st = LaunchEcPrologue(d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
-                                             p.gate_out ? p.gate_out + r0 * d.r : nullptr, stream,
-                                             p.ec_prologue);
-          !st.ok()) {
-        return st;
+      // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
+      // the last call) / the prologue without the epilogue.
+      if ((p.ec_prologue & 4) == 0) {
+        if (absl::Status st = LaunchEcPrologue(d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
+                                               p.gate_out ? p.gate_out + r0 * d.r : nullptr,
+                                               stream, p.ec_prologue & 3);
+            !st.ok()) {
+          return st;
+        }
       }
-      a.ecb = d.ec_bfrag;
-      a.esteps = static_cast<int>(d.rp / 16);
-      a.v = s.v;
-      a.ldv = static_cast<int>(d.rp);
-      a.ec_late = 1;
+      if ((p.ec_prologue & 8) == 0) {
+        a.ecb = d.ec_bfrag;
+        a.esteps = static_cast<int>(d.rp / 16);
+        a.v = s.v;
+        a.ldv = static_cast<int>(d.rp);
+        a.ec_late = 1;
+      }
     }
     static const int debug = [] {
       const char* e = std::getenv("SPEAR_W4_DEBUG");
@@ -165,8 +171,9 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("strides ldx=", p.ldx, " ldy=", p.ldy, " below k=", d.k, " / n=", d.n));
   }
   if (p.force_decode && p.force_prefill) return Bad("force_decode and force_prefill");
-  if (p.ec_prologue < 0 || p.ec_prologue > 3) {
-    return Bad(absl::StrCat("ec_prologue ", p.ec_prologue, ": flags 1 and 2 only"));
+  if (p.ec_prologue < 0 || p.ec_prologue > 15 || (p.ec_prologue & 12) == 12) {
+    return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
+                            ": flags 1, 2 and one of 4 / 8 only"));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured

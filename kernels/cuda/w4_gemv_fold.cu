@@ -62,6 +62,10 @@ struct Geom {
   int red_off;   // reduction buffers: 0 = over the drained ring; after the
                  // warps' rings for the persistent loop (v12), whose ring runs
                  // on into the next tile
+  int ecb_off;   // v14: > 0: the EC's B fragments of a tile are fetched with
+                 // the tile's first ring chunk into shared memory at ecb_off
+                 // (two buffers of esteps x 2 KB, by tile parity), so the
+                 // epilogue reads them from shared memory, not DRAM
 };
 
 __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -138,6 +142,12 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   const uint4* sz4a = reinterpret_cast<const uint4*>(a.sz);
   const int ng1 = a.ngroups - 1, gshift = a.gshift;
 
+  // v14: B fragments of the EC through shared memory (split 0 only, and only
+  // for warps that stream chunks: the prefetch rides on a tile's first one).
+  const bool ecb_pf = geo.ecb_off > 0 && a.ecb != nullptr && q == 0 && nc > 0;
+  const unsigned ecb_s =
+      static_cast<unsigned>(__cvta_generic_to_shared(smem)) + static_cast<unsigned>(geo.ecb_off);
+
   // Chunk j of the warp's stream = chunk cb + j % nc of its (j / nc)-th tile.
   auto issue_w = [&](int j, int slot) {
     if (nc <= 0) return;
@@ -152,6 +162,18 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
 #pragma unroll
     for (int i = 0; i < CH; ++i) CpAsync16(st + i * 512 + lane * 16, wt + i * 32 + lane, true);
     if (lane < 16) CpAsync16(st + CH * 512 + lane * 16, zt + lane, true);
+    // v14: with the tile's first chunk, the B fragments of the EC steps this
+    // warp adds in the tile's epilogue (e = warp, warp + NW, ...; each lane
+    // its own 64 bytes, read back by the same lane).
+    if (ecb_pf && j == it * nc) {
+      const unsigned eb = ecb_s + (it & 1) * a.esteps * 2048;
+      for (int e = warp; e < a.esteps; e += kNW) {
+        const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
+                          ((static_cast<size_t>(t) * a.esteps + e) * 32 + lane) * 4;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) CpAsync16(eb + (e * 32 + lane) * 64 + i * 16, bp + i, true);
+      }
+    }
   };
 
   // Prologue: the first D - 1 chunks' weights (one group each) before the
@@ -278,9 +300,23 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
       if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   #pragma unroll 1
       for (int e = warp; e < a.esteps; e += kNW) {
-        const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
-                          ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
-        const uint4 q0 = bp[0], q1 = bp[1], q2 = bp[2], q3 = bp[3];
+        uint4 q0, q1, q2, q3;
+        if (ecb_pf) {  // fetched with the tile's first chunk (complete: waited for then)
+          const uint4* bs = reinterpret_cast<const uint4*>(smem + geo.ecb_off +
+                                                           (it & 1) * a.esteps * 2048 +
+                                                           (e * 32 + lane) * 64);
+          q0 = bs[0];
+          q1 = bs[1];
+          q2 = bs[2];
+          q3 = bs[3];
+        } else {
+          const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
+                            ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
+          q0 = bp[0];
+          q1 = bp[1];
+          q2 = bp[2];
+          q3 = bp[3];
+        }
         const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
                                  q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
         const int row = gid;
@@ -529,6 +565,14 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
     c->geo.pf_tiles = wave_tiles;
   } else {  // default: no L2 prefetch (v12 call 1: it cost 2.4 us on gate_up, 1.8 on down)
     c->geo.pf_tiles = 0;
+  }
+  // v14: the EC's B fragments through shared memory, when the two buffers
+  // fit without costing a resident block (decode_kernel flag 128: off).
+  if (a.ecb != nullptr && (a.variant & 128) == 0) {
+    FoldConfig e = *c;
+    e.geo.ecb_off = e.smem;
+    e.smem += 2 * a.esteps * 2048;
+    if (BlocksPerSm(e) == BlocksPerSm(*c)) *c = e;
   }
   const int ch = FoldChunk(a);
   static int pdl_ok = -1;

@@ -133,7 +133,9 @@ struct W4CudaParams {
   // before the dependency wait in the first wave's blocks, 32 the same in
   // every block (both measured slower; off by default), 64 one tile per
   // block (by default a GEMM whose tiles need more than one wave runs one
-  // wave of blocks looping over tiles).
+  // wave of blocks looping over tiles), 128 the EC's B fragments read from
+  // global memory in the epilogue (by default, when it fits, they are
+  // fetched into shared memory with each tile's first ring chunk).
   int decode_kernel = 0;
   // testing/benchmarks, fold kernel only: k splits (1, 2, 4, 8; 0 = the
   // cost model's choice) and cp.async ring depth (2..4; 0 = automatic). A
@@ -144,7 +146,10 @@ struct W4CudaParams {
   // launch before the GEMM). 0 the default (k split into ranges of >= 2048
   // over r x P blocks, the gate MLP staged in shared memory, plain launch);
   // flags: 1 one block per rank over all of k (v12's prologue), 2 the
-  // prologue launched with programmatic dependent launch (waits for x first).
+  // prologue launched with programmatic dependent launch (waits for x first);
+  // benchmarks only (the output is then wrong): 4 no prologue (the epilogue
+  // uses whatever v the last call left), 8 the prologue without the
+  // epilogue (4 and 8 together: InvalidArgument).
   int ec_prologue = 0;
 };
 

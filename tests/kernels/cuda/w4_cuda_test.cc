@@ -322,7 +322,8 @@ TEST(CudaW4, DecodeMatchesReference) {
 // path, k % 8 != 0), 7 (14336, Llama-3-8B's down) and the capped 16 ranges
 // (40000: each range 2504 long), ranks 4..256 (100: rp padded to 112), gate
 // hidden 16 or 64 (r 256, h 64: the gate MLP too large to stage in shared
-// memory), static and gated ECs, m = 1..64.
+// memory), static and gated ECs, m = 1..64; with form 3 the fold kernel
+// reads B from global memory (decode_kernel 128) instead of shared memory.
 TEST(CudaW4, EcPrologueFormsMatchReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 11);
@@ -343,6 +344,7 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
       c.ec_rank = s.r;
       c.ec_hidden = s.h;
       c.ec_prologue = form;
+      c.decode_kernel = form == 3 ? 128 : 0;  // fold: B fragments from global memory
       c.act_scale = v % 3 == 1;
       c.bias = v % 2 == 0;
       c.accumulate = v % 4 == 3;
@@ -410,7 +412,9 @@ TEST(CudaW4, FoldPersistentLoopMatchesReference) {
         c.f16_out = v % 3 == 1;
         c.accumulate = v % 4 == 3;
         c.force_decode = true;
-        c.decode_kernel = dk | (v % 4 == 2 ? 16 : 0);
+        // 128 (v = 5, a gated EC): the B fragments from global memory, not
+        // prefetched with each tile's first chunk (double-buffered by tile).
+        c.decode_kernel = dk | (v % 4 == 2 ? 16 : 0) | (v % 6 == 5 ? 128 : 0);
         c.decode_splits = splits;
         c.decode_depth = depth;
         ++v;
@@ -570,7 +574,7 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   p.decode_kernel = 6 | 64;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.decode_kernel = 0;
-  p.ec_prologue = 4;  // flags 1 and 2 only
+  p.ec_prologue = 12;  // 4 and 8 together
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
