@@ -69,7 +69,8 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
                                                         long long ldx, int k, int kchunk,
                                                         const __half* __restrict__ a,
                                                         float* upart, unsigned* counter,
-                                                        GateArgs g, int pdl, int stage) {
+                                                        GateArgs g, int pdl, int stage,
+                                                        int partials_only) {
   if (pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   // The GEMM that follows (launched with PDL) may start now: it reads only
   // x (complete: this kernel waited for it, or was launched after it) and
@@ -144,6 +145,7 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
     for (int w = 0; w < 8; ++w) v += ut[w][threadIdx.x];
     __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
+  if (partials_only) return;  // the GEMM's blocks sum them and run the gate (DecodeArgs::ec_gate)
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
@@ -228,20 +230,26 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 
 }  // namespace
 
+// k split: parts of >= 2048 elements (one 16-byte load per thread of a
+// 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
+int EcPrologueParts(int64_t k, int flags) {
+  if ((flags & 1) != 0) return 1;
+  const int64_t parts = (k + 2047) / 2048;
+  return static_cast<int>(parts > kEcMaxKParts ? kEcMaxKParts : parts);
+}
+
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, cudaStream_t stream, int flags) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
-  // k split: parts of >= 2048 elements (one 16-byte load per thread of a
-  // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
-  int parts = static_cast<int>((w.k + 2047) / 2048);
-  if (parts > kEcMaxKParts) parts = kEcMaxKParts;
-  if ((flags & 1) != 0) parts = 1;
+  const int parts = EcPrologueParts(w.k, flags);
+  const int partials_only = (flags & kEcPartialsOnly) != 0 ? 1 : 0;
   const int kchunk = static_cast<int>((w.k + parts - 1) / parts + 7) / 8 * 8;
   const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
   const int weights = 2 * h * r + h + r;
-  const int stage = (flags & 1) == 0 && w.gated && weights <= kGateStageFloats ? 1 : 0;
+  const int stage =
+      (flags & 1) == 0 && !partials_only && w.gated && weights <= kGateStageFloats ? 1 : 0;
   const size_t smem = (8 * static_cast<size_t>(r + h) + (stage ? weights : 0)) * sizeof(float);
   const int pdl = (flags & 2) != 0 && ProgrammaticLaunchEnabled() ? 1 : 0;
   cudaLaunchConfig_t cfg = {};
@@ -258,7 +266,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
       &cfg, EcPrologueKernel, reinterpret_cast<const __half*>(x), static_cast<int>(m),
       static_cast<long long>(ldx), static_cast<int>(w.k), kchunk,
       reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-      MakeGate(w, v_half, ldv, v_f32, gate_out), pdl, stage);
+      MakeGate(w, v_half, ldv, v_f32, gate_out), pdl, stage, partials_only);
   if (e != cudaSuccess && pdl) {  // a driver or capture that does not take the attribute
     (void)cudaGetLastError();
     cfg.numAttrs = 0;
@@ -266,7 +274,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                            static_cast<int>(m), static_cast<long long>(ldx),
                            static_cast<int>(w.k), kchunk,
                            reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-                           MakeGate(w, v_half, ldv, v_f32, gate_out), 0, stage);
+                           MakeGate(w, v_half, ldv, v_f32, gate_out), 0, stage, partials_only);
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);
   return absl::OkStatus();

@@ -109,7 +109,25 @@ struct DecodeArgs {
   float* partials;
   int* counters;
   int total_units;
+  // v14c, fold kernel: ec_gate = 1: the prologue wrote only the partial u
+  // sums (upart [ec_parts][m][r]); each EC block of the GEMM sums them in
+  // order and runs the gate itself (same arithmetic as the prologue's last
+  // block), once, into shared memory (its v), after griddepcontrol.wait.
+  int ec_gate;
+  const float* upart;
+  int ec_parts, ec_r, ec_h, ec_gated;
+  const float* w1;
+  const float* b1;
+  const float* w2;
+  const float* b2;
+  float* gate_out;  // nullable [m][r]: written by the blocks of tile column 0
 };
+// LaunchEcPrologue flag (internal, beside W4CudaParams::ec_prologue's 1 / 2):
+// write the partial sums of u only (no ticket, no gate: the fold kernel's
+// blocks run the gate, DecodeArgs::ec_gate).
+inline constexpr int kEcPartialsOnly = 16;
+// The number of k ranges LaunchEcPrologue splits k into (flags as there).
+int EcPrologueParts(int64_t k, int flags);
 // mt = ceil(m / 16) in 1..4.
 absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream);
 // The m <= 8 fold kernel (w4_gemv_fold.cu); FoldSupported: m <= 8 and the
