@@ -34,8 +34,9 @@
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
 // the checkpoint's layer l * L_src / L; ranks scaled by one factor to P % of
 // this model's served bytes, default the checkpoint's own EC %): rows 9-11
-// (default prologue, v12's, under PDL). Row 12: EC on all GEMMs with v12's
-// EC prologue (against row 1: what the new prologue changes). Rows 13-15 at
+// (default prologue, v12's, the default one as a plain launch). Row 12: EC
+// on all GEMMs with v12's EC prologue (against row 1: what the new prologue
+// changes). Rows 13-15 at
 // the placement: the B fragments read from global memory in the epilogue
 // (v13), the epilogue alone and the prologue alone (timing only).
 #include <cublas_v2.h>
@@ -182,12 +183,12 @@ const Variant kVariants[] = {
     // 9-12: the EC at the placement of a real diagnostic (--ec-placement), and
     // the EC prologue variants.
     {"W4+EC at the diagnostic's placement (--ec-placement)", Ec::kPlacement, false},
-    {"W4+EC at the diagnostic's placement, v12 EC prologue", Ec::kPlacement, false, false, true, 0,
-     true, false, 1},
-    {"W4+EC at the diagnostic's placement, EC prologue under PDL", Ec::kPlacement, false, false,
-     true, 0, true, false, 2},
-    {"W4+EC r32 all 4 GEMMs, all layers, v12 EC prologue", Ec::kAll, false, false, true, 0, true,
-     false, 1},
+    {"W4+EC at the diagnostic's placement, v12 EC prologue (plain launch)", Ec::kPlacement, false,
+     false, true, 0, true, false, 3},
+    {"W4+EC at the diagnostic's placement, EC prologue as a plain launch (v14b)", Ec::kPlacement,
+     false, false, true, 0, true, false, 2},
+    {"W4+EC r32 all 4 GEMMs, all layers, v12 EC prologue (plain launch)", Ec::kAll, false, false,
+     true, 0, true, false, 3},
     // 13-15: where the EC's time goes (14 and 15 compute wrong outputs: timing only).
     {"W4+EC at the diagnostic's placement, B fragments from global memory (v13)", Ec::kPlacement,
      false, false, true, 128},

@@ -412,9 +412,9 @@ int Main(int argc, char** argv) {
                           "W4, fold + L2 prefetch before the wait (first wave)",
                           "W4, fold one tile per block + L2 prefetch (call 1's default)",
                           "W4 (again: the spread between two runs)",
-                          "W4+EC r32 (fused), v12 prologue (one block per rank, all of k)",
-                          "W4+EC r32 (fused), prologue under PDL",
-                          "W4+EC r32 (fused), v12 prologue under PDL",
+                          "W4+EC r32 (fused), v12 prologue shape (one block per rank, all of k; warp-per-token gate)",
+                          "W4+EC r32 (fused), prologue as a plain launch (v14b)",
+                          "W4+EC r32 (fused), v12 prologue as a plain launch (v12)",
                           "W4+EC r32 (fused), B fragments from global memory (v13 epilogue)",
                           "W4+EC r32, epilogue only (no prologue: timing only)",
                           "W4+EC r32, prologue only (no epilogue: timing only)"};

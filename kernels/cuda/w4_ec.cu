@@ -55,22 +55,23 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
   }
 }
 
-// Gate MLP weights staged in shared memory by the last block when they fit
-// (floats): one coalesced round trip instead of a chain of dependent loads.
-constexpr int kGateStageFloats = 4096;
+// The last block's parallel gate (u, hidden, the MLP's weights) in shared
+// memory when it fits (floats; 40 KB, with the static 2 KB under 48 KB).
+constexpr int kGateStageFloats = 10240;
 
 // Grid (r, P): block (q, p) computes the partial u[t][q] over k range p of P
 // (kchunk elements, a multiple of 8) for every token, into upart[p][t][q];
 // the last block to finish sums the P partials in order (deterministic),
-// then computes the gates. Dynamic shared memory: us[8][r], hs[8][h], then
-// the staged gate weights (w1, b1, w2, b2) when they fit. `pdl`: launched
-// with programmatic serialization, so wait for x's producer first.
+// then computes the gates: with `stage`, one output per thread from shared
+// memory (u, hidden and the transposed MLP weights in dynamic shared
+// memory), else one warp per token (dynamic shared memory us[8][r],
+// hs[8][h]). `pdl`: launched with programmatic serialization, so wait for
+// x's producer first.
 __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict__ x, int m,
                                                         long long ldx, int k, int kchunk,
                                                         const __half* __restrict__ a,
                                                         float* upart, unsigned* counter,
-                                                        GateArgs g, int pdl, int stage,
-                                                        int partials_only) {
+                                                        GateArgs g, int pdl, int stage) {
   if (pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   // The GEMM that follows (launched with PDL) may start now: it reads only
   // x (complete: this kernel waited for it, or was launched after it) and
@@ -145,40 +146,81 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
     for (int w = 0; w < 8; ++w) v += ut[w][threadIdx.x];
     __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
-  if (partials_only) return;  // the GEMM's blocks sum them and run the gate (DecodeArgs::ec_gate)
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
-  float* us = dyn + warp * g.r;
-  float* hs = dyn + 8 * g.r + warp * g.h;
-  GateArgs gs = g;
-  if (stage && g.gated) {  // the gate MLP's weights into shared memory, one round trip
-    float* w = dyn + 8 * (g.r + g.h);
-    const int n1 = g.h * g.r;
-    for (int i = threadIdx.x; i < n1; i += 256) {
-      w[i] = g.w1[i];
-      w[n1 + g.h + i] = g.w2[i];
-    }
-    for (int i = threadIdx.x; i < g.h; i += 256) w[n1 + i] = g.b1[i];
-    for (int i = threadIdx.x; i < g.r; i += 256) w[2 * n1 + g.h + i] = g.b2[i];
-    __syncthreads();
-    gs.w1 = w;
-    gs.b1 = w + n1;
-    gs.w2 = w + n1 + g.h;
-    gs.b2 = w + 2 * n1 + g.h;
-  }
-  for (int t = warp; t < m; t += 8) {
-    for (int i = lane; i < g.r; i += 32) {
+  const int r = g.r, h = g.h;
+  if (stage) {
+    // The gate with every thread of the block, one output per thread, from
+    // shared memory: u [m][r] (the partials summed in order), the MLP's W1
+    // and W2 transposed (consecutive threads read consecutive words: no bank
+    // conflicts), b1, b2, the hidden [m][h]. Same sums in the same order as
+    // GateWarp, so v is bitwise the same; ~h + r dependent steps instead of
+    // m / 8 x (r + h) x lanes' share (one warp per token idled 7 warps at m = 1).
+    float* us = dyn;
+    float* hs = us + m * r;
+    float* w1t = hs + m * h;
+    float* b1s = w1t + h * r;
+    float* w2t = b1s + h;
+    float* b2s = w2t + h * r;
+    for (int i = threadIdx.x; i < m * r; i += 256) {
+      const int t = i / r, c = i - t * r;
       float v = 0.f;
-      for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * g.r + i);
+      for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + c);
       us[i] = v;
     }
-    __syncwarp();
-    GateWarp(gs, t, us, hs);
-    __syncwarp();
+    if (g.gated) {
+      for (int i = threadIdx.x; i < h * r; i += 256) {
+        const int j = i / r, c = i - j * r;  // w1 [h][r]
+        w1t[c * h + j] = g.w1[i];
+        const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
+        w2t[j2 * r + c2] = g.w2[i];
+      }
+      for (int i = threadIdx.x; i < h; i += 256) b1s[i] = g.b1[i];
+      for (int i = threadIdx.x; i < r; i += 256) b2s[i] = g.b2[i];
+    }
+    __syncthreads();
+    if (g.gated) {
+      for (int i = threadIdx.x; i < m * h; i += 256) {
+        const int t = i / h, j = i - t * h;
+        float z = b1s[j];
+        for (int c = 0; c < r; ++c) z += w1t[c * h + j] * us[t * r + c];
+        hs[i] = z / (1.f + expf(-z));
+      }
+      __syncthreads();
+    }
+    for (int i = threadIdx.x; i < m * g.rp; i += 256) {
+      const int t = i / g.rp, c = i - t * g.rp;
+      float v = 0.f, gate = 1.f;
+      if (c < r) {
+        if (g.gated) {
+          float z = b2s[c];
+          for (int j = 0; j < h; ++j) z += w2t[j * r + c] * hs[t * h + j];
+          gate = 1.f + tanhf(z);
+        }
+        v = gate * us[t * r + c];
+        if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
+        if (g.gate_out != nullptr) g.gate_out[t * r + c] = gate;
+      }
+      if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
+    }
+  } else {
+    // One warp per token (v12; also where the parallel layout does not fit).
+    float* us = dyn + warp * r;
+    float* hs = dyn + 8 * r + warp * h;
+    for (int t = warp; t < m; t += 8) {
+      for (int i = lane; i < r; i += 32) {
+        float v = 0.f;
+        for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + i);
+        us[i] = v;
+      }
+      __syncwarp();
+      GateWarp(g, t, us, hs);
+      __syncwarp();
+    }
   }
   if (threadIdx.x == 0) *counter = 0;
 }
@@ -230,28 +272,27 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 
 }  // namespace
 
-// k split: parts of >= 2048 elements (one 16-byte load per thread of a
-// 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
-int EcPrologueParts(int64_t k, int flags) {
-  if ((flags & 1) != 0) return 1;
-  const int64_t parts = (k + 2047) / 2048;
-  return static_cast<int>(parts > kEcMaxKParts ? kEcMaxKParts : parts);
-}
-
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
-                              float* v_f32, float* gate_out, cudaStream_t stream, int flags) {
+                              float* v_f32, float* gate_out, cudaStream_t stream, int flags,
+                              bool pdl_launch) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
-  const int parts = EcPrologueParts(w.k, flags);
-  const int partials_only = (flags & kEcPartialsOnly) != 0 ? 1 : 0;
+  // k split: parts of >= 2048 elements (one 16-byte load per thread of a
+  // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
+  int parts = static_cast<int>((w.k + 2047) / 2048);
+  if (parts > kEcMaxKParts) parts = kEcMaxKParts;
+  if ((flags & 1) != 0) parts = 1;
   const int kchunk = static_cast<int>((w.k + parts - 1) / parts + 7) / 8 * 8;
   const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
-  const int weights = 2 * h * r + h + r;
-  const int stage =
-      (flags & 1) == 0 && !partials_only && w.gated && weights <= kGateStageFloats ? 1 : 0;
-  const size_t smem = (8 * static_cast<size_t>(r + h) + (stage ? weights : 0)) * sizeof(float);
-  const int pdl = (flags & 2) != 0 && ProgrammaticLaunchEnabled() ? 1 : 0;
+  // The parallel gate's shared memory (floats): u and hidden for m tokens,
+  // then W1^T, b1, W2^T, b2; one warp per token (v12's way) where it does
+  // not fit, or with flag 1.
+  const int64_t par = m * (r + h) + (w.gated ? 2 * h * r + h + r : 0);
+  const int stage = (flags & 1) == 0 && par <= kGateStageFloats ? 1 : 0;
+  const size_t smem =
+      (stage ? static_cast<size_t>(par) : 8 * static_cast<size_t>(r + h)) * sizeof(float);
+  const int pdl = pdl_launch && ProgrammaticLaunchEnabled() ? 1 : 0;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   cfg.blockDim = dim3(256);
@@ -266,7 +307,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
       &cfg, EcPrologueKernel, reinterpret_cast<const __half*>(x), static_cast<int>(m),
       static_cast<long long>(ldx), static_cast<int>(w.k), kchunk,
       reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-      MakeGate(w, v_half, ldv, v_f32, gate_out), pdl, stage, partials_only);
+      MakeGate(w, v_half, ldv, v_f32, gate_out), pdl, stage);
   if (e != cudaSuccess && pdl) {  // a driver or capture that does not take the attribute
     (void)cudaGetLastError();
     cfg.numAttrs = 0;
@@ -274,7 +315,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                            static_cast<int>(m), static_cast<long long>(ldx),
                            static_cast<int>(w.k), kchunk,
                            reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-                           MakeGate(w, v_half, ldv, v_f32, gate_out), 0, stage, partials_only);
+                           MakeGate(w, v_half, ldv, v_f32, gate_out), 0, stage);
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);
   return absl::OkStatus();

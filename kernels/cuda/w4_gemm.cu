@@ -111,6 +111,31 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.y16 = p.y_f16 != nullptr ? p.y_f16 + r0 * p.ldy : nullptr;
     a.ldy = p.ldy;
     a.accumulate = p.accumulate ? 1 : 0;
+    if (ec) {
+      // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
+      // the last call) / the prologue without the epilogue.
+      if ((p.ec_prologue & 4) == 0) {
+        // Under PDL before the fold kernel (M <= 8: v14, -0.04 ms on the 8B
+        // step in three calls); a plain launch before the others (v12: PDL
+        // was slower there at M >= 8) or with ec_prologue flag 2.
+        const bool fold_next = mc <= 8 && ((p.decode_kernel & 15) == 0 ||
+                                           (p.decode_kernel & 15) >= 4);
+        if (absl::Status st = LaunchEcPrologue(
+                d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
+                p.gate_out ? p.gate_out + r0 * d.r : nullptr, stream, p.ec_prologue & 1,
+                fold_next && (p.ec_prologue & 2) == 0);
+            !st.ok()) {
+          return st;
+        }
+      }
+      if ((p.ec_prologue & 8) == 0) {
+        a.ecb = d.ec_bfrag;
+        a.esteps = static_cast<int>(d.rp / 16);
+        a.v = s.v;
+        a.ldv = static_cast<int>(d.rp);
+        a.ec_late = 1;
+      }
+    }
     static const int debug = [] {
       const char* e = std::getenv("SPEAR_W4_DEBUG");
       return e ? std::atoi(e) : 0;
@@ -124,44 +149,6 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.partials = s.partials;
     a.counters = s.counters;
     const bool fold = mc <= 8 && (dk == 0 || dk >= 4) && FoldSupported(a);
-    if (ec) {
-      // v14c: under the fold kernel the prologue writes only u's partial sums
-      // and the GEMM's EC blocks run the gate (no ticket and no serial gate
-      // at the prologue's end); ec_prologue flag 1 keeps v12's prologue (and
-      // its gate) for the A/B.
-      const bool gate_here = fold && (p.ec_prologue & 1) == 0;
-      // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
-      // the last call) / the prologue without the epilogue.
-      if ((p.ec_prologue & 4) == 0) {
-        if (absl::Status st = LaunchEcPrologue(
-                d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
-                p.gate_out ? p.gate_out + r0 * d.r : nullptr, stream,
-                (p.ec_prologue & 3) | (gate_here ? kEcPartialsOnly : 0));
-            !st.ok()) {
-          return st;
-        }
-      }
-      if ((p.ec_prologue & 8) == 0) {
-        a.ecb = d.ec_bfrag;
-        a.esteps = static_cast<int>(d.rp / 16);
-        a.v = s.v;
-        a.ldv = static_cast<int>(d.rp);
-        a.ec_late = 1;
-        if (gate_here) {
-          a.ec_gate = 1;
-          a.upart = s.u;
-          a.ec_parts = EcPrologueParts(d.k, p.ec_prologue & 3);
-          a.ec_r = static_cast<int>(d.r);
-          a.ec_h = static_cast<int>(d.h);
-          a.ec_gated = d.gated ? 1 : 0;
-          a.w1 = d.w1;
-          a.b1 = d.b1;
-          a.w2 = d.w2;
-          a.b2 = d.b2;
-          a.gate_out = p.gate_out ? p.gate_out + r0 * d.r : nullptr;
-        }
-      }
-    }
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = p.decode_kernel;

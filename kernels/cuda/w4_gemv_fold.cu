@@ -62,8 +62,6 @@ struct Geom {
   int red_off;   // reduction buffers: 0 = over the drained ring; after the
                  // warps' rings for the persistent loop (v12), whose ring runs
                  // on into the next tile
-  int gate_off;  // v14c (DecodeArgs::ec_gate): the block's u [m][r], gate hidden
-                 // [m][h] (fp32) and v [m][rp] (fp16)
   int ecb_off;   // v14: > 0: the EC's B fragments of a tile are fetched with
                  // the tile's first ring chunk into shared memory at ecb_off
                  // (two buffers of esteps x 2 KB, by tile parity), so the
@@ -113,51 +111,6 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
-}
-
-// v14c: the EC's v = g(u) ⊙ u for the m tokens, by the whole block, into
-// shared memory at `area`: u = the prologue's k-range partials summed in
-// order, then the gate MLP with the prologue's arithmetic (GateWarp in
-// w4_ec.cu: same order of sums, expf / tanhf), so v is bitwise the one the
-// prologue's last block would write. Blocks of tile column 0 also write
-// gate_out. Ends with __syncthreads.
-__device__ void EcGateInBlock(const DecodeArgs& a, unsigned char* area, int tid, int nthreads) {
-  const int m = a.m, r = a.ec_r, h = a.ec_h, rp = a.esteps * 16, P = a.ec_parts;
-  float* us = reinterpret_cast<float*>(area);
-  float* hs = us + m * r;
-  __half* vs = reinterpret_cast<__half*>(hs + m * h);
-  for (int i = tid; i < m * r; i += nthreads) {
-    const int t = i / r, q = i - t * r;
-    float v = 0.f;
-    for (int p = 0; p < P; ++p) v += __ldcg(a.upart + (static_cast<long long>(p) * m + t) * r + q);
-    us[i] = v;
-  }
-  __syncthreads();
-  if (a.ec_gated) {
-    for (int i = tid; i < m * h; i += nthreads) {
-      const int t = i / h, j = i - t * h;
-      float z = a.b1[j];
-      for (int q = 0; q < r; ++q) z += a.w1[j * r + q] * us[t * r + q];
-      hs[i] = z / (1.f + expf(-z));
-    }
-    __syncthreads();
-  }
-  for (int i = tid; i < m * rp; i += nthreads) {
-    const int t = i / rp, q = i - t * rp;
-    float v = 0.f;
-    if (q < r) {
-      float gate = 1.f;
-      if (a.ec_gated) {
-        float z = a.b2[q];
-        for (int j = 0; j < h; ++j) z += a.w2[q * h + j] * hs[t * h + j];
-        gate = 1.f + tanhf(z);
-      }
-      v = gate * us[t * r + q];
-      if (a.gate_out != nullptr && blockIdx.x == 0) a.gate_out[t * r + q] = gate;
-    }
-    vs[i] = __float2half_rn(v);
-  }
-  __syncthreads();
 }
 
 // CH: k16 steps per chunk = per fold (min(8, group / 16)); ONE: m == 1 (the
@@ -345,8 +298,6 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     // operand (fragments of ec_bfrag, entry 2 j + reg), v as the B operand.
     if (a.ecb != nullptr && q == 0) {
       if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-      // v14c: v once per block (its first tile), from the prologue's partials.
-      if (a.ec_gate && it == 0) EcGateInBlock(a, smem + geo.gate_off, tid, kNW * 32);
   #pragma unroll 1
       for (int e = warp; e < a.esteps; e += kNW) {
         uint4 q0, q1, q2, q3;
@@ -369,11 +320,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
         const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
                                  q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
         const int row = gid;
-        const uint16_t* vbase =
-            a.ec_gate ? reinterpret_cast<const uint16_t*>(smem + geo.gate_off +
-                                                          a.m * (a.ec_r + a.ec_h) * 4)
-                      : a.v;
-        const uint16_t* v0 = vbase + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
+        const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
         const uint32_t vb0 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
         const uint32_t vb1 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
   #pragma unroll
@@ -490,13 +437,6 @@ int FoldChunk(const DecodeArgs& a) {
   return steps >= 8 ? 8 : steps;
 }
 
-// v14c: shared memory of the block's EC gate (DecodeArgs::ec_gate): u and
-// the gate hidden in fp32, v in fp16 (EcGateInBlock).
-int GateAreaBytes(const DecodeArgs& a) {
-  if (!a.ec_gate) return 0;
-  return (a.m * (a.ec_r + a.ec_h) * 4 + a.m * a.esteps * 16 * 2 + 15) / 16 * 16;
-}
-
 struct FoldConfig {
   int nw = 8, splits = 1, depth = 2, smem = 0;
   int grid_x = 0;  // blocks along the tiles: ntiles, or fewer (persistent loop)
@@ -519,7 +459,7 @@ FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth) {
   // + 8 depth: unused since the bulk-copy ring (its mbarriers) was removed;
   // kept so that every footprint, hence the measured dispatch, stays as it was.
   c.geo.warp_bytes = (depth * c.geo.stage + a.m * c.geo.xrow + 8 * depth + 15) / 16 * 16;
-  c.smem = std::max(nw * c.geo.warp_bytes, foldk::RedBytes(nw)) + GateAreaBytes(a);
+  c.smem = std::max(nw * c.geo.warp_bytes, foldk::RedBytes(nw));
   return c;
 }
 
@@ -613,7 +553,7 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
     // runs on into the next tile), if that still fits as many blocks.
     FoldConfig p = *c;
     p.geo.red_off = p.nw * p.geo.warp_bytes;
-    p.smem = p.geo.red_off + foldk::RedBytes(p.nw) + GateAreaBytes(a);
+    p.smem = p.geo.red_off + foldk::RedBytes(p.nw);
     if (BlocksPerSm(p) == BlocksPerSm(*c)) {
       *c = p;
       c->grid_x = wave_tiles;
@@ -626,7 +566,6 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   } else {  // default: no L2 prefetch (v12 call 1: it cost 2.4 us on gate_up, 1.8 on down)
     c->geo.pf_tiles = 0;
   }
-  c->geo.gate_off = c->smem - GateAreaBytes(a);  // the last GateAreaBytes of the block
   // v14: the EC's B fragments through shared memory, when the two buffers
   // fit without costing a resident block (decode_kernel flag 128: off).
   if (a.ecb != nullptr && (a.variant & 128) == 0) {

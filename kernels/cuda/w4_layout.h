@@ -109,25 +109,7 @@ struct DecodeArgs {
   float* partials;
   int* counters;
   int total_units;
-  // v14c, fold kernel: ec_gate = 1: the prologue wrote only the partial u
-  // sums (upart [ec_parts][m][r]); each EC block of the GEMM sums them in
-  // order and runs the gate itself (same arithmetic as the prologue's last
-  // block), once, into shared memory (its v), after griddepcontrol.wait.
-  int ec_gate;
-  const float* upart;
-  int ec_parts, ec_r, ec_h, ec_gated;
-  const float* w1;
-  const float* b1;
-  const float* w2;
-  const float* b2;
-  float* gate_out;  // nullable [m][r]: written by the blocks of tile column 0
 };
-// LaunchEcPrologue flag (internal, beside W4CudaParams::ec_prologue's 1 / 2):
-// write the partial sums of u only (no ticket, no gate: the fold kernel's
-// blocks run the gate, DecodeArgs::ec_gate).
-inline constexpr int kEcPartialsOnly = 16;
-// The number of k ranges LaunchEcPrologue splits k into (flags as there).
-int EcPrologueParts(int64_t k, int flags);
 // mt = ceil(m / 16) in 1..4.
 absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream);
 // The m <= 8 fold kernel (w4_gemv_fold.cu); FoldSupported: m <= 8 and the
@@ -140,13 +122,14 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
                             const float* act_scale, uint16_t* xs, int64_t ldxs,
                             cudaStream_t stream);
 // u = A x for m tokens, then the gate; writes v_half [m][ldv] (padded columns
-// zero), v_f32 [m][r] and gate_out [m][r] where non-null. flags
-// (W4CudaParams::ec_prologue): 1 one k range per rank (v12's shape, no
-// staged gate weights), 2 launched with programmatic serialization (PDL).
+// zero), v_f32 [m][r] and gate_out [m][r] where non-null. flags: 1 v12's
+// prologue (one k range per rank, one warp per token for the gate);
+// pdl_launch: with programmatic serialization (the kernel waits for x's
+// producer first).
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
                               int64_t ldv, float* v_f32, float* gate_out, cudaStream_t stream,
-                              int flags = 0);
+                              int flags = 0, bool pdl_launch = false);
 // Gate only, from u [m][r] fp32 (prefill path).
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
                               uint16_t* v_half, int64_t ldv, float* gate_out,

@@ -144,9 +144,11 @@ struct W4CudaParams {
   int decode_depth = 0;
   // testing/benchmarks: the decode EC prologue (u = A x and the gate, one
   // launch before the GEMM). 0 the default (k split into ranges of >= 2048
-  // over r x P blocks, the gate MLP staged in shared memory, plain launch);
-  // flags: 1 one block per rank over all of k (v12's prologue), 2 the
-  // prologue launched with programmatic dependent launch (waits for x first);
+  // over r x P blocks, the last block's gate one output per thread from
+  // shared memory; launched under programmatic dependent launch before the
+  // fold kernel, M <= 8, a plain launch otherwise); flags: 1 v12's prologue
+  // (one block per rank over all of k, one warp per token for the gate), 2
+  // a plain launch at any M;
   // benchmarks only (the output is then wrong): 4 no prologue (the epilogue
   // uses whatever v the last call left), 8 the prologue without the
   // epilogue (4 and 8 together: InvalidArgument).

@@ -317,12 +317,14 @@ TEST(CudaW4, DecodeMatchesReference) {
 }
 
 // The decode EC prologue (u = A x over P k ranges of >= 2048, the gate in
-// the last block) in its four forms (ec_prologue 0..3: k split or one block
-// per rank, plain launch or PDL) on k with 1 (1000), 2 (2049: the scalar
-// path, k % 8 != 0), 7 (14336, Llama-3-8B's down) and the capped 16 ranges
-// (40000: each range 2504 long), ranks 4..256 (100: rp padded to 112), gate
-// hidden 16 or 64 (r 256, h 64: the gate MLP too large to stage in shared
-// memory), static and gated ECs, m = 1..64; with form 3 the fold kernel
+// the last block) in its four forms (ec_prologue 0..3: the k split with the
+// one-output-per-thread gate, or v12's shape with one warp per token; under
+// PDL before the fold kernel (m <= 8), or a plain launch) on k with 1
+// (1000), 2 (2049: the scalar path, k % 8 != 0), 7 (14336, Llama-3-8B's
+// down) and the capped 16 ranges (40000: each range 2504 long), ranks 4..256
+// (100: rp padded to 112), gate hidden 16 or 64 (large r x h or m: the
+// parallel gate does not fit shared memory and falls back to a warp per
+// token), static and gated ECs, m = 1..64; with form 3 the fold kernel
 // reads B from global memory (decode_kernel 128) instead of shared memory.
 TEST(CudaW4, EcPrologueFormsMatchReference) {
   SKIP_WITHOUT_GPU();
