@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,17]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,15]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -38,8 +38,7 @@
 // on all GEMMs with v12's EC prologue (against row 1: what the new prologue
 // changes). Rows 13-15 at
 // the placement: the B fragments read from global memory in the epilogue
-// (v13), the epilogue alone and the prologue alone (timing only); rows 16
-// and 17 (placement, all GEMMs) with eight ranks per prologue block.
+// (v13), the epilogue alone and the prologue alone (timing only).
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -196,12 +195,7 @@ const Variant kVariants[] = {
     {"W4+EC at the diagnostic's placement, epilogue only (no prologue)", Ec::kPlacement, false,
      false, true, 0, true, false, 4},
     {"W4+EC at the diagnostic's placement, prologue only (no epilogue)", Ec::kPlacement, false,
-     false, true, 0, true, false, 8},
-    // 16-17: the prologue with eight ranks per block (ec_prologue flag 16).
-    {"W4+EC at the diagnostic's placement, eight ranks per prologue block", Ec::kPlacement, false,
-     false, true, 0, true, false, 16},
-    {"W4+EC r32 all 4 GEMMs, all layers, eight ranks per prologue block", Ec::kAll, false, false,
-     true, 0, true, false, 16}};
+     false, true, 0, true, false, 8}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -706,7 +700,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,17] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,15] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -417,12 +417,11 @@ int Main(int argc, char** argv) {
                           "W4+EC r32 (fused), v12 prologue as a plain launch (v12)",
                           "W4+EC r32 (fused), B fragments from global memory (v13 epilogue)",
                           "W4+EC r32, epilogue only (no prologue: timing only)",
-                          "W4+EC r32, prologue only (no epilogue: timing only)",
-                          "W4+EC r32 (fused), eight ranks per prologue block"};
+                          "W4+EC r32, prologue only (no epilogue: timing only)"};
   auto ec_variant = [](int v) { return v == 1 || v >= 10; };
   for (int64_t m : {1, 16}) {
     if (no_layer || !only.empty()) break;
-    for (int variant = 0; variant < 17; ++variant) {
+    for (int variant = 0; variant < 16; ++variant) {
       if (m > 8 && variant > 4 && variant < 10) continue;  // the fold variants: M <= 8 only
       double bytes = 0;
       for (const char* l : layers) {
@@ -444,7 +443,6 @@ int Main(int argc, char** argv) {
           p.ec_prologue = variant >= 10 && variant <= 12 ? variant - 9
                           : variant == 14                ? 4
                           : variant == 15                ? 8
-                          : variant == 16                ? 16
                                                          : 0;
           p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : variant == 13 ? 128 : 0;
           const Cfg c = layer_cfg(variant, li);

@@ -71,8 +71,7 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
                                                         long long ldx, int k, int kchunk,
                                                         const __half* __restrict__ a,
                                                         float* upart, unsigned* counter,
-                                                        GateArgs g, int pdl, int stage,
-                                                        int rpb) {
+                                                        GateArgs g, int pdl, int stage) {
   if (pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   // The GEMM that follows (launched with PDL) may start now: it reads only
   // x (complete: this kernel waited for it, or was launched after it) and
@@ -81,63 +80,14 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
   extern __shared__ float dyn[];
   __shared__ float ut[8][kDecodeMaxM];
   __shared__ int last;
-  const int part = blockIdx.y, P = gridDim.y;
+  const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
-  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
-  if (rpb > 1) {
-    // v14e: rpb ranks per block, one per warp (lanes split the k range; a
-    // warp shuffle reduction, fixed order): r / rpb x P blocks instead of
-    // r x P, so fewer SMs hold a prologue block when the GEMM's blocks
-    // arrive.
-    const int q = blockIdx.x * rpb + warp;
-    if (q < g.r) {
-      const __half* ar = a + static_cast<long long>(q) * k;
-      for (int t0 = 0; t0 < m; t0 += 4) {
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        if (vec) {
-          const int cb = k0 / 8, ce = (k1 + 7) / 8;
-#pragma unroll 4
-          for (int c = cb + lane; c < ce; c += 32) {
-            const uint4 av = reinterpret_cast<const uint4*>(ar)[c];
-            const __half2* ah = reinterpret_cast<const __half2*>(&av);
-#pragma unroll
-            for (int tt = 0; tt < 4; ++tt) {
-              if (t0 + tt >= m) continue;
-              const uint4 xv = reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx)[c];
-              const __half2* xh = reinterpret_cast<const __half2*>(&xv);
-#pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
-                acc[tt] += af.x * xf.x + af.y * xf.y;
-              }
-            }
-          }
-        } else {
-          for (int c = k0 + lane; c < k1; c += 32) {
-            const float av = __half2float(ar[c]);
-#pragma unroll
-            for (int tt = 0; tt < 4; ++tt) {
-              if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
-            }
-          }
-        }
-#pragma unroll
-        for (int tt = 0; tt < 4; ++tt) {
-          float v = acc[tt];
-          for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-          if (lane == 0 && t0 + tt < m) {
-            __stcg(upart + (static_cast<long long>(part) * m + t0 + tt) * g.r + q, v);
-          }
-        }
-      }
-    }
-  } else {
-  const int q = blockIdx.x;
   const __half* ar = a + static_cast<long long>(q) * k;
   // u[t][q] over [k0, k1) = A[q] . x[t]: the block's 256 threads split the
   // range (8 elements per load), then a warp shuffle reduction and a
   // fixed-order sum over the 8 warps: deterministic.
+  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
   // Four tokens at a time: each A chunk is loaded once for the four.
   for (int t0 = 0; t0 < m; t0 += 4) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -196,7 +146,6 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
     for (int w = 0; w < 8; ++w) v += ut[w][threadIdx.x];
     __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
-  }  // rpb == 1
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
@@ -345,8 +294,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
       (stage ? static_cast<size_t>(par) : 8 * static_cast<size_t>(r + h)) * sizeof(float);
   const int pdl = pdl_launch && ProgrammaticLaunchEnabled() ? 1 : 0;
   cudaLaunchConfig_t cfg = {};
-  const int rpb = (flags & 1) == 0 && (flags & 16) != 0 ? 8 : 1;
-  cfg.gridDim = dim3(static_cast<unsigned>((r + rpb - 1) / rpb), static_cast<unsigned>(parts));
+  cfg.gridDim = dim3(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   cfg.blockDim = dim3(256);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
@@ -359,7 +307,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
       &cfg, EcPrologueKernel, reinterpret_cast<const __half*>(x), static_cast<int>(m),
       static_cast<long long>(ldx), static_cast<int>(w.k), kchunk,
       reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-      MakeGate(w, v_half, ldv, v_f32, gate_out), pdl, stage, rpb);
+      MakeGate(w, v_half, ldv, v_f32, gate_out), pdl, stage);
   if (e != cudaSuccess && pdl) {  // a driver or capture that does not take the attribute
     (void)cudaGetLastError();
     cfg.numAttrs = 0;
@@ -367,7 +315,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                            static_cast<int>(m), static_cast<long long>(ldx),
                            static_cast<int>(w.k), kchunk,
                            reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-                           MakeGate(w, v_half, ldv, v_f32, gate_out), 0, stage, rpb);
+                           MakeGate(w, v_half, ldv, v_f32, gate_out), 0, stage);
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);
   return absl::OkStatus();

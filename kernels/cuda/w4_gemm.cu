@@ -122,7 +122,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
                                            (p.decode_kernel & 15) >= 4);
         if (absl::Status st = LaunchEcPrologue(
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
-                p.gate_out ? p.gate_out + r0 * d.r : nullptr, stream, p.ec_prologue & 17,
+                p.gate_out ? p.gate_out + r0 * d.r : nullptr, stream, p.ec_prologue & 1,
                 fold_next && (p.ec_prologue & 2) == 0);
             !st.ok()) {
           return st;
@@ -177,9 +177,9 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("strides ldx=", p.ldx, " ldy=", p.ldy, " below k=", d.k, " / n=", d.n));
   }
   if (p.force_decode && p.force_prefill) return Bad("force_decode and force_prefill");
-  if (p.ec_prologue < 0 || p.ec_prologue > 31 || (p.ec_prologue & 12) == 12) {
+  if (p.ec_prologue < 0 || p.ec_prologue > 15 || (p.ec_prologue & 12) == 12) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 1, 2, 16 and one of 4 / 8 only"));
+                            ": flags 1, 2 and one of 4 / 8 only"));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured

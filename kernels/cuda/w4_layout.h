@@ -123,8 +123,7 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
                             cudaStream_t stream);
 // u = A x for m tokens, then the gate; writes v_half [m][ldv] (padded columns
 // zero), v_f32 [m][r] and gate_out [m][r] where non-null. flags: 1 v12's
-// prologue (one k range per rank, one warp per token for the gate); 16
-// eight ranks per block (one per warp) instead of one;
+// prologue (one k range per rank, one warp per token for the gate);
 // pdl_launch: with programmatic serialization (the kernel waits for x's
 // producer first).
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,

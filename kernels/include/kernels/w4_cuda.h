@@ -148,8 +148,7 @@ struct W4CudaParams {
   // shared memory; launched under programmatic dependent launch before the
   // fold kernel, M <= 8, a plain launch otherwise); flags: 1 v12's prologue
   // (one block per rank over all of k, one warp per token for the gate), 2
-  // a plain launch at any M, 16 eight ranks per block (one per warp: r / 8
-  // x P blocks);
+  // a plain launch at any M;
   // benchmarks only (the output is then wrong): 4 no prologue (the epilogue
   // uses whatever v the last call left), 8 the prologue without the
   // epilogue (4 and 8 together: InvalidArgument).
