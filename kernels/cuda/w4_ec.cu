@@ -10,8 +10,8 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
-#include "kernels/cuda_ops.h"
 #include "kernels/cuda/w4_layout.h"
+#include "kernels/cuda_ops.h"
 
 namespace spear::kernels::cuda {
 namespace {
@@ -158,8 +158,8 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
     // shared memory: u [m][r] (the partials summed in order), the MLP's W1
     // and W2 transposed (consecutive threads read consecutive words: no bank
     // conflicts), b1, b2, the hidden [m][h]. Same sums in the same order as
-    // GateWarp, so v is bitwise the same; ~h + r dependent steps instead of
-    // m / 8 x (r + h) x lanes' share (one warp per token idled 7 warps at m = 1).
+    // GateWarp, so v is bitwise the same. At m = 1 one warp per token left
+    // 7 of 8 warps idle; here all 256 threads share the m (h + r) outputs.
     float* us = dyn;
     float* hs = us + m * r;
     float* w1t = hs + m * h;
