@@ -26,6 +26,7 @@ struct GateArgs {
   int ldv;
   float* v_f32;
   float* gate_out;
+  int ldg;  // gate_out row stride
 };
 
 // One warp computes the gate of one token from u (r floats in `us`).
@@ -49,7 +50,7 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
       }
       v = gate * us[q];
       if (g.v_f32 != nullptr) g.v_f32[token * g.r + q] = v;
-      if (g.gate_out != nullptr) g.gate_out[token * g.r + q] = gate;
+      if (g.gate_out != nullptr) g.gate_out[token * g.ldg + q] = gate;
     }
     if (g.v_half != nullptr) g.v_half[token * g.ldv + q] = __float2half_rn(v);
   }
@@ -203,7 +204,7 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
         }
         v = gate * us[t * r + c];
         if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
-        if (g.gate_out != nullptr) g.gate_out[t * r + c] = gate;
+        if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
       }
       if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
     }
@@ -253,7 +254,7 @@ __global__ void EcApplyKernel(const __half* __restrict__ b, const float* __restr
 }
 
 GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, float* v_f32,
-                  float* gate_out) {
+                  float* gate_out, int64_t ldg) {
   GateArgs g{};
   g.r = static_cast<int>(w.r);
   g.rp = v_half != nullptr ? static_cast<int>(w.rp) : static_cast<int>(w.r);
@@ -267,6 +268,7 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
   g.ldv = static_cast<int>(ldv);
   g.v_f32 = v_f32;
   g.gate_out = gate_out;
+  g.ldg = static_cast<int>(ldg > 0 ? ldg : w.r);
   return g;
 }
 
@@ -274,8 +276,8 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
-                              float* v_f32, float* gate_out, cudaStream_t stream, int flags,
-                              bool pdl_launch) {
+                              float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
+                              int flags, bool pdl_launch) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
   // k split: parts of >= 2048 elements (one 16-byte load per thread of a
@@ -307,7 +309,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
       &cfg, EcPrologueKernel, reinterpret_cast<const __half*>(x), static_cast<int>(m),
       static_cast<long long>(ldx), static_cast<int>(w.k), kchunk,
       reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-      MakeGate(w, v_half, ldv, v_f32, gate_out), pdl, stage);
+      MakeGate(w, v_half, ldv, v_f32, gate_out, ldg), pdl, stage);
   if (e != cudaSuccess && pdl) {  // a driver or capture that does not take the attribute
     (void)cudaGetLastError();
     cfg.numAttrs = 0;
@@ -315,18 +317,18 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                            static_cast<int>(m), static_cast<long long>(ldx),
                            static_cast<int>(w.k), kchunk,
                            reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-                           MakeGate(w, v_half, ldv, v_f32, gate_out), 0, stage);
+                           MakeGate(w, v_half, ldv, v_f32, gate_out, ldg), 0, stage);
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);
   return absl::OkStatus();
 }
 
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
-                              uint16_t* v_half, int64_t ldv, float* gate_out,
+                              uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,
                               cudaStream_t stream) {
   if (m == 0) return absl::OkStatus();
   EcGateRowsKernel<<<static_cast<unsigned>((m + 7) / 8), 256, 0, stream>>>(
-      u, static_cast<int>(m), MakeGate(w, v_half, ldv, nullptr, gate_out));
+      u, static_cast<int>(m), MakeGate(w, v_half, ldv, nullptr, gate_out, ldg));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

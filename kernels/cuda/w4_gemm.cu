@@ -122,7 +122,8 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
                                            (p.decode_kernel & 15) >= 4);
         if (absl::Status st = LaunchEcPrologue(
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
-                p.gate_out ? p.gate_out + r0 * d.r : nullptr, stream, p.ec_prologue & 1,
+                p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
+                p.gate_ld, stream, p.ec_prologue & 1,
                 fold_next && (p.ec_prologue & 2) == 0);
             !st.ok()) {
           return st;
@@ -177,6 +178,9 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("strides ldx=", p.ldx, " ldy=", p.ldy, " below k=", d.k, " / n=", d.n));
   }
   if (p.force_decode && p.force_prefill) return Bad("force_decode and force_prefill");
+  if (p.gate_ld != 0 && p.gate_ld < d.r) {
+    return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
+  }
   if (p.ec_prologue < 0 || p.ec_prologue > 15 || (p.ec_prologue & 12) == 12) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
                             ": flags 1, 2 and one of 4 / 8 only"));
@@ -205,7 +209,7 @@ absl::Status EcGate(const W4DeviceWeight& w, const uint16_t* x, int64_t m, int64
   for (int64_t r0 = 0; r0 < m; r0 += kDecodeMaxM) {
     const int64_t mc = m - r0 < kDecodeMaxM ? m - r0 : kDecodeMaxM;
     if (absl::Status st = LaunchEcPrologue(d, x + r0 * ldx, mc, ldx, s, s.v, d.rp, v + r0 * d.r,
-                                           nullptr, stream);
+                                           nullptr, 0, stream);
         !st.ok()) {
       return st;
     }

@@ -122,17 +122,17 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
                             const float* act_scale, uint16_t* xs, int64_t ldxs,
                             cudaStream_t stream);
 // u = A x for m tokens, then the gate; writes v_half [m][ldv] (padded columns
-// zero), v_f32 [m][r] and gate_out [m][r] where non-null. flags: 1 v12's
+// zero), v_f32 [m][r] and gate_out [m][ldg] (0: r) where non-null. flags: 1 v12's
 // prologue (one k range per rank, one warp per token for the gate);
 // pdl_launch: with programmatic serialization (the kernel waits for x's
 // producer first).
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
-                              int64_t ldv, float* v_f32, float* gate_out, cudaStream_t stream,
-                              int flags = 0, bool pdl_launch = false);
+                              int64_t ldv, float* v_f32, float* gate_out, int64_t ldg,
+                              cudaStream_t stream, int flags = 0, bool pdl_launch = false);
 // Gate only, from u [m][r] fp32 (prefill path).
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
-                              uint16_t* v_half, int64_t ldv, float* gate_out,
+                              uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,
                               cudaStream_t stream);
 absl::Status LaunchDequantW(const W4DeviceWeight::Impl& w, uint16_t* wh, cudaStream_t stream);
 absl::Status LaunchAddBias(const float* bias, int64_t m, int64_t n, float* y32, uint16_t* y16,

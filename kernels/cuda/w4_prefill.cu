@@ -145,7 +145,7 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
                                               d.ec_a, CUDA_R_16F, k, p.x, CUDA_R_16F,
                                               static_cast<int>(p.ldx), &zero, s.pu, CUDA_R_32F, r,
                                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    if (absl::Status st = LaunchEcGateRows(d, s.pu, p.m, s.pv, rp, p.gate_out, stream); !st.ok()) {
+    if (absl::Status st = LaunchEcGateRows(d, s.pu, p.m, s.pv, rp, p.gate_out, p.gate_ld, stream); !st.ok()) {
       return st;
     }
     SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, r, &one,

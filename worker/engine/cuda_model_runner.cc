@@ -157,7 +157,7 @@ CudaModelRunner::~CudaModelRunner() {
   for (uint16_t* p : v_cache_) cudaFree(p);
   for (void* p : std::initializer_list<void*>{inv_freq_, residual_, h16_, qkv_, attn_, gu_, act_,
                                               sel_, logits_, next_, inputs_, attn_ws_,
-                                              cublas_ws_}) {
+                                              cublas_ws_, gate_dev_}) {
     if (p != nullptr) cudaFree(p);
   }
   if (inputs_host_ != nullptr) cudaFreeHost(inputs_host_);
@@ -221,6 +221,9 @@ absl::Status CudaModelRunner::EnsureCapacity(int64_t T, int64_t R, int64_t strid
     if (auto s = DevAlloc(&attn_, t * qd); !s.ok()) return s;
     if (auto s = DevAlloc(&gu_, t * 2 * ff); !s.ok()) return s;
     if (auto s = DevAlloc(&act_, t * ff); !s.ok()) return s;
+    if (weights_->gate_cols() > 0) {
+      if (auto s = DevAlloc(&gate_dev_, t * weights_->gate_cols()); !s.ok()) return s;
+    }
     cap_tokens_ = t;
   }
   if (grow_r) {
@@ -251,12 +254,14 @@ absl::Status CudaModelRunner::EnsureCapacity(int64_t T, int64_t R, int64_t strid
 
 absl::Status CudaModelRunner::ReadEcFlags(std::vector<uint8_t>* flags) const {
   flags->clear();
+  bool observed = false;
   for (size_t l = 0; l < weights_->layers().size(); ++l) {
     const DeviceLayer& L = weights_->layers()[l];
     for (const DeviceLinear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
       for (const DeviceLinear::Piece& p : lin->pieces) {
         bool mixed = false;
         flags->push_back(PieceUseEc(p, &mixed) ? 1 : 0);
+        for (const model::W4Linear* m : p.modules) observed |= m->has_ec() && m->has_gate_observer();
         if (mixed) {
           return absl::FailedPreconditionError(absl::StrCat(
               "CUDA runner: layer ", l,
@@ -266,6 +271,9 @@ absl::Status CudaModelRunner::ReadEcFlags(std::vector<uint8_t>* flags) const {
       }
     }
   }
+  // Last entry: gate observers installed (the captured graphs then write
+  // the gate buffer).
+  flags->push_back(observed && weights_->gate_cols() > 0 ? 1 : 0);
   return absl::OkStatus();
 }
 
@@ -284,6 +292,10 @@ absl::Status CudaModelRunner::RunLinear(const DeviceLinear& lin, const uint16_t*
     p.ldy = ldy;
     p.accumulate = accumulate;
     p.use_ec = PieceUseEc(piece, &mixed);
+    if (observe_gates_ && p.use_ec && piece.gate_col >= 0) {
+      p.gate_out = gate_dev_ + piece.gate_col;
+      p.gate_ld = weights_->gate_cols();
+    }
     if (absl::Status s = kc::W4Linear(*piece.w, p, ws, stream_); !s.ok()) return s;
   }
   return absl::OkStatus();
@@ -469,6 +481,7 @@ absl::Status CudaModelRunner::Forward(const std::vector<SeqChunk>& batch, Forwar
     DropGraphs();
     ec_flags_ = flags;
   }
+  observe_gates_ = flags.back() != 0;
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(inputs_, inputs_host_, (4 + p.stride) * p.T * 4,
                                              cudaMemcpyHostToDevice, stream_));
   if (graph) {
@@ -521,8 +534,42 @@ absl::Status CudaModelRunner::Forward(const std::vector<SeqChunk>& batch, Forwar
                                                  cudaMemcpyDeviceToHost, stream_));
     }
   }
+  const int64_t G = weights_->gate_cols();
+  if (observe_gates_) {
+    gate_host_.resize(static_cast<size_t>(p.T * G));
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(gate_host_.data(), gate_dev_, p.T * G * 4,
+                                               cudaMemcpyDeviceToHost, stream_));
+  }
   SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  if (observe_gates_) NotifyGateObservers(p.T);
   return absl::OkStatus();
+}
+
+// Each module with an EC that ran gets its columns of the gate buffer, as
+// [T][r] rows (the CPU kernels' observer calls: all tokens of the forward).
+void CudaModelRunner::NotifyGateObservers(int64_t T) {
+  const int64_t G = weights_->gate_cols();
+  for (const DeviceLayer& L : weights_->layers()) {
+    for (const DeviceLinear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
+      for (const DeviceLinear::Piece& piece : lin->pieces) {
+        bool mixed = false;
+        if (piece.gate_col < 0 || !PieceUseEc(piece, &mixed)) continue;
+        int64_t col = piece.gate_col;
+        for (const model::W4Linear* m : piece.modules) {
+          if (!m->has_ec()) continue;
+          const int64_t r = m->ec()->rank;
+          if (m->has_gate_observer()) {
+            gate_slice_.resize(static_cast<size_t>(T * r));
+            for (int64_t t = 0; t < T; ++t) {
+              std::copy_n(gate_host_.data() + t * G + col, r, gate_slice_.data() + t * r);
+            }
+            m->ObserveGate(gate_slice_.data(), T, r);
+          }
+          col += r;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace spear::engine

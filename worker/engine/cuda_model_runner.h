@@ -110,6 +110,7 @@ class CudaModelRunner {
                          uint16_t* y16, float* y32, int64_t ldy, bool accumulate,
                          kernels::cuda::W4Workspace* ws);
   void DropGraphs();
+  void NotifyGateObservers(int64_t T);
 
   const model::LoadedModel* model_;
   const int block_size_;
@@ -145,6 +146,13 @@ class CudaModelRunner {
   // EC flags (one per decoder linear module, ForEachLinear order) the
   // graphs were captured with.
   std::vector<uint8_t> ec_flags_;
+  // Gate observers (model::W4Linear::set_gate_observer, e.g. the worker's
+  // gate statistics): while any is installed, every EC writes its gate
+  // values into gate_dev_ [cap_tokens_][gate_cols] and Forward hands each
+  // module its columns after the step.
+  bool observe_gates_ = false;
+  float* gate_dev_ = nullptr;
+  std::vector<float> gate_host_, gate_slice_;
   // (batch, context bucket) -> graph.
   std::map<std::pair<int64_t, int64_t>, cudaGraphExec_t> graphs_;
   int64_t graphs_captured_ = 0, graph_replays_ = 0;

@@ -236,6 +236,15 @@ absl::StatusOr<std::unique_ptr<DeviceModelWeights>> DeviceModelWeights::Create(
     if (!lw.ok()) return lw.status();
     dm->lm_head_w4_ = std::make_unique<DeviceLinear>(std::move(*lw));
   }
+  for (DeviceLayer& L : dm->layers_) {
+    for (DeviceLinear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
+      for (DeviceLinear::Piece& piece : lin->pieces) {
+        if (!piece.w->has_ec()) continue;
+        piece.gate_col = dm->gate_cols_;
+        dm->gate_cols_ += piece.w->rank();
+      }
+    }
+  }
   return dm;
 }
 

@@ -39,6 +39,9 @@ struct DeviceLinear {
     float* bias = nullptr;  // device fp32 [w->fmt().n], nullable (owned)
     // The modules this piece serves (for their ec_enabled flags).
     std::vector<const model::W4Linear*> modules;
+    // With an EC: its first column in the runner's gate buffer [T][gate_cols()]
+    // (the merged EC's gate values, modules side by side); -1 without.
+    int64_t gate_col = -1;
   };
   std::vector<Piece> pieces;
   int64_t n = 0, k = 0;
@@ -72,8 +75,11 @@ class DeviceModelWeights {
   size_t bytes() const { return bytes_; }
   // Number of device W4 weights (launches per forward, lm_head excluded).
   int64_t num_pieces() const;
+  // Sum of the ranks of the pieces' ECs (the gate buffer's row length).
+  int64_t gate_cols() const { return gate_cols_; }
 
  private:
+  int64_t gate_cols_ = 0;
   DeviceModelWeights() = default;
   std::vector<DeviceLayer> layers_;
   uint16_t* embed_ = nullptr;

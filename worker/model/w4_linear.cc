@@ -93,6 +93,10 @@ void W4Linear::set_gate_observer(GateObserver observer) {
   observer_ = std::move(next);
 }
 
+void W4Linear::ObserveGate(const float* g, int64_t m, int64_t r) const {
+  if (std::shared_ptr<const GateObserver> obs = observer(); obs != nullptr) (*obs)(g, m, r);
+}
+
 std::shared_ptr<const W4Linear::GateObserver> W4Linear::observer() const {
   std::lock_guard<std::mutex> lock(observer_mu_);
   return observer_;

@@ -74,6 +74,11 @@ class W4Linear final : public Linear {
   // (or the caller serialises Forward). It must not call back into this
   // layer's setters. Costs one [m, r] buffer per Forward while installed.
   void set_gate_observer(GateObserver observer);
+  bool has_gate_observer() const { return observer() != nullptr; }
+  // Calls the installed observer, if any, with gate values this layer's EC
+  // produced elsewhere (the CUDA runner's kernels), under the same rules as
+  // the calls from Forward.
+  void ObserveGate(const float* g, int64_t m, int64_t r) const;
 
  private:
   W4Linear(kernels::W4Weight w, std::optional<kernels::EcWeights> ec, std::vector<float> bias)

@@ -119,7 +119,8 @@ struct W4CudaParams {
   int64_t ldy = 0;
   bool accumulate = false;      // y += instead of y = (y read only then)
   bool use_ec = true;           // false: skip the weight's EC (backbone only)
-  float* gate_out = nullptr;    // nullable, fp32 [m, r] (device)
+  float* gate_out = nullptr;    // nullable, fp32 [m, r] (device), row stride gate_ld
+  int64_t gate_ld = 0;          // 0 = r; else >= r
   bool force_decode = false;    // testing/benchmarks: decode kernel at any m
   bool force_prefill = false;   // testing/benchmarks: prefill path at any m
   // testing/benchmarks: which decode kernel runs a launch of <= 16 rows:

@@ -148,13 +148,14 @@ struct Case {
   int64_t ldx_pad = 0;
   int64_t ec_rank = 32, ec_hidden = 16;
   int ec_prologue = 0;  // W4CudaParams::ec_prologue
+  int64_t gate_pad = 0;  // gate_out row stride = rank + gate_pad (W4CudaParams::gate_ld)
   std::string Name() const {
     return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
                         " bias=", bias, " acc=", accumulate, " f16=", f16_out,
                         " sym=", symmetric, " prefill=", force_prefill,
                         " decode=", force_decode, " dk=", decode_kernel, " splits=", decode_splits,
                         " depth=", decode_depth, " ldxpad=", ldx_pad, " r=", ec_rank,
-                        " h=", ec_hidden, " prologue=", ec_prologue);
+                        " h=", ec_hidden, " prologue=", ec_prologue, " gpad=", gate_pad);
   }
 };
 
@@ -206,7 +207,8 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   dbias.Up(bias);
   DevBuf<float> dy32(y0.size());
   DevBuf<uint16_t> dy16(y0.size());
-  DevBuf<float> dgate(gref.size());
+  const int64_t gld = c.ec_rank + c.gate_pad;
+  DevBuf<float> dgate(static_cast<size_t>(m * gld));
   dgate.Poison();
   if (c.accumulate) {
     dy32.Up(y0);
@@ -230,6 +232,7 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   p.ldy = ldy;
   p.accumulate = c.accumulate;
   p.gate_out = c.ec ? dgate.get() : nullptr;
+  p.gate_ld = c.gate_pad > 0 ? gld : 0;
   p.force_prefill = c.force_prefill;
   p.force_decode = c.force_decode;
   p.decode_kernel = c.decode_kernel;
@@ -272,7 +275,8 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   if (c.ec) {
     const std::vector<float> g = dgate.Down();
     for (size_t i = 0; i < gref.size(); ++i) {
-      ASSERT_NEAR(g[i], gref[i], 2e-3 * (1 + std::fabs(gref[i]))) << "gate " << i;
+      const size_t gi = (i / c.ec_rank) * gld + i % c.ec_rank;
+      ASSERT_NEAR(g[gi], gref[i], 2e-3 * (1 + std::fabs(gref[i]))) << "gate " << i;
     }
   }
 }
@@ -325,7 +329,8 @@ TEST(CudaW4, DecodeMatchesReference) {
 // (100: rp padded to 112), gate hidden 16 or 64 (large r x h or m: the
 // parallel gate does not fit shared memory and falls back to a warp per
 // token), static and gated ECs, m = 1..64; with form 3 the fold kernel
-// reads B from global memory (decode_kernel 128) instead of shared memory.
+// reads B from global memory (decode_kernel 128) instead of shared memory;
+// form 2 writes the gate values with a row stride (gate_ld = r + 5).
 TEST(CudaW4, EcPrologueFormsMatchReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 11);
@@ -346,6 +351,7 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
       c.ec_rank = s.r;
       c.ec_hidden = s.h;
       c.ec_prologue = form;
+      c.gate_pad = form == 2 ? 5 : 0;  // gate_out rows strided (the CUDA runner's gate buffer)
       c.decode_kernel = form == 3 ? 128 : 0;  // fold: B fragments from global memory
       c.act_scale = v % 3 == 1;
       c.bias = v % 2 == 0;
@@ -581,6 +587,17 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   p.ec_prologue = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = 0;
+  p.gate_ld = -1;
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
+  {  // a gate row stride below the EC's rank
+    std::mt19937 erng(5);
+    const EcWeights ec = RandomEc(64, 128, 8, 4, true, erng);
+    auto dwe = cuda::W4DeviceWeight::Create(w, &ec);
+    ASSERT_TRUE(dwe.ok());
+    p.gate_ld = 7;
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dwe, p, ws->get(), nullptr)));
+  }
+  p.gate_ld = 0;
   p.x = nullptr;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::EcApply(**dw, nullptr, 1, y.get(), nullptr, 64, nullptr)));
