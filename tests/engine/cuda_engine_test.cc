@@ -28,6 +28,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
+#include "tests/engine/collect_sink.h"
 #include "tests/engine/smollm2_spear.h"
 #include "tests/engine/tiny_w4_model.h"
 #include "worker/engine/block_manager.h"
@@ -199,25 +200,7 @@ TEST(CudaEngine, PerplexityMatchesCpu) {
   EXPECT_EQ((*gpu)->num_free_blocks(), 16);
 }
 
-class Collect final : public RequestSink {
- public:
-  void OnAccepted(double, int64_t) override {}
-  void OnTokens(const std::vector<int32_t>& ids, double) override {
-    absl::MutexLock l(&mu);
-    tokens.insert(tokens.end(), ids.begin(), ids.end());
-  }
-  void OnFinished(const FinishInfo& f) override {
-    {
-      absl::MutexLock l(&mu);
-      info = f;
-    }
-    done.Notify();
-  }
-  absl::Mutex mu;
-  std::vector<int32_t> tokens;
-  FinishInfo info;
-  absl::Notification done;
-};
+using testing::Collect;
 
 // The serving path: latency table profiled on the GPU, then the loop
 // (scheduler + BlockManager over the device cache) serves requests, two of

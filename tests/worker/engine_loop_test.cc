@@ -8,37 +8,14 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "gtest/gtest.h"
+#include "tests/engine/collect_sink.h"
 #include "tests/engine/tiny_model.h"
 #include "worker/engine/engine_loop.h"
 
 namespace spear::engine {
 namespace {
 
-class Collect final : public RequestSink {
- public:
-  void OnAccepted(double, int64_t cached) override {
-    absl::MutexLock l(&mu);
-    accepted = true;
-    cached_tokens = cached;
-  }
-  void OnTokens(const std::vector<int32_t>& ids, double) override {
-    absl::MutexLock l(&mu);
-    tokens.insert(tokens.end(), ids.begin(), ids.end());
-  }
-  void OnFinished(const FinishInfo& f) override {
-    {
-      absl::MutexLock l(&mu);
-      info = f;
-    }
-    done.Notify();
-  }
-  absl::Mutex mu;
-  bool accepted = false;
-  int64_t cached_tokens = 0;
-  std::vector<int32_t> tokens;
-  FinishInfo info;
-  absl::Notification done;
-};
+using testing::Collect;
 
 class EngineLoopTest : public ::testing::Test {
  protected:
