@@ -16,14 +16,16 @@ enum EcMember { kQ, kK, kV, kO, kGate, kUp, kDown, kNumMembers };
 
 struct EcPlacement {
   int num_layers = 0;
-  double ec_pct = 0;  // sizes.ec_pct of the manifest
+  double ec_pct = 0;  // the manifest's EC bytes / W4 model bytes, in %
   // ranks[l][member]: 0 = no EC.
   std::vector<std::array<int, kNumMembers>> ranks;
   int num_ecs = 0;
 };
 
-// `path`: a .spear directory or its spear.json. NotFound / InvalidArgument
-// with the reason for a missing file or a manifest without the fields used.
+// `path`: a .spear directory or its spear.json, read and validated by
+// model::ReadSpearManifest (its NotFound / InvalidArgument / Unimplemented,
+// prefixed); InvalidArgument for an EC on a module that is not one of a
+// decoder layer's seven linears.
 absl::StatusOr<EcPlacement> ReadEcPlacement(const std::string& path);
 
 }  // namespace spear::kernels::bench
