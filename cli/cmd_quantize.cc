@@ -155,6 +155,12 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     return absl::InvalidArgumentError("--mse-weight only applies to --ec spear");
   }
   o.distill.hidden_mse_weight = o.ec == quantize::EcMode::kSpear ? *mse : 0.0;
+  auto tau = f.Double("kl-temperature", 0.05, 100.0);
+  if (!tau.ok()) return tau.status();
+  if (f.Has("kl-temperature") && o.ec != quantize::EcMode::kSpear) {
+    return absl::InvalidArgumentError("--kl-temperature only applies to --ec spear");
+  }
+  o.distill.kl_temperature = *tau;
   return absl::OkStatus();
 }
 
@@ -302,6 +308,9 @@ int CmdQuantize(const std::vector<std::string>& args) {
       .Declare("mse-weight", "1",
                "stage 2: weight of the final hidden-state MSE term added to the KL (distill.h; "
                "0 = KL only)")
+      .Declare("kl-temperature", "1",
+               "stage 2: distillation temperature of the training KL (tau^2 KL of the "
+               "distributions at temperature tau; the held-out KL stays at 1)")
       .Declare("train-steps", "1000",
                "stage 2 (end-to-end EC distillation) steps of 2 x LEN tokens; the time budget "
                "or early stopping on held-out calibration KL usually ends it first")
@@ -391,6 +400,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                                         {"lr_min_ratio", o.distill.lr_min_ratio},
                                         {"gate_lr_scale", o.distill.gate_lr_scale},
                                         {"hidden_mse_weight", o.distill.hidden_mse_weight},
+                                        {"kl_temperature", o.distill.kl_temperature},
                                         {"eval_every", o.distill.eval_every},
                                         {"patience", o.distill.patience}}
                                  : json{{"kind", "per module"},

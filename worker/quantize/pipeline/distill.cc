@@ -240,7 +240,7 @@ struct EcDistiller::Impl {
 
   // Loss of the stored forward; dy [T, d] = d loss / d y if dy != nullptr.
   absl::StatusOr<double> HeadLoss(const float* teacher, double mse_w, float* dy,
-                                  std::vector<double>* per_row = nullptr) {
+                                  std::vector<double>* per_row = nullptr, double tau = 1.0) {
     // Rows per lm_head call: each call re-packs the whole [V, d] head in
     // the GEMM, so few large chunks (2 x 256 x V floats of logits = 100 MB).
     constexpr int64_t kChunk = 256;
@@ -255,7 +255,8 @@ struct EcDistiller::Impl {
       pool->ParallelFor(c, 1, [&](int64_t b, int64_t e2) {
         for (int64_t i = b; i < e2; ++i) {
           row_kl[i] = distill::KlRow<float>(zs.data() + i * vocab, zt.data() + i * vocab, vocab,
-                                            inv_t, dy ? zs.data() + i * vocab : nullptr);
+                                            inv_t, dy ? zs.data() + i * vocab : nullptr,
+                                            static_cast<float>(tau));
         }
       });
       for (int64_t i = 0; i < c; ++i) kl += row_kl[i];
@@ -459,13 +460,14 @@ void EcDistiller::SetParams(const std::vector<float>& in) {
 
 absl::StatusOr<double> EcDistiller::LossAndGrad(const std::vector<std::span<const int32_t>>& seqs,
                                                 const float* teacher, double mse_w,
-                                                std::vector<float>* grad) {
+                                                std::vector<float>* grad, double kl_temperature) {
+  if (!(kl_temperature > 0)) return absl::InvalidArgumentError("KL temperature must be > 0");
   if (seqs.empty()) return absl::InvalidArgumentError("no sequences");
   Impl& im = *impl_;
   if (auto s = im.Forward(seqs); !s.ok()) return s;
   std::vector<float> dy;
   if (grad != nullptr) dy.assign(im.T * im.d, 0.f);
-  auto loss = im.HeadLoss(teacher, mse_w, grad ? dy.data() : nullptr);
+  auto loss = im.HeadLoss(teacher, mse_w, grad ? dy.data() : nullptr, nullptr, kl_temperature);
   if (!loss.ok() || grad == nullptr) return loss;
   im.ZeroGrads();
   if (auto s = im.Backward(dy); !s.ok()) return s;
@@ -590,7 +592,7 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   // Gate init from the first minibatch, then the held-out baseline.
   gather(next_batch(), &sp);
   cursor = 0;
-  auto l0 = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, nullptr);
+  auto l0 = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, nullptr, o.kl_temperature);
   if (!l0.ok()) return l0.status();
   rep.init_train_kl = *l0;
   im.ScaleGateInit();
@@ -617,7 +619,7 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   };
   for (int64_t step = 1; step <= o.steps; ++step) {
     gather(next_batch(), &sp);
-    auto l = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, &grad);
+    auto l = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, &grad, o.kl_temperature);
     if (!l.ok()) return l.status();
     rep.last_train_kl = *l;
     // lr: warm-up then cosine over the run's progress: the larger of the

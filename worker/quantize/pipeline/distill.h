@@ -64,6 +64,10 @@ struct DistillOptions {
   int64_t patience = 4;        // evaluations without improvement; 0: never stop early
   double max_seconds = 0;      // > 0: stop (keeping the best) when spent
   double hidden_mse_weight = 0;
+  // Distillation temperature of the training KL (Hinton: tau^2 KL of the
+  // softened distributions; 1 = the plain KL). The held-out KL that picks
+  // the best step is always at temperature 1.
+  double kl_temperature = 1.0;
   bool train_gate = true;
   // lr multiplier of the gate MLP (W1, b1, W2, b2): the gate starts at
   // exactly 1 (W2 = 0) and, at the A/B learning rate, barely moves within
@@ -114,9 +118,11 @@ class EcDistiller {
   // Mean over the tokens of `seqs` of the objective (see the header); if
   // grad != nullptr it receives d objective / d params (GetParams order).
   // teacher_hidden: [sum of lengths, d] rows in sequence order.
+  // kl_temperature tau: the KL term is tau^2 KL of the distributions at
+  // temperature tau (1: the plain KL); InvalidArgument unless > 0.
   absl::StatusOr<double> LossAndGrad(const std::vector<std::span<const int32_t>>& seqs,
                                      const float* teacher_hidden, double hidden_mse_weight,
-                                     std::vector<float>* grad);
+                                     std::vector<float>* grad, double kl_temperature = 1.0);
   absl::StatusOr<EcTokenDiagnostics> TokenDiagnostics(
       const std::vector<std::span<const int32_t>>& seqs, const float* teacher_hidden);
   // Student logits [sum of lengths, vocab] of seqs (tests).
