@@ -153,6 +153,7 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Create(const W4W
   if (absl::Status s = Upload(w.act_scale, &d.act_scale); !s.ok()) return s;
   out->qw_bytes_ = qw.size() * 4;
   out->sz_bytes_ = sz.size() * 4;
+  out->extra_bytes_ = w.act_scale.size() * 4;
 
   if (ec != nullptr) {
     d.r = ec->rank;
@@ -191,6 +192,7 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Create(const W4W
         if (absl::Status s = Upload(*src, dst); !s.ok()) return s;
       }
     }
+    out->extra_bytes_ += b16.size() * 2;
     out->ec_bytes_ = a16.size() * 2 + bf.size() * 4 +
                      4 * (ec->w1.size() + ec->b1.size() + ec->w2.size() + ec->b2.size());
   }
@@ -204,6 +206,7 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Clone() const {
   out->qw_bytes_ = qw_bytes_;
   out->sz_bytes_ = sz_bytes_;
   out->ec_bytes_ = ec_bytes_;
+  out->extra_bytes_ = extra_bytes_;
   Impl& o = *out->impl_;
   const Impl& d = *impl_;
   o = d;

@@ -95,7 +95,7 @@ absl::StatusOr<DeviceLinear> UploadLinear(const std::vector<const model::Linear*
                           absl::StrCat("CUDA runner: ", what, ": ", dw.status().message()));
     }
     piece.w = std::move(*dw);
-    *bytes += piece.w->backbone_bytes() + piece.w->ec_bytes();
+    *bytes += piece.w->device_bytes();
     bool any_bias = false;
     for (const model::W4Linear* p : run) any_bias |= !p->bias().empty();
     if (any_bias) {

@@ -594,6 +594,9 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
     const EcWeights ec = RandomEc(64, 128, 8, 4, true, erng);
     auto dwe = cuda::W4DeviceWeight::Create(w, &ec);
     ASSERT_TRUE(dwe.ok());
+    // Device memory: the decode layout's bytes plus the dense fp16 copy of B.
+    EXPECT_EQ((*dwe)->device_bytes(), (*dwe)->backbone_bytes() + (*dwe)->ec_bytes() + 64 * 8 * 2);
+    EXPECT_EQ((*dw)->device_bytes(), (*dw)->backbone_bytes());
     p.gate_ld = 7;
     EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dwe, p, ws->get(), nullptr)));
   }
