@@ -375,7 +375,8 @@ class Model {
     }
     const double scale = pct / 100.0 * served / unit;
     std::map<std::array<int64_t, 3>, std::unique_ptr<cuda::W4DeviceWeight>> proto;
-    double ec_bytes = 0;
+    double ec_bytes = 0;      // on the device (merged, padded; + gate MLPs)
+    double member_bytes = 0;  // the checkpoint's accounting: each module's own A and B, fp16
     int placed = 0, capped = 0;
     std::map<int64_t, int> rank_hist;
     for (int l = 0; l < s.layers; ++l) {
@@ -383,8 +384,10 @@ class Model {
       int64_t rank[kNumGroups] = {}, gates[kNumGroups] = {};
       for (int i = 0; i < bench::kNumMembers; ++i) {
         if (src(l)[i] <= 0) continue;
-        rank[group_of[i]] += std::max<int64_t>(1, std::llround(src(l)[i] * scale));
+        const int64_t r = std::max<int64_t>(1, std::llround(src(l)[i] * scale));
+        rank[group_of[i]] += r;
         gates[group_of[i]] += 16;
+        member_bytes += 2.0 * r * (mk[i] + mn[i]);
       }
       for (int g = 0; g < kNumGroups; ++g) {
         if (rank[g] == 0) continue;
@@ -406,14 +409,6 @@ class Model {
         ec_bytes += static_cast<double>(L.placed[g]->ec_bytes());
         ++placed;
         ++rank_hist[rank[g]];
-      }
-    }
-    double member_bytes = 0;  // the checkpoint's accounting: each module's own A and B, fp16
-    for (int l = 0; l < s.layers; ++l) {
-      for (int i = 0; i < bench::kNumMembers; ++i) {
-        if (src(l)[i] > 0) {
-          member_bytes += 2.0 * std::max<int64_t>(1, std::llround(src(l)[i] * scale)) * (mk[i] + mn[i]);
-        }
       }
     }
     std::printf("# %s EC placement: %d ECs of the checkpoint (%d layers) -> %d of %d GEMMs here, "

@@ -1,5 +1,6 @@
 // Programmatic dependent launch (PDL) for the small kernels of a decode step
-// (RMSNorm, RoPE, KV append, attention, SwiGLU, embedding, argmax).
+// (RMSNorm, RoPE, KV append, attention, SwiGLU, embedding, argmax) and the
+// EC prologue before the fold kernel (w4_ec.cu).
 //
 // A kernel launched by LaunchPdl may start while the previous kernel of the
 // stream is still running (CUDA 12.3+ keeps this as a programmatic edge when

@@ -10,8 +10,8 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
-#include "kernels/cuda_ops.h"
 
 namespace spear::kernels::cuda {
 namespace {
@@ -66,14 +66,16 @@ constexpr int kGateStageFloats = 10240;
 // then computes the gates: with `stage`, one output per thread from shared
 // memory (u, hidden and the transposed MLP weights in dynamic shared
 // memory), else one warp per token (dynamic shared memory us[8][r],
-// hs[8][h]). `pdl`: launched with programmatic serialization, so wait for
-// x's producer first.
+// hs[8][h]).
 __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict__ x, int m,
                                                         long long ldx, int k, int kchunk,
                                                         const __half* __restrict__ a,
                                                         float* upart, unsigned* counter,
-                                                        GateArgs g, int pdl, int stage) {
-  if (pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+                                                        GateArgs g, int stage) {
+  // Launched under PDL (LaunchPdl): wait for x's producer. After a plain
+  // launch there is nothing to wait for and this returns at once (as the
+  // small kernels' PdlEnter does with SetProgrammaticLaunch(false)).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   // The GEMM that follows (launched with PDL) may start now: it reads only
   // x (complete: this kernel waited for it, or was launched after it) and
   // the weights until it needs v (see w4_gemm_kernel.cuh).
@@ -294,30 +296,20 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const int stage = (flags & 1) == 0 && par <= kGateStageFloats ? 1 : 0;
   const size_t smem =
       (stage ? static_cast<size_t>(par) : 8 * static_cast<size_t>(r + h)) * sizeof(float);
-  const int pdl = pdl_launch && ProgrammaticLaunchEnabled() ? 1 : 0;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(r), static_cast<unsigned>(parts));
-  cfg.blockDim = dim3(256);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl;
-  cudaError_t e = cudaLaunchKernelEx(
-      &cfg, EcPrologueKernel, reinterpret_cast<const __half*>(x), static_cast<int>(m),
-      static_cast<long long>(ldx), static_cast<int>(w.k), kchunk,
-      reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-      MakeGate(w, v_half, ldv, v_f32, gate_out, ldg), pdl, stage);
-  if (e != cudaSuccess && pdl) {  // a driver or capture that does not take the attribute
-    (void)cudaGetLastError();
-    cfg.numAttrs = 0;
-    e = cudaLaunchKernelEx(&cfg, EcPrologueKernel, reinterpret_cast<const __half*>(x),
-                           static_cast<int>(m), static_cast<long long>(ldx),
-                           static_cast<int>(w.k), kchunk,
-                           reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter,
-                           MakeGate(w, v_half, ldv, v_f32, gate_out, ldg), 0, stage);
+  const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
+  const auto* xh = reinterpret_cast<const __half*>(x);
+  const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
+  const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
+  cudaError_t e;
+  if (pdl_launch) {
+    e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
+                  static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,
+                  ws.ec_counter, g, stage);
+  } else {
+    EcPrologueKernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx,
+                                                  static_cast<int>(w.k), kchunk, ah, ws.u,
+                                                  ws.ec_counter, g, stage);
+    e = cudaGetLastError();
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);
   return absl::OkStatus();

@@ -418,9 +418,17 @@ TEST(W4LinearLayerTest, AccountingEcSwitchAndObserver) {
   EXPECT_EQ(std::memcmp(ya.data(), yb.data(), ya.size() * 4), 0);
   EXPECT_EQ(calls, 1);
   a.set_ec_enabled(true);
+  // Gates computed elsewhere (the CUDA runner) reach the same observer.
+  EXPECT_TRUE(a.has_gate_observer());
+  const std::vector<float> outside = {0.5f, 1.5f};
+  a.ObserveGate(outside.data(), 1, 2);
+  EXPECT_EQ(calls, 2);
+  EXPECT_EQ(seen, outside);
   a.set_gate_observer(nullptr);
+  EXPECT_FALSE(a.has_gate_observer());
+  a.ObserveGate(outside.data(), 1, 2);  // no observer: nothing happens
   ASSERT_TRUE(a.Forward(x.data(), m, k, ya.data(), n, false, &pool).ok());
-  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(calls, 2);
   EXPECT_EQ(a.Forward(x.data(), m, k - 1, ya.data(), n, false, &pool).code(),
             absl::StatusCode::kInvalidArgument);
 }

@@ -90,6 +90,7 @@ void W4Linear::set_gate_observer(GateObserver observer) {
   std::shared_ptr<const GateObserver> next =
       observer ? std::make_shared<const GateObserver>(std::move(observer)) : nullptr;
   std::lock_guard<std::mutex> lock(observer_mu_);
+  has_observer_.store(next != nullptr, std::memory_order_relaxed);
   observer_ = std::move(next);
 }
 

@@ -74,7 +74,8 @@ class W4Linear final : public Linear {
   // (or the caller serialises Forward). It must not call back into this
   // layer's setters. Costs one [m, r] buffer per Forward while installed.
   void set_gate_observer(GateObserver observer);
-  bool has_gate_observer() const { return observer() != nullptr; }
+  // Lock-free (the CUDA runner asks for every module on every step).
+  bool has_gate_observer() const { return has_observer_.load(std::memory_order_relaxed); }
   // Calls the installed observer, if any, with gate values this layer's EC
   // produced elsewhere (the CUDA runner's kernels), under the same rules as
   // the calls from Forward.
@@ -92,6 +93,7 @@ class W4Linear final : public Linear {
   std::atomic<bool> ec_enabled_{true};
   mutable std::mutex observer_mu_;
   std::shared_ptr<const GateObserver> observer_;  // guarded by observer_mu_
+  std::atomic<bool> has_observer_{false};           // observer_ != nullptr
 };
 
 }  // namespace spear::model
