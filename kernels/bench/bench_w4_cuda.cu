@@ -402,31 +402,42 @@ int Main(int argc, char** argv) {
       default: return {};
     }
   };
-  const char* vnames[] = {"W4",
-                          "W4+EC r32 (fused)",
-                          "W4+EC r32 (naive)",
-                          "W4, x-as-m16 kernel (v6)",
-                          "W4, swapped, cp.async ring (v8)",
-                          "W4, fold as dispatched by v11 (no L2 prefetch, gate_up d3)",
-                          "W4, fold with one tile per block (no persistent loop)",
-                          "W4, fold + L2 prefetch before the wait (first wave)",
-                          "W4, fold one tile per block + L2 prefetch (call 1's default)",
-                          "W4 (again: the spread between two runs)",
-                          "W4+EC r32 (fused), v12 prologue shape (one block per rank, all of k; warp-per-token gate)",
-                          "W4+EC r32 (fused), prologue as a plain launch (v14b)",
-                          "W4+EC r32 (fused), v12 prologue as a plain launch (v12)",
-                          "W4+EC r32 (fused), B fragments from global memory (v13 epilogue)",
-                          "W4+EC r32, epilogue only (no prologue: timing only)",
-                          "W4+EC r32, prologue only (no epilogue: timing only)"};
-  auto ec_variant = [](int v) { return v == 1 || v >= 10; };
+  // The layer variants: name, EC on, W4CudaParams ec_prologue and
+  // decode_kernel (variants 5-8 take theirs from layer_cfg).
+  struct LayerVariant {
+    const char* name;
+    bool ec;
+    int ec_prologue, decode_kernel;
+  };
+  const LayerVariant lvs[] = {
+      {"W4", false, 0, 0},
+      {"W4+EC r32 (fused)", true, 0, 0},
+      {"W4+EC r32 (naive)", false, 0, 0},
+      {"W4, x-as-m16 kernel (v6)", false, 0, 1},
+      {"W4, swapped, cp.async ring (v8)", false, 0, 3},
+      {"W4, fold as dispatched by v11 (no L2 prefetch, gate_up d3)", false, 0, 0},
+      {"W4, fold with one tile per block (no persistent loop)", false, 0, 0},
+      {"W4, fold + L2 prefetch before the wait (first wave)", false, 0, 0},
+      {"W4, fold one tile per block + L2 prefetch (call 1's default)", false, 0, 0},
+      {"W4 (again: the spread between two runs)", false, 0, 0},
+      {"W4+EC r32 (fused), v12 prologue shape (one block per rank, all of k; warp-per-token gate)",
+       true, 1, 0},
+      {"W4+EC r32 (fused), prologue as a plain launch (v14b)", true, 2, 0},
+      {"W4+EC r32 (fused), v12 prologue as a plain launch (v12)", true, 3, 0},
+      {"W4+EC r32 (fused), B fragments from global memory (v13 epilogue)", true, 0, 128},
+      {"W4+EC r32, epilogue only (no prologue: timing only)", true, 4, 0},
+      {"W4+EC r32, prologue only (no epilogue: timing only)", true, 8, 0},
+  };
+  constexpr int kLayerVariants = sizeof(lvs) / sizeof(lvs[0]);
   for (int64_t m : {1, 16}) {
     if (no_layer || !only.empty()) break;
-    for (int variant = 0; variant < 16; ++variant) {
+    for (int variant = 0; variant < kLayerVariants; ++variant) {
+      const LayerVariant& lv = lvs[variant];
       if (m > 8 && variant > 4 && variant < 10) continue;  // the fold variants: M <= 8 only
       double bytes = 0;
       for (const char* l : layers) {
         const auto& dw = *weights[std::string("8B") + l].rot[0];
-        bytes += dw.backbone_bytes() + (ec_variant(variant) || variant == 2 ? dw.ec_bytes() : 0) +
+        bytes += dw.backbone_bytes() + (lv.ec || variant == 2 ? dw.ec_bytes() : 0) +
                  2.0 * m * (dw.fmt().k + dw.fmt().n);
       }
       const double t = TimeGraph(10, [&](int i) {
@@ -439,12 +450,9 @@ int Main(int argc, char** argv) {
           p.ldx = dw.fmt().k;
           p.y_f16 = y16;
           p.ldy = dw.fmt().n;
-          p.use_ec = ec_variant(variant);
-          p.ec_prologue = variant >= 10 && variant <= 12 ? variant - 9
-                          : variant == 14                ? 4
-                          : variant == 15                ? 8
-                                                         : 0;
-          p.decode_kernel = variant == 3 ? 1 : variant == 4 ? 3 : variant == 13 ? 128 : 0;
+          p.use_ec = lv.ec;
+          p.ec_prologue = lv.ec_prologue;
+          p.decode_kernel = lv.decode_kernel;
           const Cfg c = layer_cfg(variant, li);
           if (variant >= 5 && variant < 10) {
             p.decode_kernel = c.dk;
@@ -465,7 +473,7 @@ int Main(int argc, char** argv) {
         std::snprintf(tv, sizeof tv, "%.2fx", tt / t);
       }
       std::printf("| %lld | %s | %.1f | %.1f | %.0f | %s | %s |\n", static_cast<long long>(m),
-                  vnames[variant], t, bytes / 1e6, bytes / (t * 1e-6) / copy_bw * 100, tr, tv);
+                  lv.name, t, bytes / 1e6, bytes / (t * 1e-6) / copy_bw * 100, tr, tv);
       std::fflush(stdout);
     }
   }
