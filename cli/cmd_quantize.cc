@@ -161,6 +161,16 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     return absl::InvalidArgumentError("--kl-temperature only applies to --ec spear");
   }
   o.distill.kl_temperature = *tau;
+  if (f.Has("ec-latency-table")) {
+    if (o.ec == quantize::EcMode::kNone ||
+        (o.ec == quantize::EcMode::kStatic && !o.place_static_like_spear)) {
+      return absl::InvalidArgumentError(
+          "--ec-latency-table only applies to the diagnostic's placement (--ec spear or static)");
+    }
+    auto table = quantize::ReadEcLatencyTable(f.Str("ec-latency-table"));
+    if (!table.ok()) return absl::InvalidArgumentError(table.status().message());
+    o.ec_latency = std::move(*table);
+  }
   return absl::OkStatus();
 }
 
@@ -202,11 +212,13 @@ class ProgressBar {
 std::string Mib(int64_t bytes) { return absl::StrFormat("%.2f MiB", bytes / 1048576.0); }
 
 void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
-  std::printf("%-36s %9s %5s %10s %11s %11s %11s\n", "module", "damage", "rank", "EC bytes",
-              "err W4", "err static", "err final");
+  std::printf("%-36s %9s %7s %5s %10s %11s %11s %11s\n", "module", "damage",
+              r.measured_latency ? "lat(m)" : "lat", "rank", "EC bytes", "err W4", "err static",
+              "err final");
   for (const quantize::ModuleReport& m : r.modules) {
-    std::printf("%-36s %9s %5lld %10lld %11.4g %11s %11s\n", m.name.c_str(),
+    std::printf("%-36s %9s %7s %5lld %10lld %11.4g %11s %11s\n", m.name.c_str(),
                 diagnostic ? absl::StrFormat("%.5f", m.damage).c_str() : "-",
+                diagnostic ? absl::StrFormat("%.3f", m.ec_latency).c_str() : "-",
                 static_cast<long long>(m.ec_rank), static_cast<long long>(m.ec_bytes), m.err_w4,
                 m.ec_rank ? absl::StrFormat("%.4g", m.err_static).c_str() : "-",
                 m.ec_rank ? absl::StrFormat("%.4g", m.err_final).c_str() : "-");
@@ -221,6 +233,10 @@ void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
   if (diagnostic) {
     std::printf("damage entropy %.4f nats (normalized %.4f, %.1f effective modules)\n",
                 r.damage_entropy, r.normalized_entropy, r.effective_modules);
+    std::printf("placement latency cost (lat): %s\n",
+                r.measured_latency
+                    ? "measured on the GPU, (EC - W4) / W4 at m = 1 (--ec-latency-table)"
+                    : "EC bytes / W4 bytes (the bandwidth proxy)");
   }
   std::printf("calibration tokens %lld; quantized in %.1f s\n",
               static_cast<long long>(r.calibration_tokens), r.seconds);
@@ -243,11 +259,13 @@ void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
 json ReportJson(const quantize::QuantizeReport& r) {
   json mods = json::array();
   for (const auto& m : r.modules) {
-    mods.push_back({{"name", m.name}, {"damage", m.damage}, {"rank", m.ec_rank},
+    mods.push_back({{"name", m.name}, {"damage", m.damage}, {"ec_latency", m.ec_latency},
+                    {"rank", m.ec_rank},
                     {"ec_bytes", m.ec_bytes}, {"err_w4", m.err_w4}, {"err_static", m.err_static},
                     {"err_final", m.err_final}});
   }
   return {{"damage_entropy", r.damage_entropy},
+          {"measured_latency", r.measured_latency},
           {"normalized_entropy", r.normalized_entropy},
           {"effective_modules", r.effective_modules},
           {"w4_model_bytes", r.w4_model_bytes},
@@ -294,6 +312,10 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "placement: at most breadth x N_eff modules get an EC (N_eff = exp(entropy of "
                "the damage distribution))")
       .Declare("ec-min-rank", "4", "placement: smallest EC rank (then powers of two to 256)")
+      .Declare("ec-latency-table", "",
+               "placement: a CSV of measured EC latency per module shape on the target GPU "
+               "(spear_bench_w4_cuda --ec-latency; worker/quantize/pipeline/ec_latency.h); "
+               "default: the bytes proxy")
       .Declare("calib", "self:256,256",
                "calibration data: self:N,LEN (sequences the model samples itself) or "
                "text:FILE[,N,LEN]")
@@ -389,6 +411,12 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"symmetric", o.symmetric},  {"ec", p.ec},
            {"ec_budget_pct", o.ec_budget_pct}, {"gate", o.gate},
            {"placement_breadth", o.placement_breadth}, {"min_ec_rank", o.min_ec_rank},
+           {"ec_latency_table",
+            o.ec_latency.rows.empty()
+                ? json(nullptr)
+                : json{{"file", std::filesystem::path(o.ec_latency.source).filename().string()},
+                       {"comments", o.ec_latency.comments},
+                       {"rows", o.ec_latency.rows.size()}}},
            {"diagnostic_tokens", o.diagnostic_tokens},
            {"sequential_max_tokens", o.sequential_max_tokens},
            {"holdout_max_tokens", o.holdout_max_tokens},

@@ -23,7 +23,12 @@
 // persistent loop) and with the L2 prefetch before the dependency wait, on
 // the 8B shapes at M in {1, 4, 8} (--ms= narrows them; W4 only). --profile: the four 8B GEMMs
 // at M = 1, launched directly (fold as dispatched, fold with one tile per
-// block, v8; for ncu), then exit.
+// block, v8; for ncu), then exit. --ec-latency=NxK[,NxK...] (with
+// --ec-ranks=4,8,... --ec-ms=1,... --group=128|-1): the measured EC latency
+// table that `spear quantize --ec-latency-table` reads (format:
+// worker/quantize/pipeline/ec_latency.h): per module shape, rank and M, the W4 GEMM alone and
+// with a gated EC (gate hidden 16), each timed as above; CSV on stdout,
+// then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -139,6 +144,89 @@ std::map<std::string, double> ReadTorch(const std::string& path) {
   return t;
 }
 
+// --ec-latency (see the top comment): CSV, one row per shape x rank x m.
+int EcLatencyTable(const std::string& shapes_arg, const std::vector<int64_t>& ranks,
+                   const std::vector<int64_t>& ms, int64_t group, const uint16_t* x, uint16_t* y16,
+                   cuda::W4Workspace* ws, const cudaDeviceProp& prop, std::mt19937& rng) {
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  std::stringstream ss(shapes_arg);
+  std::string t;
+  while (std::getline(ss, t, ',')) {
+    const size_t xpos = t.find('x');
+    int64_t n = 0, k = 0;
+    try {
+      if (xpos == std::string::npos) throw std::invalid_argument(t);
+      n = std::stoll(t.substr(0, xpos));
+      k = std::stoll(t.substr(xpos + 1));
+    } catch (...) {
+      std::fprintf(stderr, "--ec-latency: bad shape '%s' (want NxK)\n", t.c_str());
+      return 2;
+    }
+    if (n < 1 || k < 2 || k % 2 != 0 || n > 28672 || k > 14336) {
+      std::fprintf(stderr, "--ec-latency: shape %lldx%lld outside 1..28672 x 2..14336 (k even)\n",
+                   static_cast<long long>(n), static_cast<long long>(k));
+      return 2;
+    }
+    shapes.emplace_back(n, k);
+  }
+  for (int64_t r : ranks) {
+    if (r < 1 || r > 256) {
+      std::fprintf(stderr, "--ec-ranks: rank %lld outside 1..256\n", static_cast<long long>(r));
+      return 2;
+    }
+  }
+  for (int64_t m : ms) {
+    if (m < 1 || m > 2048) {
+      std::fprintf(stderr, "--ec-ms: m %lld outside 1..2048\n", static_cast<long long>(m));
+      return 2;
+    }
+  }
+  std::printf("# spear EC latency table v1: %s, %d SMs; W4 group %lld asymmetric, gated EC (gate "
+              "hidden 16); per row a CUDA graph of R launches over rotated weight copies, median "
+              "of 7 replays / R\n",
+              prop.name, prop.multiProcessorCount, static_cast<long long>(group));
+  std::printf("n,k,m,rank,w4_us,ec_us\n");
+  for (const auto& [n, k] : shapes) {
+    const int64_t g = group > 0 ? group : k;
+    const W4Weight w = bench::RandomW4(n, k, g, rng);
+    for (int64_t r : ranks) {
+      const EcWeights ec = bench::RandomEc(n, k, rng, std::min<int64_t>(r, std::min(n, k)));
+      auto first = cuda::W4DeviceWeight::Create(w, &ec);
+      CKS(first.status());
+      const double wbytes = static_cast<double>((*first)->backbone_bytes() + (*first)->ec_bytes());
+      const int nrot = std::clamp(static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)), 2, 256);
+      std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
+      rot.push_back(std::move(*first));
+      for (int i = 1; i < nrot; ++i) {
+        auto c = rot[0]->Clone();
+        CKS(c.status());
+        rot.push_back(std::move(*c));
+      }
+      for (int64_t m : ms) {
+        CKS(ws->Reserve(*rot[0], m));
+        auto run = [&](bool use_ec) {
+          return TimeGraph(std::max(nrot, 10), [&](int i) {
+            cuda::W4CudaParams p;
+            p.x = x;
+            p.m = m;
+            p.ldx = k;
+            p.y_f16 = y16;
+            p.ldy = n;
+            p.use_ec = use_ec;
+            CKS(cuda::W4Linear(*rot[i % nrot], p, ws, g_stream));
+          });
+        };
+        const double t_w4 = run(false), t_ec = run(true);
+        std::printf("%lld,%lld,%lld,%lld,%.3f,%.3f\n", static_cast<long long>(n),
+                    static_cast<long long>(k), static_cast<long long>(m),
+                    static_cast<long long>(ec.rank), t_w4, t_ec);
+        std::fflush(stdout);
+      }
+    }
+  }
+  return 0;
+}
+
 // --sweep / --profile (see the top comment).
 int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uint16_t* x,
                    uint16_t* y16, cuda::W4Workspace* ws, double copy_bw, std::mt19937& rng) {
@@ -217,9 +305,17 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
 }
 
 int Main(int argc, char** argv) {
-  std::string torch_csv, only;
+  std::string torch_csv, only, ec_latency;
   bool quick = false, no_layer = false, sweep = false, profile = false;
-  std::vector<int64_t> ms_only;
+  std::vector<int64_t> ms_only, ec_ranks = {4}, ec_ms = {1};
+  int64_t group = kGroup;
+  auto ints = [](const std::string& v) {
+    std::vector<int64_t> out;
+    std::stringstream ss(v);
+    std::string t;
+    while (std::getline(ss, t, ',')) out.push_back(std::stoll(t));
+    return out;
+  };
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--torch=", 0) == 0) torch_csv = a.substr(8);
@@ -234,6 +330,19 @@ int Main(int argc, char** argv) {
     if (a == "--no-layer") no_layer = true;
     if (a == "--sweep") sweep = true;
     if (a == "--profile") profile = true;
+    try {
+      if (a.rfind("--ec-latency=", 0) == 0) ec_latency = a.substr(13);
+      if (a.rfind("--ec-ranks=", 0) == 0) ec_ranks = ints(a.substr(11));
+      if (a.rfind("--ec-ms=", 0) == 0) ec_ms = ints(a.substr(8));
+      if (a.rfind("--group=", 0) == 0) group = std::stoll(a.substr(8));
+    } catch (...) {
+      std::fprintf(stderr, "bad value in %s\n", a.c_str());
+      return 2;
+    }
+  }
+  if (group != -1 && group != 32 && group != 64 && group != 128) {
+    std::fprintf(stderr, "--group: -1 (per channel), 32, 64 or 128\n");
+    return 2;
   }
   const auto torch = ReadTorch(torch_csv);
   auto tget = [&](const std::string& key) -> double {
@@ -245,8 +354,10 @@ int Main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
   const double copy_bw = CopyBandwidth();
-  std::printf("device: %s, %d SMs, L2 %d MB; copy bandwidth (read+write) %.0f GB/s\n",
-              prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e9);
+  // (a comment line of the --ec-latency CSV, which ec_latency.h reads)
+  std::printf("%sdevice: %s, %d SMs, L2 %d MB; copy bandwidth (read+write) %.0f GB/s\n",
+              ec_latency.empty() ? "" : "# ", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20, copy_bw / 1e9);
 
   auto ws_or = cuda::W4Workspace::Create();
   CKS(ws_or.status());
@@ -276,6 +387,9 @@ int Main(int argc, char** argv) {
   }
 
   std::mt19937 rng(1234);
+  if (!ec_latency.empty()) {
+    return EcLatencyTable(ec_latency, ec_ranks, ec_ms, group, x, y16, ws.get(), prop, rng);
+  }
   if (sweep || profile) {
     return SweepOrProfile(profile, ms_only.empty() ? std::vector<int64_t>{1, 4, 8} : ms_only, x, y16,
                           ws.get(), copy_bw, rng);

@@ -95,6 +95,17 @@ expect 2 "--calib-random-start must be" -- quantize --model "$TINY" --out "$TMP/
 expect 2 "--ec-min-rank must be" -- quantize --model "$TINY" --out "$TMP/q" --ec-min-rank 0
 expect 2 "--calib-top-p must be" -- quantize --model "$TINY" --out "$TMP/q" --calib-top-p 0
 expect 2 "unknown flag --bogus" -- quantize --model "$TINY" --out "$TMP/q" --bogus
+# --ec-latency-table (measured EC latency per module shape: ec_latency.h). The
+# tiny model's shapes: 64x64 (q, o), 32x64 (k, v), 176x64 (gate, up), 64x176 (down).
+printf '# tiny\nn,k,m,rank,w4_us,ec_us\n64,64,1,4,3,7\n32,64,1,4,3,6\n176,64,1,4,3,8\n' >"$TMP/lat_part.csv"
+{ cat "$TMP/lat_part.csv"; echo "64,176,1,4,4,5"; } >"$TMP/lat.csv"
+printf 'n,k,m,rank\n1,2,3,4\n' >"$TMP/lat_bad.csv"
+expect 2 "--ec-latency-table only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static-all --ec-latency-table "$TMP/lat.csv"
+expect 2 "--ec-latency-table only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec none --ec-latency-table "$TMP/lat.csv"
+expect 2 "cannot read EC latency table" -- quantize --model "$TINY" --out "$TMP/q" --ec-latency-table "$TMP/no_such.csv"
+expect 2 "lat_bad.csv:1: expected the header" -- quantize --model "$TINY" --out "$TMP/q" --ec-latency-table "$TMP/lat_bad.csv"
+expect 1 "no row for n=64 k=176 m=1 rank=4" -- quantize --model "$TINY" --out "$TMP/qmiss" --ec-latency-table "$TMP/lat_part.csv"
+[[ -e "$TMP/qmiss" ]] && { echo "FAIL: a refused quantize created --out"; fails=$((fails + 1)); }
 expect 1 "no such model" -- quantize --model /no/such/dir --out "$TMP/q"
 mkdir -p "$TMP/full" && touch "$TMP/full/x"
 expect 1 "not empty; use --force" -- quantize --model "$TINY" --out "$TMP/full"
@@ -112,6 +123,12 @@ else
   echo "ok: log lines on stderr"
 fi
 expect 0 "\.spear v1" -- info --model "$TMP/q"
+expect 0 "lat\(m\)" -- quantize --model "$TINY" --out "$TMP/qlat" --calib self:2,16 --train-steps 5 --threads 2 --ec-latency-table "$TMP/lat.csv"
+if grep -q 'ec_latency_table' "$TMP/qlat/spear.json" && grep -q "measured on the GPU" "$TMP/out"; then
+  echo "ok: the measured latency table is used and recorded"
+else
+  echo "FAIL: --ec-latency-table not in the report or the provenance"; fails=$((fails + 1))
+fi
 expect 1 "not empty; use --force" -- quantize --model "$TINY" --out "$TMP/q"
 expect 0 "saved" -- quantize --model "$TINY" --out "$TMP/q" --ec none --calib self:2,16 --force
 expect 1 "already quantized" -- quantize --model "$TMP/q" --out "$TMP/q2"

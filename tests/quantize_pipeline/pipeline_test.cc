@@ -294,3 +294,37 @@ TEST(SequentialTargetTest, UsesFp16StreamForWAndCurrentStreamForQ) {
 
 }  // namespace
 }  // namespace spear::quantize
+
+namespace spear::quantize {
+namespace {
+
+// --ec-latency-table: the placement ranks by damage per byte penalised by
+// the measured relative latency instead of the bytes proxy. Two modules of
+// equal damage and shape, a budget for one rank-4 EC (1,320 bytes: 2 (64 +
+// 64 + 2 x 16 + 1) x 4 + 2 x 16): the proxy ties them (lower index wins);
+// the measured latencies (2.0, 0.1) pick module 1.
+TEST(PlacementLatency, MeasuredLatencyDecidesBetweenEqualModules) {
+  const std::vector<double> damages = {0.5, 0.5};
+  const std::vector<ModuleShape> shapes = {{64, 64, 2048}, {64, 64, 2048}};
+  ASSERT_EQ(EcBytes(64, 64, 4, true, 16), 1320);
+  std::vector<double> used;
+  auto proxy = PlanDiagnosticPlacement(damages, shapes, 1500, true, 16, 1.0, 4, nullptr, &used);
+  ASSERT_TRUE(proxy.ok()) << proxy.status();
+  EXPECT_EQ(*proxy, (std::vector<int64_t>{4, 0}));
+  ASSERT_EQ(used.size(), 2u);
+  EXPECT_DOUBLE_EQ(used[0], 1320.0 / 2048.0);
+  const std::vector<double> measured = {2.0, 0.1};
+  auto m = PlanDiagnosticPlacement(damages, shapes, 1500, true, 16, 1.0, 4, &measured, &used);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(*m, (std::vector<int64_t>{0, 4}));
+  EXPECT_EQ(used, measured);
+  for (const std::vector<double>& bad :
+       {std::vector<double>{1.0}, std::vector<double>{-0.1, 1.0},
+        std::vector<double>{std::nan(""), 1.0}}) {
+    auto r = PlanDiagnosticPlacement(damages, shapes, 1500, true, 16, 1.0, 4, &bad);
+    EXPECT_TRUE(absl::IsInvalidArgument(r.status())) << r.status();
+  }
+}
+
+}  // namespace
+}  // namespace spear::quantize

@@ -1,6 +1,7 @@
 #include "worker/quantize/pipeline/diagnostic.h"
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstring>
 
@@ -115,9 +116,20 @@ std::vector<int64_t> PlacementRankOptions(int64_t min_rank) {
 
 absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
-    double budget_bytes, bool gated, int64_t h, double breadth, int64_t min_rank) {
+    double budget_bytes, bool gated, int64_t h, double breadth, int64_t min_rank,
+    const std::vector<double>* measured_latency, std::vector<double>* latency_used) {
   if (damages.size() != shapes.size()) {
     return absl::InvalidArgumentError("placement: damages and shapes differ in size");
+  }
+  if (measured_latency != nullptr) {
+    if (measured_latency->size() != shapes.size()) {
+      return absl::InvalidArgumentError("placement: measured latencies and shapes differ in size");
+    }
+    for (double v : *measured_latency) {
+      if (!std::isfinite(v) || v < 0) {
+        return absl::InvalidArgumentError("placement: a measured latency is negative or not finite");
+      }
+    }
   }
   const std::vector<int64_t> ranks = PlacementRankOptions(min_rank);
   std::vector<ModuleEcCost> costs(shapes.size());
@@ -125,8 +137,15 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const ModuleShape& s = shapes[i];
     costs[i].fixed_bytes = gated ? 2.0 * h : 0.0;
     costs[i].bytes_per_rank = 2.0 * (s.n + s.k + (gated ? 2 * h + 1 : 0));
-    costs[i].relative_latency =
-        s.w4_bytes > 0 ? costs[i].Bytes(ranks.front()) / static_cast<double>(s.w4_bytes) : 0.0;
+    if (measured_latency != nullptr) {
+      costs[i].relative_latency = (*measured_latency)[i];
+    } else if (s.w4_bytes > 0) {
+      costs[i].relative_latency = costs[i].Bytes(ranks.front()) / static_cast<double>(s.w4_bytes);
+    }
+  }
+  if (latency_used != nullptr) {
+    latency_used->resize(shapes.size());
+    for (size_t i = 0; i < shapes.size(); ++i) (*latency_used)[i] = costs[i].relative_latency;
   }
   PlacementOptions po;
   po.breadth = breadth;

@@ -19,9 +19,11 @@
 // Placement:
 //  * PlanDiagnosticPlacement: placement.h's entropy-aware rule over the
 //    damages, with each EC's bytes affine in its rank (fixed gate hidden
-//    size) and relative latency = EC bytes at the smallest rank / W4 bytes
-//    of the module (decode is memory-bound: bytes read are the latency);
-//    ranks above min(n, k) are clamped (bytes only shrink).
+//    size) and relative latency = the measured one when given (per module:
+//    ec_latency.h's table on the target GPU), else the proxy EC bytes at
+//    the smallest rank / W4 bytes of the module (a bandwidth-bound GEMM's
+//    time is its bytes); ranks above min(n, k) are clamped (bytes only
+//    shrink).
 //  * UniformRank: the largest rank r such that an EC of rank r on EVERY
 //    module fits the budget (the "static on all modules" baseline).
 #pragma once
@@ -71,11 +73,15 @@ int64_t EcBytes(int64_t n, int64_t k, int64_t rank, bool gated, int64_t gate_hid
 // above it, up to 256 (min_rank in [1, 256]).
 std::vector<int64_t> PlacementRankOptions(int64_t min_rank = 4);
 
-// Per-module rank (0 = no EC) within budget_bytes.
+// Per-module rank (0 = no EC) within budget_bytes. measured_latency (one
+// finite value >= 0 per module, or null): the relative latency of each
+// module's EC; *latency_used (if non-null) receives the values the ranking
+// used, measured or proxy.
 absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
     double budget_bytes, bool gated, int64_t gate_hidden, double breadth = 1.0,
-    int64_t min_rank = 4);
+    int64_t min_rank = 4, const std::vector<double>* measured_latency = nullptr,
+    std::vector<double>* latency_used = nullptr);
 // 0 if not even rank 1 fits on every module.
 int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes);
 

@@ -75,6 +75,7 @@ class Pipeline {
 
   std::vector<std::unique_ptr<model::Linear>*> slots_;
   std::vector<ModuleShape> shapes_;
+  std::vector<double> measured_latency_;  // per module, from o_.ec_latency (else empty)
   std::vector<int64_t> ranks_;
   QuantizeReport report_;
   double budget_bytes_ = 0;
@@ -127,6 +128,15 @@ absl::Status Pipeline::CollectModules() {
   // the served W4 model), so it holds whatever the backbone adds.
   budget_bytes_ = o_.ec_budget_pct / 100.0 * static_cast<double>(fixed);
   ranks_.assign(slots_.size(), 0);
+  // The measured EC latency of every module's shape, looked up now so that
+  // a table without some shape fails before the calibration runs.
+  if (!o_.ec_latency.rows.empty()) {
+    for (const ModuleShape& s : shapes_) {
+      auto rel = o_.ec_latency.Relative(s.n, s.k, 1, o_.min_ec_rank);
+      if (!rel.ok()) return rel.status();
+      measured_latency_.push_back(*rel);
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -160,9 +170,13 @@ absl::Status Pipeline::Place() {
   report_.normalized_entropy = ent->normalized_entropy;
   report_.effective_modules = ent->effective_modules;
   const bool gated = o_.ec == EcMode::kSpear && o_.gate;
-  auto plan = PlanDiagnosticPlacement(res->damages, shapes_, budget_bytes_, gated, GateHidden(o_),
-                                      o_.placement_breadth, o_.min_ec_rank);
+  std::vector<double> latency;
+  auto plan = PlanDiagnosticPlacement(
+      res->damages, shapes_, budget_bytes_, gated, GateHidden(o_), o_.placement_breadth,
+      o_.min_ec_rank, measured_latency_.empty() ? nullptr : &measured_latency_, &latency);
   if (!plan.ok()) return plan.status();
+  report_.measured_latency = !measured_latency_.empty();
+  for (size_t i = 0; i < latency.size(); ++i) report_.modules[i].ec_latency = latency[i];
   ranks_ = std::move(*plan);
   return absl::OkStatus();
 }

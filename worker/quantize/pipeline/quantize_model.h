@@ -32,6 +32,7 @@
 #include "kernels/thread_pool.h"
 #include "worker/model/weights.h"
 #include "worker/quantize/pipeline/distill.h"
+#include "worker/quantize/pipeline/ec_latency.h"
 
 namespace spear::quantize {
 
@@ -78,6 +79,11 @@ struct QuantizeOptions {
   double placement_breadth = 1.0;
   // Smallest EC rank the placement may give (then powers of two up to 256).
   int64_t min_ec_rank = 4;
+  // Non-empty: the placement's latency cost of module i is the measured
+  // relative latency of its shape at m = 1 and rank min_ec_rank on the
+  // target GPU (ec_latency.h); a shape missing from the table is an error
+  // (NotFound, before anything runs). Empty: the bytes proxy.
+  EcLatencyTable ec_latency;
   bool gate = true;  // false: the ablation (gate fixed at 1, same training)
   int64_t gate_hidden = 0;  // 0 = default (documented in the .cc)
   // Stage 2 (kSpear). e2e = true: end-to-end distillation (distill.h,
@@ -105,6 +111,7 @@ struct QuantizeOptions {
 struct ModuleReport {
   std::string name;  // "model.layers.3.mlp.down_proj"
   double damage = 0;  // 1 - CKA, when the diagnostic ran
+  double ec_latency = 0;  // the placement's relative latency cost (measured or proxy)
   int64_t ec_rank = 0;  // 0 = no EC
   int64_t ec_bytes = 0;
   double err_w4 = 0;      // mean squared output error vs FP16 on held-out calibration tokens
@@ -117,6 +124,7 @@ struct QuantizeReport {
   double damage_entropy = 0;          // natural log
   double normalized_entropy = 0;
   double effective_modules = 0;
+  bool measured_latency = false;  // the placement used QuantizeOptions::ec_latency
   int64_t w4_model_bytes = 0;  // served bytes of the W4 model, embeddings included
   int64_t ec_bytes = 0;
   double ec_pct() const { return w4_model_bytes ? 100.0 * ec_bytes / w4_model_bytes : 0; }

@@ -1,0 +1,110 @@
+#include "worker/quantize/pipeline/ec_latency.h"
+
+#include <charconv>
+#include <cmath>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+
+namespace spear::quantize {
+namespace {
+
+constexpr absl::string_view kHeader = "n,k,m,rank,w4_us,ec_us";
+
+bool ParseInt(absl::string_view s, int64_t* v) {
+  s = absl::StripAsciiWhitespace(s);
+  const auto r = std::from_chars(s.data(), s.data() + s.size(), *v);
+  return r.ec == std::errc() && r.ptr == s.data() + s.size();
+}
+
+bool ParseDouble(absl::string_view s, double* v) {
+  s = absl::StripAsciiWhitespace(s);
+  if (s.empty()) return false;
+  std::string t(s);
+  char* end = nullptr;
+  *v = std::strtod(t.c_str(), &end);
+  return end == t.c_str() + t.size();
+}
+
+}  // namespace
+
+absl::StatusOr<double> EcLatencyTable::Relative(int64_t n, int64_t k, int64_t m,
+                                                int64_t rank) const {
+  for (const EcLatencyRow& r : rows) {
+    if (r.n == n && r.k == k && r.m == m && r.rank == rank) {
+      const double rel = (r.ec_us - r.w4_us) / r.w4_us;
+      return rel > 0 ? rel : 0.0;
+    }
+  }
+  return absl::NotFoundError(absl::StrCat("EC latency table ", source, ": no row for n=", n,
+                                          " k=", k, " m=", m, " rank=", rank,
+                                          " (measure it with spear_bench_w4_cuda --ec-latency=",
+                                          n, "x", k, " --ec-ranks=", rank, " --ec-ms=", m, ")"));
+}
+
+absl::StatusOr<EcLatencyTable> ParseEcLatencyTable(const std::string& text, std::string source) {
+  EcLatencyTable t;
+  t.source = std::move(source);
+  bool header = false;
+  std::set<std::tuple<int64_t, int64_t, int64_t, int64_t>> seen;
+  int line_no = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++line_no;
+    line = absl::StripTrailingAsciiWhitespace(line);  // also '\r'
+    auto bad = [&](absl::string_view what) {
+      return absl::InvalidArgumentError(absl::StrCat(t.source, ":", line_no, ": ", what));
+    };
+    if (line.empty()) continue;
+    if (line.front() == '#') {
+      t.comments.emplace_back(absl::StripAsciiWhitespace(line.substr(1)));
+      continue;
+    }
+    if (!header) {
+      if (line != kHeader) {
+        return bad(absl::StrCat("expected the header '", kHeader, "', got '", line, "'"));
+      }
+      header = true;
+      continue;
+    }
+    const std::vector<absl::string_view> f = absl::StrSplit(line, ',');
+    if (f.size() != 6) return bad(absl::StrCat("expected 6 fields, got ", f.size()));
+    EcLatencyRow r;
+    if (!ParseInt(f[0], &r.n) || !ParseInt(f[1], &r.k) || !ParseInt(f[2], &r.m) ||
+        !ParseInt(f[3], &r.rank) || r.n < 1 || r.k < 1 || r.m < 1 || r.rank < 1) {
+      return bad("n, k, m and rank must be positive integers");
+    }
+    if (!ParseDouble(f[4], &r.w4_us) || !ParseDouble(f[5], &r.ec_us) || !std::isfinite(r.w4_us) ||
+        !std::isfinite(r.ec_us) || r.w4_us <= 0 || r.ec_us <= 0) {
+      return bad("w4_us and ec_us must be positive finite numbers");
+    }
+    if (!seen.insert({r.n, r.k, r.m, r.rank}).second) {
+      return bad(absl::StrCat("repeated row n=", r.n, " k=", r.k, " m=", r.m, " rank=", r.rank));
+    }
+    t.rows.push_back(r);
+  }
+  if (!header) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(t.source, ": no header line '", kHeader, "' (not an EC latency table)"));
+  }
+  if (t.rows.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(t.source, ": no rows"));
+  }
+  return t;
+}
+
+absl::StatusOr<EcLatencyTable> ReadEcLatencyTable(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read EC latency table ", path));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) return absl::InvalidArgumentError(absl::StrCat("error reading ", path));
+  return ParseEcLatencyTable(ss.str(), path);
+}
+
+}  // namespace spear::quantize
