@@ -13,7 +13,10 @@
 // `n,k,m,rank,w4_us,ec_us`; then one row per (n, k, m, rank): four
 // positive integers and two positive finite times in microseconds. A
 // repeated (n, k, m, rank) is an error. Example: docs/results/data/
-// ec_latency_smollm2_h200_pc.csv.
+// ec_latency_smollm2_h200_pc.csv. The rows say nothing about the W4 group
+// or the gate: measure with the quantize's --group (the bench's --group)
+// and a gated EC; the bench writes both into its comment line, which the
+// provenance keeps.
 #pragma once
 
 #include <cstdint>
