@@ -144,6 +144,20 @@ std::map<std::string, double> ReadTorch(const std::string& path) {
   return t;
 }
 
+// `first` and nrot - 1 device copies of it, rotated through by the timed
+// graphs so that the L2 does not serve the weights.
+std::vector<std::unique_ptr<cuda::W4DeviceWeight>> WithCopies(
+    std::unique_ptr<cuda::W4DeviceWeight> first, int nrot) {
+  std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
+  rot.push_back(std::move(first));
+  for (int i = 1; i < nrot; ++i) {
+    auto c = rot[0]->Clone();
+    CKS(c.status());
+    rot.push_back(std::move(*c));
+  }
+  return rot;
+}
+
 // --ec-latency (see the top comment): CSV, one row per shape x rank x m.
 int EcLatencyTable(const std::string& shapes_arg, const std::vector<int64_t>& ranks,
                    const std::vector<int64_t>& ms, int64_t group, const uint16_t* x, uint16_t* y16,
@@ -195,13 +209,7 @@ int EcLatencyTable(const std::string& shapes_arg, const std::vector<int64_t>& ra
       CKS(first.status());
       const double wbytes = static_cast<double>((*first)->backbone_bytes() + (*first)->ec_bytes());
       const int nrot = std::clamp(static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)), 2, 256);
-      std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
-      rot.push_back(std::move(*first));
-      for (int i = 1; i < nrot; ++i) {
-        auto c = rot[0]->Clone();
-        CKS(c.status());
-        rot.push_back(std::move(*c));
-      }
+      const auto rot = WithCopies(std::move(*first), nrot);
       for (int64_t m : ms) {
         CKS(ws->Reserve(*rot[0], m));
         auto run = [&](bool use_ec) {
@@ -242,13 +250,7 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
     CKS(first.status());
     const double wbytes = static_cast<double>((*first)->backbone_bytes());
     const int nrot = std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)));
-    std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
-    rot.push_back(std::move(*first));
-    for (int i = 1; i < nrot; ++i) {
-      auto c = rot[0]->Clone();
-      CKS(c.status());
-      rot.push_back(std::move(*c));
-    }
+    const auto rot = WithCopies(std::move(*first), nrot);
     auto params = [&](int64_t m, int dk, int s, int d, int nw = 0) {
       cuda::W4CudaParams p;
       p.x = x;
@@ -407,12 +409,7 @@ int Main(int argc, char** argv) {
     CKS(first.status());
     const double wbytes = static_cast<double>((*first)->backbone_bytes());
     const int nrot = std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)));
-    W.rot.push_back(std::move(*first));
-    for (int i = 1; i < nrot; ++i) {
-      auto c = W.rot[0]->Clone();
-      CKS(c.status());
-      W.rot.push_back(std::move(*c));
-    }
+    W.rot = WithCopies(std::move(*first), nrot);
     const double fp16_bytes = 2.0 * sh.n * sh.k;
     const int nrot16 = std::max(1, static_cast<int>(std::ceil(3 * kL2Bytes / fp16_bytes)));
     const int64_t slots16 = static_cast<int64_t>(pool_halfs / (sh.n * sh.k));
