@@ -1,5 +1,7 @@
 #include "worker/quantize/cka.h"
 
+#include <algorithm>
+#include <numeric>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -127,7 +129,60 @@ TEST(Placement, RandomCasesNeverExceedBudget) {
     }
     EXPECT_LE(used, budget);
     EXPECT_LE(static_cast<double>(plan->size()), std::max(1.0, std::floor(ent->effective_modules + 0.5)));
+    // Without launch groups the selection is rule 2's static order: a
+    // reference greedy over the stable-sorted keys picks the same modules.
+    const int64_t cap = std::min<int64_t>(
+        std::count_if(d.begin(), d.end(), [](double x) { return x > 0; }),
+        std::max<int64_t>(1, static_cast<int64_t>(std::floor(ent->effective_modules + 0.5))));
+    std::vector<int> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    auto key = [&](int i) { return d[i] / (costs[i].Bytes(4) * (1.0 + costs[i].relative_latency)); };
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key(a) > key(b); });
+    std::vector<int64_t> want;
+    double ref_used = 0;
+    for (int i : order) {
+      if (static_cast<int64_t>(want.size()) >= cap) break;
+      if (d[i] <= 0 || ref_used + costs[i].Bytes(4) > budget) continue;
+      ref_used += costs[i].Bytes(4);
+      want.push_back(i);
+    }
+    std::sort(want.begin(), want.end());
+    std::vector<int64_t> got;
+    for (const auto& p : *plan) got.push_back(p.module);
+    EXPECT_EQ(got, want) << "trial " << trial;
+    // With random launch groups: still within the budget and the cap.
+    for (int i = 0; i < n; ++i) costs[i].launch_group = static_cast<int64_t>(rng() % 5) - 1;
+    auto grouped = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64});
+    ASSERT_TRUE(grouped.ok());
+    double gused = 0;
+    for (const auto& p : *grouped) gused += p.bytes;
+    EXPECT_LE(gused, budget);
+    EXPECT_LE(grouped->size(), static_cast<size_t>(cap));
   }
+}
+
+// Launch groups (rule 2): modules fused into one GEMM share one EC launch,
+// so once one of them has an EC the others pay no latency. Damages 0.6,
+// 0.5, 0.55, equal bytes (1,000 at rank 4) and latency 1, a budget for two
+// ECs: without groups the keys 0.3, 0.25, 0.275 pick {0, 2}; with modules 0
+// and 1 in one group, module 1's key becomes 0.5 once 0 is taken: {0, 1}.
+TEST(Placement, LaunchGroupsShareTheLatency) {
+  const std::vector<double> d = {0.6, 0.5, 0.55};
+  std::vector<ModuleEcCost> costs(3, ModuleEcCost{0.0, 250.0, 1.0});
+  auto modules = [](const std::vector<EcPlacement>& plan) {
+    std::vector<int64_t> m;
+    for (const auto& p : plan) m.push_back(p.module);
+    return m;
+  };
+  auto plain = PlanEcPlacement(d, costs, 2100, {4});
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(modules(*plain), (std::vector<int64_t>{0, 2}));
+  costs[0].launch_group = costs[1].launch_group = 7;
+  auto grouped = PlanEcPlacement(d, costs, 2100, {4});
+  ASSERT_TRUE(grouped.ok());
+  EXPECT_EQ(modules(*grouped), (std::vector<int64_t>{0, 1}));
+  costs[2].launch_group = -2;
+  EXPECT_TRUE(absl::IsInvalidArgument(PlanEcPlacement(d, costs, 2100, {4}).status()));
 }
 
 }  // namespace

@@ -326,5 +326,39 @@ TEST(PlacementLatency, MeasuredLatencyDecidesBetweenEqualModules) {
   }
 }
 
+// The runner's fused GEMMs as launch groups: q/k/v of layer L -> 2 L,
+// gate/up -> 2 L + 1, o / down / others -> -1.
+TEST(PlacementLatency, FusedLaunchGroupsFollowTheRunnersMerging) {
+  const std::vector<std::string> names = {
+      "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+      "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj",
+      "model.layers.0.mlp.gate_proj",    "model.layers.0.mlp.up_proj",
+      "model.layers.0.mlp.down_proj",    "model.layers.12.self_attn.k_proj",
+      "model.layers.12.mlp.up_proj",     "lm_head",
+      "model.layers.x.self_attn.q_proj"};
+  EXPECT_EQ(FusedLaunchGroups(names),
+            (std::vector<int64_t>{0, 0, 0, -1, 1, 1, -1, 24, 25, -1, -1}));
+  // Through PlanDiagnosticPlacement: two q/k modules of one layer beat an
+  // o_proj of higher damage per byte once the first of them is taken.
+  const std::vector<double> damages = {0.6, 0.5, 0.55};
+  const std::vector<ModuleShape> shapes = {{64, 64, 2048}, {64, 64, 2048}, {64, 64, 2048}};
+  const std::vector<double> lat = {1.0, 1.0, 1.0};
+  const std::vector<int64_t> groups =
+      FusedLaunchGroups({"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                         "model.layers.0.self_attn.o_proj"});
+  auto plain = PlanDiagnosticPlacement(damages, shapes, 2700, true, 16, 1.0, 4, &lat);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(*plain, (std::vector<int64_t>{4, 0, 4}));
+  auto fused = PlanDiagnosticPlacement(damages, shapes, 2700, true, 16, 1.0, 4, &lat, nullptr,
+                                       &groups);
+  ASSERT_TRUE(fused.ok());
+  EXPECT_EQ(*fused, (std::vector<int64_t>{4, 4, 0}));
+  const std::vector<int64_t> short_groups = {0};
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      PlanDiagnosticPlacement(damages, shapes, 2700, true, 16, 1.0, 4, &lat, nullptr,
+                              &short_groups)
+          .status()));
+}
+
 }  // namespace
 }  // namespace spear::quantize

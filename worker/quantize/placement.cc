@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <set>
 
 #include "worker/quantize/cka.h"
 
@@ -26,6 +27,7 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
   }
   for (const ModuleEcCost& c : costs) {
     if (!(c.bytes_per_rank > 0.0) || !(c.fixed_bytes >= 0.0) || !(c.relative_latency >= 0.0) ||
+        c.launch_group < -1 ||
         !std::isfinite(c.bytes_per_rank + c.fixed_bytes + c.relative_latency)) {
       return absl::InvalidArgumentError("PlanEcPlacement: bad module cost");
     }
@@ -37,26 +39,41 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
   const int64_t cap = std::min<int64_t>(
       positive, std::max<int64_t>(1, static_cast<int64_t>(std::floor(opt.breadth * ent->effective_modules + 0.5))));
 
-  // 2. Selection at the smallest rank.
-  std::vector<int64_t> order(static_cast<size_t>(n));
-  std::iota(order.begin(), order.end(), 0);
+  // 2. Selection at the smallest rank: the best remaining module each time
+  // (a strict maximum over ascending indices: ties go to the lower index).
+  std::set<int64_t> launched;  // launch groups that already carry an EC
   auto key = [&](int64_t i) {
     const ModuleEcCost& c = costs[static_cast<size_t>(i)];
+    const bool paid = c.launch_group >= 0 && launched.count(c.launch_group) > 0;
     return damages[static_cast<size_t>(i)] /
-           (c.Bytes(rank_options.front()) * (1.0 + opt.latency_weight * c.relative_latency));
+           (c.Bytes(rank_options.front()) *
+            (1.0 + opt.latency_weight * (paid ? 0.0 : c.relative_latency)));
   };
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key(a) > key(b); });
   std::vector<int64_t> level(static_cast<size_t>(n), -1);  // index into rank_options
+  std::vector<char> seen(static_cast<size_t>(n), 0);       // taken or skipped
   double used = 0.0;
   int64_t taken = 0;
-  for (int64_t i : order) {
-    if (taken >= cap) break;
-    if (damages[static_cast<size_t>(i)] <= 0.0) continue;
+  while (taken < cap) {
+    int64_t i = -1;
+    double best_key = -1.0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (seen[static_cast<size_t>(j)] || damages[static_cast<size_t>(j)] <= 0.0) continue;
+      const double k = key(j);
+      if (k > best_key) {
+        best_key = k;
+        i = j;
+      }
+    }
+    if (i < 0) break;
+    seen[static_cast<size_t>(i)] = 1;
     const double b = costs[static_cast<size_t>(i)].Bytes(rank_options.front());
     if (used + b > budget_bytes) continue;
     used += b;
     level[static_cast<size_t>(i)] = 0;
     ++taken;
+    if (costs[static_cast<size_t>(i)].launch_group >= 0) {
+      launched.insert(costs[static_cast<size_t>(i)].launch_group);
+    }
   }
   const auto bytes_at = [&](int64_t i, int64_t lv) {
     return costs[static_cast<size_t>(i)].Bytes(rank_options[static_cast<size_t>(lv)]);

@@ -17,7 +17,11 @@
 //     d_i / (bytes_i(r_1) * (1 + latency_weight * lat_i)) (damage per byte,
 //     penalised by latency; ties: lower index); each is taken at r_1 if it
 //     still fits the budget (a module that does not fit is skipped, not a
-//     stop), until M are taken.
+//     stop), until M are taken. Modules of one launch group (>= 0: fused
+//     into one GEMM on the GPU, whose ECs merge into one EC and one
+//     prologue launch) share the latency: once one of them is taken, the
+//     others' lat_i counts as 0, so the order is re-evaluated after every
+//     pick (without groups it is the static order above).
 //  3. Proportional ranks: with D = sum of selected damages, module i's fair
 //     share is budget * d_i / D bytes; in decreasing damage order each is
 //     raised to the largest rank whose cost is within its share, if the
@@ -40,6 +44,7 @@ struct ModuleEcCost {
   double fixed_bytes = 0.0;
   double bytes_per_rank = 0.0;  // > 0
   double relative_latency = 0.0;
+  int64_t launch_group = -1;  // >= 0: shares its EC launch with the group (rule 2)
   double Bytes(int64_t rank) const { return fixed_bytes + bytes_per_rank * static_cast<double>(rank); }
 };
 

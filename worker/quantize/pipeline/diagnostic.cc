@@ -117,9 +117,13 @@ std::vector<int64_t> PlacementRankOptions(int64_t min_rank) {
 absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
     double budget_bytes, bool gated, int64_t h, double breadth, int64_t min_rank,
-    const std::vector<double>* measured_latency, std::vector<double>* latency_used) {
+    const std::vector<double>* measured_latency, std::vector<double>* latency_used,
+    const std::vector<int64_t>* launch_groups) {
   if (damages.size() != shapes.size()) {
     return absl::InvalidArgumentError("placement: damages and shapes differ in size");
+  }
+  if (launch_groups != nullptr && launch_groups->size() != shapes.size()) {
+    return absl::InvalidArgumentError("placement: launch groups and shapes differ in size");
   }
   if (measured_latency != nullptr) {
     if (measured_latency->size() != shapes.size()) {
@@ -137,6 +141,7 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const ModuleShape& s = shapes[i];
     costs[i].fixed_bytes = gated ? 2.0 * h : 0.0;
     costs[i].bytes_per_rank = 2.0 * (s.n + s.k + (gated ? 2 * h + 1 : 0));
+    if (launch_groups != nullptr) costs[i].launch_group = (*launch_groups)[i];
     if (measured_latency != nullptr) {
       costs[i].relative_latency = (*measured_latency)[i];
     } else if (s.w4_bytes > 0) {
@@ -157,6 +162,29 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     out[static_cast<size_t>(p.module)] = std::min({p.rank, s.n, s.k});
   }
   return out;
+}
+
+std::vector<int64_t> FusedLaunchGroups(const std::vector<std::string>& names) {
+  std::vector<int64_t> g(names.size(), -1);
+  for (size_t i = 0; i < names.size(); ++i) {
+    const std::string& s = names[i];
+    const size_t at = s.find("layers.");
+    if (at == std::string::npos) continue;
+    int64_t layer = 0;
+    size_t p = at + 7;
+    if (p >= s.size() || s[p] < '0' || s[p] > '9') continue;
+    while (p < s.size() && s[p] >= '0' && s[p] <= '9') layer = layer * 10 + (s[p++] - '0');
+    auto ends = [&](const char* suffix) {
+      const size_t n = std::strlen(suffix);
+      return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
+    };
+    if (ends(".q_proj") || ends(".k_proj") || ends(".v_proj")) {
+      g[i] = 2 * layer;
+    } else if (ends(".gate_proj") || ends(".up_proj")) {
+      g[i] = 2 * layer + 1;
+    }
+  }
+  return g;
 }
 
 int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes) {

@@ -75,13 +75,20 @@ std::vector<int64_t> PlacementRankOptions(int64_t min_rank = 4);
 
 // Per-module rank (0 = no EC) within budget_bytes. measured_latency (one
 // finite value >= 0 per module, or null): the relative latency of each
-// module's EC; *latency_used (if non-null) receives the values the ranking
-// used, measured or proxy.
+// module's EC; launch_groups (one value >= -1 per module, or null):
+// placement.h's launch groups; *latency_used (if non-null) receives the
+// values the ranking used, measured or proxy.
 absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
     double budget_bytes, bool gated, int64_t gate_hidden, double breadth = 1.0,
     int64_t min_rank = 4, const std::vector<double>* measured_latency = nullptr,
-    std::vector<double>* latency_used = nullptr);
+    std::vector<double>* latency_used = nullptr,
+    const std::vector<int64_t>* launch_groups = nullptr);
+// The GPU runner's fused GEMMs (worker/engine/cuda_model_weights.cc): a
+// layer's q/k/v projections form one launch group (2 L), gate/up another
+// (2 L + 1); o_proj, down_proj and anything else: -1 (a GEMM of its own).
+// Names as ForEachLinear gives them ("model.layers.3.self_attn.q_proj").
+std::vector<int64_t> FusedLaunchGroups(const std::vector<std::string>& names);
 // 0 if not even rank 1 fits on every module.
 int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes);
 

@@ -170,10 +170,16 @@ absl::Status Pipeline::Place() {
   report_.normalized_entropy = ent->normalized_entropy;
   report_.effective_modules = ent->effective_modules;
   const bool gated = o_.ec == EcMode::kSpear && o_.gate;
+  // With measured latencies (a GPU's EC cost, mostly the prologue launch of
+  // each EC-carrying GEMM), the modules the GPU runner fuses into one GEMM
+  // share that launch (placement.h, rule 2).
   std::vector<double> latency;
-  auto plan = PlanDiagnosticPlacement(
-      res->damages, shapes_, budget_bytes_, gated, GateHidden(o_), o_.placement_breadth,
-      o_.min_ec_rank, measured_latency_.empty() ? nullptr : &measured_latency_, &latency);
+  const std::vector<int64_t> groups = FusedLaunchGroups(res->names);
+  const bool measured = !measured_latency_.empty();
+  auto plan = PlanDiagnosticPlacement(res->damages, shapes_, budget_bytes_, gated,
+                                      GateHidden(o_), o_.placement_breadth, o_.min_ec_rank,
+                                      measured ? &measured_latency_ : nullptr, &latency,
+                                      measured ? &groups : nullptr);
   if (!plan.ok()) return plan.status();
   report_.measured_latency = !measured_latency_.empty();
   for (size_t i = 0; i < latency.size(); ++i) report_.modules[i].ec_latency = latency[i];
