@@ -4,9 +4,12 @@
 // profile drive only the interface) and its failures reach the requests
 // with their KV blocks freed; device parsing and resolution (engine_factory)
 // with their errors on a build or machine without CUDA.
+#include <chrono>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -29,7 +32,13 @@ class CountingBackend final : public ModelBackend {
   explicit CountingBackend(std::unique_ptr<CpuBackend> inner) : inner_(std::move(inner)) {}
   absl::Status Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out) override {
     ++forwards;
-    for (const SeqChunk& c : batch) tokens += static_cast<int64_t>(c.tokens.size());
+    int64_t t = 0;
+    for (const SeqChunk& c : batch) t += static_cast<int64_t>(c.tokens.size());
+    tokens += t;
+    // A graph-capturing backend: the first forward of each token count is slow.
+    if (first_use_sleep_ms > 0 && shapes_seen.insert(t).second) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(first_use_sleep_ms));
+    }
     if (forwards == fail_at) return absl::InternalError("injected device failure");
     return inner_->Forward(batch, out);
   }
@@ -38,10 +47,13 @@ class CountingBackend final : public ModelBackend {
   int block_size() const override { return inner_->block_size(); }
   int64_t num_blocks() const override { return inner_->num_blocks(); }
   const model::LoadedModel& model() const override { return inner_->model(); }
-  Device device() const override { return Device::kCpu; }
+  Device device() const override { return device_as; }
   std::string Describe() const override { return "counting " + inner_->Describe(); }
 
   int64_t forwards = 0, tokens = 0, fail_at = -1;
+  Device device_as = Device::kCpu;
+  int first_use_sleep_ms = 0;
+  std::set<int64_t> shapes_seen;
 
  private:
   std::unique_ptr<CpuBackend> inner_;
@@ -194,6 +206,33 @@ TEST_F(BackendTest, LatencyProfileRunsOnTheEnginesBackend) {
   EXPECT_EQ(c->forwards, 5);
   EXPECT_EQ(c->tokens, 32 + 1 + 4 + 16 + 32);
   EXPECT_GT(t->Predict(32, 0), 0);
+  EXPECT_EQ(blocks.num_used(), 0);
+}
+
+// On CUDA the profile runs each point once untimed before timing it (the
+// runner captures a graph per shape): a backend whose first forward of
+// each token count sleeps 60 ms reports its steady times, and the count of
+// forwards has one more run per point.
+TEST_F(BackendTest, LatencyProfileWarmsEachPointOnCuda) {
+  auto counting = Counting();
+  CountingBackend* c = counting.get();
+  c->device_as = Device::kCuda;
+  c->first_use_sleep_ms = 60;
+  auto e = Engine::Create(model_, Options(), std::move(counting));
+  ASSERT_TRUE(e.ok());
+  BlockManager blocks(&(*e)->backend().allocator(), (*e)->backend().block_size(),
+                      BlockManager::Options());
+  ProfileOptions po;
+  po.tokens = {1, 4, 16};
+  po.max_tokens = 32;
+  po.repeats = 2;
+  auto t = ProfileLatency(e->get(), &blocks, nullptr, po);
+  ASSERT_TRUE(t.ok()) << t.status();
+  // One warm-up (32 tokens) + (one untimed + two timed) at 1, 4, 16, 32.
+  EXPECT_EQ(c->forwards, 1 + 4 * 3);
+  for (int32_t tok : {1, 4, 16, 32}) {
+    EXPECT_LT(t->Predict(tok, 0), 0.050) << tok << " tokens: the first-use sleep was timed";
+  }
   EXPECT_EQ(blocks.num_used(), 0);
 }
 

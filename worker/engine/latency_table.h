@@ -95,7 +95,8 @@ struct ProfileOptions {
   // (m <= 8) to dequantized tiles + GEMM, a step the table must not smooth over.
   std::vector<int32_t> tokens = {1, 2, 4, 8, 12, 16, 32, 64, 128, 256, 512, 1024, 2048};
   int64_t max_tokens = 512;
-  int repeats = 2;  // the median of `repeats` timed runs per point (one warm-up pass in all)
+  int repeats = 2;  // the median of `repeats` timed runs per point (one warm-up pass in all;
+                    // on CUDA also one untimed run per point and EC mode: graph capture)
 };
 
 // Times real forward passes of `engine` on whatever backend it runs (one
