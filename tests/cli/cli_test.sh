@@ -106,6 +106,8 @@ expect 2 "cannot read EC latency table" -- quantize --model "$TINY" --out "$TMP/
 expect 2 "lat_bad.csv:1: expected the header" -- quantize --model "$TINY" --out "$TMP/q" --ec-latency-table "$TMP/lat_bad.csv"
 expect 1 "no row for n=64 k=176 m=1 rank=4" -- quantize --model "$TINY" --out "$TMP/qmiss" --ec-latency-table "$TMP/lat_part.csv"
 [[ -e "$TMP/qmiss" ]] && { echo "FAIL: a refused quantize created --out"; fails=$((fails + 1)); }
+{ echo "# W4 group 128 asymmetric"; cat "$TMP/lat.csv"; } >"$TMP/lat_g128.csv"
+expect 1 "measured with W4 group 128, this quantize uses group -1" -- quantize --model "$TINY" --out "$TMP/qmiss" --ec-latency-table "$TMP/lat_g128.csv"
 expect 1 "no such model" -- quantize --model /no/such/dir --out "$TMP/q"
 mkdir -p "$TMP/full" && touch "$TMP/full/x"
 expect 1 "not empty; use --force" -- quantize --model "$TINY" --out "$TMP/full"

@@ -28,6 +28,7 @@ TEST(EcLatencyTable, ParsesRowsCommentsAndCrlf) {
   ASSERT_EQ(t->rows.size(), 4u);
   ASSERT_EQ(t->comments.size(), 1u);
   EXPECT_EQ(t->comments[0], "spear EC latency table v1: NVIDIA H200, 132 SMs");
+  EXPECT_EQ(t->group, 0);  // no comment names a group
   EXPECT_EQ(t->rows[1].k, 1536);
   EXPECT_DOUBLE_EQ(t->rows[1].w4_us, 4.011);
   // (7.815 - 2.979) / 2.979, by hand: 1.62336...
@@ -38,6 +39,19 @@ TEST(EcLatencyTable, ParsesRowsCommentsAndCrlf) {
   EXPECT_NEAR(*t->Relative(576, 576, 8, 4), (8.233 - 3.248) / 3.248, 1e-12);
   // A faster EC is noise: clamped at 0.
   EXPECT_EQ(*t->Relative(192, 576, 1, 4), 0.0);
+}
+
+TEST(EcLatencyTable, ReadsTheGroupFromTheBenchComment) {
+  const std::string h = "n,k,m,rank,w4_us,ec_us\n1,2,3,4,5,6\n";
+  auto pc = ParseEcLatencyTable("# spear EC latency table v1: X; W4 group -1 asymmetric\n" + h, "t");
+  ASSERT_TRUE(pc.ok()) << pc.status();
+  EXPECT_EQ(pc->group, -1);
+  auto g128 = ParseEcLatencyTable("# W4 group 128, gated\n" + h, "t");
+  ASSERT_TRUE(g128.ok());
+  EXPECT_EQ(g128->group, 128);
+  auto bad = ParseEcLatencyTable("# W4 group x\n" + h, "t.csv");
+  EXPECT_TRUE(absl::IsInvalidArgument(bad.status()));
+  EXPECT_NE(bad.status().message().find("t.csv:1: unreadable W4 group"), std::string::npos);
 }
 
 TEST(EcLatencyTable, MissingRowIsNotFoundWithTheCommandToMeasureIt) {

@@ -62,7 +62,18 @@ absl::StatusOr<EcLatencyTable> ParseEcLatencyTable(const std::string& text, std:
     };
     if (line.empty()) continue;
     if (line.front() == '#') {
-      t.comments.emplace_back(absl::StripAsciiWhitespace(line.substr(1)));
+      const absl::string_view c = absl::StripAsciiWhitespace(line.substr(1));
+      t.comments.emplace_back(c);
+      const size_t at = c.find("W4 group ");
+      if (at != absl::string_view::npos) {
+        absl::string_view g = c.substr(at + 9);
+        g = g.substr(0, g.find_first_of(" ,;"));
+        int64_t v = 0;
+        if (!ParseInt(g, &v) || (v != -1 && v < 1)) {
+          return bad(absl::StrCat("unreadable W4 group in the comment: '", g, "'"));
+        }
+        t.group = v;
+      }
       continue;
     }
     if (!header) {

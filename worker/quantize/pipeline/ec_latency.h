@@ -15,8 +15,8 @@
 // repeated (n, k, m, rank) is an error. Example: docs/results/data/
 // ec_latency_smollm2_h200_pc.csv. The rows say nothing about the W4 group
 // or the gate: measure with the quantize's --group (the bench's --group)
-// and a gated EC; the bench writes both into its comment line, which the
-// provenance keeps.
+// and a gated EC; the bench writes both into its comment line ("... W4
+// group G ..."), which the provenance keeps and `group` reads back.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +36,9 @@ struct EcLatencyTable {
   std::string source;                 // file name (messages, provenance)
   std::vector<std::string> comments;  // '#' lines without the '#'
   std::vector<EcLatencyRow> rows;
+  // The W4 group size named by a comment "W4 group G" (-1 = per channel),
+  // or 0 when no comment names one.
+  int64_t group = 0;
   // (ec_us - w4_us) / w4_us of the row (n, k, m, rank), clamped at 0 (a
   // faster EC is timing noise, not a gain). NotFound naming the missing
   // row and the file.

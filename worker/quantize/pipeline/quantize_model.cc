@@ -131,6 +131,12 @@ absl::Status Pipeline::CollectModules() {
   // The measured EC latency of every module's shape, looked up now so that
   // a table without some shape fails before the calibration runs.
   if (!o_.ec_latency.rows.empty()) {
+    if (o_.ec_latency.group != 0 && o_.ec_latency.group != o_.group_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "EC latency table ", o_.ec_latency.source, " was measured with W4 group ",
+          o_.ec_latency.group, ", this quantize uses group ", o_.group_size,
+          " (measure it with spear_bench_w4_cuda --group=", o_.group_size, ")"));
+    }
     for (const ModuleShape& s : shapes_) {
       auto rel = o_.ec_latency.Relative(s.n, s.k, 1, o_.min_ec_rank);
       if (!rel.ok()) return rel.status();
