@@ -53,6 +53,19 @@ static __global__ void CopyKernel(const uint4* __restrict__ a, uint4* __restrict
   }
 }
 
+// cuda::W4Linear's parameters for y [m, ldy] = x [m, ldx] W^T into fp16 y
+// (the caller adds EC and kernel choices).
+inline cuda::W4CudaParams GemmParams(const uint16_t* x, int64_t m, int64_t ldx, uint16_t* y16,
+                                     int64_t ldy) {
+  cuda::W4CudaParams p;
+  p.x = x;
+  p.m = m;
+  p.ldx = ldx;
+  p.y_f16 = y16;
+  p.ldy = ldy;
+  return p;
+}
+
 inline W4Weight RandomW4(int64_t n, int64_t k, int64_t group, std::mt19937& rng) {
   W4Weight w;
   w.fmt = {n, k, group, false};

@@ -474,13 +474,8 @@ class Model {
                   qkv_n = int64_t{shape_.n_q + 2 * shape_.n_kv} * shape_.head_dim;
     auto gemm = [&](const cuda::W4DeviceWeight& w, const uint16_t* x, int64_t ldx, uint16_t* y16,
                     float* y32, int64_t ldy, bool ec) {
-      cuda::W4CudaParams p;
-      p.x = x;
-      p.m = m;
-      p.ldx = ldx;
-      p.y_f16 = y16;
+      cuda::W4CudaParams p = bench::GemmParams(x, m, ldx, y16, ldy);
       p.y_f32 = y32;
-      p.ldy = ldy;
       p.accumulate = y32 != nullptr;
       p.use_ec = ec;
       p.ec_prologue = v.ec_prologue;

@@ -214,12 +214,7 @@ int EcLatencyTable(const std::string& shapes_arg, const std::vector<int64_t>& ra
         CKS(ws->Reserve(*rot[0], m));
         auto run = [&](bool use_ec) {
           return TimeGraph(std::max(nrot, 10), [&](int i) {
-            cuda::W4CudaParams p;
-            p.x = x;
-            p.m = m;
-            p.ldx = k;
-            p.y_f16 = y16;
-            p.ldy = n;
+            cuda::W4CudaParams p = bench::GemmParams(x, m, k, y16, n);
             p.use_ec = use_ec;
             CKS(cuda::W4Linear(*rot[i % nrot], p, ws, g_stream));
           });
@@ -252,12 +247,7 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
     const int nrot = std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)));
     const auto rot = WithCopies(std::move(*first), nrot);
     auto params = [&](int64_t m, int dk, int s, int d, int nw = 0) {
-      cuda::W4CudaParams p;
-      p.x = x;
-      p.m = m;
-      p.ldx = sh.k;
-      p.y_f16 = y16;
-      p.ldy = sh.n;
+      cuda::W4CudaParams p = bench::GemmParams(x, m, sh.k, y16, sh.n);
       p.decode_kernel = dk;
       p.decode_splits = s;
       p.decode_depth = d;
@@ -422,12 +412,7 @@ int Main(int argc, char** argv) {
       CKS(ws->Reserve(*W.rot[0], m));
       auto w4 = [&](bool use_ec, bool fd, bool fp, int dk = 0) {
         return TimeGraph(reps, [&](int i) {
-          cuda::W4CudaParams p;
-          p.x = x;
-          p.m = m;
-          p.ldx = sh.k;
-          p.y_f16 = y16;
-          p.ldy = sh.n;
+          cuda::W4CudaParams p = bench::GemmParams(x, m, sh.k, y16, sh.n);
           p.use_ec = use_ec;
           p.force_decode = fd;
           p.force_prefill = fp;
@@ -439,12 +424,7 @@ int Main(int argc, char** argv) {
       const double t_ec = w4(true, false, false);
       const double t_naive = TimeGraph(reps, [&](int i) {
         const auto& dw = *W.rot[i % nrot];
-        cuda::W4CudaParams p;
-        p.x = x;
-        p.m = m;
-        p.ldx = sh.k;
-        p.y_f16 = y16;
-        p.ldy = sh.n;
+        cuda::W4CudaParams p = bench::GemmParams(x, m, sh.k, y16, sh.n);
         p.use_ec = false;
         CKS(cuda::W4Linear(dw, p, ws.get(), g_stream));
         CKS(cuda::EcGate(dw, x, m, sh.k, v32, ws.get(), g_stream));
@@ -555,12 +535,7 @@ int Main(int argc, char** argv) {
         for (int li = 0; li < 4; ++li) {
           const char* l = layers[li];
           const auto& dw = *weights[std::string("8B") + l].rot[i % 2];
-          cuda::W4CudaParams p;
-          p.x = x;
-          p.m = m;
-          p.ldx = dw.fmt().k;
-          p.y_f16 = y16;
-          p.ldy = dw.fmt().n;
+          cuda::W4CudaParams p = bench::GemmParams(x, m, dw.fmt().k, y16, dw.fmt().n);
           p.use_ec = lv.ec;
           p.ec_prologue = lv.ec_prologue;
           p.decode_kernel = lv.decode_kernel;

@@ -1,12 +1,17 @@
 #include "ec_placement.h"
 
-#include <charconv>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "worker/model/spear_checkpoint.h"
+#include "worker/model/weights.h"
 
 namespace spear::kernels::bench {
+
+static_assert(kNumMembers == model::kLayerLinears &&
+                  kGate == static_cast<int>(model::LayerLinear::kGate) &&
+                  kDown == static_cast<int>(model::LayerLinear::kDown),
+              "EcMember follows model::LayerLinear");
 
 absl::StatusOr<EcPlacement> ReadEcPlacement(const std::string& path) {
   std::filesystem::path dir(path);
@@ -21,35 +26,15 @@ absl::StatusOr<EcPlacement> ReadEcPlacement(const std::string& path) {
   out.num_layers = static_cast<int>(m->config.num_layers);
   if (m->w4_model_bytes > 0) out.ec_pct = 100.0 * m->ec_bytes / m->w4_model_bytes;
   out.ranks.assign(static_cast<size_t>(out.num_layers), {});
-  static const char* kNames[kNumMembers] = {"q_proj", "k_proj", "v_proj", "o_proj",
-                                            "gate_proj", "up_proj", "down_proj"};
-  const std::string pre = "model.layers.";
   for (const model::SpearModuleInfo& mod : m->modules) {
     if (mod.ec_rank <= 0) continue;
-    const std::string& name = mod.name;
-    const auto bad = [&] {
+    const std::optional<model::LinearName> n = model::ParseLinearName(mod.name);
+    if (!n || n->layer >= out.num_layers) {
       return absl::InvalidArgumentError(
-          absl::StrCat("EC placement: an EC on ", name, ", not a decoder layer's linear"));
-    };
-    if (name.rfind(pre, 0) != 0) return bad();
-    const size_t dot = name.find('.', pre.size());
-    int layer = -1;
-    if (dot == std::string::npos ||
-        std::from_chars(name.data() + pre.size(), name.data() + dot, layer).ptr !=
-            name.data() + dot ||
-        layer < 0 || layer >= out.num_layers) {
-      return bad();
+          absl::StrCat("EC placement: an EC on ", mod.name, ", not a decoder layer's linear"));
     }
-    int member = -1;
-    for (int i = 0; i < kNumMembers; ++i) {
-      const std::string suffix = std::string(".") + kNames[i];
-      if (name.size() > suffix.size() &&
-          name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
-        member = i;
-      }
-    }
-    if (member < 0) return bad();
-    out.ranks[static_cast<size_t>(layer)][member] = static_cast<int>(mod.ec_rank);
+    out.ranks[static_cast<size_t>(n->layer)][static_cast<int>(n->which)] =
+        static_cast<int>(mod.ec_rank);
     ++out.num_ecs;
   }
   return out;

@@ -11,7 +11,7 @@
 
 namespace spear::kernels::bench {
 
-// Member order of one decoder layer's linears.
+// Member order of one decoder layer's linears: model::LayerLinear's.
 enum EcMember { kQ, kK, kV, kO, kGate, kUp, kDown, kNumMembers };
 
 struct EcPlacement {

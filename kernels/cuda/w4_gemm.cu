@@ -111,32 +111,6 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.y16 = p.y_f16 != nullptr ? p.y_f16 + r0 * p.ldy : nullptr;
     a.ldy = p.ldy;
     a.accumulate = p.accumulate ? 1 : 0;
-    if (ec) {
-      // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
-      // the last call) / the prologue without the epilogue.
-      if ((p.ec_prologue & 4) == 0) {
-        // Under PDL before the fold kernel (M <= 8: v14, -0.04 ms on the 8B
-        // step in three calls); a plain launch before the others (v12: PDL
-        // was slower there at M >= 8) or with ec_prologue flag 2.
-        const bool fold_next = mc <= 8 && ((p.decode_kernel & 15) == 0 ||
-                                           (p.decode_kernel & 15) >= 4);
-        if (absl::Status st = LaunchEcPrologue(
-                d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
-                p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
-                p.gate_ld, stream, p.ec_prologue & 1,
-                fold_next && (p.ec_prologue & 2) == 0);
-            !st.ok()) {
-          return st;
-        }
-      }
-      if ((p.ec_prologue & 8) == 0) {
-        a.ecb = d.ec_bfrag;
-        a.esteps = static_cast<int>(d.rp / 16);
-        a.v = s.v;
-        a.ldv = static_cast<int>(d.rp);
-        a.ec_late = 1;
-      }
-    }
     static const int debug = [] {
       const char* e = std::getenv("SPEAR_W4_DEBUG");
       return e ? std::atoi(e) : 0;
@@ -153,6 +127,30 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = p.decode_kernel;
+    if (ec) {
+      // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
+      // the last call) / the prologue without the epilogue.
+      if ((p.ec_prologue & 4) == 0) {
+        // Under PDL before the fold kernel (M <= 8: v14, -0.04 ms on the 8B
+        // step in three calls); a plain launch before the others (v12: PDL
+        // was slower there at M >= 8) or with ec_prologue flag 2.
+        if (absl::Status st = LaunchEcPrologue(
+                d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
+                p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
+                p.gate_ld, stream, p.ec_prologue & 1,
+                fold && (p.ec_prologue & 2) == 0);
+            !st.ok()) {
+          return st;
+        }
+      }
+      if ((p.ec_prologue & 8) == 0) {
+        a.ecb = d.ec_bfrag;
+        a.esteps = static_cast<int>(d.rp / 16);
+        a.v = s.v;
+        a.ldv = static_cast<int>(d.rp);
+        a.ec_late = 1;
+      }
+    }
     if (absl::Status st =
             fold   ? LaunchDecodeFold(a, s.num_sms, p.decode_splits, p.decode_depth, stream)
             : swap ? LaunchDecodeSwap(a, s.num_sms, stream)

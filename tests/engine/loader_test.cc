@@ -1,5 +1,6 @@
 // LoadModel: dtypes, tied/untied, qwen2 biases, clear errors on bad
 // checkpoints; the GGUF q/k un-permutation; DenseLinear.
+#include <optional>
 #include <cmath>
 #include <filesystem>
 #include <random>
@@ -72,11 +73,30 @@ TEST(Loader, TiedAndQwen2Biases) {
   const auto l = Logits(**m, {1, 2, 3});
   for (float x : l) ASSERT_TRUE(std::isfinite(x));
   int visited = 0;
-  (*m)->weights.ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& lin) {
+  (*m)->weights.ForEachLinear([&](const std::string& name, std::unique_ptr<model::Linear>& lin) {
     EXPECT_NE(lin, nullptr);
+    // ParseLinearName inverts the names: layer visited / 7, member visited % 7,
+    // and that member's slot is the one visited.
+    const std::optional<model::LinearName> n = model::ParseLinearName(name);
+    ASSERT_TRUE(n.has_value()) << name;
+    EXPECT_EQ(n->layer, visited / 7) << name;
+    EXPECT_EQ(static_cast<int>(n->which), visited % 7) << name;
+    model::LayerWeights& L = (*m)->weights.layers[static_cast<size_t>(n->layer)];
+    std::unique_ptr<model::Linear>* slots[] = {&L.q_proj,    &L.k_proj, &L.v_proj,   &L.o_proj,
+                                               &L.gate_proj, &L.up_proj, &L.down_proj};
+    EXPECT_EQ(slots[static_cast<int>(n->which)], &lin) << name;
     ++visited;
   });
   EXPECT_EQ(visited, 2 * 7);
+  for (const char* bad : {"lm_head", "model.layers.x.self_attn.q_proj", "model.layers.3",
+                          "model.layers.-1.mlp.up_proj", "model.layers.3.mlp.up_proj.weight",
+                          "layers.3.mlp.up_proj", "model.layers.3.mlp.q_proj"}) {
+    EXPECT_FALSE(model::ParseLinearName(bad).has_value()) << bad;
+  }
+  const auto up = model::ParseLinearName("model.layers.12.mlp.up_proj");
+  ASSERT_TRUE(up.has_value());
+  EXPECT_EQ(up->layer, 12);
+  EXPECT_EQ(up->which, model::LayerLinear::kUp);
 }
 
 TEST(Loader, ClearErrorsForBadCheckpoints) {

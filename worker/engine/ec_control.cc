@@ -8,17 +8,10 @@
 #include "nlohmann/json.hpp"
 #include "worker/model/spear_checkpoint.h"
 #include "worker/model/w4_linear.h"
+#include "worker/model/weights.h"
 
 namespace spear::engine {
 namespace {
-
-int64_t LayerOf(const std::string& name) {
-  // "model.layers.<L>.<...>"
-  const std::string key = "layers.";
-  const size_t p = name.find(key);
-  if (p == std::string::npos) return 0;
-  return std::strtoll(name.c_str() + p + key.size(), nullptr, 10);
-}
 
 // name -> value from the manifest's provenance.diagnostic.modules; empty
 // when the model is not a .spear dir or has no diagnostic.
@@ -58,7 +51,8 @@ absl::StatusOr<std::unique_ptr<EcControl>> EcControl::Create(model::LoadedModel*
     const kernels::EcWeights& ec = *w4->ec();
     EcUnit u;
     u.name = name;
-    u.layer = LayerOf(name);
+    const std::optional<model::LinearName> parsed = model::ParseLinearName(name);
+    u.layer = parsed ? parsed->layer : 0;
     u.flops = 2.0 * ec.rank * (ec.k + ec.n) + (ec.gated ? 4.0 * ec.rank * ec.gate_hidden : 0.0);
     u.value = static_cast<double>(ec.rank) * (ec.k + ec.n);
     c->units_.push_back(u);

@@ -1,5 +1,6 @@
 #include "worker/model/weights.h"
 
+#include <charconv>
 #include <cstring>
 #include <filesystem>
 #include <utility>
@@ -352,19 +353,40 @@ void LlamaWeights::EmbedRow(int32_t token, int64_t hidden, float* out) const {
   for (int64_t j = 0; j < hidden; ++j) out[j] = kernels::LoadAsFloat(embed, embed_dtype, base + j);
 }
 
+namespace {
+constexpr std::string_view kLayerPrefix = "model.layers.";
+// Suffixes after "model.layers.<L>", in LayerLinear order.
+constexpr std::string_view kLinearSuffix[kLayerLinears] = {
+    ".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.o_proj",
+    ".mlp.gate_proj",    ".mlp.up_proj",      ".mlp.down_proj"};
+}  // namespace
+
 void LlamaWeights::ForEachLinear(
     const std::function<void(const std::string&, std::unique_ptr<Linear>&)>& fn) {
   for (size_t i = 0; i < layers.size(); ++i) {
     LayerWeights& L = layers[i];
-    const std::string p = absl::StrCat("model.layers.", i);
-    fn(p + ".self_attn.q_proj", L.q_proj);
-    fn(p + ".self_attn.k_proj", L.k_proj);
-    fn(p + ".self_attn.v_proj", L.v_proj);
-    fn(p + ".self_attn.o_proj", L.o_proj);
-    fn(p + ".mlp.gate_proj", L.gate_proj);
-    fn(p + ".mlp.up_proj", L.up_proj);
-    fn(p + ".mlp.down_proj", L.down_proj);
+    std::unique_ptr<Linear>* slots[kLayerLinears] = {&L.q_proj,    &L.k_proj,  &L.v_proj,
+                                                     &L.o_proj,    &L.gate_proj, &L.up_proj,
+                                                     &L.down_proj};
+    const std::string p = std::string(kLayerPrefix) + std::to_string(i);
+    for (int j = 0; j < kLayerLinears; ++j) fn(p + std::string(kLinearSuffix[j]), *slots[j]);
   }
+}
+
+std::optional<LinearName> ParseLinearName(std::string_view name) {
+  if (name.substr(0, kLayerPrefix.size()) != kLayerPrefix) return std::nullopt;
+  name.remove_prefix(kLayerPrefix.size());
+  LinearName out;
+  const auto r = std::from_chars(name.data(), name.data() + name.size(), out.layer);
+  if (r.ec != std::errc() || r.ptr == name.data() || out.layer < 0) return std::nullopt;
+  name.remove_prefix(static_cast<size_t>(r.ptr - name.data()));
+  for (int j = 0; j < kLayerLinears; ++j) {
+    if (name == kLinearSuffix[j]) {
+      out.which = static_cast<LayerLinear>(j);
+      return out;
+    }
+  }
+  return std::nullopt;
 }
 
 absl::Status UnpermuteGgufQk(float* w, int64_t rows, int64_t cols, int64_t n_heads) {

@@ -11,7 +11,9 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -56,6 +58,17 @@ struct LlamaWeights {
   // (e.g. with a quantized one of the same shape). lm_head is not visited.
   void ForEachLinear(const std::function<void(const std::string&, std::unique_ptr<Linear>&)>& fn);
 };
+
+// The seven linears of a decoder layer, in ForEachLinear order.
+enum class LayerLinear { kQ, kK, kV, kO, kGate, kUp, kDown };
+inline constexpr int kLayerLinears = 7;
+struct LinearName {
+  int64_t layer = 0;
+  LayerLinear which = LayerLinear::kQ;
+};
+// The inverse of ForEachLinear's names ("model.layers.3.self_attn.q_proj"
+// -> {3, kQ}); nullopt for any other name.
+std::optional<LinearName> ParseLinearName(std::string_view name);
 
 struct LoadedModel {
   ModelConfig config;

@@ -165,23 +165,18 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
 }
 
 std::vector<int64_t> FusedLaunchGroups(const std::vector<std::string>& names) {
+  using model::LayerLinear;
   std::vector<int64_t> g(names.size(), -1);
   for (size_t i = 0; i < names.size(); ++i) {
-    const std::string& s = names[i];
-    const size_t at = s.find("layers.");
-    if (at == std::string::npos) continue;
-    int64_t layer = 0;
-    size_t p = at + 7;
-    if (p >= s.size() || s[p] < '0' || s[p] > '9') continue;
-    while (p < s.size() && s[p] >= '0' && s[p] <= '9') layer = layer * 10 + (s[p++] - '0');
-    auto ends = [&](const char* suffix) {
-      const size_t n = std::strlen(suffix);
-      return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
-    };
-    if (ends(".q_proj") || ends(".k_proj") || ends(".v_proj")) {
-      g[i] = 2 * layer;
-    } else if (ends(".gate_proj") || ends(".up_proj")) {
-      g[i] = 2 * layer + 1;
+    const std::optional<model::LinearName> n = model::ParseLinearName(names[i]);
+    if (!n) continue;
+    switch (n->which) {
+      case LayerLinear::kQ:
+      case LayerLinear::kK:
+      case LayerLinear::kV: g[i] = 2 * n->layer; break;
+      case LayerLinear::kGate:
+      case LayerLinear::kUp: g[i] = 2 * n->layer + 1; break;
+      default: break;
     }
   }
   return g;

@@ -1,12 +1,12 @@
 #include "worker/quantize/pipeline/ec_latency.h"
 
-#include <charconv>
 #include <cmath>
 #include <fstream>
 #include <set>
 #include <sstream>
 #include <tuple>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/str_split.h"
@@ -16,21 +16,6 @@ namespace spear::quantize {
 namespace {
 
 constexpr absl::string_view kHeader = "n,k,m,rank,w4_us,ec_us";
-
-bool ParseInt(absl::string_view s, int64_t* v) {
-  s = absl::StripAsciiWhitespace(s);
-  const auto r = std::from_chars(s.data(), s.data() + s.size(), *v);
-  return r.ec == std::errc() && r.ptr == s.data() + s.size();
-}
-
-bool ParseDouble(absl::string_view s, double* v) {
-  s = absl::StripAsciiWhitespace(s);
-  if (s.empty()) return false;
-  std::string t(s);
-  char* end = nullptr;
-  *v = std::strtod(t.c_str(), &end);
-  return end == t.c_str() + t.size();
-}
 
 }  // namespace
 
@@ -69,7 +54,7 @@ absl::StatusOr<EcLatencyTable> ParseEcLatencyTable(const std::string& text, std:
         absl::string_view g = c.substr(at + 9);
         g = g.substr(0, g.find_first_of(" ,;"));
         int64_t v = 0;
-        if (!ParseInt(g, &v) || (v != -1 && v < 1)) {
+        if (!absl::SimpleAtoi(g, &v) || (v != -1 && v < 1)) {
           return bad(absl::StrCat("unreadable W4 group in the comment: '", g, "'"));
         }
         t.group = v;
@@ -86,12 +71,13 @@ absl::StatusOr<EcLatencyTable> ParseEcLatencyTable(const std::string& text, std:
     const std::vector<absl::string_view> f = absl::StrSplit(line, ',');
     if (f.size() != 6) return bad(absl::StrCat("expected 6 fields, got ", f.size()));
     EcLatencyRow r;
-    if (!ParseInt(f[0], &r.n) || !ParseInt(f[1], &r.k) || !ParseInt(f[2], &r.m) ||
-        !ParseInt(f[3], &r.rank) || r.n < 1 || r.k < 1 || r.m < 1 || r.rank < 1) {
+    if (!absl::SimpleAtoi(f[0], &r.n) || !absl::SimpleAtoi(f[1], &r.k) ||
+        !absl::SimpleAtoi(f[2], &r.m) || !absl::SimpleAtoi(f[3], &r.rank) || r.n < 1 || r.k < 1 ||
+        r.m < 1 || r.rank < 1) {
       return bad("n, k, m and rank must be positive integers");
     }
-    if (!ParseDouble(f[4], &r.w4_us) || !ParseDouble(f[5], &r.ec_us) || !std::isfinite(r.w4_us) ||
-        !std::isfinite(r.ec_us) || r.w4_us <= 0 || r.ec_us <= 0) {
+    if (!absl::SimpleAtod(f[4], &r.w4_us) || !absl::SimpleAtod(f[5], &r.ec_us) ||
+        !std::isfinite(r.w4_us) || !std::isfinite(r.ec_us) || r.w4_us <= 0 || r.ec_us <= 0) {
       return bad("w4_us and ec_us must be positive finite numbers");
     }
     if (!seen.insert({r.n, r.k, r.m, r.rank}).second) {

@@ -180,14 +180,15 @@ absl::Status Pipeline::Place() {
   // each EC-carrying GEMM), the modules the GPU runner fuses into one GEMM
   // share that launch (placement.h, rule 2).
   std::vector<double> latency;
-  const std::vector<int64_t> groups = FusedLaunchGroups(res->names);
   const bool measured = !measured_latency_.empty();
+  const std::vector<int64_t> groups =
+      measured ? FusedLaunchGroups(res->names) : std::vector<int64_t>();
   auto plan = PlanDiagnosticPlacement(res->damages, shapes_, budget_bytes_, gated,
                                       GateHidden(o_), o_.placement_breadth, o_.min_ec_rank,
                                       measured ? &measured_latency_ : nullptr, &latency,
                                       measured ? &groups : nullptr);
   if (!plan.ok()) return plan.status();
-  report_.measured_latency = !measured_latency_.empty();
+  report_.measured_latency = measured;
   for (size_t i = 0; i < latency.size(); ++i) report_.modules[i].ec_latency = latency[i];
   ranks_ = std::move(*plan);
   return absl::OkStatus();
