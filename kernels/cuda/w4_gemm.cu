@@ -123,7 +123,8 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.variant = dk;
     a.partials = s.partials;
     a.counters = s.counters;
-    const bool fold = mc <= 8 && (dk == 0 || dk >= 4) && FoldSupported(a);
+    const bool fold = mc <= 16 && (dk >= 4 || (dk == 0 && FoldPreferred(a, s.num_sms))) &&
+                      FoldSupported(a);
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = p.decode_kernel;
@@ -131,7 +132,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
       if ((p.ec_prologue & 4) == 0) {
-        // Under PDL before the fold kernel (M <= 8: v14, -0.04 ms on the 8B
+        // Under PDL before the fold kernel (M <= 16; v14, -0.04 ms on the 8B
         // step in three calls); a plain launch before the others (v12: PDL
         // was slower there at M >= 8) or with ec_prologue flag 2.
         if (absl::Status st = LaunchEcPrologue(

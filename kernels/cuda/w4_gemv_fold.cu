@@ -1,5 +1,7 @@
-// The M <= 8 W4A16 decode kernel (v9, "fold"): the swapped-operand mma of
-// w4_gemv_swap.cu (weights = the m16 A operand, tokens = n8) with the
+// The M <= 16 W4A16 decode kernel (v9, "fold"; M 9..16 since v17, as two n8
+// token tiles that share each dequantized weight fragment): the
+// swapped-operand mma of w4_gemv_swap.cu (weights = the m16 A operand,
+// tokens = n8) with the
 // per-k16-step instruction count cut from ~79 to ~33 (docs/results/gpu.md,
 // "Optimization log": v8 was limited by instruction issue, not bytes):
 //
@@ -50,8 +52,9 @@
 namespace spear::kernels::cuda {
 namespace foldk {
 
-// Reduction buffers (over the drained ring): NW + 1 fragment sets.
-constexpr int RedBytes(int nw) { return (nw + 1) * 16 * 32 * 4; }
+// Reduction buffers (over the drained ring): NW + 1 fragment sets per n8
+// token tile (nt = 1: m <= 8, 2: m <= 16).
+constexpr int RedBytes(int nw, int nt) { return (nw + 1) * nt * 16 * 32 * 4; }
 
 struct Geom {
   int depth;   // ring chunks per warp (2..4)
@@ -114,9 +117,13 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
 }
 
 // CH: k16 steps per chunk = per fold (min(8, group / 16)); ONE: m == 1 (the
-// fold skips the second token of each accumulator pair).
-template <int NW, int CH, bool ONE>
+// fold skips the second token of each accumulator pair); NT: n8 token tiles
+// (1: m <= 8; 2: m <= 16, v17: each dequantized weight fragment feeds two
+// mma, tokens 0-7 and 8-15).
+template <int NW, int CH, bool ONE, int NT>
 __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const DecodeArgs a, const Geom geo) {
+  static_assert(NT == 1 || NT == 2, "NT: one or two n8 token tiles");
+  static_assert(!ONE || NT == 1, "ONE: m == 1");
   constexpr int kNW = NW;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -213,20 +220,26 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   }
 
   // ldmatrix.x4 address of this lane: matrix lane / 8 = (step parity, k half),
-  // row lane % 8 = token (rows >= m alias row m - 1).
-  const int trow = min(lane & 7, a.m - 1);
-  const unsigned xl = x_s + trow * geo.xrow + (lane >> 3) * 16;
+  // row lane % 8 = token (rows >= m alias row m - 1); token tile t adds 8 t.
+  unsigned xl[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int trow = min(8 * t + (lane & 7), a.m - 1);
+    xl[t] = x_s + trow * geo.xrow + (lane >> 3) * 16;
+  }
   const uint32_t kOne = 0x3c003c00u;  // half2 {1, 1}
 
   int slot = 0;
 #pragma unroll 1
   for (int it = 0; it < ntile_it; ++it) {
     const int tile = tile0 + it * tstride;
-    float acc[4][4];
+    float acc[NT][4][4];
   #pragma unroll
-    for (int p = 0; p < 4; ++p)
+    for (int t = 0; t < NT; ++t)
   #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[p][c] = 0.f;
+      for (int p = 0; p < 4; ++p)
+  #pragma unroll
+        for (int c = 0; c < 4; ++c) acc[t][p][c] = 0.f;
   #pragma unroll 1
     for (int c = cb; c < ce; ++c) {
       if (it == 0 && c == cb) {
@@ -242,12 +255,13 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
         asm volatile("cp.async.commit_group;\n" ::);
       }
       const unsigned char* st = wbase + slot * geo.stage;
-      const unsigned xc = xl + (c - cb) * CH * 32;
-      float d[4][4], xs[4];
+      const unsigned xoff = (c - cb) * CH * 32;
+      float d[NT][4][4], xs[NT][4];
   #pragma unroll
       for (int s2 = 0; s2 < CH; s2 += 2) {
-        uint32_t b[4];
-        LdMatrixX4(b, xc + s2 * 32);
+        uint32_t b[NT][4];
+  #pragma unroll
+        for (int t = 0; t < NT; ++t) LdMatrixX4(b[t], xl[t] + xoff + s2 * 32);
   #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int s = s2 + h;
@@ -260,16 +274,22 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
             const uint32_t a2 = AndOr<0x00f000f0u, 0x54005400u>(w);
             const uint32_t a1 = AndOr<0x000f000fu, 0x64006400u>(w8);
             const uint32_t a3 = AndOr<0x00f000f0u, 0x54005400u>(w8);
-            if (s == 0) {
-              MmaZ(d[p], a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
-            } else {
-              Mma(d[p], a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+  #pragma unroll
+            for (int t = 0; t < NT; ++t) {
+              if (s == 0) {
+                MmaZ(d[t][p], a0, a1, a2, a3, b[t][2 * h], b[t][2 * h + 1]);
+              } else {
+                Mma(d[t][p], a0, a1, a2, a3, b[t][2 * h], b[t][2 * h + 1]);
+              }
             }
           }
-          if (s == 0) {
-            MmaZ(xs, kOne, 0u, kOne, kOne, b[2 * h], b[2 * h + 1]);
-          } else {
-            Mma(xs, kOne, 0u, kOne, kOne, b[2 * h], b[2 * h + 1]);
+  #pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            if (s == 0) {
+              MmaZ(xs[t], kOne, 0u, kOne, kOne, b[t][2 * h], b[t][2 * h + 1]);
+            } else {
+              Mma(xs[t], kOne, 0u, kOne, kOne, b[t][2 * h], b[t][2 * h + 1]);
+            }
           }
         }
       }
@@ -278,16 +298,19 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
       const uint4 z0 = *reinterpret_cast<const uint4*>(st + CH * 512 + gid * 32);
       const uint4 z1 = *reinterpret_cast<const uint4*>(st + CH * 512 + gid * 32 + 16);
       const uint32_t sw[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
-      const float h0 = 960.f * xs[2], h1 = 960.f * xs[3];
   #pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&sw[2 * p]));
-        const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&sw[2 * p + 1]));
-        acc[p][0] = fmaf(f0.x, fmaf(-f0.y, xs[0], d[p][0] + h0), acc[p][0]);
-        acc[p][2] = fmaf(f1.x, fmaf(-f1.y, xs[0], d[p][2] + h0), acc[p][2]);
-        if (!ONE) {
-          acc[p][1] = fmaf(f0.x, fmaf(-f0.y, xs[1], d[p][1] + h1), acc[p][1]);
-          acc[p][3] = fmaf(f1.x, fmaf(-f1.y, xs[1], d[p][3] + h1), acc[p][3]);
+      for (int t = 0; t < NT; ++t) {
+        const float h0 = 960.f * xs[t][2], h1 = 960.f * xs[t][3];
+  #pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&sw[2 * p]));
+          const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&sw[2 * p + 1]));
+          acc[t][p][0] = fmaf(f0.x, fmaf(-f0.y, xs[t][0], d[t][p][0] + h0), acc[t][p][0]);
+          acc[t][p][2] = fmaf(f1.x, fmaf(-f1.y, xs[t][0], d[t][p][2] + h0), acc[t][p][2]);
+          if (!ONE) {
+            acc[t][p][1] = fmaf(f0.x, fmaf(-f0.y, xs[t][1], d[t][p][1] + h1), acc[t][p][1]);
+            acc[t][p][3] = fmaf(f1.x, fmaf(-f1.y, xs[t][1], d[t][p][3] + h1), acc[t][p][3]);
+          }
         }
       }
       slot = slot + 1 == D ? 0 : slot + 1;
@@ -319,26 +342,33 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
         }
         const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
                                  q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
-        const int row = gid;
-        const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
-        const uint32_t vb0 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
-        const uint32_t vb1 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
   #pragma unroll
-        for (int p = 0; p < 4; ++p) Mma(acc[p], bv[4 * p], bv[4 * p + 2], bv[4 * p + 1], bv[4 * p + 3], vb0, vb1);
+        for (int t = 0; t < NT; ++t) {
+          const int row = 8 * t + gid;
+          const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
+          const uint32_t vb0 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
+          const uint32_t vb1 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
+  #pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            Mma(acc[t][p], bv[4 * p], bv[4 * p + 2], bv[4 * p + 1], bv[4 * p + 3], vb0, vb1);
+          }
+        }
       }
     }
 
     // Reduction in fixed order: the warps through shared memory (over the
     // drained ring), then the cluster's blocks through distributed shared
     // memory, rank r storing outputs [r E / S, (r + 1) E / S).
-    constexpr int E = 16 * 32;
+    constexpr int E = NT * 16 * 32;  // outputs of a warp's fragments (NT token tiles)
     __syncthreads();
     float* red = reinterpret_cast<float*>(smem + geo.red_off);
     float* part = red + kNW * E;
   #pragma unroll
-    for (int p = 0; p < 4; ++p)
+    for (int t = 0; t < NT; ++t)
   #pragma unroll
-      for (int c = 0; c < 4; ++c) red[(warp * 16 + p * 4 + c) * 32 + lane] = acc[p][c];
+      for (int p = 0; p < 4; ++p)
+  #pragma unroll
+        for (int c = 0; c < 4; ++c) red[(warp * NT * 16 + t * 16 + p * 4 + c) * 32 + lane] = acc[t][p][c];
     __syncthreads();
     for (int o = tid; o < E; o += kNW * 32) {
       float s = 0.f;
@@ -363,7 +393,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
       const int e = o >> 5, l = o & 31;
       const int lg = l >> 2, lt = l & 3;
       const int p = (e >> 2) & 3, c = e & 3;
-      const int row = 2 * lt + (c & 1);
+      const int row = 8 * (e >> 4) + 2 * lt + (c & 1);  // e >> 4: the token tile
       const int col = tile * 64 + 16 * p + lg + 8 * (c >> 1);
       if (row < a.m && col < a.n) {
         if (a.bias != nullptr) s += a.bias[col];
@@ -381,7 +411,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   }  // tiles of this block
 }
 
-template <int NW, int CH, bool ONE>
+template <int NW, int CH, bool ONE, int NT>
 cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                       cudaStream_t stream, bool pdl) {
   static bool configured = false;  // per instantiation; idempotent
@@ -390,10 +420,10 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
     }
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                cudaSharedmemCarveoutMaxShared);
     }
     if (e != cudaSuccess) return e;
@@ -413,16 +443,16 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE>, a, g);
+  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE, NT>, a, g);
 }
 
-template <int NW, bool ONE>
+template <int NW, bool ONE, int NT>
 cudaError_t LaunchCh(int ch, const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                      cudaStream_t stream, bool pdl) {
   switch (ch) {
-    case 2: return LaunchOne<NW, 2, ONE>(a, grid_x, splits, g, smem, stream, pdl);
-    case 4: return LaunchOne<NW, 4, ONE>(a, grid_x, splits, g, smem, stream, pdl);
-    default: return LaunchOne<NW, 8, ONE>(a, grid_x, splits, g, smem, stream, pdl);
+    case 2: return LaunchOne<NW, 2, ONE, NT>(a, grid_x, splits, g, smem, stream, pdl);
+    case 4: return LaunchOne<NW, 4, ONE, NT>(a, grid_x, splits, g, smem, stream, pdl);
+    default: return LaunchOne<NW, 8, ONE, NT>(a, grid_x, splits, g, smem, stream, pdl);
   }
 }
 
@@ -439,6 +469,7 @@ int FoldChunk(const DecodeArgs& a) {
 
 struct FoldConfig {
   int nw = 8, splits = 1, depth = 2, smem = 0;
+  int nt = 1;      // n8 token tiles: 1 (m <= 8) or 2 (m <= 16)
   int grid_x = 0;  // blocks along the tiles: ntiles, or fewer (persistent loop)
   foldk::Geom geo{};
 };
@@ -447,6 +478,7 @@ struct FoldConfig {
 FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth) {
   FoldConfig c;
   c.nw = nw;
+  c.nt = a.m > 8 ? 2 : 1;
   c.splits = splits;
   c.depth = depth;
   const int ch = FoldChunk(a);
@@ -459,17 +491,18 @@ FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth) {
   // + 8 depth: unused since the bulk-copy ring (its mbarriers) was removed;
   // kept so that every footprint, hence the measured dispatch, stays as it was.
   c.geo.warp_bytes = (depth * c.geo.stage + a.m * c.geo.xrow + 8 * depth + 15) / 16 * 16;
-  c.smem = std::max(nw * c.geo.warp_bytes, foldk::RedBytes(nw));
+  c.smem = std::max(nw * c.geo.warp_bytes, foldk::RedBytes(nw, c.nt));
   return c;
 }
 
 constexpr int kSmemPerSm = 228 * 1024, kSmemReserved = 1024, kSmemMaxBlock = 227 * 1024;
 
-// Resident blocks per SM (shared memory, registers <= 96, 64 warps).
+// Resident blocks per SM (shared memory, registers <= 96 with one token
+// tile, <= 128 with two (the launch bounds' cap), 64 warps).
 int BlocksPerSm(const FoldConfig& c) {
   if (c.smem > kSmemMaxBlock) return 0;
   const int by_smem = kSmemPerSm / (c.smem + kSmemReserved);
-  const int by_regs = 65536 / (96 * 32 * c.nw);
+  const int by_regs = 65536 / ((c.nt == 2 ? 128 : 96) * 32 * c.nw);
   return std::min({by_smem, by_regs, 64 / c.nw});
 }
 
@@ -527,8 +560,22 @@ absl::StatusOr<FoldConfig> ChooseFold(const DecodeArgs& a, int num_sms, int forc
 }  // namespace
 
 bool FoldSupported(const DecodeArgs& a) {
-  if (a.m < 1 || a.m > 8) return false;
+  if (a.m < 1 || a.m > 16) return false;
   return MakeConfig(a, 4, 8, 2).smem <= kSmemMaxBlock;  // the smallest footprint
+}
+
+// v17 (docs/results/gpu.md, "v17"): with two token tiles (m 9..16) the
+// fold kernel stages m x K / S of x per block, which caps residency and
+// forces k splits on long k; against the v8 ring kernel in the same run
+// (M = 16) it won only on the wide, k = 4096 GEMMs (8B qkv 12.3 vs 17.0 us,
+// gate_up 37.7 vs 44.7) and lost on every GEMM of < 96 tiles (8B o 8.2 vs
+// 7.3, down 31.2 vs 14.9 at S >= 4; 1B qkv 6.9 vs 4.7) and on k = 2048 (1B
+// gate_up 16.4 vs 14.7: 2 chunks per warp).
+bool FoldPreferred(const DecodeArgs& a, int num_sms) {
+  if (a.m <= 8) return true;
+  if (a.ntiles < 96 || a.k < 4096) return false;
+  absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, 0, 0, 0);
+  return c.ok() && c->splits <= 2;
 }
 
 // a.variant (W4CudaParams::decode_kernel) & 15: 4 / 5 forces 4 / 8 warps per
@@ -539,7 +586,7 @@ bool FoldSupported(const DecodeArgs& a) {
 // than one wave).
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream) {
-  if (a.m < 1 || a.m > 8) return absl::InternalError("LaunchDecodeFold: m > 8");
+  if (a.m < 1 || a.m > 16) return absl::InternalError("LaunchDecodeFold: m > 16");
   const int kind = a.variant & 15;
   const int forced_warps = kind == 4 ? 4 : kind == 5 ? 8 : 0;
   absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth);
@@ -553,7 +600,7 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
     // runs on into the next tile), if that still fits as many blocks.
     FoldConfig p = *c;
     p.geo.red_off = p.nw * p.geo.warp_bytes;
-    p.smem = p.geo.red_off + foldk::RedBytes(p.nw);
+    p.smem = p.geo.red_off + foldk::RedBytes(p.nw, p.nt);
     if (BlocksPerSm(p) == BlocksPerSm(*c)) {
       *c = p;
       c->grid_x = wave_tiles;
@@ -577,14 +624,15 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   const int ch = FoldChunk(a);
   static int pdl_ok = -1;
   auto go = [&](bool pdl) {
-    const bool one = a.m == 1;
     const int gx = c->grid_x, s = c->splits, sm = c->smem;
     if (c->nw == 4) {
-      return one ? foldk::LaunchCh<4, true>(ch, a, gx, s, c->geo, sm, stream, pdl)
-                 : foldk::LaunchCh<4, false>(ch, a, gx, s, c->geo, sm, stream, pdl);
+      return a.m == 1  ? foldk::LaunchCh<4, true, 1>(ch, a, gx, s, c->geo, sm, stream, pdl)
+             : a.m <= 8 ? foldk::LaunchCh<4, false, 1>(ch, a, gx, s, c->geo, sm, stream, pdl)
+                        : foldk::LaunchCh<4, false, 2>(ch, a, gx, s, c->geo, sm, stream, pdl);
     }
-    return one ? foldk::LaunchCh<8, true>(ch, a, gx, s, c->geo, sm, stream, pdl)
-               : foldk::LaunchCh<8, false>(ch, a, gx, s, c->geo, sm, stream, pdl);
+    return a.m == 1  ? foldk::LaunchCh<8, true, 1>(ch, a, gx, s, c->geo, sm, stream, pdl)
+           : a.m <= 8 ? foldk::LaunchCh<8, false, 1>(ch, a, gx, s, c->geo, sm, stream, pdl)
+                      : foldk::LaunchCh<8, false, 2>(ch, a, gx, s, c->geo, sm, stream, pdl);
   };
   cudaError_t e = go(pdl_ok != 0);
   if (e != cudaSuccess && pdl_ok == -1) {

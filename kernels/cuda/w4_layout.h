@@ -112,9 +112,14 @@ struct DecodeArgs {
 };
 // mt = ceil(m / 16) in 1..4.
 absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream);
-// The m <= 8 fold kernel (w4_gemv_fold.cu); FoldSupported: m <= 8 and the
-// per-warp x range fits shared memory. forced_*: 0 = automatic.
+// The m <= 16 fold kernel (w4_gemv_fold.cu; m 9..16 since v17: two n8
+// token tiles); FoldSupported: m <= 16 and the per-warp x range fits shared
+// memory. forced_*: 0 = automatic.
 bool FoldSupported(const DecodeArgs& a);
+// The default dispatch: m <= 8 always; m 9..16 only where v17 measured the
+// fold kernel faster than the v8 ring kernel (>= 96 tiles, k >= 4096, at
+// most 2 k splits); elsewhere the v8 ring kernel.
+bool FoldPreferred(const DecodeArgs& a, int num_sms);
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream);
 

@@ -129,11 +129,12 @@ struct W4CudaParams {
   bool force_decode = false;    // testing/benchmarks: decode kernel at any m
   bool force_prefill = false;   // testing/benchmarks: prefill path at any m
   // testing/benchmarks: which decode kernel runs a launch of <= 16 rows:
-  // 0 the default (<= 8 rows: the fold kernel, w4_gemv_fold.cu; 9..16 rows:
-  // the swapped-operand cp.async-ring kernel), 1 the x-as-m16 kernel, 2 the
+  // 0 the default (the fold kernel, w4_gemv_fold.cu, at <= 8 rows; at 9..16
+  // rows, two n8 token tiles since v17, only on wide GEMMs (FoldPreferred:
+  // >= 96 tiles, k >= 4096), else the v8 ring kernel), 1 the x-as-m16 kernel, 2 the
   // swapped-operand kernel with register-direct loads (v7), 3 the
   // swapped-operand cp.async-ring kernel (v8) at any m <= 16, 4 / 5 the fold
-  // kernel (m <= 8) with 4 / 8 warps per block forced (6, the bulk-copy ring,
+  // kernel (m <= 16) with 4 / 8 warps per block forced (6, the bulk-copy ring,
   // was removed: InvalidArgument). Flags added
   // to the value, fold kernel only: 16 an L2 prefetch of each warp's weights
   // before the dependency wait in the first wave's blocks, 32 the same in
@@ -152,7 +153,7 @@ struct W4CudaParams {
   // launch before the GEMM). 0 the default (k split into ranges of >= 2048
   // over r x P blocks, the last block's gate one output per thread from
   // shared memory; launched under programmatic dependent launch before the
-  // fold kernel, M <= 8, a plain launch otherwise); flags: 1 v12's prologue
+  // fold kernel, M <= 16, a plain launch otherwise); flags: 1 v12's prologue
   // (one block per rank over all of k, one warp per token for the gate), 2
   // a plain launch at any M;
   // benchmarks only (the output is then wrong): 4 no prologue (the epilogue

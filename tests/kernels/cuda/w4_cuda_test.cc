@@ -294,11 +294,12 @@ TEST(CudaW4, DecodeMatchesReference) {
                           {4096, 256, 256}, {96, 1088, 64}, {520, 2048, 2048},
                           // ragged last group (num_groups = ceil(k / g)):
                           {192, 576, 128}, {70, 100, 32}, {130, 1000, 256}};
-  // m <= 8 per launch: the fold kernel (1, 2, 3, 5, 8; 65 = 64 + 1);
-  // 9..16: the swapped-operand ring kernel (12, 16); every 4th case the
+  // m <= 8 per launch: the fold kernel (1, 2, 3, 5, 8; 65 = 64 + 1); 9..16
+  // (12, 16): the v8 ring kernel on these narrow shapes (FoldPreferred), the
+  // fold kernel's two token tiles where 8 warps are forced; every 4th case the
   // x-as-m16 kernel, every other 4th the register-direct (v7) or the ring
   // (v8) variant of the swapped kernel, alternating; every 8th the fold
-  // kernel with 8 warps forced (decode_kernel 5; m > 8: the swapped kernel).
+  // kernel with 8 warps forced (decode_kernel 5).
   const int64_t ms[] = {1, 2, 3, 5, 8, 12, 16, 17, 33, 64, 65};
   int v = 0;
   for (const Shape& s : shapes) {
@@ -366,7 +367,7 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
   }
 }
 
-// The fold kernel (m <= 8) at every forced warp count, k split and ring depth, on a
+// The fold kernel (m <= 16: one or two token tiles) at every forced warp count, k split and ring depth, on a
 // Llama-like g128 shape and a per-channel one with k off 128; the L2 prefetch
 // (v12) in its three modes in rotation.
 TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
@@ -378,7 +379,7 @@ TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
   for (int dk : {4, 5}) {  // 4 warps, 8 warps
     for (int splits : {1, 2, 4, 8}) {
       for (int depth : {2, 3, 4}) {
-        Case c{v % 2 ? 320 : 256, v % 2 ? 1000 : 4096, v % 2 ? 1000 : 128, 1 + v % 8};
+        Case c{v % 2 ? 320 : 256, v % 2 ? 1000 : 4096, v % 2 ? 1000 : 128, 1 + (5 * v) % 16};
         c.ec = v % 3;
         c.bias = v % 2 == 0;
         c.f16_out = v % 3 == 1;
@@ -414,7 +415,7 @@ TEST(CudaW4, FoldPersistentLoopMatchesReference) {
   for (int dk : {5, 4}) {
     for (int splits : {1, 2}) {
       for (int depth : {2, 3}) {
-        Case c{n, v % 2 ? 1000 : 512, v % 2 ? 1000 : 128, 1 + (3 * v) % 8};
+        Case c{n, v % 2 ? 1000 : 512, v % 2 ? 1000 : 128, 1 + (3 * v) % 16};
         c.ec = v % 3;
         c.bias = v % 2 == 0;
         c.f16_out = v % 3 == 1;
