@@ -32,6 +32,7 @@
 #include "tests/engine/smollm2_spear.h"
 #include "tests/engine/tiny_w4_model.h"
 #include "worker/engine/block_manager.h"
+#include "worker/engine/cuda_backend.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/engine_factory.h"
 #include "worker/engine/engine_loop.h"
@@ -198,6 +199,51 @@ TEST(CudaEngine, PerplexityMatchesCpu) {
   EXPECT_EQ(b->tokens_scored, a->tokens_scored);
   EXPECT_NEAR(b->ppl / a->ppl, 1.0, 1e-2);
   EXPECT_EQ((*gpu)->num_free_blocks(), 16);
+}
+
+// Sampling on the device (the default of the CUDA backend) against
+// sampling on the host from the same backend's logits: the same requests
+// (greedy, temperature, top-k, top-p, repetition penalty, seeded) give the
+// same tokens, and the Describe line says which one runs.
+TEST(CudaEngine, DeviceSamplingMatchesHostSampling) {
+  SKIP_WITHOUT_GPU();
+  auto m = testing::TinyW4Model(/*grouped=*/true, /*tied=*/true);
+  std::vector<GenerateRequest> reqs;
+  const auto prompts = RandomPrompts({1, 9, 30, 64}, 300, 7);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    GenerateRequest r;
+    r.prompt = prompts[i];
+    r.options.max_new_tokens = 20;
+    r.options.stop_on_eos = false;
+    r.sampling.seed = 11 + i;
+    r.sampling.temperature = i == 0 ? 0.f : 0.7f + 0.2f * static_cast<float>(i);
+    r.sampling.top_k = i == 2 ? 30 : 0;
+    r.sampling.top_p = i == 1 || i == 3 ? 0.9f : 1.f;
+    r.sampling.repetition_penalty = i == 0 || i == 3 ? 1.2f : 1.f;
+    reqs.push_back(r);
+  }
+  std::vector<std::vector<GenerateResult>> res;
+  for (bool on_device : {false, true}) {
+    CudaRunnerOptions co;
+    co.block_size = 16;
+    co.num_blocks = 64;
+    co.device_sampling = on_device;
+    auto b = CudaBackend::Create(m.get(), co);
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ((*b)->samples_on_device(), on_device);
+    EXPECT_NE((*b)->Describe().find(on_device ? "sampling on the device" : "sampling on the host"),
+              std::string::npos)
+        << (*b)->Describe();
+    auto e = Engine::Create(m.get(), Options(64, 512), std::move(*b));
+    ASSERT_TRUE(e.ok()) << e.status();
+    res.push_back((*e)->GenerateBatch(reqs));
+    EXPECT_EQ((*e)->num_free_blocks(), 64);
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(res[0][i].status.ok() && res[1][i].status.ok()) << res[1][i].status;
+    EXPECT_EQ(res[1][i].tokens, res[0][i].tokens) << "request " << i;
+    EXPECT_EQ(res[1][i].tokens.size(), 20u);
+  }
 }
 
 using testing::Collect;

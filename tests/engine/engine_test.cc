@@ -6,6 +6,7 @@
 
 #include "gtest/gtest.h"
 #include "tests/engine/tiny_model.h"
+#include "worker/engine/backend.h"
 #include "worker/engine/engine.h"
 #include "worker/model/weights.h"
 
@@ -109,6 +110,86 @@ TEST_F(EngineTest, SeededSamplingIsReproducibleAndTopK1IsGreedy) {
   auto h = e->Generate(Prompt(8, 3), hot, Opts(24));
   ASSERT_TRUE(h.ok());
   EXPECT_NE(h->tokens, g->tokens);
+}
+
+// A test-only backend that offers ForwardSample the way a device backend
+// does, emulated on the host (Forward, then Sampler::Pick with each row's
+// draw): the Engine's device-sampling path (rows in chunk order, one RNG
+// draw per non-greedy row, the history span) must give exactly the tokens
+// of host sampling for every request of a mixed batch.
+class PickingBackend final : public ModelBackend {
+ public:
+  explicit PickingBackend(std::unique_ptr<CpuBackend> cpu) : cpu_(std::move(cpu)) {}
+  absl::Status Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out) override {
+    return cpu_->Forward(batch, out);
+  }
+  bool samples_on_device() const override { return true; }
+  absl::Status ForwardSample(const std::vector<SeqChunk>& batch,
+                             const std::vector<RowSampling>& rows,
+                             std::vector<int32_t>* tokens) override {
+    ++calls;
+    if (auto st = cpu_->Forward(batch, &out_); !st.ok()) return st;
+    if (static_cast<int64_t>(rows.size()) != out_.num_rows) {
+      return absl::InvalidArgumentError("row count");
+    }
+    tokens->clear();
+    for (size_t r = 0; r < rows.size(); ++r) {
+      Sampler s(rows[r].params);
+      tokens->push_back(s.Pick(out_.row(static_cast<int64_t>(r)), out_.vocab, rows[r].history,
+                               rows[r].uniform));
+    }
+    return absl::OkStatus();
+  }
+  BlockAllocator& allocator() override { return cpu_->allocator(); }
+  const BlockAllocator& allocator() const override { return cpu_->allocator(); }
+  int block_size() const override { return cpu_->block_size(); }
+  int64_t num_blocks() const override { return cpu_->num_blocks(); }
+  const model::LoadedModel& model() const override { return cpu_->model(); }
+  Device device() const override { return Device::kCpu; }
+  std::string Describe() const override { return "picking test backend"; }
+  int calls = 0;
+
+ private:
+  std::unique_ptr<CpuBackend> cpu_;
+  ForwardOutput out_;
+};
+
+TEST_F(EngineTest, DeviceSamplingPathGivesHostSamplingTokens) {
+  std::vector<GenerateRequest> reqs;
+  for (int i = 0; i < 5; ++i) {
+    GenerateRequest r;
+    r.prompt = Prompt(6 + 5 * i, 20 + i);
+    r.options = Opts(14 + i);
+    r.sampling.seed = 100 + i;
+    r.sampling.temperature = i == 0 ? 0.f : 0.6f + 0.3f * i;
+    r.sampling.top_k = i == 2 ? 20 : 0;
+    r.sampling.top_p = i == 3 || i == 4 ? 0.8f : 1.f;
+    r.sampling.repetition_penalty = i == 4 || i == 0 ? 1.3f : 1.f;
+    reqs.push_back(r);
+  }
+  auto host = MakeEngine();
+  const std::vector<GenerateResult> want = host->GenerateBatch(reqs);
+  EngineOptions o;
+  o.num_threads = 2;
+  o.max_batch_tokens = 512;
+  auto pool = std::make_unique<kernels::ThreadPool>(2);
+  KvCacheOptions kv;
+  kv.block_size = 8;
+  kv.num_blocks = 128;
+  auto cpu = CpuBackend::Create(model_, kv, pool.get());
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto picking = std::make_unique<PickingBackend>(std::move(*cpu));
+  PickingBackend* pb = picking.get();
+  auto dev = Engine::Create(model_, o, std::move(picking));
+  ASSERT_TRUE(dev.ok()) << dev.status();
+  const std::vector<GenerateResult> got = (*dev)->GenerateBatch(reqs);
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_GT(pb->calls, 0);
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_TRUE(want[i].status.ok() && got[i].status.ok()) << i;
+    EXPECT_EQ(got[i].tokens, want[i].tokens) << "request " << i;
+    EXPECT_EQ(got[i].tokens.size(), static_cast<size_t>(14 + i));
+  }
 }
 
 TEST_F(EngineTest, BatchMatchesSingleAndFinishesIndependently) {

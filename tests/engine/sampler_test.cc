@@ -127,6 +127,35 @@ TEST(SamplerTest, TopPLargeVocabularyMatchesFullSortReference) {
   EXPECT_GT(seen.size(), 1900u);  // ~2000 distinct draws out of 50,000
 }
 
+// Next() draws exactly as Sample() does, and Pick() with that draw picks
+// Sample()'s token: the host reference of device sampling.
+TEST(SamplerTest, NextAndPickReproduceSample) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 3.f);
+  std::vector<float> logits(3000);
+  std::vector<int32_t> hist = {5, 17, 17, 2999, -4, 40000};
+  for (int c = 0; c < 40; ++c) {
+    for (auto& x : logits) x = nd(rng);
+    SamplingParams p;
+    p.seed = 9 + c;
+    p.temperature = c % 5 == 0 ? 0.f : 0.3f + 0.1f * static_cast<float>(c % 7);
+    p.top_k = c % 3 == 1 ? 1 + c * 7 : 0;
+    p.top_p = c % 4 == 2 ? 0.5f + 0.01f * static_cast<float>(c) : 1.f;
+    p.repetition_penalty = c % 6 == 3 ? 1.7f : 1.f;
+    Sampler a(p), b(p);
+    for (int step = 0; step < 3; ++step) {
+      const int32_t want = a.Sample(logits.data(), 3000, hist);
+      const RowSampling r = b.Next(hist);
+      EXPECT_EQ(r.history.size(), p.repetition_penalty != 1.f ? hist.size() : 0u);
+      if (p.temperature == 0.f) {
+        EXPECT_EQ(r.uniform, 0.0);
+      }
+      ASSERT_TRUE(r.uniform >= 0.0 && r.uniform < 1.0);
+      EXPECT_EQ(b.Pick(logits.data(), 3000, r.history, r.uniform), want) << c << " " << step;
+    }
+  }
+}
+
 TEST(SamplerTest, RepetitionPenalty) {
   SamplingParams p;
   p.repetition_penalty = 2.f;

@@ -29,6 +29,7 @@
 #include "kernels/thread_pool.h"
 #include "worker/engine/kv_cache.h"
 #include "worker/engine/model_runner.h"
+#include "worker/engine/sampler.h"
 #include "worker/model/weights.h"
 
 namespace spear::engine {
@@ -46,6 +47,24 @@ class ModelBackend {
   virtual ~ModelBackend() = default;
 
   virtual absl::Status Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out) = 0;
+
+  // Sampling on the backend's device: a backend for which
+  // samples_on_device() is true runs the batch as Forward does and samples
+  // the next token of every logits row there (rows in Forward's row order,
+  // one RowSampling each, as Sampler::Pick with the row's draw), so only
+  // the ids come back (`tokens`, one per row). Only LogitsMode kLast /
+  // kNone chunks; InvalidArgument for kAll or a row count that does not
+  // match. The Engine uses it when offered; the default backend does not
+  // offer it (the Engine then samples Forward's rows on the host).
+  virtual bool samples_on_device() const { return false; }
+  virtual absl::Status ForwardSample(const std::vector<SeqChunk>& batch,
+                                     const std::vector<RowSampling>& rows,
+                                     std::vector<int32_t>* tokens) {
+    (void)batch;
+    (void)rows;
+    (void)tokens;
+    return absl::UnimplementedError("this backend does not sample on a device");
+  }
 
   // The KV cache's blocks. The engine (or the one BlockManager over it)
   // is the only user.

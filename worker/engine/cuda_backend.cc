@@ -11,6 +11,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
   auto r = CudaModelRunner::Create(model, options);
   if (!r.ok()) return r.status();
   std::unique_ptr<CudaBackend> b(new CudaBackend(std::move(*r)));
+  b->device_sampling_ = options.device_sampling;
   int dev = 0;
   cudaDeviceProp prop{};
   std::string name = "unknown GPU";
@@ -23,7 +24,8 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
   b->description_ = absl::StrCat("cuda: ", name, " (device ", dev, "), weights ",
                                  b->runner_->weights().bytes() >> 20, " MiB, KV ",
                                  b->num_blocks(), " blocks x ", b->block_size(), " fp16 (",
-                                 kv_bytes >> 20, " MiB)");
+                                 kv_bytes >> 20, " MiB), sampling on the ",
+                                 options.device_sampling ? "device" : "host");
   return b;
 }
 

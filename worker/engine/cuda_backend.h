@@ -2,9 +2,10 @@
 // device fp16 KV cache behind ModelBackend. Built only with SPEAR_WITH_CUDA
 // (library spear_engine_cuda); engine_factory.h creates it from a Device.
 //
-// Forward returns fp32 logits rows on the host, as the CPU backend does
-// (the engine samples on the host); decode steps replay CUDA graphs inside
-// the runner.
+// Forward returns fp32 logits rows on the host, as the CPU backend does;
+// with CudaRunnerOptions::device_sampling (the default) the engine calls
+// ForwardSample instead, which samples every row on the GPU and returns
+// only the token ids. Decode steps replay CUDA graphs inside the runner.
 //
 // Ownership: owns the runner (borrows the model). Thread-safety: as
 // ModelBackend.
@@ -32,6 +33,12 @@ class CudaBackend final : public ModelBackend {
   absl::Status Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out) override {
     return runner_->Forward(batch, out);
   }
+  bool samples_on_device() const override { return device_sampling_; }
+  absl::Status ForwardSample(const std::vector<SeqChunk>& batch,
+                             const std::vector<RowSampling>& rows,
+                             std::vector<int32_t>* tokens) override {
+    return runner_->Forward(batch, nullptr, nullptr, &rows, tokens);
+  }
   BlockAllocator& allocator() override { return runner_->allocator(); }
   const BlockAllocator& allocator() const override { return runner_->allocator(); }
   int block_size() const override { return runner_->block_size(); }
@@ -46,6 +53,7 @@ class CudaBackend final : public ModelBackend {
   explicit CudaBackend(std::unique_ptr<CudaModelRunner> r) : runner_(std::move(r)) {}
   std::unique_ptr<CudaModelRunner> runner_;
   std::string description_;
+  bool device_sampling_ = true;
 };
 
 }  // namespace spear::engine

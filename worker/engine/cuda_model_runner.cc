@@ -157,10 +157,12 @@ CudaModelRunner::~CudaModelRunner() {
   for (uint16_t* p : v_cache_) cudaFree(p);
   for (void* p : std::initializer_list<void*>{inv_freq_, residual_, h16_, qkv_, attn_, gu_, act_,
                                               sel_, logits_, next_, inputs_, attn_ws_,
-                                              cublas_ws_, gate_dev_}) {
+                                              cublas_ws_, gate_dev_, samp_params_, samp_hist_,
+                                              samp_cand_, samp_out_, samp_hvals_}) {
     if (p != nullptr) cudaFree(p);
   }
   if (inputs_host_ != nullptr) cudaFreeHost(inputs_host_);
+  if (samp_host_ != nullptr) cudaFreeHost(samp_host_);
   if (cublas_ != nullptr) kernels::cuda::blas::Destroy(cublas_);
   ws_graph_.reset();
   ws_eager_.reset();
@@ -427,9 +429,100 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
   return absl::OkStatus();
 }
 
+// Runs after the step on stream_ (outside its graph): stages the rows'
+// parameters and history ids (pinned), then kc::SampleRows over logits_.
+// The buffers grow here; the previous Forward ended with a stream sync, so
+// nothing still reads the old ones.
+absl::Status CudaModelRunner::EnqueueSampling(const std::vector<RowSampling>& rows, int64_t R) {
+  const int64_t V = model_->config.vocab_size;
+  int64_t H = 0;
+  for (const RowSampling& r : rows) H += static_cast<int64_t>(r.history.size());
+  const int64_t pbytes = R * static_cast<int64_t>(sizeof(kc::SampleRowParams));
+  const int64_t host_bytes = pbytes + 4 * H;
+  if (R > samp_rows_) {
+    const int64_t r = std::max(R, 2 * samp_rows_);
+    if (auto s = DevAlloc(&samp_params_, r * sizeof(kc::SampleRowParams)); !s.ok()) return s;
+    if (auto s = DevAlloc(&samp_cand_, r * V); !s.ok()) return s;
+    if (auto s = DevAlloc(&samp_out_, r); !s.ok()) return s;
+    samp_rows_ = r;
+  }
+  if (H > samp_hist_cap_) {
+    const int64_t h = std::max(H, 2 * samp_hist_cap_);
+    if (auto s = DevAlloc(&samp_hist_, h); !s.ok()) return s;
+    if (auto s = DevAlloc(&samp_hvals_, h); !s.ok()) return s;
+    samp_hist_cap_ = h;
+  }
+  if (host_bytes > samp_host_bytes_) {
+    const int64_t b = std::max(host_bytes, 2 * samp_host_bytes_);
+    if (samp_host_ != nullptr) SPEAR_CUDA_RETURN_IF_ERROR(cudaFreeHost(samp_host_));
+    samp_host_ = nullptr;
+    SPEAR_CUDA_RETURN_IF_ERROR(
+        cudaHostAlloc(reinterpret_cast<void**>(&samp_host_), b, cudaHostAllocDefault));
+    samp_host_bytes_ = b;
+  }
+  auto* params = reinterpret_cast<kc::SampleRowParams*>(samp_host_);
+  auto* hist = reinterpret_cast<int32_t*>(samp_host_ + pbytes);
+  int64_t at = 0;
+  for (int64_t i = 0; i < R; ++i) {
+    const RowSampling& r = rows[i];
+    kc::SampleRowParams& p = params[i];
+    p.temperature = r.params.temperature;
+    p.top_k = r.params.top_k;
+    p.top_p = r.params.top_p;
+    p.repetition_penalty = r.params.repetition_penalty;
+    p.uniform = r.uniform;
+    p.hist_begin = at;
+    p.hist_len = static_cast<int64_t>(r.history.size());
+    std::copy(r.history.begin(), r.history.end(), hist + at);
+    at += p.hist_len;
+  }
+  SPEAR_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(samp_params_, params, pbytes, cudaMemcpyHostToDevice, stream_));
+  if (H > 0) {
+    SPEAR_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(samp_hist_, hist, 4 * H, cudaMemcpyHostToDevice, stream_));
+  }
+  kc::SampleRowsArgs a;
+  a.logits = logits_;
+  a.m = R;
+  a.n = V;
+  a.ld = V;
+  a.params = reinterpret_cast<const kc::SampleRowParams*>(samp_params_);
+  a.hist = samp_hist_;
+  a.hist_vals = samp_hvals_;
+  a.cand = samp_cand_;
+  a.out = samp_out_;
+  return kc::SampleRows(a, stream_);
+}
+
 absl::Status CudaModelRunner::Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out,
-                                      std::vector<int32_t>* argmax) {
+                                      std::vector<int32_t>* argmax,
+                                      const std::vector<RowSampling>* sample,
+                                      std::vector<int32_t>* sampled) {
   if (absl::Status s = Validate(batch); !s.ok()) return s;
+  if ((sample == nullptr) != (sampled == nullptr)) {
+    return absl::InvalidArgumentError("Forward: sample and sampled go together");
+  }
+  if (sample != nullptr) {
+    int64_t rows = 0;
+    for (const SeqChunk& ch : batch) {
+      if (ch.logits == LogitsMode::kAll) {
+        return absl::InvalidArgumentError("Forward: device sampling takes kLast / kNone chunks");
+      }
+      rows += ch.logits == LogitsMode::kLast ? 1 : 0;
+    }
+    if (rows != static_cast<int64_t>(sample->size())) {
+      return absl::InvalidArgumentError(absl::StrCat("Forward: ", sample->size(),
+                                                     " sampling rows for ", rows, " logits rows"));
+    }
+    for (const RowSampling& r : *sample) {
+      if (absl::Status s = r.params.Validate(); !s.ok()) return s;
+      if (!(r.uniform >= 0.0 && r.uniform < 1.0)) {
+        return absl::InvalidArgumentError(absl::StrCat("Forward: uniform draw ", r.uniform,
+                                                       " outside [0, 1)"));
+      }
+    }
+  }
   const model::ModelConfig& c = model_->config;
   Plan p;
   int64_t max_end = 0;
@@ -531,6 +624,15 @@ absl::Status CudaModelRunner::Forward(const std::vector<SeqChunk>& batch, Forwar
     argmax->resize(p.R);
     if (p.R > 0) {
       SPEAR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(argmax->data(), next_, p.R * 4,
+                                                 cudaMemcpyDeviceToHost, stream_));
+    }
+  }
+  if (sample != nullptr) {
+    sampled->resize(p.R);
+    if (p.R > 0) {
+      // After the logits were copied out (if asked): the penalty edits them.
+      if (absl::Status s = EnqueueSampling(*sample, p.R); !s.ok()) return s;
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sampled->data(), samp_out_, p.R * 4,
                                                  cudaMemcpyDeviceToHost, stream_));
     }
   }

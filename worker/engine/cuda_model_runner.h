@@ -8,7 +8,7 @@
 // allocator()). Per forward: embedding -> per layer [RMSNorm to fp16 ->
 // qkv W4 -> RoPE -> KV append -> attention -> o W4 (+= residual) -> RMSNorm
 // -> gate_up W4 -> SwiGLU -> down W4 (+= residual)] -> final RMSNorm ->
-// lm_head (cuBLAS fp16, fp32 logits) [-> argmax]. Residual stream fp32,
+// lm_head (cuBLAS fp16, fp32 logits) [-> argmax | -> sampling]. Residual stream fp32,
 // activations fp16, KV fp16.
 //
 // Attention: every token of the batch is one query row of the paged decode
@@ -48,6 +48,7 @@
 #include "worker/engine/cuda_model_weights.h"
 #include "worker/engine/kv_cache.h"
 #include "worker/engine/model_runner.h"
+#include "worker/engine/sampler.h"
 
 typedef struct cublasContext* cublasHandle_t;
 typedef struct CUgraphExec_st* cudaGraphExec_t;
@@ -62,6 +63,9 @@ struct CudaRunnerOptions {
   // Decode steps of at most this many sequences replay CUDA graphs (larger
   // ones run eagerly); 0 disables graphs.
   int max_graph_batch = 64;
+  // CudaBackend samples on the device (ForwardSample; only token ids come
+  // back). false: the engine samples on the host from fp32 logits rows.
+  bool device_sampling = true;
 };
 
 class CudaModelRunner {
@@ -77,11 +81,18 @@ class CudaModelRunner {
   // Runs the batch, writes its K/V into the device cache; then, if `out`
   // is set, the requested logits rows (fp32, as ModelRunner::Forward) are
   // copied to the host, and if `argmax` is set, the argmax of every logits
-  // row is computed on the device and copied (argmax->size() = rows).
-  // InvalidArgument (before touching the cache) as ModelRunner::Forward;
-  // Internal for CUDA / cuBLAS errors.
+  // row is computed on the device and copied (argmax->size() = rows); if
+  // `sample` is set (one RowSampling per logits row, kLast / kNone chunks
+  // only), every row is sampled on the device (kernels::cuda::SampleRows,
+  // after the step, outside its graph) and the ids are copied into
+  // `sampled` (sampled->size() = rows).
+  // InvalidArgument (before touching the cache) as ModelRunner::Forward, or
+  // for a `sample` that does not match the rows; Internal for CUDA / cuBLAS
+  // errors.
   absl::Status Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out,
-                       std::vector<int32_t>* argmax = nullptr);
+                       std::vector<int32_t>* argmax = nullptr,
+                       const std::vector<RowSampling>* sample = nullptr,
+                       std::vector<int32_t>* sampled = nullptr);
 
   BlockAllocator& allocator() { return allocator_; }
   const BlockAllocator& allocator() const { return allocator_; }
@@ -104,6 +115,8 @@ class CudaModelRunner {
   // reallocation drops the graphs (they hold the old pointers).
   absl::Status EnsureCapacity(int64_t T, int64_t R, int64_t stride, int64_t bucket);
   absl::Status ReadEcFlags(std::vector<uint8_t>* flags) const;
+  // Device sampling of rows R (history tokens H) after the step's logits.
+  absl::Status EnqueueSampling(const std::vector<RowSampling>& rows, int64_t R);
   // Enqueues the whole forward on stream_ (capturable when p.graph).
   absl::Status Enqueue(const Plan& p);
   absl::Status RunLinear(const DeviceLinear& lin, const uint16_t* x, int64_t m, int64_t ldx,
@@ -142,6 +155,15 @@ class CudaModelRunner {
   int32_t* inputs_ = nullptr;       // device: ids, positions, slots, lens, tables
   int32_t* inputs_host_ = nullptr;  // pinned staging of the same
   void* attn_ws_ = nullptr;
+  // Device sampling: per-row parameters, history ids and their logits,
+  // candidate lists [rows][vocab], the sampled ids; pinned staging of the
+  // parameters + history (host) and of the ids.
+  int64_t samp_rows_ = 0, samp_hist_cap_ = 0;
+  unsigned char* samp_params_ = nullptr;
+  int32_t *samp_hist_ = nullptr, *samp_cand_ = nullptr, *samp_out_ = nullptr;
+  float* samp_hvals_ = nullptr;
+  unsigned char* samp_host_ = nullptr;
+  int64_t samp_host_bytes_ = 0;
 
   // EC flags (one per decoder linear module, ForEachLinear order) the
   // graphs were captured with.

@@ -114,24 +114,43 @@ absl::Status Engine::Step(const std::vector<StepItem>& items, std::vector<StepOu
     ch.logits = n == s->num_pending() ? LogitsMode::kLast : LogitsMode::kNone;
     chunks_.push_back(ch);
   }
-  if (auto st = backend_->Forward(chunks_, &out_); !st.ok()) return st;
-
-  const int64_t vocab = model_->config.vocab_size;
-  // Sampling is per sequence (each has its own sampler and RNG), so the
-  // batch's rows are sampled in parallel; bookkeeping stays in order.
   sampled_.assign(items.size(), -1);
-  pool_->ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      if (out_.first_row[i] < 0) continue;
+  if (backend_->samples_on_device()) {
+    // The backend samples each logits row (one per chunk in kLast mode, in
+    // chunk order) with the draw the host sampler would have made.
+    rows_.clear();
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (chunks_[i].logits == LogitsMode::kNone) continue;
       Sequence* s = items[i].seq;
-      sampled_[i] = s->sampler().Sample(out_.row(out_.first_row[i]), vocab, s->tokens());
+      rows_.push_back(s->sampler().Next(s->tokens()));
     }
-  });
+    if (auto st = backend_->ForwardSample(chunks_, rows_, &row_tokens_); !st.ok()) return st;
+    if (row_tokens_.size() != rows_.size()) {
+      return absl::InternalError(absl::StrCat("ForwardSample returned ", row_tokens_.size(),
+                                              " tokens for ", rows_.size(), " rows"));
+    }
+    size_t r = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (chunks_[i].logits != LogitsMode::kNone) sampled_[i] = row_tokens_[r++];
+    }
+  } else {
+    if (auto st = backend_->Forward(chunks_, &out_); !st.ok()) return st;
+    const int64_t vocab = model_->config.vocab_size;
+    // Sampling is per sequence (each has its own sampler and RNG), so the
+    // batch's rows are sampled in parallel; bookkeeping stays in order.
+    pool_->ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        if (out_.first_row[i] < 0) continue;
+        Sequence* s = items[i].seq;
+        sampled_[i] = s->sampler().Sample(out_.row(out_.first_row[i]), vocab, s->tokens());
+      }
+    });
+  }
   for (size_t i = 0; i < items.size(); ++i) {
     Sequence* s = items[i].seq;
     s->MarkComputed(static_cast<int64_t>(chunks_[i].tokens.size()));
     StepOutput o{s, -1};
-    if (out_.first_row[i] >= 0) {
+    if (chunks_[i].logits != LogitsMode::kNone) {
       const int32_t tok = sampled_[i];
       if (IsStopToken(*s, tok)) {
         s->Finish(FinishReason::kStop);

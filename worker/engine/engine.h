@@ -134,6 +134,8 @@ class Engine {
   std::vector<SeqChunk> chunks_;
   ForwardOutput out_;
   std::vector<int32_t> sampled_;
+  std::vector<RowSampling> rows_;      // device sampling: one per logits row
+  std::vector<int32_t> row_tokens_;
 };
 
 }  // namespace spear::engine

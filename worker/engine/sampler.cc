@@ -39,6 +39,20 @@ double Sampler::Uniform() {
 }
 
 int32_t Sampler::Sample(const float* logits, int64_t vocab, std::span<const int32_t> history) {
+  const double u = params_.temperature == 0.f ? 0.0 : Uniform();
+  return Pick(logits, vocab, history, u);
+}
+
+RowSampling Sampler::Next(std::span<const int32_t> history) {
+  RowSampling r;
+  r.params = params_;
+  r.uniform = params_.temperature == 0.f ? 0.0 : Uniform();
+  if (params_.repetition_penalty != 1.f) r.history = history;
+  return r;
+}
+
+int32_t Sampler::Pick(const float* logits, int64_t vocab, std::span<const int32_t> history,
+                      double u) {
   const float* l = logits;
   if (params_.repetition_penalty != 1.f && !history.empty()) {
     work_.assign(logits, logits + vocab);
@@ -123,7 +137,7 @@ int32_t Sampler::Sample(const float* logits, int64_t vocab, std::span<const int3
       sum += p[i];
     }
   }
-  double r = Uniform() * sum;
+  double r = u * sum;
   for (size_t i = 0; i < n; ++i) {
     r -= p[i];
     if (r < 0) return cand_[i].second;

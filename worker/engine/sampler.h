@@ -29,6 +29,16 @@ struct SamplingParams {
   absl::Status Validate() const;
 };
 
+// One logits row to be sampled on a backend's device (ModelBackend::
+// ForwardSample): the sequence's parameters, the uniform draw Sample would
+// have used (Sampler::Next), and the tokens the repetition penalty sees
+// (empty when it is off). The span must outlive the ForwardSample call.
+struct RowSampling {
+  SamplingParams params;
+  double uniform = 0.0;
+  std::span<const int32_t> history;
+};
+
 class Sampler {
  public:
   // `params` must have passed Validate().
@@ -36,8 +46,19 @@ class Sampler {
 
   // Picks the next token from logits[0, vocab). `history` (prompt and
   // generated tokens) is used only by the repetition penalty. Ids in
-  // history outside [0, vocab) are ignored.
+  // history outside [0, vocab) are ignored. Draws one uniform from the
+  // sampler's RNG unless greedy; = Pick(logits, vocab, history, draw).
   int32_t Sample(const float* logits, int64_t vocab, std::span<const int32_t> history);
+
+  // The pick for a given uniform draw u in [0, 1) (u unused when greedy);
+  // no RNG state is touched. The reference of the device sampler
+  // (kernels::cuda::SampleRows).
+  int32_t Pick(const float* logits, int64_t vocab, std::span<const int32_t> history, double u);
+
+  // What a device needs to sample this sequence's next row as Sample
+  // would: consumes the RNG exactly as Sample does (one draw unless
+  // greedy), so host and device sampling give the same token stream.
+  RowSampling Next(std::span<const int32_t> history);
 
   const SamplingParams& params() const { return params_; }
 

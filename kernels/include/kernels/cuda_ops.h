@@ -195,4 +195,30 @@ absl::Status Embedding(const EmbeddingParams& p, cudaStream_t stream);
 absl::Status Argmax(const float* logits, int64_t m, int64_t n, int64_t ld, int32_t* out,
                     cudaStream_t stream);
 
+// Sampling on the device (kernels/cuda/sampling.cu): row i of logits is
+// sampled as the host Sampler (worker/engine/sampler.h, Sampler::Pick)
+// samples it with the uniform draw params[i].uniform: repetition penalty
+// over the row's history tokens, then greedy (temperature 0) or top-k,
+// top-p and temperature. Deterministic. One thread block per row.
+struct SampleRowParams {
+  float temperature = 0.f;        // 0 = greedy
+  int32_t top_k = 0;              // 0 = off
+  float top_p = 1.f;              // (0, 1]
+  float repetition_penalty = 1.f; // 1 = off
+  double uniform = 0.0;           // [0, 1); unused when greedy
+  int64_t hist_begin = 0, hist_len = 0;  // the row's tokens in hist
+};
+struct SampleRowsArgs {
+  float* logits = nullptr;  // [m, ld] fp32; the penalty is applied IN PLACE
+  int64_t m = 0, n = 0, ld = 0;
+  const SampleRowParams* params = nullptr;  // [m], device
+  const int32_t* hist = nullptr;  // device; ids outside [0, n) are ignored
+  float* hist_vals = nullptr;     // device scratch, as long as hist
+  int32_t* cand = nullptr;        // device scratch [m, n]
+  int32_t* out = nullptr;         // [m], device
+};
+// InvalidArgument for bad sizes or null pointers (the params' own values
+// are the caller's: validated on the host, SamplingParams::Validate).
+absl::Status SampleRows(const SampleRowsArgs& a, cudaStream_t stream);
+
 }  // namespace spear::kernels::cuda

@@ -1,0 +1,204 @@
+// Device sampling (kernels::cuda::SampleRows) against the host sampler
+// (engine::Sampler::Pick) on the same fresh random logits and the same
+// uniform draws: every row's token must be the host's. Rows mix greedy,
+// temperature, top-k, top-p, both, and the repetition penalty (history
+// with duplicates and out-of-range ids); vocabularies of 1000, 49152
+// (SmolLM2) and 128259 (Llama-3's 128256 + 3, off every multiple); logits
+// continuous (N(0, s)) and coarse (multiples of 0.5: many exact ties, so the
+// id order of equal logits decides). The device sums masses in 2^-40 fixed
+// point from fp32 exp, the host in double: a draw within ~1e-6 of a
+// boundary between two tokens could legitimately differ; with 1-2 draws
+// per row over ~200 rows the chance of that is ~1e-4, so equality is
+// asserted. Also: the same launch twice gives the same tokens
+// (deterministic), the penalty edits only the history's logits, and bad
+// arguments are InvalidArgument.
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/cuda_ops.h"
+#include "worker/engine/sampler.h"
+
+namespace spear::engine {
+namespace {
+
+namespace kc = kernels::cuda;
+
+#define SKIP_WITHOUT_GPU()                                                                   \
+  do {                                                                                       \
+    auto n = kc::DeviceCount();                                                              \
+    if (!n.ok() || *n == 0) {                                                                \
+      GTEST_SKIP() << "no CUDA device present ("                                             \
+                   << (n.ok() ? std::string("0 devices") : std::string(n.status().message())) \
+                   << "); GPU tests run on the GPU machine (scripts/gpu/)";                  \
+    }                                                                                        \
+  } while (0)
+
+#define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
+
+uint32_t Seed() {
+  const char* e = std::getenv("SPEAR_TEST_SEED");
+  const uint32_t s = e ? static_cast<uint32_t>(std::strtoul(e, nullptr, 10)) : std::random_device{}();
+  std::printf("cuda_sampling_test seed %u\n", s);
+  return s;
+}
+
+template <class T>
+struct Dev {
+  T* p = nullptr;
+  explicit Dev(size_t n) { cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(n, 1) * sizeof(T)); }
+  ~Dev() { cudaFree(p); }
+};
+
+struct Case {
+  SamplingParams p;
+  double u = 0;
+  std::vector<int32_t> hist;
+};
+
+void RunBatch(int64_t vocab, bool coarse, int rows, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  std::vector<float> logits(static_cast<size_t>(rows * vocab));
+  std::vector<Case> cases(rows);
+  for (int r = 0; r < rows; ++r) {
+    const float scale = 1.f + 4.f * static_cast<float>(rng() % 4);
+    for (int64_t j = 0; j < vocab; ++j) {
+      float v = nd(rng) * scale;
+      if (coarse) v = std::round(v * 2.f) / 2.f;
+      logits[r * vocab + j] = v;
+    }
+    Case& c = cases[r];
+    const int kind = static_cast<int>(rng() % 6);
+    c.p.temperature = kind == 0 ? 0.f : 0.2f + 1.8f * static_cast<float>(ud(rng));
+    c.p.top_k = kind == 2 || kind == 4 ? 1 + static_cast<int>(rng() % 200) : 0;
+    c.p.top_p = kind == 3 || kind == 4 ? 0.3f + 0.69f * static_cast<float>(ud(rng)) : 1.f;
+    if (kind == 5 || rng() % 4 == 0) {
+      c.p.repetition_penalty = 1.1f + static_cast<float>(ud(rng));
+      for (int i = 0; i < 40; ++i) c.hist.push_back(static_cast<int32_t>(rng() % vocab));
+      c.hist.push_back(c.hist[3]);  // a duplicate
+      c.hist.push_back(-1);
+      c.hist.push_back(static_cast<int32_t>(vocab + 5));
+    }
+    c.u = c.p.temperature == 0.f ? 0.0 : ud(rng);
+  }
+  // host reference
+  std::vector<int32_t> want(rows);
+  for (int r = 0; r < rows; ++r) {
+    Sampler s(cases[r].p);
+    want[r] = s.Pick(&logits[r * vocab], vocab, cases[r].hist, cases[r].u);
+  }
+  // device
+  std::vector<kc::SampleRowParams> params(rows);
+  std::vector<int32_t> hist;
+  for (int r = 0; r < rows; ++r) {
+    kc::SampleRowParams& q = params[r];
+    q.temperature = cases[r].p.temperature;
+    q.top_k = cases[r].p.top_k;
+    q.top_p = cases[r].p.top_p;
+    q.repetition_penalty = cases[r].p.repetition_penalty;
+    q.uniform = cases[r].u;
+    q.hist_begin = static_cast<int64_t>(hist.size());
+    q.hist_len = static_cast<int64_t>(cases[r].hist.size());
+    hist.insert(hist.end(), cases[r].hist.begin(), cases[r].hist.end());
+  }
+  Dev<float> dl(logits.size());
+  Dev<kc::SampleRowParams> dp(rows);
+  Dev<int32_t> dh(hist.size()), dc(static_cast<size_t>(rows * vocab)), dout(rows);
+  Dev<float> dhv(hist.size());
+  CK(cudaMemcpy(dp.p, params.data(), rows * sizeof(kc::SampleRowParams), cudaMemcpyHostToDevice));
+  if (!hist.empty()) {
+    CK(cudaMemcpy(dh.p, hist.data(), hist.size() * 4, cudaMemcpyHostToDevice));
+  }
+  kc::SampleRowsArgs a;
+  a.logits = dl.p;
+  a.m = rows;
+  a.n = vocab;
+  a.ld = vocab;
+  a.params = dp.p;
+  a.hist = dh.p;
+  a.hist_vals = dhv.p;
+  a.cand = dc.p;
+  a.out = dout.p;
+  std::vector<int32_t> got(rows, -7), again(rows, -9);
+  for (int pass = 0; pass < 2; ++pass) {
+    CK(cudaMemcpy(dl.p, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemset(dout.p, 0xff, rows * 4));  // poisoned: -1
+    ASSERT_TRUE(kc::SampleRows(a, nullptr).ok());
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(pass == 0 ? got.data() : again.data(), dout.p, rows * 4, cudaMemcpyDeviceToHost));
+  }
+  EXPECT_EQ(got, again) << "not deterministic";
+  for (int r = 0; r < rows; ++r) {
+    const Case& c = cases[r];
+    EXPECT_EQ(got[r], want[r]) << "vocab " << vocab << (coarse ? " coarse" : "") << " row " << r
+                               << ": T " << c.p.temperature << " top_k " << c.p.top_k
+                               << " top_p " << c.p.top_p << " penalty "
+                               << c.p.repetition_penalty << " u " << c.u;
+  }
+  // The penalty edited exactly the history's logits (in place).
+  std::vector<float> after(logits.size());
+  CK(cudaMemcpy(after.data(), dl.p, after.size() * 4, cudaMemcpyDeviceToHost));
+  for (int r = 0; r < rows; ++r) {
+    std::vector<float> ref(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
+    if (cases[r].p.repetition_penalty != 1.f) {
+      for (int32_t t : cases[r].hist) {
+        if (t < 0 || t >= vocab) continue;
+        const float o = logits[r * vocab + t];
+        ref[t] = o > 0.f ? o / cases[r].p.repetition_penalty : o * cases[r].p.repetition_penalty;
+      }
+    }
+    for (int64_t j = 0; j < vocab; ++j) {
+      ASSERT_EQ(after[r * vocab + j], ref[j]) << "row " << r << " logit " << j;
+    }
+  }
+}
+
+TEST(CudaSampling, MatchesHostSampler) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed());
+  for (int64_t vocab : {int64_t{1000}, int64_t{49152}, int64_t{128259}}) {
+    for (bool coarse : {false, true}) {
+      RunBatch(vocab, coarse, vocab > 100000 ? 24 : 40, rng);
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+TEST(CudaSampling, RejectsBadArguments) {
+  SKIP_WITHOUT_GPU();
+  Dev<float> l(16);
+  Dev<kc::SampleRowParams> p(1);
+  Dev<int32_t> c(16), o(1);
+  kc::SampleRowsArgs a;
+  a.logits = l.p;
+  a.m = 1;
+  a.n = 16;
+  a.ld = 16;
+  a.params = p.p;
+  a.cand = c.p;
+  a.out = o.p;
+  CK(cudaMemset(p.p, 0, sizeof(kc::SampleRowParams)));  // greedy, no penalty
+  CK(cudaMemset(l.p, 0, 16 * 4));
+  EXPECT_TRUE(kc::SampleRows(a, nullptr).ok());
+  kc::SampleRowsArgs b = a;
+  b.n = 0;
+  EXPECT_EQ(kc::SampleRows(b, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  b = a;
+  b.ld = 8;
+  EXPECT_EQ(kc::SampleRows(b, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  b = a;
+  b.cand = nullptr;
+  EXPECT_EQ(kc::SampleRows(b, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  b = a;
+  b.m = -1;
+  EXPECT_EQ(kc::SampleRows(b, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  CK(cudaDeviceSynchronize());
+}
+
+}  // namespace
+}  // namespace spear::engine
