@@ -7,9 +7,9 @@
 // lower id first"; here that order is a 32-bit order-preserving key of the
 // logit plus the id, and every selection (the k-th candidate, the end of
 // the nucleus, the token under u) is "the first element, in that order,
-// where a running sum crosses a threshold": a radix select over the key (4
-// passes of 8 bits, histograms in shared memory) and, among equal keys, a
-// scan in id order. Masses are exp((l - max) / T) in fp32 scaled to 2^-40
+// where a running sum crosses a threshold": a binary search over the key
+// (32 block sums, integer: no atomics) and, among equal keys, a scan in
+// id order. Masses are exp((l - max) / T) in fp32 scaled to 2^-40
 // fixed point and summed as 64-bit integers: every sum is exact and
 // independent of the order threads add in, so the kernel is deterministic;
 // it differs from the host (double sums) only when u lands within ~1e-7
@@ -40,12 +40,11 @@ __device__ __forceinline__ uint32_t Key(float v) {
 }
 
 struct Shared {
-  u64 hist[256];
   u64 warp[kWarps];
   float wv[kWarps];
   int wi[kWarps];
-  u64 res_cum, b_above;
-  int res_id, b_digit;
+  u64 res_cum;
+  int res_id;
   float fmax;
   int imax;
 };
@@ -77,32 +76,69 @@ __device__ u64 ExclusiveScan(u64 v, Shared& s, u64* total) {
   return before + inc - v;
 }
 
-// Over items [0, n) in index order (thread t owns a contiguous segment):
-// the first item with pred whose running sum of w crosses thresh (strict:
-// sum > thresh, else sum >= thresh). Returns its index (-1 if none) and
-// the running sum there.
+// Warp w of the block owns the items [lo, hi) of a row of n (consecutive
+// ranges in warp order, multiples of 32 long): scans in id order read them
+// 32 consecutive items at a time (coalesced; one contiguous range per
+// thread was an uncoalesced load per item, ~50 us a pass at 49152 items).
+__device__ __forceinline__ void WarpRange(int n, int* lo, int* hi) {
+  const int per = (n + kWarps * 32 - 1) / (kWarps * 32) * 32;
+  const int warp = threadIdx.x >> 5;
+  *lo = min(n, warp * per);
+  *hi = min(n, *lo + per);
+}
+
+__device__ __forceinline__ u64 WarpSum(u64 v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ u64 WarpInclusive(u64 v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const u64 t = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += t;
+  }
+  return v;
+}
+
+// Over items [0, n) in index order: the first item with pred whose running
+// sum of w crosses thresh (strict: sum > thresh, else sum >= thresh).
+// Returns its index (-1 if none) and the running sum there.
 template <class Pred, class W>
 __device__ int ScanCross(int n, Pred pred, W w, u64 thresh, bool strict, Shared& s, u64* cum) {
-  const int seg = (n + kThreads - 1) / kThreads;
-  const int lo = min(n, static_cast<int>(threadIdx.x) * seg), hi = min(n, lo + seg);
+  const int lane = threadIdx.x & 31;
+  int lo, hi;
+  WarpRange(n, &lo, &hi);
   if (threadIdx.x == 0) s.res_id = -1;
-  u64 sum = 0;
-  for (int j = lo; j < hi; ++j) {
-    if (pred(j)) sum += w(j);
+  u64 part = 0;
+  for (int base = lo; base < hi; base += 32) {
+    const int j = base + lane;
+    if (j < hi && pred(j)) part += w(j);
   }
+  const u64 wsum = WarpSum(part);
+  // the warps' sums, scanned (lane 0 of each warp contributes, in warp order)
   u64 total;
-  const u64 ex = ExclusiveScan(sum, s, &total);
-  const bool mine = strict ? (ex <= thresh && thresh < ex + sum) : (ex < thresh && thresh <= ex + sum);
-  if (mine) {
-    u64 c = ex;
-    for (int j = lo; j < hi; ++j) {
-      if (!pred(j)) continue;
-      c += w(j);
-      if (strict ? c > thresh : c >= thresh) {
-        s.res_id = j;
-        s.res_cum = c;
+  const u64 ex = ExclusiveScan(lane == 0 ? wsum : 0, s, &total);
+  const u64 wex = __shfl_sync(0xffffffffu, ex, 0);
+  const bool mine = strict ? (wex <= thresh && thresh < wex + wsum)
+                           : (wex < thresh && thresh <= wex + wsum);
+  if (mine) {  // warp-uniform
+    u64 c = wex;
+    for (int base = lo; base < hi; base += 32) {
+      const int j = base + lane;
+      const u64 v = j < hi && pred(j) ? w(j) : 0;
+      const u64 inc = c + WarpInclusive(v, lane);
+      const bool hit = v != 0 && (strict ? inc > thresh : inc >= thresh);
+      const unsigned ball = __ballot_sync(0xffffffffu, hit);
+      if (ball != 0) {
+        if (lane == __ffs(ball) - 1) {
+          s.res_id = j;
+          s.res_cum = inc;
+        }
         break;
       }
+      c = __shfl_sync(0xffffffffu, inc, 31);
     }
   }
   __syncthreads();
@@ -114,78 +150,43 @@ __device__ int ScanCross(int n, Pred pred, W w, u64 thresh, bool strict, Shared&
 
 // In the order (key descending, index ascending) over the items with pred:
 // the first item where the running sum of w crosses thresh (as ScanCross).
-// Radix select of its key, then ScanCross among the items of that key.
+// Its key T is the largest with S(key >= T) crossing thresh (S is
+// non-increasing in T): a binary search over the 32-bit keys, one block
+// sum per step (integer sums: no atomics, deterministic); then ScanCross
+// among the items of key T with what the larger keys left of thresh.
 // Returns the item (-1 if none); *cum = the running sum including it.
 template <class Pred, class K, class W>
 __device__ int OrderCross(int n, Pred pred, K key, W w, u64 thresh, bool strict, Shared& s, u64* cum) {
-  uint32_t prefix = 0, mask = 0;
-  u64 above = 0;
   const int tid = threadIdx.x;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += kThreads) s.hist[i] = 0;
-    __syncthreads();
-    // Warp-aggregated: the lanes of one digit add their sum once (the top
-    // digits of a row's keys take few values: per-lane atomics on them
-    // serialised the whole block, 1.4 ms for a 49152-token row).
-    const int lane_id = tid & 31;
-    for (int base = tid - lane_id; base < n; base += kThreads) {
-      const int j = base + lane_id;
-      uint32_t digit = 256;
-      u64 wj = 0;
-      if (j < n && pred(j)) {
-        const uint32_t k = key(j);
-        if ((k & mask) == prefix) {
-          digit = (k >> shift) & 255u;
-          wj = w(j);
-        }
-      }
-      const unsigned grp = __match_any_sync(0xffffffffu, digit);
-      // w <= 2^40: 20-bit halves sum over <= 32 lanes without overflow
-      const unsigned hi = __reduce_add_sync(grp, static_cast<unsigned>(wj >> 20));
-      const unsigned lo = __reduce_add_sync(grp, static_cast<unsigned>(wj & 0xfffffu));
-      if (digit < 256 && lane_id == __ffs(grp) - 1) {
-        atomicAdd(&s.hist[digit], (static_cast<u64>(hi) << 20) + lo);
+  auto crosses = [&](u64 v) { return strict ? v > thresh : v >= thresh; };
+  uint32_t lo = 0;             // S(key >= lo) crosses (the callers' thresh < total)
+  uint64_t hi = 1ull << 32;    // S(key >= hi) does not
+  u64 s_hi = 0;                // S(key >= hi)
+  while (hi - lo > 1) {
+    const uint32_t mid = static_cast<uint32_t>(lo + (hi - lo) / 2);
+    u64 part = 0;
+    constexpr int kU = 4;
+    for (int base = tid; base < n; base += kThreads * kU) {
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int j = base + u * kThreads;
+        if (j < n && key(j) >= mid && pred(j)) part += w(j);
       }
     }
-    __syncthreads();
-    if (tid < 32) {
-      // lane l sums digits 255 - 8 l ... 248 - 8 l (descending keys first)
-      const int lane = tid;
-      u64 ls = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ls += s.hist[255 - 8 * lane - i];
-      u64 inc = ls;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const u64 t = __shfl_up_sync(0xffffffffu, inc, o);
-        if (lane >= o) inc += t;
-      }
-      const bool hit = strict ? above + inc > thresh : above + inc >= thresh;
-      const unsigned ball = __ballot_sync(0xffffffffu, hit);
-      const int first = ball != 0 ? __ffs(ball) - 1 : 31;
-      if (lane == first) {
-        u64 acc = above + inc - ls;
-        for (int i = 0; i < 8; ++i) {
-          const int d = 255 - 8 * lane - i;
-          const u64 nxt = acc + s.hist[d];
-          if ((strict ? nxt > thresh : nxt >= thresh) || i == 7) {
-            s.b_digit = d;
-            s.b_above = acc;
-            break;
-          }
-          acc = nxt;
-        }
-      }
+    u64 sum;
+    (void)ExclusiveScan(part, s, &sum);
+    if (crosses(sum)) {
+      lo = mid;
+    } else {
+      hi = mid;
+      s_hi = sum;
     }
-    __syncthreads();
-    prefix |= static_cast<uint32_t>(s.b_digit) << shift;
-    mask |= 255u << shift;
-    above = s.b_above;
-    __syncthreads();
   }
+  const u64 above = s_hi;  // S(key > lo)
+  const uint32_t T = lo;
   u64 c = 0;
-  const int j = ScanCross(n, [&](int i) { return pred(i) && key(i) == prefix; }, w,
-                          thresh - above, strict, s, &c);
+  const int j = ScanCross(n, [&](int i) { return key(i) == T && pred(i); }, w, thresh - above,
+                          strict, s, &c);
   *cum = above + c;
   return j;
 }
@@ -263,24 +264,45 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleRowsArgs a) {
   // mass (the best one always: exp(0) = 1).
   const float inv_t = 1.f / P.temperature;
   auto mass = [&](float v) -> u64 { return __float2ull_rn(expf((v - mx) * inv_t) * kFix); };
-  int32_t* C = a.cand + static_cast<int64_t>(b) * a.n;
+  // The row's scratch: ids, keys and masses of the kept tokens (16 bytes a
+  // token), so the selections below stream them instead of gathering the
+  // logits and recomputing exp in every pass.
+  int32_t* C = a.cand + static_cast<int64_t>(b) * a.n * 4;
+  u64* CW = reinterpret_cast<u64*>(C + 2 * static_cast<int64_t>(a.n));
+  uint32_t* CK = reinterpret_cast<uint32_t*>(C + a.n);
   {
-    const int seg = (n + kThreads - 1) / kThreads;
-    const int lo = min(n, tid * seg), hi = min(n, lo + seg);
+    const int lane = tid & 31;
+    int lo, hi;
+    WarpRange(n, &lo, &hi);
     u64 cnt = 0;
-    for (int i = lo; i < hi; ++i) cnt += mass(l[i]) != 0;
+    for (int base = lo; base < hi; base += 32) {
+      const int i = base + lane;
+      cnt += i < hi && mass(l[i]) != 0;
+    }
+    cnt = WarpSum(cnt);
     u64 total;
-    u64 at = ExclusiveScan(cnt, s, &total);
-    for (int i = lo; i < hi; ++i) {
-      if (mass(l[i]) != 0) C[at++] = i;
+    const u64 ex = ExclusiveScan(lane == 0 ? cnt : 0, s, &total);
+    u64 at = __shfl_sync(0xffffffffu, ex, 0);
+    for (int base = lo; base < hi; base += 32) {
+      const int i = base + lane;
+      const float v = i < hi ? l[i] : 0.f;
+      const u64 m = i < hi ? mass(v) : 0;
+      const unsigned keep = __ballot_sync(0xffffffffu, m != 0);
+      if (m != 0) {
+        const u64 p = at + __popc(keep & ((1u << lane) - 1u));
+        C[p] = i;
+        CK[p] = Key(v);
+        CW[p] = m;
+      }
+      at += __popc(keep);
     }
     if (tid == 0) s.res_id = static_cast<int>(total);
     __syncthreads();
   }
   const int c = s.res_id;
   __syncthreads();
-  auto key = [&](int j) { return Key(l[C[j]]); };
-  auto w = [&](int j) { return mass(l[C[j]]); };
+  auto key = [&](int j) { return CK[j]; };
+  auto w = [&](int j) { return CW[j]; };
   auto one = [](int) -> u64 { return 1; };
   auto all = [](int) { return true; };
 

@@ -5,15 +5,18 @@
 // with duplicates and out-of-range ids); vocabularies of 1000, 49152
 // (SmolLM2) and 128259 (Llama-3's 128256 + 3, off every multiple); logits
 // continuous (N(0, s)) and coarse (multiples of 0.5: many exact ties, so the
-// id order of equal logits decides). The device sums masses in 2^-40 fixed
-// point from fp32 exp, the host in double: a draw within ~1e-6 of a
-// boundary between two tokens could legitimately differ; with 1-2 draws
-// per row over ~200 rows the chance of that is ~1e-4, so equality is
-// asserted. Also: the same launch twice gives the same tokens
-// (deterministic), the penalty edits only the history's logits, and bad
-// arguments are InvalidArgument.
+// id order of equal logits decides). Tolerance: the device sums masses
+// from fp32 exp in 2^-40 fixed point, the host from double exp in double,
+// so a draw (or a nucleus edge) within ~1e-6 of the boundary between two
+// tokens may legitimately fall on the other side. A row whose device token
+// differs from the host's passes only if the host picks the device's token
+// with u or top_p moved by at most 1e-5 (relative), and at most 2 rows of
+// a batch may need that; every other row must be equal. Also: the same
+// launch twice gives the same tokens (deterministic), the penalty edits
+// only the history's logits, and bad arguments are InvalidArgument.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <random>
 #include <string>
@@ -108,7 +111,7 @@ void RunBatch(int64_t vocab, bool coarse, int rows, std::mt19937& rng) {
   }
   Dev<float> dl(logits.size());
   Dev<kc::SampleRowParams> dp(rows);
-  Dev<int32_t> dh(hist.size()), dc(static_cast<size_t>(rows * vocab)), dout(rows);
+  Dev<int32_t> dh(hist.size()), dc(static_cast<size_t>(rows * vocab * 4)), dout(rows);
   Dev<float> dhv(hist.size());
   CK(cudaMemcpy(dp.p, params.data(), rows * sizeof(kc::SampleRowParams), cudaMemcpyHostToDevice));
   if (!hist.empty()) {
@@ -133,13 +136,29 @@ void RunBatch(int64_t vocab, bool coarse, int rows, std::mt19937& rng) {
     CK(cudaMemcpy(pass == 0 ? got.data() : again.data(), dout.p, rows * 4, cudaMemcpyDeviceToHost));
   }
   EXPECT_EQ(got, again) << "not deterministic";
+  int near_boundary = 0;
   for (int r = 0; r < rows; ++r) {
     const Case& c = cases[r];
-    EXPECT_EQ(got[r], want[r]) << "vocab " << vocab << (coarse ? " coarse" : "") << " row " << r
-                               << ": T " << c.p.temperature << " top_k " << c.p.top_k
-                               << " top_p " << c.p.top_p << " penalty "
-                               << c.p.repetition_penalty << " u " << c.u;
+    if (got[r] == want[r]) continue;
+    bool reachable = false;
+    for (double du : {-1e-5, 0.0, 1e-5}) {
+      for (float dp : {-1e-5f, 0.f, 1e-5f}) {
+        SamplingParams q = c.p;
+        if (q.top_p < 1.f) q.top_p = std::min(1.f, q.top_p * (1.f + dp));
+        const double u = std::min(std::max(c.u * (1.0 + du), 0.0), 0.9999999999);
+        Sampler s(q);
+        reachable |= s.Pick(&logits[r * vocab], vocab, c.hist, u) == got[r];
+      }
+    }
+    ++near_boundary;
+    std::printf("vocab %lld row %d: device %d, host %d (%s)\n", static_cast<long long>(vocab), r,
+                got[r], want[r], reachable ? "within 1e-5 of a boundary" : "NOT near a boundary");
+    EXPECT_TRUE(reachable) << "vocab " << vocab << (coarse ? " coarse" : "") << " row " << r
+                           << ": device " << got[r] << ", host " << want[r] << "; T "
+                           << c.p.temperature << " top_k " << c.p.top_k << " top_p " << c.p.top_p
+                           << " penalty " << c.p.repetition_penalty << " u " << c.u;
   }
+  EXPECT_LE(near_boundary, 2) << "vocab " << vocab << (coarse ? " coarse" : "");
   // The penalty edited exactly the history's logits (in place).
   std::vector<float> after(logits.size());
   CK(cudaMemcpy(after.data(), dl.p, after.size() * 4, cudaMemcpyDeviceToHost));
@@ -173,7 +192,7 @@ TEST(CudaSampling, RejectsBadArguments) {
   SKIP_WITHOUT_GPU();
   Dev<float> l(16);
   Dev<kc::SampleRowParams> p(1);
-  Dev<int32_t> c(16), o(1);
+  Dev<int32_t> c(64), o(1);
   kc::SampleRowsArgs a;
   a.logits = l.p;
   a.m = 1;

@@ -93,7 +93,7 @@ int Main(int argc, char** argv) {
     kc::SampleRowParams* dp = nullptr;
     CK(cudaMalloc(&dl, logits.size() * 4));
     CK(cudaMalloc(&dorig, logits.size() * 4));
-    CK(cudaMalloc(&dc, logits.size() * 4));
+    CK(cudaMalloc(&dc, logits.size() * 16));
     CK(cudaMalloc(&dout, maxb * 4));
     CK(cudaMalloc(&dp, maxb * sizeof(kc::SampleRowParams)));
     CK(cudaMalloc(&dh, maxb * hist.size() * 4));

@@ -442,7 +442,7 @@ absl::Status CudaModelRunner::EnqueueSampling(const std::vector<RowSampling>& ro
   if (R > samp_rows_) {
     const int64_t r = std::max(R, 2 * samp_rows_);
     if (auto s = DevAlloc(&samp_params_, r * sizeof(kc::SampleRowParams)); !s.ok()) return s;
-    if (auto s = DevAlloc(&samp_cand_, r * V); !s.ok()) return s;
+    if (auto s = DevAlloc(&samp_cand_, r * V * 4); !s.ok()) return s;
     if (auto s = DevAlloc(&samp_out_, r); !s.ok()) return s;
     samp_rows_ = r;
   }

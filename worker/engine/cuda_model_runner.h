@@ -156,8 +156,8 @@ class CudaModelRunner {
   int32_t* inputs_host_ = nullptr;  // pinned staging of the same
   void* attn_ws_ = nullptr;
   // Device sampling: per-row parameters, history ids and their logits,
-  // candidate lists [rows][vocab], the sampled ids; pinned staging of the
-  // parameters + history (host) and of the ids.
+  // the kept tokens of each row (ids, keys, masses: [rows][4 vocab] int32s),
+  // the sampled ids; pinned host staging of the parameters + history.
   int64_t samp_rows_ = 0, samp_hist_cap_ = 0;
   unsigned char* samp_params_ = nullptr;
   int32_t *samp_hist_ = nullptr, *samp_cand_ = nullptr, *samp_out_ = nullptr;

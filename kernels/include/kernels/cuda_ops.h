@@ -214,7 +214,7 @@ struct SampleRowsArgs {
   const SampleRowParams* params = nullptr;  // [m], device
   const int32_t* hist = nullptr;  // device; ids outside [0, n) are ignored
   float* hist_vals = nullptr;     // device scratch, as long as hist
-  int32_t* cand = nullptr;        // device scratch [m, n]
+  int32_t* cand = nullptr;        // device scratch [m, 4 n] (16 bytes a token)
   int32_t* out = nullptr;         // [m], device
 };
 // InvalidArgument for bad sizes or null pointers (the params' own values
