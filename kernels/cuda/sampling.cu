@@ -17,6 +17,12 @@
 // that fixed point (p < 2^-40 of the best token's) can never be picked and
 // are dropped first (a compaction in id order), so the selections run over
 // the tokens that matter, not the whole vocabulary.
+//
+// A row is one thread-block cluster of CL blocks (CL = 8 while rows x 8
+// fit the SMs, fewer for larger batches): every pass splits the row over
+// the cluster's CL x 1024 threads and combines the blocks' partial sums
+// through distributed shared memory, in rank order (deterministic).
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -28,6 +34,8 @@
 
 namespace spear::kernels::cuda {
 namespace {
+
+namespace cg = cooperative_groups;
 
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
@@ -45,11 +53,36 @@ struct Shared {
   int wi[kWarps];
   u64 res_cum;
   int res_id;
-  float fmax;
-  int imax;
+  // read by the other blocks of the cluster (distributed shared memory)
+  u64 slot;
+  float slot_v;
+  int slot_i;
+  int slot_id;
+  u64 slot_cum;
 };
 
-// Exclusive prefix sum of v over the block (thread order); *total = the sum.
+// Where this thread sits in its row's cluster.
+template <int CL>
+struct Row {
+  int rank;  // block rank in the cluster
+  int g;     // thread index over the cluster
+  int gw;    // warp index over the cluster
+  static constexpr int kT = CL * kThreads;
+  static constexpr int kW = CL * kWarps;
+};
+
+template <int CL>
+__device__ __forceinline__ void ClusterSync() {
+  if constexpr (CL > 1) {
+    cg::this_cluster().sync();
+  } else {
+    __syncthreads();
+  }
+}
+
+// Exclusive prefix sum of v over the cluster's threads (rank, then thread
+// order); *total = the sum, the same in every block.
+template <int CL>
 __device__ u64 ExclusiveScan(u64 v, Shared& s, u64* total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   u64 inc = v;
@@ -71,19 +104,38 @@ __device__ u64 ExclusiveScan(u64 v, Shared& s, u64* total) {
   }
   __syncthreads();
   const u64 before = warp > 0 ? s.warp[warp - 1] : 0;
-  *total = s.warp[kWarps - 1];
-  __syncthreads();
-  return before + inc - v;
+  const u64 btotal = s.warp[kWarps - 1];
+  if constexpr (CL == 1) {
+    *total = btotal;
+    __syncthreads();
+    return before + inc - v;
+  } else {
+    cg::cluster_group cl = cg::this_cluster();
+    if (threadIdx.x == 0) s.slot = btotal;
+    cl.sync();
+    const unsigned r = cl.block_rank();
+    u64 lower = 0, all = 0;
+#pragma unroll
+    for (unsigned q = 0; q < CL; ++q) {
+      const u64 t = *cl.map_shared_rank(&s.slot, q);
+      lower += q < r ? t : 0;
+      all += t;
+    }
+    cl.sync();
+    *total = all;
+    return lower + before + inc - v;
+  }
 }
 
-// Warp w of the block owns the items [lo, hi) of a row of n (consecutive
-// ranges in warp order, multiples of 32 long): scans in id order read them
-// 32 consecutive items at a time (coalesced; one contiguous range per
-// thread was an uncoalesced load per item, ~50 us a pass at 49152 items).
-__device__ __forceinline__ void WarpRange(int n, int* lo, int* hi) {
-  const int per = (n + kWarps * 32 - 1) / (kWarps * 32) * 32;
-  const int warp = threadIdx.x >> 5;
-  *lo = min(n, warp * per);
+// Warp gw of the cluster owns the items [lo, hi) of a row of n
+// (consecutive ranges in warp order, multiples of 32 long): scans in id
+// order read them 32 consecutive items at a time (coalesced; one
+// contiguous range per thread was an uncoalesced load per item, ~50 us a
+// pass at 49152 items).
+template <int CL>
+__device__ __forceinline__ void WarpRange(const Row<CL>& R, int n, int* lo, int* hi) {
+  const int per = (n + Row<CL>::kW * 32 - 1) / (Row<CL>::kW * 32) * 32;
+  *lo = min(n, R.gw * per);
   *hi = min(n, *lo + per);
 }
 
@@ -104,12 +156,14 @@ __device__ __forceinline__ u64 WarpInclusive(u64 v, int lane) {
 
 // Over items [0, n) in index order: the first item with pred whose running
 // sum of w crosses thresh (strict: sum > thresh, else sum >= thresh).
-// Returns its index (-1 if none) and the running sum there.
-template <class Pred, class W>
-__device__ int ScanCross(int n, Pred pred, W w, u64 thresh, bool strict, Shared& s, u64* cum) {
+// Returns its index (-1 if none) and the running sum there; the same in
+// every block.
+template <int CL, class Pred, class W>
+__device__ int ScanCross(const Row<CL>& R, int n, Pred pred, W w, u64 thresh, bool strict,
+                         Shared& s, u64* cum) {
   const int lane = threadIdx.x & 31;
   int lo, hi;
-  WarpRange(n, &lo, &hi);
+  WarpRange(R, n, &lo, &hi);
   if (threadIdx.x == 0) s.res_id = -1;
   u64 part = 0;
   for (int base = lo; base < hi; base += 32) {
@@ -117,13 +171,12 @@ __device__ int ScanCross(int n, Pred pred, W w, u64 thresh, bool strict, Shared&
     if (j < hi && pred(j)) part += w(j);
   }
   const u64 wsum = WarpSum(part);
-  // the warps' sums, scanned (lane 0 of each warp contributes, in warp order)
   u64 total;
-  const u64 ex = ExclusiveScan(lane == 0 ? wsum : 0, s, &total);
+  const u64 ex = ExclusiveScan<CL>(lane == 0 ? wsum : 0, s, &total);
   const u64 wex = __shfl_sync(0xffffffffu, ex, 0);
   const bool mine = strict ? (wex <= thresh && thresh < wex + wsum)
                            : (wex < thresh && thresh <= wex + wsum);
-  if (mine) {  // warp-uniform
+  if (mine) {  // warp-uniform; one warp of the cluster at most
     u64 c = wex;
     for (int base = lo; base < hi; base += 32) {
       const int j = base + lane;
@@ -141,40 +194,58 @@ __device__ int ScanCross(int n, Pred pred, W w, u64 thresh, bool strict, Shared&
       c = __shfl_sync(0xffffffffu, inc, 31);
     }
   }
-  __syncthreads();
-  const int id = s.res_id;
-  *cum = s.res_cum;
-  __syncthreads();
-  return id;
+  if constexpr (CL == 1) {
+    __syncthreads();
+    const int id = s.res_id;
+    *cum = s.res_cum;
+    __syncthreads();
+    return id;
+  } else {
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    int id = -1;
+    u64 cm = 0;
+#pragma unroll
+    for (unsigned q = 0; q < CL; ++q) {
+      const int r = *cl.map_shared_rank(&s.res_id, q);
+      if (r >= 0) {
+        id = r;
+        cm = *cl.map_shared_rank(&s.res_cum, q);
+      }
+    }
+    cl.sync();
+    *cum = cm;
+    return id;
+  }
 }
 
 // In the order (key descending, index ascending) over the items with pred:
 // the first item where the running sum of w crosses thresh (as ScanCross).
 // Its key T is the largest with S(key >= T) crossing thresh (S is
-// non-increasing in T): a binary search over the 32-bit keys, one block
+// non-increasing in T): a binary search over the 32-bit keys, one cluster
 // sum per step (integer sums: no atomics, deterministic); then ScanCross
 // among the items of key T with what the larger keys left of thresh.
 // Returns the item (-1 if none); *cum = the running sum including it.
-template <class Pred, class K, class W>
-__device__ int OrderCross(int n, Pred pred, K key, W w, u64 thresh, bool strict, Shared& s, u64* cum) {
-  const int tid = threadIdx.x;
+template <int CL, class Pred, class K, class W>
+__device__ int OrderCross(const Row<CL>& R, int n, Pred pred, K key, W w, u64 thresh, bool strict,
+                          Shared& s, u64* cum) {
   auto crosses = [&](u64 v) { return strict ? v > thresh : v >= thresh; };
-  uint32_t lo = 0;             // S(key >= lo) crosses (the callers' thresh < total)
-  uint64_t hi = 1ull << 32;    // S(key >= hi) does not
-  u64 s_hi = 0;                // S(key >= hi)
+  uint32_t lo = 0;           // S(key >= lo) crosses (the callers' thresh < total)
+  uint64_t hi = 1ull << 32;  // S(key >= hi) does not
+  u64 s_hi = 0;              // S(key >= hi)
   while (hi - lo > 1) {
     const uint32_t mid = static_cast<uint32_t>(lo + (hi - lo) / 2);
     u64 part = 0;
     constexpr int kU = 4;
-    for (int base = tid; base < n; base += kThreads * kU) {
+    for (int base = R.g; base < n; base += Row<CL>::kT * kU) {
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
-        const int j = base + u * kThreads;
+        const int j = base + u * Row<CL>::kT;
         if (j < n && key(j) >= mid && pred(j)) part += w(j);
       }
     }
     u64 sum;
-    (void)ExclusiveScan(part, s, &sum);
+    (void)ExclusiveScan<CL>(part, s, &sum);
     if (crosses(sum)) {
       lo = mid;
     } else {
@@ -185,42 +256,53 @@ __device__ int OrderCross(int n, Pred pred, K key, W w, u64 thresh, bool strict,
   const u64 above = s_hi;  // S(key > lo)
   const uint32_t T = lo;
   u64 c = 0;
-  const int j = ScanCross(n, [&](int i) { return key(i) == T && pred(i); }, w, thresh - above,
+  const int j = ScanCross(R, n, [&](int i) { return key(i) == T && pred(i); }, w, thresh - above,
                           strict, s, &c);
   *cum = above + c;
   return j;
 }
 
+template <int CL>
 __global__ void __launch_bounds__(kThreads) SampleKernel(SampleRowsArgs a) {
   __shared__ Shared s;
-  const int b = blockIdx.x, tid = threadIdx.x;
+  const int tid = threadIdx.x;
+  Row<CL> R;
+  if constexpr (CL > 1) {
+    R.rank = static_cast<int>(cg::this_cluster().block_rank());
+  } else {
+    R.rank = 0;
+  }
+  R.g = R.rank * kThreads + tid;
+  R.gw = R.g >> 5;
+  const int b = blockIdx.x / CL;
   float* l = a.logits + static_cast<int64_t>(b) * a.ld;
   const SampleRowParams P = a.params[b];
   const int n = static_cast<int>(a.n);
+  constexpr int kT = Row<CL>::kT;
 
   // 1. Repetition penalty, each distinct history token once: read every
   // history token's logit first, then write, so duplicates write the same.
   if (P.repetition_penalty != 1.f && P.hist_len > 0) {
     const int32_t* h = a.hist + P.hist_begin;
     float* hv = a.hist_vals + P.hist_begin;
-    for (int64_t i = tid; i < P.hist_len; i += kThreads) {
+    for (int64_t i = R.g; i < P.hist_len; i += kT) {
       const int32_t t = h[i];
       hv[i] = t >= 0 && t < n ? l[t] : 0.f;
     }
-    __syncthreads();
-    for (int64_t i = tid; i < P.hist_len; i += kThreads) {
+    ClusterSync<CL>();
+    for (int64_t i = R.g; i < P.hist_len; i += kT) {
       const int32_t t = h[i];
       if (t < 0 || t >= n) continue;
       const float o = hv[i];
       l[t] = o > 0.f ? o / P.repetition_penalty : o * P.repetition_penalty;
     }
-    __syncthreads();
+    ClusterSync<CL>();
   }
 
   // 2. The best token (ties: the lower id). Greedy stops here.
   float bv = -INFINITY;
   int bi = INT_MAX;
-  for (int i = tid; i < n; i += kThreads) {
+  for (int i = R.g; i < n; i += kT) {
     const float v = l[i];
     if (v > bv || (v == bv && i < bi)) {
       bv = v;
@@ -249,14 +331,34 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleRowsArgs a) {
         i0 = s.wi[w];
       }
     }
-    s.fmax = v;
-    s.imax = i0 == INT_MAX ? 0 : i0;  // all NaN: token 0, as the host
+    s.slot_v = v;
+    s.slot_i = i0;
   }
-  __syncthreads();
-  const float mx = s.fmax;
-  const int best = s.imax;
+  float mx;
+  int best;
+  if constexpr (CL == 1) {
+    __syncthreads();
+    mx = s.slot_v;
+    best = s.slot_i;
+  } else {
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    mx = -INFINITY;
+    best = INT_MAX;
+#pragma unroll
+    for (unsigned q = 0; q < CL; ++q) {
+      const float v = *cl.map_shared_rank(&s.slot_v, q);
+      const int i0 = *cl.map_shared_rank(&s.slot_i, q);
+      if (v > mx || (v == mx && i0 < best)) {
+        mx = v;
+        best = i0;
+      }
+    }
+    cl.sync();
+  }
+  if (best == INT_MAX) best = 0;  // all NaN: token 0, as the host
   if (P.temperature == 0.f || !isfinite(mx)) {
-    if (tid == 0) a.out[b] = best;
+    if (R.g == 0) a.out[b] = best;
     return;
   }
 
@@ -270,10 +372,11 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleRowsArgs a) {
   int32_t* C = a.cand + static_cast<int64_t>(b) * a.n * 4;
   u64* CW = reinterpret_cast<u64*>(C + 2 * static_cast<int64_t>(a.n));
   uint32_t* CK = reinterpret_cast<uint32_t*>(C + a.n);
+  int c = 0;
   {
     const int lane = tid & 31;
     int lo, hi;
-    WarpRange(n, &lo, &hi);
+    WarpRange(R, n, &lo, &hi);
     u64 cnt = 0;
     for (int base = lo; base < hi; base += 32) {
       const int i = base + lane;
@@ -281,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleRowsArgs a) {
     }
     cnt = WarpSum(cnt);
     u64 total;
-    const u64 ex = ExclusiveScan(lane == 0 ? cnt : 0, s, &total);
+    const u64 ex = ExclusiveScan<CL>(lane == 0 ? cnt : 0, s, &total);
     u64 at = __shfl_sync(0xffffffffu, ex, 0);
     for (int base = lo; base < hi; base += 32) {
       const int i = base + lane;
@@ -296,11 +399,9 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleRowsArgs a) {
       }
       at += __popc(keep);
     }
-    if (tid == 0) s.res_id = static_cast<int>(total);
-    __syncthreads();
+    c = static_cast<int>(total);
+    ClusterSync<CL>();  // the lists, written by every block, read by all
   }
-  const int c = s.res_id;
-  __syncthreads();
   auto key = [&](int j) { return CK[j]; };
   auto w = [&](int j) { return CW[j]; };
   auto one = [](int) -> u64 { return 1; };
@@ -314,8 +415,12 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleRowsArgs a) {
   int kpos = c;
   if (topk) {
     u64 unused;
-    kpos = OrderCross(c, all, key, one, static_cast<u64>(P.top_k), false, s, &unused);
-    kkey = key(kpos);
+    kpos = OrderCross(R, c, all, key, one, static_cast<u64>(P.top_k), false, s, &unused);
+    if (kpos < 0) {
+      topk = false;  // not reached: k < c
+    } else {
+      kkey = key(kpos);
+    }
   }
   auto cand = [&](int j) {
     if (!topk) return true;
@@ -325,10 +430,10 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleRowsArgs a) {
   u64 total = 0;
   {
     u64 part = 0;
-    for (int j = tid; j < c; j += kThreads) {
+    for (int j = R.g; j < c; j += kT) {
       if (cand(j)) part += w(j);
     }
-    (void)ExclusiveScan(part, s, &total);
+    (void)ExclusiveScan<CL>(part, s, &total);
   }
 
   int pick = -1;
@@ -337,18 +442,34 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleRowsArgs a) {
     // then u x its mass, walked best-first.
     const u64 target = static_cast<u64>(ceil(static_cast<double>(P.top_p) * static_cast<double>(total)));
     u64 nsum = 0;
-    const int end = OrderCross(c, cand, key, w, target, false, s, &nsum);
+    const int end = OrderCross(R, c, cand, key, w, target, false, s, &nsum);
     if (end < 0) nsum = total;  // rounding: keep every candidate
     const u64 r = static_cast<u64>(P.uniform * static_cast<double>(nsum));
     u64 unused;
-    pick = OrderCross(c, cand, key, w, r, true, s, &unused);
+    pick = OrderCross(R, c, cand, key, w, r, true, s, &unused);
   } else {
     // All candidates, walked in id order.
     const u64 r = static_cast<u64>(P.uniform * static_cast<double>(total));
     u64 unused;
-    pick = ScanCross(c, cand, w, r, true, s, &unused);
+    pick = ScanCross(R, c, cand, w, r, true, s, &unused);
   }
-  if (tid == 0) a.out[b] = pick >= 0 ? C[pick] : best;
+  if (R.g == 0) a.out[b] = pick >= 0 ? C[pick] : best;
+}
+
+template <int CL>
+cudaError_t Launch(const SampleRowsArgs& a, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.m * CL));
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = CL;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, SampleKernel<CL>, a);
 }
 
 }  // namespace
@@ -359,9 +480,30 @@ absl::Status SampleRows(const SampleRowsArgs& a, cudaStream_t stream) {
     return absl::InvalidArgumentError("cuda::SampleRows: invalid parameters");
   }
   if (a.m == 0) return absl::OkStatus();
-  if (a.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::SampleRows: too many rows");
-  SampleKernel<<<static_cast<unsigned>(a.m), kThreads, 0, stream>>>(a);
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (a.m > 0x7fffffff / 8) return absl::InvalidArgumentError("cuda::SampleRows: too many rows");
+  // Blocks per row: 8 while the rows x 8 blocks fit the SMs in one wave,
+  // halved until they do (1 from rows >= SMs).
+  static const int num_sms = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      return 1;
+    }
+    return v;
+  }();
+  int cl = 8;
+  while (cl > 1 && a.m * cl > num_sms) cl /= 2;
+  if (a.cluster > 0) cl = a.cluster;
+  cudaError_t e;
+  switch (cl) {
+    case 1: e = Launch<1>(a, stream); break;
+    case 2: e = Launch<2>(a, stream); break;
+    case 4: e = Launch<4>(a, stream); break;
+    case 8: e = Launch<8>(a, stream); break;
+    default:
+      return absl::InvalidArgumentError("cuda::SampleRows: cluster must be 0, 1, 2, 4 or 8");
+  }
+  SPEAR_CUDA_RETURN_IF_ERROR(e);
   return absl::OkStatus();
 }
 

@@ -11,9 +11,10 @@
 // tokens may legitimately fall on the other side. A row whose device token
 // differs from the host's passes only if the host picks the device's token
 // with u or top_p moved by at most 1e-5 (relative), and at most 2 rows of
-// a batch may need that; every other row must be equal. Also: the same
-// launch twice gives the same tokens (deterministic), the penalty edits
-// only the history's logits, and bad arguments are InvalidArgument.
+// a batch may need that; every other row must be equal. Also: a second
+// launch with another cluster size (1, 2, 4 or 8 blocks per row, in
+// rotation) gives the same tokens (deterministic), the penalty edits only
+// the history's logits, and bad arguments are InvalidArgument.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -63,7 +64,9 @@ struct Case {
   std::vector<int32_t> hist;
 };
 
-void RunBatch(int64_t vocab, bool coarse, int rows, std::mt19937& rng) {
+// forced: the cluster size (blocks per row) of the second launch, which
+// must give the first (automatic) launch's tokens.
+void RunBatch(int64_t vocab, bool coarse, int rows, int forced, std::mt19937& rng) {
   std::normal_distribution<float> nd(0.f, 1.f);
   std::uniform_real_distribution<double> ud(0.0, 1.0);
   std::vector<float> logits(static_cast<size_t>(rows * vocab));
@@ -129,13 +132,14 @@ void RunBatch(int64_t vocab, bool coarse, int rows, std::mt19937& rng) {
   a.out = dout.p;
   std::vector<int32_t> got(rows, -7), again(rows, -9);
   for (int pass = 0; pass < 2; ++pass) {
+    a.cluster = pass == 0 ? 0 : forced;
     CK(cudaMemcpy(dl.p, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice));
     CK(cudaMemset(dout.p, 0xff, rows * 4));  // poisoned: -1
     ASSERT_TRUE(kc::SampleRows(a, nullptr).ok());
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(pass == 0 ? got.data() : again.data(), dout.p, rows * 4, cudaMemcpyDeviceToHost));
   }
-  EXPECT_EQ(got, again) << "not deterministic";
+  EXPECT_EQ(got, again) << "automatic vs " << forced << " blocks per row: not deterministic";
   int near_boundary = 0;
   for (int r = 0; r < rows; ++r) {
     const Case& c = cases[r];
@@ -180,9 +184,12 @@ void RunBatch(int64_t vocab, bool coarse, int rows, std::mt19937& rng) {
 TEST(CudaSampling, MatchesHostSampler) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed());
+  int forced = 0;
   for (int64_t vocab : {int64_t{1000}, int64_t{49152}, int64_t{128259}}) {
     for (bool coarse : {false, true}) {
-      RunBatch(vocab, coarse, vocab > 100000 ? 24 : 40, rng);
+      // 40 rows: 2 blocks per row automatically on 132 SMs; 3 rows: 8
+      const int rows = vocab == 1000 ? 3 : vocab > 100000 ? 24 : 40;
+      RunBatch(vocab, coarse, rows, 1 << (forced++ % 4), rng);
       if (HasFatalFailure()) return;
     }
   }
@@ -212,6 +219,9 @@ TEST(CudaSampling, RejectsBadArguments) {
   EXPECT_EQ(kc::SampleRows(b, nullptr).code(), absl::StatusCode::kInvalidArgument);
   b = a;
   b.cand = nullptr;
+  EXPECT_EQ(kc::SampleRows(b, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  b = a;
+  b.cluster = 3;
   EXPECT_EQ(kc::SampleRows(b, nullptr).code(), absl::StatusCode::kInvalidArgument);
   b = a;
   b.m = -1;

@@ -199,7 +199,8 @@ absl::Status Argmax(const float* logits, int64_t m, int64_t n, int64_t ld, int32
 // sampled as the host Sampler (worker/engine/sampler.h, Sampler::Pick)
 // samples it with the uniform draw params[i].uniform: repetition penalty
 // over the row's history tokens, then greedy (temperature 0) or top-k,
-// top-p and temperature. Deterministic. One thread block per row.
+// top-p and temperature. Deterministic (the same tokens for any cluster
+// size). One thread-block cluster per row.
 struct SampleRowParams {
   float temperature = 0.f;        // 0 = greedy
   int32_t top_k = 0;              // 0 = off
@@ -216,6 +217,10 @@ struct SampleRowsArgs {
   float* hist_vals = nullptr;     // device scratch, as long as hist
   int32_t* cand = nullptr;        // device scratch [m, 4 n] (16 bytes a token)
   int32_t* out = nullptr;         // [m], device
+  // Blocks per row (a thread-block cluster): 0 = automatic (8 while rows x
+  // 8 fit the SMs, halved until they do); 1, 2, 4, 8 force it (tests,
+  // benchmarks).
+  int cluster = 0;
 };
 // InvalidArgument for bad sizes or null pointers (the params' own values
 // are the caller's: validated on the host, SamplingParams::Validate).
