@@ -1,5 +1,5 @@
-// Sampling on the device (issue 5, build item 2): one thread block per
-// logits row does what the host Sampler (worker/engine/sampler.h) does for
+// Sampling on the device (issue 5, build item 2): one thread-block cluster
+// per logits row does what the host Sampler (worker/engine/sampler.h) does for
 // that row with a given uniform draw u: the repetition penalty over the
 // row's history, then greedy, or top-k / top-p / temperature and the pick.
 //
