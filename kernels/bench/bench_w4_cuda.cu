@@ -296,6 +296,10 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
   return 0;
 }
 
+// --prefill-ec=0|1|2: W4CudaParams::prefill_ec_stream of the table's W4+EC
+// column (the A/B of the prefill EC on a second stream).
+int g_prefill_ec = 0;
+
 int Main(int argc, char** argv) {
   std::string torch_csv, only, ec_latency;
   bool quick = false, no_layer = false, sweep = false, profile = false;
@@ -320,6 +324,7 @@ int Main(int argc, char** argv) {
     if (a == "--quick") quick = true;
     if (a == "--decode") ms_only = {1, 2, 4, 8, 16};  // the decode rows only
     if (a == "--no-layer") no_layer = true;
+    if (a.rfind("--prefill-ec=", 0) == 0) g_prefill_ec = std::atoi(a.c_str() + 13);
     if (a == "--sweep") sweep = true;
     if (a == "--profile") profile = true;
     try {
@@ -414,6 +419,7 @@ int Main(int argc, char** argv) {
         return TimeGraph(reps, [&](int i) {
           cuda::W4CudaParams p = bench::GemmParams(x, m, sh.k, y16, sh.n);
           p.use_ec = use_ec;
+          p.prefill_ec_stream = use_ec ? g_prefill_ec : 0;
           p.force_decode = fd;
           p.force_prefill = fp;
           p.decode_kernel = dk;

@@ -177,6 +177,9 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("strides ldx=", p.ldx, " ldy=", p.ldy, " below k=", d.k, " / n=", d.n));
   }
   if (p.force_decode && p.force_prefill) return Bad("force_decode and force_prefill");
+  if (p.prefill_ec_stream < 0 || p.prefill_ec_stream > 2) {
+    return Bad(absl::StrCat("prefill_ec_stream ", p.prefill_ec_stream, ": 0, 1 or 2"));
+  }
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }

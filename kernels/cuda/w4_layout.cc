@@ -252,6 +252,10 @@ W4Workspace::~W4Workspace() {
     if (p != nullptr) cudaFree(p);
   }
   if (d.cublas != nullptr) blas::Destroy(d.cublas);
+  if (d.cublas_ec != nullptr) blas::Destroy(d.cublas_ec);
+  if (d.ec_fork != nullptr) cudaEventDestroy(d.ec_fork);
+  if (d.ec_join != nullptr) cudaEventDestroy(d.ec_join);
+  if (d.ec_stream != nullptr) cudaStreamDestroy(d.ec_stream);
 }
 
 absl::StatusOr<std::unique_ptr<W4Workspace>> W4Workspace::Create() {
@@ -270,9 +274,13 @@ absl::StatusOr<std::unique_ptr<W4Workspace>> W4Workspace::Create() {
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.u, size_t{kEcMaxKParts} * kDecodeMaxM * kMaxRank * 4));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.v, kDecodeMaxM * kMaxRank * 2));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.v, 0, kDecodeMaxM * kMaxRank * 2));
-  if (blas::Create(&d.cublas) != CUBLAS_STATUS_SUCCESS) {
+  if (blas::Create(&d.cublas) != CUBLAS_STATUS_SUCCESS ||
+      blas::Create(&d.cublas_ec) != CUBLAS_STATUS_SUCCESS) {
     return absl::InternalError(absl::StrCat("cublasCreate failed", blas::LoadError().empty() ? "" : ": ", blas::LoadError()));
   }
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&d.ec_stream, cudaStreamNonBlocking));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&d.ec_fork, cudaEventDisableTiming));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&d.ec_join, cudaEventDisableTiming));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   return ws;
 }

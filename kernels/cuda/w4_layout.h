@@ -35,6 +35,7 @@
 #include "kernels/w4_cuda.h"
 
 typedef struct cublasContext* cublasHandle_t;
+typedef struct CUevent_st* cudaEvent_t;
 
 namespace spear::kernels::cuda {
 
@@ -83,6 +84,13 @@ struct W4Workspace::Impl {
   uint16_t* pv = nullptr;     // fp16 V [m][rp]
   size_t pu_elems = 0;
   cublasHandle_t cublas = nullptr;
+  // The prefill EC's first half (U = x A^T and the gate) runs on its own
+  // stream, forked from and joined back to the caller's by events (also
+  // inside a stream capture), with its own cuBLAS handle (a handle's
+  // workspace must not be shared by concurrent GEMMs).
+  cudaStream_t ec_stream = nullptr;
+  cudaEvent_t ec_fork = nullptr, ec_join = nullptr;
+  cublasHandle_t cublas_ec = nullptr;
 };
 
 // Launchers (w4_gemm_*.cu, w4_ec.cu, w4_prefill.cu); all check the launch.

@@ -1,7 +1,10 @@
 // The prefill path (m >= kPrefillM): dequantize W from the GPU layout into
 // an fp16 scratch [n][kp] (same fp16 arithmetic as the decode kernel, so the
 // two paths see identical weights), then cuBLAS (fp16 in, fp32 accumulate).
-// The EC through cuBLAS too: U = x A^T, the row-wise gate, y += V B^T.
+// The EC through cuBLAS too: U = x A^T and the row-wise gate (on a second
+// stream, overlapped with the dequantization and the main GEMM, which need
+// only x, for large GEMMs; W4CudaParams::prefill_ec_stream), then y += V
+// B^T on the caller's stream after both.
 // Measured against dequantizing inside a tiled mma kernel: see
 // docs/results/gpu.md.
 #include "kernels/cuda/cublas_loader.h"
@@ -111,49 +114,88 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
   const auto& d = w.impl();
   if (absl::Status st = ws->Reserve(w, p.m); !st.ok()) return st;
   auto& s = ws->impl();
-  if (absl::Status st = LaunchDequantW(d, s.wh, stream); !st.ok()) return st;
-  const uint16_t* x = p.x;
-  int64_t ldx = p.ldx;
-  if (d.act_scale != nullptr) {
-    if (absl::Status st = LaunchPrepareX(p.x, p.m, p.ldx, d.k, d.act_scale, s.pxs, d.kp, stream);
-        !st.ok()) {
-      return st;
-    }
-    x = s.pxs;
-    ldx = d.kp;
-  }
-  SPEAR_CUBLAS_RETURN_IF_ERROR(blas::SetStream(s.cublas, stream));
-  const float one = 1.f, zero = 0.f;
-  const float beta = p.accumulate ? 1.f : 0.f;
-  void* y = p.y_f32 != nullptr ? static_cast<void*>(p.y_f32) : static_cast<void*>(p.y_f16);
-  const cudaDataType_t yt = p.y_f32 != nullptr ? CUDA_R_32F : CUDA_R_16F;
+  const bool ec = p.use_ec && d.r > 0;
   const int n = static_cast<int>(d.n), m = static_cast<int>(p.m), k = static_cast<int>(d.k);
-  SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one,
-                                            s.wh, CUDA_R_16F, static_cast<int>(d.kp), x,
-                                            CUDA_R_16F, static_cast<int>(ldx), &beta, y, yt,
-                                            static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
-                                            CUBLAS_GEMM_DEFAULT));
-  if (p.bias != nullptr) {
-    if (absl::Status st = LaunchAddBias(p.bias, p.m, d.n, p.y_f32, p.y_f16, p.ldy, stream);
-        !st.ok()) {
-      return st;
-    }
-  }
-  if (p.use_ec && d.r > 0) {
+  const float one = 1.f, zero = 0.f;
+  // The EC's first half on a second stream when the GEMM is large enough
+  // for the overlap to pay (W4CudaParams::prefill_ec_stream).
+  const bool overlap =
+      ec && (p.prefill_ec_stream == 2 ||
+             (p.prefill_ec_stream == 0 && d.n * d.k >= (int64_t{32} << 20)));
+  if (ec) {
+    // U = x A^T and the gate: forked onto the EC stream (overlap), or first
+    // on the caller's. The EC stream always records ec_join, so a failure
+    // here still leaves the fork joinable (a capture in progress must end
+    // joined).
     const int r = static_cast<int>(d.r), rp = static_cast<int>(d.rp);
-    SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, r, m, k, &one,
-                                              d.ec_a, CUDA_R_16F, k, p.x, CUDA_R_16F,
-                                              static_cast<int>(p.ldx), &zero, s.pu, CUDA_R_32F, r,
-                                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    if (absl::Status st = LaunchEcGateRows(d, s.pu, p.m, s.pv, rp, p.gate_out, p.gate_ld, stream); !st.ok()) {
-      return st;
+    cudaStream_t es = overlap ? s.ec_stream : stream;
+    cublasHandle_t eh = overlap ? s.cublas_ec : s.cublas;
+    if (overlap) {
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(s.ec_fork, stream));
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s.ec_stream, s.ec_fork, 0));
     }
-    SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, r, &one,
-                                              d.ec_b, CUDA_R_16F, r, s.pv, CUDA_R_16F, rp, &one,
-                                              y, yt, static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
-                                              CUBLAS_GEMM_DEFAULT));
+    absl::Status st;
+    cublasStatus_t bs = blas::SetStream(eh, es);
+    if (bs == CUBLAS_STATUS_SUCCESS) {
+      bs = blas::GemmEx(eh, CUBLAS_OP_T, CUBLAS_OP_N, r, m, k, &one, d.ec_a, CUDA_R_16F, k, p.x,
+                        CUDA_R_16F, static_cast<int>(p.ldx), &zero, s.pu, CUDA_R_32F, r,
+                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    }
+    if (bs != CUBLAS_STATUS_SUCCESS) {
+      st = absl::InternalError(
+          absl::StrCat("prefill EC: cublas U = x A^T failed: status ", static_cast<int>(bs)));
+    } else {
+      st = LaunchEcGateRows(d, s.pu, p.m, s.pv, rp, p.gate_out, p.gate_ld, es);
+    }
+    if (overlap) {
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(s.ec_join, s.ec_stream));
+      if (!st.ok()) (void)cudaStreamWaitEvent(stream, s.ec_join, 0);
+    }
+    if (!st.ok()) return st;
   }
-  return absl::OkStatus();
+  auto join = [&] {
+    if (overlap) (void)cudaStreamWaitEvent(stream, s.ec_join, 0);
+  };
+  absl::Status main = [&]() -> absl::Status {
+    if (absl::Status st = LaunchDequantW(d, s.wh, stream); !st.ok()) return st;
+    const uint16_t* x = p.x;
+    int64_t ldx = p.ldx;
+    if (d.act_scale != nullptr) {
+      if (absl::Status st = LaunchPrepareX(p.x, p.m, p.ldx, d.k, d.act_scale, s.pxs, d.kp, stream);
+          !st.ok()) {
+        return st;
+      }
+      x = s.pxs;
+      ldx = d.kp;
+    }
+    SPEAR_CUBLAS_RETURN_IF_ERROR(blas::SetStream(s.cublas, stream));
+    const float beta = p.accumulate ? 1.f : 0.f;
+    void* y = p.y_f32 != nullptr ? static_cast<void*>(p.y_f32) : static_cast<void*>(p.y_f16);
+    const cudaDataType_t yt = p.y_f32 != nullptr ? CUDA_R_32F : CUDA_R_16F;
+    SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one,
+                                              s.wh, CUDA_R_16F, static_cast<int>(d.kp), x,
+                                              CUDA_R_16F, static_cast<int>(ldx), &beta, y, yt,
+                                              static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
+                                              CUBLAS_GEMM_DEFAULT));
+    if (p.bias != nullptr) {
+      if (absl::Status st = LaunchAddBias(p.bias, p.m, d.n, p.y_f32, p.y_f16, p.ldy, stream);
+          !st.ok()) {
+        return st;
+      }
+    }
+    if (ec) {
+      // Join, then y += V B^T after the GEMM wrote y.
+      if (overlap) SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, s.ec_join, 0));
+      const int r = static_cast<int>(d.r), rp = static_cast<int>(d.rp);
+      SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, r, &one,
+                                                d.ec_b, CUDA_R_16F, r, s.pv, CUDA_R_16F, rp, &one,
+                                                y, yt, static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
+                                                CUBLAS_GEMM_DEFAULT));
+    }
+    return absl::OkStatus();
+  }();
+  if (!main.ok()) join();  // (a no-op when the join above already ran)
+  return main;
 }
 
 }  // namespace spear::kernels::cuda

@@ -160,6 +160,13 @@ struct W4CudaParams {
   // uses whatever v the last call left), 8 the prologue without the
   // epilogue (4 and 8 together: InvalidArgument).
   int ec_prologue = 0;
+  // testing/benchmarks: where the prefill path (m >= kPrefillM) runs the
+  // EC's U = x A^T and gate: 0 automatic (a second stream, overlapped with
+  // the dequantization and the main GEMM, for n x k >= 32 Mi weights; the
+  // caller's stream below that, where the fork and join cost more than
+  // they hide: docs/results/gpu.md, "Prefill EC on a second stream"), 1
+  // the caller's stream, 2 the second stream.
+  int prefill_ec_stream = 0;
 };
 
 // y = Q(W) (x / act_scale) + bias [+ B (g ⊙ u), u = A x]  (see w4_ops.h).
