@@ -25,7 +25,7 @@ for d in .bundle-smollm2-*; do
 done
 export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; \
-  du -sh "$STORE"/*; } | tee "$OUT/device.txt"
+  du -sh "$STORE"/.bundle* "$STORE"/* 2>/dev/null; } | tee "$OUT/device.txt"
 rc=0
 for t in spear_decode_cuda_test spear_kernels_cuda_test spear_w4_cuda_test; do
   echo "### $t (date $(date -u +%H:%M:%S))"

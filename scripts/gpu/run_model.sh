@@ -27,7 +27,7 @@ done
 export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; } \
   | tee "$OUT/device.txt"
-ls -la "$STORE" "$STORE"/* > "$OUT/store.txt" 2>&1
+ls -la "$STORE" "$STORE"/.bundle* "$STORE"/* > "$OUT/store.txt" 2>&1
 run_tests() {
   local rc=0
   for t in "$BUNDLE"/bin/*_test; do
@@ -40,7 +40,7 @@ run_tests() {
   return $rc
 }
 if [[ "${SPEAR_MODEL_STASH:-0}" == 1 ]]; then
-  du -sh "$STORE"/*
+  du -sh "$STORE"/.bundle* "$STORE"/* 2>/dev/null
   rc=0
   [[ "${SPEAR_MODEL_TESTS:-0}" == 1 ]] && { run_tests || rc=1; }
   exit $rc
