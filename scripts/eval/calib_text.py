@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
 """Builds a real-text calibration file (issue 3, `spear quantize --calib text:FILE`)
-from Debian packages, away from both scored texts' domains (WikiText-2's
-encyclopedic articles, the Debian Administrator's Handbook's system
-administration): the English fortune cookies of `fortunes-min` and `fortunes`
-(quotes, jokes, verse, aphorisms from many sources), every cookie of
-/usr/share/games/fortunes/ (the %-separated files, not the .dat indexes),
-deduplicated, shuffled with a fixed seed (1) so that any prefix of the file
-samples every category, separated by blank lines.
+from Debian packages, neither of them a scored text:
 
-Usage: calib_text.py [OUT]   (default ~/.cache/spear/texts/fortunes.txt)
+- fortunes (default): the English fortune cookies of `fortunes-min` and
+  `fortunes` (quotes, jokes, verse, aphorisms from many sources), every
+  cookie of /usr/share/games/fortunes/ (the %-separated files, not the .dat
+  indexes); away from both scored texts' domains (WikiText-2's encyclopedic
+  articles, the Debian Administrator's Handbook's system administration).
+- wordnet: the glosses of `wordnet-base` (WordNet 3.0: every noun, verb,
+  adjective and adverb synset as "lemma, lemma: definition; "examples""):
+  general reference prose over every topic, people and places included,
+  but not WikiText-2's text.
+
+Entries are deduplicated, shuffled with a fixed seed (1) so that any prefix
+of the file samples every category, separated by blank lines.
+
+Usage: calib_text.py [OUT] [--source fortunes|wordnet]
+  (default OUT ~/.cache/spear/texts/<source>.txt)
 Prints the output path and its size. Needs apt-get and dpkg-deb (no root:
 `apt-get download` writes into a temporary folder).
 """
@@ -18,36 +26,72 @@ import subprocess
 import sys
 import tempfile
 
-PACKAGES = ["fortunes-min", "fortunes"]
+PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"]}
+
+
+def fortunes(root):
+    cookies = []
+    d = os.path.join(root, "usr/share/games/fortunes")
+    for name in sorted(os.listdir(d)):
+        path = os.path.join(d, name)
+        if name.endswith((".dat", ".u8")) or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        text = open(path, encoding="utf-8", errors="replace").read()
+        for c in text.split("\n%\n"):
+            c = c.strip("%\n ").rstrip()
+            if len(c) > 1:
+                cookies.append(c)
+    return cookies
+
+
+def wordnet(root):
+    # data.<pos>: "offset lex_filenum ss_type w_cnt word lex_id ... | gloss";
+    # lines starting with two spaces are the license header.
+    entries = []
+    d = os.path.join(root, "usr/share/wordnet")
+    for pos in ["noun", "verb", "adj", "adv"]:
+        for line in open(os.path.join(d, "data." + pos), encoding="utf-8", errors="replace"):
+            if line.startswith("  ") or "|" not in line:
+                continue
+            head, gloss = line.split("|", 1)
+            f = head.split()
+            n = int(f[3], 16)
+            words = [f[4 + 2 * i].replace("_", " ") for i in range(n)]
+            words = [w[:w.index("(")] if "(" in w else w for w in words]
+            gloss = gloss.strip()
+            if gloss:
+                entries.append(", ".join(dict.fromkeys(words)) + ": " + gloss)
+    return entries
 
 
 def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser(
-        "~/.cache/spear/texts/fortunes.txt")
-    cookies, debs = [], []
+    args = [a for a in sys.argv[1:] if not a.startswith("--source")]
+    source = "fortunes"
+    for i, a in enumerate(sys.argv[1:]):
+        if a.startswith("--source="):
+            source = a.split("=", 1)[1]
+        elif a == "--source" and i + 2 < len(sys.argv):
+            source = sys.argv[i + 2]
+            args = [x for x in args if x != source]
+    if source not in PACKAGES:
+        print("calib_text.py: --source must be fortunes or wordnet", file=sys.stderr)
+        sys.exit(2)
+    out = args[0] if args else os.path.expanduser(f"~/.cache/spear/texts/{source}.txt")
+    debs = []
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download"] + PACKAGES, cwd=tmp, check=True,
+        subprocess.run(["apt-get", "download"] + PACKAGES[source], cwd=tmp, check=True,
                        stdout=subprocess.DEVNULL)
         root = os.path.join(tmp, "x")
         for deb in sorted(f for f in os.listdir(tmp) if f.endswith(".deb")):
             debs.append(deb)
             subprocess.run(["dpkg-deb", "-x", os.path.join(tmp, deb), root], check=True)
-        d = os.path.join(root, "usr/share/games/fortunes")
-        for name in sorted(os.listdir(d)):
-            path = os.path.join(d, name)
-            if name.endswith((".dat", ".u8")) or os.path.islink(path) or not os.path.isfile(path):
-                continue
-            text = open(path, encoding="utf-8", errors="replace").read()
-            for c in text.split("\n%\n"):
-                c = c.strip("%\n ").rstrip()
-                if len(c) > 1:
-                    cookies.append(c)
+        cookies = fortunes(root) if source == "fortunes" else wordnet(root)
     cookies = sorted(set(cookies))
     random.Random(1).shuffle(cookies)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.write("\n\n".join(cookies) + "\n")
-    print(out, os.path.getsize(out), "bytes,", len(cookies), "cookies from", ", ".join(debs))
+    print(out, os.path.getsize(out), "bytes,", len(cookies), "entries from", ", ".join(debs))
 
 
 if __name__ == "__main__":
