@@ -148,6 +148,28 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   }
   o.calib.windows_per_sequence = *windows;
   o.calib.top_p = *top_p;
+  if (f.Has("calib-mix-text")) {
+    // FILE,M: M windows of the text spread among the self-generated ones.
+    const std::string v = f.Str("calib-mix-text");
+    const size_t comma = v.rfind(',');
+    int64_t m = 0;
+    if (comma == std::string::npos || comma == 0 || !absl::SimpleAtoi(v.substr(comma + 1), &m) ||
+        m < 1 || m > 100000) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--calib-mix-text must be FILE,M with 1 <= M <= 100000 windows, got '", v, "'"));
+    }
+    if (!o.calib.text_file.empty()) {
+      return absl::InvalidArgumentError("--calib-mix-text only applies to --calib self:N,LEN");
+    }
+    const std::string file = v.substr(0, comma);
+    std::error_code ec;
+    if (!fs::is_regular_file(file, ec)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--calib-mix-text: no such text file '", file, "'"));
+    }
+    o.calib.mix_text_file = file;
+    o.calib.mix_text_sequences = m;
+  }
   o.calib.random_start_fraction = *random_start;
   auto mse = f.Double("mse-weight", 0.0, 1e6);
   if (!mse.ok()) return mse.status();
@@ -323,6 +345,9 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "self: each sample is W x LEN tokens, cut into W windows of LEN (windows after "
                "the first start mid-text, like chunks of a long document); N x W sequences in all")
       .Declare("calib-top-p", "0.95", "self: nucleus mass of the calibration sampler (1 = off)")
+      .Declare("calib-mix-text", "",
+               "self: FILE,M adds the first M windows of LEN tokens of a text file, spread "
+               "among the self-generated sequences (both the fit and the held-out part)")
       .Declare("calib-random-start", "0",
                "self: fraction of samples that continue from a random non-special vocabulary "
                "token instead of from BOS alone (data-free diversity, as LLM-QAT)")
@@ -403,6 +428,8 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"windows_per_sequence", o.calib.windows_per_sequence},
            {"top_p", o.calib.top_p},
            {"random_start_fraction", o.calib.random_start_fraction},
+           {"mix_text_file", o.calib.mix_text_file},
+           {"mix_text_sequences", o.calib.mix_text_sequences},
            {"seed", o.calib.seed},
            {"tokens", report->calibration_tokens}}
           .dump();

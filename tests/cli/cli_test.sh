@@ -94,6 +94,10 @@ expect 2 "--calib-windows, --calib-top-p and --calib-random-start only apply" --
 expect 2 "--calib-random-start must be" -- quantize --model "$TINY" --out "$TMP/q" --calib-random-start 1.5
 expect 2 "--ec-min-rank must be" -- quantize --model "$TINY" --out "$TMP/q" --ec-min-rank 0
 expect 2 "--calib-top-p must be" -- quantize --model "$TINY" --out "$TMP/q" --calib-top-p 0
+expect 2 "--calib-mix-text must be FILE,M" -- quantize --model "$TINY" --out "$TMP/q" --calib-mix-text "$0"
+expect 2 "--calib-mix-text must be FILE,M" -- quantize --model "$TINY" --out "$TMP/q" --calib-mix-text "$0",0
+expect 2 "--calib-mix-text: no such text file" -- quantize --model "$TINY" --out "$TMP/q" --calib-mix-text /no/such.txt,4
+expect 2 "--calib-mix-text only applies" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-mix-text "$0",4
 expect 2 "unknown flag --bogus" -- quantize --model "$TINY" --out "$TMP/q" --bogus
 # --ec-latency-table (measured EC latency per module shape: ec_latency.h). The
 # tiny model's shapes: 64x64 (q, o), 32x64 (k, v), 176x64 (gate, up), 64x176 (down).

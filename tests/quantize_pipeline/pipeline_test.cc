@@ -203,6 +203,53 @@ TEST_F(PipelineTest, CalibrationRandomStartsContinueFromARandomWord) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// The calibration text mix: text windows spread evenly among the
+// self-generated sequences, the last one at the end (the held-out tenth).
+TEST(CalibrationMixTest, SpreadAmongInterleavesEvenly) {
+  auto seqs = [](int n, int32_t tag) {
+    std::vector<std::vector<int32_t>> v;
+    for (int i = 0; i < n; ++i) v.push_back({tag, i});
+    return v;
+  };
+  auto order = [](const std::vector<std::vector<int32_t>>& v) {
+    std::string s;
+    for (const auto& x : v) s += (x[0] == 0 ? "s" : "t") + std::to_string(x[1]) + " ";
+    return s;
+  };
+  EXPECT_EQ(order(SpreadAmong(seqs(8, 0), seqs(2, 1))), "s0 s1 s2 s3 t0 s4 s5 s6 s7 t1 ");
+  EXPECT_EQ(order(SpreadAmong(seqs(3, 0), seqs(3, 1))), "s0 t0 s1 t1 s2 t2 ");
+  // floor((j + 1) 2 / 5) - 1 = -1, -1, 0, 0, 1: four after s0 (none before it)
+  EXPECT_EQ(order(SpreadAmong(seqs(2, 0), seqs(5, 1))), "s0 t0 t1 t2 t3 s1 t4 ");
+  EXPECT_EQ(order(SpreadAmong(seqs(4, 0), {})), "s0 s1 s2 s3 ");
+  EXPECT_EQ(order(SpreadAmong({}, seqs(2, 1))), "t0 t1 ");
+  // 128 self + 32 text: t[j] follows s[4 j + 3], so every block of 5 ends
+  // with a text window; 4 of the last 16 (the held-out tenth) are text.
+  const auto big = SpreadAmong(seqs(128, 0), seqs(32, 1));
+  ASSERT_EQ(big.size(), 160u);
+  int text_tail = 0;
+  for (size_t i = 144; i < 160; ++i) text_tail += big[i][0] == 1;
+  EXPECT_EQ(text_tail, 4);
+  EXPECT_EQ(big.back()[0], 1);
+}
+
+TEST_F(PipelineTest, CalibrationMixNeedsSelfDataAndATokenizer) {
+  CalibrationOptions c;
+  c.num_sequences = 2;
+  c.seq_len = 16;
+  c.mix_text_file = "/no/such/file.txt";
+  c.mix_text_sequences = 0;
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, c, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);  // 0 windows
+  c.mix_text_sequences = 2;
+  c.text_file = "/no/such/file.txt";
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, c, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);  // text + mix
+  c.text_file.clear();
+  // the tiny model has no tokenizer: the self part runs, the text part cannot
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, c, 2).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
 TEST_F(PipelineTest, DiagnosticRanksInjectedModuleFirst) {
   CalibrationOptions c;
   c.num_sequences = 8;

@@ -37,13 +37,49 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> FromTextFile(const model::Load
 
 }  // namespace
 
+std::vector<std::vector<int32_t>> SpreadAmong(std::vector<std::vector<int32_t>> a,
+                                              std::vector<std::vector<int32_t>> b) {
+  const int64_t S = static_cast<int64_t>(a.size()), M = static_cast<int64_t>(b.size());
+  std::vector<std::vector<int32_t>> out;
+  out.reserve(static_cast<size_t>(S + M));
+  int64_t j = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    out.push_back(std::move(a[i]));
+    // b[j] follows a[max(0, floor((j + 1) S / M) - 1)]
+    while (j < M && ((j + 1) * S) / M - 1 <= i) out.push_back(std::move(b[j++]));
+  }
+  while (j < M) out.push_back(std::move(b[j++]));
+  return out;
+}
+
 absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     const model::LoadedModel& model, const CalibrationOptions& o, int num_threads,
     const std::function<void(int64_t, int64_t)>& progress) {
   if (o.num_sequences < 1 || o.seq_len < 2) {
     return absl::InvalidArgumentError("calibration needs num_sequences >= 1 and seq_len >= 2");
   }
-  if (!o.text_file.empty()) return FromTextFile(model, o);
+  if (!o.text_file.empty()) {
+    if (!o.mix_text_file.empty()) {
+      return absl::InvalidArgumentError("calibration: a text mix only goes with self-generated data");
+    }
+    return FromTextFile(model, o);
+  }
+  if (!o.mix_text_file.empty()) {
+    if (o.mix_text_sequences < 1) {
+      return absl::InvalidArgumentError("calibration: the text mix needs >= 1 window");
+    }
+    CalibrationOptions self = o;
+    self.mix_text_file.clear();
+    self.mix_text_sequences = 0;
+    auto gen = MakeCalibrationSequences(model, self, num_threads, progress);
+    if (!gen.ok()) return gen.status();
+    CalibrationOptions text = self;
+    text.text_file = o.mix_text_file;
+    text.num_sequences = o.mix_text_sequences;
+    auto win = FromTextFile(model, text);
+    if (!win.ok()) return win.status();
+    return SpreadAmong(std::move(*gen), std::move(*win));
+  }
   if (!(o.top_p > 0 && o.top_p <= 1)) {
     return absl::InvalidArgumentError(absl::StrCat("calibration top_p must be in (0, 1], got ", o.top_p));
   }

@@ -16,6 +16,9 @@
 // Text file: the file's tokens (no BOS inserted) cut into consecutive,
 // non-overlapping windows of seq_len; the first num_sequences windows (fewer
 // if the file is short; InvalidArgument if not even one fits).
+// Mixed (self-generated + mix_text_file): the self-generated sequences with
+// the file's first mix_text_sequences windows spread evenly among them
+// (SpreadAmong), so both ends of the list (fit and held-out) mix.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +30,11 @@
 #include "worker/quantize/pipeline/quantize_model.h"
 
 namespace spear::quantize {
+
+// a's sequences in order with b's spread evenly among them: b[j] follows
+// a[max(0, floor((j + 1) |a| / |b|) - 1)] (so b's last follows a's last).
+std::vector<std::vector<int32_t>> SpreadAmong(std::vector<std::vector<int32_t>> a,
+                                              std::vector<std::vector<int32_t>> b);
 
 // Progress: (tokens generated, total tokens).
 absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(

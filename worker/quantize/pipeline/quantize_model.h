@@ -63,6 +63,12 @@ struct CalibrationOptions {
   // one), as LLM-QAT's data-free generation does: the model continues from
   // a random word, so the set covers more than what it writes after BOS.
   double random_start_fraction = 0.0;
+  // Self-generated only: plus the first mix_text_sequences windows of
+  // seq_len tokens of mix_text_file (as text_file cuts them), spread evenly
+  // among the self-generated sequences, so that the fit and the held-out
+  // part (the last tenth) both hold some. Empty / 0 = none.
+  std::string mix_text_file;
+  int64_t mix_text_sequences = 0;
 };
 
 struct QuantizeOptions {
