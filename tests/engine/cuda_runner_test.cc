@@ -31,6 +31,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tests/gpu_skip.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
 #include "tests/engine/smollm2_spear.h"
@@ -48,16 +49,6 @@ namespace {
 constexpr double kRelTol = 0.05;
 constexpr double kEmuFactor = 4;
 constexpr double kNmse = 1e-3;
-
-#define SKIP_WITHOUT_GPU()                                                                   \
-  do {                                                                                       \
-    auto n = kernels::cuda::DeviceCount();                                                   \
-    if (!n.ok() || *n == 0) {                                                                \
-      GTEST_SKIP() << "no CUDA device present ("                                             \
-                   << (n.ok() ? std::string("0 devices") : std::string(n.status().message())) \
-                   << "); GPU tests run on the GPU machine (scripts/gpu/)";                  \
-    }                                                                                        \
-  } while (0)
 
 using testing::TinyW4Model;
 

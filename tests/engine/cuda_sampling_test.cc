@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/gpu_skip.h"
 #include "kernels/cuda_ops.h"
 #include "worker/engine/sampler.h"
 
@@ -31,16 +32,6 @@ namespace spear::engine {
 namespace {
 
 namespace kc = kernels::cuda;
-
-#define SKIP_WITHOUT_GPU()                                                                   \
-  do {                                                                                       \
-    auto n = kc::DeviceCount();                                                              \
-    if (!n.ok() || *n == 0) {                                                                \
-      GTEST_SKIP() << "no CUDA device present ("                                             \
-                   << (n.ok() ? std::string("0 devices") : std::string(n.status().message())) \
-                   << "); GPU tests run on the GPU machine (scripts/gpu/)";                  \
-    }                                                                                        \
-  } while (0)
 
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
 

@@ -17,22 +17,13 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/gpu_skip.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
 #include "kernels/ops.h"
 
 namespace spear::kernels {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                                                    \
-  do {                                                                                        \
-    auto n = cuda::DeviceCount();                                                             \
-    if (!n.ok() || *n == 0) {                                                                 \
-      GTEST_SKIP() << "no CUDA device present ("                                              \
-                   << (n.ok() ? std::string("0 devices") : std::string(n.status().message())) \
-                   << "); GPU tests run on the GPU machine (scripts/gpu/)";                   \
-    }                                                                                         \
-  } while (0)
 
 constexpr uint16_t kHalfNaN = 0x7e00;
 

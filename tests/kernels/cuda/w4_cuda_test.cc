@@ -25,6 +25,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tests/gpu_skip.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
 #include "kernels/w4_cuda.h"
@@ -32,16 +33,6 @@
 
 namespace spear::kernels {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                                                  \
-  do {                                                                                      \
-    auto n = cuda::DeviceCount();                                                           \
-    if (!n.ok() || *n == 0) {                                                               \
-      GTEST_SKIP() << "no CUDA device present ("                                            \
-                   << (n.ok() ? std::string("0 devices") : std::string(n.status().message())) \
-                   << "); GPU tests run on the GPU machine (scripts/gpu/)";                 \
-    }                                                                                       \
-  } while (0)
 
 #define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
 
