@@ -57,8 +57,6 @@ struct Shared {
   u64 slot;
   float slot_v;
   int slot_i;
-  int slot_id;
-  u64 slot_cum;
 };
 
 // Where this thread sits in its row's cluster.
