@@ -171,6 +171,33 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     o.calib.mix_text_sequences = m;
   }
   o.calib.random_start_fraction = *random_start;
+  if (f.Has("calib-prompts")) {
+    // FILE[,F]: a fraction F (default 1) of the samples continue from the
+    // file's prompts (one per line).
+    std::string file = f.Str("calib-prompts");
+    double frac = 1.0;
+    const size_t comma = file.rfind(',');
+    if (comma != std::string::npos) {
+      const std::string tail = file.substr(comma + 1);
+      if (!absl::SimpleAtod(tail, &frac) || !(frac > 0 && frac <= 1)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--calib-prompts must be FILE[,F] with 0 < F <= 1, got '", file, "'"));
+      }
+      file = file.substr(0, comma);
+    }
+    if (!o.calib.text_file.empty()) {
+      return absl::InvalidArgumentError("--calib-prompts only applies to --calib self:N,LEN");
+    }
+    if (f.Has("calib-random-start")) {
+      return absl::InvalidArgumentError("--calib-prompts and --calib-random-start exclude each other");
+    }
+    std::error_code ec;
+    if (file.empty() || !fs::is_regular_file(file, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat("--calib-prompts: no such file '", file, "'"));
+    }
+    o.calib.prompt_file = file;
+    o.calib.prompt_fraction = frac;
+  }
   auto mse = f.Double("mse-weight", 0.0, 1e6);
   if (!mse.ok()) return mse.status();
   if (f.Has("mse-weight") && o.ec != quantize::EcMode::kSpear) {
@@ -351,6 +378,10 @@ int CmdQuantize(const std::vector<std::string>& args) {
       .Declare("calib-random-start", "0",
                "self: fraction of samples that continue from a random non-special vocabulary "
                "token instead of from BOS alone (data-free diversity, as LLM-QAT)")
+      .Declare("calib-prompts", "",
+               "self: FILE[,F]: a fraction F (default 1) of the samples continue from the "
+               "file's prompts (one per line, in order, cycled) instead of from BOS alone "
+               "(scripts/eval/calib_text.py --source=wordnet-topics writes one)")
       .Declare("seed", "1", "calibration sampling seed")
       .Declare("mse-weight", "1",
                "stage 2: weight of the final hidden-state MSE term added to the KL (distill.h; "
@@ -430,6 +461,8 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"random_start_fraction", o.calib.random_start_fraction},
            {"mix_text_file", o.calib.mix_text_file},
            {"mix_text_sequences", o.calib.mix_text_sequences},
+           {"prompt_file", o.calib.prompt_file},
+           {"prompt_fraction", o.calib.prompt_file.empty() ? 0.0 : o.calib.prompt_fraction},
            {"seed", o.calib.seed},
            {"tokens", report->calibration_tokens}}
           .dump();

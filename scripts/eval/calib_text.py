@@ -11,11 +11,15 @@ from Debian packages, neither of them a scored text:
   adjective and adverb synset as "lemma, lemma: definition; "examples""):
   general reference prose over every topic, people and places included,
   but not WikiText-2's text.
+- wordnet-topics: calibration *prompts* (`spear quantize --calib-prompts`),
+  one per line: an opening sentence "Lemma is <gloss>." for every
+  WordNet noun synset (people, places, things, ideas of every field), from
+  which the model writes the rest of its calibration sample itself.
 
 Entries are deduplicated, shuffled with a fixed seed (1) so that any prefix
 of the file samples every category, separated by blank lines.
 
-Usage: calib_text.py [OUT] [--source fortunes|wordnet]
+Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics]
   (default OUT ~/.cache/spear/texts/<source>.txt)
 Prints the output path and its size. Needs apt-get and dpkg-deb (no root:
 `apt-get download` writes into a temporary folder).
@@ -26,7 +30,8 @@ import subprocess
 import sys
 import tempfile
 
-PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"]}
+PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"],
+            "wordnet-topics": ["wordnet-base"]}
 
 
 def fortunes(root):
@@ -64,6 +69,27 @@ def wordnet(root):
     return entries
 
 
+def wordnet_topics(root):
+    # Noun synsets only: "Lemma is <first clause of the gloss>." (the
+    # examples after ';' dropped), one line each.
+    entries = []
+    path = os.path.join(root, "usr/share/wordnet/data.noun")
+    for line in open(path, encoding="utf-8", errors="replace"):
+        if line.startswith("  ") or "|" not in line:
+            continue
+        head, gloss = line.split("|", 1)
+        f = head.split()
+        word = f[4].replace("_", " ")
+        if "(" in word:
+            word = word[:word.index("(")]
+        gloss = gloss.split(";")[0].strip().rstrip(".")
+        if not gloss or not word:
+            continue
+        word = word[0].upper() + word[1:]
+        entries.append(f"{word} is {gloss}.")
+    return entries
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--source")]
     source = "fortunes"
@@ -74,7 +100,7 @@ def main():
             source = sys.argv[i + 2]
             args = [x for x in args if x != source]
     if source not in PACKAGES:
-        print("calib_text.py: --source must be fortunes or wordnet", file=sys.stderr)
+        print("calib_text.py: --source must be fortunes, wordnet or wordnet-topics", file=sys.stderr)
         sys.exit(2)
     out = args[0] if args else os.path.expanduser(f"~/.cache/spear/texts/{source}.txt")
     debs = []
@@ -85,12 +111,14 @@ def main():
         for deb in sorted(f for f in os.listdir(tmp) if f.endswith(".deb")):
             debs.append(deb)
             subprocess.run(["dpkg-deb", "-x", os.path.join(tmp, deb), root], check=True)
-        cookies = fortunes(root) if source == "fortunes" else wordnet(root)
+        cookies = {"fortunes": fortunes, "wordnet": wordnet,
+                   "wordnet-topics": wordnet_topics}[source](root)
     cookies = sorted(set(cookies))
     random.Random(1).shuffle(cookies)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
-        f.write("\n\n".join(cookies) + "\n")
+        sep = "\n" if source == "wordnet-topics" else "\n\n"  # prompts: one per line
+        f.write(sep.join(cookies) + "\n")
     print(out, os.path.getsize(out), "bytes,", len(cookies), "entries from", ", ".join(debs))
 
 

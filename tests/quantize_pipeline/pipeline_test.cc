@@ -203,6 +203,67 @@ TEST_F(PipelineTest, CalibrationRandomStartsContinueFromARandomWord) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(PipelineTest, CalibrationPromptsStartTheirSamples) {
+  CalibrationOptions base;
+  base.num_sequences = 6;
+  base.seq_len = 24;
+  auto a = MakeCalibrationSequences(*fp_, base, 2);
+  ASSERT_TRUE(a.ok()) << a.status();
+  CalibrationOptions p = base;
+  p.prompt_ids = {{5, 6, 7}, {9}};
+  p.prompt_fraction = 0.5;
+  auto b = MakeCalibrationSequences(*fp_, p, 2);
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(b->size(), 6u);
+  // Samples 1, 3, 5 are prompted with prompts 0, 1, 0 (in order, cycled);
+  // 0, 2, 4 are exactly the BOS-started samples.
+  const int32_t first = (*a)[0][0];
+  const std::vector<std::vector<int32_t>> want = {{5, 6, 7}, {9}, {5, 6, 7}};
+  for (size_t i = 0; i < 6; ++i) {
+    ASSERT_EQ((*b)[i].size(), 24u) << i;
+    EXPECT_EQ((*b)[i][0], first) << i;
+    if (i % 2 == 0) {
+      EXPECT_EQ((*b)[i], (*a)[i]) << i;
+    } else {
+      const auto& w = want[i / 2];
+      EXPECT_TRUE(std::equal(w.begin(), w.end(), (*b)[i].begin() + 1)) << i;
+    }
+  }
+  // Every sample prompted: prompt 0, 1, 0, 1, ...
+  p.prompt_fraction = 1.0;
+  auto c = MakeCalibrationSequences(*fp_, p, 2);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ((*c)[2][1], 5);
+  EXPECT_EQ((*c)[3][1], 9);
+  // Errors: a prompt of half a sample or more, an empty prompt, an id
+  // outside the vocabulary, a bad fraction, random starts beside prompts,
+  // a prompt file without a tokenizer.
+  CalibrationOptions bad = p;
+  bad.prompt_ids = {std::vector<int32_t>(11, 5)};  // + BOS = 12 = half of 24
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad.prompt_ids = {std::vector<int32_t>(10, 5)};
+  EXPECT_TRUE(MakeCalibrationSequences(*fp_, bad, 2).ok());
+  bad.prompt_ids = {{}};
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad.prompt_ids = {{static_cast<int32_t>(fp_->config.vocab_size)}};
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad = p;
+  bad.prompt_fraction = 0.0;
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad = p;
+  bad.random_start_fraction = 0.5;
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad = base;
+  bad.prompt_file = "/no/such/prompts.txt";
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
 // The calibration text mix: text windows spread evenly among the
 // self-generated sequences, the last one at the end (the held-out tenth).
 TEST(CalibrationMixTest, SpreadAmongInterleavesEvenly) {

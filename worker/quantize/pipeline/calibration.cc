@@ -5,6 +5,7 @@
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "worker/engine/engine.h"
@@ -31,6 +32,63 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> FromTextFile(const model::Load
   std::vector<std::vector<int32_t>> out;
   for (int64_t w = 0; w < windows; ++w) {
     out.emplace_back(ids.begin() + w * o.seq_len, ids.begin() + (w + 1) * o.seq_len);
+  }
+  return out;
+}
+
+// The prompts of o (prompt_file's lines tokenized, or prompt_ids), each
+// checked to leave at least half of a sample to the model; empty when o has
+// none.
+absl::StatusOr<std::vector<std::vector<int32_t>>> LoadPrompts(const model::LoadedModel& model,
+                                                              const CalibrationOptions& o,
+                                                              int64_t sample_len) {
+  std::vector<std::vector<int32_t>> out;
+  if (o.prompt_file.empty() && o.prompt_ids.empty()) return out;
+  if (!o.prompt_file.empty() && !o.prompt_ids.empty()) {
+    return absl::InvalidArgumentError("calibration: prompts from a file or as ids, not both");
+  }
+  if (!(o.prompt_fraction > 0 && o.prompt_fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "calibration prompt_fraction must be in (0, 1], got ", o.prompt_fraction));
+  }
+  if (o.random_start_fraction > 0) {
+    return absl::InvalidArgumentError("calibration: prompts and random starts exclude each other");
+  }
+  std::vector<std::string> where;  // for errors: "FILE line N" or "prompt N"
+  if (!o.prompt_file.empty()) {
+    if (model.tokenizer == nullptr) {
+      return absl::FailedPreconditionError("calibration prompts from a file need a tokenizer");
+    }
+    std::ifstream f(o.prompt_file, std::ios::binary);
+    if (!f) return absl::NotFoundError(absl::StrCat("cannot open ", o.prompt_file));
+    std::string line;
+    for (int64_t n = 1; std::getline(f, line); ++n) {
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      if (line.find_first_not_of(" \t") == std::string::npos) continue;
+      out.push_back(model.tokenizer->Encode(line, /*add_bos=*/false));
+      where.push_back(absl::StrCat(o.prompt_file, " line ", n));
+    }
+    if (out.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(o.prompt_file, " has no prompt (no non-empty line)"));
+    }
+  } else {
+    out = o.prompt_ids;
+    for (size_t i = 0; i < out.size(); ++i) where.push_back(absl::StrCat("prompt ", i));
+  }
+  const int64_t limit = sample_len / 2;  // prompt + BOS < half a sample
+  for (size_t i = 0; i < out.size(); ++i) {
+    const int64_t len = static_cast<int64_t>(out[i].size()) + 1;
+    if (out[i].empty() || len >= limit) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "calibration ", where[i], ": ", out[i].size(), " tokens; a prompt needs 1 to ", limit - 2,
+          " tokens with samples of ", sample_len));
+    }
+    for (int32_t id : out[i]) {
+      if (id < 0 || id >= model.config.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("calibration ", where[i], ": token id ", id,
+                                                       " outside the vocabulary"));
+      }
+    }
   }
   return out;
 }
@@ -95,6 +153,8 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
   if (o.random_start_fraction > 0 && sample_len < 3) {
     return absl::InvalidArgumentError("calibration with random starts needs samples of >= 3 tokens");
   }
+  auto prompts = LoadPrompts(model, o, sample_len);
+  if (!prompts.ok()) return prompts.status();
 
   const model::ModelConfig& c = model.config;
   int64_t bos = c.bos_token_id;
@@ -130,6 +190,14 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
         bos >= 0 ? static_cast<int32_t>(bos)
                  : static_cast<int32_t>(rng() % static_cast<uint64_t>(c.vocab_size));
     r.prompt = {first};
+    // Sample i is prompted when floor((i + 1) f) > floor(i f), with the
+    // prompts in order (cycled): prompt floor(i f) mod P.
+    const double pf = o.prompt_fraction;
+    if (!prompts->empty() && std::floor((i + 1) * pf) > std::floor(i * pf)) {
+      const auto& pr = (*prompts)[static_cast<size_t>(std::floor(i * pf)) % prompts->size()];
+      if (bos < 0) r.prompt.clear();
+      r.prompt.insert(r.prompt.end(), pr.begin(), pr.end());
+    }
     // Sample i starts randomly when floor((i + 1) f) > floor(i f): an even
     // spread of round(N f) random starts over the set.
     const double f = o.random_start_fraction;

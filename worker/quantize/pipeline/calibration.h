@@ -12,7 +12,11 @@
 // after the first start mid-text. With random_start_fraction f > 0, an
 // even spread of round(N f) samples get a second prompt token (the first
 // when there is no BOS) drawn uniformly from the non-special vocabulary
-// (seeded by seed), and the model continues from that word.
+// (seeded by seed), and the model continues from that word. With prompts
+// (prompt_file's lines or prompt_ids), an even spread of round(N
+// prompt_fraction) samples continue from BOS + the next prompt in order
+// (cycled) instead: the model writes the rest of the sample about a topic
+// it was given.
 // Text file: the file's tokens (no BOS inserted) cut into consecutive,
 // non-overlapping windows of seq_len; the first num_sequences windows (fewer
 // if the file is short; InvalidArgument if not even one fits).

@@ -69,6 +69,17 @@ struct CalibrationOptions {
   // part (the last tenth) both hold some. Empty / 0 = none.
   std::string mix_text_file;
   int64_t mix_text_sequences = 0;
+  // Self-generated only: prompted samples. A fraction prompt_fraction of
+  // the samples (an even spread, as random starts) continue from a prompt
+  // instead of from BOS alone: the prompts are prompt_file's non-empty lines
+  // (tokenized without BOS; needs a tokenizer), or prompt_ids when the
+  // caller tokenized them, taken in order and cycled. A sample is BOS (when
+  // the model has one) + its prompt + what the model writes, seq_len x
+  // windows tokens in all; a prompt must be shorter than half of that
+  // (InvalidArgument naming the line otherwise). Excludes random starts.
+  std::string prompt_file;
+  std::vector<std::vector<int32_t>> prompt_ids;
+  double prompt_fraction = 1.0;
 };
 
 struct QuantizeOptions {
