@@ -13,7 +13,8 @@ from Debian packages, neither of them a scored text:
   but not WikiText-2's text.
 - wordnet-topics: calibration *prompts* (`spear quantize --calib-prompts`),
   one per line: an opening sentence "Lemma is <gloss>." for every
-  WordNet noun synset (people, places, things, ideas of every field), from
+  WordNet noun synset (people, places, things, ideas of every field) whose
+  gloss has at most 30 words, from
   which the model writes the rest of its calibration sample itself.
 
 Entries are deduplicated, shuffled with a fixed seed (1) so that any prefix
@@ -86,7 +87,8 @@ def wordnet_topics(root):
         if not gloss or not word:
             continue
         word = word[0].upper() + word[1:]
-        entries.append(f"{word} is {gloss}.")
+        if len(gloss.split()) <= 30:  # an opening, not a paragraph: the model writes the rest
+            entries.append(f"{word} is {gloss}.")
     return entries
 
 
