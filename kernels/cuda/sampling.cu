@@ -53,7 +53,11 @@ struct Shared {
   int wi[kWarps];
   u64 res_cum;
   int res_id;
+  // OrderCross's 16 bucket sums: per warp, then the block's, then the cluster's
+  u64 hist[kWarps][16];
+  u64 res16[16];
   // read by the other blocks of the cluster (distributed shared memory)
+  u64 slot16[16];
   u64 slot;
   float slot_v;
   int slot_i;
@@ -217,39 +221,101 @@ __device__ int ScanCross(const Row<CL>& R, int n, Pred pred, W w, u64 thresh, bo
   }
 }
 
+// v[i] summed over the cluster's threads (integer: the same in every block,
+// independent of the order of the adds); v is overwritten with the sums.
+template <int CL>
+__device__ void ClusterSum16(u64 (&v)[16], Shared& s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) v[i] = WarpSum(v[i]);
+  if (lane < 16) {
+    u64 mine = 0;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) mine = lane == i ? v[i] : mine;
+    s.hist[warp][lane] = mine;
+  }
+  __syncthreads();
+  if (threadIdx.x < 16) {
+    u64 t = 0;
+    for (int w = 0; w < kWarps; ++w) t += s.hist[w][threadIdx.x];
+    s.slot16[threadIdx.x] = t;
+  }
+  if constexpr (CL == 1) {
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = s.slot16[i];
+    __syncthreads();
+  } else {
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    if (threadIdx.x < 16) {
+      u64 t = 0;
+#pragma unroll
+      for (unsigned q = 0; q < CL; ++q) t += *cl.map_shared_rank(&s.slot16[threadIdx.x], q);
+      s.res16[threadIdx.x] = t;
+    }
+    cl.sync();  // every block has read the others' slot16 (reused next pass)
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = s.res16[i];
+  }
+}
+
 // In the order (key descending, index ascending) over the items with pred:
 // the first item where the running sum of w crosses thresh (as ScanCross).
 // Its key T is the largest with S(key >= T) crossing thresh (S is
-// non-increasing in T): a binary search over the 32-bit keys, one cluster
-// sum per step (integer sums: no atomics, deterministic); then ScanCross
-// among the items of key T with what the larger keys left of thresh.
-// Returns the item (-1 if none); *cum = the running sum including it.
+// non-increasing in T): a 16-ary search over the 32-bit keys, 4 bits per
+// pass (8 passes): each pass sums w into 16 buckets of the current key
+// range (integer cluster sums: no atomics, deterministic) and keeps the
+// highest bucket whose suffix still crosses (a binary search, one cluster
+// sum per bit, took 32 passes: ~0.1 ms per selection at a 128k vocabulary,
+// docs/results/gpu.md); then ScanCross among the items of key T with what
+// the larger keys left of thresh. Returns the item (-1 if none); *cum = the
+// running sum including it.
 template <int CL, class Pred, class K, class W>
 __device__ int OrderCross(const Row<CL>& R, int n, Pred pred, K key, W w, u64 thresh, bool strict,
                           Shared& s, u64* cum) {
   auto crosses = [&](u64 v) { return strict ? v > thresh : v >= thresh; };
-  uint32_t lo = 0;           // S(key >= lo) crosses (the callers' thresh < total)
-  uint64_t hi = 1ull << 32;  // S(key >= hi) does not
-  u64 s_hi = 0;              // S(key >= hi)
-  while (hi - lo > 1) {
-    const uint32_t mid = static_cast<uint32_t>(lo + (hi - lo) / 2);
-    u64 part = 0;
+  uint32_t lo = 0;  // S(key >= lo) crosses (the callers' thresh < total)
+  u64 s_hi = 0;     // S(key >= lo + 16 << shift), the range's upper end
+#pragma unroll 1
+  for (int shift = 28; shift >= 0; shift -= 4) {
+    u64 b[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) b[i] = 0;
     constexpr int kU = 4;
     for (int base = R.g; base < n; base += Row<CL>::kT * kU) {
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int j = base + u * Row<CL>::kT;
-        if (j < n && key(j) >= mid && pred(j)) part += w(j);
+        if (j < n) {
+          const uint32_t k = key(j);
+          const uint64_t d = k >= lo ? (static_cast<uint64_t>(k - lo) >> shift) : 16;
+          if (d < 16 && pred(j)) {
+            const u64 wj = w(j);
+#pragma unroll
+            for (int i = 0; i < 16; ++i) b[i] += d == static_cast<uint64_t>(i) ? wj : 0;
+          }
+        }
       }
     }
-    u64 sum;
-    (void)ExclusiveScan<CL>(part, s, &sum);
-    if (crosses(sum)) {
-      lo = mid;
-    } else {
-      hi = mid;
-      s_hi = sum;
+    ClusterSum16<CL>(b, s);
+    // S_i = S(key >= lo + i << shift) = s_hi + b[i] + ... + b[15]; the
+    // largest i whose S_i crosses (S_0 does).
+    u64 suffix = s_hi;
+    int pick = 0;
+    u64 next_hi = s_hi;
+#pragma unroll
+    for (int i = 15; i >= 0; --i) {
+      const u64 si = suffix + b[i];
+      if (pick == 0 && i > 0 && crosses(si)) {
+        pick = i;
+        next_hi = suffix;
+      }
+      if (pick == 0 && i == 0) next_hi = suffix;
+      suffix = si;
     }
+    lo += static_cast<uint32_t>(pick) << shift;
+    s_hi = next_hi;
   }
   const u64 above = s_hi;  // S(key > lo)
   const uint32_t T = lo;
