@@ -134,6 +134,15 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   if (!seed.ok()) return seed.status();
   o.calib.seed = static_cast<uint64_t>(*seed);
   if (absl::Status s = ParseCalib(f.Str("calib"), &o.calib); !s.ok()) return s;
+  auto diag_tokens = f.Int("diagnostic-tokens", 16, 1 << 20);
+  if (!diag_tokens.ok()) return diag_tokens.status();
+  auto diag_seqs = f.Int("diagnostic-seqs", 1, 4096);
+  if (!diag_seqs.ok()) return diag_seqs.status();
+  if ((f.Has("diagnostic-tokens") || f.Has("diagnostic-seqs")) && o.ec == quantize::EcMode::kNone) {
+    return absl::InvalidArgumentError("--diagnostic-tokens / --diagnostic-seqs need --ec spear or static");
+  }
+  o.diagnostic_tokens = *diag_tokens;
+  o.diagnostic_sequences = *diag_seqs;
   auto windows = f.Int("calib-windows", 1, 64);
   if (!windows.ok()) return windows.status();
   auto top_p = f.Double("calib-top-p", 1e-6, 1.0);
@@ -382,6 +391,11 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "self: FILE[,F]: a fraction F (default 1) of the samples continue from the "
                "file's prompts (one per line, in order, cycled) instead of from BOS alone "
                "(scripts/eval/calib_text.py --source=wordnet-topics writes one)")
+      .Declare("diagnostic-tokens", "128",
+               "CKA diagnostic: calibration tokens it runs on (time ~ tokens)")
+      .Declare("diagnostic-seqs", "1",
+               "CKA diagnostic: the tokens come from this many calibration sequences spread "
+               "over the set (1 = the first sequence alone)")
       .Declare("seed", "1", "calibration sampling seed")
       .Declare("mse-weight", "1",
                "stage 2: weight of the final hidden-state MSE term added to the KL (distill.h; "
@@ -478,6 +492,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                        {"comments", o.ec_latency.comments},
                        {"rows", o.ec_latency.rows.size()}}},
            {"diagnostic_tokens", o.diagnostic_tokens},
+           {"diagnostic_sequences", o.diagnostic_sequences},
            {"sequential_max_tokens", o.sequential_max_tokens},
            {"holdout_max_tokens", o.holdout_max_tokens},
            {"time_budget_seconds", o.time_budget_seconds},

@@ -311,6 +311,37 @@ TEST_F(PipelineTest, CalibrationMixNeedsSelfDataAndATokenizer) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+// The diagnostic's tokens spread over several calibration sequences
+// (diagnostic_sequences): other tokens, so other damages; a count above the
+// fit sequences is clamped, not an error.
+TEST_F(PipelineTest, DiagnosticSpreadOverSequences) {
+  auto damages = [&](int64_t k) {
+    auto m = Load();
+    QuantizeOptions o = Opts();
+    o.ec = EcMode::kStatic;
+    o.place_static_like_spear = true;
+    o.ec_budget_pct = 10;
+    o.diagnostic_tokens = 128;
+    o.diagnostic_sequences = k;
+    auto rep = QuantizeModel(m.get(), o, &pool_);
+    EXPECT_TRUE(rep.ok()) << rep.status();
+    std::vector<double> d;
+    if (!rep.ok()) return d;
+    for (const auto& mr : rep->modules) {
+      EXPECT_TRUE(std::isfinite(mr.damage) && mr.damage >= 0 && mr.damage <= 1) << mr.name;
+      d.push_back(mr.damage);
+    }
+    return d;
+  };
+  const auto one = damages(1), four = damages(4), many = damages(1000);
+  ASSERT_EQ(one.size(), 14u);
+  ASSERT_EQ(four.size(), 14u);
+  ASSERT_EQ(many.size(), 14u);
+  double diff = 0;
+  for (size_t i = 0; i < one.size(); ++i) diff += std::fabs(one[i] - four[i]);
+  EXPECT_GT(diff, 1e-6) << "4 sequences' tokens gave the first sequence's damages";
+}
+
 TEST_F(PipelineTest, DiagnosticRanksInjectedModuleFirst) {
   CalibrationOptions c;
   c.num_sequences = 8;

@@ -158,13 +158,26 @@ absl::Status Pipeline::Place() {
     ranks_.assign(slots_.size(), r);
     return absl::OkStatus();
   }
-  // Diagnostic on the first diagnostic_tokens tokens of the fit sequences.
+  // Diagnostic on diagnostic_tokens tokens: the first ones of the fit
+  // sequences (diagnostic_sequences = 1), or the first
+  // ceil(tokens / K) of K fit sequences spread evenly over them.
   std::vector<std::vector<int32_t>> diag;
   int64_t left = o_.diagnostic_tokens;
-  for (int64_t i = 0; i < fit_seqs_ && left > 0; ++i) {
-    const int64_t n = std::min<int64_t>(left, seqs_[i].size());
-    diag.emplace_back(seqs_[i].begin(), seqs_[i].begin() + n);
-    left -= n;
+  const int64_t K = std::min<int64_t>(std::max<int64_t>(o_.diagnostic_sequences, 1), fit_seqs_);
+  if (K <= 1) {
+    for (int64_t i = 0; i < fit_seqs_ && left > 0; ++i) {
+      const int64_t n = std::min<int64_t>(left, seqs_[i].size());
+      diag.emplace_back(seqs_[i].begin(), seqs_[i].begin() + n);
+      left -= n;
+    }
+  } else {
+    const int64_t per = (o_.diagnostic_tokens + K - 1) / K;
+    for (int64_t j = 0; j < K && left > 0; ++j) {
+      const auto& q = seqs_[static_cast<size_t>(j * fit_seqs_ / K)];
+      const int64_t n = std::min<int64_t>({left, per, static_cast<int64_t>(q.size())});
+      diag.emplace_back(q.begin(), q.begin() + n);
+      left -= n;
+    }
   }
   auto res = RunCkaDiagnostic(model_, pool_, std::move(diag), RtnDiagnosticQuantizer(o_),
                               [&](int64_t d, int64_t t) { Progress("diagnostic", d, t); });

@@ -116,6 +116,11 @@ struct QuantizeOptions {
   int64_t train_steps = 300;
   double learning_rate = 1e-3;
   int64_t diagnostic_tokens = 128;  // calibration tokens used for CKA (cost: ~7 L^2 / 2 layer-runs of them)
+  // The diagnostic's tokens come from this many fit sequences, spread evenly
+  // over them (sequence floor(j F / K) for j < K), the first
+  // ceil(diagnostic_tokens / K) tokens of each; 1 = the first sequence
+  // alone (one sample decides the placement).
+  int64_t diagnostic_sequences = 1;
   // Fit tokens of the sequential (closed-form) pass: a prefix of the fit
   // sequences (at least one; 0 = all); held-out sequences always join.
   int64_t sequential_max_tokens = 1024;
