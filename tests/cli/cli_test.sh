@@ -98,6 +98,12 @@ expect 2 "--calib-mix-text must be FILE,M" -- quantize --model "$TINY" --out "$T
 expect 2 "--calib-mix-text must be FILE,M" -- quantize --model "$TINY" --out "$TMP/q" --calib-mix-text "$0",0
 expect 2 "--calib-mix-text: no such text file" -- quantize --model "$TINY" --out "$TMP/q" --calib-mix-text /no/such.txt,4
 expect 2 "--calib-mix-text only applies" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-mix-text "$0",4
+expect 2 "--calib-prompts must be FILE\[,F\]" -- quantize --model "$TINY" --out "$TMP/q" --calib-prompts "$0",2
+expect 2 "--calib-prompts: no such file" -- quantize --model "$TINY" --out "$TMP/q" --calib-prompts /no/such.txt
+expect 2 "--calib-prompts only applies" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-prompts "$0"
+expect 2 "--calib-prompts and --calib-random-start exclude" -- quantize --model "$TINY" --out "$TMP/q" --calib-prompts "$0",0.5 --calib-random-start 0.5
+expect 2 "--diagnostic-seqs must be" -- quantize --model "$TINY" --out "$TMP/q" --diagnostic-seqs 0
+expect 2 "--diagnostic-tokens / --diagnostic-seqs need" -- quantize --model "$TINY" --out "$TMP/q" --ec none --diagnostic-seqs 4
 expect 2 "unknown flag --bogus" -- quantize --model "$TINY" --out "$TMP/q" --bogus
 # --ec-latency-table (measured EC latency per module shape: ec_latency.h). The
 # tiny model's shapes: 64x64 (q, o), 32x64 (k, v), 176x64 (gate, up), 64x176 (down).

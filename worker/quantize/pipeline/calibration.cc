@@ -36,12 +36,14 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> FromTextFile(const model::Load
   return out;
 }
 
-// The prompts of o (prompt_file's lines tokenized, or prompt_ids), each
-// checked to leave at least half of a sample to the model; empty when o has
-// none.
+// The prompts of o (prompt_file's first `needed` non-empty lines tokenized,
+// or prompt_ids), each checked to leave at least half of a sample to the
+// model; empty when o has none. Samples use prompts 0, 1, ... in order, so
+// lines past the first `needed` would never be used (a file may hold far
+// more topics than one run samples) and are not read.
 absl::StatusOr<std::vector<std::vector<int32_t>>> LoadPrompts(const model::LoadedModel& model,
                                                               const CalibrationOptions& o,
-                                                              int64_t sample_len) {
+                                                              int64_t sample_len, int64_t needed) {
   std::vector<std::vector<int32_t>> out;
   if (o.prompt_file.empty() && o.prompt_ids.empty()) return out;
   if (!o.prompt_file.empty() && !o.prompt_ids.empty()) {
@@ -62,7 +64,7 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> LoadPrompts(const model::Loade
     std::ifstream f(o.prompt_file, std::ios::binary);
     if (!f) return absl::NotFoundError(absl::StrCat("cannot open ", o.prompt_file));
     std::string line;
-    for (int64_t n = 1; std::getline(f, line); ++n) {
+    for (int64_t n = 1; static_cast<int64_t>(out.size()) < needed && std::getline(f, line); ++n) {
       if (!line.empty() && line.back() == '\r') line.pop_back();
       if (line.find_first_not_of(" \t") == std::string::npos) continue;
       out.push_back(model.tokenizer->Encode(line, /*add_bos=*/false));
@@ -153,7 +155,10 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
   if (o.random_start_fraction > 0 && sample_len < 3) {
     return absl::InvalidArgumentError("calibration with random starts needs samples of >= 3 tokens");
   }
-  auto prompts = LoadPrompts(model, o, sample_len);
+  // Samples i = 0 .. N - 1 take prompt floor(i f) (mod the count).
+  const int64_t needed =
+      static_cast<int64_t>(std::floor((o.num_sequences - 1) * o.prompt_fraction)) + 1;
+  auto prompts = LoadPrompts(model, o, sample_len, needed);
   if (!prompts.ok()) return prompts.status();
 
   const model::ModelConfig& c = model.config;

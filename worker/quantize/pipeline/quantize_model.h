@@ -76,7 +76,8 @@ struct CalibrationOptions {
   // caller tokenized them, taken in order and cycled. A sample is BOS (when
   // the model has one) + its prompt + what the model writes, seq_len x
   // windows tokens in all; a prompt must be shorter than half of that
-  // (InvalidArgument naming the line otherwise). Excludes random starts.
+  // (InvalidArgument naming the line otherwise; only the lines a run uses
+  // are read). Excludes random starts.
   std::string prompt_file;
   std::vector<std::vector<int32_t>> prompt_ids;
   double prompt_fraction = 1.0;
