@@ -42,8 +42,13 @@ constexpr int kWarps = kThreads / 32;
 constexpr float kFix = 1099511627776.f;  // 2^40
 using u64 = unsigned long long;
 
+// Order-preserving key of a logit. -0 and +0 get the same key: they are
+// equal logits, so (as on the host, whose comparisons see them equal) they
+// form one tie group walked in id order. Separate keys put every +0 before
+// every -0, and the pick inside a large tie group differed from the host's
+// (CudaSampling.MatchesHostSampler, seed 1395440349: coarse logits).
 __device__ __forceinline__ uint32_t Key(float v) {
-  const uint32_t b = __float_as_uint(v);
+  const uint32_t b = v == 0.f ? 0u : __float_as_uint(v);
   return (b & 0x80000000u) != 0 ? ~b : (b | 0x80000000u);
 }
 

@@ -66,7 +66,7 @@ void RunBatch(int64_t vocab, bool coarse, int rows, int forced, std::mt19937& rn
     const float scale = 1.f + 4.f * static_cast<float>(rng() % 4);
     for (int64_t j = 0; j < vocab; ++j) {
       float v = nd(rng) * scale;
-      if (coarse) v = std::round(v * 2.f) / 2.f;
+      if (coarse) v = std::round(v * 2.f) / 2.f;  // also makes -0 and +0 logits (one tie group)
       logits[r * vocab + j] = v;
     }
     Case& c = cases[r];

@@ -39,6 +39,20 @@ TEST(SamplerTest, GreedyPicksArgmaxLowestIdOnTies) {
   EXPECT_EQ(s.Sample(l.data(), 4, {}), 1);
 }
 
+// -0 and +0 are equal logits: one tie group, walked in id order (the
+// device sampler's keys follow this: kernels/cuda/sampling.cu, Key).
+TEST(SamplerTest, SignedZerosAreOneTieGroup) {
+  const std::vector<float> logits = {0.f, -0.f, 0.f, -0.f};
+  SamplingParams p;
+  p.temperature = 1.f;
+  p.top_p = 0.5f;  // the first two of the four equal best tokens
+  Sampler s(p);
+  // In (logit, id) order the nucleus is ids 0 and 1; were -0 below +0 it
+  // would be ids 0 and 2.
+  EXPECT_EQ(s.Pick(logits.data(), 4, {}, 0.25), 0);
+  EXPECT_EQ(s.Pick(logits.data(), 4, {}, 0.75), 1);
+}
+
 TEST(SamplerTest, SeededSamplingFollowsTheDistribution) {
   SamplingParams p;
   p.temperature = 1.f;
