@@ -7,8 +7,8 @@
 // lower id first"; here that order is a 32-bit order-preserving key of the
 // logit plus the id, and every selection (the k-th candidate, the end of
 // the nucleus, the token under u) is "the first element, in that order,
-// where a running sum crosses a threshold": a binary search over the key
-// (32 block sums, integer: no atomics) and, among equal keys, a scan in
+// where a running sum crosses a threshold": a 16-ary search over the key
+// (8 passes of 16 bucket sums, integer: no atomics) and, among equal keys, a scan in
 // id order. Masses are exp((l - max) / T) in fp32 scaled to 2^-40
 // fixed point and summed as 64-bit integers: every sum is exact and
 // independent of the order threads add in, so the kernel is deterministic;
