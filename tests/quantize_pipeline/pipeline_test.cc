@@ -262,6 +262,10 @@ TEST_F(PipelineTest, CalibrationPromptsStartTheirSamples) {
   bad.prompt_file = "/no/such/prompts.txt";
   EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
             absl::StatusCode::kFailedPrecondition);
+  bad = p;  // prompts beside a text file: refused, not silently dropped
+  bad.text_file = "/no/such/text.txt";
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 // The calibration text mix: text windows spread evenly among the

@@ -122,6 +122,9 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     if (!o.mix_text_file.empty()) {
       return absl::InvalidArgumentError("calibration: a text mix only goes with self-generated data");
     }
+    if (!o.prompt_file.empty() || !o.prompt_ids.empty()) {
+      return absl::InvalidArgumentError("calibration: prompts only go with self-generated data");
+    }
     return FromTextFile(model, o);
   }
   if (!o.mix_text_file.empty()) {
