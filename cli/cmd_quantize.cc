@@ -213,6 +213,12 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     return absl::InvalidArgumentError("--mse-weight only applies to --ec spear");
   }
   o.distill.hidden_mse_weight = o.ec == quantize::EcMode::kSpear ? *mse : 0.0;
+  auto lmse = f.Double("layer-mse-weight", 0.0, 1e6);
+  if (!lmse.ok()) return lmse.status();
+  if (f.Has("layer-mse-weight") && o.ec != quantize::EcMode::kSpear) {
+    return absl::InvalidArgumentError("--layer-mse-weight only applies to --ec spear");
+  }
+  o.distill.layer_mse_weight = o.ec == quantize::EcMode::kSpear ? *lmse : 0.0;
   auto tau = f.Double("kl-temperature", 0.05, 100.0);
   if (!tau.ok()) return tau.status();
   if (f.Has("kl-temperature") && o.ec != quantize::EcMode::kSpear) {
@@ -400,6 +406,10 @@ int CmdQuantize(const std::vector<std::string>& args) {
       .Declare("mse-weight", "1",
                "stage 2: weight of the final hidden-state MSE term added to the KL (distill.h; "
                "0 = KL only)")
+      .Declare("layer-mse-weight", "0",
+               "stage 2: weight of the layer targets (the residual stream after every layer from "
+               "the first EC's on against the FP16 model's, relative squared error; distill.h). "
+               "Stores the teacher's layer states: 2 x layers x hidden bytes per token")
       .Declare("kl-temperature", "1",
                "stage 2: distillation temperature of the training KL (tau^2 KL of the "
                "distributions at temperature tau; the held-out KL stays at 1)")
@@ -503,6 +513,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                                         {"lr_min_ratio", o.distill.lr_min_ratio},
                                         {"gate_lr_scale", o.distill.gate_lr_scale},
                                         {"hidden_mse_weight", o.distill.hidden_mse_weight},
+                                        {"layer_mse_weight", o.distill.layer_mse_weight},
                                         {"kl_temperature", o.distill.kl_temperature},
                                         {"eval_every", o.distill.eval_every},
                                         {"patience", o.distill.patience}}

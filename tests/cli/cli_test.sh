@@ -87,6 +87,8 @@ expect 2 "no such text file" -- quantize --model "$TINY" --out "$TMP/q" --calib 
 expect 2 "--train-steps must be an integer" -- quantize --model "$TINY" --out "$TMP/q" --train-steps x
 expect 2 "--no-gate only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static --no-gate
 expect 2 "--mse-weight only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static --mse-weight 1
+expect 2 "--layer-mse-weight only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec none --layer-mse-weight 1
+expect 2 "layer-mse-weight" -- quantize --model "$TINY" --out "$TMP/q" --layer-mse-weight -1
 expect 2 "--kl-temperature only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec none --kl-temperature 2
 expect 2 "--kl-temperature must be" -- quantize --model "$TINY" --out "$TMP/q" --kl-temperature 0
 expect 2 "--calib-windows, --calib-top-p and --calib-random-start only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-windows 2

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/dtype.h"
 #include "tests/engine/tiny_model.h"
 #include "worker/engine/kv_cache.h"
 #include "worker/engine/model_runner.h"
@@ -142,9 +143,11 @@ TEST_F(DistillTest, ForwardMatchesEngineLogits) {
 // forward, so a moderately large step and a few % tolerance).
 void CheckDirectional(EcDistiller* dist, const std::vector<std::span<const int32_t>>& sp,
                       const float* teacher, double mse_w, const std::vector<bool>& mask,
-                      uint64_t seed) {
+                      uint64_t seed, const uint16_t* teacher_layers = nullptr,
+                      double layer_w = 0) {
+  SCOPED_TRACE(::testing::Message() << "seed " << seed << " mse " << mse_w << " layers " << layer_w);
   std::vector<float> p0 = dist->GetParams(), grad;
-  ASSERT_TRUE(dist->LossAndGrad(sp, teacher, mse_w, &grad).ok());
+  ASSERT_TRUE(dist->LossAndGrad(sp, teacher, mse_w, &grad, 1.0, teacher_layers, layer_w).ok());
 
   ASSERT_EQ(grad.size(), p0.size());
   std::mt19937_64 rng(seed);
@@ -164,7 +167,7 @@ void CheckDirectional(EcDistiller* dist, const std::vector<std::span<const int32
     std::vector<float> p = p0;
     for (size_t i = 0; i < p.size(); ++i) p[i] += static_cast<float>(s * dir[i]);
     dist->SetParams(p);
-    auto l = dist->LossAndGrad(sp, teacher, mse_w, nullptr);
+    auto l = dist->LossAndGrad(sp, teacher, mse_w, nullptr, 1.0, teacher_layers, layer_w);
     EXPECT_TRUE(l.ok());
     return *l;
   };
@@ -190,6 +193,16 @@ TEST_F(DistillTest, GradientMatchesFiniteDifferences) {
   std::vector<bool> all(p.size(), true);
   CheckDirectional(dist->get(), sp, teacher.data(), 0.0, all, 1);
   CheckDirectional(dist->get(), sp, teacher.data(), 0.5, all, 2);
+  // The layer targets, alone (KL + the term) and with the final MSE.
+  auto tl = ComputeDistillTeacher(fp_.get(), &pool_, seqs, true);
+  ASSERT_TRUE(tl.ok()) << tl.status();
+  CheckDirectional(dist->get(), sp, teacher.data(), 0.0, all, 6, tl->layers.data(), 0.7);
+  CheckDirectional(dist->get(), sp, teacher.data(), 0.5, all, 5, tl->layers.data(), 2.0);
+  // The term itself is positive for a W4 model (its states differ from FP16's).
+  auto with = (*dist)->LossAndGrad(sp, teacher.data(), 0.0, nullptr, 1.0, tl->layers.data(), 1.0);
+  auto without = (*dist)->LossAndGrad(sp, teacher.data(), 0.0, nullptr);
+  ASSERT_TRUE(with.ok() && without.ok());
+  EXPECT_GT(*with - *without, 1e-6);
   // Gate-only direction: the parameters after A and B of each EC. Layout per
   // EC: A [r,k], B [n,r], W1, b1, W2, b2 -> mark by re-reading sizes.
   std::vector<bool> gate(p.size(), false);
@@ -205,6 +218,84 @@ TEST_F(DistillTest, GradientMatchesFiniteDifferences) {
   });
   ASSERT_EQ(o, p.size());
   CheckDirectional(dist->get(), sp, teacher.data(), 0.0, gate, 3);
+}
+
+// The teacher's layer states: [rows, layers, d] fp16 in row order; the
+// last layer's, final-normed, are the final hidden states; earlier layers
+// differ from it. A layer weight without layer states is refused.
+TEST_F(DistillTest, TeacherLayerStates) {
+  const auto seqs = Seqs(2, 12, 31);
+  auto t = ComputeDistillTeacher(fp_.get(), &pool_, seqs, true);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const int64_t d = fp_->config.hidden_size, nl = fp_->config.num_layers, rows = 24;
+  ASSERT_EQ(t->num_layers, nl);
+  ASSERT_EQ(t->layers.size(), static_cast<size_t>(rows * nl * d));
+  const auto plain = Teacher(seqs);
+  ASSERT_EQ(t->final_hidden, plain);
+  double max_err = 0, max_layer_diff = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<float> h(d);
+    double ms = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      h[j] = kernels::HalfToFloat(t->layers[(r * nl + nl - 1) * d + j]);
+      ms += double(h[j]) * h[j];
+      max_layer_diff = std::max<double>(
+          max_layer_diff, std::fabs(h[j] - kernels::HalfToFloat(t->layers[(r * nl) * d + j])));
+    }
+    const double rstd = 1.0 / std::sqrt(ms / d + fp_->config.rms_eps);
+    const auto& gw = fp_->weights.final_norm;
+    for (int64_t j = 0; j < d; ++j) {
+      max_err = std::max(max_err, std::fabs(h[j] * rstd * gw[j] - plain[r * d + j]));
+    }
+  }
+  EXPECT_LT(max_err, 5e-3);  // fp16 storage of the pre-norm state
+  EXPECT_GT(max_layer_diff, 1e-2);
+  auto m = Quantized();
+  auto dist = EcDistiller::Create(m.get(), &pool_);
+  ASSERT_TRUE(dist.ok());
+  auto bad = (*dist)->LossAndGrad(Spans(seqs), plain.data(), 0.0, nullptr, 1.0, nullptr, 1.0);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  DistillOptions o;
+  o.layer_mse_weight = 1.0;
+  auto tr = (*dist)->Train(seqs, 1, plain.data(), o);
+  EXPECT_EQ(tr.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Training with the layer targets (through Train's minibatch gathering of
+// the layer states) lowers the layer term on the sequences it fits (random
+// tokens on a random model: held-out sequences barely move).
+TEST_F(DistillTest, TrainingWithLayerTargets) {
+  auto m = Quantized();
+  auto dist = EcDistiller::Create(m.get(), &pool_);
+  ASSERT_TRUE(dist.ok());
+  const auto seqs = Seqs(24, 32, 41);  // 20 fit + 4 held out
+  auto t = ComputeDistillTeacher(fp_.get(), &pool_, seqs, true);
+  ASSERT_TRUE(t.ok());
+  const std::vector<std::vector<int32_t>> fresh(seqs.begin(), seqs.begin() + 6);  // fit rows
+  auto ft = ComputeDistillTeacher(fp_.get(), &pool_, fresh, true);
+  ASSERT_TRUE(ft.ok());
+  auto term = [&](EcDistiller* d) {
+    auto with = d->LossAndGrad(Spans(fresh), ft->final_hidden.data(), 0.0, nullptr, 1.0,
+                               ft->layers.data(), 1.0);
+    auto without = d->LossAndGrad(Spans(fresh), ft->final_hidden.data(), 0.0, nullptr);
+    EXPECT_TRUE(with.ok() && without.ok());
+    return *with - *without;
+  };
+  const double before = term(dist->get());
+  DistillOptions o;
+  o.steps = 40;
+  o.batch_sequences = 4;
+  o.lr = 5e-3;
+  o.eval_every = 10;
+  o.patience = 0;
+  o.layer_mse_weight = 10.0;
+  auto rep = (*dist)->Train(seqs, 20, t->final_hidden.data(), o, nullptr, t->layers.data());
+  ASSERT_TRUE(rep.ok()) << rep.status();
+  EXPECT_EQ(rep->steps_run, 40);
+  const double after = term(dist->get());
+  std::printf("layer term on fit sequences %.4g -> %.4g (best step %lld)\n", before, after,
+              static_cast<long long>(rep->best_step));
+  EXPECT_LT(after, 0.9 * before);
 }
 
 TEST_F(DistillTest, TrainingLowersHeldOutKl) {

@@ -17,11 +17,13 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/dtype.h"
 #include "kernels/ops.h"
 #include "worker/engine/model_runner.h"
 #include "worker/model/w4_linear.h"
 #include "worker/quantize/distill_ops.h"
 #include "worker/quantize/ec_model.h"
+#include "worker/quantize/pipeline/layerwise.h"
 #include "worker/quantize/pipeline/module_quant.h"
 #include "worker/quantize/w4_quant.h"
 
@@ -75,6 +77,49 @@ struct EcDistiller::Impl {
   std::vector<int32_t> positions;
   std::vector<LayerActs> acts;
   std::vector<float> h_final, rstd_f, y;
+  // Layer targets of the current LossAndGrad call: [T, nl, d] fp16 (null:
+  // none), their weight, and the term's value summed by Backward.
+  const uint16_t* tl = nullptr;
+  double layer_w = 0, layer_loss = 0;
+
+  // The residual stream after decoder layer l (of the stored forward).
+  const float* LayerOut(int64_t l) const {
+    return l == nl - 1 ? h_final.data() : acts[l + 1].h_in.data();
+  }
+
+  // Layer l's share of the layer-target term (distill.h):
+  // layer_w / (T * layers used) * sum_t ||h_q - h_fp||^2 / ||h_fp||^2; if
+  // dh != nullptr, dh [T, d] += its gradient w.r.t. layer l's output.
+  double LayerTerm(int64_t l, float* dh) {
+    const int64_t used = nl - first_ec_layer;
+    const double scale = layer_w / (static_cast<double>(T) * static_cast<double>(used));
+    const float* hq = LayerOut(l);
+    std::vector<double> per(T);
+    pool->ParallelFor(T, 8, [&](int64_t b, int64_t e2) {
+      std::vector<float> ht(d);
+      for (int64_t t = b; t < e2; ++t) {
+        const uint16_t* src = tl + (t * nl + l) * d;
+        const float* q = hq + t * d;
+        double nt = 0, se = 0;
+        for (int64_t j = 0; j < d; ++j) {
+          ht[j] = kernels::HalfToFloat(src[j]);
+          nt += static_cast<double>(ht[j]) * ht[j];
+          const double diff = static_cast<double>(q[j]) - ht[j];
+          se += diff * diff;
+        }
+        const double inv = 1.0 / std::max(nt, 1e-12);
+        per[t] = se * inv;
+        if (dh != nullptr) {
+          const float g = static_cast<float>(2.0 * scale * inv);
+          float* out = dh + t * d;
+          for (int64_t j = 0; j < d; ++j) out[j] += g * (q[j] - ht[j]);
+        }
+      }
+    });
+    double sum = 0;
+    for (double v : per) sum += v;
+    return scale * sum;
+  }
 
   absl::Status LinFwd(const LinOp& op, const float* x, float* out, EcActivations<float>* ea) {
     kernels::LinearParams p;
@@ -300,6 +345,8 @@ struct EcDistiller::Impl {
       LayerActs& a = acts[l];
       const model::LayerWeights& W = model->weights.layers[l];
       const auto& ops = lin[l];
+      // dh = d loss / d (layer l's output) here: add the layer target's.
+      if (tl != nullptr) layer_loss += LayerTerm(l, dh.data());
       // MLP block: h_out = h_mid + down(m).
       if (auto s = LinBwd(ops[6], a.m.data(), dh.data(), dm.data(), false, a.ec[6]); !s.ok()) return s;
       distill::SiluMulBackward<float>(a.g.data(), a.u.data(), dm.data(), T * ff, dg.data(), du.data());
@@ -460,17 +507,36 @@ void EcDistiller::SetParams(const std::vector<float>& in) {
 
 absl::StatusOr<double> EcDistiller::LossAndGrad(const std::vector<std::span<const int32_t>>& seqs,
                                                 const float* teacher, double mse_w,
-                                                std::vector<float>* grad, double kl_temperature) {
+                                                std::vector<float>* grad, double kl_temperature,
+                                                const uint16_t* teacher_layers,
+                                                double layer_mse_weight) {
   if (!(kl_temperature > 0)) return absl::InvalidArgumentError("KL temperature must be > 0");
   if (seqs.empty()) return absl::InvalidArgumentError("no sequences");
+  if (!(layer_mse_weight >= 0)) return absl::InvalidArgumentError("layer MSE weight must be >= 0");
+  if (layer_mse_weight > 0 && teacher_layers == nullptr) {
+    return absl::InvalidArgumentError("a layer MSE weight needs the teacher's layer states");
+  }
   Impl& im = *impl_;
   if (auto s = im.Forward(seqs); !s.ok()) return s;
+  const bool layers = layer_mse_weight > 0 && im.first_ec_layer < im.nl;
+  im.tl = layers ? teacher_layers : nullptr;
+  im.layer_w = layer_mse_weight;
+  im.layer_loss = 0;
   std::vector<float> dy;
   if (grad != nullptr) dy.assign(im.T * im.d, 0.f);
   auto loss = im.HeadLoss(teacher, mse_w, grad ? dy.data() : nullptr, nullptr, kl_temperature);
-  if (!loss.ok() || grad == nullptr) return loss;
+  if (!loss.ok() || grad == nullptr) {
+    if (loss.ok() && layers) {
+      for (int64_t l = im.first_ec_layer; l < im.nl; ++l) *loss += im.LayerTerm(l, nullptr);
+    }
+    im.tl = nullptr;
+    return loss;
+  }
   im.ZeroGrads();
-  if (auto s = im.Backward(dy); !s.ok()) return s;
+  const absl::Status bs = im.Backward(dy);
+  im.tl = nullptr;
+  if (!bs.ok()) return bs;
+  *loss += im.layer_loss;
   grad->clear();
   for (auto& g : im.grads) {
     ForEachTensor(g, [&](float* d, int64_t sz, bool) { grad->insert(grad->end(), d, d + sz); });
@@ -530,15 +596,19 @@ absl::StatusOr<EcTokenDiagnostics> EcDistiller::TokenDiagnostics(
 absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<int32_t>>& seqs,
                                                  int64_t num_fit, const float* teacher,
                                                  const DistillOptions& o,
-                                                 const DistillProgress& progress) {
+                                                 const DistillProgress& progress,
+                                                 const uint16_t* teacher_layers) {
   const auto t0 = std::chrono::steady_clock::now();
   Impl& im = *impl_;
   const int64_t n = static_cast<int64_t>(seqs.size());
   if (num_fit < 1 || num_fit >= n) {
     return absl::InvalidArgumentError("Train needs >= 1 fit and >= 1 held-out sequence");
   }
-  if (o.batch_sequences < 1 || o.steps < 0 || o.lr <= 0) {
+  if (o.batch_sequences < 1 || o.steps < 0 || o.lr <= 0 || !(o.layer_mse_weight >= 0)) {
     return absl::InvalidArgumentError("bad distillation options");
+  }
+  if (o.layer_mse_weight > 0 && teacher_layers == nullptr) {
+    return absl::InvalidArgumentError("a layer MSE weight needs the teacher's layer states");
   }
   DistillReport rep;
   rep.num_ecs = num_ecs();
@@ -550,12 +620,19 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   if (rep.num_ecs == 0) return rep;
 
   std::vector<float> tbuf;
+  std::vector<uint16_t> tlbuf;  // the minibatch's layer targets
+  const bool layers = o.layer_mse_weight > 0;
+  const int64_t lrow = im.nl * im.d;
   auto gather = [&](const std::vector<int64_t>& idx, std::vector<std::span<const int32_t>>* sp) {
     sp->clear();
     tbuf.clear();
+    tlbuf.clear();
     for (int64_t i : idx) {
       sp->emplace_back(seqs[i]);
       tbuf.insert(tbuf.end(), teacher + row0[i] * im.d, teacher + row0[i + 1] * im.d);
+      if (layers) {
+        tlbuf.insert(tlbuf.end(), teacher_layers + row0[i] * lrow, teacher_layers + row0[i + 1] * lrow);
+      }
     }
   };
   std::vector<std::span<const int32_t>> sp;
@@ -592,7 +669,8 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   // Gate init from the first minibatch, then the held-out baseline.
   gather(next_batch(), &sp);
   cursor = 0;
-  auto l0 = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, nullptr, o.kl_temperature);
+  auto l0 = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, nullptr, o.kl_temperature,
+                        layers ? tlbuf.data() : nullptr, o.layer_mse_weight);
   if (!l0.ok()) return l0.status();
   rep.init_train_kl = *l0;
   im.ScaleGateInit();
@@ -619,7 +697,8 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   };
   for (int64_t step = 1; step <= o.steps; ++step) {
     gather(next_batch(), &sp);
-    auto l = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, &grad, o.kl_temperature);
+    auto l = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, &grad, o.kl_temperature,
+                         layers ? tlbuf.data() : nullptr, o.layer_mse_weight);
     if (!l.ok()) return l.status();
     rep.last_train_kl = *l;
     // lr: warm-up then cosine over the run's progress: the larger of the
@@ -678,6 +757,38 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   rep.seconds = Seconds(t0);
   if (rep.steps_run > 0) rep.seconds_per_step = Seconds(train_start) / static_cast<double>(rep.steps_run);
   return rep;
+}
+
+absl::StatusOr<DistillTeacher> ComputeDistillTeacher(const model::LoadedModel* fp_model,
+                                                     kernels::ThreadPool* pool,
+                                                     const std::vector<std::vector<int32_t>>& seqs,
+                                                     bool with_layers) {
+  if (fp_model == nullptr || pool == nullptr) return absl::InvalidArgumentError("null model or pool");
+  auto runner = LayerwiseRunner::Create(fp_model, pool, seqs);
+  if (!runner.ok()) return runner.status();
+  DistillTeacher t;
+  t.hidden = fp_model->config.hidden_size;
+  t.num_layers = fp_model->config.num_layers;
+  const int64_t rows = (*runner)->num_tokens(), d = t.hidden, nl = t.num_layers;
+  t.final_hidden.assign(static_cast<size_t>(rows * d), 0.f);
+  float* h = t.final_hidden.data();
+  if (auto s = (*runner)->Embed(h); !s.ok()) return s;
+  if (!with_layers) {
+    if (auto s = (*runner)->RunLayers(0, nl, h); !s.ok()) return s;
+  } else {
+    t.layers.resize(static_cast<size_t>(rows * nl * d));
+    for (int64_t l = 0; l < nl; ++l) {
+      if (auto s = (*runner)->RunLayers(l, l + 1, h); !s.ok()) return s;
+      pool->ParallelFor(rows, 64, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          uint16_t* dst = t.layers.data() + (r * nl + l) * d;
+          for (int64_t j = 0; j < d; ++j) dst[j] = kernels::FloatToHalf(h[r * d + j]);
+        }
+      });
+    }
+  }
+  if (auto s = (*runner)->FinalNorm(h, h); !s.ok()) return s;
+  return t;
 }
 
 absl::Status EcDistiller::WriteBack(model::LoadedModel* model) const {

@@ -11,11 +11,18 @@
 // Objective, on calibration sequences the FP16 model sampled itself, per
 // token t (mean over tokens):
 //     KL(softmax(z_fp(t)) || softmax(z_q(t)))  +  mse_w * ||y_q(t) - y_fp(t)||^2 / d
+//       + layer_w * mean over layers l >= L0 of ||h_q,l(t) - h_fp,l(t)||^2 / ||h_fp,l(t)||^2
 // z = lm_head(y), y = the final-normed hidden state; the teacher is given
 // by its final-normed hidden states Y_fp (the lm_head is not quantized, so
 // z_fp = lm_head(Y_fp) is recomputed per step instead of storing T x vocab
-// logits). Only EC parameters train (A, B and, unless frozen, the gate
-// MLP); the W4 weights, norms and embeddings are frozen.
+// logits). The optional layer term (layer targets) compares the residual
+// stream after every decoder layer from the first EC-carrying one (L0) on
+// with the FP16 model's, as a per-token relative squared error (scale-free
+// across layers and tokens, so no layer or outlier token dominates); its
+// teacher is stored as fp16 [rows, num_layers, d] (2 bytes x layers x d
+// per token: 2.3 GB for SmolLM2 at 65,536 tokens). Only EC parameters
+// train (A, B and, unless frozen, the gate MLP); the W4 weights, norms and
+// embeddings are frozen.
 //
 // Backward: hand-written, float32 (distill_ops.h for the ops; ec_model.h
 // for the EC): W4 linears as their dequantized effective weight Qeff
@@ -64,6 +71,9 @@ struct DistillOptions {
   int64_t patience = 4;        // evaluations without improvement; 0: never stop early
   double max_seconds = 0;      // > 0: stop (keeping the best) when spent
   double hidden_mse_weight = 0;
+  // Weight of the layer-target term (see the header); > 0 needs the
+  // teacher's layer states (DistillTeacher::layers).
+  double layer_mse_weight = 0;
   // Distillation temperature of the training KL (Hinton: tau^2 KL of the
   // softened distributions; 1 = the plain KL). The held-out KL that picks
   // the best step is always at temperature 1.
@@ -97,6 +107,21 @@ struct EcTokenDiagnostics {
   std::vector<float> ec_gate;              // [T, num_ecs] mean over coordinates (1: static)
 };
 
+// The FP16 model's side of the objective over calibration sequences (rows
+// in sequence order): final-normed hidden states [rows, d] and, if asked,
+// the residual stream after every decoder layer [rows, num_layers, d] as
+// IEEE fp16 bits.
+struct DistillTeacher {
+  std::vector<float> final_hidden;
+  std::vector<uint16_t> layers;
+  int64_t num_layers = 0, hidden = 0;
+};
+// Runs `fp_model` (dense) over `seqs`. InvalidArgument as LayerwiseRunner.
+absl::StatusOr<DistillTeacher> ComputeDistillTeacher(const model::LoadedModel* fp_model,
+                                                     kernels::ThreadPool* pool,
+                                                     const std::vector<std::vector<int32_t>>& seqs,
+                                                     bool with_layers);
+
 // Progress: (step, steps, latest held-out KL or -1).
 using DistillProgress = std::function<void(int64_t, int64_t, double)>;
 
@@ -120,20 +145,26 @@ class EcDistiller {
   // teacher_hidden: [sum of lengths, d] rows in sequence order.
   // kl_temperature tau: the KL term is tau^2 KL of the distributions at
   // temperature tau (1: the plain KL); InvalidArgument unless > 0.
+  // teacher_layers: [sum of lengths, num_layers, d] fp16 (DistillTeacher::
+  // layers), used when layer_mse_weight > 0 (InvalidArgument if null then).
   absl::StatusOr<double> LossAndGrad(const std::vector<std::span<const int32_t>>& seqs,
                                      const float* teacher_hidden, double hidden_mse_weight,
-                                     std::vector<float>* grad, double kl_temperature = 1.0);
+                                     std::vector<float>* grad, double kl_temperature = 1.0,
+                                     const uint16_t* teacher_layers = nullptr,
+                                     double layer_mse_weight = 0);
   absl::StatusOr<EcTokenDiagnostics> TokenDiagnostics(
       const std::vector<std::span<const int32_t>>& seqs, const float* teacher_hidden);
   // Student logits [sum of lengths, vocab] of seqs (tests).
   absl::StatusOr<std::vector<float>> Logits(const std::vector<std::span<const int32_t>>& seqs);
 
   // seqs[0, num_fit) train, the rest is held out (>= 1 each).
-  // teacher_hidden [sum of all lengths, d] in sequence order.
+  // teacher_hidden [sum of all lengths, d] in sequence order;
+  // teacher_layers as in LossAndGrad (needed iff options.layer_mse_weight > 0).
   absl::StatusOr<DistillReport> Train(const std::vector<std::vector<int32_t>>& seqs,
                                       int64_t num_fit, const float* teacher_hidden,
                                       const DistillOptions& options,
-                                      const DistillProgress& progress = nullptr);
+                                      const DistillProgress& progress = nullptr,
+                                      const uint16_t* teacher_layers = nullptr);
 
   // Replaces every EC-carrying linear of *model (the same model, or one with
   // the same structure) by a W4Linear with the trained EC.

@@ -89,7 +89,7 @@ class Pipeline {
   // Sequential state.
   std::unique_ptr<LayerwiseRunner> runner_;
   std::vector<float> h_fp_, h_cur_;
-  std::vector<float> teacher_;  // [T, d] FP16 final-normed hidden states (e2e)
+  DistillTeacher teacher_;  // the FP16 model's states over all rows (e2e; distill.h)
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
   std::vector<float> x_fp_[4], x_q_[4];
   int64_t group_k_[4] = {0, 0, 0, 0};
@@ -380,12 +380,11 @@ absl::Status Pipeline::QuantizeSequential() {
 absl::Status Pipeline::ComputeTeacher() {
   // The FP16 model (still dense) over ALL calibration sequences: the final-
   // normed hidden states are the end-to-end stage's teacher.
-  auto runner = LayerwiseRunner::Create(model_, pool_, seqs_);
-  if (!runner.ok()) return runner.status();
-  teacher_.assign(static_cast<size_t>(total_rows_ * model_->config.hidden_size), 0.f);
-  if (auto s = (*runner)->Embed(teacher_.data()); !s.ok()) return s;
-  if (auto s = (*runner)->RunLayers(0, model_->config.num_layers, teacher_.data()); !s.ok()) return s;
-  return (*runner)->FinalNorm(teacher_.data(), teacher_.data());
+  // With layer targets, also the residual stream after every layer (fp16).
+  auto t = ComputeDistillTeacher(model_, pool_, seqs_, o_.distill.layer_mse_weight > 0);
+  if (!t.ok()) return t.status();
+  teacher_ = std::move(*t);
+  return absl::OkStatus();
 }
 
 absl::Status Pipeline::Distill() {
@@ -405,13 +404,15 @@ absl::Status Pipeline::Distill() {
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
     d.max_seconds = d.max_seconds > 0 ? std::min(d.max_seconds, left) : left;
   }
-  auto rep = (*dist)->Train(seqs_, fit_seqs_, teacher_.data(), d,
-                            [&](int64_t s, int64_t n, double) { Progress("distill", s, n); });
+  auto rep = (*dist)->Train(
+      seqs_, fit_seqs_, teacher_.final_hidden.data(), d,
+      [&](int64_t s, int64_t n, double) { Progress("distill", s, n); },
+      teacher_.layers.empty() ? nullptr : teacher_.layers.data());
   if (!rep.ok()) return rep.status();
   if (auto s = (*dist)->WriteBack(model_); !s.ok()) return s;
   report_.distilled = true;
   report_.distill = std::move(*rep);
-  std::vector<float>().swap(teacher_);
+  teacher_ = DistillTeacher();
   return absl::OkStatus();
 }
 
