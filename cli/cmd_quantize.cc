@@ -207,6 +207,12 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     o.calib.prompt_file = file;
     o.calib.prompt_fraction = frac;
   }
+  if (f.Bool("calib-chat")) {
+    if (o.calib.prompt_file.empty()) {
+      return absl::InvalidArgumentError("--calib-chat only applies with --calib-prompts");
+    }
+    o.calib.prompt_chat = true;
+  }
   auto mse = f.Double("mse-weight", 0.0, 1e6);
   if (!mse.ok()) return mse.status();
   if (f.Has("mse-weight") && o.ec != quantize::EcMode::kSpear) {
@@ -397,6 +403,10 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "self: FILE[,F]: a fraction F (default 1) of the samples continue from the "
                "file's prompts (one per line, in order, cycled) instead of from BOS alone "
                "(scripts/eval/calib_text.py --source=wordnet-topics writes one)")
+      .DeclareBool("calib-chat",
+                   "with --calib-prompts: each prompt line is a user message in the model's chat "
+                   "template, the assistant's answer is the sample (calib_text.py "
+                   "--source=wordnet-requests writes requests)")
       .Declare("diagnostic-tokens", "128",
                "CKA diagnostic: calibration tokens it runs on (time ~ tokens)")
       .Declare("diagnostic-seqs", "1",
@@ -487,6 +497,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"mix_text_sequences", o.calib.mix_text_sequences},
            {"prompt_file", o.calib.prompt_file},
            {"prompt_fraction", o.calib.prompt_file.empty() ? 0.0 : o.calib.prompt_fraction},
+           {"prompt_chat", o.calib.prompt_chat},
            {"seed", o.calib.seed},
            {"tokens", report->calibration_tokens}}
           .dump();

@@ -16,11 +16,17 @@ from Debian packages, neither of them a scored text:
   WordNet noun synset (people, places, things, ideas of every field) whose
   gloss has at most 30 words, from
   which the model writes the rest of its calibration sample itself.
+- wordnet-requests: calibration *requests* for an instruct model (`spear
+  quantize --calib-prompts FILE,F --calib-chat`), one per line: "Write an
+  encyclopedia article about <lemma> (<gloss>)." for every WordNet noun
+  synset whose gloss has at most 20 words; the model answers each in its
+  chat template, so the sample is reference prose on that topic written by
+  the model itself.
 
 Entries are deduplicated, shuffled with a fixed seed (1) so that any prefix
 of the file samples every category, separated by blank lines.
 
-Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics]
+Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics|wordnet-requests]
   (default OUT ~/.cache/spear/texts/<source>.txt)
 Prints the output path and its size. Needs apt-get and dpkg-deb (no root:
 `apt-get download` writes into a temporary folder).
@@ -32,7 +38,7 @@ import sys
 import tempfile
 
 PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"],
-            "wordnet-topics": ["wordnet-base"]}
+            "wordnet-topics": ["wordnet-base"], "wordnet-requests": ["wordnet-base"]}
 
 
 def fortunes(root):
@@ -70,26 +76,31 @@ def wordnet(root):
     return entries
 
 
-def wordnet_topics(root):
-    # Noun synsets only: "Lemma is <first clause of the gloss>." (the
-    # examples after ';' dropped), one line each.
-    entries = []
+def noun_glosses(root, max_words):
+    # (lemma, first clause of the gloss) of every noun synset whose gloss
+    # has at most max_words words (the examples after ';' dropped).
+    out = []
     path = os.path.join(root, "usr/share/wordnet/data.noun")
     for line in open(path, encoding="utf-8", errors="replace"):
         if line.startswith("  ") or "|" not in line:
             continue
         head, gloss = line.split("|", 1)
-        f = head.split()
-        word = f[4].replace("_", " ")
+        word = head.split()[4].replace("_", " ")
         if "(" in word:
             word = word[:word.index("(")]
         gloss = gloss.split(";")[0].strip().rstrip(".")
-        if not gloss or not word:
-            continue
-        word = word[0].upper() + word[1:]
-        if len(gloss.split()) <= 30:  # an opening, not a paragraph: the model writes the rest
-            entries.append(f"{word} is {gloss}.")
-    return entries
+        if gloss and word and len(gloss.split()) <= max_words:
+            out.append((word, gloss))
+    return out
+
+
+def wordnet_requests(root):
+    return [f"Write an encyclopedia article about {w} ({g})." for w, g in noun_glosses(root, 20)]
+
+
+def wordnet_topics(root):
+    # "Lemma is <first clause of the gloss>.", one line each.
+    return [f"{w[0].upper() + w[1:]} is {g}." for w, g in noun_glosses(root, 30)]
 
 
 def main():
@@ -102,7 +113,8 @@ def main():
             source = sys.argv[i + 2]
             args = [x for x in args if x != source]
     if source not in PACKAGES:
-        print("calib_text.py: --source must be fortunes, wordnet or wordnet-topics", file=sys.stderr)
+        print("calib_text.py: --source must be fortunes, wordnet, wordnet-topics or wordnet-requests",
+              file=sys.stderr)
         sys.exit(2)
     out = args[0] if args else os.path.expanduser(f"~/.cache/spear/texts/{source}.txt")
     debs = []
@@ -114,12 +126,12 @@ def main():
             debs.append(deb)
             subprocess.run(["dpkg-deb", "-x", os.path.join(tmp, deb), root], check=True)
         cookies = {"fortunes": fortunes, "wordnet": wordnet,
-                   "wordnet-topics": wordnet_topics}[source](root)
+                   "wordnet-topics": wordnet_topics, "wordnet-requests": wordnet_requests}[source](root)
     cookies = sorted(set(cookies))
     random.Random(1).shuffle(cookies)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
-        sep = "\n" if source == "wordnet-topics" else "\n\n"  # prompts: one per line
+        sep = "\n" if source in ("wordnet-topics", "wordnet-requests") else "\n\n"  # prompts: one per line
         f.write(sep.join(cookies) + "\n")
     print(out, os.path.getsize(out), "bytes,", len(cookies), "entries from", ", ".join(debs))
 

@@ -103,6 +103,7 @@ expect 2 "--calib-mix-text only applies" -- quantize --model "$TINY" --out "$TMP
 expect 2 "--calib-prompts must be FILE\[,F\]" -- quantize --model "$TINY" --out "$TMP/q" --calib-prompts "$0",2
 expect 2 "--calib-prompts: no such file" -- quantize --model "$TINY" --out "$TMP/q" --calib-prompts /no/such.txt
 expect 2 "--calib-prompts only applies" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-prompts "$0"
+expect 2 "--calib-chat only applies with --calib-prompts" -- quantize --model "$TINY" --out "$TMP/q" --calib-chat
 expect 2 "--calib-prompts and --calib-random-start exclude" -- quantize --model "$TINY" --out "$TMP/q" --calib-prompts "$0",0.5 --calib-random-start 0.5
 expect 2 "--diagnostic-seqs must be" -- quantize --model "$TINY" --out "$TMP/q" --diagnostic-seqs 0
 expect 2 "--diagnostic-tokens / --diagnostic-seqs need" -- quantize --model "$TINY" --out "$TMP/q" --ec none --diagnostic-seqs 4

@@ -4,6 +4,8 @@
 // budget holds; the sequential target is W x_fp - Q x_q.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <fstream>
 #include <memory>
 #include <vector>
 
@@ -266,6 +268,115 @@ TEST_F(PipelineTest, CalibrationPromptsStartTheirSamples) {
   bad.text_file = "/no/such/text.txt";
   EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// A unit-test tokenizer: one id per byte (1 + byte % 100), a ChatML
+// template, BOS = `bos`; Encode marks "<|im_start|>" as id 120 (so a
+// rendering can start with the BOS id when bos = 120).
+class ByteChatTokenizer final : public model::Tokenizer {
+ public:
+  explicit ByteChatTokenizer(int32_t bos) : bos_(bos) {}
+  std::vector<int32_t> Encode(std::string_view text, bool add_bos) const override {
+    std::vector<int32_t> out;
+    if (add_bos) out.push_back(bos_);
+    for (size_t i = 0; i < text.size();) {
+      if (text.substr(i, 12) == "<|im_start|>") {
+        out.push_back(120);
+        i += 12;
+      } else {
+        out.push_back(1 + static_cast<unsigned char>(text[i++]) % 100);
+      }
+    }
+    return out;
+  }
+  std::string Decode(std::span<const int32_t>, bool) const override { return ""; }
+  int64_t vocab_size() const override { return 128; }
+  std::optional<int32_t> TokenId(std::string_view) const override { return std::nullopt; }
+  std::string TokenText(int32_t) const override { return ""; }
+  bool IsSpecial(int32_t id) const override { return id >= 120; }
+  int32_t bos_id() const override { return bos_; }
+  int32_t eos_id() const override { return -1; }
+  const std::string& chat_template() const override { return tmpl_; }
+
+ private:
+  int32_t bos_;
+  std::string tmpl_ =
+      "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+      "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
+      "'<|im_start|>assistant\\n' }}{% endif %}";
+};
+
+// --calib-chat: each prompt line becomes a user message in the chat
+// template; the sample is BOS + the rendering + the model's answer, and a
+// rendering that starts with the BOS id gets no second BOS.
+TEST_F(PipelineTest, CalibrationChatPromptsUseTheTemplate) {
+  const std::string file = ::testing::TempDir() + "/chat_prompts.txt";
+  {
+    std::ofstream f(file);
+    f << "Tell me about owls.\n\nDescribe rivers.\n";
+  }
+  CalibrationOptions c;
+  c.num_sequences = 4;
+  c.seq_len = 160;
+  c.prompt_file = file;
+  c.prompt_fraction = 1.0;
+  c.prompt_chat = true;
+  for (const int32_t bos : {7, 120}) {
+    fp_->tokenizer = std::make_unique<ByteChatTokenizer>(bos);
+    fp_->config.bos_token_id = bos;
+    auto seqs = MakeCalibrationSequences(*fp_, c, 2);
+    ASSERT_TRUE(seqs.ok()) << seqs.status();
+    ASSERT_EQ(seqs->size(), 4u);
+    for (int i = 0; i < 4; ++i) {
+      const std::string line = i % 2 == 0 ? "Tell me about owls." : "Describe rivers.";
+      auto text = model::ApplyChatTemplate(*fp_->tokenizer, {{"user", line}}, true);
+      ASSERT_TRUE(text.ok());
+      std::vector<int32_t> want = fp_->tokenizer->Encode(*text, false);
+      if (want.front() != bos) want.insert(want.begin(), bos);
+      ASSERT_EQ((*seqs)[i].size(), 160u);
+      EXPECT_TRUE(std::equal(want.begin(), want.end(), (*seqs)[i].begin()))
+          << "bos " << bos << " sample " << i;
+      EXPECT_EQ((*seqs)[i][0], bos);
+      if (bos == 120) EXPECT_NE((*seqs)[i][1], 120);  // no doubled BOS
+    }
+  }
+  // Without the chat flag the same file gives the raw lines.
+  c.prompt_chat = false;
+  auto raw = MakeCalibrationSequences(*fp_, c, 2);
+  ASSERT_TRUE(raw.ok());
+  const auto owls = fp_->tokenizer->Encode("Tell me about owls.", false);
+  EXPECT_TRUE(std::equal(owls.begin(), owls.end(), (*raw)[0].begin() + 1));
+  // Errors: chat without a prompt file; chat beside a text file; a model
+  // without a chat template.
+  CalibrationOptions bad;
+  bad.num_sequences = 2;
+  bad.seq_len = 96;
+  bad.prompt_chat = true;
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad.text_file = file;
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  class NoTemplate final : public model::Tokenizer {
+   public:
+    std::vector<int32_t> Encode(std::string_view, bool) const override { return {3}; }
+    std::string Decode(std::span<const int32_t>, bool) const override { return ""; }
+    int64_t vocab_size() const override { return 128; }
+    std::optional<int32_t> TokenId(std::string_view) const override { return std::nullopt; }
+    std::string TokenText(int32_t) const override { return ""; }
+    bool IsSpecial(int32_t) const override { return false; }
+    int32_t bos_id() const override { return 7; }
+    int32_t eos_id() const override { return -1; }
+    const std::string& chat_template() const override { return empty_; }
+
+   private:
+    std::string empty_;
+  };
+  fp_->tokenizer = std::make_unique<NoTemplate>();
+  c.prompt_chat = true;
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, c, 2).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  std::remove(file.c_str());
 }
 
 // The calibration text mix: text windows spread evenly among the

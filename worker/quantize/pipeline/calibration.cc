@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "worker/engine/engine.h"
+#include "worker/model/tokenizer.h"
 
 namespace spear::quantize {
 namespace {
@@ -45,6 +46,9 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> LoadPrompts(const model::Loade
                                                               const CalibrationOptions& o,
                                                               int64_t sample_len, int64_t needed) {
   std::vector<std::vector<int32_t>> out;
+  if (o.prompt_chat && o.prompt_file.empty()) {
+    return absl::InvalidArgumentError("calibration: chat prompts need a prompt file");
+  }
   if (o.prompt_file.empty() && o.prompt_ids.empty()) return out;
   if (!o.prompt_file.empty() && !o.prompt_ids.empty()) {
     return absl::InvalidArgumentError("calibration: prompts from a file or as ids, not both");
@@ -67,6 +71,15 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> LoadPrompts(const model::Loade
     for (int64_t n = 1; static_cast<int64_t>(out.size()) < needed && std::getline(f, line); ++n) {
       if (!line.empty() && line.back() == '\r') line.pop_back();
       if (line.find_first_not_of(" \t") == std::string::npos) continue;
+      if (o.prompt_chat) {
+        auto text = model::ApplyChatTemplate(*model.tokenizer, {{"user", line}},
+                                             /*add_generation_prompt=*/true);
+        if (!text.ok()) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "calibration chat prompts: ", text.status().message()));
+        }
+        line = std::move(*text);
+      }
       out.push_back(model.tokenizer->Encode(line, /*add_bos=*/false));
       where.push_back(absl::StrCat(o.prompt_file, " line ", n));
     }
@@ -122,7 +135,7 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     if (!o.mix_text_file.empty()) {
       return absl::InvalidArgumentError("calibration: a text mix only goes with self-generated data");
     }
-    if (!o.prompt_file.empty() || !o.prompt_ids.empty()) {
+    if (!o.prompt_file.empty() || !o.prompt_ids.empty() || o.prompt_chat) {
       return absl::InvalidArgumentError("calibration: prompts only go with self-generated data");
     }
     return FromTextFile(model, o);
@@ -203,7 +216,9 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     const double pf = o.prompt_fraction;
     if (!prompts->empty() && std::floor((i + 1) * pf) > std::floor(i * pf)) {
       const auto& pr = (*prompts)[static_cast<size_t>(std::floor(i * pf)) % prompts->size()];
-      if (bos < 0) r.prompt.clear();
+      // No BOS of the sample's own in front of one the prompt already has
+      // (a chat rendering may start with it).
+      if (bos < 0 || pr.front() == bos) r.prompt.clear();
       r.prompt.insert(r.prompt.end(), pr.begin(), pr.end());
     }
     // Sample i starts randomly when floor((i + 1) f) > floor(i f): an even

@@ -81,6 +81,12 @@ struct CalibrationOptions {
   std::string prompt_file;
   std::vector<std::vector<int32_t>> prompt_ids;
   double prompt_fraction = 1.0;
+  // prompt_file's lines are user messages: each is rendered through the
+  // model's chat template with the assistant's turn opened (as `spear
+  // generate --chat` does), so an instruct model answers the request; the
+  // rendering's leading BOS, if it has one, stands for the sample's BOS.
+  // Needs a chat template (FailedPrecondition otherwise).
+  bool prompt_chat = false;
 };
 
 struct QuantizeOptions {
