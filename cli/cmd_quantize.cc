@@ -146,15 +146,19 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   auto windows = f.Int("calib-windows", 1, 64);
   if (!windows.ok()) return windows.status();
   auto top_p = f.Double("calib-top-p", 1e-6, 1.0);
+  auto temp = f.Double("calib-temperature", 0.05, 10.0);
+  if (!temp.ok()) return temp.status();
   auto random_start = f.Double("calib-random-start", 0.0, 1.0);
   if (!top_p.ok()) return top_p.status();
   if (!random_start.ok()) return random_start.status();
   if (!o.calib.text_file.empty() &&
-      (f.Has("calib-windows") || f.Has("calib-top-p") || f.Has("calib-random-start"))) {
+      (f.Has("calib-windows") || f.Has("calib-top-p") || f.Has("calib-random-start") ||
+       f.Has("calib-temperature"))) {
     return absl::InvalidArgumentError(
-        "--calib-windows, --calib-top-p and --calib-random-start only apply to --calib "
-        "self:N,LEN");
+        "--calib-windows, --calib-top-p, --calib-temperature and --calib-random-start only apply "
+        "to --calib self:N,LEN");
   }
+  o.calib.temperature = *temp;
   o.calib.windows_per_sequence = *windows;
   o.calib.top_p = *top_p;
   if (f.Has("calib-mix-text")) {
@@ -393,6 +397,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "self: each sample is W x LEN tokens, cut into W windows of LEN (windows after "
                "the first start mid-text, like chunks of a long document); N x W sequences in all")
       .Declare("calib-top-p", "0.95", "self: nucleus mass of the calibration sampler (1 = off)")
+      .Declare("calib-temperature", "1", "self: temperature of the calibration sampler")
       .Declare("calib-mix-text", "",
                "self: FILE,M adds the first M windows of LEN tokens of a text file, spread "
                "among the self-generated sequences (both the fit and the held-out part)")
@@ -492,6 +497,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"seq_len", o.calib.seq_len},
            {"windows_per_sequence", o.calib.windows_per_sequence},
            {"top_p", o.calib.top_p},
+           {"temperature", o.calib.temperature},
            {"random_start_fraction", o.calib.random_start_fraction},
            {"mix_text_file", o.calib.mix_text_file},
            {"mix_text_sequences", o.calib.mix_text_sequences},

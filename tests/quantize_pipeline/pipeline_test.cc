@@ -270,6 +270,27 @@ TEST_F(PipelineTest, CalibrationPromptsStartTheirSamples) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// The sampler's temperature: another temperature, other samples from the
+// same seeds (BOS kept); out of range is refused.
+TEST_F(PipelineTest, CalibrationTemperature) {
+  CalibrationOptions c;
+  c.num_sequences = 4;
+  c.seq_len = 32;
+  auto a = MakeCalibrationSequences(*fp_, c, 2);
+  c.temperature = 3.0;
+  auto b = MakeCalibrationSequences(*fp_, c, 2);
+  ASSERT_TRUE(a.ok() && b.ok());
+  int differ = 0;
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ((*a)[i][0], (*b)[i][0]);
+    differ += (*a)[i] != (*b)[i];
+  }
+  EXPECT_GE(differ, 3);
+  c.temperature = 0.0;
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, c, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 // A unit-test tokenizer: one id per byte (1 + byte % 100), a ChatML
 // template, BOS = `bos`; Encode marks "<|im_start|>" as id 120 (so a
 // rendering can start with the BOS id when bos = 120).

@@ -156,6 +156,10 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     if (!win.ok()) return win.status();
     return SpreadAmong(std::move(*gen), std::move(*win));
   }
+  if (!(o.temperature > 0 && o.temperature <= 10)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("calibration temperature must be in (0, 10], got ", o.temperature));
+  }
   if (!(o.top_p > 0 && o.top_p <= 1)) {
     return absl::InvalidArgumentError(absl::StrCat("calibration top_p must be in (0, 1], got ", o.top_p));
   }
@@ -232,7 +236,7 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
         r.prompt = {word};
       }
     }
-    r.sampling.temperature = 1.0f;
+    r.sampling.temperature = static_cast<float>(o.temperature);
     r.sampling.top_p = static_cast<float>(o.top_p);
     r.sampling.seed = o.seed * 1000003ull + static_cast<uint64_t>(i);
     r.options.max_new_tokens = sample_len - static_cast<int64_t>(r.prompt.size());

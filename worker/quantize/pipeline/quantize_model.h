@@ -50,6 +50,9 @@ struct CalibrationOptions {
   // Self-generated only. Nucleus mass of the sampler (1 = the full
   // distribution).
   double top_p = 0.95;
+  // Self-generated only. Sampling temperature (> 1: less typical text,
+  // more of the contexts the model would not write itself).
+  double temperature = 1.0;
   // Self-generated only: each of the num_sequences samples is
   // windows_per_sequence * seq_len tokens long and is cut into that many
   // windows of seq_len (so the pipeline gets num_sequences *
