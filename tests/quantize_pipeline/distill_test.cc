@@ -259,6 +259,17 @@ TEST_F(DistillTest, TeacherLayerStates) {
   o.layer_mse_weight = 1.0;
   auto tr = (*dist)->Train(seqs, 1, plain.data(), o);
   EXPECT_EQ(tr.status().code(), absl::StatusCode::kInvalidArgument);
+  // A residual stream beyond fp16's range (embeddings x 1e6) is refused,
+  // not stored as inf.
+  const int64_t V = fp_->config.vocab_size;
+  std::vector<float> big(V * d);
+  for (int32_t v = 0; v < V; ++v) fp_->weights.EmbedRow(v, d, big.data() + v * d);
+  for (float& x : big) x *= 1e6f;
+  fp_->weights.embed = big.data();
+  fp_->weights.embed_dtype = kernels::DType::kF32;
+  auto huge = ComputeDistillTeacher(fp_.get(), &pool_, seqs, true);
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kOutOfRange) << huge.status();
+  EXPECT_TRUE(ComputeDistillTeacher(fp_.get(), &pool_, seqs, false).ok());
 }
 
 // Training with the layer targets (through Train's minibatch gathering of

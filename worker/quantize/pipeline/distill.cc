@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -779,12 +780,24 @@ absl::StatusOr<DistillTeacher> ComputeDistillTeacher(const model::LoadedModel* f
     t.layers.resize(static_cast<size_t>(rows * nl * d));
     for (int64_t l = 0; l < nl; ++l) {
       if (auto s = (*runner)->RunLayers(l, l + 1, h); !s.ok()) return s;
+      std::atomic<bool> out_of_range{false};
       pool->ParallelFor(rows, 64, [&](int64_t b, int64_t e) {
+        bool bad = false;
         for (int64_t r = b; r < e; ++r) {
           uint16_t* dst = t.layers.data() + (r * nl + l) * d;
-          for (int64_t j = 0; j < d; ++j) dst[j] = kernels::FloatToHalf(h[r * d + j]);
+          for (int64_t j = 0; j < d; ++j) {
+            const float v = h[r * d + j];
+            bad |= !(std::fabs(v) <= 65504.f);  // fp16's largest finite value (NaN too)
+            dst[j] = kernels::FloatToHalf(v);
+          }
         }
+        if (bad) out_of_range = true;
       });
+      if (out_of_range) {
+        return absl::OutOfRangeError(absl::StrCat(
+            "layer targets: the FP16 model's residual stream after layer ", l,
+            " leaves the fp16 range the targets are stored in; train without layer targets"));
+      }
     }
   }
   if (auto s = (*runner)->FinalNorm(h, h); !s.ok()) return s;
