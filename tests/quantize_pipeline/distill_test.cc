@@ -18,7 +18,6 @@
 #include "worker/quantize/pipeline/calibration.h"
 #include "worker/quantize/pipeline/distill.h"
 #include "worker/quantize/pipeline/fast_stats.h"
-#include "worker/quantize/pipeline/layerwise.h"
 #include "worker/quantize/lowrank.h"
 #include "worker/quantize/pipeline/module_quant.h"
 #include "worker/quantize/pipeline/quantize_model.h"
@@ -83,13 +82,10 @@ class DistillTest : public ::testing::Test {
   }
   // Final-normed hidden states of the FP16 model [T, d].
   std::vector<float> Teacher(const std::vector<std::vector<int32_t>>& seqs) {
-    auto run = LayerwiseRunner::Create(fp_.get(), &pool_, seqs);
-    EXPECT_TRUE(run.ok());
-    std::vector<float> h((*run)->num_tokens() * fp_->config.hidden_size);
-    EXPECT_TRUE((*run)->Embed(h.data()).ok());
-    EXPECT_TRUE((*run)->RunLayers(0, fp_->config.num_layers, h.data()).ok());
-    EXPECT_TRUE((*run)->FinalNorm(h.data(), h.data()).ok());
-    return h;
+    auto t = ComputeDistillTeacher(fp_.get(), &pool_, seqs, /*with_layers=*/false);
+    EXPECT_TRUE(t.ok()) << t.status();
+    EXPECT_TRUE(t->layers.empty());
+    return std::move(t->final_hidden);
   }
   static std::vector<std::span<const int32_t>> Spans(const std::vector<std::vector<int32_t>>& s) {
     return {s.begin(), s.end()};
@@ -221,8 +217,10 @@ TEST_F(DistillTest, GradientMatchesFiniteDifferences) {
 }
 
 // The teacher's layer states: [rows, layers, d] fp16 in row order; the
-// last layer's, final-normed, are the final hidden states; earlier layers
-// differ from it. A layer weight without layer states is refused.
+// layer-by-layer pass gives the same final hidden states as the one-pass
+// teacher; the last layer's state, final-normed, is the final hidden
+// state; earlier layers differ from it. A layer weight without layer
+// states is refused.
 TEST_F(DistillTest, TeacherLayerStates) {
   const auto seqs = Seqs(2, 12, 31);
   auto t = ComputeDistillTeacher(fp_.get(), &pool_, seqs, true);

@@ -291,12 +291,19 @@ TEST_F(PipelineTest, CalibrationTemperature) {
             absl::StatusCode::kInvalidArgument);
 }
 
-// A unit-test tokenizer: one id per byte (1 + byte % 100), a ChatML
-// template, BOS = `bos`; Encode marks "<|im_start|>" as id 120 (so a
-// rendering can start with the BOS id when bos = 120).
+constexpr char kChatMl[] =
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
+    "'<|im_start|>assistant\\n' }}{% endif %}";
+
+// A unit-test tokenizer: one id per byte (1 + byte % 100), a chat template
+// (ChatML unless given; "" = none), BOS = `bos`; Encode marks
+// "<|im_start|>" as id 120 (so a rendering can start with the BOS id when
+// bos = 120).
 class ByteChatTokenizer final : public model::Tokenizer {
  public:
-  explicit ByteChatTokenizer(int32_t bos) : bos_(bos) {}
+  explicit ByteChatTokenizer(int32_t bos, std::string tmpl = kChatMl)
+      : bos_(bos), tmpl_(std::move(tmpl)) {}
   std::vector<int32_t> Encode(std::string_view text, bool add_bos) const override {
     std::vector<int32_t> out;
     if (add_bos) out.push_back(bos_);
@@ -321,10 +328,7 @@ class ByteChatTokenizer final : public model::Tokenizer {
 
  private:
   int32_t bos_;
-  std::string tmpl_ =
-      "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
-      "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ "
-      "'<|im_start|>assistant\\n' }}{% endif %}";
+  std::string tmpl_;
 };
 
 // --calib-chat: each prompt line becomes a user message in the chat
@@ -378,22 +382,7 @@ TEST_F(PipelineTest, CalibrationChatPromptsUseTheTemplate) {
   bad.text_file = file;
   EXPECT_EQ(MakeCalibrationSequences(*fp_, bad, 2).status().code(),
             absl::StatusCode::kInvalidArgument);
-  class NoTemplate final : public model::Tokenizer {
-   public:
-    std::vector<int32_t> Encode(std::string_view, bool) const override { return {3}; }
-    std::string Decode(std::span<const int32_t>, bool) const override { return ""; }
-    int64_t vocab_size() const override { return 128; }
-    std::optional<int32_t> TokenId(std::string_view) const override { return std::nullopt; }
-    std::string TokenText(int32_t) const override { return ""; }
-    bool IsSpecial(int32_t) const override { return false; }
-    int32_t bos_id() const override { return 7; }
-    int32_t eos_id() const override { return -1; }
-    const std::string& chat_template() const override { return empty_; }
-
-   private:
-    std::string empty_;
-  };
-  fp_->tokenizer = std::make_unique<NoTemplate>();
+  fp_->tokenizer = std::make_unique<ByteChatTokenizer>(7, "");
   c.prompt_chat = true;
   EXPECT_EQ(MakeCalibrationSequences(*fp_, c, 2).status().code(),
             absl::StatusCode::kFailedPrecondition);
