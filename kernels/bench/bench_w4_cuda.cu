@@ -28,7 +28,8 @@
 // table that `spear quantize --ec-latency-table` reads (format:
 // worker/quantize/pipeline/ec_latency.h): per module shape, rank and M, the W4 GEMM alone and
 // with a gated EC (gate hidden 16), each timed as above; CSV on stdout,
-// then exit.
+// then exit. --prefill [--ms=...]: the prefill path's main GEMMs side by
+// side (PrefillTable below), then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -299,10 +300,121 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
 // --prefill-ec=0|1|2: W4CudaParams::prefill_ec_stream of the table's W4+EC
 // column (the A/B of the prefill EC on a second stream).
 int g_prefill_ec = 0;
+// --prefill-nofence: also time the wgmma kernel without its proxy fence (a
+// timing split; the output may be wrong then).
+bool g_prefill_nofence = false;
+
+// --prefill: the prefill path's main GEMMs side by side at M in `ms` (default
+// 128, 512, 2048) on the eight shapes: cuBLAS FP16 (the peer), the W4
+// weight dequantized into fp16 scratch + cuBLAS, the wgmma kernel from the
+// W4 layout with 128- and 256-token tiles, the automatic
+// choice, and the automatic choice with the EC (r 32); then each model's
+// four GEMMs back to back in one graph (cuBLAS FP16 vs the automatic W4
+// path, every GEMM on its own weights).
+int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y16,
+                 const uint16_t* wpool, size_t pool_halfs, cublasHandle_t cub,
+                 cuda::W4Workspace* ws, std::mt19937& rng) {
+  std::printf("\n## Prefill GEMMs (us; ratios over cuBLAS FP16 in the same run; TF/s of the automatic W4 path)\n");
+  std::printf("| model | layer | M | cuBLAS us | cuBLAS TF/s | dequant+cuBLAS us | ratio | wgmma 128-token tiles us | ratio | wgmma 256-token tiles us | ratio | W4 auto us | W4 TF/s | ratio | W4+EC auto us | EC/W4 |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  struct Mod {
+    const Shape* sh;
+    std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
+    uint16_t* w16;  // its own fp16 copy for the layer graph
+  };
+  for (const char* model : {"8B", "1B"}) {
+    std::vector<Mod> mods;
+    for (const Shape& sh : kShapes) {
+      if (std::string(sh.model) != model) continue;
+      const W4Weight w = bench::RandomW4(sh.n, sh.k, kGroup, rng);
+      const EcWeights ec = bench::RandomEc(sh.n, sh.k, rng);
+      auto first = cuda::W4DeviceWeight::Create(w, &ec);
+      CKS(first.status());
+      const double wbytes = static_cast<double>((*first)->backbone_bytes());
+      Mod md{&sh, WithCopies(std::move(*first), std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)))), nullptr};
+      const size_t halfs = static_cast<size_t>(sh.n * sh.k);
+      CK(cudaMalloc(&md.w16, halfs * 2));
+      for (size_t o = 0; o < halfs; o += pool_halfs) {
+        CK(cudaMemcpy(md.w16 + o, wpool, std::min(pool_halfs, halfs - o) * 2, cudaMemcpyDeviceToDevice));
+      }
+      mods.push_back(std::move(md));
+    }
+    for (int64_t m : ms) {
+      double sum_cub = 0, sum_auto = 0;
+      for (Mod& md : mods) {
+        const Shape& sh = *md.sh;
+        const int nrot = static_cast<int>(md.rot.size());
+        CKS(ws->Reserve(*md.rot[0], m));
+        const double flops = 2.0 * m * sh.n * sh.k;
+        const int reps = std::max(nrot, 6);
+        auto w4 = [&](int pk, bool ec) {
+          // One eager call first: the dequantizing path grows its scratch
+          // then (not allowed inside the capture).
+          cuda::W4CudaParams p0 = bench::GemmParams(x, m, sh.k, y16, sh.n);
+          p0.force_prefill = true;
+          p0.prefill_kernel = pk;
+          p0.use_ec = ec;
+          CKS(cuda::W4Linear(*md.rot[0], p0, ws, g_stream));
+          CK(cudaStreamSynchronize(g_stream));
+          return TimeGraph(reps, [&](int i) {
+            cuda::W4CudaParams p = bench::GemmParams(x, m, sh.k, y16, sh.n);
+            p.force_prefill = true;
+            p.prefill_kernel = pk;
+            p.use_ec = ec;
+            CKS(cuda::W4Linear(*md.rot[i % nrot], p, ws, g_stream));
+          });
+        };
+        const double t_cub = TimeGraph(6, [&](int) {
+          const float one = 1.f, zero = 0.f;
+          CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, sh.n, m, sh.k, &one, md.w16, CUDA_R_16F,
+                           sh.k, x, CUDA_R_16F, sh.k, &zero, y16, CUDA_R_16F, sh.n,
+                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        });
+        const double t_deq = w4(1, false), t_g1 = w4(2, false), t_g2 = w4(3, false);
+        const double t_auto = w4(0, false), t_ec = w4(0, true);
+        if (g_prefill_nofence) {
+          std::printf("| %s | %s | %lld | without the proxy fence (wrong output allowed): 128-token %.1f us, 256-token %.1f us |\n",
+                      sh.model, sh.layer, static_cast<long long>(m), w4(2 + 16, false), w4(3 + 16, false));
+        }
+        sum_cub += t_cub;
+        sum_auto += t_auto;
+        std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.2f | %.1f | %.2f | %.1f | %.2f | %.1f | %.0f | %.2f | %.1f | %.2f |\n",
+                    sh.model, sh.layer, static_cast<long long>(m), t_cub, flops / t_cub * 1e-6,
+                    t_deq, t_deq / t_cub, t_g1, t_g1 / t_cub, t_g2, t_g2 / t_cub, t_auto,
+                    flops / t_auto * 1e-6, t_auto / t_cub, t_ec, t_ec / t_auto);
+        std::fflush(stdout);
+      }
+      // The four GEMMs back to back, one graph.
+      const double l_cub = TimeGraph(4, [&](int) {
+        for (Mod& md : mods) {
+          const float one = 1.f, zero = 0.f;
+          CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, md.sh->n, m, md.sh->k, &one, md.w16,
+                           CUDA_R_16F, md.sh->k, x, CUDA_R_16F, md.sh->k, &zero, y16, CUDA_R_16F,
+                           md.sh->n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        }
+      });
+      const double l_auto = TimeGraph(4, [&](int i) {
+        for (Mod& md : mods) {
+          cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
+          p.force_prefill = true;
+          p.use_ec = false;
+          CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
+        }
+      });
+      std::printf("| %s | layer (4 GEMMs, one graph) | %lld | %.1f | | | | | | | | %.1f | | %.2f | | |\n",
+                  model, static_cast<long long>(m), l_cub, l_auto, l_auto / l_cub);
+      std::printf("| %s | sum of the rows above | %lld | %.1f | | | | | | | | %.1f | | %.2f | | |\n",
+                  model, static_cast<long long>(m), sum_cub, sum_auto, sum_auto / sum_cub);
+      std::fflush(stdout);
+    }
+    for (Mod& md : mods) CK(cudaFree(md.w16));
+  }
+  return 0;
+}
 
 int Main(int argc, char** argv) {
   std::string torch_csv, only, ec_latency;
-  bool quick = false, no_layer = false, sweep = false, profile = false;
+  bool quick = false, no_layer = false, sweep = false, profile = false, prefill = false;
   std::vector<int64_t> ms_only, ec_ranks = {4}, ec_ms = {1};
   int64_t group = kGroup;
   auto ints = [](const std::string& v) {
@@ -327,6 +439,8 @@ int Main(int argc, char** argv) {
     if (a.rfind("--prefill-ec=", 0) == 0) g_prefill_ec = std::atoi(a.c_str() + 13);
     if (a == "--sweep") sweep = true;
     if (a == "--profile") profile = true;
+    if (a == "--prefill") prefill = true;
+    if (a == "--prefill-nofence") g_prefill_nofence = true;
     try {
       if (a.rfind("--ec-latency=", 0) == 0) ec_latency = a.substr(13);
       if (a.rfind("--ec-ranks=", 0) == 0) ec_ranks = ints(a.substr(11));
@@ -386,6 +500,10 @@ int Main(int argc, char** argv) {
   std::mt19937 rng(1234);
   if (!ec_latency.empty()) {
     return EcLatencyTable(ec_latency, ec_ranks, ec_ms, group, x, y16, ws.get(), prop, rng);
+  }
+  if (prefill) {
+    return PrefillTable(ms_only.empty() ? std::vector<int64_t>{128, 512, 2048} : ms_only, x, y16,
+                        wpool, pool_halfs, cub, ws.get(), rng);
   }
   if (sweep || profile) {
     return SweepOrProfile(profile, ms_only.empty() ? std::vector<int64_t>{1, 4, 8} : ms_only, x, y16,

@@ -148,6 +148,16 @@ absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int
                               uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,
                               cudaStream_t stream);
 absl::Status LaunchDequantW(const W4DeviceWeight::Impl& w, uint16_t* wh, cudaStream_t stream);
+// The prefill GEMM on wgmma straight from the layout (w4_prefill_wgmma.cu):
+// y (=|+=) Q(W) x (+ bias), no EC. Available: an sm_90 device running the
+// build's sm_90a code. tokens: the block's token tile (128 or 256).
+// FailedPrecondition where not available; InvalidArgument for k or ldx not
+// a multiple of 8 or x not 16-byte aligned.
+bool PrefillWgmmaAvailable();
+absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
+                                int64_t ldx, const float* bias, float* y32, uint16_t* y16,
+                                int64_t ldy, bool accumulate, int tokens, cudaStream_t stream,
+                                int flags = 0);
 absl::Status LaunchAddBias(const float* bias, int64_t m, int64_t n, float* y32, uint16_t* y16,
                            int64_t ldy, cudaStream_t stream);
 

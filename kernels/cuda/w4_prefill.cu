@@ -109,6 +109,17 @@ absl::Status LaunchAddBias(const float* bias, int64_t m, int64_t n, float* y32, 
   return absl::OkStatus();
 }
 
+// The main GEMM's kernel: 0 dequantize + cuBLAS, else the wgmma kernel's
+// token tile (128 or 256), only where p.prefill_kernel asks for it
+// (LaunchPrefillWgmma reports what it cannot run). Automatic is the
+// dequantizing path: the wgmma kernel measured slower on every prefill
+// shape so far (docs/results/gpu.md, "v19: a wgmma prefill kernel").
+static int PrefillWgmmaTokens(const W4CudaParams& p) {
+  if ((p.prefill_kernel & 15) == 2) return 128;
+  if ((p.prefill_kernel & 15) == 3) return 256;
+  return 0;
+}
+
 absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
                         cudaStream_t stream) {
   const auto& d = w.impl();
@@ -157,7 +168,6 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
     if (overlap) (void)cudaStreamWaitEvent(stream, s.ec_join, 0);
   };
   absl::Status main = [&]() -> absl::Status {
-    if (absl::Status st = LaunchDequantW(d, s.wh, stream); !st.ok()) return st;
     const uint16_t* x = p.x;
     int64_t ldx = p.ldx;
     if (d.act_scale != nullptr) {
@@ -168,16 +178,28 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
       x = s.pxs;
       ldx = d.kp;
     }
-    SPEAR_CUBLAS_RETURN_IF_ERROR(blas::SetStream(s.cublas, stream));
     const float beta = p.accumulate ? 1.f : 0.f;
     void* y = p.y_f32 != nullptr ? static_cast<void*>(p.y_f32) : static_cast<void*>(p.y_f16);
     const cudaDataType_t yt = p.y_f32 != nullptr ? CUDA_R_32F : CUDA_R_16F;
-    SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one,
-                                              s.wh, CUDA_R_16F, static_cast<int>(d.kp), x,
-                                              CUDA_R_16F, static_cast<int>(ldx), &beta, y, yt,
-                                              static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
-                                              CUBLAS_GEMM_DEFAULT));
-    if (p.bias != nullptr) {
+    // (the handle serves the EC's y += V B^T below as well)
+    SPEAR_CUBLAS_RETURN_IF_ERROR(blas::SetStream(s.cublas, stream));
+    const int tpw = PrefillWgmmaTokens(p);
+    if (tpw > 0) {
+      // Bias in the kernel's epilogue.
+      if (absl::Status st = LaunchPrefillWgmma(d, x, p.m, ldx, p.bias, p.y_f32, p.y_f16, p.ldy,
+                                               p.accumulate, tpw, stream, p.prefill_kernel & 16);
+          !st.ok()) {
+        return st;
+      }
+    } else {
+      if (absl::Status st = LaunchDequantW(d, s.wh, stream); !st.ok()) return st;
+      SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &one,
+                                                s.wh, CUDA_R_16F, static_cast<int>(d.kp), x,
+                                                CUDA_R_16F, static_cast<int>(ldx), &beta, y, yt,
+                                                static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
+                                                CUBLAS_GEMM_DEFAULT));
+    }
+    if (p.bias != nullptr && tpw == 0) {
       if (absl::Status st = LaunchAddBias(p.bias, p.m, d.n, p.y_f32, p.y_f16, p.ldy, stream);
           !st.ok()) {
         return st;

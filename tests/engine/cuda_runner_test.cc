@@ -268,6 +268,19 @@ TEST(CudaModelRunner, TinyGroupedMixedEcTiedMatchesCpu) {
   RunScenario(m.get(), {5, 16, 33, 2}, 5, false, 22);
 }
 
+// A first step of 184 rows: the W4 GEMMs take the prefill path (m >=
+// kPrefillM: dequantize + cuBLAS, the ECs through cuBLAS); the scenarios
+// above stay below kPrefillM.
+TEST(CudaModelRunner, TinyLongPrefillMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  for (bool grouped : {false, true}) {
+    SCOPED_TRACE(grouped ? "grouped, mixed ECs, tied" : "per-channel, gated ECs");
+    auto m = TinyW4Model(grouped, /*tied=*/grouped);
+    RunScenario(m.get(), {3, 70, 120}, 3, !grouped, grouped ? 24 : 23);
+    if (HasFatalFailure()) return;
+  }
+}
+
 // Gate observers (the worker's spear_gate_mean / _stddev) on the CUDA path:
 // every EC module's observer sees the gates of the GPU forward (a prefill of
 // 90 tokens through the prefill path, then decode steps replayed from a

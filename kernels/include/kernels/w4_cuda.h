@@ -24,7 +24,9 @@
 //                     prologue kernel, B (g ⊙ u) as two extra mma k-steps in
 //                     the GEMM epilogue (no extra pass over y);
 //   m >= kPrefillM    prefill: W dequantized to an fp16 scratch, then cuBLAS;
-//                     the EC through cuBLAS (U = x A^T, gate, y += V B^T).
+//                     the EC through cuBLAS (U = x A^T, gate, y += V B^T);
+//                     opt-in (prefill_kernel 2 / 3): a wgmma kernel straight
+//                     from the W4 layout, no scratch (slower so far).
 //
 // Threads: a W4DeviceWeight is immutable after Create and may be used from
 // any stream; a W4Workspace belongs to ONE stream at a time (it holds the
@@ -167,6 +169,16 @@ struct W4CudaParams {
   // they hide: docs/results/gpu.md, "Prefill EC on a second stream"), 1
   // the caller's stream, 2 the second stream.
   int prefill_ec_stream = 0;
+  // testing/benchmarks: the prefill path's main GEMM (m >= kPrefillM): 0
+  // automatic = 1, W dequantized into the workspace's fp16 scratch, then
+  // cuBLAS (measured faster than the wgmma kernel on every prefill shape:
+  // docs/results/gpu.md, "v19"); 2 / 3 the wgmma kernel straight from the W4
+  // layout (kernels/cuda/w4_prefill_wgmma.cu, no scratch) with 128- / 256-
+  // token tiles; + 16 (benchmarks only, the output may be wrong): that
+  // kernel without its proxy fence. 2 or 3 where the device has no sm_90a
+  // code: FailedPrecondition; with k or ldx not a multiple of 8 or x not
+  // 16-byte aligned: InvalidArgument.
+  int prefill_kernel = 0;
 };
 
 // y = Q(W) (x / act_scale) + bias [+ B (g ⊙ u), u = A x]  (see w4_ops.h).

@@ -140,13 +140,15 @@ struct Case {
   int64_t ec_rank = 32, ec_hidden = 16;
   int ec_prologue = 0;  // W4CudaParams::ec_prologue
   int64_t gate_pad = 0;  // gate_out row stride = rank + gate_pad (W4CudaParams::gate_ld)
+  int prefill_kernel = 0;  // W4CudaParams::prefill_kernel
   std::string Name() const {
     return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
                         " bias=", bias, " acc=", accumulate, " f16=", f16_out,
                         " sym=", symmetric, " prefill=", force_prefill,
                         " decode=", force_decode, " dk=", decode_kernel, " splits=", decode_splits,
                         " depth=", decode_depth, " ldxpad=", ldx_pad, " r=", ec_rank,
-                        " h=", ec_hidden, " prologue=", ec_prologue, " gpad=", gate_pad);
+                        " h=", ec_hidden, " prologue=", ec_prologue, " gpad=", gate_pad,
+                        " pk=", prefill_kernel);
   }
 };
 
@@ -230,7 +232,11 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   p.decode_splits = c.decode_splits;
   p.decode_depth = c.decode_depth;
   p.ec_prologue = c.ec_prologue;
-  ASSERT_TRUE(cuda::W4Linear(**dw, p, ws, nullptr).ok());
+  p.prefill_kernel = c.prefill_kernel;
+  {
+    const absl::Status st = cuda::W4Linear(**dw, p, ws, nullptr);
+    ASSERT_TRUE(st.ok()) << st;
+  }
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> y(y0.size());
   if (c.f16_out) {
@@ -441,6 +447,72 @@ TEST(CudaW4, PrefillMatchesReference) {
     RunCase(c, rng, ws->get());
     if (HasFatalFailure()) return;
   }
+}
+
+// The prefill path's two main GEMMs (dequantize + cuBLAS; the wgmma kernel
+// from the W4 layout with 128- or 256-token tiles) on shapes
+// off every tile: n not a multiple of 64 or 128 or 256, k not a multiple of
+// 64 or 128, m not a multiple of the 128-token tile, every group size, and
+// k = 1001 / an odd ldx, which the automatic choice runs through the
+// dequantizing path and the forced wgmma kernel refuses.
+TEST(CudaW4, PrefillKernelsMatchReference) {
+  SKIP_WITHOUT_GPU();
+  int major = 0;
+  CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+  std::mt19937 rng(Seed() + 11);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct S {
+    int64_t n, k, g, m;
+  };
+  // (the scalar reference dominates the run time: ~0.6 GFLOP per kernel here)
+  const S shapes[] = {{200, 256, 64, 65},   {384, 1000, 1000, 300}, {330, 2048, 128, 257},
+                      {130, 512, 32, 129},  {64, 136, 136, 1000},   {1100, 1024, 128, 130},
+                      {72, 14336, 128, 136}};
+  for (int kernel = 1; kernel <= 3; ++kernel) {
+    if (kernel > 1 && major != 9) {
+      std::printf("[ SKIPPED  ] the wgmma prefill kernel: device is sm_%d0, not sm_90\n", major);
+      break;
+    }
+    int v = 0;
+    for (const S& sh : shapes) {
+      Case c{sh.n, sh.k, sh.g, sh.m};
+      c.force_prefill = true;
+      c.prefill_kernel = kernel;
+      c.ec = v % 3;
+      c.act_scale = v % 4 == 1;
+      c.bias = v % 2 == 0;
+      c.accumulate = v % 3 == 2;
+      c.f16_out = v % 4 == 3;
+      c.symmetric = v % 5 == 4;
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+  // k = 1001 (x rows not 16-byte aligned): automatic = the dequantizing path.
+  Case c{96, 1001, 1001, 140};
+  c.force_prefill = true;
+  c.bias = true;
+  RunCase(c, rng, ws->get());
+  if (HasFatalFailure() || major != 9) return;
+  // Forced wgmma there: InvalidArgument, nothing written.
+  const W4Weight w = RandomW4(96, 1001, 1001, false, false, rng);
+  auto dw = cuda::W4DeviceWeight::Create(w, nullptr);
+  ASSERT_TRUE(dw.ok()) << dw.status();
+  DevBuf<uint16_t> dx(140 * 1001);
+  DevBuf<float> dy(140 * 96);
+  cuda::W4CudaParams p;
+  p.x = dx.get();
+  p.m = 140;
+  p.ldx = 1001;
+  p.y_f32 = dy.get();
+  p.ldy = 96;
+  p.force_prefill = true;
+  p.prefill_kernel = 2;
+  EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
+  p.prefill_kernel = 4;
+  EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
 }
 
 // The split-K fix-up sums partials in block order: bitwise the same twice.

@@ -1,0 +1,416 @@
+// The prefill GEMM on Hopper's warpgroup MMA (wgmma), straight from the W4
+// GPU layout: no fp16 scratch of the dequantized weight (the default prefill
+// path, w4_prefill.cu, writes and re-reads 2 bytes per weight around cuBLAS:
+// ~75 us of the 8B gate_up's 237 us at M = 512). Opt-in
+// (W4CudaParams::prefill_kernel 2 / 3): measured slower than that path on
+// every prefill shape so far (v19 in docs/results/gpu.md: 8B gate_up at M =
+// 512 266 us against 235, at M = 2048 909 against 805; ncu: tensor pipe
+// 36 % active, issue-limited and latency-bound with two warps per
+// scheduler). Kept, tested against the reference, as the base of the fused
+// path (next: TMA for the x tile, a producer warp, less per-stage code).
+//
+// Roles: the weights are wgmma's A operand (M = 64 rows = one 64-column
+// layout tile per warpgroup and wgmma), taken from registers; the tokens are
+// the B operand (N = NT = 128 or 256 tokens per block), in shared memory.
+// The layout's per-lane words are exactly the m16n8k16 A fragments
+// (w4_layout.h: word p of lane l holds rows 16 p + gid and 16 p + 8 + gid),
+// and a wgmma A fragment in registers is four such m16 fragments, warp w of
+// the warpgroup holding rows 16 w .. 16 w + 15: warp w reads word w. The
+// dequantization is w4_prefill.cu's DequantKernel arithmetic, in registers,
+// so both prefill paths multiply by bit-identical fp16 weights.
+//
+// Block: two warpgroups (256 threads), one 64-row tile each (128 weight
+// rows per block), x NT tokens (NT = 128: two blocks per SM; 256: one).
+// Pipeline: 5 stages of 64 k (four k16 steps) through cp.async: the tokens'
+// x rows into a 128-byte-swizzled K-major tile (the wgmma B layout: row t's
+// 16-byte chunk c at t * 128 + (c ^ (t % 8)) * 16), the tiles' code words
+// and the stage's scale/zero words (at most two groups of 32); 3 stages in
+// flight. A stage dequantizes its four k16 steps into one of two register
+// sets, issues its four wgmmas as one group and retires the previous
+// stage's group, so one group computes while the next is prepared; a
+// stage's slot is refilled two stages after it was read (a block barrier
+// per stage).
+// Grid: (token tiles, weight-row tiles) with the token tiles fastest, so the
+// blocks sharing a weight tile run in the same wave and its codes come from
+// DRAM once.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/w4_layout.h"
+
+namespace spear::kernels::cuda {
+namespace wgk {
+
+constexpr int TPW = 1;  // 64-row layout tiles per warpgroup
+
+// NT: tokens per block (the wgmma N): 128 or 256.
+template <int NT>
+struct Cfg {
+  static constexpr int kXBytes = NT * 128;             // x tile per stage: NT tokens x 64 k
+  static constexpr int kTiles = 2 * TPW;               // 64-row layout tiles per block
+  static constexpr int kWBytes = kTiles * 4 * 512;     // their codes for 4 k16 steps
+  static constexpr int kSzBytes = kTiles * 2 * 256;    // scale/zero words, <= 2 groups
+  static constexpr int kStageBytes = kXBytes + kWBytes + kSzBytes;  // a multiple of 1024
+  static constexpr int kStages = 5;
+  static constexpr int kSmem = kStages * kStageBytes + 1024;  // + alignment of the base
+  static_assert(kStageBytes % 1024 == 0, "x tiles must stay 1024-byte aligned");
+};
+
+struct Args {
+  const uint4* qw;
+  const uint32_t* sz;
+  int ntiles, ksteps, ngroups;
+  int gshift;  // group of k index kk = kk >> gshift (30 for per-channel: one group)
+  const __half* x;
+  long long ldx;
+  int m, k, n;
+  const float* bias;
+  float* y32;
+  __half* y16;
+  long long ldy;
+  int accumulate;
+  int no_proxy_fence;  // benchmarks only (W4CudaParams::prefill_kernel + 16): the output may be wrong
+};
+
+__device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Shared-memory matrix descriptor of a K-major, 128-byte-swizzled tile whose
+// 8-row groups are 1024 bytes apart (SBO); LBO is unused for this layout.
+__device__ __forceinline__ uint64_t DescB(unsigned addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+template <int N>
+__device__ __forceinline__ void FenceAcc(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void FenceA(uint32_t (&a)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[i])::"memory");
+}
+
+// D[64 x 128] += A[64 x 16] (registers) * B[16 x 128] (shared, K-major).
+__device__ __forceinline__ void Wgmma(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),
+        "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
+        "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+// D[64 x 256] += A[64 x 16] (registers) * B[16 x 256] (shared, K-major).
+__device__ __forceinline__ void Wgmma(float (&d)[128], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+#endif
+
+// Four fp16 A registers of one m16 k16 fragment from the lane's code word
+// and its two scale/zero words (rows gid, gid + 8): DequantKernel's math.
+__device__ __forceinline__ void Dequant(uint32_t w, uint2 szw, uint32_t (&a)[4]) {
+  // {960, 960} and {1/16, 1/16} as fp16 bit patterns (no conversions in the loop).
+  uint32_t c960 = 0x63806380u, c16th = 0x2C002C00u;
+  const __half2 k960 = *reinterpret_cast<__half2*>(&c960), k16th = *reinterpret_cast<__half2*>(&c16th);
+  const uint32_t sw[2] = {szw.x, szw.y};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t s = sw[h];
+    const __half2 sz2 = *reinterpret_cast<__half2*>(&s);
+    const __half2 s2 = __low2half2(sz2), zz = __high2half2(sz2);
+    uint32_t lo = (w & 0x000f000fu) | 0x64006400u, hi = (w & 0x00f000f0u) | 0x64006400u;
+    const __half2 b0 = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&lo), zz), s2);
+    // hi / 16 - (zz - 960) = 64 + q - (64 + z): exact, as DequantKernel's
+    // hfma2(hi, 1/16, -(zz - 960)) (k960 - zz is its negation, exactly).
+    const __half2 b1 = __hmul2(__hfma2(*reinterpret_cast<__half2*>(&hi), k16th, __hsub2(k960, zz)), s2);
+    a[h] = *reinterpret_cast<const uint32_t*>(&b0);      // a0 / a1: k 2 tig, rows gid / gid + 8
+    a[2 + h] = *reinterpret_cast<const uint32_t*>(&b1);  // a2 / a3: k 2 tig + 8
+    w >>= 8;
+  }
+}
+
+template <int NT>
+__global__ void __launch_bounds__(256, NT == 128 ? 2 : 1) W4WgmmaKernel(Args a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = Cfg<NT>;
+  constexpr int kXBytes = C::kXBytes;
+  extern __shared__ unsigned char smem_raw[];
+  const unsigned base0 = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
+  const unsigned base = (base0 + 1023u) & ~1023u;
+  unsigned char* sbase = smem_raw + (base - base0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wl = warp & 3, gid = lane >> 2, tig = lane & 3;
+  const int m0 = blockIdx.x * NT;
+  const int tile0 = blockIdx.y * C::kTiles;
+  const int nst = a.ksteps / 4;  // even: ksteps is a multiple of 8 (kp = roundup(k, 128))
+
+  auto stage_addr = [&](int slot) { return base + slot * C::kStageBytes; };
+  auto issue = [&](int ks, int slot) {
+    const unsigned xs = stage_addr(slot), wsm = xs + kXBytes, szs = wsm + C::kWBytes;
+    const int kb = ks * 64;
+#pragma unroll
+    for (int i = 0; i < NT / 32; ++i) {
+      const int idx = tid + 256 * i, row = idx >> 3, c = idx & 7;
+      const int tok = m0 + row, kk = kb + 8 * c;
+      const bool ok = tok < a.m && kk < a.k;
+      CpAsync16(xs + row * 128 + ((c ^ (row & 7)) << 4), ok ? a.x + tok * a.ldx + kk : a.x, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < C::kTiles / 2; ++i) {
+      const int idx = tid + 256 * i, ti = idx >> 7, j = (idx >> 5) & 3, l = idx & 31;
+      const int t = tile0 + ti;
+      const bool ok = t < a.ntiles;
+      const uint4* src = ok ? a.qw + ((static_cast<size_t>(t) * a.ksteps + 4 * ks + j) * 32 + l) : a.qw;
+      CpAsync16(wsm + idx * 16, src, ok);
+    }
+    if (tid < C::kTiles * 32) {
+      const int ti = tid >> 5, gl = (tid >> 4) & 1, c = tid & 15;
+      const int t = tile0 + ti;
+      const int g = min((kb >> a.gshift) + gl, a.ngroups - 1);
+      const bool ok = t < a.ntiles;
+      const uint32_t* src = ok ? a.sz + (static_cast<size_t>(t) * a.ngroups + g) * 64 + c * 4 : a.sz;
+      CpAsync16(szs + tid * 16, src, ok);
+    }
+  };
+
+  float acc[TPW][NT / 2];
+#pragma unroll
+  for (int i = 0; i < TPW; ++i)
+#pragma unroll
+    for (int e = 0; e < NT / 2; ++e) acc[i][e] = 0.f;
+  // A fragments of a whole stage (4 k16 steps), two stages' worth: stage
+  // ks dequantizes into one set while stage ks - 1's wgmma group may still
+  // read the other.
+  uint32_t af0[4][TPW][4] = {}, af1[4][TPW][4] = {};
+
+  // Stages 0 .. kStages - 3 in flight before the loop.
+#pragma unroll 1
+  for (int s = 0; s < C::kStages - 2; ++s) {
+    if (s < nst) issue(s, s);
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  auto stage = [&](int ks, uint32_t (&cur)[4][TPW][4], uint32_t (&prev)[4][TPW][4]) {
+    const int slot = ks % C::kStages;
+    // Committed so far: stages 0 .. ks + kStages - 3; stage ks must be in.
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(C::kStages - 3));
+    // cp.async wrote through the generic proxy; wgmma reads through the
+    // async proxy.
+    if (!a.no_proxy_fence) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    // Every warp passed its wgmma wait at the end of stage ks - 1, which
+    // retired stage ks - 2's group: slot (ks - 2) is free, and so are the
+    // A registers `cur` (last read by that group).
+    {
+      const int nx = ks + C::kStages - 2;
+      if (nx < nst) issue(nx, nx % C::kStages);
+      asm volatile("cp.async.commit_group;\n" ::);
+    }
+    const unsigned xs = stage_addr(slot);
+    const unsigned char* wsm = sbase + slot * C::kStageBytes + kXBytes;
+    const unsigned char* szs = wsm + C::kWBytes;
+    const int kb = ks * 64, g0 = min(kb >> a.gshift, a.ngroups - 1);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int gl = min((kb + 16 * j) >> a.gshift, a.ngroups - 1) - g0;
+#pragma unroll
+      for (int i = 0; i < TPW; ++i) {
+        const int ti = wg * TPW + i;
+        const uint32_t w =
+            *reinterpret_cast<const uint32_t*>(wsm + (ti * 4 + j) * 512 + lane * 16 + wl * 4);
+        const uint2 szw =
+            *reinterpret_cast<const uint2*>(szs + ((ti * 2 + gl) * 64 + gid * 8 + 2 * wl) * 4);
+        Dequant(w, szw, cur[j][i]);
+      }
+    }
+    // Every wgmma input (A registers, descriptors, accumulators) defined
+    // before the fence: nothing between the fence and the wait may write
+    // one, or ptxas serializes the wgmmas.
+    uint64_t desc[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      desc[j] = DescB(xs + 32 * j);
+      asm volatile("" : "+l"(desc[j])::"memory");
+#pragma unroll
+      for (int i = 0; i < TPW; ++i) FenceA(cur[j][i]);
+    }
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < TPW; ++i) Wgmma(acc[i], cur[j][i], desc[j]);
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    // Retire stage ks - 1's group (this stage's stays in flight): its A
+    // registers `prev` may be rewritten from here on.
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+#pragma unroll
+    for (int i = 0; i < TPW; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) FenceA(prev[j][i]);
+  };
+  // nst is even (kp is a multiple of 128): no path skips the second stage
+  // (one that could would rewrite af0 under a wgmma reading it, and ptxas
+  // would serialize every wgmma of the loop).
+#pragma unroll 1
+  for (int ks = 0; ks < nst; ks += 2) {
+    stage(ks, af0, af1);
+    stage(ks + 1, af1, af0);
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+  for (int i = 0; i < TPW; ++i) {
+    FenceAcc(acc[i]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      FenceA(af0[j][i]);
+      FenceA(af1[j][i]);
+    }
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::);
+
+  // Epilogue: acc[i][4 jn + e] is row 16 wl + gid + 8 (e >> 1) of tile
+  // tile0 + wg TPW + i, token 8 jn + 2 tig + (e & 1).
+#pragma unroll
+  for (int i = 0; i < TPW; ++i) {
+    const int colb = (tile0 + wg * TPW + i) * 64 + 16 * wl + gid;
+#pragma unroll
+    for (int jn = 0; jn < NT / 8; ++jn) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = colb + 8 * (e >> 1), tok = m0 + 8 * jn + 2 * tig + (e & 1);
+        if (col >= a.n || tok >= a.m) continue;
+        float v = acc[i][4 * jn + e];
+        if (a.bias != nullptr) v += a.bias[col];
+        const long long idx = tok * a.ldy + col;
+        if (a.y32 != nullptr) {
+          a.y32[idx] = a.accumulate ? a.y32[idx] + v : v;
+        } else {
+          a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + v : v);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // host code launches this only where the sm_90a binary was picked
+#endif
+}
+
+template <int NT>
+cudaError_t Prepare() {
+  static std::once_flag once;
+  static cudaError_t err = cudaSuccess;
+  std::call_once(once, [] {
+    err = cudaFuncSetAttribute(W4WgmmaKernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               Cfg<NT>::kSmem);
+  });
+  return err;
+}
+
+}  // namespace wgk
+
+bool PrefillWgmmaAvailable() {
+  static const bool ok = [] {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      return false;
+    }
+    cudaFuncAttributes fa{};
+    if (major != 9 || cudaFuncGetAttributes(&fa, wgk::W4WgmmaKernel<128>) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    // The sm_90a cubin was picked (a build without it would run the trap).
+    return fa.binaryVersion == 90;
+  }();
+  return ok;
+}
+
+absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
+                                int64_t ldx, const float* bias, float* y32, uint16_t* y16,
+                                int64_t ldy, bool accumulate, int tokens, cudaStream_t stream,
+                                int flags) {
+  if (!PrefillWgmmaAvailable()) {
+    return absl::FailedPreconditionError(
+        "W4 prefill: the wgmma kernel needs an sm_90 device and a build with sm_90a");
+  }
+  if (w.k % 8 != 0 || ldx % 8 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "W4 prefill: the wgmma kernel needs k and ldx multiples of 8 and x 16-byte aligned (k=",
+        w.k, " ldx=", ldx, ")"));
+  }
+  if (tokens != 128 && tokens != 256) {
+    return absl::InvalidArgumentError("W4 prefill: the wgmma kernel's token tile is 128 or 256");
+  }
+  wgk::Args a{};
+  a.qw = reinterpret_cast<const uint4*>(w.qw);
+  a.sz = w.sz;
+  a.ntiles = static_cast<int>(w.ntiles);
+  a.ksteps = static_cast<int>(w.ksteps);
+  a.ngroups = static_cast<int>(w.ngroups);
+  // Groups are powers of two >= 32, or one group (per-channel).
+  a.gshift = 30;
+  if (w.ngroups > 1) {
+    a.gshift = 0;
+    while ((int64_t{1} << a.gshift) < w.group) ++a.gshift;
+  }
+  a.x = reinterpret_cast<const __half*>(x);
+  a.ldx = ldx;
+  a.m = static_cast<int>(m);
+  a.k = static_cast<int>(w.k);
+  a.n = static_cast<int>(w.n);
+  a.bias = bias;
+  a.y32 = y32;
+  a.y16 = reinterpret_cast<__half*>(y16);
+  a.ldy = ldy;
+  a.accumulate = accumulate ? 1 : 0;
+  a.no_proxy_fence = (flags & 16) != 0 ? 1 : 0;
+  const unsigned gy = static_cast<unsigned>((w.ntiles + 1) / 2);
+  if (tokens == 128) {
+    SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<128>());
+    const dim3 grid(static_cast<unsigned>((m + 127) / 128), gy);
+    wgk::W4WgmmaKernel<128><<<grid, 256, wgk::Cfg<128>::kSmem, stream>>>(a);
+  } else {
+    SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<256>());
+    const dim3 grid(static_cast<unsigned>((m + 255) / 256), gy);
+    wgk::W4WgmmaKernel<256><<<grid, 256, wgk::Cfg<256>::kSmem, stream>>>(a);
+  }
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace spear::kernels::cuda
