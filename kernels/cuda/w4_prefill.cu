@@ -183,11 +183,11 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
     const cudaDataType_t yt = p.y_f32 != nullptr ? CUDA_R_32F : CUDA_R_16F;
     // (the handle serves the EC's y += V B^T below as well)
     SPEAR_CUBLAS_RETURN_IF_ERROR(blas::SetStream(s.cublas, stream));
-    const int tpw = PrefillWgmmaTokens(p);
-    if (tpw > 0) {
+    const int tokens = PrefillWgmmaTokens(p);
+    if (tokens > 0) {
       // Bias in the kernel's epilogue.
       if (absl::Status st = LaunchPrefillWgmma(d, x, p.m, ldx, p.bias, p.y_f32, p.y_f16, p.ldy,
-                                               p.accumulate, tpw, stream, p.prefill_kernel & 16);
+                                               p.accumulate, tokens, stream, p.prefill_kernel & 16);
           !st.ok()) {
         return st;
       }
@@ -199,7 +199,7 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
                                                 static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
                                                 CUBLAS_GEMM_DEFAULT));
     }
-    if (p.bias != nullptr && tpw == 0) {
+    if (p.bias != nullptr && tokens == 0) {
       if (absl::Status st = LaunchAddBias(p.bias, p.m, d.n, p.y_f32, p.y_f16, p.ldy, stream);
           !st.ok()) {
         return st;
