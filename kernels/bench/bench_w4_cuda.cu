@@ -303,6 +303,9 @@ int g_prefill_ec = 0;
 // --prefill-nofence: also time the wgmma kernel without its proxy fence (a
 // timing split; the output may be wrong then).
 bool g_prefill_nofence = false;
+// --prefill-split: also time it without the dequantization (A = the raw code
+// words) and without the code-word loads (constant A): timing splits.
+bool g_prefill_split = false;
 
 // --prefill: the prefill path's main GEMMs side by side at M in `ms` (default
 // 128, 512, 2048) on the eight shapes: cuBLAS FP16 (the peer), the W4
@@ -376,6 +379,11 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
           std::printf("| %s | %s | %lld | without the proxy fence (wrong output allowed): 128-token %.1f us, 256-token %.1f us |\n",
                       sh.model, sh.layer, static_cast<long long>(m), w4(2 + 16, false), w4(3 + 16, false));
         }
+        if (g_prefill_split) {
+          std::printf("| %s | %s | %lld | timing splits (wrong output), 128 / 256-token tiles: no dequantization %.1f / %.1f us, no A loads either %.1f / %.1f us |\n",
+                      sh.model, sh.layer, static_cast<long long>(m), w4(2 + 32, false),
+                      w4(3 + 32, false), w4(2 + 64, false), w4(3 + 64, false));
+        }
         sum_cub += t_cub;
         sum_auto += t_auto;
         std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.2f | %.1f | %.2f | %.1f | %.2f | %.1f | %.0f | %.2f | %.1f | %.2f |\n",
@@ -441,6 +449,7 @@ int Main(int argc, char** argv) {
     if (a == "--profile") profile = true;
     if (a == "--prefill") prefill = true;
     if (a == "--prefill-nofence") g_prefill_nofence = true;
+    if (a == "--prefill-split") g_prefill_split = true;
     try {
       if (a.rfind("--ec-latency=", 0) == 0) ec_latency = a.substr(13);
       if (a.rfind("--ec-ranks=", 0) == 0) ec_ranks = ints(a.substr(11));

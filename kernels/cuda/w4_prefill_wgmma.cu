@@ -75,6 +75,10 @@ struct Args {
   long long ldy;
   int accumulate;
   int no_proxy_fence;  // benchmarks only (W4CudaParams::prefill_kernel + 16): the output may be wrong
+  // benchmarks only (+ 32 / + 64; the output is wrong): 1 the code words
+  // loaded but not dequantized (A = the raw words), 2 no A loads either
+  // (constant A): timing splits of the per-stage work.
+  int split;
 };
 
 __device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
@@ -250,8 +254,19 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1) W4WgmmaKernel(Args a) 
 #pragma unroll
       for (int i = 0; i < TPW; ++i) {
         const int ti = wg * TPW + i;
+        if (a.split == 2) {
+          cur[j][i][0] = cur[j][i][1] = cur[j][i][2] = cur[j][i][3] = 0x3C003C00u;
+          continue;
+        }
         const uint32_t w =
             *reinterpret_cast<const uint32_t*>(wsm + (ti * 4 + j) * 512 + lane * 16 + wl * 4);
+        if (a.split == 1) {
+          cur[j][i][0] = w;
+          cur[j][i][1] = w >> 1;
+          cur[j][i][2] = w >> 2;
+          cur[j][i][3] = w >> 3;
+          continue;
+        }
         const uint2 szw =
             *reinterpret_cast<const uint2*>(szs + ((ti * 2 + gl) * 64 + gid * 8 + 2 * wl) * 4);
         Dequant(w, szw, cur[j][i]);
@@ -399,6 +414,7 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   a.ldy = ldy;
   a.accumulate = accumulate ? 1 : 0;
   a.no_proxy_fence = (flags & 16) != 0 ? 1 : 0;
+  a.split = (flags & 64) != 0 ? 2 : (flags & 32) != 0 ? 1 : 0;
   const unsigned gy = static_cast<unsigned>((w.ntiles + 1) / 2);
   if (tokens == 128) {
     SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<128>());

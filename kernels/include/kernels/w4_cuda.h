@@ -174,8 +174,9 @@ struct W4CudaParams {
   // cuBLAS (measured faster than the wgmma kernel on every prefill shape:
   // docs/results/gpu.md, "v19"); 2 / 3 the wgmma kernel straight from the W4
   // layout (kernels/cuda/w4_prefill_wgmma.cu, no scratch) with 128- / 256-
-  // token tiles; + 16 (benchmarks only, the output may be wrong): that
-  // kernel without its proxy fence. 2 or 3 where the device has no sm_90a
+  // token tiles; benchmarks only, added to 2 / 3 (the output may be wrong):
+  // 16 without its proxy fence, 32 the code words not dequantized, 64 no
+  // code words loaded either (timing splits). 2 or 3 where the device has no sm_90a
   // code: FailedPrecondition; with k or ldx not a multiple of 8 or x not
   // 16-byte aligned: InvalidArgument.
   int prefill_kernel = 0;
