@@ -300,9 +300,6 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
 // --prefill-ec=0|1|2: W4CudaParams::prefill_ec_stream of the table's W4+EC
 // column (the A/B of the prefill EC on a second stream).
 int g_prefill_ec = 0;
-// --prefill-nofence: also time the wgmma kernel without its proxy fence (a
-// timing split; the output may be wrong then).
-bool g_prefill_nofence = false;
 // --prefill-split: also time it without the dequantization (A = the raw code
 // words) and without the code-word loads (constant A): timing splits.
 bool g_prefill_split = false;
@@ -375,10 +372,6 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
         });
         const double t_deq = w4(1, false), t_g1 = w4(2, false), t_g2 = w4(3, false);
         const double t_auto = w4(0, false), t_ec = w4(0, true);
-        if (g_prefill_nofence) {
-          std::printf("| %s | %s | %lld | without the proxy fence (wrong output allowed): 128-token %.1f us, 256-token %.1f us |\n",
-                      sh.model, sh.layer, static_cast<long long>(m), w4(2 + 16, false), w4(3 + 16, false));
-        }
         if (g_prefill_split) {
           std::printf("| %s | %s | %lld | timing splits (wrong output), 128 / 256-token tiles: no dequantization %.1f / %.1f us, no A loads either %.1f / %.1f us |\n",
                       sh.model, sh.layer, static_cast<long long>(m), w4(2 + 32, false),
@@ -448,7 +441,6 @@ int Main(int argc, char** argv) {
     if (a == "--sweep") sweep = true;
     if (a == "--profile") profile = true;
     if (a == "--prefill") prefill = true;
-    if (a == "--prefill-nofence") g_prefill_nofence = true;
     if (a == "--prefill-split") g_prefill_split = true;
     try {
       if (a.rfind("--ec-latency=", 0) == 0) ec_latency = a.substr(13);

@@ -180,11 +180,11 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (p.prefill_ec_stream < 0 || p.prefill_ec_stream > 2) {
     return Bad(absl::StrCat("prefill_ec_stream ", p.prefill_ec_stream, ": 0, 1 or 2"));
   }
-  if (p.prefill_kernel < 0 || (p.prefill_kernel & 15) > 3 || (p.prefill_kernel & ~127) != 0 ||
-      (p.prefill_kernel >= 16 && (p.prefill_kernel & 15) < 2) ||
+  if (p.prefill_kernel < 0 || (p.prefill_kernel & ~(15 | 96)) != 0 ||
+      (p.prefill_kernel & 15) > 3 || (p.prefill_kernel >= 16 && (p.prefill_kernel & 15) < 2) ||
       (p.prefill_kernel & 96) == 96) {
     return Bad(absl::StrCat("prefill_kernel ", p.prefill_kernel,
-                            ": 0..3, or 2 / 3 + flags 16, 32 or 64 (not 32 and 64)"));
+                            ": 0..3, or 2 / 3 + flag 32 or 64"));
   }
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));

@@ -2,12 +2,12 @@
 // GPU layout: no fp16 scratch of the dequantized weight (the default prefill
 // path, w4_prefill.cu, writes and re-reads 2 bytes per weight around cuBLAS:
 // ~75 us of the 8B gate_up's 237 us at M = 512). Opt-in
-// (W4CudaParams::prefill_kernel 2 / 3): measured slower than that path on
-// every prefill shape so far (v19 in docs/results/gpu.md: 8B gate_up at M =
-// 512 266 us against 235, at M = 2048 909 against 805; ncu: tensor pipe
-// 36 % active, issue-limited and latency-bound with two warps per
-// scheduler). Kept, tested against the reference, as the base of the fused
-// path (next: TMA for the x tile, a producer warp, less per-stage code).
+// (W4CudaParams::prefill_kernel 2 / 3): v20 (the x tile by TMA) is 5 %
+// faster than that path on the 8B gate_up at M = 512 (222 us against 235)
+// and slower on the other shapes and at M = 2048 (docs/results/gpu.md, v19 /
+// v20), so it is not dispatched. Kept, tested against the reference, as the
+// base of the fused path (next: a producer warp with consumer warpgroups,
+// less per-stage code).
 //
 // Roles: the weights are wgmma's A operand (M = 64 rows = one 64-column
 // layout tile per warpgroup and wgmma), taken from registers; the tokens are
@@ -21,11 +21,12 @@
 //
 // Block: two warpgroups (256 threads), one 64-row tile each (128 weight
 // rows per block), x NT tokens (NT = 128: two blocks per SM; 256: one).
-// Pipeline: 5 stages of 64 k (four k16 steps) through cp.async: the tokens'
-// x rows into a 128-byte-swizzled K-major tile (the wgmma B layout: row t's
-// 16-byte chunk c at t * 128 + (c ^ (t % 8)) * 16), the tiles' code words
-// and the stage's scale/zero words (at most two groups of 32); 3 stages in
-// flight. A stage dequantizes its four k16 steps into one of two register
+// Pipeline: 5 stages of 64 k (four k16 steps): the tokens' x rows by one
+// TMA copy per stage (thread 0; box 64 k x NT tokens, zero-filled past m
+// and k) into a 128-byte-swizzled K-major tile (the wgmma B layout: row
+// t's 16-byte chunk c at t * 128 + (c ^ (t % 8)) * 16), completion counted
+// on the slot's mbarrier; the tiles' code words and the stage's scale/zero
+// words (at most two groups of 32) by cp.async; 3 stages in flight. A stage dequantizes its four k16 steps into one of two register
 // sets, issues its four wgmmas as one group and retires the previous
 // stage's group, so one group computes while the next is prepared; a
 // stage's slot is refilled two stages after it was read (a block barrier
@@ -33,6 +34,8 @@
 // Grid: (token tiles, weight-row tiles) with the token tiles fastest, so the
 // blocks sharing a weight tile run in the same wave and its codes come from
 // DRAM once.
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -74,8 +77,7 @@ struct Args {
   __half* y16;
   long long ldy;
   int accumulate;
-  int no_proxy_fence;  // benchmarks only (W4CudaParams::prefill_kernel + 16): the output may be wrong
-  // benchmarks only (+ 32 / + 64; the output is wrong): 1 the code words
+  // benchmarks only (flags 32 / 64; the output is wrong): 1 the code words
   // loaded but not dequantized (A = the raw words), 2 no A loads either
   // (constant A): timing splits of the per-stage work.
   int split;
@@ -169,11 +171,16 @@ __device__ __forceinline__ void Dequant(uint32_t w, uint2 szw, uint32_t (&a)[4])
 }
 
 template <int NT>
-__global__ void __launch_bounds__(256, NT == 128 ? 2 : 1) W4WgmmaKernel(Args a) {
+__global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
+    W4WgmmaKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<NT>;
   constexpr int kXBytes = C::kXBytes;
   extern __shared__ unsigned char smem_raw[];
+  // v20: the x tile of a stage by one TMA copy (box 64 k x NT tokens,
+  // 128-byte swizzle, rows past m and columns past k zero-filled), its
+  // arrival counted on the slot's mbarrier.
+  __shared__ __align__(8) uint64_t xbar[C::kStages];
   const unsigned base0 = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
   const unsigned base = (base0 + 1023u) & ~1023u;
   unsigned char* sbase = smem_raw + (base - base0);
@@ -184,15 +191,28 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1) W4WgmmaKernel(Args a) 
   const int nst = a.ksteps / 4;  // even: ksteps is a multiple of 8 (kp = roundup(k, 128))
 
   auto stage_addr = [&](int slot) { return base + slot * C::kStageBytes; };
+  auto bar_addr = [&](int slot) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(&xbar[slot]));
+  };
+  if (tid == 0) {
+    for (int i = 0; i < C::kStages; ++i) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar_addr(i)));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
   auto issue = [&](int ks, int slot) {
     const unsigned xs = stage_addr(slot), wsm = xs + kXBytes, szs = wsm + C::kWBytes;
     const int kb = ks * 64;
-#pragma unroll
-    for (int i = 0; i < NT / 32; ++i) {
-      const int idx = tid + 256 * i, row = idx >> 3, c = idx & 7;
-      const int tok = m0 + row, kk = kb + 8 * c;
-      const bool ok = tok < a.m && kk < a.k;
-      CpAsync16(xs + row * 128 + ((c ^ (row & 7)) << 4), ok ? a.x + tok * a.ldx + kk : a.x, ok);
+    if (tid == 0) {
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar_addr(slot)),
+                   "r"(kXBytes)
+                   : "memory");
+      asm volatile(
+          "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+          "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(xs),
+          "l"(reinterpret_cast<uint64_t>(&xmap)), "r"(kb), "r"(m0), "r"(bar_addr(slot))
+          : "memory");
     }
 #pragma unroll
     for (int i = 0; i < C::kTiles / 2; ++i) {
@@ -232,9 +252,21 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1) W4WgmmaKernel(Args a) 
     const int slot = ks % C::kStages;
     // Committed so far: stages 0 .. ks + kStages - 3; stage ks must be in.
     asm volatile("cp.async.wait_group %0;\n" ::"n"(C::kStages - 3));
-    // cp.async wrote through the generic proxy; wgmma reads through the
-    // async proxy.
-    if (!a.no_proxy_fence) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    {
+      // The x tile (written by the async proxy, read by wgmma through it):
+      // the slot's barrier completes once per use, parity = use % 2.
+      const unsigned parity = static_cast<unsigned>((ks / C::kStages) & 1);
+      unsigned done = 0;
+      while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar_addr(slot)), "r"(parity)
+            : "memory");
+      }
+    }
     __syncthreads();
     // Every warp passed its wgmma wait at the end of stage ks - 1, which
     // retired stage ks - 2's group: slot (ks - 2) is free, and so are the
@@ -413,17 +445,45 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   a.y16 = reinterpret_cast<__half*>(y16);
   a.ldy = ldy;
   a.accumulate = accumulate ? 1 : 0;
-  a.no_proxy_fence = (flags & 16) != 0 ? 1 : 0;
   a.split = (flags & 64) != 0 ? 2 : (flags & 32) != 0 ? 1 : 0;
+  // The x tensor map: dims {k, m} (innermost first), row stride ldx * 2
+  // bytes, box {64, tokens}, 128-byte swizzle (the wgmma B layout).
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr) {
+    return absl::FailedPreconditionError("W4 prefill: cuTensorMapEncodeTiled not available");
+  }
+  CUtensorMap xmap;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(w.k), static_cast<cuuint64_t>(m)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ldx) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(tokens)};
+  const cuuint32_t estr[2] = {1, 1};
+  const CUresult cr = encode(&xmap, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<uint16_t*>(x),
+                             dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (cr != CUDA_SUCCESS) {
+    return absl::InternalError(absl::StrCat("W4 prefill: cuTensorMapEncodeTiled failed: ", cr));
+  }
   const unsigned gy = static_cast<unsigned>((w.ntiles + 1) / 2);
   if (tokens == 128) {
     SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<128>());
     const dim3 grid(static_cast<unsigned>((m + 127) / 128), gy);
-    wgk::W4WgmmaKernel<128><<<grid, 256, wgk::Cfg<128>::kSmem, stream>>>(a);
+    wgk::W4WgmmaKernel<128><<<grid, 256, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
   } else {
     SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<256>());
     const dim3 grid(static_cast<unsigned>((m + 255) / 256), gy);
-    wgk::W4WgmmaKernel<256><<<grid, 256, wgk::Cfg<256>::kSmem, stream>>>(a);
+    wgk::W4WgmmaKernel<256><<<grid, 256, wgk::Cfg<256>::kSmem, stream>>>(a, xmap);
   }
   SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();

@@ -26,7 +26,8 @@
 //   m >= kPrefillM    prefill: W dequantized to an fp16 scratch, then cuBLAS;
 //                     the EC through cuBLAS (U = x A^T, gate, y += V B^T);
 //                     opt-in (prefill_kernel 2 / 3): a wgmma kernel straight
-//                     from the W4 layout, no scratch (slower so far).
+//                     from the W4 layout, no scratch (faster on one shape
+//                     so far: docs/results/gpu.md, v20).
 //
 // Threads: a W4DeviceWeight is immutable after Create and may be used from
 // any stream; a W4Workspace belongs to ONE stream at a time (it holds the
@@ -171,12 +172,12 @@ struct W4CudaParams {
   int prefill_ec_stream = 0;
   // testing/benchmarks: the prefill path's main GEMM (m >= kPrefillM): 0
   // automatic = 1, W dequantized into the workspace's fp16 scratch, then
-  // cuBLAS (measured faster than the wgmma kernel on every prefill shape:
-  // docs/results/gpu.md, "v19"); 2 / 3 the wgmma kernel straight from the W4
+  // cuBLAS (measured faster than the wgmma kernel on all but one prefill
+  // shape: docs/results/gpu.md, "v19" / "v20"); 2 / 3 the wgmma kernel straight from the W4
   // layout (kernels/cuda/w4_prefill_wgmma.cu, no scratch) with 128- / 256-
-  // token tiles; benchmarks only, added to 2 / 3 (the output may be wrong):
-  // 16 without its proxy fence, 32 the code words not dequantized, 64 no
-  // code words loaded either (timing splits). 2 or 3 where the device has no sm_90a
+  // token tiles; benchmarks only, added to 2 / 3 (the output is then
+  // wrong): 32 the code words not dequantized, 64 no code words loaded
+  // either (timing splits). 2 or 3 where the device has no sm_90a
   // code: FailedPrecondition; with k or ldx not a multiple of 8 or x not
   // 16-byte aligned: InvalidArgument.
   int prefill_kernel = 0;
