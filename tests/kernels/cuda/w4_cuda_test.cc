@@ -431,6 +431,102 @@ TEST(CudaW4, FoldPersistentLoopMatchesReference) {
   }
 }
 
+// The stream-K fold kernel (v21, decode_kernel flag 256): the warps of one
+// wave split the (tile, chunk) stream evenly, so tiles are cut across warps
+// and blocks at arbitrary chunks and finished through partials + tickets.
+// Shapes: many tiles with a tail (n = 3 x 64 x SMs + 77), a wide k (14336:
+// a tile spans several warps), few tiles (n = 100: warps take < 1 tile, a
+// tile's last contributor sums a dozen partials), every group size and
+// per-channel; m = 1..8; depths 2..4, 4 and 8 warps; EC off / static /
+// gated, bias, accumulate, fp16 out. Each case reuses the workspace, so a
+// counter left non-zero by one launch would leave the next case's tiles
+// unwritten (poisoned: NaN). Then: bit-identical results over repeats.
+TEST(CudaW4, FoldStreamKMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 12);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct S {
+    int64_t n, k, g;
+  };
+  const S shapes[] = {{64 * 3 * int64_t{cuda::NumSms()} + 77, 512, 128},
+                      {100, 14336, 128},
+                      {320, 1000, 1000},
+                      {136, 4096, 64},
+                      {72, 2048, 32},
+                      {1000, 512, 128}};
+  int v = 0;
+  for (const S& sh : shapes) {
+    for (int dk : {5, 4}) {
+      for (int depth : {0, 2, 3, 4}) {
+        if (depth == 4 && v % 2 == 1) continue;
+        Case c{sh.n, sh.k, sh.g, 1 + (3 * v) % 8};
+        c.ec = v % 3;
+        c.bias = v % 2 == 0;
+        c.f16_out = v % 3 == 1;
+        c.accumulate = v % 4 == 3;
+        c.force_decode = true;
+        c.decode_kernel = (v % 5 == 4 ? 0 : dk) | 256;  // 0: the warps' automatic choice
+        c.decode_depth = depth;
+        ++v;
+        RunCase(c, rng, ws->get());
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+  // Determinism: the same launch five times, bit for bit (a gated EC; m = 5).
+  const int64_t n = 200, k = 14336, m = 5;
+  const W4Weight w = RandomW4(n, k, 128, false, false, rng);
+  const EcWeights ec = RandomEc(n, k, 32, 16, true, rng);
+  auto dw = cuda::W4DeviceWeight::Create(w, &ec);
+  ASSERT_TRUE(dw.ok());
+  std::vector<uint16_t> xh(static_cast<size_t>(m * k));
+  std::normal_distribution<float> nd;
+  for (auto& x : xh) x = FloatToHalf(nd(rng));
+  DevBuf<uint16_t> dx(xh.size());
+  dx.Up(xh);
+  DevBuf<float> y(static_cast<size_t>(m * n));
+  cuda::W4CudaParams p;
+  p.x = dx.get();
+  p.m = m;
+  p.ldx = k;
+  p.y_f32 = y.get();
+  p.ldy = n;
+  p.decode_kernel = 256;
+  std::vector<float> first;
+  for (int rep = 0; rep < 5; ++rep) {
+    y.Poison();
+    ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), nullptr).ok());
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<float> out = y.Down();
+    for (float o : out) ASSERT_FALSE(std::isnan(o)) << "rep " << rep;
+    if (rep == 0) {
+      first = out;
+    } else {
+      ASSERT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0) << "rep " << rep;
+    }
+  }
+  // Refusals: m > 8, with k splits, with another kernel or fold-only flags.
+  for (int bad : {0, 1}) {
+    cuda::W4CudaParams q = p;
+    if (bad == 0) {
+      q.m = 9;  // (refused before any read of x; no EC prologue either)
+      q.use_ec = false;
+    } else {
+      q.decode_splits = 2;
+    }
+    q.force_decode = true;
+    const absl::Status st = cuda::W4Linear(**dw, q, ws->get(), nullptr);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  }
+  for (int dk : {256 | 1, 256 | 3, 256 | 5 | 64, 512}) {
+    cuda::W4CudaParams q = p;
+    q.decode_kernel = dk;
+    const absl::Status st = cuda::W4Linear(**dw, q, ws->get(), nullptr);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << "decode_kernel " << dk << ": " << st;
+  }
+}
+
 TEST(CudaW4, PrefillMatchesReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 1);
