@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,17]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,15]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -195,11 +195,7 @@ const Variant kVariants[] = {
     {"W4+EC at the diagnostic's placement, epilogue only (no prologue)", Ec::kPlacement, false,
      false, true, 0, true, false, 4},
     {"W4+EC at the diagnostic's placement, prologue only (no epilogue)", Ec::kPlacement, false,
-     false, true, 0, true, false, 8},
-    // 16-17 (v21): the stream-K fold kernel at batch <= 8 (larger batches as dispatched).
-    {"W4, fold stream-K (v21)", Ec::kOff, false, false, true, 256},
-    {"W4+EC at the diagnostic's placement, fold stream-K (v21)", Ec::kPlacement, false, false,
-     true, 256}};
+     false, true, 0, true, false, 8}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -483,8 +479,7 @@ class Model {
       p.accumulate = y32 != nullptr;
       p.use_ec = ec;
       p.ec_prologue = v.ec_prologue;
-      // (the stream-K flag only where it applies: m <= 8)
-      p.decode_kernel = m > 8 ? v.fold_flags & ~256 : v.fold_flags;
+      p.decode_kernel = v.fold_flags;
       CKS(cuda::W4Linear(w, p, ws_.get(), g_stream));
     };
     if (!v.gemms_only) {
@@ -695,7 +690,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,17] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,15] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -256,9 +256,8 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
     };
     if (profile) {
       // the fold kernel (auto), the fold kernel with one tile per block, the v8 ring kernel
-      // and (v21) the stream-K fold kernel
-      for (int i = 0; i < 4; ++i) {
-        CKS(cuda::W4Linear(*rot[i % nrot], params(1, i == 0 ? 0 : i == 1 ? 5 | 64 : i == 2 ? 3 : 256, 0, 0), ws, g_stream));
+      for (int i = 0; i < 3; ++i) {
+        CKS(cuda::W4Linear(*rot[i % nrot], params(1, i == 0 ? 0 : i == 1 ? 5 | 64 : 3, 0, 0), ws, g_stream));
       }
       CK(cudaStreamSynchronize(g_stream));
       continue;
@@ -274,13 +273,10 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
       const double t_auto = t(0, 0, 0), t_v8 = t(3, 0, 0);
       // fold with 8 warps, 4 warps (v12 defaults: a persistent loop over the
       // tiles beyond one wave, no L2 prefetch), 8 warps one tile per block
-      // (64), 8 warps with the L2 prefetch in the first wave's blocks (16);
-      // v21: the stream-K fold kernel with 8 / 4 warps (256; S1 columns only)
-      for (int dk : {5, 4, 5 | 64, 5 | 16, 5 | 256, 4 | 256}) {
-        if (m > 8 && (dk & 256) != 0) continue;
+      // (64), 8 warps with the L2 prefetch in the first wave's blocks (16)
+      for (int dk : {5, 4, 5 | 64, 5 | 16}) {
         std::printf("| %s | %lld | %s | %.1f | %.1f", sh.layer, static_cast<long long>(m),
-                    dk == 5 ? "8" : dk == 4 ? "4" : dk == (5 | 64) ? "8 1-tile"
-                    : dk == (5 | 16) ? "8 pf" : dk == (5 | 256) ? "8 sk" : "4 sk", t_v8,
+                    dk == 5 ? "8" : dk == 4 ? "4" : dk == (5 | 64) ? "8 1-tile" : "8 pf", t_v8,
                     t_auto);
         for (int s : {1, 2, 4, 8}) {
           for (int d : {2, 3, 4}) {
@@ -647,9 +643,6 @@ int Main(int argc, char** argv) {
       {"W4+EC r32 (fused), B fragments from global memory (v13 epilogue)", true, 0, 128},
       {"W4+EC r32, epilogue only (no prologue: timing only)", true, 4, 0},
       {"W4+EC r32, prologue only (no epilogue: timing only)", true, 8, 0},
-      {"W4, fold stream-K over the warps of one wave (v21)", false, 0, 256},
-      {"W4+EC r32 (fused), fold stream-K (v21)", true, 0, 256},
-      {"W4 (again, after the stream-K rows)", false, 0, 0},
   };
   constexpr int kLayerVariants = sizeof(lvs) / sizeof(lvs[0]);
   for (int64_t m : {1, 16}) {
@@ -657,7 +650,6 @@ int Main(int argc, char** argv) {
     for (int variant = 0; variant < kLayerVariants; ++variant) {
       const LayerVariant& lv = lvs[variant];
       if (m > 8 && variant > 4 && variant < 10) continue;  // the fold variants: M <= 8 only
-      if (m > 8 && variant >= 16 && variant < 18) continue;  // stream-K: M <= 8 only
       double bytes = 0;
       for (const char* l : layers) {
         const auto& dw = *weights[std::string("8B") + l].rot[0];

@@ -123,10 +123,8 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.variant = dk;
     a.partials = s.partials;
     a.counters = s.counters;
-    a.partial_floats = static_cast<long long>(s.partial_floats);
-    const bool sk = (p.decode_kernel & 256) != 0;  // the stream-K fold kernel (v21), forced
-    const bool fold = sk || (mc <= 16 && (dk >= 4 || (dk == 0 && FoldPreferred(a, s.num_sms))) &&
-                             FoldSupported(a));
+    const bool fold = mc <= 16 && (dk >= 4 || (dk == 0 && FoldPreferred(a, s.num_sms))) &&
+                      FoldSupported(a);
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = p.decode_kernel;
@@ -195,19 +193,11 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
                             ": flags 1, 2 and one of 4 / 8 only"));
   }
-  if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5 || p.decode_kernel >= 512) {
+  if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured
     // no faster than the cp.async ring; docs/results/gpu.md).
     return Bad(absl::StrCat("decode_kernel ", p.decode_kernel, ": kernel ", p.decode_kernel & 15,
-                            " unknown or a flag above 256 (kernels 0..5 + flags 16, 32, 64, 128, "
-                            "256; 6, the fold kernel's bulk-copy ring, was removed)"));
-  }
-  if ((p.decode_kernel & 256) != 0 &&
-      (((p.decode_kernel & 15) != 0 && (p.decode_kernel & 15) < 4) ||
-       (p.decode_kernel & (16 | 32 | 64)) != 0 || p.decode_splits > 1)) {
-    return Bad(absl::StrCat("decode_kernel ", p.decode_kernel,
-                            ": the stream-K flag 256 goes with kernel 0, 4 or 5 only, without "
-                            "flags 16 / 32 / 64 and without k splits"));
+                            " unknown (0..5; 6, the fold kernel's bulk-copy ring, was removed)"));
   }
   if (static_cast<size_t>((d.ntiles + 0) ) > static_cast<size_t>(ws->impl().ncounters)) {
     return Bad("n too large for the workspace counters");

@@ -117,7 +117,6 @@ struct DecodeArgs {
   float* partials;
   int* counters;
   int total_units;
-  long long partial_floats;  // capacity of partials
 };
 // mt = ceil(m / 16) in 1..4.
 absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream);
@@ -131,12 +130,6 @@ bool FoldSupported(const DecodeArgs& a);
 bool FoldPreferred(const DecodeArgs& a, int num_sms);
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream);
-// The fold kernel, stream-K over the warps of one wave (w4_gemv_fold_sk.cu,
-// v21; m <= 8, else InvalidArgument): partial tiles in a.partials, tickets
-// in a.counters (zero between launches; the kernel leaves them zero).
-// forced_*: 0 = automatic.
-absl::Status LaunchDecodeFoldSk(DecodeArgs a, int num_sms, int forced_warps, int forced_depth,
-                                cudaStream_t stream);
 
 absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k,
                             const float* act_scale, uint16_t* xs, int64_t ldxs,
