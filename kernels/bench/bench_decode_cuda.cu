@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,16]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,15]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -195,9 +195,7 @@ const Variant kVariants[] = {
     {"W4+EC at the diagnostic's placement, epilogue only (no prologue)", Ec::kPlacement, false,
      false, true, 0, true, false, 4},
     {"W4+EC at the diagnostic's placement, prologue only (no epilogue)", Ec::kPlacement, false,
-     false, true, 0, true, false, 8},
-    // 16 (v22): the fold kernel's ring chunks of half the fold width.
-    {"W4, fold ring chunks of half the fold width (v22)", Ec::kOff, false, false, true, 256}};
+     false, true, 0, true, false, 8}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -692,7 +690,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,16] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,15] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

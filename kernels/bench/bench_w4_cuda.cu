@@ -19,9 +19,8 @@
 // M <= 16 the "decode-kernel" column is the v8 swapped-operand cp.async-ring
 // kernel, which the fold kernel replaced at M <= 8). --decode: M in
 // {1, 2, 4, 8, 16} only. --sweep: the fold kernel's k splits x ring depths
-// (2, 3, 4, 6) for 8-warp and 4-warp blocks, 8-warp blocks with one tile per
-// block (no persistent loop), with the L2 prefetch before the dependency
-// wait, and with ring chunks of half / a quarter of the fold width (v22), on
+// for 8-warp and 4-warp blocks, 8-warp blocks with one tile per block (no
+// persistent loop) and with the L2 prefetch before the dependency wait, on
 // the 8B shapes at M in {1, 4, 8} (--ms= narrows them; W4 only). --profile: the four 8B GEMMs
 // at M = 1, launched directly (fold as dispatched, fold with one tile per
 // block, v8; for ncu), then exit. --ec-latency=NxK[,NxK...] (with
@@ -237,8 +236,8 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
                    uint16_t* y16, cuda::W4Workspace* ws, double copy_bw, std::mt19937& rng) {
   if (!profile) {
     std::printf("\n## fold kernel sweep (W4 us; auto = the dispatched choice; v8 = the ring kernel; W = warps per block, S = k splits, d = ring depth; - = does not fit)\n");
-    std::printf("| layer | M | W | v8 | auto | S1 d2 | S1 d3 | S1 d4 | S1 d6 | S2 d2 | S2 d3 | S2 d4 | S2 d6 | S4 d2 | S4 d3 | S4 d4 | S4 d6 | S8 d2 | S8 d3 | S8 d4 | S8 d6 | auto %%BW |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| layer | M | W | v8 | auto | S1 d2 | S1 d3 | S1 d4 | S2 d2 | S2 d3 | S2 d4 | S4 d2 | S4 d3 | S4 d4 | S8 d2 | S8 d3 | S8 d4 | auto %%BW |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   }
   for (const Shape& sh : kShapes) {
     if (std::string(sh.model) != "8B") continue;
@@ -257,11 +256,8 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
     };
     if (profile) {
       // the fold kernel (auto), the fold kernel with one tile per block, the v8 ring kernel
-      // and (v22) ring chunks of half the fold width, 4 deep
-      for (int i = 0; i < 4; ++i) {
-        CKS(cuda::W4Linear(*rot[i % nrot],
-                           params(1, i == 0 ? 0 : i == 1 ? 5 | 64 : i == 2 ? 3 : 256, 0, i == 3 ? 4 : 0),
-                           ws, g_stream));
+      for (int i = 0; i < 3; ++i) {
+        CKS(cuda::W4Linear(*rot[i % nrot], params(1, i == 0 ? 0 : i == 1 ? 5 | 64 : 3, 0, 0), ws, g_stream));
       }
       CK(cudaStreamSynchronize(g_stream));
       continue;
@@ -277,15 +273,13 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
       const double t_auto = t(0, 0, 0), t_v8 = t(3, 0, 0);
       // fold with 8 warps, 4 warps (v12 defaults: a persistent loop over the
       // tiles beyond one wave, no L2 prefetch), 8 warps one tile per block
-      // (64), 8 warps with the L2 prefetch in the first wave's blocks (16);
-      // v22: ring chunks of half (256) / a quarter (512) of the fold width
-      for (int dk : {5, 4, 5 | 64, 5 | 16, 5 | 256, 4 | 256, 5 | 512}) {
+      // (64), 8 warps with the L2 prefetch in the first wave's blocks (16)
+      for (int dk : {5, 4, 5 | 64, 5 | 16}) {
         std::printf("| %s | %lld | %s | %.1f | %.1f", sh.layer, static_cast<long long>(m),
-                    dk == 5 ? "8" : dk == 4 ? "4" : dk == (5 | 64) ? "8 1-tile"
-                    : dk == (5 | 16) ? "8 pf" : dk == (5 | 256) ? "8 ch/2"
-                    : dk == (4 | 256) ? "4 ch/2" : "8 ch/4", t_v8, t_auto);
+                    dk == 5 ? "8" : dk == 4 ? "4" : dk == (5 | 64) ? "8 1-tile" : "8 pf", t_v8,
+                    t_auto);
         for (int s : {1, 2, 4, 8}) {
-          for (int d : {2, 3, 4, 6}) {
+          for (int d : {2, 3, 4}) {
             const double v = t(dk, s, d);
             if (v < 0) {
               std::printf(" | -");
@@ -621,9 +615,6 @@ int Main(int argc, char** argv) {
       case 6: return {64, 0, 0};  // automatic, one tile per block (no persistent loop)
       case 7: return {16, 0, 0};  // automatic + the L2 prefetch in the first wave
       case 8: return {64 | 16, 0, 0};  // call 1's default: one tile per block + prefetch
-      case 16: return {256, 0, 0};      // v22: half chunks, automatic depth
-      case 17: return {256, 0, 4};      // v22: half chunks, ring 4 deep
-      case 18: return {512, 0, 6};      // v22: quarter chunks, ring 6 deep
       default: return {};
     }
   };
@@ -652,10 +643,6 @@ int Main(int argc, char** argv) {
       {"W4+EC r32 (fused), B fragments from global memory (v13 epilogue)", true, 0, 128},
       {"W4+EC r32, epilogue only (no prologue: timing only)", true, 4, 0},
       {"W4+EC r32, prologue only (no epilogue: timing only)", true, 8, 0},
-      {"W4, fold ring chunks of half the fold width, automatic depth (v22)", false, 0, 0},
-      {"W4, fold ring chunks of half the fold width, ring 4 deep (v22)", false, 0, 0},
-      {"W4, fold ring chunks of a quarter of the fold width, ring 6 deep (v22)", false, 0, 0},
-      {"W4 (again, after the v22 rows)", false, 0, 0},
   };
   constexpr int kLayerVariants = sizeof(lvs) / sizeof(lvs[0]);
   for (int64_t m : {1, 16}) {
@@ -663,7 +650,6 @@ int Main(int argc, char** argv) {
     for (int variant = 0; variant < kLayerVariants; ++variant) {
       const LayerVariant& lv = lvs[variant];
       if (m > 8 && variant > 4 && variant < 10) continue;  // the fold variants: M <= 8 only
-      if (m > 8 && variant >= 16 && variant < 19) continue;  // v22 rows: M <= 8 only
       double bytes = 0;
       for (const char* l : layers) {
         const auto& dw = *weights[std::string("8B") + l].rot[0];
@@ -679,7 +665,7 @@ int Main(int argc, char** argv) {
           p.ec_prologue = lv.ec_prologue;
           p.decode_kernel = lv.decode_kernel;
           const Cfg c = layer_cfg(variant, li);
-          if ((variant >= 5 && variant < 10) || (variant >= 16 && variant < 19)) {
+          if (variant >= 5 && variant < 10) {
             p.decode_kernel = c.dk;
             p.decode_splits = c.s;
             p.decode_depth = c.d;

@@ -193,22 +193,11 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
                             ": flags 1, 2 and one of 4 / 8 only"));
   }
-  if ((p.decode_kernel & (256 | 512)) != 0 &&
-      (((p.decode_kernel & 15) != 0 && (p.decode_kernel & 15) < 4) ||
-       (p.decode_kernel & (256 | 512)) == (256 | 512))) {
-    return Bad(absl::StrCat("decode_kernel ", p.decode_kernel,
-                            ": the chunk flags 256 / 512 (one of them) go with the fold kernel "
-                            "(0, 4, 5) only"));
-  }
-  if (p.decode_depth != 0 && (p.decode_depth < 2 || p.decode_depth > 6)) {
-    return Bad(absl::StrCat("decode_depth ", p.decode_depth, ": 0 (automatic) or 2..6"));
-  }
-  if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5 || p.decode_kernel >= 1024) {
+  if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured
     // no faster than the cp.async ring; docs/results/gpu.md).
     return Bad(absl::StrCat("decode_kernel ", p.decode_kernel, ": kernel ", p.decode_kernel & 15,
-                            " unknown or a flag above 512 (kernels 0..5; 6, the fold kernel's bulk-copy ring, "
-                            "was removed)"));
+                            " unknown (0..5; 6, the fold kernel's bulk-copy ring, was removed)"));
   }
   if (static_cast<size_t>((d.ntiles + 0) ) > static_cast<size_t>(ws->impl().ncounters)) {
     return Bad("n too large for the workspace counters");

@@ -57,7 +57,7 @@ namespace foldk {
 constexpr int RedBytes(int nw, int nt) { return (nw + 1) * nt * 16 * 32 * 4; }
 
 struct Geom {
-  int depth;   // ring chunks per warp (2..6)
+  int depth;   // ring chunks per warp (2..4)
   int stage;   // bytes per ring chunk: CH * 512 codes + 256 scale/zero
   int xrow;    // bytes per staged x row (a warp's k range + 16 pad)
   int warp_bytes;
@@ -96,17 +96,13 @@ __device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pr
                "r"(pred ? 16 : 0));
 }
 __device__ __forceinline__ void WaitGroups(int allowed) {
-  // allowed = depth - 2 in 0..4 (immediate operand)
+  // allowed = depth - 2 in 0..2 (immediate operand)
   if (allowed <= 0) {
     asm volatile("cp.async.wait_group 0;\n" ::);
   } else if (allowed == 1) {
     asm volatile("cp.async.wait_group 1;\n" ::);
-  } else if (allowed == 2) {
-    asm volatile("cp.async.wait_group 2;\n" ::);
-  } else if (allowed == 3) {
-    asm volatile("cp.async.wait_group 3;\n" ::);
   } else {
-    asm volatile("cp.async.wait_group 4;\n" ::);
+    asm volatile("cp.async.wait_group 2;\n" ::);
   }
 }
 // DRAM -> L2 only (no shared memory, no registers, no completion to wait
@@ -465,15 +461,10 @@ cudaError_t LaunchCh(int ch, const DecodeArgs& a, int grid_x, int splits, const 
 namespace {
 
 // Chunk = fold width in k16 steps: one scale group (or 8 steps: 128 k).
-// v22 (benchmarks, tests): decode_kernel flag 256 halves it, 512 quarters
-// it (at least 2 steps): shorter ring chunks, so that a deeper ring keeps
-// more bytes in flight per warp in the same shared memory.
 int FoldChunk(const DecodeArgs& a) {
-  int steps = 8;
-  if (a.gshift < 30) steps = std::min(8, (1 << a.gshift) / 16);
-  if ((a.variant & 256) != 0) steps /= 2;
-  if ((a.variant & 512) != 0) steps /= 4;
-  return std::max(2, steps);
+  if (a.gshift >= 30) return 8;
+  const int steps = (1 << a.gshift) / 16;
+  return steps >= 8 ? 8 : steps;
 }
 
 struct FoldConfig {

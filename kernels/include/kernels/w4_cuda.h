@@ -145,12 +145,10 @@ struct W4CudaParams {
   // block (by default a GEMM whose tiles need more than one wave runs one
   // wave of blocks looping over tiles), 128 the EC's B fragments read from
   // global memory in the epilogue (by default, when it fits, they are
-  // fetched into shared memory with each tile's first ring chunk), 256 / 512
-  // (one of them) ring chunks of half / a quarter of the fold width (v22:
-  // deeper rings in the same shared memory; at least 2 k16 steps).
+  // fetched into shared memory with each tile's first ring chunk).
   int decode_kernel = 0;
   // testing/benchmarks, fold kernel only: k splits (1, 2, 4, 8; 0 = the
-  // cost model's choice) and cp.async ring depth (2..6; 0 = automatic). A
+  // cost model's choice) and cp.async ring depth (2..4; 0 = automatic). A
   // forced combination that does not fit shared memory: InvalidArgument.
   int decode_splits = 0;
   int decode_depth = 0;
