@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,15]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,17]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -167,6 +167,7 @@ struct Variant {
   bool tickets = false;         // the attention combine inside the split launch (v13 calls:
                                 // slower at batch 1, equal at 8; so off by default)
   int ec_prologue = 0;          // W4CudaParams::ec_prologue (1 v12's, 2 under PDL)
+  bool tuned = false;           // v23: the fold kernel's configurations from TuneDecode
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -195,7 +196,13 @@ const Variant kVariants[] = {
     {"W4+EC at the diagnostic's placement, epilogue only (no prologue)", Ec::kPlacement, false,
      false, true, 0, true, false, 4},
     {"W4+EC at the diagnostic's placement, prologue only (no epilogue)", Ec::kPlacement, false,
-     false, true, 0, true, false, 8}};
+     false, true, 0, true, false, 8},
+    // 16-17 (v23): the fold kernel's configurations measured at load
+    // (cuda::TuneDecode over the layers' weights of each GEMM).
+    {"W4, decode configurations measured at load (v23)", Ec::kOff, false, false, true, 0, true,
+     false, 0, true},
+    {"W4+EC at the diagnostic's placement, decode configurations measured at load (v23)",
+     Ec::kPlacement, false, false, true, 0, true, false, 0, true}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -468,6 +475,42 @@ class Model {
     return ec == Ec::kAll || (ec == Ec::kEvery4th && layer % 4 == 0);
   }
 
+  // v23: measures the fold kernel's configurations per GEMM (qkv, o,
+  // gate_up, down over all layers' weights, so that they stream from DRAM)
+  // for m = 1..8, keeps them aside and leaves the weights untuned;
+  // ApplyTuning(true) puts them on every weight (the placed EC weights share
+  // their group's shape), ApplyTuning(false) clears them.
+  void Tune() {
+    for (int g = 0; g < kNumGroups; ++g) {
+      std::vector<cuda::W4DeviceWeight*> ws;
+      for (Layer& L : layers_) ws.push_back(GroupWeight(L, g));
+      CKS(cuda::TuneDecode(ws, cuda::W4DeviceWeight::kMaxTunedM, ws_.get(), g_stream));
+      std::string picks;
+      for (int m = 1; m <= cuda::W4DeviceWeight::kMaxTunedM; ++m) {
+        tuning_[g][m] = ws[0]->decode_tuning(m);
+        const auto& t = tuning_[g][m];
+        picks += t.warps > 0 ? " " + std::to_string(t.warps) + "/" + std::to_string(t.splits) + "/" +
+                                   std::to_string(t.depth)
+                             : " -";
+      }
+      std::printf("# %s %s: measured picks for m = 1..8 (warps/splits/depth, - = cost model):%s\n",
+                  shape_.name, kGroupNames[g], picks.c_str());
+    }
+    ApplyTuning(false);
+  }
+  void ApplyTuning(bool on) {
+    for (Layer& L : layers_) {
+      for (int g = 0; g < kNumGroups; ++g) {
+        for (cuda::W4DeviceWeight* w : {GroupWeight(L, g), L.placed[g].get()}) {
+          if (w == nullptr) continue;
+          for (int m = 1; m <= cuda::W4DeviceWeight::kMaxTunedM; ++m) {
+            w->set_decode_tuning(m, on ? tuning_[g][m] : cuda::W4DeviceWeight::DecodeTuning{});
+          }
+        }
+      }
+    }
+  }
+
   // Enqueues one decode step for batch m on g_stream.
   void Step(int m, const Variant& v) {
     const int64_t H = shape_.hidden,
@@ -649,6 +692,12 @@ class Model {
   std::unique_ptr<cuda::W4Workspace> ws_;
   cublasHandle_t cublas_ = nullptr;
   uint8_t* cublas_ws_ = nullptr;
+  cuda::W4DeviceWeight::DecodeTuning tuning_[kNumGroups][cuda::W4DeviceWeight::kMaxTunedM + 1];
+  static cuda::W4DeviceWeight* GroupWeight(Layer& L, int g) {
+    return g == kQkv ? L.qkv.get() : g == kOGroup ? L.o.get() : g == kGateUp ? L.gate_up.get()
+                                                                              : L.down.get();
+  }
+  static constexpr const char* kGroupNames[kNumGroups] = {"qkv", "o", "gate_up", "down"};
 };
 
 std::vector<std::string> Split(const std::string& s) {
@@ -690,7 +739,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,15] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,17] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;
@@ -746,9 +795,13 @@ int Main(int argc, char** argv) {
       return 2;
     }
     auto model = std::make_unique<Model>(*s, max_batch, ctx, rng, placement.get(), placement_pct);
+    if (std::any_of(variants.begin(), variants.end(), [](int v) { return kVariants[v].tuned; })) {
+      model->Tune();
+    }
     for (int b : batches) {
       for (int vi : variants) {
         const Variant& v = kVariants[vi];
+        model->ApplyTuning(v.tuned);  // read by W4Linear at each call (capture below)
         cuda::SetProgrammaticLaunch(v.small_pdl);  // read at each launch (capture below)
         model->Step(b, v);  // once eagerly: first-call setup outside capture
         CK(cudaStreamSynchronize(g_stream));

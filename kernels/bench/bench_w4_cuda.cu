@@ -15,7 +15,9 @@
 // the device, x) + written (y) over time, against a device-to-device copy
 // (read + write) measured in this run. Plus the four GEMMs of an 8B decoder
 // layer back to back in a graph at M = 1 and 16 (aggregate % of copy
-// bandwidth), and a dispatch section (decode kernel vs prefill path; for
+// bandwidth), the same layer at M = 1, 2, 4, 8 with the fold kernel's
+// configurations measured by cuda::TuneDecode against the cost model's
+// (v23), and a dispatch section (decode kernel vs prefill path; for
 // M <= 16 the "decode-kernel" column is the v8 swapped-operand cp.async-ring
 // kernel, which the fold kernel replaced at M <= 8). --decode: M in
 // {1, 2, 4, 8, 16} only. --sweep: the fold kernel's k splits x ring depths
@@ -685,6 +687,82 @@ int Main(int argc, char** argv) {
       }
       std::printf("| %lld | %s | %.1f | %.1f | %.0f | %s | %s |\n", static_cast<long long>(m),
                   lv.name, t, bytes / 1e6, bytes / (t * 1e-6) / copy_bw * 100, tr, tv);
+      std::fflush(stdout);
+    }
+  }
+  // v23: the fold kernel's configurations measured at load (TuneDecode) for
+  // the four 8B GEMMs, each tuned over clones of its weight totalling >= 3x
+  // the L2 (so that it streams from DRAM, as in a model's layers); then the
+  // layer graph at M = 1, 2, 4, 8 as the cost model dispatches it and with
+  // the measured configurations, alternately (twice each).
+  if (!no_layer && only.empty()) {
+    std::printf("\n## v23: 8B layer with the fold kernel's configurations measured at load (TuneDecode)\n");
+    using Tuning = cuda::W4DeviceWeight::DecodeTuning;
+    constexpr int kT = cuda::W4DeviceWeight::kMaxTunedM;
+    std::map<std::string, std::vector<Tuning>> tuned;
+    for (const char* l : layers) {
+      auto& rot = weights[std::string("8B") + l].rot;
+      const double wb = static_cast<double>(rot[0]->backbone_bytes());
+      const int ncopies = std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wb)));
+      std::vector<std::unique_ptr<cuda::W4DeviceWeight>> extra;
+      std::vector<cuda::W4DeviceWeight*> ptrs;
+      for (int i = 0; i < ncopies; ++i) {
+        if (i < static_cast<int>(rot.size())) {
+          ptrs.push_back(rot[i].get());
+        } else {
+          auto c = rot[0]->Clone();
+          CKS(c.status());
+          extra.push_back(std::move(*c));
+          ptrs.push_back(extra.back().get());
+        }
+      }
+      CKS(cuda::TuneDecode(ptrs, kT, ws.get(), g_stream));
+      std::printf("# %s: measured picks for m = 1..8 (warps/splits/depth; - = the cost model's choice):", l);
+      for (int m = 1; m <= kT; ++m) {
+        const Tuning t = rot[0]->decode_tuning(m);
+        tuned[l].push_back(t);
+        if (t.warps > 0) {
+          std::printf(" %d/%d/%d", t.warps, t.splits, t.depth);
+        } else {
+          std::printf(" -");
+        }
+      }
+      std::printf("\n");
+    }
+    auto apply = [&](bool on) {
+      for (const char* l : layers) {
+        for (auto& w : weights[std::string("8B") + l].rot) {
+          for (int m = 1; m <= kT; ++m) w->set_decode_tuning(m, on ? tuned[l][m - 1] : Tuning{});
+        }
+      }
+    };
+    std::printf("| M | cost model us | measured us | measured / cost model | bytes MB | %% of copy BW (measured) |\n|---|---|---|---|---|---|\n");
+    for (int64_t m : {1, 2, 4, 8}) {
+      double bytes = 0;
+      for (const char* l : layers) {
+        const auto& dw = *weights[std::string("8B") + l].rot[0];
+        bytes += dw.backbone_bytes() + 2.0 * m * (dw.fmt().k + dw.fmt().n);
+      }
+      auto layer_us = [&]() {
+        return TimeGraph(10, [&](int i) {
+          for (const char* l : layers) {
+            const auto& dw = *weights[std::string("8B") + l].rot[i % 2];
+            cuda::W4CudaParams p = bench::GemmParams(x, m, dw.fmt().k, y16, dw.fmt().n);
+            p.use_ec = false;
+            CKS(cuda::W4Linear(dw, p, ws.get(), g_stream));
+          }
+        });
+      };
+      double t_cm = 1e30, t_me = 1e30;
+      for (int rep = 0; rep < 2; ++rep) {
+        apply(false);
+        t_cm = std::min(t_cm, layer_us());
+        apply(true);
+        t_me = std::min(t_me, layer_us());
+      }
+      apply(false);
+      std::printf("| %lld | %.1f | %.1f | %.3f | %.1f | %.0f |\n", static_cast<long long>(m), t_cm,
+                  t_me, t_me / t_cm, bytes / 1e6, bytes / (t_me * 1e-6) / copy_bw * 100);
       std::fflush(stdout);
     }
   }

@@ -119,7 +119,17 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     // decode_kernel's low 4 bits pick the kernel; 16 and 32 are fold-only
     // flags (the L2 prefetch off / in every block; W4CudaParams), passed on
     // only when the fold kernel runs.
-    const int dk = p.decode_kernel & 15;
+    // v23: a measured configuration (TuneDecode) where the caller forces none.
+    int decode_kernel = p.decode_kernel, splits = p.decode_splits, depth = p.decode_depth;
+    if (decode_kernel == 0 && splits == 0 && depth == 0) {
+      const W4DeviceWeight::DecodeTuning t = w.decode_tuning(mc);
+      if (t.warps > 0) {
+        decode_kernel = t.warps == 4 ? 4 : 5;
+        splits = t.splits;
+        depth = t.depth;
+      }
+    }
+    const int dk = decode_kernel & 15;
     a.variant = dk;
     a.partials = s.partials;
     a.counters = s.counters;
@@ -127,7 +137,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
                       FoldSupported(a);
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
-    if (fold) a.variant = p.decode_kernel;
+    if (fold) a.variant = decode_kernel;
     if (ec) {
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
@@ -153,7 +163,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
       }
     }
     if (absl::Status st =
-            fold   ? LaunchDecodeFold(a, s.num_sms, p.decode_splits, p.decode_depth, stream)
+            fold   ? LaunchDecodeFold(a, s.num_sms, splits, depth, stream)
             : swap ? LaunchDecodeSwap(a, s.num_sms, stream)
                    : LaunchDecode(static_cast<int>((mc + 15) / 16), a, s.num_sms, stream);
         !st.ok()) {

@@ -207,6 +207,7 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Clone() const {
   out->sz_bytes_ = sz_bytes_;
   out->ec_bytes_ = ec_bytes_;
   out->extra_bytes_ = extra_bytes_;
+  for (int m = 0; m <= kMaxTunedM; ++m) out->tuning_[m] = tuning_[m];
   Impl& o = *out->impl_;
   const Impl& d = *impl_;
   o = d;

@@ -29,14 +29,16 @@
 //                     from the W4 layout, no scratch (faster on one shape
 //                     so far: docs/results/gpu.md, v20).
 //
-// Threads: a W4DeviceWeight is immutable after Create and may be used from
-// any stream; a W4Workspace belongs to ONE stream at a time (it holds the
-// split-K partials, counters and EC scratch of the calls enqueued on it).
+// Threads: a W4DeviceWeight is immutable after Create (and TuneDecode, run
+// before any other use) and may be used from any stream; a W4Workspace
+// belongs to ONE stream at a time (it holds the split-K partials, counters
+// and EC scratch of the calls enqueued on it).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -88,8 +90,24 @@ class W4DeviceWeight {
   struct Impl;  // device pointers and padded sizes (kernels/cuda/w4_layout.h)
   const Impl& impl() const { return *impl_; }
 
+  // The fold kernel's launch configuration for launches of m rows (1..8),
+  // measured by TuneDecode; warps == 0: none (the cost model chooses).
+  // W4Linear uses it where the caller forces nothing (decode_kernel,
+  // decode_splits and decode_depth all 0). Copied by Clone.
+  struct DecodeTuning {
+    int warps = 0, splits = 0, depth = 0;  // 4 or 8; 1, 2, 4, 8; 2..4
+  };
+  static constexpr int kMaxTunedM = 8;
+  DecodeTuning decode_tuning(int64_t m) const {
+    return m >= 1 && m <= kMaxTunedM ? tuning_[m] : DecodeTuning{};
+  }
+  void set_decode_tuning(int64_t m, DecodeTuning t) {
+    if (m >= 1 && m <= kMaxTunedM) tuning_[m] = t;
+  }
+
  private:
   W4DeviceWeight();
+  DecodeTuning tuning_[kMaxTunedM + 1];
   W4Format fmt_;
   int64_t rank_ = 0;
   size_t qw_bytes_ = 0, sz_bytes_ = 0, ec_bytes_ = 0;
@@ -197,6 +215,19 @@ absl::Status EcGate(const W4DeviceWeight& w, const uint16_t* x, int64_t m, int64
                     float* v, W4Workspace* ws, cudaStream_t stream);
 absl::Status EcApply(const W4DeviceWeight& w, const float* v, int64_t m, float* y_f32,
                      uint16_t* y_f16, int64_t ldy, cudaStream_t stream);
+
+// Measured decode dispatch (v23, docs/results/gpu.md): for m = 1..max_m
+// (<= 8) times the fold kernel as the cost model dispatches it and in every
+// configuration that fits (4 / 8 warps x 1 / 2 / 4 / 8 k splits x ring
+// depth 2..4) on `weights` (one shape, e.g. a model's qkv of every layer:
+// the launches rotate through them, so that they stream from DRAM as in a
+// decode step), and records in every weight the fastest configuration for
+// m where it beats the cost model's choice by at least 5 % (else none: the
+// margin keeps the choice stable from one load to the next). Synchronous;
+// not while `stream` is being captured (FailedPrecondition). InvalidArgument
+// for no weights, weights of different shapes or max_m outside 1..8.
+absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, W4Workspace* ws,
+                        cudaStream_t stream);
 
 // Number of SMs of the current device (cached per device).
 int NumSms();

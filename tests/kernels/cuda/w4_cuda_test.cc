@@ -141,6 +141,7 @@ struct Case {
   int ec_prologue = 0;  // W4CudaParams::ec_prologue
   int64_t gate_pad = 0;  // gate_out row stride = rank + gate_pad (W4CudaParams::gate_ld)
   int prefill_kernel = 0;  // W4CudaParams::prefill_kernel
+  cuda::W4DeviceWeight::DecodeTuning tuning;  // set on the device weight for every m <= 8
   std::string Name() const {
     return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
                         " bias=", bias, " acc=", accumulate, " f16=", f16_out,
@@ -148,7 +149,8 @@ struct Case {
                         " decode=", force_decode, " dk=", decode_kernel, " splits=", decode_splits,
                         " depth=", decode_depth, " ldxpad=", ldx_pad, " r=", ec_rank,
                         " h=", ec_hidden, " prologue=", ec_prologue, " gpad=", gate_pad,
-                        " pk=", prefill_kernel);
+                        " pk=", prefill_kernel, " tuned=", tuning.warps, "/", tuning.splits,
+                        "/", tuning.depth);
   }
 };
 
@@ -161,6 +163,9 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   const EcWeights* ecp = c.ec ? &ec : nullptr;
   auto dw = cuda::W4DeviceWeight::Create(w, ecp);
   ASSERT_TRUE(dw.ok()) << dw.status();
+  for (int64_t tm = 1; tm <= cuda::W4DeviceWeight::kMaxTunedM; ++tm) {
+    (*dw)->set_decode_tuning(tm, c.tuning);
+  }
 
   const int64_t m = c.m, n = c.n, k = c.k, ldx = k + c.ldx_pad, ldy = n + 3;
   std::normal_distribution<float> nd;
@@ -429,6 +434,73 @@ TEST(CudaW4, FoldPersistentLoopMatchesReference) {
       }
     }
   }
+}
+
+// v23: TuneDecode measures the fold kernel's configurations on a set of
+// same-shape weights and records a pick per m (or none, when the cost
+// model's own choice is within 5 %); a recorded pick is a valid
+// configuration (warps 4 / 8, splits 1..8, depth 2..4), the outputs through
+// it match the reference (RunCase with a tuned weight: the tuning is looked
+// up by m at launch), and the refusals.
+TEST(CudaW4, TuneDecodeRecordsValidConfigurations) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 14);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  const int64_t n = 64 * 3 * int64_t{cuda::NumSms()} + 77, k = 4096;
+  std::vector<std::unique_ptr<cuda::W4DeviceWeight>> owned;
+  std::vector<cuda::W4DeviceWeight*> ws_ptrs;
+  for (int i = 0; i < 3; ++i) {
+    auto dw = cuda::W4DeviceWeight::Create(RandomW4(n, k, 128, false, false, rng), nullptr);
+    ASSERT_TRUE(dw.ok()) << dw.status();
+    ws_ptrs.push_back(dw->get());
+    owned.push_back(std::move(*dw));
+  }
+  ASSERT_TRUE(cuda::TuneDecode(ws_ptrs, 8, ws->get(), nullptr).ok());
+  int picked = 0;
+  for (int64_t m = 1; m <= 8; ++m) {
+    const auto t = owned[0]->decode_tuning(m);
+    for (const auto& o : owned) {
+      const auto u = o->decode_tuning(m);
+      EXPECT_EQ(u.warps, t.warps);
+      EXPECT_EQ(u.splits, t.splits);
+      EXPECT_EQ(u.depth, t.depth);
+    }
+    if (t.warps == 0) continue;
+    ++picked;
+    EXPECT_TRUE(t.warps == 4 || t.warps == 8) << m;
+    EXPECT_TRUE(t.splits == 1 || t.splits == 2 || t.splits == 4 || t.splits == 8) << m;
+    EXPECT_TRUE(t.depth >= 2 && t.depth <= 4) << m;
+    auto clone = owned[0]->Clone();
+    ASSERT_TRUE(clone.ok());
+    EXPECT_EQ((*clone)->decode_tuning(m).splits, t.splits);  // Clone copies the tuning
+  }
+  std::printf("TuneDecode: n = %lld, k = 4096, g128: a configuration recorded for %d of m = 1..8\n",
+              static_cast<long long>(n), picked);
+  // Outputs through a tuned configuration: a weight whose tuning is set by
+  // hand for every m (the same lookup W4Linear does for a measured one),
+  // against the reference, m = 1..8, with and without a gated EC.
+  int v = 0;
+  for (int warps : {4, 8}) {
+    for (int64_t m : {1, 3, 8}) {
+      Case c{300, 2048, v % 2 ? 64 : 128, m};
+      c.ec = v % 3;
+      c.bias = v % 2 == 0;
+      c.f16_out = v % 3 == 1;
+      c.tuning = {warps, 1 << (v % 3), 2 + v % 3};
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+  // Refusals.
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::TuneDecode({}, 8, ws->get(), nullptr)));
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::TuneDecode(ws_ptrs, 0, ws->get(), nullptr)));
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::TuneDecode(ws_ptrs, 9, ws->get(), nullptr)));
+  auto other = cuda::W4DeviceWeight::Create(RandomW4(64, k, 128, false, false, rng), nullptr);
+  ASSERT_TRUE(other.ok());
+  std::vector<cuda::W4DeviceWeight*> mixed = {ws_ptrs[0], other->get()};
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::TuneDecode(mixed, 8, ws->get(), nullptr)));
 }
 
 TEST(CudaW4, PrefillMatchesReference) {

@@ -1,0 +1,133 @@
+// TuneDecode (v23): the fold kernel's launch configuration measured per
+// weight shape and m, instead of the cost model's guess (ChooseFold in
+// w4_gemv_fold.cu). docs/results/gpu.md, "v22" and "v23", for why: at
+// m = 2..8 the cost model missed the best configuration of 8B gate_up by
+// up to 17 %, and the landscape (residency cliffs of shared memory and
+// registers, ring depth) is too jagged for a closed-form model.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/w4_layout.h"
+#include "kernels/w4_cuda.h"
+
+namespace spear::kernels::cuda {
+namespace {
+
+// A configuration must beat the cost model's pick by this factor to be
+// recorded: the timing noise between runs is a few percent (gpu.md), and a
+// near-tie would otherwise flip from one load to the next.
+constexpr double kMargin = 0.95;
+constexpr int kRounds = 3;
+
+struct Buffers {
+  uint16_t* x = nullptr;
+  uint16_t* y = nullptr;
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  ~Buffers() {
+    cudaFree(x);
+    cudaFree(y);
+    if (e0 != nullptr) cudaEventDestroy(e0);
+    if (e1 != nullptr) cudaEventDestroy(e1);
+  }
+};
+
+}  // namespace
+
+absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, W4Workspace* ws,
+                        cudaStream_t stream) {
+  if (weights.empty() || ws == nullptr) {
+    return absl::InvalidArgumentError("TuneDecode: no weights or no workspace");
+  }
+  if (max_m < 1 || max_m > W4DeviceWeight::kMaxTunedM) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("TuneDecode: max_m ", max_m, " outside 1..", W4DeviceWeight::kMaxTunedM));
+  }
+  const W4Format& f = weights[0]->fmt();
+  for (const W4DeviceWeight* w : weights) {
+    if (w == nullptr) return absl::InvalidArgumentError("TuneDecode: a null weight");
+    const W4Format& g = w->fmt();
+    if (g.n != f.n || g.k != f.k || g.group_size != f.group_size ||
+        g.symmetric != f.symmetric) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "TuneDecode: weights of different shapes (", f.n, "x", f.k, " g", f.group_size, " vs ",
+          g.n, "x", g.k, " g", g.group_size, ")"));
+    }
+  }
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &cap));
+  if (cap != cudaStreamCaptureStatusNone) {
+    return absl::FailedPreconditionError("TuneDecode: the stream is being captured");
+  }
+  Buffers b;
+  const size_t xe = static_cast<size_t>(max_m) * f.k, ye = static_cast<size_t>(max_m) * f.n;
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.x, xe * 2));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.y, ye * 2));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b.x, 0, xe * 2, stream));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&b.e0));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&b.e1));
+  // Launches per timing: every weight at least twice, at least 16 in all.
+  const int nw = static_cast<int>(weights.size());
+  const int launches = std::max(16, 2 * nw);
+
+  for (int m = 1; m <= max_m; ++m) {
+    W4CudaParams p;
+    p.x = b.x;
+    p.m = m;
+    p.ldx = f.k;
+    p.y_f16 = b.y;
+    p.ldy = f.n;
+    p.use_ec = false;
+    p.force_decode = true;
+    // Per microsecond of one launch, the best of kRounds; -1: refused.
+    auto time = [&](int dk, int splits, int depth, double* us) -> absl::Status {
+      p.decode_kernel = dk;
+      p.decode_splits = splits;
+      p.decode_depth = depth;
+      for (W4DeviceWeight* w : weights) w->set_decode_tuning(m, {});
+      const absl::Status first = W4Linear(*weights[0], p, ws, stream);  // warm-up; refusals
+      if (absl::IsInvalidArgument(first)) {
+        *us = -1;
+        return absl::OkStatus();
+      }
+      if (!first.ok()) return first;
+      double best = 1e30;
+      for (int r = 0; r < kRounds; ++r) {
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e0, stream));
+        for (int i = 0; i < launches; ++i) {
+          if (absl::Status st = W4Linear(*weights[i % nw], p, ws, stream); !st.ok()) return st;
+        }
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e1, stream));
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(b.e1));
+        float ms = 0;
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, b.e0, b.e1));
+        best = std::min(best, 1e3 * ms / launches);
+      }
+      *us = best;
+      return absl::OkStatus();
+    };
+    double base = 0;
+    if (absl::Status st = time(0, 0, 0, &base); !st.ok()) return st;
+    W4DeviceWeight::DecodeTuning pick;
+    double pick_us = base * kMargin;
+    for (int warps : {8, 4}) {
+      for (int splits : {1, 2, 4, 8}) {
+        for (int depth : {2, 3, 4}) {
+          double us = 0;
+          if (absl::Status st = time(warps == 4 ? 4 : 5, splits, depth, &us); !st.ok()) return st;
+          if (us > 0 && us < pick_us) {
+            pick_us = us;
+            pick = {warps, splits, depth};
+          }
+        }
+      }
+    }
+    for (W4DeviceWeight* w : weights) w->set_decode_tuning(m, pick);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace spear::kernels::cuda
