@@ -4,11 +4,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda_ops.h"
 
@@ -117,6 +119,14 @@ absl::Status CudaModelRunner::Init(const CudaRunnerOptions& o) {
   auto we = kc::W4Workspace::Create();
   if (!we.ok()) return we.status();
   ws_eager_ = std::move(*we);
+  if (o.tune_decode) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto tuned = weights_->TuneDecode(ws_eager_.get(), stream_);
+    if (!tuned.ok()) return tuned.status();
+    spdlog::info("CUDA: decode kernel configurations measured for {} weight shapes in {:.2f} s",
+                 *tuned,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
   // The graph workspace never grows after this (graphs hold its pointers).
   const int64_t reserve_m = std::max(max_graph_batch_, 1);
   auto reserve = [&](const DeviceLinear& lin) -> absl::Status {

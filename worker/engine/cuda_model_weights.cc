@@ -261,4 +261,37 @@ int64_t DeviceModelWeights::num_pieces() const {
   return n;
 }
 
+absl::StatusOr<int> DeviceModelWeights::TuneDecode(kernels::cuda::W4Workspace* ws,
+                                                   cudaStream_t stream) {
+  // Pieces grouped by shape (n, k, group size, symmetric), in model order.
+  std::vector<std::vector<kernels::cuda::W4DeviceWeight*>> groups;
+  auto add = [&](DeviceLinear& lin) {
+    for (DeviceLinear::Piece& p : lin.pieces) {
+      const kernels::W4Format& f = p.w->fmt();
+      bool placed = false;
+      for (auto& g : groups) {
+        const kernels::W4Format& h = g[0]->fmt();
+        if (h.n == f.n && h.k == f.k && h.group_size == f.group_size && h.symmetric == f.symmetric) {
+          g.push_back(p.w.get());
+          placed = true;
+          break;
+        }
+      }
+      if (!placed) groups.push_back({p.w.get()});
+    }
+  };
+  for (DeviceLayer& L : layers_) {
+    for (DeviceLinear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down}) add(*lin);
+  }
+  if (lm_head_w4_ != nullptr) add(*lm_head_w4_);
+  for (const auto& g : groups) {
+    if (absl::Status s = kernels::cuda::TuneDecode(g, kernels::cuda::W4DeviceWeight::kMaxTunedM, ws,
+                                                   stream);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return static_cast<int>(groups.size());
+}
+
 }  // namespace spear::engine

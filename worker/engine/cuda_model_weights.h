@@ -16,7 +16,8 @@
 //
 // Ownership: owns every device allocation; borrows nothing after Create
 // except the W4Linear pointers kept for their ec_enabled() flags (the
-// LoadedModel must outlive this object). Immutable after Create.
+// LoadedModel must outlive this object). Immutable after Create (and
+// TuneDecode, before first use).
 #pragma once
 
 #include <cstdint>
@@ -77,6 +78,12 @@ class DeviceModelWeights {
   int64_t num_pieces() const;
   // Sum of the ranks of the pieces' ECs (the gate buffer's row length).
   int64_t gate_cols() const { return gate_cols_; }
+  // Measures the fold kernel's configurations for decode launches of 1..8
+  // rows (kernels::cuda::TuneDecode) over the pieces of each shape (e.g.
+  // every layer's qkv) and records them in the pieces. Run once, before
+  // any forward (the one exception to "immutable after Create");
+  // synchronous on `stream`. Returns the number of shapes tuned.
+  absl::StatusOr<int> TuneDecode(kernels::cuda::W4Workspace* ws, cudaStream_t stream);
 
  private:
   int64_t gate_cols_ = 0;
