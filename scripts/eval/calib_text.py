@@ -22,11 +22,15 @@ from Debian packages, neither of them a scored text:
   synset whose gloss has at most 20 words; the model answers each in its
   chat template, so the sample is reference prose on that topic written by
   the model itself.
+- freeciv: the nation legends of `freeciv-data` (one short encyclopedic
+  history per people or state of the game's ~550 nations: "Malta was
+  first settled around 5200 BCE. ..."): encyclopedic prose about history
+  and geography written for the game, not WikiText-2's text.
 
 Entries are deduplicated, shuffled with a fixed seed (1) so that any prefix
 of the file samples every category, separated by blank lines.
 
-Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics|wordnet-requests]
+Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics|wordnet-requests|freeciv]
   (default OUT ~/.cache/spear/texts/<source>.txt)
 Prints the output path and its size. Needs apt-get and dpkg-deb (no root:
 `apt-get download` writes into a temporary folder).
@@ -38,7 +42,8 @@ import sys
 import tempfile
 
 PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"],
-            "wordnet-topics": ["wordnet-base"], "wordnet-requests": ["wordnet-base"]}
+            "wordnet-topics": ["wordnet-base"], "wordnet-requests": ["wordnet-base"],
+            "freeciv": ["freeciv-data"]}
 
 
 def fortunes(root):
@@ -103,6 +108,24 @@ def wordnet_topics(root):
     return [f"{w[0].upper() + w[1:]} is {g}." for w, g in noun_glosses(root, 30)]
 
 
+def freeciv(root):
+    # nation/<name>.ruleset: legend=_("..."), lines continued by a backslash.
+    import re
+    out = []
+    d = os.path.join(root, "usr/share/games/freeciv/nation")
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(".ruleset"):
+            continue
+        text = open(os.path.join(d, name), encoding="utf-8", errors="replace").read()
+        m = re.search(r'legend\s*=\s*_\("(.*?)"\)', text, re.S)
+        if m:
+            legend = m.group(1).replace("\\\n", " ").replace("\\n", " ").replace('\\"', '"')
+            legend = re.sub(r"\s+", " ", legend).strip()
+            if len(legend.split()) >= 8:
+                out.append(legend)
+    return out
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--source")]
     source = "fortunes"
@@ -113,7 +136,8 @@ def main():
             source = sys.argv[i + 2]
             args = [x for x in args if x != source]
     if source not in PACKAGES:
-        print("calib_text.py: --source must be fortunes, wordnet, wordnet-topics or wordnet-requests",
+        print("calib_text.py: --source must be fortunes, wordnet, wordnet-topics, wordnet-requests "
+              "or freeciv",
               file=sys.stderr)
         sys.exit(2)
     out = args[0] if args else os.path.expanduser(f"~/.cache/spear/texts/{source}.txt")
@@ -126,7 +150,8 @@ def main():
             debs.append(deb)
             subprocess.run(["dpkg-deb", "-x", os.path.join(tmp, deb), root], check=True)
         cookies = {"fortunes": fortunes, "wordnet": wordnet,
-                   "wordnet-topics": wordnet_topics, "wordnet-requests": wordnet_requests}[source](root)
+                   "wordnet-topics": wordnet_topics, "wordnet-requests": wordnet_requests,
+                   "freeciv": freeciv}[source](root)
     cookies = sorted(set(cookies))
     random.Random(1).shuffle(cookies)
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -10,12 +10,15 @@
 //   - with --ec-off-rows (a model with ECs): each decode batch again with
 //     every EC switched off (W4Linear::set_ec_enabled(false): the same
 //     weights, the backbone alone), so the row pair is the EC's cost at the
-//     checkpoint's own diagnostic placement, measured side by side.
+//     checkpoint's own diagnostic placement, measured side by side;
+//   - --no-tune: the decode kernel's configurations from its cost model
+//     (CudaRunnerOptions::tune_decode off) instead of measured at load.
 // Times are host wall-clock per Forward (input copy, graph launch or eager
 // launches, result copy, the one synchronisation): what the engine sees.
 //
 // usage: spear_bench_model_cuda --model=PATH.spear [--batches=1,8,32]
 //                               [--ctx=256] [--steps=32] [--prefill=512] [--ec-off-rows]
+//                               [--no-tune]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -54,7 +57,7 @@ int Main(int argc, char** argv) {
   std::string path;
   std::vector<int> batches = {1, 8, 32};
   int ctx = 256, steps = 32, prefill = 512;
-  bool ec_off_rows = false;
+  bool ec_off_rows = false, no_tune = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a.rfind("--model=", 0) == 0) {
@@ -69,10 +72,12 @@ int Main(int argc, char** argv) {
       prefill = std::stoi(a.substr(10));
     } else if (a == "--ec-off-rows") {
       ec_off_rows = true;
+    } else if (a == "--no-tune") {
+      no_tune = true;
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s --model=PATH.spear [--batches=1,8,32] [--ctx=256] "
-                   "[--steps=32] [--prefill=512] [--ec-off-rows]\n",
+                   "[--steps=32] [--prefill=512] [--ec-off-rows] [--no-tune]\n",
                    a.c_str(), argv[0]);
       return 2;
     }
@@ -102,6 +107,7 @@ int Main(int argc, char** argv) {
   CudaRunnerOptions o;
   o.num_blocks = per_seq * max_b;
   o.max_graph_batch = std::max(64, max_b);
+  o.tune_decode = !no_tune;
   const double t_load = NowMs();
   auto r = CudaModelRunner::Create(&m, o);
   if (!r.ok()) {
@@ -111,11 +117,11 @@ int Main(int argc, char** argv) {
   CudaModelRunner& run = **r;
   std::printf(
       "# model %s: %lld layers, hidden %lld, vocab %lld; device weights %.1f MB, %lld W4 "
-      "launches per forward, %zu modules with an EC; upload %.0f ms\n",
+      "launches per forward, %zu modules with an EC; upload%s %.0f ms\n",
       path.c_str(), static_cast<long long>(m.config.num_layers),
       static_cast<long long>(m.config.hidden_size), static_cast<long long>(m.config.vocab_size),
       run.weights().bytes() / 1e6, static_cast<long long>(run.weights().num_pieces()),
-      with_ec.size(), NowMs() - t_load);
+      with_ec.size(), no_tune ? "" : " + decode tuning", NowMs() - t_load);
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(m.config.vocab_size - 1));
   std::vector<std::vector<int32_t>> tables(max_b), toks(max_b);
