@@ -150,7 +150,9 @@ struct W4CudaParams {
   bool force_decode = false;    // testing/benchmarks: decode kernel at any m
   bool force_prefill = false;   // testing/benchmarks: prefill path at any m
   // testing/benchmarks: which decode kernel runs a launch of <= 16 rows:
-  // 0 the default (the fold kernel, w4_gemv_fold.cu, at <= 8 rows; at 9..16
+  // 0 the default (the fold kernel, w4_gemv_fold.cu, at <= 8 rows, in the
+  // weight's measured configuration where TuneDecode recorded one and
+  // decode_splits / decode_depth are 0 too; at 9..16
   // rows, two n8 token tiles since v17, only on wide GEMMs (FoldPreferred:
   // >= 96 tiles, k >= 4096), else the v8 ring kernel), 1 the x-as-m16 kernel, 2 the
   // swapped-operand kernel with register-direct loads (v7), 3 the
