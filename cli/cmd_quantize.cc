@@ -327,6 +327,9 @@ void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
                 d.init_val_kl, d.final_val_kl, static_cast<long long>(d.best_step),
                 static_cast<long long>(d.steps_run), d.seconds_per_step,
                 d.stopped_early ? ", stopped early" : "", d.time_capped ? ", time budget" : "");
+    if (const std::string w = d.UnderTrainedWarning(); !w.empty()) {
+      std::fprintf(stderr, "warning: %s\n", w.c_str());
+    }
   }
 }
 

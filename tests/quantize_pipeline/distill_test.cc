@@ -355,5 +355,23 @@ TEST(FastStats, SecondMomentGemmMatchesEigen) {
   }
 }
 
+// The under-training warning: only when the time budget (not the user's
+// --train-steps) stopped training below kUnderTrainedSteps.
+TEST(DistillReportTest, UnderTrainedWarning) {
+  DistillReport r;
+  r.time_capped = true;
+  r.steps_run = 12;
+  r.seconds_per_step = 6.7;
+  const std::string w = r.UnderTrainedWarning();
+  EXPECT_NE(w.find("only 12 EC training steps"), std::string::npos) << w;
+  EXPECT_NE(w.find("6.70 s per step"), std::string::npos) << w;
+  EXPECT_NE(w.find("--time-budget"), std::string::npos) << w;
+  r.steps_run = DistillReport::kUnderTrainedSteps;
+  EXPECT_EQ(r.UnderTrainedWarning(), "");
+  r.steps_run = 12;
+  r.time_capped = false;  // the user pinned 12 steps
+  EXPECT_EQ(r.UnderTrainedWarning(), "");
+}
+
 }  // namespace
 }  // namespace spear::quantize

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -825,6 +826,16 @@ absl::Status EcDistiller::WriteBack(model::LoadedModel* model) const {
     *slots[j] = std::move(*lin);
   }
   return absl::OkStatus();
+}
+
+std::string DistillReport::UnderTrainedWarning() const {
+  if (!time_capped || steps_run >= kUnderTrainedSteps) return "";
+  char per_step[32];
+  std::snprintf(per_step, sizeof per_step, "%.2f", seconds_per_step);
+  return absl::StrCat("the time budget allowed only ", steps_run, " EC training steps (", per_step,
+                      " s per step on this machine; the documented results trained 180-250): "
+                      "the ECs are under-trained. Raise --time-budget, or pin --train-steps "
+                      "with a budget that allows them.");
 }
 
 }  // namespace spear::quantize

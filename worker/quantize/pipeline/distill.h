@@ -95,6 +95,15 @@ struct DistillReport {
   bool stopped_early = false, time_capped = false;
   double seconds = 0, seconds_per_step = 0;
   std::vector<std::pair<int64_t, double>> val_history;  // (step, val KL)
+
+  // Fewer steps than this in a time-capped run: the ECs are under-trained
+  // (docs/results/quality.md: the documented checkpoints trained 180-250
+  // steps; on a CPU ~2.8x slower the 15-minute budget allowed 12).
+  static constexpr int64_t kUnderTrainedSteps = 100;
+  // A warning for the user when the time budget stopped training below
+  // kUnderTrainedSteps (steps pinned by the user, not capped: none); empty
+  // otherwise.
+  std::string UnderTrainedWarning() const;
 };
 
 // Per-token data for the plot "output error with and without EC against the
