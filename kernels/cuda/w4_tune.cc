@@ -50,8 +50,7 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
   for (const W4DeviceWeight* w : weights) {
     if (w == nullptr) return absl::InvalidArgumentError("TuneDecode: a null weight");
     const W4Format& g = w->fmt();
-    if (g.n != f.n || g.k != f.k || g.group_size != f.group_size ||
-        g.symmetric != f.symmetric) {
+    if (!(g == f)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "TuneDecode: weights of different shapes (", f.n, "x", f.k, " g", f.group_size, " vs ",
           g.n, "x", g.k, " g", g.group_size, ")"));
@@ -87,7 +86,6 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
       p.decode_kernel = dk;
       p.decode_splits = splits;
       p.decode_depth = depth;
-      for (W4DeviceWeight* w : weights) w->set_decode_tuning(m, {});
       const absl::Status first = W4Linear(*weights[0], p, ws, stream);  // warm-up; refusals
       if (absl::IsInvalidArgument(first)) {
         *us = -1;
@@ -109,6 +107,9 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
       *us = best;
       return absl::OkStatus();
     };
+    // The baseline is the cost model's pick: no earlier tuning for m (the
+    // forced candidates below do not consult it).
+    for (W4DeviceWeight* w : weights) w->set_decode_tuning(m, {});
     double base = 0;
     if (absl::Status st = time(0, 0, 0, &base); !st.ok()) return st;
     W4DeviceWeight::DecodeTuning pick;

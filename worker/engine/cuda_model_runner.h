@@ -67,9 +67,10 @@ struct CudaRunnerOptions {
   // back). false: the engine samples on the host from fp32 logits rows.
   bool device_sampling = true;
   // At load, measure the W4 decode kernel's launch configuration per weight
-  // shape for 1..8 rows (DeviceModelWeights::TuneDecode; ~0.1-2 s) instead
-  // of the cost model's guess (docs/results/gpu.md, v23: decode steps
-  // 0-6 % faster on the 8B shape, 5-7 % on the 1B shape).
+  // shape for 1..8 rows (DeviceModelWeights::TuneDecode; 0.17-0.66 s
+  // measured, SmolLM2 the longest) instead of the cost model's guess
+  // (docs/results/gpu.md, v23: decode steps 0.3-6.4 % faster on the 8B
+  // shape, 4.6-6.5 % on the 1B shape).
   bool tune_decode = true;
 };
 

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -267,17 +268,13 @@ absl::StatusOr<int> DeviceModelWeights::TuneDecode(kernels::cuda::W4Workspace* w
   std::vector<std::vector<kernels::cuda::W4DeviceWeight*>> groups;
   auto add = [&](DeviceLinear& lin) {
     for (DeviceLinear::Piece& p : lin.pieces) {
-      const kernels::W4Format& f = p.w->fmt();
-      bool placed = false;
-      for (auto& g : groups) {
-        const kernels::W4Format& h = g[0]->fmt();
-        if (h.n == f.n && h.k == f.k && h.group_size == f.group_size && h.symmetric == f.symmetric) {
-          g.push_back(p.w.get());
-          placed = true;
-          break;
-        }
+      auto g = std::find_if(groups.begin(), groups.end(),
+                            [&](const auto& grp) { return grp[0]->fmt() == p.w->fmt(); });
+      if (g == groups.end()) {
+        groups.push_back({p.w.get()});
+      } else {
+        g->push_back(p.w.get());
       }
-      if (!placed) groups.push_back({p.w.get()});
     }
   };
   for (DeviceLayer& L : layers_) {

@@ -43,6 +43,12 @@ struct W4Format {
     return rest < group_size ? rest : group_size;
   }
   int64_t packed_row_bytes() const { return (k + 1) / 2; }
+
+  // Same format: shape, group size and symmetry (written out, not
+  // defaulted: the CUDA sources that include this header are C++17).
+  bool operator==(const W4Format& o) const {
+    return n == o.n && k == o.k && group_size == o.group_size && symmetric == o.symmetric;
+  }
 };
 
 struct W4Weight {

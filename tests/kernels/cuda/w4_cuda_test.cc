@@ -471,9 +471,18 @@ TEST(CudaW4, TuneDecodeRecordsValidConfigurations) {
     EXPECT_TRUE(t.warps == 4 || t.warps == 8) << m;
     EXPECT_TRUE(t.splits == 1 || t.splits == 2 || t.splits == 4 || t.splits == 8) << m;
     EXPECT_TRUE(t.depth >= 2 && t.depth <= 4) << m;
-    auto clone = owned[0]->Clone();
+  }
+  {  // Clone copies the tuning (set by hand: the measurement may pick none)
+    auto src = cuda::W4DeviceWeight::Create(RandomW4(64, 256, 128, false, false, rng), nullptr);
+    ASSERT_TRUE(src.ok());
+    (*src)->set_decode_tuning(3, {4, 2, 3});
+    auto clone = (*src)->Clone();
     ASSERT_TRUE(clone.ok());
-    EXPECT_EQ((*clone)->decode_tuning(m).splits, t.splits);  // Clone copies the tuning
+    const auto t = (*clone)->decode_tuning(3);
+    EXPECT_EQ(t.warps, 4);
+    EXPECT_EQ(t.splits, 2);
+    EXPECT_EQ(t.depth, 3);
+    EXPECT_EQ((*clone)->decode_tuning(4).warps, 0);
   }
   std::printf("TuneDecode: n = %lld, k = 4096, g128: a configuration recorded for %d of m = 1..8\n",
               static_cast<long long>(n), picked);
