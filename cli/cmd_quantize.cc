@@ -318,6 +318,10 @@ void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
               "(backbone + closed form) %.1f, end-to-end EC training %.1f\n",
               r.calibration_seconds, r.diagnostic_seconds, r.teacher_seconds,
               r.sequential_seconds, r.distill_seconds);
+  if (r.teacher_captured_sequences > 0) {
+    std::printf("teacher: %lld calibration sequences captured while sampling, the rest run\n",
+                static_cast<long long>(r.teacher_captured_sequences));
+  }
   if (r.distilled) {
     const quantize::DistillReport& d = r.distill;
     std::printf("EC training: %lld ECs, %lld parameters, %lld fit / %lld held-out tokens; held-out "
@@ -349,6 +353,7 @@ json ReportJson(const quantize::QuantizeReport& r) {
           {"ec_bytes", r.ec_bytes},
           {"ec_pct", r.ec_pct()},
           {"calibration_tokens", r.calibration_tokens},
+          {"teacher_captured_sequences", r.teacher_captured_sequences},
           {"seconds", r.seconds},
           {"stage_seconds",
            {{"calibration", r.calibration_seconds},

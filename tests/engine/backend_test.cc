@@ -4,7 +4,9 @@
 // profile drive only the interface) and its failures reach the requests
 // with their KV blocks freed; device parsing and resolution (engine_factory)
 // with their errors on a build or machine without CUDA.
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <memory>
 #include <random>
 #include <set>
@@ -154,6 +156,94 @@ TEST_F(BackendTest, BackendFailureFailsTheBatchAndFreesBlocks) {
   // The engine stays usable.
   const auto again = (*e)->GenerateBatch(Requests());
   for (const GenerateResult& r : again) EXPECT_TRUE(r.status.ok()) << r.status;
+}
+
+// on_hidden reports every position the engine runs (prompt chunks, then one
+// per decode step) exactly once, with the final-normed hidden states one
+// forward over the whole sequence computes.
+TEST_F(BackendTest, HiddenStatesOfEveryRunPositionMatchOneForward) {
+  auto e = Engine::Create(model_, Options(16));  // chunked prefill
+  ASSERT_TRUE(e.ok()) << e.status();
+  const int64_t d = model_->config.hidden_size;
+  std::vector<GenerateRequest> reqs = Requests();
+  std::vector<std::vector<float>> got(reqs.size());
+  std::vector<std::vector<int>> seen(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const size_t cap = reqs[i].prompt.size() + 12;
+    got[i].assign(cap * d, std::nanf(""));
+    seen[i].assign(cap, 0);
+    reqs[i].on_hidden = [&, i](int64_t pos, const float* rows, int64_t count, int64_t dim) {
+      ASSERT_EQ(dim, d);
+      for (int64_t r = 0; r < count; ++r) {
+        ASSERT_LT(pos + r, static_cast<int64_t>(seen[i].size()));
+        ++seen[i][pos + r];
+        std::copy(rows + r * d, rows + (r + 1) * d, got[i].begin() + (pos + r) * d);
+      }
+    };
+  }
+  const auto res = (*e)->GenerateBatch(reqs);
+
+  auto cache = KvCache::Create(model_->config, Options().kv_cache);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  ModelRunner runner(model_, cache->get(), pool_);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(res[i].status.ok()) << res[i].status;
+    std::vector<int32_t> seq = reqs[i].prompt;
+    seq.insert(seq.end(), res[i].tokens.begin(), res[i].tokens.end() - 1);  // the last never runs
+    const int64_t n = static_cast<int64_t>(seq.size());
+    for (int64_t p = 0; p < static_cast<int64_t>(seen[i].size()); ++p) {
+      EXPECT_EQ(seen[i][p], p < n ? 1 : 0) << "request " << i << " position " << p;
+    }
+    std::vector<int32_t> blocks;
+    for (int32_t b = 0; b < (n + 7) / 8; ++b) blocks.push_back(b);
+    SeqChunk ch;
+    ch.tokens = seq;
+    ch.block_table = blocks;
+    ch.logits = LogitsMode::kNone;
+    ch.hidden = true;
+    ForwardOutput out;
+    ASSERT_TRUE(runner.Forward({ch}, &out).ok());
+    ASSERT_EQ(out.num_hidden_rows, n);
+    ASSERT_EQ(out.first_hidden_row[0], 0);
+    double err = 0, scale = 0;
+    for (int64_t j = 0; j < n * d; ++j) {
+      err = std::max(err, static_cast<double>(std::fabs(got[i][j] - out.hidden[j])));
+      scale = std::max(scale, static_cast<double>(std::fabs(out.hidden[j])));
+    }
+    // The same model, batched differently (chunks, decode rows beside other
+    // sequences): summation order only.
+    EXPECT_LE(err, 1e-4 * std::max(1.0, scale)) << "request " << i;
+  }
+}
+
+// A backend that does not return hidden states (the CUDA one, here a
+// wrapper) fails exactly the requests that ask for them, with the reason.
+TEST_F(BackendTest, HiddenStatesNeedABackendThatReturnsThem) {
+  auto counting = Counting();
+  EXPECT_FALSE(counting->returns_hidden());
+  auto e = Engine::Create(model_, Options(), std::move(counting));
+  ASSERT_TRUE(e.ok()) << e.status();
+  std::vector<GenerateRequest> reqs = Requests();
+  int calls = 0;
+  reqs[1].on_hidden = [&](int64_t, const float*, int64_t, int64_t) { ++calls; };
+  const auto res = (*e)->GenerateBatch(reqs);
+  for (size_t i = 0; i < res.size(); ++i) {
+    if (i == 1) {
+      EXPECT_EQ(res[i].status.code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_NE(res[i].status.message().find("does not return hidden states"), std::string::npos)
+          << res[i].status;
+    } else {
+      EXPECT_TRUE(res[i].status.ok()) << res[i].status;
+      EXPECT_EQ(res[i].tokens.size(), 12u);
+    }
+  }
+  EXPECT_EQ(calls, 0);
+  auto seq = (*e)->NewSequence({5, 6, 7}, SamplingParams{}, GenerateOptions{});
+  ASSERT_TRUE(seq.ok());
+  std::vector<StepOutput> outs;
+  EXPECT_EQ((*e)->Step({{seq->get(), 3, /*hidden=*/true}}, &outs).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*e)->num_free_blocks(), 96);
 }
 
 TEST_F(BackendTest, CreateRejectsMissingOrForeignBackend) {

@@ -15,6 +15,7 @@
 #include "worker/model/weights.h"
 #include "worker/quantize/pipeline/calibration.h"
 #include "worker/quantize/pipeline/diagnostic.h"
+#include "worker/quantize/pipeline/distill.h"
 #include "worker/quantize/pipeline/layerwise.h"
 #include "worker/quantize/pipeline/module_quant.h"
 #include "worker/quantize/pipeline/quantize_model.h"
@@ -121,6 +122,8 @@ TEST_F(PipelineTest, SpearBeatsW4AndStatic) {
       if (mr.ec_rank > 0) EXPECT_LE(mr.err_static, mr.err_w4 * 1.0001) << mr.name;
       if (ec == EcMode::kSpear && mr.ec_rank > 0) EXPECT_LE(mr.err_final, mr.err_static * 1.0001);
     }
+    // SPEAR's teacher came from the sampling pass, for every sequence.
+    EXPECT_EQ(rep->teacher_captured_sequences, ec == EcMode::kSpear ? 20 : 0);
     EXPECT_EQ(sum, rep->ec_bytes);
     return Mse(h_fp, Hidden(m.get()));
   };
@@ -387,6 +390,76 @@ TEST_F(PipelineTest, CalibrationChatPromptsUseTheTemplate) {
   EXPECT_EQ(MakeCalibrationSequences(*fp_, c, 2).status().code(),
             absl::StatusCode::kFailedPrecondition);
   std::remove(file.c_str());
+}
+
+// The teacher captured while sampling (MakeCalibrationSet with
+// capture_hidden): the same sequences as without, and the final-normed
+// states the teacher pass computes over them; ComputeDistillTeacher runs
+// only the sequences whose states are not known and checks their sizes.
+TEST_F(PipelineTest, CalibrationCapturesTheTeacherWhileSampling) {
+  CalibrationOptions c;
+  c.num_sequences = 5;
+  c.seq_len = 48;
+  c.seed = 5;
+  c.prompt_ids = {{9, 10, 11, 12, 13, 14, 15}, {40, 41}};  // prompt prefills of 8 and 3
+  c.prompt_fraction = 0.6;
+  const int64_t d = fp_->config.hidden_size;
+  auto plain = MakeCalibrationSequences(*fp_, c, 2);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  auto set = MakeCalibrationSet(*fp_, c, 2, /*capture_hidden=*/true);
+  ASSERT_TRUE(set.ok()) << set.status();
+  ASSERT_EQ(set->sequences, *plain);  // the extra sampled token is dropped
+  ASSERT_EQ(set->final_hidden.size(), 5u);
+  std::vector<float> captured;
+  for (const auto& h : set->final_hidden) {
+    ASSERT_EQ(h.size(), static_cast<size_t>(48 * d));
+    captured.insert(captured.end(), h.begin(), h.end());
+  }
+  auto full = ComputeDistillTeacher(fp_.get(), &pool_, set->sequences, false);
+  ASSERT_TRUE(full.ok()) << full.status();
+  ASSERT_EQ(full->final_hidden.size(), captured.size());
+  double err = 0, scale = 0;
+  for (size_t j = 0; j < captured.size(); ++j) {
+    err = std::max(err, static_cast<double>(std::fabs(captured[j] - full->final_hidden[j])));
+    scale = std::max(scale, static_cast<double>(std::fabs(full->final_hidden[j])));
+  }
+  EXPECT_GT(scale, 0.1);
+  EXPECT_LE(err, 1e-4 * std::max(1.0, scale));  // other batching: summation order only
+
+  // Two of five known: those rows are copied, the rest computed.
+  std::vector<std::vector<float>> known(5);
+  known[1] = set->final_hidden[1];
+  known[3] = set->final_hidden[3];
+  known[3][7] = 1234.5f;  // a marker: proves the known rows are taken, not recomputed
+  auto mixed = ComputeDistillTeacher(fp_.get(), &pool_, set->sequences, false, &known);
+  ASSERT_TRUE(mixed.ok()) << mixed.status();
+  ASSERT_EQ(mixed->final_hidden.size(), captured.size());
+  EXPECT_EQ(mixed->final_hidden[3 * 48 * d + 7], 1234.5f);
+  for (int s : {0, 2, 4}) {
+    for (int64_t j = 0; j < 48 * d; ++j) {
+      const size_t at = static_cast<size_t>(s * 48 * d + j);
+      ASSERT_NEAR(mixed->final_hidden[at], full->final_hidden[at], 1e-4 * std::max(1.0, scale))
+          << "sequence " << s;
+    }
+  }
+  // Bad known states: another count of entries, an entry of another size.
+  std::vector<std::vector<float>> four(4);
+  EXPECT_EQ(ComputeDistillTeacher(fp_.get(), &pool_, set->sequences, false, &four).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  known[2].assign(5, 0.f);
+  EXPECT_EQ(ComputeDistillTeacher(fp_.get(), &pool_, set->sequences, false, &known).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  // Nothing is captured for later windows of a sample, or without capture.
+  c.windows_per_sequence = 2;
+  auto windows = MakeCalibrationSet(*fp_, c, 2, true);
+  ASSERT_TRUE(windows.ok()) << windows.status();
+  ASSERT_EQ(windows->final_hidden.size(), 10u);
+  for (const auto& h : windows->final_hidden) EXPECT_TRUE(h.empty());
+  c.windows_per_sequence = 1;
+  auto off = MakeCalibrationSet(*fp_, c, 2, false);
+  ASSERT_TRUE(off.ok());
+  for (const auto& h : off->final_hidden) EXPECT_TRUE(h.empty());
 }
 
 // The calibration text mix: text windows spread evenly among the

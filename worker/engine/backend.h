@@ -57,6 +57,9 @@ class ModelBackend {
   // match. The Engine uses it when offered; the default backend does not
   // offer it (the Engine then samples Forward's rows on the host).
   virtual bool samples_on_device() const { return false; }
+  // Whether Forward honours SeqChunk::hidden (the final-normed hidden
+  // states of a chunk's tokens): the CPU backend does.
+  virtual bool returns_hidden() const { return false; }
   virtual absl::Status ForwardSample(const std::vector<SeqChunk>& batch,
                                      const std::vector<RowSampling>& rows,
                                      std::vector<int32_t>* tokens) {
@@ -102,6 +105,7 @@ class CpuBackend final : public ModelBackend {
   absl::Status Forward(const std::vector<SeqChunk>& batch, ForwardOutput* out) override {
     return runner_->Forward(batch, out);
   }
+  bool returns_hidden() const override { return true; }
   BlockAllocator& allocator() override { return runner_->kv_cache().allocator(); }
   const BlockAllocator& allocator() const override { return runner_->kv_cache().allocator(); }
   int block_size() const override { return runner_->kv_cache().block_size(); }

@@ -195,6 +195,12 @@ absl::Status CudaModelRunner::Validate(const std::vector<SeqChunk>& batch) const
   if (T > 65535) {
     return absl::InvalidArgumentError("Forward: more than 65535 tokens in one batch");
   }
+  for (const SeqChunk& ch : batch) {
+    if (ch.hidden) {
+      return absl::InvalidArgumentError(
+          "Forward: the CUDA runner does not return hidden states (SeqChunk::hidden)");
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -97,6 +97,10 @@ absl::Status Engine::Step(const std::vector<StepItem>& items, std::vector<StepOu
     if (s == nullptr || s->finished()) {
       return absl::InvalidArgumentError("Step: null or finished sequence");
     }
+    if (it.hidden && !backend_->returns_hidden()) {
+      return absl::InvalidArgumentError(absl::StrCat("Step: the ", DeviceName(backend_->device()),
+                                                     " backend does not return hidden states"));
+    }
     const int64_t n = std::min(it.max_tokens, s->num_pending());
     if (n <= 0) {
       return absl::InvalidArgumentError(absl::StrCat("Step: sequence ", s->id(),
@@ -112,6 +116,7 @@ absl::Status Engine::Step(const std::vector<StepItem>& items, std::vector<StepOu
     ch.start_pos = s->num_computed();
     ch.block_table = s->block_table();
     ch.logits = n == s->num_pending() ? LogitsMode::kLast : LogitsMode::kNone;
+    ch.hidden = it.hidden;
     chunks_.push_back(ch);
   }
   sampled_.assign(items.size(), -1);
@@ -150,6 +155,12 @@ absl::Status Engine::Step(const std::vector<StepItem>& items, std::vector<StepOu
     Sequence* s = items[i].seq;
     s->MarkComputed(static_cast<int64_t>(chunks_[i].tokens.size()));
     StepOutput o{s, -1};
+    if (chunks_[i].hidden) {
+      o.hidden = out_.hidden_row(out_.first_hidden_row[i]);
+      o.hidden_pos = chunks_[i].start_pos;
+      o.hidden_rows = static_cast<int64_t>(chunks_[i].tokens.size());
+      o.hidden_dim = out_.hidden_dim;
+    }
     if (chunks_[i].logits != LogitsMode::kNone) {
       const int32_t tok = sampled_[i];
       if (IsStopToken(*s, tok)) {
@@ -183,6 +194,12 @@ std::vector<GenerateResult> Engine::GenerateBatch(const std::vector<GenerateRequ
     auto s = NewSequence(requests[i].prompt, requests[i].sampling, requests[i].options);
     if (!s.ok()) {
       results[i].status = s.status();
+      results[i].finish_reason = FinishReason::kError;
+      continue;
+    }
+    if (requests[i].on_hidden && !backend_->returns_hidden()) {
+      results[i].status = absl::InvalidArgumentError(absl::StrCat(
+          "the ", DeviceName(backend_->device()), " backend does not return hidden states"));
       results[i].finish_reason = FinishReason::kError;
       continue;
     }
@@ -224,7 +241,7 @@ std::vector<GenerateResult> Engine::GenerateBatch(const std::vector<GenerateRequ
     int64_t budget = options_.max_batch_tokens;
     for (size_t i : running) {
       if (!seqs[i]->in_prefill()) {
-        items.push_back({seqs[i].get(), 1});
+        items.push_back({seqs[i].get(), 1, static_cast<bool>(requests[i].on_hidden)});
         item_req.push_back(i);
         --budget;
       }
@@ -232,7 +249,7 @@ std::vector<GenerateResult> Engine::GenerateBatch(const std::vector<GenerateRequ
     for (size_t i : running) {
       if (seqs[i]->in_prefill() && budget > 0) {
         const int64_t take = std::min(budget, seqs[i]->num_pending());
-        items.push_back({seqs[i].get(), take});
+        items.push_back({seqs[i].get(), take, static_cast<bool>(requests[i].on_hidden)});
         item_req.push_back(i);
         budget -= take;
       }
@@ -242,8 +259,12 @@ std::vector<GenerateResult> Engine::GenerateBatch(const std::vector<GenerateRequ
       for (const StepItem& it : items) it.seq->Finish(FinishReason::kError, st);
     } else {
       for (size_t k = 0; k < outs.size(); ++k) {  // outs[k] belongs to items[k]
-        if (outs[k].token < 0) continue;
         const GenerateRequest& req = requests[item_req[k]];
+        if (outs[k].hidden != nullptr) {
+          req.on_hidden(outs[k].hidden_pos, outs[k].hidden, outs[k].hidden_rows,
+                        outs[k].hidden_dim);
+        }
+        if (outs[k].token < 0) continue;
         if (req.on_token && !req.on_token(outs[k].token)) {
           outs[k].seq->Finish(FinishReason::kCancelled);
         }

@@ -46,12 +46,23 @@ struct EngineOptions {
 
 // Called with each generated token; return false to stop the request.
 using TokenCallback = std::function<bool(int32_t token)>;
+// Called with the final-normed hidden states (what lm_head sees) of
+// positions [first_pos, first_pos + count) of the sequence (prompt and
+// generated tokens, as they are computed: a prompt chunk, then one per
+// decode step), `rows` [count, dim] valid during the call only.
+using HiddenCallback =
+    std::function<void(int64_t first_pos, const float* rows, int64_t count, int64_t dim)>;
 
 struct GenerateRequest {
   std::vector<int32_t> prompt;
   SamplingParams sampling;
   GenerateOptions options;
   TokenCallback on_token;  // may be empty
+  // May be empty. Only on a backend that returns hidden states
+  // (ModelBackend::returns_hidden: the CPU backend); elsewhere the request
+  // fails with InvalidArgument. The last generated token is never run, so
+  // positions up to prompt + generated - 2 are reported.
+  HiddenCallback on_hidden;
 };
 
 struct GenerateResult {
@@ -65,10 +76,18 @@ struct GenerateResult {
 struct StepItem {
   Sequence* seq;
   int64_t max_tokens;
+  // Also return the final-normed hidden states of the chunk's tokens
+  // (StepOutput::hidden); InvalidArgument on a backend that does not
+  // return them.
+  bool hidden = false;
 };
 struct StepOutput {
   Sequence* seq;
   int32_t token;  // appended to seq (stream it), or -1 (mid-prefill / stopped)
+  // With StepItem::hidden: [hidden_rows, hidden_dim] for positions
+  // [hidden_pos, hidden_pos + hidden_rows), valid until the next Step.
+  const float* hidden = nullptr;
+  int64_t hidden_pos = 0, hidden_rows = 0, hidden_dim = 0;
 };
 
 class Engine {

@@ -268,8 +268,29 @@ absl::Status ModelRunner::Forward(const std::vector<SeqChunk>& batch, ForwardOut
     if (auto s = RunLayer(l, batch, T); !s.ok()) return s;
   }
 
-  // x_ now holds the final-normed hidden states; gather the rows that need
-  // logits and run lm_head over them in one GEMM.
+  // x_ now holds the final-normed hidden states: copy those asked for, then
+  // gather the rows that need logits and run lm_head over them in one GEMM.
+  out->hidden_dim = d;
+  out->first_hidden_row.assign(batch.size(), -1);
+  int64_t hidden_rows = 0;
+  for (size_t s = 0; s < batch.size(); ++s) {
+    if (!batch[s].hidden) continue;
+    out->first_hidden_row[s] = hidden_rows;
+    hidden_rows += static_cast<int64_t>(batch[s].tokens.size());
+  }
+  out->num_hidden_rows = hidden_rows;
+  if (hidden_rows > 0) {
+    Grow(&out->hidden, hidden_rows * d);
+    t = 0;
+    for (size_t s = 0; s < batch.size(); ++s) {
+      const int64_t n = static_cast<int64_t>(batch[s].tokens.size());
+      if (batch[s].hidden) {
+        std::memcpy(out->hidden.data() + out->first_hidden_row[s] * d, x_.data() + t * d,
+                    n * d * sizeof(float));
+      }
+      t += n;
+    }
+  }
   out->vocab = c.vocab_size;
   out->first_row.assign(batch.size(), -1);
   int64_t rows = 0;

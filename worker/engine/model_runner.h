@@ -34,6 +34,10 @@ struct SeqChunk {
   // Blocks of this sequence; must cover start_pos + tokens.size() positions.
   std::span<const int32_t> block_table;
   LogitsMode logits = LogitsMode::kLast;
+  // Also return the final-normed hidden state (what lm_head sees) of every
+  // token of the chunk in ForwardOutput::hidden. The CPU runner only (the
+  // CUDA runner rejects it: InvalidArgument).
+  bool hidden = false;
 };
 
 struct ForwardOutput {
@@ -44,8 +48,15 @@ struct ForwardOutput {
   // First logits row of batch[i] (kLast: 1 row, kAll: tokens.size() rows),
   // -1 for kNone.
   std::vector<int64_t> first_row;
+  // Chunks with SeqChunk::hidden: [num_hidden_rows, hidden_dim], one row
+  // per token; first_hidden_row[i] is batch[i]'s first row (-1 without).
+  int64_t hidden_dim = 0;
+  int64_t num_hidden_rows = 0;
+  std::vector<float> hidden;
+  std::vector<int64_t> first_hidden_row;
 
   const float* row(int64_t r) const { return logits.data() + r * vocab; }
+  const float* hidden_row(int64_t r) const { return hidden.data() + r * hidden_dim; }
 };
 
 // The seven linear modules of a decoder layer, in forward order (the order

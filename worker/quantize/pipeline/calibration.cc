@@ -110,10 +110,12 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> LoadPrompts(const model::Loade
 
 }  // namespace
 
-std::vector<std::vector<int32_t>> SpreadAmong(std::vector<std::vector<int32_t>> a,
-                                              std::vector<std::vector<int32_t>> b) {
+namespace {
+
+template <class T>
+std::vector<T> SpreadAmongT(std::vector<T> a, std::vector<T> b) {
   const int64_t S = static_cast<int64_t>(a.size()), M = static_cast<int64_t>(b.size());
-  std::vector<std::vector<int32_t>> out;
+  std::vector<T> out;
   out.reserve(static_cast<size_t>(S + M));
   int64_t j = 0;
   for (int64_t i = 0; i < S; ++i) {
@@ -125,9 +127,24 @@ std::vector<std::vector<int32_t>> SpreadAmong(std::vector<std::vector<int32_t>> 
   return out;
 }
 
+}  // namespace
+
+std::vector<std::vector<int32_t>> SpreadAmong(std::vector<std::vector<int32_t>> a,
+                                              std::vector<std::vector<int32_t>> b) {
+  return SpreadAmongT(std::move(a), std::move(b));
+}
+
 absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     const model::LoadedModel& model, const CalibrationOptions& o, int num_threads,
     const std::function<void(int64_t, int64_t)>& progress) {
+  auto set = MakeCalibrationSet(model, o, num_threads, false, progress);
+  if (!set.ok()) return set.status();
+  return std::move(set->sequences);
+}
+
+absl::StatusOr<CalibrationSet> MakeCalibrationSet(
+    const model::LoadedModel& model, const CalibrationOptions& o, int num_threads,
+    bool capture_hidden, const std::function<void(int64_t, int64_t)>& progress) {
   if (o.num_sequences < 1 || o.seq_len < 2) {
     return absl::InvalidArgumentError("calibration needs num_sequences >= 1 and seq_len >= 2");
   }
@@ -138,7 +155,12 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     if (!o.prompt_file.empty() || !o.prompt_ids.empty() || o.prompt_chat) {
       return absl::InvalidArgumentError("calibration: prompts only go with self-generated data");
     }
-    return FromTextFile(model, o);
+    auto win = FromTextFile(model, o);
+    if (!win.ok()) return win.status();
+    CalibrationSet set;
+    set.final_hidden.resize(win->size());
+    set.sequences = std::move(*win);
+    return set;
   }
   if (!o.mix_text_file.empty()) {
     if (o.mix_text_sequences < 1) {
@@ -147,14 +169,18 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     CalibrationOptions self = o;
     self.mix_text_file.clear();
     self.mix_text_sequences = 0;
-    auto gen = MakeCalibrationSequences(model, self, num_threads, progress);
+    auto gen = MakeCalibrationSet(model, self, num_threads, capture_hidden, progress);
     if (!gen.ok()) return gen.status();
     CalibrationOptions text = self;
     text.text_file = o.mix_text_file;
     text.num_sequences = o.mix_text_sequences;
     auto win = FromTextFile(model, text);
     if (!win.ok()) return win.status();
-    return SpreadAmong(std::move(*gen), std::move(*win));
+    CalibrationSet set;
+    set.final_hidden = SpreadAmongT(std::move(gen->final_hidden),
+                                    std::vector<std::vector<float>>(win->size()));
+    set.sequences = SpreadAmongT(std::move(gen->sequences), std::move(*win));
+    return set;
   }
   if (!(o.temperature > 0 && o.temperature <= 10)) {
     return absl::InvalidArgumentError(
@@ -196,18 +222,25 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
   }
   std::mt19937_64 start_rng(o.seed ^ 0x9e3779b97f4a7c15ull);
 
+  // Capture: one window per sample (a later window's states would see the
+  // earlier windows, which its training sequence does not), one more token
+  // sampled so that the model runs the last kept position.
+  const bool capture = capture_hidden && o.windows_per_sequence == 1;
+  const int64_t run_len = sample_len + (capture ? 1 : 0);
   // Up to 64 sequences decode together (their worst-case KV fits exactly).
   const int64_t concurrent = std::min<int64_t>(o.num_sequences, 64);
   engine::EngineOptions eo;
   eo.num_threads = num_threads;
   eo.kv_cache.block_size = 16;
-  eo.kv_cache.num_blocks = concurrent * ((sample_len + 15) / 16);
+  eo.kv_cache.num_blocks = concurrent * ((run_len + 15) / 16);
   eo.max_batch_tokens = 512;
   auto eng = engine::Engine::Create(&model, eo);
   if (!eng.ok()) return eng.status();
 
   const int64_t total = o.num_sequences * sample_len;
   int64_t done = 0;
+  const int64_t d = c.hidden_size;
+  std::vector<std::vector<float>> hidden(static_cast<size_t>(o.num_sequences));
   std::vector<engine::GenerateRequest> reqs(static_cast<size_t>(o.num_sequences));
   for (int64_t i = 0; i < o.num_sequences; ++i) {
     engine::GenerateRequest& r = reqs[static_cast<size_t>(i)];
@@ -239,27 +272,42 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     r.sampling.temperature = static_cast<float>(o.temperature);
     r.sampling.top_p = static_cast<float>(o.top_p);
     r.sampling.seed = o.seed * 1000003ull + static_cast<uint64_t>(i);
-    r.options.max_new_tokens = sample_len - static_cast<int64_t>(r.prompt.size());
+    r.options.max_new_tokens = run_len - static_cast<int64_t>(r.prompt.size());
     r.options.stop_on_eos = false;
+    if (capture) {
+      std::vector<float>* dst = &hidden[static_cast<size_t>(i)];
+      dst->assign(static_cast<size_t>(sample_len * d), 0.f);
+      r.on_hidden = [dst, sample_len, d](int64_t pos, const float* rows, int64_t count,
+                                         int64_t dim) {
+        // Positions >= sample_len are not run (see run_len); dim is the
+        // model's hidden size.
+        const int64_t n = std::min(count, sample_len - pos);
+        if (dim == d && n > 0) {
+          std::copy(rows, rows + n * d, dst->begin() + pos * d);
+        }
+      };
+    }
     if (progress) {
       r.on_token = [&](int32_t) {
-        if (++done % 256 == 0) progress(done, total);
+        if (++done % 256 == 0) progress(std::min(done, total), total);
         return true;
       };
     }
   }
   std::vector<engine::GenerateResult> res = (*eng)->GenerateBatch(reqs);
-  std::vector<std::vector<int32_t>> out;
+  CalibrationSet out;
   for (size_t i = 0; i < res.size(); ++i) {
     if (!res[i].status.ok()) return res[i].status;
     std::vector<int32_t> seq = reqs[i].prompt;
     seq.insert(seq.end(), res[i].tokens.begin(), res[i].tokens.end());
-    if (static_cast<int64_t>(seq.size()) != sample_len) {
+    if (static_cast<int64_t>(seq.size()) != run_len) {
       return absl::InternalError(absl::StrCat("calibration sequence ", i, " has ", seq.size(),
-                                              " tokens, expected ", sample_len));
+                                              " tokens, expected ", run_len));
     }
+    seq.resize(static_cast<size_t>(sample_len));  // capture's extra token
     for (int64_t w = 0; w < o.windows_per_sequence; ++w) {
-      out.emplace_back(seq.begin() + w * o.seq_len, seq.begin() + (w + 1) * o.seq_len);
+      out.sequences.emplace_back(seq.begin() + w * o.seq_len, seq.begin() + (w + 1) * o.seq_len);
+      out.final_hidden.push_back(std::move(hidden[i]));  // empty unless captured (W = 1)
     }
   }
   if (progress) progress(total, total);

@@ -40,7 +40,26 @@ namespace spear::quantize {
 std::vector<std::vector<int32_t>> SpreadAmong(std::vector<std::vector<int32_t>> a,
                                               std::vector<std::vector<int32_t>> b);
 
-// Progress: (tokens generated, total tokens).
+// Calibration sequences and, where they were captured while sampling, the
+// FP16 model's final-normed hidden states over them: the end-to-end
+// stage's teacher (distill.h) without a second forward pass.
+struct CalibrationSet {
+  std::vector<std::vector<int32_t>> sequences;
+  // Per sequence: [size, hidden] floats, or empty where not captured (text
+  // windows, windows_per_sequence > 1, capture off).
+  std::vector<std::vector<float>> final_hidden;
+};
+
+// With capture_hidden, self-generated samples of one window each are
+// sampled one token longer (the extra token, drawn last, is dropped: the
+// sequences are the same as without) so that the model runs every kept
+// position, and the engine's final-normed hidden states of those positions
+// are kept. Progress: (tokens generated, total tokens).
+absl::StatusOr<CalibrationSet> MakeCalibrationSet(
+    const model::LoadedModel& model, const CalibrationOptions& options, int num_threads,
+    bool capture_hidden, const std::function<void(int64_t, int64_t)>& progress = nullptr);
+
+// MakeCalibrationSet's sequences, nothing captured.
 absl::StatusOr<std::vector<std::vector<int32_t>>> MakeCalibrationSequences(
     const model::LoadedModel& model, const CalibrationOptions& options, int num_threads,
     const std::function<void(int64_t, int64_t)>& progress = nullptr);

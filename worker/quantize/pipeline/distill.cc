@@ -761,11 +761,54 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   return rep;
 }
 
-absl::StatusOr<DistillTeacher> ComputeDistillTeacher(const model::LoadedModel* fp_model,
-                                                     kernels::ThreadPool* pool,
-                                                     const std::vector<std::vector<int32_t>>& seqs,
-                                                     bool with_layers) {
+absl::StatusOr<DistillTeacher> ComputeDistillTeacher(
+    const model::LoadedModel* fp_model, kernels::ThreadPool* pool,
+    const std::vector<std::vector<int32_t>>& seqs, bool with_layers,
+    const std::vector<std::vector<float>>* known_final) {
   if (fp_model == nullptr || pool == nullptr) return absl::InvalidArgumentError("null model or pool");
+  if (known_final != nullptr && !with_layers) {
+    const int64_t d = fp_model->config.hidden_size;
+    if (known_final->size() != seqs.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("teacher: ", known_final->size(),
+                                                     " known states for ", seqs.size(),
+                                                     " sequences"));
+    }
+    std::vector<std::vector<int32_t>> missing;
+    int64_t rows = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const size_t want = seqs[i].size() * static_cast<size_t>(d);
+      const size_t have = (*known_final)[i].size();
+      if (have != 0 && have != want) {
+        return absl::InvalidArgumentError(absl::StrCat("teacher: sequence ", i, " has ", have,
+                                                       " known floats, expected ", want));
+      }
+      if (have == 0) missing.push_back(seqs[i]);
+      rows += static_cast<int64_t>(seqs[i].size());
+    }
+    DistillTeacher t;
+    if (!missing.empty()) {
+      auto part = ComputeDistillTeacher(fp_model, pool, missing, false);
+      if (!part.ok()) return part.status();
+      t = std::move(*part);
+    }
+    if (missing.size() == seqs.size()) return t;
+    std::vector<float> computed = std::move(t.final_hidden);
+    t.hidden = d;
+    t.num_layers = fp_model->config.num_layers;
+    t.final_hidden.assign(static_cast<size_t>(rows * d), 0.f);
+    size_t at = 0, from = 0;  // floats written / taken from `computed`
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const size_t n = seqs[i].size() * static_cast<size_t>(d);
+      const float* src = (*known_final)[i].data();
+      if ((*known_final)[i].empty()) {
+        src = computed.data() + from;
+        from += n;
+      }
+      std::copy(src, src + n, t.final_hidden.begin() + static_cast<std::ptrdiff_t>(at));
+      at += n;
+    }
+    return t;
+  }
   auto runner = LayerwiseRunner::Create(fp_model, pool, seqs);
   if (!runner.ok()) return runner.status();
   DistillTeacher t;

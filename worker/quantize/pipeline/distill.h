@@ -126,10 +126,14 @@ struct DistillTeacher {
   int64_t num_layers = 0, hidden = 0;
 };
 // Runs `fp_model` (dense) over `seqs`. InvalidArgument as LayerwiseRunner.
-absl::StatusOr<DistillTeacher> ComputeDistillTeacher(const model::LoadedModel* fp_model,
-                                                     kernels::ThreadPool* pool,
-                                                     const std::vector<std::vector<int32_t>>& seqs,
-                                                     bool with_layers);
+// known_final (optional, one entry per sequence, without layers only): the
+// final-normed states of sequence i already computed ([size, d]; the
+// calibration's capture, calibration.h) or empty; only the sequences
+// without them are run. InvalidArgument for an entry of another size.
+absl::StatusOr<DistillTeacher> ComputeDistillTeacher(
+    const model::LoadedModel* fp_model, kernels::ThreadPool* pool,
+    const std::vector<std::vector<int32_t>>& seqs, bool with_layers,
+    const std::vector<std::vector<float>>* known_final = nullptr);
 
 // Progress: (step, steps, latest held-out KL or -1).
 using DistillProgress = std::function<void(int64_t, int64_t, double)>;

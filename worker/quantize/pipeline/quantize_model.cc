@@ -90,6 +90,8 @@ class Pipeline {
   std::unique_ptr<LayerwiseRunner> runner_;
   std::vector<float> h_fp_, h_cur_;
   DistillTeacher teacher_;  // the FP16 model's states over all rows (e2e; distill.h)
+  // Per sequence: its teacher states captured while sampling it (calibration.h), or empty.
+  std::vector<std::vector<float>> captured_final_;
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
   std::vector<float> x_fp_[4], x_q_[4];
   int64_t group_k_[4] = {0, 0, 0, 0};
@@ -381,9 +383,11 @@ absl::Status Pipeline::ComputeTeacher() {
   // The FP16 model (still dense) over ALL calibration sequences: the final-
   // normed hidden states are the end-to-end stage's teacher.
   // With layer targets, also the residual stream after every layer (fp16).
-  auto t = ComputeDistillTeacher(model_, pool_, seqs_, o_.distill.layer_mse_weight > 0);
+  auto t = ComputeDistillTeacher(model_, pool_, seqs_, o_.distill.layer_mse_weight > 0,
+                                 captured_final_.empty() ? nullptr : &captured_final_);
   if (!t.ok()) return t.status();
   teacher_ = std::move(*t);
+  std::vector<std::vector<float>>().swap(captured_final_);
   return absl::OkStatus();
 }
 
@@ -429,11 +433,19 @@ absl::StatusOr<QuantizeReport> Pipeline::Run() {
     lap = now;
     return s;
   };
+  const bool e2e = o_.ec == EcMode::kSpear && o_.e2e && !data_free;
   if (!data_free) {
-    auto seqs = MakeCalibrationSequences(*model_, o_.calib, pool_->size(),
-                                         [&](int64_t d, int64_t t) { Progress("calibration", d, t); });
-    if (!seqs.ok()) return seqs.status();
-    seqs_ = std::move(*seqs);
+    // The end-to-end stage's teacher (final states only) is captured while
+    // the FP16 model samples its calibration text: no second pass over it.
+    const bool capture = e2e && !(o_.distill.layer_mse_weight > 0);
+    auto set = MakeCalibrationSet(*model_, o_.calib, pool_->size(), capture,
+                                  [&](int64_t d, int64_t t) { Progress("calibration", d, t); });
+    if (!set.ok()) return set.status();
+    seqs_ = std::move(set->sequences);
+    int64_t captured = 0;
+    for (const auto& h : set->final_hidden) captured += h.empty() ? 0 : 1;
+    if (captured > 0) captured_final_ = std::move(set->final_hidden);
+    report_.teacher_captured_sequences = captured;
     const int64_t n = static_cast<int64_t>(seqs_.size());
     // Held-out split: the last ~10% of the sequences (none with one
     // sequence), at most holdout_max_tokens of them (it is forwarded at every
@@ -472,7 +484,6 @@ absl::StatusOr<QuantizeReport> Pipeline::Run() {
   report_.calibration_seconds = take_lap();
   if (auto s = Place(); !s.ok()) return s;
   report_.diagnostic_seconds = take_lap();
-  const bool e2e = o_.ec == EcMode::kSpear && o_.e2e && !data_free;
   if (e2e) {
     if (auto s = ComputeTeacher(); !s.ok()) return s;
     report_.teacher_seconds = take_lap();

@@ -162,6 +162,9 @@ struct QuantizeReport {
   double ec_pct() const { return w4_model_bytes ? 100.0 * ec_bytes / w4_model_bytes : 0; }
   double seconds = 0;
   int64_t calibration_tokens = 0;
+  // Calibration sequences whose teacher states were captured while the
+  // FP16 model sampled them (calibration.h); the teacher stage ran the rest.
+  int64_t teacher_captured_sequences = 0;
   // Wall seconds per stage (0 when a stage did not run).
   double calibration_seconds = 0, diagnostic_seconds = 0, teacher_seconds = 0,
          sequential_seconds = 0, distill_seconds = 0;
