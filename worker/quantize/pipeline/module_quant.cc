@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/ops.h"
 #include "worker/quantize/awq.h"
 #include "worker/quantize/ec_train.h"
 #include "worker/quantize/gptq.h"
@@ -12,6 +13,25 @@
 #include "worker/quantize/w4_quant.h"
 
 namespace spear::quantize {
+namespace {
+
+// y [x.rows, w.rows] (+)= x w^T on kernels::cpu::Linear, one thread.
+absl::Status LinearNoPool(MatrixView x, MatrixView w, float* y, bool accumulate) {
+  kernels::LinearParams p;
+  p.x = x.data;
+  p.m = x.rows;
+  p.k = x.cols;
+  p.ldx = x.cols;
+  p.w = w.data;
+  p.w_dtype = kernels::DType::kF32;
+  p.n = w.rows;
+  p.y = y;
+  p.ldy = w.rows;
+  p.accumulate = accumulate;
+  return kernels::cpu::Linear(p, nullptr);
+}
+
+}  // namespace
 
 int64_t GateHidden(const QuantizeOptions& o) {
   return o.gate_hidden > 0 ? o.gate_hidden : kDefaultGateHidden;
@@ -80,9 +100,11 @@ absl::StatusOr<Matrix> SequentialTarget(MatrixView w, const kernels::W4Weight& q
   if (!qeff.ok()) return qeff.status();
   Matrix r(x_fp.rows, w.rows);
   if (r.rows == 0) return r;
-  auto re = AsEigen(r);
-  re.noalias() = AsEigen(x_fp) * AsEigen(w).transpose();
-  re.noalias() -= AsEigen(x_q) * AsEigen(qeff->view()).transpose();
+  // r = x_fp W^T, then r += x_q (-Qeff)^T: two products on the packed GEMM
+  // (run-time ISA dispatch; one thread: the pipeline runs modules in parallel).
+  for (float& v : qeff->data) v = -v;
+  if (auto s = LinearNoPool(x_fp, w, r.data.data(), false); !s.ok()) return s;
+  if (auto s = LinearNoPool(x_q, qeff->view(), r.data.data(), true); !s.ok()) return s;
   return r;
 }
 
@@ -99,9 +121,15 @@ namespace {
 double OutputError(MatrixView w, const kernels::W4Weight& q, MatrixView x) {
   auto eff = DequantizeW4Effective(q);
   if (!eff.ok() || x.rows == 0) return std::numeric_limits<double>::infinity();
-  const Eigen::MatrixXf diff = AsEigen(w) - AsEigen(eff->view());
-  const Eigen::MatrixXf y = AsEigen(x) * diff.transpose();
-  return static_cast<double>(y.squaredNorm()) / static_cast<double>(x.rows);
+  Matrix& diff = *eff;  // W - Qeff, in place
+  for (size_t i = 0; i < diff.data.size(); ++i) diff.data[i] = w.data[i] - diff.data[i];
+  Matrix y(x.rows, w.rows);
+  if (!LinearNoPool(x, diff.view(), y.data.data(), false).ok()) {
+    return std::numeric_limits<double>::infinity();
+  }
+  double s = 0;
+  for (const float v : y.data) s += static_cast<double>(v) * v;
+  return s / static_cast<double>(x.rows);
 }
 
 // GPTQ fits the calibration tokens; with few tokens per input feature it
