@@ -1,6 +1,7 @@
 // Finite-difference checks (float64) of every backward in distill_ops.h:
 // RMSNorm, RoPE (its inverse is its transpose), causal GQA attention,
 // SiLU-mul and the KL on logits; and the EC's input gradient (dU A).
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <random>
@@ -121,6 +122,63 @@ TEST(DistillOps, AttentionBackward) {
   CheckGrad([&](const std::vector<double>& v) { return run(q0, k0, v, &p); }, v0, dv);
   // Causality: the first token's output ignores later keys.
   EXPECT_EQ(probs[1], 0.0);
+}
+
+// The float path (products on kernels::cpu::Linear) against the float64
+// one (Eigen, checked by finite differences above) on a training-sized
+// head: 40 tokens (past the GEMM path's 16-row threshold and off its
+// tiles), GQA group 3, head_dim 20, strided rows. Fresh random inputs.
+TEST(DistillOps, AttentionFloatMatchesDouble) {
+  AttentionShape a;
+  a.len = 40;
+  a.n_heads = 6;
+  a.n_kv_heads = 2;
+  a.head_dim = 20;
+  a.ldq = a.ldo = 6 * 20 + 3;  // strides wider than the heads
+  a.ldkv = 2 * 20 + 5;
+  a.scale = 1.0 / std::sqrt(20.0);
+  const int64_t L = a.len, group = 3;
+  std::random_device rd;
+  const uint32_t seed = rd();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  const std::vector<double> q = Rand(L * a.ldq, seed, 2.0), k = Rand(L * a.ldkv, seed + 1, 2.0),
+                            v = Rand(L * a.ldkv, seed + 2), dout = Rand(L * a.ldo, seed + 3);
+  auto to_f = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
+  const std::vector<float> qf = to_f(q), kf = to_f(k), vf = to_f(v), doutf = to_f(dout);
+  std::vector<double> out(L * a.ldo, 0), probs(2 * group * L * L), dq(L * a.ldq, 0),
+      dk(L * a.ldkv, 0), dv(L * a.ldkv, 0);
+  std::vector<float> outf(L * a.ldo, 0), probsf(2 * group * L * L), dqf(L * a.ldq, 0),
+      dkf(L * a.ldkv, 0), dvf(L * a.ldkv, 0);
+  for (int64_t kvh = 0; kvh < 2; ++kvh) {
+    const int64_t po = kvh * group * L * L;
+    AttentionForwardKvHead<double>(a, kvh, q.data(), k.data(), v.data(), out.data(),
+                                   probs.data() + po);
+    AttentionForwardKvHead<float>(a, kvh, qf.data(), kf.data(), vf.data(), outf.data(),
+                                  probsf.data() + po);
+    AttentionBackwardKvHead<double>(a, kvh, q.data(), k.data(), v.data(), probs.data() + po,
+                                    dout.data(), dq.data(), dk.data(), dv.data());
+    AttentionBackwardKvHead<float>(a, kvh, qf.data(), kf.data(), vf.data(), probsf.data() + po,
+                                   doutf.data(), dqf.data(), dkf.data(), dvf.data());
+  }
+  // Relative to each output's largest entry: float32 rounding over sums of
+  // <= 40 terms (~1e-6); a wrong product or transpose is O(1).
+  auto check = [](const std::vector<double>& want, const std::vector<float>& got, const char* what) {
+    double scale = 0, err = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      scale = std::max(scale, std::fabs(want[i]));
+      err = std::max(err, std::fabs(want[i] - got[i]));
+    }
+    EXPECT_GT(scale, 0.01) << what;
+    EXPECT_LE(err, 1e-4 * scale) << what;
+  };
+  check(out, outf, "out");
+  check(probs, probsf, "probs");
+  check(dq, dqf, "dq");
+  check(dk, dkf, "dk");
+  check(dv, dvf, "dv");
+  // Columns outside the heads (the stride padding) are left untouched.
+  EXPECT_EQ(dqf[6 * 20], 0.f);
+  EXPECT_EQ(dkf[2 * 20 + 4], 0.f);
 }
 
 TEST(DistillOps, SiluMulBackward) {

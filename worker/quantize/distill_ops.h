@@ -99,36 +99,64 @@ struct AttentionShape {
   double scale = 1.0;
 };
 
+// y [m, n] (+)= x [m, k] w^T (x row stride ldx; w [n, k] contiguous; y
+// row stride ldy). float: kernels::cpu::Linear on one thread (the packed
+// GEMM with run-time ISA dispatch; callers run one per task; distill_ops.cc).
+// double (the tests' finite differences): Eigen.
+void MatMulNT(const float* x, int64_t m, int64_t k, int64_t ldx, const float* w, int64_t n,
+              float* y, int64_t ldy, bool accumulate);
+inline void MatMulNT(const double* x, int64_t m, int64_t k, int64_t ldx, const double* w, int64_t n,
+                     double* y, int64_t ldy, bool accumulate) {
+  ConstStridedMap<double> X(x, m, k, Eigen::OuterStride<>(ldx));
+  Eigen::Map<const RowMat<double>> W(w, n, k);
+  StridedMap<double> Y(y, m, n, Eigen::OuterStride<>(ldy));
+  if (accumulate) {
+    Y.noalias() += X * W.transpose();
+  } else {
+    Y.noalias() = X * W.transpose();
+  }
+}
+
+// dst [cols, rows] = src [rows, cols]^T (src row stride lds).
+template <typename S>
+void Transpose(const S* src, int64_t rows, int64_t cols, int64_t lds, S* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * lds + j];
+  }
+}
+
 // Heads [kv_head * group, (kv_head + 1) * group) of one sequence: out and
 // probs (group blocks of len x len, row-major; entries j > i are 0).
 template <typename S>
 void AttentionForwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, const S* k,
                             const S* v, S* out, S* probs) {
   const int64_t L = a.len, hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
-  ConstStridedMap<S> K(k + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
-  ConstStridedMap<S> V(v + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
+  std::vector<S> kc(static_cast<size_t>(L * hd)), vt(static_cast<size_t>(hd * L));
+  for (int64_t t = 0; t < L; ++t) {
+    std::copy(k + t * a.ldkv + kvh * hd, k + t * a.ldkv + (kvh + 1) * hd, kc.begin() + t * hd);
+  }
+  Transpose(v + kvh * hd, L, hd, a.ldkv, vt.data());
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = kvh * group + g;
-    ConstStridedMap<S> Q(q + h * hd, L, hd, Eigen::OuterStride<>(a.ldq));
-    StridedMap<S> O(out + h * hd, L, hd, Eigen::OuterStride<>(a.ldo));
-    Eigen::Map<RowMat<S>> P(probs + g * L * L, L, L);
-    P.noalias() = Q * K.transpose();
+    S* P = probs + g * L * L;
+    MatMulNT(q + h * hd, L, hd, a.ldq, kc.data(), L, P, L, false);  // q k^T
     for (int64_t i = 0; i < L; ++i) {
+      S* row = P + i * L;
       S mx = -std::numeric_limits<S>::infinity();
       for (int64_t j = 0; j <= i; ++j) {
-        P(i, j) *= static_cast<S>(a.scale);
-        mx = std::max(mx, P(i, j));
+        row[j] *= static_cast<S>(a.scale);
+        mx = std::max(mx, row[j]);
       }
       S sum = 0;
       for (int64_t j = 0; j <= i; ++j) {
-        P(i, j) = std::exp(P(i, j) - mx);
-        sum += P(i, j);
+        row[j] = std::exp(row[j] - mx);
+        sum += row[j];
       }
       const S inv = S(1) / sum;
-      for (int64_t j = 0; j <= i; ++j) P(i, j) *= inv;
-      for (int64_t j = i + 1; j < L; ++j) P(i, j) = 0;
+      for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+      for (int64_t j = i + 1; j < L; ++j) row[j] = 0;
     }
-    O.noalias() = P * V;
+    MatMulNT(P, L, L, L, vt.data(), hd, out + h * hd, a.ldo, false);  // P v
   }
 }
 
@@ -138,29 +166,33 @@ template <typename S>
 void AttentionBackwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, const S* k,
                              const S* v, const S* probs, const S* dout, S* dq, S* dk, S* dv) {
   const int64_t L = a.len, hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
-  ConstStridedMap<S> K(k + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
-  ConstStridedMap<S> V(v + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
-  StridedMap<S> dK(dk + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
-  StridedMap<S> dV(dv + kvh * hd, L, hd, Eigen::OuterStride<>(a.ldkv));
-  dK.setZero();
-  dV.setZero();
-  RowMat<S> dP(L, L);
+  const size_t lh = static_cast<size_t>(L * hd), ll = static_cast<size_t>(L * L);
+  std::vector<S> vc(lh), kt(lh), dot(lh), qt(lh), pt(ll), dP(ll), dpt(ll);
+  for (int64_t t = 0; t < L; ++t) {
+    std::copy(v + t * a.ldkv + kvh * hd, v + t * a.ldkv + (kvh + 1) * hd, vc.begin() + t * hd);
+    std::fill(dk + t * a.ldkv + kvh * hd, dk + t * a.ldkv + (kvh + 1) * hd, S(0));
+    std::fill(dv + t * a.ldkv + kvh * hd, dv + t * a.ldkv + (kvh + 1) * hd, S(0));
+  }
+  Transpose(k + kvh * hd, L, hd, a.ldkv, kt.data());
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = kvh * group + g;
-    ConstStridedMap<S> Q(q + h * hd, L, hd, Eigen::OuterStride<>(a.ldq));
-    ConstStridedMap<S> dO(dout + h * hd, L, hd, Eigen::OuterStride<>(a.ldo));
-    StridedMap<S> dQ(dq + h * hd, L, hd, Eigen::OuterStride<>(a.ldq));
-    Eigen::Map<const RowMat<S>> P(probs + g * L * L, L, L);
-    dV.noalias() += P.transpose() * dO;
-    dP.noalias() = dO * V.transpose();
+    const S* P = probs + g * L * L;
+    Transpose(P, L, L, L, pt.data());
+    Transpose(dout + h * hd, L, hd, a.ldo, dot.data());
+    MatMulNT(pt.data(), L, L, L, dot.data(), hd, dv + kvh * hd, a.ldkv, true);  // dv += P^T do
+    MatMulNT(dout + h * hd, L, hd, a.ldo, vc.data(), L, dP.data(), L, false);  // dP = do v^T
     for (int64_t i = 0; i < L; ++i) {
-      S dot = 0;
-      for (int64_t j = 0; j <= i; ++j) dot += dP(i, j) * P(i, j);
-      for (int64_t j = 0; j <= i; ++j) dP(i, j) = P(i, j) * (dP(i, j) - dot) * static_cast<S>(a.scale);
-      for (int64_t j = i + 1; j < L; ++j) dP(i, j) = 0;
+      S* d = dP.data() + i * L;
+      const S* p = P + i * L;
+      S dotp = 0;
+      for (int64_t j = 0; j <= i; ++j) dotp += d[j] * p[j];
+      for (int64_t j = 0; j <= i; ++j) d[j] = p[j] * (d[j] - dotp) * static_cast<S>(a.scale);
+      for (int64_t j = i + 1; j < L; ++j) d[j] = 0;
     }
-    dQ.noalias() = dP * K;
-    dK.noalias() += dP.transpose() * Q;
+    MatMulNT(dP.data(), L, L, L, kt.data(), hd, dq + h * hd, a.ldq, false);  // dq = dS k
+    Transpose(dP.data(), L, L, L, dpt.data());
+    Transpose(q + h * hd, L, hd, a.ldq, qt.data());
+    MatMulNT(dpt.data(), L, L, L, qt.data(), hd, dk + kvh * hd, a.ldkv, true);  // dk += dS^T q
   }
 }
 
