@@ -460,6 +460,15 @@ TEST_F(PipelineTest, CalibrationCapturesTheTeacherWhileSampling) {
   auto off = MakeCalibrationSet(*fp_, c, 2, false);
   ASSERT_TRUE(off.ok());
   for (const auto& h : off->final_hidden) EXPECT_TRUE(h.empty());
+  // A sample as long as the context: no room for the extra token, so no
+  // capture (and no error).
+  CalibrationOptions whole;
+  whole.num_sequences = 1;
+  whole.seq_len = fp_->config.max_position;
+  auto at_limit = MakeCalibrationSet(*fp_, whole, 2, true);
+  ASSERT_TRUE(at_limit.ok()) << at_limit.status();
+  ASSERT_EQ(at_limit->sequences[0].size(), static_cast<size_t>(whole.seq_len));
+  EXPECT_TRUE(at_limit->final_hidden[0].empty());
 }
 
 // The calibration text mix: text windows spread evenly among the

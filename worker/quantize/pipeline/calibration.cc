@@ -224,8 +224,10 @@ absl::StatusOr<CalibrationSet> MakeCalibrationSet(
 
   // Capture: one window per sample (a later window's states would see the
   // earlier windows, which its training sequence does not), one more token
-  // sampled so that the model runs the last kept position.
-  const bool capture = capture_hidden && o.windows_per_sequence == 1;
+  // sampled so that the model runs the last kept position (so not when
+  // that token would pass the model's context length).
+  const bool capture = capture_hidden && o.windows_per_sequence == 1 &&
+                       (c.max_position <= 0 || sample_len + 1 <= c.max_position);
   const int64_t run_len = sample_len + (capture ? 1 : 0);
   // Up to 128 sequences decode together (their worst-case KV fits
   // exactly), fewer where their fp32 KV would pass 2 GiB: wider decode
@@ -233,7 +235,8 @@ absl::StatusOr<CalibrationSet> MakeCalibrationSet(
   // 176 s at 128 against 190 s at 64; docs/results/quality.md).
   const int64_t kv_bytes_per_seq =
       run_len * c.num_layers * 2 * static_cast<int64_t>(c.num_kv_heads) * c.head_dim * 4;
-  const int64_t by_memory = std::max<int64_t>(1, (int64_t{2} << 30) / std::max<int64_t>(1, kv_bytes_per_seq));
+  const int64_t by_memory =
+      std::max<int64_t>(1, (int64_t{2} << 30) / std::max<int64_t>(1, kv_bytes_per_seq));
   const int64_t concurrent = std::min({o.num_sequences, int64_t{128}, by_memory});
   engine::EngineOptions eo;
   eo.num_threads = num_threads;
