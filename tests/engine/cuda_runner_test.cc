@@ -462,6 +462,14 @@ TEST(CudaModelRunner, RejectsBadBatches) {
   c.tokens = toks;
   c.start_pos = 14;  // needs 2 blocks
   EXPECT_EQ((*g)->Forward({c}, &out).code(), absl::StatusCode::kInvalidArgument);
+  // Hidden states are a CPU-backend feature: refused, with the reason.
+  c.start_pos = 0;
+  c.hidden = true;
+  const absl::Status hidden = (*g)->Forward({c}, &out);
+  EXPECT_EQ(hidden.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(hidden.message().find("hidden states"), std::string::npos) << hidden;
+  c.hidden = false;
+  EXPECT_TRUE((*g)->Forward({c}, &out).ok());  // the runner is still usable
 }
 
 TEST(CudaModelRunner, SmolLm2MatchesCpu) {
