@@ -68,6 +68,11 @@ struct EcDistiller::Impl {
   std::vector<float> inv_freq;
   std::vector<std::array<LinOp, kMods>> lin;
   std::vector<float> e, et;  // lm_head [V, d] and [d, V]
+  // HeadLoss's student and teacher logits of one chunk, kept across calls:
+  // 2 x 50 MB for SmolLM2, which a fresh allocation per step page-faults
+  // and zeroes again (page clearing and faults were ~3-4 % of a training
+  // step in the profile, docs/results/quality.md).
+  std::vector<float> head_zs, head_zt;
   std::vector<EcParams<float>> ecs, grads;
   std::vector<std::pair<int64_t, int>> ec_loc;  // (layer, module)
   std::vector<std::array<AdamTensor<float>, 6>> adam;
@@ -291,7 +296,12 @@ struct EcDistiller::Impl {
     // Rows per lm_head call: each call re-packs the whole [V, d] head in
     // the GEMM, so few large chunks (2 x 256 x V floats of logits = 100 MB).
     constexpr int64_t kChunk = 256;
-    std::vector<float> zs(kChunk * vocab), zt(kChunk * vocab);
+    if (head_zs.size() < static_cast<size_t>(kChunk * vocab)) {
+      head_zs.resize(static_cast<size_t>(kChunk * vocab));
+      head_zt.resize(static_cast<size_t>(kChunk * vocab));
+    }
+    std::vector<float>& zs = head_zs;
+    std::vector<float>& zt = head_zt;
     std::vector<double> row_kl(kChunk);
     double kl = 0;
     const float inv_t = 1.0f / static_cast<float>(T);
