@@ -446,6 +446,9 @@ TEST_F(PipelineTest, CalibrationCapturesTheTeacherWhileSampling) {
   std::vector<std::vector<float>> four(4);
   EXPECT_EQ(ComputeDistillTeacher(fp_.get(), &pool_, set->sequences, false, &four).status().code(),
             absl::StatusCode::kInvalidArgument);
+  const std::vector<std::vector<float>> none;
+  EXPECT_EQ(ComputeDistillTeacher(fp_.get(), &pool_, {}, false, &none).status().code(),
+            absl::StatusCode::kInvalidArgument);
   known[2].assign(5, 0.f);
   EXPECT_EQ(ComputeDistillTeacher(fp_.get(), &pool_, set->sequences, false, &known).status().code(),
             absl::StatusCode::kInvalidArgument);

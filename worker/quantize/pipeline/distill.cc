@@ -777,6 +777,7 @@ absl::StatusOr<DistillTeacher> ComputeDistillTeacher(
     const std::vector<std::vector<float>>* known_final) {
   if (fp_model == nullptr || pool == nullptr) return absl::InvalidArgumentError("null model or pool");
   if (known_final != nullptr && !with_layers) {
+    if (seqs.empty()) return absl::InvalidArgumentError("teacher: no sequences");
     const int64_t d = fp_model->config.hidden_size;
     if (known_final->size() != seqs.size()) {
       return absl::InvalidArgumentError(absl::StrCat("teacher: ", known_final->size(),
