@@ -101,7 +101,8 @@ struct AttentionShape {
 
 // y [m, n] (+)= x [m, k] w^T (x row stride ldx; w [n, k] contiguous; y
 // row stride ldy). float: kernels::cpu::Linear on one thread (the packed
-// GEMM with run-time ISA dispatch; callers run one per task; distill_ops.cc).
+// GEMM with run-time ISA dispatch; callers run one per task; distill_ops.cc;
+// also the sequential stage's products, pipeline/module_quant.cc).
 // double (the tests' finite differences): Eigen.
 void MatMulNT(const float* x, int64_t m, int64_t k, int64_t ldx, const float* w, int64_t n,
               float* y, int64_t ldy, bool accumulate);

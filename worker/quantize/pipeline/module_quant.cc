@@ -5,33 +5,14 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/ops.h"
 #include "worker/quantize/awq.h"
+#include "worker/quantize/distill_ops.h"
 #include "worker/quantize/ec_train.h"
 #include "worker/quantize/gptq.h"
 #include "worker/quantize/lowrank.h"
 #include "worker/quantize/w4_quant.h"
 
 namespace spear::quantize {
-namespace {
-
-// y [x.rows, w.rows] (+)= x w^T on kernels::cpu::Linear, one thread.
-absl::Status LinearNoPool(MatrixView x, MatrixView w, float* y, bool accumulate) {
-  kernels::LinearParams p;
-  p.x = x.data;
-  p.m = x.rows;
-  p.k = x.cols;
-  p.ldx = x.cols;
-  p.w = w.data;
-  p.w_dtype = kernels::DType::kF32;
-  p.n = w.rows;
-  p.y = y;
-  p.ldy = w.rows;
-  p.accumulate = accumulate;
-  return kernels::cpu::Linear(p, nullptr);
-}
-
-}  // namespace
 
 int64_t GateHidden(const QuantizeOptions& o) {
   return o.gate_hidden > 0 ? o.gate_hidden : kDefaultGateHidden;
@@ -103,8 +84,10 @@ absl::StatusOr<Matrix> SequentialTarget(MatrixView w, const kernels::W4Weight& q
   // r = x_fp W^T, then r += x_q (-Qeff)^T: two products on the packed GEMM
   // (run-time ISA dispatch; one thread: the pipeline runs modules in parallel).
   for (float& v : qeff->data) v = -v;
-  if (auto s = LinearNoPool(x_fp, w, r.data.data(), false); !s.ok()) return s;
-  if (auto s = LinearNoPool(x_q, qeff->view(), r.data.data(), true); !s.ok()) return s;
+  distill::MatMulNT(x_fp.data, x_fp.rows, x_fp.cols, x_fp.cols, w.data, w.rows, r.data.data(),
+                    r.cols, false);
+  distill::MatMulNT(x_q.data, x_q.rows, x_q.cols, x_q.cols, qeff->data.data(), qeff->rows,
+                    r.data.data(), r.cols, true);
   return r;
 }
 
@@ -124,9 +107,8 @@ double OutputError(MatrixView w, const kernels::W4Weight& q, MatrixView x) {
   Matrix& diff = *eff;  // W - Qeff, in place
   for (size_t i = 0; i < diff.data.size(); ++i) diff.data[i] = w.data[i] - diff.data[i];
   Matrix y(x.rows, w.rows);
-  if (!LinearNoPool(x, diff.view(), y.data.data(), false).ok()) {
-    return std::numeric_limits<double>::infinity();
-  }
+  distill::MatMulNT(x.data, x.rows, x.cols, x.cols, diff.data.data(), diff.rows, y.data.data(),
+                    y.cols, false);
   double s = 0;
   for (const float v : y.data) s += static_cast<double>(v) * v;
   return s / static_cast<double>(x.rows);
