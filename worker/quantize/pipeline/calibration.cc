@@ -286,14 +286,11 @@ absl::StatusOr<CalibrationSet> MakeCalibrationSet(
     if (capture) {
       std::vector<float>* dst = &hidden[static_cast<size_t>(i)];
       dst->assign(static_cast<size_t>(sample_len * d), 0.f);
-      r.on_hidden = [dst, sample_len, d](int64_t pos, const float* rows, int64_t count,
-                                         int64_t dim) {
-        // Positions >= sample_len are not run (see run_len); dim is the
-        // model's hidden size.
+      // rows are [count, d] (the model's hidden size); positions >=
+      // sample_len are not run (see run_len).
+      r.on_hidden = [dst, sample_len, d](int64_t pos, const float* rows, int64_t count, int64_t) {
         const int64_t n = std::min(count, sample_len - pos);
-        if (dim == d && n > 0) {
-          std::copy(rows, rows + n * d, dst->begin() + pos * d);
-        }
+        if (n > 0) std::copy(rows, rows + n * d, dst->begin() + pos * d);
       };
     }
     if (progress) {
