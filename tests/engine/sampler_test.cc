@@ -170,6 +170,89 @@ TEST(SamplerTest, NextAndPickReproduceSample) {
   }
 }
 
+// The top-p pick as the sampler defines it, by ordering the whole
+// vocabulary: the total of the float masses in id order (double sum), the
+// smallest best-first prefix whose double masses reach top_p of it, then
+// the token under u * (that prefix's mass), walked best first.
+// `order`: the ids best first (BestFirst).
+std::vector<int32_t> BestFirst(const std::vector<float>& l) {
+  std::vector<int32_t> order(l.size());
+  for (size_t i = 0; i < l.size(); ++i) order[i] = static_cast<int32_t>(i);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return l[a] != l[b] ? l[a] > l[b] : a < b;
+  });
+  return order;
+}
+
+int32_t TopPByFullSort(const std::vector<float>& l, const std::vector<int32_t>& order,
+                       float temperature, float top_p, double u) {
+  double mx = l[0];
+  for (float x : l) mx = std::max<double>(mx, x);
+  const double inv_t = 1.0 / temperature;
+  const float fmx = static_cast<float>(mx), finv_t = static_cast<float>(inv_t);
+  double total = 0;
+  for (float x : l) total += std::exp((x - fmx) * finv_t);
+  std::vector<double> p;
+  double acc = 0;
+  size_t n = 0;
+  while (n < order.size()) {
+    p.push_back(std::exp((l[order[n]] - mx) * inv_t));
+    acc += p.back();
+    ++n;
+    if (acc >= top_p * total) break;
+  }
+  double r = u * acc;
+  for (size_t i = 0; i < n; ++i) {
+    r -= p[i];
+    if (r < 0) return order[i];
+  }
+  return order[n - 1];
+}
+
+// The sampler gathers the nucleus' candidates from a histogram of the
+// masses instead of ordering the vocabulary: it must pick exactly the
+// reference's token, on fresh random logits of several shapes (wide,
+// narrow, coarse with many ties, signed zeros, -inf), several vocabulary
+// sizes, temperatures, top_p values and draws.
+TEST(SamplerTest, TopPPicksTheFullSortReferenceToken) {
+  std::random_device rd;
+  const uint32_t seed = rd();
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  int cases = 0;
+  for (int64_t vocab : {1, 2, 7, 1000, 49152}) {
+    for (int shape = 0; shape < 5; ++shape) {
+      std::normal_distribution<float> nd(0.f, shape == 0 ? 0.3f : shape == 1 ? 2.f : 6.f);
+      std::vector<float> l(static_cast<size_t>(vocab));
+      for (float& x : l) x = nd(rng);
+      if (shape == 3) {
+        for (float& x : l) x = std::round(x);  // coarse: large tie groups, +0 and -0
+        for (size_t i = 0; i < l.size(); i += 3) l[i] = l[i] == 0.f ? -0.f : l[i];
+      }
+      if (shape == 4 && vocab > 2) {
+        for (size_t i = 0; i < l.size(); i += 5) l[i] = -INFINITY;
+      }
+      const std::vector<int32_t> order = BestFirst(l);
+      for (float t : {0.7f, 1.f, 1.3f}) {
+        for (float top_p : {0.05f, 0.5f, 0.9f, 0.95f, 0.9999f}) {
+          SamplingParams p;
+          p.temperature = t;
+          p.top_p = top_p;
+          Sampler s(p);
+          for (int d = 0; d < 12; ++d) {
+            const double u = d == 0 ? 0.0 : d == 1 ? 0.9999999 : ud(rng);
+            ASSERT_EQ(s.Pick(l.data(), vocab, {}, u), TopPByFullSort(l, order, t, top_p, u))
+                << "seed " << seed << " vocab " << vocab << " shape " << shape << " T " << t
+                << " top_p " << top_p << " u " << u;
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(cases, 5 * 5 * 3 * 5 * 12);
+}
+
 TEST(SamplerTest, RepetitionPenalty) {
   SamplingParams p;
   p.repetition_penalty = 2.f;

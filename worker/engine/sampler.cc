@@ -14,6 +14,14 @@ bool Better(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>&
   return a.first != b.first ? a.first > b.first : a.second < b.second;
 }
 
+// The top 12 bits of a mass's float (>= 0, or NaN): sign, exponent and 3
+// mantissa bits; non-decreasing in the mass.
+int MassBucket(float e) {
+  uint32_t bits;
+  std::memcpy(&bits, &e, sizeof bits);
+  return static_cast<int>(bits >> 20);
+}
+
 }  // namespace
 
 absl::Status SamplingParams::Validate() const {
@@ -75,38 +83,82 @@ int32_t Sampler::Pick(const float* logits, int64_t vocab, std::span<const int32_
     return static_cast<int32_t>(best);
   }
 
-  // Candidates: the top_k best (or all), in no particular order yet.
-  cand_.resize(vocab);
-  for (int64_t i = 0; i < vocab; ++i) cand_[i] = {l[i], static_cast<int32_t>(i)};
-  int64_t k = vocab;
-  if (params_.top_k > 0 && params_.top_k < vocab) k = params_.top_k;
-  if (k < vocab) {
-    std::nth_element(cand_.begin(), cand_.begin() + k, cand_.end(), Better);
-    cand_.resize(k);
-  }
+  // Candidates: the top_k best (or all), in no particular order yet. With
+  // top-p and no top-k they are gathered below (only the nucleus' part of
+  // the vocabulary).
+  const bool top_k = params_.top_k > 0 && params_.top_k < vocab;
+  const bool all = !top_k && params_.top_p < 1.f;
   const double inv_t = 1.0 / params_.temperature;
-  double mx = cand_[0].first;
-  for (const auto& c : cand_) mx = std::max<double>(mx, c.first);
+  double mx = l[0];
+  if (all) {
+    for (int64_t i = 0; i < vocab; ++i) mx = std::max<double>(mx, l[i]);
+  } else {
+    cand_.resize(vocab);
+    for (int64_t i = 0; i < vocab; ++i) cand_[i] = {l[i], static_cast<int32_t>(i)};
+    if (top_k) {
+      std::nth_element(cand_.begin(), cand_.begin() + params_.top_k, cand_.end(), Better);
+      cand_.resize(params_.top_k);
+    }
+    mx = cand_[0].first;
+    for (const auto& c : cand_) mx = std::max<double>(mx, c.first);
+  }
   std::vector<double>& p = probs_;
   size_t n = cand_.size();
   double sum = 0;
   if (params_.top_p < 1.f) {
     // The nucleus: the smallest best-first prefix whose mass reaches top_p of
-    // the total. Only that prefix is ordered: the next best candidates are
-    // selected (nth_element) and sorted in growing slices until the mass is
-    // reached — linear in the vocabulary for the usual peaked distribution
-    // instead of a full sort (which dominated self-sampling's time).
-    // The total in float exp (vectorisable; relative error ~1e-7 of a mass
-    // that only sets the cut), summed in double.
+    // the total. The total in float exp (vectorisable; relative error ~1e-7
+    // of a mass that only sets the cut), summed in double, in id order.
     const float fmx = static_cast<float>(mx), finv_t = static_cast<float>(inv_t);
     double total = 0;
-    for (const auto& c : cand_) total += std::exp((c.first - fmx) * finv_t);
+    if (all) {
+      // Without top-k the candidates are the vocabulary in id order: the
+      // same sum, plus a histogram of the float masses by their top 12
+      // bits (sign, exponent, 3 mantissa bits: monotone in the mass, which
+      // is monotone in the logit), so the nucleus' candidates can be
+      // gathered without ordering the vocabulary.
+      mass_.resize(static_cast<size_t>(vocab));
+      std::fill(std::begin(hist_), std::end(hist_), 0.0);
+      for (int64_t i = 0; i < vocab; ++i) {
+        const float e = std::exp((l[i] - fmx) * finv_t);
+        mass_[static_cast<size_t>(i)] = e;
+        total += e;
+        hist_[MassBucket(e)] += e;
+      }
+    } else {
+      for (const auto& c : cand_) total += std::exp((c.first - fmx) * finv_t);
+    }
     const double target = params_.top_p * total;
+    int gathered_from = 0;  // > 0: cand_ holds the tokens of mass buckets >= it
+    if (all) {
+      // Every token whose mass bucket is at or above the bucket where the
+      // best-first bucket masses reach the target (with a 1e-4 margin over
+      // the float-vs-double difference) is a candidate: a best-first
+      // prefix that contains the nucleus, so ordering just it gives the
+      // same cut and the same pick as ordering everything (the loop below
+      // checks that the cut was reached inside it, else orders it all).
+      int b = kMassBuckets - 1;
+      double acc = 0;
+      for (; b > 0; --b) {
+        acc += hist_[b];
+        if (acc >= target * (1 + 1e-4)) break;
+      }
+      gathered_from = b;
+      cand_.clear();
+      for (int64_t i = 0; i < vocab; ++i) {
+        if (MassBucket(mass_[static_cast<size_t>(i)]) >= b) {
+          cand_.emplace_back(l[i], static_cast<int32_t>(i));
+        }
+      }
+    }
     p.clear();
     size_t sorted = 0, slice = 64;
     double acc = 0;
     n = 0;
     while (n == 0) {
+      // Only the prefix is ordered: the next best candidates are selected
+      // (nth_element) and sorted in growing slices until the mass is
+      // reached.
       const size_t upto = std::min(cand_.size(), sorted + slice);
       if (upto < cand_.size()) {
         std::nth_element(cand_.begin() + sorted, cand_.begin() + upto, cand_.end(), Better);
@@ -120,7 +172,21 @@ int32_t Sampler::Pick(const float* logits, int64_t vocab, std::span<const int32_
           break;
         }
       }
-      if (n == 0 && upto == cand_.size()) n = upto;  // rounding: keep everything
+      if (n == 0 && upto == cand_.size()) {
+        if (gathered_from > 0) {
+          // The gathered prefix fell short of the target (the margin did
+          // not cover a rounding case): add the rest of the vocabulary,
+          // every token of it worse than every gathered one, and go on.
+          for (int64_t i = 0; i < vocab; ++i) {
+            if (MassBucket(mass_[static_cast<size_t>(i)]) < gathered_from) {
+              cand_.emplace_back(l[i], static_cast<int32_t>(i));
+            }
+          }
+          gathered_from = 0;
+        } else {
+          n = upto;  // rounding: keep everything
+        }
+      }
       sorted = upto;
       slice *= 4;
     }
