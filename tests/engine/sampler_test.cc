@@ -91,6 +91,16 @@ TEST(SamplerTest, TopKAndTopPCut) {
 // against a full-sort reference on a 50,000-token vocabulary whose nucleus
 // spans several slices, every sample lies in the reference nucleus and the
 // frequencies of its best tokens match their renormalised probabilities.
+// The ids best first: higher logit first, equal logits lower id first.
+std::vector<int32_t> BestFirst(const std::vector<float>& l) {
+  std::vector<int32_t> order(l.size());
+  for (size_t i = 0; i < l.size(); ++i) order[i] = static_cast<int32_t>(i);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return l[a] != l[b] ? l[a] > l[b] : a < b;
+  });
+  return order;
+}
+
 TEST(SamplerTest, TopPLargeVocabularyMatchesFullSortReference) {
   constexpr int64_t kVocab = 50000;
   std::mt19937 rng(7);
@@ -101,11 +111,7 @@ TEST(SamplerTest, TopPLargeVocabularyMatchesFullSortReference) {
   l[4567] = 8.5f;
   l[49999] = 8.f;
   const float top_p = 0.8f;
-  std::vector<int32_t> order(kVocab);
-  for (int64_t i = 0; i < kVocab; ++i) order[i] = static_cast<int32_t>(i);
-  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
-    return l[a] != l[b] ? l[a] > l[b] : a < b;
-  });
+  const std::vector<int32_t> order = BestFirst(l);
   double mx = l[order[0]], total = 0;
   for (float x : l) total += std::exp(x - mx);
   std::vector<char> in_nucleus(kVocab, 0);
@@ -173,17 +179,8 @@ TEST(SamplerTest, NextAndPickReproduceSample) {
 // The top-p pick as the sampler defines it, by ordering the whole
 // vocabulary: the total of the float masses in id order (double sum), the
 // smallest best-first prefix whose double masses reach top_p of it, then
-// the token under u * (that prefix's mass), walked best first.
-// `order`: the ids best first (BestFirst).
-std::vector<int32_t> BestFirst(const std::vector<float>& l) {
-  std::vector<int32_t> order(l.size());
-  for (size_t i = 0; i < l.size(); ++i) order[i] = static_cast<int32_t>(i);
-  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
-    return l[a] != l[b] ? l[a] > l[b] : a < b;
-  });
-  return order;
-}
-
+// the token under u * (that prefix's mass), walked best first; `order`
+// is BestFirst(l).
 int32_t TopPByFullSort(const std::vector<float>& l, const std::vector<int32_t>& order,
                        float temperature, float top_p, double u) {
   double mx = l[0];

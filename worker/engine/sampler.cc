@@ -117,13 +117,14 @@ int32_t Sampler::Pick(const float* logits, int64_t vocab, std::span<const int32_
       // bits (sign, exponent, 3 mantissa bits: monotone in the mass, which
       // is monotone in the logit), so the nucleus' candidates can be
       // gathered without ordering the vocabulary.
-      mass_.resize(static_cast<size_t>(vocab));
-      std::fill(std::begin(hist_), std::end(hist_), 0.0);
+      bucket_.resize(static_cast<size_t>(vocab));
+      std::fill(hist_.begin(), hist_.end(), 0.0);
       for (int64_t i = 0; i < vocab; ++i) {
         const float e = std::exp((l[i] - fmx) * finv_t);
-        mass_[static_cast<size_t>(i)] = e;
+        const int bk = MassBucket(e);
+        bucket_[static_cast<size_t>(i)] = static_cast<uint16_t>(bk);
         total += e;
-        hist_[MassBucket(e)] += e;
+        hist_[bk] += e;
       }
     } else {
       for (const auto& c : cand_) total += std::exp((c.first - fmx) * finv_t);
@@ -146,7 +147,7 @@ int32_t Sampler::Pick(const float* logits, int64_t vocab, std::span<const int32_
       gathered_from = b;
       cand_.clear();
       for (int64_t i = 0; i < vocab; ++i) {
-        if (MassBucket(mass_[static_cast<size_t>(i)]) >= b) {
+        if (bucket_[static_cast<size_t>(i)] >= b) {
           cand_.emplace_back(l[i], static_cast<int32_t>(i));
         }
       }
@@ -178,7 +179,7 @@ int32_t Sampler::Pick(const float* logits, int64_t vocab, std::span<const int32_
           // not cover a rounding case): add the rest of the vocabulary,
           // every token of it worse than every gathered one, and go on.
           for (int64_t i = 0; i < vocab; ++i) {
-            if (MassBucket(mass_[static_cast<size_t>(i)]) < gathered_from) {
+            if (bucket_[static_cast<size_t>(i)] < gathered_from) {
               cand_.emplace_back(l[i], static_cast<int32_t>(i));
             }
           }

@@ -70,10 +70,10 @@ class Sampler {
   std::vector<float> work_;                       // penalised logits
   std::vector<std::pair<float, int32_t>> cand_;   // candidates, sorted
   std::vector<double> probs_;
-  // Top-p without top-k: the float masses of the vocabulary and their
-  // histogram by MassBucket (sampler.cc).
+  // Top-p without top-k: the vocabulary's mass buckets and the histogram
+  // of the masses by bucket (MassBucket, sampler.cc).
   static constexpr int kMassBuckets = 4096;
-  std::vector<float> mass_;
+  std::vector<uint16_t> bucket_;
   std::vector<double> hist_ = std::vector<double>(kMassBuckets);
 };
 
