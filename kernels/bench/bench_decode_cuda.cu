@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,17]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,20]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -168,6 +168,8 @@ struct Variant {
                                 // slower at batch 1, equal at 8; so off by default)
   int ec_prologue = 0;          // W4CudaParams::ec_prologue (1 v12's, 2 under PDL)
   bool tuned = false;           // v23: the fold kernel's configurations from TuneDecode
+  bool ec_in_producer = false;  // v24: the EC prologue of qkv, gate_up and down in the launch
+                                // of their input's producer (RmsNormF16Ec / SiluMulEc)
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -202,7 +204,15 @@ const Variant kVariants[] = {
     {"W4, decode configurations measured at load (v23)", Ec::kOff, false, false, true, 0, true,
      false, 0, true},
     {"W4+EC at the diagnostic's placement, decode configurations measured at load (v23)",
-     Ec::kPlacement, false, false, true, 0, true, false, 0, true}};
+     Ec::kPlacement, false, false, true, 0, true, false, 0, true},
+    // 18-20 (v24): the EC prologue in the producer's launch (o keeps its own).
+    {"W4+EC at the diagnostic's placement, prologue in the producer (v24)", Ec::kPlacement, false,
+     false, true, 0, true, false, 0, false, true},
+    {"W4+EC r32 all 4 GEMMs, all layers, prologue in the producer (v24)", Ec::kAll, false, false,
+     true, 0, true, false, 0, false, true},
+    {"W4+EC at the diagnostic's placement, prologue in the producer, measured configurations "
+     "(v24 + v23)",
+     Ec::kPlacement, false, false, true, 0, true, false, 0, true, true}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -516,12 +526,12 @@ class Model {
     const int64_t H = shape_.hidden,
                   qkv_n = int64_t{shape_.n_q + 2 * shape_.n_kv} * shape_.head_dim;
     auto gemm = [&](const cuda::W4DeviceWeight& w, const uint16_t* x, int64_t ldx, uint16_t* y16,
-                    float* y32, int64_t ldy, bool ec) {
+                    float* y32, int64_t ldy, bool ec, bool ec_produced = false) {
       cuda::W4CudaParams p = bench::GemmParams(x, m, ldx, y16, ldy);
       p.y_f32 = y32;
       p.accumulate = y32 != nullptr;
       p.use_ec = ec;
-      p.ec_prologue = v.ec_prologue;
+      p.ec_prologue = ec_produced ? 16 : v.ec_prologue;
       p.decode_kernel = v.fold_flags;
       CKS(cuda::W4Linear(w, p, ws_.get(), g_stream));
     };
@@ -557,11 +567,19 @@ class Model {
       n.m = m;
       n.d = n.ldx = n.ldy = H;
       n.eps = 1e-5f;
+      // v24: the producer runs the next GEMM's EC prologue where it can.
+      auto fuse = [&](const cuda::W4DeviceWeight* w, bool ec) {
+        return v.ec_in_producer && !v.gemms_only && ec && cuda::EcProducerFusable(*w, m);
+      };
+      cuda::EcProducer ep;
+      ep.ws = ws_.get();
+      const bool fqkv = fuse(wqkv, eqkv), fgu = fuse(wgu, egu), fdn = fuse(wdn, edn);
       if (!v.gemms_only) {
         n.weight = L.norm1;
-        CKS(cuda::RmsNormF16(n, g_stream));
+        ep.w = wqkv;
+        CKS(fqkv ? cuda::RmsNormF16Ec(n, ep, g_stream) : cuda::RmsNormF16(n, g_stream));
       }
-      gemm(*wqkv, h16_, H, qkv_, nullptr, qkv_n, eqkv);
+      gemm(*wqkv, h16_, H, qkv_, nullptr, qkv_n, eqkv, fqkv);
       if (!v.gemms_only && !v.skip_attention && v.fused) {
         cuda::RopeKvAppendParams f;
         f.qkv = qkv_;
@@ -609,9 +627,10 @@ class Model {
       gemm(*wo, attn_, int64_t{shape_.n_q} * shape_.head_dim, nullptr, residual_, H, eo);
       if (!v.gemms_only) {
         n.weight = L.norm2;
-        CKS(cuda::RmsNormF16(n, g_stream));
+        ep.w = wgu;
+        CKS(fgu ? cuda::RmsNormF16Ec(n, ep, g_stream) : cuda::RmsNormF16(n, g_stream));
       }
-      gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu);
+      gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu, fgu);
       if (!v.gemms_only) {
         cuda::SiluMulF16Params sm;
         sm.gate = gu_;
@@ -621,9 +640,10 @@ class Model {
         sm.n = shape_.inter;
         sm.ld_gate = sm.ld_up = 2 * shape_.inter;
         sm.ldy = shape_.inter;
-        CKS(cuda::SiluMul(sm, g_stream));
+        ep.w = wdn;
+        CKS(fdn ? cuda::SiluMulEc(sm, ep, g_stream) : cuda::SiluMul(sm, g_stream));
       }
-      gemm(*wdn, act_, shape_.inter, nullptr, residual_, H, edn);
+      gemm(*wdn, act_, shape_.inter, nullptr, residual_, H, edn, fdn);
     }
     if (v.gemms_only) return;
     cuda::RmsNormF16Params n;
@@ -739,7 +759,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,17] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,20] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -141,7 +141,9 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     if (ec) {
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
-      if ((p.ec_prologue & 4) == 0) {
+      // ec_prologue 16 (v24): the producer of x computed v (RmsNormF16Ec /
+      // SiluMulEc) and this launch waits for it as for x, at the start.
+      if ((p.ec_prologue & (4 | 16)) == 0) {
         // Under PDL before the fold kernel (M <= 16; v14, -0.04 ms on the 8B
         // step in three calls); a plain launch before the others (v12: PDL
         // was slower there at M >= 8) or with ec_prologue flag 2.
@@ -159,7 +161,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
         a.esteps = static_cast<int>(d.rp / 16);
         a.v = s.v;
         a.ldv = static_cast<int>(d.rp);
-        a.ec_late = 1;
+        a.ec_late = (p.ec_prologue & 16) != 0 ? 0 : 1;
       }
     }
     if (absl::Status st =
@@ -199,9 +201,14 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }
-  if (p.ec_prologue < 0 || p.ec_prologue > 15 || (p.ec_prologue & 12) == 12) {
+  if (p.ec_prologue < 0 || (p.ec_prologue > 15 && p.ec_prologue != 16) ||
+      (p.ec_prologue & 12) == 12) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 1, 2 and one of 4 / 8 only"));
+                            ": flags 1, 2 and one of 4 / 8, or 16 alone"));
+  }
+  if (p.ec_prologue == 16 && (p.force_prefill || p.m >= kPrefillM)) {
+    return Bad(absl::StrCat("ec_prologue 16 (v from the producer of x) on the prefill path (m = ",
+                            p.m, "): decode only, m < ", kPrefillM));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured

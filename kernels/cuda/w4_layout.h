@@ -73,6 +73,7 @@ struct W4Workspace::Impl {
   unsigned* ec_counter = nullptr;
   float* u = nullptr;         // fp32 [kEcMaxKParts][64][kMaxRank] (decode EC: partial u)
   uint16_t* v = nullptr;      // fp16 [64][kMaxRank] (decode EC: g ⊙ u, A operand)
+  float* ec_scale = nullptr;  // fp32 [64] (RmsNormF16Ec: each row's 1 / rms)
   uint16_t* xs = nullptr;     // fp16 [64][kxs] (decode: x / act_scale, padded)
   int64_t xs_elems = 0;
   // prefill
