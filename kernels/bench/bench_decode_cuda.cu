@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,20]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,25]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -168,8 +168,6 @@ struct Variant {
                                 // slower at batch 1, equal at 8; so off by default)
   int ec_prologue = 0;          // W4CudaParams::ec_prologue (1 v12's, 2 under PDL)
   bool tuned = false;           // v23: the fold kernel's configurations from TuneDecode
-  bool ec_in_producer = false;  // v24: the EC prologue of qkv, gate_up and down in the launch
-                                // of their input's producer (RmsNormF16Ec / SiluMulEc)
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -205,14 +203,32 @@ const Variant kVariants[] = {
      false, 0, true},
     {"W4+EC at the diagnostic's placement, decode configurations measured at load (v23)",
      Ec::kPlacement, false, false, true, 0, true, false, 0, true},
-    // 18-20 (v24): the EC prologue in the producer's launch (o keeps its own).
-    {"W4+EC at the diagnostic's placement, prologue in the producer (v24)", Ec::kPlacement, false,
-     false, true, 0, true, false, 0, false, true},
-    {"W4+EC r32 all 4 GEMMs, all layers, prologue in the producer (v24)", Ec::kAll, false, false,
-     true, 0, true, false, 0, false, true},
-    {"W4+EC at the diagnostic's placement, prologue in the producer, measured configurations "
-     "(v24 + v23)",
-     Ec::kPlacement, false, false, true, 0, true, false, 0, true, true}};
+    // 18-20 (v25): the EC prologue lets the GEMM start before x is complete
+    // (W4CudaParams::ec_prologue 32: a flag in the workspace instead of the
+    // launch order).
+    {"W4+EC at the diagnostic's placement, GEMM started by the prologue (v25)", Ec::kPlacement,
+     false, false, true, 0, true, false, 32},
+    {"W4+EC r32 all 4 GEMMs, all layers, GEMM started by the prologue (v25)", Ec::kAll, false,
+     false, true, 0, true, false, 32},
+    {"W4+EC at the diagnostic's placement, GEMM started by the prologue, measured configurations "
+     "(v25 + v23)",
+     Ec::kPlacement, false, false, true, 0, true, false, 32, true},
+    // 21-22: the prologue's gate one warp per token (ec_prologue 64: 8 (r + h)
+    // floats of shared memory per block instead of the staged MLP's).
+    {"W4+EC at the diagnostic's placement, prologue gate one warp per token (64)", Ec::kPlacement,
+     false, false, true, 0, true, false, 64},
+    {"W4+EC at the diagnostic's placement, prologue gate one warp per token, GEMM started by the "
+     "prologue (64 + 32)",
+     Ec::kPlacement, false, false, true, 0, true, false, 96},
+    // 23-25 (v26): the prologue's grid capped at one block per SM (ec_prologue 128).
+    {"W4+EC at the diagnostic's placement, prologue <= 1 block per SM (128)", Ec::kPlacement,
+     false, false, true, 0, true, false, 128},
+    {"W4+EC at the diagnostic's placement, prologue <= 1 block per SM, gate one warp per token "
+     "(128 + 64)",
+     Ec::kPlacement, false, false, true, 0, true, false, 192},
+    {"W4+EC at the diagnostic's placement, prologue <= 1 block per SM, GEMM started by the "
+     "prologue (128 + 32)",
+     Ec::kPlacement, false, false, true, 0, true, false, 160}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -526,12 +542,12 @@ class Model {
     const int64_t H = shape_.hidden,
                   qkv_n = int64_t{shape_.n_q + 2 * shape_.n_kv} * shape_.head_dim;
     auto gemm = [&](const cuda::W4DeviceWeight& w, const uint16_t* x, int64_t ldx, uint16_t* y16,
-                    float* y32, int64_t ldy, bool ec, bool ec_produced = false) {
+                    float* y32, int64_t ldy, bool ec) {
       cuda::W4CudaParams p = bench::GemmParams(x, m, ldx, y16, ldy);
       p.y_f32 = y32;
       p.accumulate = y32 != nullptr;
       p.use_ec = ec;
-      p.ec_prologue = ec_produced ? 16 : v.ec_prologue;
+      p.ec_prologue = v.ec_prologue;
       p.decode_kernel = v.fold_flags;
       CKS(cuda::W4Linear(w, p, ws_.get(), g_stream));
     };
@@ -567,19 +583,11 @@ class Model {
       n.m = m;
       n.d = n.ldx = n.ldy = H;
       n.eps = 1e-5f;
-      // v24: the producer runs the next GEMM's EC prologue where it can.
-      auto fuse = [&](const cuda::W4DeviceWeight* w, bool ec) {
-        return v.ec_in_producer && !v.gemms_only && ec && cuda::EcProducerFusable(*w, m);
-      };
-      cuda::EcProducer ep;
-      ep.ws = ws_.get();
-      const bool fqkv = fuse(wqkv, eqkv), fgu = fuse(wgu, egu), fdn = fuse(wdn, edn);
       if (!v.gemms_only) {
         n.weight = L.norm1;
-        ep.w = wqkv;
-        CKS(fqkv ? cuda::RmsNormF16Ec(n, ep, g_stream) : cuda::RmsNormF16(n, g_stream));
+        CKS(cuda::RmsNormF16(n, g_stream));
       }
-      gemm(*wqkv, h16_, H, qkv_, nullptr, qkv_n, eqkv, fqkv);
+      gemm(*wqkv, h16_, H, qkv_, nullptr, qkv_n, eqkv);
       if (!v.gemms_only && !v.skip_attention && v.fused) {
         cuda::RopeKvAppendParams f;
         f.qkv = qkv_;
@@ -627,10 +635,9 @@ class Model {
       gemm(*wo, attn_, int64_t{shape_.n_q} * shape_.head_dim, nullptr, residual_, H, eo);
       if (!v.gemms_only) {
         n.weight = L.norm2;
-        ep.w = wgu;
-        CKS(fgu ? cuda::RmsNormF16Ec(n, ep, g_stream) : cuda::RmsNormF16(n, g_stream));
+        CKS(cuda::RmsNormF16(n, g_stream));
       }
-      gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu, fgu);
+      gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu);
       if (!v.gemms_only) {
         cuda::SiluMulF16Params sm;
         sm.gate = gu_;
@@ -640,10 +647,9 @@ class Model {
         sm.n = shape_.inter;
         sm.ld_gate = sm.ld_up = 2 * shape_.inter;
         sm.ldy = shape_.inter;
-        ep.w = wdn;
-        CKS(fdn ? cuda::SiluMulEc(sm, ep, g_stream) : cuda::SiluMul(sm, g_stream));
+        CKS(cuda::SiluMul(sm, g_stream));
       }
-      gemm(*wdn, act_, shape_.inter, nullptr, residual_, H, edn, fdn);
+      gemm(*wdn, act_, shape_.inter, nullptr, residual_, H, edn);
     }
     if (v.gemms_only) return;
     cuda::RmsNormF16Params n;
@@ -759,7 +765,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,20] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,25] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -9,7 +9,6 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/pdl.cuh"
-#include "kernels/cuda/producer_rows.cuh"
 #include "kernels/cuda_ops.h"
 
 namespace spear::kernels::cuda {
@@ -18,8 +17,16 @@ namespace {
 __global__ void SiluMulKernel(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n,
                               int64_t ld_gate, int64_t ld_up, int64_t ldy) {
   PdlEnter();
-  SiluMulRow(gate, up, y, n, ld_gate, ld_up, ldy, blockIdx.y,
-             blockIdx.x * int64_t{blockDim.x} + threadIdx.x, int64_t{gridDim.x} * blockDim.x);
+  const int64_t i = blockIdx.y;
+  const __half* g = reinterpret_cast<const __half*>(gate + i * ld_gate);
+  const __half* u = reinterpret_cast<const __half*>(up + i * ld_up);
+  __half* out = reinterpret_cast<__half*>(y + i * ldy);
+  for (int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; j < n;
+       j += int64_t{gridDim.x} * blockDim.x) {
+    const float a = __half2float(g[j]);
+    // silu in fp32: a / (1 + e^-a); expf saturates to inf for a << 0 -> 0.
+    out[j] = __float2half_rn(a / (1.f + expf(-a)) * __half2float(u[j]));
+  }
 }
 
 __global__ void EmbeddingKernel(const uint16_t* __restrict__ table, int64_t vocab, int64_t d,

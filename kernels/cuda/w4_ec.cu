@@ -9,10 +9,8 @@
 
 #include <cstdint>
 
-#include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/pdl.cuh"
-#include "kernels/cuda/producer_rows.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -62,10 +60,10 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
 // memory when it fits (floats; 40 KB, with the static 2 KB under 48 KB).
 constexpr int kGateStageFloats = 10240;
 
-// Sources of the EC's input x for the partial sums of u = A x: Load fetches
-// the 8 elements [8c, 8c + 8) of token t (one or two 16-byte loads, issued
-// for several tokens before any arithmetic), Convert makes them floats.
-struct HalfSrc {  // fp16 x: the prologue's input, the GEMM's x itself
+// The EC's input x for the partial sums of u = A x: Load fetches the 8
+// elements [8c, 8c + 8) of token t (one 16-byte load, issued for several
+// tokens before any arithmetic), Convert makes them floats.
+struct HalfSrc {
   const __half* x;
   long long ldx;
   using Raw = uint4;
@@ -82,53 +80,6 @@ struct HalfSrc {  // fp16 x: the prologue's input, the GEMM's x itself
     }
   }
 };
-// RMSNorm's input times the norm weight, fp32: A (x ⊙ w) over a k range;
-// the row's 1 / rms (written by the norm's own block) multiplies the sum in
-// the gate tail, so u = A (x ⊙ w / rms) without waiting for the norm.
-struct RmsSrc {
-  const float* x;
-  long long ldx;
-  const float* w;
-  struct Raw {
-    float4 a, b;
-  };
-  __device__ Raw Load(int t, int c) const {
-    const float4* p = reinterpret_cast<const float4*>(x + t * ldx) + 2 * c;
-    return Raw{p[0], p[1]};
-  }
-  __device__ void Convert(const Raw& r, int c, float (&f)[8]) const {
-    const float4* wp = reinterpret_cast<const float4*>(w) + 2 * c;
-    const float4 w0 = wp[0], w1 = wp[1];
-    f[0] = r.a.x * w0.x;
-    f[1] = r.a.y * w0.y;
-    f[2] = r.a.z * w0.z;
-    f[3] = r.a.w * w0.w;
-    f[4] = r.b.x * w1.x;
-    f[5] = r.b.y * w1.y;
-    f[6] = r.b.z * w1.z;
-    f[7] = r.b.w * w1.w;
-  }
-};
-// SwiGLU's output as the GEMM reads it: fp16(silu(gate) * up), bitwise.
-struct SiluSrc {
-  const __half* gate;
-  const __half* up;
-  long long ldg, ldu;
-  struct Raw {
-    uint4 g, u;
-  };
-  __device__ Raw Load(int t, int c) const {
-    return Raw{reinterpret_cast<const uint4*>(gate + t * ldg)[c],
-               reinterpret_cast<const uint4*>(up + t * ldu)[c]};
-  }
-  __device__ void Convert(const Raw& r, int, float (&f)[8]) const {
-    const __half* g = reinterpret_cast<const __half*>(&r.g);
-    const __half* u = reinterpret_cast<const __half*>(&r.u);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) f[i] = __half2float(SiluMulValue(g[i], u[i]));
-  }
-};
-
 // ut[w][t] = warp w's part of A[q] . x[t] over the 8-element chunks [cb, ce)
 // (ar = A's row q): the block's 256 threads split the range, four tokens at
 // a time (each A chunk loaded once for the four), then a warp shuffle
@@ -204,13 +155,12 @@ __device__ bool LastBlock(unsigned* counter, unsigned total) {
   return last != 0;
 }
 
-// The last block: u[t] = scale[t] (1 without) x the in-order sum of the P
-// partials, then the gates: with `stage`, one output per thread from shared
+// The last block: u[t] = the in-order sum of the P partials, then the gates: with `stage`, one output per thread from shared
 // memory (u, hidden and the transposed MLP weights in dynamic shared memory
 // `dyn`), else one warp per token (dyn: us[8][r], hs[8][h]). Resets the
 // ticket counter.
 __device__ void GateTail(const GateArgs& g, const float* upart, int m, int P, int stage,
-                         const float* scale, unsigned* counter, float* dyn) {
+                         unsigned* counter, float* dyn) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = g.r, h = g.h;
   if (stage) {
@@ -230,7 +180,7 @@ __device__ void GateTail(const GateArgs& g, const float* upart, int m, int P, in
       const int t = i / r, c = i - t * r;
       float v = 0.f;
       for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + c);
-      us[i] = scale != nullptr ? v * __ldcg(scale + t) : v;
+      us[i] = v;
     }
     if (g.gated) {
       for (int i = threadIdx.x; i < h * r; i += 256) {
@@ -272,11 +222,10 @@ __device__ void GateTail(const GateArgs& g, const float* upart, int m, int P, in
     float* us = dyn + warp * r;
     float* hs = dyn + 8 * r + warp * h;
     for (int t = warp; t < m; t += 8) {
-      const float sc = scale != nullptr ? __ldcg(scale + t) : 1.f;
       for (int i = lane; i < r; i += 32) {
         float v = 0.f;
         for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + i);
-        us[i] = scale != nullptr ? v * sc : v;
+        us[i] = v;
       }
       __syncwarp();
       GateWarp(g, t, us, hs);
@@ -291,103 +240,73 @@ __device__ void GateTail(const GateArgs& g, const float* upart, int m, int P, in
 // the last block to finish sums the P partials in order (deterministic),
 // then computes the gates (GateTail).
 __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict__ x, int m,
-                                                        long long ldx, int k, int kchunk,
+                                                        long long ldx, int k, int kchunk, int P,
                                                         const __half* __restrict__ a,
                                                         float* upart, unsigned* counter,
-                                                        GateArgs g, int stage) {
-  // Launched under PDL (LaunchPdl): wait for x's producer. After a plain
-  // launch there is nothing to wait for and this returns at once (as the
-  // small kernels' PdlEnter does with SetProgrammaticLaunch(false)).
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  // The GEMM that follows (launched with PDL) may start now: it reads only
-  // x (complete: this kernel waited for it, or was launched after it) and
-  // the weights until it needs v (see w4_gemm_kernel.cuh).
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
-  extern __shared__ float dyn[];
-  __shared__ float ut[8][kDecodeMaxM];
-  const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
-  const __half* ar = a + static_cast<long long>(q) * k;
-  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
-  if (vec) {
-    PartialU(HalfSrc{x, ldx}, m, k0 / 8, (k1 + 7) / 8, ar, ut);
+                                                        GateArgs g, int stage, unsigned* ready) {
+  if (ready == nullptr) {
+    // Launched under PDL (LaunchPdl): wait for x's producer. After a plain
+    // launch there is nothing to wait for and this returns at once (as the
+    // small kernels' PdlEnter does with SetProgrammaticLaunch(false)).
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    // The GEMM that follows (launched with PDL) may start now: it reads only
+    // x (complete: this kernel waited for it, or was launched after it) and
+    // the weights until it needs v (see w4_gemm_kernel.cuh).
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
   } else {
-    for (int t0 = 0; t0 < m; t0 += 4) {
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int c = k0 + threadIdx.x; c < k1; c += 256) {
-        const float av = __half2float(ar[c]);
-#pragma unroll
-        for (int tt = 0; tt < 4; ++tt) {
-          if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
-        }
-      }
-#pragma unroll
-      for (int tt = 0; tt < 4; ++tt) {
-        float v = acc[tt];
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0 && t0 + tt < m) ut[warp][t0 + tt] = v;
-      }
+    // v25: the GEMM may start at once, before x is complete: it streams its
+    // weights and waits on *ready for x, and for this grid's completion
+    // (v) only in its epilogue. Block 0 clears the flag before the trigger
+    // (the GEMM of the last call on this workspace completed before this
+    // grid began: PdlEnter chain) and sets it once x's producer completed.
+    const bool first = blockIdx.x == 0 && threadIdx.x == 0;
+    if (first) {
+      *ready = 0u;
+      __threadfence();
+    }
+    __syncthreads();
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    if (first) {
+      __threadfence();
+      asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(ready), "r"(1u) : "memory");
     }
   }
-  StorePartialU(ut, m, upart, part, q, g.r);
-  if (!LastBlock(counter, gridDim.x * gridDim.y)) return;
-  GateTail(g, upart, m, P, stage, nullptr, counter, dyn);
-}
-
-// v24: the prologue in the launch of the kernel that produces x. Blocks
-// [0, main_blocks) do the producer's own work (Main::Run), the next r x P
-// compute the partial u of (rank q, k range p) from the producer's inputs
-// (Src), and the last block to finish computes the gates; so the GEMM that
-// follows waits for one launch instead of two (its launch and weight
-// prefetch overlap the producer, as without an EC).
-template <int kVec>
-struct RmsMain {  // RMSNorm row b; its 1 / rms into scale[b]
-  const float* x;
-  const float* weight;
-  uint16_t* y;
-  long long d, ldx, ldy;
-  float eps;
-  float* scale;
-  __device__ void Run(int b) const {
-    const float inv = RmsNormF16Row<kVec>(x, nullptr, weight, y, d, ldx, 0, ldy, eps, b);
-    if (threadIdx.x == 0) scale[b] = inv;
-  }
-};
-struct SiluMain {  // SwiGLU: row b / per_row, every per_row-th 256-element piece
-  const uint16_t* gate;
-  const uint16_t* up;
-  uint16_t* y;
-  long long n, ldg, ldu, ldy;
-  int per_row;
-  __device__ void Run(int b) const {
-    const int row = b / per_row, piece = b - row * per_row;
-    SiluMulRow(gate, up, y, n, ldg, ldu, ldy, row, piece * 256LL + threadIdx.x,
-               static_cast<long long>(per_row) * 256);
-  }
-};
-
-template <class Main, class Src>
-__global__ void __launch_bounds__(256) EcProducerKernel(Main main, Src src, int main_blocks, int m,
-                                                        int k, int kchunk, int P,
-                                                        const __half* __restrict__ a,
-                                                        float* upart, unsigned* counter,
-                                                        GateArgs g, int stage,
-                                                        const float* scale) {
-  PdlEnter();
   extern __shared__ float dyn[];
   __shared__ float ut[8][kDecodeMaxM];
-  const int b = blockIdx.x;
-  if (b < main_blocks) {
-    main.Run(b);
-  } else {
-    const int i = b - main_blocks, q = i % g.r, part = i / g.r;
-    const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);  // k % 8 == 0
-    PartialU(src, m, k0 / 8, k1 / 8, a + static_cast<long long>(q) * k, ut);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+  // Work items (q, part), r x P of them, over the blocks (v26: fewer blocks
+  // than items where the grid is capped; one item per block otherwise).
+  for (int item = blockIdx.x; item < g.r * P; item += gridDim.x) {
+    const int q = item % g.r, part = item / g.r;
+    const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
+    const __half* ar = a + static_cast<long long>(q) * k;
+    if (vec) {
+      PartialU(HalfSrc{x, ldx}, m, k0 / 8, (k1 + 7) / 8, ar, ut);
+    } else {
+      for (int t0 = 0; t0 < m; t0 += 4) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int c = k0 + threadIdx.x; c < k1; c += 256) {
+          const float av = __half2float(ar[c]);
+#pragma unroll
+          for (int tt = 0; tt < 4; ++tt) {
+            if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
+          }
+        }
+#pragma unroll
+        for (int tt = 0; tt < 4; ++tt) {
+          float v = acc[tt];
+          for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+          if (lane == 0 && t0 + tt < m) ut[warp][t0 + tt] = v;
+        }
+      }
+    }
     StorePartialU(ut, m, upart, part, q, g.r);
+    __syncthreads();  // ut is read above before the next item writes it
   }
   if (!LastBlock(counter, gridDim.x)) return;
-  GateTail(g, upart, m, P, stage, scale, counter, dyn);
+  GateTail(g, upart, m, P, stage, counter, dyn);
 }
 
 __global__ void __launch_bounds__(256) EcGateRowsKernel(const float* __restrict__ u, int m,
@@ -457,7 +376,7 @@ EcPlan PlanEc(const W4DeviceWeight::Impl& w, int64_t m, int flags) {
   e.kchunk = static_cast<int>((w.k + e.parts - 1) / e.parts + 7) / 8 * 8;
   const int64_t r = w.r, h = w.h;
   const int64_t par = m * (r + h) + (w.gated ? 2 * h * r + h + r : 0);
-  e.stage = (flags & 1) == 0 && par <= kGateStageFloats ? 1 : 0;
+  e.stage = (flags & (1 | 64)) == 0 && par <= kGateStageFloats ? 1 : 0;
   e.smem = (e.stage ? static_cast<size_t>(par) : 8 * static_cast<size_t>(r + h)) * sizeof(float);
   return e;
 }
@@ -467,123 +386,33 @@ EcPlan PlanEc(const W4DeviceWeight::Impl& w, int64_t m, int flags) {
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
-                              int flags, bool pdl_launch) {
+                              int flags, bool pdl_launch, bool early) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
+  unsigned* ready = early && pdl_launch ? ws.ec_ready : nullptr;
   const EcPlan e = PlanEc(w, m, flags);
-  const dim3 grid(static_cast<unsigned>(w.r), static_cast<unsigned>(e.parts));
+  // flag 128 (v26): at most one block per SM (work items looped), so that
+  // the prologue's blocks, resident while the GEMM after it starts, take at
+  // most one block's registers and shared memory from any SM.
+  int64_t blocks = w.r * e.parts;
+  if ((flags & 128) != 0 && blocks > ws.num_sms) blocks = ws.num_sms;
+  const dim3 grid(static_cast<unsigned>(blocks));
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
   cudaError_t err;
   if (pdl_launch) {
     err = LaunchPdl(EcPrologueKernel, grid, dim3(256), e.smem, stream, xh, static_cast<int>(m),
-                    static_cast<long long>(ldx), static_cast<int>(w.k), e.kchunk, ah, ws.u,
-                    ws.ec_counter, g, e.stage);
+                    static_cast<long long>(ldx), static_cast<int>(w.k), e.kchunk, e.parts, ah,
+                    ws.u, ws.ec_counter, g, e.stage, ready);
   } else {
     EcPrologueKernel<<<grid, 256, e.smem, stream>>>(xh, static_cast<int>(m), ldx,
-                                                    static_cast<int>(w.k), e.kchunk, ah, ws.u,
-                                                    ws.ec_counter, g, e.stage);
+                                                    static_cast<int>(w.k), e.kchunk, e.parts, ah,
+                                                    ws.u, ws.ec_counter, g, e.stage, ready);
     err = cudaGetLastError();
   }
   SPEAR_CUDA_RETURN_IF_ERROR(err);
   return absl::OkStatus();
-}
-
-namespace {
-
-bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-// The checks both fused producers share; k = the producer's row width.
-absl::Status CheckEcProducer(const char* op, const EcProducer& ec, int64_t m, int64_t k) {
-  if (ec.w == nullptr || ec.ws == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": EcProducer needs w and ws"));
-  }
-  if (!EcProducerFusable(*ec.w, m)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": the EC prologue cannot run in the producer (weight without an EC, m = ", m,
-        " outside 1..", kPrefillM - 1, ", or the EC's k ", ec.w->impl().k, " not a multiple of 8)"));
-  }
-  if (ec.w->impl().k != k) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": the producer's width ", k,
-                                                   " is not the weight's k ", ec.w->impl().k));
-  }
-  if (ec.gate_ld != 0 && ec.gate_ld < ec.w->impl().r) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": gate_ld ", ec.gate_ld, " below the EC rank ", ec.w->impl().r));
-  }
-  return absl::OkStatus();
-}
-
-template <class Main, class Src>
-absl::Status LaunchEcProducer(const Main& main, const Src& src, int main_blocks,
-                              const EcProducer& ec, int64_t m, const float* scale,
-                              cudaStream_t stream) {
-  const W4DeviceWeight::Impl& w = ec.w->impl();
-  W4Workspace::Impl& ws = ec.ws->impl();
-  const EcPlan e = PlanEc(w, m, 0);
-  const GateArgs g = MakeGate(w, ws.v, w.rp, nullptr, ec.gate_out, ec.gate_ld);
-  const unsigned grid = static_cast<unsigned>(main_blocks + w.r * e.parts);
-  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
-      EcProducerKernel<Main, Src>, dim3(grid), dim3(256), e.smem, stream, main, src, main_blocks,
-      static_cast<int>(m), static_cast<int>(w.k), e.kchunk, e.parts,
-      reinterpret_cast<const __half*>(w.ec_a), ws.u, ws.ec_counter, g, e.stage, scale));
-  return absl::OkStatus();
-}
-
-}  // namespace
-
-bool EcProducerFusable(const W4DeviceWeight& w, int64_t m) {
-  return w.has_ec() && m >= 1 && m < kPrefillM && m <= kDecodeMaxM && w.impl().k % 8 == 0;
-}
-
-absl::Status RmsNormF16Ec(const RmsNormF16Params& p, const EcProducer& ec, cudaStream_t stream) {
-  if (absl::Status st = CheckEcProducer("cuda::RmsNormF16Ec", ec, p.m, p.d); !st.ok()) return st;
-  if (p.x == nullptr || p.weight == nullptr || p.y == nullptr || p.residual != nullptr ||
-      p.ldx < p.d || p.ldy < p.d || !(p.eps >= 0.f) || p.d > kRmsNormEcMaxD ||
-      p.ldx % 4 != 0 || p.ldy % 4 != 0 || !Aligned16(p.x) || !Aligned16(p.weight) ||
-      (reinterpret_cast<uintptr_t>(p.y) & 7) != 0) {
-    return absl::InvalidArgumentError(
-        "cuda::RmsNormF16Ec: invalid parameters (no residual; d <= 8192; "
-        "ldx, ldy multiples of 4; x and weight 16-byte, y 8-byte aligned)");
-  }
-  float* scale = ec.ws->impl().ec_scale;
-  const RmsSrc src{p.x, p.ldx, p.weight};
-  const int64_t per_thread = (p.d / 4 + kRowThreads - 1) / kRowThreads;
-  const int main_blocks = static_cast<int>(p.m);
-  auto run = [&](auto main) {
-    main.x = p.x;
-    main.weight = p.weight;
-    main.y = p.y;
-    main.d = p.d;
-    main.ldx = p.ldx;
-    main.ldy = p.ldy;
-    main.eps = p.eps;
-    main.scale = scale;
-    return LaunchEcProducer(main, src, main_blocks, ec, p.m, scale, stream);
-  };
-  if (per_thread <= 1) return run(RmsMain<1>{});
-  if (per_thread <= 2) return run(RmsMain<2>{});
-  if (per_thread <= 4) return run(RmsMain<4>{});
-  return run(RmsMain<8>{});
-}
-
-absl::Status SiluMulEc(const SiluMulF16Params& p, const EcProducer& ec, cudaStream_t stream) {
-  if (absl::Status st = CheckEcProducer("cuda::SiluMulEc", ec, p.m, p.n); !st.ok()) return st;
-  if (p.gate == nullptr || p.up == nullptr || p.y == nullptr || p.ld_gate < p.n ||
-      p.ld_up < p.n || p.ldy < p.n || p.ld_gate % 8 != 0 || p.ld_up % 8 != 0 ||
-      !Aligned16(p.gate) || !Aligned16(p.up)) {
-    return absl::InvalidArgumentError(
-        "cuda::SiluMulEc: invalid parameters (ld_gate, ld_up multiples of 8; gate and up "
-        "16-byte aligned)");
-  }
-  // The rows' own pieces as SiluMul cuts them (<= 64 blocks of 256 per row).
-  const int64_t chunks = (p.n + 255) / 256;
-  const int per_row = static_cast<int>(chunks < 64 ? chunks : 64);
-  const SiluMain main{p.gate, p.up, p.y, p.n, p.ld_gate, p.ld_up, p.ldy, per_row};
-  const SiluSrc src{reinterpret_cast<const __half*>(p.gate), reinterpret_cast<const __half*>(p.up),
-                    p.ld_gate, p.ld_up};
-  return LaunchEcProducer(main, src, static_cast<int>(p.m) * per_row, ec, p.m, nullptr, stream);
 }
 
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,

@@ -141,17 +141,15 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     if (ec) {
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
-      // ec_prologue 16 (v24): the producer of x computed v (RmsNormF16Ec /
-      // SiluMulEc) and this launch waits for it as for x, at the start.
-      if ((p.ec_prologue & (4 | 16)) == 0) {
+      if ((p.ec_prologue & 4) == 0) {
         // Under PDL before the fold kernel (M <= 16; v14, -0.04 ms on the 8B
         // step in three calls); a plain launch before the others (v12: PDL
         // was slower there at M >= 8) or with ec_prologue flag 2.
         if (absl::Status st = LaunchEcPrologue(
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
                 p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
-                p.gate_ld, stream, p.ec_prologue & 1,
-                fold && (p.ec_prologue & 2) == 0);
+                p.gate_ld, stream, p.ec_prologue & (1 | 64 | 128),
+                fold && (p.ec_prologue & 2) == 0, fold && (p.ec_prologue & 32) != 0);
             !st.ok()) {
           return st;
         }
@@ -161,7 +159,9 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
         a.esteps = static_cast<int>(d.rp / 16);
         a.v = s.v;
         a.ldv = static_cast<int>(d.rp);
-        a.ec_late = (p.ec_prologue & 16) != 0 ? 0 : 1;
+        a.ec_late = 1;
+        // v25: the prologue started this launch before x was complete.
+        if (fold && (p.ec_prologue & (2 | 4 | 32)) == 32) a.ready = s.ec_ready;
       }
     }
     if (absl::Status st =
@@ -201,14 +201,10 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }
-  if (p.ec_prologue < 0 || (p.ec_prologue > 15 && p.ec_prologue != 16) ||
-      (p.ec_prologue & 12) == 12) {
+  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 32 | 64 | 128)) != 0 ||
+      (p.ec_prologue & 12) == 12 || ((p.ec_prologue & 32) != 0 && (p.ec_prologue & 14) != 0)) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 1, 2 and one of 4 / 8, or 16 alone"));
-  }
-  if (p.ec_prologue == 16 && (p.force_prefill || p.m >= kPrefillM)) {
-    return Bad(absl::StrCat("ec_prologue 16 (v from the producer of x) on the prefill path (m = ",
-                            p.m, "): decode only, m < ", kPrefillM));
+                            ": flags 1, 2, 32, 64, 128 and one of 4 / 8 (32 without 2, 4, 8)"));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured

@@ -108,7 +108,6 @@ absl::Status CudaModelRunner::Init(const CudaRunnerOptions& o) {
   if (!w.ok()) return w.status();
   weights_ = std::move(*w);
   max_graph_batch_ = o.max_graph_batch;
-  ec_in_producer_ = o.ec_in_producer;
   SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   SPEAR_CUBLAS_RETURN_IF_ERROR(kernels::cuda::blas::Create(&cublas_));
   SPEAR_CUBLAS_RETURN_IF_ERROR(kernels::cuda::blas::SetStream(cublas_, stream_));
@@ -296,26 +295,9 @@ absl::Status CudaModelRunner::ReadEcFlags(std::vector<uint8_t>* flags) const {
   return absl::OkStatus();
 }
 
-bool CudaModelRunner::EcProducerFor(const DeviceLinear& lin, int64_t T, bool norm,
-                                    kc::W4Workspace* ws, kc::EcProducer* ep) const {
-  if (!ec_in_producer_ || lin.pieces.size() != 1) return false;
-  if (norm && lin.k > kc::kRmsNormEcMaxD) return false;
-  const DeviceLinear::Piece& piece = lin.pieces[0];
-  bool mixed = false;
-  if (!PieceUseEc(piece, &mixed) || !kc::EcProducerFusable(*piece.w, T)) return false;
-  *ep = kc::EcProducer{};
-  ep->w = piece.w.get();
-  ep->ws = ws;
-  if (observe_gates_ && piece.gate_col >= 0) {
-    ep->gate_out = gate_dev_ + piece.gate_col;
-    ep->gate_ld = weights_->gate_cols();
-  }
-  return true;
-}
-
 absl::Status CudaModelRunner::RunLinear(const DeviceLinear& lin, const uint16_t* x, int64_t m,
                                         int64_t ldx, uint16_t* y16, float* y32, int64_t ldy,
-                                        bool accumulate, kc::W4Workspace* ws, bool ec_produced) {
+                                        bool accumulate, kc::W4Workspace* ws) {
   for (const DeviceLinear::Piece& piece : lin.pieces) {
     bool mixed = false;
     kc::W4CudaParams p;
@@ -332,7 +314,6 @@ absl::Status CudaModelRunner::RunLinear(const DeviceLinear& lin, const uint16_t*
       p.gate_out = gate_dev_ + piece.gate_col;
       p.gate_ld = weights_->gate_cols();
     }
-    if (ec_produced) p.ec_prologue = 16;
     if (absl::Status s = kc::W4Linear(*piece.w, p, ws, stream_); !s.ok()) return s;
   }
   return absl::OkStatus();
@@ -368,15 +349,8 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
   for (size_t l = 0; l < weights_->layers().size(); ++l) {
     const DeviceLayer& L = weights_->layers()[l];
     n.weight = L.attn_norm;
-    // v24: the EC prologue of qkv, gate_up and down in their producer's launch.
-    kc::EcProducer ep;
-    bool fused = EcProducerFor(L.qkv, T, true, ws, &ep);
-    if (absl::Status s = fused ? kc::RmsNormF16Ec(n, ep, stream_) : kc::RmsNormF16(n, stream_);
-        !s.ok()) {
-      return s;
-    }
-    if (absl::Status s = RunLinear(L.qkv, h16_, T, d, qkv_, nullptr, qkv_n, false, ws, fused);
-        !s.ok()) {
+    if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
+    if (absl::Status s = RunLinear(L.qkv, h16_, T, d, qkv_, nullptr, qkv_n, false, ws); !s.ok()) {
       return s;
     }
     // RoPE of q and k + the KV append of k and v: one launch.
@@ -422,12 +396,8 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
       return s;
     }
     n.weight = L.ffn_norm;
-    fused = EcProducerFor(L.gate_up, T, true, ws, &ep);
-    if (absl::Status s = fused ? kc::RmsNormF16Ec(n, ep, stream_) : kc::RmsNormF16(n, stream_);
-        !s.ok()) {
-      return s;
-    }
-    if (absl::Status s = RunLinear(L.gate_up, h16_, T, d, gu_, nullptr, 2 * ff, false, ws, fused);
+    if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
+    if (absl::Status s = RunLinear(L.gate_up, h16_, T, d, gu_, nullptr, 2 * ff, false, ws);
         !s.ok()) {
       return s;
     }
@@ -439,13 +409,8 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
     sm.n = ff;
     sm.ld_gate = sm.ld_up = 2 * ff;
     sm.ldy = ff;
-    fused = EcProducerFor(L.down, T, false, ws, &ep);
-    if (absl::Status s = fused ? kc::SiluMulEc(sm, ep, stream_) : kc::SiluMul(sm, stream_);
-        !s.ok()) {
-      return s;
-    }
-    if (absl::Status s = RunLinear(L.down, act_, T, ff, nullptr, residual_, d, true, ws, fused);
-        !s.ok()) {
+    if (absl::Status s = kc::SiluMul(sm, stream_); !s.ok()) return s;
+    if (absl::Status s = RunLinear(L.down, act_, T, ff, nullptr, residual_, d, true, ws); !s.ok()) {
       return s;
     }
   }

@@ -72,10 +72,6 @@ struct CudaRunnerOptions {
   // (docs/results/gpu.md, v23: decode steps 0.3-6.4 % faster on the 8B
   // shape, 4.6-6.5 % on the 1B shape).
   bool tune_decode = true;
-  // v24: decode steps run the EC prologue of qkv, gate_up and down in the
-  // launch of their input's producer (RMSNorm, SwiGLU) instead of a launch
-  // of its own (docs/results/gpu.md, "v24"); false: the separate prologue.
-  bool ec_in_producer = true;
 };
 
 class CudaModelRunner {
@@ -129,17 +125,9 @@ class CudaModelRunner {
   absl::Status EnqueueSampling(const std::vector<RowSampling>& rows, int64_t R);
   // Enqueues the whole forward on stream_ (capturable when p.graph).
   absl::Status Enqueue(const Plan& p);
-  // ec_produced: the producer of x ran the EC prologue of lin's one piece
-  // (EcProducerFor; W4CudaParams::ec_prologue 16).
   absl::Status RunLinear(const DeviceLinear& lin, const uint16_t* x, int64_t m, int64_t ldx,
                          uint16_t* y16, float* y32, int64_t ldy, bool accumulate,
-                         kernels::cuda::W4Workspace* ws, bool ec_produced = false);
-  // v24: where lin's EC prologue can run in the launch of its input's
-  // producer (one piece, its EC on, kernels::cuda::EcProducerFusable for T
-  // rows, options ec_in_producer): true and *ep filled; else false.
-  // norm: the producer is RMSNorm (k <= kRmsNormEcMaxD), else SwiGLU.
-  bool EcProducerFor(const DeviceLinear& lin, int64_t T, bool norm, kernels::cuda::W4Workspace* ws,
-                     kernels::cuda::EcProducer* ep) const;
+                         kernels::cuda::W4Workspace* ws);
   void DropGraphs();
   void NotifyGateObservers(int64_t T);
 
@@ -149,7 +137,6 @@ class CudaModelRunner {
   BlockAllocator allocator_;
   std::unique_ptr<DeviceModelWeights> weights_;
   int max_graph_batch_ = 0;
-  bool ec_in_producer_ = true;
   std::vector<float> inv_freq_host_;
 
   cudaStream_t stream_ = nullptr;

@@ -42,7 +42,6 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "kernels/cuda_ops.h"
 #include "kernels/w4_format.h"
 
 typedef struct CUstream_st* cudaStream_t;
@@ -182,9 +181,7 @@ struct W4CudaParams {
   // a plain launch at any M;
   // benchmarks only (the output is then wrong): 4 no prologue (the epilogue
   // uses whatever v the last call left), 8 the prologue without the
-  // epilogue (4 and 8 together: InvalidArgument). 16 (alone): no prologue,
-  // the producer of x ran it (RmsNormF16Ec / SiluMulEc, v24, below); only on
-  // the decode path (m < kPrefillM, no force_prefill), else InvalidArgument.
+  // epilogue (4 and 8 together: InvalidArgument).
   int ec_prologue = 0;
   // testing/benchmarks: where the prefill path (m >= kPrefillM) runs the
   // EC's U = x A^T and gate: 0 automatic (a second stream, overlapped with
@@ -220,35 +217,6 @@ absl::Status EcGate(const W4DeviceWeight& w, const uint16_t* x, int64_t m, int64
                     float* v, W4Workspace* ws, cudaStream_t stream);
 absl::Status EcApply(const W4DeviceWeight& w, const float* v, int64_t m, float* y_f32,
                      uint16_t* y_f16, int64_t ldy, cudaStream_t stream);
-
-// v24: the decode EC prologue (u = A x and the gate) in the launch of the
-// kernel that produces the GEMM's x, instead of a launch of its own between
-// the two: the GEMM then waits for one launch, as without an EC, so its
-// launch and weight prefetch overlap the producer again (the separate
-// prologue cost ~3-4 us per EC'd GEMM on the H200 whatever the GEMM's size:
-// docs/results/gpu.md, "v24"). RmsNormF16Ec is RmsNormF16 (no residual)
-// and SiluMulEc is SiluMul, bitwise the same output, plus the prologue of
-// `w`'s EC for the output rows, written into `ws`; the W4Linear call that
-// follows on the same stream must use that weight, that workspace and m,
-// with W4CudaParams::ec_prologue = 16 (and so its gate_out is unused: the
-// producer writes EcProducer::gate_out). u is computed from the producer's
-// fp32 values (RMSNorm: A (x ⊙ w) times 1 / rms) or from the fp16 outputs
-// (SwiGLU). InvalidArgument where !EcProducerFusable(w, m), for a width
-// other than w's k, or for layouts the vector loads cannot take (below).
-struct EcProducer {
-  const W4DeviceWeight* w = nullptr;  // the next GEMM's weight, with an EC
-  W4Workspace* ws = nullptr;          // the workspace that GEMM will use
-  float* gate_out = nullptr;          // nullable, as W4CudaParams::gate_out / gate_ld
-  int64_t gate_ld = 0;
-};
-// w has an EC, k % 8 == 0 and 1 <= m < kPrefillM (the decode path).
-bool EcProducerFusable(const W4DeviceWeight& w, int64_t m);
-// No residual; d <= kRmsNormEcMaxD; ldx, ldy multiples of 4; x, weight
-// 16-byte and y 8-byte aligned.
-inline constexpr int64_t kRmsNormEcMaxD = 8192;
-absl::Status RmsNormF16Ec(const RmsNormF16Params& p, const EcProducer& ec, cudaStream_t stream);
-// ld_gate, ld_up multiples of 8; gate, up 16-byte aligned.
-absl::Status SiluMulEc(const SiluMulF16Params& p, const EcProducer& ec, cudaStream_t stream);
 
 // Measured decode dispatch (v23, docs/results/gpu.md): for m = 1..max_m
 // (<= 8) times the fold kernel as the cost model dispatches it and in every

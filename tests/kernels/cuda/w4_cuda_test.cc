@@ -348,12 +348,16 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
   const int64_t ms[] = {1, 5, 16, 64};
   int v = 0;
   for (const Shape& s : shapes) {
-    for (int form = 0; form < 4; ++form) {
-      Case c{s.n, s.k, s.g, ms[v % 4]};
+    for (int form = 0; form < 7; ++form) {
+      // forms 4-6 (fold kernel rows, m <= 16): the prologue starts the fold
+      // kernel before x is complete (ec_prologue 32, v25); its grid capped
+      // at one block per SM (128, v26); both with the gate one warp per
+      // token (64).
+      Case c{s.n, s.k, s.g, form >= 4 ? 1 + 5 * (v % 4) : ms[v % 4]};
       c.ec = v % 5 == 4 ? 1 : 2;
       c.ec_rank = s.r;
       c.ec_hidden = s.h;
-      c.ec_prologue = form;
+      c.ec_prologue = form == 4 ? 32 : form == 5 ? 128 : form == 6 ? 224 : form;
       c.gate_pad = form == 2 ? 5 : 0;  // gate_out rows strided (the CUDA runner's gate buffer)
       c.decode_kernel = form == 3 ? 128 : 0;  // fold: B fragments from global memory
       c.act_scale = v % 3 == 1;
@@ -367,246 +371,6 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
       if (HasFatalFailure()) return;
     }
   }
-}
-
-// v24: the EC prologue in the producer's launch (RmsNormF16Ec, SiluMulEc),
-// then W4Linear with ec_prologue 16, against the reference on the fp16
-// activations the producer wrote. The producer's output must be bitwise
-// that of its plain kernel (RmsNormF16 / SiluMul, same inputs); y within
-// RunCase's tolerance (u is formed from the producer's fp32 values for
-// RMSNorm, a 2^-12 relative difference from the reference's fp16 x, far
-// below it); the gates within 2e-3 as there. Shapes: k with 1..7 ranges of
-// 2048, ranks 4..256 (the gate staged in shared memory or, where that does
-// not fit, one warp per token), m from 1 to 63 (the fold, v8 ring and
-// m16 decode kernels), static and gated ECs, gate_out with padded rows.
-TEST(CudaW4, EcInProducerMatchesReference) {
-  SKIP_WITHOUT_GPU();
-  std::mt19937 rng(Seed() + 12);
-  auto ws = cuda::W4Workspace::Create();
-  ASSERT_TRUE(ws.ok()) << ws.status();
-  struct Shape {
-    int64_t n, k, g, r, h, m;
-    bool silu;
-  };
-  const Shape shapes[] = {{576, 576, 64, 4, 16, 1, false},     {512, 4096, 128, 75, 48, 1, false},
-                          {512, 4096, 128, 75, 48, 16, true},  {256, 14336, 128, 32, 16, 3, true},
-                          {130, 1000, 1000, 100, 64, 17, false}, {192, 2048, 128, 256, 64, 40, true},
-                          {320, 4096, 128, 50, 32, 8, false},  {64, 8192, 128, 25, 16, 63, false}};
-  int v = 0;
-  for (const Shape& s : shapes) {
-    const bool gated = v % 3 != 2;
-    SCOPED_TRACE(absl::StrCat("n=", s.n, " k=", s.k, " g=", s.g, " r=", s.r, " h=", s.h,
-                              " m=", s.m, " silu=", s.silu, " gated=", gated));
-    const int64_t n = s.n, k = s.k, m = s.m;
-    const W4Weight w = RandomW4(n, k, s.g, false, false, rng);
-    const EcWeights ec = RandomEc(n, k, s.r, s.h, gated, rng);
-    auto dw = cuda::W4DeviceWeight::Create(w, &ec);
-    ASSERT_TRUE(dw.ok()) << dw.status();
-    std::normal_distribution<float> nd;
-    // Producer inputs: RMSNorm x fp32 [m][ldi] and its weight; SwiGLU gate
-    // and up fp16, interleaved rows [m][2 ldi] as the runner's gate_up output.
-    const int64_t ldi = k + 8 * (v % 2), ldx = k + 8;
-    std::vector<float> xin(static_cast<size_t>(m * ldi), 0.f), nw(static_cast<size_t>(k));
-    std::vector<uint16_t> gu(static_cast<size_t>(m * 2 * ldi), FloatToHalf(0.f));
-    for (float& x : xin) x = 3.f * nd(rng);
-    std::uniform_real_distribution<float> wd(0.5f, 1.5f);
-    for (float& x : nw) x = wd(rng);
-    for (uint16_t& x : gu) x = FloatToHalf(2.f * nd(rng));
-    DevBuf<float> dxin(xin.size()), dnw(nw.size());
-    DevBuf<uint16_t> dgu(gu.size()), dxa(static_cast<size_t>(m * ldx)),
-        dxb(static_cast<size_t>(m * ldx));
-    dxin.Up(xin);
-    dnw.Up(nw);
-    dgu.Up(gu);
-    dxa.Poison();
-    dxb.Poison();
-    cuda::RmsNormF16Params rn;
-    rn.x = dxin.get();
-    rn.weight = dnw.get();
-    rn.m = m;
-    rn.d = k;
-    rn.ldx = ldi;
-    rn.ldy = ldx;
-    rn.eps = 1e-5f;
-    cuda::SiluMulF16Params sm;
-    sm.gate = dgu.get();
-    sm.up = dgu.get() + ldi;
-    sm.m = m;
-    sm.n = k;
-    sm.ld_gate = sm.ld_up = 2 * ldi;
-    sm.ldy = ldx;
-    // The plain producer into dxa.
-    rn.y = sm.y = dxa.get();
-    ASSERT_TRUE((s.silu ? cuda::SiluMul(sm, nullptr) : cuda::RmsNormF16(rn, nullptr)).ok());
-    // The fused producer into dxb, then the GEMM.
-    const int64_t gld = s.r + 3;
-    DevBuf<float> dgate(static_cast<size_t>(m * gld));
-    dgate.Poison();
-    cuda::EcProducer ep;
-    ep.w = dw->get();
-    ep.ws = ws->get();
-    ep.gate_out = dgate.get();
-    ep.gate_ld = gld;
-    rn.y = sm.y = dxb.get();
-    {
-      const absl::Status st =
-          s.silu ? cuda::SiluMulEc(sm, ep, nullptr) : cuda::RmsNormF16Ec(rn, ep, nullptr);
-      ASSERT_TRUE(st.ok()) << st;
-    }
-    const int64_t ldy = n + 3;
-    DevBuf<float> dy(static_cast<size_t>(m * ldy));
-    dy.Poison();
-    cuda::W4CudaParams p;
-    p.x = dxb.get();
-    p.m = m;
-    p.ldx = ldx;
-    p.y_f32 = dy.get();
-    p.ldy = ldy;
-    p.ec_prologue = 16;
-    {
-      const absl::Status st = cuda::W4Linear(**dw, p, ws->get(), nullptr);
-      ASSERT_TRUE(st.ok()) << st;
-    }
-    CUDA_OK(cudaDeviceSynchronize());
-    const std::vector<uint16_t> xa = dxa.Down(), xb = dxb.Down();
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t j = 0; j < k; ++j) {
-        ASSERT_EQ(xb[i * ldx + j], xa[i * ldx + j]) << "producer output [" << i << "," << j << "]";
-      }
-    }
-    // The reference on the fp16 activations.
-    std::vector<float> xf(static_cast<size_t>(m * ldx), 0.f);
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t j = 0; j < k; ++j) xf[i * ldx + j] = HalfToFloat(xa[i * ldx + j]);
-    }
-    std::vector<float> yref(static_cast<size_t>(m * ldy), 0.f),
-        gref(static_cast<size_t>(m * s.r), 0.f);
-    W4LinearParams rp;
-    rp.x = xf.data();
-    rp.m = m;
-    rp.k = k;
-    rp.ldx = ldx;
-    rp.w = &w;
-    rp.ec = &ec;
-    rp.y = yref.data();
-    rp.ldy = ldy;
-    rp.gate_out = gref.data();
-    ASSERT_TRUE(ref::W4Linear(rp).ok());
-    const std::vector<float> y = dy.Down(), g = dgate.Down();
-    double ss = 0, se = 0;
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t j = 0; j < n; ++j) ss += double{yref[i * ldy + j]} * yref[i * ldy + j];
-    }
-    const double rms = std::sqrt(ss / static_cast<double>(m * n));
-    int bad = 0;
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t j = 0; j < n; ++j) {
-        const double a = y[i * ldy + j], b = yref[i * ldy + j];
-        se += (a - b) * (a - b);
-        if (!(std::fabs(a - b) <= 2e-3 * rms + 2e-3 * std::fabs(b))) {
-          if (++bad <= 5) ADD_FAILURE() << "y[" << i << "," << j << "] = " << a << " want " << b;
-        }
-      }
-    }
-    EXPECT_EQ(bad, 0);
-    EXPECT_LE(std::sqrt(se / ss), 1e-3);
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t c = 0; c < s.r; ++c) {
-        const float want = gref[i * s.r + c];
-        ASSERT_NEAR(g[i * gld + c], want, 2e-3 * (1 + std::fabs(want))) << "gate " << i << "," << c;
-      }
-    }
-    ++v;
-  }
-}
-
-// The fused producers' refusals (nothing enqueued) and W4Linear's
-// ec_prologue 16 off the decode path.
-TEST(CudaW4, EcInProducerRejectsBadParams) {
-  SKIP_WITHOUT_GPU();
-  std::mt19937 rng(Seed() + 13);
-  auto ws = cuda::W4Workspace::Create();
-  ASSERT_TRUE(ws.ok()) << ws.status();
-  const int64_t n = 128, k = 512;
-  const W4Weight w = RandomW4(n, k, 128, false, false, rng);
-  const EcWeights ec = RandomEc(n, k, 16, 16, true, rng);
-  auto with_ec = cuda::W4DeviceWeight::Create(w, &ec);
-  auto no_ec = cuda::W4DeviceWeight::Create(w, nullptr);
-  ASSERT_TRUE(with_ec.ok() && no_ec.ok());
-  DevBuf<float> x(64 * k), nw(k), res(64 * k);
-  DevBuf<uint16_t> y(64 * k), gu(64 * 2 * k);
-  cuda::RmsNormF16Params rn;
-  rn.x = x.get();
-  rn.weight = nw.get();
-  rn.y = y.get();
-  rn.m = 4;
-  rn.d = rn.ldx = rn.ldy = k;
-  cuda::SiluMulF16Params sm;
-  sm.gate = gu.get();
-  sm.up = gu.get() + k;
-  sm.y = y.get();
-  sm.m = 4;
-  sm.n = k;
-  sm.ld_gate = sm.ld_up = 2 * k;
-  sm.ldy = k;
-  cuda::EcProducer ep;
-  ep.w = with_ec->get();
-  ep.ws = ws->get();
-  auto invalid = [](const absl::Status& s) { return s.code() == absl::StatusCode::kInvalidArgument; };
-  ASSERT_TRUE(cuda::RmsNormF16Ec(rn, ep, nullptr).ok());
-  ASSERT_TRUE(cuda::SiluMulEc(sm, ep, nullptr).ok());
-  CUDA_OK(cudaDeviceSynchronize());
-  {
-    cuda::EcProducer bad = ep;
-    bad.w = no_ec->get();
-    EXPECT_TRUE(invalid(cuda::RmsNormF16Ec(rn, bad, nullptr)));
-    bad.w = nullptr;
-    EXPECT_TRUE(invalid(cuda::SiluMulEc(sm, bad, nullptr)));
-    bad = ep;
-    bad.ws = nullptr;
-    EXPECT_TRUE(invalid(cuda::RmsNormF16Ec(rn, bad, nullptr)));
-    bad = ep;
-    bad.gate_ld = 3;  // below the rank
-    EXPECT_TRUE(invalid(cuda::RmsNormF16Ec(rn, bad, nullptr)));
-  }
-  for (int64_t m : {0, 64, 65}) {  // decode rows only: 1 .. kPrefillM - 1
-    cuda::RmsNormF16Params r2 = rn;
-    r2.m = m;
-    EXPECT_TRUE(invalid(cuda::RmsNormF16Ec(r2, ep, nullptr))) << m;
-  }
-  {
-    cuda::RmsNormF16Params r2 = rn;
-    r2.residual = res.get();
-    r2.ldr = k;
-    EXPECT_TRUE(invalid(cuda::RmsNormF16Ec(r2, ep, nullptr)));
-    r2 = rn;
-    r2.d = k - 8;  // not the weight's k
-    EXPECT_TRUE(invalid(cuda::RmsNormF16Ec(r2, ep, nullptr)));
-    r2 = rn;
-    r2.ldx = k + 2;  // rows not 16-byte aligned
-    EXPECT_TRUE(invalid(cuda::RmsNormF16Ec(r2, ep, nullptr)));
-    cuda::SiluMulF16Params s2 = sm;
-    s2.up = gu.get() + k + 4;  // not 16-byte aligned
-    EXPECT_TRUE(invalid(cuda::SiluMulEc(s2, ep, nullptr)));
-    s2 = sm;
-    s2.n = k / 2;
-    EXPECT_TRUE(invalid(cuda::SiluMulEc(s2, ep, nullptr)));
-  }
-  cuda::W4CudaParams p;
-  p.x = y.get();
-  p.m = 64;
-  p.ldx = k;
-  p.y_f16 = y.get();
-  p.ldy = n;
-  p.ec_prologue = 16;
-  EXPECT_TRUE(invalid(cuda::W4Linear(**with_ec, p, ws->get(), nullptr)));  // m = kPrefillM
-  p.m = 4;
-  p.force_prefill = true;
-  EXPECT_TRUE(invalid(cuda::W4Linear(**with_ec, p, ws->get(), nullptr)));
-  p.force_prefill = false;
-  p.ec_prologue = 17;
-  EXPECT_TRUE(invalid(cuda::W4Linear(**with_ec, p, ws->get(), nullptr)));
-  CUDA_OK(cudaDeviceSynchronize());
 }
 
 // The fold kernel (m <= 16: one or two token tiles) at every forced warp count, k split and ring depth, on a
@@ -631,6 +395,7 @@ TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
         c.decode_kernel = dk | (v % 3 == 1 ? 16 : v % 3 == 2 ? 32 : 0);
         c.decode_splits = splits;
         c.decode_depth = depth;
+        c.ec_prologue = v % 2 == 0 ? 32 : 0;  // v25: the GEMM started by the prologue
         ++v;
         RunCase(c, rng, ws->get());
         if (HasFatalFailure()) return;
@@ -668,6 +433,7 @@ TEST(CudaW4, FoldPersistentLoopMatchesReference) {
         c.decode_kernel = dk | (v % 4 == 2 ? 16 : 0) | (v % 6 == 5 ? 128 : 0);
         c.decode_splits = splits;
         c.decode_depth = depth;
+        c.ec_prologue = v % 2 == 1 ? 32 : 0;  // v25: the GEMM started by the prologue
         ++v;
         RunCase(c, rng, ws->get());
         if (HasFatalFailure()) return;
