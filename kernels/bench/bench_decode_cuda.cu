@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,25]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,17]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -202,33 +202,7 @@ const Variant kVariants[] = {
     {"W4, decode configurations measured at load (v23)", Ec::kOff, false, false, true, 0, true,
      false, 0, true},
     {"W4+EC at the diagnostic's placement, decode configurations measured at load (v23)",
-     Ec::kPlacement, false, false, true, 0, true, false, 0, true},
-    // 18-20 (v25): the EC prologue lets the GEMM start before x is complete
-    // (W4CudaParams::ec_prologue 32: a flag in the workspace instead of the
-    // launch order).
-    {"W4+EC at the diagnostic's placement, GEMM started by the prologue (v25)", Ec::kPlacement,
-     false, false, true, 0, true, false, 32},
-    {"W4+EC r32 all 4 GEMMs, all layers, GEMM started by the prologue (v25)", Ec::kAll, false,
-     false, true, 0, true, false, 32},
-    {"W4+EC at the diagnostic's placement, GEMM started by the prologue, measured configurations "
-     "(v25 + v23)",
-     Ec::kPlacement, false, false, true, 0, true, false, 32, true},
-    // 21-22: the prologue's gate one warp per token (ec_prologue 64: 8 (r + h)
-    // floats of shared memory per block instead of the staged MLP's).
-    {"W4+EC at the diagnostic's placement, prologue gate one warp per token (64)", Ec::kPlacement,
-     false, false, true, 0, true, false, 64},
-    {"W4+EC at the diagnostic's placement, prologue gate one warp per token, GEMM started by the "
-     "prologue (64 + 32)",
-     Ec::kPlacement, false, false, true, 0, true, false, 96},
-    // 23-25 (v26): the prologue's grid capped at one block per SM (ec_prologue 128).
-    {"W4+EC at the diagnostic's placement, prologue <= 1 block per SM (128)", Ec::kPlacement,
-     false, false, true, 0, true, false, 128},
-    {"W4+EC at the diagnostic's placement, prologue <= 1 block per SM, gate one warp per token "
-     "(128 + 64)",
-     Ec::kPlacement, false, false, true, 0, true, false, 192},
-    {"W4+EC at the diagnostic's placement, prologue <= 1 block per SM, GEMM started by the "
-     "prologue (128 + 32)",
-     Ec::kPlacement, false, false, true, 0, true, false, 160}};
+     Ec::kPlacement, false, false, true, 0, true, false, 0, true}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -765,7 +739,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,25] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,17] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

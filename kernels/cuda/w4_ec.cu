@@ -60,65 +60,78 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
 // memory when it fits (floats; 40 KB, with the static 2 KB under 48 KB).
 constexpr int kGateStageFloats = 10240;
 
-// The EC's input x for the partial sums of u = A x: Load fetches the 8
-// elements [8c, 8c + 8) of token t (one 16-byte load, issued for several
-// tokens before any arithmetic), Convert makes them floats.
-struct HalfSrc {
-  const __half* x;
-  long long ldx;
-  using Raw = uint4;
-  __device__ Raw Load(int t, int c) const {
-    return reinterpret_cast<const uint4*>(x + t * ldx)[c];
-  }
-  __device__ void Convert(const Raw& r, int, float (&f)[8]) const {
-    const __half2* h = reinterpret_cast<const __half2*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 v = __half22float2(h[i]);
-      f[2 * i] = v.x;
-      f[2 * i + 1] = v.y;
-    }
-  }
-};
-// ut[w][t] = warp w's part of A[q] . x[t] over the 8-element chunks [cb, ce)
-// (ar = A's row q): the block's 256 threads split the range, four tokens at
-// a time (each A chunk loaded once for the four), then a warp shuffle
-// reduction. Deterministic.
-template <class Src>
-__device__ void PartialU(const Src& src, int m, int cb, int ce, const __half* __restrict__ ar,
-                         float (*ut)[kDecodeMaxM]) {
+// Grid (r, P): block (q, p) computes the partial u[t][q] over k range p of P
+// (kchunk elements, a multiple of 8) for every token, into upart[p][t][q];
+// the last block to finish sums the P partials in order (deterministic),
+// then computes the gates: with `stage`, one output per thread from shared
+// memory (u, hidden and the transposed MLP weights in dynamic shared
+// memory), else one warp per token (dynamic shared memory us[8][r],
+// hs[8][h]).
+__global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict__ x, int m,
+                                                        long long ldx, int k, int kchunk,
+                                                        const __half* __restrict__ a,
+                                                        float* upart, unsigned* counter,
+                                                        GateArgs g, int stage) {
+  // Launched under PDL (LaunchPdl): wait for x's producer. After a plain
+  // launch there is nothing to wait for and this returns at once (as the
+  // small kernels' PdlEnter does with SetProgrammaticLaunch(false)).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  // The GEMM that follows (launched with PDL) may start now: it reads only
+  // x (complete: this kernel waited for it, or was launched after it) and
+  // the weights until it needs v (see w4_gemm_kernel.cuh).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+  extern __shared__ float dyn[];
+  __shared__ float ut[8][kDecodeMaxM];
+  __shared__ int last;
+  const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
+  const __half* ar = a + static_cast<long long>(q) * k;
+  // u[t][q] over [k0, k1) = A[q] . x[t]: the block's 256 threads split the
+  // range (8 elements per load), then a warp shuffle reduction and a
+  // fixed-order sum over the 8 warps: deterministic.
+  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+  // Four tokens at a time: each A chunk is loaded once for the four.
   for (int t0 = 0; t0 < m; t0 += 4) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int c0 = cb; c0 < ce; c0 += 2 * 256) {
-      uint4 av[2];
-      typename Src::Raw xv[2][4];
+    if (vec) {
+      const int cb = k0 / 8, ce = (k1 + 7) / 8;
+      for (int c0 = cb; c0 < ce; c0 += 2 * 256) {
+        uint4 av[2], xv[2][4];
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int c = c0 + j * 256 + threadIdx.x;
-        if (c < ce) {
-          av[j] = reinterpret_cast<const uint4*>(ar)[c];
+        for (int j = 0; j < 2; ++j) {
+          const int c = c0 + j * 256 + threadIdx.x;
+          if (c < ce) {
+            av[j] = reinterpret_cast<const uint4*>(ar)[c];
+#pragma unroll
+            for (int tt = 0; tt < 4; ++tt) {
+              if (t0 + tt < m) xv[j][tt] = reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx)[c];
+            }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int c = c0 + j * 256 + threadIdx.x;
+          if (c >= ce) continue;
+          const __half2* ah = reinterpret_cast<const __half2*>(&av[j]);
 #pragma unroll
           for (int tt = 0; tt < 4; ++tt) {
-            if (t0 + tt < m) xv[j][tt] = src.Load(t0 + tt, c);
+            if (t0 + tt >= m) continue;
+            const __half2* xh = reinterpret_cast<const __half2*>(&xv[j][tt]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
+              acc[tt] += af.x * xf.x + af.y * xf.y;
+            }
           }
         }
       }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int c = c0 + j * 256 + threadIdx.x;
-        if (c >= ce) continue;
-        const __half2* ah = reinterpret_cast<const __half2*>(&av[j]);
+    } else {
+      for (int c = k0 + threadIdx.x; c < k1; c += 256) {
+        const float av = __half2float(ar[c]);
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
-          if (t0 + tt >= m) continue;
-          float xf[8];
-          src.Convert(xv[j][tt], c, xf);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float2 af = __half22float2(ah[i]);
-            acc[tt] += af.x * xf[2 * i] + af.y * xf[2 * i + 1];
-          }
+          if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
         }
       }
     }
@@ -129,39 +142,19 @@ __device__ void PartialU(const Src& src, int m, int cb, int ce, const __half* __
       if (lane == 0 && t0 + tt < m) ut[warp][t0 + tt] = v;
     }
   }
-}
-
-// upart[part][t][q] = the fixed-order sum of the 8 warps' parts.
-__device__ void StorePartialU(float (*ut)[kDecodeMaxM], int m, float* upart, int part, int q,
-                              int r) {
   __syncthreads();
   if (threadIdx.x < m) {
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < 8; ++w) v += ut[w][threadIdx.x];
-    __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * r + q, v);
+    __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
-}
-
-// Every block calls this after its writes: true in the last block to
-// finish (block-uniform), which then sees all the others' writes.
-__device__ bool LastBlock(unsigned* counter, unsigned total) {
-  __shared__ int last;
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == total - 1;
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
   __syncthreads();
-  if (last) __threadfence();
-  return last != 0;
-}
-
-// The last block: u[t] = the in-order sum of the P partials, then the gates: with `stage`, one output per thread from shared
-// memory (u, hidden and the transposed MLP weights in dynamic shared memory
-// `dyn`), else one warp per token (dyn: us[8][r], hs[8][h]). Resets the
-// ticket counter.
-__device__ void GateTail(const GateArgs& g, const float* upart, int m, int P, int stage,
-                         unsigned* counter, float* dyn) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (!last) return;
+  __threadfence();
   const int r = g.r, h = g.h;
   if (stage) {
     // The gate with every thread of the block, one output per thread, from
@@ -235,80 +228,6 @@ __device__ void GateTail(const GateArgs& g, const float* upart, int m, int P, in
   if (threadIdx.x == 0) *counter = 0;
 }
 
-// Grid (r, P): block (q, p) computes the partial u[t][q] over k range p of P
-// (kchunk elements, a multiple of 8) for every token, into upart[p][t][q];
-// the last block to finish sums the P partials in order (deterministic),
-// then computes the gates (GateTail).
-__global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict__ x, int m,
-                                                        long long ldx, int k, int kchunk, int P,
-                                                        const __half* __restrict__ a,
-                                                        float* upart, unsigned* counter,
-                                                        GateArgs g, int stage, unsigned* ready) {
-  if (ready == nullptr) {
-    // Launched under PDL (LaunchPdl): wait for x's producer. After a plain
-    // launch there is nothing to wait for and this returns at once (as the
-    // small kernels' PdlEnter does with SetProgrammaticLaunch(false)).
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    // The GEMM that follows (launched with PDL) may start now: it reads only
-    // x (complete: this kernel waited for it, or was launched after it) and
-    // the weights until it needs v (see w4_gemm_kernel.cuh).
-    asm volatile("griddepcontrol.launch_dependents;\n" ::);
-  } else {
-    // v25: the GEMM may start at once, before x is complete: it streams its
-    // weights and waits on *ready for x, and for this grid's completion
-    // (v) only in its epilogue. Block 0 clears the flag before the trigger
-    // (the GEMM of the last call on this workspace completed before this
-    // grid began: PdlEnter chain) and sets it once x's producer completed.
-    const bool first = blockIdx.x == 0 && threadIdx.x == 0;
-    if (first) {
-      *ready = 0u;
-      __threadfence();
-    }
-    __syncthreads();
-    asm volatile("griddepcontrol.launch_dependents;\n" ::);
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    if (first) {
-      __threadfence();
-      asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(ready), "r"(1u) : "memory");
-    }
-  }
-  extern __shared__ float dyn[];
-  __shared__ float ut[8][kDecodeMaxM];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
-  // Work items (q, part), r x P of them, over the blocks (v26: fewer blocks
-  // than items where the grid is capped; one item per block otherwise).
-  for (int item = blockIdx.x; item < g.r * P; item += gridDim.x) {
-    const int q = item % g.r, part = item / g.r;
-    const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
-    const __half* ar = a + static_cast<long long>(q) * k;
-    if (vec) {
-      PartialU(HalfSrc{x, ldx}, m, k0 / 8, (k1 + 7) / 8, ar, ut);
-    } else {
-      for (int t0 = 0; t0 < m; t0 += 4) {
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int c = k0 + threadIdx.x; c < k1; c += 256) {
-          const float av = __half2float(ar[c]);
-#pragma unroll
-          for (int tt = 0; tt < 4; ++tt) {
-            if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
-          }
-        }
-#pragma unroll
-        for (int tt = 0; tt < 4; ++tt) {
-          float v = acc[tt];
-          for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-          if (lane == 0 && t0 + tt < m) ut[warp][t0 + tt] = v;
-        }
-      }
-    }
-    StorePartialU(ut, m, upart, part, q, g.r);
-    __syncthreads();  // ut is read above before the next item writes it
-  }
-  if (!LastBlock(counter, gridDim.x)) return;
-  GateTail(g, upart, m, P, stage, counter, dyn);
-}
-
 __global__ void __launch_bounds__(256) EcGateRowsKernel(const float* __restrict__ u, int m,
                                                         GateArgs g) {
   __shared__ float us[8][kMaxRank];
@@ -357,61 +276,42 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 
 }  // namespace
 
-namespace {
-
-// How the decode EC prologue's work is cut: k into `parts` ranges of
-// >= 2048 elements (one 16-byte load per thread of a 256-thread block), at
-// most kEcMaxKParts (flag 1: one part, v12); the gate one output per thread
-// from shared memory (`stage`) where its layout fits, else one warp per
-// token (also with flag 1); `smem` the dynamic shared memory of either.
-struct EcPlan {
-  int parts, kchunk, stage;
-  size_t smem;
-};
-EcPlan PlanEc(const W4DeviceWeight::Impl& w, int64_t m, int flags) {
-  EcPlan e{};
-  e.parts = static_cast<int>((w.k + 2047) / 2048);
-  if (e.parts > kEcMaxKParts) e.parts = kEcMaxKParts;
-  if ((flags & 1) != 0) e.parts = 1;
-  e.kchunk = static_cast<int>((w.k + e.parts - 1) / e.parts + 7) / 8 * 8;
-  const int64_t r = w.r, h = w.h;
-  const int64_t par = m * (r + h) + (w.gated ? 2 * h * r + h + r : 0);
-  e.stage = (flags & (1 | 64)) == 0 && par <= kGateStageFloats ? 1 : 0;
-  e.smem = (e.stage ? static_cast<size_t>(par) : 8 * static_cast<size_t>(r + h)) * sizeof(float);
-  return e;
-}
-
-}  // namespace
-
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
-                              int flags, bool pdl_launch, bool early) {
+                              int flags, bool pdl_launch) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
-  unsigned* ready = early && pdl_launch ? ws.ec_ready : nullptr;
-  const EcPlan e = PlanEc(w, m, flags);
-  // flag 128 (v26): at most one block per SM (work items looped), so that
-  // the prologue's blocks, resident while the GEMM after it starts, take at
-  // most one block's registers and shared memory from any SM.
-  int64_t blocks = w.r * e.parts;
-  if ((flags & 128) != 0 && blocks > ws.num_sms) blocks = ws.num_sms;
-  const dim3 grid(static_cast<unsigned>(blocks));
+  // k split: parts of >= 2048 elements (one 16-byte load per thread of a
+  // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
+  int parts = static_cast<int>((w.k + 2047) / 2048);
+  if (parts > kEcMaxKParts) parts = kEcMaxKParts;
+  if ((flags & 1) != 0) parts = 1;
+  const int kchunk = static_cast<int>((w.k + parts - 1) / parts + 7) / 8 * 8;
+  const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
+  // The parallel gate's shared memory (floats): u and hidden for m tokens,
+  // then W1^T, b1, W2^T, b2; one warp per token (v12's way) where it does
+  // not fit, or with flag 1.
+  const int64_t par = m * (r + h) + (w.gated ? 2 * h * r + h + r : 0);
+  const int stage = (flags & 1) == 0 && par <= kGateStageFloats ? 1 : 0;
+  const size_t smem =
+      (stage ? static_cast<size_t>(par) : 8 * static_cast<size_t>(r + h)) * sizeof(float);
+  const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
-  cudaError_t err;
+  cudaError_t e;
   if (pdl_launch) {
-    err = LaunchPdl(EcPrologueKernel, grid, dim3(256), e.smem, stream, xh, static_cast<int>(m),
-                    static_cast<long long>(ldx), static_cast<int>(w.k), e.kchunk, e.parts, ah,
-                    ws.u, ws.ec_counter, g, e.stage, ready);
+    e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
+                  static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,
+                  ws.ec_counter, g, stage);
   } else {
-    EcPrologueKernel<<<grid, 256, e.smem, stream>>>(xh, static_cast<int>(m), ldx,
-                                                    static_cast<int>(w.k), e.kchunk, e.parts, ah,
-                                                    ws.u, ws.ec_counter, g, e.stage, ready);
-    err = cudaGetLastError();
+    EcPrologueKernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx,
+                                                  static_cast<int>(w.k), kchunk, ah, ws.u,
+                                                  ws.ec_counter, g, stage);
+    e = cudaGetLastError();
   }
-  SPEAR_CUDA_RETURN_IF_ERROR(err);
+  SPEAR_CUDA_RETURN_IF_ERROR(e);
   return absl::OkStatus();
 }
 

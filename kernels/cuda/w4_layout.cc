@@ -247,7 +247,7 @@ W4Workspace::~W4Workspace() {
   Impl& d = *impl_;
   for (void* p : {static_cast<void*>(d.partials), static_cast<void*>(d.counters),
                   static_cast<void*>(d.ec_counter), static_cast<void*>(d.u),
-                  static_cast<void*>(d.v), static_cast<void*>(d.ec_ready), static_cast<void*>(d.xs), static_cast<void*>(d.wh),
+                  static_cast<void*>(d.v), static_cast<void*>(d.xs), static_cast<void*>(d.wh),
                   static_cast<void*>(d.pxs), static_cast<void*>(d.pu),
                   static_cast<void*>(d.pv)}) {
     if (p != nullptr) cudaFree(p);
@@ -275,8 +275,6 @@ absl::StatusOr<std::unique_ptr<W4Workspace>> W4Workspace::Create() {
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.u, size_t{kEcMaxKParts} * kDecodeMaxM * kMaxRank * 4));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.v, kDecodeMaxM * kMaxRank * 2));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.v, 0, kDecodeMaxM * kMaxRank * 2));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.ec_ready, sizeof(unsigned)));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.ec_ready, 0, sizeof(unsigned)));
   if (blas::Create(&d.cublas) != CUBLAS_STATUS_SUCCESS ||
       blas::Create(&d.cublas_ec) != CUBLAS_STATUS_SUCCESS) {
     return absl::InternalError(absl::StrCat("cublasCreate failed", blas::LoadError().empty() ? "" : ": ", blas::LoadError()));

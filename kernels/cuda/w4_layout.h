@@ -73,7 +73,6 @@ struct W4Workspace::Impl {
   unsigned* ec_counter = nullptr;
   float* u = nullptr;         // fp32 [kEcMaxKParts][64][kMaxRank] (decode EC: partial u)
   uint16_t* v = nullptr;      // fp16 [64][kMaxRank] (decode EC: g ⊙ u, A operand)
-  unsigned* ec_ready = nullptr;  // v25: set by the EC prologue once x is complete (0 before)
   uint16_t* xs = nullptr;     // fp16 [64][kxs] (decode: x / act_scale, padded)
   int64_t xs_elems = 0;
   // prefill
@@ -114,10 +113,6 @@ struct DecodeArgs {
   int ldv;
   int debug;    // profiling only (SPEAR_W4_DEBUG): 1 skip compute, 2 skip weight loads
   int ec_late;  // 1: an EC prologue precedes this launch (see the kernel)
-  // v25 (fold kernel): non-null: the prologue before this launch let it
-  // start at once (its trigger before its own wait), so x is complete only
-  // once *ready != 0 (the prologue sets it after its wait for x's producer).
-  const unsigned* ready;
   int variant;  // m <= 16 kernel: 0 the cp.async-ring kernel, 2 the register-direct one
   float* partials;
   int* counters;
@@ -144,14 +139,10 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
 // prologue (one k range per rank, one warp per token for the gate);
 // pdl_launch: with programmatic serialization (the kernel waits for x's
 // producer first).
-// early (v25, with pdl_launch): the kernel lets the next launch start
-// before its own wait for x's producer and publishes x's completion in
-// ws.ec_ready (DecodeArgs::ready).
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
                               int64_t ldv, float* v_f32, float* gate_out, int64_t ldg,
-                              cudaStream_t stream, int flags = 0, bool pdl_launch = false,
-                              bool early = false);
+                              cudaStream_t stream, int flags = 0, bool pdl_launch = false);
 // Gate only, from u [m][r] fp32 (prefill path).
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
                               uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,

@@ -181,11 +181,7 @@ struct W4CudaParams {
   // a plain launch at any M;
   // benchmarks only (the output is then wrong): 4 no prologue (the epilogue
   // uses whatever v the last call left), 8 the prologue without the
-  // epilogue (4 and 8 together: InvalidArgument). Measured no faster
-  // (docs/results/gpu.md, "v24-v26"), kept opt-in: 32 the prologue starts the
-  // fold kernel before x is complete (a workspace flag; not with 2, 4, 8),
-  // 64 the gate one warp per token, 128 the prologue's grid capped at one
-  // block per SM.
+  // epilogue (4 and 8 together: InvalidArgument).
   int ec_prologue = 0;
   // testing/benchmarks: where the prefill path (m >= kPrefillM) runs the
   // EC's U = x A^T and gate: 0 automatic (a second stream, overlapped with

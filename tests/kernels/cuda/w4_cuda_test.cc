@@ -348,16 +348,12 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
   const int64_t ms[] = {1, 5, 16, 64};
   int v = 0;
   for (const Shape& s : shapes) {
-    for (int form = 0; form < 7; ++form) {
-      // forms 4-6 (fold kernel rows, m <= 16): the prologue starts the fold
-      // kernel before x is complete (ec_prologue 32, v25); its grid capped
-      // at one block per SM (128, v26); both with the gate one warp per
-      // token (64).
-      Case c{s.n, s.k, s.g, form >= 4 ? 1 + 5 * (v % 4) : ms[v % 4]};
+    for (int form = 0; form < 4; ++form) {
+      Case c{s.n, s.k, s.g, ms[v % 4]};
       c.ec = v % 5 == 4 ? 1 : 2;
       c.ec_rank = s.r;
       c.ec_hidden = s.h;
-      c.ec_prologue = form == 4 ? 32 : form == 5 ? 128 : form == 6 ? 224 : form;
+      c.ec_prologue = form;
       c.gate_pad = form == 2 ? 5 : 0;  // gate_out rows strided (the CUDA runner's gate buffer)
       c.decode_kernel = form == 3 ? 128 : 0;  // fold: B fragments from global memory
       c.act_scale = v % 3 == 1;
@@ -395,7 +391,6 @@ TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
         c.decode_kernel = dk | (v % 3 == 1 ? 16 : v % 3 == 2 ? 32 : 0);
         c.decode_splits = splits;
         c.decode_depth = depth;
-        c.ec_prologue = v % 2 == 0 ? 32 : 0;  // v25: the GEMM started by the prologue
         ++v;
         RunCase(c, rng, ws->get());
         if (HasFatalFailure()) return;
@@ -433,7 +428,6 @@ TEST(CudaW4, FoldPersistentLoopMatchesReference) {
         c.decode_kernel = dk | (v % 4 == 2 ? 16 : 0) | (v % 6 == 5 ? 128 : 0);
         c.decode_splits = splits;
         c.decode_depth = depth;
-        c.ec_prologue = v % 2 == 1 ? 32 : 0;  // v25: the GEMM started by the prologue
         ++v;
         RunCase(c, rng, ws->get());
         if (HasFatalFailure()) return;
