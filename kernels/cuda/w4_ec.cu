@@ -56,6 +56,21 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
   }
 }
 
+// sum over i = l, l + G, ... < n of w[i] u[i] (shared memory) in four
+// partial sums (four independent multiply-add chains, not one).
+__device__ __forceinline__ float Dot4(const float* w, const float* u, int l, int n, int G) {
+  float z0 = 0.f, z1 = 0.f, z2 = 0.f, z3 = 0.f;
+  int i = l;
+  for (; i + 3 * G < n; i += 4 * G) {
+    z0 += w[i] * u[i];
+    z1 += w[i + G] * u[i + G];
+    z2 += w[i + 2 * G] * u[i + 2 * G];
+    z3 += w[i + 3 * G] * u[i + 3 * G];
+  }
+  for (; i < n; i += G) z0 += w[i] * u[i];
+  return (z0 + z1) + (z2 + z3);
+}
+
 // The last block's parallel gate (u, hidden, the MLP's weights) in shared
 // memory when it fits (floats; 40 KB, with the static 2 KB under 48 KB).
 constexpr int kGateStageFloats = 10240;
@@ -63,71 +78,110 @@ constexpr int kGateStageFloats = 10240;
 // Grid (r, P): block (q, p) computes the partial u[t][q] over k range p of P
 // (kchunk elements, a multiple of 8) for every token, into upart[p][t][q];
 // the last block to finish sums the P partials in order (deterministic),
-// then computes the gates: with `stage`, one output per thread from shared
-// memory (u, hidden and the transposed MLP weights in dynamic shared
-// memory), else one warp per token (dynamic shared memory us[8][r],
-// hs[8][h]).
-__global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict__ x, int m,
+// then computes the gates: stage 2 (v27, default) each dot product of the
+// MLP split over a lane group, from shared memory (u, hidden and the MLP's
+// weights as stored); stage 1 (v14d, flag 16) one output per thread, the
+// weights transposed; stage 0 one warp per token (dynamic shared memory
+// us[8][r], hs[8][h]).
+// (256, 4): at most 64 registers, as v14d's form had: with more (80 at
+// v27's first cut) the prologue's blocks no longer fit beside two fold
+// kernel blocks on an SM and the decode step got slower (2026-12-03, call 1).
+// kPre (v27): the block's first A piece and the gate's weights requested
+// before the dependency wait.
+template <bool kPre, int kT>
+__global__ void __launch_bounds__(kT, 1024 / kT) EcPrologueKernel(const __half* __restrict__ x, int m,
                                                         long long ldx, int k, int kchunk,
                                                         const __half* __restrict__ a,
                                                         float* upart, unsigned* counter,
-                                                        GateArgs g, int stage) {
+                                                        GateArgs g, int stage,
+                                                        unsigned* ready) {
+  const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
+  const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
+  const __half* ar = a + static_cast<long long>(q) * k;
+  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+  const int cb = k0 / 8, ce = (k1 + 7) / 8;
+  // v27 (stage 2): what does not depend on x is requested before the wait:
+  // the block's first A pieces (registers) and, by block (0, 0), the gate
+  // MLP's weights into L2 for the last block (so its loads hit L2, not DRAM).
+  uint4 apre = {};
+  const bool pre = kPre && stage == 2 && vec;
+  if (pre) {
+    const int c = cb + static_cast<int>(threadIdx.x);
+    if (c < ce) apre = __ldg(reinterpret_cast<const uint4*>(ar) + c);
+    if (q == 0 && part == 0 && g.gated) {
+      const int wl = (g.h * g.r * 4 + 127) / 128;  // 128-byte lines of W1 (and of W2)
+      for (int i = threadIdx.x; i < 2 * wl + 2; i += kT) {
+        const char* base = i < wl ? reinterpret_cast<const char*>(g.w1) + i * 128
+                           : i < 2 * wl ? reinterpret_cast<const char*>(g.w2) + (i - wl) * 128
+                           : i == 2 * wl ? reinterpret_cast<const char*>(g.b1)
+                                         : reinterpret_cast<const char*>(g.b2);
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(base));
+      }
+    }
+  }
   // Launched under PDL (LaunchPdl): wait for x's producer. After a plain
   // launch there is nothing to wait for and this returns at once (as the
   // small kernels' PdlEnter does with SetProgrammaticLaunch(false)).
+  // The GEMM that follows (launched with PDL) may start after the wait: it
+  // reads only x (complete: this kernel waited for it, or was launched after
+  // it) and the weights until it needs v (see w4_gemm_kernel.cuh).
+  // v28 (ready non-null, fold kernel only): the GEMM starts before the wait,
+  // streams its weights and polls *ready before it reads x. Block (0, 0)
+  // clears the flag before its trigger (the GEMM that read it last, on this
+  // workspace, completed before x's producer passed its own wait, so before
+  // this grid began) and sets it, with release, once the wait returned.
+  const bool flag_block = ready != nullptr && blockIdx.x == 0 && blockIdx.y == 0;
+  if (ready != nullptr) {
+    if (flag_block && threadIdx.x == 0) {
+      asm volatile("st.relaxed.gpu.global.u32 [%0], %1;\n" ::"l"(ready), "r"(0u) : "memory");
+      __threadfence();
+    }
+    __syncthreads();
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+  }
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  // The GEMM that follows (launched with PDL) may start now: it reads only
-  // x (complete: this kernel waited for it, or was launched after it) and
-  // the weights until it needs v (see w4_gemm_kernel.cuh).
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+  if (ready == nullptr) {
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+  } else if (flag_block && threadIdx.x == 0) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(ready), "r"(1u) : "memory");
+  }
+  if (stage == -1) return;  // measurement only (ec_prologue 64): the launch alone, v left stale
   extern __shared__ float dyn[];
-  __shared__ float ut[8][kDecodeMaxM];
+  constexpr int kNW = kT / 32;
+  __shared__ float ut[kNW][kDecodeMaxM];
   __shared__ int last;
-  const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
-  const __half* ar = a + static_cast<long long>(q) * k;
-  // u[t][q] over [k0, k1) = A[q] . x[t]: the block's 256 threads split the
+  // u[t][q] over [k0, k1) = A[q] . x[t]: the block's kT threads split the
   // range (8 elements per load), then a warp shuffle reduction and a
-  // fixed-order sum over the 8 warps: deterministic.
-  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+  // fixed-order sum over the kT / 32 warps: deterministic.
   // Four tokens at a time: each A chunk is loaded once for the four.
   for (int t0 = 0; t0 < m; t0 += 4) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (vec) {
-      const int cb = k0 / 8, ce = (k1 + 7) / 8;
-      for (int c0 = cb; c0 < ce; c0 += 2 * 256) {
-        uint4 av[2], xv[2][4];
+      // One 16-byte piece per thread per pass (v27: two per pass held 16 more
+      // registers for nothing at ranges of 2048, one pass; same sums in the
+      // same order).
+      for (int c = cb + static_cast<int>(threadIdx.x); c < ce; c += kT) {
+        const uint4 av = pre && c - cb < kT ? apre : reinterpret_cast<const uint4*>(ar)[c];
+        uint4 xv[4];
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int c = c0 + j * 256 + threadIdx.x;
-          if (c < ce) {
-            av[j] = reinterpret_cast<const uint4*>(ar)[c];
-#pragma unroll
-            for (int tt = 0; tt < 4; ++tt) {
-              if (t0 + tt < m) xv[j][tt] = reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx)[c];
-            }
-          }
+        for (int tt = 0; tt < 4; ++tt) {
+          if (t0 + tt < m) xv[tt] = reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx)[c];
         }
+        const __half2* ah = reinterpret_cast<const __half2*>(&av);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int c = c0 + j * 256 + threadIdx.x;
-          if (c >= ce) continue;
-          const __half2* ah = reinterpret_cast<const __half2*>(&av[j]);
+        for (int tt = 0; tt < 4; ++tt) {
+          if (t0 + tt >= m) continue;
+          const __half2* xh = reinterpret_cast<const __half2*>(&xv[tt]);
 #pragma unroll
-          for (int tt = 0; tt < 4; ++tt) {
-            if (t0 + tt >= m) continue;
-            const __half2* xh = reinterpret_cast<const __half2*>(&xv[j][tt]);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
-              acc[tt] += af.x * xf.x + af.y * xf.y;
-            }
+          for (int i = 0; i < 4; ++i) {
+            const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
+            acc[tt] += af.x * xf.x + af.y * xf.y;
           }
         }
       }
     } else {
-      for (int c = k0 + threadIdx.x; c < k1; c += 256) {
+      for (int c = k0 + threadIdx.x; c < k1; c += kT) {
         const float av = __half2float(ar[c]);
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
@@ -146,17 +200,110 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
   if (threadIdx.x < m) {
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < 8; ++w) v += ut[w][threadIdx.x];
+    for (int w = 0; w < kNW; ++w) v += ut[w][threadIdx.x];
     __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (stage == -2) return;  // measurement only (ec_prologue 128): u's partials, no ticket or gate
+  if (stage == 2) {
+    // v27: the ticket as one acquire-release atomic by thread 0 after the
+    // block barrier (the barrier orders the block's partial stores before
+    // it; the release makes them visible with it, the acquire of the last
+    // block sees every block's), instead of a fence in every thread.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned prev;
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
+                   : "=r"(prev)
+                   : "l"(counter)
+                   : "memory");
+      last = prev == gridDim.x * gridDim.y - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+  } else {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+  }
   const int r = g.r, h = g.h;
-  if (stage) {
+  if (stage == 2) {
+    // v27: the gate with every thread, from shared memory: u [m][r] (the
+    // partials summed in order), W1 [h][r], b1, W2 [r][h], b2 as stored
+    // (loaded in the same pass as the partials: one round of L2 loads), the
+    // hidden [m][h]. Each hidden unit and each gate is one dot product split
+    // over a group of G lanes (a power of two, so that the m h or m rp dot
+    // products fill the block) and summed by shuffles: ~r / G then ~h / G
+    // steps instead of r then h in one thread.
+    // W1's rows stored with an odd stride r | 1 and W2's with h | 1, so the
+    // rows that neighbouring lane groups read fall in different banks (with
+    // the stride r = 56 a warp's 32 rows hit 4 banks: 8-way conflicts).
+    const int r1 = r | 1, h1 = h | 1;
+    float* us = dyn;
+    float* hs = us + m * r;
+    float* w1s = hs + m * h;
+    float* b1s = w1s + h * r1;
+    float* w2s = b1s + h;
+    float* b2s = w2s + r * h1;
+    for (int i = threadIdx.x; i < m * r; i += kT) {
+      const int t = i / r, c = i - t * r;
+      float v = 0.f;
+      for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + c);
+      us[i] = v;
+    }
+    if (g.gated) {
+      for (int i = threadIdx.x; i < h * r; i += kT) {
+        const int j = i / r, c = i - j * r;  // w1 [h][r]
+        w1s[j * r1 + c] = g.w1[i];
+        const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
+        w2s[c2 * h1 + j2] = g.w2[i];
+      }
+      for (int i = threadIdx.x; i < h; i += kT) b1s[i] = g.b1[i];
+      for (int i = threadIdx.x; i < r; i += kT) b2s[i] = g.b2[i];
+    }
+    __syncthreads();
+    auto group_of = [](int outputs) {
+      int gsz = 1;
+      while (gsz < 32 && outputs * gsz * 2 <= kT) gsz *= 2;
+      return gsz;
+    };
+    if (g.gated) {
+      const int G = group_of(m * h), per = kT / G, l = threadIdx.x & (G - 1);
+      for (int base = 0; base < m * h; base += per) {
+        const int o = base + static_cast<int>(threadIdx.x) / G;
+        const bool ok = o < m * h;
+        const int t = ok ? o / h : 0, j = ok ? o - t * h : 0;
+        float z = ok ? Dot4(w1s + j * r1, us + t * r, l, r, G) : 0.f;
+        for (int off = G >> 1; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
+        if (ok && l == 0) {
+          z += b1s[j];
+          hs[o] = z / (1.f + expf(-z));
+        }
+      }
+      __syncthreads();
+    }
+    const int rp = g.rp;
+    const int G = g.gated ? group_of(m * rp) : 1, per = kT / G, l = threadIdx.x & (G - 1);
+    for (int base = 0; base < m * rp; base += per) {
+      const int o = base + static_cast<int>(threadIdx.x) / G;
+      const bool ok = o < m * rp;
+      const int t = ok ? o / rp : 0, c = ok ? o - t * rp : 0;
+      float z = g.gated && ok && c < r ? Dot4(w2s + c * h1, hs + t * h, l, h, G) : 0.f;
+      for (int off = G >> 1; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
+      if (ok && l == 0) {
+        float v = 0.f, gate = 1.f;
+        if (c < r) {
+          if (g.gated) gate = 1.f + tanhf(z + b2s[c]);
+          v = gate * us[t * r + c];
+          if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
+          if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
+        }
+        if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
+      }
+    }
+  } else if (stage) {
     // The gate with every thread of the block, one output per thread, from
     // shared memory: u [m][r] (the partials summed in order), the MLP's W1
     // and W2 transposed (consecutive threads read consecutive words: no bank
@@ -169,25 +316,25 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
     float* b1s = w1t + h * r;
     float* w2t = b1s + h;
     float* b2s = w2t + h * r;
-    for (int i = threadIdx.x; i < m * r; i += 256) {
+    for (int i = threadIdx.x; i < m * r; i += kT) {
       const int t = i / r, c = i - t * r;
       float v = 0.f;
       for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + c);
       us[i] = v;
     }
     if (g.gated) {
-      for (int i = threadIdx.x; i < h * r; i += 256) {
+      for (int i = threadIdx.x; i < h * r; i += kT) {
         const int j = i / r, c = i - j * r;  // w1 [h][r]
         w1t[c * h + j] = g.w1[i];
         const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
         w2t[j2 * r + c2] = g.w2[i];
       }
-      for (int i = threadIdx.x; i < h; i += 256) b1s[i] = g.b1[i];
-      for (int i = threadIdx.x; i < r; i += 256) b2s[i] = g.b2[i];
+      for (int i = threadIdx.x; i < h; i += kT) b1s[i] = g.b1[i];
+      for (int i = threadIdx.x; i < r; i += kT) b2s[i] = g.b2[i];
     }
     __syncthreads();
     if (g.gated) {
-      for (int i = threadIdx.x; i < m * h; i += 256) {
+      for (int i = threadIdx.x; i < m * h; i += kT) {
         const int t = i / h, j = i - t * h;
         float z = b1s[j];
         for (int c = 0; c < r; ++c) z += w1t[c * h + j] * us[t * r + c];
@@ -195,7 +342,7 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
       }
       __syncthreads();
     }
-    for (int i = threadIdx.x; i < m * g.rp; i += 256) {
+    for (int i = threadIdx.x; i < m * g.rp; i += kT) {
       const int t = i / g.rp, c = i - t * g.rp;
       float v = 0.f, gate = 1.f;
       if (c < r) {
@@ -213,8 +360,8 @@ __global__ void __launch_bounds__(256) EcPrologueKernel(const __half* __restrict
   } else {
     // One warp per token (v12; also where the parallel layout does not fit).
     float* us = dyn + warp * r;
-    float* hs = dyn + 8 * r + warp * h;
-    for (int t = warp; t < m; t += 8) {
+    float* hs = dyn + kNW * r + warp * h;
+    for (int t = warp; t < m; t += kNW) {
       for (int i = lane; i < r; i += 32) {
         float v = 0.f;
         for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + i);
@@ -279,7 +426,7 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
-                              int flags, bool pdl_launch) {
+                              int flags, bool pdl_launch, bool early) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
   // k split: parts of >= 2048 elements (one 16-byte load per thread of a
@@ -292,23 +439,41 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   // The parallel gate's shared memory (floats): u and hidden for m tokens,
   // then W1^T, b1, W2^T, b2; one warp per token (v12's way) where it does
   // not fit, or with flag 1.
-  const int64_t par = m * (r + h) + (w.gated ? 2 * h * r + h + r : 0);
-  const int stage = (flags & 1) == 0 && par <= kGateStageFloats ? 1 : 0;
+  const int64_t par = m * (r + h) + (w.gated ? h * (r | 1) + r * (h | 1) + h + r : 0);
+  // stage 2 (v27, the default): x-independent loads before the wait, an
+  // acquire-release ticket, the gate's dot products split over lane groups;
+  // flag 16: v14d's stage (1: one output per thread, transposed weights).
+  int stage = (flags & 1) == 0 && par <= kGateStageFloats ? ((flags & 16) != 0 ? 1 : 2) : 0;
   const size_t smem =
       (stage ? static_cast<size_t>(par) : 8 * static_cast<size_t>(r + h)) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
+  // measurement only (the output is then wrong): flag 64 the launch alone,
+  // 128 u's partials without the ticket and the gate.
+  if ((flags & 64) != 0) stage = -1;
+  if ((flags & 128) != 0) stage = -2;
+  // flag 32 (measurement): v27 without the requests before the wait.
+  unsigned* ready = early && pdl_launch ? ws.ec_ready : nullptr;
+  // measurement only: flag 512 with 64, the empty launch with one warp per
+  // block and no dynamic shared memory (what the blocks' footprint costs).
+  const bool tiny = (flags & (64 | 512)) == (64 | 512);
+  // flag 1024 (measurement): blocks of 128 threads (4 warps) instead of 256.
+  const bool t128 = (flags & 1024) != 0;
+  const dim3 block(tiny ? 32 : t128 ? 128 : 256);
+  const size_t dsmem = tiny ? 0 : smem;
+  auto* kernel = (flags & 32) != 0 ? (t128 ? EcPrologueKernel<false, 128> : EcPrologueKernel<false, 256>)
+                                   : (t128 ? EcPrologueKernel<true, 128> : EcPrologueKernel<true, 256>);
   cudaError_t e;
   if (pdl_launch) {
-    e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
+    e = LaunchPdl(kernel, grid, block, dsmem, stream, xh, static_cast<int>(m),
                   static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,
-                  ws.ec_counter, g, stage);
+                  ws.ec_counter, g, stage, ready);
   } else {
-    EcPrologueKernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx,
+    kernel<<<grid, block, dsmem, stream>>>(xh, static_cast<int>(m), ldx,
                                                   static_cast<int>(w.k), kchunk, ah, ws.u,
-                                                  ws.ec_counter, g, stage);
+                                                  ws.ec_counter, g, stage, ready);
     e = cudaGetLastError();
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);
