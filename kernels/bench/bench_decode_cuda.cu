@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,28]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,30]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -236,7 +236,12 @@ const Variant kVariants[] = {
     {"W4+EC at the diagnostic's placement, 128-thread prologue blocks", Ec::kPlacement, false,
      false, true, 0, true, false, 1024},
     {"W4+EC r32 all 4 GEMMs, all layers, 128-thread prologue blocks", Ec::kAll, false, false,
-     true, 0, true, false, 1024}};
+     true, 0, true, false, 1024},
+    // 29-30: 128-thread prologue blocks and v28's early GEMM start together.
+    {"W4+EC at the diagnostic's placement, 128-thread prologue blocks, early GEMM",
+     Ec::kPlacement, false, false, true, 0, true, false, 1024 | 256},
+    {"W4+EC r32 all 4 GEMMs, all layers, 128-thread prologue blocks, early GEMM", Ec::kAll, false,
+     false, true, 0, true, false, 1024 | 256}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -773,7 +778,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,28] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,30] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -324,7 +324,7 @@ TEST(CudaW4, DecodeMatchesReference) {
 }
 
 // The decode EC prologue (u = A x over P k ranges of >= 2048, the gate in
-// the last block) in its eight forms (ec_prologue 0..3, 16, 32, 256, 1024: the k split with
+// the last block) in its nine forms (ec_prologue 0..3, 16, 32, 256, 1024, 1280: the k split with
 // v27's gate (dot products over lane groups; 16: v14d's one output per
 // thread; 32: without the loads before the wait; 256: the fold kernel started
 // before x is complete, polling a flag; 1024: 128-thread blocks), or v12's shape with one
@@ -351,14 +351,19 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
   const int64_t ms[] = {1, 5, 16, 64};
   int v = 0;
   for (const Shape& s : shapes) {
-    for (int form = 0; form < 8; ++form) {
+    for (int form = 0; form < 9; ++form) {
       Case c{s.n, s.k, s.g, ms[v % 4]};
       c.ec = v % 5 == 4 ? 1 : 2;
       c.ec_rank = s.r;
       c.ec_hidden = s.h;
       // 16: v14d's gate (v27's is the default); 32: v27 without its loads before the wait
       // 256: the GEMM started before x is complete (v28)
-      c.ec_prologue = form == 4 ? 16 : form == 5 ? 32 : form == 6 ? 256 : form == 7 ? 1024 : form;
+      c.ec_prologue = form == 4   ? 16
+                      : form == 5 ? 32
+                      : form == 6 ? 256
+                      : form == 7 ? 1024
+                      : form == 8 ? 1024 | 256
+                                  : form;
       c.gate_pad = form == 2 ? 5 : 0;  // gate_out rows strided (the CUDA runner's gate buffer)
       c.decode_kernel = form == 3 ? 128 : 0;  // fold: B fragments from global memory
       c.act_scale = v % 3 == 1;
