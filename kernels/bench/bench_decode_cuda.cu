@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,30]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,19]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -203,45 +203,13 @@ const Variant kVariants[] = {
      false, 0, true},
     {"W4+EC at the diagnostic's placement, decode configurations measured at load (v23)",
      Ec::kPlacement, false, false, true, 0, true, false, 0, true},
-    // 18-19 (v27): the prologue of v14d (ec_prologue 16), against rows 9 and
-    // 1, whose prologue is v27's since 2026-12-03.
-    {"W4+EC at the diagnostic's placement, v14d EC prologue", Ec::kPlacement, false, false, true,
-     0, true, false, 16},
-    {"W4+EC r32 all 4 GEMMs, all layers, v14d EC prologue", Ec::kAll, false, false, true, 0,
-     true, false, 16},
-    // 20: v27 without its loads before the dependency wait (ec_prologue 32).
-    {"W4+EC at the diagnostic's placement, v27 prologue without loads before the wait",
-     Ec::kPlacement, false, false, true, 0, true, false, 32},
-    // 21-22 (timing only, wrong outputs): the prologue's launch alone (it
+    // 18-19 (v27; timing only, wrong outputs): the prologue's launch alone (it
     // returns after its dependency wait), and u's partials without the
     // ticket and the gate.
     {"W4+EC at the diagnostic's placement, empty prologue launch (timing only)", Ec::kPlacement,
      false, false, true, 0, true, false, 64},
     {"W4+EC at the diagnostic's placement, prologue u only, no ticket or gate (timing only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 128},
-    // 23-24 (v28): the prologue starts the fold kernel before its own wait
-    // (ec_prologue 256), at the placement and with r32 on all GEMMs.
-    {"W4+EC at the diagnostic's placement, v28 early GEMM start", Ec::kPlacement, false, false,
-     true, 0, true, false, 256},
-    {"W4+EC r32 all 4 GEMMs, all layers, v28 early GEMM start", Ec::kAll, false, false, true, 0,
-     true, false, 256},
-    // 25-26 (timing only): the empty prologue launch with one warp per block
-    // and no dynamic shared memory, then also with v28's early GEMM start.
-    {"W4+EC at the diagnostic's placement, empty prologue, 1-warp blocks (timing only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 64 | 512},
-    {"W4+EC at the diagnostic's placement, empty prologue, 1-warp blocks, early GEMM (timing only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 64 | 512 | 256},
-    // 27-28: prologue blocks of 128 threads (ec_prologue 1024), at the
-    // placement and with r32 on all GEMMs.
-    {"W4+EC at the diagnostic's placement, 128-thread prologue blocks", Ec::kPlacement, false,
-     false, true, 0, true, false, 1024},
-    {"W4+EC r32 all 4 GEMMs, all layers, 128-thread prologue blocks", Ec::kAll, false, false,
-     true, 0, true, false, 1024},
-    // 29-30: 128-thread prologue blocks and v28's early GEMM start together.
-    {"W4+EC at the diagnostic's placement, 128-thread prologue blocks, early GEMM",
-     Ec::kPlacement, false, false, true, 0, true, false, 1024 | 256},
-    {"W4+EC r32 all 4 GEMMs, all layers, 128-thread prologue blocks, early GEMM", Ec::kAll, false,
-     false, true, 0, true, false, 1024 | 256}};
+     Ec::kPlacement, false, false, true, 0, true, false, 128}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -778,7 +746,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,30] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,19] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -80,21 +80,20 @@ constexpr int kGateStageFloats = 10240;
 // the last block to finish sums the P partials in order (deterministic),
 // then computes the gates: stage 2 (v27, default) each dot product of the
 // MLP split over a lane group, from shared memory (u, hidden and the MLP's
-// weights as stored); stage 1 (v14d, flag 16) one output per thread, the
-// weights transposed; stage 0 one warp per token (dynamic shared memory
+// weights as stored; v14d's one output per thread with transposed weights
+// was slower: docs/results/gpu.md, "v27-v29"); stage 0 one warp per token (dynamic shared memory
 // us[8][r], hs[8][h]).
 // (256, 4): at most 64 registers, as v14d's form had: with more (80 at
 // v27's first cut) the prologue's blocks no longer fit beside two fold
 // kernel blocks on an SM and the decode step got slower (2026-12-03, call 1).
-// kPre (v27): the block's first A piece and the gate's weights requested
-// before the dependency wait.
-template <bool kPre, int kT>
-__global__ void __launch_bounds__(kT, 1024 / kT) EcPrologueKernel(const __half* __restrict__ x, int m,
+// (128-thread blocks, 8 K registers, were slower: the u phase takes two
+// passes per range; docs/results/gpu.md, "v27-v29".)
+__global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restrict__ x, int m,
                                                         long long ldx, int k, int kchunk,
                                                         const __half* __restrict__ a,
                                                         float* upart, unsigned* counter,
-                                                        GateArgs g, int stage,
-                                                        unsigned* ready) {
+                                                        GateArgs g, int stage) {
+  constexpr int kT = 256;  // threads per block
   const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
   const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
   const __half* ar = a + static_cast<long long>(q) * k;
@@ -104,7 +103,7 @@ __global__ void __launch_bounds__(kT, 1024 / kT) EcPrologueKernel(const __half* 
   // the block's first A pieces (registers) and, by block (0, 0), the gate
   // MLP's weights into L2 for the last block (so its loads hit L2, not DRAM).
   uint4 apre = {};
-  const bool pre = kPre && stage == 2 && vec;
+  const bool pre = stage == 2 && vec;
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
     if (c < ce) apre = __ldg(reinterpret_cast<const uint4*>(ar) + c);
@@ -125,26 +124,8 @@ __global__ void __launch_bounds__(kT, 1024 / kT) EcPrologueKernel(const __half* 
   // The GEMM that follows (launched with PDL) may start after the wait: it
   // reads only x (complete: this kernel waited for it, or was launched after
   // it) and the weights until it needs v (see w4_gemm_kernel.cuh).
-  // v28 (ready non-null, fold kernel only): the GEMM starts before the wait,
-  // streams its weights and polls *ready before it reads x. Block (0, 0)
-  // clears the flag before its trigger (the GEMM that read it last, on this
-  // workspace, completed before x's producer passed its own wait, so before
-  // this grid began) and sets it, with release, once the wait returned.
-  const bool flag_block = ready != nullptr && blockIdx.x == 0 && blockIdx.y == 0;
-  if (ready != nullptr) {
-    if (flag_block && threadIdx.x == 0) {
-      asm volatile("st.relaxed.gpu.global.u32 [%0], %1;\n" ::"l"(ready), "r"(0u) : "memory");
-      __threadfence();
-    }
-    __syncthreads();
-    asm volatile("griddepcontrol.launch_dependents;\n" ::);
-  }
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  if (ready == nullptr) {
-    asm volatile("griddepcontrol.launch_dependents;\n" ::);
-  } else if (flag_block && threadIdx.x == 0) {
-    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(ready), "r"(1u) : "memory");
-  }
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
   if (stage == -1) return;  // measurement only (ec_prologue 64): the launch alone, v left stale
   extern __shared__ float dyn[];
   constexpr int kNW = kT / 32;
@@ -303,60 +284,6 @@ __global__ void __launch_bounds__(kT, 1024 / kT) EcPrologueKernel(const __half* 
         if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
       }
     }
-  } else if (stage) {
-    // The gate with every thread of the block, one output per thread, from
-    // shared memory: u [m][r] (the partials summed in order), the MLP's W1
-    // and W2 transposed (consecutive threads read consecutive words: no bank
-    // conflicts), b1, b2, the hidden [m][h]. Same sums in the same order as
-    // GateWarp, so v is bitwise the same. At m = 1 one warp per token left
-    // 7 of 8 warps idle; here all 256 threads share the m (h + r) outputs.
-    float* us = dyn;
-    float* hs = us + m * r;
-    float* w1t = hs + m * h;
-    float* b1s = w1t + h * r;
-    float* w2t = b1s + h;
-    float* b2s = w2t + h * r;
-    for (int i = threadIdx.x; i < m * r; i += kT) {
-      const int t = i / r, c = i - t * r;
-      float v = 0.f;
-      for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + c);
-      us[i] = v;
-    }
-    if (g.gated) {
-      for (int i = threadIdx.x; i < h * r; i += kT) {
-        const int j = i / r, c = i - j * r;  // w1 [h][r]
-        w1t[c * h + j] = g.w1[i];
-        const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
-        w2t[j2 * r + c2] = g.w2[i];
-      }
-      for (int i = threadIdx.x; i < h; i += kT) b1s[i] = g.b1[i];
-      for (int i = threadIdx.x; i < r; i += kT) b2s[i] = g.b2[i];
-    }
-    __syncthreads();
-    if (g.gated) {
-      for (int i = threadIdx.x; i < m * h; i += kT) {
-        const int t = i / h, j = i - t * h;
-        float z = b1s[j];
-        for (int c = 0; c < r; ++c) z += w1t[c * h + j] * us[t * r + c];
-        hs[i] = z / (1.f + expf(-z));
-      }
-      __syncthreads();
-    }
-    for (int i = threadIdx.x; i < m * g.rp; i += kT) {
-      const int t = i / g.rp, c = i - t * g.rp;
-      float v = 0.f, gate = 1.f;
-      if (c < r) {
-        if (g.gated) {
-          float z = b2s[c];
-          for (int j = 0; j < h; ++j) z += w2t[j * r + c] * hs[t * h + j];
-          gate = 1.f + tanhf(z);
-        }
-        v = gate * us[t * r + c];
-        if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
-        if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
-      }
-      if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
-    }
   } else {
     // One warp per token (v12; also where the parallel layout does not fit).
     float* us = dyn + warp * r;
@@ -426,7 +353,7 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
-                              int flags, bool pdl_launch, bool early) {
+                              int flags, bool pdl_launch) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
   // k split: parts of >= 2048 elements (one 16-byte load per thread of a
@@ -437,13 +364,12 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const int kchunk = static_cast<int>((w.k + parts - 1) / parts + 7) / 8 * 8;
   const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
   // The parallel gate's shared memory (floats): u and hidden for m tokens,
-  // then W1^T, b1, W2^T, b2; one warp per token (v12's way) where it does
-  // not fit, or with flag 1.
+  // then W1 (rows of r | 1), b1, W2 (rows of h | 1), b2; one warp per token
+  // (v12's way) where it does not fit, or with flag 1.
   const int64_t par = m * (r + h) + (w.gated ? h * (r | 1) + r * (h | 1) + h + r : 0);
   // stage 2 (v27, the default): x-independent loads before the wait, an
-  // acquire-release ticket, the gate's dot products split over lane groups;
-  // flag 16: v14d's stage (1: one output per thread, transposed weights).
-  int stage = (flags & 1) == 0 && par <= kGateStageFloats ? ((flags & 16) != 0 ? 1 : 2) : 0;
+  // acquire-release ticket, the gate's dot products split over lane groups.
+  int stage = (flags & 1) == 0 && par <= kGateStageFloats ? 2 : 0;
   const size_t smem =
       (stage ? static_cast<size_t>(par) : 8 * static_cast<size_t>(r + h)) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
@@ -454,26 +380,15 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   // 128 u's partials without the ticket and the gate.
   if ((flags & 64) != 0) stage = -1;
   if ((flags & 128) != 0) stage = -2;
-  // flag 32 (measurement): v27 without the requests before the wait.
-  unsigned* ready = early && pdl_launch ? ws.ec_ready : nullptr;
-  // measurement only: flag 512 with 64, the empty launch with one warp per
-  // block and no dynamic shared memory (what the blocks' footprint costs).
-  const bool tiny = (flags & (64 | 512)) == (64 | 512);
-  // flag 1024 (measurement): blocks of 128 threads (4 warps) instead of 256.
-  const bool t128 = (flags & 1024) != 0;
-  const dim3 block(tiny ? 32 : t128 ? 128 : 256);
-  const size_t dsmem = tiny ? 0 : smem;
-  auto* kernel = (flags & 32) != 0 ? (t128 ? EcPrologueKernel<false, 128> : EcPrologueKernel<false, 256>)
-                                   : (t128 ? EcPrologueKernel<true, 128> : EcPrologueKernel<true, 256>);
   cudaError_t e;
   if (pdl_launch) {
-    e = LaunchPdl(kernel, grid, block, dsmem, stream, xh, static_cast<int>(m),
+    e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
                   static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,
-                  ws.ec_counter, g, stage, ready);
+                  ws.ec_counter, g, stage);
   } else {
-    kernel<<<grid, block, dsmem, stream>>>(xh, static_cast<int>(m), ldx,
+    EcPrologueKernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx,
                                                   static_cast<int>(w.k), kchunk, ah, ws.u,
-                                                  ws.ec_counter, g, stage, ready);
+                                                  ws.ec_counter, g, stage);
     e = cudaGetLastError();
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);

@@ -202,20 +202,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
       if (gshift < 30) PrefetchL2(z0 + min((c * CH * 16) >> gshift, ng1) * 16, 256);
     }
   }
-  if (!a.ec_late) {
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  } else if (a.ready != nullptr) {
-    // v28: the prologue before us started us before x was complete; it sets
-    // *ready once x's producer has completed. Lane 0 of each warp polls with
-    // acquire loads; the warp's x loads follow the __syncwarp.
-    if (lane == 0) {
-      unsigned r = 0;
-      do {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(r) : "l"(a.ready) : "memory");
-      } while (r == 0u);
-    }
-    __syncwarp();
-  }
+  if (!a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   {
     // k % 8 == 0 or x was padded with zeros into the workspace, so an 8-wide
     // piece is all inside k or all outside (zero-filled: the codes' 1024 / 64

@@ -71,7 +71,6 @@ struct W4Workspace::Impl {
   int* counters = nullptr;    // per tile group, zero between calls
   int64_t ncounters = 0;
   unsigned* ec_counter = nullptr;
-  unsigned* ec_ready = nullptr;  // v28: set by the EC prologue once x is complete (0 before)
   float* u = nullptr;         // fp32 [kEcMaxKParts][64][kMaxRank] (decode EC: partial u)
   uint16_t* v = nullptr;      // fp16 [64][kMaxRank] (decode EC: g ⊙ u, A operand)
   uint16_t* xs = nullptr;     // fp16 [64][kxs] (decode: x / act_scale, padded)
@@ -114,10 +113,6 @@ struct DecodeArgs {
   int ldv;
   int debug;    // profiling only (SPEAR_W4_DEBUG): 1 skip compute, 2 skip weight loads
   int ec_late;  // 1: an EC prologue precedes this launch (see the kernel)
-  // v28 (fold kernel): non-null: the prologue before this launch let it
-  // start before its own wait for x's producer, so x is complete only once
-  // *ready != 0 (the prologue sets it after that wait).
-  const unsigned* ready;
   int variant;  // m <= 16 kernel: 0 the cp.async-ring kernel, 2 the register-direct one
   float* partials;
   int* counters;
@@ -143,14 +138,11 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
 // zero), v_f32 [m][r] and gate_out [m][ldg] (0: r) where non-null. flags: 1 v12's
 // prologue (one k range per rank, one warp per token for the gate);
 // pdl_launch: with programmatic serialization (the kernel waits for x's
-// producer first); early (v28, with pdl_launch): the kernel lets the next
-// launch start before its own wait for x's producer and publishes x's
-// completion in ws.ec_ready (DecodeArgs::ready).
+// producer first).
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
                               int64_t ldv, float* v_f32, float* gate_out, int64_t ldg,
-                              cudaStream_t stream, int flags = 0, bool pdl_launch = false,
-                              bool early = false);
+                              cudaStream_t stream, int flags = 0, bool pdl_launch = false);
 // Gate only, from u [m][r] fp32 (prefill path).
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
                               uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,

@@ -173,21 +173,18 @@ struct W4CudaParams {
   int decode_splits = 0;
   int decode_depth = 0;
   // testing/benchmarks: the decode EC prologue (u = A x and the gate, one
-  // launch before the GEMM). 0 the default (k split into ranges of >= 2048
-  // over r x P blocks, the last block's gate one output per thread from
+  // launch before the GEMM). 0 the default (v27: k split into ranges of
+  // >= 2048 over r x P blocks, A's first piece and the gate's weights
+  // requested before the dependency wait, an acquire-release ticket, the
+  // last block's gate with each dot product split over a lane group from
   // shared memory; launched under programmatic dependent launch before the
   // fold kernel, M <= 16, a plain launch otherwise); flags: 1 v12's prologue
   // (one block per rank over all of k, one warp per token for the gate), 2
-  // a plain launch at any M, 16 v14d's gate (one output per thread,
-  // transposed weights; the default since v27 splits each dot product over
-  // a lane group, requests A and the gate weights before the dependency
-  // wait, and takes its ticket with one acquire-release atomic), 32 v27
-  // without the loads before the wait, 256 (v28; not with 2, 4 or 8) the
-  // fold kernel started before x is complete, polling a workspace flag;
-  // benchmarks only (the output is then wrong): 4 no prologue (the epilogue
-  // uses whatever v the last call left), 8 the prologue without the
-  // epilogue (4 and 8 together: InvalidArgument), 64 the prologue's launch
-  // alone, 128 its partial sums of u without the ticket and the gate.
+  // a plain launch at any M; benchmarks only (the output is then wrong): 4
+  // no prologue (the epilogue uses whatever v the last call left), 8 the
+  // prologue without the epilogue (4 and 8 together: InvalidArgument), 64
+  // the prologue's launch alone, 128 its partial sums of u without the
+  // ticket and the gate.
   int ec_prologue = 0;
   // testing/benchmarks: where the prefill path (m >= kPrefillM) runs the
   // EC's U = x A^T and gate: 0 automatic (a second stream, overlapped with

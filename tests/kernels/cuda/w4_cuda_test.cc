@@ -324,10 +324,8 @@ TEST(CudaW4, DecodeMatchesReference) {
 }
 
 // The decode EC prologue (u = A x over P k ranges of >= 2048, the gate in
-// the last block) in its nine forms (ec_prologue 0..3, 16, 32, 256, 1024, 1280: the k split with
-// v27's gate (dot products over lane groups; 16: v14d's one output per
-// thread; 32: without the loads before the wait; 256: the fold kernel started
-// before x is complete, polling a flag; 1024: 128-thread blocks), or v12's shape with one
+// the last block) in its four forms (ec_prologue 0..3: the k split with
+// v27's gate (dot products over lane groups), or v12's shape with one
 // warp per token; under
 // PDL before the fold kernel (m <= 8), or a plain launch) on k with 1
 // (1000), 2 (2049: the scalar path, k % 8 != 0), 7 (14336, Llama-3-8B's
@@ -351,19 +349,12 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
   const int64_t ms[] = {1, 5, 16, 64};
   int v = 0;
   for (const Shape& s : shapes) {
-    for (int form = 0; form < 9; ++form) {
+    for (int form = 0; form < 4; ++form) {
       Case c{s.n, s.k, s.g, ms[v % 4]};
       c.ec = v % 5 == 4 ? 1 : 2;
       c.ec_rank = s.r;
       c.ec_hidden = s.h;
-      // 16: v14d's gate (v27's is the default); 32: v27 without its loads before the wait
-      // 256: the GEMM started before x is complete (v28)
-      c.ec_prologue = form == 4   ? 16
-                      : form == 5 ? 32
-                      : form == 6 ? 256
-                      : form == 7 ? 1024
-                      : form == 8 ? 1024 | 256
-                                  : form;
+      c.ec_prologue = form;
       c.gate_pad = form == 2 ? 5 : 0;  // gate_out rows strided (the CUDA runner's gate buffer)
       c.decode_kernel = form == 3 ? 128 : 0;  // fold: B fragments from global memory
       c.act_scale = v % 3 == 1;
@@ -757,9 +748,7 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
-  p.ec_prologue = 2048;  // no such flag
-  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
-  p.ec_prologue = 256 | 2;  // the early start needs the PDL launch
+  p.ec_prologue = 16;  // no such flag (v14d's gate, removed)
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = 0;
   p.gate_ld = -1;
