@@ -71,6 +71,13 @@ __device__ __forceinline__ float Dot4(const float* w, const float* u, int l, int
   return (z0 + z1) + (z2 + z3);
 }
 
+// The prologue's gate forms, and its timing-only cut-offs (the output is
+// then wrong).
+constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h or m)
+constexpr int kStageGroups = 1;      // v27: dot products over lane groups
+constexpr int kStageLaunchOnly = -1; // ec_prologue 64: return after the wait
+constexpr int kStageUOnly = -2;      // ec_prologue 128: u's partials only
+
 // The last block's parallel gate (u, hidden, the MLP's weights) in shared
 // memory when it fits (floats; 40 KB, with the static 2 KB under 48 KB).
 constexpr int kGateStageFloats = 10240;
@@ -78,11 +85,11 @@ constexpr int kGateStageFloats = 10240;
 // Grid (r, P): block (q, p) computes the partial u[t][q] over k range p of P
 // (kchunk elements, a multiple of 8) for every token, into upart[p][t][q];
 // the last block to finish sums the P partials in order (deterministic),
-// then computes the gates: stage 2 (v27, default) each dot product of the
+// then computes the gates: kStageGroups (v27, default) each dot product of the
 // MLP split over a lane group, from shared memory (u, hidden and the MLP's
 // weights as stored; v14d's one output per thread with transposed weights
-// was slower: docs/results/gpu.md, "v27-v29"); stage 0 one warp per token (dynamic shared memory
-// us[8][r], hs[8][h]).
+// // was slower: docs/results/gpu.md, "v27-v29"); kStageWarp one warp per
+// token (dynamic shared memory us[8][r], hs[8][h]).
 // (256, 4): at most 64 registers, as v14d's form had: with more (80 at
 // v27's first cut) the prologue's blocks no longer fit beside two fold
 // kernel blocks on an SM and the decode step got slower (2026-12-03, call 1).
@@ -99,11 +106,11 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   const __half* ar = a + static_cast<long long>(q) * k;
   const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
   const int cb = k0 / 8, ce = (k1 + 7) / 8;
-  // v27 (stage 2): what does not depend on x is requested before the wait:
+  // v27 (kStageGroups): what does not depend on x is requested before the wait:
   // the block's first A pieces (registers) and, by block (0, 0), the gate
   // MLP's weights into L2 for the last block (so its loads hit L2, not DRAM).
   uint4 apre = {};
-  const bool pre = stage == 2 && vec;
+  const bool pre = stage == kStageGroups && vec;
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
     if (c < ce) apre = __ldg(reinterpret_cast<const uint4*>(ar) + c);
@@ -126,7 +133,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   // it) and the weights until it needs v (see w4_gemm_kernel.cuh).
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
-  if (stage == -1) return;  // measurement only (ec_prologue 64): the launch alone, v left stale
+  if (stage == kStageLaunchOnly) return;  // measurement only (ec_prologue 64): v left stale
   extern __shared__ float dyn[];
   constexpr int kNW = kT / 32;
   __shared__ float ut[kNW][kDecodeMaxM];
@@ -184,33 +191,24 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     for (int w = 0; w < kNW; ++w) v += ut[w][threadIdx.x];
     __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
-  if (stage == -2) return;  // measurement only (ec_prologue 128): u's partials, no ticket or gate
-  if (stage == 2) {
-    // v27: the ticket as one acquire-release atomic by thread 0 after the
-    // block barrier (the barrier orders the block's partial stores before
-    // it; the release makes them visible with it, the acquire of the last
-    // block sees every block's), instead of a fence in every thread.
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      unsigned prev;
-      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
-                   : "=r"(prev)
-                   : "l"(counter)
-                   : "memory");
-      last = prev == gridDim.x * gridDim.y - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-  } else {
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+  if (stage == kStageUOnly) return;  // measurement only (ec_prologue 128): no ticket or gate
+  // The ticket (v27): one acquire-release atomic by thread 0 after the block
+  // barrier (the barrier orders the block's partial stores before it; the
+  // release makes them visible with it, the acquire of the last block sees
+  // every block's), instead of a fence in every thread.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned prev;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
+                 : "=r"(prev)
+                 : "l"(counter)
+                 : "memory");
+    last = prev == gridDim.x * gridDim.y - 1;
   }
+  __syncthreads();
+  if (!last) return;
   const int r = g.r, h = g.h;
-  if (stage == 2) {
+  if (stage == kStageGroups) {
     // v27: the gate with every thread, from shared memory: u [m][r] (the
     // partials summed in order), W1 [h][r], b1, W2 [r][h], b2 as stored
     // (loaded in the same pass as the partials: one round of L2 loads), the
@@ -367,19 +365,20 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   // then W1 (rows of r | 1), b1, W2 (rows of h | 1), b2; one warp per token
   // (v12's way) where it does not fit, or with flag 1.
   const int64_t par = m * (r + h) + (w.gated ? h * (r | 1) + r * (h | 1) + h + r : 0);
-  // stage 2 (v27, the default): x-independent loads before the wait, an
-  // acquire-release ticket, the gate's dot products split over lane groups.
-  int stage = (flags & 1) == 0 && par <= kGateStageFloats ? 2 : 0;
-  const size_t smem =
-      (stage ? static_cast<size_t>(par) : 8 * static_cast<size_t>(r + h)) * sizeof(float);
+  // kStageGroups (v27, the default): x-independent loads before the wait,
+  // the gate's dot products split over lane groups.
+  int stage = (flags & 1) == 0 && par <= kGateStageFloats ? kStageGroups : kStageWarp;
+  const size_t smem = (stage == kStageGroups ? static_cast<size_t>(par)
+                                             : 8 * static_cast<size_t>(r + h)) *
+                      sizeof(float);
   const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
   // measurement only (the output is then wrong): flag 64 the launch alone,
   // 128 u's partials without the ticket and the gate.
-  if ((flags & 64) != 0) stage = -1;
-  if ((flags & 128) != 0) stage = -2;
+  if ((flags & 64) != 0) stage = kStageLaunchOnly;
+  if ((flags & 128) != 0) stage = kStageUOnly;
   cudaError_t e;
   if (pdl_launch) {
     e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
