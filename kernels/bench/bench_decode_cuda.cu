@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,19]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,25]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -168,6 +168,7 @@ struct Variant {
                                 // slower at batch 1, equal at 8; so off by default)
   int ec_prologue = 0;          // W4CudaParams::ec_prologue (1 v12's, 2 under PDL)
   bool tuned = false;           // v23: the fold kernel's configurations from TuneDecode
+  bool early = false;           // v30: cuda::SetEarlyTrigger while capturing
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -209,7 +210,22 @@ const Variant kVariants[] = {
     {"W4+EC at the diagnostic's placement, empty prologue launch (timing only)", Ec::kPlacement,
      false, false, true, 0, true, false, 64},
     {"W4+EC at the diagnostic's placement, prologue u only, no ticket or gate (timing only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 128}};
+     Ec::kPlacement, false, false, true, 0, true, false, 128},
+    // 20-25 (v30): the producers of x (RMSNorm, SwiGLU) let the next kernel
+    // launch before their own wait (early), and the fold kernel started by
+    // the EC prologue before x is complete, polling the weight's flag (256).
+    {"W4, producers trigger early (v30)", Ec::kOff, false, false, true, 0, true, false, 0, false,
+     true},
+    {"W4+EC at the diagnostic's placement, producers trigger early (v30)", Ec::kPlacement, false,
+     false, true, 0, true, false, 0, false, true},
+    {"W4+EC at the diagnostic's placement, early producers + GEMM before x, flag (v30)",
+     Ec::kPlacement, false, false, true, 0, true, false, 256, false, true},
+    {"W4+EC at the diagnostic's placement, GEMM before x, flag (v30, producers as before)",
+     Ec::kPlacement, false, false, true, 0, true, false, 256},
+    {"W4+EC at the diagnostic's placement, empty prologue, early producers (timing only)",
+     Ec::kPlacement, false, false, true, 0, true, false, 64, false, true},
+    {"W4+EC at the diagnostic's placement, empty prologue, early producers + flag (timing only)",
+     Ec::kPlacement, false, false, true, 0, true, false, 64 | 256, false, true}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -674,6 +690,16 @@ class Model {
     return b;
   }
 
+  // Sum of the logits of the m rows, weighted by position (so that swapped
+  // values change it too), in double.
+  double LogitsChecksum(int m) {
+    std::vector<float> h(static_cast<size_t>(m) * shape_.vocab);
+    CK(cudaMemcpy(h.data(), logits_, h.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    double s = 0;
+    for (size_t i = 0; i < h.size(); ++i) s += static_cast<double>(h[i]) * (1.0 + (i % 97) * 1e-3);
+    return s;
+  }
+
   std::vector<int32_t> NextIds(int m) {
     std::vector<int32_t> v(m);
     CK(cudaMemcpy(v.data(), next_, m * 4, cudaMemcpyDeviceToHost));
@@ -746,7 +772,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,19] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,25] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;
@@ -810,6 +836,7 @@ int Main(int argc, char** argv) {
         const Variant& v = kVariants[vi];
         model->ApplyTuning(v.tuned);  // read by W4Linear at each call (capture below)
         cuda::SetProgrammaticLaunch(v.small_pdl);  // read at each launch (capture below)
+        cuda::SetEarlyTrigger(v.early);
         model->Step(b, v);  // once eagerly: first-call setup outside capture
         CK(cudaStreamSynchronize(g_stream));
         cudaGraph_t g;
@@ -826,10 +853,17 @@ int Main(int argc, char** argv) {
         const double floor_ms = bytes / copy_bw * 1e3;
         std::printf("| %s | %d | %s | %.3f | %.0f | %zu | %.3f | %.3f | %.2fx |\n", s->name, b,
                     v.name, ms, b / (ms * 1e-3), nodes, bytes / 1e9, floor_ms, ms / floor_ms);
+        // The logits of the last replay: variants that compute the same
+        // thing (W4 0 / 20; the placement 9 / 21 / 22 / 23) must agree to the
+        // bit (each replay rewrites the one KV slot it reads; the step is
+        // deterministic), so a race in a launch-order variant shows here.
+        std::printf("# logits checksum %s b%d variant %d: %.17g\n", s->name, b, vi,
+                    model->LogitsChecksum(b));
         std::fflush(stdout);
         CK(cudaGraphExecDestroy(ge));
         CK(cudaGraphDestroy(g));
         cuda::SetProgrammaticLaunch(true);
+        cuda::SetEarlyTrigger(false);
       }
       const auto ids = model->NextIds(b);
       std::printf("# %s batch %d: next token of seq 0 = %d\n", s->name, b, ids[0]);

@@ -15,8 +15,8 @@ namespace spear::kernels::cuda {
 namespace {
 
 __global__ void SiluMulKernel(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n,
-                              int64_t ld_gate, int64_t ld_up, int64_t ldy) {
-  PdlEnter();
+                              int64_t ld_gate, int64_t ld_up, int64_t ldy, int early) {
+  PdlEnter(early);
   const int64_t i = blockIdx.y;
   const __half* g = reinterpret_cast<const __half*>(gate + i * ld_gate);
   const __half* u = reinterpret_cast<const __half*>(up + i * ld_up);
@@ -131,7 +131,8 @@ absl::Status SiluMul(const SiluMulF16Params& p, cudaStream_t stream) {
   const int64_t chunks = (p.n + 255) / 256;
   const dim3 grid(static_cast<unsigned>(chunks < 64 ? chunks : 64), static_cast<unsigned>(p.m));
   SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(SiluMulKernel, grid, dim3(256), 0, stream, p.gate, p.up, p.y,
-                                       p.n, p.ld_gate, p.ld_up, p.ldy));
+                                       p.n, p.ld_gate, p.ld_up, p.ldy,
+                                       EarlyTriggerEnabled() ? 1 : 0));
   return absl::OkStatus();
 }
 

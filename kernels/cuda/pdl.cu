@@ -7,7 +7,11 @@
 namespace spear::kernels::cuda {
 namespace {
 std::atomic<bool> g_pdl{true};
+std::atomic<bool> g_early{false};
 }  // namespace
+
+void SetEarlyTrigger(bool on) { g_early.store(on, std::memory_order_relaxed); }
+bool EarlyTriggerEnabled() { return g_early.load(std::memory_order_relaxed); }
 
 void SetProgrammaticLaunch(bool on) { g_pdl.store(on, std::memory_order_relaxed); }
 bool ProgrammaticLaunchEnabled() { return g_pdl.load(std::memory_order_relaxed); }

@@ -27,6 +27,18 @@ __device__ __forceinline__ void PdlEnter() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
 }
 
+// v30 (SetEarlyTrigger, the producers of a W4 GEMM's x: RmsNormF16 and
+// SiluMul): `early` lets the next kernel launch before this one's wait, so
+// that an EC prologue between this kernel and its GEMM is launched (and
+// resident) while the kernel before this one still runs. Memory order is
+// unchanged: the next kernel's griddepcontrol.wait still waits for this
+// grid's completion, which follows this grid's own wait.
+__device__ __forceinline__ void PdlEnter(int early) {
+  if (early) asm volatile("griddepcontrol.launch_dependents;\n" ::);
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  if (!early) asm volatile("griddepcontrol.launch_dependents;\n" ::);
+}
+
 // <<<grid, block, smem, stream>>>(args...) with the programmatic-serialization
 // attribute while ProgrammaticLaunchEnabled(); a launch refused with it is
 // retried without (a driver or capture that does not take the attribute).

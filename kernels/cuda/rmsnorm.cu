@@ -89,8 +89,9 @@ namespace {
 template <int kVec>
 __global__ void RmsNormF16VecKernel(const float* __restrict__ x, float* __restrict__ residual,
                                     const float* __restrict__ weight, uint16_t* __restrict__ y,
-                                    int64_t d, int64_t ldx, int64_t ldr, int64_t ldy, float eps) {
-  PdlEnter();
+                                    int64_t d, int64_t ldx, int64_t ldr, int64_t ldy, float eps,
+                                    int early) {
+  PdlEnter(early);
   const int64_t row = blockIdx.x;
   const int n4 = static_cast<int>(d / 4);
   const float4* xr = reinterpret_cast<const float4*>(x + row * ldx);
@@ -154,19 +155,20 @@ absl::Status RmsNormF16(const RmsNormF16Params& p, cudaStream_t stream) {
                    Aligned(p.x, 16) && Aligned(p.weight, 16) && Aligned(p.y, 8) &&
                    (p.residual == nullptr || (p.ldr % 4 == 0 && Aligned(p.residual, 16)));
   if (vec) {
+    const int early = EarlyTriggerEnabled() ? 1 : 0;
     const int64_t per_thread = (p.d / 4 + kThreads - 1) / kThreads;
     if (per_thread <= 1) {
       e = LaunchPdl(RmsNormF16VecKernel<1>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,
-                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
+                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps, early);
     } else if (per_thread <= 2) {
       e = LaunchPdl(RmsNormF16VecKernel<2>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,
-                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
+                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps, early);
     } else if (per_thread <= 4) {
       e = LaunchPdl(RmsNormF16VecKernel<4>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,
-                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
+                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps, early);
     } else {
       e = LaunchPdl(RmsNormF16VecKernel<8>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,
-                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
+                    p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps, early);
     }
   } else {
     e = LaunchPdl(RmsNormKernel<uint16_t>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,

@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
                                                         long long ldx, int k, int kchunk,
                                                         const __half* __restrict__ a,
                                                         float* upart, unsigned* counter,
-                                                        GateArgs g, int stage) {
+                                                        GateArgs g, int stage, unsigned* ready) {
   constexpr int kT = 256;  // threads per block
   const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
   const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
@@ -131,8 +131,17 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   // The GEMM that follows (launched with PDL) may start after the wait: it
   // reads only x (complete: this kernel waited for it, or was launched after
   // it) and the weights until it needs v (see w4_gemm_kernel.cuh).
+  // v30 (ready non-null: ec_prologue flag 256, fold kernel only): the GEMM
+  // is let start before the wait; it streams its weights and polls ready[0]
+  // before it reads x. Block (0, 0) sets the flag, with release, once the
+  // wait returned (the GEMM's last warp clears it).
+  if (ready != nullptr) asm volatile("griddepcontrol.launch_dependents;\n" ::);
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+  if (ready == nullptr) {
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+  } else if (q == 0 && part == 0 && threadIdx.x == 0) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(ready), "r"(1u) : "memory");
+  }
   if (stage == kStageLaunchOnly) return;  // measurement only (ec_prologue 64): v left stale
   extern __shared__ float dyn[];
   constexpr int kNW = kT / 32;
@@ -351,7 +360,7 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
-                              int flags, bool pdl_launch) {
+                              int flags, bool pdl_launch, unsigned* ready) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
   // k split: parts of >= 2048 elements (one 16-byte load per thread of a
@@ -383,11 +392,11 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   if (pdl_launch) {
     e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
                   static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,
-                  ws.ec_counter, g, stage);
+                  ws.ec_counter, g, stage, pdl_launch ? ready : nullptr);
   } else {
     EcPrologueKernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx,
                                                   static_cast<int>(w.k), kchunk, ah, ws.u,
-                                                  ws.ec_counter, g, stage);
+                                                  ws.ec_counter, g, stage, nullptr);
     e = cudaGetLastError();
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);

@@ -138,6 +138,10 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = decode_kernel;
+    // v30 (ec_prologue flag 256; validated without 2, 4, 8): the prologue lets
+    // the fold kernel start before x is complete and publishes x's
+    // completion in the weight's flag, which the kernel polls.
+    const bool early = ec && fold && (p.ec_prologue & 256) != 0 && d.ready != nullptr;
     if (ec) {
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
@@ -149,7 +153,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
                 p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
                 p.gate_ld, stream, p.ec_prologue & (1 | 64 | 128),
-                fold && (p.ec_prologue & 2) == 0);
+                fold && (p.ec_prologue & 2) == 0, early ? d.ready : nullptr);
             !st.ok()) {
           return st;
         }
@@ -160,6 +164,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
         a.v = s.v;
         a.ldv = static_cast<int>(d.rp);
         a.ec_late = 1;
+        if (early) a.ready = d.ready;
       }
     }
     if (absl::Status st =
@@ -199,10 +204,11 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }
-  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128)) != 0 ||
-      (p.ec_prologue & 12) == 12) {
+  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128 | 256)) != 0 ||
+      (p.ec_prologue & 12) == 12 ||
+      ((p.ec_prologue & 256) != 0 && (p.ec_prologue & (2 | 4 | 8)) != 0)) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 1, 2, 64, 128 and one of 4 / 8 only"));
+                            ": flags 1, 2, 64, 128, 256 and one of 4 / 8 (256 without 2, 4, 8)"));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured
