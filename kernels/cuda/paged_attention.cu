@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(kThreads)
                 int64_t max_blocks, const int32_t* __restrict__ context_lens, int64_t max_ctx,
                 float scale, int part, int gchunks, uint16_t* __restrict__ out, int64_t ldo,
                 float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
-                int32_t* __restrict__ tickets) {
+                int32_t* __restrict__ tickets, int early) {
   __shared__ __align__(16) float q_s[kMaxG][D];
   // Scores, then probabilities; after (3)'s loop the same memory holds the
   // per-warp partial outputs [kWarps][kMaxG][D] (at most 16 KB, = s_s).
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kWarps = kThreads / 32;
   static_assert(kWarps * kMaxG * D <= kMaxG * kMaxPart, "partials must fit in s_s");
   float(*red_s)[kMaxG][D] = reinterpret_cast<float(*)[kMaxG][D]>(&s_s[0][0]);
-  PdlEnter();
+  PdlEnter(early);
 
   const int tid = threadIdx.x;
   const int64_t seq = blockIdx.z;
@@ -383,10 +383,10 @@ __device__ float BlockReduce(float v, bool is_max, float* scratch) {
 __global__ void __launch_bounds__(kCombineThreads)
     CombineKernel(int head_dim, int n_heads, int nparts, const float* __restrict__ po,
                   const float* __restrict__ pm, const float* __restrict__ pl,
-                  uint16_t* __restrict__ out, int64_t ldo) {
+                  uint16_t* __restrict__ out, int64_t ldo, int early) {
   extern __shared__ float w_s[];  // [CombinePadded(nparts)]
   __shared__ float scratch[kCombineThreads / 32];
-  PdlEnter();
+  PdlEnter(early);
   const int h = blockIdx.x;
   const int64_t seq = blockIdx.y;
   const int64_t hh = seq * n_heads + h;
@@ -475,16 +475,18 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
   // The combine in the split launch when the caller gave tickets and the
   // partition weights of a head group fit the block's score buffer.
   int32_t* tickets = pl.parts > 1 && pl.parts <= kMaxPart ? p.tickets : nullptr;
+  // v30 (SetEarlyTrigger): the attention output is the o GEMM's x.
+  const int early = EarlyTriggerEnabled() ? 1 : 0;
   SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
       p.head_dim == 64 ? SplitKernel<64> : SplitKernel<128>, grid, dim3(kThreads), 0, stream, p.q,
       p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks,
       p.block_tables, p.max_blocks_per_seq, p.context_lens, p.max_context_len, p.scale, pl.part,
-      pl.gchunks, p.out, p.ldo, po, pm, plsum, tickets));
+      pl.gchunks, p.out, p.ldo, po, pm, plsum, tickets, early));
   if (pl.parts > 1 && tickets == nullptr) {
     SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
         CombineKernel, dim3(static_cast<unsigned>(p.n_heads), static_cast<unsigned>(p.num_seqs)),
         dim3(kCombineThreads), CombinePadded(pl.parts) * sizeof(float), stream, p.head_dim,
-        p.n_heads, pl.parts, po, pm, plsum, p.out, p.ldo));
+        p.n_heads, pl.parts, po, pm, plsum, p.out, p.ldo, early));
   }
   return absl::OkStatus();
 }

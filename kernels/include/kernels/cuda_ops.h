@@ -41,9 +41,9 @@ absl::Status RmsNorm(const RmsNormParams& p, cudaStream_t stream);
 // each launch, so a captured graph keeps the setting it was captured with.
 void SetProgrammaticLaunch(bool on);
 bool ProgrammaticLaunchEnabled();
-// v30 (measurement; off by default): RmsNormF16 and SiluMul, the kernels
-// that produce a W4 GEMM's x, let the next kernel launch before their own
-// dependency wait instead of after it (kernels/cuda/pdl.cuh). Same results;
+// v30 (measurement; off by default): RmsNormF16, SiluMul and
+// PagedDecodeAttention, the kernels that produce a W4 GEMM's x, let the
+// next kernel launch before their own dependency wait instead of after it (kernels/cuda/pdl.cuh). Same results;
 // read at each launch like SetProgrammaticLaunch.
 void SetEarlyTrigger(bool on);
 bool EarlyTriggerEnabled();
