@@ -141,7 +141,13 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     // v30 (ec_prologue flag 256; validated without 2, 4, 8): the prologue lets
     // the fold kernel start before x is complete and publishes x's
     // completion in the weight's flag, which the kernel polls.
-    const bool early = ec && fold && (p.ec_prologue & 256) != 0 && d.ready != nullptr;
+    // SPEAR_W4_EC_EARLY_START=1 (testing knob) sets the flag on every call.
+    static const bool env_early = [] {
+      const char* e = std::getenv("SPEAR_W4_EC_EARLY_START");
+      return e != nullptr && e[0] == '1';
+    }();
+    const bool early = ec && fold && ((p.ec_prologue & 256) != 0 || env_early) &&
+                       (p.ec_prologue & (2 | 4 | 8)) == 0 && d.ready != nullptr;
     if (ec) {
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
