@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,25]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,29]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -225,7 +225,20 @@ const Variant kVariants[] = {
     {"W4+EC at the diagnostic's placement, empty prologue, early producers (timing only)",
      Ec::kPlacement, false, false, true, 0, true, false, 64, false, true},
     {"W4+EC at the diagnostic's placement, empty prologue, early producers + flag (timing only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 64 | 256, false, true}};
+     Ec::kPlacement, false, false, true, 0, true, false, 64 | 256, false, true},
+    // 26-29 (v30c): the prologue's footprint while it waits: one-warp empty
+    // blocks; lean blocks (<= one 128-thread block per SM looping over the
+    // items, the gate one warp per token: ec_prologue 512).
+    {"W4+EC at the diagnostic's placement, empty one-warp prologue, early producers + flag (timing "
+     "only)",
+     Ec::kPlacement, false, false, true, 0, true, false, 64 | 256 | 1024, false, true},
+    {"W4+EC at the diagnostic's placement, empty lean prologue, early producers + flag (timing "
+     "only)",
+     Ec::kPlacement, false, false, true, 0, true, false, 64 | 256 | 512, false, true},
+    {"W4+EC at the diagnostic's placement, lean prologue, early producers + flag (v30c)",
+     Ec::kPlacement, false, false, true, 0, true, false, 256 | 512, false, true},
+    {"W4+EC at the diagnostic's placement, lean prologue (v30c, producers and start as v27)",
+     Ec::kPlacement, false, false, true, 0, true, false, 512}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -772,7 +785,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,25] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,29] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -353,7 +353,7 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
   const int64_t ms[] = {1, 5, 16, 64};
   int v = 0;
   for (const Shape& s : shapes) {
-    for (int form = 0; form < 5; ++form) {
+    for (int form = 0; form < 7; ++form) {
       Case c{s.n, s.k, s.g, ms[v % 4]};
       c.ec = v % 5 == 4 ? 1 : 2;
       c.ec_rank = s.r;
@@ -361,8 +361,10 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
       // form 4 (v30): the fold kernel started before x is complete, polling
       // the weight's flag; three calls on the same weight (the flag cleared
       // by each call's last warp; a wrong clear would hang the next call).
-      c.ec_prologue = form == 4 ? 256 : form;
-      c.repeats = form == 4 ? 3 : 1;
+      // forms 5 / 6 (v30c): the lean prologue (one 128-thread block per SM
+      // at most, looping over the items), alone and with 256.
+      c.ec_prologue = form == 4 ? 256 : form == 5 ? 512 : form == 6 ? 512 | 256 : form;
+      c.repeats = form >= 4 ? 3 : 1;
       c.gate_pad = form == 2 ? 5 : 0;  // gate_out rows strided (the CUDA runner's gate buffer)
       c.decode_kernel = form == 3 ? 128 : 0;  // fold: B fragments from global memory
       c.act_scale = v % 3 == 1;
@@ -762,6 +764,8 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
     p.ec_prologue = 256 | f;
     EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr))) << f;
   }
+  p.ec_prologue = 1024;  // the one-warp empty launch only with 64
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = 0;
   p.gate_ld = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
