@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,29]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,22]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -168,7 +168,10 @@ struct Variant {
                                 // slower at batch 1, equal at 8; so off by default)
   int ec_prologue = 0;          // W4CudaParams::ec_prologue (1 v12's, 2 under PDL)
   bool tuned = false;           // v23: the fold kernel's configurations from TuneDecode
-  bool early = false;           // v30: cuda::SetEarlyTrigger while capturing
+  // v30: which producers of a GEMM's x (RMSNorm, attention, SwiGLU) let the
+  // next kernel launch before their own wait (early_trigger): 0 none (the
+  // order before v30), 1 all, 2 those whose GEMM has no EC (the default).
+  int early = 2;
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -211,34 +214,16 @@ const Variant kVariants[] = {
      false, false, true, 0, true, false, 64},
     {"W4+EC at the diagnostic's placement, prologue u only, no ticket or gate (timing only)",
      Ec::kPlacement, false, false, true, 0, true, false, 128},
-    // 20-25 (v30): the producers of x (RMSNorm, SwiGLU) let the next kernel
-    // launch before their own wait (early), and the fold kernel started by
-    // the EC prologue before x is complete, polling the weight's flag (256).
-    {"W4, producers trigger early (v30)", Ec::kOff, false, false, true, 0, true, false, 0, false,
-     true},
-    {"W4+EC at the diagnostic's placement, producers trigger early (v30)", Ec::kPlacement, false,
-     false, true, 0, true, false, 0, false, true},
-    {"W4+EC at the diagnostic's placement, early producers + GEMM before x, flag (v30)",
-     Ec::kPlacement, false, false, true, 0, true, false, 256, false, true},
-    {"W4+EC at the diagnostic's placement, GEMM before x, flag (v30, producers as before)",
-     Ec::kPlacement, false, false, true, 0, true, false, 256},
-    {"W4+EC at the diagnostic's placement, empty prologue, early producers (timing only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 64, false, true},
-    {"W4+EC at the diagnostic's placement, empty prologue, early producers + flag (timing only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 64 | 256, false, true},
-    // 26-29 (v30c): the prologue's footprint while it waits: one-warp empty
-    // blocks; lean blocks (<= one 128-thread block per SM looping over the
-    // items, the gate one warp per token: ec_prologue 512).
-    {"W4+EC at the diagnostic's placement, empty one-warp prologue, early producers + flag (timing "
-     "only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 64 | 256 | 1024, false, true},
-    {"W4+EC at the diagnostic's placement, empty lean prologue, early producers + flag (timing "
-     "only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 64 | 256 | 512, false, true},
-    {"W4+EC at the diagnostic's placement, lean prologue, early producers + flag (v30c)",
-     Ec::kPlacement, false, false, true, 0, true, false, 256 | 512, false, true},
-    {"W4+EC at the diagnostic's placement, lean prologue (v30c, producers and start as v27)",
-     Ec::kPlacement, false, false, true, 0, true, false, 512}};
+    // 20-22 (v30): every producer of a GEMM's x triggers early (slower where
+    // the GEMM has an EC), and the launch order before v30 (every producer
+    // waits, then triggers) against rows 0 and 9 (the default: early where
+    // the GEMM has no EC).
+    {"W4+EC at the diagnostic's placement, every producer triggers early (v30)", Ec::kPlacement,
+     false, false, true, 0, true, false, 0, false, 1},
+    {"W4, producers trigger after their wait (before v30)", Ec::kOff, false, false, true, 0, true,
+     false, 0, false, 0},
+    {"W4+EC at the diagnostic's placement, producers trigger after their wait (before v30)",
+     Ec::kPlacement, false, false, true, 0, true, false, 0, false, 0}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -587,6 +572,8 @@ class Model {
       const auto [wo, eo] = pick(kOGroup, *L.o);
       const auto [wgu, egu] = pick(kGateUp, *L.gate_up);
       const auto [wdn, edn] = pick(kDownGroup, *L.down);
+      // v30: a producer triggers early where its GEMM has no EC (v.early 2).
+      auto early_for = [&](bool gemm_ec) { return v.early == 1 || (v.early == 2 && !gemm_ec); };
       cuda::RmsNormF16Params n;
       n.x = residual_;
       n.y = h16_;
@@ -595,6 +582,7 @@ class Model {
       n.eps = 1e-5f;
       if (!v.gemms_only) {
         n.weight = L.norm1;
+        n.early_trigger = early_for(eqkv);
         CKS(cuda::RmsNormF16(n, g_stream));
       }
       gemm(*wqkv, h16_, H, qkv_, nullptr, qkv_n, eqkv);
@@ -616,6 +604,7 @@ class Model {
         CKS(cuda::RopeKvAppend(f, g_stream));
         cuda::PagedDecodeAttentionParams ap = AttnParams(m, L);
         ap.tickets = v.tickets ? tickets_ : nullptr;
+        ap.early_trigger = early_for(eo);
         CKS(cuda::PagedDecodeAttention(ap, g_stream));
       } else if (!v.gemms_only && !v.skip_attention) {
         cuda::RopeF16Params r;
@@ -640,11 +629,14 @@ class Model {
         a.block_size = kBlock;
         a.num_cache_blocks = num_blocks_;
         CKS(cuda::KvAppend(a, g_stream));
-        CKS(cuda::PagedDecodeAttention(AttnParams(m, L), g_stream));
+        cuda::PagedDecodeAttentionParams ap = AttnParams(m, L);
+        ap.early_trigger = early_for(eo);
+        CKS(cuda::PagedDecodeAttention(ap, g_stream));
       }
       gemm(*wo, attn_, int64_t{shape_.n_q} * shape_.head_dim, nullptr, residual_, H, eo);
       if (!v.gemms_only) {
         n.weight = L.norm2;
+        n.early_trigger = early_for(egu);
         CKS(cuda::RmsNormF16(n, g_stream));
       }
       gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu);
@@ -657,6 +649,7 @@ class Model {
         sm.n = shape_.inter;
         sm.ld_gate = sm.ld_up = 2 * shape_.inter;
         sm.ldy = shape_.inter;
+        sm.early_trigger = early_for(edn);
         CKS(cuda::SiluMul(sm, g_stream));
       }
       gemm(*wdn, act_, shape_.inter, nullptr, residual_, H, edn);
@@ -665,6 +658,7 @@ class Model {
     cuda::RmsNormF16Params n;
     n.x = residual_;
     n.weight = final_norm_;
+    n.early_trigger = v.early != 0;  // before the lm_head (cuBLAS, no EC)
     n.y = h16_;
     n.m = m;
     n.d = n.ldx = n.ldy = H;
@@ -785,7 +779,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,29] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,22] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;
@@ -849,7 +843,6 @@ int Main(int argc, char** argv) {
         const Variant& v = kVariants[vi];
         model->ApplyTuning(v.tuned);  // read by W4Linear at each call (capture below)
         cuda::SetProgrammaticLaunch(v.small_pdl);  // read at each launch (capture below)
-        cuda::SetEarlyTrigger(v.early);
         model->Step(b, v);  // once eagerly: first-call setup outside capture
         CK(cudaStreamSynchronize(g_stream));
         cudaGraph_t g;
@@ -876,7 +869,6 @@ int Main(int argc, char** argv) {
         CK(cudaGraphExecDestroy(ge));
         CK(cudaGraphDestroy(g));
         cuda::SetProgrammaticLaunch(true);
-        cuda::SetEarlyTrigger(false);
       }
       const auto ids = model->NextIds(b);
       std::printf("# %s batch %d: next token of seq 0 = %d\n", s->name, b, ids[0]);

@@ -132,7 +132,7 @@ absl::Status SiluMul(const SiluMulF16Params& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(chunks < 64 ? chunks : 64), static_cast<unsigned>(p.m));
   SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(SiluMulKernel, grid, dim3(256), 0, stream, p.gate, p.up, p.y,
                                        p.n, p.ld_gate, p.ld_up, p.ldy,
-                                       EarlyTriggerEnabled() ? 1 : 0));
+                                       p.early_trigger ? 1 : 0));
   return absl::OkStatus();
 }
 

@@ -475,8 +475,7 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
   // The combine in the split launch when the caller gave tickets and the
   // partition weights of a head group fit the block's score buffer.
   int32_t* tickets = pl.parts > 1 && pl.parts <= kMaxPart ? p.tickets : nullptr;
-  // v30 (SetEarlyTrigger): the attention output is the o GEMM's x.
-  const int early = EarlyTriggerEnabled() ? 1 : 0;
+  const int early = p.early_trigger ? 1 : 0;  // v30
   SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
       p.head_dim == 64 ? SplitKernel<64> : SplitKernel<128>, grid, dim3(kThreads), 0, stream, p.q,
       p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks,

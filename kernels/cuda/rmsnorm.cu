@@ -155,7 +155,7 @@ absl::Status RmsNormF16(const RmsNormF16Params& p, cudaStream_t stream) {
                    Aligned(p.x, 16) && Aligned(p.weight, 16) && Aligned(p.y, 8) &&
                    (p.residual == nullptr || (p.ldr % 4 == 0 && Aligned(p.residual, 16)));
   if (vec) {
-    const int early = EarlyTriggerEnabled() ? 1 : 0;
+    const int early = p.early_trigger ? 1 : 0;
     const int64_t per_thread = (p.d / 4 + kThreads - 1) / kThreads;
     if (per_thread <= 1) {
       e = LaunchPdl(RmsNormF16VecKernel<1>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,

@@ -7,7 +7,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
@@ -96,27 +95,17 @@ constexpr int kGateStageFloats = 10240;
 // kernel blocks on an SM and the decode step got slower (2026-12-03, call 1).
 // (128-thread blocks, 8 K registers, were slower: the u phase takes two
 // passes per range; docs/results/gpu.md, "v27-v29".)
-// kT threads per block; kLoop (v30c, ec_prologue flag 512): a 1-D grid of at
-// most one block per SM, each looping over the (rank, k range) items
-// item = blockIdx.x, + gridDim.x, ... (q = item % r, part = item / r), so that
-// the prologue's blocks, resident from their launch, leave room beside the
-// fold kernel's blocks (128 threads x 64 registers = 8 K registers).
-template <int kT, bool kLoop>
-__global__ void __launch_bounds__(kT, 1024 / kT) EcPrologueKernel(const __half* __restrict__ x, int m,
+__global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restrict__ x, int m,
                                                         long long ldx, int k, int kchunk,
                                                         const __half* __restrict__ a,
                                                         float* upart, unsigned* counter,
-                                                        GateArgs g, int stage, unsigned* ready,
-                                                        int P) {
-  const int item0 = kLoop ? static_cast<int>(blockIdx.x) : 0;
-  const int nitems = kLoop ? g.r * P : 1;
-  const int q0 = kLoop ? item0 % g.r : static_cast<int>(blockIdx.x);
-  const int part0 = kLoop ? item0 / g.r : static_cast<int>(blockIdx.y);
-  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
-  int q = q0, part = part0;
-  int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
+                                                        GateArgs g, int stage) {
+  constexpr int kT = 256;  // threads per block
+  const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
+  const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
   const __half* ar = a + static_cast<long long>(q) * k;
-  int cb = k0 / 8, ce = (k1 + 7) / 8;
+  const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+  const int cb = k0 / 8, ce = (k1 + 7) / 8;
   // v27 (kStageGroups): what does not depend on x is requested before the wait:
   // the block's first A pieces (registers) and, by block (0, 0), the gate
   // MLP's weights into L2 for the last block (so its loads hit L2, not DRAM).
@@ -125,7 +114,7 @@ __global__ void __launch_bounds__(kT, 1024 / kT) EcPrologueKernel(const __half* 
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
     if (c < ce) apre = __ldg(reinterpret_cast<const uint4*>(ar) + c);
-    if (blockIdx.x == 0 && blockIdx.y == 0 && g.gated) {
+    if (q == 0 && part == 0 && g.gated) {
       const int wl = (g.h * g.r * 4 + 127) / 128;  // 128-byte lines of W1 (and of W2)
       for (int i = threadIdx.x; i < 2 * wl + 2; i += kT) {
         const char* base = i < wl ? reinterpret_cast<const char*>(g.w1) + i * 128
@@ -142,35 +131,14 @@ __global__ void __launch_bounds__(kT, 1024 / kT) EcPrologueKernel(const __half* 
   // The GEMM that follows (launched with PDL) may start after the wait: it
   // reads only x (complete: this kernel waited for it, or was launched after
   // it) and the weights until it needs v (see w4_gemm_kernel.cuh).
-  // v30 (ready non-null: ec_prologue flag 256, fold kernel only): the GEMM
-  // is let start before the wait; it streams its weights and polls ready[0]
-  // before it reads x. Block (0, 0) sets the flag, with release, once the
-  // wait returned (the GEMM's last warp clears it).
-  if (ready != nullptr) asm volatile("griddepcontrol.launch_dependents;\n" ::);
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  if (ready == nullptr) {
-    asm volatile("griddepcontrol.launch_dependents;\n" ::);
-  } else if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
-    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(ready), "r"(1u) : "memory");
-  }
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
   if (stage == kStageLaunchOnly) return;  // measurement only (ec_prologue 64): v left stale
   extern __shared__ float dyn[];
   constexpr int kNW = kT / 32;
   __shared__ float ut[kNW][kDecodeMaxM];
   __shared__ int last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int item = item0; item < nitems; item += kLoop ? gridDim.x : nitems) {
-  if (item != item0) {
-    q = item % g.r;
-    part = item / g.r;
-    k0 = part * kchunk;
-    k1 = min(k, k0 + kchunk);
-    ar = a + static_cast<long long>(q) * k;
-    cb = k0 / 8;
-    ce = (k1 + 7) / 8;
-    __syncthreads();  // ut of the previous item read
-  }
-  const bool pre_here = pre && item == item0;
   // u[t][q] over [k0, k1) = A[q] . x[t]: the block's kT threads split the
   // range (8 elements per load), then a warp shuffle reduction and a
   // fixed-order sum over the kT / 32 warps: deterministic.
@@ -182,7 +150,7 @@ __global__ void __launch_bounds__(kT, 1024 / kT) EcPrologueKernel(const __half* 
       // registers for nothing at ranges of 2048, one pass; same sums in the
       // same order).
       for (int c = cb + static_cast<int>(threadIdx.x); c < ce; c += kT) {
-        const uint4 av = pre_here && c - cb < kT ? apre : reinterpret_cast<const uint4*>(ar)[c];
+        const uint4 av = pre && c - cb < kT ? apre : reinterpret_cast<const uint4*>(ar)[c];
         uint4 xv[4];
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
@@ -223,7 +191,6 @@ __global__ void __launch_bounds__(kT, 1024 / kT) EcPrologueKernel(const __half* 
     for (int w = 0; w < kNW; ++w) v += ut[w][threadIdx.x];
     __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
-  }  // items
   if (stage == kStageUOnly) return;  // measurement only (ec_prologue 128): no ticket or gate
   // The ticket (v27): one acquire-release atomic by thread 0 after the block
   // barrier (the barrier orders the block's partial stores before it; the
@@ -384,7 +351,7 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
-                              int flags, bool pdl_launch, unsigned* ready) {
+                              int flags, bool pdl_launch) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
   // k split: parts of >= 2048 elements (one 16-byte load per thread of a
@@ -404,13 +371,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const size_t smem = (stage == kStageGroups ? static_cast<size_t>(par)
                                              : 8 * static_cast<size_t>(r + h)) *
                       sizeof(float);
-  // flag 512 (v30c): at most one 128-thread block per SM looping over the
-  // items, the gate one warp per token (little shared memory).
-  const bool lean = (flags & 512) != 0;
-  if (lean) stage = kStageWarp;
-  const int nsm = ws.num_sms > 0 ? ws.num_sms : 1;
-  const dim3 grid = lean ? dim3(static_cast<unsigned>(std::min(r * parts, nsm)))
-                         : dim3(static_cast<unsigned>(r), static_cast<unsigned>(parts));
+  const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
@@ -418,21 +379,15 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   // 128 u's partials without the ticket and the gate.
   if ((flags & 64) != 0) stage = kStageLaunchOnly;
   if ((flags & 128) != 0) stage = kStageUOnly;
-  // measurement only: flag 1024 with 64, the empty launch as one warp per
-  // block, no shared memory (what the blocks' footprint costs).
-  const bool tiny = (flags & (64 | 1024)) == (64 | 1024);
-  auto* kernel = lean ? EcPrologueKernel<128, true> : EcPrologueKernel<256, false>;
-  const dim3 block(tiny ? 32 : lean ? 128 : 256);
-  const size_t dsmem = tiny ? 0 : lean ? 8 * static_cast<size_t>(r + h) * sizeof(float) : smem;
   cudaError_t e;
   if (pdl_launch) {
-    e = LaunchPdl(kernel, grid, block, dsmem, stream, xh, static_cast<int>(m),
+    e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
                   static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,
-                  ws.ec_counter, g, stage, pdl_launch ? ready : nullptr, parts);
+                  ws.ec_counter, g, stage);
   } else {
-    kernel<<<grid, block, dsmem, stream>>>(xh, static_cast<int>(m), ldx, static_cast<int>(w.k),
-                                           kchunk, ah, ws.u, ws.ec_counter, g, stage, nullptr,
-                                           parts);
+    EcPrologueKernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx,
+                                                  static_cast<int>(w.k), kchunk, ah, ws.u,
+                                                  ws.ec_counter, g, stage);
     e = cudaGetLastError();
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);

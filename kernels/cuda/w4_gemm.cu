@@ -30,20 +30,6 @@ absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream
 }
 
 namespace {
-// The decode EC prologue's flags: W4CudaParams::ec_prologue, plus (testing
-// knob, v30) SPEAR_W4_EC_PROLOGUE=<flags among 256 | 512> on every call
-// where the caller set none of 2, 4, 8 (so the GPU suites can run whole
-// under another prologue form).
-int EcPrologueFlags(int requested) {
-  static const int env = [] {
-    const char* e = std::getenv("SPEAR_W4_EC_PROLOGUE");
-    return e != nullptr ? (std::atoi(e) & (256 | 512)) : 0;
-  }();
-  return (requested & (2 | 4 | 8)) != 0 ? requested : requested | env;
-}
-}  // namespace
-
-namespace {
 
 // xs[i, c] = x[i, c] / act_scale[c] (or x) for c < k, 0 for k <= c < ldxs.
 __global__ void PrepareXKernel(const __half* __restrict__ x, long long ldx, int k,
@@ -152,34 +138,28 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = decode_kernel;
-    // v30 (ec_prologue flag 256; validated without 2, 4, 8): the prologue lets
-    // the fold kernel start before x is complete and publishes x's
-    // completion in the weight's flag, which the kernel polls.
-    const int ecp = EcPrologueFlags(p.ec_prologue);
-    const bool early = ec && fold && (ecp & 256) != 0 && d.ready != nullptr;
     if (ec) {
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
-      if ((ecp & 4) == 0) {
+      if ((p.ec_prologue & 4) == 0) {
         // Under PDL before the fold kernel (M <= 16; v14, -0.04 ms on the 8B
         // step in three calls); a plain launch before the others (v12: PDL
         // was slower there at M >= 8) or with ec_prologue flag 2.
         if (absl::Status st = LaunchEcPrologue(
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
                 p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
-                p.gate_ld, stream, ecp & (1 | 64 | 128 | 512 | 1024), fold && (ecp & 2) == 0,
-                early ? d.ready : nullptr);
+                p.gate_ld, stream, p.ec_prologue & (1 | 64 | 128),
+                fold && (p.ec_prologue & 2) == 0);
             !st.ok()) {
           return st;
         }
       }
-      if ((ecp & 8) == 0) {
+      if ((p.ec_prologue & 8) == 0) {
         a.ecb = d.ec_bfrag;
         a.esteps = static_cast<int>(d.rp / 16);
         a.v = s.v;
         a.ldv = static_cast<int>(d.rp);
         a.ec_late = 1;
-        if (early) a.ready = d.ready;
       }
     }
     if (absl::Status st =
@@ -219,13 +199,10 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }
-  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128 | 256 | 512 | 1024)) != 0 ||
-      (p.ec_prologue & 12) == 12 ||
-      ((p.ec_prologue & 256) != 0 && (p.ec_prologue & (2 | 4 | 8)) != 0) ||
-      ((p.ec_prologue & 1024) != 0 && (p.ec_prologue & 64) == 0)) {
+  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128)) != 0 ||
+      (p.ec_prologue & 12) == 12) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 1, 2, 64, 128, 256, 512, 1024 and one of 4 / 8 (256 without "
-                            "2, 4, 8; 1024 only with 64)"));
+                            ": flags 1, 2, 64, 128 and one of 4 / 8 only"));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured

@@ -63,7 +63,7 @@ W4DeviceWeight::~W4DeviceWeight() {
                   static_cast<void*>(d.act_scale), static_cast<void*>(d.ec_a),
                   static_cast<void*>(d.ec_b), static_cast<void*>(d.ec_bfrag),
                   static_cast<void*>(d.w1), static_cast<void*>(d.b1), static_cast<void*>(d.w2),
-                  static_cast<void*>(d.b2), static_cast<void*>(d.ready)}) {
+                  static_cast<void*>(d.b2)}) {
     if (p != nullptr) cudaFree(p);
   }
 }
@@ -186,8 +186,6 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Create(const W4W
     if (absl::Status s = Upload(a16, &d.ec_a); !s.ok()) return s;
     if (absl::Status s = Upload(b16, &d.ec_b); !s.ok()) return s;
     if (absl::Status s = Upload(bf, &d.ec_bfrag); !s.ok()) return s;
-    SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&d.ready), 2 * sizeof(unsigned)));
-    SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.ready, 0, 2 * sizeof(unsigned)));
     if (ec->gated) {
       for (auto [src, dst] : {std::pair{&ec->w1, &d.w1}, std::pair{&ec->b1, &d.b1},
                               std::pair{&ec->w2, &d.w2}, std::pair{&ec->b2, &d.b2}}) {
@@ -219,11 +217,6 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Clone() const {
   o.ec_a = o.ec_b = nullptr;
   o.ec_bfrag = nullptr;
   o.w1 = o.b1 = o.w2 = o.b2 = nullptr;
-  o.ready = nullptr;
-  if (d.ready != nullptr) {
-    SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&o.ready), 2 * sizeof(unsigned)));
-    SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(o.ready, 0, 2 * sizeof(unsigned)));
-  }
   auto copy = [](auto* src, auto** dst, size_t bytes) -> absl::Status {
     if (src == nullptr) return absl::OkStatus();
     SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(dst), bytes));

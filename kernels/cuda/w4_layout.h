@@ -62,11 +62,6 @@ struct W4DeviceWeight::Impl {
   float* b1 = nullptr;           // [h]
   float* w2 = nullptr;           // [r][h]
   float* b2 = nullptr;           // [r]
-  // v30 (ec_prologue flag 256): [0] set by this weight's decode EC prologue
-  // once x is complete, [1] the fold kernel's warps that saw it (the last
-  // one clears both for the next call). Per weight, so that a later GEMM's
-  // early-started blocks never read an earlier GEMM's flag.
-  unsigned* ready = nullptr;
 };
 
 struct W4Workspace::Impl {
@@ -118,9 +113,6 @@ struct DecodeArgs {
   int ldv;
   int debug;    // profiling only (SPEAR_W4_DEBUG): 1 skip compute, 2 skip weight loads
   int ec_late;  // 1: an EC prologue precedes this launch (see the kernel)
-  // v30 (fold kernel, ec_prologue flag 256): non-null: the prologue let this
-  // launch start before x was complete; x is complete once ready[0] != 0.
-  unsigned* ready;
   int variant;  // m <= 16 kernel: 0 the cp.async-ring kernel, 2 the register-direct one
   float* partials;
   int* counters;
@@ -150,8 +142,7 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
                               int64_t ldv, float* v_f32, float* gate_out, int64_t ldg,
-                              cudaStream_t stream, int flags = 0, bool pdl_launch = false,
-                              unsigned* ready = nullptr);
+                              cudaStream_t stream, int flags = 0, bool pdl_launch = false);
 // Gate only, from u [m][r] fp32 (prefill path).
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
                               uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,

@@ -60,6 +60,16 @@ bool PieceUseEc(const DeviceLinear::Piece& piece, bool* mixed) {
   return on > 0;
 }
 
+// v30: whether x's producer may let the next kernel launch before its own
+// wait (early_trigger): where that kernel is a W4 GEMM without an EC (the
+// first piece's; measured faster there, slower before an EC prologue:
+// docs/results/gpu.md, "v30"). Read at capture; the graph key holds the EC
+// states.
+bool EarlyBefore(const DeviceLinear& lin) {
+  bool mixed = false;
+  return !lin.pieces.empty() && !PieceUseEc(lin.pieces.front(), &mixed);
+}
+
 }  // namespace
 
 // One forward's sizes. Inputs (int32, device inputs_): ids [T], positions
@@ -349,6 +359,7 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
   for (size_t l = 0; l < weights_->layers().size(); ++l) {
     const DeviceLayer& L = weights_->layers()[l];
     n.weight = L.attn_norm;
+    n.early_trigger = EarlyBefore(L.qkv);
     if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
     if (absl::Status s = RunLinear(L.qkv, h16_, T, d, qkv_, nullptr, qkv_n, false, ws); !s.ok()) {
       return s;
@@ -389,6 +400,7 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
     ap.ldo = qd;
     ap.workspace = attn_ws_;
     ap.workspace_bytes = cap_attn_ws_;
+    ap.early_trigger = EarlyBefore(L.o);
     // No tickets: the combine kernel after the split (the combine inside the
     // split launch measured slower at batch 1 and equal at 8: gpu.md, v13b).
     if (absl::Status s = kc::PagedDecodeAttention(ap, stream_); !s.ok()) return s;
@@ -396,6 +408,7 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
       return s;
     }
     n.weight = L.ffn_norm;
+    n.early_trigger = EarlyBefore(L.gate_up);
     if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
     if (absl::Status s = RunLinear(L.gate_up, h16_, T, d, gu_, nullptr, 2 * ff, false, ws);
         !s.ok()) {
@@ -409,6 +422,7 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
     sm.n = ff;
     sm.ld_gate = sm.ld_up = 2 * ff;
     sm.ldy = ff;
+    sm.early_trigger = EarlyBefore(L.down);
     if (absl::Status s = kc::SiluMul(sm, stream_); !s.ok()) return s;
     if (absl::Status s = RunLinear(L.down, act_, T, ff, nullptr, residual_, d, true, ws); !s.ok()) {
       return s;
@@ -416,6 +430,7 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
   }
   if (p.R == 0) return absl::OkStatus();
   n.weight = weights_->final_norm();
+  n.early_trigger = false;  // next: row selection copies or the lm_head (not PDL)
   if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
   const uint16_t* src = h16_;
   if (!p.identity_rows) {

@@ -41,12 +41,6 @@ absl::Status RmsNorm(const RmsNormParams& p, cudaStream_t stream);
 // each launch, so a captured graph keeps the setting it was captured with.
 void SetProgrammaticLaunch(bool on);
 bool ProgrammaticLaunchEnabled();
-// v30 (measurement; off by default): RmsNormF16, SiluMul and
-// PagedDecodeAttention, the kernels that produce a W4 GEMM's x, let the
-// next kernel launch before their own dependency wait instead of after it (kernels/cuda/pdl.cuh). Same results;
-// read at each launch like SetProgrammaticLaunch.
-void SetEarlyTrigger(bool on);
-bool EarlyTriggerEnabled();
 
 // RMSNorm as RmsNormParams (fp32 x, optional fp32 residual added in place,
 // fp32 weight) with the normalised row written as fp16 into y (row stride
@@ -58,6 +52,13 @@ struct RmsNormF16Params {
   uint16_t* y = nullptr;          // fp16 [m, d], stride ldy
   int64_t m = 0, d = 0, ldx = 0, ldr = 0, ldy = 0;
   float eps = 1e-5f;
+  // v30: let the next kernel launch before this one's dependency wait
+  // instead of after it (kernels/cuda/pdl.cuh). Same results. Set it where
+  // the next kernel is a W4 GEMM without an EC: the GEMM's blocks are then
+  // resident and fetching weights earlier (8B decode step -1.4 % at batch
+  // 1, -2.4 % at 8); before a GEMM with an EC prologue it measured slower
+  // (docs/results/gpu.md, "v30").
+  bool early_trigger = false;
 };
 absl::Status RmsNormF16(const RmsNormF16Params& p, cudaStream_t stream);
 
@@ -83,6 +84,7 @@ struct SiluMulF16Params {
   const uint16_t* up = nullptr;
   uint16_t* y = nullptr;  // may alias gate
   int64_t m = 0, n = 0, ld_gate = 0, ld_up = 0, ldy = 0;
+  bool early_trigger = false;  // as RmsNormF16Params::early_trigger
 };
 absl::Status SiluMul(const SiluMulF16Params& p, cudaStream_t stream);
 
@@ -175,6 +177,7 @@ struct PagedDecodeAttentionParams {
   // slower at batch 1 (+0.06 ms a step) and equal at batch 8, so the decode
   // step passes none.
   int32_t* tickets = nullptr;
+  bool early_trigger = false;  // as RmsNormF16Params::early_trigger (split and combine)
 };
 // Number of ints `tickets` must hold for these sizes (num_seqs x kv heads x
 // head groups of 8; 0 for invalid parameters).

@@ -180,17 +180,11 @@ struct W4CudaParams {
   // shared memory; launched under programmatic dependent launch before the
   // fold kernel, M <= 16, a plain launch otherwise); flags: 1 v12's prologue
   // (one block per rank over all of k, one warp per token for the gate), 2
-  // a plain launch at any M, 256 (v30; not with 2, 4, 8; fold kernel only)
-  // the GEMM started before x is complete, polling a per-weight flag the
-  // prologue sets once x's producer completed, 512 (v30c) the lean
-  // prologue (at most one 128-thread block per SM looping over the (rank,
-  // k range) items, the gate one warp per token); benchmarks only (the
-  // output is then wrong): 4 no prologue (the epilogue uses whatever v the
-  // last call left), 8 the prologue without the epilogue (4 and 8 together:
-  // InvalidArgument), 64 the prologue's launch alone (with 1024: one-warp
-  // blocks, no shared memory), 128 its partial sums of u without the ticket
-  // and the gate. Testing knob: SPEAR_W4_EC_PROLOGUE=<256 | 512> adds those
-  // flags to every call that sets none of 2, 4, 8.
+  // a plain launch at any M; benchmarks only (the output is then wrong): 4
+  // no prologue (the epilogue uses whatever v the last call left), 8 the
+  // prologue without the epilogue (4 and 8 together: InvalidArgument), 64
+  // the prologue's launch alone, 128 its partial sums of u without the
+  // ticket and the gate.
   int ec_prologue = 0;
   // testing/benchmarks: where the prefill path (m >= kPrefillM) runs the
   // EC's U = x A^T and gate: 0 automatic (a second stream, overlapped with

@@ -105,6 +105,7 @@ TEST(CudaDecodeOps, RmsNormF16MatchesReference) {
         q.d = q.ldx = q.ldr = d;
         q.ldy = ldy;
         q.eps = p.eps;
+        q.early_trigger = m % 2 == 1;  // v30's trigger order (a plain launch: same results)
         ASSERT_TRUE(cuda::RmsNormF16(q, nullptr).ok());
         const auto y = dy.Down(m * ldy);
         const auto r_out = dr.Down(m * d);
@@ -559,7 +560,7 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
   for (int j = 0; j < D / 2; ++j) inv[j] = std::pow(10000.f, -2.f * j / D);
   Dev<int32_t> dt(tables), dl(lens), dpos(pos), dslots(std::vector<int32_t>{0, 1, 2});
   Dev<float> dinv(inv);
-  auto run = [&](bool pdl, bool fused) {
+  auto run = [&](bool pdl, bool fused, bool early) {
     Dev<uint16_t> qkv(qkv0), kc(cache0), vc(cache0), out(m * qn);
     out.Poison();
     cuda::PagedDecodeAttentionParams ap;
@@ -586,6 +587,7 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
     Dev<int32_t> tk(cuda::PagedDecodeAttentionTickets(ap));
     EXPECT_EQ(cudaMemset(tk.get(), 0, cuda::PagedDecodeAttentionTickets(ap) * 4), cudaSuccess);
     ap.tickets = fused ? tk.get() : nullptr;
+    ap.early_trigger = early;
     cudaStream_t st;
     EXPECT_EQ(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
     cuda::SetProgrammaticLaunch(pdl);
@@ -644,6 +646,7 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
       sm.n = qn;
       sm.ld_gate = sm.ld_up = qn;
       sm.ldy = ldq;
+      sm.early_trigger = early;
       EXPECT_TRUE(cuda::SiluMul(sm, st).ok());
     }
     EXPECT_EQ(cudaStreamEndCapture(st, &g), cudaSuccess);
@@ -663,16 +666,20 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
   };
   // Unfused (RoPE, KV append, split + combine kernel) and fused (RopeKvAppend,
   // the combine inside the split launch): each with PDL bitwise equal to
-  // plain launches.
+  // plain launches, and so with the attention and SwiGLU triggering the next
+  // launch before their own wait (v30's early_trigger).
   for (bool fused : {false, true}) {
-    const std::vector<uint16_t> plain = run(false, fused), pdl = run(true, fused);
-    ASSERT_EQ(plain.size(), pdl.size());
-    size_t nan = 0;
-    for (size_t i = 0; i < plain.size(); ++i) {
-      ASSERT_EQ(plain[i], pdl[i]) << "element " << i << " fused " << fused;
-      nan += (plain[i] & 0x7c00) == 0x7c00;
+    const std::vector<uint16_t> plain = run(false, fused, false);
+    for (bool early : {false, true}) {
+      const std::vector<uint16_t> pdl = run(true, fused, early);
+      ASSERT_EQ(plain.size(), pdl.size());
+      size_t nan = 0;
+      for (size_t i = 0; i < plain.size(); ++i) {
+        ASSERT_EQ(plain[i], pdl[i]) << "element " << i << " fused " << fused << " early " << early;
+        nan += (plain[i] & 0x7c00) == 0x7c00;
+      }
+      EXPECT_EQ(nan, 0u) << "the chain must write every output (poisoned first), fused " << fused;
     }
-    EXPECT_EQ(nan, 0u) << "the chain must write every output (poisoned first), fused " << fused;
   }
 }
 

@@ -141,7 +141,6 @@ struct Case {
   int ec_prologue = 0;  // W4CudaParams::ec_prologue
   int64_t gate_pad = 0;  // gate_out row stride = rank + gate_pad (W4CudaParams::gate_ld)
   int prefill_kernel = 0;  // W4CudaParams::prefill_kernel
-  int repeats = 1;  // W4Linear calls on the same weight (y reset before each)
   cuda::W4DeviceWeight::DecodeTuning tuning;  // set on the device weight for every m <= 8
   std::string Name() const {
     return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
@@ -151,7 +150,7 @@ struct Case {
                         " depth=", decode_depth, " ldxpad=", ldx_pad, " r=", ec_rank,
                         " h=", ec_hidden, " prologue=", ec_prologue, " gpad=", gate_pad,
                         " pk=", prefill_kernel, " tuned=", tuning.warps, "/", tuning.splits,
-                        "/", tuning.depth, " rep=", repeats);
+                        "/", tuning.depth);
   }
 };
 
@@ -209,17 +208,15 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   const int64_t gld = c.ec_rank + c.gate_pad;
   DevBuf<float> dgate(static_cast<size_t>(m * gld));
   dgate.Poison();
-  auto reset_y = [&] {
-    if (c.accumulate) {
-      dy32.Up(y0);
-      std::vector<uint16_t> y0h(y0.size());
-      for (size_t i = 0; i < y0.size(); ++i) y0h[i] = FloatToHalf(y0[i]);
-      dy16.Up(y0h);
-    } else {
-      dy32.Poison();
-      dy16.Poison();
-    }
-  };
+  if (c.accumulate) {
+    dy32.Up(y0);
+    std::vector<uint16_t> y0h(y0.size());
+    for (size_t i = 0; i < y0.size(); ++i) y0h[i] = FloatToHalf(y0[i]);
+    dy16.Up(y0h);
+  } else {
+    dy32.Poison();
+    dy16.Poison();
+  }
   cuda::W4CudaParams p;
   p.x = dx.get();
   p.m = m;
@@ -241,12 +238,11 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   p.decode_depth = c.decode_depth;
   p.ec_prologue = c.ec_prologue;
   p.prefill_kernel = c.prefill_kernel;
-  for (int rep = 0; rep < c.repeats; ++rep) {
-    reset_y();
+  {
     const absl::Status st = cuda::W4Linear(**dw, p, ws, nullptr);
     ASSERT_TRUE(st.ok()) << st;
-    CUDA_OK(cudaDeviceSynchronize());
   }
+  CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> y(y0.size());
   if (c.f16_out) {
     const std::vector<uint16_t> yh = dy16.Down();
@@ -353,18 +349,12 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
   const int64_t ms[] = {1, 5, 16, 64};
   int v = 0;
   for (const Shape& s : shapes) {
-    for (int form = 0; form < 7; ++form) {
+    for (int form = 0; form < 4; ++form) {
       Case c{s.n, s.k, s.g, ms[v % 4]};
       c.ec = v % 5 == 4 ? 1 : 2;
       c.ec_rank = s.r;
       c.ec_hidden = s.h;
-      // form 4 (v30): the fold kernel started before x is complete, polling
-      // the weight's flag; three calls on the same weight (the flag cleared
-      // by each call's last warp; a wrong clear would hang the next call).
-      // forms 5 / 6 (v30c): the lean prologue (one 128-thread block per SM
-      // at most, looping over the items), alone and with 256.
-      c.ec_prologue = form == 4 ? 256 : form == 5 ? 512 : form == 6 ? 512 | 256 : form;
-      c.repeats = form >= 4 ? 3 : 1;
+      c.ec_prologue = form;
       c.gate_pad = form == 2 ? 5 : 0;  // gate_out rows strided (the CUDA runner's gate buffer)
       c.decode_kernel = form == 3 ? 128 : 0;  // fold: B fragments from global memory
       c.act_scale = v % 3 == 1;
@@ -759,12 +749,6 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   p.ec_prologue = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = 16;  // no such flag (v14d's gate, removed)
-  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
-  for (int f : {2, 4, 8}) {  // v30's early GEMM start needs the prologue under PDL
-    p.ec_prologue = 256 | f;
-    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr))) << f;
-  }
-  p.ec_prologue = 1024;  // the one-warp empty launch only with 64
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = 0;
   p.gate_ld = -1;
