@@ -35,8 +35,8 @@ __device__ inline void Store(uint16_t* p, float v) { *p = __half_as_ushort(__flo
 template <typename Out>
 __global__ void RmsNormKernel(const float* __restrict__ x, float* __restrict__ residual,
                               const float* __restrict__ weight, Out* y, int64_t d, int64_t ldx,
-                              int64_t ldr, int64_t ldy, float eps) {
-  PdlEnter();
+                              int64_t ldr, int64_t ldy, float eps, int early) {
+  PdlEnter(early);
   const int64_t row = blockIdx.x;
   const float* xr = x + row * ldx;
   float* rr = residual ? residual + row * ldr : nullptr;
@@ -75,7 +75,7 @@ absl::Status RmsNorm(const RmsNormParams& p, cudaStream_t stream) {
   if (p.m > 0x7fffffff) return absl::InvalidArgumentError("cuda::RmsNorm: too many rows");
   SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(RmsNormKernel<float>, dim3(static_cast<unsigned>(p.m)),
                                        dim3(kThreads), 0, stream, p.x, p.residual, p.weight, p.y,
-                                       p.d, p.ldx, p.ldr, p.ldy, p.eps));
+                                       p.d, p.ldx, p.ldr, p.ldy, p.eps, 0));
   return absl::OkStatus();
 }
 
@@ -172,7 +172,7 @@ absl::Status RmsNormF16(const RmsNormF16Params& p, cudaStream_t stream) {
     }
   } else {
     e = LaunchPdl(RmsNormKernel<uint16_t>, dim3(grid), dim3(kThreads), 0, stream, p.x, p.residual,
-                  p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps);
+                  p.weight, p.y, p.d, p.ldx, p.ldr, p.ldy, p.eps, p.early_trigger ? 1 : 0);
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);
   return absl::OkStatus();

@@ -55,9 +55,9 @@ struct RmsNormF16Params {
   // v30: let the next kernel launch before this one's dependency wait
   // instead of after it (kernels/cuda/pdl.cuh). Same results. Set it where
   // the next kernel is a W4 GEMM without an EC: the GEMM's blocks are then
-  // resident and fetching weights earlier (8B decode step -1.4 % at batch
-  // 1, -2.4 % at 8); before a GEMM with an EC prologue it measured slower
-  // (docs/results/gpu.md, "v30").
+  // resident and fetching weights earlier (8B W4 decode step -1.7 % at
+  // batch 1, -2.8 % at 8); before a GEMM with an EC prologue it measured
+  // slower (docs/results/gpu.md, "v30").
   bool early_trigger = false;
 };
 absl::Status RmsNormF16(const RmsNormF16Params& p, cudaStream_t stream);
