@@ -22,18 +22,13 @@
 
 namespace spear::kernels::cuda {
 
-__device__ __forceinline__ void PdlEnter() {
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
-}
-
 // v30 (early_trigger of RmsNormF16, SiluMul and PagedDecodeAttention, the
 // producers of a W4 GEMM's x): `early` lets the next kernel launch before
 // this one's wait, so that the GEMM's blocks become resident and fetch
 // weights while the kernel before this one still runs. Memory order is
 // unchanged: the next kernel's griddepcontrol.wait still waits for this
 // grid's completion, which follows this grid's own wait.
-__device__ __forceinline__ void PdlEnter(int early) {
+__device__ __forceinline__ void PdlEnter(int early = 0) {
   if (early) asm volatile("griddepcontrol.launch_dependents;\n" ::);
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   if (!early) asm volatile("griddepcontrol.launch_dependents;\n" ::);

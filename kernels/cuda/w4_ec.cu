@@ -88,7 +88,7 @@ constexpr int kGateStageFloats = 10240;
 // then computes the gates: kStageGroups (v27, default) each dot product of the
 // MLP split over a lane group, from shared memory (u, hidden and the MLP's
 // weights as stored; v14d's one output per thread with transposed weights
-// // was slower: docs/results/gpu.md, "v27-v29"); kStageWarp one warp per
+// was slower: docs/results/gpu.md, "v27-v29"); kStageWarp one warp per
 // token (dynamic shared memory us[8][r], hs[8][h]).
 // (256, 4): at most 64 registers, as v14d's form had: with more (80 at
 // v27's first cut) the prologue's blocks no longer fit beside two fold
