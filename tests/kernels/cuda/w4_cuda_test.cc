@@ -713,6 +713,192 @@ TEST(CudaW4, GraphReplayAndNaivePathAgree) {
   }
 }
 
+// v31: W4LinearProduced (x's producer, RMSNorm or SwiGLU, in one launch with
+// the EC prologue where the fold kernel runs the EC) against the producer's
+// own kernel followed by W4Linear: the GEMM's y, the produced x, the gates
+// and the updated residual bit for bit, and y against ref::W4Linear on the
+// produced x (RunCase's tolerance). The fused form must run where the
+// header says it does (and must not where it does not). Cases without a
+// residual then run three times back to back on one stream and workspace
+// (the x-ready count is zeroed by each GEMM for the next launch), and as a
+// captured graph of two calls replayed twice: y bit for bit again.
+TEST(CudaW4, ProducedMatchesSeparateLaunches) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 17);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct PCase {
+    bool norm;
+    int64_t n, k, g, m, r, h;
+    bool gated, residual, ec, in_place;
+    int expect_fused;  // 1 fused, 0 apart, -1 either (the dispatch decides)
+  };
+  const PCase cases[] = {
+      {true, 1536, 576, 64, 1, 8, 16, true, false, true, false, 1},
+      {true, 3072, 2048, 128, 3, 32, 16, true, true, true, false, 1},
+      {true, 6144, 4096, 128, 8, 64, 32, true, false, true, false, 1},
+      {true, 6144, 4096, 128, 16, 32, 16, false, false, true, false, -1},
+      {true, 512, 8192, 128, 2, 16, 16, true, false, true, false, 0},   // d > 4096
+      {true, 1536, 576, 64, 20, 8, 16, true, false, true, false, 0},    // m > 16
+      {true, 1536, 576, 64, 4, 8, 16, true, false, false, false, 0},    // no EC
+      {false, 576, 1536, 1536, 1, 16, 16, false, false, true, false, 1},
+      {false, 4096, 14336, 128, 8, 32, 16, true, false, true, false, 1},
+      {false, 1024, 2048, 128, 5, 56, 32, true, false, true, true, 0},  // y aliases gate
+  };
+  std::normal_distribution<float> nd;
+  for (const PCase& c : cases) {
+    SCOPED_TRACE(absl::StrCat(c.norm ? "rmsnorm" : "swiglu", " n=", c.n, " k=", c.k, " m=", c.m,
+                              " r=", c.r, " gated=", c.gated, " residual=", c.residual,
+                              " ec=", c.ec, " in_place=", c.in_place));
+    const W4Weight w = RandomW4(c.n, c.k, c.g, false, false, rng);
+    const EcWeights ec = RandomEc(c.n, c.k, c.r, c.h, c.gated, rng);
+    auto dw = cuda::W4DeviceWeight::Create(w, c.ec ? &ec : nullptr);
+    ASSERT_TRUE(dw.ok()) << dw.status();
+    const int64_t m = c.m, n = c.n, k = c.k;
+    // Producer inputs: RMSNorm x (+ residual) fp32 [m][k] and weight [k];
+    // SwiGLU gate | up fp16 [m][2k] (the fused gate_up output).
+    std::vector<float> hx(static_cast<size_t>(m * k)), hres(hx.size()), hw(static_cast<size_t>(k));
+    for (float& v : hx) v = nd(rng);
+    for (float& v : hres) v = nd(rng);
+    for (float& v : hw) v = 1.f + 0.2f * nd(rng);
+    std::vector<uint16_t> hgu(static_cast<size_t>(m * 2 * k));
+    for (uint16_t& v : hgu) v = FloatToHalf(2.f * nd(rng));
+    DevBuf<float> dxin(hx.size()), dres(hres.size()), dw_norm(hw.size());
+    DevBuf<uint16_t> dgu(hgu.size()), dx(static_cast<size_t>(m * k));
+    DevBuf<float> dy(static_cast<size_t>(m * n)), dgate(static_cast<size_t>(m * c.r));
+    dxin.Up(hx);
+    dw_norm.Up(hw);
+    cuda::W4XProducer prod;
+    prod.kind = c.norm ? cuda::W4XProducer::Kind::kRmsNorm : cuda::W4XProducer::Kind::kSiluMul;
+    prod.norm.x = dxin.get();
+    prod.norm.residual = c.residual ? dres.get() : nullptr;
+    prod.norm.weight = dw_norm.get();
+    prod.norm.m = m;
+    prod.norm.d = prod.norm.ldx = prod.norm.ldr = prod.norm.ldy = k;
+    prod.norm.y = dx.get();
+    prod.silu.gate = dgu.get();
+    prod.silu.up = dgu.get() + k;
+    prod.silu.m = m;
+    prod.silu.n = k;
+    prod.silu.ld_gate = prod.silu.ld_up = 2 * k;
+    // In place: y over gate (row stride 2k), the GEMM reads it there.
+    prod.silu.y = c.in_place ? dgu.get() : dx.get();
+    prod.silu.ldy = c.in_place ? 2 * k : k;
+    cuda::W4CudaParams p;
+    p.x = c.norm ? prod.norm.y : prod.silu.y;
+    p.ldx = c.norm ? prod.norm.ldy : prod.silu.ldy;
+    p.m = m;
+    p.y_f32 = dy.get();
+    p.ldy = n;
+    p.gate_out = c.ec ? dgate.get() : nullptr;
+    p.force_decode = true;
+    auto reset = [&] {
+      dres.Up(hres);
+      dgu.Up(hgu);
+      dx.Poison();
+      dy.Poison();
+      dgate.Poison();
+    };
+    auto x_host = [&] {  // the produced x as the GEMM read it, [m][k]
+      const std::vector<uint16_t> all = c.in_place && !c.norm ? dgu.Down() : dx.Down();
+      const int64_t ld = p.ldx;
+      std::vector<uint16_t> out(static_cast<size_t>(m * k));
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < k; ++j) out[i * k + j] = all[i * ld + j];
+      }
+      return out;
+    };
+    // Apart: the producer's kernel, then W4Linear.
+    reset();
+    {
+      const absl::Status st = c.norm ? cuda::RmsNormF16(prod.norm, nullptr)
+                                     : cuda::SiluMul(prod.silu, nullptr);
+      ASSERT_TRUE(st.ok()) << st;
+      const absl::Status st2 = cuda::W4Linear(**dw, p, ws->get(), nullptr);
+      ASSERT_TRUE(st2.ok()) << st2;
+    }
+    CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<float> y_ref = dy.Down(), g_ref = dgate.Down(), r_ref = dres.Down();
+    const std::vector<uint16_t> x_ref = x_host();
+    // Produced.
+    reset();
+    bool fused = false;
+    {
+      const absl::Status st = cuda::W4LinearProduced(**dw, prod, p, ws->get(), nullptr, &fused);
+      ASSERT_TRUE(st.ok()) << st;
+    }
+    CUDA_OK(cudaDeviceSynchronize());
+    if (c.expect_fused >= 0) EXPECT_EQ(fused, c.expect_fused == 1);
+    std::printf("  produced %s n=%lld k=%lld m=%lld: %s\n", c.norm ? "rmsnorm" : "swiglu",
+                static_cast<long long>(n), static_cast<long long>(k), static_cast<long long>(m),
+                fused ? "fused" : "apart");
+    const std::vector<float> y1 = dy.Down();
+    ASSERT_EQ(std::memcmp(y1.data(), y_ref.data(), y1.size() * 4), 0);
+    ASSERT_EQ(x_host(), x_ref);
+    if (c.ec) {
+      const std::vector<float> g1 = dgate.Down();
+      ASSERT_EQ(std::memcmp(g1.data(), g_ref.data(), g1.size() * 4), 0);
+    }
+    if (c.residual) {
+      const std::vector<float> r1 = dres.Down();
+      ASSERT_EQ(std::memcmp(r1.data(), r_ref.data(), r1.size() * 4), 0);
+    }
+    // y against the scalar reference on the produced x.
+    {
+      std::vector<float> xf(static_cast<size_t>(m * k)), yr(static_cast<size_t>(m * n), 0.f);
+      for (size_t i = 0; i < xf.size(); ++i) xf[i] = HalfToFloat(x_ref[i]);
+      W4LinearParams rp;
+      rp.x = xf.data();
+      rp.m = m;
+      rp.k = k;
+      rp.ldx = k;
+      rp.w = &w;
+      rp.ec = c.ec ? &ec : nullptr;
+      rp.y = yr.data();
+      rp.ldy = n;
+      ASSERT_TRUE(ref::W4Linear(rp).ok());
+      double ss = 0;
+      for (float v : yr) ss += double{v} * v;
+      const double rms = std::sqrt(ss / static_cast<double>(yr.size()));
+      int bad = 0;
+      for (size_t i = 0; i < yr.size(); ++i) {
+        if (!(std::fabs(y1[i] - yr[i]) <= 2e-3 * rms + 2e-3 * std::fabs(yr[i])) && ++bad <= 5) {
+          ADD_FAILURE() << "y[" << i << "] = " << y1[i] << " want " << yr[i];
+        }
+      }
+      ASSERT_EQ(bad, 0);
+    }
+    if (c.residual || c.in_place) continue;  // their inputs change with each run
+    // Three back to back on one stream (no synchronization between), then a
+    // graph of two calls replayed twice.
+    cudaStream_t s;
+    CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    dy.Poison();
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_TRUE(cuda::W4LinearProduced(**dw, prod, p, ws->get(), s).ok());
+    }
+    CUDA_OK(cudaStreamSynchronize(s));
+    const std::vector<float> y3 = dy.Down();
+    ASSERT_EQ(std::memcmp(y3.data(), y_ref.data(), y3.size() * 4), 0) << "back to back";
+    cudaGraph_t gr;
+    cudaGraphExec_t ge;
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < 2; ++i) {
+      ASSERT_TRUE(cuda::W4LinearProduced(**dw, prod, p, ws->get(), s).ok());
+    }
+    CUDA_OK(cudaStreamEndCapture(s, &gr));
+    CUDA_OK(cudaGraphInstantiate(&ge, gr, 0));
+    dy.Poison();
+    for (int i = 0; i < 2; ++i) CUDA_OK(cudaGraphLaunch(ge, s));
+    CUDA_OK(cudaStreamSynchronize(s));
+    const std::vector<float> yg = dy.Down();
+    ASSERT_EQ(std::memcmp(yg.data(), y_ref.data(), yg.size() * 4), 0) << "graph replay";
+    CUDA_OK(cudaGraphExecDestroy(ge));
+    CUDA_OK(cudaGraphDestroy(gr));
+    CUDA_OK(cudaStreamDestroy(s));
+  }
+}
+
 TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 4);
@@ -768,6 +954,30 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   p.x = nullptr;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::EcApply(**dw, nullptr, 1, y.get(), nullptr, 64, nullptr)));
+  {  // W4LinearProduced: the producer's output must be the GEMM's x
+    DevBuf<float> nx(128), nw(128);
+    DevBuf<uint16_t> other(128);
+    p.x = x.get();
+    cuda::W4XProducer prod;
+    prod.norm.x = nx.get();
+    prod.norm.weight = nw.get();
+    prod.norm.y = other.get();  // not p.x
+    prod.norm.m = 1;
+    prod.norm.d = prod.norm.ldx = prod.norm.ldy = 128;
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4LinearProduced(**dw, prod, p, ws->get(), nullptr)));
+    prod.norm.y = x.get();
+    prod.norm.m = 2;  // not p.m
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4LinearProduced(**dw, prod, p, ws->get(), nullptr)));
+    prod.norm.m = 1;
+    prod.norm.weight = nullptr;
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4LinearProduced(**dw, prod, p, ws->get(), nullptr)));
+    prod.norm.weight = nw.get();
+    prod.kind = cuda::W4XProducer::Kind::kSiluMul;  // its fields unset
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4LinearProduced(**dw, prod, p, ws->get(), nullptr)));
+    prod.kind = cuda::W4XProducer::Kind::kRmsNorm;
+    EXPECT_TRUE(cuda::W4LinearProduced(**dw, prod, p, ws->get(), nullptr).ok());
+    CUDA_OK(cudaDeviceSynchronize());
+  }
 }
 
 }  // namespace
