@@ -232,7 +232,25 @@ const Variant kVariants[] = {
     {"W4+EC at the diagnostic's placement, EC prologue as its own launch (v30)", Ec::kPlacement,
      false, false, true, 0, true, false, 0, false, 2, false},
     {"W4+EC r32 all 4 GEMMs, all layers, EC prologue as its own launch (v30)", Ec::kAll, false,
-     false, true, 0, true, false, 0, false, 2, false}};
+     false, true, 0, true, false, 0, false, 2, false},
+    // 25-29 (v31, where the fused launch's time goes; 25-27 timing only, wrong
+    // outputs): its prologue blocks return after the dependency wait (25),
+    // after the x count (26), after u's partials (27); 28 the fold kernel
+    // waits for the whole fused launch before x (v24's order; correct); 29
+    // the prologue as its own launch, returning after its wait (timing only).
+    {"W4+EC at the diagnostic's placement, fused, prologue blocks return at once (timing only)",
+     Ec::kPlacement, false, false, true, 0, true, false, 64},
+    {"W4+EC at the diagnostic's placement, fused, prologue blocks await x, return (timing only)",
+     Ec::kPlacement, false, false, true, 0, true, false, 256},
+    {"W4+EC at the diagnostic's placement, fused, u only (timing only)", Ec::kPlacement, false,
+     false, true, 0, true, false, 128},
+    {"W4+EC at the diagnostic's placement, fused, GEMM waits for the whole launch (v24 order)",
+     Ec::kPlacement, false, false, true, 0, true, false, 512},
+    {"W4+EC at the diagnostic's placement, prologue apart, empty (timing only)", Ec::kPlacement,
+     false, false, true, 0, true, false, 64, false, 2, false},
+    // 30 (v31): the SwiGLU's prologue blocks compute x themselves (no wait for the count).
+    {"W4+EC at the diagnostic's placement, fused, SwiGLU x recomputed by the prologue",
+     Ec::kPlacement, false, false, true, 0, true, false, 1024}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -553,7 +571,8 @@ class Model {
       p.y_f32 = y32;
       p.accumulate = y32 != nullptr;
       p.use_ec = ec;
-      p.ec_prologue = v.ec_prologue;
+      // 256 / 512 / 1024 apply to W4LinearProduced only (the o GEMM has no producer call).
+      p.ec_prologue = prod != nullptr && v.producer_ec ? v.ec_prologue : v.ec_prologue & ~1792;
       p.decode_kernel = v.fold_flags;
       if (prod != nullptr && v.producer_ec) {
         bool fused = false;

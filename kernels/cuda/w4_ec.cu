@@ -79,6 +79,7 @@ constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h o
 constexpr int kStageGroups = 1;      // v27: dot products over lane groups
 constexpr int kStageLaunchOnly = -1; // ec_prologue 64: return after the wait
 constexpr int kStageUOnly = -2;      // ec_prologue 128: u's partials only
+constexpr int kStagePollOnly = -3;   // ec_prologue 256 (v31, fused): the x count awaited only
 
 // The last block's parallel gate (u, hidden, the MLP's weights) in shared
 // memory when it fits (floats; 40 KB, with the static 2 KB under 48 KB).
@@ -107,7 +108,26 @@ struct EcArgs {
   unsigned* counter;
   GateArgs g;
   int stage;
+  // v31 (ec_prologue 1024): x = SwiGLU(gate, up) computed here from its
+  // inputs (bitwise the producer blocks' values: SiluMulValue) instead of
+  // read once the producer blocks published it; null: x read from memory.
+  // Rows 16-byte aligned, strides multiples of 8 (the host checks).
+  const __half* sgate;
+  const __half* sup;
+  long long ld_sgate, ld_sup;
 };
+
+__device__ __forceinline__ uint4 SiluPiece(const EcArgs& e, int t, int c) {
+  const uint4 gv = __ldcg(reinterpret_cast<const uint4*>(e.sgate + t * e.ld_sgate) + c);
+  const uint4 uv = __ldcg(reinterpret_cast<const uint4*>(e.sup + t * e.ld_sup) + c);
+  const __half* gh = reinterpret_cast<const __half*>(&gv);
+  const __half* uh = reinterpret_cast<const __half*>(&uv);
+  uint4 out;
+  __half* oh = reinterpret_cast<__half*>(&out);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) oh[i] = SiluMulValue(gh[i], uh[i]);
+  return out;
+}
 
 // The work of block (q, part) of the prologue (the kernel below, or v31's
 // launch with x's producer, EcFusedKernel). xready: null (x is complete
@@ -154,11 +174,12 @@ __device__ __forceinline__ void EcPrologueBlock(const EcArgs& e, int q, int part
   // it) and the weights until it needs v (see w4_gemm_kernel.cuh).
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
+  if (stage == kStageLaunchOnly) return;  // measurement only (ec_prologue 64): v left stale
   if (xready != nullptr) {  // v31: x's rows are written by blocks of this launch
     if (threadIdx.x == 0) WaitCountAtLeast(xready, xtarget);
     __syncthreads();
   }
-  if (stage == kStageLaunchOnly) return;  // measurement only (ec_prologue 64): v left stale
+  if (stage == kStagePollOnly) return;  // measurement only (ec_prologue 256)
   extern __shared__ float dyn[];
   constexpr int kNW = kT / 32;
   __shared__ float ut[kNW][kDecodeMaxM];
@@ -179,7 +200,11 @@ __device__ __forceinline__ void EcPrologueBlock(const EcArgs& e, int q, int part
         uint4 xv[4];
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
-          if (t0 + tt < m) xv[tt] = __ldcg(reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx) + c);
+          if (t0 + tt < m) {
+            xv[tt] = e.sgate != nullptr
+                         ? SiluPiece(e, t0 + tt, c)
+                         : __ldcg(reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx) + c);
+          }
         }
         const __half2* ah = reinterpret_cast<const __half2*>(&av);
 #pragma unroll
@@ -198,7 +223,13 @@ __device__ __forceinline__ void EcPrologueBlock(const EcArgs& e, int q, int part
         const float av = __half2float(ar[c]);
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
-          if (t0 + tt < m) acc[tt] += av * __half2float(__ldcg(x + (t0 + tt) * ldx + c));
+          if (t0 + tt < m) {
+            const __half xe =
+                e.sgate != nullptr
+                    ? SiluMulValue(e.sgate[(t0 + tt) * e.ld_sgate + c], e.sup[(t0 + tt) * e.ld_sup + c])
+                    : __ldcg(x + (t0 + tt) * ldx + c);
+            acc[tt] += av * __half2float(xe);
+          }
         }
       }
     }
@@ -375,7 +406,8 @@ __global__ void __launch_bounds__(256, 4) EcFusedKernel(NormProd np, SiluProd sp
     return;
   }
   const int b = static_cast<int>(blockIdx.x) - prod_blocks;
-  EcPrologueBlock(e, b % e.g.r, b / e.g.r, xready, static_cast<unsigned>(prod_blocks));
+  EcPrologueBlock(e, b % e.g.r, b / e.g.r, e.sgate != nullptr ? nullptr : xready,
+                  static_cast<unsigned>(prod_blocks));
 }
 
 __global__ void __launch_bounds__(256) EcGateRowsKernel(const float* __restrict__ u, int m,
@@ -470,7 +502,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   if ((flags & 64) != 0) stage = kStageLaunchOnly;
   if ((flags & 128) != 0) stage = kStageUOnly;
   const EcArgs ea{xh,   static_cast<int>(m), static_cast<long long>(ldx), static_cast<int>(w.k),
-                  kchunk, parts, ah, ws.u, ws.ec_counter, g, stage};
+                  kchunk, parts, ah, ws.u, ws.ec_counter, g, stage, nullptr, nullptr, 0, 0};
   cudaError_t e;
   if (pdl_launch) {
     e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, ea);
@@ -484,7 +516,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
 
 absl::Status LaunchEcFused(const W4DeviceWeight::Impl& w, const W4XProducer& prod, int64_t m,
                            W4Workspace::Impl& ws, float* gate_out, int64_t ldg,
-                           cudaStream_t stream, bool* launched, unsigned* xtarget) {
+                           cudaStream_t stream, bool* launched, unsigned* xtarget, int flags) {
   *launched = false;
   if (m < 1 || m > kDecodeMaxM || w.r == 0) return absl::OkStatus();
   const auto aligned = [](const void* p, uintptr_t a) {
@@ -544,7 +576,13 @@ absl::Status LaunchEcFused(const W4DeviceWeight::Impl& w, const W4XProducer& pro
   } else {
     return absl::OkStatus();
   }
-  const ProloguePlan pl = PlanPrologue(w, m, 0);
+  ProloguePlan pl = PlanPrologue(w, m, 0);
+  // measurement only (the output is then wrong): 64 the prologue blocks
+  // return after the dependency wait, 256 after the x count too, 128 after
+  // u's partials.
+  if ((flags & 64) != 0) pl.stage = kStageLaunchOnly;
+  if ((flags & 256) != 0) pl.stage = kStagePollOnly;
+  if ((flags & 128) != 0) pl.stage = kStageUOnly;
   const int r = static_cast<int>(w.r);
   void (*kernel)(NormProd, SiluProd, int, EcArgs, unsigned*) =
       kvec == 0   ? EcFusedKernel<0>
@@ -558,17 +596,30 @@ absl::Status LaunchEcFused(const W4DeviceWeight::Impl& w, const W4XProducer& pro
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, pl.smem));
   const int64_t blocks = prod_blocks + int64_t{r} * pl.parts;
   if (blocks > int64_t{per_sm} * ws.num_sms) return absl::OkStatus();
-  const EcArgs ea{reinterpret_cast<const __half*>(x),
-                  static_cast<int>(m),
-                  static_cast<long long>(ldx),
-                  static_cast<int>(w.k),
-                  pl.kchunk,
-                  pl.parts,
-                  reinterpret_cast<const __half*>(w.ec_a),
-                  ws.u,
-                  ws.ec_counter,
-                  MakeGate(w, ws.v, w.rp, nullptr, gate_out, ldg),
-                  pl.stage};
+  EcArgs ea{reinterpret_cast<const __half*>(x),
+            static_cast<int>(m),
+            static_cast<long long>(ldx),
+            static_cast<int>(w.k),
+            pl.kchunk,
+            pl.parts,
+            reinterpret_cast<const __half*>(w.ec_a),
+            ws.u,
+            ws.ec_counter,
+            MakeGate(w, ws.v, w.rp, nullptr, gate_out, ldg),
+            pl.stage,
+            nullptr,
+            nullptr,
+            0,
+            0};
+  // ec_prologue 1024: the SwiGLU's prologue blocks compute x themselves
+  // (16-byte pieces: gate / up rows aligned, strides multiples of 8).
+  if ((flags & 1024) != 0 && kvec == 0 && sp.ld_gate % 8 == 0 && sp.ld_up % 8 == 0 &&
+      aligned(sp.gate, 16) && aligned(sp.up, 16)) {
+    ea.sgate = sp.gate;
+    ea.sup = sp.up;
+    ea.ld_sgate = sp.ld_gate;
+    ea.ld_sup = sp.ld_up;
+  }
   SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(256),
                                        pl.smem, stream, np, sp, prod_blocks, ea, ws.xready));
   *launched = true;

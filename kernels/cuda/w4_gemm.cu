@@ -85,7 +85,8 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
   if (need_x && s.xs_elems < kDecodeMaxM * d.kp) {
     if (absl::Status st = ws->Reserve(w, 0); !st.ok()) return st;
   }
-  if (prod != nullptr && (need_x || !ec || p.m > 16 || p.ec_prologue != 0)) {
+  if (prod != nullptr &&
+      (need_x || !ec || p.m > 16 || (p.ec_prologue & ~(64 | 128 | 256 | 512 | 1024)) != 0)) {
     // x is read before the EC's launch point (need_x), or there is no fused
     // form for this call.
     if (absl::Status st = RunProducer(*prod, stream); !st.ok()) return st;
@@ -157,11 +158,13 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     if (prod != nullptr) {
       if (fold) {
         if (absl::Status st = LaunchEcFused(d, *prod, mc, s, gate_out, p.gate_ld, stream,
-                                            &produced, &a.xready_target);
+                                            &produced, &a.xready_target, p.ec_prologue);
             !st.ok()) {
           return st;
         }
-        if (produced) a.xready = s.xready;
+        // ec_prologue 512 (measurement): the fold kernel waits for the whole
+        // launch before reading x (v24's order) instead of the x count.
+        if (produced && (p.ec_prologue & 512) == 0) a.xready = s.xready;
       }
       if (!produced) {
         if (absl::Status st = RunProducer(*prod, stream); !st.ok()) return st;
@@ -189,7 +192,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
         a.esteps = static_cast<int>(d.rp / 16);
         a.v = s.v;
         a.ldv = static_cast<int>(d.rp);
-        a.ec_late = 1;
+        a.ec_late = produced && (p.ec_prologue & 512) != 0 ? 0 : 1;
       }
     }
     if (absl::Status st =
@@ -231,10 +234,10 @@ absl::Status CheckParams(const W4DeviceWeight& w, const W4CudaParams& p, W4Works
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }
-  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128)) != 0 ||
+  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128 | 256 | 512 | 1024)) != 0 ||
       (p.ec_prologue & 12) == 12) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 1, 2, 64, 128 and one of 4 / 8 only"));
+                            ": flags 1, 2, 64, 128, 256, 512, 1024 and one of 4 / 8 only"));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured
@@ -257,6 +260,10 @@ bool Prefill(const W4CudaParams& p) {
 absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
                       cudaStream_t stream) {
   if (absl::Status st = CheckParams(w, p, ws); !st.ok() || p.m == 0) return st;
+  if ((p.ec_prologue & (256 | 512 | 1024)) != 0) {
+    return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
+                            ": flags 256, 512 and 1024 apply to W4LinearProduced only"));
+  }
   if (Prefill(p)) return RunPrefill(w, p, ws, stream);
   return RunDecode(w, p, ws, stream);
 }

@@ -155,10 +155,12 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
 // (*xtarget producer blocks), v through the launch's completion. Where the
 // launch does not qualify (the producer off its vector path, or more blocks
 // than can be resident at once) nothing is enqueued and *launched is false:
-// the caller runs the producer and the prologue apart.
+// the caller runs the producer and the prologue apart. flags: W4CudaParams::
+// ec_prologue's measurement flags 64, 128, 256.
 absl::Status LaunchEcFused(const W4DeviceWeight::Impl& w, const W4XProducer& prod, int64_t m,
                            W4Workspace::Impl& ws, float* gate_out, int64_t ldg,
-                           cudaStream_t stream, bool* launched, unsigned* xtarget);
+                           cudaStream_t stream, bool* launched, unsigned* xtarget,
+                           int flags = 0);
 // Gate only, from u [m][r] fp32 (prefill path).
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
                               uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,

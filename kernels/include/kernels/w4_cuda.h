@@ -185,7 +185,12 @@ struct W4CudaParams {
   // no prologue (the epilogue uses whatever v the last call left), 8 the
   // prologue without the epilogue (4 and 8 together: InvalidArgument), 64
   // the prologue's launch alone, 128 its partial sums of u without the
-  // ticket and the gate.
+  // ticket and the gate; W4LinearProduced only (v31, where it fuses;
+  // W4Linear: InvalidArgument): 256 the prologue blocks wait for x's count
+  // and return, 512 the fold kernel waits for the whole fused launch
+  // before reading x (a correct result; v24's order), 1024 a SwiGLU
+  // producer's prologue blocks compute x from gate and up themselves
+  // instead of awaiting the producer blocks' count (a correct result).
   int ec_prologue = 0;
   // testing/benchmarks: where the prefill path (m >= kPrefillM) runs the
   // EC's U = x A^T and gate: 0 automatic (a second stream, overlapped with
@@ -227,7 +232,7 @@ struct W4XProducer {
 // bit, as RmsNormF16 / SiluMul followed by W4Linear on `stream`. Where the
 // GEMM runs the decode EC in the fold kernel (w has an EC, p.use_ec, m <= 16
 // and the fold kernel dispatched, no act_scale, x 16-byte aligned with k and
-// ldx multiples of 8, no ec_prologue flag), the producer and the EC prologue
+// ldx multiples of 8, ec_prologue 0 or its measurement flags), the producer and the EC prologue
 // (u = A x and the gate) are ONE launch, and the fold kernel reads x as soon
 // as the producer's blocks have written it (a count in the workspace) and
 // waits for the gate only in its epilogue: one kernel node fewer per EC'd

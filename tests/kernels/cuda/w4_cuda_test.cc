@@ -868,6 +868,20 @@ TEST(CudaW4, ProducedMatchesSeparateLaunches) {
       }
       ASSERT_EQ(bad, 0);
     }
+    // ec_prologue 512: the GEMM waits for the whole fused launch; 1024 (a
+    // SwiGLU): its prologue blocks compute x themselves. Same results.
+    for (const int flag : {512, 1024}) {
+      if (!fused || (flag == 1024 && c.norm)) continue;
+      reset();
+      cuda::W4CudaParams q = p;
+      q.ec_prologue = flag;
+      bool fused512 = false;
+      ASSERT_TRUE(cuda::W4LinearProduced(**dw, prod, q, ws->get(), nullptr, &fused512).ok());
+      CUDA_OK(cudaDeviceSynchronize());
+      EXPECT_TRUE(fused512);
+      const std::vector<float> y512 = dy.Down();
+      ASSERT_EQ(std::memcmp(y512.data(), y_ref.data(), y512.size() * 4), 0) << "ec_prologue " << flag;
+    }
     if (c.residual || c.in_place) continue;  // their inputs change with each run
     // Three back to back on one stream (no synchronization between), then a
     // graph of two calls replayed twice.
@@ -975,6 +989,9 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
     prod.kind = cuda::W4XProducer::Kind::kSiluMul;  // its fields unset
     EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4LinearProduced(**dw, prod, p, ws->get(), nullptr)));
     prod.kind = cuda::W4XProducer::Kind::kRmsNorm;
+    p.ec_prologue = 512;  // W4LinearProduced only
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
+    p.ec_prologue = 0;
     EXPECT_TRUE(cuda::W4LinearProduced(**dw, prod, p, ws->get(), nullptr).ok());
     CUDA_OK(cudaDeviceSynchronize());
   }
