@@ -250,7 +250,13 @@ const Variant kVariants[] = {
      false, false, true, 0, true, false, 64, false, 2, false},
     // 30 (v31): the SwiGLU's prologue blocks compute x themselves (no wait for the count).
     {"W4+EC at the diagnostic's placement, fused, SwiGLU x recomputed by the prologue",
-     Ec::kPlacement, false, false, true, 0, true, false, 1024}};
+     Ec::kPlacement, false, false, true, 0, true, false, 1024},
+    // 31-32 (v31): the fused launch compiled light (<= 40 registers, the
+    // one-warp gate), and the same returning at once (timing only).
+    {"W4+EC at the diagnostic's placement, fused, light blocks", Ec::kPlacement, false, false,
+     true, 0, true, false, 2048},
+    {"W4+EC at the diagnostic's placement, fused, light blocks returning at once (timing only)",
+     Ec::kPlacement, false, false, true, 0, true, false, 2048 | 64}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -571,8 +577,8 @@ class Model {
       p.y_f32 = y32;
       p.accumulate = y32 != nullptr;
       p.use_ec = ec;
-      // 256 / 512 / 1024 apply to W4LinearProduced only (the o GEMM has no producer call).
-      p.ec_prologue = prod != nullptr && v.producer_ec ? v.ec_prologue : v.ec_prologue & ~1792;
+      // 256 / 512 / 1024 / 2048 apply to W4LinearProduced only (the o GEMM has no producer call).
+      p.ec_prologue = prod != nullptr && v.producer_ec ? v.ec_prologue : v.ec_prologue & ~3840;
       p.decode_kernel = v.fold_flags;
       if (prod != nullptr && v.producer_ec) {
         bool fused = false;

@@ -381,9 +381,12 @@ struct SiluProd {  // SiluMul: y[i][j] = silu(gate[i][j]) up[i][j]
   int n, ld_gate, ld_up, ldy;
   unsigned total;  // m n
 };
-template <int kVec>  // 1, 2, 4: RMSNorm with kVec float4 per thread; 0: SwiGLU
-__global__ void __launch_bounds__(256, 4) EcFusedKernel(NormProd np, SiluProd sp, int prod_blocks,
-                                                        EcArgs e, unsigned* xready) {
+// kLight (ec_prologue 2048, measurement): at most 40 registers (6 blocks of
+// 256 threads per SM), so that the launch's blocks fit beside the previous
+// GEMM's and start as soon as it ends.
+template <int kVec, bool kLight>  // kVec 1, 2, 4: RMSNorm with kVec float4 per thread; 0: SwiGLU
+__global__ void __launch_bounds__(256, kLight ? 6 : 4)
+    EcFusedKernel(NormProd np, SiluProd sp, int prod_blocks, EcArgs e, unsigned* xready) {
   if (static_cast<int>(blockIdx.x) < prod_blocks) {
     PdlEnter();
     if constexpr (kVec > 0) {
@@ -576,7 +579,14 @@ absl::Status LaunchEcFused(const W4DeviceWeight::Impl& w, const W4XProducer& pro
   } else {
     return absl::OkStatus();
   }
-  ProloguePlan pl = PlanPrologue(w, m, 0);
+  // 2048 (measurement): the light kernel with the one-warp-per-token gate
+  // (8 (r + h) floats of shared memory instead of the staged gate's).
+  ProloguePlan pl = PlanPrologue(w, m, (flags & 2048) != 0 ? 1 : 0);
+  if ((flags & 2048) != 0) {  // keep the k split of the default form
+    const ProloguePlan d = PlanPrologue(w, m, 0);
+    pl.parts = d.parts;
+    pl.kchunk = d.kchunk;
+  }
   // measurement only (the output is then wrong): 64 the prologue blocks
   // return after the dependency wait, 256 after the x count too, 128 after
   // u's partials.
@@ -585,10 +595,14 @@ absl::Status LaunchEcFused(const W4DeviceWeight::Impl& w, const W4XProducer& pro
   if ((flags & 128) != 0) pl.stage = kStageUOnly;
   const int r = static_cast<int>(w.r);
   void (*kernel)(NormProd, SiluProd, int, EcArgs, unsigned*) =
-      kvec == 0   ? EcFusedKernel<0>
-      : kvec == 1 ? EcFusedKernel<1>
-      : kvec == 2 ? EcFusedKernel<2>
-                  : EcFusedKernel<4>;
+      (flags & 2048) != 0 ? (kvec == 0   ? EcFusedKernel<0, true>
+                             : kvec == 1 ? EcFusedKernel<1, true>
+                             : kvec == 2 ? EcFusedKernel<2, true>
+                                         : EcFusedKernel<4, true>)
+      : kvec == 0         ? EcFusedKernel<0, false>
+      : kvec == 1         ? EcFusedKernel<1, false>
+      : kvec == 2         ? EcFusedKernel<2, false>
+                          : EcFusedKernel<4, false>;
   // Every block of the launch must be resident at once: the prologue's
   // blocks wait (spin) for the producer's, which come first in the grid.
   int per_sm = 0;

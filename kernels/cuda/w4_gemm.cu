@@ -86,7 +86,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     if (absl::Status st = ws->Reserve(w, 0); !st.ok()) return st;
   }
   if (prod != nullptr &&
-      (need_x || !ec || p.m > 16 || (p.ec_prologue & ~(64 | 128 | 256 | 512 | 1024)) != 0)) {
+      (need_x || !ec || p.m > 16 || (p.ec_prologue & ~(64 | 128 | 256 | 512 | 1024 | 2048)) != 0)) {
     // x is read before the EC's launch point (need_x), or there is no fused
     // form for this call.
     if (absl::Status st = RunProducer(*prod, stream); !st.ok()) return st;
@@ -234,10 +234,10 @@ absl::Status CheckParams(const W4DeviceWeight& w, const W4CudaParams& p, W4Works
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }
-  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128 | 256 | 512 | 1024)) != 0 ||
+  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128 | 256 | 512 | 1024 | 2048)) != 0 ||
       (p.ec_prologue & 12) == 12) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 1, 2, 64, 128, 256, 512, 1024 and one of 4 / 8 only"));
+                            ": flags 1, 2, 64, 128, 256, 512, 1024, 2048 and one of 4 / 8 only"));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured
@@ -260,9 +260,9 @@ bool Prefill(const W4CudaParams& p) {
 absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
                       cudaStream_t stream) {
   if (absl::Status st = CheckParams(w, p, ws); !st.ok() || p.m == 0) return st;
-  if ((p.ec_prologue & (256 | 512 | 1024)) != 0) {
+  if ((p.ec_prologue & (256 | 512 | 1024 | 2048)) != 0) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 256, 512 and 1024 apply to W4LinearProduced only"));
+                            ": flags 256, 512, 1024 and 2048 apply to W4LinearProduced only"));
   }
   if (Prefill(p)) return RunPrefill(w, p, ws, stream);
   return RunDecode(w, p, ws, stream);
