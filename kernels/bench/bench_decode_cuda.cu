@@ -172,9 +172,6 @@ struct Variant {
   // next kernel launch before their own wait (early_trigger): 0 none (the
   // order before v30), 1 all, 2 those whose GEMM has no EC (the default).
   int early = 2;
-  // v31: x's producer (RMSNorm, SwiGLU) and the EC prologue of its GEMM in
-  // one launch (cuda::W4LinearProduced) where it applies; false: apart.
-  bool producer_ec = true;
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -226,37 +223,7 @@ const Variant kVariants[] = {
     {"W4, producers trigger after their wait (before v30)", Ec::kOff, false, false, true, 0, true,
      false, 0, false, 0},
     {"W4+EC at the diagnostic's placement, producers trigger after their wait (before v30)",
-     Ec::kPlacement, false, false, true, 0, true, false, 0, false, 0},
-    // 23-24 (v31): the EC prologue as its own launch (v27-v30's form) against
-    // rows 9 and 1 (the prologue in the launch of x's producer).
-    {"W4+EC at the diagnostic's placement, EC prologue as its own launch (v30)", Ec::kPlacement,
-     false, false, true, 0, true, false, 0, false, 2, false},
-    {"W4+EC r32 all 4 GEMMs, all layers, EC prologue as its own launch (v30)", Ec::kAll, false,
-     false, true, 0, true, false, 0, false, 2, false},
-    // 25-29 (v31, where the fused launch's time goes; 25-27 timing only, wrong
-    // outputs): its prologue blocks return after the dependency wait (25),
-    // after the x count (26), after u's partials (27); 28 the fold kernel
-    // waits for the whole fused launch before x (v24's order; correct); 29
-    // the prologue as its own launch, returning after its wait (timing only).
-    {"W4+EC at the diagnostic's placement, fused, prologue blocks return at once (timing only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 64},
-    {"W4+EC at the diagnostic's placement, fused, prologue blocks await x, return (timing only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 256},
-    {"W4+EC at the diagnostic's placement, fused, u only (timing only)", Ec::kPlacement, false,
-     false, true, 0, true, false, 128},
-    {"W4+EC at the diagnostic's placement, fused, GEMM waits for the whole launch (v24 order)",
-     Ec::kPlacement, false, false, true, 0, true, false, 512},
-    {"W4+EC at the diagnostic's placement, prologue apart, empty (timing only)", Ec::kPlacement,
-     false, false, true, 0, true, false, 64, false, 2, false},
-    // 30 (v31): the SwiGLU's prologue blocks compute x themselves (no wait for the count).
-    {"W4+EC at the diagnostic's placement, fused, SwiGLU x recomputed by the prologue",
-     Ec::kPlacement, false, false, true, 0, true, false, 1024},
-    // 31-32 (v31): the fused launch compiled light (<= 40 registers, the
-    // one-warp gate), and the same returning at once (timing only).
-    {"W4+EC at the diagnostic's placement, fused, light blocks", Ec::kPlacement, false, false,
-     true, 0, true, false, 2048},
-    {"W4+EC at the diagnostic's placement, fused, light blocks returning at once (timing only)",
-     Ec::kPlacement, false, false, true, 0, true, false, 2048 | 64}};
+     Ec::kPlacement, false, false, true, 0, true, false, 0, false, 0}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -569,27 +536,14 @@ class Model {
   void Step(int m, const Variant& v) {
     const int64_t H = shape_.hidden,
                   qkv_n = int64_t{shape_.n_q + 2 * shape_.n_kv} * shape_.head_dim;
-    // prod: x's producer, run first (v31: in one launch with the EC prologue
-    // where W4LinearProduced fuses them and v.producer_ec).
     auto gemm = [&](const cuda::W4DeviceWeight& w, const uint16_t* x, int64_t ldx, uint16_t* y16,
-                    float* y32, int64_t ldy, bool ec, const cuda::W4XProducer* prod = nullptr) {
+                    float* y32, int64_t ldy, bool ec) {
       cuda::W4CudaParams p = bench::GemmParams(x, m, ldx, y16, ldy);
       p.y_f32 = y32;
       p.accumulate = y32 != nullptr;
       p.use_ec = ec;
-      // 256 / 512 / 1024 / 2048 apply to W4LinearProduced only (the o GEMM has no producer call).
-      p.ec_prologue = prod != nullptr && v.producer_ec ? v.ec_prologue : v.ec_prologue & ~3840;
+      p.ec_prologue = v.ec_prologue;
       p.decode_kernel = v.fold_flags;
-      if (prod != nullptr && v.producer_ec) {
-        bool fused = false;
-        CKS(cuda::W4LinearProduced(w, *prod, p, ws_.get(), g_stream, &fused));
-        fused_launches_ += fused ? 1 : 0;
-        return;
-      }
-      if (prod != nullptr) {
-        CKS(prod->kind == cuda::W4XProducer::Kind::kRmsNorm ? cuda::RmsNormF16(prod->norm, g_stream)
-                                                            : cuda::SiluMul(prod->silu, g_stream));
-      }
       CKS(cuda::W4Linear(w, p, ws_.get(), g_stream));
     };
     if (!v.gemms_only) {
@@ -626,12 +580,12 @@ class Model {
       n.m = m;
       n.d = n.ldx = n.ldy = H;
       n.eps = 1e-5f;
-      cuda::W4XProducer prod;
-      prod.kind = cuda::W4XProducer::Kind::kRmsNorm;
-      prod.norm = n;
-      prod.norm.weight = L.norm1;
-      prod.norm.early_trigger = early_for(eqkv);
-      gemm(*wqkv, h16_, H, qkv_, nullptr, qkv_n, eqkv, v.gemms_only ? nullptr : &prod);
+      if (!v.gemms_only) {
+        n.weight = L.norm1;
+        n.early_trigger = early_for(eqkv);
+        CKS(cuda::RmsNormF16(n, g_stream));
+      }
+      gemm(*wqkv, h16_, H, qkv_, nullptr, qkv_n, eqkv);
       if (!v.gemms_only && !v.skip_attention && v.fused) {
         cuda::RopeKvAppendParams f;
         f.qkv = qkv_;
@@ -680,10 +634,13 @@ class Model {
         CKS(cuda::PagedDecodeAttention(ap, g_stream));
       }
       gemm(*wo, attn_, int64_t{shape_.n_q} * shape_.head_dim, nullptr, residual_, H, eo);
-      prod.norm.weight = L.norm2;
-      prod.norm.early_trigger = early_for(egu);
-      gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu, v.gemms_only ? nullptr : &prod);
-      {
+      if (!v.gemms_only) {
+        n.weight = L.norm2;
+        n.early_trigger = early_for(egu);
+        CKS(cuda::RmsNormF16(n, g_stream));
+      }
+      gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu);
+      if (!v.gemms_only) {
         cuda::SiluMulF16Params sm;
         sm.gate = gu_;
         sm.up = gu_ + shape_.inter;
@@ -693,10 +650,9 @@ class Model {
         sm.ld_gate = sm.ld_up = 2 * shape_.inter;
         sm.ldy = shape_.inter;
         sm.early_trigger = early_for(edn);
-        prod.kind = cuda::W4XProducer::Kind::kSiluMul;
-        prod.silu = sm;
+        CKS(cuda::SiluMul(sm, g_stream));
       }
-      gemm(*wdn, act_, shape_.inter, nullptr, residual_, H, edn, v.gemms_only ? nullptr : &prod);
+      gemm(*wdn, act_, shape_.inter, nullptr, residual_, H, edn);
     }
     if (v.gemms_only) return;
     cuda::RmsNormF16Params n;
@@ -773,9 +729,6 @@ class Model {
   size_t attn_ws_bytes_ = 0;
   int32_t* tickets_ = nullptr;  // the attention's combine tickets (zero between calls)
   int64_t attn_tickets_ = 0;
-
- public:
-  int fused_launches_ = 0;  // v31: W4LinearProduced calls that ran fused (counted per Step)
   std::unique_ptr<cuda::W4Workspace> ws_;
   cublasHandle_t cublas_ = nullptr;
   uint8_t* cublas_ws_ = nullptr;
@@ -895,7 +848,6 @@ int Main(int argc, char** argv) {
         cudaGraph_t g;
         cudaGraphExec_t ge;
         CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
-        model->fused_launches_ = 0;
         model->Step(b, v);
         CK(cudaStreamEndCapture(g_stream, &g));
         CK(cudaGraphInstantiate(&ge, g, 0));
@@ -907,10 +859,8 @@ int Main(int argc, char** argv) {
         const double floor_ms = bytes / copy_bw * 1e3;
         std::printf("| %s | %d | %s | %.3f | %.0f | %zu | %.3f | %.3f | %.2fx |\n", s->name, b,
                     v.name, ms, b / (ms * 1e-3), nodes, bytes / 1e9, floor_ms, ms / floor_ms);
-        std::printf("# %s b%d variant %d: %d producer + EC prologue launches (v31)\n", s->name, b,
-                    vi, model->fused_launches_);
         // The logits of the last replay: variants that compute the same
-        // thing (W4 0 / 21; the placement 9 / 20 / 22 / 23; r32 1 / 24) must agree to the
+        // thing (W4 0 / 21; the placement 9 / 20 / 22) must agree to the
         // bit (each replay rewrites the one KV slot it reads; the step is
         // deterministic), so a race in a launch-order variant shows here.
         std::printf("# logits checksum %s b%d variant %d: %.17g\n", s->name, b, vi,

@@ -34,26 +34,6 @@ __device__ __forceinline__ void PdlEnter(int early = 0) {
   if (!early) asm volatile("griddepcontrol.launch_dependents;\n" ::);
 }
 
-// v31: x published by a count instead of a grid's completion (the launch
-// of x's producer with the EC prologue, w4_ec.cu, and the fold kernel that
-// reads x, w4_gemv_fold.cu). The producer's blocks, after a block barrier
-// over their x stores, add 1 with release semantics (gpu scope); a reader
-// polls with acquire loads until the count reaches the number of producer
-// blocks, then (block barrier) reads x through L2. The block barrier plus
-// the cumulative release / acquire pair orders every thread's x stores
-// before every reader thread's loads.
-__device__ __forceinline__ void ReleaseAdd(unsigned* p, unsigned v) {
-  asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ unsigned AcquireLoad(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void WaitCountAtLeast(const unsigned* p, unsigned target) {
-  while (AcquireLoad(p) < target) __nanosleep(64);
-}
-
 // <<<grid, block, smem, stream>>>(args...) with the programmatic-serialization
 // attribute while ProgrammaticLaunchEnabled(); a launch refused with it is
 // retried without (a driver or capture that does not take the attribute).

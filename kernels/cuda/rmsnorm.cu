@@ -5,13 +5,28 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/pdl.cuh"
-#include "kernels/cuda/producer_rows.cuh"
 #include "kernels/cuda_ops.h"
 
 namespace spear::kernels::cuda {
 namespace {
 
-constexpr int kThreads = kRowThreads;
+constexpr int kThreads = 256;
+
+__device__ float BlockSum(float v) {
+  __shared__ float warp_sums[kThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = (threadIdx.x < kThreads / 32) ? warp_sums[threadIdx.x] : 0.f;
+  if (warp == 0) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  }
+  __shared__ float total;
+  if (threadIdx.x == 0) total = v;
+  __syncthreads();
+  return total;
+}
 
 __device__ inline void Store(float* p, float v) { *p = v; }
 __device__ inline void Store(uint16_t* p, float v) { *p = __half_as_ushort(__float2half_rn(v)); }
@@ -34,7 +49,7 @@ __global__ void RmsNormKernel(const float* __restrict__ x, float* __restrict__ r
     }
     ss += v * v;
   }
-  const float inv = rsqrtf(BlockSum256(ss) / static_cast<float>(d) + eps);
+  const float inv = rsqrtf(BlockSum(ss) / static_cast<float>(d) + eps);
   const float* src = rr ? rr : xr;
   Out* yr = y + row * ldy;
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) Store(yr + j, src[j] * inv * weight[j]);
@@ -67,14 +82,60 @@ absl::Status RmsNorm(const RmsNormParams& p, cudaStream_t stream) {
 namespace {
 
 // The decode fast path of RmsNormF16 (d % 4 == 0, aligned rows, d <= 8192):
-// RmsNormF16Row (producer_rows.cuh), one block per row.
+// every thread issues all its float4 loads (x, residual, weight) before any
+// arithmetic, so a row costs one memory round trip instead of d / 256
+// dependent ones (at batch 1 one block per row is the whole launch, and
+// the strided loop above made the norm a latency chain of ~8 us).
 template <int kVec>
 __global__ void RmsNormF16VecKernel(const float* __restrict__ x, float* __restrict__ residual,
                                     const float* __restrict__ weight, uint16_t* __restrict__ y,
                                     int64_t d, int64_t ldx, int64_t ldr, int64_t ldy, float eps,
                                     int early) {
   PdlEnter(early);
-  RmsNormF16Row<kVec>(x, residual, weight, y, d, ldx, ldr, ldy, eps, blockIdx.x);
+  const int64_t row = blockIdx.x;
+  const int n4 = static_cast<int>(d / 4);
+  const float4* xr = reinterpret_cast<const float4*>(x + row * ldx);
+  float4* rr = residual ? reinterpret_cast<float4*>(residual + row * ldr) : nullptr;
+  const float4* w4 = reinterpret_cast<const float4*>(weight);
+  float4 v[kVec], w[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const int j = threadIdx.x + k * kThreads;
+    if (j < n4) {
+      v[k] = xr[j];
+      w[k] = w4[j];
+      if (rr) {
+        const float4 r = rr[j];
+        v[k].x += r.x;
+        v[k].y += r.y;
+        v[k].z += r.z;
+        v[k].w += r.w;
+      }
+    } else {
+      v[k] = w[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const int j = threadIdx.x + k * kThreads;
+    if (j < n4 && rr) rr[j] = v[k];
+    ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+  }
+  const float inv = rsqrtf(BlockSum(ss) / static_cast<float>(d) + eps);
+  uint2* yr = reinterpret_cast<uint2*>(y + row * ldy);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const int j = threadIdx.x + k * kThreads;
+    if (j < n4) {
+      const __half2 a = __floats2half2_rn(v[k].x * inv * w[k].x, v[k].y * inv * w[k].y);
+      const __half2 b = __floats2half2_rn(v[k].z * inv * w[k].z, v[k].w * inv * w[k].w);
+      uint2 o;
+      o.x = *reinterpret_cast<const uint32_t*>(&a);
+      o.y = *reinterpret_cast<const uint32_t*>(&b);
+      yr[j] = o;
+    }
+  }
 }
 
 bool Aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }

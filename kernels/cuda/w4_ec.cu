@@ -8,11 +8,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <utility>
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/pdl.cuh"
-#include "kernels/cuda/producer_rows.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -79,7 +77,6 @@ constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h o
 constexpr int kStageGroups = 1;      // v27: dot products over lane groups
 constexpr int kStageLaunchOnly = -1; // ec_prologue 64: return after the wait
 constexpr int kStageUOnly = -2;      // ec_prologue 128: u's partials only
-constexpr int kStagePollOnly = -3;   // ec_prologue 256 (v31, fused): the x count awaited only
 
 // The last block's parallel gate (u, hidden, the MLP's weights) in shared
 // memory when it fits (floats; 40 KB, with the static 2 KB under 48 KB).
@@ -98,51 +95,13 @@ constexpr int kGateStageFloats = 10240;
 // kernel blocks on an SM and the decode step got slower (2026-12-03, call 1).
 // (128-thread blocks, 8 K registers, were slower: the u phase takes two
 // passes per range; docs/results/gpu.md, "v27-v29".)
-struct EcArgs {
-  const __half* x;
-  int m;
-  long long ldx;
-  int k, kchunk, parts;  // parts: P, the k ranges
-  const __half* a;
-  float* upart;
-  unsigned* counter;
-  GateArgs g;
-  int stage;
-  // v31 (ec_prologue 1024): x = SwiGLU(gate, up) computed here from its
-  // inputs (bitwise the producer blocks' values: SiluMulValue) instead of
-  // read once the producer blocks published it; null: x read from memory.
-  // Rows 16-byte aligned, strides multiples of 8 (the host checks).
-  const __half* sgate;
-  const __half* sup;
-  long long ld_sgate, ld_sup;
-};
-
-__device__ __forceinline__ uint4 SiluPiece(const EcArgs& e, int t, int c) {
-  const uint4 gv = __ldcg(reinterpret_cast<const uint4*>(e.sgate + t * e.ld_sgate) + c);
-  const uint4 uv = __ldcg(reinterpret_cast<const uint4*>(e.sup + t * e.ld_sup) + c);
-  const __half* gh = reinterpret_cast<const __half*>(&gv);
-  const __half* uh = reinterpret_cast<const __half*>(&uv);
-  uint4 out;
-  __half* oh = reinterpret_cast<__half*>(&out);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) oh[i] = SiluMulValue(gh[i], uh[i]);
-  return out;
-}
-
-// The work of block (q, part) of the prologue (the kernel below, or v31's
-// launch with x's producer, EcFusedKernel). xready: null (x is complete
-// once the dependency wait returns), or v31's count of x's producer blocks
-// done, awaited (>= xtarget) after the dependency wait.
-__device__ __forceinline__ void EcPrologueBlock(const EcArgs& e, int q, int part,
-                                                const unsigned* xready, unsigned xtarget) {
+__global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restrict__ x, int m,
+                                                        long long ldx, int k, int kchunk,
+                                                        const __half* __restrict__ a,
+                                                        float* upart, unsigned* counter,
+                                                        GateArgs g, int stage) {
   constexpr int kT = 256;  // threads per block
-  const __half* __restrict__ x = e.x;
-  const __half* __restrict__ a = e.a;
-  const int m = e.m, k = e.k, kchunk = e.kchunk, P = e.parts, stage = e.stage;
-  const long long ldx = e.ldx;
-  float* upart = e.upart;
-  unsigned* counter = e.counter;
-  const GateArgs& g = e.g;
+  const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
   const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
   const __half* ar = a + static_cast<long long>(q) * k;
   const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
@@ -175,11 +134,6 @@ __device__ __forceinline__ void EcPrologueBlock(const EcArgs& e, int q, int part
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
   if (stage == kStageLaunchOnly) return;  // measurement only (ec_prologue 64): v left stale
-  if (xready != nullptr) {  // v31: x's rows are written by blocks of this launch
-    if (threadIdx.x == 0) WaitCountAtLeast(xready, xtarget);
-    __syncthreads();
-  }
-  if (stage == kStagePollOnly) return;  // measurement only (ec_prologue 256)
   extern __shared__ float dyn[];
   constexpr int kNW = kT / 32;
   __shared__ float ut[kNW][kDecodeMaxM];
@@ -200,11 +154,7 @@ __device__ __forceinline__ void EcPrologueBlock(const EcArgs& e, int q, int part
         uint4 xv[4];
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
-          if (t0 + tt < m) {
-            xv[tt] = e.sgate != nullptr
-                         ? SiluPiece(e, t0 + tt, c)
-                         : __ldcg(reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx) + c);
-          }
+          if (t0 + tt < m) xv[tt] = reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx)[c];
         }
         const __half2* ah = reinterpret_cast<const __half2*>(&av);
 #pragma unroll
@@ -223,13 +173,7 @@ __device__ __forceinline__ void EcPrologueBlock(const EcArgs& e, int q, int part
         const float av = __half2float(ar[c]);
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
-          if (t0 + tt < m) {
-            const __half xe =
-                e.sgate != nullptr
-                    ? SiluMulValue(e.sgate[(t0 + tt) * e.ld_sgate + c], e.sup[(t0 + tt) * e.ld_sup + c])
-                    : __ldcg(x + (t0 + tt) * ldx + c);
-            acc[tt] += av * __half2float(xe);
-          }
+          if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
         }
       }
     }
@@ -259,7 +203,7 @@ __device__ __forceinline__ void EcPrologueBlock(const EcArgs& e, int q, int part
                  : "=r"(prev)
                  : "l"(counter)
                  : "memory");
-    last = prev == static_cast<unsigned>(g.r * P) - 1;
+    last = prev == gridDim.x * gridDim.y - 1;
   }
   __syncthreads();
   if (!last) return;
@@ -356,63 +300,6 @@ __device__ __forceinline__ void EcPrologueBlock(const EcArgs& e, int q, int part
   if (threadIdx.x == 0) *counter = 0;
 }
 
-__global__ void __launch_bounds__(256, 4) EcPrologueKernel(EcArgs e) {
-  EcPrologueBlock(e, blockIdx.x, blockIdx.y, nullptr, 0);
-}
-
-// v31: x's producer and the EC prologue in one launch. Blocks [0,
-// prod_blocks) produce x (after the dependency wait, as the producer's own
-// kernel), then publish it (ReleaseAdd on xready[0]); the r x P prologue
-// blocks after them (block prod_blocks + part r + q) wait for the count
-// instead of a launch boundary. The fold kernel that follows reads x once
-// the count is complete, and waits for this grid (v) only in its epilogue.
-struct NormProd {  // RmsNormF16's vector path (producer_rows.cuh)
-  const float* x;
-  float* residual;
-  const float* weight;
-  uint16_t* y;
-  int64_t d, ldx, ldr, ldy;
-  float eps;
-};
-struct SiluProd {  // SiluMul: y[i][j] = silu(gate[i][j]) up[i][j]
-  const __half* gate;
-  const __half* up;
-  __half* y;
-  int n, ld_gate, ld_up, ldy;
-  unsigned total;  // m n
-};
-// kLight (ec_prologue 2048, measurement): at most 40 registers (6 blocks of
-// 256 threads per SM), so that the launch's blocks fit beside the previous
-// GEMM's and start as soon as it ends.
-template <int kVec, bool kLight>  // kVec 1, 2, 4: RMSNorm with kVec float4 per thread; 0: SwiGLU
-__global__ void __launch_bounds__(256, kLight ? 6 : 4)
-    EcFusedKernel(NormProd np, SiluProd sp, int prod_blocks, EcArgs e, unsigned* xready) {
-  if (static_cast<int>(blockIdx.x) < prod_blocks) {
-    PdlEnter();
-    if constexpr (kVec > 0) {
-      RmsNormF16Row<kVec>(np.x, np.residual, np.weight, np.y, np.d, np.ldx, np.ldr, np.ldy, np.eps,
-                          blockIdx.x);
-    } else {
-      const __half* __restrict__ gate = sp.gate;
-      const __half* __restrict__ up = sp.up;
-      __half* __restrict__ y = sp.y;
-      const unsigned stride = static_cast<unsigned>(prod_blocks) * 256u;
-#pragma unroll 4
-      for (unsigned idx = blockIdx.x * 256u + threadIdx.x; idx < sp.total; idx += stride) {
-        const unsigned i = idx / static_cast<unsigned>(sp.n), j = idx - i * sp.n;
-        const size_t row = i;
-        y[row * sp.ldy + j] = SiluMulValue(gate[row * sp.ld_gate + j], up[row * sp.ld_up + j]);
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) ReleaseAdd(xready, 1u);
-    return;
-  }
-  const int b = static_cast<int>(blockIdx.x) - prod_blocks;
-  EcPrologueBlock(e, b % e.g.r, b / e.g.r, e.sgate != nullptr ? nullptr : xready,
-                  static_cast<unsigned>(prod_blocks));
-}
-
 __global__ void __launch_bounds__(256) EcGateRowsKernel(const float* __restrict__ u, int m,
                                                         GateArgs g) {
   __shared__ float us[8][kMaxRank];
@@ -459,31 +346,6 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
   return g;
 }
 
-struct ProloguePlan {
-  int parts, kchunk, stage;
-  size_t smem;
-};
-ProloguePlan PlanPrologue(const W4DeviceWeight::Impl& w, int64_t m, int flags) {
-  ProloguePlan pl{};
-  // k split: parts of >= 2048 elements (one 16-byte load per thread of a
-  // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
-  pl.parts = static_cast<int>((w.k + 2047) / 2048);
-  if (pl.parts > kEcMaxKParts) pl.parts = kEcMaxKParts;
-  if ((flags & 1) != 0) pl.parts = 1;
-  pl.kchunk = static_cast<int>((w.k + pl.parts - 1) / pl.parts + 7) / 8 * 8;
-  const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
-  // The parallel gate's shared memory (floats): u and hidden for m tokens,
-  // then W1 (rows of r | 1), b1, W2 (rows of h | 1), b2; one warp per token
-  // (v12's way) where it does not fit, or with flag 1.
-  const int64_t par = m * (r + h) + (w.gated ? h * (r | 1) + r * (h | 1) + h + r : 0);
-  // kStageGroups (v27, the default): x-independent loads before the wait,
-  // the gate's dot products split over lane groups.
-  pl.stage = (flags & 1) == 0 && par <= kGateStageFloats ? kStageGroups : kStageWarp;
-  pl.smem = (pl.stage == kStageGroups ? static_cast<size_t>(par) : 8 * static_cast<size_t>(r + h)) *
-            sizeof(float);
-  return pl;
-}
-
 }  // namespace
 
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
@@ -492,11 +354,24 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                               int flags, bool pdl_launch) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
-  const ProloguePlan pl = PlanPrologue(w, m, flags);
-  const int parts = pl.parts, kchunk = pl.kchunk;
-  int stage = pl.stage;
-  const size_t smem = pl.smem;
-  const dim3 grid(static_cast<unsigned>(w.r), static_cast<unsigned>(parts));
+  // k split: parts of >= 2048 elements (one 16-byte load per thread of a
+  // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
+  int parts = static_cast<int>((w.k + 2047) / 2048);
+  if (parts > kEcMaxKParts) parts = kEcMaxKParts;
+  if ((flags & 1) != 0) parts = 1;
+  const int kchunk = static_cast<int>((w.k + parts - 1) / parts + 7) / 8 * 8;
+  const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
+  // The parallel gate's shared memory (floats): u and hidden for m tokens,
+  // then W1 (rows of r | 1), b1, W2 (rows of h | 1), b2; one warp per token
+  // (v12's way) where it does not fit, or with flag 1.
+  const int64_t par = m * (r + h) + (w.gated ? h * (r | 1) + r * (h | 1) + h + r : 0);
+  // kStageGroups (v27, the default): x-independent loads before the wait,
+  // the gate's dot products split over lane groups.
+  int stage = (flags & 1) == 0 && par <= kGateStageFloats ? kStageGroups : kStageWarp;
+  const size_t smem = (stage == kStageGroups ? static_cast<size_t>(par)
+                                             : 8 * static_cast<size_t>(r + h)) *
+                      sizeof(float);
+  const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
@@ -504,140 +379,18 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   // 128 u's partials without the ticket and the gate.
   if ((flags & 64) != 0) stage = kStageLaunchOnly;
   if ((flags & 128) != 0) stage = kStageUOnly;
-  const EcArgs ea{xh,   static_cast<int>(m), static_cast<long long>(ldx), static_cast<int>(w.k),
-                  kchunk, parts, ah, ws.u, ws.ec_counter, g, stage, nullptr, nullptr, 0, 0};
   cudaError_t e;
   if (pdl_launch) {
-    e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, ea);
+    e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
+                  static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,
+                  ws.ec_counter, g, stage);
   } else {
-    EcPrologueKernel<<<grid, 256, smem, stream>>>(ea);
+    EcPrologueKernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx,
+                                                  static_cast<int>(w.k), kchunk, ah, ws.u,
+                                                  ws.ec_counter, g, stage);
     e = cudaGetLastError();
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);
-  return absl::OkStatus();
-}
-
-absl::Status LaunchEcFused(const W4DeviceWeight::Impl& w, const W4XProducer& prod, int64_t m,
-                           W4Workspace::Impl& ws, float* gate_out, int64_t ldg,
-                           cudaStream_t stream, bool* launched, unsigned* xtarget, int flags) {
-  *launched = false;
-  if (m < 1 || m > kDecodeMaxM || w.r == 0) return absl::OkStatus();
-  const auto aligned = [](const void* p, uintptr_t a) {
-    return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0;
-  };
-  NormProd np{};
-  SiluProd sp{};
-  int kvec = -1, prod_blocks = 0;
-  const uint16_t* x = nullptr;
-  int64_t ldx = 0;
-  if (prod.kind == W4XProducer::Kind::kRmsNorm) {
-    const RmsNormF16Params& n = prod.norm;
-    // RmsNormF16's vector path, at most 4 float4 per thread (d <= 4096: the
-    // launch's 64 registers hold them).
-    if (n.m != m || n.d % 4 != 0 || n.d > 4 * 4 * 256 || n.ldx % 4 != 0 || n.ldy % 4 != 0 ||
-        !aligned(n.x, 16) || !aligned(n.weight, 16) || !aligned(n.y, 8) ||
-        (n.residual != nullptr && (n.ldr % 4 != 0 || !aligned(n.residual, 16)))) {
-      return absl::OkStatus();
-    }
-    const int64_t per_thread = (n.d / 4 + 255) / 256;
-    kvec = per_thread <= 1 ? 1 : per_thread <= 2 ? 2 : 4;
-    np = NormProd{n.x, n.residual, n.weight, n.y, n.d, n.ldx, n.ldr, n.ldy, n.eps};
-    prod_blocks = static_cast<int>(m);
-    x = n.y;
-    ldx = n.ldy;
-  } else if (prod.kind == W4XProducer::Kind::kSiluMul) {
-    const SiluMulF16Params& q = prod.silu;
-    const int64_t total = m * q.n;
-    // The fused loop indexes with 32 bits and declares y, gate and up
-    // unaliased (__restrict__): an in-place SwiGLU runs apart.
-    const auto span = [&](const uint16_t* p, int64_t ld) {
-      return std::pair<uintptr_t, uintptr_t>{
-          reinterpret_cast<uintptr_t>(p),
-          reinterpret_cast<uintptr_t>(p + (m - 1) * ld + q.n)};
-    };
-    const auto overlap = [](std::pair<uintptr_t, uintptr_t> a, std::pair<uintptr_t, uintptr_t> b) {
-      return a.first < b.second && b.first < a.second;
-    };
-    const auto ys = span(q.y, q.ldy);
-    if (q.m != m || total >= (int64_t{1} << 31) || q.ld_gate >= (int64_t{1} << 31) ||
-        q.ld_up >= (int64_t{1} << 31) || q.ldy >= (int64_t{1} << 31) ||
-        overlap(ys, span(q.gate, q.ld_gate)) || overlap(ys, span(q.up, q.ld_up))) {
-      return absl::OkStatus();
-    }
-    kvec = 0;
-    sp = SiluProd{reinterpret_cast<const __half*>(q.gate), reinterpret_cast<const __half*>(q.up),
-                  reinterpret_cast<__half*>(q.y), static_cast<int>(q.n),
-                  static_cast<int>(q.ld_gate), static_cast<int>(q.ld_up), static_cast<int>(q.ldy),
-                  static_cast<unsigned>(total)};
-    // Eight elements per thread (or more, at most 64 blocks): few blocks, so
-    // that the prologue's r x P blocks fit beside them (8B down, k = 14336:
-    // 7 k ranges, 448 blocks at r = 64).
-    const int64_t b = (total + 2047) / 2048;
-    prod_blocks = static_cast<int>(b < 64 ? b : 64);
-    x = q.y;
-    ldx = q.ldy;
-  } else {
-    return absl::OkStatus();
-  }
-  // 2048 (measurement): the light kernel with the one-warp-per-token gate
-  // (8 (r + h) floats of shared memory instead of the staged gate's).
-  ProloguePlan pl = PlanPrologue(w, m, (flags & 2048) != 0 ? 1 : 0);
-  if ((flags & 2048) != 0) {  // keep the k split of the default form
-    const ProloguePlan d = PlanPrologue(w, m, 0);
-    pl.parts = d.parts;
-    pl.kchunk = d.kchunk;
-  }
-  // measurement only (the output is then wrong): 64 the prologue blocks
-  // return after the dependency wait, 256 after the x count too, 128 after
-  // u's partials.
-  if ((flags & 64) != 0) pl.stage = kStageLaunchOnly;
-  if ((flags & 256) != 0) pl.stage = kStagePollOnly;
-  if ((flags & 128) != 0) pl.stage = kStageUOnly;
-  const int r = static_cast<int>(w.r);
-  void (*kernel)(NormProd, SiluProd, int, EcArgs, unsigned*) =
-      (flags & 2048) != 0 ? (kvec == 0   ? EcFusedKernel<0, true>
-                             : kvec == 1 ? EcFusedKernel<1, true>
-                             : kvec == 2 ? EcFusedKernel<2, true>
-                                         : EcFusedKernel<4, true>)
-      : kvec == 0         ? EcFusedKernel<0, false>
-      : kvec == 1         ? EcFusedKernel<1, false>
-      : kvec == 2         ? EcFusedKernel<2, false>
-                          : EcFusedKernel<4, false>;
-  // Every block of the launch must be resident at once: the prologue's
-  // blocks wait (spin) for the producer's, which come first in the grid.
-  int per_sm = 0;
-  SPEAR_CUDA_RETURN_IF_ERROR(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, pl.smem));
-  const int64_t blocks = prod_blocks + int64_t{r} * pl.parts;
-  if (blocks > int64_t{per_sm} * ws.num_sms) return absl::OkStatus();
-  EcArgs ea{reinterpret_cast<const __half*>(x),
-            static_cast<int>(m),
-            static_cast<long long>(ldx),
-            static_cast<int>(w.k),
-            pl.kchunk,
-            pl.parts,
-            reinterpret_cast<const __half*>(w.ec_a),
-            ws.u,
-            ws.ec_counter,
-            MakeGate(w, ws.v, w.rp, nullptr, gate_out, ldg),
-            pl.stage,
-            nullptr,
-            nullptr,
-            0,
-            0};
-  // ec_prologue 1024: the SwiGLU's prologue blocks compute x themselves
-  // (16-byte pieces: gate / up rows aligned, strides multiples of 8).
-  if ((flags & 1024) != 0 && kvec == 0 && sp.ld_gate % 8 == 0 && sp.ld_up % 8 == 0 &&
-      aligned(sp.gate, 16) && aligned(sp.up, 16)) {
-    ea.sgate = sp.gate;
-    ea.sup = sp.up;
-    ea.ld_sgate = sp.ld_gate;
-    ea.ld_sup = sp.ld_up;
-  }
-  SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(256),
-                                       pl.smem, stream, np, sp, prod_blocks, ea, ws.xready));
-  *launched = true;
-  *xtarget = static_cast<unsigned>(prod_blocks);
   return absl::OkStatus();
 }
 

@@ -67,16 +67,8 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
 
 namespace {
 
-absl::Status RunProducer(const W4XProducer& prod, cudaStream_t stream) {
-  return prod.kind == W4XProducer::Kind::kRmsNorm ? RmsNormF16(prod.norm, stream)
-                                                  : SiluMul(prod.silu, stream);
-}
-
-// prod (v31, W4LinearProduced): x's producer, run first: in one launch with
-// the EC prologue where the fold kernel runs the EC (*fused), else on its own.
 absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
-                       cudaStream_t stream, const W4XProducer* prod = nullptr,
-                       bool* fused = nullptr) {
+                       cudaStream_t stream) {
   const auto& d = w.impl();
   auto& s = ws->impl();
   const bool ec = p.use_ec && d.r > 0;
@@ -84,13 +76,6 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
                       reinterpret_cast<uintptr_t>(p.x) % 16 != 0;
   if (need_x && s.xs_elems < kDecodeMaxM * d.kp) {
     if (absl::Status st = ws->Reserve(w, 0); !st.ok()) return st;
-  }
-  if (prod != nullptr &&
-      (need_x || !ec || p.m > 16 || (p.ec_prologue & ~(64 | 128 | 256 | 512 | 1024 | 2048)) != 0)) {
-    // x is read before the EC's launch point (need_x), or there is no fused
-    // form for this call.
-    if (absl::Status st = RunProducer(*prod, stream); !st.ok()) return st;
-    prod = nullptr;
   }
   for (int64_t r0 = 0; r0 < p.m; r0 += kDecodeMaxM) {
     const int64_t mc = p.m - r0 < kDecodeMaxM ? p.m - r0 : kDecodeMaxM;
@@ -153,35 +138,17 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = decode_kernel;
-    float* gate_out = p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr;
-    bool produced = false;  // v31: x's producer and the prologue in one launch
-    if (prod != nullptr) {
-      if (fold) {
-        if (absl::Status st = LaunchEcFused(d, *prod, mc, s, gate_out, p.gate_ld, stream,
-                                            &produced, &a.xready_target, p.ec_prologue);
-            !st.ok()) {
-          return st;
-        }
-        // ec_prologue 512 (measurement): the fold kernel waits for the whole
-        // launch before reading x (v24's order) instead of the x count.
-        if (produced && (p.ec_prologue & 512) == 0) a.xready = s.xready;
-      }
-      if (!produced) {
-        if (absl::Status st = RunProducer(*prod, stream); !st.ok()) return st;
-      }
-      if (fused != nullptr) *fused = produced;
-      prod = nullptr;
-    }
     if (ec) {
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
-      if ((p.ec_prologue & 4) == 0 && !produced) {
+      if ((p.ec_prologue & 4) == 0) {
         // Under PDL before the fold kernel (M <= 16; v14, -0.04 ms on the 8B
         // step in three calls); a plain launch before the others (v12: PDL
         // was slower there at M >= 8) or with ec_prologue flag 2.
         if (absl::Status st = LaunchEcPrologue(
-                d, x, mc, p.ldx, s, s.v, d.rp, nullptr, gate_out, p.gate_ld, stream,
-                p.ec_prologue & (1 | 64 | 128),
+                d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
+                p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
+                p.gate_ld, stream, p.ec_prologue & (1 | 64 | 128),
                 fold && (p.ec_prologue & 2) == 0);
             !st.ok()) {
           return st;
@@ -192,7 +159,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
         a.esteps = static_cast<int>(d.rp / 16);
         a.v = s.v;
         a.ldv = static_cast<int>(d.rp);
-        a.ec_late = produced && (p.ec_prologue & 512) != 0 ? 0 : 1;
+        a.ec_late = 1;
       }
     }
     if (absl::Status st =
@@ -208,10 +175,8 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
 
 }  // namespace
 
-namespace {
-
-// W4Linear's parameter checks (OK for m == 0: nothing to run).
-absl::Status CheckParams(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws) {
+absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
+                      cudaStream_t stream) {
   const auto& d = w.impl();
   if (ws == nullptr) return Bad("workspace is null");
   if (p.m < 0 || p.m > (int64_t{1} << 30)) return Bad(absl::StrCat("bad m=", p.m));
@@ -234,10 +199,10 @@ absl::Status CheckParams(const W4DeviceWeight& w, const W4CudaParams& p, W4Works
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }
-  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128 | 256 | 512 | 1024 | 2048)) != 0 ||
+  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128)) != 0 ||
       (p.ec_prologue & 12) == 12) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 1, 2, 64, 128, 256, 512, 1024, 2048 and one of 4 / 8 only"));
+                            ": flags 1, 2, 64, 128 and one of 4 / 8 only"));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured
@@ -245,61 +210,12 @@ absl::Status CheckParams(const W4DeviceWeight& w, const W4CudaParams& p, W4Works
     return Bad(absl::StrCat("decode_kernel ", p.decode_kernel, ": kernel ", p.decode_kernel & 15,
                             " unknown (0..5; 6, the fold kernel's bulk-copy ring, was removed)"));
   }
-  if (static_cast<size_t>(d.ntiles) > static_cast<size_t>(ws->impl().ncounters)) {
+  if (static_cast<size_t>((d.ntiles + 0) ) > static_cast<size_t>(ws->impl().ncounters)) {
     return Bad("n too large for the workspace counters");
   }
-  return absl::OkStatus();
-}
-
-bool Prefill(const W4CudaParams& p) {
-  return p.force_prefill || (!p.force_decode && p.m >= kPrefillM);
-}
-
-}  // namespace
-
-absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
-                      cudaStream_t stream) {
-  if (absl::Status st = CheckParams(w, p, ws); !st.ok() || p.m == 0) return st;
-  if ((p.ec_prologue & (256 | 512 | 1024 | 2048)) != 0) {
-    return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 256, 512, 1024 and 2048 apply to W4LinearProduced only"));
-  }
-  if (Prefill(p)) return RunPrefill(w, p, ws, stream);
+  const bool prefill = p.force_prefill || (!p.force_decode && p.m >= kPrefillM);
+  if (prefill) return RunPrefill(w, p, ws, stream);
   return RunDecode(w, p, ws, stream);
-}
-
-absl::Status W4LinearProduced(const W4DeviceWeight& w, const W4XProducer& prod,
-                              const W4CudaParams& p, W4Workspace* ws, cudaStream_t stream,
-                              bool* fused) {
-  if (fused != nullptr) *fused = false;
-  if (absl::Status st = CheckParams(w, p, ws); !st.ok()) return st;
-  const bool norm = prod.kind == W4XProducer::Kind::kRmsNorm;
-  if (!norm && prod.kind != W4XProducer::Kind::kSiluMul) return Bad("unknown producer kind");
-  const uint16_t* y = norm ? prod.norm.y : prod.silu.y;
-  const int64_t ldy = norm ? prod.norm.ldy : prod.silu.ldy, m = norm ? prod.norm.m : prod.silu.m;
-  if (norm) {
-    const RmsNormF16Params& n = prod.norm;
-    if (n.x == nullptr || n.weight == nullptr || n.d <= 0 || n.ldx < n.d || n.ldy < n.d ||
-        (n.residual != nullptr && n.ldr < n.d) || !(n.eps >= 0.f)) {
-      return Bad("invalid RMSNorm producer parameters");
-    }
-  } else {
-    const SiluMulF16Params& q = prod.silu;
-    if (q.gate == nullptr || q.up == nullptr || q.n <= 0 || q.ld_gate < q.n || q.ld_up < q.n ||
-        q.ldy < q.n) {
-      return Bad("invalid SwiGLU producer parameters");
-    }
-  }
-  if (y != p.x || ldy != p.ldx || m != p.m) {
-    return Bad(absl::StrCat("the producer's output (y ", y == p.x ? "== x" : "!= x", ", ldy ", ldy,
-                            ", m ", m, ") is not the GEMM's x (ldx ", p.ldx, ", m ", p.m, ")"));
-  }
-  if (p.m == 0) return RunProducer(prod, stream);
-  if (Prefill(p)) {
-    if (absl::Status st = RunProducer(prod, stream); !st.ok()) return st;
-    return RunPrefill(w, p, ws, stream);
-  }
-  return RunDecode(w, p, ws, stream, &prod, fused);
 }
 
 absl::Status EcGate(const W4DeviceWeight& w, const uint16_t* x, int64_t m, int64_t ldx, float* v,

@@ -47,7 +47,6 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
-#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -203,23 +202,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
       if (gshift < 30) PrefetchL2(z0 + min((c * CH * 16) >> gshift, ng1) * 16, 256);
     }
   }
-  // v31: x's producer ran in one launch with the EC prologue (LaunchEcFused,
-  // launched before this kernel, ec_late): read x once its producer blocks
-  // have published it, not after that launch's gate. The block that sees the
-  // count last zeroes it at its end, after waiting for that launch to
-  // complete (its prologue blocks poll the count too). The next fused launch
-  // on the workspace counts only after its own dependency wait, i.e. after
-  // this grid has completed.
-  bool zero_xready = false;
-  if (a.xready != nullptr) {
-    if (tid == 0) {
-      WaitCountAtLeast(a.xready, a.xready_target);
-      zero_xready = atomicAdd(a.xready + 1, 1u) == gridDim.x * gridDim.y - 1;
-    }
-    __syncthreads();
-  } else if (!a.ec_late) {
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  }
+  if (!a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   {
     // k % 8 == 0 or x was padded with zeros into the workspace, so an 8-wide
     // piece is all inside k or all outside (zero-filled: the codes' 1024 / 64
@@ -426,11 +409,6 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
     asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
   }  // tiles of this block
-  if (zero_xready) {
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    atomicExch(a.xready, 0u);
-    atomicExch(a.xready + 1, 0u);
-  }
 }
 
 template <int NW, int CH, bool ONE, int NT>

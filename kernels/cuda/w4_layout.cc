@@ -246,8 +246,8 @@ W4Workspace::W4Workspace() : impl_(std::make_unique<Impl>()) {}
 W4Workspace::~W4Workspace() {
   Impl& d = *impl_;
   for (void* p : {static_cast<void*>(d.partials), static_cast<void*>(d.counters),
-                  static_cast<void*>(d.ec_counter), static_cast<void*>(d.xready),
-                  static_cast<void*>(d.u), static_cast<void*>(d.v), static_cast<void*>(d.xs), static_cast<void*>(d.wh),
+                  static_cast<void*>(d.ec_counter), static_cast<void*>(d.u),
+                  static_cast<void*>(d.v), static_cast<void*>(d.xs), static_cast<void*>(d.wh),
                   static_cast<void*>(d.pxs), static_cast<void*>(d.pu),
                   static_cast<void*>(d.pv)}) {
     if (p != nullptr) cudaFree(p);
@@ -272,8 +272,6 @@ absl::StatusOr<std::unique_ptr<W4Workspace>> W4Workspace::Create() {
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.counters, 0, d.ncounters * sizeof(int)));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.ec_counter, sizeof(unsigned)));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.ec_counter, 0, sizeof(unsigned)));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.xready, 2 * sizeof(unsigned)));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.xready, 0, 2 * sizeof(unsigned)));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.u, size_t{kEcMaxKParts} * kDecodeMaxM * kMaxRank * 4));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&d.v, kDecodeMaxM * kMaxRank * 2));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMemset(d.v, 0, kDecodeMaxM * kMaxRank * 2));

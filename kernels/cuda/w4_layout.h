@@ -71,9 +71,6 @@ struct W4Workspace::Impl {
   int* counters = nullptr;    // per tile group, zero between calls
   int64_t ncounters = 0;
   unsigned* ec_counter = nullptr;
-  // v31 (LaunchEcFused): [0] x's producer blocks done, [1] fold kernel
-  // blocks that saw the count; the last of those zeroes both.
-  unsigned* xready = nullptr;
   float* u = nullptr;         // fp32 [kEcMaxKParts][64][kMaxRank] (decode EC: partial u)
   uint16_t* v = nullptr;      // fp16 [64][kMaxRank] (decode EC: g ⊙ u, A operand)
   uint16_t* xs = nullptr;     // fp16 [64][kxs] (decode: x / act_scale, padded)
@@ -116,10 +113,6 @@ struct DecodeArgs {
   int ldv;
   int debug;    // profiling only (SPEAR_W4_DEBUG): 1 skip compute, 2 skip weight loads
   int ec_late;  // 1: an EC prologue precedes this launch (see the kernel)
-  // v31 (fold kernel only): non-null when x's producer ran in one launch with
-  // the EC prologue: x is read once xready[0] >= xready_target.
-  unsigned* xready;
-  unsigned xready_target;
   int variant;  // m <= 16 kernel: 0 the cp.async-ring kernel, 2 the register-direct one
   float* partials;
   int* counters;
@@ -150,17 +143,6 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
                               int64_t ldv, float* v_f32, float* gate_out, int64_t ldg,
                               cudaStream_t stream, int flags = 0, bool pdl_launch = false);
-// v31: x's producer (RMSNorm or SwiGLU, prod) and the decode EC prologue of
-// w over m rows in one launch under PDL; x is published through ws.xready
-// (*xtarget producer blocks), v through the launch's completion. Where the
-// launch does not qualify (the producer off its vector path, or more blocks
-// than can be resident at once) nothing is enqueued and *launched is false:
-// the caller runs the producer and the prologue apart. flags: W4CudaParams::
-// ec_prologue's measurement flags 64, 128, 256.
-absl::Status LaunchEcFused(const W4DeviceWeight::Impl& w, const W4XProducer& prod, int64_t m,
-                           W4Workspace::Impl& ws, float* gate_out, int64_t ldg,
-                           cudaStream_t stream, bool* launched, unsigned* xtarget,
-                           int flags = 0);
 // Gate only, from u [m][r] fp32 (prefill path).
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
                               uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,

@@ -118,7 +118,6 @@ absl::Status CudaModelRunner::Init(const CudaRunnerOptions& o) {
   if (!w.ok()) return w.status();
   weights_ = std::move(*w);
   max_graph_batch_ = o.max_graph_batch;
-  ec_in_producer_ = o.ec_in_producer;
   SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   SPEAR_CUBLAS_RETURN_IF_ERROR(kernels::cuda::blas::Create(&cublas_));
   SPEAR_CUBLAS_RETURN_IF_ERROR(kernels::cuda::blas::SetStream(cublas_, stream_));
@@ -308,11 +307,7 @@ absl::Status CudaModelRunner::ReadEcFlags(std::vector<uint8_t>* flags) const {
 
 absl::Status CudaModelRunner::RunLinear(const DeviceLinear& lin, const uint16_t* x, int64_t m,
                                         int64_t ldx, uint16_t* y16, float* y32, int64_t ldy,
-                                        bool accumulate, kc::W4Workspace* ws,
-                                        const kc::W4XProducer* prod) {
-  if (prod != nullptr && lin.pieces.empty()) {
-    return absl::InternalError("RunLinear: a producer but no pieces");
-  }
+                                        bool accumulate, kc::W4Workspace* ws) {
   for (const DeviceLinear::Piece& piece : lin.pieces) {
     bool mixed = false;
     kc::W4CudaParams p;
@@ -328,21 +323,6 @@ absl::Status CudaModelRunner::RunLinear(const DeviceLinear& lin, const uint16_t*
     if (observe_gates_ && p.use_ec && piece.gate_col >= 0) {
       p.gate_out = gate_dev_ + piece.gate_col;
       p.gate_ld = weights_->gate_cols();
-    }
-    if (prod != nullptr) {
-      // v31: the producer first, in one launch with this piece's EC prologue
-      // where W4LinearProduced can (ec_in_producer_), else on its own.
-      absl::Status s;
-      if (ec_in_producer_) {
-        s = kc::W4LinearProduced(*piece.w, *prod, p, ws, stream_);
-      } else {
-        s = prod->kind == kc::W4XProducer::Kind::kRmsNorm ? kc::RmsNormF16(prod->norm, stream_)
-                                                          : kc::SiluMul(prod->silu, stream_);
-        if (s.ok()) s = kc::W4Linear(*piece.w, p, ws, stream_);
-      }
-      if (!s.ok()) return s;
-      prod = nullptr;
-      continue;
     }
     if (absl::Status s = kc::W4Linear(*piece.w, p, ws, stream_); !s.ok()) return s;
   }
@@ -378,13 +358,10 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
   n.eps = eps;
   for (size_t l = 0; l < weights_->layers().size(); ++l) {
     const DeviceLayer& L = weights_->layers()[l];
-    kc::W4XProducer prod;  // x's producer, run by RunLinear (v31)
-    prod.kind = kc::W4XProducer::Kind::kRmsNorm;
-    prod.norm = n;
-    prod.norm.weight = L.attn_norm;
-    prod.norm.early_trigger = EarlyBefore(L.qkv);
-    if (absl::Status s = RunLinear(L.qkv, h16_, T, d, qkv_, nullptr, qkv_n, false, ws, &prod);
-        !s.ok()) {
+    n.weight = L.attn_norm;
+    n.early_trigger = EarlyBefore(L.qkv);
+    if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
+    if (absl::Status s = RunLinear(L.qkv, h16_, T, d, qkv_, nullptr, qkv_n, false, ws); !s.ok()) {
       return s;
     }
     // RoPE of q and k + the KV append of k and v: one launch.
@@ -430,11 +407,10 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
     if (absl::Status s = RunLinear(L.o, attn_, T, qd, nullptr, residual_, d, true, ws); !s.ok()) {
       return s;
     }
-    prod.kind = kc::W4XProducer::Kind::kRmsNorm;
-    prod.norm = n;
-    prod.norm.weight = L.ffn_norm;
-    prod.norm.early_trigger = EarlyBefore(L.gate_up);
-    if (absl::Status s = RunLinear(L.gate_up, h16_, T, d, gu_, nullptr, 2 * ff, false, ws, &prod);
+    n.weight = L.ffn_norm;
+    n.early_trigger = EarlyBefore(L.gate_up);
+    if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
+    if (absl::Status s = RunLinear(L.gate_up, h16_, T, d, gu_, nullptr, 2 * ff, false, ws);
         !s.ok()) {
       return s;
     }
@@ -447,10 +423,8 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
     sm.ld_gate = sm.ld_up = 2 * ff;
     sm.ldy = ff;
     sm.early_trigger = EarlyBefore(L.down);
-    prod.kind = kc::W4XProducer::Kind::kSiluMul;
-    prod.silu = sm;
-    if (absl::Status s = RunLinear(L.down, act_, T, ff, nullptr, residual_, d, true, ws, &prod);
-        !s.ok()) {
+    if (absl::Status s = kc::SiluMul(sm, stream_); !s.ok()) return s;
+    if (absl::Status s = RunLinear(L.down, act_, T, ff, nullptr, residual_, d, true, ws); !s.ok()) {
       return s;
     }
   }

@@ -72,11 +72,6 @@ struct CudaRunnerOptions {
   // (docs/results/gpu.md, v23: decode steps 0.3-6.4 % faster on the 8B
   // shape, 4.6-6.5 % on the 1B shape).
   bool tune_decode = true;
-  // v31: where a W4 GEMM with an EC reads the output of an RMSNorm or of
-  // the SwiGLU, that producer and the EC prologue run as one launch
-  // (kernels::cuda::W4LinearProduced; the same results bit for bit).
-  // false: the prologue as its own launch (for measurement).
-  bool ec_in_producer = true;
 };
 
 class CudaModelRunner {
@@ -130,12 +125,9 @@ class CudaModelRunner {
   absl::Status EnqueueSampling(const std::vector<RowSampling>& rows, int64_t R);
   // Enqueues the whole forward on stream_ (capturable when p.graph).
   absl::Status Enqueue(const Plan& p);
-  // prod (nullable): x's producer, run first (with the first piece's EC
-  // prologue in one launch where W4LinearProduced fuses them).
   absl::Status RunLinear(const DeviceLinear& lin, const uint16_t* x, int64_t m, int64_t ldx,
                          uint16_t* y16, float* y32, int64_t ldy, bool accumulate,
-                         kernels::cuda::W4Workspace* ws,
-                         const kernels::cuda::W4XProducer* prod = nullptr);
+                         kernels::cuda::W4Workspace* ws);
   void DropGraphs();
   void NotifyGateObservers(int64_t T);
 
@@ -187,7 +179,6 @@ class CudaModelRunner {
   // values into gate_dev_ [cap_tokens_][gate_cols] and Forward hands each
   // module its columns after the step.
   bool observe_gates_ = false;
-  bool ec_in_producer_ = true;  // CudaRunnerOptions::ec_in_producer
   float* gate_dev_ = nullptr;
   std::vector<float> gate_host_, gate_slice_;
   // (batch, context bucket) -> graph.

@@ -42,7 +42,6 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "kernels/cuda_ops.h"
 #include "kernels/w4_format.h"
 
 typedef struct CUstream_st* cudaStream_t;
@@ -185,12 +184,7 @@ struct W4CudaParams {
   // no prologue (the epilogue uses whatever v the last call left), 8 the
   // prologue without the epilogue (4 and 8 together: InvalidArgument), 64
   // the prologue's launch alone, 128 its partial sums of u without the
-  // ticket and the gate; W4LinearProduced only (v31, where it fuses;
-  // W4Linear: InvalidArgument): 256 the prologue blocks wait for x's count
-  // and return, 512 the fold kernel waits for the whole fused launch
-  // before reading x (a correct result; v24's order), 1024 a SwiGLU
-  // producer's prologue blocks compute x from gate and up themselves
-  // instead of awaiting the producer blocks' count (a correct result).
+  // ticket and the gate.
   int ec_prologue = 0;
   // testing/benchmarks: where the prefill path (m >= kPrefillM) runs the
   // EC's U = x A^T and gate: 0 automatic (a second stream, overlapped with
@@ -218,36 +212,6 @@ struct W4CudaParams {
 // parameters (nothing enqueued), Internal for CUDA errors.
 absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
                       cudaStream_t stream);
-
-// x's producer for W4LinearProduced: the RMSNorm (to fp16) or the SwiGLU
-// whose output y is the GEMM's x.
-struct W4XProducer {
-  enum class Kind { kRmsNorm, kSiluMul };
-  Kind kind = Kind::kRmsNorm;
-  RmsNormF16Params norm;  // kind kRmsNorm
-  SiluMulF16Params silu;  // kind kSiluMul
-};
-
-// v31: the producer of x, then W4Linear(w, p) on x: the same results, bit for
-// bit, as RmsNormF16 / SiluMul followed by W4Linear on `stream`. Where the
-// GEMM runs the decode EC in the fold kernel (w has an EC, p.use_ec, m <= 16
-// and the fold kernel dispatched, no act_scale, x 16-byte aligned with k and
-// ldx multiples of 8, ec_prologue 0 or its measurement flags), the producer and the EC prologue
-// (u = A x and the gate) are ONE launch, and the fold kernel reads x as soon
-// as the producer's blocks have written it (a count in the workspace) and
-// waits for the gate only in its epilogue: one kernel node fewer per EC'd
-// GEMM than the prologue's own launch (an extra node costs ~2 us on the
-// H200: docs/results/gpu.md, "v30", "v31"). Fused, the producer triggers
-// its dependents after its own dependency wait (its early_trigger is then
-// not used); the RMSNorm must be on its vector path with d <= 4096, the
-// SwiGLU's y must not overlap gate or up, and the launch's blocks must all
-// fit on the device at once; elsewhere the two run apart (same results).
-// The producer's output must be p.x: norm.y / silu.y == p.x, its row stride
-// == p.ldx and its m == p.m, else InvalidArgument (nothing enqueued).
-// *fused (nullable) tells which way it ran.
-absl::Status W4LinearProduced(const W4DeviceWeight& w, const W4XProducer& prod,
-                              const W4CudaParams& p, W4Workspace* ws, cudaStream_t stream,
-                              bool* fused = nullptr);
 
 // The pieces, exposed for the naive (unfused) baseline of the benchmark:
 // EcGate writes v = g ⊙ u as fp32 [m, r] into `v` (device); EcApply adds
