@@ -56,6 +56,14 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
   }
 }
 
+// u[t][c] = the P partial sums upart[p][t][c] (written by the prologue's
+// blocks, read through L2) added in order p = 0, 1, ...: deterministic.
+__device__ __forceinline__ float SumParts(const float* upart, int P, int m, int r, int t, int c) {
+  float v = 0.f;
+  for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + c);
+  return v;
+}
+
 // sum over i = l, l + G, ... < n of w[i] u[i] (shared memory) in four
 // partial sums (four independent multiply-add chains, not one).
 __device__ __forceinline__ float Dot4(const float* w, const float* u, int l, int n, int G) {
@@ -228,9 +236,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     float* b2s = w2s + r * h1;
     for (int i = threadIdx.x; i < m * r; i += kT) {
       const int t = i / r, c = i - t * r;
-      float v = 0.f;
-      for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + c);
-      us[i] = v;
+      us[i] = SumParts(upart, P, m, r, t, c);
     }
     if (g.gated) {
       for (int i = threadIdx.x; i < h * r; i += kT) {
@@ -287,11 +293,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     float* us = dyn + warp * r;
     float* hs = dyn + kNW * r + warp * h;
     for (int t = warp; t < m; t += kNW) {
-      for (int i = lane; i < r; i += 32) {
-        float v = 0.f;
-        for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + i);
-        us[i] = v;
-      }
+      for (int i = lane; i < r; i += 32) us[i] = SumParts(upart, P, m, r, t, i);
       __syncwarp();
       GateWarp(g, t, us, hs);
       __syncwarp();
