@@ -560,8 +560,17 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
   for (int j = 0; j < D / 2; ++j) inv[j] = std::pow(10000.f, -2.f * j / D);
   Dev<int32_t> dt(tables), dl(lens), dpos(pos), dslots(std::vector<int32_t>{0, 1, 2});
   Dev<float> dinv(inv);
+  // The RMSNorm of each step: fp32 x [m][qn] added into a residual in place,
+  // normalised into q (so the next step's RoPE and attention read it).
+  std::normal_distribution<float> nd;
+  std::vector<float> nx(m * qn), res0(m * qn), nw(qn);
+  for (float& v : nx) v = nd(rng);
+  for (float& v : res0) v = nd(rng);
+  for (float& v : nw) v = 1.f + 0.1f * nd(rng);
+  Dev<float> dnx(nx), dnw(nw);
   auto run = [&](bool pdl, bool fused, bool early) {
     Dev<uint16_t> qkv(qkv0), kc(cache0), vc(cache0), out(m * qn);
+    Dev<float> res(res0);
     out.Poison();
     cuda::PagedDecodeAttentionParams ap;
     ap.q = qkv.get();
@@ -648,6 +657,16 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
       sm.ldy = ldq;
       sm.early_trigger = early;
       EXPECT_TRUE(cuda::SiluMul(sm, st).ok());
+      cuda::RmsNormF16Params n;
+      n.x = dnx.get();
+      n.residual = res.get();
+      n.weight = dnw.get();
+      n.y = qkv.get();
+      n.m = m;
+      n.d = n.ldx = n.ldr = qn;
+      n.ldy = ldq;
+      n.early_trigger = early;
+      EXPECT_TRUE(cuda::RmsNormF16(n, st).ok());
     }
     EXPECT_EQ(cudaStreamEndCapture(st, &g), cudaSuccess);
     cuda::SetProgrammaticLaunch(true);
@@ -662,21 +681,28 @@ TEST(CudaDecodeOps, ProgrammaticLaunchChainMatchesPlainLaunches) {
     const std::vector<uint16_t> o = out.Down(m * qn), k = kc.Down(blocks * bs * row);
     all.insert(all.end(), o.begin(), o.end());
     all.insert(all.end(), k.begin(), k.end());
+    const std::vector<float> r = res.Down(m * qn);  // its bits, as fp16 pairs
+    const auto* rb = reinterpret_cast<const uint16_t*>(r.data());
+    all.insert(all.end(), rb, rb + 2 * r.size());
     return all;
   };
   // Unfused (RoPE, KV append, split + combine kernel) and fused (RopeKvAppend,
   // the combine inside the split launch): each with PDL bitwise equal to
-  // plain launches, and so with the attention and SwiGLU triggering the next
-  // launch before their own wait (v30's early_trigger).
+  // plain launches, and so with the attention, SwiGLU and RMSNorm (its
+  // residual updated in place, step after step) triggering the next launch
+  // before their own wait (v30's early_trigger).
   for (bool fused : {false, true}) {
     const std::vector<uint16_t> plain = run(false, fused, false);
     for (bool early : {false, true}) {
       const std::vector<uint16_t> pdl = run(true, fused, early);
       ASSERT_EQ(plain.size(), pdl.size());
+      // The fp16 outputs come first (qkv, attention, K cache); the residual's
+      // fp32 bits after them are compared, not checked for fp16 NaN patterns.
+      const size_t n16 = static_cast<size_t>(m * ldq + m * qn + blocks * bs * row);
       size_t nan = 0;
       for (size_t i = 0; i < plain.size(); ++i) {
         ASSERT_EQ(plain[i], pdl[i]) << "element " << i << " fused " << fused << " early " << early;
-        nan += (plain[i] & 0x7c00) == 0x7c00;
+        if (i < n16) nan += (plain[i] & 0x7c00) == 0x7c00;
       }
       EXPECT_EQ(nan, 0u) << "the chain must write every output (poisoned first), fused " << fused;
     }
