@@ -4,7 +4,9 @@
 
 #include <cmath>
 #include <limits>
+#include <ostream>
 #include <random>
+#include <string>
 
 #include "kernels/dtype.h"
 #include "tests/quantize/test_helpers.h"
@@ -40,6 +42,12 @@ struct FormatCase {
   int64_t k, group;
   bool symmetric;
 };
+
+// How gtest (and ctest's test names, gtest_discover_tests printing the
+// value) show a case: without it, the struct's bytes, padding included.
+void PrintTo(const FormatCase& c, std::ostream* os) {
+  *os << "k=" << c.k << " group=" << c.group << (c.symmetric ? " symmetric" : " asymmetric");
+}
 
 class RtnBound : public ::testing::TestWithParam<FormatCase> {};
 
@@ -79,7 +87,12 @@ INSTANTIATE_TEST_SUITE_P(
                       FormatCase{96, 96, true}, FormatCase{2, 1, false},
                       // ragged last group: 576 = 4 x 128 + 64; 100 = 3 x 32 + 4; 77 = 3 x 20 + 17
                       FormatCase{576, 128, false}, FormatCase{576, 128, true},
-                      FormatCase{100, 32, false}, FormatCase{77, 20, true}));
+                      FormatCase{100, 32, false}, FormatCase{77, 20, true}),
+    // Named by the case's fields (gtest's default is the case's index).
+    [](const ::testing::TestParamInfo<FormatCase>& info) {
+      return "k" + std::to_string(info.param.k) + "_g" + std::to_string(info.param.group) +
+             (info.param.symmetric ? "_sym" : "_asym");
+    });
 
 TEST(Rtn, ClipRatioShrinksRangeAndClamps) {
   const W4Format fmt{1, 16, 16, false};
