@@ -196,6 +196,9 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("prefill_kernel ", p.prefill_kernel,
                             ": 0..3, or 2 / 3 + flag 32 or 64"));
   }
+  if (p.prefill_splits < 0 || p.prefill_splits > 4) {
+    return Bad(absl::StrCat("prefill_splits ", p.prefill_splits, ": 0 (automatic) .. 4"));
+  }
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }

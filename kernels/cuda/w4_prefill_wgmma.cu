@@ -81,6 +81,14 @@ struct Args {
   // loaded but not dequantized (A = the raw words), 2 no A loads either
   // (constant A): timing splits of the per-stage work.
   int split;
+  // v33, split-K: the grid's z index takes k stages [z per, (z + 1) per)
+  // (per even); with ksplits > 1 every split writes its fp32 tile to
+  // part[z][m][n], and the last split of a tile to arrive (a ticket in
+  // tickets[], zero between calls) adds the ksplits tiles in order z = 0,
+  // 1, ... (deterministic) and runs the epilogue.
+  int ksplits, per;
+  float* part;
+  int* tickets;
 };
 
 __device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
@@ -189,6 +197,10 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
   const int m0 = blockIdx.x * NT;
   const int tile0 = blockIdx.y * C::kTiles;
   const int nst = a.ksteps / 4;  // even: ksteps is a multiple of 8 (kp = roundup(k, 128))
+  // This split's stages [kbeg, kbeg + cnt): cnt even and > 0 (the host
+  // picks per even with (ksplits - 1) per < nst).
+  const int kbeg = static_cast<int>(blockIdx.z) * a.per;
+  const int cnt = min(nst, kbeg + a.per) - kbeg;
 
   auto stage_addr = [&](int slot) { return base + slot * C::kStageBytes; };
   auto bar_addr = [&](int slot) {
@@ -245,17 +257,20 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
   // Stages 0 .. kStages - 3 in flight before the loop.
 #pragma unroll 1
   for (int s = 0; s < C::kStages - 2; ++s) {
-    if (s < nst) issue(s, s);
+    if (s < cnt) issue(kbeg + s, s);
     asm volatile("cp.async.commit_group;\n" ::);
   }
-  auto stage = [&](int ks, uint32_t (&cur)[4][TPW][4], uint32_t (&prev)[4][TPW][4]) {
-    const int slot = ks % C::kStages;
+  // j: the stage's index within this split (slot and barrier parity);
+  // ks = kbeg + j: its k stage.
+  auto stage = [&](int j, uint32_t (&cur)[4][TPW][4], uint32_t (&prev)[4][TPW][4]) {
+    const int ks = kbeg + j;
+    const int slot = j % C::kStages;
     // Committed so far: stages 0 .. ks + kStages - 3; stage ks must be in.
     asm volatile("cp.async.wait_group %0;\n" ::"n"(C::kStages - 3));
     {
       // The x tile (written by the async proxy, read by wgmma through it):
       // the slot's barrier completes once per use, parity = use % 2.
-      const unsigned parity = static_cast<unsigned>((ks / C::kStages) & 1);
+      const unsigned parity = static_cast<unsigned>((j / C::kStages) & 1);
       unsigned done = 0;
       while (!done) {
         asm volatile(
@@ -272,8 +287,8 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
     // retired stage ks - 2's group: slot (ks - 2) is free, and so are the
     // A registers `cur` (last read by that group).
     {
-      const int nx = ks + C::kStages - 2;
-      if (nx < nst) issue(nx, nx % C::kStages);
+      const int nx = j + C::kStages - 2;
+      if (nx < cnt) issue(kbeg + nx, nx % C::kStages);
       asm volatile("cp.async.commit_group;\n" ::);
     }
     const unsigned xs = stage_addr(slot);
@@ -333,9 +348,9 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
   // (one that could would rewrite af0 under a wgmma reading it, and ptxas
   // would serialize every wgmma of the loop).
 #pragma unroll 1
-  for (int ks = 0; ks < nst; ks += 2) {
-    stage(ks, af0, af1);
-    stage(ks + 1, af1, af0);
+  for (int j = 0; j < cnt; j += 2) {
+    stage(j, af0, af1);
+    stage(j + 1, af1, af0);
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #pragma unroll
@@ -349,6 +364,50 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
 
+  // v33: a split's tile to part[z]; the last split to arrive sums them.
+  if (a.ksplits > 1) {
+    const size_t plane = static_cast<size_t>(a.m) * a.n;
+    float* pz = a.part + blockIdx.z * plane;
+#pragma unroll
+    for (int i = 0; i < TPW; ++i) {
+      const int colb = (tile0 + wg * TPW + i) * 64 + 16 * wl + gid;
+#pragma unroll
+      for (int jn = 0; jn < NT / 8; ++jn) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = colb + 8 * (e >> 1), tok = m0 + 8 * jn + 2 * tig + (e & 1);
+          if (col < a.n && tok < a.m) __stcg(pz + static_cast<size_t>(tok) * a.n + col, acc[i][4 * jn + e]);
+        }
+      }
+    }
+    // Every thread's stores, then one ticket per tile (threadFenceReduction's
+    // pattern): the block whose add returns ksplits - 1 sees all the tiles.
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    int* ticket = a.tickets + (blockIdx.y * gridDim.x + blockIdx.x);
+    if (tid == 0) is_last = atomicAdd(ticket, 1) == a.ksplits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    if (tid == 0) *ticket = 0;  // zero again for the next call
+#pragma unroll
+    for (int i = 0; i < TPW; ++i) {
+      const int colb = (tile0 + wg * TPW + i) * 64 + 16 * wl + gid;
+#pragma unroll
+      for (int jn = 0; jn < NT / 8; ++jn) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = colb + 8 * (e >> 1), tok = m0 + 8 * jn + 2 * tig + (e & 1);
+          if (col >= a.n || tok >= a.m) continue;
+          const size_t off = static_cast<size_t>(tok) * a.n + col;
+          float v = __ldcg(a.part + off);
+          for (int z = 1; z < a.ksplits; ++z) v += __ldcg(a.part + z * plane + off);
+          acc[i][4 * jn + e] = v;
+        }
+      }
+    }
+  }
   // Epilogue: acc[i][4 jn + e] is row 16 wl + gid + 8 (e >> 1) of tile
   // tile0 + wg TPW + i, token 8 jn + 2 tig + (e & 1).
 #pragma unroll
@@ -407,10 +466,36 @@ bool PrefillWgmmaAvailable() {
   return ok;
 }
 
+int PrefillWgmmaSplits(int64_t m, int64_t n, int64_t kp, int tokens, int num_sms,
+                       size_t part_floats, int forced) {
+  const int64_t gx = (m + tokens - 1) / tokens, gy = (n + 127) / 128, nst = kp / 64;
+  const int64_t slots = int64_t{num_sms} * (tokens == 128 ? 2 : 1);
+  auto fits = [&](int sp) {
+    if (sp == 1) return true;
+    const int64_t per = ((nst + sp - 1) / sp + 1) / 2 * 2;
+    return (sp - 1) * per < nst && static_cast<size_t>(sp) * m * n <= part_floats &&
+           gx * gy <= (int64_t{1} << 18);
+  };
+  if (forced > 0) return fits(forced) ? forced : 0;
+  // The fewest waves per unit of work: ceil(blocks S / slots) / S, ties to
+  // the smaller S (each split adds a write and a read of an fp32 tile).
+  int best = 1;
+  double best_cost = static_cast<double>((gx * gy + slots - 1) / slots);
+  for (int sp = 2; sp <= 4; ++sp) {
+    if (!fits(sp)) continue;
+    const double cost = static_cast<double>((gx * gy * sp + slots - 1) / slots) / sp;
+    if (cost < best_cost * 0.97) {
+      best = sp;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
 absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                                 int64_t ldx, const float* bias, float* y32, uint16_t* y16,
                                 int64_t ldy, bool accumulate, int tokens, cudaStream_t stream,
-                                int flags) {
+                                int flags, W4Workspace::Impl* ws, int ksplits) {
   if (!PrefillWgmmaAvailable()) {
     return absl::FailedPreconditionError(
         "W4 prefill: the wgmma kernel needs an sm_90 device and a build with sm_90a");
@@ -446,6 +531,32 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   a.ldy = ldy;
   a.accumulate = accumulate ? 1 : 0;
   a.split = (flags & 64) != 0 ? 2 : (flags & 32) != 0 ? 1 : 0;
+  // v33: split-K over the grid's z (automatic: PrefillWgmmaSplits), the
+  // tiles' partials in the workspace's fp16 weight scratch (unused on this
+  // path), the tickets in its counters.
+  if (ksplits < 0 || ksplits > 4) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("W4 prefill: the wgmma kernel's k splits are 0 (automatic) .. 4, not ", ksplits));
+  }
+  a.ksplits = 1;
+  const int nst = static_cast<int>(w.ksteps / 4);
+  a.per = nst;
+  if (ws != nullptr) {
+    const int sp = PrefillWgmmaSplits(m, w.n, w.kp, tokens, ws->num_sms, ws->wh_elems / 2, ksplits);
+    if (sp == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "W4 prefill: ", ksplits, " k splits do not fit this shape or the workspace (m=", m,
+          " n=", w.n, " k=", w.k, ")"));
+    }
+    if (sp > 1) {
+      a.ksplits = sp;
+      a.per = ((nst + sp - 1) / sp + 1) / 2 * 2;
+      a.part = reinterpret_cast<float*>(ws->wh);
+      a.tickets = ws->counters;
+    }
+  } else if (ksplits > 1) {
+    return absl::InvalidArgumentError("W4 prefill: k splits need a workspace");
+  }
   // The x tensor map: dims {k, m} (innermost first), row stride ldx * 2
   // bytes, box {64, tokens}, 128-byte swizzle (the wgmma B layout).
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
@@ -478,11 +589,11 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   const unsigned gy = static_cast<unsigned>((w.ntiles + 1) / 2);
   if (tokens == 128) {
     SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<128>());
-    const dim3 grid(static_cast<unsigned>((m + 127) / 128), gy);
+    const dim3 grid(static_cast<unsigned>((m + 127) / 128), gy, static_cast<unsigned>(a.ksplits));
     wgk::W4WgmmaKernel<128><<<grid, 256, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
   } else {
     SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<256>());
-    const dim3 grid(static_cast<unsigned>((m + 255) / 256), gy);
+    const dim3 grid(static_cast<unsigned>((m + 255) / 256), gy, static_cast<unsigned>(a.ksplits));
     wgk::W4WgmmaKernel<256><<<grid, 256, wgk::Cfg<256>::kSmem, stream>>>(a, xmap);
   }
   SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());

@@ -204,6 +204,13 @@ struct W4CudaParams {
   // code: FailedPrecondition; with k or ldx not a multiple of 8 or x not
   // 16-byte aligned: InvalidArgument.
   int prefill_kernel = 0;
+  // testing/benchmarks, the wgmma prefill kernel (prefill_kernel 2 / 3):
+  // its k splits (v33: the grid's z splits k, the last split of a tile adds
+  // the fp32 partials in order and runs the epilogue; deterministic). 0
+  // automatic (the fewest waves per unit of work, PrefillWgmmaSplits), 1..4
+  // forced (InvalidArgument where the partials do not fit the workspace's
+  // scratch or a split would be empty).
+  int prefill_splits = 0;
 };
 
 // y = Q(W) (x / act_scale) + bias [+ B (g ⊙ u), u = A x]  (see w4_ops.h).

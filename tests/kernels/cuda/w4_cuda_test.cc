@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -141,6 +142,7 @@ struct Case {
   int ec_prologue = 0;  // W4CudaParams::ec_prologue
   int64_t gate_pad = 0;  // gate_out row stride = rank + gate_pad (W4CudaParams::gate_ld)
   int prefill_kernel = 0;  // W4CudaParams::prefill_kernel
+  int prefill_splits = 0;  // W4CudaParams::prefill_splits (wgmma kernel; 0 automatic)
   cuda::W4DeviceWeight::DecodeTuning tuning;  // set on the device weight for every m <= 8
   std::string Name() const {
     return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
@@ -149,7 +151,7 @@ struct Case {
                         " decode=", force_decode, " dk=", decode_kernel, " splits=", decode_splits,
                         " depth=", decode_depth, " ldxpad=", ldx_pad, " r=", ec_rank,
                         " h=", ec_hidden, " prologue=", ec_prologue, " gpad=", gate_pad,
-                        " pk=", prefill_kernel, " tuned=", tuning.warps, "/", tuning.splits,
+                        " pk=", prefill_kernel, " psplits=", prefill_splits, " tuned=", tuning.warps, "/", tuning.splits,
                         "/", tuning.depth);
   }
 };
@@ -238,6 +240,7 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   p.decode_depth = c.decode_depth;
   p.ec_prologue = c.ec_prologue;
   p.prefill_kernel = c.prefill_kernel;
+  p.prefill_splits = c.prefill_splits;
   {
     const absl::Status st = cuda::W4Linear(**dw, p, ws, nullptr);
     ASSERT_TRUE(st.ok()) << st;
@@ -567,10 +570,82 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
       c.accumulate = v % 3 == 2;
       c.f16_out = v % 4 == 3;
       c.symmetric = v % 5 == 4;
+      // v33: the wgmma kernel's k split automatic (these small grids split
+      // where k allows) or forced off.
+      c.prefill_splits = kernel > 1 && v % 3 == 0 ? 1 : 0;
       ++v;
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;
     }
+  }
+  if (major == 9) {
+    // Forced k splits: 4 over k = 14336 (56 stages each), 3 over k = 1024.
+    for (const auto& [sh, kernel, splits] :
+         {std::tuple<S, int, int>{{72, 14336, 128, 136}, 3, 4},
+          std::tuple<S, int, int>{{1100, 1024, 128, 130}, 2, 3},
+          std::tuple<S, int, int>{{330, 2048, 128, 257}, 3, 2}}) {
+      Case c{sh.n, sh.k, sh.g, sh.m};
+      c.force_prefill = true;
+      c.prefill_kernel = kernel;
+      c.prefill_splits = splits;
+      c.bias = true;
+      c.accumulate = splits == 2;
+      c.f16_out = splits == 3;
+      c.ec = 2;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+    // Split or not, deterministic: bitwise the same output on every run, the
+    // tickets left zero for the next call (a wrong count would skip the
+    // epilogue or run it twice).
+    const W4Weight w = RandomW4(1100, 4096, 128, false, false, rng);
+    auto dw = cuda::W4DeviceWeight::Create(w, nullptr);
+    ASSERT_TRUE(dw.ok()) << dw.status();
+    std::vector<uint16_t> xh(static_cast<size_t>(300 * 4096));
+    std::normal_distribution<float> nd;
+    for (auto& v : xh) v = FloatToHalf(nd(rng));
+    DevBuf<uint16_t> dx(xh.size());
+    dx.Up(xh);
+    DevBuf<float> dy(static_cast<size_t>(300 * 1100));
+    cuda::W4CudaParams p;
+    p.x = dx.get();
+    p.m = 300;
+    p.ldx = 4096;
+    p.y_f32 = dy.get();
+    p.ldy = 1100;
+    p.force_prefill = true;
+    p.prefill_kernel = 3;
+    std::vector<float> one_split, four;
+    for (const int splits : {1, 4, 4, 2, 4}) {
+      p.prefill_splits = splits;
+      dy.Poison();
+      ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), nullptr).ok()) << splits;
+      CUDA_OK(cudaDeviceSynchronize());
+      const std::vector<float> out = dy.Down();
+      if (splits == 1) {
+        one_split = out;
+        continue;
+      }
+      if (splits == 4 && four.empty()) {
+        four = out;
+      } else if (splits == 4) {
+        ASSERT_EQ(std::memcmp(four.data(), out.data(), out.size() * 4), 0) << "split 4 twice";
+      }
+      for (size_t i = 0; i < out.size(); ++i) {
+        ASSERT_NEAR(out[i], one_split[i], 1e-4 * (1 + std::fabs(one_split[i]))) << splits << " " << i;
+      }
+    }
+    // Splits that leave a split empty, or out of range: InvalidArgument.
+    p.prefill_splits = 5;
+    EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
+    const W4Weight ws_short = RandomW4(200, 256, 64, false, false, rng);
+    auto dshort = cuda::W4DeviceWeight::Create(ws_short, nullptr);
+    ASSERT_TRUE(dshort.ok());
+    p.prefill_splits = 4;  // k = 256: 4 stages, two per split at most -> 2 splits
+    p.ldx = 256;
+    p.ldy = 200;
+    EXPECT_EQ(cuda::W4Linear(**dshort, p, ws->get(), nullptr).code(),
+              absl::StatusCode::kInvalidArgument);
   }
   // k = 1001 (x rows not 16-byte aligned): automatic = the dequantizing path.
   Case c{96, 1001, 1001, 140};
