@@ -305,6 +305,12 @@ int g_prefill_ec = 0;
 // --prefill-split: also time it without the dequantization (A = the raw code
 // words) and without the code-word loads (constant A): timing splits.
 bool g_prefill_split = false;
+// --only=MODEL/LAYER (e.g. 8B/o): the prefill table's rows of that shape
+// only (no layer rows); --prefill-splits=N: W4CudaParams::prefill_splits of
+// the wgmma columns that are automatic by default (for ncu: the first
+// launch of W4WgmmaKernel<256> is then that column's eager call).
+std::string g_prefill_only;
+int g_prefill_splits = 0;
 
 // --prefill: the prefill path's main GEMMs side by side at M in `ms` (default
 // 128, 512, 2048) on the eight shapes: cuBLAS FP16 (the peer), the W4
@@ -328,6 +334,7 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
     std::vector<Mod> mods;
     for (const Shape& sh : kShapes) {
       if (std::string(sh.model) != model) continue;
+      if (!g_prefill_only.empty() && g_prefill_only != std::string(sh.model) + "/" + sh.layer) continue;
       const W4Weight w = bench::RandomW4(sh.n, sh.k, kGroup, rng);
       const EcWeights ec = bench::RandomEc(sh.n, sh.k, rng);
       auto first = cuda::W4DeviceWeight::Create(w, &ec);
@@ -376,7 +383,8 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
                            sh.k, x, CUDA_R_16F, sh.k, &zero, y16, CUDA_R_16F, sh.n,
                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         });
-        const double t_deq = w4(1, false), t_g1 = w4(2, false), t_g2 = w4(3, false);
+        const double t_deq = w4(1, false), t_g1 = w4(2, false, g_prefill_splits),
+                     t_g2 = w4(3, false, g_prefill_splits);
         const double t_g1s1 = w4(2, false, 1), t_g2s1 = w4(3, false, 1);
         const double t_auto = w4(0, false), t_ec = w4(0, true);
         const double t_best = std::min({t_deq, t_g1, t_g2, t_g1s1, t_g2s1});
@@ -396,6 +404,7 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
                     flops / t_auto * 1e-6, t_auto / t_cub, t_ec, t_ec / t_auto);
         std::fflush(stdout);
       }
+      if (mods.size() != 4) continue;  // --only: no layer rows
       // The four GEMMs back to back, one graph.
       const double l_cub = TimeGraph(4, [&](int) {
         for (Mod& md : mods) {
@@ -469,6 +478,8 @@ int Main(int argc, char** argv) {
     if (a == "--profile") profile = true;
     if (a == "--prefill") prefill = true;
     if (a == "--prefill-split") g_prefill_split = true;
+    if (a.rfind("--prefill-splits=", 0) == 0) g_prefill_splits = std::atoi(a.c_str() + 17);
+    if (a.rfind("--only=", 0) == 0) g_prefill_only = a.substr(7);
     try {
       if (a.rfind("--ec-latency=", 0) == 0) ec_latency = a.substr(13);
       if (a.rfind("--ec-ranks=", 0) == 0) ec_ranks = ints(a.substr(11));
