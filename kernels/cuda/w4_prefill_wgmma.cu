@@ -391,29 +391,54 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
     if (!is_last) return;
     __threadfence();
     if (tid == 0) *ticket = 0;  // zero again for the next call
-    // acc = part[0], then acc += part[z] for z = 1, 2, ...: one pass per
-    // split with every element's load independent of the others (a loop
-    // over z inside each element made the loads one L2 round trip after
-    // another: ~90 us per block at 128 elements x 2 splits, call 1).
+    // acc = part[0], then acc += part[z] for z = 1, 2, ... (the fixed order:
+    // deterministic), each split's tile brought into the (now idle)
+    // pipeline shared memory by 16-byte cp.async (no registers held, all in
+    // flight at once), then read from there. Loads straight from global
+    // memory into registers ran one L2 round trip after another (calls 1-2:
+    // ~60 us per block). Rows of kLd = 132 floats: a warp's reads (8
+    // columns x 4 tokens two apart) fall in 32 different banks.
+    constexpr int kLd = 132;
+    static_assert(NT * kLd * 4 <= C::kStages * C::kStageBytes, "the fix-up tile must fit");
+    const int c0 = tile0 * 64;  // the block's first output column
+    const bool vec4 = a.n % 4 == 0;
     for (int z = 0; z < a.ksplits; ++z) {
       const float* pl = a.part + z * plane;
+      if (vec4) {
+        for (int c = tid; c < NT * 32; c += 256) {
+          const int r = c >> 5, q = c & 31, col = c0 + 4 * q;
+          const bool ok = m0 + r < a.m && col < a.n;
+          CpAsync16(base + static_cast<unsigned>((r * kLd + 4 * q) * 4),
+                    ok ? pl + static_cast<size_t>(m0 + r) * a.n + col : a.part, ok);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+      } else {
+        float* t = reinterpret_cast<float*>(sbase);
+        for (int c = tid; c < NT * 128; c += 256) {
+          const int r = c >> 7, q = c & 127;
+          if (m0 + r < a.m && c0 + q < a.n) t[r * kLd + q] = __ldcg(pl + static_cast<size_t>(m0 + r) * a.n + c0 + q);
+        }
+      }
+      __syncthreads();
+      const float* t = reinterpret_cast<const float*>(sbase);
 #pragma unroll
       for (int i = 0; i < TPW; ++i) {
-        const int colb = (tile0 + wg * TPW + i) * 64 + 16 * wl + gid;
+        const int cb = (wg * TPW + i) * 64 + 16 * wl + gid;
 #pragma unroll
         for (int jn = 0; jn < NT / 8; ++jn) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int col = colb + 8 * (e >> 1), tok = m0 + 8 * jn + 2 * tig + (e & 1);
-            if (col >= a.n || tok >= a.m) continue;
-            const float v = __ldcg(pl + static_cast<size_t>(tok) * a.n + col);
-            acc[i][4 * jn + e] = z == 0 ? v : acc[i][4 * jn + e] + v;
+            const float v = t[(8 * jn + 2 * tig + (e & 1)) * kLd + cb + 8 * (e >> 1)];
+            if (z == 0) {
+              acc[i][4 * jn + e] = v;
+            } else {
+              acc[i][4 * jn + e] += v;
+            }
           }
-          // At most 8 x 4 loads in flight: a compiler barrier every 8 jn
-          // (hoisting all 128 spilled the 128-token kernel).
-          if ((jn & 7) == 7) asm volatile("" ::: "memory");
         }
       }
+      __syncthreads();  // the next split's tile overwrites it
     }
   }
   // Epilogue: acc[i][4 jn + e] is row 16 wl + gid + 8 (e >> 1) of tile
