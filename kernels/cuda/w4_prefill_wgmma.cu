@@ -364,24 +364,46 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
 
-  // v33: a split's tile to part[z]; the last split to arrive sums them.
-  if (a.ksplits > 1) {
-    const size_t plane = static_cast<size_t>(a.m) * a.n;
-    float* pz = a.part + blockIdx.z * plane;
+  // Epilogue (v33), staged through the idle pipeline shared memory: the
+  // block's tile, [NT tokens][128 columns] in rows of kLd = 132 floats,
+  // written from acc (acc[i][4 jn + e] is column 64 (wg TPW + i) + 16 wl +
+  // gid + 8 (e >> 1), token 8 jn + 2 tig + (e & 1); with kLd = 132 a warp's
+  // 32 stores fall in 32 banks), then read back four columns per thread by
+  // a rolled loop whose stores are coalesced. The fully unrolled per-element
+  // epilogue before (bias, accumulate, fp32 / fp16 branches for each of 128
+  // elements: ~10 K instructions, each fetched once) stalled on instruction
+  // fetch for about as long as the main loop ran (ncu, call 5).
+  constexpr int kLd = 132;
+  static_assert(NT * kLd * 4 <= C::kStages * C::kStageBytes, "the epilogue tile must fit");
+  __syncthreads();  // every warp is past its last wgmma: the stages are free
+  float* tile = reinterpret_cast<float*>(sbase);
 #pragma unroll
-    for (int i = 0; i < TPW; ++i) {
-      const int colb = (tile0 + wg * TPW + i) * 64 + 16 * wl + gid;
+  for (int i = 0; i < TPW; ++i) {
+    const int cb = (wg * TPW + i) * 64 + 16 * wl + gid;
 #pragma unroll
-      for (int jn = 0; jn < NT / 8; ++jn) {
+    for (int jn = 0; jn < NT / 8; ++jn) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = colb + 8 * (e >> 1), tok = m0 + 8 * jn + 2 * tig + (e & 1);
-          if (col < a.n && tok < a.m) __stcg(pz + static_cast<size_t>(tok) * a.n + col, acc[i][4 * jn + e]);
-        }
+      for (int e = 0; e < 4; ++e) {
+        tile[(8 * jn + 2 * tig + (e & 1)) * kLd + cb + 8 * (e >> 1)] = acc[i][4 * jn + e];
       }
     }
-    // Every thread's stores, then one ticket per tile (threadFenceReduction's
-    // pattern): the block whose add returns ksplits - 1 sees all the tiles.
+  }
+  __syncthreads();
+  const int c0 = tile0 * 64;  // the block's first output column
+  const size_t plane = static_cast<size_t>(a.m) * a.n;
+  // Split-K: every split's tile to part[z] ([m][n] per split), then a ticket
+  // per tile (threadFenceReduction's pattern); the last split to arrive adds
+  // the splits' tiles in the order z = 0, 1, ... (deterministic) below.
+  if (a.ksplits > 1) {
+    float* pz = a.part + blockIdx.z * plane;
+    for (int q = tid; q < NT * 32; q += 256) {
+      const int r = q >> 5, c = (q & 31) * 4;
+      if (m0 + r >= a.m) continue;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (c0 + c + u < a.n) __stcg(pz + static_cast<size_t>(m0 + r) * a.n + c0 + c + u, tile[r * kLd + c + u]);
+      }
+    }
     __threadfence();
     __syncthreads();
     __shared__ int is_last;
@@ -391,75 +413,50 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
     if (!is_last) return;
     __threadfence();
     if (tid == 0) *ticket = 0;  // zero again for the next call
-    // acc = part[0], then acc += part[z] for z = 1, 2, ... (the fixed order:
-    // deterministic), each split's tile brought into the (now idle)
-    // pipeline shared memory by 16-byte cp.async (no registers held, all in
-    // flight at once), then read from there. Loads straight from global
-    // memory into registers ran one L2 round trip after another (calls 1-2:
-    // ~60 us per block). Rows of kLd = 132 floats: a warp's reads (8
-    // columns x 4 tokens two apart) fall in 32 different banks.
-    constexpr int kLd = 132;
-    static_assert(NT * kLd * 4 <= C::kStages * C::kStageBytes, "the fix-up tile must fit");
-    const int c0 = tile0 * 64;  // the block's first output column
-    const bool vec4 = a.n % 4 == 0;
-    for (int z = 0; z < a.ksplits; ++z) {
-      const float* pl = a.part + z * plane;
-      if (vec4) {
-        for (int c = tid; c < NT * 32; c += 256) {
-          const int r = c >> 5, q = c & 31, col = c0 + 4 * q;
-          const bool ok = m0 + r < a.m && col < a.n;
-          CpAsync16(base + static_cast<unsigned>((r * kLd + 4 * q) * 4),
-                    ok ? pl + static_cast<size_t>(m0 + r) * a.n + col : a.part, ok);
-        }
-        asm volatile("cp.async.commit_group;\n" ::);
-        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-      } else {
-        float* t = reinterpret_cast<float*>(sbase);
-        for (int c = tid; c < NT * 128; c += 256) {
-          const int r = c >> 7, q = c & 127;
-          if (m0 + r < a.m && c0 + q < a.n) t[r * kLd + q] = __ldcg(pl + static_cast<size_t>(m0 + r) * a.n + c0 + q);
-        }
-      }
-      __syncthreads();
-      const float* t = reinterpret_cast<const float*>(sbase);
-#pragma unroll
-      for (int i = 0; i < TPW; ++i) {
-        const int cb = (wg * TPW + i) * 64 + 16 * wl + gid;
-#pragma unroll
-        for (int jn = 0; jn < NT / 8; ++jn) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float v = t[(8 * jn + 2 * tig + (e & 1)) * kLd + cb + 8 * (e >> 1)];
-            if (z == 0) {
-              acc[i][4 * jn + e] = v;
-            } else {
-              acc[i][4 * jn + e] += v;
-            }
-          }
-        }
-      }
-      __syncthreads();  // the next split's tile overwrites it
-    }
   }
-  // Epilogue: acc[i][4 jn + e] is row 16 wl + gid + 8 (e >> 1) of tile
-  // tile0 + wg TPW + i, token 8 jn + 2 tig + (e & 1).
+  const int own = static_cast<int>(blockIdx.z);
+#pragma unroll 2
+  for (int q = tid; q < NT * 32; q += 256) {
+    const int r = q >> 5, c = (q & 31) * 4, tok = m0 + r;
+    if (tok >= a.m) continue;
+    float v[4];
 #pragma unroll
-  for (int i = 0; i < TPW; ++i) {
-    const int colb = (tile0 + wg * TPW + i) * 64 + 16 * wl + gid;
+    for (int u = 0; u < 4; ++u) v[u] = tile[r * kLd + c + u];
+    if (a.ksplits > 1) {
+      // sum over z in order; this block's own split from shared memory
+      // (the same bits it stored)
+      float w[4][4];
 #pragma unroll
-    for (int jn = 0; jn < NT / 8; ++jn) {
+      for (int z = 0; z < 4; ++z) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = colb + 8 * (e >> 1), tok = m0 + 8 * jn + 2 * tig + (e & 1);
-        if (col >= a.n || tok >= a.m) continue;
-        float v = acc[i][4 * jn + e];
-        if (a.bias != nullptr) v += a.bias[col];
-        const long long idx = tok * a.ldy + col;
-        if (a.y32 != nullptr) {
-          a.y32[idx] = a.accumulate ? a.y32[idx] + v : v;
-        } else {
-          a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + v : v);
+        for (int u = 0; u < 4; ++u) {
+          const int col = c0 + c + u;
+          w[z][u] = z < a.ksplits && z != own && col < a.n
+                        ? __ldcg(a.part + z * plane + static_cast<size_t>(tok) * a.n + col)
+                        : v[u];
         }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        float t = w[0][u];
+#pragma unroll
+        for (int z = 1; z < 4; ++z) {
+          if (z < a.ksplits) t += w[z][u];
+        }
+        v[u] = t;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int col = c0 + c + u;
+      if (col >= a.n) continue;
+      float x = v[u];
+      if (a.bias != nullptr) x += a.bias[col];
+      const long long idx = tok * a.ldy + col;
+      if (a.y32 != nullptr) {
+        a.y32[idx] = a.accumulate ? a.y32[idx] + x : x;
+      } else {
+        a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + x : x);
       }
     }
   }
