@@ -156,17 +156,18 @@ absl::Status LaunchDequantW(const W4DeviceWeight::Impl& w, uint16_t* wh, cudaStr
 bool PrefillWgmmaAvailable();
 // ws (nullable: no split-K) lends the split-K partials (its fp16 weight
 // scratch, unused on this path) and tickets (its counters); ksplits 0 picks
-// by PrefillWgmmaSplits, 1..4 forces (InvalidArgument where it does not fit).
+// by PrefillWgmmaSplits (no split), 1..4 forces (InvalidArgument where it
+// does not fit).
 absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                                 int64_t ldx, const float* bias, float* y32, uint16_t* y16,
                                 int64_t ldy, bool accumulate, int tokens, cudaStream_t stream,
                                 int flags = 0, W4Workspace::Impl* ws = nullptr, int ksplits = 1);
 // v33: the wgmma kernel's k splits for an m x n x kp GEMM with `tokens`-token
-// tiles on num_sms SMs and part_floats floats of partials: `forced` (1..4)
-// if it fits, else 0; forced 0: the split with the fewest waves per unit of
-// work (ceil(blocks S / slots) / S), 1 where none is 3 % better.
-int PrefillWgmmaSplits(int64_t m, int64_t n, int64_t kp, int tokens, int num_sms,
-                       size_t part_floats, int forced);
+// tiles and part_floats floats of partials: `forced` (1..4) if it fits (no
+// split empty, the partials within part_floats), else 0; forced 0: 1 (no
+// split: splitting measured slower on most shapes, docs/results/gpu.md v33).
+int PrefillWgmmaSplits(int64_t m, int64_t n, int64_t kp, int tokens, size_t part_floats,
+                       int forced);
 absl::Status LaunchAddBias(const float* bias, int64_t m, int64_t n, float* y32, uint16_t* y16,
                            int64_t ldy, cudaStream_t stream);
 

@@ -496,10 +496,9 @@ bool PrefillWgmmaAvailable() {
   return ok;
 }
 
-int PrefillWgmmaSplits(int64_t m, int64_t n, int64_t kp, int tokens, int num_sms,
-                       size_t part_floats, int forced) {
+int PrefillWgmmaSplits(int64_t m, int64_t n, int64_t kp, int tokens, size_t part_floats,
+                       int forced) {
   const int64_t gx = (m + tokens - 1) / tokens, gy = (n + 127) / 128, nst = kp / 64;
-  const int64_t slots = int64_t{num_sms} * (tokens == 128 ? 2 : 1);
   auto fits = [&](int sp) {
     if (sp == 1) return true;
     const int64_t per = ((nst + sp - 1) / sp + 1) / 2 * 2;
@@ -507,19 +506,12 @@ int PrefillWgmmaSplits(int64_t m, int64_t n, int64_t kp, int tokens, int num_sms
            gx * gy <= (int64_t{1} << 18);
   };
   if (forced > 0) return fits(forced) ? forced : 0;
-  // The fewest waves per unit of work: ceil(blocks S / slots) / S, ties to
-  // the smaller S (each split adds a write and a read of an fp32 tile).
-  int best = 1;
-  double best_cost = static_cast<double>((gx * gy + slots - 1) / slots);
-  for (int sp = 2; sp <= 4; ++sp) {
-    if (!fits(sp)) continue;
-    const double cost = static_cast<double>((gx * gy * sp + slots - 1) / slots) / sp;
-    if (cost < best_cost * 0.97) {
-      best = sp;
-      best_cost = cost;
-    }
-  }
-  return best;
+  // Automatic: no split. Measured on the H200 (docs/results/gpu.md, v33),
+  // a split block costs ~25 us more than its share of the main loop, cause
+  // not found, so splitting paid only where the grid fills a third of the
+  // SMs or less over a long k (8B down at M = 512: 132 against 194 us) and
+  // lost elsewhere (8B gate_up at M = 512: 373 against 237 us).
+  return 1;
 }
 
 absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
@@ -572,7 +564,7 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   const int nst = static_cast<int>(w.ksteps / 4);
   a.per = nst;
   if (ws != nullptr) {
-    const int sp = PrefillWgmmaSplits(m, w.n, w.kp, tokens, ws->num_sms, ws->wh_elems / 2, ksplits);
+    const int sp = PrefillWgmmaSplits(m, w.n, w.kp, tokens, ws->wh_elems / 2, ksplits);
     if (sp == 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "W4 prefill: ", ksplits, " k splits do not fit this shape or the workspace (m=", m,

@@ -207,9 +207,9 @@ struct W4CudaParams {
   // testing/benchmarks, the wgmma prefill kernel (prefill_kernel 2 / 3):
   // its k splits (v33: the grid's z splits k, the last split of a tile adds
   // the fp32 partials in order and runs the epilogue; deterministic). 0
-  // automatic (the fewest waves per unit of work, PrefillWgmmaSplits), 1..4
-  // forced (InvalidArgument where the partials do not fit the workspace's
-  // scratch or a split would be empty).
+  // automatic = 1 (no split: splitting measured slower on most shapes,
+  // docs/results/gpu.md v33), 1..4 forced (InvalidArgument where the
+  // partials do not fit the workspace's scratch or a split would be empty).
   int prefill_splits = 0;
 };
 

@@ -570,8 +570,8 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
       c.accumulate = v % 3 == 2;
       c.f16_out = v % 4 == 3;
       c.symmetric = v % 5 == 4;
-      // v33: the wgmma kernel's k split automatic (these small grids split
-      // where k allows) or forced off.
+      // v33: the wgmma kernel's k split automatic (no split) or forced to
+      // one; forced splits of 2..4 follow.
       c.prefill_splits = kernel > 1 && v % 3 == 0 ? 1 : 0;
       ++v;
       RunCase(c, rng, ws->get());
