@@ -115,7 +115,7 @@ absl::Status LaunchAddBias(const float* bias, int64_t m, int64_t n, float* y32, 
 // dequantizing path: the wgmma kernel measured slower on every prefill
 // shape so far (docs/results/gpu.md, "v19: a wgmma prefill kernel").
 static int PrefillWgmmaTokens(const W4CudaParams& p) {
-  if ((p.prefill_kernel & 15) == 2 || (p.prefill_kernel & 15) == 4) return 128;
+  if ((p.prefill_kernel & 15) == 2) return 128;
   if ((p.prefill_kernel & 15) == 3) return 256;
   return 0;
 }
@@ -187,9 +187,7 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
     if (tokens > 0) {
       // Bias in the kernel's epilogue.
       if (absl::Status st = LaunchPrefillWgmma(d, x, p.m, ldx, p.bias, p.y_f32, p.y_f16, p.ldy,
-                                               p.accumulate, tokens,
-                                               (p.prefill_kernel & 15) == 4 ? 2 : 1, stream,
-                                               p.prefill_kernel & 96,
+                                               p.accumulate, tokens, stream, p.prefill_kernel & 96,
                                                &s, p.prefill_splits);
           !st.ok()) {
         return st;

@@ -49,11 +49,10 @@
 namespace spear::kernels::cuda {
 namespace wgk {
 
-// NT: tokens per block (the wgmma N): 128 or 256; TPW: 64-row layout tiles
-// per warpgroup (1: 128 weight rows per block; v33: 2, 256 rows, with 128
-// tokens: each x tile serves twice the rows, a third less L2 traffic per
-// FLOP).
-template <int NT, int TPW>
+constexpr int TPW = 1;  // 64-row layout tiles per warpgroup
+
+// NT: tokens per block (the wgmma N): 128 or 256.
+template <int NT>
 struct Cfg {
   static constexpr int kXBytes = NT * 128;             // x tile per stage: NT tokens x 64 k
   static constexpr int kTiles = 2 * TPW;               // 64-row layout tiles per block
@@ -61,12 +60,7 @@ struct Cfg {
   static constexpr int kSzBytes = kTiles * 2 * 256;    // scale/zero words, <= 2 groups
   static constexpr int kStageBytes = kXBytes + kWBytes + kSzBytes;  // a multiple of 1024
   static constexpr int kStages = 5;
-  // The epilogue's tile (v33): [NT tokens][kCols + 4 floats].
-  static constexpr int kCols = kTiles * 64, kLd = kCols + 4;
-  static constexpr int kTileBytes = NT * kLd * 4;
-  static constexpr int kSmem =
-      (kStages * kStageBytes > kTileBytes ? kStages * kStageBytes : kTileBytes) +
-      1024;  // + alignment of the base
+  static constexpr int kSmem = kStages * kStageBytes + 1024;  // + alignment of the base
   static_assert(kStageBytes % 1024 == 0, "x tiles must stay 1024-byte aligned");
 };
 
@@ -184,11 +178,11 @@ __device__ __forceinline__ void Dequant(uint32_t w, uint2 szw, uint32_t (&a)[4])
   }
 }
 
-template <int NT, int TPW>
-__global__ void __launch_bounds__(256, NT == 128 && TPW == 1 ? 2 : 1)
+template <int NT>
+__global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
     W4WgmmaKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Cfg<NT, TPW>;
+  using C = Cfg<NT>;
   constexpr int kXBytes = C::kXBytes;
   extern __shared__ unsigned char smem_raw[];
   // v20: the x tile of a stage by one TMA copy (box 64 k x NT tokens,
@@ -379,7 +373,8 @@ __global__ void __launch_bounds__(256, NT == 128 && TPW == 1 ? 2 : 1)
   // epilogue before (bias, accumulate, fp32 / fp16 branches for each of 128
   // elements: ~10 K instructions, each fetched once) stalled on instruction
   // fetch for about as long as the main loop ran (ncu, call 5).
-  constexpr int kLd = C::kLd, kG = C::kCols / 4;  // row stride; four-column groups per row
+  constexpr int kLd = 132;
+  static_assert(NT * kLd * 4 <= C::kStages * C::kStageBytes, "the epilogue tile must fit");
   __syncthreads();  // every warp is past its last wgmma: the stages are free
   float* tile = reinterpret_cast<float*>(sbase);
 #pragma unroll
@@ -401,8 +396,8 @@ __global__ void __launch_bounds__(256, NT == 128 && TPW == 1 ? 2 : 1)
   // the splits' tiles in the order z = 0, 1, ... (deterministic) below.
   if (a.ksplits > 1) {
     float* pz = a.part + blockIdx.z * plane;
-    for (int q = tid; q < NT * kG; q += 256) {
-      const int r = q / kG, c = (q % kG) * 4;
+    for (int q = tid; q < NT * 32; q += 256) {
+      const int r = q >> 5, c = (q & 31) * 4;
       if (m0 + r >= a.m) continue;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -421,8 +416,8 @@ __global__ void __launch_bounds__(256, NT == 128 && TPW == 1 ? 2 : 1)
   }
   const int own = static_cast<int>(blockIdx.z);
 #pragma unroll 2
-  for (int q = tid; q < NT * kG; q += 256) {
-    const int r = q / kG, c = (q % kG) * 4, tok = m0 + r;
+  for (int q = tid; q < NT * 32; q += 256) {
+    const int r = q >> 5, c = (q & 31) * 4, tok = m0 + r;
     if (tok >= a.m) continue;
     float v[4];
 #pragma unroll
@@ -470,13 +465,13 @@ __global__ void __launch_bounds__(256, NT == 128 && TPW == 1 ? 2 : 1)
 #endif
 }
 
-template <int NT, int TPW>
+template <int NT>
 cudaError_t Prepare() {
   static std::once_flag once;
   static cudaError_t err = cudaSuccess;
   std::call_once(once, [] {
-    err = cudaFuncSetAttribute(W4WgmmaKernel<NT, TPW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               Cfg<NT, TPW>::kSmem);
+    err = cudaFuncSetAttribute(W4WgmmaKernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               Cfg<NT>::kSmem);
   });
   return err;
 }
@@ -491,7 +486,7 @@ bool PrefillWgmmaAvailable() {
       return false;
     }
     cudaFuncAttributes fa{};
-    if (major != 9 || cudaFuncGetAttributes(&fa, wgk::W4WgmmaKernel<128, 1>) != cudaSuccess) {
+    if (major != 9 || cudaFuncGetAttributes(&fa, wgk::W4WgmmaKernel<128>) != cudaSuccess) {
       (void)cudaGetLastError();
       return false;
     }
@@ -521,9 +516,8 @@ int PrefillWgmmaSplits(int64_t m, int64_t n, int64_t kp, int tokens, size_t part
 
 absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                                 int64_t ldx, const float* bias, float* y32, uint16_t* y16,
-                                int64_t ldy, bool accumulate, int tokens, int tpw,
-                                cudaStream_t stream, int flags, W4Workspace::Impl* ws,
-                                int ksplits) {
+                                int64_t ldy, bool accumulate, int tokens, cudaStream_t stream,
+                                int flags, W4Workspace::Impl* ws, int ksplits) {
   if (!PrefillWgmmaAvailable()) {
     return absl::FailedPreconditionError(
         "W4 prefill: the wgmma kernel needs an sm_90 device and a build with sm_90a");
@@ -533,9 +527,8 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
         "W4 prefill: the wgmma kernel needs k and ldx multiples of 8 and x 16-byte aligned (k=",
         w.k, " ldx=", ldx, ")"));
   }
-  if ((tokens != 128 && tokens != 256) || (tpw != 1 && tpw != 2) || (tpw == 2 && tokens != 128)) {
-    return absl::InvalidArgumentError(
-        "W4 prefill: the wgmma kernel's tiles are 128 or 256 tokens x 128 rows, or 128 x 256");
+  if (tokens != 128 && tokens != 256) {
+    return absl::InvalidArgumentError("W4 prefill: the wgmma kernel's token tile is 128 or 256");
   }
   wgk::Args a{};
   a.qw = reinterpret_cast<const uint4*>(w.qw);
@@ -615,20 +608,15 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   if (cr != CUDA_SUCCESS) {
     return absl::InternalError(absl::StrCat("W4 prefill: cuTensorMapEncodeTiled failed: ", cr));
   }
-  const unsigned gy = static_cast<unsigned>((w.ntiles + 2 * tpw - 1) / (2 * tpw));
-  const unsigned gz = static_cast<unsigned>(a.ksplits);
-  if (tokens == 128 && tpw == 2) {
-    SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<128, 2>()));
-    const dim3 grid(static_cast<unsigned>((m + 127) / 128), gy, gz);
-    wgk::W4WgmmaKernel<128, 2><<<grid, 256, wgk::Cfg<128, 2>::kSmem, stream>>>(a, xmap);
-  } else if (tokens == 128) {
-    SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<128, 1>()));
-    const dim3 grid(static_cast<unsigned>((m + 127) / 128), gy, gz);
-    wgk::W4WgmmaKernel<128, 1><<<grid, 256, wgk::Cfg<128, 1>::kSmem, stream>>>(a, xmap);
+  const unsigned gy = static_cast<unsigned>((w.ntiles + 1) / 2);
+  if (tokens == 128) {
+    SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<128>());
+    const dim3 grid(static_cast<unsigned>((m + 127) / 128), gy, static_cast<unsigned>(a.ksplits));
+    wgk::W4WgmmaKernel<128><<<grid, 256, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
   } else {
-    SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<256, 1>()));
-    const dim3 grid(static_cast<unsigned>((m + 255) / 256), gy, gz);
-    wgk::W4WgmmaKernel<256, 1><<<grid, 256, wgk::Cfg<256, 1>::kSmem, stream>>>(a, xmap);
+    SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<256>());
+    const dim3 grid(static_cast<unsigned>((m + 255) / 256), gy, static_cast<unsigned>(a.ksplits));
+    wgk::W4WgmmaKernel<256><<<grid, 256, wgk::Cfg<256>::kSmem, stream>>>(a, xmap);
   }
   SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();

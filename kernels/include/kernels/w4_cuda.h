@@ -198,13 +198,13 @@ struct W4CudaParams {
   // cuBLAS (measured faster than the wgmma kernel on all but one prefill
   // shape: docs/results/gpu.md, "v19" / "v20"); 2 / 3 the wgmma kernel straight from the W4
   // layout (kernels/cuda/w4_prefill_wgmma.cu, no scratch) with 128- / 256-
-  // token x 128-row tiles, 4 (v33) with 128-token x 256-row tiles;
-  // benchmarks only, added to 2..4 (the output is then wrong): 32 the code
-  // words not dequantized, 64 no code words loaded either (timing splits).
-  // 2..4 where the device has no sm_90a code: FailedPrecondition; with k or
-  // ldx not a multiple of 8 or x not 16-byte aligned: InvalidArgument.
+  // token tiles; benchmarks only, added to 2 / 3 (the output is then
+  // wrong): 32 the code words not dequantized, 64 no code words loaded
+  // either (timing splits). 2 or 3 where the device has no sm_90a
+  // code: FailedPrecondition; with k or ldx not a multiple of 8 or x not
+  // 16-byte aligned: InvalidArgument.
   int prefill_kernel = 0;
-  // testing/benchmarks, the wgmma prefill kernel (prefill_kernel 2..4):
+  // testing/benchmarks, the wgmma prefill kernel (prefill_kernel 2 / 3):
   // its k splits (v33: the grid's z splits k, the last split of a tile adds
   // the fp32 partials in order and runs the epilogue; deterministic). 0
   // automatic = 1 (no split: splitting measured slower on most shapes,

@@ -554,8 +554,7 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
   const S shapes[] = {{200, 256, 64, 65},   {384, 1000, 1000, 300}, {330, 2048, 128, 257},
                       {130, 512, 32, 129},  {64, 136, 136, 1000},   {1100, 1024, 128, 130},
                       {72, 14336, 128, 136}};
-  // kernel 4 (v33): 128 tokens x 256 weight rows per block.
-  for (int kernel = 1; kernel <= 4; ++kernel) {
+  for (int kernel = 1; kernel <= 3; ++kernel) {
     if (kernel > 1 && major != 9) {
       std::printf("[ SKIPPED  ] the wgmma prefill kernel: device is sm_%d0, not sm_90\n", major);
       break;
@@ -584,8 +583,7 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
     for (const auto& [sh, kernel, splits] :
          {std::tuple<S, int, int>{{72, 14336, 128, 136}, 3, 4},
           std::tuple<S, int, int>{{1100, 1024, 128, 130}, 2, 3},
-          std::tuple<S, int, int>{{330, 2048, 128, 257}, 3, 2},
-          std::tuple<S, int, int>{{600, 4096, 128, 200}, 4, 2}}) {
+          std::tuple<S, int, int>{{330, 2048, 128, 257}, 3, 2}}) {
       Case c{sh.n, sh.k, sh.g, sh.m};
       c.force_prefill = true;
       c.prefill_kernel = kernel;
@@ -670,9 +668,7 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
   p.force_prefill = true;
   p.prefill_kernel = 2;
   EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
-  p.prefill_kernel = 4;  // the 256-row tiles: the same alignment rule
-  EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
-  p.prefill_kernel = 5;  // no such kernel
+  p.prefill_kernel = 4;
   EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
 }
 
