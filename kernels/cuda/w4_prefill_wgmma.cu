@@ -7,7 +7,11 @@
 // and slower on the other shapes and at M = 2048 (docs/results/gpu.md, v19 /
 // v20), so it is not dispatched. Kept, tested against the reference, as the
 // base of the fused path (next: a producer warp with consumer warpgroups,
-// less per-stage code).
+// less per-stage code). v33: the epilogue staged through shared memory, and
+// a deterministic split-K over the grid's z (W4CudaParams::prefill_splits,
+// forced only: a split block measured ~25 us over its share of the main
+// loop; gpu.md, v33); at M = 512 the kernel is still slower than
+// dequantize + cuBLAS on every 8B shape.
 //
 // Roles: the weights are wgmma's A operand (M = 64 rows = one 64-column
 // layout tile per warpgroup and wgmma), taken from registers; the tokens are
