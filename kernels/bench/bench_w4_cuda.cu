@@ -30,8 +30,8 @@
 // table that `spear quantize --ec-latency-table` reads (format:
 // worker/quantize/pipeline/ec_latency.h): per module shape, rank and M, the W4 GEMM alone and
 // with a gated EC (gate hidden 16), each timed as above; CSV on stdout,
-// then exit. --prefill [--ms=...]: the prefill path's main GEMMs side by
-// side (PrefillTable below), then exit.
+// then exit. --prefill [--ms=...] [--only=MODEL/LAYER] [--prefill-splits=N]:
+// the prefill path's main GEMMs side by side (PrefillTable below), then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -305,11 +305,9 @@ int g_prefill_ec = 0;
 // --prefill-split: also time it without the dequantization (A = the raw code
 // words) and without the code-word loads (constant A): timing splits.
 bool g_prefill_split = false;
-// --only=MODEL/LAYER (e.g. 8B/o): the prefill table's rows of that shape
-// only (no layer rows); --prefill-splits=N: W4CudaParams::prefill_splits of
-// the wgmma columns that are automatic by default (for ncu: the first
-// launch of W4WgmmaKernel<256> is then that column's eager call).
-std::string g_prefill_only;
+// --prefill-splits=N: W4CudaParams::prefill_splits of the wgmma columns (0,
+// the default: no split; 2..4 forced, e.g. for ncu: the first launch of
+// W4WgmmaKernel<256> is then that column's eager call).
 int g_prefill_splits = 0;
 
 // --prefill: the prefill path's main GEMMs side by side at M in `ms` (default
@@ -318,13 +316,15 @@ int g_prefill_splits = 0;
 // W4 layout with 128- and 256-token tiles, the automatic
 // choice, and the automatic choice with the EC (r 32); then each model's
 // four GEMMs back to back in one graph (cuBLAS FP16 vs the automatic W4
-// path, every GEMM on its own weights).
+// path, every GEMM on its own weights), and the same with each GEMM on the
+// path that was fastest for its shape. only (--only=MODEL/LAYER, e.g. 8B/o):
+// that shape's rows only, no layer rows.
 int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y16,
                  const uint16_t* wpool, size_t pool_halfs, cublasHandle_t cub,
-                 cuda::W4Workspace* ws, std::mt19937& rng) {
+                 cuda::W4Workspace* ws, std::mt19937& rng, const std::string& only) {
   std::printf("\n## Prefill GEMMs (us; ratios over cuBLAS FP16 in the same run; TF/s of the automatic W4 path)\n");
-  std::printf("| model | layer | M | cuBLAS us | cuBLAS TF/s | dequant+cuBLAS us | ratio | wgmma 128-token tiles us | ratio | wgmma 256-token tiles us | ratio | wgmma 128 / 256, no k split us | W4 auto us | W4 TF/s | ratio | W4+EC auto us | EC/W4 |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| model | layer | M | cuBLAS us | cuBLAS TF/s | dequant+cuBLAS us | ratio | wgmma 128-token tiles us | ratio | wgmma 256-token tiles us | ratio | W4 auto us | W4 TF/s | ratio | W4+EC auto us | EC/W4 |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   struct Mod {
     const Shape* sh;
     std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
@@ -334,7 +334,7 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
     std::vector<Mod> mods;
     for (const Shape& sh : kShapes) {
       if (std::string(sh.model) != model) continue;
-      if (!g_prefill_only.empty() && g_prefill_only != std::string(sh.model) + "/" + sh.layer) continue;
+      if (!only.empty() && only != std::string(sh.model) + "/" + sh.layer) continue;
       const W4Weight w = bench::RandomW4(sh.n, sh.k, kGroup, rng);
       const EcWeights ec = bench::RandomEc(sh.n, sh.k, rng);
       auto first = cuda::W4DeviceWeight::Create(w, &ec);
@@ -385,11 +385,9 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
         });
         const double t_deq = w4(1, false), t_g1 = w4(2, false, g_prefill_splits),
                      t_g2 = w4(3, false, g_prefill_splits);
-        const double t_g1s1 = w4(2, false, 1), t_g2s1 = w4(3, false, 1);
         const double t_auto = w4(0, false), t_ec = w4(0, true);
-        const double t_best = std::min({t_deq, t_g1, t_g2, t_g1s1, t_g2s1});
-        // (the layer row below runs the wgmma kernels with automatic splits)
-        best_pk.push_back(t_best == t_deq ? 1 : t_best == t_g1 || t_best == t_g1s1 ? 2 : 3);
+        const double t_best = std::min({t_deq, t_g1, t_g2});
+        best_pk.push_back(t_best == t_deq ? 1 : t_best == t_g1 ? 2 : 3);
         sum_best += t_best;
         if (g_prefill_split) {
           std::printf("| %s | %s | %lld | timing splits (wrong output), 128 / 256-token tiles: no dequantization %.1f / %.1f us, no A loads either %.1f / %.1f us |\n",
@@ -398,9 +396,9 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
         }
         sum_cub += t_cub;
         sum_auto += t_auto;
-        std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.2f | %.1f | %.2f | %.1f | %.2f | %.1f / %.1f | %.1f | %.0f | %.2f | %.1f | %.2f |\n",
+        std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.2f | %.1f | %.2f | %.1f | %.2f | %.1f | %.0f | %.2f | %.1f | %.2f |\n",
                     sh.model, sh.layer, static_cast<long long>(m), t_cub, flops / t_cub * 1e-6,
-                    t_deq, t_deq / t_cub, t_g1, t_g1 / t_cub, t_g2, t_g2 / t_cub, t_g1s1, t_g2s1, t_auto,
+                    t_deq, t_deq / t_cub, t_g1, t_g1 / t_cub, t_g2, t_g2 / t_cub, t_auto,
                     flops / t_auto * 1e-6, t_auto / t_cub, t_ec, t_ec / t_auto);
         std::fflush(stdout);
       }
@@ -433,14 +431,14 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
           CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
         }
       });
-      std::printf("| %s | layer (4 GEMMs, one graph) | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | layer (4 GEMMs, one graph) | %lld | %.1f | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), l_cub, l_auto, l_auto / l_cub);
-      std::printf("| %s | layer, each GEMM on its fastest path (%d %d %d %d) | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | layer, each GEMM on its fastest path (%d %d %d %d) | %lld | %.1f | | | | | | | | %.1f | | %.2f | | |\n",
                   model, best_pk[0], best_pk[1], best_pk[2], best_pk[3], static_cast<long long>(m),
                   l_cub, l_best, l_best / l_cub);
-      std::printf("| %s | sum of the rows above | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | sum of the rows above | %lld | %.1f | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), sum_cub, sum_auto, sum_auto / sum_cub);
-      std::printf("| %s | sum of the fastest paths | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | sum of the fastest paths | %lld | %.1f | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), sum_cub, sum_best, sum_best / sum_cub);
       std::fflush(stdout);
     }
@@ -479,7 +477,6 @@ int Main(int argc, char** argv) {
     if (a == "--prefill") prefill = true;
     if (a == "--prefill-split") g_prefill_split = true;
     if (a.rfind("--prefill-splits=", 0) == 0) g_prefill_splits = std::atoi(a.c_str() + 17);
-    if (a.rfind("--only=", 0) == 0) g_prefill_only = a.substr(7);
     try {
       if (a.rfind("--ec-latency=", 0) == 0) ec_latency = a.substr(13);
       if (a.rfind("--ec-ranks=", 0) == 0) ec_ranks = ints(a.substr(11));
@@ -542,7 +539,7 @@ int Main(int argc, char** argv) {
   }
   if (prefill) {
     return PrefillTable(ms_only.empty() ? std::vector<int64_t>{128, 512, 2048} : ms_only, x, y16,
-                        wpool, pool_halfs, cub, ws.get(), rng);
+                        wpool, pool_halfs, cub, ws.get(), rng, only);
   }
   if (sweep || profile) {
     return SweepOrProfile(profile, ms_only.empty() ? std::vector<int64_t>{1, 4, 8} : ms_only, x, y16,
