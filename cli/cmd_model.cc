@@ -13,6 +13,7 @@
 #include "worker/model/safetensors.h"
 #include "worker/model/spear_checkpoint.h"
 #include "worker/model/tokenizer.h"
+#include "worker/model/weights.h"
 
 namespace spear::cli {
 
@@ -138,6 +139,7 @@ int CmdInfo(const std::vector<std::string>& args) {
     return 0;
   }
   if (model::IsSpearDir(*path)) return InfoSpear(*path);
+  if (absl::Status st = model::CheckHfModelDir(*path); !st.ok()) return Fail("info", st);
   auto cfg = model::ConfigFromHfJsonFile((fs::path(*path) / "config.json").string());
   if (!cfg.ok()) return Fail("info", cfg.status());
   std::printf("directory        %s\n", path->c_str());

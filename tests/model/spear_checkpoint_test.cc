@@ -286,6 +286,12 @@ TEST_P(SpearCheckpointTest, CorruptionsAreClearErrors) {
     EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound);
     EXPECT_NE(std::string(m.status().message()).find("spear.json"), std::string::npos);
     ExpectError(d, absl::StatusCode::kNotFound, "config.json");
+    // A GGUF file in it (the model cache's layout): the error names it.
+    std::ofstream(d + "/model.gguf") << "x";
+    ExpectError(d, absl::StatusCode::kNotFound, "holds model.gguf: pass that file");
+    const absl::Status st = CheckHfModelDir(d);  // what `spear info` reports
+    EXPECT_EQ(st.code(), absl::StatusCode::kNotFound);
+    EXPECT_NE(std::string(st.message()).find("model.gguf"), std::string::npos) << st;
   }
   {
     const std::string d = Copy();

@@ -1,5 +1,6 @@
 #include "worker/model/weights.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cstring>
 #include <filesystem>
@@ -411,6 +412,27 @@ absl::Status UnpermuteGgufQk(float* w, int64_t rows, int64_t cols, int64_t n_hea
   return absl::OkStatus();
 }
 
+absl::Status CheckHfModelDir(const std::string& dir) {
+  std::error_code ec;
+  if (fs::exists(fs::path(dir) / "config.json", ec)) return absl::OkStatus();
+  // Not a Hugging Face model: say what the directory holds instead of
+  // failing on the missing file (the model cache keeps a pulled GGUF in
+  // models/<name>/, whose cache name or file path loads).
+  std::vector<std::string> ggufs;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (e.path().extension() == ".gguf") ggufs.push_back(e.path().filename().string());
+  }
+  std::sort(ggufs.begin(), ggufs.end());
+  std::string msg = absl::StrCat("directory ", dir,
+                                 " is neither a Hugging Face model directory (no config.json) "
+                                 "nor a .spear checkpoint (no spear.json)");
+  if (!ggufs.empty()) {
+    absl::StrAppend(&msg, "; it holds ", absl::StrJoin(ggufs, ", "),
+                    ": pass that file's path (or the model's cache name)");
+  }
+  return absl::NotFoundError(msg);
+}
+
 absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const std::string& path,
                                                        const LoadOptions& options) {
   std::error_code ec;
@@ -425,6 +447,7 @@ absl::StatusOr<std::unique_ptr<LoadedModel>> LoadModel(const std::string& path,
     return r;
   }
   if (fs::is_directory(path, ec)) {
+    if (absl::Status st = CheckHfModelDir(path); !st.ok()) return st;
     auto r = LoadHf(path, options);
     if (!r.ok()) {
       return absl::Status(r.status().code(), absl::StrCat("loading HF model from ", path, ": ",

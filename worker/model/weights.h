@@ -84,6 +84,11 @@ struct LoadOptions {
   bool load_tokenizer = true;
 };
 
+// OK if `dir` has a config.json (a Hugging Face model directory); else
+// NotFound naming what it holds instead (the .gguf files in it, with a hint
+// to pass one of them or the cache name). LoadModel and `spear info` use it.
+absl::Status CheckHfModelDir(const std::string& dir);
+
 // `path` is (a) a .spear directory (spear.json present: a W4(+EC) model,
 // validated strictly, see spear_checkpoint.h), (b) an HF directory:
 // config.json + model.safetensors or model.safetensors.index.json (+
