@@ -154,20 +154,13 @@ absl::Status LaunchDequantW(const W4DeviceWeight::Impl& w, uint16_t* wh, cudaStr
 // FailedPrecondition where not available; InvalidArgument for k or ldx not
 // a multiple of 8 or x not 16-byte aligned.
 bool PrefillWgmmaAvailable();
-// ws (nullable: no split-K) lends the split-K partials (its fp16 weight
-// scratch, unused on this path) and tickets (its counters); ksplits 0 picks
-// by PrefillWgmmaSplits (no split), 1..4 forces (InvalidArgument where it
-// does not fit).
+// ws lends the split-K partials (its fp16 weight scratch, unused on this
+// path) and tickets (its counters); ksplits: W4CudaParams::prefill_splits
+// (0 or 1 no split, 2..4 forced: InvalidArgument where they do not fit).
 absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                                 int64_t ldx, const float* bias, float* y32, uint16_t* y16,
                                 int64_t ldy, bool accumulate, int tokens, cudaStream_t stream,
-                                int flags = 0, W4Workspace::Impl* ws = nullptr, int ksplits = 1);
-// v33: the wgmma kernel's k splits for an m x n x kp GEMM with `tokens`-token
-// tiles and part_floats floats of partials: `forced` (1..4) if it fits (no
-// split empty, the partials within part_floats), else 0; forced 0: 1 (no
-// split: splitting measured slower on most shapes, docs/results/gpu.md v33).
-int PrefillWgmmaSplits(int64_t m, int64_t n, int64_t kp, int tokens, size_t part_floats,
-                       int forced);
+                                int flags, W4Workspace::Impl& ws, int ksplits);
 absl::Status LaunchAddBias(const float* bias, int64_t m, int64_t n, float* y32, uint16_t* y16,
                            int64_t ldy, cudaStream_t stream);
 

@@ -9,8 +9,8 @@
 // base of the fused path (next: a producer warp with consumer warpgroups,
 // less per-stage code). v33: the epilogue staged through shared memory, and
 // a deterministic split-K over the grid's z (W4CudaParams::prefill_splits,
-// forced only: a split block measured ~25 us over its share of the main
-// loop; gpu.md, v33); at M = 512 the kernel is still slower than
+// forced only: a split block measured ~25-35 us over its share of the
+// main loop; gpu.md, v33); at M = 512 the kernel is still slower than
 // dequantize + cuBLAS on every 8B shape.
 //
 // Roles: the weights are wgmma's A operand (M = 64 rows = one 64-column
@@ -500,28 +500,38 @@ bool PrefillWgmmaAvailable() {
   return ok;
 }
 
+namespace {
+
+// The 64-k stages of each of sp splits of nst stages: even (the kernel's
+// loop runs stages in pairs).
+int64_t SplitStages(int64_t nst, int sp) { return ((nst + sp - 1) / sp + 1) / 2 * 2; }
+
+// The wgmma kernel's k splits for an m x n x kp GEMM with `tokens`-token
+// tiles and part_floats floats of partials: `forced` (1..4) if it fits (no
+// split empty, the partials within part_floats, a ticket per tile), else 0;
+// forced 0: 1. Automatic is no split: measured on the H200
+// (docs/results/gpu.md, v33), a split block costs ~25-35 us more than its
+// share of the main loop, cause not found, so splitting paid only where the
+// grid fills half the SMs or less over a long k (8B down at M = 512: 132
+// against 194 us) and lost elsewhere (8B gate_up at M = 512: 373 against
+// 237 us).
 int PrefillWgmmaSplits(int64_t m, int64_t n, int64_t kp, int tokens, size_t part_floats,
                        int forced) {
+  if (forced == 0 || forced == 1) return 1;
+  if (forced < 0 || forced > 4) return 0;
   const int64_t gx = (m + tokens - 1) / tokens, gy = (n + 127) / 128, nst = kp / 64;
-  auto fits = [&](int sp) {
-    if (sp == 1) return true;
-    const int64_t per = ((nst + sp - 1) / sp + 1) / 2 * 2;
-    return (sp - 1) * per < nst && static_cast<size_t>(sp) * m * n <= part_floats &&
-           gx * gy <= (int64_t{1} << 18);
-  };
-  if (forced > 0) return fits(forced) ? forced : 0;
-  // Automatic: no split. Measured on the H200 (docs/results/gpu.md, v33),
-  // a split block costs ~25 us more than its share of the main loop, cause
-  // not found, so splitting paid only where the grid fills a third of the
-  // SMs or less over a long k (8B down at M = 512: 132 against 194 us) and
-  // lost elsewhere (8B gate_up at M = 512: 373 against 237 us).
-  return 1;
+  const bool fits = (forced - 1) * SplitStages(nst, forced) < nst &&
+                    static_cast<size_t>(forced) * m * n <= part_floats &&
+                    gx * gy <= (int64_t{1} << 18);
+  return fits ? forced : 0;
 }
+
+}  // namespace
 
 absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                                 int64_t ldx, const float* bias, float* y32, uint16_t* y16,
                                 int64_t ldy, bool accumulate, int tokens, cudaStream_t stream,
-                                int flags, W4Workspace::Impl* ws, int ksplits) {
+                                int flags, W4Workspace::Impl& ws, int ksplits) {
   if (!PrefillWgmmaAvailable()) {
     return absl::FailedPreconditionError(
         "W4 prefill: the wgmma kernel needs an sm_90 device and a build with sm_90a");
@@ -557,31 +567,20 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   a.ldy = ldy;
   a.accumulate = accumulate ? 1 : 0;
   a.split = (flags & 64) != 0 ? 2 : (flags & 32) != 0 ? 1 : 0;
-  // v33: split-K over the grid's z (automatic: PrefillWgmmaSplits), the
-  // tiles' partials in the workspace's fp16 weight scratch (unused on this
-  // path), the tickets in its counters.
-  if (ksplits < 0 || ksplits > 4) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("W4 prefill: the wgmma kernel's k splits are 0 (automatic) .. 4, not ", ksplits));
+  // v33: split-K over the grid's z (PrefillWgmmaSplits), the tiles'
+  // partials in the workspace's fp16 weight scratch (unused on this path),
+  // the tickets in its counters.
+  const int sp = PrefillWgmmaSplits(m, w.n, w.kp, tokens, ws.wh_elems / 2, ksplits);
+  if (sp == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "W4 prefill: ", ksplits, " k splits do not fit this shape or the workspace (m=", m,
+        " n=", w.n, " k=", w.k, ")"));
   }
-  a.ksplits = 1;
-  const int nst = static_cast<int>(w.ksteps / 4);
-  a.per = nst;
-  if (ws != nullptr) {
-    const int sp = PrefillWgmmaSplits(m, w.n, w.kp, tokens, ws->wh_elems / 2, ksplits);
-    if (sp == 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "W4 prefill: ", ksplits, " k splits do not fit this shape or the workspace (m=", m,
-          " n=", w.n, " k=", w.k, ")"));
-    }
-    if (sp > 1) {
-      a.ksplits = sp;
-      a.per = ((nst + sp - 1) / sp + 1) / 2 * 2;
-      a.part = reinterpret_cast<float*>(ws->wh);
-      a.tickets = ws->counters;
-    }
-  } else if (ksplits > 1) {
-    return absl::InvalidArgumentError("W4 prefill: k splits need a workspace");
+  a.ksplits = sp;
+  a.per = static_cast<int>(SplitStages(w.ksteps / 4, sp));
+  if (sp > 1) {
+    a.part = reinterpret_cast<float*>(ws.wh);
+    a.tickets = ws.counters;
   }
   // The x tensor map: dims {k, m} (innermost first), row stride ldx * 2
   // bytes, box {64, tokens}, 128-byte swizzle (the wgmma B layout).

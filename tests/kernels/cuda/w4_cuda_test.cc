@@ -550,6 +550,19 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
   struct S {
     int64_t n, k, g, m;
   };
+  // W4Linear's parameters on the forced prefill path (fp32 output).
+  auto prefill_params = [](const uint16_t* x, int64_t m, int64_t ldx, float* y, int64_t ldy,
+                           int kernel) {
+    cuda::W4CudaParams p;
+    p.x = x;
+    p.m = m;
+    p.ldx = ldx;
+    p.y_f32 = y;
+    p.ldy = ldy;
+    p.force_prefill = true;
+    p.prefill_kernel = kernel;
+    return p;
+  };
   // (the scalar reference dominates the run time: ~0.6 GFLOP per kernel here)
   const S shapes[] = {{200, 256, 64, 65},   {384, 1000, 1000, 300}, {330, 2048, 128, 257},
                       {130, 512, 32, 129},  {64, 136, 136, 1000},   {1100, 1024, 128, 130},
@@ -607,14 +620,7 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
     DevBuf<uint16_t> dx(xh.size());
     dx.Up(xh);
     DevBuf<float> dy(static_cast<size_t>(300 * 1100));
-    cuda::W4CudaParams p;
-    p.x = dx.get();
-    p.m = 300;
-    p.ldx = 4096;
-    p.y_f32 = dy.get();
-    p.ldy = 1100;
-    p.force_prefill = true;
-    p.prefill_kernel = 3;
+    cuda::W4CudaParams p = prefill_params(dx.get(), 300, 4096, dy.get(), 1100, 3);
     std::vector<float> one_split, four;
     for (const int splits : {1, 4, 4, 2, 4}) {
       p.prefill_splits = splits;
@@ -641,7 +647,7 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
     const W4Weight ws_short = RandomW4(200, 256, 64, false, false, rng);
     auto dshort = cuda::W4DeviceWeight::Create(ws_short, nullptr);
     ASSERT_TRUE(dshort.ok());
-    p.prefill_splits = 4;  // k = 256: 4 stages, two per split at most -> 2 splits
+    p.prefill_splits = 4;  // k = 256: 4 stages, so at most 2 splits (2 stages each)
     p.ldx = 256;
     p.ldy = 200;
     EXPECT_EQ(cuda::W4Linear(**dshort, p, ws->get(), nullptr).code(),
@@ -659,14 +665,7 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
   ASSERT_TRUE(dw.ok()) << dw.status();
   DevBuf<uint16_t> dx(140 * 1001);
   DevBuf<float> dy(140 * 96);
-  cuda::W4CudaParams p;
-  p.x = dx.get();
-  p.m = 140;
-  p.ldx = 1001;
-  p.y_f32 = dy.get();
-  p.ldy = 96;
-  p.force_prefill = true;
-  p.prefill_kernel = 2;
+  cuda::W4CudaParams p = prefill_params(dx.get(), 140, 1001, dy.get(), 96, 2);
   EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
   p.prefill_kernel = 4;
   EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
