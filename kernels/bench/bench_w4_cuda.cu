@@ -323,8 +323,8 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
                  const uint16_t* wpool, size_t pool_halfs, cublasHandle_t cub,
                  cuda::W4Workspace* ws, std::mt19937& rng, const std::string& only) {
   std::printf("\n## Prefill GEMMs (us; ratios over cuBLAS FP16 in the same run; TF/s of the automatic W4 path)\n");
-  std::printf("| model | layer | M | cuBLAS us | cuBLAS TF/s | dequant+cuBLAS us | ratio | wgmma 128-token tiles us | ratio | wgmma 256-token tiles us | ratio | W4 auto us | W4 TF/s | ratio | W4+EC auto us | EC/W4 |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| model | layer | M | cuBLAS us | cuBLAS TF/s | dequant+cuBLAS us | ratio | wgmma 128-token tiles us | ratio | wgmma 256-token tiles us | ratio | warp-specialized 128 / 256 us | W4 auto us | W4 TF/s | ratio | W4+EC auto us | EC/W4 |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   struct Mod {
     const Shape* sh;
     std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
@@ -386,8 +386,13 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
         const double t_deq = w4(1, false), t_g1 = w4(2, false, g_prefill_splits),
                      t_g2 = w4(3, false, g_prefill_splits);
         const double t_auto = w4(0, false), t_ec = w4(0, true);
-        const double t_best = std::min({t_deq, t_g1, t_g2});
-        best_pk.push_back(t_best == t_deq ? 1 : t_best == t_g1 ? 2 : 3);
+        const double t_w1 = w4(2 | 128, false), t_w2 = w4(3 | 128, false);
+        const double t_best = std::min({t_deq, t_g1, t_g2, t_w1, t_w2});
+        best_pk.push_back(t_best == t_deq  ? 1
+                          : t_best == t_g1 ? 2
+                          : t_best == t_g2 ? 3
+                          : t_best == t_w1 ? (2 | 128)
+                                           : (3 | 128));
         sum_best += t_best;
         if (g_prefill_split) {
           std::printf("| %s | %s | %lld | timing splits (wrong output), 128 / 256-token tiles: no dequantization %.1f / %.1f us, no A loads either %.1f / %.1f us |\n",
@@ -396,9 +401,9 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
         }
         sum_cub += t_cub;
         sum_auto += t_auto;
-        std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.2f | %.1f | %.2f | %.1f | %.2f | %.1f | %.0f | %.2f | %.1f | %.2f |\n",
+        std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.2f | %.1f | %.2f | %.1f | %.2f | %.1f / %.1f | %.1f | %.0f | %.2f | %.1f | %.2f |\n",
                     sh.model, sh.layer, static_cast<long long>(m), t_cub, flops / t_cub * 1e-6,
-                    t_deq, t_deq / t_cub, t_g1, t_g1 / t_cub, t_g2, t_g2 / t_cub, t_auto,
+                    t_deq, t_deq / t_cub, t_g1, t_g1 / t_cub, t_g2, t_g2 / t_cub, t_w1, t_w2, t_auto,
                     flops / t_auto * 1e-6, t_auto / t_cub, t_ec, t_ec / t_auto);
         std::fflush(stdout);
       }
@@ -431,14 +436,14 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
           CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
         }
       });
-      std::printf("| %s | layer (4 GEMMs, one graph) | %lld | %.1f | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | layer (4 GEMMs, one graph) | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), l_cub, l_auto, l_auto / l_cub);
-      std::printf("| %s | layer, each GEMM on its fastest path (%d %d %d %d) | %lld | %.1f | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | layer, each GEMM on its fastest path (%d %d %d %d) | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, best_pk[0], best_pk[1], best_pk[2], best_pk[3], static_cast<long long>(m),
                   l_cub, l_best, l_best / l_cub);
-      std::printf("| %s | sum of the rows above | %lld | %.1f | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | sum of the rows above | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), sum_cub, sum_auto, sum_auto / sum_cub);
-      std::printf("| %s | sum of the fastest paths | %lld | %.1f | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | sum of the fastest paths | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), sum_cub, sum_best, sum_best / sum_cub);
       std::fflush(stdout);
     }

@@ -469,6 +469,200 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
 #endif
 }
 
+
+// v34 (branch exp/v34-ws, not yet run on a GPU): the same tile (NT tokens x
+// 128 rows) with warp specialization: warpgroup 0 is the producer (one
+// thread issues, per stage, the x tile by TMA and the two tiles' code words
+// and scale/zero words by 1-D bulk copies, all completing on the slot's
+// `full` mbarrier), warpgroups 1 and 2 the consumers (one 64-row layout tile
+// each: wait `full`, dequantize, four wgmmas, retire the previous stage's
+// group, release its slot on the `empty` mbarrier, one arrival per warp).
+// No block barrier per stage (v20's kernel waits on one per stage); the
+// producer keeps 40 registers and the consumers take 232 (setmaxnreg).
+// No k split (ksplits 1 only).
+__device__ __forceinline__ void WaitParity(unsigned bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+__device__ __forceinline__ void BulkG2S(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+template <int NT>
+__global__ void __launch_bounds__(384, 1)
+    W4WgmmaWsKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = Cfg<NT>;
+  constexpr int kXBytes = C::kXBytes, S = C::kStages;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t full[S], empty[S];
+  const unsigned base0 = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
+  const unsigned base = (base0 + 1023u) & ~1023u;
+  unsigned char* sbase = smem_raw + (base - base0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wl = warp & 3, gid = lane >> 2, tig = lane & 3;
+  const int m0 = blockIdx.x * NT;
+  const int tile0 = blockIdx.y * C::kTiles;
+  const int cnt = a.ksteps / 4;  // even (kp is a multiple of 128)
+  auto stage_addr = [&](int slot) { return base + slot * C::kStageBytes; };
+  auto bar = [&](uint64_t* b, int slot) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(&b[slot]));
+  };
+  if (tid == 0) {
+    for (int i = 0; i < S; ++i) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar(full, i)));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;\n" ::"r"(bar(empty, i)));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid != 0) return;
+    for (int j = 0; j < cnt; ++j) {
+      const int slot = j % S;
+      if (j >= S) WaitParity(bar(empty, slot), static_cast<unsigned>(((j / S) + 1) & 1));
+      const unsigned xs = stage_addr(slot), wsm = xs + kXBytes, szs = wsm + C::kWBytes;
+      const int kb = j * 64;
+      const int g0 = min(kb >> a.gshift, a.ngroups - 1), g1 = min((kb + 63) >> a.gshift, a.ngroups - 1);
+      unsigned bytes = kXBytes;
+      for (int ti = 0; ti < C::kTiles; ++ti) {
+        if (tile0 + ti < a.ntiles) bytes += 2048 + (g1 != g0 ? 512 : 256);
+      }
+      const unsigned fb = bar(full, slot);
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(fb), "r"(bytes)
+                   : "memory");
+      asm volatile(
+          "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+          "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(xs),
+          "l"(reinterpret_cast<uint64_t>(&xmap)), "r"(kb), "r"(m0), "r"(fb)
+          : "memory");
+      for (int ti = 0; ti < C::kTiles; ++ti) {
+        const int t = tile0 + ti;
+        if (t >= a.ntiles) continue;
+        BulkG2S(wsm + ti * 2048, a.qw + (static_cast<size_t>(t) * a.ksteps + 4 * j) * 32, 2048, fb);
+        BulkG2S(szs + ti * 512, a.sz + (static_cast<size_t>(t) * a.ngroups + g0) * 64, 256, fb);
+        if (g1 != g0) {
+          BulkG2S(szs + ti * 512 + 256, a.sz + (static_cast<size_t>(t) * a.ngroups + g1) * 64, 256, fb);
+        }
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int ci = wg - 1;  // this consumer's 64-row layout tile within the block
+  float acc[NT / 2];
+#pragma unroll
+  for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
+  uint32_t af0[4][4] = {}, af1[4][4] = {};
+  auto stage = [&](int j, uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
+    const int slot = j % S;
+    WaitParity(bar(full, slot), static_cast<unsigned>((j / S) & 1));
+    const unsigned xs = stage_addr(slot);
+    const unsigned char* wsm = sbase + slot * C::kStageBytes + kXBytes;
+    const unsigned char* szs = wsm + C::kWBytes;
+    const int kb = j * 64, g0 = min(kb >> a.gshift, a.ngroups - 1);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int gl = min((kb + 16 * q) >> a.gshift, a.ngroups - 1) - g0;
+      const uint32_t w =
+          *reinterpret_cast<const uint32_t*>(wsm + (ci * 4 + q) * 512 + lane * 16 + wl * 4);
+      const uint2 szw =
+          *reinterpret_cast<const uint2*>(szs + ((ci * 2 + gl) * 64 + gid * 8 + 2 * wl) * 4);
+      Dequant(w, szw, cur[q]);
+    }
+    uint64_t desc[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      desc[q] = DescB(xs + 32 * q);
+      asm volatile("" : "+l"(desc[q])::"memory");
+      FenceA(cur[q]);
+    }
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int q = 0; q < 4; ++q) Wgmma(acc, cur[q], desc[q]);
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    // Stage j - 1's group is retired: its slot goes back to the producer.
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+#pragma unroll
+    for (int q = 0; q < 4; ++q) FenceA(prev[q]);
+    if (j > 0 && lane == 0) {
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar(empty, (j - 1) % S))
+                   : "memory");
+    }
+  };
+#pragma unroll 1
+  for (int j = 0; j < cnt; j += 2) {
+    stage(j, af0, af1);
+    stage(j + 1, af1, af0);
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  FenceAcc(acc);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    FenceA(af0[q]);
+    FenceA(af1[q]);
+  }
+  // Epilogue: as W4WgmmaKernel's, by the 256 consumer threads (named
+  // barrier 1; the producer warps have left).
+  constexpr int kLd = 132;
+  static_assert(NT * kLd * 4 <= C::kStages * C::kStageBytes, "the epilogue tile must fit");
+  const int ct = tid - 128;
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  float* tile = reinterpret_cast<float*>(sbase);
+  const int cb = ci * 64 + 16 * wl + gid;
+#pragma unroll
+  for (int jn = 0; jn < NT / 8; ++jn) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) tile[(8 * jn + 2 * tig + (e & 1)) * kLd + cb + 8 * (e >> 1)] = acc[4 * jn + e];
+  }
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  const int c0 = tile0 * 64;
+#pragma unroll 2
+  for (int q = ct; q < NT * 32; q += 256) {
+    const int r = q >> 5, c = (q & 31) * 4, tok = m0 + r;
+    if (tok >= a.m) continue;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int col = c0 + c + u;
+      if (col >= a.n) continue;
+      float x = tile[r * kLd + c + u];
+      if (a.bias != nullptr) x += a.bias[col];
+      const long long idx = tok * a.ldy + col;
+      if (a.y32 != nullptr) {
+        a.y32[idx] = a.accumulate ? a.y32[idx] + x : x;
+      } else {
+        a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + x : x);
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+template <int NT>
+cudaError_t PrepareWs() {
+  static std::once_flag once;
+  static cudaError_t err = cudaSuccess;
+  std::call_once(once, [] {
+    err = cudaFuncSetAttribute(W4WgmmaWsKernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               Cfg<NT>::kSmem);
+  });
+  return err;
+}
+
 template <int NT>
 cudaError_t Prepare() {
   static std::once_flag once;
@@ -612,7 +806,19 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
     return absl::InternalError(absl::StrCat("W4 prefill: cuTensorMapEncodeTiled failed: ", cr));
   }
   const unsigned gy = static_cast<unsigned>((w.ntiles + 1) / 2);
-  if (tokens == 128) {
+  if ((flags & 128) != 0) {  // v34: the warp-specialized kernel (no k split)
+    if (a.ksplits != 1) {
+      return absl::InvalidArgumentError("W4 prefill: the warp-specialized kernel has no k split");
+    }
+    const dim3 grid(static_cast<unsigned>((m + tokens - 1) / tokens), gy);
+    if (tokens == 128) {
+      SPEAR_CUDA_RETURN_IF_ERROR(wgk::PrepareWs<128>());
+      wgk::W4WgmmaWsKernel<128><<<grid, 384, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
+    } else {
+      SPEAR_CUDA_RETURN_IF_ERROR(wgk::PrepareWs<256>());
+      wgk::W4WgmmaWsKernel<256><<<grid, 384, wgk::Cfg<256>::kSmem, stream>>>(a, xmap);
+    }
+  } else if (tokens == 128) {
     SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<128>());
     const dim3 grid(static_cast<unsigned>((m + 127) / 128), gy, static_cast<unsigned>(a.ksplits));
     wgk::W4WgmmaKernel<128><<<grid, 256, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
