@@ -41,11 +41,13 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <random>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/dtype.h"
@@ -322,8 +324,8 @@ int g_prefill_splits = 0;
 int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y16,
                  const uint16_t* wpool, size_t pool_halfs, cublasHandle_t cub,
                  cuda::W4Workspace* ws, std::mt19937& rng, const std::string& only) {
-  std::printf("\n## Prefill GEMMs (us; ratios over cuBLAS FP16 in the same run; TF/s of the automatic W4 path)\n");
-  std::printf("| model | layer | M | cuBLAS us | cuBLAS TF/s | dequant+cuBLAS us | ratio | wgmma 128-token tiles us | ratio | wgmma 256-token tiles us | ratio | warp-specialized 128 / 256 us | W4 auto us | W4 TF/s | ratio | W4+EC auto us | EC/W4 |\n");
+  std::printf("\n## Prefill GEMMs (us; ratios over cuBLAS FP16 in the same run; TF/s of the automatic W4 path; - where a forced split does not fit)\n");
+  std::printf("| model | layer | M | cuBLAS us | cuBLAS TF/s | dequant+cuBLAS us | ratio | wgmma 128 / 256-token tiles us | warp-specialized 128-token tiles, k splits 1 / 2 us | warp-specialized 256-token tiles, k splits 1 / 2 / 3 / 4 us | fastest (kernel/splits) | ratio | W4 auto us | W4 TF/s | ratio | W4+EC auto us | EC/W4 |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   struct Mod {
     const Shape* sh;
@@ -350,14 +352,16 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
     }
     for (int64_t m : ms) {
       double sum_cub = 0, sum_auto = 0, sum_best = 0;
-      std::vector<int> best_pk;  // per shape, the fastest measured path (1, 2, 3)
+      // per shape, the fastest measured path: prefill_kernel, prefill_splits
+      std::vector<std::pair<int, int>> best;
       for (Mod& md : mods) {
         const Shape& sh = *md.sh;
         const int nrot = static_cast<int>(md.rot.size());
         CKS(ws->Reserve(*md.rot[0], m));
         const double flops = 2.0 * m * sh.n * sh.k;
         const int reps = std::max(nrot, 6);
-        // splits: W4CudaParams::prefill_splits (wgmma kernel; 0 automatic).
+        // splits: W4CudaParams::prefill_splits (wgmma kernels; 0 automatic).
+        // Infinity where the eager call refuses the forced splits.
         auto w4 = [&](int pk, bool ec, int splits = 0) {
           // One eager call first: the dequantizing path grows its scratch
           // then (not allowed inside the capture).
@@ -366,7 +370,11 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
           p0.prefill_kernel = pk;
           p0.prefill_splits = splits;
           p0.use_ec = ec;
-          CKS(cuda::W4Linear(*md.rot[0], p0, ws, g_stream));
+          const absl::Status st = cuda::W4Linear(*md.rot[0], p0, ws, g_stream);
+          if (splits > 1 && st.code() == absl::StatusCode::kInvalidArgument) {
+            return std::numeric_limits<double>::infinity();
+          }
+          CKS(st);
           CK(cudaStreamSynchronize(g_stream));
           return TimeGraph(reps, [&](int i) {
             cuda::W4CudaParams p = bench::GemmParams(x, m, sh.k, y16, sh.n);
@@ -383,17 +391,16 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
                            sh.k, x, CUDA_R_16F, sh.k, &zero, y16, CUDA_R_16F, sh.n,
                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         });
-        const double t_deq = w4(1, false), t_g1 = w4(2, false, g_prefill_splits),
-                     t_g2 = w4(3, false, g_prefill_splits);
+        // The candidates: {prefill_kernel, prefill_splits} and their times.
+        std::vector<std::pair<int, int>> cand = {{1, 0}, {2, g_prefill_splits}, {3, g_prefill_splits},
+                                                 {2 | 128, 1}, {2 | 128, 2}, {3 | 128, 1},
+                                                 {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4}};
+        std::vector<double> t(cand.size());
+        for (size_t c = 0; c < cand.size(); ++c) t[c] = w4(cand[c].first, false, cand[c].second);
         const double t_auto = w4(0, false), t_ec = w4(0, true);
-        const double t_w1 = w4(2 | 128, false), t_w2 = w4(3 | 128, false);
-        const double t_best = std::min({t_deq, t_g1, t_g2, t_w1, t_w2});
-        best_pk.push_back(t_best == t_deq  ? 1
-                          : t_best == t_g1 ? 2
-                          : t_best == t_g2 ? 3
-                          : t_best == t_w1 ? (2 | 128)
-                                           : (3 | 128));
-        sum_best += t_best;
+        const size_t ib = static_cast<size_t>(std::min_element(t.begin(), t.end()) - t.begin());
+        best.push_back(cand[ib]);
+        sum_best += t[ib];
         if (g_prefill_split) {
           std::printf("| %s | %s | %lld | timing splits (wrong output), 128 / 256-token tiles: no dequantization %.1f / %.1f us, no A loads either %.1f / %.1f us |\n",
                       sh.model, sh.layer, static_cast<long long>(m), w4(2 + 32, false),
@@ -401,9 +408,16 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
         }
         sum_cub += t_cub;
         sum_auto += t_auto;
-        std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.2f | %.1f | %.2f | %.1f | %.2f | %.1f / %.1f | %.1f | %.0f | %.2f | %.1f | %.2f |\n",
+        auto us = [](double v) {
+          char b[32] = "-";
+          if (!std::isinf(v)) std::snprintf(b, sizeof b, "%.1f", v);
+          return std::string(b);
+        };
+        std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.2f | %s / %s | %s / %s | %s / %s / %s / %s | %d/%d | %.2f | %.1f | %.0f | %.2f | %.1f | %.2f |\n",
                     sh.model, sh.layer, static_cast<long long>(m), t_cub, flops / t_cub * 1e-6,
-                    t_deq, t_deq / t_cub, t_g1, t_g1 / t_cub, t_g2, t_g2 / t_cub, t_w1, t_w2, t_auto,
+                    t[0], t[0] / t_cub, us(t[1]).c_str(), us(t[2]).c_str(), us(t[3]).c_str(),
+                    us(t[4]).c_str(), us(t[5]).c_str(), us(t[6]).c_str(), us(t[7]).c_str(),
+                    us(t[8]).c_str(), cand[ib].first, cand[ib].second, t[ib] / t_cub, t_auto,
                     flops / t_auto * 1e-6, t_auto / t_cub, t_ec, t_ec / t_auto);
         std::fflush(stdout);
       }
@@ -431,15 +445,18 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
           Mod& md = mods[j];
           cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
           p.force_prefill = true;
-          p.prefill_kernel = best_pk[j];
+          p.prefill_kernel = best[j].first;
+          p.prefill_splits = best[j].second;
           p.use_ec = false;
           CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
         }
       });
       std::printf("| %s | layer (4 GEMMs, one graph) | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), l_cub, l_auto, l_auto / l_cub);
-      std::printf("| %s | layer, each GEMM on its fastest path (%d %d %d %d) | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
-                  model, best_pk[0], best_pk[1], best_pk[2], best_pk[3], static_cast<long long>(m),
+      std::printf("| %s | layer, each GEMM on its fastest path (%d/%d %d/%d %d/%d %d/%d) | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
+                  model, best[0].first, best[0].second, best[1].first, best[1].second,
+                  best[2].first, best[2].second, best[3].first, best[3].second,
+                  static_cast<long long>(m),
                   l_cub, l_best, l_best / l_cub);
       std::printf("| %s | sum of the rows above | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), sum_cub, sum_auto, sum_auto / sum_cub);

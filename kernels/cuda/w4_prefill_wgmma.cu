@@ -182,6 +182,90 @@ __device__ __forceinline__ void Dequant(uint32_t w, uint2 szw, uint32_t (&a)[4])
   }
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The epilogue's store of a block's tile (staged in shared memory, [NT
+// tokens][128 columns] in rows of kEpiLd floats, columns from c0), by 256
+// threads (tid 0..255; sync() a barrier over them, is_last a shared int):
+// with a k split, every split's tile to part[z] ([m][n] per split), then a
+// ticket per tile (threadFenceReduction's pattern), and the last split to
+// arrive adds the splits' tiles in the order z = 0, 1, ... (deterministic);
+// then bias, accumulate and the fp32 / fp16 output, four columns per
+// thread, coalesced.
+constexpr int kEpiLd = 132;
+template <int NT, class Sync>
+__device__ __forceinline__ void StoreTile(const Args& a, const float* tile, int m0, int c0, int tid,
+                                          int* is_last, Sync sync) {
+  constexpr int kLd = kEpiLd;
+  const size_t plane = static_cast<size_t>(a.m) * a.n;
+  if (a.ksplits > 1) {
+    float* pz = a.part + blockIdx.z * plane;
+    for (int q = tid; q < NT * 32; q += 256) {
+      const int r = q >> 5, c = (q & 31) * 4;
+      if (m0 + r >= a.m) continue;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (c0 + c + u < a.n) __stcg(pz + static_cast<size_t>(m0 + r) * a.n + c0 + c + u, tile[r * kLd + c + u]);
+      }
+    }
+    __threadfence();
+    sync();
+    int* ticket = a.tickets + (blockIdx.y * gridDim.x + blockIdx.x);
+    if (tid == 0) *is_last = atomicAdd(ticket, 1) == a.ksplits - 1;
+    sync();
+    if (!*is_last) return;
+    __threadfence();
+    if (tid == 0) *ticket = 0;  // zero again for the next call
+  }
+  const int own = static_cast<int>(blockIdx.z);
+#pragma unroll 2
+  for (int q = tid; q < NT * 32; q += 256) {
+    const int r = q >> 5, c = (q & 31) * 4, tok = m0 + r;
+    if (tok >= a.m) continue;
+    float v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = tile[r * kLd + c + u];
+    if (a.ksplits > 1) {
+      // sum over z in order; this block's own split from shared memory
+      // (the same bits it stored)
+      float w[4][4];
+#pragma unroll
+      for (int z = 0; z < 4; ++z) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int col = c0 + c + u;
+          w[z][u] = z < a.ksplits && z != own && col < a.n
+                        ? __ldcg(a.part + z * plane + static_cast<size_t>(tok) * a.n + col)
+                        : v[u];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        float t = w[0][u];
+#pragma unroll
+        for (int z = 1; z < 4; ++z) {
+          if (z < a.ksplits) t += w[z][u];
+        }
+        v[u] = t;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int col = c0 + c + u;
+      if (col >= a.n) continue;
+      float x = v[u];
+      if (a.bias != nullptr) x += a.bias[col];
+      const long long idx = tok * a.ldy + col;
+      if (a.y32 != nullptr) {
+        a.y32[idx] = a.accumulate ? a.y32[idx] + x : x;
+      } else {
+        a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + x : x);
+      }
+    }
+  }
+}
+
+#endif
+
 template <int NT>
 __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
     W4WgmmaKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
@@ -377,7 +461,7 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
   // epilogue before (bias, accumulate, fp32 / fp16 branches for each of 128
   // elements: ~10 K instructions, each fetched once) stalled on instruction
   // fetch for about as long as the main loop ran (ncu, call 5).
-  constexpr int kLd = 132;
+  constexpr int kLd = kEpiLd;
   static_assert(NT * kLd * 4 <= C::kStages * C::kStageBytes, "the epilogue tile must fit");
   __syncthreads();  // every warp is past its last wgmma: the stages are free
   float* tile = reinterpret_cast<float*>(sbase);
@@ -393,77 +477,8 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
     }
   }
   __syncthreads();
-  const int c0 = tile0 * 64;  // the block's first output column
-  const size_t plane = static_cast<size_t>(a.m) * a.n;
-  // Split-K: every split's tile to part[z] ([m][n] per split), then a ticket
-  // per tile (threadFenceReduction's pattern); the last split to arrive adds
-  // the splits' tiles in the order z = 0, 1, ... (deterministic) below.
-  if (a.ksplits > 1) {
-    float* pz = a.part + blockIdx.z * plane;
-    for (int q = tid; q < NT * 32; q += 256) {
-      const int r = q >> 5, c = (q & 31) * 4;
-      if (m0 + r >= a.m) continue;
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        if (c0 + c + u < a.n) __stcg(pz + static_cast<size_t>(m0 + r) * a.n + c0 + c + u, tile[r * kLd + c + u]);
-      }
-    }
-    __threadfence();
-    __syncthreads();
-    __shared__ int is_last;
-    int* ticket = a.tickets + (blockIdx.y * gridDim.x + blockIdx.x);
-    if (tid == 0) is_last = atomicAdd(ticket, 1) == a.ksplits - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    if (tid == 0) *ticket = 0;  // zero again for the next call
-  }
-  const int own = static_cast<int>(blockIdx.z);
-#pragma unroll 2
-  for (int q = tid; q < NT * 32; q += 256) {
-    const int r = q >> 5, c = (q & 31) * 4, tok = m0 + r;
-    if (tok >= a.m) continue;
-    float v[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) v[u] = tile[r * kLd + c + u];
-    if (a.ksplits > 1) {
-      // sum over z in order; this block's own split from shared memory
-      // (the same bits it stored)
-      float w[4][4];
-#pragma unroll
-      for (int z = 0; z < 4; ++z) {
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int col = c0 + c + u;
-          w[z][u] = z < a.ksplits && z != own && col < a.n
-                        ? __ldcg(a.part + z * plane + static_cast<size_t>(tok) * a.n + col)
-                        : v[u];
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        float t = w[0][u];
-#pragma unroll
-        for (int z = 1; z < 4; ++z) {
-          if (z < a.ksplits) t += w[z][u];
-        }
-        v[u] = t;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int col = c0 + c + u;
-      if (col >= a.n) continue;
-      float x = v[u];
-      if (a.bias != nullptr) x += a.bias[col];
-      const long long idx = tok * a.ldy + col;
-      if (a.y32 != nullptr) {
-        a.y32[idx] = a.accumulate ? a.y32[idx] + x : x;
-      } else {
-        a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + x : x);
-      }
-    }
-  }
+  __shared__ int is_last;
+  StoreTile<NT>(a, tile, m0, tile0 * 64, tid, &is_last, [] { __syncthreads(); });
 #else
   __trap();  // host code launches this only where the sm_90a binary was picked
 #endif
@@ -479,7 +494,7 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
 // group, release its slot on the `empty` mbarrier, one arrival per warp).
 // No block barrier per stage (v20's kernel waits on one per stage); the
 // producer keeps 40 registers and the consumers take 232 (setmaxnreg).
-// No k split (ksplits 1 only).
+// The k split and the epilogue's store are W4WgmmaKernel's (StoreTile).
 __device__ __forceinline__ void WaitParity(unsigned bar, unsigned parity) {
   unsigned done = 0;
   while (!done) {
@@ -514,7 +529,11 @@ __global__ void __launch_bounds__(384, 1)
   const int wg = warp >> 2, wl = warp & 3, gid = lane >> 2, tig = lane & 3;
   const int m0 = blockIdx.x * NT;
   const int tile0 = blockIdx.y * C::kTiles;
-  const int cnt = a.ksteps / 4;  // even (kp is a multiple of 128)
+  // This split's stages [kbeg, kbeg + cnt), cnt even and > 0 (as
+  // W4WgmmaKernel's; one split: all of k).
+  const int nst = a.ksteps / 4;  // even (kp is a multiple of 128)
+  const int kbeg = static_cast<int>(blockIdx.z) * a.per;
+  const int cnt = min(nst, kbeg + a.per) - kbeg;
   auto stage_addr = [&](int slot) { return base + slot * C::kStageBytes; };
   auto bar = [&](uint64_t* b, int slot) {
     return static_cast<unsigned>(__cvta_generic_to_shared(&b[slot]));
@@ -534,7 +553,7 @@ __global__ void __launch_bounds__(384, 1)
       const int slot = j % S;
       if (j >= S) WaitParity(bar(empty, slot), static_cast<unsigned>(((j / S) + 1) & 1));
       const unsigned xs = stage_addr(slot), wsm = xs + kXBytes, szs = wsm + C::kWBytes;
-      const int kb = j * 64;
+      const int ks = kbeg + j, kb = ks * 64;
       const int g0 = min(kb >> a.gshift, a.ngroups - 1), g1 = min((kb + 63) >> a.gshift, a.ngroups - 1);
       unsigned bytes = kXBytes;
       for (int ti = 0; ti < C::kTiles; ++ti) {
@@ -551,7 +570,7 @@ __global__ void __launch_bounds__(384, 1)
       for (int ti = 0; ti < C::kTiles; ++ti) {
         const int t = tile0 + ti;
         if (t >= a.ntiles) continue;
-        BulkG2S(wsm + ti * 2048, a.qw + (static_cast<size_t>(t) * a.ksteps + 4 * j) * 32, 2048, fb);
+        BulkG2S(wsm + ti * 2048, a.qw + (static_cast<size_t>(t) * a.ksteps + 4 * ks) * 32, 2048, fb);
         BulkG2S(szs + ti * 512, a.sz + (static_cast<size_t>(t) * a.ngroups + g0) * 64, 256, fb);
         if (g1 != g0) {
           BulkG2S(szs + ti * 512 + 256, a.sz + (static_cast<size_t>(t) * a.ngroups + g1) * 64, 256, fb);
@@ -572,7 +591,7 @@ __global__ void __launch_bounds__(384, 1)
     const unsigned xs = stage_addr(slot);
     const unsigned char* wsm = sbase + slot * C::kStageBytes + kXBytes;
     const unsigned char* szs = wsm + C::kWBytes;
-    const int kb = j * 64, g0 = min(kb >> a.gshift, a.ngroups - 1);
+    const int kb = (kbeg + j) * 64, g0 = min(kb >> a.gshift, a.ngroups - 1);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const int gl = min((kb + 16 * q) >> a.gshift, a.ngroups - 1) - g0;
@@ -616,7 +635,7 @@ __global__ void __launch_bounds__(384, 1)
   }
   // Epilogue: as W4WgmmaKernel's, by the 256 consumer threads (named
   // barrier 1; the producer warps have left).
-  constexpr int kLd = 132;
+  constexpr int kLd = kEpiLd;
   static_assert(NT * kLd * 4 <= C::kStages * C::kStageBytes, "the epilogue tile must fit");
   const int ct = tid - 128;
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
@@ -628,25 +647,9 @@ __global__ void __launch_bounds__(384, 1)
     for (int e = 0; e < 4; ++e) tile[(8 * jn + 2 * tig + (e & 1)) * kLd + cb + 8 * (e >> 1)] = acc[4 * jn + e];
   }
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
-  const int c0 = tile0 * 64;
-#pragma unroll 2
-  for (int q = ct; q < NT * 32; q += 256) {
-    const int r = q >> 5, c = (q & 31) * 4, tok = m0 + r;
-    if (tok >= a.m) continue;
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int col = c0 + c + u;
-      if (col >= a.n) continue;
-      float x = tile[r * kLd + c + u];
-      if (a.bias != nullptr) x += a.bias[col];
-      const long long idx = tok * a.ldy + col;
-      if (a.y32 != nullptr) {
-        a.y32[idx] = a.accumulate ? a.y32[idx] + x : x;
-      } else {
-        a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + x : x);
-      }
-    }
-  }
+  __shared__ int is_last;
+  StoreTile<NT>(a, tile, m0, tile0 * 64, ct, &is_last,
+                [] { asm volatile("bar.sync 1, 256;\n" ::: "memory"); });
 #else
   __trap();
 #endif
@@ -806,11 +809,9 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
     return absl::InternalError(absl::StrCat("W4 prefill: cuTensorMapEncodeTiled failed: ", cr));
   }
   const unsigned gy = static_cast<unsigned>((w.ntiles + 1) / 2);
-  if ((flags & 128) != 0) {  // v34: the warp-specialized kernel (no k split)
-    if (a.ksplits != 1) {
-      return absl::InvalidArgumentError("W4 prefill: the warp-specialized kernel has no k split");
-    }
-    const dim3 grid(static_cast<unsigned>((m + tokens - 1) / tokens), gy);
+  if ((flags & 128) != 0) {  // v34: the warp-specialized kernel
+    const dim3 grid(static_cast<unsigned>((m + tokens - 1) / tokens), gy,
+                    static_cast<unsigned>(a.ksplits));
     if (tokens == 128) {
       SPEAR_CUDA_RETURN_IF_ERROR(wgk::PrepareWs<128>());
       wgk::W4WgmmaWsKernel<128><<<grid, 384, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);

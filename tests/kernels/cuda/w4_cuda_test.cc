@@ -586,18 +586,22 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
       c.symmetric = v % 5 == 4;
       // v33: the wgmma kernel's k split automatic (no split) or forced to
       // one; forced splits of 2..4 follow.
-      c.prefill_splits = kernel > 1 && kernel < 128 && v % 3 == 0 ? 1 : 0;
+      c.prefill_splits = kernel > 1 && v % 3 == 0 ? 1 : 0;
       ++v;
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;
     }
   }
   if (major == 9) {
-    // Forced k splits: 4 over k = 14336 (56 stages each), 3 over k = 1024.
+    // Forced k splits: 4 over k = 14336 (56 stages each), 3 over k = 1024;
+    // both kernels (v34: + 128, the warp-specialized one).
     for (const auto& [sh, kernel, splits] :
          {std::tuple<S, int, int>{{72, 14336, 128, 136}, 3, 4},
           std::tuple<S, int, int>{{1100, 1024, 128, 130}, 2, 3},
-          std::tuple<S, int, int>{{330, 2048, 128, 257}, 3, 2}}) {
+          std::tuple<S, int, int>{{330, 2048, 128, 257}, 3, 2},
+          std::tuple<S, int, int>{{72, 14336, 128, 300}, 3 | 128, 4},
+          std::tuple<S, int, int>{{1100, 1024, 128, 130}, 2 | 128, 3},
+          std::tuple<S, int, int>{{330, 2048, 64, 257}, 3 | 128, 2}}) {
       Case c{sh.n, sh.k, sh.g, sh.m};
       c.force_prefill = true;
       c.prefill_kernel = kernel;
@@ -622,24 +626,28 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
     dx.Up(xh);
     DevBuf<float> dy(static_cast<size_t>(300 * 1100));
     cuda::W4CudaParams p = prefill_params(dx.get(), 300, 4096, dy.get(), 1100, 3);
-    std::vector<float> one_split, four;
-    for (const int splits : {1, 4, 4, 2, 4}) {
-      p.prefill_splits = splits;
-      dy.Poison();
-      ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), nullptr).ok()) << splits;
-      CUDA_OK(cudaDeviceSynchronize());
-      const std::vector<float> out = dy.Down();
-      if (splits == 1) {
-        one_split = out;
-        continue;
-      }
-      if (splits == 4 && four.empty()) {
-        four = out;
-      } else if (splits == 4) {
-        ASSERT_EQ(std::memcmp(four.data(), out.data(), out.size() * 4), 0) << "split 4 twice";
-      }
-      for (size_t i = 0; i < out.size(); ++i) {
-        ASSERT_NEAR(out[i], one_split[i], 1e-4 * (1 + std::fabs(one_split[i]))) << splits << " " << i;
+    for (const int kernel : {3, 3 | 128, 2 | 128}) {
+      p.prefill_kernel = kernel;
+      std::vector<float> one_split, four;
+      for (const int splits : {1, 4, 4, 2, 4}) {
+        p.prefill_splits = splits;
+        dy.Poison();
+        ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), nullptr).ok()) << kernel << " " << splits;
+        CUDA_OK(cudaDeviceSynchronize());
+        const std::vector<float> out = dy.Down();
+        if (splits == 1) {
+          one_split = out;
+          continue;
+        }
+        if (splits == 4 && four.empty()) {
+          four = out;
+        } else if (splits == 4) {
+          ASSERT_EQ(std::memcmp(four.data(), out.data(), out.size() * 4), 0) << "split 4 twice";
+        }
+        for (size_t i = 0; i < out.size(); ++i) {
+          ASSERT_NEAR(out[i], one_split[i], 1e-4 * (1 + std::fabs(one_split[i])))
+              << "kernel " << kernel << " splits " << splits << " " << i;
+        }
       }
     }
     // Splits that leave a split empty, or out of range: InvalidArgument.
