@@ -187,7 +187,7 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
     if (tokens > 0) {
       // Bias in the kernel's epilogue.
       if (absl::Status st = LaunchPrefillWgmma(d, x, p.m, ldx, p.bias, p.y_f32, p.y_f16, p.ldy,
-                                               p.accumulate, tokens, stream, p.prefill_kernel & (96 | 128),
+                                               p.accumulate, tokens, stream, p.prefill_kernel & (96 | 128 | 256),
                                                s, p.prefill_splits);
           !st.ok()) {
         return st;

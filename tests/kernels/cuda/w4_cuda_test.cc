@@ -567,8 +567,9 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
   const S shapes[] = {{200, 256, 64, 65},   {384, 1000, 1000, 300}, {330, 2048, 128, 257},
                       {130, 512, 32, 129},  {64, 136, 136, 1000},   {1100, 1024, 128, 130},
                       {72, 14336, 128, 136}};
-  // + 128 (v34): the warp-specialized form of the 128- / 256-token kernel.
-  for (const int kernel : {1, 2, 3, 2 | 128, 3 | 128}) {
+  // + 128 (v34): the warp-specialized form of the 128- / 256-token kernel
+  // (+ 256: in clusters of two blocks sharing the x tile).
+  for (const int kernel : {1, 2, 3, 2 | 128, 3 | 128, 2 | 128 | 256, 3 | 128 | 256}) {
     if (kernel > 1 && major != 9) {
       std::printf("[ SKIPPED  ] the wgmma prefill kernel: device is sm_%d0, not sm_90\n", major);
       break;
@@ -601,7 +602,9 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
           std::tuple<S, int, int>{{330, 2048, 128, 257}, 3, 2},
           std::tuple<S, int, int>{{72, 14336, 128, 300}, 3 | 128, 4},
           std::tuple<S, int, int>{{1100, 1024, 128, 130}, 2 | 128, 3},
-          std::tuple<S, int, int>{{330, 2048, 64, 257}, 3 | 128, 2}}) {
+          std::tuple<S, int, int>{{330, 2048, 64, 257}, 3 | 128, 2},
+          std::tuple<S, int, int>{{72, 14336, 128, 300}, 3 | 128 | 256, 4},
+          std::tuple<S, int, int>{{1100, 1024, 128, 130}, 2 | 128 | 256, 2}}) {
       Case c{sh.n, sh.k, sh.g, sh.m};
       c.force_prefill = true;
       c.prefill_kernel = kernel;
@@ -626,7 +629,7 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
     dx.Up(xh);
     DevBuf<float> dy(static_cast<size_t>(300 * 1100));
     cuda::W4CudaParams p = prefill_params(dx.get(), 300, 4096, dy.get(), 1100, 3);
-    for (const int kernel : {3, 3 | 128, 2 | 128}) {
+    for (const int kernel : {3, 3 | 128, 2 | 128, 3 | 128 | 256}) {
       p.prefill_kernel = kernel;
       std::vector<float> one_split, four;
       for (const int splits : {1, 4, 4, 2, 4}) {
