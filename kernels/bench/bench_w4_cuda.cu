@@ -324,6 +324,7 @@ int g_prefill_cluster = 0;
 // path, every GEMM on its own weights), and the same with each GEMM on the
 // path that was fastest for its shape. only (--only=MODEL/LAYER, e.g. 8B/o):
 // that shape's rows only, no layer rows.
+constexpr int64_t kPrefillMin = cuda::kPrefillM;
 int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y16,
                  const uint16_t* wpool, size_t pool_halfs, cublasHandle_t cub,
                  cuda::W4Workspace* ws, std::mt19937& rng, const std::string& only) {
@@ -352,6 +353,20 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
         CK(cudaMemcpy(md.w16 + o, wpool, std::min(pool_halfs, halfs - o) * 2, cudaMemcpyDeviceToDevice));
       }
       mods.push_back(std::move(md));
+    }
+    // v34: the automatic columns as a loaded model runs them: each shape's
+    // prefill kernel measured by TunePrefill over its rotated copies.
+    const int64_t max_m = std::max<int64_t>(kPrefillMin, *std::max_element(ms.begin(), ms.end()));
+    for (Mod& md : mods) {
+      std::vector<cuda::W4DeviceWeight*> ptrs;
+      for (auto& r : md.rot) ptrs.push_back(r.get());
+      CKS(cuda::TunePrefill(ptrs, max_m, ws, g_stream));
+      std::printf("TunePrefill %s %s:", model, md.sh->layer);
+      for (int b = 0; b < cuda::W4DeviceWeight::kPrefillBuckets && (int64_t{64} << b) <= max_m; ++b) {
+        const auto t = md.rot[0]->prefill_tuning(int64_t{64} << b);
+        std::printf(" m %lld: %d/%d", static_cast<long long>(int64_t{64} << b), t.kernel, t.splits);
+      }
+      std::printf("\n");
     }
     for (int64_t m : ms) {
       double sum_cub = 0, sum_auto = 0, sum_best = 0;
@@ -487,6 +502,22 @@ int Main(int argc, char** argv) {
   };
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
+    // Flags ending in '=' take a value; the others are exact.
+    static const char* const kFlags[] = {
+        "--torch=",        "--only=",        "--ms=",        "--quick",           "--decode",
+        "--no-layer",      "--prefill-ec=",  "--sweep",      "--profile",         "--prefill",
+        "--prefill-split", "--prefill-splits=", "--prefill-cluster", "--ec-latency=", "--ec-ranks=",
+        "--ec-ms=",        "--group="};
+    bool known = false;
+    for (const char* f : kFlags) {
+      const std::string fs(f);
+      known = known || (fs.back() == '=' ? a.rfind(fs, 0) == 0 : a == fs);
+    }
+    if (!known) {
+      std::fprintf(stderr, "unknown flag %s (see the comment at the top of bench_w4_cuda.cu)\n",
+                   a.c_str());
+      return 2;
+    }
     if (a.rfind("--torch=", 0) == 0) torch_csv = a.substr(8);
     if (a.rfind("--only=", 0) == 0) only = a.substr(7);  // e.g. 8B/gate_up
     if (a.rfind("--ms=", 0) == 0) {

@@ -208,6 +208,7 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Clone() const {
   out->ec_bytes_ = ec_bytes_;
   out->extra_bytes_ = extra_bytes_;
   for (int m = 0; m <= kMaxTunedM; ++m) out->tuning_[m] = tuning_[m];
+  for (int b = 0; b < kPrefillBuckets; ++b) out->prefill_tuning_[b] = prefill_tuning_[b];
   Impl& o = *out->impl_;
   const Impl& d = *impl_;
   o = d;

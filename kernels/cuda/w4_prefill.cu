@@ -11,6 +11,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <utility>
+
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/w4_layout.h"
@@ -110,14 +113,29 @@ absl::Status LaunchAddBias(const float* bias, int64_t m, int64_t n, float* y32, 
 }
 
 // The main GEMM's kernel: 0 dequantize + cuBLAS, else the wgmma kernel's
-// token tile (128 or 256), only where p.prefill_kernel asks for it
-// (LaunchPrefillWgmma reports what it cannot run). Automatic is the
-// dequantizing path: the wgmma kernel measured slower on every prefill
-// shape so far (docs/results/gpu.md, "v19: a wgmma prefill kernel").
-static int PrefillWgmmaTokens(const W4CudaParams& p) {
-  if ((p.prefill_kernel & 15) == 2) return 128;
-  if ((p.prefill_kernel & 15) == 3) return 256;
+// token tile (128 or 256) of `kernel` (W4CudaParams::prefill_kernel).
+static int PrefillWgmmaTokens(int kernel) {
+  if ((kernel & 15) == 2) return 128;
+  if ((kernel & 15) == 3) return 256;
   return 0;
+}
+
+// The main GEMM's kernel and k splits for this call: what the caller forces
+// (LaunchPrefillWgmma reports what it cannot run), else the weight's
+// measured choice for m (TunePrefill, v34) where the wgmma kernels can run
+// it, with its splits as a preference (-splits: unsplit where they do not
+// fit this m), else dequantize + cuBLAS ({1, 0}). Without a measurement the
+// dequantizing path is the default: the wgmma kernels win or lose by shape
+// and m (docs/results/gpu.md, v34).
+static std::pair<int, int> PrefillChoice(const W4DeviceWeight& w, const W4CudaParams& p,
+                                         const uint16_t* x, int64_t ldx) {
+  if (p.prefill_kernel != 0 || p.prefill_splits != 0) return {p.prefill_kernel, p.prefill_splits};
+  const W4DeviceWeight::PrefillTuning t = w.prefill_tuning(p.m);
+  if (t.kernel == 0 || w.impl().k % 8 != 0 || ldx % 8 != 0 ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0 || !PrefillWgmmaAvailable()) {
+    return {1, 0};
+  }
+  return {t.kernel, -std::max(t.splits, 1)};
 }
 
 absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
@@ -183,12 +201,13 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
     const cudaDataType_t yt = p.y_f32 != nullptr ? CUDA_R_32F : CUDA_R_16F;
     // (the handle serves the EC's y += V B^T below as well)
     SPEAR_CUBLAS_RETURN_IF_ERROR(blas::SetStream(s.cublas, stream));
-    const int tokens = PrefillWgmmaTokens(p);
+    const auto [kernel, splits] = PrefillChoice(w, p, x, ldx);
+    const int tokens = PrefillWgmmaTokens(kernel);
     if (tokens > 0) {
       // Bias in the kernel's epilogue.
       if (absl::Status st = LaunchPrefillWgmma(d, x, p.m, ldx, p.bias, p.y_f32, p.y_f16, p.ldy,
-                                               p.accumulate, tokens, stream, p.prefill_kernel & (96 | 128 | 256),
-                                               s, p.prefill_splits);
+                                               p.accumulate, tokens, stream,
+                                               kernel & (96 | 128 | 256), s, splits);
           !st.ok()) {
         return st;
       }

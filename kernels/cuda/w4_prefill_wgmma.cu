@@ -826,7 +826,9 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   // v33: split-K over the grid's z (PrefillWgmmaSplits), the tiles'
   // partials in the workspace's fp16 weight scratch (unused on this path),
   // the tickets in its counters.
-  const int sp = PrefillWgmmaSplits(m, w.n, w.kp, tokens, ws.wh_elems / 2, ksplits);
+  // ksplits < 0: -ksplits preferred, unsplit where they do not fit.
+  int sp = PrefillWgmmaSplits(m, w.n, w.kp, tokens, ws.wh_elems / 2, ksplits < 0 ? -ksplits : ksplits);
+  if (ksplits < 0 && sp == 0) sp = 1;
   if (sp == 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "W4 prefill: ", ksplits, " k splits do not fit this shape or the workspace (m=", m,

@@ -35,32 +35,43 @@ struct Buffers {
   }
 };
 
-}  // namespace
-
-absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, W4Workspace* ws,
-                        cudaStream_t stream) {
+// The arguments both tuners share: weights of one shape, a workspace, a
+// stream not being captured.
+absl::Status CheckTuneArgs(const char* name, const std::vector<W4DeviceWeight*>& weights,
+                           const W4Workspace* ws, cudaStream_t stream) {
   if (weights.empty() || ws == nullptr) {
-    return absl::InvalidArgumentError("TuneDecode: no weights or no workspace");
+    return absl::InvalidArgumentError(absl::StrCat(name, ": no weights or no workspace"));
   }
-  if (max_m < 1 || max_m > W4DeviceWeight::kMaxTunedM) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("TuneDecode: max_m ", max_m, " outside 1..", W4DeviceWeight::kMaxTunedM));
+  for (const W4DeviceWeight* w : weights) {
+    if (w == nullptr) return absl::InvalidArgumentError(absl::StrCat(name, ": a null weight"));
   }
   const W4Format& f = weights[0]->fmt();
   for (const W4DeviceWeight* w : weights) {
-    if (w == nullptr) return absl::InvalidArgumentError("TuneDecode: a null weight");
     const W4Format& g = w->fmt();
     if (!(g == f)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "TuneDecode: weights of different shapes (", f.n, "x", f.k, " g", f.group_size, " vs ",
+          name, ": weights of different shapes (", f.n, "x", f.k, " g", f.group_size, " vs ",
           g.n, "x", g.k, " g", g.group_size, ")"));
     }
   }
   cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
   SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &cap));
   if (cap != cudaStreamCaptureStatusNone) {
-    return absl::FailedPreconditionError("TuneDecode: the stream is being captured");
+    return absl::FailedPreconditionError(absl::StrCat(name, ": the stream is being captured"));
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, W4Workspace* ws,
+                        cudaStream_t stream) {
+  if (max_m < 1 || max_m > W4DeviceWeight::kMaxTunedM) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("TuneDecode: max_m ", max_m, " outside 1..", W4DeviceWeight::kMaxTunedM));
+  }
+  if (absl::Status st = CheckTuneArgs("TuneDecode", weights, ws, stream); !st.ok()) return st;
+  const W4Format& f = weights[0]->fmt();
   Buffers b;
   const size_t xe = static_cast<size_t>(max_m) * f.k, ye = static_cast<size_t>(max_m) * f.n;
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.x, xe * 2));
@@ -127,6 +138,91 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
       }
     }
     for (W4DeviceWeight* w : weights) w->set_decode_tuning(m, pick);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t max_m,
+                         W4Workspace* ws, cudaStream_t stream) {
+  if (max_m < kPrefillM || max_m > 65536) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("TunePrefill: max_m ", max_m, " outside ", kPrefillM, "..65536"));
+  }
+  if (absl::Status st = CheckTuneArgs("TunePrefill", weights, ws, stream); !st.ok()) return st;
+  for (W4DeviceWeight* w : weights) {
+    for (int bk = 0; bk < W4DeviceWeight::kPrefillBuckets; ++bk) w->set_prefill_tuning(bk, {});
+  }
+  if (!PrefillWgmmaAvailable()) return absl::OkStatus();  // dequantize + cuBLAS only
+  const W4Format& f = weights[0]->fmt();
+  if (f.k % 8 != 0) return absl::OkStatus();  // the wgmma kernels need k % 8 == 0
+  if (absl::Status st = ws->Reserve(*weights[0], max_m); !st.ok()) return st;
+  Buffers b;
+  const size_t xe = static_cast<size_t>(max_m) * f.k, ye = static_cast<size_t>(max_m) * f.n;
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.x, xe * 2));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.y, ye * 2));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b.x, 0, xe * 2, stream));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&b.e0));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&b.e1));
+  // Launches per timing: every weight once, at least 8 (a prefill launch
+  // runs for 10 us or more).
+  const int nw = static_cast<int>(weights.size());
+  const int launches = std::max(8, nw);
+  // The candidates (W4CudaParams::prefill_kernel, prefill_splits): the
+  // plain wgmma kernel (128- / 256-token tiles), the warp-specialized one
+  // with 1..4 k splits (more splits fill the SMs at small m and long k),
+  // and its clusters of two (docs/results/gpu.md, v34).
+  static constexpr int kCand[][2] = {{2, 1},       {3, 1},       {2 | 128, 1}, {2 | 128, 2},
+                                     {3 | 128, 1}, {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4},
+                                     {2 | 384, 1}, {3 | 384, 1}, {3 | 384, 2}};
+  for (int bk = 0; bk < W4DeviceWeight::kPrefillBuckets; ++bk) {
+    const int64_t m = int64_t{64} << bk;
+    if (m > max_m) break;
+    W4CudaParams p;
+    p.x = b.x;
+    p.m = m;
+    p.ldx = f.k;
+    p.y_f16 = b.y;
+    p.ldy = f.n;
+    p.use_ec = false;
+    p.force_prefill = true;
+    // Microseconds per launch, the best of kRounds; -1: refused.
+    auto time = [&](int kernel, int splits, double* us) -> absl::Status {
+      p.prefill_kernel = kernel;
+      p.prefill_splits = splits;
+      const absl::Status first = W4Linear(*weights[0], p, ws, stream);  // warm-up; refusals
+      if (absl::IsInvalidArgument(first)) {
+        *us = -1;
+        return absl::OkStatus();
+      }
+      if (!first.ok()) return first;
+      double best = 1e30;
+      for (int r = 0; r < kRounds; ++r) {
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e0, stream));
+        for (int i = 0; i < launches; ++i) {
+          if (absl::Status st = W4Linear(*weights[i % nw], p, ws, stream); !st.ok()) return st;
+        }
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e1, stream));
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(b.e1));
+        float ms = 0;
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, b.e0, b.e1));
+        best = std::min(best, 1e3 * ms / launches);
+      }
+      *us = best;
+      return absl::OkStatus();
+    };
+    double base = 0;
+    if (absl::Status st = time(1, 0, &base); !st.ok()) return st;
+    W4DeviceWeight::PrefillTuning pick;
+    double pick_us = base * kMargin;
+    for (const auto& c : kCand) {
+      double us = 0;
+      if (absl::Status st = time(c[0], c[1], &us); !st.ok()) return st;
+      if (us > 0 && us < pick_us) {
+        pick_us = us;
+        pick = {c[0], c[1]};
+      }
+    }
+    for (W4DeviceWeight* w : weights) w->set_prefill_tuning(bk, pick);
   }
   return absl::OkStatus();
 }

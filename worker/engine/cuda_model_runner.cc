@@ -137,6 +137,13 @@ absl::Status CudaModelRunner::Init(const CudaRunnerOptions& o) {
                  *tuned,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
+  if (o.tune_prefill_max_m != 0) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto tuned = weights_->TunePrefill(ws_eager_.get(), o.tune_prefill_max_m, stream_);
+    if (!tuned.ok()) return tuned.status();
+    spdlog::info("CUDA: prefill GEMM kernels measured for {} weight shapes in {:.2f} s", *tuned,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
   // The graph workspace never grows after this (graphs hold its pointers).
   const int64_t reserve_m = std::max(max_graph_batch_, 1);
   auto reserve = [&](const DeviceLinear& lin) -> absl::Status {

@@ -72,6 +72,12 @@ struct CudaRunnerOptions {
   // (docs/results/gpu.md, v23: decode steps 0.3-6.4 % faster on the 8B
   // shape, 4.6-6.5 % on the 1B shape).
   bool tune_decode = true;
+  // At load, measure the prefill path's main GEMM (dequantize + cuBLAS or a
+  // wgmma kernel straight from the W4 layout) per weight shape for launches
+  // of 64 up to this many rows (DeviceModelWeights::TunePrefill; v34,
+  // docs/results/gpu.md); 0: off (dequantize + cuBLAS). 512 is the
+  // engine's default max_batch_tokens.
+  int64_t tune_prefill_max_m = 512;
 };
 
 class CudaModelRunner {

@@ -262,9 +262,7 @@ int64_t DeviceModelWeights::num_pieces() const {
   return n;
 }
 
-absl::StatusOr<int> DeviceModelWeights::TuneDecode(kernels::cuda::W4Workspace* ws,
-                                                   cudaStream_t stream) {
-  // Pieces grouped by shape (n, k, group size, symmetric), in model order.
+std::vector<std::vector<kernels::cuda::W4DeviceWeight*>> DeviceModelWeights::ShapeGroups() {
   std::vector<std::vector<kernels::cuda::W4DeviceWeight*>> groups;
   auto add = [&](DeviceLinear& lin) {
     for (DeviceLinear::Piece& p : lin.pieces) {
@@ -281,12 +279,27 @@ absl::StatusOr<int> DeviceModelWeights::TuneDecode(kernels::cuda::W4Workspace* w
     for (DeviceLinear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down}) add(*lin);
   }
   if (lm_head_w4_ != nullptr) add(*lm_head_w4_);
+  return groups;
+}
+
+absl::StatusOr<int> DeviceModelWeights::TuneDecode(kernels::cuda::W4Workspace* ws,
+                                                   cudaStream_t stream) {
+  const auto groups = ShapeGroups();
   for (const auto& g : groups) {
     if (absl::Status s = kernels::cuda::TuneDecode(g, kernels::cuda::W4DeviceWeight::kMaxTunedM, ws,
                                                    stream);
         !s.ok()) {
       return s;
     }
+  }
+  return static_cast<int>(groups.size());
+}
+
+absl::StatusOr<int> DeviceModelWeights::TunePrefill(kernels::cuda::W4Workspace* ws,
+                                                    int64_t max_m, cudaStream_t stream) {
+  const auto groups = ShapeGroups();
+  for (const auto& g : groups) {
+    if (absl::Status s = kernels::cuda::TunePrefill(g, max_m, ws, stream); !s.ok()) return s;
   }
   return static_cast<int>(groups.size());
 }

@@ -84,8 +84,15 @@ class DeviceModelWeights {
   // any forward (the one exception to "immutable after Create");
   // synchronous on `stream`. Returns the number of shapes tuned.
   absl::StatusOr<int> TuneDecode(kernels::cuda::W4Workspace* ws, cudaStream_t stream);
+  // The same for the prefill path's main GEMM at 64..max_m rows
+  // (kernels::cuda::TunePrefill: dequantize + cuBLAS or a wgmma kernel,
+  // per bucket of m). Returns the number of shapes tuned.
+  absl::StatusOr<int> TunePrefill(kernels::cuda::W4Workspace* ws, int64_t max_m,
+                                  cudaStream_t stream);
 
  private:
+  // The pieces grouped by shape (n, k, group size, symmetric), model order.
+  std::vector<std::vector<kernels::cuda::W4DeviceWeight*>> ShapeGroups();
   int64_t gate_cols_ = 0;
   DeviceModelWeights() = default;
   std::vector<DeviceLayer> layers_;

@@ -104,10 +104,31 @@ class W4DeviceWeight {
   void set_decode_tuning(int64_t m, DecodeTuning t) {
     if (m >= 1 && m <= kMaxTunedM) tuning_[m] = t;
   }
+  // The prefill path's main GEMM for launches of m rows, measured by
+  // TunePrefill per bucket of m (bucket b: 64 << b <= m < 128 << b, the
+  // last open-ended); kernel == 0: none (dequantize + cuBLAS). W4Linear
+  // uses it where the caller forces nothing (prefill_kernel and
+  // prefill_splits 0), on an sm_90 device with k, ldx multiples of 8 and
+  // x 16-byte aligned; splits that do not fit the call's m run unsplit.
+  // Copied by Clone.
+  struct PrefillTuning {
+    int kernel = 0, splits = 0;  // W4CudaParams::prefill_kernel / prefill_splits
+  };
+  static constexpr int kPrefillBuckets = 7;  // 64, 128, ..., 4096 and above
+  static int PrefillBucket(int64_t m) {
+    int b = 0;
+    while (b + 1 < kPrefillBuckets && (int64_t{128} << b) <= m) ++b;
+    return b;
+  }
+  PrefillTuning prefill_tuning(int64_t m) const { return prefill_tuning_[PrefillBucket(m)]; }
+  void set_prefill_tuning(int bucket, PrefillTuning t) {
+    if (bucket >= 0 && bucket < kPrefillBuckets) prefill_tuning_[bucket] = t;
+  }
 
  private:
   W4DeviceWeight();
   DecodeTuning tuning_[kMaxTunedM + 1];
+  PrefillTuning prefill_tuning_[kPrefillBuckets];
   W4Format fmt_;
   int64_t rank_ = 0;
   size_t qw_bytes_ = 0, sz_bytes_ = 0, ec_bytes_ = 0;
@@ -240,6 +261,20 @@ absl::Status EcApply(const W4DeviceWeight& w, const float* v, int64_t m, float* 
 // for no weights, weights of different shapes or max_m outside 1..8.
 absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, W4Workspace* ws,
                         cudaStream_t stream);
+
+// Measured prefill dispatch (v34, docs/results/gpu.md): for each bucket of
+// m from 64 up to max_m (64, 128, 256, ...; timed at 64 << b rows), times
+// the prefill path's main GEMM as dequantize + cuBLAS and as the wgmma
+// kernels (128- / 256-token tiles, plain and warp-specialized, with 1..4 k
+// splits, the clustered form) on `weights` (one shape, rotated as in
+// TuneDecode), and records in every weight the fastest where it beats
+// dequantize + cuBLAS by at least 5 % (else none). On a device without the
+// sm_90a kernels it records nothing. Grows `ws` for max_m rows.
+// Synchronous; not while `stream` is being captured (FailedPrecondition).
+// InvalidArgument for no weights, weights of different shapes or max_m
+// outside 64..65536.
+absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t max_m,
+                         W4Workspace* ws, cudaStream_t stream);
 
 // Number of SMs of the current device (cached per device).
 int NumSms();

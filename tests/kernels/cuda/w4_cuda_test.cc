@@ -144,6 +144,7 @@ struct Case {
   int prefill_kernel = 0;  // W4CudaParams::prefill_kernel
   int prefill_splits = 0;  // W4CudaParams::prefill_splits (wgmma kernel; 0 automatic)
   cuda::W4DeviceWeight::DecodeTuning tuning;  // set on the device weight for every m <= 8
+  cuda::W4DeviceWeight::PrefillTuning ptuning;  // set on the device weight for every bucket
   std::string Name() const {
     return absl::StrCat("n=", n, " k=", k, " g=", g, " m=", m, " ec=", ec, " as=", act_scale,
                         " bias=", bias, " acc=", accumulate, " f16=", f16_out,
@@ -152,7 +153,7 @@ struct Case {
                         " depth=", decode_depth, " ldxpad=", ldx_pad, " r=", ec_rank,
                         " h=", ec_hidden, " prologue=", ec_prologue, " gpad=", gate_pad,
                         " pk=", prefill_kernel, " psplits=", prefill_splits, " tuned=", tuning.warps, "/", tuning.splits,
-                        "/", tuning.depth);
+                        "/", tuning.depth, " ptuned=", ptuning.kernel, "/", ptuning.splits);
   }
 };
 
@@ -167,6 +168,9 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   ASSERT_TRUE(dw.ok()) << dw.status();
   for (int64_t tm = 1; tm <= cuda::W4DeviceWeight::kMaxTunedM; ++tm) {
     (*dw)->set_decode_tuning(tm, c.tuning);
+  }
+  for (int b = 0; b < cuda::W4DeviceWeight::kPrefillBuckets; ++b) {
+    (*dw)->set_prefill_tuning(b, c.ptuning);
   }
 
   const int64_t m = c.m, n = c.n, k = c.k, ldx = k + c.ldx_pad, ldy = n + 3;
@@ -514,6 +518,91 @@ TEST(CudaW4, TuneDecodeRecordsValidConfigurations) {
   ASSERT_TRUE(other.ok());
   std::vector<cuda::W4DeviceWeight*> mixed = {ws_ptrs[0], other->get()};
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::TuneDecode(mixed, 8, ws->get(), nullptr)));
+}
+
+// v34: TunePrefill times the prefill path's main GEMM as dequantize +
+// cuBLAS and as the wgmma kernels per bucket of m and records the same pick
+// in every weight of the set (or none); a pick is a valid kernel; outputs
+// through a tuned weight (W4Linear looks the pick up by m, its splits a
+// preference) match the reference, also where the m of the call leaves no
+// room for the splits; the refusals.
+TEST(CudaW4, TunePrefillRecordsValidKernels) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 15);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  const int64_t n = 1000, k = 4096;
+  std::vector<std::unique_ptr<cuda::W4DeviceWeight>> owned;
+  std::vector<cuda::W4DeviceWeight*> ptrs;
+  for (int i = 0; i < 2; ++i) {
+    auto dw = cuda::W4DeviceWeight::Create(RandomW4(n, k, 128, false, false, rng), nullptr);
+    ASSERT_TRUE(dw.ok()) << dw.status();
+    ptrs.push_back(dw->get());
+    owned.push_back(std::move(*dw));
+  }
+  ASSERT_TRUE(cuda::TunePrefill(ptrs, 512, ws->get(), nullptr).ok());
+  std::string picks;
+  for (int b = 0; b < cuda::W4DeviceWeight::kPrefillBuckets; ++b) {
+    const auto t = owned[0]->prefill_tuning(int64_t{64} << b);
+    EXPECT_EQ(owned[1]->prefill_tuning(int64_t{64} << b).kernel, t.kernel) << b;
+    EXPECT_EQ(owned[1]->prefill_tuning(int64_t{64} << b).splits, t.splits) << b;
+    if (b > 3) EXPECT_EQ(t.kernel, 0) << "bucket " << b << " is above max_m";
+    if (t.kernel != 0) {
+      EXPECT_TRUE((t.kernel & 15) == 2 || (t.kernel & 15) == 3) << t.kernel;
+      EXPECT_TRUE(t.splits >= 1 && t.splits <= 4) << t.splits;
+    }
+    absl::StrAppend(&picks, " ", int64_t{64} << b, ":", t.kernel, "/", t.splits);
+  }
+  std::printf("TunePrefill: n = %lld, k = 4096, g128, picks by m (kernel/splits):%s\n",
+              static_cast<long long>(n), picks.c_str());
+  EXPECT_EQ(cuda::W4DeviceWeight::PrefillBucket(64), 0);
+  EXPECT_EQ(cuda::W4DeviceWeight::PrefillBucket(127), 0);
+  EXPECT_EQ(cuda::W4DeviceWeight::PrefillBucket(128), 1);
+  EXPECT_EQ(cuda::W4DeviceWeight::PrefillBucket(1 << 20), cuda::W4DeviceWeight::kPrefillBuckets - 1);
+  {  // Clone copies the tuning
+    auto src = cuda::W4DeviceWeight::Create(RandomW4(64, 256, 128, false, false, rng), nullptr);
+    ASSERT_TRUE(src.ok());
+    (*src)->set_prefill_tuning(2, {3 | 128, 2});
+    auto clone = (*src)->Clone();
+    ASSERT_TRUE(clone.ok());
+    EXPECT_EQ((*clone)->prefill_tuning(300).kernel, 3 | 128);
+    EXPECT_EQ((*clone)->prefill_tuning(300).splits, 2);
+    EXPECT_EQ((*clone)->prefill_tuning(200).kernel, 0);
+  }
+  // Outputs through a tuned weight (set by hand: the measurement may pick
+  // none), every kernel form; m = 65 leaves room for no split on k = 256.
+  int v = 0;
+  for (const auto& [kernel, splits] : {std::pair<int, int>{2, 1}, std::pair<int, int>{3 | 128, 4},
+                                       std::pair<int, int>{2 | 128, 2},
+                                       std::pair<int, int>{3 | 384, 2},
+                                       std::pair<int, int>{2 | 384, 1}}) {
+    for (const auto& [nn, kk, mm] : {std::tuple<int64_t, int64_t, int64_t>{300, 2048, 200},
+                                     std::tuple<int64_t, int64_t, int64_t>{136, 256, 65}}) {
+      Case c{nn, kk, 128, mm};
+      c.ec = v % 3;
+      c.bias = v % 2 == 0;
+      c.f16_out = v % 3 == 1;
+      c.ptuning = {kernel, splits};
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+  // x not 16-byte aligned (ldx = k + 3): the tuned kernel cannot run, the
+  // dequantizing path does.
+  Case c{300, 2048, 128, 100};
+  c.ldx_pad = 3;
+  c.ptuning = {3 | 128, 1};
+  RunCase(c, rng, ws->get());
+  if (HasFatalFailure()) return;
+  // Refusals.
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::TunePrefill({}, 512, ws->get(), nullptr)));
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::TunePrefill(ptrs, 63, ws->get(), nullptr)));
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::TunePrefill(ptrs, 1 << 17, ws->get(), nullptr)));
+  auto other = cuda::W4DeviceWeight::Create(RandomW4(64, k, 128, false, false, rng), nullptr);
+  ASSERT_TRUE(other.ok());
+  std::vector<cuda::W4DeviceWeight*> mixed = {ptrs[0], other->get()};
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::TunePrefill(mixed, 512, ws->get(), nullptr)));
 }
 
 TEST(CudaW4, PrefillMatchesReference) {
