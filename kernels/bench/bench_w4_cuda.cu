@@ -311,9 +311,6 @@ bool g_prefill_split = false;
 // the default: no split; 2..4 forced, e.g. for ncu: the first launch of
 // W4WgmmaKernel<256> is then that column's eager call).
 int g_prefill_splits = 0;
-// --prefill-cluster: the warp-specialized columns with flag 256 (clusters
-// of two blocks sharing the x tile by multicast; v34).
-int g_prefill_cluster = 0;
 
 // --prefill: the prefill path's main GEMMs side by side at M in `ms` (default
 // 128, 512, 2048) on the eight shapes: cuBLAS FP16 (the peer), the W4
@@ -413,7 +410,6 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
         std::vector<std::pair<int, int>> cand = {{1, 0}, {2, g_prefill_splits}, {3, g_prefill_splits},
                                                  {2 | 128, 1}, {2 | 128, 2}, {3 | 128, 1},
                                                  {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4}};
-        for (size_t c = 3; c < cand.size(); ++c) cand[c].first |= g_prefill_cluster;
         std::vector<double> t(cand.size());
         for (size_t c = 0; c < cand.size(); ++c) t[c] = w4(cand[c].first, false, cand[c].second);
         const double t_auto = w4(0, false), t_ec = w4(0, true);
@@ -506,7 +502,7 @@ int Main(int argc, char** argv) {
     static const char* const kFlags[] = {
         "--torch=",        "--only=",        "--ms=",        "--quick",           "--decode",
         "--no-layer",      "--prefill-ec=",  "--sweep",      "--profile",         "--prefill",
-        "--prefill-split", "--prefill-splits=", "--prefill-cluster", "--ec-latency=", "--ec-ranks=",
+        "--prefill-split", "--prefill-splits=", "--ec-latency=", "--ec-ranks=",
         "--ec-ms=",        "--group="};
     bool known = false;
     for (const char* f : kFlags) {
@@ -534,7 +530,6 @@ int Main(int argc, char** argv) {
     if (a == "--prefill") prefill = true;
     if (a == "--prefill-split") g_prefill_split = true;
     if (a.rfind("--prefill-splits=", 0) == 0) g_prefill_splits = std::atoi(a.c_str() + 17);
-    if (a == "--prefill-cluster") g_prefill_cluster = 256;
     try {
       if (a.rfind("--ec-latency=", 0) == 0) ec_latency = a.substr(13);
       if (a.rfind("--ec-ranks=", 0) == 0) ec_ranks = ints(a.substr(11));

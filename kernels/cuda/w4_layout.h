@@ -158,7 +158,7 @@ bool PrefillWgmmaAvailable();
 // path) and tickets (its counters); ksplits: W4CudaParams::prefill_splits
 // (0 or 1 no split, 2..4 forced: InvalidArgument where they do not fit;
 // -2..-4 preferred: unsplit where they do not fit). flags: prefill_kernel's
-// 32 / 64 (timing splits), 128 (warp-specialized), 256 (its clusters of two).
+// 32 / 64 (timing splits), 128 (warp-specialized).
 absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                                 int64_t ldx, const float* bias, float* y32, uint16_t* y16,
                                 int64_t ldy, bool accumulate, int tokens, cudaStream_t stream,

@@ -495,28 +495,16 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
 // No block barrier per stage (v20's kernel waits on one per stage); the
 // producer keeps 40 registers and the consumers take 232 (setmaxnreg).
 // The k split and the epilogue's store are W4WgmmaKernel's (StoreTile).
-// cluster: acquire at cluster scope (the arrivals include the peer block's).
-template <bool cluster = false>
 __device__ __forceinline__ void WaitParity(unsigned bar, unsigned parity) {
   unsigned done = 0;
   while (!done) {
-    if constexpr (cluster) {
-      asm volatile(
-          "{\n.reg .pred p;\n"
-          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-          "selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(bar), "r"(parity)
-          : "memory");
-    } else {
-      asm volatile(
-          "{\n.reg .pred p;\n"
-          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-          "selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(bar), "r"(parity)
-          : "memory");
-    }
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
   }
 }
 __device__ __forceinline__ void BulkG2S(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
@@ -526,21 +514,7 @@ __device__ __forceinline__ void BulkG2S(unsigned dst, const void* src, unsigned 
       : "memory");
 }
 
-// CL = 2 (flag 256): clusters of two blocks along the weight-row tiles
-// (blockIdx.y 2c, 2c + 1) share the x tile: each block's producer loads
-// half of it (NT / 2 tokens) by a multicast TMA into both blocks' slot,
-// so x is read from L2 once per pair (the kernel measured L2-bound once
-// the grid fills the SMs: gpu.md, v34). A slot is then refilled only after
-// both blocks' consumers released it: every consumer warp arrives on its
-// own and on the peer's `empty` barrier (16 arrivals), and the blocks
-// pass a cluster barrier before their epilogues (no remote arrival or
-// multicast can reach a block that has moved on).
-__device__ __forceinline__ void ClusterSync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
-                   : "memory");
-}
-
-template <int NT, int CL>
+template <int NT>
 __global__ void __launch_bounds__(384, 1)
     W4WgmmaWsKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -567,23 +541,17 @@ __global__ void __launch_bounds__(384, 1)
   if (tid == 0) {
     for (int i = 0; i < S; ++i) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar(full, i)));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar(empty, i)), "n"(8 * CL));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;\n" ::"r"(bar(empty, i)));
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  unsigned crank = 0;  // this block's rank in its cluster
-  if constexpr (CL == 2) {
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(crank));
-    ClusterSync();  // the peer's barriers are initialized
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (tid == 0) {
+    if (tid != 0) return;
     for (int j = 0; j < cnt; ++j) {
       const int slot = j % S;
-      if (j >= S) WaitParity<CL == 2>(bar(empty, slot), static_cast<unsigned>(((j / S) + 1) & 1));
+      if (j >= S) WaitParity(bar(empty, slot), static_cast<unsigned>(((j / S) + 1) & 1));
       const unsigned xs = stage_addr(slot), wsm = xs + kXBytes, szs = wsm + C::kWBytes;
       const int ks = kbeg + j, kb = ks * 64;
       const int g0 = min(kb >> a.gshift, a.ngroups - 1), g1 = min((kb + 63) >> a.gshift, a.ngroups - 1);
@@ -594,23 +562,11 @@ __global__ void __launch_bounds__(384, 1)
       const unsigned fb = bar(full, slot);
       asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(fb), "r"(bytes)
                    : "memory");
-      if constexpr (CL == 2) {
-        // this block's half of the x tile (its tokens' 128-byte rows), into
-        // both blocks' slot, completing on both blocks' `full` barrier
-        const unsigned half = crank * (kXBytes / 2);
-        asm volatile(
-            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-            ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(xs + half),
-            "l"(reinterpret_cast<uint64_t>(&xmap)), "r"(kb), "r"(m0 + static_cast<int>(crank) * (NT / 2)),
-            "r"(fb), "h"(static_cast<unsigned short>(3))
-            : "memory");
-      } else {
-        asm volatile(
-            "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-            "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(xs),
-            "l"(reinterpret_cast<uint64_t>(&xmap)), "r"(kb), "r"(m0), "r"(fb)
-            : "memory");
-      }
+      asm volatile(
+          "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+          "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(xs),
+          "l"(reinterpret_cast<uint64_t>(&xmap)), "r"(kb), "r"(m0), "r"(fb)
+          : "memory");
       for (int ti = 0; ti < C::kTiles; ++ti) {
         const int t = tile0 + ti;
         if (t >= a.ntiles) continue;
@@ -620,11 +576,6 @@ __global__ void __launch_bounds__(384, 1)
           BulkG2S(szs + ti * 512 + 256, a.sz + (static_cast<size_t>(t) * a.ngroups + g1) * 64, 256, fb);
         }
       }
-    }
-    }
-    if constexpr (CL == 2) {
-      __syncwarp();
-      ClusterSync();
     }
     return;
   }
@@ -666,16 +617,8 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int q = 0; q < 4; ++q) FenceA(prev[q]);
     if (j > 0 && lane == 0) {
-      const unsigned eb = bar(empty, (j - 1) % S);
-      if constexpr (CL == 2) {
-        unsigned peer;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(peer) : "r"(eb), "r"(crank ^ 1u));
-        asm volatile("mbarrier.arrive.release.cluster.shared::cta.b64 _, [%0];\n" ::"r"(eb) : "memory");
-        asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(peer)
-                     : "memory");
-      } else {
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(eb) : "memory");
-      }
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar(empty, (j - 1) % S))
+                   : "memory");
     }
   };
 #pragma unroll 1
@@ -684,7 +627,6 @@ __global__ void __launch_bounds__(384, 1)
     stage(j + 1, af1, af0);
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-  if constexpr (CL == 2) ClusterSync();
   FenceAcc(acc);
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -713,12 +655,12 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
-template <int NT, int CL>
+template <int NT>
 cudaError_t PrepareWs() {
   static std::once_flag once;
   static cudaError_t err = cudaSuccess;
   std::call_once(once, [] {
-    err = cudaFuncSetAttribute(W4WgmmaWsKernel<NT, CL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    err = cudaFuncSetAttribute(W4WgmmaWsKernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                Cfg<NT>::kSmem);
   });
   return err;
@@ -774,8 +716,7 @@ int PrefillWgmmaSplits(int64_t m, int64_t n, int64_t kp, int tokens, size_t part
                        int forced) {
   if (forced == 0 || forced == 1) return 1;
   if (forced < 0 || forced > 4) return 0;
-  // (gy rounded up to even: the clustered kernel's grid)
-  const int64_t gx = (m + tokens - 1) / tokens, gy = ((n + 127) / 128 + 1) / 2 * 2, nst = kp / 64;
+  const int64_t gx = (m + tokens - 1) / tokens, gy = (n + 127) / 128, nst = kp / 64;
   const bool fits = (forced - 1) * SplitStages(nst, forced) < nst &&
                     static_cast<size_t>(forced) * m * n <= part_floats &&
                     gx * gy <= (int64_t{1} << 18);
@@ -860,9 +801,7 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   CUtensorMap xmap;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(w.k), static_cast<cuuint64_t>(m)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ldx) * 2};
-  // (flag 256, clusters of two: each block loads half the tokens)
-  const int cl = (flags & (128 | 256)) == (128 | 256) ? 2 : 1;
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(tokens / cl)};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(tokens)};
   const cuuint32_t estr[2] = {1, 1};
   const CUresult cr = encode(&xmap, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<uint16_t*>(x),
                              dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -873,36 +812,15 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   }
   const unsigned gy = static_cast<unsigned>((w.ntiles + 1) / 2);
   if ((flags & 128) != 0) {  // v34: the warp-specialized kernel
-    // clusters of two along y: the grid's y rounded up to even (a block
-    // past the last tile loads its half of x for its peer, stores nothing)
-    const dim3 grid(static_cast<unsigned>((m + tokens - 1) / tokens), (gy + cl - 1) / cl * cl,
+    const dim3 grid(static_cast<unsigned>((m + tokens - 1) / tokens), gy,
                     static_cast<unsigned>(a.ksplits));
-    cudaLaunchConfig_t cfg{};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = static_cast<unsigned>(cl);
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(384);
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    auto launch = [&](auto kernel, int smem, cudaError_t prep) {
-      SPEAR_CUDA_RETURN_IF_ERROR(prep);
-      cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, a, xmap));
-      return absl::OkStatus();
-    };
-    absl::Status st;
     if (tokens == 128) {
-      st = cl == 2 ? launch(wgk::W4WgmmaWsKernel<128, 2>, wgk::Cfg<128>::kSmem, wgk::PrepareWs<128, 2>())
-                   : launch(wgk::W4WgmmaWsKernel<128, 1>, wgk::Cfg<128>::kSmem, wgk::PrepareWs<128, 1>());
+      SPEAR_CUDA_RETURN_IF_ERROR(wgk::PrepareWs<128>());
+      wgk::W4WgmmaWsKernel<128><<<grid, 384, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
     } else {
-      st = cl == 2 ? launch(wgk::W4WgmmaWsKernel<256, 2>, wgk::Cfg<256>::kSmem, wgk::PrepareWs<256, 2>())
-                   : launch(wgk::W4WgmmaWsKernel<256, 1>, wgk::Cfg<256>::kSmem, wgk::PrepareWs<256, 1>());
+      SPEAR_CUDA_RETURN_IF_ERROR(wgk::PrepareWs<256>());
+      wgk::W4WgmmaWsKernel<256><<<grid, 384, wgk::Cfg<256>::kSmem, stream>>>(a, xmap);
     }
-    if (!st.ok()) return st;
   } else if (tokens == 128) {
     SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<128>());
     const dim3 grid(static_cast<unsigned>((m + 127) / 128), gy, static_cast<unsigned>(a.ksplits));

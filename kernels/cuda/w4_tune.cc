@@ -7,11 +7,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <random>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/w4_layout.h"
+#include "kernels/dtype.h"
 #include "kernels/w4_cuda.h"
 
 namespace spear::kernels::cuda {
@@ -160,20 +162,42 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
   const size_t xe = static_cast<size_t>(max_m) * f.k, ye = static_cast<size_t>(max_m) * f.n;
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.x, xe * 2));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.y, ye * 2));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b.x, 0, xe * 2, stream));
+  {
+    // x of activation-like values (N(0, 1) fp16; a GEMM of zeros draws
+    // less power, and its timing can favour one kernel over another), a
+    // block of 64 Ki values repeated.
+    std::vector<uint16_t> h(size_t{1} << 16);
+    std::mt19937 rng(12345);
+    std::normal_distribution<float> nd;
+    for (auto& v : h) v = FloatToHalf(nd(rng));
+    for (size_t o = 0; o < xe; o += h.size()) {
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaMemcpy(b.x + o, h.data(), std::min(h.size(), xe - o) * 2,
+                                            cudaMemcpyHostToDevice));
+    }
+  }
   SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&b.e0));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&b.e1));
+  // Timing in a CUDA graph on a stream of our own (as a captured or
+  // queued-ahead forward runs it): launched eagerly, the dequantizing
+  // path's two launches per call (~10 us of host time) would be timed
+  // instead of the GPU at small m.
+  cudaStream_t ts = nullptr;
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&ts, cudaStreamNonBlocking));
+  struct StreamGuard {
+    cudaStream_t s;
+    ~StreamGuard() { cudaStreamDestroy(s); }
+  } guard{ts};
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   // Launches per timing: every weight once, at least 8 (a prefill launch
   // runs for 10 us or more).
   const int nw = static_cast<int>(weights.size());
   const int launches = std::max(8, nw);
   // The candidates (W4CudaParams::prefill_kernel, prefill_splits): the
-  // plain wgmma kernel (128- / 256-token tiles), the warp-specialized one
-  // with 1..4 k splits (more splits fill the SMs at small m and long k),
-  // and its clusters of two (docs/results/gpu.md, v34).
+  // plain wgmma kernel (128- / 256-token tiles) and the warp-specialized
+  // one with 1..4 k splits (more splits fill the SMs at small m and long
+  // k; docs/results/gpu.md, v34).
   static constexpr int kCand[][2] = {{2, 1},       {3, 1},       {2 | 128, 1}, {2 | 128, 2},
-                                     {3 | 128, 1}, {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4},
-                                     {2 | 384, 1}, {3 | 384, 1}, {3 | 384, 2}};
+                                     {3 | 128, 1}, {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4}};
   for (int bk = 0; bk < W4DeviceWeight::kPrefillBuckets; ++bk) {
     const int64_t m = int64_t{64} << bk;
     if (m > max_m) break;
@@ -185,23 +209,42 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
     p.ldy = f.n;
     p.use_ec = false;
     p.force_prefill = true;
-    // Microseconds per launch, the best of kRounds; -1: refused.
+    // Microseconds per launch, the best of kRounds replays of a graph of
+    // `launches` calls; -1: refused.
     auto time = [&](int kernel, int splits, double* us) -> absl::Status {
       p.prefill_kernel = kernel;
       p.prefill_splits = splits;
-      const absl::Status first = W4Linear(*weights[0], p, ws, stream);  // warm-up; refusals
+      const absl::Status first = W4Linear(*weights[0], p, ws, ts);  // warm-up; refusals
       if (absl::IsInvalidArgument(first)) {
         *us = -1;
         return absl::OkStatus();
       }
       if (!first.ok()) return first;
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ts));
+      cudaGraph_t graph = nullptr;
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(ts, cudaStreamCaptureModeThreadLocal));
+      absl::Status cap;
+      for (int i = 0; i < launches && cap.ok(); ++i) cap = W4Linear(*weights[i % nw], p, ws, ts);
+      const cudaError_t end = cudaStreamEndCapture(ts, &graph);
+      if (!cap.ok()) {
+        if (graph != nullptr) cudaGraphDestroy(graph);
+        return cap;
+      }
+      SPEAR_CUDA_RETURN_IF_ERROR(end);
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      SPEAR_CUDA_RETURN_IF_ERROR(inst);
+      struct ExecGuard {
+        cudaGraphExec_t e;
+        ~ExecGuard() { cudaGraphExecDestroy(e); }
+      } eg{exec};
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, ts));  // warm
       double best = 1e30;
       for (int r = 0; r < kRounds; ++r) {
-        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e0, stream));
-        for (int i = 0; i < launches; ++i) {
-          if (absl::Status st = W4Linear(*weights[i % nw], p, ws, stream); !st.ok()) return st;
-        }
-        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e1, stream));
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e0, ts));
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, ts));
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e1, ts));
         SPEAR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(b.e1));
         float ms = 0;
         SPEAR_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, b.e0, b.e1));

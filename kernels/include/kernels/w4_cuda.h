@@ -25,9 +25,10 @@
 //                     the GEMM epilogue (no extra pass over y);
 //   m >= kPrefillM    prefill: W dequantized to an fp16 scratch, then cuBLAS;
 //                     the EC through cuBLAS (U = x A^T, gate, y += V B^T);
-//                     opt-in (prefill_kernel 2 / 3): a wgmma kernel straight
-//                     from the W4 layout, no scratch (faster on one shape
-//                     so far: docs/results/gpu.md, v20).
+//                     or, where TunePrefill measured it faster for the
+//                     weight's shape and m (v34), a wgmma kernel straight
+//                     from the W4 layout, no scratch (prefill_kernel 2 / 3,
+//                     + 128 warp-specialized, k splits).
 //
 // Threads: a W4DeviceWeight is immutable after Create (and TuneDecode, run
 // before any other use) and may be used from any stream; a W4Workspace
@@ -215,22 +216,24 @@ struct W4CudaParams {
   // the caller's stream, 2 the second stream.
   int prefill_ec_stream = 0;
   // testing/benchmarks: the prefill path's main GEMM (m >= kPrefillM): 0
-  // automatic = 1, W dequantized into the workspace's fp16 scratch, then
-  // cuBLAS (measured faster than the wgmma kernel on all but one prefill
-  // shape: docs/results/gpu.md, "v19" / "v20"); 2 / 3 the wgmma kernel straight from the W4
-  // layout (kernels/cuda/w4_prefill_wgmma.cu, no scratch) with 128- / 256-
-  // token tiles; benchmarks only, added to 2 / 3 (the output is then
-  // wrong): 32 the code words not dequantized, 64 no code words loaded
-  // either (timing splits). 2 or 3 where the device has no sm_90a
-  // code: FailedPrecondition; with k or ldx not a multiple of 8 or x not
-  // 16-byte aligned: InvalidArgument.
+  // automatic (the weight's TunePrefill choice for m where it has one and
+  // the kernel can run this call, else 1); 1 W dequantized into the
+  // workspace's fp16 scratch, then cuBLAS; 2 / 3 the wgmma kernel straight
+  // from the W4 layout (kernels/cuda/w4_prefill_wgmma.cu, no scratch) with
+  // 128- / 256-token tiles, + 128 its warp-specialized form (v34: a
+  // producer warpgroup, two consumer warpgroups); benchmarks only, added
+  // to 2 / 3 (the output is then wrong): 32 the code words not
+  // dequantized, 64 no code words loaded either (timing splits). 2 or 3
+  // where the device has no sm_90a code: FailedPrecondition; with k or ldx
+  // not a multiple of 8 or x not 16-byte aligned: InvalidArgument.
   int prefill_kernel = 0;
-  // testing/benchmarks, the wgmma prefill kernel (prefill_kernel 2 / 3):
-  // its k splits (v33: the grid's z splits k, the last split of a tile adds
-  // the fp32 partials in order and runs the epilogue; deterministic). 0
-  // automatic = 1 (no split: splitting measured slower on most shapes,
-  // docs/results/gpu.md v33), 1..4 forced (InvalidArgument where the
-  // partials do not fit the workspace's scratch or a split would be empty).
+  // testing/benchmarks, the wgmma prefill kernels (prefill_kernel 2 / 3
+  // [+ 128]): their k splits (v33: the grid's z splits k, the last split of
+  // a tile adds the fp32 partials in order and runs the epilogue;
+  // deterministic). 0 automatic (the TunePrefill choice's splits where
+  // prefill_kernel is 0 too, else 1), 1..4 forced (InvalidArgument where
+  // the partials do not fit the workspace's scratch or a split would be
+  // empty).
   int prefill_splits = 0;
 };
 
@@ -263,13 +266,14 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
                         cudaStream_t stream);
 
 // Measured prefill dispatch (v34, docs/results/gpu.md): for each bucket of
-// m from 64 up to max_m (64, 128, 256, ...; timed at 64 << b rows), times
+// m from 64 up to max_m (timed at 64 << b rows, x of N(0, 1) values), times
 // the prefill path's main GEMM as dequantize + cuBLAS and as the wgmma
-// kernels (128- / 256-token tiles, plain and warp-specialized, with 1..4 k
-// splits, the clustered form) on `weights` (one shape, rotated as in
-// TuneDecode), and records in every weight the fastest where it beats
-// dequantize + cuBLAS by at least 5 % (else none). On a device without the
-// sm_90a kernels it records nothing. Grows `ws` for max_m rows.
+// kernels (128- / 256-token tiles, plain and warp-specialized, the latter
+// with 1..4 k splits) in a CUDA graph on a stream of its own, over
+// `weights` (one shape, rotated as in TuneDecode), and records in every
+// weight the fastest where it beats dequantize + cuBLAS by at least 5 %
+// (else none). On a device without the sm_90a kernels, or k not a
+// multiple of 8, it records nothing. Grows `ws` for max_m rows.
 // Synchronous; not while `stream` is being captured (FailedPrecondition).
 // InvalidArgument for no weights, weights of different shapes or max_m
 // outside 64..65536.
