@@ -5,8 +5,9 @@
 // stream, overlapped with the dequantization and the main GEMM, which need
 // only x, for large GEMMs; W4CudaParams::prefill_ec_stream), then y += V
 // B^T on the caller's stream after both.
-// Measured against dequantizing inside a tiled mma kernel: see
-// docs/results/gpu.md.
+// The main GEMM runs instead on a wgmma kernel straight from the W4 layout
+// (w4_prefill_wgmma.cu) where the caller forces it or TunePrefill measured
+// it faster for the weight's shape and m (PrefillChoice below; gpu.md, v34).
 #include "kernels/cuda/cublas_loader.h"
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

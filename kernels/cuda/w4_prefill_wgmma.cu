@@ -1,17 +1,16 @@
 // The prefill GEMM on Hopper's warpgroup MMA (wgmma), straight from the W4
-// GPU layout: no fp16 scratch of the dequantized weight (the default prefill
-// path, w4_prefill.cu, writes and re-reads 2 bytes per weight around cuBLAS:
-// ~75 us of the 8B gate_up's 237 us at M = 512). Opt-in
-// (W4CudaParams::prefill_kernel 2 / 3): v20 (the x tile by TMA) is 5 %
-// faster than that path on the 8B gate_up at M = 512 (222 us against 235)
-// and slower on the other shapes and at M = 2048 (docs/results/gpu.md, v19 /
-// v20), so it is not dispatched. Kept, tested against the reference, as the
-// base of the fused path (next: a producer warp with consumer warpgroups,
-// less per-stage code). v33: the epilogue staged through shared memory, and
-// a deterministic split-K over the grid's z (W4CudaParams::prefill_splits,
-// forced only: a split block measured ~25-35 us over its share of the
-// main loop; gpu.md, v33); at M = 512 the kernel is still slower than
-// dequantize + cuBLAS on every 8B shape.
+// GPU layout: no fp16 scratch of the dequantized weight (the dequantizing
+// prefill path, w4_prefill.cu, writes and re-reads 2 bytes per weight
+// around cuBLAS: ~75 us of the 8B gate_up's 237 us at M = 512). Two forms:
+// W4WgmmaKernel (v19 / v20, W4CudaParams::prefill_kernel 2 / 3: a block
+// barrier per stage) and W4WgmmaWsKernel (v34, + 128: warp-specialized),
+// both with an optional deterministic split-K over the grid's z (v33,
+// prefill_splits) and the epilogue staged through shared memory. Which
+// one runs (or dequantize + cuBLAS) is measured per weight shape and m at
+// load (TunePrefill, w4_tune.cc; docs/results/gpu.md, v34): the
+// warp-specialized kernel wins on most 8B shapes, dequantize + cuBLAS on
+// most 1B shapes (k = 2048), the plain 128-token kernel on 8B gate_up at
+// M = 128.
 //
 // Roles: the weights are wgmma's A operand (M = 64 rows = one 64-column
 // layout tile per warpgroup and wgmma), taken from registers; the tokens are
@@ -485,7 +484,7 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
 }
 
 
-// v34 (branch exp/v34-ws, not yet run on a GPU): the same tile (NT tokens x
+// v34: the same tile (NT tokens x
 // 128 rows) with warp specialization: warpgroup 0 is the producer (one
 // thread issues, per stage, the x tile by TMA and the two tiles' code words
 // and scale/zero words by 1-D bulk copies, all completing on the slot's
@@ -495,6 +494,11 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
 // No block barrier per stage (v20's kernel waits on one per stage); the
 // producer keeps 40 registers and the consumers take 232 (setmaxnreg).
 // The k split and the epilogue's store are W4WgmmaKernel's (StoreTile).
+// Measured (gpu.md, v34): the fastest main GEMM on most 8B prefill shapes
+// (8B gate_up at M = 512: 211-217 us against 237-243 for dequantize +
+// cuBLAS),
+// picked per shape and m by TunePrefill. Clusters of two sharing the x
+// tile by multicast were tried and were slower on every shape (removed).
 __device__ __forceinline__ void WaitParity(unsigned bar, unsigned parity) {
   unsigned done = 0;
   while (!done) {
