@@ -213,7 +213,7 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("decode_kernel ", p.decode_kernel, ": kernel ", p.decode_kernel & 15,
                             " unknown (0..5; 6, the fold kernel's bulk-copy ring, was removed)"));
   }
-  if (static_cast<size_t>((d.ntiles + 0) ) > static_cast<size_t>(ws->impl().ncounters)) {
+  if (static_cast<size_t>(d.ntiles) > static_cast<size_t>(ws->impl().ncounters)) {
     return Bad("n too large for the workspace counters");
   }
   const bool prefill = p.force_prefill || (!p.force_decode && p.m >= kPrefillM);

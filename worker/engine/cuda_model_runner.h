@@ -75,8 +75,9 @@ struct CudaRunnerOptions {
   // At load, measure the prefill path's main GEMM (dequantize + cuBLAS or a
   // wgmma kernel straight from the W4 layout) per weight shape for launches
   // of 64 up to this many rows (DeviceModelWeights::TunePrefill; v34,
-  // docs/results/gpu.md); 0: off (dequantize + cuBLAS). 512 is the
-  // engine's default max_batch_tokens.
+  // docs/results/gpu.md); 0: off (dequantize + cuBLAS). CreateEngine sets
+  // it to EngineOptions::max_batch_tokens (default 512), the most rows a
+  // step's GEMMs take.
   int64_t tune_prefill_max_m = 512;
 };
 

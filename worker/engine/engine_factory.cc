@@ -1,5 +1,6 @@
 #include "worker/engine/engine_factory.h"
 
+#include <algorithm>
 #include <string>
 #include <utility>
 
@@ -8,6 +9,7 @@
 
 #ifdef SPEAR_ENGINE_HAS_CUDA
 #include "kernels/cuda_ops.h"
+#include "kernels/w4_cuda.h"
 #include "worker/engine/cuda_backend.h"
 #endif
 
@@ -60,6 +62,11 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(const model::LoadedModel* m
   co.block_size = options.kv_cache.block_size;
   co.num_blocks = options.kv_cache.num_blocks;
   co.kv_bytes = options.kv_cache.bytes;
+  // The prefill GEMMs run at up to max_batch_tokens rows: measure their
+  // kernels at load for that range (none below the prefill path's 64 rows).
+  co.tune_prefill_max_m = options.max_batch_tokens >= kernels::cuda::kPrefillM
+                              ? std::min<int64_t>(options.max_batch_tokens, 65536)
+                              : 0;
   auto backend = CudaBackend::Create(model, co);
   if (!backend.ok()) {
     if (device == Device::kAuto && absl::IsUnimplemented(backend.status())) {
