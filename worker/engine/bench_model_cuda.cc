@@ -12,7 +12,9 @@
 //     weights, the backbone alone), so the row pair is the EC's cost at the
 //     checkpoint's own diagnostic placement, measured side by side;
 //   - --no-tune: the decode kernel's configurations from its cost model
-//     (CudaRunnerOptions::tune_decode off) instead of measured at load.
+//     and the prefill GEMMs on dequantize + cuBLAS (CudaRunnerOptions::
+//     tune_decode and tune_prefill_max_m off) instead of measured at load
+//     (the prefill kernels for up to --prefill rows).
 // Times are host wall-clock per Forward (input copy, graph launch or eager
 // launches, result copy, the one synchronisation): what the engine sees.
 //
@@ -108,6 +110,7 @@ int Main(int argc, char** argv) {
   o.num_blocks = per_seq * max_b;
   o.max_graph_batch = std::max(64, max_b);
   o.tune_decode = !no_tune;
+  o.tune_prefill_max_m = no_tune || prefill < 64 ? 0 : std::min<int64_t>(prefill, 65536);
   const double t_load = NowMs();
   auto r = CudaModelRunner::Create(&m, o);
   if (!r.ok()) {
@@ -121,7 +124,7 @@ int Main(int argc, char** argv) {
       path.c_str(), static_cast<long long>(m.config.num_layers),
       static_cast<long long>(m.config.hidden_size), static_cast<long long>(m.config.vocab_size),
       run.weights().bytes() / 1e6, static_cast<long long>(run.weights().num_pieces()),
-      with_ec.size(), no_tune ? "" : " + decode tuning", NowMs() - t_load);
+      with_ec.size(), no_tune ? "" : " + decode and prefill tuning", NowMs() - t_load);
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(m.config.vocab_size - 1));
   std::vector<std::vector<int32_t>> tables(max_b), toks(max_b);
