@@ -321,7 +321,6 @@ int g_prefill_splits = 0;
 // path, every GEMM on its own weights), and the same with each GEMM on the
 // path that was fastest for its shape. only (--only=MODEL/LAYER, e.g. 8B/o):
 // that shape's rows only, no layer rows.
-constexpr int64_t kPrefillMin = cuda::kPrefillM;
 int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y16,
                  const uint16_t* wpool, size_t pool_halfs, cublasHandle_t cub,
                  cuda::W4Workspace* ws, std::mt19937& rng, const std::string& only) {
@@ -353,7 +352,7 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
     }
     // v34: the automatic columns as a loaded model runs them: each shape's
     // prefill kernel measured by TunePrefill over its rotated copies.
-    const int64_t max_m = std::max<int64_t>(kPrefillMin, *std::max_element(ms.begin(), ms.end()));
+    const int64_t max_m = std::max<int64_t>(cuda::kPrefillM, *std::max_element(ms.begin(), ms.end()));
     for (Mod& md : mods) {
       std::vector<cuda::W4DeviceWeight*> ptrs;
       for (auto& r : md.rot) ptrs.push_back(r.get());

@@ -182,6 +182,21 @@ __device__ __forceinline__ void Dequant(uint32_t w, uint2 szw, uint32_t (&a)[4])
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Spins until the mbarrier at shared address `bar` completes the phase of
+// parity `parity`.
+__device__ __forceinline__ void WaitParity(unsigned bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+
 // The epilogue's store of a block's tile (staged in shared memory, [NT
 // tokens][128 columns] in rows of kEpiLd floats, columns from c0), by 256
 // threads (tid 0..255; sync() a barrier over them, is_last a shared int):
@@ -354,21 +369,9 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
     const int slot = j % C::kStages;
     // Committed so far: stages 0 .. ks + kStages - 3; stage ks must be in.
     asm volatile("cp.async.wait_group %0;\n" ::"n"(C::kStages - 3));
-    {
-      // The x tile (written by the async proxy, read by wgmma through it):
-      // the slot's barrier completes once per use, parity = use % 2.
-      const unsigned parity = static_cast<unsigned>((j / C::kStages) & 1);
-      unsigned done = 0;
-      while (!done) {
-        asm volatile(
-            "{\n.reg .pred p;\n"
-            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            "selp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(bar_addr(slot)), "r"(parity)
-            : "memory");
-      }
-    }
+    // The x tile (written by the async proxy, read by wgmma through it):
+    // the slot's barrier completes once per use, parity = use % 2.
+    WaitParity(bar_addr(slot), static_cast<unsigned>((j / C::kStages) & 1));
     __syncthreads();
     // Every warp passed its wgmma wait at the end of stage ks - 1, which
     // retired stage ks - 2's group: slot (ks - 2) is free, and so are the
@@ -496,21 +499,8 @@ __global__ void __launch_bounds__(256, NT == 128 ? 2 : 1)
 // The k split and the epilogue's store are W4WgmmaKernel's (StoreTile).
 // Measured (gpu.md, v34): the fastest main GEMM on most 8B prefill shapes
 // (8B gate_up at M = 512: 211-217 us against 237-243 for dequantize +
-// cuBLAS),
-// picked per shape and m by TunePrefill. Clusters of two sharing the x
+// cuBLAS), picked per shape and m by TunePrefill. Clusters of two sharing the x
 // tile by multicast were tried and were slower on every shape (removed).
-__device__ __forceinline__ void WaitParity(unsigned bar, unsigned parity) {
-  unsigned done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  }
-}
 __device__ __forceinline__ void BulkG2S(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
@@ -659,24 +649,14 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
-template <int NT>
-cudaError_t PrepareWs() {
-  static std::once_flag once;
-  static cudaError_t err = cudaSuccess;
-  std::call_once(once, [] {
-    err = cudaFuncSetAttribute(W4WgmmaWsKernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               Cfg<NT>::kSmem);
-  });
-  return err;
-}
-
-template <int NT>
+// The kernel's dynamic shared memory limit raised to Smem bytes, once per
+// kernel (each instantiation has its own once_flag).
+template <auto Kernel, int Smem>
 cudaError_t Prepare() {
   static std::once_flag once;
   static cudaError_t err = cudaSuccess;
   std::call_once(once, [] {
-    err = cudaFuncSetAttribute(W4WgmmaKernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               Cfg<NT>::kSmem);
+    err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem);
   });
   return err;
 }
@@ -819,18 +799,18 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
     const dim3 grid(static_cast<unsigned>((m + tokens - 1) / tokens), gy,
                     static_cast<unsigned>(a.ksplits));
     if (tokens == 128) {
-      SPEAR_CUDA_RETURN_IF_ERROR(wgk::PrepareWs<128>());
+      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaWsKernel<128>, wgk::Cfg<128>::kSmem>()));
       wgk::W4WgmmaWsKernel<128><<<grid, 384, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
     } else {
-      SPEAR_CUDA_RETURN_IF_ERROR(wgk::PrepareWs<256>());
+      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaWsKernel<256>, wgk::Cfg<256>::kSmem>()));
       wgk::W4WgmmaWsKernel<256><<<grid, 384, wgk::Cfg<256>::kSmem, stream>>>(a, xmap);
     }
   } else if (tokens == 128) {
-    SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<128>());
+    SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaKernel<128>, wgk::Cfg<128>::kSmem>()));
     const dim3 grid(static_cast<unsigned>((m + 127) / 128), gy, static_cast<unsigned>(a.ksplits));
     wgk::W4WgmmaKernel<128><<<grid, 256, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
   } else {
-    SPEAR_CUDA_RETURN_IF_ERROR(wgk::Prepare<256>());
+    SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaKernel<256>, wgk::Cfg<256>::kSmem>()));
     const dim3 grid(static_cast<unsigned>((m + 255) / 256), gy, static_cast<unsigned>(a.ksplits));
     wgk::W4WgmmaKernel<256><<<grid, 256, wgk::Cfg<256>::kSmem, stream>>>(a, xmap);
   }

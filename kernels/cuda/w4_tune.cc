@@ -25,10 +25,33 @@ namespace {
 constexpr double kMargin = 0.95;
 constexpr int kRounds = 3;
 
+// The tuners' scratch: x [m][k] and y [m][n] fp16 for up to max_m rows of
+// the weights' format, and two timing events.
 struct Buffers {
   uint16_t* x = nullptr;
   uint16_t* y = nullptr;
   cudaEvent_t e0 = nullptr, e1 = nullptr;
+  size_t xe = 0;  // x's elements
+  absl::Status Init(const W4Format& f, int64_t max_m) {
+    xe = static_cast<size_t>(max_m) * f.k;
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&x, xe * 2));
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&y, static_cast<size_t>(max_m) * f.n * 2));
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&e0));
+    SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&e1));
+    return absl::OkStatus();
+  }
+  // W4Linear's parameters for m rows of x into fp16 y, no EC (the tuner
+  // adds the path and kernel choices).
+  W4CudaParams Params(const W4Format& f, int64_t m) const {
+    W4CudaParams p;
+    p.x = x;
+    p.m = m;
+    p.ldx = f.k;
+    p.y_f16 = y;
+    p.ldy = f.n;
+    p.use_ec = false;
+    return p;
+  }
   ~Buffers() {
     cudaFree(x);
     cudaFree(y);
@@ -75,24 +98,14 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
   if (absl::Status st = CheckTuneArgs("TuneDecode", weights, ws, stream); !st.ok()) return st;
   const W4Format& f = weights[0]->fmt();
   Buffers b;
-  const size_t xe = static_cast<size_t>(max_m) * f.k, ye = static_cast<size_t>(max_m) * f.n;
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.x, xe * 2));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.y, ye * 2));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b.x, 0, xe * 2, stream));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&b.e0));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&b.e1));
+  if (absl::Status st = b.Init(f, max_m); !st.ok()) return st;
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b.x, 0, b.xe * 2, stream));
   // Launches per timing: every weight at least twice, at least 16 in all.
   const int nw = static_cast<int>(weights.size());
   const int launches = std::max(16, 2 * nw);
 
   for (int m = 1; m <= max_m; ++m) {
-    W4CudaParams p;
-    p.x = b.x;
-    p.m = m;
-    p.ldx = f.k;
-    p.y_f16 = b.y;
-    p.ldy = f.n;
-    p.use_ec = false;
+    W4CudaParams p = b.Params(f, m);
     p.force_decode = true;
     // Per microsecond of one launch, the best of kRounds; -1: refused.
     auto time = [&](int dk, int splits, int depth, double* us) -> absl::Status {
@@ -159,9 +172,7 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
   if (f.k % 8 != 0) return absl::OkStatus();  // the wgmma kernels need k % 8 == 0
   if (absl::Status st = ws->Reserve(*weights[0], max_m); !st.ok()) return st;
   Buffers b;
-  const size_t xe = static_cast<size_t>(max_m) * f.k, ye = static_cast<size_t>(max_m) * f.n;
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.x, xe * 2));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaMalloc(&b.y, ye * 2));
+  if (absl::Status st = b.Init(f, max_m); !st.ok()) return st;
   {
     // x of activation-like values (N(0, 1) fp16; a GEMM of zeros draws
     // less power, and its timing can favour one kernel over another), a
@@ -170,13 +181,11 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
     std::mt19937 rng(12345);
     std::normal_distribution<float> nd;
     for (auto& v : h) v = FloatToHalf(nd(rng));
-    for (size_t o = 0; o < xe; o += h.size()) {
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaMemcpy(b.x + o, h.data(), std::min(h.size(), xe - o) * 2,
+    for (size_t o = 0; o < b.xe; o += h.size()) {
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaMemcpy(b.x + o, h.data(), std::min(h.size(), b.xe - o) * 2,
                                             cudaMemcpyHostToDevice));
     }
   }
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&b.e0));
-  SPEAR_CUDA_RETURN_IF_ERROR(cudaEventCreate(&b.e1));
   // Timing in a CUDA graph on a stream of our own (as a captured or
   // queued-ahead forward runs it): launched eagerly, the dequantizing
   // path's two launches per call (~10 us of host time) would be timed
@@ -201,13 +210,7 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
   for (int bk = 0; bk < W4DeviceWeight::kPrefillBuckets; ++bk) {
     const int64_t m = int64_t{64} << bk;
     if (m > max_m) break;
-    W4CudaParams p;
-    p.x = b.x;
-    p.m = m;
-    p.ldx = f.k;
-    p.y_f16 = b.y;
-    p.ldy = f.n;
-    p.use_ec = false;
+    W4CudaParams p = b.Params(f, m);
     p.force_prefill = true;
     // Microseconds per launch, the best of kRounds replays of a graph of
     // `launches` calls; -1: refused.
