@@ -92,6 +92,10 @@ struct Args {
   int ksplits, per;
   float* part;
   int* tickets;
+  // v35: n % 4 == 0 (a thread's four columns one 16-byte partial row
+  // piece), and y (fp32: 16-byte, fp16: 8-byte aligned rows, ldy % 4 == 0)
+  // takes a thread's four columns in one store; else element by element.
+  int vec_part, vec_out;
 };
 
 __device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
@@ -216,9 +220,19 @@ __device__ __forceinline__ void StoreTile(const Args& a, const float* tile, int 
     for (int q = tid; q < NT * 32; q += 256) {
       const int r = q >> 5, c = (q & 31) * 4;
       if (m0 + r >= a.m) continue;
+      float* dst = pz + static_cast<size_t>(m0 + r) * a.n + c0 + c;
+      if (a.vec_part && c0 + c + 4 <= a.n) {
+        // v35: one 16-byte store per thread, a warp's 512 bytes whole
+        // sectors (four 4-byte stores 16 bytes apart wrote each 32-byte
+        // sector in pieces)
+        __stcg(reinterpret_cast<float4*>(dst),
+               make_float4(tile[r * kLd + c], tile[r * kLd + c + 1], tile[r * kLd + c + 2],
+                           tile[r * kLd + c + 3]));
+        continue;
+      }
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        if (c0 + c + u < a.n) __stcg(pz + static_cast<size_t>(m0 + r) * a.n + c0 + c + u, tile[r * kLd + c + u]);
+        if (c0 + c + u < a.n) __stcg(dst + u, tile[r * kLd + c + u]);
       }
     }
     __threadfence();
@@ -235,6 +249,7 @@ __device__ __forceinline__ void StoreTile(const Args& a, const float* tile, int 
   for (int q = tid; q < NT * 32; q += 256) {
     const int r = q >> 5, c = (q & 31) * 4, tok = m0 + r;
     if (tok >= a.m) continue;
+    const bool full = c0 + c + 4 <= a.n;  // all four columns inside n
     float v[4];
 #pragma unroll
     for (int u = 0; u < 4; ++u) v[u] = tile[r * kLd + c + u];
@@ -244,12 +259,18 @@ __device__ __forceinline__ void StoreTile(const Args& a, const float* tile, int 
       float w[4][4];
 #pragma unroll
       for (int z = 0; z < 4; ++z) {
+        const float* src = a.part + z * plane + static_cast<size_t>(tok) * a.n + c0 + c;
+        if (z < a.ksplits && z != own && a.vec_part && full) {
+          const float4 t = __ldcg(reinterpret_cast<const float4*>(src));
+          w[z][0] = t.x;
+          w[z][1] = t.y;
+          w[z][2] = t.z;
+          w[z][3] = t.w;
+          continue;
+        }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          const int col = c0 + c + u;
-          w[z][u] = z < a.ksplits && z != own && col < a.n
-                        ? __ldcg(a.part + z * plane + static_cast<size_t>(tok) * a.n + col)
-                        : v[u];
+          w[z][u] = z < a.ksplits && z != own && c0 + c + u < a.n ? __ldcg(src + u) : v[u];
         }
       }
 #pragma unroll
@@ -262,17 +283,50 @@ __device__ __forceinline__ void StoreTile(const Args& a, const float* tile, int 
         v[u] = t;
       }
     }
+    if (a.bias != nullptr) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (c0 + c + u < a.n) v[u] += a.bias[c0 + c + u];
+      }
+    }
+    const long long idx = tok * a.ldy + c0 + c;
+    if (a.vec_out && full) {
+      if (a.y32 != nullptr) {
+        float4* y = reinterpret_cast<float4*>(a.y32 + idx);
+        float4 o = make_float4(v[0], v[1], v[2], v[3]);
+        if (a.accumulate) {
+          const float4 p = *y;
+          o.x += p.x;
+          o.y += p.y;
+          o.z += p.z;
+          o.w += p.w;
+        }
+        *y = o;
+      } else {
+        uint2* y = reinterpret_cast<uint2*>(a.y16 + idx);
+        if (a.accumulate) {
+          const uint2 p = *y;
+          const __half2 p01 = *reinterpret_cast<const __half2*>(&p.x);
+          const __half2 p23 = *reinterpret_cast<const __half2*>(&p.y);
+          v[0] += __low2float(p01);
+          v[1] += __high2float(p01);
+          v[2] += __low2float(p23);
+          v[3] += __high2float(p23);
+        }
+        const __half2 o01 = __floats2half2_rn(v[0], v[1]), o23 = __floats2half2_rn(v[2], v[3]);
+        *y = make_uint2(*reinterpret_cast<const uint32_t*>(&o01),
+                        *reinterpret_cast<const uint32_t*>(&o23));
+      }
+      continue;
+    }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      const int col = c0 + c + u;
-      if (col >= a.n) continue;
-      float x = v[u];
-      if (a.bias != nullptr) x += a.bias[col];
-      const long long idx = tok * a.ldy + col;
+      if (c0 + c + u >= a.n) continue;
+      const float x = v[u];
       if (a.y32 != nullptr) {
-        a.y32[idx] = a.accumulate ? a.y32[idx] + x : x;
+        a.y32[idx + u] = a.accumulate ? a.y32[idx + u] + x : x;
       } else {
-        a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + x : x);
+        a.y16[idx + u] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx + u]) + x : x);
       }
     }
   }
@@ -761,6 +815,9 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   }
   a.ksplits = sp;
   a.per = static_cast<int>(SplitStages(w.ksteps / 4, sp));
+  a.vec_part = w.n % 4 == 0 ? 1 : 0;
+  const uintptr_t yp = y32 != nullptr ? reinterpret_cast<uintptr_t>(y32) : reinterpret_cast<uintptr_t>(y16);
+  a.vec_out = w.n % 4 == 0 && ldy % 4 == 0 && yp % (y32 != nullptr ? 16 : 8) == 0 ? 1 : 0;
   if (sp > 1) {
     a.part = reinterpret_cast<float*>(ws.wh);
     a.tickets = ws.counters;
