@@ -212,16 +212,24 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
     if (m > max_m) break;
     W4CudaParams p = b.Params(f, m);
     p.force_prefill = true;
-    // Microseconds per launch, the best of kRounds replays of a graph of
-    // `launches` calls; -1: refused.
-    auto time = [&](int kernel, int splits, double* us) -> absl::Status {
+    // One graph of `launches` calls per candidate (index 0: dequantize +
+    // cuBLAS, the baseline), null where the candidate is refused; then
+    // kRounds rounds that replay every graph once in turn, so that a
+    // drift of the GPU's clocks (power, temperature) between candidates
+    // falls on all of them alike; microseconds per launch, the best round.
+    struct Exec {
+      cudaGraphExec_t e = nullptr;
+      ~Exec() {
+        if (e != nullptr) cudaGraphExecDestroy(e);
+      }
+    };
+    constexpr int kNc = 1 + static_cast<int>(sizeof(kCand) / sizeof(kCand[0]));
+    Exec execs[kNc];
+    auto build = [&](int kernel, int splits, Exec* out) -> absl::Status {
       p.prefill_kernel = kernel;
       p.prefill_splits = splits;
       const absl::Status first = W4Linear(*weights[0], p, ws, ts);  // warm-up; refusals
-      if (absl::IsInvalidArgument(first)) {
-        *us = -1;
-        return absl::OkStatus();
-      }
+      if (absl::IsInvalidArgument(first)) return absl::OkStatus();
       if (!first.ok()) return first;
       SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ts));
       cudaGraph_t graph = nullptr;
@@ -234,38 +242,39 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
         return cap;
       }
       SPEAR_CUDA_RETURN_IF_ERROR(end);
-      cudaGraphExec_t exec = nullptr;
-      const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+      const cudaError_t inst = cudaGraphInstantiate(&out->e, graph, 0);
       cudaGraphDestroy(graph);
       SPEAR_CUDA_RETURN_IF_ERROR(inst);
-      struct ExecGuard {
-        cudaGraphExec_t e;
-        ~ExecGuard() { cudaGraphExecDestroy(e); }
-      } eg{exec};
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, ts));  // warm
-      double best = 1e30;
-      for (int r = 0; r < kRounds; ++r) {
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(out->e, ts));  // warm
+      return absl::OkStatus();
+    };
+    if (absl::Status st = build(1, 0, &execs[0]); !st.ok()) return st;
+    if (execs[0].e == nullptr) {
+      return absl::InternalError("TunePrefill: dequantize + cuBLAS refused the tuning call");
+    }
+    for (int c = 1; c < kNc; ++c) {
+      if (absl::Status st = build(kCand[c - 1][0], kCand[c - 1][1], &execs[c]); !st.ok()) return st;
+    }
+    double us[kNc];
+    for (double& u : us) u = 1e30;
+    for (int r = 0; r < kRounds; ++r) {
+      for (int c = 0; c < kNc; ++c) {
+        if (execs[c].e == nullptr) continue;
         SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e0, ts));
-        SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, ts));
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(execs[c].e, ts));
         SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e1, ts));
         SPEAR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(b.e1));
         float ms = 0;
         SPEAR_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, b.e0, b.e1));
-        best = std::min(best, 1e3 * ms / launches);
+        us[c] = std::min(us[c], 1e3 * ms / launches);
       }
-      *us = best;
-      return absl::OkStatus();
-    };
-    double base = 0;
-    if (absl::Status st = time(1, 0, &base); !st.ok()) return st;
+    }
     W4DeviceWeight::PrefillTuning pick;
-    double pick_us = base * kMargin;
-    for (const auto& c : kCand) {
-      double us = 0;
-      if (absl::Status st = time(c[0], c[1], &us); !st.ok()) return st;
-      if (us > 0 && us < pick_us) {
-        pick_us = us;
-        pick = {c[0], c[1]};
+    double pick_us = us[0] * kMargin;
+    for (int c = 1; c < kNc; ++c) {
+      if (execs[c].e != nullptr && us[c] < pick_us) {
+        pick_us = us[c];
+        pick = {kCand[c - 1][0], kCand[c - 1][1]};
       }
     }
     for (W4DeviceWeight* w : weights) w->set_prefill_tuning(bk, pick);

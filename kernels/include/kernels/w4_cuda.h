@@ -269,7 +269,8 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
 // m from 64 up to max_m (timed at 64 << b rows, x of N(0, 1) values), times
 // the prefill path's main GEMM as dequantize + cuBLAS and as the wgmma
 // kernels (128- / 256-token tiles, plain and warp-specialized, the latter
-// with 1..4 k splits) in a CUDA graph on a stream of its own, over
+// with 1..4 k splits), each as a CUDA graph on a stream of its own, the
+// graphs replayed in interleaved rounds (v35, branch), over
 // `weights` (one shape, rotated as in TuneDecode), and records in every
 // weight the fastest where it beats dequantize + cuBLAS by at least 5 %
 // (else none). On a device without the sm_90a kernels, or k not a
