@@ -547,7 +547,9 @@ TEST(CudaW4, TunePrefillRecordsValidKernels) {
     const auto t = owned[0]->prefill_tuning(int64_t{64} << b);
     EXPECT_EQ(owned[1]->prefill_tuning(int64_t{64} << b).kernel, t.kernel) << b;
     EXPECT_EQ(owned[1]->prefill_tuning(int64_t{64} << b).splits, t.splits) << b;
-    if (b > 3) EXPECT_EQ(t.kernel, 0) << "bucket " << b << " is above max_m";
+    if (b > 3) {
+      EXPECT_EQ(t.kernel, 0) << "bucket " << b << " is above max_m";
+    }
     if (t.kernel != 0) {
       EXPECT_TRUE((t.kernel & 15) == 2 || (t.kernel & 15) == 3) << t.kernel;
       EXPECT_TRUE(t.splits >= 1 && t.splits <= 4) << t.splits;
