@@ -356,11 +356,20 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
     for (Mod& md : mods) {
       std::vector<cuda::W4DeviceWeight*> ptrs;
       for (auto& r : md.rot) ptrs.push_back(r.get());
-      CKS(cuda::TunePrefill(ptrs, max_m, ws, g_stream));
+      std::vector<cuda::PrefillTuneRow> rows;
+      CKS(cuda::TunePrefill(ptrs, max_m, ws, g_stream, &rows));
       std::printf("TunePrefill %s %s:", model, md.sh->layer);
       for (int b = 0; b < cuda::W4DeviceWeight::kPrefillBuckets && (int64_t{64} << b) <= max_m; ++b) {
         const auto t = md.rot[0]->prefill_tuning(int64_t{64} << b);
         std::printf(" m %lld: %d/%d", static_cast<long long>(int64_t{64} << b), t.kernel, t.splits);
+      }
+      std::printf("\n");
+      // What the tuner measured (us per launch, kernel/splits), per m.
+      for (size_t i = 0; i < rows.size(); ++i) {
+        if (i == 0 || rows[i].m != rows[i - 1].m) {
+          std::printf("%s  tuned at m %lld:", i == 0 ? "" : "\n", static_cast<long long>(rows[i].m));
+        }
+        std::printf(" %d/%d %.1f", rows[i].kernel, rows[i].splits, rows[i].us);
       }
       std::printf("\n");
     }

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -158,7 +159,8 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
 }
 
 absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t max_m,
-                         W4Workspace* ws, cudaStream_t stream) {
+                         W4Workspace* ws, cudaStream_t stream,
+                         std::vector<PrefillTuneRow>* report) {
   if (max_m < kPrefillM || max_m > 65536) {
     return absl::InvalidArgumentError(
         absl::StrCat("TunePrefill: max_m ", max_m, " outside ", kPrefillM, "..65536"));
@@ -267,6 +269,16 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
         float ms = 0;
         SPEAR_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, b.e0, b.e1));
         us[c] = std::min(us[c], 1e3 * ms / launches);
+      }
+    }
+    if (report != nullptr) {
+      for (int c = 0; c < kNc; ++c) {
+        const double u = execs[c].e != nullptr ? us[c] : std::numeric_limits<double>::infinity();
+        if (c == 0) {
+          report->push_back({m, 1, 0, u});
+        } else {
+          report->push_back({m, kCand[c - 1][0], kCand[c - 1][1], u});
+        }
       }
     }
     W4DeviceWeight::PrefillTuning pick;

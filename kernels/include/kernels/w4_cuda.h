@@ -270,16 +270,24 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
 // the prefill path's main GEMM as dequantize + cuBLAS and as the wgmma
 // kernels (128- / 256-token tiles, plain and warp-specialized, the latter
 // with 1..4 k splits), each as a CUDA graph on a stream of its own, the
-// graphs replayed in interleaved rounds (v35, branch), over
+// graphs replayed in interleaved rounds (v35), over
 // `weights` (one shape, rotated as in TuneDecode), and records in every
 // weight the fastest where it beats dequantize + cuBLAS by at least 5 %
 // (else none). On a device without the sm_90a kernels, or k not a
 // multiple of 8, it records nothing. Grows `ws` for max_m rows.
 // Synchronous; not while `stream` is being captured (FailedPrecondition).
 // InvalidArgument for no weights, weights of different shapes or max_m
-// outside 64..65536.
+// outside 64..65536. `report` (nullable) receives every measurement: one
+// row per bucket and candidate, in the order timed.
+struct PrefillTuneRow {
+  int64_t m = 0;            // rows timed (64 << bucket)
+  int kernel = 0;           // W4CudaParams::prefill_kernel; 1 dequantize + cuBLAS
+  int splits = 0;           // W4CudaParams::prefill_splits
+  double us = 0;            // per launch, the best round; infinity where refused
+};
 absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t max_m,
-                         W4Workspace* ws, cudaStream_t stream);
+                         W4Workspace* ws, cudaStream_t stream,
+                         std::vector<PrefillTuneRow>* report = nullptr);
 
 // Number of SMs of the current device (cached per device).
 int NumSms();

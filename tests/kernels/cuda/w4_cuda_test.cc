@@ -541,7 +541,27 @@ TEST(CudaW4, TunePrefillRecordsValidKernels) {
     ptrs.push_back(dw->get());
     owned.push_back(std::move(*dw));
   }
-  ASSERT_TRUE(cuda::TunePrefill(ptrs, 512, ws->get(), nullptr).ok());
+  std::vector<cuda::PrefillTuneRow> rows;
+  ASSERT_TRUE(cuda::TunePrefill(ptrs, 512, ws->get(), nullptr, &rows).ok());
+  // The report: the baseline and 8 candidates per bucket up to max_m, and
+  // the recorded pick is the fastest candidate beating the baseline by 5 %.
+  ASSERT_EQ(rows.size(), size_t{4} * 9);
+  for (int b = 0; b < 4; ++b) {
+    const cuda::PrefillTuneRow* r = &rows[static_cast<size_t>(b) * 9];
+    ASSERT_EQ(r[0].m, int64_t{64} << b);
+    ASSERT_EQ(r[0].kernel, 1);
+    ASSERT_TRUE(std::isfinite(r[0].us) && r[0].us > 0) << r[0].us;
+    double best = r[0].us * 0.95;
+    int kernel = 0, splits = 0;
+    for (int c = 1; c < 9; ++c) {
+      EXPECT_EQ(r[c].m, r[0].m);
+      EXPECT_GT(r[c].us, 0);
+      if (r[c].us < best) best = r[c].us, kernel = r[c].kernel, splits = r[c].splits;
+    }
+    const auto t = owned[0]->prefill_tuning(r[0].m);
+    EXPECT_EQ(t.kernel, kernel) << "m " << r[0].m;
+    EXPECT_EQ(t.splits, kernel == 0 ? 0 : splits) << "m " << r[0].m;
+  }
   std::string picks;
   for (int b = 0; b < cuda::W4DeviceWeight::kPrefillBuckets; ++b) {
     const auto t = owned[0]->prefill_tuning(int64_t{64} << b);
