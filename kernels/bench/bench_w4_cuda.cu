@@ -325,8 +325,8 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
                  const uint16_t* wpool, size_t pool_halfs, cublasHandle_t cub,
                  cuda::W4Workspace* ws, std::mt19937& rng, const std::string& only) {
   std::printf("\n## Prefill GEMMs (us; ratios over cuBLAS FP16 in the same run; TF/s of the automatic W4 path; - where a forced split does not fit)\n");
-  std::printf("| model | layer | M | cuBLAS us | cuBLAS TF/s | dequant+cuBLAS us | ratio | wgmma 128 / 256-token tiles us | warp-specialized 128-token tiles, k splits 1 / 2 us | warp-specialized 256-token tiles, k splits 1 / 2 / 3 / 4 us | fastest (kernel/splits) | ratio | W4 auto us | W4 TF/s | ratio | W4+EC auto us | EC/W4 |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| model | layer | M | cuBLAS us | cuBLAS TF/s | dequant+cuBLAS us | ratio | wgmma 128 / 256-token tiles us | warp-specialized 128-token tiles, k splits 1 / 2 us | warp-specialized 256-token tiles, k splits 1 / 2 / 3 / 4 us | stream-K 128 / 256-token tiles us | fastest (kernel/splits) | ratio | W4 auto us | W4 TF/s | ratio | W4+EC auto us | EC/W4 |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   struct Mod {
     const Shape* sh;
     std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
@@ -417,7 +417,8 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
         // The candidates: {prefill_kernel, prefill_splits} and their times.
         std::vector<std::pair<int, int>> cand = {{1, 0}, {2, g_prefill_splits}, {3, g_prefill_splits},
                                                  {2 | 128, 1}, {2 | 128, 2}, {3 | 128, 1},
-                                                 {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4}};
+                                                 {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4},
+                                                 {2 | 128 | 256, 1}, {3 | 128 | 256, 1}};
         std::vector<double> t(cand.size());
         for (size_t c = 0; c < cand.size(); ++c) t[c] = w4(cand[c].first, false, cand[c].second);
         const double t_auto = w4(0, false), t_ec = w4(0, true);
@@ -436,11 +437,11 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
           if (!std::isinf(v)) std::snprintf(b, sizeof b, "%.1f", v);
           return std::string(b);
         };
-        std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.2f | %s / %s | %s / %s | %s / %s / %s / %s | %d/%d | %.2f | %.1f | %.0f | %.2f | %.1f | %.2f |\n",
+        std::printf("| %s | %s | %lld | %.1f | %.0f | %.1f | %.2f | %s / %s | %s / %s | %s / %s / %s / %s | %s / %s | %d/%d | %.2f | %.1f | %.0f | %.2f | %.1f | %.2f |\n",
                     sh.model, sh.layer, static_cast<long long>(m), t_cub, flops / t_cub * 1e-6,
                     t[0], t[0] / t_cub, us(t[1]).c_str(), us(t[2]).c_str(), us(t[3]).c_str(),
                     us(t[4]).c_str(), us(t[5]).c_str(), us(t[6]).c_str(), us(t[7]).c_str(),
-                    us(t[8]).c_str(), cand[ib].first, cand[ib].second, t[ib] / t_cub, t_auto,
+                    us(t[8]).c_str(), us(t[9]).c_str(), us(t[10]).c_str(), cand[ib].first, cand[ib].second, t[ib] / t_cub, t_auto,
                     flops / t_auto * 1e-6, t_auto / t_cub, t_ec, t_ec / t_auto);
         std::fflush(stdout);
       }
@@ -474,16 +475,16 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
           CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
         }
       });
-      std::printf("| %s | layer (4 GEMMs, one graph) | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | layer (4 GEMMs, one graph) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), l_cub, l_auto, l_auto / l_cub);
-      std::printf("| %s | layer, each GEMM on its fastest path (%d/%d %d/%d %d/%d %d/%d) | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | layer, each GEMM on its fastest path (%d/%d %d/%d %d/%d %d/%d) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, best[0].first, best[0].second, best[1].first, best[1].second,
                   best[2].first, best[2].second, best[3].first, best[3].second,
                   static_cast<long long>(m),
                   l_cub, l_best, l_best / l_cub);
-      std::printf("| %s | sum of the rows above | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | sum of the rows above | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), sum_cub, sum_auto, sum_auto / sum_cub);
-      std::printf("| %s | sum of the fastest paths | %lld | %.1f | | | | | | | | | %.1f | | %.2f | | |\n",
+      std::printf("| %s | sum of the fastest paths | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), sum_cub, sum_best, sum_best / sum_cub);
       std::fflush(stdout);
     }

@@ -3,11 +3,12 @@
 // NumSms and the W4Workspace allocation.
 #include "kernels/cuda/w4_layout.h"
 
-#include "kernels/cuda/cublas_loader.h"
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <vector>
 
+#include "kernels/cuda/cublas_loader.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/dtype.h"
@@ -306,9 +307,11 @@ absl::Status W4Workspace::Reserve(const W4DeviceWeight& w, int64_t m) {
   const auto& d = w.impl();
   Impl& s = *impl_;
   const size_t mm = static_cast<size_t>(m);
-  if (absl::Status st = Grow(&s.wh, &s.wh_elems, static_cast<size_t>(d.n * d.kp)); !st.ok()) {
-    return st;
-  }
+  // The fp16 scratch: the dequantized weight, or the wgmma kernels' split
+  // partials (the stream-K kernel's slots for a prefill's m at least).
+  size_t wh = static_cast<size_t>(d.n * d.kp);
+  if (m >= kPrefillM) wh = std::max(wh, SkPartialHalves(s.num_sms));
+  if (absl::Status st = Grow(&s.wh, &s.wh_elems, wh); !st.ok()) return st;
   if (absl::Status st = Grow(&s.pxs, &s.pxs_elems, mm * static_cast<size_t>(d.kp)); !st.ok()) {
     return st;
   }

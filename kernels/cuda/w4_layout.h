@@ -154,11 +154,17 @@ absl::Status LaunchDequantW(const W4DeviceWeight::Impl& w, uint16_t* wh, cudaStr
 // FailedPrecondition where not available; InvalidArgument for k or ldx not
 // a multiple of 8 or x not 16-byte aligned.
 bool PrefillWgmmaAvailable();
+// The stream-K kernel's partial slots: 2 per block (<= one block per SM) of
+// 256 tokens x 128 fp32 columns, in halves of the fp16 scratch.
+inline size_t SkPartialHalves(int num_sms) { return size_t{2} * num_sms * 256 * 128 * 2; }
 // ws lends the split-K partials (its fp16 weight scratch, unused on this
 // path) and tickets (its counters); ksplits: W4CudaParams::prefill_splits
 // (0 or 1 no split, 2..4 forced: InvalidArgument where they do not fit;
 // -2..-4 preferred: unsplit where they do not fit). flags: prefill_kernel's
-// 32 / 64 (timing splits), 128 (warp-specialized).
+// 32 / 64 (timing splits), 128 (warp-specialized), 128 + 256 (its
+// stream-K form: ksplits 0 / 1 / -n only, partial slots in the same
+// scratch, kSkPartialHalves of it: W4Workspace::Reserve grows it so for a
+// prefill's m).
 absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                                 int64_t ldx, const float* bias, float* y32, uint16_t* y16,
                                 int64_t ldy, bool accumulate, int tokens, cudaStream_t stream,

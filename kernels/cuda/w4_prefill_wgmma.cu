@@ -42,6 +42,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 
@@ -562,12 +563,88 @@ __device__ __forceinline__ void BulkG2S(unsigned dst, const void* src, unsigned 
       : "memory");
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The producer's copies of k stage ks (64 k) for the block tile at tokens
+// m0.. and layout tiles tile0, tile0 + 1 into the stage buffer at shared
+// address xs: the x tile by TMA, the code words and the stage's scale/zero
+// words (at most two groups) by 1-D bulk copies, all completing on the
+// mbarrier fb (one arrival with the byte count). One thread.
+template <int NT>
+__device__ __forceinline__ void ProduceStage(const Args& a, const CUtensorMap* xmap, unsigned xs,
+                                             unsigned fb, int ks, int m0, int tile0) {
+  using C = Cfg<NT>;
+  const unsigned wsm = xs + C::kXBytes, szs = wsm + C::kWBytes;
+  const int kb = ks * 64;
+  const int g0 = min(kb >> a.gshift, a.ngroups - 1), g1 = min((kb + 63) >> a.gshift, a.ngroups - 1);
+  unsigned bytes = C::kXBytes;
+  for (int ti = 0; ti < C::kTiles; ++ti) {
+    if (tile0 + ti < a.ntiles) bytes += 2048 + (g1 != g0 ? 512 : 256);
+  }
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(fb), "r"(bytes)
+               : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(xs),
+      "l"(reinterpret_cast<uint64_t>(xmap)), "r"(kb), "r"(m0), "r"(fb)
+      : "memory");
+  for (int ti = 0; ti < C::kTiles; ++ti) {
+    const int t = tile0 + ti;
+    if (t >= a.ntiles) continue;
+    BulkG2S(wsm + ti * 2048, a.qw + (static_cast<size_t>(t) * a.ksteps + 4 * ks) * 32, 2048, fb);
+    BulkG2S(szs + ti * 512, a.sz + (static_cast<size_t>(t) * a.ngroups + g0) * 64, 256, fb);
+    if (g1 != g0) {
+      BulkG2S(szs + ti * 512 + 256, a.sz + (static_cast<size_t>(t) * a.ngroups + g1) * 64, 256, fb);
+    }
+  }
+}
+
+// A consumer warpgroup's k stage ks from the stage buffer (shared address
+// xs, generic pointer st): wait for the slot's `full` phase, dequantize its
+// 64-row tile ci's four k16 steps into cur, issue four wgmmas as one group
+// and retire the previous group (whose A registers are prev); the caller
+// then releases the previous stage's slot.
+template <int NT>
+__device__ __forceinline__ void ConsumeStage(const Args& a, unsigned xs, const unsigned char* st,
+                                             unsigned fullbar, unsigned parity, int ks, int ci,
+                                             int lane, int wl, int gid, float (&acc)[NT / 2],
+                                             uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
+  using C = Cfg<NT>;
+  WaitParity(fullbar, parity);
+  const unsigned char* wsm = st + C::kXBytes;
+  const unsigned char* szs = wsm + C::kWBytes;
+  const int kb = ks * 64, g0 = min(kb >> a.gshift, a.ngroups - 1);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int gl = min((kb + 16 * q) >> a.gshift, a.ngroups - 1) - g0;
+    const uint32_t w =
+        *reinterpret_cast<const uint32_t*>(wsm + (ci * 4 + q) * 512 + lane * 16 + wl * 4);
+    const uint2 szw =
+        *reinterpret_cast<const uint2*>(szs + ((ci * 2 + gl) * 64 + gid * 8 + 2 * wl) * 4);
+    Dequant(w, szw, cur[q]);
+  }
+  uint64_t desc[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    desc[q] = DescB(xs + 32 * q);
+    asm volatile("" : "+l"(desc[q])::"memory");
+    FenceA(cur[q]);
+  }
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int q = 0; q < 4; ++q) Wgmma(acc, cur[q], desc[q]);
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+#pragma unroll
+  for (int q = 0; q < 4; ++q) FenceA(prev[q]);
+}
+#endif
+
 template <int NT>
 __global__ void __launch_bounds__(384, 1)
     W4WgmmaWsKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<NT>;
-  constexpr int kXBytes = C::kXBytes, S = C::kStages;
+  constexpr int S = C::kStages;
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full[S], empty[S];
   const unsigned base0 = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
@@ -600,30 +677,7 @@ __global__ void __launch_bounds__(384, 1)
     for (int j = 0; j < cnt; ++j) {
       const int slot = j % S;
       if (j >= S) WaitParity(bar(empty, slot), static_cast<unsigned>(((j / S) + 1) & 1));
-      const unsigned xs = stage_addr(slot), wsm = xs + kXBytes, szs = wsm + C::kWBytes;
-      const int ks = kbeg + j, kb = ks * 64;
-      const int g0 = min(kb >> a.gshift, a.ngroups - 1), g1 = min((kb + 63) >> a.gshift, a.ngroups - 1);
-      unsigned bytes = kXBytes;
-      for (int ti = 0; ti < C::kTiles; ++ti) {
-        if (tile0 + ti < a.ntiles) bytes += 2048 + (g1 != g0 ? 512 : 256);
-      }
-      const unsigned fb = bar(full, slot);
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(fb), "r"(bytes)
-                   : "memory");
-      asm volatile(
-          "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-          "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(xs),
-          "l"(reinterpret_cast<uint64_t>(&xmap)), "r"(kb), "r"(m0), "r"(fb)
-          : "memory");
-      for (int ti = 0; ti < C::kTiles; ++ti) {
-        const int t = tile0 + ti;
-        if (t >= a.ntiles) continue;
-        BulkG2S(wsm + ti * 2048, a.qw + (static_cast<size_t>(t) * a.ksteps + 4 * ks) * 32, 2048, fb);
-        BulkG2S(szs + ti * 512, a.sz + (static_cast<size_t>(t) * a.ngroups + g0) * 64, 256, fb);
-        if (g1 != g0) {
-          BulkG2S(szs + ti * 512 + 256, a.sz + (static_cast<size_t>(t) * a.ngroups + g1) * 64, 256, fb);
-        }
-      }
+      ProduceStage<NT>(a, &xmap, stage_addr(slot), bar(full, slot), kbeg + j, m0, tile0);
     }
     return;
   }
@@ -635,35 +689,9 @@ __global__ void __launch_bounds__(384, 1)
   uint32_t af0[4][4] = {}, af1[4][4] = {};
   auto stage = [&](int j, uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
     const int slot = j % S;
-    WaitParity(bar(full, slot), static_cast<unsigned>((j / S) & 1));
-    const unsigned xs = stage_addr(slot);
-    const unsigned char* wsm = sbase + slot * C::kStageBytes + kXBytes;
-    const unsigned char* szs = wsm + C::kWBytes;
-    const int kb = (kbeg + j) * 64, g0 = min(kb >> a.gshift, a.ngroups - 1);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int gl = min((kb + 16 * q) >> a.gshift, a.ngroups - 1) - g0;
-      const uint32_t w =
-          *reinterpret_cast<const uint32_t*>(wsm + (ci * 4 + q) * 512 + lane * 16 + wl * 4);
-      const uint2 szw =
-          *reinterpret_cast<const uint2*>(szs + ((ci * 2 + gl) * 64 + gid * 8 + 2 * wl) * 4);
-      Dequant(w, szw, cur[q]);
-    }
-    uint64_t desc[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      desc[q] = DescB(xs + 32 * q);
-      asm volatile("" : "+l"(desc[q])::"memory");
-      FenceA(cur[q]);
-    }
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-    for (int q = 0; q < 4; ++q) Wgmma(acc, cur[q], desc[q]);
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    ConsumeStage<NT>(a, stage_addr(slot), sbase + slot * C::kStageBytes, bar(full, slot),
+                     static_cast<unsigned>((j / S) & 1), kbeg + j, ci, lane, wl, gid, acc, cur, prev);
     // Stage j - 1's group is retired: its slot goes back to the producer.
-    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-#pragma unroll
-    for (int q = 0; q < 4; ++q) FenceA(prev[q]);
     if (j > 0 && lane == 0) {
       asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar(empty, (j - 1) % S))
                    : "memory");
@@ -698,6 +726,175 @@ __global__ void __launch_bounds__(384, 1)
   __shared__ int is_last;
   StoreTile<NT>(a, tile, m0, tile0 * 64, ct, &is_last,
                 [] { asm volatile("bar.sync 1, 256;\n" ::: "memory"); });
+#else
+  __trap();
+#endif
+}
+
+// v36: the warp-specialized kernel in a stream-K form (prefill_kernel
+// 2 / 3 + 128 + 256). The work, (token tile, 128-row tile) x k stage pairs
+// with the token tiles fastest, is one line of U units cut into gridDim.x
+// (<= the SMs) equal ranges, one persistent block each, so that no wave is
+// left part-empty (8B gate_up at M = 512 ran 3.4 waves of 256-token tiles
+// in 4). A block walks its range tile by tile (segments); the producer runs
+// on into the next segment while the consumers store the last one. The
+// epilogue goes from the accumulators straight to global memory (no shared
+// tile, whose memory the producer is refilling): a whole tile to y; a
+// piece of a tile (the range starts or ends inside it) to the block's
+// partial slot (2 per block: its first and its last segment, in the
+// accumulators' register order, 16 bytes per thread and row of 4), then a
+// ticket per tile, and the last piece to arrive adds the tile's pieces in
+// block order (deterministic) and stores y.
+__device__ __forceinline__ long long SkOwner(long long u, long long nblk, long long units) {
+  return ((u + 1) * nblk - 1) / units;  // the block whose range [b U / G, (b + 1) U / G) holds u
+}
+
+template <int NT>
+__global__ void __launch_bounds__(384, 1)
+    W4WgmmaSkKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = Cfg<NT>;
+  constexpr int S = C::kStages;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t full[S], empty[S];
+  __shared__ int is_last;
+  const unsigned base0 = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
+  const unsigned base = (base0 + 1023u) & ~1023u;
+  unsigned char* sbase = smem_raw + (base - base0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wl = warp & 3, gid = lane >> 2, tig = lane & 3;
+  const int gx = (a.m + NT - 1) / NT, npairs = a.ksteps / 8;
+  const long long nblk = gridDim.x, blk = blockIdx.x;
+  const long long units = static_cast<long long>(gx) * ((a.ntiles + 1) / 2) * npairs;
+  const long long ubeg = blk * units / nblk, uend = (blk + 1) * units / nblk;
+  auto stage_addr = [&](int slot) { return base + slot * C::kStageBytes; };
+  auto bar = [&](uint64_t* b, int slot) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(&b[slot]));
+  };
+  if (tid == 0) {
+    for (int i = 0; i < S; ++i) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar(full, i)));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;\n" ::"r"(bar(empty, i)));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid != 0) return;
+    int g = 0;  // stages issued so far (slot g % S, phase g / S)
+    for (long long u = ubeg; u < uend;) {
+      const int t = static_cast<int>(u / npairs), p0 = static_cast<int>(u % npairs);
+      const long long send = min(uend, static_cast<long long>(t + 1) * npairs);
+      const int cnt = 2 * static_cast<int>(send - u);
+      const int m0 = (t % gx) * NT, tile0 = (t / gx) * C::kTiles;
+      for (int j = 0; j < cnt; ++j, ++g) {
+        const int slot = g % S;
+        if (g >= S) WaitParity(bar(empty, slot), static_cast<unsigned>(((g / S) + 1) & 1));
+        ProduceStage<NT>(a, &xmap, stage_addr(slot), bar(full, slot), 2 * p0 + j, m0, tile0);
+      }
+      u = send;
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int ci = wg - 1, ct = tid - 128;
+  float acc[NT / 2];
+  uint32_t af0[4][4] = {}, af1[4][4] = {};
+  int g = 0;
+  for (long long u = ubeg; u < uend;) {
+    const int t = static_cast<int>(u / npairs), p0 = static_cast<int>(u % npairs);
+    const long long tbeg = static_cast<long long>(t) * npairs, tend = tbeg + npairs;
+    const long long send = min(uend, tend);
+    const int cnt = 2 * static_cast<int>(send - u);
+    const int m0 = (t % gx) * NT, tile0 = (t / gx) * C::kTiles;
+    const bool first = u == ubeg;
+    u = send;
+#pragma unroll
+    for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
+    auto stage = [&](int j, uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
+      const int gs = g + j, slot = gs % S;
+      ConsumeStage<NT>(a, stage_addr(slot), sbase + slot * C::kStageBytes, bar(full, slot),
+                       static_cast<unsigned>((gs / S) & 1), 2 * p0 + j, ci, lane, wl, gid, acc,
+                       cur, prev);
+      if (j > 0 && lane == 0) {
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar(empty, (gs - 1) % S))
+                     : "memory");
+      }
+    };
+#pragma unroll 1
+    for (int j = 0; j < cnt; j += 2) {
+      stage(j, af0, af1);
+      stage(j + 1, af1, af0);
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    FenceAcc(acc);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      FenceA(af0[q]);
+      FenceA(af1[q]);
+    }
+    g += cnt;
+    if (lane == 0) {  // the segment's last stage's slot back to the producer
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar(empty, (g - 1) % S))
+                   : "memory");
+    }
+    // Pieces of tile t: blocks cf..cl (one: the whole tile, this block).
+    const long long cf = SkOwner(tbeg, nblk, units), cl = SkOwner(tend - 1, nblk, units);
+    const size_t slot_floats = static_cast<size_t>(NT) * 128;
+    if (cl > cf) {
+      float* mine = a.part + (2 * blk + (first ? 0 : 1)) * slot_floats;
+#pragma unroll
+      for (int jn = 0; jn < NT / 8; ++jn) {
+        __stcg(reinterpret_cast<float4*>(mine + (static_cast<size_t>(jn) * 256 + ct) * 4),
+               make_float4(acc[4 * jn], acc[4 * jn + 1], acc[4 * jn + 2], acc[4 * jn + 3]));
+      }
+      __threadfence();
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      if (ct == 0) is_last = atomicAdd(a.tickets + t, 1) == static_cast<int>(cl - cf);
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      if (!is_last) continue;
+      __threadfence();
+      if (ct == 0) a.tickets[t] = 0;  // zero again for the next call
+    }
+    // y from the accumulators (summed over the pieces in block order);
+    // element 4 jn + e: token m0 + 8 jn + 2 tig + (e & 1), column
+    // tile0 * 64 + 64 ci + 16 wl + gid + 8 (e >> 1).
+    const int col0 = tile0 * 64 + ci * 64 + 16 * wl + gid;
+#pragma unroll
+    for (int jn = 0; jn < NT / 8; ++jn) {
+      float v[4] = {acc[4 * jn], acc[4 * jn + 1], acc[4 * jn + 2], acc[4 * jn + 3]};
+      if (cl > cf) {
+        for (long long b = cf; b <= cl; ++b) {
+          float w[4];
+          if (b == blk) {
+            w[0] = acc[4 * jn], w[1] = acc[4 * jn + 1], w[2] = acc[4 * jn + 2], w[3] = acc[4 * jn + 3];
+          } else {
+            const bool bfirst = (b * units / nblk) / npairs == t;
+            const float4 p = __ldcg(reinterpret_cast<const float4*>(
+                a.part + (2 * b + (bfirst ? 0 : 1)) * slot_floats +
+                (static_cast<size_t>(jn) * 256 + ct) * 4));
+            w[0] = p.x, w[1] = p.y, w[2] = p.z, w[3] = p.w;
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) v[e] = b == cf ? w[e] : v[e] + w[e];
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int tok = m0 + 8 * jn + 2 * tig + (e & 1), col = col0 + 8 * (e >> 1);
+        if (tok >= a.m || col >= a.n) continue;
+        float r = v[e];
+        if (a.bias != nullptr) r += a.bias[col];
+        const long long idx = tok * a.ldy + col;
+        if (a.y32 != nullptr) {
+          a.y32[idx] = a.accumulate ? a.y32[idx] + r : r;
+        } else {
+          a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + r : r);
+        }
+      }
+    }
+  }
 #else
   __trap();
 #endif
@@ -805,6 +1002,23 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   // v33: split-K over the grid's z (PrefillWgmmaSplits), the tiles'
   // partials in the workspace's fp16 weight scratch (unused on this path),
   // the tickets in its counters.
+  const bool sk = (flags & 256) != 0;  // v36: stream-K
+  int64_t sk_blocks = 0;
+  if (sk) {
+    if ((flags & 128) == 0 || ksplits > 1) {
+      return absl::InvalidArgumentError(
+          "W4 prefill: the stream-K kernel is warp-specialized (128 + 256) and takes no k splits");
+    }
+    const int64_t gx = (m + tokens - 1) / tokens, gy = (w.ntiles + 1) / 2;
+    const int64_t units = gx * gy * (w.ksteps / 8);
+    sk_blocks = std::min<int64_t>(ws.num_sms, units);
+    if (gx * gy > ws.ncounters || ws.wh_elems < SkPartialHalves(ws.num_sms) || units < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "W4 prefill: the stream-K kernel's tiles or partial slots do not fit the workspace (m=",
+          m, " n=", w.n, "; reserve it for the prefill's m)"));
+    }
+    ksplits = 1;
+  }
   // ksplits < 0: -ksplits preferred, unsplit where they do not fit.
   int sp = PrefillWgmmaSplits(m, w.n, w.kp, tokens, ws.wh_elems / 2, ksplits < 0 ? -ksplits : ksplits);
   if (ksplits < 0 && sp == 0) sp = 1;
@@ -818,7 +1032,7 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   a.vec_part = w.n % 4 == 0 ? 1 : 0;
   const uintptr_t yp = y32 != nullptr ? reinterpret_cast<uintptr_t>(y32) : reinterpret_cast<uintptr_t>(y16);
   a.vec_out = w.n % 4 == 0 && ldy % 4 == 0 && yp % (y32 != nullptr ? 16 : 8) == 0 ? 1 : 0;
-  if (sp > 1) {
+  if (sp > 1 || sk) {
     a.part = reinterpret_cast<float*>(ws.wh);
     a.tickets = ws.counters;
   }
@@ -852,7 +1066,16 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
     return absl::InternalError(absl::StrCat("W4 prefill: cuTensorMapEncodeTiled failed: ", cr));
   }
   const unsigned gy = static_cast<unsigned>((w.ntiles + 1) / 2);
-  if ((flags & 128) != 0) {  // v34: the warp-specialized kernel
+  if (sk) {  // one persistent block per SM at most
+    const unsigned nb = static_cast<unsigned>(sk_blocks);
+    if (tokens == 128) {
+      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaSkKernel<128>, wgk::Cfg<128>::kSmem>()));
+      wgk::W4WgmmaSkKernel<128><<<nb, 384, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
+    } else {
+      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaSkKernel<256>, wgk::Cfg<256>::kSmem>()));
+      wgk::W4WgmmaSkKernel<256><<<nb, 384, wgk::Cfg<256>::kSmem, stream>>>(a, xmap);
+    }
+  } else if ((flags & 128) != 0) {  // v34: the warp-specialized kernel
     const dim3 grid(static_cast<unsigned>((m + tokens - 1) / tokens), gy,
                     static_cast<unsigned>(a.ksplits));
     if (tokens == 128) {

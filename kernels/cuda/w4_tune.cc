@@ -204,11 +204,12 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
   const int nw = static_cast<int>(weights.size());
   const int launches = std::max(8, nw);
   // The candidates (W4CudaParams::prefill_kernel, prefill_splits): the
-  // plain wgmma kernel (128- / 256-token tiles) and the warp-specialized
-  // one with 1..4 k splits (more splits fill the SMs at small m and long
-  // k; docs/results/gpu.md, v34).
+  // plain wgmma kernel (128- / 256-token tiles), the warp-specialized one
+  // with 1..4 k splits (more splits fill the SMs at small m and long k;
+  // docs/results/gpu.md, v34) and its stream-K form (v36).
   static constexpr int kCand[][2] = {{2, 1},       {3, 1},       {2 | 128, 1}, {2 | 128, 2},
-                                     {3 | 128, 1}, {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4}};
+                                     {3 | 128, 1}, {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4},
+                                     {2 | 128 | 256, 1}, {3 | 128 | 256, 1}};
   for (int bk = 0; bk < W4DeviceWeight::kPrefillBuckets; ++bk) {
     const int64_t m = int64_t{64} << bk;
     if (m > max_m) break;

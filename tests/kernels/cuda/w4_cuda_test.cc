@@ -543,17 +543,18 @@ TEST(CudaW4, TunePrefillRecordsValidKernels) {
   }
   std::vector<cuda::PrefillTuneRow> rows;
   ASSERT_TRUE(cuda::TunePrefill(ptrs, 512, ws->get(), nullptr, &rows).ok());
-  // The report: the baseline and 8 candidates per bucket up to max_m, and
+  // The report: the baseline and 10 candidates per bucket up to max_m, and
   // the recorded pick is the fastest candidate beating the baseline by 5 %.
-  ASSERT_EQ(rows.size(), size_t{4} * 9);
+  constexpr int kC = 11;
+  ASSERT_EQ(rows.size(), size_t{4} * kC);
   for (int b = 0; b < 4; ++b) {
-    const cuda::PrefillTuneRow* r = &rows[static_cast<size_t>(b) * 9];
+    const cuda::PrefillTuneRow* r = &rows[static_cast<size_t>(b) * kC];
     ASSERT_EQ(r[0].m, int64_t{64} << b);
     ASSERT_EQ(r[0].kernel, 1);
     ASSERT_TRUE(std::isfinite(r[0].us) && r[0].us > 0) << r[0].us;
     double best = r[0].us * 0.95;
     int kernel = 0, splits = 0;
-    for (int c = 1; c < 9; ++c) {
+    for (int c = 1; c < kC; ++c) {
       EXPECT_EQ(r[c].m, r[0].m);
       EXPECT_GT(r[c].us, 0);
       if (r[c].us < best) best = r[c].us, kernel = r[c].kernel, splits = r[c].splits;
@@ -678,8 +679,11 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
   const S shapes[] = {{200, 256, 64, 65},   {384, 1000, 1000, 300}, {330, 2048, 128, 257},
                       {130, 512, 32, 129},  {64, 136, 136, 1000},   {1100, 1024, 128, 130},
                       {72, 14336, 128, 136}};
-  // + 128 (v34): the warp-specialized form of the 128- / 256-token kernel.
-  for (const int kernel : {1, 2, 3, 2 | 128, 3 | 128}) {
+  // + 128 (v34): the warp-specialized form of the 128- / 256-token kernel;
+  // + 128 + 256 (v36): its stream-K form (m = 136, n = 72, k = 14336: one
+  // tile in 56 pieces, one per block; m = 1000, n = 64, k = 136: 4 whole
+  // tiles, 4 blocks).
+  for (const int kernel : {1, 2, 3, 2 | 128, 3 | 128, 2 | 128 | 256, 3 | 128 | 256}) {
     if (kernel > 1 && major != 9) {
       std::printf("[ SKIPPED  ] the wgmma prefill kernel: device is sm_%d0, not sm_90\n", major);
       break;
@@ -765,6 +769,45 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
         }
       }
     }
+    // v36: the stream-K kernel: bitwise the same output on every run (its
+    // pieces are added in block order), close to the unsplit kernel's; 1100
+    // x 300 x 4096 at 256 tokens: 2 x 9 tiles of 32 stage pairs over 132
+    // blocks, at 128 tokens 3 x 9 tiles.
+    for (const int kernel : {3 | 128 | 256, 2 | 128 | 256}) {
+      p.prefill_kernel = kernel & ~256;
+      p.prefill_splits = 1;
+      dy.Poison();
+      ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), nullptr).ok());
+      CUDA_OK(cudaDeviceSynchronize());
+      const std::vector<float> unsplit = dy.Down();
+      p.prefill_kernel = kernel;
+      std::vector<float> first;
+      for (int rep = 0; rep < 3; ++rep) {
+        p.prefill_splits = rep == 2 ? 0 : 1;
+        dy.Poison();
+        ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), nullptr).ok()) << kernel;
+        CUDA_OK(cudaDeviceSynchronize());
+        const std::vector<float> out = dy.Down();
+        if (rep == 0) {
+          first = out;
+          for (size_t i = 0; i < out.size(); ++i) {
+            ASSERT_NEAR(out[i], unsplit[i], 1e-4 * (1 + std::fabs(unsplit[i])))
+                << "stream-K kernel " << kernel << " " << i;
+          }
+        } else {
+          ASSERT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0)
+              << "stream-K kernel " << kernel << " run " << rep;
+        }
+      }
+      // k splits on top of stream-K: InvalidArgument (W4Linear's check).
+      p.prefill_splits = 2;
+      EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(),
+                absl::StatusCode::kInvalidArgument);
+    }
+    p.prefill_kernel = 3 | 256;  // stream-K without warp specialization
+    p.prefill_splits = 0;
+    EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
+    p.prefill_kernel = 3;
     // Splits that leave a split empty, or out of range: InvalidArgument.
     p.prefill_splits = 5;
     EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
