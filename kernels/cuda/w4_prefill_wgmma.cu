@@ -732,21 +732,80 @@ __global__ void __launch_bounds__(384, 1)
 }
 
 // v36: the warp-specialized kernel in a stream-K form (prefill_kernel
-// 2 / 3 + 128 + 256). The work, (token tile, 128-row tile) x k stage pairs
-// with the token tiles fastest, is one line of U units cut into gridDim.x
-// (<= the SMs) equal ranges, one persistent block each, so that no wave is
-// left part-empty (8B gate_up at M = 512 ran 3.4 waves of 256-token tiles
-// in 4). A block walks its range tile by tile (segments); the producer runs
-// on into the next segment while the consumers store the last one. The
+// 2 / 3 + 128 + 256): persistent blocks (<= one per SM), so that no wave is
+// left part-empty (call 1 of v35: 8B gate_up at M = 512 ran 3.4 waves of
+// 256-token tiles in 4; 8B qkv and o at M = 512 filled 96 and 64 of the
+// 132 SMs). Tiles (token tile fastest, then 128-row tile) of T = full * G
+// + rem: the rem tiles first, as a line of (tile, k-stage pair) units cut
+// into equal ranges, one per block (stream-K; at most 4 blocks per tile,
+// and where rem < G / 4 one of the full rounds joins them, so that no tile
+// is cut into more than ~3 pieces); then `full` rounds of whole tiles,
+// block b taking tile rem + b + r G in round r (data-parallel, neighbouring
+// blocks on neighbouring tiles: a weight tile is read from DRAM once). A
+// block walks its work segment by segment (one tile each); the producer
+// runs on into the next segment while the consumers store the last. The
 // epilogue goes from the accumulators straight to global memory (no shared
-// tile, whose memory the producer is refilling): a whole tile to y; a
-// piece of a tile (the range starts or ends inside it) to the block's
-// partial slot (2 per block: its first and its last segment, in the
-// accumulators' register order, 16 bytes per thread and row of 4), then a
-// ticket per tile, and the last piece to arrive adds the tile's pieces in
-// block order (deterministic) and stores y.
-__device__ __forceinline__ long long SkOwner(long long u, long long nblk, long long units) {
-  return ((u + 1) * nblk - 1) / units;  // the block whose range [b U / G, (b + 1) U / G) holds u
+// tile: the producer is refilling that memory): a whole tile to y; a piece
+// to the block's partial slot (2 per block: its first and last stream-K
+// segment; in the accumulators' register order, 16 bytes per thread and
+// store), then a ticket per tile, and the last piece to arrive adds the
+// tile's pieces from the slots in block order (deterministic) and stores y.
+struct SkWork {
+  int npairs, rem, full, usk, gs;  // stream-K units (rem tiles x npairs) over gs blocks
+  __device__ __forceinline__ SkWork(const Args& a, int nt, int nblk) {
+    const int tiles = ((a.m + nt - 1) / nt) * ((a.ntiles + 1) / 2);
+    npairs = a.ksteps / 8;
+    full = tiles / nblk;
+    rem = tiles % nblk;
+    if (rem > 0 && full >= 1 && 4 * rem < nblk) {
+      rem += nblk;
+      --full;
+    }
+    // rem < 2 nblk tiles: usk * gs < 2 nblk^2 npairs < 2^31 (the
+    // launcher's check; 32-bit divisions, no calls)
+    usk = rem * npairs;
+    gs = min(nblk, min(usk, 4 * rem));
+  }
+  __device__ __forceinline__ int Beg(int b) const { return b < gs ? b * usk / gs : usk; }
+  // the block whose stream-K range [Beg(b), Beg(b + 1)) holds unit u
+  __device__ __forceinline__ int Owner(int u) const { return ((u + 1) * gs - 1) / usk; }
+};
+
+// A block's next segment after unit u of its stream-K range and r of its
+// whole-tile rounds (both advanced): tile t, k-stage pairs [p0, p0 + cnt /
+// 2); sk: a stream-K segment, first: the range's first. False when done.
+// The plan is recomputed from the kernel's arguments on every call (no
+// registers held across the main loop).
+struct SkSeg {
+  int t, p0, cnt;
+  bool sk, first;
+};
+template <int NT>
+__device__ __forceinline__ bool SkNext(const Args& a, int blk, int& u, int& r, SkSeg& sg) {
+  const int nblk = static_cast<int>(gridDim.x);
+  const SkWork w(a, NT, nblk);
+  const int ubeg = w.Beg(blk), uend = w.Beg(blk + 1);
+  if (u < ubeg) u = ubeg;
+  if (u < uend) {
+    sg.t = u / w.npairs;
+    sg.p0 = u % w.npairs;
+    const int send = min(uend, (sg.t + 1) * w.npairs);
+    sg.cnt = 2 * (send - u);
+    sg.sk = true;
+    sg.first = u == ubeg;
+    u = send;
+    return true;
+  }
+  if (r < w.full) {
+    sg.t = w.rem + blk + r * nblk;
+    sg.p0 = 0;
+    sg.cnt = 2 * w.npairs;
+    sg.sk = false;
+    sg.first = false;
+    ++r;
+    return true;
+  }
+  return false;
 }
 
 template <int NT>
@@ -763,10 +822,7 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* sbase = smem_raw + (base - base0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wl = warp & 3, gid = lane >> 2, tig = lane & 3;
-  const int gx = (a.m + NT - 1) / NT, npairs = a.ksteps / 8;
-  const long long nblk = gridDim.x, blk = blockIdx.x;
-  const long long units = static_cast<long long>(gx) * ((a.ntiles + 1) / 2) * npairs;
-  const long long ubeg = blk * units / nblk, uend = (blk + 1) * units / nblk;
+  const int gx = (a.m + NT - 1) / NT, blk = static_cast<int>(blockIdx.x);
   auto stage_addr = [&](int slot) { return base + slot * C::kStageBytes; };
   auto bar = [&](uint64_t* b, int slot) {
     return static_cast<unsigned>(__cvta_generic_to_shared(&b[slot]));
@@ -783,17 +839,15 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid != 0) return;
     int g = 0;  // stages issued so far (slot g % S, phase g / S)
-    for (long long u = ubeg; u < uend;) {
-      const int t = static_cast<int>(u / npairs), p0 = static_cast<int>(u % npairs);
-      const long long send = min(uend, static_cast<long long>(t + 1) * npairs);
-      const int cnt = 2 * static_cast<int>(send - u);
-      const int m0 = (t % gx) * NT, tile0 = (t / gx) * C::kTiles;
-      for (int j = 0; j < cnt; ++j, ++g) {
+    int u = 0, r = 0;
+    SkSeg sg;
+    while (SkNext<NT>(a, blk, u, r, sg)) {
+      const int m0 = (sg.t % gx) * NT, tile0 = (sg.t / gx) * C::kTiles;
+      for (int j = 0; j < sg.cnt; ++j, ++g) {
         const int slot = g % S;
         if (g >= S) WaitParity(bar(empty, slot), static_cast<unsigned>(((g / S) + 1) & 1));
-        ProduceStage<NT>(a, &xmap, stage_addr(slot), bar(full, slot), 2 * p0 + j, m0, tile0);
+        ProduceStage<NT>(a, &xmap, stage_addr(slot), bar(full, slot), 2 * sg.p0 + j, m0, tile0);
       }
-      u = send;
     }
     return;
   }
@@ -801,21 +855,17 @@ __global__ void __launch_bounds__(384, 1)
   const int ci = wg - 1, ct = tid - 128;
   float acc[NT / 2];
   uint32_t af0[4][4] = {}, af1[4][4] = {};
-  int g = 0;
-  for (long long u = ubeg; u < uend;) {
-    const int t = static_cast<int>(u / npairs), p0 = static_cast<int>(u % npairs);
-    const long long tbeg = static_cast<long long>(t) * npairs, tend = tbeg + npairs;
-    const long long send = min(uend, tend);
-    const int cnt = 2 * static_cast<int>(send - u);
-    const int m0 = (t % gx) * NT, tile0 = (t / gx) * C::kTiles;
-    const bool first = u == ubeg;
-    u = send;
+  const size_t slot_floats = static_cast<size_t>(NT) * 128;
+  int g = 0, u = 0, r = 0;
+  SkSeg sg;
+  while (SkNext<NT>(a, blk, u, r, sg)) {
+    const int m0 = (sg.t % gx) * NT, tile0 = (sg.t / gx) * C::kTiles;
 #pragma unroll
     for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
     auto stage = [&](int j, uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
       const int gs = g + j, slot = gs % S;
       ConsumeStage<NT>(a, stage_addr(slot), sbase + slot * C::kStageBytes, bar(full, slot),
-                       static_cast<unsigned>((gs / S) & 1), 2 * p0 + j, ci, lane, wl, gid, acc,
+                       static_cast<unsigned>((gs / S) & 1), 2 * sg.p0 + j, ci, lane, wl, gid, acc,
                        cur, prev);
       if (j > 0 && lane == 0) {
         asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar(empty, (gs - 1) % S))
@@ -823,7 +873,7 @@ __global__ void __launch_bounds__(384, 1)
       }
     };
 #pragma unroll 1
-    for (int j = 0; j < cnt; j += 2) {
+    for (int j = 0; j < sg.cnt; j += 2) {
       stage(j, af0, af1);
       stage(j + 1, af1, af0);
     }
@@ -834,63 +884,73 @@ __global__ void __launch_bounds__(384, 1)
       FenceA(af0[q]);
       FenceA(af1[q]);
     }
-    g += cnt;
+    g += sg.cnt;
     if (lane == 0) {  // the segment's last stage's slot back to the producer
       asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar(empty, (g - 1) % S))
                    : "memory");
     }
-    // Pieces of tile t: blocks cf..cl (one: the whole tile, this block).
-    const long long cf = SkOwner(tbeg, nblk, units), cl = SkOwner(tend - 1, nblk, units);
-    const size_t slot_floats = static_cast<size_t>(NT) * 128;
-    if (cl > cf) {
-      float* mine = a.part + (2 * blk + (first ? 0 : 1)) * slot_floats;
+    if (sg.sk) {
+      // Pieces of tile t: the blocks cf..cl (one: the whole tile here).
+      const SkWork w(a, NT, static_cast<int>(gridDim.x));
+      const int tbeg = sg.t * w.npairs;
+      const int cf = w.Owner(tbeg), cl = w.Owner(tbeg + w.npairs - 1);
+      if (cl > cf) {
+        float* mine = a.part + static_cast<size_t>(2 * blk + (sg.first ? 0 : 1)) * slot_floats;
 #pragma unroll
-      for (int jn = 0; jn < NT / 8; ++jn) {
-        __stcg(reinterpret_cast<float4*>(mine + (static_cast<size_t>(jn) * 256 + ct) * 4),
-               make_float4(acc[4 * jn], acc[4 * jn + 1], acc[4 * jn + 2], acc[4 * jn + 3]));
+        for (int jn = 0; jn < NT / 8; ++jn) {
+          __stcg(reinterpret_cast<float4*>(mine + (static_cast<size_t>(jn) * 256 + ct) * 4),
+                 make_float4(acc[4 * jn], acc[4 * jn + 1], acc[4 * jn + 2], acc[4 * jn + 3]));
+        }
+        __threadfence();
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        if (ct == 0) is_last = atomicAdd(a.tickets + sg.t, 1) == cl - cf;
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        if (!is_last) continue;
+        __threadfence();
+        if (ct == 0) a.tickets[sg.t] = 0;  // zero again for the next call
+        // The sum in block order, every piece from its slot (this block's
+        // too: the same bits as its registers), kJ rows of 4 at a time:
+        // per piece, kJ independent 16-byte loads per thread.
+        constexpr int kJ = 4;
+#pragma unroll
+        for (int j0 = 0; j0 < NT / 8; j0 += kJ) {
+          for (int b = cf; b <= cl; ++b) {
+            const bool bfirst = w.Beg(b) / w.npairs == sg.t;
+            const float* src = a.part + static_cast<size_t>(2 * b + (bfirst ? 0 : 1)) * slot_floats;
+            float4 p[kJ];
+#pragma unroll
+            for (int jj = 0; jj < kJ; ++jj) {
+              p[jj] = __ldcg(reinterpret_cast<const float4*>(src + (static_cast<size_t>(j0 + jj) * 256 + ct) * 4));
+            }
+#pragma unroll
+            for (int jj = 0; jj < kJ; ++jj) {
+              float* d = acc + 4 * (j0 + jj);
+              if (b == cf) {
+                d[0] = p[jj].x, d[1] = p[jj].y, d[2] = p[jj].z, d[3] = p[jj].w;
+              } else {
+                d[0] += p[jj].x, d[1] += p[jj].y, d[2] += p[jj].z, d[3] += p[jj].w;
+              }
+            }
+          }
+        }
       }
-      __threadfence();
-      asm volatile("bar.sync 1, 256;\n" ::: "memory");
-      if (ct == 0) is_last = atomicAdd(a.tickets + t, 1) == static_cast<int>(cl - cf);
-      asm volatile("bar.sync 1, 256;\n" ::: "memory");
-      if (!is_last) continue;
-      __threadfence();
-      if (ct == 0) a.tickets[t] = 0;  // zero again for the next call
     }
-    // y from the accumulators (summed over the pieces in block order);
-    // element 4 jn + e: token m0 + 8 jn + 2 tig + (e & 1), column
-    // tile0 * 64 + 64 ci + 16 wl + gid + 8 (e >> 1).
+    // y from the accumulators: element 4 jn + e is token m0 + 8 jn + 2 tig
+    // + (e & 1), column tile0 * 64 + 64 ci + 16 wl + gid + 8 (e >> 1).
     const int col0 = tile0 * 64 + ci * 64 + 16 * wl + gid;
 #pragma unroll
     for (int jn = 0; jn < NT / 8; ++jn) {
-      float v[4] = {acc[4 * jn], acc[4 * jn + 1], acc[4 * jn + 2], acc[4 * jn + 3]};
-      if (cl > cf) {
-        for (long long b = cf; b <= cl; ++b) {
-          float w[4];
-          if (b == blk) {
-            w[0] = acc[4 * jn], w[1] = acc[4 * jn + 1], w[2] = acc[4 * jn + 2], w[3] = acc[4 * jn + 3];
-          } else {
-            const bool bfirst = (b * units / nblk) / npairs == t;
-            const float4 p = __ldcg(reinterpret_cast<const float4*>(
-                a.part + (2 * b + (bfirst ? 0 : 1)) * slot_floats +
-                (static_cast<size_t>(jn) * 256 + ct) * 4));
-            w[0] = p.x, w[1] = p.y, w[2] = p.z, w[3] = p.w;
-          }
-#pragma unroll
-          for (int e = 0; e < 4; ++e) v[e] = b == cf ? w[e] : v[e] + w[e];
-        }
-      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int tok = m0 + 8 * jn + 2 * tig + (e & 1), col = col0 + 8 * (e >> 1);
         if (tok >= a.m || col >= a.n) continue;
-        float r = v[e];
-        if (a.bias != nullptr) r += a.bias[col];
+        float v = acc[4 * jn + e];
+        if (a.bias != nullptr) v += a.bias[col];
         const long long idx = tok * a.ldy + col;
         if (a.y32 != nullptr) {
-          a.y32[idx] = a.accumulate ? a.y32[idx] + r : r;
+          a.y32[idx] = a.accumulate ? a.y32[idx] + v : v;
         } else {
-          a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + r : r);
+          a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + v : v);
         }
       }
     }
@@ -1012,7 +1072,8 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
     const int64_t gx = (m + tokens - 1) / tokens, gy = (w.ntiles + 1) / 2;
     const int64_t units = gx * gy * (w.ksteps / 8);
     sk_blocks = std::min<int64_t>(ws.num_sms, units);
-    if (gx * gy > ws.ncounters || ws.wh_elems < SkPartialHalves(ws.num_sms) || units < 1) {
+    if (gx * gy > ws.ncounters || ws.wh_elems < SkPartialHalves(ws.num_sms) || units < 1 ||
+        2 * sk_blocks * sk_blocks * (w.ksteps / 8) >= (int64_t{1} << 31)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "W4 prefill: the stream-K kernel's tiles or partial slots do not fit the workspace (m=",
           m, " n=", w.n, "; reserve it for the prefill's m)"));

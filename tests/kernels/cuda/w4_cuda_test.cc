@@ -732,6 +732,21 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;
     }
+    // v36: the stream-K kernel past one wave: 17 x 10 = 170 tiles of 256
+    // tokens (one round of whole tiles, 38 stream-K tiles) and 17 x 20 =
+    // 340 of 128 (two rounds, 76); k = 128: one stage pair per tile.
+    for (const int kernel : {3 | 128 | 256, 2 | 128 | 256}) {
+      Case c{2176, 128, 128, 2560};
+      c.force_prefill = true;
+      c.prefill_kernel = kernel;
+      c.bias = true;
+      c.accumulate = kernel == (2 | 128 | 256);
+      c.f16_out = kernel == (3 | 128 | 256);
+      c.ec = 1;
+      c.ldy_pad = 0;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
     // Split or not, deterministic: bitwise the same output on every run, the
     // tickets left zero for the next call (a wrong count would skip the
     // epilogue or run it twice).
