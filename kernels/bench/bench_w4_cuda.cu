@@ -30,7 +30,7 @@
 // table that `spear quantize --ec-latency-table` reads (format:
 // worker/quantize/pipeline/ec_latency.h): per module shape, rank and M, the W4 GEMM alone and
 // with a gated EC (gate hidden 16), each timed as above; CSV on stdout,
-// then exit. --prefill [--ms=...] [--only=MODEL/LAYER] [--prefill-splits=N]:
+// then exit. --prefill [--ms=...] [--only=MODEL/LAYER] [--prefill-splits=N] [--no-tune]:
 // the prefill path's main GEMMs side by side (PrefillTable below), then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -311,6 +311,9 @@ bool g_prefill_split = false;
 // the default: no split; 2..4 forced, e.g. for ncu: the first launch of
 // W4WgmmaKernel<256> is then that column's eager call).
 int g_prefill_splits = 0;
+// --no-tune: no TunePrefill (the automatic columns run dequantize + cuBLAS;
+// under a profiler, the first launches are then the forced columns').
+bool g_prefill_no_tune = false;
 
 // --prefill: the prefill path's main GEMMs side by side at M in `ms` (default
 // 128, 512, 2048) on the eight shapes: cuBLAS FP16 (the peer), the W4
@@ -357,6 +360,7 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
       std::vector<cuda::W4DeviceWeight*> ptrs;
       for (auto& r : md.rot) ptrs.push_back(r.get());
       std::vector<cuda::PrefillTuneRow> rows;
+      if (g_prefill_no_tune) continue;  // the automatic columns: dequantize + cuBLAS
       CKS(cuda::TunePrefill(ptrs, max_m, ws, g_stream, &rows));
       std::printf("TunePrefill %s %s:", model, md.sh->layer);
       for (int b = 0; b < cuda::W4DeviceWeight::kPrefillBuckets && (int64_t{64} << b) <= max_m; ++b) {
@@ -429,6 +433,11 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
           std::printf("| %s | %s | %lld | timing splits (wrong output), 128 / 256-token tiles: no dequantization %.1f / %.1f us, no A loads either %.1f / %.1f us |\n",
                       sh.model, sh.layer, static_cast<long long>(m), w4(2 + 32, false),
                       w4(3 + 32, false), w4(2 + 64, false), w4(3 + 64, false));
+          // v36: the stream-K kernel (256-token tiles) with whole tiles only
+          // (no stream-K part), and without its output stores
+          std::printf("| %s | %s | %lld | timing splits (wrong output), stream-K 256-token tiles: whole tiles only %.1f us, no output stores %.1f us, both %.1f us |\n",
+                      sh.model, sh.layer, static_cast<long long>(m), w4(3 | 128 | 256 | 512, false, 1),
+                      w4(3 | 128 | 256 | 1024, false, 1), w4(3 | 128 | 256 | 512 | 1024, false, 1));
         }
         sum_cub += t_cub;
         sum_auto += t_auto;
@@ -511,7 +520,7 @@ int Main(int argc, char** argv) {
     static const char* const kFlags[] = {
         "--torch=",        "--only=",        "--ms=",        "--quick",           "--decode",
         "--no-layer",      "--prefill-ec=",  "--sweep",      "--profile",         "--prefill",
-        "--prefill-split", "--prefill-splits=", "--ec-latency=", "--ec-ranks=",
+        "--prefill-split", "--prefill-splits=", "--no-tune", "--ec-latency=", "--ec-ranks=",
         "--ec-ms=",        "--group="};
     bool known = false;
     for (const char* f : kFlags) {
@@ -538,6 +547,7 @@ int Main(int argc, char** argv) {
     if (a == "--profile") profile = true;
     if (a == "--prefill") prefill = true;
     if (a == "--prefill-split") g_prefill_split = true;
+    if (a == "--no-tune") g_prefill_no_tune = true;
     if (a.rfind("--prefill-splits=", 0) == 0) g_prefill_splits = std::atoi(a.c_str() + 17);
     try {
       if (a.rfind("--ec-latency=", 0) == 0) ec_latency = a.substr(13);

@@ -97,6 +97,10 @@ struct Args {
   // piece), and y (fp32: 16-byte, fp16: 8-byte aligned rows, ldy % 4 == 0)
   // takes a thread's four columns in one store; else element by element.
   int vec_part, vec_out;
+  // v36, benchmarks only (prefill_kernel + 512 / + 1024 on the stream-K
+  // kernel): 1 whole tiles only (ceil(T / G) rounds, no stream-K part), 2
+  // no output stores (the output is wrong): timing splits.
+  int sk_flags;
 };
 
 __device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
@@ -751,13 +755,16 @@ __global__ void __launch_bounds__(384, 1)
 // store), then a ticket per tile, and the last piece to arrive adds the
 // tile's pieces from the slots in block order (deterministic) and stores y.
 struct SkWork {
-  int npairs, rem, full, usk, gs;  // stream-K units (rem tiles x npairs) over gs blocks
+  int tiles, npairs, rem, full, usk, gs;  // stream-K units (rem tiles x npairs) over gs blocks
   __device__ __forceinline__ SkWork(const Args& a, int nt, int nblk) {
-    const int tiles = ((a.m + nt - 1) / nt) * ((a.ntiles + 1) / 2);
+    tiles = ((a.m + nt - 1) / nt) * ((a.ntiles + 1) / 2);
     npairs = a.ksteps / 8;
     full = tiles / nblk;
     rem = tiles % nblk;
-    if (rem > 0 && full >= 1 && 4 * rem < nblk) {
+    if ((a.sk_flags & 1) != 0) {  // benchmarks: whole tiles only
+      full = (tiles + nblk - 1) / nblk;
+      rem = 0;
+    } else if (rem > 0 && full >= 1 && 4 * rem < nblk) {
       rem += nblk;
       --full;
     }
@@ -796,7 +803,7 @@ __device__ __forceinline__ bool SkNext(const Args& a, int blk, int& u, int& r, S
     u = send;
     return true;
   }
-  if (r < w.full) {
+  if (r < w.full && w.rem + blk + r * nblk < w.tiles) {
     sg.t = w.rem + blk + r * nblk;
     sg.p0 = 0;
     sg.cnt = 2 * w.npairs;
@@ -911,7 +918,7 @@ __global__ void __launch_bounds__(384, 1)
         // The sum in block order, every piece from its slot (this block's
         // too: the same bits as its registers), kJ rows of 4 at a time:
         // per piece, kJ independent 16-byte loads per thread.
-        constexpr int kJ = 4;
+        constexpr int kJ = 8;
 #pragma unroll
         for (int j0 = 0; j0 < NT / 8; j0 += kJ) {
           for (int b = cf; b <= cl; ++b) {
@@ -938,6 +945,7 @@ __global__ void __launch_bounds__(384, 1)
     // y from the accumulators: element 4 jn + e is token m0 + 8 jn + 2 tig
     // + (e & 1), column tile0 * 64 + 64 ci + 16 wl + gid + 8 (e >> 1).
     const int col0 = tile0 * 64 + ci * 64 + 16 * wl + gid;
+    if ((a.sk_flags & 2) != 0) continue;  // benchmarks: no output stores
 #pragma unroll
     for (int jn = 0; jn < NT / 8; ++jn) {
 #pragma unroll
@@ -1079,6 +1087,7 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
           m, " n=", w.n, "; reserve it for the prefill's m)"));
     }
     ksplits = 1;
+    a.sk_flags = ((flags & 512) != 0 ? 1 : 0) | ((flags & 1024) != 0 ? 2 : 0);
   }
   // ksplits < 0: -ksplits preferred, unsplit where they do not fit.
   int sp = PrefillWgmmaSplits(m, w.n, w.kp, tokens, ws.wh_elems / 2, ksplits < 0 ? -ksplits : ksplits);

@@ -221,9 +221,12 @@ struct W4CudaParams {
   // workspace's fp16 scratch, then cuBLAS; 2 / 3 the wgmma kernel straight
   // from the W4 layout (kernels/cuda/w4_prefill_wgmma.cu, no scratch) with
   // 128- / 256-token tiles, + 128 its warp-specialized form (v34: a
-  // producer warpgroup, two consumer warpgroups); benchmarks only, added
-  // to 2 / 3 (the output is then wrong): 32 the code words not
-  // dequantized, 64 no code words loaded either (timing splits). 2 or 3
+  // producer warpgroup, two consumer warpgroups), + 128 + 256 its
+  // stream-K form (v36: persistent blocks, the tiles past full waves cut
+  // into k ranges; prefill_splits 0 or 1); benchmarks only, added to 2 / 3
+  // (the output is then wrong): 32 the code words not dequantized, 64 no
+  // code words loaded either, and to the stream-K form 512 whole tiles
+  // only, 1024 no output stores (timing splits). 2 or 3
   // where the device has no sm_90a code: FailedPrecondition; with k or ldx
   // not a multiple of 8 or x not 16-byte aligned: InvalidArgument.
   int prefill_kernel = 0;
