@@ -68,6 +68,9 @@ struct Cfg {
   static_assert(kStageBytes % 1024 == 0, "x tiles must stay 1024-byte aligned");
 };
 
+// The epilogue tile's row stride in floats (StoreTile below).
+constexpr int kEpiLd = 132;
+
 struct Args {
   const uint4* qw;
   const uint32_t* sz;
@@ -214,7 +217,6 @@ __device__ __forceinline__ void WaitParity(unsigned bar, unsigned parity) {
 // arrive adds the splits' tiles in the order z = 0, 1, ... (deterministic);
 // then bias, accumulate and the fp32 / fp16 output, four columns per
 // thread, coalesced.
-constexpr int kEpiLd = 132;
 template <int NT, class Sync>
 __device__ __forceinline__ void StoreTile(const Args& a, const float* tile, int m0, int c0, int tid,
                                           int* is_last, Sync sync) {
@@ -747,13 +749,13 @@ __global__ void __launch_bounds__(384, 1)
 // block b taking tile rem + b + r G in round r (data-parallel, neighbouring
 // blocks on neighbouring tiles: a weight tile is read from DRAM once). A
 // block walks its work segment by segment (one tile each); the producer
-// runs on into the next segment while the consumers store the last. The
-// epilogue goes from the accumulators straight to global memory (no shared
-// tile: the producer is refilling that memory): a whole tile to y; a piece
-// to the block's partial slot (2 per block: its first and last stream-K
-// segment; in the accumulators' register order, 16 bytes per thread and
-// store), then a ticket per tile, and the last piece to arrive adds the
-// tile's pieces from the slots in block order (deterministic) and stores y.
+// runs on into the next segment while the consumers store the last
+// (through an epilogue tile of their own, see SkSmem). A piece of a tile
+// goes to the block's partial slot (2 per block: its first and last
+// stream-K segment; in the accumulators' register order, 16 bytes per
+// thread and store), then a ticket per tile, and the last piece to arrive
+// adds the tile's pieces from the slots in block order (deterministic)
+// and stores y.
 struct SkWork {
   int tiles, npairs, rem, full, usk, gs;  // stream-K units (rem tiles x npairs) over gs blocks
   __device__ __forceinline__ SkWork(const Args& a, int nt, int nblk) {
@@ -815,12 +817,23 @@ __device__ __forceinline__ bool SkNext(const Args& a, int blk, int& u, int& r, S
   return false;
 }
 
+// Its shared memory: 4 stages (one fewer than the other kernels) and the
+// epilogue's own fp32 tile of 128 tokens x 128 columns (rows of kEpiLd),
+// which the producer never touches (it fills the next segment's stages
+// meanwhile).
+constexpr int kSkStages = 4;
+template <int NT>
+constexpr int SkSmem() {
+  return kSkStages * Cfg<NT>::kStageBytes + 128 * kEpiLd * 4 + 1024;
+}
+static_assert(SkSmem<256>() <= 227 * 1024, "the stream-K kernel's shared memory");
+
 template <int NT>
 __global__ void __launch_bounds__(384, 1)
     W4WgmmaSkKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<NT>;
-  constexpr int S = C::kStages;
+  constexpr int S = kSkStages;
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full[S], empty[S];
   __shared__ int is_last;
@@ -942,25 +955,28 @@ __global__ void __launch_bounds__(384, 1)
         }
       }
     }
-    // y from the accumulators: element 4 jn + e is token m0 + 8 jn + 2 tig
-    // + (e & 1), column tile0 * 64 + 64 ci + 16 wl + gid + 8 (e >> 1).
-    const int col0 = tile0 * 64 + ci * 64 + 16 * wl + gid;
+    // y through the epilogue tile, 128 tokens at a time: the accumulators
+    // in (element 4 jn + e: token 8 jn + 2 tig + (e & 1), column 64 ci + 16
+    // wl + gid + 8 (e >> 1)), then StoreTile's coalesced rows (bias,
+    // accumulate, fp32 / fp16, four columns per thread and store; call 3
+    // of v36: storing straight from the accumulators, 2-byte stores
+    // scattered over 4 tokens per warp, cost ~12 us per tile).
     if ((a.sk_flags & 2) != 0) continue;  // benchmarks: no output stores
+    float* tile = reinterpret_cast<float*>(sbase + S * C::kStageBytes);
+    const int cb = ci * 64 + 16 * wl + gid;
 #pragma unroll
-    for (int jn = 0; jn < NT / 8; ++jn) {
+    for (int h = 0; h < NT / 128; ++h) {
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");  // the last pass's reads are done
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int tok = m0 + 8 * jn + 2 * tig + (e & 1), col = col0 + 8 * (e >> 1);
-        if (tok >= a.m || col >= a.n) continue;
-        float v = acc[4 * jn + e];
-        if (a.bias != nullptr) v += a.bias[col];
-        const long long idx = tok * a.ldy + col;
-        if (a.y32 != nullptr) {
-          a.y32[idx] = a.accumulate ? a.y32[idx] + v : v;
-        } else {
-          a.y16[idx] = __float2half_rn(a.accumulate ? __half2float(a.y16[idx]) + v : v);
+      for (int jn = 16 * h; jn < 16 * h + 16; ++jn) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          tile[(8 * (jn - 16 * h) + 2 * tig + (e & 1)) * kEpiLd + cb + 8 * (e >> 1)] = acc[4 * jn + e];
         }
       }
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      StoreTile<128>(a, tile, m0 + 128 * h, tile0 * 64, ct, &is_last,
+                     [] { asm volatile("bar.sync 1, 256;\n" ::: "memory"); });
     }
   }
 #else
@@ -1139,11 +1155,11 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   if (sk) {  // one persistent block per SM at most
     const unsigned nb = static_cast<unsigned>(sk_blocks);
     if (tokens == 128) {
-      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaSkKernel<128>, wgk::Cfg<128>::kSmem>()));
-      wgk::W4WgmmaSkKernel<128><<<nb, 384, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
+      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaSkKernel<128>, wgk::SkSmem<128>()>()));
+      wgk::W4WgmmaSkKernel<128><<<nb, 384, wgk::SkSmem<128>(), stream>>>(a, xmap);
     } else {
-      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaSkKernel<256>, wgk::Cfg<256>::kSmem>()));
-      wgk::W4WgmmaSkKernel<256><<<nb, 384, wgk::Cfg<256>::kSmem, stream>>>(a, xmap);
+      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaSkKernel<256>, wgk::SkSmem<256>()>()));
+      wgk::W4WgmmaSkKernel<256><<<nb, 384, wgk::SkSmem<256>(), stream>>>(a, xmap);
     }
   } else if ((flags & 128) != 0) {  // v34: the warp-specialized kernel
     const dim3 grid(static_cast<unsigned>((m + tokens - 1) / tokens), gy,
