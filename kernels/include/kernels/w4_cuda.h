@@ -272,8 +272,10 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
 // m from 64 up to max_m (timed at 64 << b rows, x of N(0, 1) values), times
 // the prefill path's main GEMM as dequantize + cuBLAS and as the wgmma
 // kernels (128- / 256-token tiles, plain and warp-specialized, the latter
-// with 1..4 k splits), each as a CUDA graph on a stream of its own, the
-// graphs replayed in interleaved rounds (v35), over
+// with 1..4 k splits or in its stream-K form, v36), each as a CUDA graph
+// on a stream of its own, after >= 20 ms of the baseline (a sustained
+// prefill's clocks), the graphs replayed in 3 interleaved rounds of
+// rotating order (v35 / v36; per candidate the median), over
 // `weights` (one shape, rotated as in TuneDecode), and records in every
 // weight the fastest where it beats dequantize + cuBLAS by at least 5 %
 // (else none). On a device without the sm_90a kernels, or k not a
@@ -281,12 +283,12 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
 // Synchronous; not while `stream` is being captured (FailedPrecondition).
 // InvalidArgument for no weights, weights of different shapes or max_m
 // outside 64..65536. `report` (nullable) receives every measurement: one
-// row per bucket and candidate, in the order timed.
+// row per bucket and candidate (baseline first, then the candidates).
 struct PrefillTuneRow {
   int64_t m = 0;            // rows timed (64 << bucket)
   int kernel = 0;           // W4CudaParams::prefill_kernel; 1 dequantize + cuBLAS
   int splits = 0;           // W4CudaParams::prefill_splits
-  double us = 0;            // per launch, the best round; infinity where refused
+  double us = 0;            // per launch, the median round; infinity where refused
 };
 absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t max_m,
                          W4Workspace* ws, cudaStream_t stream,
