@@ -148,6 +148,10 @@ absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int
                               uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,
                               cudaStream_t stream);
 absl::Status LaunchDequantW(const W4DeviceWeight::Impl& w, uint16_t* wh, cudaStream_t stream);
+// x[0..n) = fp16 N(0, 1)-distributed values from a hash of (index, seed)
+// (Box-Muller; the tuners' inputs: a GEMM on repeated or zero data draws
+// less power and times faster on power-bound paths, v36).
+absl::Status LaunchFillNormal(uint16_t* x, size_t n, uint32_t seed, cudaStream_t stream);
 // The prefill GEMM on wgmma straight from the layout (w4_prefill_wgmma.cu):
 // y (=|+=) Q(W) x (+ bias), no EC. Available: an sm_90 device running the
 // build's sm_90a code. tokens: the block's token tile (128 or 256).

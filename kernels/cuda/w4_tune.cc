@@ -8,13 +8,11 @@
 
 #include <algorithm>
 #include <limits>
-#include <random>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/w4_layout.h"
-#include "kernels/dtype.h"
 #include "kernels/w4_cuda.h"
 
 namespace spear::kernels::cuda {
@@ -177,19 +175,12 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
   if (absl::Status st = ws->Reserve(*weights[0], max_m); !st.ok()) return st;
   Buffers b;
   if (absl::Status st = b.Init(f, max_m); !st.ok()) return st;
-  {
-    // x of activation-like values (N(0, 1) fp16; a GEMM of zeros draws
-    // less power, and its timing can favour one kernel over another), a
-    // block of 64 Ki values repeated.
-    std::vector<uint16_t> h(size_t{1} << 16);
-    std::mt19937 rng(12345);
-    std::normal_distribution<float> nd;
-    for (auto& v : h) v = FloatToHalf(nd(rng));
-    for (size_t o = 0; o < b.xe; o += h.size()) {
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaMemcpy(b.x + o, h.data(), std::min(h.size(), b.xe - o) * 2,
-                                            cudaMemcpyHostToDevice));
-    }
-  }
+  // x of activation-like values (N(0, 1) fp16, every element its own: a
+  // GEMM of zeros draws less power, and so does one of a short block
+  // repeated, which TunePrefill's first form used: v36 call 6 measured
+  // dequantize + cuBLAS on 8B gate_up at m = 2048 at 737 us on it against
+  // 825-852 in the bench on fully random x, the WS kernel 756 / 713).
+  if (absl::Status st = LaunchFillNormal(b.x, b.xe, 12345u, stream); !st.ok()) return st;
   // Timing in a CUDA graph on a stream of our own (as a captured or
   // queued-ahead forward runs it): launched eagerly, the dequantizing
   // path's two launches per call (~10 us of host time) would be timed

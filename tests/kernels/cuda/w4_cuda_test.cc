@@ -27,6 +27,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "tests/gpu_skip.h"
+#include "kernels/cuda/w4_layout.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
 #include "kernels/w4_cuda.h"
@@ -893,6 +894,39 @@ TEST(CudaW4, DecodeIsDeterministic) {
 // Captured into a CUDA graph and replayed: same result as a direct call
 // (decode m = 16; prefill m = 200, its EC on the workspace's second stream);
 // the naive path (W4 without EC, EcGate, EcApply) agrees with the fused one.
+// v36: the tuners' input fill: N(0, 1) in distribution (mean, variance,
+// tails), no element repeating its neighbour more than chance allows, the
+// same bits for the same seed, others for another.
+TEST(CudaW4, FillNormalLooksStandardNormal) {
+  SKIP_WITHOUT_GPU();
+  const size_t n = (size_t{1} << 20) + 7;
+  DevBuf<uint16_t> d(n);
+  ASSERT_TRUE(cuda::LaunchFillNormal(d.get(), n, 12345u, nullptr).ok());
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<uint16_t> a = d.Down();
+  double sum = 0, sq = 0;
+  size_t tail = 0, same = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double v = HalfToFloat(a[i]);
+    ASSERT_TRUE(std::isfinite(v)) << i;
+    sum += v;
+    sq += v * v;
+    tail += std::fabs(v) > 3 ? 1 : 0;
+    same += i > 0 && a[i] == a[i - 1] ? 1 : 0;
+  }
+  const double mean = sum / n, var = sq / n - mean * mean;
+  EXPECT_LT(std::fabs(mean), 0.01);
+  EXPECT_NEAR(var, 1.0, 0.02);
+  EXPECT_NEAR(static_cast<double>(tail) / n, 0.0027, 0.0006);  // P(|z| > 3)
+  EXPECT_LT(same, n / 200) << "neighbours equal";
+  ASSERT_TRUE(cuda::LaunchFillNormal(d.get(), n, 12345u, nullptr).ok());
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(d.Down(), a);
+  ASSERT_TRUE(cuda::LaunchFillNormal(d.get(), n, 777u, nullptr).ok());
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_NE(d.Down(), a);
+}
+
 TEST(CudaW4, GraphReplayAndNaivePathAgree) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 3);
