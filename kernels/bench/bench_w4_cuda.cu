@@ -205,7 +205,9 @@ int EcLatencyTable(const std::string& shapes_arg, const std::vector<int64_t>& ra
               "of 7 replays / R\n",
               prop.name, prop.multiProcessorCount, static_cast<long long>(group));
   std::printf("n,k,m,rank,w4_us,ec_us\n");
-  for (const auto& [n, k] : shapes) {
+  for (const auto& shape : shapes) {
+    // (no structured bindings: the lambdas below capture n and k)
+    const int64_t n = shape.first, k = shape.second;
     const int64_t g = group > 0 ? group : k;
     const W4Weight w = bench::RandomW4(n, k, g, rng);
     for (int64_t r : ranks) {
