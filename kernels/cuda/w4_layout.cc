@@ -310,7 +310,7 @@ absl::Status W4Workspace::Reserve(const W4DeviceWeight& w, int64_t m) {
   // The fp16 scratch: the dequantized weight, or the wgmma kernels' split
   // partials (the stream-K kernel's slots for a prefill's m at least).
   size_t wh = static_cast<size_t>(d.n * d.kp);
-  if (m >= kPrefillM) wh = std::max(wh, SkPartialHalves(s.num_sms));
+  if (m >= kPrefillM && PrefillWgmmaAvailable()) wh = std::max(wh, SkPartialHalves(s.num_sms));
   if (absl::Status st = Grow(&s.wh, &s.wh_elems, wh); !st.ok()) return st;
   if (absl::Status st = Grow(&s.pxs, &s.pxs_elems, mm * static_cast<size_t>(d.kp)); !st.ok()) {
     return st;
