@@ -1,6 +1,6 @@
 // spear_bench_cpu: memory bandwidth vs cpu::Linear, in one run.
 //
-//   spear_bench_cpu [--threads N] [--iters N] [--w4-only]
+//   spear_bench_cpu [--threads N] [--iters N] [--w4-only] [--gemm-only] [--attention-only]
 //
 // memcpy GB/s counts bytes read + bytes written (STREAM "copy" convention),
 // over 256 MiB buffers, on the pool and on one thread. Linear m=1 (decode
@@ -345,9 +345,71 @@ void GemmRows(ThreadPool* pool, int iters) {
   }
 }
 
+// Decode attention (cpu::Attention, one new token of one sequence) with
+// SmolLM2-135M's heads (9 query heads on 3 kv heads, head_dim 64), KV cold:
+// the calls cycle through enough sequences' caches (>= 256 MiB in all) that
+// none finds its K / V in the last-level cache, as in a batched decode
+// (the quantizer's self-generated calibration). GB/s = K + V bytes read /
+// time, against the memcpy bandwidth of the same run.
+void AttentionRows(ThreadPool* pool, int iters, double bwn) {
+  constexpr int kHeads = 9, kKv = 3, kHd = 64, kBlock = 16;
+  std::printf("\ndecode attention, %d heads on %d kv heads, head_dim %d, KV cold\n", kHeads, kKv,
+              kHd);
+  std::printf("%-8s | %10s %8s %7s\n", "context", "us / call", "GB/s", "/memcpy");
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> dist(-1.f, 1.f);
+  for (const int64_t len : {256, 1024, 4096}) {
+    const int64_t blocks = (len + kBlock - 1) / kBlock;
+    const int64_t kv_row = int64_t{kKv} * kHd;
+    const double kv_bytes = 2.0 * len * kv_row * 4;
+    const int seqs = static_cast<int>((256.0 * (1 << 20)) / kv_bytes) + 1;
+    std::vector<float> kc(static_cast<size_t>(seqs * blocks * kBlock * kv_row));
+    std::vector<float> vc(kc.size());
+    for (size_t e = 0; e < kc.size(); ++e) {
+      kc[e] = dist(rng);
+      vc[e] = dist(rng);
+    }
+    std::vector<std::vector<int32_t>> tables(seqs);
+    for (int sq = 0; sq < seqs; ++sq) {
+      for (int64_t b = 0; b < blocks; ++b) tables[sq].push_back(static_cast<int32_t>(sq * blocks + b));
+    }
+    std::vector<float> q(kHeads * kHd), out(kHeads * kHd);
+    for (auto& v : q) v = dist(rng);
+    AttentionParams p;
+    p.q = q.data();
+    p.m = 1;
+    p.ldq = kHeads * kHd;
+    p.n_heads = kHeads;
+    p.n_kv_heads = kKv;
+    p.head_dim = kHd;
+    p.k_cache = kc.data();
+    p.v_cache = vc.data();
+    p.block_size = kBlock;
+    p.num_blocks_in_table = blocks;
+    p.num_cache_blocks = seqs * blocks;
+    p.q_start = len - 1;
+    p.scale = 0.125f;
+    p.ldo = kHeads * kHd;
+    p.out = out.data();
+    const int n = std::max(iters > 0 ? iters : 0, 2 * seqs);
+    double best = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      const auto t0 = Clock::now();
+      for (int c = 0; c < n; ++c) {
+        p.block_table = tables[c % seqs].data();
+        if (!cpu::Attention(p, pool).ok()) std::abort();
+      }
+      best = std::min(best, Seconds(t0, Clock::now()) / n);
+    }
+    std::printf("%-8lld | %10.2f %8.1f %7.2f\n", static_cast<long long>(len), best * 1e6,
+                kv_bytes / best / 1e9, kv_bytes / best / 1e9 / bwn);
+    std::fflush(stdout);
+  }
+}
+
 int Main(int argc, char** argv) {
   int threads = 0, iters = 0;
-  bool w4_only = false, gemm_only = false;
+  bool w4_only = false, gemm_only = false, attention_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) {
@@ -358,8 +420,12 @@ int Main(int argc, char** argv) {
       w4_only = true;
     } else if (a == "--gemm-only") {
       gemm_only = true;
+    } else if (a == "--attention-only") {
+      attention_only = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--iters N] [--w4-only] [--gemm-only]\n",
+      std::fprintf(stderr,
+                   "usage: %s [--threads N] [--iters N] [--w4-only] [--gemm-only] "
+                   "[--attention-only]\n",
                    argv[0]);
       return 2;
     }
@@ -378,6 +444,10 @@ int Main(int argc, char** argv) {
 
   if (w4_only) {
     W4Rows(&pool, iters, bwn);
+    return 0;
+  }
+  if (attention_only) {
+    AttentionRows(&pool, iters, bwn);
     return 0;
   }
   const Shape shapes[] = {{576, 576, "q/o proj"},     {192, 576, "k/v proj"},
@@ -403,6 +473,7 @@ int Main(int argc, char** argv) {
     }
   }
   W4Rows(&pool, iters, bwn);
+  AttentionRows(&pool, iters, bwn);
   GemmRows(&pool, iters);
   return 0;
 }

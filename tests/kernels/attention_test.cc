@@ -76,8 +76,10 @@ class AttentionTest : public OpsTest {
   }
 };
 
+// GQA ratios 3, 4 and 8 (heads of a kv head taken 4 at a time: 8 = 4 + 4)
+// and 5 (4 + 1) run the grouped path; 1 the per-head one.
 TEST_P(AttentionTest, Prefill) {
-  for (int ratio : {1, 3}) {
+  for (int ratio : {1, 3, 4, 5, 8}) {
     for (int head_dim : {8, 24, 64}) {
       for (int64_t m : {1, 3, 17}) {
         RunCase({2 * ratio, 2, head_dim, m, 0});
@@ -96,7 +98,7 @@ TEST_P(AttentionTest, ChunkedPrefill) {
 }
 
 TEST_P(AttentionTest, Decode) {
-  for (int ratio : {1, 3}) {
+  for (int ratio : {1, 3, 4, 8}) {
     for (int64_t q_start : {0, 15, 16, 700, 2047}) {
       RunCase({3 * ratio, 3, 64, 1, q_start});  // SmolLM2-like heads
     }
