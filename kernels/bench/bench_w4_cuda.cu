@@ -359,10 +359,10 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
     // prefill kernel measured by TunePrefill over its rotated copies.
     const int64_t max_m = std::max<int64_t>(cuda::kPrefillM, *std::max_element(ms.begin(), ms.end()));
     for (Mod& md : mods) {
+      if (g_prefill_no_tune) break;  // the automatic columns: dequantize + cuBLAS
       std::vector<cuda::W4DeviceWeight*> ptrs;
       for (auto& r : md.rot) ptrs.push_back(r.get());
       std::vector<cuda::PrefillTuneRow> rows;
-      if (g_prefill_no_tune) continue;  // the automatic columns: dequantize + cuBLAS
       CKS(cuda::TunePrefill(ptrs, max_m, ws, g_stream, &rows));
       std::printf("TunePrefill %s %s:", model, md.sh->layer);
       for (int b = 0; b < cuda::W4DeviceWeight::kPrefillBuckets && (int64_t{64} << b) <= max_m; ++b) {
@@ -420,11 +420,14 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
                            sh.k, x, CUDA_R_16F, sh.k, &zero, y16, CUDA_R_16F, sh.n,
                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         });
-        // The candidates: {prefill_kernel, prefill_splits} and their times.
-        std::vector<std::pair<int, int>> cand = {{1, 0}, {2, g_prefill_splits}, {3, g_prefill_splits},
-                                                 {2 | 128, 1}, {2 | 128, 2}, {3 | 128, 1},
-                                                 {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4},
-                                                 {2 | 128 | 256, 1}, {3 | 128 | 256, 1}};
+        // The candidates: {prefill_kernel, prefill_splits} and their times:
+        // dequantize + cuBLAS and TunePrefill's, the plain kernels' splits
+        // from --prefill-splits where given.
+        static_assert(cuda::kNumPrefillCandidates == 10, "the table's columns");
+        std::vector<std::pair<int, int>> cand = {{1, 0}};
+        for (const auto& [pk, sp] : cuda::kPrefillCandidates) {
+          cand.emplace_back(pk, pk < 16 && g_prefill_splits != 0 ? g_prefill_splits : sp);
+        }
         std::vector<double> t(cand.size());
         for (size_t c = 0; c < cand.size(); ++c) t[c] = w4(cand[c].first, false, cand[c].second);
         const double t_auto = w4(0, false), t_ec = w4(0, true);

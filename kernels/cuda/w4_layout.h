@@ -167,7 +167,7 @@ inline size_t SkPartialHalves(int num_sms) { return size_t{2} * num_sms * 256 * 
 // -2..-4 preferred: unsplit where they do not fit). flags: prefill_kernel's
 // 32 / 64 (timing splits), 128 (warp-specialized), 128 + 256 (its
 // stream-K form: ksplits 0 / 1 / -n only, partial slots in the same
-// scratch, kSkPartialHalves of it: W4Workspace::Reserve grows it so for a
+// scratch, SkPartialHalves of it: W4Workspace::Reserve grows it so for a
 // prefill's m).
 absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                                 int64_t ldx, const float* bias, float* y32, uint16_t* y16,

@@ -643,63 +643,57 @@ __device__ __forceinline__ void ConsumeStage(const Args& a, unsigned xs, const u
 #pragma unroll
   for (int q = 0; q < 4; ++q) FenceA(prev[q]);
 }
-#endif
 
-template <int NT>
-__global__ void __launch_bounds__(384, 1)
-    W4WgmmaWsKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ unsigned SmemAddr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// The warp-specialized kernels' S stage slots: `full` completes once the
+// producer's copies land (one arrival + the bytes), `empty` once the 8
+// consumer warps released the slot. Thread 0; the caller syncs the block.
+template <int S>
+__device__ __forceinline__ void InitStageBarriers(uint64_t* full, uint64_t* empty) {
+  for (int i = 0; i < S; ++i) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(SmemAddr(&full[i])));
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;\n" ::"r"(SmemAddr(&empty[i])));
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// The producer thread's stages g0 .. g0 + cnt - 1 of the block (slot g % S,
+// phase g / S), k stages ks0 .. for the tile at tokens m0, layout tiles
+// tile0 ..: each slot's reuse waits for its release.
+template <int NT, int S>
+__device__ __forceinline__ void ProduceRange(const Args& a, const CUtensorMap* xmap, unsigned base,
+                                             uint64_t* full, uint64_t* empty, int g0, int ks0,
+                                             int cnt, int m0, int tile0) {
+  for (int j = 0; j < cnt; ++j) {
+    const int g = g0 + j, slot = g % S;
+    if (g >= S) WaitParity(SmemAddr(&empty[slot]), static_cast<unsigned>(((g / S) + 1) & 1));
+    ProduceStage<NT>(a, xmap, base + slot * Cfg<NT>::kStageBytes, SmemAddr(&full[slot]), ks0 + j,
+                     m0, tile0);
+  }
+}
+
+// A consumer warpgroup's stages g0 .. g0 + cnt - 1 (cnt even; k stages ks0
+// ..) into acc: two register sets of A fragments in turn, each stage's slot
+// released once the next stage's wait retired its group (one arrival per
+// warp), then every group retired and the last slot released too.
+template <int NT, int S>
+__device__ __forceinline__ void ConsumeRange(const Args& a, unsigned base, const unsigned char* sbase,
+                                             uint64_t* full, uint64_t* empty, int g0, int ks0,
+                                             int cnt, int ci, int lane, int wl, int gid,
+                                             float (&acc)[NT / 2], uint32_t (&af0)[4][4],
+                                             uint32_t (&af1)[4][4]) {
   using C = Cfg<NT>;
-  constexpr int S = C::kStages;
-  extern __shared__ unsigned char smem_raw[];
-  __shared__ __align__(8) uint64_t full[S], empty[S];
-  const unsigned base0 = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
-  const unsigned base = (base0 + 1023u) & ~1023u;
-  unsigned char* sbase = smem_raw + (base - base0);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = warp >> 2, wl = warp & 3, gid = lane >> 2, tig = lane & 3;
-  const int m0 = blockIdx.x * NT;
-  const int tile0 = blockIdx.y * C::kTiles;
-  // This split's stages [kbeg, kbeg + cnt), cnt even and > 0 (as
-  // W4WgmmaKernel's; one split: all of k).
-  const int nst = a.ksteps / 4;  // even (kp is a multiple of 128)
-  const int kbeg = static_cast<int>(blockIdx.z) * a.per;
-  const int cnt = min(nst, kbeg + a.per) - kbeg;
-  auto stage_addr = [&](int slot) { return base + slot * C::kStageBytes; };
-  auto bar = [&](uint64_t* b, int slot) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(&b[slot]));
-  };
-  if (tid == 0) {
-    for (int i = 0; i < S; ++i) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar(full, i)));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;\n" ::"r"(bar(empty, i)));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-  if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (tid != 0) return;
-    for (int j = 0; j < cnt; ++j) {
-      const int slot = j % S;
-      if (j >= S) WaitParity(bar(empty, slot), static_cast<unsigned>(((j / S) + 1) & 1));
-      ProduceStage<NT>(a, &xmap, stage_addr(slot), bar(full, slot), kbeg + j, m0, tile0);
-    }
-    return;
-  }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int ci = wg - 1;  // this consumer's 64-row layout tile within the block
-  float acc[NT / 2];
-#pragma unroll
-  for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
-  uint32_t af0[4][4] = {}, af1[4][4] = {};
   auto stage = [&](int j, uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
-    const int slot = j % S;
-    ConsumeStage<NT>(a, stage_addr(slot), sbase + slot * C::kStageBytes, bar(full, slot),
-                     static_cast<unsigned>((j / S) & 1), kbeg + j, ci, lane, wl, gid, acc, cur, prev);
-    // Stage j - 1's group is retired: its slot goes back to the producer.
+    const int g = g0 + j, slot = g % S;
+    ConsumeStage<NT>(a, base + slot * C::kStageBytes, sbase + slot * C::kStageBytes,
+                     SmemAddr(&full[slot]), static_cast<unsigned>((g / S) & 1), ks0 + j, ci, lane,
+                     wl, gid, acc, cur, prev);
+    // Stage g - 1's group is retired: its slot goes back to the producer.
     if (j > 0 && lane == 0) {
-      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar(empty, (j - 1) % S))
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(&empty[(g - 1) % S]))
                    : "memory");
     }
   };
@@ -715,6 +709,47 @@ __global__ void __launch_bounds__(384, 1)
     FenceA(af0[q]);
     FenceA(af1[q]);
   }
+  if (lane == 0) {  // the last stage's slot back to the producer
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(&empty[(g0 + cnt - 1) % S]))
+                 : "memory");
+  }
+}
+#endif
+
+template <int NT>
+__global__ void __launch_bounds__(384, 1)
+    W4WgmmaWsKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = Cfg<NT>;
+  constexpr int S = C::kStages;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t full[S], empty[S];
+  const unsigned base0 = SmemAddr(smem_raw);
+  const unsigned base = (base0 + 1023u) & ~1023u;
+  unsigned char* sbase = smem_raw + (base - base0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wl = warp & 3, gid = lane >> 2, tig = lane & 3;
+  const int m0 = blockIdx.x * NT;
+  const int tile0 = blockIdx.y * C::kTiles;
+  // This split's stages [kbeg, kbeg + cnt), cnt even and > 0 (as
+  // W4WgmmaKernel's; one split: all of k).
+  const int nst = a.ksteps / 4;  // even (kp is a multiple of 128)
+  const int kbeg = static_cast<int>(blockIdx.z) * a.per;
+  const int cnt = min(nst, kbeg + a.per) - kbeg;
+  if (tid == 0) InitStageBarriers<S>(full, empty);
+  __syncthreads();
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid == 0) ProduceRange<NT, S>(a, &xmap, base, full, empty, 0, kbeg, cnt, m0, tile0);
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int ci = wg - 1;  // this consumer's 64-row layout tile within the block
+  float acc[NT / 2];
+#pragma unroll
+  for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
+  uint32_t af0[4][4] = {}, af1[4][4] = {};
+  ConsumeRange<NT, S>(a, base, sbase, full, empty, 0, kbeg, cnt, ci, lane, wl, gid, acc, af0, af1);
   // Epilogue: as W4WgmmaKernel's, by the 256 consumer threads (named
   // barrier 1; the producer warps have left).
   constexpr int kLd = kEpiLd;
@@ -837,37 +872,25 @@ __global__ void __launch_bounds__(384, 1)
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full[S], empty[S];
   __shared__ int is_last;
-  const unsigned base0 = static_cast<unsigned>(__cvta_generic_to_shared(smem_raw));
+  const unsigned base0 = SmemAddr(smem_raw);
   const unsigned base = (base0 + 1023u) & ~1023u;
   unsigned char* sbase = smem_raw + (base - base0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wl = warp & 3, gid = lane >> 2, tig = lane & 3;
   const int gx = (a.m + NT - 1) / NT, blk = static_cast<int>(blockIdx.x);
-  auto stage_addr = [&](int slot) { return base + slot * C::kStageBytes; };
-  auto bar = [&](uint64_t* b, int slot) {
-    return static_cast<unsigned>(__cvta_generic_to_shared(&b[slot]));
-  };
-  if (tid == 0) {
-    for (int i = 0; i < S; ++i) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar(full, i)));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 8;\n" ::"r"(bar(empty, i)));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  if (tid == 0) InitStageBarriers<S>(full, empty);
   __syncthreads();
+  // Producer and consumers walk the same segments (SkNext); g counts the
+  // stages so far (slot g % S, phase g / S) across them.
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid != 0) return;
-    int g = 0;  // stages issued so far (slot g % S, phase g / S)
-    int u = 0, r = 0;
+    int g = 0, u = 0, r = 0;
     SkSeg sg;
     while (SkNext<NT>(a, blk, u, r, sg)) {
-      const int m0 = (sg.t % gx) * NT, tile0 = (sg.t / gx) * C::kTiles;
-      for (int j = 0; j < sg.cnt; ++j, ++g) {
-        const int slot = g % S;
-        if (g >= S) WaitParity(bar(empty, slot), static_cast<unsigned>(((g / S) + 1) & 1));
-        ProduceStage<NT>(a, &xmap, stage_addr(slot), bar(full, slot), 2 * sg.p0 + j, m0, tile0);
-      }
+      ProduceRange<NT, S>(a, &xmap, base, full, empty, g, 2 * sg.p0, sg.cnt, (sg.t % gx) * NT,
+                          (sg.t / gx) * C::kTiles);
+      g += sg.cnt;
     }
     return;
   }
@@ -882,33 +905,9 @@ __global__ void __launch_bounds__(384, 1)
     const int m0 = (sg.t % gx) * NT, tile0 = (sg.t / gx) * C::kTiles;
 #pragma unroll
     for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
-    auto stage = [&](int j, uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
-      const int gs = g + j, slot = gs % S;
-      ConsumeStage<NT>(a, stage_addr(slot), sbase + slot * C::kStageBytes, bar(full, slot),
-                       static_cast<unsigned>((gs / S) & 1), 2 * sg.p0 + j, ci, lane, wl, gid, acc,
-                       cur, prev);
-      if (j > 0 && lane == 0) {
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar(empty, (gs - 1) % S))
-                     : "memory");
-      }
-    };
-#pragma unroll 1
-    for (int j = 0; j < sg.cnt; j += 2) {
-      stage(j, af0, af1);
-      stage(j + 1, af1, af0);
-    }
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    FenceAcc(acc);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      FenceA(af0[q]);
-      FenceA(af1[q]);
-    }
+    ConsumeRange<NT, S>(a, base, sbase, full, empty, g, 2 * sg.p0, sg.cnt, ci, lane, wl, gid, acc,
+                        af0, af1);
     g += sg.cnt;
-    if (lane == 0) {  // the segment's last stage's slot back to the producer
-      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar(empty, (g - 1) % S))
-                   : "memory");
-    }
     if (sg.sk) {
       // Pieces of tile t: the blocks cf..cl (one: the whole tile here).
       const SkWork w(a, NT, static_cast<int>(gridDim.x));
@@ -1088,11 +1087,7 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   // the tickets in its counters.
   const bool sk = (flags & 256) != 0;  // v36: stream-K
   int64_t sk_blocks = 0;
-  if (sk) {
-    if ((flags & 128) == 0 || ksplits > 1) {
-      return absl::InvalidArgumentError(
-          "W4 prefill: the stream-K kernel is warp-specialized (128 + 256) and takes no k splits");
-    }
+  if (sk) {  // (W4Linear checked the flags: + 128, no forced k split)
     const int64_t gx = (m + tokens - 1) / tokens, gy = (w.ntiles + 1) / 2;
     const int64_t units = gx * gy * (w.ksteps / 8);
     sk_blocks = std::min<int64_t>(ws.num_sms, units);

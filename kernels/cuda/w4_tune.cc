@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -196,13 +197,11 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
   // runs for 10 us or more).
   const int nw = static_cast<int>(weights.size());
   const int launches = std::max(8, nw);
-  // The candidates (W4CudaParams::prefill_kernel, prefill_splits): the
-  // plain wgmma kernel (128- / 256-token tiles), the warp-specialized one
-  // with 1..4 k splits (more splits fill the SMs at small m and long k;
-  // docs/results/gpu.md, v34) and its stream-K form (v36).
-  static constexpr int kCand[][2] = {{2, 1},       {3, 1},       {2 | 128, 1}, {2 | 128, 2},
-                                     {3 | 128, 1}, {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4},
-                                     {2 | 128 | 256, 1}, {3 | 128 | 256, 1}};
+  // Timed: the baseline (index 0) and kPrefillCandidates (1 ..).
+  const auto cand = [](int c) -> std::pair<int, int> {
+    if (c == 0) return {1, 0};
+    return {kPrefillCandidates[c - 1][0], kPrefillCandidates[c - 1][1]};
+  };
   for (int bk = 0; bk < W4DeviceWeight::kPrefillBuckets; ++bk) {
     const int64_t m = int64_t{64} << bk;
     if (m > max_m) break;
@@ -219,7 +218,7 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
         if (e != nullptr) cudaGraphExecDestroy(e);
       }
     };
-    constexpr int kNc = 1 + static_cast<int>(sizeof(kCand) / sizeof(kCand[0]));
+    constexpr int kNc = 1 + kNumPrefillCandidates;
     Exec execs[kNc];
     auto build = [&](int kernel, int splits, Exec* out) -> absl::Status {
       p.prefill_kernel = kernel;
@@ -244,13 +243,21 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
       SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(out->e, ts));  // warm
       return absl::OkStatus();
     };
-    if (absl::Status st = build(1, 0, &execs[0]); !st.ok()) return st;
+    for (int c = 0; c < kNc; ++c) {
+      if (absl::Status st = build(cand(c).first, cand(c).second, &execs[c]); !st.ok()) return st;
+    }
     if (execs[0].e == nullptr) {
       return absl::InternalError("TunePrefill: dequantize + cuBLAS refused the tuning call");
     }
-    for (int c = 1; c < kNc; ++c) {
-      if (absl::Status st = build(kCand[c - 1][0], kCand[c - 1][1], &execs[c]); !st.ok()) return st;
-    }
+    // One replay of candidate c's graph, in milliseconds.
+    auto replay_ms = [&](int c, float* ms) -> absl::Status {
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e0, ts));
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(execs[c].e, ts));
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e1, ts));
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(b.e1));
+      SPEAR_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(ms, b.e0, b.e1));
+      return absl::OkStatus();
+    };
     // v36: first the baseline's graph for >= kWarmMs, so that the rounds
     // run in the clock / power state of a sustained prefill (v36 call 5:
     // at m = 2048 the rounds measured dequantize + cuBLAS at 721 us for 8B
@@ -259,11 +266,7 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
     // another candidate; per candidate the median round.
     {
       float ms = 0;
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e0, ts));
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(execs[0].e, ts));
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e1, ts));
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(b.e1));
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, b.e0, b.e1));
+      if (absl::Status st = replay_ms(0, &ms); !st.ok()) return st;
       const int reps = std::min(1000, static_cast<int>(kWarmMs / std::max(ms, 1e-3f)) + 1);
       for (int i = 0; i < reps; ++i) SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(execs[0].e, ts));
     }
@@ -273,12 +276,8 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
         const int c = (i + r * (kNc / kRounds + 1)) % kNc;
         rounds[c][r] = 1e30;
         if (execs[c].e == nullptr) continue;
-        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e0, ts));
-        SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(execs[c].e, ts));
-        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(b.e1, ts));
-        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(b.e1));
         float ms = 0;
-        SPEAR_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, b.e0, b.e1));
+        if (absl::Status st = replay_ms(c, &ms); !st.ok()) return st;
         rounds[c][r] = 1e3 * ms / launches;
       }
     }
@@ -290,11 +289,7 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
     if (report != nullptr) {
       for (int c = 0; c < kNc; ++c) {
         const double u = execs[c].e != nullptr ? us[c] : std::numeric_limits<double>::infinity();
-        if (c == 0) {
-          report->push_back({m, 1, 0, u});
-        } else {
-          report->push_back({m, kCand[c - 1][0], kCand[c - 1][1], u});
-        }
+        report->push_back({m, cand(c).first, cand(c).second, u});
       }
     }
     W4DeviceWeight::PrefillTuning pick;
@@ -302,7 +297,7 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
     for (int c = 1; c < kNc; ++c) {
       if (execs[c].e != nullptr && us[c] < pick_us) {
         pick_us = us[c];
-        pick = {kCand[c - 1][0], kCand[c - 1][1]};
+        pick = {cand(c).first, cand(c).second};
       }
     }
     for (W4DeviceWeight* w : weights) w->set_prefill_tuning(bk, pick);

@@ -284,6 +284,16 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
 // InvalidArgument for no weights, weights of different shapes or max_m
 // outside 64..65536. `report` (nullable) receives every measurement: one
 // row per bucket and candidate (baseline first, then the candidates).
+// TunePrefill's candidates ({W4CudaParams::prefill_kernel, prefill_splits}),
+// timed after the baseline {1, 0} (dequantize + cuBLAS) in this order: the
+// plain wgmma kernel (128- / 256-token tiles), the warp-specialized one
+// with 1..4 k splits (more splits fill the SMs at small m and long k;
+// docs/results/gpu.md, v34) and its stream-K form (v36).
+inline constexpr int kPrefillCandidates[][2] = {
+    {2, 1},       {3, 1},       {2 | 128, 1},       {2 | 128, 2},       {3 | 128, 1},
+    {3 | 128, 2}, {3 | 128, 3}, {3 | 128, 4},       {2 | 128 | 256, 1}, {3 | 128 | 256, 1}};
+inline constexpr int kNumPrefillCandidates =
+    static_cast<int>(sizeof(kPrefillCandidates) / sizeof(kPrefillCandidates[0]));
 struct PrefillTuneRow {
   int64_t m = 0;            // rows timed (64 << bucket)
   int kernel = 0;           // W4CudaParams::prefill_kernel; 1 dequantize + cuBLAS

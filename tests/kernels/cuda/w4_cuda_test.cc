@@ -544,9 +544,10 @@ TEST(CudaW4, TunePrefillRecordsValidKernels) {
   }
   std::vector<cuda::PrefillTuneRow> rows;
   ASSERT_TRUE(cuda::TunePrefill(ptrs, 512, ws->get(), nullptr, &rows).ok());
-  // The report: the baseline and 10 candidates per bucket up to max_m, and
-  // the recorded pick is the fastest candidate beating the baseline by 5 %.
-  constexpr int kC = 11;
+  // The report: the baseline and the candidates per bucket up to max_m,
+  // and the recorded pick is the fastest candidate beating the baseline by
+  // 5 %.
+  constexpr int kC = 1 + cuda::kNumPrefillCandidates;
   ASSERT_EQ(rows.size(), size_t{4} * kC);
   for (int b = 0; b < 4; ++b) {
     const cuda::PrefillTuneRow* r = &rows[static_cast<size_t>(b) * kC];
@@ -557,6 +558,8 @@ TEST(CudaW4, TunePrefillRecordsValidKernels) {
     int kernel = 0, splits = 0;
     for (int c = 1; c < kC; ++c) {
       EXPECT_EQ(r[c].m, r[0].m);
+      EXPECT_EQ(r[c].kernel, cuda::kPrefillCandidates[c - 1][0]);
+      EXPECT_EQ(r[c].splits, cuda::kPrefillCandidates[c - 1][1]);
       EXPECT_GT(r[c].us, 0);
       if (r[c].us < best) best = r[c].us, kernel = r[c].kernel, splits = r[c].splits;
     }
@@ -682,8 +685,8 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
                       {72, 14336, 128, 136}};
   // + 128 (v34): the warp-specialized form of the 128- / 256-token kernel;
   // + 128 + 256 (v36): its stream-K form (m = 136, n = 72, k = 14336: one
-  // tile in 56 pieces, one per block; m = 1000, n = 64, k = 136: 4 whole
-  // tiles, 4 blocks).
+  // tile in 4 pieces, the most per tile; m = 1000, n = 64, k = 136: 4 / 8
+  // tiles of two stage pairs each, 2 pieces per tile).
   for (const int kernel : {1, 2, 3, 2 | 128, 3 | 128, 2 | 128 | 256, 3 | 128 | 256}) {
     if (kernel > 1 && major != 9) {
       std::printf("[ SKIPPED  ] the wgmma prefill kernel: device is sm_%d0, not sm_90\n", major);
@@ -787,8 +790,8 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
     }
     // v36: the stream-K kernel: bitwise the same output on every run (its
     // pieces are added in block order), close to the unsplit kernel's; 1100
-    // x 300 x 4096 at 256 tokens: 2 x 9 tiles of 32 stage pairs over 132
-    // blocks, at 128 tokens 3 x 9 tiles.
+    // x 300 x 4096 at 256 tokens: 2 x 9 tiles of 32 stage pairs over 72
+    // blocks (4 per tile), at 128 tokens 3 x 9 tiles over 108.
     for (const int kernel : {3 | 128 | 256, 2 | 128 | 256}) {
       p.prefill_kernel = kernel & ~256;
       p.prefill_splits = 1;
@@ -891,12 +894,10 @@ TEST(CudaW4, DecodeIsDeterministic) {
   }
 }
 
-// Captured into a CUDA graph and replayed: same result as a direct call
-// (decode m = 16; prefill m = 200, its EC on the workspace's second stream);
-// the naive path (W4 without EC, EcGate, EcApply) agrees with the fused one.
 // v36: the tuners' input fill: N(0, 1) in distribution (mean, variance,
-// tails), no element repeating its neighbour more than chance allows, the
-// same bits for the same seed, others for another.
+// tails), no element repeating its neighbour or the element 64 Ki before
+// it more than chance allows (TunePrefill's first x was a 64 Ki block
+// repeated), the same bits for the same seed, others for another.
 TEST(CudaW4, FillNormalLooksStandardNormal) {
   SKIP_WITHOUT_GPU();
   const size_t n = (size_t{1} << 20) + 7;
@@ -905,7 +906,7 @@ TEST(CudaW4, FillNormalLooksStandardNormal) {
   CUDA_OK(cudaDeviceSynchronize());
   const std::vector<uint16_t> a = d.Down();
   double sum = 0, sq = 0;
-  size_t tail = 0, same = 0;
+  size_t tail = 0, same = 0, same_far = 0;
   for (size_t i = 0; i < n; ++i) {
     const double v = HalfToFloat(a[i]);
     ASSERT_TRUE(std::isfinite(v)) << i;
@@ -913,12 +914,14 @@ TEST(CudaW4, FillNormalLooksStandardNormal) {
     sq += v * v;
     tail += std::fabs(v) > 3 ? 1 : 0;
     same += i > 0 && a[i] == a[i - 1] ? 1 : 0;
+    same_far += i >= 65536 && a[i] == a[i - 65536] ? 1 : 0;
   }
   const double mean = sum / n, var = sq / n - mean * mean;
   EXPECT_LT(std::fabs(mean), 0.01);
   EXPECT_NEAR(var, 1.0, 0.02);
   EXPECT_NEAR(static_cast<double>(tail) / n, 0.0027, 0.0006);  // P(|z| > 3)
   EXPECT_LT(same, n / 200) << "neighbours equal";
+  EXPECT_LT(same_far, n / 200) << "elements 64 Ki apart equal";
   ASSERT_TRUE(cuda::LaunchFillNormal(d.get(), n, 12345u, nullptr).ok());
   CUDA_OK(cudaDeviceSynchronize());
   EXPECT_EQ(d.Down(), a);
@@ -927,6 +930,9 @@ TEST(CudaW4, FillNormalLooksStandardNormal) {
   EXPECT_NE(d.Down(), a);
 }
 
+// Captured into a CUDA graph and replayed: same result as a direct call
+// (decode m = 16; prefill m = 200, its EC on the workspace's second stream);
+// the naive path (W4 without EC, EcGate, EcApply) agrees with the fused one.
 TEST(CudaW4, GraphReplayAndNaivePathAgree) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 3);
