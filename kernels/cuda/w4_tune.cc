@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/w4_layout.h"
+#include "kernels/cuda_ops.h"
 #include "kernels/w4_cuda.h"
 
 namespace spear::kernels::cuda {
@@ -227,19 +228,14 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
       if (absl::IsInvalidArgument(first)) return absl::OkStatus();
       if (!first.ok()) return first;
       SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ts));
-      cudaGraph_t graph = nullptr;
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(ts, cudaStreamCaptureModeThreadLocal));
-      absl::Status cap;
-      for (int i = 0; i < launches && cap.ok(); ++i) cap = W4Linear(*weights[i % nw], p, ws, ts);
-      const cudaError_t end = cudaStreamEndCapture(ts, &graph);
-      if (!cap.ok()) {
-        if (graph != nullptr) cudaGraphDestroy(graph);
-        return cap;
-      }
-      SPEAR_CUDA_RETURN_IF_ERROR(end);
-      const cudaError_t inst = cudaGraphInstantiate(&out->e, graph, 0);
-      cudaGraphDestroy(graph);
-      SPEAR_CUDA_RETURN_IF_ERROR(inst);
+      absl::StatusOr<cudaGraphExec_t> e = CaptureGraph(ts, [&]() -> absl::Status {
+        for (int i = 0; i < launches; ++i) {
+          if (absl::Status s = W4Linear(*weights[i % nw], p, ws, ts); !s.ok()) return s;
+        }
+        return absl::OkStatus();
+      });
+      if (!e.ok()) return e.status();
+      out->e = *e;
       SPEAR_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(out->e, ts));  // warm
       return absl::OkStatus();
     };

@@ -625,20 +625,9 @@ absl::Status CudaModelRunner::Forward(const std::vector<SeqChunk>& batch, Forwar
       // Run this step eagerly (first-call setup happens outside capture),
       // then record the same step into a graph for the next replays.
       if (absl::Status s = Enqueue(p); !s.ok()) return s;
-      SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-      const absl::Status enq = Enqueue(p);
-      cudaGraph_t g = nullptr;
-      const cudaError_t end = cudaStreamEndCapture(stream_, &g);
-      if (!enq.ok()) {
-        if (g != nullptr) cudaGraphDestroy(g);
-        return enq;
-      }
-      SPEAR_CUDA_RETURN_IF_ERROR(end);
-      cudaGraphExec_t ge = nullptr;
-      const cudaError_t inst = cudaGraphInstantiate(&ge, g, 0);
-      cudaGraphDestroy(g);
-      SPEAR_CUDA_RETURN_IF_ERROR(inst);
-      graphs_[key] = ge;
+      absl::StatusOr<cudaGraphExec_t> ge = kc::CaptureGraph(stream_, [&] { return Enqueue(p); });
+      if (!ge.ok()) return ge.status();
+      graphs_[key] = *ge;
       ++graphs_captured_;
     }
   } else if (absl::Status s = Enqueue(p); !s.ok()) {

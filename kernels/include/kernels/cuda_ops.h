@@ -8,16 +8,26 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "kernels/op_params.h"
 
 typedef struct CUstream_st* cudaStream_t;
+typedef struct CUgraphExec_st* cudaGraphExec_t;
 
 namespace spear::kernels::cuda {
 
 // Number of usable CUDA devices; an error status (never a crash) when the
 // driver or runtime is missing, so callers can skip or fall back.
 absl::StatusOr<int> DeviceCount();
+
+// Records what `enqueue` puts on `stream` (thread-local capture mode) into
+// a graph and instantiates it; the caller owns the result
+// (cudaGraphExecDestroy). enqueue's own error is returned as it is; a CUDA
+// error of the capture or the instantiation as Internal. Nothing is leaked
+// on any path, and the stream is out of capture mode on return.
+absl::StatusOr<cudaGraphExec_t> CaptureGraph(cudaStream_t stream,
+                                             absl::FunctionRef<absl::Status()> enqueue);
 
 // RMSNorm (with the optional fused residual add) of RmsNormParams, device
 // pointers. One thread block per row.

@@ -930,6 +930,42 @@ TEST(CudaW4, FillNormalLooksStandardNormal) {
   EXPECT_NE(d.Down(), a);
 }
 
+// CaptureGraph (the runner's and TunePrefill's capture): the enqueue's own
+// error comes back unchanged and leaves the stream out of capture mode and
+// usable; a captured fill replays with the captured effect.
+TEST(CudaW4, CaptureGraphReturnsErrorsAndReplays) {
+  SKIP_WITHOUT_GPU();
+  cudaStream_t s = nullptr;
+  CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  const size_t n = 4099;
+  DevBuf<uint16_t> d(n);
+  absl::StatusOr<cudaGraphExec_t> bad = cuda::CaptureGraph(s, [&]() -> absl::Status {
+    if (absl::Status st = cuda::LaunchFillNormal(d.get(), n, 1u, s); !st.ok()) return st;
+    return absl::InvalidArgumentError("refused on purpose");
+  });
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad.status().message(), "refused on purpose");
+  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusActive;
+  CUDA_OK(cudaStreamIsCapturing(s, &cs));
+  EXPECT_EQ(cs, cudaStreamCaptureStatusNone);
+  CUDA_OK(cudaMemsetAsync(d.get(), 0, n * 2, s));  // the stream still runs work
+  absl::StatusOr<cudaGraphExec_t> good =
+      cuda::CaptureGraph(s, [&] { return cuda::LaunchFillNormal(d.get(), n, 9u, s); });
+  ASSERT_TRUE(good.ok()) << good.status();
+  CUDA_OK(cudaStreamSynchronize(s));
+  EXPECT_EQ(d.Down(), std::vector<uint16_t>(n, 0)) << "capture must not run the work";
+  CUDA_OK(cudaGraphLaunch(*good, s));
+  CUDA_OK(cudaStreamSynchronize(s));
+  const std::vector<uint16_t> replayed = d.Down();
+  ASSERT_TRUE(cuda::LaunchFillNormal(d.get(), n, 9u, s).ok());
+  CUDA_OK(cudaStreamSynchronize(s));
+  EXPECT_EQ(replayed, d.Down());
+  EXPECT_NE(replayed, std::vector<uint16_t>(n, 0));
+  CUDA_OK(cudaGraphExecDestroy(*good));
+  CUDA_OK(cudaStreamDestroy(s));
+}
+
 // Captured into a CUDA graph and replayed: same result as a direct call
 // (decode m = 16; prefill m = 200, its EC on the workspace's second stream);
 // the naive path (W4 without EC, EcGate, EcApply) agrees with the fused one.
