@@ -106,6 +106,59 @@ double TimeGraph(int reps, const std::function<void(int)>& body) {
 }
 
 
+// v38: several graphs timed side by side, as TunePrefill times its
+// candidates: each body captured (reps enqueues), every graph replayed
+// twice to warm up, then `rounds` rounds that replay each graph once in a
+// rotating order; per graph the median round and the spread (min, max),
+// in us per enqueue. A drift of the GPU's clocks (power, temperature)
+// over the run then falls on all of them alike; timed one after another
+// (TimeGraph), the same dequantize + cuBLAS path measured 725.6 and 845.1
+// us on 8B gate_up at M = 2048 in one run (v37 call 1).
+struct Interleaved {
+  double med, lo, hi;
+};
+std::vector<Interleaved> TimeGraphsInterleaved(int reps, int rounds,
+                                               const std::vector<std::function<void(int)>>& bodies) {
+  const size_t ng = bodies.size();
+  std::vector<cudaGraphExec_t> ge(ng);
+  for (size_t j = 0; j < ng; ++j) {
+    cudaGraph_t g;
+    CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < reps; ++i) bodies[j](i);
+    CK(cudaStreamEndCapture(g_stream, &g));
+    CK(cudaGraphInstantiate(&ge[j], g, 0));
+    CK(cudaGraphDestroy(g));
+    for (int i = 0; i < 2; ++i) CK(cudaGraphLaunch(ge[j], g_stream));
+  }
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  std::vector<std::vector<float>> t(ng);
+  for (int r = 0; r < rounds; ++r) {
+    for (size_t q = 0; q < ng; ++q) {
+      const size_t j = (q + static_cast<size_t>(r)) % ng;
+      CK(cudaEventRecord(a, g_stream));
+      CK(cudaGraphLaunch(ge[j], g_stream));
+      CK(cudaEventRecord(b, g_stream));
+      CK(cudaEventSynchronize(b));
+      float ms = 0;
+      CK(cudaEventElapsedTime(&ms, a, b));
+      t[j].push_back(ms);
+    }
+  }
+  CK(cudaGetLastError());
+  std::vector<Interleaved> out(ng);
+  for (size_t j = 0; j < ng; ++j) {
+    std::sort(t[j].begin(), t[j].end());
+    const double k = 1000.0 / reps;
+    out[j] = {k * t[j][t[j].size() / 2], k * t[j].front(), k * t[j].back()};
+    CK(cudaGraphExecDestroy(ge[j]));
+  }
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
+  return out;
+}
+
 // A device-to-device copy by a grid-stride kernel (a graph memcpy node runs
 // on the copy engines and reads low: 2.7 TB/s in the first run).
 double CopyBandwidth() {
@@ -460,37 +513,42 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
         std::fflush(stdout);
       }
       if (mods.size() != 4) continue;  // --only: no layer rows
-      // The four GEMMs back to back, one graph.
-      const double l_cub = TimeGraph(4, [&](int) {
-        for (Mod& md : mods) {
-          const float one = 1.f, zero = 0.f;
-          CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, md.sh->n, m, md.sh->k, &one, md.w16,
-                           CUDA_R_16F, md.sh->k, x, CUDA_R_16F, md.sh->k, &zero, y16, CUDA_R_16F,
-                           md.sh->n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        }
-      });
-      const double l_auto = TimeGraph(4, [&](int i) {
-        for (Mod& md : mods) {
-          cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
-          p.force_prefill = true;
-          p.use_ec = false;
-          CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
-        }
-      });
-      // v33: each GEMM on the path measured fastest for its shape above.
-      const double l_best = TimeGraph(4, [&](int i) {
-        for (size_t j = 0; j < mods.size(); ++j) {
-          Mod& md = mods[j];
-          cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
-          p.force_prefill = true;
-          p.prefill_kernel = best[j].first;
-          p.prefill_splits = best[j].second;
-          p.use_ec = false;
-          CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
-        }
-      });
-      std::printf("| %s | layer (4 GEMMs, one graph) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
-                  model, static_cast<long long>(m), l_cub, l_auto, l_auto / l_cub);
+      // The four GEMMs back to back, one graph each for cuBLAS, the
+      // automatic W4 path and each GEMM on its fastest path; timed
+      // interleaved (v38), median of 15 rounds and the rounds' spread.
+      const auto lay = TimeGraphsInterleaved(4, 15, {
+          [&](int) {
+            for (Mod& md : mods) {
+              const float one = 1.f, zero = 0.f;
+              CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, md.sh->n, m, md.sh->k, &one, md.w16,
+                               CUDA_R_16F, md.sh->k, x, CUDA_R_16F, md.sh->k, &zero, y16,
+                               CUDA_R_16F, md.sh->n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            }
+          },
+          [&](int i) {
+            for (Mod& md : mods) {
+              cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
+              p.force_prefill = true;
+              p.use_ec = false;
+              CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
+            }
+          },
+          // v33: each GEMM on the path measured fastest for its shape above.
+          [&](int i) {
+            for (size_t j = 0; j < mods.size(); ++j) {
+              Mod& md = mods[j];
+              cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
+              p.force_prefill = true;
+              p.prefill_kernel = best[j].first;
+              p.prefill_splits = best[j].second;
+              p.use_ec = false;
+              CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
+            }
+          }});
+      const double l_cub = lay[0].med, l_auto = lay[1].med, l_best = lay[2].med;
+      std::printf("| %s | layer (4 GEMMs, one graph; interleaved, median of 15 rounds [min-max]: cuBLAS %.1f-%.1f, W4 %.1f-%.1f) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
+                  model, lay[0].lo, lay[0].hi, lay[1].lo, lay[1].hi, static_cast<long long>(m),
+                  l_cub, l_auto, l_auto / l_cub);
       std::printf("| %s | layer, each GEMM on its fastest path (%d/%d %d/%d %d/%d %d/%d) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, best[0].first, best[0].second, best[1].first, best[1].second,
                   best[2].first, best[2].second, best[3].first, best[3].second,
