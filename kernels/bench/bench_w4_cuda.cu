@@ -496,6 +496,11 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
           std::printf("| %s | %s | %lld | timing splits (wrong output), stream-K 256-token tiles: whole tiles only %.1f us, no output stores %.1f us, both %.1f us |\n",
                       sh.model, sh.layer, static_cast<long long>(m), w4(3 | 128 | 256 | 512, false, 1),
                       w4(3 | 128 | 256 | 1024, false, 1), w4(3 | 128 | 256 | 512 | 1024, false, 1));
+          // v38: at most 2 / 3 blocks per stream-K tile (the column: 4)
+          std::printf("| %s | %s | %lld | stream-K 256-token tiles, at most 2 / 3 pieces per tile: %.1f / %.1f us; no output stores: %.1f / %.1f us |\n",
+                      sh.model, sh.layer, static_cast<long long>(m), w4(3 | 128 | 256, false, 2),
+                      w4(3 | 128 | 256, false, 3), w4(3 | 128 | 256 | 1024, false, 2),
+                      w4(3 | 128 | 256 | 1024, false, 3));
         }
         sum_cub += t_cub;
         sum_auto += t_auto;

@@ -199,9 +199,10 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
                             ": 0..3, or 2 / 3 + flag 32 or 64, or 2 / 3 + 128 (warp-specialized)",
                             " or + 128 + 256 (its stream-K form; benchmarks: + 512 / 1024)"));
   }
-  if ((p.prefill_kernel & 256) != 0 && p.prefill_splits > 1) {
+  if ((p.prefill_kernel & 256) != 0 && p.prefill_splits > 4) {
     return Bad(absl::StrCat("prefill_splits ", p.prefill_splits,
-                            ": the stream-K kernel (prefill_kernel + 256) takes 0 or 1"));
+                            ": the stream-K kernel (prefill_kernel + 256) takes 0..4 (its most "
+                            "pieces per tile; 0 / 1: 4)"));
   }
   if (p.prefill_splits < 0 || p.prefill_splits > 4) {
     return Bad(absl::StrCat("prefill_splits ", p.prefill_splits, ": 0 (automatic) .. 4"));

@@ -104,6 +104,9 @@ struct Args {
   // kernel): 1 whole tiles only (ceil(T / G) rounds, no stream-K part), 2
   // no output stores (the output is wrong): timing splits.
   int sk_flags;
+  // v38: the stream-K kernel's most pieces per stream-K tile (2..4;
+  // prefill_splits 2..4, else 4).
+  int sk_cap;
 };
 
 __device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
@@ -778,7 +781,8 @@ __global__ void __launch_bounds__(384, 1)
 // 256-token tiles in 4; 8B qkv and o at M = 512 filled 96 and 64 of the
 // 132 SMs). Tiles (token tile fastest, then 128-row tile) of T = full * G
 // + rem: the rem tiles first, as a line of (tile, k-stage pair) units cut
-// into equal ranges, one per block (stream-K; at most 4 blocks per tile,
+// into equal ranges, one per block (stream-K; at most 4 blocks per tile
+// (sk_cap: 2..4),
 // and where rem < G / 4 one of the full rounds joins them, so that no tile
 // is cut into more than ~3 pieces); then `full` rounds of whole tiles,
 // block b taking tile rem + b + r G in round r (data-parallel, neighbouring
@@ -808,7 +812,7 @@ struct SkWork {
     // rem < 2 nblk tiles: usk * gs < 2 nblk^2 npairs < 2^31 (the
     // launcher's check; 32-bit divisions, no calls)
     usk = rem * npairs;
-    gs = min(nblk, min(usk, 4 * rem));
+    gs = min(nblk, min(usk, a.sk_cap * rem));
   }
   __device__ __forceinline__ int Beg(int b) const { return b < gs ? b * usk / gs : usk; }
   // the block whose stream-K range [Beg(b), Beg(b + 1)) holds unit u
@@ -1097,6 +1101,8 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
           "W4 prefill: the stream-K kernel's tiles or partial slots do not fit the workspace (m=",
           m, " n=", w.n, "; reserve it for the prefill's m)"));
     }
+    const int cap = ksplits < 0 ? -ksplits : ksplits;  // (negative: a tuned preference)
+    a.sk_cap = cap >= 2 && cap <= 4 ? cap : 4;
     ksplits = 1;
     a.sk_flags = ((flags & 512) != 0 ? 1 : 0) | ((flags & 1024) != 0 ? 2 : 0);
   }

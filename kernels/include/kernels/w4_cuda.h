@@ -236,7 +236,8 @@ struct W4CudaParams {
   // deterministic). 0 automatic (the TunePrefill choice's splits where
   // prefill_kernel is 0 too, else 1), 1..4 forced (InvalidArgument where
   // the partials do not fit the workspace's scratch or a split would be
-  // empty).
+  // empty). The stream-K form (prefill_kernel + 256) takes 0..4: the most
+  // blocks a stream-K tile is cut into (v38; 0 / 1: 4).
   int prefill_splits = 0;
 };
 

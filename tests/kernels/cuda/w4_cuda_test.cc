@@ -800,26 +800,29 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
       CUDA_OK(cudaDeviceSynchronize());
       const std::vector<float> unsplit = dy.Down();
       p.prefill_kernel = kernel;
-      std::vector<float> first;
-      for (int rep = 0; rep < 3; ++rep) {
-        p.prefill_splits = rep == 2 ? 0 : 1;
+      // v38: prefill_splits caps the pieces per stream-K tile (2, 3; 0, 1
+      // and 4: 4); each cap twice, bitwise the same.
+      std::vector<float> first[5];
+      for (const int cap : {1, 2, 3, 4, 0, 2, 1, 3}) {
+        p.prefill_splits = cap;
+        const int c = cap < 2 ? 4 : cap;
         dy.Poison();
-        ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), nullptr).ok()) << kernel;
+        ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), nullptr).ok()) << kernel << " " << cap;
         CUDA_OK(cudaDeviceSynchronize());
         const std::vector<float> out = dy.Down();
-        if (rep == 0) {
-          first = out;
+        if (first[c].empty()) {
+          first[c] = out;
           for (size_t i = 0; i < out.size(); ++i) {
             ASSERT_NEAR(out[i], unsplit[i], 1e-4 * (1 + std::fabs(unsplit[i])))
-                << "stream-K kernel " << kernel << " " << i;
+                << "stream-K kernel " << kernel << " cap " << cap << " " << i;
           }
         } else {
-          ASSERT_EQ(std::memcmp(first.data(), out.data(), out.size() * 4), 0)
-              << "stream-K kernel " << kernel << " run " << rep;
+          ASSERT_EQ(std::memcmp(first[c].data(), out.data(), out.size() * 4), 0)
+              << "stream-K kernel " << kernel << " cap " << cap << " again";
         }
       }
-      // k splits on top of stream-K: InvalidArgument (W4Linear's check).
-      p.prefill_splits = 2;
+      // more than 4 pieces: InvalidArgument (W4Linear's check).
+      p.prefill_splits = 5;
       EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(),
                 absl::StatusCode::kInvalidArgument);
     }
