@@ -501,10 +501,6 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
                       sh.model, sh.layer, static_cast<long long>(m), w4(3 | 128 | 256, false, 2),
                       w4(3 | 128 | 256, false, 3), w4(3 | 128 | 256 | 1024, false, 2),
                       w4(3 | 128 | 256 | 1024, false, 3));
-          // v39: y by the consumers' own stores (+ 2048) instead of bulk copies
-          std::printf("| %s | %s | %lld | stream-K 256-token tiles, y by the consumers' own stores (+ 2048; bulk copies in the other rows): at most 4 / 2 pieces %.1f / %.1f us, whole tiles only %.1f us |\n",
-                      sh.model, sh.layer, static_cast<long long>(m), w4(3 | 128 | 256 | 2048, false, 1),
-                      w4(3 | 128 | 256 | 2048, false, 2), w4(3 | 128 | 256 | 512 | 2048, false, 1));
         }
         sum_cub += t_cub;
         sum_auto += t_auto;

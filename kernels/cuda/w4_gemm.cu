@@ -190,14 +190,14 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (p.prefill_ec_stream < 0 || p.prefill_ec_stream > 2) {
     return Bad(absl::StrCat("prefill_ec_stream ", p.prefill_ec_stream, ": 0, 1 or 2"));
   }
-  if (p.prefill_kernel < 0 || (p.prefill_kernel & ~(15 | 96 | 128 | 256 | 512 | 1024 | 2048)) != 0 ||
-      ((p.prefill_kernel & (512 | 1024 | 2048)) != 0 && (p.prefill_kernel & 256) == 0) ||
+  if (p.prefill_kernel < 0 || (p.prefill_kernel & ~(15 | 96 | 128 | 256 | 512 | 1024)) != 0 ||
+      ((p.prefill_kernel & (512 | 1024)) != 0 && (p.prefill_kernel & 256) == 0) ||
       (p.prefill_kernel & 15) > 3 || (p.prefill_kernel >= 16 && (p.prefill_kernel & 15) < 2) ||
       (p.prefill_kernel & 96) == 96 || ((p.prefill_kernel & 128) != 0 && (p.prefill_kernel & 96) != 0) ||
       ((p.prefill_kernel & 256) != 0 && (p.prefill_kernel & 128) == 0)) {
     return Bad(absl::StrCat("prefill_kernel ", p.prefill_kernel,
                             ": 0..3, or 2 / 3 + flag 32 or 64, or 2 / 3 + 128 (warp-specialized)",
-                            " or + 128 + 256 (its stream-K form; benchmarks: + 512 / 1024 / 2048)"));
+                            " or + 128 + 256 (its stream-K form; benchmarks: + 512 / 1024)"));
   }
   if ((p.prefill_kernel & 256) != 0 && p.prefill_splits > 4) {
     return Bad(absl::StrCat("prefill_splits ", p.prefill_splits,

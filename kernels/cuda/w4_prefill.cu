@@ -239,7 +239,7 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
       // Bias in the kernel's epilogue.
       if (absl::Status st = LaunchPrefillWgmma(d, x, p.m, ldx, p.bias, p.y_f32, p.y_f16, p.ldy,
                                                p.accumulate, tokens, stream,
-                                               kernel & (96 | 128 | 256 | 512 | 1024 | 2048), s, splits);
+                                               kernel & (96 | 128 | 256 | 512 | 1024), s, splits);
           !st.ok()) {
         return st;
       }

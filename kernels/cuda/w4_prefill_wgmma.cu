@@ -107,9 +107,6 @@ struct Args {
   // v38: the stream-K kernel's most pieces per stream-K tile (2..4;
   // prefill_splits 2..4, else 4).
   int sk_cap;
-  // v39: y fp16, no accumulate, 16-byte aligned rows (y16 and ldy * 2):
-  // the stream-K kernel stores full 128-column tiles by bulk copies.
-  int bulk_out;
 };
 
 __device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
@@ -864,14 +861,9 @@ __device__ __forceinline__ bool SkNext(const Args& a, int blk, int& u, int& r, S
 // which the producer never touches (it fills the next segment's stages
 // meanwhile).
 constexpr int kSkStages = 4;
-// v39: the bulk stores' two fp16 buffers of 128 token rows in the same
-// space, rows of kBulkLd halfs (272 bytes: 16-byte aligned for the copies,
-// and a warp's rows 2 tig apart fall in different banks).
-constexpr int kBulkLd = 136;
-constexpr int kSkEpiBytes = 128 * kEpiLd * 4 > 2 * 128 * kBulkLd * 2 ? 128 * kEpiLd * 4 : 2 * 128 * kBulkLd * 2;
 template <int NT>
 constexpr int SkSmem() {
-  return kSkStages * Cfg<NT>::kStageBytes + kSkEpiBytes + 1024;
+  return kSkStages * Cfg<NT>::kStageBytes + 128 * kEpiLd * 4 + 1024;
 }
 static_assert(SkSmem<256>() <= 227 * 1024, "the stream-K kernel's shared memory");
 
@@ -911,7 +903,6 @@ __global__ void __launch_bounds__(384, 1)
   float acc[NT / 2];
   uint32_t af0[4][4] = {}, af1[4][4] = {};
   const size_t slot_floats = static_cast<size_t>(NT) * 128;
-  int bulk_pass = 0;  // v39: the epilogue's bulk-store passes so far
   int g = 0, u = 0, r = 0;
   SkSeg sg;
   while (SkNext<NT>(a, blk, u, r, sg)) {
@@ -976,47 +967,6 @@ __global__ void __launch_bounds__(384, 1)
     if ((a.sk_flags & 2) != 0) continue;  // benchmarks: no output stores
     float* tile = reinterpret_cast<float*>(sbase + S * C::kStageBytes);
     const int cb = ci * 64 + 16 * wl + gid;
-    if (a.bulk_out && tile0 * 64 + 128 <= a.n) {
-      // v39 (call 4 of v38: back to back in a graph, the consumers' own
-      // stores of y cost 12-37 us per gate_up launch at M = 512, ~0
-      // isolated): the tile as fp16 rows (kBulkLd; bias added) in one
-      // of two buffers in the epilogue tile's space, then warp 0 of the
-      // consumers hands its rows to bulk copies (one per token row, lane l
-      // rows l, l + 32, ..) and the consumers go on; a buffer is rewritten
-      // only after its copies have read it (wait_group.read 1: the other
-      // buffer's may still run).
-      const float b0 = a.bias != nullptr ? a.bias[tile0 * 64 + cb] : 0.f;
-      const float b1 = a.bias != nullptr ? a.bias[tile0 * 64 + cb + 8] : 0.f;
-#pragma unroll
-      for (int h = 0; h < NT / 128; ++h) {
-        __half* st = reinterpret_cast<__half*>(tile) + (bulk_pass & 1) * 128 * kBulkLd;
-        if (ct < 32) asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
-        asm volatile("bar.sync 1, 256;\n" ::: "memory");
-#pragma unroll
-        for (int jn = 16 * h; jn < 16 * h + 16; ++jn) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            st[(8 * (jn - 16 * h) + 2 * tig + (e & 1)) * kBulkLd + cb + 8 * (e >> 1)] =
-                __float2half_rn(acc[4 * jn + e] + ((e >> 1) ? b1 : b0));
-          }
-        }
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the copies
-        asm volatile("bar.sync 1, 256;\n" ::: "memory");
-        if (ct < 32) {
-          const int rows = min(128, a.m - (m0 + 128 * h));
-          for (int r = ct; r < rows; r += 32) {
-            __half* dst = a.y16 + static_cast<long long>(m0 + 128 * h + r) * a.ldy + tile0 * 64;
-            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], 256;\n" ::"l"(dst),
-                         "r"(SmemAddr(st + r * kBulkLd))
-                         : "memory");
-          }
-          asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-        }
-        ++bulk_pass;
-      }
-      continue;
-    }
-    if (ct < 32) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // (v39)
 #pragma unroll
     for (int h = 0; h < NT / 128; ++h) {
       asm volatile("bar.sync 1, 256;\n" ::: "memory");  // the last pass's reads are done
@@ -1032,8 +982,6 @@ __global__ void __launch_bounds__(384, 1)
                      [] { asm volatile("bar.sync 1, 256;\n" ::: "memory"); });
     }
   }
-  // v39: the bulk copies done before the block's shared memory goes
-  if (ct < 32) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 #else
   __trap();
 #endif
@@ -1156,8 +1104,6 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
     const int cap = ksplits < 0 ? -ksplits : ksplits;  // (negative: a tuned preference)
     a.sk_cap = cap >= 2 && cap <= 4 ? cap : 4;
     ksplits = 1;
-    a.bulk_out = y16 != nullptr && !accumulate && ldy % 8 == 0 &&
-                 reinterpret_cast<uintptr_t>(y16) % 16 == 0 && (flags & 2048) == 0;
     a.sk_flags = ((flags & 512) != 0 ? 1 : 0) | ((flags & 1024) != 0 ? 2 : 0);
   }
   // ksplits < 0: -ksplits preferred, unsplit where they do not fit.

@@ -226,8 +226,7 @@ struct W4CudaParams {
   // into k ranges; prefill_splits 0 or 1); benchmarks only, added to 2 / 3
   // (the output is then wrong): 32 the code words not dequantized, 64 no
   // code words loaded either, and to the stream-K form 512 whole tiles
-  // only, 1024 no output stores, 2048 y stored by the consumers' own
-  // stores instead of bulk copies (v39; timing splits). 2 or 3
+  // only, 1024 no output stores (timing splits). 2 or 3
   // where the device has no sm_90a code: FailedPrecondition; with k or ldx
   // not a multiple of 8 or x not 16-byte aligned: InvalidArgument.
   int prefill_kernel = 0;
