@@ -521,34 +521,40 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
       // The four GEMMs back to back, one graph each for cuBLAS, the
       // automatic W4 path and each GEMM on its fastest path; timed
       // interleaved (v38), median of 15 rounds and the rounds' spread.
+      // v39: also cuBLAS and the automatic path with each GEMM's four
+      // launches grouped (qkv x 4, o x 4, ..; the same launches as the
+      // layer's, in another order): is our layer slower than the sum of
+      // its rows because of what runs before each GEMM?
+      auto cub_gemm = [&](Mod& md) {
+        const float one = 1.f, zero = 0.f;
+        CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, md.sh->n, m, md.sh->k, &one, md.w16,
+                         CUDA_R_16F, md.sh->k, x, CUDA_R_16F, md.sh->k, &zero, y16, CUDA_R_16F,
+                         md.sh->n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      };
+      // path: {prefill_kernel, prefill_splits}, {0, 0} the automatic one
+      auto w4_gemm = [&](Mod& md, int i, std::pair<int, int> path) {
+        cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
+        p.force_prefill = true;
+        p.prefill_kernel = path.first;
+        p.prefill_splits = path.second;
+        p.use_ec = false;
+        CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
+      };
       const auto lay = TimeGraphsInterleaved(4, 15, {
           [&](int) {
-            for (Mod& md : mods) {
-              const float one = 1.f, zero = 0.f;
-              CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, md.sh->n, m, md.sh->k, &one, md.w16,
-                               CUDA_R_16F, md.sh->k, x, CUDA_R_16F, md.sh->k, &zero, y16,
-                               CUDA_R_16F, md.sh->n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-            }
+            for (Mod& md : mods) cub_gemm(md);
           },
           [&](int i) {
-            for (Mod& md : mods) {
-              cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
-              p.force_prefill = true;
-              p.use_ec = false;
-              CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
-            }
+            for (Mod& md : mods) w4_gemm(md, i, {0, 0});
           },
-          // v33: each GEMM on the path measured fastest for its shape above.
           [&](int i) {
-            for (size_t j = 0; j < mods.size(); ++j) {
-              Mod& md = mods[j];
-              cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
-              p.force_prefill = true;
-              p.prefill_kernel = best[j].first;
-              p.prefill_splits = best[j].second;
-              p.use_ec = false;
-              CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
-            }
+            for (size_t j = 0; j < mods.size(); ++j) w4_gemm(mods[j], i, best[j]);
+          },
+          [&](int i) {  // grouped: call i runs GEMM i four times
+            for (int r = 0; r < 4; ++r) cub_gemm(mods[i]);
+          },
+          [&](int i) {
+            for (int r = 0; r < 4; ++r) w4_gemm(mods[i], r, {0, 0});
           }});
       const double l_cub = lay[0].med, l_auto = lay[1].med, l_best = lay[2].med;
       std::printf("| %s | layer (4 GEMMs, one graph; interleaved, median of 15 rounds [min-max]: cuBLAS %.1f-%.1f, W4 %.1f-%.1f) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
@@ -559,6 +565,8 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
                   best[2].first, best[2].second, best[3].first, best[3].second,
                   static_cast<long long>(m),
                   l_cub, l_best, l_best / l_cub);
+      std::printf("| %s | the same launches, each GEMM's four grouped (same rounds) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
+                  model, static_cast<long long>(m), lay[3].med, lay[4].med, lay[4].med / lay[3].med);
       std::printf("| %s | sum of the rows above | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), sum_cub, sum_auto, sum_auto / sum_cub);
       std::printf("| %s | sum of the fastest paths | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
