@@ -50,6 +50,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
 #include "kernels/w4_cuda.h"
 #include "bench_cuda_common.cuh"
@@ -74,68 +75,35 @@ const int64_t kMs[] = {1, 2, 4, 8, 16, 32, 64, 128, 512, 2048};
 
 cudaStream_t g_stream;
 
-// Median time of one enqueue of `body(i)` (i = rotation index), in us.
-double TimeGraph(int reps, const std::function<void(int)>& body) {
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < reps; ++i) body(i);
-  CK(cudaStreamEndCapture(g_stream, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 2; ++i) CK(cudaGraphLaunch(ge, g_stream));
-  std::vector<float> t;
-  for (int i = 0; i < 7; ++i) {
-    CK(cudaEventRecord(a, g_stream));
-    CK(cudaGraphLaunch(ge, g_stream));
-    CK(cudaEventRecord(b, g_stream));
-    CK(cudaEventSynchronize(b));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  CK(cudaGetLastError());
-  std::sort(t.begin(), t.end());
-  CK(cudaGraphExecDestroy(ge));
-  CK(cudaGraphDestroy(g));
-  CK(cudaEventDestroy(a));
-  CK(cudaEventDestroy(b));
-  return 1000.0 * t[t.size() / 2] / reps;
-}
-
-
-// v38: several graphs timed side by side, as TunePrefill times its
-// candidates: each body captured (reps enqueues), every graph replayed
-// twice to warm up, then `rounds` rounds that replay each graph once in a
-// rotating order; per graph the median round and the spread (min, max),
-// in us per enqueue. A drift of the GPU's clocks (power, temperature)
-// over the run then falls on all of them alike; timed one after another
-// (TimeGraph), the same dequantize + cuBLAS path measured 725.6 and 845.1
-// us on 8B gate_up at M = 2048 in one run (v37 call 1).
-struct Interleaved {
+// Graphs timed side by side: each body captured (reps enqueues; i = the
+// rotation index), every graph replayed twice to warm up, then `rounds`
+// rounds over the graphs in a rotating order; per graph, in us per
+// enqueue, the median timed replay and a spread (lo, hi).
+// steady_ms == 0: one replay per graph per round (v38, interleaved, as
+// TunePrefill times its candidates: a drift of the GPU's clocks over the
+// run falls on all alike; timed one after another, the same dequantize +
+// cuBLAS path measured 725.6 and 845.1 us on 8B gate_up at M = 2048 in one
+// run, v37 call 1); the spread is the lowest and highest replay.
+// steady_ms > 0 (v39): each graph runs alone for steady_ms of GPU time per
+// round (its own power state: the H200 sits at its power cap during these
+// GEMMs, and interleaved with cuBLAS's more power-hungry graph ours ran
+// ~10 % slower than alone), then 9 timed replays; the spread is the
+// lowest and highest round median.
+struct GraphTime {
   double med, lo, hi;
 };
-// steady_ms > 0 (v39, the "steady" mode): instead of one replay per graph
-// per round, each round runs each graph alone for steady_ms of GPU time
-// (its own power state: the H200 sits at its power cap during these
-// GEMMs, v38 calls 2-3, and interleaved with cuBLAS's more power-hungry
-// graph ours ran ~10 % slower than in its own columns), then times 9
-// replays; med: the median of all timed replays, lo / hi: the lowest and
-// highest round median.
-std::vector<Interleaved> TimeGraphsInterleaved(int reps, int rounds,
-                                               const std::vector<std::function<void(int)>>& bodies,
-                                               double steady_ms = 0) {
+std::vector<GraphTime> TimeGraphs(int reps, int rounds,
+                                  const std::vector<std::function<void(int)>>& bodies,
+                                  double steady_ms = 0) {
   const size_t ng = bodies.size();
   std::vector<cudaGraphExec_t> ge(ng);
   for (size_t j = 0; j < ng; ++j) {
-    cudaGraph_t g;
-    CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
-    for (int i = 0; i < reps; ++i) bodies[j](i);
-    CK(cudaStreamEndCapture(g_stream, &g));
-    CK(cudaGraphInstantiate(&ge[j], g, 0));
-    CK(cudaGraphDestroy(g));
+    absl::StatusOr<cudaGraphExec_t> e = cuda::CaptureGraph(g_stream, [&] {
+      for (int i = 0; i < reps; ++i) bodies[j](i);
+      return absl::OkStatus();
+    });
+    CKS(e.status());
+    ge[j] = *e;
     for (int i = 0; i < 2; ++i) CK(cudaGraphLaunch(ge[j], g_stream));
   }
   cudaEvent_t a, b;
@@ -167,7 +135,7 @@ std::vector<Interleaved> TimeGraphsInterleaved(int reps, int rounds,
     }
   }
   CK(cudaGetLastError());
-  std::vector<Interleaved> out(ng);
+  std::vector<GraphTime> out(ng);
   for (size_t j = 0; j < ng; ++j) {
     std::vector<float>& spread = steady_ms > 0 ? round_med[j] : t[j];
     std::sort(t[j].begin(), t[j].end());
@@ -179,6 +147,12 @@ std::vector<Interleaved> TimeGraphsInterleaved(int reps, int rounds,
   CK(cudaEventDestroy(a));
   CK(cudaEventDestroy(b));
   return out;
+}
+
+// Median time of one enqueue of `body(i)` (i = rotation index), in us:
+// one graph, 7 timed replays.
+double TimeGraph(int reps, const std::function<void(int)>& body) {
+  return TimeGraphs(reps, 7, {body})[0].med;
 }
 
 // A device-to-device copy by a grid-stride kernel (a graph memcpy node runs
@@ -578,9 +552,9 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
           [&](int i) {
             for (int r = 0; r < 4; ++r) w4_gemm(mods[i], r, {0, 0});
           }};
-      const auto lay = TimeGraphsInterleaved(4, 15, layer_bodies);
+      const auto lay = TimeGraphs(4, 15, layer_bodies);
       // v39: the same graphs, each alone for 150 ms then 9 timed replays, 3 rounds
-      const auto st = TimeGraphsInterleaved(4, 3, layer_bodies, 150.0);
+      const auto st = TimeGraphs(4, 3, layer_bodies, 150.0);
       const double l_cub = lay[0].med, l_auto = lay[1].med, l_best = lay[2].med;
       std::printf("| %s | layer (4 GEMMs, one graph; interleaved, median of 15 rounds [min-max]: cuBLAS %.1f-%.1f, W4 %.1f-%.1f) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, lay[0].lo, lay[0].hi, lay[1].lo, lay[1].hi, static_cast<long long>(m),

@@ -1101,8 +1101,7 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
           "W4 prefill: the stream-K kernel's tiles or partial slots do not fit the workspace (m=",
           m, " n=", w.n, "; reserve it for the prefill's m)"));
     }
-    const int cap = ksplits < 0 ? -ksplits : ksplits;  // (negative: a tuned preference)
-    a.sk_cap = cap >= 2 && cap <= 4 ? cap : 4;
+    a.sk_cap = ksplits >= 2 ? ksplits : 4;  // (W4Linear checked <= 4; tuned: -1)
     ksplits = 1;
     a.sk_flags = ((flags & 512) != 0 ? 1 : 0) | ((flags & 1024) != 0 ? 2 : 0);
   }
