@@ -24,7 +24,7 @@
 // for 8-warp and 4-warp blocks, 8-warp blocks with one tile per block (no
 // persistent loop) and with the L2 prefetch before the dependency wait, on
 // the 8B shapes at M in {1, 4, 8} (--ms= narrows them; W4 only). --profile: the four 8B GEMMs
-// at M = 1, launched directly (fold as dispatched, fold with one tile per
+// at M = the first --ms (default 1), launched directly (fold as dispatched, fold with one tile per
 // block, v8; for ncu), then exit. --ec-latency=NxK[,NxK...] (with
 // --ec-ranks=4,8,... --ec-ms=1,... --group=128|-1): the measured EC latency
 // table that `spear quantize --ec-latency-table` reads (format:
@@ -294,6 +294,7 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
     std::printf("| layer | M | W | v8 | auto | S1 d2 | S1 d3 | S1 d4 | S2 d2 | S2 d3 | S2 d4 | S4 d2 | S4 d3 | S4 d4 | S8 d2 | S8 d3 | S8 d4 | auto %%BW |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   }
+  const int64_t profile_m = sweep_ms.empty() ? 1 : sweep_ms[0];
   for (const Shape& sh : kShapes) {
     if (std::string(sh.model) != "8B") continue;
     const W4Weight w = bench::RandomW4(sh.n, sh.k, kGroup, rng);
@@ -310,9 +311,9 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
       return p;
     };
     if (profile) {
-      // the fold kernel (auto), the fold kernel with one tile per block, the v8 ring kernel
+      // at the first --ms (default 1): the fold kernel (auto), the fold kernel with one tile per block, the v8 ring kernel
       for (int i = 0; i < 3; ++i) {
-        CKS(cuda::W4Linear(*rot[i % nrot], params(1, i == 0 ? 0 : i == 1 ? 5 | 64 : 3, 0, 0), ws, g_stream));
+        CKS(cuda::W4Linear(*rot[i % nrot], params(profile_m, i == 0 ? 0 : i == 1 ? 5 | 64 : 3, 0, 0), ws, g_stream));
       }
       CK(cudaStreamSynchronize(g_stream));
       continue;
