@@ -22,10 +22,11 @@
 // kernel, which the fold kernel replaced at M <= 8). --decode: M in
 // {1, 2, 4, 8, 16} only. --sweep: the fold kernel's k splits x ring depths
 // for 8-warp and 4-warp blocks, 8-warp blocks with one tile per block (no
-// persistent loop) and with the L2 prefetch before the dependency wait, on
+// persistent loop), with the L2 prefetch before the dependency wait and in
+// 2 / 4 / 8 warp groups (v40, each group on its own tile), on
 // the 8B shapes at M in {1, 4, 8} (--ms= narrows them; W4 only). --profile: the four 8B GEMMs
 // at M = the first --ms (default 1), launched directly (fold as dispatched, fold with one tile per
-// block, v8; for ncu), then exit. --ec-latency=NxK[,NxK...] (with
+// block, v8, fold in 8 and in 4 warp groups; for ncu), then exit. --ec-latency=NxK[,NxK...] (with
 // --ec-ranks=4,8,... --ec-ms=1,... --group=128|-1): the measured EC latency
 // table that `spear quantize --ec-latency-table` reads (format:
 // worker/quantize/pipeline/ec_latency.h): per module shape, rank and M, the W4 GEMM alone and
@@ -312,8 +313,10 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
     };
     if (profile) {
       // at the first --ms (default 1): the fold kernel (auto), the fold kernel with one tile per block, the v8 ring kernel
-      for (int i = 0; i < 3; ++i) {
-        CKS(cuda::W4Linear(*rot[i % nrot], params(profile_m, i == 0 ? 0 : i == 1 ? 5 | 64 : 3, 0, 0), ws, g_stream));
+      // (v40: then 8 warps in 8 and in 4 groups, k splits as the cost model picks)
+      for (int i = 0; i < 5; ++i) {
+        const int dk = i == 0 ? 0 : i == 1 ? 5 | 64 : i == 2 ? 3 : i == 3 ? 5 | 768 : 5 | 512;
+        CKS(cuda::W4Linear(*rot[i % nrot], params(profile_m, dk, 0, 0), ws, g_stream));
       }
       CK(cudaStreamSynchronize(g_stream));
       continue;
@@ -329,11 +332,14 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
       const double t_auto = t(0, 0, 0), t_v8 = t(3, 0, 0);
       // fold with 8 warps, 4 warps (v12 defaults: a persistent loop over the
       // tiles beyond one wave, no L2 prefetch), 8 warps one tile per block
-      // (64), 8 warps with the L2 prefetch in the first wave's blocks (16)
-      for (int dk : {5, 4, 5 | 64, 5 | 16}) {
-        std::printf("| %s | %lld | %s | %.1f | %.1f", sh.layer, static_cast<long long>(m),
-                    dk == 5 ? "8" : dk == 4 ? "4" : dk == (5 | 64) ? "8 1-tile" : "8 pf", t_v8,
-                    t_auto);
+      // (64), 8 warps with the L2 prefetch in the first wave's blocks (16);
+      // v40: 8 warps in 2 / 4 / 8 groups, each group on its own tile
+      for (int dk : {5, 4, 5 | 64, 5 | 16, 5 | 256, 5 | 512, 5 | 768}) {
+        const char* label = dk == 5 ? "8" : dk == 4 ? "4" : dk == (5 | 64) ? "8 1-tile"
+                           : dk == (5 | 16) ? "8 pf" : dk == (5 | 256) ? "8 G2"
+                           : dk == (5 | 512) ? "8 G4" : "8 G8";
+        std::printf("| %s | %lld | %s | %.1f | %.1f", sh.layer, static_cast<long long>(m), label,
+                    t_v8, t_auto);
         for (int s : {1, 2, 4, 8}) {
           for (int d : {2, 3, 4}) {
             const double v = t(dk, s, d);

@@ -221,6 +221,16 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     return Bad(absl::StrCat("decode_kernel ", p.decode_kernel, ": kernel ", p.decode_kernel & 15,
                             " unknown (0..5; 6, the fold kernel's bulk-copy ring, was removed)"));
   }
+  if ((p.decode_kernel & ~(15 | 16 | 32 | 64 | 128 | 256 | 512)) != 0) {
+    return Bad(absl::StrCat("decode_kernel ", p.decode_kernel,
+                            ": flags 16, 32, 64, 128, 256, 512 only"));
+  }
+  const int forced_nw = (p.decode_kernel & 15) == 4 ? 4 : (p.decode_kernel & 15) == 5 ? 8 : 0;
+  if ((p.decode_kernel & 768) != 0 && (1 << ((p.decode_kernel >> 8) & 3)) > forced_nw) {
+    return Bad(absl::StrCat("decode_kernel ", p.decode_kernel,
+                            ": warp groups (flags 256 / 512 / 768) need the fold kernel forced "
+                            "(4 or 5) and at most one group per warp"));
+  }
   if (static_cast<size_t>(d.ntiles) > static_cast<size_t>(ws->impl().ncounters)) {
     return Bad("n too large for the workspace counters");
   }

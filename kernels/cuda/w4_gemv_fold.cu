@@ -28,7 +28,9 @@
 //     "Final GPU verification", calls 5-6.)
 //
 // Block = one 64-column tile x one k split (NW = 4 or 8 warps splitting the
-// split's chunks); the S splits of a tile form a cluster and reduce through
+// split's chunks; v40: or G groups of NW / G warps, each group on its own
+// tile, the default at 9..16 rows with G = NW: one warp per tile, see
+// ChooseGrouped); the S splits of a tile form a cluster and reduce through
 // distributed shared memory in fixed order (deterministic), as in
 // w4_gemv_swap.cu, whose EC epilogue (B (g ⊙ u) as rp / 16 more mma steps
 // by split 0) and PDL habits this kernel keeps. NW, S and the ring depth
@@ -69,6 +71,11 @@ struct Geom {
                  // the tile's first ring chunk into shared memory at ecb_off
                  // (two buffers of esteps x 2 KB, by tile parity), so the
                  // epilogue reads them from shared memory, not DRAM
+  int groups;    // v40: the block's warps form `groups` groups of NW / groups
+                 // warps, each group on its own tile (1: all warps on one tile)
+  int x_off;     // v40 (groups > 1): the x slices, shared by the groups, at
+                 // x_off (slice i = the k range of a group's warp i); 0: each
+                 // warp's own slice after its ring (groups == 1)
 };
 
 __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -110,6 +117,20 @@ __device__ __forceinline__ void WaitGroups(int allowed) {
 __device__ __forceinline__ void PrefetchL2(const void* p, unsigned bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 }
+// bar.sync of `n` threads on barrier `id` in 1..8 (immediate ids: a register
+// id would make ptxas reserve all 16 barriers of the block).
+__device__ __forceinline__ void NamedSync(int id, int n) {
+  switch (id) {
+    case 1: asm volatile("bar.sync 1, %0;\n" ::"r"(n) : "memory"); break;
+    case 2: asm volatile("bar.sync 2, %0;\n" ::"r"(n) : "memory"); break;
+    case 3: asm volatile("bar.sync 3, %0;\n" ::"r"(n) : "memory"); break;
+    case 4: asm volatile("bar.sync 4, %0;\n" ::"r"(n) : "memory"); break;
+    case 5: asm volatile("bar.sync 5, %0;\n" ::"r"(n) : "memory"); break;
+    case 6: asm volatile("bar.sync 6, %0;\n" ::"r"(n) : "memory"); break;
+    case 7: asm volatile("bar.sync 7, %0;\n" ::"r"(n) : "memory"); break;
+    default: asm volatile("bar.sync 8, %0;\n" ::"r"(n) : "memory"); break;
+  }
+}
 __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -120,7 +141,10 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
 // fold skips the second token of each accumulator pair); NT: n8 token tiles
 // (1: m <= 8; 2: m <= 16, v17: each dequantized weight fragment feeds two
 // mma, tokens 0-7 and 8-15).
-template <int NW, int CH, bool ONE, int NT>
+// GRP (v40): the warps in geo.groups groups (the instantiations without it
+// keep the one-group code's constants: a runtime group count cost 5 us on
+// 8B gate_up at m = 16).
+template <int NW, int CH, bool ONE, int NT, bool GRP>
 __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const DecodeArgs a, const Geom geo) {
   static_assert(NT == 1 || NT == 2, "NT: one or two n8 token tiles");
   static_assert(!ONE || NT == 1, "ONE: m == 1");
@@ -131,10 +155,19 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   // v12: a block may loop over tiles tile0, tile0 + gridDim.x, ... (the
   // persistent launch of a GEMM wider than one wave); the ring then runs on
   // across tiles: the last chunks of one tile prefetch the next one's first.
+  // v40: with geo.groups = G > 1 the warps form G groups of NWG = NW / G;
+  // group g takes the block's tiles g, G + g, 2 G + g, ... (of tile0,
+  // tile0 + gridDim.x, ...), its warps splitting each tile's chunks, so a
+  // tile's cross-warp reduction spans NWG warps (none when NWG = 1) and the
+  // block's barriers come once per G tiles.
+  const int G = GRP ? geo.groups : 1;
+  const int NWG = GRP ? kNW / G : kNW;
+  const int g = GRP ? warp / NWG : 0;
+  const int wi = GRP ? warp - g * NWG : warp;
   const int tile0 = blockIdx.x, tstride = gridDim.x, q = blockIdx.y, S = gridDim.y;
-  const int ntile_it = (a.ntiles - tile0 + tstride - 1) / tstride;  // tiles of this block
+  const int ntile_it = ((a.ntiles - tile0 + tstride - 1) / tstride + G - 1) / G;  // iterations
   const int nch = a.ksteps / CH;
-  const int W = S * kNW, gw = q * kNW + warp;
+  const int W = S * NWG, gw = q * NWG + wi;
   const int cb = static_cast<int>(static_cast<long long>(nch) * gw / W);
   const int ce = static_cast<int>(static_cast<long long>(nch) * (gw + 1) / W);
   const int nc = ce - cb;  // chunks of this warp per tile
@@ -144,14 +177,17 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
 
   unsigned char* wbase = smem + warp * geo.warp_bytes;
   const unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(wbase));
-  const unsigned x_s = ring_s + D * geo.stage;
+  const unsigned x_s =
+      !GRP ? ring_s + D * geo.stage
+                     : static_cast<unsigned>(__cvta_generic_to_shared(smem)) + geo.x_off +
+                           static_cast<unsigned>(wi * a.m * geo.xrow);
   const uint4* qw4 = reinterpret_cast<const uint4*>(a.qw);
   const uint4* sz4a = reinterpret_cast<const uint4*>(a.sz);
   const int ng1 = a.ngroups - 1, gshift = a.gshift;
 
   // v14: B fragments of the EC through shared memory (split 0 only, and only
   // for warps that stream chunks: the prefetch rides on a tile's first one).
-  const bool ecb_pf = geo.ecb_off > 0 && a.ecb != nullptr && q == 0 && nc > 0;
+  const bool ecb_pf = geo.ecb_off > 0 && G == 1 && a.ecb != nullptr && q == 0 && nc > 0;
   const unsigned ecb_s =
       static_cast<unsigned>(__cvta_generic_to_shared(smem)) + static_cast<unsigned>(geo.ecb_off);
 
@@ -159,7 +195,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   auto issue_w = [&](int j, int slot) {
     if (nc <= 0) return;
     const int it = j / nc;
-    const int t = tile0 + it * tstride;
+    const int t = tile0 + (it * G + g) * tstride;
     if (t >= a.ntiles) return;
     const int c = cb + (j - it * nc);
     const uint4* wt = qw4 + (static_cast<size_t>(t) * a.ksteps + static_cast<size_t>(c) * CH) * 32;
@@ -194,9 +230,10 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   // streams its weights while the previous kernel drains (the weights do
   // not depend on it; only x does). Blocks of later waves skip it by
   // default (pf_tiles): for them the ring's own loads are not late.
-  if (tile0 < geo.pf_tiles) {
-    const uint4* w0 = qw4 + static_cast<size_t>(tile0) * a.ksteps * 32;
-    const uint4* z0 = sz4a + static_cast<size_t>(tile0) * a.ngroups * 16;
+  if (tile0 + g * tstride < min(geo.pf_tiles, a.ntiles)) {
+    const int ft = tile0 + g * tstride;  // the group's first tile
+    const uint4* w0 = qw4 + static_cast<size_t>(ft) * a.ksteps * 32;
+    const uint4* z0 = sz4a + static_cast<size_t>(ft) * a.ngroups * 16;
     for (int c = cb + D - 1 + lane; c < ce; c += 32) {
       PrefetchL2(w0 + static_cast<size_t>(c) * (CH * 32), CH * 512);
       if (gshift < 30) PrefetchL2(z0 + min((c * CH * 16) >> gshift, ng1) * 16, 256);
@@ -207,16 +244,22 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     // k % 8 == 0 or x was padded with zeros into the workspace, so an 8-wide
     // piece is all inside k or all outside (zero-filled: the codes' 1024 / 64
     // offsets and the X sums must meet exact zeros there).
+    // (groups > 1: the slice is shared; group g copies its rows g, g + G, ...)
     const int ppr = (ce - cb) * CH * 2;  // 16-byte pieces per row
     const int k0 = cb * CH * 16;
-    for (int i = lane; i < a.m * ppr; i += 32) {
-      const int r = i / ppr, c = i - r * ppr;
+    const int rows = (a.m - g + G - 1) / G;
+    for (int i = lane; i < rows * ppr; i += 32) {
+      const int r = g + (i / ppr) * G, c = i - (i / ppr) * ppr;
       const int kk = k0 + c * 8;
       const bool ok = kk < a.k;
       CpAsync16(x_s + r * geo.xrow + c * 16, ok ? a.x + static_cast<long long>(r) * a.ldx + kk : a.x,
                 ok);
     }
     asm volatile("cp.async.commit_group;\n" ::);
+  }
+  if (G > 1) {  // every group's part of the shared x slices, visible to all
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
   }
 
   // ldmatrix.x4 address of this lane: matrix lane / 8 = (step parity, k half),
@@ -232,7 +275,8 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   int slot = 0;
 #pragma unroll 1
   for (int it = 0; it < ntile_it; ++it) {
-    const int tile = tile0 + it * tstride;
+    const int tile = tile0 + (it * G + g) * tstride;  // >= ntiles: an idle group (last iteration)
+    const int cend = tile < a.ntiles ? ce : cb;
     float acc[NT][4][4];
   #pragma unroll
     for (int t = 0; t < NT; ++t)
@@ -241,7 +285,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
   #pragma unroll
         for (int c = 0; c < 4; ++c) acc[t][p][c] = 0.f;
   #pragma unroll 1
-    for (int c = cb; c < ce; ++c) {
+    for (int c = cb; c < cend; ++c) {
       if (it == 0 && c == cb) {
         asm volatile("cp.async.wait_group 0;\n" ::);
       } else {
@@ -322,7 +366,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     if (a.ecb != nullptr && q == 0) {
       if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   #pragma unroll 1
-      for (int e = warp; e < a.esteps; e += kNW) {
+      for (int e = wi; e < (tile < a.ntiles ? a.esteps : 0); e += NWG) {
         uint4 q0, q1, q2, q3;
         if (ecb_pf) {  // fetched with the tile's first chunk (complete: waited for then)
           const uint4* bs = reinterpret_cast<const uint4*>(smem + geo.ecb_off +
@@ -360,36 +404,8 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     // drained ring), then the cluster's blocks through distributed shared
     // memory, rank r storing outputs [r E / S, (r + 1) E / S).
     constexpr int E = NT * 16 * 32;  // outputs of a warp's fragments (NT token tiles)
-    __syncthreads();
-    float* red = reinterpret_cast<float*>(smem + geo.red_off);
-    float* part = red + kNW * E;
-  #pragma unroll
-    for (int t = 0; t < NT; ++t)
-  #pragma unroll
-      for (int p = 0; p < 4; ++p)
-  #pragma unroll
-        for (int c = 0; c < 4; ++c) red[(warp * NT * 16 + t * 16 + p * 4 + c) * 32 + lane] = acc[t][p][c];
-    __syncthreads();
-    for (int o = tid; o < E; o += kNW * 32) {
-      float s = 0.f;
-  #pragma unroll
-      for (int w = 0; w < kNW; ++w) s += red[w * E + o];
-      part[o] = s;
-    }
-    asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-    const int lo = q * E / S, hi = (q + 1) * E / S;
-    for (int o = lo + tid; o < hi; o += kNW * 32) {
-      float s = 0.f;
-      const unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(&part[o]));
-      for (int r = 0; r < S; ++r) {
-        unsigned remote;
-        float v;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(r));
-        asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-        s += v;
-      }
+    // Output o = e * 32 + l of a tile: fragment e = (t * 16 + p * 4 + c), lane l.
+    auto store = [&](int o, float s) {
       const int e = o >> 5, l = o & 31;
       const int lg = l >> 2, lt = l & 3;
       const int p = (e >> 2) & 3, c = e & 3;
@@ -405,13 +421,76 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
           y[idx] = __float2half_rn(a.accumulate ? __half2float(y[idx]) + s : s);
         }
       }
+    };
+    if (G > 1 && NWG == 1 && S == 1) {
+      // v40: one warp per tile, one block per tile: the warp's sums are the
+      // outputs (no shared memory, no barrier).
+  #pragma unroll
+      for (int t = 0; t < NT; ++t)
+  #pragma unroll
+        for (int p = 0; p < 4; ++p)
+  #pragma unroll
+          for (int c = 0; c < 4; ++c) store(((t * 16 + p * 4 + c) << 5) + lane, acc[t][p][c]);
+      continue;
+    }
+    // v40: group g's buffers (G == 1: the block's, as before); with one warp
+    // per group its sums are the group's partial directly.
+    float* red = reinterpret_cast<float*>(smem + geo.red_off) + g * (NWG == 1 ? 1 : NWG + 1) * E;
+    float* part = NWG == 1 ? red : red + NWG * E;
+    // barrier of the group's warps (the block's when G == 1)
+    auto group_sync = [&]() {
+      if (G == 1) {
+        __syncthreads();
+      } else if (NWG == 1) {
+        __syncwarp();
+      } else {
+        NamedSync(1 + g, NWG * 32);
+      }
+    };
+    group_sync();
+  #pragma unroll
+    for (int t = 0; t < NT; ++t)
+  #pragma unroll
+      for (int p = 0; p < 4; ++p)
+  #pragma unroll
+        for (int c = 0; c < 4; ++c) red[(wi * NT * 16 + t * 16 + p * 4 + c) * 32 + lane] = acc[t][p][c];
+    group_sync();
+    const int lt = wi * 32 + lane;  // thread within the group
+    if (NWG > 1) {
+      for (int o = lt; o < E; o += NWG * 32) {
+        float s = 0.f;
+  #pragma unroll
+        for (int w = 0; w < NWG; ++w) s += red[w * E + o];
+        part[o] = s;
+      }
+    }
+    if (S == 1 && G > 1) {
+      group_sync();
+      for (int o = lt; o < E; o += NWG * 32) store(o, part[o]);
+      continue;  // the next iteration's first group_sync protects part
+    }
+    asm volatile("fence.acq_rel.cluster;\n" ::: "memory");
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+    const int lo = q * E / S, hi = (q + 1) * E / S;
+    for (int o = lo + lt; o < hi; o += NWG * 32) {
+      float s = 0.f;
+      const unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(&part[o]));
+      for (int r = 0; r < S; ++r) {
+        unsigned remote;
+        float v;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(r));
+        asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+        s += v;
+      }
+      store(o, s);
     }
     asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
     asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
   }  // tiles of this block
 }
 
-template <int NW, int CH, bool ONE, int NT>
+template <int NW, int CH, bool ONE, int NT, bool GRP>
 cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                       cudaStream_t stream, bool pdl) {
   static bool configured = false;  // per instantiation; idempotent
@@ -420,10 +499,10 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
     }
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                cudaSharedmemCarveoutMaxShared);
     }
     if (e != cudaSuccess) return e;
@@ -443,17 +522,25 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE, NT>, a, g);
+  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE, NT, GRP>, a, g);
 }
 
-template <int NW, bool ONE, int NT>
+template <int NW, bool ONE, int NT, bool GRP>
 cudaError_t LaunchCh(int ch, const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                      cudaStream_t stream, bool pdl) {
   switch (ch) {
-    case 2: return LaunchOne<NW, 2, ONE, NT>(a, grid_x, splits, g, smem, stream, pdl);
-    case 4: return LaunchOne<NW, 4, ONE, NT>(a, grid_x, splits, g, smem, stream, pdl);
-    default: return LaunchOne<NW, 8, ONE, NT>(a, grid_x, splits, g, smem, stream, pdl);
+    case 2: return LaunchOne<NW, 2, ONE, NT, GRP>(a, grid_x, splits, g, smem, stream, pdl);
+    case 4: return LaunchOne<NW, 4, ONE, NT, GRP>(a, grid_x, splits, g, smem, stream, pdl);
+    default: return LaunchOne<NW, 8, ONE, NT, GRP>(a, grid_x, splits, g, smem, stream, pdl);
   }
+}
+// The kernel for m (one row, <= 8: one token tile, else two), grouped or not.
+template <int NW, bool GRP>
+cudaError_t LaunchM(int ch, const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
+                    cudaStream_t stream, bool pdl) {
+  return a.m == 1  ? LaunchCh<NW, true, 1, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
+         : a.m <= 8 ? LaunchCh<NW, false, 1, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
+                    : LaunchCh<NW, false, 2, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl);
 }
 
 }  // namespace foldk
@@ -469,29 +556,47 @@ int FoldChunk(const DecodeArgs& a) {
 
 struct FoldConfig {
   int nw = 8, splits = 1, depth = 2, smem = 0;
+  int groups = 1;  // v40: warp groups, each on its own tile (Geom::groups)
   int nt = 1;      // n8 token tiles: 1 (m <= 8) or 2 (m <= 16)
   int grid_x = 0;  // blocks along the tiles: ntiles, or fewer (persistent loop)
   foldk::Geom geo{};
 };
 
-// Shared memory of one block of `nw` warps for `splits` and ring `depth`.
-FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth) {
+// Shared memory of one block of `nw` warps for `splits` and ring `depth`
+// (v40: in `groups` groups of warps, each group on its own tile).
+FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth, int groups = 1) {
   FoldConfig c;
   c.nw = nw;
   c.nt = a.m > 8 ? 2 : 1;
   c.splits = splits;
   c.depth = depth;
+  c.groups = groups;
   const int ch = FoldChunk(a);
   const int nch = a.ksteps / ch;
-  const int w = splits * nw;
+  const int nwg = nw / groups;
+  const int w = splits * nwg;
   const int maxc = (nch + w - 1) / w;
   c.geo.depth = depth;
   c.geo.stage = ch * 512 + 256;
   c.geo.xrow = maxc * ch * 32 + 16;
-  // + 8 depth: unused since the bulk-copy ring (its mbarriers) was removed;
-  // kept so that every footprint, hence the measured dispatch, stays as it was.
-  c.geo.warp_bytes = (depth * c.geo.stage + a.m * c.geo.xrow + 8 * depth + 15) / 16 * 16;
-  c.smem = std::max(nw * c.geo.warp_bytes, foldk::RedBytes(nw, c.nt));
+  c.geo.groups = groups;
+  if (groups == 1) {
+    // + 8 depth: unused since the bulk-copy ring (its mbarriers) was removed;
+    // kept so that every footprint, hence the measured dispatch, stays as it was.
+    c.geo.warp_bytes = (depth * c.geo.stage + a.m * c.geo.xrow + 8 * depth + 15) / 16 * 16;
+    c.smem = std::max(nw * c.geo.warp_bytes, foldk::RedBytes(nw, c.nt));
+    return c;
+  }
+  // v40: the warps' rings, then the x slices (one per warp of a group,
+  // shared by the groups), then the groups' reduction buffers (never over
+  // a ring: the groups finish their tiles at different times); none with
+  // one warp per group and no k split (the warp stores its own sums).
+  const int e_bytes = c.nt * 16 * 32 * 4;
+  c.geo.warp_bytes = (depth * c.geo.stage + 8 * depth + 15) / 16 * 16;
+  c.geo.x_off = nw * c.geo.warp_bytes;
+  c.geo.red_off = c.geo.x_off + nwg * a.m * c.geo.xrow;
+  const int red = nwg == 1 ? (splits == 1 ? 0 : groups * e_bytes) : groups * (nwg + 1) * e_bytes;
+  c.smem = c.geo.red_off + red;
   return c;
 }
 
@@ -516,10 +621,11 @@ double FoldCost(const DecodeArgs& a, const FoldConfig& c, int num_sms) {
   const int r = BlocksPerSm(c);
   if (r == 0) return 1e30;
   const int nch = a.ksteps / FoldChunk(a);
-  const long long blocks = static_cast<long long>(a.ntiles) * c.splits;
+  const int nwg = c.nw / c.groups;  // v40: warps on one tile
+  const long long blocks = static_cast<long long>((a.ntiles + c.groups - 1) / c.groups) * c.splits;
   const long long slots = static_cast<long long>(r) * num_sms;
   const long long waves = (blocks + slots - 1) / slots;
-  const int cpw = (nch + c.splits * c.nw - 1) / (c.splits * c.nw);
+  const int cpw = (nch + c.splits * nwg - 1) / (c.splits * nwg);
   const double fill = std::min(1.0, static_cast<double>(std::min(blocks, slots)) * c.nw / (8.0 * num_sms));
   const double pen = (c.splits >= 4 ? 2.0 : 1.0) * (c.nw == 4 ? 1.1 : 1.0);
   return static_cast<double>(waves) * (cpw + 0.5) * pen / std::sqrt(fill);
@@ -529,21 +635,23 @@ double FoldCost(const DecodeArgs& a, const FoldConfig& c, int num_sms) {
 // splits S (a cluster of S blocks along k; 1, 2, 4, 8) and ring depth
 // (2..4) by FoldCost; forced_* > 0 (benchmarks, tests) pin a value.
 absl::StatusOr<FoldConfig> ChooseFold(const DecodeArgs& a, int num_sms, int forced_warps,
-                                      int forced_splits, int forced_depth) {
+                                      int forced_splits, int forced_depth, int groups = 1) {
   const int nch = a.ksteps / FoldChunk(a);
   FoldConfig best;
   double best_cost = 1e30;
   for (int nw : {8, 4}) {
     if (forced_warps > 0 && nw != forced_warps) continue;
+    if (groups > nw) continue;
+    const int nwg = nw / groups;
     for (int s = 1; s <= 8; s *= 2) {
       if (forced_splits > 0 && s != forced_splits) continue;
-      if (forced_splits <= 0 && s > 1 && s * nw > nch) continue;
-      const int cpw = (nch + s * nw - 1) / (s * nw);
+      if (forced_splits <= 0 && s > 1 && s * nwg > nch) continue;
+      const int cpw = (nch + s * nwg - 1) / (s * nwg);
       // v12: depth 2 unless a warp streams >= 6 chunks (calls 2 and 3: d2 as
       // fast or faster at 2-4 chunks per warp, gate_up 21.5 vs 23.4 us).
       const int want = forced_depth > 0 ? forced_depth : cpw >= 6 ? 3 : 2;
-      FoldConfig c = MakeConfig(a, nw, s, want);
-      if (BlocksPerSm(c) == 0 && forced_depth <= 0) c = MakeConfig(a, nw, s, 2);
+      FoldConfig c = MakeConfig(a, nw, s, want, groups);
+      if (BlocksPerSm(c) == 0 && forced_depth <= 0) c = MakeConfig(a, nw, s, 2, groups);
       const double cost = FoldCost(a, c, num_sms);
       if (cost < best_cost - 1e-9) {
         best_cost = cost;
@@ -555,6 +663,26 @@ absl::StatusOr<FoldConfig> ChooseFold(const DecodeArgs& a, int num_sms, int forc
     return absl::InvalidArgumentError("fold kernel: no configuration fits shared memory");
   }
   return best;
+}
+
+// v40 (docs/results/gpu.md, "v40"): at 9..16 rows, the default is 8 warps
+// in 8 groups (one warp per tile: no cross-warp reduction, the block's
+// barriers once per 8 tiles) with the largest k split that keeps one wave
+// of blocks, ring depth 3 where it fits. Measured against the one-group
+// kernel on the 8B shapes at m = 16: gate_up 32.2 vs 37.2 us (S = 2), qkv
+// 11.3 vs 12.5 (S = 8). None fits: NotFound (the cost model's choice).
+absl::StatusOr<FoldConfig> ChooseGrouped(const DecodeArgs& a, int num_sms) {
+  const int nch = a.ksteps / FoldChunk(a);
+  const long long tgroups = (a.ntiles + 7) / 8;
+  for (int s = 8; s >= 1; s /= 2) {
+    if (s > nch) continue;
+    for (int d : {3, 2}) {
+      const FoldConfig c = MakeConfig(a, 8, s, d, 8);
+      const int r = BlocksPerSm(c);
+      if (r > 0 && tgroups * s <= static_cast<long long>(r) * num_sms) return c;
+    }
+  }
+  return absl::NotFoundError("no grouped configuration fits one wave");
 }
 
 }  // namespace
@@ -589,12 +717,25 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   if (a.m < 1 || a.m > 16) return absl::InternalError("LaunchDecodeFold: m > 16");
   const int kind = a.variant & 15;
   const int forced_warps = kind == 4 ? 4 : kind == 5 ? 8 : 0;
-  absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth);
+  int groups = 1 << ((a.variant >> 8) & 3);  // v40: flags 256 / 512 / 768
+  absl::StatusOr<FoldConfig> c =
+      ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth, groups);
   if (!c.ok()) return c.status();
+  if (a.m > 8 && kind == 0 && groups == 1 && forced_splits <= 0 && forced_depth <= 0) {
+    if (absl::StatusOr<FoldConfig> gc = ChooseGrouped(a, num_sms); gc.ok()) {
+      c = *gc;
+      groups = gc->groups;
+    }
+  }
   // Tiles the first wave holds (x-major dispatch of the clusters).
   const int wave_tiles = std::max(1, BlocksPerSm(*c) * num_sms / c->splits);
   c->grid_x = a.ntiles;
-  if ((a.variant & 64) == 0 && a.ntiles > wave_tiles) {
+  if (groups > 1) {
+    // v40: a block takes `groups` tiles per iteration; the reduction
+    // buffers already lie after the rings and x.
+    const int tgroups = (a.ntiles + groups - 1) / groups;
+    c->grid_x = (a.variant & 64) == 0 ? std::min(tgroups, wave_tiles) : tgroups;
+  } else if ((a.variant & 64) == 0 && a.ntiles > wave_tiles) {
     // Persistent (v12): more tiles than one wave holds -> one wave of blocks
     // looping over tiles, the reduction buffers after the ring (the ring
     // runs on into the next tile), if that still fits as many blocks.
@@ -615,7 +756,7 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   }
   // v14: the EC's B fragments through shared memory, when the two buffers
   // fit without costing a resident block (decode_kernel flag 128: off).
-  if (a.ecb != nullptr && (a.variant & 128) == 0) {
+  if (a.ecb != nullptr && (a.variant & 128) == 0 && groups == 1) {
     FoldConfig e = *c;
     e.geo.ecb_off = e.smem;
     e.smem += 2 * a.esteps * 2048;
@@ -625,14 +766,13 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   static int pdl_ok = -1;
   auto go = [&](bool pdl) {
     const int gx = c->grid_x, s = c->splits, sm = c->smem;
+    const bool grp = c->groups > 1;
     if (c->nw == 4) {
-      return a.m == 1  ? foldk::LaunchCh<4, true, 1>(ch, a, gx, s, c->geo, sm, stream, pdl)
-             : a.m <= 8 ? foldk::LaunchCh<4, false, 1>(ch, a, gx, s, c->geo, sm, stream, pdl)
-                        : foldk::LaunchCh<4, false, 2>(ch, a, gx, s, c->geo, sm, stream, pdl);
+      return grp ? foldk::LaunchM<4, true>(ch, a, gx, s, c->geo, sm, stream, pdl)
+                 : foldk::LaunchM<4, false>(ch, a, gx, s, c->geo, sm, stream, pdl);
     }
-    return a.m == 1  ? foldk::LaunchCh<8, true, 1>(ch, a, gx, s, c->geo, sm, stream, pdl)
-           : a.m <= 8 ? foldk::LaunchCh<8, false, 1>(ch, a, gx, s, c->geo, sm, stream, pdl)
-                      : foldk::LaunchCh<8, false, 2>(ch, a, gx, s, c->geo, sm, stream, pdl);
+    return grp ? foldk::LaunchM<8, true>(ch, a, gx, s, c->geo, sm, stream, pdl)
+               : foldk::LaunchM<8, false>(ch, a, gx, s, c->geo, sm, stream, pdl);
   };
   cudaError_t e = go(pdl_ok != 0);
   if (e != cudaSuccess && pdl_ok == -1) {

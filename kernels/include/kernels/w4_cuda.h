@@ -187,7 +187,10 @@ struct W4CudaParams {
   // block (by default a GEMM whose tiles need more than one wave runs one
   // wave of blocks looping over tiles), 128 the EC's B fragments read from
   // global memory in the epilogue (by default, when it fits, they are
-  // fetched into shared memory with each tile's first ring chunk).
+  // fetched into shared memory with each tile's first ring chunk); v40:
+  // 256 / 512 / 768 (with 4 or 5) the block's warps in 2 / 4 / 8 groups,
+  // each group on its own tile (at most one group per warp; else
+  // InvalidArgument).
   int decode_kernel = 0;
   // testing/benchmarks, fold kernel only: k splits (1, 2, 4, 8; 0 = the
   // cost model's choice) and cp.async ring depth (2..4; 0 = automatic). A

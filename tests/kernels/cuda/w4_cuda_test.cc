@@ -446,6 +446,54 @@ TEST(CudaW4, FoldPersistentLoopMatchesReference) {
   }
 }
 
+// v40: the fold kernel's warps in groups, each group on its own tile
+// (decode_kernel flags 256 / 512 / 768 = 2 / 4 / 8 groups): one block per
+// G tiles (n = 320: five tiles, the last block's groups partly idle) and
+// the persistent loop (n = 3 x 64 x SMs + 77), with and without k splits
+// (a cluster's reduction per G tiles; none with one warp per group and
+// S = 1: the warp stores its own sums), every m from 1 to 16 over the cases,
+// ECs, bias, accumulation, fp16 output, against the reference; then the
+// automatic choice at 9..16 rows, which is grouped on wide GEMMs.
+TEST(CudaW4, FoldWarpGroupsMatchReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 15);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  const int64_t wide = 64 * 3 * int64_t{cuda::NumSms()} + 77;
+  int v = 0;
+  for (int dk : {5, 4}) {
+    for (int groups : {2, 4, 8}) {
+      if (groups > (dk == 5 ? 8 : 4)) continue;
+      for (int splits : {1, 2}) {
+        for (int64_t n : {int64_t{320}, wide}) {
+          Case c{n, v % 2 ? 1000 : 4096, v % 2 ? 1000 : 128, 1 + (7 * v) % 16};
+          c.ec = v % 3;
+          c.bias = v % 2 == 0;
+          c.f16_out = v % 3 == 1;
+          c.accumulate = v % 4 == 3;
+          c.force_decode = true;
+          c.decode_kernel = dk | (groups == 2 ? 256 : groups == 4 ? 512 : 768) | (v % 5 == 4 ? 64 : 0);
+          c.decode_splits = splits;
+          ++v;
+          RunCase(c, rng, ws->get());
+          if (HasFatalFailure()) return;
+        }
+      }
+    }
+  }
+  // The default at 9..16 rows on wide k = 4096 GEMMs (8B qkv and gate_up
+  // shapes): 8 groups, the k split chosen to keep one wave.
+  for (const auto& [n, m] : {std::pair<int64_t, int64_t>{6144, 16}, {6144, 11}, {28672, 13}}) {
+    Case c{n, 4096, 128, m};
+    c.ec = m == 11 ? 2 : 0;
+    c.bias = m == 16;
+    c.f16_out = m != 13;
+    c.force_decode = true;
+    RunCase(c, rng, ws->get());
+    if (HasFatalFailure()) return;
+  }
+}
+
 // v23: TuneDecode measures the fold kernel's configurations on a set of
 // same-shape weights and records a pick per m (or none, when the cost
 // model's own choice is within 5 %); a recorded pick is a valid
@@ -1083,6 +1131,12 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.decode_kernel = 6 | 64;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
+  // v40: warp groups only with the fold kernel forced, at most one per warp;
+  // unknown flags
+  for (int dk : {0 | 256, 3 | 256, 4 | 768, 5 | 1024, 5 | 4096}) {
+    p.decode_kernel = dk;
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr))) << dk;
+  }
   p.decode_kernel = 0;
   p.ec_prologue = 12;  // 4 and 8 together
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
