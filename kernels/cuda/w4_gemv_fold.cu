@@ -76,6 +76,9 @@ struct Geom {
   int x_off;     // v40 (groups > 1): the x slices, shared by the groups, at
                  // x_off (slice i = the k range of a group's warp i); 0: each
                  // warp's own slice after its ring (groups == 1)
+  int red_gstride;  // v40: bytes between two groups' reduction buffers (at
+                    // red_off + g red_gstride; over the group's own drained
+                    // rings when a block runs one iteration)
 };
 
 __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -435,7 +438,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     }
     // v40: group g's buffers (G == 1: the block's, as before); with one warp
     // per group its sums are the group's partial directly.
-    float* red = reinterpret_cast<float*>(smem + geo.red_off) + g * (NWG == 1 ? 1 : NWG + 1) * E;
+    float* red = reinterpret_cast<float*>(smem + geo.red_off + g * geo.red_gstride);
     float* part = NWG == 1 ? red : red + NWG * E;
     // barrier of the group's warps (the block's when G == 1)
     auto group_sync = [&]() {
@@ -564,7 +567,8 @@ struct FoldConfig {
 
 // Shared memory of one block of `nw` warps for `splits` and ring `depth`
 // (v40: in `groups` groups of warps, each group on its own tile).
-FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth, int groups = 1) {
+FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth, int groups = 1,
+                      bool overlay = false) {
   FoldConfig c;
   c.nw = nw;
   c.nt = a.m > 8 ? 2 : 1;
@@ -588,15 +592,25 @@ FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth, int gr
     return c;
   }
   // v40: the warps' rings, then the x slices (one per warp of a group,
-  // shared by the groups), then the groups' reduction buffers (never over
-  // a ring: the groups finish their tiles at different times); none with
+  // shared by the groups), then the groups' reduction buffers, never over
+  // another group's rings (the groups finish their tiles at different
+  // times): with `overlay` (a block that runs one iteration) each group's
+  // buffer lies over its own warps' drained rings, else after x. None with
   // one warp per group and no k split (the warp stores its own sums).
   const int e_bytes = c.nt * 16 * 32 * 4;
+  const int red_group = (nwg == 1 ? 1 : nwg + 1) * e_bytes;
   c.geo.warp_bytes = (depth * c.geo.stage + 8 * depth + 15) / 16 * 16;
   c.geo.x_off = nw * c.geo.warp_bytes;
-  c.geo.red_off = c.geo.x_off + nwg * a.m * c.geo.xrow;
-  const int red = nwg == 1 ? (splits == 1 ? 0 : groups * e_bytes) : groups * (nwg + 1) * e_bytes;
-  c.smem = c.geo.red_off + red;
+  const int x_end = c.geo.x_off + nwg * a.m * c.geo.xrow;
+  if (overlay && nwg * c.geo.warp_bytes >= red_group) {
+    c.geo.red_off = 0;
+    c.geo.red_gstride = nwg * c.geo.warp_bytes;
+    c.smem = x_end;
+  } else {
+    c.geo.red_off = x_end;
+    c.geo.red_gstride = red_group;
+    c.smem = x_end + (nwg == 1 && splits == 1 ? 0 : groups * red_group);
+  }
   return c;
 }
 
@@ -665,19 +679,21 @@ absl::StatusOr<FoldConfig> ChooseFold(const DecodeArgs& a, int num_sms, int forc
   return best;
 }
 
-// v40 (docs/results/gpu.md, "v40"): at 9..16 rows, the default is 8 warps
-// in 8 groups (one warp per tile: no cross-warp reduction, the block's
-// barriers once per 8 tiles) with the largest k split that keeps one wave
-// of blocks, ring depth 3 where it fits. Measured against the one-group
-// kernel on the 8B shapes at m = 16: gate_up 32.2 vs 37.2 us (S = 2), qkv
-// 11.3 vs 12.5 (S = 8). None fits: NotFound (the cost model's choice).
+// v40 (docs/results/gpu.md, "v40"): at 9..16 rows, where the one-group
+// kernel needs more than one wave, the default is 8 warps in 8 groups (one
+// warp per tile: no cross-warp reduction, the cluster's once per 8 tiles)
+// with the largest k split that keeps one wave of blocks, ring depth 3
+// where it fits (each group's reduction buffer over its drained ring, so
+// two blocks fit per SM at depth 2). Measured against the one-group kernel
+// on the 8B shapes at m = 16: gate_up 28.5 vs 37.5 us (S = 4, depth 2, two
+// blocks per SM), qkv 11.4 vs 12.4 (S = 8). None fits: NotFound.
 absl::StatusOr<FoldConfig> ChooseGrouped(const DecodeArgs& a, int num_sms) {
   const int nch = a.ksteps / FoldChunk(a);
   const long long tgroups = (a.ntiles + 7) / 8;
   for (int s = 8; s >= 1; s /= 2) {
     if (s > nch) continue;
     for (int d : {3, 2}) {
-      const FoldConfig c = MakeConfig(a, 8, s, d, 8);
+      const FoldConfig c = MakeConfig(a, 8, s, d, 8, /*overlay=*/true);
       const int r = BlocksPerSm(c);
       if (r > 0 && tgroups * s <= static_cast<long long>(r) * num_sms) return c;
     }
@@ -721,7 +737,13 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   absl::StatusOr<FoldConfig> c =
       ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth, groups);
   if (!c.ok()) return c.status();
-  if (a.m > 8 && kind == 0 && groups == 1 && forced_splits <= 0 && forced_depth <= 0) {
+  // v40: grouped where the one-group choice needs more than one wave of
+  // blocks (8B gate_up at 9..16 rows, qkv at >= 12: 16-row x fills a block's
+  // shared memory); in one wave it stays (8B qkv at 9 rows: 9.8 us against
+  // 11.1-14.1 grouped).
+  if (a.m > 8 && kind == 0 && groups == 1 && forced_splits <= 0 && forced_depth <= 0 &&
+      static_cast<long long>(a.ntiles) * c->splits >
+          static_cast<long long>(BlocksPerSm(*c)) * num_sms) {
     if (absl::StatusOr<FoldConfig> gc = ChooseGrouped(a, num_sms); gc.ok()) {
       c = *gc;
       groups = gc->groups;
@@ -731,10 +753,19 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   const int wave_tiles = std::max(1, BlocksPerSm(*c) * num_sms / c->splits);
   c->grid_x = a.ntiles;
   if (groups > 1) {
-    // v40: a block takes `groups` tiles per iteration; the reduction
-    // buffers already lie after the rings and x.
+    // v40: a block takes `groups` tiles per iteration. One iteration per
+    // block (all tile groups in one wave, or flag 64): the reduction
+    // buffers over the groups' drained rings (fewer bytes, maybe more
+    // blocks per SM); else a wave of blocks looping, the buffers after x.
     const int tgroups = (a.ntiles + groups - 1) / groups;
-    c->grid_x = (a.variant & 64) == 0 ? std::min(tgroups, wave_tiles) : tgroups;
+    const FoldConfig o = MakeConfig(a, c->nw, c->splits, c->depth, groups, /*overlay=*/true);
+    const int wave_o = BlocksPerSm(o) * num_sms / c->splits;
+    if ((a.variant & 64) != 0 || tgroups <= wave_o) {
+      *c = o;
+      c->grid_x = tgroups;
+    } else {
+      c->grid_x = std::min(tgroups, wave_tiles);
+    }
   } else if ((a.variant & 64) == 0 && a.ntiles > wave_tiles) {
     // Persistent (v12): more tiles than one wave holds -> one wave of blocks
     // looping over tiles, the reduction buffers after the ring (the ring
