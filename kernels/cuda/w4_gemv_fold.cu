@@ -49,6 +49,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/decode_store.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -407,24 +408,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const D
     // drained ring), then the cluster's blocks through distributed shared
     // memory, rank r storing outputs [r E / S, (r + 1) E / S).
     constexpr int E = NT * 16 * 32;  // outputs of a warp's fragments (NT token tiles)
-    // Output o = e * 32 + l of a tile: fragment e = (t * 16 + p * 4 + c), lane l.
-    auto store = [&](int o, float s) {
-      const int e = o >> 5, l = o & 31;
-      const int lg = l >> 2, lt = l & 3;
-      const int p = (e >> 2) & 3, c = e & 3;
-      const int row = 8 * (e >> 4) + 2 * lt + (c & 1);  // e >> 4: the token tile
-      const int col = tile * 64 + 16 * p + lg + 8 * (c >> 1);
-      if (row < a.m && col < a.n) {
-        if (a.bias != nullptr) s += a.bias[col];
-        const long long idx = row * a.ldy + col;
-        if (a.y32 != nullptr) {
-          a.y32[idx] = a.accumulate ? a.y32[idx] + s : s;
-        } else {
-          __half* y = reinterpret_cast<__half*>(a.y16);
-          y[idx] = __float2half_rn(a.accumulate ? __half2float(y[idx]) + s : s);
-        }
-      }
-    };
+    auto store = [&](int o, float s) { StoreTileOutput(a, tile, o, s); };
     if (G > 1 && NWG == 1 && S == 1) {
       // v40: one warp per tile, one block per tile: the warp's sums are the
       // outputs (no shared memory, no barrier).
