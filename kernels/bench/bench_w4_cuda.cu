@@ -334,10 +334,12 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
       // tiles beyond one wave, no L2 prefetch), 8 warps one tile per block
       // (64), 8 warps with the L2 prefetch in the first wave's blocks (16);
       // v40: 8 warps in 2 / 4 / 8 groups, each group on its own tile
-      for (int dk : {5, 4, 5 | 64, 5 | 16, 5 | 256, 5 | 512, 5 | 768}) {
-        const char* label = dk == 5 ? "8" : dk == 4 ? "4" : dk == (5 | 64) ? "8 1-tile"
-                           : dk == (5 | 16) ? "8 pf" : dk == (5 | 256) ? "8 G2"
-                           : dk == (5 | 512) ? "8 G4" : "8 G8";
+      static const struct {
+        int dk;
+        const char* label;
+      } kRows[] = {{5, "8"},         {4, "4"},           {5 | 64, "8 1-tile"}, {5 | 16, "8 pf"},
+                   {5 | 256, "8 G2"}, {5 | 512, "8 G4"}, {5 | 768, "8 G8"}};
+      for (const auto& [dk, label] : kRows) {
         std::printf("| %s | %lld | %s | %.1f | %.1f", sh.layer, static_cast<long long>(m), label,
                     t_v8, t_auto);
         for (int s : {1, 2, 4, 8}) {

@@ -543,7 +543,6 @@ int FoldChunk(const DecodeArgs& a) {
 
 struct FoldConfig {
   int nw = 8, splits = 1, depth = 2, smem = 0;
-  int groups = 1;  // v40: warp groups, each on its own tile (Geom::groups)
   int nt = 1;      // n8 token tiles: 1 (m <= 8) or 2 (m <= 16)
   int grid_x = 0;  // blocks along the tiles: ntiles, or fewer (persistent loop)
   foldk::Geom geo{};
@@ -558,7 +557,6 @@ FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth, int gr
   c.nt = a.m > 8 ? 2 : 1;
   c.splits = splits;
   c.depth = depth;
-  c.groups = groups;
   const int ch = FoldChunk(a);
   const int nch = a.ksteps / ch;
   const int nwg = nw / groups;
@@ -619,8 +617,8 @@ double FoldCost(const DecodeArgs& a, const FoldConfig& c, int num_sms) {
   const int r = BlocksPerSm(c);
   if (r == 0) return 1e30;
   const int nch = a.ksteps / FoldChunk(a);
-  const int nwg = c.nw / c.groups;  // v40: warps on one tile
-  const long long blocks = static_cast<long long>((a.ntiles + c.groups - 1) / c.groups) * c.splits;
+  const int groups = c.geo.groups, nwg = c.nw / groups;  // v40: warps on one tile
+  const long long blocks = static_cast<long long>((a.ntiles + groups - 1) / groups) * c.splits;
   const long long slots = static_cast<long long>(r) * num_sms;
   const long long waves = (blocks + slots - 1) / slots;
   const int cpw = (nch + c.splits * nwg - 1) / (c.splits * nwg);
@@ -717,22 +715,20 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   if (a.m < 1 || a.m > 16) return absl::InternalError("LaunchDecodeFold: m > 16");
   const int kind = a.variant & 15;
   const int forced_warps = kind == 4 ? 4 : kind == 5 ? 8 : 0;
-  int groups = 1 << ((a.variant >> 8) & 3);  // v40: flags 256 / 512 / 768
+  const int forced_groups = 1 << ((a.variant >> 8) & 3);  // v40: flags 256 / 512 / 768
   absl::StatusOr<FoldConfig> c =
-      ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth, groups);
+      ChooseFold(a, num_sms, forced_warps, forced_splits, forced_depth, forced_groups);
   if (!c.ok()) return c.status();
   // v40: grouped where the one-group choice needs more than one wave of
   // blocks (8B gate_up at 9..16 rows, qkv at >= 12: 16-row x fills a block's
   // shared memory); in one wave it stays (8B qkv at 9 rows: 9.8 us against
   // 11.1-14.1 grouped).
-  if (a.m > 8 && kind == 0 && groups == 1 && forced_splits <= 0 && forced_depth <= 0 &&
+  if (a.m > 8 && kind == 0 && forced_groups == 1 && forced_splits <= 0 && forced_depth <= 0 &&
       static_cast<long long>(a.ntiles) * c->splits >
           static_cast<long long>(BlocksPerSm(*c)) * num_sms) {
-    if (absl::StatusOr<FoldConfig> gc = ChooseGrouped(a, num_sms); gc.ok()) {
-      c = *gc;
-      groups = gc->groups;
-    }
+    if (absl::StatusOr<FoldConfig> gc = ChooseGrouped(a, num_sms); gc.ok()) c = *gc;
   }
+  const int groups = c->geo.groups;
   // Tiles the first wave holds (x-major dispatch of the clusters).
   const int wave_tiles = std::max(1, BlocksPerSm(*c) * num_sms / c->splits);
   c->grid_x = a.ntiles;
@@ -781,7 +777,7 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   static int pdl_ok = -1;
   auto go = [&](bool pdl) {
     const int gx = c->grid_x, s = c->splits, sm = c->smem;
-    const bool grp = c->groups > 1;
+    const bool grp = groups > 1;
     if (c->nw == 4) {
       return grp ? foldk::LaunchM<4, true>(ch, a, gx, s, c->geo, sm, stream, pdl)
                  : foldk::LaunchM<4, false>(ch, a, gx, s, c->geo, sm, stream, pdl);
