@@ -39,6 +39,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/decode_store.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -302,21 +303,7 @@ __global__ void __launch_bounds__(kNW * 32, NT8 == 1 ? 2 : 1) W4SwapKernel(const
       asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
       s += v;
     }
-    const int e = o >> 5, l = o & 31;
-    const int lg = l >> 2, lt = l & 3;
-    const int nt = e >> 4, p = (e >> 2) & 3, c = e & 3;
-    const int row = nt * 8 + 2 * lt + (c & 1);
-    const int col = tile * 64 + 16 * p + lg + 8 * (c >> 1);
-    if (row < a.m && col < a.n) {
-      if (a.bias != nullptr) s += a.bias[col];
-      const long long idx = row * a.ldy + col;
-      if (a.y32 != nullptr) {
-        a.y32[idx] = a.accumulate ? a.y32[idx] + s : s;
-      } else {
-        __half* y = reinterpret_cast<__half*>(a.y16);
-        y[idx] = __float2half_rn(a.accumulate ? __half2float(y[idx]) + s : s);
-      }
-    }
+    StoreTileOutput(a, tile, o, s);
   }
   // Keep this block's shared memory alive until every rank has read it (the
   // remote loads above have returned: their values are consumed).
@@ -553,21 +540,7 @@ __global__ void __launch_bounds__(kNW * 32, NT8 == 1 ? 2 : 1) W4RingKernel(const
       asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
       s += v;
     }
-    const int e = o >> 5, l = o & 31;
-    const int lg = l >> 2, lt = l & 3;
-    const int nt = e >> 4, p = (e >> 2) & 3, c = e & 3;
-    const int row = nt * 8 + 2 * lt + (c & 1);
-    const int col = tile * 64 + 16 * p + lg + 8 * (c >> 1);
-    if (row < a.m && col < a.n) {
-      if (a.bias != nullptr) s += a.bias[col];
-      const long long idx = row * a.ldy + col;
-      if (a.y32 != nullptr) {
-        a.y32[idx] = a.accumulate ? a.y32[idx] + s : s;
-      } else {
-        __half* y = reinterpret_cast<__half*>(a.y16);
-        y[idx] = __float2half_rn(a.accumulate ? __half2float(y[idx]) + s : s);
-      }
-    }
+    StoreTileOutput(a, tile, o, s);
   }
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
