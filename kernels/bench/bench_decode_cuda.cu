@@ -511,10 +511,11 @@ class Model {
         tuning_[g][m] = ws[0]->decode_tuning(m);
         const auto& t = tuning_[g][m];
         picks += t.warps > 0 ? " " + std::to_string(t.warps) + "/" + std::to_string(t.splits) + "/" +
-                                   std::to_string(t.depth)
+                                   std::to_string(t.depth) +
+                                   (t.groups > 1 ? " G" + std::to_string(t.groups) : "")
                              : " -";
       }
-      std::printf("# %s %s: measured picks for m = 1..8 (warps/splits/depth, - = cost model):%s\n",
+      std::printf("# %s %s: measured picks for m = 1..8 (warps/splits/depth[ Gg: g warp groups], - = cost model):%s\n",
                   shape_.name, kGroupNames[g], picks.c_str());
     }
     ApplyTuning(false);

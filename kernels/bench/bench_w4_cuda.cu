@@ -913,12 +913,13 @@ int Main(int argc, char** argv) {
         }
       }
       CKS(cuda::TuneDecode(ptrs, kT, ws.get(), g_stream));
-      std::printf("# %s: measured picks for m = 1..8 (warps/splits/depth; - = the cost model's choice):", l);
+      std::printf("# %s: measured picks for m = 1..8 (warps/splits/depth[ Gg: g warp groups]; - = the cost model's choice):", l);
       for (int m = 1; m <= kT; ++m) {
         const Tuning t = rot[0]->decode_tuning(m);
         tuned[l].push_back(t);
         if (t.warps > 0) {
           std::printf(" %d/%d/%d", t.warps, t.splits, t.depth);
+          if (t.groups > 1) std::printf(" G%d", t.groups);
         } else {
           std::printf(" -");
         }

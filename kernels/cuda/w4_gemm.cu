@@ -124,7 +124,14 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     if (decode_kernel == 0 && splits == 0 && depth == 0) {
       const W4DeviceWeight::DecodeTuning t = w.decode_tuning(mc);
       if (t.warps > 0) {
-        decode_kernel = t.warps == 4 ? 4 : 5;
+        // v41: the warp groups of a measured pick as the forced flags.
+        const int gflag = t.groups == 2 ? 256 : t.groups == 4 ? 512 : t.groups == 8 ? 768 : 0;
+        if ((t.warps != 4 && t.warps != 8) || (t.groups > 1 && (gflag == 0 || t.groups > t.warps))) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("W4Linear: the weight's decode tuning for m = ", mc, " (warps ", t.warps,
+                           ", groups ", t.groups, ") is not a fold configuration"));
+        }
+        decode_kernel = (t.warps == 4 ? 4 : 5) | gflag;
         splits = t.splits;
         depth = t.depth;
       }

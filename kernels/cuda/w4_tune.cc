@@ -143,14 +143,20 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
     if (absl::Status st = time(0, 0, 0, &base); !st.ok()) return st;
     W4DeviceWeight::DecodeTuning pick;
     double pick_us = base * kMargin;
-    for (int warps : {8, 4}) {
+    // v41: 8 warps also in 2, 4 and 8 groups (each group on its own tile;
+    // gpu.md "v41": 8B gate_up at m = 1 / 8 19.6-19.7 / 22.4 us grouped
+    // against 20.9 / 26.6 for the best one-group configuration).
+    static constexpr struct {
+      int warps, groups, flags;
+    } kForms[] = {{8, 1, 5}, {4, 1, 4}, {8, 2, 5 | 256}, {8, 4, 5 | 512}, {8, 8, 5 | 768}};
+    for (const auto& form : kForms) {
       for (int splits : {1, 2, 4, 8}) {
         for (int depth : {2, 3, 4}) {
           double us = 0;
-          if (absl::Status st = time(warps == 4 ? 4 : 5, splits, depth, &us); !st.ok()) return st;
+          if (absl::Status st = time(form.flags, splits, depth, &us); !st.ok()) return st;
           if (us > 0 && us < pick_us) {
             pick_us = us;
-            pick = {warps, splits, depth};
+            pick = {form.warps, splits, depth, form.groups > 1 ? form.groups : 0};
           }
         }
       }

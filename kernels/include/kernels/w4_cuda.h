@@ -95,8 +95,12 @@ class W4DeviceWeight {
   // measured by TuneDecode; warps == 0: none (the cost model chooses).
   // W4Linear uses it where the caller forces nothing (decode_kernel,
   // decode_splits and decode_depth all 0). Copied by Clone.
+  // groups (v41): the block's warps in 2, 4 or 8 groups, each on its own
+  // 64-column tile (decode_kernel flags 256 / 512 / 768; at most one group
+  // per warp); 0 or 1: one group.
   struct DecodeTuning {
     int warps = 0, splits = 0, depth = 0;  // 4 or 8; 1, 2, 4, 8; 2..4
+    int groups = 0;                        // 0 / 1, 2, 4, 8 (<= warps)
   };
   static constexpr int kMaxTunedM = 8;
   DecodeTuning decode_tuning(int64_t m) const {

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <random>
 #include <tuple>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -155,7 +156,7 @@ struct Case {
                         " depth=", decode_depth, " ldxpad=", ldx_pad, " ldypad=", ldy_pad, " r=", ec_rank,
                         " h=", ec_hidden, " prologue=", ec_prologue, " gpad=", gate_pad,
                         " pk=", prefill_kernel, " psplits=", prefill_splits, " tuned=", tuning.warps, "/", tuning.splits,
-                        "/", tuning.depth, " ptuned=", ptuning.kernel, "/", ptuning.splits);
+                        "/", tuning.depth, " G", tuning.groups, " ptuned=", ptuning.kernel, "/", ptuning.splits);
   }
 };
 
@@ -526,38 +527,52 @@ TEST(CudaW4, TuneDecodeRecordsValidConfigurations) {
       EXPECT_EQ(u.warps, t.warps);
       EXPECT_EQ(u.splits, t.splits);
       EXPECT_EQ(u.depth, t.depth);
+      EXPECT_EQ(u.groups, t.groups);
     }
     if (t.warps == 0) continue;
     ++picked;
     EXPECT_TRUE(t.warps == 4 || t.warps == 8) << m;
     EXPECT_TRUE(t.splits == 1 || t.splits == 2 || t.splits == 4 || t.splits == 8) << m;
     EXPECT_TRUE(t.depth >= 2 && t.depth <= 4) << m;
+    // v41: one group (0), or 2 / 4 / 8 groups of the 8-warp kernel
+    EXPECT_TRUE(t.groups == 0 || (t.warps == 8 && (t.groups == 2 || t.groups == 4 || t.groups == 8)))
+        << m << ": groups " << t.groups;
   }
   {  // Clone copies the tuning (set by hand: the measurement may pick none)
     auto src = cuda::W4DeviceWeight::Create(RandomW4(64, 256, 128, false, false, rng), nullptr);
     ASSERT_TRUE(src.ok());
     (*src)->set_decode_tuning(3, {4, 2, 3});
+    (*src)->set_decode_tuning(5, {8, 4, 2, 8});
     auto clone = (*src)->Clone();
     ASSERT_TRUE(clone.ok());
     const auto t = (*clone)->decode_tuning(3);
     EXPECT_EQ(t.warps, 4);
     EXPECT_EQ(t.splits, 2);
     EXPECT_EQ(t.depth, 3);
+    EXPECT_EQ(t.groups, 0);
+    EXPECT_EQ((*clone)->decode_tuning(5).groups, 8);
     EXPECT_EQ((*clone)->decode_tuning(4).warps, 0);
   }
   std::printf("TuneDecode: n = %lld, k = 4096, g128: a configuration recorded for %d of m = 1..8\n",
               static_cast<long long>(n), picked);
+  for (int64_t m = 1; m <= 8; ++m) {
+    const auto t = owned[0]->decode_tuning(m);
+    std::printf("  m = %lld: %d/%d/%d G%d\n", static_cast<long long>(m), t.warps, t.splits, t.depth,
+                t.groups);
+  }
   // Outputs through a tuned configuration: a weight whose tuning is set by
   // hand for every m (the same lookup W4Linear does for a measured one),
   // against the reference, m = 1..8, with and without a gated EC.
+  // v41: also 8 warps in 2 / 4 / 8 groups (n = 300: 5 tiles, so some
+  // groups of a block have no tile).
   int v = 0;
-  for (int warps : {4, 8}) {
+  for (const auto& [warps, groups] : {std::pair{4, 0}, {8, 0}, {8, 2}, {8, 4}, {8, 8}}) {
     for (int64_t m : {1, 3, 8}) {
       Case c{300, 2048, v % 2 ? 64 : 128, m};
       c.ec = v % 3;
       c.bias = v % 2 == 0;
       c.f16_out = v % 3 == 1;
-      c.tuning = {warps, 1 << (v % 3), 2 + v % 3};
+      c.tuning = {warps, 1 << (v % 3), 2 + v % 3, groups};
       ++v;
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;
@@ -1141,6 +1156,14 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
     EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr))) << dk;
   }
   p.decode_kernel = 0;
+  // v41: a measured tuning that is no fold configuration (set by hand)
+  for (const cuda::W4DeviceWeight::DecodeTuning t :
+       {cuda::W4DeviceWeight::DecodeTuning{4, 1, 2, 8}, {8, 1, 2, 3}, {6, 1, 2, 0}}) {
+    (*dw)->set_decode_tuning(1, t);
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)))
+        << t.warps << "/" << t.groups;
+  }
+  (*dw)->set_decode_tuning(1, {});
   p.ec_prologue = 12;  // 4 and 8 together
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = -1;
