@@ -26,11 +26,19 @@ from Debian packages, neither of them a scored text:
   history per people or state of the game's ~550 nations: "Malta was
   first settled around 5200 BCE. ..."): encyclopedic prose about history
   and geography written for the game, not WikiText-2's text.
+- stellarium: the sky-culture descriptions of `stellarium-data` (~60
+  cultures: the history and lore of the Egyptian, Maya, Norse, Chinese,
+  Polynesian, ... skies, "The Dendera zodiac is a widely known Egyptian
+  bas-relief ..."), their English paragraphs without the link lists,
+  credits and tables: encyclopedic prose about history and culture, not
+  WikiText-2's text.
+- freeciv+stellarium: both of the above in one file.
 
 Entries are deduplicated, shuffled with a fixed seed (1) so that any prefix
 of the file samples every category, separated by blank lines.
 
-Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics|wordnet-requests|freeciv]
+Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics|wordnet-requests|freeciv|
+                             stellarium|freeciv+stellarium]
   (default OUT ~/.cache/spear/texts/<source>.txt)
 Prints the output path and its size. Needs apt-get and dpkg-deb (no root:
 `apt-get download` writes into a temporary folder).
@@ -43,7 +51,8 @@ import tempfile
 
 PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"],
             "wordnet-topics": ["wordnet-base"], "wordnet-requests": ["wordnet-base"],
-            "freeciv": ["freeciv-data"]}
+            "freeciv": ["freeciv-data"],
+            "stellarium": ["stellarium-data"], "freeciv+stellarium": ["freeciv-data", "stellarium-data"]}
 
 
 def fortunes(root):
@@ -126,6 +135,35 @@ def freeciv(root):
     return out
 
 
+def stellarium(root):
+    # skycultures/<culture>/description.en.utf8 (HTML): the <p> paragraphs
+    # before the first section of links, references or credits; tags
+    # dropped, entities decoded, bracketed citation marks removed.
+    import html
+    import re
+    out = []
+    d = os.path.join(root, "usr/share/stellarium/skycultures")
+    stop = re.compile(r"<h[1-6][^>]*>\s*(External links|Links|References|Sources|Author|Authors|"
+                      r"Acknowledge?ments?|License|Further reading|Bibliography)", re.I)
+    for name in sorted(os.listdir(d)):
+        f = os.path.join(d, name, "description.en.utf8")
+        if not os.path.exists(f):
+            continue
+        text = open(f, encoding="utf-8", errors="replace").read()
+        m = stop.search(text)
+        if m:
+            text = text[:m.start()]
+        for para in re.findall(r"<p[^>]*>(.*?)</p>", text, re.S | re.I):
+            if re.search(r"<(img|table|td)\b", para, re.I):
+                continue
+            para = html.unescape(re.sub(r"<[^>]+>", "", para))
+            para = re.sub(r"\s*\[\d+(?:[,-]\s*\d+)*\]", "", para)
+            para = re.sub(r"\s+", " ", para).strip()
+            if len(para.split()) >= 12:
+                out.append(para)
+    return out
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--source")]
     source = "fortunes"
@@ -136,8 +174,8 @@ def main():
             source = sys.argv[i + 2]
             args = [x for x in args if x != source]
     if source not in PACKAGES:
-        print("calib_text.py: --source must be fortunes, wordnet, wordnet-topics, wordnet-requests "
-              "or freeciv",
+        print("calib_text.py: --source must be fortunes, wordnet, wordnet-topics, wordnet-requests, "
+              "freeciv, stellarium or freeciv+stellarium",
               file=sys.stderr)
         sys.exit(2)
     out = args[0] if args else os.path.expanduser(f"~/.cache/spear/texts/{source}.txt")
@@ -151,7 +189,8 @@ def main():
             subprocess.run(["dpkg-deb", "-x", os.path.join(tmp, deb), root], check=True)
         cookies = {"fortunes": fortunes, "wordnet": wordnet,
                    "wordnet-topics": wordnet_topics, "wordnet-requests": wordnet_requests,
-                   "freeciv": freeciv}[source](root)
+                   "freeciv": freeciv, "stellarium": stellarium,
+                   "freeciv+stellarium": lambda r: freeciv(r) + stellarium(r)}[source](root)
     cookies = sorted(set(cookies))
     random.Random(1).shuffle(cookies)
     os.makedirs(os.path.dirname(out), exist_ok=True)
