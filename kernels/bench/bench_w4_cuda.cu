@@ -14,12 +14,13 @@
 // times; median replay / R. Bandwidth: bytes read (weights as laid out on
 // the device, x) + written (y) over time, against a device-to-device copy
 // (read + write) measured in this run. Plus the four GEMMs of an 8B decoder
-// layer back to back in a graph at M = 1 and 16 (aggregate % of copy
+// layer back to back in a graph at M = 1, 16 and 32 (aggregate % of copy
 // bandwidth), the same layer at M = 1, 2, 4, 8 with the fold kernel's
 // configurations measured by cuda::TuneDecode against the cost model's
 // (v23), and a dispatch section (decode kernel vs prefill path; for
 // M <= 16 the "decode-kernel" column is the v8 swapped-operand cp.async-ring
-// kernel, which the fold kernel replaced at M <= 8). --decode: M in
+// kernel, which the fold kernel replaced at M <= 8; at M = 32 the x-as-m16
+// kernel, which the fold kernel's four token tiles replaced, v43). --decode: M in
 // {1, 2, 4, 8, 16} only. --sweep: the fold kernel's k splits x ring depths
 // for 8-warp and 4-warp blocks, 8-warp blocks with one tile per block (no
 // persistent loop), with the L2 prefetch before the dependency wait and in
@@ -767,6 +768,8 @@ int Main(int argc, char** argv) {
         t_pre = w4(false, false, true);
       } else if (m <= 16) {
         t_dec = w4(false, false, false, 3);  // the v8 ring kernel (before the fold kernel)
+      } else {
+        t_dec = w4(false, false, false, 1);  // the x-as-m16 kernel (v6; before v43 at 17..32)
       }
       const double t_torch = tget(std::string(sh.model) + "/" + sh.layer + "/" + std::to_string(m));
       const double bw_w4 = (wbytes + io) / (t_w4 * 1e-6) / copy_bw * 100;
@@ -843,11 +846,15 @@ int Main(int argc, char** argv) {
       {"W4+EC r32, prologue only (no epilogue: timing only)", true, 8, 0},
   };
   constexpr int kLayerVariants = sizeof(lvs) / sizeof(lvs[0]);
-  for (int64_t m : {1, 16}) {
+  for (int64_t m : {1, 16, 32}) {
     if (no_layer || !only.empty()) break;
+    for (const char* l : layers) CKS(ws->Reserve(*weights[std::string("8B") + l].rot[0], m));
     for (int variant = 0; variant < kLayerVariants; ++variant) {
       const LayerVariant& lv = lvs[variant];
       if (m > 8 && variant > 4 && variant < 10) continue;  // the fold variants: M <= 8 only
+      // v43, M = 32: W4 (the fold kernel's four token tiles), the fused EC
+      // and the x-as-m16 kernel (the path before v43)
+      if (m > 16 && variant != 0 && variant != 1 && variant != 3) continue;
       double bytes = 0;
       for (const char* l : layers) {
         const auto& dw = *weights[std::string("8B") + l].rot[0];

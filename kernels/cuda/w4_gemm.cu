@@ -140,7 +140,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     a.variant = dk;
     a.partials = s.partials;
     a.counters = s.counters;
-    const bool fold = mc <= 16 && (dk >= 4 || (dk == 0 && FoldPreferred(a, s.num_sms))) &&
+    const bool fold = mc <= 32 && (dk >= 4 || (dk == 0 && FoldPreferred(a, s.num_sms))) &&
                       FoldSupported(a);
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced

@@ -1,5 +1,6 @@
-// The M <= 16 W4A16 decode kernel (v9, "fold"; M 9..16 since v17, as two n8
-// token tiles that share each dequantized weight fragment): the
+// The M <= 32 W4A16 decode kernel (v9, "fold"; M 9..16 since v17, as two n8
+// token tiles that share each dequantized weight fragment; M 17..32 since
+// v43, as four, one block of 8 warps per SM): the
 // swapped-operand mma of w4_gemv_swap.cu (weights = the m16 A operand,
 // tokens = n8) with the
 // per-k16-step instruction count cut from ~79 to ~33 (docs/results/gpu.md,
@@ -56,7 +57,7 @@ namespace spear::kernels::cuda {
 namespace foldk {
 
 // Reduction buffers (over the drained ring): NW + 1 fragment sets per n8
-// token tile (nt = 1: m <= 8, 2: m <= 16).
+// token tile (nt = 1: m <= 8, 2: m <= 16, 4: m <= 32).
 constexpr int RedBytes(int nw, int nt) { return (nw + 1) * nt * 16 * 32 * 4; }
 
 struct Geom {
@@ -144,13 +145,16 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
 // CH: k16 steps per chunk = per fold (min(8, group / 16)); ONE: m == 1 (the
 // fold skips the second token of each accumulator pair); NT: n8 token tiles
 // (1: m <= 8; 2: m <= 16, v17: each dequantized weight fragment feeds two
-// mma, tokens 0-7 and 8-15).
+// mma, tokens 0-7 and 8-15; 4: m <= 32, v43: four mma per fragment, the
+// chunk's partials d and the sums acc 64 registers each, so the launch
+// bounds let a thread hold up to 255 registers: one 8-warp block per SM).
 // GRP (v40): the warps in geo.groups groups (the instantiations without it
 // keep the one-group code's constants: a runtime group count cost 5 us on
 // 8B gate_up at m = 16).
 template <int NW, int CH, bool ONE, int NT, bool GRP>
-__global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 4) W4FoldKernel(const DecodeArgs a, const Geom geo) {
-  static_assert(NT == 1 || NT == 2, "NT: one or two n8 token tiles");
+__global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 8 ? 2 : 4))
+    W4FoldKernel(const DecodeArgs a, const Geom geo) {
+  static_assert(NT == 1 || NT == 2 || NT == 4, "NT: one, two or four n8 token tiles");
   static_assert(!ONE || NT == 1, "ONE: m == 1");
   constexpr int kNW = NW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -521,13 +525,15 @@ cudaError_t LaunchCh(int ch, const DecodeArgs& a, int grid_x, int splits, const 
     default: return LaunchOne<NW, 8, ONE, NT, GRP>(a, grid_x, splits, g, smem, stream, pdl);
   }
 }
-// The kernel for m (one row, <= 8: one token tile, else two), grouped or not.
+// The kernel for m (one row, <= 8: one token tile, <= 16: two, else four),
+// grouped or not.
 template <int NW, bool GRP>
 cudaError_t LaunchM(int ch, const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                     cudaStream_t stream, bool pdl) {
-  return a.m == 1  ? LaunchCh<NW, true, 1, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
-         : a.m <= 8 ? LaunchCh<NW, false, 1, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
-                    : LaunchCh<NW, false, 2, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl);
+  return a.m == 1   ? LaunchCh<NW, true, 1, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
+         : a.m <= 8  ? LaunchCh<NW, false, 1, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
+         : a.m <= 16 ? LaunchCh<NW, false, 2, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
+                     : LaunchCh<NW, false, 4, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl);
 }
 
 }  // namespace foldk
@@ -543,7 +549,7 @@ int FoldChunk(const DecodeArgs& a) {
 
 struct FoldConfig {
   int nw = 8, splits = 1, depth = 2, smem = 0;
-  int nt = 1;      // n8 token tiles: 1 (m <= 8) or 2 (m <= 16)
+  int nt = 1;      // n8 token tiles: 1 (m <= 8), 2 (m <= 16) or 4 (m <= 32)
   int grid_x = 0;  // blocks along the tiles: ntiles, or fewer (persistent loop)
   foldk::Geom geo{};
 };
@@ -554,7 +560,7 @@ FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth, int gr
                       bool overlay = false) {
   FoldConfig c;
   c.nw = nw;
-  c.nt = a.m > 8 ? 2 : 1;
+  c.nt = a.m > 16 ? 4 : a.m > 8 ? 2 : 1;
   c.splits = splits;
   c.depth = depth;
   const int ch = FoldChunk(a);
@@ -599,11 +605,13 @@ FoldConfig MakeConfig(const DecodeArgs& a, int nw, int splits, int depth, int gr
 constexpr int kSmemPerSm = 228 * 1024, kSmemReserved = 1024, kSmemMaxBlock = 227 * 1024;
 
 // Resident blocks per SM (shared memory, registers <= 96 with one token
-// tile, <= 128 with two (the launch bounds' cap), 64 warps).
+// tile, <= 128 with two (the launch bounds' cap), <= 256 with four (v43:
+// ptxas gives the four-tile kernels 1xx-2xx registers: one 8-warp or two
+// 4-warp blocks), 64 warps).
 int BlocksPerSm(const FoldConfig& c) {
   if (c.smem > kSmemMaxBlock) return 0;
   const int by_smem = kSmemPerSm / (c.smem + kSmemReserved);
-  const int by_regs = 65536 / ((c.nt == 2 ? 128 : 96) * 32 * c.nw);
+  const int by_regs = 65536 / ((c.nt == 4 ? 256 : c.nt == 2 ? 128 : 96) * 32 * c.nw);
   return std::min({by_smem, by_regs, 64 / c.nw});
 }
 
@@ -686,7 +694,7 @@ absl::StatusOr<FoldConfig> ChooseGrouped(const DecodeArgs& a, int num_sms) {
 }  // namespace
 
 bool FoldSupported(const DecodeArgs& a) {
-  if (a.m < 1 || a.m > 16) return false;
+  if (a.m < 1 || a.m > 32) return false;
   return MakeConfig(a, 4, 8, 2).smem <= kSmemMaxBlock;  // the smallest footprint
 }
 
@@ -697,8 +705,12 @@ bool FoldSupported(const DecodeArgs& a) {
 // gate_up 37.7 vs 44.7) and lost on every GEMM of < 96 tiles (8B o 8.2 vs
 // 7.3, down 31.2 vs 14.9 at S >= 4; 1B qkv 6.9 vs 4.7) and on k = 2048 (1B
 // gate_up 16.4 vs 14.7: 2 chunks per warp).
+// v43: at 17..32 rows the alternative is the x-as-m16 kernel (v6), slower
+// than cuBLAS FP16 on every 8B and 1B shape at M = 32 (docs/results/gpu.md,
+// "v43"), so the fold kernel's four token tiles run wherever they fit.
 bool FoldPreferred(const DecodeArgs& a, int num_sms) {
   if (a.m <= 8) return true;
+  if (a.m > 16) return ChooseFold(a, num_sms, 0, 0, 0).ok();
   if (a.ntiles < 96 || a.k < 4096) return false;
   absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, 0, 0, 0);
   return c.ok() && c->splits <= 2;
@@ -712,7 +724,7 @@ bool FoldPreferred(const DecodeArgs& a, int num_sms) {
 // than one wave).
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream) {
-  if (a.m < 1 || a.m > 16) return absl::InternalError("LaunchDecodeFold: m > 16");
+  if (a.m < 1 || a.m > 32) return absl::InternalError("LaunchDecodeFold: m outside 1..32");
   const int kind = a.variant & 15;
   const int forced_warps = kind == 4 ? 4 : kind == 5 ? 8 : 0;
   const int forced_groups = 1 << ((a.variant >> 8) & 3);  // v40: flags 256 / 512 / 768

@@ -113,20 +113,21 @@ struct DecodeArgs {
   int ldv;
   int debug;    // profiling only (SPEAR_W4_DEBUG): 1 skip compute, 2 skip weight loads
   int ec_late;  // 1: an EC prologue precedes this launch (see the kernel)
-  int variant;  // m <= 16 kernel: 0 the cp.async-ring kernel, 2 the register-direct one
+  int variant;  // m <= 16 kernel: 0 the cp.async-ring kernel, 2 the register-direct one (fold: the flags)
   float* partials;
   int* counters;
   int total_units;
 };
 // mt = ceil(m / 16) in 1..4.
 absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream);
-// The m <= 16 fold kernel (w4_gemv_fold.cu; m 9..16 since v17: two n8
-// token tiles); FoldSupported: m <= 16 and the per-warp x range fits shared
-// memory. forced_*: 0 = automatic.
+// The m <= 32 fold kernel (w4_gemv_fold.cu; m 9..16 since v17: two n8
+// token tiles; 17..32 since v43: four); FoldSupported: m <= 32 and the
+// per-warp x range fits shared memory. forced_*: 0 = automatic.
 bool FoldSupported(const DecodeArgs& a);
 // The default dispatch: m <= 8 always; m 9..16 only where v17 measured the
 // fold kernel faster than the v8 ring kernel (>= 96 tiles, k >= 4096, at
-// most 2 k splits); elsewhere the v8 ring kernel.
+// most 2 k splits); elsewhere the v8 ring kernel; m 17..32 wherever a
+// configuration fits (v43; else the x-as-m16 kernel).
 bool FoldPreferred(const DecodeArgs& a, int num_sms);
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream);

@@ -18,6 +18,8 @@
 //                     weights as the mma m16 operand, tokens as n8, a per-warp
 //                     cp.async ring, split-K over a thread-block cluster with
 //                     a deterministic DSMEM reduction; EC as below;
+//   launches of 17..32 rows (v43): the fold kernel with four n8 token tiles
+//                     where its configuration fits shared memory;
 //   m < kPrefillM     decode kernel: fused dequantize + mma.sync m16n8k16,
 //                     multi-stage cp.async, stream-K over the SMs with a
 //                     deterministic fix-up; EC: u = A x and the gate in a tiny
@@ -180,10 +182,12 @@ struct W4CudaParams {
   // weight's measured configuration where TuneDecode recorded one and
   // decode_splits / decode_depth are 0 too; at 9..16
   // rows, two n8 token tiles since v17, only on wide GEMMs (FoldPreferred:
-  // >= 96 tiles, k >= 4096), else the v8 ring kernel), 1 the x-as-m16 kernel, 2 the
+  // >= 96 tiles, k >= 4096), else the v8 ring kernel; at 17..32 rows, v43,
+  // the fold kernel's four token tiles where they fit, else the x-as-m16
+  // kernel), 1 the x-as-m16 kernel, 2 the
   // swapped-operand kernel with register-direct loads (v7), 3 the
   // swapped-operand cp.async-ring kernel (v8) at any m <= 16, 4 / 5 the fold
-  // kernel (m <= 16) with 4 / 8 warps per block forced (6, the bulk-copy ring,
+  // kernel (m <= 32) with 4 / 8 warps per block forced (6, the bulk-copy ring,
   // was removed: InvalidArgument). Flags added
   // to the value, fold kernel only: 16 an L2 prefetch of each warp's weights
   // before the dependency wait in the first wave's blocks, 32 the same in

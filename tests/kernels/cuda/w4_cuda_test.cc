@@ -392,7 +392,10 @@ TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
   for (int dk : {4, 5}) {  // 4 warps, 8 warps
     for (int splits : {1, 2, 4, 8}) {
       for (int depth : {2, 3, 4}) {
-        Case c{v % 2 ? 320 : 256, v % 2 ? 1000 : 4096, v % 2 ? 1000 : 128, 1 + (5 * v) % 16};
+        // v43: every 3rd case at 17..32 rows (four token tiles) on the
+        // k = 1000 shape (its x fits every forced configuration)
+        const int64_t m = v % 6 == 1 ? 17 + (5 * v) % 16 : 1 + (5 * v) % 16;
+        Case c{v % 2 ? 320 : 256, v % 2 ? 1000 : 4096, v % 2 ? 1000 : 128, m};
         c.ec = v % 3;
         c.bias = v % 2 == 0;
         c.f16_out = v % 3 == 1;
@@ -495,6 +498,52 @@ TEST(CudaW4, FoldWarpGroupsMatchReference) {
     c.force_decode = true;
     RunCase(c, rng, ws->get());
     if (HasFatalFailure()) return;
+  }
+}
+
+// v43: the fold kernel's four n8 token tiles (17..32 rows), the automatic
+// choice on the 8B and 1B shapes (qkv, o, gate_up, down; grouped or not,
+// persistent or not, as the cost model picks), every row count class
+// (17: one real row in the last tile; 24; 31; 32), ECs (static and gated,
+// prologue under PDL), bias, accumulation, fp16 output and k off 128;
+// then forced 4 / 8 warps, warp groups and k splits on a mid shape.
+TEST(CudaW4, FoldFourTokenTilesMatchReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 16);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct Shape {
+    int64_t n, k, g, m;
+  };
+  const Shape shapes[] = {{6144, 4096, 128, 32},  {4096, 4096, 128, 17}, {28672, 4096, 128, 24},
+                          {4096, 14336, 128, 31}, {3072, 2048, 128, 32}, {2048, 2048, 128, 20},
+                          {16384, 2048, 128, 29}, {2048, 8192, 128, 32}, {330, 1000, 1000, 27}};
+  int v = 0;
+  for (const Shape& s : shapes) {
+    Case c{s.n, s.k, s.g, s.m};
+    c.ec = v % 3;
+    c.bias = v % 2 == 0;
+    c.f16_out = v % 3 == 1;
+    c.accumulate = v % 4 == 3;
+    c.force_decode = true;
+    ++v;
+    RunCase(c, rng, ws->get());
+    if (HasFatalFailure()) return;
+  }
+  for (int dk : {4, 5, 5 | 768, 4 | 512, 5 | 64}) {
+    for (int splits : {0, 2, 4}) {
+      Case c{v % 2 ? 576 : 4160, v % 2 ? 1000 : 2048, v % 2 ? 1000 : 128, 17 + (7 * v) % 16};
+      c.ec = v % 3;
+      c.bias = v % 2 == 0;
+      c.f16_out = v % 3 == 2;
+      c.accumulate = v % 5 == 4;
+      c.force_decode = true;
+      c.decode_kernel = dk;
+      c.decode_splits = splits;
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
   }
 }
 
