@@ -726,9 +726,11 @@ int Main(int argc, char** argv) {
     const double fp16_bytes = 2.0 * sh.n * sh.k;
     const int nrot16 = std::max(1, static_cast<int>(std::ceil(3 * kL2Bytes / fp16_bytes)));
     const int64_t slots16 = static_cast<int64_t>(pool_halfs / (sh.n * sh.k));
-    for (int64_t m : kMs) {
+    // --ms= replaces the table's M list (any M, e.g. 24 or 48)
+    const std::vector<int64_t> table_ms =
+        ms_only.empty() ? std::vector<int64_t>(std::begin(kMs), std::end(kMs)) : ms_only;
+    for (int64_t m : table_ms) {
       if (quick && m > 16 && m != 512) continue;
-      if (!ms_only.empty() && std::find(ms_only.begin(), ms_only.end(), m) == ms_only.end()) continue;
       const int reps = std::max(nrot, 10);
       const double flops = 2.0 * m * sh.n * sh.k;
       const double io = 2.0 * m * sh.k + 2.0 * m * sh.n;
@@ -763,7 +765,7 @@ int Main(int argc, char** argv) {
                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       });
       double t_dec = -1, t_pre = -1;
-      if (m == 64 || m == 128 || m == 512) {
+      if (m >= 64 && m <= 512) {
         t_dec = w4(false, true, false);
         t_pre = w4(false, false, true);
       } else if (m <= 16) {

@@ -77,8 +77,14 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
   if (need_x && s.xs_elems < kDecodeMaxM * d.kp) {
     if (absl::Status st = ws->Reserve(w, 0); !st.ok()) return st;
   }
-  for (int64_t r0 = 0; r0 < p.m; r0 += kDecodeMaxM) {
-    const int64_t mc = p.m - r0 < kDecodeMaxM ? p.m - r0 : kDecodeMaxM;
+  // v43: 33..63 rows as launches of <= 32 rows (the fold kernel's four
+  // token tiles, each launch streaming the weights once), not one launch of
+  // the x-as-m16 kernel, unless a kernel other than the fold kernel is forced.
+  const int dk_forced = p.decode_kernel & 15;
+  const int64_t chunk =
+      p.m > 32 && p.m < kDecodeMaxM && (dk_forced == 0 || dk_forced >= 4) ? 32 : kDecodeMaxM;
+  for (int64_t r0 = 0; r0 < p.m; r0 += chunk) {
+    const int64_t mc = p.m - r0 < chunk ? p.m - r0 : chunk;
     const uint16_t* x = p.x + r0 * p.ldx;
     DecodeArgs a{};
     a.qw = d.qw;
