@@ -551,7 +551,6 @@ struct FoldConfig {
   int nw = 8, splits = 1, depth = 2, smem = 0;
   int nt = 1;      // n8 token tiles: 1 (m <= 8), 2 (m <= 16) or 4 (m <= 32)
   int grid_x = 0;  // blocks along the tiles: ntiles, or fewer (persistent loop)
-  int wave_tiles = 0;  // tiles the first wave holds (ResolveFold; the L2 prefetch flags)
   foldk::Geom geo{};
 };
 
@@ -692,11 +691,40 @@ absl::StatusOr<FoldConfig> ChooseGrouped(const DecodeArgs& a, int num_sms) {
   return absl::NotFoundError("no grouped configuration fits one wave");
 }
 
-// The launch configuration LaunchDecodeFold uses: ChooseFold, then (v40) the
-// warp groups where the one-group choice needs more than one wave, the
-// persistent loop or one tile per block; the grid in grid_x.
-absl::StatusOr<FoldConfig> ResolveFold(const DecodeArgs& a, int num_sms, int forced_splits,
-                                       int forced_depth) {
+}  // namespace
+
+bool FoldSupported(const DecodeArgs& a) {
+  if (a.m < 1 || a.m > 32) return false;
+  return MakeConfig(a, 4, 8, 2).smem <= kSmemMaxBlock;  // the smallest footprint
+}
+
+// v17 (docs/results/gpu.md, "v17"): with two token tiles (m 9..16) the
+// fold kernel stages m x K / S of x per block, which caps residency and
+// forces k splits on long k; against the v8 ring kernel in the same run
+// (M = 16) it won only on the wide, k = 4096 GEMMs (8B qkv 12.3 vs 17.0 us,
+// gate_up 37.7 vs 44.7) and lost on every GEMM of < 96 tiles (8B o 8.2 vs
+// 7.3, down 31.2 vs 14.9 at S >= 4; 1B qkv 6.9 vs 4.7) and on k = 2048 (1B
+// gate_up 16.4 vs 14.7: 2 chunks per warp).
+// v43: at 17..32 rows the alternative is the x-as-m16 kernel (v6), slower
+// than cuBLAS FP16 on every 8B and 1B shape at M = 32 (docs/results/gpu.md,
+// "v43"), so the fold kernel's four token tiles run wherever they fit.
+bool FoldPreferred(const DecodeArgs& a, int num_sms) {
+  if (a.m <= 8) return true;
+  if (a.m > 16) return ChooseFold(a, num_sms, 0, 0, 0).ok();
+  if (a.ntiles < 96 || a.k < 4096) return false;
+  absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, 0, 0, 0);
+  return c.ok() && c->splits <= 2;
+}
+
+// a.variant (W4CudaParams::decode_kernel) & 15: 4 / 5 forces 4 / 8 warps per
+// block (6, the removed bulk-copy ring, is rejected by W4Linear); flags
+// (W4CudaParams::decode_kernel): 16 the L2 prefetch before the dependency
+// wait in the blocks of the first wave, 32 in every block (default: none),
+// 64 one tile per block (default: a persistent loop when the tiles need more
+// than one wave).
+absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
+                              cudaStream_t stream) {
+  if (a.m < 1 || a.m > 32) return absl::InternalError("LaunchDecodeFold: m outside 1..32");
   const int kind = a.variant & 15;
   const int forced_warps = kind == 4 ? 4 : kind == 5 ? 8 : 0;
   const int forced_groups = 1 << ((a.variant >> 8) & 3);  // v40: flags 256 / 512 / 768
@@ -715,7 +743,6 @@ absl::StatusOr<FoldConfig> ResolveFold(const DecodeArgs& a, int num_sms, int for
   const int groups = c->geo.groups;
   // Tiles the first wave holds (x-major dispatch of the clusters).
   const int wave_tiles = std::max(1, BlocksPerSm(*c) * num_sms / c->splits);
-  c->wave_tiles = wave_tiles;
   c->grid_x = a.ntiles;
   if (groups > 1) {
     // v40: a block takes `groups` tiles per iteration. One iteration per
@@ -743,55 +770,6 @@ absl::StatusOr<FoldConfig> ResolveFold(const DecodeArgs& a, int num_sms, int for
       c->grid_x = wave_tiles;
     }
   }
-  return c;
-}
-
-}  // namespace
-
-bool FoldSupported(const DecodeArgs& a) {
-  if (a.m < 1 || a.m > 32) return false;
-  return MakeConfig(a, 4, 8, 2).smem <= kSmemMaxBlock;  // the smallest footprint
-}
-
-// v17 (docs/results/gpu.md, "v17"): with two token tiles (m 9..16) the
-// fold kernel stages m x K / S of x per block, which caps residency and
-// forces k splits on long k; against the v8 ring kernel in the same run
-// (M = 16) it won only on the wide, k = 4096 GEMMs (8B qkv 12.3 vs 17.0 us,
-// gate_up 37.7 vs 44.7) and lost on every GEMM of < 96 tiles (8B o 8.2 vs
-// 7.3, down 31.2 vs 14.9 at S >= 4; 1B qkv 6.9 vs 4.7) and on k = 2048 (1B
-// gate_up 16.4 vs 14.7: 2 chunks per warp).
-// v43: at 17..32 rows the alternative is the x-as-m16 kernel (v6), slower
-// than cuBLAS FP16 on every 8B and 1B shape at M = 32 (docs/results/gpu.md,
-// "v43"), so the fold kernel's four token tiles run wherever they fit, except
-// in warp groups whose grid fills under 3/4 of the SMs (call 9: 1B gate_up,
-// 64 blocks, 35.0 us against 24.8; 8B down, 64 blocks, 37.0 against 36.2;
-// the grouped 8B gate_up with 112 blocks won, 50.3 against 63.2).
-bool FoldPreferred(const DecodeArgs& a, int num_sms) {
-  if (a.m <= 8) return true;
-  if (a.m > 16) {
-    const absl::StatusOr<FoldConfig> c = ResolveFold(a, num_sms, 0, 0);
-    if (!c.ok()) return false;
-    return c->geo.groups == 1 ||
-           4LL * c->grid_x * c->splits >= 3LL * static_cast<long long>(num_sms);
-  }
-  if (a.ntiles < 96 || a.k < 4096) return false;
-  absl::StatusOr<FoldConfig> c = ChooseFold(a, num_sms, 0, 0, 0);
-  return c.ok() && c->splits <= 2;
-}
-
-// a.variant (W4CudaParams::decode_kernel) & 15: 4 / 5 forces 4 / 8 warps per
-// block (6, the removed bulk-copy ring, is rejected by W4Linear); flags
-// (W4CudaParams::decode_kernel): 16 the L2 prefetch before the dependency
-// wait in the blocks of the first wave, 32 in every block (default: none),
-// 64 one tile per block (default: a persistent loop when the tiles need more
-// than one wave).
-absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
-                              cudaStream_t stream) {
-  if (a.m < 1 || a.m > 32) return absl::InternalError("LaunchDecodeFold: m outside 1..32");
-  absl::StatusOr<FoldConfig> c = ResolveFold(a, num_sms, forced_splits, forced_depth);
-  if (!c.ok()) return c.status();
-  const int groups = c->geo.groups;
-  const int wave_tiles = c->wave_tiles;
   if ((a.variant & 32) != 0) {
     c->geo.pf_tiles = a.ntiles;
   } else if ((a.variant & 16) != 0) {
