@@ -306,7 +306,9 @@ TEST(CudaW4, DecodeMatchesReference) {
                           {4096, 256, 256}, {96, 1088, 64}, {520, 2048, 2048},
                           // ragged last group (num_groups = ceil(k / g)):
                           {192, 576, 128}, {70, 100, 32}, {130, 1000, 256}};
-  // m <= 8 per launch: the fold kernel (1, 2, 3, 5, 8; 65 = 64 + 1); 9..16
+  // m <= 8 per launch: the fold kernel (1, 2, 3, 5, 8; 65 = 64 + 1; since
+  // v43 also 17 and 33 = 32 + 1, four token tiles, where no other kernel is
+  // forced); 9..16
   // (12, 16): the v8 ring kernel on these narrow shapes (FoldPreferred), the
   // fold kernel's two token tiles where 8 warps are forced; every 4th case the
   // x-as-m16 kernel, every other 4th the register-direct (v7) or the ring
@@ -392,8 +394,8 @@ TEST(CudaW4, FoldSplitsAndDepthsMatchReference) {
   for (int dk : {4, 5}) {  // 4 warps, 8 warps
     for (int splits : {1, 2, 4, 8}) {
       for (int depth : {2, 3, 4}) {
-        // v43: every 3rd case at 17..32 rows (four token tiles) on the
-        // k = 1000 shape (its x fits every forced configuration)
+        // v43: every 6th case at 17..32 rows (four token tiles), always on
+        // the k = 1000 shape (its x fits every forced configuration)
         const int64_t m = v % 6 == 1 ? 17 + (5 * v) % 16 : 1 + (5 * v) % 16;
         Case c{v % 2 ? 320 : 256, v % 2 ? 1000 : 4096, v % 2 ? 1000 : 128, m};
         c.ec = v % 3;
