@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,22]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,25]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -172,6 +172,7 @@ struct Variant {
   // next kernel launch before their own wait (early_trigger): 0 none (the
   // order before v30), 1 all, 2 those whose GEMM has no EC (the default).
   int early = 2;
+  int small_tiles = 0;          // v44: W4CudaParams::small_tiles (1: the decode kernels at 17..63)
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -223,7 +224,15 @@ const Variant kVariants[] = {
     {"W4, producers trigger after their wait (before v30)", Ec::kOff, false, false, true, 0, true,
      false, 0, false, 0},
     {"W4+EC at the diagnostic's placement, producers trigger after their wait (before v30)",
-     Ec::kPlacement, false, false, true, 0, true, false, 0, false, 0}};
+     Ec::kPlacement, false, false, true, 0, true, false, 0, false, 0},
+    // 23-25 (v44): 17..63 rows on the decode kernels (before v44) against
+    // rows 0, 9 and 16 (the wgmma kernel's small token tiles there).
+    {"W4, small token tiles off (before v44)", Ec::kOff, false, false, true, 0, true, false, 0,
+     false, 2, 1},
+    {"W4+EC at the diagnostic's placement, small token tiles off (before v44)", Ec::kPlacement,
+     false, false, true, 0, true, false, 0, false, 2, 1},
+    {"W4, decode configurations measured at load, small token tiles off (before v44)", Ec::kOff,
+     false, false, true, 0, true, false, 0, true, 2, 1}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -545,6 +554,7 @@ class Model {
       p.use_ec = ec;
       p.ec_prologue = v.ec_prologue;
       p.decode_kernel = v.fold_flags;
+      p.small_tiles = v.small_tiles;
       CKS(cuda::W4Linear(w, p, ws_.get(), g_stream));
     };
     if (!v.gemms_only) {
@@ -780,7 +790,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,22] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,25] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -34,6 +34,8 @@
 // with a gated EC (gate hidden 16), each timed as above; CSV on stdout,
 // then exit. --prefill [--ms=...] [--only=MODEL/LAYER] [--prefill-splits=N] [--no-tune]:
 // the prefill path's main GEMMs side by side (PrefillTable below), then exit.
+// --small-tiles [--ms=...]: the wgmma kernel's 16- / 32- / 64-token tiles at
+// decode-sized M (SmallTileTable below, v44), then exit.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -362,6 +364,145 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
   return 0;
 }
 
+// --small-tiles [--ms=...] (v44): the warp-specialized wgmma kernel with
+// 16- / 32- / 64-token tiles (prefill_kernel 6 / 5 / 4 + 128, k splits 1..4)
+// against the automatic dispatch (the decode kernels below kPrefillM; at
+// M >= 64 the prefill path untuned: dequantize + cuBLAS) and cuBLAS FP16,
+// per shape at M in `ms` (default 16, 24, 32, 40, 48, 64); then the 8B and
+// 1B layers' four GEMMs in one graph (cuBLAS, automatic, each GEMM on its
+// fastest small-tile form), timed interleaved (15 rounds), with % of the copy
+// bandwidth; and W4+EC (r 32) automatic and on the fastest small-tile form
+// (its EC through the prefill path's cuBLAS U / gate / V B^T).
+int SmallTileTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y16,
+                   const uint16_t* wpool, size_t pool_halfs, cublasHandle_t cub,
+                   cuda::W4Workspace* ws, double copy_bw, std::mt19937& rng) {
+  std::printf("\n## Small token tiles (v44; us; - where the splits do not fit)\n");
+  std::printf("| model | layer | M | auto us | cuBLAS us | WS 16-token tiles, k splits 1 / 2 / 3 / 4 | WS 32-token tiles, 1 / 2 / 3 / 4 | WS 64-token tiles, 1 / 2 / 3 / 4 | fastest (kernel/splits) | us | /auto | /cuBLAS | W4+EC auto us | W4+EC fastest us |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  struct Mod {
+    const Shape* sh;
+    std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
+    uint16_t* w16;
+    double bytes;
+  };
+  const int kTok[3] = {6 | 128, 5 | 128, 4 | 128};  // 16, 32, 64 tokens
+  for (const char* model : {"8B", "1B"}) {
+    std::vector<Mod> mods;
+    for (const Shape& sh : kShapes) {
+      if (std::string(sh.model) != model) continue;
+      const W4Weight w = bench::RandomW4(sh.n, sh.k, kGroup, rng);
+      const EcWeights ec = bench::RandomEc(sh.n, sh.k, rng);
+      auto first = cuda::W4DeviceWeight::Create(w, &ec);
+      CKS(first.status());
+      const double wbytes = static_cast<double>((*first)->backbone_bytes());
+      Mod md{&sh, WithCopies(std::move(*first), std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)))),
+             nullptr, wbytes};
+      const size_t halfs = static_cast<size_t>(sh.n * sh.k);
+      CK(cudaMalloc(&md.w16, halfs * 2));
+      for (size_t o = 0; o < halfs; o += pool_halfs) {
+        CK(cudaMemcpy(md.w16 + o, wpool, std::min(pool_halfs, halfs - o) * 2, cudaMemcpyDeviceToDevice));
+      }
+      mods.push_back(std::move(md));
+    }
+    for (int64_t m : ms) {
+      std::vector<std::pair<int, int>> best;
+      double layer_bytes = 0;
+      for (Mod& md : mods) {
+        const Shape& sh = *md.sh;
+        const int nrot = static_cast<int>(md.rot.size());
+        CKS(ws->Reserve(*md.rot[0], std::max<int64_t>(m, cuda::kPrefillM)));
+        layer_bytes += md.bytes + 2.0 * m * (sh.k + sh.n);
+        const int reps = std::max(nrot, 8);
+        // pk 0: the automatic dispatch; else forced through the prefill path.
+        auto w4 = [&](int pk, int splits, bool ec) {
+          cuda::W4CudaParams p0 = bench::GemmParams(x, m, sh.k, y16, sh.n);
+          p0.force_prefill = pk != 0;
+          p0.prefill_kernel = pk;
+          p0.prefill_splits = splits;
+          p0.use_ec = ec;
+          const absl::Status st = cuda::W4Linear(*md.rot[0], p0, ws, g_stream);
+          if (st.code() == absl::StatusCode::kInvalidArgument && splits > 1) {
+            return std::numeric_limits<double>::infinity();
+          }
+          CKS(st);
+          CK(cudaStreamSynchronize(g_stream));
+          return TimeGraph(reps, [&](int i) {
+            cuda::W4CudaParams p = p0;
+            CKS(cuda::W4Linear(*md.rot[i % nrot], p, ws, g_stream));
+          });
+        };
+        const double t_auto = w4(0, 0, false);
+        const double t_cub = TimeGraph(6, [&](int) {
+          const float one = 1.f, zero = 0.f;
+          CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, sh.n, m, sh.k, &one, md.w16, CUDA_R_16F,
+                           sh.k, x, CUDA_R_16F, sh.k, &zero, y16, CUDA_R_16F, sh.n,
+                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        });
+        double t[3][4];
+        double tb = std::numeric_limits<double>::infinity();
+        std::pair<int, int> pick{0, 0};
+        for (int j = 0; j < 3; ++j) {
+          for (int sp = 1; sp <= 4; ++sp) {
+            t[j][sp - 1] = w4(kTok[j], sp, false);
+            if (t[j][sp - 1] < tb) {
+              tb = t[j][sp - 1];
+              pick = {kTok[j], sp};
+            }
+          }
+        }
+        best.push_back(pick);
+        const double t_ec_auto = w4(0, 0, true), t_ec_best = w4(pick.first, pick.second, true);
+        auto us = [](double v) {
+          char b[32] = "-";
+          if (!std::isinf(v)) std::snprintf(b, sizeof b, "%.1f", v);
+          return std::string(b);
+        };
+        std::string cols[3];
+        for (int j = 0; j < 3; ++j) {
+          cols[j] = us(t[j][0]) + " / " + us(t[j][1]) + " / " + us(t[j][2]) + " / " + us(t[j][3]);
+        }
+        std::printf("| %s | %s | %lld | %.1f | %.1f | %s | %s | %s | %d/%d | %.1f | %.2f | %.2f | %.1f | %.1f |\n",
+                    sh.model, sh.layer, static_cast<long long>(m), t_auto, t_cub, cols[0].c_str(),
+                    cols[1].c_str(), cols[2].c_str(), pick.first, pick.second, tb, tb / t_auto,
+                    tb / t_cub, t_ec_auto, t_ec_best);
+        std::fflush(stdout);
+      }
+      auto cub_gemm = [&](Mod& md) {
+        const float one = 1.f, zero = 0.f;
+        CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, md.sh->n, m, md.sh->k, &one, md.w16,
+                         CUDA_R_16F, md.sh->k, x, CUDA_R_16F, md.sh->k, &zero, y16, CUDA_R_16F,
+                         md.sh->n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      };
+      auto w4_gemm = [&](Mod& md, int i, std::pair<int, int> path) {
+        cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
+        p.force_prefill = path.first != 0;
+        p.prefill_kernel = path.first;
+        p.prefill_splits = path.second;
+        p.use_ec = false;
+        CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
+      };
+      const std::vector<GraphTime> lt = TimeGraphs(
+          8, 15,
+          {[&](int) {
+             for (Mod& md : mods) cub_gemm(md);
+           },
+           [&](int i) {
+             for (Mod& md : mods) w4_gemm(md, i, {0, 0});
+           },
+           [&](int i) {
+             for (size_t j = 0; j < mods.size(); ++j) w4_gemm(mods[j], i, best[j]);
+           }});
+      const double bw = layer_bytes / copy_bw * 1e6;  // us at copy speed
+      std::printf("| %s | layer | %lld | auto %.1f (%.0f %%BW) | cuBLAS %.1f | | | | small tiles, each GEMM's fastest | %.1f (%.0f %%BW) | %.2f | %.2f | | |\n",
+                  model, static_cast<long long>(m), lt[1].med, 100 * bw / lt[1].med, lt[0].med,
+                  lt[2].med, 100 * bw / lt[2].med, lt[2].med / lt[1].med, lt[2].med / lt[0].med);
+      std::fflush(stdout);
+    }
+    for (Mod& md : mods) CK(cudaFree(md.w16));
+  }
+  return 0;
+}
+
 // --prefill-ec=0|1|2: W4CudaParams::prefill_ec_stream of the table's W4+EC
 // column (the A/B of the prefill EC on a second stream).
 int g_prefill_ec = 0;
@@ -596,7 +737,7 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
 
 int Main(int argc, char** argv) {
   std::string torch_csv, only, ec_latency;
-  bool quick = false, no_layer = false, sweep = false, profile = false, prefill = false;
+  bool quick = false, no_layer = false, sweep = false, profile = false, prefill = false, small_tiles = false;
   std::vector<int64_t> ms_only, ec_ranks = {4}, ec_ms = {1};
   int64_t group = kGroup;
   auto ints = [](const std::string& v) {
@@ -613,7 +754,7 @@ int Main(int argc, char** argv) {
         "--torch=",        "--only=",        "--ms=",        "--quick",           "--decode",
         "--no-layer",      "--prefill-ec=",  "--sweep",      "--profile",         "--prefill",
         "--prefill-split", "--prefill-splits=", "--no-tune", "--ec-latency=", "--ec-ranks=",
-        "--ec-ms=",        "--group="};
+        "--ec-ms=",        "--group=",       "--small-tiles"};
     bool known = false;
     for (const char* f : kFlags) {
       const std::string fs(f);
@@ -638,6 +779,7 @@ int Main(int argc, char** argv) {
     if (a == "--sweep") sweep = true;
     if (a == "--profile") profile = true;
     if (a == "--prefill") prefill = true;
+    if (a == "--small-tiles") small_tiles = true;
     if (a == "--prefill-split") g_prefill_split = true;
     if (a == "--no-tune") g_prefill_no_tune = true;
     if (a.rfind("--prefill-splits=", 0) == 0) g_prefill_splits = std::atoi(a.c_str() + 17);
@@ -700,6 +842,10 @@ int Main(int argc, char** argv) {
   std::mt19937 rng(1234);
   if (!ec_latency.empty()) {
     return EcLatencyTable(ec_latency, ec_ranks, ec_ms, group, x, y16, ws.get(), prop, rng);
+  }
+  if (small_tiles) {
+    return SmallTileTable(ms_only.empty() ? std::vector<int64_t>{16, 24, 32, 40, 48, 64} : ms_only, x,
+                          y16, wpool, pool_halfs, cub, ws.get(), copy_bw, rng);
   }
   if (prefill) {
     return PrefillTable(ms_only.empty() ? std::vector<int64_t>{128, 512, 2048} : ms_only, x, y16,

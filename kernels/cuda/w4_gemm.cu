@@ -188,6 +188,18 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
 
 }  // namespace
 
+// v44: the token tile (32 or 64) when W4Linear runs these decode-sized m
+// rows on the wgmma kernel's small tiles (W4CudaParams::small_tiles), else 0.
+int SmallTileTokens(const W4DeviceWeight::Impl& d, const W4CudaParams& p) {
+  if (p.small_tiles != 0 || p.force_decode || p.force_prefill || p.m < kSmallTileMinM ||
+      p.m >= kPrefillM || p.decode_kernel != 0 || p.decode_splits != 0 || p.decode_depth != 0 ||
+      p.prefill_kernel != 0 || p.prefill_splits != 0 || p.ec_prologue != 0 || d.k % 8 != 0 ||
+      p.ldx % 8 != 0 || reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || !PrefillWgmmaAvailable()) {
+    return 0;
+  }
+  return p.m <= 32 ? 32 : 64;
+}
+
 absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
                       cudaStream_t stream) {
   const auto& d = w.impl();
@@ -205,12 +217,14 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   }
   if (p.prefill_kernel < 0 || (p.prefill_kernel & ~(15 | 96 | 128 | 256 | 512 | 1024)) != 0 ||
       ((p.prefill_kernel & (512 | 1024)) != 0 && (p.prefill_kernel & 256) == 0) ||
-      (p.prefill_kernel & 15) > 3 || (p.prefill_kernel >= 16 && (p.prefill_kernel & 15) < 2) ||
+      (p.prefill_kernel & 15) > 6 || (p.prefill_kernel >= 16 && (p.prefill_kernel & 15) < 2) ||
+      ((p.prefill_kernel & 15) >= 4 && (p.prefill_kernel & ~15) != 128) ||
       (p.prefill_kernel & 96) == 96 || ((p.prefill_kernel & 128) != 0 && (p.prefill_kernel & 96) != 0) ||
       ((p.prefill_kernel & 256) != 0 && (p.prefill_kernel & 128) == 0)) {
     return Bad(absl::StrCat("prefill_kernel ", p.prefill_kernel,
                             ": 0..3, or 2 / 3 + flag 32 or 64, or 2 / 3 + 128 (warp-specialized)",
-                            " or + 128 + 256 (its stream-K form; benchmarks: + 512 / 1024)"));
+                            " or + 128 + 256 (its stream-K form; benchmarks: + 512 / 1024), or",
+                            " 4 / 5 / 6 + 128 (warp-specialized, 64- / 32- / 16-token tiles)"));
   }
   if ((p.prefill_kernel & 256) != 0 && p.prefill_splits > 4) {
     return Bad(absl::StrCat("prefill_splits ", p.prefill_splits,
@@ -247,8 +261,22 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (static_cast<size_t>(d.ntiles) > static_cast<size_t>(ws->impl().ncounters)) {
     return Bad("n too large for the workspace counters");
   }
+  if (p.small_tiles < 0 || p.small_tiles > 1) {
+    return Bad(absl::StrCat("small_tiles ", p.small_tiles, ": 0 (automatic) or 1 (off)"));
+  }
   const bool prefill = p.force_prefill || (!p.force_decode && p.m >= kPrefillM);
   if (prefill) return RunPrefill(w, p, ws, stream);
+  if (const int tokens = SmallTileTokens(d, p); tokens > 0) {
+    // v44: one launch of the wgmma kernel's small token tiles, k split so
+    // that the grid fills two blocks per SM (at most 4 splits; unsplit where
+    // they do not fit).
+    W4CudaParams q = p;
+    q.prefill_kernel = (tokens == 32 ? 5 : 4) | 128;
+    const int64_t blocks = (d.n + 127) / 128 * ((p.m + tokens - 1) / tokens);
+    const int64_t fill = 2 * static_cast<int64_t>(ws->impl().num_sms) / blocks;
+    q.prefill_splits = -static_cast<int>(fill < 1 ? 1 : fill > 4 ? 4 : fill);
+    return RunPrefill(w, q, ws, stream);
+  }
   return RunDecode(w, p, ws, stream);
 }
 

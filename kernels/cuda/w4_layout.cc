@@ -311,6 +311,9 @@ absl::Status W4Workspace::Reserve(const W4DeviceWeight& w, int64_t m) {
   // partials (the stream-K kernel's slots for a prefill's m at least).
   size_t wh = static_cast<size_t>(d.n * d.kp);
   if (m >= kPrefillM && PrefillWgmmaAvailable()) wh = std::max(wh, SkPartialHalves(s.num_sms));
+  // v44: the small token tiles' k splits at decode-sized m (<= 4 splits of
+  // m x n fp32 partials) where k is short.
+  if (m > 0 && m < kPrefillM) wh = std::max(wh, 8 * mm * static_cast<size_t>(d.n));
   if (absl::Status st = Grow(&s.wh, &s.wh_elems, wh); !st.ok()) return st;
   if (absl::Status st = Grow(&s.pxs, &s.pxs_elems, mm * static_cast<size_t>(d.kp)); !st.ok()) {
     return st;

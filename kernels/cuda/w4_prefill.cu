@@ -145,11 +145,17 @@ absl::Status LaunchAddBias(const float* bias, int64_t m, int64_t n, float* y32, 
 }
 
 // The main GEMM's kernel: 0 dequantize + cuBLAS, else the wgmma kernel's
-// token tile (128 or 256) of `kernel` (W4CudaParams::prefill_kernel).
+// token tile (128 or 256; v44: 64, 32 or 16) of `kernel`
+// (W4CudaParams::prefill_kernel).
 static int PrefillWgmmaTokens(int kernel) {
-  if ((kernel & 15) == 2) return 128;
-  if ((kernel & 15) == 3) return 256;
-  return 0;
+  switch (kernel & 15) {
+    case 2: return 128;
+    case 3: return 256;
+    case 4: return 64;
+    case 5: return 32;
+    case 6: return 16;
+    default: return 0;
+  }
 }
 
 // The main GEMM's kernel and k splits for this call: what the caller forces

@@ -55,7 +55,8 @@ namespace wgk {
 
 constexpr int TPW = 1;  // 64-row layout tiles per warpgroup
 
-// NT: tokens per block (the wgmma N): 128 or 256.
+// NT: tokens per block (the wgmma N): 128 or 256; v44: 16, 32 or 64 (the
+// warp-specialized kernel only: decode-sized m, two blocks per SM, 8 stages).
 template <int NT>
 struct Cfg {
   static constexpr int kXBytes = NT * 128;             // x tile per stage: NT tokens x 64 k
@@ -63,7 +64,7 @@ struct Cfg {
   static constexpr int kWBytes = kTiles * 4 * 512;     // their codes for 4 k16 steps
   static constexpr int kSzBytes = kTiles * 2 * 256;    // scale/zero words, <= 2 groups
   static constexpr int kStageBytes = kXBytes + kWBytes + kSzBytes;  // a multiple of 1024
-  static constexpr int kStages = 5;
+  static constexpr int kStages = NT <= 64 ? 8 : 5;
   static constexpr int kSmem = kStages * kStageBytes + 1024;  // + alignment of the base
   static_assert(kStageBytes % 1024 == 0, "x tiles must stay 1024-byte aligned");
 };
@@ -132,6 +133,49 @@ __device__ __forceinline__ void FenceA(uint32_t (&a)[4]) {
   for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[i])::"memory");
 }
 
+// D[64 x 16] += A[64 x 16] (registers) * B[16 x 16] (shared, K-major).
+__device__ __forceinline__ void Wgmma(float (&d)[8], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+// D[64 x 32] += A[64 x 16] (registers) * B[16 x 32] (shared, K-major).
+__device__ __forceinline__ void Wgmma(float (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+// D[64 x 64] += A[64 x 16] (registers) * B[16 x 64] (shared, K-major).
+__device__ __forceinline__ void Wgmma(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
 // D[64 x 128] += A[64 x 16] (registers) * B[16 x 128] (shared, K-major).
 __device__ __forceinline__ void Wgmma(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
   asm volatile(
@@ -611,11 +655,14 @@ __device__ __forceinline__ void ProduceStage(const Args& a, const CUtensorMap* x
 // xs, generic pointer st): wait for the slot's `full` phase, dequantize its
 // 64-row tile ci's four k16 steps into cur, issue four wgmmas as one group
 // and retire the previous group (whose A registers are prev); the caller
-// then releases the previous stage's slot.
-template <int NT>
+// then releases the previous stage's slot. CH accumulator chains (v44): k16
+// step q accumulates into acc[q % CH], so that with CH > 1 a stage's wgmmas
+// do not wait for each other (at small NT a wgmma's latency, not its work,
+// bounds a chain); the caller adds the chains at the end.
+template <int NT, int CH = 1>
 __device__ __forceinline__ void ConsumeStage(const Args& a, unsigned xs, const unsigned char* st,
                                              unsigned fullbar, unsigned parity, int ks, int ci,
-                                             int lane, int wl, int gid, float (&acc)[NT / 2],
+                                             int lane, int wl, int gid, float (&acc)[CH][NT / 2],
                                              uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
   using C = Cfg<NT>;
   WaitParity(fullbar, parity);
@@ -640,7 +687,7 @@ __device__ __forceinline__ void ConsumeStage(const Args& a, unsigned xs, const u
   }
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-  for (int q = 0; q < 4; ++q) Wgmma(acc, cur[q], desc[q]);
+  for (int q = 0; q < 4; ++q) Wgmma(acc[q % CH], cur[q], desc[q]);
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
 #pragma unroll
@@ -682,16 +729,16 @@ __device__ __forceinline__ void ProduceRange(const Args& a, const CUtensorMap* x
 // ..) into acc: two register sets of A fragments in turn, each stage's slot
 // released once the next stage's wait retired its group (one arrival per
 // warp), then every group retired and the last slot released too.
-template <int NT, int S>
+template <int NT, int S, int CH = 1>
 __device__ __forceinline__ void ConsumeRange(const Args& a, unsigned base, const unsigned char* sbase,
                                              uint64_t* full, uint64_t* empty, int g0, int ks0,
                                              int cnt, int ci, int lane, int wl, int gid,
-                                             float (&acc)[NT / 2], uint32_t (&af0)[4][4],
+                                             float (&acc)[CH][NT / 2], uint32_t (&af0)[4][4],
                                              uint32_t (&af1)[4][4]) {
   using C = Cfg<NT>;
   auto stage = [&](int j, uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
     const int g = g0 + j, slot = g % S;
-    ConsumeStage<NT>(a, base + slot * C::kStageBytes, sbase + slot * C::kStageBytes,
+    ConsumeStage<NT, CH>(a, base + slot * C::kStageBytes, sbase + slot * C::kStageBytes,
                      SmemAddr(&full[slot]), static_cast<unsigned>((g / S) & 1), ks0 + j, ci, lane,
                      wl, gid, acc, cur, prev);
     // Stage g - 1's group is retired: its slot goes back to the producer.
@@ -706,7 +753,8 @@ __device__ __forceinline__ void ConsumeRange(const Args& a, unsigned base, const
     stage(j + 1, af1, af0);
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-  FenceAcc(acc);
+#pragma unroll
+  for (int c = 0; c < CH; ++c) FenceAcc(acc[c]);
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     FenceA(af0[q]);
@@ -719,8 +767,12 @@ __device__ __forceinline__ void ConsumeRange(const Args& a, unsigned base, const
 }
 #endif
 
+// v44: NT = 16 / 32 / 64 for decode-sized m (17..64 rows): two blocks per
+// SM (80 registers a thread at launch; the producer gives back to 40, the
+// consumers take 96), so that a GEMM's 128-row tiles (x k splits) fill one
+// wave; the consumers' accumulators are NT / 2 floats.
 template <int NT>
-__global__ void __launch_bounds__(384, 1)
+__global__ void __launch_bounds__(384, NT <= 64 ? 2 : 1)
     W4WgmmaWsKernel(Args a, const __grid_constant__ CUtensorMap xmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<NT>;
@@ -746,13 +798,31 @@ __global__ void __launch_bounds__(384, 1)
     if (tid == 0) ProduceRange<NT, S>(a, &xmap, base, full, empty, 0, kbeg, cnt, m0, tile0);
     return;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  if constexpr (NT <= 64) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 96;\n" ::: "memory");
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  }
   const int ci = wg - 1;  // this consumer's 64-row layout tile within the block
-  float acc[NT / 2];
+  // v44: accumulator chains (ConsumeStage): 4 at 16 tokens, 2 at 32, else 1
+  // (what the consumers' registers hold).
+  constexpr int CH = NT == 16 ? 4 : NT == 32 ? 2 : 1;
+  float accs[CH][NT / 2];
 #pragma unroll
-  for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
+  for (int c = 0; c < CH; ++c) {
+#pragma unroll
+    for (int e = 0; e < NT / 2; ++e) accs[c][e] = 0.f;
+  }
   uint32_t af0[4][4] = {}, af1[4][4] = {};
-  ConsumeRange<NT, S>(a, base, sbase, full, empty, 0, kbeg, cnt, ci, lane, wl, gid, acc, af0, af1);
+  ConsumeRange<NT, S, CH>(a, base, sbase, full, empty, 0, kbeg, cnt, ci, lane, wl, gid, accs, af0,
+                          af1);
+  // the chains' sum (chain 0 + chain 1 + ..., in order: deterministic)
+  float (&acc)[NT / 2] = accs[0];
+#pragma unroll
+  for (int c = 1; c < CH; ++c) {
+#pragma unroll
+    for (int e = 0; e < NT / 2; ++e) acc[e] += accs[c][e];
+  }
   // Epilogue: as W4WgmmaKernel's, by the 256 consumer threads (named
   // barrier 1; the producer warps have left).
   constexpr int kLd = kEpiLd;
@@ -900,7 +970,8 @@ __global__ void __launch_bounds__(384, 1)
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int ci = wg - 1, ct = tid - 128;
-  float acc[NT / 2];
+  float accs[1][NT / 2];
+  float (&acc)[NT / 2] = accs[0];
   uint32_t af0[4][4] = {}, af1[4][4] = {};
   const size_t slot_floats = static_cast<size_t>(NT) * 128;
   int g = 0, u = 0, r = 0;
@@ -909,7 +980,7 @@ __global__ void __launch_bounds__(384, 1)
     const int m0 = (sg.t % gx) * NT, tile0 = (sg.t / gx) * C::kTiles;
 #pragma unroll
     for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
-    ConsumeRange<NT, S>(a, base, sbase, full, empty, g, 2 * sg.p0, sg.cnt, ci, lane, wl, gid, acc,
+    ConsumeRange<NT, S>(a, base, sbase, full, empty, g, 2 * sg.p0, sg.cnt, ci, lane, wl, gid, accs,
                         af0, af1);
     g += sg.cnt;
     if (sg.sk) {
@@ -1060,8 +1131,14 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
         "W4 prefill: the wgmma kernel needs k and ldx multiples of 8 and x 16-byte aligned (k=",
         w.k, " ldx=", ldx, ")"));
   }
-  if (tokens != 128 && tokens != 256) {
-    return absl::InvalidArgumentError("W4 prefill: the wgmma kernel's token tile is 128 or 256");
+  if (tokens != 16 && tokens != 32 && tokens != 64 && tokens != 128 && tokens != 256) {
+    return absl::InvalidArgumentError(
+        "W4 prefill: the wgmma kernel's token tile is 16, 32, 64, 128 or 256");
+  }
+  if (tokens < 128 && (flags & (32 | 64 | 128 | 256)) != 128) {
+    return absl::InvalidArgumentError(
+        "W4 prefill: the 16- / 32- / 64-token tiles are the warp-specialized kernel's only "
+        "(+ 128; no stream-K, no timing flags)");
   }
   wgk::Args a{};
   a.qw = reinterpret_cast<const uint4*>(w.qw);
@@ -1164,7 +1241,16 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
   } else if ((flags & 128) != 0) {  // v34: the warp-specialized kernel
     const dim3 grid(static_cast<unsigned>((m + tokens - 1) / tokens), gy,
                     static_cast<unsigned>(a.ksplits));
-    if (tokens == 128) {
+    if (tokens == 16) {
+      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaWsKernel<16>, wgk::Cfg<16>::kSmem>()));
+      wgk::W4WgmmaWsKernel<16><<<grid, 384, wgk::Cfg<16>::kSmem, stream>>>(a, xmap);
+    } else if (tokens == 32) {
+      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaWsKernel<32>, wgk::Cfg<32>::kSmem>()));
+      wgk::W4WgmmaWsKernel<32><<<grid, 384, wgk::Cfg<32>::kSmem, stream>>>(a, xmap);
+    } else if (tokens == 64) {
+      SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaWsKernel<64>, wgk::Cfg<64>::kSmem>()));
+      wgk::W4WgmmaWsKernel<64><<<grid, 384, wgk::Cfg<64>::kSmem, stream>>>(a, xmap);
+    } else if (tokens == 128) {
       SPEAR_CUDA_RETURN_IF_ERROR((wgk::Prepare<wgk::W4WgmmaWsKernel<128>, wgk::Cfg<128>::kSmem>()));
       wgk::W4WgmmaWsKernel<128><<<grid, 384, wgk::Cfg<128>::kSmem, stream>>>(a, xmap);
     } else {

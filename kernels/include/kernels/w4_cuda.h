@@ -27,6 +27,11 @@
 //                     deterministic fix-up; EC: u = A x and the gate in a tiny
 //                     prologue kernel, B (g ⊙ u) as two extra mma k-steps in
 //                     the GEMM epilogue (no extra pass over y);
+//   17..63 rows (v44, W4CudaParams::small_tiles): the warp-specialized
+//                     wgmma kernel of the prefill path with 32- / 64-token
+//                     tiles and k splits (one launch reads the weights once),
+//                     the EC as on the prefill path; where it cannot run,
+//                     the decode kernels above;
 //   m >= kPrefillM    prefill: W dequantized to an fp16 scratch, then cuBLAS;
 //                     the EC through cuBLAS (U = x A^T, gate, y += V B^T);
 //                     or, where TunePrefill measured it faster for the
@@ -59,6 +64,10 @@ namespace spear::kernels::cuda {
 // on 6 of 8 (8B gate_up is the exception: 116 vs 146 us; 8B down a tie).
 // With force_decode the decode kernel runs any m, 64 rows per launch.
 inline constexpr int64_t kPrefillM = 64;
+// v44: m at and above which (below kPrefillM) W4Linear runs the wgmma
+// kernel's small token tiles (W4CudaParams::small_tiles; docs/results/gpu.md,
+// "v44").
+inline constexpr int64_t kSmallTileMinM = 17;
 
 // True when the CUDA kernels support this format: group_size >= k
 // (per-channel, any k) or group_size a power of two >= 32 (32, 64, 128,
@@ -179,6 +188,14 @@ struct W4CudaParams {
   int64_t gate_ld = 0;          // 0 = r; else >= r
   bool force_decode = false;    // testing/benchmarks: decode kernel at any m
   bool force_prefill = false;   // testing/benchmarks: prefill path at any m
+  // v44: decode-sized m (kSmallTileMinM <= m < kPrefillM) on the
+  // warp-specialized wgmma kernel's 32- / 64-token tiles (w4_prefill_wgmma.cu;
+  // k splits filling two blocks per SM; the EC through the prefill path's
+  // cuBLAS U / gate / V B^T) instead of the decode kernels, where it can run
+  // (sm_90a, k and ldx multiples of 8, x 16-byte aligned) and nothing else
+  // is forced. 0 automatic, 1 off (testing/benchmarks: the decode kernels as
+  // before v44).
+  int small_tiles = 0;
   // testing/benchmarks: which decode kernel runs a launch of <= 16 rows:
   // 0 the default (the fold kernel, w4_gemv_fold.cu, at <= 8 rows, in the
   // weight's measured configuration where TuneDecode recorded one and
@@ -239,7 +256,9 @@ struct W4CudaParams {
   // into k ranges; prefill_splits 0 or 1); benchmarks only, added to 2 / 3
   // (the output is then wrong): 32 the code words not dequantized, 64 no
   // code words loaded either, and to the stream-K form 512 whole tiles
-  // only, 1024 no output stores (timing splits). 2 or 3
+  // only, 1024 no output stores (timing splits). v44: 4 / 5 / 6 + 128 the
+  // warp-specialized kernel with 64- / 32- / 16-token tiles (two blocks per
+  // SM, for decode-sized m; with force_prefill below kPrefillM). 2..6
   // where the device has no sm_90a code: FailedPrecondition; with k or ldx
   // not a multiple of 8 or x not 16-byte aligned: InvalidArgument.
   int prefill_kernel = 0;

@@ -982,6 +982,96 @@ TEST(CudaW4, PrefillKernelsMatchReference) {
   EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// v44: the warp-specialized wgmma kernel with 64- / 32- / 16-token tiles
+// (prefill_kernel 4 / 5 / 6 + 128; two blocks per SM, eight stages), for
+// decode-sized m: m inside one tile, exactly one, one past it (two token
+// tiles), shapes off the 128-row block tile (n = 200, 72, 1100) and off the
+// 64-k stage (k = 1000), per-channel and grouped scales, forced k splits,
+// the EC (through the prefill path), bias, accumulation and fp16 output.
+TEST(CudaW4, SmallTokenTilesMatchReference) {
+  SKIP_WITHOUT_GPU();
+  int major = 0;
+  CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+  if (major != 9) {
+    GTEST_SKIP() << "the wgmma kernels need sm_90; device is sm_" << major << "0";
+  }
+  std::mt19937 rng(Seed() + 44);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct S {
+    int64_t n, k, g;
+  };
+  const S shapes[] = {{200, 256, 64}, {384, 1000, 1000}, {1100, 1024, 128}, {72, 14336, 128}};
+  int v = 0;
+  for (const auto& [kernel, tokens] : {std::pair{4 | 128, 64}, std::pair{5 | 128, 32},
+                                       std::pair{6 | 128, 16}}) {
+    for (const int64_t m : {int64_t{1}, int64_t{3}, int64_t{tokens - 1}, int64_t{tokens},
+                            int64_t{tokens + 1}, int64_t{2 * tokens + 5}}) {
+      const S& sh = shapes[v % 4];
+      Case c{sh.n, sh.k, sh.g, m};
+      c.force_prefill = true;
+      c.prefill_kernel = kernel;
+      // k splits: none, or 2..4 where they fit (k = 256: 4 stages, 2 at most)
+      c.prefill_splits = v % 4 == 0 ? 0 : sh.k == 256 ? 2 : 2 + v % 3;
+      c.ec = v % 3;
+      c.act_scale = v % 5 == 1;
+      c.bias = v % 2 == 0;
+      c.accumulate = v % 3 == 2;
+      c.f16_out = v % 4 == 3;
+      c.symmetric = v % 7 == 4;
+      c.ldy_pad = v % 2 == 0 ? 0 : 3;
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+  // The automatic dispatch (no force): 17..63 rows run the small tiles
+  // (W4CudaParams::small_tiles, 32 tokens up to 32 rows, else 64), k = 1001
+  // and x rows not 16-byte aligned (ldx_pad 3) the decode kernels; the gate
+  // values are checked too.
+  for (const int64_t m : {17, 32, 33, 40, 63}) {
+    for (const S& sh : {S{2112, 2048, 128}, S{576, 1000, 1000}, S{96, 1001, 1001}}) {
+      Case c{sh.n, sh.k, sh.g, m};
+      c.ec = 2;
+      c.bias = v % 2 == 0;
+      c.accumulate = v % 3 == 2;
+      c.f16_out = v % 4 == 3;
+      c.ldx_pad = v % 5 == 4 ? 3 : 0;
+      c.gate_pad = v % 3;
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+  // Forms the small tiles do not take: InvalidArgument, nothing enqueued.
+  const W4Weight w = RandomW4(200, 256, 64, false, false, rng);
+  auto dw = cuda::W4DeviceWeight::Create(w, nullptr);
+  ASSERT_TRUE(dw.ok()) << dw.status();
+  DevBuf<uint16_t> dx(40 * 256);
+  DevBuf<float> dy(40 * 200);
+  cuda::W4CudaParams p;
+  p.x = dx.get();
+  p.m = 40;
+  p.ldx = 256;
+  p.y_f32 = dy.get();
+  p.ldy = 200;
+  p.force_prefill = true;
+  for (const int bad : {4, 5, 6, 4 | 128 | 256, 5 | 32 | 128, 6 | 64 | 128, 7 | 128}) {
+    p.prefill_kernel = bad;
+    EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(),
+              absl::StatusCode::kInvalidArgument)
+        << "prefill_kernel " << bad;
+  }
+  p.prefill_kernel = 0;
+  p.force_prefill = false;
+  for (const int bad : {-1, 2}) {
+    p.small_tiles = bad;
+    EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(),
+              absl::StatusCode::kInvalidArgument)
+        << "small_tiles " << bad;
+  }
+}
+
 // The split-K fix-up sums partials in block order: bitwise the same twice.
 TEST(CudaW4, DecodeIsDeterministic) {
   SKIP_WITHOUT_GPU();
