@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,25]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,26]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -172,7 +172,7 @@ struct Variant {
   // next kernel launch before their own wait (early_trigger): 0 none (the
   // order before v30), 1 all, 2 those whose GEMM has no EC (the default).
   int early = 2;
-  int small_tiles = 0;          // v44: W4CudaParams::small_tiles (1: the decode kernels at 17..63)
+  int small_tiles = 0;          // v44: W4CudaParams::small_tiles (1 off, 2 EC'd GEMMs too)
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -232,7 +232,11 @@ const Variant kVariants[] = {
     {"W4+EC at the diagnostic's placement, small token tiles off (before v44)", Ec::kPlacement,
      false, false, true, 0, true, false, 0, false, 2, 1},
     {"W4, decode configurations measured at load, small token tiles off (before v44)", Ec::kOff,
-     false, false, true, 0, true, false, 0, true, 2, 1}};
+     false, false, true, 0, true, false, 0, true, 2, 1},
+    // 26 (v44): the small tiles for the GEMMs with an EC at 17..32 rows too
+    // (the default keeps those on the fold kernel and its fused EC).
+    {"W4+EC at the diagnostic's placement, small token tiles for the EC'd GEMMs too", Ec::kPlacement,
+     false, false, true, 0, true, false, 0, false, 2, 2}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -790,7 +794,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,25] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,26] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

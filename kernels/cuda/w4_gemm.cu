@@ -191,7 +191,11 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
 // v44: the token tile (32 or 64) when W4Linear runs these decode-sized m
 // rows on the wgmma kernel's small tiles (W4CudaParams::small_tiles), else 0.
 int SmallTileTokens(const W4DeviceWeight::Impl& d, const W4CudaParams& p) {
-  if (p.small_tiles != 0 || p.force_decode || p.force_prefill || p.m < kSmallTileMinM ||
+  // Automatic: a GEMM with an EC at <= 32 rows keeps the fold kernel, whose
+  // epilogue adds B v (v44 call 2: its step at batch 24 was slower on the
+  // small tiles); 2 runs every GEMM there.
+  if (p.small_tiles == 0 && p.use_ec && d.r > 0 && p.m <= 32) return 0;
+  if (p.small_tiles == 1 || p.force_decode || p.force_prefill || p.m < kSmallTileMinM ||
       p.m >= kPrefillM || p.decode_kernel != 0 || p.decode_splits != 0 || p.decode_depth != 0 ||
       p.prefill_kernel != 0 || p.prefill_splits != 0 || p.ec_prologue != 0 || d.k % 8 != 0 ||
       p.ldx % 8 != 0 || reinterpret_cast<uintptr_t>(p.x) % 16 != 0 || !PrefillWgmmaAvailable()) {
@@ -261,8 +265,9 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (static_cast<size_t>(d.ntiles) > static_cast<size_t>(ws->impl().ncounters)) {
     return Bad("n too large for the workspace counters");
   }
-  if (p.small_tiles < 0 || p.small_tiles > 1) {
-    return Bad(absl::StrCat("small_tiles ", p.small_tiles, ": 0 (automatic) or 1 (off)"));
+  if (p.small_tiles < 0 || p.small_tiles > 2) {
+    return Bad(absl::StrCat("small_tiles ", p.small_tiles,
+                            ": 0 (automatic), 1 (off) or 2 (every GEMM at 17..63 rows)"));
   }
   const bool prefill = p.force_prefill || (!p.force_decode && p.m >= kPrefillM);
   if (prefill) return RunPrefill(w, p, ws, stream);
