@@ -186,7 +186,6 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
   const float one = 1.f, zero = 0.f;
   // The EC's first half on a second stream when the GEMM is large enough
   // for the overlap to pay (W4CudaParams::prefill_ec_stream).
-  const bool small_ec = ec && p.m <= kDecodeMaxM;
   const bool overlap =
       ec && (p.prefill_ec_stream == 2 ||
              (p.prefill_ec_stream == 0 && d.n * d.k >= (int64_t{32} << 20)));
@@ -202,10 +201,8 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
       SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(s.ec_fork, stream));
       SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s.ec_stream, s.ec_fork, 0));
     }
-    // v44: at decode-sized m (the small token tiles) u and the gate in one
-    // launch, the decode path's prologue (into the decode V scratch).
     cublasStatus_t bs = blas::SetStream(eh, es);
-    if (bs == CUBLAS_STATUS_SUCCESS && !small_ec) {
+    if (bs == CUBLAS_STATUS_SUCCESS) {
       bs = blas::GemmEx(eh, CUBLAS_OP_T, CUBLAS_OP_N, r, m, k, &one, d.ec_a, CUDA_R_16F, k, p.x,
                         CUDA_R_16F, static_cast<int>(p.ldx), &zero, s.pu, CUDA_R_32F, r,
                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
@@ -216,9 +213,7 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
         bs != CUBLAS_STATUS_SUCCESS
             ? absl::InternalError(absl::StrCat("prefill EC: cublas U = x A^T failed: status ",
                                                static_cast<int>(bs)))
-        : small_ec ? LaunchEcPrologue(d, p.x, p.m, p.ldx, s, s.v, rp, nullptr, p.gate_out,
-                                      p.gate_ld, es, 0, false)
-                   : LaunchEcGateRows(d, s.pu, p.m, s.pv, rp, p.gate_out, p.gate_ld, es);
+            : LaunchEcGateRows(d, s.pu, p.m, s.pv, rp, p.gate_out, p.gate_ld, es);
     if (overlap) {
       SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(s.ec_join, s.ec_stream));
       if (!st.ok()) (void)cudaStreamWaitEvent(stream, s.ec_join, 0);
@@ -273,8 +268,7 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
       if (overlap) SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, s.ec_join, 0));
       const int r = static_cast<int>(d.r), rp = static_cast<int>(d.rp);
       SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, r, &one,
-                                                d.ec_b, CUDA_R_16F, r, small_ec ? s.v : s.pv,
-                                                CUDA_R_16F, rp, &one,
+                                                d.ec_b, CUDA_R_16F, r, s.pv, CUDA_R_16F, rp, &one,
                                                 y, yt, static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
                                                 CUBLAS_GEMM_DEFAULT));
     }

@@ -190,11 +190,12 @@ struct W4CudaParams {
   bool force_prefill = false;   // testing/benchmarks: prefill path at any m
   // v44: decode-sized m (kSmallTileMinM <= m < kPrefillM) on the
   // warp-specialized wgmma kernel's 32- / 64-token tiles (w4_prefill_wgmma.cu;
-  // k splits filling two blocks per SM; the EC: the decode prologue (u and
-  // the gate in one launch), then y += V B^T by cuBLAS) instead of the decode
-  // kernels, where it can run (sm_90a, k and ldx multiples of 8, x 16-byte
-  // aligned) and nothing else is forced. 0 automatic (a GEMM with an EC at
-  // <= 32 rows keeps the fold kernel and its fused EC epilogue), 1 off
+  // k splits filling two blocks per SM; the EC through the prefill path's
+  // cuBLAS U, gate and y += V B^T: v44 call 3 measured the decode prologue
+  // there slower at 33..63 rows) instead of the decode kernels, where it
+  // can run (sm_90a, k and ldx multiples of 8, x 16-byte aligned) and
+  // nothing else is forced. 0 automatic (a GEMM with an EC at <= 32 rows
+  // keeps the fold kernel and its fused EC epilogue), 1 off
   // (testing/benchmarks: the decode kernels as before v44), 2 every GEMM at
   // 17..63 rows.
   int small_tiles = 0;

@@ -1064,7 +1064,7 @@ TEST(CudaW4, SmallTokenTilesMatchReference) {
   }
   p.prefill_kernel = 0;
   p.force_prefill = false;
-  for (const int bad : {-1, 2}) {
+  for (const int bad : {-1, 3}) {
     p.small_tiles = bad;
     EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(),
               absl::StatusCode::kInvalidArgument)
