@@ -79,7 +79,9 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
   }
   // v43: 33..63 rows as launches of <= 32 rows (the fold kernel's four
   // token tiles, each launch streaming the weights once), not one launch of
-  // the x-as-m16 kernel, unless a kernel other than the fold kernel is forced.
+  // the x-as-m16 kernel, unless a kernel other than the fold kernel is forced
+  // (v44: reached at 17..63 rows only where W4Linear's small tiles cannot run,
+  // are off, or the GEMM has an EC at <= 32 rows).
   const int dk_forced = p.decode_kernel & 15;
   const int64_t chunk =
       p.m > 32 && p.m < kDecodeMaxM && (dk_forced == 0 || dk_forced >= 4) ? 32 : kDecodeMaxM;

@@ -21,7 +21,8 @@
 //   launches of 17..32 rows (v43): the fold kernel with four n8 token tiles
 //                     where its configuration fits shared memory (m of
 //                     33..63 runs as launches of <= 32 rows unless another
-//                     decode kernel is forced);
+//                     decode kernel is forced; since v44 only where the
+//                     small tiles below cannot run or are off);
 //   m < kPrefillM     decode kernel: fused dequantize + mma.sync m16n8k16,
 //                     multi-stage cp.async, stream-K over the SMs with a
 //                     deterministic fix-up; EC: u = A x and the gate in a tiny
