@@ -240,6 +240,42 @@ __device__ __forceinline__ void Dequant(uint32_t w, uint2 szw, uint32_t (&a)[4])
   }
 }
 
+// v44: Dequant with its per-group constants computed once per group and
+// stage instead of once per k16 step (the same operations on the same
+// values: bit-identical fragments): for rows gid and gid + 8 (h = 0 / 1)
+// the scale s, the offset zero zz = 1024 + z and k960 - zz.
+struct SzConst {
+  __half2 s2[2], zz[2], c[2];
+};
+__device__ __forceinline__ SzConst MakeSzConst(uint2 szw) {
+  uint32_t c960 = 0x63806380u;
+  const __half2 k960 = *reinterpret_cast<__half2*>(&c960);
+  const uint32_t sw[2] = {szw.x, szw.y};
+  SzConst k;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t v = sw[h];
+    const __half2 sz2 = *reinterpret_cast<__half2*>(&v);
+    k.s2[h] = __low2half2(sz2);
+    k.zz[h] = __high2half2(sz2);
+    k.c[h] = __hsub2(k960, k.zz[h]);
+  }
+  return k;
+}
+__device__ __forceinline__ void DequantK(uint32_t w, const SzConst& k, uint32_t (&a)[4]) {
+  uint32_t c16th = 0x2C002C00u;
+  const __half2 k16th = *reinterpret_cast<__half2*>(&c16th);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t lo = (w & 0x000f000fu) | 0x64006400u, hi = (w & 0x00f000f0u) | 0x64006400u;
+    const __half2 b0 = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&lo), k.zz[h]), k.s2[h]);
+    const __half2 b1 = __hmul2(__hfma2(*reinterpret_cast<__half2*>(&hi), k16th, k.c[h]), k.s2[h]);
+    a[h] = *reinterpret_cast<const uint32_t*>(&b0);
+    a[2 + h] = *reinterpret_cast<const uint32_t*>(&b1);
+    w >>= 8;
+  }
+}
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Spins until the mbarrier at shared address `bar` completes the phase of
 // parity `parity`.
@@ -669,14 +705,25 @@ __device__ __forceinline__ void ConsumeStage(const Args& a, unsigned xs, const u
   const unsigned char* wsm = st + C::kXBytes;
   const unsigned char* szs = wsm + C::kWBytes;
   const int kb = ks * 64, g0 = min(kb >> a.gshift, a.ngroups - 1);
+  // v44: the scale/zero constants once per group in the stage (one group,
+  // or two with groups of 32: k16 steps 0-1 and 2-3), not per k16 step.
+  const bool two = min((kb + 48) >> a.gshift, a.ngroups - 1) != g0;
+  const SzConst k0 =
+      MakeSzConst(*reinterpret_cast<const uint2*>(szs + ((ci * 2) * 64 + gid * 8 + 2 * wl) * 4));
+  const SzConst k1 =
+      two ? MakeSzConst(
+                *reinterpret_cast<const uint2*>(szs + ((ci * 2 + 1) * 64 + gid * 8 + 2 * wl) * 4))
+          : k0;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const int gl = min((kb + 16 * q) >> a.gshift, a.ngroups - 1) - g0;
     const uint32_t w =
         *reinterpret_cast<const uint32_t*>(wsm + (ci * 4 + q) * 512 + lane * 16 + wl * 4);
-    const uint2 szw =
-        *reinterpret_cast<const uint2*>(szs + ((ci * 2 + gl) * 64 + gid * 8 + 2 * wl) * 4);
-    Dequant(w, szw, cur[q]);
+    if (a.split == 1) {  // timing only (prefill_kernel + 32): no dequantization, wrong output
+#pragma unroll
+      for (int i = 0; i < 4; ++i) cur[q][i] = w;
+      continue;
+    }
+    DequantK(w, q < 2 ? k0 : k1, cur[q]);
   }
   uint64_t desc[4];
 #pragma unroll
@@ -1135,10 +1182,10 @@ absl::Status LaunchPrefillWgmma(const W4DeviceWeight::Impl& w, const uint16_t* x
     return absl::InvalidArgumentError(
         "W4 prefill: the wgmma kernel's token tile is 16, 32, 64, 128 or 256");
   }
-  if (tokens < 128 && (flags & (32 | 64 | 128 | 256)) != 128) {
+  if (tokens < 128 && (flags & (64 | 128 | 256)) != 128) {
     return absl::InvalidArgumentError(
         "W4 prefill: the 16- / 32- / 64-token tiles are the warp-specialized kernel's only "
-        "(+ 128; no stream-K, no timing flags)");
+        "(+ 128; no stream-K; of the timing flags only + 32)");
   }
   wgk::Args a{};
   a.qw = reinterpret_cast<const uint4*>(w.qw);

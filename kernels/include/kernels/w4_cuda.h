@@ -262,7 +262,8 @@ struct W4CudaParams {
   // code words loaded either, and to the stream-K form 512 whole tiles
   // only, 1024 no output stores (timing splits). v44: 4 / 5 / 6 + 128 the
   // warp-specialized kernel with 64- / 32- / 16-token tiles (two blocks per
-  // SM, for decode-sized m; with force_prefill below kPrefillM). 2..6
+  // SM, for decode-sized m; with force_prefill below kPrefillM; benchmarks
+  // only: + 32, the code words not dequantized). 2..6
   // where the device has no sm_90a code: FailedPrecondition; with k or ldx
   // not a multiple of 8 or x not 16-byte aligned: InvalidArgument.
   int prefill_kernel = 0;
