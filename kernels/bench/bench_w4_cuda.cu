@@ -373,14 +373,15 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
 // fastest small-tile form), timed interleaved (15 rounds), with % of the copy
 // bandwidth; and W4+EC (r 32) automatic and on the fastest small-tile form
 // (its EC through the prefill path's cuBLAS U / gate / V B^T), and that form
-// with its code words not dequantized (prefill_kernel + 32; timing only: the
-// share of its time the dequantization takes).
+// with its code words not dequantized (prefill_kernel + 32) and with its
+// consumers only waiting for and releasing the stages (+ 64): timing only,
+// the shares of its time the dequantization and the stream take.
 int SmallTileTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y16,
                    const uint16_t* wpool, size_t pool_halfs, cublasHandle_t cub,
                    cuda::W4Workspace* ws, double copy_bw, std::mt19937& rng) {
   std::printf("\n## Small token tiles (v44; us; - where the splits do not fit)\n");
-  std::printf("| model | layer | M | auto us | cuBLAS us | WS 16-token tiles, k splits 1 / 2 / 3 / 4 | WS 32-token tiles, 1 / 2 / 3 / 4 | WS 64-token tiles, 1 / 2 / 3 / 4 | fastest (kernel/splits) | us | /auto | /cuBLAS | W4+EC auto us | W4+EC fastest us | fastest, no dequantization (timing only) us |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| model | layer | M | auto us | cuBLAS us | WS 16-token tiles, k splits 1 / 2 / 3 / 4 | WS 32-token tiles, 1 / 2 / 3 / 4 | WS 64-token tiles, 1 / 2 / 3 / 4 | fastest (kernel/splits) | us | /auto | /cuBLAS | W4+EC auto us | W4+EC fastest us | fastest, no dequantization (timing only) us | fastest, the producer's stream alone (timing only) us |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   struct Mod {
     const Shape* sh;
     std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
@@ -456,6 +457,8 @@ int SmallTileTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* 
         const double t_ec_auto = w4(0, 0, true), t_ec_best = w4(pick.first, pick.second, true);
         // timing only (wrong output): the fastest form without the dequantization
         const double t_nodq = w4(pick.first | 32, pick.second, false);
+        // timing only: the producer's stream alone (consumers wait and release)
+        const double t_prod = w4(pick.first | 64, pick.second, false);
         auto us = [](double v) {
           char b[32] = "-";
           if (!std::isinf(v)) std::snprintf(b, sizeof b, "%.1f", v);
@@ -465,10 +468,10 @@ int SmallTileTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* 
         for (int j = 0; j < 3; ++j) {
           cols[j] = us(t[j][0]) + " / " + us(t[j][1]) + " / " + us(t[j][2]) + " / " + us(t[j][3]);
         }
-        std::printf("| %s | %s | %lld | %.1f | %.1f | %s | %s | %s | %d/%d | %.1f | %.2f | %.2f | %.1f | %.1f | %.1f |\n",
+        std::printf("| %s | %s | %lld | %.1f | %.1f | %s | %s | %s | %d/%d | %.1f | %.2f | %.2f | %.1f | %.1f | %.1f | %.1f |\n",
                     sh.model, sh.layer, static_cast<long long>(m), t_auto, t_cub, cols[0].c_str(),
                     cols[1].c_str(), cols[2].c_str(), pick.first, pick.second, tb, tb / t_auto,
-                    tb / t_cub, t_ec_auto, t_ec_best, t_nodq);
+                    tb / t_cub, t_ec_auto, t_ec_best, t_nodq, t_prod);
         std::fflush(stdout);
       }
       auto cub_gemm = [&](Mod& md) {
@@ -497,7 +500,7 @@ int SmallTileTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* 
              for (size_t j = 0; j < mods.size(); ++j) w4_gemm(mods[j], i, best[j]);
            }});
       const double bw = layer_bytes / copy_bw * 1e6;  // us at copy speed
-      std::printf("| %s | layer | %lld | auto %.1f (%.0f %%BW) | cuBLAS %.1f | | | | small tiles, each GEMM's fastest | %.1f (%.0f %%BW) | %.2f | %.2f | | | |\n",
+      std::printf("| %s | layer | %lld | auto %.1f (%.0f %%BW) | cuBLAS %.1f | | | | small tiles, each GEMM's fastest | %.1f (%.0f %%BW) | %.2f | %.2f | | | | |\n",
                   model, static_cast<long long>(m), lt[1].med, 100 * bw / lt[1].med, lt[0].med,
                   lt[2].med, 100 * bw / lt[2].med, lt[2].med / lt[1].med, lt[2].med / lt[0].med);
       std::fflush(stdout);

@@ -224,16 +224,16 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (p.prefill_kernel < 0 || (p.prefill_kernel & ~(15 | 96 | 128 | 256 | 512 | 1024)) != 0 ||
       ((p.prefill_kernel & (512 | 1024)) != 0 && (p.prefill_kernel & 256) == 0) ||
       (p.prefill_kernel & 15) > 6 || (p.prefill_kernel >= 16 && (p.prefill_kernel & 15) < 2) ||
-      ((p.prefill_kernel & 15) >= 4 && (p.prefill_kernel & ~(15 | 32)) != 128) ||
+      ((p.prefill_kernel & 15) >= 4 && (p.prefill_kernel & ~(15 | 96)) != 128) ||
       (p.prefill_kernel & 96) == 96 ||
       ((p.prefill_kernel & 128) != 0 && (p.prefill_kernel & 96) != 0 &&
-       !((p.prefill_kernel & 15) >= 4 && (p.prefill_kernel & 96) == 32)) ||
+       !((p.prefill_kernel & 15) >= 4 && (p.prefill_kernel & 96) != 96)) ||
       ((p.prefill_kernel & 256) != 0 && (p.prefill_kernel & 128) == 0)) {
     return Bad(absl::StrCat("prefill_kernel ", p.prefill_kernel,
                             ": 0..3, or 2 / 3 + flag 32 or 64, or 2 / 3 + 128 (warp-specialized)",
                             " or + 128 + 256 (its stream-K form; benchmarks: + 512 / 1024), or",
                             " 4 / 5 / 6 + 128 (warp-specialized, 64- / 32- / 16-token tiles;",
-                            " benchmarks: + 32)"));
+                            " benchmarks: + 32 or + 64)"));
   }
   if ((p.prefill_kernel & 256) != 0 && p.prefill_splits > 4) {
     return Bad(absl::StrCat("prefill_splits ", p.prefill_splits,

@@ -263,7 +263,8 @@ struct W4CudaParams {
   // only, 1024 no output stores (timing splits). v44: 4 / 5 / 6 + 128 the
   // warp-specialized kernel with 64- / 32- / 16-token tiles (two blocks per
   // SM, for decode-sized m; with force_prefill below kPrefillM; benchmarks
-  // only: + 32, the code words not dequantized). 2..6
+  // only: + 32 the code words not dequantized, + 64 the consumers only
+  // waiting for and releasing the stages). 2..6
   // where the device has no sm_90a code: FailedPrecondition; with k or ldx
   // not a multiple of 8 or x not 16-byte aligned: InvalidArgument.
   int prefill_kernel = 0;

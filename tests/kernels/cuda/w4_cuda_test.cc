@@ -1056,7 +1056,7 @@ TEST(CudaW4, SmallTokenTilesMatchReference) {
   p.y_f32 = dy.get();
   p.ldy = 200;
   p.force_prefill = true;
-  for (const int bad : {4, 5, 6, 4 | 128 | 256, 5 | 96 | 128, 6 | 64 | 128, 7 | 128, 4 | 32}) {
+  for (const int bad : {4, 5, 6, 4 | 128 | 256, 5 | 96 | 128, 6 | 64, 7 | 128, 4 | 32}) {
     p.prefill_kernel = bad;
     EXPECT_EQ(cuda::W4Linear(**dw, p, ws->get(), nullptr).code(),
               absl::StatusCode::kInvalidArgument)
