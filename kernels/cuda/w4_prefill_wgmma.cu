@@ -687,49 +687,6 @@ __device__ __forceinline__ void ProduceStage(const Args& a, const CUtensorMap* x
   }
 }
 
-// v44: ProduceStage by the producer warp's lanes (the small token tiles):
-// lane 0 registers the byte count, then one instruction issues the x tile
-// (lane 0), the tiles' code words (lanes 1, 2) and scale/zero words (lanes
-// 3..6) in parallel instead of one after another from one thread.
-template <int NT>
-__device__ __forceinline__ void ProduceStageWarp(const Args& a, const CUtensorMap* xmap,
-                                                 unsigned xs, unsigned fb, int ks, int m0,
-                                                 int tile0, int lane) {
-  using C = Cfg<NT>;
-  static_assert(C::kTiles == 2, "lanes 1..6 copy two tiles' words");
-  const unsigned wsm = xs + C::kXBytes, szs = wsm + C::kWBytes;
-  const int kb = ks * 64;
-  const int g0 = min(kb >> a.gshift, a.ngroups - 1), g1 = min((kb + 63) >> a.gshift, a.ngroups - 1);
-  if (lane == 0) {
-    unsigned bytes = C::kXBytes;
-    for (int ti = 0; ti < C::kTiles; ++ti) {
-      if (tile0 + ti < a.ntiles) bytes += 2048 + (g1 != g0 ? 512 : 256);
-    }
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(fb), "r"(bytes)
-                 : "memory");
-  }
-  __syncwarp();
-  if (lane == 0) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-        "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(xs),
-        "l"(reinterpret_cast<uint64_t>(xmap)), "r"(kb), "r"(m0), "r"(fb)
-        : "memory");
-  } else if (lane <= 6) {
-    const int ti = (lane - 1) & 1, kind = (lane - 1) >> 1;  // 0 codes, 1 sz g0, 2 sz g1
-    const int t = tile0 + ti;
-    if (t < a.ntiles) {
-      if (kind == 0) {
-        BulkG2S(wsm + ti * 2048, a.qw + (static_cast<size_t>(t) * a.ksteps + 4 * ks) * 32, 2048, fb);
-      } else if (kind == 1) {
-        BulkG2S(szs + ti * 512, a.sz + (static_cast<size_t>(t) * a.ngroups + g0) * 64, 256, fb);
-      } else if (g1 != g0) {
-        BulkG2S(szs + ti * 512 + 256, a.sz + (static_cast<size_t>(t) * a.ngroups + g1) * 64, 256, fb);
-      }
-    }
-  }
-}
-
 // A consumer warpgroup's k stage ks from the stage buffer (shared address
 // xs, generic pointer st): wait for the slot's `full` phase, dequantize its
 // 64-row tile ci's four k16 steps into cur, issue four wgmmas as one group
@@ -804,21 +761,15 @@ __device__ __forceinline__ void InitStageBarriers(uint64_t* full, uint64_t* empt
 // The producer thread's stages g0 .. g0 + cnt - 1 of the block (slot g % S,
 // phase g / S), k stages ks0 .. for the tile at tokens m0, layout tiles
 // tile0 ..: each slot's reuse waits for its release.
-// lane >= 0: the whole producer warp runs it (ProduceStageWarp, v44).
 template <int NT, int S>
 __device__ __forceinline__ void ProduceRange(const Args& a, const CUtensorMap* xmap, unsigned base,
                                              uint64_t* full, uint64_t* empty, int g0, int ks0,
-                                             int cnt, int m0, int tile0, int lane = -1) {
+                                             int cnt, int m0, int tile0) {
   for (int j = 0; j < cnt; ++j) {
     const int g = g0 + j, slot = g % S;
     if (g >= S) WaitParity(SmemAddr(&empty[slot]), static_cast<unsigned>(((g / S) + 1) & 1));
-    if (lane >= 0) {
-      ProduceStageWarp<NT>(a, xmap, base + slot * Cfg<NT>::kStageBytes, SmemAddr(&full[slot]),
-                           ks0 + j, m0, tile0, lane);
-    } else {
-      ProduceStage<NT>(a, xmap, base + slot * Cfg<NT>::kStageBytes, SmemAddr(&full[slot]), ks0 + j,
-                       m0, tile0);
-    }
+    ProduceStage<NT>(a, xmap, base + slot * Cfg<NT>::kStageBytes, SmemAddr(&full[slot]), ks0 + j,
+                     m0, tile0);
   }
 }
 
@@ -892,11 +843,9 @@ __global__ void __launch_bounds__(384, NT <= 64 ? 2 : 1)
   __syncthreads();
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if constexpr (NT <= 64) {
-      if (warp == 0) ProduceRange<NT, S>(a, &xmap, base, full, empty, 0, kbeg, cnt, m0, tile0, lane);
-    } else {
-      if (tid == 0) ProduceRange<NT, S>(a, &xmap, base, full, empty, 0, kbeg, cnt, m0, tile0);
-    }
+    // (v44 call 6: the stage's copies issued by the producer warp's lanes
+    // in one instruction made the small tiles 20-45 % slower: one thread.)
+    if (tid == 0) ProduceRange<NT, S>(a, &xmap, base, full, empty, 0, kbeg, cnt, m0, tile0);
     return;
   }
   if constexpr (NT <= 64) {
