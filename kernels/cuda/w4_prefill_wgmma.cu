@@ -695,7 +695,7 @@ __device__ __forceinline__ void ProduceStage(const Args& a, const CUtensorMap* x
 // step q accumulates into acc[q % CH], so that with CH > 1 a stage's wgmmas
 // do not wait for each other (at small NT a wgmma's latency, not its work,
 // bounds a chain); the caller adds the chains at the end.
-template <int NT, int CH = 1, int D = 1>
+template <int NT, int CH = 1>
 __device__ __forceinline__ void ConsumeStage(const Args& a, unsigned xs, const unsigned char* st,
                                              unsigned fullbar, unsigned parity, int ks, int ci,
                                              int lane, int wl, int gid, float (&acc)[CH][NT / 2],
@@ -737,13 +737,7 @@ __device__ __forceinline__ void ConsumeStage(const Args& a, unsigned xs, const u
 #pragma unroll
   for (int q = 0; q < 4; ++q) Wgmma(acc[q % CH], cur[q], desc[q]);
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-  // D groups may stay in flight (v44: 2 for the small tiles, three A
-  // register sets); `prev` is the set of the group that this wait retired.
-  if constexpr (D == 2) {
-    asm volatile("wgmma.wait_group.sync.aligned 2;\n" ::: "memory");
-  } else {
-    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-  }
+  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
 #pragma unroll
   for (int q = 0; q < 4; ++q) FenceA(prev[q]);
 }
@@ -783,39 +777,28 @@ __device__ __forceinline__ void ProduceRange(const Args& a, const CUtensorMap* x
 // ..) into acc: two register sets of A fragments in turn, each stage's slot
 // released once the next stage's wait retired its group (one arrival per
 // warp), then every group retired and the last slot released too.
-// D = 2 (v44): three A register sets in turn (af2), two groups in flight,
-// a stage's slot released once the stage two later retired its group.
-template <int NT, int S, int CH = 1, int D = 1>
+template <int NT, int S, int CH = 1>
 __device__ __forceinline__ void ConsumeRange(const Args& a, unsigned base, const unsigned char* sbase,
                                              uint64_t* full, uint64_t* empty, int g0, int ks0,
                                              int cnt, int ci, int lane, int wl, int gid,
                                              float (&acc)[CH][NT / 2], uint32_t (&af0)[4][4],
-                                             uint32_t (&af1)[4][4], uint32_t (&af2)[4][4]) {
+                                             uint32_t (&af1)[4][4]) {
   using C = Cfg<NT>;
   auto stage = [&](int j, uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
     const int g = g0 + j, slot = g % S;
-    ConsumeStage<NT, CH, D>(a, base + slot * C::kStageBytes, sbase + slot * C::kStageBytes,
-                            SmemAddr(&full[slot]), static_cast<unsigned>((g / S) & 1), ks0 + j, ci,
-                            lane, wl, gid, acc, cur, prev);
-    // Stage g - D's group is retired: its slot goes back to the producer.
-    if (j >= D && lane == 0) {
-      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(&empty[(g - D) % S]))
+    ConsumeStage<NT, CH>(a, base + slot * C::kStageBytes, sbase + slot * C::kStageBytes,
+                     SmemAddr(&full[slot]), static_cast<unsigned>((g / S) & 1), ks0 + j, ci, lane,
+                     wl, gid, acc, cur, prev);
+    // Stage g - 1's group is retired: its slot goes back to the producer.
+    if (j > 0 && lane == 0) {
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(&empty[(g - 1) % S]))
                    : "memory");
     }
   };
-  if constexpr (D == 2) {
 #pragma unroll 1
-    for (int j = 0; j < cnt; j += 3) {
-      stage(j, af0, af1);
-      if (j + 1 < cnt) stage(j + 1, af1, af2);
-      if (j + 2 < cnt) stage(j + 2, af2, af0);
-    }
-  } else {
-#pragma unroll 1
-    for (int j = 0; j < cnt; j += 2) {
-      stage(j, af0, af1);
-      stage(j + 1, af1, af0);
-    }
+  for (int j = 0; j < cnt; j += 2) {
+    stage(j, af0, af1);
+    stage(j + 1, af1, af0);
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #pragma unroll
@@ -824,13 +807,10 @@ __device__ __forceinline__ void ConsumeRange(const Args& a, unsigned base, const
   for (int q = 0; q < 4; ++q) {
     FenceA(af0[q]);
     FenceA(af1[q]);
-    if constexpr (D == 2) FenceA(af2[q]);
   }
-  if (lane == 0) {  // the last D stages' slots back to the producer
-    for (int i = cnt > D ? cnt - D : 0; i < cnt; ++i) {
-      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(&empty[(g0 + i) % S]))
-                   : "memory");
-    }
+  if (lane == 0) {  // the last stage's slot back to the producer
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(&empty[(g0 + cnt - 1) % S]))
+                 : "memory");
   }
 }
 #endif
@@ -876,17 +856,16 @@ __global__ void __launch_bounds__(384, NT <= 64 ? 2 : 1)
   const int ci = wg - 1;  // this consumer's 64-row layout tile within the block
   // v44: accumulator chains (ConsumeStage): 4 at 16 tokens, 2 at 32, else 1
   // (what the consumers' registers hold).
-  constexpr int CH = 1;  // (v44 call 2: 2 / 4 chains at 32 / 16 tokens measured no faster)
-  constexpr int D = NT <= 64 ? 2 : 1;  // wgmma groups in flight
+  constexpr int CH = NT == 16 ? 4 : NT == 32 ? 2 : 1;
   float accs[CH][NT / 2];
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
 #pragma unroll
     for (int e = 0; e < NT / 2; ++e) accs[c][e] = 0.f;
   }
-  uint32_t af0[4][4] = {}, af1[4][4] = {}, af2[4][4] = {};
-  ConsumeRange<NT, S, CH, D>(a, base, sbase, full, empty, 0, kbeg, cnt, ci, lane, wl, gid, accs,
-                             af0, af1, af2);
+  uint32_t af0[4][4] = {}, af1[4][4] = {};
+  ConsumeRange<NT, S, CH>(a, base, sbase, full, empty, 0, kbeg, cnt, ci, lane, wl, gid, accs, af0,
+                          af1);
   // the chains' sum (chain 0 + chain 1 + ..., in order: deterministic)
   float (&acc)[NT / 2] = accs[0];
 #pragma unroll
@@ -1052,7 +1031,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
     ConsumeRange<NT, S>(a, base, sbase, full, empty, g, 2 * sg.p0, sg.cnt, ci, lane, wl, gid, accs,
-                        af0, af1, af1);
+                        af0, af1);
     g += sg.cnt;
     if (sg.sk) {
       // Pieces of tile t: the blocks cf..cl (one: the whole tile here).
