@@ -855,7 +855,8 @@ __global__ void __launch_bounds__(384, NT <= 64 ? 2 : 1)
   }
   const int ci = wg - 1;  // this consumer's 64-row layout tile within the block
   // v44: accumulator chains (ConsumeStage): 4 at 16 tokens, 2 at 32, else 1
-  // (what the consumers' registers hold).
+  // (what the consumers' registers hold). Measured no faster than one chain
+  // (gpu.md, v44 call 2: the wgmma chain is not the bound); kept, tested.
   constexpr int CH = NT == 16 ? 4 : NT == 32 ? 2 : 1;
   float accs[CH][NT / 2];
 #pragma unroll
