@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,26]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,27]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
@@ -173,6 +173,7 @@ struct Variant {
   // order before v30), 1 all, 2 those whose GEMM has no EC (the default).
   int early = 2;
   int small_tiles = 0;          // v44: W4CudaParams::small_tiles (1 off, 2 EC'd GEMMs too)
+  int ec_stream = 0;            // v44e: W4CudaParams::prefill_ec_stream (1: the caller's stream)
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -236,7 +237,12 @@ const Variant kVariants[] = {
     // 26 (v44): the small tiles for the GEMMs with an EC at 17..32 rows too
     // (the default keeps those on the fold kernel and its fused EC).
     {"W4+EC at the diagnostic's placement, small token tiles for the EC'd GEMMs too", Ec::kPlacement,
-     false, false, true, 0, true, false, 0, false, 2, 2}};
+     false, false, true, 0, true, false, 0, false, 2, 2},
+    // 27 (v44e): the small tiles' EC (U and the gate) on the caller's stream
+    // where the GEMM has < 32 Mi weights (before v44e), not on the second
+    // stream beside the GEMM.
+    {"W4+EC at the diagnostic's placement, small tiles' EC on the caller's stream below 32 Mi weights (before v44e)",
+     Ec::kPlacement, false, false, true, 0, true, false, 0, false, 2, 0, -1}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -559,6 +565,10 @@ class Model {
       p.ec_prologue = v.ec_prologue;
       p.decode_kernel = v.fold_flags;
       p.small_tiles = v.small_tiles;
+      // -1: the threshold before v44e (second stream only from 32 Mi weights)
+      p.prefill_ec_stream =
+          v.ec_stream >= 0 ? v.ec_stream
+                           : (w.fmt().n * w.fmt().k >= (int64_t{32} << 20) ? 2 : 1);
       CKS(cuda::W4Linear(w, p, ws_.get(), g_stream));
     };
     if (!v.gemms_only) {
@@ -794,7 +804,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,26] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,27] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
                    a.c_str(), argv[0]);
       return 2;

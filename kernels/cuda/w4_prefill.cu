@@ -186,9 +186,12 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
   const float one = 1.f, zero = 0.f;
   // The EC's first half on a second stream when the GEMM is large enough
   // for the overlap to pay (W4CudaParams::prefill_ec_stream).
+  // v44e: at decode-sized m (the small token tiles, inside the decode
+  // step's graph, where the fork and join are graph edges) always.
   const bool overlap =
       ec && (p.prefill_ec_stream == 2 ||
-             (p.prefill_ec_stream == 0 && d.n * d.k >= (int64_t{32} << 20)));
+             (p.prefill_ec_stream == 0 &&
+              (d.n * d.k >= (int64_t{32} << 20) || p.m < kPrefillM)));
   if (ec) {
     // U = x A^T and the gate: forked onto the EC stream (overlap), or first
     // on the caller's. The EC stream always records ec_join, so a failure
