@@ -242,12 +242,15 @@ struct W4CudaParams {
   // the prologue's launch alone, 128 its partial sums of u without the
   // ticket and the gate.
   int ec_prologue = 0;
-  // testing/benchmarks: where the prefill path (m >= kPrefillM) runs the
-  // EC's U = x A^T and gate: 0 automatic (a second stream, overlapped with
-  // the dequantization and the main GEMM, for n x k >= 32 Mi weights; the
-  // caller's stream below that, where the fork and join cost more than
-  // they hide: docs/results/gpu.md, "Prefill EC on a second stream"), 1
-  // the caller's stream, 2 the second stream.
+  // testing/benchmarks: where the prefill path (m >= kPrefillM, and the
+  // small token tiles below it) runs the EC's U = x A^T and gate: 0
+  // automatic (a second stream, overlapped with the dequantization and the
+  // main GEMM, for n x k >= 32 Mi weights and, v44e, at every shape on the
+  // small tiles' decode-sized m, where a captured step makes the fork and
+  // join graph edges; the caller's stream for smaller prefill GEMMs, where
+  // the fork and join cost more than they hide: docs/results/gpu.md,
+  // "Prefill EC on a second stream"), 1 the caller's stream, 2 the second
+  // stream.
   int prefill_ec_stream = 0;
   // testing/benchmarks: the prefill path's main GEMM (m >= kPrefillM): 0
   // automatic (the weight's TunePrefill choice for m where it has one and
