@@ -364,6 +364,63 @@ int SweepOrProfile(bool profile, const std::vector<int64_t>& sweep_ms, const uin
   return 0;
 }
 
+// One shape's weights for the tables against cuBLAS (--prefill,
+// --small-tiles): W4 copies with a random EC rotated through >= 3x the L2,
+// and an fp16 copy of the weight for cuBLAS (freed by FreeShapes).
+struct ShapeWeights {
+  const Shape* sh;
+  std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
+  uint16_t* w16;
+  double bytes;  // one W4 copy's backbone bytes
+};
+// The model's shapes (only: "MODEL/LAYER" narrows them, "" all four).
+std::vector<ShapeWeights> LoadShapes(const char* model, const std::string& only,
+                                     const uint16_t* wpool, size_t pool_halfs, std::mt19937& rng) {
+  std::vector<ShapeWeights> mods;
+  for (const Shape& sh : kShapes) {
+    if (std::string(sh.model) != model) continue;
+    if (!only.empty() && only != std::string(sh.model) + "/" + sh.layer) continue;
+    const W4Weight w = bench::RandomW4(sh.n, sh.k, kGroup, rng);
+    const EcWeights ec = bench::RandomEc(sh.n, sh.k, rng);
+    auto first = cuda::W4DeviceWeight::Create(w, &ec);
+    CKS(first.status());
+    const double wbytes = static_cast<double>((*first)->backbone_bytes());
+    ShapeWeights md{&sh,
+                    WithCopies(std::move(*first),
+                               std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)))),
+                    nullptr, wbytes};
+    const size_t halfs = static_cast<size_t>(sh.n * sh.k);
+    CK(cudaMalloc(&md.w16, halfs * 2));
+    for (size_t o = 0; o < halfs; o += pool_halfs) {
+      CK(cudaMemcpy(md.w16 + o, wpool, std::min(pool_halfs, halfs - o) * 2, cudaMemcpyDeviceToDevice));
+    }
+    mods.push_back(std::move(md));
+  }
+  return mods;
+}
+void FreeShapes(std::vector<ShapeWeights>& mods) {
+  for (ShapeWeights& md : mods) CK(cudaFree(md.w16));
+}
+// y16 = x W^T by cuBLAS FP16 (fp32 accumulate), m rows.
+void CublasGemm(cublasHandle_t cub, const ShapeWeights& md, int64_t m, const uint16_t* x,
+                uint16_t* y16) {
+  const float one = 1.f, zero = 0.f;
+  CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, md.sh->n, m, md.sh->k, &one, md.w16,
+                   CUDA_R_16F, md.sh->k, x, CUDA_R_16F, md.sh->k, &zero, y16, CUDA_R_16F,
+                   md.sh->n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+// The W4 GEMM on copy i % copies without its EC: path = {prefill_kernel,
+// prefill_splits}; force_prefill as given.
+void W4Gemm(const ShapeWeights& md, int i, int64_t m, std::pair<int, int> path, bool force_prefill,
+            const uint16_t* x, uint16_t* y16, cuda::W4Workspace* ws) {
+  cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
+  p.force_prefill = force_prefill;
+  p.prefill_kernel = path.first;
+  p.prefill_splits = path.second;
+  p.use_ec = false;
+  CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
+}
+
 // --small-tiles [--ms=...] (v44): the warp-specialized wgmma kernel with
 // 16- / 32- / 64-token tiles (prefill_kernel 6 / 5 / 4 + 128, k splits 1..4)
 // against the automatic dispatch (the decode kernels below kPrefillM; at
@@ -382,35 +439,13 @@ int SmallTileTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* 
   std::printf("\n## Small token tiles (v44; us; - where the splits do not fit)\n");
   std::printf("| model | layer | M | auto us | cuBLAS us | WS 16-token tiles, k splits 1 / 2 / 3 / 4 | WS 32-token tiles, 1 / 2 / 3 / 4 | WS 64-token tiles, 1 / 2 / 3 / 4 | fastest (kernel/splits) | us | /auto | /cuBLAS | W4+EC auto us | W4+EC fastest us | fastest, no dequantization (timing only) us | fastest, the producer's stream alone (timing only) us |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-  struct Mod {
-    const Shape* sh;
-    std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
-    uint16_t* w16;
-    double bytes;
-  };
   const int kTok[3] = {6 | 128, 5 | 128, 4 | 128};  // 16, 32, 64 tokens
   for (const char* model : {"8B", "1B"}) {
-    std::vector<Mod> mods;
-    for (const Shape& sh : kShapes) {
-      if (std::string(sh.model) != model) continue;
-      const W4Weight w = bench::RandomW4(sh.n, sh.k, kGroup, rng);
-      const EcWeights ec = bench::RandomEc(sh.n, sh.k, rng);
-      auto first = cuda::W4DeviceWeight::Create(w, &ec);
-      CKS(first.status());
-      const double wbytes = static_cast<double>((*first)->backbone_bytes());
-      Mod md{&sh, WithCopies(std::move(*first), std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)))),
-             nullptr, wbytes};
-      const size_t halfs = static_cast<size_t>(sh.n * sh.k);
-      CK(cudaMalloc(&md.w16, halfs * 2));
-      for (size_t o = 0; o < halfs; o += pool_halfs) {
-        CK(cudaMemcpy(md.w16 + o, wpool, std::min(pool_halfs, halfs - o) * 2, cudaMemcpyDeviceToDevice));
-      }
-      mods.push_back(std::move(md));
-    }
+    std::vector<ShapeWeights> mods = LoadShapes(model, "", wpool, pool_halfs, rng);
     for (int64_t m : ms) {
       std::vector<std::pair<int, int>> best;
       double layer_bytes = 0;
-      for (Mod& md : mods) {
+      for (ShapeWeights& md : mods) {
         const Shape& sh = *md.sh;
         const int nrot = static_cast<int>(md.rot.size());
         CKS(ws->Reserve(*md.rot[0], std::max<int64_t>(m, cuda::kPrefillM)));
@@ -435,12 +470,7 @@ int SmallTileTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* 
           });
         };
         const double t_auto = w4(0, 0, false);
-        const double t_cub = TimeGraph(6, [&](int) {
-          const float one = 1.f, zero = 0.f;
-          CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, sh.n, m, sh.k, &one, md.w16, CUDA_R_16F,
-                           sh.k, x, CUDA_R_16F, sh.k, &zero, y16, CUDA_R_16F, sh.n,
-                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        });
+        const double t_cub = TimeGraph(6, [&](int) { CublasGemm(cub, md, m, x, y16); });
         double t[3][4];
         double tb = std::numeric_limits<double>::infinity();
         std::pair<int, int> pick{0, 0};
@@ -474,27 +504,16 @@ int SmallTileTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* 
                     tb / t_cub, t_ec_auto, t_ec_best, t_nodq, t_prod);
         std::fflush(stdout);
       }
-      auto cub_gemm = [&](Mod& md) {
-        const float one = 1.f, zero = 0.f;
-        CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, md.sh->n, m, md.sh->k, &one, md.w16,
-                         CUDA_R_16F, md.sh->k, x, CUDA_R_16F, md.sh->k, &zero, y16, CUDA_R_16F,
-                         md.sh->n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-      };
-      auto w4_gemm = [&](Mod& md, int i, std::pair<int, int> path) {
-        cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
-        p.force_prefill = path.first != 0;
-        p.prefill_kernel = path.first;
-        p.prefill_splits = path.second;
-        p.use_ec = false;
-        CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
+      auto w4_gemm = [&](ShapeWeights& md, int i, std::pair<int, int> path) {
+        W4Gemm(md, i, m, path, path.first != 0, x, y16, ws);
       };
       const std::vector<GraphTime> lt = TimeGraphs(
           8, 15,
           {[&](int) {
-             for (Mod& md : mods) cub_gemm(md);
+             for (ShapeWeights& md : mods) CublasGemm(cub, md, m, x, y16);
            },
            [&](int i) {
-             for (Mod& md : mods) w4_gemm(md, i, {0, 0});
+             for (ShapeWeights& md : mods) w4_gemm(md, i, {0, 0});
            },
            [&](int i) {
              for (size_t j = 0; j < mods.size(); ++j) w4_gemm(mods[j], i, best[j]);
@@ -505,7 +524,7 @@ int SmallTileTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* 
                   lt[2].med, 100 * bw / lt[2].med, lt[2].med / lt[1].med, lt[2].med / lt[0].med);
       std::fflush(stdout);
     }
-    for (Mod& md : mods) CK(cudaFree(md.w16));
+    FreeShapes(mods);
   }
   return 0;
 }
@@ -539,33 +558,12 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
   std::printf("\n## Prefill GEMMs (us; ratios over cuBLAS FP16 in the same run; TF/s of the automatic W4 path; - where a forced split does not fit)\n");
   std::printf("| model | layer | M | cuBLAS us | cuBLAS TF/s | dequant+cuBLAS us | ratio | wgmma 128 / 256-token tiles us | warp-specialized 128-token tiles, k splits 1 / 2 us | warp-specialized 256-token tiles, k splits 1 / 2 / 3 / 4 us | stream-K 128 / 256-token tiles us | fastest (kernel/splits) | ratio | W4 auto us | W4 TF/s | ratio | W4+EC auto us | EC/W4 |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-  struct Mod {
-    const Shape* sh;
-    std::vector<std::unique_ptr<cuda::W4DeviceWeight>> rot;
-    uint16_t* w16;  // its own fp16 copy for the layer graph
-  };
   for (const char* model : {"8B", "1B"}) {
-    std::vector<Mod> mods;
-    for (const Shape& sh : kShapes) {
-      if (std::string(sh.model) != model) continue;
-      if (!only.empty() && only != std::string(sh.model) + "/" + sh.layer) continue;
-      const W4Weight w = bench::RandomW4(sh.n, sh.k, kGroup, rng);
-      const EcWeights ec = bench::RandomEc(sh.n, sh.k, rng);
-      auto first = cuda::W4DeviceWeight::Create(w, &ec);
-      CKS(first.status());
-      const double wbytes = static_cast<double>((*first)->backbone_bytes());
-      Mod md{&sh, WithCopies(std::move(*first), std::max(2, static_cast<int>(std::ceil(3 * kL2Bytes / wbytes)))), nullptr};
-      const size_t halfs = static_cast<size_t>(sh.n * sh.k);
-      CK(cudaMalloc(&md.w16, halfs * 2));
-      for (size_t o = 0; o < halfs; o += pool_halfs) {
-        CK(cudaMemcpy(md.w16 + o, wpool, std::min(pool_halfs, halfs - o) * 2, cudaMemcpyDeviceToDevice));
-      }
-      mods.push_back(std::move(md));
-    }
+    std::vector<ShapeWeights> mods = LoadShapes(model, only, wpool, pool_halfs, rng);
     // v34: the automatic columns as a loaded model runs them: each shape's
     // prefill kernel measured by TunePrefill over its rotated copies.
     const int64_t max_m = std::max<int64_t>(cuda::kPrefillM, *std::max_element(ms.begin(), ms.end()));
-    for (Mod& md : mods) {
+    for (ShapeWeights& md : mods) {
       if (g_prefill_no_tune) break;  // the automatic columns: dequantize + cuBLAS
       std::vector<cuda::W4DeviceWeight*> ptrs;
       for (auto& r : md.rot) ptrs.push_back(r.get());
@@ -590,7 +588,7 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
       double sum_cub = 0, sum_auto = 0, sum_best = 0;
       // per shape, the fastest measured path: prefill_kernel, prefill_splits
       std::vector<std::pair<int, int>> best;
-      for (Mod& md : mods) {
+      for (ShapeWeights& md : mods) {
         const Shape& sh = *md.sh;
         const int nrot = static_cast<int>(md.rot.size());
         CKS(ws->Reserve(*md.rot[0], m));
@@ -621,12 +619,7 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
             CKS(cuda::W4Linear(*md.rot[i % nrot], p, ws, g_stream));
           });
         };
-        const double t_cub = TimeGraph(6, [&](int) {
-          const float one = 1.f, zero = 0.f;
-          CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, sh.n, m, sh.k, &one, md.w16, CUDA_R_16F,
-                           sh.k, x, CUDA_R_16F, sh.k, &zero, y16, CUDA_R_16F, sh.n,
-                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        });
+        const double t_cub = TimeGraph(6, [&](int) { CublasGemm(cub, md, m, x, y16); });
         // The candidates: {prefill_kernel, prefill_splits} and their times:
         // dequantize + cuBLAS and TunePrefill's, the plain kernels' splits
         // from --prefill-splits where given.
@@ -679,27 +672,17 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
       // launches grouped (qkv x 4, o x 4, ..; the same launches as the
       // layer's, in another order): is our layer slower than the sum of
       // its rows because of what runs before each GEMM?
-      auto cub_gemm = [&](Mod& md) {
-        const float one = 1.f, zero = 0.f;
-        CKB(cublasGemmEx(cub, CUBLAS_OP_T, CUBLAS_OP_N, md.sh->n, m, md.sh->k, &one, md.w16,
-                         CUDA_R_16F, md.sh->k, x, CUDA_R_16F, md.sh->k, &zero, y16, CUDA_R_16F,
-                         md.sh->n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-      };
+      auto cub_gemm = [&](ShapeWeights& md) { CublasGemm(cub, md, m, x, y16); };
       // path: {prefill_kernel, prefill_splits}, {0, 0} the automatic one
-      auto w4_gemm = [&](Mod& md, int i, std::pair<int, int> path) {
-        cuda::W4CudaParams p = bench::GemmParams(x, m, md.sh->k, y16, md.sh->n);
-        p.force_prefill = true;
-        p.prefill_kernel = path.first;
-        p.prefill_splits = path.second;
-        p.use_ec = false;
-        CKS(cuda::W4Linear(*md.rot[i % md.rot.size()], p, ws, g_stream));
+      auto w4_gemm = [&](ShapeWeights& md, int i, std::pair<int, int> path) {
+        W4Gemm(md, i, m, path, /*force_prefill=*/true, x, y16, ws);
       };
       const std::vector<std::function<void(int)>> layer_bodies = {
           [&](int) {
-            for (Mod& md : mods) cub_gemm(md);
+            for (ShapeWeights& md : mods) cub_gemm(md);
           },
           [&](int i) {
-            for (Mod& md : mods) w4_gemm(md, i, {0, 0});
+            for (ShapeWeights& md : mods) w4_gemm(md, i, {0, 0});
           },
           [&](int i) {
             for (size_t j = 0; j < mods.size(); ++j) w4_gemm(mods[j], i, best[j]);
@@ -737,7 +720,7 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
                   model, static_cast<long long>(m), sum_cub, sum_best, sum_best / sum_cub);
       std::fflush(stdout);
     }
-    for (Mod& md : mods) CK(cudaFree(md.w16));
+    FreeShapes(mods);
   }
   return 0;
 }
