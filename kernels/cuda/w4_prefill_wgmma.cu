@@ -48,7 +48,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
-#include "kernels/cuda/w4_gemm_kernel.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -726,32 +725,6 @@ __device__ __forceinline__ void ConsumeStage(const Args& a, unsigned xs, const u
       continue;
     }
     DequantK(w, q < 2 ? k0 : k1, cur[q]);
-  }
-  if constexpr (NT <= 64) {
-    // v44f: the small tiles' products by mma.sync m16n8k16 (the A
-    // fragments are the same registers; B, NT / 8 tiles of 8 tokens x 16 k,
-    // by ldmatrix.x4 from the 128-byte-swizzled x tile: lane l addresses
-    // token 16 p + 8 ((l >> 4) & 1) + (l & 7), 16-byte chunk 2 q + ((l >> 3)
-    // & 1)), synchronous: no group to retire. The D fragments of tile j are
-    // the accumulators 4 j .. 4 j + 3, as a wgmma's.
-    const unsigned char* xsm = st;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-#pragma unroll
-      for (int p = 0; p < NT / 16; ++p) {
-        const int t = 16 * p + 8 * ((lane >> 4) & 1) + (lane & 7);
-        const int c = 2 * q + ((lane >> 3) & 1);
-        uint32_t b[4];
-        decode::LdMatrixX4(b, xsm + t * 128 + ((c ^ (t & 7)) * 16));
-        float(&a0)[4] = *reinterpret_cast<float(*)[4]>(&acc[q % CH][8 * p]);
-        float(&a1)[4] = *reinterpret_cast<float(*)[4]>(&acc[q % CH][8 * p + 4]);
-        decode::Mma(a0, cur[q], b[0], b[1]);
-        decode::Mma(a1, cur[q], b[2], b[3]);
-      }
-    }
-    (void)xs;
-    (void)prev;
-    return;
   }
   uint64_t desc[4];
 #pragma unroll
