@@ -32,7 +32,8 @@
 // table that `spear quantize --ec-latency-table` reads (format:
 // worker/quantize/pipeline/ec_latency.h): per module shape, rank and M, the W4 GEMM alone and
 // with a gated EC (gate hidden 16), each timed as above; CSV on stdout,
-// then exit. --prefill [--ms=...] [--only=MODEL/LAYER] [--prefill-splits=N] [--no-tune]:
+// then exit. --prefill [--ms=...] [--only=MODEL/LAYER] [--prefill-splits=N] [--no-tune]
+// [--steady-ms=N]:
 // the prefill path's main GEMMs side by side (PrefillTable below), then exit.
 // --small-tiles [--ms=...]: the wgmma kernel's 16- / 32- / 64-token tiles at
 // decode-sized M (SmallTileTable below, v44), then exit.
@@ -539,6 +540,9 @@ bool g_prefill_split = false;
 // the default: no split; 2..4 forced, e.g. for ncu: the first launch of
 // W4WgmmaKernel<256> is then that column's eager call).
 int g_prefill_splits = 0;
+// --steady-ms=N: the prefill layer's steady rows run each graph alone for
+// N ms per round (default 150; v44: 1000 for the acceptance reading).
+double g_steady_ms = 150.0;
 // --no-tune: no TunePrefill (the automatic columns run dequantize + cuBLAS;
 // under a profiler, the first launches are then the forced columns').
 bool g_prefill_no_tune = false;
@@ -694,8 +698,9 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
             for (int r = 0; r < 4; ++r) w4_gemm(mods[i], r, {0, 0});
           }};
       const auto lay = TimeGraphs(4, 15, layer_bodies);
-      // v39: the same graphs, each alone for 150 ms then 9 timed replays, 3 rounds
-      const auto st = TimeGraphs(4, 3, layer_bodies, 150.0);
+      // v39: the same graphs, each alone for --steady-ms (150) then 9 timed
+      // replays, 3 rounds
+      const auto st = TimeGraphs(4, 3, layer_bodies, g_steady_ms);
       const double l_cub = lay[0].med, l_auto = lay[1].med, l_best = lay[2].med;
       std::printf("| %s | layer (4 GEMMs, one graph; interleaved, median of 15 rounds [min-max]: cuBLAS %.1f-%.1f, W4 %.1f-%.1f) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, lay[0].lo, lay[0].hi, lay[1].lo, lay[1].hi, static_cast<long long>(m),
@@ -707,8 +712,8 @@ int PrefillTable(const std::vector<int64_t>& ms, const uint16_t* x, uint16_t* y1
                   l_cub, l_best, l_best / l_cub);
       std::printf("| %s | the same launches, each GEMM's four grouped (same rounds) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), lay[3].med, lay[4].med, lay[4].med / lay[3].med);
-      std::printf("| %s | layer, steady: each graph alone for 150 ms, then 9 replays; 3 rounds (round medians: cuBLAS %.1f-%.1f, W4 %.1f-%.1f) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
-                  model, st[0].lo, st[0].hi, st[1].lo, st[1].hi, static_cast<long long>(m),
+      std::printf("| %s | layer, steady: each graph alone for %.0f ms, then 9 replays; 3 rounds (round medians: cuBLAS %.1f-%.1f, W4 %.1f-%.1f) | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
+                  model, g_steady_ms, st[0].lo, st[0].hi, st[1].lo, st[1].hi, static_cast<long long>(m),
                   st[0].med, st[1].med, st[1].med / st[0].med);
       std::printf("| %s | layer on the fastest paths, steady | %lld | %.1f | | | | | | | | | | %.1f | | %.2f | | |\n",
                   model, static_cast<long long>(m), st[0].med, st[2].med, st[2].med / st[0].med);
@@ -744,7 +749,7 @@ int Main(int argc, char** argv) {
         "--torch=",        "--only=",        "--ms=",        "--quick",           "--decode",
         "--no-layer",      "--prefill-ec=",  "--sweep",      "--profile",         "--prefill",
         "--prefill-split", "--prefill-splits=", "--no-tune", "--ec-latency=", "--ec-ranks=",
-        "--ec-ms=",        "--group=",       "--small-tiles"};
+        "--ec-ms=",        "--group=",       "--small-tiles",  "--steady-ms="};
     bool known = false;
     for (const char* f : kFlags) {
       const std::string fs(f);
@@ -772,6 +777,13 @@ int Main(int argc, char** argv) {
     if (a == "--small-tiles") small_tiles = true;
     if (a == "--prefill-split") g_prefill_split = true;
     if (a == "--no-tune") g_prefill_no_tune = true;
+    if (a.rfind("--steady-ms=", 0) == 0) {
+      g_steady_ms = std::atof(a.c_str() + 12);
+      if (!(g_steady_ms > 0 && g_steady_ms <= 10000)) {
+        std::fprintf(stderr, "--steady-ms: 0 < N <= 10000\n");
+        return 2;
+      }
+    }
     if (a.rfind("--prefill-splits=", 0) == 0) g_prefill_splits = std::atoi(a.c_str() + 17);
     try {
       if (a.rfind("--ec-latency=", 0) == 0) ec_latency = a.substr(13);
