@@ -192,7 +192,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
 
 // v44: the token tile (32 or 64) when W4Linear runs these decode-sized m
 // rows on the wgmma kernel's small tiles (W4CudaParams::small_tiles), else 0.
-int SmallTileTokens(const W4DeviceWeight::Impl& d, const W4CudaParams& p) {
+static int SmallTileTokens(const W4DeviceWeight::Impl& d, const W4CudaParams& p) {
   // Automatic: a GEMM with an EC at <= 32 rows keeps the fold kernel, whose
   // epilogue adds B v (v44 call 2: its step at batch 24 was slower on the
   // small tiles); 2 runs every GEMM there.
