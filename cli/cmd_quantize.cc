@@ -235,6 +235,12 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     return absl::InvalidArgumentError("--kl-temperature only applies to --ec spear");
   }
   o.distill.kl_temperature = *tau;
+  auto ema = f.Double("ec-ema", 0.0, 0.9999);
+  if (!ema.ok()) return ema.status();
+  if (f.Has("ec-ema") && o.ec != quantize::EcMode::kSpear) {
+    return absl::InvalidArgumentError("--ec-ema only applies to --ec spear");
+  }
+  o.distill.ema_decay = *ema;
   if (f.Has("ec-latency-table")) {
     if (o.ec == quantize::EcMode::kNone ||
         (o.ec == quantize::EcMode::kStatic && !o.place_static_like_spear)) {
@@ -325,12 +331,13 @@ void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
   if (r.distilled) {
     const quantize::DistillReport& d = r.distill;
     std::printf("EC training: %lld ECs, %lld parameters, %lld fit / %lld held-out tokens; held-out "
-                "KL %.4f -> %.4f (best step %lld of %lld, %.2f s/step%s%s)\n",
+                "KL %.4f -> %.4f (best step %lld of %lld%s, %.2f s/step%s%s)\n",
                 static_cast<long long>(d.num_ecs), static_cast<long long>(d.num_params),
                 static_cast<long long>(d.fit_tokens), static_cast<long long>(d.val_tokens),
                 d.init_val_kl, d.final_val_kl, static_cast<long long>(d.best_step),
-                static_cast<long long>(d.steps_run), d.seconds_per_step,
-                d.stopped_early ? ", stopped early" : "", d.time_capped ? ", time budget" : "");
+                static_cast<long long>(d.steps_run), d.best_is_ema ? ", the moving average" : "",
+                d.seconds_per_step, d.stopped_early ? ", stopped early" : "",
+                d.time_capped ? ", time budget" : "");
     if (const std::string w = d.UnderTrainedWarning(); !w.empty()) {
       std::fprintf(stderr, "warning: %s\n", w.c_str());
     }
@@ -368,6 +375,7 @@ json ReportJson(const quantize::QuantizeReport& r) {
                                          {"init_val_kl", r.distill.init_val_kl},
                                          {"final_val_kl", r.distill.final_val_kl},
                                          {"best_step", r.distill.best_step},
+                                         {"best_is_ema", r.distill.best_is_ema},
                                          {"steps_run", r.distill.steps_run},
                                          {"seconds_per_step", r.distill.seconds_per_step},
                                          {"stopped_early", r.distill.stopped_early},
@@ -436,6 +444,10 @@ int CmdQuantize(const std::vector<std::string>& args) {
       .Declare("kl-temperature", "1",
                "stage 2: distillation temperature of the training KL (tau^2 KL of the "
                "distributions at temperature tau; the held-out KL stays at 1)")
+      .Declare("ec-ema", "0",
+               "stage 2: decay per step of a moving average of the EC parameters, scored on "
+               "the held-out calibration data from half of the run on and kept where better "
+               "(distill.h; 0 = off)")
       .Declare("train-steps", "1000",
                "stage 2 (end-to-end EC distillation) steps of 2 x LEN tokens; the time budget "
                "or early stopping on held-out calibration KL usually ends it first")
@@ -540,6 +552,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                                         {"hidden_mse_weight", o.distill.hidden_mse_weight},
                                         {"layer_mse_weight", o.distill.layer_mse_weight},
                                         {"kl_temperature", o.distill.kl_temperature},
+                                        {"ema_decay", o.distill.ema_decay},
                                         {"eval_every", o.distill.eval_every},
                                         {"patience", o.distill.patience}}
                                  : json{{"kind", "per module"},

@@ -340,6 +340,53 @@ TEST_F(DistillTest, TrainingLowersHeldOutKl) {
   EXPECT_LT(*after, 0.97 * *before);  // a random model on random tokens: little to generalise
 }
 
+// The moving average (DistillOptions::ema_decay): scored from half of the
+// run on, the kept parameters are the best of every raw and averaged
+// evaluation, and they score what the report says on the held-out data.
+TEST_F(DistillTest, MovingAverageIsScoredAndKeptWhereBest) {
+  auto m = Quantized();
+  auto dist = EcDistiller::Create(m.get(), &pool_);
+  ASSERT_TRUE(dist.ok());
+  const auto seqs = Seqs(40, 64, 31);  // 32 fit + 8 held out
+  const auto teacher = Teacher(seqs);
+  DistillOptions o;
+  o.steps = 60;
+  o.batch_sequences = 4;
+  o.lr = 4e-3;  // a noisy run, where an average has something to smooth
+  o.eval_every = 10;
+  o.patience = 0;
+  o.ema_decay = 0.9;
+  auto rep = (*dist)->Train(seqs, 32, teacher.data(), o);
+  ASSERT_TRUE(rep.ok()) << rep.status();
+  // steps 30, 40, 50, 60 (>= half of 60): four averages scored
+  ASSERT_EQ(rep->ema_val_history.size(), 4u);
+  EXPECT_EQ(rep->ema_val_history.front().first, 30);
+  double best = rep->init_val_kl;
+  for (auto [st, v] : rep->val_history) best = std::min(best, v);
+  for (auto [st, v] : rep->ema_val_history) {
+    std::printf("  step %lld average val %.4g\n", (long long)st, v);
+    best = std::min(best, v);
+  }
+  EXPECT_DOUBLE_EQ(rep->final_val_kl, best);
+  EXPECT_LT(rep->final_val_kl, rep->init_val_kl);
+  // The kept parameters score the reported KL on the held-out sequences
+  // (sequences 32..39, batches of 4, as Train scores them).
+  const int64_t d = static_cast<int64_t>(teacher.size()) / (40 * 64);  // hidden size
+  double sum = 0;
+  int64_t tokens = 0;
+  for (int64_t b = 32; b < 40; b += 4) {
+    const std::vector<std::vector<int32_t>> part(seqs.begin() + b, seqs.begin() + b + 4);
+    auto l = (*dist)->LossAndGrad(Spans(part), teacher.data() + b * 64 * d, 0.0, nullptr);
+    ASSERT_TRUE(l.ok());
+    sum += *l * 4 * 64;
+    tokens += 4 * 64;
+  }
+  EXPECT_NEAR(sum / static_cast<double>(tokens), rep->final_val_kl, 1e-6 * (1 + rep->final_val_kl));
+  std::printf("held-out KL %.4g -> %.4g (best step %lld, %s)\n", rep->init_val_kl,
+              rep->final_val_kl, static_cast<long long>(rep->best_step),
+              rep->best_is_ema ? "the average" : "a raw step");
+}
+
 TEST(FastStats, SecondMomentGemmMatchesEigen) {
   kernels::ThreadPool pool(2);
   std::mt19937_64 rng(4);

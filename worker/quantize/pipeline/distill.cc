@@ -694,6 +694,10 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   std::vector<float> best = GetParams();
   int64_t bad = 0;
   std::vector<float> grad;
+  // ema_decay > 0: the parameters' moving average (started at the end of
+  // the warm-up).
+  const bool use_ema = o.ema_decay > 0;
+  std::vector<float> ema, raw;
   const auto train_start = std::chrono::steady_clock::now();
   // Progress in [0, 1] after `step` steps (see the lr schedule below).
   auto RunFraction = [&](int64_t step) {
@@ -739,15 +743,46 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
       }
     }
     rep.steps_run = step;
+    if (use_ema && step >= o.warmup_steps) {
+      raw = GetParams();
+      if (ema.empty()) {
+        ema = raw;
+      } else {
+        const float d = static_cast<float>(o.ema_decay);
+        for (size_t i = 0; i < ema.size(); ++i) ema[i] = d * ema[i] + (1.f - d) * raw[i];
+      }
+    }
     const bool time_up = o.max_seconds > 0 && RunFraction(step + 1) >= 1.0;
     if (step % o.eval_every == 0 || step == o.steps || time_up) {
       auto v = val_kl();
       if (!v.ok()) return v.status();
       rep.val_history.emplace_back(step, *v);
+      bool improved = false;
       if (*v < rep.final_val_kl) {
         rep.final_val_kl = *v;
         rep.best_step = step;
+        rep.best_is_ema = false;
         best = GetParams();
+        improved = true;
+      }
+      // The average, from half of the run on (before, it still carries the
+      // early steps): swapped in, scored, swapped back.
+      if (use_ema && !ema.empty() && RunFraction(step) >= 0.5) {
+        raw = GetParams();
+        SetParams(ema);
+        auto ve = val_kl();
+        SetParams(raw);
+        if (!ve.ok()) return ve.status();
+        rep.ema_val_history.emplace_back(step, *ve);
+        if (*ve < rep.final_val_kl) {
+          rep.final_val_kl = *ve;
+          rep.best_step = step;
+          rep.best_is_ema = true;
+          best = ema;
+          improved = true;
+        }
+      }
+      if (improved) {
         bad = 0;
       } else {
         ++bad;

@@ -83,6 +83,12 @@ struct DistillOptions {
   // exactly 1 (W2 = 0) and, at the A/B learning rate, barely moves within
   // the few dozen steps a CPU budget allows.
   double gate_lr_scale = 5.0;
+  // > 0: also an exponential moving average of the EC parameters, decay
+  // `ema_decay` per step from the end of the warm-up; from half of the run
+  // on, every held-out evaluation scores the average too, and the best of
+  // both kinds is what training keeps (a run's held-out calibration data
+  // decides, as for the raw steps). 0: off.
+  double ema_decay = 0;
   uint64_t seed = 1;
 };
 
@@ -95,6 +101,11 @@ struct DistillReport {
   bool stopped_early = false, time_capped = false;
   double seconds = 0, seconds_per_step = 0;
   std::vector<std::pair<int64_t, double>> val_history;  // (step, val KL)
+  // ema_decay > 0: the average's held-out KL per evaluation, and whether
+  // the kept parameters are the average's (best_step: the step it was
+  // evaluated at).
+  std::vector<std::pair<int64_t, double>> ema_val_history;
+  bool best_is_ema = false;
 
   // Fewer steps than this in a time-capped run: the ECs are under-trained
   // (docs/results/quality.md: the documented checkpoints trained 180-250
