@@ -94,7 +94,7 @@ inline EcWeights RandomEc(int64_t n, int64_t k, std::mt19937& rng, int64_t rank 
   e.k = k;
   e.rank = rank;
   e.gate_hidden = gate_hidden;
-  e.gated = true;
+  e.gated = gate_hidden > 0;  // 0: a static EC (no gate MLP)
   std::normal_distribution<float> nd;
   e.a.resize(static_cast<size_t>(rank * k));
   for (float& v : e.a) v = nd(rng) / 64.f;

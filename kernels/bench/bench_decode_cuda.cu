@@ -29,7 +29,9 @@
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
 //                                [--iters=20] [--variants=0,...,27]  (rows of kVariants)
-//                                [--ec-placement=SPEAR_DIR [--ec-pct=P]]
+//                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
+// --ec-static: the placed ECs without the gate MLP (a `spear quantize
+// --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
 // the checkpoint's layer l * L_src / L; ranks scaled by one factor to P % of
@@ -156,6 +158,8 @@ T* Alloc(size_t n) {
 }
 
 enum class Ec { kOff, kAll, kEvery4th, kPlacement };
+// --ec-static: the placed ECs without gate MLPs.
+bool g_ec_static = false;
 struct Variant {
   const char* name;
   Ec ec;
@@ -433,7 +437,7 @@ class Model {
         if (src(l)[i] <= 0) continue;
         const int64_t r = std::max<int64_t>(1, std::llround(src(l)[i] * scale));
         rank[group_of[i]] += r;
-        gates[group_of[i]] += 16;
+        gates[group_of[i]] += g_ec_static ? 0 : 16;
         member_bytes += 2.0 * r * (mk[i] + mn[i]);
       }
       for (int g = 0; g < kNumGroups; ++g) {
@@ -792,6 +796,8 @@ int Main(int argc, char** argv) {
       placement_path = a.substr(15);
     else if (a.rfind("--ec-pct=", 0) == 0)
       placement_pct = std::atof(a.substr(9).c_str());
+    else if (a == "--ec-static")
+      g_ec_static = true;
     else if (a.rfind("--variants=", 0) == 0) {
       variants_given = true;
       variants.clear();
@@ -805,7 +811,7 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
                    "[--batches=1,8,32] [--iters=20] [--variants=0,...,27] "
-                   "[--ec-placement=SPEAR_DIR [--ec-pct=P]]\n",
+                   "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
                    a.c_str(), argv[0]);
       return 2;
     }
