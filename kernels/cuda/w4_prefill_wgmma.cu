@@ -217,29 +217,6 @@ __device__ __forceinline__ void Wgmma(float (&d)[128], const uint32_t (&a)[4], u
 }
 #endif
 
-// Four fp16 A registers of one m16 k16 fragment from the lane's code word
-// and its two scale/zero words (rows gid, gid + 8): DequantKernel's math.
-__device__ __forceinline__ void Dequant(uint32_t w, uint2 szw, uint32_t (&a)[4]) {
-  // {960, 960} and {1/16, 1/16} as fp16 bit patterns (no conversions in the loop).
-  uint32_t c960 = 0x63806380u, c16th = 0x2C002C00u;
-  const __half2 k960 = *reinterpret_cast<__half2*>(&c960), k16th = *reinterpret_cast<__half2*>(&c16th);
-  const uint32_t sw[2] = {szw.x, szw.y};
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    uint32_t s = sw[h];
-    const __half2 sz2 = *reinterpret_cast<__half2*>(&s);
-    const __half2 s2 = __low2half2(sz2), zz = __high2half2(sz2);
-    uint32_t lo = (w & 0x000f000fu) | 0x64006400u, hi = (w & 0x00f000f0u) | 0x64006400u;
-    const __half2 b0 = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&lo), zz), s2);
-    // hi / 16 - (zz - 960) = 64 + q - (64 + z): exact, as DequantKernel's
-    // hfma2(hi, 1/16, -(zz - 960)) (k960 - zz is its negation, exactly).
-    const __half2 b1 = __hmul2(__hfma2(*reinterpret_cast<__half2*>(&hi), k16th, __hsub2(k960, zz)), s2);
-    a[h] = *reinterpret_cast<const uint32_t*>(&b0);      // a0 / a1: k 2 tig, rows gid / gid + 8
-    a[2 + h] = *reinterpret_cast<const uint32_t*>(&b1);  // a2 / a3: k 2 tig + 8
-    w >>= 8;
-  }
-}
-
 // v44: Dequant with its per-group constants computed once per group and
 // stage instead of once per k16 step (the same operations on the same
 // values: bit-identical fragments): for rows gid and gid + 8 (h = 0 / 1)
@@ -274,6 +251,13 @@ __device__ __forceinline__ void DequantK(uint32_t w, const SzConst& k, uint32_t 
     a[2 + h] = *reinterpret_cast<const uint32_t*>(&b1);
     w >>= 8;
   }
+}
+// Four fp16 A registers of one m16 k16 fragment from the lane's code word
+// and its two scale/zero words (rows gid, gid + 8): DequantKernel's math
+// (w4_prefill.cu; hi / 16 - (zz - 960) = 64 + q - (64 + z), exact, as its
+// hfma2(hi, 1/16, -(zz - 960))).
+__device__ __forceinline__ void Dequant(uint32_t w, uint2 szw, uint32_t (&a)[4]) {
+  DequantK(w, MakeSzConst(szw), a);
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -691,14 +675,12 @@ __device__ __forceinline__ void ProduceStage(const Args& a, const CUtensorMap* x
 // xs, generic pointer st): wait for the slot's `full` phase, dequantize its
 // 64-row tile ci's four k16 steps into cur, issue four wgmmas as one group
 // and retire the previous group (whose A registers are prev); the caller
-// then releases the previous stage's slot. CH accumulator chains (v44): k16
-// step q accumulates into acc[q % CH], so that with CH > 1 a stage's wgmmas
-// do not wait for each other (at small NT a wgmma's latency, not its work,
-// bounds a chain); the caller adds the chains at the end.
-template <int NT, int CH = 1>
+// then releases the previous stage's slot. (v44 call 2: k16 steps into 2 / 4
+// separate accumulators measured no faster at small NT: one accumulator.)
+template <int NT>
 __device__ __forceinline__ void ConsumeStage(const Args& a, unsigned xs, const unsigned char* st,
                                              unsigned fullbar, unsigned parity, int ks, int ci,
-                                             int lane, int wl, int gid, float (&acc)[CH][NT / 2],
+                                             int lane, int wl, int gid, float (&acc)[NT / 2],
                                              uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
   using C = Cfg<NT>;
   WaitParity(fullbar, parity);
@@ -735,7 +717,7 @@ __device__ __forceinline__ void ConsumeStage(const Args& a, unsigned xs, const u
   }
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-  for (int q = 0; q < 4; ++q) Wgmma(acc[q % CH], cur[q], desc[q]);
+  for (int q = 0; q < 4; ++q) Wgmma(acc, cur[q], desc[q]);
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
 #pragma unroll
@@ -777,16 +759,16 @@ __device__ __forceinline__ void ProduceRange(const Args& a, const CUtensorMap* x
 // ..) into acc: two register sets of A fragments in turn, each stage's slot
 // released once the next stage's wait retired its group (one arrival per
 // warp), then every group retired and the last slot released too.
-template <int NT, int S, int CH = 1>
+template <int NT, int S>
 __device__ __forceinline__ void ConsumeRange(const Args& a, unsigned base, const unsigned char* sbase,
                                              uint64_t* full, uint64_t* empty, int g0, int ks0,
                                              int cnt, int ci, int lane, int wl, int gid,
-                                             float (&acc)[CH][NT / 2], uint32_t (&af0)[4][4],
+                                             float (&acc)[NT / 2], uint32_t (&af0)[4][4],
                                              uint32_t (&af1)[4][4]) {
   using C = Cfg<NT>;
   auto stage = [&](int j, uint32_t (&cur)[4][4], uint32_t (&prev)[4][4]) {
     const int g = g0 + j, slot = g % S;
-    ConsumeStage<NT, CH>(a, base + slot * C::kStageBytes, sbase + slot * C::kStageBytes,
+    ConsumeStage<NT>(a, base + slot * C::kStageBytes, sbase + slot * C::kStageBytes,
                      SmemAddr(&full[slot]), static_cast<unsigned>((g / S) & 1), ks0 + j, ci, lane,
                      wl, gid, acc, cur, prev);
     // Stage g - 1's group is retired: its slot goes back to the producer.
@@ -801,8 +783,7 @@ __device__ __forceinline__ void ConsumeRange(const Args& a, unsigned base, const
     stage(j + 1, af1, af0);
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#pragma unroll
-  for (int c = 0; c < CH; ++c) FenceAcc(acc[c]);
+  FenceAcc(acc);
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     FenceA(af0[q]);
@@ -854,26 +835,11 @@ __global__ void __launch_bounds__(384, NT <= 64 ? 2 : 1)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   }
   const int ci = wg - 1;  // this consumer's 64-row layout tile within the block
-  // v44: accumulator chains (ConsumeStage): 4 at 16 tokens, 2 at 32, else 1
-  // (what the consumers' registers hold). Measured no faster than one chain
-  // (gpu.md, v44 call 2: the wgmma chain is not the bound); kept, tested.
-  constexpr int CH = NT == 16 ? 4 : NT == 32 ? 2 : 1;
-  float accs[CH][NT / 2];
+  float acc[NT / 2];
 #pragma unroll
-  for (int c = 0; c < CH; ++c) {
-#pragma unroll
-    for (int e = 0; e < NT / 2; ++e) accs[c][e] = 0.f;
-  }
+  for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
   uint32_t af0[4][4] = {}, af1[4][4] = {};
-  ConsumeRange<NT, S, CH>(a, base, sbase, full, empty, 0, kbeg, cnt, ci, lane, wl, gid, accs, af0,
-                          af1);
-  // the chains' sum (chain 0 + chain 1 + ..., in order: deterministic)
-  float (&acc)[NT / 2] = accs[0];
-#pragma unroll
-  for (int c = 1; c < CH; ++c) {
-#pragma unroll
-    for (int e = 0; e < NT / 2; ++e) acc[e] += accs[c][e];
-  }
+  ConsumeRange<NT, S>(a, base, sbase, full, empty, 0, kbeg, cnt, ci, lane, wl, gid, acc, af0, af1);
   // Epilogue: as W4WgmmaKernel's, by the 256 consumer threads (named
   // barrier 1; the producer warps have left).
   constexpr int kLd = kEpiLd;
@@ -1021,8 +987,7 @@ __global__ void __launch_bounds__(384, 1)
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int ci = wg - 1, ct = tid - 128;
-  float accs[1][NT / 2];
-  float (&acc)[NT / 2] = accs[0];
+  float acc[NT / 2];
   uint32_t af0[4][4] = {}, af1[4][4] = {};
   const size_t slot_floats = static_cast<size_t>(NT) * 128;
   int g = 0, u = 0, r = 0;
@@ -1031,7 +996,7 @@ __global__ void __launch_bounds__(384, 1)
     const int m0 = (sg.t % gx) * NT, tile0 = (sg.t / gx) * C::kTiles;
 #pragma unroll
     for (int e = 0; e < NT / 2; ++e) acc[e] = 0.f;
-    ConsumeRange<NT, S>(a, base, sbase, full, empty, g, 2 * sg.p0, sg.cnt, ci, lane, wl, gid, accs,
+    ConsumeRange<NT, S>(a, base, sbase, full, empty, g, 2 * sg.p0, sg.cnt, ci, lane, wl, gid, acc,
                         af0, af1);
     g += sg.cnt;
     if (sg.sk) {
