@@ -51,7 +51,6 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/decode_store.cuh"
-#include "kernels/cuda/ec_gate.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -82,10 +81,6 @@ struct Geom {
   int red_gstride;  // v40: bytes between two groups' reduction buffers (at
                     // red_off + g red_gstride; over the group's own drained
                     // rings when a block runs one iteration)
-  int gate_off;  // v45: > 0: the EC's gate runs in the block (DecodeArgs::gate),
-                 // its staged floats (ec_gate.cuh) at gate_off, then v (fp16
-                 // [m][rp]) at gate_off + gate_v
-  int gate_v;
 };
 
 __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -111,9 +106,6 @@ __device__ __forceinline__ uint32_t AndOr(uint32_t w) {
 __device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(pred ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsync4(unsigned dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void WaitGroups(int allowed) {
   // allowed = depth - 2 in 0..2 (immediate operand)
@@ -159,15 +151,10 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
 // GRP (v40): the warps in geo.groups groups (the instantiations without it
 // keep the one-group code's constants: a runtime group count cost 5 us on
 // 8B gate_up at m = 16).
-// GATE (v45): the EC blocks run the EC's gate (geo.gate_off > 0; one
-// token tile, not grouped); a separate instantiation, so that the others
-// compile as before (the gate's code in every instantiation cost the 4-warp
-// one-tile kernels 10-20 registers, a resident block).
-template <int NW, int CH, bool ONE, int NT, bool GRP, bool GATE>
+template <int NW, int CH, bool ONE, int NT, bool GRP>
 __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 8 ? 2 : 4))
     W4FoldKernel(const DecodeArgs a, const Geom geo) {
   static_assert(NT == 1 || NT == 2 || NT == 4, "NT: one, two or four n8 token tiles");
-  static_assert(!GATE || (NT == 1 && !GRP), "GATE: one token tile, not grouped");
   static_assert(!ONE || NT == 1, "ONE: m == 1");
   constexpr int kNW = NW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -239,26 +226,6 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
       }
     }
   };
-
-  // v45: the gate MLP's weights (they do not depend on the kernels before)
-  // into the staged layout, the thread's oldest group: complete by its first
-  // chunk's wait (or the explicit wait of a warp without chunks).
-  const bool gate_blk = GATE && q == 0;
-  if (GATE && gate_blk && a.egated) {
-    const int r = a.er, h = a.eh;
-    const ecg::Staged sg =
-        ecg::StagedAt(reinterpret_cast<float*>(smem + geo.gate_off), a.m, r, h);
-    auto sa = [](const float* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); };
-    for (int i = tid; i < h * r; i += kNW * 32) {
-      const int j = i / r, c = i - j * r;  // w1 [h][r]
-      CpAsync4(sa(sg.w1s + j * (r | 1) + c), a.ew1 + i);
-      const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
-      CpAsync4(sa(sg.w2s + c2 * (h | 1) + j2), a.ew2 + i);
-    }
-    for (int i = tid; i < h; i += kNW * 32) CpAsync4(sa(sg.b1s + i), a.eb1 + i);
-    for (int i = tid; i < r; i += kNW * 32) CpAsync4(sa(sg.b2s + i), a.eb2 + i);
-    asm volatile("cp.async.commit_group;\n" ::);
-  }
 
   // Prologue: the first D - 1 chunks' weights (one group each) before the
   // grid dependency wait, then the warp's x rows (one more group).
@@ -406,35 +373,6 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
     // operand (fragments of ec_bfrag, entry 2 j + reg), v as the B operand.
     if (a.ecb != nullptr && q == 0) {
       if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-      const uint16_t* vsrc = a.v;
-      int vld = a.ldv;
-      if (GATE && gate_blk) {
-        // v45: u's partials (the prologue's grid is complete: waited for
-        // above) summed in order, then the gate, by the whole block once
-        // (the first tile; v does not depend on the tile).
-        const int r = a.er, h = a.eh, rp = a.esteps * 16;
-        uint16_t* vs = reinterpret_cast<uint16_t*>(smem + geo.gate_off + geo.gate_v);
-        if (it == 0) {
-          if (nc <= 0) asm volatile("cp.async.wait_group 0;\n" ::);
-          __syncthreads();
-          const ecg::Staged sg =
-              ecg::StagedAt(reinterpret_cast<float*>(smem + geo.gate_off), a.m, r, h);
-          for (int i = tid; i < a.m * r; i += kNW * 32) {
-            const int t = i / r, c = i - t * r;
-            sg.us[i] = ecg::SumParts(a.upart, a.uparts, a.m, r, t, c);
-          }
-          __syncthreads();
-          const bool gw = tile0 == 0 && a.gate_out != nullptr;
-          ecg::GateBlock(a.m, r, rp, h, a.egated != 0, sg, tid, kNW * 32, [] { __syncthreads(); },
-                         [&](int t, int c, float gate, float v) {
-                           vs[t * rp + c] = __half_as_ushort(__float2half_rn(v));
-                           if (gw && c < r) a.gate_out[t * a.gate_ld + c] = gate;
-                         });
-          __syncthreads();
-        }
-        vsrc = vs;
-        vld = rp;
-      }
   #pragma unroll 1
       for (int e = wi; e < (tile < a.ntiles ? a.esteps : 0); e += NWG) {
         uint4 q0, q1, q2, q3;
@@ -459,9 +397,7 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
   #pragma unroll
         for (int t = 0; t < NT; ++t) {
           const int row = 8 * t + gid;
-          const uint16_t* v0 =
-              GATE ? vsrc + (row < a.m ? row : 0) * vld + e * 16 + 2 * (lane & 3)
-                   : a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
+          const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
           const uint32_t vb0 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
           const uint32_t vb1 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
   #pragma unroll
@@ -545,7 +481,7 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
   }  // tiles of this block
 }
 
-template <int NW, int CH, bool ONE, int NT, bool GRP, bool GATE>
+template <int NW, int CH, bool ONE, int NT, bool GRP>
 cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                       cudaStream_t stream, bool pdl) {
   static bool configured = false;  // per instantiation; idempotent
@@ -554,10 +490,10 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP, GATE>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
     }
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP, GATE>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                cudaSharedmemCarveoutMaxShared);
     }
     if (e != cudaSuccess) return e;
@@ -577,16 +513,16 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE, NT, GRP, GATE>, a, g);
+  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE, NT, GRP>, a, g);
 }
 
-template <int NW, bool ONE, int NT, bool GRP, bool GATE = false>
+template <int NW, bool ONE, int NT, bool GRP>
 cudaError_t LaunchCh(int ch, const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                      cudaStream_t stream, bool pdl) {
   switch (ch) {
-    case 2: return LaunchOne<NW, 2, ONE, NT, GRP, GATE>(a, grid_x, splits, g, smem, stream, pdl);
-    case 4: return LaunchOne<NW, 4, ONE, NT, GRP, GATE>(a, grid_x, splits, g, smem, stream, pdl);
-    default: return LaunchOne<NW, 8, ONE, NT, GRP, GATE>(a, grid_x, splits, g, smem, stream, pdl);
+    case 2: return LaunchOne<NW, 2, ONE, NT, GRP>(a, grid_x, splits, g, smem, stream, pdl);
+    case 4: return LaunchOne<NW, 4, ONE, NT, GRP>(a, grid_x, splits, g, smem, stream, pdl);
+    default: return LaunchOne<NW, 8, ONE, NT, GRP>(a, grid_x, splits, g, smem, stream, pdl);
   }
 }
 // The kernel for m (one row, <= 8: one token tile, <= 16: two, else four),
@@ -594,12 +530,6 @@ cudaError_t LaunchCh(int ch, const DecodeArgs& a, int grid_x, int splits, const 
 template <int NW, bool GRP>
 cudaError_t LaunchM(int ch, const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                     cudaStream_t stream, bool pdl) {
-  if constexpr (!GRP) {
-    if (g.gate_off > 0) {  // v45 (m <= 8)
-      return a.m == 1 ? LaunchCh<NW, true, 1, false, true>(ch, a, grid_x, splits, g, smem, stream, pdl)
-                      : LaunchCh<NW, false, 1, false, true>(ch, a, grid_x, splits, g, smem, stream, pdl);
-    }
-  }
   return a.m == 1   ? LaunchCh<NW, true, 1, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
          : a.m <= 8  ? LaunchCh<NW, false, 1, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
          : a.m <= 16 ? LaunchCh<NW, false, 2, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
@@ -792,12 +722,8 @@ bool FoldPreferred(const DecodeArgs& a, int num_sms) {
 // wait in the blocks of the first wave, 32 in every block (default: none),
 // 64 one tile per block (default: a persistent loop when the tiles need more
 // than one wave).
-namespace {
-
-// LaunchDecodeFold's configuration for these arguments (deterministic: the
-// EC prologue's form is chosen from it before the launch, FoldRunsGate).
-absl::StatusOr<FoldConfig> PlanFold(const DecodeArgs& a, int num_sms, int forced_splits,
-                                    int forced_depth) {
+absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
+                              cudaStream_t stream) {
   if (a.m < 1 || a.m > 32) return absl::InternalError("LaunchDecodeFold: m outside 1..32");
   const int kind = a.variant & 15;
   const int forced_warps = kind == 4 ? 4 : kind == 5 ? 8 : 0;
@@ -859,35 +785,6 @@ absl::StatusOr<FoldConfig> PlanFold(const DecodeArgs& a, int num_sms, int forced
     e.smem += 2 * a.esteps * 2048;
     if (BlocksPerSm(e) == BlocksPerSm(*c)) *c = e;
   }
-  // v45: the staged gate and v after everything else, when they fit
-  // without costing a resident block (one token tile, not grouped).
-  if (a.gate != 0 && a.ecb != nullptr && groups == 1 && c->nt == 1) {
-    FoldConfig e = *c;
-    e.geo.gate_off = (e.smem + 15) / 16 * 16;
-    e.geo.gate_v = static_cast<int>(
-        (ecg::StagedFloats(a.m, a.er, a.eh, a.egated != 0) * 4 + 15) / 16 * 16);
-    e.smem = e.geo.gate_off + e.geo.gate_v + (a.m * a.esteps * 16 * 2 + 15) / 16 * 16;
-    if (BlocksPerSm(e) == BlocksPerSm(*c)) *c = e;
-  }
-  return c;
-}
-
-}  // namespace
-
-bool FoldRunsGate(const DecodeArgs& a, int num_sms, int forced_splits, int forced_depth) {
-  if (a.gate == 0) return false;
-  const absl::StatusOr<FoldConfig> c = PlanFold(a, num_sms, forced_splits, forced_depth);
-  return c.ok() && c->geo.gate_off > 0;
-}
-
-absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
-                              cudaStream_t stream) {
-  absl::StatusOr<FoldConfig> c = PlanFold(a, num_sms, forced_splits, forced_depth);
-  if (!c.ok()) return c.status();
-  if ((a.gate != 0) != (c->geo.gate_off > 0)) {
-    return absl::InternalError("LaunchDecodeFold: a.gate set where the plan runs no gate");
-  }
-  const int groups = c->geo.groups;
   const int ch = FoldChunk(a);
   static int pdl_ok = -1;
   auto go = [&](bool pdl) {
