@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,29]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,27]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -246,13 +246,7 @@ const Variant kVariants[] = {
     // where the GEMM has < 32 Mi weights (before v44e), not on the second
     // stream beside the GEMM.
     {"W4+EC at the diagnostic's placement, small tiles' EC on the caller's stream below 32 Mi weights (before v44e)",
-     Ec::kPlacement, false, false, true, 0, true, false, 0, false, 2, 0, -1},
-    // 28-29 (v46): the gate in the EC prologue's last block (before v46), not
-    // in the fold kernel's gate warp (the default at m <= 8).
-    {"W4+EC at the diagnostic's placement, the gate in the prologue's last block (before v46)",
-     Ec::kPlacement, false, false, true, 0, true, false, 16},
-    {"W4+EC r32 all 4 GEMMs, all layers, the gate in the prologue's last block (before v46)",
-     Ec::kAll, false, false, true, 0, true, false, 16}};
+     Ec::kPlacement, false, false, true, 0, true, false, 0, false, 2, 0, -1}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -816,7 +810,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,29] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,27] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -7,11 +7,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
-#include "kernels/cuda/ec_gate.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
@@ -58,15 +56,35 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
   }
 }
 
+// u[t][c] = the P partial sums upart[p][t][c] (written by the prologue's
+// blocks, read through L2) added in order p = 0, 1, ...: deterministic.
+__device__ __forceinline__ float SumParts(const float* upart, int P, int m, int r, int t, int c) {
+  float v = 0.f;
+  for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + c);
+  return v;
+}
+
+// sum over i = l, l + G, ... < n of w[i] u[i] (shared memory) in four
+// partial sums (four independent multiply-add chains, not one).
+__device__ __forceinline__ float Dot4(const float* w, const float* u, int l, int n, int G) {
+  float z0 = 0.f, z1 = 0.f, z2 = 0.f, z3 = 0.f;
+  int i = l;
+  for (; i + 3 * G < n; i += 4 * G) {
+    z0 += w[i] * u[i];
+    z1 += w[i + G] * u[i + G];
+    z2 += w[i + 2 * G] * u[i + 2 * G];
+    z3 += w[i + 3 * G] * u[i + 3 * G];
+  }
+  for (; i < n; i += G) z0 += w[i] * u[i];
+  return (z0 + z1) + (z2 + z3);
+}
+
 // The prologue's gate forms, and its timing-only cut-offs (the output is
 // then wrong).
 constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h or m)
 constexpr int kStageGroups = 1;      // v27: dot products over lane groups
 constexpr int kStageLaunchOnly = -1; // ec_prologue 64: return after the wait
-// u's partials only, no ticket or gate: v46's form before the fold kernel,
-// which sums them and runs the gate in its EC blocks (w4_gemv_fold.cu);
-// also ec_prologue 128's measurement (any other GEMM then reads a stale v).
-constexpr int kStageUOnly = -2;
+constexpr int kStageUOnly = -2;      // ec_prologue 128: u's partials only
 
 // The last block's parallel gate (u, hidden, the MLP's weights) in shared
 // memory when it fits (floats; 40 KB, with the static 2 KB under 48 KB).
@@ -100,7 +118,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   // the block's first A pieces (registers) and, by block (0, 0), the gate
   // MLP's weights into L2 for the last block (so its loads hit L2, not DRAM).
   uint4 apre = {};
-  const bool pre = (stage == kStageGroups || stage == kStageUOnly) && vec;
+  const bool pre = stage == kStageGroups && vec;
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
     if (c < ce) apre = __ldg(reinterpret_cast<const uint4*>(ar) + c);
@@ -181,7 +199,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     for (int w = 0; w < kNW; ++w) v += ut[w][threadIdx.x];
     __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
-  if (stage == kStageUOnly) return;  // v46 (the GEMM runs the gate) / ec_prologue 128
+  if (stage == kStageUOnly) return;  // measurement only (ec_prologue 128): no ticket or gate
   // The ticket (v27): one acquire-release atomic by thread 0 after the block
   // barrier (the barrier orders the block's partial stores before it; the
   // release makes them visible with it, the acquire of the last block sees
@@ -209,37 +227,73 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     // W1's rows stored with an odd stride r | 1 and W2's with h | 1, so the
     // rows that neighbouring lane groups read fall in different banks (with
     // the stride r = 56 a warp's 32 rows hit 4 banks: 8-way conflicts).
-    const ecg::Staged st = ecg::StagedAt(dyn, m, r, h);
+    const int r1 = r | 1, h1 = h | 1;
+    float* us = dyn;
+    float* hs = us + m * r;
+    float* w1s = hs + m * h;
+    float* b1s = w1s + h * r1;
+    float* w2s = b1s + h;
+    float* b2s = w2s + r * h1;
     for (int i = threadIdx.x; i < m * r; i += kT) {
       const int t = i / r, c = i - t * r;
-      st.us[i] = ecg::SumParts(upart, P, m, r, t, c);
+      us[i] = SumParts(upart, P, m, r, t, c);
     }
     if (g.gated) {
-      const int r1 = r | 1, h1 = h | 1;
       for (int i = threadIdx.x; i < h * r; i += kT) {
         const int j = i / r, c = i - j * r;  // w1 [h][r]
-        st.w1s[j * r1 + c] = g.w1[i];
+        w1s[j * r1 + c] = g.w1[i];
         const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
-        st.w2s[c2 * h1 + j2] = g.w2[i];
+        w2s[c2 * h1 + j2] = g.w2[i];
       }
-      for (int i = threadIdx.x; i < h; i += kT) st.b1s[i] = g.b1[i];
-      for (int i = threadIdx.x; i < r; i += kT) st.b2s[i] = g.b2[i];
+      for (int i = threadIdx.x; i < h; i += kT) b1s[i] = g.b1[i];
+      for (int i = threadIdx.x; i < r; i += kT) b2s[i] = g.b2[i];
     }
     __syncthreads();
-    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st, static_cast<int>(threadIdx.x), kT,
-                   [] { __syncthreads(); }, [&](int t, int c, float gate, float v) {
-                     if (c < r) {
-                       if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
-                       if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
-                     }
-                     if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
-                   });
+    auto group_of = [](int outputs) {
+      int gsz = 1;
+      while (gsz < 32 && outputs * gsz * 2 <= kT) gsz *= 2;
+      return gsz;
+    };
+    if (g.gated) {
+      const int G = group_of(m * h), per = kT / G, l = threadIdx.x & (G - 1);
+      for (int base = 0; base < m * h; base += per) {
+        const int o = base + static_cast<int>(threadIdx.x) / G;
+        const bool ok = o < m * h;
+        const int t = ok ? o / h : 0, j = ok ? o - t * h : 0;
+        float z = ok ? Dot4(w1s + j * r1, us + t * r, l, r, G) : 0.f;
+        for (int off = G >> 1; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
+        if (ok && l == 0) {
+          z += b1s[j];
+          hs[o] = z / (1.f + expf(-z));
+        }
+      }
+      __syncthreads();
+    }
+    const int rp = g.rp;
+    const int G = g.gated ? group_of(m * rp) : 1, per = kT / G, l = threadIdx.x & (G - 1);
+    for (int base = 0; base < m * rp; base += per) {
+      const int o = base + static_cast<int>(threadIdx.x) / G;
+      const bool ok = o < m * rp;
+      const int t = ok ? o / rp : 0, c = ok ? o - t * rp : 0;
+      float z = g.gated && ok && c < r ? Dot4(w2s + c * h1, hs + t * h, l, h, G) : 0.f;
+      for (int off = G >> 1; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
+      if (ok && l == 0) {
+        float v = 0.f, gate = 1.f;
+        if (c < r) {
+          if (g.gated) gate = 1.f + tanhf(z + b2s[c]);
+          v = gate * us[t * r + c];
+          if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
+          if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
+        }
+        if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
+      }
+    }
   } else {
     // One warp per token (v12; also where the parallel layout does not fit).
     float* us = dyn + warp * r;
     float* hs = dyn + kNW * r + warp * h;
     for (int t = warp; t < m; t += kNW) {
-      for (int i = lane; i < r; i += 32) us[i] = ecg::SumParts(upart, P, m, r, t, i);
+      for (int i = lane; i < r; i += 32) us[i] = SumParts(upart, P, m, r, t, i);
       __syncwarp();
       GateWarp(g, t, us, hs);
       __syncwarp();
@@ -296,26 +350,23 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 
 }  // namespace
 
-int EcPrologueParts(int64_t k, int flags) {
-  // k split: parts of >= 2048 elements (one 16-byte load per thread of a
-  // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
-  if ((flags & 1) != 0) return 1;
-  return static_cast<int>(std::min<int64_t>((k + 2047) / 2048, kEcMaxKParts));
-}
-
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
                               int flags, bool pdl_launch) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
-  const int parts = EcPrologueParts(w.k, flags);
+  // k split: parts of >= 2048 elements (one 16-byte load per thread of a
+  // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
+  int parts = static_cast<int>((w.k + 2047) / 2048);
+  if (parts > kEcMaxKParts) parts = kEcMaxKParts;
+  if ((flags & 1) != 0) parts = 1;
   const int kchunk = static_cast<int>((w.k + parts - 1) / parts + 7) / 8 * 8;
   const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
   // The parallel gate's shared memory (floats): u and hidden for m tokens,
   // then W1 (rows of r | 1), b1, W2 (rows of h | 1), b2; one warp per token
   // (v12's way) where it does not fit, or with flag 1.
-  const int64_t par = ecg::StagedFloats(static_cast<int>(m), r, h, w.gated);
+  const int64_t par = m * (r + h) + (w.gated ? h * (r | 1) + r * (h | 1) + h + r : 0);
   // kStageGroups (v27, the default): x-independent loads before the wait,
   // the gate's dot products split over lane groups.
   int stage = (flags & 1) == 0 && par <= kGateStageFloats ? kStageGroups : kStageWarp;

@@ -154,33 +154,6 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = decode_kernel;
     if (ec) {
-      // v46: under the fold kernel (m <= 8) a warp of each EC block sums u's
-      // partials and runs the gate beside the main loop, so the prologue
-      // writes the partials only (no ticket, no last block): where the staged
-      // gate and the warp fit (FoldRunsGate) and no ec_prologue flag asks
-      // otherwise (16: the prologue's own gate, as before v46).
-      int pflags = p.ec_prologue & (1 | 64 | 128);
-      if (fold && (p.ec_prologue & (4 | 8 | 16 | 64 | 128)) == 0) {
-        a.ecb = d.ec_bfrag;  // as below; FoldRunsGate plans with them
-        a.esteps = static_cast<int>(d.rp / 16);
-        a.gate = 1;
-        a.upart = s.u;
-        a.uparts = EcPrologueParts(d.k, p.ec_prologue & 1);
-        a.er = static_cast<int>(d.r);
-        a.eh = static_cast<int>(d.h);
-        a.egated = d.gated ? 1 : 0;
-        a.ew1 = d.w1;
-        a.eb1 = d.b1;
-        a.ew2 = d.w2;
-        a.eb2 = d.b2;
-        a.gate_out = p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr;
-        a.gate_ld = static_cast<int>(p.gate_ld > 0 ? p.gate_ld : d.r);
-        if (FoldRunsGate(a, s.num_sms, splits, depth)) {
-          pflags |= 128;
-        } else {
-          a.gate = 0;
-        }
-      }
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
       if ((p.ec_prologue & 4) == 0) {
@@ -190,7 +163,8 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
         if (absl::Status st = LaunchEcPrologue(
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
                 p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
-                p.gate_ld, stream, pflags, fold && (p.ec_prologue & 2) == 0);
+                p.gate_ld, stream, p.ec_prologue & (1 | 64 | 128),
+                fold && (p.ec_prologue & 2) == 0);
             !st.ok()) {
           return st;
         }
@@ -272,10 +246,10 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }
-  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 16 | 64 | 128)) != 0 ||
+  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 64 | 128)) != 0 ||
       (p.ec_prologue & 12) == 12) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 1, 2, 16, 64, 128 and one of 4 / 8 only"));
+                            ": flags 1, 2, 64, 128 and one of 4 / 8 only"));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured

@@ -51,7 +51,6 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/decode_store.cuh"
-#include "kernels/cuda/ec_gate.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -82,10 +81,6 @@ struct Geom {
   int red_gstride;  // v40: bytes between two groups' reduction buffers (at
                     // red_off + g red_gstride; over the group's own drained
                     // rings when a block runs one iteration)
-  int gate_off;  // v46: > 0: the EC's gate runs in the block's gate warp (DecodeArgs::gate),
-                 // its staged floats (ec_gate.cuh) at gate_off, then v (fp16
-                 // [m][rp]) at gate_off + gate_v
-  int gate_v;
 };
 
 __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -111,9 +106,6 @@ __device__ __forceinline__ uint32_t AndOr(uint32_t w) {
 __device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(pred ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsync4(unsigned dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void WaitGroups(int allowed) {
   // allowed = depth - 2 in 0..2 (immediate operand)
@@ -159,21 +151,10 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], unsigned addr) {
 // GRP (v40): the warps in geo.groups groups (the instantiations without it
 // keep the one-group code's constants: a runtime group count cost 5 us on
 // 8B gate_up at m = 16).
-// GATE (v46): one more warp (warp NW) runs the EC's gate beside the
-// streaming warps (geo.gate_off > 0; one token tile, not grouped): it stages
-// the gate MLP's weights before the dependency wait, waits for the EC
-// prologue (which wrote u's partials only), sums them and runs the gate
-// into shared memory, then releases the streaming warps' EC steps through
-// a named barrier; the streaming warps never wait for the prologue grid.
-// (v45 ran the gate with the whole block after the main loop: +2.6 us per
-// EC'd GEMM on the critical path.) A separate instantiation, so that the
-// others compile as before.
-template <int NW, int CH, bool ONE, int NT, bool GRP, bool GATE>
-__global__ void __launch_bounds__(NW * 32 + (GATE ? 32 : 0),
-                                  NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 8 ? 2 : 4))
+template <int NW, int CH, bool ONE, int NT, bool GRP>
+__global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 8 ? 2 : 4))
     W4FoldKernel(const DecodeArgs a, const Geom geo) {
   static_assert(NT == 1 || NT == 2 || NT == 4, "NT: one, two or four n8 token tiles");
-  static_assert(!GATE || (NT == 1 && !GRP), "GATE: one token tile, not grouped");
   static_assert(!ONE || NT == 1, "ONE: m == 1");
   constexpr int kNW = NW;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -201,45 +182,6 @@ __global__ void __launch_bounds__(NW * 32 + (GATE ? 32 : 0),
   const int D = geo.depth;
 
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
-
-  if constexpr (GATE) {
-    if (warp == kNW) {  // v46: the gate warp
-      if (q != 0) return;  // only k split 0 adds the EC term
-      const int r = a.er, h = a.eh, rp = a.esteps * 16;
-      const ecg::Staged sg =
-          ecg::StagedAt(reinterpret_cast<float*>(smem + geo.gate_off), a.m, r, h);
-      if (a.egated) {  // the MLP's weights do not depend on the kernels before
-        auto sa = [](const float* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); };
-        for (int i = lane; i < h * r; i += 32) {
-          const int j = i / r, c = i - j * r;  // w1 [h][r]
-          CpAsync4(sa(sg.w1s + j * (r | 1) + c), a.ew1 + i);
-          const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
-          CpAsync4(sa(sg.w2s + c2 * (h | 1) + j2), a.ew2 + i);
-        }
-        for (int i = lane; i < h; i += 32) CpAsync4(sa(sg.b1s + i), a.eb1 + i);
-        for (int i = lane; i < r; i += 32) CpAsync4(sa(sg.b2s + i), a.eb2 + i);
-        asm volatile("cp.async.commit_group;\n" ::);
-      }
-      // The prologue's grid (u's partials) complete and visible.
-      asm volatile("griddepcontrol.wait;\n" ::: "memory");
-      for (int i = lane; i < a.m * r; i += 32) {
-        const int t = i / r, c = i - t * r;
-        sg.us[i] = ecg::SumParts(a.upart, a.uparts, a.m, r, t, c);
-      }
-      asm volatile("cp.async.wait_group 0;\n" ::);
-      __syncwarp();
-      uint16_t* vs = reinterpret_cast<uint16_t*>(smem + geo.gate_off + geo.gate_v);
-      const bool gw = tile0 == 0 && a.gate_out != nullptr;
-      ecg::GateBlock(a.m, r, rp, h, a.egated != 0, sg, lane, 32, [] { __syncwarp(); },
-                     [&](int t, int c, float gate, float v) {
-                       vs[t * rp + c] = __half_as_ushort(__float2half_rn(v));
-                       if (gw && c < r) a.gate_out[t * a.gate_ld + c] = gate;
-                     });
-      __syncwarp();
-      asm volatile("bar.arrive 9, %0;\n" ::"n"((kNW + 1) * 32) : "memory");
-      return;
-    }
-  }
 
   unsigned char* wbase = smem + warp * geo.warp_bytes;
   const unsigned ring_s = static_cast<unsigned>(__cvta_generic_to_shared(wbase));
@@ -284,8 +226,6 @@ __global__ void __launch_bounds__(NW * 32 + (GATE ? 32 : 0),
       }
     }
   };
-
-  const bool gate_blk = GATE && q == 0;
 
   // Prologue: the first D - 1 chunks' weights (one group each) before the
   // grid dependency wait, then the warp's x rows (one more group).
@@ -432,16 +372,7 @@ __global__ void __launch_bounds__(NW * 32 + (GATE ? 32 : 0),
     // The EC term, once per tile (k split 0): y += B (g ⊙ u), B as the A
     // operand (fragments of ec_bfrag, entry 2 j + reg), v as the B operand.
     if (a.ecb != nullptr && q == 0) {
-      // (v46: the gate warp waited for the prologue; v is in shared memory
-      // once the named barrier completes, at the first tile.)
-      if (a.ec_late && !GATE) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-      const uint16_t* vsrc = a.v;
-      int vld = a.ldv;
-      if (GATE && gate_blk) {
-        if (it == 0) asm volatile("bar.sync 9, %0;\n" ::"n"((kNW + 1) * 32) : "memory");
-        vsrc = reinterpret_cast<const uint16_t*>(smem + geo.gate_off + geo.gate_v);
-        vld = a.esteps * 16;
-      }
+      if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   #pragma unroll 1
       for (int e = wi; e < (tile < a.ntiles ? a.esteps : 0); e += NWG) {
         uint4 q0, q1, q2, q3;
@@ -466,9 +397,7 @@ __global__ void __launch_bounds__(NW * 32 + (GATE ? 32 : 0),
   #pragma unroll
         for (int t = 0; t < NT; ++t) {
           const int row = 8 * t + gid;
-          const uint16_t* v0 =
-              GATE ? vsrc + (row < a.m ? row : 0) * vld + e * 16 + 2 * (lane & 3)
-                   : a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
+          const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
           const uint32_t vb0 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
           const uint32_t vb1 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
   #pragma unroll
@@ -501,9 +430,7 @@ __global__ void __launch_bounds__(NW * 32 + (GATE ? 32 : 0),
     float* part = NWG == 1 ? red : red + NWG * E;
     // barrier of the group's warps (the block's when G == 1)
     auto group_sync = [&]() {
-      if (GATE) {  // v46: the streaming warps only (the gate warp has left)
-        asm volatile("bar.sync 10, %0;\n" ::"n"(kNW * 32) : "memory");
-      } else if (G == 1) {
+      if (G == 1) {
         __syncthreads();
       } else if (NWG == 1) {
         __syncwarp();
@@ -554,7 +481,7 @@ __global__ void __launch_bounds__(NW * 32 + (GATE ? 32 : 0),
   }  // tiles of this block
 }
 
-template <int NW, int CH, bool ONE, int NT, bool GRP, bool GATE>
+template <int NW, int CH, bool ONE, int NT, bool GRP>
 cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                       cudaStream_t stream, bool pdl) {
   static bool configured = false;  // per instantiation; idempotent
@@ -563,10 +490,10 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
     cudaError_t e = cudaGetDevice(&dev);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP, GATE>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
     }
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP, GATE>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                cudaSharedmemCarveoutMaxShared);
     }
     if (e != cudaSuccess) return e;
@@ -574,7 +501,7 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits));
-  cfg.blockDim = dim3(NW * 32 + (GATE ? 32 : 0));
+  cfg.blockDim = dim3(NW * 32);
   cfg.dynamicSmemBytes = static_cast<size_t>(smem);
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
@@ -586,16 +513,16 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE, NT, GRP, GATE>, a, g);
+  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE, NT, GRP>, a, g);
 }
 
-template <int NW, bool ONE, int NT, bool GRP, bool GATE = false>
+template <int NW, bool ONE, int NT, bool GRP>
 cudaError_t LaunchCh(int ch, const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                      cudaStream_t stream, bool pdl) {
   switch (ch) {
-    case 2: return LaunchOne<NW, 2, ONE, NT, GRP, GATE>(a, grid_x, splits, g, smem, stream, pdl);
-    case 4: return LaunchOne<NW, 4, ONE, NT, GRP, GATE>(a, grid_x, splits, g, smem, stream, pdl);
-    default: return LaunchOne<NW, 8, ONE, NT, GRP, GATE>(a, grid_x, splits, g, smem, stream, pdl);
+    case 2: return LaunchOne<NW, 2, ONE, NT, GRP>(a, grid_x, splits, g, smem, stream, pdl);
+    case 4: return LaunchOne<NW, 4, ONE, NT, GRP>(a, grid_x, splits, g, smem, stream, pdl);
+    default: return LaunchOne<NW, 8, ONE, NT, GRP>(a, grid_x, splits, g, smem, stream, pdl);
   }
 }
 // The kernel for m (one row, <= 8: one token tile, <= 16: two, else four),
@@ -603,12 +530,6 @@ cudaError_t LaunchCh(int ch, const DecodeArgs& a, int grid_x, int splits, const 
 template <int NW, bool GRP>
 cudaError_t LaunchM(int ch, const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                     cudaStream_t stream, bool pdl) {
-  if constexpr (!GRP) {
-    if (g.gate_off > 0) {  // v46 (m <= 8)
-      return a.m == 1 ? LaunchCh<NW, true, 1, false, true>(ch, a, grid_x, splits, g, smem, stream, pdl)
-                      : LaunchCh<NW, false, 1, false, true>(ch, a, grid_x, splits, g, smem, stream, pdl);
-    }
-  }
   return a.m == 1   ? LaunchCh<NW, true, 1, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
          : a.m <= 8  ? LaunchCh<NW, false, 1, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
          : a.m <= 16 ? LaunchCh<NW, false, 2, GRP>(ch, a, grid_x, splits, g, smem, stream, pdl)
@@ -630,7 +551,6 @@ struct FoldConfig {
   int nw = 8, splits = 1, depth = 2, smem = 0;
   int nt = 1;      // n8 token tiles: 1 (m <= 8), 2 (m <= 16) or 4 (m <= 32)
   int grid_x = 0;  // blocks along the tiles: ntiles, or fewer (persistent loop)
-  int gate_warp = 0;  // v46: 1 = one more warp (the EC's gate)
   foldk::Geom geo{};
 };
 
@@ -691,9 +611,8 @@ constexpr int kSmemPerSm = 228 * 1024, kSmemReserved = 1024, kSmemMaxBlock = 227
 int BlocksPerSm(const FoldConfig& c) {
   if (c.smem > kSmemMaxBlock) return 0;
   const int by_smem = kSmemPerSm / (c.smem + kSmemReserved);
-  const int warps = c.nw + c.gate_warp;
-  const int by_regs = 65536 / ((c.nt == 4 ? 256 : c.nt == 2 ? 128 : 96) * 32 * warps);
-  return std::min({by_smem, by_regs, 64 / warps});
+  const int by_regs = 65536 / ((c.nt == 4 ? 256 : c.nt == 2 ? 128 : 96) * 32 * c.nw);
+  return std::min({by_smem, by_regs, 64 / c.nw});
 }
 
 // The cost model, fitted to the v10 sweep (docs/results/gpu.md; 8B shapes,
@@ -803,12 +722,8 @@ bool FoldPreferred(const DecodeArgs& a, int num_sms) {
 // wait in the blocks of the first wave, 32 in every block (default: none),
 // 64 one tile per block (default: a persistent loop when the tiles need more
 // than one wave).
-namespace {
-
-// LaunchDecodeFold's configuration for these arguments (deterministic: the
-// EC prologue's form is chosen from it before the launch, FoldRunsGate).
-absl::StatusOr<FoldConfig> PlanFold(const DecodeArgs& a, int num_sms, int forced_splits,
-                                    int forced_depth) {
+absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
+                              cudaStream_t stream) {
   if (a.m < 1 || a.m > 32) return absl::InternalError("LaunchDecodeFold: m outside 1..32");
   const int kind = a.variant & 15;
   const int forced_warps = kind == 4 ? 4 : kind == 5 ? 8 : 0;
@@ -870,37 +785,6 @@ absl::StatusOr<FoldConfig> PlanFold(const DecodeArgs& a, int num_sms, int forced
     e.smem += 2 * a.esteps * 2048;
     if (BlocksPerSm(e) == BlocksPerSm(*c)) *c = e;
   }
-  // v45 / v46: the staged gate and v after everything else, and the gate
-  // warp, when they fit without costing a resident block (one token tile,
-  // not grouped).
-  if (a.gate != 0 && a.ecb != nullptr && groups == 1 && c->nt == 1) {
-    FoldConfig e = *c;
-    e.gate_warp = 1;
-    e.geo.gate_off = (e.smem + 15) / 16 * 16;
-    e.geo.gate_v = static_cast<int>(
-        (ecg::StagedFloats(a.m, a.er, a.eh, a.egated != 0) * 4 + 15) / 16 * 16);
-    e.smem = e.geo.gate_off + e.geo.gate_v + (a.m * a.esteps * 16 * 2 + 15) / 16 * 16;
-    if (BlocksPerSm(e) == BlocksPerSm(*c)) *c = e;
-  }
-  return c;
-}
-
-}  // namespace
-
-bool FoldRunsGate(const DecodeArgs& a, int num_sms, int forced_splits, int forced_depth) {
-  if (a.gate == 0) return false;
-  const absl::StatusOr<FoldConfig> c = PlanFold(a, num_sms, forced_splits, forced_depth);
-  return c.ok() && c->geo.gate_off > 0;
-}
-
-absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
-                              cudaStream_t stream) {
-  absl::StatusOr<FoldConfig> c = PlanFold(a, num_sms, forced_splits, forced_depth);
-  if (!c.ok()) return c.status();
-  if ((a.gate != 0) != (c->geo.gate_off > 0)) {
-    return absl::InternalError("LaunchDecodeFold: a.gate set where the plan runs no gate");
-  }
-  const int groups = c->geo.groups;
   const int ch = FoldChunk(a);
   static int pdl_ok = -1;
   auto go = [&](bool pdl) {

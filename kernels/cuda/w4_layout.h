@@ -117,22 +117,6 @@ struct DecodeArgs {
   float* partials;
   int* counters;
   int total_units;
-  // v46 (fold kernel, m <= 8, gate != 0): the EC prologue wrote only u's
-  // partial sums upart [uparts][m][er]; in every EC block (k split 0) one
-  // more warp sums them in order and runs the gate MLP (ew1 [eh][er], eb1,
-  // ew2 [er][eh], eb2; egated 0: static, v = u) into shared memory beside the
-  // streaming warps, as the prologue's last block would (ec_gate.cuh), and
-  // the EC steps read v (rp = esteps x 16 columns) from there; the block of
-  // tile 0 writes gate_out [m][gate_ld] where non-null.
-  int gate;
-  const float* upart;
-  int uparts, er, eh, egated;
-  const float* ew1;
-  const float* eb1;
-  const float* ew2;
-  const float* eb2;
-  float* gate_out;
-  int gate_ld;
 };
 // mt = ceil(m / 16) in 1..4.
 absl::Status LaunchDecode(int mt, DecodeArgs a, int num_sms, cudaStream_t stream);
@@ -147,22 +131,13 @@ bool FoldSupported(const DecodeArgs& a);
 bool FoldPreferred(const DecodeArgs& a, int num_sms);
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream);
-// v46: whether LaunchDecodeFold with these arguments (a.gate set) runs the
-// EC's gate in its blocks (the gate warp): the launch is not grouped, m <= 8,
-// and the staged gate and the extra warp fit without costing a resident
-// block. Where not, the caller runs the prologue's own gate and
-// clears a.gate.
-bool FoldRunsGate(const DecodeArgs& a, int num_sms, int forced_splits, int forced_depth);
 
 absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k,
                             const float* act_scale, uint16_t* xs, int64_t ldxs,
                             cudaStream_t stream);
-// The prologue's k ranges P (its partial sums of u: ws.u [P][m][r]).
-int EcPrologueParts(int64_t k, int flags);
 // u = A x for m tokens, then the gate; writes v_half [m][ldv] (padded columns
 // zero), v_f32 [m][r] and gate_out [m][ldg] (0: r) where non-null. flags: 1 v12's
-// prologue (one k range per rank, one warp per token for the gate), 128
-// u's partials only (v46: the fold kernel sums them and runs the gate);
+// prologue (one k range per rank, one warp per token for the gate);
 // pdl_launch: with programmatic serialization (the kernel waits for x's
 // producer first).
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,

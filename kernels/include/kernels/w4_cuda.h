@@ -234,15 +234,9 @@ struct W4CudaParams {
   // requested before the dependency wait, an acquire-release ticket, the
   // last block's gate with each dot product split over a lane group from
   // shared memory; launched under programmatic dependent launch before the
-  // fold kernel, M <= 16, a plain launch otherwise; v46: before the fold
-  // kernel at M <= 8 the prologue writes u's k-range partials only and one
-  // more warp of each fold-kernel EC block sums them and runs the gate
-  // beside the main loop, bit for bit the same, where the staged gate and
-  // the warp fit); flags: 1 v12's
-  // prologue (one block per rank over all of k, one warp per token for the
-  // gate), 2 a plain launch at any M, 16 the gate in the prologue's last
-  // block at every M (the form before v46); benchmarks only (the output is
-  // then wrong): 4
+  // fold kernel, M <= 16, a plain launch otherwise); flags: 1 v12's prologue
+  // (one block per rank over all of k, one warp per token for the gate), 2
+  // a plain launch at any M; benchmarks only (the output is then wrong): 4
   // no prologue (the epilogue uses whatever v the last call left), 8 the
   // prologue without the epilogue (4 and 8 together: InvalidArgument), 64
   // the prologue's launch alone, 128 its partial sums of u without the

@@ -1109,16 +1109,13 @@ TEST(CudaW4, DecodeIsDeterministic) {
   }
 }
 
-// v46: under the fold kernel (m <= 8) the EC's gate runs in one more warp
-// of the GEMM's EC blocks from u's partials (the prologue writes only
-// those); the same operations in the same order as the prologue's last
-// block (ec_prologue 16, the form before v46), so y and the gate values must be bit for bit
-// the same, on fresh random inputs: gated and static ECs, ranks 8..64 (48:
-// padded to 64), one and several k ranges (k 1000 .. 14336), m = 1..8,
-// 4- and 8-warp blocks, k splits, the persistent loop (n = 20000: more
-// tiles than one wave), gate_out rows strided; and both against the
-// scalar reference (RunCase's tolerances).
-TEST(CudaW4, FoldGateMatchesPrologueGate) {
+// The fold kernel's EC (m <= 8) on shapes the other EC cases miss: gated
+// and static ECs, ranks 8..64 (48: padded to 64), one and several k ranges
+// (k 1000 .. 14336), 4- and 8-warp blocks with k splits, the persistent
+// loop (n = 20000: more tiles than one wave), gate_out rows strided.
+// (Written for v45, the gate in the fold kernel's EC blocks; measured
+// slower and reverted: docs/results/gpu.md, "v45".)
+TEST(CudaW4, FoldEcShapesMatchReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 45);
   auto ws = cuda::W4Workspace::Create();
@@ -1133,52 +1130,8 @@ TEST(CudaW4, FoldGateMatchesPrologueGate) {
   int v = 0;
   for (const Shape& sh : shapes) {
     for (int gated = 0; gated < 2; ++gated) {
-      const int64_t m = 1 + (v * 3) % 8;
+      Case c{sh.n, sh.k, sh.g, 1 + (v * 3) % 8};
       ++v;
-      SCOPED_TRACE(absl::StrCat("n=", sh.n, " k=", sh.k, " g=", sh.g, " r=", sh.r, " h=", sh.h,
-                                " m=", m, " gated=", gated, " dk=", sh.dk, " splits=", sh.splits));
-      const W4Weight w = RandomW4(sh.n, sh.k, sh.g, false, false, rng);
-      const EcWeights ec = RandomEc(sh.n, sh.k, sh.r, sh.h, gated == 1, rng);
-      auto dw = cuda::W4DeviceWeight::Create(w, &ec);
-      ASSERT_TRUE(dw.ok()) << dw.status();
-      std::vector<uint16_t> xh(static_cast<size_t>(m * sh.k));
-      std::normal_distribution<float> nd;
-      for (auto& x : xh) x = FloatToHalf(nd(rng));
-      DevBuf<uint16_t> dx(xh.size());
-      dx.Up(xh);
-      const int64_t gld = sh.r + 3;
-      DevBuf<float> y(static_cast<size_t>(m * sh.n)), gate(static_cast<size_t>(m * gld));
-      cuda::W4CudaParams p;
-      p.x = dx.get();
-      p.m = m;
-      p.ldx = sh.k;
-      p.y_f32 = y.get();
-      p.ldy = sh.n;
-      p.gate_out = gate.get();
-      p.gate_ld = gld;
-      p.force_decode = true;
-      p.decode_kernel = sh.dk;
-      p.decode_splits = sh.splits;
-      std::vector<float> out[2], gates[2];
-      for (int form = 0; form < 2; ++form) {
-        p.ec_prologue = form == 0 ? 0 : 16;
-        y.Poison();
-        gate.Poison();
-        const absl::Status st = cuda::W4Linear(**dw, p, ws->get(), nullptr);
-        ASSERT_TRUE(st.ok()) << st;
-        CUDA_OK(cudaDeviceSynchronize());
-        out[form] = y.Down();
-        gates[form] = gate.Down();
-      }
-      ASSERT_EQ(std::memcmp(out[0].data(), out[1].data(), out[0].size() * 4), 0);
-      for (int64_t t = 0; t < m; ++t) {
-        ASSERT_EQ(std::memcmp(&gates[0][t * gld], &gates[1][t * gld], sh.r * 4), 0) << "token " << t;
-      }
-      // The gate's padding columns of gate_out stay untouched.
-      for (int64_t t = 0; t < m; ++t) {
-        for (int64_t c = sh.r; c < gld; ++c) ASSERT_TRUE(std::isnan(gates[0][t * gld + c]));
-      }
-      Case c{sh.n, sh.k, sh.g, m};
       c.ec = gated == 1 ? 2 : 1;
       c.ec_rank = sh.r;
       c.ec_hidden = sh.h;
@@ -1394,7 +1347,7 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
-  p.ec_prologue = 32;  // no such flag (v27 without its loads before the wait, removed)
+  p.ec_prologue = 16;  // no such flag (v14d's gate, removed)
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = 0;
   p.gate_ld = -1;
