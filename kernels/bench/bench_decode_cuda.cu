@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,27]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,28]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -246,7 +246,12 @@ const Variant kVariants[] = {
     // where the GEMM has < 32 Mi weights (before v44e), not on the second
     // stream beside the GEMM.
     {"W4+EC at the diagnostic's placement, small tiles' EC on the caller's stream below 32 Mi weights (before v44e)",
-     Ec::kPlacement, false, false, true, 0, true, false, 0, false, 2, 0, -1}};
+     Ec::kPlacement, false, false, true, 0, true, false, 0, false, 2, 0, -1},
+    // 28 (v47): the v27 prologue (r x P blocks, a global ticket, the last
+    // block's gate), not the one-cluster prologue (the default at <= 2 rows
+    // before the fold kernel).
+    {"W4+EC at the diagnostic's placement, the v27 prologue (before v47)", Ec::kPlacement, false,
+     false, true, 0, true, false, 16}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -810,7 +815,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,27] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,28] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
                    a.c_str(), argv[0]);
       return 2;

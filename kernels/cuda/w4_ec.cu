@@ -7,9 +7,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/ec_gate.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
@@ -56,35 +58,15 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
   }
 }
 
-// u[t][c] = the P partial sums upart[p][t][c] (written by the prologue's
-// blocks, read through L2) added in order p = 0, 1, ...: deterministic.
-__device__ __forceinline__ float SumParts(const float* upart, int P, int m, int r, int t, int c) {
-  float v = 0.f;
-  for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + c);
-  return v;
-}
-
-// sum over i = l, l + G, ... < n of w[i] u[i] (shared memory) in four
-// partial sums (four independent multiply-add chains, not one).
-__device__ __forceinline__ float Dot4(const float* w, const float* u, int l, int n, int G) {
-  float z0 = 0.f, z1 = 0.f, z2 = 0.f, z3 = 0.f;
-  int i = l;
-  for (; i + 3 * G < n; i += 4 * G) {
-    z0 += w[i] * u[i];
-    z1 += w[i + G] * u[i + G];
-    z2 += w[i + 2 * G] * u[i + 2 * G];
-    z3 += w[i + 3 * G] * u[i + 3 * G];
-  }
-  for (; i < n; i += G) z0 += w[i] * u[i];
-  return (z0 + z1) + (z2 + z3);
-}
-
 // The prologue's gate forms, and its timing-only cut-offs (the output is
 // then wrong).
 constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h or m)
 constexpr int kStageGroups = 1;      // v27: dot products over lane groups
 constexpr int kStageLaunchOnly = -1; // ec_prologue 64: return after the wait
-constexpr int kStageUOnly = -2;      // ec_prologue 128: u's partials only
+// u's partials only, no ticket or gate: v45's form before the fold kernel,
+// which sums them and runs the gate in its EC blocks (w4_gemv_fold.cu);
+// also ec_prologue 128's measurement (any other GEMM then reads a stale v).
+constexpr int kStageUOnly = -2;
 
 // The last block's parallel gate (u, hidden, the MLP's weights) in shared
 // memory when it fits (floats; 40 KB, with the static 2 KB under 48 KB).
@@ -199,7 +181,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     for (int w = 0; w < kNW; ++w) v += ut[w][threadIdx.x];
     __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
-  if (stage == kStageUOnly) return;  // measurement only (ec_prologue 128): no ticket or gate
+  if (stage == kStageUOnly) return;  // v45 (the GEMM runs the gate) / ec_prologue 128
   // The ticket (v27): one acquire-release atomic by thread 0 after the block
   // barrier (the barrier orders the block's partial stores before it; the
   // release makes them visible with it, the acquire of the last block sees
@@ -227,79 +209,161 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     // W1's rows stored with an odd stride r | 1 and W2's with h | 1, so the
     // rows that neighbouring lane groups read fall in different banks (with
     // the stride r = 56 a warp's 32 rows hit 4 banks: 8-way conflicts).
-    const int r1 = r | 1, h1 = h | 1;
-    float* us = dyn;
-    float* hs = us + m * r;
-    float* w1s = hs + m * h;
-    float* b1s = w1s + h * r1;
-    float* w2s = b1s + h;
-    float* b2s = w2s + r * h1;
+    const ecg::Staged st = ecg::StagedAt(dyn, m, r, h);
     for (int i = threadIdx.x; i < m * r; i += kT) {
       const int t = i / r, c = i - t * r;
-      us[i] = SumParts(upart, P, m, r, t, c);
+      st.us[i] = ecg::SumParts(upart, P, m, r, t, c);
     }
     if (g.gated) {
+      const int r1 = r | 1, h1 = h | 1;
       for (int i = threadIdx.x; i < h * r; i += kT) {
         const int j = i / r, c = i - j * r;  // w1 [h][r]
-        w1s[j * r1 + c] = g.w1[i];
+        st.w1s[j * r1 + c] = g.w1[i];
         const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
-        w2s[c2 * h1 + j2] = g.w2[i];
+        st.w2s[c2 * h1 + j2] = g.w2[i];
       }
-      for (int i = threadIdx.x; i < h; i += kT) b1s[i] = g.b1[i];
-      for (int i = threadIdx.x; i < r; i += kT) b2s[i] = g.b2[i];
+      for (int i = threadIdx.x; i < h; i += kT) st.b1s[i] = g.b1[i];
+      for (int i = threadIdx.x; i < r; i += kT) st.b2s[i] = g.b2[i];
     }
     __syncthreads();
-    auto group_of = [](int outputs) {
-      int gsz = 1;
-      while (gsz < 32 && outputs * gsz * 2 <= kT) gsz *= 2;
-      return gsz;
-    };
-    if (g.gated) {
-      const int G = group_of(m * h), per = kT / G, l = threadIdx.x & (G - 1);
-      for (int base = 0; base < m * h; base += per) {
-        const int o = base + static_cast<int>(threadIdx.x) / G;
-        const bool ok = o < m * h;
-        const int t = ok ? o / h : 0, j = ok ? o - t * h : 0;
-        float z = ok ? Dot4(w1s + j * r1, us + t * r, l, r, G) : 0.f;
-        for (int off = G >> 1; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
-        if (ok && l == 0) {
-          z += b1s[j];
-          hs[o] = z / (1.f + expf(-z));
-        }
-      }
-      __syncthreads();
-    }
-    const int rp = g.rp;
-    const int G = g.gated ? group_of(m * rp) : 1, per = kT / G, l = threadIdx.x & (G - 1);
-    for (int base = 0; base < m * rp; base += per) {
-      const int o = base + static_cast<int>(threadIdx.x) / G;
-      const bool ok = o < m * rp;
-      const int t = ok ? o / rp : 0, c = ok ? o - t * rp : 0;
-      float z = g.gated && ok && c < r ? Dot4(w2s + c * h1, hs + t * h, l, h, G) : 0.f;
-      for (int off = G >> 1; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
-      if (ok && l == 0) {
-        float v = 0.f, gate = 1.f;
-        if (c < r) {
-          if (g.gated) gate = 1.f + tanhf(z + b2s[c]);
-          v = gate * us[t * r + c];
-          if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
-          if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
-        }
-        if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
-      }
-    }
+    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st, static_cast<int>(threadIdx.x), kT,
+                   [] { __syncthreads(); }, [&](int t, int c, float gate, float v) {
+                     if (c < r) {
+                       if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
+                       if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
+                     }
+                     if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
+                   });
   } else {
     // One warp per token (v12; also where the parallel layout does not fit).
     float* us = dyn + warp * r;
     float* hs = dyn + kNW * r + warp * h;
     for (int t = warp; t < m; t += kNW) {
-      for (int i = lane; i < r; i += 32) us[i] = SumParts(upart, P, m, r, t, i);
+      for (int i = lane; i < r; i += 32) us[i] = ecg::SumParts(upart, P, m, r, t, i);
       __syncwarp();
       GateWarp(g, t, us, hs);
       __syncwarp();
     }
   }
   if (threadIdx.x == 0) *counter = 0;
+}
+
+// v47: the prologue of m <= 2 tokens as ONE cluster of C blocks (C =
+// gridDim.x, 8), so that u's partial sums meet in distributed shared memory
+// and a cluster barrier instead of the v27 form's global ticket and a round
+// of L2 loads by its last block. Block b takes k range b (kchunk, a
+// multiple of 8) for every rank: its slice of A (r x kchunk) and, in block
+// 0, the gate MLP's weights are requested before the dependency wait
+// (cp.async into shared memory); after it, x's slice, one warp per rank
+// (lanes over 16-byte pieces), the partial u[t][q] stored into block 0's
+// shared memory (parts [C][m][r]); block 0 sums them in order b = 0, 1, ...
+// (deterministic) and runs the gate (ec_gate.cuh, as the v27 form's last
+// block). Shared memory per block (16-byte units, the same layout in every
+// block): A [r][kchunk / 8], x [m][kchunk / 8], then floats: parts, the
+// staged gate.
+constexpr int kClusterBlocks = 8;
+constexpr int kClusterMaxM = 2;
+
+__device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
+  const __half2* ah = reinterpret_cast<const __half2*>(&av);
+  const __half2* xh = reinterpret_cast<const __half2*>(&xv);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
+    s += af.x * xf.x + af.y * xf.y;
+  }
+  return s;
+}
+
+__global__ void __launch_bounds__(256, 1)
+    EcPrologueClusterKernel(const __half* __restrict__ x, int m, long long ldx, int k, int kchunk,
+                            const __half* __restrict__ a, GateArgs g) {
+  constexpr int kT = 256, kNW = kT / 32;
+  extern __shared__ __align__(16) unsigned char dsm[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.x, C = gridDim.x, r = g.r, h = g.h;
+  const int k0 = b * kchunk;
+  const int np = max(0, min(k, k0 + kchunk) - k0) / 8;  // this block's 16-byte pieces per row
+  const int npm = kchunk / 8;
+  uint4* as = reinterpret_cast<uint4*>(dsm);
+  uint4* xs = as + r * npm;
+  float* parts = reinterpret_cast<float*>(xs + m * npm);  // [C][m][r] (block 0's)
+  float* stg = parts + C * m * r;                         // the staged gate (block 0)
+  auto sa = [](const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); };
+  auto cp16 = [](unsigned dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+  };
+  auto cp4 = [](unsigned dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+  };
+  // What does not depend on x: A's slice, and (block 0) the MLP's weights.
+  for (int i = tid; i < r * np; i += kT) {
+    const int q = i / np, c = i - q * np;
+    cp16(sa(as + q * npm + c), a + static_cast<long long>(q) * k + k0 + c * 8);
+  }
+  const ecg::Staged st = ecg::StagedAt(stg, m, r, h);
+  if (b == 0 && g.gated) {
+    for (int i = tid; i < h * r; i += kT) {
+      const int j = i / r, c = i - j * r;  // w1 [h][r]
+      cp4(sa(st.w1s + j * (r | 1) + c), g.w1 + i);
+      const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
+      cp4(sa(st.w2s + c2 * (h | 1) + j2), g.w2 + i);
+    }
+    for (int i = tid; i < h; i += kT) cp4(sa(st.b1s + i), g.b1 + i);
+    for (int i = tid; i < r; i += kT) cp4(sa(st.b2s + i), g.b2 + i);
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+  // x's producer (launched under PDL: LaunchPdl semantics, as the v27 form).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+  for (int i = tid; i < m * np; i += kT) {
+    const int t = i / np, c = i - t * np;
+    cp16(sa(xs + t * npm + c), x + t * ldx + k0 + c * 8);
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  __syncthreads();
+  for (int q = warp; q < r; q += kNW) {
+    float acc[kClusterMaxM] = {0.f, 0.f};
+    for (int c = lane; c < np; c += 32) {
+      const uint4 av = as[q * npm + c];
+#pragma unroll
+      for (int t = 0; t < kClusterMaxM; ++t) {
+        if (t < m) acc[t] += Dot8(av, xs[t * npm + c]);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kClusterMaxM; ++t) {
+      float v = acc[t];
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0 && t < m) {
+        unsigned remote;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n"
+                     : "=r"(remote)
+                     : "r"(sa(parts + (b * m + t) * r + q)));
+        asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v) : "memory");
+      }
+    }
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+  if (b != 0) return;
+  for (int i = tid; i < m * r; i += kT) {
+    const int t = i / r, q = i - t * r;
+    float v = 0.f;
+    for (int bb = 0; bb < C; ++bb) v += parts[(bb * m + t) * r + q];
+    st.us[i] = v;
+  }
+  __syncthreads();
+  ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st, tid, kT, [] { __syncthreads(); },
+                 [&](int t, int c, float gate, float v) {
+                   if (c < r) {
+                     if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
+                     if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
+                   }
+                   if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
+                 });
 }
 
 __global__ void __launch_bounds__(256) EcGateRowsKernel(const float* __restrict__ u, int m,
@@ -350,23 +414,28 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 
 }  // namespace
 
+namespace {
+int EcPrologueParts(int64_t k, int flags) {
+  // k split: parts of >= 2048 elements (one 16-byte load per thread of a
+  // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
+  if ((flags & 1) != 0) return 1;
+  return static_cast<int>(std::min<int64_t>((k + 2047) / 2048, kEcMaxKParts));
+}
+}  // namespace
+
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
                               int flags, bool pdl_launch) {
   if (m == 0) return absl::OkStatus();
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
-  // k split: parts of >= 2048 elements (one 16-byte load per thread of a
-  // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
-  int parts = static_cast<int>((w.k + 2047) / 2048);
-  if (parts > kEcMaxKParts) parts = kEcMaxKParts;
-  if ((flags & 1) != 0) parts = 1;
+  const int parts = EcPrologueParts(w.k, flags);
   const int kchunk = static_cast<int>((w.k + parts - 1) / parts + 7) / 8 * 8;
   const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
   // The parallel gate's shared memory (floats): u and hidden for m tokens,
   // then W1 (rows of r | 1), b1, W2 (rows of h | 1), b2; one warp per token
   // (v12's way) where it does not fit, or with flag 1.
-  const int64_t par = m * (r + h) + (w.gated ? h * (r | 1) + r * (h | 1) + h + r : 0);
+  const int64_t par = ecg::StagedFloats(static_cast<int>(m), r, h, w.gated);
   // kStageGroups (v27, the default): x-independent loads before the wait,
   // the gate's dot products split over lane groups.
   int stage = (flags & 1) == 0 && par <= kGateStageFloats ? kStageGroups : kStageWarp;
@@ -377,6 +446,50 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
+  // v47: one cluster (EcPrologueClusterKernel) before the fold kernel
+  // (pdl_launch) at m <= 2 with no flag (16: the v27 form), 16-byte pieces
+  // of x and A, and the slices and the staged gate within 160 KB a block.
+  if (pdl_launch && flags == 0 && m <= kClusterMaxM && w.k % 8 == 0 && ldx % 8 == 0 &&
+      reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    constexpr int C = kClusterBlocks;
+    const int kc = static_cast<int>((w.k + C - 1) / C + 7) / 8 * 8;
+    const size_t csmem = static_cast<size_t>(r + m) * (kc / 8) * 16 +
+                         (static_cast<size_t>(C) * m * r + static_cast<size_t>(par)) * 4;
+    if (csmem <= 160 * 1024) {
+      static bool configured = false;
+      if (!configured) {
+        SPEAR_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+            EcPrologueClusterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024));
+        configured = true;
+      }
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(C);
+      cfg.blockDim = dim3(256);
+      cfg.dynamicSmemBytes = csmem;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[2];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = C;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[1].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = ProgrammaticLaunchEnabled() ? 2 : 1;
+      auto go = [&] {
+        return cudaLaunchKernelEx(&cfg, EcPrologueClusterKernel, xh, static_cast<int>(m),
+                                  static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g);
+      };
+      cudaError_t ce = go();
+      if (ce != cudaSuccess && cfg.numAttrs == 2) {  // as LaunchPdl: retried without PDL
+        (void)cudaGetLastError();
+        cfg.numAttrs = 1;
+        ce = go();
+      }
+      SPEAR_CUDA_RETURN_IF_ERROR(ce);
+      return absl::OkStatus();
+    }
+  }
   // measurement only (the output is then wrong): flag 64 the launch alone,
   // 128 u's partials without the ticket and the gate.
   if ((flags & 64) != 0) stage = kStageLaunchOnly;

@@ -234,9 +234,12 @@ struct W4CudaParams {
   // requested before the dependency wait, an acquire-release ticket, the
   // last block's gate with each dot product split over a lane group from
   // shared memory; launched under programmatic dependent launch before the
-  // fold kernel, M <= 16, a plain launch otherwise); flags: 1 v12's prologue
-  // (one block per rank over all of k, one warp per token for the gate), 2
-  // a plain launch at any M; benchmarks only (the output is then wrong): 4
+  // fold kernel, M <= 16, a plain launch otherwise; v47: before the fold
+  // kernel at M <= 2, one cluster of 8 blocks, u's partial sums meeting in
+  // distributed shared memory, where A's slices fit); flags: 1 v12's
+  // prologue (one block per rank over all of k, one warp per token for the
+  // gate), 2 a plain launch at any M, 16 the v27 form at every M (no
+  // cluster); benchmarks only (the output is then wrong): 4
   // no prologue (the epilogue uses whatever v the last call left), 8 the
   // prologue without the epilogue (4 and 8 together: InvalidArgument), 64
   // the prologue's launch alone, 128 its partial sums of u without the

@@ -1112,7 +1112,9 @@ TEST(CudaW4, DecodeIsDeterministic) {
 // The fold kernel's EC (m <= 8) on shapes the other EC cases miss: gated
 // and static ECs, ranks 8..64 (48: padded to 64), one and several k ranges
 // (k 1000 .. 14336), 4- and 8-warp blocks with k splits, the persistent
-// loop (n = 20000: more tiles than one wave), gate_out rows strided.
+// loop (n = 20000: more tiles than one wave), gate_out rows strided; at
+// m <= 2 in both prologue forms (v47's one cluster, the default there, and
+// the v27 form, ec_prologue 16; k = 14336 takes 8 slices of 1792).
 // (Written for v45, the gate in the fold kernel's EC blocks; measured
 // slower and reverted: docs/results/gpu.md, "v45".)
 TEST(CudaW4, FoldEcShapesMatchReference) {
@@ -1143,6 +1145,11 @@ TEST(CudaW4, FoldEcShapesMatchReference) {
       c.f16_out = v % 3 == 0;
       RunCase(c, rng, ws->get());
       if (HasFatalFailure()) return;
+      if (c.m <= 2) {
+        c.ec_prologue = 16;
+        RunCase(c, rng, ws->get());
+        if (HasFatalFailure()) return;
+      }
     }
   }
 }
@@ -1347,7 +1354,7 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
-  p.ec_prologue = 16;  // no such flag (v14d's gate, removed)
+  p.ec_prologue = 32;  // no such flag (v27 without its loads before the wait, removed)
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = 0;
   p.gate_ld = -1;

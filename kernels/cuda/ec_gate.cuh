@@ -1,0 +1,114 @@
+// The decode EC's gate over a whole block, shared by the prologue's last
+// block (w4_ec.cu, v27) and the fold kernel's EC blocks (w4_gemv_fold.cu,
+// v45), so both compute v = g(u) ⊙ u with the same operations in the same
+// order (bit for bit): u from the prologue's k-range partials summed in
+// order, then g = 1 + tanh(W2 silu(W1 u + b1) + b2), each hidden unit and
+// each gate one dot product split over a group of G lanes summed by
+// shuffles.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace spear::kernels::cuda {
+namespace ecg {
+
+// u[t][c] = the P partial sums upart[p][t][c] (written by the prologue's
+// blocks, read through L2) added in order p = 0, 1, ...: deterministic.
+__device__ __forceinline__ float SumParts(const float* upart, int P, int m, int r, int t, int c) {
+  float v = 0.f;
+  for (int p = 0; p < P; ++p) v += __ldcg(upart + (static_cast<long long>(p) * m + t) * r + c);
+  return v;
+}
+
+// sum over i = l, l + G, ... < n of w[i] u[i] (shared memory) in four
+// partial sums (four independent multiply-add chains, not one).
+__device__ __forceinline__ float Dot4(const float* w, const float* u, int l, int n, int G) {
+  float z0 = 0.f, z1 = 0.f, z2 = 0.f, z3 = 0.f;
+  int i = l;
+  for (; i + 3 * G < n; i += 4 * G) {
+    z0 += w[i] * u[i];
+    z1 += w[i + G] * u[i + G];
+    z2 += w[i + 2 * G] * u[i + 2 * G];
+    z3 += w[i + 3 * G] * u[i + 3 * G];
+  }
+  for (; i < n; i += G) z0 += w[i] * u[i];
+  return (z0 + z1) + (z2 + z3);
+}
+
+// Lanes per dot product for `outputs` of them: the largest power of two
+// <= 32 with outputs x G x 2 <= 256, as for the prologue's 256-thread
+// block, whatever the calling block's size (the sums' order depends on G
+// only).
+__device__ __forceinline__ int GroupOf(int outputs) {
+  int gsz = 1;
+  while (gsz < 32 && outputs * gsz * 2 <= 256) gsz *= 2;
+  return gsz;
+}
+
+// Floats of the staged gate for m tokens: u [m][r], hidden [m][h], W1
+// rows of r | 1, b1 [h], W2 rows of h | 1, b2 [r] (odd row strides: the
+// rows neighbouring lane groups read fall in different banks).
+__host__ __device__ __forceinline__ long long StagedFloats(int m, int r, int h, bool gated) {
+  return static_cast<long long>(m) * (r + h) +
+         (gated ? static_cast<long long>(h) * (r | 1) + r * (h | 1) + h + r : 0);
+}
+
+struct Staged {
+  float *us, *hs, *w1s, *b1s, *w2s, *b2s;
+};
+__device__ __forceinline__ Staged StagedAt(float* base, int m, int r, int h) {
+  Staged s;
+  s.us = base;
+  s.hs = s.us + m * r;
+  s.w1s = s.hs + m * h;
+  s.b1s = s.w1s + h * (r | 1);
+  s.w2s = s.b1s + h;
+  s.b2s = s.w2s + r * (h | 1);
+  return s;
+}
+
+// The gate of m tokens by the block's nthreads threads (a multiple of 32;
+// every thread calls it): st.us holds u and, when gated, the MLP's
+// weights are staged; sync() is a barrier of those threads. out(t, c,
+// gate, v) is called once for each t < m, c < rp (v = 0 and gate = 1 for
+// the padding columns c >= r).
+template <typename Sync, typename Out>
+__device__ __forceinline__ void GateBlock(int m, int r, int rp, int h, bool gated,
+                                          const Staged& st, int tid, int nthreads, Sync sync,
+                                          Out out) {
+  const int r1 = r | 1, h1 = h | 1;
+  if (gated) {
+    const int G = GroupOf(m * h), per = nthreads / G, l = tid & (G - 1);
+    for (int base = 0; base < m * h; base += per) {
+      const int o = base + tid / G;
+      const bool ok = o < m * h;
+      const int t = ok ? o / h : 0, j = ok ? o - t * h : 0;
+      float z = ok ? Dot4(st.w1s + j * r1, st.us + t * r, l, r, G) : 0.f;
+      for (int off = G >> 1; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
+      if (ok && l == 0) {
+        z += st.b1s[j];
+        st.hs[o] = z / (1.f + expf(-z));
+      }
+    }
+    sync();
+  }
+  const int G = gated ? GroupOf(m * rp) : 1, per = nthreads / G, l = tid & (G - 1);
+  for (int base = 0; base < m * rp; base += per) {
+    const int o = base + tid / G;
+    const bool ok = o < m * rp;
+    const int t = ok ? o / rp : 0, c = ok ? o - t * rp : 0;
+    float z = gated && ok && c < r ? Dot4(st.w2s + c * h1, st.hs + t * h, l, h, G) : 0.f;
+    for (int off = G >> 1; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
+    if (ok && l == 0) {
+      float v = 0.f, gate = 1.f;
+      if (c < r) {
+        if (gated) gate = 1.f + tanhf(z + st.b2s[c]);
+        v = gate * st.us[t * r + c];
+      }
+      out(t, c, gate, v);
+    }
+  }
+}
+
+}  // namespace ecg
+}  // namespace spear::kernels::cuda
