@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   if (threadIdx.x == 0) *counter = 0;
 }
 
-// v47: the prologue of m <= 2 tokens as ONE cluster of C blocks (C =
+// v47: the prologue of one token (m = 1) as ONE cluster of C blocks (C =
 // gridDim.x, 8), so that u's partial sums meet in distributed shared memory
 // and a cluster barrier instead of the v27 form's global ticket and a round
 // of L2 loads by its last block. Block b takes k range b (kchunk, a
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
 // block): A [r][kchunk / 8], x [m][kchunk / 8], then floats: parts, the
 // staged gate.
 constexpr int kClusterBlocks = 8;
-constexpr int kClusterMaxM = 2;
+constexpr int kClusterMaxM = 1;  // v47 call 4: at m = 2 the v27 form was faster
 
 __device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
   const __half2* ah = reinterpret_cast<const __half2*>(&av);
@@ -297,6 +297,9 @@ __global__ void __launch_bounds__(256, 1)
   auto cp4 = [](unsigned dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
   };
+  // Every block of the cluster must have started before another writes into
+  // its shared memory: arrive now, wait just before the first remote store.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   // What does not depend on x: A's slice, and (block 0) the MLP's weights.
   for (int i = tid; i < r * np; i += kT) {
     const int q = i / np, c = i - q * np;
@@ -324,8 +327,10 @@ __global__ void __launch_bounds__(256, 1)
   asm volatile("cp.async.commit_group;\n" ::);
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
   __syncthreads();
+  // (every block has started long before: this returns at once)
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
   for (int q = warp; q < r; q += kNW) {
-    float acc[kClusterMaxM] = {0.f, 0.f};
+    float acc[kClusterMaxM] = {0.f};
     for (int c = lane; c < np; c += 32) {
       const uint4 av = as[q * npm + c];
 #pragma unroll
@@ -447,7 +452,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
   // v47: one cluster (EcPrologueClusterKernel) before the fold kernel
-  // (pdl_launch) at m <= 2 with no flag (16: the v27 form), 16-byte pieces
+  // (pdl_launch) at m = 1 with no flag (16: the v27 form), 16-byte pieces
   // of x and A, and the slices and the staged gate within 160 KB a block.
   if (pdl_launch && flags == 0 && m <= kClusterMaxM && w.k % 8 == 0 && ldx % 8 == 0 &&
       reinterpret_cast<uintptr_t>(x) % 16 == 0) {

@@ -235,7 +235,7 @@ struct W4CudaParams {
   // last block's gate with each dot product split over a lane group from
   // shared memory; launched under programmatic dependent launch before the
   // fold kernel, M <= 16, a plain launch otherwise; v47: before the fold
-  // kernel at M <= 2, one cluster of 8 blocks, u's partial sums meeting in
+  // kernel at M = 1, one cluster of 8 blocks, u's partial sums meeting in
   // distributed shared memory, where A's slices fit); flags: 1 v12's
   // prologue (one block per rank over all of k, one warp per token for the
   // gate), 2 a plain launch at any M, 16 the v27 form at every M (no
