@@ -1,9 +1,10 @@
 // The EC pieces on CUDA: the decode prologue (u = A x for up to 64 tokens,
 // then the gate, in one launch: r x P blocks compute u in P k ranges, the
 // last block to finish sums them in order and computes
-// g = 1 + tanh(W2 silu(W1 u + b1) + b2) and v = g ⊙ u), the
-// row-wise gate of the prefill path, and EcApply (y += B v, the naive
-// baseline's extra pass).
+// g = 1 + tanh(W2 silu(W1 u + b1) + b2) and v = g ⊙ u; v47: for one token
+// before the fold kernel, one cluster of 8 blocks whose partial sums meet in
+// block 0's shared memory), the row-wise gate of the prefill path, and
+// EcApply (y += B v, the naive baseline's extra pass).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
