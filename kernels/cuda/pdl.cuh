@@ -59,4 +59,18 @@ cudaError_t LaunchPdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sm
   return e;
 }
 
+// cudaLaunchKernelEx's attributes for clusters of x * y blocks, then
+// programmatic serialization; returns how many apply (1 without PDL).
+inline int ClusterPdlAttrs(cudaLaunchAttribute (&attr)[2], unsigned x, unsigned y, bool pdl) {
+  attr[0] = {};
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = x;
+  attr[0].val.clusterDim.y = y;
+  attr[0].val.clusterDim.z = 1;
+  attr[1] = {};
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  return pdl ? 2 : 1;
+}
+
 }  // namespace spear::kernels::cuda

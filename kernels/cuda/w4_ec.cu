@@ -474,14 +474,8 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
       cfg.dynamicSmemBytes = csmem;
       cfg.stream = stream;
       cudaLaunchAttribute attr[2];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = C;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[1].val.programmaticStreamSerializationAllowed = 1;
       cfg.attrs = attr;
-      cfg.numAttrs = ProgrammaticLaunchEnabled() ? 2 : 1;
+      cfg.numAttrs = ClusterPdlAttrs(attr, C, 1, ProgrammaticLaunchEnabled());
       auto go = [&] {
         return cudaLaunchKernelEx(&cfg, EcPrologueClusterKernel, xh, static_cast<int>(m),
                                   static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g);

@@ -40,6 +40,7 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/decode_store.cuh"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -570,14 +571,8 @@ cudaError_t LaunchOne(const DecodeArgs& a, int splits, cudaStream_t stream, bool
   cfg.dynamicSmemBytes = ring ? Ring<NT8, UK, GPU>::kSmem : 0;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = static_cast<unsigned>(splits);
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 2 : 1;
+  cfg.numAttrs = ClusterPdlAttrs(attr, 1, static_cast<unsigned>(splits), pdl);
   return ring ? cudaLaunchKernelEx(&cfg, W4RingKernel<NT8, UK, GPU>, a)
               : cudaLaunchKernelEx(&cfg, W4SwapKernel<NT8, UK, GPU>, a);
 }
