@@ -462,12 +462,11 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
     const size_t csmem = static_cast<size_t>(r + m) * (kc / 8) * 16 +
                          (static_cast<size_t>(C) * m * r + static_cast<size_t>(par)) * 4;
     if (csmem <= 160 * 1024) {
-      static bool configured = false;
-      if (!configured) {
-        SPEAR_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-            EcPrologueClusterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024));
-        configured = true;
-      }
+      // Once per process (thread-safe; the attribute is the current
+      // device's: one device per process, as the engine runs).
+      static const cudaError_t attr_status = cudaFuncSetAttribute(
+          EcPrologueClusterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
+      SPEAR_CUDA_RETURN_IF_ERROR(attr_status);
       cudaLaunchConfig_t cfg = {};
       cfg.gridDim = dim3(C);
       cfg.blockDim = dim3(256);
