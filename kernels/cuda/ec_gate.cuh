@@ -1,10 +1,10 @@
-// The decode EC's gate over a whole block, shared by the prologue's last
-// block (w4_ec.cu, v27) and the fold kernel's EC blocks (w4_gemv_fold.cu,
-// v45), so both compute v = g(u) ⊙ u with the same operations in the same
-// order (bit for bit): u from the prologue's k-range partials summed in
-// order, then g = 1 + tanh(W2 silu(W1 u + b1) + b2), each hidden unit and
-// each gate one dot product split over a group of G lanes summed by
-// shuffles.
+// The decode EC's gate over a whole block, shared by the two forms of the
+// prologue (w4_ec.cu): the r x P form's last block (v27) and the one-token
+// cluster's block 0 (v47), so both compute g = 1 + tanh(W2 silu(W1 u + b1)
+// + b2) and v = g ⊙ u from the staged u with the same operations in the
+// same order: each hidden unit and each gate one dot product split over a
+// group of G lanes summed by shuffles. (Written for v45, which also ran it
+// in the fold kernel's EC blocks: measured slower, reverted.)
 #pragma once
 
 #include <cuda_runtime.h>

@@ -64,10 +64,7 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
 constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h or m)
 constexpr int kStageGroups = 1;      // v27: dot products over lane groups
 constexpr int kStageLaunchOnly = -1; // ec_prologue 64: return after the wait
-// u's partials only, no ticket or gate: v45's form before the fold kernel,
-// which sums them and runs the gate in its EC blocks (w4_gemv_fold.cu);
-// also ec_prologue 128's measurement (any other GEMM then reads a stale v).
-constexpr int kStageUOnly = -2;
+constexpr int kStageUOnly = -2;      // ec_prologue 128: u's partials only
 
 // The last block's parallel gate (u, hidden, the MLP's weights) in shared
 // memory when it fits (floats; 40 KB, with the static 2 KB under 48 KB).
@@ -182,7 +179,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     for (int w = 0; w < kNW; ++w) v += ut[w][threadIdx.x];
     __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
-  if (stage == kStageUOnly) return;  // v45 (the GEMM runs the gate) / ec_prologue 128
+  if (stage == kStageUOnly) return;  // measurement only (ec_prologue 128): no ticket or gate
   // The ticket (v27): one acquire-release atomic by thread 0 after the block
   // barrier (the barrier orders the block's partial stores before it; the
   // release makes them visible with it, the acquire of the last block sees
