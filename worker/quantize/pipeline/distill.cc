@@ -766,9 +766,9 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
         improved = true;
       }
       // The average, from half of the run on (before, it still carries the
-      // early steps): swapped in, scored, swapped back.
+      // early steps): swapped in, scored, swapped back (`raw` holds this
+      // step's parameters: copied for the average's update above).
       if (use_ema && !ema.empty() && RunFraction(step) >= 0.5) {
-        raw = GetParams();
         SetParams(ema);
         auto ve = val_kl();
         SetParams(raw);
