@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,28]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,34]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -178,6 +178,15 @@ struct Variant {
   int early = 2;
   int small_tiles = 0;          // v44: W4CudaParams::small_tiles (1 off, 2 EC'd GEMMs too)
   int ec_stream = 0;            // v44e: W4CudaParams::prefill_ec_stream (1: the caller's stream)
+  // timing only (wrong outputs): the layers' RMSNorm launches left out (the
+  // qkv / gate_up GEMMs read a stale x), the SwiGLU launch left out (down
+  // reads a stale x): what a fusion of those into the GEMMs could save at
+  // most.
+  bool no_norm = false;
+  bool no_silu = false;
+  // v49: the layers' RMSNorm as its own launch before the qkv / gate_up
+  // GEMMs (before v49), not inside their calls (W4CudaParams::norm_h).
+  bool norm_apart = false;
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -251,7 +260,22 @@ const Variant kVariants[] = {
     // block's gate), not the one-cluster prologue (the default at <= 2 rows
     // before the fold kernel).
     {"W4+EC at the diagnostic's placement, the v27 prologue (before v47)", Ec::kPlacement, false,
-     false, true, 0, true, false, 16}};
+     false, true, 0, true, false, 16},
+    // 29-32 (timing only, wrong outputs): without the layers' RMSNorm and / or
+    // SwiGLU launches (the most their fusion into the GEMMs could save).
+    {.name = "W4, no layer RMSNorm launches (timing only)", .ec = Ec::kOff, .gemms_only = false,
+     .no_norm = true},
+    {.name = "W4, no SwiGLU launches (timing only)", .ec = Ec::kOff, .gemms_only = false,
+     .no_silu = true},
+    {.name = "W4, neither (timing only)", .ec = Ec::kOff, .gemms_only = false, .no_norm = true,
+     .no_silu = true},
+    {.name = "W4+EC at the diagnostic's placement, no layer RMSNorm / SwiGLU launches (timing only)",
+     .ec = Ec::kPlacement, .gemms_only = false, .no_norm = true, .no_silu = true},
+    // 33-34 (v49): the layers' RMSNorm as a launch of its own (before v49).
+    {.name = "W4, RMSNorm launched apart (before v49)", .ec = Ec::kOff, .gemms_only = false,
+     .norm_apart = true},
+    {.name = "W4+EC at the diagnostic's placement, RMSNorm launched apart (before v49)",
+     .ec = Ec::kPlacement, .gemms_only = false, .norm_apart = true}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -566,8 +590,16 @@ class Model {
     const int64_t H = shape_.hidden,
                   qkv_n = int64_t{shape_.n_q + 2 * shape_.n_kv} * shape_.head_dim;
     auto gemm = [&](const cuda::W4DeviceWeight& w, const uint16_t* x, int64_t ldx, uint16_t* y16,
-                    float* y32, int64_t ldy, bool ec) {
+                    float* y32, int64_t ldy, bool ec, const float* norm_w = nullptr) {
       cuda::W4CudaParams p = bench::GemmParams(x, m, ldx, y16, ldy);
+      if (norm_w != nullptr) {  // v49: x = RMSNorm(residual) inside the call (x = h16_)
+        p.x = nullptr;
+        p.norm_h = residual_;
+        p.norm_weight = norm_w;
+        p.norm_ld = H;
+        p.norm_eps = 1e-5f;
+        p.norm_x_out = h16_;
+      }
       p.y_f32 = y32;
       p.accumulate = y32 != nullptr;
       p.use_ec = ec;
@@ -614,12 +646,13 @@ class Model {
       n.m = m;
       n.d = n.ldx = n.ldy = H;
       n.eps = 1e-5f;
-      if (!v.gemms_only) {
+      const bool norm_in = !v.gemms_only && !v.no_norm && !v.norm_apart;
+      if (!v.gemms_only && !v.no_norm && v.norm_apart) {
         n.weight = L.norm1;
         n.early_trigger = early_for(eqkv);
         CKS(cuda::RmsNormF16(n, g_stream));
       }
-      gemm(*wqkv, h16_, H, qkv_, nullptr, qkv_n, eqkv);
+      gemm(*wqkv, h16_, H, qkv_, nullptr, qkv_n, eqkv, norm_in ? L.norm1 : nullptr);
       if (!v.gemms_only && !v.skip_attention && v.fused) {
         cuda::RopeKvAppendParams f;
         f.qkv = qkv_;
@@ -668,13 +701,13 @@ class Model {
         CKS(cuda::PagedDecodeAttention(ap, g_stream));
       }
       gemm(*wo, attn_, int64_t{shape_.n_q} * shape_.head_dim, nullptr, residual_, H, eo);
-      if (!v.gemms_only) {
+      if (!v.gemms_only && !v.no_norm && v.norm_apart) {
         n.weight = L.norm2;
         n.early_trigger = early_for(egu);
         CKS(cuda::RmsNormF16(n, g_stream));
       }
-      gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu);
-      if (!v.gemms_only) {
+      gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu, norm_in ? L.norm2 : nullptr);
+      if (!v.gemms_only && !v.no_silu) {
         cuda::SiluMulF16Params sm;
         sm.gate = gu_;
         sm.up = gu_ + shape_.inter;
@@ -815,7 +848,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,28] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,34] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
                    a.c_str(), argv[0]);
       return 2;

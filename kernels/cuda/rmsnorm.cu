@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/norm_rows.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda_ops.h"
 
@@ -12,20 +13,17 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// (256 threads: norm_rows.cuh's order, which the GEMMs that normalize x
+// themselves repeat)
 __device__ float BlockSum(float v) {
-  __shared__ float warp_sums[kThreads / 32];
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
+  static_assert(kThreads == nrm::kVThreads, "the sums' order is that of 256 threads");
+  __shared__ float red[9];
+  v = nrm::WarpSum(v);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
   __syncthreads();
-  v = (threadIdx.x < kThreads / 32) ? warp_sums[threadIdx.x] : 0.f;
-  if (warp == 0) {
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  }
-  __shared__ float total;
-  if (threadIdx.x == 0) total = v;
+  nrm::FinalSum(red, static_cast<int>(threadIdx.x));
   __syncthreads();
-  return total;
+  return red[8];
 }
 
 __device__ inline void Store(float* p, float v) { *p = v; }
@@ -120,16 +118,16 @@ __global__ void RmsNormF16VecKernel(const float* __restrict__ x, float* __restri
   for (int k = 0; k < kVec; ++k) {
     const int j = threadIdx.x + k * kThreads;
     if (j < n4 && rr) rr[j] = v[k];
-    ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    ss += nrm::Sq4(v[k]);
   }
-  const float inv = rsqrtf(BlockSum(ss) / static_cast<float>(d) + eps);
+  const float inv = nrm::InvRms(BlockSum(ss), static_cast<int>(d), eps);
   uint2* yr = reinterpret_cast<uint2*>(y + row * ldy);
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
     const int j = threadIdx.x + k * kThreads;
     if (j < n4) {
-      const __half2 a = __floats2half2_rn(v[k].x * inv * w[k].x, v[k].y * inv * w[k].y);
-      const __half2 b = __floats2half2_rn(v[k].z * inv * w[k].z, v[k].w * inv * w[k].w);
+      const __half2 a = nrm::NormHalf2(v[k].x, v[k].y, inv, w[k].x, w[k].y);
+      const __half2 b = nrm::NormHalf2(v[k].z, v[k].w, inv, w[k].z, w[k].w);
       uint2 o;
       o.x = *reinterpret_cast<const uint32_t*>(&a);
       o.y = *reinterpret_cast<const uint32_t*>(&b);

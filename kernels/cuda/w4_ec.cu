@@ -13,6 +13,7 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/ec_gate.cuh"
+#include "kernels/cuda/norm_rows.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
@@ -276,7 +277,7 @@ __device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
 
 __global__ void __launch_bounds__(256, 1)
     EcPrologueClusterKernel(const __half* __restrict__ x, int m, long long ldx, int k, int kchunk,
-                            const __half* __restrict__ a, GateArgs g) {
+                            const __half* __restrict__ a, GateArgs g, EcNormIn norm) {
   constexpr int kT = 256, kNW = kT / 32;
   extern __shared__ __align__(16) unsigned char dsm[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -318,11 +319,19 @@ __global__ void __launch_bounds__(256, 1)
   // x's producer (launched under PDL: LaunchPdl semantics, as the v27 form).
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
-  for (int i = tid; i < m * np; i += kT) {
-    const int t = i / np, c = i - t * np;
-    cp16(sa(xs + t * npm + c), x + t * ldx + k0 + c * 8);
+  if (norm.h != nullptr) {
+    // v49 (m = 1): x = RMSNorm(h), this block's slice, with the fold
+    // kernel's (and RmsNormF16's) sums and operations: the same bits.
+    __shared__ float red[9];
+    const float inv = nrm::BlockInvRms<kT, 4>(norm.h, k, norm.eps, red);
+    for (int c = tid; c < np; c += kT) xs[c] = nrm::Norm8(norm.h, norm.w, k0 + c * 8, inv);
+  } else {
+    for (int i = tid; i < m * np; i += kT) {
+      const int t = i / np, c = i - t * np;
+      cp16(sa(xs + t * npm + c), x + t * ldx + k0 + c * 8);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
   }
-  asm volatile("cp.async.commit_group;\n" ::);
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
   __syncthreads();
   // (every block has started long before: this returns at once)
@@ -418,6 +427,27 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 }  // namespace
 
 namespace {
+// The one-cluster form's k slice per block and shared memory per block.
+int ClusterKChunk(int64_t k) {
+  return static_cast<int>((k + kClusterBlocks - 1) / kClusterBlocks + 7) / 8 * 8;
+}
+size_t ClusterSmem(int64_t m, int64_t r, int kc, int64_t staged_floats) {
+  return static_cast<size_t>(r + m) * (kc / 8) * 16 +
+         (static_cast<size_t>(kClusterBlocks) * m * r + static_cast<size_t>(staged_floats)) * 4;
+}
+}  // namespace
+
+// v47: one cluster before the fold kernel (pdl_launch) at m = 1 with no
+// flag (16: the v27 form), 16-byte pieces of A, and the slices and the
+// staged gate within 160 KB a block.
+bool EcPrologueIsCluster(const W4DeviceWeight::Impl& w, int64_t m, int flags, bool pdl_launch) {
+  if (!pdl_launch || flags != 0 || m < 1 || m > kClusterMaxM || w.k % 8 != 0) return false;
+  const int64_t par = ecg::StagedFloats(static_cast<int>(m), static_cast<int>(w.r),
+                                        static_cast<int>(w.h), w.gated);
+  return ClusterSmem(m, w.r, ClusterKChunk(w.k), par) <= 160 * 1024;
+}
+
+namespace {
 int EcPrologueParts(int64_t k, int flags) {
   // k split: parts of >= 2048 elements (one 16-byte load per thread of a
   // 256-thread block), at most kEcMaxKParts; flag 1 = one part (v12).
@@ -429,8 +459,12 @@ int EcPrologueParts(int64_t k, int flags) {
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
-                              int flags, bool pdl_launch) {
+                              int flags, bool pdl_launch, const EcNormIn* norm) {
   if (m == 0) return absl::OkStatus();
+  const bool cluster = EcPrologueIsCluster(w, m, flags, pdl_launch);
+  if (norm != nullptr && !cluster) {
+    return absl::InternalError("LaunchEcPrologue: x = RMSNorm(h) needs the one-cluster form");
+  }
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
   const int parts = EcPrologueParts(w.k, flags);
   const int kchunk = static_cast<int>((w.k + parts - 1) / parts + 7) / 8 * 8;
@@ -449,42 +483,39 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const auto* xh = reinterpret_cast<const __half*>(x);
   const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
-  // v47: one cluster (EcPrologueClusterKernel) before the fold kernel
-  // (pdl_launch) at m = 1 with no flag (16: the v27 form), 16-byte pieces
-  // of x and A, and the slices and the staged gate within 160 KB a block.
-  if (pdl_launch && flags == 0 && m <= kClusterMaxM && w.k % 8 == 0 && ldx % 8 == 0 &&
-      reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+  // v47: one cluster (EcPrologueClusterKernel) where EcPrologueIsCluster
+  // says so and x's rows are 16-byte pieces (or x = RMSNorm(h), v49).
+  if (cluster &&
+      (norm != nullptr || (ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0))) {
     constexpr int C = kClusterBlocks;
-    const int kc = static_cast<int>((w.k + C - 1) / C + 7) / 8 * 8;
-    const size_t csmem = static_cast<size_t>(r + m) * (kc / 8) * 16 +
-                         (static_cast<size_t>(C) * m * r + static_cast<size_t>(par)) * 4;
-    if (csmem <= 160 * 1024) {
-      // Once per process (thread-safe; the attribute is the current
-      // device's: one device per process, as the engine runs).
-      static const cudaError_t attr_status = cudaFuncSetAttribute(
-          EcPrologueClusterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
-      SPEAR_CUDA_RETURN_IF_ERROR(attr_status);
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(C);
-      cfg.blockDim = dim3(256);
-      cfg.dynamicSmemBytes = csmem;
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[2];
-      cfg.attrs = attr;
-      cfg.numAttrs = ClusterPdlAttrs(attr, C, 1, ProgrammaticLaunchEnabled());
-      auto go = [&] {
-        return cudaLaunchKernelEx(&cfg, EcPrologueClusterKernel, xh, static_cast<int>(m),
-                                  static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g);
-      };
-      cudaError_t ce = go();
-      if (ce != cudaSuccess && cfg.numAttrs == 2) {  // as LaunchPdl: retried without PDL
-        (void)cudaGetLastError();
-        cfg.numAttrs = 1;
-        ce = go();
-      }
-      SPEAR_CUDA_RETURN_IF_ERROR(ce);
-      return absl::OkStatus();
+    const int kc = ClusterKChunk(w.k);
+    const size_t csmem = ClusterSmem(m, r, kc, par);
+    // Once per process (thread-safe; the attribute is the current
+    // device's: one device per process, as the engine runs).
+    static const cudaError_t attr_status = cudaFuncSetAttribute(
+        EcPrologueClusterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
+    SPEAR_CUDA_RETURN_IF_ERROR(attr_status);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(C);
+    cfg.blockDim = dim3(256);
+    cfg.dynamicSmemBytes = csmem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[2];
+    cfg.attrs = attr;
+    cfg.numAttrs = ClusterPdlAttrs(attr, C, 1, ProgrammaticLaunchEnabled());
+    auto go = [&] {
+      return cudaLaunchKernelEx(&cfg, EcPrologueClusterKernel, xh, static_cast<int>(m),
+                                static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g,
+                                norm != nullptr ? *norm : EcNormIn{});
+    };
+    cudaError_t ce = go();
+    if (ce != cudaSuccess && cfg.numAttrs == 2) {  // as LaunchPdl: retried without PDL
+      (void)cudaGetLastError();
+      cfg.numAttrs = 1;
+      ce = go();
     }
+    SPEAR_CUDA_RETURN_IF_ERROR(ce);
+    return absl::OkStatus();
   }
   // measurement only (the output is then wrong): flag 64 the launch alone,
   // 128 u's partials without the ticket and the gate.

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/w4_layout.h"
+#include "kernels/cuda_ops.h"
 
 namespace spear::kernels::cuda {
 
@@ -67,13 +68,62 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
 
 namespace {
 
+// v49: x = RMSNorm(h) by RmsNormF16 into norm_x_out (the call's x after it).
+absl::Status NormApart(const W4CudaParams& p, int64_t k, bool early, cudaStream_t stream) {
+  RmsNormF16Params n;
+  n.x = p.norm_h;
+  n.weight = p.norm_weight;
+  n.y = p.norm_x_out;
+  n.m = p.m;
+  n.d = k;
+  n.ldx = p.norm_ld;
+  n.ldy = p.ldx;
+  n.eps = p.norm_eps;
+  n.early_trigger = early;
+  return RmsNormF16(n, stream);
+}
+
+bool Aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
+
+// v49: whether RunDecode's kernels compute x = RMSNorm(h) themselves: one
+// row on the fold kernel (not forced elsewhere: m = 1 always picks it
+// otherwise) with the row in 4 float4 pieces per thread of 256, and the
+// EC's prologue, where it runs, in its one-cluster form.
+bool NormInKernels(const W4DeviceWeight& w, const W4CudaParams& p, bool ec) {
+  const auto& d = w.impl();
+  if (p.m != 1 || d.act_scale != nullptr || d.k % 8 != 0 || d.k > 4096 || p.norm_ld % 4 != 0 ||
+      !Aligned16(p.norm_h) || !Aligned16(p.norm_weight)) {
+    return false;
+  }
+  int dk = p.decode_kernel & 15;
+  if (dk == 0 && p.decode_splits == 0 && p.decode_depth == 0) {
+    const W4DeviceWeight::DecodeTuning t = w.decode_tuning(1);
+    if (t.warps > 0) dk = 4;
+  }
+  if (dk >= 1 && dk <= 3) return false;  // not the fold kernel
+  if (ec && (p.ec_prologue & 4) == 0 &&
+      !EcPrologueIsCluster(d, 1, p.ec_prologue & (1 | 16 | 64 | 128),
+                           (p.ec_prologue & 2) == 0)) {
+    return false;
+  }
+  return true;
+}
+
 absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
                        cudaStream_t stream) {
   const auto& d = w.impl();
   auto& s = ws->impl();
   const bool ec = p.use_ec && d.r > 0;
-  const bool need_x = d.act_scale != nullptr || d.k % 8 != 0 || p.ldx % 8 != 0 ||
-                      reinterpret_cast<uintptr_t>(p.x) % 16 != 0;
+  if (p.norm_h != nullptr && !NormInKernels(w, p, ec)) {
+    if (absl::Status st = NormApart(p, d.k, !ec, stream); !st.ok()) return st;
+    W4CudaParams q = p;
+    q.x = p.norm_x_out;
+    q.norm_h = nullptr;
+    return RunDecode(w, q, ws, stream);
+  }
+  const bool norm = p.norm_h != nullptr;  // (then one row, the fold kernel)
+  const bool need_x = !norm && (d.act_scale != nullptr || d.k % 8 != 0 || p.ldx % 8 != 0 ||
+                                reinterpret_cast<uintptr_t>(p.x) % 16 != 0);
   if (need_x && s.xs_elems < kDecodeMaxM * d.kp) {
     if (absl::Status st = ws->Reserve(w, 0); !st.ok()) return st;
   }
@@ -153,6 +203,16 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = decode_kernel;
+    EcNormIn nin;
+    if (norm) {
+      if (!fold) return absl::InternalError("W4Linear: x = RMSNorm(h) in kernels needs the fold kernel");
+      nin.h = p.norm_h;
+      nin.w = p.norm_weight;
+      nin.eps = p.norm_eps;
+      a.norm_h = p.norm_h;
+      a.norm_w = p.norm_weight;
+      a.norm_eps = p.norm_eps;
+    }
     if (ec) {
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
@@ -164,7 +224,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
                 p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
                 p.gate_ld, stream, p.ec_prologue & (1 | 16 | 64 | 128),
-                fold && (p.ec_prologue & 2) == 0);
+                fold && (p.ec_prologue & 2) == 0, norm ? &nin : nullptr);
             !st.ok()) {
           return st;
         }
@@ -212,7 +272,16 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (ws == nullptr) return Bad("workspace is null");
   if (p.m < 0 || p.m > (int64_t{1} << 30)) return Bad(absl::StrCat("bad m=", p.m));
   if (p.m == 0) return absl::OkStatus();
-  if (p.x == nullptr) return Bad("x is null");
+  if (p.norm_h != nullptr) {
+    if (p.x != nullptr || p.norm_weight == nullptr || p.norm_x_out == nullptr ||
+        p.norm_ld < d.k || !(p.norm_eps >= 0.f && p.norm_eps < 1.f)) {
+      return Bad(absl::StrCat("x = RMSNorm(h) (norm_h set) needs x null, norm_weight and ",
+                              "norm_x_out set, norm_ld >= k (", p.norm_ld, " < ", d.k,
+                              "?) and 0 <= norm_eps < 1"));
+    }
+  } else if (p.x == nullptr) {
+    return Bad("x is null");
+  }
   if ((p.y_f32 == nullptr) == (p.y_f16 == nullptr)) return Bad("need exactly one of y_f32, y_f16");
   if (p.ldx < d.k || p.ldy < d.n) {
     return Bad(absl::StrCat("strides ldx=", p.ldx, " ldy=", p.ldy, " below k=", d.k, " / n=", d.n));
@@ -275,6 +344,14 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
                             ": 0 (automatic), 1 (off) or 2 (every GEMM at 17..63 rows)"));
   }
   const bool prefill = p.force_prefill || (!p.force_decode && p.m >= kPrefillM);
+  if (p.norm_h != nullptr && (prefill || p.m != 1)) {
+    // v49: only the one-row decode kernels normalize x themselves.
+    if (absl::Status st = NormApart(p, d.k, !(p.use_ec && d.r > 0), stream); !st.ok()) return st;
+    W4CudaParams q = p;
+    q.x = p.norm_x_out;
+    q.norm_h = nullptr;
+    return W4Linear(w, q, ws, stream);
+  }
   if (prefill) return RunPrefill(w, p, ws, stream);
   if (const int tokens = SmallTileTokens(d, p); tokens > 0) {
     // v44: one launch of the wgmma kernel's small token tiles, k split so

@@ -51,6 +51,7 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/decode_store.cuh"
+#include "kernels/cuda/norm_rows.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
@@ -249,7 +250,31 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
     }
   }
   if (!a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  {
+  if (a.norm_h != nullptr) {
+    // v49 (m = 1): x = RMSNorm(h) here, not in a launch of its own: the
+    // block sums the row's squares in RmsNormF16's order (norm_rows.cuh;
+    // the scratch is warp 0's last ring slot, which no copy fills before
+    // the main loop), then each warp normalizes its own slice (zeros past
+    // k, as the copies' zero fill). (groups > 1: group 0 holds the row.)
+    const float inv = nrm::BlockInvRms<NW * 32, 4>(
+        a.norm_h, a.k, a.norm_eps, reinterpret_cast<float*>(smem + (D - 1) * geo.stage));
+    if (g == 0) {
+      const int ppr = (ce - cb) * CH * 2;  // 16-byte pieces of the row
+      const int k0 = cb * CH * 16;
+      for (int i = lane; i < ppr; i += 32) {
+        const int kk = k0 + i * 8;
+        const uint4 v = kk < a.k ? nrm::Norm8(a.norm_h, a.norm_w, kk, inv) : make_uint4(0, 0, 0, 0);
+        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(x_s + i * 16), "r"(v.x),
+                     "r"(v.y), "r"(v.z), "r"(v.w)
+                     : "memory");
+      }
+    }
+    if (G > 1) {
+      __syncthreads();
+    } else {
+      __syncwarp();
+    }
+  } else {
     // k % 8 == 0 or x was padded with zeros into the workspace, so an 8-wide
     // piece is all inside k or all outside (zero-filled: the codes' 1024 / 64
     // offsets and the X sums must meet exact zeros there).
@@ -265,10 +290,10 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
                 ok);
     }
     asm volatile("cp.async.commit_group;\n" ::);
-  }
-  if (G > 1) {  // every group's part of the shared x slices, visible to all
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads();
+    if (G > 1) {  // every group's part of the shared x slices, visible to all
+      asm volatile("cp.async.wait_group 0;\n" ::);
+      __syncthreads();
+    }
   }
 
   // ldmatrix.x4 address of this lane: matrix lane / 8 = (step parity, k half),

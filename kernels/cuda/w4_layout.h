@@ -113,6 +113,11 @@ struct DecodeArgs {
   int ldv;
   int debug;    // profiling only (SPEAR_W4_DEBUG): 1 skip compute, 2 skip weight loads
   int ec_late;  // 1: an EC prologue precedes this launch (see the kernel)
+  // v49 (fold kernel, m = 1): x = RMSNorm(norm_h) (fp32 [k], 16-byte
+  // aligned; weight norm_w [k]) computed by the blocks (x is then unused).
+  const float* norm_h;
+  const float* norm_w;
+  float norm_eps;
   int variant;  // m <= 16 kernel: 0 the cp.async-ring kernel, 2 the register-direct one (fold: the flags)
   float* partials;
   int* counters;
@@ -140,10 +145,22 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
 // prologue (one k range per rank, one warp per token for the gate);
 // pdl_launch: with programmatic serialization (the kernel waits for x's
 // producer first).
+// norm (v49, non-null): x = RMSNorm of one row h computed by the prologue
+// (x unused); only for the one-cluster form (EcPrologueIsCluster),
+// InternalError otherwise.
+struct EcNormIn {
+  const float* h = nullptr;  // fp32 [k], 16-byte aligned
+  const float* w = nullptr;  // the norm's weight, fp32 [k], 16-byte aligned
+  float eps = 0.f;
+};
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
                               int64_t ldv, float* v_f32, float* gate_out, int64_t ldg,
-                              cudaStream_t stream, int flags = 0, bool pdl_launch = false);
+                              cudaStream_t stream, int flags = 0, bool pdl_launch = false,
+                              const EcNormIn* norm = nullptr);
+// Whether LaunchEcPrologue takes the one-cluster form (v47) for these
+// arguments, given x 16-byte aligned with ldx % 8 == 0 (or norm set).
+bool EcPrologueIsCluster(const W4DeviceWeight::Impl& w, int64_t m, int flags, bool pdl_launch);
 // Gate only, from u [m][r] fp32 (prefill path).
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
                               uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,

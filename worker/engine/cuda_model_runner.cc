@@ -314,13 +314,39 @@ absl::Status CudaModelRunner::ReadEcFlags(std::vector<uint8_t>* flags) const {
 
 absl::Status CudaModelRunner::RunLinear(const DeviceLinear& lin, const uint16_t* x, int64_t m,
                                         int64_t ldx, uint16_t* y16, float* y32, int64_t ldy,
-                                        bool accumulate, kc::W4Workspace* ws) {
+                                        bool accumulate, kc::W4Workspace* ws,
+                                        const float* norm_weight) {
+  if (norm_weight != nullptr && x != h16_) {
+    return absl::InternalError("RunLinear: x = RMSNorm(residual) goes through h16_");
+  }
+  if (norm_weight != nullptr && lin.pieces.size() > 1) {  // one norm for all pieces
+    kc::RmsNormF16Params n;
+    n.x = residual_;
+    n.y = h16_;
+    n.m = m;
+    n.d = n.ldx = n.ldy = model_->config.hidden_size;
+    n.eps = static_cast<float>(model_->config.rms_eps);
+    n.weight = norm_weight;
+    n.early_trigger = EarlyBefore(lin);
+    if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
+    norm_weight = nullptr;
+  }
   for (const DeviceLinear::Piece& piece : lin.pieces) {
     bool mixed = false;
     kc::W4CudaParams p;
     p.x = x;
     p.m = m;
     p.ldx = ldx;
+    if (norm_weight != nullptr) {
+      // (each piece normalizes in its kernels or writes h16_ before it reads
+      // it: either way the same bits)
+      p.x = nullptr;
+      p.norm_h = residual_;
+      p.norm_weight = norm_weight;
+      p.norm_ld = model_->config.hidden_size;
+      p.norm_eps = static_cast<float>(model_->config.rms_eps);
+      p.norm_x_out = h16_;
+    }
     p.bias = piece.bias;
     p.y_f16 = y16 != nullptr ? y16 + piece.col0 : nullptr;
     p.y_f32 = y32 != nullptr ? y32 + piece.col0 : nullptr;
@@ -365,10 +391,11 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
   n.eps = eps;
   for (size_t l = 0; l < weights_->layers().size(); ++l) {
     const DeviceLayer& L = weights_->layers()[l];
-    n.weight = L.attn_norm;
-    n.early_trigger = EarlyBefore(L.qkv);
-    if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
-    if (absl::Status s = RunLinear(L.qkv, h16_, T, d, qkv_, nullptr, qkv_n, false, ws); !s.ok()) {
+    // v49: the attention's RMSNorm inside the qkv GEMM's call (its kernels
+    // normalize x themselves at one row; else RmsNormF16 as before).
+    if (absl::Status s =
+            RunLinear(L.qkv, h16_, T, d, qkv_, nullptr, qkv_n, false, ws, L.attn_norm);
+        !s.ok()) {
       return s;
     }
     // RoPE of q and k + the KV append of k and v: one launch.
@@ -414,10 +441,8 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
     if (absl::Status s = RunLinear(L.o, attn_, T, qd, nullptr, residual_, d, true, ws); !s.ok()) {
       return s;
     }
-    n.weight = L.ffn_norm;
-    n.early_trigger = EarlyBefore(L.gate_up);
-    if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
-    if (absl::Status s = RunLinear(L.gate_up, h16_, T, d, gu_, nullptr, 2 * ff, false, ws);
+    if (absl::Status s =
+            RunLinear(L.gate_up, h16_, T, d, gu_, nullptr, 2 * ff, false, ws, L.ffn_norm);
         !s.ok()) {
       return s;
     }

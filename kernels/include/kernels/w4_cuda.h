@@ -179,6 +179,23 @@ class W4Workspace {
 struct W4CudaParams {
   const uint16_t* x = nullptr;  // fp16 [m, k], row stride ldx >= k (device)
   int64_t m = 0, ldx = 0;
+  // v49: x = RMSNorm(norm_h) computed by the call (RmsNormF16 without a
+  // residual: fp16 of h rsqrt(mean(h^2) + norm_eps) norm_weight): norm_h
+  // fp32 [m, norm_ld >= k], norm_weight fp32 [k] (device); x must then be
+  // null and norm_x_out (fp16 [m, ldx], device) is where x is written when
+  // the call does not normalize inside its kernels. At one row on the fold
+  // kernel (k % 8 == 0, k <= 4096, norm_h and norm_weight 16-byte aligned,
+  // norm_ld % 4 == 0, no activation scale; with an EC, where its one-cluster
+  // prologue runs) the GEMM's blocks and the EC prologue normalize their
+  // own slices of h, bit for bit as RmsNormF16 would, and norm_x_out is
+  // left as it was; otherwise RmsNormF16 writes norm_x_out first (under
+  // PDL; it lets the GEMM launch before its own wait where the GEMM has no
+  // EC, v30) and the call goes on with x = norm_x_out.
+  const float* norm_h = nullptr;
+  const float* norm_weight = nullptr;
+  int64_t norm_ld = 0;
+  float norm_eps = 0.f;
+  uint16_t* norm_x_out = nullptr;
   const float* bias = nullptr;  // nullable, fp32 [n] (device)
   float* y_f32 = nullptr;       // exactly one of y_f32 / y_f16 (device)
   uint16_t* y_f16 = nullptr;    // [m, n], row stride ldy >= n

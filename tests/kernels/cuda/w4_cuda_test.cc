@@ -1073,6 +1073,129 @@ TEST(CudaW4, SmallTokenTilesMatchReference) {
 }
 
 // The split-K fix-up sums partials in block order: bitwise the same twice.
+// v49: x = RMSNorm(h) inside the call (W4CudaParams::norm_h) gives the
+// bits of RmsNormF16 then W4Linear, on the fold kernel at one row (4- and
+// 8-warp blocks, warp groups, k splits; EC none / static / gated in the
+// one-cluster prologue), where it falls back to a norm launch (two and
+// five rows, k % 8 != 0, k > 4096, the v27 prologue, a forced non-fold
+// kernel) and captured in a graph; norm_x_out is untouched exactly where
+// the kernels normalize themselves.
+TEST(CudaW4, NormInKernelsMatchesNormApart) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 49);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct Shape {
+    int64_t n, k, g;
+  };
+  const Shape shapes[] = {{6144, 4096, 128}, {1536, 576, 64}, {2048, 2048, 2048},
+                          {640, 1000, 1000}, {512, 8192, 128}};
+  struct Form {
+    int64_t m;
+    int ec;  // 0 none, 1 static, 2 gated
+    int decode_kernel, decode_splits, ec_prologue;
+  };
+  const Form forms[] = {{1, 0, 0, 0, 0},   {1, 2, 0, 0, 0},   {1, 1, 5, 0, 0},  {1, 2, 4, 2, 0},
+                        {1, 0, 5 | 512, 0, 0}, {1, 2, 0, 0, 16}, {1, 0, 3, 0, 0}, {2, 2, 0, 0, 0},
+                        {5, 0, 0, 0, 0}};
+  std::normal_distribution<float> nd;
+  for (const Shape& sh : shapes) {
+    const W4Weight w = RandomW4(sh.n, sh.k, sh.g, false, false, rng);
+    const EcWeights ecg = RandomEc(sh.n, sh.k, 24, 16, true, rng);
+    const EcWeights ecs = RandomEc(sh.n, sh.k, 24, 16, false, rng);
+    for (const Form& f : forms) {
+      SCOPED_TRACE(absl::StrCat("n=", sh.n, " k=", sh.k, " m=", f.m, " ec=", f.ec,
+                                " dk=", f.decode_kernel, " splits=", f.decode_splits,
+                                " prologue=", f.ec_prologue));
+      auto dw = cuda::W4DeviceWeight::Create(w, f.ec == 2 ? &ecg : f.ec == 1 ? &ecs : nullptr);
+      ASSERT_TRUE(dw.ok()) << dw.status();
+      const int64_t m = f.m, k = sh.k, n = sh.n, ldh = k + 4, ldx = k + 8;
+      std::vector<float> h(static_cast<size_t>(m * ldh)), nw(static_cast<size_t>(k));
+      for (auto& v : h) v = 3.f * nd(rng);
+      for (auto& v : nw) v = 1.f + 0.25f * nd(rng);
+      DevBuf<float> dh(h.size()), dnw(nw.size());
+      dh.Up(h);
+      dnw.Up(nw);
+      DevBuf<uint16_t> xa(static_cast<size_t>(m * ldx)), xb(static_cast<size_t>(m * ldx));
+      DevBuf<float> ya(static_cast<size_t>(m * n)), yb(static_cast<size_t>(m * n));
+      xa.Poison();
+      xb.Poison();
+      ya.Poison();
+      yb.Poison();
+      cuda::RmsNormF16Params rn;
+      rn.x = dh.get();
+      rn.weight = dnw.get();
+      rn.y = xa.get();
+      rn.m = m;
+      rn.d = k;
+      rn.ldx = ldh;
+      rn.ldy = ldx;
+      rn.eps = 1e-5f;
+      ASSERT_TRUE(cuda::RmsNormF16(rn, nullptr).ok());
+      cuda::W4CudaParams p;
+      p.x = xa.get();
+      p.m = m;
+      p.ldx = ldx;
+      p.y_f32 = ya.get();
+      p.ldy = n;
+      p.force_decode = true;
+      p.decode_kernel = f.decode_kernel;
+      p.decode_splits = f.decode_splits;
+      p.ec_prologue = f.ec_prologue;
+      {
+        const absl::Status st = cuda::W4Linear(**dw, p, ws->get(), nullptr);
+        ASSERT_TRUE(st.ok()) << st;
+      }
+      cuda::W4CudaParams q = p;
+      q.x = nullptr;
+      q.y_f32 = yb.get();
+      q.norm_h = dh.get();
+      q.norm_weight = dnw.get();
+      q.norm_ld = ldh;
+      q.norm_eps = 1e-5f;
+      q.norm_x_out = xb.get();
+      {
+        const absl::Status st = cuda::W4Linear(**dw, q, ws->get(), nullptr);
+        ASSERT_TRUE(st.ok()) << st;
+      }
+      CUDA_OK(cudaDeviceSynchronize());
+      const std::vector<float> a = ya.Down(), b = yb.Down();
+      ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "y differs";
+      const bool in_kernels = m == 1 && k % 8 == 0 && k <= 4096 && f.decode_kernel != 3 &&
+                              !(f.ec != 0 && f.ec_prologue == 16);
+      const std::vector<uint16_t> xo = xb.Down();
+      if (in_kernels) {
+        EXPECT_EQ(xo, std::vector<uint16_t>(xo.size(), 0xffff)) << "norm_x_out written";
+      } else {
+        const std::vector<uint16_t> xr = xa.Down();
+        for (int64_t i = 0; i < m; ++i) {
+          ASSERT_EQ(std::memcmp(xo.data() + i * ldx, xr.data() + i * ldx, k * 2), 0)
+              << "x row " << i;
+        }
+      }
+      if (in_kernels && f.ec == 2 && sh.k == 4096) {  // replayed from a graph
+        cudaStream_t st;
+        CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+        cudaGraph_t gr;
+        cudaGraphExec_t ge;
+        yb.Poison();
+        CUDA_OK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        ASSERT_TRUE(cuda::W4Linear(**dw, q, ws->get(), st).ok());
+        CUDA_OK(cudaStreamEndCapture(st, &gr));
+        CUDA_OK(cudaGraphInstantiate(&ge, gr, 0));
+        for (int i = 0; i < 3; ++i) CUDA_OK(cudaGraphLaunch(ge, st));
+        CUDA_OK(cudaStreamSynchronize(st));
+        const std::vector<float> c = yb.Down();
+        EXPECT_EQ(std::memcmp(a.data(), c.data(), a.size() * 4), 0) << "graph replay";
+        CUDA_OK(cudaGraphExecDestroy(ge));
+        CUDA_OK(cudaGraphDestroy(gr));
+        CUDA_OK(cudaStreamDestroy(st));
+      }
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 TEST(CudaW4, DecodeIsDeterministic) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 2);
@@ -1357,6 +1480,17 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   p.ec_prologue = 32;  // no such flag (v27 without its loads before the wait, removed)
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = 0;
+  {  // v49: x = RMSNorm(h) with x also given, or a norm row stride below k
+    cuda::W4CudaParams q = p;
+    q.norm_h = reinterpret_cast<const float*>(p.x);
+    q.norm_weight = q.norm_h;
+    q.norm_ld = 1 << 20;
+    q.norm_x_out = const_cast<uint16_t*>(p.x);
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, q, ws->get(), nullptr)));
+    q.x = nullptr;
+    q.norm_ld = 1;
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, q, ws->get(), nullptr)));
+  }
   p.gate_ld = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   {  // a gate row stride below the EC's rank
