@@ -85,13 +85,11 @@ __device__ __forceinline__ float BlockInvRms(const float* __restrict__ h, int d,
 }
 
 // x[i .. i + 8) = fp16 RMSNorm of h's 8 floats from i (16-byte aligned) as
-// one 16-byte value.
-__device__ __forceinline__ uint4 Norm8(const float* __restrict__ h, const float* __restrict__ w,
-                                       int i, float inv) {
+// one 16-byte value, the weight's 8 floats given (wa, wb: w[i .. i + 8)).
+__device__ __forceinline__ uint4 Norm8W(const float* __restrict__ h, const float4& wa,
+                                        const float4& wb, int i, float inv) {
   const float4 a = *reinterpret_cast<const float4*>(h + i);
   const float4 b = *reinterpret_cast<const float4*>(h + i + 4);
-  const float4 wa = *reinterpret_cast<const float4*>(w + i);
-  const float4 wb = *reinterpret_cast<const float4*>(w + i + 4);
   const __half2 x0 = NormHalf2(a.x, a.y, inv, wa.x, wa.y);
   const __half2 x1 = NormHalf2(a.z, a.w, inv, wa.z, wa.w);
   const __half2 x2 = NormHalf2(b.x, b.y, inv, wb.x, wb.y);
@@ -102,6 +100,12 @@ __device__ __forceinline__ uint4 Norm8(const float* __restrict__ h, const float*
   o.z = *reinterpret_cast<const uint32_t*>(&x2);
   o.w = *reinterpret_cast<const uint32_t*>(&x3);
   return o;
+}
+
+__device__ __forceinline__ uint4 Norm8(const float* __restrict__ h, const float* __restrict__ w,
+                                       int i, float inv) {
+  return Norm8W(h, *reinterpret_cast<const float4*>(w + i),
+                *reinterpret_cast<const float4*>(w + i + 4), i, inv);
 }
 
 }  // namespace nrm

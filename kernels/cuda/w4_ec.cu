@@ -316,6 +316,12 @@ __global__ void __launch_bounds__(256, 1)
     for (int i = tid; i < r; i += kT) cp4(sa(st.b2s + i), g.b2 + i);
   }
   asm volatile("cp.async.commit_group;\n" ::);
+  // v49: the norm's weights of this thread's x piece, before the wait.
+  float4 wn0 = make_float4(0.f, 0.f, 0.f, 0.f), wn1 = wn0;
+  if (norm.h != nullptr && tid < np) {
+    wn0 = *reinterpret_cast<const float4*>(norm.w + k0 + tid * 8);
+    wn1 = *reinterpret_cast<const float4*>(norm.w + k0 + tid * 8 + 4);
+  }
   // x's producer (launched under PDL: LaunchPdl semantics, as the v27 form).
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
@@ -324,7 +330,8 @@ __global__ void __launch_bounds__(256, 1)
     // kernel's (and RmsNormF16's) sums and operations: the same bits.
     __shared__ float red[9];
     const float inv = nrm::BlockInvRms<kT, 4>(norm.h, k, norm.eps, red);
-    for (int c = tid; c < np; c += kT) xs[c] = nrm::Norm8(norm.h, norm.w, k0 + c * 8, inv);
+    if (tid < np) xs[tid] = nrm::Norm8W(norm.h, wn0, wn1, k0 + tid * 8, inv);
+    for (int c = tid + kT; c < np; c += kT) xs[c] = nrm::Norm8(norm.h, norm.w, k0 + c * 8, inv);
   } else {
     for (int i = tid; i < m * np; i += kT) {
       const int t = i / np, c = i - t * np;
