@@ -277,7 +277,7 @@ __device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
 
 __global__ void __launch_bounds__(256, 1)
     EcPrologueClusterKernel(const __half* __restrict__ x, int m, long long ldx, int k, int kchunk,
-                            const __half* __restrict__ a, GateArgs g, EcNormIn norm) {
+                            const __half* __restrict__ a, GateArgs g, RowNorm norm) {
   constexpr int kT = 256, kNW = kT / 32;
   extern __shared__ __align__(16) unsigned char dsm[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -466,7 +466,7 @@ int EcPrologueParts(int64_t k, int flags) {
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
-                              int flags, bool pdl_launch, const EcNormIn* norm) {
+                              int flags, bool pdl_launch, const RowNorm* norm) {
   if (m == 0) return absl::OkStatus();
   const bool cluster = EcPrologueIsCluster(w, m, flags, pdl_launch);
   if (norm != nullptr && !cluster) {
@@ -513,7 +513,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
     auto go = [&] {
       return cudaLaunchKernelEx(&cfg, EcPrologueClusterKernel, xh, static_cast<int>(m),
                                 static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g,
-                                norm != nullptr ? *norm : EcNormIn{});
+                                norm != nullptr ? *norm : RowNorm{});
     };
     cudaError_t ce = go();
     if (ce != cudaSuccess && cfg.numAttrs == 2) {  // as LaunchPdl: retried without PDL

@@ -203,15 +203,9 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = decode_kernel;
-    EcNormIn nin;
     if (norm) {
       if (!fold) return absl::InternalError("W4Linear: x = RMSNorm(h) in kernels needs the fold kernel");
-      nin.h = p.norm_h;
-      nin.w = p.norm_weight;
-      nin.eps = p.norm_eps;
-      a.norm_h = p.norm_h;
-      a.norm_w = p.norm_weight;
-      a.norm_eps = p.norm_eps;
+      a.norm = RowNorm{p.norm_h, p.norm_weight, p.norm_eps};
     }
     if (ec) {
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
@@ -224,7 +218,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
                 p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
                 p.gate_ld, stream, p.ec_prologue & (1 | 16 | 64 | 128),
-                fold && (p.ec_prologue & 2) == 0, norm ? &nin : nullptr);
+                fold && (p.ec_prologue & 2) == 0, norm ? &a.norm : nullptr);
             !st.ok()) {
           return st;
         }

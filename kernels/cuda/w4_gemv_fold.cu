@@ -253,27 +253,27 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
   // lane) loaded before the wait: they do not depend on the kernels before.
   constexpr int kWPre = 4;
   float4 wpre[kWPre][2];
-  const int nppr = a.norm_h != nullptr ? (ce - cb) * CH * 2 : 0;  // 16-byte pieces of x
+  const int nppr = a.norm.h != nullptr ? (ce - cb) * CH * 2 : 0;  // 16-byte pieces of x
   const int nk0 = cb * CH * 16;
-  if (a.norm_h != nullptr && g == 0) {
+  if (a.norm.h != nullptr && g == 0) {
 #pragma unroll
     for (int t = 0; t < kWPre; ++t) {
       const int kk = nk0 + (lane + 32 * t) * 8;
       if (lane + 32 * t < nppr && kk < a.k) {
-        wpre[t][0] = *reinterpret_cast<const float4*>(a.norm_w + kk);
-        wpre[t][1] = *reinterpret_cast<const float4*>(a.norm_w + kk + 4);
+        wpre[t][0] = *reinterpret_cast<const float4*>(a.norm.w + kk);
+        wpre[t][1] = *reinterpret_cast<const float4*>(a.norm.w + kk + 4);
       }
     }
   }
   if (!a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  if (a.norm_h != nullptr) {
+  if (a.norm.h != nullptr) {
     // v49 (m = 1): x = RMSNorm(h) here, not in a launch of its own: the
     // block sums the row's squares in RmsNormF16's order (norm_rows.cuh;
     // the scratch is warp 0's last ring slot, which no copy fills before
     // the main loop), then each warp normalizes its own slice (zeros past
     // k, as the copies' zero fill). (groups > 1: group 0 holds the row.)
     const float inv = nrm::BlockInvRms<NW * 32, 4>(
-        a.norm_h, a.k, a.norm_eps, reinterpret_cast<float*>(smem + (D - 1) * geo.stage));
+        a.norm.h, a.k, a.norm.eps, reinterpret_cast<float*>(smem + (D - 1) * geo.stage));
     if (g == 0) {
       auto put = [&](int i, const uint4& v) {
         asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(x_s + i * 16), "r"(v.x),
@@ -284,13 +284,13 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
       for (int t = 0; t < kWPre; ++t) {
         const int i = lane + 32 * t, kk = nk0 + i * 8;
         if (i < nppr) {
-          put(i, kk < a.k ? nrm::Norm8W(a.norm_h, wpre[t][0], wpre[t][1], kk, inv)
+          put(i, kk < a.k ? nrm::Norm8W(a.norm.h, wpre[t][0], wpre[t][1], kk, inv)
                           : make_uint4(0, 0, 0, 0));
         }
       }
       for (int i = lane + 32 * kWPre; i < nppr; i += 32) {  // (slices over 4 pieces a lane)
         const int kk = nk0 + i * 8;
-        put(i, kk < a.k ? nrm::Norm8(a.norm_h, a.norm_w, kk, inv) : make_uint4(0, 0, 0, 0));
+        put(i, kk < a.k ? nrm::Norm8(a.norm.h, a.norm.w, kk, inv) : make_uint4(0, 0, 0, 0));
       }
     }
     if (G > 1) {

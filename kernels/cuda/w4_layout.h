@@ -93,6 +93,14 @@ struct W4Workspace::Impl {
   cublasHandle_t cublas_ec = nullptr;
 };
 
+// v49: x = RMSNorm of one row computed inside a GEMM's kernels
+// (norm_rows.cuh); h null: none.
+struct RowNorm {
+  const float* h = nullptr;  // fp32 [k], 16-byte aligned
+  const float* w = nullptr;  // the norm's weight, fp32 [k], 16-byte aligned
+  float eps = 0.f;
+};
+
 // Launchers (w4_gemm_*.cu, w4_ec.cu, w4_prefill.cu); all check the launch.
 struct DecodeArgs {
   const uint32_t* qw;
@@ -113,11 +121,9 @@ struct DecodeArgs {
   int ldv;
   int debug;    // profiling only (SPEAR_W4_DEBUG): 1 skip compute, 2 skip weight loads
   int ec_late;  // 1: an EC prologue precedes this launch (see the kernel)
-  // v49 (fold kernel, m = 1): x = RMSNorm(norm_h) (fp32 [k], 16-byte
-  // aligned; weight norm_w [k]) computed by the blocks (x is then unused).
-  const float* norm_h;
-  const float* norm_w;
-  float norm_eps;
+  // v49 (fold kernel, m = 1): x = RMSNorm(norm.h) computed by the blocks
+  // (norm.h null: x as given; else x is unused).
+  RowNorm norm;
   int variant;  // m <= 16 kernel: 0 the cp.async-ring kernel, 2 the register-direct one (fold: the flags)
   float* partials;
   int* counters;
@@ -148,16 +154,11 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
 // norm (v49, non-null): x = RMSNorm of one row h computed by the prologue
 // (x unused); only for the one-cluster form (EcPrologueIsCluster),
 // InternalError otherwise.
-struct EcNormIn {
-  const float* h = nullptr;  // fp32 [k], 16-byte aligned
-  const float* w = nullptr;  // the norm's weight, fp32 [k], 16-byte aligned
-  float eps = 0.f;
-};
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
                               int64_t ldv, float* v_f32, float* gate_out, int64_t ldg,
                               cudaStream_t stream, int flags = 0, bool pdl_launch = false,
-                              const EcNormIn* norm = nullptr);
+                              const RowNorm* norm = nullptr);
 // Whether LaunchEcPrologue takes the one-cluster form (v47) for these
 // arguments, given x 16-byte aligned with ldx % 8 == 0 (or norm set).
 bool EcPrologueIsCluster(const W4DeviceWeight::Impl& w, int64_t m, int flags, bool pdl_launch);

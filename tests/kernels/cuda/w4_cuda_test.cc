@@ -293,6 +293,26 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   }
 }
 
+// One W4Linear call captured into a CUDA graph on a new stream, replayed
+// `reps` times, then synchronized (the caller reads its outputs).
+void CaptureAndReplay(const cuda::W4DeviceWeight& w, const cuda::W4CudaParams& p,
+                      cuda::W4Workspace* ws, int reps) {
+  cudaStream_t s;
+  CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  const absl::Status st = cuda::W4Linear(w, p, ws, s);
+  CUDA_OK(cudaStreamEndCapture(s, &g));
+  ASSERT_TRUE(st.ok()) << st;
+  CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
+  for (int i = 0; i < reps; ++i) CUDA_OK(cudaGraphLaunch(ge, s));
+  CUDA_OK(cudaStreamSynchronize(s));
+  CUDA_OK(cudaGraphExecDestroy(ge));
+  CUDA_OK(cudaGraphDestroy(g));
+  CUDA_OK(cudaStreamDestroy(s));
+}
+
 TEST(CudaW4, DecodeMatchesReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed());
@@ -1174,22 +1194,11 @@ TEST(CudaW4, NormInKernelsMatchesNormApart) {
         }
       }
       if (in_kernels && f.ec == 2 && sh.k == 4096) {  // replayed from a graph
-        cudaStream_t st;
-        CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-        cudaGraph_t gr;
-        cudaGraphExec_t ge;
         yb.Poison();
-        CUDA_OK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        ASSERT_TRUE(cuda::W4Linear(**dw, q, ws->get(), st).ok());
-        CUDA_OK(cudaStreamEndCapture(st, &gr));
-        CUDA_OK(cudaGraphInstantiate(&ge, gr, 0));
-        for (int i = 0; i < 3; ++i) CUDA_OK(cudaGraphLaunch(ge, st));
-        CUDA_OK(cudaStreamSynchronize(st));
+        CaptureAndReplay(**dw, q, ws->get(), 3);
+        if (HasFatalFailure()) return;
         const std::vector<float> c = yb.Down();
         EXPECT_EQ(std::memcmp(a.data(), c.data(), a.size() * 4), 0) << "graph replay";
-        CUDA_OK(cudaGraphExecDestroy(ge));
-        CUDA_OK(cudaGraphDestroy(gr));
-        CUDA_OK(cudaStreamDestroy(st));
       }
       if (HasFatalFailure()) return;
     }
@@ -1383,17 +1392,9 @@ TEST(CudaW4, GraphReplayAndNaivePathAgree) {
     CUDA_OK(cudaDeviceSynchronize());
     const std::vector<float> direct = y1.Down();
 
-    cudaStream_t s;
-    CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
     y1.Poison();
-    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-    ASSERT_TRUE(cuda::W4Linear(**dw, p, ws->get(), s).ok());
-    CUDA_OK(cudaStreamEndCapture(s, &g));
-    CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
-    for (int i = 0; i < 3; ++i) CUDA_OK(cudaGraphLaunch(ge, s));
-    CUDA_OK(cudaStreamSynchronize(s));
+    CaptureAndReplay(**dw, p, ws->get(), 3);
+    if (HasFatalFailure()) return;
     const std::vector<float> replay = y1.Down();
     if (m <= 64) {
       ASSERT_EQ(std::memcmp(direct.data(), replay.data(), replay.size() * 4), 0);
@@ -1406,9 +1407,6 @@ TEST(CudaW4, GraphReplayAndNaivePathAgree) {
       }
       ASSERT_LE(std::sqrt(se / ss), 1e-5) << "m " << m;
     }
-    CUDA_OK(cudaGraphExecDestroy(ge));
-    CUDA_OK(cudaGraphDestroy(g));
-    CUDA_OK(cudaStreamDestroy(s));
 
     y2.Poison();
     cuda::W4CudaParams q = p;
