@@ -73,4 +73,28 @@ inline int ClusterPdlAttrs(cudaLaunchAttribute (&attr)[2], unsigned x, unsigned 
   return pdl ? 2 : 1;
 }
 
+// <<<grid, block, smem, stream>>>(args...) in clusters of cx * cy blocks,
+// with programmatic serialization where `pdl`; a launch refused with it is
+// retried without, as LaunchPdl does.
+template <typename... KArgs, typename... Args>
+cudaError_t LaunchCluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, unsigned cx, unsigned cy, bool pdl,
+                          Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  cfg.attrs = attr;
+  cfg.numAttrs = ClusterPdlAttrs(attr, cx, cy, pdl);
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+  if (e != cudaSuccess && cfg.numAttrs == 2) {
+    (void)cudaGetLastError();
+    cfg.numAttrs = 1;
+    e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+  }
+  return e;
+}
+
 }  // namespace spear::kernels::cuda

@@ -528,14 +528,8 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleRowsArgs a) {
 
 template <int CL>
 cudaError_t Launch(const SampleRowsArgs& a, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(a.m * CL));
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  cfg.attrs = attr;
-  cfg.numAttrs = ClusterPdlAttrs(attr, CL, 1, /*pdl=*/false);
-  return cudaLaunchKernelEx(&cfg, SampleKernel<CL>, a);
+  return LaunchCluster(SampleKernel<CL>, dim3(static_cast<unsigned>(a.m * CL)), dim3(kThreads), 0,
+                       stream, CL, 1, /*pdl=*/false, a);
 }
 
 }  // namespace

@@ -502,26 +502,10 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
     static const cudaError_t attr_status = cudaFuncSetAttribute(
         EcPrologueClusterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
     SPEAR_CUDA_RETURN_IF_ERROR(attr_status);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(C);
-    cfg.blockDim = dim3(256);
-    cfg.dynamicSmemBytes = csmem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[2];
-    cfg.attrs = attr;
-    cfg.numAttrs = ClusterPdlAttrs(attr, C, 1, ProgrammaticLaunchEnabled());
-    auto go = [&] {
-      return cudaLaunchKernelEx(&cfg, EcPrologueClusterKernel, xh, static_cast<int>(m),
-                                static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g,
-                                norm != nullptr ? *norm : RowNorm{});
-    };
-    cudaError_t ce = go();
-    if (ce != cudaSuccess && cfg.numAttrs == 2) {  // as LaunchPdl: retried without PDL
-      (void)cudaGetLastError();
-      cfg.numAttrs = 1;
-      ce = go();
-    }
-    SPEAR_CUDA_RETURN_IF_ERROR(ce);
+    SPEAR_CUDA_RETURN_IF_ERROR(LaunchCluster(
+        EcPrologueClusterKernel, dim3(C), dim3(256), csmem, stream, C, 1,
+        ProgrammaticLaunchEnabled(), xh, static_cast<int>(m), static_cast<long long>(ldx),
+        static_cast<int>(w.k), kc, ah, g, norm != nullptr ? *norm : RowNorm{}));
     return absl::OkStatus();
   }
   // measurement only (the output is then wrong): flag 64 the launch alone,

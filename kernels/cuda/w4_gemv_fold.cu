@@ -549,15 +549,10 @@ cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits));
-  cfg.blockDim = dim3(NW * 32);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  cfg.attrs = attr;
-  cfg.numAttrs = ClusterPdlAttrs(attr, 1, static_cast<unsigned>(splits), pdl);
-  return cudaLaunchKernelEx(&cfg, W4FoldKernel<NW, CH, ONE, NT, GRP>, a, g);
+  return LaunchCluster(W4FoldKernel<NW, CH, ONE, NT, GRP>,
+                       dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits)),
+                       dim3(NW * 32), static_cast<size_t>(smem), stream, 1,
+                       static_cast<unsigned>(splits), pdl, a, g);
 }
 
 template <int NW, bool ONE, int NT, bool GRP>

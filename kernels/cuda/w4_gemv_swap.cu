@@ -565,16 +565,12 @@ cudaError_t LaunchOne(const DecodeArgs& a, int splits, cudaStream_t stream, bool
       configured = true;
     }
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(a.ntiles), static_cast<unsigned>(splits));
-  cfg.blockDim = dim3(kNW * 32);
-  cfg.dynamicSmemBytes = ring ? Ring<NT8, UK, GPU>::kSmem : 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  cfg.attrs = attr;
-  cfg.numAttrs = ClusterPdlAttrs(attr, 1, static_cast<unsigned>(splits), pdl);
-  return ring ? cudaLaunchKernelEx(&cfg, W4RingKernel<NT8, UK, GPU>, a)
-              : cudaLaunchKernelEx(&cfg, W4SwapKernel<NT8, UK, GPU>, a);
+  const dim3 grid(static_cast<unsigned>(a.ntiles), static_cast<unsigned>(splits));
+  const unsigned cy = static_cast<unsigned>(splits);
+  return ring ? LaunchCluster(W4RingKernel<NT8, UK, GPU>, grid, dim3(kNW * 32),
+                              Ring<NT8, UK, GPU>::kSmem, stream, 1, cy, pdl, a)
+              : LaunchCluster(W4SwapKernel<NT8, UK, GPU>, grid, dim3(kNW * 32), 0, stream, 1,
+                              cy, pdl, a);
 }
 
 // Group width 16 * UK / GPU inside a unit when narrower than a unit.
