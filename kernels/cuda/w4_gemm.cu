@@ -266,12 +266,14 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (ws == nullptr) return Bad("workspace is null");
   if (p.m < 0 || p.m > (int64_t{1} << 30)) return Bad(absl::StrCat("bad m=", p.m));
   if (p.m == 0) return absl::OkStatus();
-  if (p.norm_h != nullptr) {
-    if (p.x != nullptr || p.norm_weight == nullptr || p.norm_x_out == nullptr ||
-        p.norm_ld < d.k || !(p.norm_eps >= 0.f && p.norm_eps < 1.f)) {
-      return Bad(absl::StrCat("x = RMSNorm(h) (norm_h set) needs x null, norm_weight and ",
-                              "norm_x_out set, norm_ld >= k (", p.norm_ld, " < ", d.k,
-                              "?) and 0 <= norm_eps < 1"));
+  if (p.norm_h != nullptr) {  // v49: x = RMSNorm(norm_h)
+    if (p.x != nullptr) return Bad("norm_h and x both set (x goes to norm_x_out)");
+    if (p.norm_weight == nullptr || p.norm_x_out == nullptr) {
+      return Bad("norm_h needs norm_weight and norm_x_out");
+    }
+    if (p.norm_ld < d.k) return Bad(absl::StrCat("norm_ld ", p.norm_ld, " below k=", d.k));
+    if (!(p.norm_eps >= 0.f && p.norm_eps < 1.f)) {
+      return Bad(absl::StrCat("norm_eps ", p.norm_eps, " outside [0, 1)"));
     }
   } else if (p.x == nullptr) {
     return Bad("x is null");
