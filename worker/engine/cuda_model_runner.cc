@@ -383,12 +383,6 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
   e.y_f32 = residual_;
   e.ldy = d;
   if (absl::Status s = kc::Embedding(e, stream_); !s.ok()) return s;
-  kc::RmsNormF16Params n;
-  n.x = residual_;
-  n.y = h16_;
-  n.m = T;
-  n.d = n.ldx = n.ldy = d;
-  n.eps = eps;
   for (size_t l = 0; l < weights_->layers().size(); ++l) {
     const DeviceLayer& L = weights_->layers()[l];
     // v49: the attention's RMSNorm inside the qkv GEMM's call (its kernels
@@ -461,6 +455,13 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
     }
   }
   if (p.R == 0) return absl::OkStatus();
+  // The final norm (the layers' are inside their qkv / gate_up calls).
+  kc::RmsNormF16Params n;
+  n.x = residual_;
+  n.y = h16_;
+  n.m = T;
+  n.d = n.ldx = n.ldy = d;
+  n.eps = eps;
   n.weight = weights_->final_norm();
   n.early_trigger = false;  // next: row selection copies or the lm_head (not PDL)
   if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;

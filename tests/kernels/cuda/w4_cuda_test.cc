@@ -1092,7 +1092,6 @@ TEST(CudaW4, SmallTokenTilesMatchReference) {
   }
 }
 
-// The split-K fix-up sums partials in block order: bitwise the same twice.
 // v49: x = RMSNorm(h) inside the call (W4CudaParams::norm_h) gives the
 // bits of RmsNormF16 then W4Linear, on the fold kernel at one row (4- and
 // 8-warp blocks, warp groups, k splits; EC none / static / gated in the
@@ -1205,6 +1204,7 @@ TEST(CudaW4, NormInKernelsMatchesNormApart) {
   }
 }
 
+// The split-K fix-up sums partials in block order: bitwise the same twice.
 TEST(CudaW4, DecodeIsDeterministic) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 2);
@@ -1488,6 +1488,14 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
     q.x = nullptr;
     q.norm_ld = 1;
     EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, q, ws->get(), nullptr)));
+    q.norm_ld = 1 << 20;  // and each of the others: no weight, no x_out, a bad eps
+    for (int bad = 0; bad < 3; ++bad) {
+      cuda::W4CudaParams b = q;
+      if (bad == 0) b.norm_weight = nullptr;
+      if (bad == 1) b.norm_x_out = nullptr;
+      if (bad == 2) b.norm_eps = -1.f;
+      EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, b, ws->get(), nullptr))) << bad;
+    }
   }
   p.gate_ld = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
