@@ -34,29 +34,41 @@ __device__ __forceinline__ void PdlEnter(int early = 0) {
   if (!early) asm volatile("griddepcontrol.launch_dependents;\n" ::);
 }
 
-// <<<grid, block, smem, stream>>>(args...) with the programmatic-serialization
-// attribute while ProgrammaticLaunchEnabled(); a launch refused with it is
-// retried without (a driver or capture that does not take the attribute).
+// cudaLaunchKernelEx with `n` attributes, the last of them programmatic
+// serialization where `pdl_last`: a launch refused with it is retried
+// without it (a driver or capture that does not take the attribute).
 template <typename... KArgs, typename... Args>
-cudaError_t LaunchPdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                      cudaStream_t stream, Args... args) {
+cudaError_t LaunchWithAttrs(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                            cudaStream_t stream, cudaLaunchAttribute* attrs, int n,
+                            bool pdl_last, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = ProgrammaticLaunchEnabled() ? 1 : 0;
+  cfg.attrs = attrs;
+  cfg.numAttrs = static_cast<unsigned>(n);
   cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
-  if (e != cudaSuccess && cfg.numAttrs == 1) {
+  if (e != cudaSuccess && pdl_last && n > 0) {
     (void)cudaGetLastError();
-    cfg.numAttrs = 0;
+    cfg.numAttrs = static_cast<unsigned>(n - 1);
     e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
   }
   return e;
+}
+
+// <<<grid, block, smem, stream>>>(args...) with the programmatic-serialization
+// attribute while ProgrammaticLaunchEnabled(); a launch refused with it is
+// retried without.
+template <typename... KArgs, typename... Args>
+cudaError_t LaunchPdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                      cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0] = {};
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  const bool pdl = ProgrammaticLaunchEnabled();
+  return LaunchWithAttrs(kernel, grid, block, smem, stream, attr, pdl ? 1 : 0, pdl, args...);
 }
 
 // cudaLaunchKernelEx's attributes for clusters of x * y blocks, then
@@ -74,27 +86,14 @@ inline int ClusterPdlAttrs(cudaLaunchAttribute (&attr)[2], unsigned x, unsigned 
 }
 
 // <<<grid, block, smem, stream>>>(args...) in clusters of cx * cy blocks,
-// with programmatic serialization where `pdl`; a launch refused with it is
-// retried without, as LaunchPdl does.
+// with programmatic serialization where `pdl` (retried without, as above).
 template <typename... KArgs, typename... Args>
 cudaError_t LaunchCluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                           cudaStream_t stream, unsigned cx, unsigned cy, bool pdl,
                           Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
   cudaLaunchAttribute attr[2];
-  cfg.attrs = attr;
-  cfg.numAttrs = ClusterPdlAttrs(attr, cx, cy, pdl);
-  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
-  if (e != cudaSuccess && cfg.numAttrs == 2) {
-    (void)cudaGetLastError();
-    cfg.numAttrs = 1;
-    e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
-  }
-  return e;
+  const int n = ClusterPdlAttrs(attr, cx, cy, pdl);
+  return LaunchWithAttrs(kernel, grid, block, smem, stream, attr, n, n == 2, args...);
 }
 
 }  // namespace spear::kernels::cuda
