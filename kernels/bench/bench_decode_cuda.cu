@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,34]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,36]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -187,6 +187,9 @@ struct Variant {
   // v49: the layers' RMSNorm as its own launch before the qkv / gate_up
   // GEMMs (before v49), not inside their calls (W4CudaParams::norm_h).
   bool norm_apart = false;
+  // v50: the attention's partitions combined by a second kernel (before
+  // v50), not inside the split launch's clusters.
+  bool combine_kernel = false;
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -275,7 +278,12 @@ const Variant kVariants[] = {
     {.name = "W4, RMSNorm launched apart (before v49)", .ec = Ec::kOff, .gemms_only = false,
      .norm_apart = true},
     {.name = "W4+EC at the diagnostic's placement, RMSNorm launched apart (before v49)",
-     .ec = Ec::kPlacement, .gemms_only = false, .norm_apart = true}};
+     .ec = Ec::kPlacement, .gemms_only = false, .norm_apart = true},
+    // 35-36 (v50): the attention combine as a second kernel (before v50).
+    {.name = "W4, attention combine kernel (before v50)", .ec = Ec::kOff, .gemms_only = false,
+     .combine_kernel = true},
+    {.name = "W4+EC at the diagnostic's placement, attention combine kernel (before v50)",
+     .ec = Ec::kPlacement, .gemms_only = false, .combine_kernel = true}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -671,6 +679,7 @@ class Model {
         CKS(cuda::RopeKvAppend(f, g_stream));
         cuda::PagedDecodeAttentionParams ap = AttnParams(m, L);
         ap.tickets = v.tickets ? tickets_ : nullptr;
+        ap.cluster_combine = !v.tickets && !v.combine_kernel;
         ap.early_trigger = early_for(eo);
         CKS(cuda::PagedDecodeAttention(ap, g_stream));
       } else if (!v.gemms_only && !v.skip_attention) {
@@ -697,6 +706,7 @@ class Model {
         a.num_cache_blocks = num_blocks_;
         CKS(cuda::KvAppend(a, g_stream));
         cuda::PagedDecodeAttentionParams ap = AttnParams(m, L);
+        ap.cluster_combine = false;  // (v12's form)
         ap.early_trigger = early_for(eo);
         CKS(cuda::PagedDecodeAttention(ap, g_stream));
       }
@@ -848,7 +858,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,34] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,36] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
                    a.c_str(), argv[0]);
       return 2;

@@ -18,10 +18,21 @@
 // are merged (log-sum-exp rescaling) by the last block of the head group to
 // finish (CombineInBlock: no second launch) when the caller passes tickets,
 // else by CombineKernel.
+//
+// v50 (cluster_combine, the default where it applies): the partitions of a
+// (sequence, head group) form ONE thread-block cluster (2..16 blocks, one
+// launch, no workspace): each block keeps its partial output, max and sum in
+// its own shared memory, a cluster barrier publishes them, and block r
+// combines the r-th slice of the group's outputs reading the others' partials
+// through distributed shared memory, in partition order (deterministic). It
+// applies where <= 16 partitions of <= 512 tokens cover max_context_len
+// (contexts up to 8K tokens; 4K where the GPU takes no clusters of 16).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cmath>
+#include <mutex>
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/pdl.cuh"
@@ -36,8 +47,11 @@ constexpr int kMaxG = 8;      // query heads per block
 constexpr int kMinPart = 32;  // tokens per partition, bounds
 constexpr int kMaxPart = 512;
 
+constexpr int kMaxCluster = 16;  // blocks per cluster (16: non-portable, where the GPU takes it)
+
 struct Plan {
   int gchunks = 1, part = kMinPart, parts = 1;
+  bool cluster = false;  // v50: the parts of a head group are one cluster
 };
 
 Plan MakePlan(const PagedDecodeAttentionParams& p) {
@@ -57,6 +71,30 @@ Plan MakePlan(const PagedDecodeAttentionParams& p) {
   pl.part = static_cast<int>(part);
   pl.parts = static_cast<int>((ctx + part - 1) / part);
   return pl;
+}
+
+// v50: the cluster form of the plan for a cluster cap of `cmax` blocks: as
+// many partitions as MakePlan wants, at most cmax, each <= kMaxPart tokens.
+// Returns false where it does not apply (one partition suffices, or the
+// context needs more than cmax partitions of kMaxPart).
+bool MakeClusterPlan(const PagedDecodeAttentionParams& p, int cmax, Plan* out) {
+  Plan pl = MakePlan(p);
+  if (pl.parts <= 1 || cmax < 2) return false;
+  const int64_t ctx = p.max_context_len;
+  const int64_t base = p.num_seqs * p.n_kv_heads * pl.gchunks;
+  const int64_t target = 2 * int64_t{NumSms() > 0 ? NumSms() : 132};
+  int64_t want = base >= target ? 1 : (target + base - 1) / base;
+  want = std::min<int64_t>(std::max<int64_t>(want, 2), cmax);
+  int64_t part = (ctx + want - 1) / want;
+  part = std::max<int64_t>((part + 31) / 32 * 32, kMinPart);
+  if (part > kMaxPart) return false;
+  const int64_t parts = (ctx + part - 1) / part;
+  if (parts < 2 || parts > cmax) return false;
+  pl.part = static_cast<int>(part);
+  pl.parts = static_cast<int>(parts);
+  pl.cluster = true;
+  *out = pl;
+  return true;
 }
 
 // The in-launch combine (tickets != null, 1 < nparts <= kMaxPart), run by
@@ -144,7 +182,81 @@ __device__ __forceinline__ void CombineInBlock(int nparts, int ng, int h0, int n
   }
 }
 
+// v50: the cluster's combine, run by every block of the cluster (block-
+// uniform) once its partial sits in its own shared memory: o_s[g][d]
+// (unnormalised), m_s[g], l_s[g] for g < ng. A cluster barrier (release /
+// acquire) publishes them; each block reads every partition's maxima and
+// sums (ng x C values) and computes the weights exp(m_j - M) and the
+// denominator per head exactly as CombineKernel does; block r then writes
+// outputs i = r, r + C, ... of the group's ng x D, each summed over the
+// partitions in order 0..C-1 from the other blocks' o_s (ld.shared::cluster).
+// A second barrier keeps every block's shared memory alive until all reads
+// are done. mj_s / lj_s: scratch [kMaxG][kMaxCluster] floats each.
 template <int D>
+__device__ __forceinline__ void ClusterCombine(int C, int ng, int h0, int64_t seq,
+                                               uint16_t* __restrict__ out, int64_t ldo,
+                                               const float (*o_s)[D], const float* m_s,
+                                               const float* l_s, float (*mj_s)[kMaxCluster],
+                                               float (*lj_s)[kMaxCluster], float* den_s) {
+  const int tid = threadIdx.x;
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+  auto remote = [](const float* local, int rank) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(local));
+    unsigned r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(rank));
+    return r;
+  };
+  auto load = [](unsigned addr) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
+    return v;
+  };
+  for (int t = tid; t < ng * C; t += kThreads) {
+    const int g = t / C, j = t - g * C;
+    mj_s[g][j] = load(remote(m_s + g, j));
+    lj_s[g][j] = load(remote(l_s + g, j));
+  }
+  __syncthreads();
+  if (tid < ng) {  // CombineKernel's weights and denominator, partition order
+    const int g = tid;
+    float mx = -INFINITY;
+    for (int j = 0; j < C; ++j) {
+      if (lj_s[g][j] > 0.f) mx = fmaxf(mx, mj_s[g][j]);
+    }
+    float den = 0.f;
+    for (int j = 0; j < C; ++j) {
+      const float lj = lj_s[g][j];
+      const float w = lj > 0.f ? expf(mj_s[g][j] - mx) : 0.f;
+      mj_s[g][j] = w;  // the weight, in place of the max
+      den += w * lj;
+    }
+    den_s[g] = den;
+  }
+  __syncthreads();
+  unsigned rank;
+  asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  for (int i = static_cast<int>(rank) + tid * C; i < ng * D; i += kThreads * C) {
+    const int g = i / D, d = i - g * D;
+    float v[kMaxCluster];
+#pragma unroll
+    for (int j = 0; j < kMaxCluster; ++j) v[j] = j < C ? load(remote(&o_s[g][d], j)) : 0.f;
+    float num = 0.f;
+#pragma unroll
+    for (int j = 0; j < kMaxCluster; ++j) {
+      if (j < C) num += mj_s[g][j] * v[j];
+    }
+    const float den = den_s[g];
+    reinterpret_cast<__half*>(out + seq * ldo)[(h0 + g) * D + d] =
+        __float2half_rn(den > 0.f ? num / den : 0.f);
+  }
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+}
+
+// CL (v50): the launch is in clusters of gridDim.x blocks (one per partition)
+// and combines through ClusterCombine; po / pm / pl / tickets are unused.
+template <int D, bool CL>
 __global__ void __launch_bounds__(kThreads)
     SplitKernel(const uint16_t* __restrict__ q, int64_t ldq, int n_heads, int n_kv_heads,
                 const uint16_t* __restrict__ k_cache, const uint16_t* __restrict__ v_cache,
@@ -161,6 +273,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float m_s[kMaxG], l_s[kMaxG];
   __shared__ float den_s[kMaxG];
   __shared__ int last_s;
+  __shared__ float mj_s[CL ? kMaxG : 1][kMaxCluster], lj_s[CL ? kMaxG : 1][kMaxCluster];
   constexpr int kWarps = kThreads / 32;
   static_assert(kWarps * kMaxG * D <= kMaxG * kMaxPart, "partials must fit in s_s");
   float(*red_s)[kMaxG][D] = reinterpret_cast<float(*)[kMaxG][D]>(&s_s[0][0]);
@@ -179,6 +292,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t0 = int64_t{blockIdx.x} * part;
   const int nt = static_cast<int>(ctx - t0 < part ? (ctx - t0 > 0 ? ctx - t0 : 0) : part);
 
+  if (CL && nt == 0) {  // an empty partial: weight 0 in the combine
+    if (tid < ng) {
+      m_s[tid] = -INFINITY;
+      l_s[tid] = 0.f;
+    }
+    for (int i = tid; i < ng * D; i += kThreads) q_s[i / D][i % D] = 0.f;
+    ClusterCombine<D>(nparts, ng, h0, seq, out, ldo, q_s, m_s, l_s, mj_s, lj_s, den_s);
+    return;
+  }
   if (nt == 0) {  // nothing here: an empty partial (or a zero row)
     for (int i = tid; i < ng * D; i += kThreads) {
       const int g = i / D, d = i - g * D;
@@ -341,7 +463,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < kWarps; ++j) o += red_s[j][g][d];
     const int64_t hh = seq * n_heads + h0 + g;
-    if (nparts == 1) {
+    if (CL) {
+      q_s[g][d] = o;  // q is no longer read: its buffer holds the partial
+    } else if (nparts == 1) {
       const float l = l_s[g];
       reinterpret_cast<__half*>(out + seq * ldo)[(h0 + g) * D + d] =
           __float2half_rn(l > 0.f ? o / l : 0.f);
@@ -352,6 +476,10 @@ __global__ void __launch_bounds__(kThreads)
         pl[hh * nparts + blockIdx.x] = l_s[g];
       }
     }
+  }
+  if (CL) {
+    ClusterCombine<D>(nparts, ng, h0, seq, out, ldo, q_s, m_s, l_s, mj_s, lj_s, den_s);
+    return;
   }
   if (nparts > 1 && tickets != nullptr) {
     __syncthreads();  // red_s (= s_s) is read above; the combine reuses s_s
@@ -437,6 +565,58 @@ absl::Status Validate(const PagedDecodeAttentionParams& p) {
   return absl::OkStatus();
 }
 
+// v50: the largest cluster the split kernel (head_dim D) runs in on this
+// device: 16 where the GPU schedules non-portable clusters of 16 of it, else
+// 8 (portable), 0 if it takes none (then the combine kernel runs). Measured
+// once per device and head_dim, under a lock (thread-safe).
+template <int D>
+int ClusterCapOf(int dev) {
+  static std::mutex mu;
+  static std::array<int, 64> cap = [] {
+    std::array<int, 64> a;
+    a.fill(-1);
+    return a;
+  }();
+  if (dev < 0 || dev >= static_cast<int>(cap.size())) return 8;
+  std::lock_guard<std::mutex> lock(mu);
+  if (cap[dev] >= 0) return cap[dev];
+  auto kernel = SplitKernel<D, true>;
+  int c = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+  }
+  for (int want : {kMaxCluster, 8}) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(want), 1, 1);
+    cfg.blockDim = dim3(kThreads);
+    cudaLaunchAttribute attr[1];
+    attr[0] = {};
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(want);
+    attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n > 0) {
+      c = want;
+      break;
+    }
+    (void)cudaGetLastError();
+  }
+  cap[dev] = c;
+  return c;
+}
+
+int ClusterCap(int head_dim) {
+  int dev = -1;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return head_dim == 64 ? ClusterCapOf<64>(dev) : ClusterCapOf<128>(dev);
+}
+
 }  // namespace
 
 size_t PagedDecodeAttentionWorkspaceBytes(const PagedDecodeAttentionParams& p) {
@@ -454,6 +634,26 @@ int64_t PagedDecodeAttentionTickets(const PagedDecodeAttentionParams& p) {
 absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStream_t stream) {
   if (absl::Status s = Validate(p); !s.ok()) return s;
   if (p.num_seqs == 0) return absl::OkStatus();
+  if (MakePlan(p).gchunks * int64_t{p.n_kv_heads} > 65535) {
+    return absl::InvalidArgumentError("cuda::PagedDecodeAttention: too many heads");
+  }
+  const int early = p.early_trigger ? 1 : 0;  // v30
+  Plan cp;
+  if (p.cluster_combine && MakeClusterPlan(p, ClusterCap(p.head_dim), &cp)) {
+    const dim3 grid(static_cast<unsigned>(cp.parts),
+                    static_cast<unsigned>(cp.gchunks * p.n_kv_heads),
+                    static_cast<unsigned>(p.num_seqs));
+    float* none = nullptr;
+    int32_t* no_tickets = nullptr;
+    SPEAR_CUDA_RETURN_IF_ERROR(
+        LaunchCluster(p.head_dim == 64 ? SplitKernel<64, true> : SplitKernel<128, true>, grid,
+                      dim3(kThreads), 0, stream, static_cast<unsigned>(cp.parts), 1u,
+                      ProgrammaticLaunchEnabled(), p.q, p.ldq, p.n_heads, p.n_kv_heads,
+                      p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks, p.block_tables,
+                      p.max_blocks_per_seq, p.context_lens, p.max_context_len, p.scale, cp.part,
+                      cp.gchunks, p.out, p.ldo, none, none, none, no_tickets, early));
+    return absl::OkStatus();
+  }
   const Plan pl = MakePlan(p);
   const size_t need = PagedDecodeAttentionWorkspaceBytes(p);
   if (need > 0 && (p.workspace == nullptr || p.workspace_bytes < need)) {
@@ -462,9 +662,6 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
   }
   if (pl.parts > 12288) {  // the combine kernel's weights must fit in shared memory
     return absl::InvalidArgumentError("cuda::PagedDecodeAttention: context too long");
-  }
-  if (pl.gchunks * int64_t{p.n_kv_heads} > 65535) {
-    return absl::InvalidArgumentError("cuda::PagedDecodeAttention: too many heads");
   }
   float* po = static_cast<float*>(p.workspace);
   const size_t nh = static_cast<size_t>(p.num_seqs) * p.n_heads * pl.parts;
@@ -475,12 +672,12 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
   // The combine in the split launch when the caller gave tickets and the
   // partition weights of a head group fit the block's score buffer.
   int32_t* tickets = pl.parts > 1 && pl.parts <= kMaxPart ? p.tickets : nullptr;
-  const int early = p.early_trigger ? 1 : 0;  // v30
   SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
-      p.head_dim == 64 ? SplitKernel<64> : SplitKernel<128>, grid, dim3(kThreads), 0, stream, p.q,
-      p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks,
-      p.block_tables, p.max_blocks_per_seq, p.context_lens, p.max_context_len, p.scale, pl.part,
-      pl.gchunks, p.out, p.ldo, po, pm, plsum, tickets, early));
+      p.head_dim == 64 ? SplitKernel<64, false> : SplitKernel<128, false>, grid, dim3(kThreads),
+      0, stream, p.q, p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size,
+      p.num_cache_blocks, p.block_tables, p.max_blocks_per_seq, p.context_lens,
+      p.max_context_len, p.scale, pl.part, pl.gchunks, p.out, p.ldo, po, pm, plsum, tickets,
+      early));
   if (pl.parts > 1 && tickets == nullptr) {
     SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
         CombineKernel, dim3(static_cast<unsigned>(p.n_heads), static_cast<unsigned>(p.num_seqs)),
@@ -488,6 +685,12 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
         p.n_heads, pl.parts, po, pm, plsum, p.out, p.ldo, early));
   }
   return absl::OkStatus();
+}
+
+bool PagedDecodeAttentionCombinesInCluster(const PagedDecodeAttentionParams& p) {
+  Plan cp;
+  return Validate(p).ok() && p.num_seqs > 0 && p.cluster_combine &&
+         MakeClusterPlan(p, ClusterCap(p.head_dim), &cp);
 }
 
 }  // namespace spear::kernels::cuda

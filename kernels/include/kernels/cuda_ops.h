@@ -188,11 +188,20 @@ struct PagedDecodeAttentionParams {
   // step passes none.
   int32_t* tickets = nullptr;
   bool early_trigger = false;  // as RmsNormF16Params::early_trigger (split and combine)
+  // v50: where <= 16 partitions of <= 512 tokens cover max_context_len (8
+  // where the GPU takes no clusters of 16), the partitions of a head group
+  // run as one thread-block cluster and combine through distributed shared
+  // memory inside the one launch (no workspace, no tickets needed; outputs
+  // deterministic). false, or where it does not apply: as above.
+  bool cluster_combine = true;
 };
+// Whether this call takes the cluster combine (v50) on the current device.
+bool PagedDecodeAttentionCombinesInCluster(const PagedDecodeAttentionParams& p);
 // Number of ints `tickets` must hold for these sizes (num_seqs x kv heads x
 // head groups of 8; 0 for invalid parameters).
 int64_t PagedDecodeAttentionTickets(const PagedDecodeAttentionParams& p);
-// Scratch the call needs for these sizes (0 when one partition suffices).
+// Scratch the call needs for these sizes without the cluster combine (0 when
+// one partition suffices; the cluster combine needs none).
 size_t PagedDecodeAttentionWorkspaceBytes(const PagedDecodeAttentionParams& p);
 absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStream_t stream);
 

@@ -454,25 +454,33 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
   Dev<float> dws(ws / 4 + 1);
   p.workspace = ws ? dws.get() : nullptr;
   p.workspace_bytes = ws;
-  if (ws > 0) {  // a missing workspace is refused, not a crash
+  const bool cluster = cuda::PagedDecodeAttentionCombinesInCluster(p);
+  if (ws > 0) {  // a missing workspace is refused, not a crash (forms that use it)
     cuda::PagedDecodeAttentionParams bad = p;
     bad.workspace = nullptr;
+    bad.cluster_combine = false;
     ASSERT_EQ(cuda::PagedDecodeAttention(bad, nullptr).code(), absl::StatusCode::kInvalidArgument);
   }
-  // Both combine paths: the second kernel (no tickets), then the combine in
-  // the split launch (tickets) three times: bitwise equal each time (the
-  // last block's order is fixed) and the tickets back at zero after each.
+  // The three combine paths: the second kernel (run 0, no tickets), the
+  // combine in the split launch by tickets (runs 1-3), the cluster combine
+  // (runs 4-6, v50, without a workspace where it applies): bitwise equal
+  // within a path each time (fixed orders), the tickets back at zero after
+  // each ticketed run.
   const int64_t nt = cuda::PagedDecodeAttentionTickets(p);
   ASSERT_EQ(nt, seqs * c.n_kv * ((c.group + 7) / 8));
   Dev<int32_t> dtk(nt);
   ASSERT_EQ(cudaMemset(dtk.get(), 0, std::max<int64_t>(nt, 1) * sizeof(int32_t)), cudaSuccess);
-  std::vector<uint16_t> first_fused;
-  for (int run = 0; run < 4; ++run) {
-    const bool fused = run > 0;
+  std::vector<uint16_t> first_fused, first_cluster;
+  for (int run = 0; run < 7; ++run) {
+    const bool fused = run >= 1 && run <= 3, in_cluster = run >= 4;
+    if (in_cluster && !cluster) break;
     p.tickets = fused ? dtk.get() : nullptr;
+    p.cluster_combine = in_cluster;
+    p.workspace = in_cluster || ws == 0 ? nullptr : dws.get();
+    p.workspace_bytes = in_cluster ? 0 : ws;
     dws.Poison();
     dout.Poison();
-    ASSERT_TRUE(cuda::PagedDecodeAttention(p, nullptr).ok());
+    ASSERT_TRUE(cuda::PagedDecodeAttention(p, nullptr).ok()) << "run " << run;
     const auto out = dout.Down(seqs * ldo);
     // Tolerance: fp16 output rounding and fp32 softmax/accumulation against
     // the reference's double: |a - b| <= 2e-3 (1 + |ref|) (outputs are
@@ -483,9 +491,17 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
         ASSERT_NEAR(HalfToFloat(out[s * ldo + j]), r, 2e-3 * (1 + std::fabs(r)))
             << "kv=" << c.n_kv << " group=" << c.group << " D=" << D << " seqs=" << seqs
             << " seq=" << s << " ctx=" << c.ctx[s] << " j=" << j << " ws=" << ws
-            << " fused=" << fused << " run=" << run;
+            << " fused=" << fused << " cluster=" << in_cluster << " run=" << run;
       }
       for (int64_t j = n_heads * D; j < ldo; ++j) ASSERT_EQ(out[s * ldo + j], 0xffff);
+    }
+    if (in_cluster) {
+      if (run == 4) {
+        first_cluster = out;
+      } else {
+        ASSERT_TRUE(out == first_cluster) << "cluster combine not deterministic, run " << run;
+      }
+      continue;
     }
     if (!fused) continue;
     const auto tk = dtk.Down(nt);
@@ -496,6 +512,38 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
       ASSERT_TRUE(out == first_fused) << "fused combine not deterministic, run " << run;
     }
   }
+}
+
+// Which calls take the cluster combine (v50): several partitions that fit
+// 16 (8 on GPUs without clusters of 16) of <= 512 tokens. The H200 takes 16.
+TEST(CudaDecodeOps, PagedDecodeAttentionClusterPlan) {
+  SKIP_WITHOUT_GPU();
+  cuda::PagedDecodeAttentionParams p;
+  p.q = p.k_cache = p.v_cache = p.out = reinterpret_cast<uint16_t*>(16);
+  p.block_tables = p.context_lens = reinterpret_cast<const int32_t*>(16);
+  p.n_heads = 32;
+  p.n_kv_heads = 8;
+  p.head_dim = 128;
+  p.ldq = p.ldo = 32 * 128;
+  p.block_size = 16;
+  p.num_cache_blocks = 1 << 16;
+  p.max_blocks_per_seq = 1024;
+  p.scale = 1.f;
+  p.num_seqs = 1;
+  p.max_context_len = 16;
+  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));  // one partition
+  p.max_context_len = 512;
+  EXPECT_TRUE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  p.max_context_len = 4096;
+  EXPECT_TRUE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  p.max_context_len = 16 * 512 + 1;  // more than 16 partitions of 512
+  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  p.max_context_len = 512;
+  p.cluster_combine = false;
+  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  p.cluster_combine = true;
+  p.num_seqs = 64;  // 512 blocks without splitting: one partition
+  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
 }
 
 TEST(CudaDecodeOps, PagedDecodeAttentionMatchesReference) {
@@ -521,6 +569,10 @@ TEST(CudaDecodeOps, PagedDecodeAttentionMatchesReference) {
     RunAttention({8, 4, D, b65}, rng);
     // A GQA ratio above the per-block head chunk (12 = 8 + 4).
     RunAttention({2, 12, D, {300, 5}}, rng);
+    // The cluster combine's bound: 16 partitions of 512 (cluster), one more
+    // token (the combine kernel).
+    RunAttention({1, 4, D, {8192}}, rng);
+    RunAttention({1, 4, D, {8193}}, rng);
   }
 }
 
