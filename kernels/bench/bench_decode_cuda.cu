@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,36]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,41]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -190,6 +190,8 @@ struct Variant {
   // v50: the attention's partitions combined by a second kernel (before
   // v50), not inside the split launch's clusters.
   bool combine_kernel = false;
+  int attn_cluster_max = 8;  // v50: PagedDecodeAttentionParams::cluster_max
+  bool attn_early = false;   // v50: the attention triggers early before an EC'd o GEMM too
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -283,7 +285,21 @@ const Variant kVariants[] = {
     {.name = "W4, attention combine kernel (before v50)", .ec = Ec::kOff, .gemms_only = false,
      .combine_kernel = true},
     {.name = "W4+EC at the diagnostic's placement, attention combine kernel (before v50)",
-     .ec = Ec::kPlacement, .gemms_only = false, .combine_kernel = true}};
+     .ec = Ec::kPlacement, .gemms_only = false, .combine_kernel = true},
+    // 37-40 (v50): the cluster combine in clusters of at most 16 / 4 partitions
+    // (the default: 8).
+    {.name = "W4, attention clusters <= 16", .ec = Ec::kOff, .gemms_only = false,
+     .attn_cluster_max = 16},
+    {.name = "W4+EC at the diagnostic's placement, attention clusters <= 16", .ec = Ec::kPlacement,
+     .gemms_only = false, .attn_cluster_max = 16},
+    {.name = "W4, attention clusters <= 4", .ec = Ec::kOff, .gemms_only = false,
+     .attn_cluster_max = 4},
+    {.name = "W4+EC at the diagnostic's placement, attention clusters <= 4", .ec = Ec::kPlacement,
+     .gemms_only = false, .attn_cluster_max = 4},
+    // 41 (v50): the attention lets the next launch start before its own wait
+    // where the o GEMM has an EC too (its prologue launched early).
+    {.name = "W4+EC at the diagnostic's placement, attention triggers early before EC'd o",
+     .ec = Ec::kPlacement, .gemms_only = false, .attn_early = true}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -680,7 +696,8 @@ class Model {
         cuda::PagedDecodeAttentionParams ap = AttnParams(m, L);
         ap.tickets = v.tickets ? tickets_ : nullptr;
         ap.cluster_combine = !v.tickets && !v.combine_kernel;
-        ap.early_trigger = early_for(eo);
+        ap.cluster_max = v.attn_cluster_max;
+        ap.early_trigger = early_for(eo) || v.attn_early;
         CKS(cuda::PagedDecodeAttention(ap, g_stream));
       } else if (!v.gemms_only && !v.skip_attention) {
         cuda::RopeF16Params r;
@@ -858,7 +875,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,36] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,41] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
                    a.c_str(), argv[0]);
       return 2;

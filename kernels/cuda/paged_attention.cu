@@ -30,6 +30,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <mutex>
@@ -562,6 +563,9 @@ absl::Status Validate(const PagedDecodeAttentionParams& p) {
   if (p.num_seqs > 65535) {
     return absl::InvalidArgumentError("cuda::PagedDecodeAttention: more than 65535 sequences");
   }
+  if (p.cluster_max < 2 || p.cluster_max > kMaxCluster) {
+    return absl::InvalidArgumentError("cuda::PagedDecodeAttention: cluster_max outside 2..16");
+  }
   return absl::OkStatus();
 }
 
@@ -639,7 +643,8 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
   }
   const int early = p.early_trigger ? 1 : 0;  // v30
   Plan cp;
-  if (p.cluster_combine && MakeClusterPlan(p, ClusterCap(p.head_dim), &cp)) {
+  if (p.cluster_combine &&
+      MakeClusterPlan(p, std::min(p.cluster_max, ClusterCap(p.head_dim)), &cp)) {
     const dim3 grid(static_cast<unsigned>(cp.parts),
                     static_cast<unsigned>(cp.gchunks * p.n_kv_heads),
                     static_cast<unsigned>(p.num_seqs));
@@ -690,7 +695,7 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
 bool PagedDecodeAttentionCombinesInCluster(const PagedDecodeAttentionParams& p) {
   Plan cp;
   return Validate(p).ok() && p.num_seqs > 0 && p.cluster_combine &&
-         MakeClusterPlan(p, ClusterCap(p.head_dim), &cp);
+         MakeClusterPlan(p, std::min(p.cluster_max, ClusterCap(p.head_dim)), &cp);
 }
 
 }  // namespace spear::kernels::cuda

@@ -194,6 +194,12 @@ struct PagedDecodeAttentionParams {
   // memory inside the one launch (no workspace, no tickets needed; outputs
   // deterministic). false, or where it does not apply: as above.
   bool cluster_combine = true;
+  // v50: the largest cluster (partitions) the cluster combine may use, 2..16
+  // (the device's own cap applies too); a smaller cap means fewer, longer
+  // partitions. Values outside 2..16 are refused. Default 8: on the H200 the
+  // 8B / 1B decode steps at batch 1 were 0.02-0.04 ms faster with clusters of
+  // <= 8 than <= 16 or <= 4, equal at batch 8 (docs/results/gpu.md, v50).
+  int cluster_max = 8;
 };
 // Whether this call takes the cluster combine (v50) on the current device.
 bool PagedDecodeAttentionCombinesInCluster(const PagedDecodeAttentionParams& p);

@@ -381,6 +381,8 @@ struct AttnCase {
   std::vector<int> ctx;  // per sequence
 };
 
+int g_cluster_max = 8;  // PagedDecodeAttentionParams::cluster_max of RunAttention
+
 void RunAttention(const AttnCase& c, std::mt19937& rng) {
   const int n_heads = c.n_kv * c.group, D = c.head_dim, bs = 16;
   const int64_t seqs = static_cast<int64_t>(c.ctx.size());
@@ -450,6 +452,7 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
   p.scale = scale;
   p.out = dout.get();
   p.ldo = ldo;
+  p.cluster_max = g_cluster_max;
   const size_t ws = cuda::PagedDecodeAttentionWorkspaceBytes(p);
   Dev<float> dws(ws / 4 + 1);
   p.workspace = ws ? dws.get() : nullptr;
@@ -514,8 +517,9 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
   }
 }
 
-// Which calls take the cluster combine (v50): several partitions that fit
-// 16 (8 on GPUs without clusters of 16) of <= 512 tokens. The H200 takes 16.
+// Which calls take the cluster combine (v50): several partitions, at most
+// cluster_max (default 8; the device's cap, 16 on the H200, applies too) of
+// <= 512 tokens.
 TEST(CudaDecodeOps, PagedDecodeAttentionClusterPlan) {
   SKIP_WITHOUT_GPU();
   cuda::PagedDecodeAttentionParams p;
@@ -536,14 +540,45 @@ TEST(CudaDecodeOps, PagedDecodeAttentionClusterPlan) {
   EXPECT_TRUE(cuda::PagedDecodeAttentionCombinesInCluster(p));
   p.max_context_len = 4096;
   EXPECT_TRUE(cuda::PagedDecodeAttentionCombinesInCluster(p));
-  p.max_context_len = 16 * 512 + 1;  // more than 16 partitions of 512
+  p.max_context_len = 8 * 512 + 1;  // more than 8 partitions of 512
   EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  p.cluster_max = 16;  // the H100 / H200 take clusters of 16
+  EXPECT_TRUE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  p.max_context_len = 16 * 512 + 1;
+  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  p.cluster_max = 8;
   p.max_context_len = 512;
   p.cluster_combine = false;
   EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
   p.cluster_combine = true;
   p.num_seqs = 64;  // 512 blocks without splitting: one partition
   EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  p.num_seqs = 1;
+  p.max_context_len = 4096;  // clusters of <= 4: 4 partitions of 1024 do not fit
+  p.cluster_max = 4;
+  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  p.max_context_len = 2048;
+  EXPECT_TRUE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  for (int bad : {0, 1, 17}) {
+    p.cluster_max = bad;
+    EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+    EXPECT_EQ(cuda::PagedDecodeAttention(p, nullptr).code(), absl::StatusCode::kInvalidArgument)
+        << bad;
+  }
+}
+
+// The cluster combine at a few sizes with smaller cluster caps (fewer,
+// longer partitions), against the reference; small enough for the
+// sanitizers (racecheck, memcheck).
+TEST(CudaDecodeOps, PagedDecodeAttentionClusterCaps) {
+  SKIP_WITHOUT_GPU();
+  auto rng = Rng();
+  for (int cmax : {2, 4, 8, 16}) {
+    g_cluster_max = cmax;
+    RunAttention({8, 4, 128, {513}}, rng);
+    RunAttention({2, 4, 64, {700, 0, 33}}, rng);
+  }
+  g_cluster_max = 8;
 }
 
 TEST(CudaDecodeOps, PagedDecodeAttentionMatchesReference) {
@@ -569,10 +604,14 @@ TEST(CudaDecodeOps, PagedDecodeAttentionMatchesReference) {
     RunAttention({8, 4, D, b65}, rng);
     // A GQA ratio above the per-block head chunk (12 = 8 + 4).
     RunAttention({2, 12, D, {300, 5}}, rng);
-    // The cluster combine's bound: 16 partitions of 512 (cluster), one more
-    // token (the combine kernel).
+    // The cluster combine's bound: 8 partitions of 512 by default (4096 in a
+    // cluster, one more token by the combine kernel), 16 with cluster_max 16.
+    RunAttention({1, 4, D, {4096}}, rng);
+    RunAttention({1, 4, D, {4097}}, rng);
+    g_cluster_max = 16;
     RunAttention({1, 4, D, {8192}}, rng);
     RunAttention({1, 4, D, {8193}}, rng);
+    g_cluster_max = 8;
   }
 }
 
