@@ -18,6 +18,10 @@
 
 #include <cuda_runtime.h>
 
+#include <mutex>
+#include <set>
+#include <utility>
+
 #include "kernels/cuda_ops.h"
 
 namespace spear::kernels::cuda {
@@ -32,6 +36,24 @@ __device__ __forceinline__ void PdlEnter(int early = 0) {
   if (early) asm volatile("griddepcontrol.launch_dependents;\n" ::);
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   if (!early) asm volatile("griddepcontrol.launch_dependents;\n" ::);
+}
+
+// Runs `configure()` (the cudaFuncSetAttribute calls a kernel needs before
+// its first launch; they apply to the current device) once per kernel and
+// device, under a lock, and returns its result; a failure is not recorded,
+// so the next call tries again. `kernel` is the key (any pointer that
+// identifies the kernel).
+template <typename F>
+cudaError_t ConfigureOnce(const void* kernel, F&& configure) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count({kernel, dev}) != 0) return cudaSuccess;
+  const cudaError_t e = configure();
+  if (e == cudaSuccess) done.insert({kernel, dev});
+  return e;
 }
 
 // cudaLaunchKernelEx with `n` attributes, the last of them programmatic

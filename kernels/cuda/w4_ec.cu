@@ -33,6 +33,18 @@ struct GateArgs {
   int ldg;  // gate_out row stride
 };
 
+// GateBlock's store of token t's rank c (c < rp): v as fp32 and the gate
+// value for c < r, v as fp16 for every c (the padded ranks too); both
+// prologue forms use it.
+__device__ __forceinline__ void StoreGateOutputs(const GateArgs& g, int t, int c, float gate,
+                                                 float v) {
+  if (c < g.r) {
+    if (g.v_f32 != nullptr) g.v_f32[t * g.r + c] = v;
+    if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
+  }
+  if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
+}
+
 // One warp computes the gate of one token from u (r floats in `us`).
 __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* hs) {
   const int lane = threadIdx.x & 31;
@@ -226,13 +238,8 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     }
     __syncthreads();
     ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st, static_cast<int>(threadIdx.x), kT,
-                   [] { __syncthreads(); }, [&](int t, int c, float gate, float v) {
-                     if (c < r) {
-                       if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
-                       if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
-                     }
-                     if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
-                   });
+                   [] { __syncthreads(); },
+                   [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
   } else {
     // One warp per token (v12; also where the parallel layout does not fit).
     float* us = dyn + warp * r;
@@ -376,13 +383,7 @@ __global__ void __launch_bounds__(256, 1)
   }
   __syncthreads();
   ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st, tid, kT, [] { __syncthreads(); },
-                 [&](int t, int c, float gate, float v) {
-                   if (c < r) {
-                     if (g.v_f32 != nullptr) g.v_f32[t * r + c] = v;
-                     if (g.gate_out != nullptr) g.gate_out[t * g.ldg + c] = gate;
-                   }
-                   if (g.v_half != nullptr) g.v_half[t * g.ldv + c] = __float2half_rn(v);
-                 });
+                 [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
 }
 
 __global__ void __launch_bounds__(256) EcGateRowsKernel(const float* __restrict__ u, int m,
@@ -497,11 +498,12 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
     constexpr int C = kClusterBlocks;
     const int kc = ClusterKChunk(w.k);
     const size_t csmem = ClusterSmem(m, r, kc, par);
-    // Once per process (thread-safe; the attribute is the current
-    // device's: one device per process, as the engine runs).
-    static const cudaError_t attr_status = cudaFuncSetAttribute(
-        EcPrologueClusterKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
-    SPEAR_CUDA_RETURN_IF_ERROR(attr_status);
+    // Once per device (ConfigureOnce: thread-safe).
+    SPEAR_CUDA_RETURN_IF_ERROR(
+        ConfigureOnce(reinterpret_cast<const void*>(EcPrologueClusterKernel), [] {
+          return cudaFuncSetAttribute(EcPrologueClusterKernel,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
+        }));
     SPEAR_CUDA_RETURN_IF_ERROR(LaunchCluster(
         EcPrologueClusterKernel, dim3(C), dim3(256), csmem, stream, C, 1,
         ProgrammaticLaunchEnabled(), xh, static_cast<int>(m), static_cast<long long>(ldx),

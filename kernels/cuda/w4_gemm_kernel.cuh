@@ -26,6 +26,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -502,12 +503,9 @@ absl::Status Launch(DecodeArgs a, int num_sms, cudaStream_t stream) {
   constexpr int kSmem = SmemBytes<MT, WN, KSUB, STAGES, NW>();
   static_assert(kSmem <= 227 * 1024, "shared memory");
   auto* kernel = W4DecodeKernel<MT, WN, KSUB, STAGES, NW>;
-  static bool configured = false;  // per instantiation; benign race (idempotent)
-  if (!configured) {
-    SPEAR_CUDA_RETURN_IF_ERROR(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    configured = true;
-  }
+  SPEAR_CUDA_RETURN_IF_ERROR(ConfigureOnce(reinterpret_cast<const void*>(kernel), [&] {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  }));
   const int ntg = (a.ntiles + WN - 1) / WN;
   a.total_units = ntg * ((a.nks + KSUB - 1) / KSUB);
   const int grid = a.total_units < num_sms ? a.total_units : num_sms;

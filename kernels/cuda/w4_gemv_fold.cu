@@ -534,21 +534,23 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
 template <int NW, int CH, bool ONE, int NT, bool GRP>
 cudaError_t LaunchOne(const DecodeArgs& a, int grid_x, int splits, const Geom& g, int smem,
                       cudaStream_t stream, bool pdl) {
-  static bool configured = false;  // per instantiation; idempotent
-  if (!configured) {
+  auto* kernel = W4FoldKernel<NW, CH, ONE, NT, GRP>;
+  const cudaError_t ce = ConfigureOnce(reinterpret_cast<const void*>(kernel), [&] {
     int dev = 0, optin = 0;
     cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+      e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     }
     if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(W4FoldKernel<NW, CH, ONE, NT, GRP>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+    }
+    if (e == cudaSuccess) {
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                cudaSharedmemCarveoutMaxShared);
     }
-    if (e != cudaSuccess) return e;
-    configured = true;
-  }
+    return e;
+  });
+  if (ce != cudaSuccess) return ce;
   return LaunchCluster(W4FoldKernel<NW, CH, ONE, NT, GRP>,
                        dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(splits)),
                        dim3(NW * 32), static_cast<size_t>(smem), stream, 1,

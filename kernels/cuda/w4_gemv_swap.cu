@@ -551,19 +551,17 @@ template <int NT8, int UK, int GPU>
 cudaError_t LaunchOne(const DecodeArgs& a, int splits, cudaStream_t stream, bool pdl) {
   const bool ring = a.variant != 2;
   if (ring) {
-    static bool configured = false;  // per instantiation; idempotent
-    if (!configured) {
-      cudaError_t e = cudaFuncSetAttribute(W4RingKernel<NT8, UK, GPU>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+    auto* kernel = W4RingKernel<NT8, UK, GPU>;
+    const cudaError_t ce = ConfigureOnce(reinterpret_cast<const void*>(kernel), [&] {
+      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            Ring<NT8, UK, GPU>::kSmem);
       if (e == cudaSuccess) {
-        e = cudaFuncSetAttribute(W4RingKernel<NT8, UK, GPU>,
-                                 cudaFuncAttributePreferredSharedMemoryCarveout,
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                  cudaSharedmemCarveoutMaxShared);
       }
-      if (e != cudaSuccess) return e;
-      configured = true;
-    }
+      return e;
+    });
+    if (ce != cudaSuccess) return ce;
   }
   const dim3 grid(static_cast<unsigned>(a.ntiles), static_cast<unsigned>(splits));
   const unsigned cy = static_cast<unsigned>(splits);

@@ -44,10 +44,10 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -1075,15 +1075,12 @@ __global__ void __launch_bounds__(384, 1)
 }
 
 // The kernel's dynamic shared memory limit raised to Smem bytes, once per
-// kernel (each instantiation has its own once_flag).
+// kernel and device (ConfigureOnce).
 template <auto Kernel, int Smem>
 cudaError_t Prepare() {
-  static std::once_flag once;
-  static cudaError_t err = cudaSuccess;
-  std::call_once(once, [] {
-    err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem);
+  return ConfigureOnce(reinterpret_cast<const void*>(Kernel), [] {
+    return cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem);
   });
-  return err;
 }
 
 }  // namespace wgk

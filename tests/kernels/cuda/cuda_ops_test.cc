@@ -66,7 +66,9 @@ TEST(CudaRmsNorm, MatchesReference) {
       // Tolerance: float32 sums in a different order: |a-b| <= 1e-5 (1 + |ref|).
       for (int64_t i = 0; i < m * d; ++i) {
         ASSERT_NEAR(y[i], y_ref[i], 1e-5 * (1 + std::fabs(y_ref[i]))) << "d=" << d << " i=" << i;
-        if (with_residual) ASSERT_NEAR(r_out[i], r_ref[i], 1e-6 * (1 + std::fabs(r_ref[i])));
+        if (with_residual) {
+          ASSERT_NEAR(r_out[i], r_ref[i], 1e-6 * (1 + std::fabs(r_ref[i])));
+        }
       }
     }
   }
