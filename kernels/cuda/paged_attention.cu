@@ -25,8 +25,9 @@
 // its own shared memory, a cluster barrier publishes them, and block r
 // combines the r-th slice of the group's outputs reading the others' partials
 // through distributed shared memory, in partition order (deterministic). It
-// applies where <= 16 partitions of <= 512 tokens cover max_context_len
-// (contexts up to 8K tokens; 4K where the GPU takes no clusters of 16).
+// applies where <= cluster_max (8; up to 16) partitions cover
+// max_context_len without lengthening them past 64 tokens or the split's own
+// partition length (MakeClusterPlan; e.g. batch 1 up to 512 tokens).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -75,9 +76,17 @@ Plan MakePlan(const PagedDecodeAttentionParams& p) {
 }
 
 // v50: the cluster form of the plan for a cluster cap of `cmax` blocks: as
-// many partitions as MakePlan wants, at most cmax, each <= kMaxPart tokens.
+// many partitions as MakePlan wants, at most cmax, each no longer than
+// kClusterPart tokens or MakePlan's own partition, whichever is longer.
 // Returns false where it does not apply (one partition suffices, or the
-// context needs more than cmax partitions of kMaxPart).
+// cap would lengthen the partitions past that). Measured on the H200
+// (docs/results/gpu.md, v50): at batch 1 a block's chain grows with its
+// partition (8B context 512: 8 x 64 tokens in clusters -0.025 ms a step
+// against the combine kernel, 4 x 128 +0.05; context 2048 / 4096 with 8
+// partitions of 256 / 512: +0.20 / +0.51 ms), while with MakePlan's own
+// partitions (batch 8) the cluster only saves the combine.
+constexpr int kClusterPart = 64;
+
 bool MakeClusterPlan(const PagedDecodeAttentionParams& p, int cmax, Plan* out) {
   Plan pl = MakePlan(p);
   if (pl.parts <= 1 || cmax < 2) return false;
@@ -88,7 +97,7 @@ bool MakeClusterPlan(const PagedDecodeAttentionParams& p, int cmax, Plan* out) {
   want = std::min<int64_t>(std::max<int64_t>(want, 2), cmax);
   int64_t part = (ctx + want - 1) / want;
   part = std::max<int64_t>((part + 31) / 32 * 32, kMinPart);
-  if (part > kMaxPart) return false;
+  if (part > kMaxPart || part > std::max(kClusterPart, pl.part)) return false;
   const int64_t parts = (ctx + part - 1) / part;
   if (parts < 2 || parts > cmax) return false;
   pl.part = static_cast<int>(part);

@@ -188,11 +188,14 @@ struct PagedDecodeAttentionParams {
   // step passes none.
   int32_t* tickets = nullptr;
   bool early_trigger = false;  // as RmsNormF16Params::early_trigger (split and combine)
-  // v50: where <= 16 partitions of <= 512 tokens cover max_context_len (8
-  // where the GPU takes no clusters of 16), the partitions of a head group
-  // run as one thread-block cluster and combine through distributed shared
-  // memory inside the one launch (no workspace, no tickets needed; outputs
-  // deterministic). false, or where it does not apply: as above.
+  // v50: where <= cluster_max partitions cover max_context_len without
+  // making them longer than 64 tokens or than the split's own partitions
+  // (at batch 1 up to 512 tokens with the default; at batch 8 up to 2560),
+  // the partitions of a head group run as one thread-block cluster and
+  // combine through distributed shared memory inside the one launch (no
+  // workspace, no tickets needed; outputs deterministic). Longer partitions
+  // measured slower (docs/results/gpu.md, v50). false, or where it does not
+  // apply: as above.
   bool cluster_combine = true;
   // v50: the largest cluster (partitions) the cluster combine may use, 2..16
   // (the device's own cap applies too); a smaller cap means fewer, longer

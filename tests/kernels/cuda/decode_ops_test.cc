@@ -379,6 +379,7 @@ TEST(CudaDecodeOps, RopeKvAppendMatchesRopeThenAppend) {
 struct AttnCase {
   int n_kv, group, head_dim;
   std::vector<int> ctx;  // per sequence
+  int cluster = -1;      // 1 / 0: the call must / must not take the cluster combine (v50)
 };
 
 int g_cluster_max = 8;  // PagedDecodeAttentionParams::cluster_max of RunAttention
@@ -458,6 +459,7 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
   p.workspace = ws ? dws.get() : nullptr;
   p.workspace_bytes = ws;
   const bool cluster = cuda::PagedDecodeAttentionCombinesInCluster(p);
+  if (c.cluster >= 0) ASSERT_EQ(cluster, c.cluster == 1) << "cluster_max " << p.cluster_max;
   if (ws > 0) {  // a missing workspace is refused, not a crash (forms that use it)
     cuda::PagedDecodeAttentionParams bad = p;
     bad.workspace = nullptr;
@@ -518,8 +520,9 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
 }
 
 // Which calls take the cluster combine (v50): several partitions, at most
-// cluster_max (default 8; the device's cap, 16 on the H200, applies too) of
-// <= 512 tokens.
+// cluster_max (default 8; the device's cap, 16 on the H100 / H200, applies
+// too), none longer than 64 tokens or than the split's own partitions
+// (MakePlan: two waves of blocks, 32..512 tokens). 8 kv heads x 4.
 TEST(CudaDecodeOps, PagedDecodeAttentionClusterPlan) {
   SKIP_WITHOUT_GPU();
   cuda::PagedDecodeAttentionParams p;
@@ -533,52 +536,55 @@ TEST(CudaDecodeOps, PagedDecodeAttentionClusterPlan) {
   p.num_cache_blocks = 1 << 16;
   p.max_blocks_per_seq = 1024;
   p.scale = 1.f;
-  p.num_seqs = 1;
-  p.max_context_len = 16;
-  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));  // one partition
-  p.max_context_len = 512;
-  EXPECT_TRUE(cuda::PagedDecodeAttentionCombinesInCluster(p));
-  p.max_context_len = 4096;
-  EXPECT_TRUE(cuda::PagedDecodeAttentionCombinesInCluster(p));
-  p.max_context_len = 8 * 512 + 1;  // more than 8 partitions of 512
-  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
-  p.cluster_max = 16;  // the H100 / H200 take clusters of 16
-  EXPECT_TRUE(cuda::PagedDecodeAttentionCombinesInCluster(p));
-  p.max_context_len = 16 * 512 + 1;
-  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
-  p.cluster_max = 8;
-  p.max_context_len = 512;
+  auto in_cluster = [&](int64_t seqs, int64_t ctx, int cmax) {
+    p.num_seqs = seqs;
+    p.max_context_len = ctx;
+    p.cluster_max = cmax;
+    return cuda::PagedDecodeAttentionCombinesInCluster(p);
+  };
+  // Batch 1 (the split's partitions: 32 tokens): up to cluster_max x 64.
+  EXPECT_FALSE(in_cluster(1, 16, 8));  // one partition
+  EXPECT_TRUE(in_cluster(1, 512, 8));  // 8 x 64
+  EXPECT_FALSE(in_cluster(1, 513, 8));
+  EXPECT_FALSE(in_cluster(1, 2048, 8));  // 8 x 256: measured slower
+  EXPECT_TRUE(in_cluster(1, 1024, 16));  // 16 x 64
+  EXPECT_FALSE(in_cluster(1, 1025, 16));
+  EXPECT_TRUE(in_cluster(1, 128, 2));
+  EXPECT_FALSE(in_cluster(1, 129, 2));
+  // Batch 8 (the split's partitions: ctx / 5): the same partitions, <= 512.
+  EXPECT_TRUE(in_cluster(8, 512, 8));    // 4 x 128
+  EXPECT_TRUE(in_cluster(8, 2560, 8));   // 5 x 512
+  EXPECT_FALSE(in_cluster(8, 2561, 8));  // more than 512 a partition
+  EXPECT_TRUE(in_cluster(8, 512, 4));    // 4 x 128
+  EXPECT_FALSE(in_cluster(8, 512, 2));   // 2 x 256: longer than the split's
+  EXPECT_FALSE(in_cluster(64, 512, 8));  // 512 blocks without splitting
   p.cluster_combine = false;
-  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+  EXPECT_FALSE(in_cluster(1, 512, 8));
   p.cluster_combine = true;
-  p.num_seqs = 64;  // 512 blocks without splitting: one partition
-  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
-  p.num_seqs = 1;
-  p.max_context_len = 4096;  // clusters of <= 4: 4 partitions of 1024 do not fit
-  p.cluster_max = 4;
-  EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
-  p.max_context_len = 2048;
-  EXPECT_TRUE(cuda::PagedDecodeAttentionCombinesInCluster(p));
   for (int bad : {0, 1, 17}) {
-    p.cluster_max = bad;
-    EXPECT_FALSE(cuda::PagedDecodeAttentionCombinesInCluster(p));
+    EXPECT_FALSE(in_cluster(1, 512, bad));
     EXPECT_EQ(cuda::PagedDecodeAttention(p, nullptr).code(), absl::StatusCode::kInvalidArgument)
         << bad;
   }
 }
 
-// The cluster combine at a few sizes with smaller cluster caps (fewer,
-// longer partitions), against the reference; small enough for the
-// sanitizers (racecheck, memcheck).
+// The cluster combine with every cluster cap (2, 4, 8, 16 partitions of 64
+// tokens; a batch with an empty and a short sequence; a batch of 17 in
+// clusters of 2), against the reference; small enough for the sanitizers.
 TEST(CudaDecodeOps, PagedDecodeAttentionClusterCaps) {
   SKIP_WITHOUT_GPU();
   auto rng = Rng();
+  std::uniform_int_distribution<int> len(1, 700);
   for (int cmax : {2, 4, 8, 16}) {
     g_cluster_max = cmax;
-    RunAttention({8, 4, 128, {513}}, rng);
-    RunAttention({2, 4, 64, {700, 0, 33}}, rng);
+    RunAttention({8, 4, 128, {64 * cmax}, 1}, rng);
+    RunAttention({2, 4, 64, {64 * cmax, 0, 33}, 1}, rng);
   }
   g_cluster_max = 8;
+  std::vector<int> b17(17);
+  for (int& l : b17) l = len(rng);
+  b17[3] = 700;  // the split's partitions: 350 -> 352 tokens, 2 of them
+  RunAttention({8, 4, 128, b17, 1}, rng);
 }
 
 TEST(CudaDecodeOps, PagedDecodeAttentionMatchesReference) {
@@ -604,13 +610,14 @@ TEST(CudaDecodeOps, PagedDecodeAttentionMatchesReference) {
     RunAttention({8, 4, D, b65}, rng);
     // A GQA ratio above the per-block head chunk (12 = 8 + 4).
     RunAttention({2, 12, D, {300, 5}}, rng);
-    // The cluster combine's bound: 8 partitions of 512 by default (4096 in a
-    // cluster, one more token by the combine kernel), 16 with cluster_max 16.
-    RunAttention({1, 4, D, {4096}}, rng);
-    RunAttention({1, 4, D, {4097}}, rng);
+    // The cluster combine's bound at batch 1: 8 partitions of 64 tokens by
+    // default (512 in a cluster, one more token by the combine kernel), 16
+    // with cluster_max 16.
+    RunAttention({1, 4, D, {512}, 1}, rng);
+    RunAttention({1, 4, D, {513}, 0}, rng);
     g_cluster_max = 16;
-    RunAttention({1, 4, D, {8192}}, rng);
-    RunAttention({1, 4, D, {8193}}, rng);
+    RunAttention({1, 4, D, {1024}, 1}, rng);
+    RunAttention({1, 4, D, {1025}, 0}, rng);
     g_cluster_max = 8;
   }
 }
