@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,41]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,42]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -192,6 +192,7 @@ struct Variant {
   bool combine_kernel = false;
   int attn_cluster_max = 8;  // v50: PagedDecodeAttentionParams::cluster_max
   bool attn_early = false;   // v50: the attention triggers early before an EC'd o GEMM too
+  bool attn_cluster_no_ec_o = false;  // v50: the cluster combine only before o GEMMs without an EC
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -299,7 +300,11 @@ const Variant kVariants[] = {
     // 41 (v50): the attention lets the next launch start before its own wait
     // where the o GEMM has an EC too (its prologue launched early).
     {.name = "W4+EC at the diagnostic's placement, attention triggers early before EC'd o",
-     .ec = Ec::kPlacement, .gemms_only = false, .attn_early = true}};
+     .ec = Ec::kPlacement, .gemms_only = false, .attn_early = true},
+    // 42 (v50): the cluster combine only where the o GEMM has no EC (the
+    // combine kernel before EC'd o GEMMs).
+    {.name = "W4+EC at the diagnostic's placement, attention cluster combine only before o without EC",
+     .ec = Ec::kPlacement, .gemms_only = false, .attn_cluster_no_ec_o = true}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -695,7 +700,7 @@ class Model {
         CKS(cuda::RopeKvAppend(f, g_stream));
         cuda::PagedDecodeAttentionParams ap = AttnParams(m, L);
         ap.tickets = v.tickets ? tickets_ : nullptr;
-        ap.cluster_combine = !v.tickets && !v.combine_kernel;
+        ap.cluster_combine = !v.tickets && !v.combine_kernel && !(v.attn_cluster_no_ec_o && eo);
         ap.cluster_max = v.attn_cluster_max;
         ap.early_trigger = early_for(eo) || v.attn_early;
         CKS(cuda::PagedDecodeAttention(ap, g_stream));
@@ -875,7 +880,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,41] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,42] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
                    a.c_str(), argv[0]);
       return 2;
