@@ -118,7 +118,10 @@ W4CudaParams WithXApart(const W4CudaParams& p) {
 // row on the fold kernel (not forced elsewhere: m = 1 always picks it
 // otherwise) with the row in 4 float4 pieces per thread of 256, and the
 // EC's prologue, where it runs, in its one-cluster form.
-// v51: the same for x = SiluMul(gate_up row) (no k bound: no row sum).
+// v51: the same for x = SiluMul(gate_up row) (no k bound: no row sum), but
+// only where the GEMM has an EC: before a GEMM without one the SiluMul
+// launch triggers the GEMM early and cost the 8B step less (docs/results/
+// gpu.md, v51: in the kernels +0.02 ms without ECs, -0.035 ms with them).
 bool XInKernels(const W4DeviceWeight& w, const W4CudaParams& p, bool ec) {
   const auto& d = w.impl();
   if (p.m != 1 || d.act_scale != nullptr || d.k % 8 != 0) return false;
@@ -126,7 +129,9 @@ bool XInKernels(const W4DeviceWeight& w, const W4CudaParams& p, bool ec) {
       (d.k > 4096 || p.norm_ld % 4 != 0 || !Aligned16(p.norm_h) || !Aligned16(p.norm_weight))) {
     return false;
   }
-  if (p.swiglu_gu != nullptr && (p.swiglu_ld % 8 != 0 || !Aligned16(p.swiglu_gu))) return false;
+  if (p.swiglu_gu != nullptr && (!ec || p.swiglu_ld % 8 != 0 || !Aligned16(p.swiglu_gu))) {
+    return false;
+  }
   int dk = p.decode_kernel & 15;
   if (dk == 0 && p.decode_splits == 0 && p.decode_depth == 0) {
     const W4DeviceWeight::DecodeTuning t = w.decode_tuning(1);

@@ -201,12 +201,14 @@ struct W4CudaParams {
   // swiglu_ld >= 2k], gate = its columns [0, k), up = [k, 2k); x must then be
   // null (and norm_h too) and swiglu_x_out (fp16 [m, ldx], device) is where x
   // is written when the call does not compute it inside its kernels. At one
-  // row on the fold kernel (k % 8 == 0, swiglu_gu 16-byte aligned, swiglu_ld
-  // % 8 == 0, no activation scale; with an EC, where its one-cluster prologue
-  // runs) the GEMM's warps and the EC prologue compute their own slices, bit
-  // for bit as SiluMul would, and swiglu_x_out is left as it was; otherwise
-  // SiluMul writes swiglu_x_out first (early trigger as norm_h's) and the
-  // call goes on with x = swiglu_x_out.
+  // row with an EC (use_ec, where its one-cluster prologue runs) on the fold
+  // kernel (k % 8 == 0, swiglu_gu 16-byte aligned, swiglu_ld % 8 == 0, no
+  // activation scale) the GEMM's warps and the EC prologue compute their own
+  // slices, bit for bit as SiluMul would, and swiglu_x_out is left as it
+  // was; otherwise (without an EC too: there the SiluMul launch, which lets
+  // the GEMM launch early, measured cheaper) SiluMul writes swiglu_x_out
+  // first (early trigger as norm_h's) and the call goes on with x =
+  // swiglu_x_out.
   const uint16_t* swiglu_gu = nullptr;
   int64_t swiglu_ld = 0;
   uint16_t* swiglu_x_out = nullptr;
