@@ -1207,9 +1207,8 @@ TEST(CudaW4, NormInKernelsMatchesNormApart) {
 // v51: x = SiluMul(gate, up) of a gate_up row inside the call
 // (W4CudaParams::swiglu_gu) gives the bits of SiluMul then W4Linear, on the
 // fold kernel at one row with an EC (4- and 8-warp blocks, k splits, warp
-// groups; static
-// and gated ECs in the one-cluster prologue; k up to 14336, the 8B down
-// GEMM), where it falls back to a SiluMul launch (no EC, two and five rows,
+// groups; static and gated ECs in the one-cluster prologue; k up to 14336,
+// the 8B down GEMM), where it falls back to a SiluMul launch (no EC, two and five rows,
 // k % 8 != 0, the v27 prologue, a forced non-fold kernel) and captured in a
 // graph; swiglu_x_out is untouched exactly where the kernels compute x.
 TEST(CudaW4, SwigluInKernelsMatchesSwigluApart) {
@@ -1227,8 +1226,9 @@ TEST(CudaW4, SwigluInKernelsMatchesSwigluApart) {
     int ec;  // 0 none, 1 static, 2 gated
     int decode_kernel, decode_splits, ec_prologue;
   };
-  const Form forms[] = {{1, 0, 0, 0, 0},   {1, 2, 0, 0, 0},   {1, 1, 5, 0, 0},  {1, 2, 4, 2, 0},
-                        {1, 0, 5 | 512, 0, 0}, {1, 2, 5 | 512, 0, 0}, {1, 2, 0, 0, 16}, {1, 0, 3, 0, 0}, {2, 2, 0, 0, 0},
+  const Form forms[] = {{1, 0, 0, 0, 0},       {1, 2, 0, 0, 0},       {1, 1, 5, 0, 0},
+                        {1, 2, 4, 2, 0},       {1, 0, 5 | 512, 0, 0}, {1, 2, 5 | 512, 0, 0},
+                        {1, 2, 0, 0, 16},      {1, 0, 3, 0, 0},       {2, 2, 0, 0, 0},
                         {5, 0, 0, 0, 0}};
   std::normal_distribution<float> nd;
   for (const Shape& sh : shapes) {
