@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,42]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,44]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -193,6 +193,9 @@ struct Variant {
   int attn_cluster_max = 8;  // v50: PagedDecodeAttentionParams::cluster_max
   bool attn_early = false;   // v50: the attention triggers early before an EC'd o GEMM too
   bool attn_cluster_no_ec_o = false;  // v50: the cluster combine only before o GEMMs without an EC
+  // v51: SwiGLU as a launch of its own before the down GEMM (before v51),
+  // not inside its call (W4CudaParams::swiglu_gu).
+  bool silu_apart = false;
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -304,7 +307,12 @@ const Variant kVariants[] = {
     // 42 (v50): the cluster combine only where the o GEMM has no EC (the
     // combine kernel before EC'd o GEMMs).
     {.name = "W4+EC at the diagnostic's placement, attention cluster combine only before o without EC",
-     .ec = Ec::kPlacement, .gemms_only = false, .attn_cluster_no_ec_o = true}};
+     .ec = Ec::kPlacement, .gemms_only = false, .attn_cluster_no_ec_o = true},
+    // 43-44 (v51): SwiGLU launched apart (before v51).
+    {.name = "W4, SwiGLU launched apart (before v51)", .ec = Ec::kOff, .gemms_only = false,
+     .silu_apart = true},
+    {.name = "W4+EC at the diagnostic's placement, SwiGLU launched apart (before v51)",
+     .ec = Ec::kPlacement, .gemms_only = false, .silu_apart = true}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -619,8 +627,15 @@ class Model {
     const int64_t H = shape_.hidden,
                   qkv_n = int64_t{shape_.n_q + 2 * shape_.n_kv} * shape_.head_dim;
     auto gemm = [&](const cuda::W4DeviceWeight& w, const uint16_t* x, int64_t ldx, uint16_t* y16,
-                    float* y32, int64_t ldy, bool ec, const float* norm_w = nullptr) {
+                    float* y32, int64_t ldy, bool ec, const float* norm_w = nullptr,
+                    bool swiglu = false) {
       cuda::W4CudaParams p = bench::GemmParams(x, m, ldx, y16, ldy);
+      if (swiglu) {  // v51: x = SiluMul(gate_up) inside the call (x = act_)
+        p.x = nullptr;
+        p.swiglu_gu = gu_;
+        p.swiglu_ld = 2 * shape_.inter;
+        p.swiglu_x_out = act_;
+      }
       if (norm_w != nullptr) {  // v49: x = RMSNorm(residual) inside the call (x = h16_)
         p.x = nullptr;
         p.norm_h = residual_;
@@ -739,7 +754,10 @@ class Model {
         CKS(cuda::RmsNormF16(n, g_stream));
       }
       gemm(*wgu, h16_, H, gu_, nullptr, 2 * shape_.inter, egu, norm_in ? L.norm2 : nullptr);
-      if (!v.gemms_only && !v.no_silu) {
+      // v51: SwiGLU inside the down call (its launch apart in variants 43-44
+      // and where the call cannot take it).
+      const bool silu_in = !v.gemms_only && !v.no_silu && !v.silu_apart;
+      if (!v.gemms_only && !v.no_silu && v.silu_apart) {
         cuda::SiluMulF16Params sm;
         sm.gate = gu_;
         sm.up = gu_ + shape_.inter;
@@ -751,7 +769,7 @@ class Model {
         sm.early_trigger = early_for(edn);
         CKS(cuda::SiluMul(sm, g_stream));
       }
-      gemm(*wdn, act_, shape_.inter, nullptr, residual_, H, edn);
+      gemm(*wdn, act_, shape_.inter, nullptr, residual_, H, edn, nullptr, silu_in);
     }
     if (v.gemms_only) return;
     cuda::RmsNormF16Params n;
@@ -880,7 +898,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,42] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,44] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
                    a.c_str(), argv[0]);
       return 2;

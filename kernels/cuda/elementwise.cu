@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/swiglu_rows.cuh"
 #include "kernels/cuda_ops.h"
 
 namespace spear::kernels::cuda {
@@ -23,9 +24,8 @@ __global__ void SiluMulKernel(const uint16_t* gate, const uint16_t* up, uint16_t
   __half* out = reinterpret_cast<__half*>(y + i * ldy);
   for (int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; j < n;
        j += int64_t{gridDim.x} * blockDim.x) {
-    const float a = __half2float(g[j]);
-    // silu in fp32: a / (1 + e^-a); expf saturates to inf for a << 0 -> 0.
-    out[j] = __float2half_rn(a / (1.f + expf(-a)) * __half2float(u[j]));
+    // silu in fp32 (swiglu_rows.cuh: the fold kernel's and EC prologue's too).
+    out[j] = __float2half_rn(swg::SiluMulF(__half2float(g[j]), __half2float(u[j])));
   }
 }
 

@@ -15,6 +15,7 @@
 #include "kernels/cuda/ec_gate.cuh"
 #include "kernels/cuda/norm_rows.cuh"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/swiglu_rows.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -284,7 +285,8 @@ __device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
 
 __global__ void __launch_bounds__(256, 1)
     EcPrologueClusterKernel(const __half* __restrict__ x, int m, long long ldx, int k, int kchunk,
-                            const __half* __restrict__ a, GateArgs g, RowNorm norm) {
+                            const __half* __restrict__ a, GateArgs g, RowNorm norm,
+                            RowSwiglu sw) {
   constexpr int kT = 256, kNW = kT / 32;
   extern __shared__ __align__(16) unsigned char dsm[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -339,6 +341,10 @@ __global__ void __launch_bounds__(256, 1)
     const float inv = nrm::BlockInvRms<kT, 4>(norm.h, k, norm.eps, red);
     if (tid < np) xs[tid] = nrm::Norm8W(norm.h, wn0, wn1, k0 + tid * 8, inv);
     for (int c = tid + kT; c < np; c += kT) xs[c] = nrm::Norm8(norm.h, norm.w, k0 + c * 8, inv);
+  } else if (sw.gu != nullptr) {
+    // v51 (m = 1): x = SiluMul of the gate_up row, this block's slice, with
+    // SiluMul's (and the fold kernel's) operations: the same bits.
+    for (int c = tid; c < np; c += kT) xs[c] = swg::Swiglu8(sw.gu, k, k0 + c * 8);
   } else {
     for (int i = tid; i < m * np; i += kT) {
       const int t = i / np, c = i - t * np;
@@ -467,11 +473,13 @@ int EcPrologueParts(int64_t k, int flags) {
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half, int64_t ldv,
                               float* v_f32, float* gate_out, int64_t ldg, cudaStream_t stream,
-                              int flags, bool pdl_launch, const RowNorm* norm) {
+                              int flags, bool pdl_launch, const RowNorm* norm,
+                              const RowSwiglu* swiglu) {
   if (m == 0) return absl::OkStatus();
   const bool cluster = EcPrologueIsCluster(w, m, flags, pdl_launch);
-  if (norm != nullptr && !cluster) {
-    return absl::InternalError("LaunchEcPrologue: x = RMSNorm(h) needs the one-cluster form");
+  if ((norm != nullptr || swiglu != nullptr) && !cluster) {
+    return absl::InternalError(
+        "LaunchEcPrologue: x = RMSNorm(h) or SiluMul(gate_up) needs the one-cluster form");
   }
   if (m > kDecodeMaxM) return absl::InternalError("LaunchEcPrologue: m > 64");
   const int parts = EcPrologueParts(w.k, flags);
@@ -493,8 +501,8 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
   // v47: one cluster (EcPrologueClusterKernel) where EcPrologueIsCluster
   // says so and x's rows are 16-byte pieces (or x = RMSNorm(h), v49).
-  if (cluster &&
-      (norm != nullptr || (ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0))) {
+  if (cluster && (norm != nullptr || swiglu != nullptr ||
+                  (ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0))) {
     constexpr int C = kClusterBlocks;
     const int kc = ClusterKChunk(w.k);
     const size_t csmem = ClusterSmem(m, r, kc, par);
@@ -507,7 +515,8 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
     SPEAR_CUDA_RETURN_IF_ERROR(LaunchCluster(
         EcPrologueClusterKernel, dim3(C), dim3(256), csmem, stream, C, 1,
         ProgrammaticLaunchEnabled(), xh, static_cast<int>(m), static_cast<long long>(ldx),
-        static_cast<int>(w.k), kc, ah, g, norm != nullptr ? *norm : RowNorm{}));
+        static_cast<int>(w.k), kc, ah, g, norm != nullptr ? *norm : RowNorm{},
+        swiglu != nullptr ? *swiglu : RowSwiglu{}));
     return absl::OkStatus();
   }
   // measurement only (the output is then wrong): flag 64 the launch alone,

@@ -85,14 +85,51 @@ absl::Status NormApart(const W4CudaParams& p, int64_t k, bool early, cudaStream_
 
 bool Aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
 
+// v51: x = SiluMul(gate, up) of swiglu_gu's rows into swiglu_x_out (the
+// call's x after it).
+absl::Status SwigluApart(const W4CudaParams& p, int64_t k, bool early, cudaStream_t stream) {
+  SiluMulF16Params s;
+  s.gate = p.swiglu_gu;
+  s.up = p.swiglu_gu + k;
+  s.y = p.swiglu_x_out;
+  s.m = p.m;
+  s.n = k;
+  s.ld_gate = s.ld_up = p.swiglu_ld;
+  s.ldy = p.ldx;
+  s.early_trigger = early;
+  return SiluMul(s, stream);
+}
+
+// The same call with x = the producer's output (norm_x_out / swiglu_x_out)
+// after NormApart / SwigluApart wrote it.
+W4CudaParams WithXApart(const W4CudaParams& p) {
+  W4CudaParams q = p;
+  if (p.norm_h != nullptr) {
+    q.x = p.norm_x_out;
+    q.norm_h = nullptr;
+  } else {
+    q.x = p.swiglu_x_out;
+    q.swiglu_gu = nullptr;
+  }
+  return q;
+}
+
 // v49: whether RunDecode's kernels compute x = RMSNorm(h) themselves: one
 // row on the fold kernel (not forced elsewhere: m = 1 always picks it
 // otherwise) with the row in 4 float4 pieces per thread of 256, and the
 // EC's prologue, where it runs, in its one-cluster form.
-bool NormInKernels(const W4DeviceWeight& w, const W4CudaParams& p, bool ec) {
+// v51: the same for x = SiluMul(gate_up row) (no k bound: no row sum), but
+// only where the GEMM has an EC: before a GEMM without one the SiluMul
+// launch triggers the GEMM early and cost the 8B step less (docs/results/
+// gpu.md, v51: in the kernels +0.02 ms without ECs, -0.035 ms with them).
+bool XInKernels(const W4DeviceWeight& w, const W4CudaParams& p, bool ec) {
   const auto& d = w.impl();
-  if (p.m != 1 || d.act_scale != nullptr || d.k % 8 != 0 || d.k > 4096 || p.norm_ld % 4 != 0 ||
-      !Aligned16(p.norm_h) || !Aligned16(p.norm_weight)) {
+  if (p.m != 1 || d.act_scale != nullptr || d.k % 8 != 0) return false;
+  if (p.norm_h != nullptr &&
+      (d.k > 4096 || p.norm_ld % 4 != 0 || !Aligned16(p.norm_h) || !Aligned16(p.norm_weight))) {
+    return false;
+  }
+  if (p.swiglu_gu != nullptr && (!ec || p.swiglu_ld % 8 != 0 || !Aligned16(p.swiglu_gu))) {
     return false;
   }
   int dk = p.decode_kernel & 15;
@@ -114,16 +151,19 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
   const auto& d = w.impl();
   auto& s = ws->impl();
   const bool ec = p.use_ec && d.r > 0;
-  if (p.norm_h != nullptr && !NormInKernels(w, p, ec)) {
-    if (absl::Status st = NormApart(p, d.k, !ec, stream); !st.ok()) return st;
-    W4CudaParams q = p;
-    q.x = p.norm_x_out;
-    q.norm_h = nullptr;
-    return RunDecode(w, q, ws, stream);
+  if ((p.norm_h != nullptr || p.swiglu_gu != nullptr) && !XInKernels(w, p, ec)) {
+    if (absl::Status st = p.norm_h != nullptr ? NormApart(p, d.k, !ec, stream)
+                                              : SwigluApart(p, d.k, !ec, stream);
+        !st.ok()) {
+      return st;
+    }
+    return RunDecode(w, WithXApart(p), ws, stream);
   }
-  const bool norm = p.norm_h != nullptr;  // (then one row, the fold kernel)
-  const bool need_x = !norm && (d.act_scale != nullptr || d.k % 8 != 0 || p.ldx % 8 != 0 ||
-                                reinterpret_cast<uintptr_t>(p.x) % 16 != 0);
+  const bool norm = p.norm_h != nullptr;      // (then one row, the fold kernel)
+  const bool swiglu = p.swiglu_gu != nullptr;  // (likewise; v51)
+  const bool need_x = !norm && !swiglu &&
+                      (d.act_scale != nullptr || d.k % 8 != 0 || p.ldx % 8 != 0 ||
+                       reinterpret_cast<uintptr_t>(p.x) % 16 != 0);
   if (need_x && s.xs_elems < kDecodeMaxM * d.kp) {
     if (absl::Status st = ws->Reserve(w, 0); !st.ok()) return st;
   }
@@ -203,10 +243,18 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
     const bool swap = mc <= 16 && dk != 1;
     if (dk == 3) a.variant = 0;  // the v8 ring kernel, forced
     if (fold) a.variant = decode_kernel;
-    if (norm) {
-      if (!fold) return absl::InternalError("W4Linear: x = RMSNorm(h) in kernels needs the fold kernel");
-      a.norm = RowNorm{p.norm_h, p.norm_weight, p.norm_eps};
+    if ((norm || swiglu) && !fold) {
+      // Not expected (one row picks the fold kernel unless another is
+      // forced, which XInKernels saw); safe all the same: nothing is launched
+      // yet (one row: the first and only chunk), so x is computed apart.
+      if (absl::Status st = norm ? NormApart(p, d.k, !ec, stream) : SwigluApart(p, d.k, !ec, stream);
+          !st.ok()) {
+        return st;
+      }
+      return RunDecode(w, WithXApart(p), ws, stream);
     }
+    if (norm) a.norm = RowNorm{p.norm_h, p.norm_weight, p.norm_eps};
+    if (swiglu) a.swiglu = RowSwiglu{p.swiglu_gu};
     if (ec) {
       // ec_prologue flags 4 / 8 (benchmarks only): no prologue (v left from
       // the last call) / the prologue without the epilogue.
@@ -218,7 +266,8 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
                 p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
                 p.gate_ld, stream, p.ec_prologue & (1 | 16 | 64 | 128),
-                fold && (p.ec_prologue & 2) == 0, norm ? &a.norm : nullptr);
+                fold && (p.ec_prologue & 2) == 0, norm ? &a.norm : nullptr,
+                swiglu ? &a.swiglu : nullptr);
             !st.ok()) {
           return st;
         }
@@ -274,6 +323,13 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
     if (p.norm_ld < d.k) return Bad(absl::StrCat("norm_ld ", p.norm_ld, " below k=", d.k));
     if (!(p.norm_eps >= 0.f && p.norm_eps < 1.f)) {
       return Bad(absl::StrCat("norm_eps ", p.norm_eps, " outside [0, 1)"));
+    }
+    if (p.swiglu_gu != nullptr) return Bad("norm_h and swiglu_gu both set");
+  } else if (p.swiglu_gu != nullptr) {  // v51: x = SiluMul(gate_up row)
+    if (p.x != nullptr) return Bad("swiglu_gu and x both set (x goes to swiglu_x_out)");
+    if (p.swiglu_x_out == nullptr) return Bad("swiglu_gu needs swiglu_x_out");
+    if (p.swiglu_ld < 2 * d.k) {
+      return Bad(absl::StrCat("swiglu_ld ", p.swiglu_ld, " below 2k=", 2 * d.k));
     }
   } else if (p.x == nullptr) {
     return Bad("x is null");
@@ -340,13 +396,15 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
                             ": 0 (automatic), 1 (off) or 2 (every GEMM at 17..63 rows)"));
   }
   const bool prefill = p.force_prefill || (!p.force_decode && p.m >= kPrefillM);
-  if (p.norm_h != nullptr && (prefill || p.m != 1)) {
-    // v49: only the one-row decode kernels normalize x themselves.
-    if (absl::Status st = NormApart(p, d.k, !(p.use_ec && d.r > 0), stream); !st.ok()) return st;
-    W4CudaParams q = p;
-    q.x = p.norm_x_out;
-    q.norm_h = nullptr;
-    return W4Linear(w, q, ws, stream);
+  if ((p.norm_h != nullptr || p.swiglu_gu != nullptr) && (prefill || p.m != 1)) {
+    // v49 / v51: only the one-row decode kernels compute x themselves.
+    const bool early = !(p.use_ec && d.r > 0);
+    if (absl::Status st = p.norm_h != nullptr ? NormApart(p, d.k, early, stream)
+                                              : SwigluApart(p, d.k, early, stream);
+        !st.ok()) {
+      return st;
+    }
+    return W4Linear(w, WithXApart(p), ws, stream);
   }
   if (prefill) return RunPrefill(w, p, ws, stream);
   if (const int tokens = SmallTileTokens(d, p); tokens > 0) {

@@ -53,6 +53,7 @@
 #include "kernels/cuda/decode_store.cuh"
 #include "kernels/cuda/norm_rows.cuh"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/swiglu_rows.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -291,6 +292,26 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
       for (int i = lane + 32 * kWPre; i < nppr; i += 32) {  // (slices over 4 pieces a lane)
         const int kk = nk0 + i * 8;
         put(i, kk < a.k ? nrm::Norm8(a.norm.h, a.norm.w, kk, inv) : make_uint4(0, 0, 0, 0));
+      }
+    }
+    if (G > 1) {
+      __syncthreads();
+    } else {
+      __syncwarp();
+    }
+  } else if (a.swiglu.gu != nullptr) {
+    // v51 (m = 1): x = SiluMul of the gate_up row, each warp its own slice
+    // (SiluMul's arithmetic: swiglu_rows.cuh; zeros past k, as the copies'
+    // zero fill). (groups > 1: group 0 holds the row.)
+    if (g == 0) {
+      const int np = (ce - cb) * CH * 2;  // 16-byte pieces of the slice
+      const int k0 = cb * CH * 16;
+      for (int i = lane; i < np; i += 32) {
+        const int kk = k0 + i * 8;
+        const uint4 v = kk < a.k ? swg::Swiglu8(a.swiglu.gu, a.k, kk) : make_uint4(0, 0, 0, 0);
+        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(x_s + i * 16), "r"(v.x),
+                     "r"(v.y), "r"(v.z), "r"(v.w)
+                     : "memory");
       }
     }
     if (G > 1) {

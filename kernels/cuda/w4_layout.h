@@ -101,6 +101,13 @@ struct RowNorm {
   float eps = 0.f;
 };
 
+// v51: x = SiluMul(gate, up) of one gate_up row computed inside a down
+// GEMM's kernels (swiglu_rows.cuh): gate = gu[0, k), up = gu[k, 2k); gu
+// 16-byte aligned; null: none.
+struct RowSwiglu {
+  const uint16_t* gu = nullptr;
+};
+
 // Launchers (w4_gemm_*.cu, w4_ec.cu, w4_prefill.cu); all check the launch.
 struct DecodeArgs {
   const uint32_t* qw;
@@ -124,6 +131,9 @@ struct DecodeArgs {
   // v49 (fold kernel, m = 1): x = RMSNorm(norm.h) computed by the blocks
   // (norm.h null: x as given; else x is unused).
   RowNorm norm;
+  // v51 (fold kernel, m = 1): x = SiluMul of swiglu.gu's row computed by the
+  // warps (swiglu.gu null: x as given; else x is unused). Not with norm.
+  RowSwiglu swiglu;
   int variant;  // m <= 16 kernel: 0 the cp.async-ring kernel, 2 the register-direct one (fold: the flags)
   float* partials;
   int* counters;
@@ -152,13 +162,15 @@ absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k
 // pdl_launch: with programmatic serialization (the kernel waits for x's
 // producer first).
 // norm (v49, non-null): x = RMSNorm of one row h computed by the prologue
-// (x unused); only for the one-cluster form (EcPrologueIsCluster),
+// (x unused); swiglu (v51, non-null): x = SiluMul of one gate_up row,
+// likewise; only for the one-cluster form (EcPrologueIsCluster),
 // InternalError otherwise.
 absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, int64_t m,
                               int64_t ldx, W4Workspace::Impl& ws, uint16_t* v_half,
                               int64_t ldv, float* v_f32, float* gate_out, int64_t ldg,
                               cudaStream_t stream, int flags = 0, bool pdl_launch = false,
-                              const RowNorm* norm = nullptr);
+                              const RowNorm* norm = nullptr,
+                              const RowSwiglu* swiglu = nullptr);
 // Whether LaunchEcPrologue takes the one-cluster form (v47) for these
 // arguments, given x 16-byte aligned with ldx % 8 == 0 (or norm set).
 bool EcPrologueIsCluster(const W4DeviceWeight::Impl& w, int64_t m, int flags, bool pdl_launch);

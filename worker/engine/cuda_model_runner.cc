@@ -315,9 +315,26 @@ absl::Status CudaModelRunner::ReadEcFlags(std::vector<uint8_t>* flags) const {
 absl::Status CudaModelRunner::RunLinear(const DeviceLinear& lin, const uint16_t* x, int64_t m,
                                         int64_t ldx, uint16_t* y16, float* y32, int64_t ldy,
                                         bool accumulate, kc::W4Workspace* ws,
-                                        const float* norm_weight) {
+                                        const float* norm_weight, bool swiglu) {
   if (norm_weight != nullptr && x != h16_) {
     return absl::InternalError("RunLinear: x = RMSNorm(residual) goes through h16_");
+  }
+  if (swiglu && (x != act_ || norm_weight != nullptr)) {
+    return absl::InternalError("RunLinear: x = SiluMul(gate_up) goes through act_, without a norm");
+  }
+  const int64_t ff = model_->config.intermediate_size;
+  if (swiglu && lin.pieces.size() > 1) {  // one SiluMul for all pieces
+    kc::SiluMulF16Params sm;
+    sm.gate = gu_;
+    sm.up = gu_ + ff;
+    sm.y = act_;
+    sm.m = m;
+    sm.n = ff;
+    sm.ld_gate = sm.ld_up = 2 * ff;
+    sm.ldy = ff;
+    sm.early_trigger = EarlyBefore(lin);
+    if (absl::Status s = kc::SiluMul(sm, stream_); !s.ok()) return s;
+    swiglu = false;
   }
   if (norm_weight != nullptr && lin.pieces.size() > 1) {  // one norm for all pieces
     kc::RmsNormF16Params n;
@@ -346,6 +363,12 @@ absl::Status CudaModelRunner::RunLinear(const DeviceLinear& lin, const uint16_t*
       p.norm_ld = model_->config.hidden_size;
       p.norm_eps = static_cast<float>(model_->config.rms_eps);
       p.norm_x_out = h16_;
+    }
+    if (swiglu) {  // (the same: SiluMul in the kernels or into act_ first)
+      p.x = nullptr;
+      p.swiglu_gu = gu_;
+      p.swiglu_ld = 2 * ff;
+      p.swiglu_x_out = act_;
     }
     p.bias = piece.bias;
     p.y_f16 = y16 != nullptr ? y16 + piece.col0 : nullptr;
@@ -440,17 +463,10 @@ absl::Status CudaModelRunner::Enqueue(const Plan& p) {
         !s.ok()) {
       return s;
     }
-    kc::SiluMulF16Params sm;
-    sm.gate = gu_;
-    sm.up = gu_ + ff;
-    sm.y = act_;
-    sm.m = T;
-    sm.n = ff;
-    sm.ld_gate = sm.ld_up = 2 * ff;
-    sm.ldy = ff;
-    sm.early_trigger = EarlyBefore(L.down);
-    if (absl::Status s = kc::SiluMul(sm, stream_); !s.ok()) return s;
-    if (absl::Status s = RunLinear(L.down, act_, T, ff, nullptr, residual_, d, true, ws); !s.ok()) {
+    // v51: down's x = SiluMul(gate_up) inside its call (RunLinear).
+    if (absl::Status s =
+            RunLinear(L.down, act_, T, ff, nullptr, residual_, d, true, ws, nullptr, true);
+        !s.ok()) {
       return s;
     }
   }

@@ -134,10 +134,12 @@ class CudaModelRunner {
   absl::Status Enqueue(const Plan& p);
   // norm_weight (v49): x = RMSNorm(residual_) with this weight, computed by
   // the GEMM's kernels where they can (W4CudaParams::norm_h), else written
-  // into x first (x must then be h16_).
+  // into x first (x must then be h16_). swiglu (v51): x = SiluMul of gu_'s
+  // gate and up halves, likewise (W4CudaParams::swiglu_gu; x must be act_).
   absl::Status RunLinear(const DeviceLinear& lin, const uint16_t* x, int64_t m, int64_t ldx,
                          uint16_t* y16, float* y32, int64_t ldy, bool accumulate,
-                         kernels::cuda::W4Workspace* ws, const float* norm_weight = nullptr);
+                         kernels::cuda::W4Workspace* ws, const float* norm_weight = nullptr,
+                         bool swiglu = false);
   void DropGraphs();
   void NotifyGateObservers(int64_t T);
 

@@ -196,6 +196,22 @@ struct W4CudaParams {
   int64_t norm_ld = 0;
   float norm_eps = 0.f;
   uint16_t* norm_x_out = nullptr;
+  // v51: x = SiluMul(gate, up) computed by the call (cuda::SiluMul: fp16 of
+  // silu(gate) * up in fp32) from a gate_up row: swiglu_gu fp16 [m,
+  // swiglu_ld >= 2k], gate = its columns [0, k), up = [k, 2k); x must then be
+  // null (and norm_h too) and swiglu_x_out (fp16 [m, ldx], device) is where x
+  // is written when the call does not compute it inside its kernels. At one
+  // row with an EC (use_ec, where its one-cluster prologue runs) on the fold
+  // kernel (k % 8 == 0, swiglu_gu 16-byte aligned, swiglu_ld % 8 == 0, no
+  // activation scale) the GEMM's warps and the EC prologue compute their own
+  // slices, bit for bit as SiluMul would, and swiglu_x_out is left as it
+  // was; otherwise (without an EC too: there the SiluMul launch, which lets
+  // the GEMM launch early, measured cheaper) SiluMul writes swiglu_x_out
+  // first (early trigger as norm_h's) and the call goes on with x =
+  // swiglu_x_out.
+  const uint16_t* swiglu_gu = nullptr;
+  int64_t swiglu_ld = 0;
+  uint16_t* swiglu_x_out = nullptr;
   const float* bias = nullptr;  // nullable, fp32 [n] (device)
   float* y_f32 = nullptr;       // exactly one of y_f32 / y_f16 (device)
   uint16_t* y_f16 = nullptr;    // [m, n], row stride ldy >= n

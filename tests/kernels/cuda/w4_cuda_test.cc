@@ -1204,6 +1204,120 @@ TEST(CudaW4, NormInKernelsMatchesNormApart) {
   }
 }
 
+// v51: x = SiluMul(gate, up) of a gate_up row inside the call
+// (W4CudaParams::swiglu_gu) gives the bits of SiluMul then W4Linear, on the
+// fold kernel at one row with an EC (4- and 8-warp blocks, k splits, warp
+// groups; static and gated ECs in the one-cluster prologue; k up to 14336,
+// the 8B down GEMM), where it falls back to a SiluMul launch (no EC, two and five rows,
+// k % 8 != 0, the v27 prologue, a forced non-fold kernel) and captured in a
+// graph; swiglu_x_out is untouched exactly where the kernels compute x.
+TEST(CudaW4, SwigluInKernelsMatchesSwigluApart) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 51);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct Shape {
+    int64_t n, k, g;
+  };
+  const Shape shapes[] = {{4096, 14336, 128}, {576, 1536, 64}, {2048, 8192, 128},
+                          {640, 1000, 1000}, {512, 1004, 1004}};
+  struct Form {
+    int64_t m;
+    int ec;  // 0 none, 1 static, 2 gated
+    int decode_kernel, decode_splits, ec_prologue;
+  };
+  const Form forms[] = {{1, 0, 0, 0, 0},       {1, 2, 0, 0, 0},       {1, 1, 5, 0, 0},
+                        {1, 2, 4, 2, 0},       {1, 0, 5 | 512, 0, 0}, {1, 2, 5 | 512, 0, 0},
+                        {1, 2, 0, 0, 16},      {1, 0, 3, 0, 0},       {2, 2, 0, 0, 0},
+                        {5, 0, 0, 0, 0}};
+  std::normal_distribution<float> nd;
+  for (const Shape& sh : shapes) {
+    const W4Weight w = RandomW4(sh.n, sh.k, sh.g, false, false, rng);
+    const EcWeights ecg = RandomEc(sh.n, sh.k, 24, 16, true, rng);
+    const EcWeights ecs = RandomEc(sh.n, sh.k, 24, 16, false, rng);
+    for (const Form& f : forms) {
+      SCOPED_TRACE(absl::StrCat("n=", sh.n, " k=", sh.k, " m=", f.m, " ec=", f.ec,
+                                " dk=", f.decode_kernel, " splits=", f.decode_splits,
+                                " prologue=", f.ec_prologue));
+      auto dw = cuda::W4DeviceWeight::Create(w, f.ec == 2 ? &ecg : f.ec == 1 ? &ecs : nullptr);
+      ASSERT_TRUE(dw.ok()) << dw.status();
+      const int64_t m = f.m, k = sh.k, n = sh.n, ldgu = 2 * k + 8, ldx = k + 8;
+      // gate in [-8, 8] (silu's both tails), up ~ N(0, 1)
+      std::vector<uint16_t> gu(static_cast<size_t>(m * ldgu));
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < ldgu; ++j) {
+          gu[i * ldgu + j] = FloatToHalf(j < k ? 8.f * std::tanh(nd(rng)) : nd(rng));
+        }
+      }
+      DevBuf<uint16_t> dgu(gu.size());
+      dgu.Up(gu);
+      DevBuf<uint16_t> xa(static_cast<size_t>(m * ldx)), xb(static_cast<size_t>(m * ldx));
+      DevBuf<float> ya(static_cast<size_t>(m * n)), yb(static_cast<size_t>(m * n));
+      xa.Poison();
+      xb.Poison();
+      ya.Poison();
+      yb.Poison();
+      cuda::SiluMulF16Params sm;
+      sm.gate = dgu.get();
+      sm.up = dgu.get() + k;
+      sm.y = xa.get();
+      sm.m = m;
+      sm.n = k;
+      sm.ld_gate = sm.ld_up = ldgu;
+      sm.ldy = ldx;
+      ASSERT_TRUE(cuda::SiluMul(sm, nullptr).ok());
+      cuda::W4CudaParams p;
+      p.x = xa.get();
+      p.m = m;
+      p.ldx = ldx;
+      p.y_f32 = ya.get();
+      p.ldy = n;
+      p.force_decode = true;
+      p.decode_kernel = f.decode_kernel;
+      p.decode_splits = f.decode_splits;
+      p.ec_prologue = f.ec_prologue;
+      {
+        const absl::Status st = cuda::W4Linear(**dw, p, ws->get(), nullptr);
+        ASSERT_TRUE(st.ok()) << st;
+      }
+      cuda::W4CudaParams q = p;
+      q.x = nullptr;
+      q.y_f32 = yb.get();
+      q.swiglu_gu = dgu.get();
+      q.swiglu_ld = ldgu;
+      q.swiglu_x_out = xb.get();
+      {
+        const absl::Status st = cuda::W4Linear(**dw, q, ws->get(), nullptr);
+        ASSERT_TRUE(st.ok()) << st;
+      }
+      CUDA_OK(cudaDeviceSynchronize());
+      const std::vector<float> a = ya.Down(), b = yb.Down();
+      ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "y differs";
+      // (only with an EC: without one the SiluMul launch is the cheaper form)
+      const bool in_kernels = m == 1 && k % 8 == 0 && f.decode_kernel != 3 && f.ec != 0 &&
+                              f.ec_prologue != 16;
+      const std::vector<uint16_t> xo = xb.Down();
+      if (in_kernels) {
+        EXPECT_EQ(xo, std::vector<uint16_t>(xo.size(), 0xffff)) << "swiglu_x_out written";
+      } else {
+        const std::vector<uint16_t> xr = xa.Down();
+        for (int64_t i = 0; i < m; ++i) {
+          ASSERT_EQ(std::memcmp(xo.data() + i * ldx, xr.data() + i * ldx, k * 2), 0)
+              << "x row " << i;
+        }
+      }
+      if (in_kernels && f.ec == 2 && sh.k == 14336) {  // replayed from a graph
+        yb.Poison();
+        CaptureAndReplay(**dw, q, ws->get(), 3);
+        if (HasFatalFailure()) return;
+        const std::vector<float> c = yb.Down();
+        EXPECT_EQ(std::memcmp(a.data(), c.data(), a.size() * 4), 0) << "graph replay";
+      }
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 // The split-K fix-up sums partials in block order: bitwise the same twice.
 TEST(CudaW4, DecodeIsDeterministic) {
   SKIP_WITHOUT_GPU();
@@ -1494,6 +1608,25 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
       if (bad == 0) b.norm_weight = nullptr;
       if (bad == 1) b.norm_x_out = nullptr;
       if (bad == 2) b.norm_eps = -1.f;
+      EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, b, ws->get(), nullptr))) << bad;
+    }
+    // v51: and a SwiGLU row besides the norm
+    q.swiglu_gu = p.x;
+    q.swiglu_ld = 1 << 20;
+    q.swiglu_x_out = const_cast<uint16_t*>(p.x);
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, q, ws->get(), nullptr)));
+  }
+  {  // v51: x = SiluMul(gate_up) with x also given, no x_out, a row stride below 2k
+    cuda::W4CudaParams q = p;
+    q.swiglu_gu = p.x;
+    q.swiglu_ld = 1 << 20;
+    q.swiglu_x_out = const_cast<uint16_t*>(p.x);
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, q, ws->get(), nullptr)));
+    q.x = nullptr;
+    for (int bad = 0; bad < 2; ++bad) {
+      cuda::W4CudaParams b = q;
+      if (bad == 0) b.swiglu_x_out = nullptr;
+      if (bad == 1) b.swiglu_ld = 2 * (*dw)->fmt().k - 1;
       EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, b, ws->get(), nullptr))) << bad;
     }
   }
