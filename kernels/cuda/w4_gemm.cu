@@ -100,8 +100,13 @@ absl::Status SwigluApart(const W4CudaParams& p, int64_t k, bool early, cudaStrea
   return SiluMul(s, stream);
 }
 
+// x's producer (the norm or the SwiGLU of W4CudaParams) as its own launch.
+absl::Status XApart(const W4CudaParams& p, int64_t k, bool early, cudaStream_t stream) {
+  return p.norm_h != nullptr ? NormApart(p, k, early, stream) : SwigluApart(p, k, early, stream);
+}
+
 // The same call with x = the producer's output (norm_x_out / swiglu_x_out)
-// after NormApart / SwigluApart wrote it.
+// after XApart wrote it.
 W4CudaParams WithXApart(const W4CudaParams& p) {
   W4CudaParams q = p;
   if (p.norm_h != nullptr) {
@@ -152,11 +157,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
   auto& s = ws->impl();
   const bool ec = p.use_ec && d.r > 0;
   if ((p.norm_h != nullptr || p.swiglu_gu != nullptr) && !XInKernels(w, p, ec)) {
-    if (absl::Status st = p.norm_h != nullptr ? NormApart(p, d.k, !ec, stream)
-                                              : SwigluApart(p, d.k, !ec, stream);
-        !st.ok()) {
-      return st;
-    }
+    if (absl::Status st = XApart(p, d.k, !ec, stream); !st.ok()) return st;
     return RunDecode(w, WithXApart(p), ws, stream);
   }
   const bool norm = p.norm_h != nullptr;      // (then one row, the fold kernel)
@@ -247,10 +248,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
       // Not expected (one row picks the fold kernel unless another is
       // forced, which XInKernels saw); safe all the same: nothing is launched
       // yet (one row: the first and only chunk), so x is computed apart.
-      if (absl::Status st = norm ? NormApart(p, d.k, !ec, stream) : SwigluApart(p, d.k, !ec, stream);
-          !st.ok()) {
-        return st;
-      }
+      if (absl::Status st = XApart(p, d.k, !ec, stream); !st.ok()) return st;
       return RunDecode(w, WithXApart(p), ws, stream);
     }
     if (norm) a.norm = RowNorm{p.norm_h, p.norm_weight, p.norm_eps};
@@ -398,12 +396,7 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   const bool prefill = p.force_prefill || (!p.force_decode && p.m >= kPrefillM);
   if ((p.norm_h != nullptr || p.swiglu_gu != nullptr) && (prefill || p.m != 1)) {
     // v49 / v51: only the one-row decode kernels compute x themselves.
-    const bool early = !(p.use_ec && d.r > 0);
-    if (absl::Status st = p.norm_h != nullptr ? NormApart(p, d.k, early, stream)
-                                              : SwigluApart(p, d.k, early, stream);
-        !st.ok()) {
-      return st;
-    }
+    if (absl::Status st = XApart(p, d.k, !(p.use_ec && d.r > 0), stream); !st.ok()) return st;
     return W4Linear(w, WithXApart(p), ws, stream);
   }
   if (prefill) return RunPrefill(w, p, ws, stream);
