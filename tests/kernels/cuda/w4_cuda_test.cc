@@ -19,6 +19,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <iterator>
 #include <random>
 #include <tuple>
 #include <utility>
@@ -311,6 +313,75 @@ void CaptureAndReplay(const cuda::W4DeviceWeight& w, const cuda::W4CudaParams& p
   CUDA_OK(cudaGraphExecDestroy(ge));
   CUDA_OK(cudaGraphDestroy(g));
   CUDA_OK(cudaStreamDestroy(s));
+}
+
+// v49 / v51: one W4Linear call form and one shape, for the tests of x's
+// producer inside the call.
+struct XCallForm {
+  int64_t m;
+  int ec;  // 0 none, 1 static, 2 gated
+  int decode_kernel, decode_splits, ec_prologue;
+};
+// One row on 4- / 8-warp blocks, warp groups, k splits, EC none / static /
+// gated, the v27 prologue (16), a forced non-fold kernel (3); two and five rows.
+const XCallForm kXCallForms[] = {{1, 0, 0, 0, 0},  {1, 2, 0, 0, 0},       {1, 1, 5, 0, 0},
+                                 {1, 2, 4, 2, 0},  {1, 0, 5 | 512, 0, 0}, {1, 2, 0, 0, 16},
+                                 {1, 0, 3, 0, 0},  {2, 2, 0, 0, 0},       {5, 0, 0, 0, 0}};
+
+// Runs W4Linear with x = xa (written by x's producer as its own launch) and
+// again with `in_call` setting the fields by which the call computes x itself
+// (x null, x_out = xb), and checks: y bit for bit the same; xb untouched
+// (poisoned) exactly where `in_kernels`, else holding xa's rows; with
+// `replay`, the second call captured in a graph and replayed gives y again.
+void CheckXInCall(const cuda::W4DeviceWeight& w, cuda::W4Workspace* ws, const XCallForm& f,
+                  int64_t n, int64_t k, int64_t ldx, DevBuf<uint16_t>& xa, DevBuf<uint16_t>& xb,
+                  const std::function<void(cuda::W4CudaParams*)>& in_call, bool in_kernels,
+                  bool replay) {
+  const int64_t m = f.m;
+  DevBuf<float> ya(static_cast<size_t>(m * n)), yb(static_cast<size_t>(m * n));
+  ya.Poison();
+  yb.Poison();
+  cuda::W4CudaParams p;
+  p.x = xa.get();
+  p.m = m;
+  p.ldx = ldx;
+  p.y_f32 = ya.get();
+  p.ldy = n;
+  p.force_decode = true;
+  p.decode_kernel = f.decode_kernel;
+  p.decode_splits = f.decode_splits;
+  p.ec_prologue = f.ec_prologue;
+  {
+    const absl::Status st = cuda::W4Linear(w, p, ws, nullptr);
+    ASSERT_TRUE(st.ok()) << st;
+  }
+  cuda::W4CudaParams q = p;
+  q.x = nullptr;
+  q.y_f32 = yb.get();
+  in_call(&q);
+  {
+    const absl::Status st = cuda::W4Linear(w, q, ws, nullptr);
+    ASSERT_TRUE(st.ok()) << st;
+  }
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<float> a = ya.Down(), b = yb.Down();
+  ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "y differs";
+  const std::vector<uint16_t> xo = xb.Down();
+  if (in_kernels) {
+    EXPECT_EQ(xo, std::vector<uint16_t>(xo.size(), 0xffff)) << "x_out written";
+  } else {
+    const std::vector<uint16_t> xr = xa.Down();
+    for (int64_t i = 0; i < m; ++i) {
+      ASSERT_EQ(std::memcmp(xo.data() + i * ldx, xr.data() + i * ldx, k * 2), 0) << "x row " << i;
+    }
+  }
+  if (replay) {
+    yb.Poison();
+    CaptureAndReplay(w, q, ws, 3);
+    if (::testing::Test::HasFatalFailure()) return;
+    const std::vector<float> c = yb.Down();
+    EXPECT_EQ(std::memcmp(a.data(), c.data(), a.size() * 4), 0) << "graph replay";
+  }
 }
 
 TEST(CudaW4, DecodeMatchesReference) {
@@ -1109,26 +1180,18 @@ TEST(CudaW4, NormInKernelsMatchesNormApart) {
   };
   const Shape shapes[] = {{6144, 4096, 128}, {1536, 576, 64}, {2048, 2048, 2048},
                           {640, 1000, 1000}, {512, 8192, 128}};
-  struct Form {
-    int64_t m;
-    int ec;  // 0 none, 1 static, 2 gated
-    int decode_kernel, decode_splits, ec_prologue;
-  };
-  const Form forms[] = {{1, 0, 0, 0, 0},   {1, 2, 0, 0, 0},   {1, 1, 5, 0, 0},  {1, 2, 4, 2, 0},
-                        {1, 0, 5 | 512, 0, 0}, {1, 2, 0, 0, 16}, {1, 0, 3, 0, 0}, {2, 2, 0, 0, 0},
-                        {5, 0, 0, 0, 0}};
   std::normal_distribution<float> nd;
   for (const Shape& sh : shapes) {
     const W4Weight w = RandomW4(sh.n, sh.k, sh.g, false, false, rng);
     const EcWeights ecg = RandomEc(sh.n, sh.k, 24, 16, true, rng);
     const EcWeights ecs = RandomEc(sh.n, sh.k, 24, 16, false, rng);
-    for (const Form& f : forms) {
+    for (const XCallForm& f : kXCallForms) {
       SCOPED_TRACE(absl::StrCat("n=", sh.n, " k=", sh.k, " m=", f.m, " ec=", f.ec,
                                 " dk=", f.decode_kernel, " splits=", f.decode_splits,
                                 " prologue=", f.ec_prologue));
       auto dw = cuda::W4DeviceWeight::Create(w, f.ec == 2 ? &ecg : f.ec == 1 ? &ecs : nullptr);
       ASSERT_TRUE(dw.ok()) << dw.status();
-      const int64_t m = f.m, k = sh.k, n = sh.n, ldh = k + 4, ldx = k + 8;
+      const int64_t m = f.m, k = sh.k, ldh = k + 4, ldx = k + 8;
       std::vector<float> h(static_cast<size_t>(m * ldh)), nw(static_cast<size_t>(k));
       for (auto& v : h) v = 3.f * nd(rng);
       for (auto& v : nw) v = 1.f + 0.25f * nd(rng);
@@ -1136,11 +1199,8 @@ TEST(CudaW4, NormInKernelsMatchesNormApart) {
       dh.Up(h);
       dnw.Up(nw);
       DevBuf<uint16_t> xa(static_cast<size_t>(m * ldx)), xb(static_cast<size_t>(m * ldx));
-      DevBuf<float> ya(static_cast<size_t>(m * n)), yb(static_cast<size_t>(m * n));
       xa.Poison();
       xb.Poison();
-      ya.Poison();
-      yb.Poison();
       cuda::RmsNormF16Params rn;
       rn.x = dh.get();
       rn.weight = dnw.get();
@@ -1151,54 +1211,18 @@ TEST(CudaW4, NormInKernelsMatchesNormApart) {
       rn.ldy = ldx;
       rn.eps = 1e-5f;
       ASSERT_TRUE(cuda::RmsNormF16(rn, nullptr).ok());
-      cuda::W4CudaParams p;
-      p.x = xa.get();
-      p.m = m;
-      p.ldx = ldx;
-      p.y_f32 = ya.get();
-      p.ldy = n;
-      p.force_decode = true;
-      p.decode_kernel = f.decode_kernel;
-      p.decode_splits = f.decode_splits;
-      p.ec_prologue = f.ec_prologue;
-      {
-        const absl::Status st = cuda::W4Linear(**dw, p, ws->get(), nullptr);
-        ASSERT_TRUE(st.ok()) << st;
-      }
-      cuda::W4CudaParams q = p;
-      q.x = nullptr;
-      q.y_f32 = yb.get();
-      q.norm_h = dh.get();
-      q.norm_weight = dnw.get();
-      q.norm_ld = ldh;
-      q.norm_eps = 1e-5f;
-      q.norm_x_out = xb.get();
-      {
-        const absl::Status st = cuda::W4Linear(**dw, q, ws->get(), nullptr);
-        ASSERT_TRUE(st.ok()) << st;
-      }
-      CUDA_OK(cudaDeviceSynchronize());
-      const std::vector<float> a = ya.Down(), b = yb.Down();
-      ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "y differs";
       const bool in_kernels = m == 1 && k % 8 == 0 && k <= 4096 && f.decode_kernel != 3 &&
                               !(f.ec != 0 && f.ec_prologue == 16);
-      const std::vector<uint16_t> xo = xb.Down();
-      if (in_kernels) {
-        EXPECT_EQ(xo, std::vector<uint16_t>(xo.size(), 0xffff)) << "norm_x_out written";
-      } else {
-        const std::vector<uint16_t> xr = xa.Down();
-        for (int64_t i = 0; i < m; ++i) {
-          ASSERT_EQ(std::memcmp(xo.data() + i * ldx, xr.data() + i * ldx, k * 2), 0)
-              << "x row " << i;
-        }
-      }
-      if (in_kernels && f.ec == 2 && sh.k == 4096) {  // replayed from a graph
-        yb.Poison();
-        CaptureAndReplay(**dw, q, ws->get(), 3);
-        if (HasFatalFailure()) return;
-        const std::vector<float> c = yb.Down();
-        EXPECT_EQ(std::memcmp(a.data(), c.data(), a.size() * 4), 0) << "graph replay";
-      }
+      CheckXInCall(
+          **dw, ws->get(), f, sh.n, k, ldx, xa, xb,
+          [&](cuda::W4CudaParams* q) {
+            q->norm_h = dh.get();
+            q->norm_weight = dnw.get();
+            q->norm_ld = ldh;
+            q->norm_eps = 1e-5f;
+            q->norm_x_out = xb.get();
+          },
+          in_kernels, in_kernels && f.ec == 2 && k == 4096);
       if (HasFatalFailure()) return;
     }
   }
@@ -1221,27 +1245,21 @@ TEST(CudaW4, SwigluInKernelsMatchesSwigluApart) {
   };
   const Shape shapes[] = {{4096, 14336, 128}, {576, 1536, 64}, {2048, 8192, 128},
                           {640, 1000, 1000}, {512, 1004, 1004}};
-  struct Form {
-    int64_t m;
-    int ec;  // 0 none, 1 static, 2 gated
-    int decode_kernel, decode_splits, ec_prologue;
-  };
-  const Form forms[] = {{1, 0, 0, 0, 0},       {1, 2, 0, 0, 0},       {1, 1, 5, 0, 0},
-                        {1, 2, 4, 2, 0},       {1, 0, 5 | 512, 0, 0}, {1, 2, 5 | 512, 0, 0},
-                        {1, 2, 0, 0, 16},      {1, 0, 3, 0, 0},       {2, 2, 0, 0, 0},
-                        {5, 0, 0, 0, 0}};
+  // (+ warp groups with an EC: without one SwiGLU is not computed in the call)
+  std::vector<XCallForm> forms(std::begin(kXCallForms), std::end(kXCallForms));
+  forms.push_back({1, 2, 5 | 512, 0, 0});
   std::normal_distribution<float> nd;
   for (const Shape& sh : shapes) {
     const W4Weight w = RandomW4(sh.n, sh.k, sh.g, false, false, rng);
     const EcWeights ecg = RandomEc(sh.n, sh.k, 24, 16, true, rng);
     const EcWeights ecs = RandomEc(sh.n, sh.k, 24, 16, false, rng);
-    for (const Form& f : forms) {
+    for (const XCallForm& f : forms) {
       SCOPED_TRACE(absl::StrCat("n=", sh.n, " k=", sh.k, " m=", f.m, " ec=", f.ec,
                                 " dk=", f.decode_kernel, " splits=", f.decode_splits,
                                 " prologue=", f.ec_prologue));
       auto dw = cuda::W4DeviceWeight::Create(w, f.ec == 2 ? &ecg : f.ec == 1 ? &ecs : nullptr);
       ASSERT_TRUE(dw.ok()) << dw.status();
-      const int64_t m = f.m, k = sh.k, n = sh.n, ldgu = 2 * k + 8, ldx = k + 8;
+      const int64_t m = f.m, k = sh.k, ldgu = 2 * k + 8, ldx = k + 8;
       // gate in [-8, 8] (silu's both tails), up ~ N(0, 1)
       std::vector<uint16_t> gu(static_cast<size_t>(m * ldgu));
       for (int64_t i = 0; i < m; ++i) {
@@ -1252,11 +1270,8 @@ TEST(CudaW4, SwigluInKernelsMatchesSwigluApart) {
       DevBuf<uint16_t> dgu(gu.size());
       dgu.Up(gu);
       DevBuf<uint16_t> xa(static_cast<size_t>(m * ldx)), xb(static_cast<size_t>(m * ldx));
-      DevBuf<float> ya(static_cast<size_t>(m * n)), yb(static_cast<size_t>(m * n));
       xa.Poison();
       xb.Poison();
-      ya.Poison();
-      yb.Poison();
       cuda::SiluMulF16Params sm;
       sm.gate = dgu.get();
       sm.up = dgu.get() + k;
@@ -1266,53 +1281,17 @@ TEST(CudaW4, SwigluInKernelsMatchesSwigluApart) {
       sm.ld_gate = sm.ld_up = ldgu;
       sm.ldy = ldx;
       ASSERT_TRUE(cuda::SiluMul(sm, nullptr).ok());
-      cuda::W4CudaParams p;
-      p.x = xa.get();
-      p.m = m;
-      p.ldx = ldx;
-      p.y_f32 = ya.get();
-      p.ldy = n;
-      p.force_decode = true;
-      p.decode_kernel = f.decode_kernel;
-      p.decode_splits = f.decode_splits;
-      p.ec_prologue = f.ec_prologue;
-      {
-        const absl::Status st = cuda::W4Linear(**dw, p, ws->get(), nullptr);
-        ASSERT_TRUE(st.ok()) << st;
-      }
-      cuda::W4CudaParams q = p;
-      q.x = nullptr;
-      q.y_f32 = yb.get();
-      q.swiglu_gu = dgu.get();
-      q.swiglu_ld = ldgu;
-      q.swiglu_x_out = xb.get();
-      {
-        const absl::Status st = cuda::W4Linear(**dw, q, ws->get(), nullptr);
-        ASSERT_TRUE(st.ok()) << st;
-      }
-      CUDA_OK(cudaDeviceSynchronize());
-      const std::vector<float> a = ya.Down(), b = yb.Down();
-      ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "y differs";
       // (only with an EC: without one the SiluMul launch is the cheaper form)
       const bool in_kernels = m == 1 && k % 8 == 0 && f.decode_kernel != 3 && f.ec != 0 &&
                               f.ec_prologue != 16;
-      const std::vector<uint16_t> xo = xb.Down();
-      if (in_kernels) {
-        EXPECT_EQ(xo, std::vector<uint16_t>(xo.size(), 0xffff)) << "swiglu_x_out written";
-      } else {
-        const std::vector<uint16_t> xr = xa.Down();
-        for (int64_t i = 0; i < m; ++i) {
-          ASSERT_EQ(std::memcmp(xo.data() + i * ldx, xr.data() + i * ldx, k * 2), 0)
-              << "x row " << i;
-        }
-      }
-      if (in_kernels && f.ec == 2 && sh.k == 14336) {  // replayed from a graph
-        yb.Poison();
-        CaptureAndReplay(**dw, q, ws->get(), 3);
-        if (HasFatalFailure()) return;
-        const std::vector<float> c = yb.Down();
-        EXPECT_EQ(std::memcmp(a.data(), c.data(), a.size() * 4), 0) << "graph replay";
-      }
+      CheckXInCall(
+          **dw, ws->get(), f, sh.n, k, ldx, xa, xb,
+          [&](cuda::W4CudaParams* q) {
+            q->swiglu_gu = dgu.get();
+            q->swiglu_ld = ldgu;
+            q->swiglu_x_out = xb.get();
+          },
+          in_kernels, in_kernels && f.ec == 2 && k == 14336);
       if (HasFatalFailure()) return;
     }
   }
