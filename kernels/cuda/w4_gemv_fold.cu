@@ -106,6 +106,12 @@ __device__ __forceinline__ uint32_t AndOr(uint32_t w) {
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(w), "n"(A), "n"(B));
   return d;
 }
+// 16 bytes into shared memory at a shared-window address.
+__device__ __forceinline__ void StShared16(unsigned dst, const uint4& v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
 __device__ __forceinline__ void CpAsync16(unsigned dst, const void* src, bool pred) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(pred ? 16 : 0));
@@ -276,11 +282,7 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
     const float inv = nrm::BlockInvRms<NW * 32, 4>(
         a.norm.h, a.k, a.norm.eps, reinterpret_cast<float*>(smem + (D - 1) * geo.stage));
     if (g == 0) {
-      auto put = [&](int i, const uint4& v) {
-        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(x_s + i * 16), "r"(v.x),
-                     "r"(v.y), "r"(v.z), "r"(v.w)
-                     : "memory");
-      };
+      auto put = [&](int i, const uint4& v) { StShared16(x_s + i * 16, v); };
 #pragma unroll
       for (int t = 0; t < kWPre; ++t) {
         const int i = lane + 32 * t, kk = nk0 + i * 8;
@@ -309,9 +311,7 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
       for (int i = lane; i < np; i += 32) {
         const int kk = k0 + i * 8;
         const uint4 v = kk < a.k ? swg::Swiglu8(a.swiglu.gu, a.k, kk) : make_uint4(0, 0, 0, 0);
-        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(x_s + i * 16), "r"(v.x),
-                     "r"(v.y), "r"(v.z), "r"(v.w)
-                     : "memory");
+        StShared16(x_s + i * 16, v);
       }
     }
     if (G > 1) {
