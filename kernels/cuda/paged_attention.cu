@@ -53,7 +53,7 @@ constexpr int kMaxCluster = 16;  // blocks per cluster (16: non-portable, where 
 
 struct Plan {
   int gchunks = 1, part = kMinPart, parts = 1;
-  bool cluster = false;  // v50: the parts of a head group are one cluster
+  int64_t want = 1;  // the partitions asked for (two waves of blocks)
 };
 
 Plan MakePlan(const PagedDecodeAttentionParams& p) {
@@ -65,6 +65,7 @@ Plan MakePlan(const PagedDecodeAttentionParams& p) {
   // batch alone fills the GPU (fewer partials to combine).
   const int64_t target = 2 * int64_t{NumSms() > 0 ? NumSms() : 132};
   const int64_t want = base >= target ? 1 : (target + base - 1) / base;
+  pl.want = want;
   const int64_t ctx = p.max_context_len > 0 ? p.max_context_len : 1;
   int64_t part = (ctx + want - 1) / want;
   part = (part + 31) / 32 * 32;
@@ -75,35 +76,34 @@ Plan MakePlan(const PagedDecodeAttentionParams& p) {
   return pl;
 }
 
-// v50: the cluster form of the plan for a cluster cap of `cmax` blocks: as
-// many partitions as MakePlan wants, at most cmax, each no longer than
-// kClusterPart tokens or MakePlan's own partition, whichever is longer.
-// Returns false where it does not apply (one partition suffices, or the
-// cap would lengthen the partitions past that). Measured on the H200
-// (docs/results/gpu.md, v50): at batch 1 a block's chain grows with its
-// partition (8B context 512: 8 x 64 tokens in clusters -0.025 ms a step
-// against the combine kernel, 4 x 128 +0.05; context 2048 / 4096 with 8
-// partitions of 256 / 512: +0.20 / +0.51 ms), while with MakePlan's own
-// partitions (batch 8) the cluster only saves the combine.
+// v50: the cluster form of `base` (MakePlan's), where p asks for the
+// cluster combine: as many partitions as MakePlan wants, at most the cap
+// (cluster_max and the device's), each no longer than kClusterPart tokens or
+// MakePlan's own partition, whichever is longer. Returns false where it does
+// not apply (one partition suffices, or the cap would lengthen the
+// partitions past that). Measured on the H200 (docs/results/gpu.md, v50): at
+// batch 1 a block's chain grows with its partition (8B context 512: 8 x 64
+// tokens in clusters -0.025 ms a step against the combine kernel, 4 x 128
+// +0.05; context 2048 / 4096 with 8 partitions of 256 / 512: +0.20 / +0.51
+// ms), while with MakePlan's own partitions (batch 8) the cluster only saves
+// the combine.
 constexpr int kClusterPart = 64;
+int ClusterCap(int head_dim);
 
-bool MakeClusterPlan(const PagedDecodeAttentionParams& p, int cmax, Plan* out) {
-  Plan pl = MakePlan(p);
-  if (pl.parts <= 1 || cmax < 2) return false;
+bool MakeClusterPlan(const PagedDecodeAttentionParams& p, const Plan& base, Plan* out) {
+  if (!p.cluster_combine || base.parts <= 1) return false;
+  const int cmax = std::min(p.cluster_max, ClusterCap(p.head_dim));
+  if (cmax < 2) return false;
   const int64_t ctx = p.max_context_len;
-  const int64_t base = p.num_seqs * p.n_kv_heads * pl.gchunks;
-  const int64_t target = 2 * int64_t{NumSms() > 0 ? NumSms() : 132};
-  int64_t want = base >= target ? 1 : (target + base - 1) / base;
-  want = std::min<int64_t>(std::max<int64_t>(want, 2), cmax);
+  const int64_t want = std::min<int64_t>(std::max<int64_t>(base.want, 2), cmax);
   int64_t part = (ctx + want - 1) / want;
   part = std::max<int64_t>((part + 31) / 32 * 32, kMinPart);
-  if (part > kMaxPart || part > std::max(kClusterPart, pl.part)) return false;
+  if (part > kMaxPart || part > std::max(kClusterPart, base.part)) return false;
   const int64_t parts = (ctx + part - 1) / part;
   if (parts < 2 || parts > cmax) return false;
-  pl.part = static_cast<int>(part);
-  pl.parts = static_cast<int>(parts);
-  pl.cluster = true;
-  *out = pl;
+  *out = base;
+  out->part = static_cast<int>(part);
+  out->parts = static_cast<int>(parts);
   return true;
 }
 
@@ -621,6 +621,13 @@ int ClusterCapOf(int dev) {
   return c;
 }
 
+// The split + combine kernels' scratch for plan pl: partial outputs, maxima
+// and sums of every partition (0 with one partition).
+size_t WorkspaceBytes(const PagedDecodeAttentionParams& p, const Plan& pl) {
+  if (pl.parts <= 1) return 0;
+  return static_cast<size_t>(p.num_seqs) * p.n_heads * pl.parts * (p.head_dim + 2) * sizeof(float);
+}
+
 int ClusterCap(int head_dim) {
   int dev = -1;
   if (cudaGetDevice(&dev) != cudaSuccess) {
@@ -633,10 +640,7 @@ int ClusterCap(int head_dim) {
 }  // namespace
 
 size_t PagedDecodeAttentionWorkspaceBytes(const PagedDecodeAttentionParams& p) {
-  if (!Validate(p).ok()) return 0;
-  const Plan pl = MakePlan(p);
-  if (pl.parts <= 1) return 0;
-  return static_cast<size_t>(p.num_seqs) * p.n_heads * pl.parts * (p.head_dim + 2) * sizeof(float);
+  return Validate(p).ok() ? WorkspaceBytes(p, MakePlan(p)) : 0;
 }
 
 int64_t PagedDecodeAttentionTickets(const PagedDecodeAttentionParams& p) {
@@ -647,13 +651,12 @@ int64_t PagedDecodeAttentionTickets(const PagedDecodeAttentionParams& p) {
 absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStream_t stream) {
   if (absl::Status s = Validate(p); !s.ok()) return s;
   if (p.num_seqs == 0) return absl::OkStatus();
-  if (MakePlan(p).gchunks * int64_t{p.n_kv_heads} > 65535) {
+  const Plan pl = MakePlan(p);
+  if (pl.gchunks * int64_t{p.n_kv_heads} > 65535) {
     return absl::InvalidArgumentError("cuda::PagedDecodeAttention: too many heads");
   }
   const int early = p.early_trigger ? 1 : 0;  // v30
-  Plan cp;
-  if (p.cluster_combine &&
-      MakeClusterPlan(p, std::min(p.cluster_max, ClusterCap(p.head_dim)), &cp)) {
+  if (Plan cp; MakeClusterPlan(p, pl, &cp)) {
     const dim3 grid(static_cast<unsigned>(cp.parts),
                     static_cast<unsigned>(cp.gchunks * p.n_kv_heads),
                     static_cast<unsigned>(p.num_seqs));
@@ -668,8 +671,7 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
                       cp.gchunks, p.out, p.ldo, none, none, none, no_tickets, early));
     return absl::OkStatus();
   }
-  const Plan pl = MakePlan(p);
-  const size_t need = PagedDecodeAttentionWorkspaceBytes(p);
+  const size_t need = WorkspaceBytes(p, pl);
   if (need > 0 && (p.workspace == nullptr || p.workspace_bytes < need)) {
     return absl::InvalidArgumentError(
         absl::StrCat("cuda::PagedDecodeAttention: workspace of ", need, " bytes needed"));
@@ -703,8 +705,7 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
 
 bool PagedDecodeAttentionCombinesInCluster(const PagedDecodeAttentionParams& p) {
   Plan cp;
-  return Validate(p).ok() && p.num_seqs > 0 && p.cluster_combine &&
-         MakeClusterPlan(p, std::min(p.cluster_max, ClusterCap(p.head_dim)), &cp);
+  return Validate(p).ok() && p.num_seqs > 0 && MakeClusterPlan(p, MakePlan(p), &cp);
 }
 
 }  // namespace spear::kernels::cuda
