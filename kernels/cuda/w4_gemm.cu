@@ -307,6 +307,14 @@ static int SmallTileTokens(const W4DeviceWeight::Impl& d, const W4CudaParams& p)
   return p.m <= 32 ? 32 : 64;
 }
 
+absl::Status W4LinearXApart(const W4CudaParams& p, int64_t k, bool early_trigger,
+                            cudaStream_t stream) {
+  if ((p.norm_h != nullptr) == (p.swiglu_gu != nullptr)) {
+    return Bad("W4LinearXApart: needs exactly one of norm_h, swiglu_gu");
+  }
+  return XApart(p, k, early_trigger, stream);
+}
+
 absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
                       cudaStream_t stream) {
   const auto& d = w.impl();

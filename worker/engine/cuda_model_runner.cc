@@ -322,31 +322,32 @@ absl::Status CudaModelRunner::RunLinear(const DeviceLinear& lin, const uint16_t*
   if (swiglu && (x != act_ || norm_weight != nullptr)) {
     return absl::InternalError("RunLinear: x = SiluMul(gate_up) goes through act_, without a norm");
   }
+  // x's producer (v49: the norm; v51: SiluMul), set on a call's parameters:
+  // computed in the call's kernels where they can, else written into x first
+  // (either way the same bits).
   const int64_t ff = model_->config.intermediate_size;
-  if (swiglu && lin.pieces.size() > 1) {  // one SiluMul for all pieces
-    kc::SiluMulF16Params sm;
-    sm.gate = gu_;
-    sm.up = gu_ + ff;
-    sm.y = act_;
-    sm.m = m;
-    sm.n = ff;
-    sm.ld_gate = sm.ld_up = 2 * ff;
-    sm.ldy = ff;
-    sm.early_trigger = EarlyBefore(lin);
-    if (absl::Status s = kc::SiluMul(sm, stream_); !s.ok()) return s;
-    swiglu = false;
-  }
-  if (norm_weight != nullptr && lin.pieces.size() > 1) {  // one norm for all pieces
-    kc::RmsNormF16Params n;
-    n.x = residual_;
-    n.y = h16_;
-    n.m = m;
-    n.d = n.ldx = n.ldy = model_->config.hidden_size;
-    n.eps = static_cast<float>(model_->config.rms_eps);
-    n.weight = norm_weight;
-    n.early_trigger = EarlyBefore(lin);
-    if (absl::Status s = kc::RmsNormF16(n, stream_); !s.ok()) return s;
-    norm_weight = nullptr;
+  auto set_x = [&](kc::W4CudaParams* p) {
+    p->x = nullptr;
+    if (norm_weight != nullptr) {
+      p->norm_h = residual_;
+      p->norm_weight = norm_weight;
+      p->norm_ld = model_->config.hidden_size;
+      p->norm_eps = static_cast<float>(model_->config.rms_eps);
+      p->norm_x_out = h16_;
+    } else {
+      p->swiglu_gu = gu_;
+      p->swiglu_ld = 2 * ff;
+      p->swiglu_x_out = act_;
+    }
+  };
+  bool produce = norm_weight != nullptr || swiglu;
+  if (produce && lin.pieces.size() > 1) {  // one producer launch for all pieces
+    kc::W4CudaParams q;
+    q.m = m;
+    q.ldx = ldx;
+    set_x(&q);
+    if (absl::Status s = kc::W4LinearXApart(q, ldx, EarlyBefore(lin), stream_); !s.ok()) return s;
+    produce = false;
   }
   for (const DeviceLinear::Piece& piece : lin.pieces) {
     bool mixed = false;
@@ -354,22 +355,7 @@ absl::Status CudaModelRunner::RunLinear(const DeviceLinear& lin, const uint16_t*
     p.x = x;
     p.m = m;
     p.ldx = ldx;
-    if (norm_weight != nullptr) {
-      // (each piece normalizes in its kernels or writes h16_ before it reads
-      // it: either way the same bits)
-      p.x = nullptr;
-      p.norm_h = residual_;
-      p.norm_weight = norm_weight;
-      p.norm_ld = model_->config.hidden_size;
-      p.norm_eps = static_cast<float>(model_->config.rms_eps);
-      p.norm_x_out = h16_;
-    }
-    if (swiglu) {  // (the same: SiluMul in the kernels or into act_ first)
-      p.x = nullptr;
-      p.swiglu_gu = gu_;
-      p.swiglu_ld = 2 * ff;
-      p.swiglu_x_out = act_;
-    }
+    if (produce) set_x(&p);
     p.bias = piece.bias;
     p.y_f16 = y16 != nullptr ? y16 + piece.col0 : nullptr;
     p.y_f32 = y32 != nullptr ? y32 + piece.col0 : nullptr;

@@ -325,6 +325,14 @@ struct W4CudaParams {
 absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspace* ws,
                       cudaStream_t stream);
 
+// x's producer of p (norm_h: RmsNormF16 into norm_x_out; swiglu_gu: SiluMul
+// into swiglu_x_out) for k columns, as its own launch: what W4Linear does
+// where its kernels do not compute x, for a caller that feeds several calls
+// from one x. early_trigger as RmsNormF16Params'. InvalidArgument unless
+// exactly one of norm_h / swiglu_gu is set (the producer's own checks too).
+absl::Status W4LinearXApart(const W4CudaParams& p, int64_t k, bool early_trigger,
+                            cudaStream_t stream);
+
 // The pieces, exposed for the naive (unfused) baseline of the benchmark:
 // EcGate writes v = g ⊙ u as fp32 [m, r] into `v` (device); EcApply adds
 // B v to y (one more pass over y). Both on `stream`.

@@ -1609,6 +1609,15 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
       EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, b, ws->get(), nullptr))) << bad;
     }
   }
+  {  // W4LinearXApart (the producer alone): exactly one of norm_h / swiglu_gu
+    cuda::W4CudaParams q;
+    q.m = 1;
+    q.ldx = 128;
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4LinearXApart(q, 128, false, nullptr)));
+    q.norm_h = reinterpret_cast<const float*>(p.x);
+    q.swiglu_gu = p.x;
+    EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4LinearXApart(q, 128, false, nullptr)));
+  }
   p.gate_ld = -1;
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   {  // a gate row stride below the EC's rank
