@@ -20,6 +20,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <ctime>
 #include <random>
 #include <string>
@@ -363,9 +365,14 @@ void AttentionRows(ThreadPool* pool, int iters, double bwn) {
     const int64_t kv_row = int64_t{kKv} * kHd;
     const double kv_bytes = 2.0 * len * kv_row * 4;
     const int seqs = static_cast<int>((256.0 * (1 << 20)) / kv_bytes) + 1;
-    std::vector<float> kc(static_cast<size_t>(seqs * blocks * kBlock * kv_row));
-    std::vector<float> vc(kc.size());
-    for (size_t e = 0; e < kc.size(); ++e) {
+    // 64-byte aligned, as engine::KvCache allocates its cache.
+    const size_t nel = static_cast<size_t>(seqs * blocks * kBlock * kv_row);
+    struct AlignedDelete {
+      void operator()(float* f) const { ::operator delete[](f, std::align_val_t{64}); }
+    };
+    std::unique_ptr<float[], AlignedDelete> kc(new (std::align_val_t{64}) float[nel]),
+        vc(new (std::align_val_t{64}) float[nel]);
+    for (size_t e = 0; e < nel; ++e) {
       kc[e] = dist(rng);
       vc[e] = dist(rng);
     }
@@ -382,8 +389,8 @@ void AttentionRows(ThreadPool* pool, int iters, double bwn) {
     p.n_heads = kHeads;
     p.n_kv_heads = kKv;
     p.head_dim = kHd;
-    p.k_cache = kc.data();
-    p.v_cache = vc.data();
+    p.k_cache = kc.get();
+    p.v_cache = vc.get();
     p.block_size = kBlock;
     p.num_blocks_in_table = blocks;
     p.num_cache_blocks = seqs * blocks;

@@ -1,7 +1,32 @@
 #include "kernels/thread_pool.h"
 
+#include <chrono>
+#include <cstdlib>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace spear::kernels {
 namespace {
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+// SPEAR_POOL_SPIN_US: a whole number of microseconds (0 .. 1000000), else
+// the default.
+int DefaultSpinUs() {
+  constexpr int kDefault = 100;
+  const char* e = std::getenv("SPEAR_POOL_SPIN_US");
+  if (e == nullptr || *e == '\0') return kDefault;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  if (*end != '\0' || v < 0 || v > 1000000) return kDefault;
+  return static_cast<int>(v);
+}
 
 // The pool whose ParallelFor the current thread is executing a chunk of, so
 // that a nested ParallelFor on the same pool runs inline instead of
@@ -21,7 +46,8 @@ class RunningScope {
 
 }  // namespace
 
-ThreadPool::ThreadPool(int num_threads) {
+ThreadPool::ThreadPool(int num_threads, int spin_us)
+    : spin_us_(spin_us < 0 ? DefaultSpinUs() : spin_us) {
   if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
   if (num_threads <= 0) num_threads = 1;
   workers_.reserve(num_threads - 1);
@@ -37,6 +63,19 @@ ThreadPool::~ThreadPool() {
   }
   cv_work_.notify_all();
   for (std::thread& t : workers_) t.join();
+}
+
+template <class Done>
+bool ThreadPool::Spin(Done&& done) const {
+  if (spin_us_ <= 0) return done();
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+  while (true) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      CpuRelax();
+    }
+    if (std::chrono::steady_clock::now() >= until) return done();
+  }
 }
 
 void ThreadPool::ParallelFor(int64_t n, int64_t grain,
@@ -82,7 +121,12 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
     lock.lock();
     --pending_;
   }
-  cv_done_.wait(lock, [this] { return pending_ == 0; });
+  if (pending_.load(std::memory_order_acquire) != 0) {
+    lock.unlock();
+    Spin([this] { return pending_.load(std::memory_order_acquire) == 0; });
+    lock.lock();
+    cv_done_.wait(lock, [this] { return pending_ == 0; });
+  }
   fn_ = nullptr;
 }
 
@@ -90,6 +134,14 @@ void ThreadPool::WorkerLoop(int /*index*/) {
   uint64_t seen = 0;
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
+    if (!stop_ && generation_ == seen) {  // idle: spin a while, then sleep
+      lock.unlock();
+      Spin([&] {
+        return stop_.load(std::memory_order_acquire) ||
+               generation_.load(std::memory_order_acquire) != seen;
+      });
+      lock.lock();
+    }
     cv_work_.wait(lock, [&] { return stop_ || generation_ != seen; });
     if (stop_) return;
     seen = generation_;

@@ -52,6 +52,13 @@ float* ScoresScratch(int64_t len) {
   return buf.data();
 }
 
+// Per-head softmax statistics of one attention item, one per thread.
+float* StatsScratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 // Per-thread packing buffer of the GEMM path, grown on demand.
 float* LinearScratch(int64_t floats) {
   thread_local std::vector<float> buf;
@@ -186,69 +193,88 @@ absl::Status Attention(const AttentionParams& p, ThreadPool* pool) {
   const internal::IsaKernels& kern = Kernels();
   const int threads = Threads(pool);
   const int64_t hd = p.head_dim;
-  const int64_t rows = p.m * p.n_heads;
+  const int64_t groups = p.n_heads / p.n_kv_heads;
+  const int64_t gw = groups * hd;  // a kv head's query heads' outputs: contiguous
+  // Work items: (token, kv head), each for the kv head's query heads (every
+  // K / V row read once per group).
+  const int64_t rows = p.m * p.n_kv_heads;
   const int64_t max_len = p.q_start + p.m;
 
-  // Split the key range (flash-decoding) when there are fewer (token, head)
-  // rows than threads and the context is long: each split produces a partial
-  // softmax (max, sum, unnormalised output) merged below.
-  constexpr int64_t kMinSplitLen = 256;
+  // Split the key range (flash-decoding) when there are fewer rows than
+  // twice the threads and the context is long enough: each split produces a
+  // partial softmax (max, sum, unnormalised output) per head, merged below.
+  constexpr int64_t kMinSplitLen = 128;
   int64_t splits = 1;
   if (rows < 2 * threads && max_len >= 2 * kMinSplitLen) {
     splits = (2 * threads + rows - 1) / rows;
     if (splits > max_len / kMinSplitLen) splits = max_len / kMinSplitLen;
   }
 
+  // Software prefetch of the K / V rows where they are likely cold: the
+  // first token of the call (decode: every call), and the first item a
+  // thread takes. The tokens after it read the rows the token before it just
+  // read (causal prefill), which are in cache; there the prefetches would
+  // only cost instructions.
+  auto Prefetch = [&](int64_t i, int64_t item, int64_t first_item) {
+    return i == 0 || item == first_item;
+  };
+
   if (splits == 1) {
     Run(pool, rows, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t i = r / p.n_heads;
-        const int h = static_cast<int>(r % p.n_heads);
+        const int64_t i = r / p.n_kv_heads, kvh = r % p.n_kv_heads;
         const int64_t len = p.q_start + i + 1;
-        float* out = p.out + i * p.ldo + h * hd;
-        float stats[2];
-        kern.attention(p, i, h, 0, len, ScoresScratch(len), out, stats, /*normalize=*/true);
+        float* out = p.out + i * p.ldo + kvh * gw;
+        float* stats = StatsScratch(2 * groups);
+        kern.attention(p, i, kvh, 0, len, ScoresScratch(groups * len), out, stats,
+                       /*normalize=*/true, /*prefetch=*/Prefetch(i, r, r0));
       }
     });
     return absl::OkStatus();
   }
 
-  std::vector<float> part(rows * splits * hd);
-  std::vector<float> stats(rows * splits * 2);
+  std::vector<float> part(rows * splits * gw);
+  std::vector<float> stats(rows * splits * 2 * groups);
   Run(pool, rows * splits, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t / splits, s = t % splits;
-      const int64_t i = r / p.n_heads;
-      const int h = static_cast<int>(r % p.n_heads);
+      const int64_t i = r / p.n_kv_heads, kvh = r % p.n_kv_heads;
       const int64_t len = p.q_start + i + 1;
       const int64_t pos0 = Split(len, splits, s, 1), pos1 = Split(len, splits, s + 1, 1);
-      float* st = stats.data() + t * 2;
+      float* st = stats.data() + t * 2 * groups;
       if (pos0 >= pos1) {  // short row: this split is empty
-        st[0] = -INFINITY;
-        st[1] = 0.f;
+        for (int64_t g = 0; g < groups; ++g) {
+          st[2 * g] = -INFINITY;
+          st[2 * g + 1] = 0.f;
+        }
         continue;
       }
-      kern.attention(p, i, h, pos0, pos1, ScoresScratch(pos1 - pos0), part.data() + t * hd, st,
-                     /*normalize=*/false);
+      kern.attention(p, i, kvh, pos0, pos1, ScoresScratch(groups * (pos1 - pos0)),
+                     part.data() + t * gw, st, /*normalize=*/false,
+                     /*prefetch=*/Prefetch(i, t, t0));
     }
   });
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = r / p.n_heads, h = r % p.n_heads;
-    const float* st = stats.data() + r * splits * 2;
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < splits; ++s) mx = st[2 * s] > mx ? st[2 * s] : mx;
-    float* out = p.out + i * p.ldo + h * hd;
-    float total = 0.f;
-    for (int64_t d = 0; d < hd; ++d) out[d] = 0.f;
-    for (int64_t s = 0; s < splits; ++s) {
-      if (st[2 * s + 1] == 0.f) continue;
-      const float f = std::exp(st[2 * s] - mx);
-      total += f * st[2 * s + 1];
-      const float* a = part.data() + (r * splits + s) * hd;
-      for (int64_t d = 0; d < hd; ++d) out[d] += f * a[d];
+    const int64_t i = r / p.n_kv_heads, kvh = r % p.n_kv_heads;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* st = stats.data() + r * splits * 2 * groups + 2 * g;  // split s: + s * 2G
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < splits; ++s) {
+        mx = st[s * 2 * groups] > mx ? st[s * 2 * groups] : mx;
+      }
+      float* out = p.out + i * p.ldo + kvh * gw + g * hd;
+      float total = 0.f;
+      for (int64_t d = 0; d < hd; ++d) out[d] = 0.f;
+      for (int64_t s = 0; s < splits; ++s) {
+        if (st[s * 2 * groups + 1] == 0.f) continue;
+        const float f = std::exp(st[s * 2 * groups] - mx);
+        total += f * st[s * 2 * groups + 1];
+        const float* a = part.data() + (r * splits + s) * gw + g * hd;
+        for (int64_t d = 0; d < hd; ++d) out[d] += f * a[d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
     }
-    const float inv = 1.f / total;
-    for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
   }
   return absl::OkStatus();
 }

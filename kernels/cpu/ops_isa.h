@@ -29,13 +29,17 @@ struct IsaKernels {
   void (*rope)(const RopeParams& p, int64_t r0, int64_t r1);
   // Rows [r0, r1), columns [c0, c1) of SiluMul.
   void (*silu_mul)(const SiluMulParams& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1);
-  // Attention of query token i, head h over key positions [pos0, pos1)
-  // (pos1 > pos0). `scores` is scratch of pos1 - pos0 floats. Writes
-  // stats[0] = max scaled score, stats[1] = sum of exp(score - max), and
-  // acc[0:head_dim] = sum of exp(score - max) * v, divided by stats[1] when
-  // `normalize` (then acc is the final output row).
-  void (*attention)(const AttentionParams& p, int64_t i, int h, int64_t pos0, int64_t pos1,
-                    float* scores, float* acc, float* stats, bool normalize);
+  // Attention of query token i over key positions [pos0, pos1) (pos1 >
+  // pos0) for the G = n_heads / n_kv_heads query heads of kv head kvh (heads
+  // kvh * G .. kvh * G + G - 1). `scores` is scratch of G * (pos1 - pos0)
+  // floats. Writes, per head g, stats[2g] = max scaled score, stats[2g + 1] =
+  // sum of exp(score - max), and acc[g * head_dim : (g + 1) * head_dim] = sum
+  // of exp(score - max) * v, divided by stats[2g + 1] when `normalize` (then
+  // acc holds the G final output rows, one after the other). `prefetch`:
+  // request the K / V rows ahead of their use (software prefetch; for rows
+  // that are likely cold, e.g. not just read for the token before).
+  void (*attention)(const AttentionParams& p, int64_t i, int64_t kvh, int64_t pos0, int64_t pos1,
+                    float* scores, float* acc, float* stats, bool normalize, bool prefetch);
   // Per-thread scratch (floats) linear wants for its GEMM path, given k.
   int64_t (*linear_scratch)(int64_t k);
   // GEMM tile: rows of x and outputs (columns of y). Splitting work at

@@ -2,6 +2,11 @@
 #include "kernels/thread_pool.h"
 
 #include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -80,6 +85,58 @@ TEST(ThreadPoolTest, UsesWorkersWhenWorkIsSplit) {
     });
   }
   EXPECT_GE(max_inside.load(), 2);
+}
+
+// Spinning (idle workers and the waiting caller, for spin_us) changes when
+// threads sleep, not what runs: every index once, back-to-back calls with
+// and without sleeping in between, for no spin, the default and a long one.
+TEST(ThreadPoolTest, SpinSettingsCoverEveryIndex) {
+  for (int spin : {0, 100, 5000}) {
+    ThreadPool pool(3, spin);
+    EXPECT_EQ(pool.spin_us(), spin);
+    for (int rep = 0; rep < 300; ++rep) {
+      const int64_t n = 1 + rep % 37;
+      std::vector<std::atomic<int>> hits(n);
+      pool.ParallelFor(n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
+      });
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "spin " << spin;
+      // Now and then a pause longer than the spin, so the workers sleep.
+      if (rep % 50 == 49) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  }
+}
+
+// A pool whose workers are spinning (a 10 s spin) shuts down at once.
+TEST(ThreadPoolTest, DestructorStopsSpinningWorkers) {
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    ThreadPool pool(3, 10'000'000);
+    std::atomic<int> sum{0};
+    pool.ParallelFor(8, 1, [&](int64_t b, int64_t e) { sum += static_cast<int>(e - b); });
+    EXPECT_EQ(sum.load(), 8);
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+}
+
+// SPEAR_POOL_SPIN_US sets the default; values that are not a whole number
+// of microseconds in 0 .. 1,000,000 are ignored (the default, 100, stays).
+TEST(ThreadPoolTest, SpinFromEnvironment) {
+  const char* saved = std::getenv("SPEAR_POOL_SPIN_US");
+  const std::string keep = saved ? saved : "";
+  const std::pair<const char*, int> cases[] = {
+      {"0", 0}, {"250", 250}, {"1000000", 1000000}, {"-5", 100}, {"12x", 100},
+      {"", 100}, {"1000001", 100}};
+  for (const auto& [value, want] : cases) {
+    ASSERT_EQ(setenv("SPEAR_POOL_SPIN_US", value, 1), 0);
+    EXPECT_EQ(ThreadPool(2).spin_us(), want) << "'" << value << "'";
+    EXPECT_EQ(ThreadPool(2, 7).spin_us(), 7) << "an explicit value wins";
+  }
+  if (saved) {
+    setenv("SPEAR_POOL_SPIN_US", keep.c_str(), 1);
+  } else {
+    unsetenv("SPEAR_POOL_SPIN_US");
+  }
 }
 
 }  // namespace
