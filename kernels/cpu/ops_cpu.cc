@@ -2,6 +2,7 @@
 // The SIMD bodies live in ops_simd.inc (instantiated per ISA); this file is
 // compiled with baseline flags and only reaches AVX code through the kernel
 // table chosen by ActiveIsa().
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
@@ -49,6 +50,14 @@ int64_t Split(int64_t n, int64_t parts, int64_t b, int64_t align) {
 float* ScoresScratch(int64_t len) {
   thread_local std::vector<float> buf;
   if (static_cast<int64_t>(buf.size()) < len) buf.resize(len);
+  return buf.data();
+}
+
+// The prefill attention's transposed K block (head_dim x vector width),
+// one per thread.
+float* KtScratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
   return buf.data();
 }
 
@@ -218,6 +227,27 @@ absl::Status Attention(const AttentionParams& p, ThreadPool* pool) {
   auto Prefetch = [&](int64_t i, int64_t item, int64_t first_item) {
     return i == 0 || item == first_item;
   };
+
+  if (splits == 1 && p.m > 1) {
+    // Prefill: tiles of consecutive query tokens (about 24 query rows a
+    // tile: a kv head's G heads x the tile's tokens) share each block of
+    // keys (AttentionTileRange). Items are taken in the order first tile,
+    // last tile, second, second to last, ... so that each thread's
+    // contiguous chunk holds as much of the causal triangle as the others'.
+    const int64_t tq = std::max<int64_t>(1, 24 / groups);
+    const int64_t tiles = (p.m + tq - 1) / tq;
+    const int64_t items = tiles * p.n_kv_heads;
+    Run(pool, items, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t k = r / p.n_kv_heads, kvh = r % p.n_kv_heads;
+        const int64_t tile = k % 2 == 0 ? k / 2 : tiles - 1 - k / 2;
+        const int64_t i0 = tile * tq, i1 = std::min(p.m, i0 + tq);
+        kern.attention_tile(p, i0, i1, kvh, ScoresScratch((i1 - i0) * groups * (p.q_start + i1)),
+                            KtScratch(hd * 16), StatsScratch(2 * groups));
+      }
+    });
+    return absl::OkStatus();
+  }
 
   if (splits == 1) {
     Run(pool, rows, 1, [&](int64_t r0, int64_t r1) {

@@ -40,6 +40,12 @@ struct IsaKernels {
   // that are likely cold, e.g. not just read for the token before).
   void (*attention)(const AttentionParams& p, int64_t i, int64_t kvh, int64_t pos0, int64_t pos1,
                     float* scores, float* acc, float* stats, bool normalize, bool prefetch);
+  // Prefill: query tokens [i0, i1) of the call (one sequence), every query
+  // head of kv head kvh, each over its causal keys [0, q_start + i + 1);
+  // writes the normalised output rows. `scores`: (i1 - i0) * G * (q_start +
+  // i1) floats of scratch, `kt`: head_dim * kW, `stats`: 2 * G.
+  void (*attention_tile)(const AttentionParams& p, int64_t i0, int64_t i1, int64_t kvh,
+                         float* scores, float* kt, float* stats);
   // Per-thread scratch (floats) linear wants for its GEMM path, given k.
   int64_t (*linear_scratch)(int64_t k);
   // GEMM tile: rows of x and outputs (columns of y). Splitting work at

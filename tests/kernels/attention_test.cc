@@ -76,8 +76,10 @@ class AttentionTest : public OpsTest {
   }
 };
 
-// GQA ratios 3, 4 and 8 (heads of a kv head taken 4 at a time: 8 = 4 + 4)
-// and 5 (4 + 1) run the grouped path; 1 the per-head one.
+// Every GQA ratio (a kv head's query heads are one work item); m > 1 takes
+// the prefill tiles (24 / ratio tokens a tile: several tiles, a partial
+// last one, head dims that are no multiple of the vector width), m = 1 the
+// decode form.
 TEST_P(AttentionTest, Prefill) {
   for (int ratio : {1, 3, 4, 5, 8}) {
     for (int head_dim : {8, 24, 64}) {
@@ -86,6 +88,9 @@ TEST_P(AttentionTest, Prefill) {
       }
     }
   }
+  RunCase({6, 2, 33, 70, 100});
+  RunCase({8, 2, 128, 50, 0});
+  RunCase({9, 3, 64, 130, 7});
 }
 
 TEST_P(AttentionTest, ChunkedPrefill) {
