@@ -219,11 +219,11 @@ absl::Status Attention(const AttentionParams& p, ThreadPool* pool) {
     if (splits > max_len / kMinSplitLen) splits = max_len / kMinSplitLen;
   }
 
-  // Software prefetch of the K / V rows where they are likely cold: the
-  // first token of the call (decode: every call), and the first item a
-  // thread takes. The tokens after it read the rows the token before it just
-  // read (causal prefill), which are in cache; there the prefetches would
-  // only cost instructions.
+  // Software prefetch of the K / V rows where they are likely cold (the
+  // per-token forms below): the first token of the call (decode: every
+  // call) and the first item a thread takes. A later token of a chunk (m > 1
+  // with the keys split) reads the rows the token before it just read, which
+  // are in cache; there the prefetches would only cost instructions.
   auto Prefetch = [&](int64_t i, int64_t item, int64_t first_item) {
     return i == 0 || item == first_item;
   };
