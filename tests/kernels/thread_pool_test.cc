@@ -124,9 +124,9 @@ TEST(ThreadPoolTest, DestructorStopsSpinningWorkers) {
 TEST(ThreadPoolTest, SpinFromEnvironment) {
   const char* saved = std::getenv("SPEAR_POOL_SPIN_US");
   const std::string keep = saved ? saved : "";
-  const std::pair<const char*, int> cases[] = {
-      {"0", 0}, {"250", 250}, {"1000000", 1000000}, {"-5", 100}, {"12x", 100},
-      {"", 100}, {"1000001", 100}};
+  const std::pair<const char*, int> cases[] = {{"0", 0},        {"250", 250}, {"1000000", 1000000},
+                                               {"-5", 100},     {"12x", 100}, {"", 100},
+                                               {"1000001", 100}};
   for (const auto& [value, want] : cases) {
     ASSERT_EQ(setenv("SPEAR_POOL_SPIN_US", value, 1), 0);
     EXPECT_EQ(ThreadPool(2).spin_us(), want) << "'" << value << "'";
