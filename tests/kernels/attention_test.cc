@@ -15,6 +15,7 @@ constexpr double kAttnTol = 1e-5, kAttnNmse = 1e-10;
 struct AttnCase {
   int n_heads, n_kv_heads, head_dim;
   int64_t m, q_start;
+  int block = 16;  // cache block size (positions)
 };
 
 class AttentionTest : public OpsTest {
@@ -22,8 +23,9 @@ class AttentionTest : public OpsTest {
   void RunCase(const AttnCase& c) {
     SCOPED_TRACE(::testing::Message() << "n_heads=" << c.n_heads << " n_kv=" << c.n_kv_heads
                                       << " head_dim=" << c.head_dim << " m=" << c.m
-                                      << " q_start=" << c.q_start << " seed=" << seed_);
-    constexpr int kBlock = 16;
+                                      << " q_start=" << c.q_start << " block=" << c.block
+                                      << " seed=" << seed_);
+    const int kBlock = c.block;
     const int64_t positions = c.q_start + c.m;
     const int64_t used_blocks = (positions + kBlock - 1) / kBlock;
     const int64_t cache_blocks = used_blocks + 5;  // some never referenced
@@ -91,6 +93,17 @@ TEST_P(AttentionTest, Prefill) {
   RunCase({6, 2, 33, 70, 100});
   RunCase({8, 2, 128, 50, 0});
   RunCase({9, 3, 64, 130, 7});
+  RunCase({32, 1, 256, 9, 40});  // MQA, one token a tile, a wide head
+}
+
+// Cache blocks of 1, 5 and 48 positions: runs of rows, prefetches and the
+// prefill tiles' key blocks cross block edges everywhere.
+TEST_P(AttentionTest, BlockSizes) {
+  for (int block : {1, 5, 48}) {
+    RunCase({6, 2, 64, 1, 300, block});
+    RunCase({6, 2, 64, 30, 70, block});
+    RunCase({4, 4, 40, 17, 0, block});
+  }
 }
 
 TEST_P(AttentionTest, ChunkedPrefill) {
