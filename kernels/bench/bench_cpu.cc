@@ -20,13 +20,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <new>
 #include <ctime>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "kernels/aligned.h"
 #include "kernels/cpu_features.h"
 #include "kernels/dtype.h"
 #include "kernels/ops.h"
@@ -367,11 +366,12 @@ void AttentionRows(ThreadPool* pool, int iters, double bwn) {
     const int seqs = static_cast<int>((256.0 * (1 << 20)) / kv_bytes) + 1;
     // 64-byte aligned, as engine::KvCache allocates its cache.
     const size_t nel = static_cast<size_t>(seqs * blocks * kBlock * kv_row);
-    struct AlignedDelete {
-      void operator()(float* f) const { ::operator delete[](f, std::align_val_t{64}); }
-    };
-    std::unique_ptr<float[], AlignedDelete> kc(new (std::align_val_t{64}) float[nel]),
-        vc(new (std::align_val_t{64}) float[nel]);
+    const AlignedFloats kc = AllocateAlignedFloats(static_cast<int64_t>(nel)),
+                        vc = AllocateAlignedFloats(static_cast<int64_t>(nel));
+    if (kc == nullptr || vc == nullptr) {
+      std::fprintf(stderr, "cannot allocate the attention rows' caches\n");
+      std::exit(1);
+    }
     for (size_t e = 0; e < nel; ++e) {
       kc[e] = dist(rng);
       vc[e] = dist(rng);

@@ -66,15 +66,14 @@ ThreadPool::~ThreadPool() {
 }
 
 template <class Done>
-bool ThreadPool::Spin(Done&& done) const {
-  if (spin_us_ <= 0) return done();
+void ThreadPool::Spin(Done&& done) const {
+  if (spin_us_ <= 0) return;
   const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
-  while (true) {
+  while (std::chrono::steady_clock::now() < until) {
     for (int i = 0; i < 64; ++i) {
-      if (done()) return true;
+      if (done()) return;
       CpuRelax();
     }
-    if (std::chrono::steady_clock::now() >= until) return done();
   }
 }
 

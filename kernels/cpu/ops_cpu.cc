@@ -46,30 +46,12 @@ int64_t Split(int64_t n, int64_t parts, int64_t b, int64_t align) {
   return v < n ? v : n;
 }
 
-// Scratch for attention scores, one per thread, grown on demand.
-float* ScoresScratch(int64_t len) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < len) buf.resize(len);
-  return buf.data();
-}
+// Per-thread scratch buffers, grown on demand; each Slot is its own buffer
+// (an attention item uses three at once).
+enum ScratchSlot { kScoresSlot, kKtSlot, kStatsSlot, kLinearSlot };
 
-// The prefill attention's transposed K block (head_dim x vector width),
-// one per thread.
-float* KtScratch(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  return buf.data();
-}
-
-// Per-head softmax statistics of one attention item, one per thread.
-float* StatsScratch(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  return buf.data();
-}
-
-// Per-thread packing buffer of the GEMM path, grown on demand.
-float* LinearScratch(int64_t floats) {
+template <ScratchSlot Slot>
+float* Scratch(int64_t floats) {
   thread_local std::vector<float> buf;
   if (static_cast<int64_t>(buf.size()) < floats) buf.resize(floats);
   return buf.data();
@@ -96,12 +78,12 @@ void LinearGemm(const internal::IsaKernels& kern, const LinearParams& p, ThreadP
   }
   const int64_t tasks = n_tasks * m_parts;
   if (threads == 1 || tasks == 1) {
-    kern.linear(p, 0, p.m, 0, p.n, LinearScratch(kern.linear_scratch(p.k)));
+    kern.linear(p, 0, p.m, 0, p.n, Scratch<kLinearSlot>(kern.linear_scratch(p.k)));
     return;
   }
   std::atomic<int64_t> next{0};
   pool->ParallelFor(threads, 1, [&](int64_t, int64_t) {
-    float* scratch = LinearScratch(kern.linear_scratch(p.k));
+    float* scratch = Scratch<kLinearSlot>(kern.linear_scratch(p.k));
     for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
          t = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t mi = t / n_tasks, ni = t % n_tasks;
@@ -224,7 +206,7 @@ absl::Status Attention(const AttentionParams& p, ThreadPool* pool) {
   // call) and the first item a thread takes. A later token of a chunk (m > 1
   // with the keys split) reads the rows the token before it just read, which
   // are in cache; there the prefetches would only cost instructions.
-  auto Prefetch = [&](int64_t i, int64_t item, int64_t first_item) {
+  auto Prefetch = [](int64_t i, int64_t item, int64_t first_item) {
     return i == 0 || item == first_item;
   };
 
@@ -242,8 +224,10 @@ absl::Status Attention(const AttentionParams& p, ThreadPool* pool) {
         const int64_t k = r / p.n_kv_heads, kvh = r % p.n_kv_heads;
         const int64_t tile = k % 2 == 0 ? k / 2 : tiles - 1 - k / 2;
         const int64_t i0 = tile * tq, i1 = std::min(p.m, i0 + tq);
-        kern.attention_tile(p, i0, i1, kvh, ScoresScratch((i1 - i0) * groups * (p.q_start + i1)),
-                            KtScratch(hd * 16), StatsScratch(2 * groups));
+        kern.attention_tile(p, i0, i1, kvh,
+                            Scratch<kScoresSlot>((i1 - i0) * groups * (p.q_start + i1)),
+                            Scratch<kKtSlot>(hd * internal::kMaxVectorFloats),
+                            Scratch<kStatsSlot>(2 * groups));
       }
     });
     return absl::OkStatus();
@@ -255,8 +239,8 @@ absl::Status Attention(const AttentionParams& p, ThreadPool* pool) {
         const int64_t i = r / p.n_kv_heads, kvh = r % p.n_kv_heads;
         const int64_t len = p.q_start + i + 1;
         float* out = p.out + i * p.ldo + kvh * gw;
-        float* stats = StatsScratch(2 * groups);
-        kern.attention(p, i, kvh, 0, len, ScoresScratch(groups * len), out, stats,
+        kern.attention(p, i, kvh, 0, len, Scratch<kScoresSlot>(groups * len), out,
+                       Scratch<kStatsSlot>(2 * groups),
                        /*normalize=*/true, /*prefetch=*/Prefetch(i, r, r0));
       }
     });
@@ -279,7 +263,7 @@ absl::Status Attention(const AttentionParams& p, ThreadPool* pool) {
         }
         continue;
       }
-      kern.attention(p, i, kvh, pos0, pos1, ScoresScratch(groups * (pos1 - pos0)),
+      kern.attention(p, i, kvh, pos0, pos1, Scratch<kScoresSlot>(groups * (pos1 - pos0)),
                      part.data() + t * gw, st, /*normalize=*/false,
                      /*prefetch=*/Prefetch(i, t, t0));
     }

@@ -18,6 +18,10 @@ namespace spear::kernels::cpu::internal {
 // (and a scratch buffer); fewer rows use the GEMV-style dot-product tiles.
 inline constexpr int64_t kGemmMinM = 16;
 
+// Floats in the widest vector of any ISA variant (AVX-512): bounds the
+// per-ISA vector width kW of scratch sized before the variant is known.
+constexpr int kMaxVectorFloats = 16;
+
 struct IsaKernels {
   // y[m0:m1, n0:n1] of Linear (all of k). `scratch`: linear_scratch(k) floats
   // owned by the calling thread, or nullptr (no GEMM path then).
@@ -43,7 +47,7 @@ struct IsaKernels {
   // Prefill: query tokens [i0, i1) of the call (one sequence), every query
   // head of kv head kvh, each over its causal keys [0, q_start + i + 1);
   // writes the normalised output rows. `scores`: (i1 - i0) * G * (q_start +
-  // i1) floats of scratch, `kt`: head_dim * kW, `stats`: 2 * G.
+  // i1) floats of scratch, `kt`: head_dim * kMaxVectorFloats, `stats`: 2 * G.
   void (*attention_tile)(const AttentionParams& p, int64_t i0, int64_t i1, int64_t kvh,
                          float* scores, float* kt, float* stats);
   // Per-thread scratch (floats) linear wants for its GEMM path, given k.

@@ -82,7 +82,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const model::ModelConfi
       new KvCache(o.block_size, blocks, c.num_layers, c.num_kv_heads * c.head_dim));
   const int64_t total = 2 * c.num_layers * cache->layer_elems_;
   // Zero-filled so unused slots never hold NaNs that a kernel could read.
-  cache->data_.reset(new (std::align_val_t{64}, std::nothrow) float[total]());
+  cache->data_ = kernels::AllocateAlignedFloats(total);
   if (cache->data_ == nullptr) {
     return absl::ResourceExhaustedError(absl::StrCat("KvCache: cannot allocate ", total * 4,
                                                      " bytes"));

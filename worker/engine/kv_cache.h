@@ -11,13 +11,13 @@
 
 #include <cstdint>
 #include <memory>
-#include <new>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "kernels/aligned.h"
 #include "worker/model/config.h"
 
 namespace spear::engine {
@@ -87,10 +87,7 @@ class KvCache {
   // 64-byte aligned (every row of a head starts on a cache line when
   // head_dim is a multiple of 16: the attention's prefetches and loads touch
   // head_dim / 16 lines, not one more).
-  struct AlignedDelete {
-    void operator()(float* p) const { ::operator delete[](p, std::align_val_t{64}); }
-  };
-  std::unique_ptr<float[], AlignedDelete> data_;
+  kernels::AlignedFloats data_;
   BlockAllocator allocator_;
 };
 

@@ -40,9 +40,10 @@ class ThreadPool {
 
  private:
   void WorkerLoop(int index);
-  // Spins until done() or spin_us_ have passed; true if done() held.
+  // Spins until done() holds or spin_us_ have passed (the caller then
+  // checks its condition under the lock and sleeps if it still waits).
   template <class Done>
-  bool Spin(Done&& done) const;
+  void Spin(Done&& done) const;
 
   int spin_us_ = 100;
   std::vector<std::thread> workers_;
