@@ -282,7 +282,7 @@ struct BestTimes {
 // On a loaded machine the CPU-time figure is the one that tells how well
 // the kernel uses a core while it has one.
 BestTimes LinearBestSeconds(const Shape& s, DType dt, int64_t m, const std::vector<uint16_t>& w,
-                            ThreadPool* pool, int iters) {
+                            ThreadPool* pool, int iters, bool bf16_products = false) {
   std::vector<float> x(m * s.k), y(m * s.n);
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 17) * 0.03f - 0.2f;
   LinearParams p;
@@ -295,6 +295,7 @@ BestTimes LinearBestSeconds(const Shape& s, DType dt, int64_t m, const std::vect
   p.n = s.n;
   p.y = y.data();
   p.ldy = s.n;
+  p.bf16_products = bf16_products;
   (void)cpu::Linear(p, pool);  // warm-up
   BestTimes best;
   double total = 0;
@@ -316,29 +317,36 @@ BestTimes LinearBestSeconds(const Shape& s, DType dt, int64_t m, const std::vect
 // Prefill-shaped Linear (m = 128, 512; best of N) next to the FMA peak:
 // wall GFLOP/s over the pool's peak, and GFLOP per CPU-second (per core
 // busy) over the one-thread peak, which the load of a shared machine
-// disturbs much less.
+// disturbs much less. Row "bf16x": BF16 weights with
+// LinearParams::bf16_products (VDPBF16PS where CpuHasBf16Dot(), which does
+// two multiply-adds per lane: its peak is twice the FMA peak). The last
+// shape is the lm_head's transpose (the EC trainer's backward).
 void GemmRows(ThreadPool* pool, int iters) {
   const double peak1 = PeakGflops(nullptr), peakn = PeakGflops(pool);
   std::printf("\nFMA peak (%s, best of 5): 1 thread %.1f GFLOP/s, %d threads %.1f GFLOP/s\n",
               std::string(IsaName(ActiveIsa())).c_str(), peak1, pool->size(), peakn);
-  std::printf("%-9s %-12s %-4s | %13s %5s %8s %5s | %13s %5s %8s %5s\n", "GEMM", "n x k", "dt",
+  std::printf("%-9s %-12s %-5s | %13s %5s %8s %5s | %13s %5s %8s %5s\n", "GEMM", "n x k", "dt",
               "m=128 GFLOP/s", "/peak", "GF/cpu-s", "/pk1", "m=512 GFLOP/s", "/peak", "GF/cpu-s",
               "/pk1");
   const Shape shapes[] = {{576, 576, "q/o proj"}, {192, 576, "k/v proj"}, {1536, 576, "gate/up"},
-                          {576, 1536, "down"},    {49152, 576, "lm_head"}};
+                          {576, 1536, "down"},    {49152, 576, "lm_head"},
+                          {576, 49152, "lm_headT"}};
+  std::printf("bf16 products (VDPBF16PS): %s\n", CpuHasBf16Dot() ? "yes" : "no (bf16x = bf16)");
   std::mt19937 rng(2);
   for (const Shape& s : shapes) {
-    for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (int form = 0; form < 4; ++form) {
+      const DType dt = form == 0 ? DType::kF32 : form == 1 ? DType::kF16 : DType::kBF16;
+      const bool bf16x = form == 3;
       const auto ws = MakeWeights(s, dt, 1, rng);
       const double flop = 2.0 * s.n * s.k;
-      const BestTimes t128 = LinearBestSeconds(s, dt, 128, ws[0], pool, iters);
-      const BestTimes t512 = LinearBestSeconds(s, dt, 512, ws[0], pool, iters);
+      const BestTimes t128 = LinearBestSeconds(s, dt, 128, ws[0], pool, iters, bf16x);
+      const BestTimes t512 = LinearBestSeconds(s, dt, 512, ws[0], pool, iters, bf16x);
       const double w128 = 128 * flop / t128.wall / 1e9, c128 = 128 * flop / t128.cpu / 1e9;
       const double w512 = 512 * flop / t512.wall / 1e9, c512 = 512 * flop / t512.cpu / 1e9;
       const auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
       const std::string nk = std::to_string(s.n) + "x" + std::to_string(s.k);
-      std::printf("%-9s %-12s %-4s | %13.1f %5.2f %8.1f %5.2f | %13.1f %5.2f %8.1f %5.2f\n",
-                  s.what, nk.c_str(), std::string(DTypeName(dt)).c_str(), w128,
+      std::printf("%-9s %-12s %-5s | %13.1f %5.2f %8.1f %5.2f | %13.1f %5.2f %8.1f %5.2f\n",
+                  s.what, nk.c_str(), bf16x ? "bf16x" : std::string(DTypeName(dt)).c_str(), w128,
                   ratio(w128, peakn), c128, ratio(c128, peak1), w512, ratio(w512, peakn), c512,
                   ratio(c512, peak1));
       std::fflush(stdout);

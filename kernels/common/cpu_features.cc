@@ -61,6 +61,16 @@ bool SetIsaForTesting(Isa isa) {
   return true;
 }
 
+bool CpuHasBf16Dot() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    const char* env = std::getenv("SPEAR_CPU_BF16");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has && ActiveIsa() == Isa::kAvx512;
+}
+
 std::string_view IsaName(Isa isa) {
   switch (isa) {
     case Isa::kScalar:

@@ -63,10 +63,18 @@ float* Scratch(int64_t floats) {
 // blocks are gemm_nr-aligned; each task packs its own W columns, so row
 // blocks (which repack the same W) are only added when there are too few
 // column blocks to go around.
-void LinearGemm(const internal::IsaKernels& kern, const LinearParams& p, ThreadPool* pool,
+void LinearGemm(const internal::GemmKernel& kern, const LinearParams& p, ThreadPool* pool,
                 int threads) {
-  const int64_t nr = kern.gemm_nr, mr = kern.gemm_mr;
+  const int64_t nr = kern.nr, mr = kern.mr;
   int64_t cols = (64 + nr - 1) / nr * nr;
+  // Long rows (the lm_head's transpose, k = 49,152) on a kernel that reads
+  // x once per range: every task streams all of x from memory, so as few
+  // column tasks as keep the threads busy (the F32 GEMM reads x once per
+  // panel of its own, ~32 outputs there, and lost 8 % with wide tasks).
+  if (kern.x_once_per_range && p.k >= 8192) {
+    const int64_t even = (p.n + threads - 1) / threads;
+    cols = std::max(cols, (even + nr - 1) / nr * nr);
+  }
   int64_t n_tasks = (p.n + cols - 1) / cols;
   int64_t m_parts = 1;
   const int64_t want = 4 * static_cast<int64_t>(threads);
@@ -78,18 +86,18 @@ void LinearGemm(const internal::IsaKernels& kern, const LinearParams& p, ThreadP
   }
   const int64_t tasks = n_tasks * m_parts;
   if (threads == 1 || tasks == 1) {
-    kern.linear(p, 0, p.m, 0, p.n, Scratch<kLinearSlot>(kern.linear_scratch(p.k)));
+    kern.range(p, 0, p.m, 0, p.n, Scratch<kLinearSlot>(kern.scratch(p.k)));
     return;
   }
   std::atomic<int64_t> next{0};
   pool->ParallelFor(threads, 1, [&](int64_t, int64_t) {
-    float* scratch = Scratch<kLinearSlot>(kern.linear_scratch(p.k));
+    float* scratch = Scratch<kLinearSlot>(kern.scratch(p.k));
     for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
          t = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t mi = t / n_tasks, ni = t % n_tasks;
       const int64_t m0 = Split(p.m, m_parts, mi, mr), m1 = Split(p.m, m_parts, mi + 1, mr);
       const int64_t n0 = ni * cols, n1 = n0 + cols < p.n ? n0 + cols : p.n;
-      if (m0 < m1) kern.linear(p, m0, m1, n0, n1, scratch);
+      if (m0 < m1) kern.range(p, m0, m1, n0, n1, scratch);
     }
   });
 }
@@ -112,7 +120,14 @@ absl::Status Linear(const LinearParams& p, ThreadPool* pool) {
   const internal::IsaKernels& kern = Kernels();
   const int threads = Threads(pool);
   if (p.m >= internal::kGemmMinM) {
-    LinearGemm(kern, p, pool, p.m * p.n * p.k < (int64_t{1} << 18) ? 1 : threads);
+    const int gemm_threads = p.m * p.n * p.k < (int64_t{1} << 18) ? 1 : threads;
+    if (p.bf16_products && p.w_dtype == DType::kBF16 && CpuHasBf16Dot()) {
+      LinearGemm(internal::kAvx512Bf16Gemm, p, pool, gemm_threads);
+    } else {
+      const internal::GemmKernel gemm = {kern.linear, kern.linear_scratch, kern.gemm_mr,
+                                         kern.gemm_nr, false};
+      LinearGemm(gemm, p, pool, gemm_threads);
+    }
     return absl::OkStatus();
   }
   // Small problems are not worth waking the pool (~10 us).

@@ -57,8 +57,24 @@ struct IsaKernels {
   int gemm_mr, gemm_nr;
 };
 
+// A GEMM variant Linear can take in place of IsaKernels::linear's GEMM path
+// (same contract for y[m0:m1, n0:n1]; `scratch`: scratch(k) floats of the
+// calling thread's).
+struct GemmKernel {
+  void (*range)(const LinearParams& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                float* scratch);
+  int64_t (*scratch)(int64_t k);
+  int mr, nr;
+  // range() reads x once per 128 outputs whatever k is (the F32 GEMM: once
+  // per packed panel, which holds all of k in ~192 KiB).
+  bool x_once_per_range;
+};
+
 extern const IsaKernels kScalarKernels;  // ops_generic.cc, baseline x86-64
 extern const IsaKernels kAvx2Kernels;    // ops_avx2.cc, AVX2 + FMA + F16C
 extern const IsaKernels kAvx512Kernels;  // ops_avx512.cc, AVX-512 F/BW/VL/DQ
+// gemm_bf16_avx512.cc, AVX-512 BF16: BF16 weights with bf16 products (only
+// for LinearParams::bf16_products, after CpuHasBf16Dot()).
+extern const GemmKernel kAvx512Bf16Gemm;
 
 }  // namespace spear::kernels::cpu::internal

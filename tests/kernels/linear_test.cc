@@ -24,10 +24,15 @@ std::vector<uint16_t> ToHalfBits(const std::vector<float>& v, DType t) {
 class LinearTest : public OpsTest {
  protected:
   // One case: returns false (after recording a failure) on mismatch.
-  void RunCase(DType dt, int64_t m, int64_t k, int64_t n, bool bias, bool accumulate) {
+  // bf16_products: the flag is set; where the bf16 GEMM runs (BF16 weights,
+  // m >= 16, CpuHasBf16Dot() under this variant) the reference multiplies x
+  // rounded to bf16 (round to nearest even), elsewhere the plain x.
+  void RunCase(DType dt, int64_t m, int64_t k, int64_t n, bool bias, bool accumulate,
+               bool bf16_products = false, double tol = kLinearTol) {
     SCOPED_TRACE(::testing::Message() << "dtype=" << DTypeName(dt) << " m=" << m << " k=" << k
                                       << " n=" << n << " bias=" << bias
-                                      << " accumulate=" << accumulate << " seed=" << seed_);
+                                      << " accumulate=" << accumulate
+                                      << " bf16_products=" << bf16_products << " seed=" << seed_);
     const int64_t ldx = k + (m > 1 ? 3 : 0), ldy = n + 2;
     std::vector<float> x = RandomRows(m, k, ldx);
     std::vector<float> wf = Random(n * k);
@@ -53,10 +58,18 @@ class LinearTest : public OpsTest {
     p.ldy = ldy;
     p.accumulate = accumulate;
     p.y = y_ref.data();
+    std::vector<float> xr;
+    if (bf16_products && dt == DType::kBF16 && m >= 16 && CpuHasBf16Dot()) {
+      xr = x;
+      for (float& v : xr) v = BF16ToFloat(FloatToBF16(v));
+      p.x = xr.data();
+    }
     ASSERT_TRUE(ref::Linear(p).ok());
+    p.x = x.data();
+    p.bf16_products = bf16_products;
     p.y = y_cpu.data();
     ASSERT_TRUE(cpu::Linear(p, pool()).ok());
-    EXPECT_TRUE(Close(y_cpu, y_ref, m, n, ldy, kLinearTol, kLinearNmse));
+    EXPECT_TRUE(Close(y_cpu, y_ref, m, n, ldy, tol, kLinearNmse));
   }
 };
 
@@ -106,6 +119,32 @@ TEST_P(LinearTest, GemmEdges) {
     RunCase(dt, 48, 1600, 70, true, true);  // many k blocks, narrow panels
     RunCase(dt, 100, 64, 600, false, false);  // many column tasks
   }
+}
+
+// LinearParams::bf16_products: on a CPU with AVX512-BF16 the GEMM rounds x
+// to bf16 and multiplies pairs of k with VDPBF16PS; its products are exact
+// in fp32, so against the double reference of the rounded x the only error
+// is fp32 accumulation (k up to 2,100 terms of size <= 1: tol 2e-4). Odd k
+// (a zero-padded pair), k around the 512-wide k blocks and the 32-wide
+// pair loads, rows around the 6-row tile and 144-row block, outputs around
+// the 32-wide micro-panel and the panel width. Elsewhere (other ISAs, no
+// BF16, F32 / F16 weights, fewer than 16 rows) the flag changes nothing.
+TEST_P(LinearTest, Bf16Products) {
+  SCOPED_TRACE(CpuHasBf16Dot() ? "bf16 products run" : "no AVX512-BF16 here: the plain path");
+  int flags = 0;
+  for (int64_t m : {16, 19, 150}) {
+    for (int64_t n : {1, 31, 33, 130}) {
+      for (int64_t k : {1, 7, 31, 32, 33, 511, 513, 1025}) {
+        RunCase(DType::kBF16, m, k, n, flags & 1, flags & 2, true, 2e-4);
+        if (HasFatalFailure()) return;
+        ++flags;
+      }
+    }
+  }
+  RunCase(DType::kBF16, 200, 2100, 300, true, true, true, 2e-4);  // threads, many k blocks
+  RunCase(DType::kBF16, 5, 577, 65, true, false, true);           // GEMV rows: plain path
+  RunCase(DType::kF16, 40, 577, 65, false, true, true);           // F16 weights: plain path
+  RunCase(DType::kF32, 40, 577, 65, true, true, true);            // F32 weights: plain path
 }
 
 TEST_P(LinearTest, EmptyK) {

@@ -17,6 +17,7 @@
 #include "worker/model/w4_linear.h"
 #include "worker/quantize/pipeline/calibration.h"
 #include "worker/quantize/pipeline/distill.h"
+#include "kernels/cpu_features.h"
 #include "worker/quantize/pipeline/fast_stats.h"
 #include "worker/quantize/lowrank.h"
 #include "worker/quantize/pipeline/module_quant.h"
@@ -98,9 +99,17 @@ class DistillTest : public ::testing::Test {
 };
 std::string* DistillTest::dir_ = nullptr;
 
-TEST_F(DistillTest, ForwardMatchesEngineLogits) {
+// Both GEMM forms against the engine (fp32 weights and products): kF32 to
+// float32 rounding; kBf16 (bf16 weights and, with AVX512-BF16, bf16
+// activations: a relative rounding of 2^-9 per operand through 2 layers) to
+// 2 % of the largest logit.
+class DistillGemmTest : public DistillTest,
+                        public ::testing::WithParamInterface<DistillGemm> {};
+
+TEST_P(DistillGemmTest, ForwardMatchesEngineLogits) {
+  SCOPED_TRACE(kernels::CpuHasBf16Dot() ? "bf16 products" : "no AVX512-BF16: bf16 weights only");
   auto m = Quantized();
-  auto dist = EcDistiller::Create(m.get(), &pool_);
+  auto dist = EcDistiller::Create(m.get(), &pool_, GetParam());
   ASSERT_TRUE(dist.ok()) << dist.status();
   EXPECT_EQ((*dist)->num_ecs(), 14);
   const auto seqs = Seqs(2, 40, 7);
@@ -132,7 +141,17 @@ TEST_F(DistillTest, ForwardMatchesEngineLogits) {
     }
     ASSERT_TRUE((*cache)->allocator().Free(table).ok());
   }
-  EXPECT_LT(max_err, 1e-3 * (1 + max_abs)) << "max |logit| " << max_abs;
+  const double tol = GetParam() == DistillGemm::kF32 ? 1e-3 : 2e-2;
+  EXPECT_LT(max_err, tol * (1 + max_abs)) << "max |logit| " << max_abs;
+  // The bf16 form does differ from the engine (the test would notice the
+  // flag being dropped): its weights are rounded.
+  if (GetParam() == DistillGemm::kBf16) EXPECT_GT(max_err, 1e-6 * (1 + max_abs));
+}
+
+TEST(DistillGemmParse, Names) {
+  EXPECT_EQ(*ParseDistillGemm("f32"), DistillGemm::kF32);
+  EXPECT_EQ(*ParseDistillGemm("bf16"), DistillGemm::kBf16);
+  EXPECT_EQ(ParseDistillGemm("fp16").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // d loss along a random direction: analytic vs central difference (float32
@@ -173,9 +192,11 @@ void CheckDirectional(EcDistiller* dist, const std::vector<std::span<const int32
   EXPECT_GT(std::fabs(fd), 1e-7);  // the direction matters
 }
 
+// In fp32 (DistillGemm::kF32): the bf16 form rounds activations, which a
+// central difference at this step would see as noise.
 TEST_F(DistillTest, GradientMatchesFiniteDifferences) {
   auto m = Quantized();
-  auto dist = EcDistiller::Create(m.get(), &pool_);
+  auto dist = EcDistiller::Create(m.get(), &pool_, DistillGemm::kF32);
   ASSERT_TRUE(dist.ok());
   // Move the gate off exactly 1 so every gate path carries gradient.
   std::vector<float> p = (*dist)->GetParams();
@@ -307,9 +328,13 @@ TEST_F(DistillTest, TrainingWithLayerTargets) {
   EXPECT_LT(after, 0.9 * before);
 }
 
-TEST_F(DistillTest, TrainingLowersHeldOutKl) {
+// In both GEMM forms (the bf16 one is the default): training lowers the
+// held-out KL by > 15 % and the KL of fresh sequences (measured in the same
+// form) by > 2 % (~3 % in both at this seed: a random model on random
+// tokens has little to generalise).
+TEST_P(DistillGemmTest, TrainingLowersHeldOutKl) {
   auto m = Quantized();
-  auto dist = EcDistiller::Create(m.get(), &pool_);
+  auto dist = EcDistiller::Create(m.get(), &pool_, GetParam());
   ASSERT_TRUE(dist.ok());
   const auto seqs = Seqs(72, 64, 21);  // 64 fit + 8 held out
   const auto teacher = Teacher(seqs);
@@ -332,13 +357,19 @@ TEST_F(DistillTest, TrainingLowersHeldOutKl) {
   EXPECT_LT(rep->final_val_kl, 0.85 * rep->init_val_kl);
   // Fresh sequences, through the engine's model after WriteBack.
   ASSERT_TRUE((*dist)->WriteBack(m.get()).ok());
-  auto again = EcDistiller::Create(m.get(), &pool_);
+  auto again = EcDistiller::Create(m.get(), &pool_, GetParam());
   ASSERT_TRUE(again.ok());
   auto after = (*again)->LossAndGrad(Spans(fresh), fresh_teacher.data(), 0.0, nullptr);
   ASSERT_TRUE(after.ok());
   std::printf("fresh-sequence KL %.4g -> %.4g\n", *before, *after);
-  EXPECT_LT(*after, 0.97 * *before);  // a random model on random tokens: little to generalise
+  EXPECT_LT(*after, 0.98 * *before);
 }
+
+INSTANTIATE_TEST_SUITE_P(Gemm, DistillGemmTest,
+                         ::testing::Values(DistillGemm::kF32, DistillGemm::kBf16),
+                         [](const ::testing::TestParamInfo<DistillGemm>& i) {
+                           return std::string(i.param == DistillGemm::kF32 ? "f32" : "bf16");
+                         });
 
 // The moving average (DistillOptions::ema_decay): scored from half of the
 // run on, the kept parameters are the best of every raw and averaged

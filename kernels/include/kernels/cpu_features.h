@@ -17,5 +17,9 @@ Isa ActiveIsa();
 // false (and changes nothing) when the CPU lacks `isa`.
 bool SetIsaForTesting(Isa isa);
 std::string_view IsaName(Isa isa);
+// True when the active ISA is AVX-512 and the CPU has AVX512-BF16
+// (VDPBF16PS), unless the environment variable SPEAR_CPU_BF16=0 turns the
+// bf16 products of LinearParams::bf16_products off.
+bool CpuHasBf16Dot();
 
 }  // namespace spear::kernels

@@ -21,6 +21,11 @@ struct LinearParams {
   float* y = nullptr;           // [m, n], row stride ldy >= n
   int64_t ldy = 0;
   bool accumulate = false;  // y += instead of y =
+  // With w_dtype kBF16 only: the GEMM path (m >= 16 rows) may round x to
+  // bf16 and multiply with the CPU's bf16 dot-product instructions (fp32
+  // accumulation) where CpuHasBf16Dot(); elsewhere, and for fewer rows, x
+  // stays fp32. For callers that accept bf16 activations (EC training).
+  bool bf16_products = false;
 };
 
 // y = x / rms(x) * weight, per row; rms = sqrt(mean(x^2) + eps).

@@ -37,9 +37,37 @@ using MapC = Eigen::Map<const Mat>;
 using MapM = Eigen::Map<Mat>;
 constexpr int kMods = engine::kModulesPerLayer;
 
+// A frozen weight matrix [rows, cols] as the training's GEMMs read it:
+// fp32, or bf16 bits (DistillGemm).
+struct FrozenW {
+  std::vector<float> f32;
+  std::vector<uint16_t> bf16;
+  const void* data() const {
+    return bf16.empty() ? static_cast<const void*>(f32.data()) : bf16.data();
+  }
+  kernels::DType dtype() const { return bf16.empty() ? kernels::DType::kF32 : kernels::DType::kBF16; }
+  // Stores m [rows, cols] (row-major) and, if transposed, as [cols, rows].
+  void Set(const std::vector<float>& m, int64_t rows, int64_t cols, bool transposed,
+           DistillGemm gemm) {
+    const auto at = [&](int64_t i) {  // element i of the stored order
+      return transposed ? m[(i % rows) * cols + i / rows] : m[i];
+    };
+    const int64_t size = rows * cols;
+    f32.clear();
+    bf16.clear();
+    if (gemm == DistillGemm::kBf16) {
+      bf16.resize(size);
+      for (int64_t i = 0; i < size; ++i) bf16[i] = kernels::FloatToBF16(at(i));
+    } else {
+      f32.resize(size);
+      for (int64_t i = 0; i < size; ++i) f32[i] = at(i);
+    }
+  }
+};
+
 struct LinOp {
   int64_t n = 0, k = 0;
-  std::vector<float> w, wt;  // Qeff [n, k] and its transpose [k, n]
+  FrozenW w, wt;  // Qeff [n, k] and its transpose [k, n]
   std::vector<float> bias;
   int ec = -1;  // index into Impl::ecs
 };
@@ -67,7 +95,8 @@ struct EcDistiller::Impl {
   double eps = 1e-5;
   std::vector<float> inv_freq;
   std::vector<std::array<LinOp, kMods>> lin;
-  std::vector<float> e, et;  // lm_head [V, d] and [d, V]
+  FrozenW e, et;  // lm_head [V, d] and [d, V]
+  bool bf16_products = false;  // DistillGemm::kBf16
   // HeadLoss's student and teacher logits of one chunk, kept across calls:
   // 2 x 50 MB for SmolLM2, which a fresh allocation per step page-faults
   // and zeroes again (page clearing and faults were ~3-4 % of a training
@@ -135,7 +164,8 @@ struct EcDistiller::Impl {
     p.k = op.k;
     p.ldx = op.k;
     p.w = op.w.data();
-    p.w_dtype = kernels::DType::kF32;
+    p.w_dtype = op.w.dtype();
+    p.bf16_products = bf16_products;
     p.n = op.n;
     p.bias = op.bias.empty() ? nullptr : op.bias.data();
     p.y = out;
@@ -158,7 +188,8 @@ struct EcDistiller::Impl {
     p.k = op.n;
     p.ldx = op.n;
     p.w = op.wt.data();
-    p.w_dtype = kernels::DType::kF32;
+    p.w_dtype = op.wt.dtype();
+    p.bf16_products = bf16_products;
     p.n = op.k;
     p.y = dx;
     p.ldy = op.k;
@@ -283,7 +314,8 @@ struct EcDistiller::Impl {
     p.k = d;
     p.ldx = d;
     p.w = e.data();
-    p.w_dtype = kernels::DType::kF32;
+    p.w_dtype = e.dtype();
+    p.bf16_products = bf16_products;
     p.n = vocab;
     p.y = out;
     p.ldy = vocab;
@@ -325,7 +357,8 @@ struct EcDistiller::Impl {
         p.k = vocab;
         p.ldx = vocab;
         p.w = et.data();
-        p.w_dtype = kernels::DType::kF32;
+        p.w_dtype = et.dtype();
+        p.bf16_products = bf16_products;
         p.n = d;
         p.y = dy + r0 * d;
         p.ldy = d;
@@ -414,10 +447,19 @@ struct EcDistiller::Impl {
 EcDistiller::EcDistiller(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 EcDistiller::~EcDistiller() = default;
 
+absl::StatusOr<DistillGemm> ParseDistillGemm(std::string_view s) {
+  if (s == "f32") return DistillGemm::kF32;
+  if (s == "bf16") return DistillGemm::kBf16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("EC training GEMM must be f32 or bf16, got \"", std::string(s), "\""));
+}
+
 absl::StatusOr<std::unique_ptr<EcDistiller>> EcDistiller::Create(const model::LoadedModel* model,
-                                                                 kernels::ThreadPool* pool) {
+                                                                 kernels::ThreadPool* pool,
+                                                                 DistillGemm gemm) {
   if (model == nullptr || pool == nullptr) return absl::InvalidArgumentError("null model or pool");
   auto im = std::make_unique<Impl>();
+  im->bf16_products = gemm == DistillGemm::kBf16;
   const model::ModelConfig& c = model->config;
   im->model = model;
   im->pool = pool;
@@ -449,11 +491,8 @@ absl::StatusOr<std::unique_ptr<EcDistiller>> EcDistiller::Create(const model::Lo
       if (!q.ok()) return q.status();
       op.n = q->rows;
       op.k = q->cols;
-      op.w = std::move(q->data);
-      op.wt.resize(op.w.size());
-      for (int64_t i = 0; i < op.n; ++i) {
-        for (int64_t kk = 0; kk < op.k; ++kk) op.wt[kk * op.n + i] = op.w[i * op.k + kk];
-      }
+      op.w.Set(q->data, op.n, op.k, false, gemm);
+      op.wt.Set(q->data, op.n, op.k, true, gemm);
       op.bias = w4->bias();
       if (w4->has_ec()) {
         op.ec = static_cast<int>(im->ecs.size());
@@ -467,11 +506,8 @@ absl::StatusOr<std::unique_ptr<EcDistiller>> EcDistiller::Create(const model::Lo
   auto e = DenseWeightMatrix(*model->weights.lm_head);
   if (!e.ok()) return e.status();
   if (e->rows != im->vocab || e->cols != im->d) return absl::InvalidArgumentError("lm_head shape");
-  im->e = std::move(e->data);
-  im->et.resize(im->e.size());
-  for (int64_t v = 0; v < im->vocab; ++v) {
-    for (int64_t j = 0; j < im->d; ++j) im->et[j * im->vocab + v] = im->e[v * im->d + j];
-  }
+  im->e.Set(e->data, im->vocab, im->d, false, gemm);
+  im->et.Set(e->data, im->vocab, im->d, true, gemm);
   im->adam.resize(im->ecs.size());
   im->ZeroGrads();
   return std::unique_ptr<EcDistiller>(new EcDistiller(std::move(im)));

@@ -49,6 +49,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -56,6 +57,18 @@
 #include "worker/model/weights.h"
 
 namespace spear::quantize {
+
+// Arithmetic of the training's GEMMs with frozen weights (the W4 backbone,
+// dequantized, and the lm_head; the ECs' own products stay fp32):
+//   kF32:  the weights kept as fp32, fp32 products (the exact dequantized
+//          values; 8 bytes per weight for the two orientations).
+//   kBf16: the weights kept as bf16 (half the memory; a W4 value rounds by
+//          at most 2^-9 of itself), activations rounded to bf16 and
+//          multiplied by the CPU's bf16 dot products where it has them
+//          (AVX512-BF16: ~1.8x the fp32 GEMM rate, docs/results/quality.md
+//          "bf16 products"); elsewhere fp32 products of the bf16 weights.
+enum class DistillGemm { kF32, kBf16 };
+absl::StatusOr<DistillGemm> ParseDistillGemm(std::string_view s);  // "f32" | "bf16"
 
 // Defaults = the SmolLM2 recipe of docs/results/quality.md (lr chosen on
 // held-out calibration KL; batch 2 x 256 tokens because a CPU budget allows
@@ -90,6 +103,9 @@ struct DistillOptions {
   // decides, as for the raw steps). 0: off.
   double ema_decay = 0;
   uint64_t seed = 1;
+  // The GEMMs with frozen weights (EcDistiller::Create's argument; read by
+  // the pipeline, not by Train).
+  DistillGemm gemm = DistillGemm::kBf16;
 };
 
 struct DistillReport {
@@ -153,8 +169,9 @@ class EcDistiller {
  public:
   // Reads every decoder linear of `model` (each must be a model::W4Linear,
   // with or without an EC) and the dense lm_head. InvalidArgument otherwise.
-  static absl::StatusOr<std::unique_ptr<EcDistiller>> Create(const model::LoadedModel* model,
-                                                             kernels::ThreadPool* pool);
+  static absl::StatusOr<std::unique_ptr<EcDistiller>> Create(
+      const model::LoadedModel* model, kernels::ThreadPool* pool,
+      DistillGemm gemm = DistillGemm::kBf16);
   ~EcDistiller();
 
   int64_t num_ecs() const;

@@ -392,7 +392,7 @@ absl::Status Pipeline::ComputeTeacher() {
 }
 
 absl::Status Pipeline::Distill() {
-  auto dist = EcDistiller::Create(model_, pool_);
+  auto dist = EcDistiller::Create(model_, pool_, o_.distill.gemm);
   if (!dist.ok()) return dist.status();
   if ((*dist)->num_ecs() == 0) return absl::OkStatus();
   if (fit_seqs_ < 1 || fit_seqs_ >= static_cast<int64_t>(seqs_.size())) {
