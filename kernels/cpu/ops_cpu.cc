@@ -69,8 +69,9 @@ void LinearGemm(const internal::GemmKernel& kern, const LinearParams& p, ThreadP
   int64_t cols = (64 + nr - 1) / nr * nr;
   // Long rows (the lm_head's transpose, k = 49,152) on a kernel that reads
   // x once per range: every task streams all of x from memory, so as few
-  // column tasks as keep the threads busy (the F32 GEMM reads x once per
-  // panel of its own, ~32 outputs there, and lost 8 % with wide tasks).
+  // column tasks as keep the threads busy. (The F32 GEMM reads x once per
+  // panel of ~32 outputs whatever the task's width, and measured 164 vs 178
+  // GFLOP/s with such wide tasks in one spear_bench_cpu run: not for it.)
   if (kern.x_once_per_range && p.k >= 8192) {
     const int64_t even = (p.n + threads - 1) / threads;
     cols = std::max(cols, (even + nr - 1) / nr * nr);

@@ -124,7 +124,7 @@ TEST_P(LinearTest, GemmEdges) {
 // LinearParams::bf16_products: on a CPU with AVX512-BF16 the GEMM rounds x
 // to bf16 and multiplies pairs of k with VDPBF16PS; its products are exact
 // in fp32, so against the double reference of the rounded x the only error
-// is fp32 accumulation (k up to 2,100 terms of size <= 1: tol 2e-4). Odd k
+// is fp32 accumulation (k up to 8,193 terms of size <= 1: tol 2e-4). Odd k
 // (a zero-padded pair), k around the 512-wide k blocks and the 32-wide
 // pair loads, rows around the 6-row tile and 144-row block, outputs around
 // the 32-wide micro-panel and the panel width. Elsewhere (other ISAs, no
@@ -142,6 +142,7 @@ TEST_P(LinearTest, Bf16Products) {
     }
   }
   RunCase(DType::kBF16, 200, 2100, 300, true, true, true, 2e-4);  // threads, many k blocks
+  RunCase(DType::kBF16, 20, 8193, 70, false, true, true, 2e-4);   // long rows: wide tasks
   RunCase(DType::kBF16, 5, 577, 65, true, false, true);           // GEMV rows: plain path
   RunCase(DType::kF16, 40, 577, 65, false, true, true);           // F16 weights: plain path
   RunCase(DType::kF32, 40, 577, 65, true, true, true);            // F32 weights: plain path
