@@ -566,7 +566,8 @@ int CmdQuantize(const std::vector<std::string>& args) {
                                                      ? "bf16"
                                                      : "f32"},
                                         {"eval_every", o.distill.eval_every},
-                                        {"patience", o.distill.patience}}
+                                        {"patience", o.distill.patience},
+                                        {"patience_from", o.distill.patience_from}}
                                  : json{{"kind", "per module"},
                                         {"train_steps", o.train_steps},
                                         {"learning_rate", o.learning_rate}}}}

@@ -418,6 +418,40 @@ TEST_F(DistillTest, MovingAverageIsScoredAndKeptWhereBest) {
               rep->best_is_ema ? "the average" : "a raw step");
 }
 
+// Early stopping counts evaluations only from patience_from of the
+// schedule on: a run whose every evaluation is worse than the start (a
+// learning rate of 1 wrecks the ECs at once) stops at its first
+// evaluation with patience_from 0, and at the first one at or past 3/4 of
+// its 40 steps with the default 0.75; both keep the initial parameters.
+TEST_F(DistillTest, PatienceCountsFromLateInTheSchedule) {
+  const auto seqs = Seqs(12, 32, 41);  // 8 fit + 4 held out
+  const auto teacher = Teacher(seqs);
+  for (double from : {0.0, 0.75}) {
+    SCOPED_TRACE(::testing::Message() << "patience_from " << from);
+    auto m = Quantized();
+    auto dist = EcDistiller::Create(m.get(), &pool_);
+    ASSERT_TRUE(dist.ok());
+    DistillOptions o;
+    o.steps = 40;
+    o.batch_sequences = 4;
+    o.lr = 1.0;
+    o.warmup_steps = 0;
+    o.eval_every = 5;
+    o.patience = 1;
+    o.patience_from = from;
+    auto rep = (*dist)->Train(seqs, 8, teacher.data(), o);
+    ASSERT_TRUE(rep.ok()) << rep.status();
+    for (auto [st, v] : rep->val_history) {
+      std::printf("  step %lld val %.6g (start %.6g)\n", (long long)st, v, rep->init_val_kl);
+      EXPECT_GE(v, rep->init_val_kl) << "step " << st;
+    }
+    EXPECT_TRUE(rep->stopped_early);
+    EXPECT_EQ(rep->steps_run, from == 0.0 ? 5 : 30);
+    EXPECT_EQ(rep->best_step, 0);
+    EXPECT_DOUBLE_EQ(rep->final_val_kl, rep->init_val_kl);
+  }
+}
+
 TEST(FastStats, SecondMomentGemmMatchesEigen) {
   kernels::ThreadPool pool(2);
   std::mt19937_64 rng(4);

@@ -49,18 +49,23 @@ struct FrozenW {
   // Stores m [rows, cols] (row-major) and, if transposed, as [cols, rows].
   void Set(const std::vector<float>& m, int64_t rows, int64_t cols, bool transposed,
            DistillGemm gemm) {
-    const auto at = [&](int64_t i) {  // element i of the stored order
-      return transposed ? m[(i % rows) * cols + i / rows] : m[i];
-    };
-    const int64_t size = rows * cols;
     f32.clear();
     bf16.clear();
     if (gemm == DistillGemm::kBf16) {
-      bf16.resize(size);
-      for (int64_t i = 0; i < size; ++i) bf16[i] = kernels::FloatToBF16(at(i));
+      Fill(m, rows, cols, transposed, &bf16, [](float v) { return kernels::FloatToBF16(v); });
     } else {
-      f32.resize(size);
-      for (int64_t i = 0; i < size; ++i) f32[i] = at(i);
+      Fill(m, rows, cols, transposed, &f32, [](float v) { return v; });
+    }
+  }
+  template <class T, class Conv>
+  static void Fill(const std::vector<float>& m, int64_t rows, int64_t cols, bool transposed,
+                   std::vector<T>* out, Conv conv) {
+    out->resize(static_cast<size_t>(rows * cols));
+    T* o = out->data();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        o[transposed ? c * rows + r : r * cols + c] = conv(m[r * cols + c]);
+      }
     }
   }
 };
@@ -820,7 +825,7 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
       }
       if (improved) {
         bad = 0;
-      } else {
+      } else if (RunFraction(step) >= o.patience_from) {
         ++bad;
       }
       if (progress) progress(step, o.steps, *v);

@@ -38,7 +38,10 @@
 // sequences; the best held-out parameters are kept (the initial ones
 // included, so training never returns something worse on held-out
 // calibration data); early stop after `patience` evaluations without
-// improvement, or when max_seconds is spent. Gate init: a gated EC whose
+// improvement counted from `patience_from` of the schedule on (before, the
+// lr is still high and a plateau is no sign of the end: keeping the best
+// parameters already guards against overfitting), or when max_seconds is
+// spent. Gate init: a gated EC whose
 // gate is exactly 1 (W2 = 0, b2 = 0) has W1 rescaled so that W1 u has unit
 // RMS on the first minibatch (u = A x can be tiny); outputs unchanged.
 // Thread-safety: one call at a time; uses the pool.
@@ -82,6 +85,8 @@ struct DistillOptions {
   int64_t warmup_steps = 5;
   int64_t eval_every = 20;
   int64_t patience = 4;        // evaluations without improvement; 0: never stop early
+  double patience_from = 0.75;  // fraction of the schedule (steps or time) before which
+                                // evaluations do not count toward patience
   double max_seconds = 0;      // > 0: stop (keeping the best) when spent
   double hidden_mse_weight = 0;
   // Weight of the layer-target term (see the header); > 0 needs the
