@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "cpu/ops_isa.h"
+#include "cpu/transpose_avx512.h"
 
 namespace spear::kernels::cpu::internal {
 namespace {
@@ -42,30 +43,9 @@ __mmask16 Mask16(int n) { return n >= 16 ? ~__mmask16{0} : static_cast<__mmask16
 
 // 16 x 16 transpose of 32-bit words in registers: r[i][j] <- r[j][i].
 void Transpose16(__m512i* ri) {
-  __m512 r[16], t[16], u[16];
+  __m512 r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(ri[i]);
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int e = 0; e < 4; ++e) {
-    t[e] = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);
-    t[4 + e] = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);
-    t[8 + e] = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
-    t[12 + e] = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
-  }
-  for (int e = 0; e < 4; ++e) {
-    r[e] = _mm512_shuffle_f32x4(t[e], t[8 + e], 0x88);
-    r[4 + e] = _mm512_shuffle_f32x4(t[4 + e], t[12 + e], 0x88);
-    r[8 + e] = _mm512_shuffle_f32x4(t[e], t[8 + e], 0xDD);
-    r[12 + e] = _mm512_shuffle_f32x4(t[4 + e], t[12 + e], 0xDD);
-  }
+  Transpose16x16(r);
   for (int i = 0; i < 16; ++i) ri[i] = _mm512_castps_si512(r[i]);
 }
 
