@@ -456,7 +456,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "(distill.h; 0 = off)")
       .Declare("ec-train-gemm", "bf16",
                "stage 2: GEMMs with the frozen weights: bf16 (weights stored as bf16, bf16 "
-               "products on CPUs with AVX512-BF16, ~1.8x faster there) | f32 (distill.h)")
+               "products on CPUs with AVX512-BF16: steps ~1.4x faster there) | f32 (distill.h)")
       .Declare("train-steps", "1000",
                "stage 2 (end-to-end EC distillation) steps of 2 x LEN tokens; the time budget "
                "or early stopping on held-out calibration KL usually ends it first")
@@ -562,9 +562,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                                         {"layer_mse_weight", o.distill.layer_mse_weight},
                                         {"kl_temperature", o.distill.kl_temperature},
                                         {"ema_decay", o.distill.ema_decay},
-                                        {"gemm", o.distill.gemm == quantize::DistillGemm::kBf16
-                                                     ? "bf16"
-                                                     : "f32"},
+                                        {"gemm", quantize::DistillGemmName(o.distill.gemm)},
                                         {"eval_every", o.distill.eval_every},
                                         {"patience", o.distill.patience},
                                         {"patience_from", o.distill.patience_from}}

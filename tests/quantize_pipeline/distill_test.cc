@@ -152,6 +152,9 @@ TEST(DistillGemmParse, Names) {
   EXPECT_EQ(*ParseDistillGemm("f32"), DistillGemm::kF32);
   EXPECT_EQ(*ParseDistillGemm("bf16"), DistillGemm::kBf16);
   EXPECT_EQ(ParseDistillGemm("fp16").status().code(), absl::StatusCode::kInvalidArgument);
+  for (DistillGemm g : {DistillGemm::kF32, DistillGemm::kBf16}) {
+    EXPECT_EQ(*ParseDistillGemm(DistillGemmName(g)), g);
+  }
 }
 
 // d loss along a random direction: analytic vs central difference (float32

@@ -45,7 +45,13 @@ struct FrozenW {
   const void* data() const {
     return bf16.empty() ? static_cast<const void*>(f32.data()) : bf16.data();
   }
-  kernels::DType dtype() const { return bf16.empty() ? kernels::DType::kF32 : kernels::DType::kBF16; }
+  // The weight fields of a Linear call: bf16 weights come with bf16 products
+  // (DistillGemm::kBf16 is both), fp32 weights with fp32 products.
+  void Into(kernels::LinearParams* p) const {
+    p->w = data();
+    p->w_dtype = bf16.empty() ? kernels::DType::kF32 : kernels::DType::kBF16;
+    p->bf16_products = !bf16.empty();
+  }
   // Stores m [rows, cols] (row-major) and, if transposed, as [cols, rows].
   void Set(const std::vector<float>& m, int64_t rows, int64_t cols, bool transposed,
            DistillGemm gemm) {
@@ -101,7 +107,6 @@ struct EcDistiller::Impl {
   std::vector<float> inv_freq;
   std::vector<std::array<LinOp, kMods>> lin;
   FrozenW e, et;  // lm_head [V, d] and [d, V]
-  bool bf16_products = false;  // DistillGemm::kBf16
   // HeadLoss's student and teacher logits of one chunk, kept across calls:
   // 2 x 50 MB for SmolLM2, which a fresh allocation per step page-faults
   // and zeroes again (page clearing and faults were ~3-4 % of a training
@@ -168,9 +173,7 @@ struct EcDistiller::Impl {
     p.m = T;
     p.k = op.k;
     p.ldx = op.k;
-    p.w = op.w.data();
-    p.w_dtype = op.w.dtype();
-    p.bf16_products = bf16_products;
+    op.w.Into(&p);
     p.n = op.n;
     p.bias = op.bias.empty() ? nullptr : op.bias.data();
     p.y = out;
@@ -192,9 +195,7 @@ struct EcDistiller::Impl {
     p.m = T;
     p.k = op.n;
     p.ldx = op.n;
-    p.w = op.wt.data();
-    p.w_dtype = op.wt.dtype();
-    p.bf16_products = bf16_products;
+    op.wt.Into(&p);
     p.n = op.k;
     p.y = dx;
     p.ldy = op.k;
@@ -318,9 +319,7 @@ struct EcDistiller::Impl {
     p.m = rows;
     p.k = d;
     p.ldx = d;
-    p.w = e.data();
-    p.w_dtype = e.dtype();
-    p.bf16_products = bf16_products;
+    e.Into(&p);
     p.n = vocab;
     p.y = out;
     p.ldy = vocab;
@@ -361,9 +360,7 @@ struct EcDistiller::Impl {
         p.m = c;
         p.k = vocab;
         p.ldx = vocab;
-        p.w = et.data();
-        p.w_dtype = et.dtype();
-        p.bf16_products = bf16_products;
+        et.Into(&p);
         p.n = d;
         p.y = dy + r0 * d;
         p.ldy = d;
@@ -452,9 +449,12 @@ struct EcDistiller::Impl {
 EcDistiller::EcDistiller(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 EcDistiller::~EcDistiller() = default;
 
+std::string_view DistillGemmName(DistillGemm g) { return g == DistillGemm::kBf16 ? "bf16" : "f32"; }
+
 absl::StatusOr<DistillGemm> ParseDistillGemm(std::string_view s) {
-  if (s == "f32") return DistillGemm::kF32;
-  if (s == "bf16") return DistillGemm::kBf16;
+  for (DistillGemm g : {DistillGemm::kF32, DistillGemm::kBf16}) {
+    if (s == DistillGemmName(g)) return g;
+  }
   return absl::InvalidArgumentError(
       absl::StrCat("EC training GEMM must be f32 or bf16, got \"", std::string(s), "\""));
 }
@@ -464,7 +464,6 @@ absl::StatusOr<std::unique_ptr<EcDistiller>> EcDistiller::Create(const model::Lo
                                                                  DistillGemm gemm) {
   if (model == nullptr || pool == nullptr) return absl::InvalidArgumentError("null model or pool");
   auto im = std::make_unique<Impl>();
-  im->bf16_products = gemm == DistillGemm::kBf16;
   const model::ModelConfig& c = model->config;
   im->model = model;
   im->pool = pool;

@@ -71,7 +71,8 @@ namespace spear::quantize {
 //          (AVX512-BF16: ~1.8x the fp32 GEMM rate, docs/results/quality.md
 //          "bf16 products"); elsewhere fp32 products of the bf16 weights.
 enum class DistillGemm { kF32, kBf16 };
-absl::StatusOr<DistillGemm> ParseDistillGemm(std::string_view s);  // "f32" | "bf16"
+std::string_view DistillGemmName(DistillGemm g);                    // "f32" | "bf16"
+absl::StatusOr<DistillGemm> ParseDistillGemm(std::string_view s);  // the inverse
 
 // Defaults = the SmolLM2 recipe of docs/results/quality.md (lr chosen on
 // held-out calibration KL; batch 2 x 256 tokens because a CPU budget allows
