@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,44]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,48]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -196,6 +196,9 @@ struct Variant {
   // v51: SwiGLU as a launch of its own before the down GEMM (before v51),
   // not inside its call (W4CudaParams::swiglu_gu).
   bool silu_apart = false;
+  // v52: PagedDecodeAttentionParams::prefetch_rows (0 automatic, as the
+  // runner; 1 always; 2 never, before v52).
+  int attn_prefetch = 0;
 };
 const Variant kVariants[] = {
     {"W4", Ec::kOff, false},
@@ -312,7 +315,18 @@ const Variant kVariants[] = {
     {.name = "W4, SwiGLU launched apart (before v51)", .ec = Ec::kOff, .gemms_only = false,
      .silu_apart = true},
     {.name = "W4+EC at the diagnostic's placement, SwiGLU launched apart (before v51)",
-     .ec = Ec::kPlacement, .gemms_only = false, .silu_apart = true}};
+     .ec = Ec::kPlacement, .gemms_only = false, .silu_apart = true},
+    // 45-48 (v52): the attention's K / V rows never prefetched before its
+    // dependency wait (before v52) / always prefetched (the default decides
+    // by the rows' bytes per position).
+    {.name = "W4, attention without the row prefetch (before v52)", .ec = Ec::kOff,
+     .gemms_only = false, .attn_prefetch = 2},
+    {.name = "W4+EC at the diagnostic's placement, attention without the row prefetch (before v52)",
+     .ec = Ec::kPlacement, .gemms_only = false, .attn_prefetch = 2},
+    {.name = "W4, attention row prefetch always", .ec = Ec::kOff, .gemms_only = false,
+     .attn_prefetch = 1},
+    {.name = "W4+EC at the diagnostic's placement, attention row prefetch always",
+     .ec = Ec::kPlacement, .gemms_only = false, .attn_prefetch = 1}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -718,6 +732,7 @@ class Model {
         ap.cluster_combine = !v.tickets && !v.combine_kernel && !(v.attn_cluster_no_ec_o && eo);
         ap.cluster_max = v.attn_cluster_max;
         ap.early_trigger = early_for(eo) || v.attn_early;
+        ap.prefetch_rows = v.attn_prefetch;
         CKS(cuda::PagedDecodeAttention(ap, g_stream));
       } else if (!v.gemms_only && !v.skip_attention) {
         cuda::RopeF16Params r;
@@ -744,6 +759,7 @@ class Model {
         CKS(cuda::KvAppend(a, g_stream));
         cuda::PagedDecodeAttentionParams ap = AttnParams(m, L);
         ap.cluster_combine = false;  // (v12's form)
+        ap.prefetch_rows = 2;
         ap.early_trigger = early_for(eo);
         CKS(cuda::PagedDecodeAttention(ap, g_stream));
       }
@@ -898,7 +914,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,44] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,48] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
                    a.c_str(), argv[0]);
       return 2;

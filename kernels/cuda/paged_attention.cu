@@ -274,7 +274,7 @@ __global__ void __launch_bounds__(kThreads)
                 int64_t max_blocks, const int32_t* __restrict__ context_lens, int64_t max_ctx,
                 float scale, int part, int gchunks, uint16_t* __restrict__ out, int64_t ldo,
                 float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
-                int32_t* __restrict__ tickets, int early) {
+                int32_t* __restrict__ tickets, int early, int prefetch) {
   __shared__ __align__(16) float q_s[kMaxG][D];
   // Scores, then probabilities; after (3)'s loop the same memory holds the
   // per-warp partial outputs [kWarps][kMaxG][D] (at most 16 KB, = s_s).
@@ -287,8 +287,6 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kWarps = kThreads / 32;
   static_assert(kWarps * kMaxG * D <= kMaxG * kMaxPart, "partials must fit in s_s");
   float(*red_s)[kMaxG][D] = reinterpret_cast<float(*)[kMaxG][D]>(&s_s[0][0]);
-  PdlEnter(early);
-
   const int tid = threadIdx.x;
   const int64_t seq = blockIdx.z;
   const int kvh = blockIdx.y / gchunks;
@@ -297,9 +295,37 @@ __global__ void __launch_bounds__(kThreads)
   const int ng = min(kMaxG, group - g0);
   const int h0 = kvh * group + g0;
   const int nparts = gridDim.x;
+  const int64_t t0 = int64_t{blockIdx.x} * part;
+  const int64_t kv_row = int64_t{n_kv_heads} * D;  // elements per cache slot
+
+  // v52, before the dependency wait (PagedDecodeAttentionParams::
+  // prefetch_rows): the partition's K and V rows are requested into L2, so
+  // their DRAM latency overlaps the tail of the launch before. Prefetches
+  // are hints: the length and page-table entries read for them (ld.cg, kept
+  // out of L1) may be stale without harm; every value used is read again
+  // after the wait.
+  if (prefetch) {
+    int64_t c = __ldcg(context_lens + seq);
+    c = c < 0 ? 0 : (c > max_ctx ? max_ctx : c);
+    const int n = static_cast<int>(c - t0 < part ? (c - t0 > 0 ? c - t0 : 0) : part);
+    for (int t = tid; t < n; t += kThreads) {
+      const int64_t pos = t0 + t;
+      const int64_t blk = __ldcg(tables + seq * max_blocks + pos / block_size);
+      if (blk < 0 || blk >= num_cache_blocks) continue;
+      const int64_t slot = blk * block_size + pos % block_size;
+      const uint16_t* kr = k_cache + slot * kv_row + int64_t{kvh} * D;
+      const uint16_t* vr = v_cache + slot * kv_row + int64_t{kvh} * D;
+#pragma unroll
+      for (int b = 0; b < D / 64; ++b) {  // 128-byte lines
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(kr + b * 64));
+        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(vr + b * 64));
+      }
+    }
+  }
+  PdlEnter(early);
+
   int64_t ctx = context_lens[seq];
   ctx = ctx < 0 ? 0 : (ctx > max_ctx ? max_ctx : ctx);
-  const int64_t t0 = int64_t{blockIdx.x} * part;
   const int nt = static_cast<int>(ctx - t0 < part ? (ctx - t0 > 0 ? ctx - t0 : 0) : part);
 
   if (CL && nt == 0) {  // an empty partial: weight 0 in the combine
@@ -337,7 +363,6 @@ __global__ void __launch_bounds__(kThreads)
     const int g = i / D, d = i - g * D;
     q_s[g][d] = __half2float(qh[(h0 + g) * D + d]) * scale;
   }
-  const int64_t kv_row = int64_t{n_kv_heads} * D;  // elements per cache slot
   for (int t = tid; t < nt; t += kThreads) {
     const int64_t pos = t0 + t;
     const int64_t blk = tables[seq * max_blocks + pos / block_size];
@@ -575,7 +600,17 @@ absl::Status Validate(const PagedDecodeAttentionParams& p) {
   if (p.cluster_max < 2 || p.cluster_max > kMaxCluster) {
     return absl::InvalidArgumentError("cuda::PagedDecodeAttention: cluster_max outside 2..16");
   }
+  if (p.prefetch_rows < 0 || p.prefetch_rows > 2) {
+    return absl::InvalidArgumentError("cuda::PagedDecodeAttention: prefetch_rows outside 0..2");
+  }
   return absl::OkStatus();
+}
+
+// v52: prefetch_rows resolved (PagedDecodeAttentionParams).
+bool PrefetchesRows(const PagedDecodeAttentionParams& p) {
+  if (p.prefetch_rows != 0) return p.prefetch_rows == 1;
+  return int64_t{p.num_seqs} * p.n_kv_heads * p.head_dim * 4 <=
+         PagedDecodeAttentionParams::kPrefetchRowBytes;
 }
 
 // v50: the largest cluster the split kernel (head_dim D) runs in on this
@@ -656,6 +691,7 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
     return absl::InvalidArgumentError("cuda::PagedDecodeAttention: too many heads");
   }
   const int early = p.early_trigger ? 1 : 0;  // v30
+  const int prefetch = PrefetchesRows(p) ? 1 : 0;  // v52
   if (Plan cp; MakeClusterPlan(p, pl, &cp)) {
     const dim3 grid(static_cast<unsigned>(cp.parts),
                     static_cast<unsigned>(cp.gchunks * p.n_kv_heads),
@@ -668,7 +704,7 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
                       ProgrammaticLaunchEnabled(), p.q, p.ldq, p.n_heads, p.n_kv_heads,
                       p.k_cache, p.v_cache, p.block_size, p.num_cache_blocks, p.block_tables,
                       p.max_blocks_per_seq, p.context_lens, p.max_context_len, p.scale, cp.part,
-                      cp.gchunks, p.out, p.ldo, none, none, none, no_tickets, early));
+                      cp.gchunks, p.out, p.ldo, none, none, none, no_tickets, early, prefetch));
     return absl::OkStatus();
   }
   const size_t need = WorkspaceBytes(p, pl);
@@ -693,7 +729,7 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
       0, stream, p.q, p.ldq, p.n_heads, p.n_kv_heads, p.k_cache, p.v_cache, p.block_size,
       p.num_cache_blocks, p.block_tables, p.max_blocks_per_seq, p.context_lens,
       p.max_context_len, p.scale, pl.part, pl.gchunks, p.out, p.ldo, po, pm, plsum, tickets,
-      early));
+      early, prefetch));
   if (pl.parts > 1 && tickets == nullptr) {
     SPEAR_CUDA_RETURN_IF_ERROR(LaunchPdl(
         CombineKernel, dim3(static_cast<unsigned>(p.n_heads), static_cast<unsigned>(p.num_seqs)),
@@ -706,6 +742,10 @@ absl::Status PagedDecodeAttention(const PagedDecodeAttentionParams& p, cudaStrea
 bool PagedDecodeAttentionCombinesInCluster(const PagedDecodeAttentionParams& p) {
   Plan cp;
   return Validate(p).ok() && p.num_seqs > 0 && MakeClusterPlan(p, MakePlan(p), &cp);
+}
+
+bool PagedDecodeAttentionPrefetchesRows(const PagedDecodeAttentionParams& p) {
+  return Validate(p).ok() && PrefetchesRows(p);
 }
 
 }  // namespace spear::kernels::cuda

@@ -203,9 +203,24 @@ struct PagedDecodeAttentionParams {
   // 8B / 1B decode steps at batch 1 were 0.02-0.04 ms faster with clusters of
   // <= 8 than <= 16 or <= 4, equal at batch 8 (docs/results/gpu.md, v50).
   int cluster_max = 8;
+  // v52: the split kernel requests its partition's K / V rows into L2 before
+  // its dependency wait (programmatic dependent launch), i.e. under the tail
+  // of the launch before it (addresses from the page table read there; only
+  // hints, so always safe). 0 automatic: where the launch's K and V take
+  // <= kPrefetchRowBytes per position (num_seqs x kv heads x head_dim x 4
+  // bytes); on the H200 at context 256 the prefetch made the decode step
+  // 0.003-0.022 ms faster at 2, 4 and 16 KiB per position (8B / 1B batch 1,
+  // 1B batch 8) and 0.037 ms slower at 32 KiB (8B batch 8: 8 MB of rows a
+  // layer requested beside the GEMM before it; docs/results/gpu.md, v52).
+  // 1 always, 2 never (testing / benchmarks); other values are refused.
+  int prefetch_rows = 0;
+  static constexpr int64_t kPrefetchRowBytes = 16 << 10;
 };
 // Whether this call takes the cluster combine (v50) on the current device.
 bool PagedDecodeAttentionCombinesInCluster(const PagedDecodeAttentionParams& p);
+// Whether this call's split kernel prefetches its K / V rows before its
+// dependency wait (prefetch_rows, v52).
+bool PagedDecodeAttentionPrefetchesRows(const PagedDecodeAttentionParams& p);
 // Number of ints `tickets` must hold for these sizes (num_seqs x kv heads x
 // head groups of 8; 0 for invalid parameters).
 int64_t PagedDecodeAttentionTickets(const PagedDecodeAttentionParams& p);

@@ -459,18 +459,35 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
   p.workspace = ws ? dws.get() : nullptr;
   p.workspace_bytes = ws;
   const bool cluster = cuda::PagedDecodeAttentionCombinesInCluster(p);
-  if (c.cluster >= 0) ASSERT_EQ(cluster, c.cluster == 1) << "cluster_max " << p.cluster_max;
+  if (c.cluster >= 0) {
+    ASSERT_EQ(cluster, c.cluster == 1) << "cluster_max " << p.cluster_max;
+  }
   if (ws > 0) {  // a missing workspace is refused, not a crash (forms that use it)
     cuda::PagedDecodeAttentionParams bad = p;
     bad.workspace = nullptr;
     bad.cluster_combine = false;
     ASSERT_EQ(cuda::PagedDecodeAttention(bad, nullptr).code(), absl::StatusCode::kInvalidArgument);
   }
+  {  // v52: the row prefetch's automatic rule and its bad values
+    cuda::PagedDecodeAttentionParams q = p;
+    ASSERT_EQ(cuda::PagedDecodeAttentionPrefetchesRows(q),
+              seqs * c.n_kv * D * 4 <= cuda::PagedDecodeAttentionParams::kPrefetchRowBytes);
+    q.prefetch_rows = 1;
+    ASSERT_TRUE(cuda::PagedDecodeAttentionPrefetchesRows(q));
+    q.prefetch_rows = 2;
+    ASSERT_FALSE(cuda::PagedDecodeAttentionPrefetchesRows(q));
+    for (int v : {-1, 3}) {
+      q.prefetch_rows = v;
+      ASSERT_EQ(cuda::PagedDecodeAttention(q, nullptr).code(), absl::StatusCode::kInvalidArgument);
+    }
+  }
   // The three combine paths: the second kernel (run 0, no tickets), the
   // combine in the split launch by tickets (runs 1-3), the cluster combine
   // (runs 4-6, v50, without a workspace where it applies): bitwise equal
   // within a path each time (fixed orders), the tickets back at zero after
-  // each ticketed run.
+  // each ticketed run. Within each path the runs alternate v52's row
+  // prefetch before the dependency wait (never / always), which must give
+  // the same bits.
   const int64_t nt = cuda::PagedDecodeAttentionTickets(p);
   ASSERT_EQ(nt, seqs * c.n_kv * ((c.group + 7) / 8));
   Dev<int32_t> dtk(nt);
@@ -481,6 +498,7 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
     if (in_cluster && !cluster) break;
     p.tickets = fused ? dtk.get() : nullptr;
     p.cluster_combine = in_cluster;
+    p.prefetch_rows = run % 2 == 0 ? 1 : 2;
     p.workspace = in_cluster || ws == 0 ? nullptr : dws.get();
     p.workspace_bytes = in_cluster ? 0 : ws;
     dws.Poison();
@@ -496,7 +514,8 @@ void RunAttention(const AttnCase& c, std::mt19937& rng) {
         ASSERT_NEAR(HalfToFloat(out[s * ldo + j]), r, 2e-3 * (1 + std::fabs(r)))
             << "kv=" << c.n_kv << " group=" << c.group << " D=" << D << " seqs=" << seqs
             << " seq=" << s << " ctx=" << c.ctx[s] << " j=" << j << " ws=" << ws
-            << " fused=" << fused << " cluster=" << in_cluster << " run=" << run;
+            << " fused=" << fused << " cluster=" << in_cluster << " run=" << run
+            << " prefetch=" << p.prefetch_rows;
       }
       for (int64_t j = n_heads * D; j < ldo; ++j) ASSERT_EQ(out[s * ldo + j], 0xffff);
     }
