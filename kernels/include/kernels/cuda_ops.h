@@ -208,11 +208,13 @@ struct PagedDecodeAttentionParams {
   // of the launch before it (addresses from the page table read there; only
   // hints, so always safe). 0 automatic: where the launch's K and V take
   // <= kPrefetchRowBytes per position (num_seqs x kv heads x head_dim x 4
-  // bytes); on the H200 at context 256 the prefetch made the decode step
+  // bytes); on the H200 at context 512 the prefetch made the decode step
   // 0.003-0.022 ms faster at 2, 4 and 16 KiB per position (8B / 1B batch 1,
-  // 1B batch 8) and 0.037 ms slower at 32 KiB (8B batch 8: 8 MB of rows a
+  // 1B batch 8) and 0.038 ms slower at 32 KiB (8B batch 8: 16 MB of rows a
   // layer requested beside the GEMM before it; docs/results/gpu.md, v52).
-  // 1 always, 2 never (testing / benchmarks); other values are refused.
+  // Per position, so it ignores the context's length: not yet measured at
+  // other contexts or batches. 1 always, 2 never (testing / benchmarks);
+  // other values are refused.
   int prefetch_rows = 0;
   static constexpr int64_t kPrefetchRowBytes = 16 << 10;
 };
