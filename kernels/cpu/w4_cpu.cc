@@ -13,13 +13,18 @@
 //  - m > 8 (prefill): tiles of W rows are dequantized into thread-local F32
 //    scratch and multiplied by the public cpu::Linear (compute bound: the
 //    dequantization is O(n k), the GEMM O(m n k)); the EC is two small
-//    GEMMs through cpu::Linear (u = A x; y += B (g ⊙ u)).
+//    GEMMs through cpu::Linear (u = A x; y += B (g ⊙ u)). With bf16
+//    products (W4LinearParams::bf16_products, AVX512-BF16 CPUs) all of W is
+//    dequantized to one bf16 matrix first and multiplied in one Linear.
 // Both paths permute the activations into "xp order" (w4_isa.h) once, with
 // the act_scale division folded into that copy.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <vector>
 
+#include "cpu/ops_isa.h"
 #include "cpu/w4_isa.h"
 #include "kernels/cpu_features.h"
 #include "kernels/ops.h"
@@ -226,6 +231,62 @@ absl::Status Decode(const W4LinearParams& p, const internal::W4IsaKernels& kern,
   return absl::OkStatus();
 }
 
+// SPEAR_CPU_BF16_PREFILL=1: W4LinearParams::bf16_products for every call.
+bool Bf16PrefillFromEnv() {
+  static const bool on = [] {
+    const char* e = std::getenv("SPEAR_CPU_BF16_PREFILL");
+    return e != nullptr && std::string_view(e) == "1";
+  }();
+  return on;
+}
+
+// The EC's part of a prefill: y += B (g ⊙ u), u = A x.
+absl::Status PrefillEc(const W4LinearParams& p, ThreadPool* pool) {
+  if (p.ec == nullptr) return absl::OkStatus();
+  const float* v = nullptr;
+  if (absl::Status s = EcLowRank(p, pool, &v); !s.ok()) return s;
+  const int64_t r = p.ec->rank;
+  return Linear(DenseParams(v, p.m, r, r, p.ec->b.data(), p.w->fmt.n, nullptr, p.y, p.ldy, true),
+                pool);
+}
+
+// bf16 products: all of W dequantized (in tiles, in parallel) into one bf16
+// matrix, then one Linear over it, so that x is converted to bf16 once per
+// range of the GEMM, not once per tile.
+absl::Status PrefillBf16(const W4LinearParams& p, const internal::W4IsaKernels& kern,
+                         const float* xp, ThreadPool* pool) {
+  thread_local std::vector<uint16_t> wb_buf;
+  const W4Weight& w = *p.w;
+  const int64_t n = w.fmt.n, k = w.fmt.k;
+  if (static_cast<int64_t>(wb_buf.size()) < n * k) wb_buf.resize(static_cast<size_t>(n * k));
+  uint16_t* wb = wb_buf.data();
+  int64_t tile = (int64_t{256} << 10) / (4 * k);
+  tile = tile < 16 ? 16 : (tile > 256 ? 256 : tile / 16 * 16);
+  const int64_t tiles = (n + tile - 1) / tile;
+  const internal::W4KernelArgs a = WeightArgs(w);
+  auto run = [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> tile_buf;
+    float* wt = Scratch(tile_buf, tile * k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = t * tile, j1 = j0 + tile < n ? j0 + tile : n;
+      kern.dequant(a, j0, j1, wt);
+      uint16_t* o = wb + j0 * k;
+      for (int64_t i = 0; i < (j1 - j0) * k; ++i) o[i] = FloatToBF16(wt[i]);
+    }
+  };
+  if (pool == nullptr || tiles == 1) {
+    run(0, tiles);
+  } else {
+    pool->ParallelFor(tiles, 1, run);
+  }
+  LinearParams l = DenseParams(xp, p.m, k, k, nullptr, n, p.bias, p.y, p.ldy, p.accumulate);
+  l.w = wb;
+  l.w_dtype = DType::kBF16;
+  l.bf16_products = true;
+  if (absl::Status s = Linear(l, pool); !s.ok()) return s;
+  return PrefillEc(p, pool);
+}
+
 absl::Status Prefill(const W4LinearParams& p, const internal::W4IsaKernels& kern,
                      ThreadPool* pool) {
   thread_local std::vector<float> xp_buf;
@@ -233,6 +294,10 @@ absl::Status Prefill(const W4LinearParams& p, const internal::W4IsaKernels& kern
   const int64_t n = w.fmt.n, k = w.fmt.k;
   float* xp = Scratch(xp_buf, p.m * k);
   PermuteActivations(p, kern.block, xp, nullptr, pool);
+  if ((p.bf16_products || Bf16PrefillFromEnv()) && p.m >= internal::kGemmMinM &&
+      CpuHasBf16Dot()) {
+    return PrefillBf16(p, kern, xp, pool);
+  }
 
   // Tiles of ~256 KiB of F32 weights (16..256 rows, multiples of 16): small
   // enough to stay in L2 between being written and being multiplied.
@@ -262,13 +327,7 @@ absl::Status Prefill(const W4LinearParams& p, const internal::W4IsaKernels& kern
   for (const absl::Status& s : errors) {
     if (!s.ok()) return s;
   }
-  if (p.ec != nullptr) {
-    const float* v = nullptr;
-    if (absl::Status s = EcLowRank(p, pool, &v); !s.ok()) return s;
-    const int64_t r = p.ec->rank;
-    return Linear(DenseParams(v, p.m, r, r, p.ec->b.data(), n, nullptr, p.y, p.ldy, true), pool);
-  }
-  return absl::OkStatus();
+  return PrefillEc(p, pool);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "kernels/cpu_features.h"
 #include "kernels/w4_ops.h"
 #include "ops_harness.h"
 #include "worker/model/w4_linear.h"
@@ -75,6 +76,23 @@ EcWeights MakeEc(int64_t n, int64_t k, int64_t rank, bool gated, std::mt19937_64
     fill(&e.b2, static_cast<size_t>(rank), 0.5f);
   }
   return e;
+}
+
+// Dense W_eff [n, k] = scale * (nibble - zero) / act_scale[c], decoded from
+// the bytes without W4Weight's helpers.
+std::vector<float> DecodeDense(const W4Weight& w) {
+  const int64_t n = w.fmt.n, k = w.fmt.k, group = w.fmt.group_size;
+  std::vector<float> dense(n * k);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t c = 0; c < k; ++c) {
+      const uint8_t byte = w.packed[j * ((k + 1) / 2) + c / 2];
+      const int q = c % 2 == 0 ? byte & 15 : byte >> 4;
+      const int64_t g = j * ((k + group - 1) / group) + c / group;
+      dense[j * k + c] = HalfToFloat(w.scales[g]) * static_cast<float>(q - w.zeros[g]) /
+                         (w.act_scale.empty() ? 1.f : w.act_scale[c]);
+    }
+  }
+  return dense;
 }
 
 class W4Test : public OpsTest {
@@ -188,6 +206,72 @@ TEST_P(W4Test, RaggedLastGroup) {
 }
 
 // Decode with r * k >= 64K: the EC's A x is split over the pool's threads.
+// Prefill with bf16 products (W4LinearParams::bf16_products): W_eff and x
+// rounded to bf16 (2^-9 of each), so per output |y - y_ref| <= 2^-8 sum_c
+// |W_eff x| (+ the fp32 path's tolerance), and over all outputs the rms
+// error stays under 2^-8 of y's rms (random rounding: ~2^-9 sqrt(2/3) is
+// expected). Where the CPU has no AVX512-BF16 the flag changes nothing
+// (bitwise the fp32 path); where it has, the outputs must differ from it.
+TEST_P(W4Test, Bf16ProductsPrefill) {
+  SCOPED_TRACE(CpuHasBf16Dot() ? "bf16 products run" : "no AVX512-BF16 here: the fp32 path");
+  int c = 0;
+  for (const KCase& kc : {kKCases[3], kKCases[4], kKCases[6]}) {
+    for (int64_t m : {16, 17, 64}) {
+      for (int64_t n : {65, 576}) {
+        SCOPED_TRACE(::testing::Message() << "m=" << m << " k=" << kc.k << " g=" << kc.group
+                                          << " n=" << n << " case " << c << " seed=" << seed_);
+        const bool act = c & 1, bias = c & 2, acc = c & 4;
+        const int64_t rank = c % 3 == 0 ? 0 : 8, k = kc.k, ldx = k + 5, ldy = n + 3;
+        ++c;
+        const W4Weight w = MakeW4(n, k, kc.group, false, act, rng_);
+        std::optional<EcWeights> ec;
+        if (rank > 0) ec = MakeEc(n, k, rank, true, rng_);
+        const std::vector<float> x = RandomRows(m, k, ldx), b = Random(n);
+        const std::vector<float> y0 =
+            acc ? RandomRows(m, n, ldy) : std::vector<float>(m * ldy, kPoison);
+        std::vector<float> y_ref = y0, y_f32 = y0, y_bf = y0;
+        W4LinearParams p;
+        p.x = x.data();
+        p.m = m;
+        p.k = k;
+        p.ldx = ldx;
+        p.w = &w;
+        p.ec = ec ? &*ec : nullptr;
+        p.bias = bias ? b.data() : nullptr;
+        p.ldy = ldy;
+        p.accumulate = acc;
+        p.y = y_ref.data();
+        ASSERT_TRUE(ref::W4Linear(p).ok());
+        p.y = y_f32.data();
+        ASSERT_TRUE(cpu::W4Linear(p, pool()).ok());
+        p.y = y_bf.data();
+        p.bf16_products = true;
+        ASSERT_TRUE(cpu::W4Linear(p, pool()).ok());
+        const std::vector<float> dense = DecodeDense(w);
+        double err2 = 0, y2 = 0;
+        bool differs = false;
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < n; ++j) {
+            double sabs = 0;
+            for (int64_t q = 0; q < k; ++q) sabs += std::fabs(double{dense[j * k + q]} * x[i * ldx + q]);
+            const double r = y_ref[i * ldy + j], got = y_bf[i * ldy + j];
+            ASSERT_LE(std::fabs(got - r), sabs / 256 + kW4Tol * (1 + std::fabs(r)))
+                << "row " << i << " output " << j;
+            err2 += (got - r) * (got - r);
+            y2 += (r - (acc ? y0[i * ldy + j] : 0.0)) * (r - (acc ? y0[i * ldy + j] : 0.0));
+            differs |= y_bf[i * ldy + j] != y_f32[i * ldy + j];
+          }
+          for (int64_t j = n; j < ldy; ++j) {
+            ASSERT_EQ(std::memcmp(&y_bf[i * ldy + j], &y0[i * ldy + j], 4), 0) << "padding written";
+          }
+        }
+        EXPECT_LE(std::sqrt(err2), std::sqrt(y2) / 256);
+        EXPECT_EQ(differs, CpuHasBf16Dot());
+      }
+    }
+  }
+}
+
 TEST_P(W4Test, LargeEcSplitAcrossPool) {
   RunCase(1, {2304, 128}, 70, false, true, true, false, 32, true);
   RunCase(5, {2304, 2304}, 33, true, false, false, true, 29, false);
@@ -212,16 +296,7 @@ TEST(W4RefTest, EqualsDenseReferencePlusExplicitEc) {
       for (float& v : x) v = d(rng);
       for (float& v : bias) v = d(rng);
 
-      std::vector<float> dense(n * k);
-      for (int64_t j = 0; j < n; ++j) {
-        for (int64_t c = 0; c < k; ++c) {
-          const uint8_t byte = w.packed[j * ((k + 1) / 2) + c / 2];
-          const int q = c % 2 == 0 ? byte & 15 : byte >> 4;
-          const int64_t g = j * ((k + kc.group - 1) / kc.group) + c / kc.group;
-          dense[j * k + c] =
-              HalfToFloat(w.scales[g]) * static_cast<float>(q - w.zeros[g]) / w.act_scale[c];
-        }
-      }
+      const std::vector<float> dense = DecodeDense(w);
       std::vector<float> y_dense(m * n);
       LinearParams lp{x.data(), m, k, k, dense.data(), DType::kF32, n, bias.data(),
                       y_dense.data(), n, false};
