@@ -252,7 +252,9 @@ absl::Status PrefillEc(const W4LinearParams& p, ThreadPool* pool) {
 
 // bf16 products: all of W dequantized (in tiles, in parallel) into one bf16
 // matrix, then one Linear over it, so that x is converted to bf16 once per
-// range of the GEMM, not once per tile.
+// range of the GEMM, not once per tile. The matrix is the calling thread's
+// scratch: 2 bytes per weight of the largest linear it ran (SmolLM2 1.7 MB,
+// a Llama-3-8B down projection 117 MB).
 absl::Status PrefillBf16(const W4LinearParams& p, const internal::W4IsaKernels& kern,
                          const float* xp, ThreadPool* pool) {
   thread_local std::vector<uint16_t> wb_buf;
