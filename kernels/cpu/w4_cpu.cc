@@ -250,11 +250,48 @@ absl::Status PrefillEc(const W4LinearParams& p, ThreadPool* pool) {
                 pool);
 }
 
-// bf16 products: all of W dequantized (in tiles, in parallel) into one bf16
-// matrix, then one Linear over it, so that x is converted to bf16 once per
-// range of the GEMM, not once per tile. The matrix is the calling thread's
-// scratch: 2 bytes per weight of the largest linear it ran (SmolLM2 1.7 MB,
-// a Llama-3-8B down projection 117 MB).
+// Tiles of ~256 KiB of F32 weights (16..256 rows, multiples of 16): small
+// enough to stay in L2 between being written and being used.
+struct DequantTiling {
+  int64_t rows, count;
+};
+DequantTiling TilingOf(const W4Weight& w) {
+  const int64_t n = w.fmt.n, k = w.fmt.k;
+  int64_t rows = (int64_t{256} << 10) / (4 * k);
+  rows = rows < 16 ? 16 : (rows > 256 ? 256 : rows / 16 * 16);
+  return {rows, (n + rows - 1) / rows};
+}
+
+// Dequantizes the tiles of W (TilingOf) into thread-local F32 scratch, in
+// parallel over the pool, and calls fn(t, j0, j1, tile) for tile t = rows
+// [j0, j1) of W_eff on the thread that dequantized it.
+template <class Fn>
+void ForEachDequantTile(const W4Weight& w, const internal::W4IsaKernels& kern, ThreadPool* pool,
+                        Fn&& fn) {
+  const int64_t n = w.fmt.n, k = w.fmt.k;
+  const DequantTiling tl = TilingOf(w);
+  const internal::W4KernelArgs a = WeightArgs(w);
+  auto run = [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> tile_buf;
+    float* wt = Scratch(tile_buf, tl.rows * k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = t * tl.rows, j1 = j0 + tl.rows < n ? j0 + tl.rows : n;
+      kern.dequant(a, j0, j1, wt);
+      fn(t, j0, j1, static_cast<const float*>(wt));
+    }
+  };
+  if (pool == nullptr || tl.count == 1) {
+    run(0, tl.count);
+  } else {
+    pool->ParallelFor(tl.count, 1, run);
+  }
+}
+
+// bf16 products: all of W dequantized into one bf16 matrix, then one
+// Linear over it, so that x is converted to bf16 once per range of the
+// GEMM, not once per tile. The matrix is the calling thread's scratch: 2
+// bytes per weight of the largest linear it ran (SmolLM2 1.7 MB, a
+// Llama-3-8B down projection 117 MB).
 absl::Status PrefillBf16(const W4LinearParams& p, const internal::W4IsaKernels& kern,
                          const float* xp, ThreadPool* pool) {
   thread_local std::vector<uint16_t> wb_buf;
@@ -262,25 +299,10 @@ absl::Status PrefillBf16(const W4LinearParams& p, const internal::W4IsaKernels& 
   const int64_t n = w.fmt.n, k = w.fmt.k;
   if (static_cast<int64_t>(wb_buf.size()) < n * k) wb_buf.resize(static_cast<size_t>(n * k));
   uint16_t* wb = wb_buf.data();
-  int64_t tile = (int64_t{256} << 10) / (4 * k);
-  tile = tile < 16 ? 16 : (tile > 256 ? 256 : tile / 16 * 16);
-  const int64_t tiles = (n + tile - 1) / tile;
-  const internal::W4KernelArgs a = WeightArgs(w);
-  auto run = [&](int64_t t0, int64_t t1) {
-    thread_local std::vector<float> tile_buf;
-    float* wt = Scratch(tile_buf, tile * k);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t j0 = t * tile, j1 = j0 + tile < n ? j0 + tile : n;
-      kern.dequant(a, j0, j1, wt);
-      uint16_t* o = wb + j0 * k;
-      for (int64_t i = 0; i < (j1 - j0) * k; ++i) o[i] = FloatToBF16(wt[i]);
-    }
-  };
-  if (pool == nullptr || tiles == 1) {
-    run(0, tiles);
-  } else {
-    pool->ParallelFor(tiles, 1, run);
-  }
+  ForEachDequantTile(w, kern, pool, [&](int64_t, int64_t j0, int64_t j1, const float* wt) {
+    uint16_t* o = wb + j0 * k;
+    for (int64_t i = 0; i < (j1 - j0) * k; ++i) o[i] = FloatToBF16(wt[i]);
+  });
   LinearParams l = DenseParams(xp, p.m, k, k, nullptr, n, p.bias, p.y, p.ldy, p.accumulate);
   l.w = wb;
   l.w_dtype = DType::kBF16;
@@ -293,39 +315,22 @@ absl::Status Prefill(const W4LinearParams& p, const internal::W4IsaKernels& kern
                      ThreadPool* pool) {
   thread_local std::vector<float> xp_buf;
   const W4Weight& w = *p.w;
-  const int64_t n = w.fmt.n, k = w.fmt.k;
+  const int64_t k = w.fmt.k;
   float* xp = Scratch(xp_buf, p.m * k);
   PermuteActivations(p, kern.block, xp, nullptr, pool);
   if ((p.bf16_products || Bf16PrefillFromEnv()) && p.m >= internal::kGemmMinM &&
       CpuHasBf16Dot()) {
     return PrefillBf16(p, kern, xp, pool);
   }
-
-  // Tiles of ~256 KiB of F32 weights (16..256 rows, multiples of 16): small
-  // enough to stay in L2 between being written and being multiplied.
-  int64_t tile = (int64_t{256} << 10) / (4 * k);
-  tile = tile < 16 ? 16 : (tile > 256 ? 256 : tile / 16 * 16);
-  const int64_t tiles = (n + tile - 1) / tile;
-  const internal::W4KernelArgs a = WeightArgs(w);
-  // One status per tile: each is written by the one thread running that tile.
-  std::vector<absl::Status> errors(static_cast<size_t>(tiles));
-  auto run = [&](int64_t t0, int64_t t1) {
-    thread_local std::vector<float> tile_buf;
-    float* wt = Scratch(tile_buf, tile * k);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t j0 = t * tile, j1 = j0 + tile < n ? j0 + tile : n;
-      kern.dequant(a, j0, j1, wt);
-      errors[static_cast<size_t>(t)] =
-          Linear(DenseParams(xp, p.m, k, k, wt, j1 - j0, p.bias ? p.bias + j0 : nullptr, p.y + j0,
-                             p.ldy, p.accumulate),
-                 nullptr);
-    }
-  };
-  if (pool == nullptr || tiles == 1) {
-    run(0, tiles);
-  } else {
-    pool->ParallelFor(tiles, 1, run);
-  }
+  // Each tile times x on the thread that dequantized it; one status per tile
+  // (written by that thread only).
+  std::vector<absl::Status> errors(static_cast<size_t>(TilingOf(w).count));
+  ForEachDequantTile(w, kern, pool, [&](int64_t t, int64_t j0, int64_t j1, const float* wt) {
+    errors[static_cast<size_t>(t)] =
+        Linear(DenseParams(xp, p.m, k, k, wt, j1 - j0, p.bias ? p.bias + j0 : nullptr, p.y + j0,
+                           p.ldy, p.accumulate),
+               nullptr);
+  });
   for (const absl::Status& s : errors) {
     if (!s.ok()) return s;
   }

@@ -97,6 +97,22 @@ std::vector<float> DecodeDense(const W4Weight& w) {
 
 class W4Test : public OpsTest {
  protected:
+  // The call's parameters but its outputs (y, gate_out).
+  static W4LinearParams Params(const std::vector<float>& x, int64_t m, int64_t ldx,
+                               const W4Weight& w, const std::optional<EcWeights>& ec,
+                               const std::vector<float>* bias, int64_t ldy, bool acc) {
+    W4LinearParams p;
+    p.x = x.data();
+    p.m = m;
+    p.k = w.fmt.k;
+    p.ldx = ldx;
+    p.w = &w;
+    p.ec = ec ? &*ec : nullptr;
+    p.bias = bias != nullptr ? bias->data() : nullptr;
+    p.ldy = ldy;
+    p.accumulate = acc;
+    return p;
+  }
   // One case of cpu vs ref. ec_mode: 0 none, else rank {1, 8, 32} and gated
   // chosen by the caller.
   void RunCase(int64_t m, const KCase& kc, int64_t n, bool sym, bool act, bool bias, bool acc,
@@ -117,16 +133,7 @@ class W4Test : public OpsTest {
     const size_t gsize = static_cast<size_t>(m * (rank > 0 ? rank : 1));
     std::vector<float> g_ref(gsize, kPoison), g_cpu(gsize, kPoison);
 
-    W4LinearParams p;
-    p.x = x.data();
-    p.m = m;
-    p.k = k;
-    p.ldx = ldx;
-    p.w = &w;
-    p.ec = ec ? &*ec : nullptr;
-    p.bias = bias ? b.data() : nullptr;
-    p.ldy = ldy;
-    p.accumulate = acc;
+    W4LinearParams p = Params(x, m, ldx, w, ec, bias ? &b : nullptr, ldy, acc);
     p.y = y_ref.data();
     p.gate_out = g_ref.data();
     ASSERT_TRUE(ref::W4Linear(p).ok());
@@ -230,16 +237,7 @@ TEST_P(W4Test, Bf16ProductsPrefill) {
         const std::vector<float> y0 =
             acc ? RandomRows(m, n, ldy) : std::vector<float>(m * ldy, kPoison);
         std::vector<float> y_ref = y0, y_f32 = y0, y_bf = y0;
-        W4LinearParams p;
-        p.x = x.data();
-        p.m = m;
-        p.k = k;
-        p.ldx = ldx;
-        p.w = &w;
-        p.ec = ec ? &*ec : nullptr;
-        p.bias = bias ? b.data() : nullptr;
-        p.ldy = ldy;
-        p.accumulate = acc;
+        W4LinearParams p = Params(x, m, ldx, w, ec, bias ? &b : nullptr, ldy, acc);
         p.y = y_ref.data();
         ASSERT_TRUE(ref::W4Linear(p).ok());
         p.y = y_f32.data();
