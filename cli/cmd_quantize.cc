@@ -241,12 +241,6 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     return absl::InvalidArgumentError("--ec-ema only applies to --ec spear");
   }
   o.distill.ema_decay = *ema;
-  auto anchor = f.Double("ec-anchor-decay", 0.0, 1e3);
-  if (!anchor.ok()) return anchor.status();
-  if (f.Has("ec-anchor-decay") && o.ec != quantize::EcMode::kSpear) {
-    return absl::InvalidArgumentError("--ec-anchor-decay only applies to --ec spear");
-  }
-  o.distill.anchor_decay = *anchor;
   auto gemm = quantize::ParseDistillGemm(f.Str("ec-train-gemm"));
   if (!gemm.ok()) return gemm.status();
   if (f.Has("ec-train-gemm") && o.ec != quantize::EcMode::kSpear) {
@@ -460,9 +454,6 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "stage 2: decay per step of a moving average of the EC parameters, scored on "
                "the held-out calibration data from half of the run on and kept where better "
                "(distill.h; 0 = off)")
-      .Declare("ec-anchor-decay", "0",
-               "stage 2: decoupled decay of each EC's A and B toward the closed-form fit "
-               "(theta -= lr * decay * (theta - theta_0) per step; distill.h; 0 = off)")
       .Declare("ec-train-gemm", "bf16",
                "stage 2: GEMMs with the frozen weights: bf16 (weights stored as bf16, bf16 "
                "products on CPUs with AVX512-BF16: steps ~1.4x faster there) | f32 (distill.h)")
@@ -571,7 +562,6 @@ int CmdQuantize(const std::vector<std::string>& args) {
                                         {"layer_mse_weight", o.distill.layer_mse_weight},
                                         {"kl_temperature", o.distill.kl_temperature},
                                         {"ema_decay", o.distill.ema_decay},
-                                        {"anchor_decay", o.distill.anchor_decay},
                                         {"gemm", quantize::DistillGemmName(o.distill.gemm)},
                                         {"eval_every", o.distill.eval_every},
                                         {"patience", o.distill.patience},

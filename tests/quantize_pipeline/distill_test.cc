@@ -455,41 +455,6 @@ TEST_F(DistillTest, PatienceCountsFromLateInTheSchedule) {
   }
 }
 
-// The anchor decay pulls A and B back toward the closed-form fit: the same
-// 20 steps (same seed and batches) end nearer the start with it, and still
-// lower the held-out KL. Static ECs, so every parameter is an A or a B.
-TEST_F(DistillTest, AnchorDecayKeepsEcsNearTheStart) {
-  const auto seqs = Seqs(40, 64, 43);  // 32 fit + 8 held out
-  const auto teacher = Teacher(seqs);
-  double dist_of[2] = {0, 0};
-  for (int with : {0, 1}) {
-    SCOPED_TRACE(::testing::Message() << "anchor " << with);
-    auto m = Quantized(/*gated=*/false);
-    auto dist = EcDistiller::Create(m.get(), &pool_);
-    ASSERT_TRUE(dist.ok());
-    const std::vector<float> p0 = (*dist)->GetParams();
-    DistillOptions o;
-    o.steps = 40;
-    o.batch_sequences = 8;
-    o.lr = 2e-3;
-    o.eval_every = 40;
-    o.patience = 0;
-    o.anchor_decay = with ? 50.0 : 0.0;  // at the peak lr, 10 % of the way back per step
-    auto rep = (*dist)->Train(seqs, 32, teacher.data(), o);
-    ASSERT_TRUE(rep.ok()) << rep.status();
-    ASSERT_EQ(rep->best_step, 40) << "held-out KL did not improve";
-    EXPECT_LT(rep->final_val_kl, rep->init_val_kl);
-    const std::vector<float> p = (*dist)->GetParams();
-    ASSERT_EQ(p.size(), p0.size());
-    double d2 = 0;
-    for (size_t i = 0; i < p.size(); ++i) d2 += double(p[i] - p0[i]) * (p[i] - p0[i]);
-    dist_of[with] = std::sqrt(d2);
-  }
-  std::printf("  distance from the start: %.4g free, %.4g anchored\n", dist_of[0], dist_of[1]);
-  EXPECT_GT(dist_of[0], 0);
-  EXPECT_LT(dist_of[1], 0.6 * dist_of[0]);
-}
-
 TEST(FastStats, SecondMomentGemmMatchesEigen) {
   kernels::ThreadPool pool(2);
   std::mt19937_64 rng(4);

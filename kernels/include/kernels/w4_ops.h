@@ -60,10 +60,11 @@ struct W4LinearParams {
   int64_t ldy = 0;
   bool accumulate = false;        // y += instead of y =
   float* gate_out = nullptr;      // nullable, [m, r] contiguous: the gate values g
-  // CPU prefill (m > 8) only: the dequantized weights as bf16 and x rounded
-  // to bf16, multiplied by the CPU's bf16 dot products (AVX512-BF16;
+  // CPU prefill of >= 16 rows only: the dequantized weights and x rounded to
+  // bf16, multiplied by the CPU's bf16 dot products (AVX512-BF16;
   // LinearParams::bf16_products) where it has them, else ignored. Outputs
-  // then differ from the fp32 path by x's rounding (2^-9 of each element).
+  // then differ from the fp32 path by those roundings (2^-9 of each
+  // element: perplexity +0.09 % on SmolLM2, docs/results/foundation.md).
   // Off by default; the environment variable SPEAR_CPU_BF16_PREFILL=1 turns
   // it on for every call (read once).
   bool bf16_products = false;

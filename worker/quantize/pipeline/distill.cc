@@ -733,11 +733,6 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   if (progress) progress(0, o.steps, *v0);
   std::vector<float> best = GetParams();
   int64_t bad = 0;
-  // anchor_decay > 0: the A and B the training started from.
-  std::vector<std::pair<EMat<float>, EMat<float>>> anchor;
-  if (o.anchor_decay > 0) {
-    for (const EcParams<float>& p : im.ecs) anchor.emplace_back(p.a, p.b);
-  }
   std::vector<float> grad;
   // ema_decay > 0: the parameters' moving average (started at the end of
   // the warm-up).
@@ -779,11 +774,6 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
       auto& ad = im.adam[i];
       ad[0].Step(p.a, g.a, static_cast<float>(lr), step);
       ad[1].Step(p.b, g.b, static_cast<float>(lr), step);
-      if (!anchor.empty()) {
-        const float wd = static_cast<float>(lr * o.anchor_decay);
-        p.a -= wd * (p.a - anchor[i].first);
-        p.b -= wd * (p.b - anchor[i].second);
-      }
       if (p.gated && o.train_gate) {
         const float glr = static_cast<float>(lr * o.gate_lr_scale);
         ad[2].Step(p.w1, g.w1, glr, step);

@@ -108,13 +108,6 @@ struct DistillOptions {
   // both kinds is what training keeps (a run's held-out calibration data
   // decides, as for the raw steps). 0: off.
   double ema_decay = 0;
-  // > 0: decoupled decay of each EC's A and B toward their values at the
-  // start of training (the closed-form fit), after every Adam step:
-  // theta -= lr * anchor_decay * (theta - theta_0) (AdamW's decay with the
-  // stage-1 solution as its centre): a prior that keeps the ECs near the
-  // activation-aware fit where the calibration text does not pull them
-  // away. The gate MLP is not anchored. 0: off.
-  double anchor_decay = 0;
   uint64_t seed = 1;
   // The GEMMs with frozen weights (EcDistiller::Create's argument; read by
   // the pipeline, not by Train).
