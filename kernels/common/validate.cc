@@ -118,4 +118,15 @@ absl::Status ValidateSiluMul(const SiluMulParams& p) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateLogSumExp(const LogSumExpParams& p) {
+  constexpr const char* kOp = "LogSumExp";
+  if (!InRange(p.m, 0) || !InRange(p.n, 1)) {
+    return Bad(kOp, absl::StrCat("bad sizes m=", p.m, " n=", p.n, " (n >= 1)"));
+  }
+  if (p.m == 0) return absl::OkStatus();
+  if (!InRange(p.ldx, p.n)) return Bad(kOp, "ldx is below n");
+  if (p.x == nullptr || p.y == nullptr) return Bad(kOp, "null pointer");
+  return absl::OkStatus();
+}
+
 }  // namespace spear::kernels::internal

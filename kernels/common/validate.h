@@ -20,5 +20,6 @@ absl::Status ValidateRmsNorm(const RmsNormParams& p);
 absl::Status ValidateRope(const RopeParams& p);
 absl::Status ValidateAttention(const AttentionParams& p);
 absl::Status ValidateSiluMul(const SiluMulParams& p);
+absl::Status ValidateLogSumExp(const LogSumExpParams& p);
 
 }  // namespace spear::kernels::internal

@@ -194,6 +194,15 @@ absl::Status SiluMul(const SiluMulParams& p, ThreadPool* pool) {
   return absl::OkStatus();
 }
 
+absl::Status LogSumExp(const LogSumExpParams& p, ThreadPool* pool) {
+  if (absl::Status s = kernels::internal::ValidateLogSumExp(p); !s.ok()) return s;
+  if (p.m == 0) return absl::OkStatus();
+  const internal::IsaKernels& kern = Kernels();
+  const int64_t grain = (int64_t{1} << 14) / p.n + 1;
+  Run(pool, p.m, grain, [&](int64_t r0, int64_t r1) { kern.log_sum_exp(p, r0, r1); });
+  return absl::OkStatus();
+}
+
 absl::Status Attention(const AttentionParams& p, ThreadPool* pool) {
   if (absl::Status s = kernels::internal::ValidateAttention(p); !s.ok()) return s;
   if (p.m == 0) return absl::OkStatus();

@@ -50,6 +50,8 @@ struct IsaKernels {
   // i1) floats of scratch, `kt`: head_dim * kMaxVectorFloats, `stats`: 2 * G.
   void (*attention_tile)(const AttentionParams& p, int64_t i0, int64_t i1, int64_t kvh,
                          float* scores, float* kt, float* stats);
+  // Rows [r0, r1) of LogSumExp.
+  void (*log_sum_exp)(const LogSumExpParams& p, int64_t r0, int64_t r1);
   // Per-thread scratch (floats) linear wants for its GEMM path, given k.
   int64_t (*linear_scratch)(int64_t k);
   // GEMM tile: rows of x and outputs (columns of y). Splitting work at

@@ -121,4 +121,17 @@ absl::Status SiluMul(const SiluMulParams& p) {
   return absl::OkStatus();
 }
 
+absl::Status LogSumExp(const LogSumExpParams& p) {
+  if (absl::Status s = internal::ValidateLogSumExp(p); !s.ok()) return s;
+  for (int64_t i = 0; i < p.m; ++i) {
+    const float* x = p.x + i * p.ldx;
+    double mx = x[0];
+    for (int64_t j = 1; j < p.n; ++j) mx = std::max<double>(mx, x[j]);
+    double sum = 0;
+    for (int64_t j = 0; j < p.n; ++j) sum += std::exp(static_cast<double>(x[j]) - mx);
+    p.y[i] = mx + std::log(sum);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace spear::kernels::ref

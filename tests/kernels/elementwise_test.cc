@@ -133,6 +133,57 @@ TEST_P(ElementwiseTest, SiluMul) {
   }
 }
 
+// LogSumExp: ref takes exp in double, cpu in float (< 2e-7 relative a
+// term) summed in double: |got - ref| <= 1e-6 absolute (a float exp's
+// error carried into the log); also a row with one dominant entry, a row
+// whose entries lie 80 below its max (the terms near float's underflow),
+// n = 1 (y = x) and SmolLM2's vocabulary width.
+TEST_P(ElementwiseTest, LogSumExp) {
+  for (int64_t m : {1, 3, 17}) {
+    for (int64_t n : {1, 7, 16, 33, 64, 577, 49152 + 3}) {
+      SCOPED_TRACE(::testing::Message() << "m=" << m << " n=" << n << " seed=" << seed_);
+      const int64_t ld = n + 3;
+      std::vector<float> x = RandomRows(m, n, ld, -20.f, 20.f);
+      if (m > 1) x[ld + n / 2] = 60.f;  // row 1: one dominant entry
+      if (m > 2) {                      // row 2: all but one 80 below the max
+        for (int64_t j = 0; j < n; ++j) x[2 * ld + j] = -90.f + 0.001f * static_cast<float>(j % 7);
+        x[2 * ld] = -10.f;
+      }
+      std::vector<double> y_ref(m, 0.0), y_cpu(m, std::nan(""));
+      LogSumExpParams p;
+      p.x = x.data();
+      p.m = m;
+      p.n = n;
+      p.ldx = ld;
+      p.y = y_ref.data();
+      ASSERT_TRUE(ref::LogSumExp(p).ok());
+      p.y = y_cpu.data();
+      ASSERT_TRUE(cpu::LogSumExp(p, pool()).ok());
+      for (int64_t i = 0; i < m; ++i) {
+        ASSERT_NEAR(y_cpu[i], y_ref[i], 1e-6) << "row " << i;
+        if (n == 1) {
+          EXPECT_EQ(y_cpu[i], static_cast<double>(x[i * ld])) << "row " << i;
+        }
+      }
+    }
+  }
+  LogSumExpParams bad;
+  double y = 0;
+  bad.x = nullptr;
+  bad.y = &y;
+  bad.m = 1;
+  bad.n = 4;
+  bad.ldx = 4;
+  EXPECT_EQ(cpu::LogSumExp(bad, pool()).code(), absl::StatusCode::kInvalidArgument);
+  float x[4] = {0, 0, 0, 0};
+  bad.x = x;
+  bad.n = 0;
+  EXPECT_EQ(cpu::LogSumExp(bad, pool()).code(), absl::StatusCode::kInvalidArgument);
+  bad.n = 4;
+  bad.ldx = 3;
+  EXPECT_EQ(ref::LogSumExp(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
 INSTANTIATE_TEST_SUITE_P(Variants, ElementwiseTest, ::testing::ValuesIn(AllVariants()),
                          VariantName);
 

@@ -81,6 +81,10 @@ class ModelBackend {
   }
 
   virtual const model::LoadedModel& model() const = 0;
+  // Host threads the backend's caller may borrow for work on Forward's
+  // outputs between calls (e.g. perplexity's log-softmax rows); nullptr:
+  // none (run on the calling thread).
+  virtual kernels::ThreadPool* host_pool() { return nullptr; }
   // Which device runs: Device::kCpu or Device::kCuda (never kAuto).
   virtual Device device() const = 0;
   // "cpu" or "cuda" (a metric label value).
@@ -111,6 +115,7 @@ class CpuBackend final : public ModelBackend {
   int block_size() const override { return runner_->kv_cache().block_size(); }
   int64_t num_blocks() const override { return runner_->kv_cache().num_blocks(); }
   const model::LoadedModel& model() const override { return runner_->model(); }
+  kernels::ThreadPool* host_pool() override { return runner_->pool(); }
   Device device() const override { return Device::kCpu; }
   std::string Describe() const override;
 

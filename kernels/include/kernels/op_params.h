@@ -87,4 +87,16 @@ struct SiluMulParams {
   int64_t m = 0, n = 0, ld_gate = 0, ld_up = 0, ldy = 0;
 };
 
+// LogSumExp: y[i] = log(sum_j exp(x[i, j])) for m rows of n >= 1 finite
+// floats (row stride ldx >= n), computed as max + log(sum exp(x - max)) in
+// double (the log-softmax normalizer: -log softmax(x)[t] = y - x[t]). ref::
+// takes exp in double; cpu:: takes exp in float (the SIMD polynomial,
+// < 2e-7 relative) and sums it in double per 4 vectors, so the two differ
+// by ~1e-7 absolute.
+struct LogSumExpParams {
+  const float* x = nullptr;
+  double* y = nullptr;
+  int64_t m = 0, n = 0, ldx = 0;
+};
+
 }  // namespace spear::kernels

@@ -18,7 +18,8 @@
 namespace spear::kernels {
 
 // The parameter structs (LinearParams, RmsNormParams, RopeParams,
-// AttentionParams, SiluMulParams) and their semantics are in op_params.h.
+// AttentionParams, SiluMulParams, LogSumExpParams) and their semantics are
+// in op_params.h.
 
 namespace ref {
 absl::Status Linear(const LinearParams& p);
@@ -26,6 +27,7 @@ absl::Status RmsNorm(const RmsNormParams& p);
 absl::Status Rope(const RopeParams& p);
 absl::Status Attention(const AttentionParams& p);
 absl::Status SiluMul(const SiluMulParams& p);
+absl::Status LogSumExp(const LogSumExpParams& p);
 }  // namespace ref
 
 namespace cpu {
@@ -34,6 +36,7 @@ absl::Status RmsNorm(const RmsNormParams& p, ThreadPool* pool);
 absl::Status Rope(const RopeParams& p, ThreadPool* pool);
 absl::Status Attention(const AttentionParams& p, ThreadPool* pool);
 absl::Status SiluMul(const SiluMulParams& p, ThreadPool* pool);
+absl::Status LogSumExp(const LogSumExpParams& p, ThreadPool* pool);
 }  // namespace cpu
 
 }  // namespace spear::kernels
