@@ -14,7 +14,7 @@ namespace {
 // row(i)[target]: the normalizers by the SIMD op (cpu::LogSumExp: exp in
 // float, summed in double; ~1e-7 from the double-exp reference), the
 // rows spread over the backend's host threads. (It was a serial double
-// exp per logit, ~14 % of `spear eval`'s wall time on SmolLM2.)
+// exp per logit: docs/results/foundation.md, "spear eval".)
 absl::Status RowLogSumExp(const ForwardOutput& out, int64_t rows, int64_t vocab,
                           kernels::ThreadPool* pool, std::vector<double>* lse) {
   lse->resize(static_cast<size_t>(rows));
