@@ -10,8 +10,8 @@
 // report GFLOP/s (2*m*n*k / time) with W warm.
 // W4 rows (cpu::W4Linear): m=1 and m=8 (batch-8 decode) with cold weights,
 // GB/s = bytes the kernel reads (codes + fp16 scales + u8 zeros + the EC's A
-// and B as stored in memory, float32) / time; m=128 GFLOP/s counts the backbone's 2*m*n*k only
-// (the EC's extra flops are < 2% at r=32).
+// and B as stored in memory, float32) / time; m=128 GFLOP/s counts the
+// backbone's 2*m*n*k only (the EC's extra flops are < 2% at r=32).
 #include <immintrin.h>
 
 #include <algorithm>

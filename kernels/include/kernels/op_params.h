@@ -91,8 +91,8 @@ struct SiluMulParams {
 // floats (row stride ldx >= n), computed as max + log(sum exp(x - max)) in
 // double (the log-softmax normalizer: -log softmax(x)[t] = y - x[t]). ref::
 // takes exp in double; cpu:: takes exp in float (the SIMD polynomial,
-// < 2e-7 relative) and sums it in double per 4 vectors, so the two differ
-// by ~1e-7 absolute.
+// < 2e-7 relative), adds each 4 vectors' terms in float and those sums in
+// double, so the two differ by ~1e-7 absolute.
 struct LogSumExpParams {
   const float* x = nullptr;
   double* y = nullptr;
