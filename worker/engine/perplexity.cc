@@ -23,7 +23,7 @@ absl::Status RowLogSumExp(const ForwardOutput& out, int64_t rows, int64_t vocab,
   p.y = lse->data();
   p.m = rows;
   p.n = vocab;
-  p.ldx = vocab;
+  p.ldx = out.vocab;  // (out.row's stride)
   return kernels::cpu::LogSumExp(p, pool);
 }
 
