@@ -257,6 +257,37 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     if (!table.ok()) return absl::InvalidArgumentError(table.status().message());
     o.ec_latency = std::move(*table);
   }
+  if (f.Has("ec-placement")) {
+    // The modules and ranks of another checkpoint's ECs; no diagnostic.
+    const std::string dir = f.Str("ec-placement");
+    if (o.ec == quantize::EcMode::kNone ||
+        (o.ec == quantize::EcMode::kStatic && !o.place_static_like_spear)) {
+      return absl::InvalidArgumentError("--ec-placement only applies to --ec spear or static");
+    }
+    for (const char* other : {"ec-breadth", "ec-min-rank", "ec-latency-table",
+                              "diagnostic-tokens", "diagnostic-seqs"}) {
+      if (f.Has(other)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--", other, " has no effect with --ec-placement (the placement is given)"));
+      }
+    }
+    if (dir.empty() || !model::IsSpearDir(dir)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--ec-placement: '", dir, "' is not a .spear checkpoint (no ", model::kSpearManifestFile, ")"));
+    }
+    auto man = model::ReadSpearManifest(dir);
+    if (!man.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--ec-placement: ", dir, ": ", man.status().message()));
+    }
+    for (const model::SpearModuleInfo& mi : man->modules) {
+      if (mi.ec_rank > 0) o.given_placement.push_back({mi.name, mi.n, mi.k, mi.ec_rank});
+    }
+    if (o.given_placement.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--ec-placement: ", dir, " has no EC"));
+    }
+    o.given_placement_source = dir;
+  }
   return absl::OkStatus();
 }
 
@@ -316,7 +347,9 @@ void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
               Mib(r.w4_model_bytes).c_str(), static_cast<long long>(r.w4_model_bytes),
               Mib(r.ec_bytes).c_str(), static_cast<long long>(r.ec_bytes), r.ec_pct(),
               static_cast<long long>(with_ec), r.modules.size());
-  if (diagnostic) {
+  if (!r.placement_source.empty()) {
+    std::printf("EC placement given by %s (no diagnostic)\n", r.placement_source.c_str());
+  } else if (diagnostic) {
     std::printf("damage entropy %.4f nats (normalized %.4f, %.1f effective modules)\n",
                 r.damage_entropy, r.normalized_entropy, r.effective_modules);
     std::printf("placement latency cost (lat): %s\n",
@@ -358,7 +391,8 @@ json ReportJson(const quantize::QuantizeReport& r) {
                     {"ec_bytes", m.ec_bytes}, {"err_w4", m.err_w4}, {"err_static", m.err_static},
                     {"err_final", m.err_final}});
   }
-  return {{"damage_entropy", r.damage_entropy},
+  return {{"placement_source", r.placement_source.empty() ? json(nullptr) : json(r.placement_source)},
+          {"damage_entropy", r.damage_entropy},
           {"measured_latency", r.measured_latency},
           {"normalized_entropy", r.normalized_entropy},
           {"effective_modules", r.effective_modules},
@@ -412,6 +446,10 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "placement: a CSV of measured EC latency per module shape on the target GPU "
                "(spear_bench_w4_cuda --ec-latency; worker/quantize/pipeline/ec_latency.h); "
                "default: the bytes proxy")
+      .Declare("ec-placement", "",
+               "placement: take the EC modules and ranks from a .spear checkpoint of the same "
+               "architecture instead of running the diagnostic (the ranks' bytes must fit "
+               "--ec-budget)")
       .Declare("calib", "self:256,256",
                "calibration data: self:N,LEN (sequences the model samples itself) or "
                "text:FILE[,N,LEN]")
@@ -511,8 +549,9 @@ int CmdQuantize(const std::vector<std::string>& args) {
       [&bar](const std::string& stage, int64_t done, int64_t total) { bar.Update(stage, done, total); });
   bar.Close();
   if (!report.ok()) return Fail("quantize", report.status());
-  const bool diagnostic = p.opts.ec == quantize::EcMode::kSpear ||
-                          (p.opts.ec == quantize::EcMode::kStatic && p.opts.place_static_like_spear);
+  const bool diagnostic = p.opts.given_placement.empty() &&
+                          (p.opts.ec == quantize::EcMode::kSpear ||
+                           (p.opts.ec == quantize::EcMode::kStatic && p.opts.place_static_like_spear));
   PrintReport(*report, diagnostic);
 
   const quantize::QuantizeOptions& o = p.opts;
@@ -547,6 +586,8 @@ int CmdQuantize(const std::vector<std::string>& args) {
                 : json{{"file", std::filesystem::path(o.ec_latency.source).filename().string()},
                        {"comments", o.ec_latency.comments},
                        {"rows", o.ec_latency.rows.size()}}},
+           {"ec_placement", o.given_placement_source.empty() ? json(nullptr)
+                                                              : json(o.given_placement_source)},
            {"diagnostic_tokens", o.diagnostic_tokens},
            {"diagnostic_sequences", o.diagnostic_sequences},
            {"sequential_max_tokens", o.sequential_max_tokens},

@@ -552,6 +552,80 @@ TEST_F(PipelineTest, DiagnosticSpreadOverSequences) {
   EXPECT_GT(diff, 1e-6) << "4 sequences' tokens gave the first sequence's damages";
 }
 
+TEST_F(PipelineTest, GivenPlacementReplacesTheDiagnostic) {
+  QuantizeOptions o = Opts();
+  o.ec = EcMode::kStatic;
+  o.place_static_like_spear = true;
+  o.ec_budget_pct = 10;
+  auto m1 = Load();
+  auto first = QuantizeModel(m1.get(), o, &pool_);
+  ASSERT_TRUE(first.ok()) << first.status();
+  // The diagnostic's placement handed to a second run (as --ec-placement
+  // does from a checkpoint), reversed in order: the same modules and ranks.
+  std::vector<QuantizeOptions::GivenEc> given;
+  model::LoadedModel* shapes_of = m1.get();
+  for (const auto& mr : first->modules) {
+    if (mr.ec_rank == 0) continue;
+    int64_t n = 0, k = 0;
+    shapes_of->weights.ForEachLinear([&](const std::string& name, std::unique_ptr<model::Linear>& l) {
+      if (name == mr.name) n = l->out_features(), k = l->in_features();
+    });
+    given.insert(given.begin(), {mr.name, n, k, mr.ec_rank});
+  }
+  ASSERT_GE(given.size(), 2u);
+  QuantizeOptions g = o;
+  g.given_placement = given;
+  g.given_placement_source = "first";
+  g.calib.seed = 12;  // other calibration data: the placement must not follow it
+  auto m2 = Load();
+  auto second = QuantizeModel(m2.get(), g, &pool_);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(second->placement_source, "first");
+  ASSERT_EQ(second->modules.size(), first->modules.size());
+  for (size_t i = 0; i < first->modules.size(); ++i) {
+    EXPECT_EQ(second->modules[i].ec_rank, first->modules[i].ec_rank) << first->modules[i].name;
+    EXPECT_EQ(second->modules[i].damage, 0.0);  // no diagnostic ran
+  }
+  EXPECT_EQ(second->ec_bytes, first->ec_bytes);
+
+  // Bad placements are refused before the calibration runs.
+  auto refused = [&](QuantizeOptions bad, const std::string& what) {
+    bool calibrated = false;
+    auto m = Load();
+    auto r = QuantizeModel(m.get(), bad, &pool_, [&](const std::string& stage, int64_t, int64_t) {
+      calibrated = calibrated || stage == "calibration";
+    });
+    ASSERT_FALSE(r.ok()) << what;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << what;
+    EXPECT_FALSE(calibrated) << what;
+    std::printf("%s: %s\n", what.c_str(), std::string(r.status().message()).c_str());
+  };
+  QuantizeOptions bad = g;
+  bad.given_placement[0].module = "model.layers.7.mlp.up_proj";
+  refused(bad, "unknown module");
+  bad = g;
+  bad.given_placement[0].k += 1;
+  refused(bad, "shape");
+  bad = g;
+  bad.given_placement[1] = bad.given_placement[0];
+  refused(bad, "twice");
+  bad = g;
+  bad.given_placement[0].rank = 0;
+  refused(bad, "rank 0");
+  bad = g;
+  bad.given_placement[0].rank = 10000;
+  refused(bad, "rank over min(n, k)");
+  bad = g;
+  bad.ec_budget_pct = 0.1;
+  refused(bad, "over the budget");
+  bad = g;
+  bad.place_static_like_spear = false;
+  refused(bad, "static-all");
+  bad = g;
+  bad.ec = EcMode::kNone;
+  refused(bad, "no ECs");
+}
+
 TEST_F(PipelineTest, DiagnosticRanksInjectedModuleFirst) {
   CalibrationOptions c;
   c.num_sequences = 8;

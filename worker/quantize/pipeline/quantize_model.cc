@@ -26,6 +26,7 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "worker/model/spear_checkpoint.h"
 #include "worker/model/w4_linear.h"
 #include "worker/quantize/cka.h"
@@ -62,6 +63,7 @@ class Pipeline {
   }
   absl::Status CollectModules();
   absl::Status Place();
+  absl::Status PlaceGiven();
   absl::Status QuantizeDataFree();
   absl::Status QuantizeSequential();
   absl::Status QuantizeGroup(int64_t layer, int group);
@@ -79,6 +81,7 @@ class Pipeline {
   std::vector<int64_t> ranks_;
   QuantizeReport report_;
   double budget_bytes_ = 0;
+  double model_bytes_ = 0;  // the W4 model the budget is a share of
   std::vector<std::vector<int32_t>> seqs_;
   int64_t fit_seqs_ = 0, fit_rows_ = 0, total_rows_ = 0;
   // The sequential pass's sequences (a prefix of the fit sequences, at most
@@ -128,7 +131,8 @@ absl::Status Pipeline::CollectModules() {
   if (!st.ok()) return st;
   // The budget uses the W4 bytes without AWQ's act_scale (a lower bound of
   // the served W4 model), so it holds whatever the backbone adds.
-  budget_bytes_ = o_.ec_budget_pct / 100.0 * static_cast<double>(fixed);
+  model_bytes_ = static_cast<double>(fixed);
+  budget_bytes_ = o_.ec_budget_pct / 100.0 * model_bytes_;
   ranks_.assign(slots_.size(), 0);
   // The measured EC latency of every module's shape, looked up now so that
   // a table without some shape fails before the calibration runs.
@@ -160,6 +164,7 @@ absl::Status Pipeline::Place() {
     ranks_.assign(slots_.size(), r);
     return absl::OkStatus();
   }
+  if (!o_.given_placement.empty()) return absl::OkStatus();  // PlaceGiven ran in Run()
   // Diagnostic on diagnostic_tokens tokens: the first ones of the fit
   // sequences (diagnostic_sequences = 1), or the first
   // ceil(tokens / K) of K fit sequences spread evenly over them.
@@ -206,6 +211,47 @@ absl::Status Pipeline::Place() {
   report_.measured_latency = measured;
   for (size_t i = 0; i < latency.size(); ++i) report_.modules[i].ec_latency = latency[i];
   ranks_ = std::move(*plan);
+  return absl::OkStatus();
+}
+
+absl::Status Pipeline::PlaceGiven() {
+  const std::string& src = o_.given_placement_source;
+  std::vector<int64_t> ranks(slots_.size(), 0);
+  const bool gated = o_.ec == EcMode::kSpear && o_.gate;
+  double bytes = 0;
+  for (const QuantizeOptions::GivenEc& g : o_.given_placement) {
+    size_t i = 0;
+    while (i < report_.modules.size() && report_.modules[i].name != g.module) ++i;
+    if (i == report_.modules.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("EC placement ", src, ": module '", g.module,
+                                                     "' is not a linear module of this model"));
+    }
+    const ModuleShape& s = shapes_[i];
+    if (g.n != s.n || g.k != s.k) {
+      return absl::InvalidArgumentError(absl::StrCat("EC placement ", src, ": ", g.module, " is ",
+                                                     g.n, " x ", g.k, " there, ", s.n, " x ", s.k,
+                                                     " in this model"));
+    }
+    if (g.rank < 1 || g.rank > std::min(s.n, s.k)) {
+      return absl::InvalidArgumentError(absl::StrCat("EC placement ", src, ": ", g.module,
+                                                     " has rank ", g.rank, ", outside [1, ",
+                                                     std::min(s.n, s.k), "]"));
+    }
+    if (ranks[i] != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("EC placement ", src, ": ", g.module, " is listed twice"));
+    }
+    ranks[i] = g.rank;
+    bytes += static_cast<double>(EcBytes(s.n, s.k, g.rank, gated, GateHidden(o_)));
+  }
+  if (bytes > budget_bytes_) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "EC placement %s needs %.0f EC bytes = %.3f%% of the W4 model, over the budget of "
+        "%.3f%% (%.0f bytes); raise --ec-budget",
+        src, bytes, 100.0 * bytes / model_bytes_, o_.ec_budget_pct, budget_bytes_));
+  }
+  report_.placement_source = src.empty() ? "given" : src;
+  ranks_ = std::move(ranks);
   return absl::OkStatus();
 }
 
@@ -424,6 +470,14 @@ absl::StatusOr<QuantizeReport> Pipeline::Run() {
   const auto t0 = std::chrono::steady_clock::now();
   if (o_.ec_budget_pct < 0) return absl::InvalidArgumentError("ec_budget_pct must be >= 0");
   if (auto s = CollectModules(); !s.ok()) return s;
+  if (!o_.given_placement.empty()) {
+    // A given placement is checked before the calibration runs.
+    if (o_.ec == EcMode::kNone || (o_.ec == EcMode::kStatic && !o_.place_static_like_spear)) {
+      return absl::InvalidArgumentError(
+          "a given EC placement replaces the diagnostic's: it needs EC spear or static");
+    }
+    if (auto s = PlaceGiven(); !s.ok()) return s;
+  }
 
   const bool data_free = o_.backbone == Backbone::kRtn && o_.ec == EcMode::kNone;
   auto lap = std::chrono::steady_clock::now();

@@ -125,6 +125,18 @@ struct QuantizeOptions {
   double time_budget_seconds = 900;
   int64_t train_steps = 300;
   double learning_rate = 1e-3;
+  // Non-empty: the placement is given (module -> EC rank, e.g. another
+  // checkpoint's: `spear quantize --ec-placement`) and the diagnostic does
+  // not run. Every entry must name a module of the model with its shape
+  // (n x k), at most once, at a rank in [1, min(n, k)]; the ECs' bytes
+  // (this run's gate) must fit the budget. InvalidArgument otherwise, before
+  // any EC is fitted. Only with kSpear or kStatic + place_static_like_spear.
+  struct GivenEc {
+    std::string module;
+    int64_t n = 0, k = 0, rank = 0;
+  };
+  std::vector<GivenEc> given_placement;
+  std::string given_placement_source;  // for messages and the report
   int64_t diagnostic_tokens = 128;  // calibration tokens used for CKA (cost: ~7 L^2 / 2 layer-runs of them)
   // The diagnostic's tokens come from this many fit sequences, spread evenly
   // over them (sequence floor(j F / K) for j < K), the first
@@ -157,6 +169,9 @@ struct QuantizeReport {
   double normalized_entropy = 0;
   double effective_modules = 0;
   bool measured_latency = false;  // the placement used QuantizeOptions::ec_latency
+  // Non-empty: the placement was given (QuantizeOptions::given_placement),
+  // no diagnostic ran (damages and entropy stay 0).
+  std::string placement_source;
   int64_t w4_model_bytes = 0;  // served bytes of the W4 model, embeddings included
   int64_t ec_bytes = 0;
   double ec_pct() const { return w4_model_bytes ? 100.0 * ec_bytes / w4_model_bytes : 0; }
