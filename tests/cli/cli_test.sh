@@ -150,8 +150,30 @@ if grep -q 'ec_latency_table' "$TMP/qlat/spear.json" && grep -q "measured on the
 else
   echo "FAIL: --ec-latency-table not in the report or the provenance"; fails=$((fails + 1))
 fi
+# --ec-placement: qlat's modules and ranks, no diagnostic; recorded in the provenance.
+expect 0 "EC placement given by" -- quantize --model "$TINY" --out "$TMP/qplace" --calib self:2,16 --seed 5 --train-steps 5 --threads 2 --ec-placement "$TMP/qlat"
+if python3 - "$TMP/qlat/spear.json" "$TMP/qplace/spear.json" <<'PY'
+import json, sys
+ranks = lambda f: [(m["name"], (m["ec"] or {}).get("rank", 0)) for m in json.load(open(f))["modules"]]
+a, b = ranks(sys.argv[1]), ranks(sys.argv[2])
+prov = json.load(open(sys.argv[2]))["provenance"]
+ok = a == b and any(r for _, r in a) and "qlat" in json.dumps(prov)
+sys.exit(0 if ok else 1)
+PY
+then
+  echo "ok: --ec-placement reproduces the source's ECs and records it"
+else
+  echo "FAIL: --ec-placement's ECs differ from the source's or are not recorded"; fails=$((fails + 1))
+fi
+expect 2 "--ec-breadth has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-breadth 2
+expect 2 "--diagnostic-tokens has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --diagnostic-tokens 64
+expect 2 "--ec-placement only applies to --ec spear or static" -- quantize --model "$TINY" --out "$TMP/q3" --ec static-all --ec-placement "$TMP/qlat"
+expect 2 "--ec-placement: '/no/such' is not a .spear checkpoint" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement /no/such
+expect 1 "over the budget" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-budget 0.01
+[[ -e "$TMP/q3" ]] && { echo "FAIL: a refused quantize created --out"; fails=$((fails + 1)); }
 expect 1 "not empty; use --force" -- quantize --model "$TINY" --out "$TMP/q"
 expect 0 "saved" -- quantize --model "$TINY" --out "$TMP/q" --ec none --calib self:2,16 --force
+expect 2 "has no EC" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/q"
 expect 1 "already quantized" -- quantize --model "$TMP/q" --out "$TMP/q2"
 sed 's/"format_version": 1/"format_version": 7/' "$TMP/q/spear.json" >"$TMP/v" && mkdir -p "$TMP/qbad" && cp "$TMP/q/model.safetensors" "$TMP/qbad/" && mv "$TMP/v" "$TMP/qbad/spear.json"
 expect 1 "format_version 7" -- generate --model "$TMP/qbad" --prompt-ids "1 2"
