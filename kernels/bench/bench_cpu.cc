@@ -8,7 +8,7 @@
 // cycles through enough copies of W (>= 256 MiB in all) that no call finds
 // its W in the last-level cache, as in a real forward pass. m=16 / m=128
 // report GFLOP/s (2*m*n*k / time) with W warm.
-// W4 rows (cpu::W4Linear): m=1 and m=8 (batch-8 decode) with cold weights,
+// W4 rows (cpu::W4Linear): m=1, m=4 and m=8 (batch-4 / -8 decode) with cold weights,
 // GB/s = bytes the kernel reads (codes + fp16 scales + u8 zeros + the EC's A
 // and B as stored in memory, float32) / time; m=128 GFLOP/s counts the
 // backbone's 2*m*n*k only (the EC's extra flops are < 2% at r=32).
@@ -185,8 +185,9 @@ double W4Seconds(const std::vector<W4Case>& cases, int64_t rank, int64_t m, Thre
 void W4Rows(ThreadPool* pool, int iters, double bwn) {
   const Shape shapes[] = {{576, 576, "q/o proj"},  {192, 576, "k/v proj"}, {1536, 576, "gate/up"},
                           {576, 1536, "down"},     {4096, 4096, "7B-class"}};
-  std::printf("\n%-9s %-10s %-5s %-4s | %10s %8s %7s | %10s %8s | %13s\n", "W4", "n x k", "group",
-              "ec", "m=1 us", "GB/s", "/memcpy", "m=8 us", "GB/s", "m=128 GFLOP/s");
+  std::printf("\n%-9s %-10s %-5s %-4s | %10s %8s %7s | %10s | %10s %8s | %13s\n", "W4", "n x k",
+              "group", "ec", "m=1 us", "GB/s", "/memcpy", "m=4 us", "m=8 us", "GB/s",
+              "m=128 GFLOP/s");
   std::mt19937 rng(2);
   for (const Shape& s : shapes) {
     // g128 where it divides k; SmolLM2's k=576 takes g64 instead.
@@ -197,14 +198,15 @@ void W4Rows(ThreadPool* pool, int iters, double bwn) {
         const int copies = static_cast<int>((256.0 * (1 << 20)) / bytes) + 1;
         const std::vector<W4Case> cold(copies, proto);
         const double t1 = W4Seconds(cold, rank, 1, pool, iters);
+        const double t4 = W4Seconds(cold, rank, 4, pool, iters);  // batch-4 decode
         const double t8 = W4Seconds(cold, rank, 8, pool, iters);  // batch-8 decode
         const std::vector<W4Case> warm(1, proto);
         const double t128 = W4Seconds(warm, rank, 128, pool, iters);
         const std::string nk = std::to_string(s.n) + "x" + std::to_string(s.k);
         const std::string g = group == s.k ? "chan" : "g" + std::to_string(group);
-        std::printf("%-9s %-10s %-5s %-4s | %10.1f %8.1f %7.2f | %10.1f %8.1f | %13.1f\n", s.what,
-                    nk.c_str(), g.c_str(), rank > 0 ? "r32" : "-", t1 * 1e6, bytes / t1 / 1e9,
-                    bytes / t1 / 1e9 / bwn, t8 * 1e6, bytes / t8 / 1e9,
+        std::printf("%-9s %-10s %-5s %-4s | %10.1f %8.1f %7.2f | %10.1f | %10.1f %8.1f | %13.1f\n",
+                    s.what, nk.c_str(), g.c_str(), rank > 0 ? "r32" : "-", t1 * 1e6,
+                    bytes / t1 / 1e9, bytes / t1 / 1e9 / bwn, t4 * 1e6, t8 * 1e6, bytes / t8 / 1e9,
                     2.0 * 128 * s.n * s.k / t128 / 1e9);
       }
     }

@@ -18,6 +18,8 @@ struct W4Avx2 {
   static __m256i LaneMask(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
+  // Keeps v in a register: the compiler may not re-load it per use.
+  static void Pin(F& v) { asm("" : "+v"(v)); }
   static F Zero() { return _mm256_setzero_ps(); }
   static F Set1(float v) { return _mm256_set1_ps(v); }
   static F Load(const float* p) { return _mm256_loadu_ps(p); }

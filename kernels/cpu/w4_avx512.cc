@@ -15,6 +15,8 @@ struct W4Avx512 {
   using F = __m512;
 
   static __mmask16 Mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  // Keeps v in a register: the compiler may not re-load it per use.
+  static void Pin(F& v) { asm("" : "+v"(v)); }
   static F Zero() { return _mm512_setzero_ps(); }
   static F Set1(float v) { return _mm512_set1_ps(v); }
   static F Load(const float* p) { return _mm512_loadu_ps(p); }

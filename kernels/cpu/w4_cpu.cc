@@ -46,10 +46,14 @@ const internal::W4IsaKernels& W4Kernels() {
 }
 
 // Per-thread scratch, grown on demand (never shrinks: the engine calls with
-// the same shapes over and over).
+// the same shapes over and over), its start aligned to a 64-byte cache line:
+// the GEMV's vector loads of x (rows of k floats at a 64-byte multiple
+// apart for the model shapes) then never straddle two lines.
 float* Scratch(std::vector<float>& buf, int64_t len) {
-  if (static_cast<int64_t>(buf.size()) < len) buf.resize(static_cast<size_t>(len));
-  return buf.data();
+  constexpr int64_t kPad = 16;  // floats = 64 bytes
+  if (static_cast<int64_t>(buf.size()) < len + kPad) buf.resize(static_cast<size_t>(len + kPad));
+  const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
+  return buf.data() + ((64 - addr % 64) % 64) / sizeof(float);
 }
 
 // xp[t, :] = permute(x[t, :] / act_scale) for t < m (see w4_ops.h / w4_isa.h).

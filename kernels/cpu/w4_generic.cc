@@ -12,6 +12,8 @@ namespace {
 struct W4Scalar {
   static constexpr int kW = 1;
   using F = float;
+  // Keeps v in a register: the compiler may not re-load it per use.
+  static void Pin(F&) {}
   static F Zero() { return 0.f; }
   static F Set1(float v) { return v; }
   static F Load(const float* p) { return *p; }
