@@ -254,15 +254,19 @@ absl::Status PrefillEc(const W4LinearParams& p, ThreadPool* pool) {
                 pool);
 }
 
-// Tiles of ~256 KiB of F32 weights (16..256 rows, multiples of 16): small
-// enough to stay in L2 between being written and being used.
+// Tiles of ~256 KiB of F32 weights (32..256 rows, multiples of 16): small
+// enough to stay in L2 between being written and being used, and at least
+// one AVX-512 GEMM column panel (32 outputs) tall: k = 4096 gave 16-row
+// tiles, which left half of every panel's FMAs idle (the W4 prefill at 128
+// tokens ran at 100 GFLOP/s, 200 with 32 rows; docs/results/foundation.md).
+// At k > 2048 a tile is then 32 rows = 128 k bytes (512 KiB at k = 4096).
 struct DequantTiling {
   int64_t rows, count;
 };
 DequantTiling TilingOf(const W4Weight& w) {
   const int64_t n = w.fmt.n, k = w.fmt.k;
   int64_t rows = (int64_t{256} << 10) / (4 * k);
-  rows = rows < 16 ? 16 : (rows > 256 ? 256 : rows / 16 * 16);
+  rows = rows < 32 ? 32 : (rows > 256 ? 256 : rows / 16 * 16);
   return {rows, (n + rows - 1) / rows};
 }
 
