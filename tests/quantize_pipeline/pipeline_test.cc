@@ -563,11 +563,10 @@ TEST_F(PipelineTest, GivenPlacementReplacesTheDiagnostic) {
   // The diagnostic's placement handed to a second run (as --ec-placement
   // does from a checkpoint), reversed in order: the same modules and ranks.
   std::vector<QuantizeOptions::GivenEc> given;
-  model::LoadedModel* shapes_of = m1.get();
   for (const auto& mr : first->modules) {
     if (mr.ec_rank == 0) continue;
     int64_t n = 0, k = 0;
-    shapes_of->weights.ForEachLinear([&](const std::string& name, std::unique_ptr<model::Linear>& l) {
+    m1->weights.ForEachLinear([&](const std::string& name, std::unique_ptr<model::Linear>& l) {
       if (name == mr.name) n = l->out_features(), k = l->in_features();
     });
     given.insert(given.begin(), {mr.name, n, k, mr.ec_rank});
