@@ -208,15 +208,17 @@ struct PagedDecodeAttentionParams {
   // of the launch before it (addresses from the page table read there; only
   // hints, so always safe). 0 automatic: where the launch's K and V take
   // <= kPrefetchRowBytes per position (num_seqs x kv heads x head_dim x 4
-  // bytes); on the H200 at context 512 the prefetch made the decode step
-  // 0.003-0.022 ms faster at 2, 4 and 16 KiB per position (8B / 1B batch 1,
-  // 1B batch 8) and 0.038 ms slower at 32 KiB (8B batch 8: 16 MB of rows a
-  // layer requested beside the GEMM before it; docs/results/gpu.md, v52).
-  // Per position, so it ignores the context's length: not yet measured at
-  // other contexts or batches. 1 always, 2 never (testing / benchmarks);
-  // other values are refused.
+  // bytes). On the H200 (docs/results/gpu.md, v52 and "The v52c rule
+  // checked"), over 8B / 1B at batches 1-16 and contexts 512 / 2048, the
+  // prefetch made the decode step faster at every point of <= 8 KiB per
+  // position (seven, 0.004-0.030 ms), slower at every point of >= 32 KiB
+  // (four, 0.008-0.17 ms) and at two of the three points of 16 KiB (8B
+  // batch 4 at context 512 +0.013 ms, 1B batch 8 at 2048 +0.022; 1B batch
+  // 8 at 512 -0.007), hence 8 KiB (was 16). Per position, so it ignores the
+  // context's length. 1 always, 2 never (testing / benchmarks); other
+  // values are refused.
   int prefetch_rows = 0;
-  static constexpr int64_t kPrefetchRowBytes = 16 << 10;
+  static constexpr int64_t kPrefetchRowBytes = 8 << 10;
 };
 // Whether this call takes the cluster combine (v50) on the current device.
 bool PagedDecodeAttentionCombinesInCluster(const PagedDecodeAttentionParams& p);
