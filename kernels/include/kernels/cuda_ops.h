@@ -212,8 +212,8 @@ struct PagedDecodeAttentionParams {
   // checked"), over 8B / 1B at batches 1-16 and contexts 512 / 2048, the
   // prefetch made the decode step faster at every point of <= 8 KiB per
   // position (seven, 0.004-0.030 ms), slower at every point of >= 32 KiB
-  // (four, 0.008-0.17 ms) and at two of the three points of 16 KiB (8B
-  // batch 4 at context 512 +0.013 ms, 1B batch 8 at 2048 +0.022; 1B batch
+  // (four, 0.0085-0.17 ms) and at two of the three points of 16 KiB (8B
+  // batch 4 at context 512 +0.013 ms, 1B batch 8 at 2048 +0.020; 1B batch
   // 8 at 512 -0.007), hence 8 KiB (was 16). Per position, so it ignores the
   // context's length. 1 always, 2 never (testing / benchmarks); other
   // values are refused.
