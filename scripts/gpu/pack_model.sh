@@ -8,7 +8,8 @@
 # folders in consecutive `run` calls while the machine stays warm; each
 # call's command first moves what it carried into .bundle-store/ (see
 # scripts/gpu/run_model.sh: SPEAR_MODEL_STASH=1), the last call unpacks.
-# usage: scripts/gpu/pack_model.sh SRC.spear DEST PARTS
+# usage: [SPEAR_ZSTD_LEVEL=-19] scripts/gpu/pack_model.sh SRC.spear DEST PARTS
+# (SPEAR_ZSTD_LEVEL=-3 packs SmolLM2 in seconds instead of minutes, ~4 % larger: 98 MB)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 src=$1 dest=$2 parts=$3
@@ -16,7 +17,7 @@ case "$dest" in .bundle*) ;; *) echo "pack_model: DEST must start with .bundle" 
 [[ -f "$src/spear.json" && -f "$src/model.safetensors" ]] || { echo "pack_model: $src is not a .spear" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-nice -n 10 zstd -19 --long=27 -T1 -q -o "$tmp/model.safetensors.zst" "$src/model.safetensors"
+nice -n 10 zstd "${SPEAR_ZSTD_LEVEL:--19}" --long=27 -T1 -q -o "$tmp/model.safetensors.zst" "$src/model.safetensors"
 (cd "$tmp" && split -n "$parts" -d -a 2 model.safetensors.zst model.safetensors.zst.part)
 for i in $(seq 1 "$parts"); do rm -rf "$dest-$i"; mkdir -p "$dest-$i"; done
 i=1
