@@ -241,6 +241,12 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     return absl::InvalidArgumentError("--ec-ema only applies to --ec spear");
   }
   o.distill.ema_decay = *ema;
+  auto glr = f.Double("gate-lr-scale", 0.0, 100.0);
+  if (!glr.ok()) return glr.status();
+  if (f.Has("gate-lr-scale") && (o.ec != quantize::EcMode::kSpear || !o.gate)) {
+    return absl::InvalidArgumentError("--gate-lr-scale only applies to --ec spear with the gate");
+  }
+  o.distill.gate_lr_scale = *glr;
   auto gemm = quantize::ParseDistillGemm(f.Str("ec-train-gemm"));
   if (!gemm.ok()) return gemm.status();
   if (f.Has("ec-train-gemm") && o.ec != quantize::EcMode::kSpear) {
@@ -492,6 +498,9 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "stage 2: decay per step of a moving average of the EC parameters, scored on "
                "the held-out calibration data from half of the run on and kept where better "
                "(distill.h; 0 = off)")
+      .Declare("gate-lr-scale", "5",
+               "stage 2: learning-rate multiplier of the gate MLP against A and B (distill.h; "
+               "0 = the gate stays at its initial value 1)")
       .Declare("ec-train-gemm", "bf16",
                "stage 2: GEMMs with the frozen weights: bf16 (weights stored as bf16, bf16 "
                "products on CPUs with AVX512-BF16: steps ~1.4x faster there) | f32 (distill.h)")
