@@ -95,6 +95,9 @@ expect 2 "--layer-mse-weight only applies" -- quantize --model "$TINY" --out "$T
 expect 2 "layer-mse-weight" -- quantize --model "$TINY" --out "$TMP/q" --layer-mse-weight -1
 expect 2 "--kl-temperature only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec none --kl-temperature 2
 expect 2 "--kl-temperature must be" -- quantize --model "$TINY" --out "$TMP/q" --kl-temperature 0
+expect 2 "--gate-lr-scale only applies" -- quantize --model "$TINY" --out "$TMP/q" --no-gate --gate-lr-scale 1
+expect 2 "--gate-lr-scale only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static --gate-lr-scale 1
+expect 2 "--gate-lr-scale must be" -- quantize --model "$TINY" --out "$TMP/q" --gate-lr-scale -1
 expect 2 "--calib-windows, --calib-top-p, --calib-temperature and --calib-random-start only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-windows 2
 expect 2 "--calib-windows, --calib-top-p, --calib-temperature and --calib-random-start only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-random-start 0.5
 expect 2 "--calib-temperature and --calib-random-start only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-temperature 1.2
