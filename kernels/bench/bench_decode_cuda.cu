@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,48]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,50]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -326,7 +326,14 @@ const Variant kVariants[] = {
     {.name = "W4, attention row prefetch always", .ec = Ec::kOff, .gemms_only = false,
      .attn_prefetch = 1},
     {.name = "W4+EC at the diagnostic's placement, attention row prefetch always",
-     .ec = Ec::kPlacement, .gemms_only = false, .attn_prefetch = 1}};
+     .ec = Ec::kPlacement, .gemms_only = false, .attn_prefetch = 1},
+    // 49-50 (v56): the measured configurations with the layers' RMSNorm as a
+    // launch of its own (against 33 / 34: whether a measured pick loses to
+    // the norm inside the call).
+    {.name = "W4, decode configurations measured at load, RMSNorm launched apart", .ec = Ec::kOff,
+     .gemms_only = false, .tuned = true, .norm_apart = true},
+    {.name = "W4+EC at the diagnostic's placement, decode configurations measured at load, RMSNorm launched apart",
+     .ec = Ec::kPlacement, .gemms_only = false, .tuned = true, .norm_apart = true}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -914,7 +921,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,48] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,50] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
                    a.c_str(), argv[0]);
       return 2;
