@@ -498,7 +498,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "stage 2: decay per step of a moving average of the EC parameters, scored on "
                "the held-out calibration data from half of the run on and kept where better "
                "(distill.h; 0 = off)")
-      .Declare("gate-lr-scale", "5",
+      .Declare("gate-lr-scale", "1",
                "stage 2: learning-rate multiplier of the gate MLP against A and B (distill.h; "
                "0 = the gate stays at its initial value 1)")
       .Declare("ec-train-gemm", "bf16",
