@@ -155,7 +155,8 @@ absl::Status TuneDecode(const std::vector<W4DeviceWeight*>& weights, int max_m, 
     for (const auto& form : kForms) {
       // v56: at one row no warp groups. Measured alone (eagerly or in a
       // graph) 8B gate_up's grouped forms beat the cost model's pick by
-      // 5-10 %, yet inside the decode step that pick made the step slower:
+      // >= 5 % (H100 graph sweep: 24.1 against 25.5 us), yet inside the
+      // decode step that pick made the step slower:
       // 8B batch 1 +0.11 ms on the H100 (8 warps, 1 split, depth 4, 2
       // groups), +0.13-0.18 ms on the H200 (2 or 8 groups), with the
       // layers' RMSNorm inside the calls or apart alike; the ungrouped picks
