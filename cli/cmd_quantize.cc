@@ -162,26 +162,30 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   o.calib.windows_per_sequence = *windows;
   o.calib.top_p = *top_p;
   if (f.Has("calib-mix-text")) {
-    // FILE,M: M windows of the text spread among the self-generated ones.
-    const std::string v = f.Str("calib-mix-text");
-    const size_t comma = v.rfind(',');
-    int64_t m = 0;
-    if (comma == std::string::npos || comma == 0 || !absl::SimpleAtoi(v.substr(comma + 1), &m) ||
-        m < 1 || m > 100000) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--calib-mix-text must be FILE,M with 1 <= M <= 100000 windows, got '", v, "'"));
-    }
+    // FILE,M[;FILE,M...]: M windows of each text spread among the
+    // self-generated ones.
     if (!o.calib.text_file.empty()) {
       return absl::InvalidArgumentError("--calib-mix-text only applies to --calib self:N,LEN");
     }
-    const std::string file = v.substr(0, comma);
-    std::error_code ec;
-    if (!fs::is_regular_file(file, ec)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--calib-mix-text: no such text file '", file, "'"));
+    const std::string all = f.Str("calib-mix-text");
+    for (const std::string& v : std::vector<std::string>(absl::StrSplit(all, ';'))) {
+      const size_t comma = v.rfind(',');
+      int64_t m = 0;
+      if (comma == std::string::npos || comma == 0 ||
+          !absl::SimpleAtoi(v.substr(comma + 1), &m) || m < 1 || m > 100000) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--calib-mix-text must be FILE,M[;FILE,M...] with 1 <= M <= 100000 "
+                         "windows each, got '",
+                         all, "'"));
+      }
+      const std::string file = v.substr(0, comma);
+      std::error_code ec;
+      if (!fs::is_regular_file(file, ec)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--calib-mix-text: no such text file '", file, "'"));
+      }
+      o.calib.mix_texts.push_back({file, m});
     }
-    o.calib.mix_text_file = file;
-    o.calib.mix_text_sequences = m;
   }
   o.calib.random_start_fraction = *random_start;
   if (f.Has("calib-prompts")) {
@@ -465,8 +469,9 @@ int CmdQuantize(const std::vector<std::string>& args) {
       .Declare("calib-top-p", "0.95", "self: nucleus mass of the calibration sampler (1 = off)")
       .Declare("calib-temperature", "1", "self: temperature of the calibration sampler")
       .Declare("calib-mix-text", "",
-               "self: FILE,M adds the first M windows of LEN tokens of a text file, spread "
-               "among the self-generated sequences (both the fit and the held-out part)")
+               "self: FILE,M[;FILE,M...] adds the first M windows of LEN tokens of each text "
+               "file, the texts interleaved and spread among the self-generated sequences "
+               "(both the fit and the held-out part)")
       .Declare("calib-random-start", "0",
                "self: fraction of samples that continue from a random non-special vocabulary "
                "token instead of from BOS alone (data-free diversity, as LLM-QAT)")
@@ -576,8 +581,14 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"top_p", o.calib.top_p},
            {"temperature", o.calib.temperature},
            {"random_start_fraction", o.calib.random_start_fraction},
-           {"mix_text_file", o.calib.mix_text_file},
-           {"mix_text_sequences", o.calib.mix_text_sequences},
+           {"mix_texts",
+            [&] {
+              json a = json::array();
+              for (const auto& m : o.calib.mix_texts) {
+                a.push_back({{"file", m.file}, {"sequences", m.sequences}});
+              }
+              return a;
+            }()},
            {"prompt_file", o.calib.prompt_file},
            {"prompt_fraction", o.calib.prompt_file.empty() ? 0.0 : o.calib.prompt_fraction},
            {"prompt_chat", o.calib.prompt_chat},

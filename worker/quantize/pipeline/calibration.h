@@ -20,9 +20,10 @@
 // Text file: the file's tokens (no BOS inserted) cut into consecutive,
 // non-overlapping windows of seq_len; the first num_sequences windows (fewer
 // if the file is short; InvalidArgument if not even one fits).
-// Mixed (self-generated + mix_text_file): the self-generated sequences with
-// the file's first mix_text_sequences windows spread evenly among them
-// (SpreadAmong), so both ends of the list (fit and held-out) mix.
+// Mixed (self-generated + mix_texts): the self-generated sequences with each
+// file's first `sequences` windows spread evenly among them (SpreadAmong:
+// the texts' windows interleaved first, in the order given), so both ends
+// of the list (fit and held-out) mix.
 #pragma once
 
 #include <cstdint>

@@ -66,12 +66,17 @@ struct CalibrationOptions {
   // one), as LLM-QAT's data-free generation does: the model continues from
   // a random word, so the set covers more than what it writes after BOS.
   double random_start_fraction = 0.0;
-  // Self-generated only: plus the first mix_text_sequences windows of
-  // seq_len tokens of mix_text_file (as text_file cuts them), spread evenly
+  // Self-generated only: plus, per mix text, the first `sequences` windows
+  // of seq_len tokens of `file` (as text_file cuts them). The texts'
+  // windows are interleaved evenly (the second text's spread among the
+  // first's, the third's among those, ...), and the result spread evenly
   // among the self-generated sequences, so that the fit and the held-out
-  // part (the last tenth) both hold some. Empty / 0 = none.
-  std::string mix_text_file;
-  int64_t mix_text_sequences = 0;
+  // part (the last tenth) both hold some of every text. Empty = none.
+  struct MixText {
+    std::string file;
+    int64_t sequences = 0;
+  };
+  std::vector<MixText> mix_texts;
   // Self-generated only: prompted samples. A fraction prompt_fraction of
   // the samples (an even spread, as random starts) continue from a prompt
   // instead of from BOS alone: the prompts are prompt_file's non-empty lines
