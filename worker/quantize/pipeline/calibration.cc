@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
-#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -174,20 +173,21 @@ absl::StatusOr<CalibrationSet> MakeCalibrationSet(
     self.mix_texts.clear();
     auto gen = MakeCalibrationSet(model, self, num_threads, capture_hidden, progress);
     if (!gen.ok()) return gen.status();
-    std::optional<std::vector<std::vector<int32_t>>> win;
+    std::vector<std::vector<int32_t>> win;
     for (const auto& m : o.mix_texts) {
       CalibrationOptions text = self;
       text.text_file = m.file;
       text.num_sequences = m.sequences;
       auto w = FromTextFile(model, text);
       if (!w.ok()) return w.status();
-      // A later text's windows spread evenly among the earlier ones'.
-      win = win ? SpreadAmongT(std::move(*win), std::move(*w)) : std::move(*w);
+      // A later text's windows spread evenly among the earlier ones' (the
+      // first text's among none: itself).
+      win = SpreadAmongT(std::move(win), std::move(*w));
     }
     CalibrationSet set;
     set.final_hidden = SpreadAmongT(std::move(gen->final_hidden),
-                                    std::vector<std::vector<float>>(win->size()));
-    set.sequences = SpreadAmongT(std::move(gen->sequences), std::move(*win));
+                                    std::vector<std::vector<float>>(win.size()));
+    set.sequences = SpreadAmongT(std::move(gen->sequences), std::move(win));
     return set;
   }
   if (!(o.temperature > 0 && o.temperature <= 10)) {
