@@ -251,6 +251,12 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     return absl::InvalidArgumentError("--gate-lr-scale only applies to --ec spear with the gate");
   }
   o.distill.gate_lr_scale = *glr;
+  auto tb = f.Int("train-batch", 1, 64);
+  if (!tb.ok()) return tb.status();
+  if (f.Has("train-batch") && o.ec != quantize::EcMode::kSpear) {
+    return absl::InvalidArgumentError("--train-batch only applies to --ec spear");
+  }
+  o.distill.batch_sequences = *tb;
   auto gemm = quantize::ParseDistillGemm(f.Str("ec-train-gemm"));
   if (!gemm.ok()) return gemm.status();
   if (f.Has("ec-train-gemm") && o.ec != quantize::EcMode::kSpear) {
@@ -507,10 +513,14 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "stage 2: learning-rate multiplier of the gate MLP against A and B (distill.h; "
                "0 = the gate stays at its initial value 1)")
       .Declare("ec-train-gemm", "bf16",
-               "stage 2: GEMMs with the frozen weights: bf16 (weights stored as bf16, bf16 "
-               "products on CPUs with AVX512-BF16: steps ~1.4x faster there) | f32 (distill.h)")
+               "stage 2: GEMMs with the frozen weights: bf16 (weights stored as bf16; 16-bit "
+               "products: fp16 on CPUs with AVX512-FP16, else bf16 on CPUs with AVX512-BF16: "
+               "steps ~1.4x faster there) | f32 (distill.h)")
+      .Declare("train-batch", "2",
+               "stage 2: calibration sequences per training step (Adam update)")
       .Declare("train-steps", "1000",
-               "stage 2 (end-to-end EC distillation) steps of 2 x LEN tokens; the time budget "
+               "stage 2 (end-to-end EC distillation) steps of --train-batch x LEN tokens; the "
+               "time budget "
                "or early stopping on held-out calibration KL usually ends it first")
       .Declare("time-budget", "900",
                "seconds for calibration + EC fitting; stage 2 gets what the earlier stages left "

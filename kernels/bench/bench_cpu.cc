@@ -286,7 +286,8 @@ struct BestTimes {
 // On a loaded machine the CPU-time figure is the one that tells how well
 // the kernel uses a core while it has one.
 BestTimes LinearBestSeconds(const Shape& s, DType dt, int64_t m, const std::vector<uint16_t>& w,
-                            ThreadPool* pool, int iters, bool bf16_products = false) {
+                            ThreadPool* pool, int iters, bool bf16_products = false,
+                            bool f16_products = false) {
   std::vector<float> x(m * s.k), y(m * s.n);
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 17) * 0.03f - 0.2f;
   LinearParams p;
@@ -300,6 +301,7 @@ BestTimes LinearBestSeconds(const Shape& s, DType dt, int64_t m, const std::vect
   p.y = y.data();
   p.ldy = s.n;
   p.bf16_products = bf16_products;
+  p.f16_products = f16_products;
   (void)cpu::Linear(p, pool);  // warm-up
   BestTimes best;
   double total = 0;
@@ -323,8 +325,10 @@ BestTimes LinearBestSeconds(const Shape& s, DType dt, int64_t m, const std::vect
 // busy) over the one-thread peak, which the load of a shared machine
 // disturbs much less. Row "bf16x": BF16 weights with
 // LinearParams::bf16_products (VDPBF16PS where CpuHasBf16Dot(), which does
-// two multiply-adds per lane: its peak is twice the FMA peak). The last
-// shape is the lm_head's transpose (the EC trainer's backward).
+// two multiply-adds per lane: its peak is twice the FMA peak). Row "f16x":
+// BF16 weights with LinearParams::f16_products (AVX512-FP16 where
+// CpuHasF16Fma(): 32 fp16 multiply-adds per instruction). The last shape is
+// the lm_head's transpose (the EC trainer's backward).
 void GemmRows(ThreadPool* pool, int iters) {
   const double peak1 = PeakGflops(nullptr), peakn = PeakGflops(pool);
   std::printf("\nFMA peak (%s, best of 5): 1 thread %.1f GFLOP/s, %d threads %.1f GFLOP/s\n",
@@ -335,22 +339,25 @@ void GemmRows(ThreadPool* pool, int iters) {
   const Shape shapes[] = {{576, 576, "q/o proj"}, {192, 576, "k/v proj"}, {1536, 576, "gate/up"},
                           {576, 1536, "down"},    {49152, 576, "lm_head"},
                           {576, 49152, "lm_headT"}};
-  std::printf("bf16 products (VDPBF16PS): %s\n", CpuHasBf16Dot() ? "yes" : "no (bf16x = bf16)");
+  std::printf("bf16 products (VDPBF16PS): %s; fp16 products (AVX512-FP16): %s\n",
+              CpuHasBf16Dot() ? "yes" : "no (bf16x = bf16)",
+              CpuHasF16Fma() ? "yes" : "no (f16x = bf16x)");
   std::mt19937 rng(2);
   for (const Shape& s : shapes) {
-    for (int form = 0; form < 4; ++form) {
+    for (int form = 0; form < 5; ++form) {
       const DType dt = form == 0 ? DType::kF32 : form == 1 ? DType::kF16 : DType::kBF16;
-      const bool bf16x = form == 3;
+      const bool bf16x = form >= 3, f16x = form == 4;
       const auto ws = MakeWeights(s, dt, 1, rng);
       const double flop = 2.0 * s.n * s.k;
-      const BestTimes t128 = LinearBestSeconds(s, dt, 128, ws[0], pool, iters, bf16x);
-      const BestTimes t512 = LinearBestSeconds(s, dt, 512, ws[0], pool, iters, bf16x);
+      const BestTimes t128 = LinearBestSeconds(s, dt, 128, ws[0], pool, iters, bf16x, f16x);
+      const BestTimes t512 = LinearBestSeconds(s, dt, 512, ws[0], pool, iters, bf16x, f16x);
       const double w128 = 128 * flop / t128.wall / 1e9, c128 = 128 * flop / t128.cpu / 1e9;
       const double w512 = 512 * flop / t512.wall / 1e9, c512 = 512 * flop / t512.cpu / 1e9;
       const auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
       const std::string nk = std::to_string(s.n) + "x" + std::to_string(s.k);
       std::printf("%-9s %-12s %-5s | %13.1f %5.2f %8.1f %5.2f | %13.1f %5.2f %8.1f %5.2f\n",
-                  s.what, nk.c_str(), bf16x ? "bf16x" : std::string(DTypeName(dt)).c_str(), w128,
+                  s.what, nk.c_str(),
+                  f16x ? "f16x" : bf16x ? "bf16x" : std::string(DTypeName(dt)).c_str(), w128,
                   ratio(w128, peakn), c128, ratio(c128, peak1), w512, ratio(w512, peakn), c512,
                   ratio(c512, peak1));
       std::fflush(stdout);

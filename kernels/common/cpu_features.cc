@@ -71,6 +71,16 @@ bool CpuHasBf16Dot() {
   return has && ActiveIsa() == Isa::kAvx512;
 }
 
+bool CpuHasF16Fma() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    const char* env = std::getenv("SPEAR_CPU_F16");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    return __builtin_cpu_supports("avx512fp16") != 0;
+  }();
+  return has && ActiveIsa() == Isa::kAvx512;
+}
+
 std::string_view IsaName(Isa isa) {
   switch (isa) {
     case Isa::kScalar:

@@ -122,7 +122,9 @@ absl::Status Linear(const LinearParams& p, ThreadPool* pool) {
   const int threads = Threads(pool);
   if (p.m >= internal::kGemmMinM) {
     const int gemm_threads = p.m * p.n * p.k < (int64_t{1} << 18) ? 1 : threads;
-    if (p.bf16_products && p.w_dtype == DType::kBF16 && CpuHasBf16Dot()) {
+    if (p.f16_products && p.w_dtype == DType::kBF16 && CpuHasF16Fma()) {
+      LinearGemm(internal::kAvx512F16Gemm, p, pool, gemm_threads);
+    } else if (p.bf16_products && p.w_dtype == DType::kBF16 && CpuHasBf16Dot()) {
       LinearGemm(internal::kAvx512Bf16Gemm, p, pool, gemm_threads);
     } else {
       const internal::GemmKernel gemm = {kern.linear, kern.linear_scratch, kern.gemm_mr,

@@ -78,5 +78,8 @@ extern const IsaKernels kAvx512Kernels;  // ops_avx512.cc, AVX-512 F/BW/VL/DQ
 // gemm_bf16_avx512.cc, AVX-512 BF16: BF16 weights with bf16 products (only
 // for LinearParams::bf16_products, after CpuHasBf16Dot()).
 extern const GemmKernel kAvx512Bf16Gemm;
+// gemm_f16_avx512.cc, AVX512-FP16: BF16 weights with fp16 products (only for
+// LinearParams::f16_products, after CpuHasF16Fma()).
+extern const GemmKernel kAvx512F16Gemm;
 
 }  // namespace spear::kernels::cpu::internal

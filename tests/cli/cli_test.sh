@@ -98,6 +98,8 @@ expect 2 "--kl-temperature must be" -- quantize --model "$TINY" --out "$TMP/q" -
 expect 2 "--gate-lr-scale only applies" -- quantize --model "$TINY" --out "$TMP/q" --no-gate --gate-lr-scale 1
 expect 2 "--gate-lr-scale only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static --gate-lr-scale 1
 expect 2 "--gate-lr-scale must be" -- quantize --model "$TINY" --out "$TMP/q" --gate-lr-scale -1
+expect 2 "--train-batch must be in \[1, 64\]" -- quantize --model "$TINY" --out "$TMP/q" --train-batch 0
+expect 2 "--train-batch only applies" -- quantize --model "$TINY" --out "$TMP/q" --ec static --train-batch 1
 expect 2 "--calib-windows, --calib-top-p, --calib-temperature and --calib-random-start only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-windows 2
 expect 2 "--calib-windows, --calib-top-p, --calib-temperature and --calib-random-start only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-random-start 0.5
 expect 2 "--calib-temperature and --calib-random-start only apply" -- quantize --model "$TINY" --out "$TMP/q" --calib text:"$0" --calib-temperature 1.2
@@ -155,20 +157,23 @@ if grep -q 'ec_latency_table' "$TMP/qlat/spear.json" && grep -q "measured on the
 else
   echo "FAIL: --ec-latency-table not in the report or the provenance"; fails=$((fails + 1))
 fi
-# --ec-placement: qlat's modules and ranks, no diagnostic; recorded in the provenance.
-expect 0 "EC placement given by" -- quantize --model "$TINY" --out "$TMP/qplace" --calib self:2,16 --seed 5 --train-steps 5 --threads 2 --ec-placement "$TMP/qlat"
+# --ec-placement: qlat's modules and ranks, no diagnostic; recorded in the provenance
+# (and --train-batch 1 in place of the default 2 sequences a step).
+expect 0 "EC placement given by" -- quantize --model "$TINY" --out "$TMP/qplace" --calib self:2,16 --seed 5 --train-steps 5 --threads 2 --ec-placement "$TMP/qlat" --train-batch 1
 if python3 - "$TMP/qlat/spear.json" "$TMP/qplace/spear.json" <<'PY'
 import json, sys
 ranks = lambda f: [(m["name"], (m["ec"] or {}).get("rank", 0)) for m in json.load(open(f))["modules"]]
 a, b = ranks(sys.argv[1]), ranks(sys.argv[2])
 prov = json.load(open(sys.argv[2]))["provenance"]
+batch = lambda f: json.load(open(f))["provenance"]["quantize_options"]["ec_training"]["batch_sequences"]
 ok = a == b and any(r for _, r in a) and "qlat" in json.dumps(prov)
+ok = ok and batch(sys.argv[1]) == 2 and batch(sys.argv[2]) == 1
 sys.exit(0 if ok else 1)
 PY
 then
-  echo "ok: --ec-placement reproduces the source's ECs and records it"
+  echo "ok: --ec-placement reproduces the source's ECs and records it; --train-batch recorded"
 else
-  echo "FAIL: --ec-placement's ECs differ from the source's or are not recorded"; fails=$((fails + 1))
+  echo "FAIL: --ec-placement's ECs differ from the source's or are not recorded, or --train-batch is not"; fails=$((fails + 1))
 fi
 expect 2 "--ec-breadth has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-breadth 2
 expect 2 "--diagnostic-tokens has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --diagnostic-tokens 64

@@ -148,6 +148,115 @@ TEST_P(LinearTest, Bf16Products) {
   RunCase(DType::kF32, 40, 577, 65, true, true, true);            // F32 weights: plain path
 }
 
+// LinearParams::f16_products: on a CPU with AVX512-FP16 the GEMM scales each
+// row of x and of W by a power of two, rounds both to fp16 and sums the
+// products in fp16 over 64 k indices, then in fp32. Against the double
+// reference of the bf16 weights and the exact x, every output's error stays
+// within 2^-5 of sum_k |x w| (the worst case of 64 fp16 roundings of a block
+// sum) plus 2^-20 k max|x| max|w| of its row and column (fp16's subnormal
+// spacing after the scaling), and the normalized squared error over the
+// outputs of each size class of rows (when it has >= 32) within 2e-5 plus
+// fp32's rounding of adding y and bias (measured: ~1e-6). Rows of
+// 1e-6 and 1e4 in one call and weights of 1e-5 to 1e4 (the scalings), odd
+// k, k around the 64-term flush, the
+// 512-wide k blocks and the 32-wide pair loads, rows around the 4-row tile
+// and 144-row block, outputs around the 32-wide micro-panel and the panel
+// width. Elsewhere (other ISAs, no AVX512-FP16, fewer than 16 rows) the
+// flag changes nothing, bit for bit.
+TEST_P(LinearTest, F16Products) {
+  SCOPED_TRACE(CpuHasF16Fma() ? "fp16 products run" : "no AVX512-FP16 here: the flag changes nothing");
+  auto run = [&](int64_t m, int64_t k, int64_t n, float wmax, bool bias, bool accumulate) {
+    SCOPED_TRACE(::testing::Message() << "m=" << m << " k=" << k << " n=" << n << " wmax=" << wmax
+                                      << " seed=" << seed_);
+    const int64_t ldx = k + 3, ldy = n + 2;
+    std::vector<float> x = RandomRows(m, k, ldx);
+    for (int64_t i = 0; i < m; ++i) {  // rows of very different sizes
+      const float scale = i % 3 == 0 ? 1e-6f : i % 3 == 1 ? 1e4f : 1.f;
+      for (int64_t c = 0; c < k; ++c) x[i * ldx + c] *= scale;
+    }
+    std::vector<float> wf = Random(n * k, -wmax, wmax);
+    std::vector<double> wrow(n, 0.0);
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t c = 0; c < k; ++c) wrow[j] = std::max(wrow[j], std::fabs(double{wf[j * k + c]}));
+    }
+    const std::vector<uint16_t> wh = ToHalfBits(wf, DType::kBF16);
+    std::vector<float> b = Random(n);
+    std::vector<float> y0 = accumulate ? RandomRows(m, n, ldy) : std::vector<float>(m * ldy, kPoison);
+    LinearParams p;
+    p.x = x.data();
+    p.m = m;
+    p.k = k;
+    p.ldx = ldx;
+    p.w = wh.data();
+    p.w_dtype = DType::kBF16;
+    p.n = n;
+    p.bias = bias ? b.data() : nullptr;
+    p.ldy = ldy;
+    p.accumulate = accumulate;
+    std::vector<float> y_plain = y0, y_f16 = y0;
+    p.y = y_plain.data();
+    ASSERT_TRUE(cpu::Linear(p, pool()).ok());
+    p.f16_products = true;
+    p.y = y_f16.data();
+    ASSERT_TRUE(cpu::Linear(p, pool()).ok());
+    if (!(CpuHasF16Fma() && m >= 16)) {
+      EXPECT_EQ(std::memcmp(y_plain.data(), y_f16.data(), y_f16.size() * 4), 0);
+      return;
+    }
+    int bad = 0;
+    // Squared errors, references and fp32 add roundings per size class of x's rows.
+    double se[3] = {0, 0, 0}, sr[3] = {0, 0, 0}, sa[3] = {0, 0, 0};
+    int64_t outputs[3] = {0, 0, 0};
+    for (int64_t i = 0; i < m; ++i) {
+      double xrow = 0;
+      for (int64_t c = 0; c < k; ++c) xrow = std::max(xrow, std::fabs(double{x[i * ldx + c]}));
+      for (int64_t j = 0; j < n; ++j) {
+        double ref = 0, mag = 0;
+        for (int64_t c = 0; c < k; ++c) {
+          const double xv = x[i * ldx + c], wv = BF16ToFloat(wh[j * k + c]);
+          ref += xv * wv;
+          mag += std::fabs(xv * wv);
+        }
+        const double add = (bias ? b[j] : 0.0) + (accumulate ? y0[i * ldy + j] : 0.0);
+        // fp32 adds y and bias one at a time: its rounding scales with each.
+        const double addmag = (bias ? std::fabs(b[j]) : 0.0) +
+                              (accumulate ? std::fabs(y0[i * ldy + j]) : 0.0);
+        const double err = static_cast<double>(y_f16[i * ldy + j]) - add - ref;
+        se[i % 3] += err * err;
+        sr[i % 3] += ref * ref;
+        sa[i % 3] += std::pow(0x1p-22 * (addmag + std::fabs(ref)), 2);
+        ++outputs[i % 3];
+        const double bound = 0x1p-5 * mag + 0x1p-20 * k * xrow * wrow[j] + 0x1p-22 * addmag;
+        if (!(std::fabs(err) <= bound + 1e-30) && bad++ < 5) {
+          ADD_FAILURE() << "row " << i << " col " << j << ": got " << y_f16[i * ldy + j]
+                        << " want " << ref + add << " (sum |x w| " << mag << ")";
+        }
+      }
+    }
+    for (int c = 0; c < 3; ++c) {
+      if (outputs[c] >= 32 && !(se[c] <= 2e-5 * sr[c] + sa[c]) && bad++ < 5) {
+        ADD_FAILURE() << "rows of class " << c << ": normalized squared error " << se[c] / sr[c];
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  };
+  int flags = 0;
+  for (int64_t m : {16, 19, 150}) {
+    for (int64_t n : {1, 31, 33, 130}) {
+      for (int64_t k : {1, 7, 63, 64, 65, 129, 511, 513, 1025}) {
+        run(m, k, n, 1.f, flags & 1, flags & 2);
+        if (HasFatalFailure()) return;
+        ++flags;
+      }
+    }
+  }
+  run(40, 577, 70, 1e4f, true, false);      // large weights
+  run(40, 577, 70, 1e-5f, false, true);     // weights of fp16's subnormal range
+  run(200, 2100, 300, 1.f, true, true);     // threads, many k blocks
+  run(20, 8193, 70, 0.05f, false, true);    // long rows (the lm_head's transpose)
+  run(5, 577, 65, 1.f, true, false);        // GEMV rows: plain path
+}
+
 TEST_P(LinearTest, EmptyK) {
   RunCase(DType::kF32, 3, 0, 5, true, false);
   RunCase(DType::kF16, 3, 0, 5, true, true);

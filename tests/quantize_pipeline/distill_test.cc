@@ -107,7 +107,9 @@ class DistillGemmTest : public DistillTest,
                         public ::testing::WithParamInterface<DistillGemm> {};
 
 TEST_P(DistillGemmTest, ForwardMatchesEngineLogits) {
-  SCOPED_TRACE(kernels::CpuHasBf16Dot() ? "bf16 products" : "no AVX512-BF16: bf16 weights only");
+  SCOPED_TRACE(kernels::CpuHasF16Fma()    ? "fp16 products"
+               : kernels::CpuHasBf16Dot() ? "bf16 products"
+                                          : "no AVX512-FP16 / BF16: bf16 weights only");
   auto m = Quantized();
   auto dist = EcDistiller::Create(m.get(), &pool_, GetParam());
   ASSERT_TRUE(dist.ok()) << dist.status();

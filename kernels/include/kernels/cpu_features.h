@@ -21,5 +21,9 @@ std::string_view IsaName(Isa isa);
 // (VDPBF16PS), unless the environment variable SPEAR_CPU_BF16=0 turns the
 // bf16 products of LinearParams::bf16_products off.
 bool CpuHasBf16Dot();
+// True when the active ISA is AVX-512 and the CPU has AVX512-FP16 (VFMADDPH),
+// unless the environment variable SPEAR_CPU_F16=0 turns the fp16 products of
+// LinearParams::f16_products off.
+bool CpuHasF16Fma();
 
 }  // namespace spear::kernels

@@ -26,6 +26,13 @@ struct LinearParams {
   // accumulation) where CpuHasBf16Dot(); elsewhere, and for fewer rows, x
   // stays fp32. For callers that accept bf16 activations (EC training).
   bool bf16_products = false;
+  // With w_dtype kBF16 only: the GEMM path (m >= 16 rows) may round x to
+  // fp16 (each row of x and of W scaled by a power of two, undone exactly)
+  // and multiply with AVX512-FP16 (products summed in fp16 over 64 k indices,
+  // then in fp32) where CpuHasF16Fma(); it takes precedence over
+  // bf16_products there (about twice the bf16 products' rate on Intel
+  // cores). Elsewhere, and for fewer rows, bf16_products decides.
+  bool f16_products = false;
 };
 
 // y = x / rms(x) * weight, per row; rms = sqrt(mean(x^2) + eps).

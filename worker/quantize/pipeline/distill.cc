@@ -45,12 +45,14 @@ struct FrozenW {
   const void* data() const {
     return bf16.empty() ? static_cast<const void*>(f32.data()) : bf16.data();
   }
-  // The weight fields of a Linear call: bf16 weights come with bf16 products
-  // (DistillGemm::kBf16 is both), fp32 weights with fp32 products.
+  // The weight fields of a Linear call: bf16 weights come with 16-bit
+  // products (DistillGemm::kBf16 is both: fp16 products where the CPU has
+  // AVX512-FP16, else bf16 products), fp32 weights with fp32 products.
   void Into(kernels::LinearParams* p) const {
     p->w = data();
     p->w_dtype = bf16.empty() ? kernels::DType::kF32 : kernels::DType::kBF16;
     p->bf16_products = !bf16.empty();
+    p->f16_products = !bf16.empty();
   }
   // Stores m [rows, cols] (row-major) and, if transposed, as [cols, rows].
   void Set(const std::vector<float>& m, int64_t rows, int64_t cols, bool transposed,

@@ -66,10 +66,12 @@ namespace spear::quantize {
 //   kF32:  the weights kept as fp32, fp32 products (the exact dequantized
 //          values; 8 bytes per weight for the two orientations).
 //   kBf16: the weights kept as bf16 (half the memory; a W4 value rounds by
-//          at most 2^-9 of itself), activations rounded to bf16 and
-//          multiplied by the CPU's bf16 dot products where it has them
-//          (AVX512-BF16: ~1.8x the fp32 GEMM rate, docs/results/quality.md
-//          "bf16 products"); elsewhere fp32 products of the bf16 weights.
+//          at most 2^-9 of itself), activations rounded to 16 bits and
+//          multiplied by the CPU's 16-bit products where it has them: fp16
+//          (AVX512-FP16: ~2x the bf16 products' rate on Intel cores,
+//          docs/results/quality.md "fp16 products"),
+//          else bf16 dot products (AVX512-BF16: ~1.8x the fp32 GEMM rate on
+//          Zen 4, "bf16 products"); elsewhere fp32 products of the bf16 weights.
 enum class DistillGemm { kF32, kBf16 };
 std::string_view DistillGemmName(DistillGemm g);                    // "f32" | "bf16"
 absl::StatusOr<DistillGemm> ParseDistillGemm(std::string_view s);  // the inverse
