@@ -7,6 +7,12 @@
 namespace spear::kernels {
 namespace {
 
+// The environment variable `name` is set to "0" (a feature switched off).
+bool EnvIsZero(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
 // -1 = not yet resolved; otherwise an Isa value. Resolved lazily so that the
 // environment variable is read after main() starts.
 std::atomic<int> g_active_isa{-1};
@@ -62,22 +68,14 @@ bool SetIsaForTesting(Isa isa) {
 }
 
 bool CpuHasBf16Dot() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    const char* env = std::getenv("SPEAR_CPU_BF16");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
+  static const bool has = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16") != 0 &&
+                                                     !EnvIsZero("SPEAR_CPU_BF16"));
   return has && ActiveIsa() == Isa::kAvx512;
 }
 
 bool CpuHasF16Fma() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    const char* env = std::getenv("SPEAR_CPU_F16");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    return __builtin_cpu_supports("avx512fp16") != 0;
-  }();
+  static const bool has = (__builtin_cpu_init(), __builtin_cpu_supports("avx512fp16") != 0 &&
+                                                     !EnvIsZero("SPEAR_CPU_F16"));
   return has && ActiveIsa() == Isa::kAvx512;
 }
 

@@ -24,46 +24,27 @@
 // block (one rounding of 2^-11 of the running block sum per term), then fp32
 // accumulation.
 //
-// Layout and blocking follow gemm_bf16_avx512.cc: column blocks of kNc
-// outputs > k blocks of kKc (the W block packed once) > row blocks of kMc
-// (the x block converted once) > micro-panels > row tiles. k is taken in
-// pairs: a micro-panel holds, per pair of k indices, one 32-bit word
-// (w[j][c], w[j][c+1]) of fp16 halves per output j; x is converted to the same
-// pair words and a 32-bit broadcast of x's pair times the panel's vector puts
-// x[c] w[j][c] in lane 2j and x[c+1] w[j][c+1] in lane 2j+1; the two lanes of
-// an output are summed in fp32 at the end of the tile. An odd k is padded
-// with a zero half on both sides.
+// Layout and blocking: gemm_pairs_avx512.h, as gemm_bf16_avx512.cc. k is
+// taken in pairs: a micro-panel holds, per pair of k indices, one 32-bit word
+// (w[j][c], w[j][c+1]) of fp16 halves per output j; x is converted to the
+// same pair words and a 32-bit broadcast of x's pair times the panel's vector
+// puts x[c] w[j][c] in lane 2j and x[c+1] w[j][c+1] in lane 2j+1; the two
+// lanes of an output are summed in fp32 at the end of the tile. An odd k is
+// padded with a zero half on both sides.
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/gemm_pairs_avx512.h"
 #include "cpu/ops_isa.h"
-#include "cpu/transpose_avx512.h"
 
 namespace spear::kernels::cpu::internal {
 namespace {
 
-constexpr int kW = 16;                 // pair words (fp32 lanes) of a zmm
-constexpr int kNv = 2;                 // accumulator vectors per row of a tile
-constexpr int kMr = 6;                 // rows per tile: 6 x 2 fp16 accumulators
-constexpr int kNr = kNv * kW;          // outputs per micro-panel
-constexpr int64_t kKc = 512;           // k per block (256 pairs: 32 KiB micro-panel)
-constexpr int64_t kMc = 144;           // rows per block (x block: 144 KiB)
-constexpr int64_t kNc = 128;           // outputs per packed W block (128 KiB)
-constexpr int64_t kFlushPairs = 32;    // pairs summed in fp16 before the fp32 add
+using namespace pairs;  // NOLINT: the shared layout's constants and helpers
 
-int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__mmask32 Mask32(int n) { return n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1u); }
-__mmask16 Mask16(int n) { return n >= 16 ? ~__mmask16{0} : static_cast<__mmask16>((1u << n) - 1u); }
-
-void Transpose16(__m512i* ri) {
-  __m512 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(ri[i]);
-  Transpose16x16(r);
-  for (int i = 0; i < 16; ++i) ri[i] = _mm512_castps_si512(r[i]);
-}
+constexpr int64_t kFlushPairs = 32;  // pairs summed in fp16 before the fp32 add
 
 // 16 fp32 lanes to 16 fp16 halves, round to nearest even.
 __m256i ToHalf(__m512 f) { return _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -90,14 +71,12 @@ __m512i Bf16ToHalf(__m512i v, __m512 scale) {
 }
 
 // Packs W[j0 : j0+nj, c0 : c0+kc] (bf16, row stride k; c0 even) as fp16 pair
-// micro-panels at buf, row j scaled by 2^e_j (largest |w| in [1, 2)): strip s
-// at buf + s * kNr * kc2, word (t, j) at [t * kNr + j]; winv[j] = 2^-e_j.
-// Rows past nj and the pad half of an odd kc are zero (winv 1).
-void PackW(const uint16_t* w, int64_t k, int64_t j0, int64_t nj, int64_t c0, int64_t kc,
-           uint32_t* buf, float* winv) {
-  const int64_t kc2 = (kc + 1) / 2;
+// micro-panels at buf (PackW's layout), row j scaled by 2^e_j (largest |w| in
+// [1, 2)); winv[j] = 2^-e_j, 1 for the rows past nj up to the last panel's end.
+void PackWHalf(const uint16_t* w, int64_t k, int64_t j0, int64_t nj, int64_t c0, int64_t kc,
+               uint32_t* buf, float* winv) {
   __m512 wscale[kNc];
-  for (int64_t q = 0; q < Min64(kNc, (nj + kNr - 1) / kNr * kNr); ++q) {
+  for (int64_t q = 0; q < (nj + kNr - 1) / kNr * kNr; ++q) {
     int e = 0;
     if (q < nj) {
       const uint16_t* row = w + (j0 + q) * k + c0;
@@ -111,29 +90,7 @@ void PackW(const uint16_t* w, int64_t k, int64_t j0, int64_t nj, int64_t c0, int
     winv[q] = std::ldexp(1.f, -e);
     wscale[q] = _mm512_set1_ps(std::ldexp(1.f, e));
   }
-  for (int64_t s = 0; s * kNr < nj; ++s) {
-    uint32_t* dst = buf + s * kNr * kc2;
-    const int64_t row0 = j0 + s * kNr;
-    const int64_t rows = Min64(kNr, nj - s * kNr);
-    for (int64_t t0 = 0; t0 < kc2; t0 += 16) {
-      const int words = static_cast<int>(Min64(16, kc2 - t0));
-      const int halves = static_cast<int>(Min64(32, kc - 2 * t0));
-      for (int v = 0; v < kNv; ++v) {
-        __m512i r[16];
-        for (int l = 0; l < 16; ++l) {
-          const int64_t q = v * kW + l;
-          r[l] = q < rows ? Bf16ToHalf(_mm512_maskz_loadu_epi16(Mask32(halves),
-                                                                w + (row0 + q) * k + c0 + 2 * t0),
-                                       wscale[s * kNr + q])
-                          : _mm512_setzero_si512();
-        }
-        Transpose16(r);
-        for (int t = 0; t < words; ++t) {
-          _mm512_storeu_si512(dst + (t0 + t) * kNr + v * kW, r[t]);
-        }
-      }
-    }
-  }
+  PackW(w, k, j0, nj, c0, kc, buf, [&](int64_t q, __m512i v) { return Bf16ToHalf(v, wscale[q]); });
 }
 
 // x[r, c0 : c0+kc] of rows [0, rows) (row stride ldx), each row times its
@@ -223,72 +180,33 @@ void Micro(const uint32_t* wp, const float* winv, const uint32_t* xb, int64_t ld
   }
 }
 
-template <int MR>
-void MicroTail(int rows, const uint32_t* wp, const float* winv, const uint32_t* xb, int64_t ldxb,
-               const float* inv, int64_t kc2, float* y, int64_t ldy, int cols, const float* bias,
-               bool load_y) {
-  if constexpr (MR >= 1) {
-    if (rows == MR) {
-      Micro<MR>(wp, winv, xb, ldxb, inv, kc2, y, ldy, cols, bias, load_y);
-    } else {
-      MicroTail<MR - 1>(rows, wp, winv, xb, ldxb, inv, kc2, y, ldy, cols, bias, load_y);
-    }
-  }
-}
-
-constexpr int64_t kWBlockWords = kNc * (kKc / 2);
-constexpr int64_t kXBlockWords = kMc * (kKc / 2);
-
 // The W block, the x block (each 64-byte aligned), the x block's row scales
 // and the W block's.
 int64_t ScratchFloats(int64_t) { return kWBlockWords + kXBlockWords + kMc + kNc + 32; }
 
 void Range(const LinearParams& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* scratch) {
   const uint16_t* w = static_cast<const uint16_t*>(p.w);
-  const int64_t k = p.k;
   uint32_t* wb = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(scratch) + 63) &
                                              ~static_cast<uintptr_t>(63));
   uint32_t* xb = wb + kWBlockWords;
   float* inv = reinterpret_cast<float*>(xb + kXBlockWords);
   float* winv = inv + kMc;
-  // k blocks start at multiples of 32 (whole 16-word loads of pairs).
-  const int64_t kblocks = (k + kKc - 1) / kKc;
-  int64_t kcb = (k + kblocks - 1) / kblocks;
-  kcb = (kcb + 31) / 32 * 32;  // <= kKc
-  for (int64_t jc = n0; jc < n1; jc += kNc) {
-    const int64_t nj = Min64(kNc, n1 - jc);
-    const int64_t strips = (nj + kNr - 1) / kNr;
-    for (int64_t pc = 0; pc < k; pc += kcb) {
-      const int64_t kc = Min64(kcb, k - pc);
-      const int64_t kc2 = (kc + 1) / 2;
-      PackW(w, k, jc, nj, pc, kc, wb, winv);
-      const bool load_y = pc > 0 || p.accumulate;
-      const float* bias = pc == 0 && p.bias != nullptr ? p.bias + jc : nullptr;
-      for (int64_t ic = m0; ic < m1; ic += kMc) {
-        const int64_t ie = Min64(m1, ic + kMc);
+  Blocking(
+      p, m0, m1, n0, n1,
+      [&](int64_t jc, int64_t nj, int64_t pc, int64_t kc) {
+        PackWHalf(w, p.k, jc, nj, pc, kc, wb, winv);
+      },
+      [&](int64_t ic, int64_t ie, int64_t pc, int64_t kc) {
         ConvertX(p.x + ic * p.ldx + pc, p.ldx, ie - ic, kc, xb, inv);
-        for (int64_t s = 0; s < strips; ++s) {
-          const int cols = static_cast<int>(Min64(kNr, nj - s * kNr));
-          const uint32_t* wp = wb + s * kNr * kc2;
-          const float* bs = bias != nullptr ? bias + s * kNr : nullptr;
-          const uint32_t* x = xb;
-          const float* iv = inv;
-          float* y = p.y + ic * p.ldy + jc + s * kNr;
-          int64_t i = ic;
-          for (; i + kMr <= ie; i += kMr) {
-            Micro<kMr>(wp, winv + s * kNr, x, kc2, iv, kc2, y, p.ldy, cols, bs, load_y);
-            x += kMr * kc2;
-            iv += kMr;
-            y += kMr * p.ldy;
-          }
-          if (i < ie) {
-            MicroTail<kMr - 1>(static_cast<int>(ie - i), wp, winv + s * kNr, x, kc2, iv, kc2, y,
-                               p.ldy, cols, bs, load_y);
-          }
-        }
-      }
-    }
-  }
+      },
+      [&](int64_t s, int64_t i, int rows, int64_t kc2, float* y, int cols, const float* bias,
+          bool load_y) {
+        const uint32_t* wp = wb + s * kNr * kc2;
+        WithRows(rows, [&]<int R>() {
+          Micro<R>(wp, winv + s * kNr, xb + i * kc2, kc2, inv + i, kc2, y, p.ldy, cols, bias,
+                   load_y);
+        });
+      });
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // The AVX-512 16 x 16 transpose of 32-bit lanes, shared by the AVX-512
-// translation units (ops_avx512.cc, gemm_bf16_avx512.cc). Include only from
+// translation units (ops_avx512.cc, and gemm_bf16 / gemm_f16_avx512.cc through
+// gemm_pairs_avx512.h). Include only from
 // files compiled with -mavx512f. Internal linkage on purpose: each
 // translation unit keeps its own copy, so the linker never merges copies
 // built with different -m flags.
