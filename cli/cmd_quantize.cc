@@ -520,8 +520,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "stage 2: calibration sequences per training step (Adam update)")
       .Declare("train-steps", "1000",
                "stage 2 (end-to-end EC distillation) steps of --train-batch x LEN tokens; the "
-               "time budget "
-               "or early stopping on held-out calibration KL usually ends it first")
+               "time budget or early stopping on held-out calibration KL usually ends it first")
       .Declare("time-budget", "900",
                "seconds for calibration + EC fitting; stage 2 gets what the earlier stages left "
                "(0 = no limit)")

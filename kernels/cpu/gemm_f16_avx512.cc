@@ -63,6 +63,24 @@ __m512 Bf16ToFloat(__m256i b) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
+// The largest |v| of row[0, n): fp32, or bf16 bits.
+float RowMaxAbs(const float* row, int64_t n) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 m = Mask16(static_cast<int>(Min64(16, n - c)));
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + c)));
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+float RowMaxAbs(const uint16_t* row, int64_t n) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 m = Mask16(static_cast<int>(Min64(16, n - c)));
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(Bf16ToFloat(_mm256_maskz_loadu_epi16(m, row + c))));
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
 // 32 bf16 halves times 2^e to 32 fp16 halves in the same positions.
 __m512i Bf16ToHalf(__m512i v, __m512 scale) {
   auto half = [&](__m256i b) { return ToHalf(_mm512_mul_ps(Bf16ToFloat(b), scale)); };
@@ -75,22 +93,14 @@ __m512i Bf16ToHalf(__m512i v, __m512 scale) {
 // [1, 2)); winv[j] = 2^-e_j, 1 for the rows past nj up to the last panel's end.
 void PackWHalf(const uint16_t* w, int64_t k, int64_t j0, int64_t nj, int64_t c0, int64_t kc,
                uint32_t* buf, float* winv) {
-  __m512 wscale[kNc];
+  float wscale[kNc];
   for (int64_t q = 0; q < (nj + kNr - 1) / kNr * kNr; ++q) {
-    int e = 0;
-    if (q < nj) {
-      const uint16_t* row = w + (j0 + q) * k + c0;
-      __m512 mx = _mm512_setzero_ps();
-      for (int64_t c = 0; c < kc; c += 16) {
-        const __m256i b = _mm256_maskz_loadu_epi16(Mask16(static_cast<int>(Min64(16, kc - c))), row + c);
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(Bf16ToFloat(b)));
-      }
-      e = RowExponent(_mm512_reduce_max_ps(mx), 1);
-    }
+    const int e = q < nj ? RowExponent(RowMaxAbs(w + (j0 + q) * k + c0, kc), 1) : 0;
     winv[q] = std::ldexp(1.f, -e);
-    wscale[q] = _mm512_set1_ps(std::ldexp(1.f, e));
+    wscale[q] = std::ldexp(1.f, e);
   }
-  PackW(w, k, j0, nj, c0, kc, buf, [&](int64_t q, __m512i v) { return Bf16ToHalf(v, wscale[q]); });
+  PackW(w, k, j0, nj, c0, kc, buf,
+        [&](int64_t q, __m512i v) { return Bf16ToHalf(v, _mm512_set1_ps(wscale[q])); });
 }
 
 // x[r, c0 : c0+kc] of rows [0, rows) (row stride ldx), each row times its
@@ -100,12 +110,7 @@ void ConvertX(const float* x, int64_t ldx, int64_t rows, int64_t kc, uint32_t* x
   const int64_t kc2 = (kc + 1) / 2;
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = x + r * ldx;
-    __m512 mx = _mm512_setzero_ps();
-    for (int64_t c = 0; c < kc; c += 16) {
-      const __m512 v = _mm512_maskz_loadu_ps(Mask16(static_cast<int>(Min64(16, kc - c))), src + c);
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-    }
-    const int e = RowExponent(_mm512_reduce_max_ps(mx), 4);  // [8, 16)
+    const int e = RowExponent(RowMaxAbs(src, kc), 4);  // [8, 16)
     inv[r] = std::ldexp(1.f, -e);
     const __m512 scale = _mm512_set1_ps(std::ldexp(1.f, e));
     uint32_t* dst = xb + r * kc2;

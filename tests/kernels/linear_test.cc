@@ -156,7 +156,7 @@ TEST_P(LinearTest, Bf16Products) {
 // sum) plus 2^-20 k max|x| max|w| of its row and column (fp16's subnormal
 // spacing after the scaling), and the normalized squared error over the
 // outputs of each size class of rows (when it has >= 32) within 2e-5 plus
-// fp32's rounding of adding y and bias (measured: ~1e-6). Rows of 1e-6 and
+// fp32's rounding of adding y and bias (~1e-6 when first written). Rows of 1e-6 and
 // 1e4 in one call and weights of 1e-5 to 1e4 (the scalings), odd k, k around
 // the 64-term flush, the 512-wide k blocks and the 32-wide pair loads, rows
 // around the 6-row tile and 144-row block, outputs around the 32-wide
