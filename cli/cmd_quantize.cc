@@ -634,6 +634,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
                                         {"ema_decay", o.distill.ema_decay},
                                         {"gemm", quantize::DistillGemmName(o.distill.gemm)},
                                         {"eval_every", o.distill.eval_every},
+                                        {"eval_every_early", o.distill.eval_every_early},
                                         {"patience", o.distill.patience},
                                         {"patience_from", o.distill.patience_from}}
                                  : json{{"kind", "per module"},

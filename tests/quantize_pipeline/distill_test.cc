@@ -390,6 +390,7 @@ TEST_F(DistillTest, MovingAverageIsScoredAndKeptWhereBest) {
   o.batch_sequences = 4;
   o.lr = 4e-3;  // a noisy run, where an average has something to smooth
   o.eval_every = 10;
+  o.eval_every_early = 10;
   o.patience = 0;
   o.ema_decay = 0.9;
   auto rep = (*dist)->Train(seqs, 32, teacher.data(), o);
@@ -455,6 +456,61 @@ TEST_F(DistillTest, PatienceCountsFromLateInTheSchedule) {
     EXPECT_EQ(rep->best_step, 0);
     EXPECT_DOUBLE_EQ(rep->final_val_kl, rep->init_val_kl);
   }
+}
+
+// Held-out evaluations: step 0, every eval_every_early steps before
+// patience_from of the schedule (here 20 of 40 steps), every eval_every
+// after, and the last step.
+TEST_F(DistillTest, EvaluationsAreSparseBeforePatienceFrom) {
+  const auto seqs = Seqs(12, 32, 41);  // 8 fit + 4 held out
+  const auto teacher = Teacher(seqs);
+  auto m = Quantized();
+  auto dist = EcDistiller::Create(m.get(), &pool_);
+  ASSERT_TRUE(dist.ok());
+  DistillOptions o;
+  o.steps = 42;
+  o.batch_sequences = 4;
+  o.lr = 1e-3;
+  o.eval_every = 5;
+  o.eval_every_early = 15;
+  o.patience = 0;
+  o.patience_from = 0.5;
+  auto rep = (*dist)->Train(seqs, 8, teacher.data(), o);
+  ASSERT_TRUE(rep.ok()) << rep.status();
+  std::vector<int64_t> at;
+  for (auto [st, v] : rep->val_history) at.push_back(st);
+  EXPECT_EQ(at, (std::vector<int64_t>{0, 15, 25, 30, 35, 40, 42}));
+  EXPECT_EQ(rep->steps_run, 42);
+  // Bad values are refused, not divided by.
+  o.eval_every = 0;
+  EXPECT_EQ((*dist)->Train(seqs, 8, teacher.data(), o).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  o.eval_every = 5;
+  o.eval_every_early = -1;
+  EXPECT_EQ((*dist)->Train(seqs, 8, teacher.data(), o).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// A time budget that is not spent does not end a run with pinned steps
+// early: every step runs and the report does not blame the budget (the
+// step fraction of the schedule once ended the run one step short).
+TEST_F(DistillTest, PinnedStepsRunToTheEndUnderAnUnspentBudget) {
+  const auto seqs = Seqs(12, 32, 41);
+  const auto teacher = Teacher(seqs);
+  auto m = Quantized();
+  auto dist = EcDistiller::Create(m.get(), &pool_);
+  ASSERT_TRUE(dist.ok());
+  DistillOptions o;
+  o.steps = 6;
+  o.batch_sequences = 4;
+  o.eval_every = 3;
+  o.patience = 0;
+  o.max_seconds = 1e6;
+  auto rep = (*dist)->Train(seqs, 8, teacher.data(), o);
+  ASSERT_TRUE(rep.ok()) << rep.status();
+  EXPECT_EQ(rep->steps_run, 6);
+  EXPECT_FALSE(rep->time_capped);
+  EXPECT_TRUE(rep->UnderTrainedWarning().empty());
 }
 
 TEST(FastStats, SecondMomentGemmMatchesEigen) {

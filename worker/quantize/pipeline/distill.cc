@@ -658,7 +658,8 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   if (num_fit < 1 || num_fit >= n) {
     return absl::InvalidArgumentError("Train needs >= 1 fit and >= 1 held-out sequence");
   }
-  if (o.batch_sequences < 1 || o.steps < 0 || o.lr <= 0 || !(o.layer_mse_weight >= 0)) {
+  if (o.batch_sequences < 1 || o.steps < 0 || o.lr <= 0 || !(o.layer_mse_weight >= 0) ||
+      o.eval_every < 1 || o.eval_every_early < 0) {
     return absl::InvalidArgumentError("bad distillation options");
   }
   if (o.layer_mse_weight > 0 && teacher_layers == nullptr) {
@@ -741,18 +742,25 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   const bool use_ema = o.ema_decay > 0;
   std::vector<float> ema, raw;
   const auto train_start = std::chrono::steady_clock::now();
-  // Progress in [0, 1] after `step` steps (see the lr schedule below).
-  auto RunFraction = [&](int64_t step) {
-    double f = static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, o.steps));
-    if (o.max_seconds > 0) {
-      // Measured from the start of Train (including the held-out baseline);
-      // the time of one more step is projected so the last step fits.
-      const double spent = Seconds(t0);
-      const double per_step = step > 1 ? Seconds(train_start) / static_cast<double>(step - 1) : 0;
-      f = std::max(f, (spent + per_step) / o.max_seconds);
-    }
-    return f;
+  // The time budget's share spent once `step` steps are done: measured from
+  // the start of Train (including the held-out baseline), with the time of
+  // one more step projected so the last step fits. 0 without a budget.
+  auto TimeFraction = [&](int64_t step) {
+    if (o.max_seconds <= 0) return 0.0;
+    const double spent = Seconds(t0);
+    const double per_step = step > 1 ? Seconds(train_start) / static_cast<double>(step - 1) : 0;
+    return (spent + per_step) / o.max_seconds;
   };
+  // Progress in [0, 1] after `step` steps (see the lr schedule below): the
+  // larger of the step and the time fractions.
+  auto RunFraction = [&](int64_t step) {
+    const double f = static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, o.steps));
+    return std::max(f, TimeFraction(step));
+  };
+  // Held-out evaluations every eval_every steps from patience_from of the
+  // schedule on, every eval_every_early steps before (they only guard the
+  // kept parameters there: the cosine schedule's best is late).
+  const int64_t early_every = o.eval_every_early > 0 ? o.eval_every_early : o.eval_every;
   for (int64_t step = 1; step <= o.steps; ++step) {
     gather(next_batch(), &sp);
     auto l = LossAndGrad(sp, tbuf.data(), o.hidden_mse_weight, &grad, o.kl_temperature,
@@ -794,8 +802,10 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
         for (size_t i = 0; i < ema.size(); ++i) ema[i] = d * ema[i] + (1.f - d) * raw[i];
       }
     }
-    const bool time_up = o.max_seconds > 0 && RunFraction(step + 1) >= 1.0;
-    if (step % o.eval_every == 0 || step == o.steps || time_up) {
+    // Only the time ends the run here: the step ceiling ends the loop.
+    const bool time_up = TimeFraction(step + 1) >= 1.0;
+    const bool late = RunFraction(step) >= o.patience_from;
+    if (step % (late ? o.eval_every : early_every) == 0 || step == o.steps || time_up) {
       auto v = val_kl();
       if (!v.ok()) return v.status();
       rep.val_history.emplace_back(step, *v);
@@ -826,7 +836,7 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
       }
       if (improved) {
         bad = 0;
-      } else if (RunFraction(step) >= o.patience_from) {
+      } else if (late) {
         ++bad;
       }
       if (progress) progress(step, o.steps, *v);
