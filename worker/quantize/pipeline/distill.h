@@ -91,9 +91,9 @@ struct DistillOptions {
   // Steps between held-out evaluations before patience_from of the
   // schedule (0: eval_every). There they only guard the kept parameters
   // (early stopping counts from patience_from on, and the cosine schedule's
-  // best is late), yet each costs ~2.5 steps (4,096 held-out tokens against
-  // a 512-token step, forward only): 60 keeps one in three. Step 0 (the
-  // initial parameters) is always scored.
+  // best is late), yet each costs ~3 steps (4,096 held-out tokens of
+  // forward against a 512-token step's forward and backward): 60 keeps one
+  // in three. Step 0 (the initial parameters) is always scored.
   int64_t eval_every_early = 60;
   int64_t patience = 4;        // evaluations without improvement; 0: never stop early
   double patience_from = 0.75;  // fraction of the schedule (steps or time) before which
