@@ -804,7 +804,7 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
     }
     // Only the time ends the run here: the step ceiling ends the loop.
     const bool time_up = TimeFraction(step + 1) >= 1.0;
-    const bool late = RunFraction(step) >= o.patience_from;
+    const bool late = frac >= o.patience_from;  // the step's place in the lr schedule
     if (step % (late ? o.eval_every : early_every) == 0 || step == o.steps || time_up) {
       auto v = val_kl();
       if (!v.ok()) return v.status();
