@@ -68,13 +68,17 @@ TEST_P(RtnBound, ErrorWithinHalfScale) {
     for (int64_t j = 0; j < c.k; ++j) {
       const int64_t g = i * fmt.num_groups() + j / c.group;
       const float scale = kernels::HalfToFloat(q->scales[g]);
-      if (c.symmetric) EXPECT_EQ(q->zeros[g], 8);
+      if (c.symmetric) {
+        EXPECT_EQ(q->zeros[g], 8);
+      }
       EXPECT_LE(std::fabs(w.at(i, j) - deq[i * c.k + j]), 0.5f * scale * (1.0f + 1e-6f) + 1e-7f)
           << "i=" << i << " j=" << j;
     }
   }
   for (int64_t j = 0; j < c.k; ++j) EXPECT_EQ(deq[3 * c.k + j], 0.0f);
-  if (!c.symmetric) EXPECT_EQ(q->zeros[1 * fmt.num_groups()], 0);  // all-positive: zero point 0
+  if (!c.symmetric) {  // all-positive: zero point 0
+    EXPECT_EQ(q->zeros[1 * fmt.num_groups()], 0);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -147,7 +147,9 @@ TEST_P(DistillGemmTest, ForwardMatchesEngineLogits) {
   EXPECT_LT(max_err, tol * (1 + max_abs)) << "max |logit| " << max_abs;
   // The bf16 form does differ from the engine (the test would notice the
   // flag being dropped): its weights are rounded.
-  if (GetParam() == DistillGemm::kBf16) EXPECT_GT(max_err, 1e-6 * (1 + max_abs));
+  if (GetParam() == DistillGemm::kBf16) {
+    EXPECT_GT(max_err, 1e-6 * (1 + max_abs));
+  }
 }
 
 TEST(DistillGemmParse, Names) {

@@ -115,12 +115,18 @@ TEST_F(PipelineTest, SpearBeatsW4AndStatic) {
     EXPECT_TRUE(rep.ok()) << rep.status();
     // The budget holds (it is taken from the W4 model without act scales).
     EXPECT_LE(rep->ec_bytes, 0.25 * rep->w4_model_bytes) << static_cast<int>(ec);
-    if (ec != EcMode::kNone) EXPECT_GT(rep->ec_bytes, 0.1 * rep->w4_model_bytes);
+    if (ec != EcMode::kNone) {
+      EXPECT_GT(rep->ec_bytes, 0.1 * rep->w4_model_bytes);
+    }
     int64_t sum = 0;
     for (const auto& mr : rep->modules) {
       sum += mr.ec_bytes;
-      if (mr.ec_rank > 0) EXPECT_LE(mr.err_static, mr.err_w4 * 1.0001) << mr.name;
-      if (ec == EcMode::kSpear && mr.ec_rank > 0) EXPECT_LE(mr.err_final, mr.err_static * 1.0001);
+      if (mr.ec_rank > 0) {
+        EXPECT_LE(mr.err_static, mr.err_w4 * 1.0001) << mr.name;
+      }
+      if (ec == EcMode::kSpear && mr.ec_rank > 0) {
+        EXPECT_LE(mr.err_final, mr.err_static * 1.0001);
+      }
     }
     // SPEAR's teacher came from the sampling pass, for every sequence.
     EXPECT_EQ(rep->teacher_captured_sequences, ec == EcMode::kSpear ? 20 : 0);
@@ -365,7 +371,9 @@ TEST_F(PipelineTest, CalibrationChatPromptsUseTheTemplate) {
       EXPECT_TRUE(std::equal(want.begin(), want.end(), (*seqs)[i].begin()))
           << "bos " << bos << " sample " << i;
       EXPECT_EQ((*seqs)[i][0], bos);
-      if (bos == 120) EXPECT_NE((*seqs)[i][1], 120);  // no doubled BOS
+      if (bos == 120) {  // no doubled BOS
+        EXPECT_NE((*seqs)[i][1], 120);
+      }
     }
   }
   // Without the chat flag the same file gives the raw lines.

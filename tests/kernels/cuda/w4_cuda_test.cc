@@ -680,7 +680,9 @@ TEST(CudaW4, TuneDecodeRecordsValidConfigurations) {
     EXPECT_TRUE(t.groups == 0 || (t.warps == 8 && (t.groups == 2 || t.groups == 4 || t.groups == 8)))
         << m << ": groups " << t.groups;
     // v56: at one row no warp groups (slower inside the decode step)
-    if (m == 1) EXPECT_EQ(t.groups, 0) << "a grouped pick at one row";
+    if (m == 1) {
+      EXPECT_EQ(t.groups, 0) << "a grouped pick at one row";
+    }
   }
   {  // Clone copies the tuning (set by hand: the measurement may pick none)
     auto src = cuda::W4DeviceWeight::Create(RandomW4(64, 256, 128, false, false, rng), nullptr);
