@@ -59,7 +59,7 @@ from Debian packages, neither of them a scored text:
   Not a scored text (the handbook is a different package and document).
 
 - foldoc: the Free On-line Dictionary of Computing as Debian ships it in
-  `dict-foldoc` (GFDL; ~15,000 entries): encyclopedic prose about computing's
+  `dict-foldoc` (GFDL; ~12,000 entries): encyclopedic prose about computing's
   languages, machines, companies, people and history ("Ada: A
   Pascal-descended language, designed by Jean Ichbiah's team at CII
   Honeywell in 1979, ..."), every entry of >= 40 words as "Headword: body",

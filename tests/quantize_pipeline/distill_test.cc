@@ -461,7 +461,7 @@ TEST_F(DistillTest, PatienceCountsFromLateInTheSchedule) {
 }
 
 // Held-out evaluations: step 0, every eval_every_early steps before
-// patience_from of the schedule (here 20 of 40 steps), every eval_every
+// patience_from of the schedule (here step 21 of 42), every eval_every
 // after, and the last step.
 TEST_F(DistillTest, EvaluationsAreSparseBeforePatienceFrom) {
   const auto seqs = Seqs(12, 32, 41);  // 8 fit + 4 held out
