@@ -1,5 +1,6 @@
 #include "common/validate.h"
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -126,6 +127,21 @@ absl::Status ValidateLogSumExp(const LogSumExpParams& p) {
   if (p.m == 0) return absl::OkStatus();
   if (!InRange(p.ldx, p.n)) return Bad(kOp, "ldx is below n");
   if (p.x == nullptr || p.y == nullptr) return Bad(kOp, "null pointer");
+  return absl::OkStatus();
+}
+
+absl::Status ValidateKlDivergence(const KlDivergenceParams& p) {
+  constexpr const char* kOp = "KlDivergence";
+  if (!InRange(p.m, 0) || !InRange(p.n, 1)) {
+    return Bad(kOp, absl::StrCat("bad sizes m=", p.m, " n=", p.n, " (n >= 1)"));
+  }
+  if (!(p.tau > 0.f) || !std::isfinite(p.tau) || !std::isfinite(p.weight)) {
+    return Bad(kOp, absl::StrCat("tau must be finite and > 0 and weight finite, got tau=", p.tau,
+                                 " weight=", p.weight));
+  }
+  if (p.m == 0) return absl::OkStatus();
+  if (!InRange(p.ldz, p.n)) return Bad(kOp, "ldz is below n");
+  if (p.zs == nullptr || p.zt == nullptr || p.kl == nullptr) return Bad(kOp, "null pointer");
   return absl::OkStatus();
 }
 

@@ -21,5 +21,6 @@ absl::Status ValidateRope(const RopeParams& p);
 absl::Status ValidateAttention(const AttentionParams& p);
 absl::Status ValidateSiluMul(const SiluMulParams& p);
 absl::Status ValidateLogSumExp(const LogSumExpParams& p);
+absl::Status ValidateKlDivergence(const KlDivergenceParams& p);
 
 }  // namespace spear::kernels::internal

@@ -52,6 +52,8 @@ struct IsaKernels {
                          float* scores, float* kt, float* stats);
   // Rows [r0, r1) of LogSumExp.
   void (*log_sum_exp)(const LogSumExpParams& p, int64_t r0, int64_t r1);
+  // Rows [r0, r1) of KlDivergence; `scratch`: 2 * n floats.
+  void (*kl_divergence)(const KlDivergenceParams& p, int64_t r0, int64_t r1, float* scratch);
   // Per-thread scratch (floats) linear wants for its GEMM path, given k.
   int64_t (*linear_scratch)(int64_t k);
   // GEMM tile: rows of x and outputs (columns of y). Splitting work at

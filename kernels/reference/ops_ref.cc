@@ -134,4 +134,33 @@ absl::Status LogSumExp(const LogSumExpParams& p) {
   return absl::OkStatus();
 }
 
+absl::Status KlDivergence(const KlDivergenceParams& p) {
+  if (absl::Status s = internal::ValidateKlDivergence(p); !s.ok()) return s;
+  const double it = 1.0 / static_cast<double>(p.tau);
+  std::vector<double> ls(p.n), lt(p.n);  // log-softmax of zs / tau and zt / tau
+  for (int64_t i = 0; i < p.m; ++i) {
+    for (int pass = 0; pass < 2; ++pass) {
+      const float* z = (pass == 0 ? p.zs : p.zt) + i * p.ldz;
+      std::vector<double>& l = pass == 0 ? ls : lt;
+      double mx = z[0] * it;
+      for (int64_t j = 1; j < p.n; ++j) mx = std::max(mx, z[j] * it);
+      double sum = 0;
+      for (int64_t j = 0; j < p.n; ++j) sum += std::exp(z[j] * it - mx);
+      const double lz = mx + std::log(sum);
+      for (int64_t j = 0; j < p.n; ++j) l[j] = z[j] * it - lz;
+    }
+    double kl = 0;
+    for (int64_t j = 0; j < p.n; ++j) {
+      const double pt = std::exp(lt[j]);
+      kl += pt * (lt[j] - ls[j]);
+      if (p.dzs != nullptr) {
+        p.dzs[i * p.ldz + j] = static_cast<float>(static_cast<double>(p.weight) * p.tau *
+                                                  (std::exp(ls[j]) - pt));
+      }
+    }
+    p.kl[i] = kl * p.tau * p.tau;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace spear::kernels::ref

@@ -195,41 +195,6 @@ TEST(DistillOps, SiluMulBackward) {
   CheckGrad([&](const std::vector<double>& u) { return f(g0, u); }, u0, du);
 }
 
-TEST(DistillOps, KlRowValueAndGradient) {
-  const int64_t v = 9;
-  const std::vector<double> zs0 = Rand(v, 12, 2.0), zt = Rand(v, 13, 2.0);
-  std::vector<double> dz(v);
-  const double kl = KlRow<double>(zs0.data(), zt.data(), v, 1.0, dz.data());
-  EXPECT_GT(kl, 0);
-  EXPECT_NEAR(KlRow<double>(zt.data(), zt.data(), v, 1.0, nullptr), 0.0, 1e-12);
-  CheckGrad([&](const std::vector<double>& zs) { return KlRow<double>(zs.data(), zt.data(), v, 1.0, nullptr); },
-            zs0, dz);
-  // With a distillation temperature tau: tau^2 KL of the softened
-  // distributions, by hand, and its gradient by finite differences.
-  for (const double tau : {0.5, 2.0, 4.0}) {
-    std::vector<double> dzt(v);
-    const double klt = KlRow<double>(zs0.data(), zt.data(), v, 1.0, dzt.data(), tau);
-    double ss = 0, st = 0;
-    for (int64_t i = 0; i < v; ++i) {
-      ss += std::exp(zs0[i] / tau);
-      st += std::exp(zt[i] / tau);
-    }
-    double ref = 0;
-    for (int64_t i = 0; i < v; ++i) {
-      const double pt = std::exp(zt[i] / tau) / st, ps = std::exp(zs0[i] / tau) / ss;
-      ref += pt * std::log(pt / ps);
-    }
-    EXPECT_NEAR(klt, tau * tau * ref, 1e-10 * (1 + klt)) << tau;
-    CheckGrad([&](const std::vector<double>& zs) {
-      return KlRow<double>(zs.data(), zt.data(), v, 1.0, nullptr, tau);
-    }, zs0, dzt);
-  }
-  // tau = 1 is the plain KL, bit for bit.
-  std::vector<double> d1(v);
-  EXPECT_EQ(KlRow<double>(zs0.data(), zt.data(), v, 1.0, d1.data(), 1.0), kl);
-  EXPECT_EQ(d1, dz);
-}
-
 // The EC's input gradient dX = dU A (used by the end-to-end backward).
 TEST(DistillOps, EcInputGradient) {
   const int64_t m = 4, k = 6, n = 5, r = 2, h = 3;

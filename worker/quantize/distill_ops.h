@@ -218,41 +218,4 @@ void SiluMulBackward(const S* g, const S* u, const S* dm, int64_t n, S* dg, S* d
   }
 }
 
-// One row: returns tau^2 KL(softmax(zt / tau) || softmax(zs / tau))
-// (float64; Hinton's distillation temperature, tau = 1: the plain KL) and,
-// if dzs, writes its gradient weight * tau * (p_s - p_t) (p at temperature
-// tau) into dzs [v].
-template <typename S>
-double KlRow(const S* zs, const S* zt, int64_t v, S weight, S* dzs, S tau = S(1)) {
-  // Exponentials in S (float in training: half the cost of double exp, two
-  // per element instead of four), sums and logs in double.
-  const S it_ = S(1) / tau;
-  S ms = -std::numeric_limits<S>::infinity(), mt = ms;
-  for (int64_t i = 0; i < v; ++i) {
-    ms = std::max(ms, zs[i]);
-    mt = std::max(mt, zt[i]);
-  }
-  ms *= it_;
-  mt *= it_;
-  thread_local std::vector<S> es, et;
-  es.resize(static_cast<size_t>(v));
-  et.resize(static_cast<size_t>(v));
-  double ss = 0, st = 0;
-  for (int64_t i = 0; i < v; ++i) {
-    es[i] = std::exp(zs[i] * it_ - ms);
-    et[i] = std::exp(zt[i] * it_ - mt);
-    ss += es[i];
-    st += et[i];
-  }
-  const double lzs = ms + std::log(ss), lzt = mt + std::log(st);
-  const double is = 1.0 / ss, it = 1.0 / st;
-  double kl = 0;
-  for (int64_t i = 0; i < v; ++i) {
-    const double pt = et[i] * it;
-    kl += pt * ((zt[i] * it_ - lzt) - (zs[i] * it_ - lzs));
-    if (dzs != nullptr) dzs[i] = static_cast<S>(weight * tau * (es[i] * is - pt));
-  }
-  return kl * static_cast<double>(tau) * static_cast<double>(tau);
-}
-
 }  // namespace spear::quantize::distill

@@ -106,4 +106,24 @@ struct LogSumExpParams {
   int64_t m = 0, n = 0, ldx = 0;
 };
 
+// KlDivergence (distillation of logits rows): for each of m rows, with
+// p_t = softmax(zt / tau) and p_s = softmax(zs / tau) over n >= 1 finite
+// floats,
+//   kl[i] = tau^2 KL(p_t || p_s) = tau^2 sum_j p_t[j] (log p_t[j] - log p_s[j])
+// (Hinton's temperature scaling; tau = 1: the plain KL) and, if dzs !=
+// nullptr, its gradient with respect to zs times `weight`:
+//   dzs[i, j] = weight * tau * (p_s[j] - p_t[j]).
+// dzs may alias zs (each element is read before it is written). ref:: works
+// in double; cpu:: takes the exponentials in float (the SIMD polynomial) and
+// sums in float over <= 16 vectors, then in double.
+struct KlDivergenceParams {
+  const float* zs = nullptr;  // student logits [m, n], row stride ldz
+  const float* zt = nullptr;  // teacher logits [m, n], row stride ldz
+  double* kl = nullptr;       // [m]
+  float* dzs = nullptr;       // optional [m, n], row stride ldz; may alias zs
+  int64_t m = 0, n = 0, ldz = 0;
+  float tau = 1.f;     // > 0
+  float weight = 1.f;  // finite
+};
+
 }  // namespace spear::kernels

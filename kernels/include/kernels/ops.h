@@ -18,8 +18,8 @@
 namespace spear::kernels {
 
 // The parameter structs (LinearParams, RmsNormParams, RopeParams,
-// AttentionParams, SiluMulParams, LogSumExpParams) and their semantics are
-// in op_params.h.
+// AttentionParams, SiluMulParams, LogSumExpParams, KlDivergenceParams) and
+// their semantics are in op_params.h.
 
 namespace ref {
 absl::Status Linear(const LinearParams& p);
@@ -28,6 +28,7 @@ absl::Status Rope(const RopeParams& p);
 absl::Status Attention(const AttentionParams& p);
 absl::Status SiluMul(const SiluMulParams& p);
 absl::Status LogSumExp(const LogSumExpParams& p);
+absl::Status KlDivergence(const KlDivergenceParams& p);
 }  // namespace ref
 
 namespace cpu {
@@ -37,6 +38,7 @@ absl::Status Rope(const RopeParams& p, ThreadPool* pool);
 absl::Status Attention(const AttentionParams& p, ThreadPool* pool);
 absl::Status SiluMul(const SiluMulParams& p, ThreadPool* pool);
 absl::Status LogSumExp(const LogSumExpParams& p, ThreadPool* pool);
+absl::Status KlDivergence(const KlDivergenceParams& p, ThreadPool* pool);
 }  // namespace cpu
 
 }  // namespace spear::kernels

@@ -347,13 +347,19 @@ struct EcDistiller::Impl {
       const int64_t c = std::min(kChunk, T - r0);
       if (auto s = Head(y.data() + r0 * d, c, zs.data()); !s.ok()) return s;
       if (auto s = Head(teacher + r0 * d, c, zt.data()); !s.ok()) return s;
-      pool->ParallelFor(c, 1, [&](int64_t b, int64_t e2) {
-        for (int64_t i = b; i < e2; ++i) {
-          row_kl[i] = distill::KlRow<float>(zs.data() + i * vocab, zt.data() + i * vocab, vocab,
-                                            inv_t, dy ? zs.data() + i * vocab : nullptr,
-                                            static_cast<float>(tau));
-        }
-      });
+      // Per row tau^2 KL(teacher || student); with dy, its gradient
+      // inv_t * tau * (p_s - p_t) over the student's logits.
+      kernels::KlDivergenceParams kp;
+      kp.zs = zs.data();
+      kp.zt = zt.data();
+      kp.kl = row_kl.data();
+      kp.dzs = dy != nullptr ? zs.data() : nullptr;
+      kp.m = c;
+      kp.n = vocab;
+      kp.ldz = vocab;
+      kp.tau = static_cast<float>(tau);
+      kp.weight = inv_t;
+      if (auto s = kernels::cpu::KlDivergence(kp, pool); !s.ok()) return s;
       for (int64_t i = 0; i < c; ++i) kl += row_kl[i];
       if (per_row != nullptr) per_row->insert(per_row->end(), row_kl.begin(), row_kl.begin() + c);
       if (dy != nullptr) {
