@@ -57,57 +57,16 @@ float* Scratch(int64_t floats) {
   return buf.data();
 }
 
-// Row blocks for `n_tasks` column blocks: added while there are fewer
-// than 4 tasks per thread and each block keeps >= 48 rows.
-int64_t GemmRowParts(int64_t m, int64_t n_tasks, int threads) {
-  int64_t m_parts = 1;
-  const int64_t want = 4 * static_cast<int64_t>(threads);
-  while (n_tasks * m_parts < want && m / (m_parts + 1) >= 48) ++m_parts;
-  return m_parts;
-}
-
-// Column block width (a multiple of nr in [48, 128]: 3..8 strips of 16
-// outputs, 2..4 of 32) whose tasks spread most evenly over the threads:
-// with equal tasks pulled in turn, the busiest thread does ceil(tasks /
-// threads) of them, so e.g. 9 blocks of 64 (n = 576) on 2 threads leave one
-// thread idle for a ninth of the call, 12 blocks of 48 none (measured: the
-// trainer's n = 576 and 192 GEMMs at m = 512 11-13 % faster on 2 threads).
-// Ties: fewer row blocks (each repacks its W), then wider blocks (fewer
-// passes over x).
-int64_t GemmColumnBlock(int64_t m, int64_t n, int64_t nr, int threads) {
-  const int64_t strips = (n + nr - 1) / nr;
-  int64_t best_c = (64 + nr - 1) / nr;
-  double best_eff = -1;
-  int64_t best_parts = 0;
-  const int64_t c_lo = (48 + nr - 1) / nr, c_hi = std::max(c_lo, 128 / nr);
-  for (int64_t c = c_lo; c <= c_hi; ++c) {
-    const int64_t n_tasks = (strips + c - 1) / c;
-    const int64_t parts = GemmRowParts(m, n_tasks, threads);
-    const int64_t tasks = n_tasks * parts;
-    // Busiest thread's strip-rows against an even share of all of them.
-    const double busiest = static_cast<double>((tasks + threads - 1) / threads) *
-                           static_cast<double>(c) * (static_cast<double>(m) / parts);
-    const double eff = static_cast<double>(strips) * m / (threads * busiest);
-    if (eff > best_eff + 1e-9 ||
-        (eff > best_eff - 1e-9 && (parts < best_parts || (parts == best_parts && c > best_c)))) {
-      best_eff = eff;
-      best_c = c;
-      best_parts = parts;
-    }
-  }
-  return best_c * nr;
-}
-
 // Linear with m >= kGemmMinM: tasks of (column block, row block) pulled
 // from a shared counter by every thread, so a thread that the OS
 // descheduled (the machine is shared) does not hold up the others. Column
-// blocks are gemm_nr-aligned (GemmColumnBlock); each task packs its own W
-// columns, so row blocks (which repack the same W) are only added when
-// there are too few column blocks to go around.
+// blocks are gemm_nr-aligned; each task packs its own W columns, so row
+// blocks (which repack the same W) are only added when there are too few
+// column blocks to go around.
 void LinearGemm(const internal::GemmKernel& kern, const LinearParams& p, ThreadPool* pool,
                 int threads) {
   const int64_t nr = kern.nr, mr = kern.mr;
-  int64_t cols = threads > 1 ? GemmColumnBlock(p.m, p.n, nr, threads) : (64 + nr - 1) / nr * nr;
+  int64_t cols = (64 + nr - 1) / nr * nr;
   // Long rows (the lm_head's transpose, k = 49,152) on a kernel that reads
   // x once per range: every task streams all of x from memory, so as few
   // column tasks as keep the threads busy. (The F32 GEMM reads x once per
@@ -118,7 +77,9 @@ void LinearGemm(const internal::GemmKernel& kern, const LinearParams& p, ThreadP
     cols = std::max(cols, (even + nr - 1) / nr * nr);
   }
   int64_t n_tasks = (p.n + cols - 1) / cols;
-  const int64_t m_parts = GemmRowParts(p.m, n_tasks, threads);
+  int64_t m_parts = 1;
+  const int64_t want = 4 * static_cast<int64_t>(threads);
+  while (n_tasks * m_parts < want && p.m / (m_parts + 1) >= 48) ++m_parts;
   // Few tasks overall: coarser column blocks are as good and pack less often.
   if (n_tasks * m_parts > 64 * threads) {
     cols *= 4;

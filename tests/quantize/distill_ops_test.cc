@@ -86,6 +86,28 @@ TEST(DistillOps, RopeInverseIsTransposeAndInverse) {
   for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(rx[i], x[i], 1e-6);
 }
 
+// The tiled transpose against the definition, on sizes off the 32 x 32 tile
+// (one tile, partial tiles on both sides, more rows than columns and the
+// reverse) with a row stride above the width; the stride's padding is
+// never read into dst.
+TEST(DistillOps, TransposeMatchesDefinition) {
+  for (const auto [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{
+           {1, 1}, {32, 32}, {33, 7}, {5, 70}, {256, 64}, {97, 130}}) {
+    const int64_t lds = cols + 3;
+    std::vector<double> src = Rand(rows * lds, 21);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = cols; j < lds; ++j) src[i * lds + j] = std::nan("");
+    }
+    std::vector<double> dst(rows * cols, -1.0);
+    Transpose<double>(src.data(), rows, cols, lds, dst.data());
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < cols; ++j) {
+        ASSERT_EQ(dst[j * rows + i], src[i * lds + j]) << rows << "x" << cols << " " << i << "," << j;
+      }
+    }
+  }
+}
+
 TEST(DistillOps, AttentionBackward) {
   AttentionShape a;
   a.len = 6;

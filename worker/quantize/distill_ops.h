@@ -118,11 +118,21 @@ inline void MatMulNT(const double* x, int64_t m, int64_t k, int64_t ldx, const d
   }
 }
 
-// dst [cols, rows] = src [rows, cols]^T (src row stride lds).
+// dst [cols, rows] = src [rows, cols]^T (src row stride lds), in tiles of
+// 32 x 32 so that both sides stay in L1 (the attention backward transposes
+// its L x L probabilities: row by row, every write of a 256-row matrix
+// landed in another cache line).
 template <typename S>
 void Transpose(const S* src, int64_t rows, int64_t cols, int64_t lds, S* dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * lds + j];
+  constexpr int64_t kTile = 32;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const int64_t i1 = std::min(rows, i0 + kTile);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      const int64_t j1 = std::min(cols, j0 + kTile);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * lds + j];
+      }
+    }
   }
 }
 
