@@ -302,7 +302,15 @@ struct EcDistiller::Impl {
       a.m.resize(T * ff);
       if (auto s = LinFwd(ops[4], a.xn2.data(), a.g.data(), &a.ec[4]); !s.ok()) return s;
       if (auto s = LinFwd(ops[5], a.xn2.data(), a.u.data(), &a.ec[5]); !s.ok()) return s;
-      distill::SiluMulForward<float>(a.g.data(), a.u.data(), T * ff, a.m.data());
+      // m = silu(g) * u on the kernels' SIMD op, over the pool.
+      kernels::SiluMulParams sp;
+      sp.gate = a.g.data();
+      sp.up = a.u.data();
+      sp.y = a.m.data();
+      sp.m = T;
+      sp.n = ff;
+      sp.ld_gate = sp.ld_up = sp.ldy = ff;
+      if (auto s = kernels::cpu::SiluMul(sp, pool); !s.ok()) return s;
       if (auto s = LinFwd(ops[6], a.m.data(), tmp.data(), &a.ec[6]); !s.ok()) return s;
       for (int64_t i = 0; i < T * d; ++i) h[i] += tmp[i];
     }
@@ -404,7 +412,12 @@ struct EcDistiller::Impl {
       if (tl != nullptr) layer_loss += LayerTerm(l, dh.data());
       // MLP block: h_out = h_mid + down(m).
       if (auto s = LinBwd(ops[6], a.m.data(), dh.data(), dm.data(), false, a.ec[6]); !s.ok()) return s;
-      distill::SiluMulBackward<float>(a.g.data(), a.u.data(), dm.data(), T * ff, dg.data(), du.data());
+      // SiLU-mul's backward (scalar exp) over the pool, in row chunks.
+      pool->ParallelFor(T, 16, [&](int64_t r0, int64_t r1) {
+        distill::SiluMulBackward<float>(a.g.data() + r0 * ff, a.u.data() + r0 * ff,
+                                        dm.data() + r0 * ff, (r1 - r0) * ff, dg.data() + r0 * ff,
+                                        du.data() + r0 * ff);
+      });
       if (auto s = LinBwd(ops[4], a.xn2.data(), dg.data(), dxn.data(), false, a.ec[4]); !s.ok()) return s;
       if (auto s = LinBwd(ops[5], a.xn2.data(), du.data(), dxn.data(), true, a.ec[5]); !s.ok()) return s;
       distill::RmsNormBackward<float>(a.h_mid.data(), a.rstd2.data(), W.ffn_norm, dxn.data(), T, d,
