@@ -205,14 +205,14 @@ void AttentionBackwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, c
       const S* p = P + i * L;
       // dotp = sum_j<=i d[j] p[j] in 8 partial sums (so the loop vectorizes).
       S part[8] = {};
-      int64_t j = 0;
-      for (; j + 8 <= i + 1; j += 8) {
-        for (int u = 0; u < 8; ++u) part[u] += d[j + u] * p[j + u];
+      int64_t j8 = 0;
+      for (; j8 + 8 <= i + 1; j8 += 8) {
+        for (int u = 0; u < 8; ++u) part[u] += d[j8 + u] * p[j8 + u];
       }
       S dotp = 0;
-      for (; j <= i; ++j) dotp += d[j] * p[j];
+      for (int64_t j = j8; j <= i; ++j) dotp += d[j] * p[j];
       for (int u = 0; u < 8; ++u) dotp += part[u];
-      for (int64_t jj = 0; jj <= i; ++jj) d[jj] = p[jj] * (d[jj] - dotp) * static_cast<S>(a.scale);
+      for (int64_t j = 0; j <= i; ++j) d[j] = p[j] * (d[j] - dotp) * static_cast<S>(a.scale);
       for (int64_t j = i + 1; j < L; ++j) d[j] = 0;
     }
     MatMulNT(dP.data(), L, L, L, kt.data(), hd, dq + h * hd, a.ldq, false);  // dq = dS k
