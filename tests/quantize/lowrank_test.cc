@@ -80,6 +80,134 @@ TEST(LowRank, WideMatrixGramRouteIsOptimal) {
   }
 }
 
+// n > k takes the k-side Gram (E L)^T (E L): the same optimum as the SVD.
+TEST(LowRank, TallMatrixKSideGramIsOptimal) {
+  const int64_t n = 72, k = 40, r = 6;
+  const Matrix e = RandomNormal(n, k, 54, 0.01f);
+  const Matrix x = CorrelatedInputs(4096, k, 55);
+  const RowMatrixXd xd = AsEigen(x.view()).cast<double>();
+  const Eigen::MatrixXd s = xd.transpose() * xd / 4096.0;
+  LowRankOptions opt;
+  opt.eps = 0;
+  auto fit = FitLowRankActivationAware(e.view(), s, r, opt);
+  ASSERT_TRUE(fit.ok()) << fit.status();
+  Eigen::LLT<Eigen::MatrixXd> llt(s);
+  const Eigen::MatrixXd el = AsEigen(e.view()).cast<double>() * Eigen::MatrixXd(llt.matrixL());
+  const Eigen::VectorXd sv = Eigen::JacobiSVD<Eigen::MatrixXd>(el).singularValues();
+  const double optimum = sv.tail(sv.size() - r).squaredNorm();
+  EXPECT_NEAR(fit->residual_energy, optimum, 1e-9 * sv.squaredNorm());
+  EXPECT_NEAR(fit->total_energy, sv.squaredNorm(), 1e-9 * sv.squaredNorm());
+  EXPECT_NEAR(ExpectedResidual(e.view(), *fit, s), optimum, 1e-4 * sv.squaredNorm());
+  ASSERT_EQ(fit->singular_values.size(), static_cast<size_t>(k));
+  for (int64_t i = 0; i < r + 2; ++i) EXPECT_NEAR(fit->singular_values[i], sv(i), 1e-9 * sv(0));
+  const Eigen::MatrixXd al = AsEigen(fit->a.view()).cast<double>() * Eigen::MatrixXd(llt.matrixL());
+  for (int64_t i = 0; i < r; ++i) {
+    EXPECT_NEAR(AsEigen(fit->b.view()).col(i).norm(), al.row(i).norm(), 1e-3 * al.row(i).norm());
+    EXPECT_NEAR(AsEigen(fit->b.view()).col(i).norm(), std::sqrt(sv(i)), 1e-5 * std::sqrt(sv(i)));
+  }
+}
+
+// A symmetric matrix with the given spectrum in a random orthonormal basis.
+Eigen::MatrixXd WithSpectrum(const Eigen::VectorXd& lambda, uint64_t seed) {
+  const int64_t n = lambda.size();
+  const Matrix z = RandomNormal(n, n, seed);
+  const Eigen::HouseholderQR<Eigen::MatrixXd> qr(AsEigen(z.view()).cast<double>());
+  const Eigen::MatrixXd q = qr.householderQ();
+  return q * lambda.asDiagonal() * q.transpose();
+}
+
+// Checks top against the full eigendecomposition of g: every eigenvalue
+// within 1e-12 ||g||, residuals, orthonormality, and the span of the top
+// `count` (the full solver's vectors project onto top's span in full).
+void ExpectTopEigenMatchesFull(const Eigen::MatrixXd& g, int64_t count, const TopEigen& top) {
+  const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(g);
+  const Eigen::VectorXd ref = eig.eigenvalues().reverse();
+  const double scale = g.norm();
+  ASSERT_EQ(top.values.size(), g.rows());
+  ASSERT_EQ(top.vectors.rows(), g.rows());
+  ASSERT_EQ(top.vectors.cols(), count);
+  EXPECT_LT((top.values - ref).cwiseAbs().maxCoeff(), 1e-12 * scale);
+  const Eigen::MatrixXd& v = top.vectors;
+  const Eigen::MatrixXd res = g * v - v * top.values.head(count).asDiagonal();
+  EXPECT_LT(res.colwise().norm().maxCoeff(), 1e-10 * scale);
+  EXPECT_LT((v.transpose() * v - Eigen::MatrixXd::Identity(count, count)).cwiseAbs().maxCoeff(),
+            1e-10);
+  // Where the count-th eigenvalue is apart from the next, the subspaces agree.
+  if (count == g.rows() || ref(count - 1) - ref(count) > 1e-6 * scale) {
+    const Eigen::MatrixXd u = eig.eigenvectors().rowwise().reverse().leftCols(count);
+    const Eigen::MatrixXd proj = v.transpose() * u;  // [count, count], orthogonal if equal spans
+    for (int64_t j = 0; j < count; ++j) EXPECT_NEAR(proj.col(j).norm(), 1.0, 1e-10) << j;
+  }
+}
+
+TEST(TopEigenpairs, MatchesTheFullEigendecomposition) {
+  // Indefinite, distinct eigenvalues; then PSD with repeated ones (a cluster
+  // of three at the top, ties at zero), and a rank-3 Gram (zeros below).
+  Eigen::VectorXd distinct(80);
+  for (int64_t i = 0; i < 80; ++i) distinct(i) = std::sin(1.7 * i) * (1.0 + 0.1 * i);
+  Eigen::VectorXd repeated = Eigen::VectorXd::Zero(64);
+  repeated.head(7) << 5, 5, 5, 2, 1, 1, 0.5;
+  const Matrix x = RandomNormal(3, 96, 61);
+  const Eigen::MatrixXd xd = AsEigen(x.view()).cast<double>();
+  const std::vector<Eigen::MatrixXd> cases = {WithSpectrum(distinct, 62), WithSpectrum(repeated, 63),
+                                              xd.transpose() * xd,
+                                              WithSpectrum(Eigen::VectorXd::LinSpaced(200, 1, 2), 64)};
+  for (size_t c = 0; c < cases.size(); ++c) {
+    const Eigen::MatrixXd& g = cases[c];
+    for (int64_t count : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{5}, g.rows() / 4}) {
+      SCOPED_TRACE(::testing::Message() << "case " << c << " count " << count);
+      auto top = TopEigenpairs(g, count);
+      ASSERT_TRUE(top.ok()) << top.status();
+      EXPECT_FALSE(top->full);  // the tridiagonal path held
+      ExpectTopEigenMatchesFull(g, count, *top);
+    }
+  }
+}
+
+// Only the lower triangle is read (as by Eigen's solvers): a Gram summed in
+// float, whose two triangles differ in the last bits, keeps the fast path.
+TEST(TopEigenpairs, ReadsTheLowerTriangle) {
+  Eigen::VectorXd lambda(96);
+  for (int64_t i = 0; i < 96; ++i) lambda(i) = 1.0 / (1.0 + i);
+  const Eigen::MatrixXd g = WithSpectrum(lambda, 66);
+  Eigen::MatrixXd noisy = g;
+  const Matrix z = RandomNormal(96, 96, 67);
+  for (int64_t j = 1; j < 96; ++j) {
+    for (int64_t i = 0; i < j; ++i) noisy(i, j) += 1e-7 * z.at(i, j);  // upper triangle only
+  }
+  auto top = TopEigenpairs(noisy, 4);
+  ASSERT_TRUE(top.ok());
+  EXPECT_FALSE(top->full);
+  ExpectTopEigenMatchesFull(g, 4, *top);
+}
+
+TEST(TopEigenpairs, FullSolverWhereItPaysAndBadInput) {
+  const Eigen::MatrixXd g = WithSpectrum(Eigen::VectorXd::LinSpaced(12, -3, 4), 65);
+  for (int64_t count : {4, 12}) {  // count > n / 4: the full eigendecomposition
+    auto top = TopEigenpairs(g, count);
+    ASSERT_TRUE(top.ok());
+    EXPECT_TRUE(top->full);
+    ExpectTopEigenMatchesFull(g, count, *top);
+  }
+  auto zero = TopEigenpairs(Eigen::MatrixXd::Zero(20, 20), 2);  // any basis
+  ASSERT_TRUE(zero.ok());
+  EXPECT_EQ(zero->values.cwiseAbs().maxCoeff(), 0.0);
+  EXPECT_NEAR((zero->vectors.transpose() * zero->vectors - Eigen::MatrixXd::Identity(2, 2)).norm(), 0, 1e-12);
+  auto one = TopEigenpairs(Eigen::MatrixXd::Constant(1, 1, 3.0), 1);
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(one->values(0), 3.0);
+  EXPECT_EQ(std::abs(one->vectors(0, 0)), 1.0);
+  EXPECT_EQ(TopEigenpairs(g, 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(TopEigenpairs(g, 13).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(TopEigenpairs(Eigen::MatrixXd::Zero(3, 4), 1).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(TopEigenpairs(Eigen::MatrixXd(0, 0), 1).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  Eigen::MatrixXd nan = g;
+  nan(3, 5) = std::nan("");
+  EXPECT_EQ(TopEigenpairs(nan, 1).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(LowRank, SingularCovarianceFallsBackToEigen) {
   // A dead input channel and eps = 0: S is singular, Cholesky fails, the
   // clamped eigen-decomposition path must still give the optimum.
