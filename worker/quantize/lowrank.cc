@@ -94,6 +94,21 @@ bool EigenpairsHold(const Eigen::MatrixXd& g, const Eigen::VectorXd& values,
   return (gram - Eigen::MatrixXd::Identity(v.cols(), v.cols())).cwiseAbs().maxCoeff() <= 1e-10;
 }
 
+// From a Gram's eigenvalues (all, descending; clamped at 0): the fit's
+// singular values sqrt(lambda) and energies, and returns the top `rank`
+// lambda^{1/4} (Sigma_r^{1/2}, floored at 1e-12 of the largest lambda) that
+// split the balanced B and A.
+Eigen::VectorXd SetSpectrum(const Eigen::VectorXd& values, int64_t rank, LowRankFit* fit) {
+  const Eigen::VectorXd lambda = values.cwiseMax(0.0);
+  const int64_t count = lambda.size();
+  fit->singular_values.resize(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) fit->singular_values[i] = std::sqrt(lambda(i));
+  fit->total_energy = lambda.sum();
+  fit->residual_energy = lambda.tail(count - rank).sum();
+  const double floor = std::max(lambda(0), 1e-300) * 1e-12;
+  return lambda.head(rank).cwiseMax(floor).array().pow(0.25).matrix();
+}
+
 TopEigen FullEigen(const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd>& eig, int64_t count) {
   TopEigen out;
   out.values = eig.eigenvalues().reverse();
@@ -217,14 +232,8 @@ absl::StatusOr<LowRankFit> FitLowRankActivationAware(MatrixView e, const Eigen::
     auto top = TopEigenpairs(g, rank);
     if (!top.ok()) return top.status();
     const int64_t n = e.rows;
-    const Eigen::VectorXd lambda = top->values.cwiseMax(0.0);  // descending
     const Eigen::MatrixXd& u = top->vectors;
-    fit.singular_values.resize(n);
-    for (int64_t i = 0; i < n; ++i) fit.singular_values[i] = std::sqrt(lambda(i));
-    fit.total_energy = lambda.sum();
-    fit.residual_energy = lambda.tail(n - rank).sum();
-    const double floor = std::max(lambda(0), 1e-300) * 1e-12;
-    const Eigen::VectorXd q4 = lambda.head(rank).cwiseMax(floor).array().pow(0.25).matrix();
+    const Eigen::VectorXd q4 = SetSpectrum(top->values, rank, &fit);
     fit.b = Matrix(n, rank);
     AsEigen(fit.b) = (u * q4.asDiagonal()).cast<float>();
     fit.a = Matrix(rank, k);
@@ -245,14 +254,8 @@ absl::StatusOr<LowRankFit> FitLowRankActivationAware(MatrixView e, const Eigen::
     m = Eigen::MatrixXd(m.selfadjointView<Eigen::Lower>());
     auto top = TopEigenpairs(m, rank);
     if (!top.ok()) return top.status();
-    const Eigen::VectorXd lambda = top->values.cwiseMax(0.0);  // descending
     const Eigen::MatrixXd& v = top->vectors;
-    fit.singular_values.resize(k);
-    for (int64_t i = 0; i < k; ++i) fit.singular_values[i] = std::sqrt(lambda(i));
-    fit.total_energy = lambda.sum();
-    fit.residual_energy = lambda.tail(k - rank).sum();
-    const double floor = std::max(lambda(0), 1e-300) * 1e-12;
-    const Eigen::VectorXd q4 = lambda.head(rank).cwiseMax(floor).array().pow(0.25).matrix();
+    const Eigen::VectorXd q4 = SetSpectrum(top->values, rank, &fit);
     fit.b = Matrix(e.rows, rank);
     AsEigen(fit.b) = (el * v * q4.cwiseInverse().asDiagonal()).cast<float>();
     const Eigen::MatrixXd at = llt.matrixU().solve(Eigen::MatrixXd(v * q4.asDiagonal()));
