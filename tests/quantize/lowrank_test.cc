@@ -132,9 +132,9 @@ TEST(TopEigenpairs, MatchesTheFullEigendecomposition) {
   repeated.head(7) << 5, 5, 5, 2, 1, 1, 0.5;
   const Matrix x = RandomNormal(3, 96, 61);
   const Eigen::MatrixXd xd = AsEigen(x.view()).cast<double>();
-  const std::vector<Eigen::MatrixXd> cases = {WithSpectrum(distinct, 62), WithSpectrum(repeated, 63),
-                                              xd.transpose() * xd,
-                                              WithSpectrum(Eigen::VectorXd::LinSpaced(200, 1, 2), 64)};
+  const std::vector<Eigen::MatrixXd> cases = {
+      WithSpectrum(distinct, 62), WithSpectrum(repeated, 63), xd.transpose() * xd,
+      WithSpectrum(Eigen::VectorXd::LinSpaced(200, 1, 2), 64)};
   for (size_t c = 0; c < cases.size(); ++c) {
     const Eigen::MatrixXd& g = cases[c];
     for (int64_t count : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{5}, g.rows() / 4}) {
@@ -175,7 +175,8 @@ TEST(TopEigenpairs, FullSolverWhereItPaysAndBadInput) {
   auto zero = TopEigenpairs(Eigen::MatrixXd::Zero(20, 20), 2);  // any basis
   ASSERT_TRUE(zero.ok());
   EXPECT_EQ(zero->values.cwiseAbs().maxCoeff(), 0.0);
-  EXPECT_NEAR((zero->vectors.transpose() * zero->vectors - Eigen::MatrixXd::Identity(2, 2)).norm(), 0, 1e-12);
+  EXPECT_NEAR((zero->vectors.transpose() * zero->vectors - Eigen::MatrixXd::Identity(2, 2)).norm(),
+              0, 1e-12);
   auto one = TopEigenpairs(Eigen::MatrixXd::Constant(1, 1, 3.0), 1);
   ASSERT_TRUE(one.ok());
   EXPECT_EQ(one->values(0), 3.0);
@@ -207,7 +208,8 @@ TEST(LowRank, SingularCovarianceFallsBackToEigen) {
   EXPECT_NEAR(ExpectedResidual(e.view(), *fit, s), fit->residual_energy, 1e-4 * fit->total_energy);
   auto damped = FitLowRankActivationAware(e.view(), s, r);  // eps 1e-6: Cholesky path
   ASSERT_TRUE(damped.ok());
-  EXPECT_NEAR(ExpectedResidual(e.view(), *damped, s), fit->residual_energy, 1e-4 * fit->total_energy);
+  EXPECT_NEAR(ExpectedResidual(e.view(), *damped, s), fit->residual_energy,
+              1e-4 * fit->total_energy);
 }
 
 TEST(LowRank, FullRankIsExact) {

@@ -199,7 +199,8 @@ absl::StatusOr<TopEigen> TopEigenpairs(const Eigen::MatrixXd& g, int64_t count) 
   }
   out.vectors = tri.matrixQ() * y;
   // Checked on the matrix the solvers read: g's lower triangle, mirrored.
-  if (!EigenpairsHold(Eigen::MatrixXd(g.selfadjointView<Eigen::Lower>()), out.values, out.vectors)) {
+  if (!EigenpairsHold(Eigen::MatrixXd(g.selfadjointView<Eigen::Lower>()), out.values,
+                      out.vectors)) {
     return full();
   }
   return out;
@@ -237,7 +238,8 @@ absl::StatusOr<LowRankFit> FitLowRankActivationAware(MatrixView e, const Eigen::
     fit.b = Matrix(n, rank);
     AsEigen(fit.b) = (u * q4.asDiagonal()).cast<float>();
     fit.a = Matrix(rank, k);
-    AsEigen(fit.a) = (q4.cwiseInverse().asDiagonal() * u.transpose() * ef.cast<double>()).cast<float>();
+    AsEigen(fit.a) =
+        (q4.cwiseInverse().asDiagonal() * u.transpose() * ef.cast<double>()).cast<float>();
     return fit;
   }
   const Eigen::MatrixXd ed = AsEigen(e).cast<double>();

@@ -52,8 +52,7 @@ struct LowRankOptions {
 
 // e [n, k], s [k, k] symmetric PSD, 1 <= rank <= min(n, k).
 absl::StatusOr<LowRankFit> FitLowRankActivationAware(MatrixView e, const Eigen::MatrixXd& s,
-                                                     int64_t rank,
-                                                     const LowRankOptions& opt = {});
+                                                     int64_t rank, const LowRankOptions& opt = {});
 // Plain truncated SVD of e [n, k].
 absl::StatusOr<LowRankFit> FitLowRankPlain(MatrixView e, int64_t rank);
 
