@@ -120,6 +120,22 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   auto min_rank = f.Int("ec-min-rank", 1, 256);
   if (!min_rank.ok()) return min_rank.status();
   o.min_ec_rank = *min_rank;
+  auto max_rank = f.Int("ec-max-rank", 1, 256);
+  if (!max_rank.ok()) return max_rank.status();
+  if (*max_rank < *min_rank) {
+    return absl::InvalidArgumentError(absl::StrCat("--ec-max-rank ", *max_rank,
+                                                   " is below --ec-min-rank ", *min_rank));
+  }
+  o.max_ec_rank = *max_rank;
+  if (const std::string fac = f.Str("ec-factors"); fac == "i8") {
+    o.ec_factors = kernels::EcFactors::kI8;
+  } else if (fac != "f16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--ec-factors must be f16 or i8, got '", fac, "'"));
+  }
+  if (f.Has("ec-factors") && o.ec == quantize::EcMode::kNone) {
+    return absl::InvalidArgumentError("--ec-factors has no effect with --ec none");
+  }
   if (!o.gate && o.ec != quantize::EcMode::kSpear) {
     return absl::InvalidArgumentError("--no-gate only applies to --ec spear");
   }
@@ -280,7 +296,7 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
         (o.ec == quantize::EcMode::kStatic && !o.place_static_like_spear)) {
       return absl::InvalidArgumentError("--ec-placement only applies to --ec spear or static");
     }
-    for (const char* other : {"ec-breadth", "ec-min-rank", "ec-latency-table",
+    for (const char* other : {"ec-breadth", "ec-min-rank", "ec-max-rank", "ec-latency-table",
                               "diagnostic-tokens", "diagnostic-seqs"}) {
       if (f.Has(other)) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -393,6 +409,10 @@ void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
                 static_cast<long long>(d.steps_run), d.best_is_ema ? ", the moving average" : "",
                 d.seconds_per_step, d.stopped_early ? ", stopped early" : "",
                 d.time_capped ? ", time budget" : "");
+    if (d.rounded_val_kl >= 0) {
+      std::printf("EC factors rounded to int8: held-out KL %.4f -> %.4f\n", d.final_val_kl,
+                  d.rounded_val_kl);
+    }
     if (const std::string w = d.UnderTrainedWarning(); !w.empty()) {
       std::fprintf(stderr, "warning: %s\n", w.c_str());
     }
@@ -430,6 +450,9 @@ json ReportJson(const quantize::QuantizeReport& r) {
                                          {"val_tokens", r.distill.val_tokens},
                                          {"init_val_kl", r.distill.init_val_kl},
                                          {"final_val_kl", r.distill.final_val_kl},
+                                         {"rounded_val_kl", r.distill.rounded_val_kl >= 0
+                                                                ? json(r.distill.rounded_val_kl)
+                                                                : json(nullptr)},
                                          {"best_step", r.distill.best_step},
                                          {"best_is_ema", r.distill.best_is_ema},
                                          {"steps_run", r.distill.steps_run},
@@ -458,6 +481,10 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "placement: at most breadth x N_eff modules get an EC (N_eff = exp(entropy of "
                "the damage distribution))")
       .Declare("ec-min-rank", "4", "placement: smallest EC rank (then powers of two to 256)")
+      .Declare("ec-max-rank", "256", "placement: largest EC rank")
+      .Declare("ec-factors", "f16",
+               "storage of the ECs' A and B: f16 | i8 (int8 codes, an fp16 scale per 64 values: "
+               "about twice the rank in the same budget; kernels/FORMAT.md)")
       .Declare("ec-latency-table", "",
                "placement: a CSV of measured EC latency per module shape on the target GPU "
                "(spear_bench_w4_cuda --ec-latency; worker/quantize/pipeline/ec_latency.h); "
@@ -609,6 +636,8 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"symmetric", o.symmetric},  {"ec", p.ec},
            {"ec_budget_pct", o.ec_budget_pct}, {"gate", o.gate},
            {"placement_breadth", o.placement_breadth}, {"min_ec_rank", o.min_ec_rank},
+           {"max_ec_rank", o.max_ec_rank},
+           {"ec_factors", o.ec_factors == kernels::EcFactors::kI8 ? "i8" : "f16"},
            {"ec_latency_table",
             o.ec_latency.rows.empty()
                 ? json(nullptr)

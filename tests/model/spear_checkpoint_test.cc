@@ -12,6 +12,7 @@
 
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "kernels/ec_factors.h"
 #include "tests/engine/tiny_model.h"
 #include "worker/engine/kv_cache.h"
 #include "worker/engine/model_runner.h"
@@ -382,6 +383,112 @@ TEST_P(SpearCheckpointTest, CorruptionsAreClearErrors) {
       }
     });
     ExpectError(d, absl::StatusCode::kInvalidArgument, "zero point 16");
+  }
+}
+
+// ECs with int8 factors (EcFactors::kI8): saved as I8 codes + F16 scales,
+// reloaded bit for bit, counted at their stored size; their corruptions are
+// clear errors.
+TEST_P(SpearCheckpointTest, I8FactorsRoundTripAndCorruptions) {
+  const int64_t f16_bytes = ComputeServedBytes(*model_).ec_bytes;
+  int64_t want = 0;
+  model_->weights.ForEachLinear([&](const std::string&, std::unique_ptr<Linear>& l) {
+    const auto* w4 = dynamic_cast<const W4Linear*>(l.get());
+    if (w4 == nullptr || !w4->has_ec()) return;
+    kernels::EcWeights e = *w4->ec();
+    ASSERT_TRUE(kernels::RoundEcFactorsI8(&e).ok());
+    want += static_cast<int64_t>(e.bytes());
+    auto q = W4Linear::Create(w4->weight(), std::move(e), w4->bias());
+    ASSERT_TRUE(q.ok()) << q.status();
+    l = *std::move(q);
+  });
+  const std::string dir = testing::MakeTempDir("spear_i8") + "/m.spear";
+  ASSERT_TRUE(SaveSpearModel(*model_, {}, dir).ok());
+  auto man = ReadSpearManifest(dir);
+  ASSERT_TRUE(man.ok()) << man.status();
+  std::string ec_module;
+  for (const SpearModuleInfo& mi : man->modules) {
+    if (mi.ec_rank > 0) {
+      EXPECT_EQ(mi.ec_factors, kernels::EcFactors::kI8) << mi.name;
+      if (ec_module.empty()) ec_module = mi.name;
+    }
+  }
+  ASSERT_FALSE(ec_module.empty());
+  EXPECT_EQ(man->ec_bytes, want);
+  EXPECT_LT(man->ec_bytes, f16_bytes * 3 / 5);  // about half the fp16 factors
+  auto loaded = LoadModel(dir);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(ComputeServedBytes(**loaded).ec_bytes, want);
+  std::vector<const W4Linear*> a, b;
+  model_->weights.ForEachLinear([&](const std::string&, std::unique_ptr<Linear>& l) {
+    a.push_back(dynamic_cast<const W4Linear*>(l.get()));
+  });
+  (*loaded)->weights.ForEachLinear([&](const std::string&, std::unique_ptr<Linear>& l) {
+    b.push_back(dynamic_cast<const W4Linear*>(l.get()));
+  });
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i]->has_ec(), b[i]->has_ec());
+    if (!a[i]->has_ec()) continue;
+    EXPECT_EQ(b[i]->ec()->factors, kernels::EcFactors::kI8);
+    EXPECT_EQ(a[i]->ec()->a, b[i]->ec()->a);
+    EXPECT_EQ(a[i]->ec()->b, b[i]->ec()->b);
+    EXPECT_EQ(a[i]->ec()->w1, b[i]->ec()->w1);
+  }
+  std::vector<int32_t> toks;
+  for (int i = 0; i < 17; ++i) toks.push_back((i * 29 + 3) % spec_.vocab);
+  EXPECT_EQ(Logits(model_.get(), toks), Logits(loaded->get(), toks));
+
+  auto copy = [&]() {
+    const std::string d = testing::MakeTempDir("spear_i8_bad") + "/m.spear";
+    fs::copy(dir, d, fs::copy_options::recursive);
+    return d;
+  };
+  auto edit_tensor = [&](const std::string& d, const std::string& name,
+                         const std::function<void(std::vector<uint8_t>&)>& fn) {
+    EditTensors(d, [&](auto& tw, auto& bufs) {
+      for (size_t i = 0; i < tw.size(); ++i) {
+        if (tw[i].name == name) fn(bufs[i]);
+      }
+    });
+  };
+  {
+    const std::string d = copy();
+    edit_tensor(d, ec_module + ".ec.a", [](std::vector<uint8_t>& v) { v[2] = 0x80; });
+    ExpectError(d, absl::StatusCode::kInvalidArgument, "code -128");
+  }
+  {
+    const std::string d = copy();
+    edit_tensor(d, ec_module + ".ec.b_scales", [](std::vector<uint8_t>& v) {
+      const uint16_t nan = 0x7e00;
+      std::memcpy(v.data(), &nan, 2);
+    });
+    ExpectError(d, absl::StatusCode::kInvalidArgument, "not a positive normal fp16");
+  }
+  {
+    const std::string d = copy();
+    EditTensors(d, [&](auto& tw, auto&) {
+      std::erase_if(tw, [&](const TensorToWrite& t) { return t.name == ec_module + ".ec.a_scales"; });
+    });
+    ExpectError(d, absl::StatusCode::kNotFound, "missing tensor " + ec_module + ".ec.a_scales");
+  }
+  {  // The manifest says fp16 factors: the I8 tensors are refused.
+    const std::string d = copy();
+    EditManifest(d, [](nlohmann::json& j) {
+      for (auto& m : j["modules"]) {
+        if (!m["ec"].is_null()) m["ec"]["factors"] = "f16";
+      }
+    });
+    ExpectError(d, absl::StatusCode::kInvalidArgument, "ec.a has dtype I8, expected F16");
+  }
+  {
+    const std::string d = copy();
+    EditManifest(d, [](nlohmann::json& j) {
+      for (auto& m : j["modules"]) {
+        if (!m["ec"].is_null()) m["ec"]["factors"] = "i4";
+      }
+    });
+    ExpectError(d, absl::StatusCode::kInvalidArgument, "ec.factors is 'i4', not f16 or i8");
   }
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/ec_factors.h"
 #include "tests/engine/tiny_model.h"
 #include "worker/model/w4_linear.h"
 #include "worker/model/weights.h"
@@ -143,11 +144,75 @@ TEST_F(PipelineTest, SpearBeatsW4AndStatic) {
   EXPECT_LT(run(EcMode::kSpear, true), w4);
 }
 
+// --ec-factors i8: the budget is charged at the int8 size (about twice the
+// ranks), every EC ends on the int8 grid, the report counts what is stored,
+// and the trainer scores its rounded parameters.
+TEST_F(PipelineTest, Int8FactorsBuyRankAndEndOnTheGrid) {
+  ASSERT_EQ(EcBytes(64, 64, 4, true, 16, kernels::EcFactors::kI8),
+            4 * (128 + 2 * 2) + 2 * (2 * 16 * 4 + 16 + 4));
+  auto run = [&](kernels::EcFactors f, std::unique_ptr<model::LoadedModel>* out) {
+    auto m = Load();
+    QuantizeOptions o = Opts();
+    o.ec_budget_pct = 10;
+    o.min_ec_rank = 2;
+    o.distill.steps = 40;
+    o.ec_factors = f;
+    auto rep = QuantizeModel(m.get(), o, &pool_);
+    EXPECT_TRUE(rep.ok()) << rep.status();
+    *out = std::move(m);
+    return *rep;
+  };
+  std::unique_ptr<model::LoadedModel> m16, m8;
+  const QuantizeReport r16 = run(kernels::EcFactors::kF16, &m16);
+  const QuantizeReport r8 = run(kernels::EcFactors::kI8, &m8);
+  int64_t rank16 = 0, rank8 = 0;
+  for (const auto& mr : r16.modules) rank16 += mr.ec_rank;
+  for (const auto& mr : r8.modules) rank8 += mr.ec_rank;
+  EXPECT_GE(rank8, rank16 * 3 / 2) << "int8 factors should buy about twice the rank";
+  EXPECT_LE(r8.ec_bytes, 0.10 * r8.w4_model_bytes);
+  int64_t ec = 0;
+  EXPECT_EQ(r8.w4_model_bytes + r8.ec_bytes, ServedModelBytes(*m8, &ec));
+  EXPECT_EQ(ec, r8.ec_bytes);
+  int64_t sum = 0, ecs = 0;
+  for (const auto& mr : r8.modules) sum += mr.ec_bytes;
+  EXPECT_EQ(sum, r8.ec_bytes);
+  m8->weights.ForEachLinear([&](const std::string& name, std::unique_ptr<model::Linear>& l) {
+    const auto* w4 = dynamic_cast<const model::W4Linear*>(l.get());
+    ASSERT_NE(w4, nullptr);
+    if (!w4->has_ec()) return;
+    ++ecs;
+    EXPECT_EQ(w4->ec()->factors, kernels::EcFactors::kI8) << name;
+    kernels::EcWeights again = *w4->ec();
+    ASSERT_TRUE(kernels::RoundEcFactorsI8(&again).ok());
+    EXPECT_EQ(again.a, w4->ec()->a) << name << ": A is not on the int8 grid";
+    EXPECT_EQ(again.b, w4->ec()->b) << name << ": B is not on the int8 grid";
+  });
+  EXPECT_GT(ecs, 0);
+  EXPECT_LT(r16.distill.rounded_val_kl, 0);  // not rounded
+  ASSERT_GE(r8.distill.rounded_val_kl, 0);
+  EXPECT_NEAR(r8.distill.rounded_val_kl, r8.distill.final_val_kl,
+              0.05 * r8.distill.final_val_kl + 1e-4);
+}
+
 TEST(PlacementRankOptionsTest, MinRankThenPowersOfTwo) {
   EXPECT_EQ(PlacementRankOptions(), (std::vector<int64_t>{4, 8, 16, 32, 64, 128, 256}));
   EXPECT_EQ(PlacementRankOptions(1), (std::vector<int64_t>{1, 2, 4, 8, 16, 32, 64, 128, 256}));
   EXPECT_EQ(PlacementRankOptions(3), (std::vector<int64_t>{3, 4, 8, 16, 32, 64, 128, 256}));
   EXPECT_EQ(PlacementRankOptions(256), (std::vector<int64_t>{256}));
+  // --ec-max-rank caps the powers of two (a cap below the minimum is the minimum).
+  EXPECT_EQ(PlacementRankOptions(2, 4), (std::vector<int64_t>{2, 4}));
+  EXPECT_EQ(PlacementRankOptions(3, 20), (std::vector<int64_t>{3, 4, 8, 16}));
+  EXPECT_EQ(PlacementRankOptions(4, 1), (std::vector<int64_t>{4}));
+  // The placement never exceeds the cap, however large the budget.
+  const std::vector<double> damages = {0.6, 0.3, 0.1};
+  const std::vector<ModuleShape> shapes = {{64, 64, 2048}, {64, 64, 2048}, {64, 64, 2048}};
+  auto capped = PlanDiagnosticPlacement(damages, shapes, 1e6, true, 16, 1.0, 2, nullptr, nullptr,
+                                        nullptr, kernels::EcFactors::kF16, 4);
+  ASSERT_TRUE(capped.ok()) << capped.status();
+  for (int64_t r : *capped) EXPECT_LE(r, 4);
+  auto free = PlanDiagnosticPlacement(damages, shapes, 1e6, true, 16, 1.0, 2);
+  ASSERT_TRUE(free.ok()) << free.status();
+  EXPECT_GT(*std::max_element(free->begin(), free->end()), 4);
 }
 
 TEST_F(PipelineTest, CalibrationWindowsCutLongerSamples) {

@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/dtype.h"
+#include "kernels/ec_factors.h"
 #include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
 #include "worker/model/safetensors.h"
@@ -163,15 +164,37 @@ absl::Status WriteCheckpointFiles(const LoadedModel& model, const SpearProvenanc
         if (q->ec().has_value()) {
           const kernels::EcWeights& e = *q->ec();
           const int64_t r = e.rank, h = e.gated ? e.gate_hidden : 0;
-          t.AddF16(name + ".ec.a", {r, k}, e.a);
-          t.AddF16(name + ".ec.b", {n, r}, e.b);
+          const bool i8 = e.factors == kernels::EcFactors::kI8;
+          if (i8) {
+            // Re-encoded from the floats, which a quantizer (RoundEcFactorsI8)
+            // or a loader (DecodeEcFactorsI8) put on the grid: the same codes.
+            kernels::EcI8Factors f;
+            if (absl::Status s = kernels::EncodeEcFactorsI8(e, &f); !s.ok()) {
+              status = absl::Status(s.code(), absl::StrCat(name, ": ", s.message()));
+              return;
+            }
+            t.AddBytes(name + ".ec.a", TensorType::kI8, {r, k},
+                       std::vector<uint8_t>(f.a.begin(), f.a.end()));
+            t.AddHalfWords(name + ".ec.a_scales", TensorType::kF16,
+                           {r, kernels::EcI8Groups(k)}, f.a_scales.data(), f.a_scales.size());
+            t.AddBytes(name + ".ec.b", TensorType::kI8, {n, r},
+                       std::vector<uint8_t>(f.b.begin(), f.b.end()));
+            t.AddHalfWords(name + ".ec.b_scales", TensorType::kF16,
+                           {kernels::EcI8Groups(n), r}, f.b_scales.data(), f.b_scales.size());
+          } else {
+            t.AddF16(name + ".ec.a", {r, k}, e.a);
+            t.AddF16(name + ".ec.b", {n, r}, e.b);
+          }
           if (e.gated) {
             t.AddF16(name + ".ec.w1", {h, r}, e.w1);
             t.AddF16(name + ".ec.b1", {h}, e.b1);
             t.AddF16(name + ".ec.w2", {r, h}, e.w2);
             t.AddF16(name + ".ec.b2", {r}, e.b2);
           }
-          ec = {{"rank", r}, {"gate_hidden", h}, {"gated", e.gated}};
+          ec = {{"rank", r},
+                {"gate_hidden", h},
+                {"gated", e.gated},
+                {"factors", i8 ? "i8" : "f16"}};
         }
         modules.push_back({{"name", name},
                            {"shape", {n, k}},

@@ -30,6 +30,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/w4_format.h"
 #include "worker/model/config.h"
 #include "worker/model/weights.h"
 
@@ -62,6 +63,9 @@ struct SpearModuleInfo {
   int64_t ec_rank = 0;  // 0 = no EC
   int64_t ec_gate_hidden = 0;
   bool ec_gated = false;
+  // "factors" of the EC ("f16", the default when absent, or "i8":
+  // kernels/w4_format.h EcFactors; the tensors differ, FORMAT.md).
+  kernels::EcFactors ec_factors = kernels::EcFactors::kF16;
 };
 
 struct SpearManifest {

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kernels/dtype.h"
+#include "kernels/ec_factors.h"
 #include "spdlog/spdlog.h"
 #include "worker/model/safetensors.h"
 #include "worker/model/spear_checkpoint.h"
@@ -119,6 +120,33 @@ absl::StatusOr<const void*> DenseMatrix(Tensors& ts, LlamaWeights* w, const std:
   return buf->data();
 }
 
+// An EC's int8 A and B with their scales (FORMAT.md, "EC factor storage");
+// e's shapes are set.
+absl::Status LoadI8Factors(Tensors& ts, const std::string& p, kernels::EcWeights* e) {
+  const int64_t r = e->rank, n = e->n, k = e->k;
+  kernels::EcI8Factors f;
+  auto a = ts.Get(p + ".ec.a", {TensorType::kI8}, {r, k});
+  if (!a.ok()) return a.status();
+  auto as = ts.Get(p + ".ec.a_scales", {TensorType::kF16}, {r, kernels::EcI8Groups(k)});
+  if (!as.ok()) return as.status();
+  auto b = ts.Get(p + ".ec.b", {TensorType::kI8}, {n, r});
+  if (!b.ok()) return b.status();
+  auto bs = ts.Get(p + ".ec.b_scales", {TensorType::kF16}, {kernels::EcI8Groups(n), r});
+  if (!bs.ok()) return bs.status();
+  f.a.resize((*a)->nbytes);
+  std::memcpy(f.a.data(), (*a)->data, (*a)->nbytes);
+  f.b.resize((*b)->nbytes);
+  std::memcpy(f.b.data(), (*b)->data, (*b)->nbytes);
+  f.a_scales.resize((*as)->nbytes / 2);
+  std::memcpy(f.a_scales.data(), (*as)->data, (*as)->nbytes);
+  f.b_scales.resize((*bs)->nbytes / 2);
+  std::memcpy(f.b_scales.data(), (*bs)->data, (*bs)->nbytes);
+  if (absl::Status s = kernels::DecodeEcFactorsI8(f, e); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("tensors ", p, ".ec.*: ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<W4Linear>> LoadModule(Tensors& ts, const SpearModuleInfo& m) {
   const std::string& p = m.name;
   kernels::W4Weight w;
@@ -176,7 +204,12 @@ absl::StatusOr<std::unique_ptr<W4Linear>> LoadModule(Tensors& ts, const SpearMod
       std::vector<int64_t> shape;
       std::vector<float>* dst;
     };
-    std::vector<Part> parts = {{".ec.a", {r, m.k}, &e.a}, {".ec.b", {m.n, r}, &e.b}};
+    std::vector<Part> parts;
+    if (m.ec_factors == kernels::EcFactors::kI8) {
+      if (absl::Status s = LoadI8Factors(ts, p, &e); !s.ok()) return s;
+    } else {
+      parts = {{".ec.a", {r, m.k}, &e.a}, {".ec.b", {m.n, r}, &e.b}};
+    }
     if (m.ec_gated) {
       parts.push_back({".ec.w1", {h, r}, &e.w1});
       parts.push_back({".ec.b1", {h}, &e.b1});

@@ -199,6 +199,16 @@ absl::StatusOr<SpearModuleInfo> ParseModule(const json& m, size_t index) {
         !er.Get("gate_hidden", &info.ec_gate_hidden, &st) || !er.Get("gated", &info.ec_gated, &st)) {
       return st.ok() ? absl::InvalidArgumentError("spear.json: bad ec") : st;
     }
+    if (ec->contains("factors")) {
+      std::string f;
+      if (!er.Get("factors", &f, &st)) return st;
+      if (f == "i8") {
+        info.ec_factors = kernels::EcFactors::kI8;
+      } else if (f != "f16") {
+        return absl::InvalidArgumentError(absl::StrCat("spear.json: ", info.name,
+                                                       ".ec.factors is '", f, "', not f16 or i8"));
+      }
+    }
     if (info.ec_rank <= 0 || info.ec_rank > std::min(info.n, info.k) ||
         (info.ec_gated && info.ec_gate_hidden <= 0) || (!info.ec_gated && info.ec_gate_hidden != 0)) {
       return absl::InvalidArgumentError(absl::StrCat(

@@ -77,12 +77,29 @@ struct W4Weight {
   }
 };
 
+// How an EC's factors A and B are stored (FORMAT.md, "EC factor storage").
+// kF16: fp16. kI8: int8 codes in [-127, 127] with one fp16 scale per
+// kEcI8Group consecutive values along k (A's rows) and along n (B's
+// columns); the last group of a row / column may be shorter. The gate MLP
+// is fp16 either way.
+enum class EcFactors : uint8_t { kF16 = 0, kI8 = 1 };
+constexpr int64_t kEcI8Group = 64;
+
+// Bytes one rank of A and B costs as stored: A's row [k] and B's column [n].
+inline int64_t EcFactorBytesPerRank(int64_t n, int64_t k, EcFactors f) {
+  if (f == EcFactors::kF16) return 2 * (n + k);
+  return (n + k) + 2 * ((n + kEcI8Group - 1) / kEcI8Group + (k + kEcI8Group - 1) / kEcI8Group);
+}
+
 struct EcWeights {
   int64_t n = 0, k = 0;
   int64_t rank = 0;         // r
   int64_t gate_hidden = 0;  // h (0 when !gated)
   bool gated = true;
-  // All float32 in memory, row-major; stored and served as fp16.
+  // A and B as stored (kI8: a and b hold the codes times their scales, exactly;
+  // RoundEcFactorsI8 in kernels/ec_factors.h puts them on that grid).
+  EcFactors factors = EcFactors::kF16;
+  // All float32 in memory, row-major; the gate MLP stored and served as fp16.
   std::vector<float> a;   // [r, k]
   std::vector<float> b;   // [n, r]
   std::vector<float> w1;  // [h, r]
@@ -91,7 +108,11 @@ struct EcWeights {
   std::vector<float> b2;  // [r]
 
   size_t num_params() const { return a.size() + b.size() + w1.size() + b1.size() + w2.size() + b2.size(); }
-  size_t bytes() const { return num_params() * 2; }  // fp16 as served
+  // Bytes as stored in a .spear checkpoint (the EC budget's measure).
+  size_t bytes() const {
+    const size_t gate = w1.size() + b1.size() + w2.size() + b2.size();
+    return static_cast<size_t>(rank * EcFactorBytesPerRank(n, k, factors)) + 2 * gate;
+  }
 };
 
 }  // namespace spear::kernels

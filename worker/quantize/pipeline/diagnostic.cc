@@ -99,18 +99,20 @@ absl::StatusOr<DiagnosticResult> RunCkaDiagnostic(
   return out;
 }
 
-int64_t EcBytes(int64_t n, int64_t k, int64_t rank, bool gated, int64_t h) {
+int64_t EcBytes(int64_t n, int64_t k, int64_t rank, bool gated, int64_t h,
+                kernels::EcFactors factors) {
   if (rank <= 0) return 0;
-  const int64_t params = rank * (n + k) + (gated ? 2 * h * rank + h + rank : 0);
-  return 2 * params;
+  const int64_t gate_params = gated ? 2 * h * rank + h + rank : 0;
+  return rank * kernels::EcFactorBytesPerRank(n, k, factors) + 2 * gate_params;
 }
 
-std::vector<int64_t> PlacementRankOptions(int64_t min_rank) {
+std::vector<int64_t> PlacementRankOptions(int64_t min_rank, int64_t max_rank) {
   min_rank = std::clamp<int64_t>(min_rank, 1, 256);
+  max_rank = std::clamp<int64_t>(max_rank, min_rank, 256);
   std::vector<int64_t> r = {min_rank};
   int64_t p = 1;
   while (p <= min_rank) p *= 2;
-  for (; p <= 256; p *= 2) r.push_back(p);
+  for (; p <= max_rank; p *= 2) r.push_back(p);
   return r;
 }
 
@@ -118,7 +120,7 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
     double budget_bytes, bool gated, int64_t h, double breadth, int64_t min_rank,
     const std::vector<double>* measured_latency, std::vector<double>* latency_used,
-    const std::vector<int64_t>* launch_groups) {
+    const std::vector<int64_t>* launch_groups, kernels::EcFactors factors, int64_t max_rank) {
   if (damages.size() != shapes.size()) {
     return absl::InvalidArgumentError("placement: damages and shapes differ in size");
   }
@@ -135,12 +137,13 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
       }
     }
   }
-  const std::vector<int64_t> ranks = PlacementRankOptions(min_rank);
+  const std::vector<int64_t> ranks = PlacementRankOptions(min_rank, max_rank);
   std::vector<ModuleEcCost> costs(shapes.size());
   for (size_t i = 0; i < shapes.size(); ++i) {
     const ModuleShape& s = shapes[i];
     costs[i].fixed_bytes = gated ? 2.0 * h : 0.0;
-    costs[i].bytes_per_rank = 2.0 * (s.n + s.k + (gated ? 2 * h + 1 : 0));
+    costs[i].bytes_per_rank = static_cast<double>(kernels::EcFactorBytesPerRank(s.n, s.k, factors)) +
+                              (gated ? 2.0 * (2 * h + 1) : 0.0);
     if (launch_groups != nullptr) costs[i].launch_group = (*launch_groups)[i];
     if (measured_latency != nullptr) {
       costs[i].relative_latency = (*measured_latency)[i];
@@ -182,11 +185,12 @@ std::vector<int64_t> FusedLaunchGroups(const std::vector<std::string>& names) {
   return g;
 }
 
-int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes) {
+int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes,
+                    kernels::EcFactors factors) {
   double per_rank = 0;
   int64_t max_rank = INT64_MAX;
   for (const ModuleShape& s : shapes) {
-    per_rank += 2.0 * (s.n + s.k);
+    per_rank += static_cast<double>(kernels::EcFactorBytesPerRank(s.n, s.k, factors));
     max_rank = std::min({max_rank, s.n, s.k});
   }
   if (per_rank <= 0) return 0;

@@ -35,6 +35,7 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/thread_pool.h"
+#include "kernels/w4_format.h"
 #include "worker/model/weights.h"
 #include "worker/quantize/matrix.h"
 #include "worker/quantize/placement.h"
@@ -66,12 +67,14 @@ struct ModuleShape {
   int64_t n = 0, k = 0;
   int64_t w4_bytes = 0;
 };
-// Bytes of an EC of rank r on an [n, k] module (gate hidden h or none).
-int64_t EcBytes(int64_t n, int64_t k, int64_t rank, bool gated, int64_t gate_hidden);
+// Bytes of an EC of rank r on an [n, k] module (gate hidden h or none), its
+// factors stored as `factors` (kernels::EcWeights::bytes(): the same count).
+int64_t EcBytes(int64_t n, int64_t k, int64_t rank, bool gated, int64_t gate_hidden,
+                kernels::EcFactors factors = kernels::EcFactors::kF16);
 
 // Rank options used by the placement: min_rank, then the powers of two
-// above it, up to 256 (min_rank in [1, 256]).
-std::vector<int64_t> PlacementRankOptions(int64_t min_rank = 4);
+// above it, up to max_rank (both clamped to [1, 256]; max_rank >= min_rank).
+std::vector<int64_t> PlacementRankOptions(int64_t min_rank = 4, int64_t max_rank = 256);
 
 // Per-module rank (0 = no EC) within budget_bytes. measured_latency (one
 // finite value >= 0 per module, or null): the relative latency of each
@@ -83,13 +86,15 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     double budget_bytes, bool gated, int64_t gate_hidden, double breadth = 1.0,
     int64_t min_rank = 4, const std::vector<double>* measured_latency = nullptr,
     std::vector<double>* latency_used = nullptr,
-    const std::vector<int64_t>* launch_groups = nullptr);
+    const std::vector<int64_t>* launch_groups = nullptr,
+    kernels::EcFactors factors = kernels::EcFactors::kF16, int64_t max_rank = 256);
 // The GPU runner's fused GEMMs (worker/engine/cuda_model_weights.cc): a
 // layer's q/k/v projections form one launch group (2 L), gate/up another
 // (2 L + 1); o_proj, down_proj and anything else: -1 (a GEMM of its own).
 // Names as ForEachLinear gives them ("model.layers.3.self_attn.q_proj").
 std::vector<int64_t> FusedLaunchGroups(const std::vector<std::string>& names);
 // 0 if not even rank 1 fits on every module.
-int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes);
+int64_t UniformRank(const std::vector<ModuleShape>& shapes, double budget_bytes,
+                    kernels::EcFactors factors = kernels::EcFactors::kF16);
 
 }  // namespace spear::quantize

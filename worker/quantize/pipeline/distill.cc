@@ -20,6 +20,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/dtype.h"
+#include "kernels/ec_factors.h"
 #include "kernels/ops.h"
 #include "worker/engine/model_runner.h"
 #include "worker/model/w4_linear.h"
@@ -872,6 +873,17 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
     }
   }
   SetParams(best);
+  if (o.round_factors_i8) {
+    // The factors as they will be stored (EcFactors::kI8), scored again.
+    for (EcParams<float>& p : im.ecs) {
+      absl::Status s = kernels::RoundEcFactorsI8(p.b.rows(), p.a.cols(), p.a.rows(), p.a.data(),
+                                                 p.b.data());
+      if (!s.ok()) return s;
+    }
+    auto v = val_kl();
+    if (!v.ok()) return v.status();
+    rep.rounded_val_kl = *v;
+  }
   rep.seconds = Seconds(t0);
   if (rep.steps_run > 0) rep.seconds_per_step = Seconds(train_start) / static_cast<double>(rep.steps_run);
   return rep;

@@ -122,6 +122,10 @@ struct DistillOptions {
   // decides, as for the raw steps). 0: off.
   double ema_decay = 0;
   uint64_t seed = 1;
+  // true: the kept parameters' A and B are rounded to the int8 grid
+  // (kernels/ec_factors.h) at the end and scored once more on the held-out
+  // sequences (DistillReport::rounded_val_kl).
+  bool round_factors_i8 = false;
   // The GEMMs with frozen weights (EcDistiller::Create's argument; read by
   // the pipeline, not by Train).
   DistillGemm gemm = DistillGemm::kBf16;
@@ -130,6 +134,9 @@ struct DistillOptions {
 struct DistillReport {
   double init_val_kl = 0, final_val_kl = 0;  // mean KL per token on held-out sequences
   double init_train_kl = 0, last_train_kl = 0;
+  // round_factors_i8: the held-out KL after the rounding (final_val_kl is
+  // the kept parameters' before it); -1 otherwise.
+  double rounded_val_kl = -1;
   int64_t steps_run = 0, best_step = 0;
   int64_t num_ecs = 0, num_params = 0;
   int64_t fit_tokens = 0, val_tokens = 0;

@@ -27,6 +27,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "kernels/ec_factors.h"
 #include "worker/model/spear_checkpoint.h"
 #include "worker/model/w4_linear.h"
 #include "worker/quantize/cka.h"
@@ -69,6 +70,7 @@ class Pipeline {
   absl::Status QuantizeGroup(int64_t layer, int group);
   absl::Status ComputeTeacher();
   absl::Status Distill();
+  absl::Status StoreFactorsI8();
 
   model::LoadedModel* model_;
   QuantizeOptions o_;
@@ -155,7 +157,7 @@ absl::Status Pipeline::CollectModules() {
 absl::Status Pipeline::Place() {
   if (o_.ec == EcMode::kNone) return absl::OkStatus();
   if (o_.ec == EcMode::kStatic && !o_.place_static_like_spear) {
-    const int64_t r = UniformRank(shapes_, budget_bytes_);
+    const int64_t r = UniformRank(shapes_, budget_bytes_, o_.ec_factors);
     if (r < 1) {
       return absl::InvalidArgumentError(absl::StrCat(
           "EC budget ", static_cast<int64_t>(budget_bytes_),
@@ -206,7 +208,8 @@ absl::Status Pipeline::Place() {
   auto plan = PlanDiagnosticPlacement(res->damages, shapes_, budget_bytes_, gated,
                                       GateHidden(o_), o_.placement_breadth, o_.min_ec_rank,
                                       measured ? &measured_latency_ : nullptr, &latency,
-                                      measured ? &groups : nullptr);
+                                      measured ? &groups : nullptr, o_.ec_factors,
+                                      o_.max_ec_rank);
   if (!plan.ok()) return plan.status();
   report_.measured_latency = measured;
   for (size_t i = 0; i < latency.size(); ++i) report_.modules[i].ec_latency = latency[i];
@@ -242,7 +245,7 @@ absl::Status Pipeline::PlaceGiven() {
           absl::StrCat("EC placement ", src, ": ", g.module, " is listed twice"));
     }
     ranks[i] = g.rank;
-    bytes += static_cast<double>(EcBytes(s.n, s.k, g.rank, gated, GateHidden(o_)));
+    bytes += static_cast<double>(EcBytes(s.n, s.k, g.rank, gated, GateHidden(o_), o_.ec_factors));
   }
   if (bytes > budget_bytes_) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -447,6 +450,7 @@ absl::Status Pipeline::Distill() {
   }
   DistillOptions d = o_.distill;
   d.train_gate = o_.gate;
+  d.round_factors_i8 = o_.ec_factors == kernels::EcFactors::kI8;
   if (o_.time_budget_seconds > 0) {
     constexpr double kMargin = 20;  // write-back and report
     const double left = std::max(
@@ -463,6 +467,24 @@ absl::Status Pipeline::Distill() {
   report_.distilled = true;
   report_.distill = std::move(*rep);
   teacher_ = DistillTeacher();
+  return absl::OkStatus();
+}
+
+absl::Status Pipeline::StoreFactorsI8() {
+  // Every EC's A and B on the int8 grid they are stored on (the trained ones
+  // are on it already: the rounding is idempotent, kernels/ec_factors.h).
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    const auto* w4 = dynamic_cast<const model::W4Linear*>(slots_[i]->get());
+    if (w4 == nullptr || !w4->has_ec()) continue;
+    kernels::EcWeights ec = *w4->ec();
+    if (absl::Status s = kernels::RoundEcFactorsI8(&ec); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat(report_.modules[i].name, ": ", s.message()));
+    }
+    report_.modules[i].ec_bytes = static_cast<int64_t>(ec.bytes());
+    auto q = model::W4Linear::Create(w4->weight(), std::move(ec), w4->bias());
+    if (!q.ok()) return q.status();
+    *slots_[i] = std::move(*q);
+  }
   return absl::OkStatus();
 }
 
@@ -551,6 +573,9 @@ absl::StatusOr<QuantizeReport> Pipeline::Run() {
   if (e2e) {
     if (auto s = Distill(); !s.ok()) return s;
     report_.distill_seconds = take_lap();
+  }
+  if (o_.ec_factors == kernels::EcFactors::kI8) {
+    if (auto s = StoreFactorsI8(); !s.ok()) return s;
   }
   int64_t ec = 0;
   const int64_t total = ServedModelBytes(*model_, &ec);

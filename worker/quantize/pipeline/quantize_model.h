@@ -30,6 +30,7 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/thread_pool.h"
+#include "kernels/w4_format.h"
 #include "worker/model/weights.h"
 #include "worker/quantize/pipeline/distill.h"
 #include "worker/quantize/pipeline/ec_latency.h"
@@ -111,6 +112,8 @@ struct QuantizeOptions {
   double placement_breadth = 1.0;
   // Smallest EC rank the placement may give (then powers of two up to 256).
   int64_t min_ec_rank = 4;
+  // Largest EC rank the placement may give (>= min_ec_rank; 256 = no cap).
+  int64_t max_ec_rank = 256;
   // Non-empty: the placement's latency cost of module i is the measured
   // relative latency of its shape at m = 1 and rank min_ec_rank on the
   // target GPU (ec_latency.h); a shape missing from the table is an error
@@ -118,6 +121,11 @@ struct QuantizeOptions {
   EcLatencyTable ec_latency;
   bool gate = true;  // false: the ablation (gate fixed at 1, same training)
   int64_t gate_hidden = 0;  // 0 = default (documented in the .cc)
+  // How the ECs' A and B are stored (kernels/w4_format.h): the budget is
+  // charged at that size, and at the end every EC's factors are rounded to
+  // it (kI8: int8 codes, fp16 scales per 64 values; the stage-2 trainer
+  // rounds its kept parameters and scores them again, DistillReport).
+  kernels::EcFactors ec_factors = kernels::EcFactors::kF16;
   // Stage 2 (kSpear). e2e = true: end-to-end distillation (distill.h,
   // options in `distill`; the per-module training is skipped). false: the
   // per-module training (module_quant.h) with train_steps / learning_rate.
