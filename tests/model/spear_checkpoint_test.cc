@@ -133,6 +133,16 @@ std::vector<float> Logits(LoadedModel* m, const std::vector<int32_t>& toks) {
   return std::vector<float>(out.logits.begin(), out.logits.begin() + toks.size() * m->config.vocab_size);
 }
 
+// Every linear of `m` as a W4Linear (null where it is not one), in
+// ForEachLinear order.
+std::vector<const W4Linear*> W4Linears(LoadedModel* m) {
+  std::vector<const W4Linear*> out;
+  m->weights.ForEachLinear([&](const std::string&, std::unique_ptr<Linear>& l) {
+    out.push_back(dynamic_cast<const W4Linear*>(l.get()));
+  });
+  return out;
+}
+
 class SpearCheckpointTest : public ::testing::TestWithParam<bool> {
  protected:
   // A quantized tiny model (qwen2-style biases when the parameter is true)
@@ -212,13 +222,7 @@ TEST_P(SpearCheckpointTest, RoundTripLogitsIdentical) {
   EXPECT_LE(md, 1e-6f);
   // Same modules, formats and ECs; sizes agree with the manifest.
   int ecs = 0;
-  std::vector<const W4Linear*> a, b;
-  model_->weights.ForEachLinear([&](const std::string&, std::unique_ptr<Linear>& l) {
-    a.push_back(dynamic_cast<const W4Linear*>(l.get()));
-  });
-  (*loaded)->weights.ForEachLinear([&](const std::string&, std::unique_ptr<Linear>& l) {
-    b.push_back(dynamic_cast<const W4Linear*>(l.get()));
-  });
+  const std::vector<const W4Linear*> a = W4Linears(model_.get()), b = W4Linears(loaded->get());
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
     ASSERT_NE(b[i], nullptr);
@@ -419,15 +423,10 @@ TEST_P(SpearCheckpointTest, I8FactorsRoundTripAndCorruptions) {
   auto loaded = LoadModel(dir);
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   EXPECT_EQ(ComputeServedBytes(**loaded).ec_bytes, want);
-  std::vector<const W4Linear*> a, b;
-  model_->weights.ForEachLinear([&](const std::string&, std::unique_ptr<Linear>& l) {
-    a.push_back(dynamic_cast<const W4Linear*>(l.get()));
-  });
-  (*loaded)->weights.ForEachLinear([&](const std::string&, std::unique_ptr<Linear>& l) {
-    b.push_back(dynamic_cast<const W4Linear*>(l.get()));
-  });
+  const std::vector<const W4Linear*> a = W4Linears(model_.get()), b = W4Linears(loaded->get());
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_NE(b[i], nullptr);
     ASSERT_EQ(a[i]->has_ec(), b[i]->has_ec());
     if (!a[i]->has_ec()) continue;
     EXPECT_EQ(b[i]->ec()->factors, kernels::EcFactors::kI8);
