@@ -143,15 +143,9 @@ absl::Status RoundEcFactorsI8(int64_t n, int64_t k, int64_t r, float* a, float* 
 }
 
 absl::Status RoundEcFactorsI8(EcWeights* e) {
-  if (static_cast<int64_t>(e->a.size()) != e->rank * e->k ||
-      static_cast<int64_t>(e->b.size()) != e->n * e->rank) {
-    return absl::InvalidArgumentError("EC factors: A / B sizes do not match the shapes");
-  }
-  if (absl::Status s = RoundEcFactorsI8(e->n, e->k, e->rank, e->a.data(), e->b.data()); !s.ok()) {
-    return s;
-  }
-  e->factors = EcFactors::kI8;
-  return absl::OkStatus();
+  EcI8Factors f;
+  if (absl::Status s = EncodeEcFactorsI8(*e, &f); !s.ok()) return s;
+  return DecodeEcFactorsI8(f, e);
 }
 
 }  // namespace spear::kernels
