@@ -127,6 +127,18 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
                                                    " is below --ec-min-rank ", *min_rank));
   }
   o.max_ec_rank = *max_rank;
+  if (o.ec == quantize::EcMode::kNone ||
+      (o.ec == quantize::EcMode::kStatic && !o.place_static_like_spear)) {
+    // No diagnostic placement: static-all takes every module at the one rank
+    // the budget buys, none places nothing.
+    for (const char* other : {"ec-breadth", "ec-min-rank", "ec-max-rank"}) {
+      if (f.Has(other)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--", other, " has no effect with --ec ", p->ec,
+            p->ec == "none" ? "" : " (every module at the rank the budget buys)"));
+      }
+    }
+  }
   if (const std::string fac = f.Str("ec-factors"); fac == "i8") {
     o.ec_factors = kernels::EcFactors::kI8;
   } else if (fac != "f16") {
