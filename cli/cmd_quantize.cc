@@ -273,6 +273,12 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     return absl::InvalidArgumentError("--ec-ema only applies to --ec spear");
   }
   o.distill.ema_decay = *ema;
+  auto lr = f.Double("ec-lr", 1e-6, 1.0);
+  if (!lr.ok()) return lr.status();
+  if (f.Has("ec-lr") && o.ec != quantize::EcMode::kSpear) {
+    return absl::InvalidArgumentError("--ec-lr only applies to --ec spear");
+  }
+  o.distill.lr = *lr;
   auto glr = f.Double("gate-lr-scale", 0.0, 100.0);
   if (!glr.ok()) return glr.status();
   if (f.Has("gate-lr-scale") && (o.ec != quantize::EcMode::kSpear || !o.gate)) {
@@ -548,6 +554,9 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "stage 2: decay per step of a moving average of the EC parameters, scored on "
                "the held-out calibration data from half of the run on and kept where better "
                "(distill.h; 0 = off)")
+      .Declare("ec-lr", "0.003",
+               "stage 2: peak learning rate of Adam (5 warm-up steps, then cosine to 0.1x "
+               "over the steps or the time budget; distill.h)")
       .Declare("gate-lr-scale", "1",
                "stage 2: learning-rate multiplier of the gate MLP against A and B (distill.h; "
                "0 = the gate stays at its initial value 1)")

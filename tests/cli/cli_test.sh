@@ -178,6 +178,7 @@ fi
 expect 2 "--ec-breadth has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-breadth 2
 expect 2 "--diagnostic-tokens has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --diagnostic-tokens 64
 expect 2 "--ec-min-rank has no effect with --ec static-all .every module at the rank the budget buys" -- quantize --model "$TINY" --out "$TMP/q3" --ec static-all --ec-min-rank 2
+expect 2 "--ec-lr only applies to --ec spear" -- quantize --model "$TINY" --out "$TMP/q3" --ec static --ec-lr 0.005
 expect 2 "--ec-breadth has no effect with --ec none" -- quantize --model "$TINY" --out "$TMP/q3" --ec none --ec-breadth 2
 expect 2 "--ec-placement only applies to --ec spear or static" -- quantize --model "$TINY" --out "$TMP/q3" --ec static-all --ec-placement "$TMP/qlat"
 expect 2 "--ec-placement: '/no/such' is not a .spear checkpoint" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement /no/such
