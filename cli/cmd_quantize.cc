@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,18 @@ struct Parsed {
   std::string method, ec;
 };
 
+// The first of `names` given on the command line as an error: it has no
+// effect `why` (e.g. "with --ec none").
+absl::Status RefuseGiven(const Flags& f, std::initializer_list<const char*> names,
+                         const std::string& why) {
+  for (const char* name : names) {
+    if (f.Has(name)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " has no effect ", why));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ParseOptions(const Flags& f, Parsed* p) {
   quantize::QuantizeOptions& o = p->opts;
   p->method = f.Str("method");
@@ -127,16 +140,18 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
                                                    " is below --ec-min-rank ", *min_rank));
   }
   o.max_ec_rank = *max_rank;
-  if (o.ec == quantize::EcMode::kNone ||
-      (o.ec == quantize::EcMode::kStatic && !o.place_static_like_spear)) {
-    // No diagnostic placement: static-all takes every module at the one rank
-    // the budget buys, none places nothing.
-    for (const char* other : {"ec-breadth", "ec-min-rank", "ec-max-rank"}) {
-      if (f.Has(other)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "--", other, " has no effect with --ec ", p->ec,
-            p->ec == "none" ? "" : " (every module at the rank the budget buys)"));
-      }
+  // static-all takes every module at the one rank the budget buys, none
+  // places nothing: neither runs the diagnostic's placement.
+  const bool diagnostic_placement =
+      o.ec == quantize::EcMode::kSpear ||
+      (o.ec == quantize::EcMode::kStatic && o.place_static_like_spear);
+  if (!diagnostic_placement) {
+    if (absl::Status s = RefuseGiven(
+            f, {"ec-breadth", "ec-min-rank", "ec-max-rank"},
+            absl::StrCat("with --ec ", p->ec,
+                         p->ec == "none" ? "" : " (every module at the rank the budget buys)"));
+        !s.ok()) {
+      return s;
     }
   }
   if (const std::string fac = f.Str("ec-factors"); fac == "i8") {
@@ -298,8 +313,7 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   }
   o.distill.gemm = *gemm;
   if (f.Has("ec-latency-table")) {
-    if (o.ec == quantize::EcMode::kNone ||
-        (o.ec == quantize::EcMode::kStatic && !o.place_static_like_spear)) {
+    if (!diagnostic_placement) {
       return absl::InvalidArgumentError(
           "--ec-latency-table only applies to the diagnostic's placement (--ec spear or static)");
     }
@@ -310,16 +324,15 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
   if (f.Has("ec-placement")) {
     // The modules and ranks of another checkpoint's ECs; no diagnostic.
     const std::string dir = f.Str("ec-placement");
-    if (o.ec == quantize::EcMode::kNone ||
-        (o.ec == quantize::EcMode::kStatic && !o.place_static_like_spear)) {
+    if (!diagnostic_placement) {
       return absl::InvalidArgumentError("--ec-placement only applies to --ec spear or static");
     }
-    for (const char* other : {"ec-breadth", "ec-min-rank", "ec-max-rank", "ec-latency-table",
-                              "diagnostic-tokens", "diagnostic-seqs"}) {
-      if (f.Has(other)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "--", other, " has no effect with --ec-placement (the placement is given)"));
-      }
+    if (absl::Status s = RefuseGiven(f,
+                                     {"ec-breadth", "ec-min-rank", "ec-max-rank",
+                                      "ec-latency-table", "diagnostic-tokens", "diagnostic-seqs"},
+                                     "with --ec-placement (the placement is given)");
+        !s.ok()) {
+      return s;
     }
     if (dir.empty() || !model::IsSpearDir(dir)) {
       return absl::InvalidArgumentError(absl::StrCat(

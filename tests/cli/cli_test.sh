@@ -158,8 +158,9 @@ else
   echo "FAIL: --ec-latency-table not in the report or the provenance"; fails=$((fails + 1))
 fi
 # --ec-placement: qlat's modules and ranks, no diagnostic; recorded in the provenance
-# (and --train-batch 1 in place of the default 2 sequences a step).
-expect 0 "EC placement given by" -- quantize --model "$TINY" --out "$TMP/qplace" --calib self:2,16 --seed 5 --train-steps 5 --threads 2 --ec-placement "$TMP/qlat" --train-batch 1
+# (and --train-batch 1 in place of the default 2 sequences a step, --ec-lr 0.005
+# in place of 3e-3).
+expect 0 "EC placement given by" -- quantize --model "$TINY" --out "$TMP/qplace" --calib self:2,16 --seed 5 --train-steps 5 --threads 2 --ec-placement "$TMP/qlat" --train-batch 1 --ec-lr 0.005
 if python3 - "$TMP/qlat/spear.json" "$TMP/qplace/spear.json" <<'PY'
 import json, sys
 ranks = lambda f: [(m["name"], (m["ec"] or {}).get("rank", 0)) for m in json.load(open(f))["modules"]]
@@ -168,12 +169,14 @@ prov = json.load(open(sys.argv[2]))["provenance"]
 batch = lambda f: json.load(open(f))["provenance"]["quantize_options"]["ec_training"]["batch_sequences"]
 ok = a == b and any(r for _, r in a) and "qlat" in json.dumps(prov)
 ok = ok and batch(sys.argv[1]) == 2 and batch(sys.argv[2]) == 1
+lr = lambda f: json.load(open(f))["provenance"]["quantize_options"]["ec_training"]["lr"]
+ok = ok and lr(sys.argv[1]) == 0.003 and lr(sys.argv[2]) == 0.005
 sys.exit(0 if ok else 1)
 PY
 then
-  echo "ok: --ec-placement reproduces the source's ECs and records it; --train-batch recorded"
+  echo "ok: --ec-placement reproduces the source's ECs and records it; --train-batch and --ec-lr recorded"
 else
-  echo "FAIL: --ec-placement's ECs differ from the source's or are not recorded, or --train-batch is not"; fails=$((fails + 1))
+  echo "FAIL: --ec-placement's ECs differ from the source's or are not recorded, or --train-batch / --ec-lr are not"; fails=$((fails + 1))
 fi
 expect 2 "--ec-breadth has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-breadth 2
 expect 2 "--diagnostic-tokens has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --diagnostic-tokens 64
