@@ -244,6 +244,49 @@ TEST_F(DistillTest, GradientMatchesFiniteDifferences) {
   CheckDirectional(dist->get(), sp, teacher.data(), 0.0, gate, 3);
 }
 
+// The loss and gradient do not depend (beyond float rounding) on how the
+// work is split: the lm_head's transpose in vocabulary slices (48 rows:
+// 128 = 48 + 48 + 32, an uneven last slice) against one slice, and the
+// ECs' row chunks on a 1-thread pool against the fixture's 2 threads (and
+// 3: chunks of unequal size). A bad slice width is refused.
+TEST_F(DistillTest, SplitsDoNotChangeTheGradient) {
+  auto m = Quantized();
+  const auto seqs = Seqs(3, 21, 12);
+  const auto teacher = Teacher(seqs);
+  const auto sp = Spans(seqs);
+  auto ref = EcDistiller::Create(m.get(), &pool_, DistillGemm::kF32, 1 << 20);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  std::vector<float> p = (*ref)->GetParams();
+  std::mt19937_64 rng(8);
+  std::normal_distribution<float> nd(0, 0.3f);
+  for (float& v : p) v += 0.05f * nd(rng);
+  (*ref)->SetParams(p);
+  std::vector<float> g_ref;
+  auto l_ref = (*ref)->LossAndGrad(sp, teacher.data(), 0.5, &g_ref);
+  ASSERT_TRUE(l_ref.ok()) << l_ref.status();
+  double gn = 0;
+  for (float v : g_ref) gn = std::max(gn, std::abs(double(v)));
+  ASSERT_GT(gn, 0);
+  kernels::ThreadPool one(1), three(3);
+  for (auto [pool, slice] : {std::pair{&pool_, int64_t{48}}, std::pair{&one, int64_t{48}},
+                             std::pair{&three, int64_t{128}}}) {
+    SCOPED_TRACE(::testing::Message() << "threads " << pool->size() << " slice " << slice);
+    auto dist = EcDistiller::Create(m.get(), pool, DistillGemm::kF32, slice);
+    ASSERT_TRUE(dist.ok()) << dist.status();
+    (*dist)->SetParams(p);
+    std::vector<float> g;
+    auto l = (*dist)->LossAndGrad(sp, teacher.data(), 0.5, &g);
+    ASSERT_TRUE(l.ok()) << l.status();
+    EXPECT_NEAR(*l, *l_ref, 1e-5 * std::abs(*l_ref));
+    ASSERT_EQ(g.size(), g_ref.size());
+    double err = 0;
+    for (size_t i = 0; i < g.size(); ++i) err = std::max(err, std::abs(double(g[i]) - g_ref[i]));
+    EXPECT_LT(err, 1e-4 * gn);  // float sums in another order
+  }
+  auto bad = EcDistiller::Create(m.get(), &pool_, DistillGemm::kF32, 0);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // The teacher's layer states: [rows, layers, d] fp16 in row order; the
 // layer-by-layer pass gives the same final hidden states as the one-pass
 // teacher; the last layer's state, final-normed, is the final hidden

@@ -109,7 +109,11 @@ struct EcDistiller::Impl {
   double eps = 1e-5;
   std::vector<float> inv_freq;
   std::vector<std::array<LinOp, kMods>> lin;
-  FrozenW e, et;  // lm_head [V, d] and [d, V]
+  // lm_head [V, d], and its transpose in vocabulary slices of head_slice
+  // columns: et[i] = E[i * head_slice : ..., :]^T [d, slice] (see HeadLoss).
+  FrozenW e;
+  std::vector<FrozenW> et;
+  int64_t head_slice = EcDistiller::kDefaultHeadSlice;
   // HeadLoss's student and teacher logits of one chunk, kept across calls:
   // 2 x 50 MB for SmolLM2, which a fresh allocation per step page-faults
   // and zeroes again (page clearing and faults were ~3-4 % of a training
@@ -183,11 +187,78 @@ struct EcDistiller::Impl {
     p.ldy = op.n;
     if (auto s = kernels::cpu::Linear(p, pool); !s.ok()) return s;
     if (op.ec >= 0) {
-      const EcParams<float>& prm = ecs[op.ec];
-      EcLowRankForward<float>(prm, MapC(x, T, op.k), ea);
-      MapM(out, T, op.n).noalias() += ea->v * prm.b.transpose();
+      EcFwd(ecs[op.ec], x, op.k, out, op.n, ea);
     }
     return absl::OkStatus();
+  }
+
+  // Row chunks of the minibatch for the EC's small products (rank <= a few
+  // dozen: Eigen, one thread each): as many as the pool has threads.
+  int64_t EcChunks() const { return std::max<int64_t>(1, std::min<int64_t>(pool->size(), T)); }
+  int64_t ChunkRow(int64_t c) const { return T * c / EcChunks(); }
+
+  // The EC's forward: ea (every row) and out [T, n] += V B^T, over the pool.
+  void EcFwd(const EcParams<float>& prm, const float* x, int64_t k, float* out, int64_t n,
+             EcActivations<float>* ea) {
+    const int64_t r = prm.a.rows(), hw = prm.gated ? prm.w1.rows() : 0;
+    ea->u.resize(T, r);
+    ea->v.resize(T, r);
+    if (prm.gated) {
+      ea->h1.resize(T, hw);
+      ea->p.resize(T, hw);
+      ea->t.resize(T, r);
+    }
+    pool->ParallelFor(EcChunks(), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = ChunkRow(c), m = ChunkRow(c + 1) - r0;
+        EcActivations<float> sub;
+        EcLowRankForward<float>(prm, MapC(x + r0 * k, m, k), &sub);
+        MapM(out + r0 * n, m, n).noalias() += sub.v * prm.b.transpose();
+        ea->u.middleRows(r0, m) = sub.u;
+        ea->v.middleRows(r0, m) = sub.v;
+        if (prm.gated) {
+          ea->h1.middleRows(r0, m) = sub.h1;
+          ea->p.middleRows(r0, m) = sub.p;
+          ea->t.middleRows(r0, m) = sub.t;
+        }
+      }
+    });
+  }
+
+  // The EC's backward from dY [T, n]: grads g (+)= its parameter gradients,
+  // dx [T, k] += dU A, over the pool (per-chunk gradients, summed after).
+  void EcBwd(const EcParams<float>& prm, const float* x, int64_t k, const float* dy, int64_t n,
+             const EcActivations<float>& ea, EcParams<float>* g, float* dx) {
+    std::vector<EcParams<float>> part(static_cast<size_t>(EcChunks()));
+    pool->ParallelFor(EcChunks(), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = ChunkRow(c), m = ChunkRow(c + 1) - r0;
+        MapC dY(dy + r0 * n, m, n), X(x + r0 * k, m, k);
+        EcActivations<float> sub;
+        sub.u = ea.u.middleRows(r0, m);
+        sub.v = ea.v.middleRows(r0, m);
+        if (prm.gated) {
+          sub.h1 = ea.h1.middleRows(r0, m);
+          sub.p = ea.p.middleRows(r0, m);
+          sub.t = ea.t.middleRows(r0, m);
+        }
+        EcParams<float>& pc = part[static_cast<size_t>(c)];
+        pc.b.noalias() = dY.transpose() * sub.v;
+        Mat du;
+        EcBackwardFromDv<float>(prm, X, sub, Mat(dY * prm.b), &pc, &du);
+        MapM(dx + r0 * k, m, k).noalias() += du * prm.a;
+      }
+    });
+    for (const EcParams<float>& pc : part) {
+      g->b += pc.b;
+      g->a += pc.a;
+      if (prm.gated) {
+        g->w1 += pc.w1;
+        g->b1 += pc.b1;
+        g->w2 += pc.w2;
+        g->b2 += pc.b2;
+      }
+    }
   }
 
   // dx (+)= dy Qeff (+ dU A); EC grads accumulate into grads[op.ec].
@@ -205,21 +276,7 @@ struct EcDistiller::Impl {
     p.accumulate = accumulate;
     if (auto s = kernels::cpu::Linear(p, pool); !s.ok()) return s;
     if (op.ec >= 0) {
-      const EcParams<float>& prm = ecs[op.ec];
-      EcParams<float>& g = grads[op.ec];
-      MapC dY(dy, T, op.n), X(x, T, op.k);
-      g.b.noalias() += dY.transpose() * ea.v;
-      EcParams<float> tmp;
-      Mat du;
-      EcBackwardFromDv<float>(prm, X, ea, Mat(dY * prm.b), &tmp, &du);
-      g.a += tmp.a;
-      if (prm.gated) {
-        g.w1 += tmp.w1;
-        g.b1 += tmp.b1;
-        g.w2 += tmp.w2;
-        g.b2 += tmp.b2;
-      }
-      MapM(dx, T, op.k).noalias() += du * prm.a;
+      EcBwd(ecs[op.ec], x, op.k, dy, op.n, ea, &grads[op.ec], dx);
     }
     return absl::OkStatus();
   }
@@ -372,16 +429,24 @@ struct EcDistiller::Impl {
       for (int64_t i = 0; i < c; ++i) kl += row_kl[i];
       if (per_row != nullptr) per_row->insert(per_row->end(), row_kl.begin(), row_kl.begin() + c);
       if (dy != nullptr) {
-        kernels::LinearParams p;
-        p.x = zs.data();
-        p.m = c;
-        p.k = vocab;
-        p.ldx = vocab;
-        et.Into(&p);
-        p.n = d;
-        p.y = dy + r0 * d;
-        p.ldy = d;
-        if (auto s = kernels::cpu::Linear(p, pool); !s.ok()) return s;
+        // dy = dZ E, one vocabulary slice at a time (accumulated): a single
+        // product with k = V would stream all of dZ (c x V floats, 50 MB)
+        // from memory once per packed panel of d's columns; a slice's dZ
+        // block (c x head_slice) stays in cache across the panels.
+        for (size_t i = 0; i < et.size(); ++i) {
+          const int64_t v0 = static_cast<int64_t>(i) * head_slice;
+          kernels::LinearParams p;
+          p.x = zs.data() + v0;
+          p.m = c;
+          p.k = std::min(head_slice, vocab - v0);
+          p.ldx = vocab;
+          et[i].Into(&p);
+          p.n = d;
+          p.y = dy + r0 * d;
+          p.ldy = d;
+          p.accumulate = i > 0;
+          if (auto s = kernels::cpu::Linear(p, pool); !s.ok()) return s;
+        }
       }
     }
     double loss = kl / static_cast<double>(T);
@@ -483,8 +548,10 @@ absl::StatusOr<DistillGemm> ParseDistillGemm(std::string_view s) {
 
 absl::StatusOr<std::unique_ptr<EcDistiller>> EcDistiller::Create(const model::LoadedModel* model,
                                                                  kernels::ThreadPool* pool,
-                                                                 DistillGemm gemm) {
+                                                                 DistillGemm gemm,
+                                                                 int64_t head_slice) {
   if (model == nullptr || pool == nullptr) return absl::InvalidArgumentError("null model or pool");
+  if (head_slice < 1) return absl::InvalidArgumentError("head_slice must be >= 1");
   auto im = std::make_unique<Impl>();
   const model::ModelConfig& c = model->config;
   im->model = model;
@@ -533,7 +600,13 @@ absl::StatusOr<std::unique_ptr<EcDistiller>> EcDistiller::Create(const model::Lo
   if (!e.ok()) return e.status();
   if (e->rows != im->vocab || e->cols != im->d) return absl::InvalidArgumentError("lm_head shape");
   im->e.Set(e->data, im->vocab, im->d, false, gemm);
-  im->et.Set(e->data, im->vocab, im->d, true, gemm);
+  im->head_slice = head_slice;
+  for (int64_t v0 = 0; v0 < im->vocab; v0 += head_slice) {
+    const int64_t rows = std::min(head_slice, im->vocab - v0);
+    const std::vector<float> slice(e->data.begin() + v0 * im->d,
+                                   e->data.begin() + (v0 + rows) * im->d);
+    im->et.emplace_back().Set(slice, rows, im->d, true, gemm);
+  }
   im->adam.resize(im->ecs.size());
   im->ZeroGrads();
   return std::unique_ptr<EcDistiller>(new EcDistiller(std::move(im)));
