@@ -108,13 +108,8 @@ TEST(DistillOps, TransposeMatchesDefinition) {
   }
 }
 
-// Finite differences of the attention's backward, with the causal products
-// as one block (6 positions), blocks of 4 (4 + 2) and of 1.
-class AttentionBackwardTest : public ::testing::TestWithParam<int64_t> {};
-
-TEST_P(AttentionBackwardTest, MatchesFiniteDifferences) {
+TEST(DistillOps, AttentionBackward) {
   AttentionShape a;
-  a.causal_block = GetParam();
   a.len = 6;
   a.n_heads = 4;
   a.n_kv_heads = 2;
@@ -151,14 +146,10 @@ TEST_P(AttentionBackwardTest, MatchesFiniteDifferences) {
   EXPECT_EQ(probs[1], 0.0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Blocks, AttentionBackwardTest, ::testing::Values(64, 4, 1));
-
 // The float path (products on kernels::cpu::Linear) against the float64
 // one (Eigen, checked by finite differences above) on a training-sized
 // head: 40 tokens (past the GEMM path's 16-row threshold and off its
 // tiles), GQA group 3, head_dim 20, strided rows. Fresh random inputs.
-// The float path multiplies in causal blocks of 16 positions (16 + 16 + 8),
-// the float64 one in one block: the blocks' bounds are checked too.
 TEST(DistillOps, AttentionFloatMatchesDouble) {
   AttentionShape a;
   a.len = 40;
@@ -169,9 +160,6 @@ TEST(DistillOps, AttentionFloatMatchesDouble) {
   a.ldkv = 2 * 20 + 5;
   a.scale = 1.0 / std::sqrt(20.0);
   const int64_t L = a.len, group = 3;
-  AttentionShape af = a;
-  a.causal_block = L;
-  af.causal_block = 16;
   std::random_device rd;
   const uint32_t seed = rd();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
@@ -187,11 +175,11 @@ TEST(DistillOps, AttentionFloatMatchesDouble) {
     const int64_t po = kvh * group * L * L;
     AttentionForwardKvHead<double>(a, kvh, q.data(), k.data(), v.data(), out.data(),
                                    probs.data() + po);
-    AttentionForwardKvHead<float>(af, kvh, qf.data(), kf.data(), vf.data(), outf.data(),
+    AttentionForwardKvHead<float>(a, kvh, qf.data(), kf.data(), vf.data(), outf.data(),
                                   probsf.data() + po);
     AttentionBackwardKvHead<double>(a, kvh, q.data(), k.data(), v.data(), probs.data() + po,
                                     dout.data(), dq.data(), dk.data(), dv.data());
-    AttentionBackwardKvHead<float>(af, kvh, qf.data(), kf.data(), vf.data(), probsf.data() + po,
+    AttentionBackwardKvHead<float>(a, kvh, qf.data(), kf.data(), vf.data(), probsf.data() + po,
                                    doutf.data(), dqf.data(), dkf.data(), dvf.data());
   }
   // Relative to each output's largest entry: float32 rounding over sums of

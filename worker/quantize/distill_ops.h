@@ -97,11 +97,6 @@ struct AttentionShape {
   int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
   int64_t ldq = 0, ldkv = 0, ldo = 0;  // row strides
   double scale = 1.0;
-  // Positions per row block of the causal products (CausalLowerNT etc.):
-  // each block multiplies only the unmasked part of the len x len matrix.
-  // >= len: one block (the full products). Any value >= 1 gives the same
-  // result up to float rounding (distill_ops_test).
-  int64_t causal_block = 64;
 };
 
 // y [m, n] (+)= x [m, k] w^T (x row stride ldx; w [n, k] contiguous; y
@@ -141,55 +136,6 @@ void Transpose(const S* src, int64_t rows, int64_t cols, int64_t lds, S* dst) {
   }
 }
 
-// The attention's products with an L x L causal matrix, by row blocks
-// [r0, r1) of `block` positions, each multiplying only the part of the
-// matrix that is not masked: ~5/8 of the full products' FLOPs at L = 256
-// and block 64 (the training's sequences). `wcols` is scratch.
-//
-// Copies columns [c0, c1) of w [n, L] (row-major) into wcols [n, c1 - c0].
-template <typename S>
-const S* CopyCols(const S* w, int64_t n, int64_t L, int64_t c0, int64_t c1, std::vector<S>* wcols) {
-  wcols->resize(static_cast<size_t>(n * (c1 - c0)));
-  for (int64_t r = 0; r < n; ++r) std::copy(w + r * L + c0, w + r * L + c1, wcols->data() + r * (c1 - c0));
-  return wcols->data();
-}
-
-// y [L, n] (+)= x [L, L] w^T, w [n, L], x lower-triangular (x[i][j] = 0 for
-// j > i; row stride ldx): row block [r0, r1) sums over j < r1.
-template <typename S>
-void CausalLowerNT(const S* x, int64_t L, int64_t ldx, const S* w, int64_t n, S* y, int64_t ldy,
-                   bool accumulate, int64_t block, std::vector<S>* wcols) {
-  for (int64_t r0 = 0; r0 < L; r0 += block) {
-    const int64_t r1 = std::min(L, r0 + block);
-    const S* wb = r1 == L ? w : CopyCols(w, n, L, 0, r1, wcols);
-    MatMulNT(x + r0 * ldx, r1 - r0, r1, ldx, wb, n, y + r0 * ldy, ldy, accumulate);
-  }
-}
-
-// The same with x upper-triangular (x[i][j] = 0 for j < i): row block
-// [r0, r1) sums over j >= r0.
-template <typename S>
-void CausalUpperNT(const S* x, int64_t L, int64_t ldx, const S* w, int64_t n, S* y, int64_t ldy,
-                   bool accumulate, int64_t block, std::vector<S>* wcols) {
-  for (int64_t r0 = 0; r0 < L; r0 += block) {
-    const int64_t r1 = std::min(L, r0 + block);
-    const S* wb = r0 == 0 ? w : CopyCols(w, n, L, r0, L, wcols);
-    MatMulNT(x + r0 * ldx + r0, r1 - r0, L - r0, ldx, wb, n, y + r0 * ldy, ldy, accumulate);
-  }
-}
-
-// y [L, L] = x [L, kd] w^T, w [L, kd] contiguous, where only j <= i is
-// wanted: row block [r0, r1) writes columns [0, r1); later columns of those
-// rows are left as they are (the callers mask them).
-template <typename S>
-void CausalScoresNT(const S* x, int64_t L, int64_t kd, int64_t ldx, const S* w, S* y, int64_t ldy,
-                    int64_t block) {
-  for (int64_t r0 = 0; r0 < L; r0 += block) {
-    const int64_t r1 = std::min(L, r0 + block);
-    MatMulNT(x + r0 * ldx, r1 - r0, kd, ldx, w, r1, y + r0 * ldy, ldy, false);
-  }
-}
-
 // Heads [kv_head * group, (kv_head + 1) * group) of one sequence: out and
 // probs (group blocks of len x len, row-major; entries j > i are 0).
 template <typename S>
@@ -198,8 +144,7 @@ void AttentionForwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, co
   const int64_t L = a.len, hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
   // Per-thread scratch, every element written before it is read: fresh
   // vectors per call cost page faults and zeroing (~1 MB a call in training).
-  thread_local std::vector<S> kc, vt, wcols;
-  const int64_t blk = std::max<int64_t>(1, a.causal_block);
+  thread_local std::vector<S> kc, vt;
   kc.resize(static_cast<size_t>(L * hd));
   vt.resize(static_cast<size_t>(hd * L));
   for (int64_t t = 0; t < L; ++t) {
@@ -209,7 +154,7 @@ void AttentionForwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, co
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = kvh * group + g;
     S* P = probs + g * L * L;
-    CausalScoresNT(q + h * hd, L, hd, a.ldq, kc.data(), P, L, blk);  // q k^T (j <= i)
+    MatMulNT(q + h * hd, L, hd, a.ldq, kc.data(), L, P, L, false);  // q k^T
     for (int64_t i = 0; i < L; ++i) {
       S* row = P + i * L;
       S mx = -std::numeric_limits<S>::infinity();
@@ -226,7 +171,7 @@ void AttentionForwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, co
       for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
       for (int64_t j = i + 1; j < L; ++j) row[j] = 0;
     }
-    CausalLowerNT(P, L, L, vt.data(), hd, out + h * hd, a.ldo, false, blk, &wcols);  // P v
+    MatMulNT(P, L, L, L, vt.data(), hd, out + h * hd, a.ldo, false);  // P v
   }
 }
 
@@ -239,8 +184,7 @@ void AttentionBackwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, c
   const size_t lh = static_cast<size_t>(L * hd), ll = static_cast<size_t>(L * L);
   // Per-thread scratch, every element written before it is read (as in
   // the forward).
-  thread_local std::vector<S> vc, kt, dot, qt, pt, dP, dpt, wcols;
-  const int64_t blk = std::max<int64_t>(1, a.causal_block);
+  thread_local std::vector<S> vc, kt, dot, qt, pt, dP, dpt;
   for (auto* b : {&vc, &kt, &dot, &qt}) b->resize(lh);
   for (auto* b : {&pt, &dP, &dpt}) b->resize(ll);
   for (int64_t t = 0; t < L; ++t) {
@@ -254,9 +198,8 @@ void AttentionBackwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, c
     const S* P = probs + g * L * L;
     Transpose(P, L, L, L, pt.data());
     Transpose(dout + h * hd, L, hd, a.ldo, dot.data());
-    // dv += P^T do (P^T upper-triangular); dP = do v^T (j <= i)
-    CausalUpperNT(pt.data(), L, L, dot.data(), hd, dv + kvh * hd, a.ldkv, true, blk, &wcols);
-    CausalScoresNT(dout + h * hd, L, hd, a.ldo, vc.data(), dP.data(), L, blk);
+    MatMulNT(pt.data(), L, L, L, dot.data(), hd, dv + kvh * hd, a.ldkv, true);  // dv += P^T do
+    MatMulNT(dout + h * hd, L, hd, a.ldo, vc.data(), L, dP.data(), L, false);  // dP = do v^T
     for (int64_t i = 0; i < L; ++i) {
       S* d = dP.data() + i * L;
       const S* p = P + i * L;
@@ -272,10 +215,10 @@ void AttentionBackwardKvHead(const AttentionShape& a, int64_t kvh, const S* q, c
       for (int64_t j = 0; j <= i; ++j) d[j] = p[j] * (d[j] - dotp) * static_cast<S>(a.scale);
       for (int64_t j = i + 1; j < L; ++j) d[j] = 0;
     }
-    CausalLowerNT(dP.data(), L, L, kt.data(), hd, dq + h * hd, a.ldq, false, blk, &wcols);  // dq = dS k
+    MatMulNT(dP.data(), L, L, L, kt.data(), hd, dq + h * hd, a.ldq, false);  // dq = dS k
     Transpose(dP.data(), L, L, L, dpt.data());
     Transpose(q + h * hd, L, hd, a.ldq, qt.data());
-    CausalUpperNT(dpt.data(), L, L, qt.data(), hd, dk + kvh * hd, a.ldkv, true, blk, &wcols);  // dk += dS^T q
+    MatMulNT(dpt.data(), L, L, L, qt.data(), hd, dk + kvh * hd, a.ldkv, true);  // dk += dS^T q
   }
 }
 
