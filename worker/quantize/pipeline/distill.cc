@@ -197,6 +197,20 @@ struct EcDistiller::Impl {
   int64_t EcChunks() const { return std::max<int64_t>(1, std::min<int64_t>(pool->size(), T)); }
   int64_t ChunkRow(int64_t c) const { return T * c / EcChunks(); }
 
+  // fn(a's matrix, b's matrix) for each activation matrix the EC's backward
+  // reads (u, v; h1, p, t when gated): a chunk's rows in or out of the
+  // minibatch's.
+  template <typename Fn>
+  static void ActRows(const EcActivations<float>& a, bool gated, Fn fn, EcActivations<float>& b) {
+    fn(a.u, b.u);
+    fn(a.v, b.v);
+    if (gated) {
+      fn(a.h1, b.h1);
+      fn(a.p, b.p);
+      fn(a.t, b.t);
+    }
+  }
+
   // The EC's forward: ea (every row) and out [T, n] += V B^T, over the pool.
   void EcFwd(const EcParams<float>& prm, const float* x, int64_t k, float* out, int64_t n,
              EcActivations<float>* ea) {
@@ -214,13 +228,7 @@ struct EcDistiller::Impl {
         EcActivations<float> sub;
         EcLowRankForward<float>(prm, MapC(x + r0 * k, m, k), &sub);
         MapM(out + r0 * n, m, n).noalias() += sub.v * prm.b.transpose();
-        ea->u.middleRows(r0, m) = sub.u;
-        ea->v.middleRows(r0, m) = sub.v;
-        if (prm.gated) {
-          ea->h1.middleRows(r0, m) = sub.h1;
-          ea->p.middleRows(r0, m) = sub.p;
-          ea->t.middleRows(r0, m) = sub.t;
-        }
+        ActRows(sub, prm.gated, [&](const Mat& src, Mat& all) { all.middleRows(r0, m) = src; }, *ea);
       }
     });
   }
@@ -235,13 +243,7 @@ struct EcDistiller::Impl {
         const int64_t r0 = ChunkRow(c), m = ChunkRow(c + 1) - r0;
         MapC dY(dy + r0 * n, m, n), X(x + r0 * k, m, k);
         EcActivations<float> sub;
-        sub.u = ea.u.middleRows(r0, m);
-        sub.v = ea.v.middleRows(r0, m);
-        if (prm.gated) {
-          sub.h1 = ea.h1.middleRows(r0, m);
-          sub.p = ea.p.middleRows(r0, m);
-          sub.t = ea.t.middleRows(r0, m);
-        }
+        ActRows(ea, prm.gated, [&](const Mat& all, Mat& dst) { dst = all.middleRows(r0, m); }, sub);
         EcParams<float>& pc = part[static_cast<size_t>(c)];
         pc.b.noalias() = dY.transpose() * sub.v;
         Mat du;
