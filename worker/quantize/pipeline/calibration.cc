@@ -237,15 +237,16 @@ absl::StatusOr<CalibrationSet> MakeCalibrationSet(
   const bool capture = capture_hidden && o.windows_per_sequence == 1 &&
                        (c.max_position <= 0 || sample_len + 1 <= c.max_position);
   const int64_t run_len = sample_len + (capture ? 1 : 0);
-  // Up to 128 sequences decode together (their worst-case KV fits
-  // exactly), fewer where their fp32 KV would pass 2 GiB: wider decode
+  // Up to 256 sequences decode together (their worst-case KV fits
+  // exactly), fewer where their fp32 KV would pass 4 GiB: wider decode
   // batches amortize the GEMM's weight packing (SmolLM2, 128 x 256 tokens:
-  // 176 s at 128 against 190 s at 64; docs/results/quality.md).
+  // 176 s at 128 against 190 s at 64; 256 x 256: 224 s at 256 against 237
+  // s at 128, two runs each; docs/results/quality.md).
   const int64_t kv_bytes_per_seq =
       run_len * c.num_layers * 2 * static_cast<int64_t>(c.num_kv_heads) * c.head_dim * 4;
   const int64_t by_memory =
-      std::max<int64_t>(1, (int64_t{2} << 30) / std::max<int64_t>(1, kv_bytes_per_seq));
-  const int64_t concurrent = std::min({o.num_sequences, int64_t{128}, by_memory});
+      std::max<int64_t>(1, (int64_t{4} << 30) / std::max<int64_t>(1, kv_bytes_per_seq));
+  const int64_t concurrent = std::min({o.num_sequences, int64_t{256}, by_memory});
   engine::EngineOptions eo;
   eo.num_threads = num_threads;
   eo.kv_cache.block_size = 16;

@@ -824,8 +824,10 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   if (!l0.ok()) return l0.status();
   rep.init_train_kl = *l0;
   im.ScaleGateInit();
+  const auto v0_start = std::chrono::steady_clock::now();
   auto v0 = val_kl();
   if (!v0.ok()) return v0.status();
+  const double score_seconds = Seconds(v0_start);
   rep.init_val_kl = rep.final_val_kl = *v0;
   rep.val_history.emplace_back(0, *v0);
   if (progress) progress(0, o.steps, *v0);
@@ -836,15 +838,21 @@ absl::StatusOr<DistillReport> EcDistiller::Train(const std::vector<std::vector<i
   // the warm-up).
   const bool use_ema = o.ema_decay > 0;
   std::vector<float> ema, raw;
+  // What follows the last step inside a time budget, each about as long as
+  // the baseline's scoring: the last step's held-out scoring, the
+  // average's, and the rounded factors' (round_factors_i8).
+  const double tail_seconds =
+      score_seconds * (1 + (use_ema ? 1 : 0) + (o.round_factors_i8 ? 1 : 0));
   const auto train_start = std::chrono::steady_clock::now();
   // The time budget's share spent once `step` steps are done: measured from
   // the start of Train (including the held-out baseline), with the time of
-  // one more step projected so the last step fits. 0 without a budget.
+  // one more step and of the run's tail (above) projected, so that the
+  // last step and the scorings after it fit. 0 without a budget.
   auto TimeFraction = [&](int64_t step) {
     if (o.max_seconds <= 0) return 0.0;
     const double spent = Seconds(t0);
     const double per_step = step > 1 ? Seconds(train_start) / static_cast<double>(step - 1) : 0;
-    return (spent + per_step) / o.max_seconds;
+    return (spent + per_step + tail_seconds) / o.max_seconds;
   };
   // Progress in [0, 1] after `step` steps (see the lr schedule below): the
   // larger of the step and the time fractions.

@@ -98,7 +98,11 @@ struct DistillOptions {
   int64_t patience = 4;        // evaluations without improvement; 0: never stop early
   double patience_from = 0.75;  // fraction of the schedule (steps or time) before which
                                 // evaluations do not count toward patience
-  double max_seconds = 0;      // > 0: stop (keeping the best) when spent
+  // > 0: Train returns within about this many seconds, keeping the best:
+  // the last step is the one after which one more step and the scorings
+  // that end the run (the last step's, the average's, the int8-rounded
+  // factors'; each timed as the baseline's scoring) would not fit.
+  double max_seconds = 0;
   double hidden_mse_weight = 0;
   // Weight of the layer-target term (see the header); > 0 needs the
   // teacher's layer states (DistillTeacher::layers).
