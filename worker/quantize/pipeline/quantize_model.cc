@@ -452,7 +452,7 @@ absl::Status Pipeline::Distill() {
   d.train_gate = o_.gate;
   d.round_factors_i8 = o_.ec_factors == kernels::EcFactors::kI8;
   if (o_.time_budget_seconds > 0) {
-    // Write-back, the int8 storage and the report (~0.1 s measured); the
+    // Write-back, the int8 storage and the report (< 0.1 s measured); the
     // scorings after stage 2's last step are in its own budget (distill.cc).
     constexpr double kMargin = 5;
     const double left = std::max(
