@@ -683,6 +683,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"diagnostic_tokens", o.diagnostic_tokens},
            {"diagnostic_sequences", o.diagnostic_sequences},
            {"sequential_max_tokens", o.sequential_max_tokens},
+           {"sequential_holdout_max_tokens", o.sequential_holdout_max_tokens},
            {"holdout_max_tokens", o.holdout_max_tokens},
            {"time_budget_seconds", o.time_budget_seconds},
            {"ec_training", o.e2e ? json{{"kind", "end-to-end KL distillation"},

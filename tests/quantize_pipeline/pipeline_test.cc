@@ -12,8 +12,10 @@
 #include "gtest/gtest.h"
 #include "kernels/ec_factors.h"
 #include "tests/engine/tiny_model.h"
+#include "worker/model/linear.h"
 #include "worker/model/w4_linear.h"
 #include "worker/model/weights.h"
+#include "worker/quantize/cka.h"
 #include "worker/quantize/pipeline/calibration.h"
 #include "worker/quantize/pipeline/diagnostic.h"
 #include "worker/quantize/pipeline/distill.h"
@@ -102,6 +104,45 @@ TEST_F(PipelineTest, RtnReplacesEveryLinearAndRuns) {
   EXPECT_LT(err, 0.5);   // but it is still the same model (hidden states are O(1))
   // A second quantization of a quantized model is refused.
   EXPECT_FALSE(QuantizeModel(m.get(), o, &pool_).ok());
+}
+
+// The sequential pass scores modules on a prefix of the held-out sequences
+// (sequential_holdout_max_tokens): the fits (W4 codes, EC factors) come
+// from the fit tokens alone and do not change; the scores do.
+TEST_F(PipelineTest, SequentialHoldoutCapScoresOnAPrefixOnly) {
+  auto run = [&](int64_t cap, std::vector<float>* factors) {
+    auto m = Load();
+    QuantizeOptions o = Opts();  // 20 sequences of 64: 2 held out
+    o.ec = EcMode::kStatic;
+    o.ec_budget_pct = 25;
+    o.sequential_holdout_max_tokens = cap;
+    auto rep = QuantizeModel(m.get(), o, &pool_);
+    EXPECT_TRUE(rep.ok()) << rep.status();
+    m->weights.ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& l) {
+      const auto* w4 = dynamic_cast<const model::W4Linear*>(l.get());
+      ASSERT_NE(w4, nullptr);
+      for (uint8_t c : w4->weight().packed) factors->push_back(c);
+      if (w4->has_ec()) {
+        const auto& ec = *w4->ec();
+        factors->insert(factors->end(), ec.a.begin(), ec.a.end());
+        factors->insert(factors->end(), ec.b.begin(), ec.b.end());
+      }
+    });
+    std::vector<double> errs;
+    for (const auto& mr : rep->modules) errs.push_back(mr.err_w4);
+    return errs;
+  };
+  std::vector<float> f_all, f_one;
+  const auto e_all = run(0, &f_all), e_one = run(64, &f_one);  // all held out / one sequence
+  ASSERT_FALSE(f_all.empty());
+  EXPECT_EQ(f_all, f_one);
+  ASSERT_EQ(e_all.size(), e_one.size());
+  int differ = 0;
+  for (size_t i = 0; i < e_all.size(); ++i) {
+    EXPECT_GT(e_one[i], 0.0);
+    differ += std::fabs(e_all[i] - e_one[i]) > 1e-6 * e_all[i];
+  }
+  EXPECT_GT(differ, 0);  // scored on fewer tokens
 }
 
 TEST_F(PipelineTest, SpearBeatsW4AndStatic) {
@@ -750,6 +791,68 @@ TEST_F(PipelineTest, DiagnosticRanksInjectedModuleFirst) {
   for (size_t i = 0; i < shapes.size(); ++i) bytes += EcBytes(shapes[i].n, shapes[i].k, (*ranks)[i], true, 16);
   EXPECT_LE(bytes, 4000);
   EXPECT_GT((*ranks)[bad], 0);
+}
+
+// The diagnostic runs the layers above a module's layer for its 7 modules'
+// streams stacked in one runner: each damage must be the one a run with only
+// that module swapped gives on its own (the per-module loop, written here
+// as the reference), on sequences of unequal lengths.
+TEST_F(PipelineTest, DiagnosticStackedStreamsMatchPerModuleRuns) {
+  CalibrationOptions c;
+  c.num_sequences = 3;
+  c.seq_len = 40;
+  c.seed = 5;
+  auto seqs = MakeCalibrationSequences(*fp_, c, 2);
+  ASSERT_TRUE(seqs.ok());
+  (*seqs)[1].resize(23);  // unequal lengths: the stacked runner's micro-batches and KV slots
+  const auto rtn = RtnDiagnosticQuantizer(Opts());
+  auto res = RunCkaDiagnostic(fp_.get(), &pool_, *seqs, rtn);
+  ASSERT_TRUE(res.ok()) << res.status();
+  const int64_t L = fp_->config.num_layers, d = fp_->config.hidden_size;
+  ASSERT_EQ(res->damages.size(), static_cast<size_t>(7 * L));
+
+  auto run = LayerwiseRunner::Create(fp_.get(), &pool_, *seqs);
+  ASSERT_TRUE(run.ok());
+  const int64_t T = (*run)->num_tokens();
+  std::vector<float> h0(T * d), y(T * d);
+  ASSERT_TRUE((*run)->Embed(h0.data()).ok());
+  std::vector<float> fp = h0;
+  ASSERT_TRUE((*run)->RunLayers(0, L, fp.data()).ok());
+  ASSERT_TRUE((*run)->FinalNorm(fp.data(), fp.data()).ok());
+  auto ref = CkaReference::Create(MatrixView{fp.data(), T, d});
+  ASSERT_TRUE(ref.ok());
+  int64_t idx = 0;
+  double max_damage = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    model::LayerWeights& lw = fp_->weights.layers[l];
+    std::unique_ptr<model::Linear>* slots[7] = {&lw.q_proj, &lw.k_proj, &lw.v_proj, &lw.o_proj,
+                                                &lw.gate_proj, &lw.up_proj, &lw.down_proj};
+    for (int j = 0; j < 7; ++j, ++idx) {
+      auto w = DenseWeightMatrix(**slots[j]);
+      ASSERT_TRUE(w.ok());
+      auto q = rtn(idx, res->names[idx], w->view());
+      ASSERT_TRUE(q.ok());
+      const auto* dense = dynamic_cast<const model::DenseLinear*>(slots[j]->get());
+      ASSERT_NE(dense, nullptr);
+      auto repl = model::DenseLinear::Create(q->data.data(), kernels::DType::kF32, w->rows,
+                                             w->cols, dense->bias());
+      ASSERT_TRUE(repl.ok());
+      std::unique_ptr<model::Linear> orig = std::move(*slots[j]);
+      *slots[j] = std::move(*repl);
+      std::vector<float> h = h0;
+      ASSERT_TRUE((*run)->RunLayers(0, L, h.data()).ok());
+      ASSERT_TRUE((*run)->FinalNorm(h.data(), y.data()).ok());
+      *slots[j] = std::move(orig);
+      auto cka = ref->Cka(MatrixView{y.data(), T, d});
+      ASSERT_TRUE(cka.ok());
+      const double want = std::clamp(1.0 - *cka, 0.0, 1.0);
+      max_damage = std::max(max_damage, want);
+      // Float rounding of GEMMs over other row counts only: 1e-6 of a
+      // damage on the order of 1e-3..1e-1.
+      EXPECT_NEAR(res->damages[idx], want, 1e-6 + 1e-4 * want) << res->names[idx];
+    }
+  }
+  EXPECT_GT(max_damage, 1e-4);  // the comparison is not between zeros
 }
 
 TEST(SequentialTargetTest, UsesFp16StreamForWAndCurrentStreamForQ) {

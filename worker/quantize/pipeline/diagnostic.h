@@ -8,8 +8,11 @@
 // the same function as the W4 layer, served by the dense GEMM), the model
 // is run from layer l's cached input (layers below are unaffected) to the
 // final norm, and damage_i = clamp(1 - CKA(Y_fp, Y_i), 0, 1). The module is
-// restored before the next one. Cost: sum over modules of (L - l) layers,
-// i.e. about 7 L^2 / 2 layer-forwards of the diagnostic tokens.
+// restored before the next one. The 7 streams of one layer run layer l
+// each on their own (their module swapped in turn), then the layers above
+// together, stacked 7 deep (one GEMM over 7x the rows, weights packed once).
+// Cost: sum over modules of (L - l) layers, i.e. about 7 L^2 / 2
+// layer-forwards of the diagnostic tokens.
 //
 // The diagnostic quantizer is RTN of the pipeline's format by default
 // (data-free, so the diagnostic does not depend on which backbone the

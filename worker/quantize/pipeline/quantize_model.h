@@ -157,8 +157,13 @@ struct QuantizeOptions {
   // alone (one sample decides the placement).
   int64_t diagnostic_sequences = 1;
   // Fit tokens of the sequential (closed-form) pass: a prefix of the fit
-  // sequences (at least one; 0 = all); held-out sequences always join.
+  // sequences (at least one; 0 = all).
   int64_t sequential_max_tokens = 1024;
+  // Held-out tokens of the sequential pass: a prefix of the held-out
+  // sequences (at least one; 0 = all of them). They score each module's
+  // output error (ModuleReport's err_*) and pick GPTQ's dampening; the
+  // end-to-end stage scores on all held-out sequences.
+  int64_t sequential_holdout_max_tokens = 1024;
   // Held-out calibration: the last ~10 % of the sequences, capped at this
   // many tokens (at least one sequence; 0 = no cap).
   int64_t holdout_max_tokens = 4096;
