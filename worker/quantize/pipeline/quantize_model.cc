@@ -545,26 +545,25 @@ absl::StatusOr<QuantizeReport> Pipeline::Run() {
       if (i < fit_seqs_) fit_rows_ += seqs_[i].size();
     }
     report_.calibration_tokens = total_rows_;
-    // The sequential (closed-form) pass needs only E[x x^T] per module: a
-    // prefix of the fit sequences is enough; the end-to-end stage uses all.
-    const int64_t cap = o_.sequential_max_tokens;
-    for (int64_t i = 0; i < fit_seqs_; ++i) {
-      const int64_t len = static_cast<int64_t>(seqs_[i].size());
-      if (cap > 0 && i > 0 && sp_fit_rows_ + len > cap) break;
-      seq_pass_.push_back(seqs_[i]);
-      sp_fit_rows_ += len;
-    }
-    // Its held-out rows only score the modules (err_*, GPTQ's dampening):
-    // a prefix of the held-out sequences (they were ~80 % of this pass's
-    // rows at 4,096 held-out tokens).
-    sp_total_rows_ = sp_fit_rows_;
-    const int64_t held_cap = o_.sequential_holdout_max_tokens;
-    for (int64_t i = fit_seqs_; i < n; ++i) {
-      const int64_t len = static_cast<int64_t>(seqs_[i].size());
-      if (held_cap > 0 && i > fit_seqs_ && sp_total_rows_ - sp_fit_rows_ + len > held_cap) break;
-      seq_pass_.push_back(seqs_[i]);
-      sp_total_rows_ += len;
-    }
+    // The sequential (closed-form) pass: seqs_[begin, end) as far as `cap`
+    // tokens go (at least one sequence; cap 0 = all), appended to seq_pass_;
+    // returns their rows.
+    auto append_prefix = [&](int64_t begin, int64_t end, int64_t cap) {
+      int64_t rows = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t len = static_cast<int64_t>(seqs_[i].size());
+        if (cap > 0 && i > begin && rows + len > cap) break;
+        seq_pass_.push_back(seqs_[i]);
+        rows += len;
+      }
+      return rows;
+    };
+    // It needs only E[x x^T] per module from the fit sequences (the
+    // end-to-end stage uses all of them), and its held-out rows only score
+    // the modules (err_*, GPTQ's dampening; they were ~80 % of its rows at
+    // 4,096 held-out tokens).
+    sp_fit_rows_ = append_prefix(0, fit_seqs_, o_.sequential_max_tokens);
+    sp_total_rows_ = sp_fit_rows_ + append_prefix(fit_seqs_, n, o_.sequential_holdout_max_tokens);
   }
   report_.calibration_seconds = take_lap();
   if (auto s = Place(); !s.ok()) return s;
