@@ -7,9 +7,13 @@
 //       [--steps S] [--static-placed] [--no-gate] [--ppl-tokens N] [--ctx C]
 //       [--threads T] [--skip-fp16] [--text FILE] [--no-e2e] [--e2e-steps S]
 //       [--e2e-lr LR] [--e2e-batch B] [--e2e-max-seconds S] [--e2e-mse W]
-//       [--e2e-eval-every N] [--e2e-patience N] [--e2e-gate-lr-scale F] [--breadth F] [--seq-tokens N]
+//       [--e2e-eval-every N] [--e2e-patience N] [--e2e-gate-lr-scale F] [--breadth F] [--seq-tokens
+//       N]
 //       [--text2 FILE] [--dump-gates CSV] [--dump-tokens N] [--time-budget S]
+//       [--spear CKPT]
 // --text2: perplexity also on a second text (same ctx and token count).
+// --spear: no quantization; the quantized model is this .spear checkpoint of
+// MODEL (perplexities and --dump-gates on it, MODEL the FP16 teacher).
 // --dump-gates: per-token KL(FP16 || model) with and without the ECs and the
 // gate values (mean and per EC) on the first --dump-tokens (1024) WikiText
 // tokens, in windows of ctx, as CSV.
@@ -36,8 +40,7 @@ using namespace spear;
 namespace {
 
 double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 absl::StatusOr<double> Ppl(const model::LoadedModel& m, kernels::ThreadPool* pool,
@@ -64,7 +67,7 @@ int main(int argc, char** argv) {
   int64_t ppl_tokens = 16384;
   int ctx = 512, threads = 2;
   bool skip_fp16 = false;
-  std::string text2, dump_path;
+  std::string text2, dump_path, spear_path;
   int64_t dump_tokens = 1024;
   for (int i = 3; i < argc; ++i) {
     const std::string a = argv[i];
@@ -77,12 +80,14 @@ int main(int argc, char** argv) {
     };
     if (a == "--backbone") {
       const std::string v = next();
-      o.backbone = v == "awq" ? quantize::Backbone::kAwq
-                 : v == "gptq" ? quantize::Backbone::kGptq : quantize::Backbone::kRtn;
+      o.backbone = v == "awq"    ? quantize::Backbone::kAwq
+                   : v == "gptq" ? quantize::Backbone::kGptq
+                                 : quantize::Backbone::kRtn;
     } else if (a == "--ec") {
       const std::string v = next();
-      o.ec = v == "none" ? quantize::EcMode::kNone
-           : v == "static" ? quantize::EcMode::kStatic : quantize::EcMode::kSpear;
+      o.ec = v == "none"     ? quantize::EcMode::kNone
+             : v == "static" ? quantize::EcMode::kStatic
+                             : quantize::EcMode::kSpear;
     } else if (a == "--budget") {
       o.ec_budget_pct = std::atof(next().c_str());
     } else if (a == "--group") {
@@ -139,6 +144,8 @@ int main(int argc, char** argv) {
       o.distill.patience = std::atoll(next().c_str());
     } else if (a == "--text") {
       o.calib.text_file = next();
+    } else if (a == "--spear") {
+      spear_path = next();
     } else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -177,7 +184,8 @@ int main(int argc, char** argv) {
   std::vector<std::vector<int32_t>> dump_seqs;
   std::vector<float> dump_teacher;
   if (!dump_path.empty()) {
-    for (int64_t s0 = 0; s0 + ctx <= static_cast<int64_t>(toks.size()) && s0 < dump_tokens; s0 += ctx) {
+    for (int64_t s0 = 0; s0 + ctx <= static_cast<int64_t>(toks.size()) && s0 < dump_tokens;
+         s0 += ctx) {
       dump_seqs.emplace_back(toks.begin() + s0, toks.begin() + s0 + ctx);
     }
     auto run = quantize::LayerwiseRunner::Create(model->get(), &pool, dump_seqs);
@@ -216,55 +224,79 @@ int main(int argc, char** argv) {
     }
   }
 
+  std::unique_ptr<model::LoadedModel> ckpt;
+  if (!spear_path.empty()) {
+    auto c = model::LoadModel(spear_path);
+    if (!c.ok()) {
+      std::fprintf(stderr, "load %s: %s\n", spear_path.c_str(), c.status().ToString().c_str());
+      return 1;
+    }
+    if ((*c)->config.num_layers != (*model)->config.num_layers ||
+        (*c)->config.hidden_size != (*model)->config.hidden_size) {
+      std::fprintf(stderr, "%s is not a checkpoint of %s's architecture\n", spear_path.c_str(),
+                   model_path.c_str());
+      return 1;
+    }
+    ckpt = std::move(*c);
+    std::printf("quantized model: %s\n", spear_path.c_str());
+  }
+  model::LoadedModel* qmodel = ckpt ? ckpt.get() : model->get();
   t = Now();
   double last = 0;
-  auto rep = quantize::QuantizeModel(
-      model->get(), o, &pool, [&](const std::string& stage, int64_t d, int64_t n) {
-        if (Now() - last > 20 || d == n) {
-          std::printf("  [%7.1f s] %s %lld/%lld\n", Now() - t, stage.c_str(),
-                      static_cast<long long>(d), static_cast<long long>(n));
-          std::fflush(stdout);
-          last = Now();
-        }
-      });
-  if (!rep.ok()) {
-    std::fprintf(stderr, "quantize: %s\n", rep.status().ToString().c_str());
-    return 1;
-  }
-  std::printf("quantized in %.1f s; calib tokens %lld; w4 model %lld bytes; ec %lld bytes "
-              "(%.3f%%); damage entropy %.3f (normalized %.3f, N_eff %.1f)\n",
-              rep->seconds, static_cast<long long>(rep->calibration_tokens),
-              static_cast<long long>(rep->w4_model_bytes), static_cast<long long>(rep->ec_bytes),
-              rep->ec_pct(), rep->damage_entropy, rep->normalized_entropy, rep->effective_modules);
-  std::printf("stage seconds: calibration %.1f  diagnostic %.1f  teacher %.1f  sequential %.1f  "
-              "distill %.1f  (total %.1f)\n",
-              rep->calibration_seconds, rep->diagnostic_seconds, rep->teacher_seconds,
-              rep->sequential_seconds, rep->distill_seconds, rep->seconds);
-  if (rep->distilled) {
-    const auto& d = rep->distill;
-    std::printf("distill: %lld ECs, %lld params, fit %lld / held-out %lld tokens; held-out KL "
-                "%.5f -> %.5f (best step %lld of %lld, %.2f s/step%s%s)\n",
-                static_cast<long long>(d.num_ecs), static_cast<long long>(d.num_params),
-                static_cast<long long>(d.fit_tokens), static_cast<long long>(d.val_tokens),
-                d.init_val_kl, d.final_val_kl, static_cast<long long>(d.best_step),
-                static_cast<long long>(d.steps_run), d.seconds_per_step,
-                d.stopped_early ? ", stopped early" : "", d.time_capped ? ", time cap" : "");
-    for (auto [s, v] : d.val_history) std::printf("  step %4lld held-out KL %.5f\n", (long long)s, v);
-  }
-  double w4 = 0, st = 0, fi = 0;
-  for (const auto& m : rep->modules) {
-    if (m.ec_rank > 0) {
-      std::printf("  %-36s damage %.5f rank %3lld bytes %7lld err w4 %.4g static %.4g final %.4g\n",
-                  m.name.c_str(), m.damage, static_cast<long long>(m.ec_rank),
-                  static_cast<long long>(m.ec_bytes), m.err_w4, m.err_static, m.err_final);
-      w4 += m.err_w4;
-      st += m.err_static;
-      fi += m.err_final;
+  if (!ckpt) {
+    auto rep = quantize::QuantizeModel(
+        model->get(), o, &pool, [&](const std::string& stage, int64_t d, int64_t n) {
+          if (Now() - last > 20 || d == n) {
+            std::printf("  [%7.1f s] %s %lld/%lld\n", Now() - t, stage.c_str(),
+                        static_cast<long long>(d), static_cast<long long>(n));
+            std::fflush(stdout);
+            last = Now();
+          }
+        });
+    if (!rep.ok()) {
+      std::fprintf(stderr, "quantize: %s\n", rep.status().ToString().c_str());
+      return 1;
     }
+    std::printf(
+        "quantized in %.1f s; calib tokens %lld; w4 model %lld bytes; ec %lld bytes "
+        "(%.3f%%); damage entropy %.3f (normalized %.3f, N_eff %.1f)\n",
+        rep->seconds, static_cast<long long>(rep->calibration_tokens),
+        static_cast<long long>(rep->w4_model_bytes), static_cast<long long>(rep->ec_bytes),
+        rep->ec_pct(), rep->damage_entropy, rep->normalized_entropy, rep->effective_modules);
+    std::printf(
+        "stage seconds: calibration %.1f  diagnostic %.1f  teacher %.1f  sequential %.1f  "
+        "distill %.1f  (total %.1f)\n",
+        rep->calibration_seconds, rep->diagnostic_seconds, rep->teacher_seconds,
+        rep->sequential_seconds, rep->distill_seconds, rep->seconds);
+    if (rep->distilled) {
+      const auto& d = rep->distill;
+      std::printf(
+          "distill: %lld ECs, %lld params, fit %lld / held-out %lld tokens; held-out KL "
+          "%.5f -> %.5f (best step %lld of %lld, %.2f s/step%s%s)\n",
+          static_cast<long long>(d.num_ecs), static_cast<long long>(d.num_params),
+          static_cast<long long>(d.fit_tokens), static_cast<long long>(d.val_tokens), d.init_val_kl,
+          d.final_val_kl, static_cast<long long>(d.best_step), static_cast<long long>(d.steps_run),
+          d.seconds_per_step, d.stopped_early ? ", stopped early" : "",
+          d.time_capped ? ", time cap" : "");
+      for (auto [s, v] : d.val_history)
+        std::printf("  step %4lld held-out KL %.5f\n", (long long)s, v);
+    }
+    double w4 = 0, st = 0, fi = 0;
+    for (const auto& m : rep->modules) {
+      if (m.ec_rank > 0) {
+        std::printf(
+            "  %-36s damage %.5f rank %3lld bytes %7lld err w4 %.4g static %.4g final %.4g\n",
+            m.name.c_str(), m.damage, static_cast<long long>(m.ec_rank),
+            static_cast<long long>(m.ec_bytes), m.err_w4, m.err_static, m.err_final);
+        w4 += m.err_w4;
+        st += m.err_static;
+        fi += m.err_final;
+      }
+    }
+    if (w4 > 0) std::printf("  EC modules: sum err w4 %.4g static %.4g final %.4g\n", w4, st, fi);
   }
-  if (w4 > 0) std::printf("  EC modules: sum err w4 %.4g static %.4g final %.4g\n", w4, st, fi);
   t = Now();
-  auto p = Ppl(**model, &pool, toks, ctx, ppl_tokens);
+  auto p = Ppl(*qmodel, &pool, toks, ctx, ppl_tokens);
   if (!p.ok()) {
     std::fprintf(stderr, "ppl: %s\n", p.status().ToString().c_str());
     return 1;
@@ -273,7 +305,7 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   if (!toks2.empty()) {
     t = Now();
-    auto p2 = Ppl(**model, &pool, toks2, ctx, ppl_tokens);
+    auto p2 = Ppl(*qmodel, &pool, toks2, ctx, ppl_tokens);
     if (!p2.ok()) {
       std::fprintf(stderr, "ppl: %s\n", p2.status().ToString().c_str());
       return 1;
@@ -281,7 +313,7 @@ int main(int argc, char** argv) {
     std::printf("quantized ppl text2 %.4f  (%.1f s)\n", *p2, Now() - t);
   }
   if (!dump_path.empty()) {
-    auto dist = quantize::EcDistiller::Create(model->get(), &pool);
+    auto dist = quantize::EcDistiller::Create(qmodel, &pool);
     if (!dist.ok()) {
       std::fprintf(stderr, "dump: %s\n", dist.status().ToString().c_str());
       return 1;
