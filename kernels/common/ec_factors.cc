@@ -117,6 +117,10 @@ absl::Status DecodeRaw(const EcI8Factors& f, int64_t n, int64_t k, int64_t r, fl
 
 absl::Status EncodeEcFactorsI8(const EcWeights& e, EcI8Factors* out) {
   if (absl::Status s = CheckShapes(e.n, e.k, e.rank); !s.ok()) return s;
+  if (e.compact_i8()) {
+    *out = e.i8;
+    return absl::OkStatus();
+  }
   if (static_cast<int64_t>(e.a.size()) != e.rank * e.k ||
       static_cast<int64_t>(e.b.size()) != e.n * e.rank) {
     return absl::InvalidArgumentError("EC factors: A / B sizes do not match the shapes");
@@ -146,6 +150,100 @@ absl::Status RoundEcFactorsI8(EcWeights* e) {
   EcI8Factors f;
   if (absl::Status s = EncodeEcFactorsI8(*e, &f); !s.ok()) return s;
   return DecodeEcFactorsI8(f, e);
+}
+
+absl::Status CompactEcFactorsI8(EcWeights* e) {
+  if (e->compact_i8()) return absl::OkStatus();
+  if (e->factors != EcFactors::kI8) {
+    return absl::InvalidArgumentError("EC factors: only int8 factors have a compact form");
+  }
+  EcI8Factors f;
+  if (absl::Status s = EncodeEcFactorsI8(*e, &f); !s.ok()) return s;
+  // The encoder rounds; a value off the grid would change here, silently.
+  std::vector<float> a(e->a.size()), b(e->b.size());
+  if (absl::Status s = DecodeRaw(f, e->n, e->k, e->rank, a.data(), b.data()); !s.ok()) return s;
+  if (a != e->a || b != e->b) {
+    return absl::InvalidArgumentError(
+        "EC factors: A / B are not on the int8 grid (RoundEcFactorsI8 first)");
+  }
+  const int64_t h = e->gated ? e->gate_hidden : 0, r = e->rank;
+  if (e->gated && (e->w1.size() != static_cast<size_t>(h * r) ||
+                   e->b1.size() != static_cast<size_t>(h) ||
+                   e->w2.size() != static_cast<size_t>(r * h) ||
+                   e->b2.size() != static_cast<size_t>(r))) {
+    return absl::InvalidArgumentError("EC factors: gate MLP sizes do not match the shapes");
+  }
+  auto half = [](std::vector<float>* v, std::vector<uint16_t>* out) {
+    out->resize(v->size());
+    for (size_t i = 0; i < v->size(); ++i) (*out)[i] = FloatToHalf((*v)[i]);
+    std::vector<float>().swap(*v);
+  };
+  e->i8 = std::move(f);
+  half(&e->w1, &e->gate16.w1);
+  half(&e->b1, &e->gate16.b1);
+  half(&e->w2, &e->gate16.w2);
+  half(&e->b2, &e->gate16.b2);
+  std::vector<float>().swap(e->a);
+  std::vector<float>().swap(e->b);
+  return absl::OkStatus();
+}
+
+absl::Status EcFloats(const EcWeights& e, EcScratch* scratch, EcFloatView* view) {
+  if (!e.compact_i8()) {
+    *view = {e.a.data(), e.b.data(), nullptr, nullptr, nullptr, nullptr};
+    if (e.gated) {
+      view->w1 = e.w1.data(), view->b1 = e.b1.data(), view->w2 = e.w2.data(),
+      view->b2 = e.b2.data();
+    }
+    return absl::OkStatus();
+  }
+  if (absl::Status s = CheckShapes(e.n, e.k, e.rank); !s.ok()) return s;
+  scratch->a.resize(static_cast<size_t>(e.rank * e.k));
+  scratch->b.resize(static_cast<size_t>(e.n * e.rank));
+  if (absl::Status s =
+          DecodeRaw(e.i8, e.n, e.k, e.rank, scratch->a.data(), scratch->b.data());
+      !s.ok()) {
+    return s;
+  }
+  *view = {scratch->a.data(), scratch->b.data(), nullptr, nullptr, nullptr, nullptr};
+  if (e.gated) {
+    const int64_t h = e.gate_hidden, r = e.rank;
+    const EcWeights::Gate16& g = e.gate16;
+    if (h <= 0 || g.w1.size() != static_cast<size_t>(h * r) ||
+        g.b1.size() != static_cast<size_t>(h) || g.w2.size() != static_cast<size_t>(r * h) ||
+        g.b2.size() != static_cast<size_t>(r)) {
+      return absl::InvalidArgumentError("EC factors: fp16 gate MLP sizes do not match the shapes");
+    }
+    auto widen = [](const std::vector<uint16_t>& in, std::vector<float>* out) {
+      out->resize(in.size());
+      for (size_t i = 0; i < in.size(); ++i) (*out)[i] = HalfToFloat(in[i]);
+      return out->data();
+    };
+    view->w1 = widen(g.w1, &scratch->w1);
+    view->b1 = widen(g.b1, &scratch->b1);
+    view->w2 = widen(g.w2, &scratch->w2);
+    view->b2 = widen(g.b2, &scratch->b2);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<EcWeights> WithFloatFactors(const EcWeights& e) {
+  if (!e.compact_i8()) return e;
+  EcScratch sc;
+  EcFloatView v;
+  if (absl::Status s = EcFloats(e, &sc, &v); !s.ok()) return s;
+  EcWeights out = e;
+  out.i8 = EcI8Factors();
+  out.gate16 = EcWeights::Gate16();
+  out.a = std::move(sc.a);
+  out.b = std::move(sc.b);
+  if (e.gated) {
+    out.w1 = std::move(sc.w1);
+    out.b1 = std::move(sc.b1);
+    out.w2 = std::move(sc.w2);
+    out.b2 = std::move(sc.b2);
+  }
+  return out;
 }
 
 }  // namespace spear::kernels

@@ -27,6 +27,7 @@
 #include "cpu/ops_isa.h"
 #include "cpu/w4_isa.h"
 #include "kernels/cpu_features.h"
+#include "kernels/ec_factors.h"
 #include "kernels/ops.h"
 #include "kernels/w4_ops.h"
 
@@ -115,10 +116,19 @@ LinearParams DenseParams(const float* x, int64_t m, int64_t k, int64_t ldx, cons
 
 // *v_out = v[m, r] = g ⊙ u with u = A x (raw x) and the gate of w4_ops.h, in
 // this thread's scratch (valid until its next call); writes the gate to
-// gate_out when asked.
-absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** v_out) {
+// gate_out when asked. *b_out = B as floats: the EC's own, or, for an int8
+// EC held compact (EcWeights::compact_i8), its A, B and gate decoded into
+// this thread's scratch (r (k + n) + 2 h r + h + r floats: 9.1 KiB for a
+// rank-4 576 x 1536 EC), valid as long as v.
+absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** v_out,
+                       const float** b_out) {
   thread_local std::vector<float> ec_buf;
+  thread_local EcScratch dec;
   const EcWeights& e = *p.ec;
+  EcFloatView f;
+  if (absl::Status s = EcFloats(e, &dec, &f); !s.ok()) return s;
+  const float* ea = f.a;
+  *b_out = f.b;
   const int64_t m = p.m, r = e.rank, h = e.gated ? e.gate_hidden : 0;
   float* u = Scratch(ec_buf, m * (2 * r + h));
   float* v = u + m * r;
@@ -137,16 +147,15 @@ absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** 
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = r * t / parts, r1 = r * (t + 1) / parts;
         errors[static_cast<size_t>(t)] = Linear(
-            DenseParams(p.x, m, e.k, p.ldx, e.a.data() + r0 * e.k, r1 - r0, nullptr, u + r0, r,
-                        false),
+            DenseParams(p.x, m, e.k, p.ldx, ea + r0 * e.k, r1 - r0, nullptr, u + r0, r, false),
             nullptr);
       }
     });
     for (const absl::Status& s : errors) {
       if (!s.ok()) return s;
     }
-  } else if (absl::Status s = Linear(
-                 DenseParams(p.x, m, e.k, p.ldx, e.a.data(), r, nullptr, u, r, false), pool);
+  } else if (absl::Status s =
+                 Linear(DenseParams(p.x, m, e.k, p.ldx, ea, r, nullptr, u, r, false), pool);
              !s.ok()) {
     return s;
   }
@@ -158,14 +167,12 @@ absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** 
     return absl::OkStatus();
   }
   // hid = silu(W1 u + b1); z = W2 hid + b2 (into v); g = 1 + tanh(z).
-  if (absl::Status s = Linear(DenseParams(u, m, r, r, e.w1.data(), h, e.b1.data(), hid, h, false),
-                              pool);
+  if (absl::Status s = Linear(DenseParams(u, m, r, r, f.w1, h, f.b1, hid, h, false), pool);
       !s.ok()) {
     return s;
   }
   for (int64_t i = 0; i < m * h; ++i) hid[i] = hid[i] / (1.f + std::exp(-hid[i]));
-  if (absl::Status s = Linear(DenseParams(hid, m, h, h, e.w2.data(), r, e.b2.data(), v, r, false),
-                              pool);
+  if (absl::Status s = Linear(DenseParams(hid, m, h, h, f.w2, r, f.b2, v, r, false), pool);
       !s.ok()) {
     return s;
   }
@@ -209,8 +216,7 @@ absl::Status Decode(const W4LinearParams& p, const internal::W4IsaKernels& kern,
   a.accumulate = p.accumulate;
   if (p.ec != nullptr) {
     const float* v = nullptr;
-    if (absl::Status s = EcLowRank(p, pool, &v); !s.ok()) return s;
-    a.ec_b = p.ec->b.data();
+    if (absl::Status s = EcLowRank(p, pool, &v, &a.ec_b); !s.ok()) return s;
     a.ec_v = v;
     a.rank = p.ec->rank;
   }
@@ -248,10 +254,10 @@ bool Bf16PrefillFromEnv() {
 absl::Status PrefillEc(const W4LinearParams& p, ThreadPool* pool) {
   if (p.ec == nullptr) return absl::OkStatus();
   const float* v = nullptr;
-  if (absl::Status s = EcLowRank(p, pool, &v); !s.ok()) return s;
+  const float* b = nullptr;
+  if (absl::Status s = EcLowRank(p, pool, &v, &b); !s.ok()) return s;
   const int64_t r = p.ec->rank;
-  return Linear(DenseParams(v, p.m, r, r, p.ec->b.data(), p.w->fmt.n, nullptr, p.y, p.ldy, true),
-                pool);
+  return Linear(DenseParams(v, p.m, r, r, b, p.w->fmt.n, nullptr, p.y, p.ldy, true), pool);
 }
 
 // Tiles of ~256 KiB of F32 weights (32..256 rows, multiples of 16): small
@@ -326,8 +332,7 @@ absl::Status Prefill(const W4LinearParams& p, const internal::W4IsaKernels& kern
   const int64_t k = w.fmt.k;
   float* xp = Scratch(xp_buf, p.m * k);
   PermuteActivations(p, kern.block, xp, nullptr, pool);
-  if ((p.bf16_products || Bf16PrefillFromEnv()) && p.m >= internal::kGemmMinM &&
-      CpuHasBf16Dot()) {
+  if ((p.bf16_products || Bf16PrefillFromEnv()) && p.m >= internal::kGemmMinM && CpuHasBf16Dot()) {
     return PrefillBf16(p, kern, xp, pool);
   }
   // Each tile times x on the thread that dequantized it; one status per tile

@@ -6,12 +6,14 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "kernels/cuda/cublas_loader.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/dtype.h"
+#include "kernels/ec_factors.h"
 
 namespace spear::kernels::cuda {
 namespace {
@@ -71,6 +73,15 @@ W4DeviceWeight::~W4DeviceWeight() {
 
 absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Create(const W4Weight& w,
                                                                        const EcWeights* ec) {
+  // An int8 EC held compact on the host goes to the device as fp16 like any
+  // other (its values decoded exactly first).
+  std::optional<EcWeights> decoded;
+  if (ec != nullptr && ec->compact_i8()) {
+    auto d = WithFloatFactors(*ec);
+    if (!d.ok()) return d.status();
+    decoded = std::move(*d);
+    ec = &*decoded;
+  }
   const W4Format& f = w.fmt;
   if (!IsSupported(f)) {
     return absl::InvalidArgumentError(absl::StrCat("cuda W4: unsupported format n=", f.n, " k=",

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/validate.h"
+#include "kernels/ec_factors.h"
 #include "kernels/w4_ops.h"
 
 namespace spear::kernels {
@@ -53,13 +54,24 @@ absl::Status ValidateW4Linear(const W4LinearParams& p) {
                               "]"));
     }
     if (!InRange(e.rank, 1)) return Bad(absl::StrCat("EC rank ", e.rank));
-    if (e.a.size() != Sz(e.rank, e.k) || e.b.size() != Sz(e.n, e.rank)) {
+    if (e.compact_i8()) {
+      if (e.i8.a.size() != Sz(e.rank, e.k) || e.i8.b.size() != Sz(e.n, e.rank) ||
+          e.i8.a_scales.size() != Sz(e.rank, EcI8Groups(e.k)) ||
+          e.i8.b_scales.size() != Sz(EcI8Groups(e.n), e.rank)) {
+        return Bad(absl::StrCat("EC int8 A/B sizes ", e.i8.a.size(), "/", e.i8.b.size(),
+                                " or their scales' do not match [r, k]/[n, r]"));
+      }
+    } else if (e.a.size() != Sz(e.rank, e.k) || e.b.size() != Sz(e.n, e.rank)) {
       return Bad(absl::StrCat("EC A/B sizes ", e.a.size(), "/", e.b.size(), " != [r, k]/[n, r]"));
     }
     if (e.gated) {
       const int64_t h = e.gate_hidden, r = e.rank;
-      if (!InRange(h, 1) || e.w1.size() != Sz(h, r) || e.b1.size() != Sz(h, 1) ||
-          e.w2.size() != Sz(r, h) || e.b2.size() != Sz(r, 1)) {
+      const bool c = e.compact_i8();
+      const size_t w1 = c ? e.gate16.w1.size() : e.w1.size(),
+                   b1 = c ? e.gate16.b1.size() : e.b1.size(),
+                   w2 = c ? e.gate16.w2.size() : e.w2.size(),
+                   b2 = c ? e.gate16.b2.size() : e.b2.size();
+      if (!InRange(h, 1) || w1 != Sz(h, r) || b1 != Sz(h, 1) || w2 != Sz(r, h) || b2 != Sz(r, 1)) {
         return Bad(absl::StrCat("EC gate sizes do not match r=", r, " h=", h));
       }
     }
@@ -81,6 +93,11 @@ absl::Status W4Linear(const W4LinearParams& p) {
   const int64_t n = w.fmt.n, k = w.fmt.k;
   const bool has_as = !w.act_scale.empty();
   std::vector<double> xs(k), y(n);
+  EcScratch dec;  // a compact int8 EC's A, B and gate, decoded
+  EcFloatView f;
+  if (p.ec != nullptr) {
+    if (absl::Status s = EcFloats(*p.ec, &dec, &f); !s.ok()) return s;
+  }
   for (int64_t i = 0; i < p.m; ++i) {
     const float* x = p.x + i * p.ldx;
     for (int64_t c = 0; c < k; ++c) xs[c] = has_as ? double{x[c]} / w.act_scale[c] : x[c];
@@ -95,25 +112,25 @@ absl::Status W4Linear(const W4LinearParams& p) {
       std::vector<double> u(r), g(r, 1.0);
       for (int64_t q = 0; q < r; ++q) {
         double acc = 0;
-        for (int64_t c = 0; c < k; ++c) acc += double{e.a[q * k + c]} * x[c];  // raw x
+        for (int64_t c = 0; c < k; ++c) acc += double{f.a[q * k + c]} * x[c];  // raw x
         u[q] = acc;
       }
       if (e.gated) {
         std::vector<double> hid(h);
         for (int64_t t = 0; t < h; ++t) {
-          double acc = e.b1[t];
-          for (int64_t q = 0; q < r; ++q) acc += double{e.w1[t * r + q]} * u[q];
+          double acc = f.b1[t];
+          for (int64_t q = 0; q < r; ++q) acc += double{f.w1[t * r + q]} * u[q];
           hid[t] = acc / (1.0 + std::exp(-acc));  // silu
         }
         for (int64_t q = 0; q < r; ++q) {
-          double z = e.b2[q];
-          for (int64_t t = 0; t < h; ++t) z += double{e.w2[q * h + t]} * hid[t];
+          double z = f.b2[q];
+          for (int64_t t = 0; t < h; ++t) z += double{f.w2[q * h + t]} * hid[t];
           g[q] = 1.0 + std::tanh(z);
         }
       }
       for (int64_t j = 0; j < n; ++j) {
         double acc = 0;
-        for (int64_t q = 0; q < r; ++q) acc += double{e.b[j * r + q]} * g[q] * u[q];
+        for (int64_t q = 0; q < r; ++q) acc += double{f.b[j * r + q]} * g[q] * u[q];
         y[j] += acc;
       }
       if (p.gate_out != nullptr) {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/cpu_features.h"
+#include "kernels/ec_factors.h"
 #include "kernels/w4_ops.h"
 #include "ops_harness.h"
 #include "worker/model/w4_linear.h"
@@ -275,6 +276,65 @@ TEST_P(W4Test, LargeEcSplitAcrossPool) {
   RunCase(5, {2304, 2304}, 33, true, false, false, true, 29, false);
 }
 
+// An int8 EC held compact (EcWeights::compact_i8: codes and scales only, as
+// a loaded .spear holds it) must give the very floats its decoded form gives:
+// the kernels decode A and B exactly, then run the same code. Decode sizes
+// (the GEMV and its EC epilogue) and prefill sizes (the dequantized tiles,
+// PrefillEc), the pool's split of A's rows included (rank 32, k 2304).
+TEST_P(W4Test, CompactInt8EcEqualsItsFloats) {
+  struct Case {
+    int64_t m, n, k, group, rank;
+  };
+  for (const Case& c : {Case{1, 576, 576, 576, 4}, Case{3, 65, 1536, 128, 2}, Case{9, 576, 576, 576, 8},
+                        Case{64, 70, 576, 64, 4}, Case{1, 70, 2304, 2304, 32}}) {
+    SCOPED_TRACE(::testing::Message() << "m=" << c.m << " n=" << c.n << " k=" << c.k
+                                      << " rank=" << c.rank << " seed=" << seed_);
+    const W4Weight w = MakeW4(c.n, c.k, c.group, false, false, rng_);
+    EcWeights floats = MakeEc(c.n, c.k, c.rank, true, rng_);
+    ASSERT_TRUE(RoundEcFactorsI8(&floats).ok());
+    for (std::vector<float>* g : {&floats.w1, &floats.b1, &floats.w2, &floats.b2}) {
+      for (float& v : *g) v = HalfToFloat(FloatToHalf(v));  // the gate as a checkpoint stores it
+    }
+    EcWeights compact = floats;
+    ASSERT_TRUE(CompactEcFactorsI8(&compact).ok());
+    ASSERT_TRUE(compact.compact_i8());
+    ASSERT_TRUE(compact.a.empty() && compact.b.empty() && compact.w1.empty() &&
+                compact.b2.empty());
+    // Held: exactly the bytes a checkpoint stores (one byte per A / B value,
+    // the fp16 scales, the fp16 gate), about a quarter of the float form.
+    EXPECT_EQ(compact.bytes(), floats.bytes());
+    EXPECT_EQ(compact.resident_bytes(), compact.bytes());
+    EXPECT_EQ(floats.resident_bytes(), 4 * floats.num_params());
+    EXPECT_LT(compact.resident_bytes() * 3, floats.resident_bytes());
+    const int64_t ldx = c.k + 3, ldy = c.n + 1;
+    const std::vector<float> x = RandomRows(c.m, c.k, ldx);
+    std::vector<float> y_f(c.m * ldy, kPoison), y_c(c.m * ldy, kPoison), y_rf = y_f, y_rc = y_f;
+    std::vector<float> g_f(c.m * c.rank, kPoison), g_c = g_f;
+    const std::optional<EcWeights> of = floats, oc = compact;  // Params keeps a pointer
+    W4LinearParams p = Params(x, c.m, ldx, w, of, nullptr, ldy, false);
+    p.y = y_f.data();
+    p.gate_out = g_f.data();
+    ASSERT_TRUE(cpu::W4Linear(p, pool()).ok());
+    p.y = y_rf.data();
+    ASSERT_TRUE(ref::W4Linear(p).ok());
+    p = Params(x, c.m, ldx, w, oc, nullptr, ldy, false);
+    p.y = y_c.data();
+    p.gate_out = g_c.data();
+    const absl::Status s = cpu::W4Linear(p, pool());
+    ASSERT_TRUE(s.ok()) << s;
+    p.y = y_rc.data();
+    ASSERT_TRUE(ref::W4Linear(p).ok());
+    for (int64_t t = 0; t < c.m; ++t) {
+      for (int64_t j = 0; j < c.n; ++j) {
+        ASSERT_EQ(y_c[t * ldy + j], y_f[t * ldy + j]) << t << "," << j;
+        ASSERT_EQ(y_rc[t * ldy + j], y_rf[t * ldy + j]) << t << "," << j;
+      }
+    }
+    ASSERT_EQ(g_c, g_f);
+    EXPECT_TRUE(Close(y_c, y_rc, c.m, c.n, ldy, kW4Tol, kW4Nmse));
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Variants, W4Test, ::testing::ValuesIn(AllVariants()), VariantName);
 
 // ---- The reference against an independent formulation ---------------------
@@ -425,6 +485,33 @@ TEST(W4ValidateTest, RejectsInconsistentParams) {
   be = e;
   be.gated = false;  // static: gate tensors ignored
   EXPECT_TRUE(cpu::W4Linear(p, nullptr).ok());
+
+  // A compact int8 EC: its codes' and scales' sizes are checked, and a code
+  // the format forbids (-128) is an error in the call, not garbage.
+  EcWeights ce = e;
+  ASSERT_TRUE(RoundEcFactorsI8(&ce).ok());
+  ASSERT_TRUE(CompactEcFactorsI8(&ce).ok());
+  p = base();
+  be = ce;
+  p.ec = &be;
+  EXPECT_TRUE(cpu::W4Linear(p, nullptr).ok());
+  be.i8.a_scales.pop_back();
+  expect_bad(p, "compact EC A scales size");
+  be = ce;
+  be.i8.b.pop_back();
+  expect_bad(p, "compact EC B size");
+  be = ce;
+  be.i8.a[3] = -128;
+  expect_bad(p, "compact EC code -128");
+  be = ce;
+  be.gate16.w2.pop_back();
+  expect_bad(p, "compact EC gate w2 size");
+  // Only int8 factors have a compact form, and only from values on the grid.
+  EcWeights f16 = e;
+  EXPECT_EQ(CompactEcFactorsI8(&f16).code(), absl::StatusCode::kInvalidArgument);
+  EcWeights off = e;
+  off.factors = EcFactors::kI8;
+  EXPECT_EQ(CompactEcFactorsI8(&off).code(), absl::StatusCode::kInvalidArgument);
 }
 
 // ---- model::W4Linear ------------------------------------------------------------

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <random>
 #include <sstream>
 
@@ -423,6 +424,7 @@ TEST_P(SpearCheckpointTest, I8FactorsRoundTripAndCorruptions) {
   auto loaded = LoadModel(dir);
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   EXPECT_EQ(ComputeServedBytes(**loaded).ec_bytes, want);
+  int64_t held = 0;  // the loaded ECs' bytes in memory
   const std::vector<const W4Linear*> a = W4Linears(model_.get()), b = W4Linears(loaded->get());
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
@@ -430,9 +432,31 @@ TEST_P(SpearCheckpointTest, I8FactorsRoundTripAndCorruptions) {
     ASSERT_EQ(a[i]->has_ec(), b[i]->has_ec());
     if (!a[i]->has_ec()) continue;
     EXPECT_EQ(b[i]->ec()->factors, kernels::EcFactors::kI8);
-    EXPECT_EQ(a[i]->ec()->a, b[i]->ec()->a);
-    EXPECT_EQ(a[i]->ec()->b, b[i]->ec()->b);
-    EXPECT_EQ(a[i]->ec()->w1, b[i]->ec()->w1);
+    // Loaded compact: the codes and scales as stored, no float copy, so the
+    // bytes held are the bytes counted (the fp16 gate apart, held as floats).
+    const kernels::EcWeights& le = *b[i]->ec();
+    ASSERT_TRUE(le.compact_i8());
+    EXPECT_TRUE(le.a.empty() && le.b.empty() && le.w1.empty());
+    EXPECT_EQ(le.resident_bytes(), le.bytes());
+    held += static_cast<int64_t>(le.resident_bytes());
+    auto decoded = kernels::WithFloatFactors(le);
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    EXPECT_EQ(a[i]->ec()->a, decoded->a);
+    EXPECT_EQ(a[i]->ec()->b, decoded->b);
+    EXPECT_EQ(a[i]->ec()->b1, decoded->b1);  // the tiny model's gate is fp16-exact
+    EXPECT_EQ(a[i]->ec()->w2, decoded->w2);
+  }
+  EXPECT_EQ(held, want);
+  // Saved again from the compact form: the same tensors, byte for byte.
+  const std::string dir2 = testing::MakeTempDir("spear_i8_again") + "/m.spear";
+  ASSERT_TRUE(SaveSpearModel(**loaded, {}, dir2).ok());
+  {
+    std::ifstream f1(dir + "/model.safetensors", std::ios::binary),
+        f2(dir2 + "/model.safetensors", std::ios::binary);
+    const std::string s1((std::istreambuf_iterator<char>(f1)), std::istreambuf_iterator<char>()),
+        s2((std::istreambuf_iterator<char>(f2)), std::istreambuf_iterator<char>());
+    EXPECT_FALSE(s1.empty());
+    EXPECT_TRUE(s1 == s2) << "re-saved safetensors differ";
   }
   std::vector<int32_t> toks;
   for (int i = 0; i < 17; ++i) toks.push_back((i * 29 + 3) % spec_.vocab);

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/dtype.h"
+#include "kernels/ec_factors.h"
 
 namespace spear::engine {
 namespace {
@@ -89,8 +90,12 @@ absl::StatusOr<DeviceLinear> UploadLinear(const std::vector<const model::Linear*
     piece.col0 = out.n;
     piece.modules = run;
     const kernels::W4Weight backbone = run.size() == 1 ? run[0]->weight() : ConcatBackbones(run);
-    const std::optional<kernels::EcWeights> ec = MergeEcs(run);
-    auto dw = kernels::cuda::W4DeviceWeight::Create(backbone, ec ? &*ec : nullptr);
+    auto ec = MergeEcs(run);
+    if (!ec.ok()) {
+      return absl::Status(ec.status().code(),
+                          absl::StrCat("CUDA runner: ", what, ": ", ec.status().message()));
+    }
+    auto dw = kernels::cuda::W4DeviceWeight::Create(backbone, *ec ? &**ec : nullptr);
     if (!dw.ok()) {
       return absl::Status(dw.status().code(),
                           absl::StrCat("CUDA runner: ", what, ": ", dw.status().message()));
@@ -121,7 +126,8 @@ absl::StatusOr<DeviceLinear> UploadLinear(const std::vector<const model::Linear*
 
 }  // namespace
 
-std::optional<kernels::EcWeights> MergeEcs(const std::vector<const model::W4Linear*>& parts) {
+absl::StatusOr<std::optional<kernels::EcWeights>> MergeEcs(
+    const std::vector<const model::W4Linear*>& parts) {
   int64_t n = 0, r = 0, h = 0;
   bool any = false, gated = false;
   for (const model::W4Linear* p : parts) {
@@ -134,8 +140,8 @@ std::optional<kernels::EcWeights> MergeEcs(const std::vector<const model::W4Line
       h += p->ec()->gate_hidden;
     }
   }
-  if (!any) return std::nullopt;
-  if (parts.size() == 1) return parts[0]->ec();
+  if (!any) return std::optional<kernels::EcWeights>();
+  if (parts.size() == 1) return parts[0]->ec();  // W4DeviceWeight::Create decodes a compact one
   kernels::EcWeights e;
   e.n = n;
   e.k = parts[0]->in_features();
@@ -154,7 +160,9 @@ std::optional<kernels::EcWeights> MergeEcs(const std::vector<const model::W4Line
   for (const model::W4Linear* p : parts) {
     const int64_t np = p->out_features();
     if (p->has_ec()) {
-      const kernels::EcWeights& s = *p->ec();
+      auto decoded = kernels::WithFloatFactors(*p->ec());  // a copy of A and B as floats
+      if (!decoded.ok()) return decoded.status();
+      const kernels::EcWeights& s = *decoded;
       const int64_t rp = s.rank;
       e.a.insert(e.a.end(), s.a.begin(), s.a.end());
       for (int64_t i = 0; i < np; ++i) {
@@ -176,7 +184,7 @@ std::optional<kernels::EcWeights> MergeEcs(const std::vector<const model::W4Line
     }
     n0 += np;
   }
-  return e;
+  return std::optional<kernels::EcWeights>(std::move(e));
 }
 
 absl::StatusOr<std::unique_ptr<DeviceModelWeights>> DeviceModelWeights::Create(

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -105,7 +106,10 @@ class DeviceModelWeights {
 };
 
 // Exposed for tests: the exact merge described above. parts must share k;
-// returns the merged EC, or nullopt when no part has one.
-std::optional<kernels::EcWeights> MergeEcs(const std::vector<const model::W4Linear*>& parts);
+// returns the merged EC (A and B as floats: compact int8 parts decoded,
+// a single part as it is), or nullopt when no part has one; a corrupt
+// compact part's InvalidArgument.
+absl::StatusOr<std::optional<kernels::EcWeights>> MergeEcs(
+    const std::vector<const model::W4Linear*>& parts);
 
 }  // namespace spear::engine

@@ -167,7 +167,8 @@ absl::Status WriteCheckpointFiles(const LoadedModel& model, const SpearProvenanc
           const bool i8 = e.factors == kernels::EcFactors::kI8;
           if (i8) {
             // Re-encoded from the floats, which a quantizer (RoundEcFactorsI8)
-            // or a loader (DecodeEcFactorsI8) put on the grid: the same codes.
+            // put on the grid (the same codes), or, for a loaded checkpoint's
+            // compact EC, its codes as they are.
             kernels::EcI8Factors f;
             if (absl::Status s = kernels::EncodeEcFactorsI8(e, &f); !s.ok()) {
               status = absl::Status(s.code(), absl::StrCat(name, ": ", s.message()));
@@ -185,7 +186,13 @@ absl::Status WriteCheckpointFiles(const LoadedModel& model, const SpearProvenanc
             t.AddF16(name + ".ec.a", {r, k}, e.a);
             t.AddF16(name + ".ec.b", {n, r}, e.b);
           }
-          if (e.gated) {
+          if (e.gated && e.compact_i8()) {  // fp16 as loaded
+            const kernels::EcWeights::Gate16& g = e.gate16;
+            t.AddHalfWords(name + ".ec.w1", TensorType::kF16, {h, r}, g.w1.data(), g.w1.size());
+            t.AddHalfWords(name + ".ec.b1", TensorType::kF16, {h}, g.b1.data(), g.b1.size());
+            t.AddHalfWords(name + ".ec.w2", TensorType::kF16, {r, h}, g.w2.data(), g.w2.size());
+            t.AddHalfWords(name + ".ec.b2", TensorType::kF16, {r}, g.b2.data(), g.b2.size());
+          } else if (e.gated) {
             t.AddF16(name + ".ec.w1", {h, r}, e.w1);
             t.AddF16(name + ".ec.b1", {h}, e.b1);
             t.AddF16(name + ".ec.w2", {r, h}, e.w2);

@@ -121,7 +121,8 @@ absl::StatusOr<const void*> DenseMatrix(Tensors& ts, LlamaWeights* w, const std:
 }
 
 // An EC's int8 A and B with their scales (FORMAT.md, "EC factor storage");
-// e's shapes are set.
+// e's shapes are set. Validated by decoding them; LoadModule then keeps the
+// EC compact (kernels::CompactEcFactorsI8).
 absl::Status LoadI8Factors(Tensors& ts, const std::string& p, kernels::EcWeights* e) {
   const int64_t r = e->rank, n = e->n, k = e->k;
   kernels::EcI8Factors f;
@@ -224,6 +225,14 @@ absl::StatusOr<std::unique_ptr<W4Linear>> LoadModule(Tensors& ts, const SpearMod
                                          m.ec_gated ? absl::StrCat(", gate_hidden ", h) : "", ")"));
       }
       *part.dst = *std::move(v);
+    }
+    if (m.ec_factors == kernels::EcFactors::kI8) {
+      // Held as stored (int8 A and B with their scales, the fp16 gate): the
+      // bytes the EC budget counts are the bytes served (the kernels decode
+      // per call). Exact: the values came from those very codes.
+      if (absl::Status s = kernels::CompactEcFactorsI8(&e); !s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("tensors ", p, ".ec.*: ", s.message()));
+      }
     }
     ec = std::move(e);
   } else if (ts.Has(p + ".ec.a")) {

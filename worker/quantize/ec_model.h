@@ -20,7 +20,12 @@
 #include <Eigen/Dense>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+#include <vector>
 
+#include "kernels/ec_factors.h"
 #include "kernels/w4_format.h"
 
 namespace spear::quantize {
@@ -48,7 +53,19 @@ struct EcParams {
 };
 
 template <typename S>
-EcParams<S> ParamsFromEc(const kernels::EcWeights& ec) {
+EcParams<S> ParamsFromEc(const kernels::EcWeights& ec_in) {
+  // A compact int8 EC (a loaded .spear) is decoded first; a loaded
+  // checkpoint's codes were validated, so decoding cannot fail here.
+  std::optional<kernels::EcWeights> decoded;
+  if (ec_in.compact_i8()) {
+    auto d = kernels::WithFloatFactors(ec_in);
+    if (!d.ok()) {
+      std::fprintf(stderr, "ParamsFromEc: %s\n", d.status().ToString().c_str());  // an invariant
+      std::abort();
+    }
+    decoded = std::move(*d);
+  }
+  const kernels::EcWeights& ec = decoded ? *decoded : ec_in;
   EcParams<S> p;
   p.gated = ec.gated;
   const int64_t r = ec.rank, h = ec.gated ? ec.gate_hidden : 0;
@@ -69,6 +86,8 @@ void ParamsToEc(const EcParams<S>& p, kernels::EcWeights* ec) {
   };
   put(p.a, &ec->a);
   put(p.b, &ec->b);
+  ec->i8 = kernels::EcI8Factors();  // the float form now
+  ec->gate16 = kernels::EcWeights::Gate16();
   put(p.w1, &ec->w1);
   put(p.b1, &ec->b1);
   put(p.w2, &ec->w2);

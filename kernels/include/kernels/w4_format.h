@@ -91,6 +91,15 @@ inline int64_t EcFactorBytesPerRank(int64_t n, int64_t k, EcFactors f) {
   return (n + k) + 2 * ((n + kEcI8Group - 1) / kEcI8Group + (k + kEcI8Group - 1) / kEcI8Group);
 }
 
+// int8 codes and fp16 scales of an EC's A and B (EcFactors::kI8; FORMAT.md,
+// "EC factor storage"; the codecs are in kernels/ec_factors.h).
+struct EcI8Factors {
+  std::vector<int8_t> a;           // [r, k] codes
+  std::vector<uint16_t> a_scales;  // [r, ceil(k / 64)] fp16
+  std::vector<int8_t> b;           // [n, r] codes
+  std::vector<uint16_t> b_scales;  // [ceil(n / 64), r] fp16
+};
+
 struct EcWeights {
   int64_t n = 0, k = 0;
   int64_t rank = 0;         // r
@@ -99,18 +108,40 @@ struct EcWeights {
   // A and B as stored (kI8: a and b hold the codes times their scales, exactly;
   // RoundEcFactorsI8 in kernels/ec_factors.h puts them on that grid).
   EcFactors factors = EcFactors::kF16;
-  // All float32 in memory, row-major; the gate MLP stored and served as fp16.
+  // Two forms. Float: a, b and the gate MLP as float32 (training, fp16
+  // checkpoints, tests). Compact (kI8 as served: a .spear loaded by
+  // model::LoadModel): exactly the stored bytes, A and B as int8 codes and
+  // scales in i8, the gate MLP as fp16 in gate16, every float vector empty;
+  // the CPU kernels decode it per call into scratch, the CUDA loader once
+  // (kernels/ec_factors.h: EcFloats, WithFloatFactors).
   std::vector<float> a;   // [r, k]
   std::vector<float> b;   // [n, r]
   std::vector<float> w1;  // [h, r]
   std::vector<float> b1;  // [h]
   std::vector<float> w2;  // [r, h]
   std::vector<float> b2;  // [r]
+  EcI8Factors i8;         // compact form: A and B; empty otherwise
+  struct Gate16 {
+    std::vector<uint16_t> w1, b1, w2, b2;  // fp16, shapes as above
+  } gate16;               // compact form: the gate MLP; empty otherwise
 
-  size_t num_params() const { return a.size() + b.size() + w1.size() + b1.size() + w2.size() + b2.size(); }
+  // True when A and B are held only as int8 codes (i8), not as floats.
+  bool compact_i8() const { return a.empty() && !i8.a.empty(); }
+  size_t num_params() const {
+    const int64_t h = gated ? gate_hidden : 0;
+    return static_cast<size_t>(rank * (n + k) + (gated ? 2 * h * rank + h + rank : 0));
+  }
+  // Bytes the EC takes in memory in its present form (A, B and the gate;
+  // compact: the bytes() a checkpoint stores).
+  size_t resident_bytes() const {
+    return 4 * (a.size() + b.size() + w1.size() + b1.size() + w2.size() + b2.size()) +
+           i8.a.size() + i8.b.size() + 2 * (i8.a_scales.size() + i8.b_scales.size()) +
+           2 * (gate16.w1.size() + gate16.b1.size() + gate16.w2.size() + gate16.b2.size());
+  }
   // Bytes as stored in a .spear checkpoint (the EC budget's measure).
   size_t bytes() const {
-    const size_t gate = w1.size() + b1.size() + w2.size() + b2.size();
+    const int64_t h = gated ? gate_hidden : 0;
+    const size_t gate = static_cast<size_t>(gated ? 2 * h * rank + h + rank : 0);
     return static_cast<size_t>(rank * EcFactorBytesPerRank(n, k, factors)) + 2 * gate;
   }
 };
