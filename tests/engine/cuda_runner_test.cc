@@ -34,6 +34,7 @@
 #include "tests/gpu_skip.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
+#include "kernels/ec_factors.h"
 #include "tests/engine/smollm2_spear.h"
 #include "tests/engine/fp16_emulation.h"
 #include "tests/engine/tiny_model.h"
@@ -253,6 +254,29 @@ TEST(CudaModelRunner, TinyPerChannelGatedEcMatchesCpu) {
   SKIP_WITHOUT_GPU();
   auto m = TinyW4Model(/*grouped=*/false, /*tied=*/false);
   RunScenario(m.get(), {1, 17, 40}, 6, true, 21);
+}
+
+// int8 ECs held compact (as a loaded int8 .spear holds them: codes, scales,
+// fp16 gate): the CUDA loader decodes them (q / k / v and gate / up merged),
+// the CPU runner decodes per call; both must still agree.
+TEST(CudaModelRunner, TinyCompactInt8EcsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  auto m = TinyW4Model(/*grouped=*/false, /*tied=*/false);
+  int compact = 0;
+  m->weights.ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& l) {
+    auto* w = dynamic_cast<model::W4Linear*>(l.get());
+    if (w == nullptr || !w->has_ec()) return;
+    kernels::EcWeights e = *w->ec();
+    ASSERT_TRUE(kernels::RoundEcFactorsI8(&e).ok());
+    ASSERT_TRUE(kernels::CompactEcFactorsI8(&e).ok());
+    ASSERT_TRUE(e.compact_i8());
+    auto q = model::W4Linear::Create(w->weight(), std::move(e), w->bias());
+    ASSERT_TRUE(q.ok()) << q.status();
+    l = *std::move(q);
+    ++compact;
+  });
+  ASSERT_GT(compact, 0);
+  RunScenario(m.get(), {1, 17, 40}, 4, true, 25);
 }
 
 TEST(CudaModelRunner, TinyGroupedMixedEcTiedMatchesCpu) {
