@@ -28,11 +28,16 @@ echo "$MODEL"
 
 echo "== 2. quantize: W4 RTN per-channel, plain and with SPEAR ECs (cached)"
 # A checkpoint counts as cached when `spear info` loads it (strict manifest
-# and tensor validation); a broken one is rebuilt.
+# and tensor validation) and its provenance records this very command (a
+# checkpoint of another recipe, e.g. an older demo's, is rebuilt); a broken
+# one is rebuilt.
 quantize() {  # quantize NAME EC_MODE [extra flags]
   local out="$CACHE/$1" ec=$2
   shift 2
-  if [[ -f "$out/spear.json" ]] && "$SPEAR" info --model "$out" >/dev/null 2>&1; then
+  local cmd="spear quantize --model smollm2-135m --out $out --method rtn --group -1 --ec $ec --force${*:+ $*}"
+  if [[ -f "$out/spear.json" ]] && "$SPEAR" info --model "$out" >/dev/null 2>&1 &&
+    python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["provenance"].get("command") != sys.argv[2])' \
+      "$out/spear.json" "$cmd" 2>/dev/null; then
     echo "cached: $out"
   else
     # The per-module diagnostic table is long; progress and summary stay.
