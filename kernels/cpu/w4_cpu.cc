@@ -118,7 +118,7 @@ LinearParams DenseParams(const float* x, int64_t m, int64_t k, int64_t ldx, cons
 // this thread's scratch (valid until its next call); writes the gate to
 // gate_out when asked. *b_out = B as floats: the EC's own, or, for an int8
 // EC held compact (EcWeights::compact_i8), its A, B and gate decoded into
-// this thread's scratch (r (k + n) + 2 h r + h + r floats: 9.1 KiB for a
+// this thread's scratch (r (k + n) + 2 h r + h + r floats: 34 KiB for a
 // rank-4 576 x 1536 EC), valid as long as v.
 absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** v_out,
                        const float** b_out) {
