@@ -127,7 +127,6 @@ absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** 
   const EcWeights& e = *p.ec;
   EcFloatView f;
   if (absl::Status s = EcFloats(e, &dec, &f); !s.ok()) return s;
-  const float* ea = f.a;
   *b_out = f.b;
   const int64_t m = p.m, r = e.rank, h = e.gated ? e.gate_hidden : 0;
   float* u = Scratch(ec_buf, m * (2 * r + h));
@@ -147,7 +146,7 @@ absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** 
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = r * t / parts, r1 = r * (t + 1) / parts;
         errors[static_cast<size_t>(t)] = Linear(
-            DenseParams(p.x, m, e.k, p.ldx, ea + r0 * e.k, r1 - r0, nullptr, u + r0, r, false),
+            DenseParams(p.x, m, e.k, p.ldx, f.a + r0 * e.k, r1 - r0, nullptr, u + r0, r, false),
             nullptr);
       }
     });
@@ -155,7 +154,7 @@ absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** 
       if (!s.ok()) return s;
     }
   } else if (absl::Status s =
-                 Linear(DenseParams(p.x, m, e.k, p.ldx, ea, r, nullptr, u, r, false), pool);
+                 Linear(DenseParams(p.x, m, e.k, p.ldx, f.a, r, nullptr, u, r, false), pool);
              !s.ok()) {
     return s;
   }
