@@ -140,6 +140,13 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
                                                    " is below --ec-min-rank ", *min_rank));
   }
   o.max_ec_rank = *max_rank;
+  auto launch_budget = f.Double("ec-launch-budget", 0.0, 1.0);
+  if (!launch_budget.ok()) return launch_budget.status();
+  if (!(*launch_budget > 0.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--ec-launch-budget must be in (0, 1], got ", *launch_budget));
+  }
+  o.ec_launch_budget = *launch_budget;
   // static-all takes every module at the one rank the budget buys, none
   // places nothing: neither runs the diagnostic's placement.
   const bool diagnostic_placement =
@@ -147,7 +154,7 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
       (o.ec == quantize::EcMode::kStatic && o.place_static_like_spear);
   if (!diagnostic_placement) {
     if (absl::Status s = RefuseGiven(
-            f, {"ec-breadth", "ec-min-rank", "ec-max-rank"},
+            f, {"ec-breadth", "ec-min-rank", "ec-max-rank", "ec-launch-budget"},
             absl::StrCat("with --ec ", p->ec,
                          p->ec == "none" ? "" : " (every module at the rank the budget buys)"));
         !s.ok()) {
@@ -327,10 +334,11 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     if (!diagnostic_placement) {
       return absl::InvalidArgumentError("--ec-placement only applies to --ec spear or static");
     }
-    if (absl::Status s = RefuseGiven(f,
-                                     {"ec-breadth", "ec-min-rank", "ec-max-rank",
-                                      "ec-latency-table", "diagnostic-tokens", "diagnostic-seqs"},
-                                     "with --ec-placement (the placement is given)");
+    if (absl::Status s =
+            RefuseGiven(f,
+                        {"ec-breadth", "ec-min-rank", "ec-max-rank", "ec-launch-budget",
+                         "ec-latency-table", "diagnostic-tokens", "diagnostic-seqs"},
+                        "with --ec-placement (the placement is given)");
         !s.ok()) {
       return s;
     }
@@ -410,6 +418,12 @@ void PrintReport(const quantize::QuantizeReport& r, bool diagnostic) {
               Mib(r.w4_model_bytes).c_str(), static_cast<long long>(r.w4_model_bytes),
               Mib(r.ec_bytes).c_str(), static_cast<long long>(r.ec_bytes), r.ec_pct(),
               static_cast<long long>(with_ec), r.modules.size());
+  std::printf("GEMM launches on the GPU (q/k/v and gate/up fused): %lld of %lld carry an EC%s\n",
+              static_cast<long long>(r.ec_launches), static_cast<long long>(r.gemm_launches),
+              r.launch_cap >= 0 ? absl::StrFormat(" (launch budget: at most %lld)",
+                                                  static_cast<long long>(r.launch_cap))
+                                      .c_str()
+                                : "");
   if (!r.placement_source.empty()) {
     std::printf("EC placement given by %s (no diagnostic)\n", r.placement_source.c_str());
   } else if (diagnostic) {
@@ -516,6 +530,10 @@ int CmdQuantize(const std::vector<std::string>& args) {
       .Declare("ec-factors", "f16",
                "storage of the ECs' A and B: f16 | i8 (int8 codes, an fp16 scale per 64 values: "
                "about twice the rank in the same budget; kernels/FORMAT.md)")
+      .Declare("ec-launch-budget", "1.0",
+               "placement: at most this fraction of the model's GEMM launches (q/k/v fused, "
+               "gate/up fused, as on the GPU) carry an EC; the GPU's EC cost is mostly one "
+               "launch per EC-carrying GEMM (1 = no cap)")
       .Declare("ec-latency-table", "",
                "placement: a CSV of measured EC latency per module shape on the target GPU "
                "(spear_bench_w4_cuda --ec-latency; worker/quantize/pipeline/ec_latency.h); "
@@ -670,7 +688,7 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"symmetric", o.symmetric},  {"ec", p.ec},
            {"ec_budget_pct", o.ec_budget_pct}, {"gate", o.gate},
            {"placement_breadth", o.placement_breadth}, {"min_ec_rank", o.min_ec_rank},
-           {"max_ec_rank", o.max_ec_rank},
+           {"max_ec_rank", o.max_ec_rank}, {"ec_launch_budget", o.ec_launch_budget},
            {"ec_factors", o.ec_factors == kernels::EcFactors::kI8 ? "i8" : "f16"},
            {"ec_latency_table",
             o.ec_latency.rows.empty()

@@ -178,6 +178,32 @@ then
 else
   echo "FAIL: --ec-placement's ECs differ from the source's or are not recorded, or --train-batch / --ec-lr are not"; fails=$((fails + 1))
 fi
+# --ec-launch-budget: at most round(F L) of the GPU's GEMM launches carry an EC
+# (q/k/v one launch, gate/up one, every other linear its own), recorded. (20 %
+# of memory would buy an EC on each of the tiny model's 8 launches.)
+expect 0 "carry an EC .launch budget: at most" -- quantize --model "$TINY" --out "$TMP/qlb" --calib self:2,16 --train-steps 2 --threads 2 --ec-breadth 4 --ec-min-rank 1 --ec-budget 20 --ec-launch-budget 0.25
+if python3 - "$TMP/qlb/spear.json" "$TMP/out" <<'PY'
+import json, re, sys
+j = json.load(open(sys.argv[1]))
+cap = int(re.search(r"launch budget: at most (\d+)", open(sys.argv[2]).read()).group(1))
+launches, every = set(), set()
+for m in j["modules"]:
+    p = m["name"].split(".")
+    fused = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}
+    every.add((p[2], fused.get(p[-1], p[-1])))
+    if (m["ec"] or {}).get("rank", 0):
+        launches.add((p[2], fused.get(p[-1], p[-1])))
+ok = 0 < len(launches) <= cap < len(every) and j["provenance"]["quantize_options"]["ec_launch_budget"] == 0.25
+sys.exit(0 if ok else 1)
+PY
+then
+  echo "ok: --ec-launch-budget keeps the EC-carrying launches within its cap and is recorded"
+else
+  echo "FAIL: --ec-launch-budget exceeded or not recorded"; fails=$((fails + 1))
+fi
+expect 2 "--ec-launch-budget must be in .0, 1., got 0" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-budget 0
+expect 2 "--ec-launch-budget must be in .0, 1., got 1.5" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-budget 1.5
+expect 2 "--ec-launch-budget has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-launch-budget 0.5
 expect 2 "--ec-breadth has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-breadth 2
 expect 2 "--diagnostic-tokens has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --diagnostic-tokens 64
 expect 2 "--ec-min-rank has no effect with --ec static-all .every module at the rank the budget buys" -- quantize --model "$TINY" --out "$TMP/q3" --ec static-all --ec-min-rank 2

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <set>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -158,7 +159,68 @@ TEST(Placement, RandomCasesNeverExceedBudget) {
     for (const auto& p : *grouped) gused += p.bytes;
     EXPECT_LE(gused, budget);
     EXPECT_LE(grouped->size(), static_cast<size_t>(cap));
+    // With a launch cap: at most that many distinct launches (a group, or a
+    // module of group -1 alone), within the budget and the module cap; a cap
+    // at least the number of launches changes nothing.
+    PlacementOptions capped;
+    capped.max_launches = static_cast<int64_t>(rng() % 4);
+    auto lc = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64}, capped);
+    ASSERT_TRUE(lc.ok());
+    std::set<int64_t> launches;
+    double lused = 0;
+    for (const auto& p : *lc) {
+      lused += p.bytes;
+      const int64_t g = costs[static_cast<size_t>(p.module)].launch_group;
+      launches.insert(g >= 0 ? g : 1000 + p.module);
+    }
+    EXPECT_LE(static_cast<int64_t>(launches.size()), capped.max_launches) << "trial " << trial;
+    EXPECT_LE(lused, budget);
+    EXPECT_LE(lc->size(), static_cast<size_t>(cap));
+    capped.max_launches = n;
+    auto loose = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64}, capped);
+    ASSERT_TRUE(loose.ok());
+    ASSERT_EQ(loose->size(), grouped->size());
+    for (size_t k = 0; k < loose->size(); ++k) {
+      EXPECT_EQ((*loose)[k].module, (*grouped)[k].module);
+      EXPECT_EQ((*loose)[k].rank, (*grouped)[k].rank);
+    }
   }
+}
+
+// The launch cap (rule 2): once the cap's launches are taken, only modules of
+// those launches stay eligible. Damages 0.6 (group 3), 0.5 (alone), 0.2
+// (group 3), 0.4 (alone); equal costs, no latency, a budget and module cap
+// for all four. Cap 1: module 0 opens group 3, then only its partner 2
+// fits the cap: {0, 2}. Cap 2: {0, 1, 2} (module 3 would be a third).
+// Cap 0: nothing. A cap below -1 is refused.
+TEST(Placement, LaunchCapKeepsToTakenLaunches) {
+  const std::vector<double> d = {0.6, 0.5, 0.2, 0.4};
+  std::vector<ModuleEcCost> costs(4, ModuleEcCost{0.0, 250.0, 0.0});
+  costs[0].launch_group = costs[2].launch_group = 3;
+  auto modules = [](const std::vector<EcPlacement>& plan) {
+    std::vector<int64_t> m;
+    for (const auto& p : plan) m.push_back(p.module);
+    return m;
+  };
+  PlacementOptions o;
+  o.breadth = 10.0;
+  auto all = PlanEcPlacement(d, costs, 1e6, {4}, o);
+  ASSERT_TRUE(all.ok());
+  EXPECT_EQ(modules(*all), (std::vector<int64_t>{0, 1, 2, 3}));
+  o.max_launches = 1;
+  auto one = PlanEcPlacement(d, costs, 1e6, {4}, o);
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(modules(*one), (std::vector<int64_t>{0, 2}));
+  o.max_launches = 2;
+  auto two = PlanEcPlacement(d, costs, 1e6, {4}, o);
+  ASSERT_TRUE(two.ok());
+  EXPECT_EQ(modules(*two), (std::vector<int64_t>{0, 1, 2}));
+  o.max_launches = 0;
+  auto none = PlanEcPlacement(d, costs, 1e6, {4}, o);
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+  o.max_launches = -2;
+  EXPECT_TRUE(absl::IsInvalidArgument(PlanEcPlacement(d, costs, 1e6, {4}, o).status()));
 }
 
 // Launch groups (rule 2): modules fused into one GEMM share one EC launch,

@@ -960,5 +960,47 @@ TEST(PlacementLatency, FusedLaunchGroupsFollowTheRunnersMerging) {
           .status()));
 }
 
+// --ec-launch-budget: CountLaunches counts a group once and every module of
+// group -1 alone; LaunchCap rounds F L half up, at least 1, none at F = 1.
+// Through PlanDiagnosticPlacement a budget of 1/3 over the three launches
+// of {q, k (one group), o, down} keeps to the q/k launch, where the plain
+// plan takes all four modules.
+TEST(PlacementLatency, LaunchBudgetCapsTheEcCarryingGemms) {
+  EXPECT_EQ(CountLaunches({0, 0, 0, -1, 1, 1, -1}), 4);
+  EXPECT_EQ(CountLaunches({}), 0);
+  EXPECT_EQ(LaunchCap(1.0, 120), -1);
+  EXPECT_EQ(LaunchCap(0.5, 120), 60);
+  EXPECT_EQ(LaunchCap(0.5, 5), 3);
+  EXPECT_EQ(LaunchCap(0.01, 5), 1);
+  const std::vector<double> damages = {0.6, 0.5, 0.55, 0.1};
+  const std::vector<ModuleShape> shapes(4, ModuleShape{64, 64, 2048});
+  const std::vector<int64_t> groups =
+      FusedLaunchGroups({"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                         "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"});
+  ASSERT_EQ(CountLaunches(groups), 3);
+  auto plain = PlanDiagnosticPlacement(damages, shapes, 1e6, true, 16, 10.0, 4, nullptr,
+                                       nullptr, &groups);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(std::count_if(plain->begin(), plain->end(), [](int64_t r) { return r > 0; }), 4);
+  auto capped = PlanDiagnosticPlacement(damages, shapes, 1e6, true, 16, 10.0, 4, nullptr,
+                                        nullptr, &groups, kernels::EcFactors::kF16, 4, 1.0 / 3);
+  ASSERT_TRUE(capped.ok()) << capped.status();
+  EXPECT_GT((*capped)[0], 0);
+  EXPECT_GT((*capped)[1], 0);
+  EXPECT_EQ((*capped)[2], 0);
+  EXPECT_EQ((*capped)[3], 0);
+  for (double bad : {0.0, -0.5, 1.5, std::nan("")}) {
+    EXPECT_TRUE(absl::IsInvalidArgument(
+        PlanDiagnosticPlacement(damages, shapes, 1e6, true, 16, 10.0, 4, nullptr, nullptr,
+                                &groups, kernels::EcFactors::kF16, 4, bad)
+            .status()))
+        << bad;
+  }
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      PlanDiagnosticPlacement(damages, shapes, 1e6, true, 16, 10.0, 4, nullptr, nullptr, nullptr,
+                              kernels::EcFactors::kF16, 4, 0.5)
+          .status()));
+}
+
 }  // namespace
 }  // namespace spear::quantize

@@ -17,8 +17,10 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
   if (damages.size() != costs.size()) {
     return absl::InvalidArgumentError("PlanEcPlacement: damages and costs differ in length");
   }
-  if (!(budget_bytes >= 0.0) || !(opt.breadth > 0.0) || !(opt.latency_weight >= 0.0)) {
-    return absl::InvalidArgumentError("PlanEcPlacement: budget >= 0, breadth > 0, latency_weight >= 0");
+  if (!(budget_bytes >= 0.0) || !(opt.breadth > 0.0) || !(opt.latency_weight >= 0.0) ||
+      opt.max_launches < -1) {
+    return absl::InvalidArgumentError(
+        "PlanEcPlacement: budget >= 0, breadth > 0, latency_weight >= 0, max_launches >= -1");
   }
   std::sort(rank_options.begin(), rank_options.end());
   rank_options.erase(std::unique(rank_options.begin(), rank_options.end()), rank_options.end());
@@ -42,6 +44,16 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
   // 2. Selection at the smallest rank: the best remaining module each time
   // (a strict maximum over ascending indices: ties go to the lower index).
   std::set<int64_t> launched;  // launch groups that already carry an EC
+  // A module's launch: its group, or itself (-1 - i: apart from every group id).
+  std::set<int64_t> launches;  // launches that carry an EC (the cap's count)
+  const auto launch_of = [&](int64_t i) {
+    const int64_t g = costs[static_cast<size_t>(i)].launch_group;
+    return g >= 0 ? g : -1 - i;
+  };
+  const auto launch_allowed = [&](int64_t i) {
+    return opt.max_launches < 0 || launches.count(launch_of(i)) > 0 ||
+           static_cast<int64_t>(launches.size()) < opt.max_launches;
+  };
   auto key = [&](int64_t i) {
     const ModuleEcCost& c = costs[static_cast<size_t>(i)];
     const bool paid = c.launch_group >= 0 && launched.count(c.launch_group) > 0;
@@ -58,6 +70,7 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
     double best_key = -1.0;
     for (int64_t j = 0; j < n; ++j) {
       if (seen[static_cast<size_t>(j)] || damages[static_cast<size_t>(j)] <= 0.0) continue;
+      if (!launch_allowed(j)) continue;  // the cap only grows tighter: never eligible again
       const double k = key(j);
       if (k > best_key) {
         best_key = k;
@@ -71,6 +84,7 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
     used += b;
     level[static_cast<size_t>(i)] = 0;
     ++taken;
+    launches.insert(launch_of(i));
     if (costs[static_cast<size_t>(i)].launch_group >= 0) {
       launched.insert(costs[static_cast<size_t>(i)].launch_group);
     }

@@ -21,7 +21,12 @@
 //     into one GEMM on the GPU, whose ECs merge into one EC and one
 //     prologue launch) share the latency: once one of them is taken, the
 //     others' lat_i counts as 0, so the order is re-evaluated after every
-//     pick (without groups it is the static order above).
+//     pick (without groups it is the static order above). With a launch
+//     cap (max_launches >= 0) at most that many distinct launches carry an
+//     EC (a launch: a launch group, or a module of group -1 on its own):
+//     once the cap is reached only modules of launches already taken stay
+//     eligible (the GPU's EC cost is mostly one prologue launch per
+//     EC-carrying GEMM, whatever the rank: docs/results/gpu.md).
 //  3. Proportional ranks: with D = sum of selected damages, module i's fair
 //     share is budget * d_i / D bytes; in decreasing damage order each is
 //     raised to the largest rank whose cost is within its share, if the
@@ -51,6 +56,7 @@ struct ModuleEcCost {
 struct PlacementOptions {
   double breadth = 1.0;         // scales the module cap M
   double latency_weight = 1.0;  // weight of relative_latency in the ranking
+  int64_t max_launches = -1;    // >= 0: at most this many launches carry an EC (rule 2)
 };
 
 struct EcPlacement {
@@ -60,7 +66,8 @@ struct EcPlacement {
 };
 
 // InvalidArgument on mismatched sizes, negative/non-finite damages or costs,
-// bytes_per_rank <= 0, no or non-positive rank options, negative budget.
+// bytes_per_rank <= 0, no or non-positive rank options, negative budget,
+// max_launches < -1.
 absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<double>& damages,
                                                          const std::vector<ModuleEcCost>& costs,
                                                          double budget_bytes,

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <chrono>
 #include <cstring>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "worker/quantize/cka.h"
@@ -148,12 +149,20 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
     double budget_bytes, bool gated, int64_t h, double breadth, int64_t min_rank,
     const std::vector<double>* measured_latency, std::vector<double>* latency_used,
-    const std::vector<int64_t>* launch_groups, kernels::EcFactors factors, int64_t max_rank) {
+    const std::vector<int64_t>* launch_groups, kernels::EcFactors factors, int64_t max_rank,
+    double launch_budget) {
   if (damages.size() != shapes.size()) {
     return absl::InvalidArgumentError("placement: damages and shapes differ in size");
   }
   if (launch_groups != nullptr && launch_groups->size() != shapes.size()) {
     return absl::InvalidArgumentError("placement: launch groups and shapes differ in size");
+  }
+  if (!(launch_budget > 0.0 && launch_budget <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement: the launch budget must be in (0, 1], got ", launch_budget));
+  }
+  if (launch_budget < 1.0 && launch_groups == nullptr) {
+    return absl::InvalidArgumentError("placement: a launch budget needs the launch groups");
   }
   if (measured_latency != nullptr) {
     if (measured_latency->size() != shapes.size()) {
@@ -185,6 +194,9 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
   }
   PlacementOptions po;
   po.breadth = breadth;
+  if (launch_groups != nullptr) {
+    po.max_launches = LaunchCap(launch_budget, CountLaunches(*launch_groups));
+  }
   auto plan = PlanEcPlacement(damages, costs, budget_bytes, ranks, po);
   if (!plan.ok()) return plan.status();
   std::vector<int64_t> out(shapes.size(), 0);
@@ -193,6 +205,25 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     out[static_cast<size_t>(p.module)] = std::min({p.rank, s.n, s.k});
   }
   return out;
+}
+
+int64_t CountLaunches(const std::vector<int64_t>& launch_groups) {
+  std::set<int64_t> groups;
+  int64_t alone = 0;
+  for (int64_t g : launch_groups) {
+    if (g >= 0) {
+      groups.insert(g);
+    } else {
+      ++alone;
+    }
+  }
+  return static_cast<int64_t>(groups.size()) + alone;
+}
+
+int64_t LaunchCap(double launch_budget, int64_t launches) {
+  if (launch_budget >= 1.0) return -1;
+  const double cap = std::floor(launch_budget * static_cast<double>(launches) + 0.5);
+  return std::max<int64_t>(1, static_cast<int64_t>(cap));
 }
 
 std::vector<int64_t> FusedLaunchGroups(const std::vector<std::string>& names) {

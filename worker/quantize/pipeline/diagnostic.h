@@ -83,14 +83,23 @@ std::vector<int64_t> PlacementRankOptions(int64_t min_rank = 4, int64_t max_rank
 // finite value >= 0 per module, or null): the relative latency of each
 // module's EC; launch_groups (one value >= -1 per module, or null):
 // placement.h's launch groups; *latency_used (if non-null) receives the
-// values the ranking used, measured or proxy.
+// values the ranking used, measured or proxy. launch_budget < 1 (needs
+// launch_groups): at most LaunchCap(launch_budget, CountLaunches(groups))
+// launches carry an EC (placement.h, rule 2's cap).
 absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
     double budget_bytes, bool gated, int64_t gate_hidden, double breadth = 1.0,
     int64_t min_rank = 4, const std::vector<double>* measured_latency = nullptr,
     std::vector<double>* latency_used = nullptr,
     const std::vector<int64_t>* launch_groups = nullptr,
-    kernels::EcFactors factors = kernels::EcFactors::kF16, int64_t max_rank = 256);
+    kernels::EcFactors factors = kernels::EcFactors::kF16, int64_t max_rank = 256,
+    double launch_budget = 1.0);
+// The number of GEMM launches of modules with these launch groups: the
+// distinct groups >= 0 plus one per module of group -1.
+int64_t CountLaunches(const std::vector<int64_t>& launch_groups);
+// The launch cap of a launch budget F in (0, 1] over L launches:
+// max(1, round(F L)) (round half up); -1 (no cap) at F >= 1.
+int64_t LaunchCap(double launch_budget, int64_t launches);
 // The GPU runner's fused GEMMs (worker/engine/cuda_model_weights.cc): a
 // layer's q/k/v projections form one launch group (2 L), gate/up another
 // (2 L + 1); o_proj, down_proj and anything else: -1 (a GEMM of its own).

@@ -203,14 +203,17 @@ absl::Status Pipeline::Place() {
   // each EC-carrying GEMM), the modules the GPU runner fuses into one GEMM
   // share that launch (placement.h, rule 2).
   std::vector<double> latency;
+  // A launch budget counts launches the same way.
   const bool measured = !measured_latency_.empty();
+  const bool grouped = measured || o_.ec_launch_budget < 1.0;
   const std::vector<int64_t> groups =
-      measured ? FusedLaunchGroups(res->names) : std::vector<int64_t>();
+      grouped ? FusedLaunchGroups(res->names) : std::vector<int64_t>();
+  if (grouped) report_.launch_cap = LaunchCap(o_.ec_launch_budget, CountLaunches(groups));
   auto plan = PlanDiagnosticPlacement(res->damages, shapes_, budget_bytes_, gated,
                                       GateHidden(o_), o_.placement_breadth, o_.min_ec_rank,
                                       measured ? &measured_latency_ : nullptr, &latency,
-                                      measured ? &groups : nullptr, o_.ec_factors,
-                                      o_.max_ec_rank);
+                                      grouped ? &groups : nullptr, o_.ec_factors,
+                                      o_.max_ec_rank, o_.ec_launch_budget);
   if (!plan.ok()) return plan.status();
   report_.measured_latency = measured;
   for (size_t i = 0; i < latency.size(); ++i) report_.modules[i].ec_latency = latency[i];
@@ -589,6 +592,17 @@ absl::StatusOr<QuantizeReport> Pipeline::Run() {
   const int64_t total = ServedModelBytes(*model_, &ec);
   report_.ec_bytes = ec;
   report_.w4_model_bytes = total - ec;
+  {
+    std::vector<std::string> names;
+    for (const ModuleReport& m : report_.modules) names.push_back(m.name);
+    const std::vector<int64_t> groups = FusedLaunchGroups(names);
+    report_.gemm_launches = CountLaunches(groups);
+    std::vector<int64_t> ec_groups;
+    for (size_t i = 0; i < groups.size(); ++i) {
+      if (report_.modules[i].ec_rank > 0) ec_groups.push_back(groups[i]);
+    }
+    report_.ec_launches = CountLaunches(ec_groups);
+  }
   report_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return std::move(report_);
 }

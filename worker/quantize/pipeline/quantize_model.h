@@ -119,6 +119,11 @@ struct QuantizeOptions {
   // target GPU (ec_latency.h); a shape missing from the table is an error
   // (NotFound, before anything runs). Empty: the bytes proxy.
   EcLatencyTable ec_latency;
+  // < 1: at most round(F L) of the model's L GEMM launches carry an EC
+  // (the GPU's fused GEMMs: a layer's q/k/v one launch, its gate/up one,
+  // every other linear its own; FusedLaunchGroups), since the GPU's EC cost
+  // is mostly one prologue launch per EC-carrying GEMM. 1: no cap.
+  double ec_launch_budget = 1.0;
   bool gate = true;  // false: the ablation (gate fixed at 1, same training)
   int64_t gate_hidden = 0;  // 0 = default (documented in the .cc)
   // How the ECs' A and B are stored (kernels/w4_format.h): the budget is
@@ -187,6 +192,10 @@ struct QuantizeReport {
   double normalized_entropy = 0;
   double effective_modules = 0;
   bool measured_latency = false;  // the placement used QuantizeOptions::ec_latency
+  // GEMM launches of the model as the GPU fuses them (FusedLaunchGroups), and
+  // how many of them carry an EC (whatever placed the ECs).
+  int64_t gemm_launches = 0, ec_launches = 0;
+  int64_t launch_cap = -1;  // the placement's cap (ec_launch_budget), -1 = none
   // Non-empty: the placement was given (QuantizeOptions::given_placement),
   // no diagnostic ran (damages and entropy stay 0).
   std::string placement_source;
