@@ -28,6 +28,6 @@ for t in "${targets[@]}"; do
     '/(libc|libm|libdl|librt|libpthread|ld-linux[^/]*|libcuda|libcudart|libcublas[^/]*|libnccl|libgcc_s)\.so' \
     | xargs -r -I{} cp -Ln {} "$BUNDLE/lib/" || true
 done
-cp scripts/gpu/run_tests.sh scripts/gpu/run_w4.sh scripts/gpu/run_decode.sh scripts/gpu/run_model.sh scripts/gpu/run_final.sh \
+cp scripts/gpu/run_tests.sh scripts/gpu/run_w4.sh scripts/gpu/run_decode.sh scripts/gpu/run_model.sh scripts/gpu/run_final.sh scripts/gpu/run_ec_launches.sh \
   "$BUNDLE/"
 du -sh "$BUNDLE"
