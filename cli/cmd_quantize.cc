@@ -140,9 +140,9 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
                                                    " is below --ec-min-rank ", *min_rank));
   }
   o.max_ec_rank = *max_rank;
-  auto launch_budget = f.Double("ec-launch-budget", 0.0, 1.0);
+  auto launch_budget = f.Double("ec-launch-budget", -1e300, 1e300);  // finite
   if (!launch_budget.ok()) return launch_budget.status();
-  if (!(*launch_budget > 0.0)) {
+  if (!(*launch_budget > 0.0 && *launch_budget <= 1.0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--ec-launch-budget must be in (0, 1], got ", *launch_budget));
   }

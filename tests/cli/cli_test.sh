@@ -201,8 +201,9 @@ then
 else
   echo "FAIL: --ec-launch-budget exceeded or not recorded"; fails=$((fails + 1))
 fi
-expect 2 "--ec-launch-budget must be in .0, 1., got 0" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-budget 0
-expect 2 "--ec-launch-budget must be in .0, 1., got 1.5" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-budget 1.5
+expect 2 "--ec-launch-budget must be in \(0, 1\], got 0" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-budget 0
+expect 2 "--ec-launch-budget must be in \(0, 1\], got 1.5" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-budget 1.5
+expect 2 "--ec-launch-budget must be a number, got 'half'" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-budget half
 expect 2 "--ec-launch-budget has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-launch-budget 0.5
 expect 2 "--ec-breadth has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-breadth 2
 expect 2 "--diagnostic-tokens has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --diagnostic-tokens 64

@@ -43,9 +43,8 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
 
   // 2. Selection at the smallest rank: the best remaining module each time
   // (a strict maximum over ascending indices: ties go to the lower index).
-  std::set<int64_t> launched;  // launch groups that already carry an EC
   // A module's launch: its group, or itself (-1 - i: apart from every group id).
-  std::set<int64_t> launches;  // launches that carry an EC (the cap's count)
+  std::set<int64_t> launches;  // launches that already carry an EC
   const auto launch_of = [&](int64_t i) {
     const int64_t g = costs[static_cast<size_t>(i)].launch_group;
     return g >= 0 ? g : -1 - i;
@@ -56,7 +55,7 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
   };
   auto key = [&](int64_t i) {
     const ModuleEcCost& c = costs[static_cast<size_t>(i)];
-    const bool paid = c.launch_group >= 0 && launched.count(c.launch_group) > 0;
+    const bool paid = c.launch_group >= 0 && launches.count(c.launch_group) > 0;
     return damages[static_cast<size_t>(i)] /
            (c.Bytes(rank_options.front()) *
             (1.0 + opt.latency_weight * (paid ? 0.0 : c.relative_latency)));
@@ -85,9 +84,6 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
     level[static_cast<size_t>(i)] = 0;
     ++taken;
     launches.insert(launch_of(i));
-    if (costs[static_cast<size_t>(i)].launch_group >= 0) {
-      launched.insert(costs[static_cast<size_t>(i)].launch_group);
-    }
   }
   const auto bytes_at = [&](int64_t i, int64_t lv) {
     return costs[static_cast<size_t>(i)].Bytes(rank_options[static_cast<size_t>(lv)]);
