@@ -33,8 +33,10 @@ for spec in "$@"; do
   echo "### $name ($dir $pct)" >>"$A"
   s=$(date +%s)
   timeout "${SPEAR_BENCH_TIMEOUT:-150}" "$BUNDLE"/bin/spear_bench_decode_cuda --models="$models" \
-    --batches=1,8 --variants=0,9,0,9 --ec-placement="$BUNDLE/$dir" $pct >>"$A" 2>&1 || rc=1
-  echo "$name: $(($(date +%s) - s)) s, rc $rc" | tee -a "$A"
+    --batches=1,8 --variants=0,9,0,9 --ec-placement="$BUNDLE/$dir" $pct >>"$A" 2>&1
+  r=$?
+  ((r == 0)) || rc=1
+  echo "$name: $(($(date +%s) - s)) s, rc $r" | tee -a "$A"
 done
 grep -E "^### |EC placement|^\| " "$A"
 exit $rc
