@@ -143,7 +143,10 @@ absl::Status DecodeFast(const EcI8Factors& f, int64_t n, int64_t k, int64_t r, f
       }
     }
   }
-  std::vector<float> sb(static_cast<size_t>(r));
+  // B's scales of one row group, decoded once; per thread, so that serving
+  // (a decode per EC per token) allocates only when a larger rank comes.
+  thread_local std::vector<float> sb;
+  sb.resize(static_cast<size_t>(r));
   for (int64_t g = 0; g < gb; ++g) {
     for (int64_t i = 0; i < r; ++i) sb[i] = HalfToFloat(f.b_scales[g * r + i]);
     const int64_t j1 = std::min(n, (g + 1) * kEcI8Group);
