@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
 #include <random>
 
 #include "tests/quantize/test_helpers.h"
@@ -184,6 +185,48 @@ TEST(Placement, RandomCasesNeverExceedBudget) {
       EXPECT_EQ((*loose)[k].module, (*grouped)[k].module);
       EXPECT_EQ((*loose)[k].rank, (*grouped)[k].rank);
     }
+    // kLaunchDamage: every launch used is among the cap's launches of
+    // largest summed damage (a reference ranking; ties to the lower first
+    // module), within the budget and the module cap; a loose cap = none.
+    PlacementOptions by_damage;
+    by_damage.launch_order = LaunchOrder::kLaunchDamage;
+    by_damage.max_launches = static_cast<int64_t>(rng() % 4);
+    auto ld = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64}, by_damage);
+    ASSERT_TRUE(ld.ok());
+    const auto launch = [&](int i) {
+      const int64_t g = costs[static_cast<size_t>(i)].launch_group;
+      return g >= 0 ? g : 1000 + i;
+    };
+    std::vector<std::pair<double, int>> sums;  // (summed damage, first module)
+    std::map<int64_t, size_t> at;
+    for (int i = 0; i < n; ++i) {
+      if (d[i] <= 0) continue;
+      auto [it, fresh] = at.try_emplace(launch(i), sums.size());
+      if (fresh) sums.push_back({0.0, i});
+      sums[it->second].first += d[i];
+    }
+    std::stable_sort(sums.begin(), sums.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    std::set<int64_t> allowed;
+    for (size_t k = 0; k < sums.size() && static_cast<int64_t>(k) < by_damage.max_launches; ++k) {
+      allowed.insert(launch(sums[k].second));
+    }
+    double dused = 0;
+    for (const auto& p : *ld) {
+      dused += p.bytes;
+      EXPECT_EQ(allowed.count(launch(static_cast<int>(p.module))), 1u) << "trial " << trial;
+    }
+    EXPECT_LE(dused, budget);
+    EXPECT_LE(ld->size(), static_cast<size_t>(cap));
+    by_damage.max_launches = n;
+    auto dloose = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64}, by_damage);
+    ASSERT_TRUE(dloose.ok());
+    ASSERT_EQ(dloose->size(), grouped->size());
+    for (size_t k = 0; k < dloose->size(); ++k) {
+      EXPECT_EQ((*dloose)[k].module, (*grouped)[k].module);
+      EXPECT_EQ((*dloose)[k].rank, (*grouped)[k].rank);
+    }
   }
 }
 
@@ -221,6 +264,53 @@ TEST(Placement, LaunchCapKeepsToTakenLaunches) {
   EXPECT_TRUE(none->empty());
   o.max_launches = -2;
   EXPECT_TRUE(absl::IsInvalidArgument(PlanEcPlacement(d, costs, 1e6, {4}, o).status()));
+}
+
+// LaunchOrder::kLaunchDamage (rule 2): the cap keeps the launches whose
+// damages sum highest, fixed up front. Module 0 (0.5) alone against the
+// group {1, 2} (0.4 + 0.4 = 0.8) and module 3 (0.3), equal bytes: at cap 1
+// the module order opens module 0's launch, the summed order the group's.
+TEST(Placement, LaunchDamageOrderKeepsTheLaunchesOfMostDamage) {
+  const std::vector<double> d = {0.5, 0.4, 0.4, 0.3, 0.0};
+  std::vector<ModuleEcCost> costs(5, ModuleEcCost{0.0, 250.0, 0.0});
+  costs[1].launch_group = costs[2].launch_group = 5;
+  auto modules = [](const std::vector<EcPlacement>& plan) {
+    std::vector<int64_t> m;
+    for (const auto& p : plan) m.push_back(p.module);
+    return m;
+  };
+  PlacementOptions o;
+  o.breadth = 10.0;
+  o.max_launches = 1;
+  auto by_module = PlanEcPlacement(d, costs, 1e6, {4}, o);
+  ASSERT_TRUE(by_module.ok());
+  EXPECT_EQ(modules(*by_module), (std::vector<int64_t>{0}));
+  o.launch_order = LaunchOrder::kLaunchDamage;
+  auto one = PlanEcPlacement(d, costs, 1e6, {4}, o);
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(modules(*one), (std::vector<int64_t>{1, 2}));
+  o.max_launches = 2;
+  auto two = PlanEcPlacement(d, costs, 1e6, {4}, o);
+  ASSERT_TRUE(two.ok());
+  EXPECT_EQ(modules(*two), (std::vector<int64_t>{0, 1, 2}));
+  // A cap above the launches with damage (3; module 4 has none) = no cap.
+  o.max_launches = 4;
+  auto loose = PlanEcPlacement(d, costs, 1e6, {4}, o);
+  ASSERT_TRUE(loose.ok());
+  EXPECT_EQ(modules(*loose), (std::vector<int64_t>{0, 1, 2, 3}));
+  // Equal sums: the launch of the lower module index first.
+  const std::vector<double> tie = {0.3, 0.3, 0.6};
+  std::vector<ModuleEcCost> tc(3, ModuleEcCost{0.0, 250.0, 0.0});
+  tc[0].launch_group = tc[1].launch_group = 0;
+  o.max_launches = 1;
+  auto tied = PlanEcPlacement(tie, tc, 1e6, {4}, o);
+  ASSERT_TRUE(tied.ok());
+  EXPECT_EQ(modules(*tied), (std::vector<int64_t>{0, 1}));
+  // The budget still binds inside the kept launches: room for one EC.
+  o.max_launches = 1;
+  auto tight = PlanEcPlacement(d, costs, 1000.0, {4}, o);
+  ASSERT_TRUE(tight.ok());
+  EXPECT_EQ(modules(*tight), (std::vector<int64_t>{1}));
 }
 
 // Launch groups (rule 2): modules fused into one GEMM share one EC launch,
