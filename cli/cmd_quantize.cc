@@ -344,11 +344,11 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     if (!diagnostic_placement) {
       return absl::InvalidArgumentError("--ec-placement only applies to --ec spear or static");
     }
-    if (absl::Status s =
-            RefuseGiven(f,
-                        {"ec-breadth", "ec-min-rank", "ec-max-rank", "ec-launch-budget",
-                         "ec-launch-order", "ec-latency-table", "diagnostic-tokens", "diagnostic-seqs"},
-                        "with --ec-placement (the placement is given)");
+    if (absl::Status s = RefuseGiven(
+            f,
+            {"ec-breadth", "ec-min-rank", "ec-max-rank", "ec-launch-budget", "ec-launch-order",
+             "ec-latency-table", "diagnostic-tokens", "diagnostic-seqs"},
+            "with --ec-placement (the placement is given)");
         !s.ok()) {
       return s;
     }
