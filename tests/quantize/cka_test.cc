@@ -15,6 +15,28 @@
 namespace spear::quantize {
 namespace {
 
+// The modules a plan at rank 4 gives (a failed plan fails the test).
+std::vector<int64_t> PlannedModules(const std::vector<double>& d,
+                                    const std::vector<ModuleEcCost>& costs, double budget,
+                                    const PlacementOptions& o = {}) {
+  auto plan = PlanEcPlacement(d, costs, budget, {4}, o);
+  EXPECT_TRUE(plan.ok()) << plan.status();
+  std::vector<int64_t> m;
+  if (plan.ok()) {
+    for (const auto& p : *plan) m.push_back(p.module);
+  }
+  return m;
+}
+
+// Two plans with the same modules at the same ranks.
+void ExpectSamePlan(const std::vector<EcPlacement>& a, const std::vector<EcPlacement>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t k = 0; k < a.size(); ++k) {
+    EXPECT_EQ(a[k].module, b[k].module);
+    EXPECT_EQ(a[k].rank, b[k].rank);
+  }
+}
+
 using testing::RandomNormal;
 
 TEST(Cka, SelfIsOneAndInvariances) {
@@ -160,44 +182,17 @@ TEST(Placement, RandomCasesNeverExceedBudget) {
     for (const auto& p : *grouped) gused += p.bytes;
     EXPECT_LE(gused, budget);
     EXPECT_LE(grouped->size(), static_cast<size_t>(cap));
-    // With a launch cap: at most that many distinct launches (a group, or a
-    // module of group -1 alone), within the budget and the module cap; a cap
-    // at least the number of launches changes nothing.
-    PlacementOptions capped;
-    capped.max_launches = static_cast<int64_t>(rng() % 4);
-    auto lc = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64}, capped);
-    ASSERT_TRUE(lc.ok());
-    std::set<int64_t> launches;
-    double lused = 0;
-    for (const auto& p : *lc) {
-      lused += p.bytes;
-      const int64_t g = costs[static_cast<size_t>(p.module)].launch_group;
-      launches.insert(g >= 0 ? g : 1000 + p.module);
-    }
-    EXPECT_LE(static_cast<int64_t>(launches.size()), capped.max_launches) << "trial " << trial;
-    EXPECT_LE(lused, budget);
-    EXPECT_LE(lc->size(), static_cast<size_t>(cap));
-    capped.max_launches = n;
-    auto loose = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64}, capped);
-    ASSERT_TRUE(loose.ok());
-    ASSERT_EQ(loose->size(), grouped->size());
-    for (size_t k = 0; k < loose->size(); ++k) {
-      EXPECT_EQ((*loose)[k].module, (*grouped)[k].module);
-      EXPECT_EQ((*loose)[k].rank, (*grouped)[k].rank);
-    }
-    // kLaunchDamage: every launch used is among the cap's launches of
-    // largest summed damage (a reference ranking; ties to the lower first
-    // module), within the budget and the module cap; a loose cap = none.
-    PlacementOptions by_damage;
-    by_damage.launch_order = LaunchOrder::kLaunchDamage;
-    by_damage.max_launches = static_cast<int64_t>(rng() % 4);
-    auto ld = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64}, by_damage);
-    ASSERT_TRUE(ld.ok());
-    const auto launch = [&](int i) {
+    // With a launch cap, in either launch order: at most that many distinct
+    // launches (a group, or a module of group -1 alone), within the budget
+    // and the module cap; a cap at least the number of launches changes
+    // nothing. kLaunchDamage: every launch used is among the cap's launches
+    // of largest summed damage (a reference ranking; ties to the lower
+    // first module).
+    const auto launch = [&](int64_t i) {
       const int64_t g = costs[static_cast<size_t>(i)].launch_group;
       return g >= 0 ? g : 1000 + i;
     };
-    std::vector<std::pair<double, int>> sums;  // (summed damage, first module)
+    std::vector<std::pair<double, int64_t>> sums;  // (summed damage, first module)
     std::map<int64_t, size_t> at;
     for (int i = 0; i < n; ++i) {
       if (d[i] <= 0) continue;
@@ -208,24 +203,31 @@ TEST(Placement, RandomCasesNeverExceedBudget) {
     std::stable_sort(sums.begin(), sums.end(), [](const auto& a, const auto& b) {
       return a.first != b.first ? a.first > b.first : a.second < b.second;
     });
-    std::set<int64_t> allowed;
-    for (size_t k = 0; k < sums.size() && static_cast<int64_t>(k) < by_damage.max_launches; ++k) {
-      allowed.insert(launch(sums[k].second));
-    }
-    double dused = 0;
-    for (const auto& p : *ld) {
-      dused += p.bytes;
-      EXPECT_EQ(allowed.count(launch(static_cast<int>(p.module))), 1u) << "trial " << trial;
-    }
-    EXPECT_LE(dused, budget);
-    EXPECT_LE(ld->size(), static_cast<size_t>(cap));
-    by_damage.max_launches = n;
-    auto dloose = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64}, by_damage);
-    ASSERT_TRUE(dloose.ok());
-    ASSERT_EQ(dloose->size(), grouped->size());
-    for (size_t k = 0; k < dloose->size(); ++k) {
-      EXPECT_EQ((*dloose)[k].module, (*grouped)[k].module);
-      EXPECT_EQ((*dloose)[k].rank, (*grouped)[k].rank);
+    for (LaunchOrder order : {LaunchOrder::kModule, LaunchOrder::kLaunchDamage}) {
+      PlacementOptions capped;
+      capped.launch_order = order;
+      capped.max_launches = static_cast<int64_t>(rng() % 4);
+      auto lc = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64}, capped);
+      ASSERT_TRUE(lc.ok());
+      std::set<int64_t> launches, allowed;
+      for (size_t k = 0; k < sums.size() && static_cast<int64_t>(k) < capped.max_launches; ++k) {
+        allowed.insert(launch(sums[k].second));
+      }
+      double lused = 0;
+      for (const auto& p : *lc) {
+        lused += p.bytes;
+        launches.insert(launch(p.module));
+        if (order == LaunchOrder::kLaunchDamage) {
+          EXPECT_EQ(allowed.count(launch(p.module)), 1u) << "trial " << trial;
+        }
+      }
+      EXPECT_LE(static_cast<int64_t>(launches.size()), capped.max_launches) << "trial " << trial;
+      EXPECT_LE(lused, budget);
+      EXPECT_LE(lc->size(), static_cast<size_t>(cap));
+      capped.max_launches = n;
+      auto loose = PlanEcPlacement(d, costs, budget, {4, 8, 16, 32, 64}, capped);
+      ASSERT_TRUE(loose.ok());
+      ExpectSamePlan(*loose, *grouped);
     }
   }
 }
@@ -240,28 +242,15 @@ TEST(Placement, LaunchCapKeepsToTakenLaunches) {
   const std::vector<double> d = {0.6, 0.5, 0.2, 0.4};
   std::vector<ModuleEcCost> costs(4, ModuleEcCost{0.0, 250.0, 0.0});
   costs[0].launch_group = costs[2].launch_group = 3;
-  auto modules = [](const std::vector<EcPlacement>& plan) {
-    std::vector<int64_t> m;
-    for (const auto& p : plan) m.push_back(p.module);
-    return m;
-  };
   PlacementOptions o;
   o.breadth = 10.0;
-  auto all = PlanEcPlacement(d, costs, 1e6, {4}, o);
-  ASSERT_TRUE(all.ok());
-  EXPECT_EQ(modules(*all), (std::vector<int64_t>{0, 1, 2, 3}));
+  EXPECT_EQ(PlannedModules(d, costs, 1e6, o), (std::vector<int64_t>{0, 1, 2, 3}));
   o.max_launches = 1;
-  auto one = PlanEcPlacement(d, costs, 1e6, {4}, o);
-  ASSERT_TRUE(one.ok());
-  EXPECT_EQ(modules(*one), (std::vector<int64_t>{0, 2}));
+  EXPECT_EQ(PlannedModules(d, costs, 1e6, o), (std::vector<int64_t>{0, 2}));
   o.max_launches = 2;
-  auto two = PlanEcPlacement(d, costs, 1e6, {4}, o);
-  ASSERT_TRUE(two.ok());
-  EXPECT_EQ(modules(*two), (std::vector<int64_t>{0, 1, 2}));
+  EXPECT_EQ(PlannedModules(d, costs, 1e6, o), (std::vector<int64_t>{0, 1, 2}));
   o.max_launches = 0;
-  auto none = PlanEcPlacement(d, costs, 1e6, {4}, o);
-  ASSERT_TRUE(none.ok());
-  EXPECT_TRUE(none->empty());
+  EXPECT_TRUE(PlannedModules(d, costs, 1e6, o).empty());
   o.max_launches = -2;
   EXPECT_TRUE(absl::IsInvalidArgument(PlanEcPlacement(d, costs, 1e6, {4}, o).status()));
 }
@@ -274,43 +263,25 @@ TEST(Placement, LaunchDamageOrderKeepsTheLaunchesOfMostDamage) {
   const std::vector<double> d = {0.5, 0.4, 0.4, 0.3, 0.0};
   std::vector<ModuleEcCost> costs(5, ModuleEcCost{0.0, 250.0, 0.0});
   costs[1].launch_group = costs[2].launch_group = 5;
-  auto modules = [](const std::vector<EcPlacement>& plan) {
-    std::vector<int64_t> m;
-    for (const auto& p : plan) m.push_back(p.module);
-    return m;
-  };
   PlacementOptions o;
   o.breadth = 10.0;
   o.max_launches = 1;
-  auto by_module = PlanEcPlacement(d, costs, 1e6, {4}, o);
-  ASSERT_TRUE(by_module.ok());
-  EXPECT_EQ(modules(*by_module), (std::vector<int64_t>{0}));
+  EXPECT_EQ(PlannedModules(d, costs, 1e6, o), (std::vector<int64_t>{0}));
   o.launch_order = LaunchOrder::kLaunchDamage;
-  auto one = PlanEcPlacement(d, costs, 1e6, {4}, o);
-  ASSERT_TRUE(one.ok());
-  EXPECT_EQ(modules(*one), (std::vector<int64_t>{1, 2}));
+  EXPECT_EQ(PlannedModules(d, costs, 1e6, o), (std::vector<int64_t>{1, 2}));
   o.max_launches = 2;
-  auto two = PlanEcPlacement(d, costs, 1e6, {4}, o);
-  ASSERT_TRUE(two.ok());
-  EXPECT_EQ(modules(*two), (std::vector<int64_t>{0, 1, 2}));
+  EXPECT_EQ(PlannedModules(d, costs, 1e6, o), (std::vector<int64_t>{0, 1, 2}));
   // A cap above the launches with damage (3; module 4 has none) = no cap.
   o.max_launches = 4;
-  auto loose = PlanEcPlacement(d, costs, 1e6, {4}, o);
-  ASSERT_TRUE(loose.ok());
-  EXPECT_EQ(modules(*loose), (std::vector<int64_t>{0, 1, 2, 3}));
+  EXPECT_EQ(PlannedModules(d, costs, 1e6, o), (std::vector<int64_t>{0, 1, 2, 3}));
   // Equal sums: the launch of the lower module index first.
   const std::vector<double> tie = {0.3, 0.3, 0.6};
   std::vector<ModuleEcCost> tc(3, ModuleEcCost{0.0, 250.0, 0.0});
   tc[0].launch_group = tc[1].launch_group = 0;
   o.max_launches = 1;
-  auto tied = PlanEcPlacement(tie, tc, 1e6, {4}, o);
-  ASSERT_TRUE(tied.ok());
-  EXPECT_EQ(modules(*tied), (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(PlannedModules(tie, tc, 1e6, o), (std::vector<int64_t>{0, 1}));
   // The budget still binds inside the kept launches: room for one EC.
-  o.max_launches = 1;
-  auto tight = PlanEcPlacement(d, costs, 1000.0, {4}, o);
-  ASSERT_TRUE(tight.ok());
-  EXPECT_EQ(modules(*tight), (std::vector<int64_t>{1}));
+  EXPECT_EQ(PlannedModules(d, costs, 1000.0, o), (std::vector<int64_t>{1}));
 }
 
 // Launch groups (rule 2): modules fused into one GEMM share one EC launch,
@@ -321,18 +292,9 @@ TEST(Placement, LaunchDamageOrderKeepsTheLaunchesOfMostDamage) {
 TEST(Placement, LaunchGroupsShareTheLatency) {
   const std::vector<double> d = {0.6, 0.5, 0.55};
   std::vector<ModuleEcCost> costs(3, ModuleEcCost{0.0, 250.0, 1.0});
-  auto modules = [](const std::vector<EcPlacement>& plan) {
-    std::vector<int64_t> m;
-    for (const auto& p : plan) m.push_back(p.module);
-    return m;
-  };
-  auto plain = PlanEcPlacement(d, costs, 2100, {4});
-  ASSERT_TRUE(plain.ok());
-  EXPECT_EQ(modules(*plain), (std::vector<int64_t>{0, 2}));
+  EXPECT_EQ(PlannedModules(d, costs, 2100), (std::vector<int64_t>{0, 2}));
   costs[0].launch_group = costs[1].launch_group = 7;
-  auto grouped = PlanEcPlacement(d, costs, 2100, {4});
-  ASSERT_TRUE(grouped.ok());
-  EXPECT_EQ(modules(*grouped), (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(PlannedModules(d, costs, 2100), (std::vector<int64_t>{0, 1}));
   costs[2].launch_group = -2;
   EXPECT_TRUE(absl::IsInvalidArgument(PlanEcPlacement(d, costs, 2100, {4}).status()));
 }
