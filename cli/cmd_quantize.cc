@@ -147,16 +147,6 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
         absl::StrCat("--ec-launch-budget must be in (0, 1], got ", *launch_budget));
   }
   o.ec_launch_budget = *launch_budget;
-  if (const std::string ord = f.Str("ec-launch-order"); ord == "damage") {
-    o.ec_launch_order = quantize::LaunchOrder::kLaunchDamage;
-  } else if (ord != "module") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--ec-launch-order must be module or damage, got '", ord, "'"));
-  }
-  if (f.Has("ec-launch-order") && !(*launch_budget < 1.0)) {
-    return absl::InvalidArgumentError(
-        "--ec-launch-order has no effect without --ec-launch-budget below 1");
-  }
   // static-all takes every module at the one rank the budget buys, none
   // places nothing: neither runs the diagnostic's placement.
   const bool diagnostic_placement =
@@ -164,7 +154,7 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
       (o.ec == quantize::EcMode::kStatic && o.place_static_like_spear);
   if (!diagnostic_placement) {
     if (absl::Status s = RefuseGiven(
-            f, {"ec-breadth", "ec-min-rank", "ec-max-rank", "ec-launch-budget", "ec-launch-order"},
+            f, {"ec-breadth", "ec-min-rank", "ec-max-rank", "ec-launch-budget"},
             absl::StrCat("with --ec ", p->ec,
                          p->ec == "none" ? "" : " (every module at the rank the budget buys)"));
         !s.ok()) {
@@ -344,11 +334,11 @@ absl::Status ParseOptions(const Flags& f, Parsed* p) {
     if (!diagnostic_placement) {
       return absl::InvalidArgumentError("--ec-placement only applies to --ec spear or static");
     }
-    if (absl::Status s = RefuseGiven(
-            f,
-            {"ec-breadth", "ec-min-rank", "ec-max-rank", "ec-launch-budget", "ec-launch-order",
-             "ec-latency-table", "diagnostic-tokens", "diagnostic-seqs"},
-            "with --ec-placement (the placement is given)");
+    if (absl::Status s =
+            RefuseGiven(f,
+                        {"ec-breadth", "ec-min-rank", "ec-max-rank", "ec-launch-budget",
+                         "ec-latency-table", "diagnostic-tokens", "diagnostic-seqs"},
+                        "with --ec-placement (the placement is given)");
         !s.ok()) {
       return s;
     }
@@ -544,10 +534,6 @@ int CmdQuantize(const std::vector<std::string>& args) {
                "placement: at most this fraction of the model's GEMM launches (q/k/v fused, "
                "gate/up fused, as on the GPU) carry an EC; the GPU's EC cost is mostly one "
                "launch per EC-carrying GEMM (1 = no cap)")
-      .Declare("ec-launch-order", "module",
-               "placement, with --ec-launch-budget < 1: which launches the cap keeps: module "
-               "(those the damage-per-byte module order opens first) | damage (those whose "
-               "modules' damages sum highest)")
       .Declare("ec-latency-table", "",
                "placement: a CSV of measured EC latency per module shape on the target GPU "
                "(spear_bench_w4_cuda --ec-latency; worker/quantize/pipeline/ec_latency.h); "
@@ -703,8 +689,6 @@ int CmdQuantize(const std::vector<std::string>& args) {
            {"ec_budget_pct", o.ec_budget_pct}, {"gate", o.gate},
            {"placement_breadth", o.placement_breadth}, {"min_ec_rank", o.min_ec_rank},
            {"max_ec_rank", o.max_ec_rank}, {"ec_launch_budget", o.ec_launch_budget},
-           {"ec_launch_order",
-            o.ec_launch_order == quantize::LaunchOrder::kLaunchDamage ? "damage" : "module"},
            {"ec_factors", o.ec_factors == kernels::EcFactors::kI8 ? "i8" : "f16"},
            {"ec_latency_table",
             o.ec_latency.rows.empty()

@@ -205,8 +205,6 @@ expect 2 "--ec-launch-budget must be in \(0, 1\], got 0" -- quantize --model "$T
 expect 2 "--ec-launch-budget must be in \(0, 1\], got 1.5" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-budget 1.5
 expect 2 "--ec-launch-budget must be a number, got 'half'" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-budget half
 expect 2 "--ec-launch-budget has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-launch-budget 0.5
-expect 2 "--ec-launch-order must be module or damage, got 'sum'" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-budget 0.5 --ec-launch-order sum
-expect 2 "--ec-launch-order has no effect without --ec-launch-budget below 1" -- quantize --model "$TINY" --out "$TMP/q3" --ec-launch-order module
 expect 2 "--ec-breadth has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --ec-breadth 2
 expect 2 "--diagnostic-tokens has no effect with --ec-placement" -- quantize --model "$TINY" --out "$TMP/q3" --ec-placement "$TMP/qlat" --diagnostic-tokens 64
 expect 2 "--ec-min-rank has no effect with --ec static-all .every module at the rank the budget buys" -- quantize --model "$TINY" --out "$TMP/q3" --ec static-all --ec-min-rank 2

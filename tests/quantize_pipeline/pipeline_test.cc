@@ -964,7 +964,7 @@ TEST(PlacementLatency, FusedLaunchGroupsFollowTheRunnersMerging) {
 // group -1 alone; LaunchCap rounds F L half up, at least 1, none at F = 1.
 // Through PlanDiagnosticPlacement a budget of 1/3 over the three launches
 // of {q, k (one group), o, down} keeps to the q/k launch, where the plain
-// plan takes all four modules; launch_order picks which launch it keeps.
+// plan takes all four modules.
 TEST(PlacementLatency, LaunchBudgetCapsTheEcCarryingGemms) {
   EXPECT_EQ(CountLaunches({0, 0, 0, -1, 1, 1, -1}), 4);
   EXPECT_EQ(CountLaunches({}), 0);
@@ -989,20 +989,6 @@ TEST(PlacementLatency, LaunchBudgetCapsTheEcCarryingGemms) {
   EXPECT_GT((*capped)[1], 0);
   EXPECT_EQ((*capped)[2], 0);
   EXPECT_EQ((*capped)[3], 0);
-  // Which launch the cap keeps: with o the most damaged module (0.6) but
-  // q + k the most damaged launch (0.75), the module order keeps o, the
-  // launch-damage order q / k.
-  const std::vector<double> spread = {0.4, 0.35, 0.6, 0.1};
-  for (LaunchOrder order : {LaunchOrder::kModule, LaunchOrder::kLaunchDamage}) {
-    auto one = PlanDiagnosticPlacement(spread, shapes, 1e6, true, 16, 10.0, 4, nullptr, nullptr,
-                                       &groups, kernels::EcFactors::kF16, 4, 1.0 / 3, order);
-    ASSERT_TRUE(one.ok()) << one.status();
-    const bool qk = order == LaunchOrder::kLaunchDamage;
-    EXPECT_EQ((*one)[0] > 0, qk);
-    EXPECT_EQ((*one)[1] > 0, qk);
-    EXPECT_EQ((*one)[2] > 0, !qk);
-    EXPECT_EQ((*one)[3], 0);
-  }
   for (double bad : {0.0, -0.5, 1.5, std::nan("")}) {
     EXPECT_TRUE(absl::IsInvalidArgument(
         PlanDiagnosticPlacement(damages, shapes, 1e6, true, 16, 10.0, 4, nullptr, nullptr,

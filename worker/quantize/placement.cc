@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <map>
 #include <numeric>
 #include <set>
 
@@ -50,26 +49,7 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
     const int64_t g = costs[static_cast<size_t>(i)].launch_group;
     return g >= 0 ? g : -1 - i;
   };
-  // kLaunchDamage: the cap's launches, fixed up front (summed damage).
-  const bool fixed = opt.max_launches >= 0 && opt.launch_order == LaunchOrder::kLaunchDamage;
-  std::set<int64_t> kept;
-  if (fixed) {
-    std::map<int64_t, std::pair<double, int64_t>> sum;  // launch -> (damage, first module)
-    for (int64_t i = 0; i < n; ++i) {
-      if (damages[static_cast<size_t>(i)] <= 0.0) continue;
-      auto it = sum.try_emplace(launch_of(i), 0.0, i).first;
-      it->second.first += damages[static_cast<size_t>(i)];
-    }
-    std::vector<std::pair<double, int64_t>> order;  // (damage, first module)
-    for (const auto& [l, v] : sum) order.push_back(v);
-    std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
-      return a.first != b.first ? a.first > b.first : a.second < b.second;
-    });
-    if (static_cast<int64_t>(order.size()) > opt.max_launches) order.resize(opt.max_launches);
-    for (const auto& v : order) kept.insert(launch_of(v.second));
-  }
   const auto launch_allowed = [&](int64_t i) {
-    if (fixed) return kept.count(launch_of(i)) > 0;
     return opt.max_launches < 0 || launches.count(launch_of(i)) > 0 ||
            static_cast<int64_t>(launches.size()) < opt.max_launches;
   };

@@ -26,11 +26,7 @@
 //     EC (a launch: a launch group, or a module of group -1 on its own):
 //     once the cap is reached only modules of launches already taken stay
 //     eligible (the GPU's EC cost is mostly one prologue launch per
-//     EC-carrying GEMM, whatever the rank: docs/results/gpu.md). With
-//     launch_order kLaunchDamage the capped launches are fixed first
-//     instead: the max_launches launches whose modules' damages sum
-//     highest (ties: the launch of the lower module index), and only
-//     their modules are eligible.
+//     EC-carrying GEMM, whatever the rank: docs/results/gpu.md).
 //  3. Proportional ranks: with D = sum of selected damages, module i's fair
 //     share is budget * d_i / D bytes; in decreasing damage order each is
 //     raised to the largest rank whose cost is within its share, if the
@@ -57,17 +53,10 @@ struct ModuleEcCost {
   double Bytes(int64_t rank) const { return fixed_bytes + bytes_per_rank * static_cast<double>(rank); }
 };
 
-// Which launches a launch cap keeps (rule 2).
-enum class LaunchOrder {
-  kModule,        // those the module order opens first (damage per byte)
-  kLaunchDamage,  // those with the largest summed damage, chosen up front
-};
-
 struct PlacementOptions {
   double breadth = 1.0;         // scales the module cap M
   double latency_weight = 1.0;  // weight of relative_latency in the ranking
   int64_t max_launches = -1;    // >= 0: at most this many launches carry an EC (rule 2)
-  LaunchOrder launch_order = LaunchOrder::kModule;  // which launches the cap keeps (rule 2)
 };
 
 struct EcPlacement {

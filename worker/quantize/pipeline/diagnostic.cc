@@ -150,7 +150,7 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     double budget_bytes, bool gated, int64_t h, double breadth, int64_t min_rank,
     const std::vector<double>* measured_latency, std::vector<double>* latency_used,
     const std::vector<int64_t>* launch_groups, kernels::EcFactors factors, int64_t max_rank,
-    double launch_budget, LaunchOrder launch_order) {
+    double launch_budget) {
   if (damages.size() != shapes.size()) {
     return absl::InvalidArgumentError("placement: damages and shapes differ in size");
   }
@@ -197,7 +197,6 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
   if (launch_groups != nullptr) {
     po.max_launches = LaunchCap(launch_budget, CountLaunches(*launch_groups));
   }
-  po.launch_order = launch_order;
   auto plan = PlanEcPlacement(damages, costs, budget_bytes, ranks, po);
   if (!plan.ok()) return plan.status();
   std::vector<int64_t> out(shapes.size(), 0);

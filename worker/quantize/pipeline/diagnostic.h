@@ -85,7 +85,7 @@ std::vector<int64_t> PlacementRankOptions(int64_t min_rank = 4, int64_t max_rank
 // placement.h's launch groups; *latency_used (if non-null) receives the
 // values the ranking used, measured or proxy. launch_budget < 1 (needs
 // launch_groups): at most LaunchCap(launch_budget, CountLaunches(groups))
-// launches carry an EC (placement.h, rule 2's cap), kept by launch_order.
+// launches carry an EC (placement.h, rule 2's cap).
 absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     const std::vector<double>& damages, const std::vector<ModuleShape>& shapes,
     double budget_bytes, bool gated, int64_t gate_hidden, double breadth = 1.0,
@@ -93,7 +93,7 @@ absl::StatusOr<std::vector<int64_t>> PlanDiagnosticPlacement(
     std::vector<double>* latency_used = nullptr,
     const std::vector<int64_t>* launch_groups = nullptr,
     kernels::EcFactors factors = kernels::EcFactors::kF16, int64_t max_rank = 256,
-    double launch_budget = 1.0, LaunchOrder launch_order = LaunchOrder::kModule);
+    double launch_budget = 1.0);
 // The number of GEMM launches of modules with these launch groups: the
 // distinct groups >= 0 plus one per module of group -1.
 int64_t CountLaunches(const std::vector<int64_t>& launch_groups);

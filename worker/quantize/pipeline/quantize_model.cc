@@ -213,7 +213,7 @@ absl::Status Pipeline::Place() {
                                       GateHidden(o_), o_.placement_breadth, o_.min_ec_rank,
                                       measured ? &measured_latency_ : nullptr, &latency,
                                       grouped ? &groups : nullptr, o_.ec_factors,
-                                      o_.max_ec_rank, o_.ec_launch_budget, o_.ec_launch_order);
+                                      o_.max_ec_rank, o_.ec_launch_budget);
   if (!plan.ok()) return plan.status();
   report_.measured_latency = measured;
   for (size_t i = 0; i < latency.size(); ++i) report_.modules[i].ec_latency = latency[i];

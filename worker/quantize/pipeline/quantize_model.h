@@ -34,7 +34,6 @@
 #include "worker/model/weights.h"
 #include "worker/quantize/pipeline/distill.h"
 #include "worker/quantize/pipeline/ec_latency.h"
-#include "worker/quantize/placement.h"
 
 namespace spear::quantize {
 
@@ -125,9 +124,6 @@ struct QuantizeOptions {
   // every other linear its own; FusedLaunchGroups), since the GPU's EC cost
   // is mostly one prologue launch per EC-carrying GEMM. 1: no cap.
   double ec_launch_budget = 1.0;
-  // Which launches that cap keeps (placement.h, rule 2): those the module
-  // order opens first, or those whose modules' damages sum highest.
-  LaunchOrder ec_launch_order = LaunchOrder::kModule;
   bool gate = true;  // false: the ablation (gate fixed at 1, same training)
   int64_t gate_hidden = 0;  // 0 = default (documented in the .cc)
   // How the ECs' A and B are stored (kernels/w4_format.h): the budget is
