@@ -55,7 +55,7 @@ absl::StatusOr<std::vector<EcPlacement>> PlanEcPlacement(const std::vector<doubl
   };
   auto key = [&](int64_t i) {
     const ModuleEcCost& c = costs[static_cast<size_t>(i)];
-    const bool paid = c.launch_group >= 0 && launches.count(c.launch_group) > 0;
+    const bool paid = launches.count(launch_of(i)) > 0;  // an untaken module alone: never
     return damages[static_cast<size_t>(i)] /
            (c.Bytes(rank_options.front()) *
             (1.0 + opt.latency_weight * (paid ? 0.0 : c.relative_latency)));

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Sums up run_ec_launches.sh logs (docs/results/gpu.md, "The launch budget measured").
+
+Per placement, model and batch over every log given: the mean W4 and W4+EC step
+(ms), their ratio, and the range of the pairs' ratios (W4 and W4+EC of one
+bench process alternate, so readings pair in order). With --placements DIR,
+also the EC-carrying GEMMs of the bench's 8B step by kind (qkv / o / gate_up /
+down), mapping the checkpoint's layers as the bench does (8B layer l takes
+layer floor(L l / 32) of an L-layer checkpoint), from DIR/NAME/spear.json.
+
+usage: ec_launches_summary.py [--placements DIR] LOG...
+"""
+import collections
+import json
+import os
+import re
+import sys
+
+from ec_launch_placements import FUSED  # the CUDA runner's fused launches
+
+KINDS = ("qkv", "o_proj", "gate_up", "down_proj")
+ROW = re.compile(r"\| (8B|1B) \| (\d+) \| (W4\+EC|W4)\b[^|]*\| ([\d.]+) \|")
+
+
+def kinds_8b(path):
+    manifest = json.load(open(path))
+    layers = set()
+    ec = set()
+    for m in manifest["modules"]:
+        p = m["name"].split(".")
+        if len(p) < 4 or not p[2].isdigit():
+            continue
+        layers.add(int(p[2]))
+        if (m.get("ec") or {}).get("rank", 0):
+            ec.add((int(p[2]), FUSED.get(p[-1], p[-1])))
+    n = max(layers) + 1 if layers else 0
+    count = collections.Counter(k for l in range(32) for k in KINDS if (n * l // 32, k) in ec)
+    return " / ".join(str(count[k]) for k in KINDS) + f" ({sum(count.values())} of 128)"
+
+
+def main():
+    args = sys.argv[1:]
+    pdir = None
+    if args[:1] == ["--placements"]:
+        if len(args) < 2:
+            sys.exit(__doc__)
+        pdir, args = args[1], args[2:]
+    if not args:
+        sys.exit(__doc__)
+    w4, ec = collections.defaultdict(list), collections.defaultdict(list)
+    for log in args:
+        name = None
+        try:
+            lines = open(log).readlines()
+        except OSError as e:
+            sys.exit(f"{log}: {e.strerror}")
+        for line in lines:
+            if line.startswith("### "):
+                name = line.split()[1]
+            elif (m := ROW.match(line)) and name:
+                (ec if m.group(3) == "W4+EC" else w4)[(name, m.group(1), int(m.group(2)))].append(float(m.group(4)))
+    for key in sorted(w4):
+        a, b = w4[key], ec[key]
+        if not b:
+            continue
+        pairs = [y / x for x, y in zip(a, b)]
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        line = (f"{key[0]} {key[1]} batch {key[2]}: {len(b)} readings, W4 {ma:.3f} ms, W4+EC {mb:.3f} ms, "
+                f"EC/W4 {mb / ma:.4f}x (pairs {min(pairs):.3f}-{max(pairs):.3f})")
+        if pdir and key[1] == "8B" and os.path.exists(os.path.join(pdir, key[0], "spear.json")):
+            line += f"; EC'd GEMMs qkv / o / gate_up / down {kinds_8b(os.path.join(pdir, key[0], 'spear.json'))}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
