@@ -13,6 +13,7 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/ec_gate.cuh"
+#include "kernels/cuda/ec_tile.cuh"
 #include "kernels/cuda/norm_rows.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/swiglu_rows.cuh"
@@ -404,14 +405,20 @@ __global__ void __launch_bounds__(256) EcGateRowsKernel(const float* __restrict_
   GateWarp(g, t, us[warp], hs[warp]);
 }
 
+// B[c][q] as an fp16 value (the epilogues' operand: fp16(code x scale) for
+// int8 records).
+__device__ __forceinline__ float EcB16(const EcTileArgs& e, int c, int q) {
+  return __half2float(__float2half_rn(EcBValue(e, c, q)));
+}
+
 // y[i, c] += sum_q B[c, q] v[i, q]: one thread per output element.
-__global__ void EcApplyKernel(const __half* __restrict__ b, const float* __restrict__ v, int m,
-                              int n, int r, float* y32, __half* y16, long long ldy) {
+__global__ void EcApplyKernel(EcTileArgs b, const float* __restrict__ v, int m, int n, int r,
+                              float* y32, __half* y16, long long ldy) {
   const long long idx = blockIdx.x * 256LL + threadIdx.x;
   if (idx >= static_cast<long long>(m) * n) return;
   const int i = static_cast<int>(idx / n), c = static_cast<int>(idx % n);
   float acc = 0.f;
-  for (int q = 0; q < r; ++q) acc += __half2float(b[static_cast<long long>(c) * r + q]) * v[i * r + q];
+  for (int q = 0; q < r; ++q) acc += EcB16(b, c, q) * v[i * r + q];
   if (y32 != nullptr) {
     y32[i * ldy + c] += acc;
   } else {
@@ -558,8 +565,27 @@ absl::Status EcApply(const W4DeviceWeight& w, const float* v, int64_t m, float* 
   if (m == 0) return absl::OkStatus();
   const long long total = m * d.n;
   EcApplyKernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
-      reinterpret_cast<const __half*>(d.ec_b), v, static_cast<int>(m), static_cast<int>(d.n),
+      d.ecb, v, static_cast<int>(m), static_cast<int>(d.n),
       static_cast<int>(d.r), y_f32, reinterpret_cast<__half*>(y_f16), ldy);
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+namespace {
+// out[c][q] = B[c][q] as fp16 (the epilogues' values), one thread each.
+__global__ void EcUnpackBKernel(EcTileArgs b, int n, int r, __half* out) {
+  const long long idx = blockIdx.x * 256LL + threadIdx.x;
+  if (idx >= static_cast<long long>(n) * r) return;
+  const int c = static_cast<int>(idx / r), q = static_cast<int>(idx % r);
+  out[idx] = __float2half_rn(EcBValue(b, c, q));
+}
+}  // namespace
+
+absl::Status LaunchEcUnpackB(const W4DeviceWeight::Impl& w, uint16_t* out, cudaStream_t stream) {
+  if (w.r == 0 || out == nullptr) return absl::InvalidArgumentError("LaunchEcUnpackB: no EC");
+  const long long total = w.n * w.r;
+  EcUnpackBKernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+      w.ecb, static_cast<int>(w.n), static_cast<int>(w.r), reinterpret_cast<__half*>(out));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

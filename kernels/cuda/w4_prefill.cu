@@ -217,11 +217,13 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
             ? absl::InternalError(absl::StrCat("prefill EC: cublas U = x A^T failed: status ",
                                                static_cast<int>(bs)))
             : LaunchEcGateRows(d, s.pu, p.m, s.pv, rp, p.gate_out, p.gate_ld, es);
+    // B unpacked beside U (it does not depend on x) for y += V B^T below.
+    const absl::Status unpacked = st.ok() ? LaunchEcUnpackB(d, s.eb, es) : st;
     if (overlap) {
       SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(s.ec_join, s.ec_stream));
-      if (!st.ok()) (void)cudaStreamWaitEvent(stream, s.ec_join, 0);
+      if (!unpacked.ok()) (void)cudaStreamWaitEvent(stream, s.ec_join, 0);
     }
-    if (!st.ok()) return st;
+    if (!unpacked.ok()) return unpacked;
   }
   auto join = [&] {
     if (overlap) (void)cudaStreamWaitEvent(stream, s.ec_join, 0);
@@ -271,7 +273,7 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
       if (overlap) SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, s.ec_join, 0));
       const int r = static_cast<int>(d.r), rp = static_cast<int>(d.rp);
       SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, r, &one,
-                                                d.ec_b, CUDA_R_16F, r, s.pv, CUDA_R_16F, rp, &one,
+                                                s.eb, CUDA_R_16F, r, s.pv, CUDA_R_16F, rp, &one,
                                                 y, yt, static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
                                                 CUBLAS_GEMM_DEFAULT));
     }

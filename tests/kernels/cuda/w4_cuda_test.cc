@@ -33,6 +33,8 @@
 #include "kernels/cuda/w4_layout.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
+#include "kernels/ec_factors.h"
+#include "kernels/ec_tile_layout.h"
 #include "kernels/w4_cuda.h"
 #include "kernels/w4_ops.h"
 
@@ -132,6 +134,43 @@ EcWeights RandomEc(int64_t n, int64_t k, int64_t r, int64_t h, bool gated, std::
   return e;
 }
 
+// The int8 forms of an EC (Case::ec_form): 1 on the int8 grid (float form,
+// EcFactors::kI8), 2 compact (the codes as a .spear holds them), 3 a merged
+// EC's block-diagonal B (three modules on 64-column groups, each rounded to
+// the grid on its own, as the CUDA runner merges q / k / v), 4 the same with
+// the module boundaries off the 64-column groups (served as fp16 records).
+void MakeEcForm(int form, EcWeights* e) {
+  const int64_t n = e->n, k = e->k, r = e->rank;
+  if (form == 3 || form == 4) {
+    const int64_t unit = std::max<int64_t>(1, n / 192) * 64 + (form == 4 ? 8 : 0);
+    const int64_t cb[4] = {0, std::min(n, unit), std::min(n, 2 * unit), n};
+    const int64_t rb[4] = {0, r / 3, 2 * r / 3, r};
+    for (int i = 0; i < 3; ++i) {
+      const int64_t ni = cb[i + 1] - cb[i], ri = rb[i + 1] - rb[i];
+      for (int64_t c = cb[i]; c < cb[i + 1]; ++c) {
+        for (int64_t q = 0; q < r; ++q) {
+          if (q < rb[i] || q >= rb[i + 1]) e->b[static_cast<size_t>(c * r + q)] = 0.f;
+        }
+      }
+      if (ni == 0 || ri == 0) continue;
+      std::vector<float> bi(static_cast<size_t>(ni * ri));
+      for (int64_t c = 0; c < ni; ++c) {
+        for (int64_t q = 0; q < ri; ++q) bi[c * ri + q] = e->b[(cb[i] + c) * r + rb[i] + q];
+      }
+      ASSERT_TRUE(RoundEcFactorsI8(ni, k, ri, e->a.data() + rb[i] * k, bi.data()).ok());
+      for (int64_t c = 0; c < ni; ++c) {
+        for (int64_t q = 0; q < ri; ++q) e->b[(cb[i] + c) * r + rb[i] + q] = bi[c * ri + q];
+      }
+    }
+    e->factors = EcFactors::kI8;
+    return;
+  }
+  ASSERT_TRUE(RoundEcFactorsI8(e).ok());
+  if (form == 2) {
+    ASSERT_TRUE(CompactEcFactorsI8(e).ok());
+  }
+}
+
 struct Case {
   int64_t n, k, g;
   int64_t m;
@@ -148,6 +187,7 @@ struct Case {
   int64_t gate_pad = 0;  // gate_out row stride = rank + gate_pad (W4CudaParams::gate_ld)
   int prefill_kernel = 0;  // W4CudaParams::prefill_kernel
   int prefill_splits = 0;  // W4CudaParams::prefill_splits (wgmma kernel; 0 automatic)
+  int ec_form = 0;         // MakeEcForm (0: fp16 values)
   cuda::W4DeviceWeight::DecodeTuning tuning;  // set on the device weight for every m <= 8
   cuda::W4DeviceWeight::PrefillTuning ptuning;  // set on the device weight for every bucket
   std::string Name() const {
@@ -157,7 +197,7 @@ struct Case {
                         " decode=", force_decode, " dk=", decode_kernel, " splits=", decode_splits,
                         " depth=", decode_depth, " ldxpad=", ldx_pad, " ldypad=", ldy_pad, " r=", ec_rank,
                         " h=", ec_hidden, " prologue=", ec_prologue, " gpad=", gate_pad,
-                        " pk=", prefill_kernel, " psplits=", prefill_splits, " tuned=", tuning.warps, "/", tuning.splits,
+                        " pk=", prefill_kernel, " psplits=", prefill_splits, " ecform=", ec_form, " tuned=", tuning.warps, "/", tuning.splits,
                         "/", tuning.depth, " G", tuning.groups, " ptuned=", ptuning.kernel, "/", ptuning.splits);
   }
 };
@@ -167,10 +207,22 @@ struct Case {
 void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   SCOPED_TRACE(c.Name());
   const W4Weight w = RandomW4(c.n, c.k, c.g, c.symmetric, c.act_scale, rng);
-  const EcWeights ec = RandomEc(c.n, c.k, c.ec_rank, c.ec_hidden, c.ec == 2, rng);
+  EcWeights ec = RandomEc(c.n, c.k, c.ec_rank, c.ec_hidden, c.ec == 2, rng);
+  if (c.ec && c.ec_form != 0) {
+    MakeEcForm(c.ec_form, &ec);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
   const EcWeights* ecp = c.ec ? &ec : nullptr;
   auto dw = cuda::W4DeviceWeight::Create(w, ecp);
   ASSERT_TRUE(dw.ok()) << dw.status();
+  if (c.ec) {
+    // B as int8 records where its codes reproduce it (forms 1-3), else fp16.
+    const cuda::EcTileArgs& eb = (*dw)->impl().ecb;
+    EXPECT_EQ(eb.scales != nullptr, c.ec_form >= 1 && c.ec_form <= 3);
+    if (c.ec_form == 3 && c.n >= 192 && c.ec_rank >= 6) {
+      EXPECT_EQ(eb.nseg, 3);
+    }
+  }
   for (int64_t tm = 1; tm <= cuda::W4DeviceWeight::kMaxTunedM; ++tm) {
     (*dw)->set_decode_tuning(tm, c.tuning);
   }
@@ -1381,6 +1433,65 @@ TEST(CudaW4, FoldEcShapesMatchReference) {
       }
     }
   }
+}
+
+// int8 ECs (EcFactors::kI8, as `spear quantize --ec-factors i8` stores them)
+// served from their codes: B's tile records as int8 + per-(tile, rank)
+// scales in every kernel with an EC epilogue (the fold kernel with B through
+// shared memory and from global memory (flag 128), 4 / 8 warps, k splits;
+// the swapped kernels (1, 2 = v7 / v8 forms); the x-as-m16 kernel (3, and
+// 17 / 33 / 64 / 65 rows); the small token tiles and prefill paths, which
+// unpack B), in the four forms of MakeEcForm, odd and large ranks, a ragged
+// last tile (n = 1000, 200); form 4 (module boundaries off the 64-column
+// groups) must fall back to fp16 records and stay right. The device copy's
+// EC bytes are checked against the layout's: A fp16, B one byte per (column,
+// rank) + scales, the gate fp32.
+TEST(CudaW4, Int8EcMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 46);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct Shape {
+    int64_t n, k, g, r;
+  };
+  const Shape shapes[] = {{576, 576, 64, 6},   {1000, 1000, 1000, 7}, {200, 384, 32, 4},
+                          {4096, 4096, 128, 8}, {1536, 2048, 128, 33}, {640, 4096, 4096, 100}};
+  const int64_t ms[] = {1, 3, 8, 12, 16, 17, 33, 65, 130};
+  const int dks[] = {0, 4, 5, 5 | 128, 1, 2, 3};
+  int v = 0;
+  for (const Shape& sh : shapes) {
+    for (int64_t m : ms) {
+      Case c{sh.n, sh.k, sh.g, m};
+      c.ec = v % 2 == 0 ? 2 : 1;
+      c.ec_rank = sh.r;
+      c.ec_form = 1 + v % 4;
+      c.bias = v % 3 == 0;
+      c.f16_out = v % 5 == 2;
+      c.accumulate = v % 4 == 1;
+      if (m == 130) {
+        c.force_prefill = true;
+      } else if (m == 17 || m == 33) {
+        // the automatic path (the small token tiles where they run)
+      } else {
+        c.force_decode = true;
+        c.decode_kernel = m <= 16 ? dks[v % 7] : 0;
+      }
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+  // The bytes: a compact int8 EC of rank 8 on 4096 x 4096.
+  const W4Weight w = RandomW4(4096, 4096, 128, false, false, rng);
+  EcWeights ec = RandomEc(4096, 4096, 8, 16, true, rng);
+  MakeEcForm(2, &ec);
+  ASSERT_FALSE(HasFatalFailure());
+  auto dw = cuda::W4DeviceWeight::Create(w, &ec);
+  ASSERT_TRUE(dw.ok()) << dw.status();
+  auto lay = BuildEcTileLayoutI8(ec.i8.b.data(), ec.i8.b_scales.data(), 4096, 8);
+  ASSERT_TRUE(lay.ok()) << lay.status();
+  EXPECT_EQ(lay->bytes(), size_t{4096 * 8 + 64 * 8 * 2});
+  EXPECT_EQ((*dw)->ec_bytes(), size_t{8 * 4096 * 2} + lay->bytes() + 4 * (16 * 8 * 2 + 16 + 8));
 }
 
 // v36: the tuners' input fill: N(0, 1) in distribution (mean, variance,
