@@ -74,6 +74,42 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
   }
 }
 
+// A as the prologue reads it (EcAArgs, w4_layout.h): 8 values k = 8 c ..
+// 8 c + 7 of row `row` as fp16 (fp16(code x scale) for int8 codes: the
+// value an fp16 copy of the decoded A holds). Needs k % 8 == 0.
+__device__ __forceinline__ uint4 A8Halves(uint2 codes, __half s) {
+  const uint32_t w[2] = {codes.x ^ 0x80808080u, codes.y ^ 0x80808080u};
+  const uint32_t bias = 0x64806480u;  // half2 {1152, 1152}
+  const __half2 s2 = __half2half2(s);
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    uint32_t lo = __byte_perm(w[i], 0x64646464u, 0x4140);
+    uint32_t hi = __byte_perm(w[i], 0x64646464u, 0x4342);
+    __half2 hl = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&lo),
+                                 *reinterpret_cast<const __half2*>(&bias)), s2);
+    __half2 hh = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&hi),
+                                 *reinterpret_cast<const __half2*>(&bias)), s2);
+    o[2 * i] = *reinterpret_cast<uint32_t*>(&hl);
+    o[2 * i + 1] = *reinterpret_cast<uint32_t*>(&hh);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+__device__ __forceinline__ uint4 APiece(const EcAArgs& A, int row, int k, int c) {
+  if (A.c == nullptr) {
+    return reinterpret_cast<const uint4*>(A.h + static_cast<long long>(row) * k)[c];
+  }
+  const uint2 codes = *reinterpret_cast<const uint2*>(A.c + static_cast<long long>(row) * k + 8 * c);
+  return A8Halves(codes, A.s[static_cast<long long>(row) * A.ng + ((8 * c) >> 6)]);
+}
+// One element of A as a float (the scalar path).
+__device__ __forceinline__ float AElem(const EcAArgs& A, int row, int k, int j) {
+  if (A.c == nullptr) return __half2float(A.h[static_cast<long long>(row) * k + j]);
+  const float v = static_cast<float>(A.c[static_cast<long long>(row) * k + j]) *
+                  __half2float(A.s[static_cast<long long>(row) * A.ng + (j >> 6)]);
+  return __half2float(__float2half_rn(v));
+}
+
 // The prologue's gate forms, and its timing-only cut-offs (the output is
 // then wrong).
 constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h or m)
@@ -100,13 +136,12 @@ constexpr int kGateStageFloats = 10240;
 // passes per range; docs/results/gpu.md, "v27-v29".)
 __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restrict__ x, int m,
                                                         long long ldx, int k, int kchunk,
-                                                        const __half* __restrict__ a,
-                                                        float* upart, unsigned* counter,
-                                                        GateArgs g, int stage) {
+                                                        const EcAArgs A, float* upart,
+                                                        unsigned* counter, GateArgs g,
+                                                        int stage) {
   constexpr int kT = 256;  // threads per block
   const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
   const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
-  const __half* ar = a + static_cast<long long>(q) * k;
   const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
   const int cb = k0 / 8, ce = (k1 + 7) / 8;
   // v27 (kStageGroups): what does not depend on x is requested before the wait:
@@ -116,7 +151,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   const bool pre = stage == kStageGroups && vec;
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
-    if (c < ce) apre = __ldg(reinterpret_cast<const uint4*>(ar) + c);
+    if (c < ce) apre = APiece(A, q, k, c);
     if (q == 0 && part == 0 && g.gated) {
       const int wl = (g.h * g.r * 4 + 127) / 128;  // 128-byte lines of W1 (and of W2)
       for (int i = threadIdx.x; i < 2 * wl + 2; i += kT) {
@@ -153,7 +188,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
       // registers for nothing at ranges of 2048, one pass; same sums in the
       // same order).
       for (int c = cb + static_cast<int>(threadIdx.x); c < ce; c += kT) {
-        const uint4 av = pre && c - cb < kT ? apre : reinterpret_cast<const uint4*>(ar)[c];
+        const uint4 av = pre && c - cb < kT ? apre : APiece(A, q, k, c);
         uint4 xv[4];
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
@@ -173,7 +208,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
       }
     } else {
       for (int c = k0 + threadIdx.x; c < k1; c += kT) {
-        const float av = __half2float(ar[c]);
+        const float av = AElem(A, q, k, c);
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
           if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
@@ -272,6 +307,20 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
 constexpr int kClusterBlocks = 8;
 constexpr int kClusterMaxM = 1;  // v47 call 4: at m = 2 the v27 form was faster
 
+// Shared memory per block of the one-cluster form: A's and x's slices, the
+// partial sums, the staged gate; with int8 A (a8) + its scales, r rows of
+// ClusterScaleStride halves (16-byte aligned).
+__host__ __device__ inline int ClusterScaleStride(int kc) { return (kc / 64 + 4 + 1) & ~1; }
+__host__ __device__ inline size_t ClusterSmemBase(int64_t m, int64_t r, int kc,
+                                                  int64_t staged_floats) {
+  return static_cast<size_t>(r + m) * (kc / 8) * 16 +
+         (static_cast<size_t>(kClusterBlocks) * m * r + static_cast<size_t>(staged_floats)) * 4;
+}
+inline size_t ClusterSmem(int64_t m, int64_t r, int kc, int64_t staged_floats, bool a8) {
+  const size_t base = ClusterSmemBase(m, r, kc, staged_floats);
+  return a8 ? (base + 15) / 16 * 16 + static_cast<size_t>(r) * ClusterScaleStride(kc) * 2 : base;
+}
+
 __device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
   const __half2* ah = reinterpret_cast<const __half2*>(&av);
   const __half2* xh = reinterpret_cast<const __half2*>(&xv);
@@ -286,8 +335,7 @@ __device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
 
 __global__ void __launch_bounds__(256, 1)
     EcPrologueClusterKernel(const __half* __restrict__ x, int m, long long ldx, int k, int kchunk,
-                            const __half* __restrict__ a, GateArgs g, RowNorm norm,
-                            RowSwiglu sw) {
+                            const EcAArgs A, GateArgs g, RowNorm norm, RowSwiglu sw) {
   constexpr int kT = 256, kNW = kT / 32;
   extern __shared__ __align__(16) unsigned char dsm[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -299,6 +347,12 @@ __global__ void __launch_bounds__(256, 1)
   uint4* xs = as + r * npm;
   float* parts = reinterpret_cast<float*>(xs + m * npm);  // [C][m][r] (block 0's)
   float* stg = parts + C * m * r;                         // the staged gate (block 0)
+  // int8 A: the slice's codes in `as` as 8-byte pieces, its scales (pairs
+  // of groups from the even group g0e) after the staged gate.
+  uint2* as8 = reinterpret_cast<uint2*>(as);
+  const int g0e = (k0 >> 6) & ~1, nsp = ClusterScaleStride(kchunk);
+  __half* ss = reinterpret_cast<__half*>(
+      dsm + (ClusterSmemBase(m, r, kchunk, ecg::StagedFloats(m, r, h, g.gated)) + 15) / 16 * 16);
   auto sa = [](const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); };
   auto cp16 = [](unsigned dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
@@ -310,9 +364,26 @@ __global__ void __launch_bounds__(256, 1)
   // its shared memory: arrive now, wait just before the first remote store.
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   // What does not depend on x: A's slice, and (block 0) the MLP's weights.
-  for (int i = tid; i < r * np; i += kT) {
-    const int q = i / np, c = i - q * np;
-    cp16(sa(as + q * npm + c), a + static_cast<long long>(q) * k + k0 + c * 8);
+  if (A.c == nullptr) {
+    for (int i = tid; i < r * np; i += kT) {
+      const int q = i / np, c = i - q * np;
+      cp16(sa(as + q * npm + c), A.h + static_cast<long long>(q) * k + k0 + c * 8);
+    }
+  } else {
+    auto cp8 = [](unsigned dst, const void* src) {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
+    };
+    for (int i = tid; i < r * np; i += kT) {
+      const int q = i / np, c = i - q * np;
+      cp8(sa(as8 + q * npm + c), A.c + static_cast<long long>(q) * k + k0 + c * 8);
+    }
+    // the scale pairs of the groups this block's pieces touch
+    const int ge = np > 0 ? ((k0 + 8 * np - 1) >> 6) : g0e;
+    const int npairs = (ge - g0e) / 2 + 1;
+    for (int i = tid; i < r * npairs; i += kT) {
+      const int q = i / npairs, j = i - q * npairs;
+      cp4(sa(ss + q * nsp + 2 * j), A.s + static_cast<long long>(q) * A.ng + g0e + 2 * j);
+    }
   }
   const ecg::Staged st = ecg::StagedAt(stg, m, r, h);
   if (b == 0 && g.gated) {
@@ -360,7 +431,9 @@ __global__ void __launch_bounds__(256, 1)
   for (int q = warp; q < r; q += kNW) {
     float acc[kClusterMaxM] = {0.f};
     for (int c = lane; c < np; c += 32) {
-      const uint4 av = as[q * npm + c];
+      const uint4 av = A.c == nullptr
+                           ? as[q * npm + c]
+                           : A8Halves(as8[q * npm + c], ss[q * nsp + ((k0 + 8 * c) >> 6) - g0e]);
 #pragma unroll
       for (int t = 0; t < kClusterMaxM; ++t) {
         if (t < m) acc[t] += Dot8(av, xs[t * npm + c]);
@@ -448,13 +521,9 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 }  // namespace
 
 namespace {
-// The one-cluster form's k slice per block and shared memory per block.
+// The one-cluster form's k slice per block.
 int ClusterKChunk(int64_t k) {
   return static_cast<int>((k + kClusterBlocks - 1) / kClusterBlocks + 7) / 8 * 8;
-}
-size_t ClusterSmem(int64_t m, int64_t r, int kc, int64_t staged_floats) {
-  return static_cast<size_t>(r + m) * (kc / 8) * 16 +
-         (static_cast<size_t>(kClusterBlocks) * m * r + static_cast<size_t>(staged_floats)) * 4;
 }
 }  // namespace
 
@@ -465,7 +534,7 @@ bool EcPrologueIsCluster(const W4DeviceWeight::Impl& w, int64_t m, int flags, bo
   if (!pdl_launch || flags != 0 || m < 1 || m > kClusterMaxM || w.k % 8 != 0) return false;
   const int64_t par = ecg::StagedFloats(static_cast<int>(m), static_cast<int>(w.r),
                                         static_cast<int>(w.h), w.gated);
-  return ClusterSmem(m, w.r, ClusterKChunk(w.k), par) <= 160 * 1024;
+  return ClusterSmem(m, w.r, ClusterKChunk(w.k), par, w.ec_a8 != nullptr) <= 160 * 1024;
 }
 
 namespace {
@@ -504,7 +573,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                       sizeof(float);
   const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   const auto* xh = reinterpret_cast<const __half*>(x);
-  const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
+  const EcAArgs ah = EcAOf(w);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
   // v47: one cluster (EcPrologueClusterKernel) where EcPrologueIsCluster
   // says so and x's rows are 16-byte pieces (or x = RMSNorm(h), v49).
@@ -512,7 +581,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                   (ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0))) {
     constexpr int C = kClusterBlocks;
     const int kc = ClusterKChunk(w.k);
-    const size_t csmem = ClusterSmem(m, r, kc, par);
+    const size_t csmem = ClusterSmem(m, r, kc, par, w.ec_a8 != nullptr);
     // Once per device (ConfigureOnce: thread-safe).
     SPEAR_CUDA_RETURN_IF_ERROR(
         ConfigureOnce(reinterpret_cast<const void*>(EcPrologueClusterKernel), [] {
@@ -580,6 +649,26 @@ __global__ void EcUnpackBKernel(EcTileArgs b, int n, int r, __half* out) {
   out[idx] = __float2half_rn(EcBValue(b, c, q));
 }
 }  // namespace
+
+namespace {
+// out[q][j] = A[q][j] as fp16 (the prologue's values), one thread each.
+__global__ void EcUnpackAKernel(EcAArgs a, int r, int k, __half* out) {
+  const long long idx = blockIdx.x * 256LL + threadIdx.x;
+  if (idx >= static_cast<long long>(r) * k) return;
+  out[idx] = __float2half_rn(AElem(a, static_cast<int>(idx / k), k, static_cast<int>(idx % k)));
+}
+}  // namespace
+
+absl::Status LaunchEcUnpackA(const W4DeviceWeight::Impl& w, uint16_t* out, cudaStream_t stream) {
+  if (w.r == 0 || w.ec_a8 == nullptr || out == nullptr) {
+    return absl::InvalidArgumentError("LaunchEcUnpackA: no int8 A");
+  }
+  const long long total = w.r * w.k;
+  EcUnpackAKernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+      EcAOf(w), static_cast<int>(w.r), static_cast<int>(w.k), reinterpret_cast<__half*>(out));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
 
 absl::Status LaunchEcUnpackB(const W4DeviceWeight::Impl& w, uint16_t* out, cudaStream_t stream) {
   if (w.r == 0 || out == nullptr) return absl::InvalidArgumentError("LaunchEcUnpackB: no EC");

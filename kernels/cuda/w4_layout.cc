@@ -34,31 +34,52 @@ std::vector<uint16_t> ToHalf(const std::vector<float>& v) {
   return h;
 }
 
-// B in the tile layout: int8 records where the EC is an int8 one and its
-// codes give B's values exactly (a merged EC's B is encoded again here: that
-// holds where each module's columns start on a 64-column group, as in every
-// Llama shape; else, and for fp16 ECs, fp16 records). `given` is the EC as
-// passed (compact or not), `ec` its float form.
-absl::StatusOr<EcTileLayout> BLayout(const EcWeights& given, const EcWeights& ec) {
-  if (given.factors == EcFactors::kI8) {
-    EcI8Factors enc;
-    const EcI8Factors* f = &given.i8;
-    if (!given.compact_i8()) {
-      f = EncodeEcFactorsI8(ec, &enc).ok() ? &enc : nullptr;
-    }
-    if (f != nullptr) {
-      auto l = BuildEcTileLayoutI8(f->b.data(), f->b_scales.data(), ec.n, ec.rank);
-      if (!l.ok()) return l.status();
-      bool exact = true;
-      for (int64_t c = 0; c < ec.n && exact; ++c) {
-        for (int64_t q = 0; q < ec.rank && exact; ++q) {
-          exact = l->Value(c, q) == ec.b[static_cast<size_t>(c * ec.rank + q)];
-        }
+// The int8 factors of an int8 EC: its own (compact), or its values encoded
+// again (a merged EC: rows of A stacked, B block-diagonal); null for fp16.
+// `given` is the EC as passed, `ec` its float form.
+const EcI8Factors* I8Factors(const EcWeights& given, const EcWeights& ec, EcI8Factors* enc) {
+  if (given.factors != EcFactors::kI8) return nullptr;
+  if (given.compact_i8()) return &given.i8;
+  return EncodeEcFactorsI8(ec, enc).ok() ? enc : nullptr;
+}
+
+// B in the tile layout: int8 records where the codes give B's values
+// exactly (for a merged EC that holds where each module's columns start on
+// a 64-column group, as in every Llama shape), else fp16 records.
+absl::StatusOr<EcTileLayout> BLayout(const EcI8Factors* f, const EcWeights& ec) {
+  if (f != nullptr) {
+    auto l = BuildEcTileLayoutI8(f->b.data(), f->b_scales.data(), ec.n, ec.rank);
+    if (!l.ok()) return l.status();
+    bool exact = true;
+    for (int64_t c = 0; c < ec.n && exact; ++c) {
+      for (int64_t q = 0; q < ec.rank && exact; ++q) {
+        exact = l->Value(c, q) == ec.b[static_cast<size_t>(c * ec.rank + q)];
       }
-      if (exact) return l;
     }
+    if (exact) return l;
   }
   return BuildEcTileLayoutF16(ec.b.data(), ec.n, ec.rank);
+}
+
+// A's int8 codes where they give its values exactly and k % 8 == 0 (the
+// prologue reads 8-code pieces), with the scales' rows padded to an even
+// count (*ng); false: A goes fp16.
+bool AInt8(const EcI8Factors* f, const EcWeights& ec, std::vector<uint16_t>* scales, int64_t* ng) {
+  if (f == nullptr || ec.k % 8 != 0) return false;
+  const int64_t g = EcI8Groups(ec.k), gp = RoundUp(g, 2);
+  for (int64_t q = 0; q < ec.rank; ++q) {
+    for (int64_t j = 0; j < ec.k; ++j) {
+      const float v = static_cast<float>(f->a[static_cast<size_t>(q * ec.k + j)]) *
+                      HalfToFloat(f->a_scales[static_cast<size_t>(q * g + j / kEcI8Group)]);
+      if (v != ec.a[static_cast<size_t>(q * ec.k + j)]) return false;
+    }
+  }
+  scales->assign(static_cast<size_t>(ec.rank * gp), 0);
+  for (int64_t q = 0; q < ec.rank; ++q) {
+    for (int64_t j = 0; j < g; ++j) (*scales)[q * gp + j] = f->a_scales[q * g + j];
+  }
+  *ng = gp;
+  return true;
 }
 
 void SetTileArgs(const EcTileLayout& l, W4DeviceWeight::Impl* d) {
@@ -107,6 +128,7 @@ W4DeviceWeight::~W4DeviceWeight() {
   Impl& d = *impl_;
   for (void* p : {static_cast<void*>(d.qw), static_cast<void*>(d.sz),
                   static_cast<void*>(d.act_scale), static_cast<void*>(d.ec_a),
+                  static_cast<void*>(d.ec_a8), static_cast<void*>(d.ec_ascales),
                   static_cast<void*>(d.ec_rec), static_cast<void*>(d.ec_bscales),
                   static_cast<void*>(d.w1), static_cast<void*>(d.b1), static_cast<void*>(d.w2),
                   static_cast<void*>(d.b2)}) {
@@ -218,10 +240,21 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Create(const W4W
     d.h = ec->gated ? ec->gate_hidden : 0;
     d.gated = ec->gated;
     out->rank_ = d.r;
-    const std::vector<uint16_t> a16 = ToHalf(ec->a);
-    auto lay = BLayout(*given, *ec);
+    EcI8Factors enc;
+    const EcI8Factors* f8 = I8Factors(*given, *ec, &enc);
+    auto lay = BLayout(f8, *ec);
     if (!lay.ok()) return lay.status();
-    if (absl::Status s = Upload(a16, &d.ec_a); !s.ok()) return s;
+    std::vector<uint16_t> ascales;
+    size_t a_bytes = 0;
+    if (AInt8(f8, *ec, &ascales, &d.ec_ang)) {
+      if (absl::Status s = Upload(f8->a, &d.ec_a8); !s.ok()) return s;
+      if (absl::Status s = Upload(ascales, &d.ec_ascales); !s.ok()) return s;
+      a_bytes = f8->a.size() + ascales.size() * 2;
+    } else {
+      const std::vector<uint16_t> a16 = ToHalf(ec->a);
+      if (absl::Status s = Upload(a16, &d.ec_a); !s.ok()) return s;
+      a_bytes = a16.size() * 2;
+    }
     if (absl::Status s = Upload(lay->words, &d.ec_rec); !s.ok()) return s;
     if (absl::Status s = Upload(lay->scales, &d.ec_bscales); !s.ok()) return s;
     d.ec_rec_words = lay->words.size();
@@ -233,7 +266,7 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Create(const W4W
         if (absl::Status s = Upload(*src, dst); !s.ok()) return s;
       }
     }
-    out->ec_bytes_ = a16.size() * 2 + lay->bytes() +
+    out->ec_bytes_ = a_bytes + lay->bytes() +
                      4 * (ec->w1.size() + ec->b1.size() + ec->w2.size() + ec->b2.size());
   }
   return out;
@@ -256,6 +289,8 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Clone() const {
   o.sz = nullptr;
   o.act_scale = nullptr;
   o.ec_a = nullptr;
+  o.ec_a8 = nullptr;
+  o.ec_ascales = nullptr;
   o.ec_rec = nullptr;
   o.ec_bscales = nullptr;
   o.w1 = o.b1 = o.w2 = o.b2 = nullptr;
@@ -269,6 +304,8 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Clone() const {
        {copy(d.qw, &o.qw, qw_bytes_), copy(d.sz, &o.sz, sz_bytes_),
         copy(d.act_scale, &o.act_scale, static_cast<size_t>(d.k) * 4),
         copy(d.ec_a, &o.ec_a, static_cast<size_t>(d.r * d.k) * 2),
+        copy(d.ec_a8, &o.ec_a8, static_cast<size_t>(d.r * d.k)),
+        copy(d.ec_ascales, &o.ec_ascales, static_cast<size_t>(d.r * d.ec_ang) * 2),
         copy(d.ec_rec, &o.ec_rec, d.ec_rec_words * 4),
         copy(d.ec_bscales, &o.ec_bscales, d.ec_bscale_count * 2),
         copy(d.w1, &o.w1, static_cast<size_t>(d.h * d.r) * 4),
@@ -292,7 +329,7 @@ W4Workspace::~W4Workspace() {
                   static_cast<void*>(d.ec_counter), static_cast<void*>(d.u),
                   static_cast<void*>(d.v), static_cast<void*>(d.xs), static_cast<void*>(d.wh),
                   static_cast<void*>(d.pxs), static_cast<void*>(d.pu),
-                  static_cast<void*>(d.pv), static_cast<void*>(d.eb)}) {
+                  static_cast<void*>(d.pv), static_cast<void*>(d.eb), static_cast<void*>(d.ea)}) {
     if (p != nullptr) cudaFree(p);
   }
   if (d.cublas != nullptr) blas::Destroy(d.cublas);
@@ -363,6 +400,11 @@ absl::Status W4Workspace::Reserve(const W4DeviceWeight& w, int64_t m) {
   if (d.r > 0 && m > 0) {
     if (absl::Status st = Grow(&s.eb, &s.eb_elems, static_cast<size_t>(d.n * d.r)); !st.ok()) {
       return st;
+    }
+    if (d.ec_a8 != nullptr) {
+      if (absl::Status st = Grow(&s.ea, &s.ea_elems, static_cast<size_t>(d.r * d.k)); !st.ok()) {
+        return st;
+      }
     }
   }
   size_t have_u = s.pu_elems;

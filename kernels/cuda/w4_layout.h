@@ -31,6 +31,8 @@
 //      it into the workspace per call (LaunchEcUnpackB).
 #pragma once
 
+#include <cuda_fp16.h>
+
 #include <cstddef>
 #include <cstdint>
 
@@ -62,6 +64,16 @@ struct EcTileArgs {
   int max_steps = 0;  // k8 steps of the widest tile
 };
 
+// The prologue's view of the EC's A (device pointers): fp16 [r][k] (h), or,
+// for an int8 EC, its codes [r][k] (c) with fp16 scales [r][ng], one per 64
+// values along k (ng even: 4-byte pairs); exactly one of h and c is set.
+struct EcAArgs {
+  const __half* h = nullptr;
+  const int8_t* c = nullptr;
+  const __half* s = nullptr;
+  int ng = 0;
+};
+
 struct W4DeviceWeight::Impl {
   int64_t n = 0, k = 0, group = 0, ngroups = 0, kp = 0, ksteps = 0, nks = 0, ntiles = 0;
   uint32_t* qw = nullptr;
@@ -70,7 +82,10 @@ struct W4DeviceWeight::Impl {
   // EC (rank == 0: none)
   int64_t r = 0, rp = 0, h = 0;
   bool gated = false;
-  uint16_t* ec_a = nullptr;      // fp16 [r][k]
+  uint16_t* ec_a = nullptr;      // fp16 [r][k] (null for int8 A)
+  int8_t* ec_a8 = nullptr;       // int8 EC (k % 8 == 0): A's codes [r][k]
+  uint16_t* ec_ascales = nullptr;  // their fp16 scales [r][ec_ang]
+  int64_t ec_ang = 0;
   uint32_t* ec_rec = nullptr;    // B's records (see above)
   uint16_t* ec_bscales = nullptr;  // int8 records: fp16 [ntiles][rs]
   size_t ec_rec_words = 0, ec_bscale_count = 0;
@@ -91,6 +106,8 @@ struct W4Workspace::Impl {
   float* u = nullptr;         // fp32 [kEcMaxKParts][64][kMaxRank] (decode EC: partial u)
   uint16_t* eb = nullptr;     // fp16 [n][r]: an EC's B unpacked (prefill / naive paths)
   size_t eb_elems = 0;
+  uint16_t* ea = nullptr;     // fp16 [r][k]: an int8 EC's A unpacked (prefill path)
+  size_t ea_elems = 0;
   uint16_t* v = nullptr;      // fp16 [64][kMaxRank] (decode EC: g ⊙ u, A operand)
   uint16_t* xs = nullptr;     // fp16 [64][kxs] (decode: x / act_scale, padded)
   int64_t xs_elems = 0;
@@ -192,6 +209,17 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
 // Whether LaunchEcPrologue takes the one-cluster form (v47) for these
 // arguments, given x 16-byte aligned with ldx % 8 == 0 (or norm set).
 bool EcPrologueIsCluster(const W4DeviceWeight::Impl& w, int64_t m, int flags, bool pdl_launch);
+inline EcAArgs EcAOf(const W4DeviceWeight::Impl& w) {
+  EcAArgs a;
+  a.h = reinterpret_cast<const __half*>(w.ec_a);
+  a.c = w.ec_a8;
+  a.s = reinterpret_cast<const __half*>(w.ec_ascales);
+  a.ng = static_cast<int>(w.ec_ang);
+  return a;
+}
+// out = the EC's A as dense fp16 [r][k] (int8 A only), for the prefill
+// path's U = x A^T (out: the workspace's ea).
+absl::Status LaunchEcUnpackA(const W4DeviceWeight::Impl& w, uint16_t* out, cudaStream_t stream);
 // out = the EC's B as dense fp16 [n][r] (the epilogues' values), for the
 // prefill path's y += V B^T (out: the workspace's eb).
 absl::Status LaunchEcUnpackB(const W4DeviceWeight::Impl& w, uint16_t* out, cudaStream_t stream);

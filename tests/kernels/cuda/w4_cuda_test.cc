@@ -219,6 +219,8 @@ void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
     // B as int8 records where its codes reproduce it (forms 1-3), else fp16.
     const cuda::EcTileArgs& eb = (*dw)->impl().ecb;
     EXPECT_EQ(eb.scales != nullptr, c.ec_form >= 1 && c.ec_form <= 3);
+    // A's codes wherever the EC is int8 and k % 8 == 0
+    EXPECT_EQ((*dw)->impl().ec_a8 != nullptr, c.ec_form >= 1 && c.k % 8 == 0);
     if (c.ec_form == 3 && c.n >= 192 && c.ec_rank >= 6) {
       EXPECT_EQ(eb.nseg, 3);
     }
@@ -1441,11 +1443,13 @@ TEST(CudaW4, FoldEcShapesMatchReference) {
 // shared memory and from global memory (flag 128), 4 / 8 warps, k splits;
 // the swapped kernels (1, 2 = v7 / v8 forms); the x-as-m16 kernel (3, and
 // 17 / 33 / 64 / 65 rows); the small token tiles and prefill paths, which
-// unpack B), in the four forms of MakeEcForm, odd and large ranks, a ragged
+// unpack A and B), A's codes in every prologue form (one cluster at one row,
+// v27's, v12's (1), v27's at one row (16), the scalar path of x rows off 16
+// bytes), in the four forms of MakeEcForm, odd and large ranks, a ragged
 // last tile (n = 1000, 200); form 4 (module boundaries off the 64-column
 // groups) must fall back to fp16 records and stay right. The device copy's
-// EC bytes are checked against the layout's: A fp16, B one byte per (column,
-// rank) + scales, the gate fp32.
+// EC bytes are checked: A and B one byte per value + fp16 scales, the gate
+// fp32.
 TEST(CudaW4, Int8EcMatchesReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 46);
@@ -1455,7 +1459,8 @@ TEST(CudaW4, Int8EcMatchesReference) {
     int64_t n, k, g, r;
   };
   const Shape shapes[] = {{576, 576, 64, 6},   {1000, 1000, 1000, 7}, {200, 384, 32, 4},
-                          {4096, 4096, 128, 8}, {1536, 2048, 128, 33}, {640, 4096, 4096, 100}};
+                          {4096, 4096, 128, 8}, {1536, 2048, 128, 33}, {640, 4096, 4096, 100},
+                          {72, 1001, 1001, 5}};  // k % 8 != 0: A served as fp16
   const int64_t ms[] = {1, 3, 8, 12, 16, 17, 33, 65, 130};
   const int dks[] = {0, 4, 5, 5 | 128, 1, 2, 3};
   int v = 0;
@@ -1468,6 +1473,10 @@ TEST(CudaW4, Int8EcMatchesReference) {
       c.bias = v % 3 == 0;
       c.f16_out = v % 5 == 2;
       c.accumulate = v % 4 == 1;
+      // the prologue's forms: v12's (1), v27's at one row (16); x rows off
+      // 16 bytes (ldx = k + 3: its scalar path)
+      c.ec_prologue = v % 6 == 5 ? 1 : (v % 6 == 4 && m == 1) ? 16 : 0;
+      c.ldx_pad = v % 7 == 6 ? 3 : 0;
       if (m == 130) {
         c.force_prefill = true;
       } else if (m == 17 || m == 33) {
@@ -1491,7 +1500,10 @@ TEST(CudaW4, Int8EcMatchesReference) {
   auto lay = BuildEcTileLayoutI8(ec.i8.b.data(), ec.i8.b_scales.data(), 4096, 8);
   ASSERT_TRUE(lay.ok()) << lay.status();
   EXPECT_EQ(lay->bytes(), size_t{4096 * 8 + 64 * 8 * 2});
-  EXPECT_EQ((*dw)->ec_bytes(), size_t{8 * 4096 * 2} + lay->bytes() + 4 * (16 * 8 * 2 + 16 + 8));
+  // A: codes + one fp16 scale per 64 (64 groups a row); the gate fp32
+  EXPECT_EQ((*dw)->ec_bytes(),
+            size_t{8 * 4096 + 8 * 64 * 2} + lay->bytes() + 4 * (16 * 8 * 2 + 16 + 8));
+  EXPECT_NE((*dw)->impl().ec_a8, nullptr);
 }
 
 // v36: the tuners' input fill: N(0, 1) in distribution (mean, variance,
