@@ -278,9 +278,10 @@ TEST(CudaModelRunner, TinyCompactInt8EcsMatchCpu) {
   });
   ASSERT_GT(compact, 0);
   {
-    // The device copies keep B's int8 codes where the merged B's 64-column
-    // groups are its modules' own (q / k / v: 384 / 128 / 128 columns; o,
-    // down), fp16 where a boundary falls inside a group (gate / up: 328).
+    // The device copies keep A's int8 codes, and B's where the merged B's
+    // 64-column groups are its modules' own (q / k / v: 384 / 128 / 128
+    // columns; o, down), fp16 where a boundary falls inside a group (gate /
+    // up: 328).
     auto g = CudaModelRunner::Create(m.get(), CudaRunnerOptions{});
     ASSERT_TRUE(g.ok()) << g.status();
     const auto& L = (*g)->weights().layers()[0];
@@ -289,6 +290,7 @@ TEST(CudaModelRunner, TinyCompactInt8EcsMatchCpu) {
         if (!piece.w->has_ec()) continue;
         EXPECT_EQ(piece.w->impl().ecb.scales != nullptr, lin != &L.gate_up)
             << "n " << piece.w->fmt().n;
+        EXPECT_NE(piece.w->impl().ec_a8, nullptr) << "A's codes, n " << piece.w->fmt().n;
       }
     }
   }
