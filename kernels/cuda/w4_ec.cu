@@ -378,8 +378,7 @@ __global__ void __launch_bounds__(256, 1)
       cp8(sa(as8 + q * npm + c), A.c + static_cast<long long>(q) * k + k0 + c * 8);
     }
     // the scale pairs of the groups this block's pieces touch
-    const int ge = np > 0 ? ((k0 + 8 * np - 1) >> 6) : g0e;
-    const int npairs = (ge - g0e) / 2 + 1;
+    const int npairs = np > 0 ? (((k0 + 8 * np - 1) >> 6) - g0e) / 2 + 1 : 0;
     for (int i = tid; i < r * npairs; i += kT) {
       const int q = i / npairs, j = i - q * npairs;
       cp4(sa(ss + q * nsp + 2 * j), A.s + static_cast<long long>(q) * A.ng + g0e + 2 * j);
