@@ -95,16 +95,18 @@ __device__ __forceinline__ uint4 A8Halves(uint2 codes, __half s) {
   }
   return make_uint4(o[0], o[1], o[2], o[3]);
 }
+template <bool A8>
 __device__ __forceinline__ uint4 APiece(const EcAArgs& A, int row, int k, int c) {
-  if (A.c == nullptr) {
+  if constexpr (!A8) {
     return reinterpret_cast<const uint4*>(A.h + static_cast<long long>(row) * k)[c];
   }
   const uint2 codes = *reinterpret_cast<const uint2*>(A.c + static_cast<long long>(row) * k + 8 * c);
   return A8Halves(codes, A.s[static_cast<long long>(row) * A.ng + ((8 * c) >> 6)]);
 }
 // One element of A as a float (the scalar path).
+template <bool A8>
 __device__ __forceinline__ float AElem(const EcAArgs& A, int row, int k, int j) {
-  if (A.c == nullptr) return __half2float(A.h[static_cast<long long>(row) * k + j]);
+  if constexpr (!A8) return __half2float(A.h[static_cast<long long>(row) * k + j]);
   const float v = static_cast<float>(A.c[static_cast<long long>(row) * k + j]) *
                   __half2float(A.s[static_cast<long long>(row) * A.ng + (j >> 6)]);
   return __half2float(__float2half_rn(v));
@@ -134,6 +136,7 @@ constexpr int kGateStageFloats = 10240;
 // kernel blocks on an SM and the decode step got slower (2026-12-03, call 1).
 // (128-thread blocks, 8 K registers, were slower: the u phase takes two
 // passes per range; docs/results/gpu.md, "v27-v29".)
+template <bool A8>  // A as int8 codes + scales (else fp16)
 __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restrict__ x, int m,
                                                         long long ldx, int k, int kchunk,
                                                         const EcAArgs A, float* upart,
@@ -151,7 +154,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   const bool pre = stage == kStageGroups && vec;
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
-    if (c < ce) apre = APiece(A, q, k, c);
+    if (c < ce) apre = APiece<A8>(A, q, k, c);
     if (q == 0 && part == 0 && g.gated) {
       const int wl = (g.h * g.r * 4 + 127) / 128;  // 128-byte lines of W1 (and of W2)
       for (int i = threadIdx.x; i < 2 * wl + 2; i += kT) {
@@ -188,7 +191,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
       // registers for nothing at ranges of 2048, one pass; same sums in the
       // same order).
       for (int c = cb + static_cast<int>(threadIdx.x); c < ce; c += kT) {
-        const uint4 av = pre && c - cb < kT ? apre : APiece(A, q, k, c);
+        const uint4 av = pre && c - cb < kT ? apre : APiece<A8>(A, q, k, c);
         uint4 xv[4];
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
@@ -208,7 +211,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
       }
     } else {
       for (int c = k0 + threadIdx.x; c < k1; c += kT) {
-        const float av = AElem(A, q, k, c);
+        const float av = AElem<A8>(A, q, k, c);
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
           if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
@@ -307,17 +310,21 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
 constexpr int kClusterBlocks = 8;
 constexpr int kClusterMaxM = 1;  // v47 call 4: at m = 2 the v27 form was faster
 
-// Shared memory per block of the one-cluster form: A's and x's slices, the
-// partial sums, the staged gate; with int8 A (a8) + its scales, r rows of
+// Shared memory per block of the one-cluster form: A's slice (16 bytes a
+// piece of 8 values, 8 for int8 codes), x's slice, the partial sums, the
+// staged gate; with int8 A (a8) then its scales, r rows of
 // ClusterScaleStride halves (16-byte aligned).
 __host__ __device__ inline int ClusterScaleStride(int kc) { return (kc / 64 + 4 + 1) & ~1; }
+__host__ __device__ inline size_t ClusterABytes(int64_t r, int kc, bool a8) {
+  return (static_cast<size_t>(r) * (kc / 8) * (a8 ? 8 : 16) + 15) / 16 * 16;
+}
 __host__ __device__ inline size_t ClusterSmemBase(int64_t m, int64_t r, int kc,
-                                                  int64_t staged_floats) {
-  return static_cast<size_t>(r + m) * (kc / 8) * 16 +
+                                                  int64_t staged_floats, bool a8) {
+  return ClusterABytes(r, kc, a8) + static_cast<size_t>(m) * (kc / 8) * 16 +
          (static_cast<size_t>(kClusterBlocks) * m * r + static_cast<size_t>(staged_floats)) * 4;
 }
 inline size_t ClusterSmem(int64_t m, int64_t r, int kc, int64_t staged_floats, bool a8) {
-  const size_t base = ClusterSmemBase(m, r, kc, staged_floats);
+  const size_t base = ClusterSmemBase(m, r, kc, staged_floats, a8);
   return a8 ? (base + 15) / 16 * 16 + static_cast<size_t>(r) * ClusterScaleStride(kc) * 2 : base;
 }
 
@@ -333,6 +340,7 @@ __device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
   return s;
 }
 
+template <bool A8>  // A as int8 codes + scales (else fp16)
 __global__ void __launch_bounds__(256, 1)
     EcPrologueClusterKernel(const __half* __restrict__ x, int m, long long ldx, int k, int kchunk,
                             const EcAArgs A, GateArgs g, RowNorm norm, RowSwiglu sw) {
@@ -344,7 +352,7 @@ __global__ void __launch_bounds__(256, 1)
   const int np = max(0, min(k, k0 + kchunk) - k0) / 8;  // this block's 16-byte pieces per row
   const int npm = kchunk / 8;
   uint4* as = reinterpret_cast<uint4*>(dsm);
-  uint4* xs = as + r * npm;
+  uint4* xs = reinterpret_cast<uint4*>(dsm + ClusterABytes(r, kchunk, A8));
   float* parts = reinterpret_cast<float*>(xs + m * npm);  // [C][m][r] (block 0's)
   float* stg = parts + C * m * r;                         // the staged gate (block 0)
   // int8 A: the slice's codes in `as` as 8-byte pieces, its scales (pairs
@@ -352,7 +360,8 @@ __global__ void __launch_bounds__(256, 1)
   uint2* as8 = reinterpret_cast<uint2*>(as);
   const int g0e = (k0 >> 6) & ~1, nsp = ClusterScaleStride(kchunk);
   __half* ss = reinterpret_cast<__half*>(
-      dsm + (ClusterSmemBase(m, r, kchunk, ecg::StagedFloats(m, r, h, g.gated)) + 15) / 16 * 16);
+      dsm + (ClusterSmemBase(m, r, kchunk, ecg::StagedFloats(m, r, h, g.gated), A8) + 15) / 16 *
+                16);
   auto sa = [](const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); };
   auto cp16 = [](unsigned dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
@@ -364,7 +373,7 @@ __global__ void __launch_bounds__(256, 1)
   // its shared memory: arrive now, wait just before the first remote store.
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   // What does not depend on x: A's slice, and (block 0) the MLP's weights.
-  if (A.c == nullptr) {
+  if constexpr (!A8) {
     for (int i = tid; i < r * np; i += kT) {
       const int q = i / np, c = i - q * np;
       cp16(sa(as + q * npm + c), A.h + static_cast<long long>(q) * k + k0 + c * 8);
@@ -430,9 +439,12 @@ __global__ void __launch_bounds__(256, 1)
   for (int q = warp; q < r; q += kNW) {
     float acc[kClusterMaxM] = {0.f};
     for (int c = lane; c < np; c += 32) {
-      const uint4 av = A.c == nullptr
-                           ? as[q * npm + c]
-                           : A8Halves(as8[q * npm + c], ss[q * nsp + ((k0 + 8 * c) >> 6) - g0e]);
+      uint4 av;
+      if constexpr (A8) {
+        av = A8Halves(as8[q * npm + c], ss[q * nsp + ((k0 + 8 * c) >> 6) - g0e]);
+      } else {
+        av = as[q * npm + c];
+      }
 #pragma unroll
       for (int t = 0; t < kClusterMaxM; ++t) {
         if (t < m) acc[t] += Dot8(av, xs[t * npm + c]);
@@ -581,32 +593,34 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
     constexpr int C = kClusterBlocks;
     const int kc = ClusterKChunk(w.k);
     const size_t csmem = ClusterSmem(m, r, kc, par, w.ec_a8 != nullptr);
-    // Once per device (ConfigureOnce: thread-safe).
-    SPEAR_CUDA_RETURN_IF_ERROR(
-        ConfigureOnce(reinterpret_cast<const void*>(EcPrologueClusterKernel), [] {
-          return cudaFuncSetAttribute(EcPrologueClusterKernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
-        }));
-    SPEAR_CUDA_RETURN_IF_ERROR(LaunchCluster(
-        EcPrologueClusterKernel, dim3(C), dim3(256), csmem, stream, C, 1,
-        ProgrammaticLaunchEnabled(), xh, static_cast<int>(m), static_cast<long long>(ldx),
-        static_cast<int>(w.k), kc, ah, g, norm != nullptr ? *norm : RowNorm{},
-        swiglu != nullptr ? *swiglu : RowSwiglu{}));
-    return absl::OkStatus();
+    auto go = [&](auto kernel) -> absl::Status {
+      // Once per device and form (ConfigureOnce: thread-safe).
+      SPEAR_CUDA_RETURN_IF_ERROR(ConfigureOnce(reinterpret_cast<const void*>(kernel), [&] {
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    160 * 1024);
+      }));
+      SPEAR_CUDA_RETURN_IF_ERROR(LaunchCluster(
+          kernel, dim3(C), dim3(256), csmem, stream, C, 1, ProgrammaticLaunchEnabled(), xh,
+          static_cast<int>(m), static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g,
+          norm != nullptr ? *norm : RowNorm{}, swiglu != nullptr ? *swiglu : RowSwiglu{}));
+      return absl::OkStatus();
+    };
+    return w.ec_a8 != nullptr ? go(EcPrologueClusterKernel<true>)
+                              : go(EcPrologueClusterKernel<false>);
   }
   // measurement only (the output is then wrong): flag 64 the launch alone,
   // 128 u's partials without the ticket and the gate.
   if ((flags & 64) != 0) stage = kStageLaunchOnly;
   if ((flags & 128) != 0) stage = kStageUOnly;
   cudaError_t e;
+  auto kernel = w.ec_a8 != nullptr ? EcPrologueKernel<true> : EcPrologueKernel<false>;
   if (pdl_launch) {
-    e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
+    e = LaunchPdl(kernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
                   static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,
                   ws.ec_counter, g, stage);
   } else {
-    EcPrologueKernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx,
-                                                  static_cast<int>(w.k), kchunk, ah, ws.u,
-                                                  ws.ec_counter, g, stage);
+    kernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx, static_cast<int>(w.k),
+                                        kchunk, ah, ws.u, ws.ec_counter, g, stage);
     e = cudaGetLastError();
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);
@@ -654,7 +668,7 @@ namespace {
 __global__ void EcUnpackAKernel(EcAArgs a, int r, int k, __half* out) {
   const long long idx = blockIdx.x * 256LL + threadIdx.x;
   if (idx >= static_cast<long long>(r) * k) return;
-  out[idx] = __float2half_rn(AElem(a, static_cast<int>(idx / k), k, static_cast<int>(idx % k)));
+  out[idx] = __float2half_rn(AElem<true>(a, static_cast<int>(idx / k), k, static_cast<int>(idx % k)));
 }
 }  // namespace
 

@@ -14,6 +14,7 @@
 // Outputs are NaN-poisoned before every launch (unless accumulating), so an
 // unwritten element fails.
 #include <cuda_runtime.h>
+#include <algorithm>
 
 #include <cmath>
 #include <cstdio>
@@ -139,8 +140,27 @@ EcWeights RandomEc(int64_t n, int64_t k, int64_t r, int64_t h, bool gated, std::
 // EC's block-diagonal B (three modules on 64-column groups, each rounded to
 // the grid on its own, as the CUDA runner merges q / k / v), 4 the same with
 // the module boundaries off the 64-column groups (served as fp16 records).
+// Puts `len` values (`stride` apart) on an int8 grid of power-of-two
+// scales: each group of 64 holds codes in [-127, 127] times 2^e (e from the
+// line's largest value), its first value 127 x 2^e, so that the encoder
+// picks exactly 2^e. Then code x scale is exact in fp16 too, and the
+// device's fp16(code x scale) equals the reference's value, as RandomEc's
+// fp16-rounded factors do.
+void SnapPow2(float* x, int64_t len, int64_t stride) {
+  float mx = 0.f;
+  for (int64_t i = 0; i < len; ++i) mx = std::max(mx, std::fabs(x[i * stride]));
+  if (mx == 0.f) return;
+  const int e = std::max(-14, static_cast<int>(std::ceil(std::log2(mx / 127.f))));
+  const float s = std::ldexp(1.f, e);
+  for (int64_t i = 0; i < len; ++i) {
+    const float c = std::clamp(std::nearbyint(x[i * stride] / s), -127.f, 127.f);
+    x[i * stride] = (i % kEcI8Group == 0 ? 127.f : c) * s;
+  }
+}
+
 void MakeEcForm(int form, EcWeights* e) {
   const int64_t n = e->n, k = e->k, r = e->rank;
+  for (int64_t q = 0; q < r; ++q) SnapPow2(e->a.data() + q * k, k, 1);
   if (form == 3 || form == 4) {
     const int64_t unit = std::max<int64_t>(1, n / 192) * 64 + (form == 4 ? 8 : 0);
     const int64_t cb[4] = {0, std::min(n, unit), std::min(n, 2 * unit), n};
@@ -153,6 +173,7 @@ void MakeEcForm(int form, EcWeights* e) {
         }
       }
       if (ni == 0 || ri == 0) continue;
+      for (int64_t q = rb[i]; q < rb[i + 1]; ++q) SnapPow2(e->b.data() + cb[i] * r + q, ni, r);
       std::vector<float> bi(static_cast<size_t>(ni * ri));
       for (int64_t c = 0; c < ni; ++c) {
         for (int64_t q = 0; q < ri; ++q) bi[c * ri + q] = e->b[(cb[i] + c) * r + rb[i] + q];
@@ -165,6 +186,7 @@ void MakeEcForm(int form, EcWeights* e) {
     e->factors = EcFactors::kI8;
     return;
   }
+  for (int64_t q = 0; q < r; ++q) SnapPow2(e->b.data() + q, n, r);
   ASSERT_TRUE(RoundEcFactorsI8(e).ok());
   if (form == 2) {
     ASSERT_TRUE(CompactEcFactorsI8(e).ok());
@@ -1752,8 +1774,10 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
     const EcWeights ec = RandomEc(64, 128, 8, 4, true, erng);
     auto dwe = cuda::W4DeviceWeight::Create(w, &ec);
     ASSERT_TRUE(dwe.ok());
-    // Device memory: the decode layout's bytes plus the dense fp16 copy of B.
-    EXPECT_EQ((*dwe)->device_bytes(), (*dwe)->backbone_bytes() + (*dwe)->ec_bytes() + 64 * 8 * 2);
+    // Device memory: the decode layout's bytes, B once (its tile records:
+    // one tile, 4 rank pairs, fp16) + A fp16 + the gate fp32.
+    EXPECT_EQ((*dwe)->device_bytes(), (*dwe)->backbone_bytes() + (*dwe)->ec_bytes());
+    EXPECT_EQ((*dwe)->ec_bytes(), size_t{4 * 8 * 32 + 8 * 128 * 2 + 4 * (4 * 8 * 2 + 4 + 8)});
     EXPECT_EQ((*dw)->device_bytes(), (*dw)->backbone_bytes());
     p.gate_ld = 7;
     EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dwe, p, ws->get(), nullptr)));
