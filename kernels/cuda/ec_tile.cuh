@@ -125,35 +125,51 @@ __device__ __forceinline__ void MmaK8(float (&c)[4], uint32_t a0, uint32_t a1, u
       : "r"(a0), "r"(a1), "r"(b0));
 }
 
-// The swapped-operand kernels' step (columns as m16 rows, tokens as n8):
-// acc[nt][p] += B[16 p .. 16 p + 15][q, q + 1] v[8 nt + gid][q, q + 1].
+__device__ __forceinline__ void EcMma16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// k8 steps are taken two at a time, as one m16n8k16 step: step 2 h's
+// ranks are the k16 fragments' k 0..7, step 2 h + 1's k 8..15 (zeros past
+// the tile's steps). EcPairs: the tile's k16 steps.
+__device__ __forceinline__ int EcPairs(const EcTileSeg& s) { return (EcSteps(s) + 1) >> 1; }
+
+// The swapped-operand kernels' k16 step (columns as m16 rows, tokens as
+// n8): acc[nt][p] += B[16 p .. 16 p + 15][ranks of f0, f1] v[8 nt + gid][..].
 template <int NT>
-__device__ __forceinline__ void EcMmaSwapped(const DecodeArgs& a, bool on, int q, int gid,
-                                             const uint32_t (&af)[8], float (&acc)[NT][4][4]) {
+__device__ __forceinline__ void EcMmaSwapped(const DecodeArgs& a, bool on0, int q0, bool on1,
+                                             int q1, int gid, const uint32_t (&f0)[8],
+                                             const uint32_t (&f1)[8], float (&acc)[NT][4][4]) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int row = nt * 8 + gid;
-    const uint32_t vb =
-        on && row < a.m
-            ? *reinterpret_cast<const uint32_t*>(a.v + static_cast<long long>(row) * a.ldv + q)
-            : 0u;
+    const uint16_t* vr = a.v + static_cast<long long>(row) * a.ldv;
+    const uint32_t vb0 = on0 && row < a.m ? *reinterpret_cast<const uint32_t*>(vr + q0) : 0u;
+    const uint32_t vb1 = on1 && row < a.m ? *reinterpret_cast<const uint32_t*>(vr + q1) : 0u;
 #pragma unroll
-    for (int p = 0; p < 4; ++p) MmaK8(acc[nt][p], af[2 * p], af[2 * p + 1], vb);
+    for (int p = 0; p < 4; ++p) {
+      EcMma16(acc[nt][p], f0[2 * p], f0[2 * p + 1], f1[2 * p], f1[2 * p + 1], vb0, vb1);
+    }
   }
 }
 
-// The whole EC term of a tile in those kernels, its steps spread over the
-// warps w0, w0 + wstride, ... (records read from global memory).
+// The whole EC term of a tile in those kernels, its k16 steps spread over
+// the warps w0, w0 + wstride, ... (records read from global memory).
 template <int NT>
 __device__ __forceinline__ void EcTerm(const DecodeArgs& a, int tile, int w0, int wstride,
                                        int lane, float (&acc)[NT][4][4]) {
   const EcTileSeg s = EcSegOf(a.ec, tile);
 #pragma unroll 1
-  for (int e = w0; e < EcSteps(s); e += wstride) {
-    uint32_t af[8];
-    int q;
-    const bool on = EcLoadFrags(a.ec, s, tile, e, lane, af, &q);
-    EcMmaSwapped<NT>(a, on, q, lane >> 2, af, acc);
+  for (int h = w0; h < EcPairs(s); h += wstride) {
+    uint32_t f0[8], f1[8];
+    int q0, q1;
+    const bool on0 = EcLoadFrags(a.ec, s, tile, 2 * h, lane, f0, &q0);
+    const bool on1 = EcLoadFrags(a.ec, s, tile, 2 * h + 1, lane, f1, &q1);
+    EcMmaSwapped<NT>(a, on0, q0, on1, q1, lane >> 2, f0, f1, acc);
   }
 }
 

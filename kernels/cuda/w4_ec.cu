@@ -436,30 +436,56 @@ __global__ void __launch_bounds__(256, 1)
   __syncthreads();
   // (every block has started long before: this returns at once)
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-  for (int q = warp; q < r; q += kNW) {
-    float acc[kClusterMaxM] = {0.f};
+  // Four ranks per warp at a time (their loads, dot products and shuffle
+  // chains interleaved: the ranks' sums are serial otherwise, ~r / 8 chains
+  // of loads and 5 shuffles a warp); each rank's sum in the same order as
+  // one at a time (the same bits).
+  constexpr int QB = 4;
+  for (int q0 = warp * QB; q0 < r; q0 += kNW * QB) {
+    float acc[QB][kClusterMaxM] = {};
     for (int c = lane; c < np; c += 32) {
-      uint4 av;
-      if constexpr (A8) {
-        av = A8Halves(as8[q * npm + c], ss[q * nsp + ((k0 + 8 * c) >> 6) - g0e]);
-      } else {
-        av = as[q * npm + c];
-      }
 #pragma unroll
-      for (int t = 0; t < kClusterMaxM; ++t) {
-        if (t < m) acc[t] += Dot8(av, xs[t * npm + c]);
+      for (int j = 0; j < QB; ++j) {
+        const int q = q0 + j;
+        if (q >= r) break;
+        uint4 av;
+        if constexpr (A8) {
+          av = A8Halves(as8[q * npm + c], ss[q * nsp + ((k0 + 8 * c) >> 6) - g0e]);
+        } else {
+          av = as[q * npm + c];
+        }
+#pragma unroll
+        for (int t = 0; t < kClusterMaxM; ++t) {
+          if (t < m) acc[j][t] += Dot8(av, xs[t * npm + c]);
+        }
       }
     }
 #pragma unroll
-    for (int t = 0; t < kClusterMaxM; ++t) {
-      float v = acc[t];
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == 0 && t < m) {
-        unsigned remote;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n"
-                     : "=r"(remote)
-                     : "r"(sa(parts + (b * m + t) * r + q)));
-        asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v) : "memory");
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+      for (int j = 0; j < QB; ++j)
+#pragma unroll
+        for (int t = 0; t < kClusterMaxM; ++t)
+          acc[j][t] += __shfl_xor_sync(0xffffffffu, acc[j][t], off);
+    }
+    if (lane < QB && q0 + lane < r) {
+      // lane j stores rank q0 + j (the values are the same in every lane)
+      float v[kClusterMaxM];
+#pragma unroll
+      for (int t = 0; t < kClusterMaxM; ++t) {
+        v[t] = acc[0][t];
+#pragma unroll
+        for (int j = 1; j < QB; ++j) v[t] = lane == j ? acc[j][t] : v[t];
+      }
+#pragma unroll
+      for (int t = 0; t < kClusterMaxM; ++t) {
+        if (t < m) {
+          unsigned remote;
+          asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n"
+                       : "=r"(remote)
+                       : "r"(sa(parts + (b * m + t) * r + q0 + lane)));
+          asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v[t]) : "memory");
+        }
       }
     }
   }

@@ -346,21 +346,24 @@ __global__ void __launch_bounds__(NW * 32, 1) W4DecodeKernel(const DecodeArgs a)
       asm volatile("griddepcontrol.wait;\n" ::: "memory");
       const EcTileSeg es = EcSegOf(a.ec, tile);
 #pragma unroll 1
-      for (int e = 0; e < EcSteps(es); ++e) {
-        uint32_t bf[8];
-        int qr;
-        const bool on = EcLoadFrags(a.ec, es, tile, e, lane, bf, &qr);
-        uint32_t av[MT][2];
+      for (int h = 0; h < EcPairs(es); ++h) {  // k16 steps: k8 steps 2 h, 2 h + 1
+        uint32_t b0[8], b1[8];
+        int q0, q1;
+        const bool on0 = EcLoadFrags(a.ec, es, tile, 2 * h, lane, b0, &q0);
+        const bool on1 = EcLoadFrags(a.ec, es, tile, 2 * h + 1, lane, b1, &q1);
+        uint32_t av[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          const uint16_t* v0 = a.v + (mt * 16 + gid) * a.ldv + qr;
-          av[mt][0] = on ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
-          av[mt][1] = on ? *reinterpret_cast<const uint32_t*>(v0 + 8 * a.ldv) : 0u;
+          const uint16_t* v0 = a.v + (mt * 16 + gid) * a.ldv;
+          av[mt][0] = on0 ? *reinterpret_cast<const uint32_t*>(v0 + q0) : 0u;
+          av[mt][1] = on0 ? *reinterpret_cast<const uint32_t*>(v0 + 8 * a.ldv + q0) : 0u;
+          av[mt][2] = on1 ? *reinterpret_cast<const uint32_t*>(v0 + q1) : 0u;
+          av[mt][3] = on1 ? *reinterpret_cast<const uint32_t*>(v0 + 8 * a.ldv + q1) : 0u;
         }
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) MmaK8(acc[mt][j], av[mt][0], av[mt][1], bf[j]);
+          for (int mt = 0; mt < MT; ++mt) Mma(acc[mt][j], av[mt], b0[j], b1[j]);
       }
     }
     // 3. Store, or hand the partial to the tile's last block.

@@ -230,12 +230,14 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
     if (ecb_pf && j == it * nc) {
       const unsigned eb = ecb_s + (it & 1) * a.ec.max_steps * 1024;
       const EcTileSeg es = EcSegOf(a.ec, t);
-      for (int e = warp; e < EcSteps(es); e += kNW) {
-        const long long ri = EcRecIndex(a.ec, es, e, lane);
-        if (ri >= 0) {
-          const uint4* bp = reinterpret_cast<const uint4*>(a.ec.rec) + ri;
-          CpAsync16(eb + (e * 32 + lane) * 32, bp, true);
-          if (a.ec.scales == nullptr) CpAsync16(eb + (e * 32 + lane) * 32 + 16, bp + 1, true);
+      for (int e = 2 * warp; e < EcSteps(es); e += 2 * kNW) {  // k8 steps e, e + 1
+        for (int ee = e; ee < min(e + 2, EcSteps(es)); ++ee) {
+          const long long ri = EcRecIndex(a.ec, es, ee, lane);
+          if (ri >= 0) {
+            const uint4* bp = reinterpret_cast<const uint4*>(a.ec.rec) + ri;
+            CpAsync16(eb + (ee * 32 + lane) * 32, bp, true);
+            if (a.ec.scales == nullptr) CpAsync16(eb + (ee * 32 + lane) * 32 + 16, bp + 1, true);
+          }
         }
       }
     }
@@ -450,27 +452,29 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
     if (a.ec.rec != nullptr && q == 0 && tile < a.ntiles) {
       if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
       const EcTileSeg es = EcSegOf(a.ec, tile);
-  #pragma unroll 1
-      for (int e = wi; e < EcSteps(es); e += NWG) {
-        uint32_t af[8];
-        int qr;
-        bool on;
-        if (ecb_pf) {  // fetched with the tile's first chunk (complete: waited for then)
-          on = EcRecIndex(a.ec, es, e, lane) >= 0;
-          qr = EcRank(es, e, lane);
-          const uint4* bs = reinterpret_cast<const uint4*>(
-              smem + geo.ecb_off + (it & 1) * a.ec.max_steps * 1024 + (e * 32 + lane) * 32);
-          if (on) {
-            const uint4 r0 = bs[0];
-            EcFrags(a.ec, tile, qr, r0, a.ec.scales ? r0 : bs[1], af);
-          } else {
+      // k16 steps h: the k8 steps 2 h, 2 h + 1 (ec_tile.cuh)
+      auto frags = [&](int e, uint32_t(&af)[8], int* qr) -> bool {
+        if (!ecb_pf) return EcLoadFrags(a.ec, es, tile, e, lane, af, qr);
+        // fetched with the tile's first chunk (complete: waited for then)
+        *qr = EcRank(es, e, lane);
+        if (e >= EcSteps(es) || EcRecIndex(a.ec, es, e, lane) < 0) {
   #pragma unroll
-            for (int i = 0; i < 8; ++i) af[i] = 0u;
-          }
-        } else {
-          on = EcLoadFrags(a.ec, es, tile, e, lane, af, &qr);
+          for (int i = 0; i < 8; ++i) af[i] = 0u;
+          return false;
         }
-        EcMmaSwapped<NT>(a, on, qr, gid, af, acc);
+        const uint4* bs = reinterpret_cast<const uint4*>(
+            smem + geo.ecb_off + (it & 1) * a.ec.max_steps * 1024 + (e * 32 + lane) * 32);
+        const uint4 r0 = bs[0];
+        EcFrags(a.ec, tile, *qr, r0, a.ec.scales ? r0 : bs[1], af);
+        return true;
+      };
+  #pragma unroll 1
+      for (int h = wi; h < EcPairs(es); h += NWG) {
+        uint32_t f0[8], f1[8];
+        int q0, q1;
+        const bool on0 = frags(2 * h, f0, &q0);
+        const bool on1 = frags(2 * h + 1, f1, &q1);
+        EcMmaSwapped<NT>(a, on0, q0, on1, q1, gid, f0, f1, acc);
       }
     }
 

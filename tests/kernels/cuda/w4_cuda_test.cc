@@ -145,16 +145,21 @@ EcWeights RandomEc(int64_t n, int64_t k, int64_t r, int64_t h, bool gated, std::
 // line's largest value), its first value 127 x 2^e, so that the encoder
 // picks exactly 2^e. Then code x scale is exact in fp16 too, and the
 // device's fp16(code x scale) equals the reference's value, as RandomEc's
-// fp16-rounded factors do.
-void SnapPow2(float* x, int64_t len, int64_t stride) {
+// fp16-rounded factors do. off_grid: the 127 last in each group and the
+// other codes within [-100, 100], so that groups cut elsewhere (a merged
+// EC's module boundary inside a 64-column group) get other scales.
+void SnapPow2(float* x, int64_t len, int64_t stride, bool off_grid = false) {
   float mx = 0.f;
   for (int64_t i = 0; i < len; ++i) mx = std::max(mx, std::fabs(x[i * stride]));
   if (mx == 0.f) return;
-  const int e = std::max(-14, static_cast<int>(std::ceil(std::log2(mx / 127.f))));
+  const float cmax = off_grid ? 100.f : 127.f;
+  const int e = std::max(-14, static_cast<int>(std::ceil(std::log2(mx / cmax))));
   const float s = std::ldexp(1.f, e);
   for (int64_t i = 0; i < len; ++i) {
-    const float c = std::clamp(std::nearbyint(x[i * stride] / s), -127.f, 127.f);
-    x[i * stride] = (i % kEcI8Group == 0 ? 127.f : c) * s;
+    const float c = std::clamp(std::nearbyint(x[i * stride] / s), -cmax, cmax);
+    const bool top = off_grid ? (i % kEcI8Group == kEcI8Group - 1 || i == len - 1)
+                              : i % kEcI8Group == 0;
+    x[i * stride] = (top ? 127.f : c) * s;
   }
 }
 
@@ -173,7 +178,9 @@ void MakeEcForm(int form, EcWeights* e) {
         }
       }
       if (ni == 0 || ri == 0) continue;
-      for (int64_t q = rb[i]; q < rb[i + 1]; ++q) SnapPow2(e->b.data() + cb[i] * r + q, ni, r);
+      for (int64_t q = rb[i]; q < rb[i + 1]; ++q) {
+        SnapPow2(e->b.data() + cb[i] * r + q, ni, r, form == 4);
+      }
       std::vector<float> bi(static_cast<size_t>(ni * ri));
       for (int64_t c = 0; c < ni; ++c) {
         for (int64_t q = 0; q < ri; ++q) bi[c * ri + q] = e->b[(cb[i] + c) * r + rb[i] + q];
