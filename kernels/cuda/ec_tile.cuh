@@ -24,14 +24,21 @@ struct EcTileSeg {
   long long base;  // the tile's first record
 };
 
+// (selects over the unrolled segments, not an index into the arrays: e is a
+// kernel parameter, and a run-time index into it is an LDC per field on the
+// epilogue's path; fixed offsets are constant-bank operands)
 __device__ __forceinline__ EcTileSeg EcSegOf(const EcTileArgs& e, int tile) {
-  int s = 0;
+  int t0 = e.tile0[0], q0 = e.q0[0], np = e.npairs[0];
+  long long r0 = e.rec0[0];
 #pragma unroll
   for (int i = 1; i < kEcMaxSegs; ++i) {
-    if (i < e.nseg && tile >= e.tile0[i]) s = i;
+    const bool in = i < e.nseg && tile >= e.tile0[i];
+    t0 = in ? e.tile0[i] : t0;
+    q0 = in ? e.q0[i] : q0;
+    np = in ? e.npairs[i] : np;
+    r0 = in ? e.rec0[i] : r0;
   }
-  return {e.q0[s], e.npairs[s],
-          e.rec0[s] + static_cast<long long>(tile - e.tile0[s]) * e.npairs[s] * 8};
+  return {q0, np, r0 + static_cast<long long>(tile - t0) * np * 8};
 }
 __device__ __forceinline__ int EcSteps(const EcTileSeg& s) { return (s.npairs + 3) >> 2; }
 
@@ -52,11 +59,9 @@ __device__ __forceinline__ int EcRank(const EcTileSeg& s, int step, int lane) {
   return s.q0 + 2 * (4 * step + (lane & 3));
 }
 
-// int8 record -> fp16(code x scale) fragment words. Out of line: the
-// epilogue's fp16 path stays as short as before (v57: the step with the
-// conversion inline measured ~0.7 us slower per EC'd GEMM with fp16 records).
-static __device__ __noinline__ void EcFragsI8(const EcTileArgs& e, int tile, int q, uint4 r0,
-                                       uint32_t* af) {
+// int8 record -> fp16(code x scale) fragment words.
+__device__ __forceinline__ void EcFragsI8(const EcTileArgs& e, int tile, int q, const uint4& r0,
+                                          uint32_t (&af)[8]) {
   const __half2 s2 =
       *reinterpret_cast<const __half2*>(e.scales + static_cast<long long>(tile) * e.rs + q);
   const uint32_t w[4] = {r0.x, r0.y, r0.z, r0.w};
