@@ -24,21 +24,14 @@ struct EcTileSeg {
   long long base;  // the tile's first record
 };
 
-// (selects over the unrolled segments, not an index into the arrays: e is a
-// kernel parameter, and a run-time index into it is an LDC per field on the
-// epilogue's path; fixed offsets are constant-bank operands)
 __device__ __forceinline__ EcTileSeg EcSegOf(const EcTileArgs& e, int tile) {
-  int t0 = e.tile0[0], q0 = e.q0[0], np = e.npairs[0];
-  long long r0 = e.rec0[0];
+  int s = 0;
 #pragma unroll
   for (int i = 1; i < kEcMaxSegs; ++i) {
-    const bool in = i < e.nseg && tile >= e.tile0[i];
-    t0 = in ? e.tile0[i] : t0;
-    q0 = in ? e.q0[i] : q0;
-    np = in ? e.npairs[i] : np;
-    r0 = in ? e.rec0[i] : r0;
+    if (i < e.nseg && tile >= e.tile0[i]) s = i;
   }
-  return {q0, np, r0 + static_cast<long long>(tile - t0) * np * 8};
+  return {e.q0[s], e.npairs[s],
+          e.rec0[s] + static_cast<long long>(tile - e.tile0[s]) * e.npairs[s] * 8};
 }
 __device__ __forceinline__ int EcSteps(const EcTileSeg& s) { return (s.npairs + 3) >> 2; }
 
@@ -59,34 +52,28 @@ __device__ __forceinline__ int EcRank(const EcTileSeg& s, int step, int lane) {
   return s.q0 + 2 * (4 * step + (lane & 3));
 }
 
-// int8 record -> fp16(code x scale) fragment words.
-__device__ __forceinline__ void EcFragsI8(const EcTileArgs& e, int tile, int q, const uint4& r0,
-                                          uint32_t (&af)[8]) {
-  const __half2 s2 =
-      *reinterpret_cast<const __half2*>(e.scales + static_cast<long long>(tile) * e.rs + q);
-  const uint32_t w[4] = {r0.x, r0.y, r0.z, r0.w};
-  const uint32_t bias = 0x64806480u;  // half2 {1152, 1152}: 1024 + 128
-#pragma unroll
-  for (int p = 0; p < 4; ++p) {
-    const uint32_t x = w[p] ^ 0x80808080u;  // code + 128 per byte
-    // {1024 + byte, ...}: the byte as the low mantissa bits of 0x6400.
-    uint32_t lo = __byte_perm(x, 0x64646464u, 0x4140);
-    uint32_t hi = __byte_perm(x, 0x64646464u, 0x4342);
-    __half2 hl = __hsub2(*reinterpret_cast<__half2*>(&lo), *reinterpret_cast<const __half2*>(&bias));
-    __half2 hh = __hsub2(*reinterpret_cast<__half2*>(&hi), *reinterpret_cast<const __half2*>(&bias));
-    hl = __hmul2(hl, s2);
-    hh = __hmul2(hh, s2);
-    af[2 * p] = *reinterpret_cast<uint32_t*>(&hl);
-    af[2 * p + 1] = *reinterpret_cast<uint32_t*>(&hh);
-  }
-}
-
 // The fragment words from a record (r1 unused for int8); tile and q give the
 // int8 scales.
 __device__ __forceinline__ void EcFrags(const EcTileArgs& e, int tile, int q, const uint4& r0,
                                         const uint4& r1, uint32_t (&af)[8]) {
   if (e.scales != nullptr) {
-    EcFragsI8(e, tile, q, r0, af);
+    const __half2 s2 =
+        *reinterpret_cast<const __half2*>(e.scales + static_cast<long long>(tile) * e.rs + q);
+    const uint32_t w[4] = {r0.x, r0.y, r0.z, r0.w};
+    const uint32_t bias = 0x64806480u;  // half2 {1152, 1152}: 1024 + 128
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const uint32_t x = w[p] ^ 0x80808080u;  // code + 128 per byte
+      // {1024 + byte, ...}: the byte as the low mantissa bits of 0x6400.
+      uint32_t lo = __byte_perm(x, 0x64646464u, 0x4140);
+      uint32_t hi = __byte_perm(x, 0x64646464u, 0x4342);
+      __half2 hl = __hsub2(*reinterpret_cast<__half2*>(&lo), *reinterpret_cast<const __half2*>(&bias));
+      __half2 hh = __hsub2(*reinterpret_cast<__half2*>(&hi), *reinterpret_cast<const __half2*>(&bias));
+      hl = __hmul2(hl, s2);
+      hh = __hmul2(hh, s2);
+      af[2 * p] = *reinterpret_cast<uint32_t*>(&hl);
+      af[2 * p + 1] = *reinterpret_cast<uint32_t*>(&hh);
+    }
   } else {
     af[0] = r0.x, af[1] = r0.y, af[2] = r0.z, af[3] = r0.w;
     af[4] = r1.x, af[5] = r1.y, af[6] = r1.z, af[7] = r1.w;
