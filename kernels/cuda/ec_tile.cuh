@@ -1,14 +1,14 @@
 // The EC term B (g ⊙ u) of one 64-column tile in the decode kernels' epilogues,
 // from the device copy of B in the tile layout (kernels/ec_tile_layout.h;
-// EcTileArgs in w4_layout.h): per tile a range of rank pairs, in mma.sync
-// m16n8k8 steps of 4 pairs (8 ranks). Lane (gid = lane / 4, tig = lane % 4)
-// of step e holds rank pair pi = 4 e + tig; its record gives the fragment
-// words af[2 p] = (column 16 p + gid, ranks q, q + 1) and af[2 p + 1] =
-// (column 16 p + 8 + gid, ranks q, q + 1), q = q0 + 2 pi: the A operand of the
-// swapped-operand kernels (the columns as m16 rows: a0 = af[2 p], a1 =
-// af[2 p + 1]) and the B operand of the tokens-as-m16 kernel (subtile j:
-// af[j]). int8 records become fp16(code x scale) here, the value an fp16
-// copy of the decoded B would hold.
+// EcTileArgs in w4_layout.h): per tile a range of rank pairs, in record steps
+// of 4 pairs (8 ranks). Lane (gid = lane / 4, tig = lane % 4) of step e holds
+// rank pair pi = 4 e + tig; its record gives the fragment words af[2 p] =
+// (column 16 p + gid, ranks q, q + 1) and af[2 p + 1] = (column 16 p + 8 +
+// gid, ranks q, q + 1), q = q0 + 2 pi: the A operand of the swapped-operand
+// kernels (the columns as m16 rows) and the B operand of the tokens-as-m16
+// kernel (subtile j: af[j]). Steps 2 h and 2 h + 1 make one mma.sync
+// m16n8k16 step (k 0..7 and 8..15). int8 records become fp16(code x scale)
+// here, the value an fp16 copy of the decoded B would hold.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -118,12 +118,6 @@ __device__ __forceinline__ float EcBValue(const EcTileArgs& e, int col, int q) {
   return __half2float(__ushort_as_half(bits));
 }
 
-__device__ __forceinline__ void MmaK8(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(b0));
-}
 
 __device__ __forceinline__ void EcMma16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                         uint32_t a3, uint32_t b0, uint32_t b1) {
