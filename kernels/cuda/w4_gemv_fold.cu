@@ -225,8 +225,9 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
     for (int i = 0; i < CH; ++i) CpAsync16(st + i * 512 + lane * 16, wt + i * 32 + lane, true);
     if (lane < 16) CpAsync16(st + CH * 512 + lane * 16, zt + lane, true);
     // v14: with the tile's first chunk, the B records of the EC steps this
-    // warp adds in the tile's epilogue (e = warp, warp + NW, ...; each lane
-    // its own record, read back by the same lane).
+    // warp adds in the tile's epilogue (the k8 steps 2 h, 2 h + 1 of its k16
+    // steps h = warp, warp + NW, ...; each lane its own record, read back by
+    // the same lane).
     if (ecb_pf && j == it * nc) {
       const unsigned eb = ecb_s + (it & 1) * a.ec.max_steps * 1024;
       const EcTileSeg es = EcSegOf(a.ec, t);
