@@ -29,9 +29,12 @@
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
 //                                [--iters=20] [--variants=0,...,50]  (rows of kVariants)
-//                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]
+//                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static] [--ec-i8]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
+// --ec-i8: the placed ECs as int8 factors, block-diagonal where merged
+// (the form an `--ec-factors i8` checkpoint is served in); by default fp16
+// values, dense over the merged ranks (the form of the runs before it).
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
 // the checkpoint's layer l * L_src / L; ranks scaled by one factor to P % of
@@ -62,6 +65,7 @@
 #include "ec_placement.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
+#include "kernels/ec_factors.h"
 #include "kernels/w4_cuda.h"
 #include "bench_cuda_common.cuh"
 
@@ -160,6 +164,12 @@ T* Alloc(size_t n) {
 enum class Ec { kOff, kAll, kEvery4th, kPlacement };
 // --ec-static: the placed ECs without gate MLPs.
 bool g_ec_static = false;
+// --ec-i8: the placed ECs as `spear quantize --ec-factors i8` stores them:
+// each member's A and B on the int8 grid, its B on its own columns and
+// ranks only (a merged q / k / v or gate / up EC is block-diagonal, as the
+// CUDA runner builds it), the ranks scaled with int8 bytes per rank; served
+// from the codes (kernels/ec_tile_layout.h).
+bool g_ec_i8 = false;
 struct Variant {
   const char* name;
   Ec ec;
@@ -480,6 +490,33 @@ class Model {
     }
   }
 
+  // --ec-i8: the merged EC's B block-diagonal (member m's columns use only
+  // its ranks), each member's A rows and B block rounded to the int8 grid on
+  // their own (as each module's EC is stored), the EC marked int8.
+  static void MembersOnGrid(const std::vector<std::array<int64_t, 3>>& members, EcWeights* e) {
+    const int64_t R = e->rank, k = e->k;
+    int64_t q0 = 0;
+    std::vector<int64_t> owner_q0(static_cast<size_t>(e->n), -1), owner_r(static_cast<size_t>(e->n), 0);
+    for (const auto& [c0, nc, r] : members) {
+      for (int64_t c = c0; c < c0 + nc; ++c) owner_q0[c] = q0, owner_r[c] = r;
+      std::vector<float> b(static_cast<size_t>(nc * r));
+      for (int64_t c = 0; c < nc; ++c) {
+        for (int64_t q = 0; q < r; ++q) b[c * r + q] = e->b[(c0 + c) * R + q0 + q];
+      }
+      CKS(RoundEcFactorsI8(nc, k, r, e->a.data() + q0 * k, b.data()));
+      for (int64_t c = 0; c < nc; ++c) {
+        for (int64_t q = 0; q < r; ++q) e->b[(c0 + c) * R + q0 + q] = b[c * r + q];
+      }
+      q0 += r;
+    }
+    for (int64_t c = 0; c < e->n; ++c) {
+      for (int64_t q = 0; q < R; ++q) {
+        if (q < owner_q0[c] || q >= owner_q0[c] + owner_r[c]) e->b[c * R + q] = 0.f;
+      }
+    }
+    e->factors = EcFactors::kI8;
+  }
+
   // --ec-placement: layer l of this model takes the ECs of layer
   // l * L_src / L of the checkpoint (q, k, v -> the qkv GEMM; gate, up ->
   // gate_up; a group's EC is its members' ECs side by side, rank = the sum,
@@ -503,29 +540,39 @@ class Model {
       }
     }
     auto src = [&](int l) { return P.ranks[static_cast<size_t>(int64_t{l} * P.num_layers / s.layers)]; };
-    double unit = 0;  // EC bytes (A row + B column, fp16) per unit of source rank
+    const EcFactors fac = g_ec_i8 ? EcFactors::kI8 : EcFactors::kF16;
+    double unit = 0;  // EC bytes (A row + B column as stored) per unit of source rank
     for (int l = 0; l < s.layers; ++l) {
-      for (int i = 0; i < bench::kNumMembers; ++i) unit += src(l)[i] * 2.0 * (mk[i] + mn[i]);
+      for (int i = 0; i < bench::kNumMembers; ++i) {
+        unit += src(l)[i] * static_cast<double>(EcFactorBytesPerRank(mn[i], mk[i], fac));
+      }
     }
     if (unit <= 0) {
       std::fprintf(stderr, "--ec-placement: the checkpoint has no EC on a decoder linear\n");
       std::exit(2);
     }
     const double scale = pct / 100.0 * served / unit;
-    std::map<std::array<int64_t, 3>, std::unique_ptr<cuda::W4DeviceWeight>> proto;
-    double ec_bytes = 0;      // on the device (merged, padded; + gate MLPs)
-    double member_bytes = 0;  // the checkpoint's accounting: each module's own A and B, fp16
+    std::map<std::vector<int64_t>, std::unique_ptr<cuda::W4DeviceWeight>> proto;
+    double ec_bytes = 0;      // on the device (merged; + gate MLPs)
+    double member_bytes = 0;  // the checkpoint's accounting: each module's own A and B as stored
     int placed = 0, capped = 0;
     std::map<int64_t, int> rank_hist;
     for (int l = 0; l < s.layers; ++l) {
       Layer& L = layers_[l];
       int64_t rank[kNumGroups] = {}, gates[kNumGroups] = {};
+      // (first column, columns, rank) of each member with an EC, by group
+      std::vector<std::array<int64_t, 3>> members[kNumGroups];
+      int64_t col0[kNumGroups] = {};
       for (int i = 0; i < bench::kNumMembers; ++i) {
+        const int g = group_of[i];
+        const int64_t c0 = col0[g];
+        col0[g] += mn[i];
         if (src(l)[i] <= 0) continue;
         const int64_t r = std::max<int64_t>(1, std::llround(src(l)[i] * scale));
-        rank[group_of[i]] += r;
-        gates[group_of[i]] += g_ec_static ? 0 : 16;
-        member_bytes += 2.0 * r * (mk[i] + mn[i]);
+        rank[g] += r;
+        gates[g] += g_ec_static ? 0 : 16;
+        members[g].push_back({c0, mn[i], r});
+        member_bytes += static_cast<double>(r * EcFactorBytesPerRank(mn[i], mk[i], fac));
       }
       for (int g = 0; g < kNumGroups; ++g) {
         if (rank[g] == 0) continue;
@@ -534,9 +581,12 @@ class Model {
           ++capped;
         }
         const W4Weight& w = *hw[g];
-        auto& pr = proto[{g, rank[g], gates[g]}];
+        std::vector<int64_t> key = {g, rank[g], gates[g]};
+        for (const auto& mb : members[g]) key.push_back(mb[2]);
+        auto& pr = proto[key];
         if (!pr) {
-          const EcWeights e = bench::RandomEc(w.fmt.n, w.fmt.k, rng, rank[g], gates[g]);
+          EcWeights e = bench::RandomEc(w.fmt.n, w.fmt.k, rng, rank[g], gates[g]);
+          if (g_ec_i8 && rank[g] <= 256) MembersOnGrid(members[g], &e);
           auto r = cuda::W4DeviceWeight::Create(w, &e);
           CKS(r.status());
           pr = std::move(*r);
@@ -551,12 +601,11 @@ class Model {
     }
     std::printf("# %s EC placement: %d ECs of the checkpoint (%d layers) -> %d of %d GEMMs here, "
                 "ranks x %.2f: the modules' own A and B %.1f MB = %.3f %% of %.3f GB served "
-                "(target %.3f %%); on the device (q/k/v and gate/up ECs merged: B stored for the "
-                "whole fused output, rank padded to 16; + gate MLPs) %.1f MB = %.3f %%%s; GEMM "
-                "ranks:",
+                "(target %.3f %%, %s factors); on the device (q/k/v and gate/up ECs merged, B in "
+                "the tile layout; + gate MLPs) %.1f MB = %.3f %%%s; GEMM ranks:",
                 s.name, P.num_ecs, P.num_layers, placed, kNumGroups * s.layers, scale,
                 member_bytes / 1e6, 100.0 * member_bytes / served, served / 1e9, pct,
-                ec_bytes / 1e6, 100.0 * ec_bytes / served, capped ? " (some capped at 256)" : "");
+                g_ec_i8 ? "int8" : "fp16", ec_bytes / 1e6, 100.0 * ec_bytes / served, capped ? " (some capped at 256)" : "");
     for (const auto& [r, n] : rank_hist) std::printf(" %lldx%d", static_cast<long long>(r), n);
     std::printf("\n");
     std::fflush(stdout);
@@ -909,6 +958,8 @@ int Main(int argc, char** argv) {
       placement_pct = std::atof(a.substr(9).c_str());
     else if (a == "--ec-static")
       g_ec_static = true;
+    else if (a == "--ec-i8")
+      g_ec_i8 = true;
     else if (a.rfind("--variants=", 0) == 0) {
       variants_given = true;
       variants.clear();
@@ -922,7 +973,7 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
                    "[--batches=1,8,32] [--iters=20] [--variants=0,...,50] "
-                   "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static]]\n",
+                   "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static] [--ec-i8]]\n",
                    a.c_str(), argv[0]);
       return 2;
     }

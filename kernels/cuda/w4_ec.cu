@@ -13,6 +13,7 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/ec_gate.cuh"
+#include "kernels/cuda/ec_tile.cuh"
 #include "kernels/cuda/norm_rows.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/swiglu_rows.cuh"
@@ -73,6 +74,44 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
   }
 }
 
+// A as the prologue reads it (EcAArgs, w4_layout.h): 8 values k = 8 c ..
+// 8 c + 7 of row `row` as fp16 (fp16(code x scale) for int8 codes: the
+// value an fp16 copy of the decoded A holds). Needs k % 8 == 0.
+__device__ __forceinline__ uint4 A8Halves(uint2 codes, __half s) {
+  const uint32_t w[2] = {codes.x ^ 0x80808080u, codes.y ^ 0x80808080u};
+  const uint32_t bias = 0x64806480u;  // half2 {1152, 1152}
+  const __half2 s2 = __half2half2(s);
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    uint32_t lo = __byte_perm(w[i], 0x64646464u, 0x4140);
+    uint32_t hi = __byte_perm(w[i], 0x64646464u, 0x4342);
+    __half2 hl = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&lo),
+                                 *reinterpret_cast<const __half2*>(&bias)), s2);
+    __half2 hh = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&hi),
+                                 *reinterpret_cast<const __half2*>(&bias)), s2);
+    o[2 * i] = *reinterpret_cast<uint32_t*>(&hl);
+    o[2 * i + 1] = *reinterpret_cast<uint32_t*>(&hh);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+template <bool A8>
+__device__ __forceinline__ uint4 APiece(const EcAArgs& A, int row, int k, int c) {
+  if constexpr (!A8) {
+    return reinterpret_cast<const uint4*>(A.h + static_cast<long long>(row) * k)[c];
+  }
+  const uint2 codes = *reinterpret_cast<const uint2*>(A.c + static_cast<long long>(row) * k + 8 * c);
+  return A8Halves(codes, A.s[static_cast<long long>(row) * A.ng + ((8 * c) >> 6)]);
+}
+// One element of A as a float (the scalar path).
+template <bool A8>
+__device__ __forceinline__ float AElem(const EcAArgs& A, int row, int k, int j) {
+  if constexpr (!A8) return __half2float(A.h[static_cast<long long>(row) * k + j]);
+  const float v = static_cast<float>(A.c[static_cast<long long>(row) * k + j]) *
+                  __half2float(A.s[static_cast<long long>(row) * A.ng + (j >> 6)]);
+  return __half2float(__float2half_rn(v));
+}
+
 // The prologue's gate forms, and its timing-only cut-offs (the output is
 // then wrong).
 constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h or m)
@@ -97,15 +136,15 @@ constexpr int kGateStageFloats = 10240;
 // kernel blocks on an SM and the decode step got slower (2026-12-03, call 1).
 // (128-thread blocks, 8 K registers, were slower: the u phase takes two
 // passes per range; docs/results/gpu.md, "v27-v29".)
+template <bool A8>  // A as int8 codes + scales (else fp16)
 __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restrict__ x, int m,
                                                         long long ldx, int k, int kchunk,
-                                                        const __half* __restrict__ a,
-                                                        float* upart, unsigned* counter,
-                                                        GateArgs g, int stage) {
+                                                        const EcAArgs A, float* upart,
+                                                        unsigned* counter, GateArgs g,
+                                                        int stage) {
   constexpr int kT = 256;  // threads per block
   const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
   const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
-  const __half* ar = a + static_cast<long long>(q) * k;
   const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
   const int cb = k0 / 8, ce = (k1 + 7) / 8;
   // v27 (kStageGroups): what does not depend on x is requested before the wait:
@@ -115,7 +154,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   const bool pre = stage == kStageGroups && vec;
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
-    if (c < ce) apre = __ldg(reinterpret_cast<const uint4*>(ar) + c);
+    if (c < ce) apre = APiece<A8>(A, q, k, c);
     if (q == 0 && part == 0 && g.gated) {
       const int wl = (g.h * g.r * 4 + 127) / 128;  // 128-byte lines of W1 (and of W2)
       for (int i = threadIdx.x; i < 2 * wl + 2; i += kT) {
@@ -152,7 +191,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
       // registers for nothing at ranges of 2048, one pass; same sums in the
       // same order).
       for (int c = cb + static_cast<int>(threadIdx.x); c < ce; c += kT) {
-        const uint4 av = pre && c - cb < kT ? apre : reinterpret_cast<const uint4*>(ar)[c];
+        const uint4 av = pre && c - cb < kT ? apre : APiece<A8>(A, q, k, c);
         uint4 xv[4];
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
@@ -172,7 +211,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
       }
     } else {
       for (int c = k0 + threadIdx.x; c < k1; c += kT) {
-        const float av = __half2float(ar[c]);
+        const float av = AElem<A8>(A, q, k, c);
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
           if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
@@ -271,6 +310,24 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
 constexpr int kClusterBlocks = 8;
 constexpr int kClusterMaxM = 1;  // v47 call 4: at m = 2 the v27 form was faster
 
+// Shared memory per block of the one-cluster form: A's slice (16 bytes a
+// piece of 8 values, 8 for int8 codes), x's slice, the partial sums, the
+// staged gate; with int8 A (a8) then its scales, r rows of
+// ClusterScaleStride halves (16-byte aligned).
+__host__ __device__ inline int ClusterScaleStride(int kc) { return (kc / 64 + 4 + 1) & ~1; }
+__host__ __device__ inline size_t ClusterABytes(int64_t r, int kc, bool a8) {
+  return (static_cast<size_t>(r) * (kc / 8) * (a8 ? 8 : 16) + 15) / 16 * 16;
+}
+__host__ __device__ inline size_t ClusterSmemBase(int64_t m, int64_t r, int kc,
+                                                  int64_t staged_floats, bool a8) {
+  return ClusterABytes(r, kc, a8) + static_cast<size_t>(m) * (kc / 8) * 16 +
+         (static_cast<size_t>(kClusterBlocks) * m * r + static_cast<size_t>(staged_floats)) * 4;
+}
+inline size_t ClusterSmem(int64_t m, int64_t r, int kc, int64_t staged_floats, bool a8) {
+  const size_t base = ClusterSmemBase(m, r, kc, staged_floats, a8);
+  return a8 ? (base + 15) / 16 * 16 + static_cast<size_t>(r) * ClusterScaleStride(kc) * 2 : base;
+}
+
 __device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
   const __half2* ah = reinterpret_cast<const __half2*>(&av);
   const __half2* xh = reinterpret_cast<const __half2*>(&xv);
@@ -283,10 +340,10 @@ __device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
   return s;
 }
 
+template <bool A8>  // A as int8 codes + scales (else fp16)
 __global__ void __launch_bounds__(256, 1)
     EcPrologueClusterKernel(const __half* __restrict__ x, int m, long long ldx, int k, int kchunk,
-                            const __half* __restrict__ a, GateArgs g, RowNorm norm,
-                            RowSwiglu sw) {
+                            const EcAArgs A, GateArgs g, RowNorm norm, RowSwiglu sw) {
   constexpr int kT = 256, kNW = kT / 32;
   extern __shared__ __align__(16) unsigned char dsm[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -295,9 +352,16 @@ __global__ void __launch_bounds__(256, 1)
   const int np = max(0, min(k, k0 + kchunk) - k0) / 8;  // this block's 16-byte pieces per row
   const int npm = kchunk / 8;
   uint4* as = reinterpret_cast<uint4*>(dsm);
-  uint4* xs = as + r * npm;
+  uint4* xs = reinterpret_cast<uint4*>(dsm + ClusterABytes(r, kchunk, A8));
   float* parts = reinterpret_cast<float*>(xs + m * npm);  // [C][m][r] (block 0's)
   float* stg = parts + C * m * r;                         // the staged gate (block 0)
+  // int8 A: the slice's codes in `as` as 8-byte pieces, its scales (pairs
+  // of groups from the even group g0e) after the staged gate.
+  uint2* as8 = reinterpret_cast<uint2*>(as);
+  const int g0e = (k0 >> 6) & ~1, nsp = ClusterScaleStride(kchunk);
+  __half* ss = reinterpret_cast<__half*>(
+      dsm + (ClusterSmemBase(m, r, kchunk, ecg::StagedFloats(m, r, h, g.gated), A8) + 15) / 16 *
+                16);
   auto sa = [](const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); };
   auto cp16 = [](unsigned dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
@@ -309,9 +373,25 @@ __global__ void __launch_bounds__(256, 1)
   // its shared memory: arrive now, wait just before the first remote store.
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   // What does not depend on x: A's slice, and (block 0) the MLP's weights.
-  for (int i = tid; i < r * np; i += kT) {
-    const int q = i / np, c = i - q * np;
-    cp16(sa(as + q * npm + c), a + static_cast<long long>(q) * k + k0 + c * 8);
+  if constexpr (!A8) {
+    for (int i = tid; i < r * np; i += kT) {
+      const int q = i / np, c = i - q * np;
+      cp16(sa(as + q * npm + c), A.h + static_cast<long long>(q) * k + k0 + c * 8);
+    }
+  } else {
+    auto cp8 = [](unsigned dst, const void* src) {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
+    };
+    for (int i = tid; i < r * np; i += kT) {
+      const int q = i / np, c = i - q * np;
+      cp8(sa(as8 + q * npm + c), A.c + static_cast<long long>(q) * k + k0 + c * 8);
+    }
+    // the scale pairs of the groups this block's pieces touch
+    const int npairs = np > 0 ? (((k0 + 8 * np - 1) >> 6) - g0e) / 2 + 1 : 0;
+    for (int i = tid; i < r * npairs; i += kT) {
+      const int q = i / npairs, j = i - q * npairs;
+      cp4(sa(ss + q * nsp + 2 * j), A.s + static_cast<long long>(q) * A.ng + g0e + 2 * j);
+    }
   }
   const ecg::Staged st = ecg::StagedAt(stg, m, r, h);
   if (b == 0 && g.gated) {
@@ -356,25 +436,56 @@ __global__ void __launch_bounds__(256, 1)
   __syncthreads();
   // (every block has started long before: this returns at once)
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-  for (int q = warp; q < r; q += kNW) {
-    float acc[kClusterMaxM] = {0.f};
+  // Four ranks per warp at a time (their loads, dot products and shuffle
+  // chains interleaved: the ranks' sums are serial otherwise, ~r / 8 chains
+  // of loads and 5 shuffles a warp); each rank's sum in the same order as
+  // one at a time (the same bits).
+  constexpr int QB = 4;
+  for (int q0 = warp * QB; q0 < r; q0 += kNW * QB) {
+    float acc[QB][kClusterMaxM] = {};
     for (int c = lane; c < np; c += 32) {
-      const uint4 av = as[q * npm + c];
 #pragma unroll
-      for (int t = 0; t < kClusterMaxM; ++t) {
-        if (t < m) acc[t] += Dot8(av, xs[t * npm + c]);
+      for (int j = 0; j < QB; ++j) {
+        const int q = q0 + j;
+        if (q >= r) break;
+        uint4 av;
+        if constexpr (A8) {
+          av = A8Halves(as8[q * npm + c], ss[q * nsp + ((k0 + 8 * c) >> 6) - g0e]);
+        } else {
+          av = as[q * npm + c];
+        }
+#pragma unroll
+        for (int t = 0; t < kClusterMaxM; ++t) {
+          if (t < m) acc[j][t] += Dot8(av, xs[t * npm + c]);
+        }
       }
     }
 #pragma unroll
-    for (int t = 0; t < kClusterMaxM; ++t) {
-      float v = acc[t];
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == 0 && t < m) {
-        unsigned remote;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n"
-                     : "=r"(remote)
-                     : "r"(sa(parts + (b * m + t) * r + q)));
-        asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v) : "memory");
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+      for (int j = 0; j < QB; ++j)
+#pragma unroll
+        for (int t = 0; t < kClusterMaxM; ++t)
+          acc[j][t] += __shfl_xor_sync(0xffffffffu, acc[j][t], off);
+    }
+    if (lane < QB && q0 + lane < r) {
+      // lane j stores rank q0 + j (the values are the same in every lane)
+      float v[kClusterMaxM];
+#pragma unroll
+      for (int t = 0; t < kClusterMaxM; ++t) {
+        v[t] = acc[0][t];
+#pragma unroll
+        for (int j = 1; j < QB; ++j) v[t] = lane == j ? acc[j][t] : v[t];
+      }
+#pragma unroll
+      for (int t = 0; t < kClusterMaxM; ++t) {
+        if (t < m) {
+          unsigned remote;
+          asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n"
+                       : "=r"(remote)
+                       : "r"(sa(parts + (b * m + t) * r + q0 + lane)));
+          asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v[t]) : "memory");
+        }
       }
     }
   }
@@ -404,14 +515,20 @@ __global__ void __launch_bounds__(256) EcGateRowsKernel(const float* __restrict_
   GateWarp(g, t, us[warp], hs[warp]);
 }
 
+// B[c][q] as an fp16 value (the epilogues' operand: fp16(code x scale) for
+// int8 records).
+__device__ __forceinline__ float EcB16(const EcTileArgs& e, int c, int q) {
+  return __half2float(__float2half_rn(EcBValue(e, c, q)));
+}
+
 // y[i, c] += sum_q B[c, q] v[i, q]: one thread per output element.
-__global__ void EcApplyKernel(const __half* __restrict__ b, const float* __restrict__ v, int m,
-                              int n, int r, float* y32, __half* y16, long long ldy) {
+__global__ void EcApplyKernel(EcTileArgs b, const float* __restrict__ v, int m, int n, int r,
+                              float* y32, __half* y16, long long ldy) {
   const long long idx = blockIdx.x * 256LL + threadIdx.x;
   if (idx >= static_cast<long long>(m) * n) return;
   const int i = static_cast<int>(idx / n), c = static_cast<int>(idx % n);
   float acc = 0.f;
-  for (int q = 0; q < r; ++q) acc += __half2float(b[static_cast<long long>(c) * r + q]) * v[i * r + q];
+  for (int q = 0; q < r; ++q) acc += EcB16(b, c, q) * v[i * r + q];
   if (y32 != nullptr) {
     y32[i * ldy + c] += acc;
   } else {
@@ -441,13 +558,9 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 }  // namespace
 
 namespace {
-// The one-cluster form's k slice per block and shared memory per block.
+// The one-cluster form's k slice per block.
 int ClusterKChunk(int64_t k) {
   return static_cast<int>((k + kClusterBlocks - 1) / kClusterBlocks + 7) / 8 * 8;
-}
-size_t ClusterSmem(int64_t m, int64_t r, int kc, int64_t staged_floats) {
-  return static_cast<size_t>(r + m) * (kc / 8) * 16 +
-         (static_cast<size_t>(kClusterBlocks) * m * r + static_cast<size_t>(staged_floats)) * 4;
 }
 }  // namespace
 
@@ -458,7 +571,7 @@ bool EcPrologueIsCluster(const W4DeviceWeight::Impl& w, int64_t m, int flags, bo
   if (!pdl_launch || flags != 0 || m < 1 || m > kClusterMaxM || w.k % 8 != 0) return false;
   const int64_t par = ecg::StagedFloats(static_cast<int>(m), static_cast<int>(w.r),
                                         static_cast<int>(w.h), w.gated);
-  return ClusterSmem(m, w.r, ClusterKChunk(w.k), par) <= 160 * 1024;
+  return ClusterSmem(m, w.r, ClusterKChunk(w.k), par, w.ec_a8 != nullptr) <= 160 * 1024;
 }
 
 namespace {
@@ -497,7 +610,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                       sizeof(float);
   const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   const auto* xh = reinterpret_cast<const __half*>(x);
-  const auto* ah = reinterpret_cast<const __half*>(w.ec_a);
+  const EcAArgs ah = EcAOf(w);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
   // v47: one cluster (EcPrologueClusterKernel) where EcPrologueIsCluster
   // says so and x's rows are 16-byte pieces (or x = RMSNorm(h), v49).
@@ -505,33 +618,35 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                   (ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0))) {
     constexpr int C = kClusterBlocks;
     const int kc = ClusterKChunk(w.k);
-    const size_t csmem = ClusterSmem(m, r, kc, par);
-    // Once per device (ConfigureOnce: thread-safe).
-    SPEAR_CUDA_RETURN_IF_ERROR(
-        ConfigureOnce(reinterpret_cast<const void*>(EcPrologueClusterKernel), [] {
-          return cudaFuncSetAttribute(EcPrologueClusterKernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
-        }));
-    SPEAR_CUDA_RETURN_IF_ERROR(LaunchCluster(
-        EcPrologueClusterKernel, dim3(C), dim3(256), csmem, stream, C, 1,
-        ProgrammaticLaunchEnabled(), xh, static_cast<int>(m), static_cast<long long>(ldx),
-        static_cast<int>(w.k), kc, ah, g, norm != nullptr ? *norm : RowNorm{},
-        swiglu != nullptr ? *swiglu : RowSwiglu{}));
-    return absl::OkStatus();
+    const size_t csmem = ClusterSmem(m, r, kc, par, w.ec_a8 != nullptr);
+    auto go = [&](auto kernel) -> absl::Status {
+      // Once per device and form (ConfigureOnce: thread-safe).
+      SPEAR_CUDA_RETURN_IF_ERROR(ConfigureOnce(reinterpret_cast<const void*>(kernel), [&] {
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    160 * 1024);
+      }));
+      SPEAR_CUDA_RETURN_IF_ERROR(LaunchCluster(
+          kernel, dim3(C), dim3(256), csmem, stream, C, 1, ProgrammaticLaunchEnabled(), xh,
+          static_cast<int>(m), static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g,
+          norm != nullptr ? *norm : RowNorm{}, swiglu != nullptr ? *swiglu : RowSwiglu{}));
+      return absl::OkStatus();
+    };
+    return w.ec_a8 != nullptr ? go(EcPrologueClusterKernel<true>)
+                              : go(EcPrologueClusterKernel<false>);
   }
   // measurement only (the output is then wrong): flag 64 the launch alone,
   // 128 u's partials without the ticket and the gate.
   if ((flags & 64) != 0) stage = kStageLaunchOnly;
   if ((flags & 128) != 0) stage = kStageUOnly;
   cudaError_t e;
+  auto kernel = w.ec_a8 != nullptr ? EcPrologueKernel<true> : EcPrologueKernel<false>;
   if (pdl_launch) {
-    e = LaunchPdl(EcPrologueKernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
+    e = LaunchPdl(kernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
                   static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,
                   ws.ec_counter, g, stage);
   } else {
-    EcPrologueKernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx,
-                                                  static_cast<int>(w.k), kchunk, ah, ws.u,
-                                                  ws.ec_counter, g, stage);
+    kernel<<<grid, 256, smem, stream>>>(xh, static_cast<int>(m), ldx, static_cast<int>(w.k),
+                                        kchunk, ah, ws.u, ws.ec_counter, g, stage);
     e = cudaGetLastError();
   }
   SPEAR_CUDA_RETURN_IF_ERROR(e);
@@ -558,8 +673,47 @@ absl::Status EcApply(const W4DeviceWeight& w, const float* v, int64_t m, float* 
   if (m == 0) return absl::OkStatus();
   const long long total = m * d.n;
   EcApplyKernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
-      reinterpret_cast<const __half*>(d.ec_b), v, static_cast<int>(m), static_cast<int>(d.n),
+      d.ecb, v, static_cast<int>(m), static_cast<int>(d.n),
       static_cast<int>(d.r), y_f32, reinterpret_cast<__half*>(y_f16), ldy);
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+namespace {
+// out[c][q] = B[c][q] as fp16 (the epilogues' values), one thread each.
+__global__ void EcUnpackBKernel(EcTileArgs b, int n, int r, __half* out) {
+  const long long idx = blockIdx.x * 256LL + threadIdx.x;
+  if (idx >= static_cast<long long>(n) * r) return;
+  const int c = static_cast<int>(idx / r), q = static_cast<int>(idx % r);
+  out[idx] = __float2half_rn(EcBValue(b, c, q));
+}
+}  // namespace
+
+namespace {
+// out[q][j] = A[q][j] as fp16 (the prologue's values), one thread each.
+__global__ void EcUnpackAKernel(EcAArgs a, int r, int k, __half* out) {
+  const long long idx = blockIdx.x * 256LL + threadIdx.x;
+  if (idx >= static_cast<long long>(r) * k) return;
+  out[idx] = __float2half_rn(AElem<true>(a, static_cast<int>(idx / k), k, static_cast<int>(idx % k)));
+}
+}  // namespace
+
+absl::Status LaunchEcUnpackA(const W4DeviceWeight::Impl& w, uint16_t* out, cudaStream_t stream) {
+  if (w.r == 0 || w.ec_a8 == nullptr || out == nullptr) {
+    return absl::InvalidArgumentError("LaunchEcUnpackA: no int8 A");
+  }
+  const long long total = w.r * w.k;
+  EcUnpackAKernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+      EcAOf(w), static_cast<int>(w.r), static_cast<int>(w.k), reinterpret_cast<__half*>(out));
+  SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+absl::Status LaunchEcUnpackB(const W4DeviceWeight::Impl& w, uint16_t* out, cudaStream_t stream) {
+  if (w.r == 0 || out == nullptr) return absl::InvalidArgumentError("LaunchEcUnpackB: no EC");
+  const long long total = w.n * w.r;
+  EcUnpackBKernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+      w.ecb, static_cast<int>(w.n), static_cast<int>(w.r), reinterpret_cast<__half*>(out));
   SPEAR_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

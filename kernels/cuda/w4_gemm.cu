@@ -271,8 +271,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
         }
       }
       if ((p.ec_prologue & 8) == 0) {
-        a.ecb = d.ec_bfrag;
-        a.esteps = static_cast<int>(d.rp / 16);
+        a.ec = d.ecb;
         a.v = s.v;
         a.ldv = static_cast<int>(d.rp);
         a.ec_late = 1;

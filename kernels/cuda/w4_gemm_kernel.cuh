@@ -26,6 +26,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/ec_tile.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
@@ -340,28 +341,29 @@ __global__ void __launch_bounds__(NW * 32, 1) W4DecodeKernel(const DecodeArgs a)
     }
     const int tile = tg * WN + wn;
     // 2. The EC term, once per tile: B (g ⊙ u) as extra mma k-steps.
-    if (wk == 0 && ka == 0 && a.ecb != nullptr && tile < a.ntiles) {
+    // (the tile layout's fragments as the B operand, ec_tile.cuh; v the A one)
+    if (wk == 0 && ka == 0 && a.ec.rec != nullptr && tile < a.ntiles) {
       asm volatile("griddepcontrol.wait;\n" ::: "memory");
+      const EcTileSeg es = EcSegOf(a.ec, tile);
 #pragma unroll 1
-      for (int e = 0; e < a.esteps; ++e) {
-        uint32_t af[MT][4];
+      for (int h = 0; h < EcPairs(es); ++h) {  // k16 steps: k8 steps 2 h, 2 h + 1
+        uint32_t b0[8], b1[8];
+        int q0, q1;
+        const bool on0 = EcLoadFrags(a.ec, es, tile, 2 * h, lane, b0, &q0);
+        const bool on1 = EcLoadFrags(a.ec, es, tile, 2 * h + 1, lane, b1, &q1);
+        uint32_t av[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          const uint16_t* v0 = a.v + (mt * 16 + gid) * a.ldv + e * 16 + 2 * tig;
-          af[mt][0] = *reinterpret_cast<const uint32_t*>(v0);
-          af[mt][1] = *reinterpret_cast<const uint32_t*>(v0 + 8 * a.ldv);
-          af[mt][2] = *reinterpret_cast<const uint32_t*>(v0 + 8);
-          af[mt][3] = *reinterpret_cast<const uint32_t*>(v0 + 8 * a.ldv + 8);
+          const uint16_t* v0 = a.v + (mt * 16 + gid) * a.ldv;
+          av[mt][0] = on0 ? *reinterpret_cast<const uint32_t*>(v0 + q0) : 0u;
+          av[mt][1] = on0 ? *reinterpret_cast<const uint32_t*>(v0 + 8 * a.ldv + q0) : 0u;
+          av[mt][2] = on1 ? *reinterpret_cast<const uint32_t*>(v0 + q1) : 0u;
+          av[mt][3] = on1 ? *reinterpret_cast<const uint32_t*>(v0 + 8 * a.ldv + q1) : 0u;
         }
-        const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
-                          ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
-        const uint4 q0 = bp[0], q1 = bp[1], q2 = bp[2], q3 = bp[3];
-        const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
-                                 q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) Mma(acc[mt][j], af[mt], bv[2 * j], bv[2 * j + 1]);
+          for (int mt = 0; mt < MT; ++mt) Mma(acc[mt][j], av[mt], b0[j], b1[j]);
       }
     }
     // 3. Store, or hand the partial to the tile's last block.

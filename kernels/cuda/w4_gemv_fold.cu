@@ -51,6 +51,7 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/decode_store.cuh"
+#include "kernels/cuda/ec_tile.cuh"
 #include "kernels/cuda/norm_rows.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/swiglu_rows.cuh"
@@ -72,10 +73,11 @@ struct Geom {
   int red_off;   // reduction buffers: 0 = over the drained ring; after the
                  // warps' rings for the persistent loop (v12), whose ring runs
                  // on into the next tile
-  int ecb_off;   // v14: > 0: the EC's B fragments of a tile are fetched with
+  int ecb_off;   // v14: > 0: the EC's B records of a tile are fetched with
                  // the tile's first ring chunk into shared memory at ecb_off
-                 // (two buffers of esteps x 2 KB, by tile parity), so the
-                 // epilogue reads them from shared memory, not DRAM
+                 // (two buffers of max_steps x 1 KB, by tile parity: 32 bytes
+                 // per lane and k8 step), so the epilogue reads them from
+                 // shared memory, not DRAM
   int groups;    // v40: the block's warps form `groups` groups of NW / groups
                  // warps, each group on its own tile (1: all warps on one tile)
   int x_off;     // v40 (groups > 1): the x slices, shared by the groups, at
@@ -204,7 +206,7 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
 
   // v14: B fragments of the EC through shared memory (split 0 only, and only
   // for warps that stream chunks: the prefetch rides on a tile's first one).
-  const bool ecb_pf = geo.ecb_off > 0 && G == 1 && a.ecb != nullptr && q == 0 && nc > 0;
+  const bool ecb_pf = geo.ecb_off > 0 && G == 1 && a.ec.rec != nullptr && q == 0 && nc > 0;
   const unsigned ecb_s =
       static_cast<unsigned>(__cvta_generic_to_shared(smem)) + static_cast<unsigned>(geo.ecb_off);
 
@@ -222,16 +224,22 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
 #pragma unroll
     for (int i = 0; i < CH; ++i) CpAsync16(st + i * 512 + lane * 16, wt + i * 32 + lane, true);
     if (lane < 16) CpAsync16(st + CH * 512 + lane * 16, zt + lane, true);
-    // v14: with the tile's first chunk, the B fragments of the EC steps this
-    // warp adds in the tile's epilogue (e = warp, warp + NW, ...; each lane
-    // its own 64 bytes, read back by the same lane).
+    // v14: with the tile's first chunk, the B records of the EC steps this
+    // warp adds in the tile's epilogue (the k8 steps 2 h, 2 h + 1 of its k16
+    // steps h = warp, warp + NW, ...; each lane its own record, read back by
+    // the same lane).
     if (ecb_pf && j == it * nc) {
-      const unsigned eb = ecb_s + (it & 1) * a.esteps * 2048;
-      for (int e = warp; e < a.esteps; e += kNW) {
-        const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
-                          ((static_cast<size_t>(t) * a.esteps + e) * 32 + lane) * 4;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) CpAsync16(eb + (e * 32 + lane) * 64 + i * 16, bp + i, true);
+      const unsigned eb = ecb_s + (it & 1) * a.ec.max_steps * 1024;
+      const EcTileSeg es = EcSegOf(a.ec, t);
+      for (int e = 2 * warp; e < EcSteps(es); e += 2 * kNW) {  // k8 steps e, e + 1
+        for (int ee = e; ee < min(e + 2, EcSteps(es)); ++ee) {
+          const long long ri = EcRecIndex(a.ec, es, ee, lane);
+          if (ri >= 0) {
+            const uint4* bp = reinterpret_cast<const uint4*>(a.ec.rec) + ri;
+            CpAsync16(eb + (ee * 32 + lane) * 32, bp, true);
+            if (a.ec.scales == nullptr) CpAsync16(eb + (ee * 32 + lane) * 32 + 16, bp + 1, true);
+          }
+        }
       }
     }
   };
@@ -441,41 +449,33 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
     if (it + 1 == ntile_it) asm volatile("cp.async.wait_group 0;\n" ::);
 
     // The EC term, once per tile (k split 0): y += B (g ⊙ u), B as the A
-    // operand (fragments of ec_bfrag, entry 2 j + reg), v as the B operand.
-    if (a.ecb != nullptr && q == 0) {
+    // operand (the tile layout's fragments, ec_tile.cuh), v as the B operand.
+    if (a.ec.rec != nullptr && q == 0 && tile < a.ntiles) {
       if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+      const EcTileSeg es = EcSegOf(a.ec, tile);
+      // k16 steps h: the k8 steps 2 h, 2 h + 1 (ec_tile.cuh)
+      auto frags = [&](int e, uint32_t(&af)[8], int* qr) -> bool {
+        if (!ecb_pf) return EcLoadFrags(a.ec, es, tile, e, lane, af, qr);
+        // fetched with the tile's first chunk (complete: waited for then)
+        *qr = EcRank(es, e, lane);
+        if (e >= EcSteps(es) || EcRecIndex(a.ec, es, e, lane) < 0) {
+  #pragma unroll
+          for (int i = 0; i < 8; ++i) af[i] = 0u;
+          return false;
+        }
+        const uint4* bs = reinterpret_cast<const uint4*>(
+            smem + geo.ecb_off + (it & 1) * a.ec.max_steps * 1024 + (e * 32 + lane) * 32);
+        const uint4 r0 = bs[0];
+        EcFrags(a.ec, tile, *qr, r0, a.ec.scales ? r0 : bs[1], af);
+        return true;
+      };
   #pragma unroll 1
-      for (int e = wi; e < (tile < a.ntiles ? a.esteps : 0); e += NWG) {
-        uint4 q0, q1, q2, q3;
-        if (ecb_pf) {  // fetched with the tile's first chunk (complete: waited for then)
-          const uint4* bs = reinterpret_cast<const uint4*>(smem + geo.ecb_off +
-                                                           (it & 1) * a.esteps * 2048 +
-                                                           (e * 32 + lane) * 64);
-          q0 = bs[0];
-          q1 = bs[1];
-          q2 = bs[2];
-          q3 = bs[3];
-        } else {
-          const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
-                            ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
-          q0 = bp[0];
-          q1 = bp[1];
-          q2 = bp[2];
-          q3 = bp[3];
-        }
-        const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
-                                 q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
-  #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          const int row = 8 * t + gid;
-          const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * (lane & 3);
-          const uint32_t vb0 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
-          const uint32_t vb1 = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
-  #pragma unroll
-          for (int p = 0; p < 4; ++p) {
-            Mma(acc[t][p], bv[4 * p], bv[4 * p + 2], bv[4 * p + 1], bv[4 * p + 3], vb0, vb1);
-          }
-        }
+      for (int h = wi; h < EcPairs(es); h += NWG) {
+        uint32_t f0[8], f1[8];
+        int q0, q1;
+        const bool on0 = frags(2 * h, f0, &q0);
+        const bool on1 = frags(2 * h + 1, f1, &q1);
+        EcMmaSwapped<NT>(a, on0, q0, on1, q1, gid, f0, f1, acc);
       }
     }
 
@@ -841,10 +841,10 @@ absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int 
   }
   // v14: the EC's B fragments through shared memory, when the two buffers
   // fit without costing a resident block (decode_kernel flag 128: off).
-  if (a.ecb != nullptr && (a.variant & 128) == 0 && groups == 1) {
+  if (a.ec.rec != nullptr && (a.variant & 128) == 0 && groups == 1) {
     FoldConfig e = *c;
     e.geo.ecb_off = e.smem;
-    e.smem += 2 * a.esteps * 2048;
+    e.smem += 2 * a.ec.max_steps * 1024;
     if (BlocksPerSm(e) == BlocksPerSm(*c)) *c = e;
   }
   const int ch = FoldChunk(a);

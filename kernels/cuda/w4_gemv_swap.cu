@@ -40,6 +40,7 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/decode_store.cuh"
+#include "kernels/cuda/ec_tile.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
@@ -246,31 +247,10 @@ __global__ void __launch_bounds__(kNW * 32, NT8 == 1 ? 2 : 1) W4SwapKernel(const
   }
 
   // The EC term, once per tile (k split 0): y += B (g ⊙ u), B as the A
-  // operand (fragments of ec_bfrag, entry 2 j + reg), v as the B operand.
-  if (a.ecb != nullptr && q == 0) {
+  // operand (the tile layout's fragments, ec_tile.cuh), v as the B operand.
+  if (a.ec.rec != nullptr && q == 0 && tile < a.ntiles) {
     if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#pragma unroll 1
-    for (int e = warp; e < a.esteps; e += kNW) {
-      const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
-                        ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
-      const uint4 q0 = bp[0], q1 = bp[1], q2 = bp[2], q3 = bp[3];
-      const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
-                               q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
-      uint32_t vb[NT8][2];
-#pragma unroll
-      for (int nt = 0; nt < NT8; ++nt) {
-        const int row = nt * 8 + gid;
-        const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * tig;
-        vb[nt][0] = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
-        vb[nt][1] = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
-      }
-#pragma unroll
-      for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int nt = 0; nt < NT8; ++nt)
-          Mma(acc[nt][p], bv[4 * p], bv[4 * p + 2], bv[4 * p + 1], bv[4 * p + 3], vb[nt][0],
-              vb[nt][1]);
-    }
+    EcTerm<NT8>(a, tile, warp, kNW, lane, acc);
   }
 
   // Reduction in fixed order: warps (shared memory), then the cluster's
@@ -484,30 +464,9 @@ __global__ void __launch_bounds__(kNW * 32, NT8 == 1 ? 2 : 1) W4RingKernel(const
   }
   asm volatile("cp.async.wait_group 0;\n" ::);
 
-  if (a.ecb != nullptr && q == 0) {
+  if (a.ec.rec != nullptr && q == 0 && tile < a.ntiles) {
     if (a.ec_late) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#pragma unroll 1
-    for (int e = warp; e < a.esteps; e += kNW) {
-      const uint4* bp = reinterpret_cast<const uint4*>(a.ecb) +
-                        ((static_cast<size_t>(tile) * a.esteps + e) * 32 + lane) * 4;
-      const uint4 q0 = bp[0], q1 = bp[1], q2 = bp[2], q3 = bp[3];
-      const uint32_t bv[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
-                               q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
-      uint32_t vb[NT8][2];
-#pragma unroll
-      for (int nt = 0; nt < NT8; ++nt) {
-        const int row = nt * 8 + gid;
-        const uint16_t* v0 = a.v + static_cast<long long>(row < a.m ? row : 0) * a.ldv + e * 16 + 2 * tig;
-        vb[nt][0] = row < a.m ? *reinterpret_cast<const uint32_t*>(v0) : 0u;
-        vb[nt][1] = row < a.m ? *reinterpret_cast<const uint32_t*>(v0 + 8) : 0u;
-      }
-#pragma unroll
-      for (int p = 0; p < 4; ++p)
-#pragma unroll
-        for (int nt = 0; nt < NT8; ++nt)
-          Mma(acc[nt][p], bv[4 * p], bv[4 * p + 2], bv[4 * p + 1], bv[4 * p + 3], vb[nt][0],
-              vb[nt][1]);
-    }
+    EcTerm<NT8>(a, tile, warp, kNW, lane, acc);
   }
 
   // Reduction (as in W4SwapKernel), its buffers over the drained ring.

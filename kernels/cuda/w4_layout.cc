@@ -34,6 +34,70 @@ std::vector<uint16_t> ToHalf(const std::vector<float>& v) {
   return h;
 }
 
+// The int8 factors of an int8 EC: its own (compact), or its values encoded
+// again (a merged EC: rows of A stacked, B block-diagonal); null for fp16.
+// `given` is the EC as passed, `ec` its float form.
+const EcI8Factors* I8Factors(const EcWeights& given, const EcWeights& ec, EcI8Factors* enc) {
+  if (given.factors != EcFactors::kI8) return nullptr;
+  if (given.compact_i8()) return &given.i8;
+  return EncodeEcFactorsI8(ec, enc).ok() ? enc : nullptr;
+}
+
+// B in the tile layout: int8 records where the codes give B's values
+// exactly (for a merged EC that holds where each module's columns start on
+// a 64-column group, as in every Llama shape), else fp16 records.
+absl::StatusOr<EcTileLayout> BLayout(const EcI8Factors* f, const EcWeights& ec) {
+  if (f != nullptr) {
+    auto l = BuildEcTileLayoutI8(f->b.data(), f->b_scales.data(), ec.n, ec.rank);
+    if (!l.ok()) return l.status();
+    bool exact = true;
+    for (int64_t c = 0; c < ec.n && exact; ++c) {
+      for (int64_t q = 0; q < ec.rank && exact; ++q) {
+        exact = l->Value(c, q) == ec.b[static_cast<size_t>(c * ec.rank + q)];
+      }
+    }
+    if (exact) return l;
+  }
+  return BuildEcTileLayoutF16(ec.b.data(), ec.n, ec.rank);
+}
+
+// A's int8 codes where they give its values exactly and k % 8 == 0 (the
+// prologue reads 8-code pieces), with the scales' rows padded to an even
+// count (*ng); false: A goes fp16.
+bool AInt8(const EcI8Factors* f, const EcWeights& ec, std::vector<uint16_t>* scales, int64_t* ng) {
+  if (f == nullptr || ec.k % 8 != 0) return false;
+  const int64_t g = EcI8Groups(ec.k), gp = RoundUp(g, 2);
+  for (int64_t q = 0; q < ec.rank; ++q) {
+    for (int64_t j = 0; j < ec.k; ++j) {
+      const float v = static_cast<float>(f->a[static_cast<size_t>(q * ec.k + j)]) *
+                      HalfToFloat(f->a_scales[static_cast<size_t>(q * g + j / kEcI8Group)]);
+      if (v != ec.a[static_cast<size_t>(q * ec.k + j)]) return false;
+    }
+  }
+  scales->assign(static_cast<size_t>(ec.rank * gp), 0);
+  for (int64_t q = 0; q < ec.rank; ++q) {
+    for (int64_t j = 0; j < g; ++j) (*scales)[q * gp + j] = f->a_scales[q * g + j];
+  }
+  *ng = gp;
+  return true;
+}
+
+void SetTileArgs(const EcTileLayout& l, W4DeviceWeight::Impl* d) {
+  EcTileArgs& e = d->ecb;
+  e = EcTileArgs{};
+  e.rec = d->ec_rec;
+  e.scales = l.i8 ? d->ec_bscales : nullptr;
+  e.rs = l.rs;
+  e.nseg = l.nseg;
+  for (int s = 0; s < kEcMaxSegs; ++s) {
+    e.tile0[s] = l.tile0[s];
+    e.q0[s] = l.q0[s];
+    e.npairs[s] = l.npairs[s];
+    e.rec0[s] = l.rec0[s];
+  }
+  e.max_steps = l.max_steps;
+}
+
 }  // namespace
 
 bool IsSupported(const W4Format& f) {
@@ -64,7 +128,8 @@ W4DeviceWeight::~W4DeviceWeight() {
   Impl& d = *impl_;
   for (void* p : {static_cast<void*>(d.qw), static_cast<void*>(d.sz),
                   static_cast<void*>(d.act_scale), static_cast<void*>(d.ec_a),
-                  static_cast<void*>(d.ec_b), static_cast<void*>(d.ec_bfrag),
+                  static_cast<void*>(d.ec_a8), static_cast<void*>(d.ec_ascales),
+                  static_cast<void*>(d.ec_rec), static_cast<void*>(d.ec_bscales),
                   static_cast<void*>(d.w1), static_cast<void*>(d.b1), static_cast<void*>(d.w2),
                   static_cast<void*>(d.b2)}) {
     if (p != nullptr) cudaFree(p);
@@ -73,8 +138,10 @@ W4DeviceWeight::~W4DeviceWeight() {
 
 absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Create(const W4Weight& w,
                                                                        const EcWeights* ec) {
-  // An int8 EC held compact on the host goes to the device as fp16 like any
-  // other (its values decoded exactly first).
+  // An int8 EC held compact on the host: A and the gate go to the device as
+  // fp16 / fp32 like any other EC's (its values decoded exactly first), B as
+  // its int8 codes (EcTileLayout).
+  const EcWeights* given = ec;
   std::optional<EcWeights> decoded;
   if (ec != nullptr && ec->compact_i8()) {
     auto d = WithFloatFactors(*ec);
@@ -173,39 +240,33 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Create(const W4W
     d.h = ec->gated ? ec->gate_hidden : 0;
     d.gated = ec->gated;
     out->rank_ = d.r;
-    const std::vector<uint16_t> a16 = ToHalf(ec->a), b16 = ToHalf(ec->b);
-    const int64_t esteps = d.rp / 16;
-    std::vector<uint32_t> bf(static_cast<size_t>(d.ntiles * esteps * 32 * 16), 0);
-    auto bval = [&](int64_t col, int64_t q) -> uint32_t {
-      if (col >= f.n || q >= d.r) return 0;
-      return b16[static_cast<size_t>(col * d.r + q)];
-    };
-    for (int64_t t = 0; t < d.ntiles; ++t) {
-      for (int64_t e = 0; e < esteps; ++e) {
-        for (int l = 0; l < 32; ++l) {
-          const int gid = l / 4, tig = l % 4;
-          for (int j = 0; j < 8; ++j) {
-            const int64_t col = t * kTileN + j * 8 + gid;
-            for (int reg = 0; reg < 2; ++reg) {
-              const int64_t q = e * 16 + 2 * tig + 8 * reg;
-              bf[static_cast<size_t>(((t * esteps + e) * 32 + l) * 16 + j * 2 + reg)] =
-                  bval(col, q) | (bval(col, q + 1) << 16);
-            }
-          }
-        }
-      }
+    EcI8Factors enc;
+    const EcI8Factors* f8 = I8Factors(*given, *ec, &enc);
+    auto lay = BLayout(f8, *ec);
+    if (!lay.ok()) return lay.status();
+    std::vector<uint16_t> ascales;
+    size_t a_bytes = 0;
+    if (AInt8(f8, *ec, &ascales, &d.ec_ang)) {
+      if (absl::Status s = Upload(f8->a, &d.ec_a8); !s.ok()) return s;
+      if (absl::Status s = Upload(ascales, &d.ec_ascales); !s.ok()) return s;
+      a_bytes = f8->a.size() + ascales.size() * 2;
+    } else {
+      const std::vector<uint16_t> a16 = ToHalf(ec->a);
+      if (absl::Status s = Upload(a16, &d.ec_a); !s.ok()) return s;
+      a_bytes = a16.size() * 2;
     }
-    if (absl::Status s = Upload(a16, &d.ec_a); !s.ok()) return s;
-    if (absl::Status s = Upload(b16, &d.ec_b); !s.ok()) return s;
-    if (absl::Status s = Upload(bf, &d.ec_bfrag); !s.ok()) return s;
+    if (absl::Status s = Upload(lay->words, &d.ec_rec); !s.ok()) return s;
+    if (absl::Status s = Upload(lay->scales, &d.ec_bscales); !s.ok()) return s;
+    d.ec_rec_words = lay->words.size();
+    d.ec_bscale_count = lay->scales.size();
+    SetTileArgs(*lay, &d);
     if (ec->gated) {
       for (auto [src, dst] : {std::pair{&ec->w1, &d.w1}, std::pair{&ec->b1, &d.b1},
                               std::pair{&ec->w2, &d.w2}, std::pair{&ec->b2, &d.b2}}) {
         if (absl::Status s = Upload(*src, dst); !s.ok()) return s;
       }
     }
-    out->extra_bytes_ += b16.size() * 2;
-    out->ec_bytes_ = a16.size() * 2 + bf.size() * 4 +
+    out->ec_bytes_ = a_bytes + lay->bytes() +
                      4 * (ec->w1.size() + ec->b1.size() + ec->w2.size() + ec->b2.size());
   }
   return out;
@@ -227,8 +288,11 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Clone() const {
   o.qw = nullptr;
   o.sz = nullptr;
   o.act_scale = nullptr;
-  o.ec_a = o.ec_b = nullptr;
-  o.ec_bfrag = nullptr;
+  o.ec_a = nullptr;
+  o.ec_a8 = nullptr;
+  o.ec_ascales = nullptr;
+  o.ec_rec = nullptr;
+  o.ec_bscales = nullptr;
   o.w1 = o.b1 = o.w2 = o.b2 = nullptr;
   auto copy = [](auto* src, auto** dst, size_t bytes) -> absl::Status {
     if (src == nullptr) return absl::OkStatus();
@@ -236,19 +300,22 @@ absl::StatusOr<std::unique_ptr<W4DeviceWeight>> W4DeviceWeight::Clone() const {
     SPEAR_CUDA_RETURN_IF_ERROR(cudaMemcpy(*dst, src, bytes, cudaMemcpyDeviceToDevice));
     return absl::OkStatus();
   };
-  const size_t esteps = static_cast<size_t>(d.rp / 16);
   for (absl::Status s :
        {copy(d.qw, &o.qw, qw_bytes_), copy(d.sz, &o.sz, sz_bytes_),
         copy(d.act_scale, &o.act_scale, static_cast<size_t>(d.k) * 4),
         copy(d.ec_a, &o.ec_a, static_cast<size_t>(d.r * d.k) * 2),
-        copy(d.ec_b, &o.ec_b, static_cast<size_t>(d.n * d.r) * 2),
-        copy(d.ec_bfrag, &o.ec_bfrag, static_cast<size_t>(d.ntiles) * esteps * 32 * 16 * 4),
+        copy(d.ec_a8, &o.ec_a8, static_cast<size_t>(d.r * d.k)),
+        copy(d.ec_ascales, &o.ec_ascales, static_cast<size_t>(d.r * d.ec_ang) * 2),
+        copy(d.ec_rec, &o.ec_rec, d.ec_rec_words * 4),
+        copy(d.ec_bscales, &o.ec_bscales, d.ec_bscale_count * 2),
         copy(d.w1, &o.w1, static_cast<size_t>(d.h * d.r) * 4),
         copy(d.b1, &o.b1, static_cast<size_t>(d.h) * 4),
         copy(d.w2, &o.w2, static_cast<size_t>(d.r * d.h) * 4),
         copy(d.b2, &o.b2, static_cast<size_t>(d.r) * 4)}) {
     if (!s.ok()) return s;
   }
+  o.ecb.rec = o.ec_rec;
+  o.ecb.scales = o.ec_bscales;
   return out;
 }
 
@@ -262,7 +329,7 @@ W4Workspace::~W4Workspace() {
                   static_cast<void*>(d.ec_counter), static_cast<void*>(d.u),
                   static_cast<void*>(d.v), static_cast<void*>(d.xs), static_cast<void*>(d.wh),
                   static_cast<void*>(d.pxs), static_cast<void*>(d.pu),
-                  static_cast<void*>(d.pv)}) {
+                  static_cast<void*>(d.pv), static_cast<void*>(d.eb), static_cast<void*>(d.ea)}) {
     if (p != nullptr) cudaFree(p);
   }
   if (d.cublas != nullptr) blas::Destroy(d.cublas);
@@ -328,6 +395,17 @@ absl::Status W4Workspace::Reserve(const W4DeviceWeight& w, int64_t m) {
   if (absl::Status st = Grow(&s.wh, &s.wh_elems, wh); !st.ok()) return st;
   if (absl::Status st = Grow(&s.pxs, &s.pxs_elems, mm * static_cast<size_t>(d.kp)); !st.ok()) {
     return st;
+  }
+  // An EC's B unpacked for the prefill / small-tile paths' y += V B^T.
+  if (d.r > 0 && m > 0) {
+    if (absl::Status st = Grow(&s.eb, &s.eb_elems, static_cast<size_t>(d.n * d.r)); !st.ok()) {
+      return st;
+    }
+    if (d.ec_a8 != nullptr) {
+      if (absl::Status st = Grow(&s.ea, &s.ea_elems, static_cast<size_t>(d.r * d.k)); !st.ok()) {
+        return st;
+      }
+    }
   }
   size_t have_u = s.pu_elems;
   if (absl::Status st = Grow(&s.pu, &s.pu_elems, mm * kMaxRank); !st.ok()) return st;

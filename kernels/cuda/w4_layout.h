@@ -23,15 +23,20 @@
 //      gid * 8 + j holds column 64 t + 8 j + gid, so one lane's 8 columns are
 //      32 contiguous bytes. ngroups = ceil(k / group_size); padded columns
 //      have scale 0.
-// ec_bfrag uint32 (half2) [ntiles][rp / 16][32 lanes][16]: the fp16 B
-//      fragments of the EC up-projection (B^T as the mma B operand, k = the
-//      rank coordinate padded to rp = roundup(r, 16) with zeros): entry
-//      j * 2 + reg of lane l holds B[c(j)][16 e + 2 tig + 8 reg + {0, 1}].
+// ec_rec / ec_bscales: the EC up-projection B in the tile layout of
+//      kernels/ec_tile_layout.h (per tile only the rank pairs its columns
+//      use; int8 codes + per-(tile, rank) fp16 scales for an EcFactors::kI8
+//      EC, fp16 values otherwise), read through EcTileArgs (ec_tile.cuh).
+//      The dense B the prefill and naive paths multiply by is unpacked from
+//      it into the workspace per call (LaunchEcUnpackB).
 #pragma once
+
+#include <cuda_fp16.h>
 
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/ec_tile_layout.h"
 #include "kernels/w4_cuda.h"
 
 typedef struct cublasContext* cublasHandle_t;
@@ -47,6 +52,28 @@ inline constexpr int kEcMaxKParts = 16;  // k ranges of the decode EC prologue
 
 inline int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// The decode kernels' view of an EC's B in the tile layout
+// (kernels/ec_tile_layout.h; device pointers; rec null: no EC term).
+struct EcTileArgs {
+  const uint32_t* rec = nullptr;
+  const uint16_t* scales = nullptr;  // int8 records' scales; null: fp16 records
+  int rs = 0;
+  int nseg = 0;
+  int tile0[kEcMaxSegs] = {}, q0[kEcMaxSegs] = {}, npairs[kEcMaxSegs] = {};
+  long long rec0[kEcMaxSegs] = {};
+  int max_steps = 0;  // k8 steps of the widest tile
+};
+
+// The prologue's view of the EC's A (device pointers): fp16 [r][k] (h), or,
+// for an int8 EC, its codes [r][k] (c) with fp16 scales [r][ng], one per 64
+// values along k (ng even: 4-byte pairs); exactly one of h and c is set.
+struct EcAArgs {
+  const __half* h = nullptr;
+  const int8_t* c = nullptr;
+  const __half* s = nullptr;
+  int ng = 0;
+};
+
 struct W4DeviceWeight::Impl {
   int64_t n = 0, k = 0, group = 0, ngroups = 0, kp = 0, ksteps = 0, nks = 0, ntiles = 0;
   uint32_t* qw = nullptr;
@@ -55,9 +82,14 @@ struct W4DeviceWeight::Impl {
   // EC (rank == 0: none)
   int64_t r = 0, rp = 0, h = 0;
   bool gated = false;
-  uint16_t* ec_a = nullptr;      // fp16 [r][k]
-  uint16_t* ec_b = nullptr;      // fp16 [n][r] (prefill / naive path)
-  uint32_t* ec_bfrag = nullptr;  // see above
+  uint16_t* ec_a = nullptr;      // fp16 [r][k] (null for int8 A)
+  int8_t* ec_a8 = nullptr;       // int8 EC (k % 8 == 0): A's codes [r][k]
+  uint16_t* ec_ascales = nullptr;  // their fp16 scales [r][ec_ang]
+  int64_t ec_ang = 0;
+  uint32_t* ec_rec = nullptr;    // B's records (see above)
+  uint16_t* ec_bscales = nullptr;  // int8 records: fp16 [ntiles][rs]
+  size_t ec_rec_words = 0, ec_bscale_count = 0;
+  EcTileArgs ecb;                // the kernels' view of ec_rec / ec_bscales
   float* w1 = nullptr;           // [h][r]
   float* b1 = nullptr;           // [h]
   float* w2 = nullptr;           // [r][h]
@@ -72,6 +104,10 @@ struct W4Workspace::Impl {
   int64_t ncounters = 0;
   unsigned* ec_counter = nullptr;
   float* u = nullptr;         // fp32 [kEcMaxKParts][64][kMaxRank] (decode EC: partial u)
+  uint16_t* eb = nullptr;     // fp16 [n][r]: an EC's B unpacked (prefill / naive paths)
+  size_t eb_elems = 0;
+  uint16_t* ea = nullptr;     // fp16 [r][k]: an int8 EC's A unpacked (prefill path)
+  size_t ea_elems = 0;
   uint16_t* v = nullptr;      // fp16 [64][kMaxRank] (decode EC: g ⊙ u, A operand)
   uint16_t* xs = nullptr;     // fp16 [64][kxs] (decode: x / act_scale, padded)
   int64_t xs_elems = 0;
@@ -122,8 +158,7 @@ struct DecodeArgs {
   uint16_t* y16;
   long long ldy;
   int accumulate;
-  const uint32_t* ecb;  // null: no EC term
-  int esteps;
+  EcTileArgs ec;  // ec.rec null: no EC term
   const uint16_t* v;
   int ldv;
   int debug;    // profiling only (SPEAR_W4_DEBUG): 1 skip compute, 2 skip weight loads
@@ -174,6 +209,20 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
 // Whether LaunchEcPrologue takes the one-cluster form (v47) for these
 // arguments, given x 16-byte aligned with ldx % 8 == 0 (or norm set).
 bool EcPrologueIsCluster(const W4DeviceWeight::Impl& w, int64_t m, int flags, bool pdl_launch);
+inline EcAArgs EcAOf(const W4DeviceWeight::Impl& w) {
+  EcAArgs a;
+  a.h = reinterpret_cast<const __half*>(w.ec_a);
+  a.c = w.ec_a8;
+  a.s = reinterpret_cast<const __half*>(w.ec_ascales);
+  a.ng = static_cast<int>(w.ec_ang);
+  return a;
+}
+// out = the EC's A as dense fp16 [r][k] (int8 A only), for the prefill
+// path's U = x A^T (out: the workspace's ea).
+absl::Status LaunchEcUnpackA(const W4DeviceWeight::Impl& w, uint16_t* out, cudaStream_t stream);
+// out = the EC's B as dense fp16 [n][r] (the epilogues' values), for the
+// prefill path's y += V B^T (out: the workspace's eb).
+absl::Status LaunchEcUnpackB(const W4DeviceWeight::Impl& w, uint16_t* out, cudaStream_t stream);
 // Gate only, from u [m][r] fp32 (prefill path).
 absl::Status LaunchEcGateRows(const W4DeviceWeight::Impl& w, const float* u, int64_t m,
                               uint16_t* v_half, int64_t ldv, float* gate_out, int64_t ldg,

@@ -204,24 +204,30 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
       SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(s.ec_fork, stream));
       SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s.ec_stream, s.ec_fork, 0));
     }
-    cublasStatus_t bs = blas::SetStream(eh, es);
+    // An int8 A is unpacked first (fp16 [r][k] in the workspace).
+    const absl::Status ua = d.ec_a8 != nullptr ? LaunchEcUnpackA(d, s.ea, es) : absl::OkStatus();
+    const uint16_t* a16 = d.ec_a8 != nullptr ? s.ea : d.ec_a;
+    cublasStatus_t bs = ua.ok() ? blas::SetStream(eh, es) : CUBLAS_STATUS_EXECUTION_FAILED;
     if (bs == CUBLAS_STATUS_SUCCESS) {
-      bs = blas::GemmEx(eh, CUBLAS_OP_T, CUBLAS_OP_N, r, m, k, &one, d.ec_a, CUDA_R_16F, k, p.x,
+      bs = blas::GemmEx(eh, CUBLAS_OP_T, CUBLAS_OP_N, r, m, k, &one, a16, CUDA_R_16F, k, p.x,
                         CUDA_R_16F, static_cast<int>(p.ldx), &zero, s.pu, CUDA_R_32F, r,
                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     }
     // (initialized, not assigned: nvcc 13 warns on the discarded Status&
     // of an assignment)
     const absl::Status st =
-        bs != CUBLAS_STATUS_SUCCESS
+        !ua.ok() ? ua
+        : bs != CUBLAS_STATUS_SUCCESS
             ? absl::InternalError(absl::StrCat("prefill EC: cublas U = x A^T failed: status ",
                                                static_cast<int>(bs)))
             : LaunchEcGateRows(d, s.pu, p.m, s.pv, rp, p.gate_out, p.gate_ld, es);
+    // B unpacked beside U (it does not depend on x) for y += V B^T below.
+    const absl::Status unpacked = st.ok() ? LaunchEcUnpackB(d, s.eb, es) : st;
     if (overlap) {
       SPEAR_CUDA_RETURN_IF_ERROR(cudaEventRecord(s.ec_join, s.ec_stream));
-      if (!st.ok()) (void)cudaStreamWaitEvent(stream, s.ec_join, 0);
+      if (!unpacked.ok()) (void)cudaStreamWaitEvent(stream, s.ec_join, 0);
     }
-    if (!st.ok()) return st;
+    if (!unpacked.ok()) return unpacked;
   }
   auto join = [&] {
     if (overlap) (void)cudaStreamWaitEvent(stream, s.ec_join, 0);
@@ -271,7 +277,7 @@ absl::Status RunPrefill(const W4DeviceWeight& w, const W4CudaParams& p, W4Worksp
       if (overlap) SPEAR_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, s.ec_join, 0));
       const int r = static_cast<int>(d.r), rp = static_cast<int>(d.rp);
       SPEAR_CUBLAS_RETURN_IF_ERROR(blas::GemmEx(s.cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, r, &one,
-                                                d.ec_b, CUDA_R_16F, r, s.pv, CUDA_R_16F, rp, &one,
+                                                s.eb, CUDA_R_16F, r, s.pv, CUDA_R_16F, rp, &one,
                                                 y, yt, static_cast<int>(p.ldy), CUBLAS_COMPUTE_32F,
                                                 CUBLAS_GEMM_DEFAULT));
     }

@@ -212,7 +212,11 @@ absl::Status TunePrefill(const std::vector<W4DeviceWeight*>& weights, int64_t ma
   if (!PrefillWgmmaAvailable()) return absl::OkStatus();  // dequantize + cuBLAS only
   const W4Format& f = weights[0]->fmt();
   if (f.k % 8 != 0) return absl::OkStatus();  // the wgmma kernels need k % 8 == 0
-  if (absl::Status st = ws->Reserve(*weights[0], max_m); !st.ok()) return st;
+  // Every weight (one shape, but their EC ranks differ, and with them the
+  // workspace's unpacked-EC buffers): nothing may grow inside a capture.
+  for (W4DeviceWeight* w : weights) {
+    if (absl::Status st = ws->Reserve(*w, max_m); !st.ok()) return st;
+  }
   Buffers b;
   if (absl::Status st = b.Init(f, max_m); !st.ok()) return st;
   // x of activation-like values (N(0, 1) fp16, every element its own: a

@@ -32,6 +32,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "tests/gpu_skip.h"
+#include "kernels/cuda/w4_layout.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
 #include "kernels/ec_factors.h"
@@ -276,6 +277,23 @@ TEST(CudaModelRunner, TinyCompactInt8EcsMatchCpu) {
     ++compact;
   });
   ASSERT_GT(compact, 0);
+  {
+    // The device copies keep A's int8 codes, and B's where the merged B's
+    // 64-column groups are its modules' own (q / k / v: 384 / 128 / 128
+    // columns; o, down), fp16 where a boundary falls inside a group (gate /
+    // up: 328).
+    auto g = CudaModelRunner::Create(m.get(), CudaRunnerOptions{});
+    ASSERT_TRUE(g.ok()) << g.status();
+    const auto& L = (*g)->weights().layers()[0];
+    for (const auto* lin : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
+      for (const auto& piece : lin->pieces) {
+        if (!piece.w->has_ec()) continue;
+        EXPECT_EQ(piece.w->impl().ecb.scales != nullptr, lin != &L.gate_up)
+            << "n " << piece.w->fmt().n;
+        EXPECT_NE(piece.w->impl().ec_a8, nullptr) << "A's codes, n " << piece.w->fmt().n;
+      }
+    }
+  }
   RunScenario(m.get(), {1, 17, 40}, 4, true, 25);
 }
 

@@ -22,7 +22,8 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
   const int64_t kv_bytes = b->num_blocks() * b->block_size() * c.num_layers * 2 *
                            c.num_kv_heads * c.head_dim * 2;
   b->description_ = absl::StrCat("cuda: ", name, " (device ", dev, "), weights ",
-                                 b->runner_->weights().bytes() >> 20, " MiB, KV ",
+                                 b->runner_->weights().bytes() >> 20, " MiB (ECs ",
+                                 b->runner_->weights().ec_bytes() >> 10, " KiB), KV ",
                                  b->num_blocks(), " blocks x ", b->block_size(), " fp16 (",
                                  kv_bytes >> 20, " MiB), sampling on the ",
                                  options.device_sampling ? "device" : "host");

@@ -157,6 +157,13 @@ absl::StatusOr<std::optional<kernels::EcWeights>> MergeEcs(
     e.b2.assign(static_cast<size_t>(r), 0.f);
   }
   int64_t n0 = 0, r0 = 0, h0 = 0;
+  // int8 when every part's EC is: the device copy then keeps B's codes where
+  // they reproduce the merged B (W4DeviceWeight::Create).
+  bool all_i8 = true;
+  for (const model::W4Linear* p : parts) {
+    if (p->has_ec()) all_i8 &= p->ec()->factors == kernels::EcFactors::kI8;
+  }
+  e.factors = all_i8 ? kernels::EcFactors::kI8 : kernels::EcFactors::kF16;
   for (const model::W4Linear* p : parts) {
     const int64_t np = p->out_features();
     if (p->has_ec()) {
@@ -185,6 +192,18 @@ absl::StatusOr<std::optional<kernels::EcWeights>> MergeEcs(
     n0 += np;
   }
   return std::optional<kernels::EcWeights>(std::move(e));
+}
+
+size_t DeviceModelWeights::ec_bytes() const {
+  size_t b = 0;
+  auto add = [&](const DeviceLinear& l) {
+    for (const DeviceLinear::Piece& p : l.pieces) b += p.w->ec_bytes();
+  };
+  for (const DeviceLayer& L : layers_) {
+    for (const DeviceLinear* l : {&L.qkv, &L.o, &L.gate_up, &L.down}) add(*l);
+  }
+  if (lm_head_w4_) add(*lm_head_w4_);
+  return b;
 }
 
 absl::StatusOr<std::unique_ptr<DeviceModelWeights>> DeviceModelWeights::Create(

@@ -75,6 +75,9 @@ class DeviceModelWeights {
   const DeviceLinear* lm_head_w4() const { return lm_head_w4_.get(); }
   // Device bytes of the weights (W4 layouts, ECs, fp16 tables, norms).
   size_t bytes() const { return bytes_; }
+  // Of those, the ECs' (A fp16, B in the tile layout: int8 codes + scales
+  // for int8 ECs, fp16 otherwise, the gate MLPs fp32).
+  size_t ec_bytes() const;
   // Number of device W4 weights (launches per forward, lm_head excluded).
   int64_t num_pieces() const;
   // Sum of the ranks of the pieces' ECs (the gate buffer's row length).

@@ -97,9 +97,9 @@ class W4DeviceWeight {
   // the GPU layout, padding included) and for the EC (A, B, gate).
   size_t backbone_bytes() const { return qw_bytes_ + sz_bytes_; }
   size_t ec_bytes() const { return ec_bytes_; }
-  // Everything this weight holds on the device: the above, act_scale, and
-  // the EC's B a second time, dense fp16 [n][r] for the prefill and naive
-  // paths (the decode kernels read the fragment copy counted in ec_bytes).
+  // Everything this weight holds on the device: the above and act_scale
+  // (the prefill and naive paths unpack the EC's A / B into the workspace
+  // per call).
   size_t device_bytes() const { return qw_bytes_ + sz_bytes_ + ec_bytes_ + extra_bytes_; }
 
   struct Impl;  // device pointers and padded sizes (kernels/cuda/w4_layout.h)
@@ -151,7 +151,7 @@ class W4DeviceWeight {
   W4Format fmt_;
   int64_t rank_ = 0;
   size_t qw_bytes_ = 0, sz_bytes_ = 0, ec_bytes_ = 0;
-  size_t extra_bytes_ = 0;  // act_scale + the dense copy of B
+  size_t extra_bytes_ = 0;  // act_scale
   std::unique_ptr<Impl> impl_;
 };
 

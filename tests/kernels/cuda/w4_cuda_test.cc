@@ -14,6 +14,7 @@
 // Outputs are NaN-poisoned before every launch (unless accumulating), so an
 // unwritten element fails.
 #include <cuda_runtime.h>
+#include <algorithm>
 
 #include <cmath>
 #include <cstdio>
@@ -33,6 +34,8 @@
 #include "kernels/cuda/w4_layout.h"
 #include "kernels/cuda_ops.h"
 #include "kernels/dtype.h"
+#include "kernels/ec_factors.h"
+#include "kernels/ec_tile_layout.h"
 #include "kernels/w4_cuda.h"
 #include "kernels/w4_ops.h"
 
@@ -132,6 +135,71 @@ EcWeights RandomEc(int64_t n, int64_t k, int64_t r, int64_t h, bool gated, std::
   return e;
 }
 
+// The int8 forms of an EC (Case::ec_form): 1 on the int8 grid (float form,
+// EcFactors::kI8), 2 compact (the codes as a .spear holds them), 3 a merged
+// EC's block-diagonal B (three modules on 64-column groups, each rounded to
+// the grid on its own, as the CUDA runner merges q / k / v), 4 the same with
+// the module boundaries off the 64-column groups (served as fp16 records).
+// Puts `len` values (`stride` apart) on an int8 grid of power-of-two
+// scales: each group of 64 holds codes in [-127, 127] times 2^e (e from the
+// line's largest value), its first value 127 x 2^e, so that the encoder
+// picks exactly 2^e. Then code x scale is exact in fp16 too, and the
+// device's fp16(code x scale) equals the reference's value, as RandomEc's
+// fp16-rounded factors do. off_grid: the 127 last in each group and the
+// other codes within [-100, 100], so that groups cut elsewhere (a merged
+// EC's module boundary inside a 64-column group) get other scales.
+void SnapPow2(float* x, int64_t len, int64_t stride, bool off_grid = false) {
+  float mx = 0.f;
+  for (int64_t i = 0; i < len; ++i) mx = std::max(mx, std::fabs(x[i * stride]));
+  if (mx == 0.f) return;
+  const float cmax = off_grid ? 100.f : 127.f;
+  const int e = std::max(-14, static_cast<int>(std::ceil(std::log2(mx / cmax))));
+  const float s = std::ldexp(1.f, e);
+  for (int64_t i = 0; i < len; ++i) {
+    const float c = std::clamp(std::nearbyint(x[i * stride] / s), -cmax, cmax);
+    const bool top = off_grid ? (i % kEcI8Group == kEcI8Group - 1 || i == len - 1)
+                              : i % kEcI8Group == 0;
+    x[i * stride] = (top ? 127.f : c) * s;
+  }
+}
+
+void MakeEcForm(int form, EcWeights* e) {
+  const int64_t n = e->n, k = e->k, r = e->rank;
+  for (int64_t q = 0; q < r; ++q) SnapPow2(e->a.data() + q * k, k, 1);
+  if (form == 3 || form == 4) {
+    const int64_t unit = std::max<int64_t>(1, n / 192) * 64 + (form == 4 ? 8 : 0);
+    const int64_t cb[4] = {0, std::min(n, unit), std::min(n, 2 * unit), n};
+    const int64_t rb[4] = {0, r / 3, 2 * r / 3, r};
+    for (int i = 0; i < 3; ++i) {
+      const int64_t ni = cb[i + 1] - cb[i], ri = rb[i + 1] - rb[i];
+      for (int64_t c = cb[i]; c < cb[i + 1]; ++c) {
+        for (int64_t q = 0; q < r; ++q) {
+          if (q < rb[i] || q >= rb[i + 1]) e->b[static_cast<size_t>(c * r + q)] = 0.f;
+        }
+      }
+      if (ni == 0 || ri == 0) continue;
+      for (int64_t q = rb[i]; q < rb[i + 1]; ++q) {
+        SnapPow2(e->b.data() + cb[i] * r + q, ni, r, form == 4);
+      }
+      std::vector<float> bi(static_cast<size_t>(ni * ri));
+      for (int64_t c = 0; c < ni; ++c) {
+        for (int64_t q = 0; q < ri; ++q) bi[c * ri + q] = e->b[(cb[i] + c) * r + rb[i] + q];
+      }
+      ASSERT_TRUE(RoundEcFactorsI8(ni, k, ri, e->a.data() + rb[i] * k, bi.data()).ok());
+      for (int64_t c = 0; c < ni; ++c) {
+        for (int64_t q = 0; q < ri; ++q) e->b[(cb[i] + c) * r + rb[i] + q] = bi[c * ri + q];
+      }
+    }
+    e->factors = EcFactors::kI8;
+    return;
+  }
+  for (int64_t q = 0; q < r; ++q) SnapPow2(e->b.data() + q, n, r);
+  ASSERT_TRUE(RoundEcFactorsI8(e).ok());
+  if (form == 2) {
+    ASSERT_TRUE(CompactEcFactorsI8(e).ok());
+  }
+}
+
 struct Case {
   int64_t n, k, g;
   int64_t m;
@@ -148,6 +216,7 @@ struct Case {
   int64_t gate_pad = 0;  // gate_out row stride = rank + gate_pad (W4CudaParams::gate_ld)
   int prefill_kernel = 0;  // W4CudaParams::prefill_kernel
   int prefill_splits = 0;  // W4CudaParams::prefill_splits (wgmma kernel; 0 automatic)
+  int ec_form = 0;         // MakeEcForm (0: fp16 values)
   cuda::W4DeviceWeight::DecodeTuning tuning;  // set on the device weight for every m <= 8
   cuda::W4DeviceWeight::PrefillTuning ptuning;  // set on the device weight for every bucket
   std::string Name() const {
@@ -157,7 +226,7 @@ struct Case {
                         " decode=", force_decode, " dk=", decode_kernel, " splits=", decode_splits,
                         " depth=", decode_depth, " ldxpad=", ldx_pad, " ldypad=", ldy_pad, " r=", ec_rank,
                         " h=", ec_hidden, " prologue=", ec_prologue, " gpad=", gate_pad,
-                        " pk=", prefill_kernel, " psplits=", prefill_splits, " tuned=", tuning.warps, "/", tuning.splits,
+                        " pk=", prefill_kernel, " psplits=", prefill_splits, " ecform=", ec_form, " tuned=", tuning.warps, "/", tuning.splits,
                         "/", tuning.depth, " G", tuning.groups, " ptuned=", ptuning.kernel, "/", ptuning.splits);
   }
 };
@@ -167,10 +236,26 @@ struct Case {
 void RunCase(const Case& c, std::mt19937& rng, cuda::W4Workspace* ws) {
   SCOPED_TRACE(c.Name());
   const W4Weight w = RandomW4(c.n, c.k, c.g, c.symmetric, c.act_scale, rng);
-  const EcWeights ec = RandomEc(c.n, c.k, c.ec_rank, c.ec_hidden, c.ec == 2, rng);
+  EcWeights ec = RandomEc(c.n, c.k, c.ec_rank, c.ec_hidden, c.ec == 2, rng);
+  if (c.ec && c.ec_form != 0) {
+    MakeEcForm(c.ec_form, &ec);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
   const EcWeights* ecp = c.ec ? &ec : nullptr;
   auto dw = cuda::W4DeviceWeight::Create(w, ecp);
   ASSERT_TRUE(dw.ok()) << dw.status();
+  if (c.ec) {
+    // B as int8 records where its codes reproduce it (forms 1-3), else fp16.
+    const cuda::EcTileArgs& eb = (*dw)->impl().ecb;
+    // (form 4 of a single 64-column group or less has no inner boundary)
+    const bool boundary = c.n > std::max<int64_t>(1, c.n / 192) * 64 + 8;
+    EXPECT_EQ(eb.scales != nullptr, c.ec_form >= 1 && (c.ec_form <= 3 || !boundary));
+    // A's codes wherever the EC is int8 and k % 8 == 0
+    EXPECT_EQ((*dw)->impl().ec_a8 != nullptr, c.ec_form >= 1 && c.k % 8 == 0);
+    if (c.ec_form == 3 && c.n >= 192 && c.ec_rank >= 6) {
+      EXPECT_EQ(eb.nseg, 3);
+    }
+  }
   for (int64_t tm = 1; tm <= cuda::W4DeviceWeight::kMaxTunedM; ++tm) {
     (*dw)->set_decode_tuning(tm, c.tuning);
   }
@@ -1383,6 +1468,75 @@ TEST(CudaW4, FoldEcShapesMatchReference) {
   }
 }
 
+// int8 ECs (EcFactors::kI8, as `spear quantize --ec-factors i8` stores them)
+// served from their codes: B's tile records as int8 + per-(tile, rank)
+// scales in every kernel with an EC epilogue (the fold kernel with B through
+// shared memory and from global memory (flag 128), 4 / 8 warps, k splits;
+// the swapped kernels (1, 2 = v7 / v8 forms); the x-as-m16 kernel (3, and
+// 17 / 33 / 64 / 65 rows); the small token tiles and prefill paths, which
+// unpack A and B), A's codes in every prologue form (one cluster at one row,
+// v27's, v12's (1), v27's at one row (16), the scalar path of x rows off 16
+// bytes), in the four forms of MakeEcForm, odd and large ranks, a ragged
+// last tile (n = 1000, 200); form 4 (module boundaries off the 64-column
+// groups) must fall back to fp16 records and stay right. The device copy's
+// EC bytes are checked: A and B one byte per value + fp16 scales, the gate
+// fp32.
+TEST(CudaW4, Int8EcMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 46);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct Shape {
+    int64_t n, k, g, r;
+  };
+  const Shape shapes[] = {{576, 576, 64, 6},   {1000, 1000, 1000, 7}, {200, 384, 32, 4},
+                          {4096, 4096, 128, 8}, {1536, 2048, 128, 33}, {640, 4096, 4096, 100},
+                          {72, 1001, 1001, 5}};  // k % 8 != 0: A served as fp16
+  const int64_t ms[] = {1, 3, 8, 12, 16, 17, 33, 65, 130};
+  const int dks[] = {0, 4, 5, 5 | 128, 1, 2, 3};
+  int v = 0;
+  for (const Shape& sh : shapes) {
+    for (int64_t m : ms) {
+      Case c{sh.n, sh.k, sh.g, m};
+      c.ec = v % 2 == 0 ? 2 : 1;
+      c.ec_rank = sh.r;
+      c.ec_form = 1 + v % 4;
+      c.bias = v % 3 == 0;
+      c.f16_out = v % 5 == 2;
+      c.accumulate = v % 4 == 1;
+      // the prologue's forms: v12's (1), v27's at one row (16); x rows off
+      // 16 bytes (ldx = k + 3: its scalar path)
+      c.ec_prologue = v % 6 == 5 ? 1 : (v % 6 == 4 && m == 1) ? 16 : 0;
+      c.ldx_pad = v % 7 == 6 ? 3 : 0;
+      if (m == 130) {
+        c.force_prefill = true;
+      } else if (m == 17 || m == 33) {
+        // the automatic path (the small token tiles where they run)
+      } else {
+        c.force_decode = true;
+        c.decode_kernel = m <= 16 ? dks[v % 7] : 0;
+      }
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+  // The bytes: a compact int8 EC of rank 8 on 4096 x 4096.
+  const W4Weight w = RandomW4(4096, 4096, 128, false, false, rng);
+  EcWeights ec = RandomEc(4096, 4096, 8, 16, true, rng);
+  MakeEcForm(2, &ec);
+  ASSERT_FALSE(HasFatalFailure());
+  auto dw = cuda::W4DeviceWeight::Create(w, &ec);
+  ASSERT_TRUE(dw.ok()) << dw.status();
+  auto lay = BuildEcTileLayoutI8(ec.i8.b.data(), ec.i8.b_scales.data(), 4096, 8);
+  ASSERT_TRUE(lay.ok()) << lay.status();
+  EXPECT_EQ(lay->bytes(), size_t{4096 * 8 + 64 * 8 * 2});
+  // A: codes + one fp16 scale per 64 (64 groups a row); the gate fp32
+  EXPECT_EQ((*dw)->ec_bytes(),
+            size_t{8 * 4096 + 8 * 64 * 2} + lay->bytes() + 4 * (16 * 8 * 2 + 16 + 8));
+  EXPECT_NE((*dw)->impl().ec_a8, nullptr);
+}
+
 // v36: the tuners' input fill: N(0, 1) in distribution (mean, variance,
 // tails), no element repeating its neighbour or the element 64 Ki before
 // it more than chance allows (TunePrefill's first x was a 64 Ki block
@@ -1629,8 +1783,10 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
     const EcWeights ec = RandomEc(64, 128, 8, 4, true, erng);
     auto dwe = cuda::W4DeviceWeight::Create(w, &ec);
     ASSERT_TRUE(dwe.ok());
-    // Device memory: the decode layout's bytes plus the dense fp16 copy of B.
-    EXPECT_EQ((*dwe)->device_bytes(), (*dwe)->backbone_bytes() + (*dwe)->ec_bytes() + 64 * 8 * 2);
+    // Device memory: the decode layout's bytes, B once (its tile records:
+    // one tile, 4 rank pairs, fp16) + A fp16 + the gate fp32.
+    EXPECT_EQ((*dwe)->device_bytes(), (*dwe)->backbone_bytes() + (*dwe)->ec_bytes());
+    EXPECT_EQ((*dwe)->ec_bytes(), size_t{4 * 8 * 32 + 8 * 128 * 2 + 4 * (4 * 8 * 2 + 4 + 8)});
     EXPECT_EQ((*dw)->device_bytes(), (*dw)->backbone_bytes());
     p.gate_ld = 7;
     EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dwe, p, ws->get(), nullptr)));
