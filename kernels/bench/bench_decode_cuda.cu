@@ -29,12 +29,13 @@
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
 //                                [--iters=20] [--variants=0,...,50]  (rows of kVariants)
-//                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static] [--ec-i8]]
+//                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static] [--ec-i8 | --ec-fp16]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
-// --ec-i8: the placed ECs as int8 factors, block-diagonal where merged
-// (the form an `--ec-factors i8` checkpoint is served in); by default fp16
-// values, dense over the merged ranks (the form of the runs before it).
+// --ec-i8 / --ec-fp16: the placed ECs as int8 factors, block-diagonal where
+// merged (the form an `--ec-factors i8` checkpoint is served in), or as
+// fp16 values dense over the merged ranks (the form of every run before
+// v57); by default the checkpoint's own storage.
 // --ec-placement: the EC placement of a real `spear quantize` checkpoint
 // (its diagnostic's modules and ranks) mapped onto this shape (layer l takes
 // the checkpoint's layer l * L_src / L; ranks scaled by one factor to P % of
@@ -164,12 +165,16 @@ T* Alloc(size_t n) {
 enum class Ec { kOff, kAll, kEvery4th, kPlacement };
 // --ec-static: the placed ECs without gate MLPs.
 bool g_ec_static = false;
-// --ec-i8: the placed ECs as `spear quantize --ec-factors i8` stores them:
-// each member's A and B on the int8 grid, its B on its own columns and
-// ranks only (a merged q / k / v or gate / up EC is block-diagonal, as the
-// CUDA runner builds it), the ranks scaled with int8 bytes per rank; served
-// from the codes (kernels/ec_tile_layout.h).
-bool g_ec_i8 = false;
+// The placed ECs' factor storage: -1 the checkpoint's own (default), 1
+// int8 (--ec-i8), 0 fp16 (--ec-fp16). int8: as `spear quantize --ec-factors
+// i8` stores them: each member's A and B on the int8 grid, its B on its own
+// columns and ranks only (a merged q / k / v or gate / up EC is
+// block-diagonal, as the CUDA runner builds it), the ranks scaled with int8
+// bytes per rank; served from the codes (kernels/ec_tile_layout.h). fp16:
+// dense random factors over the merged ranks, fp16 bytes per rank (every
+// run before v57 measured this form, whatever the checkpoint's).
+int g_ec_factors = -1;
+bool g_ec_i8 = false;  // the form in use (set from the above and the checkpoint)
 struct Variant {
   const char* name;
   Ec ec;
@@ -959,7 +964,9 @@ int Main(int argc, char** argv) {
     else if (a == "--ec-static")
       g_ec_static = true;
     else if (a == "--ec-i8")
-      g_ec_i8 = true;
+      g_ec_factors = 1;
+    else if (a == "--ec-fp16")
+      g_ec_factors = 0;
     else if (a.rfind("--variants=", 0) == 0) {
       variants_given = true;
       variants.clear();
@@ -973,7 +980,7 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
                    "[--batches=1,8,32] [--iters=20] [--variants=0,...,50] "
-                   "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static] [--ec-i8]]\n",
+                   "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static] [--ec-i8 | --ec-fp16]]\n",
                    a.c_str(), argv[0]);
       return 2;
     }
@@ -987,6 +994,7 @@ int Main(int argc, char** argv) {
     }
     placement = std::make_unique<bench::EcPlacement>(*pl);
     if (placement_pct < 0) placement_pct = placement->ec_pct;
+    g_ec_i8 = g_ec_factors < 0 ? placement->int8_factors : g_ec_factors == 1;
     if (!variants_given) {
       for (int v = kFirstPlacementVariant; v < kNumVariants; ++v) variants.push_back(v);
     }

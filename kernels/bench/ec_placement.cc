@@ -26,8 +26,10 @@ absl::StatusOr<EcPlacement> ReadEcPlacement(const std::string& path) {
   out.num_layers = static_cast<int>(m->config.num_layers);
   if (m->w4_model_bytes > 0) out.ec_pct = 100.0 * m->ec_bytes / m->w4_model_bytes;
   out.ranks.assign(static_cast<size_t>(out.num_layers), {});
+  out.int8_factors = true;
   for (const model::SpearModuleInfo& mod : m->modules) {
     if (mod.ec_rank <= 0) continue;
+    out.int8_factors &= mod.ec_factors == EcFactors::kI8;
     const std::optional<model::LinearName> n = model::ParseLinearName(mod.name);
     if (!n || n->layer >= out.num_layers) {
       return absl::InvalidArgumentError(
@@ -37,6 +39,7 @@ absl::StatusOr<EcPlacement> ReadEcPlacement(const std::string& path) {
         static_cast<int>(mod.ec_rank);
     ++out.num_ecs;
   }
+  out.int8_factors &= out.num_ecs > 0;
   return out;
 }
 

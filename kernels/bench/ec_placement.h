@@ -20,6 +20,9 @@ struct EcPlacement {
   // ranks[l][member]: 0 = no EC.
   std::vector<std::array<int, kNumMembers>> ranks;
   int num_ecs = 0;
+  // Every EC stored as int8 factors (`--ec-factors i8`): its 1 % buys
+  // about twice the ranks of fp16 factors, and the GPU serves the codes.
+  bool int8_factors = false;
 };
 
 // `path`: a .spear directory or its spear.json, read and validated by

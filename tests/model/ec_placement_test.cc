@@ -8,6 +8,7 @@
 #include <string>
 
 #include "gtest/gtest.h"
+#include "kernels/ec_factors.h"
 #include "tests/engine/tiny_w4_model.h"
 #include "worker/model/spear_checkpoint.h"
 #include "worker/model/w4_linear.h"
@@ -44,7 +45,24 @@ TEST(EcPlacement, ReadsEveryEcOfASavedCheckpoint) {
     for (int l = 0; l < 3; ++l) {
       for (int j = 0; j < kNumMembers; ++j) EXPECT_EQ(p->ranks[l][j], expected[l][j]) << l << " " << j;
     }
+    EXPECT_FALSE(p->int8_factors);  // fp16 factors
   }
+  // The same ECs stored as int8 factors: the placement says so.
+  m->weights.ForEachLinear([&](const std::string&, std::unique_ptr<model::Linear>& l) {
+    auto* w = dynamic_cast<model::W4Linear*>(l.get());
+    if (w == nullptr || !w->has_ec()) return;
+    kernels::EcWeights e = *w->ec();
+    ASSERT_TRUE(kernels::RoundEcFactorsI8(&e).ok());
+    auto q = model::W4Linear::Create(w->weight(), std::move(e), w->bias());
+    ASSERT_TRUE(q.ok()) << q.status();
+    l = *std::move(q);
+  });
+  const std::string dir8 = testing::MakeTempDir("ec_placement_i8") + "/m.spear";
+  ASSERT_TRUE(model::SaveSpearModel(*m, model::SpearProvenance{}, dir8).ok());
+  auto p8 = ReadEcPlacement(dir8);
+  ASSERT_TRUE(p8.ok()) << p8.status();
+  EXPECT_TRUE(p8->int8_factors);
+  EXPECT_EQ(p8->num_ecs, count);
 }
 
 TEST(EcPlacement, MissingOrBrokenCheckpointsAreClearErrors) {
