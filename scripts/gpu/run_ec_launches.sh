@@ -6,7 +6,10 @@
 # given, into one file ($OUT/ec_launches.md: the tool brings back few files).
 # A placement is NAME=DIR[:PCT]: DIR a .spear manifest's directory (relative to
 # the bundle), PCT the bench's --ec-pct (default: the checkpoint's own EC %);
-# scripts/eval/ec_launch_placements.py writes such DIRs and PCTs. Runs stop
+# scripts/eval/ec_launch_placements.py writes such DIRs and PCTs. The ECs take
+# the checkpoint's factor storage (int8 for an --ec-factors i8 checkpoint, at
+# the ranks its budget buys; SPEAR_EC_FORM=--ec-fp16 gives the fp16 mapping of
+# the runs before v57, docs/results/gpu.md). Runs stop
 # being started once SPEAR_LAUNCH_DEADLINE seconds (default 400) have passed.
 # usage: scripts/gpu/run_ec_launches.sh MODELS NAME=DIR[:PCT]...   (MODELS: 8B, 1B or 8B,1B)
 set -uo pipefail
@@ -33,7 +36,7 @@ for spec in "$@"; do
   echo "### $name ($dir $pct)" >>"$A"
   s=$(date +%s)
   timeout "${SPEAR_BENCH_TIMEOUT:-150}" "$BUNDLE"/bin/spear_bench_decode_cuda --models="$models" \
-    --batches=1,8 --variants=0,9,0,9 --ec-placement="$BUNDLE/$dir" $pct >>"$A" 2>&1
+    --batches=1,8 --variants=0,9,0,9 --ec-placement="$BUNDLE/$dir" $pct ${SPEAR_EC_FORM:-} >>"$A" 2>&1
   r=$?
   ((r == 0)) || rc=1
   echo "$name: $(($(date +%s) - s)) s, rc $r" | tee -a "$A"
