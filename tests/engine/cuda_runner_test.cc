@@ -41,6 +41,7 @@
 #include "tests/engine/tiny_model.h"
 #include "tests/engine/tiny_w4_model.h"
 #include "worker/engine/cuda_model_runner.h"
+#include "worker/engine/cuda_model_weights.h"
 #include "worker/engine/kv_cache.h"
 #include "worker/engine/model_runner.h"
 #include "worker/model/w4_linear.h"
@@ -249,6 +250,60 @@ void RunScenario(model::LoadedModel* m, const std::vector<int64_t>& lens, int st
     decode("decode, ECs on again");
   }
   (void)bs;
+}
+
+// MergeEcs (host code, no GPU): the q / k / v ECs of one fused weight as
+// one EC, A's rows stacked, B block-diagonal, the gates side by side; int8
+// when every part's EC is int8 (the device copy then keeps the codes), fp16
+// when one part is fp16; a compact part decoded exactly.
+TEST(MergeEcs, StacksPartsAndKeepsInt8) {
+  std::mt19937 rng(7);
+  std::vector<std::unique_ptr<model::W4Linear>> parts;
+  for (auto [n, r] : {std::pair<int64_t, int>{128, 4}, {64, 2}, {64, 0}}) {
+    parts.push_back(testing::RandomW4(n, 96, 96, true, false, r > 0 ? 1 : 0, r, &rng));
+  }
+  // Parts 0 and 1 as int8 factors, part 0 compact (as a loaded .spear holds it).
+  for (int i = 0; i < 2; ++i) {
+    kernels::EcWeights e = *parts[i]->ec();
+    ASSERT_TRUE(kernels::RoundEcFactorsI8(&e).ok());
+    if (i == 0) {
+      ASSERT_TRUE(kernels::CompactEcFactorsI8(&e).ok());
+    }
+    auto q = model::W4Linear::Create(parts[i]->weight(), std::move(e), parts[i]->bias());
+    ASSERT_TRUE(q.ok()) << q.status();
+    parts[i] = *std::move(q);
+  }
+  std::vector<const model::W4Linear*> ptrs = {parts[0].get(), parts[1].get(), parts[2].get()};
+  auto merged = MergeEcs(ptrs);
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  ASSERT_TRUE(merged->has_value());
+  const kernels::EcWeights& m = **merged;
+  EXPECT_EQ(m.factors, kernels::EcFactors::kI8);
+  EXPECT_EQ(m.n, 256);
+  EXPECT_EQ(m.rank, 6);
+  EXPECT_EQ(m.gate_hidden, 16);
+  auto f0 = kernels::WithFloatFactors(*parts[0]->ec());
+  ASSERT_TRUE(f0.ok());
+  const kernels::EcWeights& e1 = *parts[1]->ec();
+  for (int64_t j = 0; j < 96; ++j) {
+    for (int q = 0; q < 4; ++q) ASSERT_EQ(m.a[q * 96 + j], f0->a[q * 96 + j]);
+    for (int q = 0; q < 2; ++q) ASSERT_EQ(m.a[(4 + q) * 96 + j], e1.a[q * 96 + j]);
+  }
+  for (int64_t c = 0; c < 256; ++c) {
+    for (int q = 0; q < 6; ++q) {
+      const float want = c < 128 && q < 4                ? f0->b[c * 4 + q]
+                         : c >= 128 && c < 192 && q >= 4 ? e1.b[(c - 128) * 2 + q - 4]
+                                                         : 0.f;
+      ASSERT_EQ(m.b[c * 6 + q], want) << c << " " << q;
+    }
+  }
+  // One fp16 part: the merge is fp16.
+  auto p2 = testing::RandomW4(64, 96, 96, true, false, 2, 3, &rng);
+  ptrs[2] = p2.get();
+  auto mixed = MergeEcs(ptrs);
+  ASSERT_TRUE(mixed.ok()) << mixed.status();
+  EXPECT_EQ((**mixed).factors, kernels::EcFactors::kF16);
+  EXPECT_EQ((**mixed).rank, 9);
 }
 
 TEST(CudaModelRunner, TinyPerChannelGatedEcMatchesCpu) {
