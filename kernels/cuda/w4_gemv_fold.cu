@@ -465,8 +465,12 @@ __global__ void __launch_bounds__(NW * 32, NT == 4 ? (NW == 8 ? 1 : 2) : (NW == 
         }
         const uint4* bs = reinterpret_cast<const uint4*>(
             smem + geo.ecb_off + (it & 1) * a.ec.max_steps * 1024 + (e * 32 + lane) * 32);
+        // (r1 by value: a conditional of the two lvalues took r0's address,
+        // a local-memory store and a generic load on the epilogue's path)
         const uint4 r0 = bs[0];
-        EcFrags(a.ec, tile, *qr, r0, a.ec.scales ? r0 : bs[1], af);
+        uint4 r1 = r0;
+        if (a.ec.scales == nullptr) r1 = bs[1];
+        EcFrags(a.ec, tile, *qr, r0, r1, af);
         return true;
       };
   #pragma unroll 1
