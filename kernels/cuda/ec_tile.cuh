@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/w4_layout.h"
 
 namespace spear::kernels::cuda {
@@ -52,6 +53,23 @@ __device__ __forceinline__ int EcRank(const EcTileSeg& s, int step, int lane) {
   return s.q0 + 2 * (4 * step + (lane & 3));
 }
 
+// Four int8 codes (one word) -> fp16(code x scale) as two half2: *lo of
+// bytes 0, 1, *hi of bytes 2, 3 (code + 128 per byte as the low mantissa
+// bits of 1024 = 0x6400, minus 1152, times the scale pair s2: exact but for
+// the product's one rounding).
+__device__ __forceinline__ void I8x4ToHalf2(uint32_t w, __half2 s2, uint32_t* lo, uint32_t* hi) {
+  const uint32_t x = w ^ 0x80808080u;
+  const uint32_t bias = 0x64806480u;  // half2 {1152, 1152}: 1024 + 128
+  uint32_t l = __byte_perm(x, 0x64646464u, 0x4140);
+  uint32_t h = __byte_perm(x, 0x64646464u, 0x4342);
+  __half2 hl = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&l),
+                               *reinterpret_cast<const __half2*>(&bias)), s2);
+  __half2 hh = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h),
+                               *reinterpret_cast<const __half2*>(&bias)), s2);
+  *lo = *reinterpret_cast<uint32_t*>(&hl);
+  *hi = *reinterpret_cast<uint32_t*>(&hh);
+}
+
 // The fragment words from a record (r1 unused for int8); tile and q give the
 // int8 scales.
 __device__ __forceinline__ void EcFrags(const EcTileArgs& e, int tile, int q, const uint4& r0,
@@ -60,20 +78,8 @@ __device__ __forceinline__ void EcFrags(const EcTileArgs& e, int tile, int q, co
     const __half2 s2 =
         *reinterpret_cast<const __half2*>(e.scales + static_cast<long long>(tile) * e.rs + q);
     const uint32_t w[4] = {r0.x, r0.y, r0.z, r0.w};
-    const uint32_t bias = 0x64806480u;  // half2 {1152, 1152}: 1024 + 128
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const uint32_t x = w[p] ^ 0x80808080u;  // code + 128 per byte
-      // {1024 + byte, ...}: the byte as the low mantissa bits of 0x6400.
-      uint32_t lo = __byte_perm(x, 0x64646464u, 0x4140);
-      uint32_t hi = __byte_perm(x, 0x64646464u, 0x4342);
-      __half2 hl = __hsub2(*reinterpret_cast<__half2*>(&lo), *reinterpret_cast<const __half2*>(&bias));
-      __half2 hh = __hsub2(*reinterpret_cast<__half2*>(&hi), *reinterpret_cast<const __half2*>(&bias));
-      hl = __hmul2(hl, s2);
-      hh = __hmul2(hh, s2);
-      af[2 * p] = *reinterpret_cast<uint32_t*>(&hl);
-      af[2 * p + 1] = *reinterpret_cast<uint32_t*>(&hh);
-    }
+    for (int p = 0; p < 4; ++p) I8x4ToHalf2(w[p], s2, &af[2 * p], &af[2 * p + 1]);
   } else {
     af[0] = r0.x, af[1] = r0.y, af[2] = r0.z, af[3] = r0.w;
     af[4] = r1.x, af[5] = r1.y, af[6] = r1.z, af[7] = r1.w;
@@ -119,14 +125,6 @@ __device__ __forceinline__ float EcBValue(const EcTileArgs& e, int col, int q) {
 }
 
 
-__device__ __forceinline__ void EcMma16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                        uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // k8 steps are taken two at a time, as one m16n8k16 step: step 2 h's
 // ranks are the k16 fragments' k 0..7, step 2 h + 1's k 8..15 (zeros past
 // the tile's steps). EcPairs: the tile's k16 steps.
@@ -146,7 +144,7 @@ __device__ __forceinline__ void EcMmaSwapped(const DecodeArgs& a, bool on0, int 
     const uint32_t vb1 = on1 && row < a.m ? *reinterpret_cast<const uint32_t*>(vr + q1) : 0u;
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
-      EcMma16(acc[nt][p], f0[2 * p], f0[2 * p + 1], f1[2 * p], f1[2 * p + 1], vb0, vb1);
+      Mma(acc[nt][p], f0[2 * p], f0[2 * p + 1], f1[2 * p], f1[2 * p + 1], vb0, vb1);
     }
   }
 }

@@ -78,22 +78,11 @@ __device__ void GateWarp(const GateArgs& g, long long token, float* us, float* h
 // 8 c + 7 of row `row` as fp16 (fp16(code x scale) for int8 codes: the
 // value an fp16 copy of the decoded A holds). Needs k % 8 == 0.
 __device__ __forceinline__ uint4 A8Halves(uint2 codes, __half s) {
-  const uint32_t w[2] = {codes.x ^ 0x80808080u, codes.y ^ 0x80808080u};
-  const uint32_t bias = 0x64806480u;  // half2 {1152, 1152}
   const __half2 s2 = __half2half2(s);
-  uint32_t o[4];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    uint32_t lo = __byte_perm(w[i], 0x64646464u, 0x4140);
-    uint32_t hi = __byte_perm(w[i], 0x64646464u, 0x4342);
-    __half2 hl = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&lo),
-                                 *reinterpret_cast<const __half2*>(&bias)), s2);
-    __half2 hh = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&hi),
-                                 *reinterpret_cast<const __half2*>(&bias)), s2);
-    o[2 * i] = *reinterpret_cast<uint32_t*>(&hl);
-    o[2 * i + 1] = *reinterpret_cast<uint32_t*>(&hh);
-  }
-  return make_uint4(o[0], o[1], o[2], o[3]);
+  uint4 o;
+  I8x4ToHalf2(codes.x, s2, &o.x, &o.y);
+  I8x4ToHalf2(codes.y, s2, &o.z, &o.w);
+  return o;
 }
 template <bool A8>
 __device__ __forceinline__ uint4 APiece(const EcAArgs& A, int row, int k, int c) {

@@ -41,6 +41,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/decode_store.cuh"
 #include "kernels/cuda/ec_tile.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/w4_layout.h"
 
@@ -67,23 +68,6 @@ __device__ __forceinline__ uint4 LdNc(const uint4* p) {
 // only after griddepcontrol.wait.
 __device__ __forceinline__ uint32_t LdX(const uint16_t* p) {
   return *reinterpret_cast<const uint32_t*>(p);
-}
-
-__device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                    uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// The same with a zero accumulator in (the first k-step of a group).
-__device__ __forceinline__ void MmaZ(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                     uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%10,%10,%10,%10};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
 }
 
 template <uint32_t A, uint32_t B>
