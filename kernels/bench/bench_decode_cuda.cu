@@ -172,9 +172,9 @@ bool g_ec_static = false;
 // block-diagonal, as the CUDA runner builds it), the ranks scaled with int8
 // bytes per rank; served from the codes (kernels/ec_tile_layout.h). fp16:
 // dense random factors over the merged ranks, fp16 bytes per rank (every
-// run before v57 measured this form, whatever the checkpoint's).
+// run before v57 measured this form, whatever the checkpoint's). -1 is
+// resolved once the placement is read.
 int g_ec_factors = -1;
-bool g_ec_i8 = false;  // the form in use (set from the above and the checkpoint)
 struct Variant {
   const char* name;
   Ec ec;
@@ -545,7 +545,7 @@ class Model {
       }
     }
     auto src = [&](int l) { return P.ranks[static_cast<size_t>(int64_t{l} * P.num_layers / s.layers)]; };
-    const EcFactors fac = g_ec_i8 ? EcFactors::kI8 : EcFactors::kF16;
+    const EcFactors fac = g_ec_factors == 1 ? EcFactors::kI8 : EcFactors::kF16;
     double unit = 0;  // EC bytes (A row + B column as stored) per unit of source rank
     for (int l = 0; l < s.layers; ++l) {
       for (int i = 0; i < bench::kNumMembers; ++i) {
@@ -581,7 +581,8 @@ class Model {
       }
       for (int g = 0; g < kNumGroups; ++g) {
         if (rank[g] == 0) continue;
-        if (rank[g] > 256) {
+        const bool group_capped = rank[g] > 256;
+        if (group_capped) {
           rank[g] = 256;
           ++capped;
         }
@@ -591,7 +592,9 @@ class Model {
         auto& pr = proto[key];
         if (!pr) {
           EcWeights e = bench::RandomEc(w.fmt.n, w.fmt.k, rng, rank[g], gates[g]);
-          if (g_ec_i8 && rank[g] <= 256) MembersOnGrid(members[g], &e);
+          // (a group capped at rank 256 no longer holds its members' ranks:
+          // it stays dense)
+          if (fac == EcFactors::kI8 && !group_capped) MembersOnGrid(members[g], &e);
           auto r = cuda::W4DeviceWeight::Create(w, &e);
           CKS(r.status());
           pr = std::move(*r);
@@ -610,7 +613,7 @@ class Model {
                 "the tile layout; + gate MLPs) %.1f MB = %.3f %%%s; GEMM ranks:",
                 s.name, P.num_ecs, P.num_layers, placed, kNumGroups * s.layers, scale,
                 member_bytes / 1e6, 100.0 * member_bytes / served, served / 1e9, pct,
-                g_ec_i8 ? "int8" : "fp16", ec_bytes / 1e6, 100.0 * ec_bytes / served, capped ? " (some capped at 256)" : "");
+                fac == EcFactors::kI8 ? "int8" : "fp16", ec_bytes / 1e6, 100.0 * ec_bytes / served, capped ? " (some capped at 256)" : "");
     for (const auto& [r, n] : rank_hist) std::printf(" %lldx%d", static_cast<long long>(r), n);
     std::printf("\n");
     std::fflush(stdout);
@@ -994,7 +997,7 @@ int Main(int argc, char** argv) {
     }
     placement = std::make_unique<bench::EcPlacement>(*pl);
     if (placement_pct < 0) placement_pct = placement->ec_pct;
-    g_ec_i8 = g_ec_factors < 0 ? placement->int8_factors : g_ec_factors == 1;
+    if (g_ec_factors < 0) g_ec_factors = placement->int8_factors ? 1 : 0;
     if (!variants_given) {
       for (int v = kFirstPlacementVariant; v < kNumVariants; ++v) variants.push_back(v);
     }

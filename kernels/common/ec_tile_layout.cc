@@ -71,7 +71,6 @@ void PlanSegments(EcTileLayout* l, Used used) {
     l->q0[s] = l->npairs[s] = 0;
     l->rec0[s] = rec;
   }
-  l->nrec = rec;
   l->words.assign(static_cast<size_t>(rec * l->words_per_record()), 0u);
 }
 

@@ -65,7 +65,7 @@ TEST(EcTileLayout, MergedEcStoresEachModulesRanksOnly) {
     EXPECT_EQ(l->npairs[s], npairs[s]) << s;
   }
   EXPECT_EQ(l->max_steps, 1);
-  EXPECT_EQ(l->nrec, (3 * 2 + 2 * 3 + 1 * 2) * 8);
+  EXPECT_EQ(l->nrec(), (3 * 2 + 2 * 3 + 1 * 2) * 8);
   for (int64_t c = 0; c < n; ++c) {
     for (int64_t q = 0; q < r; ++q) {
       ASSERT_EQ(l->Value(c, q), HalfToFloat(FloatToHalf(b[c * r + q]))) << c << " " << q;

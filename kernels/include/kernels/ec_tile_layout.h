@@ -3,8 +3,8 @@
 // layout and its decoding are tested on any machine.
 //
 // B is [n][r] (output column, rank). The kernels add B (g ⊙ u) per 64-column
-// tile with mma.sync m16n8k8 steps over the rank, each step 8 ranks = 4 rank
-// pairs. A tile stores only the rank pairs its columns use: a merged q/k/v or
+// tile in record steps of 8 ranks = 4 rank pairs over the rank, two steps
+// to one mma.sync m16n8k16 (kernels/cuda/ec_tile.cuh). A tile stores only the rank pairs its columns use: a merged q/k/v or
 // gate/up EC is block-diagonal (a module's columns use its own ranks), so the
 // tiles of one module share a range [q0, q0 + 2 npairs) and form a segment;
 // up to kEcMaxSegs segments, else one segment of every rank. A record is
@@ -43,12 +43,12 @@ struct EcTileLayout {
   int npairs[kEcMaxSegs] = {};  // rank pairs stored per tile (0: no EC term there)
   int64_t rec0[kEcMaxSegs] = {};
   int max_steps = 0;            // max over segments of ceil(npairs / 4)
-  int64_t nrec = 0;
-  std::vector<uint32_t> words;  // nrec records of 4 (int8) or 8 (fp16) words
+  std::vector<uint32_t> words;  // nrec() records of 4 (int8) or 8 (fp16) words
   int rs = 0;                   // int8: scale row stride (r rounded up to even)
   std::vector<uint16_t> scales; // int8: fp16 [ntiles][rs] (0 past r)
 
   int words_per_record() const { return i8 ? 4 : 8; }
+  int64_t nrec() const { return static_cast<int64_t>(words.size()) / words_per_record(); }
   size_t bytes() const { return words.size() * 4 + scales.size() * 2; }
   // The segment of tile t.
   int SegmentOf(int64_t t) const;
