@@ -8,7 +8,10 @@ also the EC-carrying GEMMs of the bench's 8B step by kind (qkv / o / gate_up /
 down), mapping the checkpoint's layers as the bench does (8B layer l takes
 layer floor(L l / 32) of an L-layer checkpoint), from DIR/NAME/spear.json.
 
-usage: ec_launches_summary.py [--placements DIR] LOG...
+--merge-rounds: runs named NAME1, NAME2, ... (one per round of a call's
+script) count as one placement NAME.
+
+usage: ec_launches_summary.py [--placements DIR] [--merge-rounds] LOG...
 """
 import collections
 import json
@@ -19,7 +22,9 @@ import sys
 from ec_launch_placements import FUSED  # the CUDA runner's fused launches
 
 KINDS = ("qkv", "o_proj", "gate_up", "down_proj")
-ROW = re.compile(r"\| (8B|1B) \| (\d+) \| (W4\+EC|W4)\b[^|]*\| ([\d.]+) \|")
+# The bench's rows of variants 0 (W4) and 9 (W4+EC at the placement) only:
+# its other variants (timing-only cuts, other kernel forms) are not readings.
+ROW = re.compile(r"\| (8B|1B) \| (\d+) \| (W4|W4\+EC at the diagnostic's placement \(--ec-placement\)) \| ([\d.]+) \|")
 
 
 def kinds_8b(path):
@@ -41,7 +46,11 @@ def kinds_8b(path):
 def main():
     args = sys.argv[1:]
     pdir = None
-    if args[:1] == ["--placements"]:
+    merge = False
+    while args[:1] in (["--placements"], ["--merge-rounds"]):
+        if args[0] == "--merge-rounds":
+            merge, args = True, args[1:]
+            continue
         if len(args) < 2:
             sys.exit(__doc__)
         pdir, args = args[1], args[2:]
@@ -57,8 +66,10 @@ def main():
         for line in lines:
             if line.startswith("### "):
                 name = line.split()[1]
+                if merge:
+                    name = re.sub(r"_?\d+$", "", name)
             elif (m := ROW.match(line)) and name:
-                (ec if m.group(3) == "W4+EC" else w4)[(name, m.group(1), int(m.group(2)))].append(float(m.group(4)))
+                (w4 if m.group(3) == "W4" else ec)[(name, m.group(1), int(m.group(2)))].append(float(m.group(4)))
     for key in sorted(w4):
         a, b = w4[key], ec[key]
         if not b:
