@@ -53,6 +53,12 @@ __host__ __device__ __forceinline__ long long StagedFloats(int m, int r, int h, 
          (gated ? static_cast<long long>(h) * (r | 1) + r * (h | 1) + h + r : 0);
 }
 
+// Floats of u and the hidden units alone (the gate MLP's weights read where
+// they are stored: GateInPlace).
+__host__ __device__ __forceinline__ long long UnstagedFloats(int m, int r, int h) {
+  return static_cast<long long>(m) * (r + h);
+}
+
 struct Staged {
   float *us, *hs, *w1s, *b1s, *w2s, *b2s;
 };
@@ -67,27 +73,40 @@ __device__ __forceinline__ Staged StagedAt(float* base, int m, int r, int h) {
   return s;
 }
 
+// The gate MLP's weights as GateBlock reads them: W1 [h] rows of w1ld, b1
+// [h], W2 [r] rows of w2ld, b2 [r]; staged (StagedWeights: shared memory,
+// odd strides) or in place (global memory, as stored: rows of r and h;
+// where the staged copy does not fit the block's shared memory).
+struct GateWeights {
+  const float *w1, *b1, *w2, *b2;
+  int w1ld, w2ld;
+};
+__device__ __forceinline__ GateWeights StagedWeights(const Staged& s, int r, int h) {
+  return {s.w1s, s.b1s, s.w2s, s.b2s, r | 1, h | 1};
+}
+
 // The gate of m tokens by the block's nthreads threads (a multiple of 32;
-// every thread calls it): st.us holds u and, when gated, the MLP's
-// weights are staged; sync() is a barrier of those threads. out(t, c,
+// every thread calls it): us [m][r] holds u (shared memory), hs [m][h]
+// takes the hidden units, w the MLP's weights (when gated); sync() is a
+// barrier of those threads. The same sums in the same order whether w is
+// staged or in place. out(t, c,
 // gate, v) is called once for each t < m, c < rp (v = 0 and gate = 1 for
 // the padding columns c >= r).
 template <typename Sync, typename Out>
 __device__ __forceinline__ void GateBlock(int m, int r, int rp, int h, bool gated,
-                                          const Staged& st, int tid, int nthreads, Sync sync,
-                                          Out out) {
-  const int r1 = r | 1, h1 = h | 1;
+                                          const float* us, float* hs, const GateWeights& w,
+                                          int tid, int nthreads, Sync sync, Out out) {
   if (gated) {
     const int G = GroupOf(m * h), per = nthreads / G, l = tid & (G - 1);
     for (int base = 0; base < m * h; base += per) {
       const int o = base + tid / G;
       const bool ok = o < m * h;
       const int t = ok ? o / h : 0, j = ok ? o - t * h : 0;
-      float z = ok ? Dot4(st.w1s + j * r1, st.us + t * r, l, r, G) : 0.f;
+      float z = ok ? Dot4(w.w1 + j * w.w1ld, us + t * r, l, r, G) : 0.f;
       for (int off = G >> 1; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
       if (ok && l == 0) {
-        z += st.b1s[j];
-        st.hs[o] = z / (1.f + expf(-z));
+        z += w.b1[j];
+        hs[o] = z / (1.f + expf(-z));
       }
     }
     sync();
@@ -97,13 +116,13 @@ __device__ __forceinline__ void GateBlock(int m, int r, int rp, int h, bool gate
     const int o = base + tid / G;
     const bool ok = o < m * rp;
     const int t = ok ? o / rp : 0, c = ok ? o - t * rp : 0;
-    float z = gated && ok && c < r ? Dot4(st.w2s + c * h1, st.hs + t * h, l, h, G) : 0.f;
+    float z = gated && ok && c < r ? Dot4(w.w2 + c * w.w2ld, hs + t * h, l, h, G) : 0.f;
     for (int off = G >> 1; off > 0; off >>= 1) z += __shfl_xor_sync(0xffffffffu, z, off);
     if (ok && l == 0) {
       float v = 0.f, gate = 1.f;
       if (c < r) {
-        if (gated) gate = 1.f + tanhf(z + st.b2s[c]);
-        v = gate * st.us[t * r + c];
+        if (gated) gate = 1.f + tanhf(z + w.b2[c]);
+        v = gate * us[t * r + c];
       }
       out(t, c, gate, v);
     }

@@ -105,6 +105,7 @@ __device__ __forceinline__ float AElem(const EcAArgs& A, int row, int k, int j) 
 // then wrong).
 constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h or m)
 constexpr int kStageGroups = 1;      // v27: dot products over lane groups
+constexpr int kStageGroupsInPlace = 2;  // the same, the MLP's weights not staged (v58)
 constexpr int kStageLaunchOnly = -1; // ec_prologue 64: return after the wait
 constexpr int kStageUOnly = -2;      // ec_prologue 128: u's partials only
 
@@ -140,7 +141,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   // the block's first A pieces (registers) and, by block (0, 0), the gate
   // MLP's weights into L2 for the last block (so its loads hit L2, not DRAM).
   uint4 apre = {};
-  const bool pre = stage == kStageGroups && vec;
+  const bool pre = (stage == kStageGroups || stage == kStageGroupsInPlace) && vec;
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
     if (c < ce) apre = APiece<A8>(A, q, k, c);
@@ -266,8 +267,22 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
       for (int i = threadIdx.x; i < r; i += kT) st.b2s[i] = g.b2[i];
     }
     __syncthreads();
-    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st, static_cast<int>(threadIdx.x), kT,
-                   [] { __syncthreads(); },
+    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st.us, st.hs, ecg::StagedWeights(st, r, h),
+                   static_cast<int>(threadIdx.x), kT, [] { __syncthreads(); },
+                   [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
+  } else if (stage == kStageGroupsInPlace) {
+    // v58: the same dot products with W1 and W2 read where they are stored
+    // (L2: block (0, 0) requested them before the wait), where the staged
+    // copy does not fit (m (r + h) + h (r | 1) + r (h | 1) + h + r floats >
+    // kGateStageFloats: the int8 recipe's ranks at m >= 2); only u and the
+    // hidden units in shared memory.
+    float* us = dyn;
+    float* hs = dyn + m * r;
+    for (int i = threadIdx.x; i < m * r; i += kT) us[i] = ecg::SumParts(upart, P, m, r, i / r, i % r);
+    __syncthreads();
+    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, us, hs,
+                   ecg::GateWeights{g.w1, g.b1, g.w2, g.b2, r, h}, static_cast<int>(threadIdx.x),
+                   kT, [] { __syncthreads(); },
                    [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
   } else {
     // One warp per token (v12; also where the parallel layout does not fit).
@@ -488,7 +503,8 @@ __global__ void __launch_bounds__(256, 1)
     st.us[i] = v;
   }
   __syncthreads();
-  ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st, tid, kT, [] { __syncthreads(); },
+  ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st.us, st.hs, ecg::StagedWeights(st, r, h), tid,
+                 kT, [] { __syncthreads(); },
                  [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
 }
 
@@ -588,14 +604,20 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const int kchunk = static_cast<int>((w.k + parts - 1) / parts + 7) / 8 * 8;
   const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
   // The parallel gate's shared memory (floats): u and hidden for m tokens,
-  // then W1 (rows of r | 1), b1, W2 (rows of h | 1), b2; one warp per token
-  // (v12's way) where it does not fit, or with flag 1.
+  // then W1 (rows of r | 1), b1, W2 (rows of h | 1), b2; where that does not
+  // fit, u and hidden alone (the weights read in place, v58); one warp per
+  // token (v12's way) where neither fits, or with flag 1.
   const int64_t par = ecg::StagedFloats(static_cast<int>(m), r, h, w.gated);
+  const int64_t unstaged = ecg::UnstagedFloats(static_cast<int>(m), r, h);
   // kStageGroups (v27, the default): x-independent loads before the wait,
   // the gate's dot products split over lane groups.
-  int stage = (flags & 1) == 0 && par <= kGateStageFloats ? kStageGroups : kStageWarp;
-  const size_t smem = (stage == kStageGroups ? static_cast<size_t>(par)
-                                             : 8 * static_cast<size_t>(r + h)) *
+  int stage = (flags & 1) != 0             ? kStageWarp
+              : par <= kGateStageFloats      ? kStageGroups
+              : unstaged <= kGateStageFloats ? kStageGroupsInPlace
+                                             : kStageWarp;
+  const size_t smem = (stage == kStageGroups          ? static_cast<size_t>(par)
+                       : stage == kStageGroupsInPlace ? static_cast<size_t>(unstaged)
+                                                      : 8 * static_cast<size_t>(r + h)) *
                       sizeof(float);
   const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   const auto* xh = reinterpret_cast<const __half*>(x);
