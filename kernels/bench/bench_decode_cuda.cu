@@ -348,7 +348,14 @@ const Variant kVariants[] = {
     {.name = "W4, decode configurations measured at load, RMSNorm launched apart", .ec = Ec::kOff,
      .gemms_only = false, .tuned = true, .norm_apart = true},
     {.name = "W4+EC at the diagnostic's placement, decode configurations measured at load, RMSNorm launched apart",
-     .ec = Ec::kPlacement, .gemms_only = false, .tuned = true, .norm_apart = true}};
+     .ec = Ec::kPlacement, .gemms_only = false, .tuned = true, .norm_apart = true},
+    // 51-52 (v58): the r x P prologue (m >= 2, or where the cluster does not
+    // fit) before v58: one rank per block; and also one warp per token for
+    // the gate where its staged weights do not fit.
+    {.name = "W4+EC at the diagnostic's placement, one rank per prologue block (before v58)",
+     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 256},
+    {.name = "W4+EC at the diagnostic's placement, the r x P prologue before v58 (+ the warp gate past 40 KB)",
+     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 256 | 512}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 

@@ -126,26 +126,33 @@ constexpr int kGateStageFloats = 10240;
 // kernel blocks on an SM and the decode step got slower (2026-12-03, call 1).
 // (128-thread blocks, 8 K registers, were slower: the u phase takes two
 // passes per range; docs/results/gpu.md, "v27-v29".)
-template <bool A8>  // A as int8 codes + scales (else fp16)
+// v58: R ranks per block (R = 1 before): x's pieces are loaded once for the
+// R ranks (L2 traffic and blocks / R), each rank's sums as before (bit for
+// bit the same u); the warps' partials [kNW][R][m] in the dynamic shared
+// memory, which the last block's gate reuses after its barrier.
+template <bool A8, int R>  // A as int8 codes + scales (else fp16); ranks per block
 __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restrict__ x, int m,
                                                         long long ldx, int k, int kchunk,
                                                         const EcAArgs A, float* upart,
                                                         unsigned* counter, GateArgs g,
                                                         int stage) {
   constexpr int kT = 256;  // threads per block
-  const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
+  const int q0 = blockIdx.x * R, part = blockIdx.y, P = gridDim.y;
   const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
   const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
   const int cb = k0 / 8, ce = (k1 + 7) / 8;
   // v27 (kStageGroups): what does not depend on x is requested before the wait:
   // the block's first A pieces (registers) and, by block (0, 0), the gate
   // MLP's weights into L2 for the last block (so its loads hit L2, not DRAM).
-  uint4 apre = {};
+  uint4 apre[R] = {};
   const bool pre = (stage == kStageGroups || stage == kStageGroupsInPlace) && vec;
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
-    if (c < ce) apre = APiece<A8>(A, q, k, c);
-    if (q == 0 && part == 0 && g.gated) {
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+      if (c < ce && q0 + rr < g.r) apre[rr] = APiece<A8>(A, q0 + rr, k, c);
+    }
+    if (q0 == 0 && part == 0 && g.gated) {
       const int wl = (g.h * g.r * 4 + 127) / 128;  // 128-byte lines of W1 (and of W2)
       for (int i = threadIdx.x; i < 2 * wl + 2; i += kT) {
         const char* base = i < wl ? reinterpret_cast<const char*>(g.w1) + i * 128
@@ -167,7 +174,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   if (stage == kStageLaunchOnly) return;  // measurement only (ec_prologue 64): v left stale
   extern __shared__ float dyn[];
   constexpr int kNW = kT / 32;
-  __shared__ float ut[kNW][kDecodeMaxM];
+  float* ut = dyn;  // [kNW][R][m]
   __shared__ int last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // u[t][q] over [k0, k1) = A[q] . x[t]: the block's kT threads split the
@@ -175,52 +182,64 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   // fixed-order sum over the kT / 32 warps: deterministic.
   // Four tokens at a time: each A chunk is loaded once for the four.
   for (int t0 = 0; t0 < m; t0 += 4) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float acc[R][4] = {};
     if (vec) {
       // One 16-byte piece per thread per pass (v27: two per pass held 16 more
       // registers for nothing at ranges of 2048, one pass; same sums in the
       // same order).
       for (int c = cb + static_cast<int>(threadIdx.x); c < ce; c += kT) {
-        const uint4 av = pre && c - cb < kT ? apre : APiece<A8>(A, q, k, c);
         uint4 xv[4];
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
           if (t0 + tt < m) xv[tt] = reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx)[c];
         }
-        const __half2* ah = reinterpret_cast<const __half2*>(&av);
 #pragma unroll
-        for (int tt = 0; tt < 4; ++tt) {
-          if (t0 + tt >= m) continue;
-          const __half2* xh = reinterpret_cast<const __half2*>(&xv[tt]);
+        for (int rr = 0; rr < R; ++rr) {
+          if (q0 + rr >= g.r) continue;
+          const uint4 av = pre && c - cb < kT ? apre[rr] : APiece<A8>(A, q0 + rr, k, c);
+          const __half2* ah = reinterpret_cast<const __half2*>(&av);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
-            acc[tt] += af.x * xf.x + af.y * xf.y;
+          for (int tt = 0; tt < 4; ++tt) {
+            if (t0 + tt >= m) continue;
+            const __half2* xh = reinterpret_cast<const __half2*>(&xv[tt]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
+              acc[rr][tt] += af.x * xf.x + af.y * xf.y;
+            }
           }
         }
       }
     } else {
       for (int c = k0 + threadIdx.x; c < k1; c += kT) {
-        const float av = AElem<A8>(A, q, k, c);
 #pragma unroll
-        for (int tt = 0; tt < 4; ++tt) {
-          if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
+        for (int rr = 0; rr < R; ++rr) {
+          if (q0 + rr >= g.r) continue;
+          const float av = AElem<A8>(A, q0 + rr, k, c);
+#pragma unroll
+          for (int tt = 0; tt < 4; ++tt) {
+            if (t0 + tt < m) acc[rr][tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
+          }
         }
       }
     }
 #pragma unroll
-    for (int tt = 0; tt < 4; ++tt) {
-      float v = acc[tt];
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == 0 && t0 + tt < m) ut[warp][t0 + tt] = v;
+    for (int rr = 0; rr < R; ++rr) {
+#pragma unroll
+      for (int tt = 0; tt < 4; ++tt) {
+        float v = acc[rr][tt];
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0 && t0 + tt < m) ut[(warp * R + rr) * m + t0 + tt] = v;
+      }
     }
   }
   __syncthreads();
-  if (threadIdx.x < m) {
+  if (threadIdx.x < R * m) {
+    const int rr = threadIdx.x / m, t = threadIdx.x - rr * m;
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kNW; ++w) v += ut[w][threadIdx.x];
-    __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
+    for (int w = 0; w < kNW; ++w) v += ut[(w * R + rr) * m + t];
+    if (q0 + rr < g.r) __stcg(upart + (static_cast<long long>(part) * m + t) * g.r + q0 + rr, v);
   }
   if (stage == kStageUOnly) return;  // measurement only (ec_prologue 128): no ticket or gate
   // The ticket (v27): one acquire-release atomic by thread 0 after the block
@@ -594,7 +613,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                               int flags, bool pdl_launch, const RowNorm* norm,
                               const RowSwiglu* swiglu) {
   if (m == 0) return absl::OkStatus();
-  const bool cluster = EcPrologueIsCluster(w, m, flags, pdl_launch);
+  const bool cluster = EcPrologueIsCluster(w, m, flags & ~(256 | 512), pdl_launch);
   if ((norm != nullptr || swiglu != nullptr) && !cluster) {
     return absl::InternalError(
         "LaunchEcPrologue: x = RMSNorm(h) or SiluMul(gate_up) needs the one-cluster form");
@@ -611,15 +630,20 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const int64_t unstaged = ecg::UnstagedFloats(static_cast<int>(m), r, h);
   // kStageGroups (v27, the default): x-independent loads before the wait,
   // the gate's dot products split over lane groups.
-  int stage = (flags & 1) != 0             ? kStageWarp
-              : par <= kGateStageFloats      ? kStageGroups
-              : unstaged <= kGateStageFloats ? kStageGroupsInPlace
-                                             : kStageWarp;
-  const size_t smem = (stage == kStageGroups          ? static_cast<size_t>(par)
+  // (flag 512: not in place, before v58)
+  int stage = (flags & 1) != 0                                     ? kStageWarp
+              : par <= kGateStageFloats                              ? kStageGroups
+              : (flags & 512) == 0 && unstaged <= kGateStageFloats ? kStageGroupsInPlace
+                                                                     : kStageWarp;
+  // v58: four ranks per block (flag 256: one, as before; v12's form too).
+  const int ranks = (flags & (1 | 256)) != 0 ? 1 : 4;
+  const size_t smem =
+      std::max<size_t>(stage == kStageGroups          ? static_cast<size_t>(par)
                        : stage == kStageGroupsInPlace ? static_cast<size_t>(unstaged)
-                                                      : 8 * static_cast<size_t>(r + h)) *
-                      sizeof(float);
-  const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
+                                                      : 8 * static_cast<size_t>(r + h),
+                       static_cast<size_t>(8 * ranks * m)) *  // the warps' partials of u
+      sizeof(float);
+  const dim3 grid(static_cast<unsigned>((r + ranks - 1) / ranks), static_cast<unsigned>(parts));
   const auto* xh = reinterpret_cast<const __half*>(x);
   const EcAArgs ah = EcAOf(w);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
@@ -650,7 +674,9 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   if ((flags & 64) != 0) stage = kStageLaunchOnly;
   if ((flags & 128) != 0) stage = kStageUOnly;
   cudaError_t e;
-  auto kernel = w.ec_a8 != nullptr ? EcPrologueKernel<true> : EcPrologueKernel<false>;
+  auto kernel = w.ec_a8 != nullptr ? (ranks == 4 ? EcPrologueKernel<true, 4> : EcPrologueKernel<true, 1>)
+                                   : (ranks == 4 ? EcPrologueKernel<false, 4>
+                                                 : EcPrologueKernel<false, 1>);
   if (pdl_launch) {
     e = LaunchPdl(kernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
                   static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,

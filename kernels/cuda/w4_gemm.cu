@@ -263,7 +263,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
         if (absl::Status st = LaunchEcPrologue(
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
                 p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
-                p.gate_ld, stream, p.ec_prologue & (1 | 16 | 64 | 128),
+                p.gate_ld, stream, p.ec_prologue & (1 | 16 | 64 | 128 | 256 | 512),
                 fold && (p.ec_prologue & 2) == 0, norm ? &a.norm : nullptr,
                 swiglu ? &a.swiglu : nullptr);
             !st.ok()) {
