@@ -54,9 +54,17 @@ __host__ __device__ __forceinline__ long long StagedFloats(int m, int r, int h, 
 }
 
 // Floats of u and the hidden units alone (the gate MLP's weights read where
-// they are stored: GateInPlace).
+// they are stored).
 __host__ __device__ __forceinline__ long long UnstagedFloats(int m, int r, int h) {
   return static_cast<long long>(m) * (r + h);
+}
+
+// Floats of the gate staged in two phases (v58): u [m][r], hidden [m][h],
+// b1 [h], b2 [r], then one region that holds W1 (rows of r | 1) for the
+// hidden units and then W2 (rows of h | 1) for the gates.
+__host__ __device__ __forceinline__ long long TwoPhaseFloats(int m, int r, int h) {
+  const long long w1 = static_cast<long long>(h) * (r | 1), w2 = static_cast<long long>(r) * (h | 1);
+  return static_cast<long long>(m) * (r + h) + h + r + (w1 > w2 ? w1 : w2);
 }
 
 struct Staged {
@@ -87,15 +95,20 @@ __device__ __forceinline__ GateWeights StagedWeights(const Staged& s, int r, int
 
 // The gate of m tokens by the block's nthreads threads (a multiple of 32;
 // every thread calls it): us [m][r] holds u (shared memory), hs [m][h]
-// takes the hidden units, w the MLP's weights (when gated); sync() is a
-// barrier of those threads. The same sums in the same order whether w is
-// staged or in place. out(t, c,
+// takes the hidden units, w the MLP's weights (when gated) for the hidden
+// units; second() (called by every thread after the hidden units' barrier)
+// returns the weights for the gates (w itself, or W2 staged over W1's
+// place, v58, behind a barrier of its own); sync() is a barrier of those
+// threads. The same sums in the same order whether the weights are staged
+// or in place. out(t, c,
 // gate, v) is called once for each t < m, c < rp (v = 0 and gate = 1 for
 // the padding columns c >= r).
-template <typename Sync, typename Out>
+template <typename Sync, typename Second, typename Out>
 __device__ __forceinline__ void GateBlock(int m, int r, int rp, int h, bool gated,
-                                          const float* us, float* hs, const GateWeights& w,
-                                          int tid, int nthreads, Sync sync, Out out) {
+                                          const float* us, float* hs, const GateWeights& w1,
+                                          int tid, int nthreads, Sync sync, Second second,
+                                          Out out) {
+  GateWeights w = w1;
   if (gated) {
     const int G = GroupOf(m * h), per = nthreads / G, l = tid & (G - 1);
     for (int base = 0; base < m * h; base += per) {
@@ -110,6 +123,7 @@ __device__ __forceinline__ void GateBlock(int m, int r, int rp, int h, bool gate
       }
     }
     sync();
+    w = second();
   }
   const int G = gated ? GroupOf(m * rp) : 1, per = nthreads / G, l = tid & (G - 1);
   for (int base = 0; base < m * rp; base += per) {

@@ -105,7 +105,8 @@ __device__ __forceinline__ float AElem(const EcAArgs& A, int row, int k, int j) 
 // then wrong).
 constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h or m)
 constexpr int kStageGroups = 1;      // v27: dot products over lane groups
-constexpr int kStageGroupsInPlace = 2;  // the same, the MLP's weights not staged (v58)
+constexpr int kStageGroupsInPlace = 2;  // the same, the MLP's weights read in place (v58)
+constexpr int kStageGroupsTwoPhase = 3; // the same, W1 then W2 staged in one region (v58)
 constexpr int kStageLaunchOnly = -1; // ec_prologue 64: return after the wait
 constexpr int kStageUOnly = -2;      // ec_prologue 128: u's partials only
 
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   // the block's first A pieces (registers) and, by block (0, 0), the gate
   // MLP's weights into L2 for the last block (so its loads hit L2, not DRAM).
   uint4 apre[R] = {};
-  const bool pre = (stage == kStageGroups || stage == kStageGroupsInPlace) && vec;
+  const bool pre = stage >= kStageGroups && vec;
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
 #pragma unroll
@@ -286,9 +287,47 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
       for (int i = threadIdx.x; i < r; i += kT) st.b2s[i] = g.b2[i];
     }
     __syncthreads();
-    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st.us, st.hs, ecg::StagedWeights(st, r, h),
-                   static_cast<int>(threadIdx.x), kT, [] { __syncthreads(); },
+    const ecg::GateWeights sw = ecg::StagedWeights(st, r, h);
+    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st.us, st.hs, sw, static_cast<int>(threadIdx.x),
+                   kT, [] { __syncthreads(); }, [&] { return sw; },
                    [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
+  } else if (stage == kStageGroupsTwoPhase) {
+    // v58: where the staged copy does not fit 40 KB (the int8 recipe's
+    // ranks at m >= 2: a merged q / k / v EC of rank 104 with 48 hidden
+    // units at m = 8), W1 is staged for the hidden units, then W2 over it
+    // for the gates (one more barrier); the same sums as the staged form.
+    float* us = dyn;
+    float* hs = us + m * r;
+    float* b1s = hs + m * h;
+    float* b2s = b1s + h;
+    float* wr = b2s + r;
+    const int r1 = r | 1, h1 = h | 1;
+    for (int i = threadIdx.x; i < m * r; i += kT) {
+      const int t = i / r, c = i - t * r;
+      us[i] = ecg::SumParts(upart, P, m, r, t, c);
+    }
+    if (g.gated) {
+      for (int i = threadIdx.x; i < h * r; i += kT) {
+        const int j = i / r, c = i - j * r;  // w1 [h][r]
+        wr[j * r1 + c] = g.w1[i];
+      }
+      for (int i = threadIdx.x; i < h; i += kT) b1s[i] = g.b1[i];
+      for (int i = threadIdx.x; i < r; i += kT) b2s[i] = g.b2[i];
+    }
+    __syncthreads();
+    ecg::GateBlock(
+        m, r, g.rp, h, g.gated != 0, us, hs, ecg::GateWeights{wr, b1s, nullptr, b2s, r1, 0},
+        static_cast<int>(threadIdx.x), kT, [] { __syncthreads(); },
+        [&] {
+          // (after the hidden units' barrier: W1's reads are done)
+          for (int i = threadIdx.x; i < h * r; i += kT) {
+            const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
+            wr[c2 * h1 + j2] = g.w2[i];
+          }
+          __syncthreads();
+          return ecg::GateWeights{nullptr, b1s, wr, b2s, 0, h1};
+        },
+        [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
   } else if (stage == kStageGroupsInPlace) {
     // v58: the same dot products with W1 and W2 read where they are stored
     // (L2: block (0, 0) requested them before the wait), where the staged
@@ -299,9 +338,9 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     float* hs = dyn + m * r;
     for (int i = threadIdx.x; i < m * r; i += kT) us[i] = ecg::SumParts(upart, P, m, r, i / r, i % r);
     __syncthreads();
-    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, us, hs,
-                   ecg::GateWeights{g.w1, g.b1, g.w2, g.b2, r, h}, static_cast<int>(threadIdx.x),
-                   kT, [] { __syncthreads(); },
+    const ecg::GateWeights gw{g.w1, g.b1, g.w2, g.b2, r, h};
+    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, us, hs, gw, static_cast<int>(threadIdx.x), kT,
+                   [] { __syncthreads(); }, [&] { return gw; },
                    [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
   } else {
     // One warp per token (v12; also where the parallel layout does not fit).
@@ -522,8 +561,9 @@ __global__ void __launch_bounds__(256, 1)
     st.us[i] = v;
   }
   __syncthreads();
-  ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st.us, st.hs, ecg::StagedWeights(st, r, h), tid,
-                 kT, [] { __syncthreads(); },
+  const ecg::GateWeights gw = ecg::StagedWeights(st, r, h);
+  ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st.us, st.hs, gw, tid, kT, [] { __syncthreads(); },
+                 [&] { return gw; },
                  [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
 }
 
@@ -613,7 +653,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                               int flags, bool pdl_launch, const RowNorm* norm,
                               const RowSwiglu* swiglu) {
   if (m == 0) return absl::OkStatus();
-  const bool cluster = EcPrologueIsCluster(w, m, flags & ~(256 | 512), pdl_launch);
+  const bool cluster = EcPrologueIsCluster(w, m, flags & ~(256 | 512 | 1024), pdl_launch);
   if ((norm != nullptr || swiglu != nullptr) && !cluster) {
     return absl::InternalError(
         "LaunchEcPrologue: x = RMSNorm(h) or SiluMul(gate_up) needs the one-cluster form");
@@ -630,17 +670,22 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const int64_t unstaged = ecg::UnstagedFloats(static_cast<int>(m), r, h);
   // kStageGroups (v27, the default): x-independent loads before the wait,
   // the gate's dot products split over lane groups.
-  // (flag 512: not in place, before v58)
-  int stage = (flags & 1) != 0                                     ? kStageWarp
-              : par <= kGateStageFloats                              ? kStageGroups
-              : (flags & 512) == 0 && unstaged <= kGateStageFloats ? kStageGroupsInPlace
-                                                                     : kStageWarp;
+  // v58: past the staged form's 40 KB, W1 then W2 in one region (two
+  // phases), else the weights read in place; flag 512 neither (before v58),
+  // 1024 in place rather than two phases (benchmarks).
+  const int64_t two = ecg::TwoPhaseFloats(static_cast<int>(m), r, h);
+  int stage = (flags & 1) != 0                                            ? kStageWarp
+              : par <= kGateStageFloats                                     ? kStageGroups
+              : (flags & (512 | 1024)) == 0 && two <= kGateStageFloats    ? kStageGroupsTwoPhase
+              : (flags & 512) == 0 && unstaged <= kGateStageFloats        ? kStageGroupsInPlace
+                                                                            : kStageWarp;
   // v58: four ranks per block (flag 256: one, as before; v12's form too).
   const int ranks = (flags & (1 | 256)) != 0 ? 1 : 4;
   const size_t smem =
-      std::max<size_t>(stage == kStageGroups          ? static_cast<size_t>(par)
-                       : stage == kStageGroupsInPlace ? static_cast<size_t>(unstaged)
-                                                      : 8 * static_cast<size_t>(r + h),
+      std::max<size_t>(stage == kStageGroups           ? static_cast<size_t>(par)
+                       : stage == kStageGroupsTwoPhase ? static_cast<size_t>(two)
+                       : stage == kStageGroupsInPlace  ? static_cast<size_t>(unstaged)
+                                                       : 8 * static_cast<size_t>(r + h),
                        static_cast<size_t>(8 * ranks * m)) *  // the warps' partials of u
       sizeof(float);
   const dim3 grid(static_cast<unsigned>((r + ranks - 1) / ranks), static_cast<unsigned>(parts));

@@ -535,9 +535,13 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
                           {256, 14336, 128, 32, 16}, {72, 40000, 40000, 100, 64},
                           {128, 4096, 128, 256, 64}};
   const int64_t ms[] = {1, 5, 16, 64};
+  // ec_prologue: the default, v12's form, a plain launch, both; and (v58)
+  // one rank per block, that with the warp gate past 40 KB (before v58),
+  // the gate's weights read in place rather than staged in two phases.
+  const int forms[] = {0, 1, 2, 3, 256, 256 | 512, 1024};
   int v = 0;
   for (const Shape& s : shapes) {
-    for (int form = 0; form < 4; ++form) {
+    for (int form : forms) {
       Case c{s.n, s.k, s.g, ms[v % 4]};
       c.ec = v % 5 == 4 ? 1 : 2;
       c.ec_rank = s.r;
