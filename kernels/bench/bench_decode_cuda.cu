@@ -349,17 +349,11 @@ const Variant kVariants[] = {
      .gemms_only = false, .tuned = true, .norm_apart = true},
     {.name = "W4+EC at the diagnostic's placement, decode configurations measured at load, RMSNorm launched apart",
      .ec = Ec::kPlacement, .gemms_only = false, .tuned = true, .norm_apart = true},
-    // 51-53 (v58): the r x P prologue (m >= 2, or where the cluster does not
-    // fit) with one rank per block (before v58: four); and also one warp per
-    // token for the gate where its staged weights do not fit 40 KB (the form
-    // before v58); the gate's weights read in place rather than staged in two
-    // phases.
-    {.name = "W4+EC at the diagnostic's placement, one rank per prologue block (before v58)",
-     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 256},
-    {.name = "W4+EC at the diagnostic's placement, the r x P prologue before v58 (+ the warp gate past 40 KB)",
-     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 256 | 512},
-    {.name = "W4+EC at the diagnostic's placement, the gate's weights in place past 40 KB (not two phases)",
-     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 1024}};
+    // 51 (v58): the r x P prologue's gate (m >= 2, or where the cluster
+    // does not fit) one warp per token wherever its staged weights do not
+    // fit 40 KB, as before v58 (not W1 then W2 in two phases).
+    {.name = "W4+EC at the diagnostic's placement, the warp gate past 40 KB (before v58)",
+     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 512}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 

@@ -53,12 +53,6 @@ __host__ __device__ __forceinline__ long long StagedFloats(int m, int r, int h, 
          (gated ? static_cast<long long>(h) * (r | 1) + r * (h | 1) + h + r : 0);
 }
 
-// Floats of u and the hidden units alone (the gate MLP's weights read where
-// they are stored).
-__host__ __device__ __forceinline__ long long UnstagedFloats(int m, int r, int h) {
-  return static_cast<long long>(m) * (r + h);
-}
-
 // Floats of the gate staged in two phases (v58): u [m][r], hidden [m][h],
 // b1 [h], b2 [r], then one region that holds W1 (rows of r | 1) for the
 // hidden units and then W2 (rows of h | 1) for the gates.
@@ -82,9 +76,7 @@ __device__ __forceinline__ Staged StagedAt(float* base, int m, int r, int h) {
 }
 
 // The gate MLP's weights as GateBlock reads them: W1 [h] rows of w1ld, b1
-// [h], W2 [r] rows of w2ld, b2 [r]; staged (StagedWeights: shared memory,
-// odd strides) or in place (global memory, as stored: rows of r and h;
-// where the staged copy does not fit the block's shared memory).
+// [h], W2 [r] rows of w2ld, b2 [r] (shared memory, odd strides).
 struct GateWeights {
   const float *w1, *b1, *w2, *b2;
   int w1ld, w2ld;
@@ -100,7 +92,7 @@ __device__ __forceinline__ GateWeights StagedWeights(const Staged& s, int r, int
 // returns the weights for the gates (w itself, or W2 staged over W1's
 // place, v58, behind a barrier of its own); sync() is a barrier of those
 // threads. The same sums in the same order whether the weights are staged
-// or in place. out(t, c,
+// at once or in two phases. out(t, c,
 // gate, v) is called once for each t < m, c < rp (v = 0 and gate = 1 for
 // the padding columns c >= r).
 template <typename Sync, typename Second, typename Out>

@@ -105,8 +105,7 @@ __device__ __forceinline__ float AElem(const EcAArgs& A, int row, int k, int j) 
 // then wrong).
 constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h or m)
 constexpr int kStageGroups = 1;      // v27: dot products over lane groups
-constexpr int kStageGroupsInPlace = 2;  // the same, the MLP's weights read in place (v58)
-constexpr int kStageGroupsTwoPhase = 3; // the same, W1 then W2 staged in one region (v58)
+constexpr int kStageGroupsTwoPhase = 2; // the same, W1 then W2 staged in one region (v58)
 constexpr int kStageLaunchOnly = -1; // ec_prologue 64: return after the wait
 constexpr int kStageUOnly = -2;      // ec_prologue 128: u's partials only
 
@@ -127,33 +126,26 @@ constexpr int kGateStageFloats = 10240;
 // kernel blocks on an SM and the decode step got slower (2026-12-03, call 1).
 // (128-thread blocks, 8 K registers, were slower: the u phase takes two
 // passes per range; docs/results/gpu.md, "v27-v29".)
-// v58: R ranks per block (R = 1 before): x's pieces are loaded once for the
-// R ranks (L2 traffic and blocks / R), each rank's sums as before (bit for
-// bit the same u); the warps' partials [kNW][R][m] in the dynamic shared
-// memory, which the last block's gate reuses after its barrier.
-template <bool A8, int R>  // A as int8 codes + scales (else fp16); ranks per block
+template <bool A8>  // A as int8 codes + scales (else fp16)
 __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restrict__ x, int m,
                                                         long long ldx, int k, int kchunk,
                                                         const EcAArgs A, float* upart,
                                                         unsigned* counter, GateArgs g,
                                                         int stage) {
   constexpr int kT = 256;  // threads per block
-  const int q0 = blockIdx.x * R, part = blockIdx.y, P = gridDim.y;
+  const int q = blockIdx.x, part = blockIdx.y, P = gridDim.y;
   const int k0 = part * kchunk, k1 = min(k, k0 + kchunk);
   const bool vec = (k % 8 == 0) && (ldx % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
   const int cb = k0 / 8, ce = (k1 + 7) / 8;
   // v27 (kStageGroups): what does not depend on x is requested before the wait:
   // the block's first A pieces (registers) and, by block (0, 0), the gate
   // MLP's weights into L2 for the last block (so its loads hit L2, not DRAM).
-  uint4 apre[R] = {};
-  const bool pre = stage >= kStageGroups && vec;
+  uint4 apre = {};
+  const bool pre = (stage == kStageGroups || stage == kStageGroupsTwoPhase) && vec;
   if (pre) {
     const int c = cb + static_cast<int>(threadIdx.x);
-#pragma unroll
-    for (int rr = 0; rr < R; ++rr) {
-      if (c < ce && q0 + rr < g.r) apre[rr] = APiece<A8>(A, q0 + rr, k, c);
-    }
-    if (q0 == 0 && part == 0 && g.gated) {
+    if (c < ce) apre = APiece<A8>(A, q, k, c);
+    if (q == 0 && part == 0 && g.gated) {
       const int wl = (g.h * g.r * 4 + 127) / 128;  // 128-byte lines of W1 (and of W2)
       for (int i = threadIdx.x; i < 2 * wl + 2; i += kT) {
         const char* base = i < wl ? reinterpret_cast<const char*>(g.w1) + i * 128
@@ -175,7 +167,7 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   if (stage == kStageLaunchOnly) return;  // measurement only (ec_prologue 64): v left stale
   extern __shared__ float dyn[];
   constexpr int kNW = kT / 32;
-  float* ut = dyn;  // [kNW][R][m]
+  __shared__ float ut[kNW][kDecodeMaxM];
   __shared__ int last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // u[t][q] over [k0, k1) = A[q] . x[t]: the block's kT threads split the
@@ -183,64 +175,52 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
   // fixed-order sum over the kT / 32 warps: deterministic.
   // Four tokens at a time: each A chunk is loaded once for the four.
   for (int t0 = 0; t0 < m; t0 += 4) {
-    float acc[R][4] = {};
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (vec) {
       // One 16-byte piece per thread per pass (v27: two per pass held 16 more
       // registers for nothing at ranges of 2048, one pass; same sums in the
       // same order).
       for (int c = cb + static_cast<int>(threadIdx.x); c < ce; c += kT) {
+        const uint4 av = pre && c - cb < kT ? apre : APiece<A8>(A, q, k, c);
         uint4 xv[4];
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
           if (t0 + tt < m) xv[tt] = reinterpret_cast<const uint4*>(x + (t0 + tt) * ldx)[c];
         }
+        const __half2* ah = reinterpret_cast<const __half2*>(&av);
 #pragma unroll
-        for (int rr = 0; rr < R; ++rr) {
-          if (q0 + rr >= g.r) continue;
-          const uint4 av = pre && c - cb < kT ? apre[rr] : APiece<A8>(A, q0 + rr, k, c);
-          const __half2* ah = reinterpret_cast<const __half2*>(&av);
+        for (int tt = 0; tt < 4; ++tt) {
+          if (t0 + tt >= m) continue;
+          const __half2* xh = reinterpret_cast<const __half2*>(&xv[tt]);
 #pragma unroll
-          for (int tt = 0; tt < 4; ++tt) {
-            if (t0 + tt >= m) continue;
-            const __half2* xh = reinterpret_cast<const __half2*>(&xv[tt]);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
-              acc[rr][tt] += af.x * xf.x + af.y * xf.y;
-            }
+          for (int i = 0; i < 4; ++i) {
+            const float2 af = __half22float2(ah[i]), xf = __half22float2(xh[i]);
+            acc[tt] += af.x * xf.x + af.y * xf.y;
           }
         }
       }
     } else {
       for (int c = k0 + threadIdx.x; c < k1; c += kT) {
+        const float av = AElem<A8>(A, q, k, c);
 #pragma unroll
-        for (int rr = 0; rr < R; ++rr) {
-          if (q0 + rr >= g.r) continue;
-          const float av = AElem<A8>(A, q0 + rr, k, c);
-#pragma unroll
-          for (int tt = 0; tt < 4; ++tt) {
-            if (t0 + tt < m) acc[rr][tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
-          }
+        for (int tt = 0; tt < 4; ++tt) {
+          if (t0 + tt < m) acc[tt] += av * __half2float(x[(t0 + tt) * ldx + c]);
         }
       }
     }
 #pragma unroll
-    for (int rr = 0; rr < R; ++rr) {
-#pragma unroll
-      for (int tt = 0; tt < 4; ++tt) {
-        float v = acc[rr][tt];
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0 && t0 + tt < m) ut[(warp * R + rr) * m + t0 + tt] = v;
-      }
+    for (int tt = 0; tt < 4; ++tt) {
+      float v = acc[tt];
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0 && t0 + tt < m) ut[warp][t0 + tt] = v;
     }
   }
   __syncthreads();
-  if (threadIdx.x < R * m) {
-    const int rr = threadIdx.x / m, t = threadIdx.x - rr * m;
+  if (threadIdx.x < m) {
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kNW; ++w) v += ut[(w * R + rr) * m + t];
-    if (q0 + rr < g.r) __stcg(upart + (static_cast<long long>(part) * m + t) * g.r + q0 + rr, v);
+    for (int w = 0; w < kNW; ++w) v += ut[w][threadIdx.x];
+    __stcg(upart + (static_cast<long long>(part) * m + threadIdx.x) * g.r + q, v);
   }
   if (stage == kStageUOnly) return;  // measurement only (ec_prologue 128): no ticket or gate
   // The ticket (v27): one acquire-release atomic by thread 0 after the block
@@ -296,6 +276,10 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     // ranks at m >= 2: a merged q / k / v EC of rank 104 with 48 hidden
     // units at m = 8), W1 is staged for the hidden units, then W2 over it
     // for the gates (one more barrier); the same sums as the staged form.
+    // (Before v58 one warp per token ran such a gate from global memory:
+    // 8B batch 8 at the int8 recipe's ranks 4.88 -> 4.47 ms on an H100;
+    // W1 / W2 read in place by the lane groups was slower still, 5.03 ms:
+    // docs/results/gpu.md, v58.)
     float* us = dyn;
     float* hs = us + m * r;
     float* b1s = hs + m * h;
@@ -328,20 +312,6 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
           return ecg::GateWeights{nullptr, b1s, wr, b2s, 0, h1};
         },
         [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
-  } else if (stage == kStageGroupsInPlace) {
-    // v58: the same dot products with W1 and W2 read where they are stored
-    // (L2: block (0, 0) requested them before the wait), where the staged
-    // copy does not fit (m (r + h) + h (r | 1) + r (h | 1) + h + r floats >
-    // kGateStageFloats: the int8 recipe's ranks at m >= 2); only u and the
-    // hidden units in shared memory.
-    float* us = dyn;
-    float* hs = dyn + m * r;
-    for (int i = threadIdx.x; i < m * r; i += kT) us[i] = ecg::SumParts(upart, P, m, r, i / r, i % r);
-    __syncthreads();
-    const ecg::GateWeights gw{g.w1, g.b1, g.w2, g.b2, r, h};
-    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, us, hs, gw, static_cast<int>(threadIdx.x), kT,
-                   [] { __syncthreads(); }, [&] { return gw; },
-                   [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
   } else {
     // One warp per token (v12; also where the parallel layout does not fit).
     float* us = dyn + warp * r;
@@ -653,7 +623,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                               int flags, bool pdl_launch, const RowNorm* norm,
                               const RowSwiglu* swiglu) {
   if (m == 0) return absl::OkStatus();
-  const bool cluster = EcPrologueIsCluster(w, m, flags & ~(256 | 512 | 1024), pdl_launch);
+  const bool cluster = EcPrologueIsCluster(w, m, flags & ~512, pdl_launch);
   if ((norm != nullptr || swiglu != nullptr) && !cluster) {
     return absl::InternalError(
         "LaunchEcPrologue: x = RMSNorm(h) or SiluMul(gate_up) needs the one-cluster form");
@@ -664,31 +634,22 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   const int r = static_cast<int>(w.r), h = static_cast<int>(w.h);
   // The parallel gate's shared memory (floats): u and hidden for m tokens,
   // then W1 (rows of r | 1), b1, W2 (rows of h | 1), b2; where that does not
-  // fit, u and hidden alone (the weights read in place, v58); one warp per
-  // token (v12's way) where neither fits, or with flag 1.
+  // fit, W1 and then W2 in one region (two phases, v58); one warp per token
+  // (v12's way) where neither fits, or with flag 1 (flag 512: wherever the
+  // staged form does not fit, as before v58).
   const int64_t par = ecg::StagedFloats(static_cast<int>(m), r, h, w.gated);
-  const int64_t unstaged = ecg::UnstagedFloats(static_cast<int>(m), r, h);
+  const int64_t two = ecg::TwoPhaseFloats(static_cast<int>(m), r, h);
   // kStageGroups (v27, the default): x-independent loads before the wait,
   // the gate's dot products split over lane groups.
-  // v58: past the staged form's 40 KB, W1 then W2 in one region (two
-  // phases), else the weights read in place; flag 512 neither (before v58),
-  // 1024 in place rather than two phases (benchmarks).
-  const int64_t two = ecg::TwoPhaseFloats(static_cast<int>(m), r, h);
-  int stage = (flags & 1) != 0                                            ? kStageWarp
-              : par <= kGateStageFloats                                     ? kStageGroups
-              : (flags & (512 | 1024)) == 0 && two <= kGateStageFloats    ? kStageGroupsTwoPhase
-              : (flags & 512) == 0 && unstaged <= kGateStageFloats        ? kStageGroupsInPlace
-                                                                            : kStageWarp;
-  // v58: four ranks per block (flag 256: one, as before; v12's form too).
-  const int ranks = (flags & (1 | 256)) != 0 ? 1 : 4;
-  const size_t smem =
-      std::max<size_t>(stage == kStageGroups           ? static_cast<size_t>(par)
+  int stage = (flags & 1) != 0                                 ? kStageWarp
+              : par <= kGateStageFloats                          ? kStageGroups
+              : (flags & 512) == 0 && two <= kGateStageFloats  ? kStageGroupsTwoPhase
+                                                                 : kStageWarp;
+  const size_t smem = (stage == kStageGroups           ? static_cast<size_t>(par)
                        : stage == kStageGroupsTwoPhase ? static_cast<size_t>(two)
-                       : stage == kStageGroupsInPlace  ? static_cast<size_t>(unstaged)
-                                                       : 8 * static_cast<size_t>(r + h),
-                       static_cast<size_t>(8 * ranks * m)) *  // the warps' partials of u
-      sizeof(float);
-  const dim3 grid(static_cast<unsigned>((r + ranks - 1) / ranks), static_cast<unsigned>(parts));
+                                                       : 8 * static_cast<size_t>(r + h)) *
+                      sizeof(float);
+  const dim3 grid(static_cast<unsigned>(r), static_cast<unsigned>(parts));
   const auto* xh = reinterpret_cast<const __half*>(x);
   const EcAArgs ah = EcAOf(w);
   const GateArgs g = MakeGate(w, v_half, ldv, v_f32, gate_out, ldg);
@@ -719,9 +680,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
   if ((flags & 64) != 0) stage = kStageLaunchOnly;
   if ((flags & 128) != 0) stage = kStageUOnly;
   cudaError_t e;
-  auto kernel = w.ec_a8 != nullptr ? (ranks == 4 ? EcPrologueKernel<true, 4> : EcPrologueKernel<true, 1>)
-                                   : (ranks == 4 ? EcPrologueKernel<false, 4>
-                                                 : EcPrologueKernel<false, 1>);
+  auto kernel = w.ec_a8 != nullptr ? EcPrologueKernel<true> : EcPrologueKernel<false>;
   if (pdl_launch) {
     e = LaunchPdl(kernel, grid, dim3(256), smem, stream, xh, static_cast<int>(m),
                   static_cast<long long>(ldx), static_cast<int>(w.k), kchunk, ah, ws.u,

@@ -272,11 +272,10 @@ struct W4CudaParams {
   // distributed shared memory, where A's slices fit); flags: 1 v12's
   // prologue (one block per rank over all of k, one warp per token for the
   // gate), 2 a plain launch at any M, 16 the v27 form at every M (no
-  // cluster), 256 the r x P form with one rank per block (v58: four), 512
-  // its gate one warp per token where the staged weights do not fit 40 KB
-  // (before v58; v58: W1 then W2 staged in one region, else read in place),
-  // 1024 read in place rather than in two phases; benchmarks only (the
-  // output is then wrong): 4
+  // cluster), 512 the r x P form's gate one warp per token wherever its
+  // staged weights do not fit 40 KB (before v58; v58: W1 then W2 staged in
+  // one region where that fits); benchmarks only (the output is then
+  // wrong): 4
   // no prologue (the epilogue uses whatever v the last call left), 8 the
   // prologue without the epilogue (4 and 8 together: InvalidArgument), 64
   // the prologue's launch alone, 128 its partial sums of u without the
