@@ -87,8 +87,8 @@ __device__ __forceinline__ GateWeights StagedWeights(const Staged& s, int r, int
 
 // The gate of m tokens by the block's nthreads threads (a multiple of 32;
 // every thread calls it): us [m][r] holds u (shared memory), hs [m][h]
-// takes the hidden units, w the MLP's weights (when gated) for the hidden
-// units; second() (called by every thread after the hidden units' barrier)
+// takes the hidden units, first the MLP's weights (when gated) for the
+// hidden units; second() (called by every thread after the hidden units' barrier)
 // returns the weights for the gates (w itself, or W2 staged over W1's
 // place, v58, behind a barrier of its own); sync() is a barrier of those
 // threads. The same sums in the same order whether the weights are staged
@@ -97,10 +97,10 @@ __device__ __forceinline__ GateWeights StagedWeights(const Staged& s, int r, int
 // the padding columns c >= r).
 template <typename Sync, typename Second, typename Out>
 __device__ __forceinline__ void GateBlock(int m, int r, int rp, int h, bool gated,
-                                          const float* us, float* hs, const GateWeights& w1,
+                                          const float* us, float* hs, const GateWeights& first,
                                           int tid, int nthreads, Sync sync, Second second,
                                           Out out) {
-  GateWeights w = w1;
+  GateWeights w = first;
   if (gated) {
     const int G = GroupOf(m * h), per = nthreads / G, l = tid & (G - 1);
     for (int base = 0; base < m * h; base += per) {
