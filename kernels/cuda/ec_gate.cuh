@@ -88,13 +88,13 @@ __device__ __forceinline__ GateWeights StagedWeights(const Staged& s, int r, int
 // The gate of m tokens by the block's nthreads threads (a multiple of 32;
 // every thread calls it): us [m][r] holds u (shared memory), hs [m][h]
 // takes the hidden units, first the MLP's weights (when gated) for the
-// hidden units; second() (called by every thread after the hidden units' barrier)
-// returns the weights for the gates (w itself, or W2 staged over W1's
-// place, v58, behind a barrier of its own); sync() is a barrier of those
-// threads. The same sums in the same order whether the weights are staged
-// at once or in two phases. out(t, c,
-// gate, v) is called once for each t < m, c < rp (v = 0 and gate = 1 for
-// the padding columns c >= r).
+// hidden units; second() (called by every thread after the hidden units'
+// barrier) returns the weights for the gates (first itself, or W2 staged
+// over W1's place, v58, behind a barrier of its own); sync() is a barrier
+// of those threads. The same sums in the same order whether the weights
+// are staged at once or in two phases. out(t, c, gate, v) is called once
+// for each t < m, c < rp (v = 0 and gate = 1 for the padding columns
+// c >= r).
 template <typename Sync, typename Second, typename Out>
 __device__ __forceinline__ void GateBlock(int m, int r, int rp, int h, bool gated,
                                           const float* us, float* hs, const GateWeights& first,
