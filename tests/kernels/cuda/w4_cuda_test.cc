@@ -531,9 +531,13 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
   struct Shape {
     int64_t n, k, g, r, h;
   };
+  // The last shape (a merged q / k / v-like EC of rank 104, 48 hidden
+  // units) meets the default form at m = 5, where the gate's staged copy
+  // does not fit 40 KB and W1 then W2 are staged in two phases (v58); the
+  // rank-256 one runs the warp gate (neither fits).
   const Shape shapes[] = {{192, 1000, 1000, 4, 16},  {130, 2049, 2049, 32, 16},
                           {256, 14336, 128, 32, 16}, {72, 40000, 40000, 100, 64},
-                          {128, 4096, 128, 256, 64}};
+                          {128, 4096, 128, 256, 64}, {160, 4096, 128, 104, 48}};
   const int64_t ms[] = {1, 5, 16, 64};
   // ec_prologue: the default, v12's form, a plain launch, both; the warp
   // gate wherever the staged one does not fit (before v58).
