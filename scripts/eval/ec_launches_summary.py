@@ -11,7 +11,11 @@ layer floor(L l / 32) of an L-layer checkpoint), from DIR/NAME/spear.json.
 --merge-rounds: runs named NAME1, NAME2, ... (one per round of a call's
 script) count as one placement NAME.
 
-usage: ec_launches_summary.py [--placements DIR] [--merge-rounds] LOG...
+--variant TEXT: the W4+EC rows of the bench's variant "W4+EC at the
+diagnostic's placement, TEXT" instead of variant 9's (e.g. TEXT = "the warp
+gate past 40 KB (before v58)"; docs/results/gpu.md, "v58").
+
+usage: ec_launches_summary.py [--placements DIR] [--merge-rounds] [--variant TEXT] LOG...
 """
 import collections
 import json
@@ -22,9 +26,11 @@ import sys
 from ec_launch_placements import FUSED  # the CUDA runner's fused launches
 
 KINDS = ("qkv", "o_proj", "gate_up", "down_proj")
-# The bench's rows of variants 0 (W4) and 9 (W4+EC at the placement) only:
-# its other variants (timing-only cuts, other kernel forms) are not readings.
-ROW = re.compile(r"\| (8B|1B) \| (\d+) \| (W4|W4\+EC at the diagnostic's placement \(--ec-placement\)) \| ([\d.]+) \|")
+# The bench's rows of variant 0 (W4) and of one W4+EC variant (9, W4+EC at
+# the placement, unless --variant): its other variants (timing-only cuts,
+# other kernel forms) are not readings.
+ROW = re.compile(r"\| (8B|1B) \| (\d+) \| (W4|W4\+EC[^|]*?) \| ([\d.]+) \|")
+EC_ROW = "W4+EC at the diagnostic's placement (--ec-placement)"
 
 
 def kinds_8b(path):
@@ -47,13 +53,18 @@ def main():
     args = sys.argv[1:]
     pdir = None
     merge = False
-    while args[:1] in (["--placements"], ["--merge-rounds"]):
+    ec_row = EC_ROW
+    while args[:1] in (["--placements"], ["--merge-rounds"], ["--variant"]):
         if args[0] == "--merge-rounds":
             merge, args = True, args[1:]
             continue
         if len(args) < 2:
             sys.exit(__doc__)
-        pdir, args = args[1], args[2:]
+        if args[0] == "--variant":
+            ec_row = "W4+EC at the diagnostic's placement, " + args[1]
+        else:
+            pdir = args[1]
+        args = args[2:]
     if not args:
         sys.exit(__doc__)
     w4, ec = collections.defaultdict(list), collections.defaultdict(list)
@@ -68,7 +79,7 @@ def main():
                 name = line.split()[1]
                 if merge:
                     name = re.sub(r"_?\d+$", "", name)
-            elif (m := ROW.match(line)) and name:
+            elif (m := ROW.match(line)) and name and m.group(3) in ("W4", ec_row):
                 (w4 if m.group(3) == "W4" else ec)[(name, m.group(1), int(m.group(2)))].append(float(m.group(4)))
     for key in sorted(w4):
         a, b = w4[key], ec[key]
