@@ -20,6 +20,28 @@ __device__ __forceinline__ float SumParts(const float* upart, int P, int m, int 
   return v;
 }
 
+// u [m][r] (shared memory) = the P partial sums (SumParts) by the block's
+// nthreads threads.
+__device__ __forceinline__ void StageU(float* us, const float* upart, int P, int m, int r, int tid,
+                                       int nthreads) {
+  for (int i = tid; i < m * r; i += nthreads) {
+    const int t = i / r, c = i - t * r;
+    us[i] = SumParts(upart, P, m, r, t, c);
+  }
+}
+
+// dst (shared memory) = src [rows][cols] with rows of the odd stride
+// cols | 1 (the staged gate's W1 and W2: neighbouring lane groups' rows in
+// different banks), by the block's nthreads threads.
+__device__ __forceinline__ void StageOddRows(float* dst, const float* src, int rows, int cols,
+                                             int tid, int nthreads) {
+  const int ld = cols | 1;
+  for (int i = tid; i < rows * cols; i += nthreads) {
+    const int j = i / cols, c = i - j * cols;
+    dst[j * ld + c] = src[i];
+  }
+}
+
 // sum over i = l, l + G, ... < n of w[i] u[i] (shared memory) in four
 // partial sums (four independent multiply-add chains, not one).
 __device__ __forceinline__ float Dot4(const float* w, const float* u, int l, int n, int G) {

@@ -250,26 +250,19 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     // W1's rows stored with an odd stride r | 1 and W2's with h | 1, so the
     // rows that neighbouring lane groups read fall in different banks (with
     // the stride r = 56 a warp's 32 rows hit 4 banks: 8-way conflicts).
+    const int tid = static_cast<int>(threadIdx.x);
     const ecg::Staged st = ecg::StagedAt(dyn, m, r, h);
-    for (int i = threadIdx.x; i < m * r; i += kT) {
-      const int t = i / r, c = i - t * r;
-      st.us[i] = ecg::SumParts(upart, P, m, r, t, c);
-    }
+    ecg::StageU(st.us, upart, P, m, r, tid, kT);
     if (g.gated) {
-      const int r1 = r | 1, h1 = h | 1;
-      for (int i = threadIdx.x; i < h * r; i += kT) {
-        const int j = i / r, c = i - j * r;  // w1 [h][r]
-        st.w1s[j * r1 + c] = g.w1[i];
-        const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
-        st.w2s[c2 * h1 + j2] = g.w2[i];
-      }
+      ecg::StageOddRows(st.w1s, g.w1, h, r, tid, kT);  // w1 [h][r]
+      ecg::StageOddRows(st.w2s, g.w2, r, h, tid, kT);  // w2 [r][h]
       for (int i = threadIdx.x; i < h; i += kT) st.b1s[i] = g.b1[i];
       for (int i = threadIdx.x; i < r; i += kT) st.b2s[i] = g.b2[i];
     }
     __syncthreads();
     const ecg::GateWeights sw = ecg::StagedWeights(st, r, h);
-    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st.us, st.hs, sw, static_cast<int>(threadIdx.x),
-                   kT, [] { __syncthreads(); }, [&] { return sw; },
+    ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st.us, st.hs, sw, tid, kT,
+                   [] { __syncthreads(); }, [&] { return sw; },
                    [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
   } else if (stage == kStageGroupsTwoPhase) {
     // v58: where the staged copy does not fit 40 KB (the int8 recipe's
@@ -285,31 +278,22 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     float* b1s = hs + m * h;
     float* b2s = b1s + h;
     float* wr = b2s + r;
-    const int r1 = r | 1, h1 = h | 1;
-    for (int i = threadIdx.x; i < m * r; i += kT) {
-      const int t = i / r, c = i - t * r;
-      us[i] = ecg::SumParts(upart, P, m, r, t, c);
-    }
+    const int tid = static_cast<int>(threadIdx.x);
+    ecg::StageU(us, upart, P, m, r, tid, kT);
     if (g.gated) {
-      for (int i = threadIdx.x; i < h * r; i += kT) {
-        const int j = i / r, c = i - j * r;  // w1 [h][r]
-        wr[j * r1 + c] = g.w1[i];
-      }
+      ecg::StageOddRows(wr, g.w1, h, r, tid, kT);  // w1 [h][r]
       for (int i = threadIdx.x; i < h; i += kT) b1s[i] = g.b1[i];
       for (int i = threadIdx.x; i < r; i += kT) b2s[i] = g.b2[i];
     }
     __syncthreads();
     ecg::GateBlock(
-        m, r, g.rp, h, g.gated != 0, us, hs, ecg::GateWeights{wr, b1s, nullptr, b2s, r1, 0},
-        static_cast<int>(threadIdx.x), kT, [] { __syncthreads(); },
+        m, r, g.rp, h, g.gated != 0, us, hs, ecg::GateWeights{wr, b1s, nullptr, b2s, r | 1, 0},
+        tid, kT, [] { __syncthreads(); },
         [&] {
           // (after the hidden units' barrier: W1's reads are done)
-          for (int i = threadIdx.x; i < h * r; i += kT) {
-            const int c2 = i / h, j2 = i - c2 * h;  // w2 [r][h]
-            wr[c2 * h1 + j2] = g.w2[i];
-          }
+          ecg::StageOddRows(wr, g.w2, r, h, tid, kT);  // w2 [r][h]
           __syncthreads();
-          return ecg::GateWeights{nullptr, b1s, wr, b2s, 0, h1};
+          return ecg::GateWeights{nullptr, b1s, wr, b2s, 0, h | 1};
         },
         [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
   } else {
@@ -728,9 +712,7 @@ __global__ void EcUnpackBKernel(EcTileArgs b, int n, int r, __half* out) {
   const int c = static_cast<int>(idx / r), q = static_cast<int>(idx % r);
   out[idx] = __float2half_rn(EcBValue(b, c, q));
 }
-}  // namespace
 
-namespace {
 // out[q][j] = A[q][j] as fp16 (the prologue's values), one thread each.
 __global__ void EcUnpackAKernel(EcAArgs a, int r, int k, __half* out) {
   const long long idx = blockIdx.x * 256LL + threadIdx.x;
