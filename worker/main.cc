@@ -18,6 +18,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -265,10 +266,16 @@ int Main(int argc, char** argv) {
   loop->StartDrain();
   metrics->SetDraining(true);
   set_health(false);
+  // Idle engine first, then every Execute stream written out and released
+  // by gRPC (the last events of a long answer can still be queued when the
+  // loop goes idle), all within --drain-timeout-s; only then the server.
+  const absl::Time drain_end = absl::Now() + absl::Seconds(*dt);
   absl::Notification idle;
   loop->WhenIdle([&idle] { idle.Notify(); });
-  if (!idle.WaitForNotificationWithTimeout(absl::Seconds(*dt))) {
+  if (!idle.WaitForNotificationWithDeadline(drain_end)) {
     spdlog::warn("drain timeout: stopping with requests in flight");
+  } else if (!service->WaitForStreams(std::max(drain_end - absl::Now(), absl::ZeroDuration()))) {
+    spdlog::warn("drain timeout: {} response streams still open", service->open_streams());
   }
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   loop->Stop();

@@ -23,6 +23,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "spear/v1/worker.grpc.pb.h"
 #include "worker/engine/engine_loop.h"
 #include "worker/server/metrics.h"
@@ -60,6 +61,21 @@ class WorkerService final : public v1::Worker::CallbackService {
   // Sets the worker id and the metrics once they are known (thread-safe).
   void SetIdentity(const std::string& worker_id, WorkerMetrics* metrics) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Execute streams whose reactor gRPC has not yet released (OnDone): an
+  // idle engine loop can still have events queued for the network. A drain
+  // waits for zero before it shuts the server down, so no stream loses its
+  // tail (Server::Shutdown may return with writes pending, and the process
+  // exits after it).
+  int open_streams() const;
+  // Blocks until open_streams() is 0 or `timeout` passes; true when 0.
+  bool WaitForStreams(absl::Duration timeout) const;
+
+  // Shared with the reactors, which may finish after a Shutdown deadline.
+  struct OpenStreams {
+    mutable absl::Mutex mu;
+    int count ABSL_GUARDED_BY(mu) = 0;
+  };
+
  private:
   WorkerMetrics* metrics() const { return metrics_.load(); }
 
@@ -68,6 +84,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   WorkerInfo info_ ABSL_GUARDED_BY(mu_);
   std::atomic<WorkerMetrics*> metrics_;
   std::function<void()> on_drain_;
+  std::shared_ptr<OpenStreams> open_ = std::make_shared<OpenStreams>();
 };
 
 // absl -> grpc status (same numeric codes).
