@@ -9,8 +9,9 @@
 // its W in the last-level cache, as in a real forward pass. m=16 / m=128
 // report GFLOP/s (2*m*n*k / time) with W warm.
 // W4 rows (cpu::W4Linear): m=1, m=4 and m=8 (batch-4 / -8 decode) with cold weights,
-// GB/s = bytes the kernel reads (codes + fp16 scales + u8 zeros + the EC's A
-// and B as stored in memory, float32) / time; m=128 GFLOP/s counts the
+// GB/s = bytes the kernel reads (codes + fp16 scales + u8 zeros + the EC as
+// held in memory: float32 for "r32", int8 codes + fp16 scales and gate for
+// "r32i8", a served .spear's form) / time; m=128 GFLOP/s counts the
 // backbone's 2*m*n*k only (the EC's extra flops are < 2% at r=32).
 #include <immintrin.h>
 
@@ -28,6 +29,7 @@
 #include "kernels/aligned.h"
 #include "kernels/cpu_features.h"
 #include "kernels/dtype.h"
+#include "kernels/ec_factors.h"
 #include "kernels/ops.h"
 #include "kernels/thread_pool.h"
 #include "kernels/w4_ops.h"
@@ -128,7 +130,9 @@ struct W4Case {
   EcWeights ec;
 };
 
-W4Case MakeW4Case(const Shape& s, int64_t group, int64_t rank, std::mt19937& rng) {
+// i8: the EC's factors int8 and held compact, as a served .spear holds them
+// (EcWeights::compact_i8; else float32).
+W4Case MakeW4Case(const Shape& s, int64_t group, int64_t rank, bool i8, std::mt19937& rng) {
   W4Case c;
   c.w.fmt = {s.n, s.k, group, false};
   std::uniform_int_distribution<int> code(0, 255);
@@ -149,6 +153,10 @@ W4Case MakeW4Case(const Shape& s, int64_t group, int64_t rank, std::mt19937& rng
     c.ec.b1.assign(32, 0.f);
     c.ec.w2.assign(static_cast<size_t>(rank * 32), 0.01f);
     c.ec.b2.assign(static_cast<size_t>(rank), 0.f);
+    if (i8 && (!RoundEcFactorsI8(&c.ec).ok() || !CompactEcFactorsI8(&c.ec).ok())) {
+      std::fprintf(stderr, "int8 EC: encoding failed\n");
+      std::exit(1);
+    }
   }
   return c;
 }
@@ -156,7 +164,7 @@ W4Case MakeW4Case(const Shape& s, int64_t group, int64_t rank, std::mt19937& rng
 // Bytes one call reads from the weights (see the file comment).
 double W4ReadBytes(const W4Case& c, int64_t rank) {
   double b = static_cast<double>(c.w.packed.size() + c.w.scales.size() * 2 + c.w.zeros.size());
-  if (rank > 0) b += 4.0 * static_cast<double>(c.ec.num_params());
+  if (rank > 0) b += static_cast<double>(c.ec.resident_bytes());
   return b;
 }
 
@@ -185,15 +193,16 @@ double W4Seconds(const std::vector<W4Case>& cases, int64_t rank, int64_t m, Thre
 void W4Rows(ThreadPool* pool, int iters, double bwn) {
   const Shape shapes[] = {{576, 576, "q/o proj"},  {192, 576, "k/v proj"}, {1536, 576, "gate/up"},
                           {576, 1536, "down"},     {4096, 4096, "7B-class"}};
-  std::printf("\n%-9s %-10s %-5s %-4s | %10s %8s %7s | %10s | %10s %8s | %13s\n", "W4", "n x k",
+  std::printf("\n%-9s %-10s %-5s %-5s | %10s %8s %7s | %10s | %10s %8s | %13s\n", "W4", "n x k",
               "group", "ec", "m=1 us", "GB/s", "/memcpy", "m=4 us", "m=8 us", "GB/s",
               "m=128 GFLOP/s");
   std::mt19937 rng(2);
   for (const Shape& s : shapes) {
     // g128 where it divides k; SmolLM2's k=576 takes g64 instead.
     for (int64_t group : {s.k, s.k % 128 == 0 ? int64_t{128} : int64_t{64}}) {
-      for (int64_t rank : {int64_t{0}, int64_t{32}}) {
-        const W4Case proto = MakeW4Case(s, group, rank, rng);
+      for (int variant = 0; variant < 3; ++variant) {  // no EC, r = 32 float32, r = 32 int8
+        const int64_t rank = variant == 0 ? 0 : 32;
+        const W4Case proto = MakeW4Case(s, group, rank, variant == 2, rng);
         const double bytes = W4ReadBytes(proto, rank);
         const int copies = static_cast<int>((256.0 * (1 << 20)) / bytes) + 1;
         const std::vector<W4Case> cold(copies, proto);
@@ -204,8 +213,9 @@ void W4Rows(ThreadPool* pool, int iters, double bwn) {
         const double t128 = W4Seconds(warm, rank, 128, pool, iters);
         const std::string nk = std::to_string(s.n) + "x" + std::to_string(s.k);
         const std::string g = group == s.k ? "chan" : "g" + std::to_string(group);
-        std::printf("%-9s %-10s %-5s %-4s | %10.1f %8.1f %7.2f | %10.1f | %10.1f %8.1f | %13.1f\n",
-                    s.what, nk.c_str(), g.c_str(), rank > 0 ? "r32" : "-", t1 * 1e6,
+        std::printf("%-9s %-10s %-5s %-5s | %10.1f %8.1f %7.2f | %10.1f | %10.1f %8.1f | %13.1f\n",
+                    s.what, nk.c_str(), g.c_str(),
+                    variant == 0 ? "-" : (variant == 1 ? "r32" : "r32i8"), t1 * 1e6,
                     bytes / t1 / 1e9, bytes / t1 / 1e9 / bwn, t4 * 1e6, t8 * 1e6, bytes / t8 / 1e9,
                     2.0 * 128 * s.n * s.k / t128 / 1e9);
       }

@@ -27,6 +27,17 @@ struct W4Avx2 {
   static void Store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F Add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F LoadI8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  // Reads exactly n bytes (through a zeroed copy).
+  static F LoadI8Partial(const int8_t* p, int n) {
+    alignas(8) int8_t b[8] = {};
+    for (int i = 0; i < n; ++i) b[i] = p[i];
+    return LoadI8(b);
+  }
   static float ReduceAdd(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

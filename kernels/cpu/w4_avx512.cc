@@ -25,6 +25,15 @@ struct W4Avx512 {
   static void Store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F Add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F LoadI8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // Masked-off bytes are not accessed (AVX-512 BW + VL).
+  static F LoadI8Partial(const int8_t* p, int n) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(Mask(n), p)));
+  }
   static float ReduceAdd(F v) { return _mm512_reduce_add_ps(v); }
   static float H2F(uint16_t h) { return _cvtsh_ss(h); }
   // 16 bytes -> 16 low nibbles (even k) and 16 high nibbles (odd k).

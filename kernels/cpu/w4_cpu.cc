@@ -114,58 +114,23 @@ LinearParams DenseParams(const float* x, int64_t m, int64_t k, int64_t ldx, cons
   return l;
 }
 
-// *v_out = v[m, r] = g ⊙ u with u = A x (raw x) and the gate of w4_ops.h, in
-// this thread's scratch (valid until its next call); writes the gate to
-// gate_out when asked. *b_out = B as floats: the EC's own, or, for an int8
-// EC held compact (EcWeights::compact_i8), its A, B and gate decoded into
-// this thread's scratch (r (k + n) + 2 h r + h + r floats: 34 KiB for a
-// rank-4 576 x 1536 EC), valid as long as v.
-absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** v_out,
-                       const float** b_out) {
-  thread_local std::vector<float> ec_buf;
-  thread_local EcScratch dec;
-  const EcWeights& e = *p.ec;
-  EcFloatView f;
-  if (absl::Status s = EcFloats(e, &dec, &f); !s.ok()) return s;
-  *b_out = f.b;
-  const int64_t m = p.m, r = e.rank, h = e.gated ? e.gate_hidden : 0;
-  float* u = Scratch(ec_buf, m * (2 * r + h));
-  float* v = u + m * r;
-  float* hid = v + m * r;
-  *v_out = v;
-  const int threads = pool == nullptr ? 1 : pool->size();
-  if (m <= internal::kW4MaxGemvTokens && threads > 1 && r > 1 && r * e.k >= (int64_t{1} << 16)) {
-    // Decode: A is r x k floats read once from memory (512 KiB at r=32,
-    // k=4096); cpu::Linear would give its r < 64 rows to one thread, so
-    // split A's rows over the pool here (measured at 4096 x 4096, r=32, 16
-    // threads: the EC's cost fell from +140 us to +15 us over a 243 us GEMV).
-    // Small A (< 256 KiB) is not worth a second pool wake-up.
-    const int64_t parts = r < threads ? r : threads;
-    std::vector<absl::Status> errors(static_cast<size_t>(parts));
-    pool->ParallelFor(parts, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = r * t / parts, r1 = r * (t + 1) / parts;
-        errors[static_cast<size_t>(t)] = Linear(
-            DenseParams(p.x, m, e.k, p.ldx, f.a + r0 * e.k, r1 - r0, nullptr, u + r0, r, false),
-            nullptr);
-      }
-    });
-    for (const absl::Status& s : errors) {
-      if (!s.ok()) return s;
-    }
-  } else if (absl::Status s =
-                 Linear(DenseParams(p.x, m, e.k, p.ldx, f.a, r, nullptr, u, r, false), pool);
-             !s.ok()) {
-    return s;
-  }
-  if (!e.gated) {
-    for (int64_t i = 0; i < m * r; ++i) v[i] = u[i];
-    if (p.gate_out != nullptr) {
-      for (int64_t i = 0; i < m * r; ++i) p.gate_out[i] = 1.f;
-    }
-    return absl::OkStatus();
-  }
-  // hid = silu(W1 u + b1); z = W2 hid + b2 (into v); g = 1 + tanh(z).
+static_assert(internal::kEcI8ScaleGroup == kEcI8Group, "the kernels' int8 EC scale group");
+
+// What the EC adds to y: B (g ⊙ u). v [m, r] = g ⊙ u in this thread's
+// scratch (valid until its next call); B as floats (b) or, for a decode
+// call (m <= 8) on an int8 EC held compact (EcWeights::compact_i8), as its
+// codes (b8) with their scales widened into this thread's scratch.
+struct EcTerms {
+  const float* v = nullptr;
+  const float* b = nullptr;
+  const int8_t* b8 = nullptr;
+  const float* b8_scales = nullptr;
+};
+
+// hid = silu(W1 u + b1); z = W2 hid + b2 (into v); g = 1 + tanh(z); v = g ⊙ u
+// (u, hid, v: [m, r], [m, h], [m, r]); the gate into gate_out when asked.
+absl::Status GateTimesU(int64_t m, int64_t r, int64_t h, const EcFloatView& f, const float* u,
+                        float* hid, float* v, float* gate_out, ThreadPool* pool) {
   if (absl::Status s = Linear(DenseParams(u, m, r, r, f.w1, h, f.b1, hid, h, false), pool);
       !s.ok()) {
     return s;
@@ -177,10 +142,99 @@ absl::Status EcLowRank(const W4LinearParams& p, ThreadPool* pool, const float** 
   }
   for (int64_t i = 0; i < m * r; ++i) {
     const float g = 1.f + std::tanh(v[i]);
-    if (p.gate_out != nullptr) p.gate_out[i] = g;
+    if (gate_out != nullptr) gate_out[i] = g;
     v[i] = g * u[i];
   }
   return absl::OkStatus();
+}
+
+// Splits `rows` rows over the pool in `parts` contiguous ranges.
+template <class Fn>
+void SplitRows(ThreadPool* pool, int64_t rows, int64_t parts, Fn&& fn) {
+  pool->ParallelFor(parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(rows * t / parts, rows * (t + 1) / parts);
+  });
+}
+
+// The EC's terms (EcTerms) with u = A x (raw x) and the gate of w4_ops.h.
+// kern != null (a decode call, m <= 8): u by kern->ec_u straight from A as
+// held, float32 or int8 codes (no per-call copy of A or B; the same sums
+// either way, so a compact int8 EC gives its float form's outputs bit for
+// bit); only the small gate MLP (2 h r + h + r values) is widened from fp16.
+// A compact EC's codes are valid by construction (CompactEcFactorsI8 makes
+// them from values on the grid; the loader decodes and checks them first).
+// kern == null (prefill): A, B and the gate as floats (EcFloats: a compact
+// EC decoded into this thread's scratch, r (k + n) + 2 h r + h + r floats,
+// amortized over the m tokens) and u by cpu::Linear.
+absl::Status EcLowRank(const W4LinearParams& p, const internal::W4IsaKernels* kern,
+                       ThreadPool* pool, EcTerms* out) {
+  thread_local std::vector<float> ec_buf, b8_scales;
+  thread_local EcScratch dec;
+  const EcWeights& e = *p.ec;
+  const int64_t m = p.m, r = e.rank, h = e.gated ? e.gate_hidden : 0;
+  float* u = Scratch(ec_buf, m * (2 * r + h));
+  float* v = u + m * r;
+  float* hid = v + m * r;
+  out->v = v;
+  const int threads = pool == nullptr ? 1 : pool->size();
+  // Decode: A is r x k values read once from memory (512 KiB of floats at
+  // r=32, k=4096); split its rows over the pool (measured at 4096 x 4096,
+  // r=32, 16 threads, float A through cpu::Linear: the EC's cost fell from
+  // +140 us to +15 us over a 243 us GEMV). Small A (< 64 K values) is not
+  // worth a second pool wake-up.
+  const bool split = threads > 1 && r > 1 && r * e.k >= (int64_t{1} << 16);
+  EcFloatView f;
+  if (kern != nullptr) {
+    const bool c = e.compact_i8();
+    internal::EcUArgs ua;
+    ua.x = p.x, ua.ldx = p.ldx, ua.m = m, ua.k = e.k, ua.u = u, ua.ldu = r;
+    if (c) {
+      ua.a8 = e.i8.a.data(), ua.a8_scales = e.i8.a_scales.data();
+    } else {
+      ua.a = e.a.data();
+    }
+    if (split) {
+      SplitRows(pool, r, r < threads ? r : threads,
+                [&](int64_t i0, int64_t i1) { kern->ec_u(ua, i0, i1); });
+    } else {
+      kern->ec_u(ua, 0, r);
+    }
+    if (c) {
+      const int64_t nb = EcI8Groups(e.n) * r;
+      float* sb = Scratch(b8_scales, nb);
+      for (int64_t i = 0; i < nb; ++i) sb[i] = HalfToFloat(e.i8.b_scales[static_cast<size_t>(i)]);
+      out->b8 = e.i8.b.data(), out->b8_scales = sb;
+      if (e.gated) {
+        const EcWeights::Gate16& g = e.gate16;
+        auto widen = [](const std::vector<uint16_t>& in, std::vector<float>* o) {
+          o->resize(in.size());
+          for (size_t i = 0; i < in.size(); ++i) (*o)[i] = HalfToFloat(in[i]);
+          return o->data();
+        };
+        f.w1 = widen(g.w1, &dec.w1), f.b1 = widen(g.b1, &dec.b1);
+        f.w2 = widen(g.w2, &dec.w2), f.b2 = widen(g.b2, &dec.b2);
+      }
+    } else {
+      out->b = e.b.data();
+      if (e.gated) f.w1 = e.w1.data(), f.b1 = e.b1.data(), f.w2 = e.w2.data(), f.b2 = e.b2.data();
+    }
+  } else {
+    if (absl::Status s = EcFloats(e, &dec, &f); !s.ok()) return s;
+    out->b = f.b;
+    if (absl::Status s =
+            Linear(DenseParams(p.x, m, e.k, p.ldx, f.a, r, nullptr, u, r, false), pool);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (!e.gated) {
+    for (int64_t i = 0; i < m * r; ++i) v[i] = u[i];
+    if (p.gate_out != nullptr) {
+      for (int64_t i = 0; i < m * r; ++i) p.gate_out[i] = 1.f;
+    }
+    return absl::OkStatus();
+  }
+  return GateTimesU(m, r, h, f, u, hid, v, p.gate_out, pool);
 }
 
 internal::W4KernelArgs WeightArgs(const W4Weight& w) {
@@ -214,9 +268,12 @@ absl::Status Decode(const W4LinearParams& p, const internal::W4IsaKernels& kern,
   a.ldy = p.ldy;
   a.accumulate = p.accumulate;
   if (p.ec != nullptr) {
-    const float* v = nullptr;
-    if (absl::Status s = EcLowRank(p, pool, &v, &a.ec_b); !s.ok()) return s;
-    a.ec_v = v;
+    EcTerms ec;
+    if (absl::Status s = EcLowRank(p, &kern, pool, &ec); !s.ok()) return s;
+    a.ec_v = ec.v;
+    a.ec_b = ec.b;
+    a.ec_b8 = ec.b8;
+    a.ec_b8_scales = ec.b8_scales;
     a.rank = p.ec->rank;
   }
   // Rows in chunks of >= 64 (multiples of 16) so each thread streams a
@@ -252,11 +309,10 @@ bool Bf16PrefillFromEnv() {
 // The EC's part of a prefill: y += B (g ⊙ u), u = A x.
 absl::Status PrefillEc(const W4LinearParams& p, ThreadPool* pool) {
   if (p.ec == nullptr) return absl::OkStatus();
-  const float* v = nullptr;
-  const float* b = nullptr;
-  if (absl::Status s = EcLowRank(p, pool, &v, &b); !s.ok()) return s;
+  EcTerms ec;
+  if (absl::Status s = EcLowRank(p, nullptr, pool, &ec); !s.ok()) return s;
   const int64_t r = p.ec->rank;
-  return Linear(DenseParams(v, p.m, r, r, b, p.w->fmt.n, nullptr, p.y, p.ldy, true), pool);
+  return Linear(DenseParams(ec.v, p.m, r, r, ec.b, p.w->fmt.n, nullptr, p.y, p.ldy, true), pool);
 }
 
 // Tiles of ~256 KiB of F32 weights (32..256 rows, multiples of 16): small

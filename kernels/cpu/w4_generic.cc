@@ -21,6 +21,9 @@ struct W4Scalar {
   static void Store(float* p, F v) { *p = v; }
   static F Fma(F a, F b, F c) { return a * b + c; }
   static F Add(F a, F b) { return a + b; }
+  static F Mul(F a, F b) { return a * b; }
+  static F LoadI8(const int8_t* p) { return static_cast<float>(*p); }
+  static F LoadI8Partial(const int8_t* p, int n) { return n > 0 ? static_cast<float>(*p) : 0.f; }
   static float ReduceAdd(F v) { return v; }
   static float H2F(uint16_t h) { return HalfToFloat(h); }
   static void Codes(const uint8_t* p, F* lo, F* hi) {

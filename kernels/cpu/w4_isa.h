@@ -38,10 +38,29 @@ struct W4KernelArgs {
   float* y = nullptr;           // [m, n], stride ldy
   int64_t ldy = 0;
   bool accumulate = false;
-  // EC epilogue: y[t, j] += dot(ec_b[j, :], ec_v[t, :]) when ec_b != null.
-  const float* ec_b = nullptr;  // [n, rank]
-  const float* ec_v = nullptr;  // [m, rank]: g ⊙ u per token
+  // EC epilogue: y[t, j] += dot(ec_b[j, :], ec_v[t, :]) when ec_b != null;
+  // or, B held as int8 codes (EcWeights::compact_i8), when ec_b8 != null:
+  // B[j, i] = ec_b8[j, i] * ec_b8_scales[j / 64, i], each product exact (an
+  // 8-bit code times an fp16 value), so the sums are ec_b's bit for bit.
+  const float* ec_b = nullptr;          // [n, rank]
+  const int8_t* ec_b8 = nullptr;        // [n, rank] codes
+  const float* ec_b8_scales = nullptr;  // [ceil(n / 64), rank], widened from fp16
+  const float* ec_v = nullptr;          // [m, rank]: g ⊙ u per token
   int64_t rank = 0;
+};
+
+// u = A x for an EC in a decode call (m <= kW4MaxGemvTokens tokens of raw
+// x): u[t, i] for A's rows [i0, i1), A as float32 or as int8 codes with one
+// fp16 scale per 64 values along k (the products exact), the sums in the
+// same order either way: the two forms give the same u bit for bit.
+struct EcUArgs {
+  const float* x = nullptr;  // [m, k], stride ldx
+  int64_t ldx = 0, m = 0, k = 0;
+  const float* a = nullptr;             // [r, k] float32, or (a == null)
+  const int8_t* a8 = nullptr;           // [r, k] codes
+  const uint16_t* a8_scales = nullptr;  // [r, ceil(k / 64)] fp16
+  float* u = nullptr;                   // [m, ldu]
+  int64_t ldu = 0;
 };
 
 struct W4IsaKernels {
@@ -51,9 +70,15 @@ struct W4IsaKernels {
   void (*gemv)(const W4KernelArgs& a, int64_t j0, int64_t j1);
   // Dequantizes rows [j0, j1) into out [j1 - j0, k] (xp order, float32).
   void (*dequant)(const W4KernelArgs& a, int64_t j0, int64_t j1, float* out);
+  // u = A x for A's rows [i0, i1) (EcUArgs; 1 <= m <= 8).
+  void (*ec_u)(const EcUArgs& a, int64_t i0, int64_t i1);
 };
 
 inline constexpr int kW4MaxGemvTokens = 8;
+// Values per fp16 scale of an int8 EC factor (kernels::kEcI8Group; checked
+// equal in w4_cpu.cc): a multiple of every ISA's float lanes, so no vector
+// of the kernels straddles two scales.
+inline constexpr int64_t kEcI8ScaleGroup = 64;
 
 extern const W4IsaKernels kW4ScalarKernels;  // w4_generic.cc
 extern const W4IsaKernels kW4Avx2Kernels;    // w4_avx2.cc
