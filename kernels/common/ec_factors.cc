@@ -115,7 +115,8 @@ absl::Status DecodeRaw(const EcI8Factors& f, int64_t n, int64_t k, int64_t r, fl
 }
 
 // DecodeRaw's values and errors, fast enough for every call of a kernel (a
-// served compact EC is decoded per token): scales checked first (few),
+// compact EC is decoded per prefill call and per reference call; decode
+// calls read the codes in place): scales checked first (few),
 // codes decoded in loops the compiler vectorizes with an OR-reduction for
 // -128; any error is re-derived by DecodeRaw for its message.
 absl::Status DecodeFast(const EcI8Factors& f, int64_t n, int64_t k, int64_t r, float* a,

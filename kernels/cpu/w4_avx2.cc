@@ -45,6 +45,9 @@ struct W4Avx2 {
     return _mm_cvtss_f32(s);
   }
   static float H2F(uint16_t h) { return _cvtsh_ss(h); }
+  static F LoadH(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   // 8 bytes -> 8 low nibbles (even k) and 8 high nibbles (odd k).
   static void Codes(const uint8_t* p, F* lo, F* hi) {
     const __m256i v =

@@ -36,6 +36,9 @@ struct W4Avx512 {
   }
   static float ReduceAdd(F v) { return _mm512_reduce_add_ps(v); }
   static float H2F(uint16_t h) { return _cvtsh_ss(h); }
+  static F LoadH(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   // 16 bytes -> 16 low nibbles (even k) and 16 high nibbles (odd k).
   static void Codes(const uint8_t* p, F* lo, F* hi) {
     const __m512i v =

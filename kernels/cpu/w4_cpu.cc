@@ -200,17 +200,14 @@ absl::Status EcLowRank(const W4LinearParams& p, const internal::W4IsaKernels* ke
       kern->ec_u(ua, 0, r);
     }
     if (c) {
-      const int64_t nb = EcI8Groups(e.n) * r;
-      float* sb = Scratch(b8_scales, nb);
-      for (int64_t i = 0; i < nb; ++i) sb[i] = HalfToFloat(e.i8.b_scales[static_cast<size_t>(i)]);
-      out->b8 = e.i8.b.data(), out->b8_scales = sb;
+      auto widen = [kern](const std::vector<uint16_t>& in, std::vector<float>* o) {
+        o->resize(in.size());
+        kern->widen_f16(in.data(), static_cast<int64_t>(in.size()), o->data());
+        return o->data();
+      };
+      out->b8 = e.i8.b.data(), out->b8_scales = widen(e.i8.b_scales, &b8_scales);
       if (e.gated) {
         const EcWeights::Gate16& g = e.gate16;
-        auto widen = [](const std::vector<uint16_t>& in, std::vector<float>* o) {
-          o->resize(in.size());
-          for (size_t i = 0; i < in.size(); ++i) (*o)[i] = HalfToFloat(in[i]);
-          return o->data();
-        };
         f.w1 = widen(g.w1, &dec.w1), f.b1 = widen(g.b1, &dec.b1);
         f.w2 = widen(g.w2, &dec.w2), f.b2 = widen(g.b2, &dec.b2);
       }

@@ -26,6 +26,7 @@ struct W4Scalar {
   static F LoadI8Partial(const int8_t* p, int n) { return n > 0 ? static_cast<float>(*p) : 0.f; }
   static float ReduceAdd(F v) { return v; }
   static float H2F(uint16_t h) { return HalfToFloat(h); }
+  static F LoadH(const uint16_t* p) { return HalfToFloat(*p); }
   static void Codes(const uint8_t* p, F* lo, F* hi) {
     *lo = static_cast<float>(p[0] & 0x0f);
     *hi = static_cast<float>(p[0] >> 4);

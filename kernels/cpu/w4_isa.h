@@ -72,6 +72,9 @@ struct W4IsaKernels {
   void (*dequant)(const W4KernelArgs& a, int64_t j0, int64_t j1, float* out);
   // u = A x for A's rows [i0, i1) (EcUArgs; 1 <= m <= 8).
   void (*ec_u)(const EcUArgs& a, int64_t i0, int64_t i1);
+  // out[i] = in[i] as float (fp16 -> float32, exact; F16C where the ISA has
+  // it): a compact EC's gate MLP and B's scales, per decode call.
+  void (*widen_f16)(const uint16_t* in, int64_t n, float* out);
 };
 
 inline constexpr int kW4MaxGemvTokens = 8;

@@ -112,8 +112,11 @@ struct EcWeights {
   // checkpoints, tests). Compact (kI8 as served: a .spear loaded by
   // model::LoadModel): exactly the stored bytes, A and B as int8 codes and
   // scales in i8, the gate MLP as fp16 in gate16, every float vector empty;
-  // the CPU kernels decode it per call into scratch, the CUDA loader once
-  // (kernels/ec_factors.h: EcFloats, WithFloatFactors).
+  // the CPU kernels read the codes in place in a decode call and decode
+  // them into scratch in a prefill call, the CUDA loader re-lays them once
+  // (kernels/ec_factors.h: EcFloats, WithFloatFactors). Made only from
+  // values on the grid (CompactEcFactorsI8), so its codes are in
+  // [-127, 127] and its scales positive normal fp16.
   std::vector<float> a;   // [r, k]
   std::vector<float> b;   // [n, r]
   std::vector<float> w1;  // [h, r]
