@@ -15,7 +15,10 @@ using spear::v1::GenerateStreamResponse;
 class StreamReactor : public grpc::ServerWriteReactor<GenerateStreamResponse>,
                       public ResponseSink {
  public:
-  explicit StreamReactor(grpc::CallbackServerContext* ctx) : ctx_(ctx) {}
+  StreamReactor(grpc::CallbackServerContext* ctx, std::shared_ptr<std::atomic<int>> open)
+      : ctx_(ctx), open_(std::move(open)) {
+    open_->fetch_add(1);
+  }
 
   void Bind(std::shared_ptr<StreamReactor> self, std::shared_ptr<RequestCall> call) {
     std::lock_guard<std::mutex> l(mu_);
@@ -76,6 +79,7 @@ class StreamReactor : public grpc::ServerWriteReactor<GenerateStreamResponse>,
       call_.reset();
       keep.swap(self_);
     }
+    open_->fetch_sub(1);
   }
 
  private:
@@ -110,15 +114,17 @@ class StreamReactor : public grpc::ServerWriteReactor<GenerateStreamResponse>,
   grpc::Status status_;
   std::shared_ptr<StreamReactor> self_;
   std::shared_ptr<RequestCall> call_;
+  std::shared_ptr<std::atomic<int>> open_;
 };
 
 // Accumulates chunks into one GenerateResponse.
 class UnaryReactor : public grpc::ServerUnaryReactor, public ResponseSink {
  public:
   UnaryReactor(grpc::CallbackServerContext* ctx, spear::v1::GenerateResponse* resp,
-               std::string model)
-      : ctx_(ctx), resp_(resp) {
+               std::string model, std::shared_ptr<std::atomic<int>> open)
+      : ctx_(ctx), resp_(resp), open_(std::move(open)) {
     resp_->set_model(std::move(model));
+    open_->fetch_add(1);
   }
   void Bind(std::shared_ptr<UnaryReactor> self, std::shared_ptr<RequestCall> call) {
     std::lock_guard<std::mutex> l(mu_);
@@ -160,9 +166,12 @@ class UnaryReactor : public grpc::ServerUnaryReactor, public ResponseSink {
   }
   void OnDone() override {
     std::shared_ptr<UnaryReactor> keep;
-    std::lock_guard<std::mutex> l(mu_);
-    call_.reset();
-    keep.swap(self_);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      call_.reset();
+      keep.swap(self_);
+    }
+    open_->fetch_sub(1);
   }
 
  private:
@@ -172,6 +181,7 @@ class UnaryReactor : public grpc::ServerUnaryReactor, public ResponseSink {
   bool closed_ = false;
   std::shared_ptr<UnaryReactor> self_;
   std::shared_ptr<RequestCall> call_;
+  std::shared_ptr<std::atomic<int>> open_;
 };
 
 bool ConstantTimeEquals(std::string_view a, std::string_view b) {
@@ -246,7 +256,7 @@ void GenerationService::StartCall(grpc::CallbackServerContext* ctx,
 grpc::ServerUnaryReactor* GenerationService::Generate(grpc::CallbackServerContext* ctx,
                                                       const spear::v1::GenerateRequest* req,
                                                       spear::v1::GenerateResponse* resp) {
-  auto r = std::make_shared<UnaryReactor>(ctx, resp, env_->frontend->name());
+  auto r = std::make_shared<UnaryReactor>(ctx, resp, env_->frontend->name(), open_);
   std::shared_ptr<RequestCall> call;
   StartCall(ctx, *req, r, &call);
   r->Bind(r, call);
@@ -256,7 +266,7 @@ grpc::ServerUnaryReactor* GenerationService::Generate(grpc::CallbackServerContex
 
 grpc::ServerWriteReactor<GenerateStreamResponse>* GenerationService::GenerateStream(
     grpc::CallbackServerContext* ctx, const spear::v1::GenerateRequest* req) {
-  auto r = std::make_shared<StreamReactor>(ctx);
+  auto r = std::make_shared<StreamReactor>(ctx, open_);
   std::shared_ptr<RequestCall> call;
   StartCall(ctx, *req, r, &call);
   r->Bind(r, call);

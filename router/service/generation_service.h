@@ -23,6 +23,11 @@ class GenerationService final : public spear::v1::Generation::CallbackService {
   int active_calls() const { return active_.load(); }
   // A started call closed its sink (wired into CallEnv::on_call_done).
   void CallDone() { active_.fetch_sub(1); }
+  // Generate / GenerateStream calls whose reactor gRPC has not released yet
+  // (OnDone): a closed call can still have chunks queued for the client. A
+  // drain waits for 0 before it shuts the server down and the process
+  // exits, so that no stream loses its tail.
+  int open_reactors() const { return open_->load(); }
 
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* ctx,
                                      const spear::v1::GenerateRequest* req,
@@ -49,6 +54,7 @@ class GenerationService final : public spear::v1::Generation::CallbackService {
   const std::string auth_token_;
   std::atomic<bool> draining_{false};
   std::atomic<int> active_{0};
+  std::shared_ptr<std::atomic<int>> open_ = std::make_shared<std::atomic<int>>(0);
 };
 
 }  // namespace spear::router

@@ -164,11 +164,13 @@ void RouterServer::Shutdown() {
   spdlog::info("router draining: {} calls in flight", i.service->active_calls());
   i.server->GetHealthCheckService()->SetServingStatus(false);
   i.service->StartDraining();
-  // In-flight calls finish on their own; Shutdown cancels what is left at
-  // the deadline.
+  // In-flight calls finish on their own, and their responses are written
+  // out to the last chunk (open_reactors: a closed call can still have
+  // chunks queued); Shutdown cancels what is left at the deadline.
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(i.opts.drain_timeout_seconds * 1000));
-  while (i.service->active_calls() > 0 && std::chrono::system_clock::now() < deadline) {
+  while ((i.service->active_calls() > 0 || i.service->open_reactors() > 0) &&
+         std::chrono::system_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   i.admission->Close();
