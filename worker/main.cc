@@ -276,6 +276,11 @@ int Main(int argc, char** argv) {
     spdlog::warn("drain timeout: stopping with requests in flight");
   } else if (!service->WaitForStreams(std::max(drain_end - absl::Now(), absl::ZeroDuration()))) {
     spdlog::warn("drain timeout: {} response streams still open", service->open_streams());
+  } else {
+    // Linger: the clients read the last streams' tails before the process
+    // can close their connections under them (WorkerService::last_release).
+    absl::SleepFor(std::min(service->last_release() + absl::Milliseconds(500), drain_end) -
+                   absl::Now());
   }
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   loop->Stop();

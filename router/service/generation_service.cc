@@ -15,9 +15,10 @@ using spear::v1::GenerateStreamResponse;
 class StreamReactor : public grpc::ServerWriteReactor<GenerateStreamResponse>,
                       public ResponseSink {
  public:
-  StreamReactor(grpc::CallbackServerContext* ctx, std::shared_ptr<std::atomic<int>> open)
+  StreamReactor(grpc::CallbackServerContext* ctx,
+                std::shared_ptr<GenerationService::OpenReactors> open)
       : ctx_(ctx), open_(std::move(open)) {
-    open_->fetch_add(1);
+    open_->Opened();
   }
 
   void Bind(std::shared_ptr<StreamReactor> self, std::shared_ptr<RequestCall> call) {
@@ -79,7 +80,7 @@ class StreamReactor : public grpc::ServerWriteReactor<GenerateStreamResponse>,
       call_.reset();
       keep.swap(self_);
     }
-    open_->fetch_sub(1);
+    open_->Released();
   }
 
  private:
@@ -114,17 +115,17 @@ class StreamReactor : public grpc::ServerWriteReactor<GenerateStreamResponse>,
   grpc::Status status_;
   std::shared_ptr<StreamReactor> self_;
   std::shared_ptr<RequestCall> call_;
-  std::shared_ptr<std::atomic<int>> open_;
+  std::shared_ptr<GenerationService::OpenReactors> open_;
 };
 
 // Accumulates chunks into one GenerateResponse.
 class UnaryReactor : public grpc::ServerUnaryReactor, public ResponseSink {
  public:
   UnaryReactor(grpc::CallbackServerContext* ctx, spear::v1::GenerateResponse* resp,
-               std::string model, std::shared_ptr<std::atomic<int>> open)
+               std::string model, std::shared_ptr<GenerationService::OpenReactors> open)
       : ctx_(ctx), resp_(resp), open_(std::move(open)) {
     resp_->set_model(std::move(model));
-    open_->fetch_add(1);
+    open_->Opened();
   }
   void Bind(std::shared_ptr<UnaryReactor> self, std::shared_ptr<RequestCall> call) {
     std::lock_guard<std::mutex> l(mu_);
@@ -171,7 +172,7 @@ class UnaryReactor : public grpc::ServerUnaryReactor, public ResponseSink {
       call_.reset();
       keep.swap(self_);
     }
-    open_->fetch_sub(1);
+    open_->Released();
   }
 
  private:
@@ -181,7 +182,7 @@ class UnaryReactor : public grpc::ServerUnaryReactor, public ResponseSink {
   bool closed_ = false;
   std::shared_ptr<UnaryReactor> self_;
   std::shared_ptr<RequestCall> call_;
-  std::shared_ptr<std::atomic<int>> open_;
+  std::shared_ptr<GenerationService::OpenReactors> open_;
 };
 
 bool ConstantTimeEquals(std::string_view a, std::string_view b) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -27,7 +28,26 @@ class GenerationService final : public spear::v1::Generation::CallbackService {
   // (OnDone): a closed call can still have chunks queued for the client. A
   // drain waits for 0 before it shuts the server down and the process
   // exits, so that no stream loses its tail.
-  int open_reactors() const { return open_->load(); }
+  int open_reactors() const { return open_->count.load(); }
+  // When the last of them was released (steady clock; its epoch if none
+  // was): gRPC releases a call once its last bytes are handed to the
+  // socket, not once the client has read them, so the drain lingers a
+  // moment after this before the process can close the connection.
+  std::chrono::steady_clock::time_point last_release() const {
+    return std::chrono::steady_clock::time_point(
+        std::chrono::steady_clock::duration(open_->last_release.load()));
+  }
+
+  // Shared with the reactors (they can outlive a Shutdown deadline).
+  struct OpenReactors {
+    std::atomic<int> count{0};
+    std::atomic<std::chrono::steady_clock::rep> last_release{0};
+    void Opened() { count.fetch_add(1); }
+    void Released() {
+      last_release.store(std::chrono::steady_clock::now().time_since_epoch().count());
+      count.fetch_sub(1);
+    }
+  };
 
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* ctx,
                                      const spear::v1::GenerateRequest* req,
@@ -54,7 +74,7 @@ class GenerationService final : public spear::v1::Generation::CallbackService {
   const std::string auth_token_;
   std::atomic<bool> draining_{false};
   std::atomic<int> active_{0};
-  std::shared_ptr<std::atomic<int>> open_ = std::make_shared<std::atomic<int>>(0);
+  std::shared_ptr<OpenReactors> open_ = std::make_shared<OpenReactors>();
 };
 
 }  // namespace spear::router

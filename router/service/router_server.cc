@@ -173,6 +173,13 @@ void RouterServer::Shutdown() {
          std::chrono::system_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  // Linger: the clients read the last responses before the process can
+  // close their connections under them (GenerationService::last_release).
+  const auto linger_end = i.service->last_release() + std::chrono::milliseconds(500);
+  while (std::chrono::steady_clock::now() < linger_end &&
+         std::chrono::system_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   i.admission->Close();
   i.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   i.server->Wait();

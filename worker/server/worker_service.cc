@@ -120,7 +120,10 @@ class ExecuteReactor final : public grpc::ServerWriteReactor<v1::ExecuteEvent> {
  public:
   ExecuteReactor(engine::EngineLoop* loop, WorkerMetrics* metrics,
                  std::shared_ptr<WorkerService::OpenStreams> open)
-      : loop_(loop), metrics_(metrics), stream_(std::make_shared<Stream>()), open_(std::move(open)) {
+      : loop_(loop),
+        metrics_(metrics),
+        stream_(std::make_shared<Stream>()),
+        open_(std::move(open)) {
     {
       absl::MutexLock lock(&open_->mu);
       ++open_->count;
@@ -216,6 +219,7 @@ class ExecuteReactor final : public grpc::ServerWriteReactor<v1::ExecuteEvent> {
     delete this;
     absl::MutexLock lock(&open->mu);
     --open->count;
+    open->last_release = absl::Now();
   }
 
  private:
@@ -291,6 +295,11 @@ grpc::ServerUnaryReactor* WorkerService::Cancel(grpc::CallbackServerContext* ctx
 int WorkerService::open_streams() const {
   absl::MutexLock lock(&open_->mu);
   return open_->count;
+}
+
+absl::Time WorkerService::last_release() const {
+  absl::MutexLock lock(&open_->mu);
+  return open_->last_release;
 }
 
 bool WorkerService::WaitForStreams(absl::Duration timeout) const {

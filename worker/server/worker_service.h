@@ -69,11 +69,18 @@ class WorkerService final : public v1::Worker::CallbackService {
   int open_streams() const;
   // Blocks until open_streams() is 0 or `timeout` passes; true when 0.
   bool WaitForStreams(absl::Duration timeout) const;
+  // When the last Execute stream was released (InfinitePast if none was).
+  // gRPC releases a stream once its last bytes are handed to the socket,
+  // not once the client has read them: a process that exits at once can
+  // reset the connection under the client's unread tail (a close with
+  // unread bytes sends RST), so the drain lingers a moment after this.
+  absl::Time last_release() const;
 
   // Shared with the reactors, which may finish after a Shutdown deadline.
   struct OpenStreams {
     mutable absl::Mutex mu;
     int count ABSL_GUARDED_BY(mu) = 0;
+    absl::Time last_release ABSL_GUARDED_BY(mu) = absl::InfinitePast();
   };
 
  private:
