@@ -438,8 +438,9 @@ TEST_F(WorkerProcessTest, BoundedQueueThenDrainLosesNothing) {
 
   // SIGTERM while they run: new work is refused, accepted work completes,
   // every stream to its last event (the worker waits for the open streams
-  // after its loop goes idle; before, the tail of the last one could be cut
-  // by the exit: "recvmsg: Connection reset by peer", seen once in CI).
+  // after its loop goes idle, then lingers 0.5 s; before, the tail of the
+  // last one could be cut by the exit: "recvmsg: Connection reset by peer",
+  // seen once in CI).
   kill(worker_->pid, SIGTERM);
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   StreamResult late = RunStream(stub_, Req(Prompt(10, 98), 4), 5);
