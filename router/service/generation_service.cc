@@ -249,7 +249,6 @@ void GenerationService::StartCall(grpc::CallbackServerContext* ctx,
   if (deadline > std::chrono::system_clock::now() + std::chrono::hours(24 * 365)) {
     deadline = std::chrono::system_clock::time_point::max();
   }
-  active_.fetch_add(1);
   auto call = std::make_shared<RequestCall>(env_, std::move(*prepared), sink, deadline, received);
   *call_out = call;
 }

@@ -21,9 +21,6 @@ class GenerationService final : public spear::v1::Generation::CallbackService {
   GenerationService(const CallEnv* env, std::string auth_token);
 
   void StartDraining() { draining_.store(true); }
-  int active_calls() const { return active_.load(); }
-  // A started call closed its sink (wired into CallEnv::on_call_done).
-  void CallDone() { active_.fetch_sub(1); }
   // Generate / GenerateStream calls whose reactor gRPC has not released yet
   // (OnDone): a closed call can still have chunks queued for the client. A
   // drain waits for 0 before it shuts the server down and the process
@@ -73,7 +70,6 @@ class GenerationService final : public spear::v1::Generation::CallbackService {
   const CallEnv* env_;
   const std::string auth_token_;
   std::atomic<bool> draining_{false};
-  std::atomic<int> active_{0};
   std::shared_ptr<OpenReactors> open_ = std::make_shared<OpenReactors>();
 };
 

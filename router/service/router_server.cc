@@ -94,11 +94,7 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Start(RouterOptions 
   impl->env.metrics = impl->metrics.get();
   impl->env.max_attempts = opts.max_attempts;
   impl->service = std::make_unique<GenerationService>(&impl->env, token);
-  GenerationService* svc = impl->service.get();
-  impl->env.on_call_done = [svc, adm] {
-    svc->CallDone();
-    adm->Notify();
-  };
+  impl->env.on_call_done = [adm] { adm->Notify(); };
 
   if (opts.metrics_port >= 0) {
     try {
@@ -161,23 +157,23 @@ void RouterServer::Shutdown() {
   Impl& i = *impl_;
   if (i.shut) return;
   i.shut = true;
-  spdlog::info("router draining: {} calls in flight", i.service->active_calls());
+  spdlog::info("router draining: {} calls in flight", i.service->open_reactors());
   i.server->GetHealthCheckService()->SetServingStatus(false);
   i.service->StartDraining();
-  // In-flight calls finish on their own, and their responses are written
-  // out to the last chunk (open_reactors: a closed call can still have
-  // chunks queued); Shutdown cancels what is left at the deadline.
+  // In-flight calls finish on their own and their responses are written out
+  // to the last chunk: every reactor released (open_reactors counts a call
+  // until then, past its close, which can leave chunks queued), then 0.5 s
+  // more, so that the clients read them before the process can close the
+  // connections under them (GenerationService::last_release). Shutdown
+  // cancels what is left at the deadline.
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(i.opts.drain_timeout_seconds * 1000));
-  while ((i.service->active_calls() > 0 || i.service->open_reactors() > 0) &&
-         std::chrono::system_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  // Linger: the clients read the last responses before the process can
-  // close their connections under them (GenerationService::last_release).
-  const auto linger_end = i.service->last_release() + std::chrono::milliseconds(500);
-  while (std::chrono::steady_clock::now() < linger_end &&
-         std::chrono::system_clock::now() < deadline) {
+  auto settled = [&] {
+    return i.service->open_reactors() == 0 &&
+           std::chrono::steady_clock::now() >=
+               i.service->last_release() + std::chrono::milliseconds(500);
+  };
+  while (!settled() && std::chrono::system_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   i.admission->Close();
