@@ -124,7 +124,6 @@ __device__ __forceinline__ float EcBValue(const EcTileArgs& e, int col, int q) {
   return __half2float(__ushort_as_half(bits));
 }
 
-
 // k8 steps are taken two at a time, as one m16n8k16 step: step 2 h's
 // ranks are the k16 fragments' k 0..7, step 2 h + 1's k 8..15 (zeros past
 // the tile's steps). EcPairs: the tile's k16 steps.

@@ -287,7 +287,7 @@ TEST_P(W4Test, CompactInt8EcEqualsItsFloats) {
   };
   for (const Case& c : {Case{1, 576, 576, 576, 4}, Case{3, 65, 1536, 128, 2}, Case{9, 576, 576, 576, 8},
                         Case{64, 70, 576, 64, 4}, Case{1, 70, 2304, 2304, 32},
-                        // past the GEMV epilogue's 256-rank row buffer; 8 tokens, k off 64
+                        // B's row past the GEMV epilogue's 256-rank chunk; 8 tokens, k off 64
                         Case{3, 40, 576, 64, 260}, Case{8, 33, 1000, 1000, 19}}) {
     SCOPED_TRACE(::testing::Message() << "m=" << c.m << " n=" << c.n << " k=" << c.k
                                       << " rank=" << c.rank << " seed=" << seed_);

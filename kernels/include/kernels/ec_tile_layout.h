@@ -4,8 +4,9 @@
 //
 // B is [n][r] (output column, rank). The kernels add B (g ⊙ u) per 64-column
 // tile in record steps of 8 ranks = 4 rank pairs over the rank, two steps
-// to one mma.sync m16n8k16 (kernels/cuda/ec_tile.cuh). A tile stores only the rank pairs its columns use: a merged q/k/v or
-// gate/up EC is block-diagonal (a module's columns use its own ranks), so the
+// to one mma.sync m16n8k16 (kernels/cuda/ec_tile.cuh). A tile stores only
+// the rank pairs its columns use: a merged q/k/v or gate/up EC is
+// block-diagonal (a module's columns use its own ranks), so the
 // tiles of one module share a range [q0, q0 + 2 npairs) and form a segment;
 // up to kEcMaxSegs segments, else one segment of every rank. A record is
 // what lane (gid, tig) reads for rank pair pi = 4 step + tig: for the four
