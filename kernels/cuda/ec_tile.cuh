@@ -53,19 +53,25 @@ __device__ __forceinline__ int EcRank(const EcTileSeg& s, int step, int lane) {
   return s.q0 + 2 * (4 * step + (lane & 3));
 }
 
-// Four int8 codes (one word) -> fp16(code x scale) as two half2: *lo of
-// bytes 0, 1, *hi of bytes 2, 3 (code + 128 per byte as the low mantissa
-// bits of 1024 = 0x6400, minus 1152, times the scale pair s2: exact but for
-// the product's one rounding).
-__device__ __forceinline__ void I8x4ToHalf2(uint32_t w, __half2 s2, uint32_t* lo, uint32_t* hi) {
+// Four int8 codes (one word) -> the codes as fp16 integers (exact) in two
+// half2: *lo of bytes 0, 1, *hi of bytes 2, 3 (code + 128 per byte as the
+// low mantissa bits of 1024 = 0x6400, minus 1152).
+__device__ __forceinline__ void I8x4ToHalf2Int(uint32_t w, uint32_t* lo, uint32_t* hi) {
   const uint32_t x = w ^ 0x80808080u;
   const uint32_t bias = 0x64806480u;  // half2 {1152, 1152}: 1024 + 128
   uint32_t l = __byte_perm(x, 0x64646464u, 0x4140);
   uint32_t h = __byte_perm(x, 0x64646464u, 0x4342);
-  __half2 hl = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&l),
-                               *reinterpret_cast<const __half2*>(&bias)), s2);
-  __half2 hh = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h),
-                               *reinterpret_cast<const __half2*>(&bias)), s2);
+  __half2 hl = __hsub2(*reinterpret_cast<__half2*>(&l), *reinterpret_cast<const __half2*>(&bias));
+  __half2 hh = __hsub2(*reinterpret_cast<__half2*>(&h), *reinterpret_cast<const __half2*>(&bias));
+  *lo = *reinterpret_cast<uint32_t*>(&hl);
+  *hi = *reinterpret_cast<uint32_t*>(&hh);
+}
+// The same -> fp16(code x scale), times the scale pair s2 (exact but for the
+// product's one rounding).
+__device__ __forceinline__ void I8x4ToHalf2(uint32_t w, __half2 s2, uint32_t* lo, uint32_t* hi) {
+  I8x4ToHalf2Int(w, lo, hi);
+  __half2 hl = __hmul2(*reinterpret_cast<__half2*>(lo), s2);
+  __half2 hh = __hmul2(*reinterpret_cast<__half2*>(hi), s2);
   *lo = *reinterpret_cast<uint32_t*>(&hl);
   *hi = *reinterpret_cast<uint32_t*>(&hh);
 }

@@ -14,6 +14,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/ec_gate.cuh"
 #include "kernels/cuda/ec_tile.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/norm_rows.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/swiglu_rows.cuh"
@@ -325,14 +326,16 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
 // staged gate.
 constexpr int kClusterBlocks = 8;
 constexpr int kClusterMaxM = 1;  // v47 call 4: at m = 2 the v27 form was faster
+static_assert(kClusterMaxM == 1, "v60: the tensor-core u takes x as one row");
 
 // Shared memory per block of the one-cluster form: A's slice (16 bytes a
 // piece of 8 values, 8 for int8 codes), x's slice, the partial sums, the
 // staged gate; with int8 A (a8) then its scales, r rows of
 // ClusterScaleStride halves (16-byte aligned).
 __host__ __device__ inline int ClusterScaleStride(int kc) { return (kc / 64 + 4 + 1) & ~1; }
+// (rows up to a multiple of 8: v60's octets of ranks)
 __host__ __device__ inline size_t ClusterABytes(int64_t r, int kc, bool a8) {
-  return (static_cast<size_t>(r) * (kc / 8) * (a8 ? 8 : 16) + 15) / 16 * 16;
+  return (static_cast<size_t>((r + 7) / 8 * 8) * (kc / 8) * (a8 ? 8 : 16) + 15) / 16 * 16;
 }
 __host__ __device__ inline size_t ClusterSmemBase(int64_t m, int64_t r, int kc,
                                                   int64_t staged_floats, bool a8) {
@@ -359,7 +362,8 @@ __device__ __forceinline__ float Dot8(const uint4& av, const uint4& xv) {
 template <bool A8>  // A as int8 codes + scales (else fp16)
 __global__ void __launch_bounds__(256, 1)
     EcPrologueClusterKernel(const __half* __restrict__ x, int m, long long ldx, int k, int kchunk,
-                            const EcAArgs A, GateArgs g, RowNorm norm, RowSwiglu sw) {
+                            const EcAArgs A, GateArgs g, RowNorm norm, RowSwiglu sw,
+                            int lanes_u) {
   constexpr int kT = 256, kNW = kT / 32;
   extern __shared__ __align__(16) unsigned char dsm[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -421,6 +425,18 @@ __global__ void __launch_bounds__(256, 1)
     for (int i = tid; i < r; i += kT) cp4(sa(st.b2s + i), g.b2 + i);
   }
   asm volatile("cp.async.commit_group;\n" ::);
+  // v60: zeros past this block's pieces up to its last group of 8 (the
+  // tensor-core form reads them): in x, and in fp16 A's rows (an int8 code
+  // is finite whatever the bytes; times x's zero it adds nothing).
+  const int npz = min(npm, (np + 7) / 8 * 8) - np;
+  for (int i = tid; i < npz * (A8 ? 1 : 1 + r); i += kT) {
+    const int q = i / npz, c = np + i % npz;
+    if (q == 0) {
+      xs[c] = make_uint4(0u, 0u, 0u, 0u);
+    } else if constexpr (!A8) {
+      as[(q - 1) * npm + c] = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
   // v49: the norm's weights of this thread's x piece, before the wait.
   float4 wn0 = make_float4(0.f, 0.f, 0.f, 0.f), wn1 = wn0;
   if (norm.h != nullptr && tid < np) {
@@ -452,12 +468,163 @@ __global__ void __launch_bounds__(256, 1)
   __syncthreads();
   // (every block has started long before: this returns at once)
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-  // Four ranks per warp at a time (their loads, dot products and shuffle
-  // chains interleaved: the ranks' sums are serial otherwise, ~r / 8 chains
-  // of loads and 5 shuffles a warp); each rank's sum in the same order as
-  // one at a time (the same bits).
+  // v60 (the default): u by tensor cores. One m16n8k16 step takes x as
+  // A's row 0 (lanes 0..3; the other rows zero) and eight ranks as B's
+  // columns: lane (g, t) gives rank 8 o + g at piece c0 + t, its 8 values
+  // as B's k slots 2t, 2t + 1, 2t + 8, 2t + 9 of two steps and x's piece in
+  // the same slots of A's row 0 (a dot product does not depend on which k
+  // slot holds which k). D's row 0 (lanes 0..3: ranks 8 o + 2t, 2t + 1)
+  // holds the sums. Octets of ranks round-robin over the warps, two at a
+  // time (four accumulator chains). Int8 A: the codes as fp16 integers
+  // (exact), one 64-value group (two steps) summed apart and times its scale
+  // in fp32 (code x scale exactly, as the CPU backend; the lanes' form and
+  // the r x P form multiply in fp16). Shared memory holds A's rows up to a
+  // multiple of 8 (the padding rows' columns are not stored) and zeros in x
+  // (and in fp16 A's rows) past this block's pieces, up to the group.
+  if (lanes_u == 0) {
+    const int gq = lane >> 2, t4 = lane & 3;
+    const int noct = (r + 7) / 8;
+    constexpr int OB = 2;
+    for (int ob = warp; ob < noct; ob += kNW * OB) {
+      float acc[OB][2][4] = {};
+      if constexpr (A8) {
+        const int godd = (k0 >> 6) - g0e;  // 0 or 1: k0 is a multiple of 64
+        for (int G = 0; G * 8 < np; ++G) {
+          const int ca = 8 * G + t4, cb = ca + 4;
+          uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
+          if (gq == 0) x0 = xs[ca], x1 = xs[cb];
+#pragma unroll
+          for (int j = 0; j < OB; ++j) {
+            const int o = ob + j * kNW;
+            if (o >= noct) break;  // uniform over the warp
+            const int q = o * 8 + gq;
+            const uint2 a0 = as8[q * npm + ca], a1 = as8[q * npm + cb];
+            uint32_t b[8];
+            I8x4ToHalf2Int(a0.x, &b[0], &b[1]);
+            I8x4ToHalf2Int(a0.y, &b[2], &b[3]);
+            I8x4ToHalf2Int(a1.x, &b[4], &b[5]);
+            I8x4ToHalf2Int(a1.y, &b[6], &b[7]);
+            float d0[4], d1[4];
+            MmaZ(d0, x0.x, 0u, x0.y, 0u, b[0], b[1]);
+            MmaZ(d1, x0.z, 0u, x0.w, 0u, b[2], b[3]);
+            Mma(d0, x1.x, 0u, x1.y, 0u, b[4], b[5]);
+            Mma(d1, x1.z, 0u, x1.w, 0u, b[6], b[7]);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int qe = o * 8 + 2 * t4 + e;
+              const float sc =
+                  gq == 0 && qe < r ? __half2float(ss[qe * nsp + G + godd]) : 0.f;
+              acc[j][0][e] = fmaf(sc, d0[e] + d1[e], acc[j][0][e]);
+            }
+          }
+        }
+      } else {
+        for (int c0 = 0; c0 < np; c0 += 4) {
+          const int c = c0 + t4;
+          uint4 xv = make_uint4(0u, 0u, 0u, 0u);
+          if (gq == 0) xv = xs[c];
+#pragma unroll
+          for (int j = 0; j < OB; ++j) {
+            const int o = ob + j * kNW;
+            if (o >= noct) break;  // uniform over the warp
+            const uint4 bv = as[(o * 8 + gq) * npm + c];
+            Mma(acc[j][0], xv.x, 0u, xv.y, 0u, bv.x, bv.y);
+            Mma(acc[j][1], xv.z, 0u, xv.w, 0u, bv.z, bv.w);
+          }
+        }
+      }
+      if (gq == 0) {
+#pragma unroll
+        for (int j = 0; j < OB; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int q = (ob + j * kNW) * 8 + 2 * t4 + e;
+            if (q < r) {
+              unsigned remote;
+              asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n"
+                           : "=r"(remote)
+                           : "r"(sa(parts + b * m * r + q)));
+              asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote),
+                           "f"(acc[j][0][e] + acc[j][1][e])
+                           : "memory");
+            }
+          }
+        }
+      }
+    }
+  }
+  // v60, measured beside it (ec_prologue flag 2048): the operands swapped,
+  // sixteen ranks as A's rows (lane (g, t): ranks 16 o + g and + 8, piece
+  // c0 + t) and x as B's column 0 (lanes 0..3); D's column 0 (lanes 4g:
+  // ranks 16 o + g, + 8). Rows past r read row r - 1 (their sums are not
+  // stored).
+  if (lanes_u == 2) {
+    const int gq = lane >> 2, t4 = lane & 3;
+    const int ntile = (r + 15) / 16;
+    for (int o = warp; o < ntile; o += kNW) {
+      const int qa = min(o * 16 + gq, r - 1), qb = min(o * 16 + gq + 8, r - 1);
+      float acc[2][4] = {};
+      if constexpr (A8) {
+        const int godd = (k0 >> 6) - g0e;
+        for (int G = 0; G * 8 < np; ++G) {
+          const int ca = 8 * G + t4, cb = ca + 4;
+          uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
+          if (gq == 0) x0 = xs[ca], x1 = xs[cb];
+          const uint2 pa0 = as8[qa * npm + ca], pb0 = as8[qb * npm + ca];
+          const uint2 pa1 = as8[qa * npm + cb], pb1 = as8[qb * npm + cb];
+          uint32_t a[16];
+          I8x4ToHalf2Int(pa0.x, &a[0], &a[1]);
+          I8x4ToHalf2Int(pa0.y, &a[2], &a[3]);
+          I8x4ToHalf2Int(pb0.x, &a[4], &a[5]);
+          I8x4ToHalf2Int(pb0.y, &a[6], &a[7]);
+          I8x4ToHalf2Int(pa1.x, &a[8], &a[9]);
+          I8x4ToHalf2Int(pa1.y, &a[10], &a[11]);
+          I8x4ToHalf2Int(pb1.x, &a[12], &a[13]);
+          I8x4ToHalf2Int(pb1.y, &a[14], &a[15]);
+          float d0[4], d1[4];
+          MmaZ(d0, a[0], a[4], a[1], a[5], x0.x, x0.y);
+          MmaZ(d1, a[2], a[6], a[3], a[7], x0.z, x0.w);
+          Mma(d0, a[8], a[12], a[9], a[13], x1.x, x1.y);
+          Mma(d1, a[10], a[14], a[11], a[15], x1.z, x1.w);
+          if (t4 == 0) {
+            acc[0][0] = fmaf(__half2float(ss[qa * nsp + G + godd]), d0[0] + d1[0], acc[0][0]);
+            acc[0][2] = fmaf(__half2float(ss[qb * nsp + G + godd]), d0[2] + d1[2], acc[0][2]);
+          }
+        }
+      } else {
+        for (int c0 = 0; c0 < np; c0 += 4) {
+          const int c = c0 + t4;
+          uint4 xv = make_uint4(0u, 0u, 0u, 0u);
+          if (gq == 0) xv = xs[c];
+          const uint4 pa = as[qa * npm + c], pb = as[qb * npm + c];
+          Mma(acc[0], pa.x, pb.x, pa.y, pb.y, xv.x, xv.y);
+          Mma(acc[1], pa.z, pb.z, pa.w, pb.w, xv.z, xv.w);
+        }
+      }
+      if (t4 == 0) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int q = o * 16 + gq + 8 * e;
+          if (q < r) {
+            unsigned remote;
+            asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n"
+                         : "=r"(remote)
+                         : "r"(sa(parts + b * m * r + q)));
+            asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote),
+                         "f"(acc[0][2 * e] + acc[1][2 * e])
+                         : "memory");
+          }
+        }
+      }
+    }
+  }
+  // Before v60 (ec_prologue flag 1024): the lanes' dot products, four ranks
+  // per warp at a time (their loads, dot products and shuffle chains
+  // interleaved: the ranks' sums are serial otherwise, ~r / 8 chains of
+  // loads and 5 shuffles a warp); each rank's sum in the same order as one
+  // at a time.
   constexpr int QB = 4;
-  for (int q0 = warp * QB; q0 < r; q0 += kNW * QB) {
+  for (int q0 = warp * QB; lanes_u == 1 && q0 < r; q0 += kNW * QB) {
     float acc[QB][kClusterMaxM] = {};
     for (int c = lane; c < np; c += 32) {
 #pragma unroll
@@ -576,9 +743,10 @@ GateArgs MakeGate(const W4DeviceWeight::Impl& w, uint16_t* v_half, int64_t ldv, 
 }  // namespace
 
 namespace {
-// The one-cluster form's k slice per block.
+// The one-cluster form's k slice per block: a multiple of 64 (v60: whole
+// groups of int8 A's scales, and of the tensor-core form's 32-value steps).
 int ClusterKChunk(int64_t k) {
-  return static_cast<int>((k + kClusterBlocks - 1) / kClusterBlocks + 7) / 8 * 8;
+  return static_cast<int>((k + kClusterBlocks - 1) / kClusterBlocks + 63) / 64 * 64;
 }
 }  // namespace
 
@@ -607,7 +775,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                               int flags, bool pdl_launch, const RowNorm* norm,
                               const RowSwiglu* swiglu) {
   if (m == 0) return absl::OkStatus();
-  const bool cluster = EcPrologueIsCluster(w, m, flags & ~512, pdl_launch);
+  const bool cluster = EcPrologueIsCluster(w, m, flags & ~(512 | 1024 | 2048), pdl_launch);
   if ((norm != nullptr || swiglu != nullptr) && !cluster) {
     return absl::InternalError(
         "LaunchEcPrologue: x = RMSNorm(h) or SiluMul(gate_up) needs the one-cluster form");
@@ -653,7 +821,8 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
       SPEAR_CUDA_RETURN_IF_ERROR(LaunchCluster(
           kernel, dim3(C), dim3(256), csmem, stream, C, 1, ProgrammaticLaunchEnabled(), xh,
           static_cast<int>(m), static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g,
-          norm != nullptr ? *norm : RowNorm{}, swiglu != nullptr ? *swiglu : RowSwiglu{}));
+          norm != nullptr ? *norm : RowNorm{}, swiglu != nullptr ? *swiglu : RowSwiglu{},
+          (flags & 1024) != 0 ? 1 : (flags & 2048) != 0 ? 2 : 0));
       return absl::OkStatus();
     };
     return w.ec_a8 != nullptr ? go(EcPrologueClusterKernel<true>)

@@ -274,12 +274,12 @@ struct W4CudaParams {
   // gate), 2 a plain launch at any M, 16 the v27 form at every M (no
   // cluster), 512 the r x P form's gate one warp per token wherever its
   // staged weights do not fit 40 KB (before v58; v58: W1 then W2 staged in
-  // one region where that fits); benchmarks only (the output is then
-  // wrong): 4
-  // no prologue (the epilogue uses whatever v the last call left), 8 the
-  // prologue without the epilogue (4 and 8 together: InvalidArgument), 64
-  // the prologue's launch alone, 128 its partial sums of u without the
-  // ticket and the gate.
+  // one region where that fits), 1024 the one-cluster form's u by the
+  // lanes' dot products (before v60; v60: by tensor cores); benchmarks only
+  // (the output is then wrong): 4 no prologue (the epilogue uses whatever v
+  // the last call left), 8 the prologue without the epilogue (4 and 8
+  // together: InvalidArgument), 64 the prologue's launch alone, 128 its
+  // partial sums of u without the ticket and the gate.
   int ec_prologue = 0;
   // testing/benchmarks: where the prefill path (m >= kPrefillM, and the
   // small token tiles below it) runs the EC's U = x A^T and gate: 0

@@ -565,6 +565,44 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
   }
 }
 
+// v60: the one-cluster prologue (one row, before the fold kernel) computes u
+// by tensor cores (ec_prologue 0) or by the lanes' dot products (1024, before
+// v60), on shapes where its slices fit 160 KB: ranks off the octets of the
+// tensor-core form (1, 7, 13, 100, 150), k off its 32-value steps and off
+// the 64-value groups of int8 A (1000, 4104), a long k (14336: 224 pieces a
+// block), fp16 A and int8 A (MakeEcForm 1 / 2 / 3), static and gated ECs.
+TEST(CudaW4, ClusterPrologueMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(Seed() + 60);
+  auto ws = cuda::W4Workspace::Create();
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  struct Shape {
+    int64_t n, k, g, r, h;
+    int ec_form;
+  };
+  const Shape shapes[] = {{192, 1000, 1000, 1, 16, 0},  {200, 4104, 4104, 7, 16, 1},
+                          {320, 4096, 128, 13, 16, 2},  {512, 4096, 128, 100, 48, 0},
+                          {640, 4096, 128, 150, 48, 3}, {256, 14336, 128, 40, 16, 1}};
+  int v = 0;
+  for (const Shape& s : shapes) {
+    for (int form : {0, 1024, 2048}) {
+      Case c{s.n, s.k, s.g, 1};
+      c.ec = v % 3 == 2 ? 1 : 2;
+      c.ec_rank = s.r;
+      c.ec_hidden = s.h;
+      c.ec_form = s.ec_form;
+      c.ec_prologue = form;
+      c.bias = v % 2 == 0;
+      c.f16_out = v % 4 == 1;
+      c.accumulate = v % 5 == 3;
+      c.force_decode = true;
+      ++v;
+      RunCase(c, rng, ws->get());
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 // The fold kernel (m <= 16: one or two token tiles) at every forced warp count, k split and ring depth, on a
 // Llama-like g128 shape and a per-channel one with k off 128; the L2 prefetch
 // (v12) in its three modes in rotation.
