@@ -89,12 +89,6 @@ struct Geom {
                     // rings when a block runs one iteration)
 };
 
-template <uint32_t A, uint32_t B>
-__device__ __forceinline__ uint32_t AndOr(uint32_t w) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(w), "n"(A), "n"(B));
-  return d;
-}
 // 16 bytes into shared memory at a shared-window address.
 __device__ __forceinline__ void StShared16(unsigned dst, const uint4& v) {
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(v.x), "r"(v.y),

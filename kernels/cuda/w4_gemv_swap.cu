@@ -70,12 +70,6 @@ __device__ __forceinline__ uint32_t LdX(const uint16_t* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
-template <uint32_t A, uint32_t B>
-__device__ __forceinline__ uint32_t AndOr(uint32_t w) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(w), "n"(A), "n"(B));
-  return d;
-}
 __device__ __forceinline__ uint32_t HSub2(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
