@@ -97,6 +97,20 @@ __device__ __forceinline__ Staged StagedAt(float* base, int m, int r, int h) {
   return s;
 }
 
+// The two-phase layout (TwoPhaseFloats): wr holds W1, then W2.
+struct TwoPhase {
+  float *us, *hs, *b1s, *b2s, *wr;
+};
+__device__ __forceinline__ TwoPhase TwoPhaseAt(float* base, int m, int r, int h) {
+  TwoPhase s;
+  s.us = base;
+  s.hs = s.us + m * r;
+  s.b1s = s.hs + m * h;
+  s.b2s = s.b1s + h;
+  s.wr = s.b2s + r;
+  return s;
+}
+
 // The gate MLP's weights as GateBlock reads them: W1 [h] rows of w1ld, b1
 // [h], W2 [r] rows of w2ld, b2 [r] (shared memory, odd strides).
 struct GateWeights {

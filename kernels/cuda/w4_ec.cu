@@ -274,27 +274,24 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     // 8B batch 8 at the int8 recipe's ranks 4.88 -> 4.47 ms on an H100;
     // W1 / W2 read in place by the lane groups was slower still, 5.03 ms:
     // docs/results/gpu.md, v58.)
-    float* us = dyn;
-    float* hs = us + m * r;
-    float* b1s = hs + m * h;
-    float* b2s = b1s + h;
-    float* wr = b2s + r;
+    const ecg::TwoPhase tp = ecg::TwoPhaseAt(dyn, m, r, h);
     const int tid = static_cast<int>(threadIdx.x);
-    ecg::StageU(us, upart, P, m, r, tid, kT);
+    ecg::StageU(tp.us, upart, P, m, r, tid, kT);
     if (g.gated) {
-      ecg::StageOddRows(wr, g.w1, h, r, tid, kT);  // w1 [h][r]
-      for (int i = threadIdx.x; i < h; i += kT) b1s[i] = g.b1[i];
-      for (int i = threadIdx.x; i < r; i += kT) b2s[i] = g.b2[i];
+      ecg::StageOddRows(tp.wr, g.w1, h, r, tid, kT);  // w1 [h][r]
+      for (int i = threadIdx.x; i < h; i += kT) tp.b1s[i] = g.b1[i];
+      for (int i = threadIdx.x; i < r; i += kT) tp.b2s[i] = g.b2[i];
     }
     __syncthreads();
     ecg::GateBlock(
-        m, r, g.rp, h, g.gated != 0, us, hs, ecg::GateWeights{wr, b1s, nullptr, b2s, r | 1, 0},
-        tid, kT, [] { __syncthreads(); },
+        m, r, g.rp, h, g.gated != 0, tp.us, tp.hs,
+        ecg::GateWeights{tp.wr, tp.b1s, nullptr, tp.b2s, r | 1, 0}, tid, kT,
+        [] { __syncthreads(); },
         [&] {
           // (after the hidden units' barrier: W1's reads are done)
-          ecg::StageOddRows(wr, g.w2, r, h, tid, kT);  // w2 [r][h]
+          ecg::StageOddRows(tp.wr, g.w2, r, h, tid, kT);  // w2 [r][h]
           __syncthreads();
-          return ecg::GateWeights{nullptr, b1s, wr, b2s, 0, h | 1};
+          return ecg::GateWeights{nullptr, tp.b1s, tp.wr, tp.b2s, 0, h | 1};
         },
         [&](int t, int c, float gate, float v) { StoreGateOutputs(g, t, c, gate, v); });
   } else {
