@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,53]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,52]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static] [--ec-i8 | --ec-fp16]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -357,11 +357,7 @@ const Variant kVariants[] = {
     // 52 (v60): the one-cluster prologue's u (m = 1) by the lanes' dot
     // products, as before v60 (not by tensor cores).
     {.name = "W4+EC at the diagnostic's placement, the cluster prologue's u by lanes (before v60)",
-     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 1024},
-    // 53 (v60): the tensor-core u with the operands swapped (sixteen ranks
-    // as A's rows, x as B's column).
-    {.name = "W4+EC at the diagnostic's placement, the cluster prologue's u by tensor cores, ranks as A (v60b)",
-     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 2048}};
+     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 1024}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -995,7 +991,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,53] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,52] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static] [--ec-i8 | --ec-fp16]]\n",
                    a.c_str(), argv[0]);
       return 2;

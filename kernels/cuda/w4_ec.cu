@@ -330,9 +330,8 @@ static_assert(kClusterMaxM == 1, "v60: the tensor-core u takes x as one row");
 // staged gate; with int8 A (a8) then its scales, r rows of
 // ClusterScaleStride halves (16-byte aligned).
 __host__ __device__ inline int ClusterScaleStride(int kc) { return (kc / 64 + 4 + 1) & ~1; }
-// (rows up to a multiple of 8: v60's octets of ranks)
 __host__ __device__ inline size_t ClusterABytes(int64_t r, int kc, bool a8) {
-  return (static_cast<size_t>((r + 7) / 8 * 8) * (kc / 8) * (a8 ? 8 : 16) + 15) / 16 * 16;
+  return (static_cast<size_t>(r) * (kc / 8) * (a8 ? 8 : 16) + 15) / 16 * 16;
 }
 __host__ __device__ inline size_t ClusterSmemBase(int64_t m, int64_t r, int kc,
                                                   int64_t staged_floats, bool a8) {
@@ -465,97 +464,23 @@ __global__ void __launch_bounds__(256, 1)
   __syncthreads();
   // (every block has started long before: this returns at once)
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-  // v60 (the default): u by tensor cores. One m16n8k16 step takes x as
-  // A's row 0 (lanes 0..3; the other rows zero) and eight ranks as B's
-  // columns: lane (g, t) gives rank 8 o + g at piece c0 + t, its 8 values
-  // as B's k slots 2t, 2t + 1, 2t + 8, 2t + 9 of two steps and x's piece in
-  // the same slots of A's row 0 (a dot product does not depend on which k
-  // slot holds which k). D's row 0 (lanes 0..3: ranks 8 o + 2t, 2t + 1)
-  // holds the sums. Octets of ranks round-robin over the warps, two at a
-  // time (four accumulator chains). Int8 A: the codes as fp16 integers
-  // (exact), one 64-value group (two steps) summed apart and times its scale
-  // in fp32 (code x scale exactly, as the CPU backend; the lanes' form and
-  // the r x P form multiply in fp16). Shared memory holds A's rows up to a
-  // multiple of 8 (the padding rows' columns are not stored) and zeros in x
-  // (and in fp16 A's rows) past this block's pieces, up to the group.
+  // v60 (the default): u by tensor cores. One m16n8k16 step takes sixteen
+  // ranks as A's rows (lane (g, t): ranks 16 o + g and 16 o + g + 8 at
+  // piece c0 + t, its 8 values as the k slots 2t, 2t + 1, 2t + 8, 2t + 9 of
+  // two steps) and x as B's column 0 (lanes 0..3, x's piece in the same
+  // slots; the other columns zero): a dot product does not depend on which
+  // k slot holds which k. D's column 0 (lanes 4g) holds ranks 16 o + g and
+  // + 8. Tiles of sixteen ranks round-robin over the warps; rows past r
+  // read row r - 1 (their sums are not stored). Int8 A: the codes as fp16
+  // integers (exact), each 64-value group (two steps) summed apart and
+  // times its scale in fp32 (code x scale exactly, as the CPU backend; the
+  // lanes' form and the r x P form multiply in fp16). x (and fp16 A's rows)
+  // hold zeros past this block's pieces up to its last group. ~15
+  // instructions a lane per 8 ranks x 32 k against ~45 for the lanes' form
+  // (SASS): 8B batch 1 at the int8 recipe's ranks 2.929 -> 2.849 ms on an
+  // H100 (W4 2.512; docs/results/gpu.md, v60). Ranks as B's columns (eight a
+  // step, x as A's row 0) measured no faster than the lanes (2.938 ms).
   if (lanes_u == 0) {
-    const int gq = lane >> 2, t4 = lane & 3;
-    const int noct = (r + 7) / 8;
-    constexpr int OB = 2;
-    for (int ob = warp; ob < noct; ob += kNW * OB) {
-      float acc[OB][2][4] = {};
-      if constexpr (A8) {
-        const int godd = (k0 >> 6) - g0e;  // 0 or 1: k0 is a multiple of 64
-        for (int G = 0; G * 8 < np; ++G) {
-          const int ca = 8 * G + t4, cb = ca + 4;
-          uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
-          if (gq == 0) x0 = xs[ca], x1 = xs[cb];
-#pragma unroll
-          for (int j = 0; j < OB; ++j) {
-            const int o = ob + j * kNW;
-            if (o >= noct) break;  // uniform over the warp
-            const int q = o * 8 + gq;
-            const uint2 a0 = as8[q * npm + ca], a1 = as8[q * npm + cb];
-            uint32_t b[8];
-            I8x4ToHalf2Int(a0.x, &b[0], &b[1]);
-            I8x4ToHalf2Int(a0.y, &b[2], &b[3]);
-            I8x4ToHalf2Int(a1.x, &b[4], &b[5]);
-            I8x4ToHalf2Int(a1.y, &b[6], &b[7]);
-            float d0[4], d1[4];
-            MmaZ(d0, x0.x, 0u, x0.y, 0u, b[0], b[1]);
-            MmaZ(d1, x0.z, 0u, x0.w, 0u, b[2], b[3]);
-            Mma(d0, x1.x, 0u, x1.y, 0u, b[4], b[5]);
-            Mma(d1, x1.z, 0u, x1.w, 0u, b[6], b[7]);
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int qe = o * 8 + 2 * t4 + e;
-              const float sc =
-                  gq == 0 && qe < r ? __half2float(ss[qe * nsp + G + godd]) : 0.f;
-              acc[j][0][e] = fmaf(sc, d0[e] + d1[e], acc[j][0][e]);
-            }
-          }
-        }
-      } else {
-        for (int c0 = 0; c0 < np; c0 += 4) {
-          const int c = c0 + t4;
-          uint4 xv = make_uint4(0u, 0u, 0u, 0u);
-          if (gq == 0) xv = xs[c];
-#pragma unroll
-          for (int j = 0; j < OB; ++j) {
-            const int o = ob + j * kNW;
-            if (o >= noct) break;  // uniform over the warp
-            const uint4 bv = as[(o * 8 + gq) * npm + c];
-            Mma(acc[j][0], xv.x, 0u, xv.y, 0u, bv.x, bv.y);
-            Mma(acc[j][1], xv.z, 0u, xv.w, 0u, bv.z, bv.w);
-          }
-        }
-      }
-      if (gq == 0) {
-#pragma unroll
-        for (int j = 0; j < OB; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int q = (ob + j * kNW) * 8 + 2 * t4 + e;
-            if (q < r) {
-              unsigned remote;
-              asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n"
-                           : "=r"(remote)
-                           : "r"(sa(parts + b * m * r + q)));
-              asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote),
-                           "f"(acc[j][0][e] + acc[j][1][e])
-                           : "memory");
-            }
-          }
-        }
-      }
-    }
-  }
-  // v60, measured beside it (ec_prologue flag 2048): the operands swapped,
-  // sixteen ranks as A's rows (lane (g, t): ranks 16 o + g and + 8, piece
-  // c0 + t) and x as B's column 0 (lanes 0..3); D's column 0 (lanes 4g:
-  // ranks 16 o + g, + 8). Rows past r read row r - 1 (their sums are not
-  // stored).
-  if (lanes_u == 2) {
     const int gq = lane >> 2, t4 = lane & 3;
     const int ntile = (r + 15) / 16;
     for (int o = warp; o < ntile; o += kNW) {
@@ -621,7 +546,7 @@ __global__ void __launch_bounds__(256, 1)
   // loads and 5 shuffles a warp); each rank's sum in the same order as one
   // at a time.
   constexpr int QB = 4;
-  for (int q0 = warp * QB; lanes_u == 1 && q0 < r; q0 += kNW * QB) {
+  for (int q0 = warp * QB; lanes_u != 0 && q0 < r; q0 += kNW * QB) {
     float acc[QB][kClusterMaxM] = {};
     for (int c = lane; c < np; c += 32) {
 #pragma unroll
@@ -772,7 +697,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                               int flags, bool pdl_launch, const RowNorm* norm,
                               const RowSwiglu* swiglu) {
   if (m == 0) return absl::OkStatus();
-  const bool cluster = EcPrologueIsCluster(w, m, flags & ~(512 | 1024 | 2048), pdl_launch);
+  const bool cluster = EcPrologueIsCluster(w, m, flags & ~(512 | 1024), pdl_launch);
   if ((norm != nullptr || swiglu != nullptr) && !cluster) {
     return absl::InternalError(
         "LaunchEcPrologue: x = RMSNorm(h) or SiluMul(gate_up) needs the one-cluster form");
@@ -819,7 +744,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
           kernel, dim3(C), dim3(256), csmem, stream, C, 1, ProgrammaticLaunchEnabled(), xh,
           static_cast<int>(m), static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g,
           norm != nullptr ? *norm : RowNorm{}, swiglu != nullptr ? *swiglu : RowSwiglu{},
-          (flags & 1024) != 0 ? 1 : (flags & 2048) != 0 ? 2 : 0));
+          (flags & 1024) != 0 ? 1 : 0));
       return absl::OkStatus();
     };
     return w.ec_a8 != nullptr ? go(EcPrologueClusterKernel<true>)
