@@ -102,6 +102,25 @@ __device__ __forceinline__ float AElem(const EcAArgs& A, int row, int k, int j) 
   return __half2float(__float2half_rn(v));
 }
 
+// ecg::StageOddRows by 4-byte asynchronous copies (cp.async; waited for
+// with CpAsyncWaitAll): every copy issued at once instead of a
+// load-then-store round trip per element (v59: 8B at the int8 recipe's
+// ranks on an H100, batch 2 3.388 -> 3.272 ms, batch 8 4.342 -> 4.209;
+// docs/results/gpu.md, v60).
+__device__ __forceinline__ void StageOddRowsAsync(float* dst, const float* src, int rows, int cols,
+                                                  int tid, int nthreads) {
+  const int ld = cols | 1;
+  for (int i = tid; i < rows * cols; i += nthreads) {
+    const int j = i / cols, c = i - j * cols;
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst + j * ld + c));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src + i));
+  }
+}
+__device__ __forceinline__ void CpAsyncWaitAll() {
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
 // The prologue's gate forms, and its timing-only cut-offs (the output is
 // then wrong).
 constexpr int kStageWarp = 0;        // one warp per token (v12's; large r x h or m)
@@ -252,14 +271,17 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     // rows that neighbouring lane groups read fall in different banks (with
     // the stride r = 56 a warp's 32 rows hit 4 banks: 8-way conflicts).
     const int tid = static_cast<int>(threadIdx.x);
+    // v59: the weights' copies issued first (cp.async), in flight while the
+    // partials are summed.
     const ecg::Staged st = ecg::StagedAt(dyn, m, r, h);
-    ecg::StageU(st.us, upart, P, m, r, tid, kT);
     if (g.gated) {
-      ecg::StageOddRows(st.w1s, g.w1, h, r, tid, kT);  // w1 [h][r]
-      ecg::StageOddRows(st.w2s, g.w2, r, h, tid, kT);  // w2 [r][h]
-      for (int i = threadIdx.x; i < h; i += kT) st.b1s[i] = g.b1[i];
-      for (int i = threadIdx.x; i < r; i += kT) st.b2s[i] = g.b2[i];
+      StageOddRowsAsync(st.w1s, g.w1, h, r, tid, kT);  // w1 [h][r]
+      StageOddRowsAsync(st.w2s, g.w2, r, h, tid, kT);  // w2 [r][h]
+      StageOddRowsAsync(st.b1s, g.b1, 1, h, tid, kT);
+      StageOddRowsAsync(st.b2s, g.b2, 1, r, tid, kT);
     }
+    ecg::StageU(st.us, upart, P, m, r, tid, kT);
+    CpAsyncWaitAll();
     __syncthreads();
     const ecg::GateWeights sw = ecg::StagedWeights(st, r, h);
     ecg::GateBlock(m, r, g.rp, h, g.gated != 0, st.us, st.hs, sw, tid, kT,
@@ -276,12 +298,13 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
     // docs/results/gpu.md, v58.)
     const ecg::TwoPhase tp = ecg::TwoPhaseAt(dyn, m, r, h);
     const int tid = static_cast<int>(threadIdx.x);
-    ecg::StageU(tp.us, upart, P, m, r, tid, kT);
-    if (g.gated) {
-      ecg::StageOddRows(tp.wr, g.w1, h, r, tid, kT);  // w1 [h][r]
-      for (int i = threadIdx.x; i < h; i += kT) tp.b1s[i] = g.b1[i];
-      for (int i = threadIdx.x; i < r; i += kT) tp.b2s[i] = g.b2[i];
+    if (g.gated) {  // (v59: copies in flight while the partials are summed)
+      StageOddRowsAsync(tp.wr, g.w1, h, r, tid, kT);  // w1 [h][r]
+      StageOddRowsAsync(tp.b1s, g.b1, 1, h, tid, kT);
+      StageOddRowsAsync(tp.b2s, g.b2, 1, r, tid, kT);
     }
+    ecg::StageU(tp.us, upart, P, m, r, tid, kT);
+    CpAsyncWaitAll();
     __syncthreads();
     ecg::GateBlock(
         m, r, g.rp, h, g.gated != 0, tp.us, tp.hs,
@@ -289,7 +312,8 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
         [] { __syncthreads(); },
         [&] {
           // (after the hidden units' barrier: W1's reads are done)
-          ecg::StageOddRows(tp.wr, g.w2, r, h, tid, kT);  // w2 [r][h]
+          StageOddRowsAsync(tp.wr, g.w2, r, h, tid, kT);  // w2 [r][h]
+          CpAsyncWaitAll();
           __syncthreads();
           return ecg::GateWeights{nullptr, tp.b1s, tp.wr, tp.b2s, 0, h | 1};
         },
