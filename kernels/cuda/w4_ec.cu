@@ -336,10 +336,11 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
 // gridDim.x, 8), so that u's partial sums meet in distributed shared memory
 // and a cluster barrier instead of the v27 form's global ticket and a round
 // of L2 loads by its last block. Block b takes k range b (kchunk, a
-// multiple of 8) for every rank: its slice of A (r x kchunk) and, in block
+// multiple of 64) for every rank: its slice of A (r x kchunk) and, in block
 // 0, the gate MLP's weights are requested before the dependency wait
-// (cp.async into shared memory); after it, x's slice, one warp per rank
-// (lanes over 16-byte pieces), the partial u[t][q] stored into block 0's
+// (cp.async into shared memory); after it, x's slice, u's partial sums by
+// tensor cores (v60; before, one warp per four ranks with the lanes over
+// 16-byte pieces), the partial u[t][q] stored into block 0's
 // shared memory (parts [C][m][r]); block 0 sums them in order b = 0, 1, ...
 // (deterministic) and runs the gate (ec_gate.cuh, as the v27 form's last
 // block). Shared memory per block (16-byte units, the same layout in every

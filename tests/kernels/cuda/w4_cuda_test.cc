@@ -567,10 +567,11 @@ TEST(CudaW4, EcPrologueFormsMatchReference) {
 
 // v60: the one-cluster prologue (one row, before the fold kernel) computes u
 // by tensor cores (ec_prologue 0) or by the lanes' dot products (1024, before
-// v60), on shapes where its slices fit 160 KB: ranks off the octets of the
-// tensor-core form (1, 7, 13, 100, 150), k off its 32-value steps and off
-// the 64-value groups of int8 A (1000, 4104), a long k (14336: 224 pieces a
-// block), fp16 A and int8 A (MakeEcForm 1 / 2 / 3), static and gated ECs.
+// v60), on shapes where its slices fit 160 KB: ranks off the tensor-core
+// form's tiles of 16 (1, 7, 13, 100, 150: the rows past r read row r - 1),
+// k off its 32-value steps and off the 64-value groups of int8 A (1000,
+// 4104: zeros past a block's pieces), a long k (14336: 224 pieces a block),
+// fp16 A and int8 A (MakeEcForm 1 / 2 / 3), static and gated ECs.
 TEST(CudaW4, ClusterPrologueMatchesReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(Seed() + 60);
