@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "common/metrics_http.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -181,6 +182,7 @@ void RouterServer::Shutdown() {
   i.server->Wait();
   i.registry->Stop();
   i.admission.reset();
+  metrics_http::StopExposer(i.exposer, i.opts.host);
   spdlog::info("router stopped");
 }
 

@@ -1,6 +1,7 @@
 #include "worker/server/metrics.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/metrics_http.h"
 #include "prometheus/counter.h"
 
 namespace spear::server {
@@ -97,7 +98,10 @@ WorkerMetrics::WorkerMetrics(const std::string& model, const std::string& worker
       .Set(1);
 }
 
+WorkerMetrics::~WorkerMetrics() { metrics_http::StopExposer(exposer_, host_); }
+
 absl::StatusOr<int> WorkerMetrics::Serve(const std::string& host, int port) {
+  host_ = host;
   try {
     exposer_ = std::make_unique<prometheus::Exposer>(absl::StrCat(host, ":", port));
   } catch (const std::exception& e) {

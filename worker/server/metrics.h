@@ -28,6 +28,9 @@ class WorkerMetrics final : public engine::LoopObserver {
   // spear_worker_backend_info{backend=...} = 1.
   WorkerMetrics(const std::string& model, const std::string& worker,
                 const std::string& backend = "cpu");
+  // Stops serving /metrics without civetweb's 2-3.5 s shutdown wait
+  // (metrics_http::StopExposer).
+  ~WorkerMetrics() override;
 
   // Serves /metrics on host:port (0 = any free port). Returns the port.
   absl::StatusOr<int> Serve(const std::string& host, int port);
@@ -50,6 +53,7 @@ class WorkerMetrics final : public engine::LoopObserver {
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::string host_;  // the address exposer_ is bound to
   prometheus::Labels labels_;
   prometheus::Family<prometheus::Counter>* requests_family_;
   prometheus::Gauge *waiting_, *running_, *kv_usage_, *kv_blocks_, *chunk_, *ec_density_,
