@@ -55,6 +55,42 @@ def pattern(n, seed=7):
     return bytes((seed * 31 + i * 17) & 0xFF for i in range(n))
 
 
+def spear_manifests():
+    """A one-layer .spear manifest (spear.json) in the forms the loader reads."""
+    arch = {"architecture": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+            "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "rms_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "rope_scaling": {"kind": "none", "factor": 1.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position": 2048},
+            "max_position": 2048, "tie_word_embeddings": True, "attention_bias": False,
+            "bos_token_id": 1, "eos_token_ids": [2]}
+    shapes = [("self_attn.q_proj", 64, 64), ("self_attn.k_proj", 32, 64), ("self_attn.v_proj", 32, 64),
+              ("self_attn.o_proj", 64, 64), ("mlp.gate_proj", 128, 64), ("mlp.up_proj", 128, 64),
+              ("mlp.down_proj", 64, 128)]
+
+    def manifest(ec, factors=None, group=None):
+        mods = []
+        for i, (name, n, k) in enumerate(shapes):
+            e = None
+            if ec == "gated" or (ec == "some" and i % 2 == 0):
+                e = {"rank": 2, "gate_hidden": 16, "gated": True}
+            elif ec == "static":
+                e = {"rank": 4, "gate_hidden": 0, "gated": False}
+            if e is not None and factors:
+                e["factors"] = factors
+            mods.append({"name": f"model.layers.0.{name}", "shape": [n, k],
+                         "quantization": {"bits": 4, "group_size": group or k, "symmetric": False,
+                                          "act_scale": False},
+                         "bias": False, "ec": e})
+        return json.dumps({"format": "spear", "format_version": 1, "architecture": arch,
+                           "weights": "model.safetensors", "tokenizer": "tokenizer.json",
+                           "sizes": {"w4_model_bytes": 100000, "ec_bytes": 1000, "ec_pct": 1.0},
+                           "modules": mods, "provenance": {"tool": "seed"}})
+
+    return {"plain.json": manifest(None), "gated_i8.json": manifest("gated", "i8", 32),
+            "static_f16.json": manifest("static", "f16"), "some.json": manifest("some")}
+
+
 def main():
     root = sys.argv[1]
     st_dir, gg_dir = os.path.join(root, "fuzz_safetensors"), os.path.join(root, "fuzz_gguf")
@@ -128,7 +164,14 @@ def main():
     for name, blob in ggufs.items():
         with open(os.path.join(gg_dir, name), "wb") as f:
             f.write(blob)
-    print(f"seeds: {len(seeds)} safetensors/config, {len(ggufs)} gguf in {root}")
+    man_dir = os.path.join(root, "fuzz_spear_manifest")
+    os.makedirs(man_dir, exist_ok=True)
+    manifests = spear_manifests()
+    for name, text in manifests.items():
+        with open(os.path.join(man_dir, name), "w") as f:
+            f.write(text)
+    print(f"seeds: {len(seeds)} safetensors/config, {len(ggufs)} gguf, "
+          f"{len(manifests)} spear.json in {root}")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,9 @@ bool IsSpearDir(const std::string& path);
 // InvalidArgument for anything malformed, Unimplemented for another
 // format_version.
 absl::StatusOr<SpearManifest> ReadSpearManifest(const std::string& dir);
+// The same checks on a manifest's text; `path` names it in the errors
+// (ReadSpearManifest's parser, apart for tests/fuzz/fuzz_spear_manifest).
+absl::StatusOr<SpearManifest> ParseSpearManifest(const std::string& text, const std::string& path);
 
 // Sets measured[key] = value (JSON text, e.g. {"ppl": 12.4, "ctx": 512}) in
 // DIR/spear.json, keeping everything else; the manifest is rewritten through

@@ -227,7 +227,11 @@ absl::StatusOr<SpearManifest> ReadSpearManifest(const std::string& dir) {
   if (!in) return absl::NotFoundError(absl::StrCat("no ", kSpearManifestFile, " in ", dir));
   std::stringstream ss;
   ss << in.rdbuf();
-  const json j = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  return ParseSpearManifest(ss.str(), path);
+}
+
+absl::StatusOr<SpearManifest> ParseSpearManifest(const std::string& text, const std::string& path) {
+  const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
   }
