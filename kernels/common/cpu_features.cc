@@ -1,5 +1,7 @@
 #include "kernels/cpu_features.h"
 
+#include <cpuid.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -12,6 +14,17 @@ bool EnvIsZero(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, "0") == 0;
 }
+
+// CPUID leaf / subleaf register bit (the feature bits
+// __builtin_cpu_supports reads; clang 14 knows neither "f16c" nor
+// "avx512fp16" by name). The OS's saving of the YMM / ZMM state is checked
+// by the builtins for avx2 / avx512f, which every caller requires too.
+bool CpuidBit(unsigned leaf, unsigned subleaf, int reg, int bit) {
+  unsigned r[4] = {0, 0, 0, 0};  // eax, ebx, ecx, edx
+  if (__get_cpuid_count(leaf, subleaf, &r[0], &r[1], &r[2], &r[3]) == 0) return false;
+  return ((r[reg] >> bit) & 1u) != 0;
+}
+constexpr int kEcx = 2, kEdx = 3;
 
 // -1 = not yet resolved; otherwise an Isa value. Resolved lazily so that the
 // environment variable is read after main() starts.
@@ -39,7 +52,7 @@ Isa DetectIsa() {
   __builtin_cpu_init();
   // __builtin_cpu_supports also checks that the OS saves the YMM/ZMM state.
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
+                    CpuidBit(1, 0, kEcx, 29);  // F16C
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512dq");
@@ -74,8 +87,8 @@ bool CpuHasBf16Dot() {
 }
 
 bool CpuHasF16Fma() {
-  static const bool has = (__builtin_cpu_init(), __builtin_cpu_supports("avx512fp16") != 0 &&
-                                                     !EnvIsZero("SPEAR_CPU_F16"));
+  // AVX512-FP16: CPUID.(7, 0):EDX bit 23.
+  static const bool has = CpuidBit(7, 0, kEdx, 23) && !EnvIsZero("SPEAR_CPU_F16");
   return has && ActiveIsa() == Isa::kAvx512;
 }
 
