@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes small valid seed inputs for the fuzz targets (no dependencies).
 
-Usage: make_seeds.py CORPUS_DIR  ->  CORPUS_DIR/fuzz_safetensors/*, CORPUS_DIR/fuzz_gguf/*
+Usage: make_seeds.py CORPUS_DIR  ->  CORPUS_DIR/fuzz_safetensors/*, CORPUS_DIR/fuzz_gguf/*,
+CORPUS_DIR/fuzz_spear_manifest/*
 """
 import json
 import os
