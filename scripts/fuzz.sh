@@ -11,7 +11,7 @@ RUNS=${1:-1000000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=${FUZZ_BUILD_DIR:-$ROOT/build-fuzz}
 CORPUS=$ROOT/fuzz-corpus
-TARGETS=${FUZZ_TARGETS:-fuzz_safetensors fuzz_gguf fuzz_tokenizer fuzz_spear_manifest}
+TARGETS=${FUZZ_TARGETS:-fuzz_safetensors fuzz_gguf fuzz_tokenizer fuzz_spear_manifest fuzz_spear_checkpoint}
 JOBS=${FUZZ_BUILD_JOBS:-2}
 
 if ! command -v clang++ >/dev/null; then

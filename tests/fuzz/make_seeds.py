@@ -2,7 +2,7 @@
 """Writes small valid seed inputs for the fuzz targets (no dependencies).
 
 Usage: make_seeds.py CORPUS_DIR  ->  CORPUS_DIR/fuzz_safetensors/*, CORPUS_DIR/fuzz_gguf/*,
-CORPUS_DIR/fuzz_spear_manifest/*
+CORPUS_DIR/fuzz_spear_manifest/*, CORPUS_DIR/fuzz_spear_checkpoint/*
 """
 import json
 import os
@@ -56,18 +56,23 @@ def pattern(n, seed=7):
     return bytes((seed * 31 + i * 17) & 0xFF for i in range(n))
 
 
+# The seed model's linears (name, n, k): hidden 16, intermediate 32, 2 heads
+# and 1 KV head of 8 (small enough for fuzz.sh's -max_len=8192).
+SEED_SHAPES = [("self_attn.q_proj", 16, 16), ("self_attn.k_proj", 8, 16), ("self_attn.v_proj", 8, 16),
+               ("self_attn.o_proj", 16, 16), ("mlp.gate_proj", 32, 16), ("mlp.up_proj", 32, 16),
+               ("mlp.down_proj", 16, 32)]
+
+
 def spear_manifests():
     """A one-layer .spear manifest (spear.json) in the forms the loader reads."""
-    arch = {"architecture": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-            "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "rms_eps": 1e-5,
+    arch = {"architecture": "llama", "vocab_size": 16, "hidden_size": 16, "intermediate_size": 32,
+            "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "rms_eps": 1e-5,
             "rope_theta": 10000.0,
             "rope_scaling": {"kind": "none", "factor": 1.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position": 2048},
             "max_position": 2048, "tie_word_embeddings": True, "attention_bias": False,
             "bos_token_id": 1, "eos_token_ids": [2]}
-    shapes = [("self_attn.q_proj", 64, 64), ("self_attn.k_proj", 32, 64), ("self_attn.v_proj", 32, 64),
-              ("self_attn.o_proj", 64, 64), ("mlp.gate_proj", 128, 64), ("mlp.up_proj", 128, 64),
-              ("mlp.down_proj", 64, 128)]
+    shapes = SEED_SHAPES
 
     def manifest(ec, factors=None, group=None):
         mods = []
@@ -88,8 +93,33 @@ def spear_manifests():
                            "sizes": {"w4_model_bytes": 100000, "ec_bytes": 1000, "ec_pct": 1.0},
                            "modules": mods, "provenance": {"tool": "seed"}})
 
-    return {"plain.json": manifest(None), "gated_i8.json": manifest("gated", "i8", 32),
+    return {"plain.json": manifest(None), "gated_i8.json": manifest("gated", "i8", 8),
             "static_f16.json": manifest("static", "f16"), "some.json": manifest("some")}
+
+
+def spear_checkpoint_seed():
+    """model.safetensors of the one-layer checkpoint fuzz_spear_checkpoint.cc
+    pairs with its fixed manifest ("some" above, tokenizer null: the harness
+    embeds that text, so a change to either manifest or SEED_SHAPES goes
+    there too): W4 with one group a row, gated fp16 ECs of rank 2 on
+    modules 0, 2, 4, 6."""
+    shapes = SEED_SHAPES
+    one, tenth = struct.pack("<e", 1.0), struct.pack("<e", 0.1)
+    t = [("model.embed_tokens.weight", "F16", [16, 16], tenth * (16 * 16)),
+         ("model.norm.weight", "F16", [16], one * 16),
+         ("model.layers.0.input_layernorm.weight", "F16", [16], one * 16),
+         ("model.layers.0.post_attention_layernorm.weight", "F16", [16], one * 16)]
+    for i, (name, n, k) in enumerate(shapes):
+        p = f"model.layers.0.{name}"
+        t += [(p + ".qweight", "U8", [n, (k + 1) // 2], pattern(n * ((k + 1) // 2), i)),
+              (p + ".scales", "F16", [n, 1], tenth * n),
+              (p + ".zeros", "U8", [n, 1], bytes([8]) * n)]
+        if i % 2 == 0:
+            r, h = 2, 16
+            t += [(p + ".ec.a", "F16", [r, k], tenth * (r * k)), (p + ".ec.b", "F16", [n, r], tenth * (n * r)),
+                  (p + ".ec.w1", "F16", [h, r], tenth * (h * r)), (p + ".ec.b1", "F16", [h], tenth * h),
+                  (p + ".ec.w2", "F16", [r, h], tenth * (r * h)), (p + ".ec.b2", "F16", [r], tenth * r)]
+    return safetensors(t)
 
 
 def main():
@@ -171,8 +201,12 @@ def main():
     for name, text in manifests.items():
         with open(os.path.join(man_dir, name), "w") as f:
             f.write(text)
+    ck_dir = os.path.join(root, "fuzz_spear_checkpoint")
+    os.makedirs(ck_dir, exist_ok=True)
+    with open(os.path.join(ck_dir, "one_layer.safetensors"), "wb") as f:
+        f.write(spear_checkpoint_seed())
     print(f"seeds: {len(seeds)} safetensors/config, {len(ggufs)} gguf, "
-          f"{len(manifests)} spear.json in {root}")
+          f"{len(manifests)} spear.json, 1 .spear shard in {root}")
 
 
 if __name__ == "__main__":
