@@ -268,19 +268,16 @@ int Main(int argc, char** argv) {
   set_health(false);
   // Idle engine first, then every Execute stream written out and released
   // by gRPC (the last events of a long answer can still be queued when the
-  // loop goes idle), all within --drain-timeout-s; only then the server.
+  // loop goes idle) and 0.5 s past the last release, for the clients to read
+  // the tails (OpenCalls::WaitDrained), all within --drain-timeout-s; only
+  // then the server.
   const absl::Time drain_end = absl::Now() + absl::Seconds(*dt);
   absl::Notification idle;
   loop->WhenIdle([&idle] { idle.Notify(); });
   if (!idle.WaitForNotificationWithDeadline(drain_end)) {
     spdlog::warn("drain timeout: stopping with requests in flight");
-  } else if (!service->WaitForStreams(std::max(drain_end - absl::Now(), absl::ZeroDuration()))) {
+  } else if (!service->WaitDrained(absl::Milliseconds(500), drain_end)) {
     spdlog::warn("drain timeout: {} response streams still open", service->open_streams());
-  } else {
-    // Linger: the clients read the last streams' tails before the process
-    // can close their connections under them (WorkerService::last_release).
-    absl::SleepFor(std::min(service->last_release() + absl::Milliseconds(500), drain_end) -
-                   absl::Now());
   }
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   loop->Stop();

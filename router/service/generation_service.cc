@@ -16,7 +16,7 @@ class StreamReactor : public grpc::ServerWriteReactor<GenerateStreamResponse>,
                       public ResponseSink {
  public:
   StreamReactor(grpc::CallbackServerContext* ctx,
-                std::shared_ptr<GenerationService::OpenReactors> open)
+                std::shared_ptr<OpenCalls> open)
       : ctx_(ctx), open_(std::move(open)) {
     open_->Opened();
   }
@@ -115,14 +115,14 @@ class StreamReactor : public grpc::ServerWriteReactor<GenerateStreamResponse>,
   grpc::Status status_;
   std::shared_ptr<StreamReactor> self_;
   std::shared_ptr<RequestCall> call_;
-  std::shared_ptr<GenerationService::OpenReactors> open_;
+  std::shared_ptr<OpenCalls> open_;
 };
 
 // Accumulates chunks into one GenerateResponse.
 class UnaryReactor : public grpc::ServerUnaryReactor, public ResponseSink {
  public:
   UnaryReactor(grpc::CallbackServerContext* ctx, spear::v1::GenerateResponse* resp,
-               std::string model, std::shared_ptr<GenerationService::OpenReactors> open)
+               std::string model, std::shared_ptr<OpenCalls> open)
       : ctx_(ctx), resp_(resp), open_(std::move(open)) {
     resp_->set_model(std::move(model));
     open_->Opened();
@@ -182,7 +182,7 @@ class UnaryReactor : public grpc::ServerUnaryReactor, public ResponseSink {
   bool closed_ = false;
   std::shared_ptr<UnaryReactor> self_;
   std::shared_ptr<RequestCall> call_;
-  std::shared_ptr<GenerationService::OpenReactors> open_;
+  std::shared_ptr<OpenCalls> open_;
 };
 
 bool ConstantTimeEquals(std::string_view a, std::string_view b) {

@@ -5,10 +5,10 @@
 #pragma once
 
 #include <atomic>
-#include <chrono>
 #include <memory>
 #include <string>
 
+#include "common/open_calls.h"
 #include "router/service/model_frontend.h"
 #include "router/service/request_call.h"
 #include "spear/v1/generation.grpc.pb.h"
@@ -22,29 +22,13 @@ class GenerationService final : public spear::v1::Generation::CallbackService {
 
   void StartDraining() { draining_.store(true); }
   // Generate / GenerateStream calls whose reactor gRPC has not released yet
-  // (OnDone): a closed call can still have chunks queued for the client. A
-  // drain waits for 0 before it shuts the server down and the process
-  // exits, so that no stream loses its tail.
-  int open_reactors() const { return open_->count.load(); }
-  // When the last of them was released (steady clock; its epoch if none
-  // was): gRPC releases a call once its last bytes are handed to the
-  // socket, not once the client has read them, so the drain lingers a
-  // moment after this before the process can close the connection.
-  std::chrono::steady_clock::time_point last_release() const {
-    return std::chrono::steady_clock::time_point(
-        std::chrono::steady_clock::duration(open_->last_release.load()));
+  // (OnDone): a closed call can still have chunks queued for the client, so
+  // the drain waits for them (common/open_calls.h) before it shuts the
+  // server down.
+  int open_reactors() const { return open_->count(); }
+  bool WaitDrained(absl::Duration linger, absl::Time deadline) const {
+    return open_->WaitDrained(linger, deadline);
   }
-
-  // Shared with the reactors (they can outlive a Shutdown deadline).
-  struct OpenReactors {
-    std::atomic<int> count{0};
-    std::atomic<std::chrono::steady_clock::rep> last_release{0};
-    void Opened() { count.fetch_add(1); }
-    void Released() {
-      last_release.store(std::chrono::steady_clock::now().time_since_epoch().count());
-      count.fetch_sub(1);
-    }
-  };
 
   grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* ctx,
                                      const spear::v1::GenerateRequest* req,
@@ -70,7 +54,7 @@ class GenerationService final : public spear::v1::Generation::CallbackService {
   const CallEnv* env_;
   const std::string auth_token_;
   std::atomic<bool> draining_{false};
-  std::shared_ptr<OpenReactors> open_ = std::make_shared<OpenReactors>();
+  std::shared_ptr<OpenCalls> open_ = std::make_shared<OpenCalls>();
 };
 
 }  // namespace spear::router

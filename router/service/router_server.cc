@@ -5,7 +5,6 @@
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
@@ -162,21 +161,11 @@ void RouterServer::Shutdown() {
   i.server->GetHealthCheckService()->SetServingStatus(false);
   i.service->StartDraining();
   // In-flight calls finish on their own and their responses are written out
-  // to the last chunk: every reactor released (open_reactors counts a call
-  // until then, past its close, which can leave chunks queued), then 0.5 s
-  // more, so that the clients read them before the process can close the
-  // connections under them (GenerationService::last_release). Shutdown
-  // cancels what is left at the deadline.
-  const auto deadline = std::chrono::system_clock::now() +
-                        std::chrono::milliseconds(static_cast<int64_t>(i.opts.drain_timeout_seconds * 1000));
-  auto settled = [&] {
-    return i.service->open_reactors() == 0 &&
-           std::chrono::steady_clock::now() >=
-               i.service->last_release() + std::chrono::milliseconds(500);
-  };
-  while (!settled() && std::chrono::system_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  // to the last chunk: every reactor released, then 0.5 s more for the
+  // clients to read them (OpenCalls::WaitDrained). Shutdown cancels what is
+  // left at the deadline.
+  const absl::Time deadline = absl::Now() + absl::Seconds(i.opts.drain_timeout_seconds);
+  i.service->WaitDrained(absl::Milliseconds(500), deadline);
   i.admission->Close();
   i.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   i.server->Wait();

@@ -118,16 +118,9 @@ class StreamSink final : public engine::RequestSink {
 
 class ExecuteReactor final : public grpc::ServerWriteReactor<v1::ExecuteEvent> {
  public:
-  ExecuteReactor(engine::EngineLoop* loop, WorkerMetrics* metrics,
-                 std::shared_ptr<WorkerService::OpenStreams> open)
-      : loop_(loop),
-        metrics_(metrics),
-        stream_(std::make_shared<Stream>()),
-        open_(std::move(open)) {
-    {
-      absl::MutexLock lock(&open_->mu);
-      ++open_->count;
-    }
+  ExecuteReactor(engine::EngineLoop* loop, WorkerMetrics* metrics, std::shared_ptr<OpenCalls> open)
+      : loop_(loop), metrics_(metrics), stream_(std::make_shared<Stream>()), open_(std::move(open)) {
+    open_->Opened();
     absl::MutexLock lock(&stream_->mu);
     stream_->reactor = this;
   }
@@ -215,11 +208,9 @@ class ExecuteReactor final : public grpc::ServerWriteReactor<v1::ExecuteEvent> {
       absl::MutexLock lock(&stream_->mu);
       stream_->reactor = nullptr;
     }
-    std::shared_ptr<WorkerService::OpenStreams> open = std::move(open_);
+    std::shared_ptr<OpenCalls> open = std::move(open_);
     delete this;
-    absl::MutexLock lock(&open->mu);
-    --open->count;
-    open->last_release = absl::Now();
+    open->Released();
   }
 
  private:
@@ -243,7 +234,7 @@ class ExecuteReactor final : public grpc::ServerWriteReactor<v1::ExecuteEvent> {
   engine::EngineLoop* loop_;
   WorkerMetrics* metrics_;
   std::shared_ptr<Stream> stream_;
-  std::shared_ptr<WorkerService::OpenStreams> open_;
+  std::shared_ptr<OpenCalls> open_;
   std::chrono::system_clock::time_point deadline_ = std::chrono::system_clock::time_point::max();
   absl::Mutex mu_;
   int64_t id_ ABSL_GUARDED_BY(mu_) = -1;
@@ -290,24 +281,6 @@ grpc::ServerUnaryReactor* WorkerService::Cancel(grpc::CallbackServerContext* ctx
   auto* reactor = ctx->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
-}
-
-int WorkerService::open_streams() const {
-  absl::MutexLock lock(&open_->mu);
-  return open_->count;
-}
-
-absl::Time WorkerService::last_release() const {
-  absl::MutexLock lock(&open_->mu);
-  return open_->last_release;
-}
-
-bool WorkerService::WaitForStreams(absl::Duration timeout) const {
-  absl::MutexLock lock(&open_->mu);
-  const OpenStreams* o = open_.get();
-  return open_->mu.AwaitWithTimeout(
-      absl::Condition(+[](const OpenStreams* s) ABSL_NO_THREAD_SAFETY_ANALYSIS { return s->count == 0; }, o),
-      timeout);
 }
 
 void WorkerService::SetIdentity(const std::string& worker_id, WorkerMetrics* metrics) {

@@ -24,6 +24,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/open_calls.h"
 #include "spear/v1/worker.grpc.pb.h"
 #include "worker/engine/engine_loop.h"
 #include "worker/server/metrics.h"
@@ -62,26 +63,14 @@ class WorkerService final : public v1::Worker::CallbackService {
   void SetIdentity(const std::string& worker_id, WorkerMetrics* metrics) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Execute streams whose reactor gRPC has not yet released (OnDone): an
-  // idle engine loop can still have events queued for the network. A drain
-  // waits for zero before it shuts the server down, so no stream loses its
-  // tail (Server::Shutdown may return with writes pending, and the process
-  // exits after it).
-  int open_streams() const;
-  // Blocks until open_streams() is 0 or `timeout` passes; true when 0.
-  bool WaitForStreams(absl::Duration timeout) const;
-  // When the last Execute stream was released (InfinitePast if none was).
-  // gRPC releases a stream once its last bytes are handed to the socket,
-  // not once the client has read them: a process that exits at once can
-  // reset the connection under the client's unread tail (a close with
-  // unread bytes sends RST), so the drain lingers a moment after this.
-  absl::Time last_release() const;
-
-  // Shared with the reactors, which may finish after a Shutdown deadline.
-  struct OpenStreams {
-    mutable absl::Mutex mu;
-    int count ABSL_GUARDED_BY(mu) = 0;
-    absl::Time last_release ABSL_GUARDED_BY(mu) = absl::InfinitePast();
-  };
+  // idle engine loop can still have events queued for the network, so the
+  // drain waits for them (common/open_calls.h) before it shuts the server
+  // down and the process exits.
+  int open_streams() const { return open_->count(); }
+  // The drain's wait for them (OpenCalls::WaitDrained).
+  bool WaitDrained(absl::Duration linger, absl::Time deadline) const {
+    return open_->WaitDrained(linger, deadline);
+  }
 
  private:
   WorkerMetrics* metrics() const { return metrics_.load(); }
@@ -91,7 +80,7 @@ class WorkerService final : public v1::Worker::CallbackService {
   WorkerInfo info_ ABSL_GUARDED_BY(mu_);
   std::atomic<WorkerMetrics*> metrics_;
   std::function<void()> on_drain_;
-  std::shared_ptr<OpenStreams> open_ = std::make_shared<OpenStreams>();
+  std::shared_ptr<OpenCalls> open_ = std::make_shared<OpenCalls>();
 };
 
 // absl -> grpc status (same numeric codes).
