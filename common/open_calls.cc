@@ -22,8 +22,10 @@ int OpenCalls::count() const {
 
 bool OpenCalls::WaitDrained(absl::Duration linger, absl::Time deadline) const {
   absl::MutexLock lock(&mu_);
-  const auto none = +[](const OpenCalls* c) ABSL_NO_THREAD_SAFETY_ANALYSIS { return c->count_ == 0; };
-  const auto some = +[](const OpenCalls* c) ABSL_NO_THREAD_SAFETY_ANALYSIS { return c->count_ > 0; };
+  const auto none =
+      +[](const OpenCalls* c) ABSL_NO_THREAD_SAFETY_ANALYSIS { return c->count_ == 0; };
+  const auto some =
+      +[](const OpenCalls* c) ABSL_NO_THREAD_SAFETY_ANALYSIS { return c->count_ > 0; };
   for (;;) {
     if (!mu_.AwaitWithDeadline(absl::Condition(none, this), deadline)) return false;
     // Linger; a call that opens meanwhile wakes this, and is waited for.
