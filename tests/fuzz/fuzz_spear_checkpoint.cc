@@ -1,184 +1,21 @@
 // libFuzzer target: the .spear loader (LoadSpearModel) on a fuzzed
-// model.safetensors beside a fixed one-layer manifest (tests/fuzz/
-// make_seeds.py's "some": gated fp16 ECs on four of seven modules, tokenizer
-// null; kept equal to it by hand). Every input must give a Status, never a
-// crash; an accepted model has its one layer, the embeddings, the LM head
-// and all seven linears.
+// model.safetensors beside a fixed one-layer manifest
+// (tests/fuzz/spear_seed_manifest.json, the file make_seeds.py builds the seed
+// shard from: gated fp16 ECs on four of seven modules, tokenizer null). Every
+// input must give a Status, never a crash; an accepted model has its one
+// layer, the embeddings, the LM head and all seven linears.
 #include <stdlib.h>
 #include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 
 #include "worker/model/spear_checkpoint.h"
 
 namespace {
-
-constexpr char kManifest[] = R"json({
- "format": "spear",
- "format_version": 1,
- "architecture": {
-  "architecture": "llama",
-  "vocab_size": 16,
-  "hidden_size": 16,
-  "intermediate_size": 32,
-  "num_layers": 1,
-  "num_heads": 2,
-  "num_kv_heads": 1,
-  "head_dim": 8,
-  "rms_eps": 1e-05,
-  "rope_theta": 10000.0,
-  "rope_scaling": {
-   "kind": "none",
-   "factor": 1.0,
-   "low_freq_factor": 1.0,
-   "high_freq_factor": 4.0,
-   "original_max_position": 2048
-  },
-  "max_position": 2048,
-  "tie_word_embeddings": true,
-  "attention_bias": false,
-  "bos_token_id": 1,
-  "eos_token_ids": [
-   2
-  ]
- },
- "weights": "model.safetensors",
- "tokenizer": null,
- "sizes": {
-  "w4_model_bytes": 100000,
-  "ec_bytes": 1000,
-  "ec_pct": 1.0
- },
- "modules": [
-  {
-   "name": "model.layers.0.self_attn.q_proj",
-   "shape": [
-    16,
-    16
-   ],
-   "quantization": {
-    "bits": 4,
-    "group_size": 16,
-    "symmetric": false,
-    "act_scale": false
-   },
-   "bias": false,
-   "ec": {
-    "rank": 2,
-    "gate_hidden": 16,
-    "gated": true
-   }
-  },
-  {
-   "name": "model.layers.0.self_attn.k_proj",
-   "shape": [
-    8,
-    16
-   ],
-   "quantization": {
-    "bits": 4,
-    "group_size": 16,
-    "symmetric": false,
-    "act_scale": false
-   },
-   "bias": false,
-   "ec": null
-  },
-  {
-   "name": "model.layers.0.self_attn.v_proj",
-   "shape": [
-    8,
-    16
-   ],
-   "quantization": {
-    "bits": 4,
-    "group_size": 16,
-    "symmetric": false,
-    "act_scale": false
-   },
-   "bias": false,
-   "ec": {
-    "rank": 2,
-    "gate_hidden": 16,
-    "gated": true
-   }
-  },
-  {
-   "name": "model.layers.0.self_attn.o_proj",
-   "shape": [
-    16,
-    16
-   ],
-   "quantization": {
-    "bits": 4,
-    "group_size": 16,
-    "symmetric": false,
-    "act_scale": false
-   },
-   "bias": false,
-   "ec": null
-  },
-  {
-   "name": "model.layers.0.mlp.gate_proj",
-   "shape": [
-    32,
-    16
-   ],
-   "quantization": {
-    "bits": 4,
-    "group_size": 16,
-    "symmetric": false,
-    "act_scale": false
-   },
-   "bias": false,
-   "ec": {
-    "rank": 2,
-    "gate_hidden": 16,
-    "gated": true
-   }
-  },
-  {
-   "name": "model.layers.0.mlp.up_proj",
-   "shape": [
-    32,
-    16
-   ],
-   "quantization": {
-    "bits": 4,
-    "group_size": 16,
-    "symmetric": false,
-    "act_scale": false
-   },
-   "bias": false,
-   "ec": null
-  },
-  {
-   "name": "model.layers.0.mlp.down_proj",
-   "shape": [
-    16,
-    32
-   ],
-   "quantization": {
-    "bits": 4,
-    "group_size": 32,
-    "symmetric": false,
-    "act_scale": false
-   },
-   "bias": false,
-   "ec": {
-    "rank": 2,
-    "gate_hidden": 16,
-    "gated": true
-   }
-  }
- ],
- "provenance": {
-  "tool": "seed"
- }
-})json";
 
 bool WriteFile(const std::string& path, const void* data, size_t size) {
   FILE* f = std::fopen(path.c_str(), "wb");
@@ -187,15 +24,17 @@ bool WriteFile(const std::string& path, const void* data, size_t size) {
   return std::fclose(f) == 0 && ok;
 }
 
-// One directory for the run: spear.json written once, model.safetensors per
-// input.
+// One directory for the run: the seed manifest copied in once,
+// model.safetensors written per input.
 const std::string& Dir() {
   static const std::string dir = [] {
     char tmpl[] = "/tmp/fuzz_spear_checkpoint.XXXXXX";
     const char* d = mkdtemp(tmpl);
     if (d == nullptr) __builtin_trap();
     const std::string s(d);
-    if (!WriteFile(s + "/spear.json", kManifest, sizeof(kManifest) - 1)) __builtin_trap();
+    std::error_code ec;
+    std::filesystem::copy_file(SPEAR_FUZZ_SEED_MANIFEST, s + "/spear.json", ec);
+    if (ec) __builtin_trap();
     return s;
   }();
   return dir;

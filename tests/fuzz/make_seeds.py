@@ -56,66 +56,53 @@ def pattern(n, seed=7):
     return bytes((seed * 31 + i * 17) & 0xFF for i in range(n))
 
 
-# The seed model's linears (name, n, k): hidden 16, intermediate 32, 2 heads
-# and 1 KV head of 8 (small enough for fuzz.sh's -max_len=8192).
-SEED_SHAPES = [("self_attn.q_proj", 16, 16), ("self_attn.k_proj", 8, 16), ("self_attn.v_proj", 8, 16),
-               ("self_attn.o_proj", 16, 16), ("mlp.gate_proj", 32, 16), ("mlp.up_proj", 32, 16),
-               ("mlp.down_proj", 16, 32)]
+# The one-layer .spear manifest both .spear targets start from (hidden 16,
+# intermediate 32, 2 heads and 1 KV head of 8: its shard fits fuzz.sh's
+# -max_len=8192); fuzz_spear_checkpoint reads the same file at run time.
+SEED_MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spear_seed_manifest.json")
 
 
 def spear_manifests():
-    """A one-layer .spear manifest (spear.json) in the forms the loader reads."""
-    arch = {"architecture": "llama", "vocab_size": 16, "hidden_size": 16, "intermediate_size": 32,
-            "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "rms_eps": 1e-5,
-            "rope_theta": 10000.0,
-            "rope_scaling": {"kind": "none", "factor": 1.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position": 2048},
-            "max_position": 2048, "tie_word_embeddings": True, "attention_bias": False,
-            "bos_token_id": 1, "eos_token_ids": [2]}
-    shapes = SEED_SHAPES
+    """The seed manifest and three variants of it: no ECs; gated int8 ECs on
+    every module with groups of 8; static fp16 ECs of rank 4."""
+    with open(SEED_MANIFEST) as f:
+        base = json.load(f)
 
-    def manifest(ec, factors=None, group=None):
-        mods = []
-        for i, (name, n, k) in enumerate(shapes):
-            e = None
-            if ec == "gated" or (ec == "some" and i % 2 == 0):
-                e = {"rank": 2, "gate_hidden": 16, "gated": True}
-            elif ec == "static":
-                e = {"rank": 4, "gate_hidden": 0, "gated": False}
-            if e is not None and factors:
-                e["factors"] = factors
-            mods.append({"name": f"model.layers.0.{name}", "shape": [n, k],
-                         "quantization": {"bits": 4, "group_size": group or k, "symmetric": False,
-                                          "act_scale": False},
-                         "bias": False, "ec": e})
-        return json.dumps({"format": "spear", "format_version": 1, "architecture": arch,
-                           "weights": "model.safetensors", "tokenizer": "tokenizer.json",
-                           "sizes": {"w4_model_bytes": 100000, "ec_bytes": 1000, "ec_pct": 1.0},
-                           "modules": mods, "provenance": {"tool": "seed"}})
+    def variant(ec, factors=None, group=None):
+        m = json.loads(json.dumps(base))
+        m["tokenizer"] = "tokenizer.json"
+        for mod in m["modules"]:
+            mod["ec"] = dict(ec, **({"factors": factors} if factors else {})) if ec else None
+            if group:
+                mod["quantization"]["group_size"] = group
+        return json.dumps(m)
 
-    return {"plain.json": manifest(None), "gated_i8.json": manifest("gated", "i8", 8),
-            "static_f16.json": manifest("static", "f16"), "some.json": manifest("some")}
+    return {"seed.json": json.dumps(base), "plain.json": variant(None),
+            "gated_i8.json": variant({"rank": 2, "gate_hidden": 16, "gated": True}, "i8", 8),
+            "static_f16.json": variant({"rank": 4, "gate_hidden": 0, "gated": False}, "f16")}
 
 
 def spear_checkpoint_seed():
-    """model.safetensors of the one-layer checkpoint fuzz_spear_checkpoint.cc
-    pairs with its fixed manifest ("some" above, tokenizer null: the harness
-    embeds that text, so a change to either manifest or SEED_SHAPES goes
-    there too): W4 with one group a row, gated fp16 ECs of rank 2 on
-    modules 0, 2, 4, 6."""
-    shapes = SEED_SHAPES
+    """model.safetensors that loads beside the seed manifest: W4 with the
+    manifest's groups, its gated fp16 ECs, tied embeddings."""
+    with open(SEED_MANIFEST) as f:
+        man = json.load(f)
+    arch = man["architecture"]
+    v, d = arch["vocab_size"], arch["hidden_size"]
     one, tenth = struct.pack("<e", 1.0), struct.pack("<e", 0.1)
-    t = [("model.embed_tokens.weight", "F16", [16, 16], tenth * (16 * 16)),
-         ("model.norm.weight", "F16", [16], one * 16),
-         ("model.layers.0.input_layernorm.weight", "F16", [16], one * 16),
-         ("model.layers.0.post_attention_layernorm.weight", "F16", [16], one * 16)]
-    for i, (name, n, k) in enumerate(shapes):
-        p = f"model.layers.0.{name}"
+    t = [("model.embed_tokens.weight", "F16", [v, d], tenth * (v * d)),
+         ("model.norm.weight", "F16", [d], one * d),
+         ("model.layers.0.input_layernorm.weight", "F16", [d], one * d),
+         ("model.layers.0.post_attention_layernorm.weight", "F16", [d], one * d)]
+    for i, mod in enumerate(man["modules"]):
+        p, (n, k) = mod["name"], mod["shape"]
+        g = -(-k // mod["quantization"]["group_size"])
         t += [(p + ".qweight", "U8", [n, (k + 1) // 2], pattern(n * ((k + 1) // 2), i)),
-              (p + ".scales", "F16", [n, 1], tenth * n),
-              (p + ".zeros", "U8", [n, 1], bytes([8]) * n)]
-        if i % 2 == 0:
-            r, h = 2, 16
+              (p + ".scales", "F16", [n, g], tenth * (n * g)),
+              (p + ".zeros", "U8", [n, g], bytes([8]) * (n * g))]
+        ec = mod["ec"]
+        if ec:
+            r, h = ec["rank"], ec["gate_hidden"]
             t += [(p + ".ec.a", "F16", [r, k], tenth * (r * k)), (p + ".ec.b", "F16", [n, r], tenth * (n * r)),
                   (p + ".ec.w1", "F16", [h, r], tenth * (h * r)), (p + ".ec.b1", "F16", [h], tenth * h),
                   (p + ".ec.w2", "F16", [r, h], tenth * (r * h)), (p + ".ec.b2", "F16", [r], tenth * r)]
