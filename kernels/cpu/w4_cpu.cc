@@ -114,8 +114,6 @@ LinearParams DenseParams(const float* x, int64_t m, int64_t k, int64_t ldx, cons
   return l;
 }
 
-static_assert(internal::kEcI8ScaleGroup == kEcI8Group, "the kernels' int8 EC scale group");
-
 // What the EC adds to y: B (g ⊙ u). v [m, r] = g ⊙ u in this thread's
 // scratch (valid until its next call); B as floats (b) or, for a decode
 // call (m <= 8) on an int8 EC held compact (EcWeights::compact_i8), as its

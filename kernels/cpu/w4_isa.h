@@ -18,6 +18,8 @@
 
 #include <cstdint>
 
+#include "kernels/w4_format.h"
+
 namespace spear::kernels::cpu::internal {
 
 struct W4KernelArgs {
@@ -78,10 +80,10 @@ struct W4IsaKernels {
 };
 
 inline constexpr int kW4MaxGemvTokens = 8;
-// Values per fp16 scale of an int8 EC factor (kernels::kEcI8Group; checked
-// equal in w4_cpu.cc): a multiple of every ISA's float lanes, so no vector
-// of the kernels straddles two scales.
-inline constexpr int64_t kEcI8ScaleGroup = 64;
+// kEcI8Group (w4_format.h), the values per fp16 scale of an int8 EC
+// factor, is a multiple of every ISA's float lanes: no vector of the
+// kernels straddles two scales.
+static_assert(kEcI8Group % 16 == 0, "an int8 EC scale group of whole AVX-512 vectors");
 
 extern const W4IsaKernels kW4ScalarKernels;  // w4_generic.cc
 extern const W4IsaKernels kW4Avx2Kernels;    // w4_avx2.cc
