@@ -24,20 +24,33 @@ bool WriteFile(const std::string& path, const void* data, size_t size) {
   return std::fclose(f) == 0 && ok;
 }
 
-// One directory for the run: the seed manifest copied in once,
-// model.safetensors written per input.
-const std::string& Dir() {
-  static const std::string dir = [] {
-    char tmpl[] = "/tmp/fuzz_spear_checkpoint.XXXXXX";
-    const char* d = mkdtemp(tmpl);
-    if (d == nullptr) __builtin_trap();
-    const std::string s(d);
-    std::error_code ec;
-    std::filesystem::copy_file(SPEAR_FUZZ_SEED_MANIFEST, s + "/spear.json", ec);
-    if (ec) __builtin_trap();
-    return s;
-  }();
+// One directory for the run (under $TMPDIR, else the system's temporary
+// directory): the seed manifest copied in once, model.safetensors written
+// per input; removed when the process exits normally (libFuzzer's -runs /
+// -max_total_time end, or a merge), so runs do not pile up directories.
+std::string& DirName() {
+  static std::string dir;
   return dir;
+}
+void RemoveDir() {
+  std::error_code ec;
+  if (!DirName().empty()) std::filesystem::remove_all(DirName(), ec);
+}
+const std::string& Dir() {
+  static const bool made = [] {
+    std::error_code ec;
+    const std::filesystem::path base = std::filesystem::temp_directory_path(ec);
+    if (ec) __builtin_trap();
+    std::string tmpl = (base / "fuzz_spear_checkpoint.XXXXXX").string();
+    if (mkdtemp(tmpl.data()) == nullptr) __builtin_trap();
+    DirName() = tmpl;
+    std::atexit(RemoveDir);
+    std::filesystem::copy_file(SPEAR_FUZZ_SEED_MANIFEST, tmpl + "/spear.json", ec);
+    if (ec) __builtin_trap();
+    return true;
+  }();
+  (void)made;
+  return DirName();
 }
 
 }  // namespace
