@@ -28,7 +28,7 @@
 // then --iters timed replays; median.
 //
 // usage: spear_bench_decode_cuda [--models=8B,1B] [--ctx=512] [--batches=1,8,32]
-//                                [--iters=20] [--variants=0,...,52]  (rows of kVariants)
+//                                [--iters=20] [--variants=0,...,54]  (rows of kVariants)
 //                                [--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static] [--ec-i8 | --ec-fp16]]
 // --ec-static: the placed ECs without the gate MLP (a `spear quantize
 // --no-gate` checkpoint's form); by default gated, gate hidden 16 each.
@@ -357,7 +357,15 @@ const Variant kVariants[] = {
     // 52 (v60): the one-cluster prologue's u (m = 1) by the lanes' dot
     // products, as before v60 (not by tensor cores).
     {.name = "W4+EC at the diagnostic's placement, the cluster prologue's u by lanes (before v60)",
-     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 1024}};
+     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 1024},
+    // 53 / 54 (timing only, the output is wrong): the one-cluster prologue
+    // (m = 1) without loading A's slices, and its launch alone (the
+    // dependency wait, then exit): what A's load and the prologue's work
+    // add to the step.
+    {.name = "W4+EC at the diagnostic's placement, cluster prologue without A's loads (timing only)",
+     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 2048},
+    {.name = "W4+EC at the diagnostic's placement, cluster prologue's launch alone (timing only)",
+     .ec = Ec::kPlacement, .gemms_only = false, .ec_prologue = 4096}};
 constexpr int kFirstPlacementVariant = 9;
 constexpr int kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 
@@ -991,7 +999,7 @@ int Main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "unknown flag %s\nusage: %s [--models=8B,1B] [--ctx=512] "
-                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,52] "
+                   "[--batches=1,8,32] [--iters=20] [--variants=0,...,54] "
                    "[--ec-placement=SPEAR_DIR [--ec-pct=P] [--ec-static] [--ec-i8 | --ec-fp16]]\n",
                    a.c_str(), argv[0]);
       return 2;

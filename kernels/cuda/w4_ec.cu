@@ -347,6 +347,10 @@ __global__ void __launch_bounds__(256, 4) EcPrologueKernel(const __half* __restr
 // block): A [r][kchunk / 8], x [m][kchunk / 8], then floats: parts, the
 // staged gate.
 constexpr int kClusterBlocks = 8;
+// EcPrologueClusterKernel's mode bits: the lanes' u (ec_prologue 1024), and
+// for measurements only (the output is then wrong) no loads of A's slices
+// (2048) or the launch alone (4096: the dependency wait, then exit).
+constexpr int kClusterLanesU = 1, kClusterNoA = 2, kClusterLaunchOnly = 4;
 constexpr int kClusterMaxM = 1;  // v47 call 4: at m = 2 the v27 form was faster
 static_assert(kClusterMaxM == 1, "v60: the tensor-core u takes x as one row");
 
@@ -384,11 +388,12 @@ template <bool A8>  // A as int8 codes + scales (else fp16)
 __global__ void __launch_bounds__(256, 1)
     EcPrologueClusterKernel(const __half* __restrict__ x, int m, long long ldx, int k, int kchunk,
                             const EcAArgs A, GateArgs g, RowNorm norm, RowSwiglu sw,
-                            int lanes_u) {
+                            int mode) {
   constexpr int kT = 256, kNW = kT / 32;
   extern __shared__ __align__(16) unsigned char dsm[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = blockIdx.x, C = gridDim.x, r = g.r, h = g.h;
+  const int lanes_u = mode & kClusterLanesU;
   const int k0 = b * kchunk;
   const int np = max(0, min(k, k0 + kchunk) - k0) / 8;  // this block's 16-byte pieces per row
   const int npm = kchunk / 8;
@@ -413,8 +418,16 @@ __global__ void __launch_bounds__(256, 1)
   // Every block of the cluster must have started before another writes into
   // its shared memory: arrive now, wait just before the first remote store.
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-  // What does not depend on x: A's slice, and (block 0) the MLP's weights.
-  if constexpr (!A8) {
+  if ((mode & kClusterLaunchOnly) != 0) {  // measurement only: v left stale
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+    return;
+  }
+  // What does not depend on x: A's slice, and (block 0) the MLP's weights
+  // (mode kClusterNoA, measurement only: not A's slice).
+  if ((mode & kClusterNoA) != 0) {
+  } else if constexpr (!A8) {
     for (int i = tid; i < r * np; i += kT) {
       const int q = i / np, c = i - q * np;
       cp16(sa(as + q * npm + c), A.h + static_cast<long long>(q) * k + k0 + c * 8);
@@ -722,7 +735,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                               int flags, bool pdl_launch, const RowNorm* norm,
                               const RowSwiglu* swiglu) {
   if (m == 0) return absl::OkStatus();
-  const bool cluster = EcPrologueIsCluster(w, m, flags & ~(512 | 1024), pdl_launch);
+  const bool cluster = EcPrologueIsCluster(w, m, flags & ~(512 | 1024 | 2048 | 4096), pdl_launch);
   if ((norm != nullptr || swiglu != nullptr) && !cluster) {
     return absl::InternalError(
         "LaunchEcPrologue: x = RMSNorm(h) or SiluMul(gate_up) needs the one-cluster form");
@@ -769,7 +782,8 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
           kernel, dim3(C), dim3(256), csmem, stream, C, 1, ProgrammaticLaunchEnabled(), xh,
           static_cast<int>(m), static_cast<long long>(ldx), static_cast<int>(w.k), kc, ah, g,
           norm != nullptr ? *norm : RowNorm{}, swiglu != nullptr ? *swiglu : RowSwiglu{},
-          (flags & 1024) != 0 ? 1 : 0));
+          ((flags & 1024) != 0 ? kClusterLanesU : 0) | ((flags & 2048) != 0 ? kClusterNoA : 0) |
+              ((flags & 4096) != 0 ? kClusterLaunchOnly : 0)));
       return absl::OkStatus();
     };
     return w.ec_a8 != nullptr ? go(EcPrologueClusterKernel<true>)

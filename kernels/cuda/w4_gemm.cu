@@ -263,7 +263,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
         if (absl::Status st = LaunchEcPrologue(
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
                 p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
-                p.gate_ld, stream, p.ec_prologue & (1 | 16 | 64 | 128 | 512 | 1024),
+                p.gate_ld, stream, p.ec_prologue & (1 | 16 | 64 | 128 | 512 | 1024 | 2048 | 4096),
                 fold && (p.ec_prologue & 2) == 0, norm ? &a.norm : nullptr,
                 swiglu ? &a.swiglu : nullptr);
             !st.ok()) {
@@ -372,10 +372,12 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }
-  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | 16 | 64 | 128 | 512 | 1024)) != 0 ||
+  if (p.ec_prologue < 0 ||
+      (p.ec_prologue & ~(15 | 16 | 64 | 128 | 512 | 1024 | 2048 | 4096)) != 0 ||
       (p.ec_prologue & 12) == 12) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
-                            ": flags 1, 2, 16, 64, 128, 512, 1024 and one of 4 / 8 only"));
+                            ": flags 1, 2, 16, 64, 128, 512, 1024, 2048, 4096 and one of 4 / 8 "
+                            "only"));
   }
   if (p.decode_kernel < 0 || (p.decode_kernel & 15) > 5) {
     // 6 was the fold kernel's bulk-copy ring: removed (it raced and measured

@@ -279,7 +279,10 @@ struct W4CudaParams {
   // (the output is then wrong): 4 no prologue (the epilogue uses whatever v
   // the last call left), 8 the prologue without the epilogue (4 and 8
   // together: InvalidArgument), 64 the prologue's launch alone, 128 its
-  // partial sums of u without the ticket and the gate.
+  // partial sums of u without the ticket and the gate (64 and 128: the r x P
+  // form), 2048 the one-cluster form without loading A's slices (u from
+  // whatever shared memory holds), 4096 the one-cluster form's launch alone
+  // (its dependency wait, then exit).
   int ec_prologue = 0;
   // testing/benchmarks: where the prefill path (m >= kPrefillM, and the
   // small token tiles below it) runs the EC's U = x A^T and gate: 0
