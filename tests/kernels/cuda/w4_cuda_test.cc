@@ -1774,6 +1774,8 @@ TEST(CudaW4, RejectsUnsupportedAndBadParams) {
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = 32;  // no such flag (v27 without its loads before the wait, removed)
   EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
+  p.ec_prologue = 8192;  // no such flag (v61's early trigger: refuted, not merged)
+  EXPECT_TRUE(absl::IsInvalidArgument(cuda::W4Linear(**dw, p, ws->get(), nullptr)));
   p.ec_prologue = 0;
   {  // v49: x = RMSNorm(h) with x also given, or a norm row stride below k
     cuda::W4CudaParams q = p;
