@@ -735,7 +735,7 @@ absl::Status LaunchEcPrologue(const W4DeviceWeight::Impl& w, const uint16_t* x, 
                               int flags, bool pdl_launch, const RowNorm* norm,
                               const RowSwiglu* swiglu) {
   if (m == 0) return absl::OkStatus();
-  const bool cluster = EcPrologueIsCluster(w, m, flags & ~(512 | 1024 | 2048 | 4096), pdl_launch);
+  const bool cluster = EcPrologueIsCluster(w, m, flags & ~kEcClusterFormFlags, pdl_launch);
   if ((norm != nullptr || swiglu != nullptr) && !cluster) {
     return absl::InternalError(
         "LaunchEcPrologue: x = RMSNorm(h) or SiluMul(gate_up) needs the one-cluster form");

@@ -144,7 +144,7 @@ bool XInKernels(const W4DeviceWeight& w, const W4CudaParams& p, bool ec) {
   }
   if (dk >= 1 && dk <= 3) return false;  // not the fold kernel
   if (ec && (p.ec_prologue & 4) == 0 &&
-      !EcPrologueIsCluster(d, 1, p.ec_prologue & (1 | 16 | 64 | 128),
+      !EcPrologueIsCluster(d, 1, p.ec_prologue & kEcPrologueFlags & ~kEcClusterFormFlags,
                            (p.ec_prologue & 2) == 0)) {
     return false;
   }
@@ -263,7 +263,7 @@ absl::Status RunDecode(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspa
         if (absl::Status st = LaunchEcPrologue(
                 d, x, mc, p.ldx, s, s.v, d.rp, nullptr,
                 p.gate_out ? p.gate_out + r0 * (p.gate_ld > 0 ? p.gate_ld : d.r) : nullptr,
-                p.gate_ld, stream, p.ec_prologue & (1 | 16 | 64 | 128 | 512 | 1024 | 2048 | 4096),
+                p.gate_ld, stream, p.ec_prologue & kEcPrologueFlags,
                 fold && (p.ec_prologue & 2) == 0, norm ? &a.norm : nullptr,
                 swiglu ? &a.swiglu : nullptr);
             !st.ok()) {
@@ -372,8 +372,7 @@ absl::Status W4Linear(const W4DeviceWeight& w, const W4CudaParams& p, W4Workspac
   if (p.gate_ld != 0 && p.gate_ld < d.r) {
     return Bad(absl::StrCat("gate_ld ", p.gate_ld, " below the EC rank ", d.r));
   }
-  if (p.ec_prologue < 0 ||
-      (p.ec_prologue & ~(15 | 16 | 64 | 128 | 512 | 1024 | 2048 | 4096)) != 0 ||
+  if (p.ec_prologue < 0 || (p.ec_prologue & ~(15 | kEcPrologueFlags)) != 0 ||
       (p.ec_prologue & 12) == 12) {
     return Bad(absl::StrCat("ec_prologue ", p.ec_prologue,
                             ": flags 1, 2, 16, 64, 128, 512, 1024, 2048, 4096 and one of 4 / 8 "

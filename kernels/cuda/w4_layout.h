@@ -188,6 +188,13 @@ bool FoldPreferred(const DecodeArgs& a, int num_sms);
 absl::Status LaunchDecodeFold(DecodeArgs a, int num_sms, int forced_splits, int forced_depth,
                               cudaStream_t stream);
 
+// W4CudaParams::ec_prologue's bits that LaunchEcPrologue takes (the others
+// are RunDecode's: 2 a plain launch, 4 / 8 no prologue / no epilogue), and of
+// those the ones the one-cluster form serves (any other set bit picks the
+// r x P form).
+constexpr int kEcPrologueFlags = 1 | 16 | 64 | 128 | 512 | 1024 | 2048 | 4096;
+constexpr int kEcClusterFormFlags = 512 | 1024 | 2048 | 4096;
+
 absl::Status LaunchPrepareX(const uint16_t* x, int64_t m, int64_t ldx, int64_t k,
                             const float* act_scale, uint16_t* xs, int64_t ldxs,
                             cudaStream_t stream);
